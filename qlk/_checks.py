@@ -1,0 +1,88 @@
+"""One place for input validation, so every public entry point fails the same way.
+
+Each helper raises ``ValueError``/``TypeError`` whose message says what was given and what is
+allowed, prefixed by the name of the argument or layer so a user can find it.
+"""
+from __future__ import annotations
+
+import torch
+
+SUPPORTED_INT_BITS = (2, 3, 4)
+SUPPORTED_FORMATS = ("int", "nf4")
+ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_format(fmt: str) -> None:
+    if fmt not in SUPPORTED_FORMATS:
+        raise ValueError(f"fmt={fmt!r} is not supported; allowed: {', '.join(map(repr, SUPPORTED_FORMATS))}")
+
+
+def check_int_bits(bits: int) -> None:
+    if bits not in SUPPORTED_INT_BITS:
+        raise ValueError(
+            f"bits={bits!r} is not supported for fmt='int'; allowed: {SUPPORTED_INT_BITS} "
+            "(use fmt='nf4' for the QLoRA 4-bit normal-float format)"
+        )
+
+
+def divisors_multiple_of_8(n: int) -> list[int]:
+    return [d for d in range(8, n + 1, 8) if n % d == 0]
+
+
+def check_group_size(in_features: int, group_size: int, what: str = "weight") -> None:
+    if not isinstance(group_size, int) or group_size <= 0:
+        raise ValueError(f"group_size={group_size!r} must be a positive integer")
+    if group_size % 8 != 0:
+        raise ValueError(f"group_size={group_size} must be a multiple of 8 (e.g. 32, 64, 128)")
+    if in_features % group_size != 0:
+        ok = [d for d in divisors_multiple_of_8(in_features) if d <= 256]
+        hint = f"group sizes that divide it: {ok}" if ok else "no multiple of 8 up to 256 divides it"
+        raise ValueError(
+            f"{what}: in_features={in_features} is not divisible by group_size={group_size}; {hint}"
+        )
+
+
+def check_weight(weight: torch.Tensor, what: str = "weight") -> None:
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"{what} must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise TypeError(f"{what} must be a floating-point tensor, got dtype {weight.dtype}")
+    if weight.numel() == 0:
+        raise ValueError(f"{what} is empty (shape {tuple(weight.shape)})")
+    if not torch.isfinite(weight).all():
+        bad = (~torch.isfinite(weight)).sum().item()
+        raise ValueError(f"{what} contains {bad} NaN/Inf value(s); quantization needs finite weights")
+
+
+def check_tensor(t, name: str, dtype=None, shape=None, ndim=None) -> None:
+    """Shape/dtype check for imported tensors: ``shape`` entries of ``None`` are wildcards."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtype is not None:
+        allowed = dtype if isinstance(dtype, tuple) else (dtype,)
+        if t.dtype not in allowed:
+            raise TypeError(f"{name} must have dtype {' or '.join(map(str, allowed))}, got {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if shape is not None:
+        if t.dim() != len(shape) or any(s is not None and s != a for s, a in zip(shape, t.shape)):
+            want = tuple("*" if s is None else s for s in shape)
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {want}")
+
+
+def check_activation(x: torch.Tensor, in_features: int, device: torch.device, what: str = "x") -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in ACTIVATION_DTYPES:
+        raise TypeError(
+            f"{what} has dtype {x.dtype}; allowed: float16, bfloat16, float32 (float64 on the reference path)"
+        )
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(f"{what} has shape {tuple(x.shape)}; its last dim must be in_features={in_features}")
+    if x.device != device:
+        raise ValueError(
+            f"{what} is on {x.device} but the quantized weight is on {device}; move one of them "
+            f"(e.g. qw = qw.to({str(x.device)!r}))"
+        )

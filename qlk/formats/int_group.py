@@ -1,0 +1,73 @@
+"""INT2/3/4 asymmetric min-max group quantization (the QA-LoRA base format).
+
+For output channel n and group j of ``g`` consecutive input channels (k in [j·g, (j+1)·g)):
+
+    lo, hi = min, max of W[n, group j]
+    s      = (hi − lo) / (2^bits − 1)                 stored in ``scale_dtype`` (fp16 by default)
+    z      = round(−lo / s)                            integer zero point (0 is exactly representable)
+    b      = −s·z                                      stored as a float bias in ``scale_dtype``
+    q      = clamp(round((w − b) / s), 0, 2^bits − 1)  packed by :mod:`qlk.formats.packing`
+    ŵ      = s·q + b                                   one FMA per weight in the kernels
+
+With the stored (rounded) s and b, ``|w − ŵ| ≤ s/2`` plus the rounding of s and b. A constant group
+(hi == lo, or s underflowing the scale dtype) gets s = 0, q = 0 and b = the group's value, so no
+division by zero and an exact result up to the scale dtype. Float biases are what make the QA-LoRA
+merge exact: adding a per-group constant to the weight is adding it to b.
+"""
+from __future__ import annotations
+
+import torch
+
+from .._checks import check_group_size, check_int_bits, check_weight
+from .packing import pack_codes, unpack_codes
+from .quantized_weight import QuantizedWeight
+
+SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def quantize_int(
+    weight: torch.Tensor, bits: int = 4, group_size: int = 32, scale_dtype: torch.dtype = torch.float16
+) -> QuantizedWeight:
+    """Quantize ``weight`` [out, in] to INT-``bits`` with one (scale, bias) per ``group_size`` inputs."""
+    check_weight(weight)
+    check_int_bits(bits)
+    n, k = weight.shape
+    check_group_size(k, group_size, what=f"weight of shape {tuple(weight.shape)}")
+    if scale_dtype not in SCALE_DTYPES:
+        raise TypeError(f"scale_dtype={scale_dtype} is not supported; allowed: {SCALE_DTYPES}")
+    maxq = (1 << bits) - 1
+    w = weight.detach().to(torch.float32).reshape(n, k // group_size, group_size)
+    lo, hi = w.amin(-1), w.amax(-1)
+    s = ((hi - lo) / maxq).to(scale_dtype).to(torch.float32)
+    live = s > 0
+    safe_s = torch.where(live, s, torch.ones_like(s))
+    z = torch.round(-lo / safe_s)
+    b = torch.where(live, -s * z, (lo + hi) / 2).to(scale_dtype)
+    if not (torch.isfinite(b).all() and torch.isfinite(s.to(scale_dtype)).all()):
+        raise ValueError(
+            f"weight of shape {tuple(weight.shape)}: its magnitude (max |w| = {weight.abs().max().item():.3g}) "
+            f"overflows scale_dtype={scale_dtype}; pass scale_dtype=torch.float32"
+        )
+    bf = b.to(torch.float32)
+    q = torch.round((w - bf[..., None]) / safe_s[..., None]).clamp_(0, maxq)
+    q = torch.where(live[..., None], q, torch.zeros_like(q)).to(torch.int64).reshape(n, k)
+    return QuantizedWeight(
+        fmt="int",
+        shape=(n, k),
+        bits=bits,
+        group_size=group_size,
+        qweight=pack_codes(q, bits).to(weight.device),
+        scales=s.to(scale_dtype).contiguous(),
+        biases=b.contiguous(),
+        dtype=weight.dtype,
+    )
+
+
+def dequantize_int(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """ŵ = s·q + b in float32 (float64 when asked), columns in the stored order."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    n, k = qw.shape
+    q = unpack_codes(qw.qweight, qw.bits, k).to(acc)
+    s = qw.scales.to(acc).repeat_interleave(qw.group_size, dim=1)
+    b = qw.biases.to(acc).repeat_interleave(qw.group_size, dim=1)
+    return (s * q + b).to(dtype)

@@ -1,0 +1,194 @@
+"""`QuantizedWeight`: the packed weight of one linear layer, in any qlk format.
+
+It is a plain container (no autograd, no module): packed codes plus the per-group or per-block
+state, and the two operations every format has — ``dequantize`` and a state-dict form.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from typing import Optional
+
+import torch
+
+#: bump when the packed layout of any format changes; loaders refuse other versions by name
+LAYOUT_VERSION = 1
+CONFIG_KEY = "qlk_config"
+
+_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
+_TENSOR_FIELDS = ("qweight", "scales", "biases", "absmax", "absmax_scale", "absmax_offset", "perm")
+
+
+@dataclass
+class QuantizedWeight:
+    """Packed weight Ŵ ≈ W [out_features, in_features].
+
+    fmt="int" (INT2/3/4, :mod:`qlk.formats.int_group`):
+        qweight int32 [out, words_per_row] (layout: :mod:`qlk.formats.packing`),
+        scales, biases [out, in/group_size] (fp16 by default): ŵ = s·q + b.
+    fmt="nf4" (:mod:`qlk.formats.nf4`, bitsandbytes bytes):
+        qweight uint8 [ceil(out·in/2)], absmax fp32 [blocks] or, double-quantized, uint8 codes
+        with absmax_scale fp32 [ceil(blocks/256)] and absmax_offset fp32 [1]; group_size = blocksize.
+    perm (optional, int64 [in]): the stored columns are input channels ``perm`` (GPTQ act-order):
+        y = x[..., perm] @ Ŵ_storedᵀ.  ``dequantize`` returns the original column order.
+    dtype: the dtype of the weight that was quantized (what bitsandbytes dequantizes to).
+    """
+
+    fmt: str
+    shape: tuple
+    bits: int
+    group_size: int
+    qweight: torch.Tensor
+    scales: Optional[torch.Tensor] = None
+    biases: Optional[torch.Tensor] = None
+    absmax: Optional[torch.Tensor] = None
+    absmax_scale: Optional[torch.Tensor] = None
+    absmax_offset: Optional[torch.Tensor] = None
+    perm: Optional[torch.Tensor] = None
+    dtype: torch.dtype = torch.float16
+    meta: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        self.shape = tuple(int(s) for s in self.shape)
+
+    # ---- geometry -------------------------------------------------------------------------
+    @property
+    def out_features(self) -> int:
+        return self.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.qweight.device
+
+    @property
+    def double_quant(self) -> bool:
+        return self.absmax_scale is not None
+
+    def tensors(self) -> dict:
+        return {name: getattr(self, name) for name in _TENSOR_FIELDS if getattr(self, name) is not None}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes stored for this weight (codes + all per-group/per-block state)."""
+        return sum(t.numel() * t.element_size() for name, t in self.tensors().items() if name != "perm")
+
+    @property
+    def bits_per_param(self) -> float:
+        """All stored bits (codes, scales, biases, absmax state) over out·in.
+
+        The input permutation of GPTQ act-order imports is not counted (it is per layer, not per
+        weight); neither are the fixed NF4 and dynamic-map tables, constants of the format.
+        """
+        return 8.0 * self.nbytes / (self.shape[0] * self.shape[1])
+
+    # ---- math -----------------------------------------------------------------------------
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Ŵ [out, in] in ``dtype`` (computed in fp32, or fp64 when ``dtype`` is float64)."""
+        if self.fmt == "int":
+            from .int_group import dequantize_int
+
+            w = dequantize_int(self, dtype)
+        elif self.fmt == "nf4":
+            from .nf4 import dequantize_nf4
+
+            w = dequantize_nf4(self, dtype)
+        else:
+            raise ValueError(f"unknown fmt {self.fmt!r}")
+        if self.perm is not None:
+            w = w[:, torch.argsort(self.perm)]
+        return w
+
+    def to(self, device=None, **kwargs) -> "QuantizedWeight":
+        """A copy on ``device``; codes and integer state keep their dtypes."""
+        if kwargs.get("dtype") is not None:
+            raise TypeError("QuantizedWeight.to() moves devices only; the packed dtypes are fixed by the format")
+        moved = {name: t.to(device) for name, t in self.tensors().items()}
+        out = QuantizedWeight(**{f.name: getattr(self, f.name) for f in fields(self) if f.name not in moved}, **moved)
+        return out
+
+    def cuda(self, device=None) -> "QuantizedWeight":
+        return self.to(device if device is not None else "cuda")
+
+    def cpu(self) -> "QuantizedWeight":
+        return self.to("cpu")
+
+    # ---- serialization --------------------------------------------------------------------
+    def config(self) -> dict:
+        return {
+            "layout_version": LAYOUT_VERSION,
+            "fmt": self.fmt,
+            "shape": list(self.shape),
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "dtype": str(self.dtype).removeprefix("torch."),
+        }
+
+    def state_dict(self, prefix: str = "") -> dict:
+        """Tensors only (the config travels as a uint8 JSON tensor), so it round-trips through
+        ``safetensors.torch.save_file`` and ``torch.save`` alike."""
+        sd = {prefix + name: t.contiguous() for name, t in self.tensors().items()}
+        sd[prefix + CONFIG_KEY] = torch.frombuffer(bytearray(json.dumps(self.config()).encode()), dtype=torch.uint8)
+        return sd
+
+    @classmethod
+    def from_state_dict(cls, sd: dict, prefix: str = "", source: str = "state dict") -> "QuantizedWeight":
+        key = prefix + CONFIG_KEY
+        if key not in sd:
+            raise ValueError(f"{source}: no '{key}' entry; this is not a qlk QuantizedWeight state dict")
+        try:
+            cfg = json.loads(bytes(sd[key].cpu().tolist()).decode())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{source}: '{key}' is not valid qlk config JSON ({e})") from None
+        version = cfg.get("layout_version")
+        if version != LAYOUT_VERSION:
+            raise ValueError(
+                f"{source}: written with qlk packed-layout version {version}, this qlk reads version "
+                f"{LAYOUT_VERSION}; re-quantize the model or use the qlk release that wrote it"
+            )
+        tensors = {name: sd[prefix + name] for name in _TENSOR_FIELDS if prefix + name in sd}
+        if "qweight" not in tensors:
+            raise ValueError(f"{source}: missing '{prefix}qweight'")
+        qw = cls(
+            fmt=cfg["fmt"], shape=tuple(cfg["shape"]), bits=cfg["bits"], group_size=cfg["group_size"],
+            dtype=_DTYPES[cfg["dtype"]], **tensors,
+        )  # fmt: skip
+        validate(qw, source)
+        return qw
+
+    def __repr__(self) -> str:
+        dq = ", double_quant" if self.double_quant else ""
+        perm = ", act_order" if self.perm is not None else ""
+        return (
+            f"QuantizedWeight(fmt={self.fmt!r}, bits={self.bits}, group_size={self.group_size}, "
+            f"shape={self.shape}{dq}{perm}, bits_per_param={self.bits_per_param:.3f}, device={self.device})"
+        )
+
+
+def validate(qw: QuantizedWeight, source: str = "QuantizedWeight") -> None:
+    """Check that the tensors agree with the declared format and shape; raise naming the field."""
+    from .._checks import check_tensor
+    from .packing import words_per_row
+
+    n, k = qw.shape
+    if qw.fmt == "int":
+        g = k // qw.group_size
+        check_tensor(qw.qweight, f"{source}.qweight", torch.int32, (n, words_per_row(k, qw.bits)))
+        check_tensor(qw.scales, f"{source}.scales", shape=(n, g))
+        check_tensor(qw.biases, f"{source}.biases", shape=(n, g))
+    elif qw.fmt == "nf4":
+        blocks = -(-n * k // qw.group_size)
+        check_tensor(qw.qweight, f"{source}.qweight", torch.uint8, ((n * k + 1) // 2,))
+        if qw.absmax_scale is None:
+            check_tensor(qw.absmax, f"{source}.absmax", torch.float32, (blocks,))
+        else:
+            check_tensor(qw.absmax, f"{source}.absmax", torch.uint8, (blocks,))
+            check_tensor(qw.absmax_scale, f"{source}.absmax_scale", torch.float32, (-(-blocks // 256),))
+            check_tensor(qw.absmax_offset, f"{source}.absmax_offset", torch.float32, (1,))
+    else:
+        raise ValueError(f"{source}: unknown fmt {qw.fmt!r}")
+    if qw.perm is not None:
+        check_tensor(qw.perm, f"{source}.perm", torch.int64, (k,))

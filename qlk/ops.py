@@ -1,0 +1,63 @@
+"""Public entry points: ``quantize`` and ``quant_matmul`` (+ its input gradient)."""
+from __future__ import annotations
+
+import torch
+
+from . import backend as _backend
+from . import reference
+from ._checks import check_activation, check_format
+from .formats import QuantizedWeight, quantize_int, quantize_nf4
+
+
+def quantize(
+    weight: torch.Tensor,
+    bits: int = 4,
+    group_size: int | None = None,
+    fmt: str = "int",
+    double_quant: bool = True,
+    scale_dtype: torch.dtype = torch.float16,
+) -> QuantizedWeight:
+    """Quantize a dense weight [out, in].
+
+    fmt="int": INT-``bits`` (2, 3, 4) min-max group quantization, one fp16 scale and bias per
+        ``group_size`` (default 32) consecutive inputs of each output channel.
+    fmt="nf4": bitsandbytes-compatible NF4, absmax per ``group_size`` (default 64) flattened
+        elements, double-quantized when ``double_quant``.
+    """
+    check_format(fmt)
+    if fmt == "nf4":
+        if bits != 4:
+            raise ValueError(f"fmt='nf4' is 4-bit; got bits={bits}")
+        return quantize_nf4(weight, blocksize=group_size or 64, double_quant=double_quant)
+    return quantize_int(weight, bits=bits, group_size=group_size or 32, scale_dtype=scale_dtype)
+
+
+def _check_bias(bias, n: int, device) -> None:
+    if bias is not None and (bias.shape != (n,) or bias.device != device):
+        raise ValueError(f"bias has shape {tuple(bias.shape)} on {bias.device}; expected ({n},) on {device}")
+
+
+def quant_matmul(
+    x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None, backend: str | None = None
+) -> torch.Tensor:
+    """Y = X·Ŵᵀ (+ bias) for X [..., in] -> [..., out] in X's dtype, fp32 accumulation.
+
+    No gradient flows through this function; training goes through ``qlk.autograd``.
+    """
+    check_activation(x, qw.in_features, qw.device)
+    _check_bias(bias, qw.out_features, qw.device)
+    if _backend.resolve(x.device, backend) == "triton":
+        from .kernels import quant_matmul as triton_quant_matmul
+
+        return triton_quant_matmul(x, qw, bias)
+    return reference.quant_matmul(x, qw, bias)
+
+
+def quant_matmul_grad_input(dy: torch.Tensor, qw: QuantizedWeight, backend: str | None = None) -> torch.Tensor:
+    """dX = dY·Ŵ for dY [..., out] -> [..., in]: the input gradient of :func:`quant_matmul`."""
+    check_activation(dy, qw.out_features, qw.device, what="dy")
+    if _backend.resolve(dy.device, backend) == "triton":
+        from .kernels import quant_matmul_grad_input as triton_grad_input
+
+        return triton_grad_input(dy, qw)
+    return reference.quant_matmul_grad_input(dy, qw)
