@@ -82,6 +82,33 @@ def _blockwise_absmax_codes(flat: torch.Tensor, table: torch.Tensor, blocksize: 
     return torch.bucketize(scaled, midpoints, out_int32=True), absmax
 
 
+@functools.lru_cache(maxsize=None)
+def _dynamic_lut_cached(device: str) -> torch.Tensor:
+    # 65536 bins over [-1, 1], each holding the code nearest its bin value by midpoints
+    table = dynamic_map(device)
+    midpoints = 0.5 * (table[:-1] + table[1:])
+    bins = -1.0 + (2.0 * torch.arange(65536, dtype=torch.float32, device=device)) / 65535.0
+    return torch.searchsorted(midpoints, bins, right=False)
+
+
+def _nested_absmax_codes(values: torch.Tensor):
+    """8-bit blockwise quantization of (absmax − offset) exactly as bitsandbytes 0.50's CPU kernel:
+    x·(1/absmax) in fp32, rounded onto a 65536-bin grid of [-1, 1], then a lookup table of the
+    nearest dynamic-map code per bin. The grid makes it differ from exact nearest-by-midpoint for
+    values within half a bin (1.5e-5) of a midpoint, so it is written out rather than idealized.
+    A block whose absmax is 0 gets code 0, as there."""
+    n = values.numel()
+    idx_block = torch.arange(n, device=values.device) // NESTED_BLOCKSIZE
+    absmax2 = torch.zeros(-(-n // NESTED_BLOCKSIZE), device=values.device)
+    absmax2 = absmax2.scatter_reduce(0, idx_block, values.abs(), "amax", include_self=False)
+    live = absmax2[idx_block] > 0
+    inv = 1.0 / torch.where(absmax2 > 0, absmax2, torch.ones_like(absmax2))
+    normed = torch.where(live, torch.clamp(values * inv[idx_block], -1.0, 1.0), 0.0)
+    bins = ((normed + 1.0) * 0.5 * 65535.0 + 0.5).to(torch.int64)
+    codes = _dynamic_lut_cached(str(values.device))[bins]
+    return torch.where(live, codes, torch.zeros_like(codes)), absmax2
+
+
 def _blockwise_scale(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
     """values[i] * absmax[i // blocksize] for a flat fp32 tensor."""
     idx = torch.arange(values.numel(), device=values.device) // blocksize
@@ -104,7 +131,7 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
     )
     if double_quant:
         offset = absmax.mean()
-        qa, absmax2 = _blockwise_absmax_codes(absmax - offset, dynamic_map(flat.device), NESTED_BLOCKSIZE)
+        qa, absmax2 = _nested_absmax_codes(absmax - offset)
         qw.absmax, qw.absmax_scale, qw.absmax_offset = qa.to(torch.uint8), absmax2, offset.reshape(1)
     else:
         qw.absmax = absmax
