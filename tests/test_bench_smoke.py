@@ -1,0 +1,199 @@
+"""CPU smoke test of the benchmark harness (bench/): it checks the harness, never speed.
+
+CSV writer and statistics, the ratio rows, provider-unavailable reporting, the operand
+conversions for the peer kernels, the charts and summary from a synthetic CSV, the loud failure
+of the GPU scripts on a CPU, and the reference quant_matmul timed with pytest-benchmark.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "bench")
+sys.path.insert(0, BENCH)
+
+import bench_kernels as bk  # noqa: E402
+import common  # noqa: E402
+
+import qlk  # noqa: E402
+
+
+def test_quantiles_and_rates():
+    s = common.quantiles([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert (s.p50, s.p20, s.p80) == (3.0, 1.8, 4.2)
+    rate = s.scaled(12.0)  # slow times are low rates: p20 of the rate comes from p80 of the time
+    assert rate.p50 == pytest.approx(4.0) and rate.p20 == pytest.approx(12 / 4.2) and rate.p80 == pytest.approx(12 / 1.8)
+    assert rate.p20 <= rate.p50 <= rate.p80
+    with pytest.raises(ValueError):
+        common.quantiles([])
+
+
+def test_measure_cpu_timer_and_rotation():
+    seen = []
+    rot = common.Rotating(lambda: torch.randn(4), count=3)
+    t = common.measure(lambda: seen.append(rot()), warmup_ms=0, rep_ms=1, device="cpu")
+    assert t.timer == "cpu-wallclock" and 0 < t.p20 <= t.p50 <= t.p80
+    assert len({id(x) for x in seen}) == 3  # every buffer used, in turn
+    assert common.Rotating.count_for(1, l2=100) == 8 and common.Rotating.count_for(10**9, l2=100) == 2
+
+
+def test_csv_rows_round_trip(tmp_path):
+    path = str(tmp_path / "k.csv")
+    w = common.ResultWriter(path, "kernels")
+    ceil = {"copy_gbps": common.Stats(3000.0, 2900.0, 3100.0), "matmul_tflops": common.Stats(800.0, 790.0, 810.0),
+            "copy_gib": 1.0, "mm_size": 8192}  # fmt: skip
+    w.ceilings(ceil)
+    t = common.Stats(2.0, 1.9, 2.2)
+    w.timing("qlk", t, flops=1.6e12, nbytes=4e9, ceilings=ceil, op="fwd", shape="4096->4096", fmt="int4g32", M=8192,
+             dtype="bfloat16")  # fmt: skip
+    w.status("gemlite", "unavailable: ImportError: no module", op="fwd")
+    w.close()
+    rows = common.read_csv(path)
+    assert list(rows[0]) == common.FIELDS
+    by = {r["metric"]: r for r in rows if r["provider"] == "qlk"}
+    assert set(by) == {"time_ms", "tflops", "frac_tensor_peak", "gbps", "frac_bw_peak"}
+    assert float(by["tflops"]["p50"]) == pytest.approx(800.0)  # 1.6e12 flop in 2 ms
+    assert float(by["frac_tensor_peak"]["p50"]) == pytest.approx(1.0)
+    assert float(by["gbps"]["p50"]) == pytest.approx(2000.0) and float(by["frac_bw_peak"]["p20"]) == pytest.approx(4e9 / 2.2e6 / 3000)
+    assert rows[-1]["status"].startswith("unavailable:") and rows[-1]["p50"] == ""
+    assert all(r["gpu"] and r["timestamp"] and "torch=" in r["versions"] for r in rows)
+
+
+def test_speedup_rows():
+    w = common.ResultWriter(None, "kernels")
+    times = {
+        ("cublas", "fwd", "s", "bf16", 1, "bfloat16"): common.Stats(4.0, 4.0, 4.0),
+        ("qlk", "fwd", "s", "int4g32", 1, "bfloat16"): common.Stats(1.0, 0.8, 1.25),
+        ("tinygemm", "fwd", "s", "int4g32", 1, "bfloat16"): common.Stats(2.0, 2.0, 2.0),
+    }
+    common.speedup_rows(w, times, "cublas", peers_of=lambda p: ["tinygemm"] if p == "qlk" else [])
+    got = {(r["provider"], r["metric"]): r for r in w.rows}
+    assert float(got[("qlk", "speedup_vs_cublas")]["p50"]) == 4.0
+    assert float(got[("qlk", "speedup_vs_cublas")]["p20"]) == pytest.approx(3.2)  # from the slow p80 time
+    assert float(got[("qlk", "speedup_vs_tinygemm")]["p50"]) == 2.0
+    assert float(got[("tinygemm", "speedup_vs_cublas")]["p50"]) == 2.0
+    assert ("cublas", "speedup_vs_cublas") not in got
+
+
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 128), (2, 32)])
+def test_peer_operands_match_qlk(bits, group):
+    w = torch.randn(64, 256) * 0.02
+    qw = qlk.quantize(w, bits=bits, group_size=group)
+    ref = qw.dequantize(torch.float32)
+    # gemlite and GPTQ take integer zeros: equal to s*q + b up to the fp16 rounding of b = -s*z
+    codes, s, z = bk.gemlite_operands(qw, torch.float32)
+    assert torch.allclose(bk.gemlite_dequantize(codes, s, z, group), ref, atol=2e-4)
+    if bits == 4:
+        packed, sz = bk.tinygemm_operands(qw, torch.float32)
+        assert packed.dtype == torch.uint8 and packed.shape == (64, 128) and sz.shape == (256 // group, 64, 2)
+        assert torch.allclose(bk.tinygemm_dequantize(packed, sz, group), ref, atol=1e-6)
+        qweight, scales, qzeros = bk.gptq_v1_operands(qw)
+        assert qweight.shape == (32, 64) and qzeros.shape == (256 // group, 8)
+        assert torch.allclose(bk.gptq_v1_dequantize(qweight, scales, qzeros, group), ref, atol=2e-4)
+
+
+def test_unavailable_providers_are_reported(tmp_path):
+    """Providers that cannot import, cannot build, or do not exist each leave a row with a reason."""
+    args = bk.parse_args(["--shapes", "64->128", "--ms", "2", "--formats", "int4g32", "--ops", "fwd",
+                          "--providers", "cublas,tinygemm,exllamav2,no_such_kernel", "--warmup-ms", "0", "--rep-ms", "1",
+                          "--out", str(tmp_path / "k.csv")])  # fmt: skip
+    w = common.ResultWriter(args.out, "kernels")
+    bk.run(args, w, device="cpu")
+    w.close()
+    rows = common.read_csv(args.out)
+    status = {r["provider"]: r["status"] for r in rows if r["metric"] == "status"}
+    assert status["exllamav2"].startswith("unavailable:")
+    assert status["no_such_kernel"].startswith("unavailable: unknown provider")
+    if not torch.cuda.is_available():  # torch's int4 tinygemm packing has no CPU kernel
+        assert status["tinygemm"].startswith("unavailable:")
+    cub = [r for r in rows if r["provider"] == "cublas" and r["metric"] == "time_ms"]
+    assert cub and cub[0]["status"] == "ok" and float(cub[0]["p50"]) > 0 and "cpu-wallclock" in cub[0]["note"]
+    err = [r for r in rows if r["provider"] == "cublas" and r["metric"] == "rel_err"]
+    assert err and float(err[0]["p50"]) < 1e-2
+
+
+def _synthetic_kernel_csv(path):
+    w = common.ResultWriter(path, "kernels")
+    for shape in ("4096->4096", "4096->14336"):
+        times = {}
+        for m in (1, 16, 256, 4096):
+            base = common.Stats(0.01 + m * 1e-4, 0.0099 + m * 1e-4, 0.0102 + m * 1e-4)
+            times[("cublas", "fwd", shape, "bf16", m, "bfloat16")] = base
+            for prov, f in (("qlk", 2.5 if m < 64 else 0.9), ("bnb_dequant", 0.6)):
+                t = common.Stats(base.p50 / f, base.p20 / f, base.p80 / f)
+                times[(prov, "fwd", shape, "nf4", m, "bfloat16")] = t
+        for (p, op, s, fmt, m, dt), t in times.items():
+            w.timing(p, t, flops=2.0 * m * 4096 * 4096, op=op, shape=s, fmt=fmt, M=m, dtype=dt)
+        common.speedup_rows(w, times, "cublas", peers_of=lambda p: ["bnb_dequant"] if p == "qlk" else [])
+    w.status("gemlite", "unavailable: ImportError: synthetic")
+    w.close()
+
+
+def test_plot_and_summary_from_synthetic_csv(tmp_path):
+    import plot
+
+    path = str(tmp_path / "kernels.csv")
+    _synthetic_kernel_csv(path)
+    md_path = str(tmp_path / "summary.md")
+    charts = pytest.importorskip("matplotlib") is not None
+    assert plot.main([path, "--outdir", str(tmp_path), "--summary", md_path] + ([] if charts else ["--no-charts"])) == 0
+    md = open(md_path).read()
+    assert "speedup vs cuBLAS" in md and "| 4096->14336 | nf4 | 4096 |" in md
+    assert "gemlite: unavailable: ImportError: synthetic" in md
+    png = tmp_path / "speedup_fwd.png"
+    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU failure")
+@pytest.mark.parametrize("script", ["bench_kernels.py", "bench_layer.py", "bench_e2e.py"])
+def test_gpu_scripts_fail_loudly_without_cuda(script, tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(BENCH, script), "--quick", "--out", str(tmp_path / "x.csv")],
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode != 0 and "needs CUDA" in r.stderr
+    assert not (tmp_path / "x.csv").exists()
+
+
+def test_shell_scripts_parse():
+    for name in ("gpu_check.sh", "prepare_wheels.sh"):
+        subprocess.run(["bash", "-n", os.path.join(BENCH, name)], check=True)
+
+
+def test_reference_quant_matmul_timed(request):
+    """The reference path of quant_matmul on a tiny shape, through pytest-benchmark's fixture."""
+    pytest.importorskip("pytest_benchmark")
+    benchmark = request.getfixturevalue("benchmark")
+    qw = qlk.quantize(torch.randn(96, 128) * 0.02, bits=4, group_size=32)
+    x = torch.randn(8, 128)
+    y = benchmark.pedantic(qlk.quant_matmul, args=(x, qw), kwargs={"backend": "reference"}, rounds=5, iterations=1)
+    assert common.rel_err(y, x @ qw.dequantize(torch.float32).t()) < 1e-5
+
+
+def test_layer_and_e2e_harness_run_on_cpu(tmp_path):
+    """The layer and end-to-end harnesses drive qlk.patch_model and PEFT as the GPU run will (on the
+    CPU, qlk takes its reference path): an API mismatch shows up here, not in a GPU call."""
+    pytest.importorskip("peft")
+    import bench_e2e
+    import bench_layer
+
+    args = bench_layer.parse_args(["--shapes", "64->128", "--ms", "8", "--providers", "qlk_qalora,peft_bf16",
+                                   "--warmup-ms", "0", "--rep-ms", "1", "--out", str(tmp_path / "layer.csv")])  # fmt: skip
+    w = common.ResultWriter(args.out, "layer")
+    bench_layer.run(args, w, device="cpu")
+    w.close()
+    args = bench_e2e.parse_args(["--model", "tiny", "--batch", "1", "--seq", "16", "--warmup", "0", "--steps", "1",
+                                 "--providers", "qlk_qalora,bf16_lora", "--out", str(tmp_path / "e2e.csv")])  # fmt: skip
+    w = common.ResultWriter(args.out, "e2e")
+    bench_e2e.run(args, w, device="cpu")
+    w.close()
+    rows = common.read_csv(str(tmp_path / "layer.csv"), str(tmp_path / "e2e.csv"))
+    bad = [(r["provider"], r["status"]) for r in rows if r["status"] != "ok"]
+    assert not bad
+    timed = {(r["bench"], r["provider"]) for r in rows if r["metric"] in ("time_ms", "tokens_per_s")}
+    assert timed == {("layer", "qlk_qalora"), ("layer", "peft_bf16"), ("e2e", "qlk_qalora"), ("e2e", "bf16_lora")}
+    md = common.summary_markdown(rows)
+    assert "Layer step" in md and "Training step" in md
