@@ -1,0 +1,43 @@
+# qlk developer targets.
+#   make test            fresh .venv (CPU torch 2.13.0 + pinned requirements-test.txt), then the suite
+#   make static-report   sm_90/sm_80 machine-code report of every kernel (needs ../shared/tools)
+#   make gpu-check       on a GPU machine: GPU tests + benchmarks (bench/gpu_check.sh)
+VENV ?= .venv
+PYTHON ?= $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: test test-slow static-report static-report-quick gpu-check wheels
+
+$(VENV)/.qlk-installed: setup.py requirements-test.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q torch==2.13.0
+	$(VENV)/bin/python -m pip install -q -r requirements-test.txt -e .
+	touch $@
+
+test: $(VENV)/.qlk-installed
+	$(PYTHON) -m pytest -q tests $(PYTEST_ARGS)
+
+# also the slow tests (the real SmolLM2 model)
+test-slow: $(VENV)/.qlk-installed
+	$(PYTHON) -m pytest -q tests --runslow $(PYTEST_ARGS)
+
+# compile every qlk kernel, the dense baseline and the Triton peers for sm_90 and sm_80 and judge
+# them from their machine code (no GPU). Peers: pip install gemlite grouped-nf4-gemm.
+# Extra arguments: make static-report STATIC_ARGS="--quick --cases 'dense-*'"
+STATIC_ARGS ?=
+static-report:
+	env -u TRITON_INTERPRET $(PYTHON) bench/static_report.py $(STATIC_ARGS)
+
+static-report-quick:
+	env -u TRITON_INTERPRET $(PYTHON) bench/static_report.py --quick --out /tmp/qlk-static-quick $(STATIC_ARGS)
+
+# on a GPU machine: GPU tests + quick benchmarks (GPU_CHECK_ARGS="--full" or "--only kernels").
+# It uses the machine's python3 (a lent GPU image has torch/triton; peers come from .whl/).
+GPU_CHECK_ARGS ?=
+gpu-check:
+	bash bench/gpu_check.sh $(GPU_CHECK_ARGS)
+
+# on a machine with PyPI: peer wheels into .whl/ for a GPU machine without internet
+wheels:
+	PYTHON=python3 bash bench/prepare_wheels.sh

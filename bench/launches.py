@@ -1,0 +1,260 @@
+"""Every qlk kernel launcher, once per benchmark case, on CPU tensors: the input of the static report.
+
+Run it under the static analyzer (``../shared/tools/gpu_static.py``), which compiles each launch
+for sm_90 / sm_80 and runs nothing; outputs hold garbage, so nothing here reads an output:
+
+    TRITON_INTERPRET= python ../shared/tools/gpu_static.py bench/launches.py --arch 90
+    QLK_LAUNCHES_ARGS="--quick --cases 'dense-*'" TRITON_INTERPRET= python ../shared/tools/gpu_static.py ...
+    python bench/launches.py --list                 # the cases, and which are available
+
+(gpu_static passes the script no arguments: its flags go in $QLK_LAUNCHES_ARGS.) For the report
+files, bench/static_report.py runs these cases, the peers' and the analyzer together.
+
+Cases (Llama-3-8B layer shapes K→N: 4096→4096, 4096→14336, 14336→4096; M ∈ {1, 16, 256, 4096}):
+
+    dense-fwd, dense-dgrad   bench/dense_matmul.py (bf16 X·Wᵀ and dY·W), the baseline
+    fwd, dgrad               qlk.kernels.quant_matmul / quant_matmul_grad_input per format
+                             (INT4 g32, INT4 g128, INT3 g128, INT2 g32, NF4 + double quant);
+                             at M ≤ 16 the forward is the decode path (qlk dispatches by M)
+    decode                   only if qlk.kernels grows a separate decode entry point
+    qalora                   qlk's fused QA-LoRA forward (pooling + low-rank), when it exists
+    dequant                  qlk.kernels.dequantize (no M)
+
+A launcher qlk does not have (yet) becomes a case with ``unavailable = "not available: ..."``; a
+launcher that raises is recorded as ``failed: ...``. Neither stops the run. Names:
+``<op>/<fmt>/<K>-><N>/M<m>``, e.g. ``fwd/int4g128/4096->14336/M4096``; ``--cases`` takes
+comma-separated shell patterns over them (``'dense-*,fwd/int4*'``).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import fnmatch
+import functools
+import os
+import shlex
+import sys
+import traceback
+from typing import Callable, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+for _p in (HERE, ROOT):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import torch  # noqa: E402
+
+#: K (in_features) -> N (out_features) of Llama-3-8B's linear layers
+SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))
+MS = (1, 16, 256, 4096)
+QUICK_SHAPES = ((4096, 14336),)
+QUICK_MS = (4096, 1)
+DTYPE = torch.bfloat16
+
+#: format label -> keyword arguments of qlk.quantize
+FORMATS = {
+    "int4g32": dict(bits=4, group_size=32),
+    "int4g128": dict(bits=4, group_size=128),
+    "int3g128": dict(bits=3, group_size=128),
+    "int2g32": dict(bits=2, group_size=32),
+    "nf4dq": dict(fmt="nf4", double_quant=True),
+}
+QALORA_FORMATS = ("int4g32", "int4g128", "int3g128", "int2g32")  # QA-LoRA runs on the INT formats
+QALORA_RANK = 16
+
+#: candidate entry points in qlk.kernels, first found wins (the module is still being written)
+DECODE_NAMES = ("quant_matmul_decode", "quant_gemv", "quant_matvec", "decode_matmul", "gemv")
+QALORA_NAMES = ("qalora_matmul", "quant_matmul_qalora", "qalora_forward", "qa_lora_matmul", "fused_qalora")
+
+#: the case being launched right now (read by a report that captures the whole script at once)
+CURRENT_CASE: Optional[str] = None
+
+
+@dataclasses.dataclass
+class Case:
+    """One launch of one launcher at one shape. ``run()`` launches (under a capture, compiles)."""
+
+    name: str
+    group: str  # "dense", "qlk" or "peer:<name>"
+    op: str
+    fmt: str
+    k: int
+    n: int
+    m: Optional[int]
+    launch: Optional[Callable[[], object]] = None
+    unavailable: Optional[str] = None  # "not available: <reason>" when there is nothing to launch
+
+    def run(self) -> None:
+        global CURRENT_CASE
+        if self.unavailable:
+            raise RuntimeError(self.unavailable)
+        CURRENT_CASE = self.name
+        try:
+            self.launch()
+        finally:
+            CURRENT_CASE = None
+
+
+def case_name(op: str, fmt: str, k: int, n: int, m: Optional[int]) -> str:
+    return f"{op}/{fmt}/{k}->{n}" + ("" if m is None else f"/M{m}")
+
+
+# ---------------------------------------------------------------- inputs (cached per shape / format)
+@functools.lru_cache(maxsize=None)
+def dense_weight(n: int, k: int) -> torch.Tensor:
+    return torch.empty(n, k, dtype=DTYPE)  # values never read: nothing runs
+
+
+@functools.lru_cache(maxsize=None)
+def _random_weight(n: int, k: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(n * 100003 + k)
+    return (torch.randn(n, k, generator=g) * 0.02).to(DTYPE)
+
+
+@functools.lru_cache(maxsize=None)
+def quantized_weight(fmt: str, n: int, k: int):
+    """qlk.quantize of a random [n, k] weight (some seconds on CPU for 14336×4096; cached)."""
+    import qlk
+
+    return qlk.quantize(_random_weight(n, k), **FORMATS[fmt])
+
+
+def activation(m: int, k: int) -> torch.Tensor:
+    return torch.empty(m, k, dtype=DTYPE)
+
+
+def _selected(name: str, patterns) -> bool:
+    return not patterns or any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+# ---------------------------------------------------------------- the cases
+def dense_cases(shapes, ms):
+    from dense_matmul import dense_matmul
+
+    for k, n in shapes:
+        for m in ms:
+            yield Case(case_name("dense-fwd", "bf16", k, n, m), "dense", "fwd", "bf16", k, n, m,
+                       lambda m=m, k=k, n=n: dense_matmul(activation(m, k), dense_weight(n, k)))
+            # dX = dY·W: W [N, K] read through its transpose, no copy
+            yield Case(case_name("dense-dgrad", "bf16", k, n, m), "dense", "dgrad", "bf16", k, n, m,
+                       lambda m=m, k=k, n=n: dense_matmul(activation(m, n), dense_weight(n, k).t()))
+
+
+def _qlk_kernels():
+    """(module, None) or (None, reason)."""
+    try:
+        import qlk.kernels as kernels
+    except Exception as e:  # noqa: BLE001 - any import failure is reported, not raised
+        return None, f"import qlk.kernels failed: {type(e).__name__}: {e}"
+    return kernels, None
+
+
+def _entry(kernels, names):
+    """(function, None) or (None, 'not available: ...') for the first of ``names`` in qlk.kernels."""
+    if kernels is None:
+        return None, None
+    for name in names:
+        fn = getattr(kernels, name, None)
+        if callable(fn):
+            return fn, None
+    return None, f"not available: qlk.kernels has none of {', '.join(names)}"
+
+
+def qlk_cases(shapes, ms, formats):
+    kernels, why = _qlk_kernels()
+    missing = f"not available: {why}" if why else None
+    fwd, why_fwd = _entry(kernels, ("quant_matmul",))
+    dgrad, why_dgrad = _entry(kernels, ("quant_matmul_grad_input",))
+    dequant, why_deq = _entry(kernels, ("dequantize",))
+    decode, _ = _entry(kernels, DECODE_NAMES)
+    qalora, why_qalora = _entry(kernels, QALORA_NAMES)
+
+    for fmt in formats:
+        for k, n in shapes:
+            for m in ms:
+                yield Case(case_name("fwd", fmt, k, n, m), "qlk", "fwd", fmt, k, n, m,
+                           lambda m=m, k=k, n=n, fmt=fmt: fwd(activation(m, k), quantized_weight(fmt, n, k)),
+                           missing or why_fwd)
+                yield Case(case_name("dgrad", fmt, k, n, m), "qlk", "dgrad", fmt, k, n, m,
+                           lambda m=m, k=k, n=n, fmt=fmt: dgrad(activation(m, n), quantized_weight(fmt, n, k)),
+                           missing or why_dgrad)
+                if m <= 16 and decode is not None:  # else fwd at small M is the decode path (split-K)
+                    yield Case(case_name("decode", fmt, k, n, m), "qlk", "decode", fmt, k, n, m,
+                               lambda m=m, k=k, n=n, fmt=fmt: decode(activation(m, k), quantized_weight(fmt, n, k)),
+                               missing)
+                if fmt in QALORA_FORMATS:
+                    yield Case(case_name("qalora", fmt, k, n, m), "qlk", "qalora", fmt, k, n, m,
+                               lambda m=m, k=k, n=n, fmt=fmt: _run_qalora(qalora, m, k, n, fmt),
+                               missing or why_qalora)
+            yield Case(case_name("dequant", fmt, k, n, None), "qlk", "dequant", fmt, k, n, None,
+                       lambda k=k, n=n, fmt=fmt: dequant(quantized_weight(fmt, n, k), DTYPE),
+                       missing or why_deq)
+
+
+def _run_qalora(fn, m, k, n, fmt):
+    """Y = X·Ŵᵀ + σ·P(X)·Aᵀ·Bᵀ with A [r, K/g], B [N, r] (design.md); signature as qlk's entry point."""
+    qw = quantized_weight(fmt, n, k)
+    g = qw.group_size
+    a = torch.empty(QALORA_RANK, k // g, dtype=DTYPE)
+    b = torch.empty(n, QALORA_RANK, dtype=DTYPE)
+    return fn(activation(m, k), qw, a, b, 2.0)
+
+
+def all_cases(quick: bool = False, patterns=(), include_qlk: bool = True, include_dense: bool = True):
+    """The selected cases, in report order: dense baseline, then qlk."""
+    shapes, ms = (QUICK_SHAPES, QUICK_MS) if quick else (SHAPES, MS)
+    out = []
+    if include_dense:
+        out += dense_cases(shapes, ms)
+    if include_qlk:
+        out += qlk_cases(shapes, ms, FORMATS)
+    return [c for c in out if _selected(c.name, patterns)]
+
+
+def run_case(case: Case) -> Optional[str]:
+    """Launch one case. None when it launched; else 'not available: ...' or 'failed: ...'."""
+    if case.unavailable:
+        return case.unavailable
+    try:
+        case.run()
+    except Exception as e:  # noqa: BLE001 - reported per case, the run goes on
+        tb = traceback.extract_tb(e.__traceback__)
+        where = f" (at {os.path.basename(tb[-1].filename)}:{tb[-1].lineno})" if tb else ""
+        msg = " ".join(str(e).split())[:300]
+        return f"failed: {type(e).__name__}: {msg}{where}"
+    return None
+
+
+def parse_args(argv=None):
+    """Flags from the command line, then from $QLK_LAUNCHES_ARGS (gpu_static's CLI passes none)."""
+    if argv is None:
+        argv = sys.argv[1:] + shlex.split(os.environ.get("QLK_LAUNCHES_ARGS", ""))
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="M=4096 and M=1 on 4096->14336 only")
+    ap.add_argument("--cases", default="", help="comma-separated shell patterns over case names")
+    ap.add_argument("--list", action="store_true", help="print the cases and their availability, launch nothing")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    patterns = [p for p in args.cases.split(",") if p]
+    cases = all_cases(args.quick, patterns)
+    if not cases:
+        print(f"no case matches --cases {args.cases!r}", file=sys.stderr)
+        return 2
+    for case in cases:
+        if args.list:
+            print(f"{case.name:40} {case.unavailable or 'available'}")
+            continue
+        status = run_case(case)
+        print(f"{case.name:40} {status or 'launched'}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    # no sys.exit on success: under gpu_static (runpy) even SystemExit(0) ends the analyzer before it reports
+    rc = main()
+    if rc:
+        sys.exit(rc)

@@ -1,0 +1,446 @@
+"""Static report: every qlk kernel, the dense baseline and the Triton peers, compiled for sm_90 and
+sm_80 and judged from their machine code by ``../shared/tools/gpu_static.py``. Nothing runs.
+
+    make static-report                       # = python bench/static_report.py
+    python bench/static_report.py --arch 90 --quick --cases 'dense-*' --out /tmp/r
+
+Writes ``bench/results/static-sm<arch>.md`` and ``.csv``: one row per kernel × case (the markdown
+shows the best config of an autotuned kernel, the CSV every config), with resources, occupancy,
+wave efficiency and the analyzer's tensor-peak and dram-peak ranges (optimistic..pessimistic,
+times wave efficiency). Each arch is analyzed in its own worker process (gemlite reads the GPU at
+import), the two in parallel; Triton's on-disk cache makes a re-run much faster than the first.
+
+The analyzer is not part of qlk and qlk never imports it: this script looks for it in
+``<repo>/../shared/tools`` (or ``$GPU_STATIC_DIR``) and stops with a plain message without it.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import hashlib
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+DEFAULT_TOOLS = os.path.normpath(os.path.join(ROOT, "..", "shared", "tools"))
+RESULTS = os.path.join(HERE, "results")
+for _p in (HERE, ROOT):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+CSV_FIELDS = [
+    "arch", "group", "case", "op", "fmt", "K", "N", "M", "kernel", "config", "num_warps", "num_stages",
+    "regs", "stack", "spill_ops", "smem_bytes", "ctas_per_sm", "limiter", "grid_ctas", "wave_eff",
+    "tensor_peak_opt", "tensor_peak_pess", "dram_peak_opt", "dram_peak_pess", "bound", "best", "mix", "notes",
+    "status",
+]  # fmt: skip
+
+
+def tools_dir() -> str:
+    return os.environ.get("GPU_STATIC_DIR") or DEFAULT_TOOLS
+
+
+def load_analyzer():
+    """The gpu_static module, or None when it is not there."""
+    path = os.path.join(tools_dir(), "gpu_static.py")
+    if not os.path.exists(path):
+        return None
+    if tools_dir() not in sys.path:
+        sys.path.insert(0, tools_dir())
+    import gpu_static
+
+    _memoize_sass(gpu_static)
+    return gpu_static
+
+
+def missing_analyzer_message() -> str:
+    return (
+        f"static_report: the static analyzer is missing: {os.path.join(tools_dir(), 'gpu_static.py')} does not exist.\n"
+        "It is not part of qlk. Put the shared tools next to this checkout (the repository's parent directory must\n"
+        "hold shared/tools/gpu_static.py, as in the project workspace), or point GPU_STATIC_DIR at the folder that\n"
+        "holds gpu_static.py, then re-run `make static-report`."
+    )
+
+
+def _memoize_sass(gpu_static) -> None:
+    """Identical cubins (one specialization reached from several cases) are disassembled once."""
+    if getattr(gpu_static._resources, "_qlk_memo", False):
+        return
+    inner = gpu_static._resources
+    memo = {}
+
+    def resources(cubin: bytes, function=None):
+        key = (hashlib.sha1(cubin).hexdigest(), function)
+        if key not in memo:
+            memo[key] = inner(cubin, function)
+        return memo[key]
+
+    resources._qlk_memo = True
+    gpu_static._resources = resources
+
+
+# ---------------------------------------------------------------- rows
+_BLOCK = re.compile(r"^BLOCK(?:_SIZE)?_([MNK])$")
+_HIDDEN = {"M", "N", "K", "BITS", "GROUP_SIZE", "W_NBITS", "A_LOAD_ORDER", "NUM_STAGES"}
+
+
+def config_label(launch) -> str:
+    """'128x256x64 w8 s3 GROUP_M=8': the tile (BLOCK_M x BLOCK_N x BLOCK_K), warps, stages, then the
+    other integer constexprs in capitals that are not shapes or format constants."""
+    const = launch.constexprs
+    tile = {}
+    extra = []
+    for name, v in const.items():
+        if isinstance(v, bool) or not isinstance(v, int):
+            continue
+        m = _BLOCK.match(name.upper())
+        if m:
+            tile[m.group(1)] = v
+        elif name.isupper() and name.upper() not in _HIDDEN:
+            extra.append(f"{name}={v}")
+    t = "x".join(str(tile.get(d, "-")) for d in "MNK") if tile else ""
+    return " ".join(p for p in (t, f"w{launch.num_warps} s{launch.num_stages}", *extra) if p)
+
+
+def _r(x):
+    return None if x is None else round(float(x), 4)
+
+
+def report_row(report, launch, case) -> dict:
+    """One CSV/markdown row from a gpu_static Report of one launch of ``case``."""
+    w = report.wave_eff if report.wave_eff is not None else 1.0
+    return {
+        "arch": report.arch, "group": case.group, "case": case.name, "op": case.op, "fmt": case.fmt,
+        "K": case.k, "N": case.n, "M": case.m, "kernel": report.kernel, "config": config_label(launch),
+        "num_warps": launch.num_warps, "num_stages": launch.num_stages, "regs": report.regs,
+        "stack": report.stack, "spill_ops": report.spill_ops, "smem_bytes": report.smem,
+        "ctas_per_sm": report.ctas_per_sm, "limiter": report.limiter, "grid_ctas": report.ctas,
+        "wave_eff": _r(report.wave_eff),
+        "tensor_peak_opt": _r(None if report.est is None else report.est * w),
+        "tensor_peak_pess": _r(None if report.est is None else (report.est_lo or 0) * w),
+        "dram_peak_opt": _r(None if report.bw is None else report.bw * w),
+        "dram_peak_pess": _r(None if report.bw is None else (report.bw_lo or 0) * w),
+        "bound": report.bound, "best": False,
+        "mix": ";".join(f"{k}={v}" for k, v in sorted(report.mix.items(), key=lambda kv: -kv[1])),
+        "notes": "; ".join(report.notes), "status": "ok",
+        "_work": report.macs * (report.ctas or 1) or report.gbytes * (report.ctas or 1),
+    }  # fmt: skip
+
+
+def status_row(arch: int, case, status: str) -> dict:
+    row = {f: None for f in CSV_FIELDS}
+    row.update(arch=arch, group=case.group, case=case.name, op=case.op, fmt=case.fmt, K=case.k, N=case.n, M=case.m,
+               status=status, best=False)
+    return row
+
+
+def metric(row):
+    """What a row is judged by: tensor-peak for training shapes (M ≥ 256) of MMA kernels, else dram-peak."""
+    m = row.get("M")
+    if row.get("tensor_peak_opt") is not None and (m is None or m >= 256):
+        return (row["tensor_peak_opt"], row["tensor_peak_pess"])
+    if row.get("dram_peak_opt") is not None:
+        return (row["dram_peak_opt"], row["dram_peak_pess"])
+    return (-1.0, -1.0)
+
+
+def mark_best(rows) -> None:
+    """Per (case, kernel): flag the config the metric ranks first (an autotuner's pick is unknown)."""
+    groups = {}
+    for r in rows:
+        if r["status"] == "ok":
+            groups.setdefault((r["case"], r["kernel"]), []).append(r)
+    for rs in groups.values():
+        max(rs, key=metric)["best"] = True
+
+
+def analyze_case(gpu_static, launches, case) -> list:
+    return [report_row(rep, L, case) for rep, L in gpu_static.analyze_all(launches)]
+
+
+# ---------------------------------------------------------------- worker: one arch, in-process
+def collect(gpu_static, arch: int, cases, log=None) -> list:
+    """Launch every case under one capture for ``arch``; rows for each launch, or a status row."""
+    from launches import run_case
+
+    rows = []
+    with gpu_static.capture(arch=arch) as launches:
+        for case in cases:
+            t0, start = time.time(), len(launches)
+            status = run_case(case)
+            mine = launches[start:]
+            if status is None and not mine:
+                status = "failed: the launcher returned without launching a Triton kernel"
+            try:
+                got = analyze_case(gpu_static, mine, case) if mine else []
+            except Exception as e:  # noqa: BLE001
+                got, status = [], f"failed: analysis: {type(e).__name__}: {e}"
+            rows += got if got else [status_row(arch, case, status)]
+            if status and got:  # launched something, then raised
+                for r in got:
+                    r["status"] = f"partial: {status}"
+            if log:
+                log(f"sm_{arch} {case.name:44} {len(mine):3} launches {time.time() - t0:6.1f}s  {status or 'ok'}")
+    mark_best(rows)
+    return rows
+
+
+def select_cases(quick: bool, patterns, include=("dense", "qlk", "peers")):
+    import launches
+
+    out = launches.all_cases(quick, patterns, include_qlk="qlk" in include, include_dense="dense" in include)
+    if "peers" in include:
+        import peers_static
+
+        out += peers_static.all_cases(quick, patterns)
+    return out
+
+
+def worker(args) -> int:
+    gpu_static = load_analyzer()
+    if gpu_static is None:
+        print(missing_analyzer_message(), file=sys.stderr)
+        return 3
+    arch = int(args.arch)
+    cases = select_cases(args.quick, _patterns(args.cases))
+    rows = collect(gpu_static, arch, cases, log=lambda s: print(s, file=sys.stderr, flush=True))
+    with open(args.worker_out, "w") as f:
+        json.dump(rows, f)
+    return 0
+
+
+# ---------------------------------------------------------------- the files
+def _rng(lo, hi):
+    return "" if hi is None else f"{hi:.2f}..{lo:.2f}"
+
+
+def _mb(row):
+    return "" if row["smem_bytes"] is None else f"{row['smem_bytes'] / 1024:.0f}K"
+
+
+def _shape(row):
+    return f"{row['K']}→{row['N']}"
+
+
+def write_csv(path: str, rows) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_FIELDS})
+
+
+def _summary(rows) -> list:
+    """Best estimate of each case's main kernel, dense | qlk formats | peers side by side."""
+    main = {}
+    for r in rows:
+        if r["status"] != "ok" or not r["best"]:
+            continue
+        cur = main.get(r["case"])
+        if cur is None or (r.get("_work") or 0) > (cur.get("_work") or 0):
+            main[r["case"]] = r
+    cols = [("dense bf16", lambda r: r["group"] == "dense")]
+    import launches
+
+    for fmt in launches.FORMATS:
+        cols.append((f"qlk {fmt}", lambda r, fmt=fmt: r["group"] == "qlk" and r["fmt"] == fmt and r["op"] in ("fwd", "dgrad")))
+    cols += [
+        ("gemlite int4g128", lambda r: r["case"].startswith("gemlite-auto/")),
+        ("gemlite tuned", lambda r: r["case"].startswith("gemlite-tuned/")),
+        ("grouped-nf4-gemm", lambda r: r["case"].startswith(("gnf4-fwd/", "gnf4-dgrad/"))),
+        ("gnf4 bf16", lambda r: r["case"].startswith("gnf4-bf16/")),
+    ]
+    keys = sorted({(r["op"], r["K"], r["N"], r["M"]) for r in main.values() if r["op"] in ("fwd", "dgrad")},
+                  key=lambda t: (t[0] != "fwd", t[1], t[2], -(t[3] or 0)))
+    lines = ["| op | K→N | M | metric | " + " | ".join(c for c, _ in cols) + " |",
+             "|---|---|---|---|" + "---|" * len(cols)]
+    for op, k, n, m in keys:
+        cells = []
+        for _, pred in cols:
+            hit = [r for r in main.values() if (r["op"], r["K"], r["N"], r["M"]) == (op, k, n, m) and pred(r)]
+            if not hit:
+                cells.append("")
+                continue
+            r = hit[0]
+            hi, lo = metric(r)
+            cells.append(f"{hi:.2f}..{lo:.2f}" if hi >= 0 else "?")
+        what = "tensor-peak" if m >= 256 else "dram-peak"
+        lines.append(f"| {op} | {k}→{n} | {m} | {what} | " + " | ".join(cells) + " |")
+    return lines
+
+
+_GROUPS = {"dense": 0, "qlk": 1}
+_OPS = {"fwd": 0, "dgrad": 1, "decode": 2, "qalora": 3, "dequant": 4}
+
+
+def _row_order(r):
+    """dense, qlk, peers; forward before gradient; format; shape; large M first."""
+    import launches
+
+    fmts = list(launches.FORMATS)
+    return (_GROUPS.get(r["group"], 2), r["group"], r["case"].split("/")[0] if r["group"].startswith("peer") else "",
+            _OPS.get(r["op"], 9), fmts.index(r["fmt"]) if r["fmt"] in fmts else 9, r["K"], r["N"], -(r["M"] or 0),
+            r["kernel"] or "")
+
+
+def write_markdown(path: str, arch: int, rows, meta: dict) -> None:
+    gpu = {90: "H100 SXM (sm_90, 132 SMs)", 80: "A100 SXM (sm_80, 108 SMs)"}[arch]
+    out = io.StringIO()
+    p = lambda s="": print(s, file=out)  # noqa: E731
+    p(f"# Static report, sm_{arch}: qlk kernels, dense baseline and Triton peers")
+    p()
+    p(f"**Estimated from sm_{arch} machine code, not measured.** Every launch was compiled for {gpu} by "
+      "Triton on a machine with no GPU and judged from its SASS by `../shared/tools/gpu_static.py` "
+      "(a model: see its README for what it sees, what it misses and how it was checked). Nothing ran.")
+    p()
+    p(f"- command: `{meta['command']}`")
+    p(f"- date: {meta['date']}; triton {meta['triton']}; torch {meta['torch']}; qlk commit {meta['commit']}")
+    p(f"- peers: {meta['peers']}")
+    p(f"- cases: Llama-3-8B layer shapes K→N, M tokens; weights from `qlk.quantize` of random bf16 "
+      "(peers: random bytes of their layouts); activations bf16")
+    p("- case names `<op>/<format>/<K>-><N>/M<m>`: `dense-*` bench/dense_matmul.py (bf16; split-K tile at M ≤ 64); "
+      "`fwd`, `dgrad`, `dequant`, `qalora` qlk.kernels (at M ≤ 16 `fwd` is qlk's decode path); "
+      "`gemlite-auto` gemlite's own dispatch with the configs it ships for this GPU, `gemlite-gemv` its plain GEMV, "
+      "`gemlite-tuned` its GEMM with every fast-autotune config (shipped configs hidden); `gnf4-fwd`/`gnf4-dgrad` "
+      "grouped-nf4-gemm single expert (default TF32 loop), `gnf4-bf16` its opt-in bf16-MMA prefill")
+    p("- tensor-peak: fraction of the tensor cores' peak the main loop can reach; read it at M ≥ 256. "
+      "dram-peak: fraction of DRAM bandwidth, every loaded byte counted as a DRAM byte; read it at M ≤ 16. "
+      "Both are optimistic..pessimistic (MMA overlapping everything / nothing), times wave efficiency.")
+    p("- an autotuned kernel compiles every config; the table shows the config ranked first by the relevant "
+      "estimate (the GPU's autotuner may pick another), the CSV has them all (`best` column).")
+    p()
+    p("## Summary: best estimate of each case's main kernel")
+    p()
+    for line in _summary(rows):
+        p(line)
+    p()
+    p("## Kernels × cases")
+    p()
+    p("| kernel | case | config | regs | stack | smem | CTAs/SM | grid | wave | tensor-peak | dram-peak | bound | notes |")
+    p("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    shown = sorted((r for r in rows if r["status"] != "ok" or r["best"]), key=_row_order)
+    missing = {}
+    for r in shown:
+        if r["status"] and r["status"].startswith("not available"):
+            missing.setdefault((r["group"], r["case"].split("/")[0], r["status"]), []).append(r["case"])
+            continue
+        if r["status"] != "ok" and not (r["status"] or "").startswith("partial"):
+            p(f"| — | {r['case']} | {r['status']} |  |  |  |  |  |  |  |  |  |  |")
+            continue
+        n_cfg = sum(1 for x in rows if x["case"] == r["case"] and x["kernel"] == r["kernel"])
+        cfg = r["config"] + (f" (best of {n_cfg})" if n_cfg > 1 else "")
+        notes = "; ".join(n for n in (r["notes"] or "").split("; ") if n and not n.startswith("grid "))
+        if r["status"] != "ok":
+            notes = f"{r['status']}; {notes}"
+        p(f"| {r['kernel']} | {r['case']} | {cfg} | {r['regs']} | {r['stack']} | {_mb(r)} | "
+          f"{r['ctas_per_sm']} ({r['limiter']}) | {r['grid_ctas'] if r['grid_ctas'] is not None else '-'} | "
+          f"{'' if r['wave_eff'] is None else format(r['wave_eff'], '.2f')} | "
+          f"{_rng(r['tensor_peak_pess'], r['tensor_peak_opt'])} | {_rng(r['dram_peak_pess'], r['dram_peak_opt'])} | "
+          f"{r['bound']} | {notes} |")
+    if missing:
+        p()
+        p("## Not available")
+        p()
+        for (group, op, status), names in sorted(missing.items()):
+            p(f"- {group} `{op}` ({len(names)} cases, e.g. `{names[0]}`): {status}")
+    with open(path, "w") as f:
+        f.write(out.getvalue())
+
+
+def _meta(argv) -> dict:
+    import torch
+    import triton
+
+    try:
+        commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--", "qlk"], capture_output=True,
+                               text=True).stdout.strip()
+        commit = (commit or "?") + (" + uncommitted changes in qlk/" if dirty else "")
+    except OSError:
+        commit = "?"
+    peers = []
+    for dist in ("gemlite", "grouped-nf4-gemm"):
+        try:
+            from importlib.metadata import version
+
+            peers.append(f"{dist} {version(dist)}")
+        except Exception:  # noqa: BLE001
+            peers.append(f"{dist} not installed")
+    cmd = "python bench/static_report.py" + ("" if not argv else " " + " ".join(argv))
+    return dict(command=cmd, date=datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+                triton=triton.__version__, torch=torch.__version__, commit=commit, peers=", ".join(peers))
+
+
+def _patterns(s: str):
+    return [p for p in (s or "").split(",") if p]
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", default="90,80", help="comma-separated: 90, 80")
+    ap.add_argument("--quick", action="store_true", help="M=4096 and M=1 on 4096->14336 only")
+    ap.add_argument("--cases", default="", help="comma-separated shell patterns over case names")
+    ap.add_argument("--out", default=RESULTS, help="folder for static-sm<arch>.md/.csv")
+    ap.add_argument("--jobs", type=int, default=2, help="arch workers run in parallel")
+    ap.add_argument("--worker-out", help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.worker_out:
+        return worker(args)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("static_report: unset TRITON_INTERPRET (the interpreter compiles nothing)", file=sys.stderr)
+        return 2
+    if load_analyzer() is None:
+        print(missing_analyzer_message(), file=sys.stderr)
+        return 3
+    archs = [int(a) for a in args.arch.split(",") if a]
+    if any(a not in (80, 90) for a in archs):
+        print(f"static_report: --arch takes 90 and/or 80, got {args.arch}", file=sys.stderr)
+        return 2
+    os.makedirs(args.out, exist_ok=True)
+    meta = _meta(argv)
+    t0 = time.time()
+    tmp = tempfile.mkdtemp(prefix="qlk-static-")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    procs, pending = {}, list(archs)
+    rc = 0
+    while pending or procs:
+        while pending and len(procs) < max(args.jobs, 1):
+            arch = pending.pop(0)
+            cmd = [sys.executable, os.path.abspath(__file__), "--arch", str(arch), "--cases", args.cases,
+                   "--worker-out", os.path.join(tmp, f"sm{arch}.json")] + (["--quick"] if args.quick else [])
+            procs[arch] = subprocess.Popen(cmd, env=env, cwd=ROOT)
+        for arch, proc in list(procs.items()):
+            if proc.poll() is None:
+                continue
+            del procs[arch]
+            if proc.returncode:
+                print(f"static_report: the sm_{arch} worker failed (exit {proc.returncode})", file=sys.stderr)
+                rc = 1
+                continue
+            with open(os.path.join(tmp, f"sm{arch}.json")) as f:
+                rows = json.load(f)
+            md, cs = (os.path.join(args.out, f"static-sm{arch}.{ext}") for ext in ("md", "csv"))
+            write_markdown(md, arch, rows, meta)
+            write_csv(cs, rows)
+            print(f"static_report: wrote {os.path.relpath(md)} and {os.path.relpath(cs)} "
+                  f"({sum(r['status'] == 'ok' for r in rows)} launches analyzed, {time.time() - t0:.0f}s)")
+        time.sleep(0.5)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
