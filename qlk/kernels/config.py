@@ -1,0 +1,127 @@
+"""Autotune configurations, per architecture, and the device facts the launchers need.
+
+Nothing here touches CUDA at import time: the config lists hold candidates for every architecture,
+and ``prune_*`` (called by the autotuner at the first launch, when a device exists) keeps those of the
+current target (sm_80 / sm_90) that fit its shared memory. Under the Triton interpreter
+(``TRITON_INTERPRET=1``) each kernel gets exactly one small config: the interpreter cannot autotune
+(it has no driver) and runs a config's tile sizes only as numpy array shapes.
+"""
+from __future__ import annotations
+
+import os
+
+import triton
+
+from .. import backend
+
+INTERPRETED = backend.TRITON_INTERPRETED or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+#: shared memory a CTA may use, by compute capability major*10+minor (what pruning checks)
+SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+#: streaming multiprocessors, for split-K sizing when no device can be asked (interpreter)
+DEFAULT_SMS = 132
+
+
+def target_arch() -> int:
+    """Compute capability of the active Triton target as an int (90 for H100); 0 when unknown."""
+    try:
+        from triton.runtime import driver
+
+        t = driver.active.get_current_target()
+        return int(t.arch) if isinstance(t.arch, int) else 0
+    except Exception:  # no driver (CPU, interpreter)
+        return 0
+
+
+def num_sms(device) -> int:
+    """SM count of ``device``: asks torch for CUDA tensors, the Triton driver otherwise (the static
+    analysis tool provides one), else :data:`DEFAULT_SMS`."""
+    import torch
+
+    if getattr(device, "type", None) == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    try:
+        from triton.runtime import driver
+
+        return int(driver.active.utils.get_device_properties(0)["multiprocessor_count"])
+    except Exception:
+        return DEFAULT_SMS
+
+
+def _cfg(arch, num_warps, num_stages, **kw):
+    c = triton.Config(kw, num_warps=num_warps, num_stages=num_stages)
+    c.qlk_arch = arch  # which target the candidate is meant for (None: any)
+    return c
+
+
+def _smem_estimate(c: triton.Config, a_bytes=2) -> int:
+    """Bytes of shared memory the pipelined operand buffers take: (stages-1) copies of the
+    activation tile plus the packed weight tile (upper bound: 4 bytes per code word column)."""
+    k = c.kwargs
+    bm, bn = k.get("BLOCK_M", 16), k.get("BLOCK_N", 64)
+    bk = k.get("BLOCK_K", 64)
+    per_stage = bm * bk * a_bytes + bn * bk // 2 + bn * bk * a_bytes // 4
+    return max(c.num_stages - 1, 1) * per_stage
+
+
+def _prune(configs, named_args, **kwargs):
+    if len(configs) <= 1:
+        return configs
+    arch = target_arch()
+    limit = SMEM_LIMIT.get(arch, SMEM_LIMIT[80])
+    family = 90 if arch >= 90 else 80
+    kept = [c for c in configs if getattr(c, "qlk_arch", None) in (None, family) and _smem_estimate(c) <= limit]
+    return kept or configs[:1]
+
+
+PRUNE = {"early_config_prune": _prune}
+
+
+def gemm_configs():
+    """Large-M fused dequant GEMM (forward; weight as the MMA A operand: tile [BLOCK_N, BLOCK_M]).
+
+    sm_90: 128x256x64, 8 warps (two warpgroups of m64n256k16 wgmma on 64 weight rows each).
+    sm_80: 256x128x32: Triton spreads mma.sync warps over both tile dims and every warp that
+    shares weight rows dequantizes them again, so the tile is tall (256 rows) to keep that
+    duplication at 2x (docs/kernels.md)."""
+    if INTERPRETED:
+        return [_cfg(None, 4, 1, BLOCK_N=32, BLOCK_M=64, BLOCK_K=64, GROUP_M=4)]
+    return [
+        _cfg(90, 8, 3, BLOCK_N=128, BLOCK_M=256, BLOCK_K=64, GROUP_M=8),
+        _cfg(90, 8, 4, BLOCK_N=128, BLOCK_M=128, BLOCK_K=64, GROUP_M=8),
+        _cfg(80, 8, 3, BLOCK_N=256, BLOCK_M=128, BLOCK_K=32, GROUP_M=8),
+        _cfg(80, 8, 4, BLOCK_N=128, BLOCK_M=128, BLOCK_K=32, GROUP_M=8),
+    ]
+
+
+def grad_configs():
+    """Large-M input gradient dX = dY·Ŵ: tile dXᵀ [BLOCK_K, BLOCK_M], reduction over BLOCK_N rows."""
+    if INTERPRETED:
+        return [_cfg(None, 4, 1, BLOCK_N=32, BLOCK_M=64, BLOCK_K=64, GROUP_M=4)]
+    return [
+        _cfg(90, 8, 3, BLOCK_N=64, BLOCK_M=256, BLOCK_K=128, GROUP_M=8),
+        _cfg(90, 8, 4, BLOCK_N=64, BLOCK_M=128, BLOCK_K=128, GROUP_M=8),
+        _cfg(80, 8, 3, BLOCK_N=32, BLOCK_M=128, BLOCK_K=128, GROUP_M=8),
+        _cfg(80, 4, 3, BLOCK_N=32, BLOCK_M=64, BLOCK_K=128, GROUP_M=8),
+    ]
+
+
+def splitk_configs():
+    """Small-M (decode) split-K forward: tile [BLOCK_N, BLOCK_M=16], K split over the grid."""
+    if INTERPRETED:
+        return [_cfg(None, 4, 1, BLOCK_N=32, BLOCK_M=16, BLOCK_K=64)]
+    return [
+        _cfg(90, 4, 4, BLOCK_N=64, BLOCK_M=16, BLOCK_K=128),
+        _cfg(90, 4, 3, BLOCK_N=64, BLOCK_M=16, BLOCK_K=256),
+        _cfg(80, 4, 4, BLOCK_N=64, BLOCK_M=16, BLOCK_K=128),
+        _cfg(80, 4, 3, BLOCK_N=64, BLOCK_M=16, BLOCK_K=256),
+    ]
+
+
+def dequant_configs():
+    if INTERPRETED:
+        return [_cfg(None, 4, 1, BLOCK_N=32, BLOCK_K=64)]
+    return [
+        _cfg(None, 4, 1, BLOCK_N=32, BLOCK_K=256),
+        _cfg(None, 8, 1, BLOCK_N=64, BLOCK_K=256),
+    ]

@@ -1,0 +1,331 @@
+"""Fused dequantize + matmul: Y = X·Ŵᵀ (+ bias) and its input gradient dX = dY·Ŵ.
+
+Ŵ [N, K] is never materialized: each kernel dequantizes [BLOCK_N, BLOCK_K] tiles of the packed
+weight in registers (:func:`qlk.kernels.quant_tile._dequant_tile`) inside its K (or N) loop and
+feeds them to ``tl.dot`` with fp32 accumulation. The forward and the input gradient read the same
+packed buffer (no repack, no transposed copy).
+
+Kernels (one launcher picks by shape, ``path=`` forces one):
+
+``_quant_matmul_fwd_kernel``  large M (training; compute-bound). Each program computes the
+    transposed tile Yᵀ[n0:n0+BN, m0:m0+BM] = Ŵ[BN, K]·Xᵀ[K, BM]: the weight is the A operand of the
+    MMA, so on Hopper the dequantized tile goes from registers straight into wgmma (which reads B
+    only from shared memory; a dequantized B would make a round trip through it). ``W_AS_A=False``
+    is the conventional Y = X·Ŵᵀ tile, kept for the measurements in docs/kernels.md.
+``_quant_matmul_splitk_kernel``  small M (decode, M <= ``SPLITK_MAX_M``; memory-bound). The K
+    loop is split over a second grid axis so that ≈ 16 CTAs per SM stream the weight; partial sums
+    are added with fp32 atomics (default; order-dependent rounding, i.e. not bit-reproducible
+    run to run) or, with ``deterministic=True``, written to a workspace [SPLIT, M, N] and summed in a
+    fixed order.
+``_quant_matmul_grad_input_kernel``  dX = dY·Ŵ, tile dXᵀ[k0:k0+BK, m0:m0+BM] = Ŵᵀ[BK, N]·dYᵀ[N, BM]
+    (``W_AS_A``) or dX[BM, BK] = dY[BM, N]·Ŵ[N, BK]; the reduction runs over N.
+
+Act-order (``qw.perm``): X is gathered into the stored column order, x[..., perm], before the
+forward, and dX is scattered back, dx[..., argsort(perm)], after the input gradient.
+
+Precision: fp16/bf16 operands with fp32 accumulation (the dequantized tile is rounded once to
+the activation dtype, like bitsandbytes' dequantize-then-matmul); fp32 activations use exact fp32
+products (``input_precision="ieee"``, no TF32). Output in the activation dtype.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..formats.quantized_weight import QuantizedWeight
+from .config import PRUNE, gemm_configs, grad_configs, num_sms, splitk_configs
+from .quant_tile import _dequant_tile, weight_args
+
+#: M at or below which the forward uses the split-K decode kernel
+SPLITK_MAX_M = 16
+_ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _swizzle(pid, num_a, num_b, GROUP: tl.constexpr):
+    """(pid_a, pid_b) visiting GROUP rows of a at a time, so their shared b tiles stay in L2."""
+    width = GROUP * num_b
+    group_id = pid // width
+    first = group_id * GROUP
+    rows = tl.minimum(num_a - first, GROUP)
+    pid_a = first + (pid % width) % rows
+    pid_b = (pid % width) // rows
+    return pid_a, pid_b
+
+
+@triton.autotune(configs=gemm_configs(), key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "IS_NF4", "W_AS_A"],
+                 prune_configs_by=PRUNE)
+@triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+@triton.jit
+def _quant_matmul_fwd_kernel(
+    y_ptr,  # [M, N] output, activation dtype
+    x_ptr,  # [M, K] activations (any strides)
+    bias_ptr,  # [N] or dummy
+    qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,  # packed weight (weight_args)
+    stride_qn, stride_sn, stride_sg,
+    M, N, K, M_BUCKET,
+    stride_xm, stride_xk, stride_ym, stride_yn,
+    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, W_AS_A: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """Y[m, n] = Σ_k X[m, k]·Ŵ[n, k] (+ bias[n]), one [BLOCK_N, BLOCK_M] tile per program."""
+    pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    # rows past the edge are clamped, not masked: they compute garbage that is never stored, and
+    # the loop keeps no row predicates
+    rows_w = tl.minimum(offs_n, N - 1)
+    x_rows = x_ptr + tl.minimum(offs_m, M - 1).to(tl.int64) * stride_xm
+    if W_AS_A:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        w = _dequant_tile(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
+                          stride_qn, stride_sn, stride_sg, rows_w, k0, K,
+                          BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        if W_AS_A:
+            xt_ptrs = x_rows[None, :] + offs_k[:, None] * stride_xk
+            if EVEN_K:
+                xt = tl.load(xt_ptrs)
+            else:
+                xt = tl.load(xt_ptrs, mask=offs_k[:, None] < K, other=0.0)
+            acc = tl.dot(w.to(xt.dtype), xt, acc, input_precision=DOT_PRECISION)
+        else:
+            x_ptrs = x_rows[:, None] + offs_k[None, :] * stride_xk
+            if EVEN_K:
+                x = tl.load(x_ptrs)
+            else:
+                x = tl.load(x_ptrs, mask=offs_k[None, :] < K, other=0.0)
+            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=DOT_PRECISION)
+    if W_AS_A:
+        acc = tl.trans(acc)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@triton.autotune(configs=splitk_configs(), key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "IS_NF4", "ATOMIC"],
+                 prune_configs_by=PRUNE, reset_to_zero=["ws_ptr"])
+@triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+@triton.jit
+def _quant_matmul_splitk_kernel(
+    ws_ptr,  # fp32 partial sums: [M, N] (ATOMIC) or [SPLIT, M, N], zero-initialized
+    x_ptr,  # [M, K] activations (any strides)
+    qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,  # packed weight (weight_args)
+    stride_qn, stride_sn, stride_sg,
+    M, N, K, M_BUCKET,
+    stride_xm, stride_xk,
+    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Partial Yᵀ over one K slice: program (n, s, m) sums k in slice s of ⌈K/BLOCK_K / SPLIT⌉ tiles."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    tiles = tl.cdiv(tl.cdiv(K, BLOCK_K), tl.num_programs(1))
+    k_start = pid_s * tiles * BLOCK_K
+    k_end = tl.minimum(K, k_start + tiles * BLOCK_K)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    rows_w = tl.minimum(offs_n, N - 1)
+    x_rows = x_ptr + offs_m.to(tl.int64) * stride_xm
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        w = _dequant_tile(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
+                          stride_qn, stride_sn, stride_sg, rows_w, k0, K,
+                          BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        # M is tiny here: padding rows are masked (zeros) rather than clamped, so no x row is read
+        # BLOCK_M/M times over
+        xt = tl.load(x_rows[None, :] + offs_k[:, None] * stride_xk,
+                     mask=mask_m[None, :] & (offs_k[:, None] < K), other=0.0)
+        acc = tl.dot(w.to(xt.dtype), xt, acc, input_precision=DOT_PRECISION)
+    mask = (offs_n[:, None] < N) & mask_m[None, :]
+    offs = offs_m[None, :].to(tl.int64) * N + offs_n[:, None]
+    if ATOMIC:
+        tl.atomic_add(ws_ptr + offs, acc, mask=mask, sem="relaxed")
+    else:
+        tl.store(ws_ptr + pid_s.to(tl.int64) * M * N + offs, acc, mask=mask)
+
+
+@triton.autotune(configs=grad_configs(), key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "IS_NF4", "W_AS_A"],
+                 prune_configs_by=PRUNE)
+@triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+@triton.jit
+def _quant_matmul_grad_input_kernel(
+    dx_ptr,  # [M, K] output, activation dtype
+    dy_ptr,  # [M, N] upstream gradient (any strides)
+    qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,  # packed weight (weight_args)
+    stride_qn, stride_sn, stride_sg,
+    M, N, K, M_BUCKET,
+    stride_dym, stride_dyn, stride_dxm, stride_dxk,
+    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    W_AS_A: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """dX[m, k] = Σ_n dY[m, n]·Ŵ[n, k], one [BLOCK_M, BLOCK_K] tile per program, N in BLOCK_N steps."""
+    pid_m, pid_k = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
+    k0 = pid_k * BLOCK_K
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dy_rows = dy_ptr + tl.minimum(offs_m, M - 1).to(tl.int64) * stride_dym
+    if W_AS_A:
+        acc = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        # clamped weight rows are finite and meet dY columns masked to 0: they add exactly 0
+        w = _dequant_tile(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
+                          stride_qn, stride_sn, stride_sg, tl.minimum(offs_n, N - 1), k0, K,
+                          BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K)
+        if W_AS_A:
+            dyt = tl.load(dy_rows[None, :] + offs_n[:, None] * stride_dyn, mask=offs_n[:, None] < N, other=0.0)
+            acc = tl.dot(tl.trans(w.to(dyt.dtype)), dyt, acc, input_precision=DOT_PRECISION)
+        else:
+            dy = tl.load(dy_rows[:, None] + offs_n[None, :] * stride_dyn, mask=offs_n[None, :] < N, other=0.0)
+            acc = tl.dot(dy, w.to(dy.dtype), acc, input_precision=DOT_PRECISION)
+    if W_AS_A:
+        acc = tl.trans(acc)
+    dx_ptrs = dx_ptr + offs_m[:, None].to(tl.int64) * stride_dxm + offs_k[None, :] * stride_dxk
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
+
+
+# ------------------------------------------------------------------------------------------------
+# launchers
+# ------------------------------------------------------------------------------------------------
+def _bucket(m: int) -> int:
+    """Autotune key for M: a power of two, so that every token count does not retune."""
+    return 1 << max(m - 1, 0).bit_length()
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _as_2d(t: torch.Tensor, last: int, what: str) -> torch.Tensor:
+    if t.dtype not in _ACT_DTYPES:
+        raise TypeError(f"{what} has dtype {t.dtype}; the kernels take float16, bfloat16 or float32")
+    if t.dim() == 0 or t.shape[-1] != last:
+        raise ValueError(f"{what} has shape {tuple(t.shape)}; its last dim must be {last}")
+    return t.reshape(-1, last)  # a view whenever the leading dims merge; the kernels take any strides
+
+
+def _check_out(out, shape, dtype, device, what="out"):
+    if out.shape != shape or out.dtype != dtype or out.device != device:
+        raise ValueError(f"{what} must be {list(shape)} {dtype} on {device}; got {list(out.shape)} {out.dtype} "
+                         f"on {out.device}")
+
+
+def quant_matmul_forward(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None,
+                         out: torch.Tensor | None = None, path: str = "auto", deterministic: bool = False,
+                         w_as_a: bool = True) -> torch.Tensor:
+    """Y = X·Ŵᵀ (+ bias): x [..., K] (fp16/bf16/fp32, any strides) -> y [..., N] in x's dtype.
+
+    path: "auto" (split-K when M = x.numel()/K <= SPLITK_MAX_M, else the GEMM), "gemm", "splitk".
+    deterministic: split-K sums partials in a fixed order (workspace) instead of fp32 atomics.
+    out: optional preallocated [M, N] (2-D, any strides) output.
+    Leading dims of x are flattened with ``reshape`` (a copy only if they cannot be merged); a
+    permuted weight (act-order) gathers x's columns first (a contiguous copy)."""
+    n, k = qw.shape
+    lead = x.shape[:-1]
+    x2 = _as_2d(x, k, "x")
+    if qw.perm is not None:
+        x2 = x2.index_select(1, qw.perm)
+    m = x2.shape[0]
+    if bias is not None and (bias.shape != (n,) or bias.device != x.device):
+        raise ValueError(f"bias must be [{n}] on {x.device}; got {list(bias.shape)} on {bias.device}")
+    if out is not None:
+        _check_out(out, (m, n), x.dtype, x.device)
+    else:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out.reshape(*lead, n)
+    if path not in ("auto", "gemm", "splitk"):
+        raise ValueError(f"path={path!r}; allowed: 'auto', 'gemm', 'splitk'")
+    if path == "splitk" or (path == "auto" and m <= SPLITK_MAX_M):
+        _splitk_forward(x2, qw, bias, out, deterministic)
+    else:
+        args, meta = weight_args(qw)
+        bias_arg = bias if bias is not None else args[3]
+
+        def grid(meta_):
+            return (triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(n, meta_["BLOCK_N"]),)
+
+        _quant_matmul_fwd_kernel[grid](
+            out, x2, bias_arg, *args, m, n, k, _bucket(m),
+            x2.stride(0), x2.stride(1), out.stride(0), out.stride(1),
+            HAS_BIAS=bias is not None, W_AS_A=w_as_a, DOT_PRECISION=_precision(x.dtype), **meta)
+    return out.reshape(*lead, n)
+
+
+def _split_count(n, m, k, meta, sms, ctas_per_sm=16):
+    base = triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(m, meta["BLOCK_M"])
+    return max(1, min(triton.cdiv(k, meta["BLOCK_K"]), triton.cdiv(ctas_per_sm * sms, base)))
+
+
+def _splitk_forward(x2, qw, bias, out, deterministic):
+    m, k = x2.shape
+    n = qw.shape[0]
+    args, meta = weight_args(qw)
+    sms = num_sms(x2.device)
+
+    def split(meta_):
+        # ~16 CTAs per SM: with 4-6 resident per SM the last, partial wave stays small
+        return _split_count(n, m, k, meta_, sms)
+
+    def grid(meta_):
+        return (triton.cdiv(n, meta_["BLOCK_N"]), split(meta_), triton.cdiv(m, meta_["BLOCK_M"]))
+
+    if deterministic:
+        # one slice per split; the largest split any config can ask for
+        max_split = max(_split_count(n, m, k, c.kwargs, sms) for c in _quant_matmul_splitk_kernel.configs)
+        ws = torch.zeros((max_split, m, n), dtype=torch.float32, device=x2.device)
+    else:
+        ws = torch.zeros((m, n), dtype=torch.float32, device=x2.device)
+    _quant_matmul_splitk_kernel[grid](
+        ws, x2, *args, m, n, k, _bucket(m), x2.stride(0), x2.stride(1),
+        ATOMIC=not deterministic, DOT_PRECISION=_precision(x2.dtype), **meta)
+    y = ws.sum(0) if deterministic else ws
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    out.copy_(y)
+
+
+def quant_matmul_grad_input(dy: torch.Tensor, qw: QuantizedWeight, out: torch.Tensor | None = None,
+                            w_as_a: bool = True) -> torch.Tensor:
+    """dX = dY·Ŵ: dy [..., N] (fp16/bf16/fp32, any strides) -> dx [..., K] in dy's dtype.
+
+    Reads the same packed weight as the forward. With act-order the result is scattered back to
+    the original column order (a copy). out: optional preallocated [M, K] (2-D) output, only
+    without act-order."""
+    n, k = qw.shape
+    lead = dy.shape[:-1]
+    dy2 = _as_2d(dy, n, "dy")
+    m = dy2.shape[0]
+    if out is not None:
+        if qw.perm is not None:
+            raise ValueError("out= is not supported with an act-order permutation (the result is scattered)")
+        _check_out(out, (m, k), dy.dtype, dy.device)
+    else:
+        out = torch.empty((m, k), dtype=dy.dtype, device=dy.device)
+    if m > 0:
+        args, meta = weight_args(qw)
+
+        def grid(meta_):
+            return (triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(k, meta_["BLOCK_K"]),)
+
+        _quant_matmul_grad_input_kernel[grid](
+            out, dy2, *args, m, n, k, _bucket(m),
+            dy2.stride(0), dy2.stride(1), out.stride(0), out.stride(1),
+            W_AS_A=w_as_a, DOT_PRECISION=_precision(dy.dtype), **meta)
+    if qw.perm is not None:
+        out = out.index_select(1, torch.argsort(qw.perm))
+    return out.reshape(*lead, k)

@@ -1,0 +1,35 @@
+"""Shared test setup.
+
+The Triton kernels run on CPU through the interpreter, which Triton (and ``qlk.backend``) read
+when they are imported: set it before any test module imports qlk. ``setdefault`` keeps an explicit
+``TRITON_INTERPRET=0`` (e.g. on a GPU runner).
+
+The interpreter is slow, so the default backend of the test session is the reference path: tests
+about the kernels ask for them (``qlk.kernels.*``, ``backend="triton"`` or
+``qlk.use_backend("triton")``). ``QLK_BACKEND=auto pytest`` runs everything through the kernels
+(on a GPU runner, say).
+"""
+import os
+
+import pytest
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("QLK_BACKEND", "reference")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long tests (real model); run with --runslow")
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow (make test-slow)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
