@@ -5,11 +5,23 @@ allowed, prefixed by the name of the argument or layer so a user can find it.
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 SUPPORTED_INT_BITS = (2, 3, 4)
 SUPPORTED_FORMATS = ("int", "nf4")
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _is_int(v) -> bool:
+    """A Python/NumPy integer, not a bool (``True`` is an int to Python, never a bit width to us)."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _dtype_names(dtypes) -> str:
+    return ", ".join(str(d).removeprefix("torch.") for d in dtypes)
 
 
 def check_format(fmt: str) -> None:
@@ -18,7 +30,7 @@ def check_format(fmt: str) -> None:
 
 
 def check_int_bits(bits: int) -> None:
-    if bits not in SUPPORTED_INT_BITS:
+    if not _is_int(bits) or bits not in SUPPORTED_INT_BITS:
         raise ValueError(
             f"bits={bits!r} is not supported for fmt='int'; allowed: {SUPPORTED_INT_BITS} "
             "(use fmt='nf4' for the QLoRA 4-bit normal-float format)"
@@ -30,8 +42,8 @@ def divisors_multiple_of_8(n: int) -> list[int]:
 
 
 def check_group_size(in_features: int, group_size: int, what: str = "weight") -> None:
-    if not isinstance(group_size, int) or group_size <= 0:
-        raise ValueError(f"group_size={group_size!r} must be a positive integer")
+    if not _is_int(group_size) or group_size <= 0:
+        raise ValueError(f"group_size={group_size!r} must be a positive integer (e.g. 32, 64, 128)")
     if group_size % 8 != 0:
         raise ValueError(f"group_size={group_size} must be a multiple of 8 (e.g. 32, 64, 128)")
     if in_features % group_size != 0:
@@ -49,15 +61,24 @@ def check_weight(weight: torch.Tensor, what: str = "weight") -> None:
         raise ValueError(f"{what} must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
     if not weight.is_floating_point():
         raise TypeError(f"{what} must be a floating-point tensor, got dtype {weight.dtype}")
+    if weight.dtype not in WEIGHT_DTYPES:
+        raise TypeError(f"{what} has dtype {weight.dtype}; allowed: {_dtype_names(WEIGHT_DTYPES)}")
     if weight.numel() == 0:
         raise ValueError(f"{what} is empty (shape {tuple(weight.shape)})")
+    if weight.device.type == "meta":
+        raise ValueError(f"{what} is on the meta device (it has no values); load real weights first")
     if not torch.isfinite(weight).all():
         bad = (~torch.isfinite(weight)).sum().item()
         raise ValueError(f"{what} contains {bad} NaN/Inf value(s); quantization needs finite weights")
 
 
-def check_tensor(t, name: str, dtype=None, shape=None, ndim=None) -> None:
-    """Shape/dtype check for imported tensors: ``shape`` entries of ``None`` are wildcards."""
+def check_tensor(t, name: str, dtype=None, shape=None, ndim=None, device=None, finite: bool = True) -> None:
+    """Shape/dtype check for imported tensors: ``shape`` entries of ``None`` are wildcards.
+
+    ``device``: the device ``t`` must be on (None: any). ``finite``: a floating-point ``t`` must
+    hold no NaN/Inf (stored scales, biases, absmax: a NaN there silently poisons every output);
+    meta tensors have no values and are not checked.
+    """
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if dtype is not None:
@@ -70,9 +91,56 @@ def check_tensor(t, name: str, dtype=None, shape=None, ndim=None) -> None:
         if t.dim() != len(shape) or any(s is not None and s != a for s, a in zip(shape, t.shape)):
             want = tuple("*" if s is None else s for s in shape)
             raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {want}")
+    if device is not None and t.device != torch.device(device):
+        raise ValueError(
+            f"{name} is on {t.device}, expected {torch.device(device)} (all tensors of a weight on one device)"
+        )
+    if finite:
+        check_finite(t, name)
 
 
-def check_activation(x: torch.Tensor, in_features: int, device: torch.device, what: str = "x") -> None:
+def check_finite(t: torch.Tensor, name: str) -> None:
+    """ValueError if a floating-point (non-meta) ``t`` holds NaN/Inf, saying how many."""
+    if t.is_floating_point() and t.device.type != "meta" and t.numel() and not torch.isfinite(t).all():
+        bad = (~torch.isfinite(t)).sum().item()
+        raise ValueError(f"{name} contains {bad} NaN/Inf value(s) of {t.numel()}; it must be finite")
+
+
+def check_quantized_weight(qw, what: str = "qw") -> None:
+    """TypeError unless ``qw`` is a qlk ``QuantizedWeight``; ValueError if its tensors are on
+    different devices (e.g. scales left behind by a manual ``.to()``)."""
+    from .formats.quantized_weight import QuantizedWeight
+
+    if not isinstance(qw, QuantizedWeight):
+        hint = " (quantize a dense weight first: qw = qlk.quantize(w))" if isinstance(qw, torch.Tensor) else ""
+        raise TypeError(f"{what} must be a qlk.QuantizedWeight, got {type(qw).__name__}{hint}")
+    devices = {name: t.device for name, t in qw.tensors().items()}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"{what}: its tensors are on different devices ({listing}); move it with qw.to(device)")
+
+
+def check_bias(bias, out_features: int, device: torch.device, what: str = "bias") -> None:
+    """``bias`` is None or a floating-point [out_features] tensor on ``device``."""
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor or None, got {type(bias).__name__}")
+    if not bias.is_floating_point():
+        raise TypeError(f"{what} has dtype {bias.dtype}; allowed: {_dtype_names(ACTIVATION_DTYPES)}")
+    if tuple(bias.shape) != (out_features,):
+        raise ValueError(f"{what} has shape {tuple(bias.shape)}, expected ({out_features},)")
+    if bias.device != device:
+        raise ValueError(f"{what} is on {bias.device} but the quantized weight is on {device}; move it")
+
+
+def check_activation(
+    x: torch.Tensor, in_features: int, device: torch.device, what: str = "x", dim_name: str | None = None
+) -> None:
+    """``x`` [..., in_features] in an activation dtype on ``device``. ``dim_name`` names the last
+    dim in messages (default: ``out_features`` for ``dy``, the input gradient's operand, else
+    ``in_features``)."""
+    dim_name = dim_name or ("out_features" if what.startswith("dy") else "in_features")
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in ACTIVATION_DTYPES:
@@ -80,7 +148,7 @@ def check_activation(x: torch.Tensor, in_features: int, device: torch.device, wh
             f"{what} has dtype {x.dtype}; allowed: float16, bfloat16, float32 (float64 on the reference path)"
         )
     if x.dim() == 0 or x.shape[-1] != in_features:
-        raise ValueError(f"{what} has shape {tuple(x.shape)}; its last dim must be in_features={in_features}")
+        raise ValueError(f"{what} has shape {tuple(x.shape)}; its last dim must be {dim_name}={in_features}")
     if x.device != device:
         raise ValueError(
             f"{what} is on {x.device} but the quantized weight is on {device}; move one of them "

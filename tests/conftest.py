@@ -19,9 +19,12 @@ os.environ.setdefault("QLK_BACKEND", "reference")
 
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
+    parser.addoption("--fuzz-long", action="store_true", help="tests/test_fuzz.py: hypothesis profile 'long'")
 
 
 def pytest_configure(config):
+    if config.getoption("--fuzz-long"):
+        os.environ["QLK_FUZZ_PROFILE"] = "long"
     config.addinivalue_line("markers", "slow: long tests (real model); run with --runslow")
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU")
 
