@@ -5,7 +5,7 @@ import torch
 
 from . import backend as _backend
 from . import reference
-from ._checks import check_activation, check_format
+from ._checks import check_activation, check_bias, check_format, check_quantized_weight
 from .formats import QuantizedWeight, quantize_int, quantize_nf4
 
 
@@ -28,13 +28,8 @@ def quantize(
     if fmt == "nf4":
         if bits != 4:
             raise ValueError(f"fmt='nf4' is 4-bit; got bits={bits}")
-        return quantize_nf4(weight, blocksize=group_size or 64, double_quant=double_quant)
-    return quantize_int(weight, bits=bits, group_size=group_size or 32, scale_dtype=scale_dtype)
-
-
-def _check_bias(bias, n: int, device) -> None:
-    if bias is not None and (bias.shape != (n,) or bias.device != device):
-        raise ValueError(f"bias has shape {tuple(bias.shape)} on {bias.device}; expected ({n},) on {device}")
+        return quantize_nf4(weight, blocksize=64 if group_size is None else group_size, double_quant=double_quant)
+    return quantize_int(weight, bits=bits, group_size=32 if group_size is None else group_size, scale_dtype=scale_dtype)
 
 
 def quant_matmul(
@@ -44,8 +39,9 @@ def quant_matmul(
 
     No gradient flows through this function; training goes through ``qlk.autograd``.
     """
+    check_quantized_weight(qw)
     check_activation(x, qw.in_features, qw.device)
-    _check_bias(bias, qw.out_features, qw.device)
+    check_bias(bias, qw.out_features, qw.device)
     if _backend.resolve(x.device, backend) == "triton":
         from .kernels import quant_matmul as triton_quant_matmul
 
@@ -55,6 +51,7 @@ def quant_matmul(
 
 def quant_matmul_grad_input(dy: torch.Tensor, qw: QuantizedWeight, backend: str | None = None) -> torch.Tensor:
     """dX = dY·Ŵ for dY [..., out] -> [..., in]: the input gradient of :func:`quant_matmul`."""
+    check_quantized_weight(qw)
     check_activation(dy, qw.out_features, qw.device, what="dy")
     if _backend.resolve(dy.device, backend) == "triton":
         from .kernels import quant_matmul_grad_input as triton_grad_input

@@ -464,14 +464,16 @@ def test_int_fp16_scales_overflow_is_an_error_and_fp32_scales_work():
     assert torch.all((w.double() - qw.dequantize(torch.float64)).abs() <= int_error_bound(w.double(), qw))
 
 
-def test_int_fp16_scales_underflow_keeps_the_documented_bound():
-    # 1e-30 is below fp16: the scale and bias flush to 0 and ŵ = 0. The bound (which counts the
-    # scale's underflow as rounding) still holds; the loss is silent (see docs/bad-inputs.md).
+def test_int_fp16_scales_underflow_is_refused_not_silent():
+    # 1e-30 is below fp16: the scale and bias would flush to 0 (ŵ = 0); qlk refuses and points at
+    # fp32 scales, with which the documented bound holds
     w = torch.randn(5, 64) * 1e-30
-    qw = qlk.quantize(w, bits=4, group_size=32)
+    with pytest.raises(ValueError, match="scale_dtype=torch.float32"):
+        qlk.quantize(w, bits=4, group_size=32)
+    qw = qlk.quantize(w, bits=4, group_size=32, scale_dtype=torch.float32)
     err = (w.double() - qw.dequantize(torch.float64)).abs()
     assert torch.all(err <= int_error_bound(w.double(), qw))
-    assert torch.count_nonzero(qw.dequantize()) == 0
+    assert torch.count_nonzero(qw.dequantize()) > 0
 
 
 @pytest.mark.parametrize("fmt", ["int", "nf4"])

@@ -7,14 +7,20 @@ import json
 import torch
 
 from .._checks import check_tensor
-from .nf4 import NESTED_BLOCKSIZE, dynamic_map, nf4_table
+from .nf4 import BLOCKSIZES, NESTED_BLOCKSIZE, dynamic_map, nf4_table
 from .quantized_weight import QuantizedWeight, validate
 
 _PACKED_KEY = "quant_state.bitsandbytes__nf4"
 
 
-def _unpack_json_tensor(t: torch.Tensor) -> dict:
-    return json.loads(bytes(t.cpu().tolist()).decode("utf-8"))
+def _unpack_json_tensor(t: torch.Tensor, key: str) -> dict:
+    try:
+        out = json.loads(bytes(t.cpu().tolist()).decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, TypeError) as e:
+        raise ValueError(f"quant_state entry {key!r} is not bitsandbytes' packed JSON ({e})") from None
+    if not isinstance(out, dict):
+        raise ValueError(f"quant_state entry {key!r} holds {type(out).__name__}, not a JSON object")
+    return out
 
 
 def _json_tensor(d: dict) -> torch.Tensor:
@@ -32,7 +38,7 @@ def _quant_state_dict(quant_state) -> dict:
         if "quant_state" in k:
             if not k.endswith("bitsandbytes__nf4"):
                 raise ValueError(f"quant_state entry {k!r}: only NF4 ('bitsandbytes__nf4') imports into qlk")
-            qs.update(_unpack_json_tensor(v))
+            qs.update(_unpack_json_tensor(v, k))
     return qs
 
 
@@ -44,12 +50,20 @@ def from_bnb(packed: torch.Tensor, quant_state) -> QuantizedWeight:
     ``Linear4bit`` state dict.
     """
     qs = _quant_state_dict(quant_state)
+    missing = [k for k in ("quant_type", "blocksize", "shape", "absmax") if qs.get(k) is None]
+    if missing:
+        raise ValueError(f"quant_state lacks {missing}; pass a bitsandbytes QuantState or Linear4bit weight.* entries")
     if qs.get("quant_type") != "nf4":
         raise ValueError(f"quant_type={qs.get('quant_type')!r}: qlk imports bitsandbytes 'nf4' weights only")
     if qs.get("shape") is None or len(qs["shape"]) != 2:
         raise ValueError(f"quant_state shape {qs.get('shape')!r}: expected a 2-D [out, in] weight")
     n, k = (int(s) for s in qs["shape"])
     blocksize = int(qs["blocksize"])
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"quant_state blocksize={blocksize}; bitsandbytes NF4 uses one of {BLOCKSIZES}")
+    dtype_name = qs.get("dtype", "float16")
+    if not isinstance(getattr(torch, str(dtype_name), None), torch.dtype):
+        raise ValueError(f"quant_state dtype={dtype_name!r} is not a torch dtype (e.g. 'bfloat16')")
     check_tensor(packed, "packed", torch.uint8)
     if packed.numel() != (n * k + 1) // 2:
         raise ValueError(f"packed has {packed.numel()} bytes; a [{n}, {k}] NF4 weight has {(n * k + 1) // 2}")
@@ -58,7 +72,7 @@ def from_bnb(packed: torch.Tensor, quant_state) -> QuantizedWeight:
         raise ValueError("quant_map is not the standard NF4 table; qlk reads standard NF4 only")
     qw = QuantizedWeight(
         fmt="nf4", shape=(n, k), bits=4, group_size=blocksize, qweight=packed.reshape(-1),
-        dtype=getattr(torch, qs.get("dtype", "float16")),
+        dtype=getattr(torch, str(dtype_name)),
     )  # fmt: skip
     if "nested_absmax" in qs:
         if int(qs.get("nested_blocksize", NESTED_BLOCKSIZE)) != NESTED_BLOCKSIZE:

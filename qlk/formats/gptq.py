@@ -56,7 +56,8 @@ def from_gptq(
         raise ValueError(f"checkpoint_format={checkpoint_format!r}; allowed: {FORMATS}")
     check_tensor(qweight, "qweight", torch.int32, ndim=2)
     check_tensor(qzeros, "qzeros", torch.int32, ndim=2)
-    check_tensor(scales, "scales", (torch.float16, torch.bfloat16, torch.float32), ndim=2)
+    check_tensor(scales, "scales", (torch.float16, torch.bfloat16, torch.float32), ndim=2, device=qweight.device)
+    check_tensor(qzeros, "qzeros", device=qweight.device)
     if (qweight.shape[0] * 32) % bits:
         raise ValueError(f"qweight has {qweight.shape[0]} rows, not a whole number of {bits}-bit codes")
     k, n = qweight.shape[0] * 32 // bits, qweight.shape[1]
@@ -86,6 +87,8 @@ def from_gptq(
         perm = torch.argsort(g_idx, stable=True)
         q = q[perm]
     sdt = scale_dtype or scales.dtype
+    if sdt not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"scale_dtype={sdt}; allowed: torch.float16, torch.bfloat16, torch.float32")
     s32 = scales.to(torch.float32).t()  # [N, G]
     qw = QuantizedWeight(
         fmt="int", shape=(n, k), bits=bits, group_size=group_size,

@@ -48,6 +48,16 @@ def quantize_int(
             f"weight of shape {tuple(weight.shape)}: its magnitude (max |w| = {weight.abs().max().item():.3g}) "
             f"overflows scale_dtype={scale_dtype}; pass scale_dtype=torch.float32"
         )
+    # a group whose step flushed to zero in scale_dtype is stored as its midpoint b: fine when the
+    # group is (nearly) constant, silently wrong when its values do not survive in scale_dtype at all
+    dead_err = torch.where(live, 0.0, (w - b.to(torch.float32)[..., None]).abs().amax(-1))
+    lost = dead_err > 2.0**-8 * torch.maximum(lo.abs(), hi.abs())
+    if lost.any():
+        raise ValueError(
+            f"weight of shape {tuple(weight.shape)}: {int(lost.sum())} group(s) have magnitudes "
+            f"(max {w.abs().amax().item():.3g}) below what scale_dtype={scale_dtype} represents (they would "
+            "dequantize to ~0); pass scale_dtype=torch.float32"
+        )
     bf = b.to(torch.float32)
     q = torch.round((w - bf[..., None]) / safe_s[..., None]).clamp_(0, maxq)
     q = torch.where(live[..., None], q, torch.zeros_like(q)).to(torch.int64).reshape(n, k)

@@ -102,8 +102,12 @@ def _nested_absmax_codes(values: torch.Tensor):
     absmax2 = torch.zeros(-(-n // NESTED_BLOCKSIZE), device=values.device)
     absmax2 = absmax2.scatter_reduce(0, idx_block, values.abs(), "amax", include_self=False)
     live = absmax2[idx_block] > 0
-    inv = 1.0 / torch.where(absmax2 > 0, absmax2, torch.ones_like(absmax2))
-    normed = torch.where(live, torch.clamp(values * inv[idx_block], -1.0, 1.0), 0.0)
+    safe = torch.where(absmax2 > 0, absmax2, torch.ones_like(absmax2))
+    inv = 1.0 / safe
+    # 1/absmax overflows fp32 for a subnormal absmax (|w| < 1.2e-38), where bitsandbytes computes
+    # inf·0 = NaN bins; qlk divides there instead
+    scaled = torch.where(torch.isfinite(inv)[idx_block], values * inv[idx_block], values / safe[idx_block])
+    normed = torch.where(live, torch.clamp(scaled, -1.0, 1.0), 0.0)
     bins = ((normed + 1.0) * 0.5 * 65535.0 + 0.5).to(torch.int64)
     codes = _dynamic_lut_cached(str(values.device))[bins]
     return torch.where(live, codes, torch.zeros_like(codes)), absmax2

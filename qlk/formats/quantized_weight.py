@@ -141,14 +141,24 @@ class QuantizedWeight:
             raise ValueError(f"{source}: no '{key}' entry; this is not a qlk QuantizedWeight state dict")
         try:
             cfg = json.loads(bytes(sd[key].cpu().tolist()).decode())
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError, TypeError) as e:
             raise ValueError(f"{source}: '{key}' is not valid qlk config JSON ({e})") from None
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{source}: '{key}' holds {type(cfg).__name__}, not a qlk config object")
         version = cfg.get("layout_version")
         if version != LAYOUT_VERSION:
             raise ValueError(
                 f"{source}: written with qlk packed-layout version {version}, this qlk reads version "
                 f"{LAYOUT_VERSION}; re-quantize the model or use the qlk release that wrote it"
             )
+        missing = [k for k in ("fmt", "shape", "bits", "group_size", "dtype") if k not in cfg]
+        if missing:
+            raise ValueError(f"{source}: '{key}' lacks {missing}; the file is truncated or not written by qlk")
+        if cfg["dtype"] not in _DTYPES:
+            raise ValueError(f"{source}: dtype={cfg['dtype']!r} in '{key}'; allowed: {sorted(_DTYPES)}")
+        shape = cfg["shape"]
+        if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(d, int) and d > 0 for d in shape)):
+            raise ValueError(f"{source}: shape={shape!r} in '{key}'; expected [out_features, in_features]")
         tensors = {name: sd[prefix + name] for name in _TENSOR_FIELDS if prefix + name in sd}
         if "qweight" not in tensors:
             raise ValueError(f"{source}: missing '{prefix}qweight'")
@@ -173,22 +183,34 @@ def validate(qw: QuantizedWeight, source: str = "QuantizedWeight") -> None:
     from .._checks import check_tensor
     from .packing import words_per_row
 
+    from .._checks import check_format, check_group_size, check_int_bits
+
     n, k = qw.shape
+    check_format(qw.fmt)
+    device = qw.qweight.device if isinstance(qw.qweight, torch.Tensor) else None
     if qw.fmt == "int":
+        check_int_bits(qw.bits)
+        check_group_size(k, qw.group_size, what=f"{source} of shape {qw.shape}")
         g = k // qw.group_size
         check_tensor(qw.qweight, f"{source}.qweight", torch.int32, (n, words_per_row(k, qw.bits)))
-        check_tensor(qw.scales, f"{source}.scales", shape=(n, g))
-        check_tensor(qw.biases, f"{source}.biases", shape=(n, g))
+        float_dtypes = (torch.float16, torch.bfloat16, torch.float32)
+        check_tensor(qw.scales, f"{source}.scales", float_dtypes, (n, g), device=device)
+        check_tensor(qw.biases, f"{source}.biases", float_dtypes, (n, g), device=device)
     elif qw.fmt == "nf4":
+        from .nf4 import BLOCKSIZES
+
+        if qw.bits != 4 or qw.group_size not in BLOCKSIZES:
+            raise ValueError(f"{source}: NF4 needs bits=4 and a blocksize in {BLOCKSIZES}; got bits={qw.bits}, "
+                             f"group_size={qw.group_size}")
         blocks = -(-n * k // qw.group_size)
         check_tensor(qw.qweight, f"{source}.qweight", torch.uint8, ((n * k + 1) // 2,))
         if qw.absmax_scale is None:
-            check_tensor(qw.absmax, f"{source}.absmax", torch.float32, (blocks,))
+            check_tensor(qw.absmax, f"{source}.absmax", torch.float32, (blocks,), device=device)
         else:
-            check_tensor(qw.absmax, f"{source}.absmax", torch.uint8, (blocks,))
-            check_tensor(qw.absmax_scale, f"{source}.absmax_scale", torch.float32, (-(-blocks // 256),))
-            check_tensor(qw.absmax_offset, f"{source}.absmax_offset", torch.float32, (1,))
-    else:
-        raise ValueError(f"{source}: unknown fmt {qw.fmt!r}")
+            check_tensor(qw.absmax, f"{source}.absmax", torch.uint8, (blocks,), device=device)
+            check_tensor(qw.absmax_scale, f"{source}.absmax_scale", torch.float32, (-(-blocks // 256),), device=device)
+            check_tensor(qw.absmax_offset, f"{source}.absmax_offset", torch.float32, (1,), device=device)
     if qw.perm is not None:
-        check_tensor(qw.perm, f"{source}.perm", torch.int64, (k,))
+        check_tensor(qw.perm, f"{source}.perm", torch.int64, (k,), device=device)
+        if qw.perm.device.type != "meta" and not torch.equal(torch.sort(qw.perm).values, torch.arange(k, device=qw.perm.device)):
+            raise ValueError(f"{source}.perm is not a permutation of range({k})")
