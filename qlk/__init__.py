@@ -5,11 +5,16 @@ interpreter with ``TRITON_INTERPRET=1``).
 """
 from .backend import use_backend
 from .formats import QuantizedWeight, from_bnb, from_bnb_state_dict, from_gptq, to_bnb_state_dict
+from .io import load_adapter, load_quantized, save_adapter, save_quantized
+from .nn import QuantLinear
 from .ops import quant_matmul, quant_matmul_grad_input, quantize
+from .patch import dequantize_model, merge_model, patch_model, trainable_parameters, unpatch
 
 __version__ = "0.1.0"
 
 __all__ = [
     "QuantizedWeight", "quantize", "quant_matmul", "quant_matmul_grad_input", "from_bnb",
-    "from_bnb_state_dict", "to_bnb_state_dict", "from_gptq", "use_backend", "__version__",
+    "from_bnb_state_dict", "to_bnb_state_dict", "from_gptq", "use_backend", "__version__", "QuantLinear",
+    "patch_model", "merge_model", "dequantize_model", "unpatch", "trainable_parameters", "save_adapter",
+    "load_adapter", "save_quantized", "load_quantized",
 ]  # fmt: skip

@@ -1,0 +1,200 @@
+"""Autograd for a frozen quantized linear layer, alone or with a standard LoRA adapter (QLoRA).
+
+Shared pieces of :mod:`qlk.autograd` live here too: the compute dtype under autocast and the
+dropout masks regenerated from a seed.
+
+Dtypes. The product runs in the *compute dtype*: the autocast dtype when autocast is enabled on
+the input's device (as ``nn.Linear`` would do), else the input's dtype. The Functions then run
+with autocast disabled, so the reference path's float32 matmuls are not cast down behind their
+back. Adapters keep their own dtype (fp32 master weights with bf16/fp16 activations) and their
+gradients come back in it; the input gradient comes back in the input's dtype.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.amp import custom_bwd, custom_fwd
+
+from .. import ops
+from .._checks import check_activation
+from ..formats import QuantizedWeight
+
+
+# ---- shared helpers ------------------------------------------------------------------------
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the layer computes in: autocast's on x's device (float64 is never cast), else x's."""
+    device_type = x.device.type
+    if x.dtype != torch.float64 and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; everything else accumulates the r-wide adapter products in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@contextlib.contextmanager
+def autocast_off(device_type: str):
+    """Disable autocast for ``device_type`` inside the block (our ops pick their dtypes themselves)."""
+    try:
+        ctx = torch.autocast(device_type=device_type, enabled=False)
+    except RuntimeError:  # a device type autocast does not know: nothing to disable
+        ctx = contextlib.nullcontext()
+    with ctx:
+        yield
+
+
+def draw_seed() -> int:
+    """A dropout seed from torch's default CPU generator, so ``torch.manual_seed`` and the RNG
+    state that activation checkpointing saves and restores make the mask reproducible."""
+    return int(torch.randint(0, 2**62, (1,)).item())
+
+
+def dropout_mask(shape, p: float, seed: int, device, dtype) -> torch.Tensor:
+    """keep/(1 − p) with keep ~ Bernoulli(1 − p), drawn from a generator seeded by ``seed``.
+
+    The Functions store only the seed (8 bytes) and call this again in backward.
+    """
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    keep = torch.empty(shape, device=device, dtype=dtype).bernoulli_(1.0 - p, generator=gen)
+    return keep.div_(1.0 - p)
+
+
+def check_adapter(x, qw, lora_a, lora_b, in_dim: int, what: str) -> None:
+    check_activation(x, qw.in_features, qw.device)
+    if lora_a.dim() != 2 or lora_a.shape[1] != in_dim:
+        raise ValueError(f"{what}: lora_A has shape {tuple(lora_a.shape)}, expected (r, {in_dim})")
+    r = lora_a.shape[0]
+    if tuple(lora_b.shape) != (qw.out_features, r):
+        raise ValueError(f"{what}: lora_B has shape {tuple(lora_b.shape)}, expected ({qw.out_features}, {r})")
+    for name, t in (("lora_A", lora_a), ("lora_B", lora_b)):
+        if t.device != qw.device:
+            raise ValueError(f"{what}: {name} is on {t.device} but the quantized weight is on {qw.device}")
+
+
+def _bias_in(bias, dtype):
+    return None if bias is None else bias.to(dtype)
+
+
+def _bias_grad(ctx, index: int, dy2: torch.Tensor):
+    if ctx.needs_input_grad[index]:
+        return dy2.sum(0).to(ctx.bias_dtype)
+    return None
+
+
+# ---- frozen base alone ----------------------------------------------------------------------
+class QuantLinearFunction(torch.autograd.Function):
+    """Y = X·Ŵᵀ (+ b) for a frozen quantized Ŵ [N, K], X [..., K].
+
+    Backward, by the chain rule on Y = X·Ŵᵀ + 1·bᵀ:
+        dX = dY·Ŵ            (:func:`qlk.ops.quant_matmul_grad_input`, the same packed weight)
+        db = Σ_m dY[m, :]    (only if the bias requires grad; patched layers keep it frozen)
+    Nothing is saved for backward: the packed weight is referenced from ``ctx``.
+    """
+
+    @staticmethod
+    @custom_fwd(device_type="cuda")
+    def forward(ctx, x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None):
+        cd = compute_dtype(x)
+        ctx.qw, ctx.x_dtype, ctx.x_shape = qw, x.dtype, x.shape
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        with autocast_off(x.device.type):
+            x2 = x.reshape(-1, qw.in_features).to(cd)
+            y = ops.quant_matmul(x2, qw, _bias_in(bias, cd))
+        return y.reshape(*x.shape[:-1], qw.out_features)
+
+    @staticmethod
+    @custom_bwd(device_type="cuda")
+    def backward(ctx, dy: torch.Tensor):
+        qw = ctx.qw
+        dy2 = dy.reshape(-1, qw.out_features)
+        dx = None
+        with autocast_off(dy.device.type):
+            if ctx.needs_input_grad[0]:
+                dx = ops.quant_matmul_grad_input(dy2, qw).reshape(ctx.x_shape).to(ctx.x_dtype)
+            return dx, None, _bias_grad(ctx, 2, dy2)
+
+
+# ---- LoRA on a quantized base (QLoRA) -------------------------------------------------------
+class LoRAFunction(torch.autograd.Function):
+    """LoRA on a frozen quantized base (INT-N or NF4): the QLoRA layer.
+
+    Forward, X [M, K] (leading dims flattened), A [r, K], B [N, r], σ the scaling, D dropout
+    (D(X) = X ⊙ keep/(1 − p)):
+        Y = X·Ŵᵀ + σ·D(X)·Aᵀ·Bᵀ (+ b)
+
+    Backward, with V = dY·B [M, r] and U = D(X)·Aᵀ [M, r]:
+        dB = σ·dYᵀ·U                     since ∂Y/∂B = σ·U
+        dA = σ·Vᵀ·D(X)                   since Y = … + σ·(D(X)·Aᵀ)·Bᵀ
+        dX = dY·Ŵ + σ·D'(V·A)            D' multiplies by the same keep/(1 − p)
+        db = Σ_m dY[m, :]                (frozen in patched layers)
+
+    Saved: X in the compute dtype (M·K values: LoRA needs it for dA), A and B (parameters, no new
+    memory) and the dropout seed (the mask is regenerated, not stored). The packed weight is
+    referenced from ``ctx``, never saved.
+    """
+
+    @staticmethod
+    @custom_fwd(device_type="cuda")
+    def forward(ctx, x, qw: QuantizedWeight, lora_a, lora_b, scaling: float, bias=None, dropout: float = 0.0):
+        cd = compute_dtype(x)
+        k, n = qw.in_features, qw.out_features
+        with autocast_off(x.device.type):
+            x2 = x.reshape(-1, k).to(cd)
+            y = ops.quant_matmul(x2, qw, _bias_in(bias, cd))
+            seed = draw_seed() if dropout > 0 else None
+            xd = x2 if seed is None else x2 * dropout_mask(x2.shape, dropout, seed, x2.device, cd)
+            u = xd @ lora_a.to(cd).t()  # [M, r]
+            y.addmm_(u, lora_b.to(cd).t(), alpha=scaling)
+        ctx.save_for_backward(x2, lora_a, lora_b)
+        ctx.qw, ctx.scaling, ctx.dropout, ctx.seed = qw, scaling, dropout, seed
+        ctx.x_dtype, ctx.x_shape = x.dtype, x.shape
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y.reshape(*x.shape[:-1], n)
+
+    @staticmethod
+    @custom_bwd(device_type="cuda")
+    def backward(ctx, dy):
+        x2, a, b = ctx.saved_tensors
+        qw, s = ctx.qw, ctx.scaling
+        cd = x2.dtype
+        with autocast_off(dy.device.type):
+            dy2 = dy.reshape(-1, qw.out_features).to(cd)
+            mask = None if ctx.seed is None else dropout_mask(x2.shape, ctx.dropout, ctx.seed, x2.device, cd)
+            xd = x2 if mask is None else x2 * mask
+            a_c, b_c = a.to(cd), b.to(cd)
+            v = dy2 @ b_c  # [M, r]
+            dx = da = db = None
+            if ctx.needs_input_grad[2]:
+                da = (v.t() @ xd).mul_(s).to(a.dtype)
+            if ctx.needs_input_grad[3]:
+                db = (dy2.t() @ (xd @ a_c.t())).mul_(s).to(b.dtype)
+            if ctx.needs_input_grad[0]:
+                dx = ops.quant_matmul_grad_input(dy2, qw)
+                if mask is None:
+                    dx = dx.addmm_(v, a_c, alpha=s)
+                else:
+                    dx = dx.add_((v @ a_c).mul_(mask), alpha=s)
+                dx = dx.reshape(ctx.x_shape).to(ctx.x_dtype)
+            return dx, None, da, db, None, _bias_grad(ctx, 5, dy2), None
+
+
+# ---- functional entry points ----------------------------------------------------------------
+def quant_linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Differentiable Y = X·Ŵᵀ (+ bias) through :class:`QuantLinearFunction`."""
+    check_activation(x, qw.in_features, qw.device)
+    return QuantLinearFunction.apply(x, qw, bias)
+
+
+def lora_linear(x, qw, lora_a, lora_b, scaling: float, bias=None, dropout: float = 0.0) -> torch.Tensor:
+    """Differentiable LoRA layer on a quantized base through :class:`LoRAFunction`.
+
+    ``dropout`` is the probability p applied to the adapter's input (pass 0 in eval mode).
+    """
+    check_adapter(x, qw, lora_a, lora_b, qw.in_features, "lora_linear")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout={dropout} must be in [0, 1)")
+    return LoRAFunction.apply(x, qw, lora_a, lora_b, float(scaling), bias, float(dropout))

@@ -1,0 +1,109 @@
+"""Autograd for QA-LoRA: a group-pooled LoRA adapter on a frozen INT-N group-quantized base.
+
+The adapter sees P(X), the mean of each quantization group of g inputs, so its update is constant
+within a group and folds exactly into the per-group biases at merge time
+(:func:`qlk.reference.qalora_merge`). See ``shared/docs/design.md``.
+"""
+from __future__ import annotations
+
+import torch
+from torch.amp import custom_bwd, custom_fwd
+
+from .. import ops
+from ..formats import QuantizedWeight
+from ..reference import to_stored_order
+from .lora import (
+    _bias_grad, _bias_in, accumulate_dtype, autocast_off, check_adapter, compute_dtype, draw_seed, dropout_mask,
+)  # fmt: skip
+
+
+class QALoRAFunction(torch.autograd.Function):
+    """QA-LoRA on a frozen quantized base.
+
+    Forward, X [M, K] (leading dims flattened), g the quantization group size, G = K/g,
+    A [r, G], B [N, r], σ the scaling, D dropout on the pooled input (as the official QA-LoRA:
+    ``lora_B(lora_A(dropout(qa_pool(x))))``):
+        P(X)[m, j] = (1/g)·Σ_{k ∈ group j} X[m, k]     groups in the *stored* column order
+                                                        (``qw.perm`` under GPTQ act-order)
+        Y = X·Ŵᵀ + σ·D(P(X))·Aᵀ·Bᵀ (+ b)
+
+    Backward, with Pd = D(P(X)) [M, G], U = Pd·Aᵀ [M, r] and V = dY·B [M, r]:
+        dB = σ·dYᵀ·U                          ∂Y/∂B = σ·U
+        dA = σ·Vᵀ·Pd                          Y = … + σ·(Pd·Aᵀ)·Bᵀ
+        dPd = σ·V·A [M, G]
+        dX = dY·Ŵ + (1/g)·expand_g(D'(dPd))   P's adjoint repeats each group's value g times
+           = dY·Ŵ + (σ/g)·expand_g(D'(V·A))   (scattered back through ``perm`` if any)
+        db = Σ_m dY[m, :]                     (frozen in patched layers)
+
+    Saved: Pd only (M·G values, g× fewer than the X that LoRA keeps), A and B (parameters, no
+    new memory) and the dropout seed. Never X, never a dequantized weight: the packed weight is
+    referenced from ``ctx``, and dY·Ŵ runs on it through :func:`qlk.ops.quant_matmul_grad_input`.
+    Pd is kept in float32 (float64 for float64 inputs), U is recomputed in backward.
+    """
+
+    @staticmethod
+    @custom_fwd(device_type="cuda")
+    def forward(ctx, x, qw: QuantizedWeight, lora_a, lora_b, scaling: float, bias=None, dropout: float = 0.0):
+        cd = compute_dtype(x)
+        acc = accumulate_dtype(cd)
+        k, n, g = qw.in_features, qw.out_features, qw.group_size
+        with autocast_off(x.device.type):
+            x2 = x.reshape(-1, k).to(cd)
+            y = ops.quant_matmul(x2, qw, _bias_in(bias, cd))
+            xs = to_stored_order(x2, qw)
+            pooled = xs.reshape(xs.shape[0], k // g, g).sum(-1, dtype=acc).div_(g)  # [M, G]
+            seed = draw_seed() if dropout > 0 else None
+            if seed is not None:
+                pooled.mul_(dropout_mask(pooled.shape, dropout, seed, pooled.device, acc))
+            u = pooled @ lora_a.to(acc).t()  # [M, r]
+            y.addmm_(u.to(cd), lora_b.to(cd).t(), alpha=scaling)
+        ctx.save_for_backward(pooled, lora_a, lora_b)
+        ctx.qw, ctx.scaling, ctx.dropout, ctx.seed = qw, scaling, dropout, seed
+        ctx.x_dtype, ctx.x_shape, ctx.compute_dtype = x.dtype, x.shape, cd
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y.reshape(*x.shape[:-1], n)
+
+    @staticmethod
+    @custom_bwd(device_type="cuda")
+    def backward(ctx, dy):
+        pooled, a, b = ctx.saved_tensors
+        qw, s, cd = ctx.qw, ctx.scaling, ctx.compute_dtype
+        acc, g = pooled.dtype, qw.group_size
+        with autocast_off(dy.device.type):
+            dy2 = dy.reshape(-1, qw.out_features).to(cd)
+            a_acc = a.to(acc)
+            v = (dy2 @ b.to(cd)).to(acc)  # [M, r]
+            dx = da = db = None
+            if ctx.needs_input_grad[2]:
+                da = (v.t() @ pooled).mul_(s).to(a.dtype)
+            if ctx.needs_input_grad[3]:
+                u = (pooled @ a_acc.t()).to(cd)  # recomputed: M·G·r flops, no memory kept
+                db = (dy2.t() @ u).to(acc).mul_(s).to(b.dtype)
+            if ctx.needs_input_grad[0]:
+                dpool = (v @ a_acc).mul_(s / g)  # [M, G]
+                if ctx.seed is not None:
+                    dpool.mul_(dropout_mask(dpool.shape, ctx.dropout, ctx.seed, dpool.device, acc))
+                dx = ops.quant_matmul_grad_input(dy2, qw).contiguous()
+                m, k = dx.shape
+                if qw.perm is None:
+                    dx.view(m, k // g, g).add_(dpool.to(dx.dtype).unsqueeze(-1))
+                else:  # stored column c is input perm[c]
+                    dx.index_add_(1, qw.perm, dpool.to(dx.dtype).repeat_interleave(g, dim=1))
+                dx = dx.reshape(ctx.x_shape).to(ctx.x_dtype)
+            return dx, None, da, db, None, _bias_grad(ctx, 5, dy2), None
+
+
+def qalora_linear(x, qw, lora_a, lora_b, scaling: float, bias=None, dropout: float = 0.0) -> torch.Tensor:
+    """Differentiable QA-LoRA layer through :class:`QALoRAFunction`.
+
+    ``lora_a`` is [r, in_features/group_size], ``lora_b`` [out_features, r]; ``dropout`` is the
+    probability p applied to the pooled input (pass 0 in eval mode).
+    """
+    if qw.in_features % qw.group_size:
+        raise ValueError(
+            f"qalora_linear: in_features={qw.in_features} is not divisible by group_size={qw.group_size}"
+        )
+    check_adapter(x, qw, lora_a, lora_b, qw.in_features // qw.group_size, "qalora_linear")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout={dropout} must be in [0, 1)")
+    return QALoRAFunction.apply(x, qw, lora_a, lora_b, float(scaling), bias, float(dropout))

@@ -1,0 +1,310 @@
+"""Save and load qlk models and adapters as safetensors files.
+
+* :func:`save_adapter` / :func:`load_adapter`: the adapters only (``<layer>.lora_A``,
+  ``<layer>.lora_B``), a few MB, onto a model patched the same way.
+* :func:`save_quantized` / :func:`load_quantized`: the whole patched model: every qlk layer's
+  packed tensors (``<layer>.weight_packed``, ``weight_scales``, ...), its bias and adapter, and
+  every other parameter and buffer of the model. ``load_quantized`` takes an *unpatched* model of
+  the same architecture (e.g. built from its config), builds empty qlk layers as the file says
+  (no quantization work) and loads the tensors.
+
+The file's safetensors header carries the metadata under the key ``"qlk"`` (JSON): kind, qlk
+version, packed-layout version and, per qlk layer, format, bits, group size, shape, method, r,
+alpha. Writes are atomic: a temporary file in the same directory, then ``os.replace``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_model, save_file, save_model
+from torch import nn
+
+from .formats import LAYOUT_VERSION
+from .formats.quantized_weight import validate
+from .nn.linear import BUFFERS, QuantLinear
+from .patch import _in_out, _is_dense_linear, _set_submodule, qlk_layers
+
+META_KEY = "qlk"
+KIND_ADAPTER = "qlk.adapter"
+KIND_QUANTIZED = "qlk.quantized_model"
+_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
+
+
+def _version() -> str:
+    import qlk  # late: qlk/__init__ may import this module
+
+    return getattr(qlk, "__version__", "unknown")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _layer_meta(m: QuantLinear) -> dict:
+    meta = {
+        "fmt": m.fmt, "bits": m.bits, "group_size": m.group_size, "shape": [m.out_features, m.in_features],
+        "weight_dtype": _dtype_name(m.weight_dtype), "kind": m.kind, "bias": m.bias is not None,
+        "double_quant": "weight_absmax_scale" in m._buffers, "act_order": "weight_perm" in m._buffers,
+        "scale_dtype": _dtype_name(m.weight_scales.dtype) if m.fmt == "int" else None,
+        "method": m.method,
+    }  # fmt: skip
+    if m.method is not None:
+        meta.update(r=m.r, alpha=m.lora_alpha, use_rslora=m.use_rslora, dropout=m.dropout,
+                    adapter_dtype=_dtype_name(m.lora_A.dtype))  # fmt: skip
+    return meta
+
+
+def _header(kind: str, layers: dict, model: nn.Module) -> dict:
+    meta = {
+        "kind": kind, "qlk_version": _version(), "layout_version": LAYOUT_VERSION,
+        "model_class": type(model).__name__, "layers": layers,
+        "patch_config": getattr(model, "qlk_config", None),
+    }  # fmt: skip
+    return {META_KEY: json.dumps(meta)}
+
+
+def _atomic_write(path, write) -> None:
+    """``write(tmp_path)`` then ``os.replace(tmp_path, path)``; the temporary file is removed on error."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _read_header(path, kind: str) -> dict:
+    """The qlk metadata of ``path``; a ValueError naming the file for anything else."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        with safe_open(path, framework="pt") as f:
+            header = f.metadata() or {}
+            keys = set(f.keys())
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+    if META_KEY not in header:
+        raise ValueError(
+            f"{path}: a safetensors file without qlk metadata (header keys: {sorted(header)[:8]}); "
+            f"it was not written by qlk.{'save_adapter' if kind == KIND_ADAPTER else 'save_quantized'}"
+        )
+    try:
+        meta = json.loads(header[META_KEY])
+    except ValueError as e:
+        raise ValueError(f"{path}: its qlk metadata is not valid JSON ({e})") from None
+    if meta.get("kind") != kind:
+        other = {KIND_ADAPTER: "qlk.load_adapter", KIND_QUANTIZED: "qlk.load_quantized"}.get(meta.get("kind"))
+        hint = f"; load it with {other}" if other else ""
+        raise ValueError(f"{path}: holds {meta.get('kind')!r}, expected {kind!r}{hint}")
+    if meta.get("layout_version") != LAYOUT_VERSION:
+        raise ValueError(
+            f"{path}: written with qlk packed-layout version {meta.get('layout_version')} (qlk "
+            f"{meta.get('qlk_version')}), this qlk reads version {LAYOUT_VERSION}"
+        )
+    meta["_keys"] = keys
+    return meta
+
+
+def _describe(meta_layer: dict) -> str:
+    s = f"{meta_layer['fmt']}{meta_layer['bits']} g{meta_layer['group_size']} shape {tuple(meta_layer['shape'])}"
+    if meta_layer.get("method"):
+        s += f", {meta_layer['method']} r={meta_layer['r']}"
+    return s
+
+
+# ---- adapters ------------------------------------------------------------------------------------
+def save_adapter(model: nn.Module, path) -> None:
+    """Write the adapters (lora_A, lora_B of every qlk layer that has one) to ``path``."""
+    layers = {n: m for n, m in qlk_layers(model).items() if m.method is not None}
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no qlk adapter to save (patch it with a method first)")
+    tensors = {}
+    for name, m in layers.items():
+        tensors[f"{name}.lora_A"] = m.lora_A.detach().contiguous()
+        tensors[f"{name}.lora_B"] = m.lora_B.detach().contiguous()
+    header = _header(KIND_ADAPTER, {n: _layer_meta(m) for n, m in layers.items()}, model)
+    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+
+
+def load_adapter(model: nn.Module, path) -> nn.Module:
+    """Load adapters saved by :func:`save_adapter` into ``model``, patched the same way (same layers,
+    method, r, alpha, group size, shapes). Checks everything before copying anything."""
+    path = os.fspath(path)
+    meta = _read_header(path, KIND_ADAPTER)
+    layers = {n: m for n, m in qlk_layers(model).items() if m.method is not None}
+    saved = meta["layers"]
+    if not layers:
+        raise ValueError(
+            f"{path}: {type(model).__name__} has no qlk adapter layer to load into; patch it first as the file "
+            f"says (e.g. {_describe(next(iter(saved.values())))}), or use qlk.load_quantized for a whole model"
+        )
+    missing, extra = sorted(set(saved) - set(layers)), sorted(set(layers) - set(saved))
+    if missing or extra:
+        raise ValueError(
+            f"{path}: adapters were saved for other layers: in the file but not adapter layers of this model: "
+            f"{missing[:6] or 'none'}; adapter layers of this model not in the file: {extra[:6] or 'none'}"
+        )
+    for name, m in layers.items():
+        want, have = saved[name], _layer_meta(m)
+        for key in ("method", "shape", "group_size", "r", "alpha", "use_rslora"):
+            if want.get(key) != have.get(key):
+                raise ValueError(
+                    f"{path}: layer '{name}' was saved with {key}={want.get(key)!r} ({_describe(want)}), this model "
+                    f"has {key}={have.get(key)!r} ({_describe(have)}); patch the model the same way"
+                )
+    tensors = {}
+    try:
+        with safe_open(path, framework="pt") as f:
+            for name in layers:
+                for p in ("lora_A", "lora_B"):
+                    tensors[f"{name}.{p}"] = f.get_tensor(f"{name}.{p}")
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: cannot read its tensors (truncated or corrupt?): {e}") from None
+    except KeyError as e:  # safetensors raises SafetensorError for missing keys in recent versions
+        raise ValueError(f"{path}: missing tensor {e}") from None
+    for name, m in layers.items():
+        for p in ("lora_A", "lora_B"):
+            t, param = tensors[f"{name}.{p}"], getattr(m, p)
+            if t.shape != param.shape:
+                raise ValueError(
+                    f"{path}: '{name}.{p}' has shape {tuple(t.shape)}, the model's is {tuple(param.shape)}"
+                )
+    with torch.no_grad():
+        for name, m in layers.items():
+            m.lora_A.copy_(tensors[f"{name}.lora_A"])
+            m.lora_B.copy_(tensors[f"{name}.lora_B"])
+    return model
+
+
+# ---- whole quantized model -----------------------------------------------------------------------
+def save_quantized(model: nn.Module, path) -> None:
+    """Write the whole patched model (packed weights, biases, adapters, all other tensors) to ``path``."""
+    layers = qlk_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no qlk layer; patch it (qlk.patch_model) before save_quantized")
+    header = _header(KIND_QUANTIZED, {n: _layer_meta(m) for n, m in layers.items()}, model)
+    _atomic_write(path, lambda tmp: save_model(model, tmp, metadata=header))
+
+
+def _build_layer(name: str, spec: dict, module: nn.Module, path: str, device) -> QuantLinear:
+    try:
+        n, k = spec["shape"]
+        kw = {}
+        if spec.get("method"):
+            kw = dict(
+                method=spec["method"], r=spec["r"], alpha=spec["alpha"], dropout=spec.get("dropout", 0.0),
+                use_rslora=spec.get("use_rslora", False), adapter_dtype=_DTYPES[spec["adapter_dtype"]],
+            )  # fmt: skip
+        layer = QuantLinear.empty(
+            k, n, bits=spec["bits"], group_size=spec["group_size"], fmt=spec["fmt"],
+            double_quant=spec.get("double_quant", True), bias=spec["bias"],
+            weight_dtype=_DTYPES[spec["weight_dtype"]], scale_dtype=_DTYPES[spec.get("scale_dtype") or "float16"],
+            act_order=spec.get("act_order", False), device=device, kind=spec.get("kind", "linear"), **kw,
+        )  # fmt: skip
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: bad qlk metadata for layer '{name}': {e}") from None
+    if module.bias is not None and layer.bias is not None:
+        layer.bias = nn.Parameter(torch.empty_like(module.bias, device=device), requires_grad=False)
+    return layer
+
+
+_SAFETENSORS_DTYPES = {
+    "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64, "I32": torch.int32,
+    "I64": torch.int64, "U8": torch.uint8, "I8": torch.int8, "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def _check_layer_tensors(path: str, layers: dict) -> None:
+    """Every tensor of the empty qlk layers is in the file with the same shape and dtype."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            keys = set(f.keys())
+            for name, layer in layers.items():
+                for key, t in layer.state_dict().items():
+                    full = f"{name}.{key}"
+                    if full not in keys:
+                        raise ValueError(f"{path}: missing tensor '{full}' (truncated or foreign file?)")
+                    sl = f.get_slice(full)
+                    shape, dtype = tuple(sl.get_shape()), _SAFETENSORS_DTYPES.get(sl.get_dtype())
+                    if shape != tuple(t.shape) or (dtype is not None and dtype != t.dtype and key in BUFFERS.values()):
+                        raise ValueError(
+                            f"{path}: tensor '{full}' is {sl.get_dtype()} {list(shape)}, expected {t.dtype} "
+                            f"{list(t.shape)} for a {layer.fmt}{layer.bits} g{layer.group_size} layer"
+                        )
+    except SafetensorError as e:
+        raise ValueError(f"{path}: cannot read its tensors (truncated or corrupt?): {e}") from None
+
+
+def load_quantized(model: nn.Module, path, device=None) -> nn.Module:
+    """Patch an unpatched ``model`` (same architecture as the saved one, e.g. built from its config)
+    as ``path`` says, without quantizing its weights, and load every tensor from ``path``.
+
+    Returns ``model``: its qlk layers hold the saved packed weights and adapters; everything but
+    the adapters is frozen, as after :func:`qlk.patch_model`. ``device`` defaults to the device of
+    the model's first parameter.
+    """
+    path = os.fspath(path)
+    meta = _read_header(path, KIND_QUANTIZED)
+    if qlk_layers(model):
+        raise ValueError(f"load_quantized takes an unpatched model; {type(model).__name__} already has qlk layers")
+    if device is None:
+        first = next(iter(model.parameters()), None)
+        device = first.device if first is not None else torch.device("cpu")
+    saved = meta["layers"]
+    # validate every layer before touching the model
+    for name, spec in saved.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(
+                f"{path}: saved for another model: layer '{name}' does not exist in {type(model).__name__} "
+                f"(file written from a {meta.get('model_class')})"
+            ) from None
+        if not _is_dense_linear(module):
+            raise ValueError(f"{path}: layer '{name}' is a {type(module).__name__} here, not a linear layer")
+        k, n = _in_out(module)
+        if [n, k] != list(spec["shape"]):
+            raise ValueError(
+                f"{path}: saved for another shape: layer '{name}' is [out, in] = {spec['shape']} in the file, "
+                f"[{n}, {k}] in this model"
+            )
+        if bool(spec["bias"]) != (module.bias is not None):
+            raise ValueError(f"{path}: layer '{name}' has bias={spec['bias']} in the file, not in this model")
+    new_layers = {n: _build_layer(n, spec, model.get_submodule(n), path, device) for n, spec in saved.items()}
+    _check_layer_tensors(path, new_layers)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, new in new_layers.items():
+        old = model.get_submodule(name)
+        new.train(old.training)
+        _set_submodule(model, name, new)
+        old._parameters["weight"] = None
+        del old
+    del new_layers
+    try:
+        missing, unexpected = load_model(model, path, strict=False, device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: cannot read its tensors (truncated or corrupt?): {e}") from None
+    except RuntimeError as e:  # shape mismatches from load_state_dict
+        raise ValueError(f"{path}: its tensors do not fit this model: {e}") from None
+    if missing or unexpected:
+        raise ValueError(
+            f"{path}: saved for another model ({meta.get('model_class')}): missing in the file: "
+            f"{sorted(missing)[:6] or 'none'}; in the file but not in the model: {sorted(unexpected)[:6] or 'none'}"
+        )
+    for name, m in qlk_layers(model).items():
+        validate(m.qweight, f"{path}: layer '{name}'")
+    model.qlk_config = meta.get("patch_config")
+    return model

@@ -1,0 +1,317 @@
+"""Patch any Hugging Face (or plain torch) model in place: its linear layers become qlk layers.
+
+    model = qlk.patch_model(model, bits=4, group_size=32)      # QA-LoRA on INT4 g32
+    ... train (only the adapters require grad) ...
+    qlk.merge_model(model)                                     # still INT4, no adapter left
+
+Every target layer is validated before any is modified, so a failed call leaves the model as it
+was. Layers are then quantized one at a time on their own device, and each dense weight is
+released right after, so the peak memory stays near the model's own.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ._checks import check_format, check_int_bits, divisors_multiple_of_8
+from .formats.nf4 import BLOCKSIZES as NF4_BLOCKSIZES
+from .nn.linear import QuantLinear, check_adapter_args, dense_weight, is_conv1d
+
+logger = logging.getLogger("qlk")
+
+PATCH_METHODS = ("qalora", "lora", "qlora", None)
+DEFAULT_GROUP_SIZE = {"int": 32, "nf4": 64}
+
+
+# ---- helpers -----------------------------------------------------------------------------------
+def qlk_layers(model: nn.Module) -> dict[str, QuantLinear]:
+    """{qualified name: QuantLinear} of every qlk layer in ``model``."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def _is_dense_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def _in_out(module: nn.Module) -> tuple[int, int]:
+    n, k = dense_weight(module).shape
+    return k, n
+
+
+def _output_head(model: nn.Module):
+    get = getattr(model, "get_output_embeddings", None)
+    if get is None:
+        return None
+    try:
+        return get()
+    except (NotImplementedError, AttributeError):
+        return None
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _some_names(names, limit: int = 12) -> str:
+    names = list(names)
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def _matches(name: str, target_modules) -> bool:
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def select_targets(model: nn.Module, target_modules=None) -> list[str]:
+    """Names of the linear layers (``nn.Linear``, GPT-2 ``Conv1D``) that :func:`patch_model` replaces.
+
+    ``target_modules=None``: all of them except the output head (``get_output_embeddings()`` or a
+    layer named ``lm_head``). A list: layers whose name equals an entry or ends with ``.entry``
+    (``["q_proj", "v_proj"]``). A string: a regular expression the full name must match.
+    """
+    linears = [name for name, m in model.named_modules() if _is_dense_linear(m)]
+    if target_modules is None:
+        head = _output_head(model)
+        head_names = {name for name, m in model.named_modules() if head is not None and m is head}
+        targets = [n for n in linears if n not in head_names and n.rpartition(".")[2] != "lm_head"]
+        if not targets:
+            raise ValueError(
+                f"{type(model).__name__} has no nn.Linear / Conv1D layer to patch besides its output head"
+            )
+        return targets
+    if isinstance(target_modules, str):
+        try:
+            re.compile(target_modules)
+        except re.error as e:
+            raise ValueError(f"target_modules={target_modules!r} is not a valid regular expression: {e}") from None
+    elif not (isinstance(target_modules, (list, tuple, set)) and all(isinstance(t, str) for t in target_modules)):
+        raise TypeError(
+            f"target_modules must be None, a list of names/suffixes or a regex string; got {target_modules!r}"
+        )
+    targets = [n for n in linears if _matches(n, target_modules)]
+    if not targets:
+        suffixes = sorted({n.rpartition(".")[2] for n in linears})
+        raise ValueError(
+            f"target_modules={target_modules!r} matched no nn.Linear/Conv1D layer of {type(model).__name__}. "
+            f"Layer name suffixes available: {_some_names(suffixes)}; e.g. full names: {_some_names(linears, 4)}"
+        )
+    return targets
+
+
+@dataclass
+class TrainableSummary:
+    """What :func:`trainable_parameters` counts. Quantized weights count as their out·in values."""
+
+    trainable: int
+    total: int
+    quantized: int
+    qlk_layers: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / max(self.total, 1)
+
+    def __str__(self) -> str:
+        return (
+            f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {self.percent:.4f} "
+            f"|| quantized weights: {self.quantized:,} in {self.qlk_layers} qlk layers"
+        )
+
+
+def trainable_parameters(model: nn.Module) -> TrainableSummary:
+    """Trainable vs all parameters of ``model`` (quantized weights counted as their out·in values)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    dense = sum(p.numel() for p in model.parameters())
+    layers = qlk_layers(model)
+    quantized = sum(m.in_features * m.out_features for m in layers.values())
+    return TrainableSummary(trainable, dense + quantized, quantized, len(layers))
+
+
+# ---- patch -------------------------------------------------------------------------------------
+def _resolve_method_fmt(method, fmt, bits, group_size):
+    if method not in PATCH_METHODS:
+        raise ValueError(f"method={method!r} is not supported; allowed: {PATCH_METHODS}")
+    if fmt is None:
+        fmt = "nf4" if method == "qlora" else "int"
+    check_format(fmt)
+    if method == "qlora":
+        if fmt != "nf4":
+            raise ValueError(
+                f"method='qlora' is LoRA on an NF4 base; got fmt={fmt!r}. Use method='lora' for LoRA on an INT base"
+            )
+        method = "lora"
+    if fmt == "int":
+        check_int_bits(bits)
+    elif bits != 4:
+        raise ValueError(f"fmt='nf4' is 4-bit; got bits={bits}")
+    if group_size is None:
+        group_size = DEFAULT_GROUP_SIZE[fmt]
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size <= 0:
+        raise ValueError(f"group_size={group_size!r} must be a positive integer")
+    if fmt == "int" and group_size % 8:
+        raise ValueError(f"group_size={group_size} must be a multiple of 8 for fmt='int' (e.g. 32, 64, 128)")
+    if fmt == "nf4" and group_size not in NF4_BLOCKSIZES:
+        raise ValueError(f"group_size={group_size} is not an NF4 block size; allowed: {NF4_BLOCKSIZES}")
+    return method, fmt, group_size
+
+
+def _incompatibility(name, module, fmt, group_size) -> tuple[bool, str] | None:
+    """(skippable, why) if layer ``name`` can't be patched, else None. Only a group size that
+    doesn't divide in_features is skippable (``skip_incompatible``)."""
+    w = dense_weight(module)
+    if w.device.type == "meta":
+        return False, f"layer '{name}': its weight is on the meta device (load real weights first)"
+    k, _ = _in_out(module)
+    if fmt == "int" and k % group_size:
+        ok = [d for d in divisors_multiple_of_8(k) if d <= 256]
+        hint = f"group sizes that divide it: {ok}" if ok else "no multiple of 8 up to 256 divides it"
+        return True, f"layer '{name}': in_features={k} is not divisible by group_size={group_size}; {hint}"
+    if not torch.isfinite(w).all():
+        return False, f"layer '{name}': its weight has NaN/Inf values; quantization needs finite weights"
+    return None
+
+
+def patch_model(
+    model: nn.Module,
+    bits: int = 4,
+    group_size: int | None = None,
+    method: str | None = "qalora",
+    r: int = 16,
+    alpha: float = 16,
+    dropout: float = 0.0,
+    target_modules=None,
+    fmt: str | None = None,
+    use_rslora: bool = False,
+    skip_incompatible: bool = False,
+    double_quant: bool = True,
+    adapter_dtype: torch.dtype = torch.float32,
+    verbose: bool = True,
+) -> nn.Module:
+    """Quantize the linear layers of ``model`` in place and attach trainable adapters.
+
+    bits, fmt: INT-``bits`` (2, 3, 4) group quantization (fmt="int") or NF4 (fmt="nf4", 4-bit,
+        double-quantized absmax when ``double_quant``). fmt=None: "nf4" for method="qlora", else "int".
+    group_size: inputs per (scale, bias) group for INT (default 32; must divide each layer's
+        in_features), NF4 block size (default 64).
+    method: "qalora" (QA-LoRA, INT base: merges exactly into the INT weight), "lora" (LoRA on an
+        INT or NF4 base), "qlora" (LoRA on NF4: the QLoRA recipe), or None (quantize only).
+    r, alpha, use_rslora, dropout: adapter rank, scaling alpha/r (alpha/√r with rsLoRA), dropout.
+    target_modules: None (every nn.Linear / GPT-2 Conv1D but the output head), a list of names or
+        name suffixes, or a regex string matched against full names.
+    skip_incompatible: skip (with a warning) layers whose in_features group_size doesn't divide,
+        instead of raising.
+
+    All parameters but the adapters are frozen. Returns ``model``; prints the trainable-parameter
+    summary when ``verbose`` (see :func:`trainable_parameters`).
+    """
+    method, fmt, group_size = _resolve_method_fmt(method, fmt, bits, group_size)
+    if method is not None:
+        check_adapter_args(method, r, alpha, dropout, fmt)
+    already = qlk_layers(model)
+    if already:
+        raise ValueError(
+            f"{type(model).__name__} is already patched by qlk ({len(already)} qlk layers, e.g. "
+            f"'{next(iter(already))}'); patch a fresh model, or qlk.dequantize_model(model) first"
+        )
+    targets = select_targets(model, target_modules)
+    found = {name: _incompatibility(name, model.get_submodule(name), fmt, group_size) for name in targets}
+    found = {name: v for name, v in found.items() if v is not None}
+    problems = {name: why for name, (_, why) in found.items()}
+    hard = [name for name, (skippable, _) in found.items() if not skippable]
+    if hard or (problems and not skip_incompatible):
+        msgs = list(problems.values())
+        more = "" if hard else " (or pass skip_incompatible=True to leave these layers unpatched)"
+        shown = "; ".join(msgs[:5]) + ("; ..." if len(msgs) > 5 else "")
+        raise ValueError(f"cannot patch {len(msgs)} layer(s): {shown}{more}")
+    if problems:
+        warnings.warn(
+            f"qlk.patch_model: skipping {len(problems)} layer(s) left dense: " + "; ".join(problems.values()),
+            stacklevel=2,
+        )
+        targets = [n for n in targets if n not in problems]
+        if not targets:
+            raise ValueError("qlk.patch_model: every target layer is incompatible with group_size; nothing to patch")
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in targets:
+        old = model.get_submodule(name)
+        new = QuantLinear.from_dense(
+            old, bits=bits, group_size=group_size, fmt=fmt, double_quant=double_quant, method=method, r=r,
+            alpha=alpha, dropout=dropout, use_rslora=use_rslora, adapter_dtype=adapter_dtype,
+        )  # fmt: skip
+        new.train(old.training)
+        _set_submodule(model, name, new)
+        old._parameters["weight"] = None  # release the dense weight now, even if something still holds `old`
+        del old, new
+    model.qlk_config = dict(
+        bits=bits, group_size=group_size, fmt=fmt, method=method, r=r, alpha=alpha, dropout=dropout,
+        use_rslora=use_rslora, double_quant=double_quant, skip_incompatible=skip_incompatible,
+        target_modules=sorted(target_modules) if isinstance(target_modules, (set, tuple)) else target_modules,
+        skipped=sorted(problems),
+    )  # fmt: skip
+    summary = trainable_parameters(model)
+    logger.info("qlk.patch_model: %s", summary)
+    if verbose:
+        print(summary)
+    return model
+
+
+# ---- merge / dequantize --------------------------------------------------------------------------
+def _require_patched(model, what):
+    layers = qlk_layers(model)
+    if not layers:
+        raise ValueError(f"qlk.{what}: {type(model).__name__} has no qlk layer; call qlk.patch_model first")
+    return layers
+
+
+def merge_model(model: nn.Module, dense_lora: bool = False) -> nn.Module:
+    """Fold the adapters into the model, in place; returns ``model``.
+
+    QA-LoRA layers: b' = b + (σ/g)·B·A into the per-group biases (exact); the layer stays INT-N with
+    the same codes and bits per parameter, and loses its adapter.
+    LoRA layers (INT or NF4 base): σ·B·A is not constant within a quantization group, so it can't
+    merge exactly into the quantized weight. ``dense_lora=True`` replaces each by a dense
+    ``nn.Linear`` (``Conv1D`` for GPT-2) with Ŵ + σ·B·A in the original weight dtype; otherwise a
+    ValueError is raised before anything is changed.
+    """
+    layers = _require_patched(model, "merge_model")
+    lora = [n for n, m in layers.items() if m.method == "lora"]
+    if lora and not dense_lora:
+        raise ValueError(
+            f"{len(lora)} layer(s) carry LoRA adapters (e.g. '{lora[0]}'), which cannot merge exactly into a "
+            "quantized (NF4/INT) weight: σ·B·A varies inside a quantization group. Pass dense_lora=True to "
+            "replace them by dense layers with Ŵ + σ·B·A (more memory), or train with method='qalora', whose "
+            "adapter merges exactly into the INT weight"
+        )
+    for name, m in layers.items():
+        if m.method == "qalora":
+            m.merge_adapter_()
+        elif m.method == "lora":
+            _set_submodule(model, name, m.to_dense())
+    return model
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace every qlk layer by a dense ``nn.Linear`` (``Conv1D`` where it came from one) holding
+    Ŵ plus its adapter's ΔW, in place; returns ``model``. The outputs stay the same up to the
+    rounding of ``dtype`` (default: each layer's original weight dtype). The new weights are frozen."""
+    layers = _require_patched(model, "dequantize_model")
+    for name, m in layers.items():
+        _set_submodule(model, name, m.to_dense(dtype))
+    if hasattr(model, "qlk_config"):
+        del model.qlk_config
+    return model
+
+
+#: ``unpatch`` is :func:`dequantize_model`
+unpatch = dequantize_model
