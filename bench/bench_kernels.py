@@ -88,11 +88,11 @@ def parse_shape(s: str) -> tuple[int, int]:
 
 
 # ---- operand conversions for the INT peers (pure torch; the smoke test checks them on CPU) -----
-# qlk stores ŵ = s·q + b (per output channel n and group j).
+# qlk stores ŵ = s·(q − m) + c, m = 2^(bits−1) (per output channel n and group j).
 # * tinygemm (torch._weight_int4pack_mm): ŵ = (q − 8)·scale + zero; uint8 [N, K/2] with the even
-#   column in the high nibble, and scales_and_zeros [G, N, 2]: scale = s, zero = b + 8·s.
-# * gemlite (A16Wn.from_weights): ŵ = (q − z)·s, uint8 codes [N, K], s and z [N, G]; z = −b/s is an
-#   integer for every live group (qlk's min-max quantizer stores b = −s·z), so it is rounded.
+#   column in the high nibble, and scales_and_zeros [G, N, 2]: scale = s, zero = c.
+# * gemlite (A16Wn.from_weights): ŵ = (q − z)·s, uint8 codes [N, K], s and z [N, G]; z = m − c/s is
+#   an integer for every live group (qlk's min-max quantizer stores c = s·(m − z)), so it is rounded.
 # * GPTQ v1 (gptq-triton): qweight int32 [K/8, N] = qlk's INT4 words transposed, scales [G, N]
 #   fp16, qzeros int32 [G, N/8] holding z − 1: ŵ = s·(q − (stored + 1)).
 
@@ -106,10 +106,10 @@ def _codes(qw) -> torch.Tensor:
 
 
 def integer_zeros(qw) -> torch.Tensor:
-    """z = −b/s rounded, [N, G] float32; 0 where the group is constant (s = 0)."""
-    s, b = qw.scales.float(), qw.biases.float()
-    live = s > 0
-    return torch.where(live, torch.round(-b / torch.where(live, s, torch.ones_like(s))), torch.zeros_like(s))
+    """z = m − c/s rounded, [N, G] float32; m where the group is constant (s = 0)."""
+    s, c = qw.scales.float(), qw.biases.float()
+    live, mid = s > 0, float(1 << (qw.bits - 1))
+    return torch.where(live, mid - torch.round(c / torch.where(live, s, torch.ones_like(s))), torch.full_like(s, mid))
 
 
 def tinygemm_operands(qw, dtype=torch.bfloat16):
@@ -118,8 +118,8 @@ def tinygemm_operands(qw, dtype=torch.bfloat16):
         raise ValueError("tinygemm is INT4 only")
     q = _codes(qw)
     packed = ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8).contiguous()
-    s, b = qw.scales.float(), qw.biases.float()
-    sz = torch.stack([s, b + 8 * s], dim=-1).transpose(0, 1).contiguous().to(dtype)
+    s, c = qw.scales.float(), qw.biases.float()
+    sz = torch.stack([s, c], dim=-1).transpose(0, 1).contiguous().to(dtype)
     return packed, sz
 
 

@@ -12,7 +12,8 @@ A GPTQ linear stores, for W [N, K] with G groups:
 
 qlk keeps contiguous groups, so an act-order checkpoint imports with the input permutation
 ``perm = argsort(g_idx)``: the stored columns are the inputs sorted by group. Codes are kept
-as they are; the bias is b = −s·z (in ``scale_dtype``), so ŵ = s·q + b.
+as they are; the bias is the middle code's value c = s·(2^(bits−1) − z) (in ``scale_dtype``), so
+ŵ = s·(q − 2^(bits−1)) + c (see :mod:`qlk.formats.int_group`).
 """
 from __future__ import annotations
 
@@ -93,7 +94,8 @@ def from_gptq(
     qw = QuantizedWeight(
         fmt="int", shape=(n, k), bits=bits, group_size=group_size,
         qweight=pack_codes(q.t(), bits), scales=s32.to(sdt).contiguous(),
-        biases=(-s32 * z.t().to(torch.float32)).to(sdt).contiguous(), perm=perm, dtype=scales.dtype,
+        biases=(s32 * ((1 << (bits - 1)) - z.t().to(torch.float32))).to(sdt).contiguous(), perm=perm,
+        dtype=scales.dtype,
     )  # fmt: skip
     validate(qw, "GPTQ import")
     return qw

@@ -25,7 +25,8 @@ class QuantizedWeight:
 
     fmt="int" (INT2/3/4, :mod:`qlk.formats.int_group`):
         qweight int32 [out, words_per_row] (layout: :mod:`qlk.formats.packing`),
-        scales, biases [out, in/group_size] (fp16 by default): ŵ = s·q + b.
+        scales, biases [out, in/group_size] (fp16 by default): ŵ = s·(q − 2^(bits−1)) + c, the
+        bias c being the value of the middle code (:mod:`qlk.formats.int_group` says why).
     fmt="nf4" (:mod:`qlk.formats.nf4`, bitsandbytes bytes):
         qweight uint8 [ceil(out·in/2)], absmax fp32 [blocks] or, double-quantized, uint8 codes
         with absmax_scale fp32 [ceil(blocks/256)] and absmax_offset fp32 [1]; group_size = blocksize.

@@ -5,7 +5,7 @@ input gradient, standalone dequant) calls :func:`_dequant_tile`; nothing else kn
 
 Formats (``qlk.formats.packing`` / ``qlk.formats.nf4``), for W [N, K], group j = k // g:
 
-* INT-b (b = 2, 3, 4):  ŵ[n, k] = s[n, j]·q[n, k] + b[n, j]   (s, b any float dtype, [N, G])
+* INT-b (b = 2, 3, 4):  ŵ[n, k] = s[n, j]·(q[n, k] − 2^(b−1)) + c[n, j]   (s, c any float dtype, [N, G])
 * NF4:                  ŵ[n, k] = NF4[q[n, k]]·absmax[n·G + j]   (fp32; G = K / blocksize)
   double quant:         absmax[i] = DYN[qa[i]]·absmax2[i // 256] + offset
 
@@ -16,7 +16,7 @@ K % 8 == 0 a row is a whole number of words, exactly like INT4 with a different 
 Why the unpacking looks the way it does: each int32 word is loaded once as a [BLOCK_N, BLOCK_K/per]
 tile and expanded in registers by a broadcast shift (each thread owns whole words, so the reshape
 to [BLOCK_N, BLOCK_K] moves no data). Codes become floats through the exponent bits,
-``float(q | 0x4B000000) - 2^23`` (exact for q < 2^23): one LOP3 + one FADD instead of an I2F, which
+``float(q | 0x4B000000) - (2^23 + 2^(b−1))`` (exact for q < 2^23): one LOP3 + one FADD instead of an I2F, which
 costs 8 issue cycles per warp instruction. Scales/biases are loaded once per (row, group) of the
 tile — BLOCK_K may span several groups (g = 32 with BLOCK_K = 128 loads 4 scale columns) — and
 broadcast over the group in registers.
@@ -151,7 +151,7 @@ def _dequant_tile(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dy
                   DOUBLE_QUANT: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """fp32 Ŵ[offs_n, k0 : k0 + BLOCK_K] ([BLOCK_N, BLOCK_K]).
 
-    INT: ŵ = s·q + b.  NF4: ŵ = NF4[q]·absmax.  k0 must be a multiple of BLOCK_K.
+    INT: ŵ = s·(q − 2^(BITS−1)) + c.  NF4: ŵ = NF4[q]·absmax.  k0 must be a multiple of BLOCK_K.
     Rows ``offs_n`` must all be valid (< N): callers clamp them (their results are never stored,
     or meet a zero operand), which keeps row masks out of the loop. Unless EVEN_K
     (K % BLOCK_K == 0), columns >= K come out exactly 0."""
@@ -159,7 +159,9 @@ def _dequant_tile(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dy
         q = _nf4_values(qw_ptr, lut_ptr, stride_qn, offs_n, k0, K, EVEN_K, BLOCK_N, BLOCK_K)
     else:
         codes = _unpack_codes(qw_ptr, stride_qn, offs_n, k0, K, BITS, IS_NF4, EVEN_K, BLOCK_N, BLOCK_K)
-        q = (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        # the bias is the middle code's value (ŵ = s·(q − m) + c): −m rides on the same FADD
+        MID: tl.constexpr = 1 << (BITS - 1)
+        q = (codes | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + MID)
     HAS_BIAS: tl.constexpr = not IS_NF4
     G = K // GROUP_SIZE
     if (GROUP_SIZE & (GROUP_SIZE - 1)) == 0:
