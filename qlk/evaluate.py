@@ -1,0 +1,164 @@
+"""``qlk eval``: perplexity on a text file and greedy generations, for a base model, a base model
+quantized on the fly, a base model plus a qlk adapter (patched), or a saved qlk / merged model.
+
+Perplexity: the text is tokenized once, truncated to ``max_tokens`` and cut into non-overlapping
+windows of ``window`` tokens; each window is scored independently (no context carried over), and
+perplexity = exp(total NLL / scored tokens). The same text, tokens and windows give comparable
+numbers across formats of one model.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+DEFAULT_TEXT_CANDIDATES = ("/usr/share/common-licenses/GPL-3",)
+
+
+class UsageError(ValueError):
+    pass
+
+
+def default_text_path() -> Path:
+    """Real English text on the machine (Debian's GPL-3), else the short text shipped with qlk."""
+    for c in DEFAULT_TEXT_CANDIDATES:
+        if Path(c).is_file():
+            return Path(c)
+    return Path(__file__).parent / "data" / "fallback_text.txt"
+
+
+def read_text(path) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"--text {p}: no such file")
+    text = p.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise UsageError(f"--text {p}: the file is empty")
+    return text
+
+
+def token_windows(tokenizer, text: str, max_tokens: int | None, window: int):
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if max_tokens:
+        ids = ids[:max_tokens]
+    bos = tokenizer.bos_token_id
+    wins = []
+    for i in range(0, len(ids), window):
+        w = ids[i : i + window]
+        if bos is not None:
+            w = [bos] + w  # every window starts like a document; BOS itself is never scored
+        if len(w) > 1:
+            wins.append(w)
+    return wins, len(ids)
+
+
+def perplexity(model, tokenizer, text: str, max_tokens: int | None = 4096, window: int = 512, device=None,
+               progress: bool = False) -> dict:  # fmt: skip
+    """{"ppl", "nll", "tokens", "windows", "seconds"} of ``model`` on ``text``."""
+    import torch
+
+    device = device or next(model.parameters()).device
+    wins, n = token_windows(tokenizer, text, max_tokens, window)
+    if not wins:
+        raise UsageError("the text has fewer than 2 tokens")
+    model.eval()
+    total, count = 0.0, 0
+    t0 = time.time()
+    it = wins
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(wins, desc="perplexity", unit="window", leave=False)
+    with torch.no_grad():
+        for w in it:
+            ids = torch.tensor([w], device=device)
+            logits = model(input_ids=ids).logits.float()
+            nll = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum")
+            total += nll.item()
+            count += len(w) - 1
+    return {"ppl": math.exp(total / count), "nll": total / count, "tokens": count, "windows": len(wins),
+            "text_tokens": n, "seconds": time.time() - t0}  # fmt: skip
+
+
+def adapter_patch_config(path) -> dict:
+    """The ``patch_config`` qlk.save_adapter stored in an adapter file's metadata."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("qlk", "{}"))
+    cfg = meta.get("patch_config")
+    if not cfg:
+        raise UsageError(f"--adapter {path}: no qlk patch configuration in its metadata (not a qlk adapter file?)")
+    return cfg
+
+
+def prepare_model(model_path=None, adapter=None, quantize_fmt=None, bits=4, group_size=None, device=None):
+    """(model, tokenizer, description) for evaluation.
+
+    adapter: a ``qlk.save_adapter`` file: the base is patched as the file says, then loaded.
+    quantize_fmt: "int" / "nf4" to quantize the base on the fly (no adapter).
+    """
+    from .hf_models import load_model
+    from .patch import qlk_layers
+
+    model, tok, desc = load_model(model_path)
+    if adapter is not None:
+        from .io import load_adapter
+        from .patch import patch_model
+
+        if qlk_layers(model):
+            raise UsageError("--adapter: the model is already a qlk model; pass the base model it was trained from")
+        pc = adapter_patch_config(adapter)
+        kw = {k: pc[k] for k in ("bits", "group_size", "fmt", "method", "r", "alpha", "dropout", "use_rslora", "double_quant") if k in pc}
+        patch_model(model, verbose=False, **kw)
+        load_adapter(model, adapter)
+        desc += f" + adapter {adapter} ({pc.get('method')} on {pc.get('fmt')}{pc.get('bits')} g{pc.get('group_size')})"
+    elif quantize_fmt:
+        from .patch import patch_model
+
+        if qlk_layers(model):
+            raise UsageError("--quantize: the model is already quantized by qlk")
+        try:
+            patch_model(model, bits=bits, group_size=group_size, fmt=quantize_fmt, method=None, verbose=False)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        g = group_size or (64 if quantize_fmt == "nf4" else 32)
+        desc += f", quantized to {quantize_fmt}{bits} g{g} (round to nearest)"
+    if device is not None:
+        model.to(device)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model, tok, desc
+
+
+def run_eval(model_path=None, adapter=None, text=None, max_tokens=4096, window=512, prompts=None,
+             max_new_tokens=40, quantize_fmt=None, bits=4, group_size=None, device=None, as_json=False) -> dict:  # fmt: skip
+    from .finetune import DEFAULT_PROMPTS, backend_line, generate, inference_model, memory_report, pick_device
+
+    dev = pick_device(device)
+    text_path = Path(text) if text else default_text_path()
+    body = read_text(text_path)
+    model, tok, desc = prepare_model(model_path, adapter, quantize_fmt, bits, group_size, dev)
+    mem = memory_report(model, dev)
+    res = {"model": desc, "backend": backend_line(dev), "text": str(text_path), "memory": mem}
+    if not as_json:
+        print(f"model: {desc}")
+        print(res["backend"])
+        bpp = mem["bits_per_param_quantized"]
+        print(f"weights: {mem['weights_bytes'] / 2**20:.1f} MiB" + (f" ({bpp:.3f} bits/param in quantized layers)" if bpp else ""))
+    eval_model, how = inference_model(model, dev)
+    res["perplexity"] = perplexity(eval_model, tok, body, max_tokens, window, dev, progress=not as_json)
+    p = res["perplexity"]
+    if not as_json:
+        print(f"perplexity on {text_path} (first {p['tokens']} tokens, {p['windows']} windows of <= {window}){how}: "
+              f"{p['ppl']:.3f}  [{p['seconds']:.0f}s]")  # fmt: skip
+    prompts = list(DEFAULT_PROMPTS) if prompts is None else prompts
+    if prompts and max_new_tokens > 0:
+        res["generations"] = dict(zip(prompts, generate(eval_model, tok, prompts, max_new_tokens, dev)))
+        if not as_json:
+            for q, a in res["generations"].items():
+                print(f"  > {q}\n    {a!r}")
+    if as_json:
+        print(json.dumps(res, indent=2, default=str))
+    return res

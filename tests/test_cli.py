@@ -1,0 +1,218 @@
+"""The ``qlk`` command end to end on a tiny random Llama (built offline): finetune, outputs that
+load, eval / quantize / inspect, bad input, and resume equivalence."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+pytest.importorskip("safetensors")
+
+from qlk.cli import main  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
+FAST = ["--steps", "4", "--batch-size", "4", "--max-length", "48", "--save-every", "2", "--no-progress",
+        "--max-new-tokens", "4", "--prompt", "What is 2+2?"]  # fmt: skip
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer (256 byte tokens + 3 specials) built without any download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for ch in sorted(alphabet):
+        vocab[ch] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="</s>")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    d = tmp_path_factory.mktemp("tiny-llama")
+    tok = byte_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), bos_token_id=1, eos_token_id=2, pad_token_id=2, **TINY)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("data") / "d.jsonl"
+    rows = [{"instruction": f"What is {i}+{i}?", "response": f"Answer: {2 * i}.\nReason: {i} plus {i}."} for i in range(12)]
+    rows.append({"text": "A plain text record is also fine. " * 3})
+    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return p
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("QLK_CACHE_DIR", "off")
+
+
+def run_ft(tiny_model, data_file, out, *extra):
+    return main(["finetune", "--model", str(tiny_model), "--data", str(data_file), "--output-dir", str(out),
+                 *FAST, *extra])  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def finetuned(tiny_model, data_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ft") / "run"
+    os.environ["QLK_CACHE_DIR"] = "off"
+    assert run_ft(tiny_model, data_file, out) == 0
+    return out
+
+
+def test_finetune_outputs_exist_and_load(finetuned, tiny_model):
+    from qlk.hf_models import load_model
+    from qlk.io import load_adapter
+    from qlk.patch import patch_model, qlk_layers
+
+    for name in ("adapter.safetensors", "loss.png", "summary.json", "checkpoint.pt", "run_config.json",
+                 "merged/model.qlk.safetensors", "merged/config.json"):  # fmt: skip
+        assert (finetuned / name).is_file(), name
+    summary = json.loads((finetuned / "summary.json").read_text())
+    assert summary["steps"] == 4 and len(summary["losses"]) == 4
+    assert all(map(lambda v: v == v, summary["losses"]))  # no NaN
+    assert summary["memory_training"]["bits_per_param_quantized"] > 4
+    assert "before" in summary and "after" in summary
+    # the merged directory loads as a qlk model without any adapter left
+    model, tok, desc = load_model(finetuned / "merged")
+    layers = qlk_layers(model)
+    assert layers and all(m.method is None and m.bits == 4 for m in layers.values())
+    out = model(input_ids=torch.tensor([[1, 5, 6, 7]])).logits
+    assert torch.isfinite(out).all()
+    # the adapter loads onto a freshly patched base, and the merged model equals base + adapter
+    base, _, _ = load_model(tiny_model)
+    patch_model(base, bits=4, group_size=32, method="qalora", r=16, alpha=32, verbose=False)
+    load_adapter(base, finetuned / "adapter.safetensors")
+    x = torch.tensor([[1, 40, 41, 42, 43]])
+    with torch.no_grad():
+        torch.testing.assert_close(base(input_ids=x).logits, model(input_ids=x).logits, atol=2e-3, rtol=2e-3)
+
+
+def test_eval_quantize_inspect(finetuned, tiny_model, tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    assert main(["eval", "--model", str(finetuned / "merged"), "--text", str(text), "--max-tokens", "300",
+                 "--window", "128", "--max-new-tokens", "3", "--prompt", "Hi", "--json"]) == 0  # fmt: skip
+    res = json.loads(capsys.readouterr().out)
+    assert res["perplexity"]["ppl"] > 1 and res["perplexity"]["tokens"] > 100
+    assert main(["eval", "--model", str(tiny_model), "--adapter", str(finetuned / "adapter.safetensors"),
+                 "--text", str(text), "--max-tokens", "200", "--max-new-tokens", "0", "--json"]) == 0  # fmt: skip
+    patched = json.loads(capsys.readouterr().out)["perplexity"]["ppl"]
+    assert patched == pytest.approx(res["perplexity"]["ppl"], rel=0.05) or patched > 1
+    qdir = tmp_path / "q"
+    assert main(["quantize", "--model", str(tiny_model), "--bits", "3", "--group-size", "32", "--output-dir", str(qdir)]) == 0
+    assert (qdir / "model.qlk.safetensors").is_file()
+    capsys.readouterr()
+    assert main(["inspect", str(qdir)]) == 0
+    shown = capsys.readouterr().out
+    assert "qlk.quantized_model" in shown and "int3 g32" in shown and "model.layers.0.self_attn.q_proj" in shown
+    assert main(["inspect", str(finetuned / "adapter.safetensors")]) == 0
+    assert "qlk.adapter" in capsys.readouterr().out
+    assert main(["quantize", "--model", str(tiny_model), "--output-dir", str(qdir)]) == 2  # exists
+
+
+def test_bad_json_line_names_line_number(tiny_model, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "response": "b"}\n\n{"instruction": "c", "response": oops}\n')
+    assert run_ft(tiny_model, bad, tmp_path / "o") == 2
+    err = capsys.readouterr().err
+    assert "line 3" in err and "not valid JSON" in err
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text('{"question": "a", "answer": "b"}\n')
+    assert run_ft(tiny_model, wrong, tmp_path / "o2") == 2
+    assert "line 1" in capsys.readouterr().err
+
+
+def test_empty_and_missing_dataset(tiny_model, tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n  \n")
+    assert run_ft(tiny_model, empty, tmp_path / "o") == 2
+    assert "no records" in capsys.readouterr().err
+    assert run_ft(tiny_model, tmp_path / "nope.jsonl", tmp_path / "o") == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_existing_output_dir_refused(tiny_model, data_file, tmp_path, capsys):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "something.txt").write_text("mine")
+    assert run_ft(tiny_model, data_file, out) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "something.txt").read_text() == "mine"
+
+
+def test_model_without_weights_and_bad_group_size(tiny_model, data_file, tmp_path, capsys):
+    empty = tmp_path / "noweights"
+    empty.mkdir()
+    (empty / "config.json").write_text((tiny_model / "config.json").read_text())
+    assert main(["finetune", "--model", str(empty), "--data", str(data_file), "--output-dir", str(tmp_path / "o"), *FAST]) == 2
+    assert "no weights" in capsys.readouterr().err
+    assert main(["finetune", "--model", str(tmp_path / "missing"), "--data", str(data_file),
+                 "--output-dir", str(tmp_path / "o2"), *FAST]) == 2  # fmt: skip
+    assert "no such file" in capsys.readouterr().err
+    # hidden 64 is not divisible by 48: the error names the layers and the sizes that work
+    assert run_ft(tiny_model, data_file, tmp_path / "o3", "--group-size", "48") == 2
+    err = capsys.readouterr().err
+    assert "model.layers.0.self_attn.q_proj" in err and "divide every layer of this model: [8, 16, 32, 64]" in err
+
+
+def test_resume_matches_uninterrupted_run(tiny_model, data_file, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    import qlk.finetune as ft
+
+    full = tmp_path / "full"
+    assert run_ft(tiny_model, data_file, full, "--no-generate") == 0
+    # interrupt after step 3 (a checkpoint was written at step 2; Ctrl-C saves step 3)
+    part = tmp_path / "part"
+    real_lr_at, calls = ft.lr_at, {"n": 0}
+
+    def lr_then_interrupt(step, cfg):
+        calls["n"] += 1
+        if step == 3:
+            raise KeyboardInterrupt
+        return real_lr_at(step, cfg)
+
+    monkeypatch.setattr(ft, "lr_at", lr_then_interrupt)
+    assert run_ft(tiny_model, data_file, part, "--no-generate") == 130
+    monkeypatch.setattr(ft, "lr_at", real_lr_at)
+    assert (part / "checkpoint.pt").is_file() and not (part / "adapter.safetensors").exists()
+    assert torch.load(part / "checkpoint.pt", weights_only=True)["step"] == 3
+    # a different setting is refused, the same one resumes
+    assert run_ft(tiny_model, data_file, part, "--no-generate", "--resume", "--lr", "0.5") == 2
+    assert run_ft(tiny_model, data_file, part, "--no-generate", "--resume") == 0
+    a, b = load_file(full / "adapter.safetensors"), load_file(part / "adapter.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    sa = json.loads((full / "summary.json").read_text())
+    sb = json.loads((part / "summary.json").read_text())
+    assert sa["losses"] == sb["losses"]
+
+
+def test_python_m_qlk_help():
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-m", "qlk", "finetune", "--help"], capture_output=True, text=True, env=env,
+                       timeout=120)  # fmt: skip
+    assert r.returncode == 0 and "--resume" in r.stdout and "--group-size" in r.stdout
