@@ -85,7 +85,8 @@ def dequantize_int(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> t
     """ŵ = s·(q − 2^(bits−1)) + c in float32 (float64 when asked), columns in the stored order."""
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     n, k = qw.shape
-    q = unpack_codes(qw.qweight, qw.bits, k).to(acc) - (1 << (qw.bits - 1))
-    s = qw.scales.to(acc).repeat_interleave(qw.group_size, dim=1)
-    b = qw.biases.to(acc).repeat_interleave(qw.group_size, dim=1)
-    return (s * q + b).to(dtype)
+    groups = k // qw.group_size
+    q = unpack_codes(qw.qweight, qw.bits, k, dtype=acc).view(n, groups, qw.group_size)
+    s = qw.scales.to(acc)[..., None]
+    c = qw.biases.to(acc)[..., None]
+    return ((q - (1 << (qw.bits - 1))).mul_(s).add_(c)).view(n, k).to(dtype)

@@ -114,9 +114,21 @@ def _nested_absmax_codes(values: torch.Tensor):
 
 
 def _blockwise_scale(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
-    """values[i] * absmax[i // blocksize] for a flat fp32 tensor."""
-    idx = torch.arange(values.numel(), device=values.device) // blocksize
-    return values * absmax[idx]
+    """values[i] * absmax[i // blocksize] for a flat tensor (the last block may be ragged)."""
+    n = values.numel()
+    full = n - n % blocksize
+    head = (values[:full].view(-1, blocksize) * absmax[: full // blocksize, None]).view(-1)
+    if full == n:
+        return head
+    return torch.cat([head, values[full:] * absmax[-1]])
+
+
+@functools.lru_cache(maxsize=None)
+def _nf4_byte_table_cached(device: str) -> torch.Tensor:
+    # byte -> (NF4[high nibble], NF4[low nibble]): one gather per two codes
+    table = nf4_table(device)
+    byte = torch.arange(256, device=device)
+    return torch.stack([table[byte >> 4], table[byte & 15]], dim=-1)
 
 
 def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> QuantizedWeight:
@@ -154,8 +166,7 @@ def nf4_absmax(qw: QuantizedWeight) -> torch.Tensor:
 def dequantize_nf4(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """NF4[q]·absmax in fp32 (float64 when asked), then one cast, as bitsandbytes does."""
     n_el = qw.shape[0] * qw.shape[1]
-    codes = torch.stack([qw.qweight >> 4, qw.qweight & 0xF], dim=-1).reshape(-1)[:n_el].to(torch.int64)
-    vals = nf4_table(qw.qweight.device)[codes]
+    vals = _nf4_byte_table_cached(str(qw.qweight.device))[qw.qweight.to(torch.int64)].view(-1)[:n_el]
     absmax = nf4_absmax(qw)
     if dtype == torch.float64:
         vals, absmax = vals.double(), absmax.double()

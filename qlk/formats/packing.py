@@ -56,20 +56,23 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return _to_int32(words.reshape(n, -1)).contiguous()
 
 
-def unpack_codes(words: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
-    """Inverse of :func:`pack_codes`: int32 [N, W] -> int64 codes [N, in_features]."""
+def unpack_codes(words: torch.Tensor, bits: int, in_features: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: int32 [N, W] -> codes [N, in_features] (``dtype``).
+
+    Works on the int32 words directly (an arithmetic shift followed by the mask yields the same
+    bits as a logical one), which is what the reference path's speed depends on."""
     if bits not in CHUNK:
         raise ValueError(f"bits={bits} has no packed layout; allowed: {sorted(CHUNK)}")
     n = words.shape[0]
-    w = words.to(torch.int64) & 0xFFFFFFFF
+    w = words.to(torch.int32)
     if bits == 3:
         w = w.reshape(n, -1, 3)
-        sh2 = torch.arange(16, device=w.device) * 2
+        sh2 = torch.arange(16, device=w.device, dtype=torch.int32) * 2
         low = (w[..., :2, None] >> sh2) & 3  # [N, C, 2, 16]
-        high = (w[..., 2:3] >> torch.arange(32, device=w.device)) & 1  # [N, C, 32]
+        high = (w[..., 2:3] >> torch.arange(32, device=w.device, dtype=torch.int32)) & 1  # [N, C, 32]
         codes = low.reshape(n, -1, 32) | (high << 2)
     else:
         per = 32 // bits
-        sh = torch.arange(per, device=w.device) * bits
+        sh = torch.arange(per, device=w.device, dtype=torch.int32) * bits
         codes = (w[..., None] >> sh) & ((1 << bits) - 1)
-    return codes.reshape(n, -1)[:, :in_features]
+    return codes.reshape(n, -1)[:, :in_features].to(dtype)
