@@ -18,3 +18,12 @@ __all__ = [
     "patch_model", "merge_model", "dequantize_model", "unpatch", "trainable_parameters", "save_adapter",
     "load_adapter", "save_quantized", "load_quantized",
 ]  # fmt: skip
+
+
+def __getattr__(name):
+    # qlk.QlkConfig: imports (and registers with Transformers) the quantizer only when asked for
+    if name in ("QlkConfig", "QlkHfQuantizer"):
+        from .integrations import transformers as _hf
+
+        return getattr(_hf, name)
+    raise AttributeError(f"module 'qlk' has no attribute {name!r}")

@@ -225,6 +225,10 @@ class QuantLinear(nn.Module):
 
     # ---- forward ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # torch.compile: the qlk:: custom ops (qlk/custom_ops.py)
+            from ..custom_ops import layer_forward
+
+            return layer_forward(self, x)
         qw = self.qweight
         if self.method is None:
             return quant_linear(x, qw, self.bias)
@@ -268,6 +272,12 @@ class QuantLinear(nn.Module):
         if not (conv or isinstance(module, nn.Linear)):
             raise TypeError(f"expected nn.Linear or transformers Conv1D, got {type(module).__name__}")
         w = dense_weight(module).detach()
+        if type(w).__name__ == "DTensor":  # qlk.integrations.distributed explains the order
+            raise ValueError(
+                f"cannot quantize a sharded weight (a DTensor, placements {getattr(w, 'placements', '?')}): "
+                "torch.distributed fully_shard / tensor parallelism ran before qlk.patch_model. Patch the "
+                "unsharded model first, then fully_shard it (see qlk.integrations.check_fsdp)"
+            )
         w = w.contiguous() if conv else w
         qw = quantize(w, bits=bits, group_size=group_size, fmt=fmt, double_quant=double_quant)
         return cls(
