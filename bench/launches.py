@@ -17,7 +17,8 @@ Cases (Llama-3-8B layer shapes K→N: 4096→4096, 4096→14336, 14336→4096; M
                              (INT4 g32, INT4 g128, INT3 g128, INT2 g32, NF4 + double quant);
                              at M ≤ 16 the forward is the decode path (qlk dispatches by M)
     decode                   only if qlk.kernels grows a separate decode entry point
-    qalora                   qlk's fused QA-LoRA forward (pooling + low-rank), when it exists
+    qalora                   qlk.kernels.qalora_forward (QA-LoRA: folded biases + in-GEMM pooling), INT formats
+    qalora-dgrad             qlk.kernels.qalora_grad_input (dY·Ŵ on the folded biases + V = dY·B)
     dequant                  qlk.kernels.dequantize (no M)
 
 A launcher qlk does not have (yet) becomes a case with ``unavailable = "not available: ..."``; a
@@ -65,7 +66,8 @@ QALORA_RANK = 16
 
 #: candidate entry points in qlk.kernels, first found wins (the module is still being written)
 DECODE_NAMES = ("quant_matmul_decode", "quant_gemv", "quant_matvec", "decode_matmul", "gemv")
-QALORA_NAMES = ("qalora_matmul", "quant_matmul_qalora", "qalora_forward", "qa_lora_matmul", "fused_qalora")
+QALORA_NAMES = ("qalora_forward",)  # qlk.kernels.qalora_forward(x, qw, lora_a, lora_b, scaling, bias=None)
+QALORA_GRAD_NAMES = ("qalora_grad_input",)  # (dy, qw, lora_a, lora_b, scaling) -> (dx, v)
 
 #: the case being launched right now (read by a report that captures the whole script at once)
 CURRENT_CASE: Optional[str] = None
@@ -169,6 +171,7 @@ def qlk_cases(shapes, ms, formats):
     dequant, why_deq = _entry(kernels, ("dequantize",))
     decode, _ = _entry(kernels, DECODE_NAMES)
     qalora, why_qalora = _entry(kernels, QALORA_NAMES)
+    qalora_grad, why_qalora_grad = _entry(kernels, QALORA_GRAD_NAMES)
 
     for fmt in formats:
         for k, n in shapes:
@@ -187,18 +190,23 @@ def qlk_cases(shapes, ms, formats):
                     yield Case(case_name("qalora", fmt, k, n, m), "qlk", "qalora", fmt, k, n, m,
                                lambda m=m, k=k, n=n, fmt=fmt: _run_qalora(qalora, m, k, n, fmt),
                                missing or why_qalora)
+                    yield Case(case_name("qalora-dgrad", fmt, k, n, m), "qlk", "qalora-dgrad", fmt, k, n, m,
+                               lambda m=m, k=k, n=n, fmt=fmt: _run_qalora(qalora_grad, m, n, n, fmt, k=k),
+                               missing or why_qalora_grad)
             yield Case(case_name("dequant", fmt, k, n, None), "qlk", "dequant", fmt, k, n, None,
                        lambda k=k, n=n, fmt=fmt: dequant(quantized_weight(fmt, n, k), DTYPE),
                        missing or why_deq)
 
 
-def _run_qalora(fn, m, k, n, fmt):
-    """Y = X·Ŵᵀ + σ·P(X)·Aᵀ·Bᵀ with A [r, K/g], B [N, r] (design.md); signature as qlk's entry point."""
+def _run_qalora(fn, m, width, n, fmt, k=None):
+    """Y = X·Ŵᵀ + σ·P(X)·Aᵀ·Bᵀ with A [r, K/g], B [N, r] (design.md), or its input gradient (then
+    the activation is dY [m, N]); signature as qlk's entry points. ``width``: the activation's last dim."""
+    k = width if k is None else k
     qw = quantized_weight(fmt, n, k)
     g = qw.group_size
     a = torch.empty(QALORA_RANK, k // g, dtype=DTYPE)
     b = torch.empty(n, QALORA_RANK, dtype=DTYPE)
-    return fn(activation(m, k), qw, a, b, 2.0)
+    return fn(activation(m, width), qw, a, b, 2.0)
 
 
 def all_cases(quick: bool = False, patterns=(), include_qlk: bool = True, include_dense: bool = True):

@@ -48,7 +48,7 @@ def test_every_kernel_compiled(reports):
     kernels = {(r["kernel"], r["arch"]) for r in reports}
     for arch in (90, 80):
         for name in ("_quant_matmul_fwd_kernel", "_quant_matmul_grad_input_kernel", "_quant_matmul_splitk_kernel",
-                     "_dequantize_kernel"):
+                     "_quant_matmul_grad_input_splitn_kernel", "_dequantize_kernel", "_fold_bias_kernel"):
             assert (name, arch) in kernels, (name, arch)
     assert all(r["configs_compiled"] >= 1 for r in reports)
 
@@ -127,7 +127,8 @@ def _compile_all() -> list[dict]:
     import qlk
     from qlk.formats import QuantizedWeight
     from qlk.formats.packing import words_per_row
-    from qlk.kernels import dequantize_forward, quant_matmul_backward, quant_matmul_forward
+    from qlk.kernels import dequantize_forward, qalora_forward, quant_matmul_backward
+    from qlk.kernels import quant_matmul_forward
 
     def fake_weight(fmt, bits, g, n, k):
         if fmt == "int":
@@ -147,7 +148,7 @@ def _compile_all() -> list[dict]:
     def run(self, *args, grid, warmup, **kwargs):
         k = orig_run(self, *args, grid=grid, warmup=True, **kwargs)
         key = (self.fn.__name__, current["arch"], current["fmt"], k.metadata.num_warps, k.metadata.num_stages,
-               tuple(sorted((n, v) for n, v in kwargs.items() if n.startswith("BLOCK"))))
+               tuple(sorted((n, v) for n, v in kwargs.items() if n.startswith("BLOCK") or n == "POOL")))
         if key not in out:
             r = _read_cubin(k.asm["cubin"])
             r.update(kernel=self.fn.__name__, arch=current["arch"], fmt=current["fmt"],
@@ -170,6 +171,8 @@ def _compile_all() -> list[dict]:
             for fn in (qlk.kernels.fused_matmul._quant_matmul_fwd_kernel,
                        qlk.kernels.fused_matmul._quant_matmul_grad_input_kernel,
                        qlk.kernels.fused_matmul._quant_matmul_splitk_kernel,
+                       qlk.kernels.fused_matmul._quant_matmul_grad_input_splitn_kernel,
+                       qlk.kernels.qalora._fold_bias_kernel,
                        qlk.kernels.dequant._dequantize_kernel):
                 inner = fn
                 while not isinstance(inner, JITFunction):
@@ -185,8 +188,14 @@ def _compile_all() -> list[dict]:
                 quant_matmul_forward(x, qw, path="gemm")
                 if fmt == ("int", 4, 32):
                     quant_matmul_backward(torch.empty(m, n, dtype=torch.bfloat16), qw)
+                    quant_matmul_backward(torch.empty(1, n, dtype=torch.bfloat16), qw)  # split-N
                     quant_matmul_forward(torch.empty(1, k, dtype=torch.bfloat16), qw)
                     dequantize_forward(qw, torch.bfloat16)
+                    # QA-LoRA: folded biases + the GEMM / split-K with in-kernel pooling
+                    a = torch.empty(16, k // 32, dtype=torch.bfloat16)
+                    b = torch.empty(n, 16, dtype=torch.bfloat16)
+                    qalora_forward(x, qw, a, b, 2.0)
+                    qalora_forward(torch.empty(1, k, dtype=torch.bfloat16), qw, a, b, 2.0)
     finally:
         JITFunction.run, Autotuner.run = orig_run, orig_auto
     assert Heuristics  # imported for the wrapper chain above

@@ -13,7 +13,7 @@ import torch
 
 import qlk
 from qlk.kernels import (
-    SPLITK_MAX_M, dequantize, dequantize_forward, quant_matmul, quant_matmul_backward, quant_matmul_forward,
+    SPLITK_MAX_M, SPLITN_MAX_M, dequantize, dequantize_forward, quant_matmul, quant_matmul_backward, quant_matmul_forward,
     quant_matmul_grad_input,
 )  # fmt: skip
 
@@ -61,8 +61,8 @@ def nan_like(shape, dtype):
 @pytest.mark.parametrize("m", [1, 7, 64, 333])
 def test_forward_and_grad_input(f, dtype, m):
     """Y = X·Ŵᵀ and dX = dY·Ŵ for every format, written into NaN-poisoned outputs. M = 1 and 7 go
-    through the split-K decode kernel, 64 and 333 through the GEMM (M = 333: several M tiles and a
-    ragged edge)."""
+    through the split-K decode kernel and the split-N input gradient, 64 and 333 through the GEMMs
+    (M = 333: several M tiles and a ragged edge)."""
     qw = make_qw(*f)
     n, k = qw.shape
     w64 = qw.dequantize(torch.float64)
@@ -89,8 +89,30 @@ def test_forced_paths(path, m):
     assert rel_err(y, x.double() @ qw.dequantize(torch.float64).t()) < 1e-3
 
 
+@pytest.mark.parametrize("path", ["gemm", "splitn"])
+@pytest.mark.parametrize("m", [1, 40])
+def test_forced_grad_paths(path, m):
+    """The input gradient's GEMM and split-N kernels, each at a shape the dispatcher would not give it."""
+    qw = make_qw("int", 4, 32, False)
+    dy = randn(m, qw.out_features, dtype=torch.float16)
+    dx = quant_matmul_backward(dy, qw, out=nan_like((m, qw.in_features), torch.float16), path=path)
+    assert rel_err(dx, dy.double() @ qw.dequantize(torch.float64)) < 1e-3
+
+
 def test_dispatch_threshold():
-    assert SPLITK_MAX_M == 16
+    assert SPLITK_MAX_M == 16 and SPLITN_MAX_M == 16
+
+
+@pytest.mark.parametrize("f", [("int", 3, 64, False), ("nf4", 4, 64, True)], ids=fmt_id)
+def test_splitn_deterministic(f):
+    """Split-N with a workspace: bit-identical run to run, equal to the atomic one up to sum order."""
+    qw = make_qw(*f)
+    dy = randn(6, qw.out_features)
+    ref = dy.double() @ qw.dequantize(torch.float64)
+    d1 = quant_matmul_backward(dy, qw, deterministic=True)
+    d2 = quant_matmul_backward(dy, qw, deterministic=True)
+    assert torch.equal(d1, d2)
+    assert rel_err(d1, ref) < 1e-5 and rel_err(quant_matmul_backward(dy, qw), ref) < 1e-5
 
 
 @pytest.mark.parametrize("f", [("int", 4, 32, False), ("nf4", 4, 64, True)], ids=fmt_id)

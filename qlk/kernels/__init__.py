@@ -5,6 +5,8 @@ Public entry points (``qlk.ops`` calls the first two):
 * :func:`quant_matmul` (x, qw, bias=None) -> X·Ŵᵀ (+ bias)
 * :func:`quant_matmul_grad_input` (dy, qw) -> dY·Ŵ
 * :func:`dequantize` (qw, dtype) -> dense Ŵ [N, K], original column order
+* :func:`qalora_forward` (x, qw, lora_a, lora_b, scaling, bias=None) -> (Y, P(X)) (QA-LoRA, fused)
+* :func:`qalora_grad_input` (dy, qw, lora_a, lora_b, scaling) -> (dX, V = dY·B)
 
 and the launchers by name, for benchmarks and the static report (they only allocate, check and
 launch: nothing reads a result back, nothing touches CUDA at import):
@@ -23,8 +25,9 @@ from .. import reference as _reference
 from ..formats.quantized_weight import QuantizedWeight
 from .config import INTERPRETED
 from .dequant import dequantize_forward
-from .fused_matmul import SPLITK_MAX_M, quant_matmul_forward
+from .fused_matmul import SPLITK_MAX_M, SPLITN_MAX_M, quant_matmul_forward
 from .fused_matmul import quant_matmul_grad_input as quant_matmul_backward
+from .qalora import fold_biases, qalora_forward, qalora_grad_input
 from .quant_tile import supports
 
 
@@ -55,5 +58,5 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch
 
 __all__ = [
     "quant_matmul", "quant_matmul_grad_input", "dequantize", "quant_matmul_forward", "quant_matmul_backward",
-    "dequantize_forward", "SPLITK_MAX_M",
+    "dequantize_forward", "SPLITK_MAX_M", "SPLITN_MAX_M", "qalora_forward", "qalora_grad_input", "fold_biases",
 ]  # fmt: skip

@@ -77,6 +77,19 @@ def _prune(configs, named_args, **kwargs):
 PRUNE = {"early_config_prune": _prune}
 
 
+def _prune_splitn(configs, named_args, **kwargs):
+    """_prune, and no 256-row tile with fp32 group biases (QA-LoRA's folded b'): that tile spills
+    with them (INT4 g128, sm_90: the 32-bit bias registers of 256 rows)."""
+    kept = _prune(configs, named_args, **kwargs)
+    b = named_args.get("b_ptr")
+    if getattr(b, "dtype", None) is not None and str(b.dtype) == "torch.float32":
+        kept = [c for c in kept if c.kwargs.get("BLOCK_N", 0) <= 128] or kept
+    return kept
+
+
+PRUNE_SPLITN = {"early_config_prune": _prune_splitn}
+
+
 def gemm_configs():
     """Large-M fused dequant GEMM (forward; weight as the MMA A operand: tile [BLOCK_N, BLOCK_M]).
 
@@ -115,6 +128,20 @@ def splitk_configs():
         _cfg(90, 4, 3, BLOCK_N=64, BLOCK_M=16, BLOCK_K=256),
         _cfg(80, 4, 4, BLOCK_N=64, BLOCK_M=16, BLOCK_K=128),
         _cfg(80, 4, 3, BLOCK_N=64, BLOCK_M=16, BLOCK_K=256),
+    ]
+
+
+def splitn_configs():
+    """Small-M input gradient, split over N: tile dXᵀ [BLOCK_K, BLOCK_M=16], N split over the grid.
+    sm_90: the two best of seven candidates by dram-peak on *useful* bytes (docs/kernels.md: some
+    tiles make the compiler reload scales per element, which the static model counts as DRAM bytes)."""
+    if INTERPRETED:
+        return [_cfg(None, 4, 1, BLOCK_N=32, BLOCK_M=16, BLOCK_K=64)]
+    return [
+        _cfg(90, 4, 3, BLOCK_N=256, BLOCK_M=16, BLOCK_K=64),  # best of 7 on every INT format
+        _cfg(90, 4, 3, BLOCK_N=128, BLOCK_M=16, BLOCK_K=64),  # second (fewer rows per CTA)
+        _cfg(80, 4, 4, BLOCK_N=64, BLOCK_M=16, BLOCK_K=128),
+        _cfg(80, 4, 3, BLOCK_N=128, BLOCK_M=16, BLOCK_K=128),
     ]
 
 

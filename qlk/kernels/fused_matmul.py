@@ -19,6 +19,12 @@ Kernels (one launcher picks by shape, ``path=`` forces one):
     fixed order.
 ``_quant_matmul_grad_input_kernel``  dX = dY·Ŵ, tile dXᵀ[k0:k0+BK, m0:m0+BM] = Ŵᵀ[BK, N]·dYᵀ[N, BM]
     (``W_AS_A``) or dX[BM, BK] = dY[BM, N]·Ŵ[N, BK]; the reduction runs over N.
+``_quant_matmul_grad_input_splitn_kernel``  dX at small M (M <= ``SPLITN_MAX_M``): the reduction over
+    N is split over a second grid axis (≈ 16 CTAs per SM), partials added with fp32 atomics or,
+    ``deterministic=True``, through a workspace [SPLIT, M, K] summed in a fixed order.
+
+QA-LoRA (:mod:`qlk.kernels.qalora`) reuses the forward kernels with ``POOL=True``: the programs of
+the first N tile also write P(X) (group means of X) from the X tiles they load.
 
 Act-order (``qw.perm``): X is gathered into the stored column order, x[..., perm], before the
 forward, and dX is scattered back, dx[..., argsort(perm)], after the input gradient.
@@ -34,11 +40,13 @@ import triton
 import triton.language as tl
 
 from ..formats.quantized_weight import QuantizedWeight
-from .config import PRUNE, gemm_configs, grad_configs, num_sms, splitk_configs
+from .config import PRUNE, PRUNE_SPLITN, gemm_configs, grad_configs, num_sms, splitk_configs, splitn_configs
 from .quant_tile import _dequant_tile, weight_args
 
 #: M at or below which the forward uses the split-K decode kernel
 SPLITK_MAX_M = 16
+#: M at or below which the input gradient uses the split-N kernel
+SPLITN_MAX_M = 16
 _ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -54,34 +62,43 @@ def _swizzle(pid, num_a, num_b, GROUP: tl.constexpr):
     return pid_a, pid_b
 
 
-@triton.autotune(configs=gemm_configs(), key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "IS_NF4", "W_AS_A"],
-                 prune_configs_by=PRUNE)
-@triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
-def _quant_matmul_fwd_kernel(
-    y_ptr,  # [M, N] output, activation dtype
-    x_ptr,  # [M, K] activations (any strides)
-    bias_ptr,  # [N] or dummy
-    qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,  # packed weight (weight_args)
-    stride_qn, stride_sn, stride_sg,
-    M, N, K, M_BUCKET,
-    stride_xm, stride_xk, stride_ym, stride_yn,
-    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, W_AS_A: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    """Y[m, n] = Σ_k X[m, k]·Ŵ[n, k] (+ bias[n]), one [BLOCK_N, BLOCK_M] tile per program."""
-    pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    # rows past the edge are clamped, not masked: they compute garbage that is never stored, and
-    # the loop keeps no row predicates
-    rows_w = tl.minimum(offs_n, N - 1)
-    x_rows = x_ptr + tl.minimum(offs_m, M - 1).to(tl.int64) * stride_xm
+def _pool_tile(p_ptr, xt, p_run, offs_m, k0, M, K, stride_pm,
+               GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """QA-LoRA pooling of one Xᵀ tile [BLOCK_K, BLOCK_M] (columns k0 .. k0+BLOCK_K, zero past K):
+    P[m, j] = (1/g)·Σ_{k in group j} X[m, k] (fp32 sums), stored for the groups the tile completes.
+    GROUP_SIZE (a power of two) <= BLOCK_K: BLOCK_K/g whole groups per tile, stored at once;
+    larger groups are summed in ``p_run`` ([BLOCK_M]) over g/BLOCK_K tiles. Returns p_run."""
+    G = K // GROUP_SIZE
+    mask_m = offs_m < M
+    if GROUP_SIZE <= BLOCK_K:
+        NSEG: tl.constexpr = BLOCK_K // GROUP_SIZE
+        seg = tl.sum(tl.reshape(xt.to(tl.float32), (NSEG, GROUP_SIZE, BLOCK_M)), axis=1) * (1.0 / GROUP_SIZE)
+        offs_g = k0 // GROUP_SIZE + tl.arange(0, NSEG)
+        ptrs = p_ptr + offs_m[None, :].to(tl.int64) * stride_pm + offs_g[:, None]
+        tl.store(ptrs, seg, mask=mask_m[None, :] & (offs_g[:, None] < G))
+    else:
+        p_run += tl.sum(xt.to(tl.float32), axis=0)
+        done = (k0 + BLOCK_K) % GROUP_SIZE == 0
+        tl.store(p_ptr + offs_m.to(tl.int64) * stride_pm + k0 // GROUP_SIZE, p_run * (1.0 / GROUP_SIZE),
+                 mask=mask_m & done)
+        p_run = tl.where(done, 0.0, p_run)
+    return p_run
+
+
+@triton.jit
+def _fwd_loop(x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
+              stride_qn, stride_sn, stride_sg, rows_w, offs_m, M, K, stride_xk, stride_pm,
+              BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+              W_AS_A: tl.constexpr, DOT_PRECISION: tl.constexpr, POOL: tl.constexpr, EVEN_K: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The forward GEMM's K loop: acc = Ŵ[rows_w, :]·Xᵀ ([BLOCK_N, BLOCK_M] if W_AS_A, else its
+    transpose), plus P(X) of rows offs_m when POOL."""
     if W_AS_A:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    p_run = tl.zeros((BLOCK_M,), dtype=tl.float32)  # POOL, GROUP_SIZE > BLOCK_K: running group sum
     for k0 in range(0, K, BLOCK_K):
         w = _dequant_tile(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
                           stride_qn, stride_sn, stride_sg, rows_w, k0, K,
@@ -101,6 +118,54 @@ def _quant_matmul_fwd_kernel(
             else:
                 x = tl.load(x_ptrs, mask=offs_k[None, :] < K, other=0.0)
             acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=DOT_PRECISION)
+            xt = tl.trans(x)
+        if POOL:
+            p_run = _pool_tile(p_ptr, xt, p_run, offs_m, k0, M, K, stride_pm, GROUP_SIZE, BLOCK_M, BLOCK_K)
+    return acc
+
+
+@triton.autotune(configs=gemm_configs(), key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "IS_NF4", "W_AS_A", "POOL"],
+                 prune_configs_by=PRUNE)
+@triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+@triton.jit
+def _quant_matmul_fwd_kernel(
+    y_ptr,  # [M, N] output, activation dtype
+    x_ptr,  # [M, K] activations (any strides)
+    bias_ptr,  # [N] or dummy
+    p_ptr,  # POOL: [M, K/GROUP_SIZE] fp32 group means of x (QA-LoRA's P(X)), else dummy
+    qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,  # packed weight (weight_args)
+    stride_qn, stride_sn, stride_sg,
+    M, N, K, M_BUCKET,
+    stride_xm, stride_xk, stride_ym, stride_yn, stride_pm,
+    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, W_AS_A: tl.constexpr, DOT_PRECISION: tl.constexpr, POOL: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """Y[m, n] = Σ_k X[m, k]·Ŵ[n, k] (+ bias[n]), one [BLOCK_N, BLOCK_M] tile per program.
+
+    POOL (QA-LoRA, GROUP_SIZE a power of two): the programs of the first N tile also write
+    P[m, j] = mean of X[m, k] over group j from the X tiles they load anyway (the other programs
+    skip that branch; the low-rank term itself is folded into the group biases by the caller)."""
+    pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    # rows past the edge are clamped, not masked: they compute garbage that is never stored, and
+    # the loop keeps no row predicates
+    rows_w = tl.minimum(offs_n, N - 1)
+    x_rows = x_ptr + tl.minimum(offs_m, M - 1).to(tl.int64) * stride_xm
+    if POOL and pid_n == 0:
+        # a second copy of the K loop, with the pooling, for the first N tile only: the loop the
+        # other programs run stays exactly the plain kernel's
+        acc = _fwd_loop(x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
+                        stride_qn, stride_sn, stride_sg, rows_w, offs_m, M, K, stride_xk, stride_pm,
+                        BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, W_AS_A, DOT_PRECISION, True, EVEN_K,
+                        BLOCK_N, BLOCK_M, BLOCK_K)
+    else:
+        acc = _fwd_loop(x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
+                        stride_qn, stride_sn, stride_sg, rows_w, offs_m, M, K, stride_xk, stride_pm,
+                        BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, W_AS_A, DOT_PRECISION, False, EVEN_K,
+                        BLOCK_N, BLOCK_M, BLOCK_K)
     if W_AS_A:
         acc = tl.trans(acc)
     if HAS_BIAS:
@@ -109,22 +174,26 @@ def _quant_matmul_fwd_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-@triton.autotune(configs=splitk_configs(), key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "IS_NF4", "ATOMIC"],
+@triton.autotune(configs=splitk_configs(), key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "IS_NF4", "ATOMIC", "POOL"],
                  prune_configs_by=PRUNE, reset_to_zero=["ws_ptr"])
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
 def _quant_matmul_splitk_kernel(
     ws_ptr,  # fp32 partial sums: [M, N] (ATOMIC) or [SPLIT, M, N], zero-initialized
     x_ptr,  # [M, K] activations (any strides)
+    p_ptr,  # POOL: [M, K/GROUP_SIZE] fp32 group means of x, else dummy
     qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,  # packed weight (weight_args)
     stride_qn, stride_sn, stride_sg,
     M, N, K, M_BUCKET,
-    stride_xm, stride_xk,
+    stride_xm, stride_xk, stride_pm,
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-    ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+    ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr, POOL: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Partial Yᵀ over one K slice: program (n, s, m) sums k in slice s of ⌈K/BLOCK_K / SPLIT⌉ tiles."""
+    """Partial Yᵀ over one K slice: program (n, s, m) sums k in slice s of ⌈K/BLOCK_K / SPLIT⌉ tiles.
+
+    POOL: the programs of the first N tile also write P(X) for the groups of their slice (slices
+    are whole K tiles, so with GROUP_SIZE <= BLOCK_K no group straddles two slices)."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -147,6 +216,10 @@ def _quant_matmul_splitk_kernel(
         xt = tl.load(x_rows[None, :] + offs_k[:, None] * stride_xk,
                      mask=mask_m[None, :] & (offs_k[:, None] < K), other=0.0)
         acc = tl.dot(w.to(xt.dtype), xt, acc, input_precision=DOT_PRECISION)
+        if POOL:
+            tl.static_assert(GROUP_SIZE <= BLOCK_K)
+            if pid_n == 0:
+                _pool_tile(p_ptr, xt, tl.zeros((BLOCK_M,), dtype=tl.float32), offs_m, k0, M, K, stride_pm, GROUP_SIZE, BLOCK_M, BLOCK_K)
     mask = (offs_n[:, None] < N) & mask_m[None, :]
     offs = offs_m[None, :].to(tl.int64) * N + offs_n[:, None]
     if ATOMIC:
@@ -198,6 +271,58 @@ def _quant_matmul_grad_input_kernel(
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
 
 
+@triton.autotune(configs=splitn_configs(), key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "IS_NF4", "ATOMIC", "W_AS_A"],
+                 prune_configs_by=PRUNE_SPLITN, reset_to_zero=["ws_ptr"])
+@triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+@triton.jit
+def _quant_matmul_grad_input_splitn_kernel(
+    ws_ptr,  # fp32 partial sums: [M, K] (ATOMIC) or [SPLIT, M, K], zero-initialized
+    dy_ptr,  # [M, N] upstream gradient (any strides)
+    qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,  # packed weight (weight_args)
+    stride_qn, stride_sn, stride_sg,
+    M, N, K, M_BUCKET,
+    stride_dym, stride_dyn,
+    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr, W_AS_A: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Small-M input gradient, the reduction over N split across the grid: program (k, s, m) adds
+    dXᵀ[k0:k0+BK, m0:m0+BM] = Σ_{n in slice s} Ŵᵀ[BK, BN]·dYᵀ[BN, BM] (slices of ⌈N/BN / SPLIT⌉ tiles)."""
+    pid_k = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    tiles = tl.cdiv(tl.cdiv(N, BLOCK_N), tl.num_programs(1))
+    n_start = pid_s * tiles * BLOCK_N
+    n_end = tl.minimum(N, n_start + tiles * BLOCK_N)
+    k0 = pid_k * BLOCK_K
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    dy_rows = dy_ptr + offs_m.to(tl.int64) * stride_dym
+    acc = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        # clamped weight rows meet dY columns masked to 0: they add exactly 0
+        w = _dequant_tile(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
+                          stride_qn, stride_sn, stride_sg, tl.minimum(offs_n, N - 1), k0, K,
+                          BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K)
+        if W_AS_A:
+            dyt = tl.load(dy_rows[None, :] + offs_n[:, None] * stride_dyn,
+                          mask=mask_m[None, :] & (offs_n[:, None] < N), other=0.0)
+            acc = tl.dot(tl.trans(w.to(dyt.dtype)), dyt, acc, input_precision=DOT_PRECISION)
+        else:
+            dy = tl.load(dy_rows[:, None] + offs_n[None, :] * stride_dyn,
+                         mask=mask_m[:, None] & (offs_n[None, :] < N), other=0.0)
+            acc2 = tl.dot(dy, w.to(dy.dtype), tl.trans(acc), input_precision=DOT_PRECISION)
+            acc = tl.trans(acc2)
+    mask = (offs_k[:, None] < K) & mask_m[None, :]
+    offs = offs_m[None, :].to(tl.int64) * K + offs_k[:, None]
+    if ATOMIC:
+        tl.atomic_add(ws_ptr + offs, acc, mask=mask, sem="relaxed")
+    else:
+        tl.store(ws_ptr + pid_s.to(tl.int64) * M * K + offs, acc, mask=mask)
+
+
 # ------------------------------------------------------------------------------------------------
 # launchers
 # ------------------------------------------------------------------------------------------------
@@ -234,6 +359,12 @@ def quant_matmul_forward(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tenso
     out: optional preallocated [M, N] (2-D, any strides) output.
     Leading dims of x are flattened with ``reshape`` (a copy only if they cannot be merged); a
     permuted weight (act-order) gathers x's columns first (a contiguous copy)."""
+    return _forward(x, qw, bias, out, path, deterministic, w_as_a)[0]
+
+
+def _forward(x, qw, bias, out, path, deterministic, w_as_a, wargs=None, pool=False):
+    """(y [..., N], P(X) [M, G] fp32 or None). ``wargs``: weight_args(qw) with replaced tensors
+    (QA-LoRA's folded biases); ``pool``: also compute P(X) over the stored column order."""
     n, k = qw.shape
     lead = x.shape[:-1]
     x2 = _as_2d(x, k, "x")
@@ -246,24 +377,32 @@ def quant_matmul_forward(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tenso
         _check_out(out, (m, n), x.dtype, x.device)
     else:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if m == 0:
-        return out.reshape(*lead, n)
     if path not in ("auto", "gemm", "splitk"):
         raise ValueError(f"path={path!r}; allowed: 'auto', 'gemm', 'splitk'")
+    g = qw.group_size
+    pooled = torch.empty((m, k // g), dtype=torch.float32, device=x.device) if pool else None
+    if m == 0:
+        return out.reshape(*lead, n), pooled
+    args, meta = wargs if wargs is not None else weight_args(qw)
+    pow2 = g & (g - 1) == 0
     if path == "splitk" or (path == "auto" and m <= SPLITK_MAX_M):
-        _splitk_forward(x2, qw, bias, out, deterministic)
+        # in-kernel pooling needs whole groups per K tile (the smallest BLOCK_K of the configs)
+        fused = pool and pow2 and g <= min(c.kwargs["BLOCK_K"] for c in _quant_matmul_splitk_kernel.configs)
+        _splitk_forward(x2, qw, bias, out, deterministic, args, meta, pooled if fused else None)
     else:
-        args, meta = weight_args(qw)
+        fused = pool and pow2
         bias_arg = bias if bias is not None else args[3]
 
         def grid(meta_):
             return (triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(n, meta_["BLOCK_N"]),)
 
         _quant_matmul_fwd_kernel[grid](
-            out, x2, bias_arg, *args, m, n, k, _bucket(m),
-            x2.stride(0), x2.stride(1), out.stride(0), out.stride(1),
-            HAS_BIAS=bias is not None, W_AS_A=w_as_a, DOT_PRECISION=_precision(x.dtype), **meta)
-    return out.reshape(*lead, n)
+            out, x2, bias_arg, pooled if fused else args[3], *args, m, n, k, _bucket(m),
+            x2.stride(0), x2.stride(1), out.stride(0), out.stride(1), pooled.stride(0) if fused else 0,
+            HAS_BIAS=bias is not None, W_AS_A=w_as_a, DOT_PRECISION=_precision(x.dtype), POOL=fused, **meta)
+    if pool and not fused:  # group size not a power of two (or larger than the split-K tile)
+        torch.mean(x2.reshape(m, k // g, g), dim=-1, dtype=torch.float32, out=pooled)
+    return out.reshape(*lead, n), pooled
 
 
 def _split_count(n, m, k, meta, sms, ctas_per_sm=16):
@@ -271,10 +410,9 @@ def _split_count(n, m, k, meta, sms, ctas_per_sm=16):
     return max(1, min(triton.cdiv(k, meta["BLOCK_K"]), triton.cdiv(ctas_per_sm * sms, base)))
 
 
-def _splitk_forward(x2, qw, bias, out, deterministic):
+def _splitk_forward(x2, qw, bias, out, deterministic, args, meta, pooled=None):
     m, k = x2.shape
     n = qw.shape[0]
-    args, meta = weight_args(qw)
     sms = num_sms(x2.device)
 
     def split(meta_):
@@ -291,8 +429,9 @@ def _splitk_forward(x2, qw, bias, out, deterministic):
     else:
         ws = torch.zeros((m, n), dtype=torch.float32, device=x2.device)
     _quant_matmul_splitk_kernel[grid](
-        ws, x2, *args, m, n, k, _bucket(m), x2.stride(0), x2.stride(1),
-        ATOMIC=not deterministic, DOT_PRECISION=_precision(x2.dtype), **meta)
+        ws, x2, pooled if pooled is not None else args[3], *args, m, n, k, _bucket(m), x2.stride(0), x2.stride(1),
+        pooled.stride(0) if pooled is not None else 0,
+        ATOMIC=not deterministic, DOT_PRECISION=_precision(x2.dtype), POOL=pooled is not None, **meta)
     y = ws.sum(0) if deterministic else ws
     if bias is not None:
         y = y + bias.to(torch.float32)
@@ -300,12 +439,17 @@ def _splitk_forward(x2, qw, bias, out, deterministic):
 
 
 def quant_matmul_grad_input(dy: torch.Tensor, qw: QuantizedWeight, out: torch.Tensor | None = None,
-                            w_as_a: bool = True) -> torch.Tensor:
+                            w_as_a: bool = True, path: str = "auto", deterministic: bool = False) -> torch.Tensor:
     """dX = dY·Ŵ: dy [..., N] (fp16/bf16/fp32, any strides) -> dx [..., K] in dy's dtype.
 
     Reads the same packed weight as the forward. With act-order the result is scattered back to
     the original column order (a copy). out: optional preallocated [M, K] (2-D) output, only
-    without act-order."""
+    without act-order. path: "auto" (split-N when M <= SPLITN_MAX_M, else the GEMM), "gemm",
+    "splitn"; deterministic: split-N sums partials in a fixed order (workspace) instead of atomics."""
+    return _grad_input(dy, qw, out, w_as_a, path, deterministic)
+
+
+def _grad_input(dy, qw, out, w_as_a, path, deterministic, wargs=None):
     n, k = qw.shape
     lead = dy.shape[:-1]
     dy2 = _as_2d(dy, n, "dy")
@@ -316,16 +460,43 @@ def quant_matmul_grad_input(dy: torch.Tensor, qw: QuantizedWeight, out: torch.Te
         _check_out(out, (m, k), dy.dtype, dy.device)
     else:
         out = torch.empty((m, k), dtype=dy.dtype, device=dy.device)
+    if path not in ("auto", "gemm", "splitn"):
+        raise ValueError(f"path={path!r}; allowed: 'auto', 'gemm', 'splitn'")
     if m > 0:
-        args, meta = weight_args(qw)
+        args, meta = wargs if wargs is not None else weight_args(qw)
+        if path == "splitn" or (path == "auto" and m <= SPLITN_MAX_M):
+            _splitn_grad_input(dy2, qw, out, deterministic, args, meta, w_as_a)
+        else:
+            def grid(meta_):
+                return (triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(k, meta_["BLOCK_K"]),)
 
-        def grid(meta_):
-            return (triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(k, meta_["BLOCK_K"]),)
-
-        _quant_matmul_grad_input_kernel[grid](
-            out, dy2, *args, m, n, k, _bucket(m),
-            dy2.stride(0), dy2.stride(1), out.stride(0), out.stride(1),
-            W_AS_A=w_as_a, DOT_PRECISION=_precision(dy.dtype), **meta)
+            _quant_matmul_grad_input_kernel[grid](
+                out, dy2, *args, m, n, k, _bucket(m),
+                dy2.stride(0), dy2.stride(1), out.stride(0), out.stride(1),
+                W_AS_A=w_as_a, DOT_PRECISION=_precision(dy.dtype), **meta)
     if qw.perm is not None:
         out = out.index_select(1, torch.argsort(qw.perm))
     return out.reshape(*lead, k)
+
+
+def _splitn_grad_input(dy2, qw, out, deterministic, args, meta, w_as_a=True):
+    m, n = dy2.shape
+    k = qw.shape[1]
+    sms = num_sms(dy2.device)
+
+    def split_of(meta_):
+        base = triton.cdiv(k, meta_["BLOCK_K"]) * triton.cdiv(m, meta_["BLOCK_M"])
+        return max(1, min(triton.cdiv(n, meta_["BLOCK_N"]), triton.cdiv(16 * sms, base)))
+
+    def grid(meta_):
+        return (triton.cdiv(k, meta_["BLOCK_K"]), split_of(meta_), triton.cdiv(m, meta_["BLOCK_M"]))
+
+    if deterministic:
+        max_split = max(split_of(c.kwargs) for c in _quant_matmul_grad_input_splitn_kernel.configs)
+        ws = torch.zeros((max_split, m, k), dtype=torch.float32, device=dy2.device)
+    else:
+        ws = torch.zeros((m, k), dtype=torch.float32, device=dy2.device)
+    _quant_matmul_grad_input_splitn_kernel[grid](
+        ws, dy2, *args, m, n, k, _bucket(m), dy2.stride(0), dy2.stride(1),
+        ATOMIC=not deterministic, DOT_PRECISION=_precision(dy2.dtype), W_AS_A=w_as_a, **meta)
+    out.copy_(ws.sum(0) if deterministic else ws)
