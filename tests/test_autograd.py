@@ -246,6 +246,13 @@ _INTERP = """
 import torch, qlk
 from qlk import reference as R
 from qlk.autograd import qalora_linear
+import qlk.kernels as K
+calls = []
+for name in ("qalora_forward", "qalora_grad_input"):  # count the fused kernels' launches
+    def spy(*a, _f=getattr(K, name), _n=name, **k):
+        calls.append(_n)
+        return _f(*a, **k)
+    setattr(K, name, spy)
 torch.manual_seed(0)
 qw = qlk.quantize(torch.randn(64, 128), bits=4, group_size=32)
 x = torch.randn(16, 128, requires_grad=True)
@@ -257,6 +264,10 @@ got = torch.autograd.grad(y, (x, a, b), dy)
 want = R.qalora_backward(dy, R.pool_groups(x.detach(), 32), qw, a.detach(), b.detach(), 2.0)
 for g_, w_ in zip(got, want):
     torch.testing.assert_close(g_, w_, rtol=1e-3, atol=1e-3)
+assert calls == ["qalora_forward", "qalora_grad_input"], calls  # no dropout: the fused path ran
+y = qalora_linear(x, qw, a, b, 2.0, dropout=0.1)  # dropout: the unfused path (mask on P(X))
+torch.autograd.grad(y.sum(), (x, a, b))
+assert calls == ["qalora_forward", "qalora_grad_input"], calls
 print("ok")
 """
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch.amp import custom_bwd, custom_fwd
 
-from .. import ops
+from .. import backend, ops
 from ..formats import QuantizedWeight
 from ..reference import to_stored_order
 from .lora import (
@@ -39,6 +39,11 @@ class QALoRAFunction(torch.autograd.Function):
     new memory) and the dropout seed. Never X, never a dequantized weight: the packed weight is
     referenced from ``ctx``, and dY·Ŵ runs on it through :func:`qlk.ops.quant_matmul_grad_input`.
     Pd is kept in float32 (float64 for float64 inputs), U is recomputed in backward.
+
+    On the Triton backend without dropout, both directions run fused (:mod:`qlk.kernels.qalora`):
+    the adapter is folded into the group biases of one GEMM, b' = b + (σ/g)·B·A (the merge
+    identity, per call), which also yields P(X) in the forward and dY·Ŵ + (σ/g)·expand_g(V·A)
+    in the backward in one launch each.
     """
 
     @staticmethod
@@ -47,8 +52,18 @@ class QALoRAFunction(torch.autograd.Function):
         cd = compute_dtype(x)
         acc = accumulate_dtype(cd)
         k, n, g = qw.in_features, qw.out_features, qw.group_size
+        fused = _fused(x, qw, cd, dropout)
         with autocast_off(x.device.type):
             x2 = x.reshape(-1, k).to(cd)
+            if fused:
+                from ..kernels import qalora_forward
+
+                y, pooled = qalora_forward(x2, qw, lora_a, lora_b, scaling, _bias_in(bias, cd))
+                ctx.save_for_backward(pooled, lora_a, lora_b)
+                ctx.qw, ctx.scaling, ctx.dropout, ctx.seed, ctx.fused = qw, scaling, dropout, None, True
+                ctx.x_dtype, ctx.x_shape, ctx.compute_dtype = x.dtype, x.shape, cd
+                ctx.bias_dtype = None if bias is None else bias.dtype
+                return y.reshape(*x.shape[:-1], n)
             y = ops.quant_matmul(x2, qw, _bias_in(bias, cd))
             xs = to_stored_order(x2, qw)
             pooled = xs.reshape(xs.shape[0], k // g, g).sum(-1, dtype=acc).div_(g)  # [M, G]
@@ -58,7 +73,7 @@ class QALoRAFunction(torch.autograd.Function):
             u = pooled @ lora_a.to(acc).t()  # [M, r]
             y.addmm_(u.to(cd), lora_b.to(cd).t(), alpha=scaling)
         ctx.save_for_backward(pooled, lora_a, lora_b)
-        ctx.qw, ctx.scaling, ctx.dropout, ctx.seed = qw, scaling, dropout, seed
+        ctx.qw, ctx.scaling, ctx.dropout, ctx.seed, ctx.fused = qw, scaling, dropout, seed, False
         ctx.x_dtype, ctx.x_shape, ctx.compute_dtype = x.dtype, x.shape, cd
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y.reshape(*x.shape[:-1], n)
@@ -72,14 +87,21 @@ class QALoRAFunction(torch.autograd.Function):
         with autocast_off(dy.device.type):
             dy2 = dy.reshape(-1, qw.out_features).to(cd)
             a_acc = a.to(acc)
-            v = (dy2 @ b.to(cd)).to(acc)  # [M, r]
             dx = da = db = None
+            if ctx.fused and ctx.needs_input_grad[0]:
+                from ..kernels import qalora_grad_input
+
+                dx, v = qalora_grad_input(dy2, qw, a, b, s)  # dY·Ŵ + (σ/g)·expand_g(V·A), V = dY·B
+                dx = dx.reshape(ctx.x_shape).to(ctx.x_dtype)
+                v = v.to(acc)
+            else:
+                v = (dy2 @ b.to(cd)).to(acc)  # [M, r]
             if ctx.needs_input_grad[2]:
                 da = (v.t() @ pooled).mul_(s).to(a.dtype)
             if ctx.needs_input_grad[3]:
                 u = (pooled @ a_acc.t()).to(cd)  # recomputed: M·G·r flops, no memory kept
                 db = (dy2.t() @ u).to(acc).mul_(s).to(b.dtype)
-            if ctx.needs_input_grad[0]:
+            if ctx.needs_input_grad[0] and not ctx.fused:
                 dpool = (v @ a_acc).mul_(s / g)  # [M, G]
                 if ctx.seed is not None:
                     dpool.mul_(dropout_mask(dpool.shape, ctx.dropout, ctx.seed, dpool.device, acc))
@@ -91,6 +113,15 @@ class QALoRAFunction(torch.autograd.Function):
                     dx.index_add_(1, qw.perm, dpool.to(dx.dtype).repeat_interleave(g, dim=1))
                 dx = dx.reshape(ctx.x_shape).to(ctx.x_dtype)
             return dx, None, da, db, None, _bias_grad(ctx, 5, dy2), None
+
+
+def _fused(x, qw: QuantizedWeight, cd: torch.dtype, dropout: float) -> bool:
+    """The fused kernels serve INT weights on the Triton backend when there is no dropout (the
+    folded term cannot carry a dropout mask on P(X))."""
+    return (
+        dropout == 0 and qw.fmt == "int" and cd != torch.float64
+        and backend.resolve(x.device) == "triton"
+    )  # fmt: skip
 
 
 def qalora_linear(x, qw, lora_a, lora_b, scaling: float, bias=None, dropout: float = 0.0) -> torch.Tensor:
