@@ -416,6 +416,23 @@ def fmt_bytes(n) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
+MERGE_CHECK_TOKENS = 512
+
+
+def _merge_check_text():
+    """(text, name): the English text the merged-vs-unmerged perplexity check reads."""
+    from .evaluate import default_text_path, read_text
+
+    path = default_text_path()
+    return read_text(path), str(path)
+
+
+def _merge_check_ppl(model, tok, text, device):
+    from .evaluate import perplexity
+
+    return perplexity(model, tok, text[0], max_tokens=MERGE_CHECK_TOKENS, window=256, device=device)
+
+
 def inference_model(model, device):
     """The model to generate / evaluate with. On the reference path (no GPU) every forward of a qlk
     layer dequantizes its weight, which dominates token-by-token decoding; there we decode with a
@@ -633,6 +650,8 @@ def run(cfg: FinetuneConfig) -> dict:
     t0 = time.time()
     merged_dir = out / "merged"
     model.eval()
+    ppl_text = _merge_check_text()
+    ppl_before = _merge_check_ppl(model, tok, ppl_text, device)
     if cfg.method == "qalora":
         merge_model(model)
         save_qlk_dir(model, tok, merged_dir, {"method": "qalora-merged", "bits": cfg.bits,
@@ -646,6 +665,12 @@ def run(cfg: FinetuneConfig) -> dict:
     summary["time_merge_save_s"] = time.time() - t0
     summary["memory_merged"] = memory_report(model, device)
     _print(f"{note}: saved {merged_dir} in {summary['time_merge_save_s']:.1f}s")
+    ppl_after = _merge_check_ppl(model, tok, ppl_text, device)
+    summary["merge_check"] = {"text": ppl_text[1], "tokens": ppl_before["tokens"],
+                              "ppl_unmerged": ppl_before["ppl"], "ppl_merged": ppl_after["ppl"]}  # fmt: skip
+    _print(f"perplexity on {ppl_before['tokens']} tokens of {ppl_text[1]}: with adapter {ppl_before['ppl']:.4f}, "
+           f"merged {ppl_after['ppl']:.4f} (relative difference "
+           f"{abs(ppl_after['ppl'] - ppl_before['ppl']) / ppl_before['ppl']:.1e})")  # fmt: skip
 
     if cfg.generate:
         t0 = time.time()

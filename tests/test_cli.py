@@ -94,6 +94,8 @@ def test_finetune_outputs_exist_and_load(finetuned, tiny_model):
     assert all(map(lambda v: v == v, summary["losses"]))  # no NaN
     assert summary["memory_training"]["bits_per_param_quantized"] > 4
     assert "before" in summary and "after" in summary
+    check = summary["merge_check"]  # perplexity of the same text before and after the QA-LoRA merge
+    assert check["tokens"] > 0 and abs(check["ppl_merged"] - check["ppl_unmerged"]) <= 1e-3 * check["ppl_unmerged"]
     # the merged directory loads as a qlk model without any adapter left
     model, tok, desc = load_model(finetuned / "merged")
     layers = qlk_layers(model)
