@@ -58,17 +58,23 @@ def quantize_int(
         )
     # a group whose step flushed to zero in scale_dtype is stored as its midpoint b: fine when the
     # group is (nearly) constant, silently wrong when its values do not survive in scale_dtype at all
-    dead_err = torch.where(live, 0.0, (w - b.to(torch.float32)[..., None]).abs().amax(-1))
-    lost = dead_err > 2.0**-8 * torch.maximum(lo.abs(), hi.abs())
+    dead = ~live
+    lost = torch.zeros_like(live)
+    if dead.any():  # only the dead groups are looked at (no weight-sized temporary otherwise)
+        dead_err = (w[dead] - b.to(torch.float32)[dead][:, None]).abs().amax(-1)
+        lost[dead] = dead_err > 2.0**-8 * torch.maximum(lo.abs(), hi.abs())[dead]
     if lost.any():
         raise ValueError(
             f"weight of shape {tuple(weight.shape)}: {int(lost.sum())} group(s) have magnitudes "
             f"(max {w.abs().amax().item():.3g}) below what scale_dtype={scale_dtype} represents (they would "
             "dequantize to ~0); pass scale_dtype=torch.float32"
         )
-    bf = b.to(torch.float32)
-    q = (torch.round((w - bf[..., None]) / safe_s[..., None]) + mid).clamp_(0, maxq)
-    q = torch.where(live[..., None], q, torch.full_like(q, mid)).to(torch.int64).reshape(n, k)
+    # in place on one fp32 temporary: quantizing a layer costs ~5 bytes per weight beyond its input
+    q = w - b.to(torch.float32)[..., None]
+    q.div_(safe_s[..., None]).round_().add_(mid).clamp_(0, maxq)
+    q.masked_fill_(dead[..., None], mid)
+    q = q.to(torch.uint8).reshape(n, k)
+    del w
     return QuantizedWeight(
         fmt="int",
         shape=(n, k),

@@ -33,10 +33,15 @@ def _to_int32(words64: torch.Tensor) -> torch.Tensor:
     return torch.where(words64 >= 2**31, words64 - 2**32, words64).to(torch.int32)
 
 
-def _sum_shifted(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """codes [..., n] (n * bits <= 32) -> int64 [...] with code i at bit offset bits*i."""
-    shifts = torch.arange(codes.shape[-1], device=codes.device, dtype=torch.int64) * bits
-    return (codes.to(torch.int64) << shifts).sum(-1)
+def _or_shifted(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """codes [..., n] (n * bits <= 32) -> int64 [...] with code i at bit offset bits*i.
+
+    One column at a time: the int64 temporaries stay at 1/n of the codes' size, which is what
+    keeps quantizing a large layer (or loading a model through QlkConfig) near the packed size."""
+    out = codes[..., 0].to(torch.int64)
+    for i in range(1, codes.shape[-1]):
+        out |= codes[..., i].to(torch.int64) << (bits * i)
+    return out
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -46,13 +51,14 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     n, k = codes.shape
     cols, _ = CHUNK[bits]
     pad = (-k) % cols
-    c = torch.nn.functional.pad(codes.to(torch.int64), (0, pad)).reshape(n, -1, cols)
+    small = torch.uint8 if codes.dtype == torch.uint8 else torch.int32
+    c = torch.nn.functional.pad(codes.to(small), (0, pad)).reshape(n, -1, cols)
     if bits == 3:
-        low = _sum_shifted((c & 3).reshape(n, -1, 2, 16), 2)  # [N, C, 2]
-        high = _sum_shifted(c >> 2, 1).unsqueeze(-1)  # [N, C, 1]
+        low = _or_shifted((c & 3).reshape(n, -1, 2, 16), 2)  # [N, C, 2]
+        high = _or_shifted(c >> 2, 1).unsqueeze(-1)  # [N, C, 1]
         words = torch.cat([low, high], dim=-1)
     else:
-        words = _sum_shifted(c, bits)
+        words = _or_shifted(c, bits)
     return _to_int32(words.reshape(n, -1)).contiguous()
 
 
