@@ -237,20 +237,12 @@ def parse_args(argv=None):
     a.steps = a.steps or q.get("steps", 10)
     a.budget_s = a.budget_s if a.budget_s is not None else q.get("budget_s")
     if a.out is None:
-        a.out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"e2e-{time.strftime('%Y%m%d-%H%M%S')}.csv")
+        a.out = common.default_out("e2e")
     return a
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    common.require_cuda("bench_e2e.py")
-    writer = common.ResultWriter(args.out, "e2e")
-    print(f"[bench_e2e] {writer.env['gpu']}; writing {args.out}", flush=True)
-    try:
-        run(args, writer)
-    finally:
-        writer.close()
-    return 0
+    return common.run_benchmark("e2e", parse_args(argv), run)
 
 
 if __name__ == "__main__":

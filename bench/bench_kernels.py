@@ -38,7 +38,6 @@ import argparse
 import gc
 import os
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -650,23 +649,12 @@ def parse_args(argv=None):
         except ValueError:
             ap.error(f"bad shape {s!r}: a name in {list(SHAPES)} or K->N")
     if a.out is None:
-        a.out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"kernels-{time.strftime('%Y%m%d-%H%M%S')}.csv")
+        a.out = common.default_out("kernels")
     return a
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    common.require_cuda("bench_kernels.py")
-    torch.manual_seed(0)
-    writer = common.ResultWriter(args.out, "kernels")
-    print(f"[bench_kernels] {writer.env['gpu']}; writing {args.out}", flush=True)
-    t0 = time.monotonic()
-    try:
-        run(args, writer)
-    finally:
-        writer.close()
-    print(f"[bench_kernels] done in {time.monotonic() - t0:.0f} s: {args.out}", flush=True)
-    return 0
+    return common.run_benchmark("kernels", parse_args(argv), run)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ import argparse
 import gc
 import os
 import sys
-import time
 
 import torch
 from torch import nn
@@ -225,21 +224,12 @@ def parse_args(argv=None):
     a.rep_ms = a.rep_ms if a.rep_ms is not None else q.get("rep_ms", 100)
     a.budget_s = a.budget_s if a.budget_s is not None else q.get("budget_s")
     if a.out is None:
-        a.out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"layer-{time.strftime('%Y%m%d-%H%M%S')}.csv")
+        a.out = common.default_out("layer")
     return a
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    common.require_cuda("bench_layer.py")
-    torch.manual_seed(0)
-    writer = common.ResultWriter(args.out, "layer")
-    print(f"[bench_layer] {writer.env['gpu']}; writing {args.out}", flush=True)
-    try:
-        run(args, writer)
-    finally:
-        writer.close()
-    return 0
+    return common.run_benchmark("layer", parse_args(argv), run)
 
 
 if __name__ == "__main__":

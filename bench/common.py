@@ -499,3 +499,27 @@ def _e2e_table(rows: list[dict]) -> str:
         body.append([p, f, s, f"{float(tps['p50']):.0f}" if tps else "—", rel, f"{float(mem['p50']):.2f}" if mem else "—"])
     head = "### Training step, Llama-architecture model from a config (random weights)\n"
     return head + _table(["provider", "format", "model / tokens", "tokens/s", "vs HF+PEFT+bnb", "peak GiB"], body)
+
+
+# ---- the shared entry of the GPU benchmark scripts ----------------------------------------------
+def default_out(kind: str) -> str:
+    """bench/results/<kind>-<timestamp>.csv"""
+    here = os.path.dirname(os.path.abspath(__file__))
+    return os.path.join(here, "results", f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}.csv")
+
+
+def run_benchmark(kind: str, args, run) -> int:
+    """Needs CUDA; seeds, opens the CSV writer at ``args.out``, runs ``run(args, writer)`` and always
+    closes the file (rows measured before a failure or a time limit are kept)."""
+    script = f"bench_{kind}.py"
+    require_cuda(script)
+    torch.manual_seed(0)
+    writer = ResultWriter(args.out, kind)
+    print(f"[bench_{kind}] {writer.env['gpu']}; writing {args.out}", flush=True)
+    t0 = time.monotonic()
+    try:
+        run(args, writer)
+    finally:
+        writer.close()
+    print(f"[bench_{kind}] done in {time.monotonic() - t0:.0f} s: {args.out}", flush=True)
+    return 0

@@ -304,7 +304,7 @@ def write_markdown(path: str, arch: int, rows, meta: dict) -> None:
     p(f"- command: `{meta['command']}`")
     p(f"- date: {meta['date']}; triton {meta['triton']}; torch {meta['torch']}; qlk commit {meta['commit']}")
     p(f"- peers: {meta['peers']}")
-    p(f"- cases: Llama-3-8B layer shapes K→N, M tokens; weights from `qlk.quantize` of random bf16 "
+    p("- cases: Llama-3-8B layer shapes K→N, M tokens; weights from `qlk.quantize` of random bf16 "
       "(peers: random bytes of their layouts); activations bf16")
     p("- case names `<op>/<format>/<K>-><N>/M<m>`: `dense-*` bench/dense_matmul.py (bf16; split-K tile at M ≤ 64); "
       "`fwd`, `dgrad`, `dequant`, `qalora` qlk.kernels (at M ≤ 16 `fwd` is qlk's decode path); "

@@ -9,7 +9,7 @@ import torch
 import qlk
 from qlk import reference as R
 from qlk.autograd import (
-    LoRAFunction, QALoRAFunction, QuantLinearFunction, lora_linear, qalora_linear, quant_linear,
+    LoRAFunction, QALoRAFunction, lora_linear, qalora_linear, quant_linear,
 )  # fmt: skip
 from qlk.autograd.lora import draw_seed, dropout_mask
 

@@ -119,7 +119,6 @@ def _read_cubin(cubin: bytes) -> dict:
 
 def _compile_all() -> list[dict]:
     import torch
-    import triton
     from triton.runtime import driver
     from triton.runtime.autotuner import Autotuner, Heuristics
     from triton.runtime.jit import JITFunction
