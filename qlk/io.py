@@ -71,6 +71,8 @@ def _atomic_write(path, write) -> None:
     """``write(tmp_path)`` then ``os.replace(tmp_path, path)``; the temporary file is removed on error."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory or "."):
+        raise FileNotFoundError(f"cannot write {path}: the directory {directory!r} does not exist (create it first)")
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     os.close(fd)
     try:

@@ -347,6 +347,9 @@ def _check_out(out, shape, dtype, device, what="out"):
     if out.shape != shape or out.dtype != dtype or out.device != device:
         raise ValueError(f"{what} must be {list(shape)} {dtype} on {device}; got {list(out.shape)} {out.dtype} "
                          f"on {out.device}")
+    if torch._debug_has_internal_overlap(out) != 0:  # 0: no overlap; 1: overlap; 2: too hard to tell
+        raise ValueError(f"{what} (strides {tuple(out.stride())}) may overlap itself (e.g. an expand()): the "
+                         "kernel would race on aliased rows; pass a contiguous tensor")
 
 
 def quant_matmul_forward(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None,

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .. import reference
-from .._checks import check_format, check_group_size, check_int_bits
+from .._checks import check_bias, check_format, check_group_size, check_int_bits, check_quantized_weight
 from ..autograd import lora_linear, qalora_linear, quant_linear
 from ..formats import QuantizedWeight, words_per_row
 from ..formats.nf4 import NESTED_BLOCKSIZE
@@ -81,15 +81,13 @@ class QuantLinear(nn.Module):
         kind: str = "linear",
     ):
         super().__init__()
-        if not isinstance(qweight, QuantizedWeight):
-            raise TypeError(f"qweight must be a qlk.QuantizedWeight, got {type(qweight).__name__}")
+        check_quantized_weight(qweight, "QuantLinear.qweight")
         validate(qweight, "QuantLinear.qweight")
         self.in_features, self.out_features = qweight.in_features, qweight.out_features
         self.kind = kind
         self._set_qweight(qweight)
         if bias is not None:
-            if tuple(bias.shape) != (self.out_features,):
-                raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({self.out_features},)")
+            check_bias(bias, self.out_features, qweight.device, "QuantLinear bias")
             self.bias = nn.Parameter(bias.detach(), requires_grad=False)
         else:
             self.register_parameter("bias", None)
