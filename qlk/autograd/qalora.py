@@ -53,27 +53,24 @@ class QALoRAFunction(torch.autograd.Function):
         acc = accumulate_dtype(cd)
         k, n, g = qw.in_features, qw.out_features, qw.group_size
         fused = _fused(x, qw, cd, dropout)
+        seed = None
         with autocast_off(x.device.type):
             x2 = x.reshape(-1, k).to(cd)
             if fused:
                 from ..kernels import qalora_forward
 
                 y, pooled = qalora_forward(x2, qw, lora_a, lora_b, scaling, _bias_in(bias, cd))
-                ctx.save_for_backward(pooled, lora_a, lora_b)
-                ctx.qw, ctx.scaling, ctx.dropout, ctx.seed, ctx.fused = qw, scaling, dropout, None, True
-                ctx.x_dtype, ctx.x_shape, ctx.compute_dtype = x.dtype, x.shape, cd
-                ctx.bias_dtype = None if bias is None else bias.dtype
-                return y.reshape(*x.shape[:-1], n)
-            y = ops.quant_matmul(x2, qw, _bias_in(bias, cd))
-            xs = to_stored_order(x2, qw)
-            pooled = xs.reshape(xs.shape[0], k // g, g).sum(-1, dtype=acc).div_(g)  # [M, G]
-            seed = draw_seed() if dropout > 0 else None
-            if seed is not None:
-                pooled.mul_(dropout_mask(pooled.shape, dropout, seed, pooled.device, acc))
-            u = pooled @ lora_a.to(acc).t()  # [M, r]
-            y.addmm_(u.to(cd), lora_b.to(cd).t(), alpha=scaling)
+            else:
+                y = ops.quant_matmul(x2, qw, _bias_in(bias, cd))
+                xs = to_stored_order(x2, qw)
+                pooled = xs.reshape(xs.shape[0], k // g, g).sum(-1, dtype=acc).div_(g)  # [M, G]
+                seed = draw_seed() if dropout > 0 else None
+                if seed is not None:
+                    pooled.mul_(dropout_mask(pooled.shape, dropout, seed, pooled.device, acc))
+                u = pooled @ lora_a.to(acc).t()  # [M, r]
+                y.addmm_(u.to(cd), lora_b.to(cd).t(), alpha=scaling)
         ctx.save_for_backward(pooled, lora_a, lora_b)
-        ctx.qw, ctx.scaling, ctx.dropout, ctx.seed, ctx.fused = qw, scaling, dropout, seed, False
+        ctx.qw, ctx.scaling, ctx.dropout, ctx.seed, ctx.fused = qw, scaling, dropout, seed, fused
         ctx.x_dtype, ctx.x_shape, ctx.compute_dtype = x.dtype, x.shape, cd
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y.reshape(*x.shape[:-1], n)
