@@ -285,18 +285,18 @@ class ResultWriter:
                status="ok", note="", **keys) -> None:  # fmt: skip
         """time_ms plus, where known, TFLOP/s, effective GB/s and fractions of the measured ceilings."""
         self.row(provider=provider, metric="time_ms", value=t, unit="ms", status=status, note=note, **keys)
-        if flops:
-            tf = t.scaled(flops / 1e9)
-            self.row(provider=provider, metric="tflops", value=tf, unit="TFLOP/s", status=status, **keys)
+        rates = (  # amount per ms -> unit, the fraction's metric and the ceiling it is measured against
+            (flops / 1e9, "tflops", "TFLOP/s", "frac_tensor_peak", "matmul_tflops"),
+            (nbytes / 1e6, "gbps", "GB/s", "frac_bw_peak", "copy_gbps"),
+        )
+        for per_ms, metric, unit, frac_metric, ceiling in rates:
+            if not per_ms:
+                continue
+            rate = t.scaled(per_ms)
+            self.row(provider=provider, metric=metric, value=rate, unit=unit, status=status, **keys)
             if ceilings:
-                peak = ceilings["matmul_tflops"].p50
-                self.row(provider=provider, metric="frac_tensor_peak", value=_frac(tf, peak), status=status, **keys)
-        if nbytes:
-            bw = t.scaled(nbytes / 1e6)
-            self.row(provider=provider, metric="gbps", value=bw, unit="GB/s", status=status, **keys)
-            if ceilings:
-                peak = ceilings["copy_gbps"].p50
-                self.row(provider=provider, metric="frac_bw_peak", value=_frac(bw, peak), status=status, **keys)
+                self.row(provider=provider, metric=frac_metric, value=_frac(rate, ceilings[ceiling].p50),
+                         status=status, **keys)  # fmt: skip
 
     def ceilings(self, c: dict) -> None:
         self.row(provider="ceiling", op="copy", shape=f"{c['copy_gib']}GiB", dtype="bf16", metric="gbps",
