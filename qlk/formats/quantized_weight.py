@@ -6,7 +6,7 @@ state, and the two operations every format has — ``dequantize`` and a state-di
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
@@ -47,7 +47,6 @@ class QuantizedWeight:
     absmax_offset: Optional[torch.Tensor] = None
     perm: Optional[torch.Tensor] = None
     dtype: torch.dtype = torch.float16
-    meta: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
         self.shape = tuple(int(s) for s in self.shape)
