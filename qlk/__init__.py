@@ -27,3 +27,8 @@ def __getattr__(name):
 
         return getattr(_hf, name)
     raise AttributeError(f"module 'qlk' has no attribute {name!r}")
+
+# plain peft.get_peft_model accepts qlk layers (installed when peft is imported; QLK_PEFT_DISPATCH=0: off)
+from .integrations._peft_hook import install_when_peft_imports  # noqa: E402
+
+install_when_peft_imports()

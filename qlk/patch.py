@@ -14,6 +14,7 @@ import logging
 import re
 import warnings
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -195,6 +196,7 @@ def patch_model(
     double_quant: bool = True,
     adapter_dtype: torch.dtype = torch.float32,
     verbose: bool = True,
+    requantize: bool = False,
 ) -> nn.Module:
     """Quantize the linear layers of ``model`` in place and attach trainable adapters.
 
@@ -210,9 +212,19 @@ def patch_model(
     skip_incompatible: skip (with a warning) layers whose in_features group_size doesn't divide,
         instead of raising.
 
+    requantize: bitsandbytes-loaded models (``BitsAndBytesConfig``). Their NF4 ``Linear4bit`` layers
+        become qlk layers as they are (bit-exact, block size and double quantization kept) for
+        method="qlora"/"lora"/None. Layers that no qlk format holds exactly (FP4, 8-bit; NF4 under
+        method="qalora", another fmt or group_size) raise a ValueError naming them, unless
+        ``requantize=True``: then they are dequantized and quantized again with these arguments
+        (a second rounding). See :mod:`qlk.integrations.bnb_models`.
+
     All parameters but the adapters are frozen. Returns ``model``; prints the trainable-parameter
     summary when ``verbose`` (see :func:`trainable_parameters`).
     """
+    from .integrations import bnb_models
+
+    fmt_given, group_size_given = fmt, group_size
     method, fmt, group_size = _resolve_method_fmt(method, fmt, bits, group_size)
     if method is not None:
         check_adapter_args(method, r, alpha, dropout, fmt)
@@ -223,7 +235,10 @@ def patch_model(
             f"'{next(iter(already))}'); patch a fresh model, or qlk.dequantize_model(model) first"
         )
     targets = select_targets(model, target_modules)
-    found = {name: _incompatibility(name, model.get_submodule(name), fmt, group_size) for name in targets}
+    bnb_plan, found = bnb_models.plan_bnb_conversion(
+        model, targets, method, fmt, bits, group_size, fmt_given, group_size_given, requantize
+    )
+    found.update({n: _incompatibility(n, model.get_submodule(n), fmt, group_size) for n in targets if n not in bnb_plan})
     found = {name: v for name, v in found.items() if v is not None}
     problems = {name: why for name, (_, why) in found.items()}
     hard = [name for name, (skippable, _) in found.items() if not skippable]
@@ -245,7 +260,10 @@ def patch_model(
         p.requires_grad_(False)
     for name in targets:
         old = model.get_submodule(name)
-        new = QuantLinear.from_dense(
+        make = (
+            partial(bnb_models.convert_bnb_layer, how=bnb_plan[name]) if name in bnb_plan else QuantLinear.from_dense
+        )
+        new = make(
             old, bits=bits, group_size=group_size, fmt=fmt, double_quant=double_quant, method=method, r=r,
             alpha=alpha, dropout=dropout, use_rslora=use_rslora, adapter_dtype=adapter_dtype,
         )  # fmt: skip
@@ -259,6 +277,8 @@ def patch_model(
         target_modules=sorted(target_modules) if isinstance(target_modules, (set, tuple)) else target_modules,
         skipped=sorted(problems),
     )  # fmt: skip
+    if bnb_plan:
+        model.qlk_config["from_bitsandbytes"] = dict(sorted(bnb_plan.items()))
     summary = trainable_parameters(model)
     logger.info("qlk.patch_model: %s", summary)
     if verbose:

@@ -1,15 +1,18 @@
 """PEFT interop.
 
-1. ``get_peft_model`` on a qlk-quantized model (``qlk.patch_model(model, method=None)``, or a model
-   loaded with :class:`qlk.QlkConfig`): PEFT's custom-module mapping sends each
-   :class:`~qlk.QuantLinear` to :class:`QlkLoraLayer`, whose forward runs qlk's fused LoRA autograd
-   (:func:`qlk.autograd.lora_linear`: the quantized base matmul and its transposed backward on the
-   packed weight) for a single active adapter, and falls back to base + Σ adapters otherwise::
+1. Plain PEFT on a qlk-quantized model (``qlk.patch_model(model, method=None)``, or a model loaded
+   with :class:`qlk.QlkConfig`)::
 
-       from qlk.integrations.peft import get_peft_model
-       model = get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+       model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
 
-   (or register yourself: ``cfg._register_custom_module({qlk.QuantLinear: QlkLoraLayer})``).
+   works unchanged, as on a bitsandbytes model: ``import qlk`` registers qlk's LoRA dispatch with
+   PEFT (:func:`install`, done when peft is imported; see :mod:`qlk.integrations._peft_hook`). It
+   sends each :class:`~qlk.QuantLinear` to :class:`QlkLoraLayer`, whose forward runs qlk's fused
+   LoRA autograd (:func:`qlk.autograd.lora_linear`: the quantized base matmul and its transposed
+   backward on the packed weight) for a single active adapter, and base + Σ adapters otherwise.
+   ``merge_and_unload()`` gives dense layers holding Ŵ + σ·B·A (exact; see :meth:`QlkLoraLayer.merge`).
+   :func:`get_peft_model` here (``cfg._register_custom_module({qlk.QuantLinear: QlkLoraLayer})``,
+   PEFT's own custom-module API) does the same per config, without the global registration.
 
 2. :func:`export_peft_adapter`: the adapters of a model trained with qlk (``method="lora"`` or
    ``"qalora"``) in PEFT's format (``adapter_config.json`` + ``adapter_model.safetensors``), loadable
@@ -36,6 +39,7 @@ from ..nn.linear import QuantLinear
 
 try:
     from peft.tuners.lora.layer import LoraLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 except ImportError as e:  # pragma: no cover
     raise ImportError("qlk.integrations.peft needs peft (pip install peft)") from e
 
@@ -57,6 +61,10 @@ class QlkLoraLayer(nn.Module, LoraLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
 
+    def _get_in_out_features(self, module: nn.Module):
+        # PEFT's generic lookup warns "Unsupported layer type" for any layer it does not know by name
+        return module.in_features, module.out_features
+
     def resolve_lora_variant(self, *, config=None, **kwargs):
         if config is not None and (getattr(config, "use_dora", False) or getattr(config, "alora_invocation_tokens", None)):
             raise ValueError("qlk's PEFT layer supports plain LoRA (no DoRA / aLoRA variants)")
@@ -64,27 +72,63 @@ class QlkLoraLayer(nn.Module, LoraLayer):
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device=None) -> None:
         # the adapters move to the packed weight's device and keep their own (fp32) dtype, as qlk's own layers
-        device = device or self.get_base_layer().weight_packed.device
+        base = self.get_base_layer()
+        device = device or (base.weight_packed if isinstance(base, QuantLinear) else base.weight).device
         for name in self.adapter_layer_names:
             layer = getattr(self, name, None)
             if isinstance(layer, nn.ModuleDict) and adapter_name in layer:
                 layer[adapter_name].to(device)
 
     def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
-        raise NotImplementedError(
-            "a LoRA adapter cannot merge exactly into a quantized (INT/NF4) weight; use qlk.dequantize_model on "
-            "the base first, or export_peft_adapter + a dense base"
-        )
+        """Merge adapters into the base, as ``merge_and_unload`` does: the quantized base is replaced by a
+        dense layer (``nn.Linear``, or ``Conv1D`` where it came from one) in the dtype of the weight that
+        was quantized, holding Ŵ + Σ σ·B·A computed in fp32 and rounded once. Exact up to that rounding:
+        σ·B·A varies inside a quantization group, so it has no exact quantized form (bitsandbytes'
+        PEFT layer requantizes to 4-bit instead, and warns of the rounding). ``unmerge`` restores the
+        quantized base as it was. For a low-bit merged model train QA-LoRA (``qlk.patch_model(model,
+        method="qalora")``) and use :func:`qlk.merge_model`, or quantize the merged model again.
+        """
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if not adapter_names:
+            return
+        if any(self.lora_bias.get(a, False) for a in adapter_names):
+            raise ValueError("qlk's PEFT layer merges adapters without a LoRA bias (lora_bias=False) only")
+        base = self.get_base_layer()
+        if isinstance(base, QuantLinear):
+            w = base.qweight.dequantize(torch.float32)
+        else:  # merged already: the dense layer of an earlier merge
+            w = (base.weight.t() if _is_conv1d(base) else base.weight).float()
+        for a in adapter_names:
+            w = w + self.scaling[a] * (self.lora_B[a].weight.float() @ self.lora_A[a].weight.float())
+        if safe_merge and not torch.isfinite(w).all():
+            raise ValueError(f"NaNs detected in the merged weights. The adapter(s) {adapter_names} seem to be broken")
+        with torch.no_grad():
+            if isinstance(base, QuantLinear):
+                object.__setattr__(self, "_qlk_quantized_base", base)  # not a submodule: not saved, not moved
+                dense = base.to_dense()
+                self.base_layer = dense
+            else:
+                dense = base
+            dense.weight.copy_(w.t() if _is_conv1d(dense) else w)
+        self.merged_adapters.extend(adapter_names)
 
     def unmerge(self) -> None:
-        return
+        """Restore the quantized base a :meth:`merge` replaced (as it was, bit for bit)."""
+        quantized = self.__dict__.pop("_qlk_quantized_base", None)
+        if quantized is not None:
+            self.base_layer = quantized
+        self.merged_adapters = []
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         adapter_names = kwargs.pop("adapter_names", None)
         base = self.get_base_layer()
-        if self.disable_adapters or adapter_names is not None:
-            if adapter_names is not None:
-                raise ValueError("qlk's PEFT layer does not support mixed-batch adapter_names")
+        if adapter_names is not None:
+            raise ValueError("qlk's PEFT layer does not support mixed-batch adapter_names")
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
             return self.base_layer(x, *args, **kwargs)
         active = [a for a in self.active_adapters if a in self.lora_A]
         if not active:
@@ -105,6 +149,72 @@ class QlkLoraLayer(nn.Module, LoraLayer):
 
     def __repr__(self) -> str:
         return "qlk." + super().__repr__()
+
+
+def _is_conv1d(module) -> bool:
+    from ..nn.linear import is_conv1d
+
+    return is_conv1d(module)
+
+
+_INSTALLED = False
+
+
+def install() -> None:
+    """Register qlk's LoRA dispatch with PEFT, process-wide (``import qlk`` does it; idempotent).
+
+    PEFT 0.21 offers no global registry for LoRA layer types: its dispatchers are a fixed list inside
+    ``LoraModel._create_new_module``, and the one extension point, ``LoraConfig._register_custom_module``,
+    is per config (and lost when ``PeftModel.from_pretrained`` rebuilds the config from JSON). So two
+    PEFT functions are wrapped; both change nothing for modules that are not qlk layers:
+
+    * ``LoraModel._create_new_module``: a target whose base is a :class:`~qlk.QuantLinear` becomes a
+      :class:`QlkLoraLayer` (unless the config registered its own custom module for it).
+    * ``tuners_utils._maybe_include_all_linear_layers``: ``target_modules="all-linear"`` also selects
+      the qlk layers (PEFT looks for ``nn.Linear``/``Conv1D`` and bitsandbytes layers only); the
+      output head is left out as PEFT does.
+    """
+    global _INSTALLED
+    if _INSTALLED:
+        return
+    from peft.tuners import tuners_utils
+    from peft.tuners.lora import model as lora_model
+
+    create_new_module = lora_model.LoraModel._create_new_module
+
+    def _create_new_module(lora_config, adapter_name, target, **kwargs):
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        custom = getattr(lora_config, "_custom_modules", None) or {}
+        if isinstance(base, QuantLinear) and not any(isinstance(base, cls) for cls in custom):
+            return QlkLoraLayer(target, adapter_name, config=lora_config, **kwargs)
+        return create_new_module(lora_config, adapter_name, target, **kwargs)
+
+    include_all_linear = tuners_utils._maybe_include_all_linear_layers
+
+    def _maybe_include_all_linear_layers(peft_config, model):
+        wanted = getattr(peft_config, "target_modules", None)
+        all_linear = isinstance(wanted, str) and wanted.lower() == "all-linear"
+        peft_config = include_all_linear(peft_config, model)
+        if all_linear:
+            peft_config.target_modules = set(peft_config.target_modules) | _qlk_linear_names(model)
+        return peft_config
+
+    _create_new_module.__wrapped__ = create_new_module
+    _maybe_include_all_linear_layers.__wrapped__ = include_all_linear
+    lora_model.LoraModel._create_new_module = staticmethod(_create_new_module)
+    tuners_utils._maybe_include_all_linear_layers = _maybe_include_all_linear_layers
+    _INSTALLED = True
+
+
+def _qlk_linear_names(model: nn.Module) -> set:
+    """Names of the qlk layers "all-linear" adds: not the output head, none inside a PEFT layer."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    tuner = [name for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+    return {
+        name for name, m in model.named_modules()
+        if isinstance(m, QuantLinear) and m is not head and not any(name.startswith(t + ".") for t in tuner)
+    }  # fmt: skip
 
 
 def register(config):

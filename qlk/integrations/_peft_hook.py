@@ -1,0 +1,62 @@
+"""Make plain ``peft.get_peft_model`` / ``PeftModel.from_pretrained`` accept qlk layers, without
+importing peft (a slow import) when qlk is imported.
+
+``import qlk`` calls :func:`install_when_peft_imports`: if peft is already imported, qlk's LoRA
+dispatch is installed now (:func:`qlk.integrations.peft.install`); if it is installed but not
+imported yet, a one-shot import hook installs it right after ``peft`` finishes importing; without
+peft nothing happens. ``QLK_PEFT_DISPATCH=0`` in the environment turns it off.
+"""
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import os
+import sys
+import warnings
+
+ENV = "QLK_PEFT_DISPATCH"
+
+
+def _install() -> None:
+    try:
+        from .peft import install
+
+        install()
+    except Exception as e:  # never break `import peft` because of qlk
+        warnings.warn(
+            f"qlk could not register its LoRA layer with PEFT ({type(e).__name__}: {e}); plain peft.get_peft_model "
+            "will not accept qlk layers. Use qlk.integrations.peft.get_peft_model(model, config) instead",
+            stacklevel=2,
+        )
+
+
+class _AfterPeftImport(importlib.abc.MetaPathFinder):
+    """Finds nothing itself: when ``peft`` is about to be imported, it takes the spec the other
+    finders give and runs :func:`_install` after the package's module has executed."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "peft":
+            return None
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)  # one shot; also keeps the lookup below from coming back here
+        spec = importlib.util.find_spec(fullname)
+        loader = getattr(spec, "loader", None)
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        exec_module = loader.exec_module
+
+        def exec_then_install(module):
+            exec_module(module)
+            _install()
+
+        loader.exec_module = exec_then_install
+        return spec
+
+
+def install_when_peft_imports() -> None:
+    if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return
+    if "peft" in sys.modules:
+        _install()
+    elif not any(isinstance(f, _AfterPeftImport) for f in sys.meta_path) and importlib.util.find_spec("peft"):
+        sys.meta_path.insert(0, _AfterPeftImport())
