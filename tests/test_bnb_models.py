@@ -1,0 +1,147 @@
+"""qlk.patch_model on a model loaded through bitsandbytes (BitsAndBytesConfig), on CPU.
+
+NF4 layers become qlk layers as they are: the bytes, Ŵ (against bitsandbytes' own dequantizer) and
+the logits must match the bitsandbytes model. FP4 / 8-bit / QA-LoRA need requantize=True.
+"""
+import copy
+import warnings
+
+import pytest
+import torch
+
+import qlk
+from qlk.patch import qlk_layers
+
+transformers = pytest.importorskip("transformers")
+bnb = pytest.importorskip("bitsandbytes")
+VOCAB = 128
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny random Llama (biased projections, ragged MLP width) saved as a dense checkpoint."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, attention_bias=True, mlp_bias=True,
+    )  # fmt: skip
+    path = tmp_path_factory.mktemp("tiny-llama")
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    return path
+
+
+def load_bnb(path, **kw):
+    kw = kw or dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
+    cfg = transformers.BitsAndBytesConfig(bnb_4bit_compute_dtype=torch.float32, **kw)
+    return transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=cfg).eval()
+
+
+def batch(seed=0, b=2, t=17):
+    ids = torch.randint(3, VOCAB, (b, t), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+def bnb_state(model):
+    """{name: (bytes, bitsandbytes' own dequantized Ŵ)} of the 4-bit layers, copied."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            w = m.weight
+            out[name] = (w.data.clone(), bnb.functional.dequantize_4bit(w.data, w.quant_state).float())
+    return out
+
+
+@pytest.mark.parametrize("method,storage", [("qlora", None), (None, torch.bfloat16)])
+def test_nf4_layers_convert_bit_exact(checkpoint, method, storage):
+    kw = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=method == "qlora")
+    if storage is not None:  # packed bytes stored in a bf16 tensor (bnb_4bit_quant_storage, used with FSDP)
+        kw["bnb_4bit_quant_storage"] = storage
+    model = load_bnb(checkpoint, **kw)
+    before = bnb_state(model)
+    assert len(before) == 14
+    x = batch()["input_ids"]
+    with torch.no_grad():
+        ref = model(x).logits
+    qlk.patch_model(model, method=method, verbose=False)
+    layers = qlk_layers(model)
+    assert sorted(layers) == sorted(before) and model.qlk_config["from_bitsandbytes"] == {n: "exact" for n in before}
+    for name, (packed, w_bnb) in before.items():
+        m = layers[name]
+        assert (m.fmt, m.group_size, m.qweight.double_quant) == ("nf4", 64, method == "qlora")
+        assert torch.equal(m.weight_packed, packed.reshape(-1).view(torch.uint8))
+        assert torch.equal(m.qweight.dequantize(torch.float32), w_bnb)  # against bitsandbytes' dequantizer
+        assert m.bias is not None and (m.method == ("lora" if method else None))
+    with torch.no_grad():
+        out = model(x).logits
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)  # same Ŵ; only the matmul order differs
+
+
+def test_qlora_on_bnb_model_trains_and_merges(checkpoint):
+    model = qlk.patch_model(load_bnb(checkpoint), method="qlora", r=4, verbose=False)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith(("lora_A", "lora_B")) for n in trainable)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(2):
+        loss = model(**batch(t=9)).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    model.eval()
+    with torch.no_grad():
+        trained = model(batch(1)["input_ids"]).logits
+    qlk.merge_model(model, dense_lora=True)  # LoRA on NF4: dense Ŵ + σ·B·A
+    assert not qlk_layers(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch(1)["input_ids"]).logits, trained, rtol=0, atol=1e-4)
+
+
+def test_requantize_to_int_for_qalora(checkpoint):
+    model = load_bnb(checkpoint)
+    before = bnb_state(model)
+    with pytest.raises(ValueError, match=r"14 layer\(s\).*bitsandbytes NF4.*method='qalora' needs an INT base.*requantize=True"):
+        qlk.patch_model(model, verbose=False)
+    assert not qlk_layers(model) and len(bnb_state(model)) == 14  # nothing was modified
+    with pytest.warns(UserWarning, match="dequantized and quantized again"):
+        qlk.patch_model(model, bits=3, group_size=32, requantize=True, verbose=False)
+    for name, m in qlk_layers(model).items():
+        assert (m.fmt, m.bits, m.method) == ("int", 3, "qalora")
+        expect = qlk.quantize(before[name][1], bits=3, group_size=32)  # INT3 of bitsandbytes' Ŵ
+        assert torch.equal(m.weight_packed, expect.qweight) and torch.equal(m.weight_scales, expect.scales)
+    with torch.no_grad():
+        assert torch.isfinite(model(batch()["input_ids"]).logits).all()
+
+
+@pytest.mark.parametrize(
+    "kw,patch_kw,match",
+    [
+        (None, dict(method="lora", fmt="int"), r"fmt='int' was asked for.*fmt=None"),
+        (None, dict(method="qlora", group_size=128), r"another block size than group_size=128.*group_size=None"),
+        (dict(load_in_4bit=True, bnb_4bit_quant_type="fp4"), dict(method="qlora"),
+         r"14 layer\(s\) \('model.layers.0.mlp.down_proj'.*bitsandbytes FP4.*bnb_4bit_quant_type='nf4'.*requantize=True"),
+        (dict(load_in_8bit=True), dict(method=None), r"14 layer\(s\).*bitsandbytes 8-bit.*requantize=True"),
+    ],
+)  # fmt: skip
+def test_inexact_layers_are_named(checkpoint, kw, patch_kw, match):
+    model = load_bnb(checkpoint, **(kw or {}))
+    with pytest.raises(ValueError, match=match):
+        qlk.patch_model(model, verbose=False, **patch_kw)
+    assert not qlk_layers(model)
+
+
+def test_int8_requantizes_when_asked(checkpoint):
+    model = load_bnb(checkpoint, load_in_8bit=True)
+    w = {}
+    for name, m in model.named_modules():
+        if isinstance(m, bnb.nn.Linear8bitLt):
+            w[name] = bnb.functional.int8_vectorwise_dequant(m.weight.data, m.weight.SCB).float()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qlk.patch_model(model, method=None, requantize=True, verbose=False)
+    layers = qlk_layers(model)
+    assert sorted(layers) == sorted(w)
+    for name, m in layers.items():
+        assert torch.equal(m.weight_packed, qlk.quantize(w[name], bits=4, group_size=32).qweight)
