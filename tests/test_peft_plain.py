@@ -95,22 +95,30 @@ def test_plain_peft_train_save_load_merge(checkpoint, tmp_path):
     assert type(new) is torch.nn.Linear and not new.weight.requires_grad
     torch.testing.assert_close(new.weight.double(), expect, rtol=0, atol=1e-6)
     with torch.no_grad():
-        torch.testing.assert_close(merged(input_ids=x).logits, trained, rtol=0, atol=1e-5)
+        merged_logits = merged(input_ids=x).logits
+    torch.testing.assert_close(merged_logits, trained, rtol=0, atol=1e-5)
+
+    # --- the merged model saves and loads back, its merged layers dense
+    merged.save_pretrained(tmp_path / "merged")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert type(reloaded.get_submodule(name)) is torch.nn.Linear
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=x).logits, merged_logits, rtol=0, atol=0)
 
 
 IMPORT_ORDER_SCRIPT = (
-        "import os, sys, torch, qlk\n"
-        "assert 'peft' not in sys.modules\n"
-        "import peft\n"
-        "net = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16))\n"
-        "qlk.patch_model(net, method=None, verbose=False)\n"
-        "cfg = peft.LoraConfig(r=2, target_modules=['0', '2'])\n"
-        "try:\n"
-        "    pm = peft.get_peft_model(net, cfg)\n"
-        "except ValueError as e:\n"
-        "    print('refused:', e)\n"
-        "else:\n"
-        "    print('wrapped:', type(pm.base_model.model[0]).__name__)\n"
+    "import os, sys, torch, qlk\n"
+    "assert 'peft' not in sys.modules\n"
+    "import peft\n"
+    "net = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16))\n"
+    "qlk.patch_model(net, method=None, verbose=False)\n"
+    "cfg = peft.LoraConfig(r=2, target_modules=['0', '2'])\n"
+    "try:\n"
+    "    pm = peft.get_peft_model(net, cfg)\n"
+    "except ValueError as e:\n"
+    "    print('refused:', e)\n"
+    "else:\n"
+    "    print('wrapped:', type(pm.base_model.model[0]).__name__)\n"
 )
 
 

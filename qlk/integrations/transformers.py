@@ -188,6 +188,17 @@ class QlkHfQuantizer(HfQuantizer):
                                 double_quant=cfg.double_quant)  # fmt: skip
         return model
 
+    def get_state_dict_and_metadata(self, model):
+        # save_pretrained: layers that became dense since loading (PEFT merge_and_unload, qlk.merge_model with
+        # dense_lora=True) are saved, and must load back, as dense layers
+        cfg = self.quantization_config
+        if cfg.quantized_modules is not None:
+            modules = dict(model.named_modules())
+            cfg.quantized_modules = {
+                n: spec for n, spec in cfg.quantized_modules.items() if isinstance(modules.get(n), QuantLinear)
+            }
+        return None, {}
+
     def is_serializable(self, *args, **kwargs):
         return True
 
