@@ -279,6 +279,7 @@ def patch_model(
     )  # fmt: skip
     if bnb_plan:
         model.qlk_config["from_bitsandbytes"] = dict(sorted(bnb_plan.items()))
+        bnb_models.adopt_qlk_quantizer(model)
     summary = trainable_parameters(model)
     logger.info("qlk.patch_model: %s", summary)
     if verbose:

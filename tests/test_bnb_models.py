@@ -52,7 +52,7 @@ def bnb_state(model):
 
 
 @pytest.mark.parametrize("method,storage", [("qlora", None), (None, torch.bfloat16)])
-def test_nf4_layers_convert_bit_exact(checkpoint, method, storage):
+def test_nf4_layers_convert_bit_exact(checkpoint, tmp_path, method, storage):
     kw = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=method == "qlora")
     if storage is not None:  # packed bytes stored in a bf16 tensor (bnb_4bit_quant_storage, used with FSDP)
         kw["bnb_4bit_quant_storage"] = storage
@@ -74,6 +74,15 @@ def test_nf4_layers_convert_bit_exact(checkpoint, method, storage):
     with torch.no_grad():
         out = model(x).logits
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)  # same Ŵ; only the matmul order differs
+
+    # qlk is now the model's quantizer: save_pretrained writes a qlk checkpoint that loads back as it was
+    assert model.config.quantization_config.quant_method == "qlk"
+    model.save_pretrained(tmp_path / "converted")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "converted")
+    for name, m in qlk_layers(again).items():
+        assert torch.equal(m.weight_packed, layers[name].weight_packed) and m.method == layers[name].method
+    with torch.no_grad():
+        torch.testing.assert_close(again(x).logits, out, rtol=0, atol=0)
 
 
 def test_qlora_on_bnb_model_trains_and_merges(checkpoint):

@@ -172,3 +172,50 @@ def convert_bnb_layer(layer: nn.Module, how: str, *, bits: int, group_size: int,
     dense.weight = nn.Parameter(_dequantize(layer, kind), requires_grad=False)
     dense.bias = layer.bias
     return QuantLinear.from_dense(dense, bits=bits, group_size=group_size, fmt=fmt, double_quant=double_quant, **adapter)
+
+
+def adopt_qlk_quantizer(model: nn.Module) -> bool:
+    """After :func:`qlk.patch_model` converted a Transformers model's bitsandbytes layers: make qlk its
+    quantizer (``model.hf_quantizer``, ``config.quantization_config``), so ``save_pretrained`` writes a
+    qlk checkpoint that ``from_pretrained`` loads back (after ``import qlk``) with the same bytes.
+
+    Done only when no quantized bitsandbytes layer is left and all qlk layers share one format (one
+    :class:`~qlk.QlkConfig` describes them); returns whether it was done. Otherwise the model keeps
+    bitsandbytes' config, and a ``save_pretrained`` would write a checkpoint neither loader reads:
+    save with :func:`qlk.save_quantized` instead."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    config = getattr(model, "config", None)
+    if quantizer is None or config is None or getattr(quantizer.quantization_config, "quant_method", None) != "bitsandbytes":
+        return False
+    if bnb_layers(model):
+        return False
+    from ..patch import qlk_layers
+    from .transformers import QlkConfig, QlkHfQuantizer
+
+    layers = qlk_layers(model)
+    shared = {
+        (m.fmt, m.bits, m.group_size, m.qweight.double_quant, str(m.weight_scales.dtype) if m.fmt == "int" else "",
+         m.method, m.r, m.lora_alpha, m.dropout, m.use_rslora)
+        for m in layers.values()
+    }  # fmt: skip
+    if len(shared) != 1:
+        return False
+    fmt, bits, group_size, double_quant, scale_dtype, method, r, alpha, dropout, use_rslora = shared.pop()
+    specs = {
+        name: {"kind": m.kind, "weight_dtype": str(m.weight_dtype).removeprefix("torch."), "bias": m.bias is not None}
+        for name, m in layers.items()
+    }  # fmt: skip
+    cfg = QlkConfig(
+        bits=bits, group_size=group_size, fmt=fmt, double_quant=double_quant, method=method, r=r or 16,
+        alpha=alpha or 16, dropout=dropout, use_rslora=use_rslora, quantized_modules=specs,
+        scale_dtype=scale_dtype.removeprefix("torch.") or "float16",
+    )  # fmt: skip
+    qlk_quantizer = QlkHfQuantizer(cfg, pre_quantized=True)
+    qlk_quantizer.specs = specs
+    model.hf_quantizer = qlk_quantizer
+    config.quantization_config = cfg
+    model.quantization_method = cfg.quant_method
+    for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
+        if hasattr(model, flag):
+            setattr(model, flag, False)
+    return True
