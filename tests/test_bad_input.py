@@ -121,6 +121,18 @@ def patched(**kw):
     return patch_model(mlp(), verbose=False, **kw)
 
 
+def bnb_mlp(kind: str):
+    """An MLP of bitsandbytes layers quantized on CPU: "nf4", "fp4" (Linear4bit) or "int8" (Linear8bitLt)."""
+    import bitsandbytes as bnb
+
+    torch.manual_seed(0)
+    if kind == "int8":
+        layers = [bnb.nn.Linear8bitLt(64, 32, has_fp16_weights=False), bnb.nn.Linear8bitLt(32, 16, has_fp16_weights=False)]
+    else:
+        layers = [bnb.nn.Linear4bit(64, 32, quant_type=kind), bnb.nn.Linear4bit(32, 16, quant_type=kind)]
+    return nn.Sequential(layers[0], nn.ReLU(), layers[1]).to("cpu")  # .to(device) quantizes
+
+
 def saved_model() -> str:
     from qlk.io import save_quantized
 
@@ -432,6 +444,15 @@ CASES = [
          lambda: patch_model(_nan_mlp(), verbose=False), says=("layer '0'", "NaN/Inf")),
     Case("patch-meta", "qlk.patch.patch_model", "a model on the meta device",
          lambda: patch_model(mlp().to("meta"), verbose=False), says=("meta device",)),
+    Case("patch-requantize", "qlk.patch.patch_model", "requantize='yes'", lambda: patched(requantize="yes"),
+         exc=TypeError, says=("requantize", "'yes'")),
+    Case("patch-bnb-qalora", "qlk.patch.patch_model", "method='qalora' on a bitsandbytes NF4 model",
+         lambda: patch_model(bnb_mlp("nf4"), verbose=False), says=("'0', '2'", "NF4", "method='qlora'", "requantize=True")),
+    Case("patch-bnb-fp4", "qlk.patch.patch_model", "method='qlora' on bitsandbytes FP4 layers",
+         lambda: patch_model(bnb_mlp("fp4"), method="qlora", verbose=False),
+         says=("'0', '2'", "FP4", "bnb_4bit_quant_type='nf4'", "requantize=True")),
+    Case("patch-bnb-int8", "qlk.patch.patch_model", "bitsandbytes 8-bit layers",
+         lambda: patch_model(bnb_mlp("int8"), method=None, verbose=False), says=("'0', '2'", "8-bit", "requantize=True")),
     # ---- save / load
     Case("load-truncated-header", "qlk.io.load_quantized", "file cut to 100 bytes",
          lambda: load_quantized(mlp(), truncated(saved_model, lambda n: 100, "cut100.safetensors")),

@@ -106,31 +106,33 @@ def test_plain_peft_train_save_load_merge(checkpoint, tmp_path):
         torch.testing.assert_close(reloaded(input_ids=x).logits, merged_logits, rtol=0, atol=0)
 
 
-IMPORT_ORDER_SCRIPT = (
-    "import os, sys, torch, qlk\n"
-    "assert 'peft' not in sys.modules\n"
-    "import peft\n"
-    "net = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16))\n"
-    "qlk.patch_model(net, method=None, verbose=False)\n"
-    "cfg = peft.LoraConfig(r=2, target_modules=['0', '2'])\n"
-    "try:\n"
-    "    pm = peft.get_peft_model(net, cfg)\n"
-    "except ValueError as e:\n"
-    "    print('refused:', e)\n"
-    "else:\n"
-    "    print('wrapped:', type(pm.base_model.model[0]).__name__)\n"
-)
+IMPORT_ORDER_SCRIPT = """
+import os, sys, torch
+first = os.environ["IMPORT_FIRST"]
+__import__(first)
+assert {"qlk": "peft", "peft": "qlk"}[first] not in sys.modules
+import qlk, peft
+net = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16))
+qlk.patch_model(net, method=None, verbose=False)
+try:
+    pm = peft.get_peft_model(net, peft.LoraConfig(r=2, target_modules=["0", "2"]))
+except ValueError as e:
+    print("refused:", e)
+else:
+    print("wrapped:", type(pm.base_model.model[0]).__name__)
+"""
 
 
 @pytest.mark.parametrize(
-    "dispatch,expect",
-    [("1", "wrapped: QlkLoraLayer"),
-     pytest.param("0", "refused: Target module QuantLinear", marks=pytest.mark.slow)],
+    "first,dispatch,expect",
+    [("qlk", "1", "wrapped: QlkLoraLayer"),
+     pytest.param("peft", "1", "wrapped: QlkLoraLayer", marks=pytest.mark.slow),
+     pytest.param("qlk", "0", "refused: Target module QuantLinear", marks=pytest.mark.slow)],
 )  # fmt: skip
-def test_fresh_process_import_order(dispatch, expect):
-    """A fresh process importing qlk before peft (the import hook installs the dispatch when peft
-    loads); QLK_PEFT_DISPATCH=0 leaves PEFT alone."""
-    env = dict(os.environ, PYTHONPATH=ROOT, QLK_PEFT_DISPATCH=dispatch)
+def test_fresh_process_import_order(first, dispatch, expect):
+    """A fresh process: qlk imported before peft (the import hook installs the dispatch when peft
+    loads) or after it (installed at once); QLK_PEFT_DISPATCH=0 leaves PEFT alone."""
+    env = dict(os.environ, PYTHONPATH=ROOT, QLK_PEFT_DISPATCH=dispatch, IMPORT_FIRST=first)
     out = subprocess.run([sys.executable, "-c", IMPORT_ORDER_SCRIPT], env=env, capture_output=True, text=True,
                          timeout=300)  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]

@@ -31,6 +31,7 @@ import warnings
 import torch
 from torch import nn
 
+from .._checks import check_bool
 from ..formats.bnb import from_bnb
 from ..nn.linear import QuantLinear
 
@@ -93,8 +94,7 @@ def plan_bnb_conversion(model, targets, method, fmt, bits, group_size, fmt_given
     ``method``/``fmt``/``group_size`` are patch_model's resolved values, ``fmt_given`` and
     ``group_size_given`` what the caller passed (None: not given).
     """
-    if not isinstance(requantize, bool):
-        raise TypeError(f"requantize must be True or False, got {requantize!r}")
+    check_bool(requantize, "requantize")
     plan, blocked, problems = {}, {}, {}
     for name in targets:
         layer = model.get_submodule(name)
