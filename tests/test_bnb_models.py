@@ -84,6 +84,17 @@ def test_nf4_layers_convert_bit_exact(checkpoint, tmp_path, method, storage):
     with torch.no_grad():
         torch.testing.assert_close(again(x).logits, out, rtol=0, atol=0)
 
+    if method is None:  # then the user's PEFT code, unchanged: qlk's LoRA layer on the NF4 bytes
+        peft = pytest.importorskip("peft")
+        from qlk.integrations.peft import QlkLoraLayer
+
+        pm = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules="all-linear"))
+        assert sum(isinstance(m, QlkLoraLayer) for m in pm.modules()) == 14
+        loss = pm(**batch(t=9)).loss
+        loss.backward()
+        grads = [p.grad for n, p in pm.named_parameters() if "lora_B" in n]
+        assert len(grads) == 14 and all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
 
 def test_qlora_on_bnb_model_trains_and_merges(checkpoint):
     model = qlk.patch_model(load_bnb(checkpoint), method="qlora", r=4, verbose=False)

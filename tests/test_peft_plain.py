@@ -107,10 +107,11 @@ def test_plain_peft_train_save_load_merge(checkpoint, tmp_path):
 
 
 IMPORT_ORDER_SCRIPT = """
-import os, sys, torch
+import importlib.util, os, sys, torch
 first = os.environ["IMPORT_FIRST"]
 __import__(first)
 assert {"qlk": "peft", "peft": "qlk"}[first] not in sys.modules
+assert importlib.util.find_spec("peft")  # an availability check (Transformers' is_peft_available) imports nothing
 import qlk, peft
 net = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16))
 qlk.patch_model(net, method=None, verbose=False)

@@ -31,15 +31,22 @@ def _install() -> None:
 
 
 class _AfterPeftImport(importlib.abc.MetaPathFinder):
-    """Finds nothing itself: when ``peft`` is about to be imported, it takes the spec the other
-    finders give and runs :func:`_install` after the package's module has executed."""
+    """Finds nothing itself: when ``peft`` is looked up, it hands back the spec the other finders
+    give, with a loader that runs :func:`_install` once the package's module has executed. (A lookup
+    that only asks whether peft is available, ``importlib.util.find_spec("peft")`` as Transformers
+    does, executes nothing and so installs nothing; the finder stays until peft is really imported.)"""
+
+    def __init__(self):
+        self._looking = False
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != "peft":
+        if fullname != "peft" or self._looking:
             return None
-        if self in sys.meta_path:
-            sys.meta_path.remove(self)  # one shot; also keeps the lookup below from coming back here
-        spec = importlib.util.find_spec(fullname)
+        self._looking = True  # the lookup below goes through sys.meta_path again
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            self._looking = False
         loader = getattr(spec, "loader", None)
         if loader is None or not hasattr(loader, "exec_module"):
             return spec
@@ -47,6 +54,8 @@ class _AfterPeftImport(importlib.abc.MetaPathFinder):
 
         def exec_then_install(module):
             exec_module(module)
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
             _install()
 
         loader.exec_module = exec_then_install
