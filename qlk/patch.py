@@ -238,7 +238,8 @@ def patch_model(
     bnb_plan, found = bnb_models.plan_bnb_conversion(
         model, targets, method, fmt, bits, group_size, fmt_given, group_size_given, requantize
     )
-    found.update({n: _incompatibility(n, model.get_submodule(n), fmt, group_size) for n in targets if n not in bnb_plan})
+    dense = [n for n in targets if n not in bnb_plan]
+    found.update({n: _incompatibility(n, model.get_submodule(n), fmt, group_size) for n in dense})
     found = {name: v for name, v in found.items() if v is not None}
     problems = {name: why for name, (_, why) in found.items()}
     hard = [name for name, (skippable, _) in found.items() if not skippable]

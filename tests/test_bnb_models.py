@@ -122,7 +122,8 @@ def test_qlora_on_bnb_model_trains_and_merges(checkpoint):
 def test_requantize_to_int_for_qalora(checkpoint):
     model = load_bnb(checkpoint)
     before = bnb_state(model)
-    with pytest.raises(ValueError, match=r"14 layer\(s\).*bitsandbytes NF4.*method='qalora' needs an INT base.*requantize=True"):
+    wanted = r"14 layer\(s\).*bitsandbytes NF4.*method='qalora' needs an INT base.*requantize=True"
+    with pytest.raises(ValueError, match=wanted):
         qlk.patch_model(model, verbose=False)
     assert not qlk_layers(model) and len(bnb_state(model)) == 14  # nothing was modified
     with pytest.warns(UserWarning, match="dequantized and quantized again"):

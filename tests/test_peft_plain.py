@@ -31,7 +31,8 @@ def checkpoint(tmp_path_factory):
 
 
 def load_qlk(path):
-    return transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=qlk.QlkConfig(bits=4, group_size=32))
+    config = qlk.QlkConfig(bits=4, group_size=32)
+    return transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=config)
 
 
 def batch(seed=0, b=2, t=9):
@@ -70,7 +71,8 @@ def test_plain_peft_train_save_load_merge(checkpoint, tmp_path):
         torch.testing.assert_close(again(input_ids=x).logits, trained, rtol=0, atol=0)
 
     # --- independent reference: PEFT's own LoRA layers on a dense model holding qlk's Ŵ
-    dense = peft.PeftModel.from_pretrained(qlk.dequantize_model(load_qlk(checkpoint), torch.float32), tmp_path / "adapter")
+    dense_base = qlk.dequantize_model(load_qlk(checkpoint), torch.float32)
+    dense = peft.PeftModel.from_pretrained(dense_base, tmp_path / "adapter")
     assert not qlk_layers(dense)
     with torch.no_grad():
         torch.testing.assert_close(dense(input_ids=x).logits, trained, rtol=0, atol=1e-5)

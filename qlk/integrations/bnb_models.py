@@ -171,7 +171,9 @@ def convert_bnb_layer(layer: nn.Module, how: str, *, bits: int, group_size: int,
     dense = nn.Linear(layer.in_features, layer.out_features, bias=False, device="meta")
     dense.weight = nn.Parameter(_dequantize(layer, kind), requires_grad=False)
     dense.bias = layer.bias
-    return QuantLinear.from_dense(dense, bits=bits, group_size=group_size, fmt=fmt, double_quant=double_quant, **adapter)
+    return QuantLinear.from_dense(
+        dense, bits=bits, group_size=group_size, fmt=fmt, double_quant=double_quant, **adapter
+    )
 
 
 def adopt_qlk_quantizer(model: nn.Module) -> bool:
@@ -185,7 +187,8 @@ def adopt_qlk_quantizer(model: nn.Module) -> bool:
     save with :func:`qlk.save_quantized` instead."""
     quantizer = getattr(model, "hf_quantizer", None)
     config = getattr(model, "config", None)
-    if quantizer is None or config is None or getattr(quantizer.quantization_config, "quant_method", None) != "bitsandbytes":
+    quant_method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if config is None or quant_method != "bitsandbytes":
         return False
     if bnb_layers(model):
         return False

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ..autograd import lora_linear
-from ..nn.linear import QuantLinear
+from ..nn.linear import QuantLinear, is_conv1d
 
 try:
     from peft.tuners.lora.layer import LoraLayer
@@ -97,7 +97,7 @@ class QlkLoraLayer(nn.Module, LoraLayer):
         if isinstance(base, QuantLinear):
             w = base.qweight.dequantize(torch.float32)
         else:  # merged already: the dense layer of an earlier merge
-            w = (base.weight.t() if _is_conv1d(base) else base.weight).float()
+            w = (base.weight.t() if is_conv1d(base) else base.weight).float()
         for a in adapter_names:
             w = w + self.scaling[a] * (self.lora_B[a].weight.float() @ self.lora_A[a].weight.float())
         if safe_merge and not torch.isfinite(w).all():
@@ -109,7 +109,7 @@ class QlkLoraLayer(nn.Module, LoraLayer):
                 self.base_layer = dense
             else:
                 dense = base
-            dense.weight.copy_(w.t() if _is_conv1d(dense) else w)
+            dense.weight.copy_(w.t() if is_conv1d(dense) else w)
         self.merged_adapters.extend(adapter_names)
 
     def unmerge(self) -> None:
@@ -149,12 +149,6 @@ class QlkLoraLayer(nn.Module, LoraLayer):
 
     def __repr__(self) -> str:
         return "qlk." + super().__repr__()
-
-
-def _is_conv1d(module) -> bool:
-    from ..nn.linear import is_conv1d
-
-    return is_conv1d(module)
 
 
 _INSTALLED = False
