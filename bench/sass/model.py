@@ -12,7 +12,8 @@ cannot see. In short, for the main loop of one CTA (one iteration), in SM clock 
 ``useful bytes`` is what the operation must move to or from DRAM: each tensor argument of the
 launch once (inputs read, outputs written), spread evenly over the CTAs and their iterations.
 Re-reads through L1/L2 (the same activation row read by every N tile, a lookup table gathered per
-element) are not DRAM traffic and are not counted. The estimates, each times wave efficiency:
+element) are not DRAM traffic and are not counted. The estimates, each times the SM balance
+(:func:`sm_balance`: how evenly the grid spreads over the SMs):
 
     tensor fraction = (MACs / peak rate) / cycles      (MMA loops; read it at large M)
     DRAM fraction   = dram / cycles                    (read it at small M: decode)
@@ -57,8 +58,8 @@ def constexpr(launch: Launch, *names, default=None):
 
 
 def reduction_trips(launch: Launch, length: str, block: tuple, split: int = 1) -> int:
-    """⌈length / block / split⌉ for a loop over a runtime dimension in constexpr-sized steps."""
-    n = launch.scalars.get(length)
+    """⌈⌈length / block⌉ / split⌉ for a loop over a dimension in constexpr-sized steps."""
+    n = launch.scalars.get(length, launch.constexprs.get(length))  # some kernels make the shape a constexpr
     b = constexpr(launch, *block)
     if n is None or not b:
         raise KeyError(f"{launch.kernel}: no runtime argument {length!r} or constexpr {'/'.join(block)}")
@@ -105,7 +106,7 @@ class Report:
     useful_bytes: Optional[int]
     cycles: dict  # per CTA-iteration: tensor, issue, smem, dram, latency_floor, exposed_latency
     bound: str
-    tensor_opt: Optional[float]  # fractions, times wave efficiency
+    tensor_opt: Optional[float]  # fractions, times SM balance (see sm_balance)
     tensor_pess: Optional[float]
     dram_opt: Optional[float]
     dram_pess: Optional[float]
@@ -137,6 +138,14 @@ def wave_efficiency(g: Gpu, ctas: int, per_sm: int) -> float:
     """Share of the CTA slots of all waves that hold a CTA (a grid smaller than the GPU counts too)."""
     slots = g.sms * max(per_sm, 1)
     return ctas / (math.ceil(ctas / slots) * slots)
+
+
+def sm_balance(g: Gpu, ctas: int) -> float:
+    """Mean over max CTAs per SM, CTAs / (SMs x ⌈CTAs / SMs⌉): the share of the run the busiest SM
+    keeps the average SM busy. Throughput (tensor, issue, shared memory, DRAM share) is per SM, so
+    the CTAs resident together share it and it is this, not the slot-based wave efficiency, that
+    scales a throughput-bound estimate; the two agree at one CTA per SM."""
+    return ctas / (g.sms * math.ceil(ctas / g.sms))
 
 
 def _main_loop(instrs: list[disasm.Instr]) -> tuple[list[disasm.Instr], list[str]]:
@@ -287,7 +296,7 @@ def analyze_cubin(cubin: bytes, arch: int, num_warps: int, num_stages: int, ctas
     terms = {"tensor": tensor, "issue": issue, "smem": smem_clk, "dram": dram or 0.0, "latency": floor}
     bound = max(terms, key=terms.get) if any(terms.values()) else "?"
     longest = max(terms.values()) + exposed
-    w = wave if wave is not None else 1.0
+    w = sm_balance(g, ctas) if ctas else 1.0
 
     def rest(*leave):
         return max(v for k, v in terms.items() if k not in leave)
