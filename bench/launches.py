@@ -217,7 +217,7 @@ def qlk_cases(shapes, ms, formats):
 
 
 def _run_qalora(fn, m, width, n, fmt, k=None):
-    """Y = X·Ŵᵀ + σ·P(X)·Aᵀ·Bᵀ with A [r, K/g], B [N, r] (design.md), or its input gradient (then
+    """Y = X·Ŵᵀ + σ·P(X)·Aᵀ·Bᵀ with A [r, K/g], B [N, r] (docs/design.md), or its input gradient (then
     the activation is dY [m, N]); signature as qlk's entry points. ``width``: the activation's last dim."""
     k = width if k is None else k
     qw = quantized_weight(fmt, n, k)
