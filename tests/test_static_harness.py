@@ -45,6 +45,7 @@ def test_occupancy_names_the_limiter():
     assert occupancy(h100, regs=64, smem=150_000, warps=4) == (1, "smem")
     assert occupancy(h100, regs=24, smem=0, warps=16) == (4, "warps")  # 64 warps per SM
     assert occupancy(h100, regs=16, smem=1024, warps=1)[1] == "ctas"
+    assert occupancy(h100, regs=16, smem=0, warps=1) == (32, "ctas")
 
 
 def test_wave_efficiency_and_sm_balance():
@@ -244,6 +245,39 @@ def test_cli_prints_a_table_for_any_script(tmp_path):
     for r in reports:
         assert r["useful_bytes"] == 8 << 20 and r["ctas"] == 1024 and r["iterations"] == 1
         assert r["tensor_opt"] is None and r["dram_opt"] > 0.5 and r["bound"] == "dram", r
+
+
+_SPILL_SCRIPT = textwrap.dedent(
+    """
+    import torch, triton, triton.language as tl
+
+    @triton.jit
+    def _hoard_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        keep = tl.load(x_ptr + offs)
+        for i in range(0, n, BLOCK):
+            acc += tl.load(x_ptr + i + offs) * keep
+        tl.store(y_ptr + offs, acc + keep)
+
+    x = torch.empty(1 << 16)
+    # 4096 live fp32 values per warp in 32 registers per thread cannot fit: the compiler spills
+    _hoard_kernel[(1,)](x, torch.empty(4096), x.numel(), BLOCK=4096, num_warps=1, maxnreg=32)
+    """
+)
+
+
+def test_spills_are_seen(tmp_path):
+    """The guard's no-spill check can fail: a kernel squeezed into 32 registers reports its stack."""
+    script = tmp_path / "hoard.py"
+    script.write_text(_SPILL_SCRIPT)
+    out = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.sass", str(script), "--json", str(out)],
+                          env=_child_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (r,) = json.loads(out.read_text())
+    assert r["regs"] <= 32 and r["stack"] > 0 and r["spill_ops"] > 0, r
+    assert any(n.startswith("spills:") for n in r["notes"])
 
 
 def test_cli_refuses_the_interpreter(tmp_path):

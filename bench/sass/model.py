@@ -127,7 +127,7 @@ def occupancy(g: Gpu, regs: int, smem: int, warps: int) -> tuple[int, str]:
     regs_per_warp = math.ceil(max(regs, 1) * 32 / 256) * 256
     limits = [
         ((g.regs_per_sm // regs_per_warp) // warps, "regs"),
-        (g.smem_per_sm // (smem + g.smem_reserved_per_cta) if smem else g.max_ctas_per_sm, "smem"),
+        (g.smem_per_sm // (smem + g.smem_reserved_per_cta) if smem else 1 << 30, "smem"),
         (g.max_warps_per_sm // warps, "warps"),
         (g.max_ctas_per_sm, "ctas"),
     ]
