@@ -19,6 +19,7 @@ import datetime
 import io
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -308,7 +309,7 @@ def _meta(argv) -> dict:
             peers.append(f"{dist} {version(dist)}")
         except Exception:  # noqa: BLE001
             peers.append(f"{dist} not installed")
-    cmd = "python bench/static_report.py" + ("" if not argv else " " + " ".join(argv))
+    cmd = "python bench/static_report.py" + ("" if not argv else " " + shlex.join(argv))
     return dict(command=cmd, date=datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
                 triton=triton.__version__, torch=torch.__version__, commit=commit, peers=", ".join(peers))
 
