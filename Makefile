@@ -1,6 +1,6 @@
 # qlk developer targets.
 #   make test            fresh .venv (CPU torch 2.13.0 + pinned requirements-test.txt), then the suite
-#   make static-report   sm_90/sm_80 machine-code report of every kernel (needs ../shared/tools)
+#   make static-report   sm_90/sm_80 machine-code report of every kernel (bench/sass, no GPU)
 #   make gpu-check       on a GPU machine: GPU tests + benchmarks (bench/gpu_check.sh)
 VENV ?= .venv
 PYTHON ?= $(VENV)/bin/python
@@ -25,13 +25,15 @@ test-slow: $(VENV)/.qlk-installed
 	$(PYTHON) -m pytest -q tests --runslow $(PYTEST_ARGS)
 
 # compile every qlk kernel, the dense baseline and the Triton peers for sm_90 and sm_80 and judge
-# them from their machine code (no GPU). Peers: pip install gemlite grouped-nf4-gemm.
+# them from their machine code with qlk's analyzer, bench/sass (no GPU; docs/static-analysis.md).
+# Writes bench/results/static-sm{90,80}.{md,csv}. Peer rows need: pip install gemlite==0.6.0.post2
+# grouped-nf4-gemm==0.51.0 (without them they read "not available").
 # Extra arguments: make static-report STATIC_ARGS="--quick --cases 'dense-*'"
 STATIC_ARGS ?=
-static-report:
+static-report: $(VENV)/.qlk-installed
 	env -u TRITON_INTERPRET $(PYTHON) bench/static_report.py $(STATIC_ARGS)
 
-static-report-quick:
+static-report-quick: $(VENV)/.qlk-installed
 	env -u TRITON_INTERPRET $(PYTHON) bench/static_report.py --quick --out /tmp/qlk-static-quick $(STATIC_ARGS)
 
 # on a GPU machine: GPU tests + quick benchmarks (GPU_CHECK_ARGS="--full" or "--only kernels").

@@ -1,14 +1,16 @@
 """Every qlk kernel launcher, once per benchmark case, on CPU tensors: the input of the static report.
 
-Run it under the static analyzer (``../shared/tools/gpu_static.py``), which compiles each launch
-for sm_90 / sm_80 and runs nothing; outputs hold garbage, so nothing here reads an output:
+Run it under qlk's static analyzer (bench/sass), which compiles each launch for sm_90 / sm_80 and
+runs nothing; outputs hold garbage, so nothing here reads an output:
 
-    TRITON_INTERPRET= python ../shared/tools/gpu_static.py bench/launches.py --arch 90
-    QLK_LAUNCHES_ARGS="--quick --cases 'dense-*'" TRITON_INTERPRET= python ../shared/tools/gpu_static.py ...
+    TRITON_INTERPRET= python -m bench.sass bench/launches.py --arch 90,80 -- --quick --cases 'dense-*'
     python bench/launches.py --list                 # the cases, and which are available
 
-(gpu_static passes the script no arguments: its flags go in $QLK_LAUNCHES_ARGS.) For the report
-files, bench/static_report.py runs these cases, the peers' and the analyzer together.
+(flags after ``--`` go to this script; $QLK_LAUNCHES_ARGS is read too.) For the report files,
+bench/static_report.py runs these cases, the peers' and the analyzer together.
+
+This file also tells the analyzer what it cannot read from machine code: how many times one CTA
+runs each qlk kernel's main loop (:func:`declare_loops`).
 
 Cases (Llama-3-8B layer shapes K→N: 4096→4096, 4096→14336, 14336→4096; M ∈ {1, 16, 256, 4096}):
 
@@ -45,6 +47,8 @@ for _p in (HERE, ROOT):
         sys.path.insert(0, _p)
 
 import torch  # noqa: E402
+
+from bench import sass  # noqa: E402
 
 #: K (in_features) -> N (out_features) of Llama-3-8B's linear layers
 SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))
@@ -96,6 +100,20 @@ class Case:
             self.launch()
         finally:
             CURRENT_CASE = None
+
+
+def declare_loops() -> None:
+    """Main-loop trips per CTA of the qlk kernels whose loop is not ``range(0, K, BLOCK_K)``: the
+    split kernels divide their reduction over grid axis 1, the input gradients reduce over N."""
+    split = lambda L: L.grid[1] if L.grid else 1  # noqa: E731
+    sass.declare("_quant_matmul_splitk_kernel", iterations=lambda L: sass.reduction_trips(L, "K", ("BLOCK_K",), split(L)))
+    sass.declare("_quant_matmul_grad_input_kernel", iterations=lambda L: sass.reduction_trips(L, "N", ("BLOCK_N",)))
+    sass.declare("_quant_matmul_grad_input_splitn_kernel",
+                 iterations=lambda L: sass.reduction_trips(L, "N", ("BLOCK_N",), split(L)))
+    sass.declare("_fold_bias_kernel", iterations=lambda L: int(L.scalars["R"]))
+
+
+declare_loops()
 
 
 def case_name(op: str, fmt: str, k: int, n: int, m: Optional[int]) -> str:
@@ -199,7 +217,7 @@ def qlk_cases(shapes, ms, formats):
 
 
 def _run_qalora(fn, m, width, n, fmt, k=None):
-    """Y = X·Ŵᵀ + σ·P(X)·Aᵀ·Bᵀ with A [r, K/g], B [N, r] (design.md), or its input gradient (then
+    """Y = X·Ŵᵀ + σ·P(X)·Aᵀ·Bᵀ with A [r, K/g], B [N, r] (docs/design.md), or its input gradient (then
     the activation is dY [m, N]); signature as qlk's entry points. ``width``: the activation's last dim."""
     k = width if k is None else k
     qw = quantized_weight(fmt, n, k)
@@ -235,7 +253,7 @@ def run_case(case: Case) -> Optional[str]:
 
 
 def parse_args(argv=None):
-    """Flags from the command line, then from $QLK_LAUNCHES_ARGS (gpu_static's CLI passes none)."""
+    """Flags from the command line, then from $QLK_LAUNCHES_ARGS (for runners that pass a script no arguments)."""
     if argv is None:
         argv = sys.argv[1:] + shlex.split(os.environ.get("QLK_LAUNCHES_ARGS", ""))
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -262,7 +280,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    # no sys.exit on success: under gpu_static (runpy) even SystemExit(0) ends the analyzer before it reports
+    # no sys.exit on success: under an analyzer that runs this file with runpy, SystemExit ends it early
     rc = main()
     if rc:
         sys.exit(rc)

@@ -1,4 +1,4 @@
-"""The pure-Triton peers at the static report's shapes, launched on CPU tensors under gpu_static.
+"""The pure-Triton peers at the static report's shapes, launched on CPU tensors under bench.sass.capture.
 
 * gemlite (PyPI ``gemlite``, Mobius Labs): W4A16 g128 asymmetric INT4 (``W ≈ q·s + z`` fma mode),
   bf16 activations. ``gemlite-auto`` is gemlite's own dispatch for the batch size (GEMM for
@@ -35,6 +35,11 @@ if HERE not in sys.path:
 
 import torch  # noqa: E402
 
+ROOT = os.path.dirname(HERE)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+from bench import sass  # noqa: E402
+
 from launches import DTYPE, MS, QUICK_MS, QUICK_SHAPES, SHAPES, Case, _selected, activation, case_name  # noqa: E402
 
 GEMLITE_GROUP = 128
@@ -45,14 +50,25 @@ _DEVICES = {
 }
 
 
+def declare_loops() -> None:
+    """Main-loop trips per CTA of the peers' kernels that do not loop ``range(0, K, BLOCK_K)``
+    (gemlite's GEMM and split-K GEMM do, and its GEMVs have no loop). grouped-nf4-gemm's decode
+    kernel runs KBLOCKS_PER_SPLIT K blocks; its input gradient reduces over N."""
+    sass.declare("_gemv_nf4_grouped_splitk", iterations=lambda L: int(L.scalars["KBLOCKS_PER_SPLIT"]))
+    sass.declare("_dgrad_nf4_grouped", iterations=lambda L: sass.reduction_trips(L, "N", ("BLOCK_N",)))
+
+
+declare_loops()
+
+
 def _current_arch() -> int:
-    """The arch gpu_static's fake driver compiles for; a real driver's when one exists."""
+    """The arch bench.sass's target-only driver compiles for; a real driver's when one exists."""
     from triton.runtime import driver
 
     try:
         return int(driver.active.get_current_target().arch)
     except Exception as e:  # noqa: BLE001
-        raise RuntimeError(f"no Triton target ({type(e).__name__}: {e}); run the peers under gpu_static.capture") from None
+        raise RuntimeError(f"no Triton target ({type(e).__name__}: {e}); run the peers under bench.sass.capture") from None
 
 
 @contextlib.contextmanager

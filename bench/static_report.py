@@ -1,28 +1,25 @@
 """Static report: every qlk kernel, the dense baseline and the Triton peers, compiled for sm_90 and
-sm_80 and judged from their machine code by ``../shared/tools/gpu_static.py``. Nothing runs.
+sm_80 and judged from their machine code by qlk's static analyzer (bench/sass). Nothing runs.
 
     make static-report                       # = python bench/static_report.py
     python bench/static_report.py --arch 90 --quick --cases 'dense-*' --out /tmp/r
 
 Writes ``bench/results/static-sm<arch>.md`` and ``.csv``: one row per kernel × case (the markdown
 shows the best config of an autotuned kernel, the CSV every config), with resources, occupancy,
-wave efficiency and the analyzer's tensor-peak and dram-peak ranges (optimistic..pessimistic,
-times wave efficiency). Each arch is analyzed in its own worker process (gemlite reads the GPU at
-import), the two in parallel; Triton's on-disk cache makes a re-run much faster than the first.
-
-The analyzer is not part of qlk and qlk never imports it: this script looks for it in
-``<repo>/../shared/tools`` (or ``$GPU_STATIC_DIR``) and stops with a plain message without it.
+wave efficiency and the analyzer's tensor and DRAM fractions (optimistic..pessimistic, times wave
+efficiency; the model is docs/static-analysis.md), and prints the summary table. Each arch is
+analyzed in its own worker process (gemlite reads the GPU at import), the two in parallel;
+Triton's on-disk cache makes a re-run much faster than the first.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import datetime
-import hashlib
 import io
 import json
 import os
-import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -30,7 +27,6 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-DEFAULT_TOOLS = os.path.normpath(os.path.join(ROOT, "..", "shared", "tools"))
 RESULTS = os.path.join(HERE, "results")
 for _p in (HERE, ROOT):
     if _p not in sys.path:
@@ -39,99 +35,33 @@ for _p in (HERE, ROOT):
 CSV_FIELDS = [
     "arch", "group", "case", "op", "fmt", "K", "N", "M", "kernel", "config", "num_warps", "num_stages",
     "regs", "stack", "spill_ops", "smem_bytes", "ctas_per_sm", "limiter", "grid_ctas", "wave_eff",
-    "tensor_peak_opt", "tensor_peak_pess", "dram_peak_opt", "dram_peak_pess", "bound", "best", "mix", "notes",
+    "tensor_peak_opt", "tensor_peak_pess", "dram_peak_opt", "dram_peak_pess", "bound", "best", "iterations",
+    "useful_bytes", "mix", "notes",
     "status",
 ]  # fmt: skip
 
 
-def tools_dir() -> str:
-    return os.environ.get("GPU_STATIC_DIR") or DEFAULT_TOOLS
-
-
-def load_analyzer():
-    """The gpu_static module, or None when it is not there."""
-    path = os.path.join(tools_dir(), "gpu_static.py")
-    if not os.path.exists(path):
-        return None
-    if tools_dir() not in sys.path:
-        sys.path.insert(0, tools_dir())
-    import gpu_static
-
-    _memoize_sass(gpu_static)
-    return gpu_static
-
-
-def missing_analyzer_message() -> str:
-    return (
-        f"static_report: the static analyzer is missing: {os.path.join(tools_dir(), 'gpu_static.py')} does not exist.\n"
-        "It is not part of qlk. Put the shared tools next to this checkout (the repository's parent directory must\n"
-        "hold shared/tools/gpu_static.py, as in the project workspace), or point GPU_STATIC_DIR at the folder that\n"
-        "holds gpu_static.py, then re-run `make static-report`."
-    )
-
-
-def _memoize_sass(gpu_static) -> None:
-    """Identical cubins (one specialization reached from several cases) are disassembled once."""
-    if getattr(gpu_static._resources, "_qlk_memo", False):
-        return
-    inner = gpu_static._resources
-    memo = {}
-
-    def resources(cubin: bytes, function=None):
-        key = (hashlib.sha1(cubin).hexdigest(), function)
-        if key not in memo:
-            memo[key] = inner(cubin, function)
-        return memo[key]
-
-    resources._qlk_memo = True
-    gpu_static._resources = resources
-
-
 # ---------------------------------------------------------------- rows
-_BLOCK = re.compile(r"^BLOCK(?:_SIZE)?_([MNK])$")
-_HIDDEN = {"M", "N", "K", "BITS", "GROUP_SIZE", "W_NBITS", "A_LOAD_ORDER", "NUM_STAGES"}
-
-
-def config_label(launch) -> str:
-    """'128x256x64 w8 s3 GROUP_M=8': the tile (BLOCK_M x BLOCK_N x BLOCK_K), warps, stages, then the
-    other integer constexprs in capitals that are not shapes or format constants."""
-    const = launch.constexprs
-    tile = {}
-    extra = []
-    for name, v in const.items():
-        if isinstance(v, bool) or not isinstance(v, int):
-            continue
-        m = _BLOCK.match(name.upper())
-        if m:
-            tile[m.group(1)] = v
-        elif name.isupper() and name.upper() not in _HIDDEN:
-            extra.append(f"{name}={v}")
-    t = "x".join(str(tile.get(d, "-")) for d in "MNK") if tile else ""
-    return " ".join(p for p in (t, f"w{launch.num_warps} s{launch.num_stages}", *extra) if p)
-
-
 def _r(x):
     return None if x is None else round(float(x), 4)
 
 
 def report_row(report, launch, case) -> dict:
-    """One CSV/markdown row from a gpu_static Report of one launch of ``case``."""
-    w = report.wave_eff if report.wave_eff is not None else 1.0
+    """One CSV/markdown row from a bench.sass Report of one launch of ``case`` (fractions already
+    include wave efficiency)."""
     return {
         "arch": report.arch, "group": case.group, "case": case.name, "op": case.op, "fmt": case.fmt,
-        "K": case.k, "N": case.n, "M": case.m, "kernel": report.kernel, "config": config_label(launch),
-        "num_warps": launch.num_warps, "num_stages": launch.num_stages, "regs": report.regs,
+        "K": case.k, "N": case.n, "M": case.m, "kernel": report.kernel, "config": report.config,
+        "num_warps": report.num_warps, "num_stages": report.num_stages, "regs": report.regs,
         "stack": report.stack, "spill_ops": report.spill_ops, "smem_bytes": report.smem,
         "ctas_per_sm": report.ctas_per_sm, "limiter": report.limiter, "grid_ctas": report.ctas,
         "wave_eff": _r(report.wave_eff),
-        "tensor_peak_opt": _r(None if report.est is None else report.est * w),
-        "tensor_peak_pess": _r(None if report.est is None else (report.est_lo or 0) * w),
-        "dram_peak_opt": _r(None if report.bw is None else report.bw * w),
-        "dram_peak_pess": _r(None if report.bw is None else (report.bw_lo or 0) * w),
-        "bound": report.bound, "best": False,
+        "tensor_peak_opt": _r(report.tensor_opt), "tensor_peak_pess": _r(report.tensor_pess),
+        "dram_peak_opt": _r(report.dram_opt), "dram_peak_pess": _r(report.dram_pess),
+        "bound": report.bound, "best": False, "iterations": report.iterations, "useful_bytes": report.useful_bytes,
         "mix": ";".join(f"{k}={v}" for k, v in sorted(report.mix.items(), key=lambda kv: -kv[1])),
         "notes": "; ".join(report.notes), "status": "ok",
-        "_work": report.macs * (report.ctas or 1) or report.gbytes * (report.ctas or 1),
+        "_work": report.macs_per_iter * (report.iterations or 1) * (report.ctas or 1) or (report.useful_bytes or 0),
     }  # fmt: skip
 
 
@@ -153,26 +83,31 @@ def metric(row):
 
 
 def mark_best(rows) -> None:
-    """Per (case, kernel): flag the config the metric ranks first (an autotuner's pick is unknown)."""
+    """Per (case, kernel): flag the config whose range has the highest midpoint, then the highest
+    optimistic end (an autotuner's pick is unknown; the optimistic end alone favours configs that
+    lean on perfect overlap)."""
     groups = {}
     for r in rows:
         if r["status"] == "ok":
             groups.setdefault((r["case"], r["kernel"]), []).append(r)
     for rs in groups.values():
-        max(rs, key=metric)["best"] = True
+        max(rs, key=lambda r: (sum(metric(r)) / 2, metric(r)[0]))["best"] = True
 
 
-def analyze_case(gpu_static, launches, case) -> list:
-    return [report_row(rep, L, case) for rep, L in gpu_static.analyze_all(launches)]
+def analyze_case(launches, case) -> list:
+    from bench import sass
+
+    return [report_row(rep, L, case) for rep, L in sass.analyze_all(launches)]
 
 
 # ---------------------------------------------------------------- worker: one arch, in-process
-def collect(gpu_static, arch: int, cases, log=None) -> list:
+def collect(arch: int, cases, log=None) -> list:
     """Launch every case under one capture for ``arch``; rows for each launch, or a status row."""
+    from bench import sass
     from launches import run_case
 
     rows = []
-    with gpu_static.capture(arch=arch) as launches:
+    with sass.capture(arch=arch) as launches:
         for case in cases:
             t0, start = time.time(), len(launches)
             status = run_case(case)
@@ -180,7 +115,7 @@ def collect(gpu_static, arch: int, cases, log=None) -> list:
             if status is None and not mine:
                 status = "failed: the launcher returned without launching a Triton kernel"
             try:
-                got = analyze_case(gpu_static, mine, case) if mine else []
+                got = analyze_case(mine, case) if mine else []
             except Exception as e:  # noqa: BLE001
                 got, status = [], f"failed: analysis: {type(e).__name__}: {e}"
             rows += got if got else [status_row(arch, case, status)]
@@ -205,13 +140,9 @@ def select_cases(quick: bool, patterns, include=("dense", "qlk", "peers")):
 
 
 def worker(args) -> int:
-    gpu_static = load_analyzer()
-    if gpu_static is None:
-        print(missing_analyzer_message(), file=sys.stderr)
-        return 3
     arch = int(args.arch)
     cases = select_cases(args.quick, _patterns(args.cases))
-    rows = collect(gpu_static, arch, cases, log=lambda s: print(s, file=sys.stderr, flush=True))
+    rows = collect(arch, cases, log=lambda s: print(s, file=sys.stderr, flush=True))
     with open(args.worker_out, "w") as f:
         json.dump(rows, f)
     return 0
@@ -298,8 +229,9 @@ def write_markdown(path: str, arch: int, rows, meta: dict) -> None:
     p(f"# Static report, sm_{arch}: qlk kernels, dense baseline and Triton peers")
     p()
     p(f"**Estimated from sm_{arch} machine code, not measured.** Every launch was compiled for {gpu} by "
-      "Triton on a machine with no GPU and judged from its SASS by `../shared/tools/gpu_static.py` "
-      "(a model: see its README for what it sees, what it misses and how it was checked). Nothing ran.")
+      "Triton on a machine with no GPU and judged from its SASS by qlk's static analyzer, `bench/sass` "
+      "(a model: docs/static-analysis.md says what it sees, what it misses and how it was calibrated). "
+      "Nothing ran.")
     p()
     p(f"- command: `{meta['command']}`")
     p(f"- date: {meta['date']}; triton {meta['triton']}; torch {meta['torch']}; qlk commit {meta['commit']}")
@@ -312,10 +244,12 @@ def write_markdown(path: str, arch: int, rows, meta: dict) -> None:
       "`gemlite-tuned` its GEMM with every fast-autotune config (shipped configs hidden); `gnf4-fwd`/`gnf4-dgrad` "
       "grouped-nf4-gemm single expert (default TF32 loop), `gnf4-bf16` its opt-in bf16-MMA prefill")
     p("- tensor-peak: fraction of the tensor cores' peak the main loop can reach; read it at M ≥ 256. "
-      "dram-peak: fraction of DRAM bandwidth, every loaded byte counted as a DRAM byte; read it at M ≤ 16. "
-      "Both are optimistic..pessimistic (MMA overlapping everything / nothing), times wave efficiency.")
-    p("- an autotuned kernel compiles every config; the table shows the config ranked first by the relevant "
-      "estimate (the GPU's autotuner may pick another), the CSV has them all (`best` column).")
+      "dram-peak: fraction of DRAM bandwidth spent on useful bytes (each operand of the launch read or written "
+      "once; L1/L2 re-reads and table gathers are not DRAM traffic); read it at M ≤ 16. "
+      "Both are optimistic..pessimistic (the bottleneck overlapping everything / its own term overlapping "
+      "nothing), times wave efficiency.")
+    p("- an autotuned kernel compiles every config; the table shows the config whose estimate range has the "
+      "highest midpoint (the GPU's autotuner may pick another), the CSV has them all (`best` column).")
     p()
     p("## Summary: best estimate of each case's main kernel")
     p()
@@ -375,7 +309,7 @@ def _meta(argv) -> dict:
             peers.append(f"{dist} {version(dist)}")
         except Exception:  # noqa: BLE001
             peers.append(f"{dist} not installed")
-    cmd = "python bench/static_report.py" + ("" if not argv else " " + " ".join(argv))
+    cmd = "python bench/static_report.py" + ("" if not argv else " " + shlex.join(argv))
     return dict(command=cmd, date=datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
                 triton=triton.__version__, torch=torch.__version__, commit=commit, peers=", ".join(peers))
 
@@ -403,9 +337,6 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("static_report: unset TRITON_INTERPRET (the interpreter compiles nothing)", file=sys.stderr)
         return 2
-    if load_analyzer() is None:
-        print(missing_analyzer_message(), file=sys.stderr)
-        return 3
     archs = [int(a) for a in args.arch.split(",") if a]
     if any(a not in (80, 90) for a in archs):
         print(f"static_report: --arch takes 90 and/or 80, got {args.arch}", file=sys.stderr)
@@ -436,6 +367,11 @@ def main(argv=None) -> int:
             md, cs = (os.path.join(args.out, f"static-sm{arch}.{ext}") for ext in ("md", "csv"))
             write_markdown(md, arch, rows, meta)
             write_csv(cs, rows)
+            print(f"\nsm_{arch}: best estimate of each case's main kernel (estimated, not measured)\n")
+            print("\n".join(_summary(rows)))
+            problems = [r for r in rows if r["status"] == "ok" and (r["stack"] or r["spill_ops"])]
+            for r in problems:
+                print(f"SPILLS sm_{arch} {r['kernel']} {r['config']}: stack {r['stack']} B, {r['spill_ops']} LDL/STL")
             print(f"static_report: wrote {os.path.relpath(md)} and {os.path.relpath(cs)} "
                   f"({sum(r['status'] == 'ok' for r in rows)} launches analyzed, {time.time() - t0:.0f}s)")
         time.sleep(0.5)

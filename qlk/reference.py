@@ -1,6 +1,6 @@
 """Plain-torch math of every qlk op: the oracle of the tests and the CPU fallback.
 
-Notation (``../shared/docs/design.md``): W [N, K] (out × in), X [M, K], groups of g consecutive
+Notation (``docs/design.md``): W [N, K] (out × in), X [M, K], groups of g consecutive
 inputs, G = K/g, σ the adapter scaling. Everything is computed in float32, or float64 when the
 input is float64 (the gradcheck and test oracle), and returned in the input dtype.
 

@@ -1,204 +1,163 @@
-"""Static checks of the machine code of every qlk kernel, no GPU needed.
+"""Static checks of the machine code of every qlk kernel, no GPU needed: the regression guard of
+the static report.
 
-Each kernel is compiled for sm_90 (H100) and sm_80 (A100) with both of that architecture's
-autotune configs, exactly as the JIT would specialize it for Llama-8B-sized bf16 tensors (a fake
-driver reports the target; nothing runs). The cubins are read with cuobjdump:
+A representative subset of the report's cases (bench/launches.py, the report's main shape
+4096→14336 at M = 4096 and M = 1) is compiled for sm_90 (H100) and sm_80 (A100) with every autotune
+config, exactly as the JIT would specialize it (bench/sass: a driver that only reports the
+target; nothing runs), and read by qlk's static analyzer:
 
+* every qlk kernel compiles for both archs;
 * no spills: stack frame 0 and no LDL/STL;
 * shared memory within what a CTA may use (227 KB sm_90, 163 KB sm_80);
-* the large-M fused GEMM (forward and input gradient) uses wgmma (HGMMA) on sm_90.
+* the large-M fused GEMM (forward and input gradient) uses wgmma (HGMMA) on sm_90, mma.sync on sm_80;
+* no estimate falls more than ``TOLERANCE`` below the committed report
+  (bench/results/static-sm<arch>.csv) for the same case and kernel: a change that slows a kernel's
+  main loop, spills or shrinks its grid fails here until the report is regenerated
+  (``make static-report``) and the loss is accepted in review.
 
 The compilation runs in a subprocess (this file as a script) because the test process runs the
 Triton interpreter (tests/conftest.py), under which ``@triton.jit`` builds nothing to compile.
+Any failure in it, an import that breaks included, fails the tests; they skip only when Triton's
+NVIDIA backend tools (ptxas, cuobjdump) are not installed at all.
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
-import re
 import subprocess
 import sys
 
 import pytest
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "bench", "results")
 SMEM_LIMIT = {90: 232448, 80: 166912}
+TOLERANCE = 0.05
+#: the cases compiled, per arch (shell patterns over bench/launches.py case names)
+CASES = {
+    90: ["fwd/int4g32/4096->14336/*", "dgrad/int4g32/4096->14336/*", "fwd/nf4dq/4096->14336/*",
+         "dgrad/nf4dq/4096->14336/M4096", "fwd/int3g128/4096->14336/M4096", "qalora/int4g32/4096->14336/M1",
+         "dequant/int4g32/*"],
+    80: ["fwd/int4g32/4096->14336/*", "dgrad/int4g32/4096->14336/*", "qalora/int4g32/4096->14336/M1",
+         "dequant/int4g32/*"],
+}
+KERNELS = ("_quant_matmul_fwd_kernel", "_quant_matmul_grad_input_kernel", "_quant_matmul_splitk_kernel",
+           "_quant_matmul_grad_input_splitn_kernel", "_dequantize_kernel", "_fold_bias_kernel")
 
 
-def _cuobjdump() -> str:
-    import triton
+def _nvidia_tools_missing() -> bool:
+    try:
+        import triton
+    except ImportError:
+        return True
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    return not all(os.path.exists(os.path.join(bin_dir, t)) for t in ("ptxas", "cuobjdump"))
 
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
-
-@pytest.fixture(scope="module")
-def reports():
+def compile_rows(extra_env=None, timeout=900) -> list:
+    """Run this file as a script; its rows, or AssertionError with the child's stderr."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra_env or {})
     proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=timeout, cwd=ROOT)
     if proc.returncode != 0:
-        if "No module named" in proc.stderr or not os.path.exists(_cuobjdump()):
-            pytest.skip("Triton's NVIDIA backend (ptxas/cuobjdump) is not available")
-        raise AssertionError(proc.stderr[-4000:])
+        raise AssertionError(f"static compile failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_every_kernel_compiled(reports):
-    kernels = {(r["kernel"], r["arch"]) for r in reports}
+@pytest.fixture(scope="module")
+def rows():
+    if _nvidia_tools_missing():
+        pytest.skip("Triton's NVIDIA backend tools (ptxas, cuobjdump) are not installed")
+    return compile_rows()
+
+
+def test_every_kernel_compiled(rows):
+    got = {(r["kernel"], r["arch"]) for r in rows}
     for arch in (90, 80):
-        for name in ("_quant_matmul_fwd_kernel", "_quant_matmul_grad_input_kernel", "_quant_matmul_splitk_kernel",
-                     "_quant_matmul_grad_input_splitn_kernel", "_dequantize_kernel", "_fold_bias_kernel"):
-            assert (name, arch) in kernels, (name, arch)
-    assert all(r["configs_compiled"] >= 1 for r in reports)
+        for name in KERNELS:
+            assert (name, arch) in got, (name, arch)
+    assert all(r["status"] == "ok" for r in rows), [(r["case"], r["status"]) for r in rows if r["status"] != "ok"]
 
 
-def test_no_spills(reports):
-    bad = [r for r in reports if r["stack"] or r["spill_ops"]]
+def test_no_spills(rows):
+    bad = [r for r in rows if r["stack"] or r["spill_ops"]]
     assert not bad, [(r["kernel"], r["arch"], r["config"], r["stack"], r["spill_ops"]) for r in bad]
 
 
-def test_shared_memory_fits(reports):
-    bad = [r for r in reports if r["smem"] > SMEM_LIMIT[r["arch"]]]
-    assert not bad, [(r["kernel"], r["arch"], r["config"], r["smem"]) for r in bad]
+def test_shared_memory_fits(rows):
+    bad = [r for r in rows if r["smem_bytes"] > SMEM_LIMIT[r["arch"]]]
+    assert not bad, [(r["kernel"], r["arch"], r["config"], r["smem_bytes"]) for r in bad]
 
 
-def test_gemm_uses_wgmma_on_hopper(reports):
-    for r in reports:
-        if r["arch"] == 90 and r["kernel"] in ("_quant_matmul_fwd_kernel", "_quant_matmul_grad_input_kernel"):
-            assert r["hgmma"] > 0, (r["kernel"], r["config"], r["fmt"])
-        if r["arch"] == 80 and r["kernel"] == "_quant_matmul_fwd_kernel":
-            assert r["hmma"] > 0, (r["kernel"], r["config"])
+def test_gemm_uses_the_tensor_cores(rows):
+    for r in rows:
+        if r["kernel"] in ("_quant_matmul_fwd_kernel", "_quant_matmul_grad_input_kernel"):
+            want = "tensor:HGMMA" if r["arch"] == 90 else "tensor:HMMA"
+            assert want in r["mix"], (r["kernel"], r["arch"], r["config"], r["fmt"], r["mix"])
+
+
+def _committed(arch: int) -> dict:
+    """(case, kernel) -> the committed report's best row."""
+    path = os.path.join(RESULTS, f"static-sm{arch}.csv")
+    with open(path) as f:
+        return {(r["case"], r["kernel"]): r for r in csv.DictReader(f) if r["best"] == "True" and r["status"] == "ok"}
+
+
+def _metric(r) -> tuple[str, str]:
+    """The estimate a case is judged by: tensor fraction at large M, DRAM fraction at decode."""
+    if r["M"] is None or r["M"] <= 16:
+        return "dram_peak_opt", "dram_peak_pess"
+    return "tensor_peak_opt", "tensor_peak_pess"
+
+
+def test_estimates_hold_against_the_committed_report(rows):
+    compared, worse = 0, []
+    for arch in (90, 80):
+        committed = _committed(arch)
+        for r in rows:
+            if r["arch"] != arch or not r["best"]:
+                continue
+            old = committed.get((r["case"], r["kernel"]))
+            assert old is not None, f"{r['case']} {r['kernel']} sm_{arch} is not in the committed report: regenerate it"
+            for key in _metric(r):
+                if old[key] in ("", None) or r[key] is None:
+                    continue
+                compared += 1
+                if r[key] < float(old[key]) - TOLERANCE:
+                    worse.append(f"sm_{arch} {r['case']} {r['kernel']} {key}: {r[key]:.2f} < committed {old[key]}")
+    assert compared >= 20, compared
+    assert not worse, "estimates fell below the committed report (make static-report, then review):\n" + "\n".join(worse)
+
+
+def test_a_broken_import_fails_rather_than_skips(tmp_path):
+    """A qlk that cannot be imported in the child is an error of the guard, not a reason to skip."""
+    fake = tmp_path / "qlk"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ImportError('simulated breakage')\n")
+    with pytest.raises(AssertionError, match="simulated breakage|not available"):
+        compile_rows({"PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}, timeout=300)
 
 
 # ------------------------------------------------------------------------------------------------
 # the compiling side (runs without TRITON_INTERPRET)
 # ------------------------------------------------------------------------------------------------
-class _FakeDriver:
-    """Just enough of a CUDA driver for the JIT to specialize and compile for ``arch``."""
+def _compile_all() -> list:
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import launches
+    import static_report
 
-    def __init__(self, arch):
-        from triton.backends.compiler import GPUTarget
-
-        self.target = GPUTarget("cuda", arch, 32)
-        props = dict(max_shared_mem=SMEM_LIMIT[arch], multiprocessor_count=132 if arch == 90 else 108,
-                     max_num_regs=65536, warpSize=32)
-        self.utils = type("U", (), {"get_device_properties": staticmethod(lambda device=0: dict(props))})()
-
-    def get_current_target(self):
-        return self.target
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
-
-    def is_active(self):
-        return True
-
-    def get_active_torch_device(self):
-        import torch
-
-        return torch.device("cpu")
-
-
-def _read_cubin(cubin: bytes) -> dict:
-    import tempfile
-
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        res = subprocess.run([_cuobjdump(), "-res-usage", f.name], capture_output=True, text=True).stdout
-        sass = subprocess.run([_cuobjdump(), "-sass", f.name], capture_output=True, text=True).stdout
-    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+)", res)
-    regs, stack, shared = (int(x) for x in m.groups())
-    return dict(regs=regs, stack=stack, static_smem=shared, spill_ops=len(re.findall(r"\b(LDL|STL)\b", sass)),
-                hgmma=len(re.findall(r"\bHGMMA\b", sass)), hmma=len(re.findall(r"\bHMMA\b", sass)))
-
-
-def _compile_all() -> list[dict]:
-    import torch
-    from triton.runtime import driver
-    from triton.runtime.autotuner import Autotuner, Heuristics
-    from triton.runtime.jit import JITFunction
-
-    import qlk
-    from qlk.formats import QuantizedWeight
-    from qlk.formats.packing import words_per_row
-    from qlk.kernels import dequantize_forward, qalora_forward, quant_matmul_backward
-    from qlk.kernels import quant_matmul_forward
-
-    def fake_weight(fmt, bits, g, n, k):
-        if fmt == "int":
-            return QuantizedWeight("int", (n, k), bits, g, torch.zeros(n, words_per_row(k, bits), dtype=torch.int32),
-                                   scales=torch.zeros(n, k // g, dtype=torch.bfloat16),
-                                   biases=torch.zeros(n, k // g, dtype=torch.bfloat16))
-        blocks = n * k // g
-        return QuantizedWeight("nf4", (n, k), 4, g, torch.zeros(n * k // 2, dtype=torch.uint8),
-                               absmax=torch.zeros(blocks, dtype=torch.uint8),
-                               absmax_scale=torch.zeros(-(-blocks // 256)), absmax_offset=torch.zeros(1))
-
-    out = {}
-    orig_run = JITFunction.run
-    orig_auto = Autotuner.run
-    current = {}
-
-    def run(self, *args, grid, warmup, **kwargs):
-        k = orig_run(self, *args, grid=grid, warmup=True, **kwargs)
-        key = (self.fn.__name__, current["arch"], current["fmt"], k.metadata.num_warps, k.metadata.num_stages,
-               tuple(sorted((n, v) for n, v in kwargs.items() if n.startswith("BLOCK") or n == "POOL")))
-        if key not in out:
-            r = _read_cubin(k.asm["cubin"])
-            r.update(kernel=self.fn.__name__, arch=current["arch"], fmt=current["fmt"],
-                     config=f"w{k.metadata.num_warps} s{k.metadata.num_stages} " + " ".join(
-                         f"{n}={v}" for n, v in key[-1]), smem=r["static_smem"] + int(k.metadata.shared or 0),
-                     configs_compiled=1)
-            out[key] = r
-        return k
-
-    def auto_run(self, *args, **kwargs):  # compile every config of the current architecture
-        self.nargs = dict(zip(self.arg_names, args))
-        for config in self.prune_configs(kwargs):
-            self.fn.run(*args, **{**kwargs, **config.all_kwargs()})
-        self.nargs = None
-
-    JITFunction.run, Autotuner.run = run, auto_run
-    try:
-        for arch in (90, 80):
-            driver.set_active(_FakeDriver(arch))
-            for fn in (qlk.kernels.fused_matmul._quant_matmul_fwd_kernel,
-                       qlk.kernels.fused_matmul._quant_matmul_grad_input_kernel,
-                       qlk.kernels.fused_matmul._quant_matmul_splitk_kernel,
-                       qlk.kernels.fused_matmul._quant_matmul_grad_input_splitn_kernel,
-                       qlk.kernels.qalora._fold_bias_kernel,
-                       qlk.kernels.dequant._dequantize_kernel):
-                inner = fn
-                while not isinstance(inner, JITFunction):
-                    inner = inner.fn
-                inner.device_caches.clear()  # the binder holds the target it was built for
-            current["arch"] = arch
-            n, k, m = 14336, 4096, 4096
-            formats = [("int", 4, 32), ("int", 3, 64), ("nf4", 4, 64)] if arch == 90 else [("int", 4, 32)]
-            for fmt in formats:
-                current["fmt"] = "%s%dg%d" % fmt
-                qw = fake_weight(*fmt, n, k)
-                x = torch.empty(m, k, dtype=torch.bfloat16)
-                quant_matmul_forward(x, qw, path="gemm")
-                if fmt == ("int", 4, 32):
-                    quant_matmul_backward(torch.empty(m, n, dtype=torch.bfloat16), qw)
-                    quant_matmul_backward(torch.empty(1, n, dtype=torch.bfloat16), qw)  # split-N
-                    quant_matmul_forward(torch.empty(1, k, dtype=torch.bfloat16), qw)
-                    dequantize_forward(qw, torch.bfloat16)
-                    # QA-LoRA: folded biases + the GEMM / split-K with in-kernel pooling
-                    a = torch.empty(16, k // 32, dtype=torch.bfloat16)
-                    b = torch.empty(n, 16, dtype=torch.bfloat16)
-                    qalora_forward(x, qw, a, b, 2.0)
-                    qalora_forward(torch.empty(1, k, dtype=torch.bfloat16), qw, a, b, 2.0)
-    finally:
-        JITFunction.run, Autotuner.run = orig_run, orig_auto
-    assert Heuristics  # imported for the wrapper chain above
-    return list(out.values())
+    out = []
+    for arch, patterns in CASES.items():
+        cases = launches.all_cases(quick=True, patterns=patterns, include_dense=False)
+        rows = static_report.collect(arch, cases, log=lambda s: print(s, file=sys.stderr, flush=True))
+        bad = [(r["case"], r["status"]) for r in rows if r["status"] != "ok"]
+        if bad:
+            raise SystemExit(f"cases did not compile: {bad}")
+        out += [{k: v for k, v in r.items() if k != "_work"} for r in rows]
+    return out
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
-"""CPU test of the static-report harness (bench/launches.py, bench/static_report.py).
+"""CPU tests of qlk's static analyzer (bench/sass) and the report harness (bench/launches.py,
+bench/static_report.py).
 
-It compiles the dense baseline's quick cases for sm_90 through ``gpu_static.capture`` (the shared
-analyzer, not part of qlk) and checks the report rows: what the analyzer must see in a plain
-bf16 wgmma matmul (registers, no spills, HGMMA in the main loop, near the tensor peak at
-M = 4096, a grid that fills the GPU at M = 1) and the row and file formats. A change to the
-harness that mislabels cases, loses a config or breaks the dense kernel fails here.
+The analyzer's own arithmetic (occupancy, wave efficiency, useful bytes, trip counts) is checked
+on hand-made inputs. Then the dense baseline's quick cases are compiled for sm_90 through
+``bench.sass.capture`` and the report rows are checked against what the model must see in a plain
+bf16 wgmma matmul (registers, no spills, HGMMA in the main loop, near the tensor peak at M = 4096,
+a split-K grid that fills the GPU at M = 1), and the row and file formats. A change that
+mislabels cases, loses a config or breaks the dense kernel fails here.
 
-The compile runs in a child process without TRITON_INTERPRET (under the interpreter Triton
-compiles nothing), so the test works whatever the surrounding suite sets.
+Compiling runs in a child process without TRITON_INTERPRET (under the interpreter Triton compiles
+nothing, and tests/conftest.py sets it for this process).
 """
 from __future__ import annotations
 
@@ -23,22 +25,115 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "bench")
-TOOLS = os.environ.get("GPU_STATIC_DIR") or os.path.normpath(os.path.join(ROOT, "..", "shared", "tools"))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 
-pytestmark = pytest.mark.skipif(
-    not os.path.exists(os.path.join(TOOLS, "gpu_static.py")),
-    reason=f"static analyzer not found: {os.path.join(TOOLS, 'gpu_static.py')} (shared tools, not part of qlk; "
-    "set GPU_STATIC_DIR to its folder)",
-)
 
+def _child_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+# ------------------------------------------------------------------------ the model's arithmetic
+def test_occupancy_names_the_limiter():
+    from bench.sass import gpu
+    from bench.sass.model import occupancy
+
+    h100 = gpu(90)
+    assert occupancy(h100, regs=255, smem=0, warps=8) == (1, "regs")  # 8 warps x 8192 registers fill the SM
+    assert occupancy(h100, regs=64, smem=150_000, warps=4) == (1, "smem")
+    assert occupancy(h100, regs=24, smem=0, warps=16) == (4, "warps")  # 64 warps per SM
+    assert occupancy(h100, regs=16, smem=1024, warps=1)[1] == "ctas"
+    assert occupancy(h100, regs=16, smem=0, warps=1) == (32, "ctas")
+
+
+def test_wave_efficiency_and_sm_balance():
+    from bench.sass import gpu
+    from bench.sass.model import sm_balance, wave_efficiency
+
+    h100 = gpu(90)
+    assert wave_efficiency(h100, 132, 1) == 1.0
+    assert wave_efficiency(h100, 133, 1) == pytest.approx(133 / 264)
+    assert wave_efficiency(h100, 64, 1) == pytest.approx(64 / 132)  # a grid smaller than the GPU
+    assert wave_efficiency(h100, 264, 2) == 1.0
+    # 1024 CTAs, 16 resident per SM: one partly filled wave of slots, but every SM gets 7 or 8 CTAs
+    assert wave_efficiency(h100, 1024, 16) == pytest.approx(1024 / 2112)
+    assert sm_balance(h100, 1024) == pytest.approx(1024 / (132 * 8))
+    assert sm_balance(h100, 64) == wave_efficiency(h100, 64, 1)
+
+
+def _launch(**kw):
+    from bench.sass import Launch
+    from bench.sass.capture import TensorArg
+
+    base = dict(kernel="k", arch=90, grid=(10, 1, 1), constexprs={}, scalars={}, tensors={}, num_warps=4,
+                num_stages=3, cubin=b"", dynamic_smem=0, cache_key="", source="")
+    base.update(kw)
+    base["tensors"] = {n: TensorArg(*t) for n, t in base["tensors"].items()}
+    return Launch(**base)
+
+
+def test_useful_bytes_counts_each_operand_once():
+    from bench import sass
+
+    L = _launch(tensors={"x": ((16, 64), "bfloat16", 2048, 1000), "w": ((64, 64), "int8", 4096, 9000),
+                         "w_again": ((64, 64), "int8", 4096, 9000), "lut": ((16,), "float32", 64, 20000)})
+    assert sass.useful_bytes(L) == 2048 + 4096 + 64  # the same buffer passed twice counts once
+
+
+def test_trip_counts_default_and_declared():
+    from bench import sass
+    from bench.sass.model import default_iterations
+
+    L = _launch(kernel="_t", scalars={"K": 4096, "N": 1000}, constexprs={"BLOCK_K": 64, "SPLIT_K": 4, "BLOCK_N": 128})
+    assert default_iterations(L) == 16  # 4096 / 64 / 4
+    assert sass.reduction_trips(L, "N", ("BLOCK_N",), split=3) == 3  # ceil(ceil(1000/128) / 3)
+    with pytest.raises(KeyError):
+        default_iterations(_launch(scalars={"N": 5}, constexprs={"BLOCK_N": 4}))
+
+
+def test_launches_declare_the_qlk_loops():
+    import bench.launches  # noqa: F401 - declares on import
+    from bench.sass import model
+
+    for name in ("_quant_matmul_splitk_kernel", "_quant_matmul_grad_input_kernel",
+                 "_quant_matmul_grad_input_splitn_kernel", "_fold_bias_kernel"):
+        assert name in model._LOOP_TRIPS, name
+    L = _launch(kernel="_quant_matmul_splitk_kernel", grid=(224, 8, 1), scalars={"K": 4096}, constexprs={"BLOCK_K": 128})
+    assert model._LOOP_TRIPS[L.kernel](L) == 4  # 32 K tiles over 8 slices
+
+
+def test_sass_parser_reads_widths_and_mma_shapes():
+    from bench.sass import disasm
+
+    text = """
+        /*0100*/                   LDG.E.128.CONSTANT R4, desc[UR4][R2.64] ;
+        /*0110*/              @!P0 LDGSTS.E.BYPASS.LTC128B.128 [R9], desc[UR4][R6.64] ;
+        /*0120*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24, gsb0 ;
+        /*0130*/                   HMMA.16816.F32.BF16 R8, R12, R16, R8 ;
+        /*0140*/                   LDSM.16.M88.4 R20, [R3] ;
+        /*0150*/                   LDG.E.U8 R5, desc[UR4][R2.64] ;
+        /*0160*/               @P1 BRA 0x100 ;
+    """
+    ins = disasm.parse_sass(text)
+    assert [i.op for i in ins] == ["LDG", "LDGSTS", "HGMMA", "HMMA", "LDSM", "LDG", "BRA"]
+    assert disasm.access_bytes(ins[0]) == 16 and disasm.access_bytes(ins[1]) == 16 and disasm.access_bytes(ins[5]) == 1
+    assert disasm.mma_shape(ins[2]) == (64 * 128 * 16, "wgmma")
+    assert disasm.mma_shape(ins[3]) == (16 * 8 * 16, "mma_sync")
+    assert disasm.shared_bytes(ins[4]) == 512
+    assert disasm.backward_branches(ins) == [(0x100, 0x160)]
+    assert ins[1].predicated and not ins[0].predicated
+
+
+# ------------------------------------------------------------------------ compiled dense baseline
 _CHILD = textwrap.dedent(
     """
     import json, sys
     sys.path.insert(0, {bench!r})
     import static_report, launches
-    gs = static_report.load_analyzer()
     cases = launches.all_cases(quick=True, patterns=["dense-fwd/*"], include_qlk=False)
-    rows = static_report.collect(gs, 90, cases)
+    rows = static_report.collect(90, cases)
     static_report.write_csv({csv!r}, rows)
     meta = dict(command="pytest", date="today", triton="?", torch="?", commit="?", peers="-")
     static_report.write_markdown({md!r}, 90, rows, meta)
@@ -52,10 +147,8 @@ def report(tmp_path_factory):
     d = tmp_path_factory.mktemp("static")
     paths = {k: str(d / f"r.{k}") for k in ("json", "csv", "md")}
     code = _CHILD.format(bench=BENCH, csv=paths["csv"], md=paths["md"], out=paths["json"])
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["GPU_STATIC_DIR"] = TOOLS
-    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=240)
+    proc = subprocess.run([sys.executable, "-c", code], env=_child_env(), cwd=ROOT, capture_output=True, text=True,
+                          timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(paths["json"]) as f:
         rows = json.load(f)
@@ -81,16 +174,30 @@ def test_rows_hold_resources_and_estimates(report):
         assert 0 < r["wave_eff"] <= 1
         assert 0 <= r["tensor_peak_pess"] <= r["tensor_peak_opt"] <= 1
         assert 0 <= r["dram_peak_pess"] <= r["dram_peak_opt"] <= 1
+        assert r["iterations"] >= 1
 
 
-def test_dense_kernel_is_what_the_anchors_say(report):
+def test_useful_bytes_of_the_dense_matmul(report):
+    """X, W and Y once: M·K + N·K bf16 in, M·N out (bf16, or fp32 split-K partials)."""
+    rows, _ = report
+    m, k, n = 4096, 4096, 14336
+    big = next(r for r in rows if r["M"] == m and r["best"])
+    assert big["useful_bytes"] == 2 * (m * k + n * k + m * n)
+    assert big["iterations"] == k // 64
+    decode = next(r for r in rows if r["M"] == 1)
+    split = decode["grid_ctas"] // (n // 64)
+    assert decode["useful_bytes"] == 2 * (k + n * k) + 4 * split * n
+
+
+def test_dense_kernel_is_what_the_calibration_says(report):
     rows, _ = report
     best = next(r for r in rows if r["M"] == 4096 and r["best"])
     assert "tensor:HGMMA" in best["mix"], best["mix"]  # wgmma on sm_90
     assert best["config"].startswith("128x256x64 w8 s3")
-    assert best["tensor_peak_opt"] >= 0.9 and best["bound"] == "tensor"  # anchors.md: 0.97..0.68
+    assert best["tensor_peak_opt"] >= 0.9 and best["bound"] == "tensor"  # docs/static-analysis.md: 0.97..0.68
     decode = next(r for r in rows if r["M"] == 1)
     assert decode["grid_ctas"] >= 132 and decode["dram_peak_opt"] >= 0.8  # split-K fills the SMs
+    assert decode["bound"] == "dram"
 
 
 def test_csv_and_markdown_files(report):
@@ -108,3 +215,74 @@ def test_csv_and_markdown_files(report):
     table = [ln for ln in md.splitlines() if ln.startswith("| _dense_matmul_kernel |")]
     assert len(table) == 2  # one row per kernel × case in the markdown
     assert all(ln.count("|") == 14 for ln in table)
+
+
+_CLI_SCRIPT = textwrap.dedent(
+    """
+    import torch, triton, triton.language as tl
+
+    @triton.jit
+    def _scale_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) * 2, mask=offs < n)
+
+    x = torch.empty(1 << 20)
+    _scale_kernel[(x.numel() // 1024,)](x, torch.empty_like(x), x.numel(), BLOCK=1024)
+    """
+)
+
+
+def test_cli_prints_a_table_for_any_script(tmp_path):
+    """python -m bench.sass SCRIPT: a loop-free streaming kernel is DRAM-bound, reads 4 MB + writes 4 MB."""
+    script = tmp_path / "scale.py"
+    script.write_text(_CLI_SCRIPT)
+    out = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.sass", str(script), "--arch", "90,80", "--json", str(out)],
+                          env=_child_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("_scale_kernel") == 2 and "sm_80" in proc.stdout and "sm_90" in proc.stdout
+    reports = json.loads(out.read_text())
+    for r in reports:
+        assert r["useful_bytes"] == 8 << 20 and r["ctas"] == 1024 and r["iterations"] == 1
+        assert r["tensor_opt"] is None and r["dram_opt"] > 0.5 and r["bound"] == "dram", r
+
+
+_SPILL_SCRIPT = textwrap.dedent(
+    """
+    import torch, triton, triton.language as tl
+
+    @triton.jit
+    def _hoard_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        keep = tl.load(x_ptr + offs)
+        for i in range(0, n, BLOCK):
+            acc += tl.load(x_ptr + i + offs) * keep
+        tl.store(y_ptr + offs, acc + keep)
+
+    x = torch.empty(1 << 16)
+    # 4096 live fp32 values per warp in 32 registers per thread cannot fit: the compiler spills
+    _hoard_kernel[(1,)](x, torch.empty(4096), x.numel(), BLOCK=4096, num_warps=1, maxnreg=32)
+    """
+)
+
+
+def test_spills_are_seen(tmp_path):
+    """The guard's no-spill check can fail: a kernel squeezed into 32 registers reports its stack."""
+    script = tmp_path / "hoard.py"
+    script.write_text(_SPILL_SCRIPT)
+    out = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.sass", str(script), "--json", str(out)],
+                          env=_child_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (r,) = json.loads(out.read_text())
+    assert r["regs"] <= 32 and r["stack"] > 0 and r["spill_ops"] > 0, r
+    assert any(n.startswith("spills:") for n in r["notes"])
+
+
+def test_cli_refuses_the_interpreter(tmp_path):
+    env = _child_env()
+    env["TRITON_INTERPRET"] = "1"
+    proc = subprocess.run([sys.executable, "-m", "bench.sass", str(tmp_path / "x.py")], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "unset TRITON_INTERPRET" in proc.stderr

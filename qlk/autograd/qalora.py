@@ -2,7 +2,7 @@
 
 The adapter sees P(X), the mean of each quantization group of g inputs, so its update is constant
 within a group and folds exactly into the per-group biases at merge time
-(:func:`qlk.reference.qalora_merge`). See ``shared/docs/design.md``.
+(:func:`qlk.reference.qalora_merge`). See ``docs/design.md``.
 """
 from __future__ import annotations
 

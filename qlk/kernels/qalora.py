@@ -1,6 +1,6 @@
 """QA-LoRA on the fused kernels: Y = X·Ŵᵀ + σ·P(X)·Aᵀ·Bᵀ (+ bias) and dX = dY·Ŵ + (σ/g)·expand_g(V·A).
 
-Notation (shared/docs/design.md): W [N, K], g = qw.group_size, G = K/g, P(X)[m, j] = mean of
+Notation (docs/design.md): W [N, K], g = qw.group_size, G = K/g, P(X)[m, j] = mean of
 X[m, k] over group j (stored column order, i.e. after ``x[..., qw.perm]``), A = lora_a [r, G],
 B = lora_b [N, r], σ = scaling, V = dY·B.
 
