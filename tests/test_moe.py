@@ -314,3 +314,29 @@ def test_train_merge_save_reload_cpu(tmp_path):
     with pytest.raises(ValueError, match="expert"):
         wrong = qlk.patch_model(copy.deepcopy(dense), bits=4, group_size=32, r=8, verbose=False)
         qlk.load_adapter(wrong, tmp_path / "adapter.safetensors")
+
+
+def test_qlk_config_quantizes_experts_on_load_and_round_trips(tmp_path):
+    """from_pretrained(quantization_config=QlkConfig(...)) quantizes each stacked expert weight as it
+    arrives (the same bytes as patch_model), save_pretrained keeps them stacked (NF4 double-quant
+    state included) and they load back; method='lora' attaches trainable adapters per expert."""
+    from qlk.integrations.transformers import QlkConfig
+
+    dense = tiny("mixtral")
+    dense.save_pretrained(tmp_path / "dense")
+    ref = qlk.patch_model(copy.deepcopy(dense), bits=4, fmt="nf4", group_size=64, method=None, verbose=False)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "dense", quantization_config=QlkConfig(bits=4, fmt="nf4", group_size=64, method="lora", r=2))
+    assert not any(p.dim() == 3 for n, p in model.named_parameters() if "lora_" not in n)
+    projs = {n: m for n, m in model.named_modules() if isinstance(m, QuantExpertProj)}
+    ref_projs = {n: m for n, m in ref.named_modules() if isinstance(m, QuantExpertProj)}
+    assert set(projs) == set(ref_projs) and len(projs) == 4
+    for n, p in projs.items():
+        assert p.method == "lora" and p.lora_A.requires_grad and p.lora_A.shape == (5, 2, p.in_features)
+        for buf in ("weight_packed", "weight_absmax", "weight_absmax_scale", "weight_absmax_offset"):
+            assert torch.equal(getattr(p, buf), getattr(ref_projs[n], buf))
+    model.save_pretrained(tmp_path / "q")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    ids = torch.randint(0, 96, (1, 7), generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, ref(ids).logits, rtol=0, atol=0)

@@ -251,13 +251,13 @@ class QuantExpertProj(nn.Module):
     @classmethod
     def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool, bits: int = 4,
                    group_size: int | None = None, fmt: str = "int", double_quant: bool = True,
-                   **adapter_kwargs) -> "QuantExpertProj":
+                   scale_dtype: torch.dtype = torch.float16, **adapter_kwargs) -> "QuantExpertProj":
         """Quantize a 3-D expert weight (on its device) as one stacked [E·N, K] weight."""
         from ..ops import quantize
 
         e = weight.shape[0]
         qw = quantize(stacked_dense(weight.detach(), transposed), bits=bits, group_size=group_size, fmt=fmt,
-                      double_quant=double_quant)
+                      double_quant=double_quant, scale_dtype=scale_dtype)
         return cls(qw, e, bias=bias, transposed=transposed, **adapter_kwargs)
 
     @classmethod
