@@ -340,3 +340,13 @@ def test_qlk_config_quantizes_experts_on_load_and_round_trips(tmp_path):
     ids = torch.randint(0, 96, (1, 7), generator=torch.Generator().manual_seed(10))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, ref(ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fmt,bits,g,dq", [("int", 4, 32, False), ("int", 3, 128, False), ("int", 2, 64, False),
+                                           ("nf4", 4, 64, True), ("nf4", 4, 64, False)])
+def test_memory_table_bits_are_the_formats_stored_bits(fmt, bits, g, dq):
+    """docs/moe.md's memory table (qlk.moe.format_bits) equals what a QuantizedWeight stores."""
+    from qlk.moe import format_bits
+
+    qw = qlk.quantize(torch.randn(128, 512), bits=bits, group_size=g, fmt=fmt, double_quant=dq)
+    assert format_bits(fmt, bits, g, dq) == pytest.approx(qw.bits_per_param, rel=1e-12)
