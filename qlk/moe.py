@@ -227,7 +227,8 @@ def format_bits(fmt: str, bits: int, group_size: int, double_quant: bool = True,
                 scale_bits: int = 16) -> float:
     """Stored bits per weight of a format, from its definition (docs/formats.md):
     INT-b: b + 2·scale_bits/g (an fp16 scale and bias per group); NF4: 4 + 32/g (fp32 absmax per
-    block), double-quantized 4 + 8/g + 32/(256·g) (uint8 code + fp32 scale per 256 blocks)."""
+    block), double-quantized 4 + 8/g + 32/(256·g) (uint8 code + fp32 scale per 256 blocks; plus one
+    fp32 offset per tensor, not counted)."""
     if fmt == "int":
         return bits + 2 * scale_bits / group_size
     if double_quant:
