@@ -282,8 +282,8 @@ def patch_model(
     left = moe.unhandled_weights(model)
     if left:
         warnings.warn(
-            f"qlk.patch_model: {len(left)} weight-bearing module(s) qlk does not understand are left dense "
-            f"({sum(c for _, _, c in left):,} parameters): "
+            f"qlk.patch_model: {len(left)} weight-bearing module(s) are left dense, neither quantized nor a linear "
+            f"layer, embedding or router ({sum(c for _, _, c in left):,} parameters): "
             + _some_names(f"{n} {'/'.join('x'.join(map(str, s)) for s in shapes)} ({c:,})" for n, shapes, c in left),
             stacklevel=2,
         )

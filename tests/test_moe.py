@@ -351,3 +351,45 @@ def test_memory_table_bits_are_the_formats_stored_bits(fmt, bits, g, dq):
     qw = qlk.quantize(torch.randn(128, 512), bits=bits, group_size=g, fmt=fmt, double_quant=dq)
     offset = 32 / qw.qweight.numel() / 2 if dq else 0.0  # NF4 DQ: one fp32 offset per tensor, not per weight
     assert format_bits(fmt, bits, g, dq) == pytest.approx(qw.bits_per_param - offset, rel=1e-12)
+
+
+class _NewExperts(nn.Module):
+    """A new model's experts, written to the Transformers experts contract only (no qlk code for it):
+    transposed [E, in, out] weights with biases and an up-projection without gate."""
+
+    def __init__(self):
+        super().__init__()
+        self.num_experts, self.has_gate, self.has_bias, self.is_transposed = 4, False, True, True
+        gen = torch.Generator().manual_seed(11)
+        self.up_proj = nn.Parameter(torch.randn(4, 64, 32, generator=gen))
+        self.up_proj_bias = nn.Parameter(torch.randn(4, 32, generator=gen))
+        self.down_proj = nn.Parameter(torch.randn(4, 32, 64, generator=gen))
+        self.down_proj_bias = nn.Parameter(torch.randn(4, 64, generator=gen))
+        self.act_fn = nn.GELU()
+
+    def forward(self, hidden, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden)
+        for t in range(hidden.shape[0]):
+            for i, e in enumerate(top_k_index[t].tolist()):
+                if e < self.num_experts:
+                    h = self.act_fn(hidden[t] @ self.up_proj[e] + self.up_proj_bias[e])
+                    out[t] += top_k_weights[t, i] * (h @ self.down_proj[e] + self.down_proj_bias[e])
+        return out
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_kernels)])
+def test_new_experts_class_by_structure_zero_tokens_and_sentinels(backend):
+    """An experts class qlk has never seen is patched by structure; its own forward on the
+    dequantized weights is the oracle. Zero tokens and ids >= E (expert-parallel sentinels) work."""
+    dense = nn.ModuleDict({"experts": _NewExperts()})
+    patched = qlk.patch_model(copy.deepcopy(dense), bits=4, group_size=32, method=None, verbose=False)
+    q = patched["experts"]
+    assert isinstance(q, QuantExperts)
+    ref = dense_with_dequantized_experts(dense, patched)["experts"]
+    idx = torch.tensor([[0, 1], [1, 4], [3, 0], [2, 2], [4, 4]])
+    w = torch.rand(5, 2, generator=torch.Generator().manual_seed(12))
+    h = torch.randn(5, 64, generator=torch.Generator().manual_seed(13))
+    with torch.no_grad(), qlk.use_backend(backend):
+        torch.testing.assert_close(q(h, idx, w), ref(h, idx, w), rtol=1e-4, atol=1e-4)
+        empty = q(torch.zeros(0, 64), torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2))
+    assert empty.shape == (0, 64)

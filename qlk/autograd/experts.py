@@ -158,7 +158,7 @@ class GroupedExpertsFunction(torch.autograd.Function):
                 if method is not None:
                     inp = x2.to(acc)
                     if method == "qalora":
-                        inp = inp.reshape(inp.shape[0], -1, g).mean(-1)  # P(X) [S, G]
+                        inp = inp.reshape(inp.shape[0], qw.in_features // g, g).mean(-1)  # P(X) [S, G]
                     if seed is not None:
                         inp = inp * dropout_mask(inp.shape, dropout, seed, inp.device, acc)
                     term, _ = _low_rank(inp, lora_a, lora_b, seg, acc)
