@@ -393,3 +393,28 @@ def test_new_experts_class_by_structure_zero_tokens_and_sentinels(backend):
         torch.testing.assert_close(q(h, idx, w), ref(h, idx, w), rtol=1e-4, atol=1e-4)
         empty = q(torch.zeros(0, 64), torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2))
     assert empty.shape == (0, 64)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_kernels)])
+def test_expert_qalora_saves_only_the_pooled_input(backend):
+    """What autograd keeps for one QA-LoRA expert projection: P(X) of the routed rows (S·K/g) and
+    the routing offsets — never X (S·K), never a dequantized weight."""
+    e_count, n, k, g, r, rows = 4, 48, 256, 32, 4, 40
+    proj = QuantExpertProj.from_dense(torch.randn(e_count, n, k), None, False, bits=4, group_size=g,
+                                      method="qalora", r=r)
+    off = offsets_of([10, 0, 25, 5])
+    x = torch.randn(rows, k, requires_grad=True)
+    keep = {t.data_ptr() for t in [proj.lora_A, proj.lora_B, off] + list(proj.qweight.tensors().values())}
+    saved = []
+
+    def pack(t):
+        if t.data_ptr() not in keep:
+            saved.append(t.numel())
+        return t
+
+    with qlk.use_backend(backend), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = proj(x, off)
+    assert sum(saved) <= rows * k // g, saved
+    with qlk.use_backend(backend):
+        y.sum().backward()
+    assert x.grad is not None and proj.lora_A.grad is not None
