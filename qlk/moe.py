@@ -43,7 +43,9 @@ def expert_projections(model: nn.Module) -> dict:
 
 def select_experts(model: nn.Module, target_modules=None) -> dict:
     """The experts modules ``patch_model`` quantizes: all with target_modules=None, else those whose
-    name, or the name of one of their projections, matches (as for linear layers)."""
+    name, or the names of all their projections, match (as for linear layers: an entry equal to the
+    name or a suffix after a dot, or a regex over the full name). The projections of one experts
+    module are quantized together: naming only some of them is an error that says so."""
     found = find_experts(model)
     if target_modules is None:
         return found
@@ -53,7 +55,21 @@ def select_experts(model: nn.Module, target_modules=None) -> dict:
             return re.fullmatch(target_modules, name) is not None
         return any(name == t or name.endswith("." + t) for t in target_modules)
 
-    return {n: s for n, s in found.items() if hit(n) or any(hit(f"{n}.{p}") for p in s.projections)}
+    out = {}
+    for n, s in found.items():
+        # the usual per-projection lists (q_proj, ..., gate_proj, up_proj, down_proj) name the fused
+        # gate_up_proj through its two halves
+        projs = [hit(f"{n}.{p}") or (p == "gate_up_proj" and hit(f"{n}.gate_proj") and hit(f"{n}.up_proj"))
+                 for p in s.projections]
+        if hit(n) or all(projs):
+            out[n] = s
+        elif any(projs):
+            named = [p for p, h in zip(s.projections, projs) if h]
+            raise ValueError(
+                f"target_modules={target_modules!r} names {named} of the experts '{n}' but not all of its projections "
+                f"{list(s.projections)}; qlk quantizes an experts module as a whole: name the module "
+                f"('{n.rpartition('.')[2]}') or all of {list(s.projections)}")
+    return out
 
 
 def _is_router(name: str, module: nn.Module, experts: dict) -> bool:

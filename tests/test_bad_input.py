@@ -502,6 +502,9 @@ CASES = [
     Case("experts-group-size", "qlk.patch_model", "group_size=48 on experts with in_features=64",
          lambda: qlk.patch_model(moe_model(), bits=4, group_size=48, method=None, verbose=False),
          says=("experts", "in_features=64", "group_size=48", "skip_incompatible")),
+    Case("experts-partial-target", "qlk.patch_model", "target_modules=['down_proj'] (one projection of the experts)",
+         lambda: qlk.patch_model(moe_model(), bits=4, group_size=8, target_modules=["down_proj"], verbose=False),
+         says=("['down_proj']", "not all of its projections", "name the module ('experts')")),
 ]
 
 

@@ -419,3 +419,30 @@ def test_expert_qalora_saves_only_the_pooled_input(backend):
     with qlk.use_backend(backend):
         y.sum().backward()
     assert x.grad is not None and proj.lora_A.grad is not None
+
+
+def test_target_modules_name_experts_as_a_whole():
+    """Experts are selected by their module name, all their projections, or the usual per-projection
+    list (gate_proj + up_proj name the fused gate_up_proj); experts left out are warned about."""
+    from qlk.moe import select_experts
+
+    class Gated(nn.Module):
+        num_experts, has_gate, has_bias, is_transposed = 2, True, False, False
+
+        def __init__(self):
+            super().__init__()
+            self.gate_up_proj, self.down_proj = nn.Parameter(torch.zeros(2, 8, 8)), nn.Parameter(torch.zeros(2, 8, 4))
+
+        def _apply_gate(self, h):
+            return h
+
+    model = nn.ModuleDict({"experts": Gated()})
+    for targets in (["experts"], ["gate_up_proj", "down_proj"], ["gate_proj", "up_proj", "down_proj", "q_proj"],
+                    r".*experts", None):
+        assert list(select_experts(model, targets)) == ["experts"], targets
+    assert select_experts(model, ["q_proj"]) == {}
+    with pytest.raises(ValueError, match="not all of its projections"):
+        select_experts(model, ["up_proj", "down_proj"])
+    with pytest.warns(UserWarning, match=r"left dense.*experts 4x64x32"):
+        qlk.patch_model(nn.ModuleDict({"experts": _NewExperts(), "proj": nn.Linear(64, 64)}), bits=4, group_size=32,
+                        target_modules=["proj"], verbose=False)
