@@ -314,6 +314,21 @@ class QlkQuantize:
             del value, w
         return result
 
+    def _quantize_experts(self, name, module_name, value, cfg):
+        """A stacked 3-D expert weight -> a QuantExpertProj kept until the experts module is swapped."""
+        from ..nn.experts import QuantExpertProj
+
+        spec = self.hf_quantizer.expert_specs[module_name]
+        pname = name.rpartition(".")[2]
+        if not torch.isfinite(value).all():
+            raise ValueError(f"qlk: experts weight '{name}' has NaN/Inf values; cannot quantize")
+        proj = QuantExpertProj.from_dense(value, None, spec.transposed, bits=cfg.bits, group_size=cfg.group_size,
+                                          fmt=cfg.fmt, double_quant=cfg.double_quant,
+                                          scale_dtype=_DTYPE_NAMES[cfg.scale_dtype])
+        self.hf_quantizer.pending_experts.setdefault(module_name, {})[pname] = proj
+        # the dense placeholder gets an empty tensor; _process_model_after_weight_loading swaps the module
+        return {name: torch.empty(0, dtype=value.dtype, device=value.device)}
+
 
 def _keep_stacked_experts_on_save(model):
     """save_pretrained reverts the loader's weight conversions (e.g. Mixtral's per-expert w1/w3 merged
@@ -330,24 +345,6 @@ def _keep_stacked_experts_on_save(model):
 
         conversions = get_model_conversion_mapping(model, add_legacy=False)
     model._weight_conversions = [c for c in conversions if not isinstance(c, WeightConverter)]
-
-
-def _quantize_experts(self, name, module_name, value, cfg):
-    from ..nn.experts import QuantExpertProj
-
-    spec = self.hf_quantizer.expert_specs[module_name]
-    pname = name.rpartition(".")[2]
-    if not torch.isfinite(value).all():
-        raise ValueError(f"qlk: experts weight '{name}' has NaN/Inf values; cannot quantize")
-    proj = QuantExpertProj.from_dense(value, None, spec.transposed, bits=cfg.bits, group_size=cfg.group_size,
-                                      fmt=cfg.fmt, double_quant=cfg.double_quant,
-                                      scale_dtype=_DTYPE_NAMES[cfg.scale_dtype])
-    self.hf_quantizer.pending_experts.setdefault(module_name, {})[pname] = proj
-    # the dense placeholder gets an empty tensor; _process_model_after_weight_loading swaps the module
-    return {name: torch.empty(0, dtype=value.dtype, device=value.device)}
-
-
-QlkQuantize._quantize_experts = _quantize_experts
 
 
 def _ensure_conversion_ops_base():
