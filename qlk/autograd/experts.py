@@ -28,9 +28,16 @@ import torch
 from torch.amp import custom_bwd, custom_fwd
 
 from .. import backend
+from .._checks import check_grouped
 from ..formats import QuantizedWeight
-from ..kernels import grouped_matmul as gm
 from .lora import accumulate_dtype, autocast_off, compute_dtype, draw_seed, dropout_mask
+
+
+def _gm():
+    """qlk.kernels.grouped_matmul, imported on first use (importing qlk does not import Triton)."""
+    from ..kernels import grouped_matmul
+
+    return grouped_matmul
 
 
 class Segments:
@@ -105,26 +112,26 @@ def _times_a(v, lora_a, seg: Segments, acc):
 
 
 def _use_kernels(device, qw: QuantizedWeight, dtype) -> bool:
-    return backend.resolve(device) == "triton" and gm.kernel_ok(qw, dtype)
+    return backend.resolve(device) == "triton" and _gm().kernel_ok(qw, dtype)
 
 
 def grouped_base(x, qw, offsets, num_experts, bias=None):
     """Y = X·Ŵ_eᵀ (+ b_e) per row's expert: the grouped kernel or the reference."""
     if _use_kernels(x.device, qw, x.dtype):
-        return gm.grouped_matmul_forward(x, qw, offsets, num_experts, bias)[0]
-    return gm.grouped_matmul_reference(x, qw, offsets, num_experts, bias)
+        return _gm().grouped_matmul_forward(x, qw, offsets, num_experts, bias)[0]
+    return _gm().grouped_matmul_reference(x, qw, offsets, num_experts, bias)
 
 
 def grouped_base_grad(dy, qw, offsets, num_experts):
     """dX = dY·Ŵ_e per row's expert."""
     if _use_kernels(dy.device, qw, dy.dtype):
-        return gm.grouped_matmul_grad_input(dy, qw, offsets, num_experts)
-    return gm.grouped_grad_input_reference(dy, qw, offsets, num_experts)
+        return _gm().grouped_matmul_grad_input(dy, qw, offsets, num_experts)
+    return _gm().grouped_grad_input_reference(dy, qw, offsets, num_experts)
 
 
 def folded_weight_args(qw: QuantizedWeight, lora_a, lora_b, scaling: float, num_experts: int):
     """weight_args(qw) with the group biases b'_e = b_e + (σ/g)·B_e·A_e (fp32 [E·N, G])."""
-    args, meta = gm.weight_args(qw)
+    args, meta = _gm().weight_args(qw)
     scales = args[1].contiguous()
     n = qw.out_features // num_experts
     delta = torch.matmul(lora_b.float(), lora_a.float()) * (scaling / qw.group_size)  # [Ea, N, G]
@@ -151,7 +158,7 @@ class GroupedExpertsFunction(torch.autograd.Function):
             saved = None
             if fused:
                 wargs = folded_weight_args(qw, lora_a, lora_b, scaling, num_experts)
-                y, pooled = gm.grouped_matmul_forward(x2, qw, offsets, num_experts, bias_c, wargs=wargs, pool=True)
+                y, pooled = _gm().grouped_matmul_forward(x2, qw, offsets, num_experts, bias_c, wargs=wargs, pool=True)
                 saved = pooled.to(acc)
             else:
                 y = grouped_base(x2, qw, offsets, num_experts, bias_c)
@@ -195,7 +202,7 @@ class GroupedExpertsFunction(torch.autograd.Function):
                 if ctx.needs_input_grad[0]:
                     if ctx.fused:
                         wargs = folded_weight_args(qw, a, b, s, e)
-                        dx = gm.grouped_matmul_grad_input(dy2, qw, offsets, e, wargs=wargs)
+                        dx = _gm().grouped_matmul_grad_input(dy2, qw, offsets, e, wargs=wargs)
                     else:
                         extra = _times_a(v, a, seg, acc) * s
                         if ctx.seed is not None:
@@ -218,7 +225,7 @@ def grouped_experts_linear(x, qw, offsets, num_experts, bias=None, lora_a=None, 
 
     x [S, K] sorted by expert; qw stacked [E·N, K]; offsets [E+1]; bias [E, N] or None;
     lora_a [E or 1, r, K (LoRA) or K/g (QA-LoRA)], lora_b [E or 1, N, r]."""
-    n = gm.check_grouped(qw, offsets, num_experts, x.shape[0], "grouped_experts_linear")
+    n = check_grouped(qw, offsets, num_experts, "grouped_experts_linear")
     if x.dim() != 2 or x.shape[1] != qw.in_features:
         raise ValueError(f"grouped_experts_linear: x has shape {list(x.shape)}, expected [rows, {qw.in_features}]")
     if method is not None:

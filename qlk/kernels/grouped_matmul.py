@@ -41,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._checks import check_grouped
 from ..formats.nf4 import nf4_absmax
 from ..formats.quantized_weight import QuantizedWeight
 from .config import INTERPRETED, grouped_config
@@ -149,25 +150,6 @@ def _grouped_matmul_grad_input_kernel(
 # ------------------------------------------------------------------------------------------------
 # launchers
 # ------------------------------------------------------------------------------------------------
-def check_grouped(qw: QuantizedWeight, offsets: torch.Tensor, num_experts: int, rows: int, what: str) -> int:
-    """N (rows per expert) after checking the stacked weight and the offsets; raises naming them."""
-    if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts <= 0:
-        raise ValueError(f"{what}: num_experts={num_experts!r} must be a positive integer")
-    if qw.out_features % num_experts:
-        raise ValueError(f"{what}: the stacked weight has {qw.out_features} rows, not a multiple of "
-                         f"num_experts={num_experts}")
-    if qw.perm is not None:
-        raise ValueError(f"{what}: stacked expert weights have no act-order permutation")
-    if not isinstance(offsets, torch.Tensor) or offsets.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"{what}: offsets must be an int32/int64 tensor [num_experts + 1]; got "
-                        f"{getattr(offsets, 'dtype', type(offsets).__name__)}")
-    if offsets.shape != (num_experts + 1,):
-        raise ValueError(f"{what}: offsets has shape {list(offsets.shape)}, expected [{num_experts + 1}]")
-    if offsets.device != qw.device:
-        raise ValueError(f"{what}: offsets is on {offsets.device}, the weight on {qw.device}")
-    return qw.out_features // num_experts
-
-
 def _tile_map(offsets: torch.Tensor, rows: int, block_m: int):
     """(tile_expert int32 [T], tile_row int32 [T], bounds [E+2]) for an upper bound T of the tile count.
 
@@ -201,7 +183,7 @@ def grouped_matmul_forward(x: torch.Tensor, qw: QuantizedWeight, offsets: torch.
     x [S, K] fp16/bf16/fp32 sorted by expert; qw stacked [E·N, K]; bias [E, N] or None.
     ``wargs``: weight_args(qw) with replaced tensors (QA-LoRA's folded biases); ``pool``: also
     P(X). ``config``: tile sizes / warps / stages to use instead of :func:`grouped_config`'s."""
-    n = check_grouped(qw, offsets, num_experts, x.shape[0], "grouped_matmul_forward")
+    n = check_grouped(qw, offsets, num_experts, "grouped_matmul_forward")
     k = qw.in_features
     x2 = _as_2d(x, k, "x")
     s = x2.shape[0]
@@ -231,7 +213,7 @@ def grouped_matmul_forward(x: torch.Tensor, qw: QuantizedWeight, offsets: torch.
 def grouped_matmul_grad_input(dy: torch.Tensor, qw: QuantizedWeight, offsets: torch.Tensor, num_experts: int,
                               *, wargs=None, config: dict | None = None) -> torch.Tensor:
     """dX [S, K] = dY·Ŵ_e per row's expert, in dy's dtype; rows past offsets[E] are 0."""
-    n = check_grouped(qw, offsets, num_experts, dy.shape[0], "grouped_matmul_grad_input")
+    n = check_grouped(qw, offsets, num_experts, "grouped_matmul_grad_input")
     k = qw.in_features
     dy2 = _as_2d(dy, n, "dy")
     s = dy2.shape[0]

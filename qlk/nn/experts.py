@@ -37,7 +37,6 @@ from .._checks import check_group_size
 from ..autograd.experts import grouped_experts_linear
 from ..formats import QuantizedWeight
 from ..formats.quantized_weight import validate
-from ..kernels.grouped_matmul import expert_weight
 from .linear import BUFFERS, METHODS, adapter_scaling, check_adapter_args, empty_qweight
 
 
@@ -228,6 +227,8 @@ class QuantExpertProj(nn.Module):
 
     def expert(self, e: int) -> QuantizedWeight:
         """Expert ``e``'s [N, K] QuantizedWeight (views; NF4 absmax de-nested)."""
+        from ..kernels.grouped_matmul import expert_weight
+
         return expert_weight(self.qweight, e, self.num_experts)
 
     # ---- forward -----------------------------------------------------------------------------------
