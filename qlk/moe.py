@@ -49,6 +49,13 @@ def select_experts(model: nn.Module, target_modules=None) -> dict:
     found = find_experts(model)
     if target_modules is None:
         return found
+    if isinstance(target_modules, str):
+        try:
+            re.compile(target_modules)
+        except re.error:
+            return {}  # select_targets names the bad expression
+    elif not (isinstance(target_modules, (list, tuple, set)) and all(isinstance(t, str) for t in target_modules)):
+        return {}  # select_targets says what is allowed
 
     def hit(name):
         if isinstance(target_modules, str):
