@@ -159,3 +159,23 @@ def check_activation(
             f"{what} is on {x.device} but the quantized weight is on {device}; move one of them "
             f"(e.g. qw = qw.to({str(x.device)!r}))"
         )
+
+
+def check_grouped(qw, offsets: torch.Tensor, num_experts: int, what: str) -> int:
+    """N (rows per expert) of a stacked expert weight [E·N, K] after checking it and the routing
+    ``offsets`` [E+1] (mixture-of-experts ops); raises naming them."""
+    if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts <= 0:
+        raise ValueError(f"{what}: num_experts={num_experts!r} must be a positive integer")
+    if qw.out_features % num_experts:
+        raise ValueError(f"{what}: the stacked weight has {qw.out_features} rows, not a multiple of "
+                         f"num_experts={num_experts}")
+    if qw.perm is not None:
+        raise ValueError(f"{what}: stacked expert weights have no act-order permutation")
+    if not isinstance(offsets, torch.Tensor) or offsets.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{what}: offsets must be an int32/int64 tensor [num_experts + 1]; got "
+                        f"{getattr(offsets, 'dtype', type(offsets).__name__)}")
+    if offsets.shape != (num_experts + 1,):
+        raise ValueError(f"{what}: offsets has shape {list(offsets.shape)}, expected [{num_experts + 1}]")
+    if offsets.device != qw.device:
+        raise ValueError(f"{what}: offsets is on {offsets.device}, the weight on {qw.device}")
+    return qw.out_features // num_experts

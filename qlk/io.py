@@ -64,6 +64,11 @@ def _header(kind: str, layers: dict, model: nn.Module) -> dict:
         "model_class": type(model).__name__, "layers": layers,
         "patch_config": getattr(model, "qlk_config", None),
     }  # fmt: skip
+    from . import moe
+
+    experts = moe.experts_meta(model, adapters_only=kind == KIND_ADAPTER)
+    if experts:
+        meta["experts"] = experts
     return {META_KEY: json.dumps(meta)}
 
 
@@ -129,10 +134,16 @@ def _describe(meta_layer: dict) -> str:
 # ---- adapters ------------------------------------------------------------------------------------
 def save_adapter(model: nn.Module, path) -> None:
     """Write the adapters (lora_A, lora_B of every qlk layer that has one) to ``path``."""
+    from . import moe
+
     layers = {n: m for n, m in qlk_layers(model).items() if m.method is not None}
-    if not layers:
+    projections = moe.adapter_projections(model)
+    if not layers and not projections:
         raise ValueError(f"{type(model).__name__} has no qlk adapter to save (patch it with a method first)")
     tensors = {}
+    for name, p in projections.items():  # MoE experts: lora_A [E, r, .], lora_B [E, N, r]
+        tensors[f"{name}.lora_A"] = p.lora_A.detach().contiguous()
+        tensors[f"{name}.lora_B"] = p.lora_B.detach().contiguous()
     for name, m in layers.items():
         tensors[f"{name}.lora_A"] = m.lora_A.detach().contiguous()
         tensors[f"{name}.lora_B"] = m.lora_B.detach().contiguous()
@@ -145,12 +156,16 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
     method, r, alpha, group size, shapes). Checks everything before copying anything."""
     path = os.fspath(path)
     meta = _read_header(path, KIND_ADAPTER)
+    from . import moe
+
     layers = {n: m for n, m in qlk_layers(model).items() if m.method is not None}
     saved = meta["layers"]
-    if not layers:
+    projections = moe.check_adapter_experts(model, meta.get("experts") or {}, path)
+    if not layers and not projections:
+        example = _describe(next(iter(saved.values()))) if saved else "MoE experts"
         raise ValueError(
             f"{path}: {type(model).__name__} has no qlk adapter layer to load into; patch it first as the file "
-            f"says (e.g. {_describe(next(iter(saved.values())))}), or use qlk.load_quantized for a whole model"
+            f"says (e.g. {example}), or use qlk.load_quantized for a whole model"
         )
     missing, extra = sorted(set(saved) - set(layers)), sorted(set(layers) - set(saved))
     if missing or extra:
@@ -167,6 +182,7 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
                     f"has {key}={have.get(key)!r} ({_describe(have)}); patch the model the same way"
                 )
     tensors = {}
+    layers = {**layers, **projections}
     try:
         with safe_open(path, framework="pt") as f:
             for name in layers:
@@ -193,8 +209,10 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
 # ---- whole quantized model -----------------------------------------------------------------------
 def save_quantized(model: nn.Module, path) -> None:
     """Write the whole patched model (packed weights, biases, adapters, all other tensors) to ``path``."""
+    from . import moe
+
     layers = qlk_layers(model)
-    if not layers:
+    if not layers and not moe.quant_experts(model):
         raise ValueError(f"{type(model).__name__} has no qlk layer; patch it (qlk.patch_model) before save_quantized")
     header = _header(KIND_QUANTIZED, {n: _layer_meta(m) for n, m in layers.items()}, model)
     _atomic_write(path, lambda tmp: save_model(model, tmp, metadata=header))
@@ -259,7 +277,9 @@ def load_quantized(model: nn.Module, path, device=None) -> nn.Module:
     """
     path = os.fspath(path)
     meta = _read_header(path, KIND_QUANTIZED)
-    if qlk_layers(model):
+    from . import moe
+
+    if qlk_layers(model) or moe.quant_experts(model):
         raise ValueError(f"load_quantized takes an unpatched model; {type(model).__name__} already has qlk layers")
     if device is None:
         first = next(iter(model.parameters()), None)
@@ -285,7 +305,9 @@ def load_quantized(model: nn.Module, path, device=None) -> nn.Module:
         if bool(spec["bias"]) != (module.bias is not None):
             raise ValueError(f"{path}: layer '{name}' has bias={spec['bias']} in the file, not in this model")
     new_layers = {n: _build_layer(n, spec, model.get_submodule(n), path, device) for n, spec in saved.items()}
-    _check_layer_tensors(path, new_layers)
+    new_experts = moe.build_experts(model, meta.get("experts") or {}, path, device)  # MoE experts (qlk/moe.py)
+    _check_layer_tensors(path, {**new_layers, **{f"{n}.{p}": q for n, m in new_experts.items()
+                                                for p, q in m.projections.items()}})
     for p in model.parameters():
         p.requires_grad_(False)
     for name, new in new_layers.items():
@@ -295,6 +317,7 @@ def load_quantized(model: nn.Module, path, device=None) -> nn.Module:
         old._parameters["weight"] = None
         del old
     del new_layers
+    moe.install(model, new_experts)
     try:
         missing, unexpected = load_model(model, path, strict=False, device=str(device))
     except (SafetensorError, OSError) as e:
@@ -306,7 +329,7 @@ def load_quantized(model: nn.Module, path, device=None) -> nn.Module:
             f"{path}: saved for another model ({meta.get('model_class')}): missing in the file: "
             f"{sorted(missing)[:6] or 'none'}; in the file but not in the model: {sorted(unexpected)[:6] or 'none'}"
         )
-    for name, m in qlk_layers(model).items():
+    for name, m in {**qlk_layers(model), **moe.expert_projections(model)}.items():
         validate(m.qweight, f"{path}: layer '{name}'")
     model.qlk_config = meta.get("patch_config")
     return model

@@ -134,7 +134,11 @@ def trainable_parameters(model: nn.Module) -> TrainableSummary:
     dense = sum(p.numel() for p in model.parameters())
     layers = qlk_layers(model)
     quantized = sum(m.in_features * m.out_features for m in layers.values())
-    return TrainableSummary(trainable, dense + quantized, quantized, len(layers))
+    from . import moe
+
+    projections = moe.expert_projections(model)
+    quantized += moe.quantized_count(model)
+    return TrainableSummary(trainable, dense + quantized, quantized, len(layers) + len(projections))
 
 
 # ---- patch -------------------------------------------------------------------------------------
@@ -197,6 +201,7 @@ def patch_model(
     adapter_dtype: torch.dtype = torch.float32,
     verbose: bool = True,
     requantize: bool = False,
+    shared_expert_adapter: bool = False,
 ) -> nn.Module:
     """Quantize the linear layers of ``model`` in place and attach trainable adapters.
 
@@ -211,6 +216,13 @@ def patch_model(
         name suffixes, or a regex string matched against full names.
     skip_incompatible: skip (with a warning) layers whose in_features group_size doesn't divide,
         instead of raising.
+    shared_expert_adapter: MoE experts get one adapter shared by all experts of a projection
+        instead of one per expert.
+
+    Mixture-of-experts models (Transformers experts modules with stacked 3-D weights, recognised
+    by structure: :mod:`qlk.nn.experts`): every expert is quantized too, with an adapter per
+    expert; the routing stays the model's. Any weight-bearing module qlk does not understand is
+    named, with its size, in a warning.
 
     requantize: bitsandbytes-loaded models (``BitsAndBytesConfig``). Their NF4 ``Linear4bit`` layers
         become qlk layers as they are (bit-exact, block size and double quantization kept) for
@@ -228,18 +240,28 @@ def patch_model(
     method, fmt, group_size = _resolve_method_fmt(method, fmt, bits, group_size)
     if method is not None:
         check_adapter_args(method, r, alpha, dropout, fmt)
-    already = qlk_layers(model)
+    from . import moe
+
+    already = {**qlk_layers(model), **moe.quant_experts(model)}
     if already:
         raise ValueError(
             f"{type(model).__name__} is already patched by qlk ({len(already)} qlk layers, e.g. "
             f"'{next(iter(already))}'); patch a fresh model, or qlk.dequantize_model(model) first"
         )
-    targets = select_targets(model, target_modules)
+    experts = moe.select_experts(model, target_modules)  # MoE experts with stacked 3-D weights (qlk/moe.py)
+    try:
+        targets = select_targets(model, target_modules)
+    except ValueError:
+        if not experts:
+            raise
+        targets = []
     bnb_plan, found = bnb_models.plan_bnb_conversion(
         model, targets, method, fmt, bits, group_size, fmt_given, group_size_given, requantize
     )
     dense = [n for n in targets if n not in bnb_plan]
     found.update({n: _incompatibility(n, model.get_submodule(n), fmt, group_size) for n in dense})
+    found.update({name: moe.incompatibility(name, model.get_submodule(name), spec, fmt, group_size)
+                  for name, spec in experts.items()})
     found = {name: v for name, v in found.items() if v is not None}
     problems = {name: why for name, (_, why) in found.items()}
     hard = [name for name, (skippable, _) in found.items() if not skippable]
@@ -254,7 +276,8 @@ def patch_model(
             stacklevel=2,
         )
         targets = [n for n in targets if n not in problems]
-        if not targets:
+        experts = {n: s for n, s in experts.items() if n not in problems}
+        if not targets and not experts:
             raise ValueError("qlk.patch_model: every target layer is incompatible with group_size; nothing to patch")
 
     for p in model.parameters():
@@ -272,11 +295,22 @@ def patch_model(
         _set_submodule(model, name, new)
         old._parameters["weight"] = None  # release the dense weight now, even if something still holds `old`
         del old, new
+    moe.patch_experts(model, experts, bits=bits, group_size=group_size, fmt=fmt, double_quant=double_quant,
+                      method=method, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
+                      adapter_dtype=adapter_dtype, shared_adapter=shared_expert_adapter)
+    left = moe.unhandled_weights(model)
+    if left:
+        warnings.warn(
+            f"qlk.patch_model: {len(left)} weight-bearing module(s) are left dense, neither quantized nor a linear "
+            f"layer, embedding or router ({sum(c for _, _, c in left):,} parameters): "
+            + _some_names(f"{n} {'/'.join('x'.join(map(str, s)) for s in shapes)} ({c:,})" for n, shapes, c in left),
+            stacklevel=2,
+        )
     model.qlk_config = dict(
         bits=bits, group_size=group_size, fmt=fmt, method=method, r=r, alpha=alpha, dropout=dropout,
         use_rslora=use_rslora, double_quant=double_quant, skip_incompatible=skip_incompatible,
         target_modules=sorted(target_modules) if isinstance(target_modules, (set, tuple)) else target_modules,
-        skipped=sorted(problems),
+        skipped=sorted(problems), shared_expert_adapter=shared_expert_adapter,
     )  # fmt: skip
     if bnb_plan:
         model.qlk_config["from_bitsandbytes"] = dict(sorted(bnb_plan.items()))
@@ -290,8 +324,10 @@ def patch_model(
 
 # ---- merge / dequantize --------------------------------------------------------------------------
 def _require_patched(model, what):
+    from . import moe
+
     layers = qlk_layers(model)
-    if not layers:
+    if not layers and not moe.quant_experts(model):
         raise ValueError(f"qlk.{what}: {type(model).__name__} has no qlk layer; call qlk.patch_model first")
     return layers
 
@@ -306,8 +342,10 @@ def merge_model(model: nn.Module, dense_lora: bool = False) -> nn.Module:
     ``nn.Linear`` (``Conv1D`` for GPT-2) with Ŵ + σ·B·A in the original weight dtype; otherwise a
     ValueError is raised before anything is changed.
     """
+    from . import moe
+
     layers = _require_patched(model, "merge_model")
-    lora = [n for n, m in layers.items() if m.method == "lora"]
+    lora = [n for n, m in layers.items() if m.method == "lora"] + moe.lora_experts(model)
     if lora and not dense_lora:
         raise ValueError(
             f"{len(lora)} layer(s) carry LoRA adapters (e.g. '{lora[0]}'), which cannot merge exactly into a "
@@ -320,6 +358,7 @@ def merge_model(model: nn.Module, dense_lora: bool = False) -> nn.Module:
             m.merge_adapter_()
         elif m.method == "lora":
             _set_submodule(model, name, m.to_dense())
+    moe.merge_experts(model, dense_lora)
     return model
 
 
@@ -327,9 +366,12 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
     """Replace every qlk layer by a dense ``nn.Linear`` (``Conv1D`` where it came from one) holding
     Ŵ plus its adapter's ΔW, in place; returns ``model``. The outputs stay the same up to the
     rounding of ``dtype`` (default: each layer's original weight dtype). The new weights are frozen."""
+    from . import moe
+
     layers = _require_patched(model, "dequantize_model")
     for name, m in layers.items():
         _set_submodule(model, name, m.to_dense(dtype))
+    moe.dequantize_experts(model, dtype)
     if hasattr(model, "qlk_config"):
         del model.qlk_config
     return model

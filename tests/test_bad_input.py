@@ -225,6 +225,33 @@ def overlapping_out_result():
     return launcher_forward(x, qw, out=out)  # a wrong result: all 32 rows are one row of memory
 
 
+def grouped(offsets=None, num_experts=4):
+    from qlk.autograd.experts import grouped_experts_linear
+
+    qw = qlk.quantize(W(n=4 * 33), bits=4, group_size=32)
+    return grouped_experts_linear(torch.zeros(4, 128), qw, torch.tensor([0, 1, 2, 3, 4]) if offsets is None else offsets,
+                                  num_experts)
+
+
+class _Experts(nn.Module):
+    """The Transformers experts contract (use_experts_implementation), tiny."""
+
+    def __init__(self):
+        super().__init__()
+        self.num_experts, self.has_gate, self.has_bias, self.is_transposed = 3, True, False, False
+        self.gate_up_proj = nn.Parameter(torch.randn(3, 16, 64))
+        self.down_proj = nn.Parameter(torch.randn(3, 64, 8))
+        self.act_fn = nn.SiLU()
+
+    def _apply_gate(self, h):
+        gate, up = h.chunk(2, dim=-1)
+        return self.act_fn(gate) * up
+
+
+def moe_model():
+    return nn.ModuleDict({"experts": _Experts(), "proj": nn.Linear(64, 64)})
+
+
 # ---------------------------------------------------------------------------------- catalogue
 @dataclass
 class Case:
@@ -486,6 +513,19 @@ CASES = [
     Case("save-missing-dir", "qlk.io.save_quantized", "a path in a directory that does not exist",
          lambda: save_quantized(patched(), os.path.join(tmp(), "nodir", "x.safetensors")),
          exc=FileNotFoundError, says=("nodir/x.safetensors",)),
+    # ---- mixture-of-experts (qlk/nn/experts.py, qlk/kernels/grouped_matmul.py)
+    Case("experts-offsets-shape", "qlk.autograd.experts.grouped_experts_linear", "offsets of 3 entries for 4 experts",
+         lambda: grouped(offsets=torch.tensor([0, 2, 4])), says=("offsets has shape [3]", "expected [5]")),
+    Case("experts-offsets-dtype", "qlk.autograd.experts.grouped_experts_linear", "float offsets",
+         lambda: grouped(offsets=torch.tensor([0.0, 1, 2, 3, 4])), exc=TypeError, says=("int32/int64", "torch.float32")),
+    Case("experts-count", "qlk.autograd.experts.grouped_experts_linear", "num_experts=5 for a 4·33-row stack",
+         lambda: grouped(num_experts=5), says=("132 rows", "num_experts=5")),
+    Case("experts-group-size", "qlk.patch_model", "group_size=48 on experts with in_features=64",
+         lambda: qlk.patch_model(moe_model(), bits=4, group_size=48, method=None, verbose=False),
+         says=("experts", "in_features=64", "group_size=48", "skip_incompatible")),
+    Case("experts-partial-target", "qlk.patch_model", "target_modules=['down_proj'] (one projection of the experts)",
+         lambda: qlk.patch_model(moe_model(), bits=4, group_size=8, target_modules=["down_proj"], verbose=False),
+         says=("['down_proj']", "not all of its projections", "name the module ('experts')")),
 ]
 
 

@@ -48,14 +48,17 @@ class QlkConfig(QuantizationConfigMixin):
     "lora" or None = quantize only). modules_to_not_convert: names (or name suffixes) left dense;
     default: the output head. skip_incompatible: leave INT layers whose in_features group_size does
     not divide dense (default True; False raises). quantized_modules: filled in when a model is
-    quantized (the layers that are qlk layers), so a saved model loads back with the same ones.
+    quantized (the layers that are qlk layers), so a saved model loads back with the same ones;
+    quantized_experts the same for mixture-of-experts modules (stacked 3-D expert weights, which
+    are quantized on load too: each arrives as one tensor and becomes a stacked qlk weight).
     """
 
     def __init__(
         self, bits: int = 4, group_size: int | None = None, fmt: str = "int", double_quant: bool = True,
         method: str | None = None, r: int = 16, alpha: float = 16, dropout: float = 0.0, use_rslora: bool = False,
         modules_to_not_convert: list | None = None, skip_incompatible: bool = True,
-        scale_dtype: str = "float16", quantized_modules: dict | None = None, **kwargs,
+        scale_dtype: str = "float16", quantized_modules: dict | None = None, quantized_experts: dict | None = None,
+        **kwargs,
     ):  # fmt: skip
         self.quant_method = QUANT_METHOD
         self.bits, self.fmt, self.double_quant = bits, fmt, double_quant
@@ -64,6 +67,7 @@ class QlkConfig(QuantizationConfigMixin):
         self.modules_to_not_convert = modules_to_not_convert
         self.skip_incompatible, self.scale_dtype = skip_incompatible, scale_dtype
         self.quantized_modules = quantized_modules
+        self.quantized_experts = quantized_experts  # MoE experts modules (qlk.moe.experts_meta), filled in likewise
         self.post_init()
 
     def post_init(self):
@@ -102,6 +106,8 @@ class QlkHfQuantizer(HfQuantizer):
     def __init__(self, quantization_config, **kwargs):
         super().__init__(quantization_config, **kwargs)
         self.specs = {}  # module name -> dict(kind, weight_dtype) of the layers converted
+        self.expert_specs = {}  # MoE experts module name -> ExpertSpec (quantized on load)
+        self.pending_experts = {}  # name -> {projection: QuantExpertProj} quantized so far
 
     def validate_environment(self, *args, **kwargs):
         return
@@ -134,8 +140,36 @@ class QlkHfQuantizer(HfQuantizer):
             logger.warning("qlk: leaving dense: %s", msg)
         return targets
 
-    def _process_model_before_weight_loading(self, model, dtype=None, **kwargs):
+    def _expert_targets(self, model):
+        from .. import moe
+
         cfg = self.quantization_config
+        skip = self.get_modules_to_not_convert(model, cfg.modules_to_not_convert, model._keep_in_fp32_modules)
+        targets, incompatible = {}, []
+        for name, spec in moe.find_experts(model).items():
+            if _skipped(name, skip):
+                continue
+            ks = [moe.dims(model.get_submodule(name), spec, p)[0] for p in spec.projections]
+            if any(k % cfg.group_size or k % 8 for k in ks):
+                incompatible.append(f"{name} (in_features={ks})")
+                continue
+            targets[name] = spec
+        if incompatible:
+            msg = f"group_size={cfg.group_size} does not divide the experts of: " + ", ".join(incompatible[:5])
+            if not cfg.skip_incompatible:
+                raise ValueError(f"QlkConfig: {msg}; pass skip_incompatible=True to leave them dense")
+            logger.warning("qlk: leaving dense: %s", msg)
+        return targets
+
+    def _process_model_before_weight_loading(self, model, dtype=None, **kwargs):
+        from .. import moe
+
+        cfg = self.quantization_config
+        if self.pre_quantized:
+            if cfg.quantized_experts:
+                moe.install(model, moe.build_experts(model, cfg.quantized_experts, "QlkConfig", "meta"))
+        else:
+            self.expert_specs = self._expert_targets(model)
         self.specs = self._targets(model, dtype)
         for name, spec in self.specs.items():
             old = model.get_submodule(name)
@@ -158,6 +192,8 @@ class QlkHfQuantizer(HfQuantizer):
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         module_name, _, tensor = param_name.rpartition(".")
+        if not self.pre_quantized and module_name in self.expert_specs:
+            return tensor in self.expert_specs[module_name].projections
         return not self.pre_quantized and tensor == "weight" and module_name in self.specs
 
     def get_quantize_ops(self):
@@ -169,8 +205,38 @@ class QlkHfQuantizer(HfQuantizer):
             return None  # packed tensors keep their stored dtypes
         return super().get_new_dtype(converter, param, dtype)
 
+    def _install_experts(self, model):
+        from .. import moe
+        from ..nn.experts import QuantExperts
+
+        cfg = self.quantization_config
+        for name, spec in self.expert_specs.items():
+            module = model.get_submodule(name)
+            projections = self.pending_experts.get(name, {})
+            if set(projections) != set(spec.projections):
+                raise RuntimeError(f"qlk: experts '{name}' were not quantized during loading (got {sorted(projections)})")
+            for pname, proj in projections.items():
+                if spec.has_bias:
+                    proj.bias = nn.Parameter(getattr(module, f"{pname}_bias").detach(), requires_grad=False)
+                    module._parameters.pop(f"{pname}_bias")
+                module._parameters.pop(pname, None)
+                if cfg.method is not None:
+                    proj.add_adapter(cfg.method, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
+                                     use_rslora=cfg.use_rslora)
+            moe.install(model, {name: QuantExperts(module, spec, projections)})
+        self.pending_experts = {}
+        if self.expert_specs or cfg.quantized_experts:
+            _keep_stacked_experts_on_save(model)
+            cfg.quantized_experts = moe.experts_meta(model)
+            for experts in cfg.quantized_experts.values():  # the saved adapters load as the config says
+                for meta in experts.values():
+                    meta.update(method=None)
+                    for key in ("r", "alpha", "use_rslora", "dropout", "shared_adapter", "adapter_dtype"):
+                        meta.pop(key, None)
+
     def _process_model_after_weight_loading(self, model, **kwargs):
         cfg = self.quantization_config
+        self._install_experts(model)
         for name in self.specs:
             m = model.get_submodule(name)
             m._parameters.pop("weight", None)  # the dense placeholder: only the packed buffers remain
@@ -240,6 +306,9 @@ class QlkQuantize:
             name = full_layer_name or param_name
             module_name = name.rpartition(".")[0]
             m = model.get_submodule(module_name)
+            if module_name in self.hf_quantizer.expert_specs:  # MoE: a stacked 3-D expert weight
+                result.update(self._quantize_experts(name, module_name, value, cfg))
+                continue
             w = value.t().contiguous() if m.kind == "conv1d" else value
             if not torch.isfinite(w).all():
                 raise ValueError(f"qlk: weight of '{module_name}' has NaN/Inf values; cannot quantize")
@@ -255,6 +324,38 @@ class QlkQuantize:
             m._is_hf_initialized = True
             del value, w
         return result
+
+    def _quantize_experts(self, name, module_name, value, cfg):
+        """A stacked 3-D expert weight -> a QuantExpertProj kept until the experts module is swapped."""
+        from ..nn.experts import QuantExpertProj
+
+        spec = self.hf_quantizer.expert_specs[module_name]
+        pname = name.rpartition(".")[2]
+        if not torch.isfinite(value).all():
+            raise ValueError(f"qlk: experts weight '{name}' has NaN/Inf values; cannot quantize")
+        proj = QuantExpertProj.from_dense(value, None, spec.transposed, bits=cfg.bits, group_size=cfg.group_size,
+                                          fmt=cfg.fmt, double_quant=cfg.double_quant,
+                                          scale_dtype=_DTYPE_NAMES[cfg.scale_dtype])
+        self.hf_quantizer.pending_experts.setdefault(module_name, {})[pname] = proj
+        # the dense placeholder gets an empty tensor; _process_model_after_weight_loading swaps the module
+        return {name: torch.empty(0, dtype=value.dtype, device=value.device)}
+
+
+def _keep_stacked_experts_on_save(model):
+    """save_pretrained reverts the loader's weight conversions (e.g. Mixtral's per-expert w1/w3 merged
+    into gate_up_proj) by splitting tensors; qlk's packed experts have their own layout (NF4 bytes
+    and absmax state are flat), so they are saved stacked, as loaded: drop the merge converters,
+    keep plain renamings."""
+    try:
+        from transformers.core_model_loading import WeightConverter
+    except ImportError:
+        return
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions is None:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+
+        conversions = get_model_conversion_mapping(model, add_legacy=False)
+    model._weight_conversions = [c for c in conversions if not isinstance(c, WeightConverter)]
 
 
 def _ensure_conversion_ops_base():

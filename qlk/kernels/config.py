@@ -152,3 +152,27 @@ def dequant_configs():
         _cfg(None, 4, 1, BLOCK_N=32, BLOCK_K=256),
         _cfg(None, 8, 1, BLOCK_N=64, BLOCK_K=256),
     ]
+
+
+def grouped_config(direction: str, small_m: bool) -> dict:
+    """Tile sizes, warps and stages of the grouped (mixture-of-experts) kernels of
+    :mod:`qlk.kernels.grouped_matmul`, for ``direction`` "fwd" or "grad" on the current target.
+
+    Not autotuned: the launcher builds its tile map (which M tile belongs to which expert) for one
+    BLOCK_M before the launch. Large M reuses the dense GEMM's sm_90 / sm_80 tiles (forward:
+    weight as the MMA A operand; input gradient: dXᵀ tiles, reduction over N); small M (decode, or
+    a few rows per expert) uses 16-row tiles so an expert with one token wastes at most 15 rows."""
+    if INTERPRETED:
+        return dict(BLOCK_N=32, BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=1)
+    hopper = target_arch() >= 90
+    if direction == "fwd":
+        if small_m:
+            return dict(BLOCK_N=64, BLOCK_M=16, BLOCK_K=128, num_warps=4, num_stages=4)
+        if hopper:
+            return dict(BLOCK_N=128, BLOCK_M=128, BLOCK_K=64, num_warps=8, num_stages=4)
+        return dict(BLOCK_N=128, BLOCK_M=128, BLOCK_K=32, num_warps=8, num_stages=4)
+    if small_m:
+        return dict(BLOCK_N=128, BLOCK_M=16, BLOCK_K=64, num_warps=4, num_stages=3)
+    if hopper:
+        return dict(BLOCK_N=64, BLOCK_M=128, BLOCK_K=128, num_warps=8, num_stages=4)
+    return dict(BLOCK_N=32, BLOCK_M=128, BLOCK_K=128, num_warps=8, num_stages=3)

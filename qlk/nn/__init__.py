@@ -1,4 +1,6 @@
-"""qlk's nn layer: :class:`QuantLinear` (quantized frozen base + optional QA-LoRA/LoRA adapter)."""
+"""qlk's nn layers: :class:`QuantLinear` (quantized frozen base + optional QA-LoRA/LoRA adapter) and,
+for mixture-of-experts models, :class:`QuantExperts` / :class:`QuantExpertProj` (:mod:`qlk.nn.experts`)."""
+from .experts import QuantExpertProj, QuantExperts
 from .linear import QuantLinear
 
-__all__ = ["QuantLinear"]
+__all__ = ["QuantLinear", "QuantExperts", "QuantExpertProj"]

@@ -1,0 +1,237 @@
+"""Autograd for the stacked expert projections of a mixture-of-experts layer (:mod:`qlk.nn.experts`).
+
+Rows are the S = T·top_k routed copies of the tokens, sorted by expert; ``offsets`` [E+1] delimits
+expert e's rows (:mod:`qlk.kernels.grouped_matmul`). Per expert e, with Ŵ_e its quantized weight
+[N, K], A_e/B_e its adapter (or one A/B shared by every expert), σ the scaling:
+
+    base     Y_e = X_e·Ŵ_eᵀ (+ b_e)                          dX_e = dY_e·Ŵ_e
+    LoRA     Y_e += σ·D(X_e)·A_eᵀ·B_eᵀ,  A_e [r, K]
+             V_e = dY_e·B_e:  dA_e = σ·V_eᵀ·D(X_e),  dB_e = σ·dY_eᵀ·(D(X_e)·A_eᵀ),  dX_e += σ·D'(V_e·A_e)
+    QA-LoRA  Y_e += σ·D(P(X_e))·A_eᵀ·B_eᵀ,  A_e [r, K/g], P the mean of each quantization group
+             dA_e = σ·V_eᵀ·Pd_e,  dB_e = σ·dY_eᵀ·(Pd_e·A_eᵀ),  dX_e += (σ/g)·expand_g(D'(V_e·A_e))
+    shared adapter: the same formulas with A_e = A, B_e = B (dA, dB summed over every expert's rows)
+
+These are the dense layer's formulas (:mod:`qlk.autograd.lora`, :mod:`qlk.autograd.qalora`) applied
+to each expert's rows. Saved for backward: QA-LoRA keeps only Pd, the pooled input of each routed
+row (S·K/g values); LoRA keeps X (S·K); the base keeps nothing. The packed weight is referenced.
+
+On the Triton backend the base GEMMs are the grouped kernels (one launch per direction, no loop
+over experts), and QA-LoRA without dropout runs fused: the adapter is folded into each expert's
+group biases, b'_e = b_e + (σ/g)·B_e·A_e (the merge identity), so the grouped forward yields Y and
+P(X) in one launch and the grouped input gradient dY·Ŵ' = dY·Ŵ + (σ/g)·expand_g(V·A) in one more.
+The r-wide adapter products run as batched matmuls over experts padded to the busiest expert's
+row count (one host sync for that count).
+"""
+from __future__ import annotations
+
+import torch
+from torch.amp import custom_bwd, custom_fwd
+
+from .. import backend
+from .._checks import check_grouped
+from ..formats import QuantizedWeight
+from .lora import accumulate_dtype, autocast_off, compute_dtype, draw_seed, dropout_mask
+
+
+def _gm():
+    """qlk.kernels.grouped_matmul, imported on first use (importing qlk does not import Triton)."""
+    from ..kernels import grouped_matmul
+
+    return grouped_matmul
+
+
+class Segments:
+    """The rows of each expert, for batched per-expert products: row s is expert ``expert[s]``
+    (E for rows past offsets[E]) at position ``pos[s]`` of its group."""
+
+    def __init__(self, offsets: torch.Tensor, rows: int):
+        self.num_experts = offsets.shape[0] - 1
+        self.rows = rows
+        bounds = torch.cat([offsets.to(torch.int64), offsets.new_full((1,), rows, dtype=torch.int64)])
+        idx = torch.arange(rows, device=offsets.device)
+        self.expert = torch.searchsorted(bounds[1:-1], idx, right=True)  # E for the tail
+        self.pos = idx - bounds[self.expert]
+        counts = bounds[1:] - bounds[:-1]
+        self.width = int(counts.max()) if rows else 0  # the one host sync
+        self.valid = (self.expert < self.num_experts).unsqueeze(-1)
+
+    def pad(self, rows: torch.Tensor) -> torch.Tensor:
+        """[S, D] -> [E, W, D] (W = the largest group; zeros where an expert has fewer rows)."""
+        out = rows.new_zeros(self.num_experts + 1, self.width, rows.shape[-1])
+        out[self.expert, self.pos] = rows
+        return out[: self.num_experts]
+
+    def unpad(self, padded: torch.Tensor) -> torch.Tensor:
+        """[E, W, D] -> [S, D], rows past offsets[E] zero."""
+        ext = torch.cat([padded, padded.new_zeros(1, *padded.shape[1:])])
+        return ext[self.expert, self.pos]
+
+    def sum_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """[S, D] -> [E, D]: the sum of each expert's rows."""
+        out = rows.new_zeros(self.num_experts + 1, rows.shape[-1])
+        out.index_add_(0, self.expert, rows)
+        return out[: self.num_experts]
+
+
+def _low_rank(inp, lora_a, lora_b, seg: Segments, acc):
+    """(T [S, N], U [S, r]) with U_e = inp_e·A_eᵀ and T_e = U_e·B_eᵀ per expert (or shared A, B)."""
+    a, b = lora_a.to(acc), lora_b.to(acc)
+    if a.shape[0] == 1:
+        u = (inp @ a[0].t()) * seg.valid
+        return u @ b[0].t(), u
+    u = torch.bmm(seg.pad(inp), a.transpose(1, 2))  # [E, W, r]
+    return seg.unpad(torch.bmm(u, b.transpose(1, 2))), seg.unpad(u)
+
+
+def _adapter_grads(dy, inp, u, lora_a, lora_b, seg: Segments, scaling, acc, need_a, need_b):
+    """(V [S, r], dA, dB): V_e = dY_e·B_e, dA_e = σ·V_eᵀ·inp_e, dB_e = σ·dY_eᵀ·U_e."""
+    b = lora_b.to(acc)
+    da = db = None
+    if lora_a.shape[0] == 1:
+        v = (dy @ b[0]) * seg.valid
+        if need_a:
+            da = (scaling * (v.t() @ inp)).unsqueeze(0)
+        if need_b:
+            db = (scaling * (dy.t() @ u)).unsqueeze(0)
+        return v, da, db
+    dyp = seg.pad(dy)
+    vp = torch.bmm(dyp, b)  # [E, W, r]
+    if need_a:
+        da = scaling * torch.bmm(vp.transpose(1, 2), seg.pad(inp))
+    if need_b:
+        db = scaling * torch.bmm(dyp.transpose(1, 2), seg.pad(u))
+    return seg.unpad(vp), da, db
+
+
+def _times_a(v, lora_a, seg: Segments, acc):
+    """V_e·A_e per expert: [S, r] -> [S, D]."""
+    a = lora_a.to(acc)
+    if a.shape[0] == 1:
+        return (v @ a[0]) * seg.valid
+    return seg.unpad(torch.bmm(seg.pad(v), a))
+
+
+def _use_kernels(device, qw: QuantizedWeight, dtype) -> bool:
+    return backend.resolve(device) == "triton" and _gm().kernel_ok(qw, dtype)
+
+
+def grouped_base(x, qw, offsets, num_experts, bias=None):
+    """Y = X·Ŵ_eᵀ (+ b_e) per row's expert: the grouped kernel or the reference."""
+    if _use_kernels(x.device, qw, x.dtype):
+        return _gm().grouped_matmul_forward(x, qw, offsets, num_experts, bias)[0]
+    return _gm().grouped_matmul_reference(x, qw, offsets, num_experts, bias)
+
+
+def grouped_base_grad(dy, qw, offsets, num_experts):
+    """dX = dY·Ŵ_e per row's expert."""
+    if _use_kernels(dy.device, qw, dy.dtype):
+        return _gm().grouped_matmul_grad_input(dy, qw, offsets, num_experts)
+    return _gm().grouped_grad_input_reference(dy, qw, offsets, num_experts)
+
+
+def folded_weight_args(qw: QuantizedWeight, lora_a, lora_b, scaling: float, num_experts: int):
+    """weight_args(qw) with the group biases b'_e = b_e + (σ/g)·B_e·A_e (fp32 [E·N, G])."""
+    args, meta = _gm().weight_args(qw)
+    scales = args[1].contiguous()
+    n = qw.out_features // num_experts
+    delta = torch.matmul(lora_b.float(), lora_a.float()) * (scaling / qw.group_size)  # [Ea, N, G]
+    folded = (qw.biases.float().reshape(num_experts, n, -1) + delta).reshape(qw.out_features, -1).contiguous()
+    return (args[0], scales, folded) + args[3:7] + (args[7], scales.stride(0), scales.stride(1)), meta
+
+
+class GroupedExpertsFunction(torch.autograd.Function):
+    """One stacked expert projection (base, LoRA or QA-LoRA per expert); see the module docstring."""
+
+    @staticmethod
+    @custom_fwd(device_type="cuda")
+    def forward(ctx, x, qw, offsets, num_experts, bias, lora_a, lora_b, scaling, method, dropout):
+        cd = compute_dtype(x)
+        acc = accumulate_dtype(cd)
+        g = qw.group_size
+        with autocast_off(x.device.type):
+            x2 = x.to(cd)
+            bias_c = None if bias is None else bias.to(cd)
+            seg = Segments(offsets, x2.shape[0]) if method is not None else None
+            seed = draw_seed() if method is not None and dropout > 0 else None
+            fused = (method == "qalora" and seed is None and qw.fmt == "int"
+                     and _use_kernels(x.device, qw, cd))
+            saved = None
+            if fused:
+                wargs = folded_weight_args(qw, lora_a, lora_b, scaling, num_experts)
+                y, pooled = _gm().grouped_matmul_forward(x2, qw, offsets, num_experts, bias_c, wargs=wargs, pool=True)
+                saved = pooled.to(acc)
+            else:
+                y = grouped_base(x2, qw, offsets, num_experts, bias_c)
+                if method is not None:
+                    inp = x2.to(acc)
+                    if method == "qalora":
+                        inp = inp.reshape(inp.shape[0], qw.in_features // g, g).mean(-1)  # P(X) [S, G]
+                    if seed is not None:
+                        inp = inp * dropout_mask(inp.shape, dropout, seed, inp.device, acc)
+                    term, _ = _low_rank(inp, lora_a, lora_b, seg, acc)
+                    y = (y.to(acc) + scaling * term).to(cd)
+                    # QA-LoRA keeps P(X) only; LoRA keeps X (in the compute dtype, like the dense layer)
+                    saved = inp if method == "qalora" else x2
+        ctx.save_for_backward(saved, lora_a, lora_b, offsets)
+        ctx.qw, ctx.num_experts, ctx.scaling, ctx.method, ctx.dropout, ctx.seed = qw, num_experts, scaling, method, dropout, seed
+        ctx.fused, ctx.compute_dtype, ctx.x_dtype, ctx.seg = fused, cd, x.dtype, seg
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    @custom_bwd(device_type="cuda")
+    def backward(ctx, dy):
+        saved, a, b, offsets = ctx.saved_tensors
+        qw, e, s, cd, seg = ctx.qw, ctx.num_experts, ctx.scaling, ctx.compute_dtype, ctx.seg
+        acc = accumulate_dtype(cd)
+        dx = dbias = da = db = None
+        with autocast_off(dy.device.type):
+            dy2 = dy.to(cd)
+            if ctx.method is None:
+                if ctx.needs_input_grad[0]:
+                    dx = grouped_base_grad(dy2, qw, offsets, e).to(ctx.x_dtype)
+            else:
+                inp = saved.to(acc)
+                if ctx.method == "lora" and ctx.seed is not None:
+                    mask = dropout_mask(inp.shape, ctx.dropout, ctx.seed, inp.device, acc)
+                    inp = inp * mask
+                dy_acc = dy2.to(acc)
+                _, u = _low_rank(inp, a, b, seg, acc)
+                v, da, db = _adapter_grads(dy_acc, inp, u, a, b, seg, s, acc, ctx.needs_input_grad[5],
+                                           ctx.needs_input_grad[6])
+                if ctx.needs_input_grad[0]:
+                    if ctx.fused:
+                        wargs = folded_weight_args(qw, a, b, s, e)
+                        dx = _gm().grouped_matmul_grad_input(dy2, qw, offsets, e, wargs=wargs)
+                    else:
+                        extra = _times_a(v, a, seg, acc) * s
+                        if ctx.seed is not None:
+                            extra = extra * dropout_mask(extra.shape, ctx.dropout, ctx.seed, extra.device, acc)
+                        if ctx.method == "qalora":
+                            extra = (extra / qw.group_size).repeat_interleave(qw.group_size, dim=-1)
+                        dx = grouped_base_grad(dy2, qw, offsets, e).to(acc) + extra
+                    dx = dx.to(ctx.x_dtype)
+                da = None if da is None else da.to(a.dtype)
+                db = None if db is None else db.to(b.dtype)
+            if ctx.needs_input_grad[4]:
+                seg = seg or Segments(offsets, dy2.shape[0])
+                dbias = seg.sum_rows(dy2.to(acc)).to(ctx.bias_dtype)
+        return dx, None, None, None, dbias, da, db, None, None, None
+
+
+def grouped_experts_linear(x, qw, offsets, num_experts, bias=None, lora_a=None, lora_b=None, scaling=1.0,
+                           method=None, dropout=0.0):
+    """Differentiable stacked expert projection through :class:`GroupedExpertsFunction`.
+
+    x [S, K] sorted by expert; qw stacked [E·N, K]; offsets [E+1]; bias [E, N] or None;
+    lora_a [E or 1, r, K (LoRA) or K/g (QA-LoRA)], lora_b [E or 1, N, r]."""
+    n = check_grouped(qw, offsets, num_experts, "grouped_experts_linear")
+    if x.dim() != 2 or x.shape[1] != qw.in_features:
+        raise ValueError(f"grouped_experts_linear: x has shape {list(x.shape)}, expected [rows, {qw.in_features}]")
+    if method is not None:
+        ea = lora_a.shape[0]
+        if ea not in (1, num_experts) or lora_b.shape[0] != ea or lora_b.shape[1] != n:
+            raise ValueError(f"grouped_experts_linear: lora_A {list(lora_a.shape)} / lora_B {list(lora_b.shape)} "
+                             f"do not fit {num_experts} experts of [{n}, {qw.in_features}]")
+    return GroupedExpertsFunction.apply(x, qw, offsets, num_experts, bias, lora_a, lora_b, float(scaling), method,
+                                        float(dropout))

@@ -1,0 +1,295 @@
+"""Grouped fused dequantize + matmul for mixture-of-experts layers: the experts' GEMMs in one launch.
+
+Layout. The E experts of one projection are one stacked :class:`~qlk.formats.QuantizedWeight`
+Ŵ [E·N, K] (expert e owns rows e·N .. e·N+N−1; any qlk format, quantized as one weight, so the
+packing, the IO and the tile decoder :func:`qlk.kernels.quant_tile._dequant_tile` are the dense
+layer's). The S = T·top_k routed rows of X are sorted by expert; ``offsets`` [E+1] (int32/int64,
+offsets[0] = 0, non-decreasing, offsets[E] <= S) delimits them: rows offsets[e] .. offsets[e+1]−1
+go to expert e. Rows from offsets[E] on (expert-parallel sentinels) belong to no expert and come
+out 0. An expert with no row, and S = 0, are ordinary inputs.
+
+Math, for a row s of expert e (n < N, k < K):
+
+    forward         Y[s, n]  = Σ_k X[s, k]·Ŵ[e·N + n, k] (+ bias[e, n])
+    input gradient  dX[s, k] = Σ_n dY[s, n]·Ŵ[e·N + n, k]
+
+(the chain rule of Y_e = X_e·Ŵ_eᵀ + 1·b_eᵀ per expert; the experts share nothing).
+
+Kernels (no Python loop over experts: one launch per projection and direction):
+
+``_grouped_matmul_fwd_kernel``  program (t, j): M tile t of the concatenated per-expert tile list,
+    N tile j. Tiles never straddle two experts: expert e has ⌈count_e / BLOCK_M⌉ tiles; the tile
+    map (expert, first row) is built on the device by :func:`_tile_map` with a few torch ops and
+    no host sync, over an upper bound of ⌈S/BLOCK_M⌉ + E + 1 tiles (programs past the end exit).
+    The K loop is the dense forward's (:func:`qlk.kernels.fused_matmul._fwd_loop`: weight as the
+    MMA A operand, fp32 accumulation) on weight rows e·N + n. ``POOL`` also writes QA-LoRA's P(X)
+    from the X tiles of the first N tile (the fused QA-LoRA path, biases folded per expert).
+``_grouped_matmul_grad_input_kernel``  program (t, j): dXᵀ tile [BLOCK_K, BLOCK_M] of M tile t,
+    K tile j, reduction over the expert's N rows.
+
+The tail group (rows >= offsets[E]) gets tiles of its own that store zeros, so no output is
+memset first. Small M (decode, or many experts with a few rows each: S/E <= ``SMALL_M_ROWS``)
+uses 16-row tiles (:func:`qlk.kernels.config.grouped_config`), so an expert with one token reads
+its weight once and wastes at most 15 MMA rows, not 255.
+
+Reference (:func:`grouped_matmul_reference`, :func:`grouped_grad_input_reference`): per expert,
+the dequantized slice Ŵ_e (:func:`expert_weight`) and a torch matmul, fp32 (fp64 for fp64 inputs).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._checks import check_grouped
+from ..formats.nf4 import nf4_absmax
+from ..formats.quantized_weight import QuantizedWeight
+from .config import INTERPRETED, grouped_config
+from .fused_matmul import _as_2d, _fwd_loop, _precision
+from .quant_tile import _dequant_tile, supports, weight_args
+
+#: average routed rows per expert (S / E) at or below which the 16-row (small-M) tiles are used
+SMALL_M_ROWS = 32
+
+
+# ------------------------------------------------------------------------------------------------
+# kernels
+# ------------------------------------------------------------------------------------------------
+@triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+@triton.jit
+def _grouped_matmul_fwd_kernel(
+    y_ptr,  # [S, N] output, activation dtype
+    x_ptr,  # [S, K] routed rows sorted by expert (any strides)
+    bias_ptr,  # [E, N] per-expert bias or dummy
+    p_ptr,  # POOL: [S, K/GROUP_SIZE] fp32 group means of x, else dummy
+    tile_expert_ptr, tile_row_ptr, bounds_ptr,  # tile map (_tile_map), bounds [E+2] = offsets[:E+1] ++ [S]
+    qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,  # stacked weight (weight_args)
+    stride_qn, stride_sn, stride_sg,
+    N, K, NUM_EXPERTS,
+    stride_xm, stride_xk, stride_ym, stride_yn, stride_be, stride_pm,
+    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, POOL: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Y[s, n] = Σ_k X[s, k]·Ŵ[e·N + n, k] (+ bias[e, n]) for the rows s of M tile t (all of expert e)."""
+    pid_t = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(tile_expert_ptr + pid_t)
+    if e >= 0:
+        row0 = tl.load(tile_row_ptr + pid_t)
+        row_end = tl.load(bounds_ptr + e + 1).to(tl.int32)
+        offs_m = row0 + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
+        y_mask = (offs_m[:, None] < row_end) & (offs_n[None, :] < N)
+        if e == NUM_EXPERTS:  # rows routed to no expert (sentinels): zeros
+            tl.store(y_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=y_ptr.dtype.element_ty), mask=y_mask)
+        else:
+            # the expert's weight rows; rows past N are clamped (computed, never stored)
+            rows_w = e * N + tl.minimum(offs_n, N - 1)
+            x_rows = x_ptr + tl.minimum(offs_m, row_end - 1).to(tl.int64) * stride_xm
+            if POOL and pid_n == 0:
+                acc = _fwd_loop(x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
+                                stride_qn, stride_sn, stride_sg, rows_w, offs_m, row_end, K, stride_xk, stride_pm,
+                                BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, True, DOT_PRECISION, True, EVEN_K,
+                                BLOCK_N, BLOCK_M, BLOCK_K)
+            else:
+                acc = _fwd_loop(x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
+                                stride_qn, stride_sn, stride_sg, rows_w, offs_m, row_end, K, stride_xk, stride_pm,
+                                BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, True, DOT_PRECISION, False, EVEN_K,
+                                BLOCK_N, BLOCK_M, BLOCK_K)
+            acc = tl.trans(acc)
+            if HAS_BIAS:
+                bias = tl.load(bias_ptr + e.to(tl.int64) * stride_be + offs_n, mask=offs_n < N, other=0.0)
+                acc += bias.to(tl.float32)[None, :]
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+@triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+@triton.jit
+def _grouped_matmul_grad_input_kernel(
+    dx_ptr,  # [S, K] output, activation dtype
+    dy_ptr,  # [S, N] upstream gradient, rows sorted by expert (any strides)
+    tile_expert_ptr, tile_row_ptr, bounds_ptr,
+    qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,  # stacked weight (weight_args)
+    stride_qn, stride_sn, stride_sg,
+    N, K, NUM_EXPERTS,
+    stride_dym, stride_dyn, stride_dxm, stride_dxk,
+    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dX[s, k] = Σ_n dY[s, n]·Ŵ[e·N + n, k]: tile dXᵀ[k0:k0+BK, rows of M tile t] = Ŵ_eᵀ·dYᵀ."""
+    pid_t = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    e = tl.load(tile_expert_ptr + pid_t)
+    if e >= 0:
+        row0 = tl.load(tile_row_ptr + pid_t)
+        row_end = tl.load(bounds_ptr + e + 1).to(tl.int32)
+        k0 = pid_k * BLOCK_K
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        offs_m = row0 + tl.arange(0, BLOCK_M)
+        dx_ptrs = dx_ptr + offs_m[None, :].to(tl.int64) * stride_dxm + offs_k[:, None] * stride_dxk
+        dx_mask = (offs_m[None, :] < row_end) & (offs_k[:, None] < K)
+        if e == NUM_EXPERTS:
+            tl.store(dx_ptrs, tl.zeros((BLOCK_K, BLOCK_M), dtype=dx_ptr.dtype.element_ty), mask=dx_mask)
+        else:
+            dy_rows = dy_ptr + tl.minimum(offs_m, row_end - 1).to(tl.int64) * stride_dym
+            acc = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
+            for n0 in range(0, N, BLOCK_N):
+                offs_n = n0 + tl.arange(0, BLOCK_N)
+                # clamped weight rows are finite and meet dY columns masked to 0: they add exactly 0
+                w = _dequant_tile(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
+                                  stride_qn, stride_sn, stride_sg, e * N + tl.minimum(offs_n, N - 1), k0, K,
+                                  BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K)
+                dyt = tl.load(dy_rows[None, :] + offs_n[:, None] * stride_dyn, mask=offs_n[:, None] < N, other=0.0)
+                acc = tl.dot(tl.trans(w.to(dyt.dtype)), dyt, acc, input_precision=DOT_PRECISION)
+            tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=dx_mask)
+
+
+# ------------------------------------------------------------------------------------------------
+# launchers
+# ------------------------------------------------------------------------------------------------
+def _tile_map(offsets: torch.Tensor, rows: int, block_m: int):
+    """(tile_expert int32 [T], tile_row int32 [T], bounds [E+2]) for an upper bound T of the tile count.
+
+    Group e < E holds rows bounds[e] .. bounds[e+1]; group E the rows past offsets[E] (zeros).
+    tile_expert is −1 for the tiles past the last one. Device ops only (no host sync)."""
+    e = offsets.shape[0] - 1
+    bounds = torch.cat([offsets.to(torch.int64), offsets.new_full((1,), rows, dtype=torch.int64)])
+    counts = bounds[1:] - bounds[:-1]  # [E+1]
+    tiles = (counts + block_m - 1) // block_m
+    ends = torch.cumsum(tiles, 0)
+    upper = triton.cdiv(rows, block_m) + e + 1
+    t = torch.arange(upper, device=offsets.device)
+    group = torch.searchsorted(ends, t, right=True)  # E+1 past the last tile
+    valid = group <= e
+    g = group.clamp(max=e)
+    first_tile = ends[g] - tiles[g]
+    tile_row = bounds[g] + (t - first_tile) * block_m
+    tile_expert = torch.where(valid, g, -1)
+    return tile_expert.to(torch.int32), tile_row.to(torch.int32), bounds
+
+
+def _small(rows: int, num_experts: int) -> bool:
+    return rows <= SMALL_M_ROWS * num_experts
+
+
+def grouped_matmul_forward(x: torch.Tensor, qw: QuantizedWeight, offsets: torch.Tensor, num_experts: int,
+                           bias: torch.Tensor | None = None, *, wargs=None, pool: bool = False,
+                           config: dict | None = None):
+    """(Y [S, N], P(X) [S, G] fp32 or None) on the grouped kernel; see the module docstring.
+
+    x [S, K] fp16/bf16/fp32 sorted by expert; qw stacked [E·N, K]; bias [E, N] or None.
+    ``wargs``: weight_args(qw) with replaced tensors (QA-LoRA's folded biases); ``pool``: also
+    P(X). ``config``: tile sizes / warps / stages to use instead of :func:`grouped_config`'s."""
+    n = check_grouped(qw, offsets, num_experts, "grouped_matmul_forward")
+    k = qw.in_features
+    x2 = _as_2d(x, k, "x")
+    s = x2.shape[0]
+    if bias is not None and (bias.shape != (num_experts, n) or bias.device != x.device):
+        raise ValueError(f"bias must be [{num_experts}, {n}] on {x.device}; got {list(bias.shape)} on {bias.device}")
+    out = torch.empty((s, n), dtype=x.dtype, device=x.device)
+    g = qw.group_size
+    pooled = torch.zeros((s, k // g), dtype=torch.float32, device=x.device) if pool else None
+    if s == 0:
+        return out, pooled
+    args, meta = wargs if wargs is not None else weight_args(qw)
+    cfg = dict(config or grouped_config("fwd", _small(s, num_experts)))
+    fused = pool and g & (g - 1) == 0
+    tile_expert, tile_row, bounds = _tile_map(offsets, s, cfg["BLOCK_M"])
+    grid = (tile_expert.shape[0], triton.cdiv(n, cfg["BLOCK_N"]))
+    _grouped_matmul_fwd_kernel[grid](
+        out, x2, bias if bias is not None else args[3], pooled if fused else args[3],
+        tile_expert, tile_row, bounds, *args, n, k, num_experts,
+        x2.stride(0), x2.stride(1), out.stride(0), out.stride(1), bias.stride(0) if bias is not None else 0,
+        pooled.stride(0) if fused else 0,
+        HAS_BIAS=bias is not None, DOT_PRECISION=_precision(x.dtype), POOL=fused, **meta, **cfg)
+    if pool and not fused:  # a group size that is not a power of two
+        torch.mean(x2.reshape(s, k // g, g), dim=-1, dtype=torch.float32, out=pooled)
+    return out, pooled
+
+
+def grouped_matmul_grad_input(dy: torch.Tensor, qw: QuantizedWeight, offsets: torch.Tensor, num_experts: int,
+                              *, wargs=None, config: dict | None = None) -> torch.Tensor:
+    """dX [S, K] = dY·Ŵ_e per row's expert, in dy's dtype; rows past offsets[E] are 0."""
+    n = check_grouped(qw, offsets, num_experts, "grouped_matmul_grad_input")
+    k = qw.in_features
+    dy2 = _as_2d(dy, n, "dy")
+    s = dy2.shape[0]
+    out = torch.empty((s, k), dtype=dy.dtype, device=dy.device)
+    if s == 0:
+        return out
+    args, meta = wargs if wargs is not None else weight_args(qw)
+    cfg = dict(config or grouped_config("grad", _small(s, num_experts)))
+    tile_expert, tile_row, bounds = _tile_map(offsets, s, cfg["BLOCK_M"])
+    grid = (tile_expert.shape[0], triton.cdiv(k, cfg["BLOCK_K"]))
+    _grouped_matmul_grad_input_kernel[grid](
+        out, dy2, tile_expert, tile_row, bounds, *args, n, k, num_experts,
+        dy2.stride(0), dy2.stride(1), out.stride(0), out.stride(1),
+        DOT_PRECISION=_precision(dy.dtype), **meta, **cfg)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# reference (the CPU fallback and the tests' oracle) and dispatch
+# ------------------------------------------------------------------------------------------------
+def expert_weight(qw: QuantizedWeight, expert: int, num_experts: int, absmax: torch.Tensor | None = None
+                  ) -> QuantizedWeight:
+    """Expert ``expert``'s [N, K] slice of a stacked weight [E·N, K], as a QuantizedWeight (views).
+
+    INT: rows e·N .. e·N+N−1 of codes, scales and biases. NF4 (blocks inside one expert: the
+    blocksize divides N·K): its bytes and absmax blocks; a double-quantized absmax is de-nested
+    first (``absmax``: ``nf4_absmax(qw)``, to de-nest once for all experts) — the same fp32 values
+    the stacked dequantization uses."""
+    n = qw.out_features // num_experts
+    k = qw.in_features
+    if qw.fmt == "int":
+        rows = slice(expert * n, (expert + 1) * n)
+        return QuantizedWeight(fmt="int", shape=(n, k), bits=qw.bits, group_size=qw.group_size, dtype=qw.dtype,
+                               qweight=qw.qweight[rows], scales=qw.scales[rows], biases=qw.biases[rows])
+    if (n * k) % qw.group_size or (n * k) % 2:
+        raise ValueError(f"NF4 blocks of {qw.group_size} straddle experts of {n}x{k} weights")
+    absmax = nf4_absmax(qw) if absmax is None else absmax
+    per = n * k // qw.group_size
+    return QuantizedWeight(fmt="nf4", shape=(n, k), bits=4, group_size=qw.group_size, dtype=qw.dtype,
+                           qweight=qw.qweight[expert * n * k // 2:(expert + 1) * n * k // 2],
+                           absmax=absmax[expert * per:(expert + 1) * per])
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def grouped_matmul_reference(x, qw, offsets, num_experts, bias=None):
+    """Y_e = X_e·Ŵ_eᵀ (+ b_e) per expert (fp32, fp64 for fp64 x), zeros past offsets[E]."""
+    acc = _acc(x.dtype)
+    n = qw.out_features // num_experts
+    y = torch.zeros(x.shape[0], n, dtype=acc, device=x.device)
+    bounds = offsets.tolist()
+    absmax = nf4_absmax(qw) if qw.fmt == "nf4" else None
+    for e in range(num_experts):
+        lo, hi = bounds[e], bounds[e + 1]
+        if hi > lo:
+            y[lo:hi] = x[lo:hi].to(acc) @ expert_weight(qw, e, num_experts, absmax).dequantize(acc).t()
+            if bias is not None:
+                y[lo:hi] += bias[e].to(acc)
+    return y.to(x.dtype)
+
+
+def grouped_grad_input_reference(dy, qw, offsets, num_experts):
+    """dX_e = dY_e·Ŵ_e per expert, zeros past offsets[E]."""
+    acc = _acc(dy.dtype)
+    dx = torch.zeros(dy.shape[0], qw.in_features, dtype=acc, device=dy.device)
+    bounds = offsets.tolist()
+    absmax = nf4_absmax(qw) if qw.fmt == "nf4" else None
+    for e in range(num_experts):
+        lo, hi = bounds[e], bounds[e + 1]
+        if hi > lo:
+            dx[lo:hi] = dy[lo:hi].to(acc) @ expert_weight(qw, e, num_experts, absmax).dequantize(acc)
+    return dx.to(dy.dtype)
+
+
+def kernel_ok(qw: QuantizedWeight, dtype: torch.dtype) -> bool:
+    """Whether the grouped kernels serve ``qw`` for activations of ``dtype`` (else: the reference)."""
+    return (supports(qw) is None and dtype != torch.float64 and not (INTERPRETED and dtype == torch.bfloat16))

@@ -1,0 +1,448 @@
+"""Mixture-of-experts: quantized stacked experts, per-expert adapters, grouped kernels.
+
+Oracles are independent of the code under test: the grouped kernels against a float64 per-expert
+product written from the INT format's documented math (ŵ = s·(q − 2^(b−1)) + c from the unpacked
+codes) or NF4's float64 dequantization (checked against bitsandbytes in test_formats.py); patched
+models against the Transformers model's own eager forward holding the dequantized experts; the
+adapters' gradients against torch autograd on the float64 per-expert formulas.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import qlk
+from qlk.autograd.experts import grouped_experts_linear
+from qlk.formats import unpack_codes
+from qlk.kernels.grouped_matmul import grouped_matmul_forward, grouped_matmul_grad_input
+from qlk.nn.experts import QuantExpertProj, QuantExperts, route
+
+transformers = pytest.importorskip("transformers")
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+needs_kernels = pytest.mark.skipif(not (INTERPRETED or torch.cuda.is_available()), reason="needs Triton")
+
+# (fmt, bits, group_size, double_quant)
+FORMATS = [("int", 4, 32, False), ("int", 3, 64, False), ("int", 2, 128, False), ("nf4", 4, 64, True),
+           pytest.param(("int", 4, 128, False), marks=pytest.mark.slow),
+           pytest.param(("int", 2, 32, False), marks=pytest.mark.slow),
+           pytest.param(("nf4", 4, 64, False), marks=pytest.mark.slow)]
+
+
+def fmt_id(f):
+    f = getattr(f, "values", [f])[0] if not isinstance(f, tuple) else f
+    return f"nf4{'-dq' if f[3] else ''}" if f[0] == "nf4" else f"int{f[1]}g{f[2]}"
+
+
+def oracle_weight(qw: qlk.QuantizedWeight) -> torch.Tensor:
+    """float64 Ŵ [rows, K] from the documented math: INT ŵ = s·(q − 2^(b−1)) + c per group."""
+    if qw.fmt == "nf4":
+        return qw.dequantize(torch.float64)
+    n, k = qw.shape
+    q = unpack_codes(qw.qweight, qw.bits, k).double()
+    g = qw.group_size
+    s = qw.scales.double().repeat_interleave(g, 1)
+    c = qw.biases.double().repeat_interleave(g, 1)
+    return s * (q - 2 ** (qw.bits - 1)) + c
+
+
+def offsets_of(counts):
+    off = torch.zeros(len(counts) + 1, dtype=torch.int64)
+    off[1:] = torch.tensor(counts).cumsum(0)
+    return off
+
+
+def per_expert(rows, offsets, fn):
+    """float64 result of fn(e, rows_e) per expert, zeros past offsets[E]."""
+    out = None
+    for e in range(len(offsets) - 1):
+        lo, hi = int(offsets[e]), int(offsets[e + 1])
+        y = fn(e, rows[lo:hi].double())
+        out = torch.zeros(rows.shape[0], y.shape[1], dtype=torch.float64) if out is None else out
+        out[lo:hi] = y
+    return out
+
+
+# ---- grouped kernels (interpreter) -----------------------------------------------------------------------
+# experts with 0, 1, odd and many rows (40 rows: 3 tiles of 16), then 2 rows routed to no expert
+COUNTS = [0, 1, 17, 0, 3, 40]
+
+
+@needs_kernels
+@pytest.mark.parametrize("f", FORMATS, ids=fmt_id)
+def test_grouped_kernels_match_per_expert_oracle(f):
+    """Forward (+ per-expert bias) and input gradient of every format; N = 40 (two N tiles, the
+    second ragged), K = 128 (four K tiles of 32, a g128 group spans four), fp32."""
+    fmt, bits, g, dq = f
+    e_count, n, k = len(COUNTS), 40, 128
+    gen = torch.Generator().manual_seed(3)
+    qw = qlk.quantize(torch.randn(e_count * n, k, generator=gen), bits=bits, group_size=g, fmt=fmt, double_quant=dq)
+    w = oracle_weight(qw).reshape(e_count, n, k)
+    off = offsets_of(COUNTS)
+    rows = int(off[-1]) + 2
+    x, dy = torch.randn(rows, k, generator=gen), torch.randn(rows, n, generator=gen)
+    bias = torch.randn(e_count, n, generator=gen)
+    y, _ = grouped_matmul_forward(x, qw, off, e_count, bias)
+    dx = grouped_matmul_grad_input(dy, qw, off, e_count)
+    y_ref = per_expert(x, off, lambda e, xe: xe @ w[e].t() + bias[e].double())
+    dx_ref = per_expert(dy, off, lambda e, de: de @ w[e])
+    assert not y.isnan().any() and not dx.isnan().any()
+    assert torch.equal(y[-2:], torch.zeros(2, n)) and torch.equal(dx[-2:], torch.zeros(2, k))
+    assert ((y.double() - y_ref).norm() / y_ref.norm()) < 1e-5
+    assert ((dx.double() - dx_ref).norm() / dx_ref.norm()) < 1e-5
+
+
+@needs_kernels
+def test_grouped_kernels_other_tilings_fp16_pool_and_empty():
+    """A 32-row tile with 64-wide K tiles (two g32 groups per tile), fp16, QA-LoRA pooling in the
+    kernel; zero rows; every row routed to no expert."""
+    e_count, n, k, g = len(COUNTS), 24, 128, 32
+    gen = torch.Generator().manual_seed(4)
+    qw = qlk.quantize(torch.randn(e_count * n, k, generator=gen), bits=4, group_size=g)
+    w = oracle_weight(qw).reshape(e_count, n, k)
+    off = offsets_of(COUNTS)
+    rows = int(off[-1]) + 1
+    x = torch.randn(rows, k, generator=gen).half()
+    cfg = dict(BLOCK_N=16, BLOCK_M=32, BLOCK_K=64, num_warps=4, num_stages=1)
+    y, pooled = grouped_matmul_forward(x, qw, off, e_count, pool=True, config=cfg)
+    y_ref = per_expert(x, off, lambda e, xe: xe @ w[e].t())
+    assert ((y.double() - y_ref).norm() / y_ref.norm()) < 1e-3
+    routed = int(off[-1])  # P(X) of the routed rows (the adapters never read the others)
+    torch.testing.assert_close(pooled[:routed], x[:routed].float().reshape(routed, k // g, g).mean(-1),
+                               rtol=1e-3, atol=1e-3)
+    dx = grouped_matmul_grad_input(torch.ones(rows, n, dtype=torch.half), qw, off, e_count, config=cfg)
+    dx_ref = per_expert(torch.ones(rows, n), off, lambda e, de: de @ w[e])
+    assert ((dx.double() - dx_ref).norm() / dx_ref.norm()) < 1e-3
+    y0, _ = grouped_matmul_forward(torch.zeros(0, k), qw, offsets_of([0] * e_count), e_count)
+    assert y0.shape == (0, n)
+    y_none, _ = grouped_matmul_forward(torch.randn(5, k), qw, offsets_of([0] * e_count), e_count)
+    assert torch.equal(y_none, torch.zeros(5, n))
+
+
+# ---- adapters per expert: autograd against float64 per-expert formulas ------------------------------------
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_kernels)])
+@pytest.mark.parametrize("method,shared", [("qalora", False), ("qalora", True), ("lora", False)])
+def test_expert_adapters_gradients(method, shared, backend):
+    """Y, dX, dA, dB of one stacked projection with per-expert (or shared) adapters against torch
+    autograd on Y_e = X_e·Ŵ_eᵀ + b_e + σ·In_e·A_eᵀ·B_eᵀ in float64 (In = P(X) for QA-LoRA, X for LoRA).
+    On the Triton backend QA-LoRA runs fused (biases folded per expert, P(X) pooled in the kernel)."""
+    e_count, n, k, g, r = 4, 24, 64, 32, 3
+    counts = [5, 0, 1, 7]
+    gen = torch.Generator().manual_seed(5)
+    proj = QuantExpertProj.from_dense(torch.randn(e_count, n, k, generator=gen), torch.randn(e_count, n, generator=gen),
+                                      False, bits=4, group_size=g, method=method, r=r, alpha=6,
+                                      shared_adapter=shared)
+    with torch.no_grad():
+        proj.lora_B.normal_(generator=gen)
+    proj.bias.requires_grad_(True)
+    off = offsets_of(counts)
+    x = torch.randn(sum(counts), k, generator=gen, requires_grad=True)
+    dy = torch.randn(sum(counts), n, generator=gen)
+    with qlk.use_backend(backend):
+        y = proj(x, off)
+        y.backward(dy)
+    w = oracle_weight(proj.qweight).reshape(e_count, n, k)
+    a64 = proj.lora_A.detach().double().requires_grad_(True)
+    b64 = proj.lora_B.detach().double().requires_grad_(True)
+    bias64 = proj.bias.detach().double().requires_grad_(True)
+    x64 = x.detach().double().requires_grad_(True)
+    outs = []
+    for e in range(e_count):
+        xe = x64[int(off[e]):int(off[e + 1])]
+        inp = xe.reshape(xe.shape[0], k // g, g).mean(-1) if method == "qalora" else xe
+        ae, be = (a64[0], b64[0]) if shared else (a64[e], b64[e])
+        outs.append(xe @ w[e].t() + bias64[e] + proj.scaling * inp @ ae.t() @ be.t())
+    y64 = torch.cat(outs)
+    y64.backward(dy.double())
+    torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(proj.lora_A.grad.double(), a64.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(proj.lora_B.grad.double(), b64.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(proj.bias.grad.double(), bias64.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_routing_sentinels_and_merge_keeps_int():
+    """route(): stable sort with sentinels (ids >= E) last; merged QA-LoRA experts keep codes, bits
+    and format, and compute what the adapter did."""
+    order, off = route(torch.tensor([[2, 0], [4, 2], [0, 1]]), 4)
+    assert off.tolist() == [0, 2, 3, 5, 5] and order.tolist() == [1, 4, 5, 0, 3, 2]
+    gen = torch.Generator().manual_seed(6)
+    proj = QuantExpertProj.from_dense(torch.randn(3, 16, 64, generator=gen), None, False, bits=3, group_size=32,
+                                      method="qalora", r=2)
+    with torch.no_grad():
+        proj.lora_B.normal_(generator=gen)
+    off = offsets_of([4, 0, 3])
+    x = torch.randn(7, 64, generator=gen)
+    with torch.no_grad():
+        before = proj(x, off)
+        codes = proj.weight_packed.clone()
+        proj.merge_adapter_()
+        after = proj(x, off)
+    assert proj.method is None and proj.fmt == "int" and proj.bits == 3 and torch.equal(proj.weight_packed, codes)
+    torch.testing.assert_close(after, before, rtol=1e-2, atol=2e-2)  # fp16 biases after the merge
+
+
+# ---- models -------------------------------------------------------------------------------------------------
+COMMON = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              vocab_size=96, max_position_embeddings=64)
+
+
+def tiny(family):
+    cfg = {
+        "mixtral": lambda: transformers.MixtralConfig(**COMMON, num_local_experts=5, num_experts_per_tok=2),
+        "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**COMMON, num_experts=6, num_experts_per_tok=2,
+                                                         moe_intermediate_size=64, head_dim=16),
+        "qwen2_moe": lambda: transformers.Qwen2MoeConfig(**COMMON, num_experts=6, num_experts_per_tok=2,
+                                                         moe_intermediate_size=64, shared_expert_intermediate_size=64),
+        "olmoe": lambda: transformers.OlmoeConfig(**COMMON, num_experts=6, num_experts_per_tok=2),
+        "gpt_oss": lambda: transformers.GptOssConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2, head_dim=16,
+                                                     layer_types=["full_attention"] * 2),
+    }[family]()
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def dense_with_dequantized_experts(dense, patched):
+    """The dense model with every expert weight replaced by its float64 oracle dequantization, in
+    the model's own layout (the model's own eager forward runs it)."""
+    ref = copy.deepcopy(dense)
+    for name, m in patched.named_modules():
+        if isinstance(m, QuantExperts):
+            target = ref.get_submodule(name)
+            for pname, proj in m.projections.items():
+                w = oracle_weight(proj.qweight).float().reshape(proj.num_experts, proj.out_features, proj.in_features)
+                getattr(target, pname).data.copy_(w.transpose(1, 2) if proj.transposed else w)
+        elif isinstance(m, qlk.QuantLinear):
+            ref.get_submodule(name).weight.data.copy_(m.qweight.dequantize(torch.float32))
+    return ref
+
+
+@pytest.mark.parametrize("family,f", [
+    ("mixtral", ("int", 4, 32, False)), ("qwen3_moe", ("nf4", 4, 64, True)), ("qwen2_moe", ("int", 3, 64, False)),
+    ("olmoe", ("int", 2, 32, False)), ("gpt_oss", ("int", 4, 64, False)),
+], ids=lambda v: v if isinstance(v, str) else fmt_id(v))
+def test_patched_moe_logits_match_dense_with_dequantized_experts(family, f):
+    fmt, bits, g, dq = f
+    dense = tiny(family)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing left dense in silence, and nothing to warn about here
+        patched = qlk.patch_model(copy.deepcopy(dense), bits=bits, group_size=g, fmt=fmt, double_quant=dq,
+                                  method=None, verbose=False)
+    experts = [m for m in patched.modules() if isinstance(m, QuantExperts)]
+    assert len(experts) == 2
+    assert not any(p.dim() == 3 for p in patched.parameters())  # no dense expert weight left
+    ids = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        got = patched(ids).logits
+        want = dense_with_dequantized_experts(dense, patched)(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow  # the grouped kernels are covered above; this runs a whole model through the interpreter
+@needs_kernels
+def test_patched_mixtral_on_the_grouped_kernels():
+    dense = tiny("mixtral")
+    patched = qlk.patch_model(copy.deepcopy(dense), bits=4, group_size=32, method=None, verbose=False)
+    ids = torch.randint(0, 96, (1, 6), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad(), qlk.use_backend("triton"):
+        got = patched(ids).logits
+    with torch.no_grad():
+        want = dense_with_dequantized_experts(dense, patched)(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+class _Opaque(nn.Module):
+    """A weight-bearing module qlk does not understand (3-D weight, no experts contract)."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.Parameter(torch.randn(3, 8, 8))
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.proj(x) + x @ self.blocks.sum(0)
+
+
+def test_unknown_weights_are_named_with_their_size():
+    with pytest.warns(UserWarning, match=r"blocks|3x8x8.*192") as record:
+        qlk.patch_model(_Opaque(), bits=4, group_size=8, method=None, verbose=False)
+    msg = str(record[0].message)
+    assert "left dense" in msg and "3x8x8" in msg and "(192)" in msg
+
+
+def test_train_merge_save_reload_cpu(tmp_path):
+    """Main-job path on a tiny Mixtral through the Python API: QA-LoRA per expert trains, merges into
+    INT4 (experts stay INT4), and reloads from save_quantized / save_adapter to the same logits."""
+    dense = tiny("mixtral")
+    model = qlk.patch_model(copy.deepcopy(dense), bits=4, group_size=32, r=4, verbose=False).train()
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("experts.gate_up_proj.lora_A" in n for n in names)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(9))
+    losses = []
+    for _ in range(3):
+        loss = model(ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    model.eval()
+    qlk.save_adapter(model, tmp_path / "adapter.safetensors")
+    with torch.no_grad():
+        before = model(ids).logits
+    fresh = qlk.patch_model(copy.deepcopy(dense), bits=4, group_size=32, r=4, verbose=False).eval()
+    qlk.load_adapter(fresh, tmp_path / "adapter.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids).logits, before)
+    qlk.merge_model(model)
+    for m in model.modules():
+        if isinstance(m, QuantExpertProj):
+            assert m.method is None and m.fmt == "int" and m.bits == 4
+    with torch.no_grad():
+        merged = model(ids).logits
+    torch.testing.assert_close(merged, before, rtol=2e-2, atol=2e-2)  # fp16 group biases after the merge
+    qlk.save_quantized(model, tmp_path / "model.safetensors")
+    torch.manual_seed(1)
+    reloaded = qlk.load_quantized(transformers.AutoModelForCausalLM.from_config(dense.config).eval(),
+                                  tmp_path / "model.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, merged)
+    with pytest.raises(ValueError, match="expert"):
+        wrong = qlk.patch_model(copy.deepcopy(dense), bits=4, group_size=32, r=8, verbose=False)
+        qlk.load_adapter(wrong, tmp_path / "adapter.safetensors")
+
+
+def test_qlk_config_quantizes_experts_on_load_and_round_trips(tmp_path):
+    """from_pretrained(quantization_config=QlkConfig(...)) quantizes each stacked expert weight as it
+    arrives (the same bytes as patch_model), save_pretrained keeps them stacked (NF4 double-quant
+    state included) and they load back; method='lora' attaches trainable adapters per expert."""
+    from qlk.integrations.transformers import QlkConfig
+
+    dense = tiny("mixtral")
+    dense.save_pretrained(tmp_path / "dense")
+    ref = qlk.patch_model(copy.deepcopy(dense), bits=4, fmt="nf4", group_size=64, method=None, verbose=False)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "dense", quantization_config=QlkConfig(bits=4, fmt="nf4", group_size=64, method="lora", r=2))
+    assert not any(p.dim() == 3 for n, p in model.named_parameters() if "lora_" not in n)
+    projs = {n: m for n, m in model.named_modules() if isinstance(m, QuantExpertProj)}
+    ref_projs = {n: m for n, m in ref.named_modules() if isinstance(m, QuantExpertProj)}
+    assert set(projs) == set(ref_projs) and len(projs) == 4
+    for n, p in projs.items():
+        assert p.method == "lora" and p.lora_A.requires_grad and p.lora_A.shape == (5, 2, p.in_features)
+        for buf in ("weight_packed", "weight_absmax", "weight_absmax_scale", "weight_absmax_offset"):
+            assert torch.equal(getattr(p, buf), getattr(ref_projs[n], buf))
+    model.save_pretrained(tmp_path / "q")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    ids = torch.randint(0, 96, (1, 7), generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, ref(ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fmt,bits,g,dq", [("int", 4, 32, False), ("int", 3, 128, False), ("int", 2, 64, False),
+                                           ("nf4", 4, 64, True), ("nf4", 4, 64, False)])
+def test_memory_table_bits_are_the_formats_stored_bits(fmt, bits, g, dq):
+    """docs/moe.md's memory table (qlk.moe.format_bits) equals what a QuantizedWeight stores."""
+    from qlk.moe import format_bits
+
+    qw = qlk.quantize(torch.randn(128, 512), bits=bits, group_size=g, fmt=fmt, double_quant=dq)
+    offset = 32 / qw.qweight.numel() / 2 if dq else 0.0  # NF4 DQ: one fp32 offset per tensor, not per weight
+    assert format_bits(fmt, bits, g, dq) == pytest.approx(qw.bits_per_param - offset, rel=1e-12)
+
+
+class _NewExperts(nn.Module):
+    """A new model's experts, written to the Transformers experts contract only (no qlk code for it):
+    transposed [E, in, out] weights with biases and an up-projection without gate."""
+
+    def __init__(self):
+        super().__init__()
+        self.num_experts, self.has_gate, self.has_bias, self.is_transposed = 4, False, True, True
+        gen = torch.Generator().manual_seed(11)
+        self.up_proj = nn.Parameter(torch.randn(4, 64, 32, generator=gen))
+        self.up_proj_bias = nn.Parameter(torch.randn(4, 32, generator=gen))
+        self.down_proj = nn.Parameter(torch.randn(4, 32, 64, generator=gen))
+        self.down_proj_bias = nn.Parameter(torch.randn(4, 64, generator=gen))
+        self.act_fn = nn.GELU()
+
+    def forward(self, hidden, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden)
+        for t in range(hidden.shape[0]):
+            for i, e in enumerate(top_k_index[t].tolist()):
+                if e < self.num_experts:
+                    h = self.act_fn(hidden[t] @ self.up_proj[e] + self.up_proj_bias[e])
+                    out[t] += top_k_weights[t, i] * (h @ self.down_proj[e] + self.down_proj_bias[e])
+        return out
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_kernels)])
+def test_new_experts_class_by_structure_zero_tokens_and_sentinels(backend):
+    """An experts class qlk has never seen is patched by structure; its own forward on the
+    dequantized weights is the oracle. Zero tokens and ids >= E (expert-parallel sentinels) work."""
+    dense = nn.ModuleDict({"experts": _NewExperts()})
+    patched = qlk.patch_model(copy.deepcopy(dense), bits=4, group_size=32, method=None, verbose=False)
+    q = patched["experts"]
+    assert isinstance(q, QuantExperts)
+    ref = dense_with_dequantized_experts(dense, patched)["experts"]
+    idx = torch.tensor([[0, 1], [1, 4], [3, 0], [2, 2], [4, 4]])
+    w = torch.rand(5, 2, generator=torch.Generator().manual_seed(12))
+    h = torch.randn(5, 64, generator=torch.Generator().manual_seed(13))
+    with torch.no_grad(), qlk.use_backend(backend):
+        torch.testing.assert_close(q(h, idx, w), ref(h, idx, w), rtol=1e-4, atol=1e-4)
+        empty = q(torch.zeros(0, 64), torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2))
+    assert empty.shape == (0, 64)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_kernels)])
+def test_expert_qalora_saves_only_the_pooled_input(backend):
+    """What autograd keeps for one QA-LoRA expert projection: P(X) of the routed rows (S·K/g) and
+    the routing offsets — never X (S·K), never a dequantized weight."""
+    e_count, n, k, g, r, rows = 3, 32, 128, 32, 4, 24
+    proj = QuantExpertProj.from_dense(torch.randn(e_count, n, k), None, False, bits=4, group_size=g,
+                                      method="qalora", r=r)
+    off = offsets_of([10, 0, 14])
+    x = torch.randn(rows, k, requires_grad=True)
+    keep = {t.data_ptr() for t in [proj.lora_A, proj.lora_B, off] + list(proj.qweight.tensors().values())}
+    saved = []
+
+    def pack(t):
+        if t.data_ptr() not in keep:
+            saved.append(t.numel())
+        return t
+
+    with qlk.use_backend(backend), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = proj(x, off)
+    assert sum(saved) <= rows * k // g, saved
+    with qlk.use_backend(backend):
+        y.sum().backward()
+    assert x.grad is not None and proj.lora_A.grad is not None
+
+
+def test_target_modules_name_experts_as_a_whole():
+    """Experts are selected by their module name, all their projections, or the usual per-projection
+    list (gate_proj + up_proj name the fused gate_up_proj); experts left out are warned about."""
+    from qlk.moe import select_experts
+
+    class Gated(nn.Module):
+        num_experts, has_gate, has_bias, is_transposed = 2, True, False, False
+
+        def __init__(self):
+            super().__init__()
+            self.gate_up_proj, self.down_proj = nn.Parameter(torch.zeros(2, 8, 8)), nn.Parameter(torch.zeros(2, 8, 4))
+
+        def _apply_gate(self, h):
+            return h
+
+    model = nn.ModuleDict({"experts": Gated()})
+    for targets in (["experts"], ["gate_up_proj", "down_proj"], ["gate_proj", "up_proj", "down_proj", "q_proj"],
+                    r".*experts", None):
+        assert list(select_experts(model, targets)) == ["experts"], targets
+    assert select_experts(model, ["q_proj"]) == {}
+    with pytest.raises(ValueError, match="not all of its projections"):
+        select_experts(model, ["up_proj", "down_proj"])
+    with pytest.warns(UserWarning, match=r"left dense.*experts 4x64x32"):
+        qlk.patch_model(nn.ModuleDict({"experts": _NewExperts(), "proj": nn.Linear(64, 64)}), bits=4, group_size=32,
+                        target_modules=["proj"], verbose=False)
