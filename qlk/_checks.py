@@ -15,6 +15,10 @@ ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64
 WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+class UsageError(ValueError):
+    """Bad input to a ``qlk`` command (a flag, a file): the CLI prints the message and exits with status 2."""
+
+
 def _is_int(v) -> bool:
     """A Python/NumPy integer, not a bool (``True`` is an int to Python, never a bit width to us)."""
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)

@@ -195,6 +195,7 @@ def patch_model(
     double_quant: bool = True,
     adapter_dtype: torch.dtype = torch.float32,
     verbose: bool = True,
+    progress: bool = False,
 ) -> nn.Module:
     """Quantize the linear layers of ``model`` in place and attach trainable adapters.
 
@@ -211,7 +212,8 @@ def patch_model(
         instead of raising.
 
     All parameters but the adapters are frozen. Returns ``model``; prints the trainable-parameter
-    summary when ``verbose`` (see :func:`trainable_parameters`).
+    summary when ``verbose`` (see :func:`trainable_parameters`); a progress bar over the layers when
+    ``progress``.
     """
     method, fmt, group_size = _resolve_method_fmt(method, fmt, bits, group_size)
     if method is not None:
@@ -243,6 +245,10 @@ def patch_model(
 
     for p in model.parameters():
         p.requires_grad_(False)
+    if progress:
+        from tqdm.auto import tqdm
+
+        targets = tqdm(targets, desc="patch_model", unit="layer", leave=False)
     for name in targets:
         old = model.get_submodule(name)
         new = QuantLinear.from_dense(
