@@ -115,8 +115,10 @@ def test_two_processes_match_one(tiny, reference, mode):
     r = torchrun(*ft_args(tiny, out, *(["--fsdp"] if mode == "fsdp2" else [])))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     assert r.stdout.count("done in") == 1  # only rank 0 reports and writes
-    sa, sb = same_result(reference, out, atol=1e-5, loss_rtol=1e-5)
+    sa, sb = same_result(reference, out, atol=1e-6, loss_rtol=1e-6)  # seen: 3e-8 on |values| <= 0.7; 9e-8
     assert sb["world_size"] == 2 and sb["config"]["batch_size"] == 4
+    if mode == "fsdp2":
+        assert sb["fsdp"] == {"qlk_layers_checked": 14, "sharded_adapter_tensors": 28}
 
 
 def test_second_run_into_a_locked_dir_is_refused(tiny, tmp_path, capsys):

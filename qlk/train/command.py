@@ -281,6 +281,12 @@ def _run(cfg, dist_env, device, out, records, data_path, t_start) -> dict:
         raise KeyboardInterrupt
     model = trainer.model
     if cfg.fsdp:
+        from ..integrations.distributed import check_fsdp, is_dtensor
+
+        summary["fsdp"] = {  # what FSDP2 did: adapters sharded, packed weights whole (check_fsdp raises otherwise)
+            "qlk_layers_checked": len(check_fsdp(model)),
+            "sharded_adapter_tensors": sum(is_dtensor(p) for p in model.parameters() if p.requires_grad),
+        }
         model = _unsharded_copy(trainer, cfg)  # every rank gathers; rank 0 gets a plain model
     if not main:
         return {}
