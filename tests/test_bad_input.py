@@ -484,7 +484,7 @@ CASES = [
          says=("--device 'gpu0'", "cpu, cuda")),
     Case("finetune-bad-utf8", "qlk finetune", "a data file with a Latin-1 byte on line 2",
          lambda: qlk_finetune("--data", bad_utf8_data()), exc=UsageError,
-         says=("latin1.jsonl, line 2", "not valid UTF-8", "0xe9"), note="was a UnicodeDecodeError traceback"),
+         says=("latin1.jsonl, line 2", "not valid UTF-8", "0xE9"), note="was a UnicodeDecodeError traceback"),
     Case("finetune-batch-split", "qlk finetune", "--batch-size 6 --grad-accum 4",
          lambda: qlk_finetune("--batch-size", "6", "--grad-accum", "4"), exc=UsageError, says=("--batch-size 6", "multiple of")),
     Case("finetune-overwrite-resume", "qlk finetune", "--overwrite --resume", lambda: qlk_finetune("--overwrite", "--resume"),

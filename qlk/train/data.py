@@ -37,7 +37,7 @@ def load_records(path) -> list[dict]:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise UsageError(
-                    f"--data {p}, line {lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                    f"--data {p}, line {lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02X} at column {e.start + 1}); "
                     "save the file as UTF-8"
                 ) from None
             if not line.strip():
