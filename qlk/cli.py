@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--dropout", type=float, default=d.dropout, help="adapter dropout in [0, 1) (default 0)")
     ft.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr:g})")
     ft.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (default 0)")
+    ft.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="clip the gradient norm (default 0: off)")
     ft.add_argument("--steps", type=_positive_int, default=d.steps, help=f"optimizer steps (default {d.steps})")
     ft.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
                     help=f"examples per optimizer step, all processes and accumulation steps together (default {d.batch_size})")
@@ -136,7 +137,7 @@ def cmd_finetune(a) -> int:
     cfg = FinetuneConfig(
         model=a.model, data=a.data, output_dir=a.output_dir, method=a.method, bits=a.bits, group_size=a.group_size,
         skip_incompatible=a.skip_incompatible, r=a.r, alpha=a.alpha, dropout=a.dropout, lr=a.lr,
-        weight_decay=a.weight_decay, steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum,
+        weight_decay=a.weight_decay, max_grad_norm=a.max_grad_norm, steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum,
         max_length=a.max_length, warmup_steps=a.warmup_steps, eval_fraction=a.eval_fraction, eval_every=a.eval_every,
         seed=a.seed, save_every=a.save_every, overwrite=a.overwrite, resume=a.resume, device=a.device, fsdp=a.fsdp,
         prompts=a.prompt or list(DEFAULT_PROMPTS), max_new_tokens=a.max_new_tokens, generate=not a.no_generate,

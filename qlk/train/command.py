@@ -132,7 +132,7 @@ def training_arguments(cfg: FinetuneConfig, out: OutputDir, device, has_eval: bo
         output_dir=str(out.checkpoints), report_to=report_to,
         max_steps=cfg.steps, per_device_train_batch_size=cfg.per_device_batch(),
         gradient_accumulation_steps=cfg.grad_accum, per_device_eval_batch_size=cfg.per_device_batch(),
-        learning_rate=cfg.lr, weight_decay=cfg.weight_decay, optim="adamw_torch",
+        learning_rate=cfg.lr, weight_decay=cfg.weight_decay, optim="adamw_torch", max_grad_norm=cfg.max_grad_norm,
         warmup_steps=cfg.warmup_steps,  # the schedule itself: QlkTrainer.create_scheduler
         logging_steps=1, save_strategy="steps", save_steps=cfg.save_every,
         eval_strategy="steps" if has_eval else "no", eval_steps=cfg.eval_every,

@@ -10,7 +10,7 @@ from ..lm import DEFAULT_PROMPTS
 #: settings that must be equal for ``--resume`` to continue a run (the rest may change: progress, prompts...)
 RESUME_KEYS = (
     "method", "bits", "group_size", "fmt", "r", "alpha", "dropout", "lr", "steps", "batch_size", "grad_accum",
-    "max_length", "seed", "warmup_steps", "weight_decay", "eval_fraction", "skip_incompatible", "data_sha256",
+    "max_length", "seed", "warmup_steps", "weight_decay", "max_grad_norm", "eval_fraction", "skip_incompatible", "data_sha256",
     "model", "world_size",
 )  # fmt: skip
 
@@ -37,6 +37,7 @@ class FinetuneConfig:
     max_length: int = 96
     warmup_steps: int = 2
     weight_decay: float = 0.0
+    max_grad_norm: float = 0.0  # 0: no clipping (qlk's fine-tune never clipped; the Trainer's default would be 1)
     eval_fraction: float = 0.1
     eval_every: int = 10
     seed: int = 0
@@ -101,6 +102,8 @@ def validate_config(cfg: FinetuneConfig) -> None:
         raise UsageError(f"--dropout must be in [0, 1), got {cfg.dropout}")
     if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
         raise UsageError(f"--weight-decay must be a finite number >= 0, got {cfg.weight_decay}")
+    if not (math.isfinite(cfg.max_grad_norm) and cfg.max_grad_norm >= 0):
+        raise UsageError(f"--max-grad-norm must be a finite number >= 0 (0: no clipping), got {cfg.max_grad_norm}")
     if not (math.isfinite(cfg.eval_fraction) and 0.0 <= cfg.eval_fraction < 0.5):
         raise UsageError(f"--eval-fraction must be in [0, 0.5), got {cfg.eval_fraction}")
     if cfg.max_new_tokens < 0:

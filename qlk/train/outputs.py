@@ -32,8 +32,10 @@ CHECKPOINTS = "checkpoints"
 LOGS = "logs"
 STAGING = ".qlk-staging"
 FINAL_OUTPUTS = ("adapter.safetensors", "loss.png", "merged", "summary.json")
-#: everything qlk may create in --output-dir; --overwrite removes these and nothing else
-QLK_OUTPUTS = (RUN_CONFIG, CHECKPOINTS, LOGS, STAGING, "checkpoint.pt") + FINAL_OUTPUTS
+#: a run's state, replaced when a new run starts ("checkpoint.pt": the checkpoint of qlk before the Trainer)
+RUN_STATE = (RUN_CONFIG, CHECKPOINTS, LOGS, STAGING, "checkpoint.pt")
+#: everything qlk may create in --output-dir; --overwrite replaces these and nothing else
+QLK_OUTPUTS = RUN_STATE + FINAL_OUTPUTS
 
 
 def _remove(p: Path) -> None:
@@ -120,7 +122,7 @@ class OutputDir:
                 "(other files stay), --resume to continue its run, or choose another directory"
             )
         # a new run: the previous run's checkpoints and settings go now, its final outputs only in publish()
-        for name in (RUN_CONFIG, CHECKPOINTS, LOGS, STAGING, "checkpoint.pt"):
+        for name in RUN_STATE:
             _remove(out / name)
         (out / RUN_CONFIG).write_text(json.dumps(cfg.fingerprint(), indent=2) + "\n")
 
