@@ -134,7 +134,7 @@ def training_arguments(cfg: FinetuneConfig, out: OutputDir, device, has_eval: bo
         gradient_accumulation_steps=cfg.grad_accum, per_device_eval_batch_size=cfg.per_device_batch(),
         learning_rate=cfg.lr, weight_decay=cfg.weight_decay, optim="adamw_torch", max_grad_norm=cfg.max_grad_norm,
         warmup_steps=cfg.warmup_steps,  # the schedule itself: QlkTrainer.create_scheduler
-        logging_steps=1, save_strategy="steps", save_steps=cfg.save_every,
+        logging_steps=1, logging_nan_inf_filter=False, save_strategy="steps", save_steps=cfg.save_every,
         eval_strategy="steps" if has_eval else "no", eval_steps=cfg.eval_every,
         seed=cfg.seed, use_cpu=device.type == "cpu", bf16=bf16, disable_tqdm=not cfg.progress,
         dataloader_num_workers=0, remove_unused_columns=False, ddp_find_unused_parameters=False,
@@ -204,7 +204,7 @@ def _run(cfg, dist_env, device, out, records, data_path, t_start) -> dict:
 
     from ..hf_models import load_model
     from ..patch import qlk_layers
-    from .trainer import InterruptCallback, LineLog, QlkTrainer, latest_checkpoint
+    from .trainer import InterruptCallback, LineLog, NonFiniteLoss, QlkTrainer, latest_checkpoint
 
     main = dist_env.main
     say = _print if main else (lambda *a: None)
@@ -259,7 +259,7 @@ def _run(cfg, dist_env, device, out, records, data_path, t_start) -> dict:
     trainer = QlkTrainer(
         model=model, args=training_arguments(cfg, out, device, bool(eval_examples)), train_dataset=Examples(examples),
         eval_dataset=Examples(eval_examples) if eval_examples else None, data_collator=_collator(tok),
-        callbacks=[interrupt, LineLog(cfg.steps, enabled=not cfg.progress)],
+        callbacks=[interrupt, NonFiniteLoss(), LineLog(cfg.steps, enabled=not cfg.progress)],
         run_sampler=RunSampler(len(examples), cfg.batch_size, cfg.steps, cfg.seed),
     )  # fmt: skip
     if not cfg.progress:

@@ -184,6 +184,16 @@ class InterruptCallback(TrainerCallback):
             self._previous = None
 
 
+class NonFiniteLoss(TrainerCallback):
+    """Stop with an error at the first NaN/Inf training loss (the Trainer would log it and go on)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            raise RuntimeError(f"the training loss is {loss} at step {state.global_step}; lower --lr (the last "
+                               "checkpoint holds the steps before)")  # fmt: skip
+
+
 class LineLog(TrainerCallback):
     """Plain log lines (``--no-progress``, or every rank-0 log under torchrun) instead of a progress bar."""
 
