@@ -189,6 +189,11 @@ def run(cfg: FinetuneConfig) -> dict:
     data_path = Path(cfg.data) if cfg.data else default_data_path()
     records = load_records(data_path)
     cfg.data_sha256 = file_sha256(data_path)
+    if cfg.fsdp and pick_device(cfg.device).type != "cuda":
+        raise UsageError(
+            "--fsdp needs CUDA GPUs: the Trainer (through accelerate) runs FSDP2 only on GPUs, and on CPU would fall "
+            "back to DDP without a word; leave out --fsdp (DDP), or see docs/integrations.md to shard by hand on CPU"
+        )
     device = dist_env.init()
     out = OutputDir(cfg.output_dir)
     dist_env.agree(lambda: out.prepare(cfg))
@@ -287,6 +292,8 @@ def _run(cfg, dist_env, device, out, records, data_path, t_start) -> dict:
             "qlk_layers_checked": len(check_fsdp(model)),
             "sharded_adapter_tensors": sum(is_dtensor(p) for p in model.parameters() if p.requires_grad),
         }
+        if cfg.world_size > 1 and not summary["fsdp"]["sharded_adapter_tensors"]:
+            raise RuntimeError("--fsdp: the Trainer did not shard the adapters (no DTensor parameters after training)")
         model = _unsharded_copy(trainer, cfg)  # every rank gathers; rank 0 gets a plain model
     if not main:
         return {}
