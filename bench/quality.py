@@ -38,11 +38,10 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from qlk.evaluate import default_text_path, perplexity, read_text  # noqa: E402
-from qlk.finetune import (  # noqa: E402
-    FinetuneConfig, _encode, batch_indices, collate, default_data_path, inference_model, load_records, lr_at,
-    prompt_text, tokenize_records,
-)  # fmt: skip
+from qlk.lm import default_text_path, inference_model, perplexity, prompt_text, read_text  # noqa: E402
+from qlk.lm import encode as _encode  # noqa: E402
+from qlk.train.config import FinetuneConfig  # noqa: E402
+from qlk.train.data import Collator, Examples, RunSampler, default_data_path, load_records, tokenize_records  # noqa: E402
 from qlk.hf_models import load_model  # noqa: E402
 from qlk.patch import merge_model, patch_model, qlk_layers  # noqa: E402
 
@@ -79,24 +78,29 @@ def bits_per_param(model) -> float | None:
 
 
 def train(model, tok, examples, cfg: FinetuneConfig, label: str) -> list[float]:
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    model.train()
-    losses = []
-    t0 = time.time()
-    for step in range(cfg.steps):
-        idx = batch_indices(len(examples), cfg.batch_size, step, cfg.seed)
-        ids, mask, labels = collate([examples[i] for i in idx], tok.pad_token_id)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        print(f"  [{label}] step {step + 1}/{cfg.steps} loss {losses[-1]:.3f} ({time.time() - t0:.0f}s)", flush=True)
+    """The fine-tune of ``qlk finetune`` (its Trainer, sampler, schedule and collator), no outputs."""
+    import tempfile
+
+    from transformers import PrinterCallback
+
+    from qlk.train.command import loss_history, training_arguments
+    from qlk.train.outputs import OutputDir
+    from qlk.train.trainer import LineLog, QlkTrainer
+
+    cfg.save_every, cfg.progress = cfg.steps, False
+    print(f"  [{label}]", flush=True)
+    with tempfile.TemporaryDirectory() as d:
+        trainer = QlkTrainer(
+            model=model, args=training_arguments(cfg, OutputDir(d), torch.device("cpu"), has_eval=False),
+            train_dataset=Examples(examples), data_collator=Collator(tok.pad_token_id),
+            callbacks=[LineLog(cfg.steps, enabled=True)],
+            run_sampler=RunSampler(len(examples), cfg.batch_size, cfg.steps, cfg.seed),
+        )  # fmt: skip
+        trainer.remove_callback(PrinterCallback)
+        trainer.train()
+        history = loss_history(trainer.state.log_history)["train"]
     model.eval()
-    return losses
+    return [history[s] for s in sorted(history)]
 
 
 def main(argv=None) -> int:

@@ -15,6 +15,10 @@ ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64
 WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+class UsageError(ValueError):
+    """Bad input to a ``qlk`` command (a flag, a file): the CLI prints the message and exits with status 2."""
+
+
 def _is_int(v) -> bool:
     """A Python/NumPy integer, not a bool (``True`` is an int to Python, never a bit width to us)."""
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
@@ -113,10 +117,9 @@ def check_finite(t: torch.Tensor, name: str) -> None:
 
 def check_quantized_weight(qw, what: str = "qw") -> None:
     """TypeError unless ``qw`` is a qlk ``QuantizedWeight``; ValueError if its tensors are on
-    different devices (e.g. scales left behind by a manual ``.to()``)."""
-    from .formats.quantized_weight import QuantizedWeight
-
-    if not isinstance(qw, QuantizedWeight):
+    different devices (e.g. scales left behind by a manual ``.to()``). The type is recognized by its
+    class mark, not an import: this module is imported by ``qlk.formats`` and imports none of qlk."""
+    if getattr(type(qw), "__qlk_quantized_weight__", False) is not True:
         hint = " (quantize a dense weight first: qw = qlk.quantize(w))" if isinstance(qw, torch.Tensor) else ""
         raise TypeError(f"{what} must be a qlk.QuantizedWeight, got {type(qw).__name__}{hint}")
     devices = {name: t.device for name, t in qw.tensors().items()}

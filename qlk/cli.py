@@ -38,7 +38,7 @@ def _add_quant_args(p, bits_default=4):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .finetune import FinetuneConfig
+    from .train.config import FinetuneConfig
 
     d = FinetuneConfig()
     ap = argparse.ArgumentParser(prog="qlk", description="Quantized LoRA (QA-LoRA / QLoRA) fine-tuning with qlk's kernels.")
@@ -46,8 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
     ft = sub.add_parser("finetune", help="fine-tune adapters on a JSONL dataset, merge and save",
-                        description="Fine-tune a quantized model's adapters, checkpointing as it goes, then save the "
-                                    "adapter and the merged model. Defaults finish in minutes on a 2-core CPU.")  # fmt: skip
+                        description="Fine-tune a quantized model's adapters with transformers.Trainer, checkpointing "
+                                    "as it goes, then save the adapter and the merged model. Defaults finish in "
+                                    "minutes on a 2-core CPU. Under `torchrun --nproc-per-node N -m qlk finetune ...` "
+                                    "it runs DDP (FSDP2 with --fsdp); only rank 0 writes.")  # fmt: skip
     _add_model_arg(ft)
     ft.add_argument("--data", default=None, metavar="JSONL",
                     help='records {"instruction": ..., "response": ...} or {"text": ...}, one per line '
@@ -55,25 +57,38 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--method", choices=("qalora", "qlora", "lora"), default=d.method,
                     help="qalora: QA-LoRA on INT-N, merges exactly (default); qlora: LoRA on NF4; lora: LoRA on INT-N")
     _add_quant_args(ft)
+    ft.add_argument("--skip-incompatible", action="store_true",
+                    help="leave dense the layers whose in_features --group-size does not divide (default: refuse)")
     ft.add_argument("--r", type=_positive_int, default=d.r, help=f"adapter rank (default {d.r})")
     ft.add_argument("--alpha", type=float, default=d.alpha, help=f"adapter alpha, scaling alpha/r (default {d.alpha:g})")
-    ft.add_argument("--dropout", type=float, default=d.dropout, help="adapter dropout (default 0)")
+    ft.add_argument("--dropout", type=float, default=d.dropout, help="adapter dropout in [0, 1) (default 0)")
     ft.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr:g})")
+    ft.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (default 0)")
+    ft.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="clip the gradient norm (default 0: off)")
     ft.add_argument("--steps", type=_positive_int, default=d.steps, help=f"optimizer steps (default {d.steps})")
-    ft.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help=f"examples per step (default {d.batch_size})")
+    ft.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
+                    help=f"examples per optimizer step, all processes and accumulation steps together (default {d.batch_size})")
+    ft.add_argument("--grad-accum", type=_positive_int, default=d.grad_accum,
+                    help="gradient accumulation steps: each process runs batch-size / (processes x grad-accum) examples at a time")
     ft.add_argument("--max-length", type=_positive_int, default=d.max_length, help=f"tokens per example (default {d.max_length})")
     ft.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help=f"linear LR warmup (default {d.warmup_steps})")
+    ft.add_argument("--eval-fraction", type=float, default=d.eval_fraction,
+                    help=f"records held out for the eval loss / perplexity logged during training (default {d.eval_fraction:g}; 0: none)")
+    ft.add_argument("--eval-every", type=_positive_int, default=d.eval_every, help=f"eval every N steps (default {d.eval_every})")
     ft.add_argument("--seed", type=int, default=d.seed, help="seed for adapter init and data order")
     ft.add_argument("--save-every", type=_positive_int, default=d.save_every,
                     help=f"checkpoint every N steps (default {d.save_every})")
     ft.add_argument("--output-dir", default=d.output_dir, help=f"where everything goes (default {d.output_dir})")
-    ft.add_argument("--overwrite", action="store_true", help="replace qlk's outputs in an existing --output-dir")
-    ft.add_argument("--resume", action="store_true", help="continue from --output-dir/checkpoint.pt (same settings)")
+    ft.add_argument("--overwrite", action="store_true",
+                    help="replace qlk's outputs in an existing --output-dir (other files stay; the old outputs are "
+                         "replaced only once the new ones are complete)")  # fmt: skip
+    ft.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir (same settings)")
     ft.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    ft.add_argument("--fsdp", action="store_true", help="under torchrun: shard the adapters with FSDP2 instead of DDP")
     ft.add_argument("--prompt", action="append", default=None, help="prompt for the before/after generations (repeatable)")
     ft.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="tokens per generation")
     ft.add_argument("--no-generate", action="store_true", help="skip the before/after generations")
-    ft.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
+    ft.add_argument("--no-progress", action="store_true", help="plain log lines instead of progress bars")
 
     ev = sub.add_parser("eval", help="perplexity on a text file and greedy generations",
                         description="Perplexity and generations for a base model, a base model quantized on the fly "
@@ -116,14 +131,17 @@ def _version() -> str:
 
 # ---- commands ------------------------------------------------------------------------------------
 def cmd_finetune(a) -> int:
-    from .finetune import DEFAULT_PROMPTS, FinetuneConfig, run
+    from .lm import DEFAULT_PROMPTS
+    from .train import FinetuneConfig, run
 
     cfg = FinetuneConfig(
         model=a.model, data=a.data, output_dir=a.output_dir, method=a.method, bits=a.bits, group_size=a.group_size,
-        r=a.r, alpha=a.alpha, dropout=a.dropout, lr=a.lr, steps=a.steps, batch_size=a.batch_size,
-        max_length=a.max_length, warmup_steps=a.warmup_steps, seed=a.seed, save_every=a.save_every,
-        overwrite=a.overwrite, resume=a.resume, device=a.device, prompts=a.prompt or list(DEFAULT_PROMPTS),
-        max_new_tokens=a.max_new_tokens, generate=not a.no_generate, progress=not a.no_progress,
+        skip_incompatible=a.skip_incompatible, r=a.r, alpha=a.alpha, dropout=a.dropout, lr=a.lr,
+        weight_decay=a.weight_decay, max_grad_norm=a.max_grad_norm, steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum,
+        max_length=a.max_length, warmup_steps=a.warmup_steps, eval_fraction=a.eval_fraction, eval_every=a.eval_every,
+        seed=a.seed, save_every=a.save_every, overwrite=a.overwrite, resume=a.resume, device=a.device, fsdp=a.fsdp,
+        prompts=a.prompt or list(DEFAULT_PROMPTS), max_new_tokens=a.max_new_tokens, generate=not a.no_generate,
+        progress=not a.no_progress,
     )  # fmt: skip
     run(cfg)
     return 0
@@ -141,7 +159,8 @@ def cmd_eval(a) -> int:
 def cmd_quantize(a) -> int:
     import time
 
-    from .finetune import UsageError, fmt_bytes, memory_report
+    from ._checks import UsageError
+    from .lm import fmt_bytes, memory_report
     from .hf_models import load_model, save_qlk_dir
     from .patch import patch_model, qlk_layers
 
@@ -174,7 +193,7 @@ def inspect_path(path) -> dict:
     """Metadata and tensor summary of a safetensors file (or the model file of a directory)."""
     from safetensors import safe_open
 
-    from .finetune import UsageError
+    from ._checks import UsageError
     from .hf_models import QLK_MODEL_FILE
 
     p = Path(path)
@@ -254,13 +273,12 @@ def main(argv=None) -> int:
     if not a.command:
         ap.print_help()
         return 2
-    from .evaluate import UsageError as EvalUsageError
-    from .finetune import UsageError
+    from ._checks import UsageError
     from .hf_models import ModelLoadError
 
     try:
         return COMMANDS[a.command](a)
-    except (UsageError, EvalUsageError, ModelLoadError, FileNotFoundError) as e:
+    except (UsageError, ModelLoadError, FileNotFoundError) as e:
         print(f"qlk {a.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -11,11 +11,9 @@ kernel, and ``quant_matmul`` has its backward registered (``register_autograd``)
 so double backward works too). The implementations call :func:`qlk.ops.quant_matmul` /
 :func:`qlk.ops.quant_matmul_grad_input`: Triton kernels or the reference path, by backend.
 
-:class:`qlk.QuantLinear` uses these ops only while ``torch.compiler.is_compiling()``; its eager path
-(the autograd Functions of :mod:`qlk.autograd`) is unchanged. Under compile, the r-wide adapter
-(QA-LoRA pooling or LoRA) is written in plain torch around the base op, so Inductor can fuse it and
-autograd derives its gradients; dropout there is ``F.dropout`` (same distribution, not the same
-mask as the eager path's seeded one).
+:class:`qlk.QuantLinear` uses these ops only while ``torch.compiler.is_compiling()``
+(``qlk.nn.linear._compiled_forward``); its eager path (the autograd Functions of
+:mod:`qlk.autograd`) is unchanged. This module imports no layer: ``qlk.nn`` sits above it.
 """
 from __future__ import annotations
 
@@ -26,7 +24,8 @@ from torch import Tensor
 
 from .formats.quantized_weight import _DTYPES, QuantizedWeight
 
-_FIELDS = ("qweight", "scales", "biases", "absmax", "absmax_scale", "absmax_offset", "perm")
+#: the QuantizedWeight tensors, in the ops' argument order
+FIELDS = ("qweight", "scales", "biases", "absmax", "absmax_scale", "absmax_offset", "perm")
 
 
 def _qw(qweight, scales, biases, absmax, absmax_scale, absmax_offset, perm, fmt, bits, group_size, n, k, wdtype):
@@ -113,17 +112,8 @@ quant_matmul_grad_input.register_autograd(_gi_backward, setup_context=_gi_setup)
 # ---- helpers ----------------------------------------------------------------------------------------
 def unpack(qw: QuantizedWeight) -> tuple:
     """(tensors..., attrs...) of ``qw`` in the ops' argument order, bias excluded."""
-    tensors = tuple(getattr(qw, f) for f in _FIELDS)
+    tensors = tuple(getattr(qw, f) for f in FIELDS)
     attrs = (qw.fmt, qw.bits, qw.group_size, qw.out_features, qw.in_features, str(qw.dtype).removeprefix("torch."))
-    return tensors, attrs
-
-
-def _layer_args(layer) -> tuple:
-    from .nn.linear import BUFFERS
-
-    tensors = tuple(layer._buffers.get(BUFFERS[f]) for f in _FIELDS)
-    attrs = (layer.fmt, layer.bits, layer.group_size, layer.out_features, layer.in_features,
-             str(layer.weight_dtype).removeprefix("torch."))  # fmt: skip
     return tensors, attrs
 
 
@@ -131,30 +121,3 @@ def quant_linear(x: Tensor, qw: QuantizedWeight, bias: Optional[Tensor] = None) 
     """Differentiable Y = X·Ŵᵀ (+ bias) through the custom op (traceable by torch.compile)."""
     tensors, attrs = unpack(qw)
     return torch.ops.qlk.quant_matmul(x, *tensors, bias, *attrs)
-
-
-def layer_forward(layer, x: Tensor) -> Tensor:
-    """:meth:`qlk.QuantLinear.forward` written with the custom ops and plain torch (the path taken
-    under ``torch.compile``). Same math as the eager autograd Functions."""
-    from .autograd.lora import compute_dtype
-
-    tensors, attrs = _layer_args(layer)
-    cd = compute_dtype(x)
-    x_c = x.to(cd)
-    bias = None if layer.bias is None else layer.bias.to(cd)
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        y = torch.ops.qlk.quant_matmul(x_c, *tensors, bias, *attrs)
-        if layer.method is None:
-            return y
-        p = layer.dropout if layer.training else 0.0
-        if layer.method == "qalora":
-            acc = torch.float64 if cd == torch.float64 else torch.float32
-            xs = x_c if tensors[6] is None else x_c.index_select(-1, tensors[6])
-            g = layer.group_size
-            inp = xs.to(acc).reshape(*xs.shape[:-1], xs.shape[-1] // g, g).mean(-1)  # P(X)
-        else:
-            acc, inp = cd, x_c
-        if p > 0:
-            inp = torch.nn.functional.dropout(inp, p, training=True)
-        u = inp @ layer.lora_A.to(acc).t()
-        return y + layer.scaling * (u.to(cd) @ layer.lora_B.to(cd).t())

@@ -1,84 +1,19 @@
 """``qlk eval``: perplexity on a text file and greedy generations, for a base model, a base model
 quantized on the fly, a base model plus a qlk adapter (patched), or a saved qlk / merged model.
 
-Perplexity: the text is tokenized once, truncated to ``max_tokens`` and cut into non-overlapping
-windows of ``window`` tokens; each window is scored independently (no context carried over), and
-perplexity = exp(total NLL / scored tokens). The same text, tokens and windows give comparable
-numbers across formats of one model.
+Perplexity is :func:`qlk.lm.perplexity` (non-overlapping windows, each scored from its start), the
+same function and wording ``qlk finetune``'s merge check uses.
 """
 from __future__ import annotations
 
 import json
-import math
-import time
 from pathlib import Path
 
-DEFAULT_TEXT_CANDIDATES = ("/usr/share/common-licenses/GPL-3",)
-
-
-class UsageError(ValueError):
-    pass
-
-
-def default_text_path() -> Path:
-    """Real English text on the machine (Debian's GPL-3), else the short text shipped with qlk."""
-    for c in DEFAULT_TEXT_CANDIDATES:
-        if Path(c).is_file():
-            return Path(c)
-    return Path(__file__).parent / "data" / "fallback_text.txt"
-
-
-def read_text(path) -> str:
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"--text {p}: no such file")
-    text = p.read_text(encoding="utf-8", errors="replace")
-    if not text.strip():
-        raise UsageError(f"--text {p}: the file is empty")
-    return text
-
-
-def token_windows(tokenizer, text: str, max_tokens: int | None, window: int):
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if max_tokens:
-        ids = ids[:max_tokens]
-    bos = tokenizer.bos_token_id
-    wins = []
-    for i in range(0, len(ids), window):
-        w = ids[i : i + window]
-        if bos is not None:
-            w = [bos] + w  # every window starts like a document; BOS itself is never scored
-        if len(w) > 1:
-            wins.append(w)
-    return wins, len(ids)
-
-
-def perplexity(model, tokenizer, text: str, max_tokens: int | None = 4096, window: int = 512, device=None,
-               progress: bool = False) -> dict:  # fmt: skip
-    """{"ppl", "nll", "tokens", "windows", "seconds"} of ``model`` on ``text``."""
-    import torch
-
-    device = device or next(model.parameters()).device
-    wins, n = token_windows(tokenizer, text, max_tokens, window)
-    if not wins:
-        raise UsageError("the text has fewer than 2 tokens")
-    model.eval()
-    total, count = 0.0, 0
-    t0 = time.time()
-    it = wins
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(wins, desc="perplexity", unit="window", leave=False)
-    with torch.no_grad():
-        for w in it:
-            ids = torch.tensor([w], device=device)
-            logits = model(input_ids=ids).logits.float()
-            nll = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum")
-            total += nll.item()
-            count += len(w) - 1
-    return {"ppl": math.exp(total / count), "nll": total / count, "tokens": count, "windows": len(wins),
-            "text_tokens": n, "seconds": time.time() - t0}  # fmt: skip
+from ._checks import UsageError
+from .lm import (  # noqa: F401 - default_text_path, read_text, perplexity: the eval API, kept importable here
+    DEFAULT_PROMPTS, backend_line, default_text_path, describe_perplexity, generate, inference_model, memory_report,
+    perplexity, pick_device, read_text,
+)  # fmt: skip
 
 
 def adapter_patch_config(path) -> dict:
@@ -134,8 +69,6 @@ def prepare_model(model_path=None, adapter=None, quantize_fmt=None, bits=4, grou
 
 def run_eval(model_path=None, adapter=None, text=None, max_tokens=4096, window=512, prompts=None,
              max_new_tokens=40, quantize_fmt=None, bits=4, group_size=None, device=None, as_json=False) -> dict:  # fmt: skip
-    from .finetune import DEFAULT_PROMPTS, backend_line, generate, inference_model, memory_report, pick_device
-
     dev = pick_device(device)
     text_path = Path(text) if text else default_text_path()
     body = read_text(text_path)
@@ -151,8 +84,7 @@ def run_eval(model_path=None, adapter=None, text=None, max_tokens=4096, window=5
     res["perplexity"] = perplexity(eval_model, tok, body, max_tokens, window, dev, progress=not as_json)
     p = res["perplexity"]
     if not as_json:
-        print(f"perplexity on {text_path} (first {p['tokens']} tokens, {p['windows']} windows of <= {window}){how}: "
-              f"{p['ppl']:.3f}  [{p['seconds']:.0f}s]")  # fmt: skip
+        print(f"perplexity {describe_perplexity(p, text_path)}{how}: {p['ppl']:.4f}  [{p['seconds']:.0f}s]")
     prompts = list(DEFAULT_PROMPTS) if prompts is None else prompts
     if prompts and max_new_tokens > 0:
         res["generations"] = dict(zip(prompts, generate(eval_model, tok, prompts, max_new_tokens, dev)))

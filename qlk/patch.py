@@ -202,6 +202,7 @@ def patch_model(
     verbose: bool = True,
     requantize: bool = False,
     shared_expert_adapter: bool = False,
+    progress: bool = False,
 ) -> nn.Module:
     """Quantize the linear layers of ``model`` in place and attach trainable adapters.
 
@@ -232,7 +233,8 @@ def patch_model(
         (a second rounding). See :mod:`qlk.integrations.bnb_models`.
 
     All parameters but the adapters are frozen. Returns ``model``; prints the trainable-parameter
-    summary when ``verbose`` (see :func:`trainable_parameters`).
+    summary when ``verbose`` (see :func:`trainable_parameters`); a progress bar over the layers when
+    ``progress``.
     """
     from .integrations import bnb_models
 
@@ -282,6 +284,10 @@ def patch_model(
 
     for p in model.parameters():
         p.requires_grad_(False)
+    if progress:
+        from tqdm.auto import tqdm
+
+        targets = tqdm(targets, desc="patch_model", unit="layer", leave=False)
     for name in targets:
         old = model.get_submodule(name)
         make = (

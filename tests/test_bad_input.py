@@ -35,6 +35,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import qlk  # noqa: E402
+from qlk._checks import UsageError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "bad-inputs.md"
@@ -526,7 +527,49 @@ CASES = [
     Case("experts-partial-target", "qlk.patch_model", "target_modules=['down_proj'] (one projection of the experts)",
          lambda: qlk.patch_model(moe_model(), bits=4, group_size=8, target_modules=["down_proj"], verbose=False),
          says=("['down_proj']", "not all of its projections", "name the module ('experts')")),
+    # ---- the qlk finetune command (UsageError: a ValueError the CLI prints before exiting with status 2)
+    Case("finetune-lr-inf", "qlk finetune", "--lr inf", lambda: qlk_finetune("--lr", "inf"), exc=UsageError,
+         says=("--lr", "finite positive", "inf"), note="was accepted: every output NaN after the first step"),
+    Case("finetune-lr-nan", "qlk finetune", "--lr nan", lambda: qlk_finetune("--lr", "nan"), exc=UsageError,
+         says=("--lr", "nan")),
+    Case("finetune-alpha", "qlk finetune", "--alpha -1", lambda: qlk_finetune("--alpha", "-1"), exc=UsageError,
+         says=("--alpha", "-1"), note="was answered with a group-size hint"),
+    Case("finetune-alpha-nan", "qlk finetune", "--alpha nan", lambda: qlk_finetune("--alpha", "nan"), exc=UsageError,
+         says=("--alpha", "nan")),
+    Case("finetune-dropout", "qlk finetune", "--dropout 1.5", lambda: qlk_finetune("--dropout", "1.5"), exc=UsageError,
+         says=("--dropout", "[0, 1)", "1.5"), note="was answered with a group-size hint"),
+    Case("finetune-device-cuda", "qlk finetune", "--device cuda on a machine without a GPU",
+         lambda: qlk_finetune("--device", "cuda") if not torch.cuda.is_available() else qlk_finetune("--device", "cuda:999"),
+         exc=UsageError, says=("--device cuda",), note="was a torch traceback"),
+    Case("finetune-device-junk", "qlk finetune", "--device gpu0", lambda: qlk_finetune("--device", "gpu0"), exc=UsageError,
+         says=("--device 'gpu0'", "cpu, cuda")),
+    Case("finetune-bad-utf8", "qlk finetune", "a data file with a Latin-1 byte on line 2",
+         lambda: qlk_finetune("--data", bad_utf8_data()), exc=UsageError,
+         says=("latin1.jsonl, line 2", "not valid UTF-8", "0xE9"), note="was a UnicodeDecodeError traceback"),
+    Case("finetune-batch-split", "qlk finetune", "--batch-size 6 --grad-accum 4",
+         lambda: qlk_finetune("--batch-size", "6", "--grad-accum", "4"), exc=UsageError, says=("--batch-size 6", "multiple of")),
+    Case("finetune-overwrite-resume", "qlk finetune", "--overwrite --resume", lambda: qlk_finetune("--overwrite", "--resume"),
+         exc=UsageError, says=("contradict",)),
 ]
+
+
+def qlk_finetune(*argv):
+    """``qlk finetune ARGS`` up to its first error, as the CLI runs it (which prints the message and
+    exits 2). ``--model`` points nowhere: a bad input that got through would fail to load a model."""
+    from qlk.cli import build_parser, cmd_finetune
+
+    out = os.path.join(tmp(), "ft-out")
+    args = build_parser().parse_args(["finetune", "--model", os.path.join(tmp(), "no-model"), "--output-dir", out,
+                                      "--no-progress", *argv])  # fmt: skip
+    return cmd_finetune(args)
+
+
+def bad_utf8_data() -> str:
+    def make(path):
+        with open(path, "wb") as f:
+            f.write(b'{"instruction": "a", "response": "b"}\n{"instruction": "caf\xe9", "response": "b"}\n')
+
+    return file_variant("latin1.jsonl", make)
 
 
 def _nan_mlp():
@@ -636,7 +679,7 @@ def test_messages_follow_one_style():
     IndexError, RuntimeError or ZeroDivisionError from deep inside) — gaps excepted, listed above."""
     for c in CASES:
         if c.status == "rejects":
-            assert c.exc in (ValueError, TypeError, FileNotFoundError), c.id
+            assert c.exc in (ValueError, TypeError, FileNotFoundError, UsageError), c.id
             assert c.says, f"{c.id}: a rejection must assert what its message says"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -86,16 +87,21 @@ def test_finetune_outputs_exist_and_load(finetuned, tiny_model):
     from qlk.io import load_adapter
     from qlk.patch import patch_model, qlk_layers
 
-    for name in ("adapter.safetensors", "loss.png", "summary.json", "checkpoint.pt", "run_config.json",
-                 "merged/model.qlk.safetensors", "merged/config.json"):  # fmt: skip
+    for name in ("adapter.safetensors", "loss.png", "summary.json", "run_config.json", "checkpoints/checkpoint-4/COMPLETE",
+                 "checkpoints/checkpoint-4/adapter.safetensors", "merged/model.qlk.safetensors", "merged/config.json"):  # fmt: skip
         assert (finetuned / name).is_file(), name
+    assert not (finetuned / ".qlk-staging").exists()
     summary = json.loads((finetuned / "summary.json").read_text())
     assert summary["steps"] == 4 and len(summary["losses"]) == 4
+    # the configuration as run: defaults resolved, the same group size as run_config.json
+    run_config = json.loads((finetuned / "run_config.json").read_text())
+    assert summary["config"]["group_size"] == run_config["group_size"] == 32
     assert all(map(lambda v: v == v, summary["losses"]))  # no NaN
     assert summary["memory_training"]["bits_per_param_quantized"] > 4
     assert "before" in summary and "after" in summary
     check = summary["merge_check"]  # perplexity of the same text before and after the QA-LoRA merge
     assert check["tokens"] > 0 and abs(check["ppl_merged"] - check["ppl_unmerged"]) <= 1e-3 * check["ppl_unmerged"]
+    assert check["window"] == 512 and set(summary["eval"]) == {"4"}  # eval split perplexity logged during training
     # the merged directory loads as a qlk model without any adapter left
     model, tok, desc = load_model(finetuned / "merged")
     layers = qlk_layers(model)
@@ -109,6 +115,18 @@ def test_finetune_outputs_exist_and_load(finetuned, tiny_model):
     x = torch.tensor([[1, 40, 41, 42, 43]])
     with torch.no_grad():
         torch.testing.assert_close(base(input_ids=x).logits, model(input_ids=x).logits, atol=2e-3, rtol=2e-3)
+
+
+def test_merge_check_and_eval_report_the_same_measurement(finetuned, capsys):
+    """finetune's merge check and `qlk eval --max-tokens 512 --window 512` on the merged model: one
+    function, one wording, one number (up to the dense vs quantized-layer decode, < 1e-4)."""
+    check = json.loads((finetuned / "summary.json").read_text())["merge_check"]
+    assert main(["eval", "--model", str(finetuned / "merged"), "--max-tokens", "512", "--window", "512",
+                 "--max-new-tokens", "0"]) == 0  # fmt: skip
+    shown = capsys.readouterr().out
+    assert f"first {check['tokens']} tokens, {check['windows']} window(s) of <= 512" in shown
+    ppl = float(re.search(r"window\(s\) of <= 512\).*?: ([0-9.]+)  \[", shown).group(1))
+    assert ppl == pytest.approx(check["ppl_merged"], rel=1e-4)
 
 
 def test_eval_quantize_inspect(finetuned, tiny_model, tmp_path, capsys):
@@ -177,40 +195,20 @@ def test_model_without_weights_and_bad_group_size(tiny_model, data_file, tmp_pat
     assert run_ft(tiny_model, data_file, tmp_path / "o3", "--group-size", "48") == 2
     err = capsys.readouterr().err
     assert "model.layers.0.self_attn.q_proj" in err and "divide every layer of this model: [8, 16, 32, 64]" in err
+    assert "--skip-incompatible" in err
 
 
-def test_resume_matches_uninterrupted_run(tiny_model, data_file, tmp_path, monkeypatch):
-    from safetensors.torch import load_file
+def test_skip_incompatible_leaves_those_layers_dense(tiny_model):
+    """--skip-incompatible is patch_model(skip_incompatible=True): group 128 fits only down_proj (in 128)."""
+    from qlk.hf_models import load_model
+    from qlk.patch import qlk_layers
+    from qlk.train.command import _patch
+    from qlk.train.config import FinetuneConfig
 
-    import qlk.finetune as ft
-
-    full = tmp_path / "full"
-    assert run_ft(tiny_model, data_file, full, "--no-generate") == 0
-    # interrupt after step 3 (a checkpoint was written at step 2; Ctrl-C saves step 3)
-    part = tmp_path / "part"
-    real_lr_at, calls = ft.lr_at, {"n": 0}
-
-    def lr_then_interrupt(step, cfg):
-        calls["n"] += 1
-        if step == 3:
-            raise KeyboardInterrupt
-        return real_lr_at(step, cfg)
-
-    monkeypatch.setattr(ft, "lr_at", lr_then_interrupt)
-    assert run_ft(tiny_model, data_file, part, "--no-generate") == 130
-    monkeypatch.setattr(ft, "lr_at", real_lr_at)
-    assert (part / "checkpoint.pt").is_file() and not (part / "adapter.safetensors").exists()
-    assert torch.load(part / "checkpoint.pt", weights_only=True)["step"] == 3
-    # a different setting is refused, the same one resumes
-    assert run_ft(tiny_model, data_file, part, "--no-generate", "--resume", "--lr", "0.5") == 2
-    assert run_ft(tiny_model, data_file, part, "--no-generate", "--resume") == 0
-    a, b = load_file(full / "adapter.safetensors"), load_file(part / "adapter.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    sa = json.loads((full / "summary.json").read_text())
-    sb = json.loads((part / "summary.json").read_text())
-    assert sa["losses"] == sb["losses"]
+    model, _, _ = load_model(tiny_model)
+    with pytest.warns(UserWarning, match="skipping 12 layer"):
+        _patch(model, FinetuneConfig(group_size=128, skip_incompatible=True, progress=False))
+    assert sorted(qlk_layers(model)) == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
 
 
 def test_python_m_qlk_help():

@@ -35,6 +35,10 @@ class QuantizedWeight:
     dtype: the dtype of the weight that was quantized (what bitsandbytes dequantizes to).
     """
 
+    #: how :func:`qlk._checks.check_quantized_weight` recognizes the type without importing this
+    #: package (``_checks`` sits below ``formats``: importing back would make an import cycle)
+    __qlk_quantized_weight__ = True
+
     fmt: str
     shape: tuple
     bits: int

@@ -224,9 +224,7 @@ class QuantLinear(nn.Module):
     # ---- forward ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():  # torch.compile: the qlk:: custom ops (qlk/custom_ops.py)
-            from ..custom_ops import layer_forward
-
-            return layer_forward(self, x)
+            return _compiled_forward(self, x)
         qw = self.qweight
         if self.method is None:
             return quant_linear(x, qw, self.bias)
@@ -307,6 +305,40 @@ class QuantLinear(nn.Module):
             bias=torch.zeros(out_features, dtype=weight_dtype, device=device) if bias else None,
             **adapter_kwargs,
         )  # fmt: skip
+
+
+def _compiled_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    """:meth:`QuantLinear.forward` written with the ``qlk::`` custom ops and plain torch, the path
+    taken under ``torch.compile``: the r-wide adapter (QA-LoRA pooling or LoRA) is plain torch
+    around the base op, so Inductor can fuse it and autograd derives its gradients. Same math as the
+    eager autograd Functions; dropout is ``F.dropout`` (same distribution, not the eager path's
+    seeded mask)."""
+    from .. import custom_ops  # registers torch.ops.qlk.*
+    from ..autograd.lora import compute_dtype
+
+    tensors = tuple(layer._buffers.get(BUFFERS[f]) for f in custom_ops.FIELDS)
+    attrs = (layer.fmt, layer.bits, layer.group_size, layer.out_features, layer.in_features,
+             str(layer.weight_dtype).removeprefix("torch."))  # fmt: skip
+    cd = compute_dtype(x)
+    x_c = x.to(cd)
+    bias = None if layer.bias is None else layer.bias.to(cd)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        y = torch.ops.qlk.quant_matmul(x_c, *tensors, bias, *attrs)
+        if layer.method is None:
+            return y
+        p = layer.dropout if layer.training else 0.0
+        if layer.method == "qalora":
+            acc = torch.float64 if cd == torch.float64 else torch.float32
+            perm = tensors[custom_ops.FIELDS.index("perm")]
+            xs = x_c if perm is None else x_c.index_select(-1, perm)
+            g = layer.group_size
+            inp = xs.to(acc).reshape(*xs.shape[:-1], xs.shape[-1] // g, g).mean(-1)  # P(X)
+        else:
+            acc, inp = cd, x_c
+        if p > 0:
+            inp = torch.nn.functional.dropout(inp, p, training=True)
+        u = inp @ layer.lora_A.to(acc).t()
+        return y + layer.scaling * (u.to(cd) @ layer.lora_B.to(cd).t())
 
 
 def check_adapter_args(method, r, alpha, dropout, fmt: str) -> None:
