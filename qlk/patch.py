@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ._checks import check_format, check_int_bits, divisors_multiple_of_8
+from ._checks import check_adapter_hyperparameters, check_format, check_int_bits, divisors_multiple_of_8
 from .formats.nf4 import BLOCKSIZES as NF4_BLOCKSIZES
 from .nn.linear import QuantLinear, check_adapter_args, dense_weight, is_conv1d
 
@@ -213,6 +213,8 @@ def patch_model(
     All parameters but the adapters are frozen. Returns ``model``; prints the trainable-parameter
     summary when ``verbose`` (see :func:`trainable_parameters`).
     """
+    if method is not None:  # before the group-size checks: a bad alpha must not get a group-size hint
+        check_adapter_hyperparameters(r, alpha, dropout, use_rslora)
     method, fmt, group_size = _resolve_method_fmt(method, fmt, bits, group_size)
     if method is not None:
         check_adapter_args(method, r, alpha, dropout, fmt)

@@ -30,7 +30,7 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .._checks import SUPPORTED_FORMATS, SUPPORTED_INT_BITS
+from .._checks import SUPPORTED_FORMATS, SUPPORTED_INT_BITS, check_adapter_hyperparameters
 from ..formats.nf4 import BLOCKSIZES as NF4_BLOCKSIZES
 from ..nn.linear import BUFFERS, QuantLinear, dense_weight, is_conv1d
 
@@ -86,6 +86,8 @@ class QlkConfig(QuantizationConfigMixin):
             raise ValueError(f"QlkConfig: method={self.method!r}; allowed: None, 'qalora', 'lora'")
         if self.method == "qalora" and self.fmt != "int":
             raise ValueError("QlkConfig: method='qalora' needs fmt='int'")
+        if self.method is not None:
+            check_adapter_hyperparameters(self.r, self.alpha, self.dropout, self.use_rslora, what="QlkConfig")
         if self.scale_dtype not in _DTYPE_NAMES:
             raise ValueError(f"QlkConfig: scale_dtype={self.scale_dtype!r}; allowed: {sorted(_DTYPE_NAMES)}")
 

@@ -17,7 +17,9 @@ import torch
 from torch import nn
 
 from .. import reference
-from .._checks import check_bias, check_format, check_group_size, check_int_bits, check_quantized_weight
+from .._checks import (
+    check_adapter_hyperparameters, check_bias, check_format, check_group_size, check_int_bits, check_quantized_weight,
+)  # fmt: skip
 from ..autograd import lora_linear, qalora_linear, quant_linear
 from ..formats import QuantizedWeight, words_per_row
 from ..formats.nf4 import NESTED_BLOCKSIZE
@@ -312,12 +314,7 @@ class QuantLinear(nn.Module):
 def check_adapter_args(method, r, alpha, dropout, fmt: str) -> None:
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not supported; allowed: {METHODS} (or None for no adapter)")
-    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-        raise ValueError(f"r={r!r} must be a positive integer (the adapter rank)")
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
-        raise ValueError(f"alpha={alpha!r} must be a positive number")
-    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout={dropout!r} must be in [0, 1)")
+    check_adapter_hyperparameters(r, alpha, dropout)
     if method == "qalora" and fmt != "int":
         raise ValueError(
             f"method='qalora' needs fmt='int' (its adapter merges into the INT per-group biases); got fmt={fmt!r}. "
