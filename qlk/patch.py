@@ -19,6 +19,8 @@ import torch
 from torch import nn
 
 from ._checks import check_adapter_hyperparameters, check_format, check_int_bits, divisors_multiple_of_8
+from .formats.int_group import SCALE_DTYPES as INT_SCALE_DTYPES
+from .formats.int_group import SubnormalScaleWarning, check_int_quantizable
 from .formats.nf4 import BLOCKSIZES as NF4_BLOCKSIZES
 from .nn.linear import QuantLinear, check_adapter_args, dense_weight, is_conv1d
 
@@ -54,9 +56,33 @@ def _output_head(model: nn.Module):
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where the module called ``name`` is, under *every* name that reaches that module
+    (a module shared by two parents is replaced once, so all its names see the same new layer)."""
+    old = model.get_submodule(name)
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+    for m in model.modules():
+        for key, sub in m._modules.items():
+            if sub is old:
+                m._modules[key] = new
+
+
+def _linear_names(model: nn.Module) -> dict[str, nn.Module]:
+    """{name: module} of every nn.Linear / Conv1D under every name that reaches it (a shared module
+    appears once per name)."""
+    return {name: m for name, m in model.named_modules(remove_duplicate=False) if _is_dense_linear(m)}
+
+
+def _inside_attention(model: nn.Module) -> set[str]:
+    """Names of the linear layers owned by an ``nn.MultiheadAttention``: it reads ``out_proj.weight``
+    (a NonDynamicallyQuantizableLinear) directly and its in-projection is a bare parameter, so
+    replacing the module breaks it. torch's own quantization leaves these alone; so does qlk."""
+    owned = set()
+    for name, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, nn.MultiheadAttention):
+            owned.update(f"{name}.{sub}" if name else sub for sub, _ in m.named_modules(remove_duplicate=False) if sub)
+    return owned
 
 
 def _some_names(names, limit: int = 12) -> str:
@@ -78,16 +104,19 @@ def select_targets(model: nn.Module, target_modules=None) -> list[str]:
     layer named ``lm_head``). A list: layers whose name equals an entry or ends with ``.entry``
     (``["q_proj", "v_proj"]``). A string: a regular expression the full name must match.
     """
-    linears = [name for name, m in model.named_modules() if _is_dense_linear(m)]
+    all_linears = _linear_names(model)
+    attention = _inside_attention(model)
+    linears = [n for n in all_linears if n not in attention]
     if target_modules is None:
         head = _output_head(model)
-        head_names = {name for name, m in model.named_modules() if head is not None and m is head}
-        targets = [n for n in linears if n not in head_names and n.rpartition(".")[2] != "lm_head"]
+        targets = [n for n in linears if not (head is not None and all_linears[n] is head) and n.rpartition(".")[2] != "lm_head"]
         if not targets:
             raise ValueError(
                 f"{type(model).__name__} has no nn.Linear / Conv1D layer to patch besides its output head"
+                + (f" (and the nn.MultiheadAttention projections, which qlk leaves alone: {_some_names(sorted(attention), 4)})"
+                   if attention else "")
             )
-        return targets
+        return _first_names(targets, all_linears)
     if isinstance(target_modules, str):
         try:
             re.compile(target_modules)
@@ -100,11 +129,34 @@ def select_targets(model: nn.Module, target_modules=None) -> list[str]:
     targets = [n for n in linears if _matches(n, target_modules)]
     if not targets:
         suffixes = sorted({n.rpartition(".")[2] for n in linears})
+        inside = [n for n in sorted(attention) if _matches(n, target_modules)]
+        note = (f" ({_some_names(inside, 4)} belong to an nn.MultiheadAttention, which qlk leaves unpatched as "
+                "torch's quantization does)") if inside else ""  # fmt: skip
         raise ValueError(
-            f"target_modules={target_modules!r} matched no nn.Linear/Conv1D layer of {type(model).__name__}. "
+            f"target_modules={target_modules!r} matched no nn.Linear/Conv1D layer of {type(model).__name__}{note}. "
             f"Layer name suffixes available: {_some_names(suffixes)}; e.g. full names: {_some_names(linears, 4)}"
         )
-    return targets
+    return _first_names(targets, all_linears)
+
+
+def _first_names(targets: list[str], all_linears: dict) -> list[str]:
+    """One name per module (the first that matched): a shared module is patched once."""
+    seen, out = set(), []
+    for n in targets:
+        if id(all_linears[n]) not in seen:
+            seen.add(id(all_linears[n]))
+            out.append(n)
+    return out
+
+
+def _skipped_attention(model: nn.Module, target_modules) -> list[str]:
+    """The nn.MultiheadAttention projections the targeting rule would have picked (to report them)."""
+    inside = sorted(n for n in _inside_attention(model) if _is_dense_linear(model.get_submodule(n)))
+    if target_modules is None:
+        return inside
+    if isinstance(target_modules, str) or isinstance(target_modules, (list, tuple, set)):
+        return [n for n in inside if _matches(n, target_modules)]
+    return []
 
 
 @dataclass
@@ -164,7 +216,7 @@ def _resolve_method_fmt(method, fmt, bits, group_size):
     return method, fmt, group_size
 
 
-def _incompatibility(name, module, fmt, group_size) -> tuple[bool, str] | None:
+def _incompatibility(name, module, fmt, group_size, bits=4, scale_dtype=torch.float16) -> tuple[bool, str] | None:
     """(skippable, why) if layer ``name`` can't be patched, else None. Only a group size that
     doesn't divide in_features is skippable (``skip_incompatible``)."""
     w = dense_weight(module)
@@ -172,12 +224,26 @@ def _incompatibility(name, module, fmt, group_size) -> tuple[bool, str] | None:
         return False, f"layer '{name}': its weight is on the meta device (load real weights first)"
     k, _ = _in_out(module)
     if fmt == "int" and k % group_size:
-        ok = [d for d in divisors_multiple_of_8(k) if d <= 256]
-        hint = f"group sizes that divide it: {ok}" if ok else "no multiple of 8 up to 256 divides it"
-        return True, f"layer '{name}': in_features={k} is not divisible by group_size={group_size}; {hint}"
+        return True, f"layer '{name}': in_features={k} is not divisible by group_size={group_size}"
     if not torch.isfinite(w).all():
         return False, f"layer '{name}': its weight has NaN/Inf values; quantization needs finite weights"
+    if fmt == "int":
+        try:  # overflow / flushed fp16 scales: found now, so no layer is converted before the error
+            check_int_quantizable(w, bits, group_size, scale_dtype)
+        except ValueError as e:
+            return False, f"layer '{name}': {e}"
     return None
+
+
+def _group_size_hint(model: nn.Module, targets: list[str]) -> str:
+    """The INT group sizes (multiples of 8, up to 256) that divide the in_features of *every* target,
+    and how to leave the others dense instead."""
+    widths = sorted({_in_out(model.get_submodule(n))[0] for n in targets})
+    fit = [d for d in range(8, 257, 8) if all(k % d == 0 for k in widths)]
+    sizes = (f"group sizes that divide every target layer's in_features {widths}: {fit}" if fit else
+             f"no multiple of 8 up to 256 divides every target layer's in_features {widths}")  # fmt: skip
+    return (f". {sizes}; or leave the layers that do not fit dense: skip_incompatible=True (Python) / "
+            "--skip-incompatible (qlk quantize, qlk finetune)")
 
 
 def patch_model(
@@ -195,6 +261,7 @@ def patch_model(
     double_quant: bool = True,
     adapter_dtype: torch.dtype = torch.float32,
     verbose: bool = True,
+    scale_dtype: torch.dtype = torch.float16,
 ) -> nn.Module:
     """Quantize the linear layers of ``model`` in place and attach trainable adapters.
 
@@ -209,6 +276,8 @@ def patch_model(
         name suffixes, or a regex string matched against full names.
     skip_incompatible: skip (with a warning) layers whose in_features group_size doesn't divide,
         instead of raising.
+    scale_dtype: dtype of the INT scales and biases (float16; float32 for weights whose magnitudes
+        overflow or underflow float16 — the error says when).
 
     All parameters but the adapters are frozen. Returns ``model``; prints the trainable-parameter
     summary when ``verbose`` (see :func:`trainable_parameters`).
@@ -225,13 +294,16 @@ def patch_model(
             f"'{next(iter(already))}'); patch a fresh model, or qlk.dequantize_model(model) first"
         )
     targets = select_targets(model, target_modules)
-    found = {name: _incompatibility(name, model.get_submodule(name), fmt, group_size) for name in targets}
+    attention_skipped = _skipped_attention(model, target_modules)
+    if fmt == "int" and scale_dtype not in INT_SCALE_DTYPES:
+        raise TypeError(f"scale_dtype={scale_dtype} is not supported; allowed: {INT_SCALE_DTYPES}")
+    found = {n: _incompatibility(n, model.get_submodule(n), fmt, group_size, bits, scale_dtype) for n in targets}
     found = {name: v for name, v in found.items() if v is not None}
     problems = {name: why for name, (_, why) in found.items()}
     hard = [name for name, (skippable, _) in found.items() if not skippable]
     if hard or (problems and not skip_incompatible):
         msgs = list(problems.values())
-        more = "" if hard else " (or pass skip_incompatible=True to leave these layers unpatched)"
+        more = "" if hard else _group_size_hint(model, targets)
         shown = "; ".join(msgs[:5]) + ("; ..." if len(msgs) > 5 else "")
         raise ValueError(f"cannot patch {len(msgs)} layer(s): {shown}{more}")
     if problems:
@@ -243,23 +315,47 @@ def patch_model(
         if not targets:
             raise ValueError("qlk.patch_model: every target layer is incompatible with group_size; nothing to patch")
 
+    if attention_skipped:
+        warnings.warn(
+            f"qlk.patch_model: leaving {len(attention_skipped)} nn.MultiheadAttention projection(s) dense "
+            f"({_some_names(attention_skipped, 4)}): the attention reads their weight directly, so they cannot "
+            "be replaced (torch.ao.quantization skips them too)",
+            stacklevel=2,
+        )
     for p in model.parameters():
         p.requires_grad_(False)
+    imprecise = []
     for name in targets:
         old = model.get_submodule(name)
-        new = QuantLinear.from_dense(
-            old, bits=bits, group_size=group_size, fmt=fmt, double_quant=double_quant, method=method, r=r,
-            alpha=alpha, dropout=dropout, use_rslora=use_rslora, adapter_dtype=adapter_dtype,
-        )  # fmt: skip
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            new = QuantLinear.from_dense(
+                old, bits=bits, group_size=group_size, fmt=fmt, double_quant=double_quant, method=method, r=r,
+                alpha=alpha, dropout=dropout, use_rslora=use_rslora, adapter_dtype=adapter_dtype,
+                scale_dtype=scale_dtype,
+            )  # fmt: skip
+        for w in caught:
+            if issubclass(w.category, SubnormalScaleWarning):
+                imprecise.append(f"'{name}' ({str(w.message).partition(': ')[2].partition(';')[0]})")
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         new.train(old.training)
         _set_submodule(model, name, new)
         old._parameters["weight"] = None  # release the dense weight now, even if something still holds `old`
         del old, new
+    if imprecise:
+        warnings.warn(
+            f"qlk.patch_model: {len(imprecise)} layer(s) have groups whose {scale_dtype} scales are subnormal and miss "
+            f"the half-step error bound: {'; '.join(imprecise[:6])}{'; ...' if len(imprecise) > 6 else ''}",
+            SubnormalScaleWarning,
+            stacklevel=2,
+        )
     model.qlk_config = dict(
         bits=bits, group_size=group_size, fmt=fmt, method=method, r=r, alpha=alpha, dropout=dropout,
         use_rslora=use_rslora, double_quant=double_quant, skip_incompatible=skip_incompatible,
         target_modules=sorted(target_modules) if isinstance(target_modules, (set, tuple)) else target_modules,
-        skipped=sorted(problems),
+        skipped=sorted(problems) + attention_skipped,
+        **({"scale_dtype": str(scale_dtype).removeprefix("torch.")} if scale_dtype != torch.float16 else {}),
     )  # fmt: skip
     summary = trainable_parameters(model)
     logger.info("qlk.patch_model: %s", summary)

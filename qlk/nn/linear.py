@@ -264,6 +264,7 @@ class QuantLinear(nn.Module):
         dropout: float = 0.0,
         use_rslora: bool = False,
         adapter_dtype: torch.dtype = torch.float32,
+        scale_dtype: torch.dtype = torch.float16,
     ) -> "QuantLinear":
         """Quantize an ``nn.Linear`` or GPT-2 ``Conv1D`` (on its own device) into a QuantLinear."""
         from ..ops import quantize
@@ -279,7 +280,7 @@ class QuantLinear(nn.Module):
                 "unsharded model first, then fully_shard it (see qlk.integrations.check_fsdp)"
             )
         w = w.contiguous() if conv else w
-        qw = quantize(w, bits=bits, group_size=group_size, fmt=fmt, double_quant=double_quant)
+        qw = quantize(w, bits=bits, group_size=group_size, fmt=fmt, double_quant=double_quant, scale_dtype=scale_dtype)
         return cls(
             qw, bias=module.bias, method=method, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
             adapter_dtype=adapter_dtype, kind="conv1d" if conv else "linear",
