@@ -17,12 +17,14 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_model, save_file, save_model
+from safetensors.torch import save_file, save_model
 from torch import nn
 
+from ._checks import check_finite
 from .formats import LAYOUT_VERSION
 from .formats.quantized_weight import validate
 from .nn.linear import BUFFERS, QuantLinear
@@ -67,8 +69,31 @@ def _header(kind: str, layers: dict, model: nn.Module) -> dict:
     return {META_KEY: json.dumps(meta)}
 
 
+def current_umask() -> int:
+    """The process's umask (read from /proc on Linux; elsewhere by setting and restoring it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_mode(directory: bool = False) -> int:
+    """The mode ``open()`` / ``mkdir()`` would give a new file / directory: 0o666 / 0o777 minus the
+    umask. ``tempfile.mkstemp`` / ``mkdtemp`` create 0o600 / 0o700, which would leave the final
+    output unreadable to a serving process or another user; qlk's atomic writes chmod to this."""
+    return (0o777 if directory else 0o666) & ~current_umask()
+
+
 def _atomic_write(path, write) -> None:
-    """``write(tmp_path)`` then ``os.replace(tmp_path, path)``; the temporary file is removed on error."""
+    """``write(tmp_path)`` then ``os.replace(tmp_path, path)``; the temporary file is removed on error,
+    so ``path`` is either its previous content or the complete new one. The new file gets the
+    umask-derived mode a plain ``open()`` would give (or keeps the mode of the file it replaces)."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory or "."):
@@ -76,6 +101,11 @@ def _atomic_write(path, write) -> None:
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     os.close(fd)
     try:
+        try:
+            mode = os.stat(path).st_mode & 0o7777
+        except OSError:
+            mode = default_mode()
+        os.chmod(tmp, mode)
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -124,6 +154,37 @@ def _describe(meta_layer: dict) -> str:
     if meta_layer.get("method"):
         s += f", {meta_layer['method']} r={meta_layer['r']}"
     return s
+
+
+def check_loaded_finite(path, tensors: dict) -> None:
+    """The one finiteness check of every load path (load_adapter, load_quantized, the Transformers
+    loader): a NaN/Inf in a loaded adapter, bias, scale or any other float tensor is a ValueError
+    naming the file and the tensor, before anything is copied into the model."""
+    for key, t in tensors.items():
+        check_finite(t, f"{path}: tensor '{key}'")
+
+
+def _base_of(spec: dict) -> str | None:
+    if spec.get("fmt") is None or spec.get("bits") is None:
+        return None  # a file that does not say (older writers): nothing to compare
+    return f"{spec['fmt']}{spec['bits']}" + ("" if spec["fmt"] == "nf4" else f" g{spec.get('group_size')}")
+
+
+def _warn_other_base(path, saved: dict, layers: dict) -> None:
+    """Warn (naming both) when an adapter trained on one base format / bit width is loaded onto
+    another: it loads, but the base it corrects is not the one it was trained against."""
+    pairs = {}
+    for name, m in layers.items():
+        was, now = _base_of(saved[name]), _base_of(_layer_meta(m))
+        if was is not None and was != now:
+            pairs.setdefault((was, now), []).append(name)
+    for (was, now), names in pairs.items():
+        warnings.warn(
+            f"{path}: adapter trained on a {was} base, loaded onto a {now} base ({len(names)} layer(s), e.g. "
+            f"'{names[0]}'); it corrects the quantization error of the base it was trained on, so expect "
+            "different (usually worse) outputs than after training",
+            stacklevel=3,
+        )
 
 
 # ---- adapters ------------------------------------------------------------------------------------
@@ -183,6 +244,8 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
                 raise ValueError(
                     f"{path}: '{name}.{p}' has shape {tuple(t.shape)}, the model's is {tuple(param.shape)}"
                 )
+    check_loaded_finite(path, tensors)
+    _warn_other_base(path, saved, layers)
     with torch.no_grad():
         for name, m in layers.items():
             m.lora_A.copy_(tensors[f"{name}.lora_A"])
@@ -249,6 +312,70 @@ def _check_layer_tensors(path: str, layers: dict) -> None:
         raise ValueError(f"{path}: cannot read its tensors (truncated or corrupt?): {e}") from None
 
 
+def _storage_key(t: torch.Tensor):
+    if t.device.type == "meta":
+        return None
+    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+
+
+def _expected_other_tensors(model: nn.Module, new_layers: dict) -> dict:
+    """{state-dict key: tensor} of the model's tensors outside the layers to be replaced, as they
+    will be after the swap (tied parameters appear under each of their names)."""
+    prefixes = tuple(n + "." for n in new_layers)
+    replaced = {id(model.get_submodule(n)) for n in new_layers}
+    out = {}
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        if id(mod) in replaced or (mod_name + ".").startswith(prefixes):
+            continue
+        for kind in (mod._parameters, mod._buffers):
+            for key, t in kind.items():
+                if t is None or (kind is mod._buffers and key in mod._non_persistent_buffers_set):
+                    continue
+                out[f"{mod_name}.{key}" if mod_name else key] = t
+    return out
+
+
+def _read_all(path: str, file_keys: set, new_layers: dict, others: dict, device) -> dict:
+    """Fill the new layers from ``path`` and return the other tensors it holds, after checking that the file's names and
+    shapes are exactly what the patched model will hold (tied tensors: any one of their names)."""
+    layer_keys = {f"{n}.{k}" for n, layer in new_layers.items() for k in layer.state_dict()}
+    missing = set()
+    groups = {}
+    for key, t in others.items():
+        groups.setdefault(_storage_key(t) or key, []).append(key)
+    for names in groups.values():
+        if not any(n in file_keys for n in names):
+            missing.update(names)
+    unexpected = file_keys - layer_keys - set(others)
+    if missing or unexpected:
+        raise ValueError(
+            f"{path}: saved for another model: missing in the file: {sorted(missing)[:6] or 'none'}; in the file "
+            f"but not in the model: {sorted(unexpected)[:6] or 'none'}"
+        )
+    other_tensors = {}
+    try:
+        with safe_open(path, framework="pt", device=str(device)) as f, torch.no_grad():
+            for name, layer in new_layers.items():  # straight into the new (not yet attached) layers
+                for key, t in layer.state_dict(keep_vars=True).items():
+                    loaded = f.get_tensor(f"{name}.{key}")
+                    check_loaded_finite(path, {f"{name}.{key}": loaded})
+                    t.copy_(loaded)
+                    del loaded
+        with safe_open(path, framework="pt") as f:
+            for key in sorted(set(others) & file_keys):
+                target = others[key]
+                shape = tuple(f.get_slice(key).get_shape())
+                if shape != tuple(target.shape):
+                    raise ValueError(
+                        f"{path}: its tensors do not fit this model: '{key}' is {list(shape)} in the file, "
+                        f"{list(target.shape)} in the model"
+                    )
+                other_tensors[key] = f.get_tensor(key)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: cannot read its tensors (truncated or corrupt?): {e}") from None
+    return other_tensors
+
+
 def load_quantized(model: nn.Module, path, device=None) -> nn.Module:
     """Patch an unpatched ``model`` (same architecture as the saved one, e.g. built from its config)
     as ``path`` says, without quantizing its weights, and load every tensor from ``path``.
@@ -256,6 +383,10 @@ def load_quantized(model: nn.Module, path, device=None) -> nn.Module:
     Returns ``model``: its qlk layers hold the saved packed weights and adapters; everything but
     the adapters is frozen, as after :func:`qlk.patch_model`. ``device`` defaults to the device of
     the model's first parameter.
+
+    Transactional: every check (metadata, names, shapes, dtypes, NaN/Inf, packed-format
+    invariants) and every read of the file happens before the model is modified, so on any error
+    the model is exactly as before and a retry with the right file works.
     """
     path = os.fspath(path)
     meta = _read_header(path, KIND_QUANTIZED)
@@ -286,6 +417,15 @@ def load_quantized(model: nn.Module, path, device=None) -> nn.Module:
             raise ValueError(f"{path}: layer '{name}' has bias={spec['bias']} in the file, not in this model")
     new_layers = {n: _build_layer(n, spec, model.get_submodule(n), path, device) for n, spec in saved.items()}
     _check_layer_tensors(path, new_layers)
+    # Everything is read and checked before the model changes: on any error it is exactly as before
+    # (its dense weights included), so a retry with the right file works. The cost: the file's
+    # tensors and the model's dense weights are resident together for the duration of the call.
+    others = _expected_other_tensors(model, new_layers)
+    other_tensors = _read_all(path, meta["_keys"], new_layers, others, device)
+    check_loaded_finite(path, other_tensors)
+    for name, layer in new_layers.items():
+        validate(layer.qweight, f"{path}: layer '{name}'")
+    # commit: nothing below reads the file or can fail on its content
     for p in model.parameters():
         p.requires_grad_(False)
     for name, new in new_layers.items():
@@ -294,19 +434,8 @@ def load_quantized(model: nn.Module, path, device=None) -> nn.Module:
         _set_submodule(model, name, new)
         old._parameters["weight"] = None
         del old
-    del new_layers
-    try:
-        missing, unexpected = load_model(model, path, strict=False, device=str(device))
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path}: cannot read its tensors (truncated or corrupt?): {e}") from None
-    except RuntimeError as e:  # shape mismatches from load_state_dict
-        raise ValueError(f"{path}: its tensors do not fit this model: {e}") from None
-    if missing or unexpected:
-        raise ValueError(
-            f"{path}: saved for another model ({meta.get('model_class')}): missing in the file: "
-            f"{sorted(missing)[:6] or 'none'}; in the file but not in the model: {sorted(unexpected)[:6] or 'none'}"
-        )
-    for name, m in qlk_layers(model).items():
-        validate(m.qweight, f"{path}: layer '{name}'")
+    with torch.no_grad():
+        for key, t in other_tensors.items():
+            others[key].copy_(t)
     model.qlk_config = meta.get("patch_config")
     return model
