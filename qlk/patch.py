@@ -227,6 +227,8 @@ def _incompatibility(name, module, fmt, group_size, bits=4, scale_dtype=torch.fl
         return True, f"layer '{name}': in_features={k} is not divisible by group_size={group_size}"
     if not torch.isfinite(w).all():
         return False, f"layer '{name}': its weight has NaN/Inf values; quantization needs finite weights"
+    if module.bias is not None and not torch.isfinite(module.bias).all():
+        return False, f"layer '{name}': its bias has NaN/Inf values (it would poison every output)"
     if fmt == "int":
         try:  # overflow / flushed fp16 scales: found now, so no layer is converted before the error
             check_int_quantizable(w, bits, group_size, scale_dtype)

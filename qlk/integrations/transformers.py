@@ -32,6 +32,8 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .._checks import SUPPORTED_FORMATS, SUPPORTED_INT_BITS, check_adapter_hyperparameters
 from ..formats.nf4 import BLOCKSIZES as NF4_BLOCKSIZES
+from ..formats.quantized_weight import validate
+from ..io import check_loaded_finite
 from ..nn.linear import BUFFERS, QuantLinear, dense_weight, is_conv1d
 
 logger = logging.getLogger("qlk")
@@ -178,6 +180,10 @@ class QlkHfQuantizer(HfQuantizer):
             m._parameters.pop("weight", None)  # the dense placeholder: only the packed buffers remain
             if m.weight_packed.device.type == "meta":
                 raise RuntimeError(f"qlk: layer '{name}' was not quantized during loading (its weight never arrived)")
+            if self.pre_quantized:  # the same checks as qlk.load_quantized: packed invariants, no NaN/Inf
+                where = getattr(model.config, "_name_or_path", None) or "the checkpoint"
+                validate(m.qweight, f"{where}: layer '{name}'")
+                check_loaded_finite(where, {f"{name}.{k}": t for k, t in m.state_dict().items()})
             if not self.pre_quantized and cfg.method is not None:
                 m.add_adapter(cfg.method, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, use_rslora=cfg.use_rslora)
         cfg.quantized_modules = dict(self.specs)

@@ -18,7 +18,7 @@ from torch import nn
 
 from .. import reference
 from .._checks import (
-    check_adapter_hyperparameters, check_bias, check_format, check_group_size, check_int_bits, check_quantized_weight,
+    check_adapter_hyperparameters, check_bias, check_finite, check_format, check_group_size, check_int_bits, check_quantized_weight,
 )  # fmt: skip
 from ..autograd import lora_linear, qalora_linear, quant_linear
 from ..formats import QuantizedWeight, words_per_row
@@ -90,6 +90,7 @@ class QuantLinear(nn.Module):
         self._set_qweight(qweight)
         if bias is not None:
             check_bias(bias, self.out_features, qweight.device, "QuantLinear bias")
+            check_finite(bias, "QuantLinear bias")  # a frozen NaN bias would poison every output
             self.bias = nn.Parameter(bias.detach(), requires_grad=False)
         else:
             self.register_parameter("bias", None)
