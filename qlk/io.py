@@ -101,12 +101,12 @@ def _atomic_write(path, write) -> None:
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     os.close(fd)
     try:
+        write(tmp)
         try:
             mode = os.stat(path).st_mode & 0o7777
         except OSError:
             mode = default_mode()
-        os.chmod(tmp, mode)
-        write(tmp)
+        os.chmod(tmp, mode)  # after write(): safetensors itself creates its file 0o600
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -114,6 +114,43 @@ def _atomic_write(path, write) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+_LAYER_KEYS = ("fmt", "bits", "group_size", "shape", "bias")
+
+
+def parse_meta(path: str, raw: str) -> dict:
+    """The ``qlk`` metadata JSON of a file, checked for the structure qlk writes; a ValueError that
+    names what is damaged otherwise (never a KeyError / AttributeError from deep inside)."""
+
+    def damaged(what):
+        return ValueError(f"{path}: its qlk metadata is damaged ({what}); the file was not written (completely) "
+                          "by qlk, or was edited")  # fmt: skip
+
+    try:
+        meta = json.loads(raw)
+    except ValueError as e:
+        raise damaged(f"not valid JSON: {e}") from None
+    if not isinstance(meta, dict):
+        raise damaged(f"a JSON {type(meta).__name__}, not an object")
+    layers = meta.get("layers", {})
+    if not isinstance(layers, dict):
+        raise damaged(f"'layers' is a {type(layers).__name__}, not an object")
+    for name, m in layers.items():
+        if not isinstance(m, dict):
+            raise damaged(f"layer '{name}' is a {type(m).__name__}, not an object")
+        lacking = [k for k in _LAYER_KEYS if k not in m]
+        if lacking:
+            raise damaged(f"layer '{name}' lacks {lacking}")
+        shape = m["shape"]
+        if not (isinstance(shape, list) and len(shape) == 2 and all(type(v) is int and v > 0 for v in shape)):
+            raise damaged(f"layer '{name}' has shape {shape!r}")
+        if m.get("method") and not all(isinstance(m.get(k), (int, float)) for k in ("r", "alpha")):
+            raise damaged(f"layer '{name}' has method {m['method']!r} but no numeric r / alpha")
+    pc = meta.get("patch_config")
+    if pc is not None and not isinstance(pc, dict):
+        raise damaged(f"'patch_config' is a {type(pc).__name__}, not an object")
+    return meta
 
 
 def _read_header(path, kind: str) -> dict:
@@ -132,10 +169,7 @@ def _read_header(path, kind: str) -> dict:
             f"{path}: a safetensors file without qlk metadata (header keys: {sorted(header)[:8]}); "
             f"it was not written by qlk.{'save_adapter' if kind == KIND_ADAPTER else 'save_quantized'}"
         )
-    try:
-        meta = json.loads(header[META_KEY])
-    except ValueError as e:
-        raise ValueError(f"{path}: its qlk metadata is not valid JSON ({e})") from None
+    meta = parse_meta(path, header[META_KEY])
     if meta.get("kind") != kind:
         other = {KIND_ADAPTER: "qlk.load_adapter", KIND_QUANTIZED: "qlk.load_quantized"}.get(meta.get("kind"))
         hint = f"; load it with {other}" if other else ""

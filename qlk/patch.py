@@ -398,6 +398,8 @@ def merge_model(model: nn.Module, dense_lora: bool = False) -> nn.Module:
             m.merge_adapter_()
         elif m.method == "lora":
             _set_submodule(model, name, m.to_dense())
+    if isinstance(getattr(model, "qlk_config", None), dict):  # saved files (and qlk inspect) say so
+        model.qlk_config = {**model.qlk_config, "merged": True}
     return model
 
 
