@@ -139,7 +139,8 @@ def parse_meta(path: str, raw: str) -> dict:
     for name, m in layers.items():
         if not isinstance(m, dict):
             raise damaged(f"layer '{name}' is a {type(m).__name__}, not an object")
-        lacking = [k for k in _LAYER_KEYS if k not in m]
+        required = _LAYER_KEYS if meta.get("kind") == KIND_QUANTIZED else ("shape",)  # adapters: older writers
+        lacking = [k for k in required if k not in m]
         if lacking:
             raise damaged(f"layer '{name}' lacks {lacking}")
         shape = m["shape"]
@@ -184,7 +185,7 @@ def _read_header(path, kind: str) -> dict:
 
 
 def _describe(meta_layer: dict) -> str:
-    s = f"{meta_layer['fmt']}{meta_layer['bits']} g{meta_layer['group_size']} shape {tuple(meta_layer['shape'])}"
+    s = f"{meta_layer.get('fmt')}{meta_layer.get('bits')} g{meta_layer.get('group_size')} shape {tuple(meta_layer['shape'])}"
     if meta_layer.get("method"):
         s += f", {meta_layer['method']} r={meta_layer['r']}"
     return s
@@ -201,7 +202,9 @@ def check_loaded_finite(path, tensors: dict) -> None:
 def _base_of(spec: dict) -> str | None:
     if spec.get("fmt") is None or spec.get("bits") is None:
         return None  # a file that does not say (older writers): nothing to compare
-    return f"{spec['fmt']}{spec['bits']}" + ("" if spec["fmt"] == "nf4" else f" g{spec.get('group_size')}")
+    if spec["fmt"] == "nf4":
+        return f"nf4 g{spec.get('group_size')}"
+    return f"{spec['fmt']}{spec['bits']} g{spec.get('group_size')}"
 
 
 def _warn_other_base(path, saved: dict, layers: dict) -> None:
