@@ -180,6 +180,9 @@ class QlkHfQuantizer(HfQuantizer):
             m._parameters.pop("weight", None)  # the dense placeholder: only the packed buffers remain
             if m.weight_packed.device.type == "meta":
                 raise RuntimeError(f"qlk: layer '{name}' was not quantized during loading (its weight never arrived)")
+            absent = [k for k, t in m.state_dict().items() if t.device.type == "meta"]
+            if absent:  # never run on tensors that were not in the checkpoint (random or empty values)
+                raise ValueError(f"qlk: layer '{name}': {absent} missing from the checkpoint (truncated or foreign?)")
             if self.pre_quantized:  # the same checks as qlk.load_quantized: packed invariants, no NaN/Inf
                 where = getattr(model.config, "_name_or_path", None) or "the checkpoint"
                 validate(m.qweight, f"{where}: layer '{name}'")
