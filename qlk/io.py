@@ -373,8 +373,9 @@ def _expected_other_tensors(model: nn.Module, new_layers: dict) -> dict:
 
 
 def _read_all(path: str, file_keys: set, new_layers: dict, others: dict, device) -> dict:
-    """Fill the new layers from ``path`` and return the other tensors it holds, after checking that the file's names and
-    shapes are exactly what the patched model will hold (tied tensors: any one of their names)."""
+    """Fill the new (not yet attached) layers from ``path`` and return the other tensors it holds,
+    after checking that the file's names and shapes are exactly what the patched model will hold
+    (tied tensors: any one of their names)."""
     layer_keys = {f"{n}.{k}" for n, layer in new_layers.items() for k in layer.state_dict()}
     missing = set()
     groups = {}
