@@ -103,6 +103,9 @@ def select_targets(model: nn.Module, target_modules=None) -> list[str]:
     ``target_modules=None``: all of them except the output head (``get_output_embeddings()`` or a
     layer named ``lm_head``). A list: layers whose name equals an entry or ends with ``.entry``
     (``["q_proj", "v_proj"]``). A string: a regular expression the full name must match.
+    Never selected: the projections of an ``nn.MultiheadAttention`` (it reads their weights
+    directly; torch's quantization leaves them alone too). A module reachable by several names is
+    returned once (:func:`patch_model` replaces it under all of them).
     """
     all_linears = _linear_names(model)
     attention = _inside_attention(model)
