@@ -90,12 +90,14 @@ def test_load_quantized_failure_leaves_model_exactly_as_before_and_retry_works(t
         assert str(bad) in str(e.value)
         assert_unchanged(model, before)
 
-    # a read that fails halfway (I/O error on the third tensor)
+    # a read that fails at every point in turn (an I/O error on the n-th tensor read)
     from safetensors import safe_open as real_safe_open
+
+    reads = {"n": 0, "fail_at": None}
 
     class Flaky:
         def __init__(self, *a, **kw):
-            self.f, self.n = real_safe_open(*a, **kw), 0
+            self.f = real_safe_open(*a, **kw)
 
         def __enter__(self):
             self.f.__enter__()
@@ -105,18 +107,23 @@ def test_load_quantized_failure_leaves_model_exactly_as_before_and_retry_works(t
             return self.f.__exit__(*exc)
 
         def get_tensor(self, key):
-            self.n += 1
-            if self.n == 3:
-                raise OSError("injected read error")
+            reads["n"] += 1
+            if reads["n"] == reads["fail_at"]:
+                raise OSError(f"injected read error at read {reads['n']}")
             return self.f.get_tensor(key)
 
         def __getattr__(self, name):
             return getattr(self.f, name)
 
     monkeypatch.setattr("qlk.io.safe_open", Flaky)
-    with pytest.raises(ValueError, match="injected read error"):
-        load_quantized(model, good)
-    assert_unchanged(model, before)
+    load_quantized(mlp(seed=2), good)  # count the reads of a whole load
+    total, reads["n"] = reads["n"], 0
+    assert total >= 8
+    for fail_at in range(1, total + 1):
+        reads.update(n=0, fail_at=fail_at)
+        with pytest.raises(ValueError, match=f"injected read error at read {fail_at}"):
+            load_quantized(model, good)
+        assert_unchanged(model, before)
     monkeypatch.undo()
 
     load_quantized(model, good)  # the retry works: nothing was half-converted
@@ -189,35 +196,39 @@ def test_interrupted_save_keeps_previous_file(tmp_path, monkeypatch):
     assert path.read_bytes() == old and os.listdir(tmp_path) == ["m.safetensors"]
 
 
-KILLED_WRITER = r"""
-import os, sys, time, torch
-from torch import nn
-import qlk, qlk.io
-path = sys.argv[1]
-torch.manual_seed(1)
-model = qlk.patch_model(nn.Sequential(nn.Linear(64, 32)), verbose=False)
-def slow(model, filename, metadata=None):
-    open(filename, "wb").write(b"partial")
-    print("writing", flush=True)
-    time.sleep(60)
-qlk.io.save_model = slow
-qlk.save_quantized(model, path)
-"""
-
-
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_killed_save_keeps_previous_file(tmp_path):
+    """A writer SIGKILLed in the middle of save_quantized (a forked child: no second interpreter to
+    start) leaves the previous file as it was and loadable."""
     path = tmp_path / "m.safetensors"
     torch.manual_seed(0)
     model = patch_model(nn.Sequential(nn.Linear(64, 32)), verbose=False)
     save_quantized(model, path)
     old = path.read_bytes()
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    p = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(path)], stdout=subprocess.PIPE, env=env, text=True)
+    other = patch_model(nn.Sequential(nn.Linear(64, 32)), verbose=False)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: start writing, say so, then hang until killed
+        try:
+            import qlk.io
+
+            def slow(model, filename, metadata=None):
+                with open(filename, "wb") as f:
+                    f.write(b"partial")
+                os.write(write_end, b"w")
+                time.sleep(60)
+
+            qlk.io.save_model = slow
+            save_quantized(other, path)
+        finally:
+            os._exit(1)
     try:
-        assert p.stdout.readline().strip() == "writing"
-        os.kill(p.pid, signal.SIGKILL)
+        assert os.read(read_end, 1) == b"w"
+        os.kill(pid, signal.SIGKILL)
     finally:
-        p.wait(timeout=30)
+        os.waitpid(pid, 0)
+        os.close(read_end)
+        os.close(write_end)
     assert path.read_bytes() == old
     fresh = load_quantized(nn.Sequential(nn.Linear(64, 32)), path)
     x = torch.randn(3, 64)
@@ -511,3 +522,38 @@ def test_cli_quantize_overwrite_skip_incompatible_inspect(hf_dir, tmp_path, caps
     with pytest.raises(SystemExit) as e:
         main(["eval", "--model", str(out), "--max-tokens", "-5"])
     assert e.value.code == 2 and "--max-tokens: -5 must be 0 or more" in capsys.readouterr().err
+
+
+def test_save_qlk_dir_interrupted_while_installing_leaves_whole_files(tmp_path, monkeypatch):
+    """Killed between two of the per-file renames into an existing directory: every file is the
+    old or the new one, complete; the user's files stay."""
+    from qlk import hf_models
+
+    old_model = patch_model(tiny_hf_model(0), verbose=False, method=None)
+    new_model = patch_model(tiny_hf_model(1), verbose=False, method=None, bits=2)
+    hf_models.save_qlk_dir(new_model, None, tmp_path / "reference", {"n": 2})
+    new = {p.name: p.read_bytes() for p in (tmp_path / "reference").iterdir()}
+    real_replace = os.replace
+    for fail_at in range(1, len(new) + 2):  # the model file's own atomic write, then each install
+        out = tmp_path / f"out{fail_at}"
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+        hf_models.save_qlk_dir(old_model, None, out, {"n": 1})
+        old = {p.name: p.read_bytes() for p in out.iterdir()}
+        calls = {"n": 0}
+
+        def flaky_replace(src, dst):
+            calls["n"] += 1
+            if calls["n"] == fail_at:
+                raise KeyboardInterrupt
+            return real_replace(src, dst)
+
+        monkeypatch.setattr("qlk.hf_models.os.replace", flaky_replace)
+        with pytest.raises(KeyboardInterrupt):
+            hf_models.save_qlk_dir(new_model, None, out, {"n": 2})
+        monkeypatch.undo()
+        now = {p.name: p.read_bytes() for p in out.iterdir()}
+        assert now["notes.txt"] == b"mine" and now.keys() == old.keys()
+        for name, data in now.items():
+            assert data in (old[name], new.get(name)), (fail_at, name)
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
