@@ -267,8 +267,7 @@ def _previous_outputs(d: Path) -> list[str]:
 def _install(tmp: Path, d: Path, files: list[str]) -> None:
     """Move the complete new outputs from ``tmp`` into ``d`` (see :func:`save_qlk_dir`)."""
     if not d.exists():
-        os.replace(tmp, d)
-        tmp.mkdir()  # so the caller's cleanup has something to remove
+        os.replace(tmp, d)  # the caller's cleanup of tmp then finds nothing to remove
         return
     previous = _previous_outputs(d)  # read before qlk_model.json is replaced
     last = [QLK_MODEL_FILE, QLK_MODEL_INFO]
