@@ -1,14 +1,17 @@
 # qlk developer targets.
-#   make test            fresh .venv (CPU torch 2.13.0 + pinned requirements-test.txt), then the suite
+#   make test            the suite in its own .venv-test (CPU torch 2.13.0 + pinned requirements-test.txt),
+#                        built fresh on first use and rebuilt from scratch whenever setup.py or
+#                        requirements-test.txt change; the main job's .venv is never touched
 #   make static-report   sm_90/sm_80 machine-code report of every kernel (bench/sass, no GPU)
 #   make gpu-check       on a GPU machine: GPU tests + benchmarks (bench/gpu_check.sh)
-VENV ?= .venv
+VENV ?= .venv-test
 PYTHON ?= $(VENV)/bin/python
 PYTEST_ARGS ?=
 
 .PHONY: test test-slow static-report static-report-quick gpu-check wheels
 
 $(VENV)/.qlk-installed: setup.py requirements-test.txt
+	rm -rf $(VENV)
 	python3 -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
 	$(VENV)/bin/python -m pip install -q torch==2.13.0

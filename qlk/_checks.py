@@ -5,6 +5,7 @@ allowed, prefixed by the name of the argument or layer so a user can find it.
 """
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -44,6 +45,48 @@ def check_int_bits(bits: int) -> None:
             f"bits={bits!r} is not supported for fmt='int'; allowed: {SUPPORTED_INT_BITS} "
             "(use fmt='nf4' for the QLoRA 4-bit normal-float format)"
         )
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def check_rank(r, name: str = "r") -> None:
+    """The adapter rank: a positive integer."""
+    if not _is_int(r) or r <= 0:
+        raise ValueError(f"{name}={r!r} must be a positive integer (the adapter rank, e.g. 8, 16, 64)")
+
+
+def check_alpha(alpha, name: str = "alpha") -> None:
+    """The adapter's alpha (scaling alpha/r): a positive, finite number (NaN/Inf would make every
+    output NaN at the first step)."""
+    if not _is_real(alpha) or not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"{name}={alpha!r} must be a positive, finite number (scaling = alpha/r; e.g. 16)")
+
+
+def check_dropout(dropout, name: str = "dropout") -> None:
+    """A dropout probability in [0, 1) (1 would drop everything and divide by zero)."""
+    if not _is_real(dropout) or not 0.0 <= dropout < 1.0:  # NaN fails both comparisons
+        raise ValueError(f"{name}={dropout!r} must be a probability in [0, 1) (e.g. 0.05; 0 disables it)")
+
+
+def check_scaling(scaling, name: str = "scaling") -> None:
+    """The adapter's output scale σ: a finite number (0 and negative values are allowed here)."""
+    if not _is_real(scaling) or not math.isfinite(scaling):
+        raise ValueError(f"{name}={scaling!r} must be a finite number (σ = alpha/r)")
+
+
+def check_adapter_hyperparameters(r, alpha, dropout, use_rslora=False, what: str = "") -> None:
+    """r, alpha, dropout (and use_rslora) of an adapter, before anything that depends on them."""
+    prefix = f"{what}: " if what else ""
+    try:
+        check_rank(r)
+        check_alpha(alpha)
+        check_dropout(dropout)
+        if not isinstance(use_rslora, bool):
+            raise ValueError(f"use_rslora={use_rslora!r} must be True or False")
+    except ValueError as e:
+        raise ValueError(prefix + str(e)) from None
 
 
 def divisors_multiple_of_8(n: int) -> list[int]:

@@ -24,6 +24,16 @@ def _positive_int(s: str) -> int:
     return v
 
 
+def _non_negative_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{v} must be 0 or more")
+    return v
+
+
 def _add_model_arg(p, what="model"):
     p.add_argument("--model", default=None, metavar="PATH",
                    help=f"{what}: a Hugging Face directory, a .safetensors or .gguf file, or a qlk model directory "
@@ -100,10 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quant_args(ev)
     ev.add_argument("--text", default=None,
                     help="text file for perplexity (default: /usr/share/common-licenses/GPL-3, else a shipped text)")
-    ev.add_argument("--max-tokens", type=int, default=4096, help="score the first N tokens of the text (0: all)")
+    ev.add_argument("--max-tokens", type=_non_negative_int, default=4096,
+                    help="score the first N tokens of the text (0: all)")
     ev.add_argument("--window", type=_positive_int, default=512, help="tokens per scored window")
     ev.add_argument("--prompt", action="append", default=None, help="generation prompt (repeatable)")
-    ev.add_argument("--max-new-tokens", type=int, default=40, help="tokens per generation (0: none)")
+    ev.add_argument("--max-new-tokens", type=_non_negative_int, default=40, help="tokens per generation (0: none)")
     ev.add_argument("--device", default=None)
     ev.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -112,7 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--fmt", choices=("int", "nf4"), default="int")
     _add_quant_args(qz)
     qz.add_argument("--output-dir", required=True)
-    qz.add_argument("--overwrite", action="store_true")
+    qz.add_argument("--overwrite", action="store_true",
+                    help="replace qlk's outputs in an existing --output-dir (other files there are kept; the old "
+                         "outputs are replaced only once the new ones are complete)")  # fmt: skip
+    qz.add_argument("--skip-incompatible", action="store_true",
+                    help="leave layers whose in_features --group-size does not divide dense instead of failing")
 
     ins = sub.add_parser("inspect", help="print a saved file's format and layers (from safetensors metadata)")
     ins.add_argument("path", help="a .safetensors file, or a qlk / Hugging Face model directory")
@@ -165,7 +180,9 @@ def cmd_quantize(a) -> int:
     from .patch import patch_model, qlk_layers
 
     out = Path(a.output_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not a.overwrite:
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output-dir {out} is a file, not a directory; choose another path")
+    if out.exists() and any(out.iterdir()) and not a.overwrite:
         raise UsageError(f"--output-dir {out} already exists and is not empty; pass --overwrite or choose another")
     if a.fmt == "nf4" and a.bits != 4:
         raise UsageError(f"--fmt nf4 is 4-bit; got --bits {a.bits}")
@@ -174,14 +191,12 @@ def cmd_quantize(a) -> int:
         raise UsageError(f"--model {a.model}: already a qlk quantized model")
     t0 = time.time()
     try:
-        patch_model(model, bits=a.bits, group_size=a.group_size, fmt=a.fmt, method=None, verbose=False)
+        patch_model(model, bits=a.bits, group_size=a.group_size, fmt=a.fmt, method=None, verbose=False,
+                    skip_incompatible=a.skip_incompatible)  # fmt: skip
     except ValueError as e:
         raise UsageError(str(e)) from None
     g = model.qlk_config["group_size"]
-    if out.exists() and a.overwrite:
-        import shutil
-
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    # written next to --output-dir first; qlk's previous outputs there are replaced only when complete
     save_qlk_dir(model, tok, out, {"method": "quantized", "fmt": a.fmt, "bits": a.bits, "group_size": g, "source": desc})
     mem = memory_report(model, next(model.parameters()).device)
     print(f"{desc} -> {a.fmt}{a.bits} g{g}: {len(qlk_layers(model))} layers, {mem['bits_per_param_quantized']:.3f} "
@@ -210,15 +225,51 @@ def inspect_path(path) -> dict:
             meta = f.metadata() or {}
             tensors = {k: (f.get_slice(k).get_dtype(), f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as e:  # noqa: BLE001
-        raise UsageError(f"{p}: not a readable safetensors file ({e})") from None
+        raise UsageError(f"{p}: not a readable safetensors file (damaged header, truncated, or another format): {e}") from None
     info = {"file": str(p), "bytes": p.stat().st_size, "tensors": len(tensors), "metadata_keys": sorted(meta)}
     if "qlk" in meta:
-        try:
-            info["qlk"] = json.loads(meta["qlk"])
-        except ValueError:
-            info["qlk_error"] = "the 'qlk' metadata entry is not valid JSON"
+        info["qlk"] = _checked_qlk_meta(p, meta["qlk"])
     info["_tensors"] = tensors
     return info
+
+
+def _checked_qlk_meta(p: Path, raw: str) -> dict:
+    """The file's ``qlk`` metadata, or a UsageError naming what is damaged in it."""
+    from .finetune import UsageError
+    from .io import parse_meta
+
+    try:
+        return parse_meta(str(p), raw)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _format_name(m: dict) -> str:
+    """'int4 g32', 'nf4 g64 dq' (NF4 block size, double-quantized absmax)."""
+    if m.get("fmt") == "nf4":
+        return f"nf4 g{m.get('group_size')}" + (" dq" if m.get("double_quant") else "")
+    return f"{m.get('fmt')}{m.get('bits')} g{m.get('group_size')}"
+
+
+def _config_fields(pc: dict, layers: dict) -> list[str]:
+    """The patch-config fields that apply: no double_quant on INT, no scale dtype on NF4, no adapter
+    fields without an adapter; a merged model says so instead of naming the method it no longer has."""
+    fmt, method = pc.get("fmt"), pc.get("method")
+    adapters = sum(1 for m in layers.values() if m.get("method"))
+    merged = bool(pc.get("merged")) or (method is not None and layers and adapters == 0)
+    skip = {"merged", "skipped"}
+    if fmt != "nf4":
+        skip.add("double_quant")
+    if method is None or merged:
+        skip |= {"method", "r", "alpha", "dropout", "use_rslora"}
+    fields = [f"{k}={v}" for k, v in pc.items() if k not in skip and v not in (None, [], "")]
+    if merged:
+        fields.append(f"merged ({method} adapters folded into the {fmt} weights; no adapter left)")
+    elif method is None:
+        fields.append("no adapter (quantized only)")
+    if pc.get("skipped"):
+        fields.append(f"left dense: {len(pc['skipped'])} layer(s)")
+    return fields
 
 
 def cmd_inspect(a) -> int:
@@ -243,7 +294,7 @@ def cmd_inspect(a) -> int:
     print(f"format: {q.get('kind')} (qlk {q.get('qlk_version')}, packed-layout version {q.get('layout_version')}), "
           f"model class {q.get('model_class')}")  # fmt: skip
     if q.get("patch_config"):
-        print("patch config: " + ", ".join(f"{k}={v}" for k, v in q["patch_config"].items() if v not in (None, [], "")))
+        print("patch config: " + ", ".join(_config_fields(q["patch_config"], q.get("layers", {}))))
     layers = q.get("layers", {})
     groups = {}
     for name, m in layers.items():
@@ -252,13 +303,13 @@ def cmd_inspect(a) -> int:
     total_params = sum(m["shape"][0] * m["shape"][1] for m in layers.values())
     print(f"layers: {len(layers)} qlk layers, {total_params:,} quantized weights")
     for (fmt, bits, g, method, r), items in groups.items():
-        what = f"{fmt}{bits} g{g}" + (f" + {method} r={r}" if method else "")
+        what = _format_name(items[0][1]) + (f" + {method} r={r}" if method else "")
         print(f"  {what}: {len(items)} layers")
     w = max((len(n) for n in layers), default=10)
     print(f"  {'layer':<{w}}  {'format':<10} {'shape [out, in]':<16} adapter")
     for name, m in layers.items():
         ad = f"{m['method']} r={m['r']} alpha={m['alpha']:g}" if m.get("method") else "-"
-        print(f"  {name:<{w}}  {m['fmt'] + str(m['bits']) + ' g' + str(m['group_size']):<10} {str(m['shape']):<16} {ad}")
+        print(f"  {name:<{w}}  {_format_name(m):<10} {str(m['shape']):<16} {ad}")
     return 0
 
 

@@ -48,7 +48,8 @@ def quant_matmul(
 
     qw = _qw(qweight, scales, biases, absmax, absmax_scale, absmax_offset, perm, fmt, bits, group_size,
              out_features, in_features, weight_dtype)  # fmt: skip
-    return ops.quant_matmul(x, qw, bias)
+    with torch.no_grad():  # the op's autograd is registered below; the eager op's Function must not nest
+        return ops.quant_matmul(x, qw, bias)
 
 
 @quant_matmul.register_fake
@@ -68,7 +69,8 @@ def quant_matmul_grad_input(
 
     qw = _qw(qweight, scales, biases, absmax, absmax_scale, absmax_offset, perm, fmt, bits, group_size,
              out_features, in_features, weight_dtype)  # fmt: skip
-    return ops.quant_matmul_grad_input(dy, qw)
+    with torch.no_grad():
+        return ops.quant_matmul_grad_input(dy, qw)
 
 
 @quant_matmul_grad_input.register_fake

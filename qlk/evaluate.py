@@ -18,10 +18,12 @@ from .lm import (  # noqa: F401 - default_text_path, read_text, perplexity: the 
 
 def adapter_patch_config(path) -> dict:
     """The ``patch_config`` qlk.save_adapter stored in an adapter file's metadata."""
-    from safetensors import safe_open
+    from .io import KIND_ADAPTER, _read_header
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("qlk", "{}"))
+    try:  # the loader's own header checks: a damaged or foreign file is bad input, not a traceback
+        meta = _read_header(path, KIND_ADAPTER)
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(f"--adapter {e}") from None
     cfg = meta.get("patch_config")
     if not cfg:
         raise UsageError(f"--adapter {path}: no qlk patch configuration in its metadata (not a qlk adapter file?)")
@@ -46,8 +48,11 @@ def prepare_model(model_path=None, adapter=None, quantize_fmt=None, bits=4, grou
             raise UsageError("--adapter: the model is already a qlk model; pass the base model it was trained from")
         pc = adapter_patch_config(adapter)
         kw = {k: pc[k] for k in ("bits", "group_size", "fmt", "method", "r", "alpha", "dropout", "use_rslora", "double_quant") if k in pc}
-        patch_model(model, verbose=False, **kw)
-        load_adapter(model, adapter)
+        try:
+            patch_model(model, verbose=False, **kw)
+            load_adapter(model, adapter)
+        except ValueError as e:  # another base model, a damaged file: say so, no traceback
+            raise UsageError(f"--adapter {adapter}: {e}") from None
         desc += f" + adapter {adapter} ({pc.get('method')} on {pc.get('fmt')}{pc.get('bits')} g{pc.get('group_size')})"
     elif quantize_fmt:
         from .patch import patch_model

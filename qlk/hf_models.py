@@ -76,8 +76,11 @@ def _cache_root() -> Path | None:
 
 def _save_dir_atomic(target: Path, write) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
+    from .io import default_mode
+
     tmp = Path(tempfile.mkdtemp(prefix="." + target.name + ".", dir=target.parent))
     try:
+        os.chmod(tmp, default_mode(directory=True))  # mkdtemp makes 0700; the cache is shared like any file
         write(tmp)
         try:
             os.replace(tmp, target)
@@ -201,7 +204,10 @@ def load_qlk_dir(path, device=None):
     # parameters it does not replace; a 135M model builds in about a second.
     with torch.device("cpu"):
         model = AutoModelForCausalLM.from_config(config)
-    load_quantized(model, d / QLK_MODEL_FILE, device=device)
+    try:
+        load_quantized(model, d / QLK_MODEL_FILE, device=device)
+    except ValueError as e:  # damaged / foreign file: the CLI reports it as bad input, not a traceback
+        raise ModelLoadError(str(e)) from None
     if getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
         model.tie_weights()
     model.eval()
@@ -210,24 +216,69 @@ def load_qlk_dir(path, device=None):
 
 def save_qlk_dir(model, tokenizer, path, extra_info: dict | None = None) -> Path:
     """Write a patched (or merged) qlk model as a self-contained directory: config.json, tokenizer
-    files, ``model.qlk.safetensors`` and ``qlk_model.json`` (what it is, for ``qlk inspect``)."""
-    from .io import save_quantized
+    files, ``model.qlk.safetensors`` and ``qlk_model.json`` (what it is and which files qlk wrote,
+    for ``qlk inspect`` and the next overwrite).
+
+    Nothing is lost on failure: everything is written into a temporary directory next to ``path``
+    first. A new ``path`` is that directory renamed (atomic). An existing one keeps every file qlk
+    did not write; qlk's own files are replaced one by one (each ``os.replace`` atomic, the model
+    file and ``qlk_model.json`` last) only once the new set is complete, and qlk's outputs of the
+    previous save that the new one does not write are removed.
+    """
+    from .io import default_mode, save_quantized
 
     d = Path(path)
-    d.mkdir(parents=True, exist_ok=True)
-    cfg = model.config
-    qc = getattr(cfg, "quantization_config", None)
-    if qc is not None:
-        del cfg.quantization_config
-    cfg.save_pretrained(str(d))
-    if qc is not None:
-        cfg.quantization_config = qc
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(d))
-    save_quantized(model, d / QLK_MODEL_FILE)
-    info = {"format": "qlk.quantized_model", "weights": QLK_MODEL_FILE, **(extra_info or {})}
-    (d / QLK_MODEL_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    if d.exists() and not d.is_dir():
+        raise ModelLoadError(f"{d}: exists and is not a directory")
+    d.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="." + d.name + ".", suffix=".tmp", dir=d.parent))
+    try:
+        os.chmod(tmp, default_mode(directory=True))
+        cfg = model.config
+        qc = getattr(cfg, "quantization_config", None)
+        if qc is not None:
+            del cfg.quantization_config
+        try:
+            cfg.save_pretrained(str(tmp))
+        finally:
+            if qc is not None:
+                cfg.quantization_config = qc
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        save_quantized(model, tmp / QLK_MODEL_FILE)
+        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()) + [QLK_MODEL_INFO]
+        info = {"format": "qlk.quantized_model", "weights": QLK_MODEL_FILE, **(extra_info or {}), "files": files}
+        (tmp / QLK_MODEL_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        _install(tmp, d, files)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return d
+
+
+def _previous_outputs(d: Path) -> list[str]:
+    """The files the previous :func:`save_qlk_dir` into ``d`` wrote (from its qlk_model.json)."""
+    try:
+        files = json.loads((d / QLK_MODEL_INFO).read_text()).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [f for f in files if isinstance(f, str) and ".." not in Path(f).parts and not Path(f).is_absolute()]
+
+
+def _install(tmp: Path, d: Path, files: list[str]) -> None:
+    """Move the complete new outputs from ``tmp`` into ``d`` (see :func:`save_qlk_dir`)."""
+    if not d.exists():
+        os.replace(tmp, d)  # the caller's cleanup of tmp then finds nothing to remove
+        return
+    previous = _previous_outputs(d)  # read before qlk_model.json is replaced
+    last = [QLK_MODEL_FILE, QLK_MODEL_INFO]
+    for rel in [f for f in files if f not in last] + last:
+        (d / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp / rel, d / rel)
+    for rel in sorted(set(previous) - set(files)):
+        try:
+            (d / rel).unlink()
+        except OSError:
+            pass
 
 
 def load_model(path=None, dtype=None, device=None):

@@ -17,12 +17,14 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_model, save_file, save_model
+from safetensors.torch import save_file, save_model
 from torch import nn
 
+from ._checks import check_finite
 from .formats import LAYOUT_VERSION
 from .formats.quantized_weight import validate
 from .nn.linear import BUFFERS, QuantLinear
@@ -72,8 +74,31 @@ def _header(kind: str, layers: dict, model: nn.Module) -> dict:
     return {META_KEY: json.dumps(meta)}
 
 
+def current_umask() -> int:
+    """The process's umask (read from /proc on Linux; elsewhere by setting and restoring it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_mode(directory: bool = False) -> int:
+    """The mode ``open()`` / ``mkdir()`` would give a new file / directory: 0o666 / 0o777 minus the
+    umask. ``tempfile.mkstemp`` / ``mkdtemp`` create 0o600 / 0o700, which would leave the final
+    output unreadable to a serving process or another user; qlk's atomic writes chmod to this."""
+    return (0o777 if directory else 0o666) & ~current_umask()
+
+
 def _atomic_write(path, write) -> None:
-    """``write(tmp_path)`` then ``os.replace(tmp_path, path)``; the temporary file is removed on error."""
+    """``write(tmp_path)`` then ``os.replace(tmp_path, path)``; the temporary file is removed on error,
+    so ``path`` is either its previous content or the complete new one. The new file gets the
+    umask-derived mode a plain ``open()`` would give (or keeps the mode of the file it replaces)."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory or "."):
@@ -82,6 +107,11 @@ def _atomic_write(path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        try:
+            mode = os.stat(path).st_mode & 0o7777
+        except OSError:
+            mode = default_mode()
+        os.chmod(tmp, mode)  # after write(): safetensors itself creates its file 0o600
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -89,6 +119,44 @@ def _atomic_write(path, write) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+_LAYER_KEYS = ("fmt", "bits", "group_size", "shape", "bias")
+
+
+def parse_meta(path: str, raw: str) -> dict:
+    """The ``qlk`` metadata JSON of a file, checked for the structure qlk writes; a ValueError that
+    names what is damaged otherwise (never a KeyError / AttributeError from deep inside)."""
+
+    def damaged(what):
+        return ValueError(f"{path}: its qlk metadata is damaged ({what}); the file was not written (completely) "
+                          "by qlk, or was edited")  # fmt: skip
+
+    try:
+        meta = json.loads(raw)
+    except ValueError as e:
+        raise damaged(f"not valid JSON: {e}") from None
+    if not isinstance(meta, dict):
+        raise damaged(f"a JSON {type(meta).__name__}, not an object")
+    layers = meta.get("layers", {})
+    if not isinstance(layers, dict):
+        raise damaged(f"'layers' is a {type(layers).__name__}, not an object")
+    for name, m in layers.items():
+        if not isinstance(m, dict):
+            raise damaged(f"layer '{name}' is a {type(m).__name__}, not an object")
+        required = _LAYER_KEYS if meta.get("kind") == KIND_QUANTIZED else ("shape",)  # adapters: older writers
+        lacking = [k for k in required if k not in m]
+        if lacking:
+            raise damaged(f"layer '{name}' lacks {lacking}")
+        shape = m["shape"]
+        if not (isinstance(shape, list) and len(shape) == 2 and all(type(v) is int and v > 0 for v in shape)):
+            raise damaged(f"layer '{name}' has shape {shape!r}")
+        if m.get("method") and not all(isinstance(m.get(k), (int, float)) for k in ("r", "alpha")):
+            raise damaged(f"layer '{name}' has method {m['method']!r} but no numeric r / alpha")
+    pc = meta.get("patch_config")
+    if pc is not None and not isinstance(pc, dict):
+        raise damaged(f"'patch_config' is a {type(pc).__name__}, not an object")
+    return meta
 
 
 def _read_header(path, kind: str) -> dict:
@@ -107,10 +175,7 @@ def _read_header(path, kind: str) -> dict:
             f"{path}: a safetensors file without qlk metadata (header keys: {sorted(header)[:8]}); "
             f"it was not written by qlk.{'save_adapter' if kind == KIND_ADAPTER else 'save_quantized'}"
         )
-    try:
-        meta = json.loads(header[META_KEY])
-    except ValueError as e:
-        raise ValueError(f"{path}: its qlk metadata is not valid JSON ({e})") from None
+    meta = parse_meta(path, header[META_KEY])
     if meta.get("kind") != kind:
         other = {KIND_ADAPTER: "qlk.load_adapter", KIND_QUANTIZED: "qlk.load_quantized"}.get(meta.get("kind"))
         hint = f"; load it with {other}" if other else ""
@@ -125,10 +190,43 @@ def _read_header(path, kind: str) -> dict:
 
 
 def _describe(meta_layer: dict) -> str:
-    s = f"{meta_layer['fmt']}{meta_layer['bits']} g{meta_layer['group_size']} shape {tuple(meta_layer['shape'])}"
+    s = f"{meta_layer.get('fmt')}{meta_layer.get('bits')} g{meta_layer.get('group_size')} shape {tuple(meta_layer['shape'])}"
     if meta_layer.get("method"):
         s += f", {meta_layer['method']} r={meta_layer['r']}"
     return s
+
+
+def check_loaded_finite(path, tensors: dict) -> None:
+    """The one finiteness check of every load path (load_adapter, load_quantized, the Transformers
+    loader): a NaN/Inf in a loaded adapter, bias, scale or any other float tensor is a ValueError
+    naming the file and the tensor, before anything is copied into the model."""
+    for key, t in tensors.items():
+        check_finite(t, f"{path}: tensor '{key}'")
+
+
+def _base_of(spec: dict) -> str | None:
+    if spec.get("fmt") is None or spec.get("bits") is None:
+        return None  # a file that does not say (older writers): nothing to compare
+    if spec["fmt"] == "nf4":
+        return f"nf4 g{spec.get('group_size')}"
+    return f"{spec['fmt']}{spec['bits']} g{spec.get('group_size')}"
+
+
+def _warn_other_base(path, saved: dict, layers: dict) -> None:
+    """Warn (naming both) when an adapter trained on one base format / bit width is loaded onto
+    another: it loads, but the base it corrects is not the one it was trained against."""
+    pairs = {}
+    for name, m in layers.items():
+        was, now = _base_of(saved[name]), _base_of(_layer_meta(m))
+        if was is not None and was != now:
+            pairs.setdefault((was, now), []).append(name)
+    for (was, now), names in pairs.items():
+        warnings.warn(
+            f"{path}: adapter trained on a {was} base, loaded onto a {now} base ({len(names)} layer(s), e.g. "
+            f"'{names[0]}'); it corrects the quantization error of the base it was trained on, so expect "
+            "different (usually worse) outputs than after training",
+            stacklevel=3,
+        )
 
 
 # ---- adapters ------------------------------------------------------------------------------------
@@ -199,6 +297,8 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
                 raise ValueError(
                     f"{path}: '{name}.{p}' has shape {tuple(t.shape)}, the model's is {tuple(param.shape)}"
                 )
+    check_loaded_finite(path, tensors)
+    _warn_other_base(path, saved, layers)
     with torch.no_grad():
         for name, m in layers.items():
             m.lora_A.copy_(tensors[f"{name}.lora_A"])
@@ -267,6 +367,71 @@ def _check_layer_tensors(path: str, layers: dict) -> None:
         raise ValueError(f"{path}: cannot read its tensors (truncated or corrupt?): {e}") from None
 
 
+def _storage_key(t: torch.Tensor):
+    if t.device.type == "meta":
+        return None
+    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+
+
+def _expected_other_tensors(model: nn.Module, new_layers: dict) -> dict:
+    """{state-dict key: tensor} of the model's tensors outside the layers to be replaced, as they
+    will be after the swap (tied parameters appear under each of their names)."""
+    prefixes = tuple(n + "." for n in new_layers)
+    replaced = {id(model.get_submodule(n)) for n in new_layers}
+    out = {}
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        if id(mod) in replaced or (mod_name + ".").startswith(prefixes):
+            continue
+        for kind in (mod._parameters, mod._buffers):
+            for key, t in kind.items():
+                if t is None or (kind is mod._buffers and key in mod._non_persistent_buffers_set):
+                    continue
+                out[f"{mod_name}.{key}" if mod_name else key] = t
+    return out
+
+
+def _read_all(path: str, file_keys: set, new_layers: dict, others: dict, device) -> dict:
+    """Fill the new (not yet attached) layers from ``path`` and return the other tensors it holds,
+    after checking that the file's names and shapes are exactly what the patched model will hold
+    (tied tensors: any one of their names)."""
+    layer_keys = {f"{n}.{k}" for n, layer in new_layers.items() for k in layer.state_dict()}
+    missing = set()
+    groups = {}
+    for key, t in others.items():
+        groups.setdefault(_storage_key(t) or key, []).append(key)
+    for names in groups.values():
+        if not any(n in file_keys for n in names):
+            missing.update(names)
+    unexpected = file_keys - layer_keys - set(others)
+    if missing or unexpected:
+        raise ValueError(
+            f"{path}: saved for another model: missing in the file: {sorted(missing)[:6] or 'none'}; in the file "
+            f"but not in the model: {sorted(unexpected)[:6] or 'none'}"
+        )
+    other_tensors = {}
+    try:
+        with safe_open(path, framework="pt", device=str(device)) as f, torch.no_grad():
+            for name, layer in new_layers.items():  # straight into the new (not yet attached) layers
+                for key, t in layer.state_dict(keep_vars=True).items():
+                    loaded = f.get_tensor(f"{name}.{key}")
+                    check_loaded_finite(path, {f"{name}.{key}": loaded})
+                    t.copy_(loaded)
+                    del loaded
+        with safe_open(path, framework="pt") as f:
+            for key in sorted(set(others) & file_keys):
+                target = others[key]
+                shape = tuple(f.get_slice(key).get_shape())
+                if shape != tuple(target.shape):
+                    raise ValueError(
+                        f"{path}: its tensors do not fit this model: '{key}' is {list(shape)} in the file, "
+                        f"{list(target.shape)} in the model"
+                    )
+                other_tensors[key] = f.get_tensor(key)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: cannot read its tensors (truncated or corrupt?): {e}") from None
+    return other_tensors
+
+
 def load_quantized(model: nn.Module, path, device=None) -> nn.Module:
     """Patch an unpatched ``model`` (same architecture as the saved one, e.g. built from its config)
     as ``path`` says, without quantizing its weights, and load every tensor from ``path``.
@@ -274,6 +439,10 @@ def load_quantized(model: nn.Module, path, device=None) -> nn.Module:
     Returns ``model``: its qlk layers hold the saved packed weights and adapters; everything but
     the adapters is frozen, as after :func:`qlk.patch_model`. ``device`` defaults to the device of
     the model's first parameter.
+
+    Transactional: every check (metadata, names, shapes, dtypes, NaN/Inf, packed-format
+    invariants) and every read of the file happens before the model is modified, so on any error
+    the model is exactly as before and a retry with the right file works.
     """
     path = os.fspath(path)
     meta = _read_header(path, KIND_QUANTIZED)
@@ -306,8 +475,18 @@ def load_quantized(model: nn.Module, path, device=None) -> nn.Module:
             raise ValueError(f"{path}: layer '{name}' has bias={spec['bias']} in the file, not in this model")
     new_layers = {n: _build_layer(n, spec, model.get_submodule(n), path, device) for n, spec in saved.items()}
     new_experts = moe.build_experts(model, meta.get("experts") or {}, path, device)  # MoE experts (qlk/moe.py)
-    _check_layer_tensors(path, {**new_layers, **{f"{n}.{p}": q for n, m in new_experts.items()
-                                                for p, q in m.projections.items()}})
+    expert_projs = {f"{n}.{p}": q for n, m in new_experts.items() for p, q in m.projections.items()}
+    _check_layer_tensors(path, {**new_layers, **expert_projs})
+    # Everything is read and checked before the model changes: on any error it is exactly as before
+    # (its dense weights included), so a retry with the right file works. The cost: the file's
+    # tensors and the model's dense weights are resident together for the duration of the call.
+    replaced = {**new_layers, **new_experts}
+    others = _expected_other_tensors(model, replaced)
+    other_tensors = _read_all(path, meta["_keys"], replaced, others, device)
+    check_loaded_finite(path, other_tensors)
+    for name, layer in {**new_layers, **expert_projs}.items():
+        validate(layer.qweight, f"{path}: layer '{name}'")
+    # commit: nothing below reads the file or can fail on its content
     for p in model.parameters():
         p.requires_grad_(False)
     for name, new in new_layers.items():
@@ -318,18 +497,8 @@ def load_quantized(model: nn.Module, path, device=None) -> nn.Module:
         del old
     del new_layers
     moe.install(model, new_experts)
-    try:
-        missing, unexpected = load_model(model, path, strict=False, device=str(device))
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path}: cannot read its tensors (truncated or corrupt?): {e}") from None
-    except RuntimeError as e:  # shape mismatches from load_state_dict
-        raise ValueError(f"{path}: its tensors do not fit this model: {e}") from None
-    if missing or unexpected:
-        raise ValueError(
-            f"{path}: saved for another model ({meta.get('model_class')}): missing in the file: "
-            f"{sorted(missing)[:6] or 'none'}; in the file but not in the model: {sorted(unexpected)[:6] or 'none'}"
-        )
-    for name, m in {**qlk_layers(model), **moe.expert_projections(model)}.items():
-        validate(m.qweight, f"{path}: layer '{name}'")
+    with torch.no_grad():
+        for key, t in other_tensors.items():
+            others[key].copy_(t)
     model.qlk_config = meta.get("patch_config")
     return model

@@ -6,6 +6,7 @@ import torch
 from . import backend as _backend
 from . import reference
 from ._checks import check_activation, check_bias, check_format, check_quantized_weight
+from .autograd.matmul import quant_matmul_differentiable, quant_matmul_grad_input_differentiable
 from .formats import QuantizedWeight, quantize_int, quantize_nf4
 
 
@@ -37,24 +38,41 @@ def quant_matmul(
 ) -> torch.Tensor:
     """Y = X·Ŵᵀ (+ bias) for X [..., in] -> [..., out] in X's dtype, fp32 accumulation.
 
-    No gradient flows through this function; training goes through ``qlk.autograd``.
+    Differentiable in ``x`` and ``bias`` on every backend (as bitsandbytes' ``matmul_4bit``):
+    dX = dY·Ŵ through :func:`quant_matmul_grad_input`, db = Σ dY (:mod:`qlk.autograd.matmul`).
+    The quantized weight is frozen (no gradient).
     """
     check_quantized_weight(qw)
     check_activation(x, qw.in_features, qw.device)
     check_bias(bias, qw.out_features, qw.device)
+    _backend.resolve(x.device, backend)  # a bad backend name fails here, before any autograd graph
+    return quant_matmul_differentiable(x, qw, bias, backend)
+
+
+def quant_matmul_grad_input(dy: torch.Tensor, qw: QuantizedWeight, backend: str | None = None) -> torch.Tensor:
+    """dX = dY·Ŵ for dY [..., out] -> [..., in]: the input gradient of :func:`quant_matmul`.
+
+    Differentiable in ``dy`` on every backend (its gradient is :func:`quant_matmul` of the incoming one)."""
+    check_quantized_weight(qw)
+    check_activation(dy, qw.out_features, qw.device, what="dy")
+    _backend.resolve(dy.device, backend)
+    return quant_matmul_grad_input_differentiable(dy, qw, backend)
+
+
+# ---- the unchecked, non-differentiable implementations (called by the autograd Functions) -----------
+def _quant_matmul(x, qw, bias, backend=None):
     if _backend.resolve(x.device, backend) == "triton":
         from .kernels import quant_matmul as triton_quant_matmul
 
         return triton_quant_matmul(x, qw, bias)
-    return reference.quant_matmul(x, qw, bias)
+    with torch.no_grad():
+        return reference.quant_matmul(x, qw, bias)
 
 
-def quant_matmul_grad_input(dy: torch.Tensor, qw: QuantizedWeight, backend: str | None = None) -> torch.Tensor:
-    """dX = dY·Ŵ for dY [..., out] -> [..., in]: the input gradient of :func:`quant_matmul`."""
-    check_quantized_weight(qw)
-    check_activation(dy, qw.out_features, qw.device, what="dy")
+def _quant_matmul_grad_input(dy, qw, backend=None):
     if _backend.resolve(dy.device, backend) == "triton":
         from .kernels import quant_matmul_grad_input as triton_grad_input
 
         return triton_grad_input(dy, qw)
-    return reference.quant_matmul_grad_input(dy, qw)
+    with torch.no_grad():
+        return reference.quant_matmul_grad_input(dy, qw)

@@ -19,7 +19,9 @@ from functools import partial
 import torch
 from torch import nn
 
-from ._checks import check_format, check_int_bits, divisors_multiple_of_8
+from ._checks import check_adapter_hyperparameters, check_format, check_int_bits, divisors_multiple_of_8
+from .formats.int_group import SCALE_DTYPES as INT_SCALE_DTYPES
+from .formats.int_group import SubnormalScaleWarning, check_int_quantizable
 from .formats.nf4 import BLOCKSIZES as NF4_BLOCKSIZES
 from .nn.linear import QuantLinear, check_adapter_args, dense_weight, is_conv1d
 
@@ -55,9 +57,33 @@ def _output_head(model: nn.Module):
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where the module called ``name`` is, under *every* name that reaches that module
+    (a module shared by two parents is replaced once, so all its names see the same new layer)."""
+    old = model.get_submodule(name)
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+    for m in model.modules():
+        for key, sub in m._modules.items():
+            if sub is old:
+                m._modules[key] = new
+
+
+def _linear_names(model: nn.Module) -> dict[str, nn.Module]:
+    """{name: module} of every nn.Linear / Conv1D under every name that reaches it (a shared module
+    appears once per name)."""
+    return {name: m for name, m in model.named_modules(remove_duplicate=False) if _is_dense_linear(m)}
+
+
+def _inside_attention(model: nn.Module) -> set[str]:
+    """Names of the linear layers owned by an ``nn.MultiheadAttention``: it reads ``out_proj.weight``
+    (a NonDynamicallyQuantizableLinear) directly and its in-projection is a bare parameter, so
+    replacing the module breaks it. torch's own quantization leaves these alone; so does qlk."""
+    owned = set()
+    for name, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, nn.MultiheadAttention):
+            owned.update(f"{name}.{sub}" if name else sub for sub, _ in m.named_modules(remove_duplicate=False) if sub)
+    return owned
 
 
 def _some_names(names, limit: int = 12) -> str:
@@ -78,17 +104,23 @@ def select_targets(model: nn.Module, target_modules=None) -> list[str]:
     ``target_modules=None``: all of them except the output head (``get_output_embeddings()`` or a
     layer named ``lm_head``). A list: layers whose name equals an entry or ends with ``.entry``
     (``["q_proj", "v_proj"]``). A string: a regular expression the full name must match.
+    Never selected: the projections of an ``nn.MultiheadAttention`` (it reads their weights
+    directly; torch's quantization leaves them alone too). A module reachable by several names is
+    returned once (:func:`patch_model` replaces it under all of them).
     """
-    linears = [name for name, m in model.named_modules() if _is_dense_linear(m)]
+    all_linears = _linear_names(model)
+    attention = _inside_attention(model)
+    linears = [n for n in all_linears if n not in attention]
     if target_modules is None:
         head = _output_head(model)
-        head_names = {name for name, m in model.named_modules() if head is not None and m is head}
-        targets = [n for n in linears if n not in head_names and n.rpartition(".")[2] != "lm_head"]
+        targets = [n for n in linears if not (head is not None and all_linears[n] is head) and n.rpartition(".")[2] != "lm_head"]
         if not targets:
             raise ValueError(
                 f"{type(model).__name__} has no nn.Linear / Conv1D layer to patch besides its output head"
+                + (f" (and the nn.MultiheadAttention projections, which qlk leaves alone: {_some_names(sorted(attention), 4)})"
+                   if attention else "")
             )
-        return targets
+        return _first_names(targets, all_linears)
     if isinstance(target_modules, str):
         try:
             re.compile(target_modules)
@@ -101,11 +133,34 @@ def select_targets(model: nn.Module, target_modules=None) -> list[str]:
     targets = [n for n in linears if _matches(n, target_modules)]
     if not targets:
         suffixes = sorted({n.rpartition(".")[2] for n in linears})
+        inside = [n for n in sorted(attention) if _matches(n, target_modules)]
+        note = (f" ({_some_names(inside, 4)} belong to an nn.MultiheadAttention, which qlk leaves unpatched as "
+                "torch's quantization does)") if inside else ""  # fmt: skip
         raise ValueError(
-            f"target_modules={target_modules!r} matched no nn.Linear/Conv1D layer of {type(model).__name__}. "
+            f"target_modules={target_modules!r} matched no nn.Linear/Conv1D layer of {type(model).__name__}{note}. "
             f"Layer name suffixes available: {_some_names(suffixes)}; e.g. full names: {_some_names(linears, 4)}"
         )
-    return targets
+    return _first_names(targets, all_linears)
+
+
+def _first_names(targets: list[str], all_linears: dict) -> list[str]:
+    """One name per module (the first that matched): a shared module is patched once."""
+    seen, out = set(), []
+    for n in targets:
+        if id(all_linears[n]) not in seen:
+            seen.add(id(all_linears[n]))
+            out.append(n)
+    return out
+
+
+def _skipped_attention(model: nn.Module, target_modules) -> list[str]:
+    """The nn.MultiheadAttention projections the targeting rule would have picked (to report them)."""
+    inside = sorted(n for n in _inside_attention(model) if _is_dense_linear(model.get_submodule(n)))
+    if target_modules is None:
+        return inside
+    if isinstance(target_modules, str) or isinstance(target_modules, (list, tuple, set)):
+        return [n for n in inside if _matches(n, target_modules)]
+    return []
 
 
 @dataclass
@@ -169,7 +224,7 @@ def _resolve_method_fmt(method, fmt, bits, group_size):
     return method, fmt, group_size
 
 
-def _incompatibility(name, module, fmt, group_size) -> tuple[bool, str] | None:
+def _incompatibility(name, module, fmt, group_size, bits=4, scale_dtype=torch.float16) -> tuple[bool, str] | None:
     """(skippable, why) if layer ``name`` can't be patched, else None. Only a group size that
     doesn't divide in_features is skippable (``skip_incompatible``)."""
     w = dense_weight(module)
@@ -177,12 +232,28 @@ def _incompatibility(name, module, fmt, group_size) -> tuple[bool, str] | None:
         return False, f"layer '{name}': its weight is on the meta device (load real weights first)"
     k, _ = _in_out(module)
     if fmt == "int" and k % group_size:
-        ok = [d for d in divisors_multiple_of_8(k) if d <= 256]
-        hint = f"group sizes that divide it: {ok}" if ok else "no multiple of 8 up to 256 divides it"
-        return True, f"layer '{name}': in_features={k} is not divisible by group_size={group_size}; {hint}"
+        return True, f"layer '{name}': in_features={k} is not divisible by group_size={group_size}"
     if not torch.isfinite(w).all():
         return False, f"layer '{name}': its weight has NaN/Inf values; quantization needs finite weights"
+    if module.bias is not None and not torch.isfinite(module.bias).all():
+        return False, f"layer '{name}': its bias has NaN/Inf values (it would poison every output)"
+    if fmt == "int":
+        try:  # overflow / flushed fp16 scales: found now, so no layer is converted before the error
+            check_int_quantizable(w, bits, group_size, scale_dtype)
+        except ValueError as e:
+            return False, f"layer '{name}': {e}"
     return None
+
+
+def _group_size_hint(model: nn.Module, targets: list[str]) -> str:
+    """The INT group sizes (multiples of 8, up to 256) that divide the in_features of *every* target,
+    and how to leave the others dense instead."""
+    widths = sorted({_in_out(model.get_submodule(n))[0] for n in targets})
+    fit = [d for d in range(8, 257, 8) if all(k % d == 0 for k in widths)]
+    sizes = (f"group sizes that divide every target layer's in_features {widths}: {fit}" if fit else
+             f"no multiple of 8 up to 256 divides every target layer's in_features {widths}")  # fmt: skip
+    return (f". {sizes}; or leave the layers that do not fit dense: skip_incompatible=True (Python) / "
+            "--skip-incompatible (qlk quantize, qlk finetune)")
 
 
 def patch_model(
@@ -203,6 +274,7 @@ def patch_model(
     requantize: bool = False,
     shared_expert_adapter: bool = False,
     progress: bool = False,
+    scale_dtype: torch.dtype = torch.float16,
 ) -> nn.Module:
     """Quantize the linear layers of ``model`` in place and attach trainable adapters.
 
@@ -231,11 +303,15 @@ def patch_model(
         method="qalora", another fmt or group_size) raise a ValueError naming them, unless
         ``requantize=True``: then they are dequantized and quantized again with these arguments
         (a second rounding). See :mod:`qlk.integrations.bnb_models`.
+    scale_dtype: dtype of the INT scales and biases (float16; float32 for weights whose magnitudes
+        overflow or underflow float16 — the error says when).
 
     All parameters but the adapters are frozen. Returns ``model``; prints the trainable-parameter
     summary when ``verbose`` (see :func:`trainable_parameters`); a progress bar over the layers when
     ``progress``.
     """
+    if method is not None:  # before the group-size checks: a bad alpha must not get a group-size hint
+        check_adapter_hyperparameters(r, alpha, dropout, use_rslora)
     from .integrations import bnb_models
 
     fmt_given, group_size_given = fmt, group_size
@@ -257,11 +333,14 @@ def patch_model(
         if not experts:
             raise
         targets = []
+    attention_skipped = _skipped_attention(model, target_modules)
+    if fmt == "int" and scale_dtype not in INT_SCALE_DTYPES:
+        raise TypeError(f"scale_dtype={scale_dtype} is not supported; allowed: {INT_SCALE_DTYPES}")
     bnb_plan, found = bnb_models.plan_bnb_conversion(
         model, targets, method, fmt, bits, group_size, fmt_given, group_size_given, requantize
     )
     dense = [n for n in targets if n not in bnb_plan]
-    found.update({n: _incompatibility(n, model.get_submodule(n), fmt, group_size) for n in dense})
+    found.update({n: _incompatibility(n, model.get_submodule(n), fmt, group_size, bits, scale_dtype) for n in dense})
     found.update({name: moe.incompatibility(name, model.get_submodule(name), spec, fmt, group_size)
                   for name, spec in experts.items()})
     found = {name: v for name, v in found.items() if v is not None}
@@ -269,7 +348,7 @@ def patch_model(
     hard = [name for name, (skippable, _) in found.items() if not skippable]
     if hard or (problems and not skip_incompatible):
         msgs = list(problems.values())
-        more = "" if hard else " (or pass skip_incompatible=True to leave these layers unpatched)"
+        more = "" if hard else _group_size_hint(model, targets)
         shown = "; ".join(msgs[:5]) + ("; ..." if len(msgs) > 5 else "")
         raise ValueError(f"cannot patch {len(msgs)} layer(s): {shown}{more}")
     if problems:
@@ -282,21 +361,40 @@ def patch_model(
         if not targets and not experts:
             raise ValueError("qlk.patch_model: every target layer is incompatible with group_size; nothing to patch")
 
+    if attention_skipped:
+        warnings.warn(
+            f"qlk.patch_model: leaving {len(attention_skipped)} nn.MultiheadAttention projection(s) dense "
+            f"({_some_names(attention_skipped, 4)}): the attention reads their weight directly, so they cannot "
+            "be replaced (torch.ao.quantization skips them too)",
+            stacklevel=2,
+        )
     for p in model.parameters():
         p.requires_grad_(False)
+    imprecise = []
     if progress:
         from tqdm.auto import tqdm
 
         targets = tqdm(targets, desc="patch_model", unit="layer", leave=False)
     for name in targets:
         old = model.get_submodule(name)
-        make = (
-            partial(bnb_models.convert_bnb_layer, how=bnb_plan[name]) if name in bnb_plan else QuantLinear.from_dense
-        )
-        new = make(
-            old, bits=bits, group_size=group_size, fmt=fmt, double_quant=double_quant, method=method, r=r,
-            alpha=alpha, dropout=dropout, use_rslora=use_rslora, adapter_dtype=adapter_dtype,
-        )  # fmt: skip
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if name in bnb_plan:
+                new = bnb_models.convert_bnb_layer(
+                    old, how=bnb_plan[name], bits=bits, group_size=group_size, fmt=fmt, double_quant=double_quant,
+                    method=method, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, adapter_dtype=adapter_dtype,
+                )  # fmt: skip
+            else:
+                new = QuantLinear.from_dense(
+                    old, bits=bits, group_size=group_size, fmt=fmt, double_quant=double_quant, method=method, r=r,
+                    alpha=alpha, dropout=dropout, use_rslora=use_rslora, adapter_dtype=adapter_dtype,
+                    scale_dtype=scale_dtype,
+                )  # fmt: skip
+        for w in caught:
+            if issubclass(w.category, SubnormalScaleWarning):
+                imprecise.append(f"'{name}' ({str(w.message).partition(': ')[2].partition(';')[0]})")
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         new.train(old.training)
         _set_submodule(model, name, new)
         old._parameters["weight"] = None  # release the dense weight now, even if something still holds `old`
@@ -312,11 +410,19 @@ def patch_model(
             + _some_names(f"{n} {'/'.join('x'.join(map(str, s)) for s in shapes)} ({c:,})" for n, shapes, c in left),
             stacklevel=2,
         )
+    if imprecise:
+        warnings.warn(
+            f"qlk.patch_model: {len(imprecise)} layer(s) have groups whose {scale_dtype} scales are subnormal and miss "
+            f"the half-step error bound: {'; '.join(imprecise[:6])}{'; ...' if len(imprecise) > 6 else ''}",
+            SubnormalScaleWarning,
+            stacklevel=2,
+        )
     model.qlk_config = dict(
         bits=bits, group_size=group_size, fmt=fmt, method=method, r=r, alpha=alpha, dropout=dropout,
         use_rslora=use_rslora, double_quant=double_quant, skip_incompatible=skip_incompatible,
         target_modules=sorted(target_modules) if isinstance(target_modules, (set, tuple)) else target_modules,
-        skipped=sorted(problems), shared_expert_adapter=shared_expert_adapter,
+        skipped=sorted(problems) + attention_skipped, shared_expert_adapter=shared_expert_adapter,
+        **({"scale_dtype": str(scale_dtype).removeprefix("torch.")} if scale_dtype != torch.float16 else {}),
     )  # fmt: skip
     if bnb_plan:
         model.qlk_config["from_bitsandbytes"] = dict(sorted(bnb_plan.items()))
@@ -365,6 +471,8 @@ def merge_model(model: nn.Module, dense_lora: bool = False) -> nn.Module:
         elif m.method == "lora":
             _set_submodule(model, name, m.to_dense())
     moe.merge_experts(model, dense_lora)
+    if isinstance(getattr(model, "qlk_config", None), dict):  # saved files (and qlk inspect) say so
+        model.qlk_config = {**model.qlk_config, "merged": True}
     return model
 
 

@@ -466,7 +466,9 @@ CASES = [
     Case("patch-bits-float", "qlk.patch.patch_model", "bits=4.0", lambda: patched(bits=4.0), says=("bits=4.0", "(2, 3, 4)"),
          note="was TypeError `<<` on float"),
     Case("patch-group", "qlk.patch.patch_model", "group_size=48 (divides no layer)", lambda: patched(group_size=48),
-         says=("in_features=64", "group_size=48", "skip_incompatible=True")),
+         says=("in_features=64", "group_size=48", "every target layer's in_features [32, 64]: [8, 16, 32]",
+               "skip_incompatible=True (Python)", "--skip-incompatible"),
+         note="listed per-layer sizes that failed on other layers, and only the Python kwarg, before issue 14"),
     Case("patch-fmt", "qlk.patch.patch_model", "fmt='fp4'", lambda: patched(fmt="fp4"), says=("fmt='fp4'",)),
     Case("patch-nan", "qlk.patch.patch_model", "a NaN in layer '0'",
          lambda: patch_model(_nan_mlp(), verbose=False), says=("layer '0'", "NaN/Inf")),
@@ -508,7 +510,7 @@ CASES = [
          lambda: load_adapter(patched(r=8), saved_adapter()), says=("r=16", "r=8")),
     Case("load-nan-scales", "qlk.io.load_quantized", "a file whose scales are NaN",
          lambda: load_quantized(mlp(), file_variant("nan-scales.safetensors", with_nan_scales)),
-         says=("nan-scales.safetensors", "layer '0'", "NaN/Inf"), note="was accepted before check_tensor checked finiteness"),
+         says=("nan-scales.safetensors", "'0.weight_scales'", "NaN/Inf"), note="was accepted before check_tensor checked finiteness"),
     Case("save-unpatched", "qlk.io.save_quantized", "an unpatched model", lambda: save_quantized(mlp(), os.path.join(tmp(), "x.safetensors")),
          says=("no qlk layer", "patch_model")),
     Case("save-missing-dir", "qlk.io.save_quantized", "a path in a directory that does not exist",
@@ -570,6 +572,211 @@ def bad_utf8_data() -> str:
             f.write(b'{"instruction": "a", "response": "b"}\n{"instruction": "caf\xe9", "response": "b"}\n')
 
     return file_variant("latin1.jsonl", make)
+    # ---- issue 14: hyperparameters (NaN/Inf, and checked before any group-size hint)
+    Case("patch-alpha-nan", "qlk.patch.patch_model", "alpha=nan", lambda: patched(alpha=float("nan")),
+         says=("alpha=nan", "positive, finite")),
+    Case("patch-alpha-inf", "qlk.patch.patch_model", "alpha=inf", lambda: patched(alpha=float("inf")),
+         says=("alpha=inf", "positive, finite")),
+    Case("patch-alpha-negative", "qlk.patch.patch_model", "alpha=-1 with group_size=48 (which fits no layer)",
+         lambda: patched(alpha=-1, group_size=48), says=("alpha=-1", "positive, finite"),
+         note="was answered with the group-size hint"),
+    Case("patch-dropout", "qlk.patch.patch_model", "dropout=1.5 with group_size=48",
+         lambda: patched(dropout=1.5, group_size=48), says=("dropout=1.5", "[0, 1)")),
+    Case("patch-dropout-nan", "qlk.patch.patch_model", "dropout=nan", lambda: patched(dropout=float("nan")),
+         says=("dropout=nan", "[0, 1)")),
+    Case("patch-rank-float", "qlk.patch.patch_model", "r=8.0", lambda: patched(r=8.0), says=("r=8.0", "positive integer")),
+    Case("qlinear-alpha-inf", "qlk.nn.QuantLinear", "method='lora', alpha=inf",
+         lambda: QuantLinear(QW(), method="lora", alpha=float("inf")), says=("alpha=inf", "finite")),
+    Case("lora-linear-scaling-nan", "qlk.autograd.lora_linear", "scaling=nan",
+         lambda: _lora_linear(float("nan")), says=("scaling=nan", "finite")),
+    Case("qlkconfig-alpha-nan", "qlk.QlkConfig", "method='qalora', alpha=nan",
+         lambda: qlk.QlkConfig(method="qalora", alpha=float("nan")), says=("QlkConfig: alpha=nan", "finite")),
+    Case("qlkconfig-dropout", "qlk.QlkConfig", "method='lora', dropout=1.0",
+         lambda: qlk.QlkConfig(method="lora", dropout=1.0), says=("QlkConfig: dropout=1.0", "[0, 1)")),
+    Case("patch-scale-dtype", "qlk.patch.patch_model", "scale_dtype=torch.int32", lambda: patched(scale_dtype=torch.int32),
+         exc=TypeError, says=("scale_dtype=torch.int32", "allowed")),
+    Case("patch-fp16-underflow", "qlk.patch.patch_model", "layer '2' with |w| ~ 1e-9 (fp16 scales flush to 0)",
+         lambda: patch_model(_tiny_mlp(), verbose=False), says=("layer '2'", "scale_dtype=torch.float32"),
+         note="checked for every layer before any is converted (was raised mid-conversion, model half-patched)"),
+    Case("quantize-partial-underflow", "qlk.quantize", "half the groups at |w| ~ 1e-6 (fp16 scales partly subnormal)",
+         lambda: qlk.quantize(_half_tiny()), status="accepts", check=lambda: _warns_subnormal(),
+         note="decision: quantizes with a SubnormalScaleWarning naming the count and the worst error in half steps "
+              "(patch_model names the layers); scale_dtype=torch.float32 keeps the bound"),
+    # ---- issue 14: non-finite state, one check for every load path
+    Case("qlinear-nan-bias", "qlk.nn.QuantLinear", "bias with a NaN",
+         lambda: QuantLinear(QW(), bias=torch.zeros(33).index_fill(0, torch.tensor([3]), float("nan"))),
+         says=("QuantLinear bias contains 1 NaN/Inf",)),
+    Case("patch-nan-bias", "qlk.patch.patch_model", "a NaN in the bias of layer '0'",
+         lambda: patch_model(_nan_bias_mlp(), verbose=False), says=("layer '0'", "bias has NaN/Inf")),
+    Case("adapter-nan", "qlk.io.load_adapter", "an adapter file with an Inf in lora_B",
+         lambda: load_adapter(patched(), file_variant("inf-adapter.safetensors", _with_inf_lora_b)),
+         says=("inf-adapter.safetensors", "'0.lora_B'", "NaN/Inf"), note="was accepted by load_adapter"),
+    Case("load-nan-bias", "qlk.io.load_quantized", "a model file with a NaN dense bias",
+         lambda: load_quantized(mlp(), file_variant("nan-bias.safetensors", _with_nan_bias)),
+         says=("nan-bias.safetensors", "'0.bias'", "NaN/Inf"), note="was accepted by load_quantized"),
+    Case("load-damaged-meta", "qlk.io.load_quantized", "qlk metadata whose 'layers' is a list",
+         lambda: load_quantized(mlp(), file_variant("damaged-meta.safetensors", _with_layers_list)),
+         says=("damaged-meta.safetensors", "metadata is damaged", "'layers' is a list"),
+         note="was AttributeError: 'list' object has no attribute 'items'"),
+    Case("adapter-other-base", "qlk.io.load_adapter", "an INT4 adapter onto an INT2 base", lambda: _adapter_onto_int2(),
+         status="accepts", check=lambda: _warns_other_base(),
+         note="decision: loads with a UserWarning naming both bases (files without the base format: no warning)"),
+    # ---- issue 14: ops and patching
+    Case("qw-to-dtype", "QuantizedWeight.to", "qw.to(torch.float16) (dtype positional)", lambda: QW().to(torch.float16),
+         exc=TypeError, says=("moves devices only", "dtype=torch.float16"), note="cast the packed int32 codes to float"),
+    Case("matmul-grad-triton", "qlk.quant_matmul", "x.requires_grad on backend='triton'", lambda: _triton_grad(),
+         status="accepts", check=lambda: _triton_grad_ok(),
+         note="decision: differentiable on every backend, as bitsandbytes' matmul_4bit (had no grad_fn on Triton)"),
+    Case("qalora-empty-batch", "qlk.autograd.qalora_linear", "0 rows (an MoE expert with no tokens), backend='triton'",
+         lambda: _empty_qalora(), status="accepts", check=lambda: _empty_qalora() == (0, 128),
+         note="crashed in the fused backward; every op is tested with M=0 on both backends in tests/test_faults.py"),
+    Case("patch-mha", "qlk.patch.patch_model", "a model with nn.MultiheadAttention", lambda: _patch_mha(), status="accepts",
+         check=lambda: _patch_mha() == "NonDynamicallyQuantizableLinear",
+         note="decision: its projections stay dense (the attention reads out_proj.weight), with a warning, as "
+              "torch.ao.quantization does"),
+    Case("patch-shared-linear", "qlk.patch.patch_model", "one nn.Linear reachable by two names", lambda: _patch_shared(),
+         status="accepts", check=lambda: _patch_shared(), note="patched once; every name sees the same QuantLinear"),
+    Case("gptq-v1-zero-0", "qlk.from_gptq", "v1 qzeros of zero points 0 as GPTQModel's v2->v1 writer stores them",
+         lambda: _gptq_v1_zero_0(), status="accepts", check=lambda: _gptq_v1_zero_0(),
+         note="decision: read as GPTQModel reads v1 (docs/formats.md); was 14-45% of elements wrong"),
+]
+
+
+def _lora_linear(scaling):
+    from qlk.autograd import lora_linear
+
+    return lora_linear(X(), QW(), torch.zeros(4, 128), torch.zeros(33, 4), scaling)
+
+
+def _tiny_mlp():
+    m = mlp()
+    with torch.no_grad():
+        m[2].weight.mul_(1e-8)
+    return m
+
+
+def _half_tiny():
+    w = W(64, 128, seed=3)
+    w[:, :64] *= 1e-6
+    return w
+
+
+def _warns_subnormal() -> bool:
+    from qlk.formats.int_group import SubnormalScaleWarning
+
+    with pytest.warns(SubnormalScaleWarning, match=r"group\(s\) have scales below torch.float16's normal range"):
+        qlk.quantize(_half_tiny())
+    return True
+
+
+def _nan_bias_mlp():
+    m = mlp()
+    with torch.no_grad():
+        m[0].bias[1] = float("nan")
+    return m
+
+
+def _edit(path, src, change_tensors=None, change_meta=None):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(src)
+    with safe_open(src, "pt") as f:
+        meta = dict(f.metadata())
+    if change_tensors:
+        change_tensors(tensors)
+    if change_meta:
+        q = json.loads(meta["qlk"])
+        change_meta(q)
+        meta["qlk"] = json.dumps(q)
+    save_file(tensors, path, metadata=meta)
+
+
+def _with_inf_lora_b(path):
+    _edit(path, saved_adapter(), lambda t: t.update({"0.lora_B": torch.full_like(t["0.lora_B"], float("inf"))}))
+
+
+def _with_nan_bias(path):
+    _edit(path, saved_model(), lambda t: t.update({"0.bias": torch.full_like(t["0.bias"], float("nan"))}))
+
+
+def _with_layers_list(path):
+    _edit(path, saved_model(), change_meta=lambda q: q.update(layers=[1, 2]))
+
+
+def _adapter_onto_int2():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return load_adapter(patched(bits=2), saved_adapter())
+
+
+def _warns_other_base() -> bool:
+    with pytest.warns(UserWarning, match="adapter trained on a int4 g32 base, loaded onto a int2 g32 base"):
+        load_adapter(patched(bits=2), saved_adapter())
+    return True
+
+
+def _triton_grad():
+    x = X().requires_grad_()
+    y = qlk.quant_matmul(x, QW(), backend="triton")
+    y.sum().backward()
+    return x.grad
+
+
+def _triton_grad_ok() -> bool:
+    expected = torch.ones(2, 33, dtype=torch.float64) @ QW().dequantize(torch.float64)
+    return torch.allclose(_triton_grad().double(), expected, atol=1e-4)
+
+
+def _empty_qalora():
+    from qlk.autograd import qalora_linear
+
+    x = torch.zeros(0, 128, requires_grad=True)
+    a, b = torch.randn(4, 4, requires_grad=True), torch.randn(33, 4, requires_grad=True)
+    with qlk.use_backend("triton"):
+        qalora_linear(x, QW(), a, b, 1.0).sum().backward()
+    return tuple(x.grad.shape)
+
+
+def _patch_mha():
+    import warnings
+
+    class Att(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.att = nn.MultiheadAttention(64, 4, batch_first=True)
+            self.fc = nn.Linear(64, 64)
+
+        def forward(self, x):
+            return self.fc(self.att(x, x, x)[0])
+
+    m = Att()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        patch_model(m, verbose=False)
+    m(torch.randn(1, 3, 64))
+    return type(m.att.out_proj).__name__
+
+
+def _patch_shared():
+    shared = nn.Linear(64, 64)
+    m = nn.Sequential(nn.Sequential(shared), nn.Sequential(shared))
+    patch_model(m, verbose=False)
+    return m[0][0] is m[1][0] and isinstance(m[1][0], qlk.QuantLinear)
+
+
+def _gptq_v1_zero_0() -> bool:
+    k, n, g = 64, 8, 32
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (k // 8, n), generator=gen, dtype=torch.int32) * 0  # codes 0: ŵ = −s·z
+    v2 = torch.zeros(k // g, 1, dtype=torch.int32)  # every zero point 0
+    v1 = torch.full_like(v2, (0 - 0x11111111) & 0xFFFFFFFF - 2**32)  # the word subtraction GPTQModel writes
+    s = torch.full((k // g, n), 0.5, dtype=torch.float16)
+    a = qlk.from_gptq(q, v1, s, bits=4, group_size=g, checkpoint_format="gptq").dequantize()
+    b = qlk.from_gptq(q, v2, s, bits=4, group_size=g, checkpoint_format="gptq_v2").dequantize()
+    return bool(torch.equal(a, b)) and bool((b == 0).all())
 
 
 def _nan_mlp():

@@ -214,6 +214,19 @@ def _stream_pack(values, bits):
     return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
 
 
+def _v2_to_v1_as_gptqmodel_writes(qzeros_v2, zeros, bits):
+    """A v1 qzeros as GPTQModel's v2 -> v1 export writes it (python ints, independent of qlk): 2/4-bit
+    subtract 1 from every field as one 32-bit word (a zero of 0 borrows from the next field);
+    3-bit: each field minus 1 modulo 8, repacked."""
+    if bits == 3:
+        return _stream_pack(((zeros - 1) & 7).t().contiguous(), bits).t().contiguous()
+    ones = sum(1 << (bits * i) for i in range(32 // bits))
+    out = torch.empty_like(qzeros_v2, dtype=torch.int64)
+    for idx, word in enumerate(qzeros_v2.flatten().tolist()):
+        out.view(-1)[idx] = ((word & 0xFFFFFFFF) - ones) & 0xFFFFFFFF
+    return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("fmt", ["gptq", "gptq_v2"])
@@ -227,10 +240,12 @@ def test_gptq_import_matches_spec(bits, act_order, fmt):
     g_idx = torch.arange(k) // group
     if act_order:
         g_idx = g_idx[torch.randperm(k, generator=gen)]
-    stored = (zeros - 1) & maxq if fmt == "gptq" else zeros  # v1 stores z − 1 (wrapping)
-    zero_true = stored + 1 if fmt == "gptq" else stored
+    zeros[0, :4] = 0  # a zero point of 0: what v1 cannot store as z − 1 without wrapping
+    zero_true = zeros
     qweight = _stream_pack(q, bits)
-    qzeros = _stream_pack(stored.t().contiguous(), bits).t().contiguous()
+    qzeros = _stream_pack(zeros.t().contiguous(), bits).t().contiguous()
+    if fmt == "gptq":
+        qzeros = _v2_to_v1_as_gptqmodel_writes(qzeros, zeros, bits)
     qw = qlk.from_gptq(qweight, qzeros, scales, g_idx=g_idx.int(), bits=bits, group_size=group, checkpoint_format=fmt)
     ref = torch.empty(n, k, dtype=torch.float64)
     for kk in range(k):

@@ -17,7 +17,7 @@ import torch
 from torch.amp import custom_bwd, custom_fwd
 
 from .. import ops
-from .._checks import check_activation
+from .._checks import check_activation, check_dropout, check_scaling
 from ..formats import QuantizedWeight
 
 
@@ -195,6 +195,6 @@ def lora_linear(x, qw, lora_a, lora_b, scaling: float, bias=None, dropout: float
     ``dropout`` is the probability p applied to the adapter's input (pass 0 in eval mode).
     """
     check_adapter(x, qw, lora_a, lora_b, qw.in_features, "lora_linear")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout={dropout} must be in [0, 1)")
+    check_dropout(dropout)
+    check_scaling(scaling)
     return LoRAFunction.apply(x, qw, lora_a, lora_b, float(scaling), bias, float(dropout))

@@ -10,6 +10,7 @@ import torch
 from torch.amp import custom_bwd, custom_fwd
 
 from .. import backend, ops
+from .._checks import check_dropout, check_scaling
 from ..formats import QuantizedWeight
 from ..reference import to_stored_order
 from .lora import (
@@ -132,6 +133,6 @@ def qalora_linear(x, qw, lora_a, lora_b, scaling: float, bias=None, dropout: flo
             f"qalora_linear: in_features={qw.in_features} is not divisible by group_size={qw.group_size}"
         )
     check_adapter(x, qw, lora_a, lora_b, qw.in_features // qw.group_size, "qalora_linear")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout={dropout} must be in [0, 1)")
+    check_dropout(dropout)
+    check_scaling(scaling)
     return QALoRAFunction.apply(x, qw, lora_a, lora_b, float(scaling), bias, float(dropout))

@@ -8,7 +8,8 @@ A GPTQ linear stores, for W [N, K] with G groups:
     g_idx    int32 [K]              group of each input row (a permutation under act-order)
 
     ŵ[n, k] = scales[g, n] · (q[k, n] − z[g, n]),  g = g_idx[k]
-    z = stored + 1  (checkpoint_format="gptq", v1)   or   z = stored  ("gptq_v2")
+    z = stored + 1  (checkpoint_format="gptq", v1; read as GPTQModel does, see :func:`v1_zeros`)
+    z = stored      ("gptq_v2")
 
 qlk keeps contiguous groups, so an act-order checkpoint imports with the input permutation
 ``perm = argsort(g_idx)``: the stored columns are the inputs sorted by group. Codes are kept
@@ -80,9 +81,7 @@ def from_gptq(
         raise ValueError(f"g_idx must assign exactly group_size={group_size} input rows to each of the {groups} groups")
 
     q = unpack_bit_stream(qweight, bits, k)  # [K, N]
-    z = _unpack_rows(qzeros, bits, n)  # [G, N]
-    if checkpoint_format == "gptq":
-        z = z + 1
+    z = v1_zeros(qzeros, bits, n) if checkpoint_format == "gptq" else _unpack_rows(qzeros, bits, n)  # [G, N]
     perm = None
     if not torch.equal(g_idx, torch.arange(k, device=g_idx.device) // group_size):
         perm = torch.argsort(g_idx, stable=True)
@@ -101,6 +100,27 @@ def from_gptq(
     return qw
 
 
+def v1_zeros(qzeros: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """The zero points of a v1 (``checkpoint_format="gptq"``) ``qzeros`` [G, words], read as
+    GPTQModel reads them (its v1 -> v2 conversion), int64 [G, count]:
+
+    * 2- and 4-bit: add 1 to every field *as one 32-bit word* (``qzeros + 0x55555555`` /
+      ``0x11111111``, wrapping): a field stored as all ones (a zero point of 0, which GPTQModel's
+      v2 -> v1 writer stores by a word subtraction that borrowed from the next field) becomes 0
+      and carries into the next field, undoing the borrow exactly.
+    * 3-bit (fields straddle words): add 1 to each field modulo 8, as GPTQModel does there.
+
+    For zero points 1 .. 2^bits − 1 (every v1 checkpoint AutoGPTQ could write correctly) all three
+    readings equal stored + 1; they differ only for a zero point of 0, where the per-field
+    stored + 1 = 2^bits of older kernels is wrong on most of the group's elements.
+    """
+    if bits == 3:
+        return (_unpack_rows(qzeros, bits, count) + 1) & 0x7
+    ones = sum(1 << (bits * i) for i in range(32 // bits))
+    words = ((qzeros.to(torch.int64) & 0xFFFFFFFF) + ones) & 0xFFFFFFFF
+    return _unpack_rows(words, bits, count)
+
+
 def _unpack_rows(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """Values packed along each ROW of ``words`` [R, C] -> int64 [R, count]."""
     return unpack_bit_stream(words.t(), bits, count).t()
@@ -112,6 +132,6 @@ def dequantize_gptq(qweight, qzeros, scales, g_idx=None, bits=4, group_size=128,
     if g_idx is None:
         g_idx = torch.arange(k, device=qweight.device) // group_size
     q = unpack_bit_stream(qweight, bits, k).float()
-    z = _unpack_rows(qzeros, bits, n).float() + (1 if checkpoint_format == "gptq" else 0)
+    z = (v1_zeros(qzeros, bits, n) if checkpoint_format == "gptq" else _unpack_rows(qzeros, bits, n)).float()
     gi = g_idx.long()
     return (scales.float()[gi] * (q - z[gi])).t()

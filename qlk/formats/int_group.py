@@ -33,6 +33,48 @@ from .quantized_weight import QuantizedWeight
 SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def _scales_and_biases(w, lo, hi, bits, scale_dtype, shape):
+    """(s in fp32, c in scale_dtype, live) of every group, or a ValueError when ``scale_dtype``
+    cannot hold them: an overflow, or groups whose step flushes to zero although their values are
+    not (nearly) constant. ``w`` [n, G, g] in any float dtype; only flushed groups are read."""
+    maxq, mid = (1 << bits) - 1, 1 << (bits - 1)
+    s = ((hi - lo) / maxq).to(scale_dtype).to(torch.float32)
+    live = s > 0
+    safe_s = torch.where(live, s, torch.ones_like(s))
+    z = torch.round(-lo / safe_s)
+    b = torch.where(live, s * (mid - z), (lo + hi) / 2).to(scale_dtype)
+    if not (torch.isfinite(b).all() and torch.isfinite(s.to(scale_dtype)).all()):
+        top = torch.maximum(lo.abs(), hi.abs()).max().item()
+        raise ValueError(
+            f"weight of shape {shape}: its magnitude (max |w| = {top:.3g}) overflows scale_dtype={scale_dtype}; "
+            "pass scale_dtype=torch.float32"
+        )
+    # a group whose step flushed to zero in scale_dtype is stored as its midpoint b: fine when the
+    # group is (nearly) constant, silently wrong when its values do not survive in scale_dtype at all
+    dead = ~live
+    if dead.any():  # only the dead groups are looked at (no weight-sized temporary otherwise)
+        dead_err = (w[dead].to(torch.float32) - b.to(torch.float32)[dead][:, None]).abs().amax(-1)
+        lost = dead_err > 2.0**-8 * torch.maximum(lo.abs(), hi.abs())[dead]
+        if lost.any():
+            top = torch.maximum(lo.abs(), hi.abs()).max().item()
+            raise ValueError(
+                f"weight of shape {shape}: {int(lost.sum())} group(s) have magnitudes (max {top:.3g}) below "
+                f"what scale_dtype={scale_dtype} represents (they would dequantize to ~0); pass "
+                "scale_dtype=torch.float32"
+            )
+    return s, b, live
+
+
+def check_int_quantizable(weight: torch.Tensor, bits: int, group_size: int, scale_dtype=torch.float16) -> None:
+    """The ValueError :func:`quantize_int` would raise for ``scale_dtype`` (overflow, flushed
+    groups), found from the group ranges alone: no quantization work, no weight-sized temporary.
+    :func:`qlk.patch_model` runs it on every layer before converting any."""
+    n, k = weight.shape
+    w = weight.detach().reshape(n, k // group_size, group_size)
+    lo, hi = w.amin(-1).to(torch.float32), w.amax(-1).to(torch.float32)
+    _scales_and_biases(w, lo, hi, bits, scale_dtype, tuple(weight.shape))
+
+
 def quantize_int(
     weight: torch.Tensor, bits: int = 4, group_size: int = 32, scale_dtype: torch.dtype = torch.float16
 ) -> QuantizedWeight:
@@ -46,33 +88,14 @@ def quantize_int(
     maxq, mid = (1 << bits) - 1, 1 << (bits - 1)
     w = weight.detach().to(torch.float32).reshape(n, k // group_size, group_size)
     lo, hi = w.amin(-1), w.amax(-1)
-    s = ((hi - lo) / maxq).to(scale_dtype).to(torch.float32)
-    live = s > 0
+    s, b, live = _scales_and_biases(w, lo, hi, bits, scale_dtype, tuple(weight.shape))
     safe_s = torch.where(live, s, torch.ones_like(s))
-    z = torch.round(-lo / safe_s)
-    b = torch.where(live, s * (mid - z), (lo + hi) / 2).to(scale_dtype)
-    if not (torch.isfinite(b).all() and torch.isfinite(s.to(scale_dtype)).all()):
-        raise ValueError(
-            f"weight of shape {tuple(weight.shape)}: its magnitude (max |w| = {weight.abs().max().item():.3g}) "
-            f"overflows scale_dtype={scale_dtype}; pass scale_dtype=torch.float32"
-        )
-    # a group whose step flushed to zero in scale_dtype is stored as its midpoint b: fine when the
-    # group is (nearly) constant, silently wrong when its values do not survive in scale_dtype at all
     dead = ~live
-    lost = torch.zeros_like(live)
-    if dead.any():  # only the dead groups are looked at (no weight-sized temporary otherwise)
-        dead_err = (w[dead] - b.to(torch.float32)[dead][:, None]).abs().amax(-1)
-        lost[dead] = dead_err > 2.0**-8 * torch.maximum(lo.abs(), hi.abs())[dead]
-    if lost.any():
-        raise ValueError(
-            f"weight of shape {tuple(weight.shape)}: {int(lost.sum())} group(s) have magnitudes "
-            f"(max {w.abs().amax().item():.3g}) below what scale_dtype={scale_dtype} represents (they would "
-            "dequantize to ~0); pass scale_dtype=torch.float32"
-        )
     # in place on one fp32 temporary: quantizing a layer costs ~5 bytes per weight beyond its input
     q = w - b.to(torch.float32)[..., None]
     q.div_(safe_s[..., None]).round_().add_(mid).clamp_(0, maxq)
     q.masked_fill_(dead[..., None], mid)
+    _warn_subnormal_scales(w, q, s, b, (hi - lo) / maxq, mid, scale_dtype, tuple(weight.shape))
     q = q.to(torch.uint8).reshape(n, k)
     del w
     return QuantizedWeight(
@@ -85,6 +108,42 @@ def quantize_int(
         biases=b.contiguous(),
         dtype=weight.dtype,
     )
+
+
+#: a group whose error exceeds this many half steps (s/2 of its exact, unrounded scale) is reported
+SUBNORMAL_TOLERANCE = 1.25
+
+
+def _warn_subnormal_scales(w, q, s, b, s_exact, mid, scale_dtype, shape) -> None:
+    """Warn when groups whose stored scale is subnormal in ``scale_dtype`` miss the half-step bound.
+
+    A subnormal scale keeps few significant bits (fp16 below 6.1e-5 has an absolute step of
+    2^-24), so s·(q − m) can be off by several half steps although nothing overflowed or flushed
+    to zero. Only those groups are measured (no weight-sized temporary otherwise). It is a warning,
+    not an error: the absolute error stays below ~(2^(bits−1))·2^-25, tiny next to the layer's
+    other groups, the situation GPTQ-style fp16 scales accept silently; ``scale_dtype=torch.float32``
+    removes it.
+    """
+    sub = (s > 0) & (s < torch.finfo(scale_dtype).tiny)
+    if not sub.any():
+        return
+    w_hat = (q[sub] - mid) * s[sub][:, None] + b.to(torch.float32)[sub][:, None]
+    ratio = (w[sub] - w_hat).abs().amax(-1) / (s_exact[sub] / 2)
+    bad = ratio > SUBNORMAL_TOLERANCE
+    if bad.any():
+        import warnings
+
+        warnings.warn(
+            f"weight of shape {shape}: {int(bad.sum())} of {s.numel()} group(s) have scales below "
+            f"{scale_dtype}'s normal range ({torch.finfo(scale_dtype).tiny:.3g}): their error is up to "
+            f"{ratio.max().item():.2f}x the half-step bound s/2; pass scale_dtype=torch.float32 to keep them exact",
+            SubnormalScaleWarning,
+            stacklevel=4,
+        )
+
+
+class SubnormalScaleWarning(UserWarning):
+    """Some quantization groups' scales are subnormal in the scale dtype (precision lost)."""
 
 
 def dequantize_int(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:

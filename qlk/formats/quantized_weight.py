@@ -106,11 +106,32 @@ class QuantizedWeight:
             w = w[:, torch.argsort(self.perm)]
         return w
 
-    def to(self, device=None, **kwargs) -> "QuantizedWeight":
-        """A copy on ``device``; codes and integer state keep their dtypes."""
-        if kwargs.get("dtype") is not None:
-            raise TypeError("QuantizedWeight.to() moves devices only; the packed dtypes are fixed by the format")
-        moved = {name: t.to(device) for name, t in self.tensors().items()}
+    def to(self, *args, **kwargs) -> "QuantizedWeight":
+        """A copy on another device; codes and per-group state keep their dtypes.
+
+        Takes torch's ``Tensor.to`` forms (``to(device)``, ``to(device=..., non_blocking=...)``,
+        ``to(other_tensor)``: its device) parsed as torch parses them. A dtype (``to(torch.float16)``,
+        ``to("cuda", torch.float16)``, ``dtype=``) is a TypeError: the packed codes are integers and
+        the scales' dtype is part of the format, so there is nothing a cast could mean without
+        changing the quantized values (``dequantize(dtype)`` gives Ŵ in any dtype). A module cast
+        such as ``model.half()`` is different: :class:`qlk.QuantLinear` moves its buffers and keeps
+        their dtypes, as torch's own quantized modules and bitsandbytes' layers do.
+        """
+        other = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("other")
+        if isinstance(other, torch.Tensor):  # to(tensor): torch would take its device and dtype; we take the device
+            device, non_blocking = other.device, bool(args[1] if len(args) > 1 else kwargs.get("non_blocking", False))
+        else:
+            try:
+                device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+            except TypeError as e:
+                raise TypeError(f"QuantizedWeight.to(): {e}") from None
+            if dtype is not None:
+                raise TypeError(
+                    f"QuantizedWeight.to() moves devices only; got dtype={dtype}. The packed codes and the "
+                    "scales keep the dtypes the format fixes (use qw.dequantize(dtype) for a dense weight in "
+                    "another dtype)"
+                )
+        moved = {name: t.to(device, non_blocking=non_blocking) for name, t in self.tensors().items()}
         out = QuantizedWeight(**{f.name: getattr(self, f.name) for f in fields(self) if f.name not in moved}, **moved)
         return out
 

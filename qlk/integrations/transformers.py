@@ -30,8 +30,10 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .._checks import SUPPORTED_FORMATS, SUPPORTED_INT_BITS
+from .._checks import SUPPORTED_FORMATS, SUPPORTED_INT_BITS, check_adapter_hyperparameters
 from ..formats.nf4 import BLOCKSIZES as NF4_BLOCKSIZES
+from ..formats.quantized_weight import validate
+from ..io import check_loaded_finite
 from ..nn.linear import BUFFERS, QuantLinear, dense_weight, is_conv1d
 
 logger = logging.getLogger("qlk")
@@ -90,6 +92,8 @@ class QlkConfig(QuantizationConfigMixin):
             raise ValueError(f"QlkConfig: method={self.method!r}; allowed: None, 'qalora', 'lora'")
         if self.method == "qalora" and self.fmt != "int":
             raise ValueError("QlkConfig: method='qalora' needs fmt='int'")
+        if self.method is not None:
+            check_adapter_hyperparameters(self.r, self.alpha, self.dropout, self.use_rslora, what="QlkConfig")
         if self.scale_dtype not in _DTYPE_NAMES:
             raise ValueError(f"QlkConfig: scale_dtype={self.scale_dtype!r}; allowed: {sorted(_DTYPE_NAMES)}")
 
@@ -242,6 +246,13 @@ class QlkHfQuantizer(HfQuantizer):
             m._parameters.pop("weight", None)  # the dense placeholder: only the packed buffers remain
             if m.weight_packed.device.type == "meta":
                 raise RuntimeError(f"qlk: layer '{name}' was not quantized during loading (its weight never arrived)")
+            absent = [k for k, t in m.state_dict().items() if t.device.type == "meta"]
+            if absent:  # never run on tensors that were not in the checkpoint (random or empty values)
+                raise ValueError(f"qlk: layer '{name}': {absent} missing from the checkpoint (truncated or foreign?)")
+            if self.pre_quantized:  # the same checks as qlk.load_quantized: packed invariants, no NaN/Inf
+                where = getattr(model.config, "_name_or_path", None) or "the checkpoint"
+                validate(m.qweight, f"{where}: layer '{name}'")
+                check_loaded_finite(where, {f"{name}.{k}": t for k, t in m.state_dict().items()})
             if not self.pre_quantized and cfg.method is not None:
                 m.add_adapter(cfg.method, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, use_rslora=cfg.use_rslora)
         cfg.quantized_modules = dict(self.specs)

@@ -155,7 +155,7 @@ def qalora_grad_input(dy: torch.Tensor, qw: QuantizedWeight, lora_a: torch.Tenso
         if out is not None:
             out.copy_(dx)
             dx = out
-        return dx.reshape(*lead, k), v.reshape(*lead, -1)
+        return dx.reshape(*lead, k), v.reshape(*lead, v.shape[-1])
     wargs = _folded_weight_args(qw, lora_a, lora_b, scaling)
     dx = _grad_input(dy, qw, out, True, path, deterministic, wargs=wargs)
-    return dx, v.reshape(*lead, -1)
+    return dx, v.reshape(*lead, v.shape[-1])

@@ -17,7 +17,9 @@ import torch
 from torch import nn
 
 from .. import reference
-from .._checks import check_bias, check_format, check_group_size, check_int_bits, check_quantized_weight
+from .._checks import (
+    check_adapter_hyperparameters, check_bias, check_finite, check_format, check_group_size, check_int_bits, check_quantized_weight,
+)  # fmt: skip
 from ..autograd import lora_linear, qalora_linear, quant_linear
 from ..formats import QuantizedWeight, words_per_row
 from ..formats.nf4 import NESTED_BLOCKSIZE
@@ -88,6 +90,7 @@ class QuantLinear(nn.Module):
         self._set_qweight(qweight)
         if bias is not None:
             check_bias(bias, self.out_features, qweight.device, "QuantLinear bias")
+            check_finite(bias, "QuantLinear bias")  # a frozen NaN bias would poison every output
             self.bias = nn.Parameter(bias.detach(), requires_grad=False)
         else:
             self.register_parameter("bias", None)
@@ -260,6 +263,7 @@ class QuantLinear(nn.Module):
         dropout: float = 0.0,
         use_rslora: bool = False,
         adapter_dtype: torch.dtype = torch.float32,
+        scale_dtype: torch.dtype = torch.float16,
     ) -> "QuantLinear":
         """Quantize an ``nn.Linear`` or GPT-2 ``Conv1D`` (on its own device) into a QuantLinear."""
         from ..ops import quantize
@@ -275,7 +279,7 @@ class QuantLinear(nn.Module):
                 "unsharded model first, then fully_shard it (see qlk.integrations.check_fsdp)"
             )
         w = w.contiguous() if conv else w
-        qw = quantize(w, bits=bits, group_size=group_size, fmt=fmt, double_quant=double_quant)
+        qw = quantize(w, bits=bits, group_size=group_size, fmt=fmt, double_quant=double_quant, scale_dtype=scale_dtype)
         return cls(
             qw, bias=module.bias, method=method, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
             adapter_dtype=adapter_dtype, kind="conv1d" if conv else "linear",
@@ -344,12 +348,7 @@ def _compiled_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
 def check_adapter_args(method, r, alpha, dropout, fmt: str) -> None:
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not supported; allowed: {METHODS} (or None for no adapter)")
-    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-        raise ValueError(f"r={r!r} must be a positive integer (the adapter rank)")
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
-        raise ValueError(f"alpha={alpha!r} must be a positive number")
-    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout={dropout!r} must be in [0, 1)")
+    check_adapter_hyperparameters(r, alpha, dropout)
     if method == "qalora" and fmt != "int":
         raise ValueError(
             f"method='qalora' needs fmt='int' (its adapter merges into the INT per-group biases); got fmt={fmt!r}. "
