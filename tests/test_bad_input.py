@@ -552,26 +552,6 @@ CASES = [
          lambda: qlk_finetune("--batch-size", "6", "--grad-accum", "4"), exc=UsageError, says=("--batch-size 6", "multiple of")),
     Case("finetune-overwrite-resume", "qlk finetune", "--overwrite --resume", lambda: qlk_finetune("--overwrite", "--resume"),
          exc=UsageError, says=("contradict",)),
-]
-
-
-def qlk_finetune(*argv):
-    """``qlk finetune ARGS`` up to its first error, as the CLI runs it (which prints the message and
-    exits 2). ``--model`` points nowhere: a bad input that got through would fail to load a model."""
-    from qlk.cli import build_parser, cmd_finetune
-
-    out = os.path.join(tmp(), "ft-out")
-    args = build_parser().parse_args(["finetune", "--model", os.path.join(tmp(), "no-model"), "--output-dir", out,
-                                      "--no-progress", *argv])  # fmt: skip
-    return cmd_finetune(args)
-
-
-def bad_utf8_data() -> str:
-    def make(path):
-        with open(path, "wb") as f:
-            f.write(b'{"instruction": "a", "response": "b"}\n{"instruction": "caf\xe9", "response": "b"}\n')
-
-    return file_variant("latin1.jsonl", make)
     # ---- issue 14: hyperparameters (NaN/Inf, and checked before any group-size hint)
     Case("patch-alpha-nan", "qlk.patch.patch_model", "alpha=nan", lambda: patched(alpha=float("nan")),
          says=("alpha=nan", "positive, finite")),
@@ -640,6 +620,25 @@ def bad_utf8_data() -> str:
          lambda: _gptq_v1_zero_0(), status="accepts", check=lambda: _gptq_v1_zero_0(),
          note="decision: read as GPTQModel reads v1 (docs/formats.md); was 14-45% of elements wrong"),
 ]
+
+
+def qlk_finetune(*argv):
+    """``qlk finetune ARGS`` up to its first error, as the CLI runs it (which prints the message and
+    exits 2). ``--model`` points nowhere: a bad input that got through would fail to load a model."""
+    from qlk.cli import build_parser, cmd_finetune
+
+    out = os.path.join(tmp(), "ft-out")
+    args = build_parser().parse_args(["finetune", "--model", os.path.join(tmp(), "no-model"), "--output-dir", out,
+                                      "--no-progress", *argv])  # fmt: skip
+    return cmd_finetune(args)
+
+
+def bad_utf8_data() -> str:
+    def make(path):
+        with open(path, "wb") as f:
+            f.write(b'{"instruction": "a", "response": "b"}\n{"instruction": "caf\xe9", "response": "b"}\n')
+
+    return file_variant("latin1.jsonl", make)
 
 
 def _lora_linear(scaling):
