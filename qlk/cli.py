@@ -235,7 +235,7 @@ def inspect_path(path) -> dict:
 
 def _checked_qlk_meta(p: Path, raw: str) -> dict:
     """The file's ``qlk`` metadata, or a UsageError naming what is damaged in it."""
-    from .finetune import UsageError
+    from ._checks import UsageError
     from .io import parse_meta
 
     try:

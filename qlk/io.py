@@ -217,6 +217,8 @@ def _warn_other_base(path, saved: dict, layers: dict) -> None:
     another: it loads, but the base it corrects is not the one it was trained against."""
     pairs = {}
     for name, m in layers.items():
+        if name not in saved:  # MoE expert projections: their base is checked by moe.check_adapter_experts
+            continue
         was, now = _base_of(saved[name]), _base_of(_layer_meta(m))
         if was is not None and was != now:
             pairs.setdefault((was, now), []).append(name)
