@@ -356,7 +356,7 @@ def _forward(x, qw, bias, out, path, deterministic, wargs=None, pool=False):
     if path not in ("auto", "gemm", "splitk"):
         raise ValueError(f"path={path!r}; allowed: 'auto', 'gemm', 'splitk'")
     g = qw.group_size
-    pooled = torch.empty((m, k // g), dtype=torch.float32, device=x.device) if pool else None
+    pooled = _pool_buffer((m, k // g), x.device) if pool else None
     if m == 0:
         return out.reshape(*lead, n), pooled
     args, meta = wargs if wargs is not None else weight_args(qw)
@@ -379,6 +379,11 @@ def _forward(x, qw, bias, out, path, deterministic, wargs=None, pool=False):
     if pool and not fused:  # group size not a power of two (or larger than the split-K tile)
         torch.mean(x2.reshape(m, k // g, g), dim=-1, dtype=torch.float32, out=pooled)
     return out.reshape(*lead, n), pooled
+
+
+def _pool_buffer(shape, device) -> torch.Tensor:
+    """P(X) [M, G] fp32, every element written by the forward (tests poison it with NaN)."""
+    return torch.empty(shape, dtype=torch.float32, device=device)
 
 
 def _workspace(shape, device) -> torch.Tensor:
