@@ -300,3 +300,29 @@ def test_qalora_merge_equals_adapter(case):
     x = randn(9, k, seed=13).cpu()
     y_ref, _ = oracles.qalora_forward64(x, oracles.int_dequant64(qw), a, b, SIGMA, g)
     assert oracles.rel_err(x.double() @ oracles.int_dequant64(merged).t(), y_ref) < 1e-6
+
+
+@pytest.mark.parametrize("case", [(4, 128, 512), (3, 48, 528)], ids=int_id)
+def test_reference_qalora_against_the_paper(case):
+    """qlk.reference (the CPU fallback and the other tests' oracle) against the paper's formula,
+    and the autograd function on the reference backend (the unfused path) for dX, dA, dB."""
+    qw, w64 = int_weight(*case)
+    qw = qw.cpu()
+    n, k = qw.shape
+    g = qw.group_size
+    a, b = (t.cpu().double() for t in adapter(qw, w64, seed=21))
+    x = torch.randn(7, k, generator=torch.Generator().manual_seed(22), dtype=torch.float64)
+    dy = torch.randn(7, n, generator=torch.Generator().manual_seed(23), dtype=torch.float64)
+    y_ref, p_ref = oracles.qalora_forward64(x, w64, a, b, SIGMA, g)
+    dx_ref, da_ref, db_ref = oracles.qalora_backward64(x, dy, w64, a, b, SIGMA, g)
+    assert oracles.rel_err(reference.qalora_forward(x, qw, a, b, SIGMA), y_ref) < 1e-12
+    assert oracles.rel_err(reference.pool_groups(x, g), p_ref) < 1e-12
+    dx, da, db = reference.qalora_backward(dy, p_ref, qw, a, b, SIGMA)
+    assert oracles.rel_err(dx, dx_ref) < 1e-12 and oracles.rel_err(da, da_ref) < 1e-12
+    assert oracles.rel_err(db, db_ref) < 1e-12
+    xf, af, bf = (t.float().requires_grad_(True) for t in (x, a, b))
+    with qlk.use_backend("reference"):
+        y = qalora_linear(xf, qw, af, bf, SIGMA)
+        y.backward(dy.float())
+    assert oracles.rel_err(y, y_ref) < TOL and oracles.rel_err(xf.grad, dx_ref) < TOL
+    assert oracles.rel_err(af.grad, da_ref) < TOL and oracles.rel_err(bf.grad, db_ref) < TOL
