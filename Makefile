@@ -2,11 +2,12 @@
 #   make test            fresh .venv (CPU torch 2.13.0 + pinned requirements-test.txt), then the suite
 #   make static-report   sm_90/sm_80 machine-code report of every kernel (needs ../shared/tools)
 #   make gpu-check       on a GPU machine: GPU tests + benchmarks (bench/gpu_check.sh)
+#   make mutants         inject the one-line bugs of tools/mutants_catalogue.py, fail if a test misses one
 VENV ?= .venv
 PYTHON ?= $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: test test-slow static-report static-report-quick gpu-check wheels
+.PHONY: test test-slow mutants static-report static-report-quick gpu-check wheels
 
 $(VENV)/.qlk-installed: setup.py requirements-test.txt
 	python3 -m venv $(VENV)
@@ -23,6 +24,13 @@ test: $(VENV)/.qlk-installed
 # also the slow tests (the real SmolLM2 model)
 test-slow: $(VENV)/.qlk-installed
 	$(PYTHON) -m pytest -q tests --runslow $(PYTEST_ARGS)
+
+# each catalogued bug applied to a temporary copy of the tree (never to the working tree), its
+# tests run there; fails if one survives. ~20-40 min on 2 cores, so not part of `make test` / CI
+# (docs/measurements.md); its last output is committed in bench/results/mutants.txt.
+MUTANTS_ARGS ?=
+mutants: $(VENV)/.qlk-installed
+	$(PYTHON) tools/mutants.py --out bench/results/mutants.txt $(MUTANTS_ARGS)
 
 # compile every qlk kernel, the dense baseline and the Triton peers for sm_90 and sm_80 and judge
 # them from their machine code (no GPU). Peers: pip install gemlite grouped-nf4-gemm.
