@@ -85,6 +85,8 @@ def main(argv=None) -> int:
     ap.add_argument("--list", action="store_true", help="list the catalogue and check it applies; run nothing")
     ap.add_argument("--skip-baseline", action="store_true", help="do not run the tests on the unmutated copy first")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per pytest run (default 900)")
+    ap.add_argument("--tests", help="run these pytest arguments (space-separated) for every mutant instead of "
+                                    "the catalogue's, e.g. to see what an older test set misses")
     ap.add_argument("--out", help="also write the report to this file")
     a = ap.parse_args(argv)
     mutants = MUTANTS
@@ -94,6 +96,8 @@ def main(argv=None) -> int:
         if unknown:
             ap.error(f"unknown mutant id(s) {sorted(unknown)}")
         mutants = [m for m in MUTANTS if m["id"] in want]
+    if a.tests:
+        mutants = [dict(m, tests=a.tests.split()) for m in mutants]
     problems = check_catalogue(mutants)
     if a.list or problems:
         for m in mutants:
