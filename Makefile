@@ -4,11 +4,12 @@
 #                        requirements-test.txt change; the main job's .venv is never touched
 #   make static-report   sm_90/sm_80 machine-code report of every kernel (bench/sass, no GPU)
 #   make gpu-check       on a GPU machine: GPU tests + benchmarks (bench/gpu_check.sh)
+#   make mutants         inject the one-line bugs of tools/mutants_catalogue.py, fail if a test misses one
 VENV ?= .venv-test
 PYTHON ?= $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: test test-slow static-report static-report-quick gpu-check wheels
+.PHONY: test test-slow mutants static-report static-report-quick gpu-check wheels
 
 $(VENV)/.qlk-installed: setup.py requirements-test.txt
 	rm -rf $(VENV)
@@ -26,6 +27,13 @@ test: $(VENV)/.qlk-installed
 # also the slow tests (the real SmolLM2 model)
 test-slow: $(VENV)/.qlk-installed
 	$(PYTHON) -m pytest -q tests --runslow $(PYTEST_ARGS)
+
+# each catalogued bug applied to a temporary copy of the tree (never to the working tree), its
+# tests run there; fails if one survives. ~20-40 min on 2 cores, so not part of `make test` / CI
+# (docs/measurements.md); its last output is committed in bench/results/mutants.txt.
+MUTANTS_ARGS ?=
+mutants: $(VENV)/.qlk-installed
+	$(PYTHON) tools/mutants.py --out bench/results/mutants.txt $(MUTANTS_ARGS)
 
 # compile every qlk kernel, the dense baseline and the Triton peers for sm_90 and sm_80 and judge
 # them from their machine code with qlk's analyzer, bench/sass (no GPU; docs/static-analysis.md).

@@ -23,9 +23,10 @@ exllamav2, gptqmodel  reported unavailable with the reason (no wheel that runs h
 Ops: ``fwd`` (Y = X·Ŵᵀ), ``bwd_dx`` (dX = dY·Ŵ), ``fwd_bwd`` (both; autograd for Linear4bit).
 Peers have no backward kernel: their ``bwd_dx`` row says ``n/a``. All INT peers are built from the
 same qlk codes (conversions below, checked on the CPU by the smoke test), so one reference Ŵ serves
-them all; bitsandbytes quantizes the same dense weight itself. Before timing, every (provider,
-shape, format, op) is checked once at M = 16 against float32 X·Ŵᵀ on fresh random data; a
-mismatch keeps its timing but gets ``status = wrong: rel_err=…`` and stays out of the summary.
+them all; bitsandbytes quantizes the same dense weight itself. Before each timing, every (provider,
+shape, format, op, M) is checked at that M against float64 X·Ŵᵀ (dY·Ŵ) on fresh random data (a
+``rel_err`` row per M); a mismatch keeps its timing but gets ``status = wrong: rel_err=…``, stays
+out of the summary, and makes the script exit with status 1 (so ``make gpu-check`` fails).
 
 Metrics per (provider, op, shape, format, M): time (median, p20, p80), TFLOP/s, effective GB/s
 (the format's stored bytes + X + Y, the same byte count for every provider of a format),
@@ -71,7 +72,6 @@ FORMATS = {
 OPS = ["fwd", "bwd_dx", "fwd_bwd"]
 QUICK = dict(shapes=["8b-qo", "8b-gateup"], ms=[1, 16, 256, 1024, 4096], formats=["int4g32", "int4g128", "nf4"],
              ops=["fwd", "bwd_dx"], warmup_ms=10, rep_ms=40, budget_s=170)  # fmt: skip
-CHECK_M = 16
 TOL = 2e-2  # bf16 outputs land near 4e-3; a wrong layout lands near 1
 
 
@@ -469,15 +469,17 @@ def _inputs(m, case, dtype, needs_grad, count):
     return Rotating(make, count)
 
 
-def _check(fn, op, case, ref_w, dtype, needs_grad) -> float:
-    """Largest relative error of the op's output(s) against float32 math on Ŵ, fresh inputs."""
-    x = randn(CHECK_M, case.k, dtype=dtype, device=case.device)
-    dy = randn(CHECK_M, case.n, dtype=dtype, device=case.device)
+def _check(fn, op, case, ref_w, dtype, needs_grad, m) -> float:
+    """Largest relative error of the op's output(s) at M = ``m`` against float64 math on the
+    provider's Ŵ, fresh inputs (inf when an output holds NaN/Inf)."""
+    x = randn(m, case.k, dtype=dtype, device=case.device)
+    dy = randn(m, case.n, dtype=dtype, device=case.device)
     if needs_grad:
         x.requires_grad_(True)
     out = fn(x, dy)
-    y_ref = x.detach().float() @ ref_w.t()
-    dx_ref = dy.float() @ ref_w
+    w64 = ref_w.double()
+    y_ref = x.detach().double() @ w64.t()
+    dx_ref = dy.double() @ w64
     if op == "fwd":
         return rel_err(out, y_ref)
     if op == "bwd_dx":
@@ -555,18 +557,12 @@ def run(args, writer: common.ResultWriter, device: str = "cuda") -> dict:
                     continue
                 grad = getattr(p, "needs_grad", False)
                 for op in [o for o in args.ops if o in fns]:
-                    try:
-                        err = _check(fns[op], op, case, ref_w, p.dtype, grad)
-                    except Exception as e:  # noqa: BLE001
-                        writer.status(p.name, f"unavailable: run failed: {short_reason(e)}", op=op, **keys)
-                        print(f"[bench_kernels] {p.name} {op} {label} {fmt_name}: failed: {short_reason(e, 400)}", flush=True)
-                        continue
-                    status = "ok" if err <= TOL else f"wrong: rel_err={err:.3g} at M={CHECK_M}"
-                    writer.row(provider=p.name, op=op, M=CHECK_M, metric="rel_err", value=err, status=status,
-                               note="vs float32 X·Ŵᵀ", **keys)  # fmt: skip
                     for m in args.ms:
                         if budget.spent():
                             budget.report_once(writer, f"{p.name} {op} {label} {fmt_name} M={m}")
+                            break
+                        status = check_at(writer, fns[op], op, case, ref_w, p, grad, m, keys)
+                        if status is None:
                             break
                         t = _time_op(fns[op], m, case, p, grad, args, count_cap, writer, op, keys)
                         if t is None:
@@ -586,6 +582,28 @@ def run(args, writer: common.ResultWriter, device: str = "cuda") -> dict:
         common.speedup_rows(writer, {key: t for key, t in times.items() if key[2] == label}, "cublas",
                             peers_of=lambda p: PEERS if p == "qlk" else [])  # fmt: skip
     return times
+
+
+def check_at(writer, fn, op, case, ref_w, p, grad, m, keys) -> str | None:
+    """Check ``fn`` at M = ``m`` against float64 and write its ``rel_err`` row; returns the status
+    the timing row carries ("ok" or "wrong: ..."), or None when the op could not run at all."""
+    try:
+        err = _check(fn, op, case, ref_w, p.dtype, grad, m)
+    except torch.cuda.OutOfMemoryError as e:
+        writer.status(p.name, f"unavailable: out of memory: {short_reason(e, 80)}", op=op, M=m, **keys)
+        return None
+    except Exception as e:  # noqa: BLE001
+        writer.status(p.name, f"unavailable: run failed: {short_reason(e)}", op=op, M=m, **keys)
+        print(f"[bench_kernels] {p.name} {op} {keys} M={m}: failed: {short_reason(e, 400)}", flush=True)
+        return None
+    finally:
+        _free()
+    status = "ok" if err <= TOL else f"wrong: rel_err={err:.3g} at M={m}"
+    writer.row(provider=p.name, op=op, M=m, metric="rel_err", value=err, status=status,
+               note="vs float64 X·Ŵᵀ / dY·Ŵ", **keys)  # fmt: skip
+    if status != "ok":
+        print(f"[bench_kernels] {p.name} {op} {keys['shape']} {keys['fmt']} M={m}: {status}", flush=True)
+    return status
 
 
 def _time_op(fn, m, case, p, grad, args, count_cap, writer, op, keys) -> Stats | None:

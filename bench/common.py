@@ -31,6 +31,7 @@ import importlib.metadata as _md
 import math
 import os
 import platform
+import sys
 import time
 from dataclasses import dataclass
 
@@ -246,6 +247,7 @@ class ResultWriter:
         self.bench = bench
         self.env = env if env is not None else capture_env()
         self.rows: list[dict] = []
+        self.wrong: list[dict] = []  # rows whose status says the result did not match its reference
         self._fh = None
         if path:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -272,6 +274,8 @@ class ResultWriter:
             "versions": versions_string(self.env), "timestamp": self.env["timestamp"],
         }  # fmt: skip
         self.rows.append(r)
+        if str(status).startswith("wrong"):
+            self.wrong.append(r)
         if self._fh:
             self._csv.writerow(r)
             self._fh.flush()
@@ -510,7 +514,9 @@ def default_out(kind: str) -> str:
 
 def run_benchmark(kind: str, args, run) -> int:
     """Needs CUDA; seeds, opens the CSV writer at ``args.out``, runs ``run(args, writer)`` and always
-    closes the file (rows measured before a failure or a time limit are kept)."""
+    closes the file (rows measured before a failure or a time limit are kept). Returns 1 (the
+    script's exit status) when any row was written with a ``wrong: ...`` status — a result that
+    did not match its float64 reference — else 0."""
     script = f"bench_{kind}.py"
     require_cuda(script)
     torch.manual_seed(0)
@@ -522,4 +528,10 @@ def run_benchmark(kind: str, args, run) -> int:
     finally:
         writer.close()
     print(f"[bench_{kind}] done in {time.monotonic() - t0:.0f} s: {args.out}", flush=True)
+    if writer.wrong:
+        for r in writer.wrong:
+            print(f"[bench_{kind}] WRONG RESULT: {r['provider']} {r['op']} {r['shape']} {r['fmt']} M={r['M']}: "
+                  f"{r['status']}", file=sys.stderr, flush=True)
+        print(f"[bench_{kind}] {len(writer.wrong)} result(s) did not match the float64 reference", file=sys.stderr)
+        return 1
     return 0

@@ -7,14 +7,15 @@
 #   KERNELS_ARGS="--shapes 70b-gateup --ms 1,4096" bash bench/gpu_check.sh --only kernels
 #
 # Steps: install the wheels in .whl/ if any (bench/prepare_wheels.sh made them) into /tmp/site;
-# refuse to go on without CUDA; run the GPU tests (`pytest -m gpu tests`, or all of tests/ with
-# CUDA visible if nothing is marked gpu; GPU_TESTS overrides the pytest arguments); run
+# refuse to go on without CUDA; run the GPU tests with TRITON_INTERPRET=0 (compiled kernels: quick,
+# the kernel test files; --full, all of tests/; GPU_TESTS overrides the pytest arguments); run
 # bench_kernels, bench_layer and bench_e2e (each row flushed as measured, so a stage stopped at
 # its time limit keeps what it measured); draw the charts; write summary.md and print it last.
 # Results go to $RESULTS, else $OUT (the lent machine's folder that comes back), else
 # bench/results/gpu-<gpu>-<date>/: gpu_check.log, kernels.csv, layer.csv, e2e.csv,
 # speedup_<op>.png, summary.md (at most 8 files: what one call of the lent machine brings back).
-# Exit status: 0, or 1 when the GPU tests failed, 2 when the wheels would not install, 3 without CUDA.
+# Exit status: 0, or 1 when the GPU tests failed, 2 when the wheels would not install, 3 without CUDA,
+# 4 when a benchmark result did not match its float64 reference (bench_kernels exits 1 on it too).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -65,7 +66,7 @@ if [ $full = 1 ]; then
   quick=""; t_tests=0; t_kernels=0; t_layer=0; t_e2e=0
 else
   # seconds per stage (timeout's hard stop); the scripts' own --budget-s (QUICK) stops earlier
-  quick="--quick"; t_tests=100; t_kernels=200; t_layer=85; t_e2e=110
+  quick="--quick"; t_tests=120; t_kernels=200; t_layer=85; t_e2e=110
 fi
 stages=()
 stage() {  # stage NAME SECONDS CMD...: run with a hard time limit, record how it ended
@@ -82,16 +83,19 @@ stage() {  # stage NAME SECONDS CMD...: run with a hard time limit, record how i
 
 tests_rc=0
 if want tests; then
+  # compiled kernels, never the interpreter (tests/conftest.py keeps an explicit value;
+  # tests/test_gpu_env.py fails if the kernels would still be interpreted)
+  export TRITON_INTERPRET=0
   if [ -n "${GPU_TESTS:-}" ]; then
-    # shellcheck disable=SC2086
-    stage tests "$t_tests" "$PY" -m pytest -q -p no:cacheprovider $GPU_TESTS; tests_rc=$?
-  else
-    stage "tests (-m gpu)" "$t_tests" "$PY" -m pytest -q -p no:cacheprovider -m gpu tests; tests_rc=$?
-    if [ $tests_rc = 5 ]; then  # nothing marked gpu: every test, with CUDA visible
-      unset 'stages[${#stages[@]}-1]'
-      stage "tests (all, CUDA visible)" "$t_tests" "$PY" -m pytest -q -p no:cacheprovider tests; tests_rc=$?
-    fi
+    gpu_tests=$GPU_TESTS
+  elif [ $full = 1 ]; then
+    gpu_tests="tests"
+  else  # quick: the kernel tests (every path, every format; bf16 on CUDA), the interpreter guard first
+    gpu_tests="tests/test_gpu_env.py tests/test_kernel_paths.py tests/test_kernels.py tests/test_qalora_kernel.py"
   fi
+  # shellcheck disable=SC2086
+  stage "tests (TRITON_INTERPRET=0: $gpu_tests)" "$t_tests" "$PY" -m pytest -q -p no:cacheprovider $gpu_tests
+  tests_rc=$?
 fi
 # shellcheck disable=SC2086
 want kernels && stage kernels "$t_kernels" "$PY" bench/bench_kernels.py $quick --out "$RES/kernels.csv" ${KERNELS_ARGS:-}
@@ -122,4 +126,8 @@ cat "$RES/summary.md"
 if [ $tests_rc != 0 ]; then
   echo "gpu_check: GPU tests FAILED (exit $tests_rc)"
   exit 1
+fi
+if grep -q ',wrong: ' "$RES"/*.csv 2>/dev/null; then
+  echo "gpu_check: a benchmark result did not match its float64 reference (status 'wrong' in $RES/*.csv)"
+  exit 4
 fi

@@ -1,8 +1,10 @@
 """Shared test setup.
 
 The Triton kernels run on CPU through the interpreter, which Triton (and ``qlk.backend``) read
-when they are imported: set it before any test module imports qlk. ``setdefault`` keeps an explicit
-``TRITON_INTERPRET=0`` (e.g. on a GPU runner).
+when they are imported: set it before any test module imports qlk. An explicit ``TRITON_INTERPRET``
+is kept (``make gpu-check`` runs with ``TRITON_INTERPRET=0``); unset, it defaults to ``1`` without
+CUDA and to ``0`` when CUDA is available, so that on a GPU the kernel tests test compiled kernels
+(tests/test_gpu_env.py fails if they would run interpreted there).
 
 The interpreter is slow, so the default backend of the test session is the reference path: tests
 about the kernels ask for them (``qlk.kernels.*``, ``backend="triton"`` or
@@ -13,7 +15,16 @@ import os
 
 import pytest
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+def _default_interpret() -> str:
+    try:
+        import torch
+
+        return "0" if torch.cuda.is_available() else "1"
+    except Exception:  # noqa: BLE001 - no torch: nothing will run kernels anyway
+        return "1"
+
+
+os.environ.setdefault("TRITON_INTERPRET", _default_interpret())
 os.environ.setdefault("QLK_BACKEND", "reference")
 
 

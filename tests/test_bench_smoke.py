@@ -197,3 +197,34 @@ def test_layer_and_e2e_harness_run_on_cpu(tmp_path):
     assert timed == {("layer", "qlk_qalora"), ("layer", "peft_bf16"), ("e2e", "qlk_qalora"), ("e2e", "bf16_lora")}
     md = common.summary_markdown(rows)
     assert "Layer step" in md and "Training step" in md
+
+
+@pytest.mark.parametrize("wrong_at", [None, 2, 5])
+def test_kernel_bench_checks_every_m_and_fails_on_a_wrong_result(tmp_path, monkeypatch, wrong_at):
+    """bench_kernels checks each op at every timed M against float64 math and the script exits 1
+    when one result is wrong: a provider that is wrong only at M = 5 (say, a split-K path that
+    only that M takes) is caught, not hidden behind a correct M = 16 check."""
+    import torch.nn.functional as F
+
+    def build(self, case):
+        w = case.w
+
+        def fwd(x, dy):
+            y = F.linear(x, w)
+            return y * 1.5 if x.shape[0] == wrong_at else y
+
+        return {"fwd": fwd}, w.float()
+
+    monkeypatch.setattr(bk.Cublas, "build", build)
+    monkeypatch.setattr(common, "require_cuda", lambda what: torch.device("cpu"))
+    args = bk.parse_args(["--shapes", "64->96", "--ms", "2,5", "--formats", "int4g32", "--ops", "fwd",
+                          "--providers", "cublas", "--warmup-ms", "0", "--rep-ms", "1",
+                          "--out", str(tmp_path / "k.csv")])  # fmt: skip
+    rc = common.run_benchmark("kernels", args, lambda a, w: bk.run(a, w, device="cpu"))
+    rows = common.read_csv(args.out)
+    checks = {int(r["M"]): r["status"] for r in rows if r["metric"] == "rel_err"}
+    timings = {int(r["M"]): r["status"] for r in rows if r["metric"] == "time_ms"}
+    assert set(checks) == set(timings) == {2, 5}
+    for m in (2, 5):
+        assert checks[m].startswith("wrong") == (m == wrong_at) and timings[m] == checks[m]
+    assert rc == (0 if wrong_at is None else 1)

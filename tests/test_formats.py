@@ -121,7 +121,10 @@ def test_bits_per_param_nf4_double_quant():
 
 
 # ---------------------------------------------------------------------------------- NF4 vs bnb
-bnbf = pytest.importorskip("bitsandbytes.functional")
+def bnbf():
+    """``bitsandbytes.functional``, imported by each test that uses it: without bitsandbytes those
+    tests skip alone, and the rest of this file (the INT formats included) still runs."""
+    return pytest.importorskip("bitsandbytes.functional")
 
 
 @pytest.mark.parametrize("shape", [(64, 128), (7, 9), (33, 65), (300, 96)])
@@ -129,7 +132,7 @@ bnbf = pytest.importorskip("bitsandbytes.functional")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_nf4_byte_for_byte_with_bitsandbytes(shape, blocksize, dtype):
     w = (torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape) + blocksize)) * 0.05).to(dtype)
-    packed, state = bnbf.quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=True)
+    packed, state = bnbf().quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=True)
     qw = qlk.quantize(w, fmt="nf4", group_size=blocksize, double_quant=True)
     assert torch.equal(qw.qweight, packed.reshape(-1))
     assert torch.equal(qw.absmax, state.absmax)
@@ -145,12 +148,12 @@ def bnb_dequantize_4bit(packed, state):
     own flat-block implementation, the one its CPU backend falls back on for odd shapes."""
     n, k = state.shape
     if k % 2 == 1 or k % state.blocksize == 0:
-        out = bnbf.dequantize_4bit(packed, state)
+        out = bnbf().dequantize_4bit(packed, state)
     else:
         from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
         from bitsandbytes.backends.utils import _get_4bit_code
 
-        absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset
+        absmax = bnbf().dequantize_blockwise(state.absmax, state.state2) + state.offset
         code = _get_4bit_code("nf4", packed.device)
         out = _dequantize_4bit_compute(packed.reshape(-1), absmax, code, state.blocksize, state.shape, state.dtype)
     assert out.dtype == state.dtype
@@ -160,41 +163,41 @@ def bnb_dequantize_4bit(packed, state):
 @pytest.mark.parametrize("shape", [(48, 64), (5, 13)])
 def test_nf4_without_double_quant_matches_bitsandbytes(shape):
     w = torch.randn(*shape)
-    packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=False)
+    packed, state = bnbf().quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=False)
     qw = qlk.quantize(w, fmt="nf4", group_size=64, double_quant=False)
     assert torch.equal(qw.qweight, packed.reshape(-1)) and torch.equal(qw.absmax, state.absmax)
-    assert torch.equal(qw.dequantize(), bnbf.dequantize_4bit(packed, state))
+    assert torch.equal(qw.dequantize(), bnbf().dequantize_4bit(packed, state))
 
 
 def test_nf4_exact_midpoint_takes_lower_code():
     mid = (NF4_TABLE[8] + NF4_TABLE[9]) / 2
     w = torch.tensor([[1.0, mid, -1.0, 0.0] + [0.0] * 60])
     qw = qlk.quantize(w, fmt="nf4", group_size=64, double_quant=False)
-    packed, _ = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    packed, _ = bnbf().quantize_4bit(w, blocksize=64, quant_type="nf4")
     assert torch.equal(qw.qweight, packed.reshape(-1))
 
 
 def test_from_bnb_linear4bit_state_dict_and_back():
-    import bitsandbytes as bnb
+    bnb = pytest.importorskip("bitsandbytes")
 
     lin = torch.nn.Linear(128, 48, bias=False)
     q = bnb.nn.Linear4bit(128, 48, bias=False, quant_type="nf4", compress_statistics=True, compute_dtype=torch.float32)
     q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type="nf4", compress_statistics=True)
-    q.weight.data, q.weight.quant_state = bnbf.quantize_4bit(lin.weight.data, quant_type="nf4", compress_statistics=True)
+    q.weight.data, q.weight.quant_state = bnbf().quantize_4bit(lin.weight.data, quant_type="nf4", compress_statistics=True)
     sd = q.state_dict()
     qw = qlk.from_bnb_state_dict(sd)
-    ref = bnbf.dequantize_4bit(q.weight.data, q.weight.quant_state)
+    ref = bnbf().dequantize_4bit(q.weight.data, q.weight.quant_state)
     assert torch.equal(qw.dequantize(torch.float32), ref.float())
     qw2 = qlk.from_bnb(q.weight.data, q.weight.quant_state)
     assert torch.equal(qw2.qweight, qw.qweight) and torch.equal(qw2.absmax, qw.absmax)
     # export: bitsandbytes reads qlk's state dict back
     out = qlk.to_bnb_state_dict(qw)
-    state = bnbf.QuantState.from_dict({k[len("weight.") :]: v for k, v in out.items() if k != "weight"}, "cpu")
-    assert torch.equal(bnbf.dequantize_4bit(out["weight"], state), ref)
+    state = bnbf().QuantState.from_dict({k[len("weight.") :]: v for k, v in out.items() if k != "weight"}, "cpu")
+    assert torch.equal(bnbf().dequantize_4bit(out["weight"], state), ref)
 
 
 def test_from_bnb_refuses_fp4():
-    packed, state = bnbf.quantize_4bit(torch.randn(16, 64), quant_type="fp4")
+    packed, state = bnbf().quantize_4bit(torch.randn(16, 64), quant_type="fp4")
     with pytest.raises(ValueError, match="nf4"):
         qlk.from_bnb(packed, state)
 

@@ -10,15 +10,15 @@ Kernels (one launcher picks by shape, ``path=`` forces one):
 ``_quant_matmul_fwd_kernel``  large M (training; compute-bound). Each program computes the
     transposed tile Yᵀ[n0:n0+BN, m0:m0+BM] = Ŵ[BN, K]·Xᵀ[K, BM]: the weight is the A operand of the
     MMA, so on Hopper the dequantized tile goes from registers straight into wgmma (which reads B
-    only from shared memory; a dequantized B would make a round trip through it). ``W_AS_A=False``
-    is the conventional Y = X·Ŵᵀ tile, kept for the measurements in docs/kernels.md.
+    only from shared memory; a dequantized B would make a round trip through it; the measurements
+    of that weight-as-B variant, since removed, are in docs/kernels.md).
 ``_quant_matmul_splitk_kernel``  small M (decode, M <= ``SPLITK_MAX_M``; memory-bound). The K
     loop is split over a second grid axis so that ≈ 16 CTAs per SM stream the weight; partial sums
     are added with fp32 atomics (default; order-dependent rounding, i.e. not bit-reproducible
     run to run) or, with ``deterministic=True``, written to a workspace [SPLIT, M, N] and summed in a
     fixed order.
 ``_quant_matmul_grad_input_kernel``  dX = dY·Ŵ, tile dXᵀ[k0:k0+BK, m0:m0+BM] = Ŵᵀ[BK, N]·dYᵀ[N, BM]
-    (``W_AS_A``) or dX[BM, BK] = dY[BM, N]·Ŵ[N, BK]; the reduction runs over N.
+    (Ŵᵀ as the A operand again); the reduction runs over N.
 ``_quant_matmul_grad_input_splitn_kernel``  dX at small M (M <= ``SPLITN_MAX_M``): the reduction over
     N is split over a second grid axis (≈ 16 CTAs per SM), partials added with fp32 atomics or,
     ``deterministic=True``, through a workspace [SPLIT, M, K] summed in a fixed order.
@@ -90,41 +90,29 @@ def _pool_tile(p_ptr, xt, p_run, offs_m, k0, M, K, stride_pm,
 def _fwd_loop(x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
               stride_qn, stride_sn, stride_sg, rows_w, offs_m, M, K, stride_xk, stride_pm,
               BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-              W_AS_A: tl.constexpr, DOT_PRECISION: tl.constexpr, POOL: tl.constexpr, EVEN_K: tl.constexpr,
+              DOT_PRECISION: tl.constexpr, POOL: tl.constexpr, EVEN_K: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The forward GEMM's K loop: acc = Ŵ[rows_w, :]·Xᵀ ([BLOCK_N, BLOCK_M] if W_AS_A, else its
-    transpose), plus P(X) of rows offs_m when POOL."""
-    if W_AS_A:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    """The forward GEMM's K loop: acc = Ŵ[rows_w, :]·Xᵀ [BLOCK_N, BLOCK_M], plus P(X) of rows
+    offs_m when POOL."""
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     p_run = tl.zeros((BLOCK_M,), dtype=tl.float32)  # POOL, GROUP_SIZE > BLOCK_K: running group sum
     for k0 in range(0, K, BLOCK_K):
         w = _dequant_tile(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
                           stride_qn, stride_sn, stride_sg, rows_w, k0, K,
                           BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K)
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        if W_AS_A:
-            xt_ptrs = x_rows[None, :] + offs_k[:, None] * stride_xk
-            if EVEN_K:
-                xt = tl.load(xt_ptrs)
-            else:
-                xt = tl.load(xt_ptrs, mask=offs_k[:, None] < K, other=0.0)
-            acc = tl.dot(w.to(xt.dtype), xt, acc, input_precision=DOT_PRECISION)
+        xt_ptrs = x_rows[None, :] + offs_k[:, None] * stride_xk
+        if EVEN_K:
+            xt = tl.load(xt_ptrs)
         else:
-            x_ptrs = x_rows[:, None] + offs_k[None, :] * stride_xk
-            if EVEN_K:
-                x = tl.load(x_ptrs)
-            else:
-                x = tl.load(x_ptrs, mask=offs_k[None, :] < K, other=0.0)
-            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=DOT_PRECISION)
-            xt = tl.trans(x)
+            xt = tl.load(xt_ptrs, mask=offs_k[:, None] < K, other=0.0)
+        acc = tl.dot(w.to(xt.dtype), xt, acc, input_precision=DOT_PRECISION)
         if POOL:
             p_run = _pool_tile(p_ptr, xt, p_run, offs_m, k0, M, K, stride_pm, GROUP_SIZE, BLOCK_M, BLOCK_K)
     return acc
 
 
-@triton.autotune(configs=gemm_configs(), key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "IS_NF4", "W_AS_A", "POOL"],
+@triton.autotune(configs=gemm_configs(), key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "IS_NF4", "POOL"],
                  prune_configs_by=PRUNE)
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
@@ -138,7 +126,7 @@ def _quant_matmul_fwd_kernel(
     M, N, K, M_BUCKET,
     stride_xm, stride_xk, stride_ym, stride_yn, stride_pm,
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, W_AS_A: tl.constexpr, DOT_PRECISION: tl.constexpr, POOL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, POOL: tl.constexpr,
     EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -159,15 +147,14 @@ def _quant_matmul_fwd_kernel(
         # other programs run stays exactly the plain kernel's
         acc = _fwd_loop(x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
                         stride_qn, stride_sn, stride_sg, rows_w, offs_m, M, K, stride_xk, stride_pm,
-                        BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, W_AS_A, DOT_PRECISION, True, EVEN_K,
+                        BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, True, EVEN_K,
                         BLOCK_N, BLOCK_M, BLOCK_K)
     else:
         acc = _fwd_loop(x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
                         stride_qn, stride_sn, stride_sg, rows_w, offs_m, M, K, stride_xk, stride_pm,
-                        BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, W_AS_A, DOT_PRECISION, False, EVEN_K,
+                        BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, False, EVEN_K,
                         BLOCK_N, BLOCK_M, BLOCK_K)
-    if W_AS_A:
-        acc = tl.trans(acc)
+    acc = tl.trans(acc)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
@@ -228,7 +215,7 @@ def _quant_matmul_splitk_kernel(
         tl.store(ws_ptr + pid_s.to(tl.int64) * M * N + offs, acc, mask=mask)
 
 
-@triton.autotune(configs=grad_configs(), key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "IS_NF4", "W_AS_A"],
+@triton.autotune(configs=grad_configs(), key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "IS_NF4"],
                  prune_configs_by=PRUNE)
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
@@ -240,38 +227,30 @@ def _quant_matmul_grad_input_kernel(
     M, N, K, M_BUCKET,
     stride_dym, stride_dyn, stride_dxm, stride_dxk,
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-    W_AS_A: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """dX[m, k] = Σ_n dY[m, n]·Ŵ[n, k], one [BLOCK_M, BLOCK_K] tile per program, N in BLOCK_N steps."""
+    """dX[m, k] = Σ_n dY[m, n]·Ŵ[n, k], one dXᵀ [BLOCK_K, BLOCK_M] tile per program, N in BLOCK_N steps."""
     pid_m, pid_k = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
     k0 = pid_k * BLOCK_K
     offs_k = k0 + tl.arange(0, BLOCK_K)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dy_rows = dy_ptr + tl.minimum(offs_m, M - 1).to(tl.int64) * stride_dym
-    if W_AS_A:
-        acc = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         # clamped weight rows are finite and meet dY columns masked to 0: they add exactly 0
         w = _dequant_tile(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
                           stride_qn, stride_sn, stride_sg, tl.minimum(offs_n, N - 1), k0, K,
                           BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K)
-        if W_AS_A:
-            dyt = tl.load(dy_rows[None, :] + offs_n[:, None] * stride_dyn, mask=offs_n[:, None] < N, other=0.0)
-            acc = tl.dot(tl.trans(w.to(dyt.dtype)), dyt, acc, input_precision=DOT_PRECISION)
-        else:
-            dy = tl.load(dy_rows[:, None] + offs_n[None, :] * stride_dyn, mask=offs_n[None, :] < N, other=0.0)
-            acc = tl.dot(dy, w.to(dy.dtype), acc, input_precision=DOT_PRECISION)
-    if W_AS_A:
-        acc = tl.trans(acc)
+        dyt = tl.load(dy_rows[None, :] + offs_n[:, None] * stride_dyn, mask=offs_n[:, None] < N, other=0.0)
+        acc = tl.dot(tl.trans(w.to(dyt.dtype)), dyt, acc, input_precision=DOT_PRECISION)
+    acc = tl.trans(acc)
     dx_ptrs = dx_ptr + offs_m[:, None].to(tl.int64) * stride_dxm + offs_k[None, :] * stride_dxk
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
 
 
-@triton.autotune(configs=splitn_configs(), key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "IS_NF4", "ATOMIC", "W_AS_A"],
+@triton.autotune(configs=splitn_configs(), key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "IS_NF4", "ATOMIC"],
                  prune_configs_by=PRUNE_SPLITN, reset_to_zero=["ws_ptr"])
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
@@ -283,7 +262,7 @@ def _quant_matmul_grad_input_splitn_kernel(
     M, N, K, M_BUCKET,
     stride_dym, stride_dyn,
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-    ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr, W_AS_A: tl.constexpr, EVEN_K: tl.constexpr,
+    ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Small-M input gradient, the reduction over N split across the grid: program (k, s, m) adds
@@ -306,15 +285,9 @@ def _quant_matmul_grad_input_splitn_kernel(
         w = _dequant_tile(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
                           stride_qn, stride_sn, stride_sg, tl.minimum(offs_n, N - 1), k0, K,
                           BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K)
-        if W_AS_A:
-            dyt = tl.load(dy_rows[None, :] + offs_n[:, None] * stride_dyn,
-                          mask=mask_m[None, :] & (offs_n[:, None] < N), other=0.0)
-            acc = tl.dot(tl.trans(w.to(dyt.dtype)), dyt, acc, input_precision=DOT_PRECISION)
-        else:
-            dy = tl.load(dy_rows[:, None] + offs_n[None, :] * stride_dyn,
-                         mask=mask_m[:, None] & (offs_n[None, :] < N), other=0.0)
-            acc2 = tl.dot(dy, w.to(dy.dtype), tl.trans(acc), input_precision=DOT_PRECISION)
-            acc = tl.trans(acc2)
+        dyt = tl.load(dy_rows[None, :] + offs_n[:, None] * stride_dyn,
+                      mask=mask_m[None, :] & (offs_n[:, None] < N), other=0.0)
+        acc = tl.dot(tl.trans(w.to(dyt.dtype)), dyt, acc, input_precision=DOT_PRECISION)
     mask = (offs_k[:, None] < K) & mask_m[None, :]
     offs = offs_m[None, :].to(tl.int64) * K + offs_k[:, None]
     if ATOMIC:
@@ -353,8 +326,8 @@ def _check_out(out, shape, dtype, device, what="out"):
 
 
 def quant_matmul_forward(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None,
-                         out: torch.Tensor | None = None, path: str = "auto", deterministic: bool = False,
-                         w_as_a: bool = True) -> torch.Tensor:
+                         out: torch.Tensor | None = None, path: str = "auto", deterministic: bool = False
+                         ) -> torch.Tensor:
     """Y = X·Ŵᵀ (+ bias): x [..., K] (fp16/bf16/fp32, any strides) -> y [..., N] in x's dtype.
 
     path: "auto" (split-K when M = x.numel()/K <= SPLITK_MAX_M, else the GEMM), "gemm", "splitk".
@@ -362,10 +335,10 @@ def quant_matmul_forward(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tenso
     out: optional preallocated [M, N] (2-D, any strides) output.
     Leading dims of x are flattened with ``reshape`` (a copy only if they cannot be merged); a
     permuted weight (act-order) gathers x's columns first (a contiguous copy)."""
-    return _forward(x, qw, bias, out, path, deterministic, w_as_a)[0]
+    return _forward(x, qw, bias, out, path, deterministic)[0]
 
 
-def _forward(x, qw, bias, out, path, deterministic, w_as_a, wargs=None, pool=False):
+def _forward(x, qw, bias, out, path, deterministic, wargs=None, pool=False):
     """(y [..., N], P(X) [M, G] fp32 or None). ``wargs``: weight_args(qw) with replaced tensors
     (QA-LoRA's folded biases); ``pool``: also compute P(X) over the stored column order."""
     n, k = qw.shape
@@ -383,7 +356,7 @@ def _forward(x, qw, bias, out, path, deterministic, w_as_a, wargs=None, pool=Fal
     if path not in ("auto", "gemm", "splitk"):
         raise ValueError(f"path={path!r}; allowed: 'auto', 'gemm', 'splitk'")
     g = qw.group_size
-    pooled = torch.empty((m, k // g), dtype=torch.float32, device=x.device) if pool else None
+    pooled = _pool_buffer((m, k // g), x.device) if pool else None
     if m == 0:
         return out.reshape(*lead, n), pooled
     args, meta = wargs if wargs is not None else weight_args(qw)
@@ -402,10 +375,23 @@ def _forward(x, qw, bias, out, path, deterministic, w_as_a, wargs=None, pool=Fal
         _quant_matmul_fwd_kernel[grid](
             out, x2, bias_arg, pooled if fused else args[3], *args, m, n, k, _bucket(m),
             x2.stride(0), x2.stride(1), out.stride(0), out.stride(1), pooled.stride(0) if fused else 0,
-            HAS_BIAS=bias is not None, W_AS_A=w_as_a, DOT_PRECISION=_precision(x.dtype), POOL=fused, **meta)
+            HAS_BIAS=bias is not None, DOT_PRECISION=_precision(x.dtype), POOL=fused, **meta)
     if pool and not fused:  # group size not a power of two (or larger than the split-K tile)
         torch.mean(x2.reshape(m, k // g, g), dim=-1, dtype=torch.float32, out=pooled)
     return out.reshape(*lead, n), pooled
+
+
+def _pool_buffer(shape, device) -> torch.Tensor:
+    """P(X) [M, G] fp32, every element written by the forward (tests poison it with NaN)."""
+    return torch.empty(shape, dtype=torch.float32, device=device)
+
+
+def _workspace(shape, device) -> torch.Tensor:
+    """The fp32 reduction workspace of split-K / split-N, zero-filled: [M, ·] is the atomics'
+    accumulator; [SPLIT, M, ·] must be zero only in the slices a smaller config's grid leaves
+    unwritten (autotuning). The tests replace this function to poison [SPLIT, M, ·] with NaN
+    (one config under the interpreter: every slice must then be written by the kernel)."""
+    return torch.zeros(shape, dtype=torch.float32, device=device)
 
 
 def _split_count(n, m, k, meta, sms, ctas_per_sm=16):
@@ -428,9 +414,9 @@ def _splitk_forward(x2, qw, bias, out, deterministic, args, meta, pooled=None):
     if deterministic:
         # one slice per split; the largest split any config can ask for
         max_split = max(_split_count(n, m, k, c.kwargs, sms) for c in _quant_matmul_splitk_kernel.configs)
-        ws = torch.zeros((max_split, m, n), dtype=torch.float32, device=x2.device)
+        ws = _workspace((max_split, m, n), x2.device)
     else:
-        ws = torch.zeros((m, n), dtype=torch.float32, device=x2.device)
+        ws = _workspace((m, n), x2.device)
     _quant_matmul_splitk_kernel[grid](
         ws, x2, pooled if pooled is not None else args[3], *args, m, n, k, _bucket(m), x2.stride(0), x2.stride(1),
         pooled.stride(0) if pooled is not None else 0,
@@ -442,17 +428,17 @@ def _splitk_forward(x2, qw, bias, out, deterministic, args, meta, pooled=None):
 
 
 def quant_matmul_grad_input(dy: torch.Tensor, qw: QuantizedWeight, out: torch.Tensor | None = None,
-                            w_as_a: bool = True, path: str = "auto", deterministic: bool = False) -> torch.Tensor:
+                            path: str = "auto", deterministic: bool = False) -> torch.Tensor:
     """dX = dY·Ŵ: dy [..., N] (fp16/bf16/fp32, any strides) -> dx [..., K] in dy's dtype.
 
     Reads the same packed weight as the forward. With act-order the result is scattered back to
     the original column order (a copy). out: optional preallocated [M, K] (2-D) output, only
     without act-order. path: "auto" (split-N when M <= SPLITN_MAX_M, else the GEMM), "gemm",
     "splitn"; deterministic: split-N sums partials in a fixed order (workspace) instead of atomics."""
-    return _grad_input(dy, qw, out, w_as_a, path, deterministic)
+    return _grad_input(dy, qw, out, path, deterministic)
 
 
-def _grad_input(dy, qw, out, w_as_a, path, deterministic, wargs=None):
+def _grad_input(dy, qw, out, path, deterministic, wargs=None):
     n, k = qw.shape
     lead = dy.shape[:-1]
     dy2 = _as_2d(dy, n, "dy")
@@ -468,7 +454,7 @@ def _grad_input(dy, qw, out, w_as_a, path, deterministic, wargs=None):
     if m > 0:
         args, meta = wargs if wargs is not None else weight_args(qw)
         if path == "splitn" or (path == "auto" and m <= SPLITN_MAX_M):
-            _splitn_grad_input(dy2, qw, out, deterministic, args, meta, w_as_a)
+            _splitn_grad_input(dy2, qw, out, deterministic, args, meta)
         else:
             def grid(meta_):
                 return (triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(k, meta_["BLOCK_K"]),)
@@ -476,13 +462,13 @@ def _grad_input(dy, qw, out, w_as_a, path, deterministic, wargs=None):
             _quant_matmul_grad_input_kernel[grid](
                 out, dy2, *args, m, n, k, _bucket(m),
                 dy2.stride(0), dy2.stride(1), out.stride(0), out.stride(1),
-                W_AS_A=w_as_a, DOT_PRECISION=_precision(dy.dtype), **meta)
+                DOT_PRECISION=_precision(dy.dtype), **meta)
     if qw.perm is not None:
         out = out.index_select(1, torch.argsort(qw.perm))
     return out.reshape(*lead, k)
 
 
-def _splitn_grad_input(dy2, qw, out, deterministic, args, meta, w_as_a=True):
+def _splitn_grad_input(dy2, qw, out, deterministic, args, meta):
     m, n = dy2.shape
     k = qw.shape[1]
     sms = num_sms(dy2.device)
@@ -496,10 +482,10 @@ def _splitn_grad_input(dy2, qw, out, deterministic, args, meta, w_as_a=True):
 
     if deterministic:
         max_split = max(split_of(c.kwargs) for c in _quant_matmul_grad_input_splitn_kernel.configs)
-        ws = torch.zeros((max_split, m, k), dtype=torch.float32, device=dy2.device)
+        ws = _workspace((max_split, m, k), dy2.device)
     else:
-        ws = torch.zeros((m, k), dtype=torch.float32, device=dy2.device)
+        ws = _workspace((m, k), dy2.device)
     _quant_matmul_grad_input_splitn_kernel[grid](
         ws, dy2, *args, m, n, k, _bucket(m), dy2.stride(0), dy2.stride(1),
-        ATOMIC=not deterministic, DOT_PRECISION=_precision(dy2.dtype), W_AS_A=w_as_a, **meta)
+        ATOMIC=not deterministic, DOT_PRECISION=_precision(dy2.dtype), **meta)
     out.copy_(ws.sum(0) if deterministic else ws)

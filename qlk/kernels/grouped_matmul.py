@@ -91,12 +91,12 @@ def _grouped_matmul_fwd_kernel(
             if POOL and pid_n == 0:
                 acc = _fwd_loop(x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
                                 stride_qn, stride_sn, stride_sg, rows_w, offs_m, row_end, K, stride_xk, stride_pm,
-                                BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, True, DOT_PRECISION, True, EVEN_K,
+                                BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, True, EVEN_K,
                                 BLOCK_N, BLOCK_M, BLOCK_K)
             else:
                 acc = _fwd_loop(x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
                                 stride_qn, stride_sn, stride_sg, rows_w, offs_m, row_end, K, stride_xk, stride_pm,
-                                BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, True, DOT_PRECISION, False, EVEN_K,
+                                BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, False, EVEN_K,
                                 BLOCK_N, BLOCK_M, BLOCK_K)
             acc = tl.trans(acc)
             if HAS_BIAS:

@@ -127,7 +127,7 @@ def qalora_forward(x: torch.Tensor, qw: QuantizedWeight, lora_a: torch.Tensor, l
             y = out.reshape(*lead, n)
         return y, pooled
     wargs = _folded_weight_args(qw, lora_a, lora_b, scaling)
-    y, pooled = _forward(x, qw, bias, out, path, deterministic, True, wargs=wargs, pool=True)
+    y, pooled = _forward(x, qw, bias, out, path, deterministic, wargs=wargs, pool=True)
     return y, pooled.reshape(*lead, g_count)
 
 
@@ -157,5 +157,5 @@ def qalora_grad_input(dy: torch.Tensor, qw: QuantizedWeight, lora_a: torch.Tenso
             dx = out
         return dx.reshape(*lead, k), v.reshape(*lead, v.shape[-1])
     wargs = _folded_weight_args(qw, lora_a, lora_b, scaling)
-    dx = _grad_input(dy, qw, out, True, path, deterministic, wargs=wargs)
+    dx = _grad_input(dy, qw, out, path, deterministic, wargs=wargs)
     return dx, v.reshape(*lead, v.shape[-1])

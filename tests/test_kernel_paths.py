@@ -1,0 +1,328 @@
+"""Every kernel path at shapes where it is not degenerate, against independent float64 oracles.
+
+tests/test_kernels.py runs each kernel at shapes where the paths real layers take collapse: one
+tile per split slice, one nested absmax block, no partial packed word, one group per row. Here
+(the interpreter's tiles are BLOCK_N = 32, BLOCK_M = 64 (GEMMs) / 16 (split), BLOCK_K = 64):
+
+* **several tiles per split slice.** The split rule (``fused_matmul._split_count``: about 16 CTAs
+  per SM, at most one slice per tile) is told the smallest SM count that still splits (1 or 2), so
+  every slice adds 2..6 tiles, and some trailing slices are empty (N = 72: 3 N tiles, K = 480..784:
+  8..13 K tiles; :func:`use_split` asserts it). Both reductions: fp32 atomics (M = 5) and the
+  deterministic workspace (M = 17, two M tiles).
+* **every output and workspace poisoned with NaN**: ``out=`` tensors, the deterministic workspace
+  [SPLIT, M, ·] and the P(X) buffer (through the launchers' ``_workspace`` / ``_pool_buffer``),
+  so work a program skips reads back as NaN, not as a plausible 0.
+* **NF4 double quant with > 256 blocks**: 72 rows × 9 or 15 blocks = 648 / 1080 blocks, nested
+  indices 0..4, rows straddling two nested blocks; rows of different magnitude so every nested
+  scale differs.
+  The NF4 weights are quantized by bitsandbytes itself and checked against its ``dequantize_4bit``.
+* **groups**: g = 8 .. 256 with ≥ 2 groups per row, g < BLOCK_K (several groups per tile),
+  g = BLOCK_K, g > BLOCK_K (one group over 2 and 4 tiles), g not a power of two (48, 96); each
+  group has its own magnitude and offset, so reading a neighbour's scale or bias is a large error.
+* **partial packed words**: INT3 with K = 528, 784 (K mod 32 = 16: the last 3-word chunk is half
+  used) and INT2 with K = 520 (K mod 16 = 8), which also leave a ragged last K tile.
+* **QA-LoRA**: Y, P(X), dX, V through the fused kernels on each path, and dA, dB through the autograd
+  function, against the paper's formula (tests/oracles.py), not against qlk.reference.
+
+The oracles (tests/oracles.py) read the codes bit by bit from the documented layouts.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+import oracles
+import qlk
+from qlk import reference
+from qlk.autograd.qalora import qalora_linear
+from qlk.kernels import dequantize_forward, qalora_forward, qalora_grad_input, quant_matmul_backward, quant_matmul_forward
+from qlk.kernels import fused_matmul as fm
+
+CUDA = torch.cuda.is_available()
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+pytestmark = pytest.mark.skipif(not (CUDA or INTERPRETED), reason="needs CUDA or TRITON_INTERPRET=1")
+DEVICE = "cuda" if CUDA and not INTERPRETED else "cpu"
+N = 72  # 2 full N tiles of 32 and a ragged one of 8
+TOL = 1e-5  # fp32 activations, exact fp32 products (ieee)
+SIGMA = 1.5
+
+# (bits, group_size, in_features): see the module docstring for what each one reaches
+INT_CASES = [
+    (4, 32, 512), (4, 128, 512), (3, 256, 512), (2, 64, 512), (4, 96, 576),
+    (3, 48, 528), (3, 16, 784), (2, 8, 520),
+]  # fmt: skip
+# (blocksize, double_quant, in_features)
+NF4_CASES = [(64, True, 576), (128, False, 512), (32, True, 480)]
+
+
+def int_id(c):
+    return f"int{c[0]}g{c[1]}k{c[2]}"
+
+
+def nf4_id(c):
+    return f"nf4b{c[0]}{'dq' if c[1] else ''}k{c[2]}"
+
+
+# --------------------------------------------------------------------------------- fixtures
+@pytest.fixture(autouse=True)
+def real_paths(monkeypatch):
+    """Few SMs for the split rule, NaN in every buffer a kernel must overwrite. The deterministic
+    workspace is poisoned only where one config runs (the interpreter): with several autotuned
+    configs a smaller config's grid legitimately leaves the last slices to the zero fill."""
+    monkeypatch.setattr(fm, "num_sms", lambda device: _SMS[0])
+
+    def workspace(shape, device):
+        if len(shape) == 3 and INTERPRETED:
+            return torch.full(shape, float("nan"), dtype=torch.float32, device=device)
+        return torch.zeros(shape, dtype=torch.float32, device=device)  # the atomics' accumulator
+
+    monkeypatch.setattr(fm, "_workspace", workspace)
+    monkeypatch.setattr(fm, "_pool_buffer", lambda shape, device: torch.full(shape, float("nan"), device=device))
+
+
+def nan(*shape):
+    return torch.full(shape, float("nan"), dtype=torch.float32, device=DEVICE)
+
+
+def randn(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+
+
+def grouped_weight(n, k, g, seed):
+    """W whose groups differ in magnitude (×0.1 .. ×10) and offset, rows too: reading the wrong
+    group's scale or bias, or the wrong row's, changes the result by tens of percent."""
+    gen = torch.Generator().manual_seed(seed)
+    groups = k // g
+    mag = torch.exp(torch.randn(n, groups, 1, generator=gen) * 1.2)
+    offset = torch.randn(n, groups, 1, generator=gen) * 2.0
+    w = torch.randn(n, groups, g, generator=gen) * mag + offset
+    return w.reshape(n, k)
+
+
+_INT, _NF4 = {}, {}
+
+
+def int_weight(bits, g, k):
+    """(qw on DEVICE, float64 oracle Ŵ from the documented layout)."""
+    key = (bits, g, k)
+    if key not in _INT:
+        qw = qlk.quantize(grouped_weight(N, k, g, seed=bits * 1000 + g + k), bits=bits, group_size=g)
+        _INT[key] = (qw.to(DEVICE), oracles.int_dequant64(qw))
+    return _INT[key]
+
+
+def nf4_weight(block, dq, k):
+    """(qw imported from bitsandbytes on DEVICE, float64 Ŵ by bitsandbytes' own dequantize_4bit);
+    rows 2 decades apart so the nested (per 256 blocks) absmax scales all differ."""
+    pytest.importorskip("bitsandbytes")
+    key = (block, dq, k)
+    if key not in _NF4:
+        gen = torch.Generator().manual_seed(block + k)
+        w = torch.randn(N, k, generator=gen) * torch.logspace(-1, 1, N)[torch.randperm(N, generator=gen)][:, None]
+        qw, ref = oracles.bnb_weight(w, blocksize=block, double_quant=dq)
+        _NF4[key] = (qw.to(DEVICE), ref)
+    return _NF4[key]
+
+
+_SMS = [132]  # what the patched num_sms answers
+
+
+def use_split(kind, m, n, k):
+    """Tell the split rule the smallest SM count at which ``kind`` ("splitk" / "splitn") still
+    splits, and check (one config: the interpreter) that its slices then hold >= 2 tiles each.
+    The rule as documented: split = min(tiles, ⌈16·SMs / base grid⌉)."""
+    if kind == "gemm":
+        return
+    kern = fm._quant_matmul_splitk_kernel if kind == "splitk" else fm._quant_matmul_grad_input_splitn_kernel
+    c = kern.configs[0].kwargs
+    if kind == "splitk":
+        tiles, base = math.ceil(k / c["BLOCK_K"]), math.ceil(n / c["BLOCK_N"]) * math.ceil(m / c["BLOCK_M"])
+    else:
+        tiles, base = math.ceil(n / c["BLOCK_N"]), math.ceil(k / c["BLOCK_K"]) * math.ceil(m / c["BLOCK_M"])
+    for sms in range(1, 65):
+        split = max(1, min(tiles, math.ceil(16 * sms / base)))
+        if split >= 2:
+            break
+    _SMS[0] = sms
+    if INTERPRETED:
+        assert math.ceil(tiles / split) >= 2, (kind, m, n, k, sms, split, tiles)
+
+
+def check_base(qw, w64, m, fwd_path, grad_path, deterministic):
+    n, k = qw.shape
+    x, dy = randn(m, k, seed=m + k), randn(m, n, seed=m + n + 1)
+    bias = randn(n, seed=7)
+    use_split(fwd_path, m, n, k)
+    y = quant_matmul_forward(x, qw, bias, out=nan(m, n), path=fwd_path, deterministic=deterministic)
+    assert oracles.rel_err(y, x.cpu().double() @ w64.t() + bias.cpu().double()) < TOL
+    use_split(grad_path, m, n, k)
+    dx = quant_matmul_backward(dy, qw, out=nan(m, k), path=grad_path, deterministic=deterministic)
+    assert oracles.rel_err(dx, dy.cpu().double() @ w64) < TOL
+
+
+PATHS = [  # (M, forward path, input-gradient path, deterministic)
+    pytest.param(40, "gemm", "gemm", False, id="gemm-M40"),
+    pytest.param(5, "splitk", "splitn", False, id="split-atomic-M5"),
+    pytest.param(17, "splitk", "splitn", True, id="split-det-M17"),
+]
+
+
+# --------------------------------------------------------------------------------- oracles
+@pytest.mark.parametrize("case", INT_CASES, ids=int_id)
+def test_int_oracle_agrees_with_qlk_dequantize(case):
+    """The bit-level oracle and qlk's own unpacker agree (a format bug shows up here and in every
+    kernel test below, whichever side it is on)."""
+    qw, w64 = int_weight(*case)
+    assert torch.equal(w64, qw.cpu().dequantize(torch.float64))
+
+
+@pytest.mark.parametrize("case", NF4_CASES, ids=nf4_id)
+def test_nf4_oracle_agrees_with_bitsandbytes(case):
+    """The NF4 bit-level oracle on the imported bytes equals bitsandbytes' dequantize_4bit (fp32
+    rounding apart), and qlk's dequantize equals it bit for bit."""
+    qw, ref = nf4_weight(*case)
+    assert oracles.rel_err(oracles.nf4_dequant64(qw), ref) < 1e-6  # bnb de-nests absmax in fp32
+    assert torch.equal(qw.cpu().dequantize(torch.float32).double(), ref)
+    if case[1]:
+        assert qw.absmax.numel() > 256 and qw.absmax_scale.numel() >= 3
+        assert qw.absmax_scale.unique().numel() == qw.absmax_scale.numel()
+
+
+# --------------------------------------------------------------------------------- base kernels
+@pytest.mark.parametrize("m,fwd_path,grad_path,det", PATHS)
+@pytest.mark.parametrize("case", INT_CASES, ids=int_id)
+def test_int_paths(case, m, fwd_path, grad_path, det):
+    qw, w64 = int_weight(*case)
+    check_base(qw, w64, m, fwd_path, grad_path, det)
+
+
+@pytest.mark.parametrize("m,fwd_path,grad_path,det", PATHS)
+@pytest.mark.parametrize("case", NF4_CASES, ids=nf4_id)
+def test_nf4_paths(case, m, fwd_path, grad_path, det):
+    qw, ref = nf4_weight(*case)
+    check_base(qw, ref, m, fwd_path, grad_path, det)
+
+
+@pytest.mark.parametrize("case", INT_CASES, ids=int_id)
+def test_int_dequant(case):
+    qw, w64 = int_weight(*case)
+    out = dequantize_forward(qw, torch.float32, out=nan(*qw.shape))
+    assert oracles.rel_err(out, w64) < 1e-6
+
+
+@pytest.mark.parametrize("case", NF4_CASES, ids=nf4_id)
+def test_nf4_dequant(case):
+    qw, ref = nf4_weight(*case)
+    out = dequantize_forward(qw, torch.float32, out=nan(*qw.shape))
+    assert torch.equal(out.cpu().double(), ref)
+
+
+# --------------------------------------------------------------------------------- QA-LoRA
+RANK = 4
+
+
+def adapter(qw, w64, seed):
+    """A, B with the adapter term as large as the base term on a probe X (so a dropped, mis-scaled
+    or misplaced adapter is a large error)."""
+    n, k = qw.shape
+    g = qw.group_size
+    a = randn(RANK, k // g, seed=seed).cpu()
+    b = randn(n, RANK, seed=seed + 1).cpu()
+    probe = torch.randn(8, k, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    y, _ = oracles.qalora_forward64(probe, torch.zeros_like(w64), a, b, SIGMA, g)
+    b = b * float((probe @ w64.t()).norm() / y.norm())
+    return a.to(DEVICE), b.to(DEVICE)
+
+
+QALORA_CASES = [(4, 32, 512), (4, 128, 512), (3, 256, 512), (3, 48, 528), (2, 8, 520)]
+
+
+@pytest.mark.parametrize("m,fwd_path,grad_path,det", PATHS)
+@pytest.mark.parametrize("case", QALORA_CASES, ids=int_id)
+def test_qalora_paths(case, m, fwd_path, grad_path, det):
+    """Y, P(X), dX and V of the fused QA-LoRA kernels against the paper's formula."""
+    qw, w64 = int_weight(*case)
+    n, k = qw.shape
+    g = qw.group_size
+    a, b = adapter(qw, w64, seed=k + g)
+    x, dy = randn(m, k, seed=m + 3), randn(m, n, seed=m + 4)
+    bias = randn(n, seed=9)
+    y_ref, p_ref = oracles.qalora_forward64(x.cpu(), w64, a.cpu(), b.cpu(), SIGMA, g, bias.cpu())
+    assert oracles.rel_err(x.cpu().double() @ w64.t(), y_ref) > 0.3, "the adapter term is too small to test"
+    use_split(fwd_path, m, n, k)
+    y, p = qalora_forward(x, qw, a, b, SIGMA, bias, out=nan(m, n), path=fwd_path, deterministic=det)
+    assert oracles.rel_err(p, p_ref) < 1e-6
+    assert oracles.rel_err(y, y_ref) < TOL
+    dx_ref, _, _ = oracles.qalora_backward64(x.cpu(), dy.cpu(), w64, a.cpu(), b.cpu(), SIGMA, g)
+    assert oracles.rel_err(dy.cpu().double() @ w64, dx_ref) > 0.05, "the adapter term of dX is too small to test"
+    use_split(grad_path, m, n, k)
+    dx, v = qalora_grad_input(dy, qw, a, b, SIGMA, out=nan(m, k), path=grad_path, deterministic=det)
+    assert oracles.rel_err(dx, dx_ref) < TOL
+    assert oracles.rel_err(v, dy.cpu().double() @ b.cpu().double()) < 1e-6
+
+
+@pytest.mark.parametrize("m", [5, 40])
+@pytest.mark.parametrize("case", [(4, 32, 512), (3, 256, 512), (2, 8, 520)], ids=int_id)
+def test_qalora_autograd_grads(case, m):
+    """dX, dA, dB of the autograd function on the Triton backend (fused kernels; M = 5 split, 40 GEMM)."""
+    qw, w64 = int_weight(*case)
+    n, k = qw.shape
+    g = qw.group_size
+    a0, b0 = adapter(qw, w64, seed=k + 2 * g)
+    use_split("splitk" if m <= fm.SPLITK_MAX_M else "gemm", m, n, k)
+    x = randn(m, k, seed=m + 5).requires_grad_(True)
+    a, b = a0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
+    dy = randn(m, n, seed=m + 6)
+    with qlk.use_backend("triton"):
+        y = qalora_linear(x, qw, a, b, SIGMA)
+        y.backward(dy)
+    y_ref, _ = oracles.qalora_forward64(x.detach().cpu(), w64, a0.cpu(), b0.cpu(), SIGMA, g)
+    dx_ref, da_ref, db_ref = oracles.qalora_backward64(x.detach().cpu(), dy.cpu(), w64, a0.cpu(), b0.cpu(), SIGMA, g)
+    assert oracles.rel_err(y, y_ref) < TOL
+    assert oracles.rel_err(x.grad, dx_ref) < TOL
+    assert oracles.rel_err(a.grad, da_ref) < TOL
+    assert oracles.rel_err(b.grad, db_ref) < TOL
+
+
+@pytest.mark.parametrize("case", [(4, 128, 512), (2, 8, 520)], ids=int_id)
+def test_qalora_merge_equals_adapter(case):
+    """Merging the adapter into the INT biases (fp32 scales/biases: no fp16 rounding of the merge)
+    gives the unmerged layer's output: the merged model is Ŵ' = s·(q − m) + c', c' = c + (σ/g)·B·A."""
+    bits, g, k = case
+    qw = qlk.quantize(grouped_weight(N, k, g, seed=11), bits=bits, group_size=g, scale_dtype=torch.float32)
+    a, b = adapter(qw, oracles.int_dequant64(qw), seed=12)
+    a, b = a.cpu(), b.cpu()
+    merged = reference.qalora_merge(qw, a, b, SIGMA)
+    assert torch.equal(merged.qweight, qw.qweight) and torch.equal(merged.scales, qw.scales)
+    x = randn(9, k, seed=13).cpu()
+    y_ref, _ = oracles.qalora_forward64(x, oracles.int_dequant64(qw), a, b, SIGMA, g)
+    assert oracles.rel_err(x.double() @ oracles.int_dequant64(merged).t(), y_ref) < 1e-6
+
+
+@pytest.mark.parametrize("case", [(4, 128, 512), (3, 48, 528)], ids=int_id)
+def test_reference_qalora_against_the_paper(case):
+    """qlk.reference (the CPU fallback and the other tests' oracle) against the paper's formula,
+    and the autograd function on the reference backend (the unfused path) for dX, dA, dB."""
+    qw, w64 = int_weight(*case)
+    qw = qw.cpu()
+    n, k = qw.shape
+    g = qw.group_size
+    a, b = (t.cpu().double() for t in adapter(qw, w64, seed=21))
+    x = torch.randn(7, k, generator=torch.Generator().manual_seed(22), dtype=torch.float64)
+    dy = torch.randn(7, n, generator=torch.Generator().manual_seed(23), dtype=torch.float64)
+    y_ref, p_ref = oracles.qalora_forward64(x, w64, a, b, SIGMA, g)
+    dx_ref, da_ref, db_ref = oracles.qalora_backward64(x, dy, w64, a, b, SIGMA, g)
+    assert oracles.rel_err(reference.qalora_forward(x, qw, a, b, SIGMA), y_ref) < 1e-12
+    assert oracles.rel_err(reference.pool_groups(x, g), p_ref) < 1e-12
+    dx, da, db = reference.qalora_backward(dy, p_ref, qw, a, b, SIGMA)
+    assert oracles.rel_err(dx, dx_ref) < 1e-12 and oracles.rel_err(da, da_ref) < 1e-12
+    assert oracles.rel_err(db, db_ref) < 1e-12
+    xf, af, bf = (t.float().requires_grad_(True) for t in (x, a, b))
+    with qlk.use_backend("reference"):
+        y = qalora_linear(xf, qw, af, bf, SIGMA)
+        y.backward(dy.float())
+    assert oracles.rel_err(y, y_ref) < TOL and oracles.rel_err(xf.grad, dx_ref) < TOL
+    assert oracles.rel_err(af.grad, da_ref) < TOL and oracles.rel_err(bf.grad, db_ref) < TOL
