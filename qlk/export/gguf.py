@@ -38,6 +38,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -80,6 +81,8 @@ class TensorExport:
     shape: tuple
     max_abs_error: float = 0.0
     note: str = ""
+    max_error_in_steps: float = float("nan")
+    nbytes: int = 0
 
 
 @dataclass
@@ -148,8 +151,9 @@ def _best_code_shift(q: torch.Tensor, s: torch.Tensor, c: torch.Tensor, mid: int
 def int_to_q4_1(qw: QuantizedWeight):
     """Q4_1 blocks for an INT2/3/4 weight, or None when no Q4_1 tensor holds it (see module doc).
 
-    Returns (blocks uint8 [out, in/32·20], max_abs_error) where the error is the exact largest
-    |(d·q + min) − (s·(q − m) + c)| over the weight, evaluated in float64.
+    Returns (blocks uint8 [out, in/32·20], max_abs_error, max_error_in_steps): the exact largest
+    |(d·q' + min) − (s·(q − m) + c)| over the weight, evaluated in float64, and the largest ratio of
+    a block's error to its step s.
     """
     if qw.fmt != "int":
         return None
@@ -175,16 +179,20 @@ def int_to_q4_1(qw: QuantizedWeight):
         return None
     q = (q.to(torch.int16) + shift.to(torch.int16)[..., None]).to(torch.uint8)
     # exact error per weight: (d16 − s)·q' + (min16 − (c − (m + t)·s)), in row chunks to bound the temporary
-    err = 0.0
+    err = steps = 0.0
     for r0 in range(0, n, 1024):
         sl = slice(r0, r0 + 1024)
         m_exact = c_blk[sl] - (mid + shift[sl].double()) * s_blk[sl]
-        e = (d16[sl].double() - s_blk[sl])[..., None] * q[sl].double() + (m16[sl].double() - m_exact)[..., None]
-        err = max(err, float(e.abs().max()))
+        e = ((d16[sl].double() - s_blk[sl])[..., None] * q[sl].double() + (m16[sl].double() - m_exact)[..., None]).abs()
+        err = max(err, float(e.max()))
+        block_err = e.amax(-1)
+        live = s_blk[sl] > 0
+        if bool(live.any()):
+            steps = max(steps, float((block_err[live] / s_blk[sl][live]).max()))
     qs = q[..., :16] | (q[..., 16:] << 4)  # byte j: code j in the low nibble, code j + 16 in the high one
     blocks = torch.cat([d16.contiguous().view(torch.uint8).view(n, nb, 2),
                         m16.contiguous().view(torch.uint8).view(n, nb, 2), qs], dim=-1)  # fmt: skip
-    return blocks.reshape(n, nb * Q4_1_BYTES).cpu().numpy(), err
+    return blocks.reshape(n, nb * Q4_1_BYTES).cpu().numpy(), err, steps
 
 
 def _encode_float(w: torch.Tensor, kind: str):
@@ -208,15 +216,23 @@ def _encode_float(w: torch.Tensor, kind: str):
     raise ValueError(f"kind={kind!r}; allowed: {FLOAT_TYPES + ('q8_0',)}")
 
 
-def encode_quantized(qw: QuantizedWeight, fallback: str = "error", what: str = "weight"):
-    """(array, ggml type name, max_abs_error vs qw.dequantize(), note) for one qlk weight."""
+class Encoded(NamedTuple):
+    array: np.ndarray
+    ggml_type: str
+    max_abs_error: float  # against qlk's dequantized ŵ
+    note: str = ""
+    max_error_in_steps: float = float("nan")  # Q4_1: error over the block's quantization step s
+
+
+def encode_quantized(qw: QuantizedWeight, fallback: str = "error", what: str = "weight") -> Encoded:
+    """One qlk weight as GGUF data (:class:`Encoded`): Q4_1 when exact, else ``fallback``."""
     if fallback not in FALLBACKS:
         raise ValueError(f"fallback={fallback!r}; allowed: {', '.join(map(repr, FALLBACKS))}")
     exact = int_to_q4_1(qw)
     if exact is not None:
-        blocks, err = exact
+        blocks, err, steps = exact
         note = "" if qw.bits == 4 else f"INT{qw.bits} codes in Q4_1 (5.0 bits/weight)"
-        return blocks, "Q4_1", err, note
+        return Encoded(blocks, "Q4_1", err, note, steps)
     why = _no_exact_type_reason(qw)
     if fallback == "error":
         raise GGUFExportError(
@@ -225,7 +241,7 @@ def encode_quantized(qw: QuantizedWeight, fallback: str = "error", what: str = "
             f"(CLI: --fallback f16), or re-quantize with a group size that is a multiple of 32"
         )
     arr, ggml_type, err = _encode_float(qw.dequantize(torch.float32), fallback)
-    return arr, ggml_type, err, f"fallback: {why}"
+    return Encoded(arr, ggml_type, err, f"fallback: {why}")
 
 
 def _no_exact_type_reason(qw: QuantizedWeight) -> str:
@@ -443,19 +459,20 @@ def write_gguf(
                     "as qlk finetune does) and export the merged model"
                 )
             qw = module.qweight
-            arr, ggml_type, err, note = encode_quantized(qw, fallback, what=f"layer '{mod_name}'")
+            arr, ggml_type, err, note, steps = encode_quantized(qw, fallback, what=f"layer '{mod_name}'")
             source = f"{qw.fmt}{qw.bits} g{qw.group_size}" + (" act-order" if qw.perm is not None else "")
             for p in module.parameters():
                 done.add(id(p))
             linear_types.append(ggml_type)
         elif isinstance(module, (nn.Linear, nn.Embedding)):
             arr, ggml_type, err = _encode_float(module.weight, float_type)
-            note, source = "", "dense" if isinstance(module, nn.Linear) else "embedding"
+            note, steps, source = "", float("nan"), "dense" if isinstance(module, nn.Linear) else "embedding"
             if isinstance(module, nn.Linear):
                 linear_types.append(ggml_type)
             done.add(id(module.weight))
         elif getattr(module, "weight", None) is not None and module.weight.dim() == 1:  # RMSNorm
             arr, ggml_type, err, note, source = module.weight.detach().float().cpu().numpy(), "F32", 0.0, "", "norm"
+            steps = float("nan")
             done.add(id(module.weight))
         else:
             raise GGUFExportError(f"module '{mod_name}' ({type(module).__name__}) has no GGUF encoding in qlk")
@@ -463,15 +480,15 @@ def write_gguf(
             arr = arr[rope_row_order(arr.shape[0], rope_heads).numpy()]
         raw = getattr(gguf.GGMLQuantizationType, ggml_type) if arr.dtype == np.uint8 else None
         tensors.append((f"{gname}.weight", np.ascontiguousarray(arr), raw))
-        report.tensors.append(TensorExport(f"{gname}.weight", ggml_type, source, tuple(module.weight.shape)
-                                           if not isinstance(module, QuantLinear) else module.qweight.shape, err, note))  # fmt: skip
+        shape = module.qweight.shape if isinstance(module, QuantLinear) else tuple(module.weight.shape)
+        report.tensors.append(TensorExport(f"{gname}.weight", ggml_type, source, shape, err, note, steps, arr.nbytes))
         bias = getattr(module, "bias", None)
         if isinstance(bias, torch.Tensor) and not isinstance(module, nn.Embedding) and bias.dim() == 1 and gname != "output_norm" and not gname.endswith("_norm"):
             b = bias.detach().float().cpu().numpy()
             if rope_heads is not None:
                 b = b[rope_row_order(b.shape[0], rope_heads).numpy()]
             tensors.append((f"{gname}.bias", np.ascontiguousarray(b), None))
-            report.tensors.append(TensorExport(f"{gname}.bias", "F32", "bias", tuple(b.shape)))
+            report.tensors.append(TensorExport(f"{gname}.bias", "F32", "bias", tuple(b.shape), nbytes=b.nbytes))
             done.add(id(bias))
     left = sorted(n for i, n in params.items() if i not in done)
     if left:
