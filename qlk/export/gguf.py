@@ -238,7 +238,7 @@ def encode_quantized(qw: QuantizedWeight, fallback: str = "error", what: str = "
         raise GGUFExportError(
             f"{what}: {why}; pass fallback='f16' (error ≤ 2^-11·|ŵ|, 16 bits/weight), 'q8_0' (≤ (1/254 + 2^-11)·max|ŵ| "
             f"per 32, 8.5 bits/weight) or 'f32' (exact, 32 bits/weight) to write it dequantized "
-            f"(CLI: --fallback f16), or re-quantize with a group size that is a multiple of 32"
+            f"(CLI: --fallback f16), or quantize it as INT2/3/4 with a group size that is a multiple of 32"
         )
     arr, ggml_type, err = _encode_float(qw.dequantize(torch.float32), fallback)
     return Encoded(arr, ggml_type, err, f"fallback: {why}")
