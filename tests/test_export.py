@@ -202,6 +202,11 @@ def test_export_cli_and_bad_inputs(tmp_path, capsys):
     out = tmp_path / "cli.gguf"
     assert main(["export", "--model", str(d), "--format", "gguf", "--output", str(out)]) == 0
     assert "int4 g32 -> Q4_1: 14 tensors" in capsys.readouterr().out and out.stat().st_size > 0
+    # the same model from the qlk .safetensors file itself (config.json and tokenizer beside it)
+    from_file = export_model(d / "model.qlk.safetensors", output=tmp_path / "file.gguf")
+    a, b = gguf.GGUFReader(out), gguf.GGUFReader(from_file)
+    assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
+    assert all(np.array_equal(x.data, y.data) for x, y in zip(a.tensors, b.tensors))
     assert main(["export", "--model", str(tmp_path / "missing"), "--output", str(out)]) == 2
     assert "no such file" in capsys.readouterr().err
     with pytest.raises(ValueError, match="fmt='onnx'.*allowed: 'gguf'"):
@@ -209,7 +214,6 @@ def test_export_cli_and_bad_inputs(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         export_model(d, output=tmp_path / "nodir" / "x.gguf")
     # an adapter that was never merged would be dropped silently: refused
-    from qlk.io import save_quantized  # noqa: F401  (the unmerged model goes through the same writer)
     from qlk.export.gguf import write_gguf
 
     qlk.patch.qlk_layers(model)["model.layers.0.mlp.up_proj"].add_adapter("lora", r=2)
