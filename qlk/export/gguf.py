@@ -435,7 +435,7 @@ def write_gguf(
     # collect the tensors; every parameter of the model must land in the file (nothing lost silently)
     params = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
     done: set[int] = set()
-    tensors: list[tuple[str, np.ndarray, str | None]] = []
+    tensors: list[tuple] = []  # (name, array, GGMLQuantizationType for raw block bytes | None)
     report = GGUFExportReport(path=output, tokenizer_pre=tok_meta["pre"])
     linear_types = []
     modules = list(model.named_modules())
@@ -483,13 +483,19 @@ def write_gguf(
         shape = module.qweight.shape if isinstance(module, QuantLinear) else tuple(module.weight.shape)
         report.tensors.append(TensorExport(f"{gname}.weight", ggml_type, source, shape, err, note, steps, arr.nbytes))
         bias = getattr(module, "bias", None)
-        if isinstance(bias, torch.Tensor) and not isinstance(module, nn.Embedding) and bias.dim() == 1 and gname != "output_norm" and not gname.endswith("_norm"):
+        if isinstance(bias, torch.Tensor) and not gname.endswith("norm"):  # Llama: attention_bias / mlp_bias
             b = bias.detach().float().cpu().numpy()
             if rope_heads is not None:
                 b = b[rope_row_order(b.shape[0], rope_heads).numpy()]
             tensors.append((f"{gname}.bias", np.ascontiguousarray(b), None))
             report.tensors.append(TensorExport(f"{gname}.bias", "F32", "bias", tuple(b.shape), nbytes=b.nbytes))
             done.add(id(bias))
+    if any(t.source == "bias" for t in report.tensors):
+        warnings.warn(
+            "qlk export: wrote Llama linear biases (attention_bias/mlp_bias, attn_q/attn_k biases in the rope row "
+            "order); llama.cpp reads them, transformers' GGUF loader ignores them; no reader verified them in qlk's tests",
+            stacklevel=2,
+        )
     left = sorted(n for i, n in params.items() if i not in done)
     if left:
         raise GGUFExportError(f"{len(left)} parameter(s) have no place in the GGUF llama layout: {left[:6]}")
