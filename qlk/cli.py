@@ -265,7 +265,7 @@ def cmd_export(a) -> int:
     try:
         report = export_gguf(a.model, output=a.output, fallback=a.fallback, float_type=a.float_type,
                              tokenizer_pre=a.tokenizer_pre, verbose=True)  # fmt: skip
-    except GGUFExportError as e:
+    except GGUFExportError as e:  # ValueError: the message names the layer and the option to pass
         raise UsageError(str(e)) from None
     print(report.summary())
     return 0

@@ -66,8 +66,9 @@ _LAYER_NAMES = {
 _TOP_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 
 
-class GGUFExportError(ValueError):
-    """The model cannot be written as asked; the message names the layer and what to do."""
+#: what export raises when the model cannot be written as asked (the message names the layer and what
+#: to do): a plain ValueError, as every qlk rejection (tests/test_bad_input.py)
+GGUFExportError = ValueError
 
 
 @dataclass
