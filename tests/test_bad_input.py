@@ -36,6 +36,7 @@ from torch import nn  # noqa: E402
 
 import qlk  # noqa: E402
 from qlk._checks import UsageError  # noqa: E402
+from qlk.export.gguf import GGUFExportError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "bad-inputs.md"
@@ -218,6 +219,19 @@ def launcher_forward(*a, **kw):
     from qlk.kernels import quant_matmul_forward
 
     return quant_matmul_forward(*a, **kw)
+
+
+def export_encode(what):
+    from qlk.export import export_model
+    from qlk.export.gguf import encode_quantized
+
+    if what == "fmt":
+        return export_model(tmp(), fmt="onnx")
+    if what == "g16":
+        return encode_quantized(QW(group_size=16), what="layer 'x'")
+    if what == "nf4":
+        return encode_quantized(QW("nf4", group_size=64), what="layer 'x'")
+    return encode_quantized(QW(), fallback="f8")
 
 
 def overlapping_out_result():
@@ -619,6 +633,14 @@ CASES = [
     Case("gptq-v1-zero-0", "qlk.from_gptq", "v1 qzeros of zero points 0 as GPTQModel's v2->v1 writer stores them",
          lambda: _gptq_v1_zero_0(), status="accepts", check=lambda: _gptq_v1_zero_0(),
          note="decision: read as GPTQModel reads v1 (docs/formats.md); was 14-45% of elements wrong"),
+    # ---- qlk export (GGUF)
+    Case("export-fmt", "qlk.export.export_model", "fmt='onnx'", lambda: export_encode("fmt"), says=("fmt='onnx'", "'gguf'")),
+    Case("export-g16", "qlk export / export_model", "an INT4 g16 layer (Q4_1 blocks are 32 wide), no fallback",
+         lambda: export_encode("g16"), exc=GGUFExportError, says=("layer 'x'", "g16", "multiple of 32", "fallback='f16'", "--fallback f16")),
+    Case("export-nf4", "qlk export / export_model", "an NF4 layer, no fallback", lambda: export_encode("nf4"),
+         exc=GGUFExportError, says=("NF4 has no GGUF block type", "fallback='f16'")),
+    Case("export-fallback", "qlk export / export_model", "fallback='f8'", lambda: export_encode("fallback"),
+         says=("fallback='f8'", "'f16'", "'q8_0'")),
 ]
 
 
