@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quant_args(ft)
     ft.add_argument("--skip-incompatible", action="store_true",
                     help="leave dense the layers whose in_features --group-size does not divide (default: refuse)")
+    ft.add_argument("--export", choices=("gguf",), default=None,
+                    help="also write the merged model as <output-dir>/model.gguf for llama.cpp / vLLM "
+                         "(INT4/3/2 g32·k -> Q4_1 blocks; `qlk export` for the options)")
     ft.add_argument("--r", type=_positive_int, default=d.r, help=f"adapter rank (default {d.r})")
     ft.add_argument("--alpha", type=float, default=d.alpha, help=f"adapter alpha, scaling alpha/r (default {d.alpha:g})")
     ft.add_argument("--dropout", type=float, default=d.dropout, help="adapter dropout in [0, 1) (default 0)")
@@ -171,7 +174,7 @@ def cmd_finetune(a) -> int:
         max_length=a.max_length, warmup_steps=a.warmup_steps, eval_fraction=a.eval_fraction, eval_every=a.eval_every,
         seed=a.seed, save_every=a.save_every, overwrite=a.overwrite, resume=a.resume, device=a.device, fsdp=a.fsdp,
         prompts=a.prompt or list(DEFAULT_PROMPTS), max_new_tokens=a.max_new_tokens, generate=not a.no_generate,
-        progress=not a.no_progress,
+        progress=not a.no_progress, export=a.export,
     )  # fmt: skip
     run(cfg)
     return 0

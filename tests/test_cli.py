@@ -78,7 +78,7 @@ def run_ft(tiny_model, data_file, out, *extra):
 def finetuned(tiny_model, data_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("ft") / "run"
     os.environ["QLK_CACHE_DIR"] = "off"
-    assert run_ft(tiny_model, data_file, out) == 0
+    assert run_ft(tiny_model, data_file, out, "--export", "gguf") == 0
     return out
 
 
@@ -115,6 +115,31 @@ def test_finetune_outputs_exist_and_load(finetuned, tiny_model):
     x = torch.tensor([[1, 40, 41, 42, 43]])
     with torch.no_grad():
         torch.testing.assert_close(base(input_ids=x).logits, model(input_ids=x).logits, atol=2e-3, rtol=2e-3)
+
+
+def test_finetune_export_gguf_holds_the_merged_weights(finetuned):
+    """--export gguf: model.gguf next to merged/, read by the gguf package (not qlk): the Q4_1 blocks
+    of every projection dequantize to the merged INT4 weights within the fp16 rounding of the block
+    minimum (docs/integrations.md), with q/k rows in llama.cpp's rotary order."""
+    gguf = pytest.importorskip("gguf")
+    from gguf.quants import dequantize
+
+    from qlk.hf_models import load_model
+    from qlk.patch import qlk_layers
+
+    summary = json.loads((finetuned / "summary.json").read_text())
+    assert summary["export"]["file"] == "model.gguf"
+    reader = gguf.GGUFReader(str(finetuned / "model.gguf"))
+    tensors = {t.name: t for t in reader.tensors}
+    model, _, _ = load_model(finetuned / "merged")
+    layers = qlk_layers(model)
+    for hf, name in (("model.layers.1.mlp.down_proj", "blk.1.ffn_down.weight"),
+                     ("model.layers.0.self_attn.v_proj", "blk.0.attn_v.weight")):  # fmt: skip
+        t = tensors[name]
+        assert t.tensor_type == gguf.GGMLQuantizationType.Q4_1
+        got = torch.from_numpy(dequantize(t.data, t.tensor_type).astype("float64")).reshape(layers[hf].out_features, -1)
+        want = layers[hf].qweight.dequantize(torch.float64)
+        assert (got - want).abs().max() <= 2.0**-10 * want.abs().max() + 1e-6, hf
 
 
 def test_merge_check_and_eval_report_the_same_measurement(finetuned, capsys):

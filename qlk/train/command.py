@@ -320,8 +320,30 @@ def _run(cfg, dist_env, device, out, records, data_path, t_start) -> dict:
     summary["time_total_s"] = time.time() - t_start
     (out.staging / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     out.publish()
-    say(f"done in {summary['time_total_s']:.0f}s; outputs in {out.path} (summary.json, adapter.safetensors, merged/, loss.png)")
+    gguf = ", model.gguf" if (summary.get("export") or {}).get("file") else ""
+    say(f"done in {summary['time_total_s']:.0f}s; outputs in {out.path} (summary.json, adapter.safetensors, merged/, loss.png{gguf})")
     return summary
+
+
+def _export_gguf(merged_dir: Path, target: Path, final_dir: Path, summary: dict, progress: bool) -> None:
+    """--export gguf: the merged model as one GGUF file (:func:`qlk.export.export_model`). A model
+    that has no exact GGUF form (another architecture, NF4, group sizes that are not a multiple of
+    32) keeps every other output: the error is printed and recorded with the command that retries."""
+    from ..export import export_model
+
+    t0 = time.time()
+    _print("export: the merged model as GGUF ...")
+    try:
+        path = export_model(merged_dir, fmt="gguf", output=target, verbose=progress)
+    except ValueError as e:
+        retry = f"qlk export --model {final_dir / 'merged'} --format gguf --output {final_dir / 'model.gguf'}"
+        summary["export"] = {"format": "gguf", "error": str(e), "retry": retry}
+        _print(f"export skipped, the other outputs are kept: {e}\n  retry (e.g. with --fallback f16): {retry}")
+        return
+    summary["export"] = {"format": "gguf", "file": "model.gguf", "bytes": path.stat().st_size,
+                         "time_s": time.time() - t0}  # fmt: skip
+    _print(f"exported model.gguf ({fmt_bytes(path.stat().st_size)}) in {time.time() - t0:.1f}s: "
+           f"`llama-cli -m {final_dir / 'model.gguf'}` runs it")
 
 
 def _exp(v: float) -> float:
@@ -397,6 +419,9 @@ def _save_outputs(model, tok, cfg, out, summary, history, desc, device) -> None:
            f"{after['ppl']:.4f} (relative difference {abs(after['ppl'] - before['ppl']) / before['ppl']:.1e}); "
            f"`qlk eval --model {out.path / 'merged'} --max-tokens {MERGE_CHECK_TOKENS} --window {MERGE_CHECK_WINDOW}` "
            "measures the same")  # fmt: skip
+
+    if cfg.export == "gguf":
+        _export_gguf(merged_dir, stage / "model.gguf", out.path, summary, cfg.progress)
 
     if cfg.generate:
         t0 = time.time()

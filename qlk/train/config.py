@@ -50,6 +50,7 @@ class FinetuneConfig:
     max_new_tokens: int = 32
     generate: bool = True
     progress: bool = True
+    export: str | None = None  # "gguf": also write the merged model as model.gguf (qlk.export)
     data_sha256: str = ""
     world_size: int = 1
 
@@ -108,6 +109,8 @@ def validate_config(cfg: FinetuneConfig) -> None:
         raise UsageError(f"--eval-fraction must be in [0, 0.5), got {cfg.eval_fraction}")
     if cfg.max_new_tokens < 0:
         raise UsageError(f"--max-new-tokens must be >= 0, got {cfg.max_new_tokens}")
+    if cfg.export not in (None, "gguf"):
+        raise UsageError(f"--export {cfg.export!r}: allowed gguf")
     if cfg.overwrite and cfg.resume:
         raise UsageError("--overwrite and --resume contradict each other: --resume continues the run in --output-dir")
     per = cfg.world_size * cfg.grad_accum

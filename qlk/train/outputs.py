@@ -31,7 +31,7 @@ RUN_CONFIG = "run_config.json"
 CHECKPOINTS = "checkpoints"
 LOGS = "logs"
 STAGING = ".qlk-staging"
-FINAL_OUTPUTS = ("adapter.safetensors", "loss.png", "merged", "summary.json")
+FINAL_OUTPUTS = ("adapter.safetensors", "loss.png", "merged", "model.gguf", "summary.json")
 #: a run's state, replaced when a new run starts ("checkpoint.pt": the checkpoint of qlk before the Trainer)
 RUN_STATE = (RUN_CONFIG, CHECKPOINTS, LOGS, STAGING, "checkpoint.pt")
 #: everything qlk may create in --output-dir; --overwrite replaces these and nothing else
