@@ -37,10 +37,10 @@ mutants: $(VENV)/.qlk-installed
 
 # compile every qlk kernel, the dense baseline and the Triton peers for sm_90 and sm_80 and judge
 # them from their machine code with qlk's analyzer, bench/sass (no GPU; docs/static-analysis.md).
-# Writes bench/results/static-sm{90,80}.{md,csv}. Peer rows need: pip install gemlite==0.6.0.post2
-# grouped-nf4-gemm==0.51.0 (without them they read "not available").
-# Extra arguments: make static-report STATIC_ARGS="--quick --cases 'dense-*'"
-STATIC_ARGS ?=
+# Writes bench/results/static-sm{90,80}.{md,csv}. The default cases are the committed report's (the
+# main shape, 4096->14336, every M, both archs, peers included): a fresh clone reproduces it.
+# Every shape: make static-report STATIC_ARGS="--cases '*'"; a quick look: STATIC_ARGS="--quick --cases 'dense-*'"
+STATIC_ARGS ?= --cases '*/4096->14336/*,*/4096->14336'
 static-report: $(VENV)/.qlk-installed
 	env -u TRITON_INTERPRET $(PYTHON) bench/static_report.py $(STATIC_ARGS)
 
