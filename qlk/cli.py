@@ -333,7 +333,7 @@ def cmd_inspect(a) -> int:
 
 def cmd_export(a) -> int:
     from .export.gguf import GGUFExportError, export_gguf
-    from .finetune import UsageError
+    from ._checks import UsageError
 
     try:
         report = export_gguf(a.model, output=a.output, fallback=a.fallback, float_type=a.float_type,

@@ -4,7 +4,6 @@ from __future__ import annotations
 import torch
 
 from . import backend as _backend
-from . import reference
 from ._checks import check_activation, check_bias, check_format, check_quantized_weight
 from .autograd.matmul import quant_matmul_differentiable, quant_matmul_grad_input_differentiable
 from .formats import QuantizedWeight, quantize_int, quantize_nf4
@@ -58,21 +57,3 @@ def quant_matmul_grad_input(dy: torch.Tensor, qw: QuantizedWeight, backend: str 
     _backend.resolve(dy.device, backend)
     return quant_matmul_grad_input_differentiable(dy, qw, backend)
 
-
-# ---- the unchecked, non-differentiable implementations (called by the autograd Functions) -----------
-def _quant_matmul(x, qw, bias, backend=None):
-    if _backend.resolve(x.device, backend) == "triton":
-        from .kernels import quant_matmul as triton_quant_matmul
-
-        return triton_quant_matmul(x, qw, bias)
-    with torch.no_grad():
-        return reference.quant_matmul(x, qw, bias)
-
-
-def _quant_matmul_grad_input(dy, qw, backend=None):
-    if _backend.resolve(dy.device, backend) == "triton":
-        from .kernels import quant_matmul_grad_input as triton_grad_input
-
-        return triton_grad_input(dy, qw)
-    with torch.no_grad():
-        return reference.quant_matmul_grad_input(dy, qw)

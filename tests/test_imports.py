@@ -17,6 +17,10 @@ KNOWN = {
     frozenset({"qlk.formats.quantized_weight", "qlk.formats.int_group", "qlk.formats.nf4"}),
     # qlk.io reads qlk.__version__ for its file metadata (late import)
     frozenset({"qlk", "qlk.io"}),
+    # patch_model converts bitsandbytes layers and hands the model to qlk's Transformers quantizer,
+    # whose loader patches, loads and dequantizes through qlk.patch / qlk.io: the patching and the
+    # Transformers integration call each other (function-level imports only; nothing cycles at import)
+    frozenset({"qlk", "qlk.integrations.bnb_models", "qlk.integrations.transformers", "qlk.io", "qlk.patch"}),
 }
 
 

@@ -16,17 +16,37 @@ from __future__ import annotations
 
 import torch
 
+from .. import backend as _backend
+from .. import reference
+
+
+# ---- the unchecked, non-differentiable implementations (what the Functions below run) --------------
+def _quant_matmul(x, qw, bias, backend=None):
+    if _backend.resolve(x.device, backend) == "triton":
+        from ..kernels import quant_matmul as triton_quant_matmul
+
+        return triton_quant_matmul(x, qw, bias)
+    with torch.no_grad():
+        return reference.quant_matmul(x, qw, bias)
+
+
+def _quant_matmul_grad_input(dy, qw, backend=None):
+    if _backend.resolve(dy.device, backend) == "triton":
+        from ..kernels import quant_matmul_grad_input as triton_grad_input
+
+        return triton_grad_input(dy, qw)
+    with torch.no_grad():
+        return reference.quant_matmul_grad_input(dy, qw)
+
 
 class QuantMatmulFunction(torch.autograd.Function):
     """Y = X·Ŵᵀ (+ b) with dX = dY·Ŵ and db = Σ_m dY (nothing saved; Ŵ is referenced from ctx)."""
 
     @staticmethod
     def forward(ctx, x, qw, bias, backend):
-        from .. import ops
-
         ctx.qw, ctx.backend = qw, backend
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return ops._quant_matmul(x, qw, bias, backend)
+        return _quant_matmul(x, qw, bias, backend)
 
     @staticmethod
     def backward(ctx, dy):
@@ -43,10 +63,8 @@ class QuantMatmulGradInputFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, dy, qw, backend):
-        from .. import ops
-
         ctx.qw, ctx.backend = qw, backend
-        return ops._quant_matmul_grad_input(dy, qw, backend)
+        return _quant_matmul_grad_input(dy, qw, backend)
 
     @staticmethod
     def backward(ctx, g):
@@ -60,17 +78,13 @@ def _wants_grad(*tensors) -> bool:
 
 def quant_matmul_differentiable(x, qw, bias, backend):
     """Y = X·Ŵᵀ (+ bias), through :class:`QuantMatmulFunction` when a gradient is wanted."""
-    from .. import ops
-
     if _wants_grad(x, bias):
         return QuantMatmulFunction.apply(x, qw, bias, backend)
-    return ops._quant_matmul(x, qw, bias, backend)
+    return _quant_matmul(x, qw, bias, backend)
 
 
 def quant_matmul_grad_input_differentiable(dy, qw, backend):
     """dX = dY·Ŵ, through :class:`QuantMatmulGradInputFunction` when a gradient is wanted."""
-    from .. import ops
-
     if _wants_grad(dy):
         return QuantMatmulGradInputFunction.apply(dy, qw, backend)
-    return ops._quant_matmul_grad_input(dy, qw, backend)
+    return _quant_matmul_grad_input(dy, qw, backend)

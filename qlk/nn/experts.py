@@ -37,7 +37,7 @@ from .._checks import check_group_size
 from ..autograd.experts import grouped_experts_linear
 from ..formats import QuantizedWeight
 from ..formats.quantized_weight import validate
-from .linear import BUFFERS, METHODS, adapter_scaling, check_adapter_args, empty_qweight
+from .linear import BUFFERS, METHODS, PackedWeightModule, adapter_scaling, check_adapter_args, empty_qweight
 
 
 @dataclass
@@ -87,7 +87,7 @@ def stacked_dense(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
     return weight.reshape(e * n, k).contiguous()
 
 
-class QuantExpertProj(nn.Module):
+class QuantExpertProj(PackedWeightModule):
     """One projection of E experts: Y_e = X_e·Ŵ_eᵀ (+ b_e) (+ adapter_e) on rows sorted by expert.
 
     Ŵ is one stacked QuantizedWeight [E·N, K] (buffers ``weight_packed``, ``weight_scales``, ...,
@@ -139,23 +139,6 @@ class QuantExpertProj(nn.Module):
         tensors = {field: self._buffers[name] for field, name in BUFFERS.items() if name in self._buffers}
         return QuantizedWeight(fmt=self.fmt, shape=(self.num_experts * self.out_features, self.in_features),
                                bits=self.bits, group_size=self.group_size, dtype=self.weight_dtype, **tensors)
-
-    @property
-    def bits_per_param(self) -> float:
-        return self.qweight.bits_per_param
-
-    def _apply(self, fn, recurse=True):
-        # as QuantLinear: packed tensors move with the module but keep their format-fixed dtypes
-        packed = {name: self._buffers.pop(name) for name in BUFFERS.values() if name in self._buffers}
-        try:
-            super()._apply(fn, recurse)
-        finally:
-            for name, t in packed.items():
-                moved = fn(t)
-                if moved.dtype != t.dtype:
-                    moved = t.to(moved.device)
-                self._buffers[name] = moved
-        return self
 
     # ---- adapter ---------------------------------------------------------------------------------
     def add_adapter(self, method: str, r: int = 16, alpha: float = 16, dropout: float = 0.0,

@@ -57,7 +57,29 @@ def adapter_scaling(r: int, alpha: float, use_rslora: bool) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
-class QuantLinear(nn.Module):
+class PackedWeightModule(nn.Module):
+    """A module holding a packed quantized weight as the buffers of :data:`BUFFERS` (its
+    ``qweight`` property assembles the :class:`QuantizedWeight`): ``.to(dtype)`` / ``.half()``
+    move those buffers but never cast them, since codes, scales and absmax have format-fixed dtypes."""
+
+    @property
+    def bits_per_param(self) -> float:
+        return self.qweight.bits_per_param
+
+    def _apply(self, fn, recurse=True):
+        packed = {name: self._buffers.pop(name) for name in BUFFERS.values() if name in self._buffers}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, t in packed.items():
+                moved = fn(t)
+                if moved.dtype != t.dtype:
+                    moved = t.to(moved.device)
+                self._buffers[name] = moved
+        return self
+
+
+class QuantLinear(PackedWeightModule):
     """Y = X·Ŵᵀ (+ bias) (+ adapter), Ŵ quantized and frozen.
 
     method=None: the quantized base alone (inference, or a merged QA-LoRA layer).
@@ -119,23 +141,6 @@ class QuantLinear(nn.Module):
             fmt=self.fmt, shape=(self.out_features, self.in_features), bits=self.bits,
             group_size=self.group_size, dtype=self.weight_dtype, **tensors,
         )  # fmt: skip
-
-    @property
-    def bits_per_param(self) -> float:
-        return self.qweight.bits_per_param
-
-    def _apply(self, fn, recurse=True):
-        # Packed codes, scales and absmax have format-fixed dtypes: move them, never cast them.
-        packed = {name: self._buffers.pop(name) for name in BUFFERS.values() if name in self._buffers}
-        try:
-            super()._apply(fn, recurse)
-        finally:
-            for name, t in packed.items():
-                moved = fn(t)
-                if moved.dtype != t.dtype:
-                    moved = t.to(moved.device)
-                self._buffers[name] = moved
-        return self
 
     # ---- adapter ---------------------------------------------------------------------------------
     def add_adapter(
