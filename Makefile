@@ -29,7 +29,7 @@ test-slow: $(VENV)/.qlk-installed
 	$(PYTHON) -m pytest -q tests --runslow $(PYTEST_ARGS)
 
 # each catalogued bug applied to a temporary copy of the tree (never to the working tree), its
-# tests run there; fails if one survives. ~20-40 min on 2 cores, so not part of `make test` / CI
+# tests run there; fails if one survives. ~5 min on an idle 2-core machine (20+ on a busy one); not part of `make test` / CI, whose budget it would exhaust
 # (docs/measurements.md); its last output is committed in bench/results/mutants.txt.
 MUTANTS_ARGS ?=
 mutants: $(VENV)/.qlk-installed
