@@ -29,6 +29,8 @@ import triton.language as tl
 
 from ..formats.nf4 import NESTED_BLOCKSIZE, dynamic_map, nf4_table
 from ..formats.quantized_weight import QuantizedWeight
+from .nf4_tile import NF4_SHUFFLE, _nf4_pair_values
+from .nf4_tile import denest_absmax as denest_absmax_buffer
 
 @triton.jit
 def _unpack_codes(qw_ptr, stride_qn, offs_n, k0, K,
@@ -100,10 +102,13 @@ def _nf4_values(qw_ptr, lut_ptr, stride_qn, offs_n, k0, K,
         words = tl.load(ptrs)
     else:
         words = tl.load(ptrs, mask=offs_w[None, :] < tl.cdiv(K, 8), other=0)
-    byte = (words[:, :, None] >> (tl.arange(0, 4)[None, None, :] * 8)) & 0xFF
-    pair = tl.load(lut_ptr + byte)
-    even = pair.to(tl.int32).to(tl.float32, bitcast=True)
-    odd = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    shifted = words[:, :, None] >> (tl.arange(0, 4)[None, None, :] * 8)
+    if NF4_SHUFFLE:
+        even, odd = _nf4_pair_values(shifted)
+    else:
+        pair = tl.load(lut_ptr + (shifted & 0xFF))
+        even = pair.to(tl.int32).to(tl.float32, bitcast=True)
+        odd = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
     return tl.reshape(tl.join(even, odd), (BLOCK_N, BLOCK_K))
 
 
@@ -234,12 +239,17 @@ def supports(qw: QuantizedWeight) -> str | None:
     return f"fmt={qw.fmt!r}"
 
 
-def weight_args(qw: QuantizedWeight) -> tuple[tuple, dict]:
+def weight_args(qw: QuantizedWeight, denest_absmax: bool = True) -> tuple[tuple, dict]:
     """(positional tensor/int args, constexpr kwargs) describing ``qw`` to :func:`_dequant_tile`.
 
     Order: qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr, stride_qn,
     stride_sn, stride_sg. No copies for qlk-packed weights (NF4 bytes are viewed as int32 words;
-    a misaligned view is copied once)."""
+    a misaligned view is copied once).
+
+    ``denest_absmax`` (double-quantized NF4 only): de-nest absmax once into an fp32 [N, G] buffer
+    (:func:`qlk.kernels.nf4_tile.denest_absmax`, bit-identical to the reference) that the kernel
+    reads like a plain absmax (``DOUBLE_QUANT=False``); the large-M kernels want that. False keeps
+    the 8-bit codes and de-nests inside the K loop (decode: no extra launch or pass)."""
     reason = supports(qw)
     if reason is not None:
         raise ValueError(f"qlk kernels cannot read this QuantizedWeight: {reason}")
@@ -262,6 +272,10 @@ def weight_args(qw: QuantizedWeight) -> tuple[tuple, dict]:
         raw = raw.contiguous().clone()
     words = raw.view(torch.int32).view(n, k // 8)
     lut = nf4_byte_table(dev)
+    if qw.double_quant and denest_absmax:
+        absmax = denest_absmax_buffer(qw)
+        return ((words, absmax, dummy, dummy, dummy, lut, dummy, k // 8, g, 1),
+                dict(BITS=4, GROUP_SIZE=qw.group_size, IS_NF4=True, DOUBLE_QUANT=False))
     if qw.double_quant:
         assert NESTED_BLOCKSIZE == 256  # _group_params hard-codes it
         args = (words, qw.absmax, dummy, qw.absmax_scale, qw.absmax_offset, lut, dynamic_map(dev), k // 8, g, 1)
