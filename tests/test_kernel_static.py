@@ -44,6 +44,9 @@ CASES = {
 }
 KERNELS = ("_quant_matmul_fwd_kernel", "_quant_matmul_grad_input_kernel", "_quant_matmul_splitk_kernel",
            "_quant_matmul_grad_input_splitn_kernel", "_dequantize_kernel", "_fold_bias_kernel")
+#: launch-side helpers of a case (one pass over ~1/64 of the weight before the GEMM): compiled and
+#: checked for spills and shared memory like the rest, but not judged by the report's estimates
+HELPER_KERNELS = ("_nf4_denest_kernel",)
 
 
 def _nvidia_tools_missing() -> bool:
@@ -118,7 +121,7 @@ def test_estimates_hold_against_the_committed_report(rows):
     for arch in (90, 80):
         committed = _committed(arch)
         for r in rows:
-            if r["arch"] != arch or not r["best"]:
+            if r["arch"] != arch or not r["best"] or r["kernel"] in HELPER_KERNELS:
                 continue
             old = committed.get((r["case"], r["kernel"]))
             assert old is not None, f"{r['case']} {r['kernel']} sm_{arch} is not in the committed report: regenerate it"
