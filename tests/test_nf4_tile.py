@@ -145,10 +145,10 @@ def test_denest_bit_exact(rows, cols, block, monkeypatch):
 def test_weight_args_denest_switch():
     w = torch.randn(24, 256)
     qw = quantize_nf4(w, blocksize=64, double_quant=True)
-    args, meta = weight_args(qw)
+    args, meta = weight_args(qw, denest_absmax=True)
     assert meta["DOUBLE_QUANT"] is False and meta["IS_NF4"]
     assert torch.equal(args[1], nf4_absmax(qw)) and args[8:] == (4, 1)
-    args, meta = weight_args(qw, denest_absmax=False)
+    args, meta = weight_args(qw)
     assert meta["DOUBLE_QUANT"] is True and args[1] is qw.absmax
     with pytest.raises(ValueError, match="double-quantized NF4"):
         nf4_tile.denest_absmax(quantize_nf4(w, blocksize=64, double_quant=False))

@@ -58,8 +58,7 @@ def dequantize_forward(qw: QuantizedWeight, dtype: torch.dtype = torch.float32, 
         out = torch.empty((n, k), dtype=dtype, device=qw.device)
     if out.shape != (n, k) or out.dtype != dtype or out.stride(1) != 1 or out.device != qw.device:
         raise ValueError(f"dequantize: out must be [{n}, {k}] {dtype} on {qw.device} with unit column stride")
-    # NF4 double quant: de-nest in the kernel (memory-bound: a separate de-nesting pass would cost more)
-    args, meta = weight_args(qw, denest_absmax=False)
+    args, meta = weight_args(qw)
 
     def grid(m):
         return (triton.cdiv(n, m["BLOCK_N"]), triton.cdiv(k, m["BLOCK_K"]))

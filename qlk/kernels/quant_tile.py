@@ -239,7 +239,7 @@ def supports(qw: QuantizedWeight) -> str | None:
     return f"fmt={qw.fmt!r}"
 
 
-def weight_args(qw: QuantizedWeight, denest_absmax: bool = True) -> tuple[tuple, dict]:
+def weight_args(qw: QuantizedWeight, denest_absmax: bool = False) -> tuple[tuple, dict]:
     """(positional tensor/int args, constexpr kwargs) describing ``qw`` to :func:`_dequant_tile`.
 
     Order: qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr, stride_qn,
@@ -248,8 +248,9 @@ def weight_args(qw: QuantizedWeight, denest_absmax: bool = True) -> tuple[tuple,
 
     ``denest_absmax`` (double-quantized NF4 only): de-nest absmax once into an fp32 [N, G] buffer
     (:func:`qlk.kernels.nf4_tile.denest_absmax`, bit-identical to the reference) that the kernel
-    reads like a plain absmax (``DOUBLE_QUANT=False``); the large-M kernels want that. False keeps
-    the 8-bit codes and de-nests inside the K loop (decode: no extra launch or pass)."""
+    reads like a plain absmax (``DOUBLE_QUANT=False``); the large-M GEMMs ask for it. False (default)
+    keeps the 8-bit codes and de-nests inside the K loop: decode and the memory-bound dequantize,
+    where a second launch and pass would cost more than the loop's de-nesting."""
     reason = supports(qw)
     if reason is not None:
         raise ValueError(f"qlk kernels cannot read this QuantizedWeight: {reason}")
