@@ -8,6 +8,8 @@ Formats (``qlk.formats.packing`` / ``qlk.formats.nf4``), for W [N, K], group j =
 * INT-b (b = 2, 3, 4):  ŵ[n, k] = s[n, j]·(q[n, k] − 2^(b−1)) + c[n, j]   (s, c any float dtype, [N, G])
 * NF4:                  ŵ[n, k] = NF4[q[n, k]]·absmax[n·G + j]   (fp32; G = K / blocksize)
   double quant:         absmax[i] = DYN[qa[i]]·absmax2[i // 256] + offset
+  (the large-M GEMMs get absmax de-nested at launch, ``weight_args(qw, denest_absmax=True)``;
+  NF4 lookup and de-nesting: :mod:`qlk.kernels.nf4_tile`)
 
 The NF4 bytes (flat, row-major, even element in the HIGH nibble) are read as int32 words: byte j of a
 word sits at bits 8j (little endian), so element 8w + i of a row sits at bits 4·(i ^ 1). With
@@ -92,9 +94,12 @@ def _nf4_values(qw_ptr, lut_ptr, stride_qn, offs_n, k0, K,
                 EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """fp32 NF4[q] [BLOCK_N, BLOCK_K] of columns k0 .. k0+BLOCK_K of rows ``offs_n``.
 
-    One gather per packed byte (two codes) from a 256-entry table of int64 (``nf4_byte_table``):
-    entry b holds NF4[b >> 4] (the even element) in its low 32 bits and NF4[b & 15] in the high
-    32 bits. Half the gathers of a 16-entry table, and no nibble extraction."""
+    Byte i of each word, ``word >> 8i`` (a broadcast dim, as INT4's pairs), holds an (even, odd)
+    code pair; ``tl.join`` puts the pair in registers in the MMA operand's k order. Compiled
+    (NF4_SHUFFLE): both codes are looked up by warp shuffle from a register table
+    (:func:`qlk.kernels.nf4_tile._nf4_pair_values`: one SHFL per code, no memory). Interpreter:
+    one gather per byte from a 256-entry int64 table (``nf4_byte_table``): entry b holds
+    NF4[b >> 4] (the even element) in its low 32 bits and NF4[b & 15] in the high 32 bits."""
     NW: tl.constexpr = BLOCK_K // 8
     offs_w = k0 // 8 + tl.arange(0, NW)
     ptrs = qw_ptr + offs_n[:, None].to(tl.int64) * stride_qn + offs_w[None, :]
