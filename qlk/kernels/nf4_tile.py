@@ -81,6 +81,10 @@ def _nf4_pair_values(byte):
     Compiled only (warp shuffles in inline PTX; the interpreter takes the byte-table twin)."""
     table = tl.inline_asm_elementwise(_LANE_TABLE_ASM, "=r,r", [tl.zeros_like(byte)], dtype=tl.int32,
                                       is_pure=True, pack=1)
+    # is_pure: lets the compiler keep the operand in the MMA layout (is_pure=False compiled to a
+    # layout conversion through shared memory: 0.95..0.48 instead of 0.97..0.64 at M = 4096). The
+    # full-warp shuffle stays legal because every caller runs it unconditionally on every lane
+    # (tiles are whole warps; out-of-range rows are clamped, never branched around).
     even, odd = tl.inline_asm_elementwise(_PAIR_LOOKUP_ASM, "=r,=r,r,r", [byte, table],
                                           dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
     return even.to(tl.float32, bitcast=True), odd.to(tl.float32, bitcast=True)
