@@ -102,6 +102,15 @@ def test_gemm_uses_the_tensor_cores(rows):
             assert want in r["mix"], (r["kernel"], r["arch"], r["config"], r["fmt"], r["mix"])
 
 
+def test_nf4_codes_looked_up_by_shuffle(rows):
+    """The compiled NF4 kernels take the inline-PTX warp-shuffle lookup (qlk/kernels/nf4_tile.py),
+    not the interpreter's byte-table twin, whose gathers the pipeliner turns into LDGSTS.64."""
+    nf4 = [r for r in rows if r["fmt"] == "nf4dq" and r["kernel"] in KERNELS]
+    assert nf4
+    for r in nf4:
+        assert "shfl=" in r["mix"] and "LDGSTS.64" not in r["mix"], (r["case"], r["arch"], r["config"], r["mix"])
+
+
 def _committed(arch: int) -> dict:
     """(case, kernel) -> the committed report's best row."""
     path = os.path.join(RESULTS, f"static-sm{arch}.csv")
