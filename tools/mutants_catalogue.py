@@ -42,6 +42,17 @@ MUTANTS = [
          old="nested = tl.load(am_scale_ptr + idx // 256, mask=mask_g, other=0.0)",
          new="nested = tl.load(am_scale_ptr + idx // 64, mask=mask_g, other=0.0)",
          tests=[KP, "-k", "test_nf4_paths or test_nf4_dequant"]),
+    # ---- NF4 lookup by warp shuffle (inline PTX, modelled per lane) and launch-time de-nesting ------
+    dict(id="nf4-shfl-even-nibble-shift", cls="nibble order", file="qlk/kernels/nf4_tile.py",
+         old='"shr.b32 even_idx, $2, 4;",', new='"shr.b32 even_idx, $2, 8;",',
+         tests=["tests/test_nf4_tile.py", "-k", "pair_lookup"]),
+    dict(id="nf4-lane-table-half-warp", cls="table index", file="qlk/kernels/nf4_tile.py",
+         old='"and.b32 lane, lane, 15;",', new='"and.b32 lane, lane, 7;",',
+         tests=["tests/test_nf4_tile.py", "-k", "lane_table or pair_lookup"]),
+    dict(id="nf4-denest-nested-index", cls="nested index", file="qlk/kernels/nf4_tile.py",
+         old="nested = tl.load(absmax2_ptr + offs // NESTED, mask=mask, other=0.0)",
+         new="nested = tl.load(absmax2_ptr + offs // BLOCK, mask=mask, other=0.0)",
+         tests=["tests/test_nf4_tile.py", KP, "-k", "denest or test_nf4_paths"]),
     # ---- partial packed words --------------------------------------------------------------------
     dict(id="int3-partial-chunk-dropped", cls="partial words", file="qlk/kernels/quant_tile.py",
          old="mask = offs_c[None, :] < tl.cdiv(K, 32)", new="mask = offs_c[None, :] < K // 32",

@@ -359,7 +359,9 @@ def _forward(x, qw, bias, out, path, deterministic, wargs=None, pool=False):
     pooled = _pool_buffer((m, k // g), x.device) if pool else None
     if m == 0:
         return out.reshape(*lead, n), pooled
-    args, meta = wargs if wargs is not None else weight_args(qw)
+    # NF4 double quant: de-nest absmax once per call for the GEMM, in the loop for decode
+    gemm = path == "gemm" or (path == "auto" and m > SPLITK_MAX_M)
+    args, meta = wargs if wargs is not None else weight_args(qw, denest_absmax=gemm)
     pow2 = g & (g - 1) == 0
     if path == "splitk" or (path == "auto" and m <= SPLITK_MAX_M):
         # in-kernel pooling needs whole groups per K tile (the smallest BLOCK_K of the configs)
@@ -452,7 +454,8 @@ def _grad_input(dy, qw, out, path, deterministic, wargs=None):
     if path not in ("auto", "gemm", "splitn"):
         raise ValueError(f"path={path!r}; allowed: 'auto', 'gemm', 'splitn'")
     if m > 0:
-        args, meta = wargs if wargs is not None else weight_args(qw)
+        gemm = path == "gemm" or (path == "auto" and m > SPLITN_MAX_M)
+        args, meta = wargs if wargs is not None else weight_args(qw, denest_absmax=gemm)
         if path == "splitn" or (path == "auto" and m <= SPLITN_MAX_M):
             _splitn_grad_input(dy2, qw, out, deterministic, args, meta)
         else:

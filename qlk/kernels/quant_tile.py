@@ -8,6 +8,8 @@ Formats (``qlk.formats.packing`` / ``qlk.formats.nf4``), for W [N, K], group j =
 * INT-b (b = 2, 3, 4):  ŵ[n, k] = s[n, j]·(q[n, k] − 2^(b−1)) + c[n, j]   (s, c any float dtype, [N, G])
 * NF4:                  ŵ[n, k] = NF4[q[n, k]]·absmax[n·G + j]   (fp32; G = K / blocksize)
   double quant:         absmax[i] = DYN[qa[i]]·absmax2[i // 256] + offset
+  (the large-M GEMMs get absmax de-nested at launch, ``weight_args(qw, denest_absmax=True)``;
+  NF4 lookup and de-nesting: :mod:`qlk.kernels.nf4_tile`)
 
 The NF4 bytes (flat, row-major, even element in the HIGH nibble) are read as int32 words: byte j of a
 word sits at bits 8j (little endian), so element 8w + i of a row sits at bits 4·(i ^ 1). With
@@ -29,6 +31,8 @@ import triton.language as tl
 
 from ..formats.nf4 import NESTED_BLOCKSIZE, dynamic_map, nf4_table
 from ..formats.quantized_weight import QuantizedWeight
+from .nf4_tile import NF4_SHUFFLE, _nf4_pair_values
+from .nf4_tile import denest_absmax as denest_absmax_buffer
 
 @triton.jit
 def _unpack_codes(qw_ptr, stride_qn, offs_n, k0, K,
@@ -90,9 +94,12 @@ def _nf4_values(qw_ptr, lut_ptr, stride_qn, offs_n, k0, K,
                 EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """fp32 NF4[q] [BLOCK_N, BLOCK_K] of columns k0 .. k0+BLOCK_K of rows ``offs_n``.
 
-    One gather per packed byte (two codes) from a 256-entry table of int64 (``nf4_byte_table``):
-    entry b holds NF4[b >> 4] (the even element) in its low 32 bits and NF4[b & 15] in the high
-    32 bits. Half the gathers of a 16-entry table, and no nibble extraction."""
+    Byte i of each word, ``word >> 8i`` (a broadcast dim, as INT4's pairs), holds an (even, odd)
+    code pair; ``tl.join`` puts the pair in registers in the MMA operand's k order. Compiled
+    (NF4_SHUFFLE): both codes are looked up by warp shuffle from a register table
+    (:func:`qlk.kernels.nf4_tile._nf4_pair_values`: one SHFL per code, no memory). Interpreter:
+    one gather per byte from a 256-entry int64 table (``nf4_byte_table``): entry b holds
+    NF4[b >> 4] (the even element) in its low 32 bits and NF4[b & 15] in the high 32 bits."""
     NW: tl.constexpr = BLOCK_K // 8
     offs_w = k0 // 8 + tl.arange(0, NW)
     ptrs = qw_ptr + offs_n[:, None].to(tl.int64) * stride_qn + offs_w[None, :]
@@ -100,10 +107,13 @@ def _nf4_values(qw_ptr, lut_ptr, stride_qn, offs_n, k0, K,
         words = tl.load(ptrs)
     else:
         words = tl.load(ptrs, mask=offs_w[None, :] < tl.cdiv(K, 8), other=0)
-    byte = (words[:, :, None] >> (tl.arange(0, 4)[None, None, :] * 8)) & 0xFF
-    pair = tl.load(lut_ptr + byte)
-    even = pair.to(tl.int32).to(tl.float32, bitcast=True)
-    odd = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    shifted = words[:, :, None] >> (tl.arange(0, 4)[None, None, :] * 8)
+    if NF4_SHUFFLE:
+        even, odd = _nf4_pair_values(shifted)
+    else:
+        pair = tl.load(lut_ptr + (shifted & 0xFF))
+        even = pair.to(tl.int32).to(tl.float32, bitcast=True)
+        odd = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
     return tl.reshape(tl.join(even, odd), (BLOCK_N, BLOCK_K))
 
 
@@ -234,12 +244,18 @@ def supports(qw: QuantizedWeight) -> str | None:
     return f"fmt={qw.fmt!r}"
 
 
-def weight_args(qw: QuantizedWeight) -> tuple[tuple, dict]:
+def weight_args(qw: QuantizedWeight, denest_absmax: bool = False) -> tuple[tuple, dict]:
     """(positional tensor/int args, constexpr kwargs) describing ``qw`` to :func:`_dequant_tile`.
 
     Order: qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr, stride_qn,
     stride_sn, stride_sg. No copies for qlk-packed weights (NF4 bytes are viewed as int32 words;
-    a misaligned view is copied once)."""
+    a misaligned view is copied once).
+
+    ``denest_absmax`` (double-quantized NF4 only): de-nest absmax once into an fp32 [N, G] buffer
+    (:func:`qlk.kernels.nf4_tile.denest_absmax`, bit-identical to the reference) that the kernel
+    reads like a plain absmax (``DOUBLE_QUANT=False``); the large-M GEMMs ask for it. False (default)
+    keeps the 8-bit codes and de-nests inside the K loop: decode and the memory-bound dequantize,
+    where a second launch and pass would cost more than the loop's de-nesting."""
     reason = supports(qw)
     if reason is not None:
         raise ValueError(f"qlk kernels cannot read this QuantizedWeight: {reason}")
@@ -262,6 +278,10 @@ def weight_args(qw: QuantizedWeight) -> tuple[tuple, dict]:
         raw = raw.contiguous().clone()
     words = raw.view(torch.int32).view(n, k // 8)
     lut = nf4_byte_table(dev)
+    if qw.double_quant and denest_absmax:
+        absmax = denest_absmax_buffer(qw)
+        return ((words, absmax, dummy, dummy, dummy, lut, dummy, k // 8, g, 1),
+                dict(BITS=4, GROUP_SIZE=qw.group_size, IS_NF4=True, DOUBLE_QUANT=False))
     if qw.double_quant:
         assert NESTED_BLOCKSIZE == 256  # _group_params hard-codes it
         args = (words, qw.absmax, dummy, qw.absmax_scale, qw.absmax_offset, lut, dynamic_map(dev), k // 8, g, 1)

@@ -1,0 +1,118 @@
+"""NF4 helpers of the fused kernels: the code -> value lookup by warp shuffle, and the launch-time
+de-nesting of double-quantized absmax.
+
+**Lookup by shuffle** (:func:`_nf4_pair_values`, compiled kernels). Every lane ℓ of a warp holds
+NF4[ℓ mod 16] (fp32 bits) in one register, built once per kernel from immediates
+(:data:`LANE_TABLE_PTX`, loop-invariant, hoisted). A code c is then looked up with one
+``shfl.sync.idx.b32 v, table, c`` (:data:`PAIR_LOOKUP_PTX`): lane c's register is NF4[c]. The
+source lane is the low 5 bits of the index operand, and both half-warps hold the table, so the
+index may carry any garbage above bit 3: a byte shifted down from its word (``word >> 8i``) is
+used unmasked for the odd (low-nibble) element, and shifted 4 more for the even one. Per code:
+one SHF and one SHFL (SHFL: 32 lanes per clock per SM), no memory, exact fp32 values. The
+interpreter cannot run inline PTX: it takes the pure-Triton twin (a 256-entry byte table
+gathered from memory, ``quant_tile.nf4_byte_table``), selected by the constexpr
+:data:`NF4_SHUFFLE`. tests/test_nf4_tile.py runs the PTX text itself, instruction by
+instruction, over a modelled warp for every byte value.
+
+Double quantization stores absmax per block i as an 8-bit code (bitsandbytes' QLoRA format):
+
+    absmax[i] = DYN[qa[i]]·absmax2[i // 256] + offset        (fp32: product rounded, then the sum)
+
+Done inside a GEMM's K loop this costs, per (row, block) of every tile, a byte load, a 256-entry
+table gather, a nested-scale gather and two FP ops, on a layout that is not the MMA's (the
+compiler moved the results through shared memory). The large-M kernels instead read an fp32
+buffer [N, K/blocksize] that :func:`denest_absmax` writes once per call, in one pass over
+~1/64 of the weight's bytes (0.5 bit per parameter read instead of 0.125: nothing at M = 4096,
+but a second launch and a second pass at decode, where the split-K kernel keeps de-nesting in
+its loop). The stored format is unchanged; the buffer is a temporary of the call.
+
+The kernel launches with ``enable_fp_fusion=False``: the product and the sum round separately,
+as in the reference (:func:`qlk.formats.nf4.nf4_absmax`), so the buffer equals it bit for bit.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+import struct
+
+from ..formats.nf4 import NESTED_BLOCKSIZE, NF4_TABLE, dynamic_map
+from ..formats.quantized_weight import QuantizedWeight
+from .config import INTERPRETED
+
+_DENEST_BLOCK = 1024
+
+#: True: NF4 codes are looked up by warp shuffle (inline PTX); False (interpreter): byte-table gather
+NF4_SHUFFLE = tl.constexpr(not INTERPRETED)
+
+
+def _f32_bits(v: float) -> int:
+    return struct.unpack("<I", struct.pack("<f", v))[0]
+
+
+def _lane_table_asm() -> str:
+    lines = ["{", ".reg .u32 lane;", ".reg .pred hit;", "mov.u32 lane, %laneid;", "and.b32 lane, lane, 15;",
+             f"mov.b32 $0, 0x{_f32_bits(NF4_TABLE[0]):08X};"]
+    for code in range(1, 16):
+        lines += [f"setp.eq.u32 hit, lane, {code};", f"@hit mov.b32 $0, 0x{_f32_bits(NF4_TABLE[code]):08X};"]
+    return "\n".join(lines + ["}"])
+
+
+#: $0 = fp32 bits of NF4[laneid mod 16] ($1: an unused operand, inline asm needs one)
+LANE_TABLE_PTX = _lane_table_asm()
+#: $0 = NF4[$2 >> 4 (mod 16)], $1 = NF4[$2 (mod 16)] (fp32 bits), $3 = the lane table register
+PAIR_LOOKUP_PTX = "\n".join([
+    "{",
+    ".reg .b32 even_idx;",
+    "shr.b32 even_idx, $2, 4;",
+    "shfl.sync.idx.b32 $0, $3, even_idx, 0x1f, 0xffffffff;",
+    "shfl.sync.idx.b32 $1, $3, $2, 0x1f, 0xffffffff;",
+    "}",
+])
+_LANE_TABLE_ASM = tl.constexpr(LANE_TABLE_PTX)
+_PAIR_LOOKUP_ASM = tl.constexpr(PAIR_LOOKUP_PTX)
+
+
+@triton.jit
+def _nf4_pair_values(byte):
+    """(NF4[byte >> 4], NF4[byte & 15]) as fp32 for int32 ``byte`` whose low 8 bits are a packed NF4
+    byte (bits above 8 are ignored): the even element's value, then the odd element's.
+    Compiled only (warp shuffles in inline PTX; the interpreter takes the byte-table twin)."""
+    table = tl.inline_asm_elementwise(_LANE_TABLE_ASM, "=r,r", [tl.zeros_like(byte)], dtype=tl.int32,
+                                      is_pure=True, pack=1)
+    # is_pure: lets the compiler keep the operand in the MMA layout (is_pure=False compiled to a
+    # layout conversion through shared memory: 0.95..0.48 instead of 0.97..0.64 at M = 4096). The
+    # full-warp shuffle stays legal because every caller runs it unconditionally on every lane
+    # (tiles are whole warps; out-of-range rows are clamped, never branched around).
+    even, odd = tl.inline_asm_elementwise(_PAIR_LOOKUP_ASM, "=r,=r,r,r", [byte, table],
+                                          dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+    return even.to(tl.float32, bitcast=True), odd.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _nf4_denest_kernel(out_ptr, qa_ptr, absmax2_ptr, offset_ptr, dyn_ptr, n_blocks,
+                       NESTED: tl.constexpr, BLOCK: tl.constexpr):
+    """out[i] = DYN[qa[i]]·absmax2[i // NESTED] + offset for i < n_blocks (fp32)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_blocks
+    qa = tl.load(qa_ptr + offs, mask=mask, other=0).to(tl.int32)
+    nested = tl.load(absmax2_ptr + offs // NESTED, mask=mask, other=0.0)
+    absmax = tl.load(dyn_ptr + qa) * nested + tl.load(offset_ptr)
+    tl.store(out_ptr + offs, absmax, mask=mask)
+
+
+def denest_absmax(qw: QuantizedWeight) -> torch.Tensor:
+    """fp32 absmax [blocks] of a double-quantized NF4 weight, equal bit for bit to
+    :func:`qlk.formats.nf4.nf4_absmax` (one Triton launch instead of its four torch ops)."""
+    if not (qw.fmt == "nf4" and qw.double_quant):
+        raise ValueError(f"denest_absmax: needs a double-quantized NF4 weight; got fmt={qw.fmt!r}, "
+                         f"double_quant={qw.double_quant}")
+    qa = qw.absmax.reshape(-1)
+    n_blocks = qa.numel()
+    out = torch.empty(n_blocks, dtype=torch.float32, device=qa.device)
+    if n_blocks:
+        grid = (triton.cdiv(n_blocks, _DENEST_BLOCK),)
+        _nf4_denest_kernel[grid](out, qa, qw.absmax_scale, qw.absmax_offset, dynamic_map(qa.device), n_blocks,
+                                 NESTED=NESTED_BLOCKSIZE, BLOCK=_DENEST_BLOCK, enable_fp_fusion=False)
+    return out

@@ -1,0 +1,154 @@
+"""The NF4 pieces of the fused kernels that the interpreter cannot show (qlk/kernels/nf4_tile.py).
+
+* The warp-shuffle lookup: its PTX text (``LANE_TABLE_PTX``, ``PAIR_LOOKUP_PTX``) is executed here
+  instruction by instruction over a modelled 32-lane warp (a small model of mov/and/setp/@p/shr
+  and ``shfl.sync.idx`` as the PTX ISA defines them), for every byte value, every lane position and
+  random garbage above the byte, and must give the fp32 bits of NF4[high nibble], NF4[low nibble],
+  which is also what the interpreter's twin (the byte table) gathers. The compiled kernels with
+  this PTX are built by tests/test_kernel_static.py (no spills, estimates).
+* The launch-time de-nesting of double-quantized absmax: bit for bit the reference's (and an
+  independent numpy fp32 evaluation of bitsandbytes' formula), with > 256 blocks (nested index
+  0..4), a block count that is neither a multiple of 256 nor of the kernel's block, and a
+  NaN-poisoned output buffer.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from qlk.formats.nf4 import quantize_nf4
+from qlk.formats.nf4 import NF4_TABLE, nf4_absmax
+from qlk.kernels import nf4_tile
+from qlk.kernels.quant_tile import nf4_byte_table, weight_args
+
+NF4_BITS = np.array(NF4_TABLE, dtype=np.float32).view(np.uint32)
+LANES = np.arange(32, dtype=np.uint32)
+
+
+def _imm(tok: str) -> np.ndarray:
+    return np.full(32, int(tok, 0) & 0xFFFFFFFF, dtype=np.uint32)
+
+
+def run_ptx(ptx: str, operands: dict) -> dict:
+    """Execute ``ptx`` for the 32 lanes of one warp. ``operands``: {"$i": uint32[32]}; returns them
+    with the outputs written. Knows exactly the instructions qlk's NF4 asm uses; anything else
+    raises, so an edit to the PTX must come with its model here."""
+    regs = {k: v.astype(np.uint32).copy() for k, v in operands.items()}
+    preds = {}
+
+    def val(tok):
+        tok = tok.strip()
+        if tok == "%laneid":
+            return LANES.copy()
+        if tok in regs:
+            return regs[tok]
+        return _imm(tok)
+
+    for raw in ptx.splitlines():
+        line = raw.strip().rstrip(";").strip()
+        if line in ("{", "}") or line.startswith(".reg"):
+            continue
+        guard = None
+        m = re.match(r"@(!?)(\w+)\s+(.*)", line)
+        if m:
+            guard = preds[m.group(2)] if not m.group(1) else ~preds[m.group(2)]
+            line = m.group(3)
+        op, rest = line.split(None, 1)
+        args = [a.strip() for a in rest.split(",")]
+        if op in ("mov.u32", "mov.b32"):
+            res = val(args[1])
+        elif op == "and.b32":
+            res = val(args[1]) & val(args[2])
+        elif op in ("shr.b32", "shr.u32"):  # logical shift; amounts >= 32 give 0
+            amount = val(args[2])
+            res = np.where(amount < 32, val(args[1]) >> np.minimum(amount, 31), 0).astype(np.uint32)
+        elif op == "setp.eq.u32":
+            preds[args[0]] = val(args[1]) == val(args[2])
+            continue
+        elif op == "shfl.sync.idx.b32":
+            # PTX ISA: c packs clamp (bits 0-4) and segmask (bits 8-12); every lane takes part
+            assert int(args[4], 0) & 0xFFFFFFFF == 0xFFFFFFFF, "modelled for a full warp only"
+            a, b, c = val(args[1]), val(args[2]), val(args[3])
+            clamp, segmask = c & 0x1F, (c >> 8) & 0x1F
+            min_lane = LANES & segmask
+            max_lane = min_lane | (clamp & ~segmask & 0x1F)
+            j = min_lane | (b & ~segmask & 0x1F)
+            src = np.where(j > max_lane, LANES, j)
+            res = a[src]
+        else:
+            raise AssertionError(f"instruction not modelled: {line!r}")
+        if guard is not None:
+            res = np.where(guard, res, regs[args[0]])
+        regs[args[0]] = res.astype(np.uint32)
+    return regs
+
+
+def test_lane_table_holds_nf4_by_lane():
+    regs = run_ptx(nf4_tile.LANE_TABLE_PTX, {"$0": np.zeros(32), "$1": np.zeros(32)})
+    assert np.array_equal(regs["$0"], NF4_BITS[LANES % 16])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_pair_lookup_every_byte_every_lane(seed):
+    """All 256 bytes, each at 4 random lane positions, with random bits above the byte (the
+    kernel passes word >> 8i unmasked, arithmetic shift included): outputs equal NF4 of the
+    nibbles and the twin's byte table."""
+    rng = np.random.default_rng(seed)
+    table = run_ptx(nf4_tile.LANE_TABLE_PTX, {"$0": np.zeros(32), "$1": np.zeros(32)})["$0"]
+    twin = nf4_byte_table("cpu").numpy().view(np.uint32).reshape(256, 2)  # (even, odd) per byte
+    all_bytes = np.concatenate([rng.permutation(256) for _ in range(4)]).astype(np.uint32)
+    for start in range(0, all_bytes.size, 32):
+        byte = all_bytes[start:start + 32]
+        garbage = rng.integers(0, 1 << 24, 32, dtype=np.uint32) << np.uint32(8)
+        regs = run_ptx(nf4_tile.PAIR_LOOKUP_PTX, {"$0": np.zeros(32), "$1": np.zeros(32),
+                                                   "$2": byte | garbage, "$3": table})
+        assert np.array_equal(regs["$0"], NF4_BITS[byte >> 4]), "even element (high nibble)"
+        assert np.array_equal(regs["$1"], NF4_BITS[byte & 15]), "odd element (low nibble)"
+        assert np.array_equal(regs["$0"], twin[byte, 0]) and np.array_equal(regs["$1"], twin[byte, 1])
+
+
+def test_ptx_model_rejects_unknown_instructions():
+    with pytest.raises(AssertionError, match="not modelled"):
+        run_ptx("add.u32 $0, $0, 1;", {"$0": np.zeros(32)})
+
+
+def _numpy_denest(qw) -> np.ndarray:
+    """bitsandbytes' formula evaluated by numpy in fp32 (product rounded, then the sum)."""
+    import bitsandbytes.functional as bnbf
+
+    dyn = bnbf.create_dynamic_map(signed=True).numpy().astype(np.float32)
+    codes = qw.absmax.cpu().numpy().astype(np.int64)
+    nested = qw.absmax_scale.cpu().numpy().astype(np.float32)[np.arange(codes.size) // 256]
+    prod = (dyn[codes] * nested).astype(np.float32)
+    return (prod + np.float32(qw.absmax_offset.cpu().item())).astype(np.float32)
+
+
+@pytest.mark.parametrize("rows,cols,block", [(41, 512, 64), (3, 64, 32), (130, 1024, 128)])
+def test_denest_bit_exact(rows, cols, block, monkeypatch):
+    """rows·cols/block = 328 / 6 / 1040 blocks: nested index 0..1 / 0 / 0..4, ragged last nested
+    block, 1040 > one program's 1024; output poisoned with NaN."""
+    pytest.importorskip("bitsandbytes")
+    gen = torch.Generator().manual_seed(rows + cols)
+    w = torch.randn(rows, cols, generator=gen) * torch.logspace(-2, 1, rows)[:, None]
+    qw = quantize_nf4(w, blocksize=block, double_quant=True)
+    real_empty = torch.empty
+    monkeypatch.setattr(nf4_tile.torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan")))
+    out = nf4_tile.denest_absmax(qw)
+    assert out.dtype == torch.float32 and out.shape == (rows * cols // block,)
+    assert torch.equal(out.view(torch.int32), nf4_absmax(qw).view(torch.int32))
+    assert np.array_equal(out.numpy().view(np.uint32), _numpy_denest(qw).view(np.uint32))
+
+
+def test_weight_args_denest_switch():
+    w = torch.randn(24, 256)
+    qw = quantize_nf4(w, blocksize=64, double_quant=True)
+    args, meta = weight_args(qw, denest_absmax=True)
+    assert meta["DOUBLE_QUANT"] is False and meta["IS_NF4"]
+    assert torch.equal(args[1], nf4_absmax(qw)) and args[8:] == (4, 1)
+    args, meta = weight_args(qw)
+    assert meta["DOUBLE_QUANT"] is True and args[1] is qw.absmax
+    with pytest.raises(ValueError, match="double-quantized NF4"):
+        nf4_tile.denest_absmax(quantize_nf4(w, blocksize=64, double_quant=False))
