@@ -136,6 +136,9 @@ class QlkTrainer(Trainer):
             # The Trainer's flag for "the model owns its placement and gradient reduction": accelerate
             # then neither wraps it in DDP (gradients would be reduced twice) nor shards it again.
             self.is_distributed_loading_by_transformers = True
+            # transformers' mark of an FSDP2 module: with --grad-accum the Trainer then runs the
+            # micro-batches but the last under _defer_fsdp_gradient_reduction (one reduce-scatter per step)
+            self.model._is_fsdp_managed_module = True
 
     @contextmanager
     def _defer_fsdp_gradient_reduction(self):
