@@ -148,6 +148,9 @@ def test_fsdp_two_processes_match_one(tiny, reference, fsdp_run):
     sa, sb = same_result(reference, out, atol=1e-6, loss_rtol=1e-6)
     assert sb["world_size"] == 2 and sb["config"]["fsdp"] is True
     assert sb["fsdp"]["sharded_adapter_tensors"] == 2 * sb["fsdp"]["qlk_layers_checked"] > 0
+    # rank 0 merged the gathered full adapter: the merge check sees the one-process model's perplexity
+    for key in ("ppl_unmerged", "ppl_merged"):
+        assert sb["merge_check"][key] == pytest.approx(sa["merge_check"][key], rel=1e-5)
     ta, tb = (load_file(d / "adapter.safetensors") for d in (reference, out))
     print("fsdp vs one process: max |adapter diff|", max((ta[k] - tb[k]).abs().max().item() for k in ta),
           "loss rel diff", max(abs(b - a) / abs(a) for a, b in zip(sa["losses"], sb["losses"])))

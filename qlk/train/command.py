@@ -291,7 +291,7 @@ def _run(cfg, dist_env, device, out, records, data_path, t_start) -> dict:
         }
         if cfg.world_size > 1 and not summary["fsdp"]["sharded_adapter_tensors"]:
             raise RuntimeError("--fsdp: the Trainer did not shard the adapters (no DTensor parameters after training)")
-        model = _unsharded_copy(trainer, cfg)  # every rank gathers; rank 0 gets a plain model
+        model = _unsharded_copy(trainer, cfg, device)  # every rank gathers; rank 0 gets a plain model
     if not main:
         return {}
 
@@ -364,9 +364,10 @@ def _mesh(cfg, device):
     return init_device_mesh(device.type, (cfg.world_size,))
 
 
-def _unsharded_copy(trainer, cfg):
+def _unsharded_copy(trainer, cfg, device):
     """After FSDP2 training: gather the adapters (a collective) and, on rank 0, load them into a
-    freshly loaded and patched model (forwards of the sharded model would need every rank)."""
+    freshly loaded and patched model on ``device`` (forwards of the sharded model would need every
+    rank). Patching again with the run's seed gives the same packed weights as the trained model's."""
     from ..hf_models import load_model
     from .trainer import load_trainable, trainable_tensors
 
@@ -376,6 +377,7 @@ def _unsharded_copy(trainer, cfg):
     import torch
 
     model, _, _ = load_model(cfg.model)
+    model.to(device)
     torch.manual_seed(cfg.seed)
     _patch(model, cfg)
     load_trainable(model, tensors, "FSDP2 gather")
