@@ -135,6 +135,7 @@ class QlkTrainer(Trainer):
             shard_model(self.model, mesh=fsdp_mesh)  # check_fsdp + fully_shard per block + root
             # The Trainer's flag for "the model owns its placement and gradient reduction": accelerate
             # then neither wraps it in DDP (gradients would be reduced twice) nor shards it again.
+            # (Were the flag ever ignored, accelerate's DDP wrap refuses DTensor parameters: loud.)
             self.is_distributed_loading_by_transformers = True
             # transformers' mark of an FSDP2 module: with --grad-accum the Trainer then runs the
             # micro-batches but the last under _defer_fsdp_gradient_reduction (one reduce-scatter per step)
@@ -193,7 +194,8 @@ class QlkTrainer(Trainer):
             return super()._load_optimizer_and_scheduler(checkpoint)
         import torch
 
-        load_full_optimizer_state(getattr(self.optimizer, "optimizer", self.optimizer), torch.load(Path(checkpoint) / OPTIMIZER_FILE, weights_only=True))
+        state = torch.load(Path(checkpoint) / OPTIMIZER_FILE, weights_only=True)
+        load_full_optimizer_state(getattr(self.optimizer, "optimizer", self.optimizer), state)  # every rank: shards
         self.lr_scheduler.load_state_dict(torch.load(Path(checkpoint) / SCHEDULER_FILE, weights_only=True))
 
     def _save_checkpoint(self, model, trial) -> None:
