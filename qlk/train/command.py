@@ -186,11 +186,6 @@ def run(cfg: FinetuneConfig) -> dict:
     data_path = Path(cfg.data) if cfg.data else default_data_path()
     records = load_records(data_path)
     cfg.data_sha256 = file_sha256(data_path)
-    if cfg.fsdp and cfg.world_size < 2:
-        raise UsageError(
-            "--fsdp shards the model over processes, and this is one process: launch it with "
-            "`torchrun --nproc-per-node N -m qlk finetune ... --fsdp` (N >= 2), or leave out --fsdp"
-        )
     device = dist_env.init()
     out = OutputDir(cfg.output_dir)
     dist_env.agree(lambda: out.prepare(cfg))
