@@ -1,6 +1,6 @@
 """Run ``qlk finetune`` and interrupt it at a chosen point of a chosen step (tests/test_train.py).
 
-    python tests/_ft_interrupt.py --signal KILL --at optimizer --step 3 -- finetune --model ... --output-dir ...
+    python tests/_ft_interrupt.py --send KILL --at optimizer --step 3 -- finetune --model ... --output-dir ...
 
 Points of step N (1-based): ``forward`` (loss computed, before backward), ``backward`` (gradients
 accumulated, before the optimizer), ``optimizer`` (parameters updated, before any checkpoint),
@@ -19,12 +19,12 @@ import torch  # noqa: E402
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--signal", choices=("KILL", "INT"), required=True)
+    ap.add_argument("--send", choices=("KILL", "INT"), required=True)
     ap.add_argument("--at", choices=("forward", "backward", "optimizer", "checkpoint"), required=True)
     ap.add_argument("--step", type=int, required=True)
     ap.add_argument("qlk_args", nargs=argparse.REMAINDER)
     a = ap.parse_args()
-    sig = signal.SIGKILL if a.signal == "KILL" else signal.SIGINT
+    sig = signal.SIGKILL if a.send == "KILL" else signal.SIGINT
     fired = {"done": False}
 
     def fire():

@@ -566,6 +566,8 @@ CASES = [
          lambda: qlk_finetune("--batch-size", "6", "--grad-accum", "4"), exc=UsageError, says=("--batch-size 6", "multiple of")),
     Case("finetune-overwrite-resume", "qlk finetune", "--overwrite --resume", lambda: qlk_finetune("--overwrite", "--resume"),
          exc=UsageError, says=("contradict",)),
+    Case("finetune-fsdp-one-process", "qlk finetune", "--fsdp in one process (not under torchrun)",
+         lambda: qlk_finetune("--fsdp"), exc=UsageError, says=("--fsdp", "torchrun --nproc-per-node")),
     # ---- issue 14: hyperparameters (NaN/Inf, and checked before any group-size hint)
     Case("patch-alpha-nan", "qlk.patch.patch_model", "alpha=nan", lambda: patched(alpha=float("nan")),
          says=("alpha=nan", "positive, finite")),

@@ -124,9 +124,6 @@ def training_arguments(cfg: FinetuneConfig, out: OutputDir, device, has_eval: bo
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out.logs))
     except ImportError:
         report_to = []
-    kw = {}
-    if cfg.fsdp:
-        kw.update(fsdp="full_shard", fsdp_config={"version": 2, "reshard_after_forward": True})
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     return TrainingArguments(
         output_dir=str(out.checkpoints), report_to=report_to,
@@ -139,7 +136,7 @@ def training_arguments(cfg: FinetuneConfig, out: OutputDir, device, has_eval: bo
         seed=cfg.seed, use_cpu=device.type == "cpu", bf16=bf16, disable_tqdm=not cfg.progress,
         dataloader_num_workers=0, remove_unused_columns=False, ddp_find_unused_parameters=False,
         ddp_backend="gloo" if device.type == "cpu" and cfg.world_size > 1 else None,
-        average_tokens_across_devices=True, **kw,
+        average_tokens_across_devices=True,
     )  # fmt: skip
 
 
@@ -189,11 +186,6 @@ def run(cfg: FinetuneConfig) -> dict:
     data_path = Path(cfg.data) if cfg.data else default_data_path()
     records = load_records(data_path)
     cfg.data_sha256 = file_sha256(data_path)
-    if cfg.fsdp and pick_device(cfg.device).type != "cuda":
-        raise UsageError(
-            "--fsdp needs CUDA GPUs: the Trainer (through accelerate) runs FSDP2 only on GPUs, and on CPU would fall "
-            "back to DDP without a word; leave out --fsdp (DDP), or see docs/integrations.md to shard by hand on CPU"
-        )
     device = dist_env.init()
     out = OutputDir(cfg.output_dir)
     dist_env.agree(lambda: out.prepare(cfg))
@@ -265,7 +257,7 @@ def _run(cfg, dist_env, device, out, records, data_path, t_start) -> dict:
         model=model, args=training_arguments(cfg, out, device, bool(eval_examples)), train_dataset=Examples(examples),
         eval_dataset=Examples(eval_examples) if eval_examples else None, data_collator=_collator(tok),
         callbacks=[interrupt, NonFiniteLoss(), LineLog(cfg.steps, enabled=not cfg.progress)],
-        run_sampler=RunSampler(len(examples), cfg.batch_size, cfg.steps, cfg.seed),
+        run_sampler=RunSampler(len(examples), cfg.batch_size, cfg.steps, cfg.seed), fsdp_mesh=_mesh(cfg, device),
     )  # fmt: skip
     if not cfg.progress:
         from transformers import PrinterCallback
@@ -294,7 +286,7 @@ def _run(cfg, dist_env, device, out, records, data_path, t_start) -> dict:
         }
         if cfg.world_size > 1 and not summary["fsdp"]["sharded_adapter_tensors"]:
             raise RuntimeError("--fsdp: the Trainer did not shard the adapters (no DTensor parameters after training)")
-        model = _unsharded_copy(trainer, cfg)  # every rank gathers; rank 0 gets a plain model
+        model = _unsharded_copy(trainer, cfg, device)  # every rank gathers; rank 0 gets a plain model
     if not main:
         return {}
 
@@ -358,9 +350,19 @@ def _collator(tok):
     return Collator(tok.pad_token_id)
 
 
-def _unsharded_copy(trainer, cfg):
+def _mesh(cfg, device):
+    """--fsdp: the 1-D device mesh over all processes that QlkTrainer shards the model on; else None."""
+    if not cfg.fsdp:
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device.type, (cfg.world_size,))
+
+
+def _unsharded_copy(trainer, cfg, device):
     """After FSDP2 training: gather the adapters (a collective) and, on rank 0, load them into a
-    freshly loaded and patched model (forwards of the sharded model would need every rank)."""
+    freshly loaded and patched model on ``device`` (forwards of the sharded model would need every
+    rank). Patching again with the run's seed gives the same packed weights as the trained model's."""
     from ..hf_models import load_model
     from .trainer import load_trainable, trainable_tensors
 
@@ -370,6 +372,7 @@ def _unsharded_copy(trainer, cfg):
     import torch
 
     model, _, _ = load_model(cfg.model)
+    model.to(device)
     torch.manual_seed(cfg.seed)
     _patch(model, cfg)
     load_trainable(model, tensors, "FSDP2 gather")

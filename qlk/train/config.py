@@ -113,6 +113,11 @@ def validate_config(cfg: FinetuneConfig) -> None:
         raise UsageError(f"--export {cfg.export!r}: allowed gguf")
     if cfg.overwrite and cfg.resume:
         raise UsageError("--overwrite and --resume contradict each other: --resume continues the run in --output-dir")
+    if cfg.fsdp and cfg.world_size < 2:
+        raise UsageError(
+            "--fsdp shards the model over processes, and this is one process: launch it with "
+            "`torchrun --nproc-per-node N -m qlk finetune ... --fsdp` (N >= 2), or leave out --fsdp"
+        )
     per = cfg.world_size * cfg.grad_accum
     if cfg.batch_size % per:
         raise UsageError(
