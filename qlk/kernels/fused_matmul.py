@@ -250,23 +250,60 @@ def _quant_matmul_grad_input_kernel(
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
 
 
-@triton.autotune(configs=splitn_configs(), key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "IS_NF4", "ATOMIC"],
-                 prune_configs_by=PRUNE_SPLITN, reset_to_zero=["ws_ptr"])
+@triton.jit
+def _splitn_loop(dy_rows, lb_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
+                 stride_qn, stride_sn, stride_sg, stride_dyn, stride_lbn, stride_lbr,
+                 offs_m, mask_m, k0, n_start, n_end, N, K, R,
+                 BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr, WITH_V: tl.constexpr, R_PAD: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The split-N reduction over rows n_start .. n_end: (dXᵀ tile [BLOCK_K, BLOCK_M],
+    Vᵀ [R_PAD, BLOCK_M] = Bᵀ·dYᵀ over the same rows when WITH_V, else zeros)."""
+    acc = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
+    vacc = tl.zeros((R_PAD, BLOCK_M), dtype=tl.float32)
+    offs_r = tl.arange(0, R_PAD)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        # clamped weight rows meet dY columns masked to 0: they add exactly 0
+        w = _dequant_tile(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
+                          stride_qn, stride_sn, stride_sg, tl.minimum(offs_n, N - 1), k0, K,
+                          BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K)
+        dyt = tl.load(dy_rows[None, :] + offs_n[:, None] * stride_dyn,
+                      mask=mask_m[None, :] & (offs_n[:, None] < N), other=0.0)
+        acc = tl.dot(tl.trans(w.to(dyt.dtype)), dyt, acc, input_precision=DOT_PRECISION)
+        if WITH_V:
+            # the dY tile is in registers already: Vᵀ += Bᵀ[R, BN]·dYᵀ[BN, BM] (B rounded to dY's
+            # dtype, as the autograd's dY·B is)
+            bt = tl.load(lb_ptr + offs_n[:, None].to(tl.int64) * stride_lbn + offs_r[None, :] * stride_lbr,
+                         mask=(offs_n[:, None] < N) & (offs_r[None, :] < R), other=0.0)
+            vacc = tl.dot(tl.trans(bt.to(dyt.dtype)), dyt, vacc, input_precision=DOT_PRECISION)
+    return acc, vacc
+
+
+@triton.autotune(configs=splitn_configs(), key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "IS_NF4", "ATOMIC", "WITH_V"],
+                 prune_configs_by=PRUNE_SPLITN, reset_to_zero=["ws_ptr", "v_ptr"])
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
 def _quant_matmul_grad_input_splitn_kernel(
     ws_ptr,  # fp32 partial sums: [M, K] (ATOMIC) or [SPLIT, M, K], zero-initialized
     dy_ptr,  # [M, N] upstream gradient (any strides)
+    v_ptr,  # WITH_V: fp32 V = dY·B, [M, R] (ATOMIC) or [SPLIT, M, R], zero-initialized; else dummy
+    lb_ptr,  # WITH_V: QA-LoRA's lora_b [N, R] (any strides); else dummy
     qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,  # packed weight (weight_args)
     stride_qn, stride_sn, stride_sg,
-    M, N, K, M_BUCKET,
-    stride_dym, stride_dyn,
+    M, N, K, M_BUCKET, R,
+    stride_dym, stride_dyn, stride_lbn, stride_lbr,
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
     ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+    WITH_V: tl.constexpr, R_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Small-M input gradient, the reduction over N split across the grid: program (k, s, m) adds
-    dXᵀ[k0:k0+BK, m0:m0+BM] = Σ_{n in slice s} Ŵᵀ[BK, BN]·dYᵀ[BN, BM] (slices of ⌈N/BN / SPLIT⌉ tiles)."""
+    dXᵀ[k0:k0+BK, m0:m0+BM] = Σ_{n in slice s} Ŵᵀ[BK, BN]·dYᵀ[BN, BM] (slices of ⌈N/BN / SPLIT⌉ tiles).
+
+    WITH_V (QA-LoRA): the programs of the first K tile also add V[m, :] = Σ_{n in slice s} dY[m, n]·B[n, :]
+    from the dY tiles they load anyway (the others branch over it; the low-rank term of dX itself
+    is folded into the group biases by the caller)."""
     pid_k = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -278,16 +315,27 @@ def _quant_matmul_grad_input_splitn_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
     dy_rows = dy_ptr + offs_m.to(tl.int64) * stride_dym
-    acc = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
-    for n0 in range(n_start, n_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        # clamped weight rows meet dY columns masked to 0: they add exactly 0
-        w = _dequant_tile(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
-                          stride_qn, stride_sn, stride_sg, tl.minimum(offs_n, N - 1), k0, K,
-                          BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K)
-        dyt = tl.load(dy_rows[None, :] + offs_n[:, None] * stride_dyn,
-                      mask=mask_m[None, :] & (offs_n[:, None] < N), other=0.0)
-        acc = tl.dot(tl.trans(w.to(dyt.dtype)), dyt, acc, input_precision=DOT_PRECISION)
+    if WITH_V and pid_k == 0:
+        # a second copy of the loop, with V, for the first K tile only: the loop the other
+        # programs run stays exactly the plain kernel's
+        acc, vacc = _splitn_loop(dy_rows, lb_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
+                                 stride_qn, stride_sn, stride_sg, stride_dyn, stride_lbn, stride_lbr,
+                                 offs_m, mask_m, k0, n_start, n_end, N, K, R,
+                                 BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, EVEN_K, True, R_PAD,
+                                 BLOCK_N, BLOCK_M, BLOCK_K)
+        offs_r = tl.arange(0, R_PAD)
+        v_mask = (offs_r[:, None] < R) & mask_m[None, :]
+        v_offs = offs_m[None, :].to(tl.int64) * R + offs_r[:, None]
+        if ATOMIC:
+            tl.atomic_add(v_ptr + v_offs, vacc, mask=v_mask, sem="relaxed")
+        else:
+            tl.store(v_ptr + pid_s.to(tl.int64) * M * R + v_offs, vacc, mask=v_mask)
+    else:
+        acc, _ = _splitn_loop(dy_rows, lb_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
+                              stride_qn, stride_sn, stride_sg, stride_dyn, stride_lbn, stride_lbr,
+                              offs_m, mask_m, k0, n_start, n_end, N, K, R,
+                              BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, EVEN_K, False, R_PAD,
+                              BLOCK_N, BLOCK_M, BLOCK_K)
     mask = (offs_k[:, None] < K) & mask_m[None, :]
     offs = offs_m[None, :].to(tl.int64) * K + offs_k[:, None]
     if ATOMIC:
@@ -438,7 +486,10 @@ def quant_matmul_grad_input(dy: torch.Tensor, qw: QuantizedWeight, out: torch.Te
     return _grad_input(dy, qw, out, path, deterministic)
 
 
-def _grad_input(dy, qw, out, path, deterministic, wargs=None):
+def _grad_input(dy, qw, out, path, deterministic, wargs=None, lora_b=None):
+    """dX [..., K]; with ``lora_b`` (QA-LoRA's B [N, r]) the pair (dX, V = dY·B [M, r] fp32), V
+    computed inside the split-N kernel, or None on the GEMM path (the caller computes it).
+    ``wargs``: weight_args(qw) with replaced tensors (QA-LoRA's folded biases)."""
     n, k = qw.shape
     lead = dy.shape[:-1]
     dy2 = _as_2d(dy, n, "dy")
@@ -451,10 +502,14 @@ def _grad_input(dy, qw, out, path, deterministic, wargs=None):
         out = torch.empty((m, k), dtype=dy.dtype, device=dy.device)
     if path not in ("auto", "gemm", "splitn"):
         raise ValueError(f"path={path!r}; allowed: 'auto', 'gemm', 'splitn'")
+    v = None
+    splitn = path == "splitn" or (path == "auto" and m <= SPLITN_MAX_M)
+    if splitn and lora_b is not None:
+        v = torch.empty((m, lora_b.shape[1]), dtype=torch.float32, device=dy.device)
     if m > 0:
         args, meta = wargs if wargs is not None else weight_args(qw)
-        if path == "splitn" or (path == "auto" and m <= SPLITN_MAX_M):
-            _splitn_grad_input(dy2, qw, out, deterministic, args, meta)
+        if splitn:
+            _splitn_grad_input(dy2, qw, out, deterministic, args, meta, lora_b, v)
         else:
             def grid(meta_):
                 return (triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(k, meta_["BLOCK_K"]),)
@@ -465,10 +520,12 @@ def _grad_input(dy, qw, out, path, deterministic, wargs=None):
                 DOT_PRECISION=_precision(dy.dtype), **meta)
     if qw.perm is not None:
         out = out.index_select(1, torch.argsort(qw.perm))
-    return out.reshape(*lead, k)
+    dx = out.reshape(*lead, k)
+    return dx if lora_b is None else (dx, v)
 
 
-def _splitn_grad_input(dy2, qw, out, deterministic, args, meta):
+def _splitn_grad_input(dy2, qw, out, deterministic, args, meta, lora_b=None, v=None):
+    """dX = dY·Ŵ into ``out`` [M, K]; with ``lora_b`` [N, r] also V = dY·B into ``v`` [M, r] fp32."""
     m, n = dy2.shape
     k = qw.shape[1]
     sms = num_sms(dy2.device)
@@ -480,12 +537,21 @@ def _splitn_grad_input(dy2, qw, out, deterministic, args, meta):
     def grid(meta_):
         return (triton.cdiv(k, meta_["BLOCK_K"]), split_of(meta_), triton.cdiv(m, meta_["BLOCK_M"]))
 
+    with_v = lora_b is not None
+    r = lora_b.shape[1] if with_v else 0
     if deterministic:
         max_split = max(split_of(c.kwargs) for c in _quant_matmul_grad_input_splitn_kernel.configs)
         ws = _workspace((max_split, m, k), dy2.device)
+        v_ws = _workspace((max_split, m, r), dy2.device) if with_v else None
     else:
         ws = _workspace((m, k), dy2.device)
+        v_ws = _workspace((m, r), dy2.device) if with_v else None
+    dummy = args[3]
     _quant_matmul_grad_input_splitn_kernel[grid](
-        ws, dy2, *args, m, n, k, _bucket(m), dy2.stride(0), dy2.stride(1),
-        ATOMIC=not deterministic, DOT_PRECISION=_precision(dy2.dtype), **meta)
+        ws, dy2, v_ws if with_v else dummy, lora_b if with_v else dummy, *args, m, n, k, _bucket(m), r,
+        dy2.stride(0), dy2.stride(1), lora_b.stride(0) if with_v else 0, lora_b.stride(1) if with_v else 0,
+        ATOMIC=not deterministic, DOT_PRECISION=_precision(dy2.dtype),
+        WITH_V=with_v, R_PAD=max(16, triton.next_power_of_2(max(r, 1))), **meta)
     out.copy_(ws.sum(0) if deterministic else ws)
+    if with_v:
+        v.copy_(v_ws.sum(0) if deterministic else v_ws)
