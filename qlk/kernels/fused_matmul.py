@@ -251,33 +251,20 @@ def _quant_matmul_grad_input_kernel(
 
 
 @triton.jit
-def _splitn_loop(dy_rows, lb_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
-                 stride_qn, stride_sn, stride_sg, stride_dyn, stride_lbn, stride_lbr,
-                 offs_m, mask_m, k0, n_start, n_end, N, K, R,
-                 BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr, WITH_V: tl.constexpr, R_PAD: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The split-N reduction over rows n_start .. n_end: (dXᵀ tile [BLOCK_K, BLOCK_M],
-    Vᵀ [R_PAD, BLOCK_M] = Bᵀ·dYᵀ over the same rows when WITH_V, else zeros)."""
-    acc = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
+def _splitn_v_loop(dy_rows, lb_ptr, stride_dyn, stride_lbn, stride_lbr, mask_m, n_start, n_end, N, R,
+                   DOT_PRECISION: tl.constexpr, R_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Vᵀ [R_PAD, BLOCK_M] = Σ_{n in n_start .. n_end} Bᵀ[:, n]·dYᵀ[n, :] (B rounded to dY's dtype, as the
+    autograd's dY·B is; fp32 sums). No weight tile: few registers, whatever the weight format."""
     vacc = tl.zeros((R_PAD, BLOCK_M), dtype=tl.float32)
     offs_r = tl.arange(0, R_PAD)
     for n0 in range(n_start, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        # clamped weight rows meet dY columns masked to 0: they add exactly 0
-        w = _dequant_tile(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
-                          stride_qn, stride_sn, stride_sg, tl.minimum(offs_n, N - 1), k0, K,
-                          BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K)
-        dyt = tl.load(dy_rows[None, :] + offs_n[:, None] * stride_dyn,
-                      mask=mask_m[None, :] & (offs_n[:, None] < N), other=0.0)
-        acc = tl.dot(tl.trans(w.to(dyt.dtype)), dyt, acc, input_precision=DOT_PRECISION)
-        if WITH_V:
-            # the dY tile is in registers already: Vᵀ += Bᵀ[R, BN]·dYᵀ[BN, BM] (B rounded to dY's
-            # dtype, as the autograd's dY·B is)
-            bt = tl.load(lb_ptr + offs_n[:, None].to(tl.int64) * stride_lbn + offs_r[None, :] * stride_lbr,
-                         mask=(offs_n[:, None] < N) & (offs_r[None, :] < R), other=0.0)
-            vacc = tl.dot(tl.trans(bt.to(dyt.dtype)), dyt, vacc, input_precision=DOT_PRECISION)
-    return acc, vacc
+        mask_n = offs_n[:, None] < N
+        dyt = tl.load(dy_rows[None, :] + offs_n[:, None] * stride_dyn, mask=mask_m[None, :] & mask_n, other=0.0)
+        bt = tl.load(lb_ptr + offs_n[:, None].to(tl.int64) * stride_lbn + offs_r[None, :] * stride_lbr,
+                     mask=mask_n & (offs_r[None, :] < R), other=0.0)
+        vacc = tl.dot(tl.trans(bt.to(dyt.dtype)), dyt, vacc, input_precision=DOT_PRECISION)
+    return vacc
 
 
 @triton.autotune(configs=splitn_configs(), key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "IS_NF4", "ATOMIC", "WITH_V"],
@@ -301,9 +288,10 @@ def _quant_matmul_grad_input_splitn_kernel(
     """Small-M input gradient, the reduction over N split across the grid: program (k, s, m) adds
     dXᵀ[k0:k0+BK, m0:m0+BM] = Σ_{n in slice s} Ŵᵀ[BK, BN]·dYᵀ[BN, BM] (slices of ⌈N/BN / SPLIT⌉ tiles).
 
-    WITH_V (QA-LoRA): the programs of the first K tile also add V[m, :] = Σ_{n in slice s} dY[m, n]·B[n, :]
-    from the dY tiles they load anyway (the others branch over it; the low-rank term of dX itself
-    is folded into the group biases by the caller)."""
+    WITH_V (QA-LoRA): one extra column of programs (k = ⌈K/BK⌉, one per slice and M tile) adds
+    V[m, :] = Σ_{n in slice s} dY[m, n]·B[n, :] instead (the low-rank term of dX itself is folded
+    into the group biases by the caller). Not fused into the dequantizing loop: B's tile there
+    made the 256-row tile spill."""
     pid_k = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -315,14 +303,11 @@ def _quant_matmul_grad_input_splitn_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
     dy_rows = dy_ptr + offs_m.to(tl.int64) * stride_dym
-    if WITH_V and pid_k == 0:
-        # a second copy of the loop, with V, for the first K tile only: the loop the other
-        # programs run stays exactly the plain kernel's
-        acc, vacc = _splitn_loop(dy_rows, lb_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
-                                 stride_qn, stride_sn, stride_sg, stride_dyn, stride_lbn, stride_lbr,
-                                 offs_m, mask_m, k0, n_start, n_end, N, K, R,
-                                 BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, EVEN_K, True, R_PAD,
-                                 BLOCK_N, BLOCK_M, BLOCK_K)
+    if WITH_V and pid_k == tl.cdiv(K, BLOCK_K):
+        # the extra column of programs: V over this slice, no weight tile (its own registers: the
+        # dequantizing loop below stays exactly the plain kernel's)
+        vacc = _splitn_v_loop(dy_rows, lb_ptr, stride_dyn, stride_lbn, stride_lbr, mask_m, n_start, n_end, N, R,
+                              DOT_PRECISION, R_PAD, BLOCK_N, BLOCK_M)
         offs_r = tl.arange(0, R_PAD)
         v_mask = (offs_r[:, None] < R) & mask_m[None, :]
         v_offs = offs_m[None, :].to(tl.int64) * R + offs_r[:, None]
@@ -331,17 +316,22 @@ def _quant_matmul_grad_input_splitn_kernel(
         else:
             tl.store(v_ptr + pid_s.to(tl.int64) * M * R + v_offs, vacc, mask=v_mask)
     else:
-        acc, _ = _splitn_loop(dy_rows, lb_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
-                              stride_qn, stride_sn, stride_sg, stride_dyn, stride_lbn, stride_lbr,
-                              offs_m, mask_m, k0, n_start, n_end, N, K, R,
-                              BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, EVEN_K, False, R_PAD,
-                              BLOCK_N, BLOCK_M, BLOCK_K)
-    mask = (offs_k[:, None] < K) & mask_m[None, :]
-    offs = offs_m[None, :].to(tl.int64) * K + offs_k[:, None]
-    if ATOMIC:
-        tl.atomic_add(ws_ptr + offs, acc, mask=mask, sem="relaxed")
-    else:
-        tl.store(ws_ptr + pid_s.to(tl.int64) * M * K + offs, acc, mask=mask)
+        acc = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
+        for n0 in range(n_start, n_end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            # clamped weight rows meet dY columns masked to 0: they add exactly 0
+            w = _dequant_tile(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
+                              stride_qn, stride_sn, stride_sg, tl.minimum(offs_n, N - 1), k0, K,
+                              BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K)
+            dyt = tl.load(dy_rows[None, :] + offs_n[:, None] * stride_dyn,
+                          mask=mask_m[None, :] & (offs_n[:, None] < N), other=0.0)
+            acc = tl.dot(tl.trans(w.to(dyt.dtype)), dyt, acc, input_precision=DOT_PRECISION)
+        mask = (offs_k[:, None] < K) & mask_m[None, :]
+        offs = offs_m[None, :].to(tl.int64) * K + offs_k[:, None]
+        if ATOMIC:
+            tl.atomic_add(ws_ptr + offs, acc, mask=mask, sem="relaxed")
+        else:
+            tl.store(ws_ptr + pid_s.to(tl.int64) * M * K + offs, acc, mask=mask)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -535,7 +525,8 @@ def _splitn_grad_input(dy2, qw, out, deterministic, args, meta, lora_b=None, v=N
         return max(1, min(triton.cdiv(n, meta_["BLOCK_N"]), triton.cdiv(16 * sms, base)))
 
     def grid(meta_):
-        return (triton.cdiv(k, meta_["BLOCK_K"]), split_of(meta_), triton.cdiv(m, meta_["BLOCK_M"]))
+        # with V: one more column of programs, k = ⌈K/BLOCK_K⌉, for V = dY·B
+        return (triton.cdiv(k, meta_["BLOCK_K"]) + with_v, split_of(meta_), triton.cdiv(m, meta_["BLOCK_M"]))
 
     with_v = lora_b is not None
     r = lora_b.shape[1] if with_v else 0
