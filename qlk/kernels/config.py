@@ -145,6 +145,17 @@ def splitn_configs():
     ]
 
 
+def gemv_grad_configs():
+    """Input gradient at M = 1 by FMAs (``_quant_matmul_grad_input_gemv_kernel``): acc [BLOCK_N, BLOCK_K]
+    in registers, N split over the grid."""
+    if INTERPRETED:
+        return [_cfg(None, 4, 1, BLOCK_N=16, BLOCK_K=64)]
+    return [
+        _cfg(None, 4, 3, BLOCK_N=32, BLOCK_K=256),
+        _cfg(None, 4, 3, BLOCK_N=64, BLOCK_K=128),
+    ]
+
+
 def dequant_configs():
     if INTERPRETED:
         return [_cfg(None, 4, 1, BLOCK_N=32, BLOCK_K=64)]
