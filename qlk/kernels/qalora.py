@@ -9,10 +9,11 @@ E[n, k] = (1/g)·(B·A)[n, j(k)], constant within a group, so
 
     Y = X·Ŵ'ᵀ,   Ŵ' = s·q + b',   b'[n, j] = b[n, j] + (σ/g)·Σ_r B[n, r]·A[r, j]
 
-(the QA-LoRA merge, done per call by ``_fold_bias_kernel`` into an [N, G] buffer in the activation
-dtype, summed in fp32: N·G·r FMAs, ~N·G·6 bytes, < 1 % of the GEMM at the Llama-8B shapes, see
-docs/kernels.md). b' is 16-bit for fp16/bf16 activations, like the plain kernels' biases: fp32 b'
-needs a 32-bit register per (row, group) of the tile, which made the 256-row split-N tile spill.
+(the QA-LoRA merge, done per call by ``_fold_bias_kernel`` into an [N, G] buffer, summed in fp32:
+N·G·r FMAs, ~N·G·10 bytes, < 1 % of the GEMM at the Llama-8B shapes, see docs/kernels.md). b' is
+fp32, except for the split-N input gradient (M <= 16), which gets it in dy's dtype: fp32 b' needs a
+32-bit register per (row, group) of the tile, which made its best (256-row) tile spill; elsewhere
+fp32 b' is as fast or faster (static estimates, docs/kernels.md "round 2").
 The GEMM then runs unchanged on b' — no r-wide epilogue, no U = P(X)·Aᵀ, no extra MMA — and the
 same b' turns the input-gradient kernel into dY·Ŵ' = dY·Ŵ + (σ/g)·expand_g(V·A): the expanded
 adapter term costs nothing in that kernel either. At M <= 16 (split-N) the input-gradient launch also
@@ -25,9 +26,9 @@ groups larger than its K tile) pool with one torch reduction instead.
 
 Precision: Ŵ' is rounded once to the activation dtype before the MMA, like Ŵ in the plain kernel,
 so the adapter's contribution is rounded together with the base weight (it is what the merged
-model computes). b' itself is rounded to the activation dtype first (the dtype Ŵ' is rounded to
-anyway, so no new range limit; ≤ ½ ulp of b', the same order as Ŵ''s own rounding); P(X) is
-summed in fp32 and returned in fp32.
+model computes). On the split-N path b' itself is rounded to dy's dtype first (the dtype Ŵ' is
+rounded to anyway, so no new range limit; ≤ ½ ulp of b', the same order as Ŵ''s own rounding);
+P(X) is summed in fp32 and returned in fp32.
 
 Formats: INT-b only (QA-LoRA needs per-group biases). NF4, float64, unsupported INT layouts and
 bf16 under the Triton interpreter go through the plain-torch reference.
@@ -41,7 +42,7 @@ import triton.language as tl
 from .. import reference as _reference
 from ..formats.quantized_weight import QuantizedWeight
 from .config import INTERPRETED
-from .fused_matmul import _as_2d, _forward, _grad_input
+from .fused_matmul import SPLITN_MAX_M, _as_2d, _forward, _grad_input
 from .quant_tile import supports, weight_args
 
 _FOLD_BLOCK_N, _FOLD_BLOCK_G, _FOLD_WARPS = 16, 16, 2  # small tiles: G is only K/g (32 at g=128)
@@ -109,7 +110,7 @@ def _folded_weight_args(qw: QuantizedWeight, lora_a, lora_b, scaling: float, dty
 def fold_biases(qw: QuantizedWeight, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """b' = b + (σ/g)·B·A as a [N, G] tensor in ``dtype`` (summed in fp32): the folded biases the
-    QA-LoRA kernels use, which pass the activations' dtype."""
+    QA-LoRA kernels use (fp32; dy's dtype for the split-N input gradient)."""
     _check_adapter(qw, lora_a, lora_b, "fold_biases")
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"fold_biases: dtype={dtype}; allowed: torch.float16, torch.bfloat16, torch.float32")
@@ -137,7 +138,7 @@ def qalora_forward(x: torch.Tensor, qw: QuantizedWeight, lora_a: torch.Tensor, l
             out.copy_(y.reshape(-1, n))
             y = out.reshape(*lead, n)
         return y, pooled
-    wargs = _folded_weight_args(qw, lora_a, lora_b, scaling, x.dtype)
+    wargs = _folded_weight_args(qw, lora_a, lora_b, scaling, torch.float32)
     y, pooled = _forward(x, qw, bias, out, path, deterministic, wargs=wargs, pool=True)
     return y, pooled.reshape(*lead, g_count)
 
@@ -170,7 +171,10 @@ def qalora_grad_input(dy: torch.Tensor, qw: QuantizedWeight, lora_a: torch.Tenso
             out.copy_(dx)
             dx = out
         return dx.reshape(*lead, k), v.reshape(*lead, r)
-    wargs = _folded_weight_args(qw, lora_a, lora_b, scaling, dy.dtype)
+    # b' in dy's dtype on the split-N path (fp32 b' made its best tile spill), fp32 on the GEMM
+    # path (16-bit b' there is +6 % or -6 % by format: no gain; docs/kernels.md, round 2)
+    splitn = path == "splitn" or (path == "auto" and dy2.shape[0] <= SPLITN_MAX_M)
+    wargs = _folded_weight_args(qw, lora_a, lora_b, scaling, dy.dtype if splitn else torch.float32)
     dx, v = _grad_input(dy, qw, out, path, deterministic, wargs=wargs, lora_b=lora_b)
     if v is None:  # the GEMM path
         v = (dy2 @ lora_b.to(dy2.dtype)).to(acc)
