@@ -38,7 +38,7 @@ MUTANTS = [
          tests=[KP, "-k", "test_gemv"]),
     dict(id="gemv-workspace-last-slice-only", cls="workspace", file="qlk/kernels/fused_matmul.py",
          old="out.copy_(ws.sum(dim=0) if deterministic else ws)", new="out.copy_(ws[-1] if deterministic else ws)",
-         tests=[KP, "-k", "test_gemv and det"]),
+         tests=[KP, "-k", "test_gemv and det"]),  # int2g8k520-det
     dict(id="splitn-v-workspace-slice", cls="workspace", file="qlk/kernels/fused_matmul.py",
          old="tl.store(v_ptr + pid_s.to(tl.int64) * M * R + v_offs, vacc, mask=v_mask)",
          new="tl.store(v_ptr + v_offs, vacc, mask=v_mask)",
