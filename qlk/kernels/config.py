@@ -78,8 +78,9 @@ PRUNE = {"early_config_prune": _prune}
 
 
 def _prune_splitn(configs, named_args, **kwargs):
-    """_prune, and no 256-row tile with fp32 group biases (QA-LoRA's folded b'): that tile spills
-    with them (INT4 g128, sm_90: the 32-bit bias registers of 256 rows)."""
+    """_prune, and no 256-row tile with fp32 group biases (fp32 activations' QA-LoRA b', or
+    ``scale_dtype=torch.float32``): that tile spills with them (INT4 g128, sm_90: the 32-bit bias
+    registers of 256 rows). QA-LoRA passes 16-bit b' here for fp16/bf16 dY, so keeps the tile."""
     kept = _prune(configs, named_args, **kwargs)
     b = named_args.get("b_ptr")
     if getattr(b, "dtype", None) is not None and str(b.dtype) == "torch.float32":
