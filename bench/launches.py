@@ -110,6 +110,8 @@ def declare_loops() -> None:
     sass.declare("_quant_matmul_grad_input_kernel", iterations=lambda L: sass.reduction_trips(L, "N", ("BLOCK_N",)))
     sass.declare("_quant_matmul_grad_input_splitn_kernel",
                  iterations=lambda L: sass.reduction_trips(L, "N", ("BLOCK_N",), split(L)))
+    sass.declare("_quant_matmul_grad_input_gemv_kernel",
+                 iterations=lambda L: sass.reduction_trips(L, "N", ("BLOCK_N",), split(L)))
     sass.declare("_fold_bias_kernel", iterations=lambda L: int(L.scalars["R"]))
 
 

@@ -1,5 +1,6 @@
-"""``torch.library`` custom ops for ``torch.compile``: ``qlk::quant_matmul`` and
-``qlk::quant_matmul_grad_input``.
+"""``torch.library`` custom ops for ``torch.compile``: ``qlk::quant_matmul``,
+``qlk::quant_matmul_grad_input``, and the adapter layers ``qlk::qalora_linear`` / ``qlk::lora_linear``
+(with their backward ops ``qlk::qalora_linear_backward`` / ``qlk::lora_linear_backward``).
 
 A :class:`~qlk.QuantizedWeight` is a Python dataclass, which neither Dynamo nor the op schema can
 carry; the ops take its tensors as tensors (``qweight``, ``scales``, ``biases``, ``absmax``,
@@ -12,8 +13,10 @@ so double backward works too). The implementations call :func:`qlk.ops.quant_mat
 :func:`qlk.ops.quant_matmul_grad_input`: Triton kernels or the reference path, by backend.
 
 :class:`qlk.QuantLinear` uses these ops only while ``torch.compiler.is_compiling()``
-(``qlk.nn.linear._compiled_forward``); its eager path (the autograd Functions of
-:mod:`qlk.autograd`) is unchanged. This module imports no layer: ``qlk.nn`` sits above it.
+(``qlk.nn.linear._compiled_forward``); eager it calls the autograd Functions of :mod:`qlk.autograd`.
+The adapter ops and those Functions call the same ``*_forward_impl`` / ``*_backward_impl``, so a
+compiled layer runs exactly the eager layer's kernels (QA-LoRA: the fused folded-bias kernels), with
+no plain-torch re-implementation. This module imports no layer: ``qlk.nn`` sits above it.
 """
 from __future__ import annotations
 
@@ -109,6 +112,191 @@ def _gi_backward(ctx, g):
 
 
 quant_matmul_grad_input.register_autograd(_gi_backward, setup_context=_gi_setup)
+
+
+# ---- the adapter layers: QA-LoRA and LoRA ---------------------------------------------------------
+# One op per layer and direction, around the same implementation the eager autograd Functions run
+# (qlk.autograd.qalora.qalora_forward_impl / qalora_backward_impl, qlk.autograd.lora.lora_*_impl): the
+# compiled layer runs the fused kernels of the eager one. The forward op also returns what backward
+# needs (QA-LoRA's Pd = D(P(X)), and the dropout seed as an int64 [1] tensor, -1 for none: the seed
+# is drawn inside the op from torch's default CPU generator, exactly as eager draws it), and its
+# autograd calls the backward op. The inputs arrive in the compute dtype with autocast off
+# (qlk.nn.linear._compiled_forward casts them, as the Functions do).
+#
+# A new fused layer (e.g. the grouped expert ops) follows the same pattern: a *_forward_impl /
+# *_backward_impl pair shared with its autograd.Function, a forward op returning every saved
+# activation, a backward op taking needs_* flags (unneeded grads come back as empty [0] tensors,
+# a custom op cannot return None), register_fake for both, register_autograd on the forward.
+def _seed_tensor(seed, device) -> Tensor:
+    return torch.tensor([-1 if seed is None else seed], dtype=torch.int64, device=device)
+
+
+def _seed_of(seed: Tensor):
+    value = int(seed.item())
+    return None if value < 0 else value
+
+
+def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
+    return like.new_empty((0,)) if t is None else t
+
+
+@torch.library.custom_op("qlk::qalora_linear", mutates_args=())
+def qalora_linear(
+    x: Tensor, qweight: Tensor, scales: Optional[Tensor], biases: Optional[Tensor], absmax: Optional[Tensor],
+    absmax_scale: Optional[Tensor], absmax_offset: Optional[Tensor], perm: Optional[Tensor], lora_a: Tensor,
+    lora_b: Tensor, bias: Optional[Tensor], scaling: float, dropout: float, fmt: str, bits: int, group_size: int,
+    out_features: int, in_features: int, weight_dtype: str,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """(Y [..., N] in X's dtype, Pd [M, G] fp32 (fp64 for fp64 X), seed int64 [1]): the QA-LoRA layer's
+    forward, X [..., in_features] in the compute dtype (:class:`qlk.autograd.QALoRAFunction`)."""
+    from .autograd.qalora import qalora_forward_impl
+
+    qw = _qw(qweight, scales, biases, absmax, absmax_scale, absmax_offset, perm, fmt, bits, group_size,
+             out_features, in_features, weight_dtype)  # fmt: skip
+    with torch.no_grad():
+        y, pooled, seed = qalora_forward_impl(x.reshape(-1, in_features), qw, lora_a, lora_b, scaling, bias, dropout)
+    return y.reshape(*x.shape[:-1], out_features), pooled, _seed_tensor(seed, x.device)
+
+
+@qalora_linear.register_fake
+def _(x, qweight, scales, biases, absmax, absmax_scale, absmax_offset, perm, lora_a, lora_b, bias, scaling, dropout,
+      fmt, bits, group_size, out_features, in_features, weight_dtype):  # fmt: skip
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    m = x.numel() // in_features
+    return (x.new_empty((*x.shape[:-1], out_features)), x.new_empty((m, in_features // group_size), dtype=acc),
+            x.new_empty((1,), dtype=torch.int64))  # fmt: skip
+
+
+@torch.library.custom_op("qlk::qalora_linear_backward", mutates_args=())
+def qalora_linear_backward(
+    dy: Tensor, pooled: Tensor, seed: Tensor, lora_a: Tensor, lora_b: Tensor, qweight: Tensor,
+    scales: Optional[Tensor], biases: Optional[Tensor], absmax: Optional[Tensor], absmax_scale: Optional[Tensor],
+    absmax_offset: Optional[Tensor], perm: Optional[Tensor], scaling: float, dropout: float, needs_dx: bool,
+    needs_da: bool, needs_db: bool, fmt: str, bits: int, group_size: int, out_features: int, in_features: int,
+    weight_dtype: str,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """(dX [..., in_features] in dY's dtype, dA, dB); an unneeded one is an empty [0] tensor."""
+    from .autograd.qalora import qalora_backward_impl
+
+    qw = _qw(qweight, scales, biases, absmax, absmax_scale, absmax_offset, perm, fmt, bits, group_size,
+             out_features, in_features, weight_dtype)  # fmt: skip
+    with torch.no_grad():
+        dx, da, db = qalora_backward_impl(dy.reshape(-1, out_features), pooled, lora_a, lora_b, qw, scaling, dropout,
+                                          _seed_of(seed), needs_dx, needs_da, needs_db)  # fmt: skip
+    if dx is not None:
+        dx = dx.reshape(*dy.shape[:-1], in_features)
+    return _or_empty(dx, dy), _or_empty(da, lora_a), _or_empty(db, lora_b)
+
+
+@qalora_linear_backward.register_fake
+def _(dy, pooled, seed, lora_a, lora_b, qweight, scales, biases, absmax, absmax_scale, absmax_offset, perm, scaling,
+      dropout, needs_dx, needs_da, needs_db, fmt, bits, group_size, out_features, in_features, weight_dtype):  # fmt: skip
+    return _adapter_grads_fake(dy, lora_a, lora_b, needs_dx, needs_da, needs_db, in_features)
+
+
+def _adapter_grads_fake(dy, lora_a, lora_b, needs_dx, needs_da, needs_db, in_features):
+    dx = dy.new_empty((*dy.shape[:-1], in_features) if needs_dx else (0,))
+    da = lora_a.new_empty(lora_a.shape if needs_da else (0,))
+    db = lora_b.new_empty(lora_b.shape if needs_db else (0,))
+    return dx, da, db
+
+
+def _adapter_setup(ctx, inputs, output, saved):
+    """Shared setup_context of the adapter ops: inputs are (x, 7 packed tensors, lora_a, lora_b, bias,
+    scaling, dropout, 6 attrs); ``saved`` the activation backward needs (x or Pd)."""
+    ctx.saved = saved
+    ctx.seed = output[-1]
+    ctx.packed = inputs[1:8]
+    ctx.lora = inputs[8:10]
+    ctx.scaling, ctx.dropout = inputs[11], inputs[12]
+    ctx.attrs = inputs[13:]
+    bias = inputs[10]
+    ctx.bias_needs_grad = bias is not None and bias.requires_grad
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _adapter_backward(ctx, backward_op, dy):
+    need = ctx.needs_input_grad
+    dx, da, db = backward_op(dy, ctx.saved, ctx.seed, *ctx.lora, *ctx.packed, ctx.scaling, ctx.dropout,
+                             need[0], need[8], need[9], *ctx.attrs)  # fmt: skip
+    dbias = dy.reshape(-1, dy.shape[-1]).sum(0).to(ctx.bias_dtype) if ctx.bias_needs_grad else None
+    return ((dx if need[0] else None,) + (None,) * 7 + (da if need[8] else None, db if need[9] else None, dbias)
+            + (None,) * 8)  # fmt: skip
+
+
+def _qalora_setup(ctx, inputs, output):
+    _adapter_setup(ctx, inputs, output, output[1])
+
+
+def _qalora_backward(ctx, dy, d_pooled, d_seed):
+    return _adapter_backward(ctx, qalora_linear_backward, dy)
+
+
+qalora_linear.register_autograd(_qalora_backward, setup_context=_qalora_setup)
+
+
+@torch.library.custom_op("qlk::lora_linear", mutates_args=())
+def lora_linear(
+    x: Tensor, qweight: Tensor, scales: Optional[Tensor], biases: Optional[Tensor], absmax: Optional[Tensor],
+    absmax_scale: Optional[Tensor], absmax_offset: Optional[Tensor], perm: Optional[Tensor], lora_a: Tensor,
+    lora_b: Tensor, bias: Optional[Tensor], scaling: float, dropout: float, fmt: str, bits: int, group_size: int,
+    out_features: int, in_features: int, weight_dtype: str,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """(Y [..., N] in X's dtype, seed int64 [1]): the LoRA (QLoRA) layer's forward, X in the compute
+    dtype (:class:`qlk.autograd.LoRAFunction`)."""
+    from .autograd.lora import lora_forward_impl
+
+    qw = _qw(qweight, scales, biases, absmax, absmax_scale, absmax_offset, perm, fmt, bits, group_size,
+             out_features, in_features, weight_dtype)  # fmt: skip
+    with torch.no_grad():
+        y, seed = lora_forward_impl(x.reshape(-1, in_features), qw, lora_a, lora_b, scaling, bias, dropout)
+    return y.reshape(*x.shape[:-1], out_features), _seed_tensor(seed, x.device)
+
+
+@lora_linear.register_fake
+def _(x, qweight, scales, biases, absmax, absmax_scale, absmax_offset, perm, lora_a, lora_b, bias, scaling, dropout,
+      fmt, bits, group_size, out_features, in_features, weight_dtype):  # fmt: skip
+    return x.new_empty((*x.shape[:-1], out_features)), x.new_empty((1,), dtype=torch.int64)
+
+
+@torch.library.custom_op("qlk::lora_linear_backward", mutates_args=())
+def lora_linear_backward(
+    dy: Tensor, x: Tensor, seed: Tensor, lora_a: Tensor, lora_b: Tensor, qweight: Tensor,
+    scales: Optional[Tensor], biases: Optional[Tensor], absmax: Optional[Tensor], absmax_scale: Optional[Tensor],
+    absmax_offset: Optional[Tensor], perm: Optional[Tensor], scaling: float, dropout: float, needs_dx: bool,
+    needs_da: bool, needs_db: bool, fmt: str, bits: int, group_size: int, out_features: int, in_features: int,
+    weight_dtype: str,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """(dX [..., in_features] in X's dtype, dA, dB); an unneeded one is an empty [0] tensor."""
+    from .autograd.lora import lora_backward_impl
+
+    qw = _qw(qweight, scales, biases, absmax, absmax_scale, absmax_offset, perm, fmt, bits, group_size,
+             out_features, in_features, weight_dtype)  # fmt: skip
+    with torch.no_grad():
+        dx, da, db = lora_backward_impl(dy.reshape(-1, out_features).to(x.dtype), x.reshape(-1, in_features),
+                                        lora_a, lora_b, qw, scaling, dropout, _seed_of(seed), needs_dx, needs_da,
+                                        needs_db)  # fmt: skip
+    if dx is not None:
+        dx = dx.reshape(*dy.shape[:-1], in_features)
+    return _or_empty(dx, x), _or_empty(da, lora_a), _or_empty(db, lora_b)
+
+
+@lora_linear_backward.register_fake
+def _(dy, x, seed, lora_a, lora_b, qweight, scales, biases, absmax, absmax_scale, absmax_offset, perm, scaling,
+      dropout, needs_dx, needs_da, needs_db, fmt, bits, group_size, out_features, in_features, weight_dtype):  # fmt: skip
+    return _adapter_grads_fake(x.new_empty((*dy.shape[:-1], out_features)), lora_a, lora_b, needs_dx, needs_da,
+                               needs_db, in_features)  # fmt: skip
+
+
+def _lora_setup(ctx, inputs, output):
+    _adapter_setup(ctx, inputs, output, inputs[0])
+
+
+def _lora_backward(ctx, dy, d_seed):
+    return _adapter_backward(ctx, lora_linear_backward, dy)
+
+
+lora_linear.register_autograd(_lora_backward, setup_context=_lora_setup)
 
 
 # ---- helpers ----------------------------------------------------------------------------------------

@@ -136,10 +136,13 @@ def use_split(kind, m, n, k):
     The rule as documented: split = min(tiles, ⌈16·SMs / base grid⌉)."""
     if kind == "gemm":
         return
-    kern = fm._quant_matmul_splitk_kernel if kind == "splitk" else fm._quant_matmul_grad_input_splitn_kernel
+    kern = {"splitk": fm._quant_matmul_splitk_kernel, "splitn": fm._quant_matmul_grad_input_splitn_kernel,
+            "gemv": fm._quant_matmul_grad_input_gemv_kernel}[kind]
     c = kern.configs[0].kwargs
     if kind == "splitk":
         tiles, base = math.ceil(k / c["BLOCK_K"]), math.ceil(n / c["BLOCK_N"]) * math.ceil(m / c["BLOCK_M"])
+    elif kind == "gemv":  # M = 1, no M tiles
+        tiles, base = math.ceil(n / c["BLOCK_N"]), math.ceil(k / c["BLOCK_K"])
     else:
         tiles, base = math.ceil(n / c["BLOCK_N"]), math.ceil(k / c["BLOCK_K"]) * math.ceil(m / c["BLOCK_M"])
     for sms in range(1, 65):
@@ -204,6 +207,32 @@ def test_int_paths(case, m, fwd_path, grad_path, det):
 def test_nf4_paths(case, m, fwd_path, grad_path, det):
     qw, ref = nf4_weight(*case)
     check_base(qw, ref, m, fwd_path, grad_path, det)
+
+
+GEMV_CASES = [  # (format, weight case, deterministic): each format and reduction once, to keep the time down
+    (("int", 4, 32, 512), False), (("int", 2, 8, 520), True), (("nf4", 64, True, 576), False),
+    (("nf4", 128, False, 512), True),
+]
+
+
+@pytest.mark.parametrize("case,det", GEMV_CASES,
+                         ids=[(int_id if c[0] == "int" else nf4_id)(c[1:]) + ("-det" if d else "-atomic")
+                              for c, d in GEMV_CASES])  # fmt: skip
+def test_gemv_grad_input(case, det, monkeypatch):
+    """The M = 1 FMA input-gradient kernel: slices of 2+ N tiles (ragged last tile), atomic and
+    deterministic (NaN workspace); "auto" sends NF4 at M = 1 to it, INT to the MMA split-N kernel."""
+    qw, w64 = int_weight(*case[1:]) if case[0] == "int" else nf4_weight(*case[1:])
+    n, k = qw.shape
+    dy = randn(1, n, seed=k + 11)
+    use_split("gemv", 1, n, k)
+    dx = quant_matmul_backward(dy, qw, out=nan(1, k), path="gemv", deterministic=det)
+    assert oracles.rel_err(dx, dy.cpu().double() @ w64) < TOL
+    calls = []
+    real = fm._gemv_grad_input
+    monkeypatch.setattr(fm, "_gemv_grad_input", lambda *a: calls.append(1) or real(*a))
+    dx = quant_matmul_backward(dy, qw, out=nan(1, k), deterministic=det)
+    assert calls == ([1] if case[0] == "nf4" else [])
+    assert oracles.rel_err(dx, dy.cpu().double() @ w64) < TOL
 
 
 @pytest.mark.parametrize("case", INT_CASES, ids=int_id)

@@ -129,6 +129,36 @@ def test_fold_biases_and_merge():
     assert torch.allclose(folded.double(), merged.biases.double(), rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize("det", [False, True])
+def test_qalora_grad_v_fused_wide_rank(det):
+    """V = dY·B from the split-N launch's extra column of programs at r = 20 (padded to 32 lanes),
+    fp16 dY, three M rows: V and dX against float64."""
+    qw, a, b = make(4, 32, rank=20)
+    dy = randn(3, N, dtype=torch.float16, seed=8)
+    dx, v = qalora_grad_input(dy, qw, a, b, SCALING, path="splitn", deterministic=det)
+    v_ref = dy.double() @ b.to(torch.float16).double()  # B rounded to dY's dtype, sums exact
+    assert v.dtype == torch.float32 and v.shape == (3, 20) and rel_err(v, v_ref) < 1e-6
+    p_dummy = torch.zeros(3, K // 32, dtype=torch.float64, device=DEVICE)
+    dx_ref, _, _ = R.qalora_backward(dy.double(), p_dummy, qw, a.double(), b.double(), SCALING)
+    assert rel_err(dx, dx_ref) < 1e-3
+
+
+def test_fold_biases_in_the_activation_dtype():
+    """The kernels fold into the activation dtype (16-bit b' for fp16/bf16: the plain kernels'
+    register footprint); the sum is fp32, rounded once."""
+    qw, a, b = make(4, 64)
+    exact = R.qalora_merge(qw, a, b, SCALING).biases.double()
+    # (the interpreter truncates to bf16 instead of rounding: bf16 on a GPU only, like the bf16 kernels)
+    for dtype in (torch.float16,) if INTERPRETED else (torch.float16, torch.bfloat16):
+        folded = fold_biases(qw, a, b, SCALING, dtype=dtype)
+        assert folded.dtype == dtype and folded.shape == qw.biases.shape
+        assert rel_err(folded, exact) < (4e-4 if dtype == torch.float16 else 3e-3)
+        ulp = torch.finfo(dtype).eps * exact.abs().clamp_min(2.0 ** -14)
+        assert ((folded.double() - exact).abs() <= ulp).all()  # rounded once, to the nearest
+    with pytest.raises(TypeError):
+        fold_biases(qw, a, b, SCALING, dtype=torch.float64)
+
+
 def test_qalora_fallbacks_and_errors():
     """NF4 and float64 go through the reference; wrong adapter shapes raise."""
     gen = torch.Generator().manual_seed(3)

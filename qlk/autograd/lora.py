@@ -134,52 +134,72 @@ class LoRAFunction(torch.autograd.Function):
 
     Saved: X in the compute dtype (M·K values: LoRA needs it for dA), A and B (parameters, no new
     memory) and the dropout seed (the mask is regenerated, not stored). The packed weight is
-    referenced from ``ctx``, never saved.
+    referenced from ``ctx``, never saved. The work is done by :func:`lora_forward_impl` /
+    :func:`lora_backward_impl`, which the ``qlk::lora_linear`` custom op (``torch.compile``) calls too.
     """
 
     @staticmethod
     @custom_fwd(device_type="cuda")
     def forward(ctx, x, qw: QuantizedWeight, lora_a, lora_b, scaling: float, bias=None, dropout: float = 0.0):
         cd = compute_dtype(x)
-        k, n = qw.in_features, qw.out_features
         with autocast_off(x.device.type):
-            x2 = x.reshape(-1, k).to(cd)
-            y = ops.quant_matmul(x2, qw, _bias_in(bias, cd))
-            seed = draw_seed() if dropout > 0 else None
-            xd = x2 if seed is None else x2 * dropout_mask(x2.shape, dropout, seed, x2.device, cd)
-            u = xd @ lora_a.to(cd).t()  # [M, r]
-            y.addmm_(u, lora_b.to(cd).t(), alpha=scaling)
+            x2 = x.reshape(-1, qw.in_features).to(cd)
+            y, seed = lora_forward_impl(x2, qw, lora_a, lora_b, scaling, _bias_in(bias, cd), dropout)
         ctx.save_for_backward(x2, lora_a, lora_b)
         ctx.qw, ctx.scaling, ctx.dropout, ctx.seed = qw, scaling, dropout, seed
         ctx.x_dtype, ctx.x_shape = x.dtype, x.shape
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return y.reshape(*x.shape[:-1], n)
+        return y.reshape(*x.shape[:-1], qw.out_features)
 
     @staticmethod
     @custom_bwd(device_type="cuda")
     def backward(ctx, dy):
         x2, a, b = ctx.saved_tensors
-        qw, s = ctx.qw, ctx.scaling
-        cd = x2.dtype
         with autocast_off(dy.device.type):
-            dy2 = dy.reshape(-1, qw.out_features).to(cd)
-            mask = None if ctx.seed is None else dropout_mask(x2.shape, ctx.dropout, ctx.seed, x2.device, cd)
-            xd = x2 if mask is None else x2 * mask
-            a_c, b_c = a.to(cd), b.to(cd)
-            v = dy2 @ b_c  # [M, r]
-            dx = da = db = None
-            if ctx.needs_input_grad[2]:
-                da = (v.t() @ xd).mul_(s).to(a.dtype)
-            if ctx.needs_input_grad[3]:
-                db = (dy2.t() @ (xd @ a_c.t())).mul_(s).to(b.dtype)
-            if ctx.needs_input_grad[0]:
-                dx = ops.quant_matmul_grad_input(dy2, qw)
-                if mask is None:
-                    dx = dx.addmm_(v, a_c, alpha=s)
-                else:
-                    dx = dx.add_((v @ a_c).mul_(mask), alpha=s)
+            dy2 = dy.reshape(-1, ctx.qw.out_features).to(x2.dtype)
+            need = ctx.needs_input_grad  # x, qw, lora_a, lora_b, ...
+            dx, da, db = lora_backward_impl(dy2, x2, a, b, ctx.qw, ctx.scaling, ctx.dropout, ctx.seed,
+                                            need[0], need[2], need[3])
+            if dx is not None:
                 dx = dx.reshape(ctx.x_shape).to(ctx.x_dtype)
             return dx, None, da, db, None, _bias_grad(ctx, 5, dy2), None
+
+
+# ---- the one implementation (eager Function above, and the qlk::lora_linear custom op) ----------------
+def lora_forward_impl(x2, qw: QuantizedWeight, lora_a, lora_b, scaling: float, bias, dropout: float):
+    """(Y [M, N], dropout seed or None) for X2 [M, K] in the compute dtype (autocast off, bias
+    already in that dtype). Used by :class:`LoRAFunction` and by the ``qlk::lora_linear`` custom op
+    (:mod:`qlk.custom_ops`, the path under ``torch.compile``): one code path."""
+    cd = x2.dtype
+    y = ops.quant_matmul(x2, qw, bias)
+    seed = draw_seed() if dropout > 0 else None
+    xd = x2 if seed is None else x2 * dropout_mask(x2.shape, dropout, seed, x2.device, cd)
+    u = xd @ lora_a.to(cd).t()  # [M, r]
+    y.addmm_(u, lora_b.to(cd).t(), alpha=scaling)
+    return y, seed
+
+
+def lora_backward_impl(dy2, x2, a, b, qw: QuantizedWeight, scaling: float, dropout: float, seed,
+                       needs_dx: bool, needs_da: bool, needs_db: bool):
+    """(dX [M, K] in X2's dtype, dA, dB), None where not needed (chain rule: :class:`LoRAFunction`),
+    for dY2 [M, N] and X2 [M, K] in the compute dtype."""
+    cd, s = x2.dtype, scaling
+    mask = None if seed is None else dropout_mask(x2.shape, dropout, seed, x2.device, cd)
+    xd = x2 if mask is None else x2 * mask
+    a_c, b_c = a.to(cd), b.to(cd)
+    v = dy2 @ b_c  # [M, r]
+    dx = da = db = None
+    if needs_da:
+        da = (v.t() @ xd).mul_(s).to(a.dtype)
+    if needs_db:
+        db = (dy2.t() @ (xd @ a_c.t())).mul_(s).to(b.dtype)
+    if needs_dx:
+        dx = ops.quant_matmul_grad_input(dy2, qw)
+        if mask is None:
+            dx = dx.addmm_(v, a_c, alpha=s)
+        else:
+            dx = dx.add_((v @ a_c).mul_(mask), alpha=s)
+    return dx, da, db
 
 
 # ---- functional entry points ----------------------------------------------------------------

@@ -44,73 +44,97 @@ class QALoRAFunction(torch.autograd.Function):
     On the Triton backend without dropout, both directions run fused (:mod:`qlk.kernels.qalora`):
     the adapter is folded into the group biases of one GEMM, b' = b + (σ/g)·B·A (the merge
     identity, per call), which also yields P(X) in the forward and dY·Ŵ + (σ/g)·expand_g(V·A)
-    in the backward in one launch each.
+    in the backward in one launch each (and V = dY·B in that launch at M <= 16).
+
+    The work is done by :func:`qalora_forward_impl` / :func:`qalora_backward_impl`, which the
+    ``qlk::qalora_linear`` custom op (:mod:`qlk.custom_ops`, used under ``torch.compile``) calls
+    too: compiled and eager layers run the same kernels.
     """
 
     @staticmethod
     @custom_fwd(device_type="cuda")
     def forward(ctx, x, qw: QuantizedWeight, lora_a, lora_b, scaling: float, bias=None, dropout: float = 0.0):
         cd = compute_dtype(x)
-        acc = accumulate_dtype(cd)
-        k, n, g = qw.in_features, qw.out_features, qw.group_size
-        fused = _fused(x, qw, cd, dropout)
-        seed = None
         with autocast_off(x.device.type):
-            x2 = x.reshape(-1, k).to(cd)
-            if fused:
-                from ..kernels import qalora_forward
-
-                y, pooled = qalora_forward(x2, qw, lora_a, lora_b, scaling, _bias_in(bias, cd))
-            else:
-                y = ops.quant_matmul(x2, qw, _bias_in(bias, cd))
-                xs = to_stored_order(x2, qw)
-                pooled = xs.reshape(xs.shape[0], k // g, g).sum(-1, dtype=acc).div_(g)  # [M, G]
-                seed = draw_seed() if dropout > 0 else None
-                if seed is not None:
-                    pooled.mul_(dropout_mask(pooled.shape, dropout, seed, pooled.device, acc))
-                u = pooled @ lora_a.to(acc).t()  # [M, r]
-                y.addmm_(u.to(cd), lora_b.to(cd).t(), alpha=scaling)
+            x2 = x.reshape(-1, qw.in_features).to(cd)
+            y, pooled, seed = qalora_forward_impl(x2, qw, lora_a, lora_b, scaling, _bias_in(bias, cd), dropout)
         ctx.save_for_backward(pooled, lora_a, lora_b)
-        ctx.qw, ctx.scaling, ctx.dropout, ctx.seed, ctx.fused = qw, scaling, dropout, seed, fused
+        ctx.qw, ctx.scaling, ctx.dropout, ctx.seed = qw, scaling, dropout, seed
         ctx.x_dtype, ctx.x_shape, ctx.compute_dtype = x.dtype, x.shape, cd
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return y.reshape(*x.shape[:-1], n)
+        return y.reshape(*x.shape[:-1], qw.out_features)
 
     @staticmethod
     @custom_bwd(device_type="cuda")
     def backward(ctx, dy):
         pooled, a, b = ctx.saved_tensors
-        qw, s, cd = ctx.qw, ctx.scaling, ctx.compute_dtype
-        acc, g = pooled.dtype, qw.group_size
         with autocast_off(dy.device.type):
-            dy2 = dy.reshape(-1, qw.out_features).to(cd)
-            a_acc = a.to(acc)
-            dx = da = db = None
-            if ctx.fused and ctx.needs_input_grad[0]:
-                from ..kernels import qalora_grad_input
-
-                dx, v = qalora_grad_input(dy2, qw, a, b, s)  # dY·Ŵ + (σ/g)·expand_g(V·A), V = dY·B
-                dx = dx.reshape(ctx.x_shape).to(ctx.x_dtype)
-                v = v.to(acc)
-            else:
-                v = (dy2 @ b.to(cd)).to(acc)  # [M, r]
-            if ctx.needs_input_grad[2]:
-                da = (v.t() @ pooled).mul_(s).to(a.dtype)
-            if ctx.needs_input_grad[3]:
-                u = (pooled @ a_acc.t()).to(cd)  # recomputed: M·G·r flops, no memory kept
-                db = (dy2.t() @ u).to(acc).mul_(s).to(b.dtype)
-            if ctx.needs_input_grad[0] and not ctx.fused:
-                dpool = (v @ a_acc).mul_(s / g)  # [M, G]
-                if ctx.seed is not None:
-                    dpool.mul_(dropout_mask(dpool.shape, ctx.dropout, ctx.seed, dpool.device, acc))
-                dx = ops.quant_matmul_grad_input(dy2, qw).contiguous()
-                m, k = dx.shape
-                if qw.perm is None:
-                    dx.view(m, k // g, g).add_(dpool.to(dx.dtype).unsqueeze(-1))
-                else:  # stored column c is input perm[c]
-                    dx.index_add_(1, qw.perm, dpool.to(dx.dtype).repeat_interleave(g, dim=1))
+            dy2 = dy.reshape(-1, ctx.qw.out_features).to(ctx.compute_dtype)
+            need = ctx.needs_input_grad  # x, qw, lora_a, lora_b, ...
+            dx, da, db = qalora_backward_impl(dy2, pooled, a, b, ctx.qw, ctx.scaling, ctx.dropout, ctx.seed,
+                                              need[0], need[2], need[3])
+            if dx is not None:
                 dx = dx.reshape(ctx.x_shape).to(ctx.x_dtype)
             return dx, None, da, db, None, _bias_grad(ctx, 5, dy2), None
+
+
+# ---- the one implementation (eager Function above, and the qlk::qalora_linear custom op) --------------
+def qalora_forward_impl(x2, qw: QuantizedWeight, lora_a, lora_b, scaling: float, bias, dropout: float):
+    """(Y [M, N], Pd [M, G], dropout seed or None) for X2 [M, K] in the compute dtype (autocast off,
+    bias already in that dtype). Pd = D(P(X)) in float32 (float64 for float64 X): what backward needs.
+
+    Used by :class:`QALoRAFunction` and by the ``qlk::qalora_linear`` custom op
+    (:mod:`qlk.custom_ops`, the path under ``torch.compile``): one code path."""
+    cd = x2.dtype
+    acc = accumulate_dtype(cd)
+    k, g = qw.in_features, qw.group_size
+    if _fused(x2, qw, cd, dropout):
+        from ..kernels import qalora_forward
+
+        y, pooled = qalora_forward(x2, qw, lora_a, lora_b, scaling, bias)
+        return y, pooled, None
+    y = ops.quant_matmul(x2, qw, bias)
+    xs = to_stored_order(x2, qw)
+    pooled = xs.reshape(xs.shape[0], k // g, g).sum(-1, dtype=acc).div_(g)  # [M, G]
+    seed = draw_seed() if dropout > 0 else None
+    if seed is not None:
+        pooled.mul_(dropout_mask(pooled.shape, dropout, seed, pooled.device, acc))
+    u = pooled @ lora_a.to(acc).t()  # [M, r]
+    y.addmm_(u.to(cd), lora_b.to(cd).t(), alpha=scaling)
+    return y, pooled, seed
+
+
+def qalora_backward_impl(dy2, pooled, a, b, qw: QuantizedWeight, scaling: float, dropout: float, seed,
+                         needs_dx: bool, needs_da: bool, needs_db: bool):
+    """(dX [M, K] in dY2's dtype, dA, dB), None where not needed, for dY2 [M, N] in the compute
+    dtype and what :func:`qalora_forward_impl` returned (chain rule: :class:`QALoRAFunction`)."""
+    cd, acc, g, s = dy2.dtype, pooled.dtype, qw.group_size, scaling
+    a_acc = a.to(acc)
+    dx = da = db = None
+    fused = _fused(dy2, qw, cd, dropout if seed is not None else 0.0)
+    if fused and needs_dx:
+        from ..kernels import qalora_grad_input
+
+        dx, v = qalora_grad_input(dy2, qw, a, b, s)  # dY·Ŵ + (σ/g)·expand_g(V·A), V = dY·B
+        v = v.to(acc)
+    else:
+        v = (dy2 @ b.to(cd)).to(acc)  # [M, r]
+    if needs_da:
+        da = (v.t() @ pooled).mul_(s).to(a.dtype)
+    if needs_db:
+        u = (pooled @ a_acc.t()).to(cd)  # recomputed: M·G·r flops, no memory kept
+        db = (dy2.t() @ u).to(acc).mul_(s).to(b.dtype)
+    if needs_dx and not fused:
+        dpool = (v @ a_acc).mul_(s / g)  # [M, G]
+        if seed is not None:
+            dpool.mul_(dropout_mask(dpool.shape, dropout, seed, dpool.device, acc))
+        dx = ops.quant_matmul_grad_input(dy2, qw).contiguous()
+        m, k = dx.shape
+        if qw.perm is None:
+            dx.view(m, k // g, g).add_(dpool.to(dx.dtype).unsqueeze(-1))
+        else:  # stored column c is input perm[c]
+            dx.index_add_(1, qw.perm, dpool.to(dx.dtype).repeat_interleave(g, dim=1))
+    return dx, da, db
 
 
 def _fused(x, qw: QuantizedWeight, cd: torch.dtype, dropout: float) -> bool:

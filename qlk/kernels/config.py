@@ -78,8 +78,9 @@ PRUNE = {"early_config_prune": _prune}
 
 
 def _prune_splitn(configs, named_args, **kwargs):
-    """_prune, and no 256-row tile with fp32 group biases (QA-LoRA's folded b'): that tile spills
-    with them (INT4 g128, sm_90: the 32-bit bias registers of 256 rows)."""
+    """_prune, and no 256-row tile with fp32 group biases (fp32 activations' QA-LoRA b', or
+    ``scale_dtype=torch.float32``): that tile spills with them (INT4 g128, sm_90: the 32-bit bias
+    registers of 256 rows). QA-LoRA passes 16-bit b' here for fp16/bf16 dY, so keeps the tile."""
     kept = _prune(configs, named_args, **kwargs)
     b = named_args.get("b_ptr")
     if getattr(b, "dtype", None) is not None and str(b.dtype) == "torch.float32":
@@ -142,6 +143,17 @@ def splitn_configs():
         _cfg(90, 4, 3, BLOCK_N=128, BLOCK_M=16, BLOCK_K=64),  # second (fewer rows per CTA)
         _cfg(80, 4, 4, BLOCK_N=64, BLOCK_M=16, BLOCK_K=128),
         _cfg(80, 4, 3, BLOCK_N=128, BLOCK_M=16, BLOCK_K=128),
+    ]
+
+
+def gemv_grad_configs():
+    """Input gradient at M = 1 by FMAs (``_quant_matmul_grad_input_gemv_kernel``): acc [BLOCK_N, BLOCK_K]
+    in registers, N split over the grid."""
+    if INTERPRETED:
+        return [_cfg(None, 4, 1, BLOCK_N=16, BLOCK_K=64)]
+    return [
+        _cfg(None, 4, 3, BLOCK_N=32, BLOCK_K=256),
+        _cfg(None, 4, 3, BLOCK_N=64, BLOCK_K=128),
     ]
 
 

@@ -22,6 +22,9 @@ Kernels (one launcher picks by shape, ``path=`` forces one):
 ``_quant_matmul_grad_input_splitn_kernel``  dX at small M (M <= ``SPLITN_MAX_M``): the reduction over
     N is split over a second grid axis (≈ 16 CTAs per SM), partials added with fp32 atomics or,
     ``deterministic=True``, through a workspace [SPLIT, M, K] summed in a fixed order.
+``_quant_matmul_grad_input_gemv_kernel``  dX at M = 1 with FMAs instead of an MMA (same split over N):
+    no transpose of the dequantized tile through shared memory. Dispatched for NF4 (where it is
+    estimated 2.5× faster); ``path="gemv"`` forces it.
 
 QA-LoRA (:mod:`qlk.kernels.qalora`) reuses the forward kernels with ``POOL=True``: the programs of
 the first N tile also write P(X) (group means of X) from the X tiles they load.
@@ -40,7 +43,9 @@ import triton
 import triton.language as tl
 
 from ..formats.quantized_weight import QuantizedWeight
-from .config import PRUNE, PRUNE_SPLITN, gemm_configs, grad_configs, num_sms, splitk_configs, splitn_configs
+from .config import (
+    PRUNE, PRUNE_SPLITN, gemm_configs, gemv_grad_configs, grad_configs, num_sms, splitk_configs, splitn_configs,
+)
 from .quant_tile import _dequant_tile, weight_args
 
 #: M at or below which the forward uses the split-K decode kernel
@@ -250,23 +255,48 @@ def _quant_matmul_grad_input_kernel(
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
 
 
-@triton.autotune(configs=splitn_configs(), key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "IS_NF4", "ATOMIC"],
-                 prune_configs_by=PRUNE_SPLITN, reset_to_zero=["ws_ptr"])
+@triton.jit
+def _splitn_v_loop(dy_rows, lb_ptr, stride_dyn, stride_lbn, stride_lbr, mask_m, n_start, n_end, N, R,
+                   DOT_PRECISION: tl.constexpr, R_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Vᵀ [R_PAD, BLOCK_M] = Σ_{n in n_start .. n_end} Bᵀ[:, n]·dYᵀ[n, :] (B rounded to dY's dtype, as the
+    autograd's dY·B is; fp32 sums). No weight tile: few registers, whatever the weight format."""
+    vacc = tl.zeros((R_PAD, BLOCK_M), dtype=tl.float32)
+    offs_r = tl.arange(0, R_PAD)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n[:, None] < N
+        dyt = tl.load(dy_rows[None, :] + offs_n[:, None] * stride_dyn, mask=mask_m[None, :] & mask_n, other=0.0)
+        bt = tl.load(lb_ptr + offs_n[:, None].to(tl.int64) * stride_lbn + offs_r[None, :] * stride_lbr,
+                     mask=mask_n & (offs_r[None, :] < R), other=0.0)
+        vacc = tl.dot(tl.trans(bt.to(dyt.dtype)), dyt, vacc, input_precision=DOT_PRECISION)
+    return vacc
+
+
+@triton.autotune(configs=splitn_configs(), key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "IS_NF4", "ATOMIC", "WITH_V"],
+                 prune_configs_by=PRUNE_SPLITN, reset_to_zero=["ws_ptr", "v_ptr"])
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
 def _quant_matmul_grad_input_splitn_kernel(
     ws_ptr,  # fp32 partial sums: [M, K] (ATOMIC) or [SPLIT, M, K], zero-initialized
     dy_ptr,  # [M, N] upstream gradient (any strides)
+    v_ptr,  # WITH_V: fp32 V = dY·B, [M, R] (ATOMIC) or [SPLIT, M, R], zero-initialized; else dummy
+    lb_ptr,  # WITH_V: QA-LoRA's lora_b [N, R] (any strides); else dummy
     qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,  # packed weight (weight_args)
     stride_qn, stride_sn, stride_sg,
-    M, N, K, M_BUCKET,
-    stride_dym, stride_dyn,
+    M, N, K, M_BUCKET, R,
+    stride_dym, stride_dyn, stride_lbn, stride_lbr,
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
     ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+    WITH_V: tl.constexpr, R_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Small-M input gradient, the reduction over N split across the grid: program (k, s, m) adds
-    dXᵀ[k0:k0+BK, m0:m0+BM] = Σ_{n in slice s} Ŵᵀ[BK, BN]·dYᵀ[BN, BM] (slices of ⌈N/BN / SPLIT⌉ tiles)."""
+    dXᵀ[k0:k0+BK, m0:m0+BM] = Σ_{n in slice s} Ŵᵀ[BK, BN]·dYᵀ[BN, BM] (slices of ⌈N/BN / SPLIT⌉ tiles).
+
+    WITH_V (QA-LoRA): one extra column of programs (k = ⌈K/BK⌉, one per slice and M tile) adds
+    V[m, :] = Σ_{n in slice s} dY[m, n]·B[n, :] instead (the low-rank term of dX itself is folded
+    into the group biases by the caller). Not fused into the dequantizing loop: B's tile there
+    made the 256-row tile spill."""
     pid_k = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -278,22 +308,80 @@ def _quant_matmul_grad_input_splitn_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
     dy_rows = dy_ptr + offs_m.to(tl.int64) * stride_dym
-    acc = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
-    for n0 in range(n_start, n_end, BLOCK_N):
+    if WITH_V and pid_k == tl.cdiv(K, BLOCK_K):
+        # the extra column of programs: V over this slice, no weight tile (its own registers: the
+        # dequantizing loop below stays exactly the plain kernel's)
+        vacc = _splitn_v_loop(dy_rows, lb_ptr, stride_dyn, stride_lbn, stride_lbr, mask_m, n_start, n_end, N, R,
+                              DOT_PRECISION, R_PAD, BLOCK_N, BLOCK_M)
+        offs_r = tl.arange(0, R_PAD)
+        v_mask = (offs_r[:, None] < R) & mask_m[None, :]
+        v_offs = offs_m[None, :].to(tl.int64) * R + offs_r[:, None]
+        if ATOMIC:
+            tl.atomic_add(v_ptr + v_offs, vacc, mask=v_mask, sem="relaxed")
+        else:
+            tl.store(v_ptr + pid_s.to(tl.int64) * M * R + v_offs, vacc, mask=v_mask)
+    else:
+        acc = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
+        for n0 in range(n_start, n_end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            # clamped weight rows meet dY columns masked to 0: they add exactly 0
+            w = _dequant_tile(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
+                              stride_qn, stride_sn, stride_sg, tl.minimum(offs_n, N - 1), k0, K,
+                              BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K)
+            dyt = tl.load(dy_rows[None, :] + offs_n[:, None] * stride_dyn,
+                          mask=mask_m[None, :] & (offs_n[:, None] < N), other=0.0)
+            acc = tl.dot(tl.trans(w.to(dyt.dtype)), dyt, acc, input_precision=DOT_PRECISION)
+        mask = (offs_k[:, None] < K) & mask_m[None, :]
+        offs = offs_m[None, :].to(tl.int64) * K + offs_k[:, None]
+        if ATOMIC:
+            tl.atomic_add(ws_ptr + offs, acc, mask=mask, sem="relaxed")
+        else:
+            tl.store(ws_ptr + pid_s.to(tl.int64) * M * K + offs, acc, mask=mask)
+
+
+@triton.autotune(configs=gemv_grad_configs(), key=["N", "K", "BITS", "GROUP_SIZE", "IS_NF4", "ATOMIC"],
+                 prune_configs_by=PRUNE, reset_to_zero=["ws_ptr"])
+@triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+@triton.jit
+def _quant_matmul_grad_input_gemv_kernel(
+    ws_ptr,  # fp32 partial sums: [K] (ATOMIC) or [SPLIT, K], zero-initialized
+    dy_ptr,  # [1, N] upstream gradient (any stride)
+    qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,  # packed weight (weight_args)
+    stride_qn, stride_sn, stride_sg,
+    N, K, stride_dyn,
+    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    ATOMIC: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Input gradient at M = 1, the reduction over N split across the grid as in the split-N kernel:
+    program (k, s) adds dX[k0:k0+BK] = Σ_{n in slice s} dY[n]·Ŵ[n, k0:k0+BK] with FMAs, not an MMA.
+
+    Why: the MMA wants Ŵᵀ as its A operand, pairs along N, while the packed words give pairs along
+    K, so the MMA kernel transposes every dequantized tile through shared memory. Here each thread
+    keeps its own part of the tile: acc[BN, BK] += Ŵ ⊙ dY[:, None] in registers (one FFMA per
+    element, Ŵ not rounded to dY's dtype), and the rows are summed across threads once, after the
+    loop. Dispatched for NF4 only (docs/kernels.md: INT tiles still go through shared memory here)."""
+    pid_k = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    tiles = tl.cdiv(tl.cdiv(N, BLOCK_N), tl.num_programs(1))
+    n_start = pid_s * tiles * BLOCK_N
+    n_stop = tl.minimum(N, n_start + tiles * BLOCK_N)
+    k0 = pid_k * BLOCK_K
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for n0 in range(n_start, n_stop, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        # clamped weight rows meet dY columns masked to 0: they add exactly 0
+        # clamped weight rows meet dY entries masked to 0: they add exactly 0
         w = _dequant_tile(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
                           stride_qn, stride_sn, stride_sg, tl.minimum(offs_n, N - 1), k0, K,
                           BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K)
-        dyt = tl.load(dy_rows[None, :] + offs_n[:, None] * stride_dyn,
-                      mask=mask_m[None, :] & (offs_n[:, None] < N), other=0.0)
-        acc = tl.dot(tl.trans(w.to(dyt.dtype)), dyt, acc, input_precision=DOT_PRECISION)
-    mask = (offs_k[:, None] < K) & mask_m[None, :]
-    offs = offs_m[None, :].to(tl.int64) * K + offs_k[:, None]
+        dy = tl.load(dy_ptr + offs_n * stride_dyn, mask=offs_n < N, other=0.0).to(tl.float32)
+        acc += w * dy[:, None]
+    part = tl.sum(acc, axis=0)
     if ATOMIC:
-        tl.atomic_add(ws_ptr + offs, acc, mask=mask, sem="relaxed")
+        tl.atomic_add(ws_ptr + offs_k, part, mask=offs_k < K, sem="relaxed")
     else:
-        tl.store(ws_ptr + pid_s.to(tl.int64) * M * K + offs, acc, mask=mask)
+        tl.store(ws_ptr + pid_s.to(tl.int64) * K + offs_k, part, mask=offs_k < K)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -435,12 +523,16 @@ def quant_matmul_grad_input(dy: torch.Tensor, qw: QuantizedWeight, out: torch.Te
 
     Reads the same packed weight as the forward. With act-order the result is scattered back to
     the original column order (a copy). out: optional preallocated [M, K] (2-D) output, only
-    without act-order. path: "auto" (split-N when M <= SPLITN_MAX_M, else the GEMM), "gemm",
-    "splitn"; deterministic: split-N sums partials in a fixed order (workspace) instead of atomics."""
+    without act-order. path: "auto" (split-N when M <= SPLITN_MAX_M, else the GEMM; NF4 at M = 1:
+    the FMA kernel), "gemm", "splitn", "gemv" (the FMA kernel, M = 1 only); deterministic: the split
+    kernels sum partials in a fixed order (workspace) instead of atomics."""
     return _grad_input(dy, qw, out, path, deterministic)
 
 
-def _grad_input(dy, qw, out, path, deterministic, wargs=None):
+def _grad_input(dy, qw, out, path, deterministic, wargs=None, lora_b=None):
+    """dX [..., K]; with ``lora_b`` (QA-LoRA's B [N, r]) the pair (dX, V = dY·B [M, r] fp32), V
+    computed inside the split-N kernel, or None on the GEMM path (the caller computes it).
+    ``wargs``: weight_args(qw) with replaced tensors (QA-LoRA's folded biases)."""
     n, k = qw.shape
     lead = dy.shape[:-1]
     dy2 = _as_2d(dy, n, "dy")
@@ -451,13 +543,21 @@ def _grad_input(dy, qw, out, path, deterministic, wargs=None):
         _check_out(out, (m, k), dy.dtype, dy.device)
     else:
         out = torch.empty((m, k), dtype=dy.dtype, device=dy.device)
-    if path not in ("auto", "gemm", "splitn"):
-        raise ValueError(f"path={path!r}; allowed: 'auto', 'gemm', 'splitn'")
+    if path not in ("auto", "gemm", "splitn", "gemv"):
+        raise ValueError(f"path={path!r}; allowed: 'auto', 'gemm', 'splitn', 'gemv' (M = 1)")
+    if path == "gemv" and (m != 1 or lora_b is not None):
+        raise ValueError(f"path='gemv' is the M = 1 kernel without V; got M = {m}" + (" and lora_b" if lora_b is not None else ""))
+    v = None
+    splitn = path == "splitn" or (path == "auto" and m <= SPLITN_MAX_M)
+    if splitn and lora_b is not None:
+        v = torch.empty((m, lora_b.shape[1]), dtype=torch.float32, device=dy.device)
     if m > 0:
         gemm = path == "gemm" or (path == "auto" and m > SPLITN_MAX_M)
         args, meta = wargs if wargs is not None else weight_args(qw, denest_absmax=gemm)
-        if path == "splitn" or (path == "auto" and m <= SPLITN_MAX_M):
-            _splitn_grad_input(dy2, qw, out, deterministic, args, meta)
+        if path == "gemv" or (path == "auto" and m == 1 and meta["IS_NF4"] and lora_b is None):
+            _gemv_grad_input(dy2, qw, out, deterministic, args, meta)
+        elif splitn:
+            _splitn_grad_input(dy2, qw, out, deterministic, args, meta, lora_b, v)
         else:
             def grid(meta_):
                 return (triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(k, meta_["BLOCK_K"]),)
@@ -468,10 +568,12 @@ def _grad_input(dy, qw, out, path, deterministic, wargs=None):
                 DOT_PRECISION=_precision(dy.dtype), **meta)
     if qw.perm is not None:
         out = out.index_select(1, torch.argsort(qw.perm))
-    return out.reshape(*lead, k)
+    dx = out.reshape(*lead, k)
+    return dx if lora_b is None else (dx, v)
 
 
-def _splitn_grad_input(dy2, qw, out, deterministic, args, meta):
+def _splitn_grad_input(dy2, qw, out, deterministic, args, meta, lora_b=None, v=None):
+    """dX = dY·Ŵ into ``out`` [M, K]; with ``lora_b`` [N, r] also V = dY·B into ``v`` [M, r] fp32."""
     m, n = dy2.shape
     k = qw.shape[1]
     sms = num_sms(dy2.device)
@@ -481,14 +583,44 @@ def _splitn_grad_input(dy2, qw, out, deterministic, args, meta):
         return max(1, min(triton.cdiv(n, meta_["BLOCK_N"]), triton.cdiv(16 * sms, base)))
 
     def grid(meta_):
-        return (triton.cdiv(k, meta_["BLOCK_K"]), split_of(meta_), triton.cdiv(m, meta_["BLOCK_M"]))
+        # with V: one more column of programs, k = ⌈K/BLOCK_K⌉, for V = dY·B
+        return (triton.cdiv(k, meta_["BLOCK_K"]) + with_v, split_of(meta_), triton.cdiv(m, meta_["BLOCK_M"]))
 
+    with_v = lora_b is not None
+    r = lora_b.shape[1] if with_v else 0
     if deterministic:
         max_split = max(split_of(c.kwargs) for c in _quant_matmul_grad_input_splitn_kernel.configs)
         ws = _workspace((max_split, m, k), dy2.device)
+        v_ws = _workspace((max_split, m, r), dy2.device) if with_v else None
     else:
         ws = _workspace((m, k), dy2.device)
+        v_ws = _workspace((m, r), dy2.device) if with_v else None
+    dummy = args[3]
     _quant_matmul_grad_input_splitn_kernel[grid](
-        ws, dy2, *args, m, n, k, _bucket(m), dy2.stride(0), dy2.stride(1),
-        ATOMIC=not deterministic, DOT_PRECISION=_precision(dy2.dtype), **meta)
+        ws, dy2, v_ws if with_v else dummy, lora_b if with_v else dummy, *args, m, n, k, _bucket(m), r,
+        dy2.stride(0), dy2.stride(1), lora_b.stride(0) if with_v else 0, lora_b.stride(1) if with_v else 0,
+        ATOMIC=not deterministic, DOT_PRECISION=_precision(dy2.dtype),
+        WITH_V=with_v, R_PAD=max(16, triton.next_power_of_2(max(r, 1))), **meta)
     out.copy_(ws.sum(0) if deterministic else ws)
+    if with_v:
+        v.copy_(v_ws.sum(0) if deterministic else v_ws)
+
+
+def _gemv_grad_input(dy2, qw, out, deterministic, args, meta):
+    """M = 1: dX = dY·Ŵ into ``out`` [1, K] by the FMA kernel (same split rule as split-N)."""
+    n, k = qw.shape
+    sms = num_sms(dy2.device)
+
+    def split_of(meta_):
+        return max(1, min(triton.cdiv(n, meta_["BLOCK_N"]), triton.cdiv(16 * sms, triton.cdiv(k, meta_["BLOCK_K"]))))
+
+    def grid(meta_):
+        return (triton.cdiv(k, meta_["BLOCK_K"]), split_of(meta_))
+
+    if deterministic:
+        max_split = max(split_of(c.kwargs) for c in _quant_matmul_grad_input_gemv_kernel.configs)
+        ws = _workspace((max_split, 1, k), dy2.device)
+    else:
+        ws = _workspace((1, k), dy2.device)
+    _quant_matmul_grad_input_gemv_kernel[grid](ws, dy2, *args, n, k, dy2.stride(1), ATOMIC=not deterministic, **meta)
+    out.copy_(ws.sum(dim=0) if deterministic else ws)

@@ -9,11 +9,15 @@ E[n, k] = (1/g)·(B·A)[n, j(k)], constant within a group, so
 
     Y = X·Ŵ'ᵀ,   Ŵ' = s·q + b',   b'[n, j] = b[n, j] + (σ/g)·Σ_r B[n, r]·A[r, j]
 
-(the QA-LoRA merge, done per call into an fp32 [N, G] buffer by ``_fold_bias_kernel``: N·G·r FMAs,
-~N·G·10 bytes, ≈ 0.7 % of the GEMM's tensor time at the Llama-8B shapes, see docs/kernels.md).
+(the QA-LoRA merge, done per call by ``_fold_bias_kernel`` into an [N, G] buffer, summed in fp32:
+N·G·r FMAs, ~N·G·10 bytes, < 1 % of the GEMM at the Llama-8B shapes, see docs/kernels.md). b' is
+fp32, except for the split-N input gradient (M <= 16), which gets it in dy's dtype: fp32 b' needs a
+32-bit register per (row, group) of the tile, which made its best (256-row) tile spill; elsewhere
+fp32 b' is as fast or faster (static estimates, docs/kernels.md "round 2").
 The GEMM then runs unchanged on b' — no r-wide epilogue, no U = P(X)·Aᵀ, no extra MMA — and the
 same b' turns the input-gradient kernel into dY·Ŵ' = dY·Ŵ + (σ/g)·expand_g(V·A): the expanded
-adapter term costs nothing in that kernel either.
+adapter term costs nothing in that kernel either. At M <= 16 (split-N) the input-gradient launch also
+computes V = dY·B, in the programs of the first K tile, from the dY tiles they load.
 
 P(X), the activation the autograd saves, is computed inside the forward GEMM from the X tiles it
 already loads, by the programs of the first N tile only (``POOL``; the others branch over it), so
@@ -22,7 +26,9 @@ groups larger than its K tile) pool with one torch reduction instead.
 
 Precision: Ŵ' is rounded once to the activation dtype before the MMA, like Ŵ in the plain kernel,
 so the adapter's contribution is rounded together with the base weight (it is what the merged
-model computes); P(X) is summed in fp32 and returned in fp32.
+model computes). On the split-N path b' itself is rounded to dy's dtype first (the dtype Ŵ' is
+rounded to anyway, so no new range limit; ≤ ½ ulp of b', the same order as Ŵ''s own rounding);
+P(X) is summed in fp32 and returned in fp32.
 
 Formats: INT-b only (QA-LoRA needs per-group biases). NF4, float64, unsupported INT layouts and
 bf16 under the Triton interpreter go through the plain-torch reference.
@@ -36,7 +42,7 @@ import triton.language as tl
 from .. import reference as _reference
 from ..formats.quantized_weight import QuantizedWeight
 from .config import INTERPRETED
-from .fused_matmul import _as_2d, _forward, _grad_input
+from .fused_matmul import SPLITN_MAX_M, _as_2d, _forward, _grad_input
 from .quant_tile import supports, weight_args
 
 _FOLD_BLOCK_N, _FOLD_BLOCK_G, _FOLD_WARPS = 16, 16, 2  # small tiles: G is only K/g (32 at g=128)
@@ -44,7 +50,7 @@ _FOLD_BLOCK_N, _FOLD_BLOCK_G, _FOLD_WARPS = 16, 16, 2  # small tiles: G is only 
 
 @triton.jit
 def _fold_bias_kernel(
-    out_ptr,  # [N, G] fp32, strides (stride_sn, stride_sg)
+    out_ptr,  # [N, G] in the activation dtype, strides (stride_sn, stride_sg)
     b_ptr,  # [N, G] group biases, same strides
     lb_ptr,  # lora_b [N, R] (any strides)
     la_ptr,  # lora_a [R, G] (any strides)
@@ -52,7 +58,8 @@ def _fold_bias_kernel(
     stride_sn, stride_sg, stride_lbn, stride_lbr, stride_lar, stride_lag,
     BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
-    """b'[n, j] = b[n, j] + coef·Σ_r B[n, r]·A[r, j] (fp32), one [BLOCK_N, BLOCK_G] tile per program."""
+    """b'[n, j] = b[n, j] + coef·Σ_r B[n, r]·A[r, j] (summed in fp32, stored in out's dtype), one
+    [BLOCK_N, BLOCK_G] tile per program."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
     mask_n, mask_g = offs_n < N, offs_g < G
@@ -64,7 +71,7 @@ def _fold_bias_kernel(
     idx = offs_n[:, None].to(tl.int64) * stride_sn + offs_g[None, :] * stride_sg
     mask = mask_n[:, None] & mask_g[None, :]
     base = tl.load(b_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + idx, base + coef * acc, mask=mask)
+    tl.store(out_ptr + idx, (base + coef * acc).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _check_adapter(qw: QuantizedWeight, lora_a: torch.Tensor, lora_b: torch.Tensor, what: str) -> None:
@@ -84,12 +91,13 @@ def _kernel_ok(qw: QuantizedWeight, dtype: torch.dtype) -> bool:
             and not (INTERPRETED and dtype == torch.bfloat16))
 
 
-def _folded_weight_args(qw: QuantizedWeight, lora_a, lora_b, scaling: float):
-    """weight_args(qw) with the group biases replaced by b' = b + (σ/g)·B·A (fp32, scales' strides)."""
+def _folded_weight_args(qw: QuantizedWeight, lora_a, lora_b, scaling: float, dtype: torch.dtype):
+    """weight_args(qw) with the group biases replaced by b' = b + (σ/g)·B·A (in ``dtype``, the
+    activations' dtype; the scales' strides)."""
     args, meta = weight_args(qw)
     scales, biases = args[1], args[2]
     n, g_count = scales.shape
-    folded = torch.empty_strided(scales.shape, scales.stride(), dtype=torch.float32, device=scales.device)
+    folded = torch.empty_strided(scales.shape, scales.stride(), dtype=dtype, device=scales.device)
     r = lora_a.shape[0]
     grid = (triton.cdiv(n, _FOLD_BLOCK_N), triton.cdiv(g_count, _FOLD_BLOCK_G))
     _fold_bias_kernel[grid](
@@ -99,10 +107,14 @@ def _folded_weight_args(qw: QuantizedWeight, lora_a, lora_b, scaling: float):
     return args[:2] + (folded,) + args[3:], meta
 
 
-def fold_biases(qw: QuantizedWeight, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
-    """b' = b + (σ/g)·B·A as an fp32 [N, G] tensor (the folded biases the QA-LoRA kernels use)."""
+def fold_biases(qw: QuantizedWeight, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """b' = b + (σ/g)·B·A as a [N, G] tensor in ``dtype`` (summed in fp32): the folded biases the
+    QA-LoRA kernels use (fp32; dy's dtype for the split-N input gradient)."""
     _check_adapter(qw, lora_a, lora_b, "fold_biases")
-    return _folded_weight_args(qw, lora_a, lora_b, scaling)[0][2]
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"fold_biases: dtype={dtype}; allowed: torch.float16, torch.bfloat16, torch.float32")
+    return _folded_weight_args(qw, lora_a, lora_b, scaling, dtype)[0][2]
 
 
 def qalora_forward(x: torch.Tensor, qw: QuantizedWeight, lora_a: torch.Tensor, lora_b: torch.Tensor,
@@ -126,7 +138,7 @@ def qalora_forward(x: torch.Tensor, qw: QuantizedWeight, lora_a: torch.Tensor, l
             out.copy_(y.reshape(-1, n))
             y = out.reshape(*lead, n)
         return y, pooled
-    wargs = _folded_weight_args(qw, lora_a, lora_b, scaling)
+    wargs = _folded_weight_args(qw, lora_a, lora_b, scaling, torch.float32)
     y, pooled = _forward(x, qw, bias, out, path, deterministic, wargs=wargs, pool=True)
     return y, pooled.reshape(*lead, g_count)
 
@@ -138,7 +150,9 @@ def qalora_grad_input(dy: torch.Tensor, qw: QuantizedWeight, lora_a: torch.Tenso
     V = dY·B [..., r] in fp32 (float64 for float64 dy).
 
     dX is one input-gradient launch on the folded biases (the adapter term costs no extra pass
-    over dX). V is one torch matmul (dY·B, rounded in dy's dtype like the autograd's own), not fused.
+    over dX). On the split-N path (M <= 16) the same launch computes V from the dY tiles it
+    loads (the programs of the first K tile, B rounded to dy's dtype, fp32 sums); on the GEMM
+    path V is one torch matmul (dY·B in dy's dtype, like the autograd's own).
     out: optional [M, K] output (2-D, no act-order). path / deterministic: as
     :func:`quant_matmul_grad_input` (split-N at M <= 16)."""
     _check_adapter(qw, lora_a, lora_b, "qalora_grad_input")
@@ -146,8 +160,9 @@ def qalora_grad_input(dy: torch.Tensor, qw: QuantizedWeight, lora_a: torch.Tenso
     lead = dy.shape[:-1]
     dy2 = _as_2d(dy, n, "dy")
     acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
-    v = (dy2 @ lora_b.to(dy2.dtype)).to(acc)
+    r = lora_b.shape[1]
     if not _kernel_ok(qw, dy.dtype):
+        v = (dy2 @ lora_b.to(dy2.dtype)).to(acc)
         g = qw.group_size
         dpool = (v @ lora_a.to(acc)) * (scaling / g)
         dx = (_reference.quant_matmul_grad_input(dy2, qw).to(acc)
@@ -155,7 +170,12 @@ def qalora_grad_input(dy: torch.Tensor, qw: QuantizedWeight, lora_a: torch.Tenso
         if out is not None:
             out.copy_(dx)
             dx = out
-        return dx.reshape(*lead, k), v.reshape(*lead, v.shape[-1])
-    wargs = _folded_weight_args(qw, lora_a, lora_b, scaling)
-    dx = _grad_input(dy, qw, out, path, deterministic, wargs=wargs)
-    return dx, v.reshape(*lead, v.shape[-1])
+        return dx.reshape(*lead, k), v.reshape(*lead, r)
+    # b' in dy's dtype on the split-N path (fp32 b' made its best tile spill), fp32 on the GEMM
+    # path (16-bit b' there is +6 % or -6 % by format: no gain; docs/kernels.md, round 2)
+    splitn = path == "splitn" or (path == "auto" and dy2.shape[0] <= SPLITN_MAX_M)
+    wargs = _folded_weight_args(qw, lora_a, lora_b, scaling, dy.dtype if splitn else torch.float32)
+    dx, v = _grad_input(dy, qw, out, path, deterministic, wargs=wargs, lora_b=lora_b)
+    if v is None:  # the GEMM path
+        v = (dy2 @ lora_b.to(dy2.dtype)).to(acc)
+    return dx, v.reshape(*lead, r)

@@ -317,11 +317,10 @@ class QuantLinear(PackedWeightModule):
 
 
 def _compiled_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    """:meth:`QuantLinear.forward` written with the ``qlk::`` custom ops and plain torch, the path
-    taken under ``torch.compile``: the r-wide adapter (QA-LoRA pooling or LoRA) is plain torch
-    around the base op, so Inductor can fuse it and autograd derives its gradients. Same math as the
-    eager autograd Functions; dropout is ``F.dropout`` (same distribution, not the eager path's
-    seeded mask)."""
+    """:meth:`QuantLinear.forward` under ``torch.compile``: the ``qlk::`` custom ops
+    (qlk/custom_ops.py), which run the eager autograd Functions' own implementation (QA-LoRA: the
+    fused folded-bias kernels) behind an op Dynamo traces without a graph break. The compute-dtype
+    cast happens here, in the graph, so autograd casts dX back to x's dtype as eager does."""
     from .. import custom_ops  # registers torch.ops.qlk.*
     from ..autograd.lora import compute_dtype
 
@@ -332,22 +331,11 @@ def _compiled_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     x_c = x.to(cd)
     bias = None if layer.bias is None else layer.bias.to(cd)
     with torch.autocast(device_type=x.device.type, enabled=False):
-        y = torch.ops.qlk.quant_matmul(x_c, *tensors, bias, *attrs)
         if layer.method is None:
-            return y
+            return torch.ops.qlk.quant_matmul(x_c, *tensors, bias, *attrs)
         p = layer.dropout if layer.training else 0.0
-        if layer.method == "qalora":
-            acc = torch.float64 if cd == torch.float64 else torch.float32
-            perm = tensors[custom_ops.FIELDS.index("perm")]
-            xs = x_c if perm is None else x_c.index_select(-1, perm)
-            g = layer.group_size
-            inp = xs.to(acc).reshape(*xs.shape[:-1], xs.shape[-1] // g, g).mean(-1)  # P(X)
-        else:
-            acc, inp = cd, x_c
-        if p > 0:
-            inp = torch.nn.functional.dropout(inp, p, training=True)
-        u = inp @ layer.lora_A.to(acc).t()
-        return y + layer.scaling * (u.to(cd) @ layer.lora_B.to(cd).t())
+        op = torch.ops.qlk.qalora_linear if layer.method == "qalora" else torch.ops.qlk.lora_linear
+        return op(x_c, *tensors, layer.lora_A, layer.lora_B, bias, float(layer.scaling), float(p), *attrs)[0]
 
 
 def check_adapter_args(method, r, alpha, dropout, fmt: str) -> None:
