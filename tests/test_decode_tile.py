@@ -109,6 +109,8 @@ def run_ptx(asm: str, inputs: dict) -> int:
             regs[dst] = lop3(val(srcs[0]), val(srcs[1]), val(srcs[2]), val(srcs[3]))
         elif op == "mov.b32":
             regs[dst] = val(srcs[0])
+        elif op == "shl.b32":
+            regs[dst] = (val(srcs[0]) << min(val(srcs[1]), 32)) & 0xFFFFFFFF
         elif op in ("fma.rn.f16x2", "fma.rn.bf16x2"):
             regs[dst] = fma_x2(val(srcs[0]), val(srcs[1]), val(srcs[2]), "bf16" if "bf16x2" in op else "f16")
         else:
@@ -153,12 +155,35 @@ def test_packed_asm_bit_exact(bits, fmt):
     assert checked == 2 * len(SCALES) * (1 << (2 * bits))
 
 
+def _planes(q: int, rng) -> tuple:
+    """(low-plane word, high-plane word) of INT3 code q, random bits elsewhere."""
+    lo_g, hi_g = (int(v) for v in rng.integers(0, 1 << 31, size=2))
+    return ((lo_g << 2) | (q & 3)) & 0xFFFFFFFF, ((hi_g << 1) | (q >> 2)) & 0xFFFFFFFF
+
+
+@pytest.mark.parametrize("fmt", ["f16", "bf16"])
+def test_packed_asm_int3_planes_bit_exact(fmt):
+    asm = decode_tile.packed_asm_int3("fp16" if fmt == "f16" else "bf16")
+    rng = np.random.default_rng(3)
+    s_bits, c_bits = half_bits(SCALES, fmt), half_bits(BIASES, fmt)
+    for q0 in range(8):
+        for q1 in range(8):
+            (l0, h0), (l1, h1) = _planes(q0, rng), _planes(q1, rng)
+            for i in range(len(SCALES)):
+                s, c = s_bits[i], c_bits[(i + q1) % len(BIASES)]
+                got = run_ptx(asm, {"$1": l0, "$2": l1, "$3": h0, "$4": h1, "$5": s | (s << 16), "$6": c | (c << 16)})
+                for half, q in ((0, q0), (1, q1)):
+                    exact = half_value(s, fmt) * (q - 4) + half_value(c, fmt)
+                    assert (got >> (16 * half)) & 0xFFFF == round_half(exact, fmt), (fmt, q, s, c, half)
+
+
 def test_model_instructions():
     """The model's prmt / lop3 on hand-checked values (a wrong model would pass wrong asm)."""
     assert prmt(0x33221100, 0x77665544, 0x5410) == 0x55441100
     assert prmt(0x33221100, 0x77665544, 0x3210) == 0x33221100
     assert prmt(0x33221100, 0x77665544, 0x7654) == 0x77665544
     assert lop3(0xFFFF1234, 0x000F000F, 0x64006400, 0xEA) == 0x640F6404
+    assert lop3(0x12345678, 0x9ABCDEF0, 0xFFFF0000, 0xE4) == 0x1234DEF0  # (a & c) | (b & ~c)
     assert half_value(0x6400, "f16") == 1024 and half_value(0x4300, "bf16") == 128
     # bf16 spacing at 1024 is 8: ties go to the even mantissa
     assert round_half(Fraction(1028), "bf16") == 0x4480  # tie -> 1024
@@ -210,11 +235,51 @@ def test_twin_matches_asm_model(bits):
         assert (got[e], got[e + 1]) == (ref & 0xFFFF, ref >> 16), (e, words[e], s_list[e], c_list[e])
 
 
+@needs_kernels
+def test_int3_twin_matches_asm_model():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def twin(lo_ptr, hi_ptr, s_ptr, c_ptr, out_ptr, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        w = decode_tile._int3_planes_to_weights(tl.load(lo_ptr + offs), tl.load(hi_ptr + offs), tl.load(s_ptr + offs),
+                                                tl.load(c_ptr + offs), False)
+        tl.store(out_ptr + offs, w)
+
+    rng = np.random.default_rng(5)
+    lows, highs, s_list, c_list = [], [], [], []
+    for q0 in range(8):
+        for q1 in range(8):
+            for i in range(len(SCALES)):
+                for q in (q0, q1):
+                    lo, hi = _planes(q, rng)
+                    lows.append(lo)
+                    highs.append(hi)
+                    s_list.append(SCALES[i])
+                    c_list.append(BIASES[(i + q1) % len(BIASES)])
+    n = len(lows)
+    block = 1 << (n - 1).bit_length()
+    pad = block - n
+    signed = lambda ws: torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in ws] + [0] * pad,  # noqa: E731
+                                     dtype=torch.int32)
+    out = torch.full((block,), float("nan"), dtype=torch.float16)
+    twin[(1,)](signed(lows), signed(highs), torch.tensor(s_list + [0.0] * pad, dtype=torch.float16),
+               torch.tensor(c_list + [0.0] * pad, dtype=torch.float16), out, BLOCK=block)
+    got = [int(v) & 0xFFFF for v in out[:n].view(torch.int16).tolist()]
+    asm = decode_tile.packed_asm_int3("fp16")
+    sb, cb = half_bits(s_list, "f16"), half_bits(c_list, "f16")
+    for e in range(0, n, 2):
+        ref = run_ptx(asm, {"$1": lows[e], "$2": lows[e + 1], "$3": highs[e], "$4": highs[e + 1],
+                            "$5": sb[e] | (sb[e + 1] << 16), "$6": cb[e] | (cb[e + 1] << 16)})
+        assert (got[e], got[e + 1]) == (ref & 0xFFFF, ref >> 16), e
+
+
 # ------------------------------------------------------------------ the decode path in the kernel
 N = 72
 # (bits, group_size, in_features): g < BLOCK_K (several groups per tile), g > BLOCK_K (one group
 # over several tiles), g not a power of two, partial INT3 / INT2 words (K mod 32 = 16, K mod 16 = 8)
-CASES = [(4, 32, 512), (4, 256, 512), (3, 48, 528), (2, 8, 520), (3, 16, 784)]
+CASES = [(4, 32, 512), (4, 256, 512), (3, 48, 528), (2, 8, 520), (3, 16, 784), (2, 64, 512)]
 
 
 @pytest.fixture
@@ -247,7 +312,9 @@ def test_decode_fp16_against_float64(case, poisoned):
         tiles = math.ceil(k / c["BLOCK_K"])
         split = max(1, min(tiles, math.ceil(16 / math.ceil(N / c["BLOCK_N"]))))
         assert math.ceil(tiles / split) >= 2 and split >= 2
-    for m, det in ((3, False), (17, True)):
+    # the cases alternate between the two reductions (atomics at M = 3, the deterministic
+    # workspace at M = 17: two M tiles), so each reduction meets INT2, INT3 and INT4
+    for m, det in ((3, False),) if CASES.index(case) % 2 == 0 else ((17, True),):
         x = torch.randn(m, k, generator=gen).to(torch.float16).to(device)
         bias = torch.randn(N, generator=gen).to(torch.float16).to(device)
         out = torch.full((m, N), float("nan"), dtype=torch.float16, device=device)

@@ -95,6 +95,10 @@ MUTANTS = [
     dict(id="decode-second-code-unshifted", cls="unpacking", file="qlk/kernels/decode_tile.py",
          old="second = words[:, :, None] >> (shift + BITS)", new="second = words[:, :, None] >> shift",
          tests=[DT, "-k", "test_decode_fp16"]),
+    dict(id="decode-int3-second-high-bit", cls="partial words", file="qlk/kernels/decode_tile.py",
+         old="highs = tl.reshape(tl.join(high, high >> 1), (BLOCK_N, BLOCK_K))",
+         new="highs = tl.reshape(tl.join(high, high), (BLOCK_N, BLOCK_K))",
+         tests=[DT, "-k", "test_decode_fp16"]),
     # ---- autograd, reference, merge, formats -----------------------------------------------------
     dict(id="autograd-dA-scale", cls="scale", file="qlk/autograd/qalora.py",
          old="da = (v.t() @ pooled).mul_(s).to(a.dtype)", new="da = (v.t() @ pooled).mul_(s / g).to(a.dtype)",
