@@ -10,6 +10,7 @@ apply (reported as an error) instead of silently testing nothing.
 """
 
 KP = "tests/test_kernel_paths.py"
+DT = "tests/test_decode_tile.py"
 
 MUTANTS = [
     # ---- multi-tile split reductions ------------------------------------------------------------
@@ -106,6 +107,23 @@ MUTANTS = [
     dict(id="fold-bias-missing-1/g", cls="scale", file="qlk/kernels/qalora.py",
          old="r, float(scaling) / qw.group_size,", new="r, float(scaling),",
          tests=[KP, "-k", "test_qalora_paths"]),
+    # ---- split-K decode tile (qlk/kernels/decode_tile.py: half2 asm and its Triton twin) -----------
+    dict(id="decode-group-index-per-tile", cls="wrong group", file="qlk/kernels/decode_tile.py",
+         old="offs_g = k0 // GROUP_SIZE + tl.arange(0, NG)", new="offs_g = k0 // BLOCK_K + tl.arange(0, NG)",
+         tests=[DT, "-k", "test_decode_fp16"]),
+    dict(id="decode-twin-mid-sign", cls="sign", file="qlk/kernels/decode_tile.py",
+         old="q = ((codes & MASK) - MID).to(tl.float32)", new="q = ((codes & MASK) + MID).to(tl.float32)",
+         tests=[DT, "-k", "test_twin or test_decode_fp16"]),
+    dict(id="decode-asm-magic-mid-sign", cls="sign", file="qlk/kernels/decode_tile.py",
+         old="neg = _neg_magic(act, value + mid)", new="neg = _neg_magic(act, value - mid)",
+         tests=[DT, "-k", "test_packed_asm"]),
+    dict(id="decode-second-code-unshifted", cls="unpacking", file="qlk/kernels/decode_tile.py",
+         old="second = words[:, :, None] >> (shift + BITS)", new="second = words[:, :, None] >> shift",
+         tests=[DT, "-k", "test_decode_fp16"]),
+    dict(id="decode-int3-second-high-bit", cls="partial words", file="qlk/kernels/decode_tile.py",
+         old="highs = tl.reshape(tl.join(high, high >> 1), (BLOCK_N, BLOCK_K))",
+         new="highs = tl.reshape(tl.join(high, high), (BLOCK_N, BLOCK_K))",
+         tests=[DT, "-k", "test_decode_fp16"]),
     # ---- autograd, reference, merge, formats -----------------------------------------------------
     dict(id="autograd-dA-scale", cls="scale", file="qlk/autograd/qalora.py",
          old="da = (v.t() @ pooled).mul_(s).to(a.dtype)", new="da = (v.t() @ pooled).mul_(s / g).to(a.dtype)",

@@ -44,8 +44,10 @@ import triton.language as tl
 
 from ..formats.quantized_weight import QuantizedWeight
 from .config import (
-    PRUNE, PRUNE_SPLITN, gemm_configs, gemv_grad_configs, grad_configs, num_sms, splitk_configs, splitn_configs,
+    INTERPRETED, PRUNE, PRUNE_SPLITN, gemm_configs, gemv_grad_configs, grad_configs, num_sms, splitk_configs,
+    splitn_configs,
 )
+from .decode_tile import _decode_int_tile
 from .quant_tile import _dequant_tile, weight_args
 
 #: M at or below which the forward uses the split-K decode kernel
@@ -179,10 +181,15 @@ def _quant_matmul_splitk_kernel(
     M, N, K, M_BUCKET,
     stride_xm, stride_xk, stride_pm,
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-    ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr, POOL: tl.constexpr, EVEN_K: tl.constexpr,
+    ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr, POOL: tl.constexpr, PACKED_DEQUANT: tl.constexpr,
+    EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Partial Yᵀ over one K slice: program (n, s, m) sums k in slice s of ⌈K/BLOCK_K / SPLIT⌉ tiles.
+
+    INT formats with fp16/bf16 activations dequantize straight into the activation dtype
+    (:func:`qlk.kernels.decode_tile._decode_int_tile`: half2 inline asm when PACKED_DEQUANT, its
+    Triton twin under the interpreter); NF4 and fp32 activations use the fp32 ``_dequant_tile``.
 
     POOL: the programs of the first N tile also write P(X) for the groups of their slice (slices
     are whole K tiles, so with GROUP_SIZE <= BLOCK_K no group straddles two slices)."""
@@ -198,10 +205,16 @@ def _quant_matmul_splitk_kernel(
     rows_w = tl.minimum(offs_n, N - 1)
     x_rows = x_ptr + offs_m.to(tl.int64) * stride_xm
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    ACT: tl.constexpr = x_ptr.dtype.element_ty
+    HALF_INT: tl.constexpr = (not IS_NF4) and (ACT == tl.float16 or ACT == tl.bfloat16)
     for k0 in range(k_start, k_end, BLOCK_K):
-        w = _dequant_tile(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
-                          stride_qn, stride_sn, stride_sg, rows_w, k0, K,
-                          BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K)
+        if HALF_INT:
+            w = _decode_int_tile(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, rows_w, k0, K,
+                                 ACT, BITS, GROUP_SIZE, PACKED_DEQUANT, EVEN_K, BLOCK_N, BLOCK_K)
+        else:
+            w = _dequant_tile(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
+                              stride_qn, stride_sn, stride_sg, rows_w, k0, K,
+                              BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K)
         offs_k = k0 + tl.arange(0, BLOCK_K)
         # M is tiny here: padding rows are masked (zeros) rather than clamped, so no x row is read
         # BLOCK_M/M times over
@@ -510,7 +523,8 @@ def _splitk_forward(x2, qw, bias, out, deterministic, args, meta, pooled=None):
     _quant_matmul_splitk_kernel[grid](
         ws, x2, pooled if pooled is not None else args[3], *args, m, n, k, _bucket(m), x2.stride(0), x2.stride(1),
         pooled.stride(0) if pooled is not None else 0,
-        ATOMIC=not deterministic, DOT_PRECISION=_precision(x2.dtype), POOL=pooled is not None, **meta)
+        ATOMIC=not deterministic, DOT_PRECISION=_precision(x2.dtype), POOL=pooled is not None,
+        PACKED_DEQUANT=not INTERPRETED, **meta)
     y = ws.sum(0) if deterministic else ws
     if bias is not None:
         y = y + bias.to(torch.float32)

@@ -1,0 +1,243 @@
+"""Decode (split-K forward) weight tiles: INT-b codes -> fp16/bf16 weights in packed half2 math.
+
+The split-K decode loop is issue-bound, not DRAM-bound: the fp32 dequantization of
+:func:`qlk.kernels.quant_tile._dequant_tile` spends ~6 instructions per weight (SHF, LOP3 with a
+re-materialized mask, FADD, FFMA, half an F2FP to pack the pair for the MMA). Here a pair of
+weights is produced in one 32-bit register, exactly as the MMA operand holds it:
+
+    v = prmt(first, second, 0x5410)              low 16 bits of each code word side by side
+    v = (v & MASK·0x10001) | MAGIC·0x10001        LOP3: each half = float(MAGIC_VALUE + q), exact
+    v = v·1 − (MAGIC_VALUE + m)                   HFMA2: q − m, exact (small integers)
+    ŵ = v·s + c                                   HFMA2: s·(q − m) + c, rounded once
+
+MAGIC is the 16-bit float whose unit in the last place is 1: fp16 0x6400 (1024), bf16 0x4300 (128),
+so OR-ing a code q < 16 into its mantissa gives MAGIC_VALUE + q. Per weight: one shift (the
+code's position in its word, done in Triton, no mask) and half each of PRMT, LOP3, HFMA2, HFMA2,
+and nothing to pack for the MMA. INT3 (bit planes) passes each code's low-plane bits and its
+high-plane bit separately; its asm (``packed_asm_int3``) merges them with a shift and a
+bitfield-select LOP3 before the same two HFMA2.
+
+Numerics: ŵ = round_act(s_a·(q − m) + c_a) with s_a, c_a the group scale and bias rounded to the
+activation dtype first (exact when they are stored in it, the usual case; QA-LoRA's fp32 folded
+biases are rounded once more). The fp32 path rounds s·(q − m) + c in fp32, then to the activation
+dtype.
+
+The asm cannot run under the Triton interpreter: ``PACKED=False`` selects a pure-Triton twin with
+the same semantics up to fp32 double rounding (the exact value s_a·(q − m) + c_a has at most
+~15 significant bits for fp16 inputs of similar magnitude, so the fp32 step is exact there). The
+bit-level semantics of the asm are checked on CPU against a numpy model of prmt / lop3 /
+fma.rn.{f16x2,bf16x2} / shl (tests/test_decode_tile.py); the asm itself is compiled for sm_90 and sm_80
+by tests/test_kernel_static.py.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .quant_tile import _group_params
+
+#: 16-bit float magic whose ulp is 1 (codes are OR-ed into its mantissa), its value, and 1.0
+F16_MAGIC, F16_MAGIC_VALUE, F16_ONE = 0x6400, 1024, 0x3C00
+BF16_MAGIC, BF16_MAGIC_VALUE, BF16_ONE = 0x4300, 128, 0x3F80
+
+
+def packed_asm(bits: int, act: str) -> str:
+    """PTX of one invocation (pack=2): $0 = two fp16/bf16 weights; $1, $2 = their int32 code words
+    (code in the low ``bits`` bits, anything above); $3, $4 = packed (s, s), (c, c) in act dtype."""
+    mask = (1 << bits) - 1
+    mid = 1 << (bits - 1)
+    if act == "fp16":
+        magic, value, one, fma = F16_MAGIC, F16_MAGIC_VALUE, F16_ONE, "fma.rn.f16x2"
+    elif act == "bf16":
+        magic, value, one, fma = BF16_MAGIC, BF16_MAGIC_VALUE, BF16_ONE, "fma.rn.bf16x2"
+    else:
+        raise ValueError(f"act={act!r}; allowed: 'fp16', 'bf16'")
+    neg = _neg_magic(act, value + mid)
+    return ("{\n"
+            ".reg .b32 v, one, neg;\n"
+            "prmt.b32 v, $1, $2, 0x5410;\n"
+            f"lop3.b32 v, v, {mask * 0x10001:#010x}, {magic * 0x10001:#010x}, 0xea;\n"
+            f"mov.b32 one, {one * 0x10001:#010x};\n"
+            f"mov.b32 neg, {neg * 0x10001:#010x};\n"
+            f"{fma} v, v, one, neg;\n"
+            f"{fma} $0, v, $3, $4;\n"
+            "}")
+
+
+def packed_asm_int3(act: str) -> str:
+    """PTX of one INT3 invocation (pack=2): $0 = two weights; $1, $2 = words whose bits 0-1 are the
+    codes' two low bits (low bit plane); $3, $4 = words whose bit 0 is the codes' high bit (high
+    plane); $5, $6 = packed (s, s), (c, c). Other bits of $1..$4 are ignored."""
+    if act == "fp16":
+        magic, value, one, fma = F16_MAGIC, F16_MAGIC_VALUE, F16_ONE, "fma.rn.f16x2"
+    elif act == "bf16":
+        magic, value, one, fma = BF16_MAGIC, BF16_MAGIC_VALUE, BF16_ONE, "fma.rn.bf16x2"
+    else:
+        raise ValueError(f"act={act!r}; allowed: 'fp16', 'bf16'")
+    neg = _neg_magic(act, value + 4)
+    return ("{\n"
+            ".reg .b32 lo, hi, v, one, neg;\n"
+            "prmt.b32 lo, $1, $2, 0x5410;\n"
+            "prmt.b32 hi, $3, $4, 0x5410;\n"
+            "shl.b32 hi, hi, 2;\n"  # high bits to bit 2 of each half (bits 16-17 come from lo)
+            "lop3.b32 v, lo, hi, 0x00030003, 0xe4;\n"  # (lo & mask) | (hi & ~mask)
+            f"lop3.b32 v, v, 0x00070007, {magic * 0x10001:#010x}, 0xea;\n"
+            f"mov.b32 one, {one * 0x10001:#010x};\n"
+            f"mov.b32 neg, {neg * 0x10001:#010x};\n"
+            f"{fma} v, v, one, neg;\n"
+            f"{fma} $0, v, $5, $6;\n"
+            "}")
+
+
+def _neg_magic(act: str, value: int) -> int:
+    """16-bit pattern of −value (an integer below 2^11 (fp16) / 2^8 (bf16): exact)."""
+    import struct
+
+    if act == "fp16":
+        import numpy as np
+
+        return int(np.array(-float(value), dtype=np.float16).view(np.uint16))
+    bits32 = struct.unpack("<I", struct.pack("<f", -float(value)))[0]
+    assert bits32 & 0xFFFF == 0, "bf16 magic must be exact"
+    return bits32 >> 16
+
+
+ASM_F16_B2: tl.constexpr = tl.constexpr(packed_asm(2, "fp16"))
+ASM_F16_B3: tl.constexpr = tl.constexpr(packed_asm(3, "fp16"))
+ASM_F16_B4: tl.constexpr = tl.constexpr(packed_asm(4, "fp16"))
+ASM_BF16_B2: tl.constexpr = tl.constexpr(packed_asm(2, "bf16"))
+ASM_BF16_B3: tl.constexpr = tl.constexpr(packed_asm(3, "bf16"))
+ASM_BF16_B4: tl.constexpr = tl.constexpr(packed_asm(4, "bf16"))
+ASM_F16_INT3: tl.constexpr = tl.constexpr(packed_asm_int3("fp16"))
+ASM_BF16_INT3: tl.constexpr = tl.constexpr(packed_asm_int3("bf16"))
+
+
+@triton.jit
+def _int3_planes_to_weights(low, high, s, c, PACKED: tl.constexpr):
+    """ŵ = s·(q − 4) + c in s's dtype, q = (low & 3) | ((high & 1) << 2), elementwise (INT3 bit
+    planes: low holds the code's two low bits at bits 0-1, high its high bit at bit 0)."""
+    s, c = tl.broadcast(s, c)
+    low, s = tl.broadcast(low, s)
+    low, c = tl.broadcast(low, c)
+    high, low = tl.broadcast(high, low)
+    if PACKED:
+        if s.dtype == tl.float16:
+            w = tl.inline_asm_elementwise(ASM_F16_INT3, "=r,r,r,r,r,r,r", [low, high, s, c], dtype=tl.float16,
+                                          is_pure=True, pack=2)
+        else:
+            tl.static_assert(s.dtype == tl.bfloat16)
+            w = tl.inline_asm_elementwise(ASM_BF16_INT3, "=r,r,r,r,r,r,r", [low, high, s, c], dtype=tl.bfloat16,
+                                          is_pure=True, pack=2)
+    else:
+        q = ((low & 3) | ((high & 1) << 2)) - 4
+        w = (s.to(tl.float32) * q.to(tl.float32) + c.to(tl.float32)).to(s.dtype)
+    return w
+
+
+@triton.jit
+def _codes_to_weights(codes, s, c, BITS: tl.constexpr, PACKED: tl.constexpr):
+    """ŵ = s·((codes mod 2^BITS) − 2^(BITS−1)) + c in s's dtype (fp16/bf16), elementwise.
+
+    codes: int32, the code in the low BITS bits (higher bits ignored); s, c: fp16/bf16, same
+    dtype, broadcastable to codes. PACKED: the half2 inline asm (GPU); else the Triton twin."""
+    MASK: tl.constexpr = (1 << BITS) - 1
+    MID: tl.constexpr = 1 << (BITS - 1)
+    s, c = tl.broadcast(s, c)
+    codes, s = tl.broadcast(codes, s)
+    codes, c = tl.broadcast(codes, c)
+    if PACKED:
+        if s.dtype == tl.float16:
+            if BITS == 2:
+                w = tl.inline_asm_elementwise(ASM_F16_B2, "=r,r,r,r,r", [codes, s, c], dtype=tl.float16,
+                                              is_pure=True, pack=2)
+            elif BITS == 3:
+                w = tl.inline_asm_elementwise(ASM_F16_B3, "=r,r,r,r,r", [codes, s, c], dtype=tl.float16,
+                                              is_pure=True, pack=2)
+            else:
+                w = tl.inline_asm_elementwise(ASM_F16_B4, "=r,r,r,r,r", [codes, s, c], dtype=tl.float16,
+                                              is_pure=True, pack=2)
+        else:
+            tl.static_assert(s.dtype == tl.bfloat16)
+            if BITS == 2:
+                w = tl.inline_asm_elementwise(ASM_BF16_B2, "=r,r,r,r,r", [codes, s, c], dtype=tl.bfloat16,
+                                              is_pure=True, pack=2)
+            elif BITS == 3:
+                w = tl.inline_asm_elementwise(ASM_BF16_B3, "=r,r,r,r,r", [codes, s, c], dtype=tl.bfloat16,
+                                              is_pure=True, pack=2)
+            else:
+                w = tl.inline_asm_elementwise(ASM_BF16_B4, "=r,r,r,r,r", [codes, s, c], dtype=tl.bfloat16,
+                                              is_pure=True, pack=2)
+    else:
+        q = ((codes & MASK) - MID).to(tl.float32)
+        w = (s.to(tl.float32) * q + c.to(tl.float32)).to(s.dtype)
+    return w
+
+
+@triton.jit
+def _decode_int_tile(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, offs_n, k0, K,
+                     ACT: tl.constexpr, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, PACKED: tl.constexpr,
+                     EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Ŵ[offs_n, k0 : k0 + BLOCK_K] of an INT-b weight in the activation dtype ACT (fp16/bf16).
+
+    Same contract as ``_dequant_tile`` (rows all valid, k0 a multiple of BLOCK_K, columns >= K
+    exactly 0 unless EVEN_K), same value up to where it rounds (module docstring)."""
+    if BITS == 3:
+        # the bit planes of _unpack_codes (chunk c = 3 words: word 3c+h holds the low 2 bits of
+        # column 32c+16h+i at bit 2i, word 3c+2 the high bit of column 32c+i at bit i), each code's
+        # two planes shifted to bit 0 but not masked or merged: the asm does that
+        NC: tl.constexpr = BLOCK_K // 32
+        offs_c = k0 // 32 + tl.arange(0, NC)
+        base = qw_ptr + offs_n[:, None].to(tl.int64) * stride_qn + 3 * offs_c[None, :]
+        if EVEN_K:
+            w0 = tl.load(base)
+            w1 = tl.load(base + 1)
+            w2 = tl.load(base + 2)
+        else:
+            cmask = offs_c[None, :] < tl.cdiv(K, 32)
+            w0 = tl.load(base, mask=cmask, other=0)
+            w1 = tl.load(base + 1, mask=cmask, other=0)
+            w2 = tl.load(base + 2, mask=cmask, other=0)
+        p = tl.arange(0, 16)[None, None, :]  # pair p = columns 2p, 2p+1 of the chunk
+        low = tl.where(p < 8, w0[:, :, None], w1[:, :, None]) >> ((p % 8) * 4)
+        high = w2[:, :, None] >> (2 * p)
+        lows = tl.reshape(tl.join(low, low >> 2), (BLOCK_N, BLOCK_K))
+        highs = tl.reshape(tl.join(high, high >> 1), (BLOCK_N, BLOCK_K))
+    else:
+        # the pairs of _unpack_codes without its masks: the asm's LOP3 masks both codes of a pair
+        PER: tl.constexpr = 32 // BITS
+        NW: tl.constexpr = BLOCK_K // PER
+        offs_w = k0 // PER + tl.arange(0, NW)
+        ptrs = qw_ptr + offs_n[:, None].to(tl.int64) * stride_qn + offs_w[None, :]
+        if EVEN_K:
+            words = tl.load(ptrs)
+        else:
+            words = tl.load(ptrs, mask=offs_w[None, :] < tl.cdiv(K, PER), other=0)
+        shift = tl.arange(0, PER // 2)[None, None, :] * (2 * BITS)
+        first = words[:, :, None] >> shift
+        second = words[:, :, None] >> (shift + BITS)
+        codes = tl.reshape(tl.join(first, second), (BLOCK_N, BLOCK_K))
+    G = K // GROUP_SIZE
+    if (GROUP_SIZE & (GROUP_SIZE - 1)) == 0:
+        NG: tl.constexpr = BLOCK_K // GROUP_SIZE if BLOCK_K > GROUP_SIZE else 1
+        SPAN: tl.constexpr = BLOCK_K // NG
+        offs_g = k0 // GROUP_SIZE + tl.arange(0, NG)
+        s, b = _group_params(s_ptr, b_ptr, s_ptr, s_ptr, s_ptr, stride_sn, stride_sg,
+                             offs_n, offs_g[None, :], (offs_g < G)[None, :], False, False, True, EVEN_K)
+        s3 = tl.broadcast_to(s.to(ACT)[:, :, None], (BLOCK_N, NG, SPAN))
+        b3 = tl.broadcast_to(b.to(ACT)[:, :, None], (BLOCK_N, NG, SPAN))
+        if BITS == 3:
+            w = _int3_planes_to_weights(tl.reshape(lows, (BLOCK_N, NG, SPAN)), tl.reshape(highs, (BLOCK_N, NG, SPAN)),
+                                        s3, b3, PACKED)
+        else:
+            w = _codes_to_weights(tl.reshape(codes, (BLOCK_N, NG, SPAN)), s3, b3, BITS, PACKED)
+        w = tl.reshape(w, (BLOCK_N, BLOCK_K))
+    else:
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        j = (offs_k // GROUP_SIZE)[None, :]
+        s, b = _group_params(s_ptr, b_ptr, s_ptr, s_ptr, s_ptr, stride_sn, stride_sg,
+                             offs_n, j, j < G, False, False, True, EVEN_K)
+        if BITS == 3:
+            w = _int3_planes_to_weights(lows, highs, s.to(ACT), b.to(ACT), PACKED)
+        else:
+            w = _codes_to_weights(codes, s.to(ACT), b.to(ACT), BITS, PACKED)
+    return w

@@ -1,0 +1,324 @@
+"""The split-K decode dequantization (qlk/kernels/decode_tile.py): packed half2 inline asm and its twin.
+
+* **bit-level asm semantics, CPU.** The PTX text the kernel compiles (``packed_asm``) is executed by a
+  small numpy model of the four instructions it uses (``prmt.b32``, ``lop3.b32``, ``mov.b32``,
+  ``fma.rn.{f16x2,bf16x2}``, written from the PTX ISA), for every pair of codes of every bit width
+  (garbage above the code bits), fp16 and bf16, scales and biases of both signs and several
+  magnitudes, and compared bit for bit with s·(q − 2^(b−1)) + c computed exactly and rounded once
+  (round to nearest even) to the 16-bit format.
+* **the twin, interpreter.** ``_codes_to_weights(PACKED=False)`` on the same grid equals the
+  model bit for bit (fp16; the interpreter's bf16 arithmetic is not IEEE).
+* **the decode path in the kernel, interpreter.** fp16 activations through the split-K kernel (the
+  path the asm takes on a GPU) against the float64 oracle: several groups per tile, groups over
+  several tiles, groups that are not powers of two, partial INT3/INT2 words, several tiles per
+  split slice, atomics and the NaN-poisoned deterministic workspace.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+
+import oracles
+import qlk
+from qlk.kernels import decode_tile
+from qlk.kernels import fused_matmul as fm
+from qlk.kernels import quant_matmul_forward
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ------------------------------------------------------------------ numpy model of the PTX
+def prmt(a: int, b: int, sel: int) -> int:
+    """prmt.b32 (default mode): result byte i = byte sel[4i+2:4i] of the 8-byte value b:a."""
+    src = (b << 32) | a
+    return sum(((src >> (8 * ((sel >> (4 * i)) & 7))) & 0xFF) << (8 * i) for i in range(4))
+
+
+def lop3(a: int, b: int, c: int, lut: int) -> int:
+    """lop3.b32: each result bit is bit (4·a + 2·b + c) of the 8-bit truth table ``lut``."""
+    out = 0
+    for bit in range(32):
+        idx = (((a >> bit) & 1) << 2) | (((b >> bit) & 1) << 1) | ((c >> bit) & 1)
+        out |= ((lut >> idx) & 1) << bit
+    return out
+
+
+def half_value(h: int, fmt: str) -> Fraction:
+    if fmt == "f16":
+        return Fraction(float(np.array(h, dtype=np.uint16).view(np.float16)))
+    return Fraction(float(np.array(h << 16, dtype=np.uint32).view(np.float32)))
+
+
+def round_half(v: Fraction, fmt: str) -> int:
+    """Bits of the 16-bit float nearest to v (ties to even), normal results only."""
+    if v == 0:
+        return 0
+    man_bits, bias = (10, 15) if fmt == "f16" else (7, 127)
+    sign, v = (1, -v) if v < 0 else (0, v)
+    e = math.floor(math.log2(v))
+    while Fraction(2) ** e > v:
+        e -= 1
+    while Fraction(2) ** (e + 1) <= v:
+        e += 1
+    scaled = v / Fraction(2) ** (e - man_bits)  # in [2^man, 2^(man+1))
+    r = math.floor(scaled)
+    rem = scaled - r
+    if rem > Fraction(1, 2) or (rem == Fraction(1, 2) and r % 2 == 1):
+        r += 1
+    if r == 1 << (man_bits + 1):
+        r, e = r >> 1, e + 1
+    assert 1 - bias <= e <= bias, "outside the normal range of the test"
+    exp_field = e + bias
+    return (sign << 15) | (exp_field << man_bits) | (r - (1 << man_bits))
+
+
+def fma_x2(a: int, b: int, c: int, fmt: str) -> int:
+    """fma.rn.{f16x2,bf16x2}: each half a·b + c computed exactly, rounded once."""
+    out = 0
+    for half in (0, 1):
+        sh = 16 * half
+        v = half_value((a >> sh) & 0xFFFF, fmt) * half_value((b >> sh) & 0xFFFF, fmt) + half_value((c >> sh) & 0xFFFF,
+                                                                                                  fmt)
+        out |= round_half(v, fmt) << sh
+    return out
+
+
+def run_ptx(asm: str, inputs: dict) -> int:
+    """Execute the asm block on 32-bit operands $1.. ; returns $0."""
+    regs = dict(inputs)
+
+    def val(tok: str) -> int:
+        tok = tok.strip()
+        return int(tok, 0) & 0xFFFFFFFF if re.match(r"^(0x[0-9a-fA-F]+|\d+)$", tok) else regs[tok]
+
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line in "{}" or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        dst, *srcs = [t.strip() for t in rest.split(",")]
+        if op == "prmt.b32":
+            regs[dst] = prmt(val(srcs[0]), val(srcs[1]), val(srcs[2]))
+        elif op == "lop3.b32":
+            regs[dst] = lop3(val(srcs[0]), val(srcs[1]), val(srcs[2]), val(srcs[3]))
+        elif op == "mov.b32":
+            regs[dst] = val(srcs[0])
+        elif op == "shl.b32":
+            regs[dst] = (val(srcs[0]) << min(val(srcs[1]), 32)) & 0xFFFFFFFF
+        elif op in ("fma.rn.f16x2", "fma.rn.bf16x2"):
+            regs[dst] = fma_x2(val(srcs[0]), val(srcs[1]), val(srcs[2]), "bf16" if "bf16x2" in op else "f16")
+        else:
+            raise AssertionError(f"the model does not know {op!r}: extend it with the new instruction")
+    return regs["$0"]
+
+
+def half_bits(values, fmt: str) -> list:
+    t = torch.tensor(values, dtype=torch.float16 if fmt == "f16" else torch.bfloat16)
+    return [int(v) & 0xFFFF for v in t.view(torch.int16).tolist()]
+
+
+SCALES = [0.0078125, -0.3, 1.7, -23.5, 0.001]
+BIASES = [0.0, 0.21, -5.25, 130.0, -0.0007]
+
+
+def _grid(bits: int):
+    """(code word 0, code word 1) for every pair of codes, with garbage above the code bits."""
+    rng = np.random.default_rng(bits)
+    n = 1 << bits
+    for q0 in range(n):
+        for q1 in range(n):
+            g0, g1 = (int(v) << bits for v in rng.integers(0, 1 << (32 - bits), size=2))
+            yield q0, q1, (g0 | q0) & 0xFFFFFFFF, (g1 | q1) & 0xFFFFFFFF
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("fmt", ["f16", "bf16"])
+def test_packed_asm_bit_exact(bits, fmt):
+    asm = decode_tile.packed_asm(bits, "fp16" if fmt == "f16" else "bf16")
+    mid = 1 << (bits - 1)
+    s_bits, c_bits = half_bits(SCALES, fmt), half_bits(BIASES, fmt)
+    checked = 0
+    for q0, q1, w0, w1 in _grid(bits):
+        for i in range(len(SCALES)):
+            s, c = s_bits[i], c_bits[(i + q0) % len(BIASES)]
+            got = run_ptx(asm, {"$1": w0, "$2": w1, "$3": s | (s << 16), "$4": c | (c << 16)})
+            for half, q in ((0, q0), (1, q1)):
+                exact = half_value(s, fmt) * (q - mid) + half_value(c, fmt)
+                assert (got >> (16 * half)) & 0xFFFF == round_half(exact, fmt), (bits, fmt, q, s, c, half)
+                checked += 1
+    assert checked == 2 * len(SCALES) * (1 << (2 * bits))
+
+
+def _planes(q: int, rng) -> tuple:
+    """(low-plane word, high-plane word) of INT3 code q, random bits elsewhere."""
+    lo_g, hi_g = (int(v) for v in rng.integers(0, 1 << 31, size=2))
+    return ((lo_g << 2) | (q & 3)) & 0xFFFFFFFF, ((hi_g << 1) | (q >> 2)) & 0xFFFFFFFF
+
+
+@pytest.mark.parametrize("fmt", ["f16", "bf16"])
+def test_packed_asm_int3_planes_bit_exact(fmt):
+    asm = decode_tile.packed_asm_int3("fp16" if fmt == "f16" else "bf16")
+    rng = np.random.default_rng(3)
+    s_bits, c_bits = half_bits(SCALES, fmt), half_bits(BIASES, fmt)
+    for q0 in range(8):
+        for q1 in range(8):
+            (l0, h0), (l1, h1) = _planes(q0, rng), _planes(q1, rng)
+            for i in range(len(SCALES)):
+                s, c = s_bits[i], c_bits[(i + q1) % len(BIASES)]
+                got = run_ptx(asm, {"$1": l0, "$2": l1, "$3": h0, "$4": h1, "$5": s | (s << 16), "$6": c | (c << 16)})
+                for half, q in ((0, q0), (1, q1)):
+                    exact = half_value(s, fmt) * (q - 4) + half_value(c, fmt)
+                    assert (got >> (16 * half)) & 0xFFFF == round_half(exact, fmt), (fmt, q, s, c, half)
+
+
+def test_model_instructions():
+    """The model's prmt / lop3 on hand-checked values (a wrong model would pass wrong asm)."""
+    assert prmt(0x33221100, 0x77665544, 0x5410) == 0x55441100
+    assert prmt(0x33221100, 0x77665544, 0x3210) == 0x33221100
+    assert prmt(0x33221100, 0x77665544, 0x7654) == 0x77665544
+    assert lop3(0xFFFF1234, 0x000F000F, 0x64006400, 0xEA) == 0x640F6404
+    assert lop3(0x12345678, 0x9ABCDEF0, 0xFFFF0000, 0xE4) == 0x1234DEF0  # (a & c) | (b & ~c)
+    assert half_value(0x6400, "f16") == 1024 and half_value(0x4300, "bf16") == 128
+    # bf16 spacing at 1024 is 8: ties go to the even mantissa
+    assert round_half(Fraction(1028), "bf16") == 0x4480  # tie -> 1024
+    assert round_half(Fraction(1029), "bf16") == 0x4481  # -> 1032
+    assert round_half(Fraction(1036), "bf16") == 0x4482  # tie -> 1040
+    assert round_half(Fraction(-2049, 2), "f16") == 0xE400  # -1024.5: tie -> -1024
+
+
+# ------------------------------------------------------------------ the twin (interpreter)
+needs_kernels = pytest.mark.skipif(not (INTERPRETED or torch.cuda.is_available()),
+                                   reason="needs CUDA or TRITON_INTERPRET=1")
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_twin_matches_asm_model(bits):
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def twin(codes_ptr, s_ptr, c_ptr, out_ptr, BITS: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        w = decode_tile._codes_to_weights(tl.load(codes_ptr + offs), tl.load(s_ptr + offs), tl.load(c_ptr + offs),
+                                          BITS, False)
+        tl.store(out_ptr + offs, w)
+
+    fmt = "f16"
+    rows = list(_grid(bits))
+    words, s_list, c_list = [], [], []
+    for q0, q1, w0, w1 in rows:
+        for i in range(len(SCALES)):
+            words += [w0, w1]
+            s_list += [SCALES[i]] * 2
+            c_list += [BIASES[(i + q0) % len(BIASES)]] * 2
+    n = len(words)
+    block = 1 << (n - 1).bit_length()
+    pad = block - n
+    codes = torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in words] + [0] * pad, dtype=torch.int32)
+    s = torch.tensor(s_list + [0.0] * pad, dtype=torch.float16)
+    c = torch.tensor(c_list + [0.0] * pad, dtype=torch.float16)
+    out = torch.full((block,), float("nan"), dtype=torch.float16)
+    twin[(1,)](codes, s, c, out, BITS=bits, BLOCK=block)
+    got = [int(v) & 0xFFFF for v in out[:n].view(torch.int16).tolist()]
+    asm = decode_tile.packed_asm(bits, "fp16")
+    sb, cb = half_bits(s_list, fmt), half_bits(c_list, fmt)
+    for e in range(0, n, 2):
+        ref = run_ptx(asm, {"$1": words[e], "$2": words[e + 1], "$3": sb[e] | (sb[e + 1] << 16),
+                            "$4": cb[e] | (cb[e + 1] << 16)})
+        assert (got[e], got[e + 1]) == (ref & 0xFFFF, ref >> 16), (e, words[e], s_list[e], c_list[e])
+
+
+@needs_kernels
+def test_int3_twin_matches_asm_model():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def twin(lo_ptr, hi_ptr, s_ptr, c_ptr, out_ptr, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        w = decode_tile._int3_planes_to_weights(tl.load(lo_ptr + offs), tl.load(hi_ptr + offs), tl.load(s_ptr + offs),
+                                                tl.load(c_ptr + offs), False)
+        tl.store(out_ptr + offs, w)
+
+    rng = np.random.default_rng(5)
+    lows, highs, s_list, c_list = [], [], [], []
+    for q0 in range(8):
+        for q1 in range(8):
+            for i in range(len(SCALES)):
+                for q in (q0, q1):
+                    lo, hi = _planes(q, rng)
+                    lows.append(lo)
+                    highs.append(hi)
+                    s_list.append(SCALES[i])
+                    c_list.append(BIASES[(i + q1) % len(BIASES)])
+    n = len(lows)
+    block = 1 << (n - 1).bit_length()
+    pad = block - n
+    signed = lambda ws: torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in ws] + [0] * pad,  # noqa: E731
+                                     dtype=torch.int32)
+    out = torch.full((block,), float("nan"), dtype=torch.float16)
+    twin[(1,)](signed(lows), signed(highs), torch.tensor(s_list + [0.0] * pad, dtype=torch.float16),
+               torch.tensor(c_list + [0.0] * pad, dtype=torch.float16), out, BLOCK=block)
+    got = [int(v) & 0xFFFF for v in out[:n].view(torch.int16).tolist()]
+    asm = decode_tile.packed_asm_int3("fp16")
+    sb, cb = half_bits(s_list, "f16"), half_bits(c_list, "f16")
+    for e in range(0, n, 2):
+        ref = run_ptx(asm, {"$1": lows[e], "$2": lows[e + 1], "$3": highs[e], "$4": highs[e + 1],
+                            "$5": sb[e] | (sb[e + 1] << 16), "$6": cb[e] | (cb[e + 1] << 16)})
+        assert (got[e], got[e + 1]) == (ref & 0xFFFF, ref >> 16), e
+
+
+# ------------------------------------------------------------------ the decode path in the kernel
+N = 72
+# (bits, group_size, in_features): g < BLOCK_K (several groups per tile), g > BLOCK_K (one group
+# over several tiles), g not a power of two, partial INT3 / INT2 words (K mod 32 = 16, K mod 16 = 8)
+CASES = [(4, 32, 512), (4, 256, 512), (3, 48, 528), (2, 8, 520), (3, 16, 784), (2, 64, 512)]
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Split rule told 1 SM (several tiles per slice); NaN in the deterministic workspace."""
+    monkeypatch.setattr(fm, "num_sms", lambda device: 1)
+
+    def workspace(shape, device):
+        if len(shape) == 3 and INTERPRETED:
+            return torch.full(shape, float("nan"), dtype=torch.float32, device=device)
+        return torch.zeros(shape, dtype=torch.float32, device=device)
+
+    monkeypatch.setattr(fm, "_workspace", workspace)
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"int{c[0]}g{c[1]}k{c[2]}")
+def test_decode_fp16_against_float64(case, poisoned):
+    bits, g, k = case
+    device = "cpu" if INTERPRETED else "cuda"
+    gen = torch.Generator().manual_seed(bits * 100 + g + k)
+    groups = k // g
+    w = (torch.randn(N, groups, g, generator=gen) * torch.exp(torch.randn(N, groups, 1, generator=gen))
+         + torch.randn(N, groups, 1, generator=gen)).reshape(N, k)
+    qw = qlk.quantize(w, bits=bits, group_size=g)
+    qw = qw.to(device)
+    w64 = oracles.int_dequant64(qw)
+    c = fm._quant_matmul_splitk_kernel.configs[0].kwargs
+    if INTERPRETED:  # one config: the split rule at 1 SM gives >= 2 tiles in a slice
+        tiles = math.ceil(k / c["BLOCK_K"])
+        split = max(1, min(tiles, math.ceil(16 / math.ceil(N / c["BLOCK_N"]))))
+        assert math.ceil(tiles / split) >= 2 and split >= 2
+    # the cases alternate between the two reductions (atomics at M = 3, the deterministic
+    # workspace at M = 17: two M tiles), so each reduction meets INT2, INT3 and INT4
+    for m, det in ((3, False),) if CASES.index(case) % 2 == 0 else ((17, True),):
+        x = torch.randn(m, k, generator=gen).to(torch.float16).to(device)
+        bias = torch.randn(N, generator=gen).to(torch.float16).to(device)
+        out = torch.full((m, N), float("nan"), dtype=torch.float16, device=device)
+        y = quant_matmul_forward(x, qw, bias, out=out, path="splitk", deterministic=det)
+        ref = x.cpu().double() @ w64.t() + bias.cpu().double()
+        # Ŵ rounded once to fp16 (2^-11 relative), fp32 accumulation, fp16 output
+        assert oracles.rel_err(y, ref) < 1.5e-3, (m, det)
