@@ -446,3 +446,94 @@ def test_target_modules_name_experts_as_a_whole():
     with pytest.warns(UserWarning, match=r"left dense.*experts 4x64x32"):
         qlk.patch_model(nn.ModuleDict({"experts": _NewExperts(), "proj": nn.Linear(64, 64)}), bits=4, group_size=32,
                         target_modules=["proj"], verbose=False)
+
+
+# ---- PEFT export and the command line ---------------------------------------------------------------------
+@pytest.mark.parametrize("family,method,shared", [("mixtral", "lora", False), ("gpt_oss", "qalora", True)])
+def test_export_peft_expert_adapters_load_on_the_dense_model(tmp_path, family, method, shared):
+    """qlk's per-expert (or shared) adapters exported for PEFT's target_parameters: PeftModel on the
+    dense model holding the dequantized experts gives qlk's logits; without the adapter it does not."""
+    peft = pytest.importorskip("peft")
+    from qlk.integrations.peft import export_peft_adapter
+
+    dense = tiny(family)
+    model = qlk.patch_model(copy.deepcopy(dense), bits=4, group_size=32, method=method, r=4, alpha=8,
+                            shared_expert_adapter=shared, verbose=False).eval()
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for m in model.modules():
+            if getattr(m, "method", None):
+                m.lora_B.normal_(0, 0.05)  # B = 0 at init: make every expert's ΔW non-zero and different
+    export_peft_adapter(model, tmp_path / "adapter")
+    ref = dense_with_dequantized_experts(dense, model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a missing or unexpected key is a PEFT warning
+        loaded = peft.PeftModel.from_pretrained(ref, tmp_path / "adapter").eval()
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = model(ids).logits
+        torch.testing.assert_close(loaded(ids).logits, want, rtol=1e-4, atol=1e-4)
+        with loaded.disable_adapter():
+            assert (loaded(ids).logits - want).abs().max() > 1e-2
+    for m in model.modules():
+        if getattr(m, "method", None):
+            m.dropout = 0.1
+    with pytest.raises(ValueError, match="dropout"):
+        export_peft_adapter(model, tmp_path / "again")
+
+
+@pytest.fixture
+def tiny_moe_dir(tmp_path):
+    from test_cli import byte_tokenizer
+
+    tok = byte_tokenizer()
+    cfg = transformers.MixtralConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                                     num_local_experts=4, num_experts_per_tok=2, **{**COMMON, "vocab_size": len(tok)})
+    torch.manual_seed(0)
+    transformers.MixtralForCausalLM(cfg).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    rows = [{"instruction": f"What is {i}+{i}?", "response": f"Answer: {2 * i}."} for i in range(8)]
+    (tmp_path / "d.jsonl").write_text("\n".join(__import__("json").dumps(r) for r in rows) + "\n")
+    return tmp_path
+
+
+def test_finetune_cli_on_a_local_moe_checkpoint(tiny_moe_dir, capsys, monkeypatch):
+    """`qlk finetune --model <tiny Mixtral dir>`: trains QA-LoRA on every expert, merges (the
+    experts stay INT4), and the merged directory reloads to the adapter's logits; the summaries
+    count the expert weights (none left dense in silence)."""
+    import json
+
+    from qlk.cli import main
+    from qlk.hf_models import load_model
+    from qlk.moe import expert_projections
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("QLK_CACHE_DIR", "off")
+    out = tiny_moe_dir / "run"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*left dense.*")
+        assert main(["finetune", "--model", str(tiny_moe_dir / "model"), "--data", str(tiny_moe_dir / "d.jsonl"),
+                     "--output-dir", str(out), "--steps", "2", "--batch-size", "2", "--max-length", "64",
+                     "--save-every", "2", "--no-progress", "--no-generate", "--eval-fraction", "0"]) == 0
+    log = capsys.readouterr().out
+    assert "8 layers + 4 expert projections (16 expert matrices)" in log, log
+    summary = json.loads((out / "summary.json").read_text())
+    mem = summary["memory_training"]
+    assert mem["expert_projections"] == 4 and mem["expert_matrices"] == 16
+    # 4 experts x (128x64 + 64x64) x 2 layers + 8 attention layers, at INT4 g32 (4 + 32/32 bits)
+    assert mem["quantized_params"] == 2 * 4 * (128 * 64 + 64 * 64) + 2 * (2 * 64 * 64 + 2 * 32 * 64)
+    assert mem["bits_per_param_quantized"] == pytest.approx(5.0)
+    trained = {n: p.lora_B.abs().sum().item() for n, p in expert_projections(
+        qlk.load_adapter(qlk.patch_model(load_model(tiny_moe_dir / "model")[0], bits=4, group_size=32, r=16, alpha=32,
+                                         verbose=False), out / "adapter.safetensors")).items()}  # fmt: skip
+    assert len(trained) == 4 and all(v > 0 for v in trained.values())
+    merged, _, _ = load_model(out / "merged")
+    projs = expert_projections(merged)
+    assert len(projs) == 4 and all(p.method is None and p.fmt == "int" and p.bits == 4 for p in projs.values())
+    base = qlk.patch_model(load_model(tiny_moe_dir / "model")[0], bits=4, group_size=32, r=16, alpha=32, verbose=False)
+    qlk.load_adapter(base, out / "adapter.safetensors")
+    ids = torch.tensor([[1, 40, 41, 42, 43, 44]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, base.eval()(input_ids=ids).logits, atol=2e-3, rtol=2e-3)
+    assert main(["inspect", str(out / "merged")]) == 0
+    assert "8 qlk layers + 4 expert projections (16 expert matrices)" in capsys.readouterr().out
