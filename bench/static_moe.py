@@ -20,9 +20,13 @@ for _p in (HERE, ROOT, os.path.join(ROOT, "tests")):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-DEFAULT_CASES = ("dense-grouped-*/*/T4096,dense-grouped-*/qwen3*/T16,grouped-fwd/int4g32/*,grouped-dgrad/int4g32/*,"
-                 "grouped-fwd/nf4dq/mixtral-gate_up/*,grouped-dgrad/nf4dq/mixtral-gate_up/*,"
-                 "grouped-fwd/int3g128/qwen3-down/*,grouped-fwd/int2g32/qwen3-down/*,grouped-qalora/int4g32/*-down/*")
+DEFAULT_CASES = ("dense-grouped-*/*/T4096,dense-grouped-*/qwen3*/T16,grouped-fwd/int4g32/*/T4096,"
+                 "grouped-fwd/int4g32/*/T16,grouped-fwd/int4g32/mixtral-down/T1,grouped-fwd/nf4dq/mixtral-down/T1,"
+                 "grouped-dgrad/int4g32/*/T4096,grouped-dgrad/int4g32/*/T16,"
+                 "grouped-fwd/nf4dq/mixtral-gate_up/T4096,grouped-fwd/nf4dq/mixtral-gate_up/T16,"
+                 "grouped-dgrad/nf4dq/mixtral-gate_up/T4096,grouped-dgrad/nf4dq/mixtral-gate_up/T16,"
+                 "grouped-fwd/int3g128/qwen3-down/T*6,grouped-fwd/int2g32/qwen3-down/T*6,"
+                 "grouped-qalora/int4g32/*-down/T4096,grouped-qalora/int4g32/*-down/T16")
 
 
 def compile_cases(patterns, archs) -> list[dict]:
@@ -55,7 +59,8 @@ def compile_cases(patterns, archs) -> list[dict]:
     try:
         for arch in archs:
             driver.set_active(_FakeDriver(arch))
-            for fn in (gm._grouped_matmul_fwd_kernel, gm._grouped_matmul_grad_input_kernel, _dense_grouped_kernel):
+            for fn in (gm._grouped_matmul_fwd_kernel, gm._grouped_matmul_grad_input_kernel,
+                       gm._grouped_matmul_splitk_kernel, _dense_grouped_kernel):
                 inner = fn
                 while not isinstance(inner, JITFunction):
                     inner = inner.fn
