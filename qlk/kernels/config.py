@@ -154,18 +154,24 @@ def dequant_configs():
     ]
 
 
-def grouped_config(direction: str, small_m: bool, rows_per_expert: float = 0.0) -> dict:
+def grouped_config(direction: str, small_m: bool, rows_per_expert: float = 0.0, folded: bool = False,
+                   bits: int = 4) -> dict:
     """Tile sizes, warps and stages of the grouped (mixture-of-experts) kernels of
     :mod:`qlk.kernels.grouped_matmul`, for ``direction`` "fwd" or "grad" on the current target.
 
     Not autotuned: the launcher builds its tile map (which M tile belongs to which expert) for one
     BLOCK_M before the launch, from what the host knows without a sync: S routed rows over E
-    experts, ``rows_per_expert`` = S/E. Large M takes the dense GEMM's best sm_90 / sm_80 tiles
-    (forward: weight as the MMA A operand; input gradient: dXᵀ tiles, reduction over N), with
-    256-row tiles once the average expert fills one (Mixtral- and Qwen3-MoE-sized batches) and
-    128-row tiles below, so a lightly loaded expert does not pad to 256. Small M (decode, or a few
-    rows per expert) uses 16-row tiles, so an expert with one token wastes at most 15 rows, and the
-    dense decode kernels' K depth (forward) / N depth (input gradient)."""
+    experts, ``rows_per_expert`` = S/E. Large M takes the dense GEMM's best sm_90 tiles (forward:
+    weight as the MMA A operand; input gradient: dXᵀ tiles, reduction over N), with 256-row tiles
+    once the average expert fills one (Mixtral- and Qwen3-MoE-sized batches) and 128-row tiles
+    below, so a lightly loaded expert does not pad to 256. Small M (decode, or a few rows per
+    expert) uses 16-row tiles, so an expert with one token wastes at most 15 rows, and the dense
+    decode kernels' K depth (forward) / N depth (input gradient).
+
+    Register limits, read from the machine code (bench/moe_estimates.py's CSV, 0 spills in all):
+    ``folded`` (QA-LoRA's fp32 folded biases and in-kernel pooling) with INT3 spills in the
+    256-row sm_90 forward tile, which then stays 128-row; on sm_80 the forward runs 128×128 tiles
+    on 4 warps (two CTAs per SM), 8 warps when folded (4 spill there)."""
     if INTERPRETED:
         return dict(BLOCK_N=32, BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=1)
     hopper = target_arch() >= 90
@@ -174,18 +180,16 @@ def grouped_config(direction: str, small_m: bool, rows_per_expert: float = 0.0) 
         if small_m:
             return dict(BLOCK_N=64, BLOCK_M=16, BLOCK_K=256, num_warps=4, num_stages=3)
         if hopper:
-            if full:
+            if full and not (folded and bits == 3):
                 return dict(BLOCK_N=128, BLOCK_M=256, BLOCK_K=64, num_warps=8, num_stages=3)
             return dict(BLOCK_N=128, BLOCK_M=128, BLOCK_K=64, num_warps=8, num_stages=4)
-        if full:
-            return dict(BLOCK_N=256, BLOCK_M=128, BLOCK_K=32, num_warps=8, num_stages=3)
-        return dict(BLOCK_N=128, BLOCK_M=128, BLOCK_K=32, num_warps=8, num_stages=4)
+        return dict(BLOCK_N=128, BLOCK_M=128, BLOCK_K=32, num_warps=8 if folded else 4, num_stages=4)
     if small_m:
         if hopper:
             return dict(BLOCK_N=256, BLOCK_M=16, BLOCK_K=64, num_warps=4, num_stages=3)
         return dict(BLOCK_N=64, BLOCK_M=16, BLOCK_K=128, num_warps=4, num_stages=4)
     if hopper:
-        if full:
+        if full and not folded:  # QA-LoRA's input gradient (fp32 folded biases): not compiled at 256 rows yet
             return dict(BLOCK_N=64, BLOCK_M=256, BLOCK_K=128, num_warps=8, num_stages=3)
         return dict(BLOCK_N=64, BLOCK_M=128, BLOCK_K=128, num_warps=8, num_stages=4)
     return dict(BLOCK_N=32, BLOCK_M=128, BLOCK_K=128, num_warps=8, num_stages=3)

@@ -25,13 +25,19 @@ Kernels (no Python loop over experts: one launch per projection and direction):
     The K loop is the dense forward's (:func:`qlk.kernels.fused_matmul._fwd_loop`: weight as the
     MMA A operand, fp32 accumulation) on weight rows e·N + n. ``POOL`` also writes QA-LoRA's P(X)
     from the X tiles of the first N tile (the fused QA-LoRA path, biases folded per expert).
+``_grouped_matmul_splitk_kernel``  small-M forward with K split: program (t, j, s) adds the partial
+    product of K slice s into an fp32 workspace (atomics), then the launcher adds each row's
+    expert bias and casts. Used when the active experts' tiles fill less than two waves of the
+    GPU (:func:`qlk.kernels.config.grouped_split_k`: decode of the few experts a token picks, e.g.
+    Mixtral's down projection at one token: 128 CTAs on 132 SMs -> 3 slices).
 ``_grouped_matmul_grad_input_kernel``  program (t, j): dXᵀ tile [BLOCK_K, BLOCK_M] of M tile t,
     K tile j, reduction over the expert's N rows.
 
 The tail group (rows >= offsets[E]) gets tiles of its own that store zeros, so no output is
-memset first. Small M (decode, or many experts with a few rows each: S/E <= ``SMALL_M_ROWS``)
-uses 16-row tiles (:func:`qlk.kernels.config.grouped_config`), so an expert with one token reads
-its weight once and wastes at most 15 MMA rows, not 255.
+memset first. Tiles are chosen per call from S and E (:func:`qlk.kernels.config.grouped_config`):
+256-row tiles once the average expert fills one, 128-row below; small M (decode, or many experts
+with a few rows each: S/E <= ``SMALL_M_ROWS``) uses 16-row tiles, so an expert with one token
+reads its weight once and wastes at most 15 MMA rows, not 255.
 
 Reference (:func:`grouped_matmul_reference`, :func:`grouped_grad_input_reference`): per expert,
 the dequantized slice Ŵ_e (:func:`expert_weight`) and a torch matmul, fp32 (fp64 for fp64 inputs).
@@ -81,9 +87,9 @@ def _grouped_matmul_fwd_kernel(
         row_end = tl.load(bounds_ptr + e + 1).to(tl.int32)
         offs_m = row0 + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
-        y_mask = (offs_m[:, None] < row_end) & (offs_n[None, :] < N)
         if e == NUM_EXPERTS:  # rows routed to no expert (sentinels): zeros
+            y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
+            y_mask = (offs_m[:, None] < row_end) & (offs_n[None, :] < N)
             tl.store(y_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=y_ptr.dtype.element_ty), mask=y_mask)
         else:
             # the expert's weight rows; rows past N are clamped (computed, never stored)
@@ -103,6 +109,9 @@ def _grouped_matmul_fwd_kernel(
             if HAS_BIAS:
                 bias = tl.load(bias_ptr + e.to(tl.int64) * stride_be + offs_n, mask=offs_n < N, other=0.0)
                 acc += bias.to(tl.float32)[None, :]
+            # the [BLOCK_M, BLOCK_N] pointers are built after the K loop, not kept live through it
+            y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
+            y_mask = (offs_m[:, None] < row_end) & (offs_n[None, :] < N)
             tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
@@ -177,9 +186,9 @@ def _grouped_matmul_grad_input_kernel(
         k0 = pid_k * BLOCK_K
         offs_k = k0 + tl.arange(0, BLOCK_K)
         offs_m = row0 + tl.arange(0, BLOCK_M)
-        dx_ptrs = dx_ptr + offs_m[None, :].to(tl.int64) * stride_dxm + offs_k[:, None] * stride_dxk
-        dx_mask = (offs_m[None, :] < row_end) & (offs_k[:, None] < K)
         if e == NUM_EXPERTS:
+            dx_ptrs = dx_ptr + offs_m[None, :].to(tl.int64) * stride_dxm + offs_k[:, None] * stride_dxk
+            dx_mask = (offs_m[None, :] < row_end) & (offs_k[:, None] < K)
             tl.store(dx_ptrs, tl.zeros((BLOCK_K, BLOCK_M), dtype=dx_ptr.dtype.element_ty), mask=dx_mask)
         else:
             dy_rows = dy_ptr + tl.minimum(offs_m, row_end - 1).to(tl.int64) * stride_dym
@@ -192,6 +201,8 @@ def _grouped_matmul_grad_input_kernel(
                                   BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K)
                 dyt = tl.load(dy_rows[None, :] + offs_n[:, None] * stride_dyn, mask=offs_n[:, None] < N, other=0.0)
                 acc = tl.dot(tl.trans(w.to(dyt.dtype)), dyt, acc, input_precision=DOT_PRECISION)
+            dx_ptrs = dx_ptr + offs_m[None, :].to(tl.int64) * stride_dxm + offs_k[:, None] * stride_dxk
+            dx_mask = (offs_m[None, :] < row_end) & (offs_k[:, None] < K)
             tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=dx_mask)
 
 
@@ -226,9 +237,12 @@ def _small(rows: int, num_experts: int) -> bool:
     return rows <= SMALL_M_ROWS * num_experts
 
 
-def tiles_for(direction: str, rows: int, num_experts: int) -> dict:
-    """:func:`grouped_config` for S = ``rows`` routed rows over ``num_experts`` (host values, no sync)."""
-    return grouped_config(direction, _small(rows, num_experts), rows / max(num_experts, 1))
+def tiles_for(direction: str, rows: int, num_experts: int, qw: QuantizedWeight | None = None,
+              folded: bool = False) -> dict:
+    """:func:`grouped_config` for S = ``rows`` routed rows over ``num_experts`` (host values, no sync);
+    ``folded``: QA-LoRA's fp32 folded biases (and pooling), which take registers."""
+    return grouped_config(direction, _small(rows, num_experts), rows / max(num_experts, 1), folded,
+                          qw.bits if qw is not None else 16)
 
 
 def grouped_matmul_forward(x: torch.Tensor, qw: QuantizedWeight, offsets: torch.Tensor, num_experts: int,
@@ -251,7 +265,7 @@ def grouped_matmul_forward(x: torch.Tensor, qw: QuantizedWeight, offsets: torch.
     if s == 0:
         return out, pooled
     args, meta = wargs if wargs is not None else weight_args(qw)
-    cfg = dict(config or tiles_for("fwd", s, num_experts))
+    cfg = dict(config or tiles_for("fwd", s, num_experts, qw, folded=wargs is not None or pool))
     split = cfg.pop("SPLIT_K", None)
     if split is None:  # the interpreter takes the split path only when a test asks for it
         small = _small(s, num_experts) and not INTERPRETED
@@ -305,7 +319,7 @@ def grouped_matmul_grad_input(dy: torch.Tensor, qw: QuantizedWeight, offsets: to
     if s == 0:
         return out
     args, meta = wargs if wargs is not None else weight_args(qw)
-    cfg = dict(config or tiles_for("grad", s, num_experts))
+    cfg = dict(config or tiles_for("grad", s, num_experts, qw, folded=wargs is not None))
     tile_expert, tile_row, bounds = _tile_map(offsets, s, cfg["BLOCK_M"])
     grid = (tile_expert.shape[0], triton.cdiv(k, cfg["BLOCK_K"]))
     _grouped_matmul_grad_input_kernel[grid](
