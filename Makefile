@@ -3,13 +3,14 @@
 #                        built fresh on first use and rebuilt from scratch whenever setup.py or
 #                        requirements-test.txt change; the main job's .venv is never touched
 #   make static-report   sm_90/sm_80 machine-code report of every kernel (bench/sass, no GPU)
+#   make static-moe      the same for the grouped (MoE) kernels at Mixtral / Qwen3-MoE shapes
 #   make gpu-check       on a GPU machine: GPU tests + benchmarks (bench/gpu_check.sh)
 #   make mutants         inject the one-line bugs of tools/mutants_catalogue.py, fail if a test misses one
 VENV ?= .venv-test
 PYTHON ?= $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: test test-slow mutants static-report static-report-quick gpu-check wheels
+.PHONY: test test-slow mutants static-report static-report-quick static-moe gpu-check wheels
 
 $(VENV)/.qlk-installed: setup.py requirements-test.txt
 	rm -rf $(VENV)
@@ -46,6 +47,13 @@ static-report: $(VENV)/.qlk-installed
 
 static-report-quick: $(VENV)/.qlk-installed
 	env -u TRITON_INTERPRET $(PYTHON) bench/static_report.py --quick --out /tmp/qlk-static-quick $(STATIC_ARGS)
+
+# the MoE part of the static report: qlk's grouped kernels, the dense grouped baseline and
+# grouped-nf4-gemm at Mixtral-8x7B / Qwen3-30B-A3B-like layers, 4096 / 16 / 1 tokens, sm_90 and sm_80
+# (bench/moe_estimates.py, docs/moe.md). Writes bench/results/static-moe-sm{90,80}.{md,csv}.
+MOE_ARGS ?=
+static-moe: $(VENV)/.qlk-installed
+	env -u TRITON_INTERPRET $(PYTHON) bench/moe_estimates.py --arch 90,80 --out bench/results $(MOE_ARGS)
 
 # on a GPU machine: GPU tests + quick benchmarks (GPU_CHECK_ARGS="--full" or "--only kernels").
 # It uses the machine's python3 (a lent GPU image has torch/triton; peers come from .whl/).

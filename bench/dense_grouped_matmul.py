@@ -12,8 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qlk.kernels.config import grouped_config
-from qlk.kernels.grouped_matmul import _small, _tile_map
+from qlk.kernels.grouped_matmul import _tile_map, tiles_for
 
 
 @triton.jit
@@ -62,7 +61,7 @@ def dense_grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor
     e, n, k = w.shape
     s = x.shape[0]
     out = torch.empty(s, k if dgrad else n, dtype=x.dtype, device=x.device)
-    cfg = dict(grouped_config("grad" if dgrad else "fwd", _small(s, e)))
+    cfg = dict(tiles_for("grad" if dgrad else "fwd", s, e))
     tile_expert, tile_row, bounds = _tile_map(offsets, s, cfg["BLOCK_M"])
     grid = (tile_expert.shape[0], triton.cdiv(k if dgrad else n, cfg["BLOCK_K" if dgrad else "BLOCK_N"]))
     _dense_grouped_kernel[grid](out, x, w, tile_expert, tile_row, bounds, n, k, w.stride(0), w.stride(1), w.stride(2),

@@ -11,12 +11,14 @@ Layers (E experts, top-k routing, T tokens -> S = T·k routed rows, spread evenl
     mixtral   Mixtral-8x7B-like:   H = 4096, I = 14336, E = 8,   top-2
     qwen3     Qwen3-30B-A3B-like:  H = 2048, I = 768,   E = 128, top-8
 
-Projections: ``gate_up`` (K = H -> N = 2I) and ``down`` (K = I -> N = H); T ∈ {4096, 16}.
+Projections: ``gate_up`` (K = H -> N = 2I) and ``down`` (K = I -> N = H); T ∈ {4096, 16, 1}.
 
 Cases:
     dense-grouped-fwd, dense-grouped-dgrad   bench/dense_grouped_matmul.py, bf16 (the baseline)
     grouped-fwd, grouped-dgrad               qlk.kernels.grouped_matmul per format
     grouped-qalora                           the fused QA-LoRA forward (folded biases, pooled P(X)), INT
+    gnf4-fwd, gnf4-dgrad                     grouped-nf4-gemm (PyPI, bench/peers_static.py) on the same
+                                             experts: bitsandbytes NF4 [E, N, K/2], fp32 absmax de-nested
 
 Names: ``<op>/<fmt>/<layer>-<proj>/T<tokens>``, e.g. ``grouped-fwd/int4g32/mixtral-gate_up/T4096``.
 """
@@ -36,10 +38,27 @@ import torch  # noqa: E402
 
 from launches import Case, _selected, parse_args, run_case  # noqa: E402
 
+from bench import sass  # noqa: E402
+
+
+def declare_loops() -> None:
+    """Main-loop trips per CTA of the grouped kernels whose loop is not range(0, K, BLOCK_K): the
+    input gradients reduce over N (qlk's and the dense baseline's DGRAD variant), the small-M split-K
+    forward runs its K slice (grid axis 2)."""
+    sass.declare("_grouped_matmul_grad_input_kernel", iterations=lambda L: sass.reduction_trips(L, "N", ("BLOCK_N",)))
+    sass.declare("_grouped_matmul_splitk_kernel",
+                 iterations=lambda L: sass.reduction_trips(L, "K", ("BLOCK_K",), L.grid[2] if L.grid else 1))
+    sass.declare("_dense_grouped_kernel", iterations=lambda L: (
+        sass.reduction_trips(L, "N", ("BLOCK_N",)) if sass.constexpr(L, "DGRAD") else
+        sass.reduction_trips(L, "K", ("BLOCK_K",))))
+
+
+declare_loops()
+
 DTYPE = torch.bfloat16
 #: name -> (hidden H, expert intermediate I, experts E, top-k)
 LAYERS = {"mixtral": (4096, 14336, 8, 2), "qwen3": (2048, 768, 128, 8)}
-TOKENS = (4096, 16)
+TOKENS = (4096, 16, 1)  # the issue's 4096 and 16, and one token (the split-K decode path)
 #: format label -> (fmt, bits, group_size)
 FORMATS = {"int4g32": ("int", 4, 32), "int4g128": ("int", 4, 128), "int3g128": ("int", 3, 128),
            "int2g32": ("int", 2, 32), "nf4dq": ("nf4", 4, 64)}
@@ -115,7 +134,48 @@ def all_cases(patterns=()):
                     if FORMATS[fmt][0] == "int":
                         out.append(Case(case_name("grouped-qalora", fmt, layer, proj, t), "qlk", "qalora", fmt, k, n,
                                         s, qalora))
+    out += list(gnf4_cases())
     return [c for c in out if _selected(c.name, patterns)]
+
+
+@functools.lru_cache(maxsize=None)
+def _gnf4_weight(e: int, n: int, k: int):
+    from peers_static import NF4_BLOCK
+
+    return torch.empty(e, n, k // 2, dtype=torch.uint8), torch.empty(e, n, k // NF4_BLOCK, dtype=torch.float32)
+
+
+def _gnf4_grouped_run(op: str, s: int, e: int, k: int, n: int):
+    """grouped-nf4-gemm's own launcher on all E experts, S rows spread evenly (as qlk's cases)."""
+    import peers_static as ps
+
+    with ps.cuda_stub(ps._current_arch()):
+        g = ps._gnf4()
+        d = ps._DEVICES[ps._current_arch()]
+        g._SM_CACHE["cpu"] = d["multi_processor_count"]
+        g._CC_CACHE["cpu"] = (d["major"], d["minor"])
+        b, absmax = _gnf4_weight(e, n, k)
+        sizes = balanced_offsets(s, e).diff().tolist()
+        with ps._gnf4_cpu_guard(g):
+            if op == "fwd":
+                return g.gemm_4bit_grouped(torch.empty(s, k, dtype=DTYPE), b, absmax, sizes, list(range(e)))
+            return g.dgrad_4bit_grouped(torch.empty(s, n, dtype=DTYPE), b, absmax, sizes, list(range(e)))
+
+
+def gnf4_cases():
+    try:
+        os.environ.setdefault("GNF4_TRITON_PREBIND", "0")
+        import nf4_grouped  # noqa: F401
+        missing = None
+    except Exception as e:  # noqa: BLE001
+        missing = f"not available: {type(e).__name__}: {e}; pip install grouped-nf4-gemm"
+    for layer, (h, i, e, topk) in LAYERS.items():
+        for proj, (k, n) in projections(layer).items():
+            for t in TOKENS:
+                s = t * topk
+                for op in ("fwd", "dgrad"):
+                    yield Case(case_name(f"gnf4-{op}", "nf4", layer, proj, t), "peer:grouped-nf4-gemm", op, "nf4", k, n,
+                               s, lambda op=op, s=s, e=e, k=k, n=n: _gnf4_grouped_run(op, s, e, k, n), missing)
 
 
 def main(argv=None) -> int:

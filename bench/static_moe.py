@@ -4,8 +4,8 @@ whether the MMAs are wgmma (HGMMA, sm_90) / mma.sync (HMMA). Nothing runs on a G
 
     python bench/static_moe.py [--cases 'grouped-fwd/int4g32/*'] [--arch 90,80]   # one JSON list on stdout
 
-Uses the fake driver and cubin reader of tests/test_kernel_static.py (needs Triton's NVIDIA backend:
-ptxas, cuobjdump). It is a machine-code check (spills, MMA kind), not a speed estimate.
+Uses bench.sass's capture and cubin reader (needs Triton's NVIDIA backend: ptxas, cuobjdump). It is
+a machine-code check (spills, MMA kind), not a speed estimate: bench/moe_estimates.py estimates.
 """
 from __future__ import annotations
 
@@ -20,54 +20,36 @@ for _p in (HERE, ROOT, os.path.join(ROOT, "tests")):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-DEFAULT_CASES = ("dense-grouped-*/*/T4096,dense-grouped-*/qwen3*/T16,grouped-fwd/int4g32/*,grouped-dgrad/int4g32/*,"
-                 "grouped-fwd/nf4dq/mixtral-gate_up/*,grouped-dgrad/nf4dq/mixtral-gate_up/*,"
-                 "grouped-fwd/int3g128/qwen3-down/*,grouped-fwd/int2g32/qwen3-down/*,grouped-qalora/int4g32/*-down/*")
+DEFAULT_CASES = ("dense-grouped-*/*/T4096,dense-grouped-*/qwen3*/T16,grouped-fwd/int4g32/*/T4096,"
+                 "grouped-fwd/int4g32/*/T16,grouped-fwd/int4g32/mixtral-down/T1,grouped-fwd/nf4dq/mixtral-down/T1,"
+                 "grouped-dgrad/int4g32/*/T4096,grouped-dgrad/int4g32/*/T16,"
+                 "grouped-fwd/nf4dq/mixtral-gate_up/T4096,grouped-fwd/nf4dq/mixtral-gate_up/T16,"
+                 "grouped-dgrad/nf4dq/mixtral-gate_up/T4096,grouped-dgrad/nf4dq/mixtral-gate_up/T16,"
+                 "grouped-fwd/int3g128/qwen3-down/T*6,grouped-fwd/int2g32/qwen3-down/T*6,"
+                 "grouped-qalora/int4g32/*-down/T4096,grouped-qalora/int4g32/*-down/T16")
 
 
 def compile_cases(patterns, archs) -> list[dict]:
+    """One row per launch: registers, stack, spill instructions, shared memory and MMA counts
+    (HGMMA = wgmma, HMMA = mma.sync) of its cubin, compiled under bench.sass's capture."""
     os.environ.pop("TRITON_INTERPRET", None)
-    from triton.runtime import driver
-    from triton.runtime.jit import JITFunction
-
+    import launches
     import launches_moe
-    import qlk.kernels.grouped_matmul as gm
-    from dense_grouped_matmul import _dense_grouped_kernel
-    from test_kernel_static import _FakeDriver, _read_cubin
+    from bench import sass
+    from bench.sass import disasm
 
-    rows, seen, current = [], {}, {}
-    orig_run = JITFunction.run
-
-    def run(self, *args, grid, warmup, **kwargs):
-        k = orig_run(self, *args, grid=grid, warmup=True, **kwargs)
-        key = (self.fn.__name__, current["arch"], current["case"])
-        if key not in seen:
-            r = _read_cubin(k.asm["cubin"])
-            r.update(kernel=self.fn.__name__, arch=current["arch"], case=current["case"],
-                     config=f"w{k.metadata.num_warps} s{k.metadata.num_stages} " + " ".join(
-                         f"{n}={v}" for n, v in sorted(kwargs.items()) if n.startswith("BLOCK") or n == "POOL"),
-                     smem=r["static_smem"] + int(k.metadata.shared or 0))
-            seen[key] = r
-            rows.append(r)
-        return k
-
-    JITFunction.run = run
-    try:
-        for arch in archs:
-            driver.set_active(_FakeDriver(arch))
-            for fn in (gm._grouped_matmul_fwd_kernel, gm._grouped_matmul_grad_input_kernel, _dense_grouped_kernel):
-                inner = fn
-                while not isinstance(inner, JITFunction):
-                    inner = inner.fn
-                inner.device_caches.clear()  # the binder holds the target it was built for
-            current["arch"] = arch
+    rows = []
+    for arch in archs:
+        with sass.capture(arch, label=lambda: launches.CURRENT_CASE or "") as captured:
             for case in launches_moe.all_cases(patterns):
-                current["case"] = case.name
                 status = launches_moe.run_case(case)
                 if status:
                     rows.append(dict(case=case.name, arch=arch, failed=status))
-    finally:
-        JITFunction.run = orig_run
+        for report, launch in sass.analyze_all(captured):
+            _, instrs = disasm.read_cubin(launch.cubin)
+            rows.append(dict(kernel=report.kernel, arch=arch, case=launch.label, config=report.config,
+                             regs=report.regs, stack=report.stack, spill_ops=report.spill_ops, smem=report.smem,
+                             hgmma=sum(i.op == "HGMMA" for i in instrs), hmma=sum(i.op == "HMMA" for i in instrs)))
     return rows
 
 

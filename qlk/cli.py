@@ -195,7 +195,8 @@ def cmd_quantize(a) -> int:
     from ._checks import UsageError
     from .lm import fmt_bytes, memory_report
     from .hf_models import load_model, save_qlk_dir
-    from .patch import patch_model, qlk_layers
+    from .moe import describe_quantized, quantized_modules
+    from .patch import patch_model
 
     out = Path(a.output_dir)
     if out.exists() and not out.is_dir():
@@ -205,7 +206,7 @@ def cmd_quantize(a) -> int:
     if a.fmt == "nf4" and a.bits != 4:
         raise UsageError(f"--fmt nf4 is 4-bit; got --bits {a.bits}")
     model, tok, desc = load_model(a.model)
-    if qlk_layers(model):
+    if quantized_modules(model):
         raise UsageError(f"--model {a.model}: already a qlk quantized model")
     t0 = time.time()
     try:
@@ -217,7 +218,7 @@ def cmd_quantize(a) -> int:
     # written next to --output-dir first; qlk's previous outputs there are replaced only when complete
     save_qlk_dir(model, tok, out, {"method": "quantized", "fmt": a.fmt, "bits": a.bits, "group_size": g, "source": desc})
     mem = memory_report(model, next(model.parameters()).device)
-    print(f"{desc} -> {a.fmt}{a.bits} g{g}: {len(qlk_layers(model))} layers, {mem['bits_per_param_quantized']:.3f} "
+    print(f"{desc} -> {a.fmt}{a.bits} g{g}: {describe_quantized(model)}, {mem['bits_per_param_quantized']:.3f} "
           f"bits/param, weights {fmt_bytes(mem['weights_bytes'])}; saved {out} in {time.time() - t0:.1f}s")  # fmt: skip
     return 0
 
@@ -311,23 +312,41 @@ def cmd_inspect(a) -> int:
         return 0
     print(f"format: {q.get('kind')} (qlk {q.get('qlk_version')}, packed-layout version {q.get('layout_version')}), "
           f"model class {q.get('model_class')}")  # fmt: skip
-    if q.get("patch_config"):
-        print("patch config: " + ", ".join(_config_fields(q["patch_config"], q.get("layers", {}))))
     layers = q.get("layers", {})
+    # MoE experts: {experts module: {projection: meta}} (qlk/moe.py), one row per projection of E experts
+    experts = {f"{n}.{p}": m for n, projs in (q.get("experts") or {}).items() for p, m in projs.items()}
+    if q.get("patch_config"):
+        print("patch config: " + ", ".join(_config_fields(q["patch_config"], {**layers, **experts})))
     groups = {}
     for name, m in layers.items():
         key = (m.get("fmt"), m.get("bits"), m.get("group_size"), m.get("method"), m.get("r"))
         groups.setdefault(key, []).append((name, m))
     total_params = sum(m["shape"][0] * m["shape"][1] for m in layers.values())
-    print(f"layers: {len(layers)} qlk layers, {total_params:,} quantized weights")
+    expert_params = sum(m["num_experts"] * m["out_features"] * m["in_features"] for m in experts.values())
+    if experts:
+        print(f"layers: {len(layers)} qlk layers + {len(experts)} expert projections "
+              f"({sum(m['num_experts'] for m in experts.values())} expert matrices), "
+              f"{total_params + expert_params:,} quantized weights ({expert_params:,} in experts)")  # fmt: skip
+    else:
+        print(f"layers: {len(layers)} qlk layers, {total_params:,} quantized weights")
     for (fmt, bits, g, method, r), items in groups.items():
         what = _format_name(items[0][1]) + (f" + {method} r={r}" if method else "")
         print(f"  {what}: {len(items)} layers")
-    w = max((len(n) for n in layers), default=10)
+    egroups = {}
+    for name, m in experts.items():
+        egroups.setdefault((_format_name(m), m.get("method"), m.get("r")), []).append(m)
+    for (what, method, r), items in egroups.items():
+        print(f"  {what}{f' + {method} r={r}' if method else ''}: {len(items)} expert projections")
+    w = max((len(n) for n in [*layers, *experts]), default=10)
     print(f"  {'layer':<{w}}  {'format':<10} {'shape [out, in]':<16} adapter")
     for name, m in layers.items():
         ad = f"{m['method']} r={m['r']} alpha={m['alpha']:g}" if m.get("method") else "-"
         print(f"  {name:<{w}}  {_format_name(m):<10} {str(m['shape']):<16} {ad}")
+    for name, m in experts.items():
+        ad = (f"{m['method']} r={m['r']} alpha={m['alpha']:g}" + (" shared" if m.get("shared_adapter") else " per expert")
+              if m.get("method") else "-")  # fmt: skip
+        shape = f"{m['num_experts']}x[{m['out_features']}, {m['in_features']}]"
+        print(f"  {name:<{w}}  {_format_name(m):<10} {shape:<16} {ad}")
     return 0
 
 

@@ -37,14 +37,14 @@ def prepare_model(model_path=None, adapter=None, quantize_fmt=None, bits=4, grou
     quantize_fmt: "int" / "nf4" to quantize the base on the fly (no adapter).
     """
     from .hf_models import load_model
-    from .patch import qlk_layers
+    from .moe import quantized_modules  # qlk linear layers and MoE expert projections
 
     model, tok, desc = load_model(model_path)
     if adapter is not None:
         from .io import load_adapter
         from .patch import patch_model
 
-        if qlk_layers(model):
+        if quantized_modules(model):
             raise UsageError("--adapter: the model is already a qlk model; pass the base model it was trained from")
         pc = adapter_patch_config(adapter)
         kw = {k: pc[k] for k in ("bits", "group_size", "fmt", "method", "r", "alpha", "dropout", "use_rslora", "double_quant") if k in pc}
@@ -57,7 +57,7 @@ def prepare_model(model_path=None, adapter=None, quantize_fmt=None, bits=4, grou
     elif quantize_fmt:
         from .patch import patch_model
 
-        if qlk_layers(model):
+        if quantized_modules(model):
             raise UsageError("--quantize: the model is already quantized by qlk")
         try:
             patch_model(model, bits=bits, group_size=group_size, fmt=quantize_fmt, method=None, verbose=False)

@@ -64,10 +64,11 @@ def backend_line(device) -> str:
 
 def memory_report(model, device) -> dict:
     """Bytes of every parameter and buffer (each storage once), the quantized layers' bits per
-    parameter, and the process peak (RSS on CPU, max_memory_allocated on CUDA)."""
+    parameter (qlk linear layers and MoE expert projections together), and the process peak (RSS on
+    CPU, max_memory_allocated on CUDA)."""
     import torch
 
-    from .patch import qlk_layers
+    from .moe import quantized_counts
 
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
@@ -76,13 +77,15 @@ def memory_report(model, device) -> dict:
             continue
         seen.add(key)
         total += t.numel() * t.element_size()
-    layers = qlk_layers(model)
-    qbytes = sum(m.qweight.nbytes for m in layers.values())
-    qparams = sum(m.in_features * m.out_features for m in layers.values())
+    counts = quantized_counts(model)  # qlk linear layers and MoE expert projections
+    qbytes, qparams = counts["quantized_bytes"], counts["quantized_params"]
     rep = {
         "weights_bytes": total,
         "quantized_layer_bytes": qbytes,
         "quantized_params": qparams,
+        "quantized_linear_layers": counts["linear_layers"],
+        "expert_projections": counts["expert_projections"],
+        "expert_matrices": counts["expert_matrices"],
         "bits_per_param_quantized": (8.0 * qbytes / qparams) if qparams else None,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
@@ -115,9 +118,10 @@ def inference_model(model, device):
     dense copy holding the same Ŵ (+ σ·B·A) values (``qlk.dequantize_model``), same math. Returns
     (model, note)."""
     from . import backend
-    from .patch import dequantize_model, qlk_layers
+    from .moe import quantized_modules
+    from .patch import dequantize_model
 
-    if not qlk_layers(model) or backend.resolve(device) == "triton":
+    if not quantized_modules(model) or backend.resolve(device) == "triton":
         return model, ""
     dense = dequantize_model(copy.deepcopy(model), dtype=None)
     return dense, " (reference path: decoded with the same dequantized weights Ŵ held densely)"

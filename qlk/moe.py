@@ -41,6 +41,36 @@ def expert_projections(model: nn.Module) -> dict:
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantExpertProj)}
 
 
+def quantized_modules(model: nn.Module) -> dict:
+    """{qualified name: QuantLinear or QuantExpertProj}: every module of ``model`` holding a qlk
+    quantized weight (a model that has any is a qlk model)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, (QuantLinear, QuantExpertProj))}
+
+
+def quantized_counts(model: nn.Module) -> dict:
+    """Counts for summaries: ``linear_layers`` (QuantLinear), ``expert_projections`` (QuantExpertProj),
+    ``expert_matrices`` (Σ num_experts over the projections), ``quantized_params`` (out·in of each
+    linear layer + E·N·K of each projection) and ``quantized_bytes`` (their packed weights, scales,
+    biases and absmax state)."""
+    linear = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    projs = list(expert_projections(model).values())
+    return {
+        "linear_layers": len(linear), "expert_projections": len(projs),
+        "expert_matrices": sum(p.num_experts for p in projs),
+        "quantized_params": sum(m.in_features * m.out_features for m in linear) + quantized_count(model),
+        "quantized_bytes": sum(m.qweight.nbytes for m in linear) + sum(p.qweight.nbytes for p in projs),
+    }  # fmt: skip
+
+
+def describe_quantized(model: nn.Module) -> str:
+    """'8 layers' or '8 layers + 4 expert projections (16 expert matrices)' for the CLI's summaries."""
+    c = quantized_counts(model)
+    text = f"{c['linear_layers']} layers"
+    if c["expert_projections"]:
+        text += f" + {c['expert_projections']} expert projections ({c['expert_matrices']} expert matrices)"
+    return text
+
+
 def select_experts(model: nn.Module, target_modules=None) -> dict:
     """The experts modules ``patch_model`` quantizes: all with target_modules=None, else those whose
     name, or the names of all their projections, match (as for linear layers: an entry equal to the

@@ -267,6 +267,16 @@ def moe_model():
     return nn.ModuleDict({"experts": _Experts(), "proj": nn.Linear(64, 64)})
 
 
+def _export_expert_dropout():
+    import tempfile
+
+    from qlk.integrations.peft import export_peft_adapter
+
+    model = qlk.patch_model(moe_model(), bits=4, group_size=8, method="lora", r=2, dropout=0.1, verbose=False)
+    with tempfile.TemporaryDirectory() as d:
+        return export_peft_adapter(model, d)
+
+
 # ---------------------------------------------------------------------------------- catalogue
 @dataclass
 class Case:
@@ -543,6 +553,9 @@ CASES = [
     Case("experts-partial-target", "qlk.patch_model", "target_modules=['down_proj'] (one projection of the experts)",
          lambda: qlk.patch_model(moe_model(), bits=4, group_size=8, target_modules=["down_proj"], verbose=False),
          says=("['down_proj']", "not all of its projections", "name the module ('experts')")),
+    Case("peft-export-expert-dropout", "qlk.integrations.peft.export_peft_adapter",
+         "expert adapters trained with dropout=0.1 (PEFT's target_parameters refuses lora_dropout)",
+         lambda: _export_expert_dropout(), says=("dropout=0.1", "target_parameters", "export again")),
     # ---- the qlk finetune command (UsageError: a ValueError the CLI prints before exiting with status 2)
     Case("finetune-lr-inf", "qlk finetune", "--lr inf", lambda: qlk_finetune("--lr", "inf"), exc=UsageError,
          says=("--lr", "finite positive", "inf"), note="was accepted: every output NaN after the first step"),

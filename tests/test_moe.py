@@ -446,3 +446,165 @@ def test_target_modules_name_experts_as_a_whole():
     with pytest.warns(UserWarning, match=r"left dense.*experts 4x64x32"):
         qlk.patch_model(nn.ModuleDict({"experts": _NewExperts(), "proj": nn.Linear(64, 64)}), bits=4, group_size=32,
                         target_modules=["proj"], verbose=False)
+
+
+# ---- PEFT export and the command line ---------------------------------------------------------------------
+@pytest.mark.parametrize("family,method,shared", [("mixtral", "lora", False), ("gpt_oss", "qalora", True)])
+def test_export_peft_expert_adapters_load_on_the_dense_model(tmp_path, family, method, shared):
+    """qlk's per-expert (or shared) adapters exported for PEFT's target_parameters: PeftModel on the
+    dense model holding the dequantized experts gives qlk's logits; without the adapter it does not."""
+    peft = pytest.importorskip("peft")
+    from qlk.integrations.peft import export_peft_adapter
+
+    dense = tiny(family)
+    model = qlk.patch_model(copy.deepcopy(dense), bits=4, group_size=32, method=method, r=4, alpha=8,
+                            shared_expert_adapter=shared, verbose=False).eval()
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for m in model.modules():
+            if getattr(m, "method", None):
+                m.lora_B.normal_(0, 0.05)  # B = 0 at init: make every expert's ΔW non-zero and different
+    export_peft_adapter(model, tmp_path / "adapter")
+    ref = dense_with_dequantized_experts(dense, model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a missing or unexpected key is a PEFT warning
+        loaded = peft.PeftModel.from_pretrained(ref, tmp_path / "adapter").eval()
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = model(ids).logits
+        torch.testing.assert_close(loaded(ids).logits, want, rtol=1e-4, atol=1e-4)
+        with loaded.disable_adapter():
+            assert (loaded(ids).logits - want).abs().max() > 1e-2
+    for m in model.modules():
+        if getattr(m, "method", None):
+            m.dropout = 0.1
+    with pytest.raises(ValueError, match="dropout"):
+        export_peft_adapter(model, tmp_path / "again")
+
+
+@pytest.fixture
+def tiny_moe_dir(tmp_path):
+    from test_cli import byte_tokenizer
+
+    tok = byte_tokenizer()
+    cfg = transformers.MixtralConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                                     num_local_experts=4, num_experts_per_tok=2, **{**COMMON, "vocab_size": len(tok)})
+    torch.manual_seed(0)
+    transformers.MixtralForCausalLM(cfg).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    rows = [{"instruction": f"What is {i}+{i}?", "response": f"Answer: {2 * i}."} for i in range(8)]
+    (tmp_path / "d.jsonl").write_text("\n".join(__import__("json").dumps(r) for r in rows) + "\n")
+    return tmp_path
+
+
+def test_finetune_cli_on_a_local_moe_checkpoint(tiny_moe_dir, capsys, monkeypatch):
+    """`qlk finetune --model <tiny Mixtral dir>`: trains QA-LoRA on every expert, merges (the
+    experts stay INT4), and the merged directory reloads to the adapter's logits; the summaries
+    count the expert weights (none left dense in silence)."""
+    import json
+
+    from qlk.cli import main
+    from qlk.hf_models import load_model
+    from qlk.moe import expert_projections
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("QLK_CACHE_DIR", "off")
+    out = tiny_moe_dir / "run"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*left dense.*")
+        assert main(["finetune", "--model", str(tiny_moe_dir / "model"), "--data", str(tiny_moe_dir / "d.jsonl"),
+                     "--output-dir", str(out), "--steps", "2", "--batch-size", "2", "--max-length", "64",
+                     "--save-every", "2", "--no-progress", "--no-generate", "--eval-fraction", "0"]) == 0
+    log = capsys.readouterr().out
+    assert "8 layers + 4 expert projections (16 expert matrices)" in log, log
+    summary = json.loads((out / "summary.json").read_text())
+    mem = summary["memory_training"]
+    assert mem["expert_projections"] == 4 and mem["expert_matrices"] == 16
+    # 4 experts x (128x64 + 64x64) x 2 layers + 8 attention layers, at INT4 g32 (4 + 32/32 bits)
+    assert mem["quantized_params"] == 2 * 4 * (128 * 64 + 64 * 64) + 2 * (2 * 64 * 64 + 2 * 32 * 64)
+    assert mem["bits_per_param_quantized"] == pytest.approx(5.0)
+    trained = {n: p.lora_B.abs().sum().item() for n, p in expert_projections(
+        qlk.load_adapter(qlk.patch_model(load_model(tiny_moe_dir / "model")[0], bits=4, group_size=32, r=16, alpha=32,
+                                         verbose=False), out / "adapter.safetensors")).items()}  # fmt: skip
+    assert len(trained) == 4 and all(v > 0 for v in trained.values())
+    merged, _, _ = load_model(out / "merged")
+    projs = expert_projections(merged)
+    assert len(projs) == 4 and all(p.method is None and p.fmt == "int" and p.bits == 4 for p in projs.values())
+    base = qlk.patch_model(load_model(tiny_moe_dir / "model")[0], bits=4, group_size=32, r=16, alpha=32, verbose=False)
+    qlk.load_adapter(base, out / "adapter.safetensors")
+    ids = torch.tensor([[1, 40, 41, 42, 43, 44]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, base.eval()(input_ids=ids).logits, atol=2e-3, rtol=2e-3)
+    assert main(["inspect", str(out / "merged")]) == 0
+    assert "8 qlk layers + 4 expert projections (16 expert matrices)" in capsys.readouterr().out
+
+
+@needs_kernels
+@pytest.mark.parametrize("f,split", [(("int", 4, 32, False), 3), (("nf4", 4, 64, True), 2)],
+                         ids=["int4g32-split3", "nf4-dq-split2"])
+def test_grouped_split_k_decode_path(f, split):
+    """The small-M split-K forward (fp32 atomic partial sums over K slices, then bias and cast):
+    16-row tiles, experts with 0, 1, odd and many rows (3 tiles), K = 128 in 4 tiles of 32 over
+    ``split`` slices (3 slices of 2 tiles: the last is empty), a ragged second N tile; the rows
+    past offsets[E] hold NaN and must come out 0; P(X) of the routed rows."""
+    fmt, bits, g, dq = f
+    e_count, n, k = len(COUNTS), 40, 128
+    gen = torch.Generator().manual_seed(21)
+    qw = qlk.quantize(torch.randn(e_count * n, k, generator=gen), bits=bits, group_size=g, fmt=fmt, double_quant=dq)
+    w = oracle_weight(qw).reshape(e_count, n, k)
+    off = offsets_of(COUNTS)
+    routed = int(off[-1])
+    x = torch.randn(routed + 2, k, generator=gen)
+    x[routed:] = float("nan")  # sentinel rows: never read
+    bias = torch.randn(e_count, n, generator=gen)
+    cfg = dict(BLOCK_N=32, BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=1, SPLIT_K=split)
+    y, pooled = grouped_matmul_forward(x, qw, off, e_count, bias, pool=fmt == "int", config=cfg)
+    y_ref = per_expert(x[:routed], off, lambda e, xe: xe @ w[e].t() + bias[e].double())
+    assert torch.equal(y[routed:], torch.zeros(2, n))
+    assert not y.isnan().any()
+    assert ((y[:routed].double() - y_ref).norm() / y_ref.norm()) < 1e-5
+    if fmt == "int":
+        torch.testing.assert_close(pooled[:routed], x[:routed].reshape(routed, k // g, g).mean(-1))
+    y1, _ = grouped_matmul_forward(x[:routed], qw, off, e_count, config=cfg)  # no bias, no sentinel rows
+    y1_ref = per_expert(x[:routed], off, lambda e, xe: xe @ w[e].t())
+    assert ((y1.double() - y1_ref).norm() / y1_ref.norm()) < 1e-5
+
+
+def test_grouped_split_k_count():
+    """Split only when the active experts' tiles fill fewer than two waves; slices of >= 4 K tiles."""
+    from qlk.kernels.config import grouped_split_k
+
+    cfg = dict(BLOCK_N=64, BLOCK_M=16, BLOCK_K=256)
+    assert grouped_split_k(2, 8, 4096, 14336, cfg, 132) == 3  # Mixtral down, 1 token: 128 CTAs, 56 K tiles
+    assert grouped_split_k(32, 8, 4096, 14336, cfg, 132) == 1  # 16 tokens: 512 CTAs
+    assert grouped_split_k(2, 8, 28672, 4096, cfg, 132) == 1  # gate_up: 896 CTAs
+    assert grouped_split_k(8, 128, 2048, 768, cfg, 132) == 1  # 3 K tiles: nothing to split
+    assert grouped_split_k(1, 8, 1024, 8192, cfg, 108) == 8  # 16 CTAs on an A100: 32 K tiles / 4
+
+
+def test_tile_map_covers_every_row_once_within_its_bound():
+    """The device-side tile map against a Python enumeration: every row of every expert (and of the
+    sentinel group) in exactly one tile of its own expert, tiles in expert order, the rest -1; the
+    bound on the tile count is tight at one token (no spare programs)."""
+    from qlk.kernels.grouped_matmul import _tile_map
+
+    gen = torch.Generator().manual_seed(5)
+    cases = [([0, 1, 17, 0, 3, 40], 2, 16), ([1, 0, 0, 1], 0, 16), ([0] * 8, 3, 16), ([5], 0, 4),
+             ([300, 0, 257, 1], 9, 256), ([0, 0, 2, 0, 0, 0, 0, 0], 0, 16),
+             ([1, 1, 1, 1], 1, 16), ([17, 9, 1], 1, 8)]  # the bound is exact: every group one row past a tile
+    cases += [(torch.randint(0, 40, (7,), generator=gen).tolist(), int(torch.randint(0, 5, (1,), generator=gen)), 8)
+              for _ in range(20)]
+    for counts, tail, bm in cases:
+        off = offsets_of(counts)
+        rows = int(off[-1]) + tail
+        if rows == 0:
+            continue
+        te, tr, _ = _tile_map(off, rows, bm)
+        want = []
+        for g, (lo, hi) in enumerate(zip(off.tolist() + [], off.tolist()[1:] + [rows])):
+            want += [(g, r) for r in range(lo, hi, bm)]
+        got = [(int(e), int(r)) for e, r in zip(te, tr) if e >= 0]
+        assert got == want, (counts, tail, bm)
+        assert all(int(e) == -1 for e in te[len(want):])
+        if rows <= len(counts):
+            assert te.shape[0] == rows  # one token: no spare programs

@@ -48,6 +48,16 @@ MUTANTS = [
          old="v_offs = offs_m[None, :].to(tl.int64) * R + offs_r[:, None]",
          new="v_offs = offs_m[None, :].to(tl.int64) * R_PAD + offs_r[:, None]",
          tests=[KP, "-k", "test_qalora_paths and split"]),
+    # ---- grouped (MoE) small-M split-K forward ---------------------------------------------------
+    dict(id="grouped-splitk-slice-start", cls="multi-tile reduction", file="qlk/kernels/grouped_matmul.py",
+         old="k_start = pid_s * tiles * BLOCK_K", new="k_start = pid_s * BLOCK_K",
+         tests=["tests/test_moe.py", "-k", "split_k_decode"]),
+    dict(id="grouped-splitk-bias-row-expert", cls="wrong group", file="qlk/kernels/grouped_matmul.py",
+         old="torch.arange(s, device=x2.device), right=True)", new="torch.arange(s, device=x2.device), right=False)",
+         tests=["tests/test_moe.py", "-k", "split_k_decode"]),
+    dict(id="grouped-tile-bound-drops-sentinel-group", cls="tile map", file="qlk/kernels/grouped_matmul.py",
+         old="(block_m - 1) * min(e + 1, rows)) // block_m))", new="(block_m - 1) * min(e, rows)) // block_m))",
+         tests=["tests/test_moe.py", "-k", "tile_map or grouped_kernels"]),
     # ---- NF4 double quant ------------------------------------------------------------------------
     dict(id="nf4-nested-index-ignores-row", cls="nested index", file="qlk/kernels/quant_tile.py",
          old="nested = tl.load(am_scale_ptr + idx // 256)",

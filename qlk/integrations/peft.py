@@ -25,6 +25,11 @@
      group-constant subspace and the adapter no longer merges exactly into INT biases), the g× smaller
      saved activation, and QA-LoRA dropout (applied to P(X) in qlk; PEFT applies it to X).
      The file is g× larger in A. For inference on an INT model use :func:`qlk.merge_model` instead.
+   * MoE experts (:class:`qlk.nn.QuantExperts`): PEFT adapts the 3-D expert parameters with
+     ``LoraConfig(target_parameters=[...])`` (``lora.ParamWrapper``: W_e + σ·B_e·A_e per expert, the
+     same ΔW as qlk's per-expert adapters); :func:`_expert_tensors` writes qlk's A [E, r, ·],
+     B [E, N, r] in its layout. PEFT refuses ``lora_dropout`` on parameters, so a model with
+     expert adapters exports only with dropout 0 (the export says so otherwise).
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ import torch
 from torch import nn
 
 from ..autograd import lora_linear
+from ..nn.experts import QuantExpertProj
 from ..nn.linear import QuantLinear, is_conv1d
 
 try:
@@ -239,24 +245,70 @@ def peft_state_dict(model: nn.Module) -> tuple[dict, dict]:
         tensors[f"{key}.lora_A.weight"] = a.contiguous().clone()
         tensors[f"{key}.lora_B.weight"] = b.contiguous().clone()
         layers[name] = m
-    if not layers:
+    experts, target_parameters = _expert_tensors(model, tensors)
+    if not layers and not experts:
         raise ValueError(f"{type(model).__name__} has no qlk adapter to export (patch_model with method='lora'/'qalora')")
-    first = next(iter(layers.values()))
-    for n, m in layers.items():
+    first = next(iter({**layers, **experts}.values()))
+    for n, m in {**layers, **experts}.items():
         if (m.r, m.lora_alpha, m.use_rslora, m.dropout) != (first.r, first.lora_alpha, first.use_rslora, first.dropout):
             raise ValueError(f"layer '{n}' has a different r/alpha/rsLoRA/dropout than the others; not exportable "
                              "as one LoraConfig")  # fmt: skip
     kinds = {m.kind for m in layers.values()}
     if len(kinds) > 1:
         raise ValueError("mixed nn.Linear / Conv1D adapters: PEFT's fan_in_fan_out is per config")
+    if experts and kinds == {"conv1d"}:
+        raise ValueError("Conv1D layers (fan_in_fan_out) and MoE expert adapters: PEFT's target_parameters refuses "
+                         "fan_in_fan_out, and it is one setting per LoraConfig; not exportable as one PEFT adapter")
+    if experts and first.dropout:
+        raise ValueError(f"the adapters were trained with dropout={first.dropout}; PEFT's adapters on expert parameters "
+                         "(target_parameters) refuse lora_dropout != 0, and it is one setting per LoraConfig. Set "
+                         "every adapter's dropout to 0 (it changes nothing at inference: for m in model.modules(): "
+                         "if hasattr(m, 'dropout') and getattr(m, 'method', None): m.dropout = 0.0) and export again")
     cfg = dict(
-        r=first.r, lora_alpha=first.lora_alpha, use_rslora=first.use_rslora, lora_dropout=first.dropout,
-        target_modules=sorted({n.rpartition(".")[2] for n in layers}), bias="none",
+        r=first.r, lora_alpha=first.lora_alpha, use_rslora=first.use_rslora, lora_dropout=first.dropout, bias="none",
         fan_in_fan_out=kinds == {"conv1d"},
+        # exact module names, so layers patch_model skipped (or did not target) are not adapted by PEFT
+        target_modules=sorted(layers) or None,
     )  # fmt: skip
-    # exact module names, so layers patch_model skipped (or did not target) are not adapted by PEFT
-    cfg["target_modules"] = sorted(layers)
+    if target_parameters:
+        cfg["target_parameters"] = target_parameters
     return tensors, cfg
+
+
+def _expert_tensors(model: nn.Module, tensors: dict) -> tuple[dict, list]:
+    """Add the qlk expert adapters of ``model`` to ``tensors`` in the layout of PEFT's
+    ``lora.ParamWrapper`` (``LoraConfig(target_parameters=[...])`` on the 3-D expert parameters);
+    returns ({projection name: QuantExpertProj}, target_parameters).
+
+    PEFT keeps one ``lora_A`` [r·E, in] (row e·r + j is A_e[j]) and one ``lora_B`` [out, r·E]
+    (column j·E + e is B_e[:, j]) per parameter and applies W_e + σ·B_e·A_e. Several parameters of
+    one module are wrapped one inside the other in the order the module registers them, the first
+    innermost: its keys carry one ``base_layer.`` per wrapper around it. Per-expert A_e, B_e map
+    exactly; a shared adapter is copied to every expert (the same ΔW; further training in PEFT
+    unties the copies); QA-LoRA's A_e [r, in/g] is expanded as for dense layers, A_e[:, j(k)] / g."""
+    from ..moe import quant_experts
+    from ..reference import expand_groups
+
+    experts, target_parameters = {}, []
+    for name, qe in quant_experts(model).items():
+        adapted = [p for p in qe.spec.projections if qe.projections[p].method is not None]
+        if not adapted:
+            continue
+        # spec.projections is the call order (gate_up_proj / up_proj, then down_proj), which is also the
+        # order every Transformers experts class registers them (test_moe.py checks the keys by loading)
+        for depth, pname in enumerate(adapted):
+            m = qe.projections[pname]
+            e, r = m.num_experts, m.r
+            a, b = m.lora_A.detach(), m.lora_B.detach()  # [E or 1, r, cols], [E or 1, N, r]
+            if m.method == "qalora":
+                a = expand_groups(a, m.group_size) / m.group_size
+            a, b = a.expand(e, -1, -1), b.expand(e, -1, -1)
+            key = f"base_model.model.{name}." + "base_layer." * (len(adapted) - 1 - depth)
+            tensors[f"{key}lora_A.weight"] = a.reshape(e * r, a.shape[-1]).contiguous().clone()
+            tensors[f"{key}lora_B.weight"] = b.permute(1, 2, 0).reshape(b.shape[1], r * e).contiguous().clone()
+            experts[f"{name}.{pname}"] = m
+            target_parameters.append(f"{name}.{pname}")
+    return experts, sorted(target_parameters)
 
 
 def export_peft_adapter(model: nn.Module, path, base_model_name_or_path: str | None = None,
@@ -273,7 +325,8 @@ def export_peft_adapter(model: nn.Module, path, base_model_name_or_path: str | N
     config = peft.LoraConfig(task_type=task_type, base_model_name_or_path=base_model_name_or_path, **cfg)
     config.save_pretrained(path)
     save_file(tensors, os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
-    methods = sorted({m.method for m in model.modules() if isinstance(m, QuantLinear) and m.method})
+    methods = sorted({m.method for m in model.modules()
+                      if isinstance(m, (QuantLinear, QuantExpertProj)) and m.method})  # fmt: skip
     with open(os.path.join(path, "qlk_export.json"), "w") as f:
         json.dump({"qlk_methods": methods, "note": "QA-LoRA A expanded to A_full[:, k] = A[:, j(k)] / g"}, f)
     return str(path)

@@ -166,25 +166,60 @@ def dequant_configs():
     ]
 
 
-def grouped_config(direction: str, small_m: bool) -> dict:
+def grouped_config(direction: str, small_m: bool, rows_per_expert: float = 0.0, folded: bool = False,
+                   bits: int = 4) -> dict:
     """Tile sizes, warps and stages of the grouped (mixture-of-experts) kernels of
     :mod:`qlk.kernels.grouped_matmul`, for ``direction`` "fwd" or "grad" on the current target.
 
     Not autotuned: the launcher builds its tile map (which M tile belongs to which expert) for one
-    BLOCK_M before the launch. Large M reuses the dense GEMM's sm_90 / sm_80 tiles (forward:
-    weight as the MMA A operand; input gradient: dXᵀ tiles, reduction over N); small M (decode, or
-    a few rows per expert) uses 16-row tiles so an expert with one token wastes at most 15 rows."""
+    BLOCK_M before the launch, from what the host knows without a sync: S routed rows over E
+    experts, ``rows_per_expert`` = S/E. Large M takes the dense GEMM's best sm_90 tiles (forward:
+    weight as the MMA A operand; input gradient: dXᵀ tiles, reduction over N), with 256-row tiles
+    once the average expert fills one (Mixtral- and Qwen3-MoE-sized batches) and 128-row tiles
+    below, so a lightly loaded expert does not pad to 256. Small M (decode, or a few rows per
+    expert) uses 16-row tiles, so an expert with one token wastes at most 15 rows, and the dense
+    decode kernels' K depth (forward) / N depth (input gradient).
+
+    Register limits, read from the machine code (bench/moe_estimates.py's CSV, 0 spills in all):
+    ``folded`` (QA-LoRA's fp32 folded biases and in-kernel pooling) with INT3 spills in the
+    256-row sm_90 forward tile, which then stays 128-row; on sm_80 the forward runs 128×128 tiles
+    on 4 warps (two CTAs per SM), 8 warps when folded (4 spill there)."""
     if INTERPRETED:
         return dict(BLOCK_N=32, BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=1)
     hopper = target_arch() >= 90
+    full = rows_per_expert >= 256
     if direction == "fwd":
         if small_m:
-            return dict(BLOCK_N=64, BLOCK_M=16, BLOCK_K=128, num_warps=4, num_stages=4)
+            return dict(BLOCK_N=64, BLOCK_M=16, BLOCK_K=256, num_warps=4, num_stages=3)
         if hopper:
+            if full and not (folded and bits == 3):
+                return dict(BLOCK_N=128, BLOCK_M=256, BLOCK_K=64, num_warps=8, num_stages=3)
             return dict(BLOCK_N=128, BLOCK_M=128, BLOCK_K=64, num_warps=8, num_stages=4)
-        return dict(BLOCK_N=128, BLOCK_M=128, BLOCK_K=32, num_warps=8, num_stages=4)
+        return dict(BLOCK_N=128, BLOCK_M=128, BLOCK_K=32, num_warps=8 if folded else 4, num_stages=4)
     if small_m:
-        return dict(BLOCK_N=128, BLOCK_M=16, BLOCK_K=64, num_warps=4, num_stages=3)
+        if hopper:
+            return dict(BLOCK_N=256, BLOCK_M=16, BLOCK_K=64, num_warps=4, num_stages=3)
+        return dict(BLOCK_N=64, BLOCK_M=16, BLOCK_K=128, num_warps=4, num_stages=4)
     if hopper:
+        if full and not folded:  # QA-LoRA's input gradient (fp32 folded biases): not compiled at 256 rows yet
+            return dict(BLOCK_N=64, BLOCK_M=256, BLOCK_K=128, num_warps=8, num_stages=3)
         return dict(BLOCK_N=64, BLOCK_M=128, BLOCK_K=128, num_warps=8, num_stages=4)
     return dict(BLOCK_N=32, BLOCK_M=128, BLOCK_K=128, num_warps=8, num_stages=3)
+
+
+def grouped_split_k(rows: int, num_experts: int, n: int, k: int, cfg: dict, sms: int) -> int:
+    """K slices per tile of the small-M grouped forward: 1 (no split) while the tiles of the active
+    experts fill two waves of the GPU, else enough slices to fill them, each at least 4 K tiles.
+
+    Counted without a device sync: at most min(S, E) experts are active and each takes
+    ⌈rows per expert / BLOCK_M⌉ tiles; CTAs = tiles × ⌈N / BLOCK_N⌉ against 2 × SMs slots
+    (decode tiles hold two CTAs per SM). Mixtral's down projection at one token: 2 experts × 64
+    N tiles = 128 CTAs on 132 SMs -> 3 slices of its 56 K tiles."""
+    active = max(1, min(rows, num_experts))
+    tiles = active * -(-max(1, rows // active) // cfg["BLOCK_M"])
+    ctas = tiles * -(-n // cfg["BLOCK_N"])
+    slots = 2 * sms
+    if ctas >= slots:
+        return 1
+    k_tiles = -(-k // cfg["BLOCK_K"])
+    return max(1, min(-(-slots // ctas), k_tiles // 4))

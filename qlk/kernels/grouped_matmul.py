@@ -20,17 +20,24 @@ Kernels (no Python loop over experts: one launch per projection and direction):
 ``_grouped_matmul_fwd_kernel``  program (t, j): M tile t of the concatenated per-expert tile list,
     N tile j. Tiles never straddle two experts: expert e has ⌈count_e / BLOCK_M⌉ tiles; the tile
     map (expert, first row) is built on the device by :func:`_tile_map` with a few torch ops and
-    no host sync, over an upper bound of ⌈S/BLOCK_M⌉ + E + 1 tiles (programs past the end exit).
+    no host sync, over an upper bound of min(S, ⌊(S + (BLOCK_M−1)·min(E+1, S)) / BLOCK_M⌋) tiles
+    (programs past the end exit).
     The K loop is the dense forward's (:func:`qlk.kernels.fused_matmul._fwd_loop`: weight as the
     MMA A operand, fp32 accumulation) on weight rows e·N + n. ``POOL`` also writes QA-LoRA's P(X)
     from the X tiles of the first N tile (the fused QA-LoRA path, biases folded per expert).
+``_grouped_matmul_splitk_kernel``  small-M forward with K split: program (t, j, s) adds the partial
+    product of K slice s into an fp32 workspace (atomics), then the launcher adds each row's
+    expert bias and casts. Used when the active experts' tiles fill less than two waves of the
+    GPU (:func:`qlk.kernels.config.grouped_split_k`: decode of the few experts a token picks, e.g.
+    Mixtral's down projection at one token: 128 CTAs on 132 SMs -> 3 slices).
 ``_grouped_matmul_grad_input_kernel``  program (t, j): dXᵀ tile [BLOCK_K, BLOCK_M] of M tile t,
     K tile j, reduction over the expert's N rows.
 
 The tail group (rows >= offsets[E]) gets tiles of its own that store zeros, so no output is
-memset first. Small M (decode, or many experts with a few rows each: S/E <= ``SMALL_M_ROWS``)
-uses 16-row tiles (:func:`qlk.kernels.config.grouped_config`), so an expert with one token reads
-its weight once and wastes at most 15 MMA rows, not 255.
+memset first. Tiles are chosen per call from S and E (:func:`qlk.kernels.config.grouped_config`):
+256-row tiles once the average expert fills one, 128-row below; small M (decode, or many experts
+with a few rows each: S/E <= ``SMALL_M_ROWS``) uses 16-row tiles, so an expert with one token
+reads its weight once and wastes at most 15 MMA rows, not 255.
 
 Reference (:func:`grouped_matmul_reference`, :func:`grouped_grad_input_reference`): per expert,
 the dequantized slice Ŵ_e (:func:`expert_weight`) and a torch matmul, fp32 (fp64 for fp64 inputs).
@@ -44,7 +51,7 @@ import triton.language as tl
 from .._checks import check_grouped
 from ..formats.nf4 import nf4_absmax
 from ..formats.quantized_weight import QuantizedWeight
-from .config import INTERPRETED, grouped_config
+from .config import INTERPRETED, grouped_config, grouped_split_k, num_sms
 from .fused_matmul import _as_2d, _fwd_loop, _precision
 from .quant_tile import _dequant_tile, supports, weight_args
 
@@ -80,9 +87,9 @@ def _grouped_matmul_fwd_kernel(
         row_end = tl.load(bounds_ptr + e + 1).to(tl.int32)
         offs_m = row0 + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
-        y_mask = (offs_m[:, None] < row_end) & (offs_n[None, :] < N)
         if e == NUM_EXPERTS:  # rows routed to no expert (sentinels): zeros
+            y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
+            y_mask = (offs_m[:, None] < row_end) & (offs_n[None, :] < N)
             tl.store(y_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=y_ptr.dtype.element_ty), mask=y_mask)
         else:
             # the expert's weight rows; rows past N are clamped (computed, never stored)
@@ -102,7 +109,57 @@ def _grouped_matmul_fwd_kernel(
             if HAS_BIAS:
                 bias = tl.load(bias_ptr + e.to(tl.int64) * stride_be + offs_n, mask=offs_n < N, other=0.0)
                 acc += bias.to(tl.float32)[None, :]
+            # the [BLOCK_M, BLOCK_N] pointers are built after the K loop, not kept live through it
+            y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
+            y_mask = (offs_m[:, None] < row_end) & (offs_n[None, :] < N)
             tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+@triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+@triton.jit
+def _grouped_matmul_splitk_kernel(
+    ws_ptr,  # [S, N] fp32 partial sums, zero-initialized (atomic adds)
+    x_ptr,  # [S, K] routed rows sorted by expert (any strides)
+    tile_expert_ptr, tile_row_ptr, bounds_ptr,  # tile map (_tile_map)
+    qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,  # stacked weight (weight_args)
+    stride_qn, stride_sn, stride_sg,
+    N, K, NUM_EXPERTS,
+    stride_xm, stride_xk,
+    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Small-M split-K: program (t, j, s) adds Σ_{k in slice s} X[m, k]·Ŵ[e·N + n, k] for the rows m
+    of M tile t (expert e), N tile j, into ws. A slice is ⌈⌈K/BLOCK_K⌉ / SPLIT⌉ whole K tiles
+    (SPLIT = grid axis 2). Sentinel rows (e = E) are left at ws's zeros."""
+    pid_t = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    e = tl.load(tile_expert_ptr + pid_t)
+    if (e >= 0) & (e < NUM_EXPERTS):
+        row0 = tl.load(tile_row_ptr + pid_t)
+        row_end = tl.load(bounds_ptr + e + 1).to(tl.int32)
+        tiles = tl.cdiv(tl.cdiv(K, BLOCK_K), tl.num_programs(2))
+        k_start = pid_s * tiles * BLOCK_K
+        k_end = tl.minimum(K, k_start + tiles * BLOCK_K)
+        offs_m = row0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < row_end
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows_w = e * N + tl.minimum(offs_n, N - 1)
+        # a decode tile is mostly padding: padding rows are masked to 0, not clamped (no x row is
+        # read BLOCK_M times over)
+        x_rows = x_ptr + offs_m.to(tl.int64) * stride_xm
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            w = _dequant_tile(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
+                              stride_qn, stride_sn, stride_sg, rows_w, k0, K,
+                              BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K)
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            xt = tl.load(x_rows[None, :] + offs_k[:, None] * stride_xk,
+                         mask=mask_m[None, :] & (offs_k[:, None] < K), other=0.0)
+            acc = tl.dot(w.to(xt.dtype), xt, acc, input_precision=DOT_PRECISION)
+        mask = (offs_n[:, None] < N) & mask_m[None, :]
+        tl.atomic_add(ws_ptr + offs_m[None, :].to(tl.int64) * N + offs_n[:, None], acc, mask=mask, sem="relaxed")
 
 
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
@@ -129,9 +186,9 @@ def _grouped_matmul_grad_input_kernel(
         k0 = pid_k * BLOCK_K
         offs_k = k0 + tl.arange(0, BLOCK_K)
         offs_m = row0 + tl.arange(0, BLOCK_M)
-        dx_ptrs = dx_ptr + offs_m[None, :].to(tl.int64) * stride_dxm + offs_k[:, None] * stride_dxk
-        dx_mask = (offs_m[None, :] < row_end) & (offs_k[:, None] < K)
         if e == NUM_EXPERTS:
+            dx_ptrs = dx_ptr + offs_m[None, :].to(tl.int64) * stride_dxm + offs_k[:, None] * stride_dxk
+            dx_mask = (offs_m[None, :] < row_end) & (offs_k[:, None] < K)
             tl.store(dx_ptrs, tl.zeros((BLOCK_K, BLOCK_M), dtype=dx_ptr.dtype.element_ty), mask=dx_mask)
         else:
             dy_rows = dy_ptr + tl.minimum(offs_m, row_end - 1).to(tl.int64) * stride_dym
@@ -144,6 +201,8 @@ def _grouped_matmul_grad_input_kernel(
                                   BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K)
                 dyt = tl.load(dy_rows[None, :] + offs_n[:, None] * stride_dyn, mask=offs_n[:, None] < N, other=0.0)
                 acc = tl.dot(tl.trans(w.to(dyt.dtype)), dyt, acc, input_precision=DOT_PRECISION)
+            dx_ptrs = dx_ptr + offs_m[None, :].to(tl.int64) * stride_dxm + offs_k[:, None] * stride_dxk
+            dx_mask = (offs_m[None, :] < row_end) & (offs_k[:, None] < K)
             tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=dx_mask)
 
 
@@ -151,7 +210,8 @@ def _grouped_matmul_grad_input_kernel(
 # launchers
 # ------------------------------------------------------------------------------------------------
 def _tile_map(offsets: torch.Tensor, rows: int, block_m: int):
-    """(tile_expert int32 [T], tile_row int32 [T], bounds [E+2]) for an upper bound T of the tile count.
+    """(tile_expert int32 [T], tile_row int32 [T], bounds [E+2]) for an upper bound T of the tile count
+    known on the host (S, E, BLOCK_M).
 
     Group e < E holds rows bounds[e] .. bounds[e+1]; group E the rows past offsets[E] (zeros).
     tile_expert is −1 for the tiles past the last one. Device ops only (no host sync)."""
@@ -160,7 +220,9 @@ def _tile_map(offsets: torch.Tensor, rows: int, block_m: int):
     counts = bounds[1:] - bounds[:-1]  # [E+1]
     tiles = (counts + block_m - 1) // block_m
     ends = torch.cumsum(tiles, 0)
-    upper = triton.cdiv(rows, block_m) + e + 1
+    # Σ_g ⌈c_g / BLOCK_M⌉ over the at most min(E+1, S) non-empty groups <= (S + (BLOCK_M−1)·groups) / BLOCK_M,
+    # and <= S (a tile holds a row): at one token the grid is the tiles that exist, not E + 2 of them
+    upper = max(1, min(rows, (rows + (block_m - 1) * min(e + 1, rows)) // block_m))
     t = torch.arange(upper, device=offsets.device)
     group = torch.searchsorted(ends, t, right=True)  # E+1 past the last tile
     valid = group <= e
@@ -173,6 +235,14 @@ def _tile_map(offsets: torch.Tensor, rows: int, block_m: int):
 
 def _small(rows: int, num_experts: int) -> bool:
     return rows <= SMALL_M_ROWS * num_experts
+
+
+def tiles_for(direction: str, rows: int, num_experts: int, qw: QuantizedWeight | None = None,
+              folded: bool = False) -> dict:
+    """:func:`grouped_config` for S = ``rows`` routed rows over ``num_experts`` (host values, no sync);
+    ``folded``: QA-LoRA's fp32 folded biases (and pooling), which take registers."""
+    return grouped_config(direction, _small(rows, num_experts), rows / max(num_experts, 1), folded,
+                          qw.bits if qw is not None else 16)
 
 
 def grouped_matmul_forward(x: torch.Tensor, qw: QuantizedWeight, offsets: torch.Tensor, num_experts: int,
@@ -195,7 +265,13 @@ def grouped_matmul_forward(x: torch.Tensor, qw: QuantizedWeight, offsets: torch.
     if s == 0:
         return out, pooled
     args, meta = wargs if wargs is not None else weight_args(qw)
-    cfg = dict(config or grouped_config("fwd", _small(s, num_experts)))
+    cfg = dict(config or tiles_for("fwd", s, num_experts, qw, folded=wargs is not None or pool))
+    split = cfg.pop("SPLIT_K", None)
+    if split is None:  # the interpreter takes the split path only when a test asks for it
+        small = _small(s, num_experts) and not INTERPRETED
+        split = grouped_split_k(s, num_experts, n, k, cfg, num_sms(x.device)) if small else 1
+    if split > 1:
+        return _forward_split_k(x2, qw, offsets, num_experts, bias, args, meta, cfg, split, pool, out.dtype)
     fused = pool and g & (g - 1) == 0
     tile_expert, tile_row, bounds = _tile_map(offsets, s, cfg["BLOCK_M"])
     grid = (tile_expert.shape[0], triton.cdiv(n, cfg["BLOCK_N"]))
@@ -210,6 +286,28 @@ def grouped_matmul_forward(x: torch.Tensor, qw: QuantizedWeight, offsets: torch.
     return out, pooled
 
 
+def _forward_split_k(x2, qw, offsets, num_experts, bias, args, meta, cfg, split, pool, dtype):
+    """The small-M forward with K split over ``split`` programs per tile (fp32 atomic partial sums),
+    then the bias of each row's expert and the cast; P(X) by torch (pooling is per whole group)."""
+    s, k = x2.shape
+    n = qw.out_features // num_experts
+    ws = torch.zeros((s, n), dtype=torch.float32, device=x2.device)
+    tile_expert, tile_row, bounds = _tile_map(offsets, s, cfg["BLOCK_M"])
+    grid = (tile_expert.shape[0], triton.cdiv(n, cfg["BLOCK_N"]), split)
+    _grouped_matmul_splitk_kernel[grid](
+        ws, x2, tile_expert, tile_row, bounds, *args, n, k, num_experts, x2.stride(0), x2.stride(1),
+        DOT_PRECISION=_precision(x2.dtype), **meta, **cfg)
+    if bias is not None:  # row s belongs to expert searchsorted(offsets[1:], s); sentinel rows (= E) add 0
+        expert = torch.searchsorted(offsets[1:].to(torch.int64), torch.arange(s, device=x2.device), right=True)
+        padded = torch.cat([bias.to(torch.float32), bias.new_zeros((1, n), dtype=torch.float32)])
+        ws += padded[expert]
+    pooled = None
+    if pool:
+        g = qw.group_size
+        pooled = torch.mean(x2.reshape(s, k // g, g), dim=-1, dtype=torch.float32)
+    return ws.to(dtype), pooled
+
+
 def grouped_matmul_grad_input(dy: torch.Tensor, qw: QuantizedWeight, offsets: torch.Tensor, num_experts: int,
                               *, wargs=None, config: dict | None = None) -> torch.Tensor:
     """dX [S, K] = dY·Ŵ_e per row's expert, in dy's dtype; rows past offsets[E] are 0."""
@@ -221,7 +319,7 @@ def grouped_matmul_grad_input(dy: torch.Tensor, qw: QuantizedWeight, offsets: to
     if s == 0:
         return out
     args, meta = wargs if wargs is not None else weight_args(qw)
-    cfg = dict(config or grouped_config("grad", _small(s, num_experts)))
+    cfg = dict(config or tiles_for("grad", s, num_experts, qw, folded=wargs is not None))
     tile_expert, tile_row, bounds = _tile_map(offsets, s, cfg["BLOCK_M"])
     grid = (tile_expert.shape[0], triton.cdiv(k, cfg["BLOCK_K"]))
     _grouped_matmul_grad_input_kernel[grid](

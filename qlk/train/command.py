@@ -200,7 +200,7 @@ def _run(cfg, dist_env, device, out, records, data_path, t_start) -> dict:
     import torch
 
     from ..hf_models import load_model
-    from ..patch import qlk_layers
+    from ..moe import describe_quantized
     from .trainer import InterruptCallback, LineLog, NonFiniteLoss, QlkTrainer, latest_checkpoint
 
     main = dist_env.main
@@ -245,7 +245,7 @@ def _run(cfg, dist_env, device, out, records, data_path, t_start) -> dict:
     summary["time_patch_s"] = time.time() - t0
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     mem = memory_report(model, device)
-    say(f"patched {len(qlk_layers(model))} layers in {summary['time_patch_s']:.1f}s: {n_train:,} trainable "
+    say(f"patched {describe_quantized(model)} in {summary['time_patch_s']:.1f}s: {n_train:,} trainable "
         f"adapter parameters; weights {fmt_bytes(mem['weights_bytes'])} "
         f"({mem['bits_per_param_quantized']:.3f} bits/param in the quantized layers)")  # fmt: skip
     if model.qlk_config.get("skipped"):

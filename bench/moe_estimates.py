@@ -1,0 +1,173 @@
+"""Static speed estimates of the grouped (MoE) kernels against the dense grouped baseline and
+grouped-nf4-gemm, sm_90 and sm_80: the MoE part of the static report (docs/moe.md).
+
+    env -u TRITON_INTERPRET python bench/moe_estimates.py --arch 90,80 --out bench/results   # make static-moe
+    env -u TRITON_INTERPRET python bench/moe_estimates.py --arch 90 --cases 'dense-*,grouped-fwd/int4g32/*'
+
+Compiles every case of bench/launches_moe.py (Mixtral-8x7B-like and Qwen3-30B-A3B-like layers,
+4096 and 16 tokens; qlk's grouped kernels, the dense bf16 grouped baseline of
+bench/dense_grouped_matmul.py and grouped-nf4-gemm on the same experts) under ``bench.sass``
+and writes ``static-moe-sm<arch>.md`` (a summary table: each case's estimate and its ratio to the
+dense baseline of the same run) and ``.csv`` (every launch). **Estimates from machine code, not
+measurements** (docs/static-analysis.md). At 4096 tokens the metric is the tensor-peak fraction,
+at 16 tokens the DRAM fraction on useful bytes; both optimistic..pessimistic × wave efficiency.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+for _p in (HERE, ROOT):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+#: the kernel that carries each op's work (QA-LoRA's bias fold is a small side launch)
+MAIN = {"dense-grouped-fwd": "_dense_grouped_kernel", "dense-grouped-dgrad": "_dense_grouped_kernel",
+        "grouped-fwd": "_grouped_matmul_fwd_kernel", "grouped-qalora": "_grouped_matmul_fwd_kernel",
+        "grouped-dgrad": "_grouped_matmul_grad_input_kernel"}
+#: every case at 4096 and 16 tokens; at one token the forwards (the split-K decode path)
+DEFAULT_CASES = "*/T4096,*/T16,dense-grouped-fwd/*/T1,grouped-fwd/*/T1,gnf4-fwd/*/T1"
+FIELDS = ("case", "kernel", "config", "regs", "stack", "spill_ops", "smem", "ctas_per_sm", "limiter", "ctas",
+          "wave_eff", "bound", "tensor_opt", "tensor_pess", "dram_opt", "dram_pess", "notes")
+
+
+def capture_reports(arch: int, patterns) -> tuple[list, dict]:
+    """[(case, Report)] of every launch of the selected cases, and {case: failure}."""
+    os.environ.pop("TRITON_INTERPRET", None)
+    import launches
+    import launches_moe
+    from bench import sass
+
+    failed = {}
+    with sass.capture(arch, label=lambda: launches.CURRENT_CASE or "") as captured:
+        for case in launches_moe.all_cases(patterns):
+            status = launches_moe.run_case(case)
+            if status:
+                failed[case.name] = status
+    return [(launch.label, report) for report, launch in sass.analyze_all(captured)], failed
+
+
+def _main_report(case: str, reports):
+    op = case.split("/")[0]
+    mine = [r for c, r in reports if c == case]
+    if op in MAIN:
+        mine = [r for r in mine if r.kernel == MAIN[op]] or mine
+    if not mine:
+        return None
+
+    def mid(r):
+        vals = [v for v in (r.tensor_opt, r.tensor_pess) if v is not None] if case.endswith("T4096") else \
+            [v for v in (r.dram_opt, r.dram_pess) if v is not None]
+        return sum(vals) / len(vals) if vals else -1
+    return max(mine, key=mid)  # several launches (grouped-nf4-gemm's split-K pieces): the heaviest
+
+
+def _metric(case: str, r):
+    if r is None:
+        return None
+    return (r.tensor_opt, r.tensor_pess) if case.endswith("T4096") else (r.dram_opt, r.dram_pess)
+
+
+def _fmt(v, base=None, gnf4=None):
+    if v is None or v[0] is None:
+        return "-"
+    text = f"{v[0]:.2f}..{v[1]:.2f}"
+    ratios = []
+    for ref, tag in ((base, ""), (gnf4, " gnf4")):
+        if ref is not None and ref[0]:
+            ratios.append(f"{v[0] / ref[0]:.2f}×/{v[1] / ref[1]:.2f}×{tag}")
+    return text + (f" ({'; '.join(ratios)})" if ratios else "")
+
+
+def summary(reports, failed) -> list[str]:
+    import launches_moe
+
+    cases = sorted({c for c, _ in reports} | set(failed))
+    get = {c: _metric(c, _main_report(c, reports)) for c in cases}
+    head = ("layer", "tokens", "metric", "dense fwd", "int4g32 fwd", "int3g128 fwd", "int2g32 fwd", "nf4dq fwd",
+            "gnf4 fwd", "QA-LoRA int4g32 fwd", "dense dgrad", "int4g32 dgrad", "nf4dq dgrad", "gnf4 dgrad")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for layer in launches_moe.LAYERS:
+        for proj, (k, n) in launches_moe.projections(layer).items():
+            for t in launches_moe.TOKENS:
+                name = lambda op, fmt: launches_moe.case_name(op, fmt, layer, proj, t)  # noqa: E731
+                dense_f, dense_d = get.get(name("dense-grouped-fwd", "bf16")), get.get(name("dense-grouped-dgrad", "bf16"))
+                gnf4_f, gnf4_d = get.get(name("gnf4-fwd", "nf4")), get.get(name("gnf4-dgrad", "nf4"))
+                row = [f"{layer} {proj} {k}→{n}", str(t), "tensor" if t == 4096 else "dram", _fmt(dense_f)]
+                for fmt in ("int4g32", "int3g128", "int2g32"):
+                    row.append(_fmt(get.get(name("grouped-fwd", fmt)), dense_f))
+                row += [_fmt(get.get(name("grouped-fwd", "nf4dq")), dense_f, gnf4_f), _fmt(gnf4_f, dense_f),
+                        _fmt(get.get(name("grouped-qalora", "int4g32")), dense_f), _fmt(dense_d),
+                        _fmt(get.get(name("grouped-dgrad", "int4g32")), dense_d),
+                        _fmt(get.get(name("grouped-dgrad", "nf4dq")), dense_d, gnf4_d), _fmt(gnf4_d, dense_d)]
+                lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def write(arch: int, reports, failed, out_dir: str, command: str) -> str:
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.join(out_dir, f"static-moe-sm{arch}")
+    with open(stem + ".csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(("arch",) + FIELDS)
+        for case, r in sorted(reports, key=lambda cr: (cr[0], cr[1].kernel)):
+            w.writerow([arch, case] + [("; ".join(r.notes) if fld == "notes" else getattr(r, fld))
+                                       for fld in FIELDS[1:]])
+        for case, why in sorted(failed.items()):
+            w.writerow([arch, case, "", why])
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True).stdout.strip()
+    except OSError:
+        commit = "?"
+    import triton
+
+    lines = [
+        f"# Static MoE report, sm_{arch}: qlk's grouped kernels, the dense grouped baseline, grouped-nf4-gemm",
+        "",
+        f"**Estimated from sm_{arch} machine code, not measured** (bench/sass, docs/static-analysis.md). "
+        "Nothing ran.",
+        "",
+        f"- command: `{command}`",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; triton {triton.__version__}; "
+        f"qlk commit {commit} (plus the working tree)",
+        "- layers (bench/launches_moe.py): Mixtral-8x7B-like H=4096, I=14336, E=8, top-2; Qwen3-30B-A3B-like "
+        "H=2048, I=768, E=128, top-8; T tokens -> T·top-k routed rows spread evenly over the experts; bf16 "
+        "activations",
+        "- metric: at T=4096 the tensor-peak fraction, at T=16 the DRAM fraction on useful bytes; "
+        "optimistic..pessimistic × wave efficiency. (a×/b×) divides by the dense grouped bf16 baseline "
+        "of the same run (same tile map and tiles), `gnf4` by grouped-nf4-gemm's estimate on the same experts.",
+        "- the target of issue 19: every qlk grouped kernel ≥ 0.9× the dense baseline, and above grouped-nf4-gemm.",
+        "",
+    ] + summary(reports, failed) + [""]
+    if failed:
+        lines += ["Cases that did not compile:", ""] + [f"- `{c}`: {why}" for c, why in sorted(failed.items())] + [""]
+    lines += ["Every launch (config, registers, occupancy, bound): the CSV next to this file.", ""]
+    with open(stem + ".md", "w") as f:
+        f.write("\n".join(lines))
+    return stem + ".md"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", default="90,80")
+    ap.add_argument("--cases", default=DEFAULT_CASES, help="comma-separated fnmatch patterns of case names")
+    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    args = ap.parse_args(argv)
+    patterns = [p for p in args.cases.split(",") if p]
+    command = "python bench/moe_estimates.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    for arch in (int(a) for a in args.arch.split(",") if a):
+        reports, failed = capture_reports(arch, patterns)
+        path = write(arch, reports, failed, args.out, command)
+        print(open(path).read())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
