@@ -330,3 +330,8 @@ def export_peft_adapter(model: nn.Module, path, base_model_name_or_path: str | N
     with open(os.path.join(path, "qlk_export.json"), "w") as f:
         json.dump({"qlk_methods": methods, "note": "QA-LoRA A expanded to A_full[:, k] = A[:, j(k)] / g"}, f)
     return str(path)
+
+
+from ._peft_hook import install_if_pending  # noqa: E402  (last: install() must exist)
+
+install_if_pending()
