@@ -42,6 +42,7 @@ import triton.language as tl
 from ..formats.quantized_weight import QuantizedWeight
 from .config import PRUNE, PRUNE_SPLITN, gemm_configs, grad_configs, num_sms, splitk_configs, splitn_configs
 from .quant_tile import _dequant_tile, weight_args
+from .quant_tile_t import _dequant_tile_t
 
 #: M at or below which the forward uses the split-K decode kernel
 SPLITK_MAX_M = 16
@@ -240,11 +241,12 @@ def _quant_matmul_grad_input_kernel(
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         # clamped weight rows are finite and meet dY columns masked to 0: they add exactly 0
-        w = _dequant_tile(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
-                          stride_qn, stride_sn, stride_sg, tl.minimum(offs_n, N - 1), k0, K,
-                          BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K)
+        wt = _dequant_tile_t(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
+                             stride_qn, stride_sn, stride_sg, tl.minimum(offs_n, N - 1), k0, K,
+                             BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K,
+                             dy_ptr.dtype.element_ty)
         dyt = tl.load(dy_rows[None, :] + offs_n[:, None] * stride_dyn, mask=offs_n[:, None] < N, other=0.0)
-        acc = tl.dot(tl.trans(w.to(dyt.dtype)), dyt, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(wt, dyt, acc, input_precision=DOT_PRECISION)
     acc = tl.trans(acc)
     dx_ptrs = dx_ptr + offs_m[:, None].to(tl.int64) * stride_dxm + offs_k[None, :] * stride_dxk
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
