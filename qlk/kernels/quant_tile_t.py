@@ -35,8 +35,8 @@ def _packed_values(qw_ptr, lut_ptr, stride_qn, offs_n, k0, K,
                    BITS: tl.constexpr, IS_NF4: tl.constexpr, EVEN_K: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """fp32 values before scaling, q − 2^(b−1) (INT) or NF4[q] (NF4), of columns k0 .. k0+BLOCK_K of
-    rows ``offs_n``, as two tensors (even, odd) of the packed shape [BLOCK_N, BLOCK_K // C, C // 2]
-    (C: the chunk width): element [n, c, p] of ``even`` is column k0 + C·c + 2·p, of ``odd`` the next
+    rows ``offs_n``, as two tensors (even, odd) of the packed shape [BLOCK_K // C, BLOCK_N, C // 2]
+    (C: the chunk width): element [c, n, p] of ``even`` is column k0 + C·c + 2·p, of ``odd`` the next
     column. Columns past K (unless EVEN_K) read code 0."""
     if IS_NF4:
         # bytes of a word are little endian; the even element sits in the HIGH nibble of its byte
@@ -47,6 +47,7 @@ def _packed_values(qw_ptr, lut_ptr, stride_qn, offs_n, k0, K,
             words = tl.load(ptrs)
         else:
             words = tl.load(ptrs, mask=offs_w[None, :] < tl.cdiv(K, 8), other=0)
+        words = tl.trans(words)
         byte = (words[:, :, None] >> (tl.arange(0, 4)[None, None, :] * 8)) & 0xFF
         pair = tl.load(lut_ptr + byte)  # nf4_byte_table: NF4[b >> 4] low 32 bits, NF4[b & 15] high
         even = pair.to(tl.int32).to(tl.float32, bitcast=True)
@@ -69,6 +70,9 @@ def _packed_values(qw_ptr, lut_ptr, stride_qn, offs_n, k0, K,
                 w0 = tl.load(base, mask=mask, other=0)
                 w1 = tl.load(base + 1, mask=mask, other=0)
                 w2 = tl.load(base + 2, mask=mask, other=0)
+            w0 = tl.trans(w0)
+            w1 = tl.trans(w1)
+            w2 = tl.trans(w2)
             p = tl.arange(0, 16)[None, None, :]
             low = tl.where(p < 8, w0[:, :, None], w1[:, :, None]) >> ((p % 8) * 4)
             high = w2[:, :, None] >> (2 * p)
@@ -83,6 +87,7 @@ def _packed_values(qw_ptr, lut_ptr, stride_qn, offs_n, k0, K,
                 words = tl.load(ptrs)
             else:
                 words = tl.load(ptrs, mask=offs_w[None, :] < tl.cdiv(K, PER), other=0)
+            words = tl.trans(words)
             shift = tl.arange(0, PER // 2)[None, None, :] * (2 * BITS)
             first = (words[:, :, None] >> shift) & MASK
             second = (words[:, :, None] >> (shift + BITS)) & MASK
@@ -115,10 +120,10 @@ def _dequant_tile_t(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, 
         s, b = _group_params(s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, dyn_ptr, stride_sn, stride_sg,
                              offs_n, offs_g[None, :], (offs_g < G)[None, :], IS_NF4, DOUBLE_QUANT, HAS_BIAS,
                              EVEN_K)
-        s4 = s[:, :, None, None]
-        b4 = b[:, :, None, None]
-        ev = tl.reshape(ev, (BLOCK_N, NG, NCH // NG, CHUNK // 2))
-        od = tl.reshape(od, (BLOCK_N, NG, NCH // NG, CHUNK // 2))
+        s4 = tl.trans(s)[:, None, :, None]
+        b4 = tl.trans(b)[:, None, :, None]
+        ev = tl.reshape(ev, (NG, NCH // NG, BLOCK_N, CHUNK // 2))
+        od = tl.reshape(od, (NG, NCH // NG, BLOCK_N, CHUNK // 2))
         if HAS_BIAS:
             ev = ev * s4 + b4
             od = od * s4 + b4
@@ -127,9 +132,11 @@ def _dequant_tile_t(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, 
             od = od * s4
         # the join comes after the rounding: the compiler hoists the A operand's layout conversion
         # up to the first op it cannot see through, the join, so it moves 16-bit values
-        w = tl.reshape(tl.join(ev.to(OUT_DTYPE), od.to(OUT_DTYPE)), (BLOCK_N, BLOCK_K))
+        w = tl.join(ev.to(OUT_DTYPE), od.to(OUT_DTYPE))  # [NG, NCH/NG, BLOCK_N, C/2, 2]
+        wt = tl.reshape(tl.permute(w, (0, 1, 3, 4, 2)), (BLOCK_K, BLOCK_N))
     else:
         w = _dequant_tile(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
                           stride_qn, stride_sn, stride_sg, offs_n, k0, K,
                           BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K).to(OUT_DTYPE)
-    return tl.trans(w)
+        wt = tl.trans(w)
+    return wt
