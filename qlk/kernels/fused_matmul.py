@@ -18,7 +18,9 @@ Kernels (one launcher picks by shape, ``path=`` forces one):
     run to run) or, with ``deterministic=True``, written to a workspace [SPLIT, M, N] and summed in a
     fixed order.
 ``_quant_matmul_grad_input_kernel``  dX = dY·Ŵ, tile dXᵀ[k0:k0+BK, m0:m0+BM] = Ŵᵀ[BK, N]·dYᵀ[N, BM]
-    (Ŵᵀ as the A operand again); the reduction runs over N.
+    (Ŵᵀ as the A operand again); the reduction runs over N. Its tile comes from
+    :func:`qlk.kernels.quant_tile_t._dequant_tile_t`: dequantized and rounded to the activation dtype
+    on the packed shape, so the layout change to the MMA operand moves 16-bit values.
 ``_quant_matmul_grad_input_splitn_kernel``  dX at small M (M <= ``SPLITN_MAX_M``): the reduction over
     N is split over a second grid axis (≈ 16 CTAs per SM), partials added with fp32 atomics or,
     ``deterministic=True``, through a workspace [SPLIT, M, K] summed in a fixed order.
