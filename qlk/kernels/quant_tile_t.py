@@ -9,11 +9,17 @@ makes sure it moves the finished tile in the activation dtype (2 B per element),
 codes (4 B written + 4 B read per element, which is where the compiler put it when the codes were
 reshaped to [BLOCK_N, BLOCK_K] before dequantizing, as ``_dequant_tile`` does for the forward).
 
-How: every element-wise step (code -> float, NF4 table, scale, bias, rounding to the activation
-dtype) runs on the tile's packed shape [BLOCK_N, chunks, pairs, 2], in which each thread owns whole
-words, and the group scale / bias is broadcast over whole chunks there (a chunk is the columns one
-word, or for INT3 one 3-word plane set, holds: 8 for INT4/NF4, 16 for INT2, 32 for INT3). The
-reshape to [BLOCK_N, BLOCK_K] and the transpose come last.
+How: the loaded [BLOCK_N, words] tile is transposed first (a register relabelling, no data
+movement), and every element-wise step (code -> float, NF4 table, scale, bias, rounding to the
+activation dtype) runs on the packed shape [chunks, BLOCK_N, pairs], the even and the odd code of
+each pair kept apart. With the rows as the faster dim the compiler spreads rows over lanes, so each
+thread loads the scale and bias of few rows (once per row and group, broadcast over whole chunks:
+a chunk is what one word, or for INT3 one 3-word plane set, holds: 8 columns for INT4/NF4, 16 for
+INT2, 32 for INT3). Then ``tl.join`` of the two rounded halves, a permute to [k, n] and the reshape
+to [BLOCK_K, BLOCK_N]. Triton hoists the MMA operand's layout conversion up through element-wise
+ops to the first op it cannot see through; the join after the rounding is that op, so the
+conversion (an STSM/LDSM pair on sm_90) moves 16-bit values. Estimates before/after are in
+docs/kernels.md, "Input gradient, round 2".
 
 Rounding: ŵ is computed in fp32 exactly as ``_dequant_tile`` does (s·(q − 2^(b−1)) + c, or
 NF4[q]·absmax) and rounded once to the activation dtype, like the forward. The result is bit
