@@ -54,7 +54,7 @@ def _packed_values(qw_ptr, lut_ptr, stride_qn, offs_n, k0, K,
         else:
             words = tl.load(ptrs, mask=offs_w[None, :] < tl.cdiv(K, 8), other=0)
         words = tl.trans(words)
-        byte = (words[:, :, None] >> (tl.arange(0, 4)[None, None, :] * 8)) & 0xFF
+        byte = (words[None, :, :] >> (tl.arange(0, 4)[:, None, None] * 8)) & 0xFF
         pair = tl.load(lut_ptr + byte)  # nf4_byte_table: NF4[b >> 4] low 32 bits, NF4[b & 15] high
         even = pair.to(tl.int32).to(tl.float32, bitcast=True)
         odd = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
@@ -79,9 +79,9 @@ def _packed_values(qw_ptr, lut_ptr, stride_qn, offs_n, k0, K,
             w0 = tl.trans(w0)
             w1 = tl.trans(w1)
             w2 = tl.trans(w2)
-            p = tl.arange(0, 16)[None, None, :]
-            low = tl.where(p < 8, w0[:, :, None], w1[:, :, None]) >> ((p % 8) * 4)
-            high = w2[:, :, None] >> (2 * p)
+            p = tl.arange(0, 16)[:, None, None]
+            low = tl.where(p < 8, w0[None, :, :], w1[None, :, :]) >> ((p % 8) * 4)
+            high = w2[None, :, :] >> (2 * p)
             first = (low & 3) | ((high & 1) << 2)
             second = ((low >> 2) & 3) | ((high & 2) << 1)
         else:
@@ -94,9 +94,9 @@ def _packed_values(qw_ptr, lut_ptr, stride_qn, offs_n, k0, K,
             else:
                 words = tl.load(ptrs, mask=offs_w[None, :] < tl.cdiv(K, PER), other=0)
             words = tl.trans(words)
-            shift = tl.arange(0, PER // 2)[None, None, :] * (2 * BITS)
-            first = (words[:, :, None] >> shift) & MASK
-            second = (words[:, :, None] >> (shift + BITS)) & MASK
+            shift = tl.arange(0, PER // 2)[:, None, None] * (2 * BITS)
+            first = (words[None, :, :] >> shift) & MASK
+            second = (words[None, :, :] >> (shift + BITS)) & MASK
         MID: tl.constexpr = 1 << (BITS - 1)
         # code -> float through the exponent bits (exact for codes < 2^23), −MID on the same FADD
         qf = (first | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + MID)
@@ -126,10 +126,10 @@ def _dequant_tile_t(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, 
         s, b = _group_params(s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, dyn_ptr, stride_sn, stride_sg,
                              offs_n, offs_g[None, :], (offs_g < G)[None, :], IS_NF4, DOUBLE_QUANT, HAS_BIAS,
                              EVEN_K)
-        s4 = tl.trans(s)[:, None, :, None]
-        b4 = tl.trans(b)[:, None, :, None]
-        ev = tl.reshape(ev, (NG, NCH // NG, BLOCK_N, CHUNK // 2))
-        od = tl.reshape(od, (NG, NCH // NG, BLOCK_N, CHUNK // 2))
+        s4 = tl.trans(s)[None, :, None, :]
+        b4 = tl.trans(b)[None, :, None, :]
+        ev = tl.reshape(ev, (CHUNK // 2, NG, NCH // NG, BLOCK_N))
+        od = tl.reshape(od, (CHUNK // 2, NG, NCH // NG, BLOCK_N))
         if HAS_BIAS:
             ev = ev * s4 + b4
             od = od * s4 + b4
@@ -138,8 +138,8 @@ def _dequant_tile_t(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, 
             od = od * s4
         # the join comes after the rounding: the compiler hoists the A operand's layout conversion
         # up to the first op it cannot see through, the join, so it moves 16-bit values
-        w = tl.join(ev.to(OUT_DTYPE), od.to(OUT_DTYPE))  # [NG, NCH/NG, BLOCK_N, C/2, 2]
-        wt = tl.reshape(tl.permute(w, (0, 1, 3, 4, 2)), (BLOCK_K, BLOCK_N))
+        w = tl.join(ev.to(OUT_DTYPE), od.to(OUT_DTYPE))  # [C/2, NG, NCH/NG, BLOCK_N, 2]
+        wt = tl.reshape(tl.permute(w, (1, 2, 0, 4, 3)), (BLOCK_K, BLOCK_N))
     else:
         w = _dequant_tile(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
                           stride_qn, stride_sn, stride_sg, offs_n, k0, K,
