@@ -11,9 +11,10 @@ reshaped to [BLOCK_N, BLOCK_K] before dequantizing, as ``_dequant_tile`` does fo
 
 How: the loaded [BLOCK_N, words] tile is transposed first (a register relabelling, no data
 movement), and every element-wise step (code -> float, NF4 table, scale, bias, rounding to the
-activation dtype) runs on the packed shape [chunks, BLOCK_N, pairs], the even and the odd code of
-each pair kept apart. With the rows as the faster dim the compiler spreads rows over lanes, so each
-thread loads the scale and bias of few rows (once per row and group, broadcast over whole chunks:
+activation dtype) runs on the packed shape [pairs, chunks, BLOCK_N], the even and the odd code of
+each pair kept apart. With the rows as the fastest dim the compiler spreads rows over lanes and keeps
+the pairs of a word in one thread's registers (pairs as the last dim put 4-16 lanes on each word,
+each reading it again), so each thread reads its words once and loads the scale and bias of few rows (once per row and group, broadcast over whole chunks:
 a chunk is what one word, or for INT3 one 3-word plane set, holds: 8 columns for INT4/NF4, 16 for
 INT2, 32 for INT3). Then ``tl.join`` of the two rounded halves, a permute to [k, n] and the reshape
 to [BLOCK_K, BLOCK_N]. Triton hoists the MMA operand's layout conversion up through element-wise
@@ -41,8 +42,8 @@ def _packed_values(qw_ptr, lut_ptr, stride_qn, offs_n, k0, K,
                    BITS: tl.constexpr, IS_NF4: tl.constexpr, EVEN_K: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """fp32 values before scaling, q − 2^(b−1) (INT) or NF4[q] (NF4), of columns k0 .. k0+BLOCK_K of
-    rows ``offs_n``, as two tensors (even, odd) of the packed shape [BLOCK_K // C, BLOCK_N, C // 2]
-    (C: the chunk width): element [c, n, p] of ``even`` is column k0 + C·c + 2·p, of ``odd`` the next
+    rows ``offs_n``, as two tensors (even, odd) of the packed shape [C // 2, BLOCK_K // C, BLOCK_N]
+    (C: the chunk width): element [p, c, n] of ``even`` is column k0 + C·c + 2·p, of ``odd`` the next
     column. Columns past K (unless EVEN_K) read code 0."""
     if IS_NF4:
         # bytes of a word are little endian; the even element sits in the HIGH nibble of its byte
