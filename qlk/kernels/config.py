@@ -109,13 +109,20 @@ def gemm_configs():
 
 
 def grad_configs():
-    """Large-M input gradient dX = dY·Ŵ: tile dXᵀ [BLOCK_K, BLOCK_M], reduction over BLOCK_N rows."""
+    """Large-M input gradient dX = dY·Ŵ: tile dXᵀ [BLOCK_K, BLOCK_M], reduction over BLOCK_N rows.
+
+    The dequantized Ŵᵀ tile changes layout through shared memory once per iteration (bf16,
+    :mod:`qlk.kernels.quant_tile_t`), a cost per weight element: the wide BLOCK_M tiles spread it
+    over more MMA work (sm_80: 256 columns of dX per CTA, docs/kernels.md "Input gradient, round 2").
+    sm_90 128x64x64 w4: mid M (256 tokens), twice the CTAs of BLOCK_K = 128 on 132 SMs."""
     if INTERPRETED:
         return [_cfg(None, 4, 1, BLOCK_N=32, BLOCK_M=64, BLOCK_K=64, GROUP_M=4)]
     return [
         _cfg(90, 8, 3, BLOCK_N=64, BLOCK_M=256, BLOCK_K=128, GROUP_M=8),
         _cfg(90, 8, 4, BLOCK_N=64, BLOCK_M=128, BLOCK_K=128, GROUP_M=8),
+        _cfg(90, 4, 4, BLOCK_N=64, BLOCK_M=128, BLOCK_K=64, GROUP_M=8),
         _cfg(80, 8, 3, BLOCK_N=32, BLOCK_M=128, BLOCK_K=128, GROUP_M=8),
+        _cfg(80, 8, 3, BLOCK_N=32, BLOCK_M=256, BLOCK_K=128, GROUP_M=8),
         _cfg(80, 4, 3, BLOCK_N=32, BLOCK_M=64, BLOCK_K=128, GROUP_M=8),
     ]
 

@@ -18,7 +18,9 @@ Kernels (one launcher picks by shape, ``path=`` forces one):
     run to run) or, with ``deterministic=True``, written to a workspace [SPLIT, M, N] and summed in a
     fixed order.
 ``_quant_matmul_grad_input_kernel``  dX = dY·Ŵ, tile dXᵀ[k0:k0+BK, m0:m0+BM] = Ŵᵀ[BK, N]·dYᵀ[N, BM]
-    (Ŵᵀ as the A operand again); the reduction runs over N.
+    (Ŵᵀ as the A operand again); the reduction runs over N. Its tile comes from
+    :func:`qlk.kernels.quant_tile_t._dequant_tile_t`: dequantized and rounded to the activation dtype
+    on the packed shape, so the layout change to the MMA operand moves 16-bit values.
 ``_quant_matmul_grad_input_splitn_kernel``  dX at small M (M <= ``SPLITN_MAX_M``): the reduction over
     N is split over a second grid axis (≈ 16 CTAs per SM), partials added with fp32 atomics or,
     ``deterministic=True``, through a workspace [SPLIT, M, K] summed in a fixed order.
@@ -49,6 +51,7 @@ from .config import (
 )
 from .decode_tile import _decode_int_tile
 from .quant_tile import _dequant_tile, weight_args
+from .quant_tile_t import _dequant_tile_t
 
 #: M at or below which the forward uses the split-K decode kernel
 SPLITK_MAX_M = 16
@@ -258,11 +261,12 @@ def _quant_matmul_grad_input_kernel(
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         # clamped weight rows are finite and meet dY columns masked to 0: they add exactly 0
-        w = _dequant_tile(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
-                          stride_qn, stride_sn, stride_sg, tl.minimum(offs_n, N - 1), k0, K,
-                          BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K)
+        wt = _dequant_tile_t(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
+                             stride_qn, stride_sn, stride_sg, tl.minimum(offs_n, N - 1), k0, K,
+                             BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K,
+                             dy_ptr.dtype.element_ty)
         dyt = tl.load(dy_rows[None, :] + offs_n[:, None] * stride_dyn, mask=offs_n[:, None] < N, other=0.0)
-        acc = tl.dot(tl.trans(w.to(dyt.dtype)), dyt, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(wt, dyt, acc, input_precision=DOT_PRECISION)
     acc = tl.trans(acc)
     dx_ptrs = dx_ptr + offs_m[:, None].to(tl.int64) * stride_dxm + offs_k[None, :] * stride_dxk
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))

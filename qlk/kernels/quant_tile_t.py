@@ -1,0 +1,149 @@
+"""The transposed dequantized tile Ŵᵀ for the input gradient dX = dY·Ŵ, narrowed before any transpose.
+
+Same formats, same documented layouts as :mod:`qlk.kernels.quant_tile` (the module docstring there
+and docs/formats.md), and the same float64 oracles in the tests. What differs is *where* the tile
+changes layout. The input gradient feeds Ŵᵀ [BLOCK_K, BLOCK_N] as the MMA A operand, whose register
+layout pairs neighbouring *rows* n of Ŵ, while a packed word holds neighbouring *columns* k. Some
+layout conversion through shared memory is unavoidable in this design; :func:`_dequant_tile_t`
+makes sure it moves the finished tile in the activation dtype (2 B per element), not the int32
+codes (4 B written + 4 B read per element, which is where the compiler put it when the codes were
+reshaped to [BLOCK_N, BLOCK_K] before dequantizing, as ``_dequant_tile`` does for the forward).
+
+How: the loaded [BLOCK_N, words] tile is transposed first (a register relabelling, no data
+movement), and every element-wise step (code -> float, NF4 table, scale, bias, rounding to the
+activation dtype) runs on the packed shape [pairs, chunks, BLOCK_N], the even and the odd code of
+each pair kept apart. With the rows as the fastest dim the compiler spreads rows over lanes and keeps
+the pairs of a word in one thread's registers (pairs as the last dim put 4-16 lanes on each word,
+each reading it again), so each thread reads its words once and loads the scale and bias of few rows (once per row and group, broadcast over whole chunks:
+a chunk is what one word, or for INT3 one 3-word plane set, holds: 8 columns for INT4/NF4, 16 for
+INT2, 32 for INT3). Then ``tl.join`` of the two rounded halves, a permute to [k, n] and the reshape
+to [BLOCK_K, BLOCK_N]. Triton hoists the MMA operand's layout conversion up through element-wise
+ops to the first op it cannot see through; the join after the rounding is that op, so the
+conversion (an STSM/LDSM pair on sm_90) moves 16-bit values. Estimates before/after are in
+docs/kernels.md, "Input gradient, round 2".
+
+Rounding: ŵ is computed in fp32 exactly as ``_dequant_tile`` does (s·(q − 2^(b−1)) + c, or
+NF4[q]·absmax) and rounded once to the activation dtype, like the forward. The result is bit
+identical to ``_dequant_tile(...).to(dtype)``.
+
+Group sizes that are not a power of two, or smaller than a chunk, take the forward's tile and
+transpose it (correct, not faster).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .quant_tile import _dequant_tile, _group_params
+
+
+@triton.jit
+def _packed_values(qw_ptr, lut_ptr, stride_qn, offs_n, k0, K,
+                   BITS: tl.constexpr, IS_NF4: tl.constexpr, EVEN_K: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 values before scaling, q − 2^(b−1) (INT) or NF4[q] (NF4), of columns k0 .. k0+BLOCK_K of
+    rows ``offs_n``, as two tensors (even, odd) of the packed shape [C // 2, BLOCK_K // C, BLOCK_N]
+    (C: the chunk width): element [p, c, n] of ``even`` is column k0 + C·c + 2·p, of ``odd`` the next
+    column. Columns past K (unless EVEN_K) read code 0."""
+    if IS_NF4:
+        # bytes of a word are little endian; the even element sits in the HIGH nibble of its byte
+        NW: tl.constexpr = BLOCK_K // 8
+        offs_w = k0 // 8 + tl.arange(0, NW)
+        ptrs = qw_ptr + offs_n[:, None].to(tl.int64) * stride_qn + offs_w[None, :]
+        if EVEN_K:
+            words = tl.load(ptrs)
+        else:
+            words = tl.load(ptrs, mask=offs_w[None, :] < tl.cdiv(K, 8), other=0)
+        words = tl.trans(words)
+        byte = (words[None, :, :] >> (tl.arange(0, 4)[:, None, None] * 8)) & 0xFF
+        pair = tl.load(lut_ptr + byte)  # nf4_byte_table: NF4[b >> 4] low 32 bits, NF4[b & 15] high
+        even = pair.to(tl.int32).to(tl.float32, bitcast=True)
+        odd = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+        return even, odd
+    else:
+        MASK: tl.constexpr = (1 << BITS) - 1
+        if BITS == 3:
+            # chunk c = 3 words: word 3c+h holds the low 2 bits of column 32c+16h+i at bit 2i,
+            # word 3c+2 the high bit of column 32c+i at bit i
+            NC: tl.constexpr = BLOCK_K // 32
+            offs_c = k0 // 32 + tl.arange(0, NC)
+            base = qw_ptr + offs_n[:, None].to(tl.int64) * stride_qn + 3 * offs_c[None, :]
+            if EVEN_K:
+                w0 = tl.load(base)
+                w1 = tl.load(base + 1)
+                w2 = tl.load(base + 2)
+            else:
+                mask = offs_c[None, :] < tl.cdiv(K, 32)
+                w0 = tl.load(base, mask=mask, other=0)
+                w1 = tl.load(base + 1, mask=mask, other=0)
+                w2 = tl.load(base + 2, mask=mask, other=0)
+            w0 = tl.trans(w0)
+            w1 = tl.trans(w1)
+            w2 = tl.trans(w2)
+            p = tl.arange(0, 16)[:, None, None]
+            low = tl.where(p < 8, w0[None, :, :], w1[None, :, :]) >> ((p % 8) * 4)
+            high = w2[None, :, :] >> (2 * p)
+            first = (low & 3) | ((high & 1) << 2)
+            second = ((low >> 2) & 3) | ((high & 2) << 1)
+        else:
+            PER: tl.constexpr = 32 // BITS
+            NW: tl.constexpr = BLOCK_K // PER
+            offs_w = k0 // PER + tl.arange(0, NW)
+            ptrs = qw_ptr + offs_n[:, None].to(tl.int64) * stride_qn + offs_w[None, :]
+            if EVEN_K:
+                words = tl.load(ptrs)
+            else:
+                words = tl.load(ptrs, mask=offs_w[None, :] < tl.cdiv(K, PER), other=0)
+            words = tl.trans(words)
+            shift = tl.arange(0, PER // 2)[:, None, None] * (2 * BITS)
+            first = (words[None, :, :] >> shift) & MASK
+            second = (words[None, :, :] >> (shift + BITS)) & MASK
+        MID: tl.constexpr = 1 << (BITS - 1)
+        # code -> float through the exponent bits (exact for codes < 2^23), −MID on the same FADD
+        qf = (first | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + MID)
+        qs = (second | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + MID)
+        return qf, qs
+
+
+@triton.jit
+def _dequant_tile_t(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
+                    stride_qn, stride_sn, stride_sg,
+                    offs_n, k0, K,
+                    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr,
+                    DOUBLE_QUANT: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """Ŵᵀ[k0 : k0 + BLOCK_K, offs_n] ([BLOCK_K, BLOCK_N]) in OUT_DTYPE, = ``tl.trans(_dequant_tile(...)
+    .to(OUT_DTYPE))`` bit for bit. Same contract: k0 a multiple of BLOCK_K, rows ``offs_n`` all valid
+    (clamped by the caller), columns >= K exactly 0 unless EVEN_K."""
+    CHUNK: tl.constexpr = 32 if (BITS == 3 and not IS_NF4) else (8 if IS_NF4 else 32 // BITS)
+    POW2: tl.constexpr = (GROUP_SIZE & (GROUP_SIZE - 1)) == 0
+    if POW2 and GROUP_SIZE >= CHUNK and BLOCK_K % CHUNK == 0:
+        HAS_BIAS: tl.constexpr = not IS_NF4
+        G = K // GROUP_SIZE
+        ev, od = _packed_values(qw_ptr, lut_ptr, stride_qn, offs_n, k0, K, BITS, IS_NF4, EVEN_K, BLOCK_N, BLOCK_K)
+        NCH: tl.constexpr = BLOCK_K // CHUNK
+        NG: tl.constexpr = BLOCK_K // GROUP_SIZE if BLOCK_K > GROUP_SIZE else 1
+        offs_g = k0 // GROUP_SIZE + tl.arange(0, NG)
+        s, b = _group_params(s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, dyn_ptr, stride_sn, stride_sg,
+                             offs_n, offs_g[None, :], (offs_g < G)[None, :], IS_NF4, DOUBLE_QUANT, HAS_BIAS,
+                             EVEN_K)
+        s4 = tl.trans(s)[None, :, None, :]
+        b4 = tl.trans(b)[None, :, None, :]
+        ev = tl.reshape(ev, (CHUNK // 2, NG, NCH // NG, BLOCK_N))
+        od = tl.reshape(od, (CHUNK // 2, NG, NCH // NG, BLOCK_N))
+        if HAS_BIAS:
+            ev = ev * s4 + b4
+            od = od * s4 + b4
+        else:
+            ev = ev * s4
+            od = od * s4
+        # the join comes after the rounding: the compiler hoists the A operand's layout conversion
+        # up to the first op it cannot see through, the join, so it moves 16-bit values
+        w = tl.join(ev.to(OUT_DTYPE), od.to(OUT_DTYPE))  # [C/2, NG, NCH/NG, BLOCK_N, 2]
+        wt = tl.reshape(tl.permute(w, (1, 2, 0, 4, 3)), (BLOCK_K, BLOCK_N))
+    else:
+        w = _dequant_tile(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
+                          stride_qn, stride_sn, stride_sg, offs_n, k0, K,
+                          BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K).to(OUT_DTYPE)
+        wt = tl.trans(w)
+    return wt

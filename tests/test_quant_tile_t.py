@@ -1,0 +1,101 @@
+"""The transposed tile of the input gradient, :func:`qlk.kernels.quant_tile_t._dequant_tile_t`, tile by
+tile against the float64 oracle of the documented formats (tests/oracles.py).
+
+A small kernel writes Ŵᵀ [K, N] from [BLOCK_N = 16, BLOCK_K = 64] tiles: several row tiles, several
+column tiles (the k0 offsets), groups smaller and larger than the tile, every packed layout (INT4,
+INT3 bit planes, INT2, NF4 with and without double quant), a ragged K (the masked path), the fallback
+(group size not a power of two / smaller than a chunk) and the three output dtypes. The output is
+NaN-poisoned first. Ŵ computed in fp32 equals the oracle exactly (test_kernel_paths checks qlk's
+dequantize against it), so the tile rounded once to fp16/bf16 must equal the oracle rounded once.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+import qlk
+from qlk.kernels.quant_tile import weight_args
+from qlk.kernels.quant_tile_t import _dequant_tile_t
+
+import oracles
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+CUDA = torch.cuda.is_available()
+pytestmark = pytest.mark.skipif(not (CUDA or INTERPRETED), reason="needs CUDA or TRITON_INTERPRET=1")
+DEVICE = "cuda" if CUDA and not INTERPRETED else "cpu"
+N = 40  # two full row tiles of 16 and a clamped ragged one
+
+
+@triton.jit
+def _tile_t_kernel(out_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
+                   stride_qn, stride_sn, stride_sg, N, K,
+                   BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                   EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    wt = _dequant_tile_t(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
+                         stride_qn, stride_sn, stride_sg, tl.minimum(offs_n, N - 1), k0, K,
+                         BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K,
+                         out_ptr.dtype.element_ty)
+    tl.store(out_ptr + offs_k[:, None] * N + offs_n[None, :], wt,
+             mask=(offs_k[:, None] < K) & (offs_n[None, :] < N))
+
+
+def tile_t(qw, dtype, block_k=64):
+    n, k = qw.shape
+    args, meta = weight_args(qw)
+    out = torch.full((k, n), float("nan"), dtype=dtype, device=DEVICE)
+    _tile_t_kernel[(triton.cdiv(n, 16), triton.cdiv(k, block_k))](
+        out, *args, n, k, EVEN_K=k % block_k == 0, BLOCK_N=16, BLOCK_K=block_k, **meta)
+    return out
+
+
+def rounded(w64, dtype):
+    """The oracle rounded once to ``dtype`` (to nearest even; the Triton interpreter rounds fp32 to
+    bf16 toward zero, which a GPU does not: that is what it is compared with there)."""
+    w32 = w64.float()
+    if dtype == torch.bfloat16 and INTERPRETED:
+        w32 = (w32.view(torch.int32) & -65536).view(torch.float32)
+    return w32.to(dtype)
+
+
+def weight(n, k, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, k, generator=gen) * torch.logspace(-1, 1, n)[:, None]
+
+
+# (bits, group_size, in_features): g < tile, g > tile, INT3 planes, ragged K, fallbacks (g=48, g=8 < INT2 chunk)
+# every case in fp16 (a rounding after the fp32 math), two in bf16 and fp32 each
+INT_CASES = [(4, 32, 256), (4, 128, 256), (3, 32, 224), (2, 64, 320), (4, 16, 208), (3, 48, 240), (2, 8, 128)]
+F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
+INT_RUNS = [(c, F16) for c in INT_CASES] + [(INT_CASES[0], BF16), (INT_CASES[2], BF16),
+                                             (INT_CASES[3], F32), (INT_CASES[5], F32)]
+
+
+@pytest.mark.parametrize("case,dtype", INT_RUNS, ids=lambda c: str(c).replace("torch.", "").replace(" ", ""))
+def test_int_tile_t(case, dtype):
+    bits, g, k = case
+    qw = qlk.quantize(weight(N, k, seed=bits * 100 + g + k), bits=bits, group_size=g).to(DEVICE)
+    ref = rounded(oracles.int_dequant64(qw), dtype).t()
+    assert torch.equal(tile_t(qw, dtype).cpu(), ref)
+
+
+@pytest.mark.parametrize("block,dq,k,dtype", [(64, True, 256, BF16), (32, False, 224, F16), (32, False, 224, BF16)],
+                         ids=["b64dq-bf16", "b32k224-fp16", "b32k224-bf16"])
+def test_nf4_tile_t(block, dq, k, dtype):
+    """NF4 against bitsandbytes' own dequantize_4bit (the float64 oracle loops in Python: too slow
+    here). Without double quant the fp32 product is bitsandbytes' exactly; with it the absmax is
+    rebuilt in fp32 (two roundings), so the tile is within one rounding of the target dtype."""
+    pytest.importorskip("bitsandbytes")
+    qw, ref64 = oracles.bnb_weight(weight(N, k, seed=block + k), blocksize=block, double_quant=dq)
+    out = tile_t(qw.to(DEVICE), dtype).cpu().t()
+    if not dq:
+        assert torch.equal(out, rounded(ref64, dtype))
+    else:
+        ulp = 2e-6 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
+        assert ((out.double() - ref64).abs() <= ulp * ref64.abs()).all()
