@@ -34,6 +34,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .nf4_tile import NF4_SHUFFLE, _nf4_pair_values
 from .quant_tile import _dequant_tile, _group_params
 
 
@@ -55,10 +56,13 @@ def _packed_values(qw_ptr, lut_ptr, stride_qn, offs_n, k0, K,
         else:
             words = tl.load(ptrs, mask=offs_w[None, :] < tl.cdiv(K, 8), other=0)
         words = tl.trans(words)
-        byte = (words[None, :, :] >> (tl.arange(0, 4)[:, None, None] * 8)) & 0xFF
-        pair = tl.load(lut_ptr + byte)  # nf4_byte_table: NF4[b >> 4] low 32 bits, NF4[b & 15] high
-        even = pair.to(tl.int32).to(tl.float32, bitcast=True)
-        odd = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+        shifted = words[None, :, :] >> (tl.arange(0, 4)[:, None, None] * 8)
+        if NF4_SHUFFLE:  # the forward's register-table lookup (qlk.kernels.nf4_tile)
+            even, odd = _nf4_pair_values(shifted)
+        else:
+            pair = tl.load(lut_ptr + (shifted & 0xFF))  # nf4_byte_table: NF4[b >> 4] low 32 bits, NF4[b & 15] high
+            even = pair.to(tl.int32).to(tl.float32, bitcast=True)
+            odd = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
         return even, odd
     else:
         MASK: tl.constexpr = (1 << BITS) - 1
