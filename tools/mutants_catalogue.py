@@ -33,6 +33,17 @@ MUTANTS = [
     dict(id="splitn-workspace-last-slice-only", cls="workspace", file="qlk/kernels/fused_matmul.py",
          old="out.copy_(ws.sum(0) if deterministic else ws)", new="out.copy_(ws[-1] if deterministic else ws)",
          tests=[KP, "-k", "test_int_paths and split-det"]),
+    # ---- config rules and the fused / dequantize dispatcher (qlk/kernels/heuristics.py) -----------
+    dict(id="rules-pick-lowest-score", cls="config rule", file="qlk/kernels/heuristics.py",
+         old="return max(scored, key=lambda s: (round(s.score, 6), -s.index))",
+         new="return min(scored, key=lambda s: (round(s.score, 6), -s.index))",
+         tests=["tests/test_heuristics.py"]),
+    dict(id="rules-balance-ignores-last-wave", cls="config rule", file="qlk/kernels/heuristics.py",
+         old="return ctas / (sms * math.ceil(ctas / sms))", new="return min(1.0, ctas / sms)",
+         tests=["tests/test_heuristics.py"]),
+    dict(id="dequant-path-drops-bias", cls="dispatch", file="qlk/kernels/fused_matmul.py",
+         old="torch.addmm(bias.to(x.dtype), x2, w, out=out)", new="torch.matmul(x2, w, out=out)",
+         tests=["tests/test_heuristics.py", "-k", "test_dispatcher_paths"]),
     # ---- NF4 double quant ------------------------------------------------------------------------
     dict(id="nf4-nested-index-ignores-row", cls="nested index", file="qlk/kernels/quant_tile.py",
          old="nested = tl.load(am_scale_ptr + idx // 256)",
