@@ -40,7 +40,7 @@ CSV_FIELDS = [
     "tensor_peak_opt", "tensor_peak_pess", "dram_peak_opt", "dram_peak_pess", "bound", "best", "iterations",
     "useful_bytes", "mix", "notes",
     "status", "chosen", "chosen_config", "best_config", "fill", "x_dense_fused", "x_dense_dequant", "dispatch",
-    "x_dense", "dispatch_agrees",
+    "x_dense", "dispatch_agrees", "chosen_vs_best",
 ]  # fmt: skip
 
 
@@ -118,13 +118,20 @@ def mark_best(rows) -> None:
         if r["status"] == "ok":
             groups.setdefault((r["case"], r["kernel"]), []).append(r)
     for rs in groups.values():
-        best = max(rs, key=lambda r: (round(sum(metric(r)) / 2 * (r.get("fill") or 1.0), 4), metric(r)[0]))
+        best = max(rs, key=lambda r: (rank(r), metric(r)[0]))
         best["best"] = True
         chosen = [r for r in rs if r.get("chosen")]
         for r in rs:
             r["best_config"] = best["config"]
             if chosen:
                 r["chosen_config"] = chosen[0]["config"]
+                # the chosen config's ranking value as a share of the best's (1: the same config)
+                r["chosen_vs_best"] = _r(rank(chosen[0]) / rank(best)) if rank(best) > 0 else None
+
+
+def rank(r) -> float:
+    """What configs are ranked by: the midpoint of :func:`metric` times the tile fill."""
+    return round(sum(metric(r)) / 2 * (r.get("fill") or 1.0), 4)
 
 
 #: the rules' op name -> the kernel it launches
@@ -141,19 +148,31 @@ def mark_chosen(rows, choices) -> None:
                               for op, c in choices)
 
 
-def _time(r):
-    """Estimated run time of a row in units of (DRAM bandwidth)⁻¹: useful bytes over the midpoint
-    of its DRAM fraction (the fraction already holds the tile's padding and wave balance)."""
-    if not r or r.get("dram_peak_opt") is None or not r.get("useful_bytes"):
+def _time(r, arch: int):
+    """Estimated run time (s) of a row: work over the midpoint of the fraction the row is judged by
+    (:func:`metric`): padded MACs over the tensor rate for training shapes (the fraction is of the
+    MMA work the tiles do, padding included: the time is the same), useful bytes over the DRAM
+    bandwidth otherwise (and for kernels without MMA, e.g. the dequantize kernel)."""
+    from bench.sass import gpu
+
+    if not r:
         return None
-    mid = (r["dram_peak_opt"] + r["dram_peak_pess"]) / 2
-    return r["useful_bytes"] / mid if mid > 0 else None
+    g = gpu(arch)
+    hi, lo = metric(r)
+    mid = (hi + lo) / 2
+    if mid <= 0:
+        return None
+    if r.get("tensor_peak_opt") is not None and hi == r["tensor_peak_opt"] and r.get("_work"):
+        return r["_work"] / (mid * g.tensor_macs_per_clk * g.sms * g.ghz * 1e9)
+    if r.get("useful_bytes"):
+        return r["useful_bytes"] / (mid * g.dram_bytes_per_s)
+    return None
 
 
 def mark_dense_ratio(rows, arch: int) -> None:
     """On each qlk fwd/dgrad case's main row (the best config of its largest kernel): estimated
     time of the dense bf16 GEMM at the same shape (same run) over that of the fused kernel
-    (``x_dense_fused``) and of dequantize + the dense GEMM (``x_dense_dequant``), the path qlk's
+    (``x_dense_fused``) and of dequantize + the dense GEMM (``x_dense_dequant``; :func:`_time`), the path qlk's
     dispatcher picks (``dispatch``, qlk.kernels.heuristics.choose_path) and its ratio (``x_dense``)."""
     try:
         from qlk.kernels import heuristics
@@ -172,7 +191,7 @@ def mark_dense_ratio(rows, arch: int) -> None:
             continue
         dense = main.get(launches.case_name(f"dense-{r['op']}", "bf16", r["K"], r["N"], r["M"]))
         deq = main.get(launches.case_name("dequant", r["fmt"], r["K"], r["N"], None))
-        t_fused, t_dense, t_deq = _time(r), _time(dense), _time(deq)
+        t_fused, t_dense, t_deq = _time(r, arch), _time(dense, arch), _time(deq, arch)
         if t_fused is None or t_dense is None:
             continue
         r["x_dense_fused"] = _r(t_dense / t_fused)
@@ -357,7 +376,8 @@ def _rules_table(rows) -> list:
     for r in shown:
         hi, lo = metric(r)
         chosen = r.get("chosen_config") or "—"
-        same = "✓" if chosen == r.get("best_config") else r.get("best_config") or ""
+        same = "✓" if chosen == r.get("best_config") else f"{r.get('best_config') or ''}" + (
+            f" (chosen at {r['chosen_vs_best']:.2f})" if r.get("chosen_vs_best") is not None else "")
         out.append(f"| {r['case']} | {r['kernel']} | {hi:.2f}..{lo:.2f} | {chosen} | {same} | "
                    f"{f(r.get('x_dense_fused'))} | {f(r.get('x_dense_dequant'))} | {r.get('dispatch') or ''}{agree(r)} | "
                    f"**{f(r.get('x_dense'))}** |")
@@ -416,7 +436,8 @@ def write_markdown(path: str, arch: int, rows, meta: dict) -> None:
           "over qlk's (each time = useful bytes / midpoint of the DRAM fraction, which holds tile padding and wave "
           "balance); `fused` the fused kernel, `dequant` dequantize + the same dense GEMM; `path` what qlk's "
           "dispatcher runs (qlk.kernels.heuristics.choose_path; docs/kernels.md, round 2). `chosen`: the config "
-          "qlk's rules launch; `best`: the analyzer's best of every candidate (the same config: ✓).")
+          "qlk's rules launch; `best`: the analyzer's best of every candidate (the same config: ✓; else the "
+          "chosen one's estimate midpoint × fill as a share of the best's).")
         p()
         for line in lines:
             p(line)

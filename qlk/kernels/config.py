@@ -112,8 +112,9 @@ def grad_configs():
     return [
         _cfg(90, 8, 3, BLOCK_N=64, BLOCK_M=256, BLOCK_K=128, GROUP_M=8),
         _cfg(90, 8, 4, BLOCK_N=64, BLOCK_M=128, BLOCK_K=128, GROUP_M=8),
-        # round 2, mid M / narrow K: one warpgroup on 64 rows of Ŵᵀ (the 256-column w4 tile spills)
+        # round 2, mid M / narrow K: 64 rows of Ŵᵀ (the 256-column w4 tile spills)
         _cfg(90, 4, 4, BLOCK_N=64, BLOCK_M=128, BLOCK_K=64, GROUP_M=8),
+        _cfg(90, 8, 3, BLOCK_N=64, BLOCK_M=256, BLOCK_K=64, GROUP_M=8),
         _cfg(80, 8, 3, BLOCK_N=32, BLOCK_M=128, BLOCK_K=128, GROUP_M=8),
         _cfg(80, 4, 3, BLOCK_N=32, BLOCK_M=64, BLOCK_K=128, GROUP_M=8),
     ]

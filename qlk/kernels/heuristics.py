@@ -10,7 +10,7 @@ every case, and the tests can pin them down.
 
 **Tile rule** (:func:`choose_config`). Each candidate of the op's list (:mod:`qlk.kernels.config`)
 that is meant for this architecture and fits (shared memory of its pipelined buffers within the
-CTA limit, accumulator ≤ 128 fp32 registers per thread) gets a score, the highest wins (ties: more
+CTA limit, accumulator ≤ 128 fp32 registers per thread) gets a score, the highest wins (ties: fewer
 CTAs, then the earlier candidate in the list)::
 
     score = tile_eff × sm_balance × fill
@@ -33,7 +33,7 @@ CTAs, then the earlier candidate in the list)::
   0.97..0.62 and 128×128 w8 0.90..0.47; sm_80 128×256 w8 0.97..0.49 and 128×128 w8 0.44..0.30.
   The input gradient's Ŵᵀ tile costs ``grad_cost`` times more on sm_90 (its transposition goes
   through shared memory; 256×64×128 w8 0.81..0.44), as much on sm_80 (128×32×128 w8 0.48..0.32).
-  Equal scores: the grid with more CTAs, then the earlier candidate.
+  Equal scores: the bigger tile (fewer CTAs), then the earlier candidate.
 * split kernels (M ≤ 16, DRAM-bound): the split count is the launchers' rule (≈ 16 CTAs per SM,
   at most one slice per tile), ``tile_eff = e / (e + 4096)`` with e = BLOCK_N·BLOCK_K weight
   elements per step (longer steps amortize the loop's fixed cost and keep more bytes in flight:
@@ -231,7 +231,7 @@ def choose_config(op: str, m: int, n: int, k: int, fmt: str = "int4", arch: int 
                   configs: Optional[Sequence] = None, fp32_bias: bool = False) -> KernelChoice:
     """The tile ``op`` ("fwd", "grad", "splitk", "splitn") launches with at Y[M, N] = X[M, K]·Ŵᵀ
     (the gradient ops: the same M, N, K of the layer) on ``arch`` with ``sms`` SMs: the candidate
-    with the highest score (module docstring), on ties the grid with more CTAs, then the earlier one. If none fits, the first
+    with the highest score (module docstring), on ties the bigger tile (fewer CTAs), then the earlier one. If none fits, the first
     candidate (as the pruning of the autotuner did)."""
     if configs is None:
         return _choose_default(op, m, n, k, fmt, arch, sms, fp32_bias)
@@ -244,8 +244,9 @@ def _choose(op, m, n, k, fmt, arch, sms, configs, fp32_bias):
         sms = sms or DEFAULT_SMS[arch_family(arch)]
         configs = candidates(op) if configs is None else configs
         return dataclasses.replace(_score(op, configs[0], m, n, k, fmt, arch, sms), index=0)
-    # ties (equal model scores): the grid with more CTAs (more resident to hide latency), then list order
-    return max(scored, key=lambda s: (round(s.score, 6), s.ctas, -s.index))
+    # equal scores: the bigger tile (fewer CTAs; the analyzer ranks it first on sm_90, e.g. 256x128 w8
+    # over 256x64 w4 at M = 4096), then list order
+    return max(scored, key=lambda s: (round(s.score, 6), -s.ctas, -s.index))
 
 
 @functools.lru_cache(maxsize=4096)
