@@ -5,9 +5,13 @@ sm_80 and judged from their machine code by qlk's static analyzer (bench/sass). 
     python bench/static_report.py --arch 90 --quick --cases 'dense-*' --out /tmp/r
 
 Writes ``bench/results/static-sm<arch>.md`` and ``.csv``: one row per kernel × case (the markdown
-shows the best config of an autotuned kernel, the CSV every config), with resources, occupancy,
-wave efficiency and the analyzer's tensor and DRAM fractions (optimistic..pessimistic, times wave
-efficiency; the model is docs/static-analysis.md), and prints the summary table. Each arch is
+shows the best config of a kernel with several candidates, the CSV every config), with resources,
+occupancy, wave efficiency and the analyzer's tensor and DRAM fractions (optimistic..pessimistic,
+times wave efficiency; the model is docs/static-analysis.md), and prints the summary table. For
+qlk's matmul kernels also the config qlk's rules choose (``chosen``, ``chosen_config``, next to
+``best_config``), and per fwd/dgrad case ``x_dense`` (the dense bf16 GEMM's estimated time at the
+same shape over qlk's; fused kernel, dequantize + dense, and the path qlk's dispatcher picks).
+``--family``: the Llama-family shapes 1B..70B at M in 1..8192 (opt-in, long). Each arch is
 analyzed in its own worker process (gemlite reads the GPU at import), the two in parallel;
 Triton's on-disk cache makes a re-run much faster than the first.
 """
@@ -420,8 +424,11 @@ def write_markdown(path: str, arch: int, rows, meta: dict) -> None:
       "once; L1/L2 re-reads and table gathers are not DRAM traffic); read it at M ≤ 16. "
       "Both are optimistic..pessimistic (the bottleneck overlapping everything / its own term overlapping "
       "nothing), times wave efficiency.")
-    p("- an autotuned kernel compiles every config; the table shows the config whose estimate range has the "
-      "highest midpoint (the GPU's autotuner may pick another), the CSV has them all (`best` column).")
+    p("- a kernel with several candidate configs compiles every one (qlk's launchers under `QLK_ALL_CONFIGS=1`, "
+      "the dense baseline and peers through their autotuners); the table shows the config whose estimate "
+      "range times tile fill has the highest midpoint, and for qlk the config its rules choose "
+      "(qlk.kernels.heuristics; a GPU's autotuner, for the others, may pick another); the CSV has them all "
+      "(`best`, `chosen` columns).")
     p()
     p("## Summary: best estimate of each case's main kernel")
     p()

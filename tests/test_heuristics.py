@@ -93,6 +93,8 @@ def test_tile_model_reproduces_its_calibration_points():
     assert opt == pytest.approx(0.90 / 0.97, abs=0.03) and pess == pytest.approx(0.47 / 0.97, abs=0.03)
     opt, pess = h.gemm_tile_eff(256, 128, 8, 80)
     assert opt == 1.0 and pess == pytest.approx(0.49 / 0.976, abs=0.03)
+    opt, pess = h.gemm_tile_eff(64, 256, 4, 90)  # one warpgroup: 0.97..0.57
+    assert opt == 1.0 and pess == pytest.approx(0.57 / 0.97, abs=0.03)
     nf4 = h.gemm_tile_eff(128, 256, 8, 90, "nf4")
     assert nf4[0] == pytest.approx(0.63 / 0.97, abs=0.03)
 

@@ -35,8 +35,8 @@ MUTANTS = [
          tests=[KP, "-k", "test_int_paths and split-det"]),
     # ---- config rules and the fused / dequantize dispatcher (qlk/kernels/heuristics.py) -----------
     dict(id="rules-pick-lowest-score", cls="config rule", file="qlk/kernels/heuristics.py",
-         old="return max(scored, key=lambda s: (round(s.score, 6), -s.index))",
-         new="return min(scored, key=lambda s: (round(s.score, 6), -s.index))",
+         old="return max(scored, key=lambda s: (round(s.score, 6), -s.ctas, -s.index))",
+         new="return min(scored, key=lambda s: (round(s.score, 6), -s.ctas, -s.index))",
          tests=["tests/test_heuristics.py"]),
     dict(id="rules-balance-ignores-last-wave", cls="config rule", file="qlk/kernels/heuristics.py",
          old="return ctas / (sms * math.ceil(ctas / sms))", new="return min(1.0, ctas / sms)",

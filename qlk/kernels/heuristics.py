@@ -33,7 +33,9 @@ CTAs, then the earlier candidate in the list)::
   0.97..0.62 and 128×128 w8 0.90..0.47; sm_80 128×256 w8 0.97..0.49 and 128×128 w8 0.44..0.30.
   The input gradient's Ŵᵀ tile costs ``grad_cost`` times more on sm_90 (its transposition goes
   through shared memory; 256×64×128 w8 0.81..0.44), as much on sm_80 (128×32×128 w8 0.48..0.32).
-  Equal scores: the bigger tile (fewer CTAs), then the earlier candidate.
+  A one-warpgroup CTA on sm_90 pays ``a_single`` more (nothing overlaps its dequantization with
+  another group's MMA: 256×64 w4 0.97..0.57 against 256×128 w8 0.97..0.62, round 2's candidates
+  at the same shape). Equal scores: the bigger tile (fewer CTAs), then the earlier candidate.
 * split kernels (M ≤ 16, DRAM-bound): the split count is the launchers' rule (≈ 16 CTAs per SM,
   at most one slice per tile), ``tile_eff = e / (e + 4096)`` with e = BLOCK_N·BLOCK_K weight
   elements per step (longer steps amortize the loop's fixed cost and keep more bytes in flight:
@@ -80,14 +82,15 @@ class ArchModel:
     c_opt: float
     c_pess: float
     a_pess: float
+    a_single: float  # extra pessimistic cost of a CTA with one MMA unit (sm_90: one warpgroup)
     grad_cost: float  # the input gradient's dequantization cost relative to the forward's (Ŵᵀ as A)
     macs_per_s: float  # dense 16-bit tensor-core multiply-adds per second (datasheet)
     dram_bytes_per_s: float  # 90 % of the datasheet bandwidth
 
 
 ARCH = {
-    90: ArchModel(64, 4, c_opt=139.0, c_pess=127.0, a_pess=0.09, grad_cost=2.0, macs_per_s=989e12 / 2, dram_bytes_per_s=0.9 * 3.35e12),
-    80: ArchModel(64, 1, c_opt=64.0, c_pess=70.0, a_pess=0.0, grad_cost=1.0, macs_per_s=312e12 / 2, dram_bytes_per_s=0.9 * 2.04e12),
+    90: ArchModel(64, 4, c_opt=139.0, c_pess=127.0, a_pess=0.09, a_single=0.1, grad_cost=2.0, macs_per_s=989e12 / 2, dram_bytes_per_s=0.9 * 3.35e12),
+    80: ArchModel(64, 1, c_opt=64.0, c_pess=70.0, a_pess=0.0, a_single=0.0, grad_cost=1.0, macs_per_s=312e12 / 2, dram_bytes_per_s=0.9 * 2.04e12),
 }
 DEFAULT_SMS = {90: 132, 80: 108}
 
@@ -181,7 +184,8 @@ def gemm_tile_eff(rows: int, cols: int, warps: int, arch: int, fmt: str = "int4"
     units = max(warps // a.warps_per_mma_unit, 1)
     dup = units / min(units, max(rows // a.rows_per_mma_unit, 1))
     d = FORMAT_COST.get(fmt, 1.0) * (a.grad_cost if grad else 1.0)
-    return min(1.0, cols / (a.c_opt * dup * d)), 1.0 / (1.0 + a.a_pess + a.c_pess * dup * d / cols)
+    a_pess = a.a_pess + (a.a_single if units == 1 else 0.0)
+    return min(1.0, cols / (a.c_opt * dup * d)), 1.0 / (1.0 + a_pess + a.c_pess * dup * d / cols)
 
 
 def _score(op, c, m, n, k, fmt, arch, sms):
