@@ -62,6 +62,10 @@ def test_only_the_targets_candidates_that_fit():
     # QA-LoRA's fp32 biases: no split-N tile over 128 rows
     wide = [_cfg(None, 4, 3, BLOCK_N=256, BLOCK_M=16, BLOCK_K=64), _cfg(None, 4, 3, BLOCK_N=128, BLOCK_M=16, BLOCK_K=64)]
     assert h.choose_config("splitn", 1, 4096, 4096, arch=90, sms=132, configs=wide, fp32_bias=True).index == 1
+    # QA-LoRA's pooling: at most one pooled column per thread (256 columns on 4 warps spill)
+    narrow = [_cfg(90, 4, 3, BLOCK_N=64, BLOCK_M=256, BLOCK_K=64, GROUP_M=8), FWD[1]]
+    assert h.choose_config("fwd", 2048, 1024, 4096, arch=90, sms=132, configs=narrow).index == 0
+    assert h.choose_config("fwd", 2048, 1024, 4096, arch=90, sms=132, configs=narrow, pool=True).index == 1
     # nothing fits: the first candidate, as the autotuner's pruning did
     assert h.choose_config("fwd", 64, 64, 64, arch=90, sms=132, configs=[too_big]).index == 0
 

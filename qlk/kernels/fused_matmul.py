@@ -307,17 +307,17 @@ def _all_configs() -> bool:
     return os.environ.get("QLK_ALL_CONFIGS", "0") == "1"
 
 
-def _tiles(op, m, n, k, meta, device, fp32_bias=False):
+def _tiles(op, m, n, k, meta, device, fp32_bias=False, pool=False):
     """(the rules' choice, the choices to launch) for ``op`` at the layer shape (M, N, K) on the
     current target: :func:`qlk.kernels.heuristics.choose_config`, no timing."""
     arch, sms = target_arch(), num_sms(device)
     fmt = heuristics.format_class(meta["BITS"], meta["IS_NF4"])
-    chosen = heuristics.choose_config(op, m, n, k, fmt, arch, sms, fp32_bias=fp32_bias)
+    chosen = heuristics.choose_config(op, m, n, k, fmt, arch, sms, fp32_bias=fp32_bias, pool=pool)
     if CHOICE_LOG is not None:
         CHOICE_LOG.append((op, chosen))
     if not _all_configs():
         return chosen, [chosen]
-    every = heuristics.score_all(op, m, n, k, fmt, arch, sms, fp32_bias=fp32_bias)
+    every = heuristics.score_all(op, m, n, k, fmt, arch, sms, fp32_bias=fp32_bias, pool=pool)
     return chosen, [c for c in every if c.index != chosen.index] + [chosen]
 
 
@@ -433,14 +433,14 @@ def _forward(x, qw, bias, out, path, deterministic, wargs=None, pool=False):
     else:
         args, meta = wargs if wargs is not None else weight_args(qw)
         if path == "splitk":
-            _, launches = _tiles("splitk", m, n, k, meta, x.device)
+            _, launches = _tiles("splitk", m, n, k, meta, x.device, pool=pool and pow2)
             # in-kernel pooling needs whole groups per K tile
             fused = pool and pow2 and g <= min(c.block_k for c in launches)
             _splitk_forward(x2, qw, bias, out, deterministic, args, meta, pooled if fused else None, launches)
         else:
             fused = pool and pow2
             bias_arg = bias if bias is not None else args[3]
-            _, launches = _tiles("fwd", m, n, k, meta, x.device)
+            _, launches = _tiles("fwd", m, n, k, meta, x.device, pool=fused)
             for c in launches:
                 grid = (triton.cdiv(m, c.block_m) * triton.cdiv(n, c.block_n),)
                 _quant_matmul_fwd_kernel[grid](

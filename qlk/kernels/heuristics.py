@@ -10,7 +10,8 @@ every case, and the tests can pin them down.
 
 **Tile rule** (:func:`choose_config`). Each candidate of the op's list (:mod:`qlk.kernels.config`)
 that is meant for this architecture and fits (shared memory of its pipelined buffers within the
-CTA limit, accumulator ≤ 128 fp32 registers per thread) gets a score, the highest wins (ties: fewer
+CTA limit, accumulator ≤ 128 fp32 registers per thread; with QA-LoRA's pooling ≤ one column per
+thread, with its fp32 biases ≤ 128 split-N rows) gets a score, the highest wins (ties: fewer
 CTAs, then the earlier candidate in the list)::
 
     score = tile_eff × sm_balance × fill
@@ -164,7 +165,7 @@ def split_count(length: int, block: int, base_ctas: int, sms: int, ctas_per_sm: 
     return max(1, min(math.ceil(length / block), math.ceil(ctas_per_sm * sms / base_ctas)))
 
 
-def _fits(c, arch: int, fp32_bias: bool, op: str) -> bool:
+def _fits(c, arch: int, fp32_bias: bool, op: str, pool: bool = False) -> bool:
     k = c.kwargs
     if getattr(c, "qlk_arch", None) not in (None, arch_family(arch)):
         return False
@@ -172,6 +173,10 @@ def _fits(c, arch: int, fp32_bias: bool, op: str) -> bool:
         return False
     rows = k["BLOCK_K"] if op in ("grad", "splitn") else k["BLOCK_N"]
     if rows * k["BLOCK_M"] > 128 * 32 * c.num_warps:  # fp32 accumulator registers per thread
+        return False
+    # QA-LoRA's in-GEMM pooling keeps a running sum per column: more than one column per thread
+    # spills (sm_90 256x64x64 w4 with POOL: 80-168 B stack)
+    if pool and op in ("fwd", "splitk") and k["BLOCK_M"] > 32 * c.num_warps:
         return False
     # QA-LoRA's fp32 folded biases: the 256-row split-N tile spills with them (docs/kernels.md)
     return not (op == "splitn" and fp32_bias and k["BLOCK_N"] > 128)
@@ -216,7 +221,8 @@ def _score(op, c, m, n, k, fmt, arch, sms):
 
 
 def score_all(op: str, m: int, n: int, k: int, fmt: str = "int4", arch: int = 90, sms: Optional[int] = None,
-              configs: Optional[Sequence] = None, fp32_bias: bool = False) -> list[KernelChoice]:
+              configs: Optional[Sequence] = None, fp32_bias: bool = False, pool: bool = False
+              ) -> list[KernelChoice]:
     """Every candidate that fits, scored (list order); empty if none fits."""
     if op not in OPS:
         raise ValueError(f"op={op!r}; allowed: {', '.join(OPS)}")
@@ -226,24 +232,26 @@ def score_all(op: str, m: int, n: int, k: int, fmt: str = "int4", arch: int = 90
     configs = candidates(op) if configs is None else configs
     out = []
     for i, c in enumerate(configs):
-        if _fits(c, arch, fp32_bias, op):
+        if _fits(c, arch, fp32_bias, op, pool):
             out.append(dataclasses.replace(_score(op, c, m, n, k, fmt, arch, sms), index=i))
     return out
 
 
 def choose_config(op: str, m: int, n: int, k: int, fmt: str = "int4", arch: int = 90, sms: Optional[int] = None,
-                  configs: Optional[Sequence] = None, fp32_bias: bool = False) -> KernelChoice:
+                  configs: Optional[Sequence] = None, fp32_bias: bool = False, pool: bool = False
+                  ) -> KernelChoice:
     """The tile ``op`` ("fwd", "grad", "splitk", "splitn") launches with at Y[M, N] = X[M, K]·Ŵᵀ
     (the gradient ops: the same M, N, K of the layer) on ``arch`` with ``sms`` SMs: the candidate
     with the highest score (module docstring), on ties the bigger tile (fewer CTAs), then the earlier one. If none fits, the first
-    candidate (as the pruning of the autotuner did)."""
+    candidate (as the pruning of the autotuner did). ``fp32_bias`` / ``pool``: QA-LoRA's fp32
+    folded biases / in-kernel pooling (tiles that spill with them are left out)."""
     if configs is None:
-        return _choose_default(op, m, n, k, fmt, arch, sms, fp32_bias)
-    return _choose(op, m, n, k, fmt, arch, sms, configs, fp32_bias)
+        return _choose_default(op, m, n, k, fmt, arch, sms, fp32_bias, pool)
+    return _choose(op, m, n, k, fmt, arch, sms, configs, fp32_bias, pool)
 
 
-def _choose(op, m, n, k, fmt, arch, sms, configs, fp32_bias):
-    scored = score_all(op, m, n, k, fmt, arch, sms, configs, fp32_bias)
+def _choose(op, m, n, k, fmt, arch, sms, configs, fp32_bias, pool):
+    scored = score_all(op, m, n, k, fmt, arch, sms, configs, fp32_bias, pool)
     if not scored:
         sms = sms or DEFAULT_SMS[arch_family(arch)]
         configs = candidates(op) if configs is None else configs
@@ -254,8 +262,8 @@ def _choose(op, m, n, k, fmt, arch, sms, configs, fp32_bias):
 
 
 @functools.lru_cache(maxsize=4096)
-def _choose_default(op, m, n, k, fmt, arch, sms, fp32_bias):
-    return _choose(op, m, n, k, fmt, arch, sms, None, fp32_bias)
+def _choose_default(op, m, n, k, fmt, arch, sms, fp32_bias, pool):
+    return _choose(op, m, n, k, fmt, arch, sms, None, fp32_bias, pool)
 
 
 # ------------------------------------------------------------------------------------- the path
