@@ -302,6 +302,7 @@ def weight_bytes(n: int, k: int, bits: int, group_size: int, is_nf4: bool) -> fl
     return codes + n * math.ceil(k / max(group_size, 1)) * (1 if is_nf4 else 4)
 
 
+@functools.lru_cache(maxsize=4096)  # called at every launch with path="auto": keep the host cost flat
 def choose_path(op: str, m: int, n: int, k: int, bits: int = 4, group_size: int = 128, is_nf4: bool = False,
                 arch: int = 90, sms: Optional[int] = None, act_bytes: int = 2) -> PathChoice:
     """``op`` "fwd" (Y = X·Ŵᵀ, output [M, N]) or "grad" (dX = dY·Ŵ, output [M, K]): "fused" or
