@@ -109,9 +109,11 @@ def device_lists(monkeypatch):
     from qlk.kernels import config
 
     h._choose_default.cache_clear()
+    h.choose_path.cache_clear()
     monkeypatch.setattr(config, "INTERPRETED", False)
     yield
     h._choose_default.cache_clear()
+    h.choose_path.cache_clear()
 
 
 def test_dispatcher_rule(device_lists):
