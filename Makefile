@@ -41,6 +41,8 @@ mutants: $(VENV)/.qlk-installed
 # Writes bench/results/static-sm{90,80}.{md,csv}. The default cases are the committed report's (the
 # main shape, 4096->14336, every M, both archs, peers included): a fresh clone reproduces it.
 # Every shape: make static-report STATIC_ARGS="--cases '*'"; a quick look: STATIC_ARGS="--quick --cases 'dense-*'"
+# Llama-family shapes 1B..70B (GQA k/v too), M in 1..8192, chosen vs best config, x dense (long; write it elsewhere):
+#   make static-report STATIC_ARGS="--family --cases '*' --out /tmp/family"
 STATIC_ARGS ?= --cases '*/4096->14336/*,*/4096->14336'
 static-report: $(VENV)/.qlk-installed
 	env -u TRITON_INTERPRET $(PYTHON) bench/static_report.py $(STATIC_ARGS)

@@ -15,7 +15,7 @@ runs each qlk kernel's main loop (:func:`declare_loops`).
 Cases (Llama-3-8B layer shapes K→N: 4096→4096, 4096→14336, 14336→4096; M ∈ {1, 16, 256, 4096}):
 
     dense-fwd, dense-dgrad   bench/dense_matmul.py (bf16 X·Wᵀ and dY·W), the baseline
-    fwd, dgrad               qlk.kernels.quant_matmul / quant_matmul_grad_input per format
+    fwd, dgrad               qlk.kernels.quant_matmul_forward / quant_matmul_backward (path="fused") per format
                              (INT4 g32, INT4 g128, INT3 g128, INT2 g32, NF4 + double quant);
                              at M ≤ 16 the forward is the decode path (qlk dispatches by M)
     decode                   only if qlk.kernels grows a separate decode entry point
@@ -55,6 +55,16 @@ SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))
 MS = (1, 16, 256, 4096)
 QUICK_SHAPES = ((4096, 14336),)
 QUICK_MS = (4096, 1)
+#: ``--family``: K→N of every Llama-family linear layer from 1B to 70B, GQA k/v projections included
+#: (Llama-3.2-1B: hidden 2048, kv 512, MLP 8192; Llama-3-8B: 4096, kv 1024, MLP 14336; Llama-3-70B:
+#: 8192, kv 1024, MLP 28672), and M from one token to a long-sequence batch. Opt-in: compiling all of
+#: it takes long (about 1,300 cases per arch, qalora and dequant included).
+FAMILY_SHAPES = (
+    (2048, 2048), (2048, 512), (2048, 8192), (8192, 2048),
+    (4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096),
+    (8192, 8192), (8192, 1024), (8192, 28672), (28672, 8192),
+)
+FAMILY_MS = (1, 16, 333, 2048, 8192)
 DTYPE = torch.bfloat16
 
 #: format label -> keyword arguments of qlk.quantize
@@ -186,8 +196,12 @@ def _entry(kernels, names):
 def qlk_cases(shapes, ms, formats):
     kernels, why = _qlk_kernels()
     missing = f"not available: {why}" if why else None
-    fwd, why_fwd = _entry(kernels, ("quant_matmul",))
-    dgrad, why_dgrad = _entry(kernels, ("quant_matmul_grad_input",))
+    # the fused kernels whatever qlk's dispatcher would pick (its dequantize path is a dequant case
+    # plus a dense one; the report puts the dispatcher's pick next to both)
+    fwd, why_fwd = _entry(kernels, ("quant_matmul_forward",))
+    dgrad, why_dgrad = _entry(kernels, ("quant_matmul_backward",))
+    fwd = functools.partial(fwd, path="fused") if fwd else None
+    dgrad = functools.partial(dgrad, path="fused") if dgrad else None
     dequant, why_deq = _entry(kernels, ("dequantize",))
     decode, _ = _entry(kernels, DECODE_NAMES)
     qalora, why_qalora = _entry(kernels, QALORA_NAMES)
@@ -229,9 +243,11 @@ def _run_qalora(fn, m, width, n, fmt, k=None):
     return fn(activation(m, width), qw, a, b, 2.0)
 
 
-def all_cases(quick: bool = False, patterns=(), include_qlk: bool = True, include_dense: bool = True):
-    """The selected cases, in report order: dense baseline, then qlk."""
-    shapes, ms = (QUICK_SHAPES, QUICK_MS) if quick else (SHAPES, MS)
+def all_cases(quick: bool = False, patterns=(), include_qlk: bool = True, include_dense: bool = True,
+              family: bool = False):
+    """The selected cases, in report order: dense baseline, then qlk. ``family``: the Llama-family
+    shapes and Ms (:data:`FAMILY_SHAPES`, :data:`FAMILY_MS`) instead of Llama-3-8B's."""
+    shapes, ms = (QUICK_SHAPES, QUICK_MS) if quick else (FAMILY_SHAPES, FAMILY_MS) if family else (SHAPES, MS)
     out = []
     if include_dense:
         out += dense_cases(shapes, ms)
@@ -261,6 +277,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="M=4096 and M=1 on 4096->14336 only")
     ap.add_argument("--cases", default="", help="comma-separated shell patterns over case names")
+    ap.add_argument("--family", action="store_true", help="Llama-family shapes 1B..70B and M in 1..8192")
     ap.add_argument("--list", action="store_true", help="print the cases and their availability, launch nothing")
     return ap.parse_args(argv)
 
@@ -268,7 +285,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     patterns = [p for p in args.cases.split(",") if p]
-    cases = all_cases(args.quick, patterns)
+    cases = all_cases(args.quick, patterns, family=args.family)
     if not cases:
         print(f"no case matches --cases {args.cases!r}", file=sys.stderr)
         return 2

@@ -5,9 +5,13 @@ sm_80 and judged from their machine code by qlk's static analyzer (bench/sass). 
     python bench/static_report.py --arch 90 --quick --cases 'dense-*' --out /tmp/r
 
 Writes ``bench/results/static-sm<arch>.md`` and ``.csv``: one row per kernel × case (the markdown
-shows the best config of an autotuned kernel, the CSV every config), with resources, occupancy,
-wave efficiency and the analyzer's tensor and DRAM fractions (optimistic..pessimistic, times wave
-efficiency; the model is docs/static-analysis.md), and prints the summary table. Each arch is
+shows the best config of a kernel with several candidates, the CSV every config), with resources,
+occupancy, wave efficiency and the analyzer's tensor and DRAM fractions (optimistic..pessimistic,
+times wave efficiency; the model is docs/static-analysis.md), and prints the summary table. For
+qlk's matmul kernels also the config qlk's rules choose (``chosen``, ``chosen_config``, next to
+``best_config``), and per fwd/dgrad case ``x_dense`` (the dense bf16 GEMM's estimated time at the
+same shape over qlk's; fused kernel, dequantize + dense, and the path qlk's dispatcher picks).
+``--family``: the Llama-family shapes 1B..70B at M in 1..8192 (opt-in, long). Each arch is
 analyzed in its own worker process (gemlite reads the GPU at import), the two in parallel;
 Triton's on-disk cache makes a re-run much faster than the first.
 """
@@ -18,7 +22,9 @@ import csv
 import datetime
 import io
 import json
+import math
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -37,7 +43,8 @@ CSV_FIELDS = [
     "regs", "stack", "spill_ops", "smem_bytes", "ctas_per_sm", "limiter", "grid_ctas", "wave_eff",
     "tensor_peak_opt", "tensor_peak_pess", "dram_peak_opt", "dram_peak_pess", "bound", "best", "iterations",
     "useful_bytes", "mix", "notes",
-    "status",
+    "status", "chosen", "chosen_config", "best_config", "fill", "x_dense_fused", "x_dense_dequant", "dispatch",
+    "x_dense", "dispatch_agrees", "chosen_vs_best",
 ]  # fmt: skip
 
 
@@ -60,7 +67,7 @@ def report_row(report, launch, case) -> dict:
         "dram_peak_opt": _r(report.dram_opt), "dram_peak_pess": _r(report.dram_pess),
         "bound": report.bound, "best": False, "iterations": report.iterations, "useful_bytes": report.useful_bytes,
         "mix": ";".join(f"{k}={v}" for k, v in sorted(report.mix.items(), key=lambda kv: -kv[1])),
-        "notes": "; ".join(report.notes), "status": "ok",
+        "notes": "; ".join(report.notes), "status": "ok", "chosen": None, "fill": _r(fill(report.config, case, report.kernel)),
         "_work": report.macs_per_iter * (report.iterations or 1) * (report.ctas or 1) or (report.useful_bytes or 0),
     }  # fmt: skip
 
@@ -70,6 +77,29 @@ def status_row(arch: int, case, status: str) -> dict:
     row.update(arch=arch, group=case.group, case=case.name, op=case.op, fmt=case.fmt, K=case.k, N=case.n, M=case.m,
                status=status, best=False)
     return row
+
+
+_TILE = re.compile(r"(\d+)x(\d+)x(\d+)")
+
+
+def fill(config: str, case, kernel: str) -> float:
+    """Share of the computed output tiles that is output: M·W / (M_padded·W_padded), W the output
+    width (N forward, K input gradient). The analyzer counts padded MMA work as work; the rules
+    (qlk.kernels.heuristics) and the ranking of configs do not. 1 for split kernels and peers."""
+    t = _TILE.match(config or "")
+    if t is None or case.m is None or kernel not in _OUTPUT:
+        return 1.0
+    bm, bn, bk = (int(x) for x in t.groups())
+    width, block = _OUTPUT[kernel](case, bn, bk)
+    return case.m * width / (math.ceil(case.m / bm) * bm * math.ceil(width / block) * block)
+
+
+#: kernel -> (case, BLOCK_N, BLOCK_K) -> (output width, its block)
+_OUTPUT = {
+    "_quant_matmul_fwd_kernel": lambda c, bn, bk: (c.n, bn),
+    "_quant_matmul_grad_input_kernel": lambda c, bn, bk: (c.k, bk),
+    "_dense_matmul_kernel": lambda c, bn, bk: (c.k if c.op == "dgrad" else c.n, bn),  # dY·W: the launch's N is K
+}
 
 
 def metric(row):
@@ -83,15 +113,103 @@ def metric(row):
 
 
 def mark_best(rows) -> None:
-    """Per (case, kernel): flag the config whose range has the highest midpoint, then the highest
-    optimistic end (an autotuner's pick is unknown; the optimistic end alone favours configs that
-    lean on perfect overlap)."""
+    """Per (case, kernel): flag the config whose range has the highest midpoint (times its fill:
+    padded rows are not work), then the highest optimistic end (the optimistic end alone favours
+    configs that lean on perfect overlap). Where qlk's rules chose a config (``chosen``), each
+    row of the group also gets ``chosen_config`` and ``best_config``."""
     groups = {}
     for r in rows:
         if r["status"] == "ok":
             groups.setdefault((r["case"], r["kernel"]), []).append(r)
     for rs in groups.values():
-        max(rs, key=lambda r: (sum(metric(r)) / 2, metric(r)[0]))["best"] = True
+        best = max(rs, key=lambda r: (rank(r), metric(r)[0]))
+        best["best"] = True
+        chosen = [r for r in rs if r.get("chosen")]
+        for r in rs:
+            r["best_config"] = best["config"]
+            if chosen:
+                r["chosen_config"] = chosen[0]["config"]
+                # the chosen config's ranking value as a share of the best's (1: the same config)
+                r["chosen_vs_best"] = _r(rank(chosen[0]) / rank(best)) if rank(best) > 0 else None
+
+
+def rank(r) -> float:
+    """What configs are ranked by: the midpoint of :func:`metric` times the tile fill."""
+    return round(sum(metric(r)) / 2 * (r.get("fill") or 1.0), 4)
+
+
+#: the rules' op name -> the kernel it launches
+_CHOICE_KERNEL = {"fwd": "_quant_matmul_fwd_kernel", "grad": "_quant_matmul_grad_input_kernel",
+                  "splitk": "_quant_matmul_splitk_kernel", "splitn": "_quant_matmul_grad_input_splitn_kernel"}
+
+
+def mark_chosen(rows, choices) -> None:
+    """Flag the rows of the configs qlk's rules chose (``choices``: fused_matmul.CHOICE_LOG of
+    the case, (op, KernelChoice)); rows of kernels without rules get None."""
+    for r in rows:
+        if r["kernel"] in _CHOICE_KERNEL.values():
+            r["chosen"] = any(_CHOICE_KERNEL[op] == r["kernel"] and (r["config"] + " ").startswith(c.label + " ")
+                              for op, c in choices)
+
+
+def _time(r, arch: int):
+    """Estimated run time (s) of a row: work over the midpoint of the fraction the row is judged by
+    (:func:`metric`): padded MACs over the tensor rate for training shapes (the fraction is of the
+    MMA work the tiles do, padding included: the time is the same), useful bytes over the DRAM
+    bandwidth otherwise (and for kernels without MMA, e.g. the dequantize kernel)."""
+    from bench.sass import gpu
+
+    if not r:
+        return None
+    g = gpu(arch)
+    hi, lo = metric(r)
+    mid = (hi + lo) / 2
+    if mid <= 0:
+        return None
+    if r.get("tensor_peak_opt") is not None and hi == r["tensor_peak_opt"] and r.get("_work"):
+        return r["_work"] / (mid * g.tensor_macs_per_clk * g.sms * g.ghz * 1e9)
+    if r.get("useful_bytes"):
+        return r["useful_bytes"] / (mid * g.dram_bytes_per_s)
+    return None
+
+
+def mark_dense_ratio(rows, arch: int) -> None:
+    """On each qlk fwd/dgrad case's main row (the best config of its largest kernel): estimated
+    time of the dense bf16 GEMM at the same shape (same run) over that of the fused kernel
+    (``x_dense_fused``) and of dequantize + the dense GEMM (``x_dense_dequant``; :func:`_time`), the path qlk's
+    dispatcher picks (``dispatch``, qlk.kernels.heuristics.choose_path) and its ratio (``x_dense``)."""
+    try:
+        from qlk.kernels import heuristics
+    except Exception:  # noqa: BLE001 - no qlk: no ratios
+        return
+    import launches
+
+    main = {}
+    for r in rows:
+        if r["status"] == "ok" and r["best"]:
+            cur = main.get(r["case"])
+            if cur is None or (r.get("_work") or 0) > (cur.get("_work") or 0):
+                main[r["case"]] = r
+    for name, r in main.items():
+        if r["group"] != "qlk" or r["op"] not in ("fwd", "dgrad"):
+            continue
+        dense = main.get(launches.case_name(f"dense-{r['op']}", "bf16", r["K"], r["N"], r["M"]))
+        deq = main.get(launches.case_name("dequant", r["fmt"], r["K"], r["N"], None))
+        t_fused, t_dense, t_deq = _time(r, arch), _time(dense, arch), _time(deq, arch)
+        if t_fused is None or t_dense is None:
+            continue
+        r["x_dense_fused"] = _r(t_dense / t_fused)
+        if t_deq is not None:
+            r["x_dense_dequant"] = _r(t_dense / (t_dense + t_deq))
+        spec = launches.FORMATS[r["fmt"]]
+        nf4 = spec.get("fmt") == "nf4"
+        pick = heuristics.choose_path("fwd" if r["op"] == "fwd" else "grad", r["M"], r["N"], r["K"],
+                                      bits=spec.get("bits", 4), group_size=spec.get("group_size", 64),
+                                      is_nf4=nf4, arch=arch)
+        r["dispatch"] = pick.path
+        r["x_dense"] = r["x_dense_fused"] if pick.path == "fused" else r.get("x_dense_dequant")
+        if r.get("x_dense_dequant") is not None:  # did the dispatcher pick the path the analyzer estimates faster?
+            r["dispatch_agrees"] = (r["x_dense_fused"] >= r["x_dense_dequant"]) == (pick.path == "fused")
 
 
 def analyze_case(launches, case) -> list:
@@ -106,11 +224,36 @@ def collect(arch: int, cases, log=None) -> list:
     from bench import sass
     from launches import run_case
 
+    try:
+        from qlk.kernels import fused_matmul
+    except Exception:  # noqa: BLE001 - the qlk cases report the import failure themselves
+        fused_matmul = None
+    rows = []
+    previous = os.environ.get("QLK_ALL_CONFIGS")
+    os.environ["QLK_ALL_CONFIGS"] = "1"  # qlk's launchers compile every candidate, the rules' pick last
+    try:
+        rows = _collect(arch, cases, log, sass, run_case, fused_matmul)
+    finally:
+        if previous is None:
+            os.environ.pop("QLK_ALL_CONFIGS", None)
+        else:
+            os.environ["QLK_ALL_CONFIGS"] = previous
+    mark_best(rows)
+    mark_dense_ratio(rows, arch)
+    return rows
+
+
+def _collect(arch, cases, log, sass, run_case, fused_matmul) -> list:
     rows = []
     with sass.capture(arch=arch) as launches:
         for case in cases:
             t0, start = time.time(), len(launches)
+            if fused_matmul is not None:
+                fused_matmul.CHOICE_LOG = []
             status = run_case(case)
+            choices = fused_matmul.CHOICE_LOG if fused_matmul is not None else []
+            if fused_matmul is not None:
+                fused_matmul.CHOICE_LOG = None
             mine = launches[start:]
             if status is None and not mine:
                 status = "failed: the launcher returned without launching a Triton kernel"
@@ -118,21 +261,32 @@ def collect(arch: int, cases, log=None) -> list:
                 got = analyze_case(mine, case) if mine else []
             except Exception as e:  # noqa: BLE001
                 got, status = [], f"failed: analysis: {type(e).__name__}: {e}"
+            mark_chosen(got, choices)
             rows += got if got else [status_row(arch, case, status)]
             if status and got:  # launched something, then raised
                 for r in got:
                     r["status"] = f"partial: {status}"
             if log:
                 log(f"sm_{arch} {case.name:44} {len(mine):3} launches {time.time() - t0:6.1f}s  {status or 'ok'}")
-    mark_best(rows)
     return rows
 
 
-def select_cases(quick: bool, patterns, include=("dense", "qlk", "peers")):
+def select_cases(quick: bool, patterns, include=("dense", "qlk", "peers"), family: bool = False):
     import launches
 
-    out = launches.all_cases(quick, patterns, include_qlk="qlk" in include, include_dense="dense" in include)
-    if "peers" in include:
+    out = launches.all_cases(quick, patterns, include_qlk="qlk" in include, include_dense="dense" in include,
+                             family=family)
+    # the "x dense" ratios need the dense GEMM and the dequantize kernel at each qlk case's shape
+    names = {c.name for c in out}
+    want = set()
+    for c in out:
+        if c.group == "qlk" and c.op in ("fwd", "dgrad"):
+            want.add(launches.case_name(f"dense-{c.op}", "bf16", c.k, c.n, c.m))
+            want.add(launches.case_name("dequant", c.fmt, c.k, c.n, None))
+    if want - names:
+        extra = [c for c in launches.all_cases(quick, sorted(want - names), family=family) if c.name not in names]
+        out = [c for c in extra if c.group == "dense"] + out + [c for c in extra if c.group != "dense"]
+    if "peers" in include and not family:
         import peers_static
 
         out += peers_static.all_cases(quick, patterns)
@@ -141,7 +295,7 @@ def select_cases(quick: bool, patterns, include=("dense", "qlk", "peers")):
 
 def worker(args) -> int:
     arch = int(args.arch)
-    cases = select_cases(args.quick, _patterns(args.cases))
+    cases = select_cases(args.quick, _patterns(args.cases), family=args.family)
     rows = collect(arch, cases, log=lambda s: print(s, file=sys.stderr, flush=True))
     with open(args.worker_out, "w") as f:
         json.dump(rows, f)
@@ -202,7 +356,9 @@ def _summary(rows) -> list:
                 continue
             r = hit[0]
             hi, lo = metric(r)
-            cells.append(f"{hi:.2f}..{lo:.2f}" if hi >= 0 else "?")
+            ratio = f" ({r['x_dense']:.2f}×{'' if r.get('dispatch') != 'dequant' else ' deq'})" \
+                if r.get("x_dense") is not None else ""
+            cells.append((f"{hi:.2f}..{lo:.2f}" if hi >= 0 else "?") + ratio)
         what = "tensor-peak" if m >= 256 else "dram-peak"
         lines.append(f"| {op} | {k}→{n} | {m} | {what} | " + " | ".join(cells) + " |")
     return lines
@@ -210,6 +366,26 @@ def _summary(rows) -> list:
 
 _GROUPS = {"dense": 0, "qlk": 1}
 _OPS = {"fwd": 0, "dgrad": 1, "decode": 2, "qalora": 3, "dequant": 4}
+
+
+def _rules_table(rows) -> list:
+    """One line per qlk fwd/dgrad case's main kernel (rows with a dense ratio)."""
+    shown = sorted((r for r in rows if r.get("x_dense_fused") is not None), key=_row_order)
+    if not shown:
+        return []
+    f = lambda v: "" if v is None else f"{v:.2f}"  # noqa: E731
+    out = ["| case | kernel | estimate | chosen | best | fused × dense | dequant × dense | path | × dense |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    agree = lambda r: {True: "", False: " (the other path is estimated faster)", None: ""}[r.get("dispatch_agrees")]  # noqa: E731
+    for r in shown:
+        hi, lo = metric(r)
+        chosen = r.get("chosen_config") or "—"
+        same = "✓" if chosen == r.get("best_config") else f"{r.get('best_config') or ''}" + (
+            f" (chosen at {r['chosen_vs_best']:.2f})" if r.get("chosen_vs_best") is not None else "")
+        out.append(f"| {r['case']} | {r['kernel']} | {hi:.2f}..{lo:.2f} | {chosen} | {same} | "
+                   f"{f(r.get('x_dense_fused'))} | {f(r.get('x_dense_dequant'))} | {r.get('dispatch') or ''}{agree(r)} | "
+                   f"**{f(r.get('x_dense'))}** |")
+    return out
 
 
 def _row_order(r):
@@ -248,14 +424,31 @@ def write_markdown(path: str, arch: int, rows, meta: dict) -> None:
       "once; L1/L2 re-reads and table gathers are not DRAM traffic); read it at M ≤ 16. "
       "Both are optimistic..pessimistic (the bottleneck overlapping everything / its own term overlapping "
       "nothing), times wave efficiency.")
-    p("- an autotuned kernel compiles every config; the table shows the config whose estimate range has the "
-      "highest midpoint (the GPU's autotuner may pick another), the CSV has them all (`best` column).")
+    p("- a kernel with several candidate configs compiles every one (qlk's launchers under `QLK_ALL_CONFIGS=1`, "
+      "the dense baseline and peers through their autotuners); the table shows the config whose estimate "
+      "range times tile fill has the highest midpoint, and for qlk the config its rules choose "
+      "(qlk.kernels.heuristics; a GPU's autotuner, for the others, may pick another); the CSV has them all "
+      "(`best`, `chosen` columns).")
     p()
     p("## Summary: best estimate of each case's main kernel")
     p()
     for line in _summary(rows):
         p(line)
     p()
+    lines = _rules_table(rows)
+    if lines:
+        p("## qlk against dense at each shape: chosen vs best config, fused vs dequantize + dense")
+        p()
+        p("Estimated, not measured. `x dense`: the dense bf16 GEMM's estimated time at the same shape (same run) "
+          "over qlk's (each time = useful bytes / midpoint of the DRAM fraction, which holds tile padding and wave "
+          "balance); `fused` the fused kernel, `dequant` dequantize + the same dense GEMM; `path` what qlk's "
+          "dispatcher runs (qlk.kernels.heuristics.choose_path; docs/kernels.md, round 2). `chosen`: the config "
+          "qlk's rules launch; `best`: the analyzer's best of every candidate (the same config: ✓; else the "
+          "chosen one's estimate midpoint × fill as a share of the best's).")
+        p()
+        for line in lines:
+            p(line)
+        p()
     p("## Kernels × cases")
     p()
     p("| kernel | case | config | regs | stack | smem | CTAs/SM | grid | wave | tensor-peak | dram-peak | bound | notes |")
@@ -271,6 +464,8 @@ def write_markdown(path: str, arch: int, rows, meta: dict) -> None:
             continue
         n_cfg = sum(1 for x in rows if x["case"] == r["case"] and x["kernel"] == r["kernel"])
         cfg = r["config"] + (f" (best of {n_cfg})" if n_cfg > 1 else "")
+        if r.get("chosen_config") and r["chosen_config"] != r["config"]:
+            cfg += f"; qlk's rules chose {r['chosen_config']}"
         notes = "; ".join(n for n in (r["notes"] or "").split("; ") if n and not n.startswith("grid "))
         if r["status"] != "ok":
             notes = f"{r['status']}; {notes}"
@@ -323,6 +518,8 @@ def parse_args(argv=None):
     ap.add_argument("--arch", default="90,80", help="comma-separated: 90, 80")
     ap.add_argument("--quick", action="store_true", help="M=4096 and M=1 on 4096->14336 only")
     ap.add_argument("--cases", default="", help="comma-separated shell patterns over case names")
+    ap.add_argument("--family", action="store_true",
+                    help="Llama-family shapes 1B..70B (GQA k/v included), M in 1, 16, 333, 2048, 8192 (long)")
     ap.add_argument("--out", default=RESULTS, help="folder for static-sm<arch>.md/.csv")
     ap.add_argument("--jobs", type=int, default=2, help="arch workers run in parallel")
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
@@ -352,7 +549,8 @@ def main(argv=None) -> int:
         while pending and len(procs) < max(args.jobs, 1):
             arch = pending.pop(0)
             cmd = [sys.executable, os.path.abspath(__file__), "--arch", str(arch), "--cases", args.cases,
-                   "--worker-out", os.path.join(tmp, f"sm{arch}.json")] + (["--quick"] if args.quick else [])
+                   "--worker-out", os.path.join(tmp, f"sm{arch}.json")] + (["--quick"] if args.quick else []) \
+                + (["--family"] if args.family else [])
             procs[arch] = subprocess.Popen(cmd, env=env, cwd=ROOT)
         for arch, proc in list(procs.items()):
             if proc.poll() is None:

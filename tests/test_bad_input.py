@@ -390,6 +390,8 @@ CASES = [
          note="decision: propagates like dense math (NaN rows); fuzzed in tests/test_fuzz.py"),
     Case("launcher-overlapping-out", "qlk.kernels.quant_matmul_forward", "out=torch.zeros(1, 33).expand(32, 33) (overlapping output)",
          overlapping_out_result, says=("out", "overlap")),
+    Case("launcher-path", "qlk.kernels.quant_matmul_forward", "path='gemv'",
+         lambda: launcher_forward(X(), QW(), path="gemv"), says=("path='gemv'", "'auto'", "'dequant'", "'fused'")),
     # ---- QuantizedWeight.from_state_dict
     Case("sd-foreign", "QuantizedWeight.from_state_dict", "a dict without qlk_config",
          lambda: qlk.QuantizedWeight.from_state_dict({"weight": torch.zeros(2)}), says=("no 'qlk_config'",)),

@@ -2,7 +2,7 @@
 the static report.
 
 A representative subset of the report's cases (bench/launches.py, the report's main shape
-4096→14336 at M = 4096 and M = 1) is compiled for sm_90 (H100) and sm_80 (A100) with every autotune
+4096→14336 at M = 4096 and M = 1) is compiled for sm_90 (H100) and sm_80 (A100) with every candidate
 config, exactly as the JIT would specialize it (bench/sass: a driver that only reports the
 target; nothing runs), and read by qlk's static analyzer:
 

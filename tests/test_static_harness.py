@@ -286,3 +286,44 @@ def test_cli_refuses_the_interpreter(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "bench.sass", str(tmp_path / "x.py")], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "unset TRITON_INTERPRET" in proc.stderr
+
+
+def test_chosen_best_fill_and_dense_ratio_on_hand_made_rows():
+    """The report's round-2 columns: fill from the config, chosen vs best (best ranked by midpoint ×
+    fill), and x dense as a time ratio (work over the judged fraction, same arch)."""
+    sys.path.insert(0, BENCH)
+    import launches
+    import static_report as sr
+    from qlk.kernels.heuristics import KernelChoice
+
+    def row(case, kernel, config, opt, pess, work=None, ub=None, **kw):
+        base = dict(arch=90, group=case.group, case=case.name, op=case.op, fmt=case.fmt, K=case.k, N=case.n,
+                    M=case.m, kernel=kernel, config=config, status="ok", best=False, chosen=None,
+                    tensor_peak_opt=opt if work else None, tensor_peak_pess=pess if work else None,
+                    dram_peak_opt=kw.get("dram", (opt, pess))[0], dram_peak_pess=kw.get("dram", (opt, pess))[1],
+                    useful_bytes=ub or 1, _work=work or 0)
+        base["fill"] = sr.fill(config, case, kernel)
+        return base
+
+    q = launches.Case("fwd/int4g32/2048->2048/M333", "qlk", "fwd", "int4g32", 2048, 2048, 333)
+    d = launches.Case("dense-fwd/bf16/2048->2048/M333", "dense", "fwd", "bf16", 2048, 2048, 333)
+    dq = launches.Case("dequant/int4g32/2048->2048", "qlk", "dequant", "int4g32", 2048, 2048, None)
+    assert sr.fill("256x128x64 w8 s3", q, "_quant_matmul_fwd_kernel") == pytest.approx(333 / 512)
+    assert sr.fill("64x128x64 w4 s4", d, "_dense_matmul_kernel") == pytest.approx(333 / 384)
+    macs = 333 * 2048 * 2048
+    big = row(q, "_quant_matmul_fwd_kernel", "256x128x64 w8 s3 GROUP_M=8", 0.5, 0.3, work=macs * 512 / 333)
+    small = row(q, "_quant_matmul_fwd_kernel", "128x64x64 w4 s4 GROUP_M=8", 0.45, 0.3, work=macs * 384 / 333)
+    dense = row(d, "_dense_matmul_kernel", "64x128x64 w4 s4", 0.6, 0.4, work=macs * 384 / 333)
+    deq = row(dq, "_dequantize_kernel", "-x32x256 w4 s1", 0.8, 0.6, ub=2048 * 2048 * 2.6)
+    rows = [big, small, dense, deq]
+    sr.mark_chosen(rows, [("fwd", KernelChoice("fwd", 64, 128, 64, 8, 4, 4, 1, 96, 0.7, 0.9, 0.7, 0.4, 3))])
+    assert (big["chosen"], small["chosen"], dense["chosen"]) == (False, True, None)
+    sr.mark_best(rows)
+    # 0.4 x 0.65 < 0.375 x 0.87: the padded 256-row tile loses although its raw estimate is higher
+    assert small["best"] and not big["best"] and small["chosen_config"] == small["best_config"] == small["config"]
+    sr.mark_dense_ratio(rows, 90)
+    # same padded work (384 rows): time ratio = ratio of the tensor midpoints
+    assert small["x_dense_fused"] == pytest.approx(0.375 / 0.5, abs=1e-3)
+    assert 0 < small["x_dense_dequant"] < 1 and small["dispatch"] in ("fused", "dequant")
+    assert small["x_dense"] == (small["x_dense_fused"] if small["dispatch"] == "fused" else small["x_dense_dequant"])
+    assert any("✓" in line for line in sr._rules_table(rows))

@@ -58,6 +58,17 @@ MUTANTS = [
     dict(id="grouped-tile-bound-drops-sentinel-group", cls="tile map", file="qlk/kernels/grouped_matmul.py",
          old="(block_m - 1) * min(e + 1, rows)) // block_m))", new="(block_m - 1) * min(e, rows)) // block_m))",
          tests=["tests/test_moe.py", "-k", "tile_map or grouped_kernels"]),
+    # ---- config rules and the fused / dequantize dispatcher (qlk/kernels/heuristics.py) -----------
+    dict(id="rules-pick-lowest-score", cls="config rule", file="qlk/kernels/heuristics.py",
+         old="return max(scored, key=lambda s: (round(s.score, 6), -s.ctas, -s.index))",
+         new="return min(scored, key=lambda s: (round(s.score, 6), -s.ctas, -s.index))",
+         tests=["tests/test_heuristics.py"]),
+    dict(id="rules-balance-ignores-last-wave", cls="config rule", file="qlk/kernels/heuristics.py",
+         old="return ctas / (sms * math.ceil(ctas / sms))", new="return min(1.0, ctas / sms)",
+         tests=["tests/test_heuristics.py"]),
+    dict(id="dequant-path-drops-bias", cls="dispatch", file="qlk/kernels/fused_matmul.py",
+         old="torch.addmm(bias.to(x.dtype), x2, w, out=out)", new="torch.matmul(x2, w, out=out)",
+         tests=["tests/test_heuristics.py", "-k", "test_dispatcher_paths"]),
     # ---- NF4 double quant ------------------------------------------------------------------------
     dict(id="nf4-nested-index-ignores-row", cls="nested index", file="qlk/kernels/quant_tile.py",
          old="nested = tl.load(am_scale_ptr + idx // 256)",

@@ -1,10 +1,13 @@
-"""Autotune configurations, per architecture, and the device facts the launchers need.
+"""Candidate tile configurations, per architecture, and the device facts the launchers need.
 
-Nothing here touches CUDA at import time: the config lists hold candidates for every architecture,
-and ``prune_*`` (called by the autotuner at the first launch, when a device exists) keeps those of the
-current target (sm_80 / sm_90) that fit its shared memory. Under the Triton interpreter
-(``TRITON_INTERPRET=1``) each kernel gets exactly one small config: the interpreter cannot autotune
-(it has no driver) and runs a config's tile sizes only as numpy array shapes.
+Nothing here touches CUDA at import time: the config lists hold candidates for every architecture
+(``qlk_arch``: 90, 80 or None for any). The matmul launchers do not autotune: at each launch
+:func:`qlk.kernels.heuristics.choose_config` keeps the candidates of the current target that fit and
+picks one by explicit rules (wave balance, tile fill, a main-loop model); the static report compiles
+every candidate (``QLK_ALL_CONFIGS=1``) to show the pick next to the analyzer's best. The standalone
+dequantize kernel still autotunes (``PRUNE``). Under the Triton interpreter (``TRITON_INTERPRET=1``)
+each kernel gets exactly one small config: the interpreter cannot autotune (it has no driver) and
+runs a config's tile sizes only as numpy array shapes.
 """
 from __future__ import annotations
 
@@ -77,18 +80,6 @@ def _prune(configs, named_args, **kwargs):
 PRUNE = {"early_config_prune": _prune}
 
 
-def _prune_splitn(configs, named_args, **kwargs):
-    """_prune, and no 256-row tile with fp32 group biases (fp32 activations' QA-LoRA b', or
-    ``scale_dtype=torch.float32``): that tile spills with them (INT4 g128, sm_90: the 32-bit bias
-    registers of 256 rows). QA-LoRA passes 16-bit b' here for fp16/bf16 dY, so keeps the tile."""
-    kept = _prune(configs, named_args, **kwargs)
-    b = named_args.get("b_ptr")
-    if getattr(b, "dtype", None) is not None and str(b.dtype) == "torch.float32":
-        kept = [c for c in kept if c.kwargs.get("BLOCK_N", 0) <= 128] or kept
-    return kept
-
-
-PRUNE_SPLITN = {"early_config_prune": _prune_splitn}
 
 
 def gemm_configs():
@@ -97,14 +88,20 @@ def gemm_configs():
     sm_90: 128x256x64, 8 warps (two warpgroups of m64n256k16 wgmma on 64 weight rows each).
     sm_80: 256x128x32: Triton spreads mma.sync warps over both tile dims and every warp that
     shares weight rows dequantizes them again, so the tile is tall (256 rows) to keep that
-    duplication at 2x (docs/kernels.md)."""
+    duplication at 2x (docs/kernels.md).
+    Narrow N / mid M (round 2): one-warpgroup (sm_90) and 4-warp (sm_80) tiles with 64 or 128
+    weight rows, for grids of >= one CTA per SM where the big tiles leave SMs idle."""
     if INTERPRETED:
         return [_cfg(None, 4, 1, BLOCK_N=32, BLOCK_M=64, BLOCK_K=64, GROUP_M=4)]
     return [
         _cfg(90, 8, 3, BLOCK_N=128, BLOCK_M=256, BLOCK_K=64, GROUP_M=8),
         _cfg(90, 8, 4, BLOCK_N=128, BLOCK_M=128, BLOCK_K=64, GROUP_M=8),
+        _cfg(90, 4, 3, BLOCK_N=64, BLOCK_M=256, BLOCK_K=64, GROUP_M=8),
+        _cfg(90, 4, 4, BLOCK_N=64, BLOCK_M=128, BLOCK_K=64, GROUP_M=8),
         _cfg(80, 8, 3, BLOCK_N=256, BLOCK_M=128, BLOCK_K=32, GROUP_M=8),
         _cfg(80, 8, 4, BLOCK_N=128, BLOCK_M=128, BLOCK_K=32, GROUP_M=8),
+        _cfg(80, 4, 4, BLOCK_N=128, BLOCK_M=128, BLOCK_K=32, GROUP_M=8),
+        _cfg(80, 4, 4, BLOCK_N=128, BLOCK_M=64, BLOCK_K=32, GROUP_M=8),
     ]
 
 
@@ -120,7 +117,9 @@ def grad_configs():
     return [
         _cfg(90, 8, 3, BLOCK_N=64, BLOCK_M=256, BLOCK_K=128, GROUP_M=8),
         _cfg(90, 8, 4, BLOCK_N=64, BLOCK_M=128, BLOCK_K=128, GROUP_M=8),
+        # round 2, mid M / narrow K: 64 rows of Ŵᵀ (the 256-column w4 tile spills)
         _cfg(90, 4, 4, BLOCK_N=64, BLOCK_M=128, BLOCK_K=64, GROUP_M=8),
+        _cfg(90, 8, 3, BLOCK_N=64, BLOCK_M=256, BLOCK_K=64, GROUP_M=8),
         _cfg(80, 8, 3, BLOCK_N=32, BLOCK_M=128, BLOCK_K=128, GROUP_M=8),
         _cfg(80, 8, 3, BLOCK_N=32, BLOCK_M=256, BLOCK_K=128, GROUP_M=8),
         _cfg(80, 4, 3, BLOCK_N=32, BLOCK_M=64, BLOCK_K=128, GROUP_M=8),

@@ -5,7 +5,9 @@ weight in registers (:func:`qlk.kernels.quant_tile._dequant_tile`) inside its K 
 feeds them to ``tl.dot`` with fp32 accumulation. The forward and the input gradient read the same
 packed buffer (no repack, no transposed copy).
 
-Kernels (one launcher picks by shape, ``path=`` forces one):
+Kernels (one launcher picks by shape, ``path=`` forces one; each launches with the tile that
+:mod:`qlk.kernels.heuristics` chooses by explicit rules, no autotuning; at M > 16 ``path="auto"``
+may instead dequantize Ŵ and run a dense GEMM when the static model estimates that faster):
 
 ``_quant_matmul_fwd_kernel``  large M (training; compute-bound). Each program computes the
     transposed tile Yᵀ[n0:n0+BN, m0:m0+BM] = Ŵ[BN, K]·Xᵀ[K, BM]: the weight is the A operand of the
@@ -40,15 +42,15 @@ products (``input_precision="ieee"``, no TF32). Output in the activation dtype.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from ..formats.quantized_weight import QuantizedWeight
-from .config import (
-    INTERPRETED, PRUNE, PRUNE_SPLITN, gemm_configs, gemv_grad_configs, grad_configs, num_sms, splitk_configs,
-    splitn_configs,
-)
+from . import heuristics
+from .config import INTERPRETED, PRUNE, gemv_grad_configs, num_sms, target_arch
 from .decode_tile import _decode_int_tile
 from .quant_tile import _dequant_tile, weight_args
 from .quant_tile_t import _dequant_tile_t
@@ -122,8 +124,6 @@ def _fwd_loop(x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, 
     return acc
 
 
-@triton.autotune(configs=gemm_configs(), key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "IS_NF4", "POOL"],
-                 prune_configs_by=PRUNE)
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
 def _quant_matmul_fwd_kernel(
@@ -171,8 +171,6 @@ def _quant_matmul_fwd_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-@triton.autotune(configs=splitk_configs(), key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "IS_NF4", "ATOMIC", "POOL"],
-                 prune_configs_by=PRUNE, reset_to_zero=["ws_ptr"])
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
 def _quant_matmul_splitk_kernel(
@@ -236,8 +234,6 @@ def _quant_matmul_splitk_kernel(
         tl.store(ws_ptr + pid_s.to(tl.int64) * M * N + offs, acc, mask=mask)
 
 
-@triton.autotune(configs=grad_configs(), key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "IS_NF4"],
-                 prune_configs_by=PRUNE)
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
 def _quant_matmul_grad_input_kernel(
@@ -289,8 +285,6 @@ def _splitn_v_loop(dy_rows, lb_ptr, stride_dyn, stride_lbn, stride_lbr, mask_m, 
     return vacc
 
 
-@triton.autotune(configs=splitn_configs(), key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "IS_NF4", "ATOMIC", "WITH_V"],
-                 prune_configs_by=PRUNE_SPLITN, reset_to_zero=["ws_ptr", "v_ptr"])
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
 def _quant_matmul_grad_input_splitn_kernel(
@@ -404,8 +398,34 @@ def _quant_matmul_grad_input_gemv_kernel(
 # ------------------------------------------------------------------------------------------------
 # launchers
 # ------------------------------------------------------------------------------------------------
+#: a list to record every launch's tile choice in, as (op, KernelChoice), or None (the static
+#: report and the tests set it; nothing else reads it)
+CHOICE_LOG: list | None = None
+
+
+def _all_configs() -> bool:
+    """``QLK_ALL_CONFIGS=1``: launch every candidate that fits, the chosen one last (the static
+    report compiles them all to put the rules' pick next to the analyzer's best)."""
+    return os.environ.get("QLK_ALL_CONFIGS", "0") == "1"
+
+
+def _tiles(op, m, n, k, meta, device, fp32_bias=False, pool=False):
+    """(the rules' choice, the choices to launch) for ``op`` at the layer shape (M, N, K) on the
+    current target: :func:`qlk.kernels.heuristics.choose_config`, no timing."""
+    arch, sms = target_arch(), num_sms(device)
+    fmt = heuristics.format_class(meta["BITS"], meta["IS_NF4"])
+    chosen = heuristics.choose_config(op, m, n, k, fmt, arch, sms, fp32_bias=fp32_bias, pool=pool)
+    if CHOICE_LOG is not None:
+        CHOICE_LOG.append((op, chosen))
+    if not _all_configs():
+        return chosen, [chosen]
+    every = heuristics.score_all(op, m, n, k, fmt, arch, sms, fp32_bias=fp32_bias, pool=pool)
+    return chosen, [c for c in every if c.index != chosen.index] + [chosen]
+
+
 def _bucket(m: int) -> int:
-    """Autotune key for M: a power of two, so that every token count does not retune."""
+    """The kernels' M_BUCKET argument: M rounded up to a power of two (the autotune key of
+    round 1; unused in the kernel bodies, kept so that their signatures stay put)."""
     return 1 << max(m - 1, 0).bit_length()
 
 
@@ -430,12 +450,43 @@ def _check_out(out, shape, dtype, device, what="out"):
                          "kernel would race on aliased rows; pass a contiguous tensor")
 
 
+def choose_path(op: str, m: int, qw: QuantizedWeight, device, act_dtype=torch.bfloat16) -> str:
+    """What ``path="auto"`` runs for ``op`` "fwd" / "grad" at M rows: "splitk" / "splitn" at
+    M <= 16, else "gemm" (the fused kernel) or "dequant" (dequantize, then a dense GEMM) by the
+    static model of :func:`qlk.kernels.heuristics.choose_path`. Under the Triton interpreter (no
+    GPU to model) always the fused kernels."""
+    if m <= (SPLITK_MAX_M if op == "fwd" else SPLITN_MAX_M):
+        return "splitk" if op == "fwd" else "splitn"
+    if INTERPRETED:
+        return "gemm"
+    n, k = qw.shape
+    nf4 = qw.fmt == "nf4"
+    pick = heuristics.choose_path(op, m, n, k, bits=4 if nf4 else qw.bits, group_size=qw.group_size, is_nf4=nf4,
+                                  arch=target_arch(), sms=num_sms(device),
+                                  act_bytes=torch.empty((), dtype=act_dtype).element_size())
+    return "gemm" if pick.path == "fused" else "dequant"
+
+
+def _dequantized(qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """Ŵ [N, K] in ``dtype``, stored column order (act-order: x is already gathered, dX scattered after)."""
+    from .dequant import dequantize_forward
+
+    return dequantize_forward(qw, dtype, stored_order=True)
+
+
+_FWD_PATHS = ("auto", "gemm", "splitk", "dequant", "fused")
+_GRAD_PATHS = ("auto", "gemm", "splitn", "gemv", "dequant", "fused")
+
+
 def quant_matmul_forward(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None,
                          out: torch.Tensor | None = None, path: str = "auto", deterministic: bool = False
                          ) -> torch.Tensor:
     """Y = X·Ŵᵀ (+ bias): x [..., K] (fp16/bf16/fp32, any strides) -> y [..., N] in x's dtype.
 
-    path: "auto" (split-K when M = x.numel()/K <= SPLITK_MAX_M, else the GEMM), "gemm", "splitk".
+    path: "auto" (:func:`choose_path`: split-K when M = x.numel()/K <= SPLITK_MAX_M, else the fused
+    GEMM or dequantize + dense GEMM by the static model), "fused" (split-K or the fused GEMM by M,
+    never the dequantize path), "gemm", "splitk", "dequant" (Ŵ dequantized into a transient
+    [N, K] buffer in x's dtype, then ``torch.matmul``).
     deterministic: split-K sums partials in a fixed order (workspace) instead of fp32 atomics.
     out: optional preallocated [M, N] (2-D, any strides) output.
     Leading dims of x are flattened with ``reshape`` (a copy only if they cannot be merged); a
@@ -445,7 +496,8 @@ def quant_matmul_forward(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tenso
 
 def _forward(x, qw, bias, out, path, deterministic, wargs=None, pool=False):
     """(y [..., N], P(X) [M, G] fp32 or None). ``wargs``: weight_args(qw) with replaced tensors
-    (QA-LoRA's folded biases); ``pool``: also compute P(X) over the stored column order."""
+    (QA-LoRA's folded biases: always a fused kernel); ``pool``: also compute P(X) over the stored
+    column order."""
     n, k = qw.shape
     lead = x.shape[:-1]
     x2 = _as_2d(x, k, "x")
@@ -458,31 +510,46 @@ def _forward(x, qw, bias, out, path, deterministic, wargs=None, pool=False):
         _check_out(out, (m, n), x.dtype, x.device)
     else:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if path not in ("auto", "gemm", "splitk"):
-        raise ValueError(f"path={path!r}; allowed: 'auto', 'gemm', 'splitk'")
+    if path not in _FWD_PATHS:
+        raise ValueError(f"path={path!r}; allowed: {', '.join(map(repr, _FWD_PATHS))}")
+    if wargs is not None and path == "dequant":
+        raise ValueError("path='dequant' is not available with replaced weight arguments (QA-LoRA's folded "
+                         "biases); use 'auto', 'gemm' or 'splitk'")
     g = qw.group_size
     pooled = _pool_buffer((m, k // g), x.device) if pool else None
     if m == 0:
         return out.reshape(*lead, n), pooled
-    # NF4 double quant: de-nest absmax once per call for the GEMM, in the loop for decode
-    gemm = path == "gemm" or (path == "auto" and m > SPLITK_MAX_M)
-    args, meta = wargs if wargs is not None else weight_args(qw, denest_absmax=gemm)
+    if path == "fused":
+        path = "splitk" if m <= SPLITK_MAX_M else "gemm"
+    elif path == "auto":
+        path = choose_path("fwd", m, qw, x.device, x.dtype) if wargs is None else \
+            ("splitk" if m <= SPLITK_MAX_M else "gemm")
     pow2 = g & (g - 1) == 0
-    if path == "splitk" or (path == "auto" and m <= SPLITK_MAX_M):
-        # in-kernel pooling needs whole groups per K tile (the smallest BLOCK_K of the configs)
-        fused = pool and pow2 and g <= min(c.kwargs["BLOCK_K"] for c in _quant_matmul_splitk_kernel.configs)
-        _splitk_forward(x2, qw, bias, out, deterministic, args, meta, pooled if fused else None)
+    if path == "dequant":
+        fused = False
+        w = _dequantized(qw, x.dtype).t()
+        if bias is not None:
+            torch.addmm(bias.to(x.dtype), x2, w, out=out)
+        else:
+            torch.matmul(x2, w, out=out)
     else:
-        fused = pool and pow2
-        bias_arg = bias if bias is not None else args[3]
-
-        def grid(meta_):
-            return (triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(n, meta_["BLOCK_N"]),)
-
-        _quant_matmul_fwd_kernel[grid](
-            out, x2, bias_arg, pooled if fused else args[3], *args, m, n, k, _bucket(m),
-            x2.stride(0), x2.stride(1), out.stride(0), out.stride(1), pooled.stride(0) if fused else 0,
-            HAS_BIAS=bias is not None, DOT_PRECISION=_precision(x.dtype), POOL=fused, **meta)
+        # NF4 double quant: absmax de-nested once per call for the GEMM, in the loop for decode
+        args, meta = wargs if wargs is not None else weight_args(qw, denest_absmax=path == "gemm")
+        if path == "splitk":
+            _, launches = _tiles("splitk", m, n, k, meta, x.device, pool=pool and pow2)
+            # in-kernel pooling needs whole groups per K tile
+            fused = pool and pow2 and g <= min(c.block_k for c in launches)
+            _splitk_forward(x2, qw, bias, out, deterministic, args, meta, pooled if fused else None, launches)
+        else:
+            fused = pool and pow2
+            bias_arg = bias if bias is not None else args[3]
+            _, launches = _tiles("fwd", m, n, k, meta, x.device, pool=fused)
+            for c in launches:
+                grid = (triton.cdiv(m, c.block_m) * triton.cdiv(n, c.block_n),)
+                _quant_matmul_fwd_kernel[grid](
+                    out, x2, bias_arg, pooled if fused else args[3], *args, m, n, k, _bucket(m),
+                    x2.stride(0), x2.stride(1), out.stride(0), out.stride(1), pooled.stride(0) if fused else 0,
+                    HAS_BIAS=bias is not None, DOT_PRECISION=_precision(x.dtype), POOL=fused, **meta, **c.meta)
     if pool and not fused:  # group size not a power of two (or larger than the split-K tile)
         torch.mean(x2.reshape(m, k // g, g), dim=-1, dtype=torch.float32, out=pooled)
     return out.reshape(*lead, n), pooled
@@ -496,39 +563,25 @@ def _pool_buffer(shape, device) -> torch.Tensor:
 def _workspace(shape, device) -> torch.Tensor:
     """The fp32 reduction workspace of split-K / split-N, zero-filled: [M, ·] is the atomics'
     accumulator; [SPLIT, M, ·] must be zero only in the slices a smaller config's grid leaves
-    unwritten (autotuning). The tests replace this function to poison [SPLIT, M, ·] with NaN
-    (one config under the interpreter: every slice must then be written by the kernel)."""
+    unwritten (``QLK_ALL_CONFIGS``: several configs into one workspace). The tests replace this
+    function to poison [SPLIT, M, ·] with NaN (one config: every slice must be written)."""
     return torch.zeros(shape, dtype=torch.float32, device=device)
 
 
-def _split_count(n, m, k, meta, sms, ctas_per_sm=16):
-    base = triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(m, meta["BLOCK_M"])
-    return max(1, min(triton.cdiv(k, meta["BLOCK_K"]), triton.cdiv(ctas_per_sm * sms, base)))
-
-
-def _splitk_forward(x2, qw, bias, out, deterministic, args, meta, pooled=None):
+def _splitk_forward(x2, qw, bias, out, deterministic, args, meta, pooled, launches):
+    """Split-K forward into ``out`` with each of ``launches`` (KernelChoice; one unless
+    QLK_ALL_CONFIGS)."""
     m, k = x2.shape
     n = qw.shape[0]
-    sms = num_sms(x2.device)
-
-    def split(meta_):
-        # ~16 CTAs per SM: with 4-6 resident per SM the last, partial wave stays small
-        return _split_count(n, m, k, meta_, sms)
-
-    def grid(meta_):
-        return (triton.cdiv(n, meta_["BLOCK_N"]), split(meta_), triton.cdiv(m, meta_["BLOCK_M"]))
-
-    if deterministic:
-        # one slice per split; the largest split any config can ask for
-        max_split = max(_split_count(n, m, k, c.kwargs, sms) for c in _quant_matmul_splitk_kernel.configs)
-        ws = _workspace((max_split, m, n), x2.device)
-    else:
-        ws = _workspace((m, n), x2.device)
-    _quant_matmul_splitk_kernel[grid](
-        ws, x2, pooled if pooled is not None else args[3], *args, m, n, k, _bucket(m), x2.stride(0), x2.stride(1),
-        pooled.stride(0) if pooled is not None else 0,
-        ATOMIC=not deterministic, DOT_PRECISION=_precision(x2.dtype), POOL=pooled is not None,
-        PACKED_DEQUANT=not INTERPRETED, **meta)
+    # one slice per split; the largest split any launched config asks for
+    ws = _workspace((max(c.split for c in launches), m, n) if deterministic else (m, n), x2.device)
+    for c in launches:
+        grid = (triton.cdiv(n, c.block_n), c.split, triton.cdiv(m, c.block_m))
+        _quant_matmul_splitk_kernel[grid](
+            ws, x2, pooled if pooled is not None else args[3], *args, m, n, k, _bucket(m), x2.stride(0),
+            x2.stride(1), pooled.stride(0) if pooled is not None else 0,
+            ATOMIC=not deterministic, DOT_PRECISION=_precision(x2.dtype), POOL=pooled is not None,
+            PACKED_DEQUANT=not INTERPRETED, **meta, **c.meta)
     y = ws.sum(0) if deterministic else ws
     if bias is not None:
         y = y + bias.to(torch.float32)
@@ -541,9 +594,11 @@ def quant_matmul_grad_input(dy: torch.Tensor, qw: QuantizedWeight, out: torch.Te
 
     Reads the same packed weight as the forward. With act-order the result is scattered back to
     the original column order (a copy). out: optional preallocated [M, K] (2-D) output, only
-    without act-order. path: "auto" (split-N when M <= SPLITN_MAX_M, else the GEMM; NF4 at M = 1:
-    the FMA kernel), "gemm", "splitn", "gemv" (the FMA kernel, M = 1 only); deterministic: the split
-    kernels sum partials in a fixed order (workspace) instead of atomics."""
+    without act-order. path: "auto" (:func:`choose_path`: split-N when M <= SPLITN_MAX_M, NF4 at
+    M = 1 the FMA kernel, else the fused GEMM or dequantize + dense GEMM by the static model),
+    "fused" (split-N or the fused GEMM by M), "gemm", "splitn", "gemv" (the FMA kernel, M = 1 only),
+    "dequant"; deterministic: the split kernels sum partials in a fixed order (workspace) instead of
+    atomics."""
     return _grad_input(dy, qw, out, path, deterministic)
 
 
@@ -561,64 +616,65 @@ def _grad_input(dy, qw, out, path, deterministic, wargs=None, lora_b=None):
         _check_out(out, (m, k), dy.dtype, dy.device)
     else:
         out = torch.empty((m, k), dtype=dy.dtype, device=dy.device)
-    if path not in ("auto", "gemm", "splitn", "gemv"):
-        raise ValueError(f"path={path!r}; allowed: 'auto', 'gemm', 'splitn', 'gemv' (M = 1)")
+    if path not in _GRAD_PATHS:
+        raise ValueError(f"path={path!r}; allowed: {', '.join(map(repr, _GRAD_PATHS))} ('gemv': M = 1)")
     if path == "gemv" and (m != 1 or lora_b is not None):
         raise ValueError(f"path='gemv' is the M = 1 kernel without V; got M = {m}" + (" and lora_b" if lora_b is not None else ""))
+    if wargs is not None and path == "dequant":
+        raise ValueError("path='dequant' is not available with replaced weight arguments (QA-LoRA's folded "
+                         "biases); use 'auto', 'gemm' or 'splitn'")
+    if path == "fused":
+        path = "splitn" if m <= SPLITN_MAX_M else "gemm"
+    elif path == "auto" and m > 0:
+        path = choose_path("grad", m, qw, dy.device, dy.dtype) if wargs is None else \
+            ("splitn" if m <= SPLITN_MAX_M else "gemm")
+        if path == "splitn" and m == 1 and qw.fmt == "nf4" and lora_b is None:
+            path = "gemv"  # NF4 at M = 1: the FMA kernel (docs/kernels.md, QA-LoRA and small-M gradient)
     v = None
-    splitn = path == "splitn" or (path == "auto" and m <= SPLITN_MAX_M)
-    if splitn and lora_b is not None:
+    if path == "splitn" and lora_b is not None:
         v = torch.empty((m, lora_b.shape[1]), dtype=torch.float32, device=dy.device)
-    if m > 0:
-        gemm = path == "gemm" or (path == "auto" and m > SPLITN_MAX_M)
-        args, meta = wargs if wargs is not None else weight_args(qw, denest_absmax=gemm)
-        if path == "gemv" or (path == "auto" and m == 1 and meta["IS_NF4"] and lora_b is None):
+    if m > 0 and path == "dequant":
+        torch.matmul(dy2, _dequantized(qw, dy.dtype), out=out)
+    elif m > 0:
+        args, meta = wargs if wargs is not None else weight_args(qw, denest_absmax=path == "gemm")
+        fp32_bias = getattr(args[2], "dtype", None) == torch.float32
+        if path == "gemv":
             _gemv_grad_input(dy2, qw, out, deterministic, args, meta)
-        elif splitn:
-            _splitn_grad_input(dy2, qw, out, deterministic, args, meta, lora_b, v)
+        elif path == "splitn":
+            _splitn_grad_input(dy2, qw, out, deterministic, args, meta, fp32_bias, lora_b, v)
         else:
-            def grid(meta_):
-                return (triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(k, meta_["BLOCK_K"]),)
-
-            _quant_matmul_grad_input_kernel[grid](
-                out, dy2, *args, m, n, k, _bucket(m),
-                dy2.stride(0), dy2.stride(1), out.stride(0), out.stride(1),
-                DOT_PRECISION=_precision(dy.dtype), **meta)
+            _, launches = _tiles("grad", m, n, k, meta, dy.device, fp32_bias)
+            for c in launches:
+                grid = (triton.cdiv(m, c.block_m) * triton.cdiv(k, c.block_k),)
+                _quant_matmul_grad_input_kernel[grid](
+                    out, dy2, *args, m, n, k, _bucket(m),
+                    dy2.stride(0), dy2.stride(1), out.stride(0), out.stride(1),
+                    DOT_PRECISION=_precision(dy.dtype), **meta, **c.meta)
     if qw.perm is not None:
         out = out.index_select(1, torch.argsort(qw.perm))
     dx = out.reshape(*lead, k)
     return dx if lora_b is None else (dx, v)
 
 
-def _splitn_grad_input(dy2, qw, out, deterministic, args, meta, lora_b=None, v=None):
+def _splitn_grad_input(dy2, qw, out, deterministic, args, meta, fp32_bias=False, lora_b=None, v=None):
     """dX = dY·Ŵ into ``out`` [M, K]; with ``lora_b`` [N, r] also V = dY·B into ``v`` [M, r] fp32."""
     m, n = dy2.shape
     k = qw.shape[1]
-    sms = num_sms(dy2.device)
-
-    def split_of(meta_):
-        base = triton.cdiv(k, meta_["BLOCK_K"]) * triton.cdiv(m, meta_["BLOCK_M"])
-        return max(1, min(triton.cdiv(n, meta_["BLOCK_N"]), triton.cdiv(16 * sms, base)))
-
-    def grid(meta_):
-        # with V: one more column of programs, k = ⌈K/BLOCK_K⌉, for V = dY·B
-        return (triton.cdiv(k, meta_["BLOCK_K"]) + with_v, split_of(meta_), triton.cdiv(m, meta_["BLOCK_M"]))
-
+    _, launches = _tiles("splitn", m, n, k, meta, dy2.device, fp32_bias)
     with_v = lora_b is not None
     r = lora_b.shape[1] if with_v else 0
-    if deterministic:
-        max_split = max(split_of(c.kwargs) for c in _quant_matmul_grad_input_splitn_kernel.configs)
-        ws = _workspace((max_split, m, k), dy2.device)
-        v_ws = _workspace((max_split, m, r), dy2.device) if with_v else None
-    else:
-        ws = _workspace((m, k), dy2.device)
-        v_ws = _workspace((m, r), dy2.device) if with_v else None
+    max_split = max(c.split for c in launches)
+    ws = _workspace((max_split, m, k) if deterministic else (m, k), dy2.device)
+    v_ws = (_workspace((max_split, m, r) if deterministic else (m, r), dy2.device)) if with_v else None
     dummy = args[3]
-    _quant_matmul_grad_input_splitn_kernel[grid](
-        ws, dy2, v_ws if with_v else dummy, lora_b if with_v else dummy, *args, m, n, k, _bucket(m), r,
-        dy2.stride(0), dy2.stride(1), lora_b.stride(0) if with_v else 0, lora_b.stride(1) if with_v else 0,
-        ATOMIC=not deterministic, DOT_PRECISION=_precision(dy2.dtype),
-        WITH_V=with_v, R_PAD=max(16, triton.next_power_of_2(max(r, 1))), **meta)
+    for c in launches:
+        # with V: one more column of programs, k = ⌈K/BLOCK_K⌉, for V = dY·B
+        grid = (triton.cdiv(k, c.block_k) + with_v, c.split, triton.cdiv(m, c.block_m))
+        _quant_matmul_grad_input_splitn_kernel[grid](
+            ws, dy2, v_ws if with_v else dummy, lora_b if with_v else dummy, *args, m, n, k, _bucket(m), r,
+            dy2.stride(0), dy2.stride(1), lora_b.stride(0) if with_v else 0, lora_b.stride(1) if with_v else 0,
+            ATOMIC=not deterministic, DOT_PRECISION=_precision(dy2.dtype),
+            WITH_V=with_v, R_PAD=max(16, triton.next_power_of_2(max(r, 1))), **meta, **c.meta)
     out.copy_(ws.sum(0) if deterministic else ws)
     if with_v:
         v.copy_(v_ws.sum(0) if deterministic else v_ws)

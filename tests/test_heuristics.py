@@ -1,0 +1,207 @@
+"""The config rules and the fused-vs-dequantize dispatcher (qlk/kernels/heuristics.py).
+
+The rules are pure functions of (op, M, N, K, format, arch, SMs, candidate list): tested on
+explicit candidate lists, so they run the same with or without the interpreter. The launchers are
+checked to pass the chosen tile to the kernel, and both paths of the dispatcher (fused kernel,
+dequantize + dense GEMM) are checked against float64 oracles under the interpreter.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+import oracles
+import qlk
+from qlk.kernels import fused_matmul as fm
+from qlk.kernels import heuristics as h
+from qlk.kernels.config import _cfg
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA and not INTERPRETED else "cpu"
+
+# a generic candidate list (not today's config.py): big, narrow, small tiles for sm_90 and sm_80
+FWD = [
+    _cfg(90, 8, 3, BLOCK_N=128, BLOCK_M=256, BLOCK_K=64, GROUP_M=8),
+    _cfg(90, 4, 4, BLOCK_N=64, BLOCK_M=128, BLOCK_K=64, GROUP_M=8),
+    _cfg(90, 4, 4, BLOCK_N=64, BLOCK_M=64, BLOCK_K=64, GROUP_M=8),
+    _cfg(80, 8, 3, BLOCK_N=256, BLOCK_M=128, BLOCK_K=32, GROUP_M=8),
+    _cfg(80, 4, 4, BLOCK_N=128, BLOCK_M=64, BLOCK_K=32, GROUP_M=8),
+]
+SPLIT = [_cfg(None, 4, 4, BLOCK_N=64, BLOCK_M=16, BLOCK_K=128), _cfg(None, 4, 3, BLOCK_N=64, BLOCK_M=16, BLOCK_K=256)]
+
+
+def test_wave_balance_and_fill_are_the_documented_formulas():
+    assert h.sm_balance(64, 132) == pytest.approx(64 / 132)
+    assert h.sm_balance(264, 132) == 1.0 and h.sm_balance(133, 132) == pytest.approx(133 / 264)
+    c = h.score_all("fwd", 333, 2048, 2048, arch=90, sms=132, configs=FWD[:1])[0]
+    assert (c.ctas, c.fill) == (2 * 16, pytest.approx(333 / 512))
+    assert c.score == pytest.approx(c.tile_eff * c.sm_balance * c.fill)
+
+
+def test_big_shapes_take_the_big_tile_narrow_and_mid_shapes_a_smaller_one():
+    big = h.choose_config("fwd", 8192, 14336, 4096, arch=90, sms=132, configs=FWD)
+    assert (big.block_n, big.block_m, big.index) == (128, 256, 0)
+    # GQA k/v projection: 128x256 tiles give 8x8 = 64 CTAs on 132 SMs (48 % busy)
+    narrow = h.choose_config("fwd", 2048, 1024, 4096, arch=90, sms=132, configs=FWD)
+    assert narrow.index != 0 and narrow.ctas >= 132 and narrow.sm_balance > 0.9
+    mid = h.choose_config("fwd", 333, 2048, 2048, arch=90, sms=132, configs=FWD)
+    assert mid.index != 0 and mid.score > h.score_all("fwd", 333, 2048, 2048, arch=90, sms=132, configs=FWD)[0].score
+
+
+def test_only_the_targets_candidates_that_fit():
+    for arch in (90, 80, 86, 0):
+        c = h.choose_config("fwd", 4096, 4096, 4096, arch=arch, sms=100, configs=FWD)
+        assert FWD[c.index].qlk_arch == h.arch_family(arch)
+    too_big = _cfg(90, 4, 8, BLOCK_N=256, BLOCK_M=256, BLOCK_K=256, GROUP_M=8)  # smem and 512 acc regs/thread
+    got = h.score_all("fwd", 4096, 4096, 4096, arch=90, sms=132, configs=[too_big] + FWD)
+    assert got and all(s.index != 0 for s in got)
+    # QA-LoRA's fp32 biases: no split-N tile over 128 rows
+    wide = [_cfg(None, 4, 3, BLOCK_N=256, BLOCK_M=16, BLOCK_K=64), _cfg(None, 4, 3, BLOCK_N=128, BLOCK_M=16, BLOCK_K=64)]
+    assert h.choose_config("splitn", 1, 4096, 4096, arch=90, sms=132, configs=wide, fp32_bias=True).index == 1
+    # QA-LoRA's pooling: at most one pooled column per thread (256 columns on 4 warps spill)
+    narrow = [_cfg(90, 4, 3, BLOCK_N=64, BLOCK_M=256, BLOCK_K=64, GROUP_M=8), FWD[1]]
+    assert h.choose_config("fwd", 2048, 1024, 4096, arch=90, sms=132, configs=narrow).index == 0
+    assert h.choose_config("fwd", 2048, 1024, 4096, arch=90, sms=132, configs=narrow, pool=True).index == 1
+    # nothing fits: the first candidate, as the autotuner's pruning did
+    assert h.choose_config("fwd", 64, 64, 64, arch=90, sms=132, configs=[too_big]).index == 0
+
+
+def test_choice_is_a_candidate_deterministic_and_its_meta_is_the_candidates(device_lists):
+    for op in ("fwd", "grad", "splitk", "splitn"):
+        for m, n, k in ((1, 512, 2048), (16, 14336, 4096), (333, 2048, 2048), (8192, 1024, 8192)):
+            for arch in (90, 80):
+                a = h.choose_config(op, m, n, k, "int4", arch, 132)
+                assert a == h.choose_config(op, m, n, k, "int4", arch, 132)
+                cand = h.candidates(op)[a.index]
+                meta = dict(cand.kwargs, num_warps=cand.num_warps, num_stages=cand.num_stages)
+                assert a.meta == meta
+
+
+def test_split_kernels_follow_the_split_rule_and_prefer_long_steps():
+    c = h.choose_config("splitk", 1, 14336, 4096, arch=90, sms=132, configs=SPLIT)
+    assert c.block_k == 256  # 64x256 weight elements per step: e/(e+4096) = 0.8 vs 0.67
+    base = math.ceil(14336 / 64)
+    assert c.split == max(1, min(4096 // 256, math.ceil(16 * 132 / base)))
+    assert h.split_count(480, 64, 3, 1) == 6 and h.split_count(4096, 128, 4096, 132) == 1
+
+
+def test_tile_model_reproduces_its_calibration_points():
+    """sm_90 256x128 w8 (INT4, 4096->14336 M=4096) 0.97..0.62 / 0.97 wave; sm_80 128x256 w8 0.97..0.49."""
+    opt, pess = h.gemm_tile_eff(128, 256, 8, 90)
+    assert opt == 1.0 and pess == pytest.approx(0.62 / 0.97, abs=0.03)
+    opt, pess = h.gemm_tile_eff(128, 128, 8, 90)
+    assert opt == pytest.approx(0.90 / 0.97, abs=0.03) and pess == pytest.approx(0.47 / 0.97, abs=0.03)
+    opt, pess = h.gemm_tile_eff(256, 128, 8, 80)
+    assert opt == 1.0 and pess == pytest.approx(0.49 / 0.976, abs=0.03)
+    opt, pess = h.gemm_tile_eff(64, 256, 4, 90)  # one warpgroup: 0.97..0.57
+    assert opt == 1.0 and pess == pytest.approx(0.57 / 0.97, abs=0.03)
+    nf4 = h.gemm_tile_eff(128, 256, 8, 90, "nf4")
+    assert nf4[0] == pytest.approx(0.63 / 0.97, abs=0.03)
+
+
+@pytest.fixture
+def device_lists(monkeypatch):
+    """config.py's GPU candidate lists even under the interpreter (the rules' cache cleared around)."""
+    from qlk.kernels import config
+
+    h._choose_default.cache_clear()
+    h.choose_path.cache_clear()
+    monkeypatch.setattr(config, "INTERPRETED", False)
+    yield
+    h._choose_default.cache_clear()
+    h.choose_path.cache_clear()
+
+
+def test_dispatcher_rule(device_lists):
+    with pytest.raises(ValueError, match="op="):
+        h.choose_path("splitk", 16, 1024, 1024)
+    with pytest.raises(ValueError, match="op="):
+        h.choose_config("gemv", 16, 1024, 1024)
+    for op in ("fwd", "grad"):
+        for arch in (90, 80):
+            assert h.choose_path(op, 1, 4096, 4096, arch=arch).path == "fused"
+            assert h.choose_path(op, 16, 14336, 4096, is_nf4=True, arch=arch).path == "fused"
+    # INT4 at the training shape: the fused GEMM (no 2 B/weight round trip); NF4 + double quant's
+    # fused loop is smem-bound (0.63..0.38 at M = 4096): dequantize + dense is estimated faster
+    assert h.choose_path("fwd", 4096, 14336, 4096, bits=4, arch=90).path == "fused"
+    p = h.choose_path("fwd", 8192, 14336, 4096, is_nf4=True, group_size=64, arch=90)
+    assert p.path == "dequant" and p.t_dequant < p.t_fused
+    # the rule is the comparison of the two estimated times
+    for m in (17, 333, 2048, 8192):
+        p = h.choose_path("grad", m, 1024, 4096, bits=3, arch=80)
+        assert (p.path == "fused") == (p.t_fused <= p.t_dequant) and p.t_fused > 0 and p.t_dequant > 0
+
+
+class _Spy:
+    """Stands in for a kernel: records the launch's keyword arguments, then launches."""
+
+    def __init__(self, kernel, calls):
+        self.kernel, self.calls = kernel, calls
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append((grid, kwargs))
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@pytest.mark.skipif(not (CUDA or INTERPRETED), reason="needs CUDA or TRITON_INTERPRET=1")
+def test_launchers_pass_the_chosen_tile(monkeypatch):
+    qw = qlk.quantize(torch.randn(72, 256), bits=4, group_size=32).to(DEVICE)
+    calls = []
+    for name in ("_quant_matmul_fwd_kernel", "_quant_matmul_splitk_kernel", "_quant_matmul_grad_input_kernel",
+                 "_quant_matmul_grad_input_splitn_kernel"):
+        monkeypatch.setattr(fm, name, _Spy(getattr(fm, name), calls))
+    monkeypatch.setattr(fm, "CHOICE_LOG", [])
+    monkeypatch.setattr(fm, "num_sms", lambda device: 2)
+    for m in (5, 40):
+        fm.quant_matmul_forward(torch.randn(m, 256, device=DEVICE), qw, path="fused")
+        fm.quant_matmul_grad_input(torch.randn(m, 72, device=DEVICE), qw, path="fused")
+    assert [op for op, _ in fm.CHOICE_LOG] == ["splitk", "splitn", "fwd", "grad"]
+    assert len(calls) == 4  # one launch each: no autotuning
+    for (op, choice), (grid, kwargs) in zip(fm.CHOICE_LOG, calls):
+        m = 5 if op.startswith("split") else 40
+        want = h.choose_config(op, m, 72, 256, "int4", fm.target_arch(), 2)
+        assert choice == want
+        assert {k: kwargs[k] for k in want.meta} == want.meta
+        if op.startswith("split"):
+            assert grid[1] == want.split
+
+
+@pytest.mark.skipif(not (CUDA or INTERPRETED), reason="needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("bits,g,perm", [(4, 32, False), (3, 48, True)], ids=["int4g32", "int3g48-actorder"])
+def test_dispatcher_paths_against_float64(bits, g, perm):
+    n, k, m = 72, 192, 37
+    gen = torch.Generator().manual_seed(bits * 100 + g)
+    qw = qlk.quantize(torch.randn(n, k, generator=gen), bits=bits, group_size=g)
+    w64 = oracles.int_dequant64(qw)
+    p = torch.randperm(k, generator=gen) if perm else None
+    if perm:
+        qw.perm = p
+    qw = qw.to(DEVICE)
+    x, dy, bias = (torch.randn(*s, generator=gen).to(DEVICE) for s in ((m, k), (m, n), (n,)))
+    xs = x.cpu().double()[:, p] if perm else x.cpu().double()
+    y_ref = xs @ w64.t() + bias.cpu().double()
+    dx_ref = dy.cpu().double() @ w64
+    if perm:
+        dx_ref = dx_ref[:, torch.argsort(p)]
+    for path in ("dequant", "gemm", "auto"):
+        out = torch.full((m, n), float("nan"), device=DEVICE) if not perm else None
+        y = fm.quant_matmul_forward(x, qw, bias, out=out, path=path)
+        assert oracles.rel_err(y, y_ref) < 1e-5, path
+        dx = fm.quant_matmul_grad_input(dy, qw, path=path)
+        assert oracles.rel_err(dx, dx_ref) < 1e-5, path
+    assert fm.choose_path("fwd", 16, qw, DEVICE) == "splitk" and fm.choose_path("grad", 3, qw, DEVICE) == "splitn"
+
+
+def test_path_errors_name_what_is_allowed():
+    qw = qlk.quantize(torch.randn(8, 64), bits=4, group_size=32)
+    with pytest.raises(ValueError, match="path='gemv'.*'dequant'"):
+        fm.quant_matmul_forward(torch.randn(2, 64), qw, path="gemv")
+    with pytest.raises(ValueError, match="path='splitk'.*'splitn'"):
+        fm.quant_matmul_grad_input(torch.randn(2, 8), qw, path="splitk")
