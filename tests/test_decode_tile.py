@@ -26,7 +26,7 @@ import torch
 
 import oracles
 import qlk
-from qlk.kernels import decode_tile
+from qlk.kernels import decode_tile, heuristics
 from qlk.kernels import fused_matmul as fm
 from qlk.kernels import quant_matmul_forward
 
@@ -307,7 +307,7 @@ def test_decode_fp16_against_float64(case, poisoned):
     qw = qlk.quantize(w, bits=bits, group_size=g)
     qw = qw.to(device)
     w64 = oracles.int_dequant64(qw)
-    c = fm._quant_matmul_splitk_kernel.configs[0].kwargs
+    c = heuristics.candidates("splitk")[0].kwargs  # the one candidate under the interpreter
     if INTERPRETED:  # one config: the split rule at 1 SM gives >= 2 tiles in a slice
         tiles = math.ceil(k / c["BLOCK_K"])
         split = max(1, min(tiles, math.ceil(16 / math.ceil(N / c["BLOCK_N"]))))
