@@ -37,6 +37,10 @@ CTAs, then the earlier candidate in the list)::
   A one-warpgroup CTA on sm_90 pays ``a_single`` more (nothing overlaps its dequantization with
   another group's MMA: 256×64 w4 0.97..0.57 against 256×128 w8 0.97..0.62, round 2's candidates
   at the same shape). Equal scores: the bigger tile (fewer CTAs), then the earlier candidate.
+  Refitted after the round-2 kernels (one static report, 4096→14336, M = 4096): NF4 + double quant
+  forward 0.97..0.64 on sm_90 (the INT4 level: ``FORMAT_COST["nf4"]`` 2.9 → 1.0); the input
+  gradient's pre-rounded transposed tile 256×64×128 w8 0.97..0.59 on sm_90 (``grad_cost`` 2.0 →
+  1.1) and 256×32×128 w8 0.95..0.54 on sm_80 (1.0 → 0.7).
 * split kernels (M ≤ 16, DRAM-bound): the split count is the launchers' rule (≈ 16 CTAs per SM,
   at most one slice per tile), ``tile_eff = e / (e + 4096)`` with e = BLOCK_N·BLOCK_K weight
   elements per step (longer steps amortize the loop's fixed cost and keep more bytes in flight:
@@ -70,8 +74,9 @@ from . import config as _config
 OPS = ("fwd", "grad", "splitk", "splitn")
 
 #: dequantization cost per weight element relative to INT4, fitted like the constants below
-#: (4096→14336, M = 4096, sm_90 forward: INT3 0.97..0.55, NF4 + double quant 0.63..0.38)
-FORMAT_COST = {"int2": 1.0, "int4": 1.0, "int3": 1.35, "int8": 1.0, "nf4": 2.9}
+#: (4096→14336, M = 4096, sm_90 forward: INT3 0.97..0.55; NF4 + double quant 0.97..0.64 since its
+#: round-2 warp-shuffle lookup and launch-time de-nesting, 0.63..0.38 and a cost of 2.9 before)
+FORMAT_COST = {"int2": 1.0, "int4": 1.0, "int3": 1.35, "int8": 1.0, "nf4": 1.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,8 +95,8 @@ class ArchModel:
 
 
 ARCH = {
-    90: ArchModel(64, 4, c_opt=139.0, c_pess=127.0, a_pess=0.09, a_single=0.1, grad_cost=2.0, macs_per_s=989e12 / 2, dram_bytes_per_s=0.9 * 3.35e12),
-    80: ArchModel(64, 1, c_opt=64.0, c_pess=70.0, a_pess=0.0, a_single=0.0, grad_cost=1.0, macs_per_s=312e12 / 2, dram_bytes_per_s=0.9 * 2.04e12),
+    90: ArchModel(64, 4, c_opt=139.0, c_pess=127.0, a_pess=0.09, a_single=0.1, grad_cost=1.1, macs_per_s=989e12 / 2, dram_bytes_per_s=0.9 * 3.35e12),
+    80: ArchModel(64, 1, c_opt=64.0, c_pess=70.0, a_pess=0.0, a_single=0.0, grad_cost=0.7, macs_per_s=312e12 / 2, dram_bytes_per_s=0.9 * 2.04e12),
 }
 DEFAULT_SMS = {90: 132, 80: 108}
 
