@@ -37,14 +37,16 @@ TOLERANCE = 0.05
 #: the cases compiled, per arch (shell patterns over bench/launches.py case names)
 CASES = {
     90: ["fwd/int4g32/4096->14336/*", "dgrad/int4g32/4096->14336/*", "fwd/nf4dq/4096->14336/*",
-         "dgrad/nf4dq/4096->14336/M4096", "fwd/int3g128/4096->14336/M4096", "fwd/int3g128/4096->14336/M1",
+         "dgrad/nf4dq/4096->14336/M4096", "dgrad/nf4dq/4096->14336/M1", "fwd/int3g128/4096->14336/M4096",
+         "fwd/int3g128/4096->14336/M1",
          "qalora/int4g32/4096->14336/M1",
          "dequant/int4g32/*"],
     80: ["fwd/int4g32/4096->14336/*", "dgrad/int4g32/4096->14336/*", "qalora/int4g32/4096->14336/M1",
          "dequant/int4g32/*"],
 }
 KERNELS = ("_quant_matmul_fwd_kernel", "_quant_matmul_grad_input_kernel", "_quant_matmul_splitk_kernel",
-           "_quant_matmul_grad_input_splitn_kernel", "_dequantize_kernel", "_fold_bias_kernel")
+           "_quant_matmul_grad_input_splitn_kernel", "_quant_matmul_grad_input_gemv_kernel", "_dequantize_kernel",
+           "_fold_bias_kernel")
 #: launch-side helpers of a case (one pass over ~1/64 of the weight before the GEMM): compiled and
 #: checked for spills and shared memory like the rest, but not judged by the report's estimates
 HELPER_KERNELS = ("_nf4_denest_kernel",)
