@@ -41,7 +41,8 @@ CASES = {
          "fwd/int3g128/4096->14336/M1",
          "qalora/int4g32/4096->14336/M1",
          "dequant/int4g32/*"],
-    80: ["fwd/int4g32/4096->14336/*", "dgrad/int4g32/4096->14336/*", "qalora/int4g32/4096->14336/M1",
+    80: ["fwd/int4g32/4096->14336/*", "dgrad/int4g32/4096->14336/*", "dgrad/nf4dq/4096->14336/M1",
+         "qalora/int4g32/4096->14336/M1",
          "dequant/int4g32/*"],
 }
 KERNELS = ("_quant_matmul_fwd_kernel", "_quant_matmul_grad_input_kernel", "_quant_matmul_splitk_kernel",
@@ -107,11 +108,13 @@ def test_gemm_uses_the_tensor_cores(rows):
 
 def test_nf4_codes_looked_up_by_shuffle(rows):
     """The compiled NF4 kernels take the inline-PTX warp-shuffle lookup (qlk/kernels/nf4_tile.py),
-    not the interpreter's byte-table twin, whose gathers the pipeliner turns into LDGSTS.64."""
+    not the interpreter's byte-table twin, whose gathers the pipeliner turns into LDGSTS.64 (16 per
+    iteration of the 256-row tiles; a tile's de-nested absmax may take one or two)."""
     nf4 = [r for r in rows if r["fmt"] == "nf4dq" and r["kernel"] in KERNELS]
     assert nf4
     for r in nf4:
-        assert "shfl=" in r["mix"] and "LDGSTS.64" not in r["mix"], (r["case"], r["arch"], r["config"], r["mix"])
+        mix = dict(kv.split("=") for kv in r["mix"].split(";") if "=" in kv)
+        assert "shfl" in mix and int(mix.get("gload:LDGSTS.64", 0)) <= 2, (r["case"], r["arch"], r["config"], r["mix"])
 
 
 def _committed(arch: int) -> dict:

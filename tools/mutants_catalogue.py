@@ -46,7 +46,8 @@ MUTANTS = [
          tests=[KP, "-k", "test_qalora_paths and split-det"]),
     dict(id="splitn-v-row-stride", cls="workspace", file="qlk/kernels/fused_matmul.py",
          old="v_offs = offs_m[None, :].to(tl.int64) * R + offs_r[:, None]",
-         new="v_offs = offs_m[None, :].to(tl.int64) * R_PAD + offs_r[:, None]",
+         # (R - 1), not R_PAD: a wider stride writes past V and crashes the interpreter instead of failing a test
+         new="v_offs = offs_m[None, :].to(tl.int64) * (R - 1) + offs_r[:, None]",
          tests=[KP, "-k", "test_qalora_paths and split"]),
     # ---- grouped (MoE) small-M split-K forward ---------------------------------------------------
     dict(id="grouped-splitk-slice-start", cls="multi-tile reduction", file="qlk/kernels/grouped_matmul.py",

@@ -17,16 +17,12 @@ import warnings
 ENV = "QLK_PEFT_DISPATCH"
 
 
-_PENDING = False
-
-
 def _install() -> None:
-    global _PENDING
     own = sys.modules.get(__package__ + ".peft")
     if own is not None and not hasattr(own, "install"):
         # peft is being imported by qlk.integrations.peft itself, which is only half executed:
-        # it installs at its own end (install_if_pending)
-        _PENDING = True
+        # hand it this function, which it calls at its own end (no import back from it to here)
+        own._after_import = _install
         return
     try:
         from .peft import install
@@ -80,11 +76,3 @@ def install_when_peft_imports() -> None:
     elif not any(isinstance(f, _AfterPeftImport) for f in sys.meta_path) and importlib.util.find_spec("peft"):
         sys.meta_path.insert(0, _AfterPeftImport())
 
-
-def install_if_pending() -> None:
-    """Called at the end of qlk.integrations.peft: finish an install that peft's import asked for
-    while that module was still executing."""
-    global _PENDING
-    if _PENDING:
-        _PENDING = False
-        _install()

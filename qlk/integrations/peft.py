@@ -332,6 +332,8 @@ def export_peft_adapter(model: nn.Module, path, base_model_name_or_path: str | N
     return str(path)
 
 
-from ._peft_hook import install_if_pending  # noqa: E402  (last: install() must exist)
-
-install_if_pending()
+# set by qlk.integrations._peft_hook when peft's import (above) asked for the install while this
+# module was still executing: done now that install() exists
+_pending_install = globals().pop("_after_import", None)
+if _pending_install is not None:
+    _pending_install()

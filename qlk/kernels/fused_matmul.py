@@ -596,7 +596,7 @@ def quant_matmul_grad_input(dy: torch.Tensor, qw: QuantizedWeight, out: torch.Te
     the original column order (a copy). out: optional preallocated [M, K] (2-D) output, only
     without act-order. path: "auto" (:func:`choose_path`: split-N when M <= SPLITN_MAX_M, NF4 at
     M = 1 the FMA kernel, else the fused GEMM or dequantize + dense GEMM by the static model),
-    "fused" (split-N or the fused GEMM by M), "gemm", "splitn", "gemv" (the FMA kernel, M = 1 only),
+    "fused" (split-N, NF4 at M = 1 the FMA kernel, or the fused GEMM by M), "gemm", "splitn", "gemv" (the FMA kernel, M = 1 only),
     "dequant"; deterministic: the split kernels sum partials in a fixed order (workspace) instead of
     atomics."""
     return _grad_input(dy, qw, out, path, deterministic)
@@ -623,11 +623,11 @@ def _grad_input(dy, qw, out, path, deterministic, wargs=None, lora_b=None):
     if wargs is not None and path == "dequant":
         raise ValueError("path='dequant' is not available with replaced weight arguments (QA-LoRA's folded "
                          "biases); use 'auto', 'gemm' or 'splitn'")
-    if path == "fused":
-        path = "splitn" if m <= SPLITN_MAX_M else "gemm"
-    elif path == "auto" and m > 0:
-        path = choose_path("grad", m, qw, dy.device, dy.dtype) if wargs is None else \
-            ("splitn" if m <= SPLITN_MAX_M else "gemm")
+    if path in ("auto", "fused") and m > 0:
+        if path == "fused" or wargs is not None:
+            path = "splitn" if m <= SPLITN_MAX_M else "gemm"
+        else:
+            path = choose_path("grad", m, qw, dy.device, dy.dtype)
         if path == "splitn" and m == 1 and qw.fmt == "nf4" and lora_b is None:
             path = "gemv"  # NF4 at M = 1: the FMA kernel (docs/kernels.md, QA-LoRA and small-M gradient)
     v = None
