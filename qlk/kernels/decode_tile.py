@@ -34,7 +34,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .quant_tile import _group_params
+from .quant_tile import _group_params, _load_int3_planes
 
 #: 16-bit float magic whose ulp is 1 (codes are OR-ed into its mantissa), its value, and 1.0
 F16_MAGIC, F16_MAGIC_VALUE, F16_ONE = 0x6400, 1024, 0x3C00
@@ -185,18 +185,7 @@ def _decode_int_tile(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, offs
         # the bit planes of _unpack_codes (chunk c = 3 words: word 3c+h holds the low 2 bits of
         # column 32c+16h+i at bit 2i, word 3c+2 the high bit of column 32c+i at bit i), each code's
         # two planes shifted to bit 0 but not masked or merged: the asm does that
-        NC: tl.constexpr = BLOCK_K // 32
-        offs_c = k0 // 32 + tl.arange(0, NC)
-        base = qw_ptr + offs_n[:, None].to(tl.int64) * stride_qn + 3 * offs_c[None, :]
-        if EVEN_K:
-            w0 = tl.load(base)
-            w1 = tl.load(base + 1)
-            w2 = tl.load(base + 2)
-        else:
-            cmask = offs_c[None, :] < tl.cdiv(K, 32)
-            w0 = tl.load(base, mask=cmask, other=0)
-            w1 = tl.load(base + 1, mask=cmask, other=0)
-            w2 = tl.load(base + 2, mask=cmask, other=0)
+        w0, w1, w2 = _load_int3_planes(qw_ptr, stride_qn, offs_n, k0, K, EVEN_K, BLOCK_K)
         p = tl.arange(0, 16)[None, None, :]  # pair p = columns 2p, 2p+1 of the chunk
         low = tl.where(p < 8, w0[:, :, None], w1[:, :, None]) >> ((p % 8) * 4)
         high = w2[:, :, None] >> (2 * p)

@@ -35,6 +35,27 @@ from .nf4_tile import NF4_SHUFFLE, _nf4_pair_values
 from .nf4_tile import denest_absmax as denest_absmax_buffer
 
 @triton.jit
+def _load_int3_planes(qw_ptr, stride_qn, offs_n, k0, K, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The INT3 words of columns k0 .. k0+BLOCK_K of rows ``offs_n``, as three [len(offs_n), BLOCK_K/32]
+    tiles (w0, w1, w2), one per word of a chunk: chunk c = 3 words; word 3c+h holds the low 2 bits of
+    column 32c+16h+i at bit 2i, word 3c+2 the high bit of column 32c+i at bit i. Unless EVEN_K,
+    chunks past the row's last one read 0. Every INT3 unpacker (forward, transposed, decode) loads here."""
+    NC: tl.constexpr = BLOCK_K // 32
+    offs_c = k0 // 32 + tl.arange(0, NC)
+    base = qw_ptr + offs_n[:, None].to(tl.int64) * stride_qn + 3 * offs_c[None, :]
+    if EVEN_K:
+        w0 = tl.load(base)
+        w1 = tl.load(base + 1)
+        w2 = tl.load(base + 2)
+    else:
+        mask = offs_c[None, :] < tl.cdiv(K, 32)
+        w0 = tl.load(base, mask=mask, other=0)
+        w1 = tl.load(base + 1, mask=mask, other=0)
+        w2 = tl.load(base + 2, mask=mask, other=0)
+    return w0, w1, w2
+
+
+@triton.jit
 def _unpack_codes(qw_ptr, stride_qn, offs_n, k0, K,
                   BITS: tl.constexpr, IS_NF4: tl.constexpr, EVEN_K: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -51,18 +72,7 @@ def _unpack_codes(qw_ptr, stride_qn, offs_n, k0, K,
     if BITS == 3:
         # bit planes: chunk c = 3 words; word 3c+h holds the low 2 bits of column 32c+16h+i at bit 2i,
         # word 3c+2 the high bit of column 32c+i at bit i
-        NC: tl.constexpr = BLOCK_K // 32
-        offs_c = k0 // 32 + tl.arange(0, NC)
-        base = qw_ptr + offs_n[:, None].to(tl.int64) * stride_qn + 3 * offs_c[None, :]
-        if EVEN_K:
-            w0 = tl.load(base)
-            w1 = tl.load(base + 1)
-            w2 = tl.load(base + 2)
-        else:
-            mask = offs_c[None, :] < tl.cdiv(K, 32)
-            w0 = tl.load(base, mask=mask, other=0)
-            w1 = tl.load(base + 1, mask=mask, other=0)
-            w2 = tl.load(base + 2, mask=mask, other=0)
+        w0, w1, w2 = _load_int3_planes(qw_ptr, stride_qn, offs_n, k0, K, EVEN_K, BLOCK_K)
         p = tl.arange(0, 16)[None, None, :]  # pair p = columns 2p, 2p+1 of the chunk
         low = tl.where(p < 8, w0[:, :, None], w1[:, :, None]) >> ((p % 8) * 4)
         high = w2[:, :, None] >> (2 * p)

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from .nf4_tile import NF4_SHUFFLE, _nf4_pair_values
-from .quant_tile import _dequant_tile, _group_params
+from .quant_tile import _dequant_tile, _group_params, _load_int3_planes
 
 
 @triton.jit
@@ -69,18 +69,7 @@ def _packed_values(qw_ptr, lut_ptr, stride_qn, offs_n, k0, K,
         if BITS == 3:
             # chunk c = 3 words: word 3c+h holds the low 2 bits of column 32c+16h+i at bit 2i,
             # word 3c+2 the high bit of column 32c+i at bit i
-            NC: tl.constexpr = BLOCK_K // 32
-            offs_c = k0 // 32 + tl.arange(0, NC)
-            base = qw_ptr + offs_n[:, None].to(tl.int64) * stride_qn + 3 * offs_c[None, :]
-            if EVEN_K:
-                w0 = tl.load(base)
-                w1 = tl.load(base + 1)
-                w2 = tl.load(base + 2)
-            else:
-                mask = offs_c[None, :] < tl.cdiv(K, 32)
-                w0 = tl.load(base, mask=mask, other=0)
-                w1 = tl.load(base + 1, mask=mask, other=0)
-                w2 = tl.load(base + 2, mask=mask, other=0)
+            w0, w1, w2 = _load_int3_planes(qw_ptr, stride_qn, offs_n, k0, K, EVEN_K, BLOCK_K)
             w0 = tl.trans(w0)
             w1 = tl.trans(w1)
             w2 = tl.trans(w2)
