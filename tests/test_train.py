@@ -116,7 +116,9 @@ def torchrun(*args):
     exe = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     cmd = [exe] if exe else [sys.executable, "-m", "torch.distributed.run"]
     cmd += ["--nproc-per-node", "2", "--standalone", "-m", "qlk", *args]
-    return subprocess.run(cmd, env=env(), cwd=REPO, capture_output=True, text=True, timeout=400)
+    r = subprocess.run(cmd, env=env(), cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert "terminate called" not in r.stderr, r.stderr[-5000:]  # a rank died at exit (see test_every_rank_destroys...)
+    return r
 
 
 def test_two_processes_match_one(tiny, reference):
@@ -173,6 +175,36 @@ def test_fsdp_resume_after_ctrl_c_equals_uninterrupted(tiny, fsdp_run):
     r = torchrun(*args, "--resume")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     same_result(ref, out)
+
+
+def test_every_rank_destroys_its_process_group(tmp_path, monkeypatch):
+    """A rank that leaves the process group to the interpreter's teardown can die of SIGABRT at exit (gloo
+    worker threads still hold the last collective's work), and torchrun then kills rank 0 before it
+    writes its outputs (seen in CI). ``run`` must destroy the group on every exit path, errors too."""
+    import torch.distributed as dist
+
+    from qlk.train import command
+
+    closed = []
+    monkeypatch.setattr(command.Distributed, "close", lambda self: closed.append(self.rank))
+
+    def fail(*a):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(command, "_run", fail)
+    cfg = command.FinetuneConfig(output_dir=str(tmp_path / "out"), data=None)
+    with pytest.raises(RuntimeError, match="boom"):
+        command.run(cfg)
+    assert closed == [0]
+    monkeypatch.undo()
+
+    # close() itself: a started group is gone afterwards (one-process gloo group standing in for a launch)
+    d = command.Distributed("cpu")
+    d.world = 2
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    assert dist.is_initialized()
+    d.close()
+    assert not dist.is_initialized()
 
 
 def test_fsdp_in_one_process_is_refused(tiny, tmp_path, capsys):

@@ -63,6 +63,18 @@ class Distributed:
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         return device
 
+    def close(self):
+        """Destroy the process group this process started. Without it a rank that finishes first (every
+        rank but 0, which still merges and writes) can abort at interpreter exit: gloo's worker threads
+        still hold the last collective's work while Python tears down, the process dies of SIGABRT, and
+        torchrun then kills rank 0 before it has written its outputs."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
     def agree(self, fn):
         """Run ``fn`` on rank 0 only; every rank raises its UsageError, or none does."""
         err = None
@@ -187,13 +199,16 @@ def run(cfg: FinetuneConfig) -> dict:
     records = load_records(data_path)
     cfg.data_sha256 = file_sha256(data_path)
     device = dist_env.init()
-    out = OutputDir(cfg.output_dir)
-    dist_env.agree(lambda: out.prepare(cfg))
     try:
-        return _run(cfg, dist_env, device, out, records, data_path, t_start)
+        out = OutputDir(cfg.output_dir)
+        dist_env.agree(lambda: out.prepare(cfg))
+        try:
+            return _run(cfg, dist_env, device, out, records, data_path, t_start)
+        finally:
+            if dist_env.main:
+                out.close()
     finally:
-        if dist_env.main:
-            out.close()
+        dist_env.close()
 
 
 def _run(cfg, dist_env, device, out, records, data_path, t_start) -> dict:
