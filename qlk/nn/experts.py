@@ -124,21 +124,9 @@ class QuantExpertProj(PackedWeightModule):
             self.add_adapter(method, r, alpha, dropout, use_rslora, adapter_dtype, shared_adapter)
 
     # ---- the quantized weight ------------------------------------------------------------------
-    def _set_qweight(self, qw: QuantizedWeight) -> None:
-        self.fmt, self.bits, self.group_size, self.weight_dtype = qw.fmt, qw.bits, qw.group_size, qw.dtype
-        tensors = qw.tensors()
-        for field, name in BUFFERS.items():
-            if field in tensors:
-                self.register_buffer(name, tensors[field])
-            elif name in self._buffers:
-                del self._buffers[name]
-
-    @property
-    def qweight(self) -> QuantizedWeight:
-        """The stacked [E·N, K] QuantizedWeight over this module's buffers (no copy)."""
-        tensors = {field: self._buffers[name] for field, name in BUFFERS.items() if name in self._buffers}
-        return QuantizedWeight(fmt=self.fmt, shape=(self.num_experts * self.out_features, self.in_features),
-                               bits=self.bits, group_size=self.group_size, dtype=self.weight_dtype, **tensors)
+    def _packed_shape(self) -> tuple[int, int]:
+        """The stacked [E·N, K] weight: expert e's rows are e·N .. e·N + N − 1."""
+        return (self.num_experts * self.out_features, self.in_features)
 
     # ---- adapter ---------------------------------------------------------------------------------
     def add_adapter(self, method: str, r: int = 16, alpha: float = 16, dropout: float = 0.0,

@@ -62,6 +62,28 @@ class PackedWeightModule(nn.Module):
     ``qweight`` property assembles the :class:`QuantizedWeight`): ``.to(dtype)`` / ``.half()``
     move those buffers but never cast them, since codes, scales and absmax have format-fixed dtypes."""
 
+    def _packed_shape(self) -> tuple[int, int]:
+        """(rows, in_features) of the whole packed weight (stacked experts: E·N rows)."""
+        raise NotImplementedError
+
+    def _set_qweight(self, qw: QuantizedWeight) -> None:
+        if qw.shape != self._packed_shape():
+            raise ValueError(f"new weight has shape {qw.shape}, layer is {self._packed_shape()}")
+        self.fmt, self.bits, self.group_size, self.weight_dtype = qw.fmt, qw.bits, qw.group_size, qw.dtype
+        tensors = qw.tensors()
+        for field, name in BUFFERS.items():
+            if field in tensors:
+                self.register_buffer(name, tensors[field])
+            elif name in self._buffers:
+                del self._buffers[name]
+
+    @property
+    def qweight(self) -> QuantizedWeight:
+        """The :class:`QuantizedWeight` view over this module's buffers (no copy)."""
+        tensors = {field: self._buffers[name] for field, name in BUFFERS.items() if name in self._buffers}
+        return QuantizedWeight(fmt=self.fmt, shape=self._packed_shape(), bits=self.bits, group_size=self.group_size,
+                               dtype=self.weight_dtype, **tensors)  # fmt: skip
+
     @property
     def bits_per_param(self) -> float:
         return self.qweight.bits_per_param
@@ -122,25 +144,8 @@ class QuantLinear(PackedWeightModule):
             self.add_adapter(method, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, dtype=adapter_dtype)
 
     # ---- the quantized weight ------------------------------------------------------------------
-    def _set_qweight(self, qw: QuantizedWeight) -> None:
-        if qw.shape != (self.out_features, self.in_features):
-            raise ValueError(f"new weight has shape {qw.shape}, layer is {(self.out_features, self.in_features)}")
-        self.fmt, self.bits, self.group_size, self.weight_dtype = qw.fmt, qw.bits, qw.group_size, qw.dtype
-        tensors = qw.tensors()
-        for field, name in BUFFERS.items():
-            if field in tensors:
-                self.register_buffer(name, tensors[field])
-            elif name in self._buffers:
-                del self._buffers[name]
-
-    @property
-    def qweight(self) -> QuantizedWeight:
-        """The :class:`QuantizedWeight` view over this layer's buffers (no copy)."""
-        tensors = {field: self._buffers[name] for field, name in BUFFERS.items() if name in self._buffers}
-        return QuantizedWeight(
-            fmt=self.fmt, shape=(self.out_features, self.in_features), bits=self.bits,
-            group_size=self.group_size, dtype=self.weight_dtype, **tensors,
-        )  # fmt: skip
+    def _packed_shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
 
     # ---- adapter ---------------------------------------------------------------------------------
     def add_adapter(
