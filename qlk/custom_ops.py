@@ -1,6 +1,7 @@
 """``torch.library`` custom ops for ``torch.compile``: ``qlk::quant_matmul``,
 ``qlk::quant_matmul_grad_input``, and the adapter layers ``qlk::qalora_linear`` / ``qlk::lora_linear``
-(with their backward ops ``qlk::qalora_linear_backward`` / ``qlk::lora_linear_backward``).
+(with their backward ops ``qlk::qalora_linear_backward`` / ``qlk::lora_linear_backward``), and the
+stacked mixture-of-experts projection ``qlk::grouped_experts_linear`` (+ ``_backward``).
 
 A :class:`~qlk.QuantizedWeight` is a Python dataclass, which neither Dynamo nor the op schema can
 carry; the ops take its tensors as tensors (``qweight``, ``scales``, ``biases``, ``absmax``,
@@ -297,6 +298,109 @@ def _lora_backward(ctx, dy, d_seed):
 
 
 lora_linear.register_autograd(_lora_backward, setup_context=_lora_setup)
+
+
+# ---- grouped expert projections (mixture of experts) ----------------------------------------------
+# The same pattern for qlk.nn.experts.QuantExpertProj: the ops wrap the implementation of
+# qlk.autograd.experts.GroupedExpertsFunction (grouped_experts_forward_impl / _backward_impl), so a
+# compiled MoE layer runs the grouped kernels (QA-LoRA: folded biases, P(X) pooled in the forward
+# kernel). ``method`` is "" without adapter ("qalora" / "lora" else); ``out_features`` is the stacked
+# E·N; rows of x are sorted by expert and delimited by ``offsets`` [E+1] (qlk.kernels.grouped_matmul).
+def _method(method: str):
+    return method or None
+
+
+@torch.library.custom_op("qlk::grouped_experts_linear", mutates_args=())
+def grouped_experts_linear(
+    x: Tensor, offsets: Tensor, qweight: Tensor, scales: Optional[Tensor], biases: Optional[Tensor],
+    absmax: Optional[Tensor], absmax_scale: Optional[Tensor], absmax_offset: Optional[Tensor], perm: Optional[Tensor],
+    bias: Optional[Tensor], lora_a: Optional[Tensor], lora_b: Optional[Tensor], num_experts: int, scaling: float,
+    method: str, dropout: float, fmt: str, bits: int, group_size: int, out_features: int, in_features: int,
+    weight_dtype: str,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """(Y [S, N] in X's dtype, Pd [S, K/g] (QA-LoRA; an empty [0] tensor otherwise), seed int64 [1]): the
+    stacked expert projection's forward, X [S, in_features] in the compute dtype."""
+    from .autograd.experts import grouped_experts_forward_impl
+
+    qw = _qw(qweight, scales, biases, absmax, absmax_scale, absmax_offset, perm, fmt, bits, group_size,
+             out_features, in_features, weight_dtype)  # fmt: skip
+    with torch.no_grad():
+        y, saved, seed = grouped_experts_forward_impl(x, qw, offsets, num_experts, bias, lora_a, lora_b, scaling,
+                                                      _method(method), dropout)  # fmt: skip
+    pooled = saved if method == "qalora" else x.new_empty((0,))
+    return y, pooled, _seed_tensor(seed, x.device)
+
+
+@grouped_experts_linear.register_fake
+def _(x, offsets, qweight, scales, biases, absmax, absmax_scale, absmax_offset, perm, bias, lora_a, lora_b,
+      num_experts, scaling, method, dropout, fmt, bits, group_size, out_features, in_features, weight_dtype):  # fmt: skip
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    pooled = x.new_empty((x.shape[0], in_features // group_size), dtype=acc) if method == "qalora" else \
+        x.new_empty((0,))
+    return x.new_empty((x.shape[0], out_features // num_experts)), pooled, x.new_empty((1,), dtype=torch.int64)
+
+
+@torch.library.custom_op("qlk::grouped_experts_linear_backward", mutates_args=())
+def grouped_experts_linear_backward(
+    dy: Tensor, saved: Tensor, seed: Tensor, offsets: Tensor, lora_a: Optional[Tensor], lora_b: Optional[Tensor],
+    qweight: Tensor, scales: Optional[Tensor], biases: Optional[Tensor], absmax: Optional[Tensor],
+    absmax_scale: Optional[Tensor], absmax_offset: Optional[Tensor], perm: Optional[Tensor], num_experts: int,
+    scaling: float, method: str, dropout: float, needs_dx: bool, needs_da: bool, needs_db: bool, needs_dbias: bool,
+    fmt: str, bits: int, group_size: int, out_features: int, in_features: int, weight_dtype: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """(dX [S, in_features], dA, dB, dbias [E, N]), dX and dbias in dY's dtype; ``saved`` is Pd (QA-LoRA)
+    or X (LoRA); an unneeded result is an empty [0] tensor."""
+    from .autograd.experts import grouped_experts_backward_impl
+
+    qw = _qw(qweight, scales, biases, absmax, absmax_scale, absmax_offset, perm, fmt, bits, group_size,
+             out_features, in_features, weight_dtype)  # fmt: skip
+    m = _method(method)
+    with torch.no_grad():
+        dx, da, db, dbias = grouped_experts_backward_impl(
+            dy, saved if m is not None else None, offsets, lora_a, lora_b, qw, num_experts, scaling, m, dropout,
+            _seed_of(seed), needs_dx, needs_da and m is not None, needs_db and m is not None, needs_dbias)
+    dx = None if dx is None else dx.to(dy.dtype)
+    dbias = None if dbias is None else dbias.to(dy.dtype)
+    return (_or_empty(dx, dy), _or_empty(da, dy if lora_a is None else lora_a),
+            _or_empty(db, dy if lora_b is None else lora_b), _or_empty(dbias, dy))  # fmt: skip
+
+
+@grouped_experts_linear_backward.register_fake
+def _(dy, saved, seed, offsets, lora_a, lora_b, qweight, scales, biases, absmax, absmax_scale, absmax_offset, perm,
+      num_experts, scaling, method, dropout, needs_dx, needs_da, needs_db, needs_dbias, fmt, bits, group_size,
+      out_features, in_features, weight_dtype):  # fmt: skip
+    adapter = bool(method)
+    dx = dy.new_empty((dy.shape[0], in_features) if needs_dx else (0,))
+    da = lora_a.new_empty(lora_a.shape) if needs_da and adapter else dy.new_empty((0,)) if lora_a is None else \
+        lora_a.new_empty((0,))
+    db = lora_b.new_empty(lora_b.shape) if needs_db and adapter else dy.new_empty((0,)) if lora_b is None else \
+        lora_b.new_empty((0,))
+    dbias = dy.new_empty((num_experts, out_features // num_experts) if needs_dbias else (0,))
+    return dx, da, db, dbias
+
+
+def _grouped_setup(ctx, inputs, output):
+    # inputs: x, offsets, 7 packed tensors, bias, lora_a, lora_b, num_experts, scaling, method, dropout, 6 attrs
+    method = inputs[14]
+    ctx.saved = inputs[0] if method == "lora" else output[1]
+    ctx.seed = output[2]
+    ctx.offsets = inputs[1]
+    ctx.packed = inputs[2:9]
+    ctx.lora = inputs[10:12]
+    ctx.num_experts, ctx.scaling, ctx.method, ctx.dropout = inputs[12:16]
+    ctx.attrs = inputs[16:]
+
+
+def _grouped_backward(ctx, dy, d_pooled, d_seed):
+    need = ctx.needs_input_grad
+    dx, da, db, dbias = grouped_experts_linear_backward(
+        dy, ctx.saved, ctx.seed, ctx.offsets, *ctx.lora, *ctx.packed, ctx.num_experts, ctx.scaling, ctx.method,
+        ctx.dropout, need[0], need[10], need[11], need[9], *ctx.attrs)  # fmt: skip
+    return ((dx if need[0] else None,) + (None,) * 8 + (dbias if need[9] else None, da if need[10] else None,
+                                                       db if need[11] else None) + (None,) * 10)  # fmt: skip
+
+
+grouped_experts_linear.register_autograd(_grouped_backward, setup_context=_grouped_setup)
 
 
 # ---- helpers ----------------------------------------------------------------------------------------

@@ -128,3 +128,81 @@ def test_adapter_ops_opcheck(method):
     activation = saved[0].detach() if method == "qalora" else x.detach()  # no double backward: no grads in
     torch.library.opcheck(backward, (dy, activation, saved[-1], a.detach(), b.detach(), *tensors, 2.0, 0.0, True,
                                      False, True, *attrs))  # fmt: skip
+
+
+# ---- mixture of experts: the grouped expert ops ----------------------------------------------------
+def tiny_moe_experts(method, dropout=0.0):
+    """The experts of a tiny Mixtral's first layer (5 experts, top-2, H = I = 64), quantized INT4 g32
+    with a per-expert adapter whose B is non-zero (the adapter term is a sizeable part of Y and dX)."""
+    transformers = pytest.importorskip("transformers")
+    from qlk.nn.experts import QuantExperts
+
+    cfg = transformers.MixtralConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                     num_key_value_heads=2, vocab_size=32, num_local_experts=5, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    model = qlk.patch_model(transformers.AutoModelForCausalLM.from_config(cfg), bits=4, group_size=32,
+                            method=method, r=R, dropout=dropout, verbose=False)  # fmt: skip
+    experts = next(m for m in model.modules() if isinstance(m, QuantExperts))
+    with torch.no_grad():
+        for proj in experts.projections.values():
+            proj.lora_B.normal_(0, 0.5)
+    return experts.train()
+
+
+@pytest.mark.skipif(not INTERPRETED and not torch.cuda.is_available(), reason="needs the Triton kernels")
+@pytest.mark.parametrize("method,dropout", [("qalora", 0.0), ("lora", 0.3)])
+def test_compiled_moe_experts_run_the_grouped_ops(method, dropout):
+    """A compiled QuantExperts (routing, both stacked projections, the gate, the weighted sum) is one
+    graph (fullgraph=True) whose forward calls ``qlk::grouped_experts_linear`` once per projection and
+    whose backward calls its backward op, with no torch re-implementation of the adapters; output and
+    gradients (X, every expert's A and B) equal eager's. Routing: expert 1 gets no token, expert 0
+    one, the others several (5 tokens × top-2)."""
+    experts = tiny_moe_experts(method, dropout)
+    top_k = torch.tensor([[0, 2], [2, 3], [4, 2], [3, 4], [2, 4]])
+    weights = torch.rand(5, 2, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(2))
+
+    def fn(h):
+        return experts(h, top_k, weights)
+
+    graphs = {}
+    with qlk.use_backend("triton"):
+        eager = run(fn, experts, x)
+        torch._dynamo.reset()
+        compiled = run(torch.compile(fn, fullgraph=True, backend=recording_backend(graphs)), experts, x)
+    fw, bw = graphs["fw"], graphs["bw"]
+    assert len(fw) == 1 and len(bw) == 1
+    assert fw[0].count("qlk.grouped_experts_linear.default") == 2
+    assert bw[0].count("qlk.grouped_experts_linear_backward.default") == 2
+    for torch_math in ("aten.mm", "aten.addmm", "aten.mean", "aten.matmul", "aten.bmm"):
+        assert torch_math not in fw[0], f"the compiled forward re-implements the experts with {torch_math}"
+    assert "aten.bmm" not in bw[0] and "aten.mean" not in bw[0]
+    assert len(compiled[2]) == 4  # A and B of both projections
+    for c, e in zip((compiled[0], compiled[1], *compiled[2]), (eager[0], eager[1], *eager[2])):
+        assert c.shape == e.shape and c.dtype == e.dtype
+        torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["qalora", ""])
+def test_grouped_expert_ops_opcheck(method):
+    """Schema, fake (meta) implementations and registered autograd of the grouped expert ops (with a
+    trainable per-expert bias; an expert without rows)."""
+    from qlk.nn.experts import QuantExpertProj
+
+    torch.manual_seed(0)
+    proj = QuantExpertProj.from_dense(torch.randn(3, 16, K), torch.randn(3, 16), False, bits=4, group_size=32,
+                                      method=method or None, r=R)  # fmt: skip
+    tensors, attrs = custom_ops.unpack(proj.qweight)
+    offsets = torch.tensor([0, 2, 2, 5])
+    x = torch.randn(6, K, requires_grad=True)
+    bias = proj.bias.detach().clone().requires_grad_(True)
+    lora = (proj.lora_A.detach().clone().requires_grad_(True),
+            proj.lora_B.detach().clone().requires_grad_(True)) if method else (None, None)  # fmt: skip
+    op = torch.ops.qlk.grouped_experts_linear.default
+    args = (x, offsets, *tensors, bias, *lora, 3, 2.0, method, 0.0, *attrs)
+    torch.library.opcheck(op, args)
+    y, saved, seed = op(*args)
+    backward = torch.ops.qlk.grouped_experts_linear_backward.default
+    torch.library.opcheck(backward, (torch.randn_like(y), saved.detach(), seed, offsets,
+                                     *(t.detach() if t is not None else None for t in lora), *tensors, 3, 2.0, method,
+                                     0.0, True, bool(method), bool(method), True, *attrs))  # fmt: skip

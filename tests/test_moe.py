@@ -123,6 +123,52 @@ def test_grouped_kernels_other_tilings_fp16_pool_and_empty():
     assert torch.equal(y_none, torch.zeros(5, n))
 
 
+# experts with 0, 1, odd and many rows, S/E > 32 (the large-M rules: GEMM K loop, NF4 absmax de-nested once)
+COUNTS_LARGE = [0, 1, 17, 113]
+
+
+@needs_kernels
+@pytest.mark.parametrize("f", FORMATS[:4], ids=fmt_id)
+def test_grouped_round2_paths_fp16_nan_poisoned(f, monkeypatch):
+    """fp16 activations through both forward K loops on the same rows: DECODE (the small-M loop:
+    INT decoded into fp16 by decode_tile's twin, padding rows masked) and the GEMM loop (NF4 with
+    absmax de-nested once per call, S/E > 32), QA-LoRA pooling in both (INT); the input gradient on
+    the transposed fp16 tile of quant_tile_t (NF4 de-nested). Outputs start as NaN; the rows past
+    offsets[E] hold NaN in X / dY and must come out 0. N = 24 (ragged second N tile), K = 128
+    (four K tiles of 32: a g64/g128 group spans several, pooled across tiles). NF4 has no DECODE
+    variant here (its decode loop is the fp32 tile of the tests above)."""
+    from qlk.kernels import grouped_matmul as gm
+
+    monkeypatch.setattr(gm, "_output", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
+                                                                                device=device))
+    fmt, bits, g, dq = f
+    e_count, n, k = len(COUNTS_LARGE), 24, 128
+    gen = torch.Generator().manual_seed(31)
+    qw = qlk.quantize(torch.randn(e_count * n, k, generator=gen), bits=bits, group_size=g, fmt=fmt, double_quant=dq)
+    w = oracle_weight(qw).reshape(e_count, n, k)
+    off = offsets_of(COUNTS_LARGE)
+    routed = int(off[-1])
+    assert routed + 2 > 32 * e_count  # not the small-M rules
+    x, dy = torch.randn(routed + 2, k, generator=gen).half(), torch.randn(routed + 2, n, generator=gen).half()
+    x[routed:], dy[routed:] = float("nan"), float("nan")
+    bias = torch.randn(e_count, n, generator=gen).half()
+    y_ref = per_expert(x[:routed], off, lambda e, xe: xe @ w[e].t() + bias[e].double())
+    pool = fmt == "int"
+    for decode in (True, False) if fmt == "int" else (False,):
+        cfg = dict(BLOCK_N=16, BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=1, DECODE=decode)
+        y, pooled = grouped_matmul_forward(x, qw, off, e_count, bias, pool=pool, config=cfg)
+        assert torch.equal(y[routed:], torch.zeros(2, n, dtype=torch.half)), decode
+        assert not y.isnan().any(), decode
+        assert ((y[:routed].double() - y_ref).norm() / y_ref.norm()) < 2e-3, decode
+        if pool:
+            torch.testing.assert_close(pooled[:routed], x[:routed].float().reshape(routed, k // g, g).mean(-1),
+                                       rtol=1e-3, atol=1e-3)
+    dx = grouped_matmul_grad_input(dy, qw, off, e_count)
+    dx_ref = per_expert(dy[:routed], off, lambda e, de: de @ w[e])
+    assert torch.equal(dx[routed:], torch.zeros(2, k, dtype=torch.half)) and not dx.isnan().any()
+    assert ((dx[:routed].double() - dx_ref).norm() / dx_ref.norm()) < 2e-3
+
+
 # ---- adapters per expert: autograd against float64 per-expert formulas ------------------------------------
 @pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_kernels)])
 @pytest.mark.parametrize("method,shared", [("qalora", False), ("qalora", True), ("lora", False)])

@@ -59,6 +59,16 @@ MUTANTS = [
     dict(id="grouped-tile-bound-drops-sentinel-group", cls="tile map", file="qlk/kernels/grouped_matmul.py",
          old="(block_m - 1) * min(e + 1, rows)) // block_m))", new="(block_m - 1) * min(e, rows)) // block_m))",
          tests=["tests/test_moe.py", "-k", "tile_map or grouped_kernels"]),
+    # ---- grouped (MoE) round-2 tiles ---------------------------------------------------------------
+    dict(id="grouped-decode-pool-drops-running-sum", cls="multi-tile reduction",
+         file="qlk/kernels/grouped_matmul.py",
+         old="p_run = _pool_tile(p_ptr, xt, p_run, offs_m, k0, row_end, K, stride_pm, GROUP_SIZE, BLOCK_M, BLOCK_K)",
+         new="_pool_tile(p_ptr, xt, p_run, offs_m, k0, row_end, K, stride_pm, GROUP_SIZE, BLOCK_M, BLOCK_K)",
+         tests=["tests/test_moe.py", "-k", "round2"]),
+    dict(id="grouped-grad-tile-rounded-to-fp16", cls="precision", file="qlk/kernels/grouped_matmul.py",
+         old="BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K,\n                                     dy_ptr.dtype.element_ty)",
+         new="BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K,\n                                     tl.float16)",
+         tests=["tests/test_moe.py", "-k", "grouped_kernels_match"]),
     # ---- config rules and the fused / dequantize dispatcher (qlk/kernels/heuristics.py) -----------
     dict(id="rules-pick-lowest-score", cls="config rule", file="qlk/kernels/heuristics.py",
          old="return max(scored, key=lambda s: (round(s.score, 6), -s.ctas, -s.index))",

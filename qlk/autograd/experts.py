@@ -139,6 +139,79 @@ def folded_weight_args(qw: QuantizedWeight, lora_a, lora_b, scaling: float, num_
     return (args[0], scales, folded) + args[3:7] + (args[7], scales.stride(0), scales.stride(1)), meta
 
 
+def _fused(method, seed, qw: QuantizedWeight, device, cd) -> bool:
+    """Whether QA-LoRA runs fused (adapter folded into the group biases): INT, no dropout, kernels."""
+    return method == "qalora" and seed is None and qw.fmt == "int" and _use_kernels(device, qw, cd)
+
+
+def grouped_experts_forward_impl(x2, qw, offsets, num_experts, bias, lora_a, lora_b, scaling, method, dropout):
+    """(Y [S, N] in x2's dtype, saved, seed): the forward of :class:`GroupedExpertsFunction` on x2 in the
+    compute dtype with autocast off. ``saved``: QA-LoRA's Pd [S, K/g] (accumulation dtype), LoRA's x2,
+    None without adapter; ``seed``: the dropout seed or None. Shared by the Function and the
+    ``qlk::grouped_experts_linear`` op (qlk/custom_ops.py), so compiled and eager run the same kernels."""
+    cd = x2.dtype
+    acc = accumulate_dtype(cd)
+    g = qw.group_size
+    seed = draw_seed() if method is not None and dropout > 0 else None
+    saved = None
+    if _fused(method, seed, qw, x2.device, cd):
+        wargs = folded_weight_args(qw, lora_a, lora_b, scaling, num_experts)
+        y, pooled = _gm().grouped_matmul_forward(x2, qw, offsets, num_experts, bias, wargs=wargs, pool=True)
+        saved = pooled.to(acc)
+    else:
+        y = grouped_base(x2, qw, offsets, num_experts, bias)
+        if method is not None:
+            seg = Segments(offsets, x2.shape[0])
+            inp = x2.to(acc)
+            if method == "qalora":
+                inp = inp.reshape(inp.shape[0], qw.in_features // g, g).mean(-1)  # P(X) [S, G]
+            if seed is not None:
+                inp = inp * dropout_mask(inp.shape, dropout, seed, inp.device, acc)
+            term, _ = _low_rank(inp, lora_a, lora_b, seg, acc)
+            y = (y.to(acc) + scaling * term).to(cd)
+            # QA-LoRA keeps P(X) only; LoRA keeps X (in the compute dtype, like the dense layer)
+            saved = inp if method == "qalora" else x2
+    return y, saved, seed
+
+
+def grouped_experts_backward_impl(dy2, saved, offsets, lora_a, lora_b, qw, num_experts, scaling, method, dropout,
+                                  seed, needs_dx, needs_da, needs_db, needs_dbias):
+    """(dX, dA, dB, dbias) of :func:`grouped_experts_forward_impl` (None where not needed), dy2 in the
+    compute dtype; dX in dy2's dtype or (unfused adapters) the accumulation dtype, dbias in the
+    accumulation dtype: the caller casts each once."""
+    cd = dy2.dtype
+    acc = accumulate_dtype(cd)
+    e, s = num_experts, scaling
+    dx = dbias = da = db = None
+    seg = Segments(offsets, dy2.shape[0]) if method is not None or needs_dbias else None
+    if method is None:
+        if needs_dx:
+            dx = grouped_base_grad(dy2, qw, offsets, e)
+    else:
+        inp = saved.to(acc)
+        if method == "lora" and seed is not None:
+            inp = inp * dropout_mask(inp.shape, dropout, seed, inp.device, acc)
+        dy_acc = dy2.to(acc)
+        _, u = _low_rank(inp, lora_a, lora_b, seg, acc)
+        v, da, db = _adapter_grads(dy_acc, inp, u, lora_a, lora_b, seg, s, acc, needs_da, needs_db)
+        if needs_dx:
+            if _fused(method, seed, qw, dy2.device, cd):
+                wargs = folded_weight_args(qw, lora_a, lora_b, s, e)
+                dx = _gm().grouped_matmul_grad_input(dy2, qw, offsets, e, wargs=wargs)
+            else:
+                extra = _times_a(v, lora_a, seg, acc) * s
+                if seed is not None:
+                    extra = extra * dropout_mask(extra.shape, dropout, seed, extra.device, acc)
+                if method == "qalora":
+                    extra = (extra / qw.group_size).repeat_interleave(qw.group_size, dim=-1)
+                dx = grouped_base_grad(dy2, qw, offsets, e).to(acc) + extra
+        da = None if da is None else da.to(lora_a.dtype)
+        db = None if db is None else db.to(lora_b.dtype)
+    if needs_dbias:
+        dbias = seg.sum_rows(dy2.to(acc))
+    return dx, da, db, dbias
+
+
 class GroupedExpertsFunction(torch.autograd.Function):
     """One stacked expert projection (base, LoRA or QA-LoRA per expert); see the module docstring."""
 
@@ -146,35 +219,13 @@ class GroupedExpertsFunction(torch.autograd.Function):
     @custom_fwd(device_type="cuda")
     def forward(ctx, x, qw, offsets, num_experts, bias, lora_a, lora_b, scaling, method, dropout):
         cd = compute_dtype(x)
-        acc = accumulate_dtype(cd)
-        g = qw.group_size
         with autocast_off(x.device.type):
-            x2 = x.to(cd)
-            bias_c = None if bias is None else bias.to(cd)
-            seg = Segments(offsets, x2.shape[0]) if method is not None else None
-            seed = draw_seed() if method is not None and dropout > 0 else None
-            fused = (method == "qalora" and seed is None and qw.fmt == "int"
-                     and _use_kernels(x.device, qw, cd))
-            saved = None
-            if fused:
-                wargs = folded_weight_args(qw, lora_a, lora_b, scaling, num_experts)
-                y, pooled = _gm().grouped_matmul_forward(x2, qw, offsets, num_experts, bias_c, wargs=wargs, pool=True)
-                saved = pooled.to(acc)
-            else:
-                y = grouped_base(x2, qw, offsets, num_experts, bias_c)
-                if method is not None:
-                    inp = x2.to(acc)
-                    if method == "qalora":
-                        inp = inp.reshape(inp.shape[0], qw.in_features // g, g).mean(-1)  # P(X) [S, G]
-                    if seed is not None:
-                        inp = inp * dropout_mask(inp.shape, dropout, seed, inp.device, acc)
-                    term, _ = _low_rank(inp, lora_a, lora_b, seg, acc)
-                    y = (y.to(acc) + scaling * term).to(cd)
-                    # QA-LoRA keeps P(X) only; LoRA keeps X (in the compute dtype, like the dense layer)
-                    saved = inp if method == "qalora" else x2
+            y, saved, seed = grouped_experts_forward_impl(x.to(cd), qw, offsets, num_experts,
+                                                          None if bias is None else bias.to(cd), lora_a, lora_b,
+                                                          scaling, method, dropout)
         ctx.save_for_backward(saved, lora_a, lora_b, offsets)
         ctx.qw, ctx.num_experts, ctx.scaling, ctx.method, ctx.dropout, ctx.seed = qw, num_experts, scaling, method, dropout, seed
-        ctx.fused, ctx.compute_dtype, ctx.x_dtype, ctx.seg = fused, cd, x.dtype, seg
+        ctx.compute_dtype, ctx.x_dtype = cd, x.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
@@ -182,40 +233,14 @@ class GroupedExpertsFunction(torch.autograd.Function):
     @custom_bwd(device_type="cuda")
     def backward(ctx, dy):
         saved, a, b, offsets = ctx.saved_tensors
-        qw, e, s, cd, seg = ctx.qw, ctx.num_experts, ctx.scaling, ctx.compute_dtype, ctx.seg
-        acc = accumulate_dtype(cd)
-        dx = dbias = da = db = None
+        need = ctx.needs_input_grad
         with autocast_off(dy.device.type):
-            dy2 = dy.to(cd)
-            if ctx.method is None:
-                if ctx.needs_input_grad[0]:
-                    dx = grouped_base_grad(dy2, qw, offsets, e).to(ctx.x_dtype)
-            else:
-                inp = saved.to(acc)
-                if ctx.method == "lora" and ctx.seed is not None:
-                    mask = dropout_mask(inp.shape, ctx.dropout, ctx.seed, inp.device, acc)
-                    inp = inp * mask
-                dy_acc = dy2.to(acc)
-                _, u = _low_rank(inp, a, b, seg, acc)
-                v, da, db = _adapter_grads(dy_acc, inp, u, a, b, seg, s, acc, ctx.needs_input_grad[5],
-                                           ctx.needs_input_grad[6])
-                if ctx.needs_input_grad[0]:
-                    if ctx.fused:
-                        wargs = folded_weight_args(qw, a, b, s, e)
-                        dx = _gm().grouped_matmul_grad_input(dy2, qw, offsets, e, wargs=wargs)
-                    else:
-                        extra = _times_a(v, a, seg, acc) * s
-                        if ctx.seed is not None:
-                            extra = extra * dropout_mask(extra.shape, ctx.dropout, ctx.seed, extra.device, acc)
-                        if ctx.method == "qalora":
-                            extra = (extra / qw.group_size).repeat_interleave(qw.group_size, dim=-1)
-                        dx = grouped_base_grad(dy2, qw, offsets, e).to(acc) + extra
-                    dx = dx.to(ctx.x_dtype)
-                da = None if da is None else da.to(a.dtype)
-                db = None if db is None else db.to(b.dtype)
-            if ctx.needs_input_grad[4]:
-                seg = seg or Segments(offsets, dy2.shape[0])
-                dbias = seg.sum_rows(dy2.to(acc)).to(ctx.bias_dtype)
+            dx, da, db, dbias = grouped_experts_backward_impl(
+                dy.to(ctx.compute_dtype), saved, offsets, a, b, ctx.qw, ctx.num_experts, ctx.scaling, ctx.method,
+                ctx.dropout, ctx.seed, need[0], need[5] if ctx.method else False, need[6] if ctx.method else False,
+                need[4])
+        dx = None if dx is None else dx.to(ctx.x_dtype)
+        dbias = None if dbias is None else dbias.to(ctx.bias_dtype)
         return dx, None, None, None, dbias, da, db, None, None, None
 
 

@@ -201,7 +201,9 @@ def grouped_config(direction: str, small_m: bool, rows_per_expert: float = 0.0, 
             if full and not (folded and bits == 3):
                 return dict(BLOCK_N=128, BLOCK_M=256, BLOCK_K=64, num_warps=8, num_stages=3)
             return dict(BLOCK_N=128, BLOCK_M=128, BLOCK_K=64, num_warps=8, num_stages=4)
-        return dict(BLOCK_N=128, BLOCK_M=128, BLOCK_K=32, num_warps=8 if folded else 4, num_stages=4)
+        if folded:  # the dense QA-LoRA GEMM's sm_80 tile: 256 weight rows over 8 warps (the 4-warp tile spills)
+            return dict(BLOCK_N=256, BLOCK_M=128, BLOCK_K=32, num_warps=8, num_stages=3)
+        return dict(BLOCK_N=128, BLOCK_M=128, BLOCK_K=32, num_warps=4, num_stages=4)
     if small_m:
         if hopper:
             return dict(BLOCK_N=256, BLOCK_M=16, BLOCK_K=64, num_warps=4, num_stages=3)
@@ -210,6 +212,8 @@ def grouped_config(direction: str, small_m: bool, rows_per_expert: float = 0.0, 
         if full and not folded:  # QA-LoRA's input gradient (fp32 folded biases): not compiled at 256 rows yet
             return dict(BLOCK_N=64, BLOCK_M=256, BLOCK_K=128, num_warps=8, num_stages=3)
         return dict(BLOCK_N=64, BLOCK_M=128, BLOCK_K=128, num_warps=8, num_stages=4)
+    if full and not folded:  # the dense gradient's wide sm_80 tile: the Ŵᵀ layout change spread over 256 columns
+        return dict(BLOCK_N=32, BLOCK_M=256, BLOCK_K=128, num_warps=8, num_stages=3)
     return dict(BLOCK_N=32, BLOCK_M=128, BLOCK_K=128, num_warps=8, num_stages=3)
 
 

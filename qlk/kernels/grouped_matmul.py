@@ -52,8 +52,10 @@ from .._checks import check_grouped
 from ..formats.nf4 import nf4_absmax
 from ..formats.quantized_weight import QuantizedWeight
 from .config import INTERPRETED, grouped_config, grouped_split_k, num_sms
-from .fused_matmul import _as_2d, _fwd_loop, _precision
+from .decode_tile import _decode_int_tile
+from .fused_matmul import _as_2d, _fwd_loop, _pool_tile, _precision
 from .quant_tile import _dequant_tile, supports, weight_args
+from .quant_tile_t import _dequant_tile_t
 
 #: average routed rows per expert (S / E) at or below which the 16-row (small-M) tiles are used
 SMALL_M_ROWS = 32
@@ -62,6 +64,42 @@ SMALL_M_ROWS = 32
 # ------------------------------------------------------------------------------------------------
 # kernels
 # ------------------------------------------------------------------------------------------------
+@triton.jit
+def _decode_loop(x_rows, mask_m, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
+                 stride_qn, stride_sn, stride_sg, rows_w, offs_m, row_end, k_start, k_end, K, stride_xk, stride_pm,
+                 BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, POOL: tl.constexpr, PACKED_DEQUANT: tl.constexpr,
+                 EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The small-M K loop over k_start .. k_end: acc = Ŵ[rows_w, k range]·Xᵀ [BLOCK_N, BLOCK_M].
+
+    The dense split-K decode loop (:func:`qlk.kernels.fused_matmul._quant_matmul_splitk_kernel`): INT
+    weights with fp16/bf16 activations are decoded straight into the activation dtype by
+    :func:`qlk.kernels.decode_tile._decode_int_tile` (half2 inline asm when PACKED_DEQUANT, its
+    Triton twin under the interpreter); NF4 and fp32 activations take the fp32 ``_dequant_tile``.
+    Padding rows of the tile are masked to 0 (``mask_m``), not clamped: a decode tile is mostly
+    padding, and no x row is read BLOCK_M times over. POOL: P(X) of the tile's rows (one slice,
+    k_start = 0: a group larger than BLOCK_K is summed over its tiles)."""
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    p_run = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    ACT: tl.constexpr = x_rows.dtype.element_ty
+    HALF_INT: tl.constexpr = (not IS_NF4) and (ACT == tl.float16 or ACT == tl.bfloat16)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        if HALF_INT:
+            w = _decode_int_tile(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, rows_w, k0, K,
+                                 ACT, BITS, GROUP_SIZE, PACKED_DEQUANT, EVEN_K, BLOCK_N, BLOCK_K)
+        else:
+            w = _dequant_tile(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
+                              stride_qn, stride_sn, stride_sg, rows_w, k0, K,
+                              BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        xt = tl.load(x_rows[None, :] + offs_k[:, None] * stride_xk,
+                     mask=mask_m[None, :] & (offs_k[:, None] < K), other=0.0)
+        acc = tl.dot(w.to(xt.dtype), xt, acc, input_precision=DOT_PRECISION)
+        if POOL:
+            p_run = _pool_tile(p_ptr, xt, p_run, offs_m, k0, row_end, K, stride_pm, GROUP_SIZE, BLOCK_M, BLOCK_K)
+    return acc
+
+
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
 def _grouped_matmul_fwd_kernel(
@@ -75,10 +113,14 @@ def _grouped_matmul_fwd_kernel(
     N, K, NUM_EXPERTS,
     stride_xm, stride_xk, stride_ym, stride_yn, stride_be, stride_pm,
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, POOL: tl.constexpr, EVEN_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, POOL: tl.constexpr, DECODE: tl.constexpr,
+    PACKED_DEQUANT: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Y[s, n] = Σ_k X[s, k]·Ŵ[e·N + n, k] (+ bias[e, n]) for the rows s of M tile t (all of expert e)."""
+    """Y[s, n] = Σ_k X[s, k]·Ŵ[e·N + n, k] (+ bias[e, n]) for the rows s of M tile t (all of expert e).
+
+    DECODE (small M): the K loop of :func:`_decode_loop` (packed half2 INT decoding, masked
+    padding rows); else the dense GEMM's :func:`qlk.kernels.fused_matmul._fwd_loop`."""
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(tile_expert_ptr + pid_t)
@@ -94,13 +136,28 @@ def _grouped_matmul_fwd_kernel(
         else:
             # the expert's weight rows; rows past N are clamped (computed, never stored)
             rows_w = e * N + tl.minimum(offs_n, N - 1)
-            x_rows = x_ptr + tl.minimum(offs_m, row_end - 1).to(tl.int64) * stride_xm
-            if POOL and pid_n == 0:
+            if DECODE:
+                x_rows = x_ptr + offs_m.to(tl.int64) * stride_xm
+                if POOL and pid_n == 0:
+                    acc = _decode_loop(x_rows, offs_m < row_end, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr,
+                                       am_offset_ptr, lut_ptr, dyn_ptr, stride_qn, stride_sn, stride_sg, rows_w,
+                                       offs_m, row_end, 0, K, K, stride_xk, stride_pm,
+                                       BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, True, PACKED_DEQUANT,
+                                       EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K)
+                else:
+                    acc = _decode_loop(x_rows, offs_m < row_end, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr,
+                                       am_offset_ptr, lut_ptr, dyn_ptr, stride_qn, stride_sn, stride_sg, rows_w,
+                                       offs_m, row_end, 0, K, K, stride_xk, stride_pm,
+                                       BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, False, PACKED_DEQUANT,
+                                       EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K)
+            elif POOL and pid_n == 0:
+                x_rows = x_ptr + tl.minimum(offs_m, row_end - 1).to(tl.int64) * stride_xm
                 acc = _fwd_loop(x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
                                 stride_qn, stride_sn, stride_sg, rows_w, offs_m, row_end, K, stride_xk, stride_pm,
                                 BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, True, EVEN_K,
                                 BLOCK_N, BLOCK_M, BLOCK_K)
             else:
+                x_rows = x_ptr + tl.minimum(offs_m, row_end - 1).to(tl.int64) * stride_xm
                 acc = _fwd_loop(x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
                                 stride_qn, stride_sn, stride_sg, rows_w, offs_m, row_end, K, stride_xk, stride_pm,
                                 BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, False, EVEN_K,
@@ -126,7 +183,7 @@ def _grouped_matmul_splitk_kernel(
     N, K, NUM_EXPERTS,
     stride_xm, stride_xk,
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, PACKED_DEQUANT: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Small-M split-K: program (t, j, s) adds Σ_{k in slice s} X[m, k]·Ŵ[e·N + n, k] for the rows m
@@ -149,15 +206,10 @@ def _grouped_matmul_splitk_kernel(
         # a decode tile is mostly padding: padding rows are masked to 0, not clamped (no x row is
         # read BLOCK_M times over)
         x_rows = x_ptr + offs_m.to(tl.int64) * stride_xm
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        for k0 in range(k_start, k_end, BLOCK_K):
-            w = _dequant_tile(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
-                              stride_qn, stride_sn, stride_sg, rows_w, k0, K,
-                              BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K)
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            xt = tl.load(x_rows[None, :] + offs_k[:, None] * stride_xk,
-                         mask=mask_m[None, :] & (offs_k[:, None] < K), other=0.0)
-            acc = tl.dot(w.to(xt.dtype), xt, acc, input_precision=DOT_PRECISION)
+        acc = _decode_loop(x_rows, mask_m, ws_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr,
+                           dyn_ptr, stride_qn, stride_sn, stride_sg, rows_w, offs_m, row_end, k_start, k_end, K,
+                           stride_xk, 0, BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, False,
+                           PACKED_DEQUANT, EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K)
         mask = (offs_n[:, None] < N) & mask_m[None, :]
         tl.atomic_add(ws_ptr + offs_m[None, :].to(tl.int64) * N + offs_n[:, None], acc, mask=mask, sem="relaxed")
 
@@ -196,11 +248,14 @@ def _grouped_matmul_grad_input_kernel(
             for n0 in range(0, N, BLOCK_N):
                 offs_n = n0 + tl.arange(0, BLOCK_N)
                 # clamped weight rows are finite and meet dY columns masked to 0: they add exactly 0
-                w = _dequant_tile(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
-                                  stride_qn, stride_sn, stride_sg, e * N + tl.minimum(offs_n, N - 1), k0, K,
-                                  BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K)
+                # Ŵᵀ rounded to dY's dtype on the packed shape (the dense gradient's tile): the layout
+                # change to the MMA operand moves 16-bit values, not int32 codes
+                wt = _dequant_tile_t(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
+                                     stride_qn, stride_sn, stride_sg, e * N + tl.minimum(offs_n, N - 1), k0, K,
+                                     BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K,
+                                     dy_ptr.dtype.element_ty)
                 dyt = tl.load(dy_rows[None, :] + offs_n[:, None] * stride_dyn, mask=offs_n[:, None] < N, other=0.0)
-                acc = tl.dot(tl.trans(w.to(dyt.dtype)), dyt, acc, input_precision=DOT_PRECISION)
+                acc = tl.dot(wt, dyt, acc, input_precision=DOT_PRECISION)
             dx_ptrs = dx_ptr + offs_m[None, :].to(tl.int64) * stride_dxm + offs_k[:, None] * stride_dxk
             dx_mask = (offs_m[None, :] < row_end) & (offs_k[:, None] < K)
             tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=dx_mask)
@@ -233,6 +288,12 @@ def _tile_map(offsets: torch.Tensor, rows: int, block_m: int):
     return tile_expert.to(torch.int32), tile_row.to(torch.int32), bounds
 
 
+def _output(shape, dtype, device) -> torch.Tensor:
+    """The launchers' output buffer: every element is written by a kernel (the tests replace this
+    function to poison it with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _small(rows: int, num_experts: int) -> bool:
     return rows <= SMALL_M_ROWS * num_experts
 
@@ -259,17 +320,20 @@ def grouped_matmul_forward(x: torch.Tensor, qw: QuantizedWeight, offsets: torch.
     s = x2.shape[0]
     if bias is not None and (bias.shape != (num_experts, n) or bias.device != x.device):
         raise ValueError(f"bias must be [{num_experts}, {n}] on {x.device}; got {list(bias.shape)} on {bias.device}")
-    out = torch.empty((s, n), dtype=x.dtype, device=x.device)
+    out = _output((s, n), x.dtype, x.device)
     g = qw.group_size
     pooled = torch.zeros((s, k // g), dtype=torch.float32, device=x.device) if pool else None
     if s == 0:
         return out, pooled
-    args, meta = wargs if wargs is not None else weight_args(qw)
     cfg = dict(config or tiles_for("fwd", s, num_experts, qw, folded=wargs is not None or pool))
+    small = _small(s, num_experts)
+    decode = cfg.pop("DECODE", small)
     split = cfg.pop("SPLIT_K", None)
     if split is None:  # the interpreter takes the split path only when a test asks for it
-        small = _small(s, num_experts) and not INTERPRETED
-        split = grouped_split_k(s, num_experts, n, k, cfg, num_sms(x.device)) if small else 1
+        split = grouped_split_k(s, num_experts, n, k, cfg, num_sms(x.device)) if small and not INTERPRETED else 1
+    # NF4 double quant: absmax de-nested once per call for the GEMM tiles (the dense GEMM's rule),
+    # in the K loop for decode tiles, where a second launch and pass would cost more
+    args, meta = wargs if wargs is not None else weight_args(qw, denest_absmax=not decode and split == 1)
     if split > 1:
         return _forward_split_k(x2, qw, offsets, num_experts, bias, args, meta, cfg, split, pool, out.dtype)
     fused = pool and g & (g - 1) == 0
@@ -280,7 +344,8 @@ def grouped_matmul_forward(x: torch.Tensor, qw: QuantizedWeight, offsets: torch.
         tile_expert, tile_row, bounds, *args, n, k, num_experts,
         x2.stride(0), x2.stride(1), out.stride(0), out.stride(1), bias.stride(0) if bias is not None else 0,
         pooled.stride(0) if fused else 0,
-        HAS_BIAS=bias is not None, DOT_PRECISION=_precision(x.dtype), POOL=fused, **meta, **cfg)
+        HAS_BIAS=bias is not None, DOT_PRECISION=_precision(x.dtype), POOL=fused, DECODE=decode,
+        PACKED_DEQUANT=not INTERPRETED, **meta, **cfg)
     if pool and not fused:  # a group size that is not a power of two
         torch.mean(x2.reshape(s, k // g, g), dim=-1, dtype=torch.float32, out=pooled)
     return out, pooled
@@ -296,7 +361,7 @@ def _forward_split_k(x2, qw, offsets, num_experts, bias, args, meta, cfg, split,
     grid = (tile_expert.shape[0], triton.cdiv(n, cfg["BLOCK_N"]), split)
     _grouped_matmul_splitk_kernel[grid](
         ws, x2, tile_expert, tile_row, bounds, *args, n, k, num_experts, x2.stride(0), x2.stride(1),
-        DOT_PRECISION=_precision(x2.dtype), **meta, **cfg)
+        DOT_PRECISION=_precision(x2.dtype), PACKED_DEQUANT=not INTERPRETED, **meta, **cfg)
     if bias is not None:  # row s belongs to expert searchsorted(offsets[1:], s); sentinel rows (= E) add 0
         expert = torch.searchsorted(offsets[1:].to(torch.int64), torch.arange(s, device=x2.device), right=True)
         padded = torch.cat([bias.to(torch.float32), bias.new_zeros((1, n), dtype=torch.float32)])
@@ -315,11 +380,11 @@ def grouped_matmul_grad_input(dy: torch.Tensor, qw: QuantizedWeight, offsets: to
     k = qw.in_features
     dy2 = _as_2d(dy, n, "dy")
     s = dy2.shape[0]
-    out = torch.empty((s, k), dtype=dy.dtype, device=dy.device)
+    out = _output((s, k), dy.dtype, dy.device)
     if s == 0:
         return out
-    args, meta = wargs if wargs is not None else weight_args(qw)
     cfg = dict(config or tiles_for("grad", s, num_experts, qw, folded=wargs is not None))
+    args, meta = wargs if wargs is not None else weight_args(qw, denest_absmax=not _small(s, num_experts))
     tile_expert, tile_row, bounds = _tile_map(offsets, s, cfg["BLOCK_M"])
     grid = (tile_expert.shape[0], triton.cdiv(k, cfg["BLOCK_K"]))
     _grouped_matmul_grad_input_kernel[grid](

@@ -205,11 +205,35 @@ class QuantExpertProj(PackedWeightModule):
     # ---- forward -----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """x [S, K] rows sorted by expert, offsets [E+1] -> [S, N]."""
+        if torch.compiler.is_compiling():
+            return self._compiled_forward(x, offsets)
         p = self.dropout if self.training else 0.0
         a = self.lora_A if self.method is not None else None
         b = self.lora_B if self.method is not None else None
         return grouped_experts_linear(x, self.qweight, offsets, self.num_experts, self.bias, a, b, self.scaling,
                                       self.method, p)
+
+    def _compiled_forward(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` under ``torch.compile``: the ``qlk::grouped_experts_linear`` op
+        (qlk/custom_ops.py), which runs the eager Function's implementation (the grouped kernels) behind
+        an op Dynamo traces without a graph break; the compute-dtype casts happen in the graph."""
+        from .. import custom_ops  # registers torch.ops.qlk.*
+        from ..autograd.lora import compute_dtype
+
+        if x.dim() != 2 or x.shape[1] != self.in_features:
+            raise ValueError(f"QuantExpertProj: x has shape {list(x.shape)}, expected [rows, {self.in_features}]")
+        tensors = tuple(self._buffers.get(BUFFERS[f]) for f in custom_ops.FIELDS)
+        attrs = (self.fmt, self.bits, self.group_size, self.num_experts * self.out_features, self.in_features,
+                 str(self.weight_dtype).removeprefix("torch."))
+        cd = compute_dtype(x)
+        bias = None if self.bias is None else self.bias.to(cd)
+        a = self.lora_A if self.method is not None else None
+        b = self.lora_B if self.method is not None else None
+        p = self.dropout if self.training else 0.0
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            y, _, _ = torch.ops.qlk.grouped_experts_linear(x.to(cd), offsets, *tensors, bias, a, b, self.num_experts,
+                                                           float(self.scaling), self.method or "", float(p), *attrs)
+        return y
 
     def extra_repr(self) -> str:
         s = (f"num_experts={self.num_experts}, in_features={self.in_features}, out_features={self.out_features}, "
@@ -250,7 +274,10 @@ def route(top_k_index: torch.Tensor, num_experts: int):
     to no expert. Device ops only."""
     ids = top_k_index.reshape(-1)
     sorted_ids, order = torch.sort(ids, stable=True)
-    counts = torch.bincount(sorted_ids.clamp(max=num_experts).to(torch.int64), minlength=num_experts + 1)
+    # a scatter-add, not bincount: its output shape is known without reading the ids (torch.compile)
+    clamped = sorted_ids.clamp(max=num_experts).to(torch.int64)
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=ids.device).scatter_add_(
+        0, clamped, torch.ones_like(clamped))
     offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=ids.device)
     offsets[1:] = torch.cumsum(counts[:num_experts], 0)
     return order, offsets
