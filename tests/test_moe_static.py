@@ -31,6 +31,7 @@ def test_grouped_kernels_compile_without_spills():
     assert rows and not [r for r in rows if "failed" in r]
     assert not [r for r in rows if r["stack"] or r["spill_ops"]]
     assert not [r for r in rows if r["smem"] > SMEM_LIMIT[r["arch"]]]
-    assert all(r["hgmma"] > 0 for r in rows if r["arch"] == 90)
+    # the GEMMs use wgmma; NF4-DQ at large M also launches the one-pass absmax de-nesting (no MMA)
+    assert all(r["hgmma"] > 0 for r in rows if r["arch"] == 90 and r["kernel"] != "_nf4_denest_kernel")
     assert {r["kernel"] for r in rows} == {"_grouped_matmul_fwd_kernel", "_grouped_matmul_grad_input_kernel",
-                                           "_grouped_matmul_splitk_kernel"}
+                                           "_grouped_matmul_splitk_kernel", "_nf4_denest_kernel"}

@@ -189,7 +189,8 @@ def grouped_config(direction: str, small_m: bool, rows_per_expert: float = 0.0, 
     Register limits, read from the machine code (bench/moe_estimates.py's CSV, 0 spills in all):
     ``folded`` (QA-LoRA's fp32 folded biases and in-kernel pooling) with INT3 spills in the
     256-row sm_90 forward tile, which then stays 128-row; on sm_80 the forward runs 128×128 tiles
-    on 4 warps (two CTAs per SM), 8 warps when folded (4 spill there)."""
+    on 4 warps (two CTAs per SM); folded, the dense QA-LoRA GEMM's 256-weight-row tile on 8 warps
+    (the 4-warp tile spills), and the large-M input gradient the dense gradient's 256-column tile."""
     if INTERPRETED:
         return dict(BLOCK_N=32, BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=1)
     hopper = target_arch() >= 90

@@ -23,15 +23,22 @@ Kernels (no Python loop over experts: one launch per projection and direction):
     no host sync, over an upper bound of min(S, ⌊(S + (BLOCK_M−1)·min(E+1, S)) / BLOCK_M⌋) tiles
     (programs past the end exit).
     The K loop is the dense forward's (:func:`qlk.kernels.fused_matmul._fwd_loop`: weight as the
-    MMA A operand, fp32 accumulation) on weight rows e·N + n. ``POOL`` also writes QA-LoRA's P(X)
+    MMA A operand, fp32 accumulation) on weight rows e·N + n; with small-M tiles (``DECODE``) it is
+    the dense decode kernel's (:func:`_decode_loop`: INT codes decoded straight into the activation
+    dtype by :func:`qlk.kernels.decode_tile._decode_int_tile`, packed half2 inline asm on the GPU,
+    its Triton twin under the interpreter; padding rows masked). ``POOL`` also writes QA-LoRA's P(X)
     from the X tiles of the first N tile (the fused QA-LoRA path, biases folded per expert).
 ``_grouped_matmul_splitk_kernel``  small-M forward with K split: program (t, j, s) adds the partial
-    product of K slice s into an fp32 workspace (atomics), then the launcher adds each row's
+    product of K slice s (:func:`_decode_loop`) into an fp32 workspace (atomics), then the launcher adds each row's
     expert bias and casts. Used when the active experts' tiles fill less than two waves of the
     GPU (:func:`qlk.kernels.config.grouped_split_k`: decode of the few experts a token picks, e.g.
     Mixtral's down projection at one token: 128 CTAs on 132 SMs -> 3 slices).
 ``_grouped_matmul_grad_input_kernel``  program (t, j): dXᵀ tile [BLOCK_K, BLOCK_M] of M tile t,
-    K tile j, reduction over the expert's N rows.
+    K tile j, reduction over the expert's N rows; Ŵᵀ comes from the dense gradient's
+    :func:`qlk.kernels.quant_tile_t._dequant_tile_t` (rounded to dY's dtype on the packed shape).
+
+NF4 with double quantization: the large-M launches de-nest absmax once per call
+(``weight_args(qw, denest_absmax=True)``, the dense GEMM's rule); decode tiles de-nest in the loop.
 
 The tail group (rows >= offsets[E]) gets tiles of its own that store zeros, so no output is
 memset first. Tiles are chosen per call from S and E (:func:`qlk.kernels.config.grouped_config`):
@@ -327,13 +334,15 @@ def grouped_matmul_forward(x: torch.Tensor, qw: QuantizedWeight, offsets: torch.
         return out, pooled
     cfg = dict(config or tiles_for("fwd", s, num_experts, qw, folded=wargs is not None or pool))
     small = _small(s, num_experts)
-    decode = cfg.pop("DECODE", small)
+    # the decode K loop where it decodes into the activation dtype (INT, fp16/bf16); NF4 and fp32
+    # keep the GEMM loop (clamped rows: no row predicates in the loop)
+    decode = cfg.pop("DECODE", small and qw.fmt == "int" and x.dtype in (torch.float16, torch.bfloat16))
     split = cfg.pop("SPLIT_K", None)
     if split is None:  # the interpreter takes the split path only when a test asks for it
         split = grouped_split_k(s, num_experts, n, k, cfg, num_sms(x.device)) if small and not INTERPRETED else 1
-    # NF4 double quant: absmax de-nested once per call for the GEMM tiles (the dense GEMM's rule),
-    # in the K loop for decode tiles, where a second launch and pass would cost more
-    args, meta = wargs if wargs is not None else weight_args(qw, denest_absmax=not decode and split == 1)
+    # NF4 double quant: absmax de-nested once per call for large M (the dense GEMM's rule), in the
+    # K loop for small M, where a second launch and pass would cost more
+    args, meta = wargs if wargs is not None else weight_args(qw, denest_absmax=not small)
     if split > 1:
         return _forward_split_k(x2, qw, offsets, num_experts, bias, args, meta, cfg, split, pool, out.dtype)
     fused = pool and g & (g - 1) == 0
