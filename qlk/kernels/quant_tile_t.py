@@ -39,6 +39,26 @@ from .quant_tile import _dequant_tile, _group_params, _load_int3_planes
 
 
 @triton.jit
+def _spread_bits(x):
+    """Bit b of ``x`` (b < 16, higher bits 0) moved to bit 2b, the other bits 0."""
+    x = (x | (x << 8)) & 0x00FF00FF
+    x = (x | (x << 4)) & 0x0F0F0F0F
+    x = (x | (x << 2)) & 0x33333333
+    return (x | (x << 1)) & 0x55555555
+
+
+@triton.jit
+def _int3_nibble_words(low_plane, high_bits):
+    """INT3 half chunk -> (even, odd): nibble q (bits 4q .. 4q+2) of ``even`` is the code of the
+    half's column 2q, of ``odd`` column 2q + 1. ``low_plane``: the half's low-2-bit word (column i
+    at bits 2i, 2i+1); ``high_bits``: the half's 16 high bits (column i at bit i)."""
+    spread = _spread_bits(high_bits)  # column i's high bit at 2i: 4q (even i = 2q), 4q + 2 (odd)
+    even = (low_plane & 0x33333333) | ((spread << 2) & 0x44444444)
+    odd = ((low_plane >> 2) & 0x33333333) | (spread & 0x44444444)
+    return even, odd
+
+
+@triton.jit
 def _packed_values(qw_ptr, lut_ptr, stride_qn, offs_n, k0, K,
                    BITS: tl.constexpr, IS_NF4: tl.constexpr, EVEN_K: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -73,11 +93,15 @@ def _packed_values(qw_ptr, lut_ptr, stride_qn, offs_n, k0, K,
             w0 = tl.trans(w0)
             w1 = tl.trans(w1)
             w2 = tl.trans(w2)
+            # rebuild two INT4-like words per half h: nibble q of even_h / odd_h is the 3-bit code
+            # of column 16h + 2q / 16h + 2q + 1, so each code costs one shift and one mask like INT4
+            # (extracting low and high bits per pair cost ~5 integer ops per code)
+            even0, odd0 = _int3_nibble_words(w0, w2 & 0xFFFF)
+            even1, odd1 = _int3_nibble_words(w1, (w2 >> 16) & 0xFFFF)
             p = tl.arange(0, 16)[:, None, None]
-            low = tl.where(p < 8, w0[None, :, :], w1[None, :, :]) >> ((p % 8) * 4)
-            high = w2[None, :, :] >> (2 * p)
-            first = (low & 3) | ((high & 1) << 2)
-            second = ((low >> 2) & 3) | ((high & 2) << 1)
+            nib = (p % 8) * 4
+            first = (tl.where(p < 8, even0[None, :, :], even1[None, :, :]) >> nib) & 7
+            second = (tl.where(p < 8, odd0[None, :, :], odd1[None, :, :]) >> nib) & 7
         else:
             PER: tl.constexpr = 32 // BITS
             NW: tl.constexpr = BLOCK_K // PER
