@@ -34,24 +34,24 @@ N = 40  # two full row tiles of 16 and a clamped ragged one
 def _tile_t_kernel(out_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
                    stride_qn, stride_sn, stride_sg, N, K,
                    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-                   EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INT2_HALVES: tl.constexpr):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
     offs_k = k0 + tl.arange(0, BLOCK_K)
     wt = _dequant_tile_t(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
                          stride_qn, stride_sn, stride_sg, tl.minimum(offs_n, N - 1), k0, K,
                          BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K,
-                         out_ptr.dtype.element_ty)
+                         out_ptr.dtype.element_ty, INT2_HALVES)
     tl.store(out_ptr + offs_k[:, None] * N + offs_n[None, :], wt,
              mask=(offs_k[:, None] < K) & (offs_n[None, :] < N))
 
 
-def tile_t(qw, dtype, block_k=64):
+def tile_t(qw, dtype, block_k=64, int2_halves=False):
     n, k = qw.shape
     args, meta = weight_args(qw)
     out = torch.full((k, n), float("nan"), dtype=dtype, device=DEVICE)
     _tile_t_kernel[(triton.cdiv(n, 16), triton.cdiv(k, block_k))](
-        out, *args, n, k, EVEN_K=k % block_k == 0, BLOCK_N=16, BLOCK_K=block_k, **meta)
+        out, *args, n, k, EVEN_K=k % block_k == 0, BLOCK_N=16, BLOCK_K=block_k, INT2_HALVES=int2_halves, **meta)
     return out
 
 
@@ -83,6 +83,16 @@ def test_int_tile_t(case, dtype):
     qw = qlk.quantize(weight(N, k, seed=bits * 100 + g + k), bits=bits, group_size=g).to(DEVICE)
     ref = rounded(oracles.int_dequant64(qw), dtype).t()
     assert torch.equal(tile_t(qw, dtype).cpu(), ref)
+
+
+# INT2 unpacked per half word (the sm_80 variant; 8-column chunks, so g = 8 takes it too)
+@pytest.mark.parametrize("case,dtype", [((2, 64, 320), F16), ((2, 8, 128), BF16), ((2, 16, 208), F16)],
+                         ids=lambda c: str(c).replace("torch.", "").replace(" ", ""))
+def test_int2_half_word_tile_t(case, dtype):
+    bits, g, k = case
+    qw = qlk.quantize(weight(N, k, seed=7 * g + k), bits=bits, group_size=g).to(DEVICE)
+    ref = rounded(oracles.int_dequant64(qw), dtype).t()
+    assert torch.equal(tile_t(qw, dtype, int2_halves=True).cpu(), ref)
 
 
 @pytest.mark.parametrize("block,dq,k,dtype", [(64, True, 256, BF16), (32, False, 224, F16), (32, False, 224, BF16)],

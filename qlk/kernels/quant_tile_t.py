@@ -61,7 +61,7 @@ def _int3_nibble_words(low_plane, high_bits):
 @triton.jit
 def _packed_values(qw_ptr, lut_ptr, stride_qn, offs_n, k0, K,
                    BITS: tl.constexpr, IS_NF4: tl.constexpr, EVEN_K: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INT2_HALVES: tl.constexpr):
     """fp32 values before scaling, q − 2^(b−1) (INT) or NF4[q] (NF4), of columns k0 .. k0+BLOCK_K of
     rows ``offs_n``, as two tensors (even, odd) of the packed shape [C // 2, BLOCK_K // C, BLOCK_N]
     (C: the chunk width): element [p, c, n] of ``even`` is column k0 + C·c + 2·p, of ``odd`` the next
@@ -112,9 +112,18 @@ def _packed_values(qw_ptr, lut_ptr, stride_qn, offs_n, k0, K,
             else:
                 words = tl.load(ptrs, mask=offs_w[None, :] < tl.cdiv(K, PER), other=0)
             words = tl.trans(words)
-            shift = tl.arange(0, PER // 2)[:, None, None] * (2 * BITS)
-            first = (words[None, :, :] >> shift) & MASK
-            second = (words[None, :, :] >> (shift + BITS)) & MASK
+            if BITS == 2 and INT2_HALVES:
+                # each half word (8 columns) as its own chunk, the shape INT4 has: [4, 2·words, rows]
+                # (sm_80: 16 codes of a word in one thread's registers made ptxas copy the mma.sync
+                # A fragments into place, 256 moves per iteration)
+                shift = tl.arange(0, 4)[:, None, None, None] * 4 + tl.arange(0, 2)[None, None, :, None] * 16
+                quads = words[None, :, None, :] >> shift
+                first = tl.reshape(quads & MASK, (4, 2 * NW, BLOCK_N))
+                second = tl.reshape((quads >> BITS) & MASK, (4, 2 * NW, BLOCK_N))
+            else:
+                shift = tl.arange(0, PER // 2)[:, None, None] * (2 * BITS)
+                first = (words[None, :, :] >> shift) & MASK
+                second = (words[None, :, :] >> (shift + BITS)) & MASK
         MID: tl.constexpr = 1 << (BITS - 1)
         # code -> float through the exponent bits (exact for codes < 2^23), −MID on the same FADD
         qf = (first | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + MID)
@@ -128,16 +137,17 @@ def _dequant_tile_t(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, 
                     offs_n, k0, K,
                     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr,
                     DOUBLE_QUANT: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr, OUT_DTYPE: tl.constexpr):
+                    BLOCK_K: tl.constexpr, OUT_DTYPE: tl.constexpr, INT2_HALVES: tl.constexpr = False):
     """Ŵᵀ[k0 : k0 + BLOCK_K, offs_n] ([BLOCK_K, BLOCK_N]) in OUT_DTYPE, = ``tl.trans(_dequant_tile(...)
     .to(OUT_DTYPE))`` bit for bit. Same contract: k0 a multiple of BLOCK_K, rows ``offs_n`` all valid
     (clamped by the caller), columns >= K exactly 0 unless EVEN_K."""
-    CHUNK: tl.constexpr = 32 if (BITS == 3 and not IS_NF4) else (8 if IS_NF4 else 32 // BITS)
+    CHUNK: tl.constexpr = 32 if (BITS == 3 and not IS_NF4) else (16 if (BITS == 2 and not IS_NF4 and not INT2_HALVES) else 8)
     POW2: tl.constexpr = (GROUP_SIZE & (GROUP_SIZE - 1)) == 0
     if POW2 and GROUP_SIZE >= CHUNK and BLOCK_K % CHUNK == 0:
         HAS_BIAS: tl.constexpr = not IS_NF4
         G = K // GROUP_SIZE
-        ev, od = _packed_values(qw_ptr, lut_ptr, stride_qn, offs_n, k0, K, BITS, IS_NF4, EVEN_K, BLOCK_N, BLOCK_K)
+        ev, od = _packed_values(qw_ptr, lut_ptr, stride_qn, offs_n, k0, K, BITS, IS_NF4, EVEN_K, BLOCK_N, BLOCK_K,
+                                INT2_HALVES)
         NCH: tl.constexpr = BLOCK_K // CHUNK
         NG: tl.constexpr = BLOCK_K // GROUP_SIZE if BLOCK_K > GROUP_SIZE else 1
         offs_g = k0 // GROUP_SIZE + tl.arange(0, NG)
