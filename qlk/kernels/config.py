@@ -51,10 +51,9 @@ def num_sms(device) -> int:
         return DEFAULT_SMS
 
 
-def _cfg(arch, num_warps, num_stages, fmts=None, **kw):
+def _cfg(arch, num_warps, num_stages, **kw):
     c = triton.Config(kw, num_warps=num_warps, num_stages=num_stages)
     c.qlk_arch = arch  # which target the candidate is meant for (None: any)
-    c.qlk_fmts = fmts  # which formats ("int3", "nf4", ...; heuristics.format_class) it is meant for (None: any)
     return c
 
 
@@ -116,9 +115,6 @@ def grad_configs():
     if INTERPRETED:
         return [_cfg(None, 4, 1, BLOCK_N=32, BLOCK_M=64, BLOCK_K=64, GROUP_M=4)]
     return [
-        # round 3, INT3 only: twice the rows of Ŵ per iteration halve the loop's fixed cost per MAC
-        # (int3g128 M = 4096: 0.97..0.58 -> 0.97..0.61); INT4/NF4 spill with it
-        _cfg(90, 8, 3, fmts=("int3",), BLOCK_N=128, BLOCK_M=256, BLOCK_K=128, GROUP_M=8),
         _cfg(90, 8, 3, BLOCK_N=64, BLOCK_M=256, BLOCK_K=128, GROUP_M=8),
         _cfg(90, 8, 4, BLOCK_N=64, BLOCK_M=128, BLOCK_K=128, GROUP_M=8),
         # round 2, mid M / narrow K: 64 rows of Ŵᵀ (the 256-column w4 tile spills)

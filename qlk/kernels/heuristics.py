@@ -170,11 +170,9 @@ def split_count(length: int, block: int, base_ctas: int, sms: int, ctas_per_sm: 
     return max(1, min(math.ceil(length / block), math.ceil(ctas_per_sm * sms / base_ctas)))
 
 
-def _fits(c, arch: int, fp32_bias: bool, op: str, pool: bool = False, fmt: Optional[str] = None) -> bool:
+def _fits(c, arch: int, fp32_bias: bool, op: str, pool: bool = False) -> bool:
     k = c.kwargs
     if getattr(c, "qlk_arch", None) not in (None, arch_family(arch)):
-        return False
-    if getattr(c, "qlk_fmts", None) is not None and fmt not in c.qlk_fmts:
         return False
     if _config._smem_estimate(c) > _config.SMEM_LIMIT.get(arch, _config.SMEM_LIMIT[arch_family(arch)]):
         return False
@@ -239,7 +237,7 @@ def score_all(op: str, m: int, n: int, k: int, fmt: str = "int4", arch: int = 90
     configs = candidates(op) if configs is None else configs
     out = []
     for i, c in enumerate(configs):
-        if _fits(c, arch, fp32_bias, op, pool, fmt):
+        if _fits(c, arch, fp32_bias, op, pool):
             out.append(dataclasses.replace(_score(op, c, m, n, k, fmt, arch, sms), index=i))
     return out
 
