@@ -109,3 +109,20 @@ def test_nf4_tile_t(block, dq, k, dtype):
     else:
         ulp = 2e-6 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
         assert ((out.double() - ref64).abs() <= ulp * ref64.abs()).all()
+
+
+@pytest.mark.parametrize("arch", [90, 80])
+def test_int2_grad_input_both_unpackings(arch, monkeypatch):
+    """The input-gradient GEMM with the launcher's INT2 unpacking of each target (sm_90: 16-column
+    chunks, sm_80: half words), fp32 dX = dY·Ŵ against the float64 oracle: ragged M = 17, 3 N tiles
+    (the last one ragged), 5 K tiles (the last one ragged), 4 groups per tile, NaN-poisoned out."""
+    from qlk.kernels import fused_matmul as fm
+
+    monkeypatch.setattr(fm, "target_arch", lambda: arch)
+    m, n, k = 17, 72, 304
+    qw = qlk.quantize(weight(n, k, seed=arch), bits=2, group_size=16).to(DEVICE)
+    dy = torch.randn(m, n, generator=torch.Generator().manual_seed(arch)).to(DEVICE)
+    out = torch.full((m, k), float("nan"), device=DEVICE)
+    fm.quant_matmul_grad_input(dy, qw, out=out, path="gemm")
+    ref = dy.double().cpu() @ oracles.int_dequant64(qw)
+    assert torch.allclose(out.double().cpu(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
