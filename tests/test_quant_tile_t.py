@@ -34,24 +34,24 @@ N = 40  # two full row tiles of 16 and a clamped ragged one
 def _tile_t_kernel(out_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
                    stride_qn, stride_sn, stride_sg, N, K,
                    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-                   EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INT2_HALVES: tl.constexpr):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
     offs_k = k0 + tl.arange(0, BLOCK_K)
     wt = _dequant_tile_t(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
                          stride_qn, stride_sn, stride_sg, tl.minimum(offs_n, N - 1), k0, K,
                          BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K,
-                         out_ptr.dtype.element_ty)
+                         out_ptr.dtype.element_ty, INT2_HALVES)
     tl.store(out_ptr + offs_k[:, None] * N + offs_n[None, :], wt,
              mask=(offs_k[:, None] < K) & (offs_n[None, :] < N))
 
 
-def tile_t(qw, dtype, block_k=64):
+def tile_t(qw, dtype, block_k=64, int2_halves=False):
     n, k = qw.shape
     args, meta = weight_args(qw)
     out = torch.full((k, n), float("nan"), dtype=dtype, device=DEVICE)
     _tile_t_kernel[(triton.cdiv(n, 16), triton.cdiv(k, block_k))](
-        out, *args, n, k, EVEN_K=k % block_k == 0, BLOCK_N=16, BLOCK_K=block_k, **meta)
+        out, *args, n, k, EVEN_K=k % block_k == 0, BLOCK_N=16, BLOCK_K=block_k, INT2_HALVES=int2_halves, **meta)
     return out
 
 
@@ -85,6 +85,16 @@ def test_int_tile_t(case, dtype):
     assert torch.equal(tile_t(qw, dtype).cpu(), ref)
 
 
+# INT2 unpacked per half word (the sm_80 variant; 8-column chunks, so g = 8 takes it too)
+@pytest.mark.parametrize("case,dtype", [((2, 64, 320), F16), ((2, 8, 128), BF16), ((2, 16, 208), F16)],
+                         ids=lambda c: str(c).replace("torch.", "").replace(" ", ""))
+def test_int2_half_word_tile_t(case, dtype):
+    bits, g, k = case
+    qw = qlk.quantize(weight(N, k, seed=7 * g + k), bits=bits, group_size=g).to(DEVICE)
+    ref = rounded(oracles.int_dequant64(qw), dtype).t()
+    assert torch.equal(tile_t(qw, dtype, int2_halves=True).cpu(), ref)
+
+
 @pytest.mark.parametrize("block,dq,k,dtype", [(64, True, 256, BF16), (32, False, 224, F16), (32, False, 224, BF16)],
                          ids=["b64dq-bf16", "b32k224-fp16", "b32k224-bf16"])
 def test_nf4_tile_t(block, dq, k, dtype):
@@ -99,3 +109,20 @@ def test_nf4_tile_t(block, dq, k, dtype):
     else:
         ulp = 2e-6 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
         assert ((out.double() - ref64).abs() <= ulp * ref64.abs()).all()
+
+
+@pytest.mark.parametrize("arch", [90, 80])
+def test_int2_grad_input_both_unpackings(arch, monkeypatch):
+    """The input-gradient GEMM with the launcher's INT2 unpacking of each target (sm_90: 16-column
+    chunks, sm_80: half words), fp32 dX = dY·Ŵ against the float64 oracle: ragged M = 17, 3 N tiles
+    (the last one ragged), 5 K tiles (the last one ragged), 4 groups per tile, NaN-poisoned out."""
+    from qlk.kernels import fused_matmul as fm
+
+    monkeypatch.setattr(fm, "target_arch", lambda: arch)
+    m, n, k = 17, 72, 304
+    qw = qlk.quantize(weight(n, k, seed=arch), bits=2, group_size=16).to(DEVICE)
+    dy = torch.randn(m, n, generator=torch.Generator().manual_seed(arch)).to(DEVICE)
+    out = torch.full((m, k), float("nan"), device=DEVICE)
+    fm.quant_matmul_grad_input(dy, qw, out=out, path="gemm")
+    ref = dy.double().cpu() @ oracles.int_dequant64(qw)
+    assert torch.allclose(out.double().cpu(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())

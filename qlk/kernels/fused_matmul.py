@@ -246,6 +246,7 @@ def _quant_matmul_grad_input_kernel(
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    INT2_HALVES: tl.constexpr = False,
 ):
     """dX[m, k] = Σ_n dY[m, n]·Ŵ[n, k], one dXᵀ [BLOCK_K, BLOCK_M] tile per program, N in BLOCK_N steps."""
     pid_m, pid_k = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
@@ -260,7 +261,7 @@ def _quant_matmul_grad_input_kernel(
         wt = _dequant_tile_t(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
                              stride_qn, stride_sn, stride_sg, tl.minimum(offs_n, N - 1), k0, K,
                              BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K,
-                             dy_ptr.dtype.element_ty)
+                             dy_ptr.dtype.element_ty, INT2_HALVES)
         dyt = tl.load(dy_rows[None, :] + offs_n[:, None] * stride_dyn, mask=offs_n[:, None] < N, other=0.0)
         acc = tl.dot(wt, dyt, acc, input_precision=DOT_PRECISION)
     acc = tl.trans(acc)
@@ -644,12 +645,14 @@ def _grad_input(dy, qw, out, path, deterministic, wargs=None, lora_b=None):
             _splitn_grad_input(dy2, qw, out, deterministic, args, meta, fp32_bias, lora_b, v)
         else:
             _, launches = _tiles("grad", m, n, k, meta, dy.device, fp32_bias)
+            # INT2 unpacked per half word on sm_80 (quant_tile_t; docs/kernels.md "Input gradient, round 3")
+            int2_halves = heuristics.arch_family(target_arch()) == 80
             for c in launches:
                 grid = (triton.cdiv(m, c.block_m) * triton.cdiv(k, c.block_k),)
                 _quant_matmul_grad_input_kernel[grid](
                     out, dy2, *args, m, n, k, _bucket(m),
                     dy2.stride(0), dy2.stride(1), out.stride(0), out.stride(1),
-                    DOT_PRECISION=_precision(dy.dtype), **meta, **c.meta)
+                    DOT_PRECISION=_precision(dy.dtype), INT2_HALVES=int2_halves, **meta, **c.meta)
     if qw.perm is not None:
         out = out.index_select(1, torch.argsort(qw.perm))
     dx = out.reshape(*lead, k)
