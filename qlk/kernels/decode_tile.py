@@ -3,19 +3,25 @@
 The split-K decode loop is issue-bound, not DRAM-bound: the fp32 dequantization of
 :func:`qlk.kernels.quant_tile._dequant_tile` spends ~6 instructions per weight (SHF, LOP3 with a
 re-materialized mask, FADD, FFMA, half an F2FP to pack the pair for the MMA). Here a pair of
-weights is produced in one 32-bit register, exactly as the MMA operand holds it:
+weights is produced in one 32-bit register, exactly as the MMA operand holds it (INT2/INT4,
+``packed_asm``):
 
-    v = prmt(first, second, 0x5410)              low 16 bits of each code word side by side
+    v = prmt(W_a, W_b, sel)                       byte j_a of W_a, byte j_b of W_b at the bottom of each half
     v = (v & MASK·0x10001) | MAGIC·0x10001        LOP3: each half = float(MAGIC_VALUE + q), exact
     v = v·1 − (MAGIC_VALUE + m)                   HFMA2: q − m, exact (small integers)
     ŵ = v·s + c                                   HFMA2: s·(q − m) + c, rounded once
 
 MAGIC is the 16-bit float whose unit in the last place is 1: fp16 0x6400 (1024), bf16 0x4300 (128),
-so OR-ing a code q < 16 into its mantissa gives MAGIC_VALUE + q. Per weight: one shift (the
-code's position in its word, done in Triton, no mask) and half each of PRMT, LOP3, HFMA2, HFMA2,
-and nothing to pack for the MMA. INT3 (bit planes) passes each code's low-plane bits and its
-high-plane bit separately; its asm (``packed_asm_int3``) merges them with a shift and a
-bitfield-select LOP3 before the same two HFMA2.
+so OR-ing a code q < 16 into its mantissa gives MAGIC_VALUE + q. The byte selector ``sel`` is one
+PRMT of the two elements' per-lane constants S = j | (4 + j) << 8 (loop-invariant, hoisted by
+ptxas). In the MMA operand layout lane t holds codes 2p, 2p+1 of a word (its pair p) in one
+register, so the word itself needs no shift per pair: INT4 pair p = the two nibbles of byte p, the
+high one read from byte p of ``word >> 4`` (the bf16 mantissa has 7 bits: a code must sit in bits
+0-6, so a nibble at bits 4-7 cannot be masked in place); INT2 pair p = bits 4p .. 4p+3, byte p // 2
+of ``word >> 4(p % 2)`` and of that >> 2. Per pair: one SHF, PRMT, LOP3, two HFMA2 (5; round 2:
+two SHF, 6). INT3 (bit planes) passes each code's low-plane bits and its high-plane bit
+separately; its asm (``packed_asm_int3``) merges them with a shift and a bitfield-select LOP3
+before the same two HFMA2.
 
 Numerics: ŵ = round_act(s_a·(q − m) + c_a) with s_a, c_a the group scale and bias rounded to the
 activation dtype first (exact when they are stored in it, the usual case; QA-LoRA's fp32 folded
@@ -25,8 +31,8 @@ dtype.
 The asm cannot run under the Triton interpreter: ``PACKED=False`` selects a pure-Triton twin with
 the same semantics up to fp32 double rounding (the exact value s_a·(q − m) + c_a has at most
 ~15 significant bits for fp16 inputs of similar magnitude, so the fp32 step is exact there). The
-bit-level semantics of the asm are checked on CPU against a numpy model of prmt / lop3 /
-fma.rn.{f16x2,bf16x2} / shl (tests/test_decode_tile.py); the asm itself is compiled for sm_90 and sm_80
+bit-level semantics of the asm are checked on CPU against a numpy model of prmt (immediate and
+register selectors) / lop3 / fma.rn.{f16x2,bf16x2} / shl (tests/test_decode_tile.py); the asm itself is compiled for sm_90 and sm_80
 by tests/test_kernel_static.py.
 """
 from __future__ import annotations
