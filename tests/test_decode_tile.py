@@ -228,8 +228,8 @@ def test_twin_matches_asm_model(bits):
     @triton.jit
     def twin(words_ptr, sel_ptr, s_ptr, c_ptr, out_ptr, BITS: tl.constexpr, BLOCK: tl.constexpr):
         offs = tl.arange(0, BLOCK)
-        w = decode_tile._byte_codes_to_weights(tl.load(words_ptr + offs), tl.load(sel_ptr + offs), tl.load(s_ptr + offs),
-                                               tl.load(c_ptr + offs), BITS, False)
+        w = decode_tile._byte_codes_to_weights(tl.load(words_ptr + offs), tl.load(sel_ptr + offs),
+                                               tl.load(s_ptr + offs), tl.load(c_ptr + offs), BITS, False)
         tl.store(out_ptr + offs, w)
 
     fmt = "f16"

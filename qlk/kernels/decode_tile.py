@@ -13,15 +13,15 @@ weights is produced in one 32-bit register, exactly as the MMA operand holds it 
 
 MAGIC is the 16-bit float whose unit in the last place is 1: fp16 0x6400 (1024), bf16 0x4300 (128),
 so OR-ing a code q < 16 into its mantissa gives MAGIC_VALUE + q. The byte selector ``sel`` is one
-PRMT of the two elements' per-lane constants S = j | (4 + j) << 8 (loop-invariant, hoisted by
-ptxas). In the MMA operand layout lane t holds codes 2p, 2p+1 of a word (its pair p) in one
-register, so the word itself needs no shift per pair: INT4 pair p = the two nibbles of byte p, the
-high one read from byte p of ``word >> 4`` (the bf16 mantissa has 7 bits: a code must sit in bits
-0-6, so a nibble at bits 4-7 cannot be masked in place); INT2 pair p = bits 4p .. 4p+3, byte p // 2
-of ``word >> 4(p % 2)`` and of that >> 2. Per pair: one SHF, PRMT, LOP3, two HFMA2 (5; round 2:
-two SHF, 6). INT3 (bit planes) passes each code's low-plane bits and its high-plane bit
-separately; its asm (``packed_asm_int3``) merges them with a shift and a bitfield-select LOP3
-before the same two HFMA2.
+PRMT of the two elements' per-lane constants S = j | (4 + j) << 8 (the same for every pair of a
+lane: ptxas computes it once per loop iteration). In the MMA operand layout lane t holds codes 2p,
+2p+1 of a word (its pair p) in one register, so the word itself needs no shift per pair: INT4 pair p
+= the two nibbles of byte p, the high one read from byte p of ``word >> 4`` (the bf16 mantissa has 7
+bits: a code must sit in bits 0-6, so a nibble at bits 4-7 cannot be masked in place); INT2 pair p =
+bits 4p .. 4p+3, byte p // 2 of ``word >> 4(p % 2)`` and of that >> 2. Per pair: one SHF, PRMT,
+LOP3, two HFMA2 (5; round 2: two SHF, 6). INT3 (bit planes) passes each code's low-plane bits and
+its high-plane bit separately; its asm (``packed_asm_int3``) merges them with a shift and a
+bitfield-select LOP3 before the same two HFMA2.
 
 Numerics: ŵ = round_act(s_a·(q − m) + c_a) with s_a, c_a the group scale and bias rounded to the
 activation dtype first (exact when they are stored in it, the usual case; QA-LoRA's fp32 folded
@@ -32,8 +32,8 @@ The asm cannot run under the Triton interpreter: ``PACKED=False`` selects a pure
 the same semantics up to fp32 double rounding (the exact value s_a·(q − m) + c_a has at most
 ~15 significant bits for fp16 inputs of similar magnitude, so the fp32 step is exact there). The
 bit-level semantics of the asm are checked on CPU against a numpy model of prmt (immediate and
-register selectors) / lop3 / fma.rn.{f16x2,bf16x2} / shl (tests/test_decode_tile.py); the asm itself is compiled for sm_90 and sm_80
-by tests/test_kernel_static.py.
+register selectors) / lop3 / fma.rn.{f16x2,bf16x2} / shl (tests/test_decode_tile.py); the asm
+itself is compiled for sm_90 and sm_80 by tests/test_kernel_static.py.
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def packed_asm(bits: int, act: str) -> str:
     $4, $5 = packed (s_a, s_b), (c_a, c_b) in the act dtype.
 
     Element e's code is the low ``bits`` bits of byte j_e of W_e, with S_e = j_e | (4 + j_e) << 8
-    (j_e in 0..3): one PRMT built from (S_a, S_b) (loop-invariant in the kernel) picks the selector,
+    (j_e in 0..3): one PRMT built from (S_a, S_b) (per lane, so computed once per iteration) picks the selector,
     a second puts byte j_a of W_a and byte j_b of W_b at the bottom of the two halves."""
     magic, value, one, fma = _act_consts(act)
     mask = (1 << bits) - 1
