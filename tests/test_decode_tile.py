@@ -1,13 +1,15 @@
 """The split-K decode dequantization (qlk/kernels/decode_tile.py): packed half2 inline asm and its twin.
 
-* **bit-level asm semantics, CPU.** The PTX text the kernel compiles (``packed_asm``) is executed by a
-  small numpy model of the four instructions it uses (``prmt.b32``, ``lop3.b32``, ``mov.b32``,
-  ``fma.rn.{f16x2,bf16x2}``, written from the PTX ISA), for every pair of codes of every bit width
-  (garbage above the code bits), fp16 and bf16, scales and biases of both signs and several
-  magnitudes, and compared bit for bit with s·(q − 2^(b−1)) + c computed exactly and rounded once
-  (round to nearest even) to the 16-bit format.
-* **the twin, interpreter.** ``_codes_to_weights(PACKED=False)`` on the same grid equals the
-  model bit for bit (fp16; the interpreter's bf16 arithmetic is not IEEE).
+* **bit-level asm semantics, CPU.** The PTX text the kernel compiles (``packed_asm``,
+  ``packed_asm_int3``) is executed by a small numpy model of the instructions it uses (``prmt.b32``
+  with immediate and register selectors, ``lop3.b32``, ``mov.b32``, ``shl.b32``,
+  ``fma.rn.{f16x2,bf16x2}``, written from the PTX ISA), for every pair of codes of every bit width,
+  each code at every byte of its word (INT2/INT4: the byte the per-lane selector picks) with random
+  bits elsewhere, fp16 and bf16, scales and biases of both signs and several magnitudes, and
+  compared bit for bit with s·(q − 2^(b−1)) + c computed exactly and rounded once (round to
+  nearest even) to the 16-bit format.
+* **the twin, interpreter.** ``_byte_codes_to_weights(PACKED=False)`` (and the INT3 twin) on the
+  same grid equals the model bit for bit (fp16; the interpreter's bf16 arithmetic is not IEEE).
 * **the decode path in the kernel, interpreter.** fp16 activations through the split-K kernel (the
   path the asm takes on a GPU) against the float64 oracle: several groups per tile, groups over
   several tiles, groups that are not powers of two, partial INT3/INT2 words, several tiles per
@@ -37,6 +39,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 def prmt(a: int, b: int, sel: int) -> int:
     """prmt.b32 (default mode): result byte i = byte sel[4i+2:4i] of the 8-byte value b:a."""
     src = (b << 32) | a
+    assert not sel & 0x8888, "sign-replicate selectors are not modelled"
     return sum(((src >> (8 * ((sel >> (4 * i)) & 7))) & 0xFF) << (8 * i) for i in range(4))
 
 
@@ -127,32 +130,47 @@ SCALES = [0.0078125, -0.3, 1.7, -23.5, 0.001]
 BIASES = [0.0, 0.21, -5.25, 130.0, -0.0007]
 
 
+def _word_with_code(q: int, j: int, bits: int, rng) -> int:
+    """A random int32 word (as unsigned) whose byte j holds code q in its low ``bits`` bits."""
+    w = int(rng.integers(0, 1 << 32))
+    w &= ~(((1 << bits) - 1) << (8 * j)) & 0xFFFFFFFF
+    return w | (q << (8 * j))
+
+
+def _selector(j: int) -> int:
+    """The kernel's per-element selector S = j | (4 + j) << 8 (decode_tile._decode_int_tile)."""
+    return j | ((4 + j) << 8)
+
+
 def _grid(bits: int):
-    """(code word 0, code word 1) for every pair of codes, with garbage above the code bits."""
+    """(q0, q1, W0, W1, S0, S1, scale index): every pair of codes, each at every byte of its word
+    over the grid, random bits elsewhere."""
     rng = np.random.default_rng(bits)
-    n = 1 << bits
-    for q0 in range(n):
-        for q1 in range(n):
-            g0, g1 = (int(v) << bits for v in rng.integers(0, 1 << (32 - bits), size=2))
-            yield q0, q1, (g0 | q0) & 0xFFFFFFFF, (g1 | q1) & 0xFFFFFFFF
+    for q0 in range(1 << bits):
+        for q1 in range(1 << bits):
+            for i in range(len(SCALES)):
+                j0, j1 = (q0 + i) % 4, (q1 + 2 * i + 1) % 4
+                yield (q0, q1, _word_with_code(q0, j0, bits, rng), _word_with_code(q1, j1, bits, rng),
+                       _selector(j0), _selector(j1), i)
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("fmt", ["f16", "bf16"])
 def test_packed_asm_bit_exact(bits, fmt):
     asm = decode_tile.packed_asm(bits, "fp16" if fmt == "f16" else "bf16")
     mid = 1 << (bits - 1)
     s_bits, c_bits = half_bits(SCALES, fmt), half_bits(BIASES, fmt)
-    checked = 0
-    for q0, q1, w0, w1 in _grid(bits):
-        for i in range(len(SCALES)):
-            s, c = s_bits[i], c_bits[(i + q0) % len(BIASES)]
-            got = run_ptx(asm, {"$1": w0, "$2": w1, "$3": s | (s << 16), "$4": c | (c << 16)})
-            for half, q in ((0, q0), (1, q1)):
-                exact = half_value(s, fmt) * (q - mid) + half_value(c, fmt)
-                assert (got >> (16 * half)) & 0xFFFF == round_half(exact, fmt), (bits, fmt, q, s, c, half)
-                checked += 1
+    checked, bytes_seen = 0, set()
+    for q0, q1, w0, w1, s0, s1, i in _grid(bits):
+        s, c = s_bits[i], c_bits[(i + q0) % len(BIASES)]
+        got = run_ptx(asm, {"$1": w0, "$2": w1, "$3": s0 | (s1 << 16), "$4": s | (s << 16), "$5": c | (c << 16)})
+        for half, q in ((0, q0), (1, q1)):
+            exact = half_value(s, fmt) * (q - mid) + half_value(c, fmt)
+            assert (got >> (16 * half)) & 0xFFFF == round_half(exact, fmt), (bits, fmt, q, s, c, half)
+            checked += 1
+        bytes_seen |= {(0, s0 & 3), (1, s1 & 3)}
     assert checked == 2 * len(SCALES) * (1 << (2 * bits))
+    assert len(bytes_seen) == 8  # every byte position in both halves
 
 
 def _planes(q: int, rng) -> tuple:
@@ -182,6 +200,10 @@ def test_model_instructions():
     assert prmt(0x33221100, 0x77665544, 0x5410) == 0x55441100
     assert prmt(0x33221100, 0x77665544, 0x3210) == 0x33221100
     assert prmt(0x33221100, 0x77665544, 0x7654) == 0x77665544
+    # the asm's register selector: byte 0 from byte j_a = 2 of a, byte 2 from byte j_b = 1 of b
+    sel = prmt(_selector(2) | (_selector(1) << 16), _selector(2) | (_selector(1) << 16), 0x0030)
+    assert sel & 0xFFFF == 0x0502
+    assert prmt(0x33221100, 0x77665544, sel) & 0x00FF00FF == 0x00550022
     assert lop3(0xFFFF1234, 0x000F000F, 0x64006400, 0xEA) == 0x640F6404
     assert lop3(0x12345678, 0x9ABCDEF0, 0xFFFF0000, 0xE4) == 0x1234DEF0  # (a & c) | (b & ~c)
     assert half_value(0x6400, "f16") == 1024 and half_value(0x4300, "bf16") == 128
@@ -198,40 +220,40 @@ needs_kernels = pytest.mark.skipif(not (INTERPRETED or torch.cuda.is_available()
 
 
 @needs_kernels
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits", [2, 4])
 def test_twin_matches_asm_model(bits):
     import triton
     import triton.language as tl
 
     @triton.jit
-    def twin(codes_ptr, s_ptr, c_ptr, out_ptr, BITS: tl.constexpr, BLOCK: tl.constexpr):
+    def twin(words_ptr, sel_ptr, s_ptr, c_ptr, out_ptr, BITS: tl.constexpr, BLOCK: tl.constexpr):
         offs = tl.arange(0, BLOCK)
-        w = decode_tile._codes_to_weights(tl.load(codes_ptr + offs), tl.load(s_ptr + offs), tl.load(c_ptr + offs),
-                                          BITS, False)
+        w = decode_tile._byte_codes_to_weights(tl.load(words_ptr + offs), tl.load(sel_ptr + offs),
+                                               tl.load(s_ptr + offs), tl.load(c_ptr + offs), BITS, False)
         tl.store(out_ptr + offs, w)
 
     fmt = "f16"
-    rows = list(_grid(bits))
-    words, s_list, c_list = [], [], []
-    for q0, q1, w0, w1 in rows:
-        for i in range(len(SCALES)):
-            words += [w0, w1]
-            s_list += [SCALES[i]] * 2
-            c_list += [BIASES[(i + q0) % len(BIASES)]] * 2
+    words, sels, s_list, c_list = [], [], [], []
+    for q0, q1, w0, w1, s0, s1, i in _grid(bits):
+        words += [w0, w1]
+        sels += [s0, s1]
+        s_list += [SCALES[i]] * 2
+        c_list += [BIASES[(i + q0) % len(BIASES)]] * 2
     n = len(words)
     block = 1 << (n - 1).bit_length()
     pad = block - n
     codes = torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in words] + [0] * pad, dtype=torch.int32)
+    sel = torch.tensor(sels + [0] * pad, dtype=torch.int16)
     s = torch.tensor(s_list + [0.0] * pad, dtype=torch.float16)
     c = torch.tensor(c_list + [0.0] * pad, dtype=torch.float16)
     out = torch.full((block,), float("nan"), dtype=torch.float16)
-    twin[(1,)](codes, s, c, out, BITS=bits, BLOCK=block)
+    twin[(1,)](codes, sel, s, c, out, BITS=bits, BLOCK=block)
     got = [int(v) & 0xFFFF for v in out[:n].view(torch.int16).tolist()]
     asm = decode_tile.packed_asm(bits, "fp16")
     sb, cb = half_bits(s_list, fmt), half_bits(c_list, fmt)
     for e in range(0, n, 2):
-        ref = run_ptx(asm, {"$1": words[e], "$2": words[e + 1], "$3": sb[e] | (sb[e + 1] << 16),
-                            "$4": cb[e] | (cb[e + 1] << 16)})
+        ref = run_ptx(asm, {"$1": words[e], "$2": words[e + 1], "$3": sels[e] | (sels[e + 1] << 16),
+                            "$4": sb[e] | (sb[e + 1] << 16), "$5": cb[e] | (cb[e + 1] << 16)})
         assert (got[e], got[e + 1]) == (ref & 0xFFFF, ref >> 16), (e, words[e], s_list[e], c_list[e])
 
 

@@ -133,6 +133,10 @@ def splitk_configs():
     return [
         _cfg(90, 4, 4, BLOCK_N=64, BLOCK_M=16, BLOCK_K=128),
         _cfg(90, 4, 3, BLOCK_N=64, BLOCK_M=16, BLOCK_K=256),
+        # 8 warps on 128 rows: the per-iteration address and loop overhead (IMAD 50 -> 16 per warp)
+        # is shared by twice the weights; sm_80 keeps 64 rows (there the split rule's grid for
+        # 14336->4096 falls to 0.63 of the SMs with it, docs/kernels.md "Decode, round 3")
+        _cfg(90, 8, 3, BLOCK_N=128, BLOCK_M=16, BLOCK_K=256),
         _cfg(80, 4, 4, BLOCK_N=64, BLOCK_M=16, BLOCK_K=128),
         _cfg(80, 4, 3, BLOCK_N=64, BLOCK_M=16, BLOCK_K=256),
     ]

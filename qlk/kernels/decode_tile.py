@@ -3,18 +3,24 @@
 The split-K decode loop is issue-bound, not DRAM-bound: the fp32 dequantization of
 :func:`qlk.kernels.quant_tile._dequant_tile` spends ~6 instructions per weight (SHF, LOP3 with a
 re-materialized mask, FADD, FFMA, half an F2FP to pack the pair for the MMA). Here a pair of
-weights is produced in one 32-bit register, exactly as the MMA operand holds it:
+weights is produced in one 32-bit register, exactly as the MMA operand holds it (INT2/INT4,
+``packed_asm``):
 
-    v = prmt(first, second, 0x5410)              low 16 bits of each code word side by side
+    v = prmt(W_a, W_b, sel)                       byte j_a of W_a, byte j_b of W_b at the bottom of each half
     v = (v & MASK·0x10001) | MAGIC·0x10001        LOP3: each half = float(MAGIC_VALUE + q), exact
     v = v·1 − (MAGIC_VALUE + m)                   HFMA2: q − m, exact (small integers)
     ŵ = v·s + c                                   HFMA2: s·(q − m) + c, rounded once
 
 MAGIC is the 16-bit float whose unit in the last place is 1: fp16 0x6400 (1024), bf16 0x4300 (128),
-so OR-ing a code q < 16 into its mantissa gives MAGIC_VALUE + q. Per weight: one shift (the
-code's position in its word, done in Triton, no mask) and half each of PRMT, LOP3, HFMA2, HFMA2,
-and nothing to pack for the MMA. INT3 (bit planes) passes each code's low-plane bits and its
-high-plane bit separately; its asm (``packed_asm_int3``) merges them with a shift and a
+so OR-ing a code q < 16 into its mantissa gives MAGIC_VALUE + q. The byte selector ``sel`` is one
+PRMT of the two elements' per-lane constants S = j | (4 + j) << 8 (the same for every pair of a
+lane: ptxas computes it once per loop iteration). In the MMA operand layout lane t holds codes 2p,
+2p+1 of a word (its pair p) in one register, so the word itself needs no shift per pair: INT4 pair p
+= the two nibbles of byte p, the high one read from byte p of ``word >> 4`` (the bf16 mantissa has 7
+bits: a code must sit in bits 0-6, so a nibble at bits 4-7 cannot be masked in place); INT2 pair p =
+bits 4p .. 4p+3, byte p // 2 of ``word >> 4(p % 2)`` and of that >> 2. Per pair: one SHF, PRMT,
+LOP3, two HFMA2 (5; round 2: two SHF, 6). INT3 (bit planes) passes each code's low-plane bits and
+its high-plane bit separately; its asm (``packed_asm_int3``) merges them with a shift and a
 bitfield-select LOP3 before the same two HFMA2.
 
 Numerics: ŵ = round_act(s_a·(q − m) + c_a) with s_a, c_a the group scale and bias rounded to the
@@ -25,42 +31,52 @@ dtype.
 The asm cannot run under the Triton interpreter: ``PACKED=False`` selects a pure-Triton twin with
 the same semantics up to fp32 double rounding (the exact value s_a·(q − m) + c_a has at most
 ~15 significant bits for fp16 inputs of similar magnitude, so the fp32 step is exact there). The
-bit-level semantics of the asm are checked on CPU against a numpy model of prmt / lop3 /
-fma.rn.{f16x2,bf16x2} / shl (tests/test_decode_tile.py); the asm itself is compiled for sm_90 and sm_80
-by tests/test_kernel_static.py.
+bit-level semantics of the asm are checked on CPU against a numpy model of prmt (immediate and
+register selectors) / lop3 / fma.rn.{f16x2,bf16x2} / shl (tests/test_decode_tile.py); the asm
+itself is compiled for sm_90 and sm_80 by tests/test_kernel_static.py.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from .quant_tile import _group_params, _load_int3_planes
+from .quant_tile import _group_params, _load_int3_planes, _load_words
 
 #: 16-bit float magic whose ulp is 1 (codes are OR-ed into its mantissa), its value, and 1.0
 F16_MAGIC, F16_MAGIC_VALUE, F16_ONE = 0x6400, 1024, 0x3C00
 BF16_MAGIC, BF16_MAGIC_VALUE, BF16_ONE = 0x4300, 128, 0x3F80
 
 
+def _act_consts(act: str):
+    """(16-bit magic, its value, 16-bit 1.0, the half2 FMA) of activation dtype ``act``."""
+    if act == "fp16":
+        return F16_MAGIC, F16_MAGIC_VALUE, F16_ONE, "fma.rn.f16x2"
+    if act == "bf16":
+        return BF16_MAGIC, BF16_MAGIC_VALUE, BF16_ONE, "fma.rn.bf16x2"
+    raise ValueError(f"act={act!r}; allowed: 'fp16', 'bf16'")
+
+
 def packed_asm(bits: int, act: str) -> str:
-    """PTX of one invocation (pack=2): $0 = two fp16/bf16 weights; $1, $2 = their int32 code words
-    (code in the low ``bits`` bits, anything above); $3, $4 = packed (s, s), (c, c) in act dtype."""
+    """PTX of one invocation (pack=2) for INT2/INT4: $0 = two fp16/bf16 weights (a in the low half,
+    b in the high half); $1, $2 = int32 words W_a, W_b; $3 = packed int16 selectors (S_a, S_b);
+    $4, $5 = packed (s_a, s_b), (c_a, c_b) in the act dtype.
+
+    Element e's code is the low ``bits`` bits of byte j_e of W_e, with S_e = j_e | (4 + j_e) << 8
+    (j_e in 0..3): one PRMT built from (S_a, S_b) (per lane, so computed once per iteration) picks the selector,
+    a second puts byte j_a of W_a and byte j_b of W_b at the bottom of the two halves."""
+    magic, value, one, fma = _act_consts(act)
     mask = (1 << bits) - 1
     mid = 1 << (bits - 1)
-    if act == "fp16":
-        magic, value, one, fma = F16_MAGIC, F16_MAGIC_VALUE, F16_ONE, "fma.rn.f16x2"
-    elif act == "bf16":
-        magic, value, one, fma = BF16_MAGIC, BF16_MAGIC_VALUE, BF16_ONE, "fma.rn.bf16x2"
-    else:
-        raise ValueError(f"act={act!r}; allowed: 'fp16', 'bf16'")
     neg = _neg_magic(act, value + mid)
     return ("{\n"
-            ".reg .b32 v, one, neg;\n"
-            "prmt.b32 v, $1, $2, 0x5410;\n"
+            ".reg .b32 sel, v, one, neg;\n"
+            "prmt.b32 sel, $3, $3, 0x0030;\n"  # byte 0 = j_a (S_a's low byte), byte 1 = 4 + j_b (S_b's high byte)
+            "prmt.b32 v, $1, $2, sel;\n"  # byte 0 = byte j_a of W_a, byte 2 = byte j_b of W_b
             f"lop3.b32 v, v, {mask * 0x10001:#010x}, {magic * 0x10001:#010x}, 0xea;\n"
             f"mov.b32 one, {one * 0x10001:#010x};\n"
             f"mov.b32 neg, {neg * 0x10001:#010x};\n"
             f"{fma} v, v, one, neg;\n"
-            f"{fma} $0, v, $3, $4;\n"
+            f"{fma} $0, v, $4, $5;\n"
             "}")
 
 
@@ -68,12 +84,7 @@ def packed_asm_int3(act: str) -> str:
     """PTX of one INT3 invocation (pack=2): $0 = two weights; $1, $2 = words whose bits 0-1 are the
     codes' two low bits (low bit plane); $3, $4 = words whose bit 0 is the codes' high bit (high
     plane); $5, $6 = packed (s, s), (c, c). Other bits of $1..$4 are ignored."""
-    if act == "fp16":
-        magic, value, one, fma = F16_MAGIC, F16_MAGIC_VALUE, F16_ONE, "fma.rn.f16x2"
-    elif act == "bf16":
-        magic, value, one, fma = BF16_MAGIC, BF16_MAGIC_VALUE, BF16_ONE, "fma.rn.bf16x2"
-    else:
-        raise ValueError(f"act={act!r}; allowed: 'fp16', 'bf16'")
+    magic, value, one, fma = _act_consts(act)
     neg = _neg_magic(act, value + 4)
     return ("{\n"
             ".reg .b32 lo, hi, v, one, neg;\n"
@@ -103,10 +114,8 @@ def _neg_magic(act: str, value: int) -> int:
 
 
 ASM_F16_B2: tl.constexpr = tl.constexpr(packed_asm(2, "fp16"))
-ASM_F16_B3: tl.constexpr = tl.constexpr(packed_asm(3, "fp16"))
 ASM_F16_B4: tl.constexpr = tl.constexpr(packed_asm(4, "fp16"))
 ASM_BF16_B2: tl.constexpr = tl.constexpr(packed_asm(2, "bf16"))
-ASM_BF16_B3: tl.constexpr = tl.constexpr(packed_asm(3, "bf16"))
 ASM_BF16_B4: tl.constexpr = tl.constexpr(packed_asm(4, "bf16"))
 ASM_F16_INT3: tl.constexpr = tl.constexpr(packed_asm_int3("fp16"))
 ASM_BF16_INT3: tl.constexpr = tl.constexpr(packed_asm_int3("bf16"))
@@ -135,40 +144,36 @@ def _int3_planes_to_weights(low, high, s, c, PACKED: tl.constexpr):
 
 
 @triton.jit
-def _codes_to_weights(codes, s, c, BITS: tl.constexpr, PACKED: tl.constexpr):
-    """ŵ = s·((codes mod 2^BITS) − 2^(BITS−1)) + c in s's dtype (fp16/bf16), elementwise.
-
-    codes: int32, the code in the low BITS bits (higher bits ignored); s, c: fp16/bf16, same
-    dtype, broadcastable to codes. PACKED: the half2 inline asm (GPU); else the Triton twin."""
+def _byte_codes_to_weights(words, sel, s, c, BITS: tl.constexpr, PACKED: tl.constexpr):
+    """ŵ = s·(q − 2^(BITS−1)) + c in s's dtype (fp16/bf16), elementwise, q = the low BITS bits of
+    byte j of ``words`` (int32), j = sel & 0xFF (``sel``: int16 j | (4 + j) << 8, j in 0..3: the
+    asm's byte selector, see ``packed_asm``). s, c: same dtype, broadcastable to words.
+    PACKED: the half2 inline asm (GPU); else the Triton twin."""
     MASK: tl.constexpr = (1 << BITS) - 1
     MID: tl.constexpr = 1 << (BITS - 1)
     s, c = tl.broadcast(s, c)
-    codes, s = tl.broadcast(codes, s)
-    codes, c = tl.broadcast(codes, c)
+    words, s = tl.broadcast(words, s)
+    words, c = tl.broadcast(words, c)
+    sel, words = tl.broadcast(sel, words)
     if PACKED:
         if s.dtype == tl.float16:
             if BITS == 2:
-                w = tl.inline_asm_elementwise(ASM_F16_B2, "=r,r,r,r,r", [codes, s, c], dtype=tl.float16,
-                                              is_pure=True, pack=2)
-            elif BITS == 3:
-                w = tl.inline_asm_elementwise(ASM_F16_B3, "=r,r,r,r,r", [codes, s, c], dtype=tl.float16,
+                w = tl.inline_asm_elementwise(ASM_F16_B2, "=r,r,r,r,r,r", [words, sel, s, c], dtype=tl.float16,
                                               is_pure=True, pack=2)
             else:
-                w = tl.inline_asm_elementwise(ASM_F16_B4, "=r,r,r,r,r", [codes, s, c], dtype=tl.float16,
+                w = tl.inline_asm_elementwise(ASM_F16_B4, "=r,r,r,r,r,r", [words, sel, s, c], dtype=tl.float16,
                                               is_pure=True, pack=2)
         else:
             tl.static_assert(s.dtype == tl.bfloat16)
             if BITS == 2:
-                w = tl.inline_asm_elementwise(ASM_BF16_B2, "=r,r,r,r,r", [codes, s, c], dtype=tl.bfloat16,
-                                              is_pure=True, pack=2)
-            elif BITS == 3:
-                w = tl.inline_asm_elementwise(ASM_BF16_B3, "=r,r,r,r,r", [codes, s, c], dtype=tl.bfloat16,
+                w = tl.inline_asm_elementwise(ASM_BF16_B2, "=r,r,r,r,r,r", [words, sel, s, c], dtype=tl.bfloat16,
                                               is_pure=True, pack=2)
             else:
-                w = tl.inline_asm_elementwise(ASM_BF16_B4, "=r,r,r,r,r", [codes, s, c], dtype=tl.bfloat16,
+                w = tl.inline_asm_elementwise(ASM_BF16_B4, "=r,r,r,r,r,r", [words, sel, s, c], dtype=tl.bfloat16,
                                               is_pure=True, pack=2)
     else:
-        q = ((codes & MASK) - MID).to(tl.float32)
+        byte = (sel & 0xFF).to(tl.int32)
+        q = (((words >> (8 * byte)) & MASK) - MID).to(tl.float32)
         w = (s.to(tl.float32) * q + c.to(tl.float32)).to(s.dtype)
     return w
 
@@ -192,41 +197,49 @@ def _decode_int_tile(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, offs
         lows = tl.reshape(tl.join(low, low >> 2), (BLOCK_N, BLOCK_K))
         highs = tl.reshape(tl.join(high, high >> 1), (BLOCK_N, BLOCK_K))
     else:
-        # the pairs of _unpack_codes without its masks: the asm's LOP3 masks both codes of a pair
+        # the pairs of _unpack_codes (pair p = codes 2p, 2p+1 of a word, a broadcast dim; the pair
+        # in registers by tl.join), but no per-pair shift: the asm's PRMT picks the pair's byte j
+        # by a per-lane selector. Each element gets its word shifted so that its code sits at the
+        # bottom of byte j: INT4 codes 2p, 2p+1 = low/high nibble of byte p, i.e. byte p of the word
+        # and of word >> 4 (one SHF per word); INT2 pair p = bits 4p .. 4p+3 = byte p // 2 at
+        # offset o = 4·(p % 2): words >> o and >> o + 2 (two SHF per word, the lane's parity)
         PER: tl.constexpr = 32 // BITS
         NW: tl.constexpr = BLOCK_K // PER
-        offs_w = k0 // PER + tl.arange(0, NW)
-        ptrs = qw_ptr + offs_n[:, None].to(tl.int64) * stride_qn + offs_w[None, :]
-        if EVEN_K:
-            words = tl.load(ptrs)
+        words = _load_words(qw_ptr, stride_qn, offs_n, k0, K, PER, EVEN_K, BLOCK_K)
+        p = tl.arange(0, PER // 2)
+        byte = (2 * BITS * p) // 8
+        if BITS == 4:
+            first = tl.broadcast_to(words[:, :, None], (BLOCK_N, NW, PER // 2))
         else:
-            words = tl.load(ptrs, mask=offs_w[None, :] < tl.cdiv(K, PER), other=0)
-        shift = tl.arange(0, PER // 2)[None, None, :] * (2 * BITS)
-        first = words[:, :, None] >> shift
-        second = words[:, :, None] >> (shift + BITS)
+            first = words[:, :, None] >> ((2 * BITS * p) % 8)[None, None, :]
+        second = first >> BITS
         codes = tl.reshape(tl.join(first, second), (BLOCK_N, BLOCK_K))
+        sel1 = (byte | ((4 + byte) << 8)).to(tl.int16)
+        sel = tl.reshape(tl.broadcast_to(tl.join(sel1, sel1)[None, None, :, :], (BLOCK_N, NW, PER // 2, 2)),
+                         (BLOCK_N, BLOCK_K))
     G = K // GROUP_SIZE
     if (GROUP_SIZE & (GROUP_SIZE - 1)) == 0:
         NG: tl.constexpr = BLOCK_K // GROUP_SIZE if BLOCK_K > GROUP_SIZE else 1
         SPAN: tl.constexpr = BLOCK_K // NG
         offs_g = k0 // GROUP_SIZE + tl.arange(0, NG)
         s, b = _group_params(s_ptr, b_ptr, s_ptr, s_ptr, s_ptr, stride_sn, stride_sg,
-                             offs_n, offs_g[None, :], (offs_g < G)[None, :], False, False, True, EVEN_K)
+                             offs_n, offs_g[None, :], (offs_g < G)[None, :], False, False, True, EVEN_K, True)
         s3 = tl.broadcast_to(s.to(ACT)[:, :, None], (BLOCK_N, NG, SPAN))
         b3 = tl.broadcast_to(b.to(ACT)[:, :, None], (BLOCK_N, NG, SPAN))
         if BITS == 3:
             w = _int3_planes_to_weights(tl.reshape(lows, (BLOCK_N, NG, SPAN)), tl.reshape(highs, (BLOCK_N, NG, SPAN)),
                                         s3, b3, PACKED)
         else:
-            w = _codes_to_weights(tl.reshape(codes, (BLOCK_N, NG, SPAN)), s3, b3, BITS, PACKED)
+            w = _byte_codes_to_weights(tl.reshape(codes, (BLOCK_N, NG, SPAN)), tl.reshape(sel, (BLOCK_N, NG, SPAN)),
+                                       s3, b3, BITS, PACKED)
         w = tl.reshape(w, (BLOCK_N, BLOCK_K))
     else:
         offs_k = k0 + tl.arange(0, BLOCK_K)
         j = (offs_k // GROUP_SIZE)[None, :]
         s, b = _group_params(s_ptr, b_ptr, s_ptr, s_ptr, s_ptr, stride_sn, stride_sg,
-                             offs_n, j, j < G, False, False, True, EVEN_K)
+                             offs_n, j, j < G, False, False, True, EVEN_K, True)
         if BITS == 3:
             w = _int3_planes_to_weights(lows, highs, s.to(ACT), b.to(ACT), PACKED)
         else:
-            w = _codes_to_weights(codes, s.to(ACT), b.to(ACT), BITS, PACKED)
+            w = _byte_codes_to_weights(codes, sel, s.to(ACT), b.to(ACT), BITS, PACKED)
     return w

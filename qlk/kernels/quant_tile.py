@@ -35,6 +35,21 @@ from .nf4_tile import NF4_SHUFFLE, _nf4_pair_values
 from .nf4_tile import denest_absmax as denest_absmax_buffer
 
 @triton.jit
+def _load_words(qw_ptr, stride_qn, offs_n, k0, K, PER: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The int32 words of columns k0 .. k0+BLOCK_K of rows ``offs_n`` for a format of PER codes per
+    word (INT4 and NF4: 8, INT2: 16), as a [len(offs_n), BLOCK_K/PER] tile; k0 a multiple of PER.
+    Unless EVEN_K, words past the row's last one read 0. Every INT2/INT4/NF4 unpacker loads here."""
+    NW: tl.constexpr = BLOCK_K // PER
+    offs_w = k0 // PER + tl.arange(0, NW)
+    ptrs = qw_ptr + offs_n[:, None].to(tl.int64) * stride_qn + offs_w[None, :]
+    if EVEN_K:
+        words = tl.load(ptrs)
+    else:
+        words = tl.load(ptrs, mask=offs_w[None, :] < tl.cdiv(K, PER), other=0)
+    return words
+
+
+@triton.jit
 def _load_int3_planes(qw_ptr, stride_qn, offs_n, k0, K, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
     """The INT3 words of columns k0 .. k0+BLOCK_K of rows ``offs_n``, as three [len(offs_n), BLOCK_K/32]
     tiles (w0, w1, w2), one per word of a chunk: chunk c = 3 words; word 3c+h holds the low 2 bits of
@@ -81,13 +96,7 @@ def _unpack_codes(qw_ptr, stride_qn, offs_n, k0, K,
         codes = tl.join(first, second)
     else:
         PER: tl.constexpr = 32 // BITS  # codes per word
-        NW: tl.constexpr = BLOCK_K // PER
-        offs_w = k0 // PER + tl.arange(0, NW)
-        ptrs = qw_ptr + offs_n[:, None].to(tl.int64) * stride_qn + offs_w[None, :]
-        if EVEN_K:
-            words = tl.load(ptrs)
-        else:
-            words = tl.load(ptrs, mask=offs_w[None, :] < tl.cdiv(K, PER), other=0)
+        words = _load_words(qw_ptr, stride_qn, offs_n, k0, K, PER, EVEN_K, BLOCK_K)
         # shift amounts are per-lane constants: each code costs one SHF + one LOP3 (mask | magic)
         shift = tl.arange(0, PER // 2)[None, None, :] * (2 * BITS)
         first = (words[:, :, None] >> shift) & MASK
@@ -110,13 +119,7 @@ def _nf4_values(qw_ptr, lut_ptr, stride_qn, offs_n, k0, K,
     (:func:`qlk.kernels.nf4_tile._nf4_pair_values`: one SHFL per code, no memory). Interpreter:
     one gather per byte from a 256-entry int64 table (``nf4_byte_table``): entry b holds
     NF4[b >> 4] (the even element) in its low 32 bits and NF4[b & 15] in the high 32 bits."""
-    NW: tl.constexpr = BLOCK_K // 8
-    offs_w = k0 // 8 + tl.arange(0, NW)
-    ptrs = qw_ptr + offs_n[:, None].to(tl.int64) * stride_qn + offs_w[None, :]
-    if EVEN_K:
-        words = tl.load(ptrs)
-    else:
-        words = tl.load(ptrs, mask=offs_w[None, :] < tl.cdiv(K, 8), other=0)
+    words = _load_words(qw_ptr, stride_qn, offs_n, k0, K, 8, EVEN_K, BLOCK_K)
     shifted = words[:, :, None] >> (tl.arange(0, 4)[None, None, :] * 8)
     if NF4_SHUFFLE:
         even, odd = _nf4_pair_values(shifted)
@@ -130,9 +133,11 @@ def _nf4_values(qw_ptr, lut_ptr, stride_qn, offs_n, k0, K,
 @triton.jit
 def _group_params(s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, dyn_ptr, stride_sn, stride_sg,
                   offs_n, offs_g, mask_g,
-                  IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr):
+                  IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+                  STORED_DTYPE: tl.constexpr = False):
     """fp32 scale and bias of groups ``offs_g`` (any shape broadcastable with offs_n[:, None]),
-    zero where ``mask_g`` is false (only looked at unless EVEN_K).
+    zero where ``mask_g`` is false (only looked at unless EVEN_K). STORED_DTYPE (INT formats only):
+    in the dtype they are stored in instead (the decode tile converts once, to the activation dtype).
 
     NF4: scale = absmax (de-nested when double-quantized), bias = 0 (HAS_BIAS is False)."""
     idx = offs_n[:, None].to(tl.int64) * stride_sn + offs_g * stride_sg
@@ -150,14 +155,18 @@ def _group_params(s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, dyn_ptr, stride_sn,
             scale = tl.where(mask_g, scale, 0.0)
     else:
         if EVEN_K:
-            scale = tl.load(s_ptr + idx).to(tl.float32)
+            scale = tl.load(s_ptr + idx)
         else:
-            scale = tl.load(s_ptr + idx, mask=mask_g, other=0.0).to(tl.float32)
+            scale = tl.load(s_ptr + idx, mask=mask_g, other=0.0)
+        if not STORED_DTYPE:
+            scale = scale.to(tl.float32)
     if HAS_BIAS:
         if EVEN_K:
-            bias = tl.load(b_ptr + idx).to(tl.float32)
+            bias = tl.load(b_ptr + idx)
         else:
-            bias = tl.load(b_ptr + idx, mask=mask_g, other=0.0).to(tl.float32)
+            bias = tl.load(b_ptr + idx, mask=mask_g, other=0.0)
+        if not STORED_DTYPE:
+            bias = bias.to(tl.float32)
     else:
         bias = tl.zeros_like(scale)
     return scale, bias
