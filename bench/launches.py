@@ -59,11 +59,13 @@ MS = (1, 16, 256, 4096)
 QUICK_SHAPES = ((4096, 14336),)
 QUICK_MS = (4096, 1)
 #: ``--family``: K→N of every Llama-family linear layer from 1B to 70B, GQA k/v projections included
-#: (Llama-3.2-1B: hidden 2048, kv 512, MLP 8192; Llama-3-8B: 4096, kv 1024, MLP 14336; Llama-3-70B:
+#: (Llama-3.2-1B: hidden 2048, kv 512, MLP 8192; Llama-3.2-3B: 3072, kv 1024, MLP 8192;
+#: Llama-3-8B: 4096, kv 1024, MLP 14336; Llama-3-70B:
 #: 8192, kv 1024, MLP 28672), and M from one token to a long-sequence batch. Opt-in: compiling all of
-#: it takes long (about 1,300 cases per arch, qalora and dequant included).
+#: it takes long (about 1,700 cases per arch, qalora and dequant included).
 FAMILY_SHAPES = (
     (2048, 2048), (2048, 512), (2048, 8192), (8192, 2048),
+    (3072, 3072), (3072, 1024), (3072, 8192), (8192, 3072),
     (4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096),
     (8192, 8192), (8192, 1024), (8192, 28672), (28672, 8192),
 )

@@ -11,7 +11,12 @@ times wave efficiency; the model is docs/static-analysis.md), and prints the sum
 qlk's matmul kernels also the config qlk's rules choose (``chosen``, ``chosen_config``, next to
 ``best_config``), and per fwd/dgrad case ``x_dense`` (the dense bf16 GEMM's estimated time at the
 same shape over qlk's; fused kernel, dequantize + dense, and the path qlk's dispatcher picks).
-``--family``: the Llama-family shapes 1B..70B at M in 1..8192 (opt-in, long). Each arch is
+``--family``: the Llama-family shapes 1B..70B at M in 1..8192 (opt-in, long); ``--ms`` other M values
+(the rules' sweep, ``bench/results/static-family-sm*.md``: ``--family --ms 1,16,64,128,333,2048,8192
+--cases 'fwd*,dgrad*' --stem static-family``, about 9 minutes on 2 cores with a warm Triton cache).
+``--check-rules CSV`` re-runs qlk's rules on a report CSV (nothing compiles): chosen vs best,
+dispatch vs the faster path, the cases under 0.9x dense; ``--fit-rules CSV...`` prints the rules'
+calibration fitted to such CSVs (qlk.kernels.heuristics.CALIBRATION). Each arch is
 analyzed in its own worker process (gemlite reads the GPU at import), the two in parallel;
 Triton's on-disk cache makes a re-run much faster than the first.
 """
@@ -789,7 +794,7 @@ def parse_args(argv=None):
     ap.add_argument("--quick", action="store_true", help="M=4096 and M=1 on 4096->14336 only")
     ap.add_argument("--cases", default="", help="comma-separated shell patterns over case names")
     ap.add_argument("--family", action="store_true",
-                    help="Llama-family shapes 1B..70B (GQA k/v included), M in 1, 16, 333, 2048, 8192 (long)")
+                    help="Llama-family shapes 1B..70B (GQA k/v included), M in 1, 16, 333, 2048, 8192 (long; --ms for others)")
     ap.add_argument("--ms", default="", help="comma-separated M values instead of the set's own "
                     "(the rules' sweep: --family --ms 1,16,64,333,2048,8192 --cases 'fwd/*,dgrad/*')")
     ap.add_argument("--stem", default="static", help="file names <stem>-sm<arch>.md/.csv (the rules' sweep: "
