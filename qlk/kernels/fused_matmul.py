@@ -27,8 +27,9 @@ may instead dequantize Ŵ and run a dense GEMM when the static model estimates t
     N is split over a second grid axis (≈ 16 CTAs per SM), partials added with fp32 atomics or,
     ``deterministic=True``, through a workspace [SPLIT, M, K] summed in a fixed order.
 ``_quant_matmul_grad_input_gemv_kernel``  dX at M = 1 with FMAs instead of an MMA (same split over N):
-    no transpose of the dequantized tile through shared memory. Dispatched for NF4 (where it is
-    estimated 2.5× faster); ``path="gemv"`` forces it.
+    no transpose of the dequantized tile through shared memory. ``path="gemv"`` runs it; "auto"
+    asks :func:`qlk.kernels.heuristics.choose_m1_grad` (round 3: split-N at every shape, the
+    analyzer estimating it faster for every format since the round-2 split-N work).
 
 QA-LoRA (:mod:`qlk.kernels.qalora`) reuses the forward kernels with ``POOL=True``: the programs of
 the first N tile also write P(X) (group means of X) from the X tiles they load.
@@ -619,9 +620,10 @@ def quant_matmul_grad_input(dy: torch.Tensor, qw: QuantizedWeight, out: torch.Te
 
     Reads the same packed weight as the forward. With act-order the result is scattered back to
     the original column order (a copy). out: optional preallocated [M, K] (2-D) output, only
-    without act-order. path: "auto" (:func:`choose_path`: split-N when M <= SPLITN_MAX_M, NF4 at
-    M = 1 the FMA kernel, else the fused GEMM or dequantize + dense GEMM by the static model),
-    "fused" (split-N, NF4 at M = 1 the FMA kernel, or the fused GEMM by M), "gemm", "splitn", "gemv" (the FMA kernel, M = 1 only),
+    without act-order. path: "auto" (:func:`choose_path`: split-N when M <= SPLITN_MAX_M (at M = 1
+    the FMA kernel where heuristics.choose_m1_grad says so), else split-N, the fused GEMM or
+    dequantize + dense GEMM by the static model), "fused" (the fused kernel the rules pick:
+    :func:`fused_kernel`), "gemm", "splitn", "gemv" (the FMA kernel, M = 1 only),
     "dequant"; deterministic: the split kernels sum partials in a fixed order (workspace) instead of
     atomics."""
     return _grad_input(dy, qw, out, path, deterministic)
