@@ -22,6 +22,9 @@ Cases (Llama-3-8B layer shapes K→N: 4096→4096, 4096→14336, 14336→4096; M
     qalora                   qlk.kernels.qalora_forward (QA-LoRA: folded biases + in-GEMM pooling), INT formats
     qalora-dgrad             qlk.kernels.qalora_grad_input (dY·Ŵ on the folded biases + V = dY·B)
     dequant                  qlk.kernels.dequantize (no M)
+    fwd-splitk, dgrad-splitn 16 < M <= 128: the split kernels (path="splitk" / "splitn") next to the GEMMs
+    dgrad-gemv               M = 1 only: quant_matmul_backward(path="gemv"), the FMA kernel, next to the
+                             split-N MMA kernel of ``dgrad`` (which of the two "auto" runs: qlk.kernels.heuristics)
 
 A launcher qlk does not have (yet) becomes a case with ``unavailable = "not available: ..."``; a
 launcher that raises is recorded as ``failed: ...``. Neither stops the run. Names:
@@ -56,15 +59,22 @@ MS = (1, 16, 256, 4096)
 QUICK_SHAPES = ((4096, 14336),)
 QUICK_MS = (4096, 1)
 #: ``--family``: K→N of every Llama-family linear layer from 1B to 70B, GQA k/v projections included
-#: (Llama-3.2-1B: hidden 2048, kv 512, MLP 8192; Llama-3-8B: 4096, kv 1024, MLP 14336; Llama-3-70B:
+#: (Llama-3.2-1B: hidden 2048, kv 512, MLP 8192; Llama-3.2-3B: 3072, kv 1024, MLP 8192;
+#: Llama-3-8B: 4096, kv 1024, MLP 14336; Llama-3-70B:
 #: 8192, kv 1024, MLP 28672), and M from one token to a long-sequence batch. Opt-in: compiling all of
-#: it takes long (about 1,300 cases per arch, qalora and dequant included).
+#: it takes long (about 1,700 cases per arch, qalora and dequant included).
 FAMILY_SHAPES = (
     (2048, 2048), (2048, 512), (2048, 8192), (8192, 2048),
+    (3072, 3072), (3072, 1024), (3072, 8192), (8192, 3072),
     (4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096),
     (8192, 8192), (8192, 1024), (8192, 28672), (28672, 8192),
 )
 FAMILY_MS = (1, 16, 333, 2048, 8192)
+#: the rules' sweep (bench/results/static-family-sm*.md): ``--family --ms 1,16,64,333,2048,8192 --cases 'fwd/*,dgrad/*'``
+FAMILY_SWEEP_MS = (1, 16, 64, 333, 2048, 8192)
+#: ``fwd-splitk`` / ``dgrad-splitn`` cases (the split kernels at 16 < M <= this, where the dispatcher
+#: weighs them against the GEMMs)
+SPLIT_ALT_MAX_M = 128
 DTYPE = torch.bfloat16
 
 #: format label -> keyword arguments of qlk.quantize
@@ -200,8 +210,13 @@ def qlk_cases(shapes, ms, formats):
     # plus a dense one; the report puts the dispatcher's pick next to both)
     fwd, why_fwd = _entry(kernels, ("quant_matmul_forward",))
     dgrad, why_dgrad = _entry(kernels, ("quant_matmul_backward",))
-    fwd = functools.partial(fwd, path="fused") if fwd else None
-    dgrad = functools.partial(dgrad, path="fused") if dgrad else None
+    gemv = functools.partial(dgrad, path="gemv") if dgrad else None
+    splitk = functools.partial(fwd, path="splitk") if fwd else None
+    splitn = functools.partial(dgrad, path="splitn") if dgrad else None
+    # M <= 16 "fused" (the split kernels; NF4 at M = 1 maybe the FMA kernel), above the GEMM: the split
+    # kernels' cases at 16 < M <= SPLIT_ALT_MAX_M sit next to it
+    fwd = _by_m(functools.partial(fwd, path="fused"), functools.partial(fwd, path="gemm")) if fwd else None
+    dgrad = _by_m(functools.partial(dgrad, path="fused"), functools.partial(dgrad, path="gemm")) if dgrad else None
     dequant, why_deq = _entry(kernels, ("dequantize",))
     decode, _ = _entry(kernels, DECODE_NAMES)
     qalora, why_qalora = _entry(kernels, QALORA_NAMES)
@@ -216,6 +231,17 @@ def qlk_cases(shapes, ms, formats):
                 yield Case(case_name("dgrad", fmt, k, n, m), "qlk", "dgrad", fmt, k, n, m,
                            lambda m=m, k=k, n=n, fmt=fmt: dgrad(activation(m, n), quantized_weight(fmt, n, k)),
                            missing or why_dgrad)
+                if 16 < m <= SPLIT_ALT_MAX_M:  # the split kernels past their default range, next to the GEMMs
+                    yield Case(case_name("fwd-splitk", fmt, k, n, m), "qlk", "fwd-splitk", fmt, k, n, m,
+                               lambda m=m, k=k, n=n, fmt=fmt: splitk(activation(m, k), quantized_weight(fmt, n, k)),
+                               missing or why_fwd)
+                    yield Case(case_name("dgrad-splitn", fmt, k, n, m), "qlk", "dgrad-splitn", fmt, k, n, m,
+                               lambda m=m, k=k, n=n, fmt=fmt: splitn(activation(m, n), quantized_weight(fmt, n, k)),
+                               missing or why_dgrad)
+                if m == 1 and gemv is not None:  # the M = 1 input gradient's other kernel (FMAs, no MMA)
+                    yield Case(case_name("dgrad-gemv", fmt, k, n, m), "qlk", "dgrad-gemv", fmt, k, n, m,
+                               lambda m=m, k=k, n=n, fmt=fmt: gemv(activation(m, n), quantized_weight(fmt, n, k)),
+                               missing)
                 if m <= 16 and decode is not None:  # else fwd at small M is the decode path (split-K)
                     yield Case(case_name("decode", fmt, k, n, m), "qlk", "decode", fmt, k, n, m,
                                lambda m=m, k=k, n=n, fmt=fmt: decode(activation(m, k), quantized_weight(fmt, n, k)),
@@ -232,6 +258,11 @@ def qlk_cases(shapes, ms, formats):
                        missing or why_deq)
 
 
+def _by_m(small, large):
+    """``small`` for activations of ≤ 16 rows, ``large`` above."""
+    return lambda a, qw: (small if a.shape[0] <= 16 else large)(a, qw)
+
+
 def _run_qalora(fn, m, width, n, fmt, k=None):
     """Y = X·Ŵᵀ + σ·P(X)·Aᵀ·Bᵀ with A [r, K/g], B [N, r] (docs/design.md), or its input gradient (then
     the activation is dY [m, N]); signature as qlk's entry points. ``width``: the activation's last dim."""
@@ -244,16 +275,23 @@ def _run_qalora(fn, m, width, n, fmt, k=None):
 
 
 def all_cases(quick: bool = False, patterns=(), include_qlk: bool = True, include_dense: bool = True,
-              family: bool = False):
+              family: bool = False, ms=None):
     """The selected cases, in report order: dense baseline, then qlk. ``family``: the Llama-family
-    shapes and Ms (:data:`FAMILY_SHAPES`, :data:`FAMILY_MS`) instead of Llama-3-8B's."""
-    shapes, ms = (QUICK_SHAPES, QUICK_MS) if quick else (FAMILY_SHAPES, FAMILY_MS) if family else (SHAPES, MS)
+    shapes and Ms (:data:`FAMILY_SHAPES`, :data:`FAMILY_MS`) instead of Llama-3-8B's. ``ms``: these
+    M values instead (e.g. :data:`FAMILY_SWEEP_MS`)."""
+    shapes, ms_ = (QUICK_SHAPES, QUICK_MS) if quick else (FAMILY_SHAPES, FAMILY_MS) if family else (SHAPES, MS)
+    ms = ms_ if not ms else tuple(ms)
     out = []
     if include_dense:
         out += dense_cases(shapes, ms)
     if include_qlk:
         out += qlk_cases(shapes, ms, FORMATS)
     return [c for c in out if _selected(c.name, patterns)]
+
+
+def _ms(s: str):
+    """``--ms`` "1,16,64" -> (1, 16, 64); empty -> None (the set's own)."""
+    return tuple(int(x) for x in s.split(",") if x.strip()) or None
 
 
 def run_case(case: Case) -> Optional[str]:
@@ -278,6 +316,7 @@ def parse_args(argv=None):
     ap.add_argument("--quick", action="store_true", help="M=4096 and M=1 on 4096->14336 only")
     ap.add_argument("--cases", default="", help="comma-separated shell patterns over case names")
     ap.add_argument("--family", action="store_true", help="Llama-family shapes 1B..70B and M in 1..8192")
+    ap.add_argument("--ms", default="", help="comma-separated M values instead of the set's own")
     ap.add_argument("--list", action="store_true", help="print the cases and their availability, launch nothing")
     return ap.parse_args(argv)
 
@@ -285,7 +324,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     patterns = [p for p in args.cases.split(",") if p]
-    cases = all_cases(args.quick, patterns, family=args.family)
+    cases = all_cases(args.quick, patterns, family=args.family, ms=_ms(args.ms))
     if not cases:
         print(f"no case matches --cases {args.cases!r}", file=sys.stderr)
         return 2

@@ -11,7 +11,12 @@ times wave efficiency; the model is docs/static-analysis.md), and prints the sum
 qlk's matmul kernels also the config qlk's rules choose (``chosen``, ``chosen_config``, next to
 ``best_config``), and per fwd/dgrad case ``x_dense`` (the dense bf16 GEMM's estimated time at the
 same shape over qlk's; fused kernel, dequantize + dense, and the path qlk's dispatcher picks).
-``--family``: the Llama-family shapes 1B..70B at M in 1..8192 (opt-in, long). Each arch is
+``--family``: the Llama-family shapes 1B..70B at M in 1..8192 (opt-in, long); ``--ms`` other M values
+(the rules' sweep, ``bench/results/static-family-sm*.md``: ``--family --ms 1,16,64,128,333,2048,8192
+--cases 'fwd*,dgrad*' --stem static-family``, about 9 minutes on 2 cores with a warm Triton cache).
+``--check-rules CSV`` re-runs qlk's rules on a report CSV (nothing compiles): chosen vs best,
+dispatch vs the faster path, the cases under 0.9x dense; ``--fit-rules CSV...`` prints the rules'
+calibration fitted to such CSVs (qlk.kernels.heuristics.CALIBRATION). Each arch is
 analyzed in its own worker process (gemlite reads the GPU at import), the two in parallel;
 Triton's on-disk cache makes a re-run much faster than the first.
 """
@@ -134,8 +139,12 @@ def mark_best(rows) -> None:
 
 
 def rank(r) -> float:
-    """What configs are ranked by: the midpoint of :func:`metric` times the tile fill."""
-    return round(sum(metric(r)) / 2 * (r.get("fill") or 1.0), 4)
+    """What configs are ranked by: the midpoint of :func:`metric`, times the tile fill where that is
+    the tensor fraction (which counts padded MMA work as work). The DRAM fraction (M < 256) is useful
+    bytes over the run's cycles, which already hold the padded work: no second factor there."""
+    hi, lo = metric(r)
+    tensor = r.get("tensor_peak_opt") is not None and hi == r["tensor_peak_opt"]
+    return round((hi + lo) / 2 * ((r.get("fill") or 1.0) if tensor else 1.0), 4)
 
 
 #: the rules' op name -> the kernel it launches
@@ -218,6 +227,253 @@ def analyze_case(launches, case) -> list:
     return [report_row(rep, L, case) for rep, L in sass.analyze_all(launches)]
 
 
+# ---------------------------------------------------------------- the rules against a committed CSV
+#: the analyzer's resolution when comparing configs: two ranking values within 1 % of each other
+#: are a tie (the estimates are printed to two decimals; near 1.0 that is 1 %, and the model's
+#: own error is larger: docs/static-analysis.md)
+RULES_TOLERANCE = 0.99
+
+#: the 2-D kernels of the rules (op -> kernel) and which of them a report case runs, by M
+_RULE_OPS = {"_quant_matmul_fwd_kernel": "fwd", "_quant_matmul_grad_input_kernel": "grad",
+             "_quant_matmul_splitk_kernel": "splitk", "_quant_matmul_grad_input_splitn_kernel": "splitn"}
+
+
+def read_csv(path: str) -> list:
+    """Rows of a static report CSV with numbers as numbers ("" -> None)."""
+    ints = {"arch", "K", "N", "M", "num_warps", "num_stages", "regs", "stack", "spill_ops", "smem_bytes",
+            "ctas_per_sm", "grid_ctas", "iterations", "useful_bytes"}
+    out = []
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            row = {}
+            for k, v in r.items():
+                if v == "":
+                    row[k] = None
+                elif k in ints:
+                    row[k] = int(v)
+                elif v in ("True", "False"):
+                    row[k] = v == "True"
+                else:
+                    try:
+                        row[k] = float(v) if k not in ("case", "kernel", "config", "fmt", "op", "group") else v
+                    except ValueError:
+                        row[k] = v
+            out.append(row)
+    return out
+
+
+def rules_check(rows, arch: int, sms=None) -> list:
+    """Per qlk fwd/dgrad case of a report's rows (every candidate compiled): the config qlk's rules
+    pick *now* (qlk.kernels.heuristics.choose_config on the device candidate lists) against the
+    analyzer's best, and the dispatcher's path against the faster one. One dict per case:
+    case, op (rules' op), chosen, best, ratio (chosen's ranking value / best's, :func:`rank`),
+    x_fused (dense time / fused time with the chosen config), x_dequant, path, x_dense (of the
+    path picked), x_best_path (of the faster path)."""
+    from bench.sass import gpu
+    from qlk.kernels import config, heuristics
+
+    import launches
+
+    g = gpu(arch)
+    sms = sms or g.sms
+    def clear():  # the rules cache their picks, made with whichever candidate lists were active
+        for fn in (heuristics._choose_default, heuristics.choose_path, heuristics.choose_fused):
+            fn.cache_clear()
+
+    was = config.INTERPRETED
+    config.INTERPRETED = False  # the GPU candidate lists, also when the tests run under the interpreter
+    clear()
+    try:
+        return _rules_check(rows, arch, sms, g, heuristics, launches)
+    finally:
+        config.INTERPRETED = was
+        clear()
+
+
+def _est_time(r, g):
+    """Seconds of one row: useful MACs / (rank × tensor rate) at M ≥ 256 (rank holds the fill),
+    useful bytes / (midpoint of the DRAM fraction × bandwidth) otherwise."""
+    if r is None:
+        return None
+    hi, lo = metric(r)
+    if (hi + lo) <= 0:
+        return None
+    if r.get("tensor_peak_opt") is not None and (r["M"] or 0) >= 256 and r["kernel"] != "_dequantize_kernel":
+        return r["M"] * r["N"] * r["K"] / (rank(r) * g.tensor_macs_per_clk * g.sms * g.ghz * 1e9)
+    return r["useful_bytes"] / ((hi + lo) / 2 * g.dram_bytes_per_s)
+
+
+def _rules_check(rows, arch, sms, g, heuristics, launches):
+    by_case = {}
+    for r in rows:
+        if r.get("status") == "ok":
+            by_case.setdefault(r["case"], []).append(r)
+    kernel_op = {**_RULE_OPS, "_quant_matmul_grad_input_gemv_kernel": "gemv"}
+    out = []
+    for name, rs in by_case.items():
+        r0 = rs[0]
+        if r0["group"] != "qlk" or r0["op"] not in ("fwd", "dgrad"):
+            continue
+        m, n, k = r0["M"], r0["N"], r0["K"]
+        spec = launches.FORMATS[r0["fmt"]]
+        nf4 = spec.get("fmt") == "nf4"
+        bits, gsize = spec.get("bits", 4), spec.get("group_size", 64)
+        fmt = heuristics.format_class(bits, nf4, gsize)
+        rule_op = "fwd" if r0["op"] == "fwd" else "grad"
+        # every kernel the rules choose between at this shape: the case's own, the split kernels'
+        # cases at 16 < M <= 128, the FMA kernel's at M = 1
+        alts = [f"{r0['op']}-splitk" if r0["op"] == "fwd" else "dgrad-splitn", "dgrad-gemv"]
+        pool = [r for r in rs if r["kernel"] in kernel_op]
+        for alt in alts:
+            pool += [r for r in by_case.get(launches.case_name(alt, r0["fmt"], k, n, m), ())
+                     if r["kernel"] in kernel_op]
+        if not pool:
+            continue
+        timed = [(r, _est_time(r, g)) for r in pool]
+        timed = [(r, t) for r, t in timed if t]
+        best, t_best = min(timed, key=lambda rt: rt[1])
+        fp32_bias = nf4  # NF4's split-N launch passes fp32 absmax (the launcher's fp32_bias)
+        pick = heuristics.choose_fused(rule_op, m, n, k, bits=bits, group_size=gsize, is_nf4=nf4, arch=arch,
+                                       sms=sms) if m > heuristics.SPLIT_ALWAYS_M else None
+        if pick is None:
+            split_op = "splitk" if rule_op == "fwd" else "splitn"
+            pick = heuristics.choose_config(split_op, m, n, k, fmt, arch, sms,
+                                            fp32_bias=fp32_bias and split_op == "splitn")
+            if split_op == "splitn" and m == 1 and heuristics.choose_m1_grad(n, k, fmt, arch, sms) == "gemv":
+                pick = "gemv"
+        elif pick.op == "splitn" and fp32_bias:
+            pick = heuristics.choose_config("splitn", m, n, k, fmt, arch, sms, fp32_bias=True)
+        if pick == "gemv":  # its own autotuner picks the config: the faster of its two
+            mine = [(r, t) for r, t in timed if kernel_op[r["kernel"]] == "gemv"]
+            chosen = min(mine, key=lambda rt: rt[1]) if mine else (None, None)
+            label = "gemv"
+        else:
+            chosen = next(((r, t) for r, t in timed if kernel_op[r["kernel"]] == pick.op
+                           and (r["config"] + " ").startswith(pick.label + " ")), (None, None))
+            label = f"{pick.op} {pick.label}"
+        c_row, t_chosen = chosen
+        dense = by_case.get(launches.case_name(f"dense-{r0['op']}", "bf16", k, n, m))
+        dense = max(dense, key=rank) if dense else None
+        deq = by_case.get(launches.case_name("dequant", r0["fmt"], k, n, None))
+        deq = max((r for r in deq if r["kernel"] == "_dequantize_kernel"), key=rank) if deq else None
+        t_dense, t_deq = _est_time(dense, g), _est_time(deq, g)
+        small = m <= heuristics.SPLIT_ALWAYS_M
+        path = "fused" if small else heuristics.choose_path(rule_op, m, n, k, bits=bits, group_size=gsize,
+                                                             is_nf4=nf4, arch=arch, sms=sms).path
+        x_fused = t_dense / t_chosen if t_dense and t_chosen else None
+        x_deq = t_dense / (t_dense + t_deq) if t_dense and t_deq and not small else None
+        x_dense = x_fused if path == "fused" else x_deq
+        out.append(dict(case=name, op=r0["op"], rule_op=rule_op, fmt=r0["fmt"], K=k, N=n, M=m,
+                        kernel=c_row["kernel"] if c_row else None, chosen=label if c_row is None else
+                        f"{kernel_op[c_row['kernel']]} {c_row['config']}",
+                        best=f"{kernel_op[best['kernel']]} {best['config']}",
+                        ratio=t_best / t_chosen if t_chosen else None,
+                        estimate=metric(c_row) if c_row else None,
+                        x_fused=x_fused, x_dequant=x_deq, path=path, x_dense=x_dense,
+                        x_best_path=max(x for x in (x_fused, x_deq) if x is not None) if x_fused else None))
+    return out
+
+
+def fit_rules(rows) -> dict:
+    """The rules' calibration (qlk.kernels.heuristics.CALIBRATION) from a report's rows with every
+    candidate compiled: per (arch, op, format class) and candidate label, the analyzer's estimate
+    midpoint over the SM balance (the part of it that does not depend on the grid), the median over
+    the cases. GEMMs (fwd, grad): the tensor fraction; split kernels (splitk, splitn) and the M = 1
+    FMA input gradient (gemv): the DRAM fraction at M <= 16, also over the share of their grid that
+    holds reduction steps (uneven slices leave CTAs idle)."""
+    import statistics
+
+    from bench.sass import gpu
+
+    from qlk.kernels import heuristics
+
+    import launches
+
+    acc = {}
+    ops = {**_RULE_OPS, "_quant_matmul_grad_input_gemv_kernel": "gemv"}
+    for r in rows:
+        if r.get("status") != "ok" or r.get("group") != "qlk" or r.get("kernel") not in ops:
+            continue
+        op = ops[r["kernel"]]
+        if op in ("splitk", "splitn") and r["M"] != 16 or op == "gemv" and r["M"] != 1:
+            continue  # the split kernels as one 16-row tile (the same work at M = 1), the FMA kernel at M = 1
+        g = gpu(r["arch"])
+        spec = launches.FORMATS[r["fmt"]]
+        fmt = heuristics.format_class(spec.get("bits", 4), spec.get("fmt") == "nf4", spec.get("group_size"))
+        bal = heuristics.sm_balance(r["grid_ctas"], g.sms)
+        if op in ("fwd", "grad"):
+            if r["tensor_peak_opt"] is None:
+                continue
+            label = " ".join(r["config"].split()[:3])
+            eff = (r["tensor_peak_opt"] + r["tensor_peak_pess"]) / 2 / bal
+        else:
+            if op == "gemv":  # "-x<BLOCK_N>x<BLOCK_K> wW sS"; grid (K tiles, split over N)
+                bn, bk = (int(x) for x in re.match(r"-x(\d+)x(\d+)", r["config"]).groups())
+                label = f"{bn}x{bk} " + " ".join(r["config"].split()[1:3])
+                length, block, base = r["N"], bn, math.ceil(r["K"] / bk)
+            else:
+                bm, bn, bk = (int(x) for x in _TILE.match(r["config"]).groups())
+                label = " ".join(r["config"].split()[:3])
+                if op == "splitk":
+                    length, block, base = r["K"], bk, math.ceil(r["N"] / bn) * math.ceil(r["M"] / bm)
+                else:
+                    length, block, base = r["N"], bn, math.ceil(r["K"] / bk) * math.ceil(r["M"] / bm)
+            split = max(r["grid_ctas"] // base, 1)
+            eff = (r["dram_peak_opt"] + r["dram_peak_pess"]) / 2 / bal / heuristics.split_busy(length, block, split)
+        for f in {fmt, heuristics.base_format(fmt)}:  # per group size, and pooled per bit width
+            acc.setdefault((arch_family(r["arch"]), op, f), {}).setdefault(label, []).append(eff)
+    out = {key: {lab: round(statistics.median(v), 3) for lab, v in sorted(per.items())}
+           for key, per in sorted(acc.items())}
+    # a bit width measured at one group size only: its per-width entry is that one, drop the copy
+    for (fam, op, f) in list(out):
+        same = [k for k in out if k[:2] == (fam, op) and k[2] != f and heuristics.base_format(k[2]) == f]
+        if len(same) == 1 and out[same[0]] == out[(fam, op, f)]:
+            del out[same[0]]
+    return out
+
+
+def rules_summary(res, tol: float = RULES_TOLERANCE) -> dict:
+    """Counts and lists of :func:`rules_check`'s result: chosen == best (within ``tol``), dispatch
+    agreement (the path picked within ``tol`` of the faster one), and the cases under 0.9x dense."""
+    off = [r for r in res if r["ratio"] is None or r["ratio"] < tol]
+    dis = [r for r in res if r["x_dequant"] is not None and r["x_dense"] is not None
+           and r["x_dense"] < r["x_best_path"] * tol]
+    low = [r for r in res if r["x_dense"] is None or r["x_dense"] < 0.9]
+    return dict(cases=len(res), off=off, disagree=dis, low=low)
+
+
+def print_rules_check(paths) -> int:
+    """``--check-rules``: the summary per CSV (arch read from its rows)."""
+    import statistics
+
+    for path in paths:
+        rows = read_csv(path)
+        arch = rows[0]["arch"]
+        res = rules_check(rows, arch)
+        s = rules_summary(res)
+        print(f"{path}: sm_{arch}, {s['cases']} cases; chosen = best (within {RULES_TOLERANCE}) in "
+              f"{s['cases'] - len(s['off'])}; dispatch = faster path in "
+              f"{sum(r['x_dequant'] is not None for r in res) - len(s['disagree'])} of "
+              f"{sum(r['x_dequant'] is not None for r in res)}; < 0.9x dense: {len(s['low'])}")
+        for r in sorted(s["off"], key=lambda r: r["ratio"] or 0):
+            print(f"  chosen != best  {r['case']:40} {r['chosen']} vs {r['best']} ({r['ratio'] or 0:.3f})")
+        for r in s["disagree"]:
+            print(f"  dispatch        {r['case']:40} {r['path']}: fused {r['x_fused']:.2f}x, dequant {r['x_dequant']:.2f}x")
+        per = {}
+        for r in res:
+            per.setdefault((r["op"], r["fmt"]), []).append(r["x_dense"] or 0.0)
+        for (op, fmt), xs in sorted(per.items()):
+            print(f"  {op:5} {fmt:8} x dense min {min(xs):.2f} median {statistics.median(xs):.2f} ({len(xs)} cases)")
+        for r in sorted(s["low"], key=lambda r: (r["op"], r["M"], r["fmt"], r["K"], r["N"])):
+            print(f"  < 0.9x          {r['case']:40} {r['path']:7} {r['x_dense'] or 0:.2f} "
+                  f"(fused {r['x_fused'] or 0:.2f}, dequant {r['x_dequant'] or 0:.2f}) {r['chosen']}")
+    return 0
+
+
+def arch_family(arch: int) -> int:
+    return 90 if arch >= 90 else 80
+
+
 # ---------------------------------------------------------------- worker: one arch, in-process
 def collect(arch: int, cases, log=None) -> list:
     """Launch every case under one capture for ``arch``; rows for each launch, or a status row."""
@@ -271,11 +527,11 @@ def _collect(arch, cases, log, sass, run_case, fused_matmul) -> list:
     return rows
 
 
-def select_cases(quick: bool, patterns, include=("dense", "qlk", "peers"), family: bool = False):
+def select_cases(quick: bool, patterns, include=("dense", "qlk", "peers"), family: bool = False, ms=None):
     import launches
 
     out = launches.all_cases(quick, patterns, include_qlk="qlk" in include, include_dense="dense" in include,
-                             family=family)
+                             family=family, ms=ms)
     # the "x dense" ratios need the dense GEMM and the dequantize kernel at each qlk case's shape
     names = {c.name for c in out}
     want = set()
@@ -284,7 +540,8 @@ def select_cases(quick: bool, patterns, include=("dense", "qlk", "peers"), famil
             want.add(launches.case_name(f"dense-{c.op}", "bf16", c.k, c.n, c.m))
             want.add(launches.case_name("dequant", c.fmt, c.k, c.n, None))
     if want - names:
-        extra = [c for c in launches.all_cases(quick, sorted(want - names), family=family) if c.name not in names]
+        extra = [c for c in launches.all_cases(quick, sorted(want - names), family=family, ms=ms)
+                 if c.name not in names]
         out = [c for c in extra if c.group == "dense"] + out + [c for c in extra if c.group != "dense"]
     if "peers" in include and not family:
         import peers_static
@@ -295,7 +552,9 @@ def select_cases(quick: bool, patterns, include=("dense", "qlk", "peers"), famil
 
 def worker(args) -> int:
     arch = int(args.arch)
-    cases = select_cases(args.quick, _patterns(args.cases), family=args.family)
+    import launches
+
+    cases = select_cases(args.quick, _patterns(args.cases), family=args.family, ms=launches._ms(args.ms))
     rows = collect(arch, cases, log=lambda s: print(s, file=sys.stderr, flush=True))
     with open(args.worker_out, "w") as f:
         json.dump(rows, f)
@@ -368,24 +627,36 @@ _GROUPS = {"dense": 0, "qlk": 1}
 _OPS = {"fwd": 0, "dgrad": 1, "decode": 2, "qalora": 3, "dequant": 4}
 
 
-def _rules_table(rows) -> list:
-    """One line per qlk fwd/dgrad case's main kernel (rows with a dense ratio)."""
-    shown = sorted((r for r in rows if r.get("x_dense_fused") is not None), key=_row_order)
-    if not shown:
+def _rules_table(rows, arch) -> list:
+    """One line per qlk fwd/dgrad case (:func:`rules_check`): the kernel and tile qlk's rules pick,
+    the analyzer's best of every kernel and tile it could have run, both paths' ratio to dense."""
+    try:
+        res = rules_check([r for r in rows if r.get("status") == "ok"], arch)
+    except Exception:  # noqa: BLE001 - no qlk: no table
+        return []
+    if not res:
         return []
     f = lambda v: "" if v is None else f"{v:.2f}"  # noqa: E731
-    out = ["| case | kernel | estimate | chosen | best | fused × dense | dequant × dense | path | × dense |",
-           "|---|---|---|---|---|---|---|---|---|"]
-    agree = lambda r: {True: "", False: " (the other path is estimated faster)", None: ""}[r.get("dispatch_agrees")]  # noqa: E731
-    for r in shown:
-        hi, lo = metric(r)
-        chosen = r.get("chosen_config") or "—"
-        same = "✓" if chosen == r.get("best_config") else f"{r.get('best_config') or ''}" + (
-            f" (chosen at {r['chosen_vs_best']:.2f})" if r.get("chosen_vs_best") is not None else "")
-        out.append(f"| {r['case']} | {r['kernel']} | {hi:.2f}..{lo:.2f} | {chosen} | {same} | "
-                   f"{f(r.get('x_dense_fused'))} | {f(r.get('x_dense_dequant'))} | {r.get('dispatch') or ''}{agree(r)} | "
-                   f"**{f(r.get('x_dense'))}** |")
+    s = rules_summary(res)
+    agree = len(res) - len(s["off"])
+    with_path = [r for r in res if r["x_dequant"] is not None]
+    out = [f"Chosen = best (within {RULES_TOLERANCE:.2f} of the best estimated time) in {agree} of {len(res)} "
+           f"cases; the dispatcher's path within {RULES_TOLERANCE:.2f} of the faster one in "
+           f"{len(with_path) - len(s['disagree'])} of {len(with_path)} (M > 16); under 0.9x dense: {len(s['low'])}.", "",
+           "| case | chosen (kernel, tile) | estimate | best | fused × dense | dequant × dense | path | × dense |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(res, key=lambda r: (r["op"] != "fwd", list(FMT_ORDER).index(r["fmt"]) if r["fmt"] in FMT_ORDER
+                                        else 9, r["K"], r["N"], r["M"])):
+        est = r["estimate"]
+        same = "✓" if r["ratio"] is not None and r["ratio"] >= RULES_TOLERANCE else \
+            f"{r['best']} (chosen at {r['ratio']:.2f})" if r["ratio"] is not None else r["best"]
+        flag = " (the other path is estimated faster)" if r in s["disagree"] else ""
+        out.append(f"| {r['case']} | {r['chosen']} | {f'{est[0]:.2f}..{est[1]:.2f}' if est else ''} | {same} | "
+                   f"{f(r['x_fused'])} | {f(r['x_dequant'])} | {r['path']}{flag} | **{f(r['x_dense'])}** |")
     return out
+
+
+FMT_ORDER = ("int4g32", "int4g128", "int3g128", "int2g32", "nf4dq")
 
 
 def _row_order(r):
@@ -435,16 +706,20 @@ def write_markdown(path: str, arch: int, rows, meta: dict) -> None:
     for line in _summary(rows):
         p(line)
     p()
-    lines = _rules_table(rows)
+    lines = _rules_table(rows, arch)
     if lines:
         p("## qlk against dense at each shape: chosen vs best config, fused vs dequantize + dense")
         p()
-        p("Estimated, not measured. `x dense`: the dense bf16 GEMM's estimated time at the same shape (same run) "
-          "over qlk's (each time = useful bytes / midpoint of the DRAM fraction, which holds tile padding and wave "
-          "balance); `fused` the fused kernel, `dequant` dequantize + the same dense GEMM; `path` what qlk's "
-          "dispatcher runs (qlk.kernels.heuristics.choose_path; docs/kernels.md, round 2). `chosen`: the config "
-          "qlk's rules launch; `best`: the analyzer's best of every candidate (the same config: ✓; else the "
-          "chosen one's estimate midpoint × fill as a share of the best's).")
+        p("Estimated, not measured. `× dense`: the dense bf16 GEMM's estimated time at the same shape (same run) "
+          "over qlk's (time = padded MACs / midpoint of the tensor fraction at M ≥ 256, useful bytes / midpoint "
+          "of the DRAM fraction below; both hold tile padding and SM balance); `fused` the fused kernel qlk's "
+          "rules pick, `dequant` dequantize + the same dense GEMM; `path` what qlk's dispatcher runs "
+          "(qlk.kernels.heuristics.choose_path; docs/kernels.md, rounds 2 and 3). `chosen`: the kernel and tile "
+          "qlk's rules launch (`fwd`/`grad` the GEMMs, `splitk`/`splitn` the split kernels, also weighed at "
+          "16 < M ≤ 128, `gemv` the M = 1 FMA input gradient); `best`: the analyzer's fastest of every kernel and "
+          "tile compiled for the case (✓: the chosen one, or within 1 % of its time; else the best and the "
+          "chosen one's time as a share of it). Re-check a CSV against the rules as they are now: "
+          "`python bench/static_report.py --check-rules <csv>`.")
         p()
         for line in lines:
             p(line)
@@ -519,9 +794,19 @@ def parse_args(argv=None):
     ap.add_argument("--quick", action="store_true", help="M=4096 and M=1 on 4096->14336 only")
     ap.add_argument("--cases", default="", help="comma-separated shell patterns over case names")
     ap.add_argument("--family", action="store_true",
-                    help="Llama-family shapes 1B..70B (GQA k/v included), M in 1, 16, 333, 2048, 8192 (long)")
+                    help="Llama-family shapes 1B..70B (GQA k/v included), M in 1, 16, 333, 2048, 8192 (long; --ms for others)")
+    ap.add_argument("--ms", default="", help="comma-separated M values instead of the set's own "
+                    "(the rules' sweep: --family --ms 1,16,64,333,2048,8192 --cases 'fwd/*,dgrad/*')")
+    ap.add_argument("--stem", default="static", help="file names <stem>-sm<arch>.md/.csv (the rules' sweep: "
+                    "static-family)")
     ap.add_argument("--out", default=RESULTS, help="folder for static-sm<arch>.md/.csv")
     ap.add_argument("--jobs", type=int, default=2, help="arch workers run in parallel")
+    ap.add_argument("--fit-rules", nargs="+", metavar="CSV",
+                    help="print qlk.kernels.heuristics.CALIBRATION fitted to these report CSVs (every candidate "
+                    "compiled, e.g. the rules' sweep) and exit; compiles nothing")
+    ap.add_argument("--check-rules", nargs="+", metavar="CSV",
+                    help="compare qlk's rules (as they are now) with these report CSVs: chosen vs best config, "
+                    "dispatch vs the faster path; compiles nothing")
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
@@ -531,6 +816,14 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker_out:
         return worker(args)
+    if args.fit_rules:
+        import pprint
+
+        rows = [r for path in args.fit_rules for r in read_csv(path)]
+        pprint.pprint(fit_rules(rows), width=120, sort_dicts=True)
+        return 0
+    if args.check_rules:
+        return print_rules_check(args.check_rules)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("static_report: unset TRITON_INTERPRET (the interpreter compiles nothing)", file=sys.stderr)
         return 2
@@ -550,7 +843,7 @@ def main(argv=None) -> int:
             arch = pending.pop(0)
             cmd = [sys.executable, os.path.abspath(__file__), "--arch", str(arch), "--cases", args.cases,
                    "--worker-out", os.path.join(tmp, f"sm{arch}.json")] + (["--quick"] if args.quick else []) \
-                + (["--family"] if args.family else [])
+                + (["--family"] if args.family else []) + (["--ms", args.ms] if args.ms else [])
             procs[arch] = subprocess.Popen(cmd, env=env, cwd=ROOT)
         for arch, proc in list(procs.items()):
             if proc.poll() is None:
@@ -562,7 +855,7 @@ def main(argv=None) -> int:
                 continue
             with open(os.path.join(tmp, f"sm{arch}.json")) as f:
                 rows = json.load(f)
-            md, cs = (os.path.join(args.out, f"static-sm{arch}.{ext}") for ext in ("md", "csv"))
+            md, cs = (os.path.join(args.out, f"{args.stem}-sm{arch}.{ext}") for ext in ("md", "csv"))
             write_markdown(md, arch, rows, meta)
             write_csv(cs, rows)
             print(f"\nsm_{arch}: best estimate of each case's main kernel (estimated, not measured)\n")

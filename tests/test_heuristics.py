@@ -85,8 +85,11 @@ def test_split_kernels_follow_the_split_rule_and_prefer_long_steps():
     c = h.choose_config("splitk", 1, 14336, 4096, arch=90, sms=132, configs=SPLIT)
     assert c.block_k == 256  # 64x256 weight elements per step: e/(e+4096) = 0.8 vs 0.67
     base = math.ceil(14336 / 64)
-    assert c.split == max(1, min(4096 // 256, math.ceil(16 * 132 / base)))
-    assert h.split_count(480, 64, 3, 1) == 6 and h.split_count(4096, 128, 4096, 132) == 1
+    steps = 4096 // 256
+    target = max(1, min(steps, math.ceil(16 * 132 / base)))  # 10 slices of ⌈16/10⌉ = 2 steps: 2 idle
+    assert c.split == math.ceil(steps / math.ceil(steps / target)) == 8  # round 3: no idle slice
+    assert c.fill == h.split_busy(4096, 256, 8) == 1.0
+    assert h.split_count(480, 64, 3, 1) == 4 and h.split_count(4096, 128, 4096, 132) == 1
 
 
 def test_tile_model_reproduces_its_calibration_points():

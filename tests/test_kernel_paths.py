@@ -223,7 +223,8 @@ GEMV_CASES = [  # (format, weight case, deterministic): each format and reductio
                               for c, d in GEMV_CASES])  # fmt: skip
 def test_gemv_grad_input(case, det, monkeypatch):
     """The M = 1 FMA input-gradient kernel: slices of 2+ N tiles (ragged last tile), atomic and
-    deterministic (NaN workspace); "auto" sends NF4 at M = 1 to it, INT to the MMA split-N kernel."""
+    deterministic (NaN workspace); "auto" runs what heuristics.choose_m1_grad says (round 3: the MMA
+    split-N kernel for every format, NF4 included: the analyzer estimates it faster at every shape)."""
     qw, w64 = int_weight(*case[1:]) if case[0] == "int" else nf4_weight(*case[1:])
     n, k = qw.shape
     dy = randn(1, n, seed=k + 11)
@@ -234,7 +235,10 @@ def test_gemv_grad_input(case, det, monkeypatch):
     real = fm._gemv_grad_input
     monkeypatch.setattr(fm, "_gemv_grad_input", lambda *a: calls.append(1) or real(*a))
     dx = quant_matmul_backward(dy, qw, out=nan(1, k), deterministic=det)
-    assert calls == ([1] if case[0] == "nf4" else [])
+    fmt = "nf4" if case[0] == "nf4" else f"int{qw.bits}"
+    want = heuristics.choose_m1_grad(n, k, heuristics.format_class(4 if fmt == "nf4" else qw.bits, fmt == "nf4",
+                                                                   qw.group_size), fm.target_arch(), fm.num_sms(qw.qweight.device))
+    assert calls == ([1] if want == "gemv" else [])
     assert oracles.rel_err(dx, dy.cpu().double() @ w64) < TOL
 
 

@@ -37,13 +37,13 @@ TOLERANCE = 0.05
 #: the cases compiled, per arch (shell patterns over bench/launches.py case names)
 CASES = {
     90: ["fwd/int4g32/4096->14336/*", "dgrad/int4g32/4096->14336/*", "fwd/nf4dq/4096->14336/*",
-         "dgrad/nf4dq/4096->14336/M4096", "dgrad/nf4dq/4096->14336/M1", "fwd/int3g128/4096->14336/M4096",
-         "dgrad/int3g128/4096->14336/M4096",
+         "dgrad/nf4dq/4096->14336/M4096", "dgrad/nf4dq/4096->14336/M1", "dgrad-gemv/nf4dq/4096->14336/M1",
+         "fwd/int3g128/4096->14336/M4096", "dgrad/int3g128/4096->14336/M4096",
          "fwd/int3g128/4096->14336/M1",
          "qalora/int4g32/4096->14336/M1",
          "dequant/int4g32/*"],
     80: ["fwd/int4g32/4096->14336/*", "dgrad/int4g32/4096->14336/*", "dgrad/nf4dq/4096->14336/M1",
-         "dgrad/int2g32/4096->14336/M4096",
+         "dgrad/int2g32/4096->14336/M4096", "dgrad-gemv/nf4dq/4096->14336/M1",
          "qalora/int4g32/4096->14336/M1",
          "dequant/int4g32/*"],
 }

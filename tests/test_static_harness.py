@@ -326,4 +326,4 @@ def test_chosen_best_fill_and_dense_ratio_on_hand_made_rows():
     assert small["x_dense_fused"] == pytest.approx(0.375 / 0.5, abs=1e-3)
     assert 0 < small["x_dense_dequant"] < 1 and small["dispatch"] in ("fused", "dequant")
     assert small["x_dense"] == (small["x_dense_fused"] if small["dispatch"] == "fused" else small["x_dense_dequant"])
-    assert any("✓" in line for line in sr._rules_table(rows))
+    assert any("✓" in line for line in sr._rules_table(rows, 90))

@@ -27,8 +27,9 @@ may instead dequantize Ŵ and run a dense GEMM when the static model estimates t
     N is split over a second grid axis (≈ 16 CTAs per SM), partials added with fp32 atomics or,
     ``deterministic=True``, through a workspace [SPLIT, M, K] summed in a fixed order.
 ``_quant_matmul_grad_input_gemv_kernel``  dX at M = 1 with FMAs instead of an MMA (same split over N):
-    no transpose of the dequantized tile through shared memory. Dispatched for NF4 (where it is
-    estimated 2.5× faster); ``path="gemv"`` forces it.
+    no transpose of the dequantized tile through shared memory. ``path="gemv"`` runs it; "auto"
+    asks :func:`qlk.kernels.heuristics.choose_m1_grad` (round 3: split-N at every shape, the
+    analyzer estimating it faster for every format since the round-2 split-N work).
 
 QA-LoRA (:mod:`qlk.kernels.qalora`) reuses the forward kernels with ``POOL=True``: the programs of
 the first N tile also write P(X) (group means of X) from the X tiles they load.
@@ -414,7 +415,7 @@ def _tiles(op, m, n, k, meta, device, fp32_bias=False, pool=False):
     """(the rules' choice, the choices to launch) for ``op`` at the layer shape (M, N, K) on the
     current target: :func:`qlk.kernels.heuristics.choose_config`, no timing."""
     arch, sms = target_arch(), num_sms(device)
-    fmt = heuristics.format_class(meta["BITS"], meta["IS_NF4"])
+    fmt = heuristics.format_class(meta["BITS"], meta["IS_NF4"], meta.get("GROUP_SIZE"))
     chosen = heuristics.choose_config(op, m, n, k, fmt, arch, sms, fp32_bias=fp32_bias, pool=pool)
     if CHOICE_LOG is not None:
         CHOICE_LOG.append((op, chosen))
@@ -465,7 +466,32 @@ def choose_path(op: str, m: int, qw: QuantizedWeight, device, act_dtype=torch.bf
     pick = heuristics.choose_path(op, m, n, k, bits=4 if nf4 else qw.bits, group_size=qw.group_size, is_nf4=nf4,
                                   arch=target_arch(), sms=num_sms(device),
                                   act_bytes=torch.empty((), dtype=act_dtype).element_size())
-    return "gemm" if pick.path == "fused" else "dequant"
+    if pick.path == "dequant":
+        return "dequant"
+    return pick.fused.op if pick.fused.op in ("splitk", "splitn") else "gemm"
+
+
+def fused_kernel(op: str, m: int, qw: QuantizedWeight, device) -> str:
+    """What ``path="fused"`` runs for ``op`` "fwd" / "grad": "splitk" / "splitn" at M <= 16, the
+    split kernel or "gemm" by :func:`qlk.kernels.heuristics.choose_fused` up to its SPLIT_MAX_M
+    (under the Triton interpreter: "gemm" above 16), "gemm" above."""
+    if m <= (SPLITK_MAX_M if op == "fwd" else SPLITN_MAX_M):
+        return "splitk" if op == "fwd" else "splitn"
+    if INTERPRETED or m > heuristics.SPLIT_MAX_M:
+        return "gemm"
+    n, k = qw.shape
+    nf4 = qw.fmt == "nf4"
+    c = heuristics.choose_fused(op, m, n, k, bits=4 if nf4 else qw.bits, group_size=qw.group_size, is_nf4=nf4,
+                                arch=target_arch(), sms=num_sms(device))
+    return c.op if c.op in ("splitk", "splitn") else "gemm"
+
+
+def _m1_grad_kernel(qw: QuantizedWeight, device) -> str:
+    """"splitn" or "gemv": the M = 1 input gradient's kernel, :func:`qlk.kernels.heuristics.choose_m1_grad`."""
+    n, k = qw.shape
+    nf4 = qw.fmt == "nf4"
+    return heuristics.choose_m1_grad(n, k, heuristics.format_class(4 if nf4 else qw.bits, nf4, qw.group_size), target_arch(),
+                                     num_sms(device))
 
 
 def _dequantized(qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
@@ -521,7 +547,7 @@ def _forward(x, qw, bias, out, path, deterministic, wargs=None, pool=False):
     if m == 0:
         return out.reshape(*lead, n), pooled
     if path == "fused":
-        path = "splitk" if m <= SPLITK_MAX_M else "gemm"
+        path = fused_kernel("fwd", m, qw, x.device) if wargs is None else ("splitk" if m <= SPLITK_MAX_M else "gemm")
     elif path == "auto":
         path = choose_path("fwd", m, qw, x.device, x.dtype) if wargs is None else \
             ("splitk" if m <= SPLITK_MAX_M else "gemm")
@@ -595,9 +621,10 @@ def quant_matmul_grad_input(dy: torch.Tensor, qw: QuantizedWeight, out: torch.Te
 
     Reads the same packed weight as the forward. With act-order the result is scattered back to
     the original column order (a copy). out: optional preallocated [M, K] (2-D) output, only
-    without act-order. path: "auto" (:func:`choose_path`: split-N when M <= SPLITN_MAX_M, NF4 at
-    M = 1 the FMA kernel, else the fused GEMM or dequantize + dense GEMM by the static model),
-    "fused" (split-N, NF4 at M = 1 the FMA kernel, or the fused GEMM by M), "gemm", "splitn", "gemv" (the FMA kernel, M = 1 only),
+    without act-order. path: "auto" (:func:`choose_path`: split-N when M <= SPLITN_MAX_M (at M = 1
+    the FMA kernel where heuristics.choose_m1_grad says so), else split-N, the fused GEMM or
+    dequantize + dense GEMM by the static model), "fused" (the fused kernel the rules pick:
+    :func:`fused_kernel`), "gemm", "splitn", "gemv" (the FMA kernel, M = 1 only),
     "dequant"; deterministic: the split kernels sum partials in a fixed order (workspace) instead of
     atomics."""
     return _grad_input(dy, qw, out, path, deterministic)
@@ -625,12 +652,14 @@ def _grad_input(dy, qw, out, path, deterministic, wargs=None, lora_b=None):
         raise ValueError("path='dequant' is not available with replaced weight arguments (QA-LoRA's folded "
                          "biases); use 'auto', 'gemm' or 'splitn'")
     if path in ("auto", "fused") and m > 0:
-        if path == "fused" or wargs is not None:
+        if wargs is not None:
             path = "splitn" if m <= SPLITN_MAX_M else "gemm"
+        elif path == "fused":
+            path = fused_kernel("grad", m, qw, dy.device)
         else:
             path = choose_path("grad", m, qw, dy.device, dy.dtype)
-        if path == "splitn" and m == 1 and qw.fmt == "nf4" and lora_b is None:
-            path = "gemv"  # NF4 at M = 1: the FMA kernel (docs/kernels.md, QA-LoRA and small-M gradient)
+        if path == "splitn" and m == 1 and lora_b is None and _m1_grad_kernel(qw, dy.device) == "gemv":
+            path = "gemv"  # M = 1: the FMA kernel where the rules estimate it faster (heuristics.choose_m1_grad)
     v = None
     if path == "splitn" and lora_b is not None:
         v = torch.empty((m, lora_b.shape[1]), dtype=torch.float32, device=dy.device)

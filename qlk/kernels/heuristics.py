@@ -50,12 +50,26 @@ The rule is generic: any candidate list works (a new tile is scored by the same 
 cannot see (spills, a compiler's layout conversion) the static report shows: its ``chosen`` column
 against the analyzer's ``best``.
 
+**Round 3 (calibrated tile efficiency).** The two-term model ranks tiles of one shape right but
+misjudges some pairs by up to 25 % (sm_90 input gradient 128×64×128 w8 against 256×64×64 w8: the
+model has them equal, the analyzer 0.52 against 0.67 for INT3; sm_80 split-N 16×64 against
+16×128). The analyzer's estimate of a candidate factors, to ±0.01 at every M > 16 and every shape
+of the sweep, into a per-(arch, op, format, tile) constant × SM balance × fill, so
+``tile_eff`` is now that constant where :data:`CALIBRATION` has it (fitted from the committed
+sweep by ``bench/static_report.py --fit-rules``; the model stays the fallback for a tile without
+an entry). Split kernels: ``fill`` is the busy share of the split, and :func:`split_count`
+leaves no slice idle. Between 16 < M ≤ :data:`SPLIT_MAX_M` the split kernels are weighed against
+the GEMMs (:func:`choose_fused`, by :func:`fused_time`), and at M = 1 the input gradient's FMA
+kernel against split-N (:func:`choose_m1_grad`). The path rule's dequantize and dense terms are
+fitted the same way (:data:`DEQUANT_EFF`, :data:`DENSE_SMALL_EFF`).
+
 **Path rule** (:func:`choose_path`): at M > 16, the fused kernel or dequantize (Ŵ written once
 in the activation dtype, :mod:`qlk.kernels.dequant`) then a dense GEMM, whichever the static model
 says is faster::
 
-    t_fused   = MACs / (peak · score_fused)
-    t_dequant = bytes(packed Ŵ + scales + Ŵ written) / (DRAM · 0.8) + MACs / (peak · score_dense)
+    t_fused   = MACs / (peak · score_fused)          (split kernels: ⌈M/16⌉ · packed / (DRAM · score))
+    t_dequant = bytes(packed Ŵ + scales + Ŵ written) / (DRAM · e_deq · balance)
+                + MACs / (peak · score_dense)        (M ≤ 64: the dense split-K tile's bytes / (DRAM · e · balance))
 
 with score_* the tile rule's best score for the fused candidates and for the dense GEMM's tiles
 (:data:`DENSE_TILES`, the bf16 Triton baseline's analyzer estimates standing in for cuBLAS).
@@ -102,12 +116,94 @@ DEFAULT_SMS = {90: 132, 80: 108}
 
 #: the dense bf16 GEMM's tiles (bench/dense_matmul.py) as (BLOCK_M, BLOCK_N, warps) -> its
 #: analyzer estimate at a full-wave shape, sm_90 / sm_80, divided by that shape's sm_balance
-DENSE_TILES = {
-    90: {(128, 256, 8): (1.0, 0.70), (128, 128, 4): (1.0, 0.64), (64, 128, 4): (1.0, 0.55)},
-    80: {(128, 256, 8): (1.0, 0.59), (128, 128, 4): (1.0, 0.57), (64, 128, 4): (0.88, 0.47)},
+DENSE_TILES = {  # round 3: refitted to the rules' sweep (midpoints 0.85 / 0.82 / 0.77 and 0.79 / 0.78 / 0.67)
+    90: {(128, 256, 8): (1.0, 0.70), (128, 128, 4): (1.0, 0.64), (64, 128, 4): (1.0, 0.54)},
+    80: {(128, 256, 8): (1.0, 0.59), (128, 128, 4): (1.0, 0.57), (64, 128, 4): (0.88, 0.46)},
 }
-#: share of the DRAM bandwidth the standalone dequantize kernel is assumed to reach
+#: share of the DRAM bandwidth the standalone dequantize kernel is assumed to reach (fallback for
+#: a format without a :data:`DEQUANT_EFF` entry)
 DEQUANT_DRAM_SHARE = 0.8
+
+#: Round 3: the analyzer's own estimate of each candidate, fitted once from the rules' sweep
+#: (``python bench/static_report.py --fit-rules bench/results/static-family-sm90.csv
+#: bench/results/static-family-sm80.csv``; every candidate compiled at the 12 Llama-family layer
+#: shapes x M in {1, 16, 64, 333, 2048, 8192} x INT4 g32/g128, INT3 g128, INT2 g32, NF4-DQ):
+#: (arch family, op, format class) -> {candidate label: efficiency}. GEMMs: the tensor fraction's
+#: midpoint over the SM balance (the same at every M > 16 and every shape to ±0.01, except 2048→512
+#: where short K loops lose ~5 %); split kernels: the DRAM fraction's midpoint over the SM balance
+#: and over the busy share of the split (median over the shapes; ±25 %: the DRAM fraction also
+#: depends on how many steps each slice runs). A candidate without an entry is scored by the
+#: two-term model below, so a new tile still gets a sensible rank until the table is refitted.
+CALIBRATION = {
+    (80, 'fwd', 'int2'): {'128x128x32 w4 s4': 0.751, '128x128x32 w8 s4': 0.385, '128x256x32 w8 s3': 0.749, '64x128x32 w4 s4': 0.443},
+    (80, 'fwd', 'int3'): {'128x128x32 w4 s4': 0.576, '128x128x32 w8 s4': 0.296, '128x256x32 w8 s3': 0.578, '64x128x32 w4 s4': 0.323},
+    (80, 'fwd', 'int4'): {'128x128x32 w4 s4': 0.751, '128x128x32 w8 s4': 0.384, '128x256x32 w8 s3': 0.748, '64x128x32 w4 s4': 0.442},
+    (80, 'fwd', 'int4g128'): {'128x128x32 w4 s4': 0.75, '128x128x32 w8 s4': 0.383, '128x256x32 w8 s3': 0.746, '64x128x32 w4 s4': 0.441},
+    (80, 'fwd', 'int4g32'): {'128x128x32 w4 s4': 0.751, '128x128x32 w8 s4': 0.385, '128x256x32 w8 s3': 0.749, '64x128x32 w4 s4': 0.443},
+    (80, 'fwd', 'nf4'): {'128x128x32 w4 s4': 0.786, '128x128x32 w8 s4': 0.622, '128x256x32 w8 s3': 0.796, '64x128x32 w4 s4': 0.614},
+    (80, 'gemv', 'int2'): {'32x256 w4 s3': 0.199, '64x128 w4 s3': 0.198},
+    (80, 'gemv', 'int3'): {'32x256 w4 s3': 0.187, '64x128 w4 s3': 0.135},
+    (80, 'gemv', 'int4'): {'32x256 w4 s3': 0.296, '64x128 w4 s3': 0.252},
+    (80, 'gemv', 'int4g128'): {'32x256 w4 s3': 0.275, '64x128 w4 s3': 0.191},
+    (80, 'gemv', 'int4g32'): {'32x256 w4 s3': 0.311, '64x128 w4 s3': 0.31},
+    (80, 'gemv', 'nf4'): {'32x256 w4 s3': 0.329, '64x128 w4 s3': 0.327},
+    (80, 'grad', 'int2'): {'128x32x128 w8 s3': 0.614, '256x32x128 w8 s3': 0.704, '64x32x128 w4 s3': 0.51},
+    (80, 'grad', 'int3'): {'128x32x128 w8 s3': 0.646, '256x32x128 w8 s3': 0.781, '64x32x128 w4 s3': 0.428},
+    (80, 'grad', 'int4'): {'128x32x128 w8 s3': 0.664, '256x32x128 w8 s3': 0.783, '64x32x128 w4 s3': 0.572},
+    (80, 'grad', 'int4g128'): {'128x32x128 w8 s3': 0.664, '256x32x128 w8 s3': 0.783, '64x32x128 w4 s3': 0.585},
+    (80, 'grad', 'int4g32'): {'128x32x128 w8 s3': 0.664, '256x32x128 w8 s3': 0.783, '64x32x128 w4 s3': 0.558},
+    (80, 'grad', 'nf4'): {'128x32x128 w8 s3': 0.643, '256x32x128 w8 s3': 0.779, '64x32x128 w4 s3': 0.569},
+    (80, 'splitk', 'int2'): {'16x64x128 w4 s4': 0.661, '16x64x256 w4 s3': 0.686},
+    (80, 'splitk', 'int3'): {'16x64x128 w4 s4': 0.419, '16x64x256 w4 s3': 0.451},
+    (80, 'splitk', 'int4'): {'16x64x128 w4 s4': 0.771, '16x64x256 w4 s3': 0.771},
+    (80, 'splitk', 'int4g128'): {'16x64x128 w4 s4': 0.769, '16x64x256 w4 s3': 0.765},
+    (80, 'splitk', 'int4g32'): {'16x64x128 w4 s4': 0.774, '16x64x256 w4 s3': 0.776},
+    (80, 'splitk', 'nf4'): {'16x64x128 w4 s4': 0.741, '16x64x256 w4 s3': 0.761},
+    (80, 'splitn', 'int2'): {'16x128x128 w4 s3': 0.27, '16x64x128 w4 s4': 0.267},
+    (80, 'splitn', 'int3'): {'16x128x128 w4 s3': 0.271, '16x64x128 w4 s4': 0.239},
+    (80, 'splitn', 'int4'): {'16x128x128 w4 s3': 0.404, '16x64x128 w4 s4': 0.403},
+    (80, 'splitn', 'int4g128'): {'16x128x128 w4 s3': 0.383, '16x64x128 w4 s4': 0.398},
+    (80, 'splitn', 'int4g32'): {'16x128x128 w4 s3': 0.409, '16x64x128 w4 s4': 0.404},
+    (80, 'splitn', 'nf4'): {'16x128x128 w4 s3': 0.344, '16x64x128 w4 s4': 0.34},
+    (90, 'fwd', 'int2'): {'128x128x64 w8 s4': 0.682, '128x64x64 w4 s4': 0.668, '256x128x64 w8 s3': 0.815, '256x64x64 w4 s3': 0.799},
+    (90, 'fwd', 'int3'): {'128x128x64 w8 s4': 0.536, '128x64x64 w4 s4': 0.532, '256x128x64 w8 s3': 0.784, '256x64x64 w4 s3': 0.78},
+    (90, 'fwd', 'int4'): {'128x128x64 w8 s4': 0.684, '128x64x64 w4 s4': 0.664, '256x128x64 w8 s3': 0.814, '256x64x64 w4 s3': 0.786},
+    (90, 'fwd', 'int4g128'): {'128x128x64 w8 s4': 0.702, '128x64x64 w4 s4': 0.664, '256x128x64 w8 s3': 0.817, '256x64x64 w4 s3': 0.792},
+    (90, 'fwd', 'int4g32'): {'128x128x64 w8 s4': 0.684, '128x64x64 w4 s4': 0.664, '256x128x64 w8 s3': 0.814, '256x64x64 w4 s3': 0.786},
+    (90, 'fwd', 'nf4'): {'128x128x64 w8 s4': 0.768, '128x64x64 w4 s4': 0.754, '256x128x64 w8 s3': 0.83, '256x64x64 w4 s3': 0.788},
+    (90, 'gemv', 'int2'): {'32x256 w4 s3': 0.191, '64x128 w4 s3': 0.191},
+    (90, 'gemv', 'int3'): {'32x256 w4 s3': 0.179, '64x128 w4 s3': 0.135},
+    (90, 'gemv', 'int4'): {'32x256 w4 s3': 0.282, '64x128 w4 s3': 0.245},
+    (90, 'gemv', 'int4g128'): {'32x256 w4 s3': 0.262, '64x128 w4 s3': 0.189},
+    (90, 'gemv', 'int4g32'): {'32x256 w4 s3': 0.3, '64x128 w4 s3': 0.3},
+    (90, 'gemv', 'nf4'): {'32x256 w4 s3': 0.317, '64x128 w4 s3': 0.317},
+    (90, 'grad', 'int2'): {'128x64x128 w8 s4': 0.616, '128x64x64 w4 s4': 0.614, '256x64x128 w8 s3': 0.805, '256x64x64 w8 s3': 0.704},
+    (90, 'grad', 'int3'): {'128x64x128 w8 s4': 0.524, '128x64x64 w4 s4': 0.523, '256x64x128 w8 s3': 0.782, '256x64x64 w8 s3': 0.672},
+    (90, 'grad', 'int4'): {'128x64x128 w8 s4': 0.619, '128x64x64 w4 s4': 0.609, '256x64x128 w8 s3': 0.796, '256x64x64 w8 s3': 0.672},
+    (90, 'grad', 'int4g128'): {'128x64x128 w8 s4': 0.655, '128x64x64 w4 s4': 0.629, '256x64x128 w8 s3': 0.803, '256x64x64 w8 s3': 0.688},
+    (90, 'grad', 'int4g32'): {'128x64x128 w8 s4': 0.619, '128x64x64 w4 s4': 0.609, '256x64x128 w8 s3': 0.796, '256x64x64 w8 s3': 0.657},
+    (90, 'grad', 'nf4'): {'128x64x128 w8 s4': 0.696, '128x64x64 w4 s4': 0.616, '256x64x128 w8 s3': 0.799, '256x64x64 w8 s3': 0.672},
+    (90, 'splitk', 'int2'): {'16x64x128 w4 s4': 0.587, '16x64x256 w4 s3': 0.654},
+    (90, 'splitk', 'int3'): {'16x64x128 w4 s4': 0.412, '16x64x256 w4 s3': 0.437},
+    (90, 'splitk', 'int4'): {'16x64x128 w4 s4': 0.77, '16x64x256 w4 s3': 0.786},
+    (90, 'splitk', 'int4g128'): {'16x64x128 w4 s4': 0.765, '16x64x256 w4 s3': 0.775},
+    (90, 'splitk', 'int4g32'): {'16x64x128 w4 s4': 0.774, '16x64x256 w4 s3': 0.789},
+    (90, 'splitk', 'nf4'): {'16x64x128 w4 s4': 0.715, '16x64x256 w4 s3': 0.757},
+    (90, 'splitn', 'int2'): {'16x128x64 w4 s3': 0.271, '16x256x64 w4 s3': 0.275},
+    (90, 'splitn', 'int3'): {'16x128x64 w4 s3': 0.255, '16x256x64 w4 s3': 0.258},
+    (90, 'splitn', 'int4'): {'16x128x64 w4 s3': 0.401, '16x256x64 w4 s3': 0.407},
+    (90, 'splitn', 'int4g128'): {'16x128x64 w4 s3': 0.359, '16x256x64 w4 s3': 0.364},
+    (90, 'splitn', 'int4g32'): {'16x128x64 w4 s3': 0.41, '16x256x64 w4 s3': 0.415},
+    (90, 'splitn', 'nf4'): {'16x128x64 w4 s3': 0.345},
+}
+#: the standalone dequantize kernel's DRAM fraction over the SM balance of its grid (same sweep)
+DEQUANT_EFF = {90: {"int2": 0.81, "int3": 0.77, "int4": 0.83, "nf4": 0.86},
+               80: {"int2": 0.82, "int3": 0.78, "int4": 0.84, "nf4": 0.87}}
+#: the standalone dequantize kernel's tiles (BLOCK_N, BLOCK_K): its autotuner keeps the faster
+DEQUANT_TILES = ((32, 256), (64, 256))
+#: the dense baseline's small-M kernel (M ≤ 64: one 16x64x256 tile with a split-K, bench/dense_matmul.py)
+#: as its DRAM fraction over the SM balance, fitted at M = 64
+DENSE_SMALL_M, DENSE_SMALL_EFF = 64, {90: 0.68, 80: 0.55}
 
 
 def arch_family(arch: int) -> int:
@@ -115,8 +211,17 @@ def arch_family(arch: int) -> int:
     return 90 if arch >= 90 else 80
 
 
-def format_class(bits: int, is_nf4: bool) -> str:
-    return "nf4" if is_nf4 else f"int{bits}"
+def format_class(bits: int, is_nf4: bool, group_size: Optional[int] = None) -> str:
+    """"nf4", "int<bits>", or with ``group_size`` "int<bits>g<group_size>" (the calibration has
+    entries per group size where the sweep measured one, and per bit width for the others)."""
+    if is_nf4:
+        return "nf4"
+    return f"int{bits}" + (f"g{group_size}" if group_size else "")
+
+
+def base_format(fmt: str) -> str:
+    """"int4g128" -> "int4" (the format class of :data:`FORMAT_COST`)."""
+    return fmt.split("g")[0] if fmt.startswith("int") else fmt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,8 +271,18 @@ def sm_balance(ctas: int, sms: int) -> float:
 
 def split_count(length: int, block: int, base_ctas: int, sms: int, ctas_per_sm: int = 16) -> int:
     """Slices of a split reduction over ``length`` in ``block`` steps: ≈ ``ctas_per_sm`` CTAs per
-    SM (a small last wave with 4-6 resident per SM), at most one slice per step."""
-    return max(1, min(math.ceil(length / block), math.ceil(ctas_per_sm * sms / base_ctas)))
+    SM (a small last wave with 4-6 resident per SM), at most one slice per step, and no empty slice:
+    the kernels give each slice ⌈steps / split⌉ steps, so 16 steps over 14 slices would leave 6 of
+    them idle; the count is lowered to ⌈steps / ⌈steps / target⌉⌉ (8 there, same steps per slice)."""
+    steps = math.ceil(length / block)
+    target = max(1, min(steps, math.ceil(ctas_per_sm * sms / base_ctas)))
+    return math.ceil(steps / math.ceil(steps / target))
+
+
+def split_busy(length: int, block: int, split: int) -> float:
+    """Share of a split grid's slot-steps that hold a reduction step: steps / (split · ⌈steps / split⌉)."""
+    steps = math.ceil(length / block)
+    return steps / (split * math.ceil(steps / split))
 
 
 def _fits(c, arch: int, fp32_bias: bool, op: str, pool: bool = False) -> bool:
@@ -193,33 +308,43 @@ def gemm_tile_eff(rows: int, cols: int, warps: int, arch: int, fmt: str = "int4"
     a = ARCH[arch_family(arch)]
     units = max(warps // a.warps_per_mma_unit, 1)
     dup = units / min(units, max(rows // a.rows_per_mma_unit, 1))
-    d = FORMAT_COST.get(fmt, 1.0) * (a.grad_cost if grad else 1.0)
+    d = FORMAT_COST.get(base_format(fmt), 1.0) * (a.grad_cost if grad else 1.0)
     a_pess = a.a_pess + (a.a_single if units == 1 else 0.0)
     return min(1.0, cols / (a.c_opt * dup * d)), 1.0 / (1.0 + a_pess + a.c_pess * dup * d / cols)
+
+
+def calibrated(op: str, c, fmt: str, arch: int) -> Optional[float]:
+    """The candidate's fitted efficiency (:data:`CALIBRATION`), or None when it has none."""
+    kw = c.kwargs
+    label = f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{c.num_warps} s{c.num_stages}"
+    fam = arch_family(arch)
+    got = CALIBRATION.get((fam, op, fmt), {}).get(label)
+    return got if got is not None else CALIBRATION.get((fam, op, base_format(fmt)), {}).get(label)
 
 
 def _score(op, c, m, n, k, fmt, arch, sms):
     kw = c.kwargs
     bn, bm, bk = kw["BLOCK_N"], kw["BLOCK_M"], kw["BLOCK_K"]
+    fitted = calibrated(op, c, fmt, arch)
     if op == "fwd":
         tiles_m, tiles_o = math.ceil(m / bm), math.ceil(n / bn)
         ctas, split = tiles_m * tiles_o, 1
         fill = m * n / (tiles_m * bm * tiles_o * bn)
-        eff = sum(gemm_tile_eff(bn, bm, c.num_warps, arch, fmt)) / 2
+        eff = fitted or sum(gemm_tile_eff(bn, bm, c.num_warps, arch, fmt)) / 2
     elif op == "grad":
         tiles_m, tiles_o = math.ceil(m / bm), math.ceil(k / bk)
         ctas, split = tiles_m * tiles_o, 1
         fill = m * k / (tiles_m * bm * tiles_o * bk)
-        eff = sum(gemm_tile_eff(bk, bm, c.num_warps, arch, fmt, grad=True)) / 2
+        eff = fitted or sum(gemm_tile_eff(bk, bm, c.num_warps, arch, fmt, grad=True)) / 2
     else:  # split kernels: the padding of BLOCK_M = 16 rows is the same for every candidate
         if op == "splitk":
             base, length, block = math.ceil(n / bn) * math.ceil(m / bm), k, bk
         else:
             base, length, block = math.ceil(k / bk) * math.ceil(m / bm), n, bn
         split = split_count(length, block, base, sms)
-        ctas, fill = base * split, 1.0
+        ctas, fill = base * split, split_busy(length, block, split)
         e = bn * bk
-        eff = e / (e + 4096)
+        eff = fitted or e / (e + 4096)
     bal = sm_balance(ctas, sms)
     return KernelChoice(op, bn, bm, bk, kw.get("GROUP_M"), c.num_warps, c.num_stages, split, ctas, bal, fill,
                         eff, eff * bal * fill, -1)
@@ -300,11 +425,92 @@ def dense_score(m: int, n_out: int, arch: int, sms: Optional[int] = None) -> flo
     return best
 
 
+def dense_split_k(m: int, out_cols: int, red: int, sms: int) -> int:
+    """The dense baseline's split-K at M ≤ 64 (bench/dense_matmul.py's rule: powers of two until
+    the 16x64 tiles cover every SM twice, keeping ≥ 4 K steps of 256 per split)."""
+    tiles, split = math.ceil(m / 16) * math.ceil(out_cols / 64), 1
+    while tiles * split < 2 * sms and math.ceil(red / 256) // (2 * split) >= 4:
+        split *= 2
+    return split
+
+
 def weight_bytes(n: int, k: int, bits: int, group_size: int, is_nf4: bool) -> float:
     """Bytes of a packed weight: codes plus one 2-byte scale and bias per group (NF4: one absmax
     byte per block with double quant, about the same)."""
     codes = n * k * (4 if is_nf4 else bits) / 8
     return codes + n * math.ceil(k / max(group_size, 1)) * (1 if is_nf4 else 4)
+
+
+#: the dequantize path must be estimated this much faster to be taken (it also allocates an N×K
+#: buffer in the activation dtype; the model's dense term misses the short-loop and latency costs the
+#: analyzer sees at some narrow shapes, e.g. 2048→512, where it is too kind to the dense GEMM)
+DEQUANT_MARGIN = 1.0
+
+#: the split kernels' range: always at M ≤ 16, weighed against the GEMM up to this M (above, a
+#: 16-row tile re-reads the weight ≥ 8 times and the GEMM wins everywhere in the sweep)
+SPLIT_ALWAYS_M, SPLIT_MAX_M = 16, 128
+
+
+#: the analyzer's time of the split kernels at 16 < M ≤ 128 over the per-tile model's (⌈M/16⌉
+#: 16-row tiles, each as at M = 16), per format class: median over the sweep's M = 64 and 128 cases
+#: (±10 %: several M tiles share the weight's slice through L2 and the split leaves longer slices)
+SPLIT_MID_M = {
+    (90, "splitk"): {"int2": 0.84, "int3": 0.88, "int4": 0.68, "nf4": 0.80},
+    (90, "splitn"): {"int2": 0.91, "int3": 0.92, "int4": 0.88, "nf4": 0.89},
+    (80, "splitk"): {"int2": 0.83, "int3": 0.87, "int4": 0.73, "nf4": 0.80},
+    (80, "splitn"): {"int2": 0.91, "int3": 0.91, "int4": 0.88, "nf4": 0.89},
+}
+
+
+def fused_time(c: KernelChoice, m: int, n: int, k: int, packed: float, arch: int, fmt: str = "int4") -> float:
+    """Estimated seconds of the fused kernel ``c`` (module docstring): GEMMs MACs / (peak · score),
+    at least the packed weight's DRAM time; split kernels the weight stream once per 16-row M tile,
+    (⌈M/16⌉ · packed) / (DRAM · score)."""
+    fam = arch_family(arch)
+    a = ARCH[fam]
+    if c.op in ("splitk", "splitn"):
+        tiles = math.ceil(m / c.block_m)
+        mid = SPLIT_MID_M[(fam, c.op)].get(base_format(fmt), 0.85) if tiles > 1 else 1.0
+        return tiles * mid * split_tile_bytes(c.op, n, k, packed, c.block_m) / (a.dram_bytes_per_s * c.score)
+    return max(m * n * k / (a.macs_per_s * c.score), packed / a.dram_bytes_per_s)
+
+
+def split_tile_bytes(op: str, n: int, k: int, packed: float, rows: int = 16) -> float:
+    """What one ``rows``-row M tile of a split kernel moves, as the analyzer counts useful bytes
+    (its DRAM fraction, which :data:`CALIBRATION` holds for the split kernels, is of these): the
+    packed weight, the 16-bit input rows, the fp32 partial output rows."""
+    red, out = (k, n) if op == "splitk" else (n, k)
+    return packed + rows * (2 * red + 4 * out)
+
+
+def _fused(op, m, n, k, fmt, fam, sms, packed, fp32_bias=False, pool=False):
+    split_op = "splitk" if op == "fwd" else "splitn"
+    options = []
+    if m <= SPLIT_MAX_M:  # NF4's split-N launch passes an fp32 tensor where the INT biases go: as fp32 biases
+        nf4_bias = split_op == "splitn" and fmt == "nf4"
+        options.append(choose_config(split_op, m, n, k, fmt, fam, sms, fp32_bias=fp32_bias or nf4_bias, pool=pool))
+    if m > SPLIT_ALWAYS_M:
+        options.append(choose_config(op, m, n, k, fmt, fam, sms, fp32_bias=fp32_bias, pool=pool))
+    timed = [(fused_time(c, m, n, k, packed, fam, fmt), i, c) for i, c in enumerate(options)]
+    t, _, c = min(timed, key=lambda x: (x[0], x[1]))  # equal times: the split kernel (listed first)
+    return c, t
+
+
+@functools.lru_cache(maxsize=4096)
+def choose_fused(op: str, m: int, n: int, k: int, bits: int = 4, group_size: int = 128, is_nf4: bool = False,
+                 arch: int = 90, sms: Optional[int] = None, fp32_bias: bool = False, pool: bool = False
+                 ) -> KernelChoice:
+    """The fused kernel for ``op`` "fwd" / "grad" at M rows, with its tile: the split kernel
+    (``op`` "splitk" / "splitn" of the result) at M ≤ :data:`SPLIT_ALWAYS_M`; up to
+    :data:`SPLIT_MAX_M` the split kernel or the GEMM, whichever :func:`fused_time` estimates
+    faster (narrow layers at M = 64: 8-16 GEMM CTAs on 132 SMs against a split grid that fills
+    them); the GEMM above."""
+    if op not in ("fwd", "grad"):
+        raise ValueError(f"op={op!r}; allowed: 'fwd', 'grad'")
+    fam = arch_family(arch)
+    sms = sms or DEFAULT_SMS[fam]
+    packed = weight_bytes(n, k, bits, group_size, is_nf4)
+    return _fused(op, m, n, k, format_class(bits, is_nf4, group_size), fam, sms, packed, fp32_bias, pool)[0]
 
 
 @functools.lru_cache(maxsize=4096)  # called at every launch with path="auto": keep the host cost flat
@@ -317,20 +523,56 @@ def choose_path(op: str, m: int, n: int, k: int, bits: int = 4, group_size: int 
     fam = arch_family(arch)
     a = ARCH[fam]
     sms = sms or DEFAULT_SMS[fam]
-    fmt = format_class(bits, is_nf4)
+    fmt = format_class(bits, is_nf4, group_size)
     macs = m * n * k
     packed = weight_bytes(n, k, bits, group_size, is_nf4)
-    if m <= 16:
-        kind = "splitk" if op == "fwd" else "splitn"
-        choice = choose_config(kind, m, n, k, fmt, fam, sms)
-        t_fused = packed / (a.dram_bytes_per_s * choice.score)
-    else:
-        choice = choose_config(op, m, n, k, fmt, fam, sms)
-        t_fused = max(macs / (a.macs_per_s * choice.score), packed / a.dram_bytes_per_s)
+    choice, t_fused = _fused(op, m, n, k, fmt, fam, sms, packed)
     out_cols = n if op == "fwd" else k
+    red = k if op == "fwd" else n
     ds = dense_score(m, out_cols, fam, sms)
-    t_deq = (packed + n * k * act_bytes) / (a.dram_bytes_per_s * DEQUANT_DRAM_SHARE)
-    t_dense = max(macs / (a.macs_per_s * ds), n * k * act_bytes / a.dram_bytes_per_s)
+    deq_bal = max(sm_balance(math.ceil(n / bn_) * math.ceil(k / bk_), sms) for bn_, bk_ in DEQUANT_TILES)
+    deq_eff = DEQUANT_EFF[fam].get(base_format(fmt), DEQUANT_DRAM_SHARE) * deq_bal
+    t_deq = (packed + n * k * act_bytes) / (a.dram_bytes_per_s * deq_eff)
+    if m <= DENSE_SMALL_M:  # the dense baseline's split-K tile: DRAM-bound, its grid's balance
+        split = dense_split_k(m, out_cols, red, sms)
+        bal = sm_balance(math.ceil(m / 16) * math.ceil(out_cols / 64) * split, sms)
+        dense_bytes = act_bytes * (n * k + m * red + m * out_cols)
+        t_dense = dense_bytes / (a.dram_bytes_per_s * DENSE_SMALL_EFF[fam] * bal)
+    else:
+        t_dense = max(macs / (a.macs_per_s * ds), n * k * act_bytes / a.dram_bytes_per_s)
     t_dequant = t_deq + t_dense
-    path = "fused" if m <= 16 or t_fused <= t_dequant else "dequant"
+    path = "fused" if m <= SPLIT_ALWAYS_M or t_fused <= t_dequant * DEQUANT_MARGIN else "dequant"
     return PathChoice(path, t_fused, t_dequant, choice, ds)
+
+
+#: the M = 1 FMA input-gradient kernel's tiles (BLOCK_N, BLOCK_K, warps, stages): config.gemv_grad_configs
+GEMV_TILES = ((32, 256, 4, 3), (64, 128, 4, 3))
+
+
+def gemv_score(n: int, k: int, fmt: str, arch: int, sms: int) -> float:
+    """Best score of the M = 1 FMA kernel's tiles (its autotuner keeps the faster): fitted efficiency
+    (:data:`CALIBRATION`, op "gemv") × SM balance × busy share of its split over N (the launcher's
+    split: ⌈16·SMs / K tiles⌉ slices, at most one per N step). 0 without a fitted entry."""
+    fam = arch_family(arch)
+    table = CALIBRATION.get((fam, "gemv", fmt)) or CALIBRATION.get((fam, "gemv", base_format(fmt)), {})
+    best = 0.0
+    for bn, bk, w, st in GEMV_TILES:
+        eff = table.get(f"{bn}x{bk} w{w} s{st}")
+        if eff is None:
+            continue
+        base = math.ceil(k / bk)
+        split = max(1, min(math.ceil(n / bn), math.ceil(16 * sms / base)))
+        best = max(best, eff * sm_balance(base * split, sms) * split_busy(n, bn, split))
+    return best
+
+
+@functools.lru_cache(maxsize=1024)
+def choose_m1_grad(n: int, k: int, fmt: str = "int4", arch: int = 90, sms: Optional[int] = None) -> str:
+    """The input gradient's kernel at M = 1 (no QA-LoRA V): "splitn" (the split-N MMA kernel, 16-row
+    tile) or "gemv" (FMAs on a [BLOCK_N, BLOCK_K] register tile): split-N, at every shape. Round 3's
+    sweep compiled both at the 12 Llama-family shapes, 5 formats, sm_90 and sm_80: the analyzer
+    estimates split-N faster in all 120 cases (NF4 by 2-5 %, INT2 on narrow layers by up to 30 %;
+    :func:`gemv_score` with the fitted FMA efficiency would have picked the FMA kernel in 8 of them,
+    wrongly, so it is not consulted). Until round 2 "auto" sent NF4 at M = 1 to the FMA kernel;
+    ``path="gemv"`` still runs it."""
+    return "splitn"
