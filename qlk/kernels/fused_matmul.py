@@ -125,6 +125,47 @@ def _fwd_loop(x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, 
     return acc
 
 
+@triton.jit
+def _decode_loop(x_rows, mask_m, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
+                 stride_qn, stride_sn, stride_sg, rows_w, offs_m, M, k_start, k_end, K, stride_xk, stride_pm,
+                 pool_here, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr,
+                 DOUBLE_QUANT: tl.constexpr, DOT_PRECISION: tl.constexpr, POOL: tl.constexpr,
+                 PACKED_DEQUANT: tl.constexpr, EVEN_K: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The small-M (decode) K loop over k_start .. k_end: acc = Ŵ[rows_w, k range]·Xᵀ [BLOCK_N, BLOCK_M].
+
+    One loop for the dense split-K kernel and the grouped small-M kernels
+    (:mod:`qlk.kernels.grouped_matmul`). INT weights with fp16/bf16 activations are decoded straight
+    into the activation dtype by :func:`qlk.kernels.decode_tile._decode_int_tile` (half2 inline asm
+    when PACKED_DEQUANT, its Triton twin under the interpreter); NF4 and fp32 activations use the
+    fp32 ``_dequant_tile``. M is tiny here: padding rows of the tile are masked to 0 (``mask_m``)
+    rather than clamped, so no x row is read BLOCK_M/M times over.
+
+    POOL: where ``pool_here`` (the first N tile), also P(X) of rows offs_m < M from the X tiles;
+    a group larger than BLOCK_K is summed over its tiles (``p_run``), so that needs one slice
+    starting at k_start = 0."""
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    p_run = tl.zeros((BLOCK_M,), dtype=tl.float32)  # POOL, GROUP_SIZE > BLOCK_K: running group sum
+    ACT: tl.constexpr = x_rows.dtype.element_ty
+    HALF_INT: tl.constexpr = (not IS_NF4) and (ACT == tl.float16 or ACT == tl.bfloat16)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        if HALF_INT:
+            w = _decode_int_tile(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, rows_w, k0, K,
+                                 ACT, BITS, GROUP_SIZE, PACKED_DEQUANT, EVEN_K, BLOCK_N, BLOCK_K)
+        else:
+            w = _dequant_tile(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
+                              stride_qn, stride_sn, stride_sg, rows_w, k0, K,
+                              BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        xt = tl.load(x_rows[None, :] + offs_k[:, None] * stride_xk,
+                     mask=mask_m[None, :] & (offs_k[:, None] < K), other=0.0)
+        acc = tl.dot(w.to(xt.dtype), xt, acc, input_precision=DOT_PRECISION)
+        if POOL:
+            if pool_here:
+                p_run = _pool_tile(p_ptr, xt, p_run, offs_m, k0, M, K, stride_pm, GROUP_SIZE, BLOCK_M, BLOCK_K)
+    return acc
+
+
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
 def _quant_matmul_fwd_kernel(
@@ -206,27 +247,12 @@ def _quant_matmul_splitk_kernel(
     mask_m = offs_m < M
     rows_w = tl.minimum(offs_n, N - 1)
     x_rows = x_ptr + offs_m.to(tl.int64) * stride_xm
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    ACT: tl.constexpr = x_ptr.dtype.element_ty
-    HALF_INT: tl.constexpr = (not IS_NF4) and (ACT == tl.float16 or ACT == tl.bfloat16)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        if HALF_INT:
-            w = _decode_int_tile(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, rows_w, k0, K,
-                                 ACT, BITS, GROUP_SIZE, PACKED_DEQUANT, EVEN_K, BLOCK_N, BLOCK_K)
-        else:
-            w = _dequant_tile(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
-                              stride_qn, stride_sn, stride_sg, rows_w, k0, K,
-                              BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K)
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        # M is tiny here: padding rows are masked (zeros) rather than clamped, so no x row is read
-        # BLOCK_M/M times over
-        xt = tl.load(x_rows[None, :] + offs_k[:, None] * stride_xk,
-                     mask=mask_m[None, :] & (offs_k[:, None] < K), other=0.0)
-        acc = tl.dot(w.to(xt.dtype), xt, acc, input_precision=DOT_PRECISION)
-        if POOL:
-            tl.static_assert(GROUP_SIZE <= BLOCK_K)
-            if pid_n == 0:
-                _pool_tile(p_ptr, xt, tl.zeros((BLOCK_M,), dtype=tl.float32), offs_m, k0, M, K, stride_pm, GROUP_SIZE, BLOCK_M, BLOCK_K)
+    if POOL:
+        tl.static_assert(GROUP_SIZE <= BLOCK_K)
+    acc = _decode_loop(x_rows, mask_m, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
+                       stride_qn, stride_sn, stride_sg, rows_w, offs_m, M, k_start, k_end, K, stride_xk, stride_pm,
+                       pid_n == 0, BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, POOL, PACKED_DEQUANT,
+                       EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K)
     mask = (offs_n[:, None] < N) & mask_m[None, :]
     offs = offs_m[None, :].to(tl.int64) * N + offs_n[:, None]
     if ATOMIC:

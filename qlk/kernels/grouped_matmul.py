@@ -26,7 +26,8 @@ Kernels (no Python loop over experts: one launch per projection and direction):
     MMA A operand, fp32 accumulation) on weight rows e·N + n; with small-M tiles (``DECODE``) it is
     the dense decode kernel's (:func:`_decode_loop`: INT codes decoded straight into the activation
     dtype by :func:`qlk.kernels.decode_tile._decode_int_tile`, packed half2 inline asm on the GPU,
-    its Triton twin under the interpreter; padding rows masked). ``POOL`` also writes QA-LoRA's P(X)
+    its Triton twin under the interpreter; padding rows masked; the same function as the dense
+    split-K kernel's, :func:`qlk.kernels.fused_matmul._decode_loop`). ``POOL`` also writes QA-LoRA's P(X)
     from the X tiles of the first N tile (the fused QA-LoRA path, biases folded per expert).
 ``_grouped_matmul_splitk_kernel``  small-M forward with K split: program (t, j, s) adds the partial
     product of K slice s (:func:`_decode_loop`) into an fp32 workspace (atomics), then the launcher adds each row's
@@ -59,8 +60,7 @@ from .._checks import check_grouped
 from ..formats.nf4 import nf4_absmax
 from ..formats.quantized_weight import QuantizedWeight
 from .config import INTERPRETED, grouped_config, grouped_split_k, num_sms
-from .decode_tile import _decode_int_tile
-from .fused_matmul import _as_2d, _fwd_loop, _pool_tile, _precision
+from .fused_matmul import _as_2d, _decode_loop, _fwd_loop, _precision
 from .quant_tile import _dequant_tile, supports, weight_args
 from .quant_tile_t import _dequant_tile_t
 
@@ -71,42 +71,6 @@ SMALL_M_ROWS = 32
 # ------------------------------------------------------------------------------------------------
 # kernels
 # ------------------------------------------------------------------------------------------------
-@triton.jit
-def _decode_loop(x_rows, mask_m, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
-                 stride_qn, stride_sn, stride_sg, rows_w, offs_m, row_end, k_start, k_end, K, stride_xk, stride_pm,
-                 BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, POOL: tl.constexpr, PACKED_DEQUANT: tl.constexpr,
-                 EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The small-M K loop over k_start .. k_end: acc = Ŵ[rows_w, k range]·Xᵀ [BLOCK_N, BLOCK_M].
-
-    The dense split-K decode loop (:func:`qlk.kernels.fused_matmul._quant_matmul_splitk_kernel`): INT
-    weights with fp16/bf16 activations are decoded straight into the activation dtype by
-    :func:`qlk.kernels.decode_tile._decode_int_tile` (half2 inline asm when PACKED_DEQUANT, its
-    Triton twin under the interpreter); NF4 and fp32 activations take the fp32 ``_dequant_tile``.
-    Padding rows of the tile are masked to 0 (``mask_m``), not clamped: a decode tile is mostly
-    padding, and no x row is read BLOCK_M times over. POOL: P(X) of the tile's rows (one slice,
-    k_start = 0: a group larger than BLOCK_K is summed over its tiles)."""
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    p_run = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    ACT: tl.constexpr = x_rows.dtype.element_ty
-    HALF_INT: tl.constexpr = (not IS_NF4) and (ACT == tl.float16 or ACT == tl.bfloat16)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        if HALF_INT:
-            w = _decode_int_tile(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, rows_w, k0, K,
-                                 ACT, BITS, GROUP_SIZE, PACKED_DEQUANT, EVEN_K, BLOCK_N, BLOCK_K)
-        else:
-            w = _dequant_tile(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
-                              stride_qn, stride_sn, stride_sg, rows_w, k0, K,
-                              BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K)
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        xt = tl.load(x_rows[None, :] + offs_k[:, None] * stride_xk,
-                     mask=mask_m[None, :] & (offs_k[:, None] < K), other=0.0)
-        acc = tl.dot(w.to(xt.dtype), xt, acc, input_precision=DOT_PRECISION)
-        if POOL:
-            p_run = _pool_tile(p_ptr, xt, p_run, offs_m, k0, row_end, K, stride_pm, GROUP_SIZE, BLOCK_M, BLOCK_K)
-    return acc
-
-
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
 def _grouped_matmul_fwd_kernel(
@@ -148,13 +112,13 @@ def _grouped_matmul_fwd_kernel(
                 if POOL and pid_n == 0:
                     acc = _decode_loop(x_rows, offs_m < row_end, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr,
                                        am_offset_ptr, lut_ptr, dyn_ptr, stride_qn, stride_sn, stride_sg, rows_w,
-                                       offs_m, row_end, 0, K, K, stride_xk, stride_pm,
+                                       offs_m, row_end, 0, K, K, stride_xk, stride_pm, True,
                                        BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, True, PACKED_DEQUANT,
                                        EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K)
                 else:
                     acc = _decode_loop(x_rows, offs_m < row_end, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr,
                                        am_offset_ptr, lut_ptr, dyn_ptr, stride_qn, stride_sn, stride_sg, rows_w,
-                                       offs_m, row_end, 0, K, K, stride_xk, stride_pm,
+                                       offs_m, row_end, 0, K, K, stride_xk, stride_pm, False,
                                        BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, False, PACKED_DEQUANT,
                                        EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K)
             elif POOL and pid_n == 0:
@@ -215,7 +179,7 @@ def _grouped_matmul_splitk_kernel(
         x_rows = x_ptr + offs_m.to(tl.int64) * stride_xm
         acc = _decode_loop(x_rows, mask_m, ws_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr,
                            dyn_ptr, stride_qn, stride_sn, stride_sg, rows_w, offs_m, row_end, k_start, k_end, K,
-                           stride_xk, 0, BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, False,
+                           stride_xk, 0, False, BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, False,
                            PACKED_DEQUANT, EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K)
         mask = (offs_n[:, None] < N) & mask_m[None, :]
         tl.atomic_add(ws_ptr + offs_m[None, :].to(tl.int64) * N + offs_n[:, None], acc, mask=mask, sem="relaxed")
