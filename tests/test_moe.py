@@ -616,6 +616,55 @@ def test_grouped_split_k_decode_path(f, split):
     assert ((y1.double() - y1_ref).norm() / y1_ref.norm()) < 1e-5
 
 
+@needs_kernels
+@pytest.mark.parametrize("programs", [1, 4])
+def test_grouped_slot_loop_fewer_programs_than_tiles(programs, monkeypatch):
+    """Small M with fewer program rows than tile slots (``SLOT_LOOP``: program t runs slots t, t + P,
+    ...): the fp16 decode forward with QA-LoRA pooling, the split-K forward (2 slices) and the input
+    gradient, on experts with 0, 1, odd and many rows (3 tiles) plus 2 sentinel rows (NaN in X / dY,
+    0 out); 10 slots for 8 tiles, so a program meets real, sentinel and spare slots. Outputs start
+    as NaN. The default launch (P = E = 6 < 10 slots) is covered by the tests above."""
+    from qlk.kernels import grouped_matmul as gm
+
+    monkeypatch.setattr(gm, "_output", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
+                                                                                device=device))
+    e_count, n, k, g = len(COUNTS), 40, 128, 32
+    gen = torch.Generator().manual_seed(41)
+    qw = qlk.quantize(torch.randn(e_count * n, k, generator=gen), bits=4, group_size=g)
+    w = oracle_weight(qw).reshape(e_count, n, k)
+    off = offsets_of(COUNTS)
+    routed = int(off[-1])
+    assert gm._tile_map(off, routed + 2, 16)[0].shape[0] == 10
+    x, dy = torch.randn(routed + 2, k, generator=gen).half(), torch.randn(routed + 2, n, generator=gen).half()
+    x[routed:], dy[routed:] = float("nan"), float("nan")
+    bias = torch.randn(e_count, n, generator=gen).half()
+    y_ref = per_expert(x[:routed], off, lambda e, xe: xe @ w[e].t() + bias[e].double())
+    cfg = dict(BLOCK_N=32, BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=1, PROGRAMS=programs)
+    for split in (1, 2):
+        y, pooled = grouped_matmul_forward(x, qw, off, e_count, bias, pool=True, config=dict(cfg, SPLIT_K=split))
+        assert torch.equal(y[routed:], torch.zeros(2, n, dtype=torch.half)) and not y.isnan().any(), split
+        assert ((y[:routed].double() - y_ref).norm() / y_ref.norm()) < 2e-3, split
+        torch.testing.assert_close(pooled[:routed], x[:routed].float().reshape(routed, k // g, g).mean(-1),
+                                   rtol=1e-3, atol=1e-3)
+    dx = grouped_matmul_grad_input(dy, qw, off, e_count, config=cfg)
+    dx_ref = per_expert(dy[:routed], off, lambda e, de: de @ w[e])
+    assert torch.equal(dx[routed:], torch.zeros(2, k, dtype=torch.half)) and not dx.isnan().any()
+    assert ((dx[:routed].double() - dx_ref).norm() / dx_ref.norm()) < 2e-3
+
+
+def test_grouped_small_m_programs_per_expert():
+    """Small M launches at most one program row per expert over the tile slots (the spare slots
+    of the bound cost a load, not a CTA); large M one per slot."""
+    from qlk.kernels.grouped_matmul import _programs, _tile_map
+
+    mixtral = offsets_of([4] * 8)  # 16 tokens, top-2, 8 experts
+    slots = _tile_map(mixtral, 32, 16)[0].shape[0]
+    assert slots == 10 and _programs(slots, 8, small=True) == 8
+    assert _programs(2, 8, small=True) == 2  # one token: the tiles that exist
+    assert _programs(128, 128, small=True) == 128
+    assert _programs(40, 8, small=False) == 40
+
+
 def test_grouped_split_k_count():
     """Split only when the active experts' tiles fill fewer than two waves; slices of >= 4 K tiles."""
     from qlk.kernels.config import grouped_split_k

@@ -59,6 +59,14 @@ MUTANTS = [
     dict(id="grouped-tile-bound-drops-sentinel-group", cls="tile map", file="qlk/kernels/grouped_matmul.py",
          old="(block_m - 1) * min(e + 1, rows)) // block_m))", new="(block_m - 1) * min(e, rows)) // block_m))",
          tests=["tests/test_moe.py", "-k", "tile_map or grouped_kernels"]),
+    dict(id="grouped-grad-slot-loop-off", cls="tile map", file="qlk/kernels/grouped_matmul.py",
+         old="DOT_PRECISION=_precision(dy.dtype), SLOT_LOOP=programs < slots, **meta, **cfg)",
+         new="DOT_PRECISION=_precision(dy.dtype), SLOT_LOOP=False, **meta, **cfg)",
+         tests=["tests/test_moe.py", "-k", "slot_loop or grouped_kernels_match"]),
+    dict(id="grouped-fwd-slot-loop-stride", cls="tile map", file="qlk/kernels/grouped_matmul.py",
+         old="for t in range(pid_t, NUM_SLOTS, tl.num_programs(0)):\n            _fwd_tile(",
+         new="for t in range(pid_t, NUM_SLOTS, tl.num_programs(0) + 1):\n            _fwd_tile(",
+         tests=["tests/test_moe.py", "-k", "slot_loop or grouped_kernels_match"]),
     # ---- grouped (MoE) round-2 tiles ---------------------------------------------------------------
     dict(id="grouped-decode-pool-drops-running-sum", cls="multi-tile reduction",
          file="qlk/kernels/fused_matmul.py",  # the decode loop shared with the dense split-K kernel

@@ -71,32 +71,18 @@ SMALL_M_ROWS = 32
 # ------------------------------------------------------------------------------------------------
 # kernels
 # ------------------------------------------------------------------------------------------------
-@triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
-def _grouped_matmul_fwd_kernel(
-    y_ptr,  # [S, N] output, activation dtype
-    x_ptr,  # [S, K] routed rows sorted by expert (any strides)
-    bias_ptr,  # [E, N] per-expert bias or dummy
-    p_ptr,  # POOL: [S, K/GROUP_SIZE] fp32 group means of x, else dummy
-    tile_expert_ptr, tile_row_ptr, bounds_ptr,  # tile map (_tile_map), bounds [E+2] = offsets[:E+1] ++ [S]
-    qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,  # stacked weight (weight_args)
-    stride_qn, stride_sn, stride_sg,
-    N, K, NUM_EXPERTS,
-    stride_xm, stride_xk, stride_ym, stride_yn, stride_be, stride_pm,
-    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, POOL: tl.constexpr, DECODE: tl.constexpr,
-    PACKED_DEQUANT: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """Y[s, n] = Σ_k X[s, k]·Ŵ[e·N + n, k] (+ bias[e, n]) for the rows s of M tile t (all of expert e).
-
-    DECODE (small M): the K loop of :func:`_decode_loop` (packed half2 INT decoding, masked
-    padding rows); else the dense GEMM's :func:`qlk.kernels.fused_matmul._fwd_loop`."""
-    pid_t = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    e = tl.load(tile_expert_ptr + pid_t)
+def _fwd_tile(t, pid_n, y_ptr, x_ptr, bias_ptr, p_ptr, tile_expert_ptr, tile_row_ptr, bounds_ptr,
+              qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr, stride_qn, stride_sn, stride_sg,
+              N, K, NUM_EXPERTS, stride_xm, stride_xk, stride_ym, stride_yn, stride_be, stride_pm,
+              BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+              HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, POOL: tl.constexpr, DECODE: tl.constexpr,
+              PACKED_DEQUANT: tl.constexpr, EVEN_K: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Tile slot t, N tile pid_n of :func:`_grouped_matmul_fwd_kernel` (nothing for a slot past the last tile)."""
+    e = tl.load(tile_expert_ptr + t)
     if e >= 0:
-        row0 = tl.load(tile_row_ptr + pid_t)
+        row0 = tl.load(tile_row_ptr + t)
         row_end = tl.load(bounds_ptr + e + 1).to(tl.int32)
         offs_m = row0 + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -145,27 +131,54 @@ def _grouped_matmul_fwd_kernel(
 
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
-def _grouped_matmul_splitk_kernel(
-    ws_ptr,  # [S, N] fp32 partial sums, zero-initialized (atomic adds)
+def _grouped_matmul_fwd_kernel(
+    y_ptr,  # [S, N] output, activation dtype
     x_ptr,  # [S, K] routed rows sorted by expert (any strides)
-    tile_expert_ptr, tile_row_ptr, bounds_ptr,  # tile map (_tile_map)
+    bias_ptr,  # [E, N] per-expert bias or dummy
+    p_ptr,  # POOL: [S, K/GROUP_SIZE] fp32 group means of x, else dummy
+    tile_expert_ptr, tile_row_ptr, bounds_ptr,  # tile map (_tile_map), bounds [E+2] = offsets[:E+1] ++ [S]
     qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,  # stacked weight (weight_args)
     stride_qn, stride_sn, stride_sg,
-    N, K, NUM_EXPERTS,
-    stride_xm, stride_xk,
+    N, K, NUM_EXPERTS, NUM_SLOTS,
+    stride_xm, stride_xk, stride_ym, stride_yn, stride_be, stride_pm,
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, PACKED_DEQUANT: tl.constexpr, EVEN_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, POOL: tl.constexpr, DECODE: tl.constexpr,
+    PACKED_DEQUANT: tl.constexpr, SLOT_LOOP: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Small-M split-K: program (t, j, s) adds Σ_{k in slice s} X[m, k]·Ŵ[e·N + n, k] for the rows m
-    of M tile t (expert e), N tile j, into ws. A slice is ⌈⌈K/BLOCK_K⌉ / SPLIT⌉ whole K tiles
-    (SPLIT = grid axis 2). Sentinel rows (e = E) are left at ws's zeros."""
+    """Y[s, n] = Σ_k X[s, k]·Ŵ[e·N + n, k] (+ bias[e, n]) for the rows s of M tile t (all of expert e).
+
+    DECODE (small M): the K loop of :func:`_decode_loop` (packed half2 INT decoding, masked
+    padding rows); else the dense GEMM's :func:`qlk.kernels.fused_matmul._fwd_loop`.
+    SLOT_LOOP: program row t runs tile slots t, t + P, ... < NUM_SLOTS (P = grid rows; :func:`_programs`)."""
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    e = tl.load(tile_expert_ptr + pid_t)
+    if SLOT_LOOP:
+        for t in range(pid_t, NUM_SLOTS, tl.num_programs(0)):
+            _fwd_tile(t, pid_n, y_ptr, x_ptr, bias_ptr, p_ptr, tile_expert_ptr, tile_row_ptr, bounds_ptr,
+                      qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr, stride_qn, stride_sn, stride_sg,
+                      N, K, NUM_EXPERTS, stride_xm, stride_xk, stride_ym, stride_yn, stride_be, stride_pm,
+                      BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, HAS_BIAS, DOT_PRECISION, POOL, DECODE, PACKED_DEQUANT,
+                      EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K)
+    else:
+        _fwd_tile(pid_t, pid_n, y_ptr, x_ptr, bias_ptr, p_ptr, tile_expert_ptr, tile_row_ptr, bounds_ptr,
+                  qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr, stride_qn, stride_sn, stride_sg,
+                  N, K, NUM_EXPERTS, stride_xm, stride_xk, stride_ym, stride_yn, stride_be, stride_pm,
+                  BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, HAS_BIAS, DOT_PRECISION, POOL, DECODE, PACKED_DEQUANT,
+                  EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K)
+
+
+@triton.jit
+def _splitk_tile(t, pid_n, pid_s, ws_ptr, x_ptr, tile_expert_ptr, tile_row_ptr, bounds_ptr,
+                 qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr, stride_qn, stride_sn, stride_sg,
+                 N, K, NUM_EXPERTS, stride_xm, stride_xk,
+                 BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, PACKED_DEQUANT: tl.constexpr, EVEN_K: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Tile slot t, N tile pid_n, K slice pid_s of :func:`_grouped_matmul_splitk_kernel`."""
+    e = tl.load(tile_expert_ptr + t)
     if (e >= 0) & (e < NUM_EXPERTS):
-        row0 = tl.load(tile_row_ptr + pid_t)
+        row0 = tl.load(tile_row_ptr + t)
         row_end = tl.load(bounds_ptr + e + 1).to(tl.int32)
         tiles = tl.cdiv(tl.cdiv(K, BLOCK_K), tl.num_programs(2))
         k_start = pid_s * tiles * BLOCK_K
@@ -187,24 +200,48 @@ def _grouped_matmul_splitk_kernel(
 
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
-def _grouped_matmul_grad_input_kernel(
-    dx_ptr,  # [S, K] output, activation dtype
-    dy_ptr,  # [S, N] upstream gradient, rows sorted by expert (any strides)
-    tile_expert_ptr, tile_row_ptr, bounds_ptr,
+def _grouped_matmul_splitk_kernel(
+    ws_ptr,  # [S, N] fp32 partial sums, zero-initialized (atomic adds)
+    x_ptr,  # [S, K] routed rows sorted by expert (any strides)
+    tile_expert_ptr, tile_row_ptr, bounds_ptr,  # tile map (_tile_map)
     qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,  # stacked weight (weight_args)
     stride_qn, stride_sn, stride_sg,
-    N, K, NUM_EXPERTS,
-    stride_dym, stride_dyn, stride_dxm, stride_dxk,
+    N, K, NUM_EXPERTS, NUM_SLOTS,
+    stride_xm, stride_xk,
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, PACKED_DEQUANT: tl.constexpr, SLOT_LOOP: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """dX[s, k] = Σ_n dY[s, n]·Ŵ[e·N + n, k]: tile dXᵀ[k0:k0+BK, rows of M tile t] = Ŵ_eᵀ·dYᵀ."""
+    """Small-M split-K: program (t, j, s) adds Σ_{k in slice s} X[m, k]·Ŵ[e·N + n, k] for the rows m
+    of M tile t (expert e), N tile j, into ws. A slice is ⌈⌈K/BLOCK_K⌉ / SPLIT⌉ whole K tiles
+    (SPLIT = grid axis 2). Sentinel rows (e = E) are left at ws's zeros."""
     pid_t = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    e = tl.load(tile_expert_ptr + pid_t)
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    if SLOT_LOOP:
+        for t in range(pid_t, NUM_SLOTS, tl.num_programs(0)):
+            _splitk_tile(t, pid_n, pid_s, ws_ptr, x_ptr, tile_expert_ptr, tile_row_ptr, bounds_ptr,
+                         qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr, stride_qn, stride_sn, stride_sg,
+                         N, K, NUM_EXPERTS, stride_xm, stride_xk, BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION,
+                         PACKED_DEQUANT, EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K)
+    else:
+        _splitk_tile(pid_t, pid_n, pid_s, ws_ptr, x_ptr, tile_expert_ptr, tile_row_ptr, bounds_ptr,
+                     qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr, stride_qn, stride_sn, stride_sg,
+                     N, K, NUM_EXPERTS, stride_xm, stride_xk, BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION,
+                     PACKED_DEQUANT, EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K)
+
+
+@triton.jit
+def _grad_tile(t, pid_k, dx_ptr, dy_ptr, tile_expert_ptr, tile_row_ptr, bounds_ptr,
+               qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr, stride_qn, stride_sn, stride_sg,
+               N, K, NUM_EXPERTS, stride_dym, stride_dyn, stride_dxm, stride_dxk,
+               BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+               DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Tile slot t, K tile pid_k of :func:`_grouped_matmul_grad_input_kernel`."""
+    e = tl.load(tile_expert_ptr + t)
     if e >= 0:
-        row0 = tl.load(tile_row_ptr + pid_t)
+        row0 = tl.load(tile_row_ptr + t)
         row_end = tl.load(bounds_ptr + e + 1).to(tl.int32)
         k0 = pid_k * BLOCK_K
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -230,6 +267,36 @@ def _grouped_matmul_grad_input_kernel(
             dx_ptrs = dx_ptr + offs_m[None, :].to(tl.int64) * stride_dxm + offs_k[:, None] * stride_dxk
             dx_mask = (offs_m[None, :] < row_end) & (offs_k[:, None] < K)
             tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=dx_mask)
+
+
+@triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+@triton.jit
+def _grouped_matmul_grad_input_kernel(
+    dx_ptr,  # [S, K] output, activation dtype
+    dy_ptr,  # [S, N] upstream gradient, rows sorted by expert (any strides)
+    tile_expert_ptr, tile_row_ptr, bounds_ptr,
+    qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,  # stacked weight (weight_args)
+    stride_qn, stride_sn, stride_sg,
+    N, K, NUM_EXPERTS, NUM_SLOTS,
+    stride_dym, stride_dyn, stride_dxm, stride_dxk,
+    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SLOT_LOOP: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dX[s, k] = Σ_n dY[s, n]·Ŵ[e·N + n, k]: tile dXᵀ[k0:k0+BK, rows of M tile t] = Ŵ_eᵀ·dYᵀ."""
+    pid_t = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    if SLOT_LOOP:
+        for t in range(pid_t, NUM_SLOTS, tl.num_programs(0)):
+            _grad_tile(t, pid_k, dx_ptr, dy_ptr, tile_expert_ptr, tile_row_ptr, bounds_ptr,
+                       qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr, stride_qn, stride_sn, stride_sg,
+                       N, K, NUM_EXPERTS, stride_dym, stride_dyn, stride_dxm, stride_dxk,
+                       BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K)
+    else:
+        _grad_tile(pid_t, pid_k, dx_ptr, dy_ptr, tile_expert_ptr, tile_row_ptr, bounds_ptr,
+                   qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr, stride_qn, stride_sn, stride_sg,
+                   N, K, NUM_EXPERTS, stride_dym, stride_dyn, stride_dxm, stride_dxk,
+                   BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -259,6 +326,19 @@ def _tile_map(offsets: torch.Tensor, rows: int, block_m: int):
     return tile_expert.to(torch.int32), tile_row.to(torch.int32), bounds
 
 
+def _programs(slots: int, num_experts: int, small: bool) -> int:
+    """Program rows (grid axis 0) for a tile map of ``slots`` tile slots (host values, no sync).
+
+    Small M: at most one per expert, each running slots t, t + P, ... (``SLOT_LOOP``). The slot
+    bound counts one spare tile per group whose rows might straddle a tile edge and the sentinel
+    group, so at a few rows per expert it exceeds the tiles a balanced routing has (Mixtral at 16
+    tokens: 10 slots, 8 tiles); a program per slot then launches CTAs that only exit. With P = E,
+    a balanced routing gives every program one tile and the spare slots cost a load each; a skewed
+    one runs at most ⌈slots / E⌉ tiles in a program. Large M: one program per slot (the slack is a
+    few slots against hundreds of tiles)."""
+    return max(1, min(slots, num_experts)) if small else slots
+
+
 def _output(shape, dtype, device) -> torch.Tensor:
     """The launchers' output buffer: every element is written by a kernel (the tests replace this
     function to poison it with NaN)."""
@@ -274,7 +354,7 @@ def tiles_for(direction: str, rows: int, num_experts: int, qw: QuantizedWeight |
     """:func:`grouped_config` for S = ``rows`` routed rows over ``num_experts`` (host values, no sync);
     ``folded``: QA-LoRA's fp32 folded biases (and pooling), which take registers."""
     return grouped_config(direction, _small(rows, num_experts), rows / max(num_experts, 1), folded,
-                          qw.bits if qw is not None else 16)
+                          qw.bits if qw is not None else 16, qw is not None and qw.fmt == "nf4")
 
 
 def grouped_matmul_forward(x: torch.Tensor, qw: QuantizedWeight, offsets: torch.Tensor, num_experts: int,
@@ -302,39 +382,48 @@ def grouped_matmul_forward(x: torch.Tensor, qw: QuantizedWeight, offsets: torch.
     # keep the GEMM loop (clamped rows: no row predicates in the loop)
     decode = cfg.pop("DECODE", small and qw.fmt == "int" and x.dtype in (torch.float16, torch.bfloat16))
     split = cfg.pop("SPLIT_K", None)
+    programs = cfg.pop("PROGRAMS", None)  # grid rows over the tile slots (tests force a slot loop)
     if split is None:  # the interpreter takes the split path only when a test asks for it
         split = grouped_split_k(s, num_experts, n, k, cfg, num_sms(x.device)) if small and not INTERPRETED else 1
     # NF4 double quant: absmax de-nested once per call for large M (the dense GEMM's rule), in the
     # K loop for small M, where a second launch and pass would cost more
     args, meta = wargs if wargs is not None else weight_args(qw, denest_absmax=not small)
     if split > 1:
-        return _forward_split_k(x2, qw, offsets, num_experts, bias, args, meta, cfg, split, pool, out.dtype)
+        return _forward_split_k(x2, qw, offsets, num_experts, bias, args, meta, cfg, split, pool, out.dtype,
+                                programs)
     fused = pool and g & (g - 1) == 0
     tile_expert, tile_row, bounds = _tile_map(offsets, s, cfg["BLOCK_M"])
-    grid = (tile_expert.shape[0], triton.cdiv(n, cfg["BLOCK_N"]))
+    slots = tile_expert.shape[0]
+    # pooling keeps a program per slot: its second copy of the K loop inside the slot loop would
+    # make the slot loop the kernel's heaviest loop (and the registers of both copies live across it)
+    programs = min(slots, programs or _programs(slots, num_experts, small and not fused))
+    grid = (programs, triton.cdiv(n, cfg["BLOCK_N"]))
     _grouped_matmul_fwd_kernel[grid](
         out, x2, bias if bias is not None else args[3], pooled if fused else args[3],
-        tile_expert, tile_row, bounds, *args, n, k, num_experts,
+        tile_expert, tile_row, bounds, *args, n, k, num_experts, slots,
         x2.stride(0), x2.stride(1), out.stride(0), out.stride(1), bias.stride(0) if bias is not None else 0,
         pooled.stride(0) if fused else 0,
         HAS_BIAS=bias is not None, DOT_PRECISION=_precision(x.dtype), POOL=fused, DECODE=decode,
-        PACKED_DEQUANT=not INTERPRETED, **meta, **cfg)
+        PACKED_DEQUANT=not INTERPRETED, SLOT_LOOP=programs < slots, **meta, **cfg)
     if pool and not fused:  # a group size that is not a power of two
         torch.mean(x2.reshape(s, k // g, g), dim=-1, dtype=torch.float32, out=pooled)
     return out, pooled
 
 
-def _forward_split_k(x2, qw, offsets, num_experts, bias, args, meta, cfg, split, pool, dtype):
+def _forward_split_k(x2, qw, offsets, num_experts, bias, args, meta, cfg, split, pool, dtype, programs=None):
     """The small-M forward with K split over ``split`` programs per tile (fp32 atomic partial sums),
     then the bias of each row's expert and the cast; P(X) by torch (pooling is per whole group)."""
     s, k = x2.shape
     n = qw.out_features // num_experts
     ws = torch.zeros((s, n), dtype=torch.float32, device=x2.device)
     tile_expert, tile_row, bounds = _tile_map(offsets, s, cfg["BLOCK_M"])
-    grid = (tile_expert.shape[0], triton.cdiv(n, cfg["BLOCK_N"]), split)
+    slots = tile_expert.shape[0]
+    programs = min(slots, programs or _programs(slots, num_experts, True))
+    grid = (programs, triton.cdiv(n, cfg["BLOCK_N"]), split)
     _grouped_matmul_splitk_kernel[grid](
-        ws, x2, tile_expert, tile_row, bounds, *args, n, k, num_experts, x2.stride(0), x2.stride(1),
-        DOT_PRECISION=_precision(x2.dtype), PACKED_DEQUANT=not INTERPRETED, **meta, **cfg)
+        ws, x2, tile_expert, tile_row, bounds, *args, n, k, num_experts, slots, x2.stride(0), x2.stride(1),
+        DOT_PRECISION=_precision(x2.dtype), PACKED_DEQUANT=not INTERPRETED, SLOT_LOOP=programs < slots,
+        **meta, **cfg)
     if bias is not None:  # row s belongs to expert searchsorted(offsets[1:], s); sentinel rows (= E) add 0
         expert = torch.searchsorted(offsets[1:].to(torch.int64), torch.arange(s, device=x2.device), right=True)
         padded = torch.cat([bias.to(torch.float32), bias.new_zeros((1, n), dtype=torch.float32)])
@@ -357,13 +446,17 @@ def grouped_matmul_grad_input(dy: torch.Tensor, qw: QuantizedWeight, offsets: to
     if s == 0:
         return out
     cfg = dict(config or tiles_for("grad", s, num_experts, qw, folded=wargs is not None))
-    args, meta = wargs if wargs is not None else weight_args(qw, denest_absmax=not _small(s, num_experts))
+    small = _small(s, num_experts)
+    programs = cfg.pop("PROGRAMS", None)
+    args, meta = wargs if wargs is not None else weight_args(qw, denest_absmax=not small)
     tile_expert, tile_row, bounds = _tile_map(offsets, s, cfg["BLOCK_M"])
-    grid = (tile_expert.shape[0], triton.cdiv(k, cfg["BLOCK_K"]))
+    slots = tile_expert.shape[0]
+    programs = min(slots, programs or _programs(slots, num_experts, small))
+    grid = (programs, triton.cdiv(k, cfg["BLOCK_K"]))
     _grouped_matmul_grad_input_kernel[grid](
-        out, dy2, tile_expert, tile_row, bounds, *args, n, k, num_experts,
+        out, dy2, tile_expert, tile_row, bounds, *args, n, k, num_experts, slots,
         dy2.stride(0), dy2.stride(1), out.stride(0), out.stride(1),
-        DOT_PRECISION=_precision(dy.dtype), **meta, **cfg)
+        DOT_PRECISION=_precision(dy.dtype), SLOT_LOOP=programs < slots, **meta, **cfg)
     return out
 
 
