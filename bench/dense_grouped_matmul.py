@@ -1,7 +1,7 @@
 """Dense bf16 grouped-GEMM baseline for the MoE static and GPU benchmarks: Y_e = X_e·W_eᵀ per expert.
 
 The same launch structure as qlk's grouped kernels (:mod:`qlk.kernels.grouped_matmul`: rows sorted
-by expert, the same device-side tile map and program rows, the same tiles from ``grouped_config``), with a dense
+by expert, the same device-side tile map, the same tiles from ``grouped_config``), with a dense
 [E, N, K] weight loaded by ``tl.load`` instead of dequantized: what the grouped dequant-GEMM has to
 get close to. ``dgrad=True`` computes dX_e = dY_e·W_e (tile dXᵀ, reduction over N). Not part of
 qlk; nothing in qlk imports it.
@@ -12,16 +12,21 @@ import torch
 import triton
 import triton.language as tl
 
-from qlk.kernels.grouped_matmul import _programs, _small, _tile_map, tiles_for
+from qlk.kernels.grouped_matmul import _tile_map, tiles_for
 
 
 @triton.jit
-def _dense_tile(t, pid_o, y_ptr, x_ptr, w_ptr, tile_expert_ptr, tile_row_ptr, bounds_ptr,
-                N, K, stride_we, stride_wn, stride_wk, stride_xm, stride_ym,
-                DGRAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    e = tl.load(tile_expert_ptr + t)
+def _dense_grouped_kernel(
+    y_ptr, x_ptr, w_ptr,  # y [S, OUT], x [S, IN], w [E, N, K] (forward: OUT=N, IN=K; dgrad: OUT=K, IN=N)
+    tile_expert_ptr, tile_row_ptr, bounds_ptr,
+    N, K, stride_we, stride_wn, stride_wk, stride_xm, stride_ym,
+    DGRAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_o = tl.program_id(1)
+    e = tl.load(tile_expert_ptr + pid_t)
     if e >= 0:
-        row0 = tl.load(tile_row_ptr + t)
+        row0 = tl.load(tile_row_ptr + pid_t)
         row_end = tl.load(bounds_ptr + e + 1).to(tl.int32)
         offs_m = row0 + tl.arange(0, BLOCK_M)
         rows = tl.minimum(offs_m, row_end - 1).to(tl.int64)
@@ -51,25 +56,6 @@ def _dense_tile(t, pid_o, y_ptr, x_ptr, w_ptr, tile_expert_ptr, tile_row_ptr, bo
                      acc.to(y_ptr.dtype.element_ty), mask=(offs_m[None, :] < row_end) & (offs_n[:, None] < N))
 
 
-@triton.jit
-def _dense_grouped_kernel(
-    y_ptr, x_ptr, w_ptr,  # y [S, OUT], x [S, IN], w [E, N, K] (forward: OUT=N, IN=K; dgrad: OUT=K, IN=N)
-    tile_expert_ptr, tile_row_ptr, bounds_ptr,
-    N, K, NUM_SLOTS, stride_we, stride_wn, stride_wk, stride_xm, stride_ym,
-    DGRAD: tl.constexpr, SLOT_LOOP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    pid_t = tl.program_id(0)
-    pid_o = tl.program_id(1)
-    if SLOT_LOOP:  # qlk's small-M grid: fewer program rows than tile slots (grouped_matmul._programs)
-        for t in range(pid_t, NUM_SLOTS, tl.num_programs(0)):
-            _dense_tile(t, pid_o, y_ptr, x_ptr, w_ptr, tile_expert_ptr, tile_row_ptr, bounds_ptr, N, K, stride_we,
-                        stride_wn, stride_wk, stride_xm, stride_ym, DGRAD, BLOCK_N, BLOCK_M, BLOCK_K)
-    else:
-        _dense_tile(pid_t, pid_o, y_ptr, x_ptr, w_ptr, tile_expert_ptr, tile_row_ptr, bounds_ptr, N, K, stride_we,
-                    stride_wn, stride_wk, stride_xm, stride_ym, DGRAD, BLOCK_N, BLOCK_M, BLOCK_K)
-
-
 def dense_grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, dgrad: bool = False):
     """x [S, K] (dgrad: dY [S, N]) sorted by expert, w [E, N, K], offsets [E+1] -> [S, N] (dgrad: [S, K])."""
     e, n, k = w.shape
@@ -77,9 +63,7 @@ def dense_grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor
     out = torch.empty(s, k if dgrad else n, dtype=x.dtype, device=x.device)
     cfg = dict(tiles_for("grad" if dgrad else "fwd", s, e))
     tile_expert, tile_row, bounds = _tile_map(offsets, s, cfg["BLOCK_M"])
-    slots = tile_expert.shape[0]
-    programs = _programs(slots, e, _small(s, e))
-    grid = (programs, triton.cdiv(k if dgrad else n, cfg["BLOCK_K" if dgrad else "BLOCK_N"]))
-    _dense_grouped_kernel[grid](out, x, w, tile_expert, tile_row, bounds, n, k, slots, w.stride(0), w.stride(1),
-                                w.stride(2), x.stride(0), out.stride(0), DGRAD=dgrad, SLOT_LOOP=programs < slots, **cfg)
+    grid = (tile_expert.shape[0], triton.cdiv(k if dgrad else n, cfg["BLOCK_K" if dgrad else "BLOCK_N"]))
+    _dense_grouped_kernel[grid](out, x, w, tile_expert, tile_row, bounds, n, k, w.stride(0), w.stride(1), w.stride(2),
+                                x.stride(0), out.stride(0), DGRAD=dgrad, **cfg)
     return out

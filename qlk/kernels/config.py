@@ -176,7 +176,7 @@ def dequant_configs():
 
 
 def grouped_config(direction: str, small_m: bool, rows_per_expert: float = 0.0, folded: bool = False,
-                   bits: int = 4, nf4: bool = False) -> dict:
+                   bits: int = 4) -> dict:
     """Tile sizes, warps and stages of the grouped (mixture-of-experts) kernels of
     :mod:`qlk.kernels.grouped_matmul`, for ``direction`` "fwd" or "grad" on the current target.
 
@@ -209,16 +209,15 @@ def grouped_config(direction: str, small_m: bool, rows_per_expert: float = 0.0, 
             return dict(BLOCK_N=256, BLOCK_M=128, BLOCK_K=32, num_warps=8, num_stages=3)
         return dict(BLOCK_N=128, BLOCK_M=128, BLOCK_K=32, num_warps=4, num_stages=4)
     if small_m:
-        # quantized weights (round 3, analyzer sweep at 16 tokens): a deeper dX tile (128 columns)
-        # spreads the per-iteration work that does not scale with it (dY tile, address math) over
-        # more weights; on sm_90 with 128 rows of N per step (256 spills in the slot loop of
-        # grouped_matmul._programs), on sm_80 for NF4 only (INT3 loses there)
-        quantized = bits < 16 and not folded
         if hopper:
-            if quantized:
+            if bits < 16 and not folded:
+                # quantized weights (round 3, analyzer sweep at 16 tokens): a deeper dX tile spreads
+                # the per-iteration work that does not scale with it (dY tile, address math) over
+                # more weights; 128 rows of N per step (256 spills in grouped_matmul's slot loop).
+                # sm_80 keeps its tile: 256 columns left Mixtral's gate_up gradient 128 CTAs on 108 SMs
                 return dict(BLOCK_N=128, BLOCK_M=16, BLOCK_K=128, num_warps=4, num_stages=3)
             return dict(BLOCK_N=256, BLOCK_M=16, BLOCK_K=64, num_warps=4, num_stages=3)
-        return dict(BLOCK_N=64, BLOCK_M=16, BLOCK_K=256 if quantized and nf4 else 128, num_warps=4, num_stages=4)
+        return dict(BLOCK_N=64, BLOCK_M=16, BLOCK_K=128, num_warps=4, num_stages=4)
     if hopper:
         if full and not folded:  # QA-LoRA's input gradient (fp32 folded biases): not compiled at 256 rows yet
             return dict(BLOCK_N=64, BLOCK_M=256, BLOCK_K=128, num_warps=8, num_stages=3)

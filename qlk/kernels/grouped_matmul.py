@@ -20,8 +20,10 @@ Kernels (no Python loop over experts: one launch per projection and direction):
 ``_grouped_matmul_fwd_kernel``  program (t, j): M tile t of the concatenated per-expert tile list,
     N tile j. Tiles never straddle two experts: expert e has ⌈count_e / BLOCK_M⌉ tiles; the tile
     map (expert, first row) is built on the device by :func:`_tile_map` with a few torch ops and
-    no host sync, over an upper bound of min(S, ⌊(S + (BLOCK_M−1)·min(E+1, S)) / BLOCK_M⌋) tiles
-    (programs past the end exit).
+    no host sync, over an upper bound of min(S, ⌊(S + (BLOCK_M−1)·min(E+1, S)) / BLOCK_M⌋) tile
+    slots (slots past the last tile do nothing). Small M launches one program row per expert at
+    most, each running slots t, t + P, ... (``SLOT_LOOP``; :func:`_programs`), so a balanced routing
+    launches no program without a tile.
     The K loop is the dense forward's (:func:`qlk.kernels.fused_matmul._fwd_loop`: weight as the
     MMA A operand, fp32 accumulation) on weight rows e·N + n; with small-M tiles (``DECODE``) it is
     the dense decode kernel's (:func:`_decode_loop`: INT codes decoded straight into the activation
@@ -354,7 +356,7 @@ def tiles_for(direction: str, rows: int, num_experts: int, qw: QuantizedWeight |
     """:func:`grouped_config` for S = ``rows`` routed rows over ``num_experts`` (host values, no sync);
     ``folded``: QA-LoRA's fp32 folded biases (and pooling), which take registers."""
     return grouped_config(direction, _small(rows, num_experts), rows / max(num_experts, 1), folded,
-                          qw.bits if qw is not None else 16, qw is not None and qw.fmt == "nf4")
+                          qw.bits if qw is not None else 16)
 
 
 def grouped_matmul_forward(x: torch.Tensor, qw: QuantizedWeight, offsets: torch.Tensor, num_experts: int,
