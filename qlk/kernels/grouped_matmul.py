@@ -158,7 +158,8 @@ def _grouped_matmul_fwd_kernel(
     if SLOT_LOOP:
         for t in range(pid_t, NUM_SLOTS, tl.num_programs(0)):
             _fwd_tile(t, pid_n, y_ptr, x_ptr, bias_ptr, p_ptr, tile_expert_ptr, tile_row_ptr, bounds_ptr,
-                      qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr, stride_qn, stride_sn, stride_sg,
+                      qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
+                      stride_qn, stride_sn, stride_sg,
                       N, K, NUM_EXPERTS, stride_xm, stride_xk, stride_ym, stride_yn, stride_be, stride_pm,
                       BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, HAS_BIAS, DOT_PRECISION, POOL, DECODE, PACKED_DEQUANT,
                       EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K)
@@ -223,12 +224,14 @@ def _grouped_matmul_splitk_kernel(
     if SLOT_LOOP:
         for t in range(pid_t, NUM_SLOTS, tl.num_programs(0)):
             _splitk_tile(t, pid_n, pid_s, ws_ptr, x_ptr, tile_expert_ptr, tile_row_ptr, bounds_ptr,
-                         qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr, stride_qn, stride_sn, stride_sg,
+                         qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
+                         stride_qn, stride_sn, stride_sg,
                          N, K, NUM_EXPERTS, stride_xm, stride_xk, BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION,
                          PACKED_DEQUANT, EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K)
     else:
         _splitk_tile(pid_t, pid_n, pid_s, ws_ptr, x_ptr, tile_expert_ptr, tile_row_ptr, bounds_ptr,
-                     qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr, stride_qn, stride_sn, stride_sg,
+                     qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
+                     stride_qn, stride_sn, stride_sg,
                      N, K, NUM_EXPERTS, stride_xm, stride_xk, BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION,
                      PACKED_DEQUANT, EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K)
 
@@ -291,7 +294,8 @@ def _grouped_matmul_grad_input_kernel(
     if SLOT_LOOP:
         for t in range(pid_t, NUM_SLOTS, tl.num_programs(0)):
             _grad_tile(t, pid_k, dx_ptr, dy_ptr, tile_expert_ptr, tile_row_ptr, bounds_ptr,
-                       qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr, stride_qn, stride_sn, stride_sg,
+                       qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
+                       stride_qn, stride_sn, stride_sg,
                        N, K, NUM_EXPERTS, stride_dym, stride_dyn, stride_dxm, stride_dxk,
                        BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K)
     else:
