@@ -52,7 +52,7 @@ import triton.language as tl
 from ..formats.quantized_weight import QuantizedWeight
 from . import heuristics
 from .config import INTERPRETED, PRUNE, gemv_grad_configs, num_sms, target_arch
-from .decode_tile import _decode_int_tile
+from .decode_tile import _decode_int_tile, _decode_int_tile_lanes, _lane_x_tile
 from .quant_tile import _dequant_tile, weight_args
 from .quant_tile_t import _dequant_tile_t
 
@@ -209,23 +209,34 @@ def _quant_matmul_splitk_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     ACT: tl.constexpr = x_ptr.dtype.element_ty
     HALF_INT: tl.constexpr = (not IS_NF4) and (ACT == tl.float16 or ACT == tl.bfloat16)
+    # INT2/INT4: the lane-owned k order (decode_tile._decode_int_tile_lanes; X read in the same order)
+    LANES: tl.constexpr = HALF_INT and (BITS == 2 or BITS == 4) and BLOCK_K % (128 // BITS) == 0
     for k0 in range(k_start, k_end, BLOCK_K):
-        if HALF_INT:
-            w = _decode_int_tile(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, rows_w, k0, K,
-                                 ACT, BITS, GROUP_SIZE, PACKED_DEQUANT, EVEN_K, BLOCK_N, BLOCK_K)
+        if LANES:
+            w = _decode_int_tile_lanes(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, rows_w, k0, K,
+                                       ACT, BITS, GROUP_SIZE, PACKED_DEQUANT, EVEN_K, BLOCK_N, BLOCK_K)
+            xt = _lane_x_tile(x_rows, mask_m, k0, K, stride_xk, BITS, EVEN_K, BLOCK_K, BLOCK_M)
         else:
-            w = _dequant_tile(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
-                              stride_qn, stride_sn, stride_sg, rows_w, k0, K,
-                              BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K)
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        # M is tiny here: padding rows are masked (zeros) rather than clamped, so no x row is read
-        # BLOCK_M/M times over
-        xt = tl.load(x_rows[None, :] + offs_k[:, None] * stride_xk,
-                     mask=mask_m[None, :] & (offs_k[:, None] < K), other=0.0)
+            if HALF_INT:
+                w = _decode_int_tile(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, rows_w, k0, K,
+                                     ACT, BITS, GROUP_SIZE, PACKED_DEQUANT, EVEN_K, BLOCK_N, BLOCK_K)
+            else:
+                w = _dequant_tile(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
+                                  stride_qn, stride_sn, stride_sg, rows_w, k0, K,
+                                  BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K)
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            # M is tiny here: padding rows are masked (zeros) rather than clamped, so no x row is read
+            # BLOCK_M/M times over
+            xt = tl.load(x_rows[None, :] + offs_k[:, None] * stride_xk,
+                         mask=mask_m[None, :] & (offs_k[:, None] < K), other=0.0)
         acc = tl.dot(w.to(xt.dtype), xt, acc, input_precision=DOT_PRECISION)
         if POOL:
             tl.static_assert(GROUP_SIZE <= BLOCK_K)
             if pid_n == 0:
+                if LANES:  # the pooling wants X in the stored order: read it again (first N tile only)
+                    offs_k = k0 + tl.arange(0, BLOCK_K)
+                    xt = tl.load(x_rows[None, :] + offs_k[:, None] * stride_xk,
+                                 mask=mask_m[None, :] & (offs_k[:, None] < K), other=0.0)
                 _pool_tile(p_ptr, xt, tl.zeros((BLOCK_M,), dtype=tl.float32), offs_m, k0, M, K, stride_pm, GROUP_SIZE, BLOCK_M, BLOCK_K)
     mask = (offs_n[:, None] < N) & mask_m[None, :]
     offs = offs_m[None, :].to(tl.int64) * N + offs_n[:, None]
