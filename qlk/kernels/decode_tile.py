@@ -374,7 +374,7 @@ def _decode_int_tile_lanes(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg
     if (GROUP_SIZE & (GROUP_SIZE - 1)) == 0 and GROUP_SIZE % PER == 0:
         # groups hold whole words: NG groups of the tile, each NW / NG words
         NG: tl.constexpr = BLOCK_K // GROUP_SIZE if BLOCK_K > GROUP_SIZE else 1
-        offs_g = k0 // GROUP_SIZE + tl.arange(0, NG)
+        offs_g = tl.arange(0, NG) + k0 // GROUP_SIZE
         s, b = _group_params(s_ptr, b_ptr, s_ptr, s_ptr, s_ptr, stride_sn, stride_sg,
                              offs_n, offs_g[None, :], (offs_g < G)[None, :], False, False, True, EVEN_K, True)
         w = _half_codes_to_weights(tl.reshape(h, (BLOCK_N, NG, NW // NG, J, 2)),
