@@ -265,6 +265,25 @@ def packed_asm_halves(bits: int, act: str) -> str:
             "}")
 
 
+def packed_asm_int3_halves(act: str) -> str:
+    """PTX of one lane-owned INT3 invocation (pack=2): $0 = two weights; $1 = packed int16 whose
+    bits 0-1 are each code's two low bits; $2 = packed int16 whose bit 2 is each code's high bit
+    (other bits of $1, $2 are ignored); $3, $4 = packed (s_a, s_b), (c_a, c_b)."""
+    magic, value, one, fma = _act_consts(act)
+    neg = _neg_magic(act, value + 4)
+    return ("{\n"
+            ".reg .b32 v, one, neg;\n"
+            "lop3.b32 v, $1, $2, 0x00030003, 0xe4;\n"  # (lo & 0x3) | (hi & ~0x3) per half
+            f"lop3.b32 v, v, 0x00070007, {magic * 0x10001:#010x}, 0xea;\n"
+            f"mov.b32 one, {one * 0x10001:#010x};\n"
+            f"mov.b32 neg, {neg * 0x10001:#010x};\n"
+            f"{fma} v, v, one, neg;\n"
+            f"{fma} $0, v, $3, $4;\n"
+            "}")
+
+
+ASM_F16_H3: tl.constexpr = tl.constexpr(packed_asm_int3_halves("fp16"))
+ASM_BF16_H3: tl.constexpr = tl.constexpr(packed_asm_int3_halves("bf16"))
 ASM_F16_H2: tl.constexpr = tl.constexpr(packed_asm_halves(2, "fp16"))
 ASM_F16_H4: tl.constexpr = tl.constexpr(packed_asm_halves(4, "fp16"))
 ASM_BF16_H2: tl.constexpr = tl.constexpr(packed_asm_halves(2, "bf16"))
@@ -272,9 +291,15 @@ ASM_BF16_H4: tl.constexpr = tl.constexpr(packed_asm_halves(4, "bf16"))
 
 
 def lane_order_ok(bits: int, block_k: int) -> bool:
-    """Whether the lane-owned decode tile (:func:`_decode_int_tile_lanes`) applies: INT2/INT4 and
-    BLOCK_K a multiple of its chunk (4 words: 32 INT4 / 64 INT2 columns)."""
-    return bits in (2, 4) and block_k % (4 * (32 // bits)) == 0
+    """Whether the lane-owned decode tile (:func:`_decode_int_tile_lanes`) applies: BLOCK_K a
+    multiple of its quad's span (4 words: 32 INT4 / 64 INT2 columns; INT3: 4 chunks of 3 words,
+    128 columns)."""
+    return bits in (2, 3, 4) and block_k % (4 * _lane_unit(bits)) == 0
+
+
+def _lane_unit(bits: int) -> int:
+    """Columns one lane owns in a quad's span: a word (INT2 16, INT4 8), an INT3 chunk (32)."""
+    return 32 if bits == 3 else 32 // bits
 
 
 @triton.jit
@@ -284,7 +309,7 @@ def _lane_source_cols(BITS: tl.constexpr, BLOCK_K: tl.constexpr):
     kk = e + 2t + 8j + 8J·c  <->  column PER·(4c + t) + j + J·e
     (t: the lane in its quad, which owns word 4c + t; element e of its register pair p = j holds
     codes j and j + J of that word, i.e. bits BITS·j and BITS·j + 16)."""
-    PER: tl.constexpr = 32 // BITS
+    PER: tl.constexpr = 32 if BITS == 3 else 32 // BITS
     J: tl.constexpr = PER // 2
     kk = tl.arange(0, BLOCK_K)
     e = kk % 2
@@ -300,7 +325,7 @@ def _lane_x_tile(x_rows, mask_m, k0, K, stride_xk, BITS: tl.constexpr, EVEN_K: t
     """Xᵀ [BLOCK_K, BLOCK_M] in the lane-owned k order (row kk = X[:, k0 + _lane_source_cols(kk)]),
     zero past K (unless EVEN_K: k0 + BLOCK_K <= K) and for masked rows. Loaded as [chunks, j, t, e, m] so that the J consecutive
     columns of a run (j) stay one vector load."""
-    PER: tl.constexpr = 32 // BITS
+    PER: tl.constexpr = 32 if BITS == 3 else 32 // BITS
     J: tl.constexpr = PER // 2
     NC: tl.constexpr = BLOCK_K // (8 * J)
     c = tl.arange(0, NC)[:, None, None, None, None]
@@ -348,6 +373,28 @@ def _half_codes_to_weights(h, s, c, BITS: tl.constexpr, PACKED: tl.constexpr):
 
 
 @triton.jit
+def _int3_halves_to_weights(lo, hi, s, c, PACKED: tl.constexpr):
+    """ŵ = s·(q − 4) + c in s's dtype, elementwise, q = (lo & 3) | (hi & 4) (int16 inputs: the
+    code's low bits at bits 0-1 of lo, its high bit at bit 2 of hi)."""
+    s, c = tl.broadcast(s, c)
+    lo, s = tl.broadcast(lo, s)
+    lo, c = tl.broadcast(lo, c)
+    hi, lo = tl.broadcast(hi, lo)
+    if PACKED:
+        if s.dtype == tl.float16:
+            w = tl.inline_asm_elementwise(ASM_F16_H3, "=r,r,r,r,r", [lo, hi, s, c], dtype=tl.float16,
+                                          is_pure=True, pack=2)
+        else:
+            tl.static_assert(s.dtype == tl.bfloat16)
+            w = tl.inline_asm_elementwise(ASM_BF16_H3, "=r,r,r,r,r", [lo, hi, s, c], dtype=tl.bfloat16,
+                                          is_pure=True, pack=2)
+    else:
+        q = ((lo.to(tl.int32) & 3) | (hi.to(tl.int32) & 4)) - 4
+        w = (s.to(tl.float32) * q.to(tl.float32) + c.to(tl.float32)).to(s.dtype)
+    return w
+
+
+@triton.jit
 def _decode_int_tile_lanes(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, offs_n, k0, K,
                            ACT: tl.constexpr, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, PACKED: tl.constexpr,
                            EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -363,26 +410,44 @@ def _decode_int_tile_lanes(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg
     (X is read in the same permuted order); the weight format is unchanged.
 
     Same values as ``_decode_int_tile`` (same rounding); columns past K are 0 unless EVEN_K."""
-    PER: tl.constexpr = 32 // BITS
+    PER: tl.constexpr = 32 if BITS == 3 else 32 // BITS  # columns per lane unit (word / INT3 chunk)
     J: tl.constexpr = PER // 2
     NW: tl.constexpr = BLOCK_K // PER
     NC: tl.constexpr = NW // 4
-    words = _load_words(qw_ptr, stride_qn, offs_n, k0, K, PER, EVEN_K, BLOCK_K)
-    sh = words[:, :, None] >> (BITS * tl.arange(0, J))[None, None, :]  # [BLOCK_N, NW, J]
-    h = tl.join(sh.to(tl.int16), (sh >> 16).to(tl.int16))  # [BLOCK_N, NW, J, 2]: codes j, j + J
+    jj = tl.arange(0, J)[None, None, :]
+    if BITS == 3:
+        # chunk = 3 words: word 0/1 hold the low 2 bits of columns i / 16 + i at bit 2i, word 2 the
+        # high bit of column i at bit i. Pair j = columns j, j + 16: the low halves of words 0 and 1
+        # side by side (pairs 0-7; the high halves for 8-15: two PRMT per chunk) shifted by
+        # 2·(j % 8), the high bits = word 2 moved so that bit j lands at bit 2 (and j + 16 at 18)
+        w0, w1, w2 = _load_int3_planes(qw_ptr, stride_qn, offs_n, k0, K, EVEN_K, BLOCK_K)
+        lows = (w0 & 0xFFFF) | (w1 << 16)
+        highs = ((w0 >> 16) & 0xFFFF) | (w1 & -65536)
+        lo32 = tl.where(jj < 8, lows[:, :, None], highs[:, :, None]) >> (2 * (jj % 8))
+        lo = tl.join(lo32.to(tl.int16), (lo32 >> 16).to(tl.int16))
+        hi32 = tl.where(jj >= 2, w2[:, :, None] >> tl.maximum(jj - 2, 0), w2[:, :, None] << tl.maximum(2 - jj, 0))
+        hi = tl.join(hi32.to(tl.int16), (hi32 >> 16).to(tl.int16))
+    else:
+        words = _load_words(qw_ptr, stride_qn, offs_n, k0, K, PER, EVEN_K, BLOCK_K)
+        sh = words[:, :, None] >> (BITS * jj)  # [BLOCK_N, NW, J]
+        h = tl.join(sh.to(tl.int16), (sh >> 16).to(tl.int16))  # [BLOCK_N, NW, J, 2]: codes j, j + J
     G = K // GROUP_SIZE
     if (GROUP_SIZE & (GROUP_SIZE - 1)) == 0 and GROUP_SIZE % PER == 0:
-        # groups hold whole words: NG groups of the tile, each NW / NG words
+        # groups hold whole lane units: NG groups of the tile, each NW / NG units
         NG: tl.constexpr = BLOCK_K // GROUP_SIZE if BLOCK_K > GROUP_SIZE else 1
         offs_g = tl.arange(0, NG) + k0 // GROUP_SIZE
         s, b = _group_params(s_ptr, b_ptr, s_ptr, s_ptr, s_ptr, stride_sn, stride_sg,
                              offs_n, offs_g[None, :], (offs_g < G)[None, :], False, False, True, EVEN_K, True)
-        w = _half_codes_to_weights(tl.reshape(h, (BLOCK_N, NG, NW // NG, J, 2)),
-                                   s.to(ACT)[:, :, None, None, None], b.to(ACT)[:, :, None, None, None],
-                                   BITS, PACKED)
+        s5 = s.to(ACT)[:, :, None, None, None]
+        b5 = b.to(ACT)[:, :, None, None, None]
+        if BITS == 3:
+            w = _int3_halves_to_weights(tl.reshape(lo, (BLOCK_N, NG, NW // NG, J, 2)),
+                                        tl.reshape(hi, (BLOCK_N, NG, NW // NG, J, 2)), s5, b5, PACKED)
+        else:
+            w = _half_codes_to_weights(tl.reshape(h, (BLOCK_N, NG, NW // NG, J, 2)), s5, b5, BITS, PACKED)
     else:
-        # a group that splits words or is not a power of two: one (cached) scale gather per element,
-        # indexed by the element's stored column
+        # a group that splits lane units or is not a power of two: one (cached) scale gather per
+        # element, indexed by the element's stored column
         w_ = tl.arange(0, NW)[:, None, None]
         j_ = tl.arange(0, J)[None, :, None]
         e_ = tl.arange(0, 2)[None, None, :]
@@ -390,6 +455,10 @@ def _decode_int_tile_lanes(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg
         grp = tl.reshape(col // GROUP_SIZE, (1, BLOCK_K))
         s, b = _group_params(s_ptr, b_ptr, s_ptr, s_ptr, s_ptr, stride_sn, stride_sg,
                              offs_n, grp, grp < G, False, False, True, EVEN_K, True)
-        w = _half_codes_to_weights(tl.reshape(h, (BLOCK_N, BLOCK_K)), s.to(ACT), b.to(ACT), BITS, PACKED)
+        if BITS == 3:
+            w = _int3_halves_to_weights(tl.reshape(lo, (BLOCK_N, BLOCK_K)), tl.reshape(hi, (BLOCK_N, BLOCK_K)),
+                                        s.to(ACT), b.to(ACT), PACKED)
+        else:
+            w = _half_codes_to_weights(tl.reshape(h, (BLOCK_N, BLOCK_K)), s.to(ACT), b.to(ACT), BITS, PACKED)
     w = tl.reshape(w, (BLOCK_N, NC, 4, J, 2))
     return tl.reshape(tl.permute(w, (0, 1, 3, 2, 4)), (BLOCK_N, BLOCK_K))

@@ -209,8 +209,9 @@ def _quant_matmul_splitk_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     ACT: tl.constexpr = x_ptr.dtype.element_ty
     HALF_INT: tl.constexpr = (not IS_NF4) and (ACT == tl.float16 or ACT == tl.bfloat16)
-    # INT2/INT4: the lane-owned k order (decode_tile._decode_int_tile_lanes; X read in the same order)
-    LANES: tl.constexpr = HALF_INT and (BITS == 2 or BITS == 4) and BLOCK_K % (128 // BITS) == 0
+    # the lane-owned k order (decode_tile._decode_int_tile_lanes; X read in the same order)
+    LANES: tl.constexpr = HALF_INT and (((BITS == 2 or BITS == 4) and BLOCK_K % (128 // BITS) == 0)
+                                        or (BITS == 3 and BLOCK_K % 128 == 0))
     for k0 in range(k_start, k_end, BLOCK_K):
         if LANES:
             w = _decode_int_tile_lanes(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, rows_w, k0, K,
