@@ -462,3 +462,108 @@ def test_lane_order_decode_against_float64(case, poisoned):
         y = quant_matmul_forward(x, qw, None, out=out, path="splitk", deterministic=det)
         ref = x.cpu().double() @ w64.t()
         assert oracles.rel_err(y, ref) < 1.5e-3, (m, det)
+
+
+def _int3_halves(q: int, rng) -> tuple:
+    """(lo, hi) 16-bit inputs of INT3 code q: q's low bits at bits 0-1 of lo, its high bit at
+    bit 2 of hi, random bits elsewhere."""
+    lo_g, hi_g = (int(v) for v in rng.integers(0, 1 << 16, size=2))
+    return (lo_g & ~3) | (q & 3), (hi_g & ~4) | ((q >> 2) << 2)
+
+
+@pytest.mark.parametrize("fmt", ["f16", "bf16"])
+def test_packed_asm_int3_halves_bit_exact(fmt):
+    asm = decode_tile.packed_asm_int3_halves("fp16" if fmt == "f16" else "bf16")
+    rng = np.random.default_rng(43)
+    s_bits, c_bits = half_bits(SCALES, fmt), half_bits(BIASES, fmt)
+    for q0 in range(8):
+        for q1 in range(8):
+            (l0, h0), (l1, h1) = _int3_halves(q0, rng), _int3_halves(q1, rng)
+            for i in range(len(SCALES)):
+                s, c = s_bits[i], c_bits[(i + q1) % len(BIASES)]
+                got = run_ptx(asm, {"$1": l0 | (l1 << 16), "$2": h0 | (h1 << 16), "$3": s | (s << 16),
+                                    "$4": c | (c << 16)})
+                for half, q in ((0, q0), (1, q1)):
+                    exact = half_value(s, fmt) * (q - 4) + half_value(c, fmt)
+                    assert (got >> (16 * half)) & 0xFFFF == round_half(exact, fmt), (fmt, q, s, c, half)
+
+
+@needs_kernels
+def test_int3_halves_twin_matches_asm_model():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def twin(lo_ptr, hi_ptr, s_ptr, c_ptr, out_ptr, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        w = decode_tile._int3_halves_to_weights(tl.load(lo_ptr + offs), tl.load(hi_ptr + offs), tl.load(s_ptr + offs),
+                                                tl.load(c_ptr + offs), False)
+        tl.store(out_ptr + offs, w)
+
+    rng = np.random.default_rng(44)
+    lows, highs, s_list, c_list = [], [], [], []
+    for q0 in range(8):
+        for q1 in range(8):
+            for i in range(len(SCALES)):
+                for q in (q0, q1):
+                    lo, hi = _int3_halves(q, rng)
+                    lows.append(lo)
+                    highs.append(hi)
+                    s_list.append(SCALES[i])
+                    c_list.append(BIASES[(i + q1) % len(BIASES)])
+    n = len(lows)
+    block = 1 << (n - 1).bit_length()
+    pad = block - n
+    i16 = lambda vs: torch.tensor([v - (1 << 16) if v >= 1 << 15 else v for v in vs] + [0] * pad,  # noqa: E731
+                                  dtype=torch.int16)
+    out = torch.full((block,), float("nan"), dtype=torch.float16)
+    twin[(1,)](i16(lows), i16(highs), torch.tensor(s_list + [0.0] * pad, dtype=torch.float16),
+               torch.tensor(c_list + [0.0] * pad, dtype=torch.float16), out, BLOCK=block)
+    got = [int(v) & 0xFFFF for v in out[:n].view(torch.int16).tolist()]
+    asm = decode_tile.packed_asm_int3_halves("fp16")
+    sb, cb = half_bits(s_list, "f16"), half_bits(c_list, "f16")
+    for e in range(0, n, 2):
+        ref = run_ptx(asm, {"$1": lows[e] | (lows[e + 1] << 16), "$2": highs[e] | (highs[e + 1] << 16),
+                            "$3": sb[e] | (sb[e + 1] << 16), "$4": cb[e] | (cb[e + 1] << 16)})
+        assert (got[e], got[e + 1]) == (ref & 0xFFFF, ref >> 16), e
+
+
+@pytest.fixture
+def block_k_128(monkeypatch):
+    """The interpreter's split-K candidate with BLOCK_K = 128: the INT3 lane-owned order needs
+    4 chunks of 32 columns per tile (the default 64 takes the stored-order tile)."""
+    from qlk.kernels import config
+
+    def one():
+        return [config._cfg(None, 4, 1, BLOCK_N=32, BLOCK_M=16, BLOCK_K=128)]
+
+    monkeypatch.setattr(config, "splitk_configs", one)
+    heuristics._choose_default.cache_clear()
+    yield
+    heuristics._choose_default.cache_clear()
+
+
+# INT3 through the lane-owned tile: groups of one chunk, several groups per tile, one group over
+# two tiles, a group that is not a power of two, ragged K (EVEN_K false, a partial chunk)
+INT3_LANE_CASES = [(3, 32, 544), (3, 256, 512), (3, 96, 480), (3, 16, 400)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", INT3_LANE_CASES, ids=lambda c: f"int{c[0]}g{c[1]}k{c[2]}")
+def test_lane_order_int3_against_float64(case, block_k_128, poisoned):
+    bits, g, k = case
+    device = "cpu" if INTERPRETED else "cuda"
+    gen = torch.Generator().manual_seed(700 + g + k)
+    groups = k // g
+    w = (torch.randn(N, groups, g, generator=gen) * torch.exp(torch.randn(N, groups, 1, generator=gen))
+         + torch.randn(N, groups, 1, generator=gen)).reshape(N, k)
+    qw = qlk.quantize(w, bits=bits, group_size=g).to(device)
+    w64 = oracles.int_dequant64(qw)
+    c = heuristics.candidates("splitk")[0].kwargs
+    assert c["BLOCK_K"] == 128 and decode_tile.lane_order_ok(3, c["BLOCK_K"])
+    for m, det in ((1, True), (5, False), (16, True)):
+        x = torch.randn(m, k, generator=gen).to(torch.float16).to(device)
+        out = torch.full((m, N), float("nan"), dtype=torch.float16, device=device)
+        y = quant_matmul_forward(x, qw, None, out=out, path="splitk", deterministic=det)
+        ref = x.cpu().double() @ w64.t()
+        assert oracles.rel_err(y, ref) < 1.5e-3, (m, det)
