@@ -28,6 +28,15 @@ activation dtype first (exact when they are stored in it, the usual case; QA-LoR
 biases are rounded once more). The fp32 path rounds s·(q − m) + c in fp32, then to the activation
 dtype.
 
+Round 4, the dense split-K kernel's tile (:func:`_decode_int_tile_lanes`): in the stored order the
+four lanes of a quad each need one byte of every word (4x the shared-memory reads, a PRMT per
+pair). Permuting k inside each span of 4 lane units (INT4/INT2: a word, INT3: a 3-word chunk) gives
+lane t unit 4c + t whole, and X is read in the same permuted order (:func:`_lane_x_tile`), so the
+sum is unchanged and the stored format untouched. A pair is then codes j and j + J of the unit,
+the two 16-bit halves of ``word >> bits·j``: LOP3 + 2 HFMA2 per pair (``packed_asm_halves``;
+INT3 one more LOP3 to merge the planes, ``packed_asm_int3_halves``). The stored-order tile
+(:func:`_decode_int_tile`) stays for the grouped MoE kernel and tiles narrower than the span.
+
 The asm cannot run under the Triton interpreter: ``PACKED=False`` selects a pure-Triton twin with
 the same semantics up to fp32 double rounding (the exact value s_a·(q − m) + c_a has at most
 ~15 significant bits for fp16 inputs of similar magnitude, so the fp32 step is exact there). The
@@ -398,7 +407,7 @@ def _int3_halves_to_weights(lo, hi, s, c, PACKED: tl.constexpr):
 def _decode_int_tile_lanes(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, offs_n, k0, K,
                            ACT: tl.constexpr, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, PACKED: tl.constexpr,
                            EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Ŵ[offs_n, k0 + _lane_source_cols(kk)] for kk in 0 .. BLOCK_K (INT2/INT4, ``lane_order_ok``):
+    """Ŵ[offs_n, k0 + _lane_source_cols(kk)] for kk in 0 .. BLOCK_K (INT2/3/4, ``lane_order_ok``):
     the tile in the lane-owned k order, to be multiplied with ``_lane_x_tile``'s Xᵀ.
 
     Why: in the MMA operand layout the four lanes of a quad hold interleaved k (k = 2t + e + 8·i).
@@ -406,7 +415,8 @@ def _decode_int_tile_lanes(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg
     (4× the shared-memory traffic) and picks its byte per pair. Permuting k inside each chunk of
     4 words instead gives lane t word 4c + t whole: its pairs are (code j, code j + J) = the bits at
     BITS·j and BITS·j + 16 of one register, so ``word >> BITS·j`` (one SHF per j, none for j = 0)
-    feeds both halves of a pair and the asm needs only LOP3 + 2 HFMA2. The sum over k is the same
+    feeds both halves of a pair and the asm needs only LOP3 + 2 HFMA2. INT3: lane t owns chunk
+    4c + t (3 words, 32 columns), pair j = columns j, j + 16 (J = 16). The sum over k is the same
     (X is read in the same permuted order); the weight format is unchanged.
 
     Same values as ``_decode_int_tile`` (same rounding); columns past K are 0 unless EVEN_K."""

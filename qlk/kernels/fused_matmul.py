@@ -189,9 +189,13 @@ def _quant_matmul_splitk_kernel(
 ):
     """Partial Yᵀ over one K slice: program (n, s, m) sums k in slice s of ⌈K/BLOCK_K / SPLIT⌉ tiles.
 
-    INT formats with fp16/bf16 activations dequantize straight into the activation dtype
-    (:func:`qlk.kernels.decode_tile._decode_int_tile`: half2 inline asm when PACKED_DEQUANT, its
-    Triton twin under the interpreter); NF4 and fp32 activations use the fp32 ``_dequant_tile``.
+    INT formats with fp16/bf16 activations dequantize straight into the activation dtype (half2
+    inline asm when PACKED_DEQUANT, its Triton twin under the interpreter): in the lane-owned k
+    order of :func:`qlk.kernels.decode_tile._decode_int_tile_lanes` (X read in the same permuted
+    order, :func:`~qlk.kernels.decode_tile._lane_x_tile`) when BLOCK_K spans whole lane units
+    (INT4 32, INT2 64, INT3 128 columns), else in the stored order
+    (:func:`qlk.kernels.decode_tile._decode_int_tile`); NF4 and fp32 activations use the fp32
+    ``_dequant_tile``.
 
     POOL: the programs of the first N tile also write P(X) for the groups of their slice (slices
     are whole K tiles, so with GROUP_SIZE <= BLOCK_K no group straddles two slices)."""
