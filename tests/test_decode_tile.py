@@ -344,3 +344,226 @@ def test_decode_fp16_against_float64(case, poisoned):
         ref = x.cpu().double() @ w64.t() + bias.cpu().double()
         # Ŵ rounded once to fp16 (2^-11 relative), fp32 accumulation, fp16 output
         assert oracles.rel_err(y, ref) < 1.5e-3, (m, det)
+
+
+# ------------------------------------------------------------------ round 4: lane-owned words (INT2/INT4)
+def _halves_grid(bits: int):
+    """(q0, q1, h0, h1, scale index): every pair of codes, each in the low ``bits`` bits of a
+    16-bit input whose other bits are random (the kernel hands the asm a shifted word's halves)."""
+    rng = np.random.default_rng(40 + bits)
+    for q0 in range(1 << bits):
+        for q1 in range(1 << bits):
+            for i in range(len(SCALES)):
+                h0, h1 = (int(v) & ~((1 << bits) - 1) for v in rng.integers(0, 1 << 16, size=2))
+                yield q0, q1, h0 | q0, h1 | q1, i
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("fmt", ["f16", "bf16"])
+def test_packed_asm_halves_bit_exact(bits, fmt):
+    asm = decode_tile.packed_asm_halves(bits, "fp16" if fmt == "f16" else "bf16")
+    mid = 1 << (bits - 1)
+    s_bits, c_bits = half_bits(SCALES, fmt), half_bits(BIASES, fmt)
+    checked = 0
+    for q0, q1, h0, h1, i in _halves_grid(bits):
+        s, c = s_bits[i], c_bits[(i + q0) % len(BIASES)]
+        got = run_ptx(asm, {"$1": h0 | (h1 << 16), "$2": s | (s << 16), "$3": c | (c << 16)})
+        for half, q in ((0, q0), (1, q1)):
+            exact = half_value(s, fmt) * (q - mid) + half_value(c, fmt)
+            assert (got >> (16 * half)) & 0xFFFF == round_half(exact, fmt), (bits, fmt, q, s, c, half)
+            checked += 1
+    assert checked == 2 * len(SCALES) * (1 << (2 * bits))
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", [2, 4])
+def test_halves_twin_matches_asm_model(bits):
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def twin(h_ptr, s_ptr, c_ptr, out_ptr, BITS: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        w = decode_tile._half_codes_to_weights(tl.load(h_ptr + offs), tl.load(s_ptr + offs), tl.load(c_ptr + offs),
+                                               BITS, False)
+        tl.store(out_ptr + offs, w)
+
+    hs, s_list, c_list = [], [], []
+    for q0, q1, h0, h1, i in _halves_grid(bits):
+        hs += [h0, h1]
+        s_list += [SCALES[i]] * 2
+        c_list += [BIASES[(i + q0) % len(BIASES)]] * 2
+    n = len(hs)
+    block = 1 << (n - 1).bit_length()
+    pad = block - n
+    h = torch.tensor([v - (1 << 16) if v >= 1 << 15 else v for v in hs] + [0] * pad, dtype=torch.int16)
+    s = torch.tensor(s_list + [0.0] * pad, dtype=torch.float16)
+    c = torch.tensor(c_list + [0.0] * pad, dtype=torch.float16)
+    out = torch.full((block,), float("nan"), dtype=torch.float16)
+    twin[(1,)](h, s, c, out, BITS=bits, BLOCK=block)
+    got = [int(v) & 0xFFFF for v in out[:n].view(torch.int16).tolist()]
+    asm = decode_tile.packed_asm_halves(bits, "fp16")
+    sb, cb = half_bits(s_list, "f16"), half_bits(c_list, "f16")
+    for e in range(0, n, 2):
+        ref = run_ptx(asm, {"$1": hs[e] | (hs[e + 1] << 16), "$2": sb[e] | (sb[e + 1] << 16),
+                            "$3": cb[e] | (cb[e + 1] << 16)})
+        assert (got[e], got[e + 1]) == (ref & 0xFFFF, ref >> 16), (e, hs[e], s_list[e], c_list[e])
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", [2, 4])
+def test_lane_source_cols_give_each_lane_whole_words(bits):
+    """The lane-owned k order: a permutation of each 4-word chunk; MMA column kk = e + 2t + 8j + ...
+    (lane t of a quad, pair j, element e) reads word 4c + t, code j + J·e of it (the register's two
+    halves after ``word >> bits·j``)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def cols(out_ptr, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+        tl.store(out_ptr + tl.arange(0, BLOCK_K), decode_tile._lane_source_cols(BITS, BLOCK_K))
+
+    per, block_k = 32 // bits, 256
+    out = torch.full((block_k,), -1, dtype=torch.int32)
+    cols[(1,)](out, BITS=bits, BLOCK_K=block_k)
+    src = out.tolist()
+    chunk = 4 * per
+    assert sorted(src) == list(range(block_k))
+    for kk, col in enumerate(src):
+        e, t, j = kk % 2, (kk // 2) % 4, (kk // 8) % (per // 2)
+        assert col // chunk == kk // chunk  # stays in its chunk (groups of >= 1 chunk keep their columns)
+        assert (col // per) % 4 == t  # lane t owns word 4c + t
+        assert col % per == j + (per // 2) * e  # code j + J·e: bits·j of the word, +16 for e = 1
+    assert decode_tile.lane_order_ok(bits, 64) == (per * 4 <= 64)
+
+
+# INT2/INT4 through the lane-owned tile (BLOCK_K = 64 under the interpreter: INT4 chunks of 32, INT2
+# of 64): groups of whole tiles, several per tile, over several tiles, not powers of two, groups
+# that split INT2 words (g = 8), ragged K (EVEN_K false: partial tiles, an INT2 partial word)
+LANE_CASES = [(4, 32, 544), (4, 48, 528), (4, 128, 512), (2, 32, 576), (2, 8, 520), (2, 64, 512)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", LANE_CASES, ids=lambda c: f"int{c[0]}g{c[1]}k{c[2]}")
+def test_lane_order_decode_against_float64(case, poisoned):
+    bits, g, k = case
+    device = "cpu" if INTERPRETED else "cuda"
+    gen = torch.Generator().manual_seed(400 + bits * 100 + g + k)
+    groups = k // g
+    w = (torch.randn(N, groups, g, generator=gen) * torch.exp(torch.randn(N, groups, 1, generator=gen))
+         + torch.randn(N, groups, 1, generator=gen)).reshape(N, k)
+    qw = qlk.quantize(w, bits=bits, group_size=g).to(device)
+    w64 = oracles.int_dequant64(qw)
+    c = heuristics.candidates("splitk")[0].kwargs
+    assert decode_tile.lane_order_ok(bits, c["BLOCK_K"])  # the path under test
+    for m, det in ((1, True), (5, False), (16, True)):
+        x = torch.randn(m, k, generator=gen).to(torch.float16).to(device)
+        out = torch.full((m, N), float("nan"), dtype=torch.float16, device=device)
+        y = quant_matmul_forward(x, qw, None, out=out, path="splitk", deterministic=det)
+        ref = x.cpu().double() @ w64.t()
+        assert oracles.rel_err(y, ref) < 1.5e-3, (m, det)
+
+
+def _int3_halves(q: int, rng) -> tuple:
+    """(lo, hi) 16-bit inputs of INT3 code q: q's low bits at bits 0-1 of lo, its high bit at
+    bit 2 of hi, random bits elsewhere."""
+    lo_g, hi_g = (int(v) for v in rng.integers(0, 1 << 16, size=2))
+    return (lo_g & ~3) | (q & 3), (hi_g & ~4) | ((q >> 2) << 2)
+
+
+@pytest.mark.parametrize("fmt", ["f16", "bf16"])
+def test_packed_asm_int3_halves_bit_exact(fmt):
+    asm = decode_tile.packed_asm_int3_halves("fp16" if fmt == "f16" else "bf16")
+    rng = np.random.default_rng(43)
+    s_bits, c_bits = half_bits(SCALES, fmt), half_bits(BIASES, fmt)
+    for q0 in range(8):
+        for q1 in range(8):
+            (l0, h0), (l1, h1) = _int3_halves(q0, rng), _int3_halves(q1, rng)
+            for i in range(len(SCALES)):
+                s, c = s_bits[i], c_bits[(i + q1) % len(BIASES)]
+                got = run_ptx(asm, {"$1": l0 | (l1 << 16), "$2": h0 | (h1 << 16), "$3": s | (s << 16),
+                                    "$4": c | (c << 16)})
+                for half, q in ((0, q0), (1, q1)):
+                    exact = half_value(s, fmt) * (q - 4) + half_value(c, fmt)
+                    assert (got >> (16 * half)) & 0xFFFF == round_half(exact, fmt), (fmt, q, s, c, half)
+
+
+@needs_kernels
+def test_int3_halves_twin_matches_asm_model():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def twin(lo_ptr, hi_ptr, s_ptr, c_ptr, out_ptr, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        w = decode_tile._int3_halves_to_weights(tl.load(lo_ptr + offs), tl.load(hi_ptr + offs), tl.load(s_ptr + offs),
+                                                tl.load(c_ptr + offs), False)
+        tl.store(out_ptr + offs, w)
+
+    rng = np.random.default_rng(44)
+    lows, highs, s_list, c_list = [], [], [], []
+    for q0 in range(8):
+        for q1 in range(8):
+            for i in range(len(SCALES)):
+                for q in (q0, q1):
+                    lo, hi = _int3_halves(q, rng)
+                    lows.append(lo)
+                    highs.append(hi)
+                    s_list.append(SCALES[i])
+                    c_list.append(BIASES[(i + q1) % len(BIASES)])
+    n = len(lows)
+    block = 1 << (n - 1).bit_length()
+    pad = block - n
+    i16 = lambda vs: torch.tensor([v - (1 << 16) if v >= 1 << 15 else v for v in vs] + [0] * pad,  # noqa: E731
+                                  dtype=torch.int16)
+    out = torch.full((block,), float("nan"), dtype=torch.float16)
+    twin[(1,)](i16(lows), i16(highs), torch.tensor(s_list + [0.0] * pad, dtype=torch.float16),
+               torch.tensor(c_list + [0.0] * pad, dtype=torch.float16), out, BLOCK=block)
+    got = [int(v) & 0xFFFF for v in out[:n].view(torch.int16).tolist()]
+    asm = decode_tile.packed_asm_int3_halves("fp16")
+    sb, cb = half_bits(s_list, "f16"), half_bits(c_list, "f16")
+    for e in range(0, n, 2):
+        ref = run_ptx(asm, {"$1": lows[e] | (lows[e + 1] << 16), "$2": highs[e] | (highs[e + 1] << 16),
+                            "$3": sb[e] | (sb[e + 1] << 16), "$4": cb[e] | (cb[e + 1] << 16)})
+        assert (got[e], got[e + 1]) == (ref & 0xFFFF, ref >> 16), e
+
+
+@pytest.fixture
+def block_k_128(monkeypatch):
+    """The interpreter's split-K candidate with BLOCK_K = 128: the INT3 lane-owned order needs
+    4 chunks of 32 columns per tile (the default 64 takes the stored-order tile)."""
+    from qlk.kernels import config
+
+    def one():
+        return [config._cfg(None, 4, 1, BLOCK_N=32, BLOCK_M=16, BLOCK_K=128)]
+
+    monkeypatch.setattr(config, "splitk_configs", one)
+    heuristics._choose_default.cache_clear()
+    yield
+    heuristics._choose_default.cache_clear()
+
+
+# INT3 through the lane-owned tile: groups of one chunk, several groups per tile, one group over
+# two tiles, a group that is not a power of two, ragged K (EVEN_K false, a partial chunk)
+INT3_LANE_CASES = [(3, 32, 544), (3, 256, 512), (3, 96, 480), (3, 16, 400)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", INT3_LANE_CASES, ids=lambda c: f"int{c[0]}g{c[1]}k{c[2]}")
+def test_lane_order_int3_against_float64(case, block_k_128, poisoned):
+    bits, g, k = case
+    device = "cpu" if INTERPRETED else "cuda"
+    gen = torch.Generator().manual_seed(700 + g + k)
+    groups = k // g
+    w = (torch.randn(N, groups, g, generator=gen) * torch.exp(torch.randn(N, groups, 1, generator=gen))
+         + torch.randn(N, groups, 1, generator=gen)).reshape(N, k)
+    qw = qlk.quantize(w, bits=bits, group_size=g).to(device)
+    w64 = oracles.int_dequant64(qw)
+    c = heuristics.candidates("splitk")[0].kwargs
+    assert c["BLOCK_K"] == 128 and decode_tile.lane_order_ok(3, c["BLOCK_K"])
+    for m, det in ((1, True), (5, False), (16, True)):
+        x = torch.randn(m, k, generator=gen).to(torch.float16).to(device)
+        out = torch.full((m, N), float("nan"), dtype=torch.float16, device=device)
+        y = quant_matmul_forward(x, qw, None, out=out, path="splitk", deterministic=det)
+        ref = x.cpu().double() @ w64.t()
+        assert oracles.rel_err(y, ref) < 1.5e-3, (m, det)

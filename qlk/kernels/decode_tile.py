@@ -28,6 +28,15 @@ activation dtype first (exact when they are stored in it, the usual case; QA-LoR
 biases are rounded once more). The fp32 path rounds s·(q − m) + c in fp32, then to the activation
 dtype.
 
+Round 4, the dense split-K kernel's tile (:func:`_decode_int_tile_lanes`): in the stored order the
+four lanes of a quad each need one byte of every word (4x the shared-memory reads, a PRMT per
+pair). Permuting k inside each span of 4 lane units (INT4/INT2: a word, INT3: a 3-word chunk) gives
+lane t unit 4c + t whole, and X is read in the same permuted order (:func:`_lane_x_tile`), so the
+sum is unchanged and the stored format untouched. A pair is then codes j and j + J of the unit,
+the two 16-bit halves of ``word >> bits·j``: LOP3 + 2 HFMA2 per pair (``packed_asm_halves``;
+INT3 one more LOP3 to merge the planes, ``packed_asm_int3_halves``). The stored-order tile
+(:func:`_decode_int_tile`) stays for the grouped MoE kernel and tiles narrower than the span.
+
 The asm cannot run under the Triton interpreter: ``PACKED=False`` selects a pure-Triton twin with
 the same semantics up to fp32 double rounding (the exact value s_a·(q − m) + c_a has at most
 ~15 significant bits for fp16 inputs of similar magnitude, so the fp32 step is exact there). The
@@ -243,3 +252,223 @@ def _decode_int_tile(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, offs
         else:
             w = _byte_codes_to_weights(codes, sel, s.to(ACT), b.to(ACT), BITS, PACKED)
     return w
+
+
+# ------------------------------------------------------------------------------------------------
+# Round 4: lane-owned words (INT2/INT4), the MMA's k order permuted instead of the words shuffled
+# ------------------------------------------------------------------------------------------------
+def packed_asm_halves(bits: int, act: str) -> str:
+    """PTX of one invocation (pack=2) for the lane-owned INT2/INT4 decode: $0 = two weights (a low,
+    b high); $1 = packed int16 (h_a, h_b): element e's code is the low ``bits`` bits of h_e;
+    $2, $3 = packed (s_a, s_b), (c_a, c_b) in the act dtype. One LOP3 and two HFMA2 per pair."""
+    magic, value, one, fma = _act_consts(act)
+    mask = (1 << bits) - 1
+    neg = _neg_magic(act, value + (1 << (bits - 1)))
+    return ("{\n"
+            ".reg .b32 v, one, neg;\n"
+            f"lop3.b32 v, $1, {mask * 0x10001:#010x}, {magic * 0x10001:#010x}, 0xea;\n"
+            f"mov.b32 one, {one * 0x10001:#010x};\n"
+            f"mov.b32 neg, {neg * 0x10001:#010x};\n"
+            f"{fma} v, v, one, neg;\n"
+            f"{fma} $0, v, $2, $3;\n"
+            "}")
+
+
+def packed_asm_int3_halves(act: str) -> str:
+    """PTX of one lane-owned INT3 invocation (pack=2): $0 = two weights; $1 = packed int16 whose
+    bits 0-1 are each code's two low bits; $2 = packed int16 whose bit 2 is each code's high bit
+    (other bits of $1, $2 are ignored); $3, $4 = packed (s_a, s_b), (c_a, c_b)."""
+    magic, value, one, fma = _act_consts(act)
+    neg = _neg_magic(act, value + 4)
+    return ("{\n"
+            ".reg .b32 v, one, neg;\n"
+            "lop3.b32 v, $1, $2, 0x00030003, 0xe4;\n"  # (lo & 0x3) | (hi & ~0x3) per half
+            f"lop3.b32 v, v, 0x00070007, {magic * 0x10001:#010x}, 0xea;\n"
+            f"mov.b32 one, {one * 0x10001:#010x};\n"
+            f"mov.b32 neg, {neg * 0x10001:#010x};\n"
+            f"{fma} v, v, one, neg;\n"
+            f"{fma} $0, v, $3, $4;\n"
+            "}")
+
+
+ASM_F16_H3: tl.constexpr = tl.constexpr(packed_asm_int3_halves("fp16"))
+ASM_BF16_H3: tl.constexpr = tl.constexpr(packed_asm_int3_halves("bf16"))
+ASM_F16_H2: tl.constexpr = tl.constexpr(packed_asm_halves(2, "fp16"))
+ASM_F16_H4: tl.constexpr = tl.constexpr(packed_asm_halves(4, "fp16"))
+ASM_BF16_H2: tl.constexpr = tl.constexpr(packed_asm_halves(2, "bf16"))
+ASM_BF16_H4: tl.constexpr = tl.constexpr(packed_asm_halves(4, "bf16"))
+
+
+def lane_order_ok(bits: int, block_k: int) -> bool:
+    """Whether the lane-owned decode tile (:func:`_decode_int_tile_lanes`) applies: BLOCK_K a
+    multiple of its quad's span (4 words: 32 INT4 / 64 INT2 columns; INT3: 4 chunks of 3 words,
+    128 columns)."""
+    return bits in (2, 3, 4) and block_k % (4 * _lane_unit(bits)) == 0
+
+
+def _lane_unit(bits: int) -> int:
+    """Columns one lane owns in a quad's span: a word (INT2 16, INT4 8), an INT3 chunk (32)."""
+    return 32 if bits == 3 else 32 // bits
+
+
+@triton.jit
+def _lane_source_cols(BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """int32 [BLOCK_K]: the tile column (0 .. BLOCK_K−1, stored order) that MMA column kk reads in
+    the lane-owned order. PER = 32/BITS codes per word, J = PER/2, chunk = 4 words:
+    kk = e + 2t + 8j + 8J·c  <->  column PER·(4c + t) + j + J·e
+    (t: the lane in its quad, which owns word 4c + t; element e of its register pair p = j holds
+    codes j and j + J of that word, i.e. bits BITS·j and BITS·j + 16)."""
+    PER: tl.constexpr = 32 if BITS == 3 else 32 // BITS
+    J: tl.constexpr = PER // 2
+    kk = tl.arange(0, BLOCK_K)
+    e = kk % 2
+    t = (kk // 2) % 4
+    j = (kk // 8) % J
+    c = kk // (8 * J)
+    return PER * (4 * c + t) + j + J * e
+
+
+@triton.jit
+def _lane_x_tile(x_rows, mask_m, k0, K, stride_xk, BITS: tl.constexpr, EVEN_K: tl.constexpr,
+                 BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Xᵀ [BLOCK_K, BLOCK_M] in the lane-owned k order (row kk = X[:, k0 + _lane_source_cols(kk)]),
+    zero past K (unless EVEN_K: k0 + BLOCK_K <= K) and for masked rows. Loaded as [chunks, j, t, e, m] so that the J consecutive
+    columns of a run (j) stay one vector load."""
+    PER: tl.constexpr = 32 if BITS == 3 else 32 // BITS
+    J: tl.constexpr = PER // 2
+    NC: tl.constexpr = BLOCK_K // (8 * J)
+    c = tl.arange(0, NC)[:, None, None, None, None]
+    j = tl.arange(0, J)[None, :, None, None, None]
+    t = tl.arange(0, 4)[None, None, :, None, None]
+    e = tl.arange(0, 2)[None, None, None, :, None]
+    offs_k = k0 + PER * (4 * c + t) + j + J * e
+    ptrs = x_rows[None, None, None, None, :] + offs_k * stride_xk
+    if EVEN_K:  # whole tiles: only the padding rows are masked
+        xt = tl.load(ptrs, mask=mask_m[None, None, None, None, :], other=0.0)
+    else:
+        xt = tl.load(ptrs, mask=mask_m[None, None, None, None, :] & (offs_k < K), other=0.0)
+    return tl.reshape(xt, (BLOCK_K, BLOCK_M))
+
+
+@triton.jit
+def _half_codes_to_weights(h, s, c, BITS: tl.constexpr, PACKED: tl.constexpr):
+    """ŵ = s·(q − 2^(BITS−1)) + c in s's dtype, elementwise, q = the low BITS bits of the int16 ``h``.
+    PACKED: the half2 inline asm (``packed_asm_halves``); else the Triton twin."""
+    MASK: tl.constexpr = (1 << BITS) - 1
+    MID: tl.constexpr = 1 << (BITS - 1)
+    s, c = tl.broadcast(s, c)
+    h, s = tl.broadcast(h, s)
+    h, c = tl.broadcast(h, c)
+    if PACKED:
+        if s.dtype == tl.float16:
+            if BITS == 2:
+                w = tl.inline_asm_elementwise(ASM_F16_H2, "=r,r,r,r", [h, s, c], dtype=tl.float16,
+                                              is_pure=True, pack=2)
+            else:
+                w = tl.inline_asm_elementwise(ASM_F16_H4, "=r,r,r,r", [h, s, c], dtype=tl.float16,
+                                              is_pure=True, pack=2)
+        else:
+            tl.static_assert(s.dtype == tl.bfloat16)
+            if BITS == 2:
+                w = tl.inline_asm_elementwise(ASM_BF16_H2, "=r,r,r,r", [h, s, c], dtype=tl.bfloat16,
+                                              is_pure=True, pack=2)
+            else:
+                w = tl.inline_asm_elementwise(ASM_BF16_H4, "=r,r,r,r", [h, s, c], dtype=tl.bfloat16,
+                                              is_pure=True, pack=2)
+    else:
+        q = ((h.to(tl.int32) & MASK) - MID).to(tl.float32)
+        w = (s.to(tl.float32) * q + c.to(tl.float32)).to(s.dtype)
+    return w
+
+
+@triton.jit
+def _int3_halves_to_weights(lo, hi, s, c, PACKED: tl.constexpr):
+    """ŵ = s·(q − 4) + c in s's dtype, elementwise, q = (lo & 3) | (hi & 4) (int16 inputs: the
+    code's low bits at bits 0-1 of lo, its high bit at bit 2 of hi)."""
+    s, c = tl.broadcast(s, c)
+    lo, s = tl.broadcast(lo, s)
+    lo, c = tl.broadcast(lo, c)
+    hi, lo = tl.broadcast(hi, lo)
+    if PACKED:
+        if s.dtype == tl.float16:
+            w = tl.inline_asm_elementwise(ASM_F16_H3, "=r,r,r,r,r", [lo, hi, s, c], dtype=tl.float16,
+                                          is_pure=True, pack=2)
+        else:
+            tl.static_assert(s.dtype == tl.bfloat16)
+            w = tl.inline_asm_elementwise(ASM_BF16_H3, "=r,r,r,r,r", [lo, hi, s, c], dtype=tl.bfloat16,
+                                          is_pure=True, pack=2)
+    else:
+        q = ((lo.to(tl.int32) & 3) | (hi.to(tl.int32) & 4)) - 4
+        w = (s.to(tl.float32) * q.to(tl.float32) + c.to(tl.float32)).to(s.dtype)
+    return w
+
+
+@triton.jit
+def _decode_int_tile_lanes(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, offs_n, k0, K,
+                           ACT: tl.constexpr, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, PACKED: tl.constexpr,
+                           EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Ŵ[offs_n, k0 + _lane_source_cols(kk)] for kk in 0 .. BLOCK_K (INT2/3/4, ``lane_order_ok``):
+    the tile in the lane-owned k order, to be multiplied with ``_lane_x_tile``'s Xᵀ.
+
+    Why: in the MMA operand layout the four lanes of a quad hold interleaved k (k = 2t + e + 8·i).
+    In the stored order each lane needs one byte of every word, so every lane reads every word
+    (4× the shared-memory traffic) and picks its byte per pair. Permuting k inside each chunk of
+    4 words instead gives lane t word 4c + t whole: its pairs are (code j, code j + J) = the bits at
+    BITS·j and BITS·j + 16 of one register, so ``word >> BITS·j`` (one SHF per j, none for j = 0)
+    feeds both halves of a pair and the asm needs only LOP3 + 2 HFMA2. INT3: lane t owns chunk
+    4c + t (3 words, 32 columns), pair j = columns j, j + 16 (J = 16). The sum over k is the same
+    (X is read in the same permuted order); the weight format is unchanged.
+
+    Same values as ``_decode_int_tile`` (same rounding); columns past K are 0 unless EVEN_K."""
+    PER: tl.constexpr = 32 if BITS == 3 else 32 // BITS  # columns per lane unit (word / INT3 chunk)
+    J: tl.constexpr = PER // 2
+    NW: tl.constexpr = BLOCK_K // PER
+    NC: tl.constexpr = NW // 4
+    jj = tl.arange(0, J)[None, None, :]
+    if BITS == 3:
+        # chunk = 3 words: word 0/1 hold the low 2 bits of columns i / 16 + i at bit 2i, word 2 the
+        # high bit of column i at bit i. Pair j = columns j, j + 16: the low halves of words 0 and 1
+        # side by side (pairs 0-7; the high halves for 8-15: two PRMT per chunk) shifted by
+        # 2·(j % 8), the high bits = word 2 moved so that bit j lands at bit 2 (and j + 16 at 18)
+        w0, w1, w2 = _load_int3_planes(qw_ptr, stride_qn, offs_n, k0, K, EVEN_K, BLOCK_K)
+        lows = (w0 & 0xFFFF) | (w1 << 16)
+        highs = ((w0 >> 16) & 0xFFFF) | (w1 & -65536)
+        lo32 = tl.where(jj < 8, lows[:, :, None], highs[:, :, None]) >> (2 * (jj % 8))
+        lo = tl.join(lo32.to(tl.int16), (lo32 >> 16).to(tl.int16))
+        hi32 = tl.where(jj >= 2, w2[:, :, None] >> tl.maximum(jj - 2, 0), w2[:, :, None] << tl.maximum(2 - jj, 0))
+        hi = tl.join(hi32.to(tl.int16), (hi32 >> 16).to(tl.int16))
+    else:
+        words = _load_words(qw_ptr, stride_qn, offs_n, k0, K, PER, EVEN_K, BLOCK_K)
+        sh = words[:, :, None] >> (BITS * jj)  # [BLOCK_N, NW, J]
+        h = tl.join(sh.to(tl.int16), (sh >> 16).to(tl.int16))  # [BLOCK_N, NW, J, 2]: codes j, j + J
+    G = K // GROUP_SIZE
+    if (GROUP_SIZE & (GROUP_SIZE - 1)) == 0 and GROUP_SIZE % PER == 0:
+        # groups hold whole lane units: NG groups of the tile, each NW / NG units
+        NG: tl.constexpr = BLOCK_K // GROUP_SIZE if BLOCK_K > GROUP_SIZE else 1
+        offs_g = tl.arange(0, NG) + k0 // GROUP_SIZE
+        s, b = _group_params(s_ptr, b_ptr, s_ptr, s_ptr, s_ptr, stride_sn, stride_sg,
+                             offs_n, offs_g[None, :], (offs_g < G)[None, :], False, False, True, EVEN_K, True)
+        s5 = s.to(ACT)[:, :, None, None, None]
+        b5 = b.to(ACT)[:, :, None, None, None]
+        if BITS == 3:
+            w = _int3_halves_to_weights(tl.reshape(lo, (BLOCK_N, NG, NW // NG, J, 2)),
+                                        tl.reshape(hi, (BLOCK_N, NG, NW // NG, J, 2)), s5, b5, PACKED)
+        else:
+            w = _half_codes_to_weights(tl.reshape(h, (BLOCK_N, NG, NW // NG, J, 2)), s5, b5, BITS, PACKED)
+    else:
+        # a group that splits lane units or is not a power of two: one (cached) scale gather per
+        # element, indexed by the element's stored column
+        w_ = tl.arange(0, NW)[:, None, None]
+        j_ = tl.arange(0, J)[None, :, None]
+        e_ = tl.arange(0, 2)[None, None, :]
+        col = k0 + PER * w_ + j_ + J * e_  # [NW, J, 2]
+        grp = tl.reshape(col // GROUP_SIZE, (1, BLOCK_K))
+        s, b = _group_params(s_ptr, b_ptr, s_ptr, s_ptr, s_ptr, stride_sn, stride_sg,
+                             offs_n, grp, grp < G, False, False, True, EVEN_K, True)
+        if BITS == 3:
+            w = _int3_halves_to_weights(tl.reshape(lo, (BLOCK_N, BLOCK_K)), tl.reshape(hi, (BLOCK_N, BLOCK_K)),
+                                        s.to(ACT), b.to(ACT), PACKED)
+        else:
+            w = _half_codes_to_weights(tl.reshape(h, (BLOCK_N, BLOCK_K)), s.to(ACT), b.to(ACT), BITS, PACKED)
+    w = tl.reshape(w, (BLOCK_N, NC, 4, J, 2))
+    return tl.reshape(tl.permute(w, (0, 1, 3, 2, 4)), (BLOCK_N, BLOCK_K))

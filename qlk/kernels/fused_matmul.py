@@ -52,7 +52,7 @@ import triton.language as tl
 from ..formats.quantized_weight import QuantizedWeight
 from . import heuristics
 from .config import INTERPRETED, PRUNE, gemv_grad_configs, num_sms, target_arch
-from .decode_tile import _decode_int_tile
+from .decode_tile import _decode_int_tile, _decode_int_tile_lanes, _lane_x_tile
 from .quant_tile import _dequant_tile, weight_args
 from .quant_tile_t import _dequant_tile_t
 
@@ -136,9 +136,12 @@ def _decode_loop(x_rows, mask_m, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_o
 
     One loop for the dense split-K kernel and the grouped small-M kernels
     (:mod:`qlk.kernels.grouped_matmul`). INT weights with fp16/bf16 activations are decoded straight
-    into the activation dtype by :func:`qlk.kernels.decode_tile._decode_int_tile` (half2 inline asm
-    when PACKED_DEQUANT, its Triton twin under the interpreter); NF4 and fp32 activations use the
-    fp32 ``_dequant_tile``. M is tiny here: padding rows of the tile are masked to 0 (``mask_m``)
+    into the activation dtype (half2 inline asm when PACKED_DEQUANT, its Triton twin under the
+    interpreter): in the lane-owned k order of :func:`qlk.kernels.decode_tile._decode_int_tile_lanes`
+    (X read in the same permuted order, :func:`~qlk.kernels.decode_tile._lane_x_tile`) when BLOCK_K
+    spans whole lane units (INT4 32, INT2 64, INT3 128 columns), else in the stored order
+    (:func:`qlk.kernels.decode_tile._decode_int_tile`); NF4 and fp32 activations use the fp32
+    ``_dequant_tile``. M is tiny here: padding rows of the tile are masked to 0 (``mask_m``)
     rather than clamped, so no x row is read BLOCK_M/M times over.
 
     POOL: where ``pool_here`` (the first N tile), also P(X) of rows offs_m < M from the X tiles;
@@ -148,20 +151,32 @@ def _decode_loop(x_rows, mask_m, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_o
     p_run = tl.zeros((BLOCK_M,), dtype=tl.float32)  # POOL, GROUP_SIZE > BLOCK_K: running group sum
     ACT: tl.constexpr = x_rows.dtype.element_ty
     HALF_INT: tl.constexpr = (not IS_NF4) and (ACT == tl.float16 or ACT == tl.bfloat16)
+    # the lane-owned k order (decode_tile._decode_int_tile_lanes; X read in the same order)
+    LANES: tl.constexpr = HALF_INT and (((BITS == 2 or BITS == 4) and BLOCK_K % (128 // BITS) == 0)
+                                        or (BITS == 3 and BLOCK_K % 128 == 0))
     for k0 in range(k_start, k_end, BLOCK_K):
-        if HALF_INT:
-            w = _decode_int_tile(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, rows_w, k0, K,
-                                 ACT, BITS, GROUP_SIZE, PACKED_DEQUANT, EVEN_K, BLOCK_N, BLOCK_K)
+        if LANES:
+            w = _decode_int_tile_lanes(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, rows_w, k0, K,
+                                       ACT, BITS, GROUP_SIZE, PACKED_DEQUANT, EVEN_K, BLOCK_N, BLOCK_K)
+            xt = _lane_x_tile(x_rows, mask_m, k0, K, stride_xk, BITS, EVEN_K, BLOCK_K, BLOCK_M)
         else:
-            w = _dequant_tile(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
-                              stride_qn, stride_sn, stride_sg, rows_w, k0, K,
-                              BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K)
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        xt = tl.load(x_rows[None, :] + offs_k[:, None] * stride_xk,
-                     mask=mask_m[None, :] & (offs_k[:, None] < K), other=0.0)
+            if HALF_INT:
+                w = _decode_int_tile(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, rows_w, k0, K,
+                                     ACT, BITS, GROUP_SIZE, PACKED_DEQUANT, EVEN_K, BLOCK_N, BLOCK_K)
+            else:
+                w = _dequant_tile(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
+                                  stride_qn, stride_sn, stride_sg, rows_w, k0, K,
+                                  BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K)
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            xt = tl.load(x_rows[None, :] + offs_k[:, None] * stride_xk,
+                         mask=mask_m[None, :] & (offs_k[:, None] < K), other=0.0)
         acc = tl.dot(w.to(xt.dtype), xt, acc, input_precision=DOT_PRECISION)
         if POOL:
             if pool_here:
+                if LANES:  # the pooling wants X in the stored order: read it again (first N tile only)
+                    offs_k = k0 + tl.arange(0, BLOCK_K)
+                    xt = tl.load(x_rows[None, :] + offs_k[:, None] * stride_xk,
+                                 mask=mask_m[None, :] & (offs_k[:, None] < K), other=0.0)
                 p_run = _pool_tile(p_ptr, xt, p_run, offs_m, k0, M, K, stride_pm, GROUP_SIZE, BLOCK_M, BLOCK_K)
     return acc
 
@@ -230,9 +245,8 @@ def _quant_matmul_splitk_kernel(
 ):
     """Partial Yᵀ over one K slice: program (n, s, m) sums k in slice s of ⌈K/BLOCK_K / SPLIT⌉ tiles.
 
-    INT formats with fp16/bf16 activations dequantize straight into the activation dtype
-    (:func:`qlk.kernels.decode_tile._decode_int_tile`: half2 inline asm when PACKED_DEQUANT, its
-    Triton twin under the interpreter); NF4 and fp32 activations use the fp32 ``_dequant_tile``.
+    The K loop is :func:`_decode_loop` (INT codes decoded straight into the activation dtype in
+    the lane-owned k order where BLOCK_K allows; NF4 and fp32 activations through ``_dequant_tile``).
 
     POOL: the programs of the first N tile also write P(X) for the groups of their slice (slices
     are whole K tiles, so with GROUP_SIZE <= BLOCK_K no group straddles two slices)."""
