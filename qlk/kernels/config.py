@@ -79,6 +79,21 @@ def _prune(configs, named_args, **kwargs):
 
 PRUNE = {"early_config_prune": _prune}
 
+#: Triton launch options of every qlk kernel whose arithmetic relies on FMA contraction (s·q + b
+#: as one FFMA / HFMA2 in the dequantizing loops, the fp32 sums of products): Triton 3.9 warns that
+#: fp fusion will be off by default from 3.10, so these launches ask for it. ``enable_fp_fusion`` is
+#: a launch option of the CUDA backend in every Triton qlk supports (3.6 of the GPU image .. 3.9);
+#: the interpreter ignores launch options. The bit-exact kernels (``_dequantize_kernel``,
+#: ``_nf4_denest_kernel``) launch with ``enable_fp_fusion=False`` instead.
+FP_FUSION = {"enable_fp_fusion": True}
+
+
+def fma_kernel(kernel):
+    """Decorator, directly above ``@triton.jit``: every launch of ``kernel`` passes :data:`FP_FUSION`
+    (a ``triton.heuristics`` layer, so the launchers, the autotuner above it and the static
+    analyzer's capture all see the option)."""
+    return triton.heuristics({name: (lambda _args, value=value: value) for name, value in FP_FUSION.items()})(kernel)
+
 
 
 

@@ -52,7 +52,7 @@ import triton.language as tl
 
 from ..formats.quantized_weight import QuantizedWeight
 from . import heuristics
-from .config import INTERPRETED, PRUNE, gemv_grad_configs, num_sms, target_arch
+from .config import INTERPRETED, PRUNE, fma_kernel, gemv_grad_configs, num_sms, target_arch
 from .decode_tile import _decode_int_tile
 from .quant_tile import _dequant_tile, weight_args
 from .quant_tile_t import _dequant_tile_t
@@ -127,6 +127,7 @@ def _fwd_loop(x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, 
 
 
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+@fma_kernel
 @triton.jit
 def _quant_matmul_fwd_kernel(
     y_ptr,  # [M, N] output, activation dtype
@@ -174,6 +175,7 @@ def _quant_matmul_fwd_kernel(
 
 
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+@fma_kernel
 @triton.jit
 def _quant_matmul_splitk_kernel(
     ws_ptr,  # fp32 partial sums: [M, N] (ATOMIC) or [SPLIT, M, N], zero-initialized
@@ -237,6 +239,7 @@ def _quant_matmul_splitk_kernel(
 
 
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+@fma_kernel
 @triton.jit
 def _quant_matmul_grad_input_kernel(
     dx_ptr,  # [M, K] output, activation dtype
@@ -320,6 +323,7 @@ def _v_program(v_ptr, dy_ptr, lb_ptr, pid_m, M, N, R, stride_dym, stride_dyn, st
 
 
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+@fma_kernel
 @triton.jit
 def _quant_matmul_grad_input_splitn_kernel(
     ws_ptr,  # fp32 partial sums: [M, K] (ATOMIC) or [SPLIT, M, K], zero-initialized
@@ -387,6 +391,7 @@ def _quant_matmul_grad_input_splitn_kernel(
 @triton.autotune(configs=gemv_grad_configs(), key=["N", "K", "BITS", "GROUP_SIZE", "IS_NF4", "ATOMIC"],
                  prune_configs_by=PRUNE, reset_to_zero=["ws_ptr"])
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+@fma_kernel
 @triton.jit
 def _quant_matmul_grad_input_gemv_kernel(
     ws_ptr,  # fp32 partial sums: [K] (ATOMIC) or [SPLIT, K], zero-initialized

@@ -58,7 +58,7 @@ import triton.language as tl
 from .._checks import check_grouped
 from ..formats.nf4 import nf4_absmax
 from ..formats.quantized_weight import QuantizedWeight
-from .config import INTERPRETED, grouped_config, grouped_split_k, num_sms
+from .config import INTERPRETED, fma_kernel, grouped_config, grouped_split_k, num_sms
 from .decode_tile import _decode_int_tile
 from .fused_matmul import _as_2d, _fwd_loop, _pool_tile, _precision
 from .quant_tile import _dequant_tile, supports, weight_args
@@ -108,6 +108,7 @@ def _decode_loop(x_rows, mask_m, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_o
 
 
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+@fma_kernel
 @triton.jit
 def _grouped_matmul_fwd_kernel(
     y_ptr,  # [S, N] output, activation dtype
@@ -180,6 +181,7 @@ def _grouped_matmul_fwd_kernel(
 
 
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+@fma_kernel
 @triton.jit
 def _grouped_matmul_splitk_kernel(
     ws_ptr,  # [S, N] fp32 partial sums, zero-initialized (atomic adds)
@@ -222,6 +224,7 @@ def _grouped_matmul_splitk_kernel(
 
 
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+@fma_kernel
 @triton.jit
 def _grouped_matmul_grad_input_kernel(
     dx_ptr,  # [S, K] output, activation dtype

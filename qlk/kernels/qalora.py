@@ -42,13 +42,14 @@ import triton.language as tl
 
 from .. import reference as _reference
 from ..formats.quantized_weight import QuantizedWeight
-from .config import INTERPRETED
+from .config import INTERPRETED, fma_kernel
 from .fused_matmul import SPLITN_MAX_M, _as_2d, _forward, _grad_input
 from .quant_tile import supports, weight_args
 
 _FOLD_BLOCK_N, _FOLD_BLOCK_G, _FOLD_WARPS = 16, 16, 2  # small tiles: G is only K/g (32 at g=128)
 
 
+@fma_kernel
 @triton.jit
 def _fold_bias_kernel(
     out_ptr,  # [N, G] in the activation dtype, strides (stride_sn, stride_sg)
