@@ -52,7 +52,7 @@ import triton.language as tl
 
 from ..formats.quantized_weight import QuantizedWeight
 from . import heuristics
-from .config import INTERPRETED, PRUNE, fma_kernel, gemv_grad_configs, num_sms, target_arch
+from .config import GEMV_PRUNE, INTERPRETED, fma_kernel, gemv_grad_configs, num_sms, target_arch
 from .decode_tile import _decode_int_tile
 from .quant_tile import _dequant_tile, weight_args
 from .quant_tile_t import _dequant_tile_t
@@ -389,7 +389,7 @@ def _quant_matmul_grad_input_splitn_kernel(
 
 
 @triton.autotune(configs=gemv_grad_configs(), key=["N", "K", "BITS", "GROUP_SIZE", "IS_NF4", "ATOMIC"],
-                 prune_configs_by=PRUNE, reset_to_zero=["ws_ptr"])
+                 prune_configs_by=GEMV_PRUNE, reset_to_zero=["ws_ptr"])
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @fma_kernel
 @triton.jit
