@@ -215,3 +215,22 @@ def test_path_errors_name_what_is_allowed():
         fm.quant_matmul_forward(torch.randn(2, 64), qw, path="gemv")
     with pytest.raises(ValueError, match="path='splitk'.*'splitn'"):
         fm.quant_matmul_grad_input(torch.randn(2, 8), qw, path="splitk")
+
+
+def test_gemv_prune_drops_the_spilling_sm80_int4_g128_tile(monkeypatch):
+    """The M = 1 FMA kernel's pruning: on sm_80, INT4 with g >= 128 keeps only 32x256 (64x128 spills
+    there); other formats and sm_90 keep both tiles."""
+    from qlk.kernels import config
+
+    configs = [config._cfg(None, 4, 3, BLOCK_N=32, BLOCK_K=256), config._cfg(None, 4, 3, BLOCK_N=64, BLOCK_K=128)]
+
+    def kept(arch, **fmt):
+        monkeypatch.setattr(config, "target_arch", lambda: arch)
+        return [(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in config._prune_gemv(configs, {}, **fmt)]
+
+    assert kept(80, BITS=4, GROUP_SIZE=128, IS_NF4=False) == [(32, 256)]
+    assert kept(86, BITS=4, GROUP_SIZE=256, IS_NF4=False) == [(32, 256)]
+    assert kept(80, BITS=4, GROUP_SIZE=32, IS_NF4=False) == [(32, 256), (64, 128)]
+    assert kept(80, BITS=3, GROUP_SIZE=128, IS_NF4=False) == [(32, 256), (64, 128)]
+    assert kept(80, BITS=4, GROUP_SIZE=64, IS_NF4=True) == [(32, 256), (64, 128)]
+    assert kept(90, BITS=4, GROUP_SIZE=128, IS_NF4=False) == [(32, 256), (64, 128)]

@@ -33,6 +33,7 @@ import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import oracles
 import qlk
@@ -83,6 +84,7 @@ def real_paths(monkeypatch):
 
     monkeypatch.setattr(fm, "_workspace", workspace)
     monkeypatch.setattr(fm, "_pool_buffer", lambda shape, device: torch.full(shape, float("nan"), device=device))
+    monkeypatch.setattr(fm, "_v_buffer", lambda shape, device: torch.full(shape, float("nan"), device=device))
 
 
 def nan(*shape):
@@ -300,6 +302,51 @@ def test_qalora_paths(case, m, fwd_path, grad_path, det):
     assert oracles.rel_err(v, dy.cpu().double() @ b.cpu().double()) < 1e-6
 
 
+class _MatmulShapes(TorchDispatchMode):
+    """Records the operand shapes of every aten.mm / addmm / bmm dispatched inside the block."""
+
+    def __enter__(self):
+        self.shapes = []
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default):
+            operands = args[-2:]
+            self.shapes.append(tuple(tuple(t.shape[-2:]) for t in operands))
+        return func(*args, **(kwargs or {}))
+
+
+V_GEMM_CASES = [  # (M, rank, dtype): 1 ragged M tile / 6 M tiles (BLOCK_M = 64), r padded to 16 or exactly 16
+    pytest.param(17, 5, torch.float32, id="M17-r5-fp32"),
+    pytest.param(333, 16, torch.float16, id="M333-r16-fp16"),
+    pytest.param(333, 5, torch.float32, id="M333-r5-fp32"),
+]
+
+
+@pytest.mark.parametrize("m,rank,dtype", V_GEMM_CASES)
+def test_qalora_grad_v_gemm(m, rank, dtype):
+    """V = dY·B from the large-M input-gradient launch (one extra program per M tile, N = 72 in 3
+    BLOCK_N steps, the last ragged) and dX from the same launch, both outputs NaN-poisoned,
+    against float64: V = dY·B with B rounded to dY's dtype (fp32 sums), dX the paper's formula."""
+    qw, w64 = int_weight(4, 32, 256)
+    n, k = qw.shape
+    a = randn(rank, k // 32, seed=rank).cpu() * 16  # the adapter term of dX about as large as dY·Ŵ
+    b = randn(n, rank, seed=rank + 1).cpu()
+    dy = randn(m, n, seed=m + rank).to(dtype)
+    v_out = []
+    real = fm._v_buffer
+    with pytest.MonkeyPatch.context() as mp:  # keep the V buffer the launch writes (NaN-poisoned)
+        mp.setattr(fm, "_v_buffer", lambda shape, device: v_out.append(real(shape, device)) or v_out[-1])
+        dx, v = qalora_grad_input(dy, qw, a.to(DEVICE), b.to(DEVICE), SIGMA, out=nan(m, k).to(dtype), path="gemm")
+    assert v.dtype == torch.float32 and v.shape == (m, rank) and v.data_ptr() == v_out[0].data_ptr()
+    v_ref = dy.cpu().double() @ b.to(dtype).double()
+    assert oracles.rel_err(v, v_ref) < 1e-6
+    dx_ref, _, _ = oracles.qalora_backward64(torch.zeros(m, k, dtype=torch.float64), dy.cpu().double(), w64, a, b,
+                                             SIGMA, 32)
+    assert oracles.rel_err(dy.cpu().double() @ w64, dx_ref) > 0.05, "the adapter term of dX is too small to test"
+    assert dx.dtype == dtype and oracles.rel_err(dx, dx_ref) < (1e-3 if dtype == torch.float16 else TOL)
+
+
 @pytest.mark.parametrize("m", [5, 40])
 @pytest.mark.parametrize("case", [(4, 32, 512), (3, 256, 512), (2, 8, 520)], ids=int_id)
 def test_qalora_autograd_grads(case, m):
@@ -314,7 +361,11 @@ def test_qalora_autograd_grads(case, m):
     dy = randn(m, n, seed=m + 6)
     with qlk.use_backend("triton"):
         y = qalora_linear(x, qw, a, b, SIGMA)
-        y.backward(dy)
+        with _MatmulShapes() as mms:
+            y.backward(dy)
+    # V = dY·B comes out of the input-gradient launch: no [M, N]·[N, r] matmul beside it
+    assert ((m, n), (n, RANK)) not in mms.shapes, mms.shapes
+    assert ((RANK, m), (m, k // g)) in mms.shapes  # dA = σ·Vᵀ·P (the recorder sees the autograd's matmuls)
     y_ref, _ = oracles.qalora_forward64(x.detach().cpu(), w64, a0.cpu(), b0.cpu(), SIGMA, g)
     dx_ref, da_ref, db_ref = oracles.qalora_backward64(x.detach().cpu(), dy.cpu(), w64, a0.cpu(), b0.cpu(), SIGMA, g)
     assert oracles.rel_err(y, y_ref) < TOL

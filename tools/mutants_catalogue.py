@@ -49,6 +49,13 @@ MUTANTS = [
          # (R - 1), not R_PAD: a wider stride writes past V and crashes the interpreter instead of failing a test
          new="v_offs = offs_m[None, :].to(tl.int64) * (R - 1) + offs_r[:, None]",
          tests=[KP, "-k", "test_qalora_paths and split"]),
+    dict(id="grad-v-skips-first-n-step", cls="multi-tile reduction", file="qlk/kernels/fused_matmul.py",
+         old="vacc = _splitn_v_loop(dy_rows, lb_ptr, stride_dyn, stride_lbn, stride_lbr, mask_m, 0, N, N, R,",
+         new="vacc = _splitn_v_loop(dy_rows, lb_ptr, stride_dyn, stride_lbn, stride_lbr, mask_m, BLOCK_N, N, N, R,",
+         tests=[KP, "-k", "test_qalora_grad_v_gemm or test_qalora_paths and gemm"]),
+    dict(id="grad-v-first-m-tile-unwritten", cls="grid", file="qlk/kernels/fused_matmul.py",
+         old="if v_tile >= 0:", new="if v_tile > 0:",
+         tests=[KP, "-k", "test_qalora_grad_v_gemm or test_qalora_paths and gemm"]),
     # ---- grouped (MoE) small-M split-K forward ---------------------------------------------------
     dict(id="grouped-splitk-slice-start", cls="multi-tile reduction", file="qlk/kernels/grouped_matmul.py",
          old="k_start = pid_s * tiles * BLOCK_K", new="k_start = pid_s * BLOCK_K",

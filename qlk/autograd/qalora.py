@@ -44,7 +44,7 @@ class QALoRAFunction(torch.autograd.Function):
     On the Triton backend without dropout, both directions run fused (:mod:`qlk.kernels.qalora`):
     the adapter is folded into the group biases of one GEMM, b' = b + (σ/g)·B·A (the merge
     identity, per call), which also yields P(X) in the forward and dY·Ŵ + (σ/g)·expand_g(V·A)
-    in the backward in one launch each (and V = dY·B in that launch at M <= 16).
+    in the backward in one launch each (and V = dY·B in that backward launch, at every M).
 
     The work is done by :func:`qalora_forward_impl` / :func:`qalora_backward_impl`, which the
     ``qlk::qalora_linear`` custom op (:mod:`qlk.custom_ops`, used under ``torch.compile``) calls

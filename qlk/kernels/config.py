@@ -80,6 +80,38 @@ def _prune(configs, named_args, **kwargs):
 PRUNE = {"early_config_prune": _prune}
 
 
+def _prune_gemv(configs, named_args, **kwargs):
+    """:data:`PRUNE`, and on sm_80 no 64x128 tile for INT4 with groups of 128 or more: ptxas spills it
+    there (16 B stack, 8 LDL/STL) and the static analyzer ranks it below 32x256 at every Llama-family
+    shape (docs/kernels.md "QA-LoRA, round 4"); it stays for the other formats, where it is the best
+    tile on the wide-K layers."""
+    kept = _prune(configs, named_args, **kwargs)
+    args = {**named_args, **kwargs}
+    if (target_arch() // 10 == 8 and args.get("BITS") == 4 and not args.get("IS_NF4")
+            and (args.get("GROUP_SIZE") or 0) >= 128):
+        kept = [c for c in kept if c.kwargs.get("BLOCK_N") != 64] or kept
+    return kept
+
+
+#: the M = 1 FMA input gradient's autotune pruning (:func:`_prune_gemv`)
+GEMV_PRUNE = {"early_config_prune": _prune_gemv}
+
+#: Triton launch options of every qlk kernel whose arithmetic relies on FMA contraction (s·q + b
+#: as one FFMA / HFMA2 in the dequantizing loops, the fp32 sums of products): Triton 3.9 warns that
+#: fp fusion will be off by default from 3.10, so these launches ask for it. ``enable_fp_fusion`` is
+#: a launch option of the CUDA backend in every Triton qlk supports (3.6 of the GPU image .. 3.9);
+#: the interpreter ignores launch options. The bit-exact kernels (``_dequantize_kernel``,
+#: ``_nf4_denest_kernel``) launch with ``enable_fp_fusion=False`` instead.
+FP_FUSION = {"enable_fp_fusion": True}
+
+
+def fma_kernel(kernel):
+    """Decorator, directly above ``@triton.jit``: every launch of ``kernel`` passes :data:`FP_FUSION`
+    (a ``triton.heuristics`` layer, so the launchers, the autotuner above it and the static
+    analyzer's capture all see the option)."""
+    return triton.heuristics({name: (lambda _args, value=value: value) for name, value in FP_FUSION.items()})(kernel)
+
+
 
 
 def gemm_configs():
@@ -157,7 +189,7 @@ def splitn_configs():
 
 def gemv_grad_configs():
     """Input gradient at M = 1 by FMAs (``_quant_matmul_grad_input_gemv_kernel``): acc [BLOCK_N, BLOCK_K]
-    in registers, N split over the grid."""
+    in registers, N split over the grid. sm_80 INT4 g ≥ 128 leaves out 64x128 (:data:`GEMV_PRUNE`)."""
     if INTERPRETED:
         return [_cfg(None, 4, 1, BLOCK_N=16, BLOCK_K=64)]
     return [

@@ -20,7 +20,8 @@ may instead dequantize Ŵ and run a dense GEMM when the static model estimates t
     run to run) or, with ``deterministic=True``, written to a workspace [SPLIT, M, N] and summed in a
     fixed order.
 ``_quant_matmul_grad_input_kernel``  dX = dY·Ŵ, tile dXᵀ[k0:k0+BK, m0:m0+BM] = Ŵᵀ[BK, N]·dYᵀ[N, BM]
-    (Ŵᵀ as the A operand again); the reduction runs over N. Its tile comes from
+    (Ŵᵀ as the A operand again); the reduction runs over N. With QA-LoRA's ``WITH_V``, one extra
+    program per M tile computes V = dY·B instead (no weight tile). Its tile comes from
     :func:`qlk.kernels.quant_tile_t._dequant_tile_t`: dequantized and rounded to the activation dtype
     on the packed shape, so the layout change to the MMA operand moves 16-bit values.
 ``_quant_matmul_grad_input_splitn_kernel``  dX at small M (M <= ``SPLITN_MAX_M``): the reduction over
@@ -51,7 +52,7 @@ import triton.language as tl
 
 from ..formats.quantized_weight import QuantizedWeight
 from . import heuristics
-from .config import INTERPRETED, PRUNE, gemv_grad_configs, num_sms, target_arch
+from .config import GEMV_PRUNE, INTERPRETED, fma_kernel, gemv_grad_configs, num_sms, target_arch
 from .decode_tile import _decode_int_tile, _decode_int_tile_lanes, _lane_x_tile
 from .quant_tile import _dequant_tile, weight_args
 from .quant_tile_t import _dequant_tile_t
@@ -182,6 +183,7 @@ def _decode_loop(x_rows, mask_m, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_o
 
 
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+@fma_kernel
 @triton.jit
 def _quant_matmul_fwd_kernel(
     y_ptr,  # [M, N] output, activation dtype
@@ -229,6 +231,7 @@ def _quant_matmul_fwd_kernel(
 
 
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+@fma_kernel
 @triton.jit
 def _quant_matmul_splitk_kernel(
     ws_ptr,  # fp32 partial sums: [M, N] (ATOMIC) or [SPLIT, M, N], zero-initialized
@@ -276,6 +279,7 @@ def _quant_matmul_splitk_kernel(
 
 
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+@fma_kernel
 @triton.jit
 def _quant_matmul_grad_input_kernel(
     dx_ptr,  # [M, K] output, activation dtype
@@ -288,8 +292,23 @@ def _quant_matmul_grad_input_kernel(
     DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     INT2_HALVES: tl.constexpr = False,
+    v_ptr=None,  # WITH_V: fp32 V = dY·B [M, R] (row stride R), every element written
+    lb_ptr=None,  # WITH_V: QA-LoRA's lora_b [N, R] (any strides)
+    R=0, stride_lbn=0, stride_lbr=0,
+    WITH_V: tl.constexpr = False, R_PAD: tl.constexpr = 16,
 ):
-    """dX[m, k] = Σ_n dY[m, n]·Ŵ[n, k], one dXᵀ [BLOCK_K, BLOCK_M] tile per program, N in BLOCK_N steps."""
+    """dX[m, k] = Σ_n dY[m, n]·Ŵ[n, k], one dXᵀ [BLOCK_K, BLOCK_M] tile per program, N in BLOCK_N steps.
+
+    WITH_V (QA-LoRA): ⌈M/BM⌉ more programs after the ⌈M/BM⌉·⌈K/BK⌉ dX tiles, one per M tile, write
+    V[m0:m0+BM, :] = Σ_n dY[m0:m0+BM, n]·B[n, :] (B rounded to dY's dtype, fp32 sums; the low-rank
+    term of dX itself is folded into the group biases by the caller). They load dY and B only and
+    return early: the dequantizing loop below is the plain kernel's."""
+    if WITH_V:
+        v_tile = tl.program_id(0) - tl.cdiv(M, BLOCK_M) * tl.cdiv(K, BLOCK_K)
+        if v_tile >= 0:
+            _v_program(v_ptr, dy_ptr, lb_ptr, v_tile, M, N, R, stride_dym, stride_dyn, stride_lbn, stride_lbr,
+                       DOT_PRECISION, R_PAD, BLOCK_N, BLOCK_M)
+            return
     pid_m, pid_k = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
     k0 = pid_k * BLOCK_K
     offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -314,7 +333,8 @@ def _quant_matmul_grad_input_kernel(
 def _splitn_v_loop(dy_rows, lb_ptr, stride_dyn, stride_lbn, stride_lbr, mask_m, n_start, n_end, N, R,
                    DOT_PRECISION: tl.constexpr, R_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
     """Vᵀ [R_PAD, BLOCK_M] = Σ_{n in n_start .. n_end} Bᵀ[:, n]·dYᵀ[n, :] (B rounded to dY's dtype, as the
-    autograd's dY·B is; fp32 sums). No weight tile: few registers, whatever the weight format."""
+    autograd's dY·B is; fp32 sums). No weight tile: few registers, whatever the weight format.
+    QA-LoRA's V programs of both input-gradient kernels (split-N: one N slice; GEMM: all of N)."""
     vacc = tl.zeros((R_PAD, BLOCK_M), dtype=tl.float32)
     offs_r = tl.arange(0, R_PAD)
     for n0 in range(n_start, n_end, BLOCK_N):
@@ -327,7 +347,23 @@ def _splitn_v_loop(dy_rows, lb_ptr, stride_dyn, stride_lbn, stride_lbr, mask_m, 
     return vacc
 
 
+@triton.jit
+def _v_program(v_ptr, dy_ptr, lb_ptr, pid_m, M, N, R, stride_dym, stride_dyn, stride_lbn, stride_lbr,
+               DOT_PRECISION: tl.constexpr, R_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The large-M input gradient's V programs: V[m0:m0+BM, :] = dY[m0:m0+BM, :]·B over all of N,
+    stored (fp32, [M, R] row-major) for M tile ``pid_m``."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    dy_rows = dy_ptr + offs_m.to(tl.int64) * stride_dym
+    vacc = _splitn_v_loop(dy_rows, lb_ptr, stride_dyn, stride_lbn, stride_lbr, mask_m, 0, N, N, R,
+                          DOT_PRECISION, R_PAD, BLOCK_N, BLOCK_M)
+    offs_r = tl.arange(0, R_PAD)
+    tl.store(v_ptr + offs_m[None, :].to(tl.int64) * R + offs_r[:, None], vacc,
+             mask=(offs_r[:, None] < R) & mask_m[None, :])
+
+
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+@fma_kernel
 @triton.jit
 def _quant_matmul_grad_input_splitn_kernel(
     ws_ptr,  # fp32 partial sums: [M, K] (ATOMIC) or [SPLIT, M, K], zero-initialized
@@ -393,8 +429,9 @@ def _quant_matmul_grad_input_splitn_kernel(
 
 
 @triton.autotune(configs=gemv_grad_configs(), key=["N", "K", "BITS", "GROUP_SIZE", "IS_NF4", "ATOMIC"],
-                 prune_configs_by=PRUNE, reset_to_zero=["ws_ptr"])
+                 prune_configs_by=GEMV_PRUNE, reset_to_zero=["ws_ptr"])
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+@fma_kernel
 @triton.jit
 def _quant_matmul_grad_input_gemv_kernel(
     ws_ptr,  # fp32 partial sums: [K] (ATOMIC) or [SPLIT, K], zero-initialized
@@ -627,6 +664,17 @@ def _pool_buffer(shape, device) -> torch.Tensor:
     return torch.empty(shape, dtype=torch.float32, device=device)
 
 
+def _v_buffer(shape, device) -> torch.Tensor:
+    """QA-LoRA's V = dY·B [M, r] fp32, every element written (by the GEMM launch's V programs, or
+    copied from the split-N workspace); the tests replace this function to poison it with NaN."""
+    return torch.empty(shape, dtype=torch.float32, device=device)
+
+
+def _r_pad(r: int) -> int:
+    """The rank padded to the V tile's width: a power of two, ≥ 16 (the MMA's smallest)."""
+    return max(16, triton.next_power_of_2(max(r, 1)))
+
+
 def _workspace(shape, device) -> torch.Tensor:
     """The fp32 reduction workspace of split-K / split-N, zero-filled: [M, ·] is the atomics'
     accumulator; [SPLIT, M, ·] must be zero only in the slices a smaller config's grid leaves
@@ -672,7 +720,8 @@ def quant_matmul_grad_input(dy: torch.Tensor, qw: QuantizedWeight, out: torch.Te
 
 def _grad_input(dy, qw, out, path, deterministic, wargs=None, lora_b=None):
     """dX [..., K]; with ``lora_b`` (QA-LoRA's B [N, r]) the pair (dX, V = dY·B [M, r] fp32), V
-    computed inside the split-N kernel, or None on the GEMM path (the caller computes it).
+    computed by the same launch (split-N: its extra column of programs; GEMM: one extra program
+    per M tile).
     ``wargs``: weight_args(qw) with replaced tensors (QA-LoRA's folded biases)."""
     n, k = qw.shape
     lead = dy.shape[:-1]
@@ -701,8 +750,8 @@ def _grad_input(dy, qw, out, path, deterministic, wargs=None, lora_b=None):
         if path == "splitn" and m == 1 and lora_b is None and _m1_grad_kernel(qw, dy.device) == "gemv":
             path = "gemv"  # M = 1: the FMA kernel where the rules estimate it faster (heuristics.choose_m1_grad)
     v = None
-    if path == "splitn" and lora_b is not None:
-        v = torch.empty((m, lora_b.shape[1]), dtype=torch.float32, device=dy.device)
+    if lora_b is not None:
+        v = _v_buffer((m, lora_b.shape[1]), dy.device)
     if m > 0 and path == "dequant":
         torch.matmul(dy2, _dequantized(qw, dy.dtype), out=out)
     elif m > 0:
@@ -716,12 +765,16 @@ def _grad_input(dy, qw, out, path, deterministic, wargs=None, lora_b=None):
             _, launches = _tiles("grad", m, n, k, meta, dy.device, fp32_bias)
             # INT2 unpacked per half word on sm_80 (quant_tile_t; docs/kernels.md "Input gradient, round 3")
             int2_halves = heuristics.arch_family(target_arch()) == 80
+            # with V: one more program per M tile, after the dX tiles, for V = dY·B
+            v_args = {} if lora_b is None else dict(
+                v_ptr=v, lb_ptr=lora_b, R=lora_b.shape[1], stride_lbn=lora_b.stride(0),
+                stride_lbr=lora_b.stride(1), WITH_V=True, R_PAD=_r_pad(lora_b.shape[1]))
             for c in launches:
-                grid = (triton.cdiv(m, c.block_m) * triton.cdiv(k, c.block_k),)
+                grid = (triton.cdiv(m, c.block_m) * (triton.cdiv(k, c.block_k) + (lora_b is not None)),)
                 _quant_matmul_grad_input_kernel[grid](
                     out, dy2, *args, m, n, k, _bucket(m),
                     dy2.stride(0), dy2.stride(1), out.stride(0), out.stride(1),
-                    DOT_PRECISION=_precision(dy.dtype), INT2_HALVES=int2_halves, **meta, **c.meta)
+                    DOT_PRECISION=_precision(dy.dtype), INT2_HALVES=int2_halves, **meta, **c.meta, **v_args)
     if qw.perm is not None:
         out = out.index_select(1, torch.argsort(qw.perm))
     dx = out.reshape(*lead, k)
@@ -746,7 +799,7 @@ def _splitn_grad_input(dy2, qw, out, deterministic, args, meta, fp32_bias=False,
             ws, dy2, v_ws if with_v else dummy, lora_b if with_v else dummy, *args, m, n, k, _bucket(m), r,
             dy2.stride(0), dy2.stride(1), lora_b.stride(0) if with_v else 0, lora_b.stride(1) if with_v else 0,
             ATOMIC=not deterministic, DOT_PRECISION=_precision(dy2.dtype),
-            WITH_V=with_v, R_PAD=max(16, triton.next_power_of_2(max(r, 1))), **meta, **c.meta)
+            WITH_V=with_v, R_PAD=_r_pad(r), **meta, **c.meta)
     out.copy_(ws.sum(0) if deterministic else ws)
     if with_v:
         v.copy_(v_ws.sum(0) if deterministic else v_ws)

@@ -61,7 +61,7 @@ import triton.language as tl
 from .._checks import check_grouped
 from ..formats.nf4 import nf4_absmax
 from ..formats.quantized_weight import QuantizedWeight
-from .config import INTERPRETED, grouped_config, grouped_split_k, num_sms
+from .config import INTERPRETED, fma_kernel, grouped_config, grouped_split_k, num_sms
 from .fused_matmul import _as_2d, _decode_loop, _fwd_loop, _precision
 from .quant_tile import _dequant_tile, supports, weight_args
 from .quant_tile_t import _dequant_tile_t
@@ -132,6 +132,7 @@ def _fwd_tile(t, pid_n, y_ptr, x_ptr, bias_ptr, p_ptr, tile_expert_ptr, tile_row
 
 
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+@fma_kernel
 @triton.jit
 def _grouped_matmul_fwd_kernel(
     y_ptr,  # [S, N] output, activation dtype
@@ -202,6 +203,7 @@ def _splitk_tile(t, pid_n, pid_s, ws_ptr, x_ptr, tile_expert_ptr, tile_row_ptr, 
 
 
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+@fma_kernel
 @triton.jit
 def _grouped_matmul_splitk_kernel(
     ws_ptr,  # [S, N] fp32 partial sums, zero-initialized (atomic adds)
@@ -275,6 +277,7 @@ def _grad_tile(t, pid_k, dx_ptr, dy_ptr, tile_expert_ptr, tile_row_ptr, bounds_p
 
 
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+@fma_kernel
 @triton.jit
 def _grouped_matmul_grad_input_kernel(
     dx_ptr,  # [S, K] output, activation dtype

@@ -16,8 +16,9 @@ fp32, except for the split-N input gradient (M <= 16), which gets it in dy's dty
 fp32 b' is as fast or faster (static estimates, docs/kernels.md "round 2").
 The GEMM then runs unchanged on b' — no r-wide epilogue, no U = P(X)·Aᵀ, no extra MMA — and the
 same b' turns the input-gradient kernel into dY·Ŵ' = dY·Ŵ + (σ/g)·expand_g(V·A): the expanded
-adapter term costs nothing in that kernel either. At M <= 16 (split-N) the input-gradient launch also
-computes V = dY·B, in the programs of the first K tile, from the dY tiles they load.
+adapter term costs nothing in that kernel either. The input-gradient launch also computes
+V = dY·B, at every M: split-N (M <= 16) in one extra column of programs (one per N slice and M
+tile), the GEMM in one extra program per M tile; both load dY and B only, no weight tile.
 
 P(X), the activation the autograd saves, is computed inside the forward GEMM from the X tiles it
 already loads, by the programs of the first N tile only (``POOL``; the others branch over it), so
@@ -41,13 +42,14 @@ import triton.language as tl
 
 from .. import reference as _reference
 from ..formats.quantized_weight import QuantizedWeight
-from .config import INTERPRETED
+from .config import INTERPRETED, fma_kernel
 from .fused_matmul import SPLITN_MAX_M, _as_2d, _forward, _grad_input
 from .quant_tile import supports, weight_args
 
 _FOLD_BLOCK_N, _FOLD_BLOCK_G, _FOLD_WARPS = 16, 16, 2  # small tiles: G is only K/g (32 at g=128)
 
 
+@fma_kernel
 @triton.jit
 def _fold_bias_kernel(
     out_ptr,  # [N, G] in the activation dtype, strides (stride_sn, stride_sg)
@@ -150,9 +152,8 @@ def qalora_grad_input(dy: torch.Tensor, qw: QuantizedWeight, lora_a: torch.Tenso
     V = dY·B [..., r] in fp32 (float64 for float64 dy).
 
     dX is one input-gradient launch on the folded biases (the adapter term costs no extra pass
-    over dX). On the split-N path (M <= 16) the same launch computes V from the dY tiles it
-    loads (the programs of the first K tile, B rounded to dy's dtype, fp32 sums); on the GEMM
-    path V is one torch matmul (dY·B in dy's dtype, like the autograd's own).
+    over dX), and the same launch computes V (extra programs that load dY and B only; B rounded
+    to dy's dtype, as the autograd's dY·B, fp32 sums) on every path: no separate V matmul.
     out: optional [M, K] output (2-D, no act-order). path / deterministic: as
     :func:`quant_matmul_grad_input` (split-N at M <= 16)."""
     _check_adapter(qw, lora_a, lora_b, "qalora_grad_input")
@@ -176,6 +177,4 @@ def qalora_grad_input(dy: torch.Tensor, qw: QuantizedWeight, lora_a: torch.Tenso
     splitn = path == "splitn" or (path == "auto" and dy2.shape[0] <= SPLITN_MAX_M)
     wargs = _folded_weight_args(qw, lora_a, lora_b, scaling, dy.dtype if splitn else torch.float32)
     dx, v = _grad_input(dy, qw, out, path, deterministic, wargs=wargs, lora_b=lora_b)
-    if v is None:  # the GEMM path
-        v = (dy2 @ lora_b.to(dy2.dtype)).to(acc)
     return dx, v.reshape(*lead, r)

@@ -1,0 +1,107 @@
+"""Launch options: every qlk kernel whose arithmetic relies on FMA contraction launches with
+``enable_fp_fusion=True`` (:data:`qlk.kernels.config.FP_FUSION`, through ``@fma_kernel``), the
+bit-exact kernels with ``False``; none is left to Triton's default (on in Triton 3.9, with a
+warning, off from 3.10).
+
+The static part reads each kernel's decorator chain; the launch part spies on the innermost
+``run`` (JITFunction on a GPU, InterpretedFunction here) of real launches through the public
+entry points, so a launcher that bypassed the decorator, or a layer that dropped the option, fails.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import pkgutil
+
+import pytest
+import torch
+from triton.runtime.autotuner import Autotuner, Heuristics
+from triton.runtime.jit import KernelInterface
+
+import qlk
+import qlk.kernels
+from qlk.kernels import config, dequant, qalora
+from qlk.kernels import fused_matmul as fm
+
+CUDA = torch.cuda.is_available()
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if CUDA and not INTERPRETED else "cpu"
+
+#: module -> kernels that rely on FMA contraction (s·q + b, fp32 sums of products)
+FMA = {
+    "fused_matmul": {"_quant_matmul_fwd_kernel", "_quant_matmul_splitk_kernel", "_quant_matmul_grad_input_kernel",
+                     "_quant_matmul_grad_input_splitn_kernel", "_quant_matmul_grad_input_gemv_kernel"},
+    "grouped_matmul": {"_grouped_matmul_fwd_kernel", "_grouped_matmul_splitk_kernel",
+                       "_grouped_matmul_grad_input_kernel"},
+    "qalora": {"_fold_bias_kernel"},
+}
+#: kernels that must round s·q and + b separately (bit for bit with the reference / bitsandbytes)
+EXACT = {"dequant": {"_dequantize_kernel"}, "nf4_tile": {"_nf4_denest_kernel"}}
+
+
+def _layers(kernel):
+    """The decorator chain, outermost first, ending with the JITFunction / InterpretedFunction."""
+    out = [kernel]
+    while isinstance(out[-1], (Autotuner, Heuristics)):
+        out.append(out[-1].fn)
+    return out
+
+
+def _fp_fusion_layer(kernel):
+    """What the kernel's Heuristics layers set enable_fp_fusion to (None: no layer sets it)."""
+    for layer in _layers(kernel):
+        if isinstance(layer, Heuristics) and "enable_fp_fusion" in layer.values:
+            return layer.values["enable_fp_fusion"]({})
+    return None
+
+
+def test_every_kernel_declares_fp_fusion():
+    """Each launchable kernel in qlk.kernels is either an FMA kernel (decorated) or a bit-exact one
+    (not decorated: its launcher passes False); a new kernel must be put in one of the two lists."""
+    assert config.FP_FUSION == {"enable_fp_fusion": True}
+    seen = {}
+    for info in pkgutil.iter_modules(qlk.kernels.__path__):
+        mod = importlib.import_module(f"qlk.kernels.{info.name}")
+        for name, obj in vars(mod).items():
+            # launchable kernels are named *_kernel (device functions are JIT functions too)
+            if isinstance(obj, KernelInterface) and name.endswith("_kernel") and _layers(obj)[-1].fn.__module__ == mod.__name__:
+                seen.setdefault(info.name, set()).add(name)
+    want = {m: FMA.get(m, set()) | EXACT.get(m, set()) for m in set(FMA) | set(EXACT)}
+    assert seen == want, "a qlk kernel is in neither FMA nor EXACT (tests/test_launch_options.py): decide"
+    for m, names in FMA.items():
+        mod = importlib.import_module(f"qlk.kernels.{m}")
+        for name in names:
+            assert _fp_fusion_layer(getattr(mod, name)) is True, name
+            assert isinstance(_layers(getattr(mod, name))[-2], Heuristics), f"{name}: @fma_kernel directly above @triton.jit"
+    for m, names in EXACT.items():
+        mod = importlib.import_module(f"qlk.kernels.{m}")
+        for name in names:
+            assert _fp_fusion_layer(getattr(mod, name)) is None, name
+
+
+@pytest.mark.skipif(not (CUDA or INTERPRETED), reason="needs CUDA or TRITON_INTERPRET=1")
+def test_launches_pass_fp_fusion(monkeypatch):
+    """Real launches through the entry points: the innermost run() sees enable_fp_fusion=True for
+    every FMA kernel (each GEMM path, split-K, split-N, the M = 1 FMA kernel, the QA-LoRA fold) and
+    False for the standalone dequantize kernel."""
+    seen = {}
+    spied = [getattr(fm, n) for n in FMA["fused_matmul"]] + [qalora._fold_bias_kernel, dequant._dequantize_kernel]
+    for kernel in spied:
+        inner = _layers(kernel)[-1]
+        real = inner.run
+
+        def run(*args, _real=real, _name=inner.fn.__name__, **kwargs):
+            seen.setdefault(_name, set()).add(kwargs.get("enable_fp_fusion"))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(inner, "run", run)
+    qw = qlk.quantize(torch.randn(72, 256), bits=4, group_size=32).to(DEVICE)
+    a, b = torch.randn(4, 8, device=DEVICE), torch.randn(72, 4, device=DEVICE)
+    for m in (1, 40):  # split-K / GEMM forward, M = 1 FMA kernel / GEMM input gradient
+        fm.quant_matmul_forward(torch.randn(m, 256, device=DEVICE), qw, path="fused")
+        fm.quant_matmul_grad_input(torch.randn(m, 72, device=DEVICE), qw, path="gemv" if m == 1 else "fused")
+    qalora.qalora_grad_input(torch.randn(5, 72, device=DEVICE), qw, a, b, 2.0)  # the fold, then split-N
+    qlk.kernels.dequantize_forward(qw, torch.float32)
+    want = {n: {True} for n in FMA["fused_matmul"] | FMA["qalora"]}
+    want["_dequantize_kernel"] = {False}
+    assert seen == want
