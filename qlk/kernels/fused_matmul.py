@@ -54,7 +54,7 @@ from . import heuristics
 from .config import INTERPRETED, PRUNE, gemv_grad_configs, num_sms, target_arch
 from .decode_tile import _decode_int_tile
 from .quant_tile import _dequant_tile, weight_args
-from .quant_tile_t import _dequant_tile_t
+from .quant_tile_t import _dequant_tile_t, _words_t
 
 #: M at or below which the forward uses the split-K decode kernel
 SPLITK_MAX_M = 16
@@ -247,22 +247,37 @@ def _quant_matmul_grad_input_kernel(
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    INT2_HALVES: tl.constexpr = False,
+    INT2_HALVES: tl.constexpr = False, WORDS_AHEAD: tl.constexpr = False, WORDS_ASM: tl.constexpr = False,
 ):
-    """dX[m, k] = Σ_n dY[m, n]·Ŵ[n, k], one dXᵀ [BLOCK_K, BLOCK_M] tile per program, N in BLOCK_N steps."""
+    """dX[m, k] = Σ_n dY[m, n]·Ŵ[n, k], one dXᵀ [BLOCK_K, BLOCK_M] tile per program, N in BLOCK_N steps.
+
+    WORDS_AHEAD (sm_90; INT2/INT4/NF4): the packed words of the next N tile are loaded into registers
+    during this one (WORDS_ASM: by inline PTX the pipeliner leaves alone, in the layout the unpacking
+    wants), instead of cp.async into shared memory and back (docs/kernels.md "Input gradient, round 4")."""
     pid_m, pid_k = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
     k0 = pid_k * BLOCK_K
     offs_k = k0 + tl.arange(0, BLOCK_K)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dy_rows = dy_ptr + tl.minimum(offs_m, M - 1).to(tl.int64) * stride_dym
     acc = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
+    PRELOAD: tl.constexpr = WORDS_AHEAD and BITS != 3
+    words = 0
+    if PRELOAD:
+        words = _words_t(qw_ptr, stride_qn, tl.minimum(tl.arange(0, BLOCK_N), N - 1), k0, K,
+                         BITS, IS_NF4, EVEN_K, BLOCK_K, WORDS_ASM)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
+        words_next = words
+        if PRELOAD:
+            # the next tile's words (past the last tile: the last row again, never used)
+            words_next = _words_t(qw_ptr, stride_qn, tl.minimum(offs_n + BLOCK_N, N - 1), k0, K,
+                                  BITS, IS_NF4, EVEN_K, BLOCK_K, WORDS_ASM)
         # clamped weight rows are finite and meet dY columns masked to 0: they add exactly 0
         wt = _dequant_tile_t(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
                              stride_qn, stride_sn, stride_sg, tl.minimum(offs_n, N - 1), k0, K,
                              BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K,
-                             dy_ptr.dtype.element_ty, INT2_HALVES)
+                             dy_ptr.dtype.element_ty, INT2_HALVES, words, PRELOAD)
+        words = words_next
         dyt = tl.load(dy_rows[None, :] + offs_n[:, None] * stride_dyn, mask=offs_n[:, None] < N, other=0.0)
         acc = tl.dot(wt, dyt, acc, input_precision=DOT_PRECISION)
     acc = tl.trans(acc)
@@ -630,6 +645,14 @@ def quant_matmul_grad_input(dy: torch.Tensor, qw: QuantizedWeight, out: torch.Te
     return _grad_input(dy, qw, out, path, deterministic)
 
 
+def _grad_words_ahead() -> bool:
+    """The GEMM input gradient loads the next N tile's packed words into registers (WORDS_AHEAD) on
+    sm_90, by inline PTX there (docs/kernels.md "Input gradient, round 4"); the interpreter runs the
+    same loop with ``tl.load`` (the tests cover both loops by replacing this function). sm_80 keeps
+    cp.async: there the conversion, not shared memory, bounds the loop."""
+    return INTERPRETED or heuristics.arch_family(target_arch()) == 90
+
+
 def _grad_input(dy, qw, out, path, deterministic, wargs=None, lora_b=None):
     """dX [..., K]; with ``lora_b`` (QA-LoRA's B [N, r]) the pair (dX, V = dY·B [M, r] fp32), V
     computed inside the split-N kernel, or None on the GEMM path (the caller computes it).
@@ -676,12 +699,14 @@ def _grad_input(dy, qw, out, path, deterministic, wargs=None, lora_b=None):
             _, launches = _tiles("grad", m, n, k, meta, dy.device, fp32_bias)
             # INT2 unpacked per half word on sm_80 (quant_tile_t; docs/kernels.md "Input gradient, round 3")
             int2_halves = heuristics.arch_family(target_arch()) == 80
+            ahead = _grad_words_ahead()
             for c in launches:
                 grid = (triton.cdiv(m, c.block_m) * triton.cdiv(k, c.block_k),)
                 _quant_matmul_grad_input_kernel[grid](
                     out, dy2, *args, m, n, k, _bucket(m),
                     dy2.stride(0), dy2.stride(1), out.stride(0), out.stride(1),
-                    DOT_PRECISION=_precision(dy.dtype), INT2_HALVES=int2_halves, **meta, **c.meta)
+                    DOT_PRECISION=_precision(dy.dtype), INT2_HALVES=int2_halves,
+                    WORDS_AHEAD=ahead, WORDS_ASM=ahead and not INTERPRETED, **meta, **c.meta)
     if qw.perm is not None:
         out = out.index_select(1, torch.argsort(qw.perm))
     dx = out.reshape(*lead, k)

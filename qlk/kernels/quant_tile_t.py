@@ -62,23 +62,76 @@ def _int3_nibble_words(low_plane, high_bits):
 
 
 @triton.jit
-def _packed_values(qw_ptr, lut_ptr, stride_qn, offs_n, k0, K,
-                   BITS: tl.constexpr, IS_NF4: tl.constexpr, EVEN_K: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INT2_HALVES: tl.constexpr):
-    """fp32 values before scaling, q − 2^(b−1) (INT) or NF4[q] (NF4), of columns k0 .. k0+BLOCK_K of
-    rows ``offs_n``, as two tensors (even, odd) of the packed shape [C // 2, BLOCK_K // C, BLOCK_N]
-    (C: the chunk width): element [p, c, n] of ``even`` is column k0 + C·c + 2·p, of ``odd`` the next
-    column. Columns past K (unless EVEN_K) read code 0."""
-    if IS_NF4:
-        # bytes of a word are little endian; the even element sits in the HIGH nibble of its byte
-        NW: tl.constexpr = BLOCK_K // 8
-        offs_w = k0 // 8 + tl.arange(0, NW)
+def _scaled_code(word, pos, e, BITS: tl.constexpr):
+    """(v, f) for the BITS-bit code q at bit ``pos`` of ``word``: v = 2^e·(q − 2^(BITS−1)) in fp32,
+    exactly, and f = 2^-e (shaped like ``e``); 0 <= e <= pos, e + BITS <= 23.
+
+    The code is masked *where it lies* in ``word >> (pos − e)`` (q·2^e as an integer, < 2^23) and the
+    exponent of 2^23 ORed over it: the float 2^23 + q·2^e (mantissa ulp 1); one FADD subtracts
+    2^23 + 2^(BITS−1)·2^e, both exact. The masked field is not at bit 0 (e > 0 whenever the word
+    is shifted), so the compiler cannot turn shift-and-mask into a bit-field extract, which ptxas
+    issues as two instructions before the OR (three per code; here one shift, often shared by the
+    pair's two codes, and one LOP3). The caller multiplies the scale by f: s·2^-e·2^e·(q − MID) is the
+    same exact product as s·(q − MID), so ŵ rounds identically (for scales ≥ 2^-(126−e), every
+    fp16/bf16 normal scale)."""
+    MASK: tl.constexpr = (1 << BITS) - 1
+    MID: tl.constexpr = 1 << (BITS - 1)
+    mask = tl.full(e.shape, MASK, tl.int32) << e
+    mid = tl.full(e.shape, MID, tl.int32) << e
+    v = (((word >> (pos - e)) & mask) | 0x4B000000).to(tl.float32, bitcast=True)
+    v = v - (mid | 0x4B000000).to(tl.float32, bitcast=True)
+    f = ((127 - e) << 23).to(tl.float32, bitcast=True)
+    return v, f
+
+
+@triton.jit
+def _words_t(qw_ptr, stride_qn, offs_n, k0, K, BITS: tl.constexpr, IS_NF4: tl.constexpr, EVEN_K: tl.constexpr,
+             BLOCK_K: tl.constexpr, ASM: tl.constexpr):
+    """The packed words of columns k0 .. k0+BLOCK_K of rows ``offs_n``, transposed: [BLOCK_K // PER, len(offs_n)]
+    int32 (PER codes a word: INT2/INT4/NF4, not INT3); words past the row's last read 0 unless EVEN_K.
+
+    ASM (sm_90 input gradient, the caller loads them one N tile ahead): a plain ``ld.global.nc.b32`` per
+    word in inline PTX, which Triton's pipeliner cannot see, so the words are not staged through shared
+    memory (cp.async 4 B + LDS 4 B a word) and the load takes the layout the unpacking wants (each thread
+    its own words, no layout conversion). Not ASM: ``tl.load`` and ``tl.trans``, the same values (the
+    interpreter's twin; the asm is nothing but the load)."""
+    PER: tl.constexpr = 8 if IS_NF4 else 32 // BITS
+    NW: tl.constexpr = BLOCK_K // PER
+    offs_w = k0 // PER + tl.arange(0, NW)
+    if ASM:
+        # clamped to the row's last word (always in bounds), zeroed below: inline asm takes no mask
+        last = tl.cdiv(K, PER) - 1
+        ptrs = qw_ptr + offs_n[None, :].to(tl.int64) * stride_qn + tl.minimum(offs_w, last)[:, None]
+        words = tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l", [ptrs], dtype=tl.int32,
+                                          is_pure=True, pack=1)
+        if not EVEN_K:
+            words = tl.where(offs_w[:, None] <= last, words, 0)
+    else:
         ptrs = qw_ptr + offs_n[:, None].to(tl.int64) * stride_qn + offs_w[None, :]
         if EVEN_K:
             words = tl.load(ptrs)
         else:
-            words = tl.load(ptrs, mask=offs_w[None, :] < tl.cdiv(K, 8), other=0)
+            words = tl.load(ptrs, mask=offs_w[None, :] < tl.cdiv(K, PER), other=0)
         words = tl.trans(words)
+    return words
+
+
+@triton.jit
+def _packed_values(qw_ptr, lut_ptr, stride_qn, offs_n, k0, K,
+                   BITS: tl.constexpr, IS_NF4: tl.constexpr, EVEN_K: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INT2_HALVES: tl.constexpr,
+                   words_pre, PRELOADED: tl.constexpr):
+    """fp32 values before scaling, q − 2^(b−1) (INT) or NF4[q] (NF4), of columns k0 .. k0+BLOCK_K of
+    rows ``offs_n``, as two tensors (even, odd) of the packed shape [C // 2, BLOCK_K // C, BLOCK_N]
+    (C: the chunk width): element [p, c, n] of ``even`` is column k0 + C·c + 2·p, of ``odd`` the next
+    column. Columns past K (unless EVEN_K) read code 0. PRELOADED: ``words_pre`` is the tile of
+    :func:`_words_t` (INT2/INT4/NF4), else the words are loaded here."""
+    if IS_NF4:
+        # bytes of a word are little endian; the even element sits in the HIGH nibble of its byte
+        if PRELOADED:
+            words = words_pre
+        else:
+            words = _words_t(qw_ptr, stride_qn, offs_n, k0, K, BITS, IS_NF4, EVEN_K, BLOCK_K, False)
         shifted = words[None, :, :] >> (tl.arange(0, 4)[:, None, None] * 8)
         if NF4_SHUFFLE:  # the forward's register-table lookup (qlk.kernels.nf4_tile)
             even, odd = _nf4_pair_values(shifted)
@@ -86,9 +139,11 @@ def _packed_values(qw_ptr, lut_ptr, stride_qn, offs_n, k0, K,
             pair = tl.load(lut_ptr + (shifted & 0xFF))  # nf4_byte_table: NF4[b >> 4] low 32 bits, NF4[b & 15] high
             even = pair.to(tl.int32).to(tl.float32, bitcast=True)
             odd = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-        return even, odd
+        one = tl.full((4, 1, 1), 1.0, tl.float32)
+        return even, odd, one, one
     else:
-        MASK: tl.constexpr = (1 << BITS) - 1
+        # each code as (word, bit position); _scaled_code turns it into 2^e·(q − MID) without a bit-field
+        # extract, the caller scales by 2^-e (see there)
         if BITS == 3:
             # chunk c = 3 words: word 3c+h holds the low 2 bits of column 32c+16h+i at bit 2i,
             # word 3c+2 the high bit of column 32c+i at bit i
@@ -103,35 +158,34 @@ def _packed_values(qw_ptr, lut_ptr, stride_qn, offs_n, k0, K,
             even1, odd1 = _int3_nibble_words(w1, (w2 >> 16) & 0xFFFF)
             p = tl.arange(0, 16)[:, None, None]
             nib = (p % 8) * 4
-            first = (tl.where(p < 8, even0[None, :, :], even1[None, :, :]) >> nib) & 7
-            second = (tl.where(p < 8, odd0[None, :, :], odd1[None, :, :]) >> nib) & 7
+            e = tl.minimum(nib, 4)
+            qf, ff = _scaled_code(tl.where(p < 8, even0[None, :, :], even1[None, :, :]), nib, e, BITS)
+            qs, fs = _scaled_code(tl.where(p < 8, odd0[None, :, :], odd1[None, :, :]), nib, e, BITS)
         else:
-            PER: tl.constexpr = 32 // BITS
-            NW: tl.constexpr = BLOCK_K // PER
-            offs_w = k0 // PER + tl.arange(0, NW)
-            ptrs = qw_ptr + offs_n[:, None].to(tl.int64) * stride_qn + offs_w[None, :]
-            if EVEN_K:
-                words = tl.load(ptrs)
+            if PRELOADED:
+                words = words_pre
             else:
-                words = tl.load(ptrs, mask=offs_w[None, :] < tl.cdiv(K, PER), other=0)
-            words = tl.trans(words)
+                words = _words_t(qw_ptr, stride_qn, offs_n, k0, K, BITS, IS_NF4, EVEN_K, BLOCK_K, False)
             if BITS == 2 and INT2_HALVES:
                 # each half word (8 columns) as its own chunk, the shape INT4 has: [4, 2·words, rows]
                 # (sm_80: 16 codes of a word in one thread's registers made ptxas copy the mma.sync
                 # A fragments into place, 256 moves per iteration)
-                shift = tl.arange(0, 4)[:, None, None, None] * 4 + tl.arange(0, 2)[None, None, :, None] * 16
-                quads = words[None, :, None, :] >> shift
-                first = tl.reshape(quads & MASK, (4, 2 * NW, BLOCK_N))
-                second = tl.reshape((quads >> BITS) & MASK, (4, 2 * NW, BLOCK_N))
+                PER: tl.constexpr = 32 // BITS
+                NW: tl.constexpr = BLOCK_K // PER
+                pos = tl.arange(0, 4)[:, None, None, None] * 4 + tl.arange(0, 2)[None, None, :, None] * 16
+                pos = tl.reshape(tl.broadcast_to(pos, (4, NW, 2, 1)), (4, 2 * NW, 1))
+                ww = tl.reshape(tl.broadcast_to(words[None, :, None, :], (4, NW, 2, BLOCK_N)), (4, 2 * NW, BLOCK_N))
+                # e by pair only (the scale factor must not depend on the chunk): the first code of
+                # the upper half is extracted from bit 0 after a shift of 16
+                e = tl.where(tl.arange(0, 4)[:, None, None] == 0, 0, BITS)
+                qf, ff = _scaled_code(ww, pos, e, BITS)
+                qs, fs = _scaled_code(ww, pos + BITS, e + BITS, BITS)
             else:
-                shift = tl.arange(0, PER // 2)[:, None, None] * (2 * BITS)
-                first = (words[None, :, :] >> shift) & MASK
-                second = (words[None, :, :] >> (shift + BITS)) & MASK
-        MID: tl.constexpr = 1 << (BITS - 1)
-        # code -> float through the exponent bits (exact for codes < 2^23), −MID on the same FADD
-        qf = (first | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + MID)
-        qs = (second | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + MID)
-        return qf, qs
+                pos = tl.arange(0, 32 // BITS // 2)[:, None, None] * (2 * BITS)
+                e = tl.minimum(pos, BITS)  # the pair's two codes share one shift, pos − e
+                qf, ff = _scaled_code(words[None, :, :], pos, e, BITS)
+                qs, fs = _scaled_code(words[None, :, :], pos + BITS, e + BITS, BITS)
+        return qf, qs, ff, fs
 
 
 @triton.jit
@@ -140,7 +194,8 @@ def _dequant_tile_t(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, 
                     offs_n, k0, K,
                     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr,
                     DOUBLE_QUANT: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr, OUT_DTYPE: tl.constexpr, INT2_HALVES: tl.constexpr = False):
+                    BLOCK_K: tl.constexpr, OUT_DTYPE: tl.constexpr, INT2_HALVES: tl.constexpr = False,
+                    words_pre=0, PRELOADED: tl.constexpr = False):
     """Ŵᵀ[k0 : k0 + BLOCK_K, offs_n] ([BLOCK_K, BLOCK_N]) in OUT_DTYPE, = ``tl.trans(_dequant_tile(...)
     .to(OUT_DTYPE))`` bit for bit. Same contract: k0 a multiple of BLOCK_K, rows ``offs_n`` all valid
     (clamped by the caller), columns >= K exactly 0 unless EVEN_K."""
@@ -149,8 +204,8 @@ def _dequant_tile_t(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, 
     if POW2 and GROUP_SIZE >= CHUNK and BLOCK_K % CHUNK == 0:
         HAS_BIAS: tl.constexpr = not IS_NF4
         G = K // GROUP_SIZE
-        ev, od = _packed_values(qw_ptr, lut_ptr, stride_qn, offs_n, k0, K, BITS, IS_NF4, EVEN_K, BLOCK_N, BLOCK_K,
-                                INT2_HALVES)
+        ev, od, fe, fo = _packed_values(qw_ptr, lut_ptr, stride_qn, offs_n, k0, K, BITS, IS_NF4, EVEN_K, BLOCK_N,
+                                        BLOCK_K, INT2_HALVES, words_pre, PRELOADED)
         NCH: tl.constexpr = BLOCK_K // CHUNK
         NG: tl.constexpr = BLOCK_K // GROUP_SIZE if BLOCK_K > GROUP_SIZE else 1
         offs_g = k0 // GROUP_SIZE + tl.arange(0, NG)
@@ -161,12 +216,15 @@ def _dequant_tile_t(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, 
         b4 = tl.trans(b)[None, :, None, :]
         ev = tl.reshape(ev, (CHUNK // 2, NG, NCH // NG, BLOCK_N))
         od = tl.reshape(od, (CHUNK // 2, NG, NCH // NG, BLOCK_N))
+        # the values are 2^e·(q − MID) (_scaled_code): the scale times 2^-e gives the same exact product
+        se = s4 * tl.reshape(fe, (CHUNK // 2, 1, 1, 1))
+        so = s4 * tl.reshape(fo, (CHUNK // 2, 1, 1, 1))
         if HAS_BIAS:
-            ev = ev * s4 + b4
-            od = od * s4 + b4
+            ev = ev * se + b4
+            od = od * so + b4
         else:
-            ev = ev * s4
-            od = od * s4
+            ev = ev * se
+            od = od * so
         # the join comes after the rounding: the compiler hoists the A operand's layout conversion
         # up to the first op it cannot see through, the join, so it moves 16-bit values
         w = tl.join(ev.to(OUT_DTYPE), od.to(OUT_DTYPE))  # [C/2, NG, NCH/NG, BLOCK_N, 2]
