@@ -276,7 +276,7 @@ def _quant_matmul_grad_input_kernel(
         wt = _dequant_tile_t(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
                              stride_qn, stride_sn, stride_sg, tl.minimum(offs_n, N - 1), k0, K,
                              BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K,
-                             dy_ptr.dtype.element_ty, INT2_HALVES, words, PRELOAD)
+                             dy_ptr.dtype.element_ty, INT2_HALVES, words, PRELOAD, WORDS_ASM)
         words = words_next
         dyt = tl.load(dy_rows[None, :] + offs_n[:, None] * stride_dyn, mask=offs_n[:, None] < N, other=0.0)
         acc = tl.dot(wt, dyt, acc, input_precision=DOT_PRECISION)

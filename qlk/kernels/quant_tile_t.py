@@ -85,6 +85,20 @@ def _scaled_code(word, pos, e, BITS: tl.constexpr):
 
 
 @triton.jit
+def _ld_nc(ptrs):
+    """The values at ``ptrs`` (16- or 32-bit elements) by ``ld.global.nc`` in inline PTX: Triton's
+    pipeliner does not see it (nothing staged through shared memory) and the compiler gives the load
+    the layout of its users (no layout conversion after it). No mask: the caller clamps the pointers.
+    The interpreter cannot run it; callers take ``tl.load`` there (the same values)."""
+    if ptrs.dtype.element_ty.primitive_bitwidth == 16:
+        return tl.inline_asm_elementwise("ld.global.nc.b16 $0, [$1];", "=h,l", [ptrs],
+                                         dtype=ptrs.dtype.element_ty, is_pure=True, pack=1)
+    else:
+        return tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l", [ptrs],
+                                         dtype=ptrs.dtype.element_ty, is_pure=True, pack=1)
+
+
+@triton.jit
 def _words_t(qw_ptr, stride_qn, offs_n, k0, K, BITS: tl.constexpr, IS_NF4: tl.constexpr, EVEN_K: tl.constexpr,
              BLOCK_K: tl.constexpr, ASM: tl.constexpr):
     """The packed words of columns k0 .. k0+BLOCK_K of rows ``offs_n``, transposed: [BLOCK_K // PER, len(offs_n)]
@@ -100,11 +114,12 @@ def _words_t(qw_ptr, stride_qn, offs_n, k0, K, BITS: tl.constexpr, IS_NF4: tl.co
     offs_w = k0 // PER + tl.arange(0, NW)
     if ASM:
         # clamped to the row's last word (always in bounds), zeroed below: inline asm takes no mask
-        last = tl.cdiv(K, PER) - 1
-        ptrs = qw_ptr + offs_n[None, :].to(tl.int64) * stride_qn + tl.minimum(offs_w, last)[:, None]
-        words = tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l", [ptrs], dtype=tl.int32,
-                                          is_pure=True, pack=1)
-        if not EVEN_K:
+        row = qw_ptr + offs_n[None, :].to(tl.int64) * stride_qn + k0 // PER
+        if EVEN_K:
+            words = _ld_nc(row + tl.arange(0, NW)[:, None])
+        else:
+            last = tl.cdiv(K, PER) - 1
+            words = _ld_nc(row + (tl.minimum(offs_w, last) - k0 // PER)[:, None])
             words = tl.where(offs_w[:, None] <= last, words, 0)
     else:
         ptrs = qw_ptr + offs_n[:, None].to(tl.int64) * stride_qn + offs_w[None, :]
@@ -195,10 +210,14 @@ def _dequant_tile_t(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, 
                     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr,
                     DOUBLE_QUANT: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_K: tl.constexpr, OUT_DTYPE: tl.constexpr, INT2_HALVES: tl.constexpr = False,
-                    words_pre=0, PRELOADED: tl.constexpr = False):
+                    words_pre=0, PRELOADED: tl.constexpr = False, LOAD_ASM: tl.constexpr = False):
     """Ŵᵀ[k0 : k0 + BLOCK_K, offs_n] ([BLOCK_K, BLOCK_N]) in OUT_DTYPE, = ``tl.trans(_dequant_tile(...)
     .to(OUT_DTYPE))`` bit for bit. Same contract: k0 a multiple of BLOCK_K, rows ``offs_n`` all valid
-    (clamped by the caller), columns >= K exactly 0 unless EVEN_K."""
+    (clamped by the caller), columns >= K exactly 0 unless EVEN_K.
+
+    PRELOADED (INT2/INT4/NF4; the input-gradient GEMM on sm_90 loads one N tile ahead): ``words_pre``
+    holds this tile's words, :func:`_words_t` of the same rows and k0. LOAD_ASM (never under the
+    interpreter): INT scales and biases by :func:`_ld_nc`, each thread its own rows' values."""
     CHUNK: tl.constexpr = 32 if (BITS == 3 and not IS_NF4) else (16 if (BITS == 2 and not IS_NF4 and not INT2_HALVES) else 8)
     POW2: tl.constexpr = (GROUP_SIZE & (GROUP_SIZE - 1)) == 0
     if POW2 and GROUP_SIZE >= CHUNK and BLOCK_K % CHUNK == 0:
@@ -209,11 +228,29 @@ def _dequant_tile_t(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, 
         NCH: tl.constexpr = BLOCK_K // CHUNK
         NG: tl.constexpr = BLOCK_K // GROUP_SIZE if BLOCK_K > GROUP_SIZE else 1
         offs_g = k0 // GROUP_SIZE + tl.arange(0, NG)
-        s, b = _group_params(s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, dyn_ptr, stride_sn, stride_sg,
-                             offs_n, offs_g[None, :], (offs_g < G)[None, :], IS_NF4, DOUBLE_QUANT, HAS_BIAS,
-                             EVEN_K)
-        s4 = tl.trans(s)[None, :, None, :]
-        b4 = tl.trans(b)[None, :, None, :]
+        if LOAD_ASM and not IS_NF4:
+            # each thread loads the scales and biases of its own rows (several groups a tile: the
+            # loaded [rows, groups] tile no longer goes through shared memory to the rows' threads)
+            # one 64-bit row offset per row, the groups as constant offsets from it (stride_sg is
+            # specialized to 1 in the usual layout; clamped only for a ragged K)
+            row = offs_n[None, :].to(tl.int64) * stride_sn + (k0 // GROUP_SIZE) * stride_sg
+            if EVEN_K:
+                g_off = tl.arange(0, NG)[:, None] * stride_sg
+            else:
+                g_off = (tl.minimum(offs_g, G - 1) - k0 // GROUP_SIZE)[:, None] * stride_sg
+            s = _ld_nc(s_ptr + row + g_off).to(tl.float32)
+            b = _ld_nc(b_ptr + row + g_off).to(tl.float32)
+            if not EVEN_K:
+                s = tl.where((offs_g < G)[:, None], s, 0.0)
+                b = tl.where((offs_g < G)[:, None], b, 0.0)
+            s4 = s[None, :, None, :]
+            b4 = b[None, :, None, :]
+        else:
+            s, b = _group_params(s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, dyn_ptr, stride_sn, stride_sg,
+                                 offs_n, offs_g[None, :], (offs_g < G)[None, :], IS_NF4, DOUBLE_QUANT, HAS_BIAS,
+                                 EVEN_K)
+            s4 = tl.trans(s)[None, :, None, :]
+            b4 = tl.trans(b)[None, :, None, :]
         ev = tl.reshape(ev, (CHUNK // 2, NG, NCH // NG, BLOCK_N))
         od = tl.reshape(od, (CHUNK // 2, NG, NCH // NG, BLOCK_N))
         # the values are 2^e·(q − MID) (_scaled_code): the scale times 2^-e gives the same exact product
