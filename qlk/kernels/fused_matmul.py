@@ -54,7 +54,7 @@ from . import heuristics
 from .config import INTERPRETED, PRUNE, gemv_grad_configs, num_sms, target_arch
 from .decode_tile import _decode_int_tile
 from .quant_tile import _dequant_tile, weight_args
-from .quant_tile_t import _dequant_tile_t, _words_t
+from .quant_tile_t import _dequant_tile_t, _int3_planes_t, _words_t
 
 #: M at or below which the forward uses the split-K decode kernel
 SPLITK_MAX_M = 16
@@ -260,24 +260,32 @@ def _quant_matmul_grad_input_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dy_rows = dy_ptr + tl.minimum(offs_m, M - 1).to(tl.int64) * stride_dym
     acc = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
-    PRELOAD: tl.constexpr = WORDS_AHEAD and BITS != 3
-    words = 0
-    if PRELOAD:
-        words = _words_t(qw_ptr, stride_qn, tl.minimum(tl.arange(0, BLOCK_N), N - 1), k0, K,
-                         BITS, IS_NF4, EVEN_K, BLOCK_K, WORDS_ASM)
+    INT3: tl.constexpr = BITS == 3 and not IS_NF4
+    words, words1, words2 = 0, 0, 0  # the N tile's packed words (INT3: its three bit planes)
+    if WORDS_AHEAD:
+        if INT3:
+            words, words1, words2 = _int3_planes_t(qw_ptr, stride_qn, tl.minimum(tl.arange(0, BLOCK_N), N - 1),
+                                                   k0, K, EVEN_K, BLOCK_K, WORDS_ASM)
+        else:
+            words = _words_t(qw_ptr, stride_qn, tl.minimum(tl.arange(0, BLOCK_N), N - 1), k0, K,
+                             BITS, IS_NF4, EVEN_K, BLOCK_K, WORDS_ASM)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        words_next = words
-        if PRELOAD:
+        next0, next1, next2 = words, words1, words2
+        if WORDS_AHEAD:
             # the next tile's words (past the last tile: the last row again, never used)
-            words_next = _words_t(qw_ptr, stride_qn, tl.minimum(offs_n + BLOCK_N, N - 1), k0, K,
-                                  BITS, IS_NF4, EVEN_K, BLOCK_K, WORDS_ASM)
+            rows_next = tl.minimum(offs_n + BLOCK_N, N - 1)
+            if INT3:
+                next0, next1, next2 = _int3_planes_t(qw_ptr, stride_qn, rows_next, k0, K, EVEN_K, BLOCK_K, WORDS_ASM)
+            else:
+                next0 = _words_t(qw_ptr, stride_qn, rows_next, k0, K, BITS, IS_NF4, EVEN_K, BLOCK_K, WORDS_ASM)
         # clamped weight rows are finite and meet dY columns masked to 0: they add exactly 0
         wt = _dequant_tile_t(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
                              stride_qn, stride_sn, stride_sg, tl.minimum(offs_n, N - 1), k0, K,
                              BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K,
-                             dy_ptr.dtype.element_ty, INT2_HALVES, words, PRELOAD, WORDS_ASM)
-        words = words_next
+                             dy_ptr.dtype.element_ty, INT2_HALVES, words, words1, words2, WORDS_AHEAD,
+                             WORDS_ASM)
+        words, words1, words2 = next0, next1, next2
         dyt = tl.load(dy_rows[None, :] + offs_n[:, None] * stride_dyn, mask=offs_n[:, None] < N, other=0.0)
         acc = tl.dot(wt, dyt, acc, input_precision=DOT_PRECISION)
     acc = tl.trans(acc)

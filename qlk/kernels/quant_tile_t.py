@@ -62,7 +62,7 @@ def _int3_nibble_words(low_plane, high_bits):
 
 
 @triton.jit
-def _scaled_code(word, pos, e, BITS: tl.constexpr):
+def _scaled_code(word, pos, e, BITS: tl.constexpr, K=0):
     """(v, f) for the BITS-bit code q at bit ``pos`` of ``word``: v = 2^e·(q − 2^(BITS−1)) in fp32,
     exactly, and f = 2^-e (shaped like ``e``); 0 <= e <= pos, e + BITS <= 23.
 
@@ -78,7 +78,8 @@ def _scaled_code(word, pos, e, BITS: tl.constexpr):
     MID: tl.constexpr = 1 << (BITS - 1)
     mask = tl.full(e.shape, MASK, tl.int32) << e
     mid = tl.full(e.shape, MID, tl.int32) << e
-    v = (((word >> (pos - e)) & mask) | 0x4B000000).to(tl.float32, bitcast=True)
+    magic = (K >> 31) | 0x4B000000
+    v = (((word >> (pos - e)) & mask) | magic).to(tl.float32, bitcast=True)
     v = v - (mid | 0x4B000000).to(tl.float32, bitcast=True)
     f = ((127 - e) << 23).to(tl.float32, bitcast=True)
     return v, f
@@ -132,15 +133,44 @@ def _words_t(qw_ptr, stride_qn, offs_n, k0, K, BITS: tl.constexpr, IS_NF4: tl.co
 
 
 @triton.jit
+def _int3_planes_t(qw_ptr, stride_qn, offs_n, k0, K, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr):
+    """INT3: :func:`qlk.kernels.quant_tile._load_int3_planes` transposed, three [BLOCK_K // 32, len(offs_n)]
+    tiles; ASM: by :func:`_ld_nc` (see :func:`_words_t`)."""
+    if ASM:
+        NC: tl.constexpr = BLOCK_K // 32
+        row = qw_ptr + offs_n[None, :].to(tl.int64) * stride_qn + 3 * (k0 // 32)
+        if EVEN_K:
+            off = 3 * tl.arange(0, NC)[:, None]
+        else:
+            offs_c = k0 // 32 + tl.arange(0, NC)
+            last = tl.cdiv(K, 32) - 1
+            off = 3 * (tl.minimum(offs_c, last) - k0 // 32)[:, None]
+        w0 = _ld_nc(row + off)
+        w1 = _ld_nc(row + off + 1)
+        w2 = _ld_nc(row + off + 2)
+        if not EVEN_K:
+            w0 = tl.where(offs_c[:, None] <= last, w0, 0)
+            w1 = tl.where(offs_c[:, None] <= last, w1, 0)
+            w2 = tl.where(offs_c[:, None] <= last, w2, 0)
+    else:
+        w0, w1, w2 = _load_int3_planes(qw_ptr, stride_qn, offs_n, k0, K, EVEN_K, BLOCK_K)
+        w0 = tl.trans(w0)
+        w1 = tl.trans(w1)
+        w2 = tl.trans(w2)
+    return w0, w1, w2
+
+
+@triton.jit
 def _packed_values(qw_ptr, lut_ptr, stride_qn, offs_n, k0, K,
                    BITS: tl.constexpr, IS_NF4: tl.constexpr, EVEN_K: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INT2_HALVES: tl.constexpr,
-                   words_pre, PRELOADED: tl.constexpr):
+                   words_pre, words_pre1, words_pre2, PRELOADED: tl.constexpr):
     """fp32 values before scaling, q − 2^(b−1) (INT) or NF4[q] (NF4), of columns k0 .. k0+BLOCK_K of
     rows ``offs_n``, as two tensors (even, odd) of the packed shape [C // 2, BLOCK_K // C, BLOCK_N]
     (C: the chunk width): element [p, c, n] of ``even`` is column k0 + C·c + 2·p, of ``odd`` the next
     column. Columns past K (unless EVEN_K) read code 0. PRELOADED: ``words_pre`` is the tile of
-    :func:`_words_t` (INT2/INT4/NF4), else the words are loaded here."""
+    :func:`_words_t` (INT2/INT4/NF4), or ``words_pre`` .. ``words_pre2`` the planes of
+    :func:`_int3_planes_t` (INT3); else the words are loaded here."""
     if IS_NF4:
         # bytes of a word are little endian; the even element sits in the HIGH nibble of its byte
         if PRELOADED:
@@ -162,10 +192,10 @@ def _packed_values(qw_ptr, lut_ptr, stride_qn, offs_n, k0, K,
         if BITS == 3:
             # chunk c = 3 words: word 3c+h holds the low 2 bits of column 32c+16h+i at bit 2i,
             # word 3c+2 the high bit of column 32c+i at bit i
-            w0, w1, w2 = _load_int3_planes(qw_ptr, stride_qn, offs_n, k0, K, EVEN_K, BLOCK_K)
-            w0 = tl.trans(w0)
-            w1 = tl.trans(w1)
-            w2 = tl.trans(w2)
+            if PRELOADED:
+                w0, w1, w2 = words_pre, words_pre1, words_pre2
+            else:
+                w0, w1, w2 = _int3_planes_t(qw_ptr, stride_qn, offs_n, k0, K, EVEN_K, BLOCK_K, False)
             # rebuild two INT4-like words per half h: nibble q of even_h / odd_h is the 3-bit code
             # of column 16h + 2q / 16h + 2q + 1, so each code costs one shift and one mask like INT4
             # (extracting low and high bits per pair cost ~5 integer ops per code)
@@ -174,8 +204,8 @@ def _packed_values(qw_ptr, lut_ptr, stride_qn, offs_n, k0, K,
             p = tl.arange(0, 16)[:, None, None]
             nib = (p % 8) * 4
             e = tl.minimum(nib, 4)
-            qf, ff = _scaled_code(tl.where(p < 8, even0[None, :, :], even1[None, :, :]), nib, e, BITS)
-            qs, fs = _scaled_code(tl.where(p < 8, odd0[None, :, :], odd1[None, :, :]), nib, e, BITS)
+            qf, ff = _scaled_code(tl.where(p < 8, even0[None, :, :], even1[None, :, :]), nib, e, BITS, K)
+            qs, fs = _scaled_code(tl.where(p < 8, odd0[None, :, :], odd1[None, :, :]), nib, e, BITS, K)
         else:
             if PRELOADED:
                 words = words_pre
@@ -193,13 +223,13 @@ def _packed_values(qw_ptr, lut_ptr, stride_qn, offs_n, k0, K,
                 # e by pair only (the scale factor must not depend on the chunk): the first code of
                 # the upper half is extracted from bit 0 after a shift of 16
                 e = tl.where(tl.arange(0, 4)[:, None, None] == 0, 0, BITS)
-                qf, ff = _scaled_code(ww, pos, e, BITS)
-                qs, fs = _scaled_code(ww, pos + BITS, e + BITS, BITS)
+                qf, ff = _scaled_code(ww, pos, e, BITS, K)
+                qs, fs = _scaled_code(ww, pos + BITS, e + BITS, BITS, K)
             else:
                 pos = tl.arange(0, 32 // BITS // 2)[:, None, None] * (2 * BITS)
                 e = tl.minimum(pos, BITS)  # the pair's two codes share one shift, pos − e
-                qf, ff = _scaled_code(words[None, :, :], pos, e, BITS)
-                qs, fs = _scaled_code(words[None, :, :], pos + BITS, e + BITS, BITS)
+                qf, ff = _scaled_code(words[None, :, :], pos, e, BITS, K)
+                qs, fs = _scaled_code(words[None, :, :], pos + BITS, e + BITS, BITS, K)
         return qf, qs, ff, fs
 
 
@@ -210,13 +240,15 @@ def _dequant_tile_t(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, 
                     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr,
                     DOUBLE_QUANT: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_K: tl.constexpr, OUT_DTYPE: tl.constexpr, INT2_HALVES: tl.constexpr = False,
-                    words_pre=0, PRELOADED: tl.constexpr = False, LOAD_ASM: tl.constexpr = False):
+                    words_pre=0, words_pre1=0, words_pre2=0, PRELOADED: tl.constexpr = False,
+                    LOAD_ASM: tl.constexpr = False):
     """Ŵᵀ[k0 : k0 + BLOCK_K, offs_n] ([BLOCK_K, BLOCK_N]) in OUT_DTYPE, = ``tl.trans(_dequant_tile(...)
     .to(OUT_DTYPE))`` bit for bit. Same contract: k0 a multiple of BLOCK_K, rows ``offs_n`` all valid
     (clamped by the caller), columns >= K exactly 0 unless EVEN_K.
 
-    PRELOADED (INT2/INT4/NF4; the input-gradient GEMM on sm_90 loads one N tile ahead): ``words_pre``
-    holds this tile's words, :func:`_words_t` of the same rows and k0. LOAD_ASM (never under the
+    PRELOADED (the input-gradient GEMM on sm_90 loads one N tile ahead): ``words_pre`` holds this
+    tile's words, :func:`_words_t` of the same rows and k0 (INT3: ``words_pre`` .. ``words_pre2``, the
+    planes of :func:`_int3_planes_t`). LOAD_ASM (never under the
     interpreter): INT scales and biases by :func:`_ld_nc`, each thread its own rows' values."""
     CHUNK: tl.constexpr = 32 if (BITS == 3 and not IS_NF4) else (16 if (BITS == 2 and not IS_NF4 and not INT2_HALVES) else 8)
     POW2: tl.constexpr = (GROUP_SIZE & (GROUP_SIZE - 1)) == 0
@@ -224,7 +256,7 @@ def _dequant_tile_t(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, 
         HAS_BIAS: tl.constexpr = not IS_NF4
         G = K // GROUP_SIZE
         ev, od, fe, fo = _packed_values(qw_ptr, lut_ptr, stride_qn, offs_n, k0, K, BITS, IS_NF4, EVEN_K, BLOCK_N,
-                                        BLOCK_K, INT2_HALVES, words_pre, PRELOADED)
+                                        BLOCK_K, INT2_HALVES, words_pre, words_pre1, words_pre2, PRELOADED)
         NCH: tl.constexpr = BLOCK_K // CHUNK
         NG: tl.constexpr = BLOCK_K // GROUP_SIZE if BLOCK_K > GROUP_SIZE else 1
         offs_g = k0 // GROUP_SIZE + tl.arange(0, NG)
