@@ -251,9 +251,10 @@ def _quant_matmul_grad_input_kernel(
 ):
     """dX[m, k] = Σ_n dY[m, n]·Ŵ[n, k], one dXᵀ [BLOCK_K, BLOCK_M] tile per program, N in BLOCK_N steps.
 
-    WORDS_AHEAD (sm_90; INT2/INT4/NF4): the packed words of the next N tile are loaded into registers
+    WORDS_AHEAD: the packed words (INT3: bit planes) of the next N tile are loaded into registers
     during this one (WORDS_ASM: by inline PTX the pipeliner leaves alone, in the layout the unpacking
-    wants), instead of cp.async into shared memory and back (docs/kernels.md "Input gradient, round 4")."""
+    wants; also the INT scales and biases), instead of cp.async into shared memory and back
+    (docs/kernels.md "Input gradient, round 4")."""
     pid_m, pid_k = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
     k0 = pid_k * BLOCK_K
     offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -654,11 +655,11 @@ def quant_matmul_grad_input(dy: torch.Tensor, qw: QuantizedWeight, out: torch.Te
 
 
 def _grad_words_ahead() -> bool:
-    """The GEMM input gradient loads the next N tile's packed words into registers (WORDS_AHEAD) on
-    sm_90, by inline PTX there (docs/kernels.md "Input gradient, round 4"); the interpreter runs the
-    same loop with ``tl.load`` (the tests cover both loops by replacing this function). sm_80 keeps
-    cp.async: there the conversion, not shared memory, bounds the loop."""
-    return INTERPRETED or heuristics.arch_family(target_arch()) == 90
+    """The GEMM input gradient loads the next N tile's packed words into registers (WORDS_AHEAD), by
+    inline PTX on a GPU (docs/kernels.md "Input gradient, round 4": estimated faster on sm_90 and
+    sm_80); the interpreter runs the same loop with ``tl.load``. False: the words through cp.async
+    and shared memory (the round-3 loop; the tests run both by replacing this function)."""
+    return True
 
 
 def _grad_input(dy, qw, out, path, deterministic, wargs=None, lora_b=None):
