@@ -20,8 +20,8 @@ INT2, 32 for INT3; with ``INT2_HALVES``, the sm_80 choice, each half of an INT2 
 8 columns, the shape INT4 has). INT3 first rebuilds, per half chunk, two INT4-like words from the
 bit planes (the high-bit plane spread once, ``_spread_bits``), so each code costs a shift and a mask
 as in INT4 (masked in place, no bit-field extract: ``_scaled_code``). Then ``tl.join`` of the two
-rounded halves, a permute to [k, n] and the reshape to [BLOCK_K, BLOCK_N]. Triton hoists the MMA operand's layout conversion up through element-wise
-ops to the first op it cannot see through; the join after the rounding is that op, so the
+rounded halves, a permute to [k, n] and the reshape to [BLOCK_K, BLOCK_N]. Triton hoists the MMA
+operand's layout conversion up through element-wise ops to the first op it cannot see through; the join after the rounding is that op, so the
 conversion (an STSM/LDSM pair on sm_90) moves 16-bit values. Estimates before/after are in
 docs/kernels.md, "Input gradient, round 2" .. "round 4" (round 4: the words loaded one N tile ahead
 by inline PTX, ``_words_t`` / ``_int3_planes_t`` / ``_ld_nc``, not through shared memory).
