@@ -266,10 +266,10 @@ def _quant_matmul_grad_input_kernel(
     if WORDS_AHEAD:
         if INT3:
             words, words1, words2 = _int3_planes_t(qw_ptr, stride_qn, tl.minimum(tl.arange(0, BLOCK_N), N - 1),
-                                                   k0, K, EVEN_K, BLOCK_K, WORDS_ASM)
+                                                   k0, K, EVEN_K, BLOCK_K, True, WORDS_ASM)
         else:
             words = _words_t(qw_ptr, stride_qn, tl.minimum(tl.arange(0, BLOCK_N), N - 1), k0, K,
-                             BITS, IS_NF4, EVEN_K, BLOCK_K, WORDS_ASM)
+                             BITS, IS_NF4, EVEN_K, BLOCK_K, True, WORDS_ASM)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         next0, next1, next2 = words, words1, words2
@@ -277,9 +277,10 @@ def _quant_matmul_grad_input_kernel(
             # the next tile's words (past the last tile: the last row again, never used)
             rows_next = tl.minimum(offs_n + BLOCK_N, N - 1)
             if INT3:
-                next0, next1, next2 = _int3_planes_t(qw_ptr, stride_qn, rows_next, k0, K, EVEN_K, BLOCK_K, WORDS_ASM)
+                next0, next1, next2 = _int3_planes_t(qw_ptr, stride_qn, rows_next, k0, K, EVEN_K, BLOCK_K, True,
+                                                     WORDS_ASM)
             else:
-                next0 = _words_t(qw_ptr, stride_qn, rows_next, k0, K, BITS, IS_NF4, EVEN_K, BLOCK_K, WORDS_ASM)
+                next0 = _words_t(qw_ptr, stride_qn, rows_next, k0, K, BITS, IS_NF4, EVEN_K, BLOCK_K, True, WORDS_ASM)
         # clamped weight rows are finite and meet dY columns masked to 0: they add exactly 0
         wt = _dequant_tile_t(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
                              stride_qn, stride_sn, stride_sg, tl.minimum(offs_n, N - 1), k0, K,

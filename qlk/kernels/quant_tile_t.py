@@ -21,8 +21,9 @@ INT2, 32 for INT3; with ``INT2_HALVES``, the sm_80 choice, each half of an INT2 
 bit planes (the high-bit plane spread once, ``_spread_bits``), so each code costs a shift and a mask
 as in INT4 (masked in place, no bit-field extract: ``_scaled_code``). Then ``tl.join`` of the two
 rounded halves, a permute to [k, n] and the reshape to [BLOCK_K, BLOCK_N]. Triton hoists the MMA
-operand's layout conversion up through element-wise ops to the first op it cannot see through; the join after the rounding is that op, so the
-conversion (an STSM/LDSM pair on sm_90) moves 16-bit values. Estimates before/after are in
+operand's layout conversion up through element-wise ops to the first op it cannot see through; the
+join after the rounding is that op, so the conversion (an STSM/LDSM pair on sm_90) moves 16-bit
+values. Estimates before/after are in
 docs/kernels.md, "Input gradient, round 2" .. "round 4" (round 4: the words loaded one N tile ahead
 by inline PTX, ``_words_t`` / ``_int3_planes_t`` / ``_ld_nc``, not through shared memory).
 
@@ -90,12 +91,15 @@ def _scaled_code(word, pos, e, BITS: tl.constexpr, K=0):
 
 
 @triton.jit
-def _ld_nc(ptrs):
-    """The values at ``ptrs`` (16- or 32-bit elements) by ``ld.global.nc`` in inline PTX: Triton's
-    pipeliner does not see it (nothing staged through shared memory) and the compiler gives the load
-    the layout of its users (no layout conversion after it). No mask: the caller clamps the pointers.
-    The interpreter cannot run it; callers take ``tl.load`` there (the same values)."""
-    if ptrs.dtype.element_ty.primitive_bitwidth == 16:
+def _ld_nc(ptrs, ASM: tl.constexpr):
+    """The values at ``ptrs`` (16- or 32-bit elements), no mask (the caller clamps the pointers).
+    ASM: by ``ld.global.nc`` in inline PTX: Triton's pipeliner does not see it (nothing staged
+    through shared memory) and the compiler gives the load the layout of its users (no layout
+    conversion after it). Not ASM (the interpreter, which cannot run asm): ``tl.load``, the same
+    values from the same pointers, so the tests check the index math the GPU runs."""
+    if not ASM:
+        return tl.load(ptrs)
+    elif ptrs.dtype.element_ty.primitive_bitwidth == 16:
         return tl.inline_asm_elementwise("ld.global.nc.b16 $0, [$1];", "=h,l", [ptrs],
                                          dtype=ptrs.dtype.element_ty, is_pure=True, pack=1)
     else:
@@ -105,26 +109,26 @@ def _ld_nc(ptrs):
 
 @triton.jit
 def _words_t(qw_ptr, stride_qn, offs_n, k0, K, BITS: tl.constexpr, IS_NF4: tl.constexpr, EVEN_K: tl.constexpr,
-             BLOCK_K: tl.constexpr, ASM: tl.constexpr):
+             BLOCK_K: tl.constexpr, AHEAD: tl.constexpr, ASM: tl.constexpr):
     """The packed words of columns k0 .. k0+BLOCK_K of rows ``offs_n``, transposed: [BLOCK_K // PER, len(offs_n)]
     int32 (PER codes a word: INT2/INT4/NF4, not INT3); words past the row's last read 0 unless EVEN_K.
 
-    ASM (sm_90 input gradient, the caller loads them one N tile ahead): a plain ``ld.global.nc.b32`` per
-    word in inline PTX, which Triton's pipeliner cannot see, so the words are not staged through shared
-    memory (cp.async 4 B + LDS 4 B a word) and the load takes the layout the unpacking wants (each thread
-    its own words, no layout conversion). Not ASM: ``tl.load`` and ``tl.trans``, the same values (the
-    interpreter's twin; the asm is nothing but the load)."""
+    AHEAD (the input gradient's loop, which loads them one N tile ahead): pointers built transposed and
+    loaded by :func:`_ld_nc` (ASM on a GPU: ``ld.global.nc.b32`` in inline PTX, which Triton's pipeliner
+    cannot see, so the words are not staged through shared memory, cp.async 4 B + LDS 4 B a word, and
+    the load takes the layout the unpacking wants: each thread its own words, no layout conversion).
+    Not AHEAD: ``tl.load`` of the [rows, words] tile and ``tl.trans``, the same values."""
     PER: tl.constexpr = 8 if IS_NF4 else 32 // BITS
     NW: tl.constexpr = BLOCK_K // PER
     offs_w = k0 // PER + tl.arange(0, NW)
-    if ASM:
+    if AHEAD:
         # clamped to the row's last word (always in bounds), zeroed below: inline asm takes no mask
         row = qw_ptr + offs_n[None, :].to(tl.int64) * stride_qn + k0 // PER
         if EVEN_K:
-            words = _ld_nc(row + tl.arange(0, NW)[:, None])
+            words = _ld_nc(row + tl.arange(0, NW)[:, None], ASM)
         else:
             last = tl.cdiv(K, PER) - 1
-            words = _ld_nc(row + (tl.minimum(offs_w, last) - k0 // PER)[:, None])
+            words = _ld_nc(row + (tl.minimum(offs_w, last) - k0 // PER)[:, None], ASM)
             words = tl.where(offs_w[:, None] <= last, words, 0)
     else:
         ptrs = qw_ptr + offs_n[:, None].to(tl.int64) * stride_qn + offs_w[None, :]
@@ -137,10 +141,11 @@ def _words_t(qw_ptr, stride_qn, offs_n, k0, K, BITS: tl.constexpr, IS_NF4: tl.co
 
 
 @triton.jit
-def _int3_planes_t(qw_ptr, stride_qn, offs_n, k0, K, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr):
+def _int3_planes_t(qw_ptr, stride_qn, offs_n, k0, K, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr,
+                   AHEAD: tl.constexpr, ASM: tl.constexpr):
     """INT3: :func:`qlk.kernels.quant_tile._load_int3_planes` transposed, three [BLOCK_K // 32, len(offs_n)]
-    tiles; ASM: by :func:`_ld_nc` (see :func:`_words_t`)."""
-    if ASM:
+    tiles; AHEAD, ASM: as in :func:`_words_t`."""
+    if AHEAD:
         NC: tl.constexpr = BLOCK_K // 32
         row = qw_ptr + offs_n[None, :].to(tl.int64) * stride_qn + 3 * (k0 // 32)
         if EVEN_K:
@@ -149,9 +154,9 @@ def _int3_planes_t(qw_ptr, stride_qn, offs_n, k0, K, EVEN_K: tl.constexpr, BLOCK
             offs_c = k0 // 32 + tl.arange(0, NC)
             last = tl.cdiv(K, 32) - 1
             off = 3 * (tl.minimum(offs_c, last) - k0 // 32)[:, None]
-        w0 = _ld_nc(row + off)
-        w1 = _ld_nc(row + off + 1)
-        w2 = _ld_nc(row + off + 2)
+        w0 = _ld_nc(row + off, ASM)
+        w1 = _ld_nc(row + off + 1, ASM)
+        w2 = _ld_nc(row + off + 2, ASM)
         if not EVEN_K:
             w0 = tl.where(offs_c[:, None] <= last, w0, 0)
             w1 = tl.where(offs_c[:, None] <= last, w1, 0)
@@ -180,7 +185,7 @@ def _packed_values(qw_ptr, lut_ptr, stride_qn, offs_n, k0, K,
         if PRELOADED:
             words = words_pre
         else:
-            words = _words_t(qw_ptr, stride_qn, offs_n, k0, K, BITS, IS_NF4, EVEN_K, BLOCK_K, False)
+            words = _words_t(qw_ptr, stride_qn, offs_n, k0, K, BITS, IS_NF4, EVEN_K, BLOCK_K, False, False)
         shifted = words[None, :, :] >> (tl.arange(0, 4)[:, None, None] * 8)
         if NF4_SHUFFLE:  # the forward's register-table lookup (qlk.kernels.nf4_tile)
             even, odd = _nf4_pair_values(shifted)
@@ -199,7 +204,7 @@ def _packed_values(qw_ptr, lut_ptr, stride_qn, offs_n, k0, K,
             if PRELOADED:
                 w0, w1, w2 = words_pre, words_pre1, words_pre2
             else:
-                w0, w1, w2 = _int3_planes_t(qw_ptr, stride_qn, offs_n, k0, K, EVEN_K, BLOCK_K, False)
+                w0, w1, w2 = _int3_planes_t(qw_ptr, stride_qn, offs_n, k0, K, EVEN_K, BLOCK_K, False, False)
             # rebuild two INT4-like words per half h: nibble q of even_h / odd_h is the 3-bit code
             # of column 16h + 2q / 16h + 2q + 1, so each code costs one shift and one mask like INT4
             # (extracting low and high bits per pair cost ~5 integer ops per code)
@@ -214,7 +219,7 @@ def _packed_values(qw_ptr, lut_ptr, stride_qn, offs_n, k0, K,
             if PRELOADED:
                 words = words_pre
             else:
-                words = _words_t(qw_ptr, stride_qn, offs_n, k0, K, BITS, IS_NF4, EVEN_K, BLOCK_K, False)
+                words = _words_t(qw_ptr, stride_qn, offs_n, k0, K, BITS, IS_NF4, EVEN_K, BLOCK_K, False, False)
             if BITS == 2 and INT2_HALVES:
                 # each half word (8 columns) as its own chunk, the shape INT4 has: [4, 2·words, rows]
                 # (sm_80: 16 codes of a word in one thread's registers made ptxas copy the mma.sync
@@ -252,8 +257,8 @@ def _dequant_tile_t(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, 
 
     PRELOADED (the input-gradient GEMM on sm_90 loads one N tile ahead): ``words_pre`` holds this
     tile's words, :func:`_words_t` of the same rows and k0 (INT3: ``words_pre`` .. ``words_pre2``, the
-    planes of :func:`_int3_planes_t`). LOAD_ASM (never under the
-    interpreter): INT scales and biases by :func:`_ld_nc`, each thread its own rows' values."""
+    planes of :func:`_int3_planes_t`); INT scales and biases then loaded by :func:`_ld_nc`, each
+    thread its own rows' values, by inline PTX with LOAD_ASM (never under the interpreter)."""
     CHUNK: tl.constexpr = 32 if (BITS == 3 and not IS_NF4) else (16 if (BITS == 2 and not IS_NF4 and not INT2_HALVES) else 8)
     POW2: tl.constexpr = (GROUP_SIZE & (GROUP_SIZE - 1)) == 0
     if POW2 and GROUP_SIZE >= CHUNK and BLOCK_K % CHUNK == 0:
@@ -264,7 +269,7 @@ def _dequant_tile_t(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, 
         NCH: tl.constexpr = BLOCK_K // CHUNK
         NG: tl.constexpr = BLOCK_K // GROUP_SIZE if BLOCK_K > GROUP_SIZE else 1
         offs_g = k0 // GROUP_SIZE + tl.arange(0, NG)
-        if LOAD_ASM and not IS_NF4:
+        if PRELOADED and not IS_NF4:
             # each thread loads the scales and biases of its own rows (several groups a tile: the
             # loaded [rows, groups] tile no longer goes through shared memory to the rows' threads)
             # one 64-bit row offset per row, the groups as constant offsets from it (stride_sg is
@@ -274,8 +279,8 @@ def _dequant_tile_t(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, 
                 g_off = tl.arange(0, NG)[:, None] * stride_sg
             else:
                 g_off = (tl.minimum(offs_g, G - 1) - k0 // GROUP_SIZE)[:, None] * stride_sg
-            s = _ld_nc(s_ptr + row + g_off).to(tl.float32)
-            b = _ld_nc(b_ptr + row + g_off).to(tl.float32)
+            s = _ld_nc(s_ptr + row + g_off, LOAD_ASM).to(tl.float32)
+            b = _ld_nc(b_ptr + row + g_off, LOAD_ASM).to(tl.float32)
             if not EVEN_K:
                 s = tl.where((offs_g < G)[:, None], s, 0.0)
                 b = tl.where((offs_g < G)[:, None], b, 0.0)
