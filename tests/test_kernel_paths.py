@@ -214,6 +214,35 @@ def test_nf4_paths(case, m, fwd_path, grad_path, det):
     check_base(qw, ref, m, fwd_path, grad_path, det)
 
 
+GRAD_LOOP_CASES = [  # every packed layout; g < tile, g > tile, ragged K with a half-used INT3 chunk / INT2 word
+    ("int", 4, 32, 512), ("int", 4, 128, 512), ("int", 3, 256, 512), ("int", 3, 16, 784), ("int", 2, 64, 512),
+    ("int", 2, 8, 520), ("nf4", 64, True, 576), ("nf4", 128, False, 512),
+]  # fmt: skip
+
+
+# every case through the sm_80 loop at M = 17 (the sm_90 loop: test_int_paths / test_nf4_paths, gemm-M40);
+# four (INT4, INT3 ragged, INT2 ragged, NF4) through the sm_90 loop at M = 333 (the M tiles are outside
+# the K loop, which is what differs; CI time)
+GRAD_LOOP_RUNS = ([pytest.param(c, 17, False, id=f"{(int_id if c[0] == 'int' else nf4_id)(c[1:])}-M17-cpasync")
+                   for c in GRAD_LOOP_CASES]
+                  + [pytest.param(c, 333, True, id=f"{(int_id if c[0] == 'int' else nf4_id)(c[1:])}-M333-ahead")
+                     for c in [GRAD_LOOP_CASES[i] for i in (0, 3, 5, 6)]])
+
+
+@pytest.mark.parametrize("case,m,ahead", GRAD_LOOP_RUNS)
+def test_grad_input_gemm_loops(case, m, ahead, monkeypatch):
+    """The GEMM input gradient's two K loops (docs/kernels.md "Input gradient, round 4"): the words of
+    the next N tile loaded ahead into registers (sm_90; the interpreter runs it with tl.load, the GPU
+    by inline PTX) and the plain one (sm_80). 3 N tiles (the last one ragged: its next-tile load
+    reads the clamped last row), 8..13 K tiles, M = 17 / 333 (one ragged M tile / six), NaN output."""
+    qw, w64 = int_weight(*case[1:]) if case[0] == "int" else nf4_weight(*case[1:])
+    monkeypatch.setattr(fm, "_grad_words_ahead", lambda: ahead)
+    n, k = qw.shape
+    dy = randn(m, n, seed=m + n + 3)
+    dx = quant_matmul_backward(dy, qw, out=nan(m, k), path="gemm")
+    assert oracles.rel_err(dx, dy.cpu().double() @ w64) < TOL
+
+
 GEMV_CASES = [  # (format, weight case, deterministic): each format and reduction once, to keep the time down
     (("int", 4, 32, 512), False), (("int", 2, 8, 520), True), (("nf4", 64, True, 576), False),
     (("nf4", 128, False, 512), True),

@@ -55,7 +55,7 @@ from . import heuristics
 from .config import GEMV_PRUNE, INTERPRETED, fma_kernel, gemv_grad_configs, num_sms, target_arch
 from .decode_tile import _decode_int_tile, _decode_int_tile_lanes, _lane_x_tile
 from .quant_tile import _dequant_tile, weight_args
-from .quant_tile_t import _dequant_tile_t
+from .quant_tile_t import _dequant_tile_t, _int3_planes_t, _words_t
 
 #: M at or below which the forward uses the split-K decode kernel
 SPLITK_MAX_M = 16
@@ -291,13 +291,18 @@ def _quant_matmul_grad_input_kernel(
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    INT2_HALVES: tl.constexpr = False,
+    INT2_HALVES: tl.constexpr = False, WORDS_AHEAD: tl.constexpr = False, WORDS_ASM: tl.constexpr = False,
     v_ptr=None,  # WITH_V: fp32 V = dY·B [M, R] (row stride R), every element written
     lb_ptr=None,  # WITH_V: QA-LoRA's lora_b [N, R] (any strides)
     R=0, stride_lbn=0, stride_lbr=0,
     WITH_V: tl.constexpr = False, R_PAD: tl.constexpr = 16,
 ):
     """dX[m, k] = Σ_n dY[m, n]·Ŵ[n, k], one dXᵀ [BLOCK_K, BLOCK_M] tile per program, N in BLOCK_N steps.
+
+    WORDS_AHEAD: the packed words (INT3: bit planes) of the next N tile are loaded into registers
+    during this one (WORDS_ASM: by inline PTX the pipeliner leaves alone, in the layout the unpacking
+    wants; also the INT scales and biases), instead of cp.async into shared memory and back
+    (docs/kernels.md "Input gradient, round 4").
 
     WITH_V (QA-LoRA): ⌈M/BM⌉ more programs after the ⌈M/BM⌉·⌈K/BK⌉ dX tiles, one per M tile, write
     V[m0:m0+BM, :] = Σ_n dY[m0:m0+BM, n]·B[n, :] (B rounded to dY's dtype, fp32 sums; the low-rank
@@ -315,13 +320,33 @@ def _quant_matmul_grad_input_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dy_rows = dy_ptr + tl.minimum(offs_m, M - 1).to(tl.int64) * stride_dym
     acc = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
+    INT3: tl.constexpr = BITS == 3 and not IS_NF4
+    words, words1, words2 = 0, 0, 0  # the N tile's packed words (INT3: its three bit planes)
+    if WORDS_AHEAD:
+        if INT3:
+            words, words1, words2 = _int3_planes_t(qw_ptr, stride_qn, tl.minimum(tl.arange(0, BLOCK_N), N - 1),
+                                                   k0, K, EVEN_K, BLOCK_K, True, WORDS_ASM)
+        else:
+            words = _words_t(qw_ptr, stride_qn, tl.minimum(tl.arange(0, BLOCK_N), N - 1), k0, K,
+                             BITS, IS_NF4, EVEN_K, BLOCK_K, True, WORDS_ASM)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
+        next0, next1, next2 = words, words1, words2
+        if WORDS_AHEAD:
+            # the next tile's words (past the last tile: the last row again, never used)
+            rows_next = tl.minimum(offs_n + BLOCK_N, N - 1)
+            if INT3:
+                next0, next1, next2 = _int3_planes_t(qw_ptr, stride_qn, rows_next, k0, K, EVEN_K, BLOCK_K, True,
+                                                     WORDS_ASM)
+            else:
+                next0 = _words_t(qw_ptr, stride_qn, rows_next, k0, K, BITS, IS_NF4, EVEN_K, BLOCK_K, True, WORDS_ASM)
         # clamped weight rows are finite and meet dY columns masked to 0: they add exactly 0
         wt = _dequant_tile_t(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
                              stride_qn, stride_sn, stride_sg, tl.minimum(offs_n, N - 1), k0, K,
                              BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K,
-                             dy_ptr.dtype.element_ty, INT2_HALVES)
+                             dy_ptr.dtype.element_ty, INT2_HALVES, words, words1, words2, WORDS_AHEAD,
+                             WORDS_ASM)
+        words, words1, words2 = next0, next1, next2
         dyt = tl.load(dy_rows[None, :] + offs_n[:, None] * stride_dyn, mask=offs_n[:, None] < N, other=0.0)
         acc = tl.dot(wt, dyt, acc, input_precision=DOT_PRECISION)
     acc = tl.trans(acc)
@@ -718,6 +743,14 @@ def quant_matmul_grad_input(dy: torch.Tensor, qw: QuantizedWeight, out: torch.Te
     return _grad_input(dy, qw, out, path, deterministic)
 
 
+def _grad_words_ahead() -> bool:
+    """The GEMM input gradient loads the next N tile's packed words into registers (WORDS_AHEAD), by
+    inline PTX on a GPU (docs/kernels.md "Input gradient, round 4": estimated faster on sm_90 and
+    sm_80); the interpreter runs the same loop with ``tl.load``. False: the words through cp.async
+    and shared memory (the round-3 loop; the tests run both by replacing this function)."""
+    return True
+
+
 def _grad_input(dy, qw, out, path, deterministic, wargs=None, lora_b=None):
     """dX [..., K]; with ``lora_b`` (QA-LoRA's B [N, r]) the pair (dX, V = dY·B [M, r] fp32), V
     computed by the same launch (split-N: its extra column of programs; GEMM: one extra program
@@ -769,12 +802,14 @@ def _grad_input(dy, qw, out, path, deterministic, wargs=None, lora_b=None):
             v_args = {} if lora_b is None else dict(
                 v_ptr=v, lb_ptr=lora_b, R=lora_b.shape[1], stride_lbn=lora_b.stride(0),
                 stride_lbr=lora_b.stride(1), WITH_V=True, R_PAD=_r_pad(lora_b.shape[1]))
+            ahead = _grad_words_ahead()
             for c in launches:
                 grid = (triton.cdiv(m, c.block_m) * (triton.cdiv(k, c.block_k) + (lora_b is not None)),)
                 _quant_matmul_grad_input_kernel[grid](
                     out, dy2, *args, m, n, k, _bucket(m),
                     dy2.stride(0), dy2.stride(1), out.stride(0), out.stride(1),
-                    DOT_PRECISION=_precision(dy.dtype), INT2_HALVES=int2_halves, **meta, **c.meta, **v_args)
+                    DOT_PRECISION=_precision(dy.dtype), INT2_HALVES=int2_halves,
+                    WORDS_AHEAD=ahead, WORDS_ASM=ahead and not INTERPRETED, **meta, **c.meta, **v_args)
     if qw.perm is not None:
         out = out.index_select(1, torch.argsort(qw.perm))
     dx = out.reshape(*lead, k)
