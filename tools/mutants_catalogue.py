@@ -242,6 +242,10 @@ MUTANTS = [
     dict(id="decode-lanes-asm-mask-low-half", cls="unpacking", file="qlk/kernels/decode_tile.py",
          old='f"lop3.b32 v, $1, {mask * 0x10001:#010x}', new='f"lop3.b32 v, $1, {mask:#010x}',
          tests=[DT, "-k", "test_packed_asm_halves"]),
+    dict(id="dgrad-fp32-scale-times-2^-e", cls="precision", file="qlk/kernels/quant_tile_t.py",
+         old="SCALE_TRICK: tl.constexpr = IS_NF4 or s_ptr.dtype.element_ty != tl.float32",
+         new="SCALE_TRICK: tl.constexpr = True",
+         tests=["tests/test_quant_tile_t.py", "-k", "tiny_scales"]),
     # ---- autograd, reference, merge, formats -----------------------------------------------------
     dict(id="autograd-dA-scale", cls="scale", file="qlk/autograd/qalora.py",
          old="da = (v.t() @ pooled).mul_(s).to(a.dtype)", new="da = (v.t() @ pooled).mul_(s / g).to(a.dtype)",

@@ -74,8 +74,8 @@ def _scaled_code(word, pos, e, BITS: tl.constexpr, K=0):
     is shifted), so the compiler cannot turn shift-and-mask into a bit-field extract, which ptxas
     issues as two instructions before the OR (three per code; here one shift, often shared by the
     pair's two codes, and one LOP3). The caller multiplies the scale by f: s·2^-e·2^e·(q − MID) is the
-    same exact product as s·(q − MID), so ŵ rounds identically (for |s| ≥ 2^(e−126): every
-    fp16 scale, every normal bf16 one). ``K`` (the caller's, ≥ 0): the OR's constant is 0x4B000000 | (K >> 31),
+    same exact product as s·(q − MID), so ŵ rounds identically, whenever s·2^-e is exact: every fp16
+    and bf16 scale (e <= 8); the caller multiplies v by f instead for fp32 scales. ``K`` (the caller's, ≥ 0): the OR's constant is 0x4B000000 | (K >> 31),
     a value ptxas cannot rematerialize, so it stays in one register with the mask as the LOP3's
     immediate; with two literal constants ptxas reloaded one of them before every LOP3 (an IMAD.MOV
     per code: 47 → 19 IMAD per iteration, int4g128 sm_90)."""
@@ -294,9 +294,20 @@ def _dequant_tile_t(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, 
             b4 = tl.trans(b)[None, :, None, :]
         ev = tl.reshape(ev, (CHUNK // 2, NG, NCH // NG, BLOCK_N))
         od = tl.reshape(od, (CHUNK // 2, NG, NCH // NG, BLOCK_N))
-        # the values are 2^e·(q − MID) (_scaled_code): the scale times 2^-e gives the same exact product
-        se = s4 * tl.reshape(fe, (CHUNK // 2, 1, 1, 1))
-        so = s4 * tl.reshape(fo, (CHUNK // 2, 1, 1, 1))
+        # the values are 2^e·(q − MID) (_scaled_code): the scale times 2^-e gives the same exact
+        # product when s·2^-e is exact in fp32. fp16 and bf16 scales are multiples of 2^-24 and
+        # 2^-133 (subnormals included) and e <= 8, so it always is (NF4: e = 0); an fp32 scale
+        # below 2^(e−126) would lose bits, so fp32 scales unscale the codes instead: one more FMUL
+        # a code, exact (small integers)
+        SCALE_TRICK: tl.constexpr = IS_NF4 or s_ptr.dtype.element_ty != tl.float32
+        if SCALE_TRICK:
+            se = s4 * tl.reshape(fe, (CHUNK // 2, 1, 1, 1))
+            so = s4 * tl.reshape(fo, (CHUNK // 2, 1, 1, 1))
+        else:
+            ev = ev * tl.reshape(fe, (CHUNK // 2, 1, 1, 1))
+            od = od * tl.reshape(fo, (CHUNK // 2, 1, 1, 1))
+            se = s4
+            so = s4
         if HAS_BIAS:
             ev = ev * se + b4
             od = od * so + b4
