@@ -257,6 +257,37 @@ def test_twin_matches_asm_model(bits):
         assert (got[e], got[e + 1]) == (ref & 0xFFFF, ref >> 16), (e, words[e], s_list[e], c_list[e])
 
 
+def _int3_twin_cases(split, seed):
+    """Every code pair (q0, q1) with every scale: per element (low part, high part, scale, bias),
+    ``split(q, rng)`` giving a code's two parts."""
+    rng = np.random.default_rng(seed)
+    lows, highs, s_list, c_list = [], [], [], []
+    for q0 in range(8):
+        for q1 in range(8):
+            for i in range(len(SCALES)):
+                for q in (q0, q1):
+                    lo, hi = split(q, rng)
+                    lows.append(lo)
+                    highs.append(hi)
+                    s_list.append(SCALES[i])
+                    c_list.append(BIASES[(i + q1) % len(BIASES)])
+    return lows, highs, s_list, c_list
+
+
+def _run_int3_twin(twin, lows, highs, s_list, c_list, bits: int) -> list:
+    """The fp16 bit patterns ``twin`` writes for the elements (signed ``bits``-bit integer inputs)."""
+    n = len(lows)
+    block = 1 << (n - 1).bit_length()
+    pad = block - n
+    dtype = torch.int32 if bits == 32 else torch.int16
+    signed = lambda vs: torch.tensor([v - (1 << bits) if v >= 1 << (bits - 1) else v for v in vs] + [0] * pad,  # noqa: E731
+                                     dtype=dtype)
+    out = torch.full((block,), float("nan"), dtype=torch.float16)
+    twin[(1,)](signed(lows), signed(highs), torch.tensor(s_list + [0.0] * pad, dtype=torch.float16),
+               torch.tensor(c_list + [0.0] * pad, dtype=torch.float16), out, BLOCK=block)
+    return [int(v) & 0xFFFF for v in out[:n].view(torch.int16).tolist()]
+
+
 @needs_kernels
 def test_int3_twin_matches_asm_model():
     import triton
@@ -269,26 +300,9 @@ def test_int3_twin_matches_asm_model():
                                                 tl.load(c_ptr + offs), False)
         tl.store(out_ptr + offs, w)
 
-    rng = np.random.default_rng(5)
-    lows, highs, s_list, c_list = [], [], [], []
-    for q0 in range(8):
-        for q1 in range(8):
-            for i in range(len(SCALES)):
-                for q in (q0, q1):
-                    lo, hi = _planes(q, rng)
-                    lows.append(lo)
-                    highs.append(hi)
-                    s_list.append(SCALES[i])
-                    c_list.append(BIASES[(i + q1) % len(BIASES)])
+    lows, highs, s_list, c_list = _int3_twin_cases(_planes, 5)
+    got = _run_int3_twin(twin, lows, highs, s_list, c_list, 32)
     n = len(lows)
-    block = 1 << (n - 1).bit_length()
-    pad = block - n
-    signed = lambda ws: torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in ws] + [0] * pad,  # noqa: E731
-                                     dtype=torch.int32)
-    out = torch.full((block,), float("nan"), dtype=torch.float16)
-    twin[(1,)](signed(lows), signed(highs), torch.tensor(s_list + [0.0] * pad, dtype=torch.float16),
-               torch.tensor(c_list + [0.0] * pad, dtype=torch.float16), out, BLOCK=block)
-    got = [int(v) & 0xFFFF for v in out[:n].view(torch.int16).tolist()]
     asm = decode_tile.packed_asm_int3("fp16")
     sb, cb = half_bits(s_list, "f16"), half_bits(c_list, "f16")
     for e in range(0, n, 2):
@@ -500,26 +514,9 @@ def test_int3_halves_twin_matches_asm_model():
                                                 tl.load(c_ptr + offs), False)
         tl.store(out_ptr + offs, w)
 
-    rng = np.random.default_rng(44)
-    lows, highs, s_list, c_list = [], [], [], []
-    for q0 in range(8):
-        for q1 in range(8):
-            for i in range(len(SCALES)):
-                for q in (q0, q1):
-                    lo, hi = _int3_halves(q, rng)
-                    lows.append(lo)
-                    highs.append(hi)
-                    s_list.append(SCALES[i])
-                    c_list.append(BIASES[(i + q1) % len(BIASES)])
+    lows, highs, s_list, c_list = _int3_twin_cases(_int3_halves, 44)
+    got = _run_int3_twin(twin, lows, highs, s_list, c_list, 16)
     n = len(lows)
-    block = 1 << (n - 1).bit_length()
-    pad = block - n
-    i16 = lambda vs: torch.tensor([v - (1 << 16) if v >= 1 << 15 else v for v in vs] + [0] * pad,  # noqa: E731
-                                  dtype=torch.int16)
-    out = torch.full((block,), float("nan"), dtype=torch.float16)
-    twin[(1,)](i16(lows), i16(highs), torch.tensor(s_list + [0.0] * pad, dtype=torch.float16),
-               torch.tensor(c_list + [0.0] * pad, dtype=torch.float16), out, BLOCK=block)
-    got = [int(v) & 0xFFFF for v in out[:n].view(torch.int16).tolist()]
     asm = decode_tile.packed_asm_int3_halves("fp16")
     sb, cb = half_bits(s_list, "f16"), half_bits(c_list, "f16")
     for e in range(0, n, 2):
