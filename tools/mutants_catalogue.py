@@ -77,8 +77,8 @@ MUTANTS = [
     # ---- grouped (MoE) round-2 tiles ---------------------------------------------------------------
     dict(id="grouped-decode-pool-drops-running-sum", cls="multi-tile reduction",
          file="qlk/kernels/fused_matmul.py",  # the decode loop shared with the dense split-K kernel
-         old="if pool_here:\n                p_run = _pool_tile(p_ptr, xt, p_run,",
-         new="if pool_here:\n                _pool_tile(p_ptr, xt, p_run,",
+         old="                p_run = _pool_tile(p_ptr, xt, p_run, offs_m, k0, M, K, stride_pm",
+         new="                _pool_tile(p_ptr, xt, p_run, offs_m, k0, M, K, stride_pm",
          tests=["tests/test_moe.py", "-k", "round2"]),
     dict(id="grouped-grad-tile-rounded-to-fp16", cls="precision", file="qlk/kernels/grouped_matmul.py",
          old="BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K,\n                                     dy_ptr.dtype.element_ty)",
