@@ -368,16 +368,19 @@ def _quant_matmul_grad_input_kernel(
         words, words1, words2 = next0, next1, next2
         dyt = tl.load(dy_rows[None, :] + offs_n[:, None] * stride_dyn, mask=offs_n[:, None] < N, other=0.0)
         acc = tl.dot(wt, dyt, acc, input_precision=DOT_PRECISION)
-    acc = tl.trans(acc)
-    dx_ptrs = dx_ptr + offs_m[:, None].to(tl.int64) * stride_dxm + offs_k[None, :] * stride_dxk
-    dx_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
     if SPLIT_N:
+        # fp32 partial of dXᵀ's tile, in the accumulator's own layout (as split-N adds it): the
+        # workspace is [M, K] row-major, slice s at s·M·K (deterministic)
+        ws_mask = (offs_k[:, None] < K) & (offs_m[None, :] < M)
+        ws_offs = offs_m[None, :].to(tl.int64) * K + offs_k[:, None]
         if ATOMIC:
-            tl.atomic_add(dx_ptrs, acc, mask=dx_mask, sem="relaxed")
+            tl.atomic_add(dx_ptr + ws_offs, acc, mask=ws_mask, sem="relaxed")
         else:
-            tl.store(dx_ptrs + tl.program_id(1).to(tl.int64) * M * K, acc, mask=dx_mask)
+            tl.store(dx_ptr + tl.program_id(1).to(tl.int64) * M * K + ws_offs, acc, mask=ws_mask)
     else:
-        tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=dx_mask)
+        acc = tl.trans(acc)
+        dx_ptrs = dx_ptr + offs_m[:, None].to(tl.int64) * stride_dxm + offs_k[None, :] * stride_dxk
+        tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
 
 
 @triton.jit

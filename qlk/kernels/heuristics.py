@@ -290,6 +290,11 @@ def split_busy(length: int, block: int, split: int) -> float:
 #: slice adds (BLOCK_K × BLOCK_M × 4 B through L2 atomics, often more than its slice of the weight)
 GRAD_SPLIT_MIN_STEPS = 4
 
+#: GEMM input-gradient tiles whose split variant spills (the static report, round 5: sm_80's 8-warp
+#: tiles sit at 255 registers unsplit; the fp32 partial's atomics push 256x32x128 to 0.8-1 KB of
+#: stack, 128x32x128 to 8 B): they are launched unsplit
+GRAD_SPLIT_SPILLS = {80: frozenset({"256x32x128 w8 s3", "128x32x128 w8 s3"}), 90: frozenset()}
+
 
 def grad_split(n: int, block_n: int, base_ctas: int, sms: int) -> int:
     """Slices of the GEMM input gradient's reduction over N (round 5): 1 when its dX tiles alone
@@ -356,7 +361,8 @@ def _score(op, c, m, n, k, fmt, arch, sms):
         eff = fitted or sum(gemm_tile_eff(bn, bm, c.num_warps, arch, fmt)) / 2
     elif op == "grad":
         tiles_m, tiles_o = math.ceil(m / bm), math.ceil(k / bk)
-        split = grad_split(n, bn, tiles_m * tiles_o, sms)
+        label = f"{bm}x{bn}x{bk} w{c.num_warps} s{c.num_stages}"
+        split = 1 if label in GRAD_SPLIT_SPILLS.get(arch_family(arch), ()) else grad_split(n, bn, tiles_m * tiles_o, sms)
         ctas = tiles_m * tiles_o * split
         fill = m * k / (tiles_m * bm * tiles_o * bk) * split_busy(n, bn, split)
         eff = fitted or sum(gemm_tile_eff(bk, bm, c.num_warps, arch, fmt, grad=True)) / 2
