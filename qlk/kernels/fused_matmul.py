@@ -23,7 +23,9 @@ may instead dequantize Ŵ and run a dense GEMM when the static model estimates t
     (Ŵᵀ as the A operand again); the reduction runs over N. With QA-LoRA's ``WITH_V``, one extra
     program per M tile computes V = dY·B instead (no weight tile). Its tile comes from
     :func:`qlk.kernels.quant_tile_t._dequant_tile_t`: dequantized and rounded to the activation dtype
-    on the packed shape, so the layout change to the MMA operand moves 16-bit values.
+    on the packed shape, so the layout change to the MMA operand moves 16-bit values. At mid M on
+    narrow K (too few dX tiles for the SMs) the rules split its N loop over a second grid axis
+    (``SPLIT_N``; partials through the split-N workspace; :func:`qlk.kernels.heuristics.grad_split`).
 ``_quant_matmul_grad_input_splitn_kernel``  dX at small M (M <= ``SPLITN_MAX_M``): the reduction over
     N is split over a second grid axis (≈ 16 CTAs per SM), partials added with fp32 atomics or,
     ``deterministic=True``, through a workspace [SPLIT, M, K] summed in a fixed order.

@@ -63,6 +63,10 @@ the GEMMs (:func:`choose_fused`, by :func:`fused_time`), and at M = 1 the input 
 kernel against split-N (:func:`choose_m1_grad`). The path rule's dequantize and dense terms are
 fitted the same way (:data:`DEQUANT_EFF`, :data:`DENSE_SMALL_EFF`).
 
+**Round 5.** The GEMM input gradient splits its reduction over N where its dX tiles leave SMs idle
+(mid M, narrow K; :func:`grad_split`): the split is a launch parameter of the same candidate (its
+label and calibration unchanged), its busy share joins ``fill``.
+
 **Path rule** (:func:`choose_path`): at M > 16, the fused kernel or dequantize (Ŵ written once
 in the activation dtype, :mod:`qlk.kernels.dequant`) then a dense GEMM, whichever the static model
 says is faster::
