@@ -125,9 +125,11 @@ class Case:
 def declare_loops() -> None:
     """Main-loop trips per CTA of the qlk kernels whose loop is not ``range(0, K, BLOCK_K)``: the
     split kernels divide their reduction over grid axis 1, the input gradients reduce over N."""
-    split = lambda L: L.grid[1] if L.grid else 1  # noqa: E731
+    split = lambda L: L.grid[1] if L.grid and len(L.grid) > 1 else 1  # noqa: E731
     sass.declare("_quant_matmul_splitk_kernel", iterations=lambda L: sass.reduction_trips(L, "K", ("BLOCK_K",), split(L)))
-    sass.declare("_quant_matmul_grad_input_kernel", iterations=lambda L: sass.reduction_trips(L, "N", ("BLOCK_N",)))
+    # the GEMM input gradient: split over N on grid axis 1 at mid M (round 5; split 1: all of N)
+    sass.declare("_quant_matmul_grad_input_kernel",
+                 iterations=lambda L: sass.reduction_trips(L, "N", ("BLOCK_N",), split(L)))
     sass.declare("_quant_matmul_grad_input_splitn_kernel",
                  iterations=lambda L: sass.reduction_trips(L, "N", ("BLOCK_N",), split(L)))
     sass.declare("_quant_matmul_grad_input_gemv_kernel",

@@ -352,6 +352,10 @@ def _rules_check(rows, arch, sms, g, heuristics, launches):
                            and (r["config"] + " ").startswith(pick.label + " ")), (None, None))
             label = f"{pick.op} {pick.label}"
         c_row, t_chosen = chosen
+        # the GEMM input gradient split over N (round 5): a sweep compiled before the rules split it
+        # holds the unsplit launch of the chosen tile, whose estimate is not the launch's now
+        stale = (pick != "gemv" and pick.op == "grad" and pick.split > 1 and c_row is not None
+                 and c_row.get("grid_ctas") not in (None, "", pick.ctas))
         dense = by_case.get(launches.case_name(f"dense-{r0['op']}", "bf16", k, n, m))
         dense = max(dense, key=rank) if dense else None
         deq = by_case.get(launches.case_name("dequant", r0["fmt"], k, n, None))
@@ -367,7 +371,7 @@ def _rules_check(rows, arch, sms, g, heuristics, launches):
                         kernel=c_row["kernel"] if c_row else None, chosen=label if c_row is None else
                         f"{kernel_op[c_row['kernel']]} {c_row['config']}",
                         best=f"{kernel_op[best['kernel']]} {best['config']}",
-                        ratio=t_best / t_chosen if t_chosen else None,
+                        ratio=t_best / t_chosen if t_chosen else None, stale=stale,
                         estimate=metric(c_row) if c_row else None,
                         x_fused=x_fused, x_dequant=x_deq, path=path, x_dense=x_dense,
                         x_best_path=max(x for x in (x_fused, x_deq) if x is not None) if x_fused else None))

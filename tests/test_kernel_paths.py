@@ -75,6 +75,7 @@ def real_paths(monkeypatch):
     workspace too: one config launches (qlk.kernels.heuristics' choice, no autotuning), so every
     slice must be written (only QLK_ALL_CONFIGS, the static report's compile-only mode, launches
     several configs into one workspace)."""
+    _SMS[0] = 132  # (use_split lowers it; the GEMM input gradient splits its N reduction below ~base-grid SMs)
     monkeypatch.setattr(fm, "num_sms", lambda device: _SMS[0])
 
     def workspace(shape, device):
@@ -237,10 +238,128 @@ def test_grad_input_gemm_loops(case, m, ahead, monkeypatch):
     reads the clamped last row), 8..13 K tiles, M = 17 / 333 (one ragged M tile / six), NaN output."""
     qw, w64 = int_weight(*case[1:]) if case[0] == "int" else nf4_weight(*case[1:])
     monkeypatch.setattr(fm, "_grad_words_ahead", lambda: ahead)
+    _SMS[0] = 1  # the unsplit kernel (every N tile in one program; the split: test_grad_input_gemm_split)
     n, k = qw.shape
     dy = randn(m, n, seed=m + n + 3)
     dx = quant_matmul_backward(dy, qw, out=nan(m, k), path="gemm")
     assert oracles.rel_err(dx, dy.cpu().double() @ w64) < TOL
+
+
+# ------------------------------------------------------ GEMM input gradient, split N (round 5)
+SPLIT_N_ROWS = 264  # 9 N tiles of 32, the last ragged (8 rows): 3 slices of 3 tiles
+_SPLIT_TILE = dict(BLOCK_N=32, BLOCK_M=16, BLOCK_K=64, GROUP_M=2)  # 16-row M tiles: 2 at M = 17, 4 at M = 64
+
+
+@pytest.fixture
+def split_gemm_tile(monkeypatch):
+    """The GEMM input gradient's one interpreter candidate with 16-row M tiles, and the SM count at
+    which the rules (heuristics.grad_split) give 3 slices of 3 N tiles each: returns a function
+    (M, K) -> the choice, asserting that."""
+    from qlk.kernels import config
+
+    cfg = config._cfg(None, 4, 1, **_SPLIT_TILE)
+    real = heuristics.candidates
+    monkeypatch.setattr(heuristics, "candidates", lambda op: [cfg] if op == "grad" else real(op))
+    monkeypatch.setattr(heuristics, "GRAD_SPLIT_MIN_STEPS", 3)  # 9 N tiles: 3 slices (CI time)
+    heuristics._choose_default.cache_clear()
+
+    def choose(m, k):
+        n = SPLIT_N_ROWS
+        base = math.ceil(m / 16) * math.ceil(k / 64)
+        for sms in range(base + 1, 4 * base):
+            _SMS[0] = sms
+            c = heuristics.choose_config("grad", m, n, k, "int4", fm.target_arch(), sms)
+            if c.split == 3:
+                break
+        assert c.split == 3 and math.ceil(math.ceil(n / 32) / c.split) == 3, (m, k, c)
+        return c
+
+    yield choose
+    heuristics._choose_default.cache_clear()
+
+
+_SPLIT_W = {}
+
+
+def split_weight(case):
+    """(qw with N = SPLIT_N_ROWS, float64 Ŵ) for ("int", bits, g, K) / ("nf4", block, dq, K)."""
+    if case not in _SPLIT_W:
+        if case[0] == "int":
+            _, bits, g, k = case
+            qw = qlk.quantize(grouped_weight(SPLIT_N_ROWS, k, g, seed=bits + g + k), bits=bits, group_size=g)
+            _SPLIT_W[case] = (qw.to(DEVICE), oracles.int_dequant64(qw))
+        else:
+            pytest.importorskip("bitsandbytes")
+            _, block, dq, k = case
+            gen = torch.Generator().manual_seed(block + k)
+            w = torch.randn(SPLIT_N_ROWS, k, generator=gen) * torch.logspace(-1, 1, SPLIT_N_ROWS)[:, None]
+            qw, ref = oracles.bnb_weight(w, blocksize=block, double_quant=dq)
+            _SPLIT_W[case] = (qw.to(DEVICE), ref)
+    return _SPLIT_W[case]
+
+
+GRAD_SPLIT_RUNS = [  # (weight, M, deterministic, words ahead): each format, both reductions, both loops
+    pytest.param(("int", 4, 32, 256), 17, False, True, id="int4g32k256-M17-atomic-ahead"),
+    pytest.param(("int", 3, 48, 336), 64, True, True, id="int3g48k336-M64-det-ahead"),  # K mod 32 = 16
+    pytest.param(("int", 2, 8, 264), 64, False, False, id="int2g8k264-M64-atomic-cpasync"),  # K mod 16 = 8
+    pytest.param(("nf4", 64, True, 320), 17, True, False, id="nf4b64dqk320-M17-det-cpasync"),  # 1320 blocks
+]
+
+
+@pytest.mark.parametrize("case,m,det,ahead", GRAD_SPLIT_RUNS)
+def test_grad_input_gemm_split(case, m, det, ahead, split_gemm_tile, monkeypatch):
+    """The GEMM input gradient with its N reduction split over the grid (mid M, docs/kernels.md
+    "Input gradient, split N at mid M (round 5)"): 3 slices of 3 N tiles (the last tile ragged),
+    2 or 4 M tiles, 4..6 K tiles (ragged K), fp32 atomics or the NaN-poisoned [SPLIT, M, K]
+    workspace, NaN-poisoned dX, against float64."""
+    qw, w64 = split_weight(case)
+    monkeypatch.setattr(fm, "_grad_words_ahead", lambda: ahead)
+    n, k = qw.shape
+    chosen = split_gemm_tile(m, k)
+    log = []
+    monkeypatch.setattr(fm, "CHOICE_LOG", log)
+    dy = randn(m, n, seed=m + k + 11)
+    dx = quant_matmul_backward(dy, qw, out=nan(m, k), path="gemm", deterministic=det)
+    assert [(op, c.split) for op, c in log] == [("grad", chosen.split)]
+    assert oracles.rel_err(dx, dy.cpu().double() @ w64) < TOL
+
+
+def test_grad_input_gemm_split_qalora(split_gemm_tile, monkeypatch):
+    """QA-LoRA's input gradient through the split launch: dX (folded biases) split over N, V = dY·B
+    from the unsplit V programs (slice 0's), both NaN-poisoned, against the paper's formula."""
+    qw, w64 = split_weight(("int", 4, 32, 256))
+    n, k = qw.shape
+    m = 17
+    a = randn(RANK, k // 32, seed=5).cpu() * 16
+    b = randn(n, RANK, seed=6).cpu()
+    dy = randn(m, n, seed=7)
+    assert split_gemm_tile(m, k).split == 3
+    log = []
+    monkeypatch.setattr(fm, "CHOICE_LOG", log)
+    dx, v = qalora_grad_input(dy, qw, a.to(DEVICE), b.to(DEVICE), SIGMA, out=nan(m, k), path="gemm")
+    assert [(op, c.split) for op, c in log] == [("grad", 3)]
+    dx_ref, _, _ = oracles.qalora_backward64(torch.zeros(m, k, dtype=torch.float64), dy.cpu().double(), w64, a, b,
+                                             SIGMA, 32)
+    assert oracles.rel_err(dy.cpu().double() @ w64, dx_ref) > 0.05, "the adapter term of dX is too small to test"
+    assert oracles.rel_err(dx, dx_ref) < TOL
+    assert oracles.rel_err(v, dy.cpu().double() @ b.double()) < 1e-6
+
+
+def test_grad_split_rule():
+    """heuristics.grad_split: no split once the dX tiles fill the SMs (M = 4096), a filled grid at
+    M = 64 on K = 2048 (16 dX tiles on 132 SMs), >= GRAD_SPLIT_MIN_STEPS N tiles per slice, none empty."""
+    assert heuristics.grad_split(14336, 64, 16 * 32, 132) == 1
+    assert heuristics.grad_split(4096, 64, 132, 132) == 1
+    assert heuristics.grad_split(2048, 64, 16, 132) == 8  # 8 slices of 4 tiles: 128 CTAs
+    s = heuristics.grad_split(8192, 64, 16, 132)
+    assert 16 * s <= 2 * 132 and heuristics.sm_balance(16 * s, 132) > 0.9
+    assert heuristics.grad_split(512, 64, 16, 132) == 2  # 8 N tiles: 2 slices of 4
+    assert heuristics.grad_split(448, 64, 16, 132) == 1  # 7 N tiles: no slice of 4 beside another
+    for n in (512, 2048, 8192, 72, 1000, 3000):
+        s = heuristics.grad_split(n, 64, 16, 132)
+        steps = math.ceil(n / 64)
+        assert (s - 1) * math.ceil(steps / s) < steps  # the last slice holds a tile
+        assert s == 1 or math.ceil(steps / s) >= heuristics.GRAD_SPLIT_MIN_STEPS
 
 
 GEMV_CASES = [  # (format, weight case, deterministic): each format and reduction once, to keep the time down
@@ -362,6 +481,7 @@ def test_qalora_grad_v_gemm(m, rank, dtype):
     a = randn(rank, k // 32, seed=rank).cpu() * 16  # the adapter term of dX about as large as dY·Ŵ
     b = randn(n, rank, seed=rank + 1).cpu()
     dy = randn(m, n, seed=m + rank).to(dtype)
+    _SMS[0] = 1  # the unsplit launch (split: test_grad_input_gemm_split_qalora)
     v_out = []
     real = fm._v_buffer
     with pytest.MonkeyPatch.context() as mp:  # keep the V buffer the launch writes (NaN-poisoned)

@@ -65,11 +65,23 @@ def test_rules_pick_the_analyzers_best_kernel_and_tile(sweep):
     """Chosen == best within RULES_TOLERANCE (1 % of the estimated time: the estimates' printed
     resolution, well under the model's own error) at every case of the sweep."""
     arch, res = sweep
+    res, stale = current(res)
     off = {r["case"]: (r["chosen"], r["best"], round(r["ratio"] or 0, 3)) for r in res
            if r["ratio"] is None or r["ratio"] < sr.RULES_TOLERANCE}
-    assert set(off) == set(KNOWN_OFF[arch]), {c: v for c, v in off.items() if c not in KNOWN_OFF[arch]}
-    for case, ratio in KNOWN_OFF[arch].items():  # the documented exceptions get no worse
+    known = {c: x for c, x in KNOWN_OFF[arch].items() if c not in stale}
+    assert set(off) == set(known), {c: v for c, v in off.items() if c not in known}
+    for case, ratio in known.items():  # the documented exceptions get no worse
         assert off[case][2] >= ratio - 0.002, (case, off[case])
+
+
+def current(res):
+    """(the cases the committed sweep can judge, the names of those it cannot): where the rules now
+    split the GEMM input gradient over N (round 5, mid M on narrow K) and the sweep predates it,
+    its rows are the unsplit launch's (``stale``); they are judged again once the sweep is
+    regenerated (bench/static_report.py marks a row stale by its grid)."""
+    stale = {r["case"] for r in res if r["stale"]}
+    assert all(r["op"] == "dgrad" and 16 < r["M"] < 2048 for r in res if r["stale"])
+    return [r for r in res if not r["stale"]], stale
 
 
 #: the dispatcher's documented misses: case -> (path taken, its x dense, the other path's x dense).
@@ -91,6 +103,7 @@ def test_dispatcher_takes_the_faster_path(sweep):
     """At M > 16 the dispatcher's path (fused / dequantize + dense) is within the tolerance of the
     faster one by the analyzer's estimates, except the documented misses (which get no worse)."""
     arch, res = sweep
+    res, stale = current(res)
     bad = {r["case"]: (r["path"], round(r["x_dense"], 3), round(r["x_best_path"], 3)) for r in res
            if r["x_dequant"] is not None and r["x_dense"] < r["x_best_path"] * sr.RULES_TOLERANCE}
     assert set(bad) == set(KNOWN_DISPATCH[arch]), {c: v for c, v in bad.items() if c not in KNOWN_DISPATCH[arch]}

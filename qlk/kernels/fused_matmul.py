@@ -23,7 +23,9 @@ may instead dequantize Ŵ and run a dense GEMM when the static model estimates t
     (Ŵᵀ as the A operand again); the reduction runs over N. With QA-LoRA's ``WITH_V``, one extra
     program per M tile computes V = dY·B instead (no weight tile). Its tile comes from
     :func:`qlk.kernels.quant_tile_t._dequant_tile_t`: dequantized and rounded to the activation dtype
-    on the packed shape, so the layout change to the MMA operand moves 16-bit values.
+    on the packed shape, so the layout change to the MMA operand moves 16-bit values. At mid M on
+    narrow K (too few dX tiles for the SMs) the rules split its N loop over a second grid axis
+    (``SPLIT_N``; partials through the split-N workspace; :func:`qlk.kernels.heuristics.grad_split`).
 ``_quant_matmul_grad_input_splitn_kernel``  dX at small M (M <= ``SPLITN_MAX_M``): the reduction over
     N is split over a second grid axis (≈ 16 CTAs per SM), partials added with fp32 atomics or,
     ``deterministic=True``, through a workspace [SPLIT, M, K] summed in a fixed order.
@@ -296,8 +298,15 @@ def _quant_matmul_grad_input_kernel(
     lb_ptr=None,  # WITH_V: QA-LoRA's lora_b [N, R] (any strides)
     R=0, stride_lbn=0, stride_lbr=0,
     WITH_V: tl.constexpr = False, R_PAD: tl.constexpr = 16,
+    SPLIT_N: tl.constexpr = False, ATOMIC: tl.constexpr = True,
 ):
     """dX[m, k] = Σ_n dY[m, n]·Ŵ[n, k], one dXᵀ [BLOCK_K, BLOCK_M] tile per program, N in BLOCK_N steps.
+
+    SPLIT_N (mid M, narrow K: too few dX tiles for the SMs): the reduction over N is split over grid
+    axis 1, program (tile, s) summing n in slice s of ⌈N/BLOCK_N / SPLIT⌉ tiles; ``dx_ptr`` is then
+    the fp32 workspace ([M, K] row-major, ATOMIC: partials added; else [SPLIT, M, K], slice s
+    stored), cast to dX by the launcher (docs/kernels.md "Input gradient, split N at mid M (round 5)").
+    The dequantizing loop is the same; without SPLIT_N the kernel is the unsplit one.
 
     WORDS_AHEAD: the packed words (INT3: bit planes) of the next N tile are loaded into registers
     during this one (WORDS_ASM: by inline PTX the pipeliner leaves alone, in the layout the unpacking
@@ -311,6 +320,9 @@ def _quant_matmul_grad_input_kernel(
     if WITH_V:
         v_tile = tl.program_id(0) - tl.cdiv(M, BLOCK_M) * tl.cdiv(K, BLOCK_K)
         if v_tile >= 0:
+            if SPLIT_N:  # V is not split: slice 0's program computes it over all of N, the others have none
+                if tl.program_id(1) > 0:
+                    return
             _v_program(v_ptr, dy_ptr, lb_ptr, v_tile, M, N, R, stride_dym, stride_dyn, stride_lbn, stride_lbr,
                        DOT_PRECISION, R_PAD, BLOCK_N, BLOCK_M)
             return
@@ -321,15 +333,24 @@ def _quant_matmul_grad_input_kernel(
     dy_rows = dy_ptr + tl.minimum(offs_m, M - 1).to(tl.int64) * stride_dym
     acc = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
     INT3: tl.constexpr = BITS == 3 and not IS_NF4
+    rows_first = tl.arange(0, BLOCK_N)
+    if SPLIT_N:  # this program's slice of N tiles
+        slice_tiles = tl.cdiv(tl.cdiv(N, BLOCK_N), tl.num_programs(1))
+        n_lo = tl.program_id(1) * slice_tiles * BLOCK_N
+        n_hi = tl.minimum(N, n_lo + slice_tiles * BLOCK_N)
+        rows_first += n_lo
+    else:
+        n_lo = 0
+        n_hi = N
     words, words1, words2 = 0, 0, 0  # the N tile's packed words (INT3: its three bit planes)
     if WORDS_AHEAD:
         if INT3:
-            words, words1, words2 = _int3_planes_t(qw_ptr, stride_qn, tl.minimum(tl.arange(0, BLOCK_N), N - 1),
+            words, words1, words2 = _int3_planes_t(qw_ptr, stride_qn, tl.minimum(rows_first, N - 1),
                                                    k0, K, EVEN_K, BLOCK_K, True, WORDS_ASM)
         else:
-            words = _words_t(qw_ptr, stride_qn, tl.minimum(tl.arange(0, BLOCK_N), N - 1), k0, K,
+            words = _words_t(qw_ptr, stride_qn, tl.minimum(rows_first, N - 1), k0, K,
                              BITS, IS_NF4, EVEN_K, BLOCK_K, True, WORDS_ASM)
-    for n0 in range(0, N, BLOCK_N):
+    for n0 in range(n_lo, n_hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         next0, next1, next2 = words, words1, words2
         if WORDS_AHEAD:
@@ -349,9 +370,19 @@ def _quant_matmul_grad_input_kernel(
         words, words1, words2 = next0, next1, next2
         dyt = tl.load(dy_rows[None, :] + offs_n[:, None] * stride_dyn, mask=offs_n[:, None] < N, other=0.0)
         acc = tl.dot(wt, dyt, acc, input_precision=DOT_PRECISION)
-    acc = tl.trans(acc)
-    dx_ptrs = dx_ptr + offs_m[:, None].to(tl.int64) * stride_dxm + offs_k[None, :] * stride_dxk
-    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
+    if SPLIT_N:
+        # fp32 partial of dXᵀ's tile, in the accumulator's own layout (as split-N adds it): the
+        # workspace is [M, K] row-major, slice s at s·M·K (deterministic)
+        ws_mask = (offs_k[:, None] < K) & (offs_m[None, :] < M)
+        ws_offs = offs_m[None, :].to(tl.int64) * K + offs_k[:, None]
+        if ATOMIC:
+            tl.atomic_add(dx_ptr + ws_offs, acc, mask=ws_mask, sem="relaxed")
+        else:
+            tl.store(dx_ptr + tl.program_id(1).to(tl.int64) * M * K + ws_offs, acc, mask=ws_mask)
+    else:
+        acc = tl.trans(acc)
+        dx_ptrs = dx_ptr + offs_m[:, None].to(tl.int64) * stride_dxm + offs_k[None, :] * stride_dxk
+        tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
 
 
 @triton.jit
@@ -803,17 +834,35 @@ def _grad_input(dy, qw, out, path, deterministic, wargs=None, lora_b=None):
                 v_ptr=v, lb_ptr=lora_b, R=lora_b.shape[1], stride_lbn=lora_b.stride(0),
                 stride_lbr=lora_b.stride(1), WITH_V=True, R_PAD=_r_pad(lora_b.shape[1]))
             ahead = _grad_words_ahead()
+            # mid M on narrow K: the rules split the reduction over N (grid axis 1) to fill the SMs;
+            # partials in an fp32 workspace, summed and cast below (split 1: dX stored directly)
+            max_split = max(c.split for c in launches)
+            ws = _split_workspace(max_split, m, k, deterministic, dy.device) if max_split > 1 else None
             for c in launches:
-                grid = (triton.cdiv(m, c.block_m) * (triton.cdiv(k, c.block_k) + (lora_b is not None)),)
-                _quant_matmul_grad_input_kernel[grid](
-                    out, dy2, *args, m, n, k, _bucket(m),
-                    dy2.stride(0), dy2.stride(1), out.stride(0), out.stride(1),
+                tiles = triton.cdiv(m, c.block_m) * (triton.cdiv(k, c.block_k) + (lora_b is not None))
+                dst, split = (out, {}) if c.split == 1 else (ws, dict(SPLIT_N=True, ATOMIC=not deterministic))
+                _quant_matmul_grad_input_kernel[(tiles, c.split)](
+                    dst, dy2, *args, m, n, k, _bucket(m),
+                    dy2.stride(0), dy2.stride(1), dst.stride(-2), dst.stride(-1),
                     DOT_PRECISION=_precision(dy.dtype), INT2_HALVES=int2_halves,
-                    WORDS_AHEAD=ahead, WORDS_ASM=ahead and not INTERPRETED, **meta, **c.meta, **v_args)
+                    WORDS_AHEAD=ahead, WORDS_ASM=ahead and not INTERPRETED, **meta, **c.meta, **v_args, **split)
+            if ws is not None and launches[-1].split > 1:  # the chosen launch (the last) wrote the workspace
+                _split_finish(out, ws, deterministic)
     if qw.perm is not None:
         out = out.index_select(1, torch.argsort(qw.perm))
     dx = out.reshape(*lead, k)
     return dx if lora_b is None else (dx, v)
+
+
+def _split_workspace(split, m, k, deterministic, device) -> torch.Tensor:
+    """The input gradients' split-N workspace: [M, K] for the atomics, [SPLIT, M, K] deterministic."""
+    return _workspace((split, m, k) if deterministic else (m, k), device)
+
+
+def _split_finish(out, ws, deterministic):
+    """dX from the split-N workspace: the slices summed in a fixed order (deterministic) or the
+    atomics' sums, cast to ``out``'s dtype."""
+    out.copy_(ws.sum(0) if deterministic else ws)
 
 
 def _splitn_grad_input(dy2, qw, out, deterministic, args, meta, fp32_bias=False, lora_b=None, v=None):
@@ -824,7 +873,7 @@ def _splitn_grad_input(dy2, qw, out, deterministic, args, meta, fp32_bias=False,
     with_v = lora_b is not None
     r = lora_b.shape[1] if with_v else 0
     max_split = max(c.split for c in launches)
-    ws = _workspace((max_split, m, k) if deterministic else (m, k), dy2.device)
+    ws = _split_workspace(max_split, m, k, deterministic, dy2.device)
     v_ws = (_workspace((max_split, m, r) if deterministic else (m, r), dy2.device)) if with_v else None
     dummy = args[3]
     for c in launches:
@@ -835,7 +884,7 @@ def _splitn_grad_input(dy2, qw, out, deterministic, args, meta, fp32_bias=False,
             dy2.stride(0), dy2.stride(1), lora_b.stride(0) if with_v else 0, lora_b.stride(1) if with_v else 0,
             ATOMIC=not deterministic, DOT_PRECISION=_precision(dy2.dtype),
             WITH_V=with_v, R_PAD=_r_pad(r), **meta, **c.meta)
-    out.copy_(ws.sum(0) if deterministic else ws)
+    _split_finish(out, ws, deterministic)
     if with_v:
         v.copy_(v_ws.sum(0) if deterministic else v_ws)
 

@@ -63,6 +63,10 @@ the GEMMs (:func:`choose_fused`, by :func:`fused_time`), and at M = 1 the input 
 kernel against split-N (:func:`choose_m1_grad`). The path rule's dequantize and dense terms are
 fitted the same way (:data:`DEQUANT_EFF`, :data:`DENSE_SMALL_EFF`).
 
+**Round 5.** The GEMM input gradient splits its reduction over N where its dX tiles leave SMs idle
+(mid M, narrow K; :func:`grad_split`): the split is a launch parameter of the same candidate (its
+label and calibration unchanged), its busy share joins ``fill``.
+
 **Path rule** (:func:`choose_path`): at M > 16, the fused kernel or dequantize (Ŵ written once
 in the activation dtype, :mod:`qlk.kernels.dequant`) then a dense GEMM, whichever the static model
 says is faster::
@@ -285,6 +289,34 @@ def split_busy(length: int, block: int, split: int) -> float:
     return steps / (split * math.ceil(steps / split))
 
 
+#: fewest N tiles per slice of the GEMM input gradient's split (as the dense baseline keeps ≥ 4 K
+#: steps per split): the analyzer sees neither the pipeline's prologue nor the fp32 partial tile each
+#: slice adds (BLOCK_K × BLOCK_M × 4 B through L2 atomics, often more than its slice of the weight)
+GRAD_SPLIT_MIN_STEPS = 4
+
+#: GEMM input-gradient tiles whose split variant spills (the static report, round 5: sm_80's 8-warp
+#: tiles sit at 255 registers unsplit; the fp32 partial's atomics push 256x32x128 to 0.8-1 KB of
+#: stack, 128x32x128 to 8 B): they are launched unsplit
+GRAD_SPLIT_SPILLS = {80: frozenset({"256x32x128 w8 s3", "128x32x128 w8 s3"}), 90: frozenset()}
+
+
+def grad_split(n: int, block_n: int, base_ctas: int, sms: int) -> int:
+    """Slices of the GEMM input gradient's reduction over N (round 5): 1 when its dX tiles alone
+    fill the SMs; else :func:`split_count` aiming at one or two CTAs per SM (heavy GEMM CTAs, not
+    the split kernels' 16), at most ⌊steps / GRAD_SPLIT_MIN_STEPS⌋ slices, whichever gives the
+    better SM balance × busy share (equal: fewer slices, less workspace traffic). M = 64 on
+    K = 2048, N = 2048: 16 dX tiles of 128x128 -> 8 slices of 4 N tiles on 132 SMs."""
+    steps = math.ceil(n / block_n)
+    cap = steps // GRAD_SPLIT_MIN_STEPS
+    if base_ctas >= sms or cap < 2:
+        return 1
+    options = {1}
+    for per_sm in (1, 2):
+        s = min(split_count(n, block_n, base_ctas, sms, per_sm), cap)
+        options.add(math.ceil(steps / math.ceil(steps / s)))  # no empty slice (split_count's rule)
+    return max(sorted(options), key=lambda s: (round(sm_balance(base_ctas * s, sms) * split_busy(n, block_n, s), 6), -s))
+
+
 def _fits(c, arch: int, fp32_bias: bool, op: str, pool: bool = False) -> bool:
     k = c.kwargs
     if getattr(c, "qlk_arch", None) not in (None, arch_family(arch)):
@@ -333,8 +365,10 @@ def _score(op, c, m, n, k, fmt, arch, sms):
         eff = fitted or sum(gemm_tile_eff(bn, bm, c.num_warps, arch, fmt)) / 2
     elif op == "grad":
         tiles_m, tiles_o = math.ceil(m / bm), math.ceil(k / bk)
-        ctas, split = tiles_m * tiles_o, 1
-        fill = m * k / (tiles_m * bm * tiles_o * bk)
+        label = f"{bm}x{bn}x{bk} w{c.num_warps} s{c.num_stages}"
+        split = 1 if label in GRAD_SPLIT_SPILLS.get(arch_family(arch), ()) else grad_split(n, bn, tiles_m * tiles_o, sms)
+        ctas = tiles_m * tiles_o * split
+        fill = m * k / (tiles_m * bm * tiles_o * bk) * split_busy(n, bn, split)
         eff = fitted or sum(gemm_tile_eff(bk, bm, c.num_warps, arch, fmt, grad=True)) / 2
     else:  # split kernels: the padding of BLOCK_M = 16 rows is the same for every candidate
         if op == "splitk":
