@@ -382,7 +382,8 @@ def fit_rules(rows) -> dict:
     """The rules' calibration (qlk.kernels.heuristics.CALIBRATION) from a report's rows with every
     candidate compiled: per (arch, op, format class) and candidate label, the analyzer's estimate
     midpoint over the SM balance (the part of it that does not depend on the grid), the median over
-    the cases. GEMMs (fwd, grad): the tensor fraction; split kernels (splitk, splitn) and the M = 1
+    the cases. GEMMs (fwd, grad): the tensor fraction (grad: unsplit launches only, the split over
+    N is a launch parameter the rules weigh by its SM balance and busy share); split kernels (splitk, splitn) and the M = 1
     FMA input gradient (gemv): the DRAM fraction at M <= 16, also over the share of their grid that
     holds reduction steps (uneven slices leave CTAs idle)."""
     import statistics
@@ -408,6 +409,10 @@ def fit_rules(rows) -> dict:
         if op in ("fwd", "grad"):
             if r["tensor_peak_opt"] is None:
                 continue
+            if op == "grad":  # split launches (round 5) carry their workspace traffic: fit the tile unsplit
+                rows_k, cols_m, _ = (int(x) for x in _TILE.match(r["config"]).groups())
+                if r["grid_ctas"] > math.ceil(r["K"] / rows_k) * math.ceil(r["M"] / cols_m):
+                    continue
             label = " ".join(r["config"].split()[:3])
             eff = (r["tensor_peak_opt"] + r["tensor_peak_pess"]) / 2 / bal
         else:
