@@ -410,8 +410,8 @@ def fit_rules(rows) -> dict:
             if r["tensor_peak_opt"] is None:
                 continue
             if op == "grad":  # split launches (round 5) carry their workspace traffic: fit the tile unsplit
-                rows_k, cols_m, _ = (int(x) for x in _TILE.match(r["config"]).groups())
-                if r["grid_ctas"] > math.ceil(r["K"] / rows_k) * math.ceil(r["M"] / cols_m):
+                block_m, _, block_k = (int(x) for x in _TILE.match(r["config"]).groups())
+                if r["grid_ctas"] > math.ceil(r["K"] / block_k) * math.ceil(r["M"] / block_m):
                     continue
             label = " ".join(r["config"].split()[:3])
             eff = (r["tensor_peak_opt"] + r["tensor_peak_pess"]) / 2 / bal
