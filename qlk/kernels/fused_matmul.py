@@ -836,10 +836,11 @@ def _grad_input(dy, qw, out, path, deterministic, wargs=None, lora_b=None):
             ahead = _grad_words_ahead()
             # mid M on narrow K: the rules split the reduction over N (grid axis 1) to fill the SMs;
             # partials in an fp32 workspace, summed and cast below (split 1: dX stored directly)
-            max_split = max(c.split for c in launches)
-            ws = _split_workspace(max_split, m, k, deterministic, dy.device) if max_split > 1 else None
+            ws = None
             for c in launches:
                 tiles = triton.cdiv(m, c.block_m) * (triton.cdiv(k, c.block_k) + (lora_b is not None))
+                if c.split > 1:  # a zeroed workspace per launch (QLK_ALL_CONFIGS runs several)
+                    ws = _split_workspace(c.split, m, k, deterministic, dy.device)
                 dst, split = (out, {}) if c.split == 1 else (ws, dict(SPLIT_N=True, ATOMIC=not deterministic))
                 _quant_matmul_grad_input_kernel[(tiles, c.split)](
                     dst, dy2, *args, m, n, k, _bucket(m),
