@@ -354,8 +354,10 @@ def _rules_check(rows, arch, sms, g, heuristics, launches):
         c_row, t_chosen = chosen
         # the GEMM input gradient split over N (round 5): a sweep compiled before the rules split it
         # holds the unsplit launch of the chosen tile, whose estimate is not the launch's now
-        stale = (pick != "gemv" and pick.op == "grad" and pick.split > 1 and c_row is not None
-                 and c_row.get("grid_ctas") not in (None, "", pick.ctas))
+        # and the split kernels (round 6: the split count knows the resident CTAs per SM): a sweep
+        # row with another grid than the launch's now was compiled with another split count
+        stale = (pick != "gemv" and c_row is not None and c_row.get("grid_ctas") not in (None, "", pick.ctas)
+                 and (pick.op == "grad" and pick.split > 1 or pick.op in ("splitk", "splitn")))
         dense = by_case.get(launches.case_name(f"dense-{r0['op']}", "bf16", k, n, m))
         dense = max(dense, key=rank) if dense else None
         deq = by_case.get(launches.case_name("dequant", r0["fmt"], k, n, None))
@@ -439,6 +441,34 @@ def fit_rules(rows) -> dict:
         if len(same) == 1 and out[same[0]] == out[(fam, op, f)]:
             del out[same[0]]
     return out
+
+
+def fit_resident(rows) -> dict:
+    """The split kernels' resident CTAs per SM (qlk.kernels.heuristics.RESIDENT) from a report's rows
+    with every candidate compiled: per (arch family, op, format class) and candidate label, the
+    fewest the analyzer's occupancy gave at any shape (registers and shared memory do not depend on
+    the shape; a compile that took a few registers more must not be over-filled)."""
+    from qlk.kernels import heuristics
+
+    import launches
+
+    out = {}
+    for r in rows:
+        op = _RULE_OPS.get(r.get("kernel"))
+        if r.get("status") != "ok" or r.get("group") != "qlk" or op not in ("splitk", "splitn") or not r.get("ctas_per_sm"):
+            continue
+        spec = launches.FORMATS[r["fmt"]]
+        fmt = heuristics.format_class(spec.get("bits", 4), spec.get("fmt") == "nf4", spec.get("group_size"))
+        label = " ".join(r["config"].split()[:3])
+        for f in {fmt, heuristics.base_format(fmt)}:
+            per = out.setdefault((arch_family(r["arch"]), op, f), {})
+            per[label] = min(per.get(label, 1 << 30), int(r["ctas_per_sm"]))
+    # a bit width measured at one group size only: its per-width entry is that one, drop the copy
+    for (fam, op, f) in list(out):
+        same = [k for k in out if k[:2] == (fam, op) and k[2] != f and heuristics.base_format(k[2]) == f]
+        if len(same) == 1 and out[same[0]] == out[(fam, op, f)]:
+            del out[same[0]]
+    return {k: dict(sorted(v.items())) for k, v in sorted(out.items())}
 
 
 def rules_summary(res, tol: float = RULES_TOLERANCE) -> dict:
@@ -829,7 +859,10 @@ def main(argv=None) -> int:
         import pprint
 
         rows = [r for path in args.fit_rules for r in read_csv(path)]
+        print("CALIBRATION = ", end="")
         pprint.pprint(fit_rules(rows), width=120, sort_dicts=True)
+        print("RESIDENT = ", end="")
+        pprint.pprint(fit_resident(rows), width=120, sort_dicts=True)
         return 0
     if args.check_rules:
         return print_rules_check(args.check_rules)

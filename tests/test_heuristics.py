@@ -87,9 +87,68 @@ def test_split_kernels_follow_the_split_rule_and_prefer_long_steps():
     base = math.ceil(14336 / 64)
     steps = 4096 // 256
     target = max(1, min(steps, math.ceil(16 * 132 / base)))  # 10 slices of ⌈16/10⌉ = 2 steps: 2 idle
-    assert c.split == math.ceil(steps / math.ceil(steps / target)) == 8  # round 3: no idle slice
-    assert c.fill == h.split_busy(4096, 256, 8) == 1.0
+    # round 3: no idle slice (the count without occupancy)
+    assert h.split_count(4096, 256, base, 132) == math.ceil(steps / math.ceil(steps / target)) == 8
+    # round 6: 4 CTAs of 16x64x256 resident per SM (RESIDENT): 8 slices fill 528 slots 3.39 times
+    # (slot wave 0.85), 16 slices 6.79 times (0.97) at the same SM balance and busy share
+    assert h.resident_ctas("splitk", SPLIT[1], "int4", 90) == 4
+    assert c.split == 16 and h.slot_wave(c.ctas, 4 * 132) == pytest.approx(3584 / 3696)
+    assert c.fill == h.split_busy(4096, 256, 16) == 1.0
     assert h.split_count(480, 64, 3, 1) == 4 and h.split_count(4096, 128, 4096, 132) == 1
+
+
+#: the decode layers of the round-6 table (docs/kernels.md "Decode, round 5"): K -> N
+_DECODE_SHAPES = ((4096, 14336), (14336, 4096), (4096, 4096), (8192, 28672), (4096, 1024))
+
+
+@pytest.mark.parametrize("op", ["splitk", "splitn"])
+def test_occupancy_split_fills_the_resident_slots(op, device_lists):
+    """Round 6: with the candidates' resident CTAs per SM (RESIDENT) the split count leaves no
+    slice empty, never lowers the SM balance x busy share of the ≈ 16-per-SM count (what the
+    analyzer's DRAM estimate scales by), and its balance x busy x slot wave is at least that
+    count's; on sm_90 4096->14336 (the issue's decode shape) the slot wave reaches 0.97 (0.85)."""
+    for arch in (90, 80):
+        sms = h.DEFAULT_SMS[arch]
+        for k, n in _DECODE_SHAPES:
+            for m in (1, 16):
+                for fmt in ("int4g32", "int4g128", "int3g128", "int2g32", "nf4"):
+                    for c in h.candidates(op):
+                        resident = h.resident_ctas(op, c, fmt, arch)
+                        if c.qlk_arch != arch or resident is None:
+                            continue
+                        kw = c.kwargs
+                        if op == "splitk":
+                            length, block, base = k, kw["BLOCK_K"], math.ceil(n / kw["BLOCK_N"])
+                        else:
+                            length, block, base = n, kw["BLOCK_N"], math.ceil(k / kw["BLOCK_K"])
+                        old = h.split_count(length, block, base, sms)
+                        new = h.split_count(length, block, base, sms, resident=resident)
+                        steps = math.ceil(length / block)
+                        assert 1 <= new <= steps and (new - 1) * math.ceil(steps / new) < steps  # no empty slice
+
+                        def bb(s):
+                            return h.sm_balance(base * s, sms) * h.split_busy(length, block, s)
+
+                        slots = sms * resident
+                        assert bb(new) >= bb(old) - 0.005, (arch, op, k, n, fmt, old, new)
+                        assert bb(new) * h.slot_wave(base * new, slots) >= \
+                            bb(old) * h.slot_wave(base * old, slots) - 0.005, (arch, op, k, n, fmt, old, new)
+    if op == "splitk":
+        for fmt in ("int4g32", "int4g128", "int3g128", "int2g32"):
+            c = h.choose_config("splitk", 1, 14336, 4096, fmt, 90, 132)
+            resident = h.resident_ctas("splitk", h.candidates("splitk")[c.index], fmt, 90)
+            assert h.slot_wave(c.ctas, 132 * resident) >= 0.9, (fmt, c)
+
+
+def test_split_count_without_occupancy_is_the_round3_rule():
+    """A candidate without a RESIDENT entry (the interpreter's, a new tile) keeps the ≈ 16-per-SM
+    count; with one the count may differ (4096->14336 on sm_90: 8 -> 16 slices)."""
+    interp = _cfg(None, 4, 1, BLOCK_N=32, BLOCK_M=16, BLOCK_K=64)
+    assert h.resident_ctas("splitk", interp, "int4g32", 90) is None
+    c = h.score_all("splitk", 1, 14336, 4096, "int4g32", 90, 132, configs=[interp])[0]
+    assert c.split == h.split_count(4096, 64, math.ceil(14336 / 32), 132)
+    assert h.split_count(4096, 256, 224, 132) == 8 and h.split_count(4096, 256, 224, 132, resident=4) == 16
+    assert h.slot_wave(1792, 528) == pytest.approx(1792 / 2112) and h.slot_wave(3584, 528) == pytest.approx(3584 / 3696)
 
 
 def test_tile_model_reproduces_its_calibration_points():

@@ -132,6 +132,13 @@ def test_the_check_can_fail(sweep):
     assert flipped  # the two paths do differ: picking the wrong one would be seen
 
 
+def test_resident_ctas_are_the_sweeps():
+    """heuristics.RESIDENT (the split kernels' CTAs per SM, round 6) is what ``--fit-rules`` reads
+    from the committed sweep: after a re-sweep, refit it with CALIBRATION."""
+    rows = [r for arch in (90, 80) for r in sr.read_csv(SWEEP[arch])]
+    assert sr.fit_resident(rows) == h.RESIDENT
+
+
 def test_split_count_leaves_no_slice_idle():
     for length in (64, 512, 1000, 4096, 14336, 28672):
         for block in (64, 128, 256):

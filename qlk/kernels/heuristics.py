@@ -200,6 +200,36 @@ CALIBRATION = {
     (90, 'splitn', 'int4g32'): {'16x128x64 w4 s3': 0.41, '16x256x64 w4 s3': 0.416},
     (90, 'splitn', 'nf4'): {'16x128x64 w4 s3': 0.345},
 }
+#: Round 6: CTAs of each split-kernel candidate one SM holds at once (registers, shared memory), the
+#: fewest the analyzer's occupancy gave at any shape of the same sweep (``--fit-rules`` prints it
+#: next to CALIBRATION): the split rule fills the resident slots in close to whole waves with it
+#: (:func:`occupancy_split`). A candidate without an entry keeps the ≈ 16-per-SM split count.
+RESIDENT = {
+    (80, 'splitk', 'int2'): {'16x64x128 w4 s4': 7, '16x64x256 w4 s3': 5},
+    (80, 'splitk', 'int3'): {'16x64x128 w4 s4': 7, '16x64x256 w4 s3': 4},
+    (80, 'splitk', 'int4'): {'16x64x128 w4 s4': 5, '16x64x256 w4 s3': 4},
+    (80, 'splitk', 'int4g128'): {'16x64x128 w4 s4': 6, '16x64x256 w4 s3': 4},
+    (80, 'splitk', 'int4g32'): {'16x64x128 w4 s4': 5, '16x64x256 w4 s3': 4},
+    (80, 'splitk', 'nf4'): {'16x64x128 w4 s4': 5, '16x64x256 w4 s3': 4},
+    (80, 'splitn', 'int2'): {'16x128x128 w4 s3': 2, '16x64x128 w4 s4': 4},
+    (80, 'splitn', 'int3'): {'16x128x128 w4 s3': 2, '16x64x128 w4 s4': 3},
+    (80, 'splitn', 'int4'): {'16x128x128 w4 s3': 2, '16x64x128 w4 s4': 3},
+    (80, 'splitn', 'int4g128'): {'16x128x128 w4 s3': 2, '16x64x128 w4 s4': 3},
+    (80, 'splitn', 'int4g32'): {'16x128x128 w4 s3': 2, '16x64x128 w4 s4': 4},
+    (80, 'splitn', 'nf4'): {'16x128x128 w4 s3': 2, '16x64x128 w4 s4': 4},
+    (90, 'splitk', 'int2'): {'16x64x128 w4 s4': 7, '16x64x256 w4 s3': 4},
+    (90, 'splitk', 'int3'): {'16x64x128 w4 s4': 5, '16x64x256 w4 s3': 4},
+    (90, 'splitk', 'int4'): {'16x64x128 w4 s4': 6, '16x64x256 w4 s3': 4},
+    (90, 'splitk', 'int4g128'): {'16x64x128 w4 s4': 6, '16x64x256 w4 s3': 4},
+    (90, 'splitk', 'int4g32'): {'16x64x128 w4 s4': 6, '16x64x256 w4 s3': 4},
+    (90, 'splitk', 'nf4'): {'16x64x128 w4 s4': 5, '16x64x256 w4 s3': 3},
+    (90, 'splitn', 'int2'): {'16x128x64 w4 s3': 4, '16x256x64 w4 s3': 2},
+    (90, 'splitn', 'int3'): {'16x128x64 w4 s3': 3, '16x256x64 w4 s3': 2},
+    (90, 'splitn', 'int4'): {'16x128x64 w4 s3': 3, '16x256x64 w4 s3': 2},
+    (90, 'splitn', 'int4g128'): {'16x128x64 w4 s3': 3, '16x256x64 w4 s3': 2},
+    (90, 'splitn', 'int4g32'): {'16x128x64 w4 s3': 3, '16x256x64 w4 s3': 2},
+    (90, 'splitn', 'nf4'): {'16x128x64 w4 s3': 3},
+}
 #: the standalone dequantize kernel's DRAM fraction over the SM balance of its grid (same sweep)
 DEQUANT_EFF = {90: {"int2": 0.81, "int3": 0.77, "int4": 0.83, "nf4": 0.86},
                80: {"int2": 0.82, "int3": 0.78, "int4": 0.84, "nf4": 0.87}}
@@ -273,14 +303,55 @@ def sm_balance(ctas: int, sms: int) -> float:
     return ctas / (sms * math.ceil(ctas / sms))
 
 
-def split_count(length: int, block: int, base_ctas: int, sms: int, ctas_per_sm: int = 16) -> int:
+def split_count(length: int, block: int, base_ctas: int, sms: int, ctas_per_sm: int = 16,
+                resident: Optional[int] = None) -> int:
     """Slices of a split reduction over ``length`` in ``block`` steps: ≈ ``ctas_per_sm`` CTAs per
     SM (a small last wave with 4-6 resident per SM), at most one slice per step, and no empty slice:
     the kernels give each slice ⌈steps / split⌉ steps, so 16 steps over 14 slices would leave 6 of
-    them idle; the count is lowered to ⌈steps / ⌈steps / target⌉⌉ (8 there, same steps per slice)."""
+    them idle; the count is lowered to ⌈steps / ⌈steps / target⌉⌉ (8 there, same steps per slice).
+
+    ``resident`` (round 6, the split kernels: CTAs of the candidate one SM holds at once,
+    :data:`RESIDENT`): the count is instead picked among the no-empty-slice counts up to twice that
+    target (:func:`occupancy_split`) so that the grid fills the SMs' resident slots in close to
+    whole waves, never at a lower SM balance × busy share than the count above."""
     steps = math.ceil(length / block)
     target = max(1, min(steps, math.ceil(ctas_per_sm * sms / base_ctas)))
-    return math.ceil(steps / math.ceil(steps / target))
+    split = math.ceil(steps / math.ceil(steps / target))
+    if resident is None:
+        return split
+    return occupancy_split(length, block, base_ctas, sms, resident, split, 2 * ctas_per_sm)
+
+
+def slot_wave(ctas: int, slots: int) -> float:
+    """Share of the resident-CTA slots of all waves that hold a CTA: CTAs / (slots · ⌈CTAs / slots⌉),
+    slots = SMs × CTAs resident per SM (the static report's ``wave`` column)."""
+    return ctas / (slots * math.ceil(ctas / slots))
+
+
+def occupancy_split(length: int, block: int, base_ctas: int, sms: int, resident: int, split: int,
+                    ctas_per_sm: int = 32) -> int:
+    """The occupancy-aware split count (round 6). Candidates: every count that leaves no slice empty
+    (⌈steps / ⌈steps / t⌉⌉ for t up to ⌈ctas_per_sm · SMs / base⌉ and the steps) whose SM balance
+    × busy share (what the analyzer's DRAM estimate scales by) is at least that of ``split`` (the
+    ≈ 16-per-SM rule's count). Among them the highest (balance × busy) × slot wave
+    (:func:`slot_wave`, slots = SMs × ``resident``), to 0.01; ties: the higher balance × busy, then
+    fewer slices (less partial-sum traffic, longer pipelined slices).
+
+    Llama-3-8B on sm_90 (16x64x256, 4 resident per SM, 528 slots): 4096→14336 224 N tiles x 16
+    K steps: 8 slices (1792 CTAs, 3.39 waves, slot wave 0.85) -> 16 (3584 CTAs, 0.97);
+    14336→4096 64 x 56: 28 slices (0.85) -> 8 slices of 7 steps (512 CTAs, one wave, 0.97)."""
+    steps = math.ceil(length / block)
+    slots = sms * max(resident, 1)
+    cap = max(1, min(steps, math.ceil(ctas_per_sm * sms / base_ctas)))
+
+    def busy_balance(s):
+        return sm_balance(base_ctas * s, sms) * split_busy(length, block, s)
+
+    floor = busy_balance(split) - 0.005
+    options = {split} | {s for s in (math.ceil(steps / math.ceil(steps / t)) for t in range(1, cap + 1))
+                         if busy_balance(s) >= floor}
+    return max(sorted(options), key=lambda s: (round(busy_balance(s) * slot_wave(base_ctas * s, slots), 2),
+                                               round(busy_balance(s), 2), -s))
 
 
 def split_busy(length: int, block: int, split: int) -> float:
@@ -354,6 +425,16 @@ def calibrated(op: str, c, fmt: str, arch: int) -> Optional[float]:
     return got if got is not None else CALIBRATION.get((fam, op, base_format(fmt)), {}).get(label)
 
 
+def resident_ctas(op: str, c, fmt: str, arch: int) -> Optional[int]:
+    """CTAs of split-kernel candidate ``c`` one SM holds at once (:data:`RESIDENT`, per format class,
+    else per bit width), or None without an entry (the split count then ignores occupancy)."""
+    kw = c.kwargs
+    label = f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{c.num_warps} s{c.num_stages}"
+    fam = arch_family(arch)
+    got = RESIDENT.get((fam, op, fmt), {}).get(label)
+    return got if got is not None else RESIDENT.get((fam, op, base_format(fmt)), {}).get(label)
+
+
 def _score(op, c, m, n, k, fmt, arch, sms):
     kw = c.kwargs
     bn, bm, bk = kw["BLOCK_N"], kw["BLOCK_M"], kw["BLOCK_K"]
@@ -375,7 +456,7 @@ def _score(op, c, m, n, k, fmt, arch, sms):
             base, length, block = math.ceil(n / bn) * math.ceil(m / bm), k, bk
         else:
             base, length, block = math.ceil(k / bk) * math.ceil(m / bm), n, bn
-        split = split_count(length, block, base, sms)
+        split = split_count(length, block, base, sms, resident=resident_ctas(op, c, fmt, arch))
         ctas, fill = base * split, split_busy(length, block, split)
         e = bn * bk
         eff = fitted or e / (e + 4096)
