@@ -347,7 +347,7 @@ def occupancy_split(length: int, block: int, base_ctas: int, sms: int, resident:
     def busy_balance(s):
         return sm_balance(base_ctas * s, sms) * split_busy(length, block, s)
 
-    floor = busy_balance(split) - 0.005
+    floor = busy_balance(split) - 1e-9  # never below the ≈ 16-per-SM count (float noise only)
     options = {split} | {s for s in (math.ceil(steps / math.ceil(steps / t)) for t in range(1, cap + 1))
                          if busy_balance(s) >= floor}
     return max(sorted(options), key=lambda s: (round(busy_balance(s) * slot_wave(base_ctas * s, slots), 2),
