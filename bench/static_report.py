@@ -446,8 +446,8 @@ def fit_rules(rows) -> dict:
 def fit_resident(rows) -> dict:
     """The split kernels' resident CTAs per SM (qlk.kernels.heuristics.RESIDENT) from a report's rows
     with every candidate compiled: per (arch family, op, format class) and candidate label, the
-    fewest the analyzer's occupancy gave at any shape (registers and shared memory do not depend on
-    the shape; a compile that took a few registers more must not be over-filled)."""
+    (fewest, most) the analyzer's occupancy gave over the shapes (a compile may take a few
+    registers more at one shape: the split rule then takes the worst slot wave over the range)."""
     from qlk.kernels import heuristics
 
     import launches
@@ -462,7 +462,9 @@ def fit_resident(rows) -> dict:
         label = " ".join(r["config"].split()[:3])
         for f in {fmt, heuristics.base_format(fmt)}:
             per = out.setdefault((arch_family(r["arch"]), op, f), {})
-            per[label] = min(per.get(label, 1 << 30), int(r["ctas_per_sm"]))
+            got = int(r["ctas_per_sm"])
+            lo, hi = per.get(label, (got, got))
+            per[label] = (min(lo, got), max(hi, got))
     # a bit width measured at one group size only: its per-width entry is that one, drop the copy
     for (fam, op, f) in list(out):
         same = [k for k in out if k[:2] == (fam, op) and k[2] != f and heuristics.base_format(k[2]) == f]

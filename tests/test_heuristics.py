@@ -91,7 +91,7 @@ def test_split_kernels_follow_the_split_rule_and_prefer_long_steps():
     assert h.split_count(4096, 256, base, 132) == math.ceil(steps / math.ceil(steps / target)) == 8
     # round 6: 4 CTAs of 16x64x256 resident per SM (RESIDENT): 8 slices fill 528 slots 3.39 times
     # (slot wave 0.85), 16 slices 6.79 times (0.97) at the same SM balance and busy share
-    assert h.resident_ctas("splitk", SPLIT[1], "int4", 90) == 4
+    assert h.resident_ctas("splitk", SPLIT[1], "int4", 90) == (4, 4)
     assert c.split == 16 and h.slot_wave(c.ctas, 4 * 132) == pytest.approx(3584 / 3696)
     assert c.fill == h.split_busy(4096, 256, 16) == 1.0
     assert h.split_count(480, 64, 3, 1) == 4 and h.split_count(4096, 128, 4096, 132) == 1
@@ -99,6 +99,11 @@ def test_split_kernels_follow_the_split_rule_and_prefer_long_steps():
 
 #: the decode layers of the round-6 table (docs/kernels.md "Decode, round 5"): K -> N
 _DECODE_SHAPES = ((4096, 14336), (14336, 4096), (4096, 4096), (8192, 28672), (4096, 1024))
+
+
+def _worst_wave(ctas, sms, resident):
+    lo, hi = resident
+    return min(h.slot_wave(ctas, sms * r) for r in range(lo, hi + 1))
 
 
 @pytest.mark.parametrize("op", ["splitk", "splitn"])
@@ -129,15 +134,14 @@ def test_occupancy_split_fills_the_resident_slots(op, device_lists):
                         def bb(s):
                             return h.sm_balance(base * s, sms) * h.split_busy(length, block, s)
 
-                        slots = sms * resident
-                        assert bb(new) >= bb(old) - 0.005, (arch, op, k, n, fmt, old, new)
-                        assert bb(new) * h.slot_wave(base * new, slots) >= \
-                            bb(old) * h.slot_wave(base * old, slots) - 0.005, (arch, op, k, n, fmt, old, new)
+                        assert bb(new) >= bb(old) - 1e-9, (arch, op, k, n, fmt, old, new)
+                        assert bb(new) * _worst_wave(base * new, sms, resident) >= \
+                            bb(old) * _worst_wave(base * old, sms, resident) - 0.005, (arch, op, k, n, fmt, old, new)
     if op == "splitk":
         for fmt in ("int4g32", "int4g128", "int3g128", "int2g32"):
             c = h.choose_config("splitk", 1, 14336, 4096, fmt, 90, 132)
             resident = h.resident_ctas("splitk", h.candidates("splitk")[c.index], fmt, 90)
-            assert h.slot_wave(c.ctas, 132 * resident) >= 0.9, (fmt, c)
+            assert _worst_wave(c.ctas, 132, resident) >= 0.9, (fmt, c)
 
 
 def test_split_count_without_occupancy_is_the_round3_rule():
@@ -148,6 +152,9 @@ def test_split_count_without_occupancy_is_the_round3_rule():
     c = h.score_all("splitk", 1, 14336, 4096, "int4g32", 90, 132, configs=[interp])[0]
     assert c.split == h.split_count(4096, 64, math.ceil(14336 / 32), 132)
     assert h.split_count(4096, 256, 224, 132) == 8 and h.split_count(4096, 256, 224, 132, resident=4) == 16
+    # a range of resident CTAs: the worst slot wave over it (NF4 split-N on sm_90 keeps 3 or 4 CTAs of
+    # 16x128x64 by shape; 64 K tiles x 8 slices = 512 CTAs: 0.97 at 4, 0.65 at 3; 4 slices: 0.48 at 4)
+    assert h.split_count(1024, 128, 64, 132, resident=(3, 4)) == 8
     assert h.slot_wave(1792, 528) == pytest.approx(1792 / 2112) and h.slot_wave(3584, 528) == pytest.approx(3584 / 3696)
 
 

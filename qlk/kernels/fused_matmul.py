@@ -15,8 +15,9 @@ may instead dequantize Ŵ and run a dense GEMM when the static model estimates t
     only from shared memory; a dequantized B would make a round trip through it; the measurements
     of that weight-as-B variant, since removed, are in docs/kernels.md).
 ``_quant_matmul_splitk_kernel``  small M (decode, M <= ``SPLITK_MAX_M``; memory-bound). The K
-    loop is split over a second grid axis so that ≈ 16 CTAs per SM stream the weight; partial sums
-    are added with fp32 atomics (default; order-dependent rounding, i.e. not bit-reproducible
+    loop is split over a second grid axis so that many CTAs stream the weight (about 16 per SM,
+    the count that fills the SMs' resident slots in close to whole waves: heuristics.split_count);
+    partial sums are added with fp32 atomics (default; order-dependent rounding, i.e. not bit-reproducible
     run to run) or, with ``deterministic=True``, written to a workspace [SPLIT, M, N] and summed in a
     fixed order.
 ``_quant_matmul_grad_input_kernel``  dX = dY·Ŵ, tile dXᵀ[k0:k0+BK, m0:m0+BM] = Ŵᵀ[BK, N]·dYᵀ[N, BM]

@@ -67,6 +67,12 @@ fitted the same way (:data:`DEQUANT_EFF`, :data:`DENSE_SMALL_EFF`).
 (mid M, narrow K; :func:`grad_split`): the split is a launch parameter of the same candidate (its
 label and calibration unchanged), its busy share joins ``fill``.
 
+**Round 6.** The split kernels' count knows how many CTAs of the candidate an SM holds at once
+(:data:`RESIDENT`, fitted from the sweep's occupancy): among the counts that leave no slice empty
+and keep the SM balance × busy share of the ≈ 16-per-SM count, :func:`occupancy_split` takes the
+one whose grid fills the resident slots in the closest to whole waves (sm_90 4096→14336: 16
+slices instead of 8, slot wave 0.85 → 0.97; 14336→4096: 8 instead of 28, one wave).
+
 **Path rule** (:func:`choose_path`): at M > 16, the fused kernel or dequantize (Ŵ written once
 in the activation dtype, :mod:`qlk.kernels.dequant`) then a dense GEMM, whichever the static model
 says is faster::
@@ -201,34 +207,34 @@ CALIBRATION = {
     (90, 'splitn', 'nf4'): {'16x128x64 w4 s3': 0.345},
 }
 #: Round 6: CTAs of each split-kernel candidate one SM holds at once (registers, shared memory), the
-#: fewest the analyzer's occupancy gave at any shape of the same sweep (``--fit-rules`` prints it
+#: (fewest, most) the analyzer's occupancy gave over the shapes of the same sweep (``--fit-rules`` prints it
 #: next to CALIBRATION): the split rule fills the resident slots in close to whole waves with it
 #: (:func:`occupancy_split`). A candidate without an entry keeps the ≈ 16-per-SM split count.
 RESIDENT = {
-    (80, 'splitk', 'int2'): {'16x64x128 w4 s4': 7, '16x64x256 w4 s3': 5},
-    (80, 'splitk', 'int3'): {'16x64x128 w4 s4': 7, '16x64x256 w4 s3': 4},
-    (80, 'splitk', 'int4'): {'16x64x128 w4 s4': 5, '16x64x256 w4 s3': 4},
-    (80, 'splitk', 'int4g128'): {'16x64x128 w4 s4': 6, '16x64x256 w4 s3': 4},
-    (80, 'splitk', 'int4g32'): {'16x64x128 w4 s4': 5, '16x64x256 w4 s3': 4},
-    (80, 'splitk', 'nf4'): {'16x64x128 w4 s4': 5, '16x64x256 w4 s3': 4},
-    (80, 'splitn', 'int2'): {'16x128x128 w4 s3': 2, '16x64x128 w4 s4': 4},
-    (80, 'splitn', 'int3'): {'16x128x128 w4 s3': 2, '16x64x128 w4 s4': 3},
-    (80, 'splitn', 'int4'): {'16x128x128 w4 s3': 2, '16x64x128 w4 s4': 3},
-    (80, 'splitn', 'int4g128'): {'16x128x128 w4 s3': 2, '16x64x128 w4 s4': 3},
-    (80, 'splitn', 'int4g32'): {'16x128x128 w4 s3': 2, '16x64x128 w4 s4': 4},
-    (80, 'splitn', 'nf4'): {'16x128x128 w4 s3': 2, '16x64x128 w4 s4': 4},
-    (90, 'splitk', 'int2'): {'16x64x128 w4 s4': 7, '16x64x256 w4 s3': 4},
-    (90, 'splitk', 'int3'): {'16x64x128 w4 s4': 5, '16x64x256 w4 s3': 4},
-    (90, 'splitk', 'int4'): {'16x64x128 w4 s4': 6, '16x64x256 w4 s3': 4},
-    (90, 'splitk', 'int4g128'): {'16x64x128 w4 s4': 6, '16x64x256 w4 s3': 4},
-    (90, 'splitk', 'int4g32'): {'16x64x128 w4 s4': 6, '16x64x256 w4 s3': 4},
-    (90, 'splitk', 'nf4'): {'16x64x128 w4 s4': 5, '16x64x256 w4 s3': 3},
-    (90, 'splitn', 'int2'): {'16x128x64 w4 s3': 4, '16x256x64 w4 s3': 2},
-    (90, 'splitn', 'int3'): {'16x128x64 w4 s3': 3, '16x256x64 w4 s3': 2},
-    (90, 'splitn', 'int4'): {'16x128x64 w4 s3': 3, '16x256x64 w4 s3': 2},
-    (90, 'splitn', 'int4g128'): {'16x128x64 w4 s3': 3, '16x256x64 w4 s3': 2},
-    (90, 'splitn', 'int4g32'): {'16x128x64 w4 s3': 3, '16x256x64 w4 s3': 2},
-    (90, 'splitn', 'nf4'): {'16x128x64 w4 s3': 3},
+    (80, 'splitk', 'int2'): {'16x64x128 w4 s4': (7, 7), '16x64x256 w4 s3': (5, 5)},
+    (80, 'splitk', 'int3'): {'16x64x128 w4 s4': (7, 7), '16x64x256 w4 s3': (4, 4)},
+    (80, 'splitk', 'int4'): {'16x64x128 w4 s4': (5, 6), '16x64x256 w4 s3': (4, 4)},
+    (80, 'splitk', 'int4g128'): {'16x64x128 w4 s4': (6, 6), '16x64x256 w4 s3': (4, 4)},
+    (80, 'splitk', 'int4g32'): {'16x64x128 w4 s4': (5, 5), '16x64x256 w4 s3': (4, 4)},
+    (80, 'splitk', 'nf4'): {'16x64x128 w4 s4': (5, 5), '16x64x256 w4 s3': (4, 4)},
+    (80, 'splitn', 'int2'): {'16x128x128 w4 s3': (2, 2), '16x64x128 w4 s4': (4, 4)},
+    (80, 'splitn', 'int3'): {'16x128x128 w4 s3': (2, 2), '16x64x128 w4 s4': (3, 3)},
+    (80, 'splitn', 'int4'): {'16x128x128 w4 s3': (2, 2), '16x64x128 w4 s4': (3, 4)},
+    (80, 'splitn', 'int4g128'): {'16x128x128 w4 s3': (2, 2), '16x64x128 w4 s4': (3, 3)},
+    (80, 'splitn', 'int4g32'): {'16x128x128 w4 s3': (2, 2), '16x64x128 w4 s4': (4, 4)},
+    (80, 'splitn', 'nf4'): {'16x128x128 w4 s3': (2, 2), '16x64x128 w4 s4': (4, 4)},
+    (90, 'splitk', 'int2'): {'16x64x128 w4 s4': (7, 7), '16x64x256 w4 s3': (4, 4)},
+    (90, 'splitk', 'int3'): {'16x64x128 w4 s4': (5, 5), '16x64x256 w4 s3': (4, 4)},
+    (90, 'splitk', 'int4'): {'16x64x128 w4 s4': (6, 6), '16x64x256 w4 s3': (4, 4)},
+    (90, 'splitk', 'int4g128'): {'16x64x128 w4 s4': (6, 6), '16x64x256 w4 s3': (4, 4)},
+    (90, 'splitk', 'int4g32'): {'16x64x128 w4 s4': (6, 6), '16x64x256 w4 s3': (4, 4)},
+    (90, 'splitk', 'nf4'): {'16x64x128 w4 s4': (5, 6), '16x64x256 w4 s3': (3, 3)},
+    (90, 'splitn', 'int2'): {'16x128x64 w4 s3': (4, 4), '16x256x64 w4 s3': (2, 2)},
+    (90, 'splitn', 'int3'): {'16x128x64 w4 s3': (3, 3), '16x256x64 w4 s3': (2, 2)},
+    (90, 'splitn', 'int4'): {'16x128x64 w4 s3': (3, 3), '16x256x64 w4 s3': (2, 2)},
+    (90, 'splitn', 'int4g128'): {'16x128x64 w4 s3': (3, 3), '16x256x64 w4 s3': (2, 2)},
+    (90, 'splitn', 'int4g32'): {'16x128x64 w4 s3': (3, 3), '16x256x64 w4 s3': (2, 2)},
+    (90, 'splitn', 'nf4'): {'16x128x64 w4 s3': (3, 4)},
 }
 #: the standalone dequantize kernel's DRAM fraction over the SM balance of its grid (same sweep)
 DEQUANT_EFF = {90: {"int2": 0.81, "int3": 0.77, "int4": 0.83, "nf4": 0.86},
@@ -304,14 +310,14 @@ def sm_balance(ctas: int, sms: int) -> float:
 
 
 def split_count(length: int, block: int, base_ctas: int, sms: int, ctas_per_sm: int = 16,
-                resident: Optional[int] = None) -> int:
+                resident=None) -> int:
     """Slices of a split reduction over ``length`` in ``block`` steps: ≈ ``ctas_per_sm`` CTAs per
     SM (a small last wave with 4-6 resident per SM), at most one slice per step, and no empty slice:
     the kernels give each slice ⌈steps / split⌉ steps, so 16 steps over 14 slices would leave 6 of
     them idle; the count is lowered to ⌈steps / ⌈steps / target⌉⌉ (8 there, same steps per slice).
 
-    ``resident`` (round 6, the split kernels: CTAs of the candidate one SM holds at once,
-    :data:`RESIDENT`): the count is instead picked among the no-empty-slice counts up to twice that
+    ``resident`` (round 6, the split kernels: CTAs of the candidate one SM holds at once, an int
+    or the (fewest, most) the sweep saw, :data:`RESIDENT`): the count is instead picked among the no-empty-slice counts up to twice that
     target (:func:`occupancy_split`) so that the grid fills the SMs' resident slots in close to
     whole waves, never at a lower SM balance × busy share than the count above."""
     steps = math.ceil(length / block)
@@ -328,20 +334,23 @@ def slot_wave(ctas: int, slots: int) -> float:
     return ctas / (slots * math.ceil(ctas / slots))
 
 
-def occupancy_split(length: int, block: int, base_ctas: int, sms: int, resident: int, split: int,
+def occupancy_split(length: int, block: int, base_ctas: int, sms: int, resident, split: int,
                     ctas_per_sm: int = 32) -> int:
     """The occupancy-aware split count (round 6). Candidates: every count that leaves no slice empty
     (⌈steps / ⌈steps / t⌉⌉ for t up to ⌈ctas_per_sm · SMs / base⌉ and the steps) whose SM balance
     × busy share (what the analyzer's DRAM estimate scales by) is at least that of ``split`` (the
     ≈ 16-per-SM rule's count). Among them the highest (balance × busy) × slot wave
-    (:func:`slot_wave`, slots = SMs × ``resident``), to 0.01; ties: the higher balance × busy, then
-    fewer slices (less partial-sum traffic, longer pipelined slices).
+    (:func:`slot_wave`, slots = SMs × ``resident``; for a range (fewest, most) of resident CTAs the
+    worst slot wave over it, so a compile that keeps one CTA more or less resident cannot turn a
+    whole wave into half of one), to 0.01; ties: the higher balance × busy, then fewer slices (less
+    partial-sum traffic, longer pipelined slices).
 
     Llama-3-8B on sm_90 (16x64x256, 4 resident per SM, 528 slots): 4096→14336 224 N tiles x 16
     K steps: 8 slices (1792 CTAs, 3.39 waves, slot wave 0.85) -> 16 (3584 CTAs, 0.97);
     14336→4096 64 x 56: 28 slices (0.85) -> 8 slices of 7 steps (512 CTAs, one wave, 0.97)."""
     steps = math.ceil(length / block)
-    slots = sms * max(resident, 1)
+    lo, hi = (resident, resident) if isinstance(resident, int) else resident
+    slot_counts = [sms * max(r, 1) for r in range(lo, hi + 1)]
     cap = max(1, min(steps, math.ceil(ctas_per_sm * sms / base_ctas)))
 
     def busy_balance(s):
@@ -350,8 +359,10 @@ def occupancy_split(length: int, block: int, base_ctas: int, sms: int, resident:
     floor = busy_balance(split) - 1e-9  # never below the ≈ 16-per-SM count (float noise only)
     options = {split} | {s for s in (math.ceil(steps / math.ceil(steps / t)) for t in range(1, cap + 1))
                          if busy_balance(s) >= floor}
-    return max(sorted(options), key=lambda s: (round(busy_balance(s) * slot_wave(base_ctas * s, slots), 2),
-                                               round(busy_balance(s), 2), -s))
+    def worst_wave(s):
+        return min(slot_wave(base_ctas * s, slots) for slots in slot_counts)
+
+    return max(sorted(options), key=lambda s: (round(busy_balance(s) * worst_wave(s), 2), round(busy_balance(s), 2), -s))
 
 
 def split_busy(length: int, block: int, split: int) -> float:
@@ -425,9 +436,10 @@ def calibrated(op: str, c, fmt: str, arch: int) -> Optional[float]:
     return got if got is not None else CALIBRATION.get((fam, op, base_format(fmt)), {}).get(label)
 
 
-def resident_ctas(op: str, c, fmt: str, arch: int) -> Optional[int]:
-    """CTAs of split-kernel candidate ``c`` one SM holds at once (:data:`RESIDENT`, per format class,
-    else per bit width), or None without an entry (the split count then ignores occupancy)."""
+def resident_ctas(op: str, c, fmt: str, arch: int) -> Optional[tuple[int, int]]:
+    """(fewest, most) CTAs of split-kernel candidate ``c`` one SM holds at once (:data:`RESIDENT`, per
+    format class, else per bit width), or None without an entry (the split count then ignores
+    occupancy)."""
     kw = c.kwargs
     label = f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{c.num_warps} s{c.num_stages}"
     fam = arch_family(arch)
