@@ -207,9 +207,9 @@ CALIBRATION = {
     (90, 'splitn', 'nf4'): {'16x128x64 w4 s3': 0.345},
 }
 #: Round 6: CTAs of each split-kernel candidate one SM holds at once (registers, shared memory), the
-#: (fewest, most) the analyzer's occupancy gave over the shapes of the same sweep (``--fit-rules`` prints it
-#: next to CALIBRATION): the split rule fills the resident slots in close to whole waves with it
-#: (:func:`occupancy_split`). A candidate without an entry keeps the ≈ 16-per-SM split count.
+#: (fewest, most) the analyzer's occupancy gave over the shapes of the same sweep (``--fit-rules``
+#: prints it next to CALIBRATION): the split rule fills the resident slots in close to whole waves
+#: with it (:func:`occupancy_split`). A candidate without an entry keeps the ≈ 16-per-SM count.
 RESIDENT = {
     (80, 'splitk', 'int2'): {'16x64x128 w4 s4': (7, 7), '16x64x256 w4 s3': (5, 5)},
     (80, 'splitk', 'int3'): {'16x64x128 w4 s4': (7, 7), '16x64x256 w4 s3': (4, 4)},
@@ -317,9 +317,10 @@ def split_count(length: int, block: int, base_ctas: int, sms: int, ctas_per_sm: 
     them idle; the count is lowered to ⌈steps / ⌈steps / target⌉⌉ (8 there, same steps per slice).
 
     ``resident`` (round 6, the split kernels: CTAs of the candidate one SM holds at once, an int
-    or the (fewest, most) the sweep saw, :data:`RESIDENT`): the count is instead picked among the no-empty-slice counts up to twice that
-    target (:func:`occupancy_split`) so that the grid fills the SMs' resident slots in close to
-    whole waves, never at a lower SM balance × busy share than the count above."""
+    or the (fewest, most) the sweep saw, :data:`RESIDENT`): the count is instead picked among the
+    no-empty-slice counts up to twice that target (:func:`occupancy_split`) so that the grid fills
+    the SMs' resident slots in close to whole waves, never at a lower SM balance × busy share than
+    the count above."""
     steps = math.ceil(length / block)
     target = max(1, min(steps, math.ceil(ctas_per_sm * sms / base_ctas)))
     split = math.ceil(steps / math.ceil(steps / target))
@@ -359,10 +360,12 @@ def occupancy_split(length: int, block: int, base_ctas: int, sms: int, resident,
     floor = busy_balance(split) - 1e-9  # never below the ≈ 16-per-SM count (float noise only)
     options = {split} | {s for s in (math.ceil(steps / math.ceil(steps / t)) for t in range(1, cap + 1))
                          if busy_balance(s) >= floor}
+
     def worst_wave(s):
         return min(slot_wave(base_ctas * s, slots) for slots in slot_counts)
 
-    return max(sorted(options), key=lambda s: (round(busy_balance(s) * worst_wave(s), 2), round(busy_balance(s), 2), -s))
+    return max(sorted(options), key=lambda s: (round(busy_balance(s) * worst_wave(s), 2),
+                                               round(busy_balance(s), 2), -s))
 
 
 def split_busy(length: int, block: int, split: int) -> float:
