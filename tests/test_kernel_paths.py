@@ -397,21 +397,24 @@ def split_fwd_tile(monkeypatch):
     heuristics._choose_default.cache_clear()
 
 
-FWD_SPLIT_RUNS = [  # (weight, M, deterministic): each format, both reductions, M = 1 / 17 / 64 (1, 2, 4 M tiles)
-    pytest.param(("int", 4, 32, 384), 17, False, id="int4g32k384-M17-atomic"),  # 3 slices of 4 groups
-    pytest.param(("int", 3, 48, 528), 64, True, id="int3g48k528-M64-det"),  # slices of 192 = 4 groups; K mod 32 = 16
-    pytest.param(("int", 2, 128, 768), 1, True, id="int2g128k768-M1-det"),  # groups over 4 K tiles
-    pytest.param(("nf4", 64, True, 384), 17, False, id="nf4b64dqk384-M17-atomic"),  # 432 blocks: nested absmax
+FWD_SPLIT_RUNS = [  # (weight, M, deterministic, atomics): each format, both reductions, M = 1 / 17 / 64 (1, 2, 4 M tiles)
+    pytest.param(("int", 4, 32, 384), 17, False, True, id="int4g32k384-M17-atomic"),  # 3 slices of 4 groups
+    pytest.param(("int", 3, 48, 528), 64, True, True, id="int3g48k528-M64-det"),  # slices of 192 = 4 groups; K mod 32 = 16
+    # sm_80: no atomics (_fwd_split_atomic), the fixed-order sum also without deterministic=True
+    pytest.param(("int", 2, 128, 768), 1, False, False, id="int2g128k768-M1-fixed"),  # groups over 4 K tiles
+    pytest.param(("nf4", 64, True, 384), 17, False, True, id="nf4b64dqk384-M17-atomic"),  # 432 blocks: nested absmax
 ]
 
 
-@pytest.mark.parametrize("case,m,det", FWD_SPLIT_RUNS)
-def test_forward_gemm_split(case, m, det, split_fwd_tile, monkeypatch):
+@pytest.mark.parametrize("case,m,det,atomic", FWD_SPLIT_RUNS)
+def test_forward_gemm_split(case, m, det, atomic, split_fwd_tile, monkeypatch):
     """The forward GEMM with its K loop split over the grid (mid M, docs/kernels.md "Forward, split K
     at mid M (round 6)"): 3 slices of whole groups and >= 4 K tiles (the last slice ragged where K
-    is), 3 N tiles (the last ragged), fp32 atomics or the NaN-poisoned [SPLIT, M, N] workspace,
+    is), 3 N tiles (the last ragged), fp32 atomics (sm_90) or the NaN-poisoned
+    [SPLIT, M, N] workspace (deterministic, and sm_80 always),
     the bias added once, NaN-poisoned Y, against float64."""
     qw, w64 = int_weight(*case[1:]) if case[0] == "int" else nf4_weight(*case[1:])
+    monkeypatch.setattr(fm, "_fwd_split_atomic", lambda: atomic)
     n, k = qw.shape
     chosen = split_fwd_tile(m, k, qw.group_size)
     log = []
@@ -431,6 +434,7 @@ def test_qalora_forward_gemm_split(case, m, det, split_fwd_tile, monkeypatch):
     and P(X) (each slice's first-N-tile programs pool their own groups), both NaN-poisoned,
     against the paper's formula."""
     qw, w64 = int_weight(*case)
+    monkeypatch.setattr(fm, "_fwd_split_atomic", lambda: True)
     n, k = qw.shape
     g = qw.group_size
     a, b = adapter(qw, w64, seed=k + g + 1)

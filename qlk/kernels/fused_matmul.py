@@ -209,7 +209,8 @@ def _quant_matmul_fwd_kernel(
     split over grid axis 1, program (tile, s) summing k in [s·SLICE_K, (s+1)·SLICE_K) ∩ [0, K)
     (SLICE_K: whole groups and whole K tiles, :func:`qlk.kernels.heuristics.fwd_slices`);
     ``y_ptr`` is then the fp32 workspace ([M, N] row-major, ATOMIC: partials added; else
-    [SPLIT, M, N], slice s stored), cast to Y by the launcher; slice 0 adds the bias. The
+    [SPLIT, M, N], slice s stored, summed in a fixed order), cast to Y by the launcher; slice 0
+    adds the bias. ATOMIC only where its epilogue compiles without spills (:func:`_fwd_split_atomic`). The
     dequantizing loop is the same; without SPLIT_K the kernel is the unsplit one
     (docs/kernels.md "Forward, split K at mid M (round 6)").
 
@@ -242,20 +243,20 @@ def _quant_matmul_fwd_kernel(
                         stride_qn, stride_sn, stride_sg, rows_w, offs_m, M, k_lo, k_hi, K, stride_xk, stride_pm,
                         BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, False, EVEN_K,
                         BLOCK_N, BLOCK_M, BLOCK_K)
+    acc = tl.trans(acc)
     if SPLIT_K:
-        # fp32 partial of Yᵀ's tile in the accumulator's own layout (as split-K adds it); the bias
+        # the fp32 partial of Y's tile, in Y's layout (N contiguous, as the unsplit store); the bias
         # once, by slice 0
         if HAS_BIAS:
             n_bias = tl.where(tl.program_id(1) == 0, N, 0)  # the other slices load none
-            acc += tl.load(bias_ptr + offs_n, mask=offs_n < n_bias, other=0.0).to(tl.float32)[:, None]
-        ws_mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
-        ws_offs = offs_m[None, :].to(tl.int64) * N + offs_n[:, None]
+            acc += tl.load(bias_ptr + offs_n, mask=offs_n < n_bias, other=0.0).to(tl.float32)[None, :]
+        ws_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        ws_offs = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
         if ATOMIC:
             tl.atomic_add(y_ptr + ws_offs, acc, mask=ws_mask, sem="relaxed")
         else:
             tl.store(y_ptr + tl.program_id(1).to(tl.int64) * M * N + ws_offs, acc, mask=ws_mask)
     else:
-        acc = tl.trans(acc)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
         y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
@@ -737,22 +738,32 @@ def _forward(x, qw, bias, out, path, deterministic, wargs=None, pool=False):
             # mid M: the rules split the K loop (grid axis 1) to fill the SMs; partials in an fp32
             # workspace, summed and cast below (split 1: Y stored directly)
             ws, split = None, 1
+            fixed_order = deterministic or not _fwd_split_atomic()
             for c in launches:
                 slice_k, split = heuristics.fwd_slices(k, c.block_k, g, c.split)
                 if split > 1:  # a zeroed workspace per launch (QLK_ALL_CONFIGS runs several)
-                    ws = _split_workspace(split, m, n, deterministic, x.device)
+                    ws = _split_workspace(split, m, n, fixed_order, x.device)
                 dst, extra = (out, {}) if split == 1 else \
-                    (ws, dict(SPLIT_K=True, ATOMIC=not deterministic, SLICE_K=slice_k))
+                    (ws, dict(SPLIT_K=True, ATOMIC=not fixed_order, SLICE_K=slice_k))
                 _quant_matmul_fwd_kernel[(triton.cdiv(m, c.block_m) * triton.cdiv(n, c.block_n), split)](
                     dst, x2, bias_arg, pooled if fused else args[3], *args, m, n, k, _bucket(m),
                     x2.stride(0), x2.stride(1), dst.stride(-2), dst.stride(-1), pooled.stride(0) if fused else 0,
                     HAS_BIAS=bias is not None, DOT_PRECISION=_precision(x.dtype), POOL=fused, **meta, **c.meta,
                     **extra)
             if split > 1:  # the chosen launch (the last) wrote the workspace
-                _split_finish(out, ws, deterministic)
+                _split_finish(out, ws, fixed_order)
     if pool and not fused:  # group size not a power of two (or larger than the split-K tile)
         torch.mean(x2.reshape(m, k // g, g), dim=-1, dtype=torch.float32, out=pooled)
     return out.reshape(*lead, n), pooled
+
+
+def _fwd_split_atomic() -> bool:
+    """Whether the split forward GEMM adds its fp32 partials with atomics (not ``deterministic``):
+    on sm_90; on sm_80 its slices store into [SPLIT, M, N] and are summed in a fixed order
+    always, because the atomics' epilogue spills there (a 4-warp 128x128 tile holds 128 fp32
+    values per thread: 528-880 B of stack, docs/kernels.md "Forward, split K at mid M (round 6)").
+    The tests replace this function to run both epilogues under the interpreter."""
+    return heuristics.arch_family(target_arch()) == 90
 
 
 def _pool_buffer(shape, device) -> torch.Tensor:
