@@ -13,7 +13,10 @@ may instead dequantize Ŵ and run a dense GEMM when the static model estimates t
     transposed tile Yᵀ[n0:n0+BN, m0:m0+BM] = Ŵ[BN, K]·Xᵀ[K, BM]: the weight is the A operand of the
     MMA, so on Hopper the dequantized tile goes from registers straight into wgmma (which reads B
     only from shared memory; a dequantized B would make a round trip through it; the measurements
-    of that weight-as-B variant, since removed, are in docs/kernels.md).
+    of that weight-as-B variant, since removed, are in docs/kernels.md). At mid M, where its output
+    tiles leave SMs idle or fill the last wave badly, the rules split its K loop over a second grid
+    axis (``SPLIT_K``; slices of whole groups, partials through the split workspace;
+    :func:`qlk.kernels.heuristics.fwd_split`).
 ``_quant_matmul_splitk_kernel``  small M (decode, M <= ``SPLITK_MAX_M``; memory-bound). The K
     loop is split over a second grid axis so that ≈ 16 CTAs per SM stream the weight; partial sums
     are added with fp32 atomics (default; order-dependent rounding, i.e. not bit-reproducible
