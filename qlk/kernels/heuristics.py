@@ -364,6 +364,28 @@ def fwd_split_busy(k: int, block_k: int, slice_k: int, slices: int) -> float:
     return math.ceil(k / block_k) / (slices * (slice_k // block_k))
 
 
+def fwd_split_bytes(m: int, n: int, split: int, arch: int) -> int:
+    """DRAM bytes a split forward moves beyond the unsplit one (which writes Y once, as does the
+    split's final cast), a roofline count of the launcher's passes that the static analyzer does not
+    see (they are torch ops around the kernel): sm_90 (atomics, :func:`~qlk.kernels.fused_matmul._fwd_split_atomic`)
+    the zeroed fp32 [M, N] workspace written, written back after the atomics, read by the cast:
+    12·M·N; sm_80 (fixed-order sum) its S slices written and read back, their sum written and read:
+    (8·S + 8)·M·N."""
+    return (12 if arch_family(arch) == 90 else 8 * split + 8) * m * n
+
+
+def fwd_split_share(m: int, n: int, k: int, split: int, score: float, arch: int) -> float:
+    """Share of a split forward's time that is its GEMM: t / (t + t_ws), t = MACs / (peak · score),
+    t_ws = :func:`fwd_split_bytes` / DRAM (1 unsplit). At M = 333 it is 0.5-0.9 (2048→2048 on
+    sm_80, split 2: 16 µs of GEMM against 9 µs of workspace passes), so only a split that wins
+    by more than that is taken."""
+    if split == 1:
+        return 1.0
+    a = ARCH[arch_family(arch)]
+    t = m * n * k / (a.macs_per_s * score)
+    return t / (t + fwd_split_bytes(m, n, split, arch) / a.dram_bytes_per_s)
+
+
 def fwd_split(k: int, block_k: int, group_size: int, base_ctas: int, sms: int) -> int:
     """Slices of the forward GEMM's K loop (round 6; grid axis 1, fp32 partials summed through the
     split workspace): at mid M the output tiles leave SMs idle (M = 333 on sm_80's 128x128 tile:
@@ -435,9 +457,17 @@ def _score(op, c, m, n, k, fmt, arch, sms):
         # kernel against the GEMM; the split GEMM there is not measured yet)
         unsplit = m <= SPLIT_MAX_M or label in FWD_SPLIT_SPILLS.get(arch_family(arch), ())
         split = 1 if unsplit else fwd_split(k, bk, group, tiles_m * tiles_o, sms)
-        ctas = tiles_m * tiles_o * split
-        fill = m * n / (tiles_m * bm * tiles_o * bn) * fwd_split_busy(k, bk, *fwd_slices(k, bk, group, split))
         eff = fitted or sum(gemm_tile_eff(bn, bm, c.num_warps, arch, fmt)) / 2
+        fill = m * n / (tiles_m * bm * tiles_o * bn)
+        if split > 1:  # the busy share of the slices and the workspace passes' share of the time join fill
+            busy = fwd_split_busy(k, bk, *fwd_slices(k, bk, group, split))
+            split_score = eff * sm_balance(tiles_m * tiles_o * split, sms) * fill * busy
+            charged = busy * fwd_split_share(m, n, k, split, split_score, arch)
+            if split_score * charged / busy > eff * sm_balance(tiles_m * tiles_o, sms) * fill:
+                fill *= charged
+            else:  # the passes eat the gain: unsplit
+                split = 1
+        ctas = tiles_m * tiles_o * split
     elif op == "grad":
         tiles_m, tiles_o = math.ceil(m / bm), math.ceil(k / bk)
         label = f"{bm}x{bn}x{bk} w{c.num_warps} s{c.num_stages}"
