@@ -352,9 +352,10 @@ def _rules_check(rows, arch, sms, g, heuristics, launches):
                            and (r["config"] + " ").startswith(pick.label + " ")), (None, None))
             label = f"{pick.op} {pick.label}"
         c_row, t_chosen = chosen
-        # the GEMM input gradient split over N (round 5): a sweep compiled before the rules split it
-        # holds the unsplit launch of the chosen tile, whose estimate is not the launch's now
-        stale = (pick != "gemv" and pick.op == "grad" and pick.split > 1 and c_row is not None
+        # the GEMM input gradient split over N (round 5), the forward over K (round 6): a sweep compiled
+        # before the rules split it holds the unsplit launch of the chosen tile, whose estimate is not
+        # the launch's now
+        stale = (pick != "gemv" and pick.op in ("grad", "fwd") and pick.split > 1 and c_row is not None
                  and c_row.get("grid_ctas") not in (None, "", pick.ctas))
         dense = by_case.get(launches.case_name(f"dense-{r0['op']}", "bf16", k, n, m))
         dense = max(dense, key=rank) if dense else None
