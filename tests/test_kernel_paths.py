@@ -21,6 +21,10 @@ tile per split slice, one nested absmax block, no partial packed word, one group
   group has its own magnitude and offset, so reading a neighbour's scale or bias is a large error.
 * **partial packed words**: INT3 with K = 528, 784 (K mod 32 = 16: the last 3-word chunk is half
   used) and INT2 with K = 520 (K mod 16 = 8), which also leave a ragged last K tile.
+* **split GEMMs at mid M**: the input gradient's N loop (round 5) and the forward's K loop (round 6)
+  split over the grid into 3 slices of several tiles, with small tiles forced and the rules'
+  minimum slice length lowered; the forward's slices hold several whole groups (or one group over
+  4 K tiles), both epilogues (fp32 atomics; the fixed-order sum of sm_80 and ``deterministic``).
 * **QA-LoRA**: Y, P(X), dX, V through the fused kernels on each path, and dA, dB through the autograd
   function, against the paper's formula (tests/oracles.py), not against qlk.reference.
 
@@ -397,9 +401,11 @@ def split_fwd_tile(monkeypatch):
     heuristics._choose_default.cache_clear()
 
 
-FWD_SPLIT_RUNS = [  # (weight, M, deterministic, atomics): each format, both reductions, M = 1 / 17 / 64 (1, 2, 4 M tiles)
+# (weight, M, deterministic, atomics): each format, both reductions, M = 1 / 17 / 64 (1, 2, 4 M tiles)
+FWD_SPLIT_RUNS = [
     pytest.param(("int", 4, 32, 384), 17, False, True, id="int4g32k384-M17-atomic"),  # 3 slices of 4 groups
-    pytest.param(("int", 3, 48, 528), 64, True, True, id="int3g48k528-M64-det"),  # slices of 192 = 4 groups; K mod 32 = 16
+    # slices of 192 columns = 4 groups; K mod 32 = 16: the last slice ends in a ragged K tile
+    pytest.param(("int", 3, 48, 528), 64, True, True, id="int3g48k528-M64-det"),
     # sm_80: no atomics (_fwd_split_atomic), the fixed-order sum also without deterministic=True
     pytest.param(("int", 2, 128, 768), 1, False, False, id="int2g128k768-M1-fixed"),  # groups over 4 K tiles
     pytest.param(("nf4", 64, True, 384), 17, False, True, id="nf4b64dqk384-M17-atomic"),  # 432 blocks: nested absmax

@@ -68,8 +68,10 @@ fitted the same way (:data:`DEQUANT_EFF`, :data:`DENSE_SMALL_EFF`).
 label and calibration unchanged), its busy share joins ``fill``.
 
 **Round 6.** The forward GEMM splits its K loop the same way where its output tiles leave SMs idle
-or fill the last wave badly (mid M; :func:`fwd_split`, slices of whole groups and K tiles,
-:func:`fwd_slices`).
+or fill the last wave badly (M > :data:`SPLIT_MAX_M`; :func:`fwd_split`, slices of whole groups and
+K tiles, :func:`fwd_slices`). Its busy share and the share of the time left to the GEMM by the
+launcher's workspace passes (:func:`fwd_split_share`, a DRAM roofline of what the analyzer does not
+see) join ``fill``; a tile keeps its split only if that still beats its unsplit launch.
 
 **Path rule** (:func:`choose_path`): at M > 16, the fused kernel or dequantize (Ŵ written once
 in the activation dtype, :mod:`qlk.kernels.dequant`) then a dense GEMM, whichever the static model
@@ -324,9 +326,9 @@ def grad_split(n: int, block_n: int, base_ctas: int, sms: int) -> int:
 #: fewest K tiles per slice of the forward GEMM's split (round 6): the pipeline's prologue (2-3
 #: stages) and the slice's fp32 partial tile (BLOCK_N × BLOCK_M × 4 B through L2) want a long loop
 FWD_SPLIT_MIN_STEPS = 8
-#: the forward splits only when that raises SM balance × busy share by at least this factor (the
-#: partials and the workspace pass cost what the analyzer does not see): a grid of 2.9 waves
-#: (0.97 balance) stays unsplit, one of 1.45 waves (0.73) or of 48 CTAs on 108 SMs (0.44) splits
+#: the forward splits only when that raises SM balance × busy share by at least this factor (then
+#: :func:`fwd_split_share` charges the workspace passes): a grid of 2.9 waves (0.97 balance) stays
+#: unsplit, one of 1.45 waves (0.73) or of 48 CTAs on 108 SMs (0.44) splits
 FWD_SPLIT_GAIN = 1.15
 #: most slices the forward's rule considers (the workspace [SPLIT, M, N] grows with it), and most
 #: waves of CTAs a split grid may have (a grid of many waves loses little to its last one, and
@@ -367,8 +369,9 @@ def fwd_split_busy(k: int, block_k: int, slice_k: int, slices: int) -> float:
 def fwd_split_bytes(m: int, n: int, split: int, arch: int) -> int:
     """DRAM bytes a split forward moves beyond the unsplit one (which writes Y once, as does the
     split's final cast), a roofline count of the launcher's passes that the static analyzer does not
-    see (they are torch ops around the kernel): sm_90 (atomics, :func:`~qlk.kernels.fused_matmul._fwd_split_atomic`)
-    the zeroed fp32 [M, N] workspace written, written back after the atomics, read by the cast:
+    see (they are torch ops around the kernel): sm_90 (atomics,
+    :func:`~qlk.kernels.fused_matmul._fwd_split_atomic`) the zeroed fp32 [M, N] workspace written,
+    written back after the atomics, read by the cast:
     12·M·N; sm_80 (fixed-order sum) its S slices written and read back, their sum written and read:
     (8·S + 8)·M·N."""
     return (12 if arch_family(arch) == 90 else 8 * split + 8) * m * n
@@ -390,10 +393,12 @@ def fwd_split(k: int, block_k: int, group_size: int, base_ctas: int, sms: int) -
     """Slices of the forward GEMM's K loop (round 6; grid axis 1, fp32 partials summed through the
     split workspace): at mid M the output tiles leave SMs idle (M = 333 on sm_80's 128x128 tile:
     3 × 16 = 48 CTAs on 108 SMs) or fill the last wave badly (3 × 64 = 192 CTAs on 132 SMs: 1.45
-    waves). Wave-aware: every split up to :data:`FWD_SPLIT_MAX` that keeps ≥ :data:`FWD_SPLIT_MIN_STEPS`
-    K tiles per slice and ≤ :data:`FWD_SPLIT_MAX_WAVES` waves is scored by SM balance × busy share; the fewest slices within 2 % of the best
-    win, and only if that beats the unsplit grid by :data:`FWD_SPLIT_GAIN` (else 1). Returns the
-    number of slices :func:`fwd_slices` gives (the launch's grid axis 1)."""
+    waves). Wave-aware: every split up to :data:`FWD_SPLIT_MAX` that keeps ≥
+    :data:`FWD_SPLIT_MIN_STEPS` K tiles per slice and ≤ :data:`FWD_SPLIT_MAX_WAVES` waves is scored
+    by SM balance × busy share; the fewest slices within 2 % of the best win, and only if that beats
+    the unsplit grid by :data:`FWD_SPLIT_GAIN` (else 1). Returns the number of slices
+    :func:`fwd_slices` gives (the launch's grid axis 1). ``_score`` then charges the workspace
+    passes (:func:`fwd_split_share`)."""
     steps = math.ceil(k / block_k)
     if steps < 2 * FWD_SPLIT_MIN_STEPS:
         return 1
