@@ -127,6 +127,10 @@ def declare_loops() -> None:
     split kernels divide their reduction over grid axis 1, the input gradients reduce over N."""
     split = lambda L: L.grid[1] if L.grid and len(L.grid) > 1 else 1  # noqa: E731
     sass.declare("_quant_matmul_splitk_kernel", iterations=lambda L: sass.reduction_trips(L, "K", ("BLOCK_K",), split(L)))
+    # the forward GEMM: split over K on grid axis 1 at mid M (round 6; slices of SLICE_K columns, whole
+    # groups, so not always ⌈K tiles / split⌉; split 1: all of K)
+    sass.declare("_quant_matmul_fwd_kernel",
+                 iterations=lambda L: sass.reduction_trips(L, "SLICE_K" if split(L) > 1 else "K", ("BLOCK_K",)))
     # the GEMM input gradient: split over N on grid axis 1 at mid M (round 5; split 1: all of N)
     sass.declare("_quant_matmul_grad_input_kernel",
                  iterations=lambda L: sass.reduction_trips(L, "N", ("BLOCK_N",), split(L)))

@@ -352,12 +352,10 @@ def _rules_check(rows, arch, sms, g, heuristics, launches):
                            and (r["config"] + " ").startswith(pick.label + " ")), (None, None))
             label = f"{pick.op} {pick.label}"
         c_row, t_chosen = chosen
-        # the GEMM input gradient split over N (round 5): a sweep compiled before the rules split it
-        # holds the unsplit launch of the chosen tile, whose estimate is not the launch's now
-        # and the split kernels (round 6: the split count knows the resident CTAs per SM): a sweep
-        # row with another grid than the launch's now was compiled with another split count
-        stale = (pick != "gemv" and c_row is not None and c_row.get("grid_ctas") not in (None, "", pick.ctas)
-                 and (pick.op == "grad" and pick.split > 1 or pick.op in ("splitk", "splitn")))
+        # a launch whose grid the rules changed since the sweep compiled it: the GEMM input gradient
+        # split over N (round 5), the forward over K and the split kernels' occupancy-aware count
+        # (round 6), either way (a split the rules no longer make too)
+        stale = (pick != "gemv" and c_row is not None and c_row.get("grid_ctas") not in (None, "", pick.ctas))
         dense = by_case.get(launches.case_name(f"dense-{r0['op']}", "bf16", k, n, m))
         dense = max(dense, key=rank) if dense else None
         deq = by_case.get(launches.case_name("dequant", r0["fmt"], k, n, None))

@@ -38,14 +38,21 @@ def test_wave_balance_and_fill_are_the_documented_formulas():
     assert h.sm_balance(64, 132) == pytest.approx(64 / 132)
     assert h.sm_balance(264, 132) == 1.0 and h.sm_balance(133, 132) == pytest.approx(133 / 264)
     c = h.score_all("fwd", 333, 2048, 2048, arch=90, sms=132, configs=FWD[:1])[0]
-    assert (c.ctas, c.fill) == (2 * 16, pytest.approx(333 / 512))
+    # 2 x 16 output tiles on 132 SMs: the K loop split 4 ways (heuristics.fwd_split, round 6); fill
+    # holds the workspace passes' share of the time (heuristics.fwd_split_share)
+    assert c.split == h.fwd_split(2048, 64, h.format_group("int4"), 2 * 16, 132) == 4
+    share = h.fwd_split_share(333, 2048, 2048, 4, c.tile_eff * c.sm_balance * 333 / 512, 90)
+    assert 0.5 < share < 0.9 and (c.ctas, c.fill) == (2 * 16 * 4, pytest.approx(333 / 512 * share))
+    c = h.score_all("fwd", 4096, 2048, 2048, arch=90, sms=132, configs=FWD[:1])[0]
+    assert (c.split, c.ctas, c.fill) == (1, 16 * 16, 1.0)
     assert c.score == pytest.approx(c.tile_eff * c.sm_balance * c.fill)
 
 
 def test_big_shapes_take_the_big_tile_narrow_and_mid_shapes_a_smaller_one():
     big = h.choose_config("fwd", 8192, 14336, 4096, arch=90, sms=132, configs=FWD)
     assert (big.block_n, big.block_m, big.index) == (128, 256, 0)
-    # GQA k/v projection: 128x256 tiles give 8x8 = 64 CTAs on 132 SMs (48 % busy)
+    # GQA k/v projection: 128x256 tiles give 8x8 = 64 CTAs on 132 SMs (48 % busy): a smaller tile
+    # (the big one with its K loop split would fill them too, but its workspace passes cost more)
     narrow = h.choose_config("fwd", 2048, 1024, 4096, arch=90, sms=132, configs=FWD)
     assert narrow.index != 0 and narrow.ctas >= 132 and narrow.sm_balance > 0.9
     mid = h.choose_config("fwd", 333, 2048, 2048, arch=90, sms=132, configs=FWD)

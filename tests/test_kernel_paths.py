@@ -21,6 +21,10 @@ tile per split slice, one nested absmax block, no partial packed word, one group
   group has its own magnitude and offset, so reading a neighbour's scale or bias is a large error.
 * **partial packed words**: INT3 with K = 528, 784 (K mod 32 = 16: the last 3-word chunk is half
   used) and INT2 with K = 520 (K mod 16 = 8), which also leave a ragged last K tile.
+* **split GEMMs at mid M**: the input gradient's N loop (round 5) and the forward's K loop (round 6)
+  split over the grid into 3 slices of several tiles, with small tiles forced and the rules'
+  minimum slice length lowered; the forward's slices hold several whole groups (or one group over
+  4 K tiles), both epilogues (fp32 atomics; the fixed-order sum of sm_80 and ``deterministic``).
 * **QA-LoRA**: Y, P(X), dX, V through the fused kernels on each path, and dA, dB through the autograd
   function, against the paper's formula (tests/oracles.py), not against qlk.reference.
 
@@ -360,6 +364,132 @@ def test_grad_split_rule():
         steps = math.ceil(n / 64)
         assert (s - 1) * math.ceil(steps / s) < steps  # the last slice holds a tile
         assert s == 1 or math.ceil(steps / s) >= heuristics.GRAD_SPLIT_MIN_STEPS
+
+
+# ------------------------------------------------------------- forward GEMM, split K (round 6)
+_FWD_SPLIT_TILE = dict(BLOCK_N=32, BLOCK_M=16, BLOCK_K=32, GROUP_M=2)  # 3 N tiles at N = 72; 16-row M tiles
+
+
+@pytest.fixture
+def split_fwd_tile(monkeypatch):
+    """The forward GEMM's one interpreter candidate with 16-row M tiles and 32-column K tiles, the
+    rule (heuristics.fwd_split) allowed at every M and at 2 K tiles per slice (CI time), and the SM
+    count at which it gives 3 slices: returns a function (M, K, group size) -> the choice, asserting
+    3 slices of >= 4 K tiles and >= 2 whole groups each (heuristics.fwd_slices)."""
+    from qlk.kernels import config
+
+    cfg = config._cfg(None, 4, 1, **_FWD_SPLIT_TILE)
+    real = heuristics.candidates
+    monkeypatch.setattr(heuristics, "candidates", lambda op: [cfg] if op == "fwd" else real(op))
+    monkeypatch.setattr(heuristics, "FWD_SPLIT_MIN_STEPS", 2)
+    monkeypatch.setattr(heuristics, "SPLIT_MAX_M", 0)  # the rule splits only above the split kernels' range
+    heuristics._choose_default.cache_clear()
+
+    def choose(m, k, g, pool=False):
+        base = math.ceil(m / 16) * math.ceil(N / 32)
+        for sms in range(base + 1, 4 * base):
+            _SMS[0] = sms
+            c = heuristics.choose_config("fwd", m, N, k, "int4" + f"g{g}", fm.target_arch(), sms, pool=pool)
+            if c.split == 3:
+                break
+        slice_k, slices = heuristics.fwd_slices(k, 32, g, c.split)
+        assert c.split == 3 and slices == 3 and slice_k % g == 0 and slice_k // 32 >= 4 and slice_k // g >= 2, \
+            (m, k, g, c, slice_k)
+        return c
+
+    yield choose
+    heuristics._choose_default.cache_clear()
+
+
+# (weight, M, deterministic, atomics): each format, both reductions, M = 1 / 17 / 64 (1, 2, 4 M tiles)
+FWD_SPLIT_RUNS = [
+    pytest.param(("int", 4, 32, 384), 17, False, True, id="int4g32k384-M17-atomic"),  # 3 slices of 4 groups
+    # slices of 192 columns = 4 groups; K mod 32 = 16: the last slice ends in a ragged K tile
+    pytest.param(("int", 3, 48, 528), 64, True, True, id="int3g48k528-M64-det"),
+    # sm_80: no atomics (_fwd_split_atomic), the fixed-order sum also without deterministic=True
+    pytest.param(("int", 2, 128, 768), 1, False, False, id="int2g128k768-M1-fixed"),  # groups over 4 K tiles
+    pytest.param(("nf4", 64, True, 384), 17, False, True, id="nf4b64dqk384-M17-atomic"),  # 432 blocks: nested absmax
+]
+
+
+@pytest.mark.parametrize("case,m,det,atomic", FWD_SPLIT_RUNS)
+def test_forward_gemm_split(case, m, det, atomic, split_fwd_tile, monkeypatch):
+    """The forward GEMM with its K loop split over the grid (mid M, docs/kernels.md "Forward, split K
+    at mid M (round 6)"): 3 slices of whole groups and >= 4 K tiles (the last slice ragged where K
+    is), 3 N tiles (the last ragged), fp32 atomics (sm_90) or the NaN-poisoned
+    [SPLIT, M, N] workspace (deterministic, and sm_80 always),
+    the bias added once, NaN-poisoned Y, against float64."""
+    qw, w64 = int_weight(*case[1:]) if case[0] == "int" else nf4_weight(*case[1:])
+    monkeypatch.setattr(fm, "_fwd_split_atomic", lambda: atomic)
+    n, k = qw.shape
+    chosen = split_fwd_tile(m, k, qw.group_size)
+    log = []
+    monkeypatch.setattr(fm, "CHOICE_LOG", log)
+    x, bias = randn(m, k, seed=m + k + 5), randn(n, seed=k)
+    y = quant_matmul_forward(x, qw, bias, out=nan(m, n), path="gemm", deterministic=det)
+    assert [(op, c.split) for op, c in log] == [("fwd", chosen.split)]
+    assert oracles.rel_err(y, x.cpu().double() @ w64.t() + bias.cpu().double()) < TOL
+
+
+@pytest.mark.parametrize("case,m,det", [
+    pytest.param((4, 128, 768), 17, True, id="int4g128k768-M17-det"),  # pooled groups over 4 K tiles
+    pytest.param((2, 16, 384), 64, False, id="int2g16k384-M64-atomic"),  # 2 groups per K tile
+])
+def test_qalora_forward_gemm_split(case, m, det, split_fwd_tile, monkeypatch):
+    """QA-LoRA's forward through the split launch: Y (folded biases, split over K, the bias once)
+    and P(X) (each slice's first-N-tile programs pool their own groups), both NaN-poisoned,
+    against the paper's formula."""
+    qw, w64 = int_weight(*case)
+    monkeypatch.setattr(fm, "_fwd_split_atomic", lambda: True)
+    n, k = qw.shape
+    g = qw.group_size
+    a, b = adapter(qw, w64, seed=k + g + 1)
+    x, bias = randn(m, k, seed=m + 13), randn(n, seed=15)
+    chosen = split_fwd_tile(m, k, g, pool=True)
+    log = []
+    monkeypatch.setattr(fm, "CHOICE_LOG", log)
+    y_ref, p_ref = oracles.qalora_forward64(x.cpu(), w64, a.cpu(), b.cpu(), SIGMA, g, bias.cpu())
+    assert oracles.rel_err(x.cpu().double() @ w64.t(), y_ref) > 0.3, "the adapter term is too small to test"
+    y, p = qalora_forward(x, qw, a, b, SIGMA, bias, out=nan(m, n), path="gemm", deterministic=det)
+    assert [(op, c.split) for op, c in log] == [("fwd", chosen.split)]
+    assert oracles.rel_err(p, p_ref) < 1e-6
+    assert oracles.rel_err(y, y_ref) < TOL
+
+
+def test_fwd_split_rule(monkeypatch):
+    """heuristics.fwd_split / fwd_slices: split where the output tiles leave SMs idle (sm_80's
+    128x128 tile at M = 333 on N = 2048: 48 CTAs on 108 SMs) or fill the last wave badly (192 CTAs
+    on 132 SMs), never for a grid of >= 2.9 waves or many waves, >= FWD_SPLIT_MIN_STEPS K tiles and
+    whole groups per slice, no empty slice; the rules keep M = 4096 and M <= SPLIT_MAX_M unsplit."""
+    assert heuristics.fwd_split(2048, 32, 32, 48, 108) == 2  # 96 CTAs
+    assert heuristics.fwd_split(2048, 64, 32, 192, 132) == 2  # 1.45 waves -> 2.9
+    assert heuristics.fwd_split(2048, 64, 32, 32, 132) == 4  # 2048->512 at M = 2048 on 256x128 tiles
+    assert heuristics.fwd_split(8192, 64, 32, 384, 132) == 1  # 2.9 waves: 0.97 balanced already
+    assert heuristics.fwd_split(8192, 64, 128, 672, 132) == 1  # 5.1 waves: more would exceed the wave cap
+    assert heuristics.fwd_split(960, 64, 32, 8, 132) == 1  # 15 K tiles: no two slices of 8
+    for k, bk, g in ((2048, 32, 32), (4096, 64, 128), (3000, 64, 96), (1000, 32, 8), (28672, 64, 128)):
+        for base in (8, 48, 100, 200):
+            s = heuristics.fwd_split(k, bk, g, base, 132)
+            slice_k, slices = heuristics.fwd_slices(k, bk, g, s)
+            assert slices == s and (s - 1) * slice_k < k <= s * slice_k  # no empty slice
+            assert slice_k % bk == 0 and slice_k % g == 0
+            assert s == 1 or slice_k // bk >= heuristics.FWD_SPLIT_MIN_STEPS
+            assert s == 1 or base * s <= heuristics.FWD_SPLIT_MAX_WAVES * 132
+    from qlk.kernels import config
+
+    with monkeypatch.context() as mp:
+        mp.setattr(config, "INTERPRETED", False)
+        real = config.gemm_configs()  # the GPU's candidate list
+
+    def choose(m, n, k, arch):
+        return heuristics.choose_config("fwd", m, n, k, "int4g32", arch, configs=real)
+
+    assert choose(4096, 14336, 4096, 90).split == 1 and choose(4096, 14336, 4096, 80).split == 1
+    assert choose(64, 2048, 2048, 90).split == 1  # M <= SPLIT_MAX_M: the split-K kernel's range
+    assert choose(333, 2048, 8192, 80).split == 2  # 8192->2048 on 128x128: 48 CTAs on 108 SMs -> 96
+    # sm_90 at 2048->512, M = 2048: 256x128 split 4 fills the SMs, but its workspace passes cost
+    # about 0.7x its GEMM time (heuristics.fwd_split_share): a 128x64 tile, unsplit
+    assert choose(2048, 512, 2048, 90).split == 1
 
 
 GEMV_CASES = [  # (format, weight case, deterministic): each format and reduction once, to keep the time down

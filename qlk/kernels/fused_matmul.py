@@ -13,7 +13,10 @@ may instead dequantize Ŵ and run a dense GEMM when the static model estimates t
     transposed tile Yᵀ[n0:n0+BN, m0:m0+BM] = Ŵ[BN, K]·Xᵀ[K, BM]: the weight is the A operand of the
     MMA, so on Hopper the dequantized tile goes from registers straight into wgmma (which reads B
     only from shared memory; a dequantized B would make a round trip through it; the measurements
-    of that weight-as-B variant, since removed, are in docs/kernels.md).
+    of that weight-as-B variant, since removed, are in docs/kernels.md). At mid M, where its output
+    tiles leave SMs idle or fill the last wave badly, the rules split its K loop over a second grid
+    axis (``SPLIT_K``; slices of whole groups, partials through the split workspace;
+    :func:`qlk.kernels.heuristics.fwd_split`).
 ``_quant_matmul_splitk_kernel``  small M (decode, M <= ``SPLITK_MAX_M``; memory-bound). The K
     loop is split over a second grid axis so that many CTAs stream the weight (about 16 per SM,
     the count that fills the SMs' resident slots in close to whole waves: heuristics.split_count);
@@ -105,15 +108,16 @@ def _pool_tile(p_ptr, xt, p_run, offs_m, k0, M, K, stride_pm,
 
 @triton.jit
 def _fwd_loop(x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
-              stride_qn, stride_sn, stride_sg, rows_w, offs_m, M, K, stride_xk, stride_pm,
+              stride_qn, stride_sn, stride_sg, rows_w, offs_m, M, k_lo, k_hi, K, stride_xk, stride_pm,
               BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
               DOT_PRECISION: tl.constexpr, POOL: tl.constexpr, EVEN_K: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The forward GEMM's K loop: acc = Ŵ[rows_w, :]·Xᵀ [BLOCK_N, BLOCK_M], plus P(X) of rows
-    offs_m when POOL."""
+    """The forward GEMM's K loop over k_lo .. k_hi (0 .. K unsplit): acc = Ŵ[rows_w, k range]·Xᵀ
+    [BLOCK_N, BLOCK_M], plus P(X) of rows offs_m when POOL (a split's slices hold whole groups, so
+    the running sum of a group larger than BLOCK_K starts and ends in one slice)."""
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     p_run = tl.zeros((BLOCK_M,), dtype=tl.float32)  # POOL, GROUP_SIZE > BLOCK_K: running group sum
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         w = _dequant_tile(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
                           stride_qn, stride_sn, stride_sg, rows_w, k0, K,
                           BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K)
@@ -201,13 +205,30 @@ def _quant_matmul_fwd_kernel(
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, POOL: tl.constexpr,
     EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr = False, ATOMIC: tl.constexpr = True, SLICE_K=0,
 ):
     """Y[m, n] = Σ_k X[m, k]·Ŵ[n, k] (+ bias[n]), one [BLOCK_N, BLOCK_M] tile per program.
 
+    SPLIT_K (mid M: too few output tiles for the SMs, or a badly filled last wave): the K loop is
+    split over grid axis 1, program (tile, s) summing k in [s·SLICE_K, (s+1)·SLICE_K) ∩ [0, K)
+    (SLICE_K: whole groups and whole K tiles, :func:`qlk.kernels.heuristics.fwd_slices`);
+    ``y_ptr`` is then the fp32 workspace ([M, N] row-major, ATOMIC: partials added; else
+    [SPLIT, M, N], slice s stored, summed in a fixed order), cast to Y by the launcher; slice 0
+    adds the bias. ATOMIC only where its epilogue compiles without spills (:func:`_fwd_split_atomic`). The
+    dequantizing loop is the same; without SPLIT_K the kernel is the unsplit one
+    (docs/kernels.md "Forward, split K at mid M (round 6)").
+
     POOL (QA-LoRA, GROUP_SIZE a power of two): the programs of the first N tile also write
     P[m, j] = mean of X[m, k] over group j from the X tiles they load anyway (the other programs
-    skip that branch; the low-rank term itself is folded into the group biases by the caller)."""
+    skip that branch; the low-rank term itself is folded into the group biases by the caller).
+    Split: each slice's first-N-tile programs pool the groups of their slice."""
     pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    if SPLIT_K:  # this program's slice of K (whole groups, whole K tiles)
+        k_lo = tl.program_id(1) * SLICE_K
+        k_hi = tl.minimum(K, k_lo + SLICE_K)
+    else:
+        k_lo = 0
+        k_hi = K
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     # rows past the edge are clamped, not masked: they compute garbage that is never stored, and
@@ -218,19 +239,32 @@ def _quant_matmul_fwd_kernel(
         # a second copy of the K loop, with the pooling, for the first N tile only: the loop the
         # other programs run stays exactly the plain kernel's
         acc = _fwd_loop(x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
-                        stride_qn, stride_sn, stride_sg, rows_w, offs_m, M, K, stride_xk, stride_pm,
+                        stride_qn, stride_sn, stride_sg, rows_w, offs_m, M, k_lo, k_hi, K, stride_xk, stride_pm,
                         BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, True, EVEN_K,
                         BLOCK_N, BLOCK_M, BLOCK_K)
     else:
         acc = _fwd_loop(x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
-                        stride_qn, stride_sn, stride_sg, rows_w, offs_m, M, K, stride_xk, stride_pm,
+                        stride_qn, stride_sn, stride_sg, rows_w, offs_m, M, k_lo, k_hi, K, stride_xk, stride_pm,
                         BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, False, EVEN_K,
                         BLOCK_N, BLOCK_M, BLOCK_K)
     acc = tl.trans(acc)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    if SPLIT_K:
+        # the fp32 partial of Y's tile, in Y's layout (N contiguous, as the unsplit store); the bias
+        # once, by slice 0
+        if HAS_BIAS:
+            n_bias = tl.where(tl.program_id(1) == 0, N, 0)  # the other slices load none
+            acc += tl.load(bias_ptr + offs_n, mask=offs_n < n_bias, other=0.0).to(tl.float32)[None, :]
+        ws_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        ws_offs = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+        if ATOMIC:
+            tl.atomic_add(y_ptr + ws_offs, acc, mask=ws_mask, sem="relaxed")
+        else:
+            tl.store(y_ptr + tl.program_id(1).to(tl.int64) * M * N + ws_offs, acc, mask=ws_mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
@@ -705,15 +739,35 @@ def _forward(x, qw, bias, out, path, deterministic, wargs=None, pool=False):
             fused = pool and pow2
             bias_arg = bias if bias is not None else args[3]
             _, launches = _tiles("fwd", m, n, k, meta, x.device, pool=fused)
+            # mid M: the rules split the K loop (grid axis 1) to fill the SMs; partials in an fp32
+            # workspace, summed and cast below (split 1: Y stored directly)
+            ws, split = None, 1
+            fixed_order = deterministic or not _fwd_split_atomic()
             for c in launches:
-                grid = (triton.cdiv(m, c.block_m) * triton.cdiv(n, c.block_n),)
-                _quant_matmul_fwd_kernel[grid](
-                    out, x2, bias_arg, pooled if fused else args[3], *args, m, n, k, _bucket(m),
-                    x2.stride(0), x2.stride(1), out.stride(0), out.stride(1), pooled.stride(0) if fused else 0,
-                    HAS_BIAS=bias is not None, DOT_PRECISION=_precision(x.dtype), POOL=fused, **meta, **c.meta)
+                slice_k, split = heuristics.fwd_slices(k, c.block_k, g, c.split)
+                if split > 1:  # a zeroed workspace per launch (QLK_ALL_CONFIGS runs several)
+                    ws = _split_workspace(split, m, n, fixed_order, x.device)
+                dst, extra = (out, {}) if split == 1 else \
+                    (ws, dict(SPLIT_K=True, ATOMIC=not fixed_order, SLICE_K=slice_k))
+                _quant_matmul_fwd_kernel[(triton.cdiv(m, c.block_m) * triton.cdiv(n, c.block_n), split)](
+                    dst, x2, bias_arg, pooled if fused else args[3], *args, m, n, k, _bucket(m),
+                    x2.stride(0), x2.stride(1), dst.stride(-2), dst.stride(-1), pooled.stride(0) if fused else 0,
+                    HAS_BIAS=bias is not None, DOT_PRECISION=_precision(x.dtype), POOL=fused, **meta, **c.meta,
+                    **extra)
+            if split > 1:  # the chosen launch (the last) wrote the workspace
+                _split_finish(out, ws, fixed_order)
     if pool and not fused:  # group size not a power of two (or larger than the split-K tile)
         torch.mean(x2.reshape(m, k // g, g), dim=-1, dtype=torch.float32, out=pooled)
     return out.reshape(*lead, n), pooled
+
+
+def _fwd_split_atomic() -> bool:
+    """Whether the split forward GEMM adds its fp32 partials with atomics (not ``deterministic``):
+    on sm_90; on sm_80 its slices store into [SPLIT, M, N] and are summed in a fixed order
+    always, because the atomics' epilogue spills there (a 4-warp 128x128 tile holds 128 fp32
+    values per thread: 528-880 B of stack, docs/kernels.md "Forward, split K at mid M (round 6)").
+    The tests replace this function to run both epilogues under the interpreter."""
+    return heuristics.arch_family(target_arch()) == 90
 
 
 def _pool_buffer(shape, device) -> torch.Tensor:
@@ -856,13 +910,14 @@ def _grad_input(dy, qw, out, path, deterministic, wargs=None, lora_b=None):
     return dx if lora_b is None else (dx, v)
 
 
-def _split_workspace(split, m, k, deterministic, device) -> torch.Tensor:
-    """The input gradients' split-N workspace: [M, K] for the atomics, [SPLIT, M, K] deterministic."""
-    return _workspace((split, m, k) if deterministic else (m, k), device)
+def _split_workspace(split, m, cols, deterministic, device) -> torch.Tensor:
+    """The split GEMMs' workspace (input gradients' split N: cols = K; the forward's split K:
+    cols = N): [M, cols] for the atomics, [SPLIT, M, cols] deterministic."""
+    return _workspace((split, m, cols) if deterministic else (m, cols), device)
 
 
 def _split_finish(out, ws, deterministic):
-    """dX from the split-N workspace: the slices summed in a fixed order (deterministic) or the
+    """dX / Y from the split workspace: the slices summed in a fixed order (deterministic) or the
     atomics' sums, cast to ``out``'s dtype."""
     out.copy_(ws.sum(0) if deterministic else ws)
 

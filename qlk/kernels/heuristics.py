@@ -73,6 +73,12 @@ and keep the SM balance × busy share of the ≈ 16-per-SM count, :func:`occupan
 one whose grid fills the resident slots in the closest to whole waves (sm_90 4096→14336: 16
 slices instead of 8, slot wave 0.85 → 0.97; 14336→4096: 8 instead of 28, one wave).
 
+**Round 6.** The forward GEMM splits its K loop the same way where its output tiles leave SMs idle
+or fill the last wave badly (M > :data:`SPLIT_MAX_M`; :func:`fwd_split`, slices of whole groups and
+K tiles, :func:`fwd_slices`). Its busy share and the share of the time left to the GEMM by the
+launcher's workspace passes (:func:`fwd_split_share`, a DRAM roofline of what the analyzer does not
+see) join ``fill``; a tile keeps its split only if that still beats its unsplit launch.
+
 **Path rule** (:func:`choose_path`): at M > 16, the fused kernel or dequantize (Ŵ written once
 in the activation dtype, :mod:`qlk.kernels.dequant`) then a dense GEMM, whichever the static model
 says is faster::
@@ -276,7 +282,7 @@ class KernelChoice:
     group_m: Optional[int]
     num_warps: int
     num_stages: int
-    split: int  # slices of the split kernels' reduction; 1 for the GEMMs
+    split: int  # slices of the reduction: split kernels; GEMMs at mid M (grad_split, fwd_split), else 1
     ctas: int
     sm_balance: float
     fill: float
@@ -402,6 +408,96 @@ def grad_split(n: int, block_n: int, base_ctas: int, sms: int) -> int:
     return max(sorted(options), key=lambda s: (round(sm_balance(base_ctas * s, sms) * split_busy(n, block_n, s), 6), -s))
 
 
+#: fewest K tiles per slice of the forward GEMM's split (round 6): the pipeline's prologue (2-3
+#: stages) and the slice's fp32 partial tile (BLOCK_N × BLOCK_M × 4 B through L2) want a long loop
+FWD_SPLIT_MIN_STEPS = 8
+#: the forward splits only when that raises SM balance × busy share by at least this factor (then
+#: :func:`fwd_split_share` charges the workspace passes): a grid of 2.9 waves (0.97 balance) stays
+#: unsplit, one of 1.45 waves (0.73) or of 48 CTAs on 108 SMs (0.44) splits
+FWD_SPLIT_GAIN = 1.15
+#: most slices the forward's rule considers (the workspace [SPLIT, M, N] grows with it), and most
+#: waves of CTAs a split grid may have (a grid of many waves loses little to its last one, and
+#: every slice adds M·N·4 B of partials)
+FWD_SPLIT_MAX, FWD_SPLIT_MAX_WAVES = 8, 4
+#: forward GEMM tiles whose split variant spills (the static report, round 6), launched unsplit
+FWD_SPLIT_SPILLS = {80: frozenset(), 90: frozenset()}
+#: NF4's group (absmax block) when the format class does not carry it (bitsandbytes' default)
+NF4_BLOCK = 64
+
+
+def format_group(fmt: str) -> int:
+    """The group size a format class names ("int4g128" -> 128); NF4 and a class without one:
+    :data:`NF4_BLOCK` (the launchers pass the real one to :func:`fwd_slices`)."""
+    base = base_format(fmt)
+    return int(fmt[len(base) + 1:]) if fmt.startswith("int") and len(fmt) > len(base) + 1 else NF4_BLOCK
+
+
+def fwd_slices(k: int, block_k: int, group_size: int, split: int) -> tuple[int, int]:
+    """(SLICE_K, slices) of the forward GEMM's split K: each slice spans ⌈units / split⌉ units of
+    lcm(BLOCK_K, group size) columns (whole K tiles and whole groups, so QA-LoRA's pooling sums no
+    group across two slices), the last one what is left; ``slices`` ≤ ``split`` (no empty slice).
+    One source for the launcher and the rule."""
+    unit = math.lcm(block_k, group_size)
+    units = math.ceil(k / unit)
+    slice_k = math.ceil(units / max(1, min(split, units))) * unit
+    return slice_k, math.ceil(k / slice_k)
+
+
+def fwd_split_busy(k: int, block_k: int, slice_k: int, slices: int) -> float:
+    """Share of the split forward's slot-steps that hold a K tile: K tiles / (slices · tiles per slice)
+    (1 unsplit)."""
+    if slices == 1:
+        return 1.0
+    return math.ceil(k / block_k) / (slices * (slice_k // block_k))
+
+
+def fwd_split_bytes(m: int, n: int, split: int, arch: int) -> int:
+    """DRAM bytes a split forward moves beyond the unsplit one (which writes Y once, as does the
+    split's final cast), a roofline count of the launcher's passes that the static analyzer does not
+    see (they are torch ops around the kernel): sm_90 (atomics,
+    :func:`~qlk.kernels.fused_matmul._fwd_split_atomic`) the zeroed fp32 [M, N] workspace written,
+    written back after the atomics, read by the cast:
+    12·M·N; sm_80 (fixed-order sum) its S slices written and read back, their sum written and read:
+    (8·S + 8)·M·N."""
+    return (12 if arch_family(arch) == 90 else 8 * split + 8) * m * n
+
+
+def fwd_split_share(m: int, n: int, k: int, split: int, score: float, arch: int) -> float:
+    """Share of a split forward's time that is its GEMM: t / (t + t_ws), t = MACs / (peak · score),
+    t_ws = :func:`fwd_split_bytes` / DRAM (1 unsplit). At M = 333 it is 0.5-0.9 (2048→2048 on
+    sm_80, split 2: 16 µs of GEMM against 9 µs of workspace passes), so only a split that wins
+    by more than that is taken."""
+    if split == 1:
+        return 1.0
+    a = ARCH[arch_family(arch)]
+    t = m * n * k / (a.macs_per_s * score)
+    return t / (t + fwd_split_bytes(m, n, split, arch) / a.dram_bytes_per_s)
+
+
+def fwd_split(k: int, block_k: int, group_size: int, base_ctas: int, sms: int) -> int:
+    """Slices of the forward GEMM's K loop (round 6; grid axis 1, fp32 partials summed through the
+    split workspace): at mid M the output tiles leave SMs idle (M = 333 on sm_80's 128x128 tile:
+    3 × 16 = 48 CTAs on 108 SMs) or fill the last wave badly (3 × 64 = 192 CTAs on 132 SMs: 1.45
+    waves). Wave-aware: every split up to :data:`FWD_SPLIT_MAX` that keeps ≥
+    :data:`FWD_SPLIT_MIN_STEPS` K tiles per slice and ≤ :data:`FWD_SPLIT_MAX_WAVES` waves is scored
+    by SM balance × busy share; the fewest slices within 2 % of the best win, and only if that beats
+    the unsplit grid by :data:`FWD_SPLIT_GAIN` (else 1). Returns the number of slices
+    :func:`fwd_slices` gives (the launch's grid axis 1). ``_score`` then charges the workspace
+    passes (:func:`fwd_split_share`)."""
+    steps = math.ceil(k / block_k)
+    if steps < 2 * FWD_SPLIT_MIN_STEPS:
+        return 1
+    options = {}
+    for s in range(1, FWD_SPLIT_MAX + 1):
+        slice_k, slices = fwd_slices(k, block_k, group_size, s)
+        if slices > 1 and (slice_k // block_k < FWD_SPLIT_MIN_STEPS or base_ctas * slices > FWD_SPLIT_MAX_WAVES * sms):
+            break
+        options[slices] = sm_balance(base_ctas * slices, sms) * fwd_split_busy(k, block_k, slice_k, slices)
+    best = max(options.values())
+    pick = min(s for s, v in options.items() if v >= 0.98 * best)
+    return pick if options[pick] >= FWD_SPLIT_GAIN * options[1] else 1
+
+
 def _fits(c, arch: int, fp32_bias: bool, op: str, pool: bool = False) -> bool:
     k = c.kwargs
     if getattr(c, "qlk_arch", None) not in (None, arch_family(arch)):
@@ -456,9 +552,23 @@ def _score(op, c, m, n, k, fmt, arch, sms):
     fitted = calibrated(op, c, fmt, arch)
     if op == "fwd":
         tiles_m, tiles_o = math.ceil(m / bm), math.ceil(n / bn)
-        ctas, split = tiles_m * tiles_o, 1
-        fill = m * n / (tiles_m * bm * tiles_o * bn)
+        label = f"{bm}x{bn}x{bk} w{c.num_warps} s{c.num_stages}"
+        group = format_group(fmt)
+        # above the split-K decode kernel's range only (M <= SPLIT_MAX_M: choose_fused weighs that
+        # kernel against the GEMM; the split GEMM there is not measured yet)
+        unsplit = m <= SPLIT_MAX_M or label in FWD_SPLIT_SPILLS.get(arch_family(arch), ())
+        split = 1 if unsplit else fwd_split(k, bk, group, tiles_m * tiles_o, sms)
         eff = fitted or sum(gemm_tile_eff(bn, bm, c.num_warps, arch, fmt)) / 2
+        fill = m * n / (tiles_m * bm * tiles_o * bn)
+        if split > 1:  # the busy share of the slices and the workspace passes' share of the time join fill
+            busy = fwd_split_busy(k, bk, *fwd_slices(k, bk, group, split))
+            split_score = eff * sm_balance(tiles_m * tiles_o * split, sms) * fill * busy
+            charged = busy * fwd_split_share(m, n, k, split, split_score, arch)
+            if split_score * charged / busy > eff * sm_balance(tiles_m * tiles_o, sms) * fill:
+                fill *= charged
+            else:  # the passes eat the gain: unsplit
+                split = 1
+        ctas = tiles_m * tiles_o * split
     elif op == "grad":
         tiles_m, tiles_o = math.ceil(m / bm), math.ceil(k / bk)
         label = f"{bm}x{bn}x{bk} w{c.num_warps} s{c.num_stages}"
