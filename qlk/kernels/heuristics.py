@@ -317,6 +317,37 @@ def grad_split(n: int, block_n: int, base_ctas: int, sms: int) -> int:
     return max(sorted(options), key=lambda s: (round(sm_balance(base_ctas * s, sms) * split_busy(n, block_n, s), 6), -s))
 
 
+def grad_dram_cap(m: int, n: int, k: int, fmt: str, block_m: int, block_n: int, block_k: int, split: int,
+                  arch: int) -> float:
+    """The GEMM input gradient's tile efficiency where DRAM, not the tile, limits it (round 6): the
+    midpoint of a DRAM-bound range, optimistic ``r`` and pessimistic ``r / (1 + r)`` (DRAM overlapping
+    nothing), with the roofline ratio
+
+        r = (padded MACs / tensor peak) / (useful bytes / DRAM bandwidth)
+
+    padded MACs = ⌈M/BM⌉·BM · ⌈K/BK⌉·BK · split·⌈steps/split⌉·BN (steps = ⌈N/BN⌉), useful bytes =
+    packed Ŵ (codes and 4 B a group: INT scale + bias, NF4's de-nested fp32 absmax) + dY (2·M·N) + dX
+    (2·M·K) or, split, the fp32 workspace (4·M·K). The static analyzer spreads the same bytes over the
+    same loop, so its tensor fraction / DRAM fraction equals ``r`` (the committed sweep: to 1 % in
+    every input-gradient row, 1,600 on sm_90 and 1,200 on sm_80). It binds where the reduction per dX
+    element is short against its 4-byte partial: split launches with 4 N tiles a slice (2048→512 at
+    M = 333, NF4 128x64x128 w8: 0.54 against the tile's fitted 0.75): the split's workspace, not a
+    per-split-count factor, is what the unsplit fit misses."""
+    a = ARCH[arch_family(arch)]
+    steps = math.ceil(n / block_n)
+    macs = (math.ceil(m / block_m) * block_m * math.ceil(k / block_k) * block_k
+            * split * math.ceil(steps / split) * block_n)
+    base = base_format(fmt)
+    is_nf4 = base == "nf4"
+    bits = 4 if is_nf4 else int(base[3:] or 4)
+    group = 64 if is_nf4 else int(fmt.split("g")[1]) if "g" in fmt else 128
+    # 4 B a group: INT scale and bias (bf16 each), NF4 the fp32 absmax the GEMM reads de-nested
+    packed = n * k * bits / 8 + n * math.ceil(k / group) * 4
+    moved = packed + 2 * m * n + (4 if split > 1 else 2) * m * k
+    r = (macs / a.macs_per_s) / (moved / a.dram_bytes_per_s)
+    return (r + r / (1 + r)) / 2
+
+
 def _fits(c, arch: int, fp32_bias: bool, op: str, pool: bool = False) -> bool:
     k = c.kwargs
     if getattr(c, "qlk_arch", None) not in (None, arch_family(arch)):
@@ -370,6 +401,7 @@ def _score(op, c, m, n, k, fmt, arch, sms):
         ctas = tiles_m * tiles_o * split
         fill = m * k / (tiles_m * bm * tiles_o * bk) * split_busy(n, bn, split)
         eff = fitted or sum(gemm_tile_eff(bk, bm, c.num_warps, arch, fmt, grad=True)) / 2
+        eff = min(eff, grad_dram_cap(m, n, k, fmt, bm, bn, bk, split, arch))
     else:  # split kernels: the padding of BLOCK_M = 16 rows is the same for every candidate
         if op == "splitk":
             base, length, block = math.ceil(n / bn) * math.ceil(m / bm), k, bk
