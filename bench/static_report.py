@@ -292,15 +292,40 @@ def rules_check(rows, arch: int, sms=None) -> list:
 
 def _est_time(r, g):
     """Seconds of one row: useful MACs / (rank × tensor rate) at M ≥ 256 (rank holds the fill),
-    useful bytes / (midpoint of the DRAM fraction × bandwidth) otherwise."""
+    useful bytes / (midpoint of the DRAM fraction × bandwidth) otherwise; a split GEMM input
+    gradient plus its workspace's passes (:func:`split_passes_time`)."""
     if r is None:
         return None
     hi, lo = metric(r)
     if (hi + lo) <= 0:
         return None
     if r.get("tensor_peak_opt") is not None and (r["M"] or 0) >= 256 and r["kernel"] != "_dequantize_kernel":
-        return r["M"] * r["N"] * r["K"] / (rank(r) * g.tensor_macs_per_clk * g.sms * g.ghz * 1e9)
-    return r["useful_bytes"] / ((hi + lo) / 2 * g.dram_bytes_per_s)
+        t = r["M"] * r["N"] * r["K"] / (rank(r) * g.tensor_macs_per_clk * g.sms * g.ghz * 1e9)
+    else:
+        t = r["useful_bytes"] / ((hi + lo) / 2 * g.dram_bytes_per_s)
+    return t + split_passes_time(r, g)
+
+
+def grad_split_of(r) -> int:
+    """Slices of a GEMM input-gradient row's N reduction (grid axis 1: grid CTAs over the dX tiles)."""
+    if r.get("kernel") != "_quant_matmul_grad_input_kernel" or not r.get("grid_ctas"):
+        return 1
+    tile = _TILE.match(r["config"] or "")
+    if not tile:
+        return 1
+    block_m, _, block_k = (int(x) for x in tile.groups())
+    return max(1, r["grid_ctas"] // (math.ceil(r["K"] / block_k) * math.ceil(r["M"] / block_m)))
+
+
+def split_passes_time(r, g) -> float:
+    """Round 6: seconds of a split GEMM input gradient's work outside its kernel, which the analyzer
+    does not compile: the fp32 [M, K] workspace zeroed and read back by the cast into dX
+    (qlk.kernels.heuristics.GRAD_WORKSPACE_PASS_BYTES per dX element) at the DRAM bandwidth; 0 unsplit."""
+    if grad_split_of(r) == 1:
+        return 0.0
+    from qlk.kernels import heuristics
+
+    return heuristics.GRAD_WORKSPACE_PASS_BYTES * r["M"] * r["K"] / g.dram_bytes_per_s
 
 
 def _rules_check(rows, arch, sms, g, heuristics, launches):
@@ -354,7 +379,8 @@ def _rules_check(rows, arch, sms, g, heuristics, launches):
         c_row, t_chosen = chosen
         # the GEMM input gradient split over N (round 5): a sweep compiled before the rules split it
         # holds the unsplit launch of the chosen tile, whose estimate is not the launch's now
-        stale = (pick != "gemv" and pick.op == "grad" and pick.split > 1 and c_row is not None
+        # (round 6: also the other way, a split launch the rules no longer split)
+        stale = (pick != "gemv" and pick.op == "grad" and c_row is not None
                  and c_row.get("grid_ctas") not in (None, "", pick.ctas))
         dense = by_case.get(launches.case_name(f"dense-{r0['op']}", "bf16", k, n, m))
         dense = max(dense, key=rank) if dense else None

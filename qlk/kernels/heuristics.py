@@ -298,23 +298,72 @@ GRAD_SPLIT_MIN_STEPS = 4
 #: tiles sit at 255 registers unsplit; the fp32 partial's atomics push 256x32x128 to 0.8-1 KB of
 #: stack, 128x32x128 to 8 B): they are launched unsplit
 GRAD_SPLIT_SPILLS = {80: frozenset({"256x32x128 w8 s3", "128x32x128 w8 s3"}), 90: frozenset()}
+#: ... and those whose split variant spills only at an M that is not a multiple of 16 (Triton
+#: specializes M % 16 == 0; round 6, static report at M = 333: sm_80 64x32x128 w4 at 255 registers,
+#: 8 B of stack and 2 LDL/STL for INT3 and NF4, none for INT4 g32/g128 and INT2): per format class
+GRAD_SPLIT_SPILLS_RAGGED_M = {80: {"64x32x128 w4 s3": frozenset({"int3", "nf4"})}, 90: {}}
+
+
+def grad_split_spills(label: str, fmt: str, m: int, arch: int) -> bool:
+    """Whether the split variant of the GEMM input-gradient tile ``label`` spills at this format
+    and M (:data:`GRAD_SPLIT_SPILLS`, :data:`GRAD_SPLIT_SPILLS_RAGGED_M`): such a tile runs unsplit."""
+    fam = arch_family(arch)
+    if label in GRAD_SPLIT_SPILLS.get(fam, ()):
+        return True
+    return m % 16 != 0 and base_format(fmt) in GRAD_SPLIT_SPILLS_RAGGED_M.get(fam, {}).get(label, ())
+
+
+#: most slices of a wave split (round 6: dX tiles that fill the SMs but leave the last wave
+#: short): enough to even out up to ~3 waves, few enough that the fp32 workspace stays one pass
+GRAD_WAVE_MAX_SPLIT = 4
 
 
 def grad_split(n: int, block_n: int, base_ctas: int, sms: int) -> int:
-    """Slices of the GEMM input gradient's reduction over N (round 5): 1 when its dX tiles alone
-    fill the SMs; else :func:`split_count` aiming at one or two CTAs per SM (heavy GEMM CTAs, not
-    the split kernels' 16), at most ⌊steps / GRAD_SPLIT_MIN_STEPS⌋ slices, whichever gives the
-    better SM balance × busy share (equal: fewer slices, less workspace traffic). M = 64 on
-    K = 2048, N = 2048: 16 dX tiles of 128x128 -> 8 slices of 4 N tiles on 132 SMs."""
+    """Slices of the GEMM input gradient's reduction over N (round 5): when its dX tiles leave SMs
+    idle, :func:`split_count` aiming at one or two CTAs per SM (heavy GEMM CTAs, not the split
+    kernels' 16), at most ⌊steps / GRAD_SPLIT_MIN_STEPS⌋ slices, whichever gives the better SM
+    balance × busy share (equal: fewer slices, less workspace traffic). M = 64 on K = 2048,
+    N = 2048: 16 dX tiles of 128x128 -> 8 slices of 4 N tiles on 132 SMs.
+
+    Round 6, wave split: when the dX tiles fill the SMs but their last wave is short, the count
+    (2 .. :data:`GRAD_WAVE_MAX_SPLIT`, same cap) with the best SM balance × busy share if that beats
+    the unsplit balance, else 1 (M = 333 on K = 8192, 128x128 dX tiles: 192 CTAs on 132 SMs,
+    balance 0.73 -> 2 slices, 384 CTAs, 0.97). This is a proposal: the tile score (:func:`_score`)
+    weighs it against the unsplit launch, charging the workspace's own passes
+    (:func:`grad_workspace_share`), which at large M cost more than the wave gains."""
     steps = math.ceil(n / block_n)
     cap = steps // GRAD_SPLIT_MIN_STEPS
-    if base_ctas >= sms or cap < 2:
+    if cap < 2:
         return 1
+    gain = lambda s: round(sm_balance(base_ctas * s, sms) * split_busy(n, block_n, s), 6)  # noqa: E731
+    if base_ctas >= sms:
+        options = {math.ceil(steps / math.ceil(steps / s)) for s in range(2, min(cap, GRAD_WAVE_MAX_SPLIT) + 1)}
+        best = max(sorted(options), key=lambda s: (gain(s), -s), default=1)
+        return best if best > 1 and gain(best) > gain(1) else 1
     options = {1}
     for per_sm in (1, 2):
         s = min(split_count(n, block_n, base_ctas, sms, per_sm), cap)
         options.add(math.ceil(steps / math.ceil(steps / s)))  # no empty slice (split_count's rule)
-    return max(sorted(options), key=lambda s: (round(sm_balance(base_ctas * s, sms) * split_busy(n, block_n, s), 6), -s))
+    return max(sorted(options), key=lambda s: (gain(s), -s))
+
+
+#: bytes per dX element of the split launch's passes outside the GEMM kernel: the fp32 workspace
+#: zeroed (4 B) and read back (4 B) by the cast into dX (2 B written)
+GRAD_WORKSPACE_PASS_BYTES = 10
+
+
+def grad_workspace_share(m: int, n: int, k: int, score: float, arch: int) -> float:
+    """Share of a split input gradient's time spent in its GEMM kernel (round 6), the rest in the
+    workspace's passes around it (zeroing, the cast into dX; the static analyzer compiles the GEMM
+    only, so it does not see them): t_gemm / (t_gemm + t_ws) with t_gemm = M·N·K / (tensor peak ·
+    ``score``) and t_ws = :data:`GRAD_WORKSPACE_PASS_BYTES` · M·K / DRAM bandwidth (atomics; the
+    deterministic variant's [SPLIT, M, K] workspace costs more). Small where the split pays most
+    (M = 64 on K = 2048: 0.43 µs of 2-3 µs), large where a wave split gains 10-25 % of a long GEMM
+    (M = 2048 on K = 3072: 21 µs against 130-150 µs)."""
+    a = ARCH[arch_family(arch)]
+    t_gemm = m * n * k / (a.macs_per_s * score)
+    t_ws = GRAD_WORKSPACE_PASS_BYTES * m * k / a.dram_bytes_per_s
+    return t_gemm / (t_gemm + t_ws)
 
 
 def grad_dram_cap(m: int, n: int, k: int, fmt: str, block_m: int, block_n: int, block_k: int, split: int,
@@ -397,11 +446,17 @@ def _score(op, c, m, n, k, fmt, arch, sms):
     elif op == "grad":
         tiles_m, tiles_o = math.ceil(m / bm), math.ceil(k / bk)
         label = f"{bm}x{bn}x{bk} w{c.num_warps} s{c.num_stages}"
-        split = 1 if label in GRAD_SPLIT_SPILLS.get(arch_family(arch), ()) else grad_split(n, bn, tiles_m * tiles_o, sms)
-        ctas = tiles_m * tiles_o * split
-        fill = m * k / (tiles_m * bm * tiles_o * bk) * split_busy(n, bn, split)
-        eff = fitted or sum(gemm_tile_eff(bk, bm, c.num_warps, arch, fmt, grad=True)) / 2
-        eff = min(eff, grad_dram_cap(m, n, k, fmt, bm, bn, bk, split, arch))
+        split = 1 if grad_split_spills(label, fmt, m, arch) else grad_split(n, bn, tiles_m * tiles_o, sms)
+        tile = fitted or sum(gemm_tile_eff(bk, bm, c.num_warps, arch, fmt, grad=True)) / 2
+        options = []  # the split launch against the unsplit one, the workspace's passes charged
+        for s in sorted({1, split}):
+            ctas = tiles_m * tiles_o * s
+            fill = m * k / (tiles_m * bm * tiles_o * bk) * split_busy(n, bn, s)
+            eff = min(tile, grad_dram_cap(m, n, k, fmt, bm, bn, bk, s, arch))
+            if s > 1:
+                eff *= grad_workspace_share(m, n, k, eff * sm_balance(ctas, sms) * fill, arch)
+            options.append((round(eff * sm_balance(ctas, sms) * fill, 6), -s, s, ctas, fill, eff))
+        _, _, split, ctas, fill, eff = max(options)
     else:  # split kernels: the padding of BLOCK_M = 16 rows is the same for every candidate
         if op == "splitk":
             base, length, block = math.ceil(n / bn) * math.ceil(m / bm), k, bk
