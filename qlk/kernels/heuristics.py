@@ -352,6 +352,13 @@ def grad_split(n: int, block_n: int, base_ctas: int, sms: int) -> int:
 GRAD_WORKSPACE_PASS_BYTES = 10
 
 
+#: a split launch must be estimated this much faster than the unsplit one (round 6): the passes'
+#: charge is a DRAM-rate estimate (small workspaces stay in L2 but cost two more launches), and at
+#: M <= 128 the static report times launches by their DRAM fraction, where a split that the score
+#: has 0-3 % ahead came out 3-4 % behind (sm_90 28672->8192 M = 128, 14336->4096 M = 64)
+GRAD_SPLIT_MARGIN = 1.05
+
+
 def grad_workspace_share(m: int, n: int, k: int, score: float, arch: int) -> float:
     """Share of a split input gradient's time spent in its GEMM kernel (round 6), the rest in the
     workspace's passes around it (zeroing, the cast into dX; the static analyzer compiles the GEMM
@@ -455,7 +462,8 @@ def _score(op, c, m, n, k, fmt, arch, sms):
             eff = min(tile, grad_dram_cap(m, n, k, fmt, bm, bn, bk, s, arch))
             if s > 1:
                 eff *= grad_workspace_share(m, n, k, eff * sm_balance(ctas, sms) * fill, arch)
-            options.append((round(eff * sm_balance(ctas, sms) * fill, 6), -s, s, ctas, fill, eff))
+            margin = GRAD_SPLIT_MARGIN if s > 1 else 1.0
+            options.append((round(eff * sm_balance(ctas, sms) * fill / margin, 6), -s, s, ctas, fill, eff))
         _, _, split, ctas, fill, eff = max(options)
     else:  # split kernels: the padding of BLOCK_M = 16 rows is the same for every candidate
         if op == "splitk":
