@@ -67,6 +67,14 @@ fitted the same way (:data:`DEQUANT_EFF`, :data:`DENSE_SMALL_EFF`).
 (mid M, narrow K; :func:`grad_split`): the split is a launch parameter of the same candidate (its
 label and calibration unchanged), its busy share joins ``fill``.
 
+**Round 6** (the input gradient at mid M, docs/kernels.md "Input gradient, mid M waves (round 6)").
+A GEMM input-gradient tile's efficiency is capped by its DRAM roofline (:func:`grad_dram_cap`: the
+split's fp32 partials, which the unsplit fit does not see); :func:`grad_split` also proposes a
+split when the dX tiles fill the SMs but leave a short last wave; and a split launch is charged
+for its workspace's passes outside the kernel (:func:`grad_workspace_share`: zeroing and the cast
+into dX) and must beat the unsplit launch of the same tile by :data:`GRAD_SPLIT_MARGIN`. Split
+variants that spill (:func:`grad_split_spills`) are not proposed.
+
 **Path rule** (:func:`choose_path`): at M > 16, the fused kernel or dequantize (Ŵ written once
 in the activation dtype, :mod:`qlk.kernels.dequant`) then a dense GEMM, whichever the static model
 says is faster::
