@@ -373,8 +373,8 @@ def grad_workspace_share(m: int, n: int, k: int, score: float, arch: int) -> flo
     only, so it does not see them): t_gemm / (t_gemm + t_ws) with t_gemm = M·N·K / (tensor peak ·
     ``score``) and t_ws = :data:`GRAD_WORKSPACE_PASS_BYTES` · M·K / DRAM bandwidth (atomics; the
     deterministic variant's [SPLIT, M, K] workspace costs more). Small where the split pays most
-    (M = 64 on K = 2048: 0.43 µs of 2-3 µs), large where a wave split gains 10-25 % of a long GEMM
-    (M = 2048 on K = 3072: 21 µs against 130-150 µs)."""
+    (M = 64 on K = 2048: 0.43 µs of 2-3 µs), too large where a wave split gains 10-25 % of a long
+    GEMM (M = 2048 on K = 3072: 21 µs against a 17-150 µs GEMM)."""
     a = ARCH[arch_family(arch)]
     t_gemm = m * n * k / (a.macs_per_s * score)
     t_ws = GRAD_WORKSPACE_PASS_BYTES * m * k / a.dram_bytes_per_s
