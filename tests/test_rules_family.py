@@ -42,7 +42,10 @@ KNOWN_OFF = {
          # roofline (heuristics.grad_dram_cap: the split's fp32 partials) and charges the split's
          # workspace passes, which removed round 5's 11 misses; left until the re-sweep compiles
          # 128x64x128 w8 at its round-6 launch (the committed row is its round-5 split of 6)
-         "dgrad/nf4dq/2048->8192/M333": 0.978},
+         "dgrad/nf4dq/2048->8192/M333": 0.978,
+         # from the recompiled launches the round-6 rules changed (docs/kernels.md, round 6): the
+         # split's passes are a DRAM-rate estimate, 128x64x128 w8 unsplit is 1.7 % faster
+         "dgrad/nf4dq/3072->1024/M128": 0.983},
     80: {"fwd/nf4dq/14336->4096/M1": 0.965, "fwd/nf4dq/14336->4096/M16": 0.981, "fwd/nf4dq/8192->8192/M1": 0.982,
          "fwd/nf4dq/8192->8192/M16": 0.988, "fwd/nf4dq/8192->2048/M64": 0.978, "fwd/nf4dq/4096->4096/M64": 0.985,
          "fwd/nf4dq/8192->1024/M128": 0.977,
@@ -53,7 +56,10 @@ KNOWN_OFF = {
          # split vs GEMM at M = 64..128 (SPLIT_MID_M is a median, ±10 %)
          "fwd/int2g32/8192->3072/M128": 0.947, "fwd/int2g32/8192->8192/M128": 0.95,
          "fwd/int2g32/28672->8192/M128": 0.951, "fwd/int4g128/4096->14336/M128": 0.965,
-         "fwd/int3g128/4096->14336/M128": 0.944, "fwd/nf4dq/4096->14336/M64": 0.977},
+         "fwd/int3g128/4096->14336/M128": 0.944, "fwd/nf4dq/4096->14336/M64": 0.977,
+         # round 6's wave split of INT3's 64x32x128 w4 (fitted 0.513) against 128x32x128 w8 unsplit
+         # (0.722, its split spills): the split's balance gain is 5 % short of the tile's
+         "dgrad/int3g128/8192->3072/M128": 0.948},
 }
 
 
