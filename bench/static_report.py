@@ -292,15 +292,56 @@ def rules_check(rows, arch: int, sms=None) -> list:
 
 def _est_time(r, g):
     """Seconds of one row: useful MACs / (rank × tensor rate) at M ≥ 256 (rank holds the fill),
-    useful bytes / (midpoint of the DRAM fraction × bandwidth) otherwise."""
+    useful bytes / (midpoint of the DRAM fraction × bandwidth) otherwise; a split GEMM input
+    gradient plus its workspace's passes (:func:`split_passes_time`)."""
     if r is None:
         return None
     hi, lo = metric(r)
     if (hi + lo) <= 0:
         return None
     if r.get("tensor_peak_opt") is not None and (r["M"] or 0) >= 256 and r["kernel"] != "_dequantize_kernel":
-        return r["M"] * r["N"] * r["K"] / (rank(r) * g.tensor_macs_per_clk * g.sms * g.ghz * 1e9)
-    return r["useful_bytes"] / ((hi + lo) / 2 * g.dram_bytes_per_s)
+        t = r["M"] * r["N"] * r["K"] / (rank(r) * g.tensor_macs_per_clk * g.sms * g.ghz * 1e9)
+    else:
+        t = r["useful_bytes"] / ((hi + lo) / 2 * g.dram_bytes_per_s)
+    return t + split_passes_time(r, g)
+
+
+def grad_split_of(r) -> int:
+    """Slices of a GEMM input-gradient row's N reduction (grid axis 1: grid CTAs over the dX tiles)."""
+    if r.get("kernel") != "_quant_matmul_grad_input_kernel" or not r.get("grid_ctas"):
+        return 1
+    tile = _TILE.match(r["config"] or "")
+    if not tile:
+        return 1
+    block_m, _, block_k = (int(x) for x in tile.groups())
+    return max(1, r["grid_ctas"] // (math.ceil(r["K"] / block_k) * math.ceil(r["M"] / block_m)))
+
+
+def fwd_split_of(r) -> int:
+    """Slices of a forward GEMM row's K loop (round 6; grid axis 1: grid CTAs over the Y tiles)."""
+    if r.get("kernel") != "_quant_matmul_fwd_kernel" or not r.get("grid_ctas"):
+        return 1
+    tile = _TILE.match(r["config"] or "")
+    if not tile:
+        return 1
+    block_m, block_n, _ = (int(x) for x in tile.groups())
+    return max(1, r["grid_ctas"] // (math.ceil(r["N"] / block_n) * math.ceil(r["M"] / block_m)))
+
+
+def split_passes_time(r, g) -> float:
+    """Round 6: seconds of a split GEMM's work outside its kernel, which the analyzer does not
+    compile, at the DRAM bandwidth (0 unsplit), the same count the rules charge: the input
+    gradient's fp32 [M, K] workspace zeroed and read back by the cast into dX
+    (qlk.kernels.heuristics.GRAD_WORKSPACE_PASS_BYTES per dX element); the forward's
+    (qlk.kernels.heuristics.fwd_split_bytes: atomics on sm_90, a fixed-order sum on sm_80)."""
+    from qlk.kernels import heuristics
+
+    grad, fwd = grad_split_of(r), fwd_split_of(r)
+    if grad > 1:
+        return heuristics.GRAD_WORKSPACE_PASS_BYTES * r["M"] * r["K"] / g.dram_bytes_per_s
+    if fwd > 1:
+        return heuristics.fwd_split_bytes(r["M"], r["N"], fwd, r["arch"]) / g.dram_bytes_per_s
+    return 0.0
 
 
 def _rules_check(rows, arch, sms, g, heuristics, launches):

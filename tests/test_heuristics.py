@@ -307,3 +307,79 @@ def test_gemv_prune_drops_the_spilling_sm80_int4_g128_tile(monkeypatch):
     assert kept(80, BITS=3, GROUP_SIZE=128, IS_NF4=False) == [(32, 256), (64, 128)]
     assert kept(80, BITS=4, GROUP_SIZE=64, IS_NF4=True) == [(32, 256), (64, 128)]
     assert kept(90, BITS=4, GROUP_SIZE=128, IS_NF4=False) == [(32, 256), (64, 128)]
+
+
+def test_grad_score_caps_split_tiles_by_their_dram_roofline(monkeypatch):
+    """Round 6: a GEMM input-gradient tile's efficiency is at most its DRAM roofline
+    (heuristics.grad_dram_cap). At 2048->512, M = 333 on sm_90 a split slice has 4 N tiles and its
+    fp32 partial (M·K·4 B) outweighs the packed weight: the analyzer puts 128x64x128 w8 split 2 at
+    0.54 of the tensor peak, not its fitted 0.75, and its best is 256x64x64 w8 split 2 (the
+    committed sweep); with the workspace's passes charged (zeroing, the cast: 2.3 µs against a
+    ~2.5 µs GEMM) the unsplit 128x64x128 w8 wins. At a full-wave shape the cap does not bind."""
+    tiles = [_cfg(90, 8, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, GROUP_M=8),
+             _cfg(90, 8, 3, BLOCK_M=256, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)]
+    c = h.choose_config("grad", 333, 512, 2048, "nf4", 90, 132, configs=tiles)
+    assert (c.label, c.split) == ("128x64x128 w8 s4", 1)
+    monkeypatch.setattr(h, "GRAD_WORKSPACE_PASS_BYTES", 0)  # the GEMM kernel alone, as the analyzer sees it
+    c = h.choose_config("grad", 333, 512, 2048, "nf4", 90, 132, configs=tiles)
+    assert (c.label, c.split) == ("256x64x64 w8 s3", 2)
+    narrow = h.score_all("grad", 333, 512, 2048, "nf4", 90, 132, configs=tiles[:1])[0]
+    assert narrow.split == 2 and narrow.tile_eff == pytest.approx(0.536, abs=0.005)
+    # the workspace's 4 B per dX element against the unsplit store's 2 B
+    assert h.grad_dram_cap(333, 512, 2048, "nf4", 128, 64, 128, 2, 90) < \
+        h.grad_dram_cap(333, 512, 2048, "nf4", 128, 64, 128, 1, 90)
+    for t in tiles:
+        wide = h.score_all("grad", 4096, 14336, 4096, "int4g32", 90, 132, configs=[t])[0]
+        assert wide.split == 1 and wide.tile_eff == h.calibrated("grad", t, "int4g32", 90)
+
+
+def test_wave_split_when_the_last_wave_is_short_and_the_workspace_pays():
+    """Round 6: grad_split also proposes a split when the dX tiles fill the SMs but leave the last
+    wave short (M = 333 on K = 8192: 3 x 64 = 192 tiles of 128x128 on 132 SMs, balance 0.73 -> 2
+    slices, 384 CTAs, 0.97); none when the grid is already balanced. The score takes it only where
+    the gain outweighs the workspace's passes (grad_workspace_share: zeroing and the cast, which the
+    GEMM kernel's estimate does not hold): NF4 8192->28672 M = 333 splits 128x64x128 w8, the
+    3072-wide layers at M = 2048 do not (21 µs of passes against a 130-150 µs GEMM)."""
+    assert h.grad_split(8192, 64, 192, 132) == 2
+    assert h.grad_split(8192, 64, 264, 132) == 1  # two full waves
+    assert h.grad_split(14336, 64, 16 * 32, 132) == 1  # 512 CTAs: 0.97 already, no split does better
+    assert h.grad_split(4 * 64, 64, 192, 132) == 1  # 4 N tiles: no slice of 4 beside another
+    for n, base in ((8192, 192), (3072, 144), (28672, 200), (1024, 133)):
+        s = h.grad_split(n, 64, base, 132)
+        assert 1 <= s <= h.GRAD_WAVE_MAX_SPLIT
+        if s > 1:
+            assert h.sm_balance(base * s, 132) * h.split_busy(n, 64, s) > h.sm_balance(base, 132)
+    wide = _cfg(90, 8, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, GROUP_M=8)
+    c = h.score_all("grad", 333, 28672, 8192, "nf4", 90, 132, configs=[wide])[0]
+    assert (c.split, c.ctas) == (2, 384)
+    t_gemm = 333 * 28672 * 8192 / (h.ARCH[90].macs_per_s * c.score / h.grad_workspace_share(333, 28672, 8192, c.score, 90))
+    # the charge: score = GEMM-only score x t_gemm / (t_gemm + 10 B per dX element over DRAM)
+    t_ws = 10 * 333 * 8192 / h.ARCH[90].dram_bytes_per_s
+    assert h.grad_workspace_share(333, 28672, 8192, 0.5, 90) == pytest.approx(
+        (333 * 28672 * 8192 / (h.ARCH[90].macs_per_s * 0.5)) / (333 * 28672 * 8192 / (h.ARCH[90].macs_per_s * 0.5) + t_ws))
+    assert t_gemm > 0
+    big = [_cfg(90, 8, 3, BLOCK_M=256, BLOCK_N=64, BLOCK_K=128, GROUP_M=8),
+           _cfg(90, 8, 3, BLOCK_M=256, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)]
+    assert h.grad_split(3072, 64, 8 * 24, 132) == 2  # 256x64x128: 192 CTAs, proposed ...
+    for n in (1024, 3072, 8192):  # ... but with the passes charged the unsplit 256x64x64 (384 CTAs) is faster
+        c = h.choose_config("grad", 2048, n, 3072, "int4g32", 90, 132, configs=big)
+        assert (c.label, c.split) == ("256x64x64 w8 s3", 1)
+
+
+def test_wave_split_is_declined_by_the_workspace_charge(monkeypatch):
+    """Without the charge (the GEMM kernel alone, the analyzer's view) the M = 2048, K = 3072 input
+    gradient would take 256x64x128 split 2 (0.79 of the tensor peak vs 0.70): the charge is what
+    keeps it unsplit. And the split variants that spill are never proposed (sm_80)."""
+    big = [_cfg(90, 8, 3, BLOCK_M=256, BLOCK_N=64, BLOCK_K=128, GROUP_M=8),
+           _cfg(90, 8, 3, BLOCK_M=256, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)]
+    monkeypatch.setattr(h, "GRAD_WORKSPACE_PASS_BYTES", 0)
+    c = h.choose_config("grad", 2048, 3072, 3072, "int4g32", 90, 132, configs=big)
+    assert (c.label, c.split) == ("256x64x128 w8 s3", 2)
+    small = _cfg(80, 4, 3, BLOCK_M=64, BLOCK_N=32, BLOCK_K=128, GROUP_M=8)
+    wide = _cfg(80, 8, 3, BLOCK_M=128, BLOCK_N=32, BLOCK_K=128, GROUP_M=8)
+    for fmt, m, spills in (("int3g128", 333, True), ("nf4", 333, True), ("int4g128", 333, False),
+                           ("int2g32", 333, False), ("nf4", 128, False), ("int3g128", 64, False)):
+        assert h.grad_split_spills("64x32x128 w4 s3", fmt, m, 80) == spills
+        got = h.score_all("grad", m, 8192, 3072, fmt, 80, 108, configs=[small])[0]
+        assert (got.split == 1) if spills else (got.split > 1), (fmt, m, got)  # 6 x 24 = 144 CTAs: short wave
+        assert h.score_all("grad", m, 8192, 3072, fmt, 80, 108, configs=[wide])[0].split == 1

@@ -328,6 +328,35 @@ def test_grad_input_gemm_split(case, m, det, ahead, split_gemm_tile, monkeypatch
     assert oracles.rel_err(dx, dy.cpu().double() @ w64) < TOL
 
 
+def test_grad_input_gemm_wave_split(monkeypatch):
+    """Round 6's wave split: the dX tiles fill the SMs (2 M tiles x 5 K tiles = 10 CTAs on 6
+    SMs, a short second wave), the rules split N in 3 (30 CTAs, 5 waves of 6), the workspace's
+    passes not charged so the split is taken at this tiny shape; fp32 atomics into the workspace,
+    NaN-poisoned dX, against float64 (INT3 g48, ragged K and N)."""
+    from qlk.kernels import config
+
+    cfg = config._cfg(None, 4, 1, **_SPLIT_TILE)
+    real = heuristics.candidates
+    monkeypatch.setattr(heuristics, "candidates", lambda op: [cfg] if op == "grad" else real(op))
+    monkeypatch.setattr(heuristics, "GRAD_SPLIT_MIN_STEPS", 3)
+    monkeypatch.setattr(heuristics, "GRAD_WORKSPACE_PASS_BYTES", 0)
+    heuristics._choose_default.cache_clear()
+    qw, w64 = split_weight(("int", 3, 48, 288))
+    n, k = qw.shape
+    m, _SMS[0] = 17, 6
+    try:
+        c = heuristics.choose_config("grad", m, n, k, "int3", fm.target_arch(), 6)
+        assert c.ctas // c.split == 10 and c.split == 3, c  # base 10 >= 6 SMs: the wave split
+        log = []
+        monkeypatch.setattr(fm, "CHOICE_LOG", log)
+        dy = randn(m, n, seed=23)
+        dx = quant_matmul_backward(dy, qw, out=nan(m, k), path="gemm")
+        assert [(op, c.split) for op, c in log] == [("grad", 3)]
+        assert oracles.rel_err(dx, dy.cpu().double() @ w64) < TOL
+    finally:
+        heuristics._choose_default.cache_clear()
+
+
 def test_grad_input_gemm_split_qalora(split_gemm_tile, monkeypatch):
     """QA-LoRA's input gradient through the split launch: dX (folded biases) split over N, V = dY·B
     from the unsplit V programs (slice 0's), both NaN-poisoned, against the paper's formula."""

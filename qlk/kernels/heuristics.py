@@ -79,6 +79,14 @@ K tiles, :func:`fwd_slices`). Its busy share and the share of the time left to t
 launcher's workspace passes (:func:`fwd_split_share`, a DRAM roofline of what the analyzer does not
 see) join ``fill``; a tile keeps its split only if that still beats its unsplit launch.
 
+**Round 6** (the input gradient at mid M, docs/kernels.md "Input gradient, mid M waves (round 6)").
+A GEMM input-gradient tile's efficiency is capped by its DRAM roofline (:func:`grad_dram_cap`: the
+split's fp32 partials, which the unsplit fit does not see); :func:`grad_split` also proposes a
+split when the dX tiles fill the SMs but leave a short last wave; and a split launch is charged
+for its workspace's passes outside the kernel (:func:`grad_workspace_share`: zeroing and the cast
+into dX) and must beat the unsplit launch of the same tile by :data:`GRAD_SPLIT_MARGIN`. Split
+variants that spill (:func:`grad_split_spills`) are not proposed.
+
 **Path rule** (:func:`choose_path`): at M > 16, the fused kernel or dequantize (Ŵ written once
 in the activation dtype, :mod:`qlk.kernels.dequant`) then a dense GEMM, whichever the static model
 says is faster::
@@ -389,23 +397,110 @@ GRAD_SPLIT_MIN_STEPS = 4
 #: tiles sit at 255 registers unsplit; the fp32 partial's atomics push 256x32x128 to 0.8-1 KB of
 #: stack, 128x32x128 to 8 B): they are launched unsplit
 GRAD_SPLIT_SPILLS = {80: frozenset({"256x32x128 w8 s3", "128x32x128 w8 s3"}), 90: frozenset()}
+#: ... and those whose split variant spills only at an M that is not a multiple of 16 (Triton
+#: specializes M % 16 == 0; round 6, static report at M = 333: sm_80 64x32x128 w4 at 255 registers,
+#: 8 B of stack and 2 LDL/STL for INT3 and NF4, none for INT4 g32/g128 and INT2): per format class
+GRAD_SPLIT_SPILLS_RAGGED_M = {80: {"64x32x128 w4 s3": frozenset({"int3", "nf4"})}, 90: {}}
+
+
+def grad_split_spills(label: str, fmt: str, m: int, arch: int) -> bool:
+    """Whether the split variant of the GEMM input-gradient tile ``label`` spills at this format
+    and M (:data:`GRAD_SPLIT_SPILLS`, :data:`GRAD_SPLIT_SPILLS_RAGGED_M`): such a tile runs unsplit."""
+    fam = arch_family(arch)
+    if label in GRAD_SPLIT_SPILLS.get(fam, ()):
+        return True
+    return m % 16 != 0 and base_format(fmt) in GRAD_SPLIT_SPILLS_RAGGED_M.get(fam, {}).get(label, ())
+
+
+#: most slices of a wave split (round 6: dX tiles that fill the SMs but leave the last wave
+#: short): enough to even out up to ~3 waves, few enough that the fp32 workspace stays one pass
+GRAD_WAVE_MAX_SPLIT = 4
 
 
 def grad_split(n: int, block_n: int, base_ctas: int, sms: int) -> int:
-    """Slices of the GEMM input gradient's reduction over N (round 5): 1 when its dX tiles alone
-    fill the SMs; else :func:`split_count` aiming at one or two CTAs per SM (heavy GEMM CTAs, not
-    the split kernels' 16), at most ⌊steps / GRAD_SPLIT_MIN_STEPS⌋ slices, whichever gives the
-    better SM balance × busy share (equal: fewer slices, less workspace traffic). M = 64 on
-    K = 2048, N = 2048: 16 dX tiles of 128x128 -> 8 slices of 4 N tiles on 132 SMs."""
+    """Slices of the GEMM input gradient's reduction over N (round 5): when its dX tiles leave SMs
+    idle, :func:`split_count` aiming at one or two CTAs per SM (heavy GEMM CTAs, not the split
+    kernels' 16), at most ⌊steps / GRAD_SPLIT_MIN_STEPS⌋ slices, whichever gives the better SM
+    balance × busy share (equal: fewer slices, less workspace traffic). M = 64 on K = 2048,
+    N = 2048: 16 dX tiles of 128x128 -> 8 slices of 4 N tiles on 132 SMs.
+
+    Round 6, wave split: when the dX tiles fill the SMs but their last wave is short, the count
+    (2 .. :data:`GRAD_WAVE_MAX_SPLIT`, same cap) with the best SM balance × busy share if that beats
+    the unsplit balance, else 1 (M = 333 on K = 8192, 128x128 dX tiles: 192 CTAs on 132 SMs,
+    balance 0.73 -> 2 slices, 384 CTAs, 0.97). This is a proposal: the tile score (:func:`_score`)
+    weighs it against the unsplit launch, charging the workspace's own passes
+    (:func:`grad_workspace_share`), which at large M cost more than the wave gains."""
     steps = math.ceil(n / block_n)
     cap = steps // GRAD_SPLIT_MIN_STEPS
-    if base_ctas >= sms or cap < 2:
+    if cap < 2:
         return 1
+    gain = lambda s: round(sm_balance(base_ctas * s, sms) * split_busy(n, block_n, s), 6)  # noqa: E731
+    if base_ctas >= sms:
+        options = {math.ceil(steps / math.ceil(steps / s)) for s in range(2, min(cap, GRAD_WAVE_MAX_SPLIT) + 1)}
+        best = max(sorted(options), key=lambda s: (gain(s), -s), default=1)
+        return best if best > 1 and gain(best) > gain(1) else 1
     options = {1}
     for per_sm in (1, 2):
         s = min(split_count(n, block_n, base_ctas, sms, per_sm), cap)
         options.add(math.ceil(steps / math.ceil(steps / s)))  # no empty slice (split_count's rule)
-    return max(sorted(options), key=lambda s: (round(sm_balance(base_ctas * s, sms) * split_busy(n, block_n, s), 6), -s))
+    return max(sorted(options), key=lambda s: (gain(s), -s))
+
+
+#: bytes per dX element of the split launch's passes outside the GEMM kernel: the fp32 workspace
+#: zeroed (4 B) and read back (4 B) by the cast into dX (2 B written)
+GRAD_WORKSPACE_PASS_BYTES = 10
+
+
+#: a split launch must be estimated this much faster than the unsplit one (round 6): the passes'
+#: charge is a DRAM-rate estimate (small workspaces stay in L2 but cost two more launches), and at
+#: M <= 128 the static report times launches by their DRAM fraction, where a split that the score
+#: has 0-3 % ahead came out 3-4 % behind (sm_90 28672->8192 M = 128, 14336->4096 M = 64)
+GRAD_SPLIT_MARGIN = 1.05
+
+
+def grad_workspace_share(m: int, n: int, k: int, score: float, arch: int) -> float:
+    """Share of a split input gradient's time spent in its GEMM kernel (round 6), the rest in the
+    workspace's passes around it (zeroing, the cast into dX; the static analyzer compiles the GEMM
+    only, so it does not see them): t_gemm / (t_gemm + t_ws) with t_gemm = M·N·K / (tensor peak ·
+    ``score``) and t_ws = :data:`GRAD_WORKSPACE_PASS_BYTES` · M·K / DRAM bandwidth (atomics; the
+    deterministic variant's [SPLIT, M, K] workspace costs more). Small where the split pays most
+    (M = 64 on K = 2048: 0.43 µs of 2-3 µs), too large where a wave split gains 10-25 % of a long
+    GEMM (M = 2048 on K = 3072: 21 µs against a 17-150 µs GEMM)."""
+    a = ARCH[arch_family(arch)]
+    t_gemm = m * n * k / (a.macs_per_s * score)
+    t_ws = GRAD_WORKSPACE_PASS_BYTES * m * k / a.dram_bytes_per_s
+    return t_gemm / (t_gemm + t_ws)
+
+
+def grad_dram_cap(m: int, n: int, k: int, fmt: str, block_m: int, block_n: int, block_k: int, split: int,
+                  arch: int) -> float:
+    """The GEMM input gradient's tile efficiency where DRAM, not the tile, limits it (round 6): the
+    midpoint of a DRAM-bound range, optimistic ``r`` and pessimistic ``r / (1 + r)`` (DRAM overlapping
+    nothing), with the roofline ratio
+
+        r = (padded MACs / tensor peak) / (useful bytes / DRAM bandwidth)
+
+    padded MACs = ⌈M/BM⌉·BM · ⌈K/BK⌉·BK · split·⌈steps/split⌉·BN (steps = ⌈N/BN⌉), useful bytes =
+    packed Ŵ (codes and 4 B a group: INT scale + bias, NF4's de-nested fp32 absmax) + dY (2·M·N) + dX
+    (2·M·K) or, split, the fp32 workspace (4·M·K). The static analyzer spreads the same bytes over the
+    same loop, so its tensor fraction / DRAM fraction equals ``r`` (the committed sweep: to 1 % in
+    every input-gradient row, 1,600 on sm_90 and 1,200 on sm_80). It binds where the reduction per dX
+    element is short against its 4-byte partial: split launches with 4 N tiles a slice (2048→512 at
+    M = 333, NF4 128x64x128 w8: 0.54 against the tile's fitted 0.75): the split's workspace, not a
+    per-split-count factor, is what the unsplit fit misses."""
+    a = ARCH[arch_family(arch)]
+    steps = math.ceil(n / block_n)
+    macs = (math.ceil(m / block_m) * block_m * math.ceil(k / block_k) * block_k
+            * split * math.ceil(steps / split) * block_n)
+    base = base_format(fmt)
+    is_nf4 = base == "nf4"
+    bits = 4 if is_nf4 else int(base[3:] or 4)
+    group = 64 if is_nf4 else int(fmt.split("g")[1]) if "g" in fmt else 128
+    # 4 B a group: INT scale and bias (bf16 each), NF4 the fp32 absmax the GEMM reads de-nested
+    packed = n * k * bits / 8 + n * math.ceil(k / group) * 4
+    moved = packed + 2 * m * n + (4 if split > 1 else 2) * m * k
+    r = (macs / a.macs_per_s) / (moved / a.dram_bytes_per_s)
+    return (r + r / (1 + r)) / 2
 
 
 #: fewest K tiles per slice of the forward GEMM's split (round 6): the pipeline's prologue (2-3
@@ -572,10 +667,18 @@ def _score(op, c, m, n, k, fmt, arch, sms):
     elif op == "grad":
         tiles_m, tiles_o = math.ceil(m / bm), math.ceil(k / bk)
         label = f"{bm}x{bn}x{bk} w{c.num_warps} s{c.num_stages}"
-        split = 1 if label in GRAD_SPLIT_SPILLS.get(arch_family(arch), ()) else grad_split(n, bn, tiles_m * tiles_o, sms)
-        ctas = tiles_m * tiles_o * split
-        fill = m * k / (tiles_m * bm * tiles_o * bk) * split_busy(n, bn, split)
-        eff = fitted or sum(gemm_tile_eff(bk, bm, c.num_warps, arch, fmt, grad=True)) / 2
+        split = 1 if grad_split_spills(label, fmt, m, arch) else grad_split(n, bn, tiles_m * tiles_o, sms)
+        tile = fitted or sum(gemm_tile_eff(bk, bm, c.num_warps, arch, fmt, grad=True)) / 2
+        options = []  # the split launch against the unsplit one, the workspace's passes charged
+        for s in sorted({1, split}):
+            ctas = tiles_m * tiles_o * s
+            fill = m * k / (tiles_m * bm * tiles_o * bk) * split_busy(n, bn, s)
+            eff = min(tile, grad_dram_cap(m, n, k, fmt, bm, bn, bk, s, arch))
+            if s > 1:
+                eff *= grad_workspace_share(m, n, k, eff * sm_balance(ctas, sms) * fill, arch)
+            margin = GRAD_SPLIT_MARGIN if s > 1 else 1.0
+            options.append((round(eff * sm_balance(ctas, sms) * fill / margin, 6), -s, s, ctas, fill, eff))
+        _, _, split, ctas, fill, eff = max(options)
     else:  # split kernels: the padding of BLOCK_M = 16 rows is the same for every candidate
         if op == "splitk":
             base, length, block = math.ceil(n / bn) * math.ceil(m / bm), k, bk
