@@ -306,26 +306,17 @@ def _est_time(r, g):
     return t + split_passes_time(r, g)
 
 
-def grad_split_of(r) -> int:
-    """Slices of a GEMM input-gradient row's N reduction (grid axis 1: grid CTAs over the dX tiles)."""
-    if r.get("kernel") != "_quant_matmul_grad_input_kernel" or not r.get("grid_ctas"):
+def split_of(r, kernel: str) -> int:
+    """Slices of a split GEMM row (grid axis 1: grid CTAs over its output tiles): the input
+    gradient's N reduction (``_quant_matmul_grad_input_kernel``, dX tiles BLOCK_M x BLOCK_K of
+    [M, K]) or the forward's K loop (``_quant_matmul_fwd_kernel``, Y tiles BLOCK_M x BLOCK_N of
+    [M, N]); 1 for any other kernel."""
+    tile = _TILE.match(r.get("config") or "")
+    if r.get("kernel") != kernel or not r.get("grid_ctas") or not tile:
         return 1
-    tile = _TILE.match(r["config"] or "")
-    if not tile:
-        return 1
-    block_m, _, block_k = (int(x) for x in tile.groups())
-    return max(1, r["grid_ctas"] // (math.ceil(r["K"] / block_k) * math.ceil(r["M"] / block_m)))
-
-
-def fwd_split_of(r) -> int:
-    """Slices of a forward GEMM row's K loop (round 6; grid axis 1: grid CTAs over the Y tiles)."""
-    if r.get("kernel") != "_quant_matmul_fwd_kernel" or not r.get("grid_ctas"):
-        return 1
-    tile = _TILE.match(r["config"] or "")
-    if not tile:
-        return 1
-    block_m, block_n, _ = (int(x) for x in tile.groups())
-    return max(1, r["grid_ctas"] // (math.ceil(r["N"] / block_n) * math.ceil(r["M"] / block_m)))
+    block_m, block_n, block_k = (int(x) for x in tile.groups())
+    cols, block = (r["K"], block_k) if kernel == "_quant_matmul_grad_input_kernel" else (r["N"], block_n)
+    return max(1, r["grid_ctas"] // (math.ceil(cols / block) * math.ceil(r["M"] / block_m)))
 
 
 def split_passes_time(r, g) -> float:
@@ -336,7 +327,7 @@ def split_passes_time(r, g) -> float:
     (qlk.kernels.heuristics.fwd_split_bytes: atomics on sm_90, a fixed-order sum on sm_80)."""
     from qlk.kernels import heuristics
 
-    grad, fwd = grad_split_of(r), fwd_split_of(r)
+    grad, fwd = split_of(r, "_quant_matmul_grad_input_kernel"), split_of(r, "_quant_matmul_fwd_kernel")
     if grad > 1:
         return heuristics.GRAD_WORKSPACE_PASS_BYTES * r["M"] * r["K"] / g.dram_bytes_per_s
     if fwd > 1:

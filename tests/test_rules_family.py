@@ -31,35 +31,67 @@ SWEEP = {arch: os.path.join(ROOT, "bench", "results", f"static-family-sm{arch}.c
 #: cases where the rules' pick is slower than the analyzer's best by more than the tolerance, each
 #: with the reason (docs/kernels.md "Config rules, round 3"); empty means chosen == best everywhere
 KNOWN_OFF = {
-    # split-K 16x64x128 vs 16x64x256 (NF4, and INT2 since the lane-owned decode of round 4): the
-    # fitted efficiency is a median over the shapes; on the widest layers (K = 8192..14336) the
-    # 256-deep step is 2-7 % better than the median says
-    90: {"fwd/int2g32/8192->28672/M1": 0.962, "fwd/int2g32/8192->28672/M16": 0.976,
-         "fwd/nf4dq/8192->28672/M1": 0.975, "fwd/nf4dq/8192->28672/M16": 0.978,
-         # split vs GEMM at M = 128 (SPLIT_MID_M is a median, ±10 %)
-         "fwd/int4g128/3072->3072/M128": 0.98,
-         # the GEMM input gradient split over N: round 6 caps a tile's efficiency by its DRAM
-         # roofline (heuristics.grad_dram_cap: the split's fp32 partials) and charges the split's
-         # workspace passes, which removed round 5's 11 misses; left until the re-sweep compiles
-         # 128x64x128 w8 at its round-6 launch (the committed row is its round-5 split of 6)
-         "dgrad/nf4dq/2048->8192/M333": 0.978,
-         # from the recompiled launches the round-6 rules changed (docs/kernels.md, round 6): the
-         # split's passes are a DRAM-rate estimate, 128x64x128 w8 unsplit is 1.7 % faster
-         "dgrad/nf4dq/3072->1024/M128": 0.983},
-    80: {"fwd/nf4dq/14336->4096/M1": 0.965, "fwd/nf4dq/14336->4096/M16": 0.981, "fwd/nf4dq/8192->8192/M1": 0.982,
-         "fwd/nf4dq/8192->8192/M16": 0.988, "fwd/nf4dq/8192->2048/M64": 0.978, "fwd/nf4dq/4096->4096/M64": 0.985,
-         "fwd/nf4dq/8192->1024/M128": 0.977,
-         "fwd/int2g32/14336->4096/M1": 0.957, "fwd/int2g32/14336->4096/M16": 0.977, "fwd/int2g32/8192->8192/M1": 0.965,
-         "fwd/int2g32/8192->8192/M16": 0.983, "fwd/int2g32/8192->2048/M64": 0.931, "fwd/int2g32/3072->1024/M64": 0.949,
-         "fwd/int2g32/4096->4096/M64": 0.937, "fwd/int2g32/8192->1024/M128": 0.929,
-         "fwd/int4g128/8192->2048/M64": 0.988, "fwd/int4g128/8192->1024/M128": 0.987,
-         # split vs GEMM at M = 64..128 (SPLIT_MID_M is a median, ±10 %)
-         "fwd/int2g32/8192->3072/M128": 0.947, "fwd/int2g32/8192->8192/M128": 0.95,
-         "fwd/int2g32/28672->8192/M128": 0.951, "fwd/int4g128/4096->14336/M128": 0.965,
-         "fwd/int3g128/4096->14336/M128": 0.944, "fwd/nf4dq/4096->14336/M64": 0.977,
-         # round 6's wave split of INT3's 64x32x128 w4 (fitted 0.513) against 128x32x128 w8 unsplit
-         # (0.722, its split spills): the split's balance gain is 5 % short of the tile's
-         "dgrad/int3g128/8192->3072/M128": 0.948},
+    90: {
+        # split-K 16x64x128 vs 16x64x256: the fitted efficiency is a median over the shapes and
+        # round 6's occupancy-aware split count (heuristics.occupancy_split) gives the two depths
+        # other grids; 1-8 % apart either way
+        "fwd/int4g128/8192->28672/M1": 0.988,
+        "fwd/int4g128/8192->28672/M16": 0.988,
+        "fwd/int4g32/8192->28672/M1": 0.988,
+        "fwd/int4g32/8192->28672/M16": 0.988,
+        # split kernel vs GEMM at M = 64..128 (SPLIT_MID_M is a median, ±10 %)
+        "fwd/int4g128/3072->3072/M128": 0.98,
+        "fwd/int4g128/8192->3072/M128": 0.977,
+        # the forward GEMM's tile at M = 333 with round 6's K split (heuristics.fwd_split): the
+        # calibrated efficiencies are medians over the unsplit launches; 1-5 % apart
+        "fwd/int4g128/14336->4096/M333": 0.984,
+        "fwd/int4g128/28672->8192/M333": 0.953,
+        "fwd/int4g128/3072->1024/M333": 0.987,
+        "fwd/int4g128/8192->2048/M333": 0.985,
+        # the input gradient at mid M (round 6): the split's passes are a DRAM-rate estimate
+        # (heuristics.grad_workspace_share); 2-5 % apart
+        "dgrad/nf4dq/2048->8192/M333": 0.978,
+        "dgrad/nf4dq/3072->1024/M128": 0.983,
+    },
+    80: {
+        # split-K 16x64x128 vs 16x64x256: the fitted efficiency is a median over the shapes and
+        # round 6's occupancy-aware split count (heuristics.occupancy_split) gives the two depths
+        # other grids; 1-8 % apart either way
+        "fwd/int2g32/2048->2048/M64": 0.937,
+        "fwd/int2g32/3072->1024/M128": 0.918,
+        "fwd/int2g32/3072->1024/M64": 0.949,
+        "fwd/int2g32/3072->3072/M128": 0.916,
+        "fwd/int2g32/3072->8192/M1": 0.974,
+        "fwd/int2g32/4096->1024/M64": 0.937,
+        "fwd/int2g32/8192->3072/M1": 0.949,
+        "fwd/int2g32/8192->3072/M16": 0.977,
+        "fwd/int4g128/3072->8192/M1": 0.976,
+        "fwd/int4g128/3072->8192/M16": 0.976,
+        "fwd/int4g128/8192->3072/M64": 0.972,
+        "fwd/int4g32/3072->3072/M128": 0.979,
+        "fwd/nf4dq/14336->4096/M1": 0.961,
+        "fwd/nf4dq/14336->4096/M16": 0.977,
+        "fwd/nf4dq/2048->2048/M64": 0.983,
+        "fwd/nf4dq/3072->1024/M128": 0.964,
+        "fwd/nf4dq/3072->8192/M1": 0.978,
+        "fwd/nf4dq/4096->1024/M64": 0.983,
+        "fwd/nf4dq/8192->3072/M1": 0.978,
+        "fwd/nf4dq/8192->3072/M64": 0.962,
+        # split kernel vs GEMM at M = 64..128 (SPLIT_MID_M is a median, ±10 %)
+        "fwd/int2g32/28672->8192/M128": 0.951,
+        "fwd/int2g32/8192->8192/M128": 0.95,
+        "fwd/int3g128/4096->14336/M128": 0.944,
+        "fwd/int4g128/4096->14336/M128": 0.965,
+        "fwd/nf4dq/4096->14336/M64": 0.977,
+        # the forward GEMM's tile at M = 333 with round 6's K split (heuristics.fwd_split): the
+        # calibrated efficiencies are medians over the unsplit launches; 1-5 % apart
+        "fwd/int2g32/8192->3072/M333": 0.984,
+        "fwd/int4g128/8192->3072/M333": 0.987,
+        "fwd/int4g32/8192->3072/M333": 0.987,
+        # the input gradient at mid M (round 6): the split's passes are a DRAM-rate estimate
+        # (heuristics.grad_workspace_share); 2-5 % apart
+        "dgrad/int3g128/8192->3072/M128": 0.948,
+    },
 }
 
 
@@ -95,16 +127,11 @@ def current(res):
 
 
 #: the dispatcher's documented misses: case -> (path taken, its x dense, the other path's x dense).
-#: All take dequantize + dense where the fused kernel is estimated faster: the path rule's dense
+#: It takes dequantize + dense where the fused kernel is estimated 5 % faster: the path rule's dense
 #: term (a per-tile efficiency x SM balance x fill) is too kind to the dense GEMM on the 2048->512
-#: layer (24-CTA grids at M = 333: the analyzer's latency floor) and on the narrow INT3 forwards
-#: at M = 333. (Round 4's input gradient removed the 2048->512 dX misses and sm_80's INT3 M = 128.)
+#: layer. (Round 6's forward K split removed the narrow INT3 M = 333 misses on sm_90.)
 KNOWN_DISPATCH = {
-    90: {"fwd/int3g128/2048->512/M8192": ("dequant", 0.954, 1.006),
-         "fwd/int3g128/2048->512/M333": ("dequant", 0.886, 1.026),
-         "fwd/int3g128/3072->1024/M333": ("dequant", 0.761, 0.841),
-         "fwd/int3g128/4096->1024/M333": ("dequant", 0.758, 0.827),
-         "fwd/int3g128/8192->1024/M333": ("dequant", 0.753, 0.808)},
+    90: {"fwd/int3g128/2048->512/M8192": ("dequant", 0.954, 1.006)},
     80: {},
 }
 
