@@ -564,3 +564,32 @@ def test_lane_order_int3_against_float64(case, block_k_128, poisoned):
         y = quant_matmul_forward(x, qw, None, out=out, path="splitk", deterministic=det)
         ref = x.cpu().double() @ w64.t()
         assert oracles.rel_err(y, ref) < 1.5e-3, (m, det)
+
+
+# ------------------------------------------------------------------ round 7: the GEMM forward (M > 16)
+@needs_kernels
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"int{c[0]}g{c[1]}k{c[2]}")
+def test_gemm_forward_fp16_rounds_like_decode(case):
+    """fp16 activations through the large-M forward GEMM (``path="gemm"``), which decodes INT
+    weights with the same half2 tile as the decode loop since round 7: Ŵ = fp16(s·(q − m) + c)
+    rounded once, fp32 accumulation. M = 80 and N = 72 give ragged second M and third N tiles (the
+    interpreter's 32x64x64 tile), K = 512 .. 784 several K tiles, with several groups per tile, one
+    group over several tiles, groups that are not powers of two and partial INT3/INT2 words; the
+    bias, NaN-poisoned Y. The oracle rounds the float64 Ŵ to fp16 once, so a weight decoded from
+    the wrong group, column or code is far outside the tolerance (the fp16 output alone: ~1.5e-4)."""
+    bits, g, k = case
+    device = "cpu" if INTERPRETED else "cuda"
+    gen = torch.Generator().manual_seed(900 + bits * 100 + g + k)
+    groups = k // g
+    w = (torch.randn(N, groups, g, generator=gen) * torch.exp(torch.randn(N, groups, 1, generator=gen))
+         + torch.randn(N, groups, 1, generator=gen)).reshape(N, k)
+    qw = qlk.quantize(w, bits=bits, group_size=g).to(device)
+    w_half = oracles.int_dequant64(qw).half().double()  # s, c are stored in fp16: one rounding
+    m = 80
+    x = torch.randn(m, k, generator=gen).to(torch.float16).to(device)
+    bias = torch.randn(N, generator=gen).to(torch.float16).to(device)
+    out = torch.full((m, N), float("nan"), dtype=torch.float16, device=device)
+    y = quant_matmul_forward(x, qw, bias, out=out, path="gemm")
+    ref = x.cpu().double() @ w_half.t() + bias.cpu().double()
+    assert not y.isnan().any()
+    assert oracles.rel_err(y, ref) < 4e-4

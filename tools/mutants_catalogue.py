@@ -241,6 +241,13 @@ MUTANTS = [
     dict(id="decode-group-index-per-tile", cls="wrong group", file="qlk/kernels/decode_tile.py",
          old="offs_g = k0 // GROUP_SIZE + tl.arange(0, NG)", new="offs_g = k0 // BLOCK_K + tl.arange(0, NG)",
          tests=[DT, "tests/test_moe.py", "-k", "test_decode_fp16 or split_k_decode or round2_paths"]),
+    # the large-M forward GEMM on the same half2 tile (round 7): a stale loop variable
+    dict(id="fwd-gemm-half-first-k-tile", cls="multi-tile loop", file="qlk/kernels/fused_matmul.py",
+         old="w = _decode_int_tile(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, rows_w, k0, K,\n"
+             "                                 ACT",
+         new="w = _decode_int_tile(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, rows_w, k_lo, K,\n"
+             "                                 ACT",
+         tests=[DT, "-k", "test_gemm_forward"]),
     dict(id="decode-twin-mid-sign", cls="sign", file="qlk/kernels/decode_tile.py",
          old="q = (((words >> (8 * byte)) & MASK) - MID).to(tl.float32)",
          new="q = (((words >> (8 * byte)) & MASK) + MID).to(tl.float32)",

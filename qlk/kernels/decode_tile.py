@@ -1,4 +1,8 @@
-"""Decode (split-K forward) weight tiles: INT-b codes -> fp16/bf16 weights in packed half2 math.
+"""Forward weight tiles: INT-b codes -> fp16/bf16 weights in packed half2 math.
+
+Used by every forward kernel for INT weights with fp16/bf16 activations: the split-K decode loop
+(M <= 16), the grouped (MoE) kernels, and since round 7 the large-M GEMM's K loop
+(``fused_matmul._fwd_loop``, stored order), so Y rounds the same way whatever kernel M picks.
 
 The split-K decode loop is issue-bound, not DRAM-bound: the fp32 dequantization of
 :func:`qlk.kernels.quant_tile._dequant_tile` spends ~6 instructions per weight (SHF, LOP3 with a
@@ -25,8 +29,10 @@ bitfield-select LOP3 before the same two HFMA2.
 
 Numerics: ŵ = round_act(s_a·(q − m) + c_a) with s_a, c_a the group scale and bias rounded to the
 activation dtype first (exact when they are stored in it, the usual case; QA-LoRA's fp32 folded
-biases are rounded once more). The fp32 path rounds s·(q − m) + c in fp32, then to the activation
-dtype.
+biases are rounded once more). The fp32 path (NF4, fp32 activations, the standalone
+``dequantize``, which matches ``QuantizedWeight.dequantize`` bit for bit) rounds s·(q − m) + c in
+fp32, then to the activation dtype: a weight may differ by one unit in the last place between the
+two.
 
 Round 4, the dense split-K kernel's tile (:func:`_decode_int_tile_lanes`): in the stored order the
 four lanes of a quad each need one byte of every word (4x the shared-memory reads, a PRMT per

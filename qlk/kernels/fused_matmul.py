@@ -1,9 +1,12 @@
 """Fused dequantize + matmul: Y = X·Ŵᵀ (+ bias) and its input gradient dX = dY·Ŵ.
 
 Ŵ [N, K] is never materialized: each kernel dequantizes [BLOCK_N, BLOCK_K] tiles of the packed
-weight in registers (:func:`qlk.kernels.quant_tile._dequant_tile`) inside its K (or N) loop and
-feeds them to ``tl.dot`` with fp32 accumulation. The forward and the input gradient read the same
-packed buffer (no repack, no transposed copy).
+weight in registers inside its K (or N) loop and feeds them to ``tl.dot`` with fp32 accumulation.
+The forward and the input gradient read the same packed buffer (no repack, no transposed copy).
+Both forward kernels decode INT weights with fp16/bf16 activations straight into the activation
+dtype with packed half2 math (:func:`qlk.kernels.decode_tile._decode_int_tile`, round 7 for the
+large-M GEMM: ŵ = round_act(s·(q − m) + c), so Y does not depend on which forward kernel M picks);
+NF4 and fp32 activations take the fp32 tile of :func:`qlk.kernels.quant_tile._dequant_tile`.
 
 Kernels (one launcher picks by shape, ``path=`` forces one; each launches with the tile that
 :mod:`qlk.kernels.heuristics` chooses by explicit rules, no autotuning; at M > 16 ``path="auto"``
@@ -111,16 +114,29 @@ def _fwd_loop(x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, 
               stride_qn, stride_sn, stride_sg, rows_w, offs_m, M, k_lo, k_hi, K, stride_xk, stride_pm,
               BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
               DOT_PRECISION: tl.constexpr, POOL: tl.constexpr, EVEN_K: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+              BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PACKED_DEQUANT: tl.constexpr):
     """The forward GEMM's K loop over k_lo .. k_hi (0 .. K unsplit): acc = Ŵ[rows_w, k range]·Xᵀ
     [BLOCK_N, BLOCK_M], plus P(X) of rows offs_m when POOL (a split's slices hold whole groups, so
-    the running sum of a group larger than BLOCK_K starts and ends in one slice)."""
+    the running sum of a group larger than BLOCK_K starts and ends in one slice).
+
+    INT weights with fp16/bf16 activations: the decode loop's half2 tile in the stored k order
+    (:func:`qlk.kernels.decode_tile._decode_int_tile`; inline asm when PACKED_DEQUANT, its Triton
+    twin under the interpreter): per pair of weights 2 SHF, PRMT, LOP3, 2 HFMA2 instead of the fp32
+    tile's ~12, which made tiles of 64-128 rows issue-bound at mid M (docs/kernels.md "Forward GEMM,
+    half2 tile (round 7)"). X keeps its stored order, so its tile loads stay 16-byte vectors. NF4
+    and fp32 activations: the fp32 ``_dequant_tile``."""
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     p_run = tl.zeros((BLOCK_M,), dtype=tl.float32)  # POOL, GROUP_SIZE > BLOCK_K: running group sum
+    ACT: tl.constexpr = x_rows.dtype.element_ty
+    HALF_INT: tl.constexpr = (not IS_NF4) and (ACT == tl.float16 or ACT == tl.bfloat16)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        w = _dequant_tile(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
-                          stride_qn, stride_sn, stride_sg, rows_w, k0, K,
-                          BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K)
+        if HALF_INT:
+            w = _decode_int_tile(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, rows_w, k0, K,
+                                 ACT, BITS, GROUP_SIZE, PACKED_DEQUANT, EVEN_K, BLOCK_N, BLOCK_K)
+        else:
+            w = _dequant_tile(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
+                              stride_qn, stride_sn, stride_sg, rows_w, k0, K,
+                              BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K)
         offs_k = k0 + tl.arange(0, BLOCK_K)
         xt_ptrs = x_rows[None, :] + offs_k[:, None] * stride_xk
         if EVEN_K:
@@ -205,7 +221,7 @@ def _quant_matmul_fwd_kernel(
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, POOL: tl.constexpr,
     EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    SPLIT_K: tl.constexpr = False, ATOMIC: tl.constexpr = True, SLICE_K=0,
+    SPLIT_K: tl.constexpr = False, ATOMIC: tl.constexpr = True, SLICE_K=0, PACKED_DEQUANT: tl.constexpr = False,
 ):
     """Y[m, n] = Σ_k X[m, k]·Ŵ[n, k] (+ bias[n]), one [BLOCK_N, BLOCK_M] tile per program.
 
@@ -241,12 +257,12 @@ def _quant_matmul_fwd_kernel(
         acc = _fwd_loop(x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
                         stride_qn, stride_sn, stride_sg, rows_w, offs_m, M, k_lo, k_hi, K, stride_xk, stride_pm,
                         BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, True, EVEN_K,
-                        BLOCK_N, BLOCK_M, BLOCK_K)
+                        BLOCK_N, BLOCK_M, BLOCK_K, PACKED_DEQUANT)
     else:
         acc = _fwd_loop(x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
                         stride_qn, stride_sn, stride_sg, rows_w, offs_m, M, k_lo, k_hi, K, stride_xk, stride_pm,
                         BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, False, EVEN_K,
-                        BLOCK_N, BLOCK_M, BLOCK_K)
+                        BLOCK_N, BLOCK_M, BLOCK_K, PACKED_DEQUANT)
     acc = tl.trans(acc)
     if SPLIT_K:
         # the fp32 partial of Y's tile, in Y's layout (N contiguous, as the unsplit store); the bias
@@ -752,8 +768,8 @@ def _forward(x, qw, bias, out, path, deterministic, wargs=None, pool=False):
                 _quant_matmul_fwd_kernel[(triton.cdiv(m, c.block_m) * triton.cdiv(n, c.block_n), split)](
                     dst, x2, bias_arg, pooled if fused else args[3], *args, m, n, k, _bucket(m),
                     x2.stride(0), x2.stride(1), dst.stride(-2), dst.stride(-1), pooled.stride(0) if fused else 0,
-                    HAS_BIAS=bias is not None, DOT_PRECISION=_precision(x.dtype), POOL=fused, **meta, **c.meta,
-                    **extra)
+                    HAS_BIAS=bias is not None, DOT_PRECISION=_precision(x.dtype), POOL=fused,
+                    PACKED_DEQUANT=not INTERPRETED, **meta, **c.meta, **extra)
             if split > 1:  # the chosen launch (the last) wrote the workspace
                 _split_finish(out, ws, fixed_order)
     if pool and not fused:  # group size not a power of two (or larger than the split-K tile)
