@@ -1,14 +1,15 @@
 """The split-K decode dequantization (qlk/kernels/decode_tile.py): packed half2 inline asm and its twin.
 
 * **bit-level asm semantics, CPU.** The PTX text the kernel compiles (``packed_asm``,
-  ``packed_asm_int3``) is executed by a small numpy model of the instructions it uses (``prmt.b32``
-  with immediate and register selectors, ``lop3.b32``, ``mov.b32``, ``shl.b32``,
-  ``fma.rn.{f16x2,bf16x2}``, written from the PTX ISA), for every pair of codes of every bit width,
+  ``int3_code_word_asm``, ...) is executed by a small numpy model of the instructions it uses
+  (``prmt.b32`` with immediate and register selectors, ``lop3.b32``, ``mov.b32``, ``shl.b32``,
+  ``shr.b32``, ``shf.r.wrap.b32``, ``fma.rn.{f16x2,bf16x2}``, written from the PTX ISA), for every
+  pair of codes of every bit width,
   each code at every byte of its word (INT2/INT4: the byte the per-lane selector picks) with random
   bits elsewhere, fp16 and bf16, scales and biases of both signs and several magnitudes, and
   compared bit for bit with s·(q − 2^(b−1)) + c computed exactly and rounded once (round to
   nearest even) to the 16-bit format.
-* **the twin, interpreter.** ``_byte_codes_to_weights(PACKED=False)`` (and the INT3 twin) on the
+* **the twin, interpreter.** ``_byte_codes_to_weights(PACKED=False)`` (and the INT3 twins) on the
   same grid equals the model bit for bit (fp16; the interpreter's bf16 arithmetic is not IEEE).
 * **the decode path in the kernel, interpreter.** fp16 activations through the split-K kernel (the
   path the asm takes on a GPU) against the float64 oracle: several groups per tile, groups over
@@ -114,6 +115,11 @@ def run_ptx(asm: str, inputs: dict) -> int:
             regs[dst] = val(srcs[0])
         elif op == "shl.b32":
             regs[dst] = (val(srcs[0]) << min(val(srcs[1]), 32)) & 0xFFFFFFFF
+        elif op == "shr.b32":  # logical (.b32), amounts above 32 clamped
+            regs[dst] = val(srcs[0]) >> min(val(srcs[1]), 32)
+        elif op == "shf.r.wrap.b32":  # funnel shift right of b:a by c mod 32, low word
+            n = val(srcs[2]) & 31
+            regs[dst] = (((val(srcs[1]) << 32) | val(srcs[0])) >> n) & 0xFFFFFFFF
         elif op in ("fma.rn.f16x2", "fma.rn.bf16x2"):
             regs[dst] = fma_x2(val(srcs[0]), val(srcs[1]), val(srcs[2]), "bf16" if "bf16x2" in op else "f16")
         else:
@@ -154,7 +160,7 @@ def _grid(bits: int):
                        _selector(j0), _selector(j1), i)
 
 
-@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("fmt", ["f16", "bf16"])
 def test_packed_asm_bit_exact(bits, fmt):
     asm = decode_tile.packed_asm(bits, "fp16" if fmt == "f16" else "bf16")
@@ -173,26 +179,45 @@ def test_packed_asm_bit_exact(bits, fmt):
     assert len(bytes_seen) == 8  # every byte position in both halves
 
 
-def _planes(q: int, rng) -> tuple:
-    """(low-plane word, high-plane word) of INT3 code q, random bits elsewhere."""
-    lo_g, hi_g = (int(v) for v in rng.integers(0, 1 << 31, size=2))
-    return ((lo_g << 2) | (q & 3)) & 0xFFFFFFFF, ((hi_g << 1) | (q >> 2)) & 0xFFFFFFFF
+def _int3_chunk(codes) -> tuple:
+    """The three words (w0, w1, w2) of an INT3 chunk of 32 codes, from docs/formats.md: w0 / w1 the
+    low 2 bits of column i / 16 + i at bits 2i, 2i + 1, w2 the high bit of column i at bit i."""
+    w0 = sum((q & 3) << (2 * i) for i, q in enumerate(codes[:16]))
+    w1 = sum((q & 3) << (2 * i) for i, q in enumerate(codes[16:]))
+    w2 = sum((q >> 2) << i for i, q in enumerate(codes))
+    return w0, w1, w2
 
 
-@pytest.mark.parametrize("fmt", ["f16", "bf16"])
-def test_packed_asm_int3_planes_bit_exact(fmt):
-    asm = decode_tile.packed_asm_int3("fp16" if fmt == "f16" else "bf16")
-    rng = np.random.default_rng(3)
-    s_bits, c_bits = half_bits(SCALES, fmt), half_bits(BIASES, fmt)
-    for q0 in range(8):
-        for q1 in range(8):
-            (l0, h0), (l1, h1) = _planes(q0, rng), _planes(q1, rng)
-            for i in range(len(SCALES)):
-                s, c = s_bits[i], c_bits[(i + q1) % len(BIASES)]
-                got = run_ptx(asm, {"$1": l0, "$2": l1, "$3": h0, "$4": h1, "$5": s | (s << 16), "$6": c | (c << 16)})
-                for half, q in ((0, q0), (1, q1)):
-                    exact = half_value(s, fmt) * (q - 4) + half_value(c, fmt)
-                    assert (got >> (16 * half)) & 0xFFFF == round_half(exact, fmt), (fmt, q, s, c, half)
+def _int3_controls(t: int, e: int) -> tuple:
+    """The rebuild's operands (PRMT selector, shift, rotation) of lane t (pairs p = t + 4i of a
+    chunk), element e of each pair, as ``_decode_int_tile`` computes them."""
+    return 0x6420 + 0x1111 * (t // 2), 4 * (t % 2) + 2 * e, (2 * t + 30 + e) % 32
+
+
+def _int3_chunks(n: int, seed: int) -> list:
+    """n chunks of random codes; column i of chunk c is (c + i) mod 8 in the first 8, so every
+    column meets every code."""
+    rng = np.random.default_rng(seed)
+    return [[(c + i) % 8 if c < 8 else int(rng.integers(0, 8)) for i in range(32)] for c in range(n)]
+
+
+def test_int3_code_word_asm_puts_each_code_in_its_byte():
+    """The INT3 rebuild asm (``int3_code_word_asm``) with the kernel's per-lane operands: byte i of
+    lane t's word for element e holds, in bits 0-2, the code of column 2(t + 4i) + e (the column
+    of that register in the MMA operand layout), for every column and every code."""
+    asm = decode_tile.int3_code_word_asm()
+    seen = set()
+    for codes in _int3_chunks(12, 17):
+        w0, w1, w2 = _int3_chunk(codes)
+        for t in range(4):
+            for e in range(2):
+                sel, shift, rot = _int3_controls(t, e)
+                word = run_ptx(asm, {"$1": w0, "$2": w1, "$3": w2, "$4": sel, "$5": shift, "$6": rot})
+                for i in range(4):
+                    col = 2 * (t + 4 * i) + e
+                    assert (word >> (8 * i)) & 7 == codes[col], (t, e, i, codes)
+                    seen.add((col, codes[col]))
+    assert len(seen) == 32 * 8
 
 
 def test_model_instructions():
@@ -206,6 +231,14 @@ def test_model_instructions():
     assert prmt(0x33221100, 0x77665544, sel) & 0x00FF00FF == 0x00550022
     assert lop3(0xFFFF1234, 0x000F000F, 0x64006400, 0xEA) == 0x640F6404
     assert lop3(0x12345678, 0x9ABCDEF0, 0xFFFF0000, 0xE4) == 0x1234DEF0  # (a & c) | (b & ~c)
+    assert prmt(0x33221100, 0x77665544, 0x7531) == 0x77553311
+    ptx = "{\nshr.b32 $0, $1, $2;\n}"
+    assert run_ptx(ptx, {"$1": 0x80000010, "$2": 4}) == 0x08000001
+    assert run_ptx(ptx, {"$1": 0x80000010, "$2": 40}) == 0
+    ptx = "{\nshf.r.wrap.b32 $0, $1, $1, $2;\n}"  # rotate right
+    assert run_ptx(ptx, {"$1": 0x80000013, "$2": 4}) == 0x38000001
+    assert run_ptx(ptx, {"$1": 0x80000013, "$2": 36}) == 0x38000001
+    assert run_ptx(ptx, {"$1": 0x80000013, "$2": 0}) == 0x80000013
     assert half_value(0x6400, "f16") == 1024 and half_value(0x4300, "bf16") == 128
     # bf16 spacing at 1024 is 8: ties go to the even mantissa
     assert round_half(Fraction(1028), "bf16") == 0x4480  # tie -> 1024
@@ -220,7 +253,7 @@ needs_kernels = pytest.mark.skipif(not (INTERPRETED or torch.cuda.is_available()
 
 
 @needs_kernels
-@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4])
 def test_twin_matches_asm_model(bits):
     import triton
     import triton.language as tl
@@ -289,26 +322,38 @@ def _run_int3_twin(twin, lows, highs, s_list, c_list, bits: int) -> list:
 
 
 @needs_kernels
-def test_int3_twin_matches_asm_model():
+def test_int3_code_word_twin_matches_asm_model():
+    """``_int3_code_word(PACKED=False)`` equals the asm model on all 32 bits: the kernel's
+    operands for every lane and parity on chunks that hold every code in every column, and random
+    words with random selectors, shifts and rotations."""
     import triton
     import triton.language as tl
 
     @triton.jit
-    def twin(lo_ptr, hi_ptr, s_ptr, c_ptr, out_ptr, BLOCK: tl.constexpr):
+    def twin(w_ptr, ctl_ptr, out_ptr, BLOCK: tl.constexpr):
         offs = tl.arange(0, BLOCK)
-        w = decode_tile._int3_planes_to_weights(tl.load(lo_ptr + offs), tl.load(hi_ptr + offs), tl.load(s_ptr + offs),
-                                                tl.load(c_ptr + offs), False)
-        tl.store(out_ptr + offs, w)
+        word = decode_tile._int3_code_word(tl.load(w_ptr + 3 * offs), tl.load(w_ptr + 3 * offs + 1),
+                                           tl.load(w_ptr + 3 * offs + 2), tl.load(ctl_ptr + 3 * offs),
+                                           tl.load(ctl_ptr + 3 * offs + 1), tl.load(ctl_ptr + 3 * offs + 2), False)
+        tl.store(out_ptr + offs, word)
 
-    lows, highs, s_list, c_list = _int3_twin_cases(_planes, 5)
-    got = _run_int3_twin(twin, lows, highs, s_list, c_list, 32)
-    n = len(lows)
-    asm = decode_tile.packed_asm_int3("fp16")
-    sb, cb = half_bits(s_list, "f16"), half_bits(c_list, "f16")
-    for e in range(0, n, 2):
-        ref = run_ptx(asm, {"$1": lows[e], "$2": lows[e + 1], "$3": highs[e], "$4": highs[e + 1],
-                            "$5": sb[e] | (sb[e + 1] << 16), "$6": cb[e] | (cb[e + 1] << 16)})
-        assert (got[e], got[e + 1]) == (ref & 0xFFFF, ref >> 16), e
+    rng = np.random.default_rng(23)
+    cases = []
+    for codes in _int3_chunks(12, 29):
+        cases += [(_int3_chunk(codes), _int3_controls(t, e)) for t in range(4) for e in range(2)]
+    while len(cases) < 256:
+        words = tuple(int(v) for v in rng.integers(0, 1 << 32, size=3))
+        sel = sum(int(v) << (4 * k) for k, v in enumerate(rng.integers(0, 8, size=4)))
+        cases.append((words, (sel, int(rng.integers(0, 32)), int(rng.integers(0, 64)))))
+    signed = lambda v: v - (1 << 32) if v >= 1 << 31 else v  # noqa: E731
+    w = torch.tensor([signed(v) for words, _ in cases for v in words], dtype=torch.int32)
+    ctl = torch.tensor([v for _, c in cases for v in c], dtype=torch.int32)
+    out = torch.full((len(cases),), 0x5A5A5A5A, dtype=torch.int32)
+    twin[(1,)](w, ctl, out, BLOCK=len(cases))
+    asm = decode_tile.int3_code_word_asm()
+    for n, ((w0, w1, w2), (sel, shift, rot)) in enumerate(cases):
+        ref = run_ptx(asm, {"$1": w0, "$2": w1, "$3": w2, "$4": sel, "$5": shift, "$6": rot})
+        assert int(out[n]) & 0xFFFFFFFF == ref, (n, hex(w0), hex(w1), hex(w2), sel, shift, rot)
 
 
 # ------------------------------------------------------------------ the decode path in the kernel

@@ -95,23 +95,25 @@ def packed_asm(bits: int, act: str) -> str:
             "}")
 
 
-def packed_asm_int3(act: str) -> str:
-    """PTX of one INT3 invocation (pack=2): $0 = two weights; $1, $2 = words whose bits 0-1 are the
-    codes' two low bits (low bit plane); $3, $4 = words whose bit 0 is the codes' high bit (high
-    plane); $5, $6 = packed (s, s), (c, c). Other bits of $1..$4 are ignored."""
-    magic, value, one, fma = _act_consts(act)
-    neg = _neg_magic(act, value + 4)
+def int3_code_word_asm() -> str:
+    """PTX of the INT3 rebuild (one invocation per element, pack=1): $0 = a word whose byte j holds
+    the element's 3-bit code in bits 0-2 (what ``packed_asm(3, act)`` decodes); $1, $2, $3 = the
+    chunk's words w0, w1 (low-2-bit planes of columns 0-15 / 16-31, column i at bits 2i, 2i+1) and
+    w2 (high bits, column i at bit i); $4 = a PRMT selector, $5 = a right shift (< 32),
+    $6 = a right rotation (mod 32) of w2:
+
+        lm = prmt(w0, w1, $4) >> $5                  low bits of the code at bits 8j, 8j + 1
+        h  = rotr(w2, $6)                            its high bit at bit 8j + 2
+        $0 = (lm & 0x03030303) | (h & ~0x03030303)   LOP3 bitfield select
+
+    The operands are per lane (``_decode_int_tile``): a lane's four pairs of a chunk share w0..w2
+    and the three controls, so ptxas keeps one rebuild per lane, chunk and element parity."""
     return ("{\n"
-            ".reg .b32 lo, hi, v, one, neg;\n"
-            "prmt.b32 lo, $1, $2, 0x5410;\n"
-            "prmt.b32 hi, $3, $4, 0x5410;\n"
-            "shl.b32 hi, hi, 2;\n"  # high bits to bit 2 of each half (bits 16-17 come from lo)
-            "lop3.b32 v, lo, hi, 0x00030003, 0xe4;\n"  # (lo & mask) | (hi & ~mask)
-            f"lop3.b32 v, v, 0x00070007, {magic * 0x10001:#010x}, 0xea;\n"
-            f"mov.b32 one, {one * 0x10001:#010x};\n"
-            f"mov.b32 neg, {neg * 0x10001:#010x};\n"
-            f"{fma} v, v, one, neg;\n"
-            f"{fma} $0, v, $5, $6;\n"
+            ".reg .b32 lm, h;\n"
+            "prmt.b32 lm, $1, $2, $4;\n"
+            "shr.b32 lm, lm, $5;\n"
+            "shf.r.wrap.b32 h, $3, $3, $6;\n"
+            "lop3.b32 $0, lm, h, 0x03030303, 0xe4;\n"  # (lm & mask) | (h & ~mask)
             "}")
 
 
@@ -132,30 +134,40 @@ ASM_F16_B2: tl.constexpr = tl.constexpr(packed_asm(2, "fp16"))
 ASM_F16_B4: tl.constexpr = tl.constexpr(packed_asm(4, "fp16"))
 ASM_BF16_B2: tl.constexpr = tl.constexpr(packed_asm(2, "bf16"))
 ASM_BF16_B4: tl.constexpr = tl.constexpr(packed_asm(4, "bf16"))
-ASM_F16_INT3: tl.constexpr = tl.constexpr(packed_asm_int3("fp16"))
-ASM_BF16_INT3: tl.constexpr = tl.constexpr(packed_asm_int3("bf16"))
+ASM_F16_B3: tl.constexpr = tl.constexpr(packed_asm(3, "fp16"))
+ASM_BF16_B3: tl.constexpr = tl.constexpr(packed_asm(3, "bf16"))
+ASM_INT3_WORD: tl.constexpr = tl.constexpr(int3_code_word_asm())
 
 
 @triton.jit
-def _int3_planes_to_weights(low, high, s, c, PACKED: tl.constexpr):
-    """ŵ = s·(q − 4) + c in s's dtype, q = (low & 3) | ((high & 1) << 2), elementwise (INT3 bit
-    planes: low holds the code's two low bits at bits 0-1, high its high bit at bit 0)."""
-    s, c = tl.broadcast(s, c)
-    low, s = tl.broadcast(low, s)
-    low, c = tl.broadcast(low, c)
-    high, low = tl.broadcast(high, low)
+def _int3_code_word(w0, w1, w2, sel, shift, rot, PACKED: tl.constexpr):
+    """int32, elementwise: (prmt(w0, w1, sel) >> shift & 0x03030303) | (rotr(w2, rot) & ~0x03030303)
+    (``int3_code_word_asm``; ``sel`` has no sign-replicate bits, shift < 32). PACKED: the inline
+    asm (GPU); else its Triton twin."""
+    w0, w1 = tl.broadcast(w0, w1)
+    w0, w2 = tl.broadcast(w0, w2)
+    sel, w0 = tl.broadcast(sel, w0)
+    shift, w0 = tl.broadcast(shift, w0)
+    rot, w0 = tl.broadcast(rot, w0)
+    w1, w0 = tl.broadcast(w1, w0)
+    w2, w0 = tl.broadcast(w2, w0)
     if PACKED:
-        if s.dtype == tl.float16:
-            w = tl.inline_asm_elementwise(ASM_F16_INT3, "=r,r,r,r,r,r,r", [low, high, s, c], dtype=tl.float16,
-                                          is_pure=True, pack=2)
-        else:
-            tl.static_assert(s.dtype == tl.bfloat16)
-            w = tl.inline_asm_elementwise(ASM_BF16_INT3, "=r,r,r,r,r,r,r", [low, high, s, c], dtype=tl.bfloat16,
-                                          is_pure=True, pack=2)
+        word = tl.inline_asm_elementwise(ASM_INT3_WORD, "=r,r,r,r,r,r,r", [w0, w1, w2, sel, shift, rot],
+                                         dtype=tl.int32, is_pure=True, pack=1)
     else:
-        q = ((low & 3) | ((high & 1) << 2)) - 4
-        w = (s.to(tl.float32) * q.to(tl.float32) + c.to(tl.float32)).to(s.dtype)
-    return w
+        a = w0.to(tl.uint32, bitcast=True)
+        b = w1.to(tl.uint32, bitcast=True)
+        lm = tl.zeros(a.shape, tl.uint32)
+        for k in tl.static_range(4):
+            nib = (sel >> (4 * k)) & 7
+            src = tl.where(nib < 4, a, b)
+            lm |= ((src >> (8 * (nib & 3)).to(tl.uint32)) & 0xFF) << (8 * k)
+        lm = lm >> shift.to(tl.uint32)
+        h = w2.to(tl.uint32, bitcast=True)
+        r = (rot & 31).to(tl.uint32)
+        h = (h >> r) | (h << ((32 - r) & 31))
+        word = ((lm & 0x03030303) | (h & 0xFCFCFCFC)).to(tl.int32, bitcast=True)
+    return word
 
 
 @triton.jit
@@ -175,6 +187,9 @@ def _byte_codes_to_weights(words, sel, s, c, BITS: tl.constexpr, PACKED: tl.cons
             if BITS == 2:
                 w = tl.inline_asm_elementwise(ASM_F16_B2, "=r,r,r,r,r,r", [words, sel, s, c], dtype=tl.float16,
                                               is_pure=True, pack=2)
+            elif BITS == 3:
+                w = tl.inline_asm_elementwise(ASM_F16_B3, "=r,r,r,r,r,r", [words, sel, s, c], dtype=tl.float16,
+                                              is_pure=True, pack=2)
             else:
                 w = tl.inline_asm_elementwise(ASM_F16_B4, "=r,r,r,r,r,r", [words, sel, s, c], dtype=tl.float16,
                                               is_pure=True, pack=2)
@@ -182,6 +197,9 @@ def _byte_codes_to_weights(words, sel, s, c, BITS: tl.constexpr, PACKED: tl.cons
             tl.static_assert(s.dtype == tl.bfloat16)
             if BITS == 2:
                 w = tl.inline_asm_elementwise(ASM_BF16_B2, "=r,r,r,r,r,r", [words, sel, s, c], dtype=tl.bfloat16,
+                                              is_pure=True, pack=2)
+            elif BITS == 3:
+                w = tl.inline_asm_elementwise(ASM_BF16_B3, "=r,r,r,r,r,r", [words, sel, s, c], dtype=tl.bfloat16,
                                               is_pure=True, pack=2)
             else:
                 w = tl.inline_asm_elementwise(ASM_BF16_B4, "=r,r,r,r,r,r", [words, sel, s, c], dtype=tl.bfloat16,
@@ -202,15 +220,33 @@ def _decode_int_tile(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, offs
     Same contract as ``_dequant_tile`` (rows all valid, k0 a multiple of BLOCK_K, columns >= K
     exactly 0 unless EVEN_K), same value up to where it rounds (module docstring)."""
     if BITS == 3:
-        # the bit planes of _unpack_codes (chunk c = 3 words: word 3c+h holds the low 2 bits of
-        # column 32c+16h+i at bit 2i, word 3c+2 the high bit of column 32c+i at bit i), each code's
-        # two planes shifted to bit 0 but not masked or merged: the asm does that
+        # the bit planes of _unpack_codes (chunk = 3 words: w0/w1 hold the low 2 bits of column i /
+        # 16 + i at bit 2i, w2 the high bit of column i at bit i), rebuilt once per lane into code
+        # words for the INT4-like byte decode (round 7, docs/kernels.md "INT3 forward tile, nibble
+        # rebuild"). In the MMA operand layout lane t = p % 4 holds the pairs p = t + 4i (i = 0..3)
+        # of a chunk, columns 2t + e + 8i: the low bits of its pair i sit in nibble t of the 16-bit
+        # half i of (w0, w1), at bit 4t + 2e of that half, its high bits at bit 2t + e + 8i of w2.
+        # One PRMT puts byte t // 2 of each half in byte i, a shift by 4(t % 2) + 2e brings element
+        # e's two low bits to bits 8i, 8i + 1, and rotating w2 right by 2t + e − 2 its high bit to
+        # bit 8i + 2: per lane, chunk and parity e one PRMT, SHF, SHF.W, LOP3 (the same operands for
+        # the lane's four pairs), then the byte decode per pair: PRMT, LOP3, 2 HFMA2
         w0, w1, w2 = _load_int3_planes(qw_ptr, stride_qn, offs_n, k0, K, EVEN_K, BLOCK_K)
-        p = tl.arange(0, 16)[None, None, :]  # pair p = columns 2p, 2p+1 of the chunk
-        low = tl.where(p < 8, w0[:, :, None], w1[:, :, None]) >> ((p % 8) * 4)
-        high = w2[:, :, None] >> (2 * p)
-        lows = tl.reshape(tl.join(low, low >> 2), (BLOCK_N, BLOCK_K))
-        highs = tl.reshape(tl.join(high, high >> 1), (BLOCK_N, BLOCK_K))
+        NC: tl.constexpr = BLOCK_K // 32
+        p = tl.arange(0, 16)
+        t = p % 4
+        byte = p // 4
+        sel_l = 0x6420 + 0x1111 * (t // 2)
+        shift = 4 * (t % 2)
+        rot = (2 * t + 30) % 32
+        ctl_sel = tl.join(sel_l, sel_l)[None, None, :, :]
+        ctl_shift = tl.join(shift, shift + 2)[None, None, :, :]
+        ctl_rot = tl.join(rot, (rot + 1) % 32)[None, None, :, :]
+        word = _int3_code_word(w0[:, :, None, None], w1[:, :, None, None], w2[:, :, None, None],
+                               ctl_sel, ctl_shift, ctl_rot, PACKED)
+        codes = tl.reshape(word, (BLOCK_N, BLOCK_K))
+        sel1 = (byte | ((4 + byte) << 8)).to(tl.int16)
+        sel = tl.reshape(tl.broadcast_to(tl.join(sel1, sel1)[None, None, :, :], (BLOCK_N, NC, 16, 2)),
+                         (BLOCK_N, BLOCK_K))
     else:
         # the pairs of _unpack_codes (pair p = codes 2p, 2p+1 of a word, a broadcast dim; the pair
         # in registers by tl.join), but no per-pair shift: the asm's PRMT picks the pair's byte j
@@ -241,22 +277,15 @@ def _decode_int_tile(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, offs
                              offs_n, offs_g[None, :], (offs_g < G)[None, :], False, False, True, EVEN_K, True)
         s3 = tl.broadcast_to(s.to(ACT)[:, :, None], (BLOCK_N, NG, SPAN))
         b3 = tl.broadcast_to(b.to(ACT)[:, :, None], (BLOCK_N, NG, SPAN))
-        if BITS == 3:
-            w = _int3_planes_to_weights(tl.reshape(lows, (BLOCK_N, NG, SPAN)), tl.reshape(highs, (BLOCK_N, NG, SPAN)),
-                                        s3, b3, PACKED)
-        else:
-            w = _byte_codes_to_weights(tl.reshape(codes, (BLOCK_N, NG, SPAN)), tl.reshape(sel, (BLOCK_N, NG, SPAN)),
-                                       s3, b3, BITS, PACKED)
+        w = _byte_codes_to_weights(tl.reshape(codes, (BLOCK_N, NG, SPAN)), tl.reshape(sel, (BLOCK_N, NG, SPAN)),
+                                   s3, b3, BITS, PACKED)
         w = tl.reshape(w, (BLOCK_N, BLOCK_K))
     else:
         offs_k = k0 + tl.arange(0, BLOCK_K)
         j = (offs_k // GROUP_SIZE)[None, :]
         s, b = _group_params(s_ptr, b_ptr, s_ptr, s_ptr, s_ptr, stride_sn, stride_sg,
                              offs_n, j, j < G, False, False, True, EVEN_K, True)
-        if BITS == 3:
-            w = _int3_planes_to_weights(lows, highs, s.to(ACT), b.to(ACT), PACKED)
-        else:
-            w = _byte_codes_to_weights(codes, sel, s.to(ACT), b.to(ACT), BITS, PACKED)
+        w = _byte_codes_to_weights(codes, sel, s.to(ACT), b.to(ACT), BITS, PACKED)
     return w
 
 
