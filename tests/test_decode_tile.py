@@ -359,8 +359,10 @@ def test_int3_code_word_twin_matches_asm_model():
 # ------------------------------------------------------------------ the decode path in the kernel
 N = 72
 # (bits, group_size, in_features): g < BLOCK_K (several groups per tile), g > BLOCK_K (one group
-# over several tiles), g not a power of two, partial INT3 / INT2 words (K mod 32 = 16, K mod 16 = 8)
-CASES = [(4, 32, 512), (4, 256, 512), (3, 48, 528), (2, 8, 520), (3, 16, 784), (2, 64, 512)]
+# over several tiles), g not a power of two, partial INT3 / INT2 words (K mod 32 = 16, K mod 16 = 8);
+# INT3 g32 (a group per chunk, a ragged last K tile) and g128 (a group over several K tiles)
+CASES = [(4, 32, 512), (4, 256, 512), (3, 48, 528), (2, 8, 520), (3, 16, 784), (2, 64, 512), (3, 32, 544),
+         (3, 128, 512)]
 
 
 @pytest.fixture

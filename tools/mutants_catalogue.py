@@ -265,10 +265,19 @@ MUTANTS = [
          old="first = words[:, :, None] >> ((2 * BITS * p) % 8)[None, None, :]",
          new="first = words[:, :, None] >> ((2 * BITS * p) % 4)[None, None, :]",
          tests=[DT, "tests/test_moe.py", "-k", "test_decode_fp16 or split_k_decode or round2_paths"]),
-    dict(id="decode-int3-second-high-bit", cls="partial words", file="qlk/kernels/decode_tile.py",
-         old="highs = tl.reshape(tl.join(high, high >> 1), (BLOCK_N, BLOCK_K))",
-         new="highs = tl.reshape(tl.join(high, high), (BLOCK_N, BLOCK_K))",
-         tests=[DT, "-k", "test_decode_fp16"]),
+    # round 7: the INT3 stored-order tile rebuilds code bytes once per lane (int3_code_word_asm)
+    dict(id="decode-int3-rebuild-rotation", cls="partial words", file="qlk/kernels/decode_tile.py",
+         old="rot = ((2 * t + 30) % 32)[None, None, :]", new="rot = ((2 * t + 31) % 32)[None, None, :]",
+         tests=[DT, "-k", "test_decode_fp16 or test_gemm_forward"]),
+    dict(id="decode-int3-rebuild-odd-shift", cls="partial words", file="qlk/kernels/decode_tile.py",
+         old="_int3_code_word(w0, w1, w2, sel_l, shift + 2,", new="_int3_code_word(w0, w1, w2, sel_l, shift + 1,",
+         tests=[DT, "-k", "test_decode_fp16 or test_gemm_forward"]),
+    dict(id="decode-int3-rebuild-asm-mask", cls="unpacking", file="qlk/kernels/decode_tile.py",
+         old='"lop3.b32 $0, lm, h, 0x03030303, 0xe4;', new='"lop3.b32 $0, lm, h, 0x01030303, 0xe4;',
+         tests=[DT, "-k", "int3_code_word"]),
+    dict(id="decode-int3-rebuild-twin-rotation", cls="unpacking", file="qlk/kernels/decode_tile.py",
+         old="h = (h >> r) | (h << ((32 - r) & 31))", new="h = (h >> r) | (h << ((31 - r) & 31))",
+         tests=[DT, "-k", "int3_code_word"]),
     # round 4: the lane-owned INT2/3/4 tile of the small-M K loop (_decode_loop: dense split-K and
     # grouped small-M kernels); the stored-order tile above is the fallback when BLOCK_K is not whole lane units
     dict(id="decode-lanes-group-index-per-tile", cls="wrong group", file="qlk/kernels/decode_tile.py",

@@ -23,9 +23,11 @@ lane: ptxas computes it once per loop iteration). In the MMA operand layout lane
 = the two nibbles of byte p, the high one read from byte p of ``word >> 4`` (the bf16 mantissa has 7
 bits: a code must sit in bits 0-6, so a nibble at bits 4-7 cannot be masked in place); INT2 pair p =
 bits 4p .. 4p+3, byte p // 2 of ``word >> 4(p % 2)`` and of that >> 2. Per pair: one SHF, PRMT,
-LOP3, two HFMA2 (5; round 2: two SHF, 6). INT3 (bit planes) passes each code's low-plane bits and
-its high-plane bit separately; its asm (``packed_asm_int3``) merges them with a shift and a
-bitfield-select LOP3 before the same two HFMA2.
+LOP3, two HFMA2 (5; round 2: two SHF, 6). INT3 (bit planes; round 7) is first rebuilt into code
+bytes, once per lane, chunk and element parity (``int3_code_word_asm``: PRMT, SHF, SHF.W, LOP3
+shared by the lane's four pairs of a 32-column chunk), then decoded by the same byte asm
+(``packed_asm(3, act)``): ~1.75 + 4 instructions per pair instead of ~11 (round 2: the planes
+shifted per pair on the Triton side, merged per pair in the asm).
 
 Numerics: ŵ = round_act(s_a·(q − m) + c_a) with s_a, c_a the group scale and bias rounded to the
 activation dtype first (exact when they are stored in it, the usual case; QA-LoRA's fp32 folded
@@ -235,14 +237,14 @@ def _decode_int_tile(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, offs
         p = tl.arange(0, 16)
         t = p % 4
         byte = p // 4
-        sel_l = 0x6420 + 0x1111 * (t // 2)
-        shift = 4 * (t % 2)
-        rot = (2 * t + 30) % 32
-        ctl_sel = tl.join(sel_l, sel_l)[None, None, :, :]
-        ctl_shift = tl.join(shift, shift + 2)[None, None, :, :]
-        ctl_rot = tl.join(rot, (rot + 1) % 32)[None, None, :, :]
-        word = _int3_code_word(w0[:, :, None, None], w1[:, :, None, None], w2[:, :, None, None],
-                               ctl_sel, ctl_shift, ctl_rot, PACKED)
+        sel_l = (0x6420 + 0x1111 * (t // 2))[None, None, :]
+        shift = (4 * (t % 2))[None, None, :]
+        rot = ((2 * t + 30) % 32)[None, None, :]
+        w0 = w0[:, :, None]
+        w1 = w1[:, :, None]
+        w2 = w2[:, :, None]
+        word = tl.join(_int3_code_word(w0, w1, w2, sel_l, shift, rot, PACKED),
+                       _int3_code_word(w0, w1, w2, sel_l, shift + 2, (rot + 1) % 32, PACKED))
         codes = tl.reshape(word, (BLOCK_N, BLOCK_K))
         sel1 = (byte | ((4 + byte) << 8)).to(tl.int16)
         sel = tl.reshape(tl.broadcast_to(tl.join(sel1, sel1)[None, None, :, :], (BLOCK_N, NC, 16, 2)),
