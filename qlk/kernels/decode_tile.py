@@ -145,14 +145,17 @@ ASM_INT3_WORD: tl.constexpr = tl.constexpr(int3_code_word_asm())
 def _int3_code_word(w0, w1, w2, sel, shift, rot, PACKED: tl.constexpr):
     """int32, elementwise: (prmt(w0, w1, sel) >> shift & 0x03030303) | (rotr(w2, rot) & ~0x03030303)
     (``int3_code_word_asm``; ``sel`` has no sign-replicate bits, shift < 32). PACKED: the inline
-    asm (GPU); else its Triton twin."""
+    asm (GPU); else its Triton twin, a general model of the four instructions (the kernel's
+    operands and any others: tests/test_decode_tile.py checks it against the PTX model)."""
     w0, w1 = tl.broadcast(w0, w1)
     w0, w2 = tl.broadcast(w0, w2)
-    sel, w0 = tl.broadcast(sel, w0)
-    shift, w0 = tl.broadcast(shift, w0)
-    rot, w0 = tl.broadcast(rot, w0)
-    w1, w0 = tl.broadcast(w1, w0)
-    w2, w0 = tl.broadcast(w2, w0)
+    w0, sel = tl.broadcast(w0, sel)
+    w0, shift = tl.broadcast(w0, shift)
+    w0, rot = tl.broadcast(w0, rot)  # w0 now has the common shape
+    w1 = tl.broadcast_to(w1, w0.shape)
+    w2 = tl.broadcast_to(w2, w0.shape)
+    sel = tl.broadcast_to(sel, w0.shape)
+    shift = tl.broadcast_to(shift, w0.shape)
     if PACKED:
         word = tl.inline_asm_elementwise(ASM_INT3_WORD, "=r,r,r,r,r,r,r", [w0, w1, w2, sel, shift, rot],
                                          dtype=tl.int32, is_pure=True, pack=1)
