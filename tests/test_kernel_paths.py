@@ -741,7 +741,7 @@ def test_grad_input_gemm_half2(case, arch, ahead, monkeypatch):
     fp32 accumulation and the final fp16 rounding; a wrong code or group is off by far more."""
     monkeypatch.setattr(fm, "target_arch", lambda: arch)
     monkeypatch.setattr(fm, "_grad_words_ahead", lambda: ahead)
-    monkeypatch.setattr(fm, "_grad_half2", lambda a, qw, dtype: True)
+    monkeypatch.setattr(fm, "_grad_half2", lambda qw, dtype: True)
     _SMS[0] = 1
     qw, w64 = int_weight(*case)
     n, k = qw.shape

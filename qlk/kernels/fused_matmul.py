@@ -842,9 +842,11 @@ def _grad_words_ahead() -> bool:
     return True
 
 
-def _grad_half2(arch: int, qw, dtype) -> bool:
-    """Whether the GEMM input gradient decodes Ŵᵀ in half2 arithmetic (HALF2): INT formats with
-    fp16/bf16 dY (docs/kernels.md "Input gradient, half2 transposed decoder (round 7)")."""
+def _grad_half2(qw, dtype) -> bool:
+    """Whether the GEMM input gradients (this module's and the grouped one) decode Ŵᵀ in half2
+    arithmetic (HALF2): INT formats with fp16/bf16 dY, on sm_90 and sm_80 alike (no estimate got
+    worse on either, for any candidate tile: docs/kernels.md "Input gradient, half2 transposed
+    decoder (round 7)")."""
     return qw.fmt == "int" and dtype in (torch.float16, torch.bfloat16)
 
 
@@ -900,7 +902,7 @@ def _grad_input(dy, qw, out, path, deterministic, wargs=None, lora_b=None):
                 v_ptr=v, lb_ptr=lora_b, R=lora_b.shape[1], stride_lbn=lora_b.stride(0),
                 stride_lbr=lora_b.stride(1), WITH_V=True, R_PAD=_r_pad(lora_b.shape[1]))
             ahead = _grad_words_ahead()
-            half2 = _grad_half2(heuristics.arch_family(target_arch()), qw, dy.dtype)
+            half2 = _grad_half2(qw, dy.dtype)
             # mid M on narrow K: the rules split the reduction over N (grid axis 1) to fill the SMs;
             # partials in an fp32 workspace, summed and cast below (split 1: dX stored directly)
             ws = None

@@ -62,7 +62,7 @@ from .._checks import check_grouped
 from ..formats.nf4 import nf4_absmax
 from ..formats.quantized_weight import QuantizedWeight
 from .config import INTERPRETED, fma_kernel, grouped_config, grouped_split_k, num_sms
-from .fused_matmul import _as_2d, _decode_loop, _fwd_loop, _precision
+from .fused_matmul import _as_2d, _decode_loop, _fwd_loop, _grad_half2, _precision
 from .quant_tile import _dequant_tile, supports, weight_args
 from .quant_tile_t import _dequant_tile_t
 
@@ -244,7 +244,8 @@ def _grad_tile(t, pid_k, dx_ptr, dy_ptr, tile_expert_ptr, tile_row_ptr, bounds_p
                N, K, NUM_EXPERTS, stride_dym, stride_dyn, stride_dxm, stride_dxk,
                BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
                DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+               BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+               HALF2: tl.constexpr, HALF2_ASM: tl.constexpr):
     """Tile slot t, K tile pid_k of :func:`_grouped_matmul_grad_input_kernel`."""
     e = tl.load(tile_expert_ptr + t)
     if e >= 0:
@@ -268,7 +269,7 @@ def _grad_tile(t, pid_k, dx_ptr, dy_ptr, tile_expert_ptr, tile_row_ptr, bounds_p
                 wt = _dequant_tile_t(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
                                      stride_qn, stride_sn, stride_sg, e * N + tl.minimum(offs_n, N - 1), k0, K,
                                      BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K,
-                                     dy_ptr.dtype.element_ty)
+                                     dy_ptr.dtype.element_ty, HALF2=HALF2, HALF2_ASM=HALF2_ASM)
                 dyt = tl.load(dy_rows[None, :] + offs_n[:, None] * stride_dyn, mask=offs_n[:, None] < N, other=0.0)
                 acc = tl.dot(wt, dyt, acc, input_precision=DOT_PRECISION)
             dx_ptrs = dx_ptr + offs_m[None, :].to(tl.int64) * stride_dxm + offs_k[:, None] * stride_dxk
@@ -290,8 +291,12 @@ def _grouped_matmul_grad_input_kernel(
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, SLOT_LOOP: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    HALF2: tl.constexpr = False, HALF2_ASM: tl.constexpr = False,
 ):
-    """dX[s, k] = Σ_n dY[s, n]·Ŵ[e·N + n, k]: tile dXᵀ[k0:k0+BK, rows of M tile t] = Ŵ_eᵀ·dYᵀ."""
+    """dX[s, k] = Σ_n dY[s, n]·Ŵ[e·N + n, k]: tile dXᵀ[k0:k0+BK, rows of M tile t] = Ŵ_eᵀ·dYᵀ.
+
+    HALF2 (INT formats, fp16/bf16 dY): Ŵᵀ decoded in half2 arithmetic (quant_tile_t._pair_half2;
+    HALF2_ASM: its inline PTX, else the interpreter's twin), s and c rounded to dY's dtype first."""
     pid_t = tl.program_id(0)
     pid_k = tl.program_id(1)
     if SLOT_LOOP:
@@ -300,12 +305,14 @@ def _grouped_matmul_grad_input_kernel(
                        qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
                        stride_qn, stride_sn, stride_sg,
                        N, K, NUM_EXPERTS, stride_dym, stride_dyn, stride_dxm, stride_dxk,
-                       BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K)
+                       BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K,
+                       HALF2, HALF2_ASM)
     else:
         _grad_tile(pid_t, pid_k, dx_ptr, dy_ptr, tile_expert_ptr, tile_row_ptr, bounds_ptr,
                    qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr, stride_qn, stride_sn, stride_sg,
                    N, K, NUM_EXPERTS, stride_dym, stride_dyn, stride_dxm, stride_dxk,
-                   BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K)
+                   BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K,
+                   HALF2, HALF2_ASM)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -462,10 +469,12 @@ def grouped_matmul_grad_input(dy: torch.Tensor, qw: QuantizedWeight, offsets: to
     slots = tile_expert.shape[0]
     programs = min(slots, programs or _programs(slots, num_experts, small))
     grid = (programs, triton.cdiv(k, cfg["BLOCK_K"]))
+    half2 = _grad_half2(qw, dy.dtype)
     _grouped_matmul_grad_input_kernel[grid](
         out, dy2, tile_expert, tile_row, bounds, *args, n, k, num_experts, slots,
         dy2.stride(0), dy2.stride(1), out.stride(0), out.stride(1),
-        DOT_PRECISION=_precision(dy.dtype), SLOT_LOOP=programs < slots, **meta, **cfg)
+        DOT_PRECISION=_precision(dy.dtype), SLOT_LOOP=programs < slots, HALF2=half2,
+        HALF2_ASM=half2 and not INTERPRETED, **meta, **cfg)
     return out
 
 

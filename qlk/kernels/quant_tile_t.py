@@ -367,7 +367,7 @@ def _pair_sources(qw_ptr, stride_qn, offs_n, k0, K, BITS: tl.constexpr, EVEN_K: 
         even0, odd0 = _int3_nibble_words(w0, w2 & 0xFFFF)
         even1, odd1 = _int3_nibble_words(w1, (w2 >> 16) & 0xFFFF)
         p = tl.arange(0, 16)[:, None, None]  # pair p: half p // 8, nibble q = p % 8 (byte q // 2)
-        off = ((p % 8) % 2) * 4
+        off = (p % 2) * 4
         a = tl.where(p < 8, even0[None, :, :], even1[None, :, :]) >> off
         b = tl.where(p < 8, odd0[None, :, :], odd1[None, :, :]) >> off
         j = (p % 8) // 2
