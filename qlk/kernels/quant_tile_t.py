@@ -31,6 +31,26 @@ Rounding: ŵ is computed in fp32 exactly as ``_dequant_tile`` does (s·(q − 2^
 NF4[q]·absmax) and rounded once to the activation dtype, like the forward. The result is bit
 identical to ``_dequant_tile(...).to(dtype)``.
 
+Round 7, ``HALF2`` (INT2/3/4 with fp16/bf16 activations; the GEMM input gradients use it): the same
+packed shape, but each pair (even, odd column) of a row is decoded in one 32-bit register by the
+decode path's half2 arithmetic (:func:`_pair_half2`, PTX :func:`pair_asm_t`):
+
+    v = prmt(A, B, j | (4 + j) << 8)         byte j of A / of B at the bottom of the low / high half
+    v = (v & MASK·0x10001) | MAGIC·0x10001    LOP3: each half = MAGIC_VALUE + q, exact
+    v = v·1 − (MAGIC_VALUE + m)               HFMA2: q − m, exact
+    ŵ = v·s + c                               HFMA2: s·(q − m) + c in (s, s), (c, c), rounded once
+
+A is the word shifted so that the pair's byte offset is 0 and B that shifted by BITS more (INT3: the
+half chunk's even / odd nibble words, :func:`_int3_nibble_words`), so the shifts are shared by the
+pairs of a word; the selector j is a constant per register. The int32 result is split into its two
+16-bit halves and joined exactly as the fp32 path's rounded values are (the join stays the op the
+layout conversion hoists to: 16-bit values through shared memory). Numerics: the decode path's,
+ŵ = round_act(s_a·(q − m) + c_a) with s_a, c_a the scale and bias rounded to the activation dtype
+first (:func:`_half2_pair`: a move when they are stored in it, the usual case; else one
+``cvt.rn.{f16x2,bf16x2}.f32``, e.g. fp16 scales under bf16 activations or QA-LoRA's fp32 folded
+biases). Bit identical to the fp32 path whenever s and c are stored in the activation dtype and
+the fp32 sum is exact. Estimates: docs/kernels.md "Input gradient, half2 transposed decoder (round 7)".
+
 Group sizes that are not a power of two, or smaller than a chunk, take the forward's tile and
 transpose it (correct, not faster).
 """
