@@ -177,7 +177,7 @@ def test_grouped_grad_input_half2_int2_unpackings(halves, monkeypatch):
     over three K tiles of 32, experts with 0, 1, 17 and 40 rows, NaN-poisoned output, against float64."""
     from qlk.kernels import grouped_matmul as gm
 
-    monkeypatch.setattr(gm, "_grad_int2_halves", lambda: halves)
+    monkeypatch.setattr(gm, "_grad_int2_halves", lambda block_m: halves)
     monkeypatch.setattr(gm, "_output", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
                                                                                 device=device))
     counts, n, k = [0, 1, 17, 40], 24, 96

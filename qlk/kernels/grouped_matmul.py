@@ -453,11 +453,12 @@ def _forward_split_k(x2, qw, offsets, num_experts, bias, args, meta, cfg, split,
     return ws.to(dtype), pooled
 
 
-def _grad_int2_halves() -> bool:
+def _grad_int2_halves(block_m: int) -> bool:
     """INT2 unpacked per half word in the input gradient's transposed tile (quant_tile_t's
-    INT2_HALVES) on sm_80, as the dense-layer GEMM does (docs/kernels.md "Input gradient, round 3"):
-    estimated 0.89 -> 0.99 tensor-peak at T = 4096 on Mixtral's layers (round 7)."""
-    return heuristics.arch_family(target_arch()) == 80
+    INT2_HALVES) on sm_80 with tiles of more than 16 rows, as the dense-layer GEMM does
+    (docs/kernels.md "Input gradient, round 3"): estimated 0.90 -> 0.99 tensor-peak at T = 4096 on
+    Mixtral's layers; the 16-row small-M tile estimates 4 % better with whole words (round 7)."""
+    return heuristics.arch_family(target_arch()) == 80 and block_m > 16
 
 
 def grouped_matmul_grad_input(dy: torch.Tensor, qw: QuantizedWeight, offsets: torch.Tensor, num_experts: int,
@@ -479,7 +480,7 @@ def grouped_matmul_grad_input(dy: torch.Tensor, qw: QuantizedWeight, offsets: to
     programs = min(slots, programs or _programs(slots, num_experts, small))
     grid = (programs, triton.cdiv(k, cfg["BLOCK_K"]))
     half2 = _grad_half2(qw, dy.dtype)
-    int2_halves = _grad_int2_halves()
+    int2_halves = _grad_int2_halves(cfg["BLOCK_M"])
     _grouped_matmul_grad_input_kernel[grid](
         out, dy2, tile_expert, tile_row, bounds, *args, n, k, num_experts, slots,
         dy2.stride(0), dy2.stride(1), out.stride(0), out.stride(1),
