@@ -721,3 +721,32 @@ def test_reference_qalora_against_the_paper(case):
         y.backward(dy.float())
     assert oracles.rel_err(y, y_ref) < TOL and oracles.rel_err(xf.grad, dx_ref) < TOL
     assert oracles.rel_err(af.grad, da_ref) < TOL and oracles.rel_err(bf.grad, db_ref) < TOL
+
+
+# ------------------------------------------------ GEMM input gradient, half2 decoder (round 7)
+# fp16 dY through the half2 transposed decoder (quant_tile_t._pair_half2, the twin here): both K loops,
+# INT2 in both unpackings (sm_80: half words), ragged K with a half-used INT3 chunk / INT2 word
+HALF2_RUNS = [pytest.param((4, 32, 512), 90, True, id="int4g32-sm90-ahead"),
+              pytest.param((3, 16, 784), 80, False, id="int3g16k784-sm80-cpasync"),
+              pytest.param((3, 256, 512), 90, True, id="int3g256-sm90-ahead"),
+              pytest.param((2, 8, 520), 90, True, id="int2g8k520-sm90-ahead"),
+              pytest.param((2, 64, 512), 80, False, id="int2g64-sm80-halves")]
+
+
+@pytest.mark.parametrize("case,arch,ahead", HALF2_RUNS)
+def test_grad_input_gemm_half2(case, arch, ahead, monkeypatch):
+    """dX = dY·Ŵ in fp16 with the half2 decoder against float64 math on Ŵ rounded to fp16 (the scales
+    and biases are stored in fp16, so the decoder's ŵ is that value exactly): M = 17 (one ragged M
+    tile), 3 N tiles (the last ragged), 8..13 K tiles, the output NaN-poisoned. The tolerance is
+    fp32 accumulation and the final fp16 rounding; a wrong code or group is off by far more."""
+    monkeypatch.setattr(fm, "target_arch", lambda: arch)
+    monkeypatch.setattr(fm, "_grad_words_ahead", lambda: ahead)
+    monkeypatch.setattr(fm, "_grad_half2", lambda qw, dtype: True)
+    _SMS[0] = 1
+    qw, w64 = int_weight(*case)
+    n, k = qw.shape
+    dy = randn(17, n, seed=n + k).half()
+    dx = quant_matmul_backward(dy, qw, out=torch.full((17, k), float("nan"), dtype=torch.float16, device=DEVICE),
+                               path="gemm")
+    ref = dy.cpu().double() @ w64.half().double()
+    assert oracles.rel_err(dx, ref) < 5e-4  # 2e-4 observed (fp16 output rounding)

@@ -169,6 +169,30 @@ def test_grouped_round2_paths_fp16_nan_poisoned(f, monkeypatch):
     assert ((dx[:routed].double() - dx_ref).norm() / dx_ref.norm()) < 2e-3
 
 
+@needs_kernels
+@pytest.mark.parametrize("halves", [False, True], ids=["int2-words", "int2-halves"])
+def test_grouped_grad_input_half2_int2_unpackings(halves, monkeypatch):
+    """The grouped input gradient's two INT2 unpackings (sm_90: 16-column chunks; sm_80: half words)
+    under the half2 decoder (fp16 dY): g16 (a group of one 16-column chunk, two half words), K = 96
+    over three K tiles of 32, experts with 0, 1, 17 and 40 rows, NaN-poisoned output, against float64."""
+    from qlk.kernels import grouped_matmul as gm
+
+    monkeypatch.setattr(gm, "_grad_int2_halves", lambda block_m: halves)
+    monkeypatch.setattr(gm, "_output", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
+                                                                                device=device))
+    counts, n, k = [0, 1, 17, 40], 24, 96
+    gen = torch.Generator().manual_seed(47)
+    qw = qlk.quantize(torch.randn(len(counts) * n, k, generator=gen), bits=2, group_size=16)
+    w = oracle_weight(qw).reshape(len(counts), n, k)
+    off = offsets_of(counts)
+    dy = torch.randn(int(off[-1]), n, generator=gen).half()
+    dx = grouped_matmul_grad_input(dy, qw, off, len(counts),
+                                   config=dict(BLOCK_N=16, BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=1))
+    ref = per_expert(dy, off, lambda e, de: de @ w[e].half().double())
+    assert not dx.isnan().any()
+    assert ((dx.double() - ref).norm() / ref.norm()) < 5e-4
+
+
 # ---- adapters per expert: autograd against float64 per-expert formulas ------------------------------------
 @pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_kernels)])
 @pytest.mark.parametrize("method,shared", [("qalora", False), ("qalora", True), ("lora", False)])

@@ -34,24 +34,26 @@ N = 40  # two full row tiles of 16 and a clamped ragged one
 def _tile_t_kernel(out_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
                    stride_qn, stride_sn, stride_sg, N, K,
                    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-                   EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INT2_HALVES: tl.constexpr):
+                   EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INT2_HALVES: tl.constexpr,
+                   HALF2: tl.constexpr = False):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
     offs_k = k0 + tl.arange(0, BLOCK_K)
     wt = _dequant_tile_t(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
                          stride_qn, stride_sn, stride_sg, tl.minimum(offs_n, N - 1), k0, K,
                          BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K,
-                         out_ptr.dtype.element_ty, INT2_HALVES)
+                         out_ptr.dtype.element_ty, INT2_HALVES, HALF2=HALF2)
     tl.store(out_ptr + offs_k[:, None] * N + offs_n[None, :], wt,
              mask=(offs_k[:, None] < K) & (offs_n[None, :] < N))
 
 
-def tile_t(qw, dtype, block_k=64, int2_halves=False):
+def tile_t(qw, dtype, block_k=64, int2_halves=False, half2=False):
     n, k = qw.shape
     args, meta = weight_args(qw)
     out = torch.full((k, n), float("nan"), dtype=dtype, device=DEVICE)
     _tile_t_kernel[(triton.cdiv(n, 16), triton.cdiv(k, block_k))](
-        out, *args, n, k, EVEN_K=k % block_k == 0, BLOCK_N=16, BLOCK_K=block_k, INT2_HALVES=int2_halves, **meta)
+        out, *args, n, k, EVEN_K=k % block_k == 0, BLOCK_N=16, BLOCK_K=block_k, INT2_HALVES=int2_halves,
+        HALF2=half2, **meta)
     return out
 
 
@@ -150,3 +152,20 @@ def test_int2_grad_input_both_unpackings(arch, monkeypatch):
     fm.quant_matmul_grad_input(dy, qw, out=out, path="gemm")
     ref = dy.double().cpu() @ oracles.int_dequant64(qw)
     assert torch.allclose(out.double().cpu(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+# the half2 decoder (round 7, quant_tile_t._pair_half2; the twin here, the asm's bit-level semantics in
+# tests/test_quant_tile_t_asm.py): every packed layout, groups smaller and larger than the tile, a
+# ragged K (masked words), INT2 in both unpackings, the fallbacks. The scales and biases are stored
+# in fp16, so ŵ = s·(q − m) + c rounded once equals the oracle rounded once.
+HALF2_RUNS = [(4, 32, 256, False), (4, 128, 256, False), (3, 32, 224, False), (3, 128, 384, False),
+              (2, 64, 320, False), (2, 16, 208, True), (2, 8, 128, True), (4, 16, 208, False), (3, 48, 240, False)]
+
+
+@pytest.mark.parametrize("case", HALF2_RUNS, ids=lambda c: "int{}g{}k{}{}".format(*c[:3], "-halves" if c[3] else ""))
+def test_half2_tile_t(case):
+    bits, g, k, halves = case
+    qw = qlk.quantize(weight(N, k, seed=bits * 31 + g + k), bits=bits, group_size=g).to(DEVICE)
+    assert qw.scales.dtype == F16 and qw.biases.dtype == F16
+    ref = rounded(oracles.int_dequant64(qw), F16).t()
+    assert torch.equal(tile_t(qw, F16, int2_halves=halves, half2=True).cpu(), ref)

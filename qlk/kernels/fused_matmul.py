@@ -350,6 +350,7 @@ def _quant_matmul_grad_input_kernel(
     R=0, stride_lbn=0, stride_lbr=0,
     WITH_V: tl.constexpr = False, R_PAD: tl.constexpr = 16,
     SPLIT_N: tl.constexpr = False, ATOMIC: tl.constexpr = True,
+    HALF2: tl.constexpr = False, HALF2_ASM: tl.constexpr = False,
 ):
     """dX[m, k] = Σ_n dY[m, n]·Ŵ[n, k], one dXᵀ [BLOCK_K, BLOCK_M] tile per program, N in BLOCK_N steps.
 
@@ -363,6 +364,10 @@ def _quant_matmul_grad_input_kernel(
     during this one (WORDS_ASM: by inline PTX the pipeliner leaves alone, in the layout the unpacking
     wants; also the INT scales and biases), instead of cp.async into shared memory and back
     (docs/kernels.md "Input gradient, round 4").
+
+    HALF2 (INT formats, fp16/bf16 dY): Ŵᵀ decoded in half2 arithmetic (quant_tile_t._pair_half2;
+    HALF2_ASM: its inline PTX, else the interpreter's twin), s and c rounded to dY's dtype first
+    (docs/kernels.md "Input gradient, half2 transposed decoder (round 7)").
 
     WITH_V (QA-LoRA): ⌈M/BM⌉ more programs after the ⌈M/BM⌉·⌈K/BK⌉ dX tiles, one per M tile, write
     V[m0:m0+BM, :] = Σ_n dY[m0:m0+BM, n]·B[n, :] (B rounded to dY's dtype, fp32 sums; the low-rank
@@ -417,7 +422,7 @@ def _quant_matmul_grad_input_kernel(
                              stride_qn, stride_sn, stride_sg, tl.minimum(offs_n, N - 1), k0, K,
                              BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K,
                              dy_ptr.dtype.element_ty, INT2_HALVES, words, words1, words2, WORDS_AHEAD,
-                             WORDS_ASM)
+                             WORDS_ASM, HALF2, HALF2_ASM)
         words, words1, words2 = next0, next1, next2
         dyt = tl.load(dy_rows[None, :] + offs_n[:, None] * stride_dyn, mask=offs_n[:, None] < N, other=0.0)
         acc = tl.dot(wt, dyt, acc, input_precision=DOT_PRECISION)
@@ -853,6 +858,14 @@ def _grad_words_ahead() -> bool:
     return True
 
 
+def _grad_half2(qw, dtype) -> bool:
+    """Whether the GEMM input gradients (this module's and the grouped one) decode Ŵᵀ in half2
+    arithmetic (HALF2): INT formats with fp16/bf16 dY, on sm_90 and sm_80 alike (no estimate got
+    worse on either, for any candidate tile: docs/kernels.md "Input gradient, half2 transposed
+    decoder (round 7)")."""
+    return qw.fmt == "int" and dtype in (torch.float16, torch.bfloat16)
+
+
 def _grad_input(dy, qw, out, path, deterministic, wargs=None, lora_b=None):
     """dX [..., K]; with ``lora_b`` (QA-LoRA's B [N, r]) the pair (dX, V = dY·B [M, r] fp32), V
     computed by the same launch (split-N: its extra column of programs; GEMM: one extra program
@@ -905,6 +918,7 @@ def _grad_input(dy, qw, out, path, deterministic, wargs=None, lora_b=None):
                 v_ptr=v, lb_ptr=lora_b, R=lora_b.shape[1], stride_lbn=lora_b.stride(0),
                 stride_lbr=lora_b.stride(1), WITH_V=True, R_PAD=_r_pad(lora_b.shape[1]))
             ahead = _grad_words_ahead()
+            half2 = _grad_half2(qw, dy.dtype)
             # mid M on narrow K: the rules split the reduction over N (grid axis 1) to fill the SMs;
             # partials in an fp32 workspace, summed and cast below (split 1: dX stored directly)
             ws = None
@@ -917,7 +931,8 @@ def _grad_input(dy, qw, out, path, deterministic, wargs=None, lora_b=None):
                     dst, dy2, *args, m, n, k, _bucket(m),
                     dy2.stride(0), dy2.stride(1), dst.stride(-2), dst.stride(-1),
                     DOT_PRECISION=_precision(dy.dtype), INT2_HALVES=int2_halves,
-                    WORDS_AHEAD=ahead, WORDS_ASM=ahead and not INTERPRETED, **meta, **c.meta, **v_args, **split)
+                    WORDS_AHEAD=ahead, WORDS_ASM=ahead and not INTERPRETED, HALF2=half2,
+                    HALF2_ASM=half2 and not INTERPRETED, **meta, **c.meta, **v_args, **split)
             if ws is not None and launches[-1].split > 1:  # the chosen launch (the last) wrote the workspace
                 _split_finish(out, ws, deterministic)
     if qw.perm is not None:

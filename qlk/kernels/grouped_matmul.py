@@ -61,8 +61,9 @@ import triton.language as tl
 from .._checks import check_grouped
 from ..formats.nf4 import nf4_absmax
 from ..formats.quantized_weight import QuantizedWeight
-from .config import INTERPRETED, fma_kernel, grouped_config, grouped_split_k, num_sms
-from .fused_matmul import _as_2d, _decode_loop, _fwd_loop, _precision
+from . import heuristics
+from .config import INTERPRETED, fma_kernel, grouped_config, grouped_split_k, num_sms, target_arch
+from .fused_matmul import _as_2d, _decode_loop, _fwd_loop, _grad_half2, _precision
 from .quant_tile import _dequant_tile, supports, weight_args
 from .quant_tile_t import _dequant_tile_t
 
@@ -244,7 +245,8 @@ def _grad_tile(t, pid_k, dx_ptr, dy_ptr, tile_expert_ptr, tile_row_ptr, bounds_p
                N, K, NUM_EXPERTS, stride_dym, stride_dyn, stride_dxm, stride_dxk,
                BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
                DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+               BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+               HALF2: tl.constexpr, HALF2_ASM: tl.constexpr, INT2_HALVES: tl.constexpr):
     """Tile slot t, K tile pid_k of :func:`_grouped_matmul_grad_input_kernel`."""
     e = tl.load(tile_expert_ptr + t)
     if e >= 0:
@@ -268,7 +270,8 @@ def _grad_tile(t, pid_k, dx_ptr, dy_ptr, tile_expert_ptr, tile_row_ptr, bounds_p
                 wt = _dequant_tile_t(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
                                      stride_qn, stride_sn, stride_sg, e * N + tl.minimum(offs_n, N - 1), k0, K,
                                      BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K,
-                                     dy_ptr.dtype.element_ty)
+                                     dy_ptr.dtype.element_ty, INT2_HALVES=INT2_HALVES, HALF2=HALF2,
+                                     HALF2_ASM=HALF2_ASM)
                 dyt = tl.load(dy_rows[None, :] + offs_n[:, None] * stride_dyn, mask=offs_n[:, None] < N, other=0.0)
                 acc = tl.dot(wt, dyt, acc, input_precision=DOT_PRECISION)
             dx_ptrs = dx_ptr + offs_m[None, :].to(tl.int64) * stride_dxm + offs_k[:, None] * stride_dxk
@@ -290,8 +293,12 @@ def _grouped_matmul_grad_input_kernel(
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, SLOT_LOOP: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    HALF2: tl.constexpr = False, HALF2_ASM: tl.constexpr = False, INT2_HALVES: tl.constexpr = False,
 ):
-    """dX[s, k] = Σ_n dY[s, n]·Ŵ[e·N + n, k]: tile dXᵀ[k0:k0+BK, rows of M tile t] = Ŵ_eᵀ·dYᵀ."""
+    """dX[s, k] = Σ_n dY[s, n]·Ŵ[e·N + n, k]: tile dXᵀ[k0:k0+BK, rows of M tile t] = Ŵ_eᵀ·dYᵀ.
+
+    HALF2 (INT formats, fp16/bf16 dY): Ŵᵀ decoded in half2 arithmetic (quant_tile_t._pair_half2;
+    HALF2_ASM: its inline PTX, else the interpreter's twin), s and c rounded to dY's dtype first."""
     pid_t = tl.program_id(0)
     pid_k = tl.program_id(1)
     if SLOT_LOOP:
@@ -300,12 +307,14 @@ def _grouped_matmul_grad_input_kernel(
                        qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
                        stride_qn, stride_sn, stride_sg,
                        N, K, NUM_EXPERTS, stride_dym, stride_dyn, stride_dxm, stride_dxk,
-                       BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K)
+                       BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K,
+                       HALF2, HALF2_ASM, INT2_HALVES)
     else:
         _grad_tile(pid_t, pid_k, dx_ptr, dy_ptr, tile_expert_ptr, tile_row_ptr, bounds_ptr,
                    qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr, stride_qn, stride_sn, stride_sg,
                    N, K, NUM_EXPERTS, stride_dym, stride_dyn, stride_dxm, stride_dxk,
-                   BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K)
+                   BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K,
+                   HALF2, HALF2_ASM, INT2_HALVES)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -444,6 +453,14 @@ def _forward_split_k(x2, qw, offsets, num_experts, bias, args, meta, cfg, split,
     return ws.to(dtype), pooled
 
 
+def _grad_int2_halves(block_m: int) -> bool:
+    """INT2 unpacked per half word in the input gradient's transposed tile (quant_tile_t's
+    INT2_HALVES) on sm_80 with tiles of more than 16 rows, as the dense-layer GEMM does
+    (docs/kernels.md "Input gradient, round 3"): estimated 0.90 -> 0.99 tensor-peak at T = 4096 on
+    Mixtral's layers; the 16-row small-M tile estimates 4 % better with whole words (round 7)."""
+    return heuristics.arch_family(target_arch()) == 80 and block_m > 16
+
+
 def grouped_matmul_grad_input(dy: torch.Tensor, qw: QuantizedWeight, offsets: torch.Tensor, num_experts: int,
                               *, wargs=None, config: dict | None = None) -> torch.Tensor:
     """dX [S, K] = dY·Ŵ_e per row's expert, in dy's dtype; rows past offsets[E] are 0."""
@@ -462,10 +479,13 @@ def grouped_matmul_grad_input(dy: torch.Tensor, qw: QuantizedWeight, offsets: to
     slots = tile_expert.shape[0]
     programs = min(slots, programs or _programs(slots, num_experts, small))
     grid = (programs, triton.cdiv(k, cfg["BLOCK_K"]))
+    half2 = _grad_half2(qw, dy.dtype)
+    int2_halves = _grad_int2_halves(cfg["BLOCK_M"])
     _grouped_matmul_grad_input_kernel[grid](
         out, dy2, tile_expert, tile_row, bounds, *args, n, k, num_experts, slots,
         dy2.stride(0), dy2.stride(1), out.stride(0), out.stride(1),
-        DOT_PRECISION=_precision(dy.dtype), SLOT_LOOP=programs < slots, **meta, **cfg)
+        DOT_PRECISION=_precision(dy.dtype), SLOT_LOOP=programs < slots, HALF2=half2,
+        HALF2_ASM=half2 and not INTERPRETED, INT2_HALVES=int2_halves, **meta, **cfg)
     return out
 
 

@@ -31,6 +31,26 @@ Rounding: ŵ is computed in fp32 exactly as ``_dequant_tile`` does (s·(q − 2^
 NF4[q]·absmax) and rounded once to the activation dtype, like the forward. The result is bit
 identical to ``_dequant_tile(...).to(dtype)``.
 
+Round 7, ``HALF2`` (INT2/3/4 with fp16/bf16 activations; the GEMM input gradients use it): the same
+packed shape, but each pair (even, odd column) of a row is decoded in one 32-bit register by the
+decode path's half2 arithmetic (:func:`_pair_half2`, PTX :func:`pair_asm_t`):
+
+    v = prmt(A, B, j | (4 + j) << 8)         byte j of A / of B at the bottom of the low / high half
+    v = (v & MASK·0x10001) | MAGIC·0x10001    LOP3: each half = MAGIC_VALUE + q, exact
+    v = v·1 − (MAGIC_VALUE + m)               HFMA2: q − m, exact
+    ŵ = v·s + c                               HFMA2: s·(q − m) + c in (s, s), (c, c), rounded once
+
+A is the word shifted so that the pair's byte offset is 0 and B that shifted by BITS more (INT3: the
+half chunk's even / odd nibble words, :func:`_int3_nibble_words`), so the shifts are shared by the
+pairs of a word; the selector j is a constant per register. The int32 result is split into its two
+16-bit halves and joined exactly as the fp32 path's rounded values are (the join stays the op the
+layout conversion hoists to: 16-bit values through shared memory). Numerics: the decode path's,
+ŵ = round_act(s_a·(q − m) + c_a) with s_a, c_a the scale and bias rounded to the activation dtype
+first (:func:`_half2_pair`: a move when they are stored in it, the usual case; else one
+``cvt.rn.{f16x2,bf16x2}.f32``, e.g. fp16 scales under bf16 activations or QA-LoRA's fp32 folded
+biases). Bit identical to the fp32 path whenever s and c are stored in the activation dtype and
+the fp32 sum is exact. Estimates: docs/kernels.md "Input gradient, half2 transposed decoder (round 7)".
+
 Group sizes that are not a power of two, or smaller than a chunk, take the forward's tile and
 transpose it (correct, not faster).
 """
@@ -39,6 +59,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .decode_tile import _act_consts, _neg_magic
 from .nf4_tile import NF4_SHUFFLE, _nf4_pair_values
 from .quant_tile import _dequant_tile, _group_params, _load_int3_planes
 
@@ -242,6 +263,161 @@ def _packed_values(qw_ptr, lut_ptr, stride_qn, offs_n, k0, K,
         return qf, qs, ff, fs
 
 
+# ------------------------------------------------------------------------------------------------
+# Round 7: the half2 arithmetic on the packed shape (INT2/3/4, fp16/bf16 activations)
+# ------------------------------------------------------------------------------------------------
+def pair_asm_t(bits: int, act: str) -> str:
+    """PTX of one invocation (pack=1) of the transposed half2 decoder: $0 = int32 holding the pair's
+    two weights in the act dtype (the even column in the low half, the odd one in the high half);
+    $1, $2 = int32 words A, B; $3 = selector S = j | (4 + j) << 8 (j in 0..3); $4, $5 = (s, s),
+    (c, c) packed in the act dtype. The even code is the low ``bits`` bits of byte j of A, the odd
+    code those of byte j of B (INT3: 3 bits, its nibble words). One PRMT puts the two bytes at the
+    bottom of the two halves, then decode_tile's LOP3 magic and two HFMA2:
+    ŵ = fma.rn(q − m, s, c), q − m exact."""
+    magic, value, one, fma = _act_consts(act)
+    mask = (1 << bits) - 1
+    neg = _neg_magic(act, value + (1 << (bits - 1)))
+    return ("{\n"
+            ".reg .b32 v, one, neg;\n"
+            "prmt.b32 v, $1, $2, $3;\n"  # byte 0 = byte j of A, byte 2 = byte j of B
+            f"lop3.b32 v, v, {mask * 0x10001:#010x}, {magic * 0x10001:#010x}, 0xea;\n"
+            f"mov.b32 one, {one * 0x10001:#010x};\n"
+            f"mov.b32 neg, {neg * 0x10001:#010x};\n"
+            f"{fma} v, v, one, neg;\n"
+            f"{fma} $0, v, $4, $5;\n"
+            "}")
+
+
+ASM_T_F16_B2: tl.constexpr = tl.constexpr(pair_asm_t(2, "fp16"))
+ASM_T_F16_B3: tl.constexpr = tl.constexpr(pair_asm_t(3, "fp16"))
+ASM_T_F16_B4: tl.constexpr = tl.constexpr(pair_asm_t(4, "fp16"))
+ASM_T_BF16_B2: tl.constexpr = tl.constexpr(pair_asm_t(2, "bf16"))
+ASM_T_BF16_B3: tl.constexpr = tl.constexpr(pair_asm_t(3, "bf16"))
+ASM_T_BF16_B4: tl.constexpr = tl.constexpr(pair_asm_t(4, "bf16"))
+
+
+@triton.jit
+def _half2_pair(x, ACT: tl.constexpr, ASM: tl.constexpr):
+    """int32 holding ``x`` rounded to ACT (fp16/bf16) in both 16-bit halves: (x, x), the asm's
+    packed scale or bias. ``x`` in its stored dtype: ACT itself is a move; another dtype is
+    converted through fp32 (exact from fp16/bf16) and rounded to nearest even, with ASM by one
+    ``cvt.rn.{f16x2,bf16x2}.f32`` (ptxas turns a direct fp16 -> bf16 cvt into F2F, a
+    quarter-rate conversion, 8 a loop iteration at BLOCK_K 128)."""
+    if x.dtype == ACT:
+        h = x.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        pair = h | (h << 16)
+    elif ASM:
+        if ACT == tl.float16:
+            pair = tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $1, $1;", "=r,r", [x.to(tl.float32)],
+                                             dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            tl.static_assert(ACT == tl.bfloat16)
+            pair = tl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $1, $1;", "=r,r", [x.to(tl.float32)],
+                                             dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        h = x.to(tl.float32).to(ACT).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        pair = h | (h << 16)
+    return pair
+
+
+@triton.jit
+def _pair_half2(a, b, sel, s2, c2, ACT: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
+    """int32: the low half = s·(q_a − 2^(BITS−1)) + c, the high half the same for q_b, computed in
+    ACT (fp16/bf16), q_a / q_b = the low BITS bits of byte j = sel & 0xFF of ``a`` / ``b`` (``sel``:
+    int32 j | (4 + j) << 8, the asm's PRMT selector); ``s2``, ``c2``: (s, s), (c, c) packed in ACT
+    (:func:`_half2_pair`). All int32, broadcastable.
+    ASM: :func:`pair_asm_t` in inline PTX (fma.rn: rounded once); else the Triton twin (fp32
+    s·q + c, then rounded once: the same value whenever the fp32 sum is exact, e.g. fp16 s and c
+    of similar magnitude)."""
+    MASK: tl.constexpr = (1 << BITS) - 1
+    MID: tl.constexpr = 1 << (BITS - 1)
+    if ASM:
+        a, b = tl.broadcast(a, b)
+        a, sel = tl.broadcast(a, sel)
+        a, s2 = tl.broadcast(a, s2)
+        a, c2 = tl.broadcast(a, c2)
+        b, a = tl.broadcast(b, a)
+        sel, a = tl.broadcast(sel, a)
+        if ACT == tl.float16:
+            if BITS == 2:
+                r = tl.inline_asm_elementwise(ASM_T_F16_B2, "=r,r,r,r,r,r", [a, b, sel, s2, c2], dtype=tl.int32,
+                                              is_pure=True, pack=1)
+            elif BITS == 3:
+                r = tl.inline_asm_elementwise(ASM_T_F16_B3, "=r,r,r,r,r,r", [a, b, sel, s2, c2], dtype=tl.int32,
+                                              is_pure=True, pack=1)
+            else:
+                r = tl.inline_asm_elementwise(ASM_T_F16_B4, "=r,r,r,r,r,r", [a, b, sel, s2, c2], dtype=tl.int32,
+                                              is_pure=True, pack=1)
+        else:
+            tl.static_assert(ACT == tl.bfloat16)
+            if BITS == 2:
+                r = tl.inline_asm_elementwise(ASM_T_BF16_B2, "=r,r,r,r,r,r", [a, b, sel, s2, c2], dtype=tl.int32,
+                                              is_pure=True, pack=1)
+            elif BITS == 3:
+                r = tl.inline_asm_elementwise(ASM_T_BF16_B3, "=r,r,r,r,r,r", [a, b, sel, s2, c2], dtype=tl.int32,
+                                              is_pure=True, pack=1)
+            else:
+                r = tl.inline_asm_elementwise(ASM_T_BF16_B4, "=r,r,r,r,r,r", [a, b, sel, s2, c2], dtype=tl.int32,
+                                              is_pure=True, pack=1)
+    else:
+        shift = 8 * (sel & 0xFF)
+        sf = s2.to(tl.int16).to(ACT, bitcast=True).to(tl.float32)
+        cf = c2.to(tl.int16).to(ACT, bitcast=True).to(tl.float32)
+        lo = (sf * (((a >> shift) & MASK) - MID).to(tl.float32) + cf).to(ACT)
+        hi = (sf * (((b >> shift) & MASK) - MID).to(tl.float32) + cf).to(ACT)
+        r = (lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) | (hi.to(tl.int16, bitcast=True).to(tl.int32) << 16)
+    return r
+
+
+@triton.jit
+def _pair_sources(qw_ptr, stride_qn, offs_n, k0, K, BITS: tl.constexpr, EVEN_K: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INT2_HALVES: tl.constexpr,
+                  words_pre, words_pre1, words_pre2, PRELOADED: tl.constexpr):
+    """(A, B, S) for :func:`_pair_half2` on the packed shape of :func:`_packed_values`: pair [p, c, n]
+    (columns k0 + C·c + 2p and the next one of row n) has its even code at byte j of A, its odd code at
+    byte j of B, S = j | (4 + j) << 8 (A, B: [C // 2, BLOCK_K // C, BLOCK_N]; S: [C // 2, BLOCK_K // C, 1]).
+    The pair p's two codes sit BITS apart in one word (INT3: at the same nibble of the half chunk's
+    even and odd nibble words), so A is the word shifted to put the pair's byte offset at 0 and B
+    that shifted by BITS more: a shift per word and offset, shared by the pairs of equal offset."""
+    if BITS == 3:
+        if PRELOADED:
+            w0, w1, w2 = words_pre, words_pre1, words_pre2
+        else:
+            w0, w1, w2 = _int3_planes_t(qw_ptr, stride_qn, offs_n, k0, K, EVEN_K, BLOCK_K, False, False)
+        even0, odd0 = _int3_nibble_words(w0, w2 & 0xFFFF)
+        even1, odd1 = _int3_nibble_words(w1, (w2 >> 16) & 0xFFFF)
+        p = tl.arange(0, 16)[:, None, None]  # pair p: half p // 8, nibble q = p % 8 (byte q // 2)
+        off = (p % 2) * 4
+        a = tl.where(p < 8, even0[None, :, :], even1[None, :, :]) >> off
+        b = tl.where(p < 8, odd0[None, :, :], odd1[None, :, :]) >> off
+        j = (p % 8) // 2
+    else:
+        if PRELOADED:
+            words = words_pre
+        else:
+            words = _words_t(qw_ptr, stride_qn, offs_n, k0, K, BITS, False, EVEN_K, BLOCK_K, False, False)
+        if BITS == 4:  # pair p = the two nibbles of byte p
+            p = tl.arange(0, 4)[:, None, None]
+            a = tl.broadcast_to(words[None, :, :], (4, BLOCK_K // 8, BLOCK_N))
+            b = a >> 4
+            j = p
+        elif INT2_HALVES:  # chunk = a half word (8 columns): pair p of half h = bits 16h + 4p, +2
+            PER: tl.constexpr = 16
+            NW: tl.constexpr = BLOCK_K // PER
+            p = tl.arange(0, 4)[:, None, None]
+            ww = words[None, :, :] >> ((p % 2) * 4)  # [4, NW, BLOCK_N]
+            a = tl.reshape(tl.broadcast_to(ww[:, :, None, :], (4, NW, 2, BLOCK_N)), (4, 2 * NW, BLOCK_N))
+            b = a >> 2
+            jh = p[:, :, :, None] // 2 + 2 * tl.arange(0, 2)[None, None, :, None]  # [4, 1, 2, 1]
+            j = tl.reshape(tl.broadcast_to(jh, (4, NW, 2, 1)), (4, 2 * NW, 1))
+        else:  # INT2, 16-column chunks: pair p = bits 4p, 4p + 2 (byte p // 2)
+            p = tl.arange(0, 8)[:, None, None]
+            a = words[None, :, :] >> ((p % 2) * 4)
+            b = a >> 2
+            j = p // 2
+    return a, b, j | ((4 + j) << 8)
+
+
 @triton.jit
 def _dequant_tile_t(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
                     stride_qn, stride_sn, stride_sg,
@@ -250,7 +426,7 @@ def _dequant_tile_t(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, 
                     DOUBLE_QUANT: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_K: tl.constexpr, OUT_DTYPE: tl.constexpr, INT2_HALVES: tl.constexpr = False,
                     words_pre=0, words_pre1=0, words_pre2=0, PRELOADED: tl.constexpr = False,
-                    LOAD_ASM: tl.constexpr = False):
+                    LOAD_ASM: tl.constexpr = False, HALF2: tl.constexpr = False, HALF2_ASM: tl.constexpr = False):
     """Ŵᵀ[k0 : k0 + BLOCK_K, offs_n] ([BLOCK_K, BLOCK_N]) in OUT_DTYPE, = ``tl.trans(_dequant_tile(...)
     .to(OUT_DTYPE))`` bit for bit. Same contract: k0 a multiple of BLOCK_K, rows ``offs_n`` all valid
     (clamped by the caller), columns >= K exactly 0 unless EVEN_K.
@@ -258,14 +434,26 @@ def _dequant_tile_t(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, 
     PRELOADED (the input-gradient GEMM on sm_90 loads one N tile ahead): ``words_pre`` holds this
     tile's words, :func:`_words_t` of the same rows and k0 (INT3: ``words_pre`` .. ``words_pre2``, the
     planes of :func:`_int3_planes_t`); INT scales and biases then loaded by :func:`_ld_nc`, each
-    thread its own rows' values, by inline PTX with LOAD_ASM (never under the interpreter)."""
+    thread its own rows' values, by inline PTX with LOAD_ASM (never under the interpreter).
+
+    HALF2 (INT2/3/4 with an fp16/bf16 OUT_DTYPE; ignored otherwise): the half2 arithmetic of
+    :func:`_pair_half2` instead of the fp32 one, ŵ = round_act(s_a·(q − m) + c_a) with s_a, c_a the
+    group's scale and bias rounded to OUT_DTYPE first (exact when stored in it; the decode path's
+    rounding, not bit identical to ``_dequant_tile`` when they are not). HALF2_ASM: its inline
+    PTX (a GPU), else its Triton twin (the interpreter)."""
     CHUNK: tl.constexpr = 32 if (BITS == 3 and not IS_NF4) else (16 if (BITS == 2 and not IS_NF4 and not INT2_HALVES) else 8)
     POW2: tl.constexpr = (GROUP_SIZE & (GROUP_SIZE - 1)) == 0
     if POW2 and GROUP_SIZE >= CHUNK and BLOCK_K % CHUNK == 0:
         HAS_BIAS: tl.constexpr = not IS_NF4
+        USE_HALF2: tl.constexpr = HALF2 and not IS_NF4 and (OUT_DTYPE == tl.float16 or OUT_DTYPE == tl.bfloat16)
         G = K // GROUP_SIZE
-        ev, od, fe, fo = _packed_values(qw_ptr, lut_ptr, stride_qn, offs_n, k0, K, BITS, IS_NF4, EVEN_K, BLOCK_N,
-                                        BLOCK_K, INT2_HALVES, words_pre, words_pre1, words_pre2, PRELOADED)
+        if USE_HALF2:
+            ev, od, sel = _pair_sources(qw_ptr, stride_qn, offs_n, k0, K, BITS, EVEN_K, BLOCK_N, BLOCK_K,
+                                        INT2_HALVES, words_pre, words_pre1, words_pre2, PRELOADED)
+            fe, fo = 0, 0
+        else:
+            ev, od, fe, fo = _packed_values(qw_ptr, lut_ptr, stride_qn, offs_n, k0, K, BITS, IS_NF4, EVEN_K, BLOCK_N,
+                                            BLOCK_K, INT2_HALVES, words_pre, words_pre1, words_pre2, PRELOADED)
         NCH: tl.constexpr = BLOCK_K // CHUNK
         NG: tl.constexpr = BLOCK_K // GROUP_SIZE if BLOCK_K > GROUP_SIZE else 1
         offs_g = k0 // GROUP_SIZE + tl.arange(0, NG)
@@ -279,8 +467,11 @@ def _dequant_tile_t(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, 
                 g_off = tl.arange(0, NG)[:, None] * stride_sg
             else:
                 g_off = (tl.minimum(offs_g, G - 1) - k0 // GROUP_SIZE)[:, None] * stride_sg
-            s = _ld_nc(s_ptr + row + g_off, LOAD_ASM).to(tl.float32)
-            b = _ld_nc(b_ptr + row + g_off, LOAD_ASM).to(tl.float32)
+            s = _ld_nc(s_ptr + row + g_off, LOAD_ASM)
+            b = _ld_nc(b_ptr + row + g_off, LOAD_ASM)
+            if not USE_HALF2:  # half2: converted by _half2_pair, from the stored dtype
+                s = s.to(tl.float32)
+                b = b.to(tl.float32)
             if not EVEN_K:
                 s = tl.where((offs_g < G)[:, None], s, 0.0)
                 b = tl.where((offs_g < G)[:, None], b, 0.0)
@@ -289,34 +480,43 @@ def _dequant_tile_t(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, 
         else:
             s, b = _group_params(s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, dyn_ptr, stride_sn, stride_sg,
                                  offs_n, offs_g[None, :], (offs_g < G)[None, :], IS_NF4, DOUBLE_QUANT, HAS_BIAS,
-                                 EVEN_K)
+                                 EVEN_K, USE_HALF2)
             s4 = tl.trans(s)[None, :, None, :]
             b4 = tl.trans(b)[None, :, None, :]
         ev = tl.reshape(ev, (CHUNK // 2, NG, NCH // NG, BLOCK_N))
         od = tl.reshape(od, (CHUNK // 2, NG, NCH // NG, BLOCK_N))
-        # the values are 2^e·(q − MID) (_scaled_code): the scale times 2^-e gives the same exact
-        # product when s·2^-e is exact in fp32. fp16 and bf16 scales are multiples of 2^-24 and
-        # 2^-133 (subnormals included) and e <= 8, so it always is (NF4: e = 0); an fp32 scale
-        # below 2^(e−126) would lose bits, so fp32 scales unscale the codes instead: one more FMUL
-        # a code, exact (small integers)
-        SCALE_TRICK: tl.constexpr = IS_NF4 or s_ptr.dtype.element_ty != tl.float32
-        if SCALE_TRICK:
-            se = s4 * tl.reshape(fe, (CHUNK // 2, 1, 1, 1))
-            so = s4 * tl.reshape(fo, (CHUNK // 2, 1, 1, 1))
+        if USE_HALF2:
+            # (even, odd) of a pair in one 32-bit register, computed in half2; split into the two
+            # 16-bit halves and joined as the fp32 path's rounded values are (the same join: the
+            # layout conversion still moves 16-bit values)
+            sel = tl.reshape(tl.broadcast_to(sel, (CHUNK // 2, NCH, 1)), (CHUNK // 2, NG, NCH // NG, 1))
+            r = _pair_half2(ev, od, sel, _half2_pair(s4, OUT_DTYPE, HALF2_ASM), _half2_pair(b4, OUT_DTYPE, HALF2_ASM),
+                            OUT_DTYPE, BITS, HALF2_ASM)
+            w = tl.join(r.to(tl.int16).to(OUT_DTYPE, bitcast=True), (r >> 16).to(tl.int16).to(OUT_DTYPE, bitcast=True))
         else:
-            ev = ev * tl.reshape(fe, (CHUNK // 2, 1, 1, 1))
-            od = od * tl.reshape(fo, (CHUNK // 2, 1, 1, 1))
-            se = s4
-            so = s4
-        if HAS_BIAS:
-            ev = ev * se + b4
-            od = od * so + b4
-        else:
-            ev = ev * se
-            od = od * so
-        # the join comes after the rounding: the compiler hoists the A operand's layout conversion
-        # up to the first op it cannot see through, the join, so it moves 16-bit values
-        w = tl.join(ev.to(OUT_DTYPE), od.to(OUT_DTYPE))  # [C/2, NG, NCH/NG, BLOCK_N, 2]
+            # the values are 2^e·(q − MID) (_scaled_code): the scale times 2^-e gives the same exact
+            # product when s·2^-e is exact in fp32. fp16 and bf16 scales are multiples of 2^-24 and
+            # 2^-133 (subnormals included) and e <= 8, so it always is (NF4: e = 0); an fp32 scale
+            # below 2^(e−126) would lose bits, so fp32 scales unscale the codes instead: one more FMUL
+            # a code, exact (small integers)
+            SCALE_TRICK: tl.constexpr = IS_NF4 or s_ptr.dtype.element_ty != tl.float32
+            if SCALE_TRICK:
+                se = s4 * tl.reshape(fe, (CHUNK // 2, 1, 1, 1))
+                so = s4 * tl.reshape(fo, (CHUNK // 2, 1, 1, 1))
+            else:
+                ev = ev * tl.reshape(fe, (CHUNK // 2, 1, 1, 1))
+                od = od * tl.reshape(fo, (CHUNK // 2, 1, 1, 1))
+                se = s4
+                so = s4
+            if HAS_BIAS:
+                ev = ev * se + b4
+                od = od * so + b4
+            else:
+                ev = ev * se
+                od = od * so
+            # the join comes after the rounding: the compiler hoists the A operand's layout conversion
+            # up to the first op it cannot see through, the join, so it moves 16-bit values
+            w = tl.join(ev.to(OUT_DTYPE), od.to(OUT_DTYPE))  # [C/2, NG, NCH/NG, BLOCK_N, 2]
         wt = tl.reshape(tl.permute(w, (1, 2, 0, 4, 3)), (BLOCK_K, BLOCK_N))
     else:
         w = _dequant_tile(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
