@@ -506,9 +506,10 @@ def grouped_matmul_grad_input(dy: torch.Tensor, qw: QuantizedWeight, offsets: to
     small = _small(s, num_experts)
     programs = cfg.pop("PROGRAMS", None)  # tests force a slot loop, a split and the words-ahead loop
     split = cfg.pop("SPLIT_N", None)
-    # the dense GEMM gradient's loop at large M (round 7): the next N tile's words loaded ahead into
-    # registers, INT2 unpacked per half word on sm_80
-    ahead = cfg.pop("WORDS_AHEAD", not small and _fm._grad_words_ahead())
+    # the dense GEMM gradient's loop (round 7): the next N tile's words loaded ahead into registers
+    # (estimated faster at both M regimes, docs/moe.md "Round 7"); INT2 unpacked per half word on
+    # sm_80 at large M, as the dense GEMM gradient
+    ahead = cfg.pop("WORDS_AHEAD", _fm._grad_words_ahead())
     int2_halves = not small and heuristics.arch_family(target_arch()) == 80
     args, meta = wargs if wargs is not None else weight_args(qw, denest_absmax=not small)
     tile_expert, tile_row, bounds = _tile_map(offsets, s, cfg["BLOCK_M"])

@@ -926,10 +926,11 @@ def choose_m1_grad(n: int, k: int, fmt: str = "int4", arch: int = 90, sms: Optio
 # ------------------------------------------------------------------------------------------------
 #: CTAs of the small-M grouped input gradient's tile (its split-N launch, the one this rule sizes)
 #: one SM holds at once, (fewest, most) over the formats, from bench/moe_estimates.py's CSV (the
-#: analyzer's occupancy, as :data:`RESIDENT` for the dense split kernels). A tile without an entry
-#: is launched unsplit.
+#: analyzer's occupancy, as :data:`RESIDENT` for the dense split kernels; round 7, Mixtral's split
+#: launches: sm_80 INT2 g32 148 registers -> 3, INT3 / INT4 / NF4 110-128 -> 4; sm_90 191-255 -> 2).
+#: A tile without an entry is launched unsplit.
 GROUPED_RESIDENT = {
-    (80, "grad"): {"16x64x128 w4 s4": (4, 4)},
+    (80, "grad"): {"16x64x128 w4 s4": (3, 4)},
     (90, "grad"): {"16x128x128 w4 s3": (2, 2)},
 }
 #: at most this many waves of the resident slots (SMs × resident CTAs) from the split: each slice
@@ -958,9 +959,9 @@ def grouped_programs(slots: int, num_experts: int, small: bool, cols: int = 1, l
     Slices (small M, the input gradient: ``length`` = N reduced in ``block`` steps, ``resident`` =
     :func:`grouped_resident`): the reduction over N is split so that P·cols·split CTAs fill the
     resident slots in close to whole waves, by the dense split kernels' rule
-    (:func:`occupancy_split` against the unsplit launch, counts that leave no slice empty), with at
-    most :data:`GROUPED_SPLIT_WAVES` waves of slots and at least :data:`GRAD_SPLIT_MIN_STEPS` N
-    tiles a slice. Mixtral gate_up on sm_80: 5 slices of 90 N tiles, 1280 CTAs in 2.96 waves of
+    (:func:`occupancy_split` against the unsplit launch, counts that leave no slice empty), at most
+    ⌈:data:`GROUPED_SPLIT_WAVES` · resident · SMs / (P·cols)⌉ slices and at least
+    :data:`GRAD_SPLIT_MIN_STEPS` N tiles a slice. Mixtral gate_up on sm_80: 5 slices of 90 N tiles, 1280 CTAs in 2.96 waves of
     432 slots (SM balance 0.99); on sm_90 (132 SMs × 2: 256 CTAs already 0.97 of a wave) 1.
     Without a resident count (an unfitted tile, the forward, the interpreter): 1."""
     if not small:
