@@ -398,6 +398,14 @@ def test_grouped_program_rows_rule():
     assert rule(40, 8, False, 32, 28672, 64, 108, (4, 4)) == (40, 1)
     assert rule(2, 8, True) == (2, 1) and rule(128, 128, True) == (128, 1)
     assert rule(10, 8, True, 32, 448, 64, 108, (4, 4)) == (8, 1)  # 7 N tiles: nothing worth splitting
+    assert rule(10, 8, True, 32, 28672, 64, 108, (4, 5)) == (8, 8)  # 2048 CTAs: 0.95 of 4 or 5 waves
+    # the table: per format class, the bit width's entry for other group sizes, none for other tiles
+    assert h.grouped_resident("grad", "16x64x128 w4 s4", "nf4", 80) == (4, 4)
+    assert h.grouped_resident("grad", "16x64x128 w4 s4", "int4g64", 80) == h.GROUPED_RESIDENT[(80, "grad", "int4")][
+        "16x64x128 w4 s4"]
+    assert h.grouped_resident("grad", "16x128x128 w4 s3", "int3g128", 90) == (2, 2)
+    assert h.grouped_resident("grad", "16x64x128 w4 s4", "int4g32", 90) is None
+    assert h.grouped_resident("fwd", "16x64x256 w4 s3", "int4g32", 80) is None
     for slots, e, cols, n, bn, sms, res in [(10, 8, 32, 28672, 64, 108, (4, 4)), (10, 8, 112, 4096, 64, 108, (4, 4)),
                                             (10, 8, 112, 4096, 128, 132, (2, 2)), (128, 128, 6, 2048, 64, 108, (3, 5)),
                                             (3, 8, 16, 2048, 64, 108, (4, 4)), (2, 8, 32, 28672, 64, 108, 4)]:
@@ -414,3 +422,24 @@ def test_grouped_program_rows_rule():
                     * min(h.slot_wave(ctas, sms * r) for r in range(lo, hi + 1)))
         assert gain(split) >= gain(1) - 1e-9
         assert split <= max(1, math.ceil(h.GROUPED_SPLIT_WAVES * hi * sms / (p * cols)))
+
+
+def test_grouped_grad_launcher_asks_the_rule(monkeypatch):
+    """The grouped input gradient's launcher sizes its grid by grouped_programs with the target's
+    SM count and the tile's and format's resident CTAs (none under the interpreter: unsplit)."""
+    from types import SimpleNamespace
+
+    from qlk.kernels import grouped_matmul as gm
+
+    cfg = dict(BLOCK_N=64, BLOCK_M=16, BLOCK_K=128, num_warps=4, num_stages=4)
+    nf4 = SimpleNamespace(bits=4, fmt="nf4", group_size=64)
+    monkeypatch.setattr(gm, "INTERPRETED", False)
+    monkeypatch.setattr(gm, "target_arch", lambda: 80)
+    monkeypatch.setattr(gm, "num_sms", lambda device: 108)
+    assert gm._grad_programs(10, 8, True, 32, 28672, cfg, nf4, "cpu") == (8, 5)  # Mixtral gate_up, 16 tokens
+    assert gm._grad_programs(40, 8, False, 32, 28672, cfg, nf4, "cpu") == (40, 1)
+    monkeypatch.setattr(gm, "target_arch", lambda: 90)  # no sm_90 entry for this tile: unsplit
+    assert gm._grad_programs(10, 8, True, 32, 28672, cfg, nf4, "cpu") == (8, 1)
+    monkeypatch.setattr(gm, "INTERPRETED", True)
+    monkeypatch.setattr(gm, "target_arch", lambda: 80)
+    assert gm._grad_programs(10, 8, True, 32, 28672, cfg, nf4, "cpu") == (8, 1)

@@ -36,9 +36,14 @@ Kernels (no Python loop over experts: one launch per projection and direction):
     expert bias and casts. Used when the active experts' tiles fill less than two waves of the
     GPU (:func:`qlk.kernels.config.grouped_split_k`: decode of the few experts a token picks, e.g.
     Mixtral's down projection at one token: 128 CTAs on 132 SMs -> 3 slices).
-``_grouped_matmul_grad_input_kernel``  program (t, j): dXᵀ tile [BLOCK_K, BLOCK_M] of M tile t,
-    K tile j, reduction over the expert's N rows; Ŵᵀ comes from the dense gradient's
-    :func:`qlk.kernels.quant_tile_t._dequant_tile_t` (rounded to dY's dtype on the packed shape).
+``_grouped_matmul_grad_input_kernel``  program (t, j, s): dXᵀ tile [BLOCK_K, BLOCK_M] of M tile t,
+    K tile j, reduction over the expert's N rows (slice s of them with ``SPLIT_N``: fp32 partials
+    added into a workspace by atomics, cast by the launcher); Ŵᵀ comes from the dense gradient's
+    :func:`qlk.kernels.quant_tile_t._dequant_tile_t` (rounded to dY's dtype on the packed shape),
+    its packed words loaded one N tile ahead into registers as the dense GEMM gradient does
+    (``WORDS_AHEAD``). Program rows and slices: :func:`qlk.kernels.heuristics.grouped_programs`
+    (small M: the reduction is split where the experts' dX tiles fill the SMs' resident CTA slots
+    short of whole waves, e.g. Mixtral's gate_up at 16 tokens on sm_80: 5 slices).
 
 NF4 with double quantization: the large-M launches de-nest absmax once per call
 (``weight_args(qw, denest_absmax=True)``, the dense GEMM's rule); decode tiles de-nest in the loop.
@@ -392,7 +397,8 @@ def _programs(slots: int, num_experts: int, small: bool) -> int:
     tokens: 10 slots, 8 tiles); a program per slot then launches CTAs that only exit. With P = E,
     a balanced routing gives every program one tile and the spare slots cost a load each; a skewed
     one runs at most ⌈slots / E⌉ tiles in a program. Large M: one program per slot (the slack is a
-    few slots against hundreds of tiles)."""
+    few slots against hundreds of tiles). The rule is :func:`qlk.kernels.heuristics.grouped_programs`
+    (which also sizes the input gradient's split over N)."""
     return heuristics.grouped_programs(slots, num_experts, small)[0]
 
 
@@ -515,7 +521,7 @@ def grouped_matmul_grad_input(dy: torch.Tensor, qw: QuantizedWeight, offsets: to
     tile_expert, tile_row, bounds = _tile_map(offsets, s, cfg["BLOCK_M"])
     slots = tile_expert.shape[0]
     cols = triton.cdiv(k, cfg["BLOCK_K"])
-    rule_programs, rule_split = _grad_programs(slots, num_experts, small, cols, n, cfg, dy.device)
+    rule_programs, rule_split = _grad_programs(slots, num_experts, small, cols, n, cfg, qw, dy.device)
     programs = min(slots, programs or rule_programs)
     split = rule_split if split is None else split
     # split N (small M on few SMs' worth of tiles): fp32 partials added into a zeroed workspace
@@ -530,11 +536,12 @@ def grouped_matmul_grad_input(dy: torch.Tensor, qw: QuantizedWeight, offsets: to
     return out
 
 
-def _grad_programs(slots, num_experts, small, cols, n, cfg, device):
+def _grad_programs(slots, num_experts, small, cols, n, cfg, qw, device):
     """(program rows, N slices) of the input gradient: :func:`qlk.kernels.heuristics.grouped_programs`
     with the target's SM count and the tile's resident CTAs (none under the interpreter: unsplit)."""
     label = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg.get('num_warps', 4)} s{cfg.get('num_stages', 3)}"
-    resident = None if INTERPRETED else heuristics.grouped_resident("grad", label, target_arch())
+    fmt = heuristics.format_class(qw.bits, qw.fmt == "nf4", qw.group_size)
+    resident = None if INTERPRETED else heuristics.grouped_resident("grad", label, fmt, target_arch())
     return heuristics.grouped_programs(slots, num_experts, small, cols, n, cfg["BLOCK_N"], num_sms(device),
                                        resident)
 

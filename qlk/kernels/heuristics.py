@@ -924,24 +924,37 @@ def choose_m1_grad(n: int, k: int, fmt: str = "int4", arch: int = 90, sms: Optio
 # ------------------------------------------------------------------------------------------------
 # Round 7: program rows of the small-M grouped (MoE) kernels (qlk.kernels.grouped_matmul)
 # ------------------------------------------------------------------------------------------------
-#: CTAs of the small-M grouped input gradient's tile (its split-N launch, the one this rule sizes)
-#: one SM holds at once, (fewest, most) over the formats, from bench/moe_estimates.py's CSV (the
-#: analyzer's occupancy, as :data:`RESIDENT` for the dense split kernels; round 7, Mixtral's split
-#: launches: sm_80 INT2 g32 148 registers -> 3, INT3 / INT4 / NF4 110-128 -> 4; sm_90 191-255 -> 2).
-#: A tile without an entry is launched unsplit.
+#: CTAs of the small-M grouped input gradient's tile one SM holds at once in its split-N launch (the
+#: one this rule sizes), (fewest, most) over the launches of bench/moe_estimates.py's run (the
+#: analyzer's occupancy, as :data:`RESIDENT` for the dense split kernels), per format class as there
+#: (an entry per bit width for the group sizes without one). Round 7, sm_80: Mixtral's gate_up / down
+#: (slot loop) and Qwen3's down (no slot loop): INT4 g32 110 / 96 registers -> 4 / 5, INT4 g128
+#: 167 / 128 -> 3 / 4, INT2 g32 148 / 126 -> 3 / 4, INT3 g128 128 / 96 -> 4 / 5, NF4 128 -> 4; sm_90
+#: (Mixtral down): 190-255 -> 2. A tile or format without an entry is launched unsplit.
 GROUPED_RESIDENT = {
-    (80, "grad"): {"16x64x128 w4 s4": (3, 4)},
-    (90, "grad"): {"16x128x128 w4 s3": (2, 2)},
+    (80, "grad", "int4g32"): {"16x64x128 w4 s4": (4, 5)},
+    (80, "grad", "int4g128"): {"16x64x128 w4 s4": (3, 4)},
+    (80, "grad", "int4"): {"16x64x128 w4 s4": (3, 5)},
+    (80, "grad", "int3"): {"16x64x128 w4 s4": (4, 5)},
+    (80, "grad", "int2"): {"16x64x128 w4 s4": (3, 4)},
+    (80, "grad", "nf4"): {"16x64x128 w4 s4": (4, 4)},
+    (90, "grad", "int4"): {"16x128x128 w4 s3": (2, 2)},
+    (90, "grad", "int3"): {"16x128x128 w4 s3": (2, 2)},
+    (90, "grad", "int2"): {"16x128x128 w4 s3": (2, 2)},
+    (90, "grad", "nf4"): {"16x128x128 w4 s3": (2, 2)},
 }
 #: at most this many waves of the resident slots (SMs × resident CTAs) from the split: each slice
 #: adds its fp32 partial dX tile (BLOCK_K × BLOCK_M × 4 B of atomics) and its own prologue
 GROUPED_SPLIT_WAVES = 4
 
 
-def grouped_resident(direction: str, label: str, arch: int) -> Optional[tuple[int, int]]:
-    """(fewest, most) resident CTAs per SM of the grouped kernel's tile ``label`` on ``arch``
-    (:data:`GROUPED_RESIDENT`), or None."""
-    return GROUPED_RESIDENT.get((arch_family(arch), direction), {}).get(label)
+def grouped_resident(direction: str, label: str, fmt: str, arch: int) -> Optional[tuple[int, int]]:
+    """(fewest, most) resident CTAs per SM of the grouped kernel's tile ``label`` for format class
+    ``fmt`` (:func:`format_class`) on ``arch`` (:data:`GROUPED_RESIDENT`; the bit width's entry for a
+    group size without its own), or None."""
+    fam = arch_family(arch)
+    got = GROUPED_RESIDENT.get((fam, direction, fmt), {}).get(label)
+    return got if got is not None else GROUPED_RESIDENT.get((fam, direction, base_format(fmt)), {}).get(label)
 
 
 def grouped_programs(slots: int, num_experts: int, small: bool, cols: int = 1, length: int = 1, block: int = 1,
