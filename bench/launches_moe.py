@@ -45,7 +45,8 @@ def declare_loops() -> None:
     """Main-loop trips per CTA of the grouped kernels whose loop is not range(0, K, BLOCK_K): the
     input gradients reduce over N (qlk's and the dense baseline's DGRAD variant), the small-M split-K
     forward runs its K slice (grid axis 2)."""
-    sass.declare("_grouped_matmul_grad_input_kernel", iterations=lambda L: sass.reduction_trips(L, "N", ("BLOCK_N",)))
+    sass.declare("_grouped_matmul_grad_input_kernel", iterations=lambda L: sass.reduction_trips(
+        L, "N", ("BLOCK_N",), L.grid[2] if L.grid and len(L.grid) > 2 else 1))
     sass.declare("_grouped_matmul_splitk_kernel",
                  iterations=lambda L: sass.reduction_trips(L, "K", ("BLOCK_K",), L.grid[2] if L.grid else 1))
     sass.declare("_dense_grouped_kernel", iterations=lambda L: (

@@ -383,3 +383,63 @@ def test_wave_split_is_declined_by_the_workspace_charge(monkeypatch):
         got = h.score_all("grad", m, 8192, 3072, fmt, 80, 108, configs=[small])[0]
         assert (got.split == 1) if spills else (got.split > 1), (fmt, m, got)  # 6 x 24 = 144 CTAs: short wave
         assert h.score_all("grad", m, 8192, 3072, fmt, 80, 108, configs=[wide])[0].split == 1
+
+
+def test_grouped_program_rows_rule():
+    """Round 7 (heuristics.grouped_programs): small M runs one program row per expert at most over
+    the tile slots and splits the input gradient's reduction over N where the rows × K tiles leave
+    the resident slots short of whole waves; large M one row per slot, never split; no resident
+    count (unfitted tile, interpreter): no split."""
+    rule = h.grouped_programs
+    # Mixtral gate_up at 16 tokens: 10 slots, 8 experts, 32 K tiles of 128, N = 28672 in 64-wide steps
+    assert rule(10, 8, True, 32, 28672, 64, 108, (4, 4)) == (8, 5)  # sm_80: 1280 CTAs, 2.96 waves of 432
+    assert rule(10, 8, True, 32, 28672, 128, 132, (2, 2)) == (8, 1)  # sm_90: 256 CTAs, 0.97 of 264 slots
+    assert rule(10, 8, True, 32, 28672, 64, 108, None) == (8, 1)
+    assert rule(40, 8, False, 32, 28672, 64, 108, (4, 4)) == (40, 1)
+    assert rule(2, 8, True) == (2, 1) and rule(128, 128, True) == (128, 1)
+    assert rule(10, 8, True, 32, 448, 64, 108, (4, 4)) == (8, 1)  # 7 N tiles: nothing worth splitting
+    assert rule(10, 8, True, 32, 28672, 64, 108, (4, 5)) == (8, 8)  # 2048 CTAs: 0.95 of 4 or 5 waves
+    # the table: per format class, the bit width's entry for other group sizes, none for other tiles
+    assert h.grouped_resident("grad", "16x64x128 w4 s4", "nf4", 80) == (4, 4)
+    assert h.grouped_resident("grad", "16x64x128 w4 s4", "int4g64", 80) == h.GROUPED_RESIDENT[(80, "grad", "int4")][
+        "16x64x128 w4 s4"]
+    assert h.grouped_resident("grad", "16x128x128 w4 s3", "int3g128", 90) == (2, 2)
+    assert h.grouped_resident("grad", "16x64x128 w4 s4", "int4g32", 90) is None
+    assert h.grouped_resident("fwd", "16x64x256 w4 s3", "int4g32", 80) is None
+    for slots, e, cols, n, bn, sms, res in [(10, 8, 32, 28672, 64, 108, (4, 4)), (10, 8, 112, 4096, 64, 108, (4, 4)),
+                                            (10, 8, 112, 4096, 128, 132, (2, 2)), (128, 128, 6, 2048, 64, 108, (3, 5)),
+                                            (3, 8, 16, 2048, 64, 108, (4, 4)), (2, 8, 32, 28672, 64, 108, 4)]:
+        p, split = rule(slots, e, True, cols, n, bn, sms, res)
+        steps = math.ceil(n / bn)
+        per = math.ceil(steps / split)
+        assert p == min(slots, e)
+        assert split == 1 or (per >= h.GRAD_SPLIT_MIN_STEPS and (split - 1) * per < steps), (n, split)  # none empty
+        lo, hi = (res, res) if isinstance(res, int) else res
+
+        def gain(s, p=p, cols=cols, n=n, bn=bn, sms=sms, lo=lo, hi=hi):  # what the rule maximizes
+            ctas = p * cols * s
+            return (h.sm_balance(ctas, sms) * h.split_busy(n, bn, s)
+                    * min(h.slot_wave(ctas, sms * r) for r in range(lo, hi + 1)))
+        assert gain(split) >= gain(1) - 1e-9
+        assert split <= max(1, math.ceil(h.GROUPED_SPLIT_WAVES * hi * sms / (p * cols)))
+
+
+def test_grouped_grad_launcher_asks_the_rule(monkeypatch):
+    """The grouped input gradient's launcher sizes its grid by grouped_programs with the target's
+    SM count and the tile's and format's resident CTAs (none under the interpreter: unsplit)."""
+    from types import SimpleNamespace
+
+    from qlk.kernels import grouped_matmul as gm
+
+    cfg = dict(BLOCK_N=64, BLOCK_M=16, BLOCK_K=128, num_warps=4, num_stages=4)
+    nf4 = SimpleNamespace(bits=4, fmt="nf4", group_size=64)
+    monkeypatch.setattr(gm, "INTERPRETED", False)
+    monkeypatch.setattr(gm, "target_arch", lambda: 80)
+    monkeypatch.setattr(gm, "num_sms", lambda device: 108)
+    assert gm._grad_programs(10, 8, True, 32, 28672, cfg, nf4, "cpu") == (8, 5)  # Mixtral gate_up, 16 tokens
+    assert gm._grad_programs(40, 8, False, 32, 28672, cfg, nf4, "cpu") == (40, 1)
+    monkeypatch.setattr(gm, "target_arch", lambda: 90)  # no sm_90 entry for this tile: unsplit
+    assert gm._grad_programs(10, 8, True, 32, 28672, cfg, nf4, "cpu") == (8, 1)
+    monkeypatch.setattr(gm, "INTERPRETED", True)
+    monkeypatch.setattr(gm, "target_arch", lambda: 80)
+    assert gm._grad_programs(10, 8, True, 32, 28672, cfg, nf4, "cpu") == (8, 1)

@@ -676,6 +676,41 @@ def test_grouped_slot_loop_fewer_programs_than_tiles(programs, monkeypatch):
     assert ((dx[:routed].double() - dx_ref).norm() / dx_ref.norm()) < 2e-3
 
 
+@needs_kernels
+@pytest.mark.parametrize("f,launches", [
+    (("int", 4, 32, False), [(2, True), (4, False), (1, True)]),
+    (("int", 3, 64, False), [(2, True)]),
+    (("nf4", 4, 64, True), [(2, True)])], ids=["int4g32", "int3g64", "nf4-dq"])
+def test_grouped_grad_split_n_and_words_ahead(f, launches, monkeypatch):
+    """Round 7: the input gradient with its reduction over N split (fp32 atomic partials, cast by the
+    launcher) and the words-ahead loop (the next N tile's packed words loaded during this one, rows
+    of the tile's own expert), inside a slot loop of 2 program rows over 10 slots (5 slots a
+    program: real, sentinel and spare ones). N = 96 in 3 tiles of 32: 2 slices (2 tiles, 1 tile), 4
+    slices (the last empty); experts with 0, 1, odd and many rows (3 tiles), 2 sentinel rows of
+    NaN in dY that must come out 0; the output starts as NaN; float64 per-expert oracle."""
+    from qlk.kernels import grouped_matmul as gm
+
+    monkeypatch.setattr(gm, "_output", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
+                                                                                device=device))
+    fmt, bits, g, dq = f
+    e_count, n, k = len(COUNTS), 96, 64
+    gen = torch.Generator().manual_seed(71)
+    qw = qlk.quantize(torch.randn(e_count * n, k, generator=gen), bits=bits, group_size=g, fmt=fmt, double_quant=dq)
+    w = oracle_weight(qw).reshape(e_count, n, k)
+    off = offsets_of(COUNTS)
+    routed = int(off[-1])
+    dy = torch.randn(routed + 2, n, generator=gen).half()
+    dy[routed:] = float("nan")
+    dx_ref = per_expert(dy[:routed], off, lambda e, de: de @ w[e])
+    for split, ahead in launches:
+        cfg = dict(BLOCK_N=32, BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=1, PROGRAMS=2, SPLIT_N=split,
+                   WORDS_AHEAD=ahead)
+        dx = grouped_matmul_grad_input(dy, qw, off, e_count, config=cfg)
+        assert dx.dtype == torch.half and not dx.isnan().any(), (split, ahead)
+        assert torch.equal(dx[routed:], torch.zeros(2, k, dtype=torch.half)), (split, ahead)
+        assert ((dx[:routed].double() - dx_ref).norm() / dx_ref.norm()) < 2e-3, (split, ahead)
+
+
 def test_grouped_small_m_programs_per_expert():
     """Small M launches at most one program row per expert over the tile slots (the spare slots
     of the bound cost a load, not a CTA); large M one per slot."""

@@ -36,9 +36,14 @@ Kernels (no Python loop over experts: one launch per projection and direction):
     expert bias and casts. Used when the active experts' tiles fill less than two waves of the
     GPU (:func:`qlk.kernels.config.grouped_split_k`: decode of the few experts a token picks, e.g.
     Mixtral's down projection at one token: 128 CTAs on 132 SMs -> 3 slices).
-``_grouped_matmul_grad_input_kernel``  program (t, j): dXᵀ tile [BLOCK_K, BLOCK_M] of M tile t,
-    K tile j, reduction over the expert's N rows; Ŵᵀ comes from the dense gradient's
-    :func:`qlk.kernels.quant_tile_t._dequant_tile_t` (rounded to dY's dtype on the packed shape).
+``_grouped_matmul_grad_input_kernel``  program (t, j, s): dXᵀ tile [BLOCK_K, BLOCK_M] of M tile t,
+    K tile j, reduction over the expert's N rows (slice s of them with ``SPLIT_N``: fp32 partials
+    added into a workspace by atomics, cast by the launcher); Ŵᵀ comes from the dense gradient's
+    :func:`qlk.kernels.quant_tile_t._dequant_tile_t` (rounded to dY's dtype on the packed shape),
+    its packed words loaded one N tile ahead into registers as the dense GEMM gradient does
+    (``WORDS_AHEAD``). Program rows and slices: :func:`qlk.kernels.heuristics.grouped_programs`
+    (small M: the reduction is split where the experts' dX tiles fill the SMs' resident CTA slots
+    short of whole waves, e.g. Mixtral's gate_up at 16 tokens on sm_80: 5 slices).
 
 NF4 with double quantization: the large-M launches de-nest absmax once per call
 (``weight_args(qw, denest_absmax=True)``, the dense GEMM's rule); decode tiles de-nest in the loop.
@@ -61,11 +66,12 @@ import triton.language as tl
 from .._checks import check_grouped
 from ..formats.nf4 import nf4_absmax
 from ..formats.quantized_weight import QuantizedWeight
+from . import fused_matmul as _fm
 from . import heuristics
 from .config import INTERPRETED, fma_kernel, grouped_config, grouped_split_k, num_sms, target_arch
 from .fused_matmul import _as_2d, _decode_loop, _fwd_loop, _grad_half2, _precision
 from .quant_tile import _dequant_tile, supports, weight_args
-from .quant_tile_t import _dequant_tile_t
+from .quant_tile_t import _dequant_tile_t, _int3_planes_t, _words_t
 
 #: average routed rows per expert (S / E) at or below which the 16-row (small-M) tiles are used
 SMALL_M_ROWS = 32
@@ -240,14 +246,15 @@ def _grouped_matmul_splitk_kernel(
 
 
 @triton.jit
-def _grad_tile(t, pid_k, dx_ptr, dy_ptr, tile_expert_ptr, tile_row_ptr, bounds_ptr,
+def _grad_tile(t, pid_k, pid_s, dx_ptr, dy_ptr, tile_expert_ptr, tile_row_ptr, bounds_ptr,
                qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr, stride_qn, stride_sn, stride_sg,
                N, K, NUM_EXPERTS, stride_dym, stride_dyn, stride_dxm, stride_dxk,
                BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-               DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+               DOT_PRECISION: tl.constexpr, SPLIT_N: tl.constexpr, INT2_HALVES: tl.constexpr,
+               WORDS_AHEAD: tl.constexpr, WORDS_ASM: tl.constexpr, EVEN_K: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-               HALF2: tl.constexpr, HALF2_ASM: tl.constexpr, INT2_HALVES: tl.constexpr):
-    """Tile slot t, K tile pid_k of :func:`_grouped_matmul_grad_input_kernel`."""
+               HALF2: tl.constexpr, HALF2_ASM: tl.constexpr):
+    """Tile slot t, K tile pid_k (N slice pid_s with SPLIT_N) of :func:`_grouped_matmul_grad_input_kernel`."""
     e = tl.load(tile_expert_ptr + t)
     if e >= 0:
         row0 = tl.load(tile_row_ptr + t)
@@ -256,34 +263,68 @@ def _grad_tile(t, pid_k, dx_ptr, dy_ptr, tile_expert_ptr, tile_row_ptr, bounds_p
         offs_k = k0 + tl.arange(0, BLOCK_K)
         offs_m = row0 + tl.arange(0, BLOCK_M)
         if e == NUM_EXPERTS:
-            dx_ptrs = dx_ptr + offs_m[None, :].to(tl.int64) * stride_dxm + offs_k[:, None] * stride_dxk
-            dx_mask = (offs_m[None, :] < row_end) & (offs_k[:, None] < K)
-            tl.store(dx_ptrs, tl.zeros((BLOCK_K, BLOCK_M), dtype=dx_ptr.dtype.element_ty), mask=dx_mask)
+            if not SPLIT_N:  # (split: the zeroed fp32 workspace already holds the sentinel rows' zeros)
+                dx_ptrs = dx_ptr + offs_m[None, :].to(tl.int64) * stride_dxm + offs_k[:, None] * stride_dxk
+                dx_mask = (offs_m[None, :] < row_end) & (offs_k[:, None] < K)
+                tl.store(dx_ptrs, tl.zeros((BLOCK_K, BLOCK_M), dtype=dx_ptr.dtype.element_ty), mask=dx_mask)
         else:
+            if SPLIT_N:  # this program's slice of ⌈⌈N/BLOCK_N⌉ / SPLIT⌉ whole N tiles (SPLIT = grid axis 2)
+                slice_tiles = tl.cdiv(tl.cdiv(N, BLOCK_N), tl.num_programs(2))
+                n_lo = pid_s * slice_tiles * BLOCK_N
+                n_hi = tl.minimum(N, n_lo + slice_tiles * BLOCK_N)
+            else:
+                n_lo = 0
+                n_hi = N
+            INT3: tl.constexpr = BITS == 3 and not IS_NF4
             dy_rows = dy_ptr + tl.minimum(offs_m, row_end - 1).to(tl.int64) * stride_dym
             acc = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
-            for n0 in range(0, N, BLOCK_N):
+            words, words1, words2 = 0, 0, 0  # WORDS_AHEAD: this N tile's packed words (INT3: its bit planes)
+            if WORDS_AHEAD:
+                rows_first = e * N + tl.minimum(n_lo + tl.arange(0, BLOCK_N), N - 1)
+                if INT3:
+                    words, words1, words2 = _int3_planes_t(qw_ptr, stride_qn, rows_first, k0, K, EVEN_K, BLOCK_K,
+                                                           True, WORDS_ASM)
+                else:
+                    words = _words_t(qw_ptr, stride_qn, rows_first, k0, K, BITS, IS_NF4, EVEN_K, BLOCK_K, True,
+                                     WORDS_ASM)
+            for n0 in range(n_lo, n_hi, BLOCK_N):
                 offs_n = n0 + tl.arange(0, BLOCK_N)
+                next0, next1, next2 = words, words1, words2
+                if WORDS_AHEAD:
+                    # the next N tile's words, as the dense GEMM gradient loads them (past the expert's
+                    # last tile: its last row again, never used)
+                    rows_next = e * N + tl.minimum(offs_n + BLOCK_N, N - 1)
+                    if INT3:
+                        next0, next1, next2 = _int3_planes_t(qw_ptr, stride_qn, rows_next, k0, K, EVEN_K, BLOCK_K,
+                                                             True, WORDS_ASM)
+                    else:
+                        next0 = _words_t(qw_ptr, stride_qn, rows_next, k0, K, BITS, IS_NF4, EVEN_K, BLOCK_K, True,
+                                         WORDS_ASM)
                 # clamped weight rows are finite and meet dY columns masked to 0: they add exactly 0
                 # Ŵᵀ rounded to dY's dtype on the packed shape (the dense gradient's tile): the layout
                 # change to the MMA operand moves 16-bit values, not int32 codes
                 wt = _dequant_tile_t(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
                                      stride_qn, stride_sn, stride_sg, e * N + tl.minimum(offs_n, N - 1), k0, K,
                                      BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K,
-                                     dy_ptr.dtype.element_ty, INT2_HALVES=INT2_HALVES, HALF2=HALF2,
-                                     HALF2_ASM=HALF2_ASM)
+                                     dy_ptr.dtype.element_ty, INT2_HALVES, words, words1, words2, WORDS_AHEAD,
+                                     WORDS_ASM, HALF2, HALF2_ASM)
+                words, words1, words2 = next0, next1, next2
                 dyt = tl.load(dy_rows[None, :] + offs_n[:, None] * stride_dyn, mask=offs_n[:, None] < N, other=0.0)
                 acc = tl.dot(wt, dyt, acc, input_precision=DOT_PRECISION)
+            # the [BLOCK_K, BLOCK_M] pointers are built after the N loop, not kept live through it
             dx_ptrs = dx_ptr + offs_m[None, :].to(tl.int64) * stride_dxm + offs_k[:, None] * stride_dxk
             dx_mask = (offs_m[None, :] < row_end) & (offs_k[:, None] < K)
-            tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=dx_mask)
+            if SPLIT_N:  # fp32 partial sums of the slices, added in the accumulator's layout
+                tl.atomic_add(dx_ptrs, acc, mask=dx_mask, sem="relaxed")
+            else:
+                tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=dx_mask)
 
 
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @fma_kernel
 @triton.jit
 def _grouped_matmul_grad_input_kernel(
-    dx_ptr,  # [S, K] output, activation dtype
+    dx_ptr,  # [S, K] output, activation dtype (SPLIT_N: fp32 workspace, zeroed, atomic adds)
     dy_ptr,  # [S, N] upstream gradient, rows sorted by expert (any strides)
     tile_expert_ptr, tile_row_ptr, bounds_ptr,
     qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,  # stacked weight (weight_args)
@@ -291,30 +332,37 @@ def _grouped_matmul_grad_input_kernel(
     N, K, NUM_EXPERTS, NUM_SLOTS,
     stride_dym, stride_dyn, stride_dxm, stride_dxk,
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, SLOT_LOOP: tl.constexpr, EVEN_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SLOT_LOOP: tl.constexpr, SPLIT_N: tl.constexpr, INT2_HALVES: tl.constexpr,
+    WORDS_AHEAD: tl.constexpr, WORDS_ASM: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-    HALF2: tl.constexpr = False, HALF2_ASM: tl.constexpr = False, INT2_HALVES: tl.constexpr = False,
+    HALF2: tl.constexpr = False, HALF2_ASM: tl.constexpr = False,
 ):
     """dX[s, k] = Σ_n dY[s, n]·Ŵ[e·N + n, k]: tile dXᵀ[k0:k0+BK, rows of M tile t] = Ŵ_eᵀ·dYᵀ.
 
+    SPLIT_N (small M, round 7): program (t, j, s) sums n in slice s of the expert's N tiles and adds
+    its fp32 partial into the workspace ``dx_ptr`` (atomics; the launcher casts it to dX).
+    WORDS_AHEAD (round 7, the dense GEMM gradient's loop): the next N tile's packed words are loaded
+    into registers during this one (WORDS_ASM: by inline PTX, never under the interpreter);
+    INT2_HALVES: INT2 unpacked per half word (sm_80, as the dense GEMM gradient).
     HALF2 (INT formats, fp16/bf16 dY): Ŵᵀ decoded in half2 arithmetic (quant_tile_t._pair_half2;
     HALF2_ASM: its inline PTX, else the interpreter's twin), s and c rounded to dY's dtype first."""
     pid_t = tl.program_id(0)
     pid_k = tl.program_id(1)
+    pid_s = tl.program_id(2)
     if SLOT_LOOP:
         for t in range(pid_t, NUM_SLOTS, tl.num_programs(0)):
-            _grad_tile(t, pid_k, dx_ptr, dy_ptr, tile_expert_ptr, tile_row_ptr, bounds_ptr,
+            _grad_tile(t, pid_k, pid_s, dx_ptr, dy_ptr, tile_expert_ptr, tile_row_ptr, bounds_ptr,
                        qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
                        stride_qn, stride_sn, stride_sg,
                        N, K, NUM_EXPERTS, stride_dym, stride_dyn, stride_dxm, stride_dxk,
-                       BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K,
-                       HALF2, HALF2_ASM, INT2_HALVES)
+                       BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, SPLIT_N, INT2_HALVES, WORDS_AHEAD,
+                       WORDS_ASM, EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K, HALF2, HALF2_ASM)
     else:
-        _grad_tile(pid_t, pid_k, dx_ptr, dy_ptr, tile_expert_ptr, tile_row_ptr, bounds_ptr,
+        _grad_tile(pid_t, pid_k, pid_s, dx_ptr, dy_ptr, tile_expert_ptr, tile_row_ptr, bounds_ptr,
                    qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr, stride_qn, stride_sn, stride_sg,
                    N, K, NUM_EXPERTS, stride_dym, stride_dyn, stride_dxm, stride_dxk,
-                   BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K,
-                   HALF2, HALF2_ASM, INT2_HALVES)
+                   BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, SPLIT_N, INT2_HALVES, WORDS_AHEAD,
+                   WORDS_ASM, EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K, HALF2, HALF2_ASM)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -353,8 +401,9 @@ def _programs(slots: int, num_experts: int, small: bool) -> int:
     tokens: 10 slots, 8 tiles); a program per slot then launches CTAs that only exit. With P = E,
     a balanced routing gives every program one tile and the spare slots cost a load each; a skewed
     one runs at most ⌈slots / E⌉ tiles in a program. Large M: one program per slot (the slack is a
-    few slots against hundreds of tiles)."""
-    return max(1, min(slots, num_experts)) if small else slots
+    few slots against hundreds of tiles). The rule is :func:`qlk.kernels.heuristics.grouped_programs`
+    (which also sizes the input gradient's split over N)."""
+    return heuristics.grouped_programs(slots, num_experts, small)[0]
 
 
 def _output(shape, dtype, device) -> torch.Tensor:
@@ -473,20 +522,42 @@ def grouped_matmul_grad_input(dy: torch.Tensor, qw: QuantizedWeight, offsets: to
         return out
     cfg = dict(config or tiles_for("grad", s, num_experts, qw, folded=wargs is not None))
     small = _small(s, num_experts)
-    programs = cfg.pop("PROGRAMS", None)
+    programs = cfg.pop("PROGRAMS", None)  # tests force a slot loop, a split and the words-ahead loop
+    split = cfg.pop("SPLIT_N", None)
+    # the dense GEMM gradient's loop (round 7): the next N tile's words loaded ahead into registers
+    # (estimated faster at both M regimes, docs/moe.md "Round 7"); INT2 unpacked per half word on
+    # sm_80 at large M, as the dense GEMM gradient
+    ahead = cfg.pop("WORDS_AHEAD", _fm._grad_words_ahead())
+    int2_halves = _grad_int2_halves(cfg["BLOCK_M"])
     args, meta = wargs if wargs is not None else weight_args(qw, denest_absmax=not small)
     tile_expert, tile_row, bounds = _tile_map(offsets, s, cfg["BLOCK_M"])
     slots = tile_expert.shape[0]
-    programs = min(slots, programs or _programs(slots, num_experts, small))
-    grid = (programs, triton.cdiv(k, cfg["BLOCK_K"]))
+    cols = triton.cdiv(k, cfg["BLOCK_K"])
+    rule_programs, rule_split = _grad_programs(slots, num_experts, small, cols, n, cfg, qw, dy.device)
+    programs = min(slots, programs or rule_programs)
+    split = rule_split if split is None else split
     half2 = _grad_half2(qw, dy.dtype)
-    int2_halves = _grad_int2_halves(cfg["BLOCK_M"])
-    _grouped_matmul_grad_input_kernel[grid](
-        out, dy2, tile_expert, tile_row, bounds, *args, n, k, num_experts, slots,
-        dy2.stride(0), dy2.stride(1), out.stride(0), out.stride(1),
-        DOT_PRECISION=_precision(dy.dtype), SLOT_LOOP=programs < slots, HALF2=half2,
-        HALF2_ASM=half2 and not INTERPRETED, INT2_HALVES=int2_halves, **meta, **cfg)
+    # split N (small M on few SMs' worth of tiles): fp32 partials added into a zeroed workspace
+    dst = torch.zeros((s, k), dtype=torch.float32, device=dy.device) if split > 1 else out
+    _grouped_matmul_grad_input_kernel[(programs, cols, split)](
+        dst, dy2, tile_expert, tile_row, bounds, *args, n, k, num_experts, slots,
+        dy2.stride(0), dy2.stride(1), dst.stride(0), dst.stride(1),
+        DOT_PRECISION=_precision(dy.dtype), SLOT_LOOP=programs < slots, SPLIT_N=split > 1,
+        INT2_HALVES=int2_halves, WORDS_AHEAD=ahead, WORDS_ASM=ahead and not INTERPRETED, HALF2=half2,
+        HALF2_ASM=half2 and not INTERPRETED, **meta, **cfg)
+    if split > 1:
+        out.copy_(dst)
     return out
+
+
+def _grad_programs(slots, num_experts, small, cols, n, cfg, qw, device):
+    """(program rows, N slices) of the input gradient: :func:`qlk.kernels.heuristics.grouped_programs`
+    with the target's SM count and the tile's resident CTAs (none under the interpreter: unsplit)."""
+    label = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg.get('num_warps', 4)} s{cfg.get('num_stages', 3)}"
+    fmt = heuristics.format_class(qw.bits, qw.fmt == "nf4", qw.group_size)
+    resident = None if INTERPRETED else heuristics.grouped_resident("grad", label, fmt, target_arch())
+    return heuristics.grouped_programs(slots, num_experts, small, cols, n, cfg["BLOCK_N"], num_sms(device),
+                                       resident)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -919,3 +919,74 @@ def choose_m1_grad(n: int, k: int, fmt: str = "int4", arch: int = 90, sms: Optio
     wrongly, so it is not consulted). Until round 2 "auto" sent NF4 at M = 1 to the FMA kernel;
     ``path="gemv"`` still runs it."""
     return "splitn"
+
+
+# ------------------------------------------------------------------------------------------------
+# Round 7: program rows of the small-M grouped (MoE) kernels (qlk.kernels.grouped_matmul)
+# ------------------------------------------------------------------------------------------------
+#: CTAs of the small-M grouped input gradient's tile one SM holds at once in its split-N launch (the
+#: one this rule sizes), (fewest, most) over the launches of bench/moe_estimates.py's run (the
+#: analyzer's occupancy, as :data:`RESIDENT` for the dense split kernels), per format class as there
+#: (an entry per bit width for the group sizes without one). Round 7, sm_80: Mixtral's gate_up / down
+#: (slot loop) and Qwen3's down (no slot loop): INT4 g32 110 / 96 registers -> 4 / 5, INT4 g128
+#: 167 / 128 -> 3 / 4, INT2 g32 148 / 126 -> 3 / 4, INT3 g128 128 / 96 -> 4 / 5, NF4 128 -> 4; sm_90
+#: (Mixtral down): 190-255 -> 2. A tile or format without an entry is launched unsplit.
+GROUPED_RESIDENT = {
+    (80, "grad", "int4g32"): {"16x64x128 w4 s4": (4, 5)},
+    (80, "grad", "int4g128"): {"16x64x128 w4 s4": (3, 4)},
+    (80, "grad", "int4"): {"16x64x128 w4 s4": (3, 5)},
+    (80, "grad", "int3"): {"16x64x128 w4 s4": (4, 5)},
+    (80, "grad", "int2"): {"16x64x128 w4 s4": (3, 4)},
+    (80, "grad", "nf4"): {"16x64x128 w4 s4": (4, 4)},
+    (90, "grad", "int4"): {"16x128x128 w4 s3": (2, 2)},
+    (90, "grad", "int3"): {"16x128x128 w4 s3": (2, 2)},
+    (90, "grad", "int2"): {"16x128x128 w4 s3": (2, 2)},
+    (90, "grad", "nf4"): {"16x128x128 w4 s3": (2, 2)},
+}
+#: at most this many waves of the resident slots (SMs × resident CTAs) from the split: each slice
+#: adds its fp32 partial dX tile (BLOCK_K × BLOCK_M × 4 B of atomics) and its own prologue
+GROUPED_SPLIT_WAVES = 4
+
+
+def grouped_resident(direction: str, label: str, fmt: str, arch: int) -> Optional[tuple[int, int]]:
+    """(fewest, most) resident CTAs per SM of the grouped kernel's tile ``label`` for format class
+    ``fmt`` (:func:`format_class`) on ``arch`` (:data:`GROUPED_RESIDENT`; the bit width's entry for a
+    group size without its own), or None."""
+    fam = arch_family(arch)
+    got = GROUPED_RESIDENT.get((fam, direction, fmt), {}).get(label)
+    return got if got is not None else GROUPED_RESIDENT.get((fam, direction, base_format(fmt)), {}).get(label)
+
+
+def grouped_programs(slots: int, num_experts: int, small: bool, cols: int = 1, length: int = 1, block: int = 1,
+                     sms: int = 0, resident=None) -> tuple[int, int]:
+    """(program rows, slices of the reduction) of a grouped launch over a tile map of ``slots`` tile
+    slots: the grid is (program rows, ``cols`` column tiles, slices).
+
+    Program rows. Large M: one per slot. Small M: at most one per expert, each running slots
+    t, t + P, ... (the slot bound counts a spare tile per group; a balanced routing has E tiles, so
+    program rows past E would only launch CTAs that exit). The CTAs that carry work are then at
+    most P·cols, and no choice of P adds any: Mixtral's gate_up input gradient at 16 tokens has
+    8 experts × 32 K tiles = 256 on sm_80's 108 SMs (4 resident each: 432 slots, 0.59 of one wave;
+    SM balance 256 / (108·3) = 0.79).
+
+    Slices (small M, the input gradient: ``length`` = N reduced in ``block`` steps, ``resident`` =
+    :func:`grouped_resident`): the reduction over N is split so that P·cols·split CTAs fill the
+    resident slots in close to whole waves, by the dense split kernels' rule
+    (:func:`occupancy_split` against the unsplit launch, counts that leave no slice empty), at most
+    ⌈:data:`GROUPED_SPLIT_WAVES` · resident · SMs / (P·cols)⌉ slices and at least
+    :data:`GRAD_SPLIT_MIN_STEPS` N tiles a slice. Mixtral gate_up on sm_80: 5 slices of 90 N tiles, 1280 CTAs in 2.96 waves of
+    432 slots (SM balance 0.99); on sm_90 (132 SMs × 2: 256 CTAs already 0.97 of a wave) 1.
+    Without a resident count (an unfitted tile, the forward, the interpreter): 1."""
+    if not small:
+        return max(1, slots), 1
+    programs = max(1, min(slots, num_experts))
+    steps = math.ceil(length / block)
+    if resident is None or sms <= 0 or steps < 2 * GRAD_SPLIT_MIN_STEPS:
+        return programs, 1
+    hi = resident if isinstance(resident, int) else resident[1]
+    base = programs * cols
+    split = occupancy_split(length, block, base, sms, resident, 1, GROUPED_SPLIT_WAVES * hi)
+    most = steps // GRAD_SPLIT_MIN_STEPS
+    if split > most:  # the largest no-empty-slice count with >= GRAD_SPLIT_MIN_STEPS tiles a slice
+        split = math.ceil(steps / math.ceil(steps / most))
+    return programs, split
