@@ -39,15 +39,15 @@ KNOWN_OFF = {
         "fwd/int4g128/8192->28672/M16": 0.988,
         "fwd/int4g32/8192->28672/M1": 0.988,
         "fwd/int4g32/8192->28672/M16": 0.988,
-        # split kernel vs GEMM at M = 64..128 (SPLIT_MID_M is a median, ±10 %)
-        "fwd/int4g128/3072->3072/M128": 0.98,
-        "fwd/int4g128/8192->3072/M128": 0.977,
-        # the forward GEMM's tile at M = 333 with round 6's K split (heuristics.fwd_split): the
-        # calibrated efficiencies are medians over the unsplit launches; 1-5 % apart
-        "fwd/int4g128/14336->4096/M333": 0.984,
-        "fwd/int4g128/28672->8192/M333": 0.953,
-        "fwd/int4g128/3072->1024/M333": 0.987,
-        "fwd/int4g128/8192->2048/M333": 0.985,
+        # split kernel vs GEMM at M = 64..128: fused_time compares the split kernels' DRAM fraction
+        # with the GEMM's MAC term at its fitted efficiency x SM balance. Round 7's half2 tile raised
+        # the GEMMs' fitted efficiency (a median over M), so on the 2048-4096-wide layers at
+        # M = 64-128 (32-64 CTAs) the rule now takes the GEMM where the analyzer's pessimistic
+        # estimate (weight stream + issue of a part-filled grid) favours the split kernel (0.70-0.94)
+        "fwd/int4g32/14336->4096/M64": 0.818,
+        "fwd/int4g32/2048->2048/M128": 0.698,
+        "fwd/int4g32/4096->4096/M64": 0.821,
+        "fwd/int4g32/8192->2048/M128": 0.751,
         # the input gradient at mid M (round 6): the split's passes are a DRAM-rate estimate
         # (heuristics.grad_workspace_share); 2-5 % apart
         "dgrad/nf4dq/2048->8192/M333": 0.978,
@@ -77,20 +77,27 @@ KNOWN_OFF = {
         "fwd/nf4dq/4096->1024/M64": 0.983,
         "fwd/nf4dq/8192->3072/M1": 0.978,
         "fwd/nf4dq/8192->3072/M64": 0.962,
-        # split kernel vs GEMM at M = 64..128 (SPLIT_MID_M is a median, ±10 %)
-        "fwd/int2g32/28672->8192/M128": 0.951,
-        "fwd/int2g32/8192->8192/M128": 0.95,
-        "fwd/int3g128/4096->14336/M128": 0.944,
-        "fwd/int4g128/4096->14336/M128": 0.965,
+        # split kernel vs GEMM at M = 64..128: fused_time compares the split kernels' DRAM fraction
+        # with the GEMM's MAC term at its fitted efficiency x SM balance. Round 7's half2 tile raised
+        # the GEMMs' fitted efficiency (a median over M), so on the 2048-4096-wide layers at
+        # M = 64-128 (32-64 CTAs) the rule now takes the GEMM where the analyzer's pessimistic
+        # estimate (weight stream + issue of a part-filled grid) favours the split kernel (0.70-0.94)
+        "fwd/int3g128/4096->14336/M64": 0.964,
+        "fwd/int4g128/14336->4096/M128": 0.932,
+        "fwd/int4g128/2048->8192/M64": 0.921,
+        "fwd/int4g128/28672->8192/M64": 0.913,
+        "fwd/int4g128/3072->8192/M64": 0.918,
+        "fwd/int4g128/4096->4096/M128": 0.935,
+        "fwd/int4g128/8192->8192/M64": 0.915,
+        "fwd/int4g32/28672->8192/M64": 0.986,
+        "fwd/int4g32/4096->14336/M64": 0.886,
+        "fwd/int4g32/8192->8192/M64": 0.988,
         "fwd/nf4dq/4096->14336/M64": 0.977,
-        # the forward GEMM's tile at M = 333 with round 6's K split (heuristics.fwd_split): the
-        # calibrated efficiencies are medians over the unsplit launches; 1-5 % apart
-        "fwd/int2g32/8192->3072/M333": 0.984,
-        "fwd/int4g128/8192->3072/M333": 0.987,
-        "fwd/int4g32/8192->3072/M333": 0.987,
-        # the input gradient at mid M (round 6): the split's passes are a DRAM-rate estimate
-        # (heuristics.grad_workspace_share); 2-5 % apart
-        "dgrad/int3g128/8192->3072/M128": 0.948,
+        # the forward GEMM's tile at M = 128-2048 (calibrated efficiencies are medians over the
+        # unsplit launches; round 6's K split); 1-5 % apart
+        "fwd/int2g32/4096->1024/M333": 0.989,
+        "fwd/int3g128/4096->14336/M128": 0.988,
+        "fwd/int3g128/8192->1024/M2048": 0.989,
     },
 }
 
@@ -127,11 +134,11 @@ def current(res):
 
 
 #: the dispatcher's documented misses: case -> (path taken, its x dense, the other path's x dense).
-#: It takes dequantize + dense where the fused kernel is estimated 5 % faster: the path rule's dense
-#: term (a per-tile efficiency x SM balance x fill) is too kind to the dense GEMM on the 2048->512
-#: layer. (Round 6's forward K split removed the narrow INT3 M = 333 misses on sm_90.)
+#: None since round 7 (the half2 forward tile made the fused INT3 forward the faster path where
+#: round 6's sm_90 2048->512 M = 8192 miss was; round 6's forward K split removed the narrow INT3
+#: M = 333 misses).
 KNOWN_DISPATCH = {
-    90: {"fwd/int3g128/2048->512/M8192": ("dequant", 0.954, 1.006)},
+    90: {},
     80: {},
 }
 
