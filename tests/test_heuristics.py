@@ -207,11 +207,14 @@ def test_dispatcher_rule(device_lists):
             assert h.choose_path(op, 1, 4096, 4096, arch=arch).path == "fused"
             assert h.choose_path(op, 16, 14336, 4096, is_nf4=True, arch=arch).path == "fused"
     # INT4 and NF4 at the training shape on sm_90: the fused GEMMs (no 2 B/weight round trip);
-    # INT3 on sm_80 (its fused loop 0.72..0.41 at M = 4096): dequantize + dense is estimated faster
+    # INT3 on sm_80 too since round 7 (the rebuilt half2 tile: 0.91..0.47 at M = 4096, was 0.72..0.41
+    # and dequantize + dense); NF4 on the GQA k/v layer at M = 2048 on sm_80 (fused 0.94x the dense
+    # GEMM's time, dequantize + dense faster): the other path
     for op in ("fwd", "grad"):
         assert h.choose_path(op, 4096, 14336, 4096, bits=4, arch=90).path == "fused"
         assert h.choose_path(op, 4096, 14336, 4096, is_nf4=True, group_size=64, arch=90).path == "fused"
-    p = h.choose_path("fwd", 4096, 14336, 4096, bits=3, arch=80)
+    assert h.choose_path("fwd", 4096, 14336, 4096, bits=3, arch=80).path == "fused"
+    p = h.choose_path("fwd", 2048, 1024, 4096, is_nf4=True, group_size=64, arch=80)
     assert p.path == "dequant" and p.t_dequant < p.t_fused
     # the rule is the comparison of the two estimated times
     for m in (17, 333, 2048, 8192):
