@@ -794,28 +794,66 @@ DEQUANT_MARGIN = 1.0
 SPLIT_ALWAYS_M, SPLIT_MAX_M = 16, 128
 
 
-#: the analyzer's time of the split kernels at 16 < M ≤ 128 over the per-tile model's (⌈M/16⌉
-#: 16-row tiles, each as at M = 16), per format class: median over the sweep's M = 64 and 128 cases
-#: (±10 %: several M tiles share the weight's slice through L2 and the split leaves longer slices)
+#: Round 8: the analyzer's time of the split kernels at 16 < M ≤ 128 in units of one 16-row M tile's
+#: model time (:func:`split_tile_bytes` / (DRAM · score), the tile as at M = 16): ``per_tile · T +
+#: shared`` for T = ⌈M/16⌉ tiles, per (arch, op) and format class (per group size where the sweep
+#: has one; the bit width's entry else). The M tiles share the weight's slices through L2: each adds
+#: ``per_tile`` (0.48-0.91 of a tile: its L2 re-read, its activations and partials, its issue), and
+#: ``shared`` (0.1-0.3) is paid once. Fitted by ``bench/static_report.py --fit-rules`` from the
+#: sweep's M = 64 and 128 (T = 4, 8); out of sample, at M = 32 (T = 2) it is within 3 % of the
+#: analyzer's median (sm_90 split-K INT4 g32: 0.605 a tile against 0.608). Round 3-7 had one factor
+#: per bit width, a median over T = 4 and 8 of an older kernel (INT4 0.68 where the analyzer now
+#: has 0.54 at T = 4 and 0.61 at T = 2), so at M = 32-128 the rule took the GEMM where the split
+#: kernel is faster by up to 30 %.
 SPLIT_MID_M = {
-    (90, "splitk"): {"int2": 0.84, "int3": 0.88, "int4": 0.68, "nf4": 0.80},
-    (90, "splitn"): {"int2": 0.91, "int3": 0.92, "int4": 0.88, "nf4": 0.89},
-    (80, "splitk"): {"int2": 0.83, "int3": 0.87, "int4": 0.73, "nf4": 0.80},
-    (80, "splitn"): {"int2": 0.91, "int3": 0.91, "int4": 0.88, "nf4": 0.89},
+    (80, 'splitk'): {'int2': (0.714, 0.305), 'int3': (0.798, 0.247), 'int4': (0.537, 0.279), 'int4g128': (0.552, 0.301), 'int4g32': (0.523, 0.281), 'nf4': (0.748, 0.288)},
+    (80, 'splitn'): {'int2': (0.893, 0.119), 'int3': (0.892, 0.124), 'int4': (0.846, 0.182), 'int4g128': (0.851, 0.168), 'int4g32': (0.846, 0.178), 'nf4': (0.866, 0.153)},
+    (90, 'splitk'): {'int2': (0.701, 0.304), 'int3': (0.784, 0.272), 'int4': (0.505, 0.285), 'int4g128': (0.52, 0.288), 'int4g32': (0.477, 0.257), 'nf4': (0.756, 0.28)},
+    (90, 'splitn'): {'int2': (0.889, 0.12), 'int3': (0.894, 0.116), 'int4': (0.846, 0.172), 'int4g128': (0.859, 0.158), 'int4g32': (0.844, 0.179), 'nf4': (0.866, 0.148)},
 }
+#: an arch, op or format without a fitted line: a flat share of the tiles' time
+SPLIT_MID_DEFAULT = (0.85, 0.0)
+
+
+#: Round 8: the analyzer's time of the GEMMs at 16 < M ≤ 128 over :func:`fused_time`'s MAC term
+#: (the tile's fitted tensor efficiency, a median over every M > 16 that large M dominates), per
+#: (arch, op) and format class: the median over the sweep's M = 64 and 128 rows of every candidate.
+#: The analyzer judges these launches by their DRAM time, which their few CTAs overlap better than
+#: the MAC term says (sm_80 0.86-0.94, sm_90 0.93-0.99). Fitted by ``bench/static_report.py
+#: --fit-rules``; 1 for a format without an entry and outside that M range.
+GEMM_MID_M = {
+    (80, 'fwd'): {'int2': 0.907, 'int3': 0.895, 'int4': 0.926, 'int4g128': 0.919, 'int4g32': 0.935, 'nf4': 0.928},
+    (80, 'grad'): {'int2': 0.864, 'int3': 0.87, 'int4': 0.893, 'int4g128': 0.887, 'int4g32': 0.9, 'nf4': 0.891},
+    (90, 'fwd'): {'int2': 0.947, 'int3': 0.945, 'int4': 0.982, 'int4g128': 0.978, 'int4g32': 0.985, 'nf4': 0.976},
+    (90, 'grad'): {'int2': 0.93, 'int3': 0.937, 'int4': 0.975, 'int4g128': 0.965, 'int4g32': 0.985, 'nf4': 0.966},
+}
+
+
+def split_mid_tiles(op: str, tiles: int, fmt: str, arch: int) -> float:
+    """The split kernel's time at ``tiles`` 16-row M tiles in units of one tile's model time:
+    ``per_tile · tiles + shared`` (:data:`SPLIT_MID_M`), ``tiles`` itself for one tile (M ≤ 16)."""
+    if tiles <= 1:
+        return float(tiles)
+    table = SPLIT_MID_M.get((arch_family(arch), op), {})
+    per_tile, shared = table.get(fmt) or table.get(base_format(fmt)) or SPLIT_MID_DEFAULT
+    return per_tile * tiles + shared
 
 
 def fused_time(c: KernelChoice, m: int, n: int, k: int, packed: float, arch: int, fmt: str = "int4") -> float:
     """Estimated seconds of the fused kernel ``c`` (module docstring): GEMMs MACs / (peak · score),
-    at least the packed weight's DRAM time; split kernels the weight stream once per 16-row M tile,
-    (⌈M/16⌉ · packed) / (DRAM · score)."""
+    at least the packed weight's DRAM time; split kernels one 16-row M tile's bytes (the packed weight,
+    its rows of activations and partials) / (DRAM · score), times :func:`split_mid_tiles` for ⌈M/16⌉
+    tiles (round 8: ``per_tile · T + shared``, the tiles sharing the weight's slices through L2)."""
     fam = arch_family(arch)
     a = ARCH[fam]
     if c.op in ("splitk", "splitn"):
-        tiles = math.ceil(m / c.block_m)
-        mid = SPLIT_MID_M[(fam, c.op)].get(base_format(fmt), 0.85) if tiles > 1 else 1.0
-        return tiles * mid * split_tile_bytes(c.op, n, k, packed, c.block_m) / (a.dram_bytes_per_s * c.score)
-    return max(m * n * k / (a.macs_per_s * c.score), packed / a.dram_bytes_per_s)
+        units = split_mid_tiles(c.op, math.ceil(m / c.block_m), fmt, fam)
+        return units * split_tile_bytes(c.op, n, k, packed, c.block_m) / (a.dram_bytes_per_s * c.score)
+    t = max(m * n * k / (a.macs_per_s * c.score), packed / a.dram_bytes_per_s)
+    if SPLIT_ALWAYS_M < m <= SPLIT_MAX_M:
+        table = GEMM_MID_M.get((fam, c.op), {})
+        t *= table.get(fmt) or table.get(base_format(fmt)) or 1.0
+    return t
 
 
 def split_tile_bytes(op: str, n: int, k: int, packed: float, rows: int = 16) -> float:
@@ -925,36 +963,50 @@ def choose_m1_grad(n: int, k: int, fmt: str = "int4", arch: int = 90, sms: Optio
 # Round 7: program rows of the small-M grouped (MoE) kernels (qlk.kernels.grouped_matmul)
 # ------------------------------------------------------------------------------------------------
 #: CTAs of the small-M grouped input gradient's tile one SM holds at once in its split-N launch (the
-#: one this rule sizes), (fewest, most) over the launches of bench/moe_estimates.py's run (the
+#: one this rule sizes), (fewest, most) over the split launches of bench/moe_estimates.py's run (the
 #: analyzer's occupancy, as :data:`RESIDENT` for the dense split kernels), per format class as there
-#: (an entry per bit width for the group sizes without one). Round 7, sm_80: Mixtral's gate_up / down
-#: (slot loop) and Qwen3's down (no slot loop): INT4 g32 110 / 96 registers -> 4 / 5, INT4 g128
-#: 167 / 128 -> 3 / 4, INT2 g32 148 / 126 -> 3 / 4, INT3 g128 128 / 96 -> 4 / 5, NF4 128 -> 4; sm_90
-#: (Mixtral down): 190-255 -> 2. A tile or format without an entry is launched unsplit.
+#: (an entry per bit width for the group sizes without one) and per kernel variant: "slot_loop"
+#: (program rows < tile slots, ``SLOT_LOOP``: Mixtral at 16 tokens, 10 slots over 8 rows) and
+#: "per_slot" (one program row per slot: Qwen3, 128 slots and experts). Fitted by
+#: ``python bench/moe_estimates.py --fit-resident bench/results/static-moe-sm80.csv
+#: bench/results/static-moe-sm90.csv``. Round 8 refit after round 7's half2 transposed tile, which
+#: lowered the registers: sm_80 slot loop INT4 96 registers -> 5 (the table had 3-5), INT2 / INT3 /
+#: NF4 128 -> 4, per slot 79-80 -> 6 (NF4 128 -> 4); sm_90 slot loop 206-255 -> 2, per slot 128 -> 4.
+#: One range over both variants (sm_80 INT2 (4, 6), sm_90 (2, 4)) would size for occupancies neither
+#: launch has: sm_90 Mixtral gate_up would split 4 ways at 2 resident. A tile, format or variant
+#: without an entry is launched unsplit.
 GROUPED_RESIDENT = {
-    (80, "grad", "int4g32"): {"16x64x128 w4 s4": (4, 5)},
-    (80, "grad", "int4g128"): {"16x64x128 w4 s4": (3, 4)},
-    (80, "grad", "int4"): {"16x64x128 w4 s4": (3, 5)},
-    (80, "grad", "int3"): {"16x64x128 w4 s4": (4, 5)},
-    (80, "grad", "int2"): {"16x64x128 w4 s4": (3, 4)},
-    (80, "grad", "nf4"): {"16x64x128 w4 s4": (4, 4)},
-    (90, "grad", "int4"): {"16x128x128 w4 s3": (2, 2)},
-    (90, "grad", "int3"): {"16x128x128 w4 s3": (2, 2)},
-    (90, "grad", "int2"): {"16x128x128 w4 s3": (2, 2)},
-    (90, "grad", "nf4"): {"16x128x128 w4 s3": (2, 2)},
+    (80, 'grad', 'int2'): {'16x64x128 w4 s4': {'per_slot': (6, 6), 'slot_loop': (4, 4)}},
+    (80, 'grad', 'int3'): {'16x64x128 w4 s4': {'per_slot': (6, 6), 'slot_loop': (4, 4)}},
+    (80, 'grad', 'int4'): {'16x64x128 w4 s4': {'per_slot': (6, 6), 'slot_loop': (5, 5)}},
+    (80, 'grad', 'int4g128'): {'16x64x128 w4 s4': {'per_slot': (6, 6), 'slot_loop': (5, 5)}},
+    (80, 'grad', 'int4g32'): {'16x64x128 w4 s4': {'per_slot': (6, 6), 'slot_loop': (5, 5)}},
+    (80, 'grad', 'nf4'): {'16x64x128 w4 s4': {'per_slot': (4, 4), 'slot_loop': (4, 4)}},
+    (90, 'grad', 'int2'): {'16x128x128 w4 s3': {'per_slot': (4, 4), 'slot_loop': (2, 2)}},
+    (90, 'grad', 'int3'): {'16x128x128 w4 s3': {'per_slot': (4, 4), 'slot_loop': (2, 2)}},
+    (90, 'grad', 'int4'): {'16x128x128 w4 s3': {'per_slot': (4, 4), 'slot_loop': (2, 2)}},
+    (90, 'grad', 'int4g128'): {'16x128x128 w4 s3': {'per_slot': (4, 4), 'slot_loop': (2, 2)}},
+    (90, 'grad', 'int4g32'): {'16x128x128 w4 s3': {'per_slot': (4, 4), 'slot_loop': (2, 2)}},
+    (90, 'grad', 'nf4'): {'16x128x128 w4 s3': {'per_slot': (4, 4), 'slot_loop': (2, 2)}},
 }
 #: at most this many waves of the resident slots (SMs × resident CTAs) from the split: each slice
 #: adds its fp32 partial dX tile (BLOCK_K × BLOCK_M × 4 B of atomics) and its own prologue
 GROUPED_SPLIT_WAVES = 4
 
 
-def grouped_resident(direction: str, label: str, fmt: str, arch: int) -> Optional[tuple[int, int]]:
+def grouped_resident(direction: str, label: str, fmt: str, arch: int, slot_loop: bool = True
+                     ) -> Optional[tuple[int, int]]:
     """(fewest, most) resident CTAs per SM of the grouped kernel's tile ``label`` for format class
-    ``fmt`` (:func:`format_class`) on ``arch`` (:data:`GROUPED_RESIDENT`; the bit width's entry for a
+    ``fmt`` (:func:`format_class`) on ``arch``, in its slot-loop variant (``slot_loop``: program rows
+    < tile slots) or its program-per-slot one (:data:`GROUPED_RESIDENT`; the bit width's entry for a
     group size without its own), or None."""
     fam = arch_family(arch)
-    got = GROUPED_RESIDENT.get((fam, direction, fmt), {}).get(label)
-    return got if got is not None else GROUPED_RESIDENT.get((fam, direction, base_format(fmt)), {}).get(label)
+    variant = "slot_loop" if slot_loop else "per_slot"
+    for f in (fmt, base_format(fmt)):
+        got = GROUPED_RESIDENT.get((fam, direction, f), {}).get(label)
+        if got is not None:
+            return got.get(variant)
+    return None
 
 
 def grouped_programs(slots: int, num_experts: int, small: bool, cols: int = 1, length: int = 1, block: int = 1,
