@@ -87,6 +87,13 @@ for its workspace's passes outside the kernel (:func:`grad_workspace_share`: zer
 into dX) and must beat the unsplit launch of the same tile by :data:`GRAD_SPLIT_MARGIN`. Split
 variants that spill (:func:`grad_split_spills`) are not proposed.
 
+**Round 8** (16 < M ≤ 128, the split kernel against the GEMM). The split kernel's time over its
+M tiles is ``per_tile · T + shared`` tiles' worth (:data:`SPLIT_MID_M`, :func:`split_mid_tiles`:
+the tiles after the first re-read the weight's slice through L2), the GEMM's MAC time is scaled by
+:data:`GEMM_MID_M` (the analyzer judges these launches by their DRAM time); both fitted from the
+sweep by ``bench/static_report.py --fit-rules``. The grouped (MoE) input gradient's resident CTAs
+are per kernel variant (:data:`GROUPED_RESIDENT`: slot loop or a program row per slot).
+
 **Path rule** (:func:`choose_path`): at M > 16, the fused kernel or dequantize (Ŵ written once
 in the activation dtype, :mod:`qlk.kernels.dequant`) then a dense GEMM, whichever the static model
 says is faster::
