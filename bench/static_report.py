@@ -476,9 +476,9 @@ def fit_rules(rows) -> dict:
 def fit_split_mid(rows) -> dict:
     """Round 8: the split kernels' time at 16 < M ≤ 128 (qlk.kernels.heuristics.SPLIT_MID_M) from a
     report's rows with every candidate compiled: per (arch family, op) and format class (per group
-    size, and pooled per bit width), for each count T of 16-row M tiles the sweep has (M = 64: 4,
-    M = 128: 8) the median over the shapes and candidates of the analyzer's time over one tile's
-    model time, split_tile_bytes / (DRAM · the rule's score of that candidate); then the line
+    size, and pooled per bit width) and candidate, for each count T of 16-row M tiles the sweep has
+    (M = 64: 4, M = 128: 8) the median over the shapes of the analyzer's time over one tile's model
+    time, split_tile_bytes / (DRAM · the rule's score of that candidate); then the line
     ``per_tile · T + shared`` through those medians (least squares): (per_tile, shared). Rows whose
     grid is not the one the rules launch now (a changed split count) are left out."""
     import statistics
@@ -519,23 +519,25 @@ def fit_split_mid(rows) -> dict:
             model = tiles * heuristics.split_tile_bytes(op, r["N"], r["K"], packed, c.block_m) / (
                 heuristics.ARCH[fam].dram_bytes_per_s * c.score)
             for f in {fmt, heuristics.base_format(fmt)}:
-                acc.setdefault((fam, op), {}).setdefault(f, {}).setdefault(tiles, []).append(t / model)
+                acc.setdefault((fam, op), {}).setdefault(f, {}).setdefault(label, {}).setdefault(tiles, []).append(
+                    t / model)
     finally:
         config.INTERPRETED = was
         for fn in (heuristics._choose_default, heuristics.choose_path, heuristics.choose_fused):
             fn.cache_clear()
     out = {}
     for key, fmts in sorted(acc.items()):
-        for f, per in sorted(fmts.items()):
-            pts = [(t, statistics.median(v)) for t, v in sorted(per.items())]
-            if len(pts) < 2:  # one tile count: no shared part to tell apart
-                out.setdefault(key, {})[f] = (round(pts[0][1], 3), 0.0)
-                continue
-            # least squares of time / tile time = per_tile · tiles + shared over the tile counts
-            xs, ys = [t for t, _ in pts], [t * v for t, v in pts]
-            mx, my = statistics.fmean(xs), statistics.fmean(ys)
-            per_tile = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-            out.setdefault(key, {})[f] = (round(per_tile, 3), round(my - per_tile * mx, 3))
+        for f, labels in sorted(fmts.items()):
+            for label, per in sorted(labels.items()):
+                pts = [(t, statistics.median(v)) for t, v in sorted(per.items())]
+                if len(pts) < 2:  # one tile count: no shared part to tell apart
+                    out.setdefault(key, {}).setdefault(f, {})[label] = (round(pts[0][1], 3), 0.0)
+                    continue
+                # least squares of time / tile time = per_tile · tiles + shared over the tile counts
+                xs, ys = [t for t, _ in pts], [t * v for t, v in pts]
+                mx, my = statistics.fmean(xs), statistics.fmean(ys)
+                per_tile = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+                out.setdefault(key, {}).setdefault(f, {})[label] = (round(per_tile, 3), round(my - per_tile * mx, 3))
     # a bit width measured at one group size only: its per-width entry is that one, drop the copy
     for fmts in out.values():
         for f in [f for f in fmts if f.startswith("int") and "g" in f]:

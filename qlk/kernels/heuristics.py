@@ -736,6 +736,12 @@ def _choose(op, m, n, k, fmt, arch, sms, configs, fp32_bias, pool):
         sms = sms or DEFAULT_SMS[arch_family(arch)]
         configs = candidates(op) if configs is None else configs
         return dataclasses.replace(_score(op, configs[0], m, n, k, fmt, arch, sms), index=0)
+    if op in ("splitk", "splitn") and SPLIT_ALWAYS_M < m <= SPLIT_MAX_M:
+        # round 8: several 16-row M tiles; each candidate's own line of time over tiles (SPLIT_MID_M),
+        # so the one :func:`fused_time` finds fastest, which choose_fused weighs against the GEMM
+        tiles = math.ceil(m / scored[0].block_m)
+        return max(scored, key=lambda s: (round(s.score * tiles / split_mid_tiles(op, tiles, fmt, arch, s.label), 6),
+                                          -s.ctas, -s.index))
     # equal scores: the bigger tile (fewer CTAs; the analyzer ranks it first on sm_90, e.g. 256x128 w8
     # over 256x64 w4 at M = 4096), then list order
     return max(scored, key=lambda s: (round(s.score, 6), -s.ctas, -s.index))
@@ -803,20 +809,50 @@ SPLIT_ALWAYS_M, SPLIT_MAX_M = 16, 128
 
 #: Round 8: the analyzer's time of the split kernels at 16 < M ≤ 128 in units of one 16-row M tile's
 #: model time (:func:`split_tile_bytes` / (DRAM · score), the tile as at M = 16): ``per_tile · T +
-#: shared`` for T = ⌈M/16⌉ tiles, per (arch, op) and format class (per group size where the sweep
-#: has one; the bit width's entry else). The M tiles share the weight's slices through L2: each adds
-#: ``per_tile`` (0.48-0.91 of a tile: its L2 re-read, its activations and partials, its issue), and
-#: ``shared`` (0.1-0.3) is paid once. Fitted by ``bench/static_report.py --fit-rules`` from the
+#: shared`` for T = ⌈M/16⌉ tiles, per (arch, op), format class (per group size where the sweep has
+#: one; the bit width's entry else) and candidate. The M tiles share the weight's slices through L2:
+#: each adds ``per_tile`` (0.46-0.90 of a tile: its L2 re-read, its activations and partials, its
+#: issue), and ``shared`` (0.1-0.3) is paid once; the deeper split-K tile adds less per M tile
+#: (sm_80 INT2 16x64x256 0.70 against 16x64x128 0.78), so at mid M the split kernels' tile is
+#: chosen by this time (:func:`_choose`), not by the one-tile score. Fitted by ``bench/static_report.py --fit-rules`` from the
 #: sweep's M = 64 and 128 (T = 4, 8); out of sample, at M = 32 (T = 2) it is within 3 % of the
-#: analyzer's median (sm_90 split-K INT4 g32: 0.605 a tile against 0.608). Round 3-7 had one factor
+#: analyzer's median (sm_90 split-K INT4 g32 16x64x256: 0.601 a tile against 0.608). Round 3-7 had one factor
 #: per bit width, a median over T = 4 and 8 of an older kernel (INT4 0.68 where the analyzer now
 #: has 0.54 at T = 4 and 0.61 at T = 2), so at M = 32-128 the rule took the GEMM where the split
 #: kernel is faster by up to 30 %.
 SPLIT_MID_M = {
-    (80, 'splitk'): {'int2': (0.714, 0.305), 'int3': (0.798, 0.247), 'int4': (0.537, 0.279), 'int4g128': (0.552, 0.301), 'int4g32': (0.523, 0.281), 'nf4': (0.748, 0.288)},
-    (80, 'splitn'): {'int2': (0.893, 0.119), 'int3': (0.892, 0.124), 'int4': (0.846, 0.182), 'int4g128': (0.851, 0.168), 'int4g32': (0.846, 0.178), 'nf4': (0.866, 0.153)},
-    (90, 'splitk'): {'int2': (0.701, 0.304), 'int3': (0.784, 0.272), 'int4': (0.505, 0.285), 'int4g128': (0.52, 0.288), 'int4g32': (0.477, 0.257), 'nf4': (0.756, 0.28)},
-    (90, 'splitn'): {'int2': (0.889, 0.12), 'int3': (0.894, 0.116), 'int4': (0.846, 0.172), 'int4g128': (0.859, 0.158), 'int4g32': (0.844, 0.179), 'nf4': (0.866, 0.148)},
+    (80, 'splitk'): {
+        'int2': {'16x64x128 w4 s4': (0.776, 0.282), '16x64x256 w4 s3': (0.7, 0.28)},
+        'int3': {'16x64x128 w4 s4': (0.799, 0.246), '16x64x256 w4 s3': (0.797, 0.248)},
+        'int4': {'16x64x128 w4 s4': (0.541, 0.284), '16x64x256 w4 s3': (0.522, 0.299)},
+        'int4g128': {'16x64x128 w4 s4': (0.58, 0.264), '16x64x256 w4 s3': (0.547, 0.281)},
+        'int4g32': {'16x64x128 w4 s4': (0.533, 0.283), '16x64x256 w4 s3': (0.518, 0.282)},
+        'nf4': {'16x64x128 w4 s4': (0.773, 0.288), '16x64x256 w4 s3': (0.734, 0.29)},
+    },
+    (80, 'splitn'): {
+        'int2': {'16x128x128 w4 s3': (0.891, 0.121), '16x64x128 w4 s4': (0.893, 0.119)},
+        'int3': {'16x128x128 w4 s3': (0.892, 0.12), '16x64x128 w4 s4': (0.903, 0.106)},
+        'int4': {'16x128x128 w4 s3': (0.846, 0.18), '16x64x128 w4 s4': (0.845, 0.183)},
+        'int4g128': {'16x128x128 w4 s3': (0.854, 0.168), '16x64x128 w4 s4': (0.851, 0.168)},
+        'int4g32': {'16x128x128 w4 s3': (0.845, 0.179), '16x64x128 w4 s4': (0.846, 0.178)},
+        'nf4': {'16x128x128 w4 s3': (0.866, 0.153), '16x64x128 w4 s4': (0.867, 0.152)},
+    },
+    (90, 'splitk'): {
+        'int2': {'16x64x128 w4 s4': (0.757, 0.281), '16x64x256 w4 s3': (0.687, 0.279)},
+        'int3': {'16x64x128 w4 s4': (0.793, 0.252), '16x64x256 w4 s3': (0.783, 0.271)},
+        'int4': {'16x64x128 w4 s4': (0.519, 0.257), '16x64x256 w4 s3': (0.48, 0.252)},
+        'int4g128': {'16x64x128 w4 s4': (0.553, 0.287), '16x64x256 w4 s3': (0.513, 0.277)},
+        'int4g32': {'16x64x128 w4 s4': (0.502, 0.287), '16x64x256 w4 s3': (0.464, 0.275)},
+        'nf4': {'16x64x128 w4 s4': (0.777, 0.281), '16x64x256 w4 s3': (0.744, 0.29)},
+    },
+    (90, 'splitn'): {
+        'int2': {'16x128x64 w4 s3': (0.89, 0.118), '16x256x64 w4 s3': (0.888, 0.121)},
+        'int3': {'16x128x64 w4 s3': (0.897, 0.112), '16x256x64 w4 s3': (0.893, 0.117)},
+        'int4': {'16x128x64 w4 s3': (0.848, 0.166), '16x256x64 w4 s3': (0.846, 0.17)},
+        'int4g128': {'16x128x64 w4 s3': (0.86, 0.156), '16x256x64 w4 s3': (0.858, 0.158)},
+        'int4g32': {'16x128x64 w4 s3': (0.844, 0.179), '16x256x64 w4 s3': (0.843, 0.18)},
+        'nf4': {'16x128x64 w4 s3': (0.866, 0.148)},
+    },
 }
 #: an arch, op or format without a fitted line: a flat share of the tiles' time
 SPLIT_MID_DEFAULT = (0.85, 0.0)
@@ -836,13 +872,18 @@ GEMM_MID_M = {
 }
 
 
-def split_mid_tiles(op: str, tiles: int, fmt: str, arch: int) -> float:
+def split_mid_tiles(op: str, tiles: int, fmt: str, arch: int, label: Optional[str] = None) -> float:
     """The split kernel's time at ``tiles`` 16-row M tiles in units of one tile's model time:
-    ``per_tile · tiles + shared`` (:data:`SPLIT_MID_M`), ``tiles`` itself for one tile (M ≤ 16)."""
+    ``per_tile · tiles + shared`` (:data:`SPLIT_MID_M`, the candidate ``label``'s line; a candidate
+    without one: the mean of its format's lines), ``tiles`` itself for one tile (M ≤ 16)."""
     if tiles <= 1:
         return float(tiles)
     table = SPLIT_MID_M.get((arch_family(arch), op), {})
-    per_tile, shared = table.get(fmt) or table.get(base_format(fmt)) or SPLIT_MID_DEFAULT
+    lines = table.get(fmt) or table.get(base_format(fmt)) or {}
+    line = lines.get(label)
+    if line is None:
+        line = tuple(sum(x) / len(lines) for x in zip(*lines.values())) if lines else SPLIT_MID_DEFAULT
+    per_tile, shared = line
     return per_tile * tiles + shared
 
 
@@ -854,7 +895,7 @@ def fused_time(c: KernelChoice, m: int, n: int, k: int, packed: float, arch: int
     fam = arch_family(arch)
     a = ARCH[fam]
     if c.op in ("splitk", "splitn"):
-        units = split_mid_tiles(c.op, math.ceil(m / c.block_m), fmt, fam)
+        units = split_mid_tiles(c.op, math.ceil(m / c.block_m), fmt, fam, c.label)
         return units * split_tile_bytes(c.op, n, k, packed, c.block_m) / (a.dram_bytes_per_s * c.score)
     t = max(m * n * k / (a.macs_per_s * c.score), packed / a.dram_bytes_per_s)
     if SPLIT_ALWAYS_M < m <= SPLIT_MAX_M:
