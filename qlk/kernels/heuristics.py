@@ -88,8 +88,9 @@ into dX) and must beat the unsplit launch of the same tile by :data:`GRAD_SPLIT_
 variants that spill (:func:`grad_split_spills`) are not proposed.
 
 **Round 8** (16 < M ≤ 128, the split kernel against the GEMM). The split kernel's time over its
-M tiles is ``per_tile · T + shared`` tiles' worth (:data:`SPLIT_MID_M`, :func:`split_mid_tiles`:
-the tiles after the first re-read the weight's slice through L2), the GEMM's MAC time is scaled by
+M tiles is ``per_tile · T + shared`` tiles' worth, per candidate (:data:`SPLIT_MID_M`,
+:func:`split_mid_tiles`: the tiles after the first re-read the weight's slice through L2), and the
+split kernels' tile there is the one of least such time; the GEMM's MAC time is scaled by
 :data:`GEMM_MID_M` (the analyzer judges these launches by their DRAM time); both fitted from the
 sweep by ``bench/static_report.py --fit-rules``. The grouped (MoE) input gradient's resident CTAs
 are per kernel variant (:data:`GROUPED_RESIDENT`: slot loop or a program row per slot).
