@@ -3,6 +3,7 @@ grouped-nf4-gemm, sm_90 and sm_80: the MoE part of the static report (docs/moe.m
 
     env -u TRITON_INTERPRET python bench/moe_estimates.py --arch 90,80 --out bench/results   # make static-moe
     env -u TRITON_INTERPRET python bench/moe_estimates.py --arch 90 --cases 'dense-*,grouped-fwd/int4g32/*'
+    python bench/moe_estimates.py --fit-resident bench/results/static-moe-sm80.csv bench/results/static-moe-sm90.csv
 
 Compiles every case of bench/launches_moe.py (Mixtral-8x7B-like and Qwen3-30B-A3B-like layers,
 4096 and 16 tokens; qlk's grouped kernels, the dense bf16 grouped baseline of
@@ -11,6 +12,8 @@ and writes ``static-moe-sm<arch>.md`` (a summary table: each case's estimate and
 dense baseline of the same run) and ``.csv`` (every launch). **Estimates from machine code, not
 measurements** (docs/static-analysis.md). At 4096 tokens the metric is the tensor-peak fraction,
 at 16 tokens the DRAM fraction on useful bytes; both optimistic..pessimistic × wave efficiency.
+``--fit-resident CSV...`` prints qlk.kernels.heuristics.GROUPED_RESIDENT fitted to such CSVs (compiles
+nothing).
 """
 from __future__ import annotations
 
@@ -154,12 +157,79 @@ def write(arch: int, reports, failed, out_dir: str, command: str) -> str:
     return stem + ".md"
 
 
+def fit_grouped_resident(rows) -> dict:
+    """qlk.kernels.heuristics.GROUPED_RESIDENT from report rows (:func:`read_csv`): the small-M grouped
+    input gradient's resident CTAs per SM (the analyzer's ``ctas_per_sm``), (fewest, most) per
+    (arch family, "grad", format class) and tile, for each kernel variant the split rule sizes:
+    "slot_loop" (program rows < tile slots: ``SLOT_LOOP``, Mixtral at 16 tokens) and "per_slot" (a
+    program row per slot, Qwen3). The variants differ by 40-80 registers (sm_90 INT4 g32: 210 against
+    128), so one range over both would make the rule size for occupancies neither launch has. Only
+    split launches (grid > program rows × K tiles: ``SPLIT_N``, whose fp32 atomics cost registers too,
+    NF4 on sm_80 128 against 80) count, unless a variant has no split launch of that format in the
+    rows; then its unsplit launches stand in (re-run and refit: the refitted rule may split them).
+    Per bit width too (the entry for group sizes the run did not compile)."""
+    import math
+
+    import launches_moe
+    from qlk.kernels import heuristics
+    from qlk.kernels.grouped_matmul import _small, _tile_map
+
+    seen = {}  # (fam, fmt, label, variant) -> {"split": [...], "unsplit": [...]}
+    for r in rows:
+        if r.get("kernel") != MAIN["grouped-dgrad"] or not r.get("ctas_per_sm") or not r.get("ctas"):
+            continue
+        op, fmt, layer_proj, tokens = r["case"].split("/")
+        layer, proj = layer_proj.split("-")
+        _, _, experts, topk = launches_moe.LAYERS[layer]
+        k, _n = launches_moe.projections(layer)[proj]
+        rows_routed = int(tokens[1:]) * topk
+        if not _small(rows_routed, experts):
+            continue
+        block_m, _, block_k = (int(x) for x in r["config"].split()[0].split("x"))
+        offsets = launches_moe.balanced_offsets(rows_routed, experts)
+        slots = _tile_map(offsets, rows_routed, block_m)[0].shape[0]
+        programs = heuristics.grouped_programs(slots, experts, True)[0]
+        base = programs * math.ceil(k / block_k)
+        kind, bits, group = launches_moe.FORMATS[fmt]
+        fc = heuristics.format_class(bits, kind == "nf4", group)
+        label = " ".join(r["config"].split()[:3])
+        variant = "slot_loop" if programs < slots else "per_slot"
+        split = "split" if int(r["ctas"]) > base else "unsplit"
+        for f in {fc, heuristics.base_format(fc)}:
+            key = (heuristics.arch_family(int(r["arch"])), f, label, variant)
+            seen.setdefault(key, {"split": [], "unsplit": []})[split].append(int(r["ctas_per_sm"]))
+    out = {}
+    for (fam, f, label, variant), got in sorted(seen.items()):
+        vals = got["split"] or got["unsplit"]
+        out.setdefault((fam, "grad", f), {}).setdefault(label, {})[variant] = (min(vals), max(vals))
+    # a bit width compiled at one group size only: its per-width entry is that one, drop the copy
+    for (fam, op, f) in list(out):
+        same = [key for key in out if key[:2] == (fam, op) and key[2] != f and heuristics.base_format(key[2]) == f]
+        if len(same) == 1 and out[same[0]] == out[(fam, op, f)]:
+            del out[same[0]]
+    return out
+
+
+def read_csv(path: str) -> list:
+    """Rows of a static-moe CSV as dicts of strings (what :func:`fit_grouped_resident` reads)."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", default="90,80")
     ap.add_argument("--cases", default=DEFAULT_CASES, help="comma-separated fnmatch patterns of case names")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--fit-resident", nargs="+", metavar="CSV",
+                    help="print qlk.kernels.heuristics.GROUPED_RESIDENT fitted to these static-moe CSVs and exit")
     args = ap.parse_args(argv)
+    if args.fit_resident:
+        import pprint
+
+        print("GROUPED_RESIDENT = ", end="")
+        pprint.pprint(fit_grouped_resident([r for p in args.fit_resident for r in read_csv(p)]), width=120)
+        return 0
     patterns = [p for p in args.cases.split(",") if p]
     command = "python bench/moe_estimates.py " + " ".join(sys.argv[1:] if argv is None else argv)
     for arch in (int(a) for a in args.arch.split(",") if a):

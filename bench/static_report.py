@@ -473,6 +473,134 @@ def fit_rules(rows) -> dict:
     return out
 
 
+def fit_split_mid(rows) -> dict:
+    """Round 8: the split kernels' time at 16 < M ≤ 128 (qlk.kernels.heuristics.SPLIT_MID_M) from a
+    report's rows with every candidate compiled: per (arch family, op) and format class (per group
+    size, and pooled per bit width) and candidate, for each count T of 16-row M tiles the sweep has
+    (M = 64: 4, M = 128: 8) the median over the shapes of the analyzer's time over one tile's model
+    time, split_tile_bytes / (DRAM · the rule's score of that candidate); then the line
+    ``per_tile · T + shared`` through those medians (least squares): (per_tile, shared). Rows whose
+    grid is not the one the rules launch now (a changed split count) are left out."""
+    import statistics
+
+    from bench.sass import gpu
+
+    from qlk.kernels import config, heuristics
+
+    import launches
+
+    was = config.INTERPRETED
+    config.INTERPRETED = False  # the GPU candidate lists
+    try:
+        acc = {}
+        for r in rows:
+            op = _RULE_OPS.get(r.get("kernel"))
+            if r.get("status") != "ok" or r.get("group") != "qlk" or op not in ("splitk", "splitn"):
+                continue
+            m = r["M"]
+            if not heuristics.SPLIT_ALWAYS_M < m <= heuristics.SPLIT_MAX_M:
+                continue
+            g = gpu(r["arch"])
+            fam = arch_family(r["arch"])
+            spec = launches.FORMATS[r["fmt"]]
+            nf4 = spec.get("fmt") == "nf4"
+            bits, gsize = spec.get("bits", 4), spec.get("group_size", 64)
+            fmt = heuristics.format_class(bits, nf4, gsize)
+            label = " ".join(r["config"].split()[:3])
+            scored = [c for c in heuristics.score_all(op, m, r["N"], r["K"], fmt, fam, g.sms,
+                                                      fp32_bias=nf4 and op == "splitn")
+                      if c.label == label and c.ctas == r["grid_ctas"]]
+            t = _est_time(r, g)
+            if not scored or not t:
+                continue
+            c = scored[0]
+            packed = heuristics.weight_bytes(r["N"], r["K"], bits, gsize, nf4)
+            tiles = math.ceil(m / c.block_m)
+            model = tiles * heuristics.split_tile_bytes(op, r["N"], r["K"], packed, c.block_m) / (
+                heuristics.ARCH[fam].dram_bytes_per_s * c.score)
+            for f in {fmt, heuristics.base_format(fmt)}:
+                acc.setdefault((fam, op), {}).setdefault(f, {}).setdefault(label, {}).setdefault(tiles, []).append(
+                    t / model)
+    finally:
+        config.INTERPRETED = was
+        for fn in (heuristics._choose_default, heuristics.choose_path, heuristics.choose_fused):
+            fn.cache_clear()
+    out = {}
+    for key, fmts in sorted(acc.items()):
+        for f, labels in sorted(fmts.items()):
+            for label, per in sorted(labels.items()):
+                pts = [(t, statistics.median(v)) for t, v in sorted(per.items())]
+                if len(pts) < 2:  # one tile count: no shared part to tell apart
+                    out.setdefault(key, {}).setdefault(f, {})[label] = (round(pts[0][1], 3), 0.0)
+                    continue
+                # least squares of time / tile time = per_tile · tiles + shared over the tile counts
+                xs, ys = [t for t, _ in pts], [t * v for t, v in pts]
+                mx, my = statistics.fmean(xs), statistics.fmean(ys)
+                per_tile = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+                out.setdefault(key, {}).setdefault(f, {})[label] = (round(per_tile, 3), round(my - per_tile * mx, 3))
+    # a bit width measured at one group size only: its per-width entry is that one, drop the copy
+    for fmts in out.values():
+        for f in [f for f in fmts if f.startswith("int") and "g" in f]:
+            if sum(heuristics.base_format(x) == heuristics.base_format(f) and x != heuristics.base_format(f)
+                   for x in fmts) == 1 and fmts[f] == fmts.get(heuristics.base_format(f)):
+                del fmts[f]
+    return out
+
+
+def fit_gemm_mid(rows) -> dict:
+    """Round 8: the GEMMs' time at 16 < M ≤ 128 (qlk.kernels.heuristics.GEMM_MID_M) from a report's
+    rows with every candidate compiled: per (arch family, op) and format class (per group size, and
+    pooled per bit width), the median over the shapes, M values and candidates of the analyzer's
+    time over the rules' (heuristics.fused_time without the factor: MACs at the tile's fitted
+    tensor efficiency, a median over every M > 16). Rows whose grid is not the rules' are left out."""
+    import statistics
+
+    from bench.sass import gpu
+
+    from qlk.kernels import config, heuristics
+
+    import launches
+
+    was, table = config.INTERPRETED, heuristics.GEMM_MID_M
+    config.INTERPRETED, heuristics.GEMM_MID_M = False, {}  # the GPU candidate lists; the unfactored time
+    try:
+        acc = {}
+        for r in rows:
+            op = _RULE_OPS.get(r.get("kernel"))
+            if r.get("status") != "ok" or r.get("group") != "qlk" or op not in ("fwd", "grad"):
+                continue
+            m = r["M"]
+            if not heuristics.SPLIT_ALWAYS_M < m <= heuristics.SPLIT_MAX_M:
+                continue
+            g = gpu(r["arch"])
+            fam = arch_family(r["arch"])
+            spec = launches.FORMATS[r["fmt"]]
+            nf4 = spec.get("fmt") == "nf4"
+            bits, gsize = spec.get("bits", 4), spec.get("group_size", 64)
+            fmt = heuristics.format_class(bits, nf4, gsize)
+            label = " ".join(r["config"].split()[:3])
+            scored = [c for c in heuristics.score_all(op, m, r["N"], r["K"], fmt, fam, g.sms)
+                      if c.label == label and c.ctas == r["grid_ctas"]]
+            t = _est_time(r, g)
+            if not scored or not t:
+                continue
+            packed = heuristics.weight_bytes(r["N"], r["K"], bits, gsize, nf4)
+            ratio = t / heuristics.fused_time(scored[0], m, r["N"], r["K"], packed, fam, fmt)
+            for f in {fmt, heuristics.base_format(fmt)}:
+                acc.setdefault((fam, op), {}).setdefault(f, []).append(ratio)
+    finally:
+        config.INTERPRETED, heuristics.GEMM_MID_M = was, table
+        for fn in (heuristics._choose_default, heuristics.choose_path, heuristics.choose_fused):
+            fn.cache_clear()
+    out = {key: {f: round(statistics.median(v), 3) for f, v in sorted(fmts.items())} for key, fmts in sorted(acc.items())}
+    for fmts in out.values():  # a bit width measured at one group size only: drop the copy
+        for f in [f for f in fmts if f.startswith("int") and "g" in f]:
+            if sum(heuristics.base_format(x) == heuristics.base_format(f) and x != heuristics.base_format(f)
+                   for x in fmts) == 1 and fmts[f] == fmts.get(heuristics.base_format(f)):
+                del fmts[f]
+    return out
+
+
 def fit_resident(rows) -> dict:
     """The split kernels' resident CTAs per SM (qlk.kernels.heuristics.RESIDENT) from a report's rows
     with every candidate compiled: per (arch family, op, format class) and candidate label, the
@@ -895,6 +1023,10 @@ def main(argv=None) -> int:
         pprint.pprint(fit_rules(rows), width=120, sort_dicts=True)
         print("RESIDENT = ", end="")
         pprint.pprint(fit_resident(rows), width=120, sort_dicts=True)
+        print("SPLIT_MID_M = ", end="")
+        pprint.pprint(fit_split_mid(rows), width=120, sort_dicts=True)
+        print("GEMM_MID_M = ", end="")
+        pprint.pprint(fit_gemm_mid(rows), width=120, sort_dicts=True)
         return 0
     if args.check_rules:
         return print_rules_check(args.check_rules)

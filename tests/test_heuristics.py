@@ -402,11 +402,15 @@ def test_grouped_program_rows_rule():
     assert rule(2, 8, True) == (2, 1) and rule(128, 128, True) == (128, 1)
     assert rule(10, 8, True, 32, 448, 64, 108, (4, 4)) == (8, 1)  # 7 N tiles: nothing worth splitting
     assert rule(10, 8, True, 32, 28672, 64, 108, (4, 5)) == (8, 8)  # 2048 CTAs: 0.95 of 4 or 5 waves
-    # the table: per format class, the bit width's entry for other group sizes, none for other tiles
+    # the table: per format class, the bit width's entry for other group sizes, none for other tiles;
+    # per kernel variant (round 8): the slot loop holds fewer CTAs than a program row per slot
     assert h.grouped_resident("grad", "16x64x128 w4 s4", "nf4", 80) == (4, 4)
     assert h.grouped_resident("grad", "16x64x128 w4 s4", "int4g64", 80) == h.GROUPED_RESIDENT[(80, "grad", "int4")][
-        "16x64x128 w4 s4"]
+        "16x64x128 w4 s4"]["slot_loop"]
     assert h.grouped_resident("grad", "16x128x128 w4 s3", "int3g128", 90) == (2, 2)
+    assert h.grouped_resident("grad", "16x128x128 w4 s3", "int3g128", 90, slot_loop=False) == (4, 4)
+    assert h.grouped_resident("grad", "16x64x128 w4 s4", "int2g32", 80) == (4, 4)
+    assert h.grouped_resident("grad", "16x64x128 w4 s4", "int2g32", 80, slot_loop=False) == (6, 6)
     assert h.grouped_resident("grad", "16x64x128 w4 s4", "int4g32", 90) is None
     assert h.grouped_resident("fwd", "16x64x256 w4 s3", "int4g32", 80) is None
     for slots, e, cols, n, bn, sms, res in [(10, 8, 32, 28672, 64, 108, (4, 4)), (10, 8, 112, 4096, 64, 108, (4, 4)),
@@ -440,6 +444,12 @@ def test_grouped_grad_launcher_asks_the_rule(monkeypatch):
     monkeypatch.setattr(gm, "target_arch", lambda: 80)
     monkeypatch.setattr(gm, "num_sms", lambda device: 108)
     assert gm._grad_programs(10, 8, True, 32, 28672, cfg, nf4, "cpu") == (8, 5)  # Mixtral gate_up, 16 tokens
+    # Qwen3 down at 16 tokens (128 slots, 128 experts: a program row per slot, 6 CTAs of it resident on
+    # sm_80 against 5 of the slot loop): 768 dX tiles -> 4 slices (3072 CTAs, 4.7 waves of 648 slots)
+    int4 = SimpleNamespace(bits=4, fmt="int", group_size=32)
+    assert h.grouped_resident("grad", "16x64x128 w4 s4", "int4g32", 80, slot_loop=False) == (6, 6)
+    assert gm._grad_programs(128, 128, True, 6, 2048, cfg, int4, "cpu") == (128, 4)
+    assert h.grouped_programs(128, 128, True, 6, 2048, 64, 108, (5, 5)) == (128, 2)  # the slot loop's count
     assert gm._grad_programs(40, 8, False, 32, 28672, cfg, nf4, "cpu") == (40, 1)
     monkeypatch.setattr(gm, "target_arch", lambda: 90)  # no sm_90 entry for this tile: unsplit
     assert gm._grad_programs(10, 8, True, 32, 28672, cfg, nf4, "cpu") == (8, 1)

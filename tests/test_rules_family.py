@@ -39,60 +39,31 @@ KNOWN_OFF = {
         "fwd/int4g128/8192->28672/M16": 0.988,
         "fwd/int4g32/8192->28672/M1": 0.988,
         "fwd/int4g32/8192->28672/M16": 0.988,
-        # split kernel vs GEMM at M = 64..128: fused_time compares the split kernels' DRAM fraction
-        # with the GEMM's MAC term at its fitted efficiency x SM balance. Round 7's half2 tile raised
-        # the GEMMs' fitted efficiency (a median over M), so on the 2048-4096-wide layers at
-        # M = 64-128 (32-64 CTAs) the rule now takes the GEMM where the analyzer's pessimistic
-        # estimate (weight stream + issue of a part-filled grid) favours the split kernel (0.70-0.94)
-        "fwd/int4g32/14336->4096/M64": 0.818,
-        "fwd/int4g32/2048->2048/M128": 0.698,
-        "fwd/int4g32/4096->4096/M64": 0.821,
-        "fwd/int4g32/8192->2048/M128": 0.751,
         # the input gradient at mid M (round 6): the split's passes are a DRAM-rate estimate
         # (heuristics.grad_workspace_share); 2-5 % apart
         "dgrad/nf4dq/2048->8192/M333": 0.978,
         "dgrad/nf4dq/3072->1024/M128": 0.983,
     },
     80: {
-        # split-K 16x64x128 vs 16x64x256: the fitted efficiency is a median over the shapes and
-        # round 6's occupancy-aware split count (heuristics.occupancy_split) gives the two depths
-        # other grids; 1-8 % apart either way
-        "fwd/int2g32/2048->2048/M64": 0.937,
-        "fwd/int2g32/3072->1024/M128": 0.918,
-        "fwd/int2g32/3072->1024/M64": 0.949,
-        "fwd/int2g32/3072->3072/M128": 0.916,
+        # split-K 16x64x128 vs 16x64x256 at M <= 16 (one tile: the one-tile score decides; at mid M
+        # round 8's per-candidate SPLIT_MID_M lines do): the fitted efficiency is a median over the
+        # shapes and round 6's occupancy-aware split count (heuristics.occupancy_split) gives the
+        # two depths other grids; 1-5 % apart either way
         "fwd/int2g32/3072->8192/M1": 0.974,
-        "fwd/int2g32/4096->1024/M64": 0.937,
         "fwd/int2g32/8192->3072/M1": 0.949,
         "fwd/int2g32/8192->3072/M16": 0.977,
         "fwd/int4g128/3072->8192/M1": 0.976,
         "fwd/int4g128/3072->8192/M16": 0.976,
-        "fwd/int4g128/8192->3072/M64": 0.972,
-        "fwd/int4g32/3072->3072/M128": 0.979,
         "fwd/nf4dq/14336->4096/M1": 0.961,
         "fwd/nf4dq/14336->4096/M16": 0.977,
-        "fwd/nf4dq/2048->2048/M64": 0.983,
-        "fwd/nf4dq/3072->1024/M128": 0.964,
         "fwd/nf4dq/3072->8192/M1": 0.978,
-        "fwd/nf4dq/4096->1024/M64": 0.983,
         "fwd/nf4dq/8192->3072/M1": 0.978,
-        "fwd/nf4dq/8192->3072/M64": 0.962,
-        # split kernel vs GEMM at M = 64..128: fused_time compares the split kernels' DRAM fraction
-        # with the GEMM's MAC term at its fitted efficiency x SM balance. Round 7's half2 tile raised
-        # the GEMMs' fitted efficiency (a median over M), so on the 2048-4096-wide layers at
-        # M = 64-128 (32-64 CTAs) the rule now takes the GEMM where the analyzer's pessimistic
-        # estimate (weight stream + issue of a part-filled grid) favours the split kernel (0.70-0.94)
-        "fwd/int3g128/4096->14336/M64": 0.964,
-        "fwd/int4g128/14336->4096/M128": 0.932,
-        "fwd/int4g128/2048->8192/M64": 0.921,
-        "fwd/int4g128/28672->8192/M64": 0.913,
-        "fwd/int4g128/3072->8192/M64": 0.918,
-        "fwd/int4g128/4096->4096/M128": 0.935,
-        "fwd/int4g128/8192->8192/M64": 0.915,
+        # split kernel vs GEMM at M = 64..128 (round 8: heuristics.SPLIT_MID_M as per-tile + shared
+        # time, GEMM_MID_M): the two within 1.2 % at the analyzer's estimate, either side of the
+        # fitted medians (the GEMM's time spreads 0.89-1.02 of the fit over the shapes)
         "fwd/int4g32/28672->8192/M64": 0.986,
-        "fwd/int4g32/4096->14336/M64": 0.886,
+        "fwd/int4g32/4096->4096/M128": 0.988,
         "fwd/int4g32/8192->8192/M64": 0.988,
-        "fwd/nf4dq/4096->14336/M64": 0.977,
         # the forward GEMM's tile at M = 128-2048 (calibrated efficiencies are medians over the
         # unsplit launches; round 6's K split); 1-5 % apart
         "fwd/int2g32/4096->1024/M333": 0.989,
@@ -174,6 +145,16 @@ def test_resident_ctas_are_the_sweeps():
     assert sr.fit_resident(rows) == h.RESIDENT
 
 
+def test_mid_m_tables_are_the_sweeps():
+    """heuristics.SPLIT_MID_M and GEMM_MID_M (round 8: the split kernels' and the GEMMs' time at
+    16 < M <= 128 against the rules' model) are what ``--fit-rules`` reads from the committed sweep
+    with the current CALIBRATION: after a re-sweep or a CALIBRATION refit, refit them too."""
+    rows = [r for arch in (90, 80) for r in sr.read_csv(SWEEP[arch])
+            if r.get("M") is not None and h.SPLIT_ALWAYS_M < r["M"] <= h.SPLIT_MAX_M]
+    assert sr.fit_split_mid(rows) == h.SPLIT_MID_M
+    assert sr.fit_gemm_mid(rows) == h.GEMM_MID_M
+
+
 def test_split_count_leaves_no_slice_idle():
     for length in (64, 512, 1000, 4096, 14336, 28672):
         for block in (64, 128, 256):
@@ -230,7 +211,27 @@ def test_fused_kernel_rule_weighs_split_against_gemm(device_lists):
         assert h.choose_fused("grad", m, 512, 2048, arch=80).op == "grad"
     p = h.choose_path("fwd", 64, 512, 2048, arch=90)
     assert p.fused.op == "splitk" and p.t_fused == pytest.approx(h.fused_time(p.fused, 64, 512, 2048, h.weight_bytes(
-        512, 2048, 4, 128, False), 90))
+        512, 2048, 4, 128, False), 90, "int4g128"))
+    # round 8: the split kernel's M tiles as per-tile + shared time (SPLIT_MID_M, per candidate), M = 16
+    # one tile; a group size without lines takes the bit width's, a candidate without one their mean
+    deep, shallow = "16x64x256 w4 s3", "16x64x128 w4 s4"
+    lines = h.SPLIT_MID_M[(90, "splitk")]
+    per_tile, shared = lines["int4g32"][deep]
+    assert h.split_mid_tiles("splitk", 4, "int4g32", 90, deep) == pytest.approx(4 * per_tile + shared)
+    assert h.split_mid_tiles("splitk", 1, "int4g32", 90, deep) == 1.0
+    assert h.split_mid_tiles("splitk", 2, "int4g64", 90, deep) == pytest.approx(2 * lines["int4"][deep][0]
+                                                                                + lines["int4"][deep][1])
+    mean = [(a + b) / 2 for a, b in zip(lines["int4g32"][deep], lines["int4g32"][shallow])]
+    assert h.split_mid_tiles("splitk", 4, "int4g32", 90, "16x128x256 w8 s3") == pytest.approx(4 * mean[0] + mean[1])
+    assert 0 < shared < per_tile < 1
+    # at mid M the split kernel's tile is the one fused_time finds fastest (sm_80 INT2 3072->3072 at
+    # M = 128: the 256-deep tile, 0.70 a further M tile against 0.78; the one-tile score prefers 128)
+    c = h.choose_config("splitk", 128, 3072, 3072, "int2g32", 80)
+    assert c.label == deep and h.choose_config("splitk", 16, 3072, 3072, "int2g32", 80).label == shallow
+    packed = h.weight_bytes(3072, 3072, 2, 32, False)
+    others = [o for o in h.score_all("splitk", 128, 3072, 3072, "int2g32", 80) if o.label != c.label]
+    assert others and all(h.fused_time(c, 128, 3072, 3072, packed, 80, "int2g32")
+                          < h.fused_time(o, 128, 3072, 3072, packed, 80, "int2g32") for o in others)
 
 
 @pytest.mark.parametrize("arch", (90, 80))

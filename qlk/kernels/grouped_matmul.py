@@ -552,10 +552,13 @@ def grouped_matmul_grad_input(dy: torch.Tensor, qw: QuantizedWeight, offsets: to
 
 def _grad_programs(slots, num_experts, small, cols, n, cfg, qw, device):
     """(program rows, N slices) of the input gradient: :func:`qlk.kernels.heuristics.grouped_programs`
-    with the target's SM count and the tile's resident CTAs (none under the interpreter: unsplit)."""
+    with the target's SM count and the resident CTAs of the tile and kernel variant (slot loop or a
+    program row per slot; none under the interpreter: unsplit)."""
     label = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg.get('num_warps', 4)} s{cfg.get('num_stages', 3)}"
     fmt = heuristics.format_class(qw.bits, qw.fmt == "nf4", qw.group_size)
-    resident = None if INTERPRETED else heuristics.grouped_resident("grad", label, fmt, target_arch())
+    # the kernel variant the rule's program rows give (SLOT_LOOP): its registers, so its occupancy, differ
+    slot_loop = heuristics.grouped_programs(slots, num_experts, small)[0] < slots
+    resident = None if INTERPRETED else heuristics.grouped_resident("grad", label, fmt, target_arch(), slot_loop)
     return heuristics.grouped_programs(slots, num_experts, small, cols, n, cfg["BLOCK_N"], num_sms(device),
                                        resident)
 

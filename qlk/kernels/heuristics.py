@@ -87,6 +87,14 @@ for its workspace's passes outside the kernel (:func:`grad_workspace_share`: zer
 into dX) and must beat the unsplit launch of the same tile by :data:`GRAD_SPLIT_MARGIN`. Split
 variants that spill (:func:`grad_split_spills`) are not proposed.
 
+**Round 8** (16 < M ≤ 128, the split kernel against the GEMM). The split kernel's time over its
+M tiles is ``per_tile · T + shared`` tiles' worth, per candidate (:data:`SPLIT_MID_M`,
+:func:`split_mid_tiles`: the tiles after the first re-read the weight's slice through L2), and the
+split kernels' tile there is the one of least such time; the GEMM's MAC time is scaled by
+:data:`GEMM_MID_M` (the analyzer judges these launches by their DRAM time); both fitted from the
+sweep by ``bench/static_report.py --fit-rules``. The grouped (MoE) input gradient's resident CTAs
+are per kernel variant (:data:`GROUPED_RESIDENT`: slot loop or a program row per slot).
+
 **Path rule** (:func:`choose_path`): at M > 16, the fused kernel or dequantize (Ŵ written once
 in the activation dtype, :mod:`qlk.kernels.dequant`) then a dense GEMM, whichever the static model
 says is faster::
@@ -729,6 +737,12 @@ def _choose(op, m, n, k, fmt, arch, sms, configs, fp32_bias, pool):
         sms = sms or DEFAULT_SMS[arch_family(arch)]
         configs = candidates(op) if configs is None else configs
         return dataclasses.replace(_score(op, configs[0], m, n, k, fmt, arch, sms), index=0)
+    if op in ("splitk", "splitn") and SPLIT_ALWAYS_M < m <= SPLIT_MAX_M:
+        # round 8: several 16-row M tiles; each candidate's own line of time over tiles (SPLIT_MID_M),
+        # so the one :func:`fused_time` finds fastest, which choose_fused weighs against the GEMM
+        tiles = math.ceil(m / scored[0].block_m)
+        return max(scored, key=lambda s: (round(s.score * tiles / split_mid_tiles(op, tiles, fmt, arch, s.label), 6),
+                                          -s.ctas, -s.index))
     # equal scores: the bigger tile (fewer CTAs; the analyzer ranks it first on sm_90, e.g. 256x128 w8
     # over 256x64 w4 at M = 4096), then list order
     return max(scored, key=lambda s: (round(s.score, 6), -s.ctas, -s.index))
@@ -794,28 +808,101 @@ DEQUANT_MARGIN = 1.0
 SPLIT_ALWAYS_M, SPLIT_MAX_M = 16, 128
 
 
-#: the analyzer's time of the split kernels at 16 < M ≤ 128 over the per-tile model's (⌈M/16⌉
-#: 16-row tiles, each as at M = 16), per format class: median over the sweep's M = 64 and 128 cases
-#: (±10 %: several M tiles share the weight's slice through L2 and the split leaves longer slices)
+#: Round 8: the analyzer's time of the split kernels at 16 < M ≤ 128 in units of one 16-row M tile's
+#: model time (:func:`split_tile_bytes` / (DRAM · score), the tile as at M = 16): ``per_tile · T +
+#: shared`` for T = ⌈M/16⌉ tiles, per (arch, op), format class (per group size where the sweep has
+#: one; the bit width's entry else) and candidate. The M tiles share the weight's slices through L2:
+#: each adds ``per_tile`` (0.46-0.90 of a tile: its L2 re-read, its activations and partials, its
+#: issue), and ``shared`` (0.1-0.3) is paid once; the deeper split-K tile adds less per M tile
+#: (sm_80 INT2 16x64x256 0.70 against 16x64x128 0.78), so at mid M the split kernels' tile is
+#: chosen by this time (:func:`_choose`), not by the one-tile score. Fitted by ``bench/static_report.py --fit-rules`` from the
+#: sweep's M = 64 and 128 (T = 4, 8); out of sample, at M = 32 (T = 2) it is within 3 % of the
+#: analyzer's median (sm_90 split-K INT4 g32 16x64x256: 0.601 a tile against 0.608). Round 3-7 had one factor
+#: per bit width, a median over T = 4 and 8 of an older kernel (INT4 0.68 where the analyzer now
+#: has 0.54 at T = 4 and 0.61 at T = 2), so at M = 32-128 the rule took the GEMM where the split
+#: kernel is faster by up to 30 %.
 SPLIT_MID_M = {
-    (90, "splitk"): {"int2": 0.84, "int3": 0.88, "int4": 0.68, "nf4": 0.80},
-    (90, "splitn"): {"int2": 0.91, "int3": 0.92, "int4": 0.88, "nf4": 0.89},
-    (80, "splitk"): {"int2": 0.83, "int3": 0.87, "int4": 0.73, "nf4": 0.80},
-    (80, "splitn"): {"int2": 0.91, "int3": 0.91, "int4": 0.88, "nf4": 0.89},
+    (80, 'splitk'): {
+        'int2': {'16x64x128 w4 s4': (0.776, 0.282), '16x64x256 w4 s3': (0.7, 0.28)},
+        'int3': {'16x64x128 w4 s4': (0.799, 0.246), '16x64x256 w4 s3': (0.797, 0.248)},
+        'int4': {'16x64x128 w4 s4': (0.541, 0.284), '16x64x256 w4 s3': (0.522, 0.299)},
+        'int4g128': {'16x64x128 w4 s4': (0.58, 0.264), '16x64x256 w4 s3': (0.547, 0.281)},
+        'int4g32': {'16x64x128 w4 s4': (0.533, 0.283), '16x64x256 w4 s3': (0.518, 0.282)},
+        'nf4': {'16x64x128 w4 s4': (0.773, 0.288), '16x64x256 w4 s3': (0.734, 0.29)},
+    },
+    (80, 'splitn'): {
+        'int2': {'16x128x128 w4 s3': (0.891, 0.121), '16x64x128 w4 s4': (0.893, 0.119)},
+        'int3': {'16x128x128 w4 s3': (0.892, 0.12), '16x64x128 w4 s4': (0.903, 0.106)},
+        'int4': {'16x128x128 w4 s3': (0.846, 0.18), '16x64x128 w4 s4': (0.845, 0.183)},
+        'int4g128': {'16x128x128 w4 s3': (0.854, 0.168), '16x64x128 w4 s4': (0.851, 0.168)},
+        'int4g32': {'16x128x128 w4 s3': (0.845, 0.179), '16x64x128 w4 s4': (0.846, 0.178)},
+        'nf4': {'16x128x128 w4 s3': (0.866, 0.153), '16x64x128 w4 s4': (0.867, 0.152)},
+    },
+    (90, 'splitk'): {
+        'int2': {'16x64x128 w4 s4': (0.757, 0.281), '16x64x256 w4 s3': (0.687, 0.279)},
+        'int3': {'16x64x128 w4 s4': (0.793, 0.252), '16x64x256 w4 s3': (0.783, 0.271)},
+        'int4': {'16x64x128 w4 s4': (0.519, 0.257), '16x64x256 w4 s3': (0.48, 0.252)},
+        'int4g128': {'16x64x128 w4 s4': (0.553, 0.287), '16x64x256 w4 s3': (0.513, 0.277)},
+        'int4g32': {'16x64x128 w4 s4': (0.502, 0.287), '16x64x256 w4 s3': (0.464, 0.275)},
+        'nf4': {'16x64x128 w4 s4': (0.777, 0.281), '16x64x256 w4 s3': (0.744, 0.29)},
+    },
+    (90, 'splitn'): {
+        'int2': {'16x128x64 w4 s3': (0.89, 0.118), '16x256x64 w4 s3': (0.888, 0.121)},
+        'int3': {'16x128x64 w4 s3': (0.897, 0.112), '16x256x64 w4 s3': (0.893, 0.117)},
+        'int4': {'16x128x64 w4 s3': (0.848, 0.166), '16x256x64 w4 s3': (0.846, 0.17)},
+        'int4g128': {'16x128x64 w4 s3': (0.86, 0.156), '16x256x64 w4 s3': (0.858, 0.158)},
+        'int4g32': {'16x128x64 w4 s3': (0.844, 0.179), '16x256x64 w4 s3': (0.843, 0.18)},
+        'nf4': {'16x128x64 w4 s3': (0.866, 0.148)},
+    },
 }
+#: an arch, op or format without a fitted line: a flat share of the tiles' time
+SPLIT_MID_DEFAULT = (0.85, 0.0)
+
+
+#: Round 8: the analyzer's time of the GEMMs at 16 < M ≤ 128 over :func:`fused_time`'s MAC term
+#: (the tile's fitted tensor efficiency, a median over every M > 16 that large M dominates), per
+#: (arch, op) and format class: the median over the sweep's M = 64 and 128 rows of every candidate.
+#: The analyzer judges these launches by their DRAM time, which their few CTAs overlap better than
+#: the MAC term says (sm_80 0.86-0.94, sm_90 0.93-0.99). Fitted by ``bench/static_report.py
+#: --fit-rules``; 1 for a format without an entry and outside that M range.
+GEMM_MID_M = {
+    (80, 'fwd'): {'int2': 0.907, 'int3': 0.895, 'int4': 0.926, 'int4g128': 0.919, 'int4g32': 0.935, 'nf4': 0.928},
+    (80, 'grad'): {'int2': 0.864, 'int3': 0.87, 'int4': 0.893, 'int4g128': 0.887, 'int4g32': 0.9, 'nf4': 0.891},
+    (90, 'fwd'): {'int2': 0.947, 'int3': 0.945, 'int4': 0.982, 'int4g128': 0.978, 'int4g32': 0.985, 'nf4': 0.976},
+    (90, 'grad'): {'int2': 0.93, 'int3': 0.937, 'int4': 0.975, 'int4g128': 0.965, 'int4g32': 0.985, 'nf4': 0.966},
+}
+
+
+def split_mid_tiles(op: str, tiles: int, fmt: str, arch: int, label: Optional[str] = None) -> float:
+    """The split kernel's time at ``tiles`` 16-row M tiles in units of one tile's model time:
+    ``per_tile · tiles + shared`` (:data:`SPLIT_MID_M`, the candidate ``label``'s line; a candidate
+    without one: the mean of its format's lines), ``tiles`` itself for one tile (M ≤ 16)."""
+    if tiles <= 1:
+        return float(tiles)
+    table = SPLIT_MID_M.get((arch_family(arch), op), {})
+    lines = table.get(fmt) or table.get(base_format(fmt)) or {}
+    line = lines.get(label)
+    if line is None:
+        line = tuple(sum(x) / len(lines) for x in zip(*lines.values())) if lines else SPLIT_MID_DEFAULT
+    per_tile, shared = line
+    return per_tile * tiles + shared
 
 
 def fused_time(c: KernelChoice, m: int, n: int, k: int, packed: float, arch: int, fmt: str = "int4") -> float:
     """Estimated seconds of the fused kernel ``c`` (module docstring): GEMMs MACs / (peak · score),
-    at least the packed weight's DRAM time; split kernels the weight stream once per 16-row M tile,
-    (⌈M/16⌉ · packed) / (DRAM · score)."""
+    at least the packed weight's DRAM time; split kernels one 16-row M tile's bytes (the packed weight,
+    its rows of activations and partials) / (DRAM · score), times :func:`split_mid_tiles` for ⌈M/16⌉
+    tiles (round 8: ``per_tile · T + shared``, the tiles sharing the weight's slices through L2)."""
     fam = arch_family(arch)
     a = ARCH[fam]
     if c.op in ("splitk", "splitn"):
-        tiles = math.ceil(m / c.block_m)
-        mid = SPLIT_MID_M[(fam, c.op)].get(base_format(fmt), 0.85) if tiles > 1 else 1.0
-        return tiles * mid * split_tile_bytes(c.op, n, k, packed, c.block_m) / (a.dram_bytes_per_s * c.score)
-    return max(m * n * k / (a.macs_per_s * c.score), packed / a.dram_bytes_per_s)
+        units = split_mid_tiles(c.op, math.ceil(m / c.block_m), fmt, fam, c.label)
+        return units * split_tile_bytes(c.op, n, k, packed, c.block_m) / (a.dram_bytes_per_s * c.score)
+    t = max(m * n * k / (a.macs_per_s * c.score), packed / a.dram_bytes_per_s)
+    if SPLIT_ALWAYS_M < m <= SPLIT_MAX_M:
+        table = GEMM_MID_M.get((fam, c.op), {})
+        t *= table.get(fmt) or table.get(base_format(fmt)) or 1.0
+    return t
 
 
 def split_tile_bytes(op: str, n: int, k: int, packed: float, rows: int = 16) -> float:
@@ -925,36 +1012,50 @@ def choose_m1_grad(n: int, k: int, fmt: str = "int4", arch: int = 90, sms: Optio
 # Round 7: program rows of the small-M grouped (MoE) kernels (qlk.kernels.grouped_matmul)
 # ------------------------------------------------------------------------------------------------
 #: CTAs of the small-M grouped input gradient's tile one SM holds at once in its split-N launch (the
-#: one this rule sizes), (fewest, most) over the launches of bench/moe_estimates.py's run (the
+#: one this rule sizes), (fewest, most) over the split launches of bench/moe_estimates.py's run (the
 #: analyzer's occupancy, as :data:`RESIDENT` for the dense split kernels), per format class as there
-#: (an entry per bit width for the group sizes without one). Round 7, sm_80: Mixtral's gate_up / down
-#: (slot loop) and Qwen3's down (no slot loop): INT4 g32 110 / 96 registers -> 4 / 5, INT4 g128
-#: 167 / 128 -> 3 / 4, INT2 g32 148 / 126 -> 3 / 4, INT3 g128 128 / 96 -> 4 / 5, NF4 128 -> 4; sm_90
-#: (Mixtral down): 190-255 -> 2. A tile or format without an entry is launched unsplit.
+#: (an entry per bit width for the group sizes without one) and per kernel variant: "slot_loop"
+#: (program rows < tile slots, ``SLOT_LOOP``: Mixtral at 16 tokens, 10 slots over 8 rows) and
+#: "per_slot" (one program row per slot: Qwen3, 128 slots and experts). Fitted by
+#: ``python bench/moe_estimates.py --fit-resident bench/results/static-moe-sm80.csv
+#: bench/results/static-moe-sm90.csv``. Round 8 refit after round 7's half2 transposed tile, which
+#: lowered the registers: sm_80 slot loop INT4 96 registers -> 5 (the table had 3-5), INT2 / INT3 /
+#: NF4 128 -> 4, per slot 79-80 -> 6 (NF4 128 -> 4); sm_90 slot loop 206-255 -> 2, per slot 128 -> 4.
+#: One range over both variants (sm_80 INT2 (4, 6), sm_90 (2, 4)) would size for occupancies neither
+#: launch has: sm_90 Mixtral gate_up would split 4 ways at 2 resident. A tile, format or variant
+#: without an entry is launched unsplit.
 GROUPED_RESIDENT = {
-    (80, "grad", "int4g32"): {"16x64x128 w4 s4": (4, 5)},
-    (80, "grad", "int4g128"): {"16x64x128 w4 s4": (3, 4)},
-    (80, "grad", "int4"): {"16x64x128 w4 s4": (3, 5)},
-    (80, "grad", "int3"): {"16x64x128 w4 s4": (4, 5)},
-    (80, "grad", "int2"): {"16x64x128 w4 s4": (3, 4)},
-    (80, "grad", "nf4"): {"16x64x128 w4 s4": (4, 4)},
-    (90, "grad", "int4"): {"16x128x128 w4 s3": (2, 2)},
-    (90, "grad", "int3"): {"16x128x128 w4 s3": (2, 2)},
-    (90, "grad", "int2"): {"16x128x128 w4 s3": (2, 2)},
-    (90, "grad", "nf4"): {"16x128x128 w4 s3": (2, 2)},
+    (80, 'grad', 'int2'): {'16x64x128 w4 s4': {'per_slot': (6, 6), 'slot_loop': (4, 4)}},
+    (80, 'grad', 'int3'): {'16x64x128 w4 s4': {'per_slot': (6, 6), 'slot_loop': (4, 4)}},
+    (80, 'grad', 'int4'): {'16x64x128 w4 s4': {'per_slot': (6, 6), 'slot_loop': (5, 5)}},
+    (80, 'grad', 'int4g128'): {'16x64x128 w4 s4': {'per_slot': (6, 6), 'slot_loop': (5, 5)}},
+    (80, 'grad', 'int4g32'): {'16x64x128 w4 s4': {'per_slot': (6, 6), 'slot_loop': (5, 5)}},
+    (80, 'grad', 'nf4'): {'16x64x128 w4 s4': {'per_slot': (4, 4), 'slot_loop': (4, 4)}},
+    (90, 'grad', 'int2'): {'16x128x128 w4 s3': {'per_slot': (4, 4), 'slot_loop': (2, 2)}},
+    (90, 'grad', 'int3'): {'16x128x128 w4 s3': {'per_slot': (4, 4), 'slot_loop': (2, 2)}},
+    (90, 'grad', 'int4'): {'16x128x128 w4 s3': {'per_slot': (4, 4), 'slot_loop': (2, 2)}},
+    (90, 'grad', 'int4g128'): {'16x128x128 w4 s3': {'per_slot': (4, 4), 'slot_loop': (2, 2)}},
+    (90, 'grad', 'int4g32'): {'16x128x128 w4 s3': {'per_slot': (4, 4), 'slot_loop': (2, 2)}},
+    (90, 'grad', 'nf4'): {'16x128x128 w4 s3': {'per_slot': (4, 4), 'slot_loop': (2, 2)}},
 }
 #: at most this many waves of the resident slots (SMs × resident CTAs) from the split: each slice
 #: adds its fp32 partial dX tile (BLOCK_K × BLOCK_M × 4 B of atomics) and its own prologue
 GROUPED_SPLIT_WAVES = 4
 
 
-def grouped_resident(direction: str, label: str, fmt: str, arch: int) -> Optional[tuple[int, int]]:
+def grouped_resident(direction: str, label: str, fmt: str, arch: int, slot_loop: bool = True
+                     ) -> Optional[tuple[int, int]]:
     """(fewest, most) resident CTAs per SM of the grouped kernel's tile ``label`` for format class
-    ``fmt`` (:func:`format_class`) on ``arch`` (:data:`GROUPED_RESIDENT`; the bit width's entry for a
+    ``fmt`` (:func:`format_class`) on ``arch``, in its slot-loop variant (``slot_loop``: program rows
+    < tile slots) or its program-per-slot one (:data:`GROUPED_RESIDENT`; the bit width's entry for a
     group size without its own), or None."""
     fam = arch_family(arch)
-    got = GROUPED_RESIDENT.get((fam, direction, fmt), {}).get(label)
-    return got if got is not None else GROUPED_RESIDENT.get((fam, direction, base_format(fmt)), {}).get(label)
+    variant = "slot_loop" if slot_loop else "per_slot"
+    for f in (fmt, base_format(fmt)):
+        got = GROUPED_RESIDENT.get((fam, direction, f), {}).get(label)
+        if got is not None:
+            return got.get(variant)
+    return None
 
 
 def grouped_programs(slots: int, num_experts: int, small: bool, cols: int = 1, length: int = 1, block: int = 1,
