@@ -626,6 +626,26 @@ def test_qalora_paths(case, m, fwd_path, grad_path, det):
     assert oracles.rel_err(v, dy.cpu().double() @ b.cpu().double()) < 1e-6
 
 
+@pytest.mark.parametrize("case", [(4, 16, 512), (2, 8, 520)], ids=int_id)
+def test_qalora_splitk_fp16_pools_stored_order(case):
+    """fp16 activations at small M: the split-K decode loop reads X in the lane-owned k order
+    (decode_tile._lane_x_tile: INT4 permutes 32-column spans, INT2 64-column ones) and must pool
+    P(X) from X in the stored order. Groups narrower than that span (g16 INT4, g8 INT2, ragged K =
+    520), several tiles a slice, P(X) and Y NaN-poisoned, against the paper's formula (Y: Ŵ and the
+    folded biases rounded to fp16, fp16 output)."""
+    qw, w64 = int_weight(*case)
+    n, k = qw.shape
+    g = qw.group_size
+    a, b = adapter(qw, w64, seed=k + g + 3)
+    m = 5
+    x = randn(m, k, seed=k + 31).half()
+    y_ref, p_ref = oracles.qalora_forward64(x.cpu(), w64, a.cpu(), b.cpu(), SIGMA, g)
+    use_split("splitk", m, n, k)
+    y, p = qalora_forward(x, qw, a, b, SIGMA, None, out=nan(m, n).half(), path="splitk")
+    assert oracles.rel_err(p, p_ref) < 1e-6
+    assert oracles.rel_err(y, y_ref) < 2e-3
+
+
 class _MatmulShapes(TorchDispatchMode):
     """Records the operand shapes of every aten.mm / addmm / bmm dispatched inside the block."""
 

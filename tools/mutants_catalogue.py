@@ -332,6 +332,27 @@ MUTANTS = [
          old="SCALE_TRICK: tl.constexpr = IS_NF4 or s_ptr.dtype.element_ty != tl.float32",
          new="SCALE_TRICK: tl.constexpr = True",
          tests=["tests/test_quant_tile_t.py", "-k", "tiny_scales"]),
+    # ---- round 8 audit: paths an injected bug survived before (docs/kernels.md "Round 8 audit") ----
+    dict(id="dgrad-split-floor-tiles", cls="multi-tile reduction", file="qlk/kernels/fused_matmul.py",
+         old="slice_tiles = tl.cdiv(tl.cdiv(N, BLOCK_N), tl.num_programs(1))",
+         new="slice_tiles = tl.cdiv(N, BLOCK_N) // tl.num_programs(1)",
+         tests=[KP, "-k", "test_grad_input_gemm_split_uneven_slices"]),
+    dict(id="decode-selector-high-byte", cls="unpacking", file="qlk/kernels/decode_tile.py",
+         old="sel1 = (byte | ((4 + byte) << 8)).to(tl.int16)\n"
+             "        sel = tl.reshape(tl.broadcast_to(tl.join(sel1, sel1)[None, None, :, :], (BLOCK_N, NW,",
+         new="sel1 = (byte | (byte << 8)).to(tl.int16)\n"
+             "        sel = tl.reshape(tl.broadcast_to(tl.join(sel1, sel1)[None, None, :, :], (BLOCK_N, NW,",
+         tests=[DT, "-k", "test_gemm_forward"]),
+    dict(id="dgrad-half2-selector-high-byte", cls="unpacking", file="qlk/kernels/quant_tile_t.py",
+         old="return a, b, j | ((4 + j) << 8)", new="return a, b, j | (j << 8)",
+         tests=["tests/test_quant_tile_t.py", "-k", "test_half2_tile_t"]),
+    dict(id="dgrad-half2-scale-pair-low-half", cls="scale/bias swap", file="qlk/kernels/quant_tile_t.py",
+         old="h = x.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF\n        pair = h | (h << 16)",
+         new="h = x.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF\n        pair = h",
+         tests=["tests/test_quant_tile_t.py", "-k", "test_half2_tile_t"]),
+    dict(id="decode-lanes-pool-permuted-x", cls="multi-tile pooling", file="qlk/kernels/fused_matmul.py",
+         old="if LANES:  # the pooling wants X", new="if False:  # the pooling wants X",
+         tests=[KP, "-k", "test_qalora_splitk_fp16_pools_stored_order"]),
     # ---- autograd, reference, merge, formats -----------------------------------------------------
     dict(id="autograd-dA-scale", cls="scale", file="qlk/autograd/qalora.py",
          old="da = (v.t() @ pooled).mul_(s).to(a.dtype)", new="da = (v.t() @ pooled).mul_(s / g).to(a.dtype)",
