@@ -353,6 +353,53 @@ MUTANTS = [
     dict(id="decode-lanes-pool-permuted-x", cls="multi-tile pooling", file="qlk/kernels/fused_matmul.py",
          old="if LANES:  # the pooling wants X", new="if False:  # the pooling wants X",
          tests=[KP, "-k", "test_qalora_splitk_fp16_pools_stored_order"]),
+    # grouped kernels: the tile map's first tile is expert 0's (every other test starts with an empty
+    # expert), K ragged (EVEN_K false) in the grouped launches
+    dict(id="grouped-fwd-skips-expert-0", cls="wrong group", file="qlk/kernels/grouped_matmul.py",
+         old="    e = tl.load(tile_expert_ptr + t)\n    if e >= 0:\n        row0 = tl.load(tile_row_ptr + t)\n"
+             "        row_end = tl.load(bounds_ptr + e + 1).to(tl.int32)\n        offs_m",
+         new="    e = tl.load(tile_expert_ptr + t)\n    if e > 0:\n        row0 = tl.load(tile_row_ptr + t)\n"
+             "        row_end = tl.load(bounds_ptr + e + 1).to(tl.int32)\n        offs_m",
+         tests=["tests/test_moe.py", "-k", "ragged_k_and_first"]),
+    dict(id="grouped-grad-skips-expert-0", cls="wrong group", file="qlk/kernels/grouped_matmul.py",
+         old="    e = tl.load(tile_expert_ptr + t)\n    if e >= 0:\n        row0 = tl.load(tile_row_ptr + t)\n"
+             "        row_end = tl.load(bounds_ptr + e + 1).to(tl.int32)\n        k0",
+         new="    e = tl.load(tile_expert_ptr + t)\n    if e > 0:\n        row0 = tl.load(tile_row_ptr + t)\n"
+             "        row_end = tl.load(bounds_ptr + e + 1).to(tl.int32)\n        k0",
+         tests=["tests/test_moe.py", "-k", "ragged_k_and_first"]),
+    dict(id="grouped-splitk-skips-expert-0", cls="wrong group", file="qlk/kernels/grouped_matmul.py",
+         old="if (e >= 0) & (e < NUM_EXPERTS):", new="if (e > 0) & (e < NUM_EXPERTS):",
+         tests=["tests/test_moe.py", "-k", "ragged_k_and_first"]),
+    dict(id="grouped-grad-k-tiles-floor", cls="partial words", file="qlk/kernels/grouped_matmul.py",
+         old='cols = triton.cdiv(k, cfg["BLOCK_K"])', new='cols = k // cfg["BLOCK_K"]',
+         tests=["tests/test_moe.py", "-k", "ragged_k_and_first"]),
+    dict(id="grouped-fwd-store-row-past-expert", cls="off by one", file="qlk/kernels/grouped_matmul.py",
+         old="            y_mask = (offs_m[:, None] < row_end) & (offs_n[None, :] < N)\n            tl.store(y_ptrs, acc",
+         new="            y_mask = (offs_m[:, None] <= row_end) & (offs_n[None, :] < N)\n            tl.store(y_ptrs, acc",
+         tests=["tests/test_moe.py", "-k", "slot_loop"]),
+    # the inline-asm branches, run on the emulated PTX (tests/asm_emulator.py): operand lists and
+    # the constant each dtype / bit width selects, which the interpreter's twins never execute
+    dict(id="decode-asm-operand-order", cls="asm operands", file="qlk/kernels/decode_tile.py",
+         old='w = tl.inline_asm_elementwise(ASM_F16_B4, "=r,r,r,r,r,r", [words, sel, s, c]',
+         new='w = tl.inline_asm_elementwise(ASM_F16_B4, "=r,r,r,r,r,r", [words, sel, c, s]',
+         tests=["tests/test_asm_emulated.py", "-k", "test_forward_asm"]),
+    dict(id="decode-asm-constant-int2", cls="asm operands", file="qlk/kernels/decode_tile.py",
+         old='w = tl.inline_asm_elementwise(ASM_F16_B2, "=r,r,r,r,r,r"', new='w = tl.inline_asm_elementwise(ASM_F16_B4, "=r,r,r,r,r,r"',
+         tests=["tests/test_asm_emulated.py", "-k", "test_forward_asm"]),
+    dict(id="decode-lanes-asm-operand-order", cls="asm operands", file="qlk/kernels/decode_tile.py",
+         old='w = tl.inline_asm_elementwise(ASM_F16_H4, "=r,r,r,r", [h, s, c]',
+         new='w = tl.inline_asm_elementwise(ASM_F16_H4, "=r,r,r,r", [h, c, s]',
+         tests=["tests/test_asm_emulated.py", "-k", "test_forward_asm"]),
+    dict(id="decode-int3-word-asm-operands", cls="asm operands", file="qlk/kernels/decode_tile.py",
+         old="[w0, w1, w2, sel, shift, rot]", new="[w1, w0, w2, sel, shift, rot]",
+         tests=["tests/test_asm_emulated.py", "-k", "test_forward_asm"]),
+    dict(id="decode-lanes-int3-asm-operands", cls="asm operands", file="qlk/kernels/decode_tile.py",
+         old='w = tl.inline_asm_elementwise(ASM_F16_H3, "=r,r,r,r,r", [lo, hi, s, c]',
+         new='w = tl.inline_asm_elementwise(ASM_F16_H3, "=r,r,r,r,r", [hi, lo, s, c]',
+         tests=["tests/test_asm_emulated.py", "-k", "test_forward_asm and bk128"]),
+    dict(id="dgrad-half2-asm-constant-int3", cls="asm operands", file="qlk/kernels/quant_tile_t.py",
+         old="r = tl.inline_asm_elementwise(ASM_T_F16_B3,", new="r = tl.inline_asm_elementwise(ASM_T_F16_B4,",
+         tests=["tests/test_asm_emulated.py", "-k", "test_grad_input_half2_asm"]),
     # ---- autograd, reference, merge, formats -----------------------------------------------------
     dict(id="autograd-dA-scale", cls="scale", file="qlk/autograd/qalora.py",
          old="da = (v.t() @ pooled).mul_(s).to(a.dtype)", new="da = (v.t() @ pooled).mul_(s / g).to(a.dtype)",
