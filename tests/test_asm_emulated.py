@@ -165,3 +165,102 @@ def test_grouped_asm(asm_on):
     dx = gm.grouped_matmul_grad_input(dy, qw, off, e_count, config=dict(cfg, SPLIT_N=2, WORDS_AHEAD=True))
     assert torch.equal(dx[routed:], torch.zeros(2, k, dtype=torch.half)) and not dx.isnan().any()
     assert oracles.rel_err(dx[:routed], dx_ref) < 1e-3
+
+
+
+def _exact_bits(s_vals, c_vals, q, mid, act):
+    """The 16-bit patterns of s·(q − mid) + c rounded once (s, c already in the act dtype)."""
+    v = np.asarray(s_vals, dtype=np.float64) * (np.asarray(q, dtype=np.float64) - mid) + np.asarray(c_vals, np.float64)
+    return asm_emulator._f64_to_half_bits(v, "f16" if act == torch.float16 else "bf16")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("act", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_asm_wrappers_pick_their_asm(bits, act, asm_on):
+    """Each asm wrapper with PACKED / ASM on (the branch a GPU runs), both activation dtypes (the
+    interpreter cannot run a bf16 GEMM, so the bf16 branches are checked here, elementwise):
+    ``_byte_codes_to_weights`` (decode, every code pair at every byte), ``_half_codes_to_weights`` /
+    ``_int3_halves_to_weights`` (lane-owned), ``_pair_half2`` with ``_half2_pair``'s packing
+    (transposed decoder); the result against s·(q − m) + c rounded once."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(w_ptr, w2_ptr, sel_ptr, s_ptr, c_ptr, out_ptr, BITS: tl.constexpr, WHICH: tl.constexpr,
+               BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        s = tl.load(s_ptr + offs)
+        c = tl.load(c_ptr + offs)
+        if WHICH == 0:
+            w = decode_tile._byte_codes_to_weights(tl.load(w_ptr + offs), tl.load(sel_ptr + offs).to(tl.int16), s, c,
+                                                   BITS, True)
+            tl.store(out_ptr + offs, w)
+        elif WHICH == 1:
+            if BITS == 3:
+                w = decode_tile._int3_halves_to_weights(tl.load(w_ptr + offs).to(tl.int16),
+                                                        tl.load(w2_ptr + offs).to(tl.int16), s, c, True)
+            else:
+                w = decode_tile._half_codes_to_weights(tl.load(w_ptr + offs).to(tl.int16), s, c, BITS, True)
+            tl.store(out_ptr + offs, w)
+        else:  # the transposed decoder: element e of the pair from a (e = 0) / b (e = 1), one S per pair
+            pair = tl.reshape(offs, (BLOCK // 2, 2))
+            a, b = tl.split(tl.load(w_ptr + pair))
+            sel, _ = tl.split(tl.load(sel_ptr + pair))
+            s1, _ = tl.split(tl.load(s_ptr + pair))
+            c1, _ = tl.split(tl.load(c_ptr + pair))
+            r = quant_tile_t._pair_half2(a, b, sel, quant_tile_t._half2_pair(s1, s_ptr.dtype.element_ty, True),
+                                         quant_tile_t._half2_pair(c1, s_ptr.dtype.element_ty, True),
+                                         s_ptr.dtype.element_ty, BITS, True)
+            lo = r.to(tl.int16).to(s_ptr.dtype.element_ty, bitcast=True)
+            hi = (r >> 16).to(tl.int16).to(s_ptr.dtype.element_ty, bitcast=True)
+            tl.store(out_ptr + tl.reshape(pair, (BLOCK,)), tl.reshape(tl.join(lo, hi), (BLOCK,)))
+
+    fmt = "f16" if act == torch.float16 else "bf16"
+    mid = 1 << (bits - 1)
+    rng = np.random.default_rng(bits * 10 + (act == torch.float16))
+    signed = lambda vs: [v - (1 << 32) if v >= 1 << 31 else v for v in vs]  # noqa: E731
+    words, sels, codes, s_vals, c_vals = [], [], [], [], []
+    for q0, q1, w0, w1, s0, s1, i in exact._grid(bits):
+        words += [w0, w1]
+        sels += [s0, s1]
+        codes += [q0, q1]
+        s_vals += [exact.SCALES[i]] * 2
+        c_vals += [exact.BIASES[(i + q0) % len(exact.BIASES)]] * 2
+    n = len(words)
+    block = 1 << (n - 1).bit_length()
+    pad = block - n
+    s_t = torch.tensor(s_vals + [1.0] * pad).to(act)
+    c_t = torch.tensor(c_vals + [0.0] * pad).to(act)
+    want = _exact_bits(s_t[:n].double().numpy(), c_t[:n].double().numpy(), codes, mid, act)
+
+    def run(which, w, w2, sel):
+        out = torch.full((block,), float("nan"), dtype=act)
+        kernel[(1,)](torch.tensor(signed(w) + [0] * pad, dtype=torch.int32),
+                     torch.tensor(signed(w2) + [0] * pad, dtype=torch.int32),
+                     torch.tensor(sel + [0] * pad, dtype=torch.int32), s_t, c_t, out, BITS=bits, WHICH=which,
+                     BLOCK=block)
+        return out[:n].view(torch.int16).numpy().astype(np.uint16).astype(np.uint64)
+
+    assert np.array_equal(run(0, words, words, sels), want), "decode byte asm"
+    # lane-owned: the code at the bottom of a 16-bit half (INT3: low bits in one, the high bit at bit 2
+    # of the other), random bits above
+    noise = rng.integers(0, 1 << 16, size=n).tolist()
+    if bits == 3:
+        lo = [(x & ~3 & 0xFFFF) | (q & 3) for x, q in zip(noise, codes)]
+        hi = [(x & ~4 & 0xFFFF) | (q & 4) for x, q in zip(noise[::-1], codes)]
+    else:
+        lo = hi = [(x & ~((1 << bits) - 1) & 0xFFFF) | q for x, q in zip(noise, codes)]
+    to16 = lambda vs: [v - (1 << 16) if v >= 1 << 15 else v for v in vs]  # noqa: E731
+    assert np.array_equal(run(1, to16(lo), to16(hi), sels), want), "lane-owned asm"
+    # transposed: pair (a, b) with one selector j | (4 + j) << 8 for both, per pair the even element's
+    # word and scale; every pair of the grid keeps one s and c per pair already
+    pair_sel = []
+    a_b = []
+    for e in range(0, n, 2):
+        j = exact._selector(sels[e] & 3) & 0xFF
+        wa = words[e] & ~(((1 << bits) - 1) << (8 * j)) & 0xFFFFFFFF | (codes[e] << (8 * j))
+        wb = words[e + 1] & ~(((1 << bits) - 1) << (8 * j)) & 0xFFFFFFFF | (codes[e + 1] << (8 * j))
+        a_b += [wa, wb]
+        pair_sel += [j | ((4 + j) << 8)] * 2
+    assert np.array_equal(run(2, a_b, a_b, pair_sel), want), "transposed pair asm"

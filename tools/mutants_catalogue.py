@@ -400,6 +400,16 @@ MUTANTS = [
     dict(id="dgrad-half2-asm-constant-int3", cls="asm operands", file="qlk/kernels/quant_tile_t.py",
          old="r = tl.inline_asm_elementwise(ASM_T_F16_B3,", new="r = tl.inline_asm_elementwise(ASM_T_F16_B4,",
          tests=["tests/test_asm_emulated.py", "-k", "test_grad_input_half2_asm"]),
+    # the bf16 branches (no bf16 GEMM under the interpreter: the wrappers elementwise, emulated)
+    dict(id="decode-asm-bf16-branch-constant", cls="asm operands", file="qlk/kernels/decode_tile.py",
+         old='w = tl.inline_asm_elementwise(ASM_BF16_B2, "=r,r,r,r,r,r"', new='w = tl.inline_asm_elementwise(ASM_F16_B2, "=r,r,r,r,r,r"',
+         tests=["tests/test_asm_emulated.py", "-k", "pick_their_asm"]),
+    dict(id="decode-lanes-int3-asm-bf16-constant", cls="asm operands", file="qlk/kernels/decode_tile.py",
+         old='w = tl.inline_asm_elementwise(ASM_BF16_H3, "=r,r,r,r,r"', new='w = tl.inline_asm_elementwise(ASM_F16_H3, "=r,r,r,r,r"',
+         tests=["tests/test_asm_emulated.py", "-k", "pick_their_asm"]),
+    dict(id="dgrad-half2-asm-bf16-constant", cls="asm operands", file="qlk/kernels/quant_tile_t.py",
+         old="r = tl.inline_asm_elementwise(ASM_T_BF16_B4,", new="r = tl.inline_asm_elementwise(ASM_T_F16_B4,",
+         tests=["tests/test_asm_emulated.py", "-k", "pick_their_asm"]),
     # ---- autograd, reference, merge, formats -----------------------------------------------------
     dict(id="autograd-dA-scale", cls="scale", file="qlk/autograd/qalora.py",
          old="da = (v.t() @ pooled).mul_(s).to(a.dtype)", new="da = (v.t() @ pooled).mul_(s / g).to(a.dtype)",
