@@ -109,14 +109,16 @@ def test_forward_asm_splitk_and_gemm(case, asm_on, monkeypatch):
         heuristics._choose_default.cache_clear()
         assert decode_tile.lane_order_ok(bits, block_k)
     qw, w_half, gen = _weight(bits, g, k, seed=300 + bits + g + k)
-    for m, path in ((5, "splitk"), (40, "gemm")):
-        x = torch.randn(m, k, generator=gen).half()
-        bias = torch.randn(N, generator=gen).half()
-        y = quant_matmul_forward(x, qw, bias, out=torch.full((m, N), float("nan"), dtype=torch.half), path=path)
-        ref = x.double() @ w_half.t() + bias.double()
-        assert not y.isnan().any(), path
-        assert oracles.rel_err(y, ref) < 1e-3, path
-    heuristics._choose_default.cache_clear()
+    try:
+        for m, path in ((5, "splitk"), (40, "gemm")):
+            x = torch.randn(m, k, generator=gen).half()
+            bias = torch.randn(N, generator=gen).half()
+            y = quant_matmul_forward(x, qw, bias, out=torch.full((m, N), float("nan"), dtype=torch.half), path=path)
+            ref = x.double() @ w_half.t() + bias.double()
+            assert not y.isnan().any(), path
+            assert oracles.rel_err(y, ref) < 1e-3, path
+    finally:
+        heuristics._choose_default.cache_clear()
 
 
 @needs_interpreter
