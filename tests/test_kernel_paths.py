@@ -267,15 +267,14 @@ def split_gemm_tile(monkeypatch):
     monkeypatch.setattr(heuristics, "GRAD_SPLIT_MIN_STEPS", 3)  # 9 N tiles: 3 slices (CI time)
     heuristics._choose_default.cache_clear()
 
-    def choose(m, k):
-        n = SPLIT_N_ROWS
+    def choose(m, k, n=SPLIT_N_ROWS, per_slice=3):
         base = math.ceil(m / 16) * math.ceil(k / 64)
         for sms in range(base + 1, 4 * base):
             _SMS[0] = sms
             c = heuristics.choose_config("grad", m, n, k, "int4", fm.target_arch(), sms)
             if c.split == 3:
                 break
-        assert c.split == 3 and math.ceil(math.ceil(n / 32) / c.split) == 3, (m, k, c)
+        assert c.split == 3 and math.ceil(math.ceil(n / 32) / c.split) == per_slice, (m, k, c)
         return c
 
     yield choose
@@ -285,21 +284,21 @@ def split_gemm_tile(monkeypatch):
 _SPLIT_W = {}
 
 
-def split_weight(case):
-    """(qw with N = SPLIT_N_ROWS, float64 Ŵ) for ("int", bits, g, K) / ("nf4", block, dq, K)."""
-    if case not in _SPLIT_W:
+def split_weight(case, n=SPLIT_N_ROWS):
+    """(qw with N = ``n`` rows, float64 Ŵ) for ("int", bits, g, K) / ("nf4", block, dq, K) (NF4: N = SPLIT_N_ROWS)."""
+    if (case, n) not in _SPLIT_W:
         if case[0] == "int":
             _, bits, g, k = case
-            qw = qlk.quantize(grouped_weight(SPLIT_N_ROWS, k, g, seed=bits + g + k), bits=bits, group_size=g)
-            _SPLIT_W[case] = (qw.to(DEVICE), oracles.int_dequant64(qw))
+            qw = qlk.quantize(grouped_weight(n, k, g, seed=bits + g + k), bits=bits, group_size=g)
+            _SPLIT_W[case, n] = (qw.to(DEVICE), oracles.int_dequant64(qw))
         else:
             pytest.importorskip("bitsandbytes")
             _, block, dq, k = case
             gen = torch.Generator().manual_seed(block + k)
             w = torch.randn(SPLIT_N_ROWS, k, generator=gen) * torch.logspace(-1, 1, SPLIT_N_ROWS)[:, None]
             qw, ref = oracles.bnb_weight(w, blocksize=block, double_quant=dq)
-            _SPLIT_W[case] = (qw.to(DEVICE), ref)
-    return _SPLIT_W[case]
+            _SPLIT_W[case, n] = (qw.to(DEVICE), ref)
+    return _SPLIT_W[case, n]
 
 
 GRAD_SPLIT_RUNS = [  # (weight, M, deterministic, words ahead): each format, both reductions, both loops
@@ -324,6 +323,24 @@ def test_grad_input_gemm_split(case, m, det, ahead, split_gemm_tile, monkeypatch
     monkeypatch.setattr(fm, "CHOICE_LOG", log)
     dy = randn(m, n, seed=m + k + 11)
     dx = quant_matmul_backward(dy, qw, out=nan(m, k), path="gemm", deterministic=det)
+    assert [(op, c.split) for op, c in log] == [("grad", chosen.split)]
+    assert oracles.rel_err(dx, dy.cpu().double() @ w64) < TOL
+
+
+def test_grad_input_gemm_split_uneven_slices(split_gemm_tile, monkeypatch):
+    """Split N where the slices cannot be equal: N = 296 is 10 N tiles (the last ragged, 8 rows),
+    3 slices of ⌈10/3⌉ = 4, 4 and 2 tiles, so a slice length rounded down (3) would drop the last
+    tile and one rounded up wrongly would overlap; INT2 g16 (2 groups per K tile), words ahead,
+    the NaN-poisoned [SPLIT, M, K] workspace, NaN-poisoned dX, against float64."""
+    qw, w64 = split_weight(("int", 2, 16, 192), n=296)
+    monkeypatch.setattr(fm, "_grad_words_ahead", lambda: True)
+    n, k = qw.shape
+    m = 17
+    chosen = split_gemm_tile(m, k, n=n, per_slice=4)
+    log = []
+    monkeypatch.setattr(fm, "CHOICE_LOG", log)
+    dy = randn(m, n, seed=29)
+    dx = quant_matmul_backward(dy, qw, out=nan(m, k), path="gemm", deterministic=True)
     assert [(op, c.split) for op, c in log] == [("grad", chosen.split)]
     assert oracles.rel_err(dx, dy.cpu().double() @ w64) < TOL
 
@@ -607,6 +624,26 @@ def test_qalora_paths(case, m, fwd_path, grad_path, det):
     dx, v = qalora_grad_input(dy, qw, a, b, SIGMA, out=nan(m, k), path=grad_path, deterministic=det)
     assert oracles.rel_err(dx, dx_ref) < TOL
     assert oracles.rel_err(v, dy.cpu().double() @ b.cpu().double()) < 1e-6
+
+
+@pytest.mark.parametrize("case", [(4, 16, 512), (2, 8, 520)], ids=int_id)
+def test_qalora_splitk_fp16_pools_stored_order(case):
+    """fp16 activations at small M: the split-K decode loop reads X in the lane-owned k order
+    (decode_tile._lane_x_tile: INT4 permutes 32-column spans, INT2 64-column ones) and must pool
+    P(X) from X in the stored order. Groups narrower than that span (g16 INT4, g8 INT2, ragged K =
+    520), several tiles a slice, P(X) and Y NaN-poisoned, against the paper's formula (Y: Ŵ and the
+    folded biases rounded to fp16, fp16 output)."""
+    qw, w64 = int_weight(*case)
+    n, k = qw.shape
+    g = qw.group_size
+    a, b = adapter(qw, w64, seed=k + g + 3)
+    m = 5
+    x = randn(m, k, seed=k + 31).half()
+    y_ref, p_ref = oracles.qalora_forward64(x.cpu(), w64, a.cpu(), b.cpu(), SIGMA, g)
+    use_split("splitk", m, n, k)
+    y, p = qalora_forward(x, qw, a, b, SIGMA, None, out=nan(m, n).half(), path="splitk")
+    assert oracles.rel_err(p, p_ref) < 1e-6
+    assert oracles.rel_err(y, y_ref) < 2e-3
 
 
 class _MatmulShapes(TorchDispatchMode):

@@ -711,6 +711,46 @@ def test_grouped_grad_split_n_and_words_ahead(f, launches, monkeypatch):
         assert ((dx[:routed].double() - dx_ref).norm() / dx_ref.norm()) < 2e-3, (split, ahead)
 
 
+# expert 0 with rows (every list above starts with an empty expert), an empty expert between two
+# that are not, an expert of 1 row last; 23 routed rows + 2 sentinel rows
+COUNTS_FIRST = [5, 17, 0, 1]
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", [4, 3])
+def test_grouped_ragged_k_and_first_expert(bits, monkeypatch):
+    """The grouped kernels where the tile map's first tile is expert 0's and K is ragged: K = 80 in
+    K tiles of 32, the last half used (EVEN_K false; INT3: a half-used 3-word chunk, INT4: a
+    half-used lane span), g16 (two groups a tile). fp16 through the small-M decode forward (1 and
+    2 K slices: the split-K kernel and its bias pass) and the input gradient (unsplit, plain loop;
+    split N in 2 with the words-ahead loop), N = 40 (a ragged second N tile = 2 N slices of 1 tile).
+    Sentinel rows hold NaN in X / dY and must come out 0; outputs start as NaN; float64 oracle."""
+    from qlk.kernels import grouped_matmul as gm
+
+    monkeypatch.setattr(gm, "_output", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
+                                                                                device=device))
+    e_count, n, k, g = len(COUNTS_FIRST), 40, 80, 16
+    gen = torch.Generator().manual_seed(83 + bits)
+    qw = qlk.quantize(torch.randn(e_count * n, k, generator=gen), bits=bits, group_size=g)
+    w = oracle_weight(qw).reshape(e_count, n, k)
+    off = offsets_of(COUNTS_FIRST)
+    routed = int(off[-1])
+    x, dy = torch.randn(routed + 2, k, generator=gen).half(), torch.randn(routed + 2, n, generator=gen).half()
+    x[routed:], dy[routed:] = float("nan"), float("nan")
+    bias = torch.randn(e_count, n, generator=gen).half()
+    y_ref = per_expert(x[:routed], off, lambda e, xe: xe @ w[e].t() + bias[e].double())
+    dx_ref = per_expert(dy[:routed], off, lambda e, de: de @ w[e])
+    cfg = dict(BLOCK_N=32, BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=1)
+    for split in (1, 2):
+        y, _ = grouped_matmul_forward(x, qw, off, e_count, bias, config=dict(cfg, SPLIT_K=split))
+        assert torch.equal(y[routed:], torch.zeros(2, n, dtype=torch.half)) and not y.isnan().any(), split
+        assert ((y[:routed].double() - y_ref).norm() / y_ref.norm()) < 2e-3, split
+    for split, ahead in ((1, False), (2, True)):
+        dx = grouped_matmul_grad_input(dy, qw, off, e_count, config=dict(cfg, SPLIT_N=split, WORDS_AHEAD=ahead))
+        assert torch.equal(dx[routed:], torch.zeros(2, k, dtype=torch.half)) and not dx.isnan().any(), split
+        assert ((dx[:routed].double() - dx_ref).norm() / dx_ref.norm()) < 2e-3, split
+
+
 def test_grouped_small_m_programs_per_expert():
     """Small M launches at most one program row per expert over the tile slots (the spare slots
     of the bound cost a load, not a CTA); large M one per slot."""

@@ -213,6 +213,11 @@ def _byte_codes_to_weights(words, sel, s, c, BITS: tl.constexpr, PACKED: tl.cons
         byte = (sel & 0xFF).to(tl.int32)
         q = (((words >> (8 * byte)) & MASK) - MID).to(tl.float32)
         w = (s.to(tl.float32) * q + c.to(tl.float32)).to(s.dtype)
+        # the asm reads element a's byte from S_a's low byte and element b's from S_b's high byte
+        # (4 + j: W_b's byte j); this elementwise twin reads the low byte, the same byte exactly
+        # when the selector keeps its contract, so a selector that breaks it decodes to NaN here
+        ok = (byte < 4) & (((sel >> 8) & 0xFF).to(tl.int32) == byte + 4)
+        w = tl.where(ok, w, float("nan")).to(s.dtype)
     return w
 
 

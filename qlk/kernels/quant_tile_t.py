@@ -360,11 +360,19 @@ def _pair_half2(a, b, sel, s2, c2, ACT: tl.constexpr, BITS: tl.constexpr, ASM: t
                 r = tl.inline_asm_elementwise(ASM_T_BF16_B4, "=r,r,r,r,r,r", [a, b, sel, s2, c2], dtype=tl.int32,
                                               is_pure=True, pack=1)
     else:
-        shift = 8 * (sel & 0xFF)
+        # the asm's operands as it reads them: the PRMT's byte 0 (low half) is byte sel & 7 of the
+        # 8 bytes B:A, its byte 2 (high half) byte (sel >> 8) & 7; the low half of s2 / c2 scales
+        # the low half, the high half the high one (a wrong selector or packing fails here too)
+        i_lo = sel & 7
+        i_hi = (sel >> 8) & 7
+        q_lo = (tl.where(i_lo < 4, a, b) >> (8 * (i_lo & 3))) & MASK
+        q_hi = (tl.where(i_hi < 4, a, b) >> (8 * (i_hi & 3))) & MASK
         sf = s2.to(tl.int16).to(ACT, bitcast=True).to(tl.float32)
         cf = c2.to(tl.int16).to(ACT, bitcast=True).to(tl.float32)
-        lo = (sf * (((a >> shift) & MASK) - MID).to(tl.float32) + cf).to(ACT)
-        hi = (sf * (((b >> shift) & MASK) - MID).to(tl.float32) + cf).to(ACT)
+        sf_hi = (s2 >> 16).to(tl.int16).to(ACT, bitcast=True).to(tl.float32)
+        cf_hi = (c2 >> 16).to(tl.int16).to(ACT, bitcast=True).to(tl.float32)
+        lo = (sf * (q_lo - MID).to(tl.float32) + cf).to(ACT)
+        hi = (sf_hi * (q_hi - MID).to(tl.float32) + cf_hi).to(ACT)
         r = (lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) | (hi.to(tl.int16, bitcast=True).to(tl.int32) << 16)
     return r
 
