@@ -155,6 +155,13 @@ def grad_configs():
         _cfg(80, 8, 3, BLOCK_N=32, BLOCK_M=128, BLOCK_K=128, GROUP_M=8),
         _cfg(80, 8, 3, BLOCK_N=32, BLOCK_M=256, BLOCK_K=128, GROUP_M=8),
         _cfg(80, 4, 3, BLOCK_N=32, BLOCK_M=64, BLOCK_K=128, GROUP_M=8),
+        # round 8 (mid M, restricted by format: heuristics.GRAD_CANDIDATE_FORMATS): a 64x64 dXᵀ tile
+        # per warp halves the shared-memory reads per MMA (NF4: smem-bound 128x32x128 w8 -> tensor-bound)
+        _cfg(80, 4, 3, BLOCK_N=32, BLOCK_M=128, BLOCK_K=128, GROUP_M=8),
+        # INT3: two 32-row steps an iteration (issue-bound 64x32x128 w4: its per-step overhead halved)
+        _cfg(80, 4, 3, BLOCK_N=64, BLOCK_M=64, BLOCK_K=128, GROUP_M=8),
+        _cfg(90, 4, 4, BLOCK_N=128, BLOCK_M=128, BLOCK_K=64, GROUP_M=8),
+        _cfg(90, 4, 4, BLOCK_N=32, BLOCK_M=64, BLOCK_K=64, GROUP_M=8),
     ]
 
 
