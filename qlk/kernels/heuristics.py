@@ -87,6 +87,10 @@ for its workspace's passes outside the kernel (:func:`grad_workspace_share`: zer
 into dX) and must beat the unsplit launch of the same tile by :data:`GRAD_SPLIT_MARGIN`. Split
 variants that spill (:func:`grad_split_spills`) are not proposed.
 
+**Round 8** (docs/kernels.md "Round 8: the last mid-M input gradients under 0.9× dense"): an
+input-gradient candidate may serve some formats only (:data:`GRAD_CANDIDATE_FORMATS`) and may
+have to outscore the others by a margin to be chosen (:data:`GRAD_CANDIDATE_MARGIN`, ranking only).
+
 **Path rule** (:func:`choose_path`): at M > 16, the fused kernel or dequantize (Ŵ written once
 in the activation dtype, :mod:`qlk.kernels.dequant`) then a dense GEMM, whichever the static model
 says is faster::
