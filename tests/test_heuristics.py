@@ -456,3 +456,55 @@ def test_grouped_grad_launcher_asks_the_rule(monkeypatch):
     monkeypatch.setattr(gm, "INTERPRETED", True)
     monkeypatch.setattr(gm, "target_arch", lambda: 80)
     assert gm._grad_programs(10, 8, True, 32, 28672, cfg, nf4, "cpu") == (8, 1)
+
+
+def test_grad_candidates_restricted_to_their_formats():
+    """Round 8: a GEMM input-gradient candidate listed in GRAD_CANDIDATE_FORMATS is ranked only for
+    its format classes (sm_90 128x128x64 w4: swept for NF4 only), an unlisted one for every
+    format; listed for sm_90, it is unrestricted on sm_80."""
+    nf4_tile = _cfg(90, 4, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)
+    plain = _cfg(90, 4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)
+    assert h.grad_candidate_allowed("128x128x64 w4 s4", "nf4", 90)
+    assert not h.grad_candidate_allowed("128x128x64 w4 s4", "int4g32", 90)
+    assert not h.grad_candidate_allowed("128x128x64 w4 s4", "int3", 90)
+    assert h.grad_candidate_allowed("128x128x64 w4 s4", "int3", 80)
+    assert h.grad_candidate_allowed("128x64x64 w4 s4", "int3", 90)
+    for fmt in ("int2g32", "int3", "int4g32", "int4g128", "nf4"):
+        labels = {c.label for c in h.score_all("grad", 333, 8192, 8192, fmt, 90, 132, configs=[nf4_tile, plain])}
+        assert labels == {"128x64x64 w4 s4"} | ({"128x128x64 w4 s4"} if fmt == "nf4" else set())
+    # only the input gradient is restricted
+    assert len(h.score_all("fwd", 333, 8192, 8192, "int3", 90, 132, configs=[nf4_tile])) == 1
+
+
+def test_grad_candidate_margin_ranks_but_does_not_rescore():
+    """Round 8: sm_90 64x32x64 w4 must beat the others by GRAD_CANDIDATE_MARGIN (10 %) to be chosen:
+    at 2048→512 M = 64 it does (x1.6, 16 steps of 32 rows split 4 ways: 128 CTAs against 64 half-empty
+    128-row ones), at 8192→8192 M = 64 its score is within 6 % of 128x64x64 and the rules keep
+    that (the analyzer: 4 % the other way). The chosen score is the model's, without the margin."""
+    small = _cfg(90, 4, 4, BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, GROUP_M=8)
+    mid = _cfg(90, 4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)
+    assert h.candidate_margin("grad", "64x32x64 w4 s4", 90) == pytest.approx(1.10)
+    assert h.candidate_margin("grad", "64x32x64 w4 s4", 80) == 1.0
+    assert h.candidate_margin("fwd", "64x32x64 w4 s4", 90) == 1.0
+    c = h.choose_config("grad", 64, 512, 2048, "int4g32", 90, 132, configs=[mid, small])
+    assert (c.label, c.split, c.ctas) == ("64x32x64 w4 s4", 4, 128)
+    assert c.score == pytest.approx(c.tile_eff * c.sm_balance * c.fill)
+    scores = {s.label: s.score for s in h.score_all("grad", 64, 8192, 8192, "int4g32", 90, 132, configs=[mid, small])}
+    assert scores["128x64x64 w4 s4"] < scores["64x32x64 w4 s4"] < 1.10 * scores["128x64x64 w4 s4"]
+    assert h.choose_config("grad", 64, 8192, 8192, "int4g32", 90, 132, configs=[mid, small]).label == "128x64x64 w4 s4"
+
+
+def test_round8_grad_picks(device_lists):
+    """The round-8 picks at the cases they were added for (config.py's lists, docs/kernels.md
+    "Round 8"): sm_80 NF4 at M = 333 takes 128x32x128 w4 (not the smem-bound 8-warp tile) and never
+    splits it (it spills split), INT3 on the 2048-wide layers 64x64x128 w4; sm_90 NF4 8192→8192
+    M = 333 128x128x64 w4, and the 2048→512 gradient at M = 64 the 64x32x64 tile split 4 ways."""
+    for n, k in ((8192, 8192), (1024, 3072), (4096, 14336)):
+        c = h.choose_config("grad", 333, n, k, "nf4", 80, 108)
+        assert (c.label, c.split) == ("128x32x128 w4 s3", 1)
+    assert h.grad_split_spills("128x32x128 w4 s3", "nf4", 2048, 80)
+    assert h.choose_config("grad", 333, 2048, 2048, "int3", 80, 108).label == "64x64x128 w4 s3"
+    assert h.choose_config("grad", 333, 8192, 8192, "nf4", 90, 132).label == "128x128x64 w4 s4"
+    for fmt in ("int4g32", "int4g128", "int3", "nf4"):
+        c = h.choose_config("grad", 64, 512, 2048, fmt, 90, 132)
+        assert (c.label, c.split, c.ctas) == ("64x32x64 w4 s4", 4, 128)

@@ -760,6 +760,54 @@ def test_reference_qalora_against_the_paper(case):
     assert oracles.rel_err(af.grad, da_ref) < TOL and oracles.rel_err(bf.grad, db_ref) < TOL
 
 
+# ------------------------------------------------ GEMM input gradient, the round-8 tiles
+# config.grad_configs' round-8 candidates (docs/kernels.md "Round 8"): their block sizes under the
+# interpreter (one candidate there), each with several tiles along every axis of the launch
+ROUND8_TILES = [  # (tile, arch, weight with N = SPLIT_N_ROWS rows, M, split)
+    pytest.param(dict(BLOCK_N=32, BLOCK_M=128, BLOCK_K=128), 80, ("nf4", 64, True, 256), 130, 1,
+                 id="nf4b64dq-128x32x128-sm80"),  # 2 M tiles, 2 K tiles, 9 N steps
+    pytest.param(dict(BLOCK_N=64, BLOCK_M=64, BLOCK_K=128), 80, ("int", 3, 128, 384), 70, 1,
+                 id="int3g128-64x64x128-sm80"),  # 2 M tiles, 3 K tiles, 5 N steps (the last 8 rows)
+    pytest.param(dict(BLOCK_N=128, BLOCK_M=128, BLOCK_K=64), 90, ("nf4", 64, True, 192), 130, 1,
+                 id="nf4b64dq-128x128x64-sm90"),  # 2 M tiles, 3 K tiles, 3 N steps (the last 8 rows)
+    pytest.param(dict(BLOCK_N=32, BLOCK_M=64, BLOCK_K=64), 90, ("int", 4, 128, 256), 64, 2,
+                 id="int4g128-64x32x64-sm90-split"),  # groups of 2 K tiles, 9 N steps in 2 slices
+]
+
+
+@pytest.mark.parametrize("tile,arch,case,m,split", ROUND8_TILES)
+def test_grad_input_gemm_round8_tiles(tile, arch, case, m, split, monkeypatch):
+    """dX = dY·Ŵ in fp16 through the GEMM input gradient at the round-8 candidates' block sizes
+    (the rules' only candidate here), NaN-poisoned dX, against float64 on Ŵ rounded to fp16 (the
+    INT scales are stored in fp16, NF4's absmax·NF4[q] rounds once): 64- and 128-row M tiles with a
+    ragged last one, 32/64/128-row N steps with a ragged last one, the split-N launch for the
+    64x32x64 tile (the sm_90 M = 64 pick)."""
+    from qlk.kernels import config
+
+    cfg = config._cfg(None, 4, 1, GROUP_M=2, **tile)
+    real = heuristics.candidates
+    monkeypatch.setattr(heuristics, "candidates", lambda op: [cfg] if op == "grad" else real(op))
+    monkeypatch.setattr(heuristics, "GRAD_WORKSPACE_PASS_BYTES", 0)  # the split taken at this tiny shape
+    monkeypatch.setattr(fm, "target_arch", lambda: arch)
+    heuristics._choose_default.cache_clear()
+    qw, w64 = split_weight(case)
+    n, k = qw.shape
+    fmt = "nf4" if case[0] == "nf4" else f"int{case[1]}g{case[2]}"
+    for sms in range(1, 64):  # an SM count at which the rules launch ``split`` slices
+        _SMS[0] = sms
+        if heuristics.choose_config("grad", m, n, k, fmt, arch, sms).split == split:
+            break
+    log = []
+    monkeypatch.setattr(fm, "CHOICE_LOG", log)
+    dy = randn(m, n, seed=m + k + 8).half()
+    dx = quant_matmul_backward(dy, qw, out=torch.full((m, k), float("nan"), dtype=torch.float16, device=DEVICE),
+                               path="gemm")
+    heuristics._choose_default.cache_clear()
+    assert [(op, c.label, c.split) for op, c in log] == [
+        ("grad", f"{tile['BLOCK_M']}x{tile['BLOCK_N']}x{tile['BLOCK_K']} w4 s1", split)]
+    assert oracles.rel_err(dx, dy.cpu().double() @ w64.half().double()) < 5e-4
+
+
 # ------------------------------------------------ GEMM input gradient, half2 decoder (round 7)
 # fp16 dY through the half2 transposed decoder (quant_tile_t._pair_half2, the twin here): both K loops,
 # INT2 in both unpackings (sm_80: half words), ragged K with a half-used INT3 chunk / INT2 word

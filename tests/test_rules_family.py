@@ -176,8 +176,9 @@ def test_ties_go_to_fewer_ctas_then_list_order():
 
 
 def test_calibrated_candidates_use_the_fitted_efficiency(device_lists):
-    """Every GPU candidate of config.py has a fitted entry per format (a new tile without one is
-    scored by the model until the sweep is rerun and refitted: --fit-rules)."""
+    """Every GPU candidate of config.py has a fitted entry per format it serves (a new tile without
+    one is scored by the model until the sweep is rerun and refitted: --fit-rules; an input-gradient
+    tile kept for some formats only, heuristics.GRAD_CANDIDATE_FORMATS, needs none for the others)."""
     for (fam, op, fmt), table in h.CALIBRATION.items():
         if op == "gemv":  # the FMA kernel's own autotuned list (config.gemv_grad_configs)
             tiles = {f"{bn}x{bk} w{w} s{st}" for bn, bk, w, st in h.GEMV_TILES}
@@ -186,6 +187,9 @@ def test_calibrated_candidates_use_the_fitted_efficiency(device_lists):
             assert set(table) == tiles
             continue
         for c in h.candidates(op):
+            label = f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}x{c.kwargs['BLOCK_K']} w{c.num_warps} s{c.num_stages}"
+            if op == "grad" and not h.grad_candidate_allowed(label, fmt, fam):
+                continue
             if c.qlk_arch == fam and not (op == "splitn" and fmt == "nf4" and c.kwargs["BLOCK_N"] > 128):
                 assert h.calibrated(op, c, fmt, fam) is not None, (fam, op, fmt, c)
     c = _cfg(90, 8, 3, BLOCK_N=128, BLOCK_M=256, BLOCK_K=64, GROUP_M=8)

@@ -143,7 +143,9 @@ def grad_configs():
     The dequantized Ŵᵀ tile changes layout through shared memory once per iteration (bf16,
     :mod:`qlk.kernels.quant_tile_t`), a cost per weight element: the wide BLOCK_M tiles spread it
     over more MMA work (sm_80: 256 columns of dX per CTA, docs/kernels.md "Input gradient, round 2").
-    sm_90 128x64x64 w4: mid M (256 tokens), twice the CTAs of BLOCK_K = 128 on 132 SMs."""
+    sm_90 128x64x64 w4: mid M (256 tokens), twice the CTAs of BLOCK_K = 128 on 132 SMs.
+    Round 8: two 4-warp sm_80 tiles, an NF4 sm_90 tile with 128-row N steps and a 64x32x64 sm_90
+    tile for M = 64 on short reductions (docs/kernels.md "Round 8")."""
     if INTERPRETED:
         return [_cfg(None, 4, 1, BLOCK_N=32, BLOCK_M=64, BLOCK_K=64, GROUP_M=4)]
     return [
@@ -155,6 +157,17 @@ def grad_configs():
         _cfg(80, 8, 3, BLOCK_N=32, BLOCK_M=128, BLOCK_K=128, GROUP_M=8),
         _cfg(80, 8, 3, BLOCK_N=32, BLOCK_M=256, BLOCK_K=128, GROUP_M=8),
         _cfg(80, 4, 3, BLOCK_N=32, BLOCK_M=64, BLOCK_K=128, GROUP_M=8),
+        # round 8 (docs/kernels.md "Round 8"): 4 warps on a 128x128 dXᵀ tile, 64x64 per warp: fewer
+        # LDSM per MMA than the 8-warp tile (NF4 at M = 333: smem-bound -> tensor-bound); its split
+        # variant spills (heuristics.GRAD_SPLIT_SPILLS), so it runs unsplit
+        _cfg(80, 4, 3, BLOCK_N=32, BLOCK_M=128, BLOCK_K=128, GROUP_M=8),
+        # 64 rows of N an iteration (the narrow layers and M = 64-128; INT3 2048-wide at M = 333)
+        _cfg(80, 4, 3, BLOCK_N=64, BLOCK_M=64, BLOCK_K=128, GROUP_M=8),
+        # 128 rows of N an iteration: NF4 only (heuristics.GRAD_CANDIDATE_FORMATS), M = 333 wide K
+        _cfg(90, 4, 4, BLOCK_N=128, BLOCK_M=128, BLOCK_K=64, GROUP_M=8),
+        # M = 64 on a short reduction (2048->512): 64-column tiles, 32-row steps split 4 ways; taken only
+        # where it wins by heuristics.GRAD_CANDIDATE_MARGIN
+        _cfg(90, 4, 4, BLOCK_N=32, BLOCK_M=64, BLOCK_K=64, GROUP_M=8),
     ]
 
 

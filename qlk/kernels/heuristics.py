@@ -95,6 +95,10 @@ split kernels' tile there is the one of least such time; the GEMM's MAC time is 
 sweep by ``bench/static_report.py --fit-rules``. The grouped (MoE) input gradient's resident CTAs
 are per kernel variant (:data:`GROUPED_RESIDENT`: slot loop or a program row per slot).
 
+Also round 8 (docs/kernels.md "Round 8: the last mid-M input gradients under 0.9× dense"): an
+input-gradient candidate may serve some formats only (:data:`GRAD_CANDIDATE_FORMATS`) and may
+have to outscore the others by a margin to be chosen (:data:`GRAD_CANDIDATE_MARGIN`, ranking only).
+
 **Path rule** (:func:`choose_path`): at M > 16, the fused kernel or dequantize (Ŵ written once
 in the activation dtype, :mod:`qlk.kernels.dequant`) then a dense GEMM, whichever the static model
 says is faster::
@@ -179,12 +183,12 @@ CALIBRATION = {
     (80, 'gemv', 'int4g128'): {'32x256 w4 s3': 0.273},
     (80, 'gemv', 'int4g32'): {'32x256 w4 s3': 0.311, '64x128 w4 s3': 0.31},
     (80, 'gemv', 'nf4'): {'32x256 w4 s3': 0.329, '64x128 w4 s3': 0.328},
-    (80, 'grad', 'int2'): {'128x32x128 w8 s3': 0.722, '256x32x128 w8 s3': 0.792, '64x32x128 w4 s3': 0.657},
-    (80, 'grad', 'int3'): {'128x32x128 w8 s3': 0.722, '256x32x128 w8 s3': 0.792, '64x32x128 w4 s3': 0.594},
-    (80, 'grad', 'int4'): {'128x32x128 w8 s3': 0.722, '256x32x128 w8 s3': 0.792, '64x32x128 w4 s3': 0.657},
-    (80, 'grad', 'int4g128'): {'128x32x128 w8 s3': 0.722, '256x32x128 w8 s3': 0.792, '64x32x128 w4 s3': 0.657},
-    (80, 'grad', 'int4g32'): {'128x32x128 w8 s3': 0.722, '256x32x128 w8 s3': 0.792, '64x32x128 w4 s3': 0.657},
-    (80, 'grad', 'nf4'): {'128x32x128 w8 s3': 0.672, '256x32x128 w8 s3': 0.784, '64x32x128 w4 s3': 0.616},
+    (80, 'grad', 'int2'): {'128x32x128 w8 s3': 0.722, '256x32x128 w8 s3': 0.792, '64x32x128 w4 s3': 0.657, '128x32x128 w4 s3': 0.782, '64x64x128 w4 s3': 0.668},
+    (80, 'grad', 'int3'): {'128x32x128 w8 s3': 0.722, '256x32x128 w8 s3': 0.792, '64x32x128 w4 s3': 0.594, '128x32x128 w4 s3': 0.682, '64x64x128 w4 s3': 0.634},
+    (80, 'grad', 'int4'): {'128x32x128 w8 s3': 0.722, '256x32x128 w8 s3': 0.792, '64x32x128 w4 s3': 0.657, '128x32x128 w4 s3': 0.782, '64x64x128 w4 s3': 0.668},
+    (80, 'grad', 'int4g128'): {'128x32x128 w8 s3': 0.722, '256x32x128 w8 s3': 0.792, '64x32x128 w4 s3': 0.657, '128x32x128 w4 s3': 0.782, '64x64x128 w4 s3': 0.668},
+    (80, 'grad', 'int4g32'): {'128x32x128 w8 s3': 0.722, '256x32x128 w8 s3': 0.792, '64x32x128 w4 s3': 0.657, '128x32x128 w4 s3': 0.782, '64x64x128 w4 s3': 0.668},
+    (80, 'grad', 'nf4'): {'128x32x128 w8 s3': 0.672, '256x32x128 w8 s3': 0.784, '64x32x128 w4 s3': 0.616, '128x32x128 w4 s3': 0.775, '64x64x128 w4 s3': 0.646},
     (80, 'splitk', 'int2'): {'16x64x128 w4 s4': 0.75, '16x64x256 w4 s3': 0.768},
     (80, 'splitk', 'int3'): {'16x64x128 w4 s4': 0.619, '16x64x256 w4 s3': 0.626},
     (80, 'splitk', 'int4'): {'16x64x128 w4 s4': 0.804, '16x64x256 w4 s3': 0.808},
@@ -209,12 +213,12 @@ CALIBRATION = {
     (90, 'gemv', 'int4g128'): {'32x256 w4 s3': 0.262, '64x128 w4 s3': 0.189},
     (90, 'gemv', 'int4g32'): {'32x256 w4 s3': 0.3, '64x128 w4 s3': 0.3},
     (90, 'gemv', 'nf4'): {'32x256 w4 s3': 0.317, '64x128 w4 s3': 0.317},
-    (90, 'grad', 'int2'): {'128x64x128 w8 s4': 0.76, '128x64x64 w4 s4': 0.688, '256x64x128 w8 s3': 0.815, '256x64x64 w8 s3': 0.722},
-    (90, 'grad', 'int3'): {'128x64x128 w8 s4': 0.76, '128x64x64 w4 s4': 0.688, '256x64x128 w8 s3': 0.815, '256x64x64 w8 s3': 0.722},
-    (90, 'grad', 'int4'): {'128x64x128 w8 s4': 0.76, '128x64x64 w4 s4': 0.688, '256x64x128 w8 s3': 0.815, '256x64x64 w8 s3': 0.722},
-    (90, 'grad', 'int4g128'): {'128x64x128 w8 s4': 0.76, '128x64x64 w4 s4': 0.688, '256x64x128 w8 s3': 0.815, '256x64x64 w8 s3': 0.722},
-    (90, 'grad', 'int4g32'): {'128x64x128 w8 s4': 0.76, '128x64x64 w4 s4': 0.688, '256x64x128 w8 s3': 0.815, '256x64x64 w8 s3': 0.722},
-    (90, 'grad', 'nf4'): {'128x64x128 w8 s4': 0.754, '128x64x64 w4 s4': 0.672, '256x64x128 w8 s3': 0.811, '256x64x64 w8 s3': 0.704},
+    (90, 'grad', 'int2'): {'128x64x128 w8 s4': 0.76, '128x64x64 w4 s4': 0.688, '256x64x128 w8 s3': 0.815, '256x64x64 w8 s3': 0.722, '64x32x64 w4 s4': 0.4},
+    (90, 'grad', 'int3'): {'128x64x128 w8 s4': 0.76, '128x64x64 w4 s4': 0.688, '256x64x128 w8 s3': 0.815, '256x64x64 w8 s3': 0.722, '64x32x64 w4 s4': 0.299},
+    (90, 'grad', 'int4'): {'128x64x128 w8 s4': 0.76, '128x64x64 w4 s4': 0.688, '256x64x128 w8 s3': 0.815, '256x64x64 w8 s3': 0.722, '64x32x64 w4 s4': 0.379},
+    (90, 'grad', 'int4g128'): {'128x64x128 w8 s4': 0.76, '128x64x64 w4 s4': 0.688, '256x64x128 w8 s3': 0.815, '256x64x64 w8 s3': 0.722, '64x32x64 w4 s4': 0.393},
+    (90, 'grad', 'int4g32'): {'128x64x128 w8 s4': 0.76, '128x64x64 w4 s4': 0.688, '256x64x128 w8 s3': 0.815, '256x64x64 w8 s3': 0.722, '64x32x64 w4 s4': 0.365},
+    (90, 'grad', 'nf4'): {'128x64x128 w8 s4': 0.754, '128x64x64 w4 s4': 0.672, '256x64x128 w8 s3': 0.811, '256x64x64 w8 s3': 0.704, '64x32x64 w4 s4': 0.349, '128x128x64 w4 s4': 0.709},
     (90, 'splitk', 'int2'): {'16x64x128 w4 s4': 0.754, '16x64x256 w4 s3': 0.77},
     (90, 'splitk', 'int3'): {'16x64x128 w4 s4': 0.642, '16x64x256 w4 s3': 0.7},
     (90, 'splitk', 'int4'): {'16x64x128 w4 s4': 0.811, '16x64x256 w4 s3': 0.824},
@@ -403,12 +407,45 @@ GRAD_SPLIT_MIN_STEPS = 4
 
 #: GEMM input-gradient tiles whose split variant spills (the static report, round 5: sm_80's 8-warp
 #: tiles sit at 255 registers unsplit; the fp32 partial's atomics push 256x32x128 to 0.8-1 KB of
-#: stack, 128x32x128 to 8 B): they are launched unsplit
-GRAD_SPLIT_SPILLS = {80: frozenset({"256x32x128 w8 s3", "128x32x128 w8 s3"}), 90: frozenset()}
+#: stack, 128x32x128 to 8 B; round 8: 128x32x128 w4, 242-248 registers unsplit, 0.8-0.9 KB split,
+#: every format): they are launched unsplit
+GRAD_SPLIT_SPILLS = {80: frozenset({"256x32x128 w8 s3", "128x32x128 w8 s3", "128x32x128 w4 s3"}), 90: frozenset()}
 #: ... and those whose split variant spills only at an M that is not a multiple of 16 (Triton
 #: specializes M % 16 == 0; round 6, static report at M = 333: sm_80 64x32x128 w4 at 255 registers,
 #: 8 B of stack and 2 LDL/STL for INT3 and NF4, none for INT4 g32/g128 and INT2): per format class
 GRAD_SPLIT_SPILLS_RAGGED_M = {80: {"64x32x128 w4 s3": frozenset({"int3", "nf4"})}, 90: {}}
+
+
+#: Round 8 (docs/kernels.md "Round 8: the last mid-M input gradients under 0.9x dense"): GEMM
+#: input-gradient candidates kept for some format classes only (bit width; a candidate not listed
+#: serves every format): those the round-8 sweep found better only for the listed formats.
+GRAD_CANDIDATE_FORMATS = {
+    80: {},
+    90: {"128x128x64 w4 s4": frozenset({"nf4"})},
+}
+
+
+#: Round 8: GEMM input-gradient candidates the rules take only where they win by this factor (their
+#: score is divided by it, as a split launch's by :data:`GRAD_SPLIT_MARGIN`). sm_90 64x32x64 w4 is
+#: the tile for a short reduction at M = 64 (2048→512: 16 steps of 32 rows split 4 ways, 128 CTAs,
+#: where the 128-row tiles leave 64 CTAs half empty; the rules' score ×1.6); elsewhere at M = 64 its
+#: fitted efficiency (a median over M = 64..2048) puts it 0.5-6 % above the 128-row tiles, which the
+#: analyzer has 4-9 % ahead of it (the round-8 sweep).
+GRAD_CANDIDATE_MARGIN = {80: {}, 90: {"64x32x64 w4 s4": 1.10}}
+
+
+def candidate_margin(op: str, label: str, arch: int) -> float:
+    """The factor by which candidate ``label`` of ``op`` must outscore the others to be chosen
+    (:data:`GRAD_CANDIDATE_MARGIN`; 1 for every other candidate). Ranking only: the choice's
+    ``score`` (and the dispatcher's time from it) stays the model's."""
+    return GRAD_CANDIDATE_MARGIN.get(arch_family(arch), {}).get(label, 1.0) if op == "grad" else 1.0
+
+
+def grad_candidate_allowed(label: str, fmt: str, arch: int) -> bool:
+    """Whether the GEMM input-gradient candidate ``label`` serves format class ``fmt`` on ``arch``
+    (:data:`GRAD_CANDIDATE_FORMATS`; a candidate not listed there serves every format)."""
+    allowed = GRAD_CANDIDATE_FORMATS.get(arch_family(arch), {}).get(label)
+    return allowed is None or base_format(fmt) in allowed
 
 
 def grad_split_spills(label: str, fmt: str, m: int, arch: int) -> bool:
@@ -713,6 +750,10 @@ def score_all(op: str, m: int, n: int, k: int, fmt: str = "int4", arch: int = 90
     configs = candidates(op) if configs is None else configs
     out = []
     for i, c in enumerate(configs):
+        kw = c.kwargs
+        label = f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{c.num_warps} s{c.num_stages}"
+        if op == "grad" and not grad_candidate_allowed(label, fmt, arch):
+            continue
         if _fits(c, arch, fp32_bias, op, pool):
             out.append(dataclasses.replace(_score(op, c, m, n, k, fmt, arch, sms), index=i))
     return out
@@ -745,7 +786,7 @@ def _choose(op, m, n, k, fmt, arch, sms, configs, fp32_bias, pool):
                                           -s.ctas, -s.index))
     # equal scores: the bigger tile (fewer CTAs; the analyzer ranks it first on sm_90, e.g. 256x128 w8
     # over 256x64 w4 at M = 4096), then list order
-    return max(scored, key=lambda s: (round(s.score, 6), -s.ctas, -s.index))
+    return max(scored, key=lambda s: (round(s.score / candidate_margin(op, s.label, arch), 6), -s.ctas, -s.index))
 
 
 @functools.lru_cache(maxsize=4096)
