@@ -473,6 +473,48 @@ def fit_rules(rows) -> dict:
     return out
 
 
+def _mid_m_rule_rows(rows, ops, g_of, heuristics, launches):
+    """The rows of qlk kernels ``ops`` at 16 < M ≤ 128 whose grid is the one the rules launch now,
+    with what the mid-M fits need: (row, arch family, rules' op, format class, candidate (the rules'
+    KernelChoice), packed weight bytes, the analyzer's time). The caller sets the GPU candidate
+    lists (``config.INTERPRETED = False``)."""
+    for r in rows:
+        op = _RULE_OPS.get(r.get("kernel"))
+        if r.get("status") != "ok" or r.get("group") != "qlk" or op not in ops:
+            continue
+        m = r["M"]
+        if not heuristics.SPLIT_ALWAYS_M < m <= heuristics.SPLIT_MAX_M:
+            continue
+        g = g_of(r["arch"])
+        fam = arch_family(r["arch"])
+        spec = launches.FORMATS[r["fmt"]]
+        nf4 = spec.get("fmt") == "nf4"
+        bits, gsize = spec.get("bits", 4), spec.get("group_size", 64)
+        fmt = heuristics.format_class(bits, nf4, gsize)
+        label = " ".join(r["config"].split()[:3])
+        scored = [c for c in heuristics.score_all(op, m, r["N"], r["K"], fmt, fam, g.sms,
+                                                  fp32_bias=nf4 and op == "splitn")
+                  if c.label == label and c.ctas == r["grid_ctas"]]
+        t = _est_time(r, g)
+        if scored and t:
+            yield r, fam, op, fmt, scored[0], heuristics.weight_bytes(r["N"], r["K"], bits, gsize, nf4), t
+
+
+def _drop_group_size_copies(out: dict, heuristics) -> dict:
+    """A bit width measured at one group size only: its per-width entry is that one; drop the copy."""
+    base = heuristics.base_format
+    for fmts in out.values():
+        for f in [f for f in fmts if f.startswith("int") and "g" in f]:
+            if sum(base(x) == base(f) and x != base(f) for x in fmts) == 1 and fmts[f] == fmts.get(base(f)):
+                del fmts[f]
+    return out
+
+
+def _clear_rule_caches(heuristics) -> None:
+    for fn in (heuristics._choose_default, heuristics.choose_path, heuristics.choose_fused):
+        fn.cache_clear()
+
+
 def fit_split_mid(rows) -> dict:
     """Round 8: the split kernels' time at 16 < M ≤ 128 (qlk.kernels.heuristics.SPLIT_MID_M) from a
     report's rows with every candidate compiled: per (arch family, op) and format class (per group
@@ -493,38 +535,16 @@ def fit_split_mid(rows) -> dict:
     config.INTERPRETED = False  # the GPU candidate lists
     try:
         acc = {}
-        for r in rows:
-            op = _RULE_OPS.get(r.get("kernel"))
-            if r.get("status") != "ok" or r.get("group") != "qlk" or op not in ("splitk", "splitn"):
-                continue
-            m = r["M"]
-            if not heuristics.SPLIT_ALWAYS_M < m <= heuristics.SPLIT_MAX_M:
-                continue
-            g = gpu(r["arch"])
-            fam = arch_family(r["arch"])
-            spec = launches.FORMATS[r["fmt"]]
-            nf4 = spec.get("fmt") == "nf4"
-            bits, gsize = spec.get("bits", 4), spec.get("group_size", 64)
-            fmt = heuristics.format_class(bits, nf4, gsize)
-            label = " ".join(r["config"].split()[:3])
-            scored = [c for c in heuristics.score_all(op, m, r["N"], r["K"], fmt, fam, g.sms,
-                                                      fp32_bias=nf4 and op == "splitn")
-                      if c.label == label and c.ctas == r["grid_ctas"]]
-            t = _est_time(r, g)
-            if not scored or not t:
-                continue
-            c = scored[0]
-            packed = heuristics.weight_bytes(r["N"], r["K"], bits, gsize, nf4)
-            tiles = math.ceil(m / c.block_m)
+        for r, fam, op, fmt, c, packed, t in _mid_m_rule_rows(rows, ("splitk", "splitn"), gpu, heuristics, launches):
+            tiles = math.ceil(r["M"] / c.block_m)
             model = tiles * heuristics.split_tile_bytes(op, r["N"], r["K"], packed, c.block_m) / (
                 heuristics.ARCH[fam].dram_bytes_per_s * c.score)
             for f in {fmt, heuristics.base_format(fmt)}:
-                acc.setdefault((fam, op), {}).setdefault(f, {}).setdefault(label, {}).setdefault(tiles, []).append(
+                acc.setdefault((fam, op), {}).setdefault(f, {}).setdefault(c.label, {}).setdefault(tiles, []).append(
                     t / model)
     finally:
         config.INTERPRETED = was
-        for fn in (heuristics._choose_default, heuristics.choose_path, heuristics.choose_fused):
-            fn.cache_clear()
+        _clear_rule_caches(heuristics)
     out = {}
     for key, fmts in sorted(acc.items()):
         for f, labels in sorted(fmts.items()):
@@ -538,13 +558,7 @@ def fit_split_mid(rows) -> dict:
                 mx, my = statistics.fmean(xs), statistics.fmean(ys)
                 per_tile = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
                 out.setdefault(key, {}).setdefault(f, {})[label] = (round(per_tile, 3), round(my - per_tile * mx, 3))
-    # a bit width measured at one group size only: its per-width entry is that one, drop the copy
-    for fmts in out.values():
-        for f in [f for f in fmts if f.startswith("int") and "g" in f]:
-            if sum(heuristics.base_format(x) == heuristics.base_format(f) and x != heuristics.base_format(f)
-                   for x in fmts) == 1 and fmts[f] == fmts.get(heuristics.base_format(f)):
-                del fmts[f]
-    return out
+    return _drop_group_size_copies(out, heuristics)
 
 
 def fit_gemm_mid(rows) -> dict:
@@ -565,40 +579,15 @@ def fit_gemm_mid(rows) -> dict:
     config.INTERPRETED, heuristics.GEMM_MID_M = False, {}  # the GPU candidate lists; the unfactored time
     try:
         acc = {}
-        for r in rows:
-            op = _RULE_OPS.get(r.get("kernel"))
-            if r.get("status") != "ok" or r.get("group") != "qlk" or op not in ("fwd", "grad"):
-                continue
-            m = r["M"]
-            if not heuristics.SPLIT_ALWAYS_M < m <= heuristics.SPLIT_MAX_M:
-                continue
-            g = gpu(r["arch"])
-            fam = arch_family(r["arch"])
-            spec = launches.FORMATS[r["fmt"]]
-            nf4 = spec.get("fmt") == "nf4"
-            bits, gsize = spec.get("bits", 4), spec.get("group_size", 64)
-            fmt = heuristics.format_class(bits, nf4, gsize)
-            label = " ".join(r["config"].split()[:3])
-            scored = [c for c in heuristics.score_all(op, m, r["N"], r["K"], fmt, fam, g.sms)
-                      if c.label == label and c.ctas == r["grid_ctas"]]
-            t = _est_time(r, g)
-            if not scored or not t:
-                continue
-            packed = heuristics.weight_bytes(r["N"], r["K"], bits, gsize, nf4)
-            ratio = t / heuristics.fused_time(scored[0], m, r["N"], r["K"], packed, fam, fmt)
+        for r, fam, op, fmt, c, packed, t in _mid_m_rule_rows(rows, ("fwd", "grad"), gpu, heuristics, launches):
+            ratio = t / heuristics.fused_time(c, r["M"], r["N"], r["K"], packed, fam, fmt)
             for f in {fmt, heuristics.base_format(fmt)}:
                 acc.setdefault((fam, op), {}).setdefault(f, []).append(ratio)
     finally:
         config.INTERPRETED, heuristics.GEMM_MID_M = was, table
-        for fn in (heuristics._choose_default, heuristics.choose_path, heuristics.choose_fused):
-            fn.cache_clear()
+        _clear_rule_caches(heuristics)
     out = {key: {f: round(statistics.median(v), 3) for f, v in sorted(fmts.items())} for key, fmts in sorted(acc.items())}
-    for fmts in out.values():  # a bit width measured at one group size only: drop the copy
-        for f in [f for f in fmts if f.startswith("int") and "g" in f]:
-            if sum(heuristics.base_format(x) == heuristics.base_format(f) and x != heuristics.base_format(f)
-                   for x in fmts) == 1 and fmts[f] == fmts.get(heuristics.base_format(f)):
-                del fmts[f]
-    return out
+    return _drop_group_size_copies(out, heuristics)
 
 
 def fit_resident(rows) -> dict:
