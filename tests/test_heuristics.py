@@ -458,10 +458,14 @@ def test_grouped_grad_launcher_asks_the_rule(monkeypatch):
     assert gm._grad_programs(10, 8, True, 32, 28672, cfg, nf4, "cpu") == (8, 1)
 
 
-def test_grad_candidates_restricted_to_their_formats():
+def test_grad_candidates_restricted_to_their_formats(monkeypatch):
     """Round 8: a GEMM input-gradient candidate listed in GRAD_CANDIDATE_FORMATS is ranked only for
-    its format classes (sm_90 128x128x64 w4: swept for NF4 only), an unlisted one for every
-    format; listed for sm_90, it is unrestricted on sm_80."""
+    its format classes, an unlisted one for every format, and only on the arch it is listed for
+    (the mechanism, with a table of this test's: since the merge's sweep no candidate is restricted)."""
+    assert h.GRAD_CANDIDATE_FORMATS == {80: {}, 90: {}}
+    monkeypatch.setattr(h, "GRAD_CANDIDATE_FORMATS", {80: {}, 90: {"128x128x64 w4 s4": frozenset({"nf4"})}})
+    for fn in (h._choose_default, h.choose_path, h.choose_fused):
+        fn.cache_clear()
     nf4_tile = _cfg(90, 4, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)
     plain = _cfg(90, 4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)
     assert h.grad_candidate_allowed("128x128x64 w4 s4", "nf4", 90)
@@ -474,6 +478,9 @@ def test_grad_candidates_restricted_to_their_formats():
         assert labels == {"128x64x64 w4 s4"} | ({"128x128x64 w4 s4"} if fmt == "nf4" else set())
     # only the input gradient is restricted
     assert len(h.score_all("fwd", 333, 8192, 8192, "int3", 90, 132, configs=[nf4_tile])) == 1
+    monkeypatch.undo()
+    for fn in (h._choose_default, h.choose_path, h.choose_fused):
+        fn.cache_clear()
 
 
 def test_grad_candidate_margin_ranks_but_does_not_rescore():

@@ -770,6 +770,9 @@ ROUND8_TILES = [  # (tile, arch, weight with N = SPLIT_N_ROWS rows, M, split)
                  id="int3g128-64x64x128-sm80"),  # 2 M tiles, 3 K tiles, 5 N steps (the last 8 rows)
     pytest.param(dict(BLOCK_N=128, BLOCK_M=128, BLOCK_K=64), 90, ("nf4", 64, True, 192), 130, 1,
                  id="nf4b64dq-128x128x64-sm90"),  # 2 M tiles, 3 K tiles, 3 N steps (the last 8 rows)
+    pytest.param(dict(BLOCK_N=128, BLOCK_M=128, BLOCK_K=64), 90, ("int", 2, 32, 320), 130, 1,
+                 id="int2g32-128x128x64-sm90"),  # INT since the merge: 2 M tiles, 5 K tiles (groups
+                                                  # of 2 per tile), 3 N steps (the last 8 rows)
     pytest.param(dict(BLOCK_N=32, BLOCK_M=64, BLOCK_K=64), 90, ("int", 4, 128, 256), 64, 2,
                  id="int4g128-64x32x64-sm90-split"),  # groups of 2 K tiles, 9 N steps in 2 slices
 ]

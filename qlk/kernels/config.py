@@ -163,7 +163,7 @@ def grad_configs():
         _cfg(80, 4, 3, BLOCK_N=32, BLOCK_M=128, BLOCK_K=128, GROUP_M=8),
         # 64 rows of N an iteration (the narrow layers and M = 64-128; INT3 2048-wide at M = 333)
         _cfg(80, 4, 3, BLOCK_N=64, BLOCK_M=64, BLOCK_K=128, GROUP_M=8),
-        # 128 rows of N an iteration: NF4 only (heuristics.GRAD_CANDIDATE_FORMATS), M = 333 wide K
+        # 128 rows of N an iteration (NF4 at M = 333 wide K; INT at M = 1024 on 3072-wide K)
         _cfg(90, 4, 4, BLOCK_N=128, BLOCK_M=128, BLOCK_K=64, GROUP_M=8),
         # M = 64 on a short reduction (2048->512): 64-column tiles, 32-row steps split 4 ways; taken only
         # where it wins by heuristics.GRAD_CANDIDATE_MARGIN
