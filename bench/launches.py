@@ -70,6 +70,14 @@ FAMILY_SHAPES = (
     (8192, 8192), (8192, 1024), (8192, 28672), (28672, 8192),
 )
 FAMILY_MS = (1, 16, 333, 2048, 8192)
+#: ``--shapes other``: layers of model families the rules were not fitted on (K→N; Qwen2.5-7B: hidden
+#: 3584, kv 512, MLP 18944; Mistral-Nemo-12B: 5120, q 4096, kv 1024, MLP 14336; Gemma-2-2B: 2304,
+#: MLP 9216; Phi-2: 2560, MLP 10240), for the out-of-family check (bench/results/static-other-sm*)
+OTHER_SHAPES = (
+    (3584, 3584), (3584, 512), (3584, 18944), (18944, 3584),
+    (5120, 4096), (5120, 1024), (5120, 14336), (14336, 5120),
+    (2304, 9216), (9216, 2304), (2560, 10240), (10240, 2560),
+)
 #: the rules' sweep (bench/results/static-family-sm*.md): ``--family --ms 1,16,64,333,2048,8192 --cases 'fwd/*,dgrad/*'``
 FAMILY_SWEEP_MS = (1, 16, 64, 333, 2048, 8192)
 #: ``fwd-splitk`` / ``dgrad-splitn`` cases (the split kernels at 16 < M <= this, where the dispatcher
@@ -281,11 +289,13 @@ def _run_qalora(fn, m, width, n, fmt, k=None):
 
 
 def all_cases(quick: bool = False, patterns=(), include_qlk: bool = True, include_dense: bool = True,
-              family: bool = False, ms=None):
+              family: bool = False, ms=None, shapes=None):
     """The selected cases, in report order: dense baseline, then qlk. ``family``: the Llama-family
     shapes and Ms (:data:`FAMILY_SHAPES`, :data:`FAMILY_MS`) instead of Llama-3-8B's. ``ms``: these
-    M values instead (e.g. :data:`FAMILY_SWEEP_MS`)."""
-    shapes, ms_ = (QUICK_SHAPES, QUICK_MS) if quick else (FAMILY_SHAPES, FAMILY_MS) if family else (SHAPES, MS)
+    M values instead (e.g. :data:`FAMILY_SWEEP_MS`). ``shapes``: these (K, N) instead of the set's
+    (the out-of-family check: layers of other model families, :data:`OTHER_SHAPES`)."""
+    shapes_, ms_ = (QUICK_SHAPES, QUICK_MS) if quick else (FAMILY_SHAPES, FAMILY_MS) if family else (SHAPES, MS)
+    shapes = shapes_ if not shapes else tuple(shapes)
     ms = ms_ if not ms else tuple(ms)
     out = []
     if include_dense:
@@ -298,6 +308,20 @@ def all_cases(quick: bool = False, patterns=(), include_qlk: bool = True, includ
 def _ms(s: str):
     """``--ms`` "1,16,64" -> (1, 16, 64); empty -> None (the set's own)."""
     return tuple(int(x) for x in s.split(",") if x.strip()) or None
+
+
+def _shapes(s: str):
+    """``--shapes`` "3584->18944,5120->1024" (or "other": :data:`OTHER_SHAPES`) -> ((K, N), ...);
+    empty -> None (the set's own)."""
+    if s.strip() == "other":
+        return OTHER_SHAPES
+    out = []
+    for part in (x.strip() for x in s.split(",") if x.strip()):
+        k, sep, n = part.partition("->")
+        if not sep or not k.isdigit() or not n.isdigit():
+            raise SystemExit(f"--shapes: {part!r} is not K->N (e.g. 3584->18944)")
+        out.append((int(k), int(n)))
+    return tuple(out) or None
 
 
 def run_case(case: Case) -> Optional[str]:
@@ -323,6 +347,8 @@ def parse_args(argv=None):
     ap.add_argument("--cases", default="", help="comma-separated shell patterns over case names")
     ap.add_argument("--family", action="store_true", help="Llama-family shapes 1B..70B and M in 1..8192")
     ap.add_argument("--ms", default="", help="comma-separated M values instead of the set's own")
+    ap.add_argument("--shapes", default="", help="comma-separated K->N shapes instead of the set's own "
+                    "('other': layers of other model families)")
     ap.add_argument("--list", action="store_true", help="print the cases and their availability, launch nothing")
     return ap.parse_args(argv)
 
@@ -330,7 +356,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     patterns = [p for p in args.cases.split(",") if p]
-    cases = all_cases(args.quick, patterns, family=args.family, ms=_ms(args.ms))
+    cases = all_cases(args.quick, patterns, family=args.family, ms=_ms(args.ms), shapes=_shapes(args.shapes))
     if not cases:
         print(f"no case matches --cases {args.cases!r}", file=sys.stderr)
         return 2

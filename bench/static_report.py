@@ -715,11 +715,12 @@ def _collect(arch, cases, log, sass, run_case, fused_matmul) -> list:
     return rows
 
 
-def select_cases(quick: bool, patterns, include=("dense", "qlk", "peers"), family: bool = False, ms=None):
+def select_cases(quick: bool, patterns, include=("dense", "qlk", "peers"), family: bool = False, ms=None,
+                 shapes=None):
     import launches
 
     out = launches.all_cases(quick, patterns, include_qlk="qlk" in include, include_dense="dense" in include,
-                             family=family, ms=ms)
+                             family=family, ms=ms, shapes=shapes)
     # the "x dense" ratios need the dense GEMM and the dequantize kernel at each qlk case's shape
     names = {c.name for c in out}
     want = set()
@@ -728,10 +729,10 @@ def select_cases(quick: bool, patterns, include=("dense", "qlk", "peers"), famil
             want.add(launches.case_name(f"dense-{c.op}", "bf16", c.k, c.n, c.m))
             want.add(launches.case_name("dequant", c.fmt, c.k, c.n, None))
     if want - names:
-        extra = [c for c in launches.all_cases(quick, sorted(want - names), family=family, ms=ms)
+        extra = [c for c in launches.all_cases(quick, sorted(want - names), family=family, ms=ms, shapes=shapes)
                  if c.name not in names]
         out = [c for c in extra if c.group == "dense"] + out + [c for c in extra if c.group != "dense"]
-    if "peers" in include and not family:
+    if "peers" in include and not family and not shapes:
         import peers_static
 
         out += peers_static.all_cases(quick, patterns)
@@ -742,7 +743,8 @@ def worker(args) -> int:
     arch = int(args.arch)
     import launches
 
-    cases = select_cases(args.quick, _patterns(args.cases), family=args.family, ms=launches._ms(args.ms))
+    cases = select_cases(args.quick, _patterns(args.cases), family=args.family, ms=launches._ms(args.ms),
+                         shapes=launches._shapes(args.shapes))
     rows = collect(arch, cases, log=lambda s: print(s, file=sys.stderr, flush=True))
     with open(args.worker_out, "w") as f:
         json.dump(rows, f)
@@ -985,6 +987,9 @@ def parse_args(argv=None):
                     help="Llama-family shapes 1B..70B (GQA k/v included), M in 1, 16, 333, 2048, 8192 (long; --ms for others)")
     ap.add_argument("--ms", default="", help="comma-separated M values instead of the set's own "
                     "(the rules' sweep: --family --ms 1,16,64,333,2048,8192 --cases 'fwd/*,dgrad/*')")
+    ap.add_argument("--shapes", default="", help="comma-separated K->N shapes instead of the set's own; 'other': "
+                    "layers of model families the rules were not fitted on (the out-of-family check: --shapes "
+                    "other --ms 7,100,500,3000 --cases 'fwd*,dgrad*' --stem static-other)")
     ap.add_argument("--stem", default="static", help="file names <stem>-sm<arch>.md/.csv (the rules' sweep: "
                     "static-family)")
     ap.add_argument("--out", default=RESULTS, help="folder for static-sm<arch>.md/.csv")
@@ -1038,7 +1043,8 @@ def main(argv=None) -> int:
             arch = pending.pop(0)
             cmd = [sys.executable, os.path.abspath(__file__), "--arch", str(arch), "--cases", args.cases,
                    "--worker-out", os.path.join(tmp, f"sm{arch}.json")] + (["--quick"] if args.quick else []) \
-                + (["--family"] if args.family else []) + (["--ms", args.ms] if args.ms else [])
+                + (["--family"] if args.family else []) + (["--ms", args.ms] if args.ms else []) \
+                + (["--shapes", args.shapes] if args.shapes else [])
             procs[arch] = subprocess.Popen(cmd, env=env, cwd=ROOT)
         for arch, proc in list(procs.items()):
             if proc.poll() is None:

@@ -69,6 +69,14 @@ def test_only_the_targets_candidates_that_fit():
     # QA-LoRA's fp32 biases: no split-N tile over 128 rows
     wide = [_cfg(None, 4, 3, BLOCK_N=256, BLOCK_M=16, BLOCK_K=64), _cfg(None, 4, 3, BLOCK_N=128, BLOCK_M=16, BLOCK_K=64)]
     assert h.choose_config("splitn", 1, 4096, 4096, arch=90, sms=132, configs=wide, fp32_bias=True).index == 1
+    # ... and no two-warp GEMM input gradient (round 9's 64x64x128 w2 spills with them and V = dY·B),
+    # which plain dY·Ŵ takes at this shape
+    two = [_cfg(80, 2, 3, BLOCK_N=64, BLOCK_M=64, BLOCK_K=128, GROUP_M=8),
+           _cfg(80, 4, 3, BLOCK_N=64, BLOCK_M=64, BLOCK_K=128, GROUP_M=8)]
+    assert h.choose_config("grad", 2048, 2048, 2048, arch=80, sms=108, configs=two).index == 0
+    assert h.choose_config("grad", 2048, 2048, 2048, arch=80, sms=108, configs=two, fp32_bias=True).index == 1
+    assert all(h.choose_config("grad", m, 14336, 4096, "int4g32", 80, 108, fp32_bias=True).num_warps >= 4
+               for m in (256, 333, 4096))
     # QA-LoRA's pooling: at most one pooled column per thread (256 columns on 4 warps spill)
     narrow = [_cfg(90, 4, 3, BLOCK_N=64, BLOCK_M=256, BLOCK_K=64, GROUP_M=8), FWD[1]]
     assert h.choose_config("fwd", 2048, 1024, 4096, arch=90, sms=132, configs=narrow).index == 0
@@ -208,13 +216,17 @@ def test_dispatcher_rule(device_lists):
             assert h.choose_path(op, 16, 14336, 4096, is_nf4=True, arch=arch).path == "fused"
     # INT4 and NF4 at the training shape on sm_90: the fused GEMMs (no 2 B/weight round trip);
     # INT3 on sm_80 too since round 7 (the rebuilt half2 tile: 0.91..0.47 at M = 4096, was 0.72..0.41
-    # and dequantize + dense); NF4 on the GQA k/v layer at M = 2048 on sm_80 (fused 0.94x the dense
-    # GEMM's time, dequantize + dense faster): the other path
+    # and dequantize + dense). Since round 9's two-warp sm_80 tiles the 2-4-bit fused kernels are
+    # estimated faster at the Llama-family shapes up to M = 16384 (round 8: NF4's GQA k/v forward at
+    # M = 2048 and the INT3 input gradient on 2048-wide layers at M = 4096 took dequantize + dense);
+    # INT8 at M = 65536 still does (the dequantize pass amortized, fused 1.07x its time)
     for op in ("fwd", "grad"):
         assert h.choose_path(op, 4096, 14336, 4096, bits=4, arch=90).path == "fused"
         assert h.choose_path(op, 4096, 14336, 4096, is_nf4=True, group_size=64, arch=90).path == "fused"
     assert h.choose_path("fwd", 4096, 14336, 4096, bits=3, arch=80).path == "fused"
-    p = h.choose_path("fwd", 2048, 1024, 4096, is_nf4=True, group_size=64, arch=80)
+    assert h.choose_path("fwd", 2048, 1024, 4096, is_nf4=True, group_size=64, arch=80).path == "fused"
+    assert h.choose_path("grad", 4096, 2048, 2048, bits=3, group_size=128, arch=80).path == "fused"
+    p = h.choose_path("fwd", 65536, 4096, 4096, bits=8, group_size=128, arch=80)
     assert p.path == "dequant" and p.t_dequant < p.t_fused
     # the rule is the comparison of the two estimated times
     for m in (17, 333, 2048, 8192):
@@ -503,14 +515,22 @@ def test_grad_candidate_margin_ranks_but_does_not_rescore():
 
 def test_round8_grad_picks(device_lists):
     """The round-8 picks at the cases they were added for (config.py's lists, docs/kernels.md
-    "Round 8"): sm_80 NF4 at M = 333 takes 128x32x128 w4 (not the smem-bound 8-warp tile) and never
-    splits it (it spills split), INT3 on the 2048-wide layers 64x64x128 w4; sm_90 NF4 8192→8192
-    M = 333 128x128x64 w4, and the 2048→512 gradient at M = 64 the 64x32x64 tile split 4 ways."""
-    for n, k in ((8192, 8192), (1024, 3072), (4096, 14336)):
+    "Round 8"), as round 9 changed them: sm_80 NF4 at M = 333 took 128x32x128 w4 (not the smem-bound
+    8-warp tile) and INT3 on the 2048-wide layers 64x64x128 w4; since round 9 NF4 keeps 128x32x128 w4
+    where its grid fills the SMs (8192→8192, 3072→1024) and both take the two-warp 64x64x128 tile
+    elsewhere, which is never split either (both spill split); sm_90 NF4 8192→8192 M = 333
+    128x128x64 w4, and the 2048→512 gradient at M = 64 the 64x32x64 tile split 4 ways."""
+    without = [c for c in h.candidates("grad") if c.num_warps != 2]  # the round-8 lists
+    for n, k, now in ((8192, 8192, "128x32x128 w4 s3"), (1024, 3072, "128x32x128 w4 s3"),
+                      (4096, 14336, "64x64x128 w2 s3")):
         c = h.choose_config("grad", 333, n, k, "nf4", 80, 108)
+        assert (c.label, c.split) == (now, 1)
+        c = h.choose_config("grad", 333, n, k, "nf4", 80, 108, configs=without)
         assert (c.label, c.split) == ("128x32x128 w4 s3", 1)
     assert h.grad_split_spills("128x32x128 w4 s3", "nf4", 2048, 80)
-    assert h.choose_config("grad", 333, 2048, 2048, "int3", 80, 108).label == "64x64x128 w4 s3"
+    assert h.grad_split_spills("64x64x128 w2 s3", "int4g32", 333, 80)
+    assert h.choose_config("grad", 333, 2048, 2048, "int3", 80, 108).label == "64x64x128 w2 s3"
+    assert h.choose_config("grad", 333, 2048, 2048, "int3", 80, 108, configs=without).label == "64x64x128 w4 s3"
     assert h.choose_config("grad", 333, 8192, 8192, "nf4", 90, 132).label == "128x128x64 w4 s4"
     for fmt in ("int4g32", "int4g128", "int3", "nf4"):
         c = h.choose_config("grad", 64, 512, 2048, fmt, 90, 132)

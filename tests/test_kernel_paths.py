@@ -532,7 +532,8 @@ def test_fwd_split_rule(monkeypatch):
 
     assert choose(4096, 14336, 4096, 90).split == 1 and choose(4096, 14336, 4096, 80).split == 1
     assert choose(64, 2048, 2048, 90).split == 1  # M <= SPLIT_MAX_M: the split-K kernel's range
-    assert choose(333, 2048, 8192, 80).split == 2  # 8192->2048 on 128x128: 48 CTAs on 108 SMs -> 96
+    # 8192->2048: round 9's two-warp 64x128 tile fills 108 SMs unsplit (96 CTAs); 4096->1024 on it: 48 -> 96
+    assert choose(333, 2048, 8192, 80).split == 1 and choose(333, 1024, 4096, 80).split == 2
     # sm_90 at 2048->512, M = 2048: 256x128 split 4 fills the SMs, but its workspace passes cost
     # about 0.7x its GEMM time (heuristics.fwd_split_share): a 128x64 tile, unsplit
     assert choose(2048, 512, 2048, 90).split == 1
@@ -809,6 +810,49 @@ def test_grad_input_gemm_round8_tiles(tile, arch, case, m, split, monkeypatch):
     assert [(op, c.label, c.split) for op, c in log] == [
         ("grad", f"{tile['BLOCK_M']}x{tile['BLOCK_N']}x{tile['BLOCK_K']} w4 s1", split)]
     assert oracles.rel_err(dx, dy.cpu().double() @ w64.half().double()) < 5e-4
+
+
+# ------------------------------------------------ forward GEMM, the round-9 two-warp tiles
+# config.gemm_configs' round-9 candidates (sm_80, 2 warps; docs/kernels.md "Round 9"): their block sizes
+# under the interpreter (warps do not exist there), fp16 X through the half2 forward tile, several
+# tiles along every axis, the last of each ragged, and several K tiles per group (INT3 g128: 4)
+ROUND9_TILES = [  # (tile, weight with N = SPLIT_N_ROWS rows, M)
+    pytest.param(dict(BLOCK_N=128, BLOCK_M=64, BLOCK_K=32), ("int", 3, 128, 384), 133,
+                 id="int3g128-64x128x32"),  # 3 M tiles, 3 N tiles (the last 8 rows), 12 K tiles
+    pytest.param(dict(BLOCK_N=64, BLOCK_M=128, BLOCK_K=32), ("int", 3, 128, 384), 133,
+                 id="int3g128-128x64x32"),  # 2 M tiles, 5 N tiles, 12 K tiles
+    pytest.param(dict(BLOCK_N=128, BLOCK_M=64, BLOCK_K=32), ("int", 4, 32, 256), 70,
+                 id="int4g32-64x128x32"),  # a group per K tile
+    pytest.param(dict(BLOCK_N=64, BLOCK_M=128, BLOCK_K=32), ("int", 2, 64, 256), 130,
+                 id="int2g64-128x64x32"),  # 2 K tiles per group
+    pytest.param(dict(BLOCK_N=128, BLOCK_M=64, BLOCK_K=32), ("nf4", 64, True, 256), 70,
+                 id="nf4b64dq-64x128x32"),
+]
+
+
+@pytest.mark.parametrize("tile,case,m", ROUND9_TILES)
+def test_forward_gemm_round9_tiles(tile, case, m, monkeypatch):
+    """Y = X·Ŵᵀ + b in fp16 through the forward GEMM at the round-9 candidates' block sizes (the
+    rules' only candidate here, unsplit), NaN-poisoned Y, against float64 on Ŵ rounded to fp16."""
+    from qlk.kernels import config
+
+    cfg = config._cfg(None, 2, 1, GROUP_M=2, **tile)
+    real = heuristics.candidates
+    monkeypatch.setattr(heuristics, "candidates", lambda op: [cfg] if op == "fwd" else real(op))
+    monkeypatch.setattr(fm, "target_arch", lambda: 80)
+    heuristics._choose_default.cache_clear()
+    qw, w64 = split_weight(case)
+    n, k = qw.shape
+    log = []
+    monkeypatch.setattr(fm, "CHOICE_LOG", log)
+    x, bias = randn(m, k, seed=m + k + 9).half(), randn(n, seed=k + 3).half()
+    y = quant_matmul_forward(x, qw, bias, out=torch.full((m, n), float("nan"), dtype=torch.float16, device=DEVICE),
+                             path="gemm")
+    heuristics._choose_default.cache_clear()
+    assert [(op, c.label, c.split) for op, c in log] == [
+        ("fwd", f"{tile['BLOCK_M']}x{tile['BLOCK_N']}x{tile['BLOCK_K']} w2 s1", 1)]
+    ref = x.cpu().double() @ w64.half().double().t() + bias.cpu().double()
+    assert oracles.rel_err(y, ref) < 5e-4
 
 
 # ------------------------------------------------ GEMM input gradient, half2 decoder (round 7)

@@ -62,16 +62,14 @@ KNOWN_OFF = {
         "fwd/nf4dq/3072->8192/M1": 0.978,
         "fwd/nf4dq/8192->3072/M1": 0.978,
         # split kernel vs GEMM at M = 64..128 (round 8: heuristics.SPLIT_MID_M as per-tile + shared
-        # time, GEMM_MID_M): the two within 1.2 % at the analyzer's estimate, either side of the
-        # fitted medians (the GEMM's time spreads 0.89-1.02 of the fit over the shapes)
-        "fwd/int4g32/28672->8192/M64": 0.986,
-        "fwd/int4g32/4096->4096/M128": 0.988,
-        "fwd/int4g32/8192->8192/M64": 0.988,
-        # the forward GEMM's tile at M = 128-2048 (calibrated efficiencies are medians over the
-        # unsplit launches; round 6's K split); 1-5 % apart
-        "fwd/int2g32/4096->1024/M333": 0.989,
-        "fwd/int3g128/4096->14336/M128": 0.988,
-        "fwd/int3g128/8192->1024/M2048": 0.989,
+        # time, GEMM_MID_M, one factor per format): round 9's two-warp 64x128 GEMM tile, whose time at
+        # M = 64 the format's median factor under-rates here (the five misses of round 8 in this class
+        # and the forward-tile class went with it)
+        "fwd/int4g128/4096->14336/M64": 0.939,
+        # the input gradient at M = 128 on 2048-4096-wide INT3 layers: round 9's two-warp 64x64x128
+        # tile 2-3 % ahead of the four-warp one (GEMM_MID_M is one factor per format)
+        "dgrad/int3g128/2048->512/M128": 0.977,
+        "dgrad/int3g128/4096->4096/M128": 0.983,
     },
 }
 
@@ -127,6 +125,74 @@ def test_dispatcher_takes_the_faster_path(sweep):
     assert set(bad) == set(KNOWN_DISPATCH[arch]), {c: v for c, v in bad.items() if c not in KNOWN_DISPATCH[arch]}
     for case, (path, x, other) in KNOWN_DISPATCH[arch].items():
         assert bad[case][0] == path and bad[case][1] / bad[case][2] >= x / other - 0.005, (case, bad[case])
+
+
+#: the cases of the in-sample sweep where qlk's chosen path is estimated under 0.9x the dense GEMM's
+#: time (issue 17's floor): none since round 9 (round 8 left sm_80's INT3 forward 2048->2048 at
+#: M = 333, 0.87x; the two-warp 64x128 tile took it to 1.0x against a dense baseline with that tile)
+KNOWN_LOW = {90: {}, 80: {}}
+#: out-of-sample sweeps (the rules were not fitted on them): static-extra = the same 16 shapes at M
+#: in {32, 256, 1024, 4096}; static-other = layers of other model families (Qwen2.5, Mistral-Nemo,
+#: Gemma-2, Phi-2; bench/launches.py OTHER_SHAPES) at M in {1, 7, 100, 500, 3000}
+OUT_OF_SAMPLE = {(stem, arch): os.path.join(ROOT, "bench", "results", f"static-{stem}-sm{arch}.csv")
+                 for stem in ("extra", "other") for arch in (90, 80)}
+#: what the out-of-sample sweeps found under 0.9x dense (case -> x dense; they get no worse) and the
+#: dispatcher's misses there (case -> (path, its x dense, the faster path's)). sm_90 at M = 3000 on
+#: Qwen2.5's 3584-wide layers (docs/kernels.md "Round 9", out-of-family check): 3584 = 28 x 128
+#: columns and 3000 rows = 12 x 256 give every qlk tile 2.55 or 3.39 waves of the 132 SMs (SM
+#: balance 0.85), while the dense baseline's 64-row tile runs 1316 CTAs at 2 per SM (4.98 waves,
+#: 0.997); qlk's 64-row tiles are issue-bound there (half the MMA work per decoded weight)
+KNOWN_LOW_OUT_OF_SAMPLE = {
+    ("other", 90): {
+        "fwd/int4g32/3584->3584/M3000": 0.896, "fwd/int4g32/18944->3584/M3000": 0.896,
+        "fwd/nf4dq/3584->3584/M3000": 0.9, "fwd/nf4dq/18944->3584/M3000": 0.9,
+        "dgrad/int4g32/3584->3584/M3000": 0.884, "dgrad/int4g128/3584->3584/M3000": 0.886,
+        "dgrad/int3g128/3584->3584/M3000": 0.884, "dgrad/int2g32/3584->3584/M3000": 0.891,
+        "dgrad/nf4dq/3584->3584/M3000": 0.892,
+        "dgrad/int4g32/3584->512/M3000": 0.852, "dgrad/int4g128/3584->512/M3000": 0.853,
+        "dgrad/int3g128/3584->512/M3000": 0.854, "dgrad/int2g32/3584->512/M3000": 0.854,
+        "dgrad/nf4dq/3584->512/M3000": 0.852,
+    },
+}
+KNOWN_DISPATCH_OUT_OF_SAMPLE = {  # the same 3584->512 gradients: dequantize + dense 1.5-2.5 % faster
+    ("other", 90): {f"dgrad/{f}/3584->512/M3000": ("fused", 0.852) for f in
+                    ("int4g32", "int4g128", "int3g128", "int2g32", "nf4dq")},
+}
+
+
+def test_every_case_at_least_0_9x_dense(sweep):
+    """Issue 17's floor: at every case of the sweep qlk's chosen kernel and path are estimated at
+    >= 0.9x the dense bf16 GEMM's time (the documented exceptions get no worse)."""
+    arch, res = sweep
+    res, stale = current(res)
+    low = {r["case"]: round(r["x_dense"], 3) for r in res if r["x_dense"] is not None and r["x_dense"] < 0.9}
+    assert set(low) == set(KNOWN_LOW[arch]), low
+    assert all(r["x_dense"] is not None for r in res)
+    for case, x in KNOWN_LOW[arch].items():
+        assert low[case] >= x - 0.005, (case, low[case])
+
+
+@pytest.mark.parametrize("stem,arch", sorted(OUT_OF_SAMPLE), ids=[f"{s}-sm{a}" for s, a in sorted(OUT_OF_SAMPLE)])
+def test_out_of_sample_sweeps(stem, arch):
+    """The rules on sweeps they were not fitted on: no stale launch, every case >= 0.9x dense and the
+    faster of fused / dequantize + dense everywhere above M = 16 (except the documented cases, which
+    get no worse), and the analyzer's best config (within the tolerance) in at least 98 % of the
+    cases, no pick more than 10 % under it."""
+    path = OUT_OF_SAMPLE[stem, arch]
+    res = sr.rules_check(sr.read_csv(path), arch)
+    assert len(res) >= 400, f"{path}: {len(res)} cases"
+    assert not [r["case"] for r in res if r["stale"]], "re-sweep: docs/measurements.md has the command"
+    low = {r["case"]: round(r["x_dense"] or 0, 3) for r in res if (r["x_dense"] or 0) < 0.9}
+    known = KNOWN_LOW_OUT_OF_SAMPLE.get((stem, arch), {})
+    assert set(low) <= set(known), {c: x for c, x in low.items() if c not in known}
+    assert all(low.get(c, 1.0) >= x - 0.005 for c, x in known.items()), low
+    wrong_path = {r["case"]: (r["path"], round(r["x_dense"], 3)) for r in res if r["x_dequant"] is not None
+                  and r["x_dense"] < r["x_best_path"] * sr.RULES_TOLERANCE}
+    known = KNOWN_DISPATCH_OUT_OF_SAMPLE.get((stem, arch), {})
+    assert set(wrong_path) <= set(known), {c: v for c, v in wrong_path.items() if c not in known}
+    assert all(wrong_path[c][1] >= known[c][1] - 0.005 for c in wrong_path), wrong_path
+    off = {r["case"]: round(r["ratio"] or 0, 3) for r in res if r["ratio"] is None or r["ratio"] < sr.RULES_TOLERANCE}
+    assert len(off) <= 0.02 * len(res) and min(off.values(), default=1) >= 0.9, off
 
 
 def test_the_check_can_fail(sweep):

@@ -134,6 +134,12 @@ def gemm_configs():
         _cfg(80, 8, 4, BLOCK_N=128, BLOCK_M=128, BLOCK_K=32, GROUP_M=8),
         _cfg(80, 4, 4, BLOCK_N=128, BLOCK_M=128, BLOCK_K=32, GROUP_M=8),
         _cfg(80, 4, 4, BLOCK_N=128, BLOCK_M=64, BLOCK_K=32, GROUP_M=8),
+        # round 9 (docs/kernels.md "Round 9"): two warps on a 64x128 / 128x64 tile, 64x64 per warp.
+        # The 4-warp 64x128 tile gives each warp 32 columns of X for 64 rows of Ŵ, so every weight is
+        # dequantized for half the MMA work of the 128x128 tile (INT3 issue-bound); two warps keep
+        # the 128x128 tile's ratio, and 4 CTAs per SM fill mid-M grids without a K split
+        _cfg(80, 2, 4, BLOCK_N=128, BLOCK_M=64, BLOCK_K=32, GROUP_M=8),
+        _cfg(80, 2, 4, BLOCK_N=64, BLOCK_M=128, BLOCK_K=32, GROUP_M=8),
     ]
 
 
@@ -163,6 +169,10 @@ def grad_configs():
         _cfg(80, 4, 3, BLOCK_N=32, BLOCK_M=128, BLOCK_K=128, GROUP_M=8),
         # 64 rows of N an iteration (the narrow layers and M = 64-128; INT3 2048-wide at M = 333)
         _cfg(80, 4, 3, BLOCK_N=64, BLOCK_M=64, BLOCK_K=128, GROUP_M=8),
+        # round 9 (docs/kernels.md "Round 9"): two warps on the 64x64x128 tile, 64x64 of dXᵀ per warp,
+        # four CTAs per SM: mid-M grids filled without a split, the MMA work per decoded weight of the
+        # 128x128 tiles (the dense baseline has the same two-warp tile)
+        _cfg(80, 2, 3, BLOCK_N=64, BLOCK_M=64, BLOCK_K=128, GROUP_M=8),
         # 128 rows of N an iteration (NF4 at M = 333 wide K; INT at M = 1024 on 3072-wide K)
         _cfg(90, 4, 4, BLOCK_N=128, BLOCK_M=128, BLOCK_K=64, GROUP_M=8),
         # M = 64 on a short reduction (2048->512): 64-column tiles, 32-row steps split 4 ways; taken only

@@ -171,24 +171,24 @@ DEQUANT_DRAM_SHARE = 0.8
 #: depends on how many steps each slice runs). A candidate without an entry is scored by the
 #: two-term model below, so a new tile still gets a sensible rank until the table is refitted.
 CALIBRATION = {
-    (80, 'fwd', 'int2'): {'128x128x32 w4 s4': 0.805, '128x128x32 w8 s4': 0.591, '128x256x32 w8 s3': 0.806, '64x128x32 w4 s4': 0.68},
-    (80, 'fwd', 'int3'): {'128x128x32 w4 s4': 0.785, '128x128x32 w8 s4': 0.517, '128x256x32 w8 s3': 0.786, '64x128x32 w4 s4': 0.581},
-    (80, 'fwd', 'int4'): {'128x128x32 w4 s4': 0.782, '128x128x32 w8 s4': 0.588, '128x256x32 w8 s3': 0.792, '64x128x32 w4 s4': 0.657},
-    (80, 'fwd', 'int4g128'): {'128x128x32 w4 s4': 0.782, '128x128x32 w8 s4': 0.588, '128x256x32 w8 s3': 0.792, '64x128x32 w4 s4': 0.657},
-    (80, 'fwd', 'int4g32'): {'128x128x32 w4 s4': 0.782, '128x128x32 w8 s4': 0.591, '128x256x32 w8 s3': 0.792, '64x128x32 w4 s4': 0.657},
-    (80, 'fwd', 'nf4'): {'128x128x32 w4 s4': 0.786, '128x128x32 w8 s4': 0.622, '128x256x32 w8 s3': 0.796, '64x128x32 w4 s4': 0.614},
+    (80, 'fwd', 'int2'): {'128x128x32 w4 s4': 0.805, '128x128x32 w8 s4': 0.591, '128x256x32 w8 s3': 0.806, '128x64x32 w2 s4': 0.784, '64x128x32 w2 s4': 0.8, '64x128x32 w4 s4': 0.68},
+    (80, 'fwd', 'int3'): {'128x128x32 w4 s4': 0.785, '128x128x32 w8 s4': 0.517, '128x256x32 w8 s3': 0.786, '128x64x32 w2 s4': 0.773, '64x128x32 w2 s4': 0.781, '64x128x32 w4 s4': 0.581},
+    (80, 'fwd', 'int4'): {'128x128x32 w4 s4': 0.782, '128x128x32 w8 s4': 0.588, '128x256x32 w8 s3': 0.792, '128x64x32 w2 s4': 0.763, '64x128x32 w2 s4': 0.776, '64x128x32 w4 s4': 0.657},
+    (80, 'fwd', 'int4g128'): {'128x128x32 w4 s4': 0.782, '128x128x32 w8 s4': 0.588, '128x256x32 w8 s3': 0.792, '128x64x32 w2 s4': 0.763, '64x128x32 w2 s4': 0.776, '64x128x32 w4 s4': 0.657},
+    (80, 'fwd', 'int4g32'): {'128x128x32 w4 s4': 0.782, '128x128x32 w8 s4': 0.591, '128x256x32 w8 s3': 0.792, '128x64x32 w2 s4': 0.763, '64x128x32 w2 s4': 0.776, '64x128x32 w4 s4': 0.657},
+    (80, 'fwd', 'nf4'): {'128x128x32 w4 s4': 0.786, '128x128x32 w8 s4': 0.622, '128x256x32 w8 s3': 0.796, '128x64x32 w2 s4': 0.767, '64x128x32 w2 s4': 0.779, '64x128x32 w4 s4': 0.614},
     (80, 'gemv', 'int2'): {'32x256 w4 s3': 0.198, '64x128 w4 s3': 0.198},
     (80, 'gemv', 'int3'): {'32x256 w4 s3': 0.186, '64x128 w4 s3': 0.135},
     (80, 'gemv', 'int4'): {'32x256 w4 s3': 0.296, '64x128 w4 s3': 0.31},
     (80, 'gemv', 'int4g128'): {'32x256 w4 s3': 0.273},
     (80, 'gemv', 'int4g32'): {'32x256 w4 s3': 0.311, '64x128 w4 s3': 0.31},
     (80, 'gemv', 'nf4'): {'32x256 w4 s3': 0.329, '64x128 w4 s3': 0.328},
-    (80, 'grad', 'int2'): {'128x32x128 w4 s3': 0.782, '128x32x128 w8 s3': 0.722, '256x32x128 w8 s3': 0.792, '64x32x128 w4 s3': 0.657, '64x64x128 w4 s3': 0.668},
-    (80, 'grad', 'int3'): {'128x32x128 w4 s3': 0.682, '128x32x128 w8 s3': 0.722, '256x32x128 w8 s3': 0.792, '64x32x128 w4 s3': 0.594, '64x64x128 w4 s3': 0.634},
-    (80, 'grad', 'int4'): {'128x32x128 w4 s3': 0.782, '128x32x128 w8 s3': 0.722, '256x32x128 w8 s3': 0.792, '64x32x128 w4 s3': 0.657, '64x64x128 w4 s3': 0.668},
-    (80, 'grad', 'int4g128'): {'128x32x128 w4 s3': 0.782, '128x32x128 w8 s3': 0.722, '256x32x128 w8 s3': 0.792, '64x32x128 w4 s3': 0.657, '64x64x128 w4 s3': 0.668},
-    (80, 'grad', 'int4g32'): {'128x32x128 w4 s3': 0.782, '128x32x128 w8 s3': 0.722, '256x32x128 w8 s3': 0.792, '64x32x128 w4 s3': 0.657, '64x64x128 w4 s3': 0.668},
-    (80, 'grad', 'nf4'): {'128x32x128 w4 s3': 0.775, '128x32x128 w8 s3': 0.672, '256x32x128 w8 s3': 0.784, '64x32x128 w4 s3': 0.616, '64x64x128 w4 s3': 0.646},
+    (80, 'grad', 'int2'): {'128x32x128 w4 s3': 0.782, '128x32x128 w8 s3': 0.722, '256x32x128 w8 s3': 0.792, '64x32x128 w4 s3': 0.657, '64x64x128 w2 s3': 0.765, '64x64x128 w4 s3': 0.668},
+    (80, 'grad', 'int3'): {'128x32x128 w4 s3': 0.682, '128x32x128 w8 s3': 0.722, '256x32x128 w8 s3': 0.792, '64x32x128 w4 s3': 0.594, '64x64x128 w2 s3': 0.765, '64x64x128 w4 s3': 0.634},
+    (80, 'grad', 'int4'): {'128x32x128 w4 s3': 0.782, '128x32x128 w8 s3': 0.722, '256x32x128 w8 s3': 0.792, '64x32x128 w4 s3': 0.657, '64x64x128 w2 s3': 0.765, '64x64x128 w4 s3': 0.668},
+    (80, 'grad', 'int4g128'): {'128x32x128 w4 s3': 0.782, '128x32x128 w8 s3': 0.722, '256x32x128 w8 s3': 0.792, '64x32x128 w4 s3': 0.657, '64x64x128 w2 s3': 0.765, '64x64x128 w4 s3': 0.668},
+    (80, 'grad', 'int4g32'): {'128x32x128 w4 s3': 0.782, '128x32x128 w8 s3': 0.722, '256x32x128 w8 s3': 0.792, '64x32x128 w4 s3': 0.657, '64x64x128 w2 s3': 0.765, '64x64x128 w4 s3': 0.668},
+    (80, 'grad', 'nf4'): {'128x32x128 w4 s3': 0.775, '128x32x128 w8 s3': 0.672, '256x32x128 w8 s3': 0.784, '64x32x128 w4 s3': 0.616, '64x64x128 w2 s3': 0.761, '64x64x128 w4 s3': 0.646},
     (80, 'splitk', 'int2'): {'16x64x128 w4 s4': 0.75, '16x64x256 w4 s3': 0.768},
     (80, 'splitk', 'int3'): {'16x64x128 w4 s4': 0.619, '16x64x256 w4 s3': 0.626},
     (80, 'splitk', 'int4'): {'16x64x128 w4 s4': 0.804, '16x64x256 w4 s3': 0.808},
@@ -408,8 +408,10 @@ GRAD_SPLIT_MIN_STEPS = 4
 #: GEMM input-gradient tiles whose split variant spills (the static report, round 5: sm_80's 8-warp
 #: tiles sit at 255 registers unsplit; the fp32 partial's atomics push 256x32x128 to 0.8-1 KB of
 #: stack, 128x32x128 to 8 B; round 8: 128x32x128 w4, 242-248 registers unsplit, 0.8-0.9 KB split,
-#: every format): they are launched unsplit
-GRAD_SPLIT_SPILLS = {80: frozenset({"256x32x128 w8 s3", "128x32x128 w8 s3", "128x32x128 w4 s3"}), 90: frozenset()}
+#: every format; round 9: 64x64x128 w2, 255 registers unsplit, 40-224 B split, every format): they
+#: are launched unsplit
+GRAD_SPLIT_SPILLS = {80: frozenset({"256x32x128 w8 s3", "128x32x128 w8 s3", "128x32x128 w4 s3", "64x64x128 w2 s3"}),
+                     90: frozenset()}
 #: ... and those whose split variant spills only at an M that is not a multiple of 16 (Triton
 #: specializes M % 16 == 0; round 6, static report at M = 333: sm_80 64x32x128 w4 at 255 registers,
 #: 8 B of stack and 2 LDL/STL for INT3 and NF4, none for INT4 g32/g128 and INT2): per format class
@@ -653,7 +655,11 @@ def _fits(c, arch: int, fp32_bias: bool, op: str, pool: bool = False) -> bool:
     # spills (sm_90 256x64x64 w4 with POOL: 80-168 B stack)
     if pool and op in ("fwd", "splitk") and k["BLOCK_M"] > 32 * c.num_warps:
         return False
-    # QA-LoRA's fp32 folded biases: the 256-row split-N tile spills with them (docs/kernels.md)
+    # QA-LoRA's fp32 folded biases: the 256-row split-N tile spills with them (docs/kernels.md), and
+    # so does round 9's two-warp GEMM input gradient (64x64x128 w2 with the fused V = dY·B: 24-64 B
+    # of stack on sm_80, bench/results/static-sm80.csv)
+    if op == "grad" and fp32_bias and c.num_warps < 4:
+        return False
     return not (op == "splitn" and fp32_bias and k["BLOCK_N"] > 128)
 
 
@@ -909,8 +915,8 @@ SPLIT_MID_DEFAULT = (0.85, 0.0)
 #: the MAC term says (sm_80 0.86-0.94, sm_90 0.93-0.99). Fitted by ``bench/static_report.py
 #: --fit-rules``; 1 for a format without an entry and outside that M range.
 GEMM_MID_M = {
-    (80, 'fwd'): {'int2': 0.907, 'int3': 0.895, 'int4': 0.926, 'int4g128': 0.919, 'int4g32': 0.935, 'nf4': 0.928},
-    (80, 'grad'): {'int2': 0.881, 'int3': 0.875, 'int4': 0.915, 'int4g128': 0.91, 'int4g32': 0.924, 'nf4': 0.91},
+    (80, 'fwd'): {'int2': 0.908, 'int3': 0.896, 'int4': 0.925, 'int4g128': 0.919, 'int4g32': 0.935, 'nf4': 0.926},
+    (80, 'grad'): {'int2': 0.885, 'int3': 0.882, 'int4': 0.92, 'int4g128': 0.911, 'int4g32': 0.927, 'nf4': 0.912},
     (90, 'fwd'): {'int2': 0.947, 'int3': 0.945, 'int4': 0.982, 'int4g128': 0.978, 'int4g32': 0.985, 'nf4': 0.976},
     (90, 'grad'): {'int2': 0.94, 'int3': 0.948, 'int4': 0.982, 'int4g128': 0.972, 'int4g32': 0.99, 'nf4': 0.977},
 }
