@@ -77,6 +77,15 @@ def test_only_the_targets_candidates_that_fit():
     assert h.choose_config("grad", 2048, 2048, 2048, arch=80, sms=108, configs=two, fp32_bias=True).index == 1
     assert all(h.choose_config("grad", m, 14336, 4096, "int4g32", 80, 108, fp32_bias=True).num_warps >= 4
                for m in (256, 333, 4096))
+    # QA-LoRA's pooled forward: the two-warp 64x128x32 tile runs unsplit (its split spills with the
+    # pooling, heuristics.FWD_SPLIT_SPILLS_POOL), which plain X·Ŵᵀ splits at this shape
+    w2 = [_cfg(80, 2, 4, BLOCK_N=128, BLOCK_M=64, BLOCK_K=32, GROUP_M=8)]
+    plain = h.choose_config("fwd", 333, 1024, 4096, "int4g128", 80, 108, configs=w2)
+    pooled = h.choose_config("fwd", 333, 1024, 4096, "int4g128", 80, 108, configs=w2, fp32_bias=True, pool=True)
+    assert (plain.split, pooled.split) == (2, 1)
+    for m, n, k in ((333, 1024, 4096), (333, 2048, 2048), (256, 1024, 3072), (2048, 512, 2048)):
+        c = h.choose_config("fwd", m, n, k, "int4g128", 80, 108, fp32_bias=True, pool=True)
+        assert c.num_warps >= 4 or c.split == 1, (m, n, k, c)
     # QA-LoRA's pooling: at most one pooled column per thread (256 columns on 4 warps spill)
     narrow = [_cfg(90, 4, 3, BLOCK_N=64, BLOCK_M=256, BLOCK_K=64, GROUP_M=8), FWD[1]]
     assert h.choose_config("fwd", 2048, 1024, 4096, arch=90, sms=132, configs=narrow).index == 0

@@ -855,6 +855,36 @@ def test_forward_gemm_round9_tiles(tile, case, m, monkeypatch):
     assert oracles.rel_err(y, ref) < 5e-4
 
 
+@pytest.mark.parametrize("case,m", [pytest.param((4, 128, 384), 133, id="int4g128-M133"),
+                                    pytest.param((3, 32, 256), 70, id="int3g32-M70")])
+def test_qalora_forward_round9_tile(case, m, monkeypatch):
+    """QA-LoRA's pooled forward at the two-warp 64x128x32 tile's block sizes (unsplit, as the rules
+    launch it with the pooling: heuristics.FWD_SPLIT_SPILLS_POOL), fp16 X: Y and P(X) NaN-poisoned
+    against the paper's formula; groups over 4 K tiles (g = 128) and one per K tile (g = 32)."""
+    from qlk.kernels import config
+
+    cfg = config._cfg(None, 2, 1, GROUP_M=2, BLOCK_N=128, BLOCK_M=64, BLOCK_K=32)
+    real = heuristics.candidates
+    monkeypatch.setattr(heuristics, "candidates", lambda op: [cfg] if op == "fwd" else real(op))
+    monkeypatch.setattr(fm, "target_arch", lambda: 80)
+    heuristics._choose_default.cache_clear()
+    qw, w64 = int_weight(*case)
+    n, k = qw.shape
+    g = qw.group_size
+    a, b = adapter(qw, w64, seed=k + g + 3)
+    x, bias = randn(m, k, seed=m + 17).half(), randn(n, seed=19).half()
+    log = []
+    monkeypatch.setattr(fm, "CHOICE_LOG", log)
+    y_ref, p_ref = oracles.qalora_forward64(x.cpu().double(), w64.half().double(), a.cpu(), b.cpu(), SIGMA, g,
+                                            bias.cpu().double())
+    y, p = qalora_forward(x, qw, a.half(), b.half(), SIGMA, bias,
+                          out=torch.full((m, n), float("nan"), dtype=torch.float16, device=DEVICE), path="gemm")
+    heuristics._choose_default.cache_clear()
+    assert [(op, c.label, c.split) for op, c in log] == [("fwd", "64x128x32 w2 s1", 1)]
+    assert oracles.rel_err(p, p_ref) < 1e-3
+    assert oracles.rel_err(y, y_ref) < 5e-3
+
+
 # ------------------------------------------------ GEMM input gradient, half2 decoder (round 7)
 # fp16 dY through the half2 transposed decoder (quant_tile_t._pair_half2, the twin here): both K loops,
 # INT2 in both unpackings (sm_80: half words), ragged K with a half-used INT3 chunk / INT2 word

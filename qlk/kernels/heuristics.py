@@ -565,6 +565,9 @@ FWD_SPLIT_GAIN = 1.15
 FWD_SPLIT_MAX, FWD_SPLIT_MAX_WAVES = 8, 4
 #: forward GEMM tiles whose split variant spills (the static report, round 6), launched unsplit
 FWD_SPLIT_SPILLS = {80: frozenset(), 90: frozenset()}
+#: ... and those whose split variant spills only with QA-LoRA's in-GEMM pooling and fp32 folded
+#: biases (round 9: 64x128x32 w2, 8 B of stack at 4096→1024 M = 333 on sm_80), launched unsplit there
+FWD_SPLIT_SPILLS_POOL = {80: frozenset({"64x128x32 w2 s4"}), 90: frozenset()}
 #: NF4's group (absmax block) when the format class does not carry it (bitsandbytes' default)
 NF4_BLOCK = 64
 
@@ -694,7 +697,7 @@ def resident_ctas(op: str, c, fmt: str, arch: int) -> Optional[tuple[int, int]]:
     return got if got is not None else RESIDENT.get((fam, op, base_format(fmt)), {}).get(label)
 
 
-def _score(op, c, m, n, k, fmt, arch, sms):
+def _score(op, c, m, n, k, fmt, arch, sms, pool=False):
     kw = c.kwargs
     bn, bm, bk = kw["BLOCK_N"], kw["BLOCK_M"], kw["BLOCK_K"]
     fitted = calibrated(op, c, fmt, arch)
@@ -704,7 +707,8 @@ def _score(op, c, m, n, k, fmt, arch, sms):
         group = format_group(fmt)
         # above the split-K decode kernel's range only (M <= SPLIT_MAX_M: choose_fused weighs that
         # kernel against the GEMM; the split GEMM there is not measured yet)
-        unsplit = m <= SPLIT_MAX_M or label in FWD_SPLIT_SPILLS.get(arch_family(arch), ())
+        unsplit = (m <= SPLIT_MAX_M or label in FWD_SPLIT_SPILLS.get(arch_family(arch), ())
+                   or (pool and label in FWD_SPLIT_SPILLS_POOL.get(arch_family(arch), ())))
         split = 1 if unsplit else fwd_split(k, bk, group, tiles_m * tiles_o, sms)
         eff = fitted or sum(gemm_tile_eff(bn, bm, c.num_warps, arch, fmt)) / 2
         fill = m * n / (tiles_m * bm * tiles_o * bn)
@@ -763,7 +767,7 @@ def score_all(op: str, m: int, n: int, k: int, fmt: str = "int4", arch: int = 90
         if op == "grad" and not grad_candidate_allowed(label, fmt, arch):
             continue
         if _fits(c, arch, fp32_bias, op, pool):
-            out.append(dataclasses.replace(_score(op, c, m, n, k, fmt, arch, sms), index=i))
+            out.append(dataclasses.replace(_score(op, c, m, n, k, fmt, arch, sms, pool), index=i))
     return out
 
 
@@ -785,7 +789,7 @@ def _choose(op, m, n, k, fmt, arch, sms, configs, fp32_bias, pool):
     if not scored:
         sms = sms or DEFAULT_SMS[arch_family(arch)]
         configs = candidates(op) if configs is None else configs
-        return dataclasses.replace(_score(op, configs[0], m, n, k, fmt, arch, sms), index=0)
+        return dataclasses.replace(_score(op, configs[0], m, n, k, fmt, arch, sms, pool), index=0)
     if op in ("splitk", "splitn") and SPLIT_ALWAYS_M < m <= SPLIT_MAX_M:
         # round 8: several 16-row M tiles; each candidate's own line of time over tiles (SPLIT_MID_M),
         # so the one :func:`fused_time` finds fastest, which choose_fused weighs against the GEMM
