@@ -280,6 +280,43 @@ def test_launchers_pass_the_chosen_tile(monkeypatch):
             assert grid[1] == want.split
 
 
+class _Asked(Exception):
+    pass
+
+
+@pytest.mark.parametrize("fmt", ["int4g32", "int3g128", "int2g32", "nf4dq", "nf4"])
+def test_grad_launchers_ask_the_rules_as_the_report_checks(monkeypatch, fmt):
+    """The input-gradient launchers ask the rules with the arguments the static report's check
+    (bench/static_report.py ``_rules_check``) and fit assume: the GEMM with fp32_bias only for
+    QA-LoRA's fp32 folded biases, never for NF4 (whose bias argument is an fp32 placeholder: counted
+    as biases it kept every NF4 input gradient off sm_80's two-warp tile, 0.85x dense at M = 500),
+    split-N with it for NF4. Nothing is launched: the query is recorded and the launch stopped."""
+    asked = []
+
+    def tiles(op, m, n, k, meta, device, fp32_bias=False, pool=False):
+        asked.append((op, fp32_bias))
+        raise _Asked
+
+    monkeypatch.setattr(fm, "_tiles", tiles)
+    w = torch.randn(64, 256)
+    if fmt.startswith("nf4"):
+        qw = qlk.quantize(w, fmt="nf4", group_size=64, double_quant=fmt == "nf4dq")
+    else:
+        qw = qlk.quantize(w, bits=int(fmt[3]), group_size=int(fmt[5:]))
+    for path, m in (("gemm", 40), ("splitn", 5)):
+        with pytest.raises(_Asked):
+            fm.quant_matmul_grad_input(torch.randn(m, 64), qw, path=path)
+    assert asked == [("grad", False), ("splitn", fmt.startswith("nf4"))]
+    if not fmt.startswith("nf4"):  # QA-LoRA: fp32 folded biases on the GEMM path
+        from qlk.kernels import qalora
+
+        asked.clear()
+        lora_a, lora_b = torch.randn(8, 256 // qw.group_size), torch.randn(64, 8)
+        with pytest.raises(_Asked):
+            qalora.qalora_grad_input(torch.randn(40, 64), qw, lora_a, lora_b, 0.5, path="gemm")
+        assert asked == [("grad", True)]
+
+
 @pytest.mark.skipif(not (CUDA or INTERPRETED), reason="needs CUDA or TRITON_INTERPRET=1")
 @pytest.mark.parametrize("bits,g,perm", [(4, 32, False), (3, 48, True)], ids=["int4g32", "int3g48-actorder"])
 def test_dispatcher_paths_against_float64(bits, g, perm):

@@ -454,6 +454,10 @@ MUTANTS = [
     dict(id="dgrad-half2-asm-bf16-constant", cls="asm operands", file="qlk/kernels/quant_tile_t.py",
          old="r = tl.inline_asm_elementwise(ASM_T_BF16_B4,", new="r = tl.inline_asm_elementwise(ASM_T_F16_B4,",
          tests=["tests/test_asm_emulated.py", "-k", "pick_their_asm"]),
+    dict(id="rules-nf4-placeholder-as-fp32-bias", cls="config rule", file="qlk/kernels/fused_matmul.py",
+         old='return not meta["IS_NF4"] and getattr(args[2], "dtype", None) == torch.float32',
+         new='return getattr(args[2], "dtype", None) == torch.float32',
+         tests=["tests/test_heuristics.py", "-k", "ask_the_rules"]),
     # ---- autograd, reference, merge, formats -----------------------------------------------------
     dict(id="autograd-dA-scale", cls="scale", file="qlk/autograd/qalora.py",
          old="da = (v.t() @ pooled).mul_(s).to(a.dtype)", new="da = (v.t() @ pooled).mul_(s / g).to(a.dtype)",

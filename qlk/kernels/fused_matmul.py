@@ -904,13 +904,14 @@ def _grad_input(dy, qw, out, path, deterministic, wargs=None, lora_b=None):
         torch.matmul(dy2, _dequantized(qw, dy.dtype), out=out)
     elif m > 0:
         args, meta = wargs if wargs is not None else weight_args(qw, denest_absmax=path == "gemm")
-        fp32_bias = getattr(args[2], "dtype", None) == torch.float32
         if path == "gemv":
             _gemv_grad_input(dy2, qw, out, deterministic, args, meta)
         elif path == "splitn":
+            # NF4's fp32 placeholder counts here: the split-N rules and sweeps keep its 256-row tile off
+            fp32_bias = getattr(args[2], "dtype", None) == torch.float32
             _splitn_grad_input(dy2, qw, out, deterministic, args, meta, fp32_bias, lora_b, v)
         else:
-            _, launches = _tiles("grad", m, n, k, meta, dy.device, fp32_bias)
+            _, launches = _tiles("grad", m, n, k, meta, dy.device, _folded_fp32_biases(args, meta))
             # INT2 unpacked per half word on sm_80 (quant_tile_t; docs/kernels.md "Input gradient, round 3")
             int2_halves = heuristics.arch_family(target_arch()) == 80
             # with V: one more program per M tile, after the dX tiles, for V = dY·B
@@ -939,6 +940,15 @@ def _grad_input(dy, qw, out, path, deterministic, wargs=None, lora_b=None):
         out = out.index_select(1, torch.argsort(qw.perm))
     dx = out.reshape(*lead, k)
     return dx if lora_b is None else (dx, v)
+
+
+def _folded_fp32_biases(args, meta) -> bool:
+    """Whether the GEMM input gradient reads fp32 group biases (QA-LoRA's folded biases, passed in
+    ``wargs``): the rules keep those off the two-warp tile, which spills with them
+    (:func:`qlk.kernels.heuristics._fits`). NF4 has no biases: its bias argument is the fp32
+    placeholder, and counting that as fp32 biases kept every NF4 input gradient off sm_80's
+    64x64x128 w2 tile (0.85x dense at M = 500; docs/kernels.md "Round 10")."""
+    return not meta["IS_NF4"] and getattr(args[2], "dtype", None) == torch.float32
 
 
 def _split_workspace(split, m, cols, deterministic, device) -> torch.Tensor:
