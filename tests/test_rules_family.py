@@ -133,9 +133,11 @@ def test_dispatcher_takes_the_faster_path(sweep):
 KNOWN_LOW = {90: {}, 80: {}}
 #: out-of-sample sweeps (the rules were not fitted on them): static-extra = the same 16 shapes at M
 #: in {32, 256, 1024, 4096}; static-other = layers of other model families (Qwen2.5, Mistral-Nemo,
-#: Gemma-2, Phi-2; bench/launches.py OTHER_SHAPES) at M in {1, 7, 100, 500, 3000}
+#: Gemma-2, Phi-2; bench/launches.py OTHER_SHAPES) at M in {1, 7, 100, 500, 3000}; static-odd (round
+#: 10) = the 16 shapes at M in {100, 500, 1500, 3000, 6000}, none a power of two (it found NF4's input
+#: gradient on sm_80 never launching the two-warp tile the rules scored: 0.85x dense at M = 500)
 OUT_OF_SAMPLE = {(stem, arch): os.path.join(ROOT, "bench", "results", f"static-{stem}-sm{arch}.csv")
-                 for stem in ("extra", "other") for arch in (90, 80)}
+                 for stem in ("extra", "other", "odd") for arch in (90, 80)}
 #: what the out-of-sample sweeps found under 0.9x dense (case -> x dense; they get no worse) and the
 #: dispatcher's misses there (case -> (path, its x dense, the faster path's)). sm_90 at M = 3000 on
 #: Qwen2.5's 3584-wide layers (docs/kernels.md "Round 9", out-of-family check): 3584 = 28 x 128
