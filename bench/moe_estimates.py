@@ -10,8 +10,10 @@ Compiles every case of bench/launches_moe.py (Mixtral-8x7B-like and Qwen3-30B-A3
 bench/dense_grouped_matmul.py and grouped-nf4-gemm on the same experts) under ``bench.sass``
 and writes ``static-moe-sm<arch>.md`` (a summary table: each case's estimate and its ratio to the
 dense baseline of the same run) and ``.csv`` (every launch). **Estimates from machine code, not
-measurements** (docs/static-analysis.md). At 4096 tokens the metric is the tensor-peak fraction,
-at 16 tokens the DRAM fraction on useful bytes; both optimistic..pessimistic × wave efficiency.
+measurements** (docs/static-analysis.md). At 256 tokens or more the metric is the tensor-peak fraction,
+below it the DRAM fraction on useful bytes; both optimistic..pessimistic × wave efficiency.
+`--layers other` (OLMoE, Qwen1.5-MoE, gpt-oss-20b) and `--tokens 512,64` are the out-of-sample
+checks (`static-moe-other-sm<arch>`, `static-moe-t512-64-sm<arch>`).
 ``--fit-resident CSV...`` prints qlk.kernels.heuristics.GROUPED_RESIDENT fitted to such CSVs (compiles
 nothing).
 """
@@ -65,16 +67,21 @@ def _main_report(case: str, reports):
         return None
 
     def mid(r):
-        vals = [v for v in (r.tensor_opt, r.tensor_pess) if v is not None] if case.endswith("T4096") else \
+        vals = [v for v in (r.tensor_opt, r.tensor_pess) if v is not None] if _training(case) else \
             [v for v in (r.dram_opt, r.dram_pess) if v is not None]
         return sum(vals) / len(vals) if vals else -1
     return max(mine, key=mid)  # several launches (grouped-nf4-gemm's split-K pieces): the heaviest
 
 
+def _training(case: str) -> bool:
+    """Whether a case is judged by the tensor-peak fraction (T >= 256 tokens) or the DRAM one."""
+    return int(case.rsplit("/T", 1)[1]) >= 256
+
+
 def _metric(case: str, r):
     if r is None:
         return None
-    return (r.tensor_opt, r.tensor_pess) if case.endswith("T4096") else (r.dram_opt, r.dram_pess)
+    return (r.tensor_opt, r.tensor_pess) if _training(case) else (r.dram_opt, r.dram_pess)
 
 
 def _fmt(v, base=None, gnf4=None):
@@ -102,7 +109,7 @@ def summary(reports, failed) -> list[str]:
                 name = lambda op, fmt: launches_moe.case_name(op, fmt, layer, proj, t)  # noqa: E731
                 dense_f, dense_d = get.get(name("dense-grouped-fwd", "bf16")), get.get(name("dense-grouped-dgrad", "bf16"))
                 gnf4_f, gnf4_d = get.get(name("gnf4-fwd", "nf4")), get.get(name("gnf4-dgrad", "nf4"))
-                row = [f"{layer} {proj} {k}→{n}", str(t), "tensor" if t == 4096 else "dram", _fmt(dense_f)]
+                row = [f"{layer} {proj} {k}→{n}", str(t), "tensor" if t >= 256 else "dram", _fmt(dense_f)]
                 for fmt in ("int4g32", "int3g128", "int2g32"):
                     row.append(_fmt(get.get(name("grouped-fwd", fmt)), dense_f))
                 row += [_fmt(get.get(name("grouped-fwd", "nf4dq")), dense_f, gnf4_f), _fmt(gnf4_f, dense_f),
@@ -113,9 +120,11 @@ def summary(reports, failed) -> list[str]:
     return lines
 
 
-def write(arch: int, reports, failed, out_dir: str, command: str) -> str:
+def write(arch: int, reports, failed, out_dir: str, command: str, stem: str = "static-moe") -> str:
+    import launches_moe
+
     os.makedirs(out_dir, exist_ok=True)
-    stem = os.path.join(out_dir, f"static-moe-sm{arch}")
+    stem = os.path.join(out_dir, f"{stem}-sm{arch}")
     with open(stem + ".csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(("arch",) + FIELDS)
@@ -140,10 +149,10 @@ def write(arch: int, reports, failed, out_dir: str, command: str) -> str:
         f"- command: `{command}`",
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; triton {triton.__version__}; "
         f"qlk commit {commit} (plus the working tree)",
-        "- layers (bench/launches_moe.py): Mixtral-8x7B-like H=4096, I=14336, E=8, top-2; Qwen3-30B-A3B-like "
-        "H=2048, I=768, E=128, top-8; T tokens -> T·top-k routed rows spread evenly over the experts; bf16 "
-        "activations",
-        "- metric: at T=4096 the tensor-peak fraction, at T=16 the DRAM fraction on useful bytes; "
+        "- layers (bench/launches_moe.py, name: H, I, E, top-k): "
+        + "; ".join(f"{name}: {h}, {i}, {e}, top-{k}" for name, (h, i, e, k) in launches_moe.LAYERS.items())
+        + "; T tokens -> T·top-k routed rows spread evenly over the experts; bf16 activations",
+        "- metric: at T >= 256 tokens the tensor-peak fraction, below it the DRAM fraction on useful bytes; "
         "optimistic..pessimistic × wave efficiency. (a×/b×) divides by the dense grouped bf16 baseline "
         "of the same run (same tile map and tiles), `gnf4` by grouped-nf4-gemm's estimate on the same experts.",
         "- the target of issue 19: every qlk grouped kernel ≥ 0.9× the dense baseline, and above grouped-nf4-gemm.",
@@ -221,6 +230,11 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", default="90,80")
     ap.add_argument("--cases", default=DEFAULT_CASES, help="comma-separated fnmatch patterns of case names")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--tokens", help="comma-separated token counts instead of bench/launches_moe.py TOKENS "
+                                     "(the out-of-sample check: e.g. 512,64); pair with --cases '*'")
+    ap.add_argument("--layers", choices=("issue", "other"), default="issue",
+                    help="issue 19's Mixtral / Qwen3-MoE layers, or the out-of-sample set "
+                         "(bench/launches_moe.py OTHER_LAYERS; writes static-moe-other-sm<arch>)")
     ap.add_argument("--fit-resident", nargs="+", metavar="CSV",
                     help="print qlk.kernels.heuristics.GROUPED_RESIDENT fitted to these static-moe CSVs and exit")
     args = ap.parse_args(argv)
@@ -231,10 +245,18 @@ def main(argv=None) -> int:
         pprint.pprint(fit_grouped_resident([r for p in args.fit_resident for r in read_csv(p)]), width=120)
         return 0
     patterns = [p for p in args.cases.split(",") if p]
+    stem = "static-moe"
+    import launches_moe
+
+    if args.layers == "other":
+        launches_moe.LAYERS, stem = launches_moe.OTHER_LAYERS, "static-moe-other"
+    if args.tokens:
+        launches_moe.TOKENS = tuple(int(t) for t in args.tokens.split(",") if t)
+        stem += "-t" + "-".join(str(t) for t in launches_moe.TOKENS)
     command = "python bench/moe_estimates.py " + " ".join(sys.argv[1:] if argv is None else argv)
     for arch in (int(a) for a in args.arch.split(",") if a):
         reports, failed = capture_reports(arch, patterns)
-        path = write(arch, reports, failed, args.out, command)
+        path = write(arch, reports, failed, args.out, command, stem)
         print(open(path).read())
     return 0
 

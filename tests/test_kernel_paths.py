@@ -912,3 +912,72 @@ def test_grad_input_gemm_half2(case, arch, ahead, monkeypatch):
                                path="gemm")
     ref = dy.cpu().double() @ w64.half().double()
     assert oracles.rel_err(dx, ref) < 5e-4  # 2e-4 observed (fp16 output rounding)
+
+
+# ------------------------------------------------ input gradients, a ragged K: the last K tile shifted
+# K % BLOCK_K != 0 (K = 2880 or 576 against 128-column tiles): the last dX tile starts at K − BLOCK_K
+# and stores only its own columns (fused_matmul.shift_last_k), so the launch compiles the unmasked
+# decoder. Here K = 224 against 64-column tiles: 4 K tiles, the last moved back by 32 columns, which
+# the third tile computes too; a double store or a double atomic add there would show.
+SHIFT_K_RUNS = [  # (weight with N = SPLIT_N_ROWS rows, M, path, split, deterministic)
+    pytest.param(("int", 4, 32, 224), 70, "gemm", 1, False, id="int4g32-gemm"),
+    pytest.param(("int", 3, 32, 224), 70, "gemm", 2, False, id="int3g32-gemm-split-atomic"),
+    pytest.param(("int", 2, 32, 224), 70, "gemm", 2, True, id="int2g32-gemm-split-det"),
+    pytest.param(("nf4", 32, True, 224), 17, "gemm", 1, False, id="nf4b32dq-gemm"),
+    pytest.param(("int", 4, 32, 224), 5, "splitn", 3, False, id="int4g32-splitn-atomic"),
+    pytest.param(("nf4", 32, True, 224), 5, "splitn", 3, True, id="nf4b32dq-splitn-det"),
+]
+
+
+@pytest.mark.parametrize("case,m,path,split,det", SHIFT_K_RUNS)
+def test_grad_input_ragged_k_shifts_the_last_tile(case, m, path, split, det, monkeypatch):
+    """dX = dY·Ŵ in fp16 with K ragged for the tile: the GEMM (unsplit, split over N with atomics and
+    in fixed order) and split-N kernels take the shifted last tile (the launch's SHIFT_K, EVEN_K), and
+    dX, NaN-poisoned, matches float64 on Ŵ rounded to fp16 in every column."""
+    from qlk.kernels import config
+
+    op = "grad" if path == "gemm" else "splitn"
+    bm = 64 if op == "grad" else 16
+    cfg = config._cfg(None, 4, 1, BLOCK_N=32, BLOCK_M=bm, BLOCK_K=64, **({"GROUP_M": 2} if op == "grad" else {}))
+    real = heuristics.candidates
+    monkeypatch.setattr(heuristics, "candidates", lambda o: [cfg] if o == op else real(o))
+    monkeypatch.setattr(heuristics, "GRAD_WORKSPACE_PASS_BYTES", 0)
+    heuristics._choose_default.cache_clear()
+    qw, w64 = split_weight(case)
+    n, k = qw.shape
+    fmt = "nf4" if case[0] == "nf4" else f"int{case[1]}g{case[2]}"
+    for sms in range(1, 128):  # an SM count at which the rules launch ``split`` slices
+        _SMS[0] = sms
+        if heuristics.choose_config(op, m, n, k, fmt, fm.target_arch(), sms).split == split:
+            break
+    seen = []
+    name = "_quant_matmul_grad_input_kernel" if op == "grad" else "_quant_matmul_grad_input_splitn_kernel"
+    kernel = getattr(fm, name)
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append((grid, kwargs))
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(fm, name, Spy())
+    dy = randn(m, n, seed=m + k + 11).half()
+    dx = quant_matmul_backward(dy, qw, out=torch.full((m, k), float("nan"), dtype=torch.float16, device=DEVICE),
+                               path=path, deterministic=det)
+    heuristics._choose_default.cache_clear()
+    (grid, kwargs), = seen
+    assert grid[1] == split
+    assert fm.shift_last_k(dict(K=k, BLOCK_K=64, GROUP_SIZE=qw.group_size))
+    assert not torch.isnan(dx).any()
+    assert oracles.rel_err(dx, dy.cpu().double() @ w64.half().double()) < 5e-4
+
+
+def test_shift_last_k_rule():
+    """The shift needs a ragged K longer than the tile and a start on a whole group and packed unit."""
+    assert fm.shift_last_k(dict(K=2880, BLOCK_K=128, GROUP_SIZE=32))
+    assert fm.shift_last_k(dict(K=576, BLOCK_K=128, GROUP_SIZE=64))
+    assert not fm.shift_last_k(dict(K=4096, BLOCK_K=128, GROUP_SIZE=32))  # even: nothing to shift
+    assert not fm.shift_last_k(dict(K=96, BLOCK_K=128, GROUP_SIZE=32))  # one tile, shorter than K
+    assert not fm.shift_last_k(dict(K=2880, BLOCK_K=128, GROUP_SIZE=192))  # 2752 is not a whole group
+    assert not fm.shift_last_k(dict(K=264, BLOCK_K=64, GROUP_SIZE=8))  # 200: not a whole 32-column unit

@@ -717,20 +717,25 @@ COUNTS_FIRST = [5, 17, 0, 1]
 
 
 @needs_kernels
-@pytest.mark.parametrize("bits", [4, 3])
-def test_grouped_ragged_k_and_first_expert(bits, monkeypatch):
+@pytest.mark.parametrize("bits,k,g,block_k", [(4, 80, 16, 32), (3, 80, 16, 32), (4, 160, 32, 64), (2, 160, 32, 64)],
+                         ids=["int4-k80", "int3-k80", "int4-k160-shifted", "int2-k160-shifted"])
+def test_grouped_ragged_k_and_first_expert(bits, k, g, block_k, monkeypatch):
     """The grouped kernels where the tile map's first tile is expert 0's and K is ragged: K = 80 in
     K tiles of 32, the last half used (EVEN_K false; INT3: a half-used 3-word chunk, INT4: a
-    half-used lane span), g16 (two groups a tile). fp16 through the small-M decode forward (1 and
+    half-used lane span), g16 (two groups a tile); K = 160 in K tiles of 64, where the input
+    gradient moves its last tile back to 96 .. 160 (fused_matmul.shift_last_k; a double atomic add
+    of columns 96 .. 128 in the split would show). fp16 through the small-M decode forward (1 and
     2 K slices: the split-K kernel and its bias pass) and the input gradient (unsplit, plain loop;
     split N in 2 with the words-ahead loop), N = 40 (a ragged second N tile = 2 N slices of 1 tile).
     Sentinel rows hold NaN in X / dY and must come out 0; outputs start as NaN; float64 oracle."""
+    from qlk.kernels import fused_matmul as fm
     from qlk.kernels import grouped_matmul as gm
 
     monkeypatch.setattr(gm, "_output", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
                                                                                 device=device))
-    e_count, n, k, g = len(COUNTS_FIRST), 40, 80, 16
-    gen = torch.Generator().manual_seed(83 + bits)
+    assert fm.shift_last_k(dict(K=k, BLOCK_K=block_k, GROUP_SIZE=g)) == (k == 160)
+    e_count, n = len(COUNTS_FIRST), 40
+    gen = torch.Generator().manual_seed(83 + bits + k)
     qw = qlk.quantize(torch.randn(e_count * n, k, generator=gen), bits=bits, group_size=g)
     w = oracle_weight(qw).reshape(e_count, n, k)
     off = offsets_of(COUNTS_FIRST)
@@ -740,7 +745,7 @@ def test_grouped_ragged_k_and_first_expert(bits, monkeypatch):
     bias = torch.randn(e_count, n, generator=gen).half()
     y_ref = per_expert(x[:routed], off, lambda e, xe: xe @ w[e].t() + bias[e].double())
     dx_ref = per_expert(dy[:routed], off, lambda e, de: de @ w[e])
-    cfg = dict(BLOCK_N=32, BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=1)
+    cfg = dict(BLOCK_N=32, BLOCK_M=16, BLOCK_K=block_k, num_warps=4, num_stages=1)
     for split in (1, 2):
         y, _ = grouped_matmul_forward(x, qw, off, e_count, bias, config=dict(cfg, SPLIT_K=split))
         assert torch.equal(y[routed:], torch.zeros(2, n, dtype=torch.half)) and not y.isnan().any(), split

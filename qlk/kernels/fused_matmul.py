@@ -53,6 +53,7 @@ products (``input_precision="ieee"``, no TF32). Output in the activation dtype.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -83,6 +84,40 @@ def _swizzle(pid, num_a, num_b, GROUP: tl.constexpr):
     pid_a = first + (pid % width) % rows
     pid_b = (pid % width) // rows
     return pid_a, pid_b
+
+
+def shift_last_k(args) -> bool:
+    """Whether an input-gradient launch moves its last K tile back to end at K (``SHIFT_K``).
+
+    In the input gradients K is an output dimension: a ragged last dX tile (K % BLOCK_K != 0, e.g.
+    K = 2880 or 576 against 128-column tiles) made the whole launch compile the masked decoder
+    (``EVEN_K`` false: masked word, scale and bias loads and zeroed columns in every program), whose
+    extra registers spilled on sm_80 (64x64x128 w2: 72-160 B) and in the grouped sm_90 gradient (24 B).
+    Shifted, the last tile covers K − BLOCK_K .. K, every tile is whole (``EVEN_K``), and the store
+    keeps only the columns from the tile's own start (:func:`_grad_k_tile`): nothing is written twice,
+    so split-N's atomics add each column once. Needs K > BLOCK_K and a start on a whole group and a
+    whole packed unit (32 columns covers INT2/3/4 words, INT3 planes and NF4 bytes)."""
+    k, bk, g = args["K"], args["BLOCK_K"], args["GROUP_SIZE"]
+    return k % bk != 0 and k > bk and (k - bk) % math.lcm(32, g) == 0
+
+
+#: the input-gradient kernels' K-tile heuristics (:func:`shift_last_k`)
+GRAD_K_HEURISTICS = {"SHIFT_K": shift_last_k,
+                     "EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0 or shift_last_k(a)}
+
+
+@triton.jit
+def _grad_k_tile(pid_k, K, BLOCK_K: tl.constexpr, SHIFT_K: tl.constexpr):
+    """(k0, offs_k, keep) of an input gradient's K tile ``pid_k``: with SHIFT_K the last tile starts at
+    K − BLOCK_K, and ``keep`` (the store's column mask) drops the columns before pid_k·BLOCK_K, which
+    the previous tile stores (:func:`shift_last_k`)."""
+    k_first = pid_k * BLOCK_K
+    if SHIFT_K:
+        k0 = tl.minimum(k_first, K - BLOCK_K)
+    else:
+        k0 = k_first
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    return k0, offs_k, (offs_k >= k_first) & (offs_k < K)
 
 
 @triton.jit
@@ -331,7 +366,7 @@ def _quant_matmul_splitk_kernel(
         tl.store(ws_ptr + pid_s.to(tl.int64) * M * N + offs, acc, mask=mask)
 
 
-@triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+@triton.heuristics(GRAD_K_HEURISTICS)
 @fma_kernel
 @triton.jit
 def _quant_matmul_grad_input_kernel(
@@ -350,9 +385,10 @@ def _quant_matmul_grad_input_kernel(
     R=0, stride_lbn=0, stride_lbr=0,
     WITH_V: tl.constexpr = False, R_PAD: tl.constexpr = 16,
     SPLIT_N: tl.constexpr = False, ATOMIC: tl.constexpr = True,
-    HALF2: tl.constexpr = False, HALF2_ASM: tl.constexpr = False,
+    HALF2: tl.constexpr = False, HALF2_ASM: tl.constexpr = False, SHIFT_K: tl.constexpr = False,
 ):
     """dX[m, k] = Σ_n dY[m, n]·Ŵ[n, k], one dXᵀ [BLOCK_K, BLOCK_M] tile per program, N in BLOCK_N steps.
+    A ragged last K tile is moved back to end at K (SHIFT_K, :func:`shift_last_k`).
 
     SPLIT_N (mid M, narrow K: too few dX tiles for the SMs): the reduction over N is split over grid
     axis 1, program (tile, s) summing n in slice s of ⌈N/BLOCK_N / SPLIT⌉ tiles; ``dx_ptr`` is then
@@ -383,8 +419,7 @@ def _quant_matmul_grad_input_kernel(
                        DOT_PRECISION, R_PAD, BLOCK_N, BLOCK_M)
             return
     pid_m, pid_k = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
-    k0 = pid_k * BLOCK_K
-    offs_k = k0 + tl.arange(0, BLOCK_K)
+    k0, offs_k, keep_k = _grad_k_tile(pid_k, K, BLOCK_K, SHIFT_K)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dy_rows = dy_ptr + tl.minimum(offs_m, M - 1).to(tl.int64) * stride_dym
     acc = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
@@ -429,7 +464,7 @@ def _quant_matmul_grad_input_kernel(
     if SPLIT_N:
         # fp32 partial of dXᵀ's tile, in the accumulator's own layout (as split-N adds it): the
         # workspace is [M, K] row-major, slice s at s·M·K (deterministic)
-        ws_mask = (offs_k[:, None] < K) & (offs_m[None, :] < M)
+        ws_mask = keep_k[:, None] & (offs_m[None, :] < M)
         ws_offs = offs_m[None, :].to(tl.int64) * K + offs_k[:, None]
         if ATOMIC:
             tl.atomic_add(dx_ptr + ws_offs, acc, mask=ws_mask, sem="relaxed")
@@ -438,7 +473,7 @@ def _quant_matmul_grad_input_kernel(
     else:
         acc = tl.trans(acc)
         dx_ptrs = dx_ptr + offs_m[:, None].to(tl.int64) * stride_dxm + offs_k[None, :] * stride_dxk
-        tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
+        tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & keep_k[None, :])
 
 
 @triton.jit
@@ -474,7 +509,7 @@ def _v_program(v_ptr, dy_ptr, lb_ptr, pid_m, M, N, R, stride_dym, stride_dyn, st
              mask=(offs_r[:, None] < R) & mask_m[None, :])
 
 
-@triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+@triton.heuristics(GRAD_K_HEURISTICS)
 @fma_kernel
 @triton.jit
 def _quant_matmul_grad_input_splitn_kernel(
@@ -489,7 +524,7 @@ def _quant_matmul_grad_input_splitn_kernel(
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
     ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
     WITH_V: tl.constexpr, R_PAD: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SHIFT_K: tl.constexpr = False,
 ):
     """Small-M input gradient, the reduction over N split across the grid: program (k, s, m) adds
     dXᵀ[k0:k0+BK, m0:m0+BM] = Σ_{n in slice s} Ŵᵀ[BK, BN]·dYᵀ[BN, BM] (slices of ⌈N/BN / SPLIT⌉ tiles).
@@ -504,8 +539,7 @@ def _quant_matmul_grad_input_splitn_kernel(
     tiles = tl.cdiv(tl.cdiv(N, BLOCK_N), tl.num_programs(1))
     n_start = pid_s * tiles * BLOCK_N
     n_end = tl.minimum(N, n_start + tiles * BLOCK_N)
-    k0 = pid_k * BLOCK_K
-    offs_k = k0 + tl.arange(0, BLOCK_K)
+    k0, offs_k, keep_k = _grad_k_tile(pid_k, K, BLOCK_K, SHIFT_K)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
     dy_rows = dy_ptr + offs_m.to(tl.int64) * stride_dym
@@ -532,7 +566,7 @@ def _quant_matmul_grad_input_splitn_kernel(
             dyt = tl.load(dy_rows[None, :] + offs_n[:, None] * stride_dyn,
                           mask=mask_m[None, :] & (offs_n[:, None] < N), other=0.0)
             acc = tl.dot(tl.trans(w.to(dyt.dtype)), dyt, acc, input_precision=DOT_PRECISION)
-        mask = (offs_k[:, None] < K) & mask_m[None, :]
+        mask = keep_k[:, None] & mask_m[None, :]
         offs = offs_m[None, :].to(tl.int64) * K + offs_k[:, None]
         if ATOMIC:
             tl.atomic_add(ws_ptr + offs, acc, mask=mask, sem="relaxed")

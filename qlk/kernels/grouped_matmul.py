@@ -69,7 +69,7 @@ from ..formats.quantized_weight import QuantizedWeight
 from . import fused_matmul as _fm
 from . import heuristics
 from .config import INTERPRETED, fma_kernel, grouped_config, grouped_split_k, num_sms, target_arch
-from .fused_matmul import _as_2d, _decode_loop, _fwd_loop, _grad_half2, _precision
+from .fused_matmul import GRAD_K_HEURISTICS, _as_2d, _decode_loop, _fwd_loop, _grad_half2, _grad_k_tile, _precision
 from .quant_tile import _dequant_tile, supports, weight_args
 from .quant_tile_t import _dequant_tile_t, _int3_planes_t, _words_t
 
@@ -253,19 +253,18 @@ def _grad_tile(t, pid_k, pid_s, dx_ptr, dy_ptr, tile_expert_ptr, tile_row_ptr, b
                DOT_PRECISION: tl.constexpr, SPLIT_N: tl.constexpr, INT2_HALVES: tl.constexpr,
                WORDS_AHEAD: tl.constexpr, WORDS_ASM: tl.constexpr, EVEN_K: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-               HALF2: tl.constexpr, HALF2_ASM: tl.constexpr):
+               HALF2: tl.constexpr, HALF2_ASM: tl.constexpr, SHIFT_K: tl.constexpr):
     """Tile slot t, K tile pid_k (N slice pid_s with SPLIT_N) of :func:`_grouped_matmul_grad_input_kernel`."""
     e = tl.load(tile_expert_ptr + t)
     if e >= 0:
         row0 = tl.load(tile_row_ptr + t)
         row_end = tl.load(bounds_ptr + e + 1).to(tl.int32)
-        k0 = pid_k * BLOCK_K
-        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k0, offs_k, keep_k = _grad_k_tile(pid_k, K, BLOCK_K, SHIFT_K)
         offs_m = row0 + tl.arange(0, BLOCK_M)
         if e == NUM_EXPERTS:
             if not SPLIT_N:  # (split: the zeroed fp32 workspace already holds the sentinel rows' zeros)
                 dx_ptrs = dx_ptr + offs_m[None, :].to(tl.int64) * stride_dxm + offs_k[:, None] * stride_dxk
-                dx_mask = (offs_m[None, :] < row_end) & (offs_k[:, None] < K)
+                dx_mask = (offs_m[None, :] < row_end) & keep_k[:, None]
                 tl.store(dx_ptrs, tl.zeros((BLOCK_K, BLOCK_M), dtype=dx_ptr.dtype.element_ty), mask=dx_mask)
         else:
             if SPLIT_N:  # this program's slice of ⌈⌈N/BLOCK_N⌉ / SPLIT⌉ whole N tiles (SPLIT = grid axis 2)
@@ -313,14 +312,14 @@ def _grad_tile(t, pid_k, pid_s, dx_ptr, dy_ptr, tile_expert_ptr, tile_row_ptr, b
                 acc = tl.dot(wt, dyt, acc, input_precision=DOT_PRECISION)
             # the [BLOCK_K, BLOCK_M] pointers are built after the N loop, not kept live through it
             dx_ptrs = dx_ptr + offs_m[None, :].to(tl.int64) * stride_dxm + offs_k[:, None] * stride_dxk
-            dx_mask = (offs_m[None, :] < row_end) & (offs_k[:, None] < K)
+            dx_mask = (offs_m[None, :] < row_end) & keep_k[:, None]
             if SPLIT_N:  # fp32 partial sums of the slices, added in the accumulator's layout
                 tl.atomic_add(dx_ptrs, acc, mask=dx_mask, sem="relaxed")
             else:
                 tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=dx_mask)
 
 
-@triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+@triton.heuristics(GRAD_K_HEURISTICS)
 @fma_kernel
 @triton.jit
 def _grouped_matmul_grad_input_kernel(
@@ -335,9 +334,10 @@ def _grouped_matmul_grad_input_kernel(
     DOT_PRECISION: tl.constexpr, SLOT_LOOP: tl.constexpr, SPLIT_N: tl.constexpr, INT2_HALVES: tl.constexpr,
     WORDS_AHEAD: tl.constexpr, WORDS_ASM: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-    HALF2: tl.constexpr = False, HALF2_ASM: tl.constexpr = False,
+    HALF2: tl.constexpr = False, HALF2_ASM: tl.constexpr = False, SHIFT_K: tl.constexpr = False,
 ):
     """dX[s, k] = Σ_n dY[s, n]·Ŵ[e·N + n, k]: tile dXᵀ[k0:k0+BK, rows of M tile t] = Ŵ_eᵀ·dYᵀ.
+    A ragged last K tile is moved back to end at K (SHIFT_K, :func:`qlk.kernels.fused_matmul.shift_last_k`).
 
     SPLIT_N (small M, round 7): program (t, j, s) sums n in slice s of the expert's N tiles and adds
     its fp32 partial into the workspace ``dx_ptr`` (atomics; the launcher casts it to dX).
@@ -356,13 +356,13 @@ def _grouped_matmul_grad_input_kernel(
                        stride_qn, stride_sn, stride_sg,
                        N, K, NUM_EXPERTS, stride_dym, stride_dyn, stride_dxm, stride_dxk,
                        BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, SPLIT_N, INT2_HALVES, WORDS_AHEAD,
-                       WORDS_ASM, EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K, HALF2, HALF2_ASM)
+                       WORDS_ASM, EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K, HALF2, HALF2_ASM, SHIFT_K)
     else:
         _grad_tile(pid_t, pid_k, pid_s, dx_ptr, dy_ptr, tile_expert_ptr, tile_row_ptr, bounds_ptr,
                    qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr, stride_qn, stride_sn, stride_sg,
                    N, K, NUM_EXPERTS, stride_dym, stride_dyn, stride_dxm, stride_dxk,
                    BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, SPLIT_N, INT2_HALVES, WORDS_AHEAD,
-                   WORDS_ASM, EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K, HALF2, HALF2_ASM)
+                   WORDS_ASM, EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K, HALF2, HALF2_ASM, SHIFT_K)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -416,6 +416,10 @@ GRAD_SPLIT_SPILLS = {80: frozenset({"256x32x128 w8 s3", "128x32x128 w8 s3", "128
 #: specializes M % 16 == 0; round 6, static report at M = 333: sm_80 64x32x128 w4 at 255 registers,
 #: 8 B of stack and 2 LDL/STL for INT3 and NF4, none for INT4 g32/g128 and INT2): per format class
 GRAD_SPLIT_SPILLS_RAGGED_M = {80: {"64x32x128 w4 s3": frozenset({"int3", "nf4"})}, 90: {}}
+#: ... and those whose split variant spills with QA-LoRA's fp32 folded biases and its fused
+#: V = dY·B programs (round 10, static report at M = 100 on 4096->2880 and 2880->4096, sm_80:
+#: 64x64x128 w4 8-16 B of stack, 64x32x128 w4 8-16 B; unsplit both 0)
+GRAD_SPLIT_SPILLS_FP32_BIAS = {80: frozenset({"64x64x128 w4 s3", "64x32x128 w4 s3"}), 90: frozenset()}
 
 
 #: Round 8 (docs/kernels.md "Round 8: the last mid-M input gradients under 0.9x dense"): GEMM
@@ -452,11 +456,12 @@ def grad_candidate_allowed(label: str, fmt: str, arch: int) -> bool:
     return allowed is None or base_format(fmt) in allowed
 
 
-def grad_split_spills(label: str, fmt: str, m: int, arch: int) -> bool:
+def grad_split_spills(label: str, fmt: str, m: int, arch: int, fp32_bias: bool = False) -> bool:
     """Whether the split variant of the GEMM input-gradient tile ``label`` spills at this format
-    and M (:data:`GRAD_SPLIT_SPILLS`, :data:`GRAD_SPLIT_SPILLS_RAGGED_M`): such a tile runs unsplit."""
+    and M (:data:`GRAD_SPLIT_SPILLS`, :data:`GRAD_SPLIT_SPILLS_RAGGED_M`), or with QA-LoRA's fp32
+    folded biases (:data:`GRAD_SPLIT_SPILLS_FP32_BIAS`): such a tile runs unsplit."""
     fam = arch_family(arch)
-    if label in GRAD_SPLIT_SPILLS.get(fam, ()):
+    if label in GRAD_SPLIT_SPILLS.get(fam, ()) or (fp32_bias and label in GRAD_SPLIT_SPILLS_FP32_BIAS.get(fam, ())):
         return True
     return m % 16 != 0 and base_format(fmt) in GRAD_SPLIT_SPILLS_RAGGED_M.get(fam, {}).get(label, ())
 
@@ -697,7 +702,7 @@ def resident_ctas(op: str, c, fmt: str, arch: int) -> Optional[tuple[int, int]]:
     return got if got is not None else RESIDENT.get((fam, op, base_format(fmt)), {}).get(label)
 
 
-def _score(op, c, m, n, k, fmt, arch, sms, pool=False):
+def _score(op, c, m, n, k, fmt, arch, sms, pool=False, fp32_bias=False):
     kw = c.kwargs
     bn, bm, bk = kw["BLOCK_N"], kw["BLOCK_M"], kw["BLOCK_K"]
     fitted = calibrated(op, c, fmt, arch)
@@ -724,7 +729,7 @@ def _score(op, c, m, n, k, fmt, arch, sms, pool=False):
     elif op == "grad":
         tiles_m, tiles_o = math.ceil(m / bm), math.ceil(k / bk)
         label = f"{bm}x{bn}x{bk} w{c.num_warps} s{c.num_stages}"
-        split = 1 if grad_split_spills(label, fmt, m, arch) else grad_split(n, bn, tiles_m * tiles_o, sms)
+        split = 1 if grad_split_spills(label, fmt, m, arch, fp32_bias) else grad_split(n, bn, tiles_m * tiles_o, sms)
         tile = fitted or sum(gemm_tile_eff(bk, bm, c.num_warps, arch, fmt, grad=True)) / 2
         options = []  # the split launch against the unsplit one, the workspace's passes charged
         for s in sorted({1, split}):
@@ -767,7 +772,7 @@ def score_all(op: str, m: int, n: int, k: int, fmt: str = "int4", arch: int = 90
         if op == "grad" and not grad_candidate_allowed(label, fmt, arch):
             continue
         if _fits(c, arch, fp32_bias, op, pool):
-            out.append(dataclasses.replace(_score(op, c, m, n, k, fmt, arch, sms, pool), index=i))
+            out.append(dataclasses.replace(_score(op, c, m, n, k, fmt, arch, sms, pool, fp32_bias), index=i))
     return out
 
 
@@ -789,7 +794,7 @@ def _choose(op, m, n, k, fmt, arch, sms, configs, fp32_bias, pool):
     if not scored:
         sms = sms or DEFAULT_SMS[arch_family(arch)]
         configs = candidates(op) if configs is None else configs
-        return dataclasses.replace(_score(op, configs[0], m, n, k, fmt, arch, sms, pool), index=0)
+        return dataclasses.replace(_score(op, configs[0], m, n, k, fmt, arch, sms, pool, fp32_bias), index=0)
     if op in ("splitk", "splitn") and SPLIT_ALWAYS_M < m <= SPLIT_MAX_M:
         # round 8: several 16-row M tiles; each candidate's own line of time over tiles (SPLIT_MID_M),
         # so the one :func:`fused_time` finds fastest, which choose_fused weighs against the GEMM
