@@ -585,14 +585,17 @@ def test_round8_grad_picks(device_lists):
 
 def test_qalora_grad_splits_that_spill_run_unsplit(device_lists):
     """Round 10: with QA-LoRA's fp32 folded biases (and its fused V programs) the split variants of
-    sm_80's 64x64x128 / 64x32x128 w4 input-gradient tiles spill (8-16 B at M = 100, the static report),
-    so the rules launch them unsplit there; the plain gradient keeps its split; sm_90 is unaffected."""
+    sm_80's 64x64x128 / 64x32x128 w4 input-gradient tiles spill at an M that is not a multiple of 16
+    (8-16 B at M = 100, the static report; 0 at M = 256), so the rules launch them unsplit there; the
+    plain gradient keeps its split; sm_90 is unaffected."""
     for label in ("64x64x128 w4 s3", "64x32x128 w4 s3"):
         assert h.grad_split_spills(label, "int4g32", 100, 80, fp32_bias=True)
-        assert not h.grad_split_spills(label, "int4g32", 128, 80)
+        assert not h.grad_split_spills(label, "int4g32", 256, 80, fp32_bias=True)
+        assert not h.grad_split_spills(label, "int4g32", 100, 80)
     assert not h.grad_split_spills("64x64x128 w4 s3", "int4g32", 100, 90, fp32_bias=True)
     plain = h.score_all("grad", 100, 2880, 4096, "int3g128", 80, 108)
     folded = {c.label: c for c in h.score_all("grad", 100, 2880, 4096, "int3g128", 80, 108, fp32_bias=True)}
     assert any(c.split > 1 for c in plain if c.label in ("64x64x128 w4 s3", "64x32x128 w4 s3"))
     assert all(folded[c].split == 1 for c in ("64x64x128 w4 s3", "64x32x128 w4 s3") if c in folded)
     assert h.choose_config("grad", 100, 2880, 4096, "int3g128", 80, 108, fp32_bias=True).split == 1
+    assert h.choose_config("grad", 256, 14336, 4096, "int4g32", 80, 108, fp32_bias=True).split > 1

@@ -465,8 +465,8 @@ MUTANTS = [
          old="k0 = tl.minimum(k_first, K - BLOCK_K)", new="k0 = tl.minimum(k_first, K - BLOCK_K - 32)",
          tests=["tests/test_kernel_paths.py", "tests/test_moe.py", "-k", "ragged_k"]),
     dict(id="rules-qalora-grad-split-spills-ignored", cls="config rule", file="qlk/kernels/heuristics.py",
-         old="if label in GRAD_SPLIT_SPILLS.get(fam, ()) or (fp32_bias and label in GRAD_SPLIT_SPILLS_FP32_BIAS.get(fam, ())):",
-         new="if label in GRAD_SPLIT_SPILLS.get(fam, ()):",
+         old="if m % 16 != 0 and fp32_bias and label in GRAD_SPLIT_SPILLS_FP32_BIAS_RAGGED_M.get(fam, ()):",
+         new="if m % 16 != 0 and fp32_bias and label in ():",
          tests=["tests/test_heuristics.py", "-k", "qalora_grad_splits"]),
     # ---- autograd, reference, merge, formats -----------------------------------------------------
     dict(id="autograd-dA-scale", cls="scale", file="qlk/autograd/qalora.py",

@@ -417,9 +417,10 @@ GRAD_SPLIT_SPILLS = {80: frozenset({"256x32x128 w8 s3", "128x32x128 w8 s3", "128
 #: 8 B of stack and 2 LDL/STL for INT3 and NF4, none for INT4 g32/g128 and INT2): per format class
 GRAD_SPLIT_SPILLS_RAGGED_M = {80: {"64x32x128 w4 s3": frozenset({"int3", "nf4"})}, 90: {}}
 #: ... and those whose split variant spills with QA-LoRA's fp32 folded biases and its fused
-#: V = dY·B programs (round 10, static report at M = 100 on 4096->2880 and 2880->4096, sm_80:
-#: 64x64x128 w4 8-16 B of stack, 64x32x128 w4 8-16 B; unsplit both 0)
-GRAD_SPLIT_SPILLS_FP32_BIAS = {80: frozenset({"64x64x128 w4 s3", "64x32x128 w4 s3"}), 90: frozenset()}
+#: V = dY·B programs at an M that is not a multiple of 16 (round 10, static report at M = 100 on
+#: 4096->2880 and 2880->4096, sm_80: 64x64x128 w4 8-16 B of stack, 64x32x128 w4 8-16 B, every
+#: format; unsplit 0, and split at M = 256 0, the main report)
+GRAD_SPLIT_SPILLS_FP32_BIAS_RAGGED_M = {80: frozenset({"64x64x128 w4 s3", "64x32x128 w4 s3"}), 90: frozenset()}
 
 
 #: Round 8 (docs/kernels.md "Round 8: the last mid-M input gradients under 0.9x dense"): GEMM
@@ -459,9 +460,11 @@ def grad_candidate_allowed(label: str, fmt: str, arch: int) -> bool:
 def grad_split_spills(label: str, fmt: str, m: int, arch: int, fp32_bias: bool = False) -> bool:
     """Whether the split variant of the GEMM input-gradient tile ``label`` spills at this format
     and M (:data:`GRAD_SPLIT_SPILLS`, :data:`GRAD_SPLIT_SPILLS_RAGGED_M`), or with QA-LoRA's fp32
-    folded biases (:data:`GRAD_SPLIT_SPILLS_FP32_BIAS`): such a tile runs unsplit."""
+    folded biases at such an M (:data:`GRAD_SPLIT_SPILLS_FP32_BIAS_RAGGED_M`): such a tile runs unsplit."""
     fam = arch_family(arch)
-    if label in GRAD_SPLIT_SPILLS.get(fam, ()) or (fp32_bias and label in GRAD_SPLIT_SPILLS_FP32_BIAS.get(fam, ())):
+    if label in GRAD_SPLIT_SPILLS.get(fam, ()):
+        return True
+    if m % 16 != 0 and fp32_bias and label in GRAD_SPLIT_SPILLS_FP32_BIAS_RAGGED_M.get(fam, ()):
         return True
     return m % 16 != 0 and base_format(fmt) in GRAD_SPLIT_SPILLS_RAGGED_M.get(fam, {}).get(label, ())
 
