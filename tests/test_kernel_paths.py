@@ -779,6 +779,23 @@ ROUND8_TILES = [  # (tile, arch, weight with N = SPLIT_N_ROWS rows, M, split)
 ]
 
 
+def _only_grad_tile(monkeypatch, op, cfg, case, m, split):
+    """(qw, float64 Ŵ) of ``case``, with ``cfg`` the rules' only candidate for ``op`` ("grad" /
+    "splitn") and the SM count set so that they launch ``split`` slices at M = ``m``."""
+    real = heuristics.candidates
+    monkeypatch.setattr(heuristics, "candidates", lambda o: [cfg] if o == op else real(o))
+    monkeypatch.setattr(heuristics, "GRAD_WORKSPACE_PASS_BYTES", 0)  # the split taken at this tiny shape
+    heuristics._choose_default.cache_clear()
+    qw, w64 = split_weight(case)
+    n, k = qw.shape
+    fmt = "nf4" if case[0] == "nf4" else f"int{case[1]}g{case[2]}"
+    for sms in range(1, 128):  # an SM count at which the rules launch ``split`` slices
+        _SMS[0] = sms
+        if heuristics.choose_config(op, m, n, k, fmt, fm.target_arch(), sms).split == split:
+            break
+    return qw, w64
+
+
 @pytest.mark.parametrize("tile,arch,case,m,split", ROUND8_TILES)
 def test_grad_input_gemm_round8_tiles(tile, arch, case, m, split, monkeypatch):
     """dX = dY·Ŵ in fp16 through the GEMM input gradient at the round-8 candidates' block sizes
@@ -788,19 +805,9 @@ def test_grad_input_gemm_round8_tiles(tile, arch, case, m, split, monkeypatch):
     64x32x64 tile (the sm_90 M = 64 pick)."""
     from qlk.kernels import config
 
-    cfg = config._cfg(None, 4, 1, GROUP_M=2, **tile)
-    real = heuristics.candidates
-    monkeypatch.setattr(heuristics, "candidates", lambda op: [cfg] if op == "grad" else real(op))
-    monkeypatch.setattr(heuristics, "GRAD_WORKSPACE_PASS_BYTES", 0)  # the split taken at this tiny shape
     monkeypatch.setattr(fm, "target_arch", lambda: arch)
-    heuristics._choose_default.cache_clear()
-    qw, w64 = split_weight(case)
+    qw, w64 = _only_grad_tile(monkeypatch, "grad", config._cfg(None, 4, 1, GROUP_M=2, **tile), case, m, split)
     n, k = qw.shape
-    fmt = "nf4" if case[0] == "nf4" else f"int{case[1]}g{case[2]}"
-    for sms in range(1, 64):  # an SM count at which the rules launch ``split`` slices
-        _SMS[0] = sms
-        if heuristics.choose_config("grad", m, n, k, fmt, arch, sms).split == split:
-            break
     log = []
     monkeypatch.setattr(fm, "CHOICE_LOG", log)
     dy = randn(m, n, seed=m + k + 8).half()
@@ -939,17 +946,8 @@ def test_grad_input_ragged_k_shifts_the_last_tile(case, m, path, split, det, mon
     op = "grad" if path == "gemm" else "splitn"
     bm = 64 if op == "grad" else 16
     cfg = config._cfg(None, 4, 1, BLOCK_N=32, BLOCK_M=bm, BLOCK_K=64, **({"GROUP_M": 2} if op == "grad" else {}))
-    real = heuristics.candidates
-    monkeypatch.setattr(heuristics, "candidates", lambda o: [cfg] if o == op else real(o))
-    monkeypatch.setattr(heuristics, "GRAD_WORKSPACE_PASS_BYTES", 0)
-    heuristics._choose_default.cache_clear()
-    qw, w64 = split_weight(case)
+    qw, w64 = _only_grad_tile(monkeypatch, op, cfg, case, m, split)
     n, k = qw.shape
-    fmt = "nf4" if case[0] == "nf4" else f"int{case[1]}g{case[2]}"
-    for sms in range(1, 128):  # an SM count at which the rules launch ``split`` slices
-        _SMS[0] = sms
-        if heuristics.choose_config(op, m, n, k, fmt, fm.target_arch(), sms).split == split:
-            break
     seen = []
     name = "_quant_matmul_grad_input_kernel" if op == "grad" else "_quant_matmul_grad_input_splitn_kernel"
     kernel = getattr(fm, name)
