@@ -599,3 +599,14 @@ def test_qalora_grad_splits_that_spill_run_unsplit(device_lists):
     assert all(folded[c].split == 1 for c in ("64x64x128 w4 s3", "64x32x128 w4 s3") if c in folded)
     assert h.choose_config("grad", 100, 2880, 4096, "int3g128", 80, 108, fp32_bias=True).split == 1
     assert h.choose_config("grad", 256, 14336, 4096, "int4g32", 80, 108, fp32_bias=True).split > 1
+
+
+def test_path_rule_knows_the_dense_two_warp_tiles(device_lists):
+    """Round 10: the dense baseline's sm_80 two-warp tiles (round 9) are in the path rule's dense
+    model. Without them it kept the fused kernel for SmolLM2's 576-wide input gradient at M = 3000,
+    where dequantize + the dense GEMM is estimated 0.91x dense against the fused 0.67x
+    (bench/results/static-smol-sm80.csv)."""
+    assert {(64, 128, 2), (128, 64, 2)} <= set(h.DENSE_TILES[80])
+    for bits, g, nf4 in ((4, 32, False), (2, 32, False), (4, 64, True)):
+        assert h.choose_path("grad", 3000, 1536, 576, bits=bits, group_size=g, is_nf4=nf4, arch=80).path == "dequant"
+    assert h.choose_path("grad", 2048, 4096, 4096, bits=4, group_size=32, arch=80).path == "fused"

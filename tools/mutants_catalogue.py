@@ -468,6 +468,9 @@ MUTANTS = [
          old="if m % 16 != 0 and fp32_bias and label in GRAD_SPLIT_SPILLS_FP32_BIAS_RAGGED_M.get(fam, ()):",
          new="if m % 16 != 0 and fp32_bias and label in ():",
          tests=["tests/test_heuristics.py", "-k", "qalora_grad_splits"]),
+    dict(id="rules-dense-model-without-two-warp-tiles", cls="dispatch", file="qlk/kernels/heuristics.py",
+         old="(64, 128, 2): (1.0, 0.53), (128, 64, 2): (1.0, 0.53)},", new="},",
+         tests=["tests/test_heuristics.py", "-k", "two_warp"]),
     # ---- autograd, reference, merge, formats -----------------------------------------------------
     dict(id="autograd-dA-scale", cls="scale", file="qlk/autograd/qalora.py",
          old="da = (v.t() @ pooled).mul_(s).to(a.dtype)", new="da = (v.t() @ pooled).mul_(s / g).to(a.dtype)",

@@ -154,7 +154,10 @@ DEFAULT_SMS = {90: 132, 80: 108}
 #: analyzer estimate at a full-wave shape, sm_90 / sm_80, divided by that shape's sm_balance
 DENSE_TILES = {  # round 3: refitted to the rules' sweep (midpoints 0.85 / 0.82 / 0.77 and 0.79 / 0.78 / 0.67)
     90: {(128, 256, 8): (1.0, 0.70), (128, 128, 4): (1.0, 0.64), (64, 128, 4): (1.0, 0.54)},
-    80: {(128, 256, 8): (1.0, 0.59), (128, 128, 4): (1.0, 0.57), (64, 128, 4): (0.88, 0.46)},
+    80: {(128, 256, 8): (1.0, 0.59), (128, 128, 4): (1.0, 0.57), (64, 128, 4): (0.88, 0.46),
+         # round 10: round 9's two-warp tiles of the dense baseline (medians over the family sweep,
+         # M >= 256: 1.0 / 0.53 both), which the path rule had not been told about
+         (64, 128, 2): (1.0, 0.53), (128, 64, 2): (1.0, 0.53)},
 }
 #: share of the DRAM bandwidth the standalone dequantize kernel is assumed to reach (fallback for
 #: a format without a :data:`DEQUANT_EFF` entry)
