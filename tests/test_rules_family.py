@@ -347,3 +347,20 @@ def device_lists(monkeypatch):
     monkeypatch.setattr(config, "INTERPRETED", False)
     yield
     clear()
+
+
+def test_committed_sweeps_have_no_spills():
+    """Issue 17's "0 spills everywhere" on what is committed: no qlk launch of any committed static
+    report or sweep (bench/results/static-*-sm*.csv: the main report, the family, extra, odd, other,
+    SmolLM2 and QA-LoRA odd-M sweeps; the MoE reports in tests/test_moe_static.py) has a stack frame
+    or LDL/STL. Every candidate the launchers list is compiled there, not only the chosen one."""
+    import glob
+
+    paths = [p for p in glob.glob(os.path.join(ROOT, "bench", "results", "static-*sm*.csv")) if "moe" not in p]
+    assert len(paths) >= 14, paths
+    bad = []
+    for p in paths:
+        for r in sr.read_csv(p):
+            if r.get("group") == "qlk" and r.get("status") == "ok" and (r.get("stack") or r.get("spill_ops")):
+                bad.append((os.path.basename(p), r["case"], r["kernel"], r["config"], r["stack"]))
+    assert not bad, bad[:10]
