@@ -38,7 +38,8 @@ def _asm_blocks():
             yield f"pair_asm_t({bits},{act})", quant_tile_t.pair_asm_t(bits, act), 5
         for bits in (2, 4):
             yield f"packed_asm_halves({bits},{act})", decode_tile.packed_asm_halves(bits, act), 3
-        yield f"packed_asm_int3_halves({act})", decode_tile.packed_asm_int3_halves(act), 4
+        for p in (0, 2, 4):
+            yield f"packed_asm_int3_halves({act},{p})", decode_tile.packed_asm_int3_halves(act, p), 4
     yield "int3_code_word_asm", decode_tile.int3_code_word_asm(), 6
 
 
@@ -201,7 +202,8 @@ def test_asm_wrappers_pick_their_asm(bits, act, asm_on):
         elif WHICH == 1:
             if BITS == 3:
                 w = decode_tile._int3_halves_to_weights(tl.load(w_ptr + offs).to(tl.int16),
-                                                        tl.load(w2_ptr + offs).to(tl.int16), s, c, True)
+                                                        tl.load(w2_ptr + offs).to(tl.int16), tl.load(sel_ptr + offs),
+                                                        s, c, True)
             else:
                 w = decode_tile._half_codes_to_weights(tl.load(w_ptr + offs).to(tl.int16), s, c, BITS, True)
             tl.store(out_ptr + offs, w)
@@ -245,16 +247,17 @@ def test_asm_wrappers_pick_their_asm(bits, act, asm_on):
         return out[:n].view(torch.int16).numpy().astype(np.uint16).astype(np.uint64)
 
     assert np.array_equal(run(0, words, words, sels), want), "decode byte asm"
-    # lane-owned: the code at the bottom of a 16-bit half (INT3: low bits in one, the high bit at bit 2
-    # of the other), random bits above
+    # lane-owned: the code at the bottom of a 16-bit half (INT3: at bit p of INT3_LANE_PLAN's 0, 2, 4,
+    # per pair: low bits in one half, the high bit at p + 2 of the other), random bits elsewhere
     noise = rng.integers(0, 1 << 16, size=n).tolist()
+    pos = [2 * ((e // 2) % 3) for e in range(n)] if bits == 3 else sels
     if bits == 3:
-        lo = [(x & ~3 & 0xFFFF) | (q & 3) for x, q in zip(noise, codes)]
-        hi = [(x & ~4 & 0xFFFF) | (q & 4) for x, q in zip(noise[::-1], codes)]
+        lo = [(x & ~(3 << p) & 0xFFFF) | ((q & 3) << p) for x, q, p in zip(noise, codes, pos)]
+        hi = [(x & ~(4 << p) & 0xFFFF) | ((q & 4) << p) for x, q, p in zip(noise[::-1], codes, pos)]
     else:
         lo = hi = [(x & ~((1 << bits) - 1) & 0xFFFF) | q for x, q in zip(noise, codes)]
     to16 = lambda vs: [v - (1 << 16) if v >= 1 << 15 else v for v in vs]  # noqa: E731
-    assert np.array_equal(run(1, to16(lo), to16(hi), sels), want), "lane-owned asm"
+    assert np.array_equal(run(1, to16(lo), to16(hi), pos), want), "lane-owned asm"
     # transposed: pair (a, b) with one selector j | (4 + j) << 8 for both, per pair the even element's
     # word and scale; every pair of the grid keeps one s and c per pair already
     pair_sel = []

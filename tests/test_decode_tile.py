@@ -525,51 +525,107 @@ def test_lane_order_decode_against_float64(case, poisoned):
         assert oracles.rel_err(y, ref) < 1.5e-3, (m, det)
 
 
-def _int3_halves(q: int, rng) -> tuple:
-    """(lo, hi) 16-bit inputs of INT3 code q: q's low bits at bits 0-1 of lo, its high bit at
-    bit 2 of hi, random bits elsewhere."""
+def _int3_halves(q: int, rng, p: int = 0) -> tuple:
+    """(lo, hi) 16-bit inputs of INT3 code q at bit p: q's low bits at bits p, p+1 of lo, its high
+    bit at bit p+2 of hi, random bits elsewhere."""
     lo_g, hi_g = (int(v) for v in rng.integers(0, 1 << 16, size=2))
-    return (lo_g & ~3) | (q & 3), (hi_g & ~4) | ((q >> 2) << 2)
+    return (lo_g & ~(3 << p)) | ((q & 3) << p), (hi_g & ~(4 << p)) | ((q >> 2) << (p + 2))
 
 
+@pytest.mark.parametrize("p", [0, 1, 2, 3, 4])
 @pytest.mark.parametrize("fmt", ["f16", "bf16"])
-def test_packed_asm_int3_halves_bit_exact(fmt):
-    asm = decode_tile.packed_asm_int3_halves("fp16" if fmt == "f16" else "bf16")
-    rng = np.random.default_rng(43)
+def test_packed_asm_int3_halves_bit_exact(fmt, p):
+    """Round 11: the asm for codes at bit p (magic MAGIC_VALUE·2^−p) against s·(q − 4) + c rounded
+    once, every code pair, random bits around the code."""
+    asm = decode_tile.packed_asm_int3_halves("fp16" if fmt == "f16" else "bf16", p)
+    rng = np.random.default_rng(43 + p)
     s_bits, c_bits = half_bits(SCALES, fmt), half_bits(BIASES, fmt)
     for q0 in range(8):
         for q1 in range(8):
-            (l0, h0), (l1, h1) = _int3_halves(q0, rng), _int3_halves(q1, rng)
+            (l0, h0), (l1, h1) = _int3_halves(q0, rng, p), _int3_halves(q1, rng, p)
             for i in range(len(SCALES)):
                 s, c = s_bits[i], c_bits[(i + q1) % len(BIASES)]
                 got = run_ptx(asm, {"$1": l0 | (l1 << 16), "$2": h0 | (h1 << 16), "$3": s | (s << 16),
                                     "$4": c | (c << 16)})
                 for half, q in ((0, q0), (1, q1)):
                     exact = half_value(s, fmt) * (q - 4) + half_value(c, fmt)
-                    assert (got >> (16 * half)) & 0xFFFF == round_half(exact, fmt), (fmt, q, s, c, half)
+                    assert (got >> (16 * half)) & 0xFFFF == round_half(exact, fmt), (fmt, p, q, s, c, half)
+
+
+def test_int3_lane_constants_reject_codes_past_the_mantissa():
+    with pytest.raises(ValueError, match="p <= 4"):
+        decode_tile.int3_lane_constants("bf16", 5)
+
+
+def test_int3_lane_plan_aligns_every_pair():
+    """INT3_LANE_PLAN (round 11): for pair j (columns j, j + 16 of a lane's chunk), ``low >> a``
+    puts the two low bits of both columns at bits p, p+1 of their 16-bit halves and ``w2 >> b``
+    the high bits at bit p+2, bit-exactly on chunks holding random codes; every p has its asm
+    (0, 2, 4: the kernel's selects know no other); and the plan needs 14 distinct shifts."""
+    rng = np.random.default_rng(11)
+    plan = decode_tile.INT3_LANE_PLAN
+    assert len(plan) == 16 and {p for _, _, p in plan} <= {0, 2, 4}
+
+    def shift(x, n):
+        return (x >> n if n >= 0 else x << -n) & 0xFFFFFFFF
+
+    for _ in range(50):
+        codes = rng.integers(0, 8, size=32).tolist()
+        w0 = sum((c & 3) << (2 * i) for i, c in enumerate(codes[:16]))
+        w1 = sum((c & 3) << (2 * i) for i, c in enumerate(codes[16:]))
+        w2 = sum((c >> 2) << i for i, c in enumerate(codes))
+        lows = (w0 & 0xFFFF) | ((w1 & 0xFFFF) << 16)
+        highs = (w0 >> 16) | (w1 & 0xFFFF0000)
+        for j, (a, b, p) in enumerate(plan):
+            lo, hi = shift(lows if j < 8 else highs, a), shift(w2, b)
+            for half, col in ((0, j), (1, j + 16)):
+                got = (((lo >> (16 * half)) >> p) & 3) | (((hi >> (16 * half)) >> p) & 4)
+                assert got == codes[col], (j, half)
+    # the count the docs give: low words' and word 2's distinct non-zero shifts
+    n_shifts = (len({a for a, _, _ in plan[:8]} - {0}) + len({a for a, _, _ in plan[8:]} - {0})
+                + len({b for _, b, _ in plan} - {0}))
+    assert n_shifts == 14
 
 
 @needs_kernels
 def test_int3_halves_twin_matches_asm_model():
+    """``_int3_halves_to_weights(PACKED=False)`` against the asm model, every code pair at each of
+    the plan's positions (0, 2, 4)."""
     import triton
     import triton.language as tl
 
     @triton.jit
-    def twin(lo_ptr, hi_ptr, s_ptr, c_ptr, out_ptr, BLOCK: tl.constexpr):
+    def twin(lo_ptr, hi_ptr, pos_ptr, s_ptr, c_ptr, out_ptr, BLOCK: tl.constexpr):
         offs = tl.arange(0, BLOCK)
-        w = decode_tile._int3_halves_to_weights(tl.load(lo_ptr + offs), tl.load(hi_ptr + offs), tl.load(s_ptr + offs),
+        w = decode_tile._int3_halves_to_weights(tl.load(lo_ptr + offs), tl.load(hi_ptr + offs),
+                                                tl.load(pos_ptr + offs), tl.load(s_ptr + offs),
                                                 tl.load(c_ptr + offs), False)
         tl.store(out_ptr + offs, w)
 
-    lows, highs, s_list, c_list = _int3_twin_cases(_int3_halves, 44)
-    got = _run_int3_twin(twin, lows, highs, s_list, c_list, 16)
-    n = len(lows)
-    asm = decode_tile.packed_asm_int3_halves("fp16")
-    sb, cb = half_bits(s_list, "f16"), half_bits(c_list, "f16")
-    for e in range(0, n, 2):
-        ref = run_ptx(asm, {"$1": lows[e] | (lows[e + 1] << 16), "$2": highs[e] | (highs[e + 1] << 16),
-                            "$3": sb[e] | (sb[e + 1] << 16), "$4": cb[e] | (cb[e + 1] << 16)})
-        assert (got[e], got[e + 1]) == (ref & 0xFFFF, ref >> 16), e
+    for p in (0, 2, 4):
+        lows, highs, s_list, c_list = _int3_twin_cases(lambda q, rng: _int3_halves(q, rng, p), 44 + p)
+        n = len(lows)
+        block = 1 << (n - 1).bit_length()
+        pos = torch.full((block,), p, dtype=torch.int32)
+        got = _run_int3_twin(_with_pos(twin, pos), lows, highs, s_list, c_list, 16)
+        asm = decode_tile.packed_asm_int3_halves("fp16", p)
+        sb, cb = half_bits(s_list, "f16"), half_bits(c_list, "f16")
+        for e in range(0, n, 2):
+            ref = run_ptx(asm, {"$1": lows[e] | (lows[e + 1] << 16), "$2": highs[e] | (highs[e + 1] << 16),
+                                "$3": sb[e] | (sb[e + 1] << 16), "$4": cb[e] | (cb[e + 1] << 16)})
+            assert (got[e], got[e + 1]) == (ref & 0xFFFF, ref >> 16), (p, e)
+
+
+class _with_pos:
+    """``twin[(1,)](lo, hi, s, c, out, BLOCK=...)`` with ``pos`` inserted after hi."""
+
+    def __init__(self, twin, pos):
+        self.twin, self.pos = twin, pos
+
+    def __getitem__(self, grid):
+        def launch(lo, hi, s, c, out, BLOCK):
+            self.twin[grid](lo, hi, self.pos, s, c, out, BLOCK=BLOCK)
+        return launch
 
 
 @pytest.fixture

@@ -319,16 +319,23 @@ def packed_asm_halves(bits: int, act: str) -> str:
             "}")
 
 
-def packed_asm_int3_halves(act: str) -> str:
-    """PTX of one lane-owned INT3 invocation (pack=2): $0 = two weights; $1 = packed int16 whose
-    bits 0-1 are each code's two low bits; $2 = packed int16 whose bit 2 is each code's high bit
-    (other bits of $1, $2 are ignored); $3, $4 = packed (s_a, s_b), (c_a, c_b)."""
-    magic, value, one, fma = _act_consts(act)
-    neg = _neg_magic(act, value + 4)
+def packed_asm_int3_halves(act: str, p: int = 0) -> str:
+    """PTX of one lane-owned INT3 invocation (pack=2) for codes at bit p: $0 = two weights; $1 =
+    packed int16 whose bits p, p+1 are each code's two low bits; $2 = packed int16 whose bit p+2 is
+    each code's high bit (other bits of $1, $2 are ignored); $3, $4 = packed (s_a, s_b), (c_a, c_b).
+
+    Round 11: the code may sit at any p in 0..4: bits p..p+2 then lie in the mantissa of the magic
+    MAGIC_VALUE·2^−p, whose ulp is 2^p, so OR-ing the code in gives MAGIC_VALUE·2^−p + q exactly
+    (``int3_lane_constants``); the lane's pairs can then share the shifts that bring their planes
+    together (``INT3_LANE_PLAN``). One LOP3 takes the low bits from $1 and the high bit from $2, one
+    masks and adds the magic, then the two HFMA2 of every decoder: q − 4 (exact), s·(q − 4) + c
+    rounded once."""
+    _, _, one, fma = _act_consts(act)
+    sel_mask, code_mask, magic, neg = int3_lane_constants(act, p)
     return ("{\n"
             ".reg .b32 v, one, neg;\n"
-            "lop3.b32 v, $1, $2, 0x00030003, 0xe4;\n"  # (lo & 0x3) | (hi & ~0x3) per half
-            f"lop3.b32 v, v, 0x00070007, {magic * 0x10001:#010x}, 0xea;\n"
+            f"lop3.b32 v, $1, $2, {sel_mask * 0x10001:#010x}, 0xe4;\n"  # (lo & sel) | (hi & ~sel) per half
+            f"lop3.b32 v, v, {code_mask * 0x10001:#010x}, {magic * 0x10001:#010x}, 0xea;\n"
             f"mov.b32 one, {one * 0x10001:#010x};\n"
             f"mov.b32 neg, {neg * 0x10001:#010x};\n"
             f"{fma} v, v, one, neg;\n"
@@ -336,8 +343,58 @@ def packed_asm_int3_halves(act: str) -> str:
             "}")
 
 
+def int3_lane_constants(act: str, p: int) -> tuple:
+    """The 16-bit constants of ``packed_asm_int3_halves(act, p)``: (select mask, code mask, magic,
+    −(magic value + 4))."""
+    if p not in (0, 1, 2, 3, 4):
+        raise ValueError(f"p={p}: an INT3 code at bits p..p+2 must lie in the bf16 mantissa (p <= 4)")
+    magic, value, _, _ = _act_consts(act)
+    shift = 10 if act == "fp16" else 7  # the exponent field's position
+    return (1 << (p + 2)) - 1, 7 << p, magic - (p << shift), _neg_magic(act, (value >> p) + 4)
+
+
+#: Round 11, the lane-owned INT3 tile: for pair j of a lane's chunk (columns j, j + 16), (a, b, p):
+#: its low bits are brought to bit p by ``low_word >> a`` (the low halves of words 0/1 for j < 8,
+#: their high halves for j ≥ 8; a < 0 shifts left), its high bit to bit p + 2 by ``w2 >> b``.
+#: Pair j's low bits sit at bit 2·(j mod 8) of its low word and its high bit at bit j of word 2,
+#: so a = 2·(j mod 8) − p and b = j − p − 2; with p free in {0, 2, 4} the 16 pairs need 14
+#: distinct shifts (4 + 4 of the low words, 6 of word 2) instead of 29 at p = 0 (the smallest
+#: count over all shift sets, searched exhaustively; tests/test_decode_tile.py checks the plan).
+INT3_LANE_PLAN = (
+    (0, -2, 0), (0, -3, 2), (2, -2, 2), (2, -3, 4), (4, -2, 4), (10, 3, 0), (12, 4, 0), (12, 3, 2),
+    (-2, 4, 2), (-2, 3, 4), (0, 4, 4), (6, 9, 0), (6, 8, 2), (8, 9, 2), (8, 8, 4), (10, 9, 4),
+)
+
+
+def _plan_code(field: int, half: int) -> int:
+    """INT3_LANE_PLAN's column ``field`` for pairs 8·half .. 8·half + 7, 4 bits each (+ 3)."""
+    return sum((INT3_LANE_PLAN[8 * half + j][field] + 3) << (4 * j) for j in range(8))
+
+
+INT3_PLAN_A0: tl.constexpr = tl.constexpr(_plan_code(0, 0))
+INT3_PLAN_A1: tl.constexpr = tl.constexpr(_plan_code(0, 1))
+INT3_PLAN_B0: tl.constexpr = tl.constexpr(_plan_code(1, 0))
+INT3_PLAN_B1: tl.constexpr = tl.constexpr(_plan_code(1, 1))
+INT3_PLAN_P0: tl.constexpr = tl.constexpr(_plan_code(2, 0))
+INT3_PLAN_P1: tl.constexpr = tl.constexpr(_plan_code(2, 1))
+
+
+@triton.jit
+def _plan_field(jj, CODE_LO: tl.constexpr, CODE_HI: tl.constexpr):
+    """INT3_LANE_PLAN's field for each pair index in ``jj`` (0..15), from its 4-bit codes."""
+    v = tl.zeros(jj.shape, tl.int32)
+    for i in tl.static_range(8):
+        v = tl.where(jj == i, ((CODE_LO >> (4 * i)) & 15) - 3, v)
+        v = tl.where(jj == i + 8, ((CODE_HI >> (4 * i)) & 15) - 3, v)
+    return v
+
+
 ASM_F16_H3: tl.constexpr = tl.constexpr(packed_asm_int3_halves("fp16"))
+ASM_F16_H3_P2: tl.constexpr = tl.constexpr(packed_asm_int3_halves("fp16", 2))
+ASM_F16_H3_P4: tl.constexpr = tl.constexpr(packed_asm_int3_halves("fp16", 4))
 ASM_BF16_H3: tl.constexpr = tl.constexpr(packed_asm_int3_halves("bf16"))
+ASM_BF16_H3_P2: tl.constexpr = tl.constexpr(packed_asm_int3_halves("bf16", 2))
+ASM_BF16_H3_P4: tl.constexpr = tl.constexpr(packed_asm_int3_halves("bf16", 4))
 ASM_F16_H2: tl.constexpr = tl.constexpr(packed_asm_halves(2, "fp16"))
 ASM_F16_H4: tl.constexpr = tl.constexpr(packed_asm_halves(4, "fp16"))
 ASM_BF16_H2: tl.constexpr = tl.constexpr(packed_asm_halves(2, "bf16"))
@@ -427,23 +484,36 @@ def _half_codes_to_weights(h, s, c, BITS: tl.constexpr, PACKED: tl.constexpr):
 
 
 @triton.jit
-def _int3_halves_to_weights(lo, hi, s, c, PACKED: tl.constexpr):
-    """ŵ = s·(q − 4) + c in s's dtype, elementwise, q = (lo & 3) | (hi & 4) (int16 inputs: the
-    code's low bits at bits 0-1 of lo, its high bit at bit 2 of hi)."""
+def _int3_halves_to_weights(lo, hi, pos, s, c, PACKED: tl.constexpr):
+    """ŵ = s·(q − 4) + c in s's dtype, elementwise, q = ((lo >> pos) & 3) | ((hi >> pos) & 4)
+    (int16 lo, hi: the code's low bits at bits pos, pos + 1 of lo, its high bit at bit pos + 2 of
+    hi; int32 pos in {0, 2, 4} (the asm: one per position; the twin takes any 0..4))."""
     s, c = tl.broadcast(s, c)
     lo, s = tl.broadcast(lo, s)
     lo, c = tl.broadcast(lo, c)
     hi, lo = tl.broadcast(hi, lo)
+    pos, lo = tl.broadcast(pos, lo)
     if PACKED:
+        # one asm per code position of INT3_LANE_PLAN (0, 2, 4), its constants as immediates: pos is
+        # a constant per register in the kernel, so the selects fold and the other two asm die
         if s.dtype == tl.float16:
-            w = tl.inline_asm_elementwise(ASM_F16_H3, "=r,r,r,r,r", [lo, hi, s, c], dtype=tl.float16,
-                                          is_pure=True, pack=2)
+            w0 = tl.inline_asm_elementwise(ASM_F16_H3, "=r,r,r,r,r", [lo, hi, s, c], dtype=tl.float16,
+                                           is_pure=True, pack=2)
+            w2 = tl.inline_asm_elementwise(ASM_F16_H3_P2, "=r,r,r,r,r", [lo, hi, s, c], dtype=tl.float16,
+                                           is_pure=True, pack=2)
+            w4 = tl.inline_asm_elementwise(ASM_F16_H3_P4, "=r,r,r,r,r", [lo, hi, s, c], dtype=tl.float16,
+                                           is_pure=True, pack=2)
         else:
             tl.static_assert(s.dtype == tl.bfloat16)
-            w = tl.inline_asm_elementwise(ASM_BF16_H3, "=r,r,r,r,r", [lo, hi, s, c], dtype=tl.bfloat16,
-                                          is_pure=True, pack=2)
+            w0 = tl.inline_asm_elementwise(ASM_BF16_H3, "=r,r,r,r,r", [lo, hi, s, c], dtype=tl.bfloat16,
+                                           is_pure=True, pack=2)
+            w2 = tl.inline_asm_elementwise(ASM_BF16_H3_P2, "=r,r,r,r,r", [lo, hi, s, c], dtype=tl.bfloat16,
+                                           is_pure=True, pack=2)
+            w4 = tl.inline_asm_elementwise(ASM_BF16_H3_P4, "=r,r,r,r,r", [lo, hi, s, c], dtype=tl.bfloat16,
+                                           is_pure=True, pack=2)
+        w = tl.where(pos == 0, w0, tl.where(pos == 2, w2, w4))
     else:
-        q = ((lo.to(tl.int32) & 3) | (hi.to(tl.int32) & 4)) - 4
+        q = (((lo.to(tl.int32) >> pos) & 3) | ((hi.to(tl.int32) >> pos) & 4)) - 4
         w = (s.to(tl.float32) * q.to(tl.float32) + c.to(tl.float32)).to(s.dtype)
     return w
 
@@ -472,16 +542,22 @@ def _decode_int_tile_lanes(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg
     jj = tl.arange(0, J)[None, None, :]
     if BITS == 3:
         # chunk = 3 words: word 0/1 hold the low 2 bits of columns i / 16 + i at bit 2i, word 2 the
-        # high bit of column i at bit i. Pair j = columns j, j + 16: the low halves of words 0 and 1
-        # side by side (pairs 0-7; the high halves for 8-15: two PRMT per chunk) shifted by
-        # 2·(j % 8), the high bits = word 2 moved so that bit j lands at bit 2 (and j + 16 at 18)
+        # high bit of column i at bit i. Pair j = columns j, j + 16: its low bits are at bit 2·(j % 8)
+        # of the low halves of words 0 and 1 side by side (pairs 0-7; the high halves for 8-15: two
+        # PRMT per chunk), its high bits at bit j of word 2's halves. INT3_LANE_PLAN brings them to
+        # bits p, p + 1 and p + 2 with shifts shared between pairs (p per pair; the asm's magic follows)
         w0, w1, w2 = _load_int3_planes(qw_ptr, stride_qn, offs_n, k0, K, EVEN_K, BLOCK_K)
         lows = (w0 & 0xFFFF) | (w1 << 16)
         highs = ((w0 >> 16) & 0xFFFF) | (w1 & -65536)
-        lo32 = tl.where(jj < 8, lows[:, :, None], highs[:, :, None]) >> (2 * (jj % 8))
+        sh_lo = _plan_field(jj, INT3_PLAN_A0, INT3_PLAN_A1)
+        sh_hi = _plan_field(jj, INT3_PLAN_B0, INT3_PLAN_B1)
+        src = tl.where(jj < 8, lows[:, :, None], highs[:, :, None])
+        lo32 = tl.where(sh_lo >= 0, src >> tl.maximum(sh_lo, 0), src << tl.maximum(-sh_lo, 0))
         lo = tl.join(lo32.to(tl.int16), (lo32 >> 16).to(tl.int16))
-        hi32 = tl.where(jj >= 2, w2[:, :, None] >> tl.maximum(jj - 2, 0), w2[:, :, None] << tl.maximum(2 - jj, 0))
+        hi32 = tl.where(sh_hi >= 0, w2[:, :, None] >> tl.maximum(sh_hi, 0), w2[:, :, None] << tl.maximum(-sh_hi, 0))
         hi = tl.join(hi32.to(tl.int16), (hi32 >> 16).to(tl.int16))
+        pos1 = _plan_field(jj, INT3_PLAN_P0, INT3_PLAN_P1) + tl.zeros(lo32.shape, tl.int32)
+        pos = tl.join(pos1, pos1)
     else:
         words = _load_words(qw_ptr, stride_qn, offs_n, k0, K, PER, EVEN_K, BLOCK_K)
         sh = words[:, :, None] >> (BITS * jj)  # [BLOCK_N, NW, J]
@@ -497,7 +573,8 @@ def _decode_int_tile_lanes(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg
         b5 = b.to(ACT)[:, :, None, None, None]
         if BITS == 3:
             w = _int3_halves_to_weights(tl.reshape(lo, (BLOCK_N, NG, NW // NG, J, 2)),
-                                        tl.reshape(hi, (BLOCK_N, NG, NW // NG, J, 2)), s5, b5, PACKED)
+                                        tl.reshape(hi, (BLOCK_N, NG, NW // NG, J, 2)),
+                                        tl.reshape(pos, (BLOCK_N, NG, NW // NG, J, 2)), s5, b5, PACKED)
         else:
             w = _half_codes_to_weights(tl.reshape(h, (BLOCK_N, NG, NW // NG, J, 2)), s5, b5, BITS, PACKED)
     else:
@@ -512,7 +589,7 @@ def _decode_int_tile_lanes(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg
                              offs_n, grp, grp < G, False, False, True, EVEN_K, True)
         if BITS == 3:
             w = _int3_halves_to_weights(tl.reshape(lo, (BLOCK_N, BLOCK_K)), tl.reshape(hi, (BLOCK_N, BLOCK_K)),
-                                        s.to(ACT), b.to(ACT), PACKED)
+                                        tl.reshape(pos, (BLOCK_N, BLOCK_K)), s.to(ACT), b.to(ACT), PACKED)
         else:
             w = _half_codes_to_weights(tl.reshape(h, (BLOCK_N, BLOCK_K)), s.to(ACT), b.to(ACT), BITS, PACKED)
     w = tl.reshape(w, (BLOCK_N, NC, 4, J, 2))
