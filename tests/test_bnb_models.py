@@ -30,10 +30,54 @@ def checkpoint(tmp_path_factory):
     return path
 
 
+@pytest.fixture(autouse=True)
+def bnb_portable_cpu(monkeypatch):
+    """bitsandbytes' reference numerics on any CPU. On one with AVX512 (torch's capability), its CPU
+    NF4 dequantizer runs a C kernel that blocks each row on its own, unlike the flat blocks bitsandbytes
+    quantized with (and its CUDA and portable paths dequantize with), so a layer whose in_features is
+    not a multiple of the block size (96 here) comes out wrong, and so does its CPU GEMM; with
+    AVX512-BF16 an eval forward without grad also repacks each layer for its CPU kernel, a reshape
+    that fails at that width. The reference here is bitsandbytes' own portable dequantizer (the
+    logits: a dense twin holding its Ŵ, ``dense_twin``), and no repack."""
+    import bitsandbytes.functional as F
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+    from bitsandbytes.backends.utils import _get_4bit_code
+
+    def dequantize_4bit(A, quant_state=None, absmax=None, out=None, blocksize=None, quant_type="fp4"):
+        assert quant_state is not None and out is None, "the tests pass a QuantState"
+        absmax = quant_state.absmax
+        if quant_state.nested:
+            absmax = (F.dequantize_blockwise(quant_state.absmax, quant_state.state2) + quant_state.offset).float()
+        a = A.view(torch.uint8) if A.dtype != torch.uint8 else A
+        code = _get_4bit_code(quant_state.quant_type, A.device)
+        w = _dequantize_4bit_compute(a.reshape(-1), absmax, code, quant_state.blocksize, quant_state.shape,
+                                     quant_state.dtype)
+        return w.t() if A.shape[0] == 1 else w
+
+    monkeypatch.setattr(F, "dequantize_4bit", dequantize_4bit)
+    monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: False)
+
+
 def load_bnb(path, **kw):
     kw = kw or dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
     cfg = transformers.BitsAndBytesConfig(bnb_4bit_compute_dtype=torch.float32, **kw)
     return transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=cfg).eval()
+
+
+def dense_twin(model, state):
+    """A copy of ``model`` whose 4-bit layers are nn.Linear holding bitsandbytes' Ŵ (``bnb_state``):
+    the reference logits (bitsandbytes' own CPU GEMM blocks rows like its AVX512 dequantizer,
+    ``bnb_portable_cpu``)."""
+    twin = copy.deepcopy(model)
+    for name, (_, w) in state.items():
+        old = twin.get_submodule(name)
+        new = torch.nn.Linear(old.in_features, old.out_features, bias=old.bias is not None)
+        new.weight.data.copy_(w)
+        if old.bias is not None:
+            new.bias.data.copy_(old.bias.data.float())
+        parent, _, leaf = name.rpartition(".")
+        setattr(twin.get_submodule(parent), leaf, new)
+    return twin
 
 
 def batch(seed=0, b=2, t=17):
@@ -51,6 +95,23 @@ def bnb_state(model):
     return out
 
 
+def test_layers_repacked_by_bitsandbytes_for_its_cpu_kernel_are_refused(checkpoint):
+    """A Linear4bit that bitsandbytes repacked for its CPU kernel (``quant_state.packing_format_for_cpu``,
+    its codes reordered, absmax de-nested to bf16) no longer holds the NF4 bytes: patch_model names
+    it and says what to do, before modifying anything."""
+    model = load_bnb(checkpoint, load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
+    before = bnb_state(model)
+    name = sorted(before)[0]
+    model.get_submodule(name).weight.quant_state.packing_format_for_cpu = True
+    with pytest.raises(ValueError, match=r"repacked by bitsandbytes for its CPU kernel.*Nothing was modified") as e:
+        qlk.patch_model(model, method="qlora", verbose=False)
+    assert name in str(e.value)
+    assert not qlk_layers(model) and len(bnb_state(model)) == 14
+    w = model.get_submodule(name).weight
+    with pytest.raises(ValueError, match="repacked by bitsandbytes for its CPU kernel"):
+        qlk.from_bnb(w.data, w.quant_state)
+
+
 @pytest.mark.parametrize("method,storage", [("qlora", None), (None, torch.bfloat16)])
 def test_nf4_layers_convert_bit_exact(checkpoint, tmp_path, method, storage):
     kw = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=method == "qlora")
@@ -61,7 +122,7 @@ def test_nf4_layers_convert_bit_exact(checkpoint, tmp_path, method, storage):
     assert len(before) == 14
     x = batch()["input_ids"]
     with torch.no_grad():
-        ref = model(x).logits
+        ref = dense_twin(model, before)(x).logits
     qlk.patch_model(model, method=method, verbose=False)
     layers = qlk_layers(model)
     assert sorted(layers) == sorted(before) and model.qlk_config["from_bitsandbytes"] == {n: "exact" for n in before}

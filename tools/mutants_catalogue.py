@@ -451,6 +451,11 @@ MUTANTS = [
     dict(id="decode-lanes-int3-asm-bf16-constant", cls="asm operands", file="qlk/kernels/decode_tile.py",
          old='w0 = tl.inline_asm_elementwise(ASM_BF16_H3, "=r,r,r,r,r"', new='w0 = tl.inline_asm_elementwise(ASM_F16_H3, "=r,r,r,r,r"',
          tests=["tests/test_asm_emulated.py", "-k", "pick_their_asm"]),
+    # bitsandbytes' CPU repack (AVX512-BF16, eval, no grad): its bytes are not NF4 any more
+    dict(id="bnb-cpu-repacked-layer-converted", cls="silent wrong", file="qlk/integrations/bnb_models.py",
+         old='and getattr(model.get_submodule(name).weight.quant_state, "packing_format_for_cpu", False)]',
+         new='and getattr(model.get_submodule(name).weight.quant_state, "packing_format_for_cpu_", False)]',
+         tests=["tests/test_bnb_models.py", "-k", "repacked"]),
     # round 11: the INT3 lane plan's code positions (one asm per position, selected per register)
     dict(id="decode-lanes-int3-position-select", cls="asm operands", file="qlk/kernels/decode_tile.py",
          old="w = tl.where(pos == 0, w0, tl.where(pos == 2, w2, w4))",

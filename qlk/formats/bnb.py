@@ -29,6 +29,10 @@ def _json_tensor(d: dict) -> torch.Tensor:
 
 def _quant_state_dict(quant_state) -> dict:
     """Accept a bitsandbytes QuantState, its ``as_dict()`` (packed or not), or Linear4bit keys."""
+    if getattr(quant_state, "packing_format_for_cpu", False):
+        raise ValueError("this QuantState was repacked by bitsandbytes for its CPU kernel (a forward in eval mode "
+                         "without grad on a CPU with AVX512-BF16: codes reordered, absmax de-nested to bf16); the "
+                         "NF4 bytes it describes are gone. Take the weight from a freshly loaded layer")
     if hasattr(quant_state, "as_dict"):
         return quant_state.as_dict(packed=False)
     if not isinstance(quant_state, dict):

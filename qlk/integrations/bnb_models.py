@@ -95,6 +95,16 @@ def plan_bnb_conversion(model, targets, method, fmt, bits, group_size, fmt_given
     ``group_size_given`` what the caller passed (None: not given).
     """
     check_bool(requantize, "requantize")
+    repacked = [name for name in targets if bnb_kind(model.get_submodule(name)) in ("nf4", "fp4")
+                and getattr(model.get_submodule(name).weight.quant_state, "packing_format_for_cpu", False)]
+    if repacked:
+        raise ValueError(
+            f"qlk.patch_model: {len(repacked)} bitsandbytes 4-bit layer(s) ({_names(repacked)}) were repacked by "
+            "bitsandbytes for its CPU kernel (a forward in eval mode without grad on a CPU with AVX512-BF16 "
+            "reorders the codes and stores absmax de-nested in bf16): the original NF4 bytes and scales are "
+            "gone, so they cannot be converted exactly. Load the model again and call qlk.patch_model before "
+            "running it on the CPU (or run bitsandbytes in train mode), or load it without BitsAndBytesConfig "
+            "so qlk quantizes the original weights. Nothing was modified.")
     plan, blocked, problems = {}, {}, {}
     for name in targets:
         layer = model.get_submodule(name)
