@@ -197,6 +197,28 @@ def test_requantize_to_int_for_qalora(checkpoint):
         assert torch.isfinite(model(batch()["input_ids"]).logits).all()
 
 
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_fp4_requantizes_from_bitsandbytes_flat_blocks(checkpoint, double_quant, monkeypatch):
+    """FP4 layers (ragged in_features 96, not a multiple of the block size 64) requantized: qlk
+    dequantizes them with bitsandbytes' flat blocks (its portable path, not its public CPU
+    dequantizer, whose AVX512 kernel blocks rows) and quantizes that Ŵ to INT4."""
+    model = load_bnb(checkpoint, load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=double_quant)
+    before = bnb_state(model)
+
+    def native(*a, **k):
+        raise AssertionError("bitsandbytes' CPU dequantizer (AVX512: rows blocked) called")
+
+    monkeypatch.setattr(bnb.functional, "dequantize_4bit", native)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qlk.patch_model(model, bits=4, group_size=32, method=None, requantize=True, verbose=False)
+    layers = qlk_layers(model)
+    assert sorted(layers) == sorted(before) and any(m.in_features % 64 for m in layers.values())
+    for name, m in layers.items():
+        expect = qlk.quantize(before[name][1], bits=4, group_size=32)
+        assert torch.equal(m.weight_packed, expect.qweight) and torch.equal(m.weight_scales, expect.scales), name
+
+
 @pytest.mark.parametrize(
     "kw,patch_kw,match",
     [

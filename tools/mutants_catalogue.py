@@ -456,6 +456,10 @@ MUTANTS = [
          old='and getattr(model.get_submodule(name).weight.quant_state, "packing_format_for_cpu", False)]',
          new='and getattr(model.get_submodule(name).weight.quant_state, "packing_format_for_cpu_", False)]',
          tests=["tests/test_bnb_models.py", "-k", "repacked"]),
+    dict(id="bnb-fp4-requantize-ignores-nested-absmax", cls="silent wrong", file="qlk/integrations/bnb_models.py",
+         old="        if qs.nested:\n            absmax = (bnbF.dequantize_blockwise(",
+         new="        if False:\n            absmax = (bnbF.dequantize_blockwise(",
+         tests=["tests/test_bnb_models.py", "-k", "fp4_requantizes"]),
     # round 11: the INT3 lane plan's code positions (one asm per position, selected per register)
     dict(id="decode-lanes-int3-position-select", cls="asm operands", file="qlk/kernels/decode_tile.py",
          old="w = tl.where(pos == 0, w0, tl.where(pos == 2, w2, w4))",

@@ -162,6 +162,24 @@ def _dequantize(layer: nn.Module, kind: str) -> torch.Tensor:
         if scb is None:
             raise ValueError("a bitsandbytes 8-bit layer without its row scales (SCB) cannot be dequantized")
         return w.data.float() * (scb.float().reshape(-1, 1) / 127.0)
+    if kind == "nf4":  # qlk's own dequantizer of bitsandbytes' bytes: bit-exact to bitsandbytes, on any device
+        packed = w.data if w.data.dtype == torch.uint8 else w.data.contiguous().reshape(-1).view(torch.uint8)
+        return from_bnb(packed, w.quant_state).dequantize(torch.float32)
+    if w.data.device.type == "cpu":
+        # bitsandbytes' AVX512 CPU kernel blocks each row on its own (its quantizer blocks the flat
+        # weight): wrong when in_features is not a multiple of the block size. Its portable path is not.
+        try:
+            from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+            from bitsandbytes.backends.utils import _get_4bit_code
+        except ImportError:  # another bitsandbytes layout: its public dequantizer
+            return bnbF.dequantize_4bit(w.data, w.quant_state)
+        qs = w.quant_state
+        absmax = qs.absmax
+        if qs.nested:
+            absmax = (bnbF.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset).float()
+        packed = w.data if w.data.dtype == torch.uint8 else w.data.view(torch.uint8)
+        return _dequantize_4bit_compute(packed.reshape(-1), absmax, _get_4bit_code(qs.quant_type, packed.device),
+                                        qs.blocksize, qs.shape, qs.dtype)
     return bnbF.dequantize_4bit(w.data, w.quant_state)
 
 
