@@ -610,3 +610,18 @@ def test_path_rule_knows_the_dense_two_warp_tiles(device_lists):
     for bits, g, nf4 in ((4, 32, False), (2, 32, False), (4, 64, True)):
         assert h.choose_path("grad", 3000, 1536, 576, bits=bits, group_size=g, is_nf4=nf4, arch=80).path == "dequant"
     assert h.choose_path("grad", 2048, 4096, 4096, bits=4, group_size=32, arch=80).path == "fused"
+
+
+def test_path_rule_caps_the_dense_gemm_at_its_dram_roofline(device_lists):
+    """Round 11: the path rule's dense GEMM is DRAM-capped like the fused input gradient
+    (``dense_dram_cap``: weight, input and output bytes). Without the cap it rated the dense GEMM
+    compute-bound at a short reduction and sent the input gradient of a 1536->256 layer at M = 2500
+    (256 deep: both kernels DRAM-bound on dX) to dequantize + dense, 0.80x dense against the fused
+    kernel's 1.05x (bench/results/static-new-sm90.csv); the square layers keep their picks."""
+    for bits, g, nf4 in ((4, 32, False), (3, 128, False), (2, 32, False), (4, 64, True)):
+        for m in (2500, 8192):
+            assert h.choose_path("grad", m, 256, 1536, bits=bits, group_size=g, is_nf4=nf4, arch=90).path == "fused"
+    # the cap is the roofline midpoint: below 1 where the bytes dominate, near 1 for deep reductions
+    assert h.dense_dram_cap(2500, 256, 1536, 90) < 0.6 < 0.95 < h.dense_dram_cap(4096, 4096, 4096, 90)
+    assert h.dense_score(2500, 1536, 90, cap=0.5) < h.dense_score(2500, 1536, 90)
+    assert h.choose_path("grad", 3000, 1536, 576, bits=4, group_size=32, arch=80).path == "dequant"

@@ -460,6 +460,10 @@ MUTANTS = [
          old="        if qs.nested:\n            absmax = (bnbF.dequantize_blockwise(",
          new="        if False:\n            absmax = (bnbF.dequantize_blockwise(",
          tests=["tests/test_bnb_models.py", "-k", "fp4_requantizes"]),
+    dict(id="rules-dense-model-without-dram-cap", cls="config rule", file="qlk/kernels/heuristics.py",
+         old="ds = dense_score(m, out_cols, fam, sms, cap=dense_dram_cap(m, red, out_cols, fam, act_bytes))",
+         new="ds = dense_score(m, out_cols, fam, sms)",
+         tests=["tests/test_heuristics.py", "-k", "roofline"]),
     # round 11: the INT3 lane plan's code positions (one asm per position, selected per register)
     dict(id="decode-lanes-int3-position-select", cls="asm operands", file="qlk/kernels/decode_tile.py",
          old="w = tl.where(pos == 0, w0, tl.where(pos == 2, w2, w4))",

@@ -834,16 +834,29 @@ class PathChoice:
         return self.t_dequant / self.t_fused
 
 
-def dense_score(m: int, n_out: int, arch: int, sms: Optional[int] = None) -> float:
-    """Best score of the dense GEMM's tiles (:data:`DENSE_TILES`) for an [m, n_out] output."""
+def dense_score(m: int, n_out: int, arch: int, sms: Optional[int] = None, cap: float = 1.0) -> float:
+    """Best score of the dense GEMM's tiles (:data:`DENSE_TILES`) for an [m, n_out] output, each
+    tile's efficiency at most ``cap`` (:func:`dense_dram_cap`)."""
     fam = arch_family(arch)
     sms = sms or DEFAULT_SMS[fam]
     best = 0.0
     for (bm, bn, _warps), (opt, pess) in DENSE_TILES[fam].items():
         tm, tn = math.ceil(m / bm), math.ceil(n_out / bn)
         fill = m * n_out / (tm * bm * tn * bn)
-        best = max(best, (opt + pess) / 2 * sm_balance(tm * tn, sms) * fill)
+        best = max(best, min((opt + pess) / 2, cap) * sm_balance(tm * tn, sms) * fill)
     return best
+
+
+def dense_dram_cap(m: int, red: int, out_cols: int, arch: int, act_bytes: int = 2) -> float:
+    """The dense GEMM's efficiency where DRAM limits it: :func:`grad_dram_cap`'s midpoint of the
+    roofline ratio r (optimistic r, pessimistic r / (1 + r)) with its bytes, the 16-bit weight,
+    input and output. Round 11: without it the path rule rated the dense GEMM compute-bound at a
+    short reduction (the input gradient of a 1536→256 layer at M = 2500, 256 deep: both kernels
+    DRAM-bound on dX, the fused one 1.05× dense) and took dequantize + dense (0.80×)."""
+    a = ARCH[arch_family(arch)]
+    moved = act_bytes * (red * out_cols + m * red + m * out_cols)
+    r = (m * red * out_cols / a.macs_per_s) / (moved / a.dram_bytes_per_s)
+    return (r + r / (1 + r)) / 2
 
 
 def dense_split_k(m: int, out_cols: int, red: int, sms: int) -> int:
@@ -1023,7 +1036,7 @@ def choose_path(op: str, m: int, n: int, k: int, bits: int = 4, group_size: int 
     choice, t_fused = _fused(op, m, n, k, fmt, fam, sms, packed)
     out_cols = n if op == "fwd" else k
     red = k if op == "fwd" else n
-    ds = dense_score(m, out_cols, fam, sms)
+    ds = dense_score(m, out_cols, fam, sms, cap=dense_dram_cap(m, red, out_cols, fam, act_bytes))
     deq_bal = max(sm_balance(math.ceil(n / bn_) * math.ceil(k / bk_), sms) for bn_, bk_ in DEQUANT_TILES)
     deq_eff = DEQUANT_EFF[fam].get(base_format(fmt), DEQUANT_DRAM_SHARE) * deq_bal
     t_deq = (packed + n * k * act_bytes) / (a.dram_bytes_per_s * deq_eff)
