@@ -395,8 +395,16 @@ MUTANTS = [
          new="h = x.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF\n        pair = h",
          tests=["tests/test_quant_tile_t.py", "-k", "test_half2_tile_t"]),
     dict(id="decode-lanes-pool-permuted-x", cls="multi-tile pooling", file="qlk/kernels/fused_matmul.py",
-         old="if LANES:  # the pooling wants X", new="if False:  # the pooling wants X",
+         old="                xt = tl.load(x_rows[None, :] + offs_k[:, None] * stride_xk,\n"
+             "                             mask=mask_m[None, :] & (offs_k[:, None] < K), other=0.0)\n"
+             "                p_run = _pool_tile(",
+         new="                xt = _lane_x_tile(x_rows, mask_m, k0, K, stride_xk, BITS, EVEN_K, BLOCK_K, BLOCK_M)\n"
+             "                p_run = _pool_tile(",
          tests=[KP, "-k", "test_qalora_splitk_fp16_pools_stored_order"]),
+    dict(id="decode-pool-pass-drops-last-tile", cls="multi-tile pooling", file="qlk/kernels/fused_matmul.py",
+         old="        if pool_here:\n            for k0 in range(k_start, k_end, BLOCK_K):",
+         new="        if pool_here:\n            for k0 in range(k_start, k_end - BLOCK_K, BLOCK_K):",
+         tests=[KP, "-k", "qalora"]),
     # grouped kernels: the tile map's first tile is expert 0's (every other test starts with an empty
     # expert), K ragged (EVEN_K false) in the grouped launches
     dict(id="grouped-fwd-skips-expert-0", cls="wrong group", file="qlk/kernels/grouped_matmul.py",

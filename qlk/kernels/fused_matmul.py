@@ -203,9 +203,10 @@ def _decode_loop(x_rows, mask_m, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_o
     ``_dequant_tile``. M is tiny here: padding rows of the tile are masked to 0 (``mask_m``)
     rather than clamped, so no x row is read BLOCK_M/M times over.
 
-    POOL: where ``pool_here`` (the first N tile), also P(X) of rows offs_m < M from the X tiles;
-    a group larger than BLOCK_K is summed over its tiles (``p_run``), so that needs one slice
-    starting at k_start = 0."""
+    POOL: where ``pool_here`` (the first N tile), also P(X) of rows offs_m < M, in a second pass over
+    the same K range after the MMA loop (round 11: before, inside it, every program's loop carried
+    the pooling); a group larger than BLOCK_K is summed over its tiles (``p_run``), so that needs one
+    slice starting at k_start = 0."""
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     p_run = tl.zeros((BLOCK_M,), dtype=tl.float32)  # POOL, GROUP_SIZE > BLOCK_K: running group sum
     ACT: tl.constexpr = x_rows.dtype.element_ty
@@ -230,12 +231,14 @@ def _decode_loop(x_rows, mask_m, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_o
             xt = tl.load(x_rows[None, :] + offs_k[:, None] * stride_xk,
                          mask=mask_m[None, :] & (offs_k[:, None] < K), other=0.0)
         acc = tl.dot(w.to(xt.dtype), xt, acc, input_precision=DOT_PRECISION)
-        if POOL:
-            if pool_here:
-                if LANES:  # the pooling wants X in the stored order: read it again (first N tile only)
-                    offs_k = k0 + tl.arange(0, BLOCK_K)
-                    xt = tl.load(x_rows[None, :] + offs_k[:, None] * stride_xk,
-                                 mask=mask_m[None, :] & (offs_k[:, None] < K), other=0.0)
+    if POOL:
+        # round 11: P(X) in a pass of its own (first N tile only; X in the stored order, M <= 16 rows,
+        # cache-resident), so that the MMA loop every program runs is the plain forward's
+        if pool_here:
+            for k0 in range(k_start, k_end, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                xt = tl.load(x_rows[None, :] + offs_k[:, None] * stride_xk,
+                             mask=mask_m[None, :] & (offs_k[:, None] < K), other=0.0)
                 p_run = _pool_tile(p_ptr, xt, p_run, offs_m, k0, M, K, stride_pm, GROUP_SIZE, BLOCK_M, BLOCK_K)
     return acc
 
