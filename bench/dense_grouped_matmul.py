@@ -56,13 +56,16 @@ def _dense_grouped_kernel(
                      acc.to(y_ptr.dtype.element_ty), mask=(offs_m[None, :] < row_end) & (offs_n[:, None] < N))
 
 
-def dense_grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, dgrad: bool = False):
-    """x [S, K] (dgrad: dY [S, N]) sorted by expert, w [E, N, K], offsets [E+1] -> [S, N] (dgrad: [S, K])."""
+def dense_grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, dgrad: bool = False,
+                         max_rows: int | None = None):
+    """x [S, K] (dgrad: dY [S, N]) sorted by expert, w [E, N, K], offsets [E+1] -> [S, N] (dgrad: [S, K]);
+    ``max_rows``: qlk's bound on an expert's rows (the tile map's). Rows past offsets[E] are left
+    unwritten (the benchmarks route none there)."""
     e, n, k = w.shape
     s = x.shape[0]
     out = torch.empty(s, k if dgrad else n, dtype=x.dtype, device=x.device)
     cfg = dict(tiles_for("grad" if dgrad else "fwd", s, e))
-    tile_expert, tile_row, bounds = _tile_map(offsets, s, cfg["BLOCK_M"])
+    tile_expert, tile_row, bounds = _tile_map(offsets, s, cfg["BLOCK_M"], max_rows)
     grid = (tile_expert.shape[0], triton.cdiv(k if dgrad else n, cfg["BLOCK_K" if dgrad else "BLOCK_N"]))
     _dense_grouped_kernel[grid](out, x, w, tile_expert, tile_row, bounds, n, k, w.stride(0), w.stride(1), w.stride(2),
                                 x.stride(0), out.stride(0), DGRAD=dgrad, **cfg)

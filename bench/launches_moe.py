@@ -108,9 +108,12 @@ def all_cases(patterns=()):
                 s = t * topk
                 off = balanced_offsets(s, e)
 
-                def dense(dgrad, s=s, e=e, n=n, k=k, off=off):
+                # the forwards are told the token count bounds an expert's rows, as QuantExperts does
+                # (the input gradient takes no bound): the baseline gets qlk's tile map
+                def dense(dgrad, s=s, e=e, n=n, k=k, off=off, t=t):
                     x = torch.empty(s, n if dgrad else k, dtype=DTYPE)
-                    return dense_grouped_matmul(x, torch.empty(e, n, k, dtype=DTYPE), off, dgrad=dgrad)
+                    return dense_grouped_matmul(x, torch.empty(e, n, k, dtype=DTYPE), off, dgrad=dgrad,
+                                                max_rows=None if dgrad else t)
 
                 for dgrad in (False, True):
                     op = "dense-grouped-" + ("dgrad" if dgrad else "fwd")
@@ -119,21 +122,21 @@ def all_cases(patterns=()):
                 for fmt in FORMATS:
                     if k % FORMATS[fmt][2]:
                         continue  # K has no whole groups of this size: the format cannot hold the layer
-                    def fwd(fmt=fmt, s=s, e=e, n=n, k=k, off=off):
+                    def fwd(fmt=fmt, s=s, e=e, n=n, k=k, off=off, t=t):
                         return grouped_matmul_forward(torch.empty(s, k, dtype=DTYPE), stacked_weight(fmt, e, n, k),
-                                                      off, e)
+                                                      off, e, max_rows_per_expert=t)
 
                     def dgrad(fmt=fmt, s=s, e=e, n=n, k=k, off=off):
                         return grouped_matmul_grad_input(torch.empty(s, n, dtype=DTYPE),
                                                          stacked_weight(fmt, e, n, k), off, e)
 
-                    def qalora(fmt=fmt, s=s, e=e, n=n, k=k, off=off):
+                    def qalora(fmt=fmt, s=s, e=e, n=n, k=k, off=off, t=t):
                         qw = stacked_weight(fmt, e, n, k)
                         a = torch.zeros(e, QALORA_RANK, k // qw.group_size, dtype=DTYPE)
                         b = torch.zeros(e, n, QALORA_RANK, dtype=DTYPE)
                         wargs = folded_weight_args(qw, a, b, 2.0, e)
                         return grouped_matmul_forward(torch.empty(s, k, dtype=DTYPE), qw, off, e, wargs=wargs,
-                                                      pool=True)
+                                                      pool=True, max_rows_per_expert=t)
 
                     out.append(Case(case_name("grouped-fwd", fmt, layer, proj, t), "qlk", "fwd", fmt, k, n, s, fwd))
                     out.append(Case(case_name("grouped-dgrad", fmt, layer, proj, t), "qlk", "dgrad", fmt, k, n, s,

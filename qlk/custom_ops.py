@@ -305,7 +305,8 @@ lora_linear.register_autograd(_lora_backward, setup_context=_lora_setup)
 # qlk.autograd.experts.GroupedExpertsFunction (grouped_experts_forward_impl / _backward_impl), so a
 # compiled MoE layer runs the grouped kernels (QA-LoRA: folded biases, P(X) pooled in the forward
 # kernel). ``method`` is "" without adapter ("qalora" / "lora" else); ``out_features`` is the stacked
-# E·N; rows of x are sorted by expert and delimited by ``offsets`` [E+1] (qlk.kernels.grouped_matmul).
+# E·N; rows of x are sorted by expert and delimited by ``offsets`` [E+1] (qlk.kernels.grouped_matmul);
+# ``max_rows`` bounds every expert's rows (the token count; the forward's tile map), 0 when unknown.
 def _method(method: str):
     return method or None
 
@@ -316,7 +317,7 @@ def grouped_experts_linear(
     absmax: Optional[Tensor], absmax_scale: Optional[Tensor], absmax_offset: Optional[Tensor], perm: Optional[Tensor],
     bias: Optional[Tensor], lora_a: Optional[Tensor], lora_b: Optional[Tensor], num_experts: int, scaling: float,
     method: str, dropout: float, fmt: str, bits: int, group_size: int, out_features: int, in_features: int,
-    weight_dtype: str,
+    weight_dtype: str, max_rows: int,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """(Y [S, N] in X's dtype, Pd [S, K/g] (QA-LoRA; an empty [0] tensor otherwise), seed int64 [1]): the
     stacked expert projection's forward, X [S, in_features] in the compute dtype."""
@@ -326,14 +327,15 @@ def grouped_experts_linear(
              out_features, in_features, weight_dtype)  # fmt: skip
     with torch.no_grad():
         y, saved, seed = grouped_experts_forward_impl(x, qw, offsets, num_experts, bias, lora_a, lora_b, scaling,
-                                                      _method(method), dropout)  # fmt: skip
+                                                      _method(method), dropout, max_rows or None)  # fmt: skip
     pooled = saved if method == "qalora" else x.new_empty((0,))
     return y, pooled, _seed_tensor(seed, x.device)
 
 
 @grouped_experts_linear.register_fake
 def _(x, offsets, qweight, scales, biases, absmax, absmax_scale, absmax_offset, perm, bias, lora_a, lora_b,
-      num_experts, scaling, method, dropout, fmt, bits, group_size, out_features, in_features, weight_dtype):  # fmt: skip
+      num_experts, scaling, method, dropout, fmt, bits, group_size, out_features, in_features, weight_dtype,
+      max_rows):  # fmt: skip
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     pooled = x.new_empty((x.shape[0], in_features // group_size), dtype=acc) if method == "qalora" else \
         x.new_empty((0,))
@@ -380,7 +382,8 @@ def _(dy, saved, seed, offsets, lora_a, lora_b, qweight, scales, biases, absmax,
 
 
 def _grouped_setup(ctx, inputs, output):
-    # inputs: x, offsets, 7 packed tensors, bias, lora_a, lora_b, num_experts, scaling, method, dropout, 6 attrs
+    # inputs: x, offsets, 7 packed tensors, bias, lora_a, lora_b, num_experts, scaling, method, dropout, 6 attrs,
+    # max_rows
     method = inputs[14]
     ctx.saved = inputs[0] if method == "lora" else output[1]
     ctx.seed = output[2]
@@ -388,7 +391,7 @@ def _grouped_setup(ctx, inputs, output):
     ctx.packed = inputs[2:9]
     ctx.lora = inputs[10:12]
     ctx.num_experts, ctx.scaling, ctx.method, ctx.dropout = inputs[12:16]
-    ctx.attrs = inputs[16:]
+    ctx.attrs = inputs[16:22]  # the 6 attrs (inputs[22], max_rows, sizes the forward's tile map only)
 
 
 def _grouped_backward(ctx, dy, d_pooled, d_seed):
@@ -397,7 +400,7 @@ def _grouped_backward(ctx, dy, d_pooled, d_seed):
         dy, ctx.saved, ctx.seed, ctx.offsets, *ctx.lora, *ctx.packed, ctx.num_experts, ctx.scaling, ctx.method,
         ctx.dropout, need[0], need[10], need[11], need[9], *ctx.attrs)  # fmt: skip
     return ((dx if need[0] else None,) + (None,) * 8 + (dbias if need[9] else None, da if need[10] else None,
-                                                       db if need[11] else None) + (None,) * 10)  # fmt: skip
+                                                       db if need[11] else None) + (None,) * 11)  # fmt: skip
 
 
 grouped_experts_linear.register_autograd(_grouped_backward, setup_context=_grouped_setup)

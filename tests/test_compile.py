@@ -199,7 +199,7 @@ def test_grouped_expert_ops_opcheck(method):
     lora = (proj.lora_A.detach().clone().requires_grad_(True),
             proj.lora_B.detach().clone().requires_grad_(True)) if method else (None, None)  # fmt: skip
     op = torch.ops.qlk.grouped_experts_linear.default
-    args = (x, offsets, *tensors, bias, *lora, 3, 2.0, method, 0.0, *attrs)
+    args = (x, offsets, *tensors, bias, *lora, 3, 2.0, method, 0.0, *attrs, 3)
     torch.library.opcheck(op, args)
     y, saved, seed = op(*args)
     backward = torch.ops.qlk.grouped_experts_linear_backward.default

@@ -452,7 +452,8 @@ def test_grouped_program_rows_rule():
     the resident slots short of whole waves; large M one row per slot, never split; no resident
     count (unfitted tile, interpreter): no split."""
     rule = h.grouped_programs
-    # Mixtral gate_up at 16 tokens: 10 slots, 8 experts, 32 K tiles of 128, N = 28672 in 64-wide steps
+    # Mixtral gate_up at 16 tokens: 10 slots (9 since round 12: no sentinel tiles), 8 experts, 32 K tiles
+    # of 128, N = 28672 in 64-wide steps
     assert rule(10, 8, True, 32, 28672, 64, 108, (4, 4)) == (8, 5)  # sm_80: 1280 CTAs, 2.96 waves of 432
     assert rule(10, 8, True, 32, 28672, 128, 132, (2, 2)) == (8, 1)  # sm_90: 256 CTAs, 0.97 of 264 slots
     assert rule(10, 8, True, 32, 28672, 64, 108, None) == (8, 1)

@@ -449,9 +449,16 @@ class _NewExperts(nn.Module):
 
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_kernels)])
-def test_new_experts_class_by_structure_zero_tokens_and_sentinels(backend):
+def test_new_experts_class_by_structure_zero_tokens_and_sentinels(backend, monkeypatch):
     """An experts class qlk has never seen is patched by structure; its own forward on the
-    dequantized weights is the oracle. Zero tokens and ids >= E (expert-parallel sentinels) work."""
+    dequantized weights is the oracle. Zero tokens and ids >= E (expert-parallel sentinels) work.
+    The kernels' forwards are told the token count bounds every expert's rows (top-k)."""
+    from qlk.kernels import grouped_matmul as gm
+
+    bounds = []
+    tile_map = gm._tile_map
+    monkeypatch.setattr(gm, "_tile_map", lambda off, rows, bm, max_rows=None: bounds.append(max_rows)
+                        or tile_map(off, rows, bm, max_rows))
     dense = nn.ModuleDict({"experts": _NewExperts()})
     patched = qlk.patch_model(copy.deepcopy(dense), bits=4, group_size=32, method=None, verbose=False)
     q = patched["experts"]
@@ -462,6 +469,7 @@ def test_new_experts_class_by_structure_zero_tokens_and_sentinels(backend):
     h = torch.randn(5, 64, generator=torch.Generator().manual_seed(13))
     with torch.no_grad(), qlk.use_backend(backend):
         torch.testing.assert_close(q(h, idx, w), ref(h, idx, w), rtol=1e-4, atol=1e-4)
+        assert bounds == ([5, 5] if backend == "triton" else []), bounds  # both projections, 5 tokens
         empty = q(torch.zeros(0, 64), torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2))
     assert empty.shape == (0, 64)
 
@@ -645,9 +653,10 @@ def test_grouped_split_k_decode_path(f, split):
 def test_grouped_slot_loop_fewer_programs_than_tiles(programs, monkeypatch):
     """Small M with fewer program rows than tile slots (``SLOT_LOOP``: program t runs slots t, t + P,
     ...): the fp16 decode forward with QA-LoRA pooling, the split-K forward (2 slices) and the input
-    gradient, on experts with 0, 1, odd and many rows (3 tiles) plus 2 sentinel rows (NaN in X / dY,
-    0 out); 10 slots for 8 tiles, so a program meets real, sentinel and spare slots. Outputs start
-    as NaN. The default launch (P = E = 6 < 10 slots) is covered by the tests above."""
+    gradient, on experts with 0, 1, odd and many rows (3 tiles) plus 35 sentinel rows (NaN in X / dY,
+    0 out: 3 row blocks of 16, stored by program rows 0, 1, 2 with P = 4 and all by one with P = 1);
+    11 slots for 7 tiles, so a program meets real and spare slots. Outputs start as NaN. The default
+    launch (P = E = 6 < 11 slots) is covered by the tests above."""
     from qlk.kernels import grouped_matmul as gm
 
     monkeypatch.setattr(gm, "_output", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
@@ -657,23 +666,62 @@ def test_grouped_slot_loop_fewer_programs_than_tiles(programs, monkeypatch):
     qw = qlk.quantize(torch.randn(e_count * n, k, generator=gen), bits=4, group_size=g)
     w = oracle_weight(qw).reshape(e_count, n, k)
     off = offsets_of(COUNTS)
-    routed = int(off[-1])
-    assert gm._tile_map(off, routed + 2, 16)[0].shape[0] == 10
-    x, dy = torch.randn(routed + 2, k, generator=gen).half(), torch.randn(routed + 2, n, generator=gen).half()
+    routed, tail = int(off[-1]), 35
+    assert gm._tile_map(off, routed + tail, 16)[0].shape[0] == 11
+    x, dy = torch.randn(routed + tail, k, generator=gen).half(), torch.randn(routed + tail, n, generator=gen).half()
     x[routed:], dy[routed:] = float("nan"), float("nan")
     bias = torch.randn(e_count, n, generator=gen).half()
     y_ref = per_expert(x[:routed], off, lambda e, xe: xe @ w[e].t() + bias[e].double())
     cfg = dict(BLOCK_N=32, BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=1, PROGRAMS=programs)
     for split in (1, 2):
         y, pooled = grouped_matmul_forward(x, qw, off, e_count, bias, pool=True, config=dict(cfg, SPLIT_K=split))
-        assert torch.equal(y[routed:], torch.zeros(2, n, dtype=torch.half)) and not y.isnan().any(), split
+        assert torch.equal(y[routed:], torch.zeros(tail, n, dtype=torch.half)) and not y.isnan().any(), split
         assert ((y[:routed].double() - y_ref).norm() / y_ref.norm()) < 2e-3, split
         torch.testing.assert_close(pooled[:routed], x[:routed].float().reshape(routed, k // g, g).mean(-1),
                                    rtol=1e-3, atol=1e-3)
     dx = grouped_matmul_grad_input(dy, qw, off, e_count, config=cfg)
     dx_ref = per_expert(dy[:routed], off, lambda e, de: de @ w[e])
-    assert torch.equal(dx[routed:], torch.zeros(2, k, dtype=torch.half)) and not dx.isnan().any()
+    assert torch.equal(dx[routed:], torch.zeros(tail, k, dtype=torch.half)) and not dx.isnan().any()
     assert ((dx[:routed].double() - dx_ref).norm() / dx_ref.norm()) < 2e-3
+
+
+@needs_kernels
+def test_grouped_kernels_with_a_row_bound_per_expert(monkeypatch):
+    """``max_rows_per_expert`` (the token count under top-k routing) shortens the forward's tile map
+    to one slot per expert where it is <= BLOCK_M: 5 experts of 4 rows + 3 sentinel rows (NaN in, 0
+    out) launch 5 tile slots, not 6. The decode forward with pooling and the split-K forward against
+    the float64 oracle, outputs starting as NaN; a bound an expert exceeds raises (checked on the
+    device), it never drops rows."""
+    from qlk.kernels import grouped_matmul as gm
+
+    monkeypatch.setattr(gm, "_output", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
+                                                                                device=device))
+    slots = []
+    tile_map = gm._tile_map
+    monkeypatch.setattr(gm, "_tile_map", lambda *a: slots.append(tile_map(*a)[0].shape[0]) or tile_map(*a))
+    counts, tail = [4, 4, 4, 4, 4], 3
+    e_count, n, k, g = len(counts), 40, 64, 32
+    gen = torch.Generator().manual_seed(97)
+    qw = qlk.quantize(torch.randn(e_count * n, k, generator=gen), bits=4, group_size=g)
+    w = oracle_weight(qw).reshape(e_count, n, k)
+    off = offsets_of(counts)
+    routed = int(off[-1])
+    x = torch.randn(routed + tail, k, generator=gen).half()
+    x[routed:] = float("nan")
+    y_ref = per_expert(x[:routed], off, lambda e, xe: xe @ w[e].t())
+    cfg = dict(BLOCK_N=32, BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=1)
+    for split in (1, 2):
+        y, pooled = grouped_matmul_forward(x, qw, off, e_count, pool=True, config=dict(cfg, SPLIT_K=split),
+                                           max_rows_per_expert=4)
+        assert slots[-1] == 5, slots
+        assert torch.equal(y[routed:], torch.zeros(tail, n, dtype=torch.half)) and not y.isnan().any(), split
+        assert ((y[:routed].double() - y_ref).norm() / y_ref.norm()) < 2e-3, split
+        torch.testing.assert_close(pooled[:routed], x[:routed].float().reshape(routed, k // g, g).mean(-1),
+                                   rtol=1e-3, atol=1e-3)
+    grouped_matmul_forward(x, qw, off, e_count, config=cfg)
+    assert slots[-1] == 6  # without the bound
+    with pytest.raises(RuntimeError, match="max_rows_per_expert"):
+        grouped_matmul_forward(x, qw, off, e_count, config=cfg, max_rows_per_expert=3)
 
 
 @needs_kernels
@@ -763,7 +811,9 @@ def test_grouped_small_m_programs_per_expert():
 
     mixtral = offsets_of([4] * 8)  # 16 tokens, top-2, 8 experts
     slots = _tile_map(mixtral, 32, 16)[0].shape[0]
-    assert slots == 10 and _programs(slots, 8, small=True) == 8
+    assert slots == 9 and _programs(slots, 8, small=True) == 8
+    # the token count bounds each expert's rows: one slot per expert, the 8 tiles of a balanced routing
+    assert _tile_map(mixtral, 32, 16, max_rows=16)[0].shape[0] == 8
     assert _programs(2, 8, small=True) == 2  # one token: the tiles that exist
     assert _programs(128, 128, small=True) == 128
     assert _programs(40, 8, small=False) == 40
@@ -782,15 +832,19 @@ def test_grouped_split_k_count():
 
 
 def test_tile_map_covers_every_row_once_within_its_bound():
-    """The device-side tile map against a Python enumeration: every row of every expert (and of the
-    sentinel group) in exactly one tile of its own expert, tiles in expert order, the rest -1; the
-    bound on the tile count is tight at one token (no spare programs)."""
+    """The device-side tile map against a Python enumeration: every row of every expert in exactly
+    one tile of its own expert, tiles in expert order, the rest -1, and no tile for the sentinel
+    rows past offsets[E] (the kernels zero those); the bound on the tile count is tight at one token
+    (no spare programs) and, given each expert's row bound R (``max_rows``: the true maximum, or
+    more), holds within min(E, S)·⌈R / BLOCK_M⌉, one slot per expert where R <= BLOCK_M and every
+    expert holds rows. An expert over the bound it was given is an error, not lost rows."""
     from qlk.kernels.grouped_matmul import _tile_map
 
     gen = torch.Generator().manual_seed(5)
     cases = [([0, 1, 17, 0, 3, 40], 2, 16), ([1, 0, 0, 1], 0, 16), ([0] * 8, 3, 16), ([5], 0, 4),
              ([300, 0, 257, 1], 9, 256), ([0, 0, 2, 0, 0, 0, 0, 0], 0, 16),
-             ([1, 1, 1, 1], 1, 16), ([17, 9, 1], 1, 8)]  # the bound is exact: every group one row past a tile
+             ([1, 1, 1, 1], 1, 16), ([17, 9, 1], 1, 8),  # the bound is exact: every expert one row past a tile
+             ([4] * 8, 0, 16), ([3, 16, 1, 9], 5, 16), ([33, 0, 2], 0, 16)]
     cases += [(torch.randint(0, 40, (7,), generator=gen).tolist(), int(torch.randint(0, 5, (1,), generator=gen)), 8)
               for _ in range(20)]
     for counts, tail, bm in cases:
@@ -798,12 +852,25 @@ def test_tile_map_covers_every_row_once_within_its_bound():
         rows = int(off[-1]) + tail
         if rows == 0:
             continue
-        te, tr, _ = _tile_map(off, rows, bm)
         want = []
-        for g, (lo, hi) in enumerate(zip(off.tolist() + [], off.tolist()[1:] + [rows])):
+        for g, (lo, hi) in enumerate(zip(off.tolist(), off.tolist()[1:])):
             want += [(g, r) for r in range(lo, hi, bm)]
-        got = [(int(e), int(r)) for e, r in zip(te, tr) if e >= 0]
-        assert got == want, (counts, tail, bm)
-        assert all(int(e) == -1 for e in te[len(want):])
-        if rows <= len(counts):
-            assert te.shape[0] == rows  # one token: no spare programs
+        busiest = max(counts)
+        for cap in (None, busiest, busiest + 3 * bm):
+            te, tr, _ = _tile_map(off, rows, bm, cap)
+            got = [(int(e), int(r)) for e, r in zip(te, tr) if e >= 0]
+            assert got == want, (counts, tail, bm, cap)
+            assert all(int(e) == -1 for e in te[len(want):])
+            if cap is not None:
+                assert te.shape[0] <= max(1, min(len(counts), rows) * -(-cap // bm)), (counts, cap)
+            if rows <= len(counts) and cap is None:  # one token: no spare programs
+                assert te.shape[0] == rows, (counts, tail)
+        if 0 < busiest <= bm and min(counts) > 0:
+            assert _tile_map(off, rows, bm, busiest)[0].shape[0] == len(want)  # one slot per expert
+        if busiest:  # a bound under the busiest expert: an error where it would shorten the map, else unused
+            uncapped = _tile_map(off, rows, bm)[0].shape[0]
+            if min(len(counts), rows) * -(-(busiest - 1) // bm) < uncapped:
+                with pytest.raises(RuntimeError, match="max_rows_per_expert"):
+                    _tile_map(off, rows, bm, busiest - 1)
+            else:
+                assert _tile_map(off, rows, bm, busiest - 1)[0].shape[0] == uncapped

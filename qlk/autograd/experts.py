@@ -115,10 +115,11 @@ def _use_kernels(device, qw: QuantizedWeight, dtype) -> bool:
     return backend.resolve(device) == "triton" and _gm().kernel_ok(qw, dtype)
 
 
-def grouped_base(x, qw, offsets, num_experts, bias=None):
-    """Y = X·Ŵ_eᵀ (+ b_e) per row's expert: the grouped kernel or the reference."""
+def grouped_base(x, qw, offsets, num_experts, bias=None, max_rows=None):
+    """Y = X·Ŵ_eᵀ (+ b_e) per row's expert: the grouped kernel or the reference. ``max_rows``: a bound
+    on every expert's rows (the token count), for the kernels' tile map."""
     if _use_kernels(x.device, qw, x.dtype):
-        return _gm().grouped_matmul_forward(x, qw, offsets, num_experts, bias)[0]
+        return _gm().grouped_matmul_forward(x, qw, offsets, num_experts, bias, max_rows_per_expert=max_rows)[0]
     return _gm().grouped_matmul_reference(x, qw, offsets, num_experts, bias)
 
 
@@ -144,10 +145,12 @@ def _fused(method, seed, qw: QuantizedWeight, device, cd) -> bool:
     return method == "qalora" and seed is None and qw.fmt == "int" and _use_kernels(device, qw, cd)
 
 
-def grouped_experts_forward_impl(x2, qw, offsets, num_experts, bias, lora_a, lora_b, scaling, method, dropout):
+def grouped_experts_forward_impl(x2, qw, offsets, num_experts, bias, lora_a, lora_b, scaling, method, dropout,
+                                 max_rows=None):
     """(Y [S, N] in x2's dtype, saved, seed): the forward of :class:`GroupedExpertsFunction` on x2 in the
     compute dtype with autocast off. ``saved``: QA-LoRA's Pd [S, K/g] (accumulation dtype), LoRA's x2,
-    None without adapter; ``seed``: the dropout seed or None. Shared by the Function and the
+    None without adapter; ``seed``: the dropout seed or None; ``max_rows``: a bound on every expert's
+    rows or None (:func:`qlk.kernels.grouped_matmul.grouped_matmul_forward`'s ``max_rows_per_expert``). Shared by the Function and the
     ``qlk::grouped_experts_linear`` op (qlk/custom_ops.py), so compiled and eager run the same kernels."""
     cd = x2.dtype
     acc = accumulate_dtype(cd)
@@ -156,10 +159,11 @@ def grouped_experts_forward_impl(x2, qw, offsets, num_experts, bias, lora_a, lor
     saved = None
     if _fused(method, seed, qw, x2.device, cd):
         wargs = folded_weight_args(qw, lora_a, lora_b, scaling, num_experts)
-        y, pooled = _gm().grouped_matmul_forward(x2, qw, offsets, num_experts, bias, wargs=wargs, pool=True)
+        y, pooled = _gm().grouped_matmul_forward(x2, qw, offsets, num_experts, bias, wargs=wargs, pool=True,
+                                                 max_rows_per_expert=max_rows)
         saved = pooled.to(acc)
     else:
-        y = grouped_base(x2, qw, offsets, num_experts, bias)
+        y = grouped_base(x2, qw, offsets, num_experts, bias, max_rows)
         if method is not None:
             seg = Segments(offsets, x2.shape[0])
             inp = x2.to(acc)
@@ -217,12 +221,12 @@ class GroupedExpertsFunction(torch.autograd.Function):
 
     @staticmethod
     @custom_fwd(device_type="cuda")
-    def forward(ctx, x, qw, offsets, num_experts, bias, lora_a, lora_b, scaling, method, dropout):
+    def forward(ctx, x, qw, offsets, num_experts, bias, lora_a, lora_b, scaling, method, dropout, max_rows):
         cd = compute_dtype(x)
         with autocast_off(x.device.type):
             y, saved, seed = grouped_experts_forward_impl(x.to(cd), qw, offsets, num_experts,
                                                           None if bias is None else bias.to(cd), lora_a, lora_b,
-                                                          scaling, method, dropout)
+                                                          scaling, method, dropout, max_rows)
         ctx.save_for_backward(saved, lora_a, lora_b, offsets)
         ctx.qw, ctx.num_experts, ctx.scaling, ctx.method, ctx.dropout, ctx.seed = qw, num_experts, scaling, method, dropout, seed
         ctx.compute_dtype, ctx.x_dtype = cd, x.dtype
@@ -241,15 +245,17 @@ class GroupedExpertsFunction(torch.autograd.Function):
                 need[4])
         dx = None if dx is None else dx.to(ctx.x_dtype)
         dbias = None if dbias is None else dbias.to(ctx.bias_dtype)
-        return dx, None, None, None, dbias, da, db, None, None, None
+        return dx, None, None, None, dbias, da, db, None, None, None, None
 
 
 def grouped_experts_linear(x, qw, offsets, num_experts, bias=None, lora_a=None, lora_b=None, scaling=1.0,
-                           method=None, dropout=0.0):
+                           method=None, dropout=0.0, max_rows=None):
     """Differentiable stacked expert projection through :class:`GroupedExpertsFunction`.
 
     x [S, K] sorted by expert; qw stacked [E·N, K]; offsets [E+1]; bias [E, N] or None;
-    lora_a [E or 1, r, K (LoRA) or K/g (QA-LoRA)], lora_b [E or 1, N, r]."""
+    lora_a [E or 1, r, K (LoRA) or K/g (QA-LoRA)], lora_b [E or 1, N, r]. ``max_rows``: a bound on
+    every expert's row count (the token count T of top-k routing, where a token picks an expert at
+    most once) or None; the kernels launch fewer spare tiles with it and check it on the device."""
     n = check_grouped(qw, offsets, num_experts, "grouped_experts_linear")
     if x.dim() != 2 or x.shape[1] != qw.in_features:
         raise ValueError(f"grouped_experts_linear: x has shape {list(x.shape)}, expected [rows, {qw.in_features}]")
@@ -258,5 +264,7 @@ def grouped_experts_linear(x, qw, offsets, num_experts, bias=None, lora_a=None, 
         if ea not in (1, num_experts) or lora_b.shape[0] != ea or lora_b.shape[1] != n:
             raise ValueError(f"grouped_experts_linear: lora_A {list(lora_a.shape)} / lora_B {list(lora_b.shape)} "
                              f"do not fit {num_experts} experts of [{n}, {qw.in_features}]")
+    if max_rows is not None and (not isinstance(max_rows, int) or isinstance(max_rows, bool) or max_rows < 0):
+        raise ValueError(f"grouped_experts_linear: max_rows must be a non-negative int or None, got {max_rows!r}")
     return GroupedExpertsFunction.apply(x, qw, offsets, num_experts, bias, lora_a, lora_b, float(scaling), method,
-                                        float(dropout))
+                                        float(dropout), max_rows)

@@ -20,8 +20,10 @@ Kernels (no Python loop over experts: one launch per projection and direction):
 ``_grouped_matmul_fwd_kernel``  program (t, j): M tile t of the concatenated per-expert tile list,
     N tile j. Tiles never straddle two experts: expert e has ⌈count_e / BLOCK_M⌉ tiles; the tile
     map (expert, first row) is built on the device by :func:`_tile_map` with a few torch ops and
-    no host sync, over an upper bound of min(S, ⌊(S + (BLOCK_M−1)·min(E+1, S)) / BLOCK_M⌋) tile
-    slots (slots past the last tile do nothing). Small M launches one program row per expert at
+    no host sync, over an upper bound of min(S, ⌊(S + (BLOCK_M−1)·min(E, S)) / BLOCK_M⌋) tile
+    slots, and of min(E, S)·⌈R / BLOCK_M⌉ when the caller bounds every expert's rows by R
+    (``max_rows_per_expert``: the token count under top-k routing; slots past the last tile do
+    nothing). Small M launches one program row per expert at
     most, each running slots t, t + P, ... (``SLOT_LOOP``; :func:`_programs`), so a balanced routing
     launches no program without a tile.
     The K loop is the dense forward's (:func:`qlk.kernels.fused_matmul._fwd_loop`: weight as the
@@ -48,8 +50,9 @@ Kernels (no Python loop over experts: one launch per projection and direction):
 NF4 with double quantization: the large-M launches de-nest absmax once per call
 (``weight_args(qw, denest_absmax=True)``, the dense GEMM's rule); decode tiles de-nest in the loop.
 
-The tail group (rows >= offsets[E]) gets tiles of its own that store zeros, so no output is
-memset first. Tiles are chosen per call from S and E (:func:`qlk.kernels.config.grouped_config`):
+The tail rows (>= offsets[E]) get no tile: each program row stores zeros in a strided share of
+them after its tiles (:func:`_zero_tail_rows`; the split launches' zeroed workspaces hold them
+already), so no output is memset first and no tile slot is spent on them. Tiles are chosen per call from S and E (:func:`qlk.kernels.config.grouped_config`):
 256-row tiles once the average expert fills one, 128-row below; small M (decode, or many experts
 with a few rows each: S/E <= ``SMALL_M_ROWS``) uses 16-row tiles, so an expert with one token
 reads its weight once and wastes at most 15 MMA rows, not 255.
@@ -81,6 +84,21 @@ SMALL_M_ROWS = 32
 # kernels
 # ------------------------------------------------------------------------------------------------
 @triton.jit
+def _zero_tail_rows(out_ptr, bounds_ptr, NUM_EXPERTS, pid_t, programs, offs_c, mask_c, stride_r, stride_c,
+                    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Zeros in columns ``offs_c`` of the rows past offsets[E] (expert-parallel sentinels, routed to no
+    expert; they have no tile in the map): program row ``pid_t`` of ``programs`` stores row blocks
+    pid_t, pid_t + programs, ... of them (no block at all without sentinels)."""
+    lo = tl.load(bounds_ptr + NUM_EXPERTS).to(tl.int32)
+    hi = tl.load(bounds_ptr + NUM_EXPERTS + 1).to(tl.int32)
+    zeros = tl.zeros((BLOCK_M, BLOCK_C), dtype=out_ptr.dtype.element_ty)
+    for r0 in range(lo + pid_t * BLOCK_M, hi, programs * BLOCK_M):
+        offs_m = r0 + tl.arange(0, BLOCK_M)
+        ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_r + offs_c[None, :] * stride_c
+        tl.store(ptrs, zeros, mask=(offs_m[:, None] < hi) & mask_c[None, :])
+
+
+@triton.jit
 def _fwd_tile(t, pid_n, y_ptr, x_ptr, bias_ptr, p_ptr, tile_expert_ptr, tile_row_ptr, bounds_ptr,
               qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr, stride_qn, stride_sn, stride_sg,
               N, K, NUM_EXPERTS, stride_xm, stride_xk, stride_ym, stride_yn, stride_be, stride_pm,
@@ -95,47 +113,42 @@ def _fwd_tile(t, pid_n, y_ptr, x_ptr, bias_ptr, p_ptr, tile_expert_ptr, tile_row
         row_end = tl.load(bounds_ptr + e + 1).to(tl.int32)
         offs_m = row0 + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        if e == NUM_EXPERTS:  # rows routed to no expert (sentinels): zeros
-            y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
-            y_mask = (offs_m[:, None] < row_end) & (offs_n[None, :] < N)
-            tl.store(y_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=y_ptr.dtype.element_ty), mask=y_mask)
-        else:
-            # the expert's weight rows; rows past N are clamped (computed, never stored)
-            rows_w = e * N + tl.minimum(offs_n, N - 1)
-            if DECODE:
-                x_rows = x_ptr + offs_m.to(tl.int64) * stride_xm
-                if POOL and pid_n == 0:
-                    acc = _decode_loop(x_rows, offs_m < row_end, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr,
-                                       am_offset_ptr, lut_ptr, dyn_ptr, stride_qn, stride_sn, stride_sg, rows_w,
-                                       offs_m, row_end, 0, K, K, stride_xk, stride_pm, True,
-                                       BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, True, PACKED_DEQUANT,
-                                       EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K)
-                else:
-                    acc = _decode_loop(x_rows, offs_m < row_end, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr,
-                                       am_offset_ptr, lut_ptr, dyn_ptr, stride_qn, stride_sn, stride_sg, rows_w,
-                                       offs_m, row_end, 0, K, K, stride_xk, stride_pm, False,
-                                       BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, False, PACKED_DEQUANT,
-                                       EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K)
-            elif POOL and pid_n == 0:
-                x_rows = x_ptr + tl.minimum(offs_m, row_end - 1).to(tl.int64) * stride_xm
-                acc = _fwd_loop(x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
-                                stride_qn, stride_sn, stride_sg, rows_w, offs_m, row_end, 0, K, K, stride_xk, stride_pm,
-                                BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, True, EVEN_K,
-                                BLOCK_N, BLOCK_M, BLOCK_K, PACKED_DEQUANT)
+        # the expert's weight rows; rows past N are clamped (computed, never stored)
+        rows_w = e * N + tl.minimum(offs_n, N - 1)
+        if DECODE:
+            x_rows = x_ptr + offs_m.to(tl.int64) * stride_xm
+            if POOL and pid_n == 0:
+                acc = _decode_loop(x_rows, offs_m < row_end, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr,
+                                   am_offset_ptr, lut_ptr, dyn_ptr, stride_qn, stride_sn, stride_sg, rows_w,
+                                   offs_m, row_end, 0, K, K, stride_xk, stride_pm, True,
+                                   BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, True, PACKED_DEQUANT,
+                                   EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K)
             else:
-                x_rows = x_ptr + tl.minimum(offs_m, row_end - 1).to(tl.int64) * stride_xm
-                acc = _fwd_loop(x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
-                                stride_qn, stride_sn, stride_sg, rows_w, offs_m, row_end, 0, K, K, stride_xk, stride_pm,
-                                BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, False, EVEN_K,
-                                BLOCK_N, BLOCK_M, BLOCK_K, PACKED_DEQUANT)
-            acc = tl.trans(acc)
-            if HAS_BIAS:
-                bias = tl.load(bias_ptr + e.to(tl.int64) * stride_be + offs_n, mask=offs_n < N, other=0.0)
-                acc += bias.to(tl.float32)[None, :]
-            # the [BLOCK_M, BLOCK_N] pointers are built after the K loop, not kept live through it
-            y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
-            y_mask = (offs_m[:, None] < row_end) & (offs_n[None, :] < N)
-            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+                acc = _decode_loop(x_rows, offs_m < row_end, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr,
+                                   am_offset_ptr, lut_ptr, dyn_ptr, stride_qn, stride_sn, stride_sg, rows_w,
+                                   offs_m, row_end, 0, K, K, stride_xk, stride_pm, False,
+                                   BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, False, PACKED_DEQUANT,
+                                   EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K)
+        elif POOL and pid_n == 0:
+            x_rows = x_ptr + tl.minimum(offs_m, row_end - 1).to(tl.int64) * stride_xm
+            acc = _fwd_loop(x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
+                            stride_qn, stride_sn, stride_sg, rows_w, offs_m, row_end, 0, K, K, stride_xk, stride_pm,
+                            BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, True, EVEN_K,
+                            BLOCK_N, BLOCK_M, BLOCK_K, PACKED_DEQUANT)
+        else:
+            x_rows = x_ptr + tl.minimum(offs_m, row_end - 1).to(tl.int64) * stride_xm
+            acc = _fwd_loop(x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
+                            stride_qn, stride_sn, stride_sg, rows_w, offs_m, row_end, 0, K, K, stride_xk, stride_pm,
+                            BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, False, EVEN_K,
+                            BLOCK_N, BLOCK_M, BLOCK_K, PACKED_DEQUANT)
+        acc = tl.trans(acc)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + e.to(tl.int64) * stride_be + offs_n, mask=offs_n < N, other=0.0)
+            acc += bias.to(tl.float32)[None, :]
+        # the [BLOCK_M, BLOCK_N] pointers are built after the K loop, not kept live through it
+        y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
+        y_mask = (offs_m[:, None] < row_end) & (offs_n[None, :] < N)
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
@@ -163,6 +176,10 @@ def _grouped_matmul_fwd_kernel(
     SLOT_LOOP: program row t runs tile slots t, t + P, ... < NUM_SLOTS (P = grid rows; :func:`_programs`)."""
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
+    # first: its registers are dead before the K loop
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    _zero_tail_rows(y_ptr, bounds_ptr, NUM_EXPERTS, pid_t, tl.num_programs(0), offs_n, offs_n < N, stride_ym,
+                    stride_yn, BLOCK_M, BLOCK_N)
     if SLOT_LOOP:
         for t in range(pid_t, NUM_SLOTS, tl.num_programs(0)):
             _fwd_tile(t, pid_n, y_ptr, x_ptr, bias_ptr, p_ptr, tile_expert_ptr, tile_row_ptr, bounds_ptr,
@@ -188,7 +205,7 @@ def _splitk_tile(t, pid_n, pid_s, ws_ptr, x_ptr, tile_expert_ptr, tile_row_ptr, 
                  BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """Tile slot t, N tile pid_n, K slice pid_s of :func:`_grouped_matmul_splitk_kernel`."""
     e = tl.load(tile_expert_ptr + t)
-    if (e >= 0) & (e < NUM_EXPERTS):
+    if e >= 0:
         row0 = tl.load(tile_row_ptr + t)
         row_end = tl.load(bounds_ptr + e + 1).to(tl.int32)
         tiles = tl.cdiv(tl.cdiv(K, BLOCK_K), tl.num_programs(2))
@@ -226,7 +243,7 @@ def _grouped_matmul_splitk_kernel(
 ):
     """Small-M split-K: program (t, j, s) adds Σ_{k in slice s} X[m, k]·Ŵ[e·N + n, k] for the rows m
     of M tile t (expert e), N tile j, into ws. A slice is ⌈⌈K/BLOCK_K⌉ / SPLIT⌉ whole K tiles
-    (SPLIT = grid axis 2). Sentinel rows (e = E) are left at ws's zeros."""
+    (SPLIT = grid axis 2). Sentinel rows (past offsets[E]) have no tile: ws's zeros."""
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -261,62 +278,56 @@ def _grad_tile(t, pid_k, pid_s, dx_ptr, dy_ptr, tile_expert_ptr, tile_row_ptr, b
         row_end = tl.load(bounds_ptr + e + 1).to(tl.int32)
         k0, offs_k, keep_k = _grad_k_tile(pid_k, K, BLOCK_K, SHIFT_K)
         offs_m = row0 + tl.arange(0, BLOCK_M)
-        if e == NUM_EXPERTS:
-            if not SPLIT_N:  # (split: the zeroed fp32 workspace already holds the sentinel rows' zeros)
-                dx_ptrs = dx_ptr + offs_m[None, :].to(tl.int64) * stride_dxm + offs_k[:, None] * stride_dxk
-                dx_mask = (offs_m[None, :] < row_end) & keep_k[:, None]
-                tl.store(dx_ptrs, tl.zeros((BLOCK_K, BLOCK_M), dtype=dx_ptr.dtype.element_ty), mask=dx_mask)
+        if SPLIT_N:  # this program's slice of ⌈⌈N/BLOCK_N⌉ / SPLIT⌉ whole N tiles (SPLIT = grid axis 2)
+            slice_tiles = tl.cdiv(tl.cdiv(N, BLOCK_N), tl.num_programs(2))
+            n_lo = pid_s * slice_tiles * BLOCK_N
+            n_hi = tl.minimum(N, n_lo + slice_tiles * BLOCK_N)
         else:
-            if SPLIT_N:  # this program's slice of ⌈⌈N/BLOCK_N⌉ / SPLIT⌉ whole N tiles (SPLIT = grid axis 2)
-                slice_tiles = tl.cdiv(tl.cdiv(N, BLOCK_N), tl.num_programs(2))
-                n_lo = pid_s * slice_tiles * BLOCK_N
-                n_hi = tl.minimum(N, n_lo + slice_tiles * BLOCK_N)
+            n_lo = 0
+            n_hi = N
+        INT3: tl.constexpr = BITS == 3 and not IS_NF4
+        dy_rows = dy_ptr + tl.minimum(offs_m, row_end - 1).to(tl.int64) * stride_dym
+        acc = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
+        words, words1, words2 = 0, 0, 0  # WORDS_AHEAD: this N tile's packed words (INT3: its bit planes)
+        if WORDS_AHEAD:
+            rows_first = e * N + tl.minimum(n_lo + tl.arange(0, BLOCK_N), N - 1)
+            if INT3:
+                words, words1, words2 = _int3_planes_t(qw_ptr, stride_qn, rows_first, k0, K, EVEN_K, BLOCK_K,
+                                                       True, WORDS_ASM)
             else:
-                n_lo = 0
-                n_hi = N
-            INT3: tl.constexpr = BITS == 3 and not IS_NF4
-            dy_rows = dy_ptr + tl.minimum(offs_m, row_end - 1).to(tl.int64) * stride_dym
-            acc = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
-            words, words1, words2 = 0, 0, 0  # WORDS_AHEAD: this N tile's packed words (INT3: its bit planes)
+                words = _words_t(qw_ptr, stride_qn, rows_first, k0, K, BITS, IS_NF4, EVEN_K, BLOCK_K, True,
+                                 WORDS_ASM)
+        for n0 in range(n_lo, n_hi, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            next0, next1, next2 = words, words1, words2
             if WORDS_AHEAD:
-                rows_first = e * N + tl.minimum(n_lo + tl.arange(0, BLOCK_N), N - 1)
+                # the next N tile's words, as the dense GEMM gradient loads them (past the expert's
+                # last tile: its last row again, never used)
+                rows_next = e * N + tl.minimum(offs_n + BLOCK_N, N - 1)
                 if INT3:
-                    words, words1, words2 = _int3_planes_t(qw_ptr, stride_qn, rows_first, k0, K, EVEN_K, BLOCK_K,
-                                                           True, WORDS_ASM)
+                    next0, next1, next2 = _int3_planes_t(qw_ptr, stride_qn, rows_next, k0, K, EVEN_K, BLOCK_K,
+                                                         True, WORDS_ASM)
                 else:
-                    words = _words_t(qw_ptr, stride_qn, rows_first, k0, K, BITS, IS_NF4, EVEN_K, BLOCK_K, True,
+                    next0 = _words_t(qw_ptr, stride_qn, rows_next, k0, K, BITS, IS_NF4, EVEN_K, BLOCK_K, True,
                                      WORDS_ASM)
-            for n0 in range(n_lo, n_hi, BLOCK_N):
-                offs_n = n0 + tl.arange(0, BLOCK_N)
-                next0, next1, next2 = words, words1, words2
-                if WORDS_AHEAD:
-                    # the next N tile's words, as the dense GEMM gradient loads them (past the expert's
-                    # last tile: its last row again, never used)
-                    rows_next = e * N + tl.minimum(offs_n + BLOCK_N, N - 1)
-                    if INT3:
-                        next0, next1, next2 = _int3_planes_t(qw_ptr, stride_qn, rows_next, k0, K, EVEN_K, BLOCK_K,
-                                                             True, WORDS_ASM)
-                    else:
-                        next0 = _words_t(qw_ptr, stride_qn, rows_next, k0, K, BITS, IS_NF4, EVEN_K, BLOCK_K, True,
-                                         WORDS_ASM)
-                # clamped weight rows are finite and meet dY columns masked to 0: they add exactly 0
-                # Ŵᵀ rounded to dY's dtype on the packed shape (the dense gradient's tile): the layout
-                # change to the MMA operand moves 16-bit values, not int32 codes
-                wt = _dequant_tile_t(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
-                                     stride_qn, stride_sn, stride_sg, e * N + tl.minimum(offs_n, N - 1), k0, K,
-                                     BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K,
-                                     dy_ptr.dtype.element_ty, INT2_HALVES, words, words1, words2, WORDS_AHEAD,
-                                     WORDS_ASM, HALF2, HALF2_ASM)
-                words, words1, words2 = next0, next1, next2
-                dyt = tl.load(dy_rows[None, :] + offs_n[:, None] * stride_dyn, mask=offs_n[:, None] < N, other=0.0)
-                acc = tl.dot(wt, dyt, acc, input_precision=DOT_PRECISION)
-            # the [BLOCK_K, BLOCK_M] pointers are built after the N loop, not kept live through it
-            dx_ptrs = dx_ptr + offs_m[None, :].to(tl.int64) * stride_dxm + offs_k[:, None] * stride_dxk
-            dx_mask = (offs_m[None, :] < row_end) & keep_k[:, None]
-            if SPLIT_N:  # fp32 partial sums of the slices, added in the accumulator's layout
-                tl.atomic_add(dx_ptrs, acc, mask=dx_mask, sem="relaxed")
-            else:
-                tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=dx_mask)
+            # clamped weight rows are finite and meet dY columns masked to 0: they add exactly 0
+            # Ŵᵀ rounded to dY's dtype on the packed shape (the dense gradient's tile): the layout
+            # change to the MMA operand moves 16-bit values, not int32 codes
+            wt = _dequant_tile_t(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
+                                 stride_qn, stride_sn, stride_sg, e * N + tl.minimum(offs_n, N - 1), k0, K,
+                                 BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K,
+                                 dy_ptr.dtype.element_ty, INT2_HALVES, words, words1, words2, WORDS_AHEAD,
+                                 WORDS_ASM, HALF2, HALF2_ASM)
+            words, words1, words2 = next0, next1, next2
+            dyt = tl.load(dy_rows[None, :] + offs_n[:, None] * stride_dyn, mask=offs_n[:, None] < N, other=0.0)
+            acc = tl.dot(wt, dyt, acc, input_precision=DOT_PRECISION)
+        # the [BLOCK_K, BLOCK_M] pointers are built after the N loop, not kept live through it
+        dx_ptrs = dx_ptr + offs_m[None, :].to(tl.int64) * stride_dxm + offs_k[:, None] * stride_dxk
+        dx_mask = (offs_m[None, :] < row_end) & keep_k[:, None]
+        if SPLIT_N:  # fp32 partial sums of the slices, added in the accumulator's layout
+            tl.atomic_add(dx_ptrs, acc, mask=dx_mask, sem="relaxed")
+        else:
+            tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=dx_mask)
 
 
 @triton.heuristics(GRAD_K_HEURISTICS)
@@ -349,6 +360,10 @@ def _grouped_matmul_grad_input_kernel(
     pid_t = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_s = tl.program_id(2)
+    if not SPLIT_N:  # first (its registers are dead before the N loop); split: the zeroed workspace holds them
+        _, offs_k, keep_k = _grad_k_tile(pid_k, K, BLOCK_K, SHIFT_K)
+        _zero_tail_rows(dx_ptr, bounds_ptr, NUM_EXPERTS, pid_t, tl.num_programs(0), offs_k, keep_k, stride_dxm,
+                        stride_dxk, BLOCK_M, BLOCK_K)
     if SLOT_LOOP:
         for t in range(pid_t, NUM_SLOTS, tl.num_programs(0)):
             _grad_tile(t, pid_k, pid_s, dx_ptr, dy_ptr, tile_expert_ptr, tile_row_ptr, bounds_ptr,
@@ -368,24 +383,40 @@ def _grouped_matmul_grad_input_kernel(
 # ------------------------------------------------------------------------------------------------
 # launchers
 # ------------------------------------------------------------------------------------------------
-def _tile_map(offsets: torch.Tensor, rows: int, block_m: int):
+def _tile_map(offsets: torch.Tensor, rows: int, block_m: int, max_rows: int | None = None):
     """(tile_expert int32 [T], tile_row int32 [T], bounds [E+2]) for an upper bound T of the tile count
-    known on the host (S, E, BLOCK_M).
+    known on the host (S, E, BLOCK_M and, when the caller knows it, ``max_rows``).
 
-    Group e < E holds rows bounds[e] .. bounds[e+1]; group E the rows past offsets[E] (zeros).
-    tile_expert is −1 for the tiles past the last one. Device ops only (no host sync)."""
+    Group e < E holds rows bounds[e] .. bounds[e+1]; the rows past offsets[E] (bounds[E] .. S,
+    expert-parallel sentinels) get no tile: the kernels store their zeros (:func:`_zero_tail_rows`).
+    tile_expert is −1 for the slots past the last tile. Device ops only (no host sync).
+
+    The bound: at most min(E, S) experts hold rows, and Σ_e ⌈c_e / BLOCK_M⌉ <= (S + (BLOCK_M−1)·min(E, S))
+    / BLOCK_M, and <= S (a tile holds a row): at one token the grid is the tiles that exist. With
+    ``max_rows`` (no expert holds more rows: the token count T under top-k routing, where a token
+    picks an expert once) also <= min(E, S)·⌈max_rows / BLOCK_M⌉: at T <= BLOCK_M one slot per expert,
+    so Mixtral at 16 tokens (S = 32 rows on 8 experts) launches the 8 tiles a balanced routing has,
+    not 9. An expert with more rows than ``max_rows`` would lose rows silently, so that is checked
+    on the device where the bound shortens the map (``torch._assert_async``: no host sync; on CUDA a
+    device-side assert)."""
     e = offsets.shape[0] - 1
     bounds = torch.cat([offsets.to(torch.int64), offsets.new_full((1,), rows, dtype=torch.int64)])
-    counts = bounds[1:] - bounds[:-1]  # [E+1]
+    counts = bounds[1:e + 1] - bounds[:e]  # [E], the sentinel tail left out
     tiles = (counts + block_m - 1) // block_m
     ends = torch.cumsum(tiles, 0)
-    # Σ_g ⌈c_g / BLOCK_M⌉ over the at most min(E+1, S) non-empty groups <= (S + (BLOCK_M−1)·groups) / BLOCK_M,
-    # and <= S (a tile holds a row): at one token the grid is the tiles that exist, not E + 2 of them
-    upper = max(1, min(rows, (rows + (block_m - 1) * min(e + 1, rows)) // block_m))
+    groups = min(e, rows)
+    upper = min(rows, (rows + (block_m - 1) * groups) // block_m)
+    if max_rows is not None and groups * -(-max_rows // block_m) < upper:
+        upper = groups * -(-max_rows // block_m)
+        # checked only where it shortens the map (elsewhere a wrong bound changes nothing)
+        torch._assert_async(counts.max() <= max_rows,
+                            f"qlk grouped matmul: an expert holds more rows than max_rows_per_expert={max_rows}; "
+                            "pass the true bound (the token count under top-k routing) or None")
+    upper = max(1, upper)
     t = torch.arange(upper, device=offsets.device)
-    group = torch.searchsorted(ends, t, right=True)  # E+1 past the last tile
-    valid = group <= e
-    g = group.clamp(max=e)
+    group = torch.searchsorted(ends, t, right=True)  # E past the last tile
+    valid = group < e
+    g = group.clamp(max=e - 1)
     first_tile = ends[g] - tiles[g]
     tile_row = bounds[g] + (t - first_tile) * block_m
     tile_expert = torch.where(valid, g, -1)
@@ -396,9 +427,10 @@ def _programs(slots: int, num_experts: int, small: bool) -> int:
     """Program rows (grid axis 0) for a tile map of ``slots`` tile slots (host values, no sync).
 
     Small M: at most one per expert, each running slots t, t + P, ... (``SLOT_LOOP``). The slot
-    bound counts one spare tile per group whose rows might straddle a tile edge and the sentinel
-    group, so at a few rows per expert it exceeds the tiles a balanced routing has (Mixtral at 16
-    tokens: 10 slots, 8 tiles); a program per slot then launches CTAs that only exit. With P = E,
+    bound counts one spare tile per expert whose rows might straddle a tile edge, so at a few rows
+    per expert it exceeds the tiles a balanced routing has (Mixtral at 16 tokens: 9 slots, 8 tiles;
+    the forward's row bound, the token count, makes it 8); a program per slot then launches CTAs
+    that only exit. With P = E,
     a balanced routing gives every program one tile and the spare slots cost a load each; a skewed
     one runs at most ⌈slots / E⌉ tiles in a program. Large M: one program per slot (the slack is a
     few slots against hundreds of tiles). The rule is :func:`qlk.kernels.heuristics.grouped_programs`
@@ -426,12 +458,14 @@ def tiles_for(direction: str, rows: int, num_experts: int, qw: QuantizedWeight |
 
 def grouped_matmul_forward(x: torch.Tensor, qw: QuantizedWeight, offsets: torch.Tensor, num_experts: int,
                            bias: torch.Tensor | None = None, *, wargs=None, pool: bool = False,
-                           config: dict | None = None):
+                           config: dict | None = None, max_rows_per_expert: int | None = None):
     """(Y [S, N], P(X) [S, G] fp32 or None) on the grouped kernel; see the module docstring.
 
     x [S, K] fp16/bf16/fp32 sorted by expert; qw stacked [E·N, K]; bias [E, N] or None.
     ``wargs``: weight_args(qw) with replaced tensors (QA-LoRA's folded biases); ``pool``: also
-    P(X). ``config``: tile sizes / warps / stages to use instead of :func:`grouped_config`'s."""
+    P(X). ``config``: tile sizes / warps / stages to use instead of :func:`grouped_config`'s.
+    ``max_rows_per_expert``: a bound on any expert's row count known to the caller (the token count
+    under top-k routing), which tightens the tile map (:func:`_tile_map`; checked on the device)."""
     n = check_grouped(qw, offsets, num_experts, "grouped_matmul_forward")
     k = qw.in_features
     x2 = _as_2d(x, k, "x")
@@ -457,9 +491,9 @@ def grouped_matmul_forward(x: torch.Tensor, qw: QuantizedWeight, offsets: torch.
     args, meta = wargs if wargs is not None else weight_args(qw, denest_absmax=not small)
     if split > 1:
         return _forward_split_k(x2, qw, offsets, num_experts, bias, args, meta, cfg, split, pool, out.dtype,
-                                programs)
+                                programs, max_rows_per_expert)
     fused = pool and g & (g - 1) == 0
-    tile_expert, tile_row, bounds = _tile_map(offsets, s, cfg["BLOCK_M"])
+    tile_expert, tile_row, bounds = _tile_map(offsets, s, cfg["BLOCK_M"], max_rows_per_expert)
     slots = tile_expert.shape[0]
     # pooling keeps a program per slot: its second copy of the K loop inside the slot loop would
     # make the slot loop the kernel's heaviest loop (and the registers of both copies live across it)
@@ -477,13 +511,14 @@ def grouped_matmul_forward(x: torch.Tensor, qw: QuantizedWeight, offsets: torch.
     return out, pooled
 
 
-def _forward_split_k(x2, qw, offsets, num_experts, bias, args, meta, cfg, split, pool, dtype, programs=None):
+def _forward_split_k(x2, qw, offsets, num_experts, bias, args, meta, cfg, split, pool, dtype, programs=None,
+                     max_rows=None):
     """The small-M forward with K split over ``split`` programs per tile (fp32 atomic partial sums),
     then the bias of each row's expert and the cast; P(X) by torch (pooling is per whole group)."""
     s, k = x2.shape
     n = qw.out_features // num_experts
     ws = torch.zeros((s, n), dtype=torch.float32, device=x2.device)
-    tile_expert, tile_row, bounds = _tile_map(offsets, s, cfg["BLOCK_M"])
+    tile_expert, tile_row, bounds = _tile_map(offsets, s, cfg["BLOCK_M"], max_rows)
     slots = tile_expert.shape[0]
     programs = min(slots, programs or _programs(slots, num_experts, True))
     grid = (programs, triton.cdiv(n, cfg["BLOCK_N"]), split)
@@ -512,7 +547,12 @@ def _grad_int2_halves(block_m: int) -> bool:
 
 def grouped_matmul_grad_input(dy: torch.Tensor, qw: QuantizedWeight, offsets: torch.Tensor, num_experts: int,
                               *, wargs=None, config: dict | None = None) -> torch.Tensor:
-    """dX [S, K] = dY·Ŵ_e per row's expert, in dy's dtype; rows past offsets[E] are 0."""
+    """dX [S, K] = dY·Ŵ_e per row's expert, in dy's dtype; rows past offsets[E] are 0.
+
+    No row bound here (the forward's ``max_rows_per_expert``): small M runs a slot loop of one
+    program row per expert, where a spare slot costs a load, not a CTA; the bound would only turn
+    it into a program per slot, whose loop the analyzer estimates lower on sm_90 (Mixtral at 16
+    tokens, INT3 0.84 -> 0.79, NF4 0.96 -> 0.92 of DRAM peak; docs/moe.md "Round 12")."""
     n = check_grouped(qw, offsets, num_experts, "grouped_matmul_grad_input")
     k = qw.in_features
     dy2 = _as_2d(dy, n, "dy")

@@ -203,17 +203,19 @@ class QuantExpertProj(PackedWeightModule):
         return expert_weight(self.qweight, e, self.num_experts)
 
     # ---- forward -----------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """x [S, K] rows sorted by expert, offsets [E+1] -> [S, N]."""
+    def forward(self, x: torch.Tensor, offsets: torch.Tensor, max_rows: int | None = None) -> torch.Tensor:
+        """x [S, K] rows sorted by expert, offsets [E+1] -> [S, N]. ``max_rows``: a bound on every
+        expert's rows (the token count under top-k routing) or None: the kernels launch fewer spare
+        tiles with it (checked on the device)."""
         if torch.compiler.is_compiling():
-            return self._compiled_forward(x, offsets)
+            return self._compiled_forward(x, offsets, max_rows)
         p = self.dropout if self.training else 0.0
         a = self.lora_A if self.method is not None else None
         b = self.lora_B if self.method is not None else None
         return grouped_experts_linear(x, self.qweight, offsets, self.num_experts, self.bias, a, b, self.scaling,
-                                      self.method, p)
+                                      self.method, p, max_rows)
 
-    def _compiled_forward(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    def _compiled_forward(self, x: torch.Tensor, offsets: torch.Tensor, max_rows: int | None = None) -> torch.Tensor:
         """:meth:`forward` under ``torch.compile``: the ``qlk::grouped_experts_linear`` op
         (qlk/custom_ops.py), which runs the eager Function's implementation (the grouped kernels) behind
         an op Dynamo traces without a graph break; the compute-dtype casts happen in the graph."""
@@ -232,7 +234,8 @@ class QuantExpertProj(PackedWeightModule):
         p = self.dropout if self.training else 0.0
         with torch.autocast(device_type=x.device.type, enabled=False):
             y, _, _ = torch.ops.qlk.grouped_experts_linear(x.to(cd), offsets, *tensors, bias, a, b, self.num_experts,
-                                                           float(self.scaling), self.method or "", float(p), *attrs)
+                                                           float(self.scaling), self.method or "", float(p), *attrs,
+                                                           max_rows or 0)
         return y
 
     def extra_repr(self) -> str:
@@ -318,7 +321,8 @@ class QuantExperts(nn.Module):
         order, offsets = route(top_k_index, self.num_experts)
         x = hidden_states[order // k]
         first, down = (getattr(self, n) for n in self.spec.projections)
-        out = down(self._activate(first(x, offsets)), offsets)
+        # a token picks an expert at most once (top-k): no expert holds more than t rows
+        out = down(self._activate(first(x, offsets, t)), offsets, t)
         if self.has_post_expert_norm:
             out = self.post_expert_norm(out)
         weights = top_k_weights.reshape(-1)[order]
