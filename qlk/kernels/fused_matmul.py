@@ -145,6 +145,47 @@ def _pool_tile(p_ptr, xt, p_run, offs_m, k0, M, K, stride_pm,
 
 
 @triton.jit
+def _whole_k_end(k_end, K, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Where a K loop over k_start .. k_end (k_start a multiple of BLOCK_K) stops running whole tiles:
+    k_end itself when every tile is whole (EVEN_K), else the start of the tile K cuts. The loops run
+    their tiles below it unmasked and the cut tile, if the range holds it, once after the loop with
+    the masks (round 12: before, a K that is not a multiple of BLOCK_K, e.g. gpt-oss's 2880 or
+    Qwen2-MoE's 1408, masked every tile of every program)."""
+    if EVEN_K:
+        return k_end
+    else:
+        return tl.minimum(k_end, (K // BLOCK_K) * BLOCK_K)
+
+
+@triton.jit
+def _fwd_step(acc, p_run, x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
+              stride_qn, stride_sn, stride_sg, rows_w, offs_m, M, k0, K, stride_xk, stride_pm,
+              BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+              DOT_PRECISION: tl.constexpr, POOL: tl.constexpr, EVEN_K: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PACKED_DEQUANT: tl.constexpr):
+    """One K tile k0 of :func:`_fwd_loop` (EVEN_K: the tile lies inside K, no masks): (acc, p_run)."""
+    ACT: tl.constexpr = x_rows.dtype.element_ty
+    HALF_INT: tl.constexpr = (not IS_NF4) and (ACT == tl.float16 or ACT == tl.bfloat16)
+    if HALF_INT:
+        w = _decode_int_tile(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, rows_w, k0, K,
+                             ACT, BITS, GROUP_SIZE, PACKED_DEQUANT, EVEN_K, BLOCK_N, BLOCK_K)
+    else:
+        w = _dequant_tile(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
+                          stride_qn, stride_sn, stride_sg, rows_w, k0, K,
+                          BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K)
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    xt_ptrs = x_rows[None, :] + offs_k[:, None] * stride_xk
+    if EVEN_K:
+        xt = tl.load(xt_ptrs)
+    else:
+        xt = tl.load(xt_ptrs, mask=offs_k[:, None] < K, other=0.0)
+    acc = tl.dot(w.to(xt.dtype), xt, acc, input_precision=DOT_PRECISION)
+    if POOL:
+        p_run = _pool_tile(p_ptr, xt, p_run, offs_m, k0, M, K, stride_pm, GROUP_SIZE, BLOCK_M, BLOCK_K)
+    return acc, p_run
+
+
+@triton.jit
 def _fwd_loop(x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
               stride_qn, stride_sn, stride_sg, rows_w, offs_m, M, k_lo, k_hi, K, stride_xk, stride_pm,
               BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
@@ -152,7 +193,8 @@ def _fwd_loop(x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, 
               BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PACKED_DEQUANT: tl.constexpr):
     """The forward GEMM's K loop over k_lo .. k_hi (0 .. K unsplit): acc = Ŵ[rows_w, k range]·Xᵀ
     [BLOCK_N, BLOCK_M], plus P(X) of rows offs_m when POOL (a split's slices hold whole groups, so
-    the running sum of a group larger than BLOCK_K starts and ends in one slice).
+    the running sum of a group larger than BLOCK_K starts and ends in one slice). Whole tiles run
+    unmasked; a tile that K cuts runs once after them (:func:`_whole_k_end`).
 
     INT weights with fp16/bf16 activations: the decode loop's half2 tile in the stored k order
     (:func:`qlk.kernels.decode_tile._decode_int_tile`; inline asm when PACKED_DEQUANT, its Triton
@@ -162,9 +204,41 @@ def _fwd_loop(x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, 
     and fp32 activations: the fp32 ``_dequant_tile``."""
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     p_run = tl.zeros((BLOCK_M,), dtype=tl.float32)  # POOL, GROUP_SIZE > BLOCK_K: running group sum
+    k_whole = _whole_k_end(k_hi, K, EVEN_K, BLOCK_K)
+    for k0 in range(k_lo, k_whole, BLOCK_K):
+        acc, p_run = _fwd_step(acc, p_run, x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr,
+                               lut_ptr, dyn_ptr, stride_qn, stride_sn, stride_sg, rows_w, offs_m, M, k0, K,
+                               stride_xk, stride_pm, BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, POOL,
+                               True, BLOCK_N, BLOCK_M, BLOCK_K, PACKED_DEQUANT)
+    if not EVEN_K:
+        if k_whole < k_hi:
+            acc, p_run = _fwd_step(acc, p_run, x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr,
+                                   lut_ptr, dyn_ptr, stride_qn, stride_sn, stride_sg, rows_w, offs_m, M, k_whole,
+                                   K, stride_xk, stride_pm, BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION,
+                                   POOL, False, BLOCK_N, BLOCK_M, BLOCK_K, PACKED_DEQUANT)
+    return acc
+
+
+@triton.jit
+def _decode_step(acc, x_rows, mask_m, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
+                 stride_qn, stride_sn, stride_sg, rows_w, k0, K, stride_xk,
+                 BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr,
+                 DOUBLE_QUANT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 PACKED_DEQUANT: tl.constexpr, EVEN_K: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One K tile k0 of :func:`_decode_loop` (EVEN_K: the tile lies inside K, no masks): acc. A cut
+    tile (not EVEN_K) is decoded in the stored k order: its masks on the lane-owned order's permuted
+    X tile made the sm_80 decode kernels spill (INT2 / INT4 g32 at 128 registers)."""
     ACT: tl.constexpr = x_rows.dtype.element_ty
     HALF_INT: tl.constexpr = (not IS_NF4) and (ACT == tl.float16 or ACT == tl.bfloat16)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
+    # the lane-owned k order (decode_tile._decode_int_tile_lanes; X read in the same order)
+    LANES: tl.constexpr = HALF_INT and EVEN_K and (((BITS == 2 or BITS == 4) and BLOCK_K % (128 // BITS) == 0)
+                                                   or (BITS == 3 and BLOCK_K % 128 == 0))
+    if LANES:
+        w = _decode_int_tile_lanes(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, rows_w, k0, K,
+                                   ACT, BITS, GROUP_SIZE, PACKED_DEQUANT, EVEN_K, BLOCK_N, BLOCK_K)
+        xt = _lane_x_tile(x_rows, mask_m, k0, K, stride_xk, BITS, EVEN_K, BLOCK_K, BLOCK_M)
+    else:
         if HALF_INT:
             w = _decode_int_tile(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, rows_w, k0, K,
                                  ACT, BITS, GROUP_SIZE, PACKED_DEQUANT, EVEN_K, BLOCK_N, BLOCK_K)
@@ -173,15 +247,9 @@ def _fwd_loop(x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, 
                               stride_qn, stride_sn, stride_sg, rows_w, k0, K,
                               BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K)
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        xt_ptrs = x_rows[None, :] + offs_k[:, None] * stride_xk
-        if EVEN_K:
-            xt = tl.load(xt_ptrs)
-        else:
-            xt = tl.load(xt_ptrs, mask=offs_k[:, None] < K, other=0.0)
-        acc = tl.dot(w.to(xt.dtype), xt, acc, input_precision=DOT_PRECISION)
-        if POOL:
-            p_run = _pool_tile(p_ptr, xt, p_run, offs_m, k0, M, K, stride_pm, GROUP_SIZE, BLOCK_M, BLOCK_K)
-    return acc
+        xt = tl.load(x_rows[None, :] + offs_k[:, None] * stride_xk,
+                     mask=mask_m[None, :] & (offs_k[:, None] < K), other=0.0)
+    return tl.dot(w.to(xt.dtype), xt, acc, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -209,28 +277,17 @@ def _decode_loop(x_rows, mask_m, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_o
     slice starting at k_start = 0."""
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     p_run = tl.zeros((BLOCK_M,), dtype=tl.float32)  # POOL, GROUP_SIZE > BLOCK_K: running group sum
-    ACT: tl.constexpr = x_rows.dtype.element_ty
-    HALF_INT: tl.constexpr = (not IS_NF4) and (ACT == tl.float16 or ACT == tl.bfloat16)
-    # the lane-owned k order (decode_tile._decode_int_tile_lanes; X read in the same order)
-    LANES: tl.constexpr = HALF_INT and (((BITS == 2 or BITS == 4) and BLOCK_K % (128 // BITS) == 0)
-                                        or (BITS == 3 and BLOCK_K % 128 == 0))
-    for k0 in range(k_start, k_end, BLOCK_K):
-        if LANES:
-            w = _decode_int_tile_lanes(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, rows_w, k0, K,
-                                       ACT, BITS, GROUP_SIZE, PACKED_DEQUANT, EVEN_K, BLOCK_N, BLOCK_K)
-            xt = _lane_x_tile(x_rows, mask_m, k0, K, stride_xk, BITS, EVEN_K, BLOCK_K, BLOCK_M)
-        else:
-            if HALF_INT:
-                w = _decode_int_tile(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, rows_w, k0, K,
-                                     ACT, BITS, GROUP_SIZE, PACKED_DEQUANT, EVEN_K, BLOCK_N, BLOCK_K)
-            else:
-                w = _dequant_tile(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
-                                  stride_qn, stride_sn, stride_sg, rows_w, k0, K,
-                                  BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K)
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            xt = tl.load(x_rows[None, :] + offs_k[:, None] * stride_xk,
-                         mask=mask_m[None, :] & (offs_k[:, None] < K), other=0.0)
-        acc = tl.dot(w.to(xt.dtype), xt, acc, input_precision=DOT_PRECISION)
+    k_whole = _whole_k_end(k_end, K, EVEN_K, BLOCK_K)  # whole tiles unmasked, a cut one once after them
+    for k0 in range(k_start, k_whole, BLOCK_K):
+        acc = _decode_step(acc, x_rows, mask_m, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
+                           stride_qn, stride_sn, stride_sg, rows_w, k0, K, stride_xk, BITS, GROUP_SIZE, IS_NF4,
+                           DOUBLE_QUANT, DOT_PRECISION, PACKED_DEQUANT, True, BLOCK_N, BLOCK_M, BLOCK_K)
+    if not EVEN_K:
+        if k_whole < k_end:
+            acc = _decode_step(acc, x_rows, mask_m, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr,
+                               dyn_ptr, stride_qn, stride_sn, stride_sg, rows_w, k_whole, K, stride_xk, BITS,
+                               GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, PACKED_DEQUANT, False,
+                               BLOCK_N, BLOCK_M, BLOCK_K)
     if POOL:
         # round 11: P(X) in a pass of its own (first N tile only; X in the stored order, M <= 16 rows,
         # cache-resident), so that the MMA loop every program runs is the plain forward's
