@@ -202,7 +202,9 @@ def fit_grouped_resident(rows) -> dict:
         kind, bits, group = launches_moe.FORMATS[fmt]
         fc = heuristics.format_class(bits, kind == "nf4", group)
         label = " ".join(r["config"].split()[:3])
-        variant = "slot_loop" if programs < slots else "per_slot"
+        # the launcher's rule (grouped_matmul._grad_slot_loop): small M on sm_90 always runs the slot loop
+        slot_loop = programs < slots or heuristics.arch_family(int(r["arch"])) == 90
+        variant = "slot_loop" if slot_loop else "per_slot"
         split = "split" if int(r["ctas"]) > base else "unsplit"
         for f in {fc, heuristics.base_format(fc)}:
             key = (heuristics.arch_family(int(r["arch"])), f, label, variant)

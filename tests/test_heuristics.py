@@ -512,6 +512,13 @@ def test_grouped_grad_launcher_asks_the_rule(monkeypatch):
     assert gm._grad_programs(40, 8, False, 32, 28672, cfg, nf4, "cpu") == (40, 1)
     monkeypatch.setattr(gm, "target_arch", lambda: 90)  # no sm_90 entry for this tile: unsplit
     assert gm._grad_programs(10, 8, True, 32, 28672, cfg, nf4, "cpu") == (8, 1)
+    # round 12: the variant, so the resident count, at small M: the slot loop on sm_90 even with a
+    # program row per slot (Qwen3: 128 slots, 128 experts), the program count's on sm_80 and at large M
+    assert gm._grad_slot_loop(128, 128, True) and gm._grad_slot_loop(8, 10, True)
+    assert not gm._grad_slot_loop(40, 40, False)
+    monkeypatch.setattr(gm, "target_arch", lambda: 80)
+    assert not gm._grad_slot_loop(128, 128, True) and gm._grad_slot_loop(8, 10, True)
+    monkeypatch.setattr(gm, "target_arch", lambda: 90)
     monkeypatch.setattr(gm, "INTERPRETED", True)
     monkeypatch.setattr(gm, "target_arch", lambda: 80)
     assert gm._grad_programs(10, 8, True, 32, 28672, cfg, nf4, "cpu") == (8, 1)

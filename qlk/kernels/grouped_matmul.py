@@ -582,12 +582,21 @@ def grouped_matmul_grad_input(dy: torch.Tensor, qw: QuantizedWeight, offsets: to
     _grouped_matmul_grad_input_kernel[(programs, cols, split)](
         dst, dy2, tile_expert, tile_row, bounds, *args, n, k, num_experts, slots,
         dy2.stride(0), dy2.stride(1), dst.stride(0), dst.stride(1),
-        DOT_PRECISION=_precision(dy.dtype), SLOT_LOOP=programs < slots, SPLIT_N=split > 1,
+        DOT_PRECISION=_precision(dy.dtype), SLOT_LOOP=_grad_slot_loop(programs, slots, small), SPLIT_N=split > 1,
         INT2_HALVES=int2_halves, WORDS_AHEAD=ahead, WORDS_ASM=ahead and not INTERPRETED, HALF2=half2,
         HALF2_ASM=half2 and not INTERPRETED, **meta, **cfg)
     if split > 1:
         out.copy_(dst)
     return out
+
+
+def _grad_slot_loop(programs: int, slots: int, small: bool) -> bool:
+    """The input gradient's ``SLOT_LOOP`` variant: where program rows < tile slots, and at small M on
+    sm_90 always (a program then runs its one slot in the loop). sm_90 compiles the slot loop's N
+    loop tighter (INT3 / NF4 at 16 tokens, e.g. Qwen3: 0.80 -> 0.85 and 0.90 -> 0.94 of DRAM peak;
+    docs/moe.md "Round 12"); on sm_80 the program per slot holds more CTAs (Qwen3 down INT2 / INT3
+    0.73 -> 0.70 with the loop), so it keeps the variant the program count gives."""
+    return programs < slots or (small and heuristics.arch_family(target_arch()) == 90)
 
 
 def _grad_programs(slots, num_experts, small, cols, n, cfg, qw, device):
@@ -597,7 +606,7 @@ def _grad_programs(slots, num_experts, small, cols, n, cfg, qw, device):
     label = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg.get('num_warps', 4)} s{cfg.get('num_stages', 3)}"
     fmt = heuristics.format_class(qw.bits, qw.fmt == "nf4", qw.group_size)
     # the kernel variant the rule's program rows give (SLOT_LOOP): its registers, so its occupancy, differ
-    slot_loop = heuristics.grouped_programs(slots, num_experts, small)[0] < slots
+    slot_loop = _grad_slot_loop(heuristics.grouped_programs(slots, num_experts, small)[0], slots, small)
     resident = None if INTERPRETED else heuristics.grouped_resident("grad", label, fmt, target_arch(), slot_loop)
     return heuristics.grouped_programs(slots, num_experts, small, cols, n, cfg["BLOCK_N"], num_sms(device),
                                        resident)
