@@ -334,10 +334,8 @@ MUTANTS = [
          tests=[DT, "tests/test_moe.py", "-k", "test_decode_fp16 or split_k_decode or round2_paths"]),
     # the large-M forward GEMM on the same half2 tile (round 7): a stale loop variable
     dict(id="fwd-gemm-half-first-k-tile", cls="multi-tile loop", file="qlk/kernels/fused_matmul.py",
-         old="w = _decode_int_tile(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, rows_w, k0, K,\n"
-             "                                 ACT",
-         new="w = _decode_int_tile(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, rows_w, k_lo, K,\n"
-             "                                 ACT",
+         old="lut_ptr, dyn_ptr, stride_qn, stride_sn, stride_sg, rows_w, offs_m, M, k0, K,",
+         new="lut_ptr, dyn_ptr, stride_qn, stride_sn, stride_sg, rows_w, offs_m, M, k_lo, K,",
          tests=[DT, "-k", "test_gemm_forward"]),
     dict(id="decode-twin-mid-sign", cls="sign", file="qlk/kernels/decode_tile.py",
          old="q = (((words >> (8 * byte)) & MASK) - MID).to(tl.float32)",

@@ -158,21 +158,33 @@ def _whole_k_end(k_end, K, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _fwd_step(acc, p_run, x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
-              stride_qn, stride_sn, stride_sg, rows_w, offs_m, M, k0, K, stride_xk, stride_pm,
-              BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-              DOT_PRECISION: tl.constexpr, POOL: tl.constexpr, EVEN_K: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PACKED_DEQUANT: tl.constexpr):
-    """One K tile k0 of :func:`_fwd_loop` (EVEN_K: the tile lies inside K, no masks): (acc, p_run)."""
-    ACT: tl.constexpr = x_rows.dtype.element_ty
-    HALF_INT: tl.constexpr = (not IS_NF4) and (ACT == tl.float16 or ACT == tl.bfloat16)
-    if HALF_INT:
+def _weight_tile(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr, stride_qn, stride_sn, stride_sg,
+                 rows_w, k0, K, ACT: tl.constexpr, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                 IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, PACKED_DEQUANT: tl.constexpr,
+                 EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Ŵ[rows_w, k0 .. k0+BLOCK_K] [BLOCK_N, BLOCK_K] in the stored k order, for activations of dtype
+    ACT: INT weights with fp16/bf16 decoded straight into ACT (the half2 tile,
+    :func:`qlk.kernels.decode_tile._decode_int_tile`), else (NF4, fp32) the fp32 ``_dequant_tile``."""
+    if (not IS_NF4) and (ACT == tl.float16 or ACT == tl.bfloat16):
         w = _decode_int_tile(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, rows_w, k0, K,
                              ACT, BITS, GROUP_SIZE, PACKED_DEQUANT, EVEN_K, BLOCK_N, BLOCK_K)
     else:
         w = _dequant_tile(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
                           stride_qn, stride_sn, stride_sg, rows_w, k0, K,
                           BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K)
+    return w
+
+
+@triton.jit
+def _fwd_step(acc, p_run, x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
+              stride_qn, stride_sn, stride_sg, rows_w, offs_m, M, k0, K, stride_xk, stride_pm,
+              BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+              DOT_PRECISION: tl.constexpr, POOL: tl.constexpr, EVEN_K: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PACKED_DEQUANT: tl.constexpr):
+    """One K tile k0 of :func:`_fwd_loop` (EVEN_K: the tile lies inside K, no masks): (acc, p_run)."""
+    w = _weight_tile(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr, stride_qn, stride_sn,
+                     stride_sg, rows_w, k0, K, x_rows.dtype.element_ty, BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT,
+                     PACKED_DEQUANT, EVEN_K, BLOCK_N, BLOCK_K)
     offs_k = k0 + tl.arange(0, BLOCK_K)
     xt_ptrs = x_rows[None, :] + offs_k[:, None] * stride_xk
     if EVEN_K:
@@ -239,13 +251,9 @@ def _decode_step(acc, x_rows, mask_m, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_off
                                    ACT, BITS, GROUP_SIZE, PACKED_DEQUANT, EVEN_K, BLOCK_N, BLOCK_K)
         xt = _lane_x_tile(x_rows, mask_m, k0, K, stride_xk, BITS, EVEN_K, BLOCK_K, BLOCK_M)
     else:
-        if HALF_INT:
-            w = _decode_int_tile(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, rows_w, k0, K,
-                                 ACT, BITS, GROUP_SIZE, PACKED_DEQUANT, EVEN_K, BLOCK_N, BLOCK_K)
-        else:
-            w = _dequant_tile(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
-                              stride_qn, stride_sn, stride_sg, rows_w, k0, K,
-                              BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K)
+        w = _weight_tile(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr, stride_qn, stride_sn,
+                         stride_sg, rows_w, k0, K, ACT, BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, PACKED_DEQUANT,
+                         EVEN_K, BLOCK_N, BLOCK_K)
         offs_k = k0 + tl.arange(0, BLOCK_K)
         xt = tl.load(x_rows[None, :] + offs_k[:, None] * stride_xk,
                      mask=mask_m[None, :] & (offs_k[:, None] < K), other=0.0)
