@@ -772,8 +772,14 @@ def write_csv(path: str, rows) -> None:
             w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_FIELDS})
 
 
-def _summary(rows) -> list:
-    """Best estimate of each case's main kernel, dense | qlk formats | peers side by side."""
+def _summary(rows, dispatched=None) -> list:
+    """Best estimate of each case's main kernel, dense | qlk formats | peers side by side.
+
+    ``dispatched``: :func:`rules_check`'s results by case. Where given, a qlk fwd/dgrad cell shows
+    what qlk's dispatcher runs at that shape (the split kernel at 16 < M ≤ 128 where the rules pick
+    it, dequantize + dense where the path is "dequant"), with the per-shape table's time ratio, so a
+    cell never shows the GEMM's estimate at a shape where the GEMM does not run."""
+    dispatched = dispatched or {}
     main = {}
     for r in rows:
         if r["status"] != "ok" or not r["best"]:
@@ -804,9 +810,18 @@ def _summary(rows) -> list:
                 cells.append("")
                 continue
             r = hit[0]
-            hi, lo = metric(r)
-            ratio = f" ({r['x_dense']:.2f}×{'' if r.get('dispatch') != 'dequant' else ' deq'})" \
-                if r.get("x_dense") is not None else ""
+            d = dispatched.get(r["case"]) if r["group"] == "qlk" else None
+            if d is not None and d.get("estimate") and d.get("x_dense") is not None:
+                hi, lo = d["estimate"]
+                kind = d["chosen"].split()[0]
+                # at M <= 16 the case's own launch is the split (decode) kernel: no tag
+                tag = " deq" if d["path"] == "dequant" else f" {kind}" if kind == "gemv" or (
+                    kind in ("splitk", "splitn") and (r["M"] or 0) > 16) else ""
+                ratio = f" ({d['x_dense']:.2f}×{tag})"
+            else:
+                hi, lo = metric(r)
+                ratio = f" ({r['x_dense']:.2f}×{'' if r.get('dispatch') != 'dequant' else ' deq'})" \
+                    if r.get("x_dense") is not None else ""
             cells.append((f"{hi:.2f}..{lo:.2f}" if hi >= 0 else "?") + ratio)
         what = "tensor-peak" if m >= 256 else "dram-peak"
         lines.append(f"| {op} | {k}→{n} | {m} | {what} | " + " | ".join(cells) + " |")
@@ -817,13 +832,18 @@ _GROUPS = {"dense": 0, "qlk": 1}
 _OPS = {"fwd": 0, "dgrad": 1, "decode": 2, "qalora": 3, "dequant": 4}
 
 
-def _rules_table(rows, arch) -> list:
-    """One line per qlk fwd/dgrad case (:func:`rules_check`): the kernel and tile qlk's rules pick,
-    the analyzer's best of every kernel and tile it could have run, both paths' ratio to dense."""
+def _dispatched(rows, arch) -> list:
+    """:func:`rules_check` of a report's rows, [] where qlk's rules cannot be run (no qlk)."""
     try:
-        res = rules_check([r for r in rows if r.get("status") == "ok"], arch)
+        return rules_check([r for r in rows if r.get("status") == "ok"], arch)
     except Exception:  # noqa: BLE001 - no qlk: no table
         return []
+
+
+def _rules_table(rows, arch, res=None) -> list:
+    """One line per qlk fwd/dgrad case (:func:`rules_check`): the kernel and tile qlk's rules pick,
+    the analyzer's best of every kernel and tile it could have run, both paths' ratio to dense."""
+    res = _dispatched(rows, arch) if res is None else res
     if not res:
         return []
     f = lambda v: "" if v is None else f"{v:.2f}"  # noqa: E731
@@ -890,13 +910,21 @@ def write_markdown(path: str, arch: int, rows, meta: dict) -> None:
       "range times tile fill has the highest midpoint, and for qlk the config its rules choose "
       "(qlk.kernels.heuristics; a GPU's autotuner, for the others, may pick another); the CSV has them all "
       "(`best`, `chosen` columns).")
+    if meta.get("rendered"):
+        p(f"- {meta['rendered']}")
     p()
+    res = _dispatched(rows, arch)
     p("## Summary: best estimate of each case's main kernel")
     p()
-    for line in _summary(rows):
+    if res:
+        p("qlk's cells show the kernel its dispatcher runs at that shape, with the time ratio of the next "
+          "table (`splitk` / `splitn`: the split kernel the rules pick at 16 < M ≤ 128, `deq`: dequantize + "
+          "dense); the other cells the best config of the case's own kernel.")
+        p()
+    for line in _summary(rows, {d["case"]: d for d in res}):
         p(line)
     p()
-    lines = _rules_table(rows, arch)
+    lines = _rules_table(rows, arch, res)
     if lines:
         p("## qlk against dense at each shape: chosen vs best config, fused vs dequantize + dense")
         p()
@@ -974,6 +1002,36 @@ def _meta(argv) -> dict:
                 triton=triton.__version__, torch=torch.__version__, commit=commit, peers=", ".join(peers))
 
 
+_META_LINE = re.compile(r"^- date: (?P<date>.*?); triton (?P<triton>\S+); torch (?P<torch>\S+); qlk commit (?P<commit>.*)$")
+
+
+def render(csv_path: str) -> str:
+    """Rewrite the report .md next to ``csv_path`` from the CSV's rows: the compile run's header lines
+    (command, date, versions, commit) are kept from the old .md, and a line says when and with which
+    rules the tables were rendered. Returns the .md's path."""
+    rows = read_csv(csv_path)
+    if not rows:
+        raise SystemExit(f"static_report: {csv_path} has no rows")
+    md = os.path.splitext(csv_path)[0] + ".md"
+    meta = dict(command="?", date="?", triton="?", torch="?", commit="?", peers="?")
+    if os.path.exists(md):
+        with open(md) as f:
+            for line in f:
+                line = line.rstrip("\n")
+                if line.startswith("- command: `"):
+                    meta["command"] = line[len("- command: `"):].rstrip("`")
+                elif line.startswith("- peers: "):
+                    meta["peers"] = line[len("- peers: "):]
+                elif _META_LINE.match(line):
+                    meta.update(_META_LINE.match(line).groupdict())
+    now = _meta([])
+    meta["rendered"] = (f"tables rendered {now['date']} from this CSV (`python bench/static_report.py --render "
+                        f"{os.path.relpath(csv_path, ROOT)}`) with qlk's rules at commit {now['commit']}; "
+                        "the estimates are the CSV's, compiled at the date above")
+    write_markdown(md, int(rows[0]["arch"]), rows, meta)
+    return md
+
+
 def _patterns(s: str):
     return [p for p in (s or "").split(",") if p]
 
@@ -1000,6 +1058,9 @@ def parse_args(argv=None):
     ap.add_argument("--check-rules", nargs="+", metavar="CSV",
                     help="compare qlk's rules (as they are now) with these report CSVs: chosen vs best config, "
                     "dispatch vs the faster path; compiles nothing")
+    ap.add_argument("--render", nargs="+", metavar="CSV",
+                    help="rewrite the .md next to each report CSV from its rows (the summary and the per-shape "
+                    "table with qlk's rules as they are now; the estimates stay the CSV's); compiles nothing")
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
@@ -1024,6 +1085,10 @@ def main(argv=None) -> int:
         return 0
     if args.check_rules:
         return print_rules_check(args.check_rules)
+    if args.render:
+        for path in args.render:
+            print(f"static_report: wrote {os.path.relpath(render(path))}")
+        return 0
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("static_report: unset TRITON_INTERPRET (the interpreter compiles nothing)", file=sys.stderr)
         return 2
