@@ -105,3 +105,37 @@ def test_launches_pass_fp_fusion(monkeypatch):
     want = {n: {True} for n in FMA["fused_matmul"] | FMA["qalora"]}
     want["_dequantize_kernel"] = {False}
     assert seen == want
+
+
+def test_row_alignment():
+    """QN_ALIGN: the largest of 16, 8, 4, 2 dividing a packed row stride, else 1 (0 divides by all)."""
+    cases = {4096: 16, 1792: 16, 360: 8, 72: 8, 120: 8, 36: 4, 20: 4, 90: 2, 6: 2, 45: 1, 9: 1, 1: 1, 0: 16}
+    assert {s: config.row_alignment(s) for s in cases} == cases
+    for s in range(1, 200):
+        a = config.row_alignment(s)
+        assert s % a == 0 and (a == 16 or s % (2 * a)), s
+
+
+def test_every_kernel_that_reads_packed_rows_knows_their_alignment():
+    """Every launchable kernel with a ``stride_qn`` argument has the ``@packed_rows_kernel`` layer, whose
+    QN_ALIGN divides the stride it is given (the kernel rounds the stride down to a multiple of it:
+    an overclaim would read the wrong rows), and the kernel's source applies it (``aligned_rows``)."""
+    import inspect
+
+    found = set()
+    for info in pkgutil.iter_modules(qlk.kernels.__path__):
+        mod = importlib.import_module(f"qlk.kernels.{info.name}")
+        for name, obj in vars(mod).items():
+            if not (isinstance(obj, KernelInterface) and name.endswith("_kernel")):
+                continue
+            jit = _layers(obj)[-1]
+            if jit.fn.__module__ != mod.__name__ or "stride_qn" not in inspect.signature(jit.fn).parameters:
+                continue
+            found.add(name)
+            layers = [la for la in _layers(obj) if isinstance(la, Heuristics) and "QN_ALIGN" in la.values]
+            assert len(layers) == 1, f"{name}: no @packed_rows_kernel"
+            for stride in (360, 72, 36, 90, 45, 4096):
+                assert layers[0].values["QN_ALIGN"]({"stride_qn": stride}) == config.row_alignment(stride)
+            src = inspect.getsource(jit.fn)
+            assert "stride_qn = aligned_rows(stride_qn, QN_ALIGN)" in src, name
+    assert len(found) == 9, sorted(found)

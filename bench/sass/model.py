@@ -327,7 +327,8 @@ def analyze_all(launches) -> list[tuple[Report, Launch]]:
 
 
 # ------------------------------------------------------------------------------ config label
-_HIDDEN = {"M", "N", "K", "BITS", "GROUP_SIZE", "W_NBITS", "A_LOAD_ORDER", "NUM_STAGES"}
+#: not a config choice: shapes, format constants, and qlk's QN_ALIGN (a property of the weight's row stride)
+_HIDDEN = {"M", "N", "K", "BITS", "GROUP_SIZE", "W_NBITS", "A_LOAD_ORDER", "NUM_STAGES", "QN_ALIGN"}
 
 
 def config_label(launch: Launch) -> str:

@@ -105,6 +105,28 @@ GEMV_PRUNE = {"early_config_prune": _prune_gemv}
 FP_FUSION = {"enable_fp_fusion": True}
 
 
+def row_alignment(stride: int) -> int:
+    """The largest of 16, 8, 4, 2 that divides ``stride`` (a packed weight's row stride in 32-bit
+    words; 0 counts as divisible), else 1: :func:`packed_rows_kernel`'s ``QN_ALIGN``."""
+    for d in (16, 8, 4, 2):
+        if stride % d == 0:
+            return d
+    return 1
+
+
+def packed_rows_kernel(kernel):
+    """Decorator, above ``@fma_kernel`` (or ``@triton.jit``): every launch passes ``QN_ALIGN`` =
+    :func:`row_alignment` of its ``stride_qn``, and the kernel starts with
+    ``stride_qn = quant_tile.aligned_rows(stride_qn, QN_ALIGN)``.
+
+    Why: Triton specializes an integer argument on divisibility by 16 and knows nothing otherwise,
+    so a packed row of 360 words (NF4 / INT4 at K = 2880, gpt-oss) or 72 (INT4 at K = 576, SmolLM2;
+    INT3 at K = 768) made every word load scalar: cp.async of 4 B and an LDS a word, where 16 B
+    loads were legal (360 = 8·45). sm_90 gpt-oss NF4 grouped forward at 16 tokens: 232 → 168
+    registers, loop 772 → 692 instructions (docs/kernels.md "Round 13")."""
+    return triton.heuristics({"QN_ALIGN": lambda args: row_alignment(int(args["stride_qn"]))})(kernel)
+
+
 def fma_kernel(kernel):
     """Decorator, directly above ``@triton.jit``: every launch of ``kernel`` passes :data:`FP_FUSION`
     (a ``triton.heuristics`` layer, so the launchers, the autotuner above it and the static

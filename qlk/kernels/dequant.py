@@ -15,12 +15,13 @@ import triton
 import triton.language as tl
 
 from ..formats.quantized_weight import QuantizedWeight
-from .config import PRUNE, dequant_configs
-from .quant_tile import _dequant_tile, weight_args
+from .config import PRUNE, dequant_configs, packed_rows_kernel
+from .quant_tile import _dequant_tile, aligned_rows, weight_args
 
 
 @triton.autotune(configs=dequant_configs(), key=["N", "K", "BITS", "GROUP_SIZE", "IS_NF4"], prune_configs_by=PRUNE)
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+@packed_rows_kernel
 @triton.jit
 def _dequantize_kernel(
     out_ptr,  # [N, K] output, row stride stride_on, unit column stride
@@ -29,7 +30,9 @@ def _dequantize_kernel(
     N, K, stride_on,
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
     EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    QN_ALIGN: tl.constexpr = 1,
 ):
+    stride_qn = aligned_rows(stride_qn, QN_ALIGN)  # packed rows: aligned loads
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -62,9 +62,9 @@ import triton.language as tl
 
 from ..formats.quantized_weight import QuantizedWeight
 from . import heuristics
-from .config import GEMV_PRUNE, INTERPRETED, fma_kernel, gemv_grad_configs, num_sms, target_arch
+from .config import GEMV_PRUNE, INTERPRETED, fma_kernel, gemv_grad_configs, num_sms, packed_rows_kernel, target_arch
 from .decode_tile import _decode_int_tile, _decode_int_tile_lanes, _lane_x_tile
-from .quant_tile import _dequant_tile, weight_args
+from .quant_tile import _dequant_tile, aligned_rows, weight_args
 from .quant_tile_t import _dequant_tile_t, _int3_planes_t, _words_t
 
 #: M at or below which the forward uses the split-K decode kernel
@@ -309,6 +309,7 @@ def _decode_loop(x_rows, mask_m, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_o
 
 
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+@packed_rows_kernel
 @fma_kernel
 @triton.jit
 def _quant_matmul_fwd_kernel(
@@ -325,6 +326,7 @@ def _quant_matmul_fwd_kernel(
     EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr = False, ATOMIC: tl.constexpr = True, SLICE_K=0, PACKED_DEQUANT: tl.constexpr = False,
+    QN_ALIGN: tl.constexpr = 1,
 ):
     """Y[m, n] = Σ_k X[m, k]·Ŵ[n, k] (+ bias[n]), one [BLOCK_N, BLOCK_M] tile per program.
 
@@ -341,6 +343,7 @@ def _quant_matmul_fwd_kernel(
     P[m, j] = mean of X[m, k] over group j from the X tiles they load anyway (the other programs
     skip that branch; the low-rank term itself is folded into the group biases by the caller).
     Split: each slice's first-N-tile programs pool the groups of their slice."""
+    stride_qn = aligned_rows(stride_qn, QN_ALIGN)  # packed rows: aligned loads
     pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     if SPLIT_K:  # this program's slice of K (whole groups, whole K tiles)
         k_lo = tl.program_id(1) * SLICE_K
@@ -387,6 +390,7 @@ def _quant_matmul_fwd_kernel(
 
 
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+@packed_rows_kernel
 @fma_kernel
 @triton.jit
 def _quant_matmul_splitk_kernel(
@@ -401,6 +405,7 @@ def _quant_matmul_splitk_kernel(
     ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr, POOL: tl.constexpr, PACKED_DEQUANT: tl.constexpr,
     EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    QN_ALIGN: tl.constexpr = 1,
 ):
     """Partial Yᵀ over one K slice: program (n, s, m) sums k in slice s of ⌈K/BLOCK_K / SPLIT⌉ tiles.
 
@@ -409,6 +414,7 @@ def _quant_matmul_splitk_kernel(
 
     POOL: the programs of the first N tile also write P(X) for the groups of their slice (slices
     are whole K tiles, so with GROUP_SIZE <= BLOCK_K no group straddles two slices)."""
+    stride_qn = aligned_rows(stride_qn, QN_ALIGN)  # packed rows: aligned loads
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -435,6 +441,7 @@ def _quant_matmul_splitk_kernel(
 
 
 @triton.heuristics(GRAD_K_HEURISTICS)
+@packed_rows_kernel
 @fma_kernel
 @triton.jit
 def _quant_matmul_grad_input_kernel(
@@ -454,6 +461,7 @@ def _quant_matmul_grad_input_kernel(
     WITH_V: tl.constexpr = False, R_PAD: tl.constexpr = 16,
     SPLIT_N: tl.constexpr = False, ATOMIC: tl.constexpr = True,
     HALF2: tl.constexpr = False, HALF2_ASM: tl.constexpr = False, SHIFT_K: tl.constexpr = False,
+    QN_ALIGN: tl.constexpr = 1,
 ):
     """dX[m, k] = Σ_n dY[m, n]·Ŵ[n, k], one dXᵀ [BLOCK_K, BLOCK_M] tile per program, N in BLOCK_N steps.
     A ragged last K tile is moved back to end at K (SHIFT_K, :func:`shift_last_k`).
@@ -477,6 +485,7 @@ def _quant_matmul_grad_input_kernel(
     V[m0:m0+BM, :] = Σ_n dY[m0:m0+BM, n]·B[n, :] (B rounded to dY's dtype, fp32 sums; the low-rank
     term of dX itself is folded into the group biases by the caller). They load dY and B only and
     return early: the dequantizing loop below is the plain kernel's."""
+    stride_qn = aligned_rows(stride_qn, QN_ALIGN)  # packed rows: aligned loads
     if WITH_V:
         v_tile = tl.program_id(0) - tl.cdiv(M, BLOCK_M) * tl.cdiv(K, BLOCK_K)
         if v_tile >= 0:
@@ -578,6 +587,7 @@ def _v_program(v_ptr, dy_ptr, lb_ptr, pid_m, M, N, R, stride_dym, stride_dyn, st
 
 
 @triton.heuristics(GRAD_K_HEURISTICS)
+@packed_rows_kernel
 @fma_kernel
 @triton.jit
 def _quant_matmul_grad_input_splitn_kernel(
@@ -593,6 +603,7 @@ def _quant_matmul_grad_input_splitn_kernel(
     ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
     WITH_V: tl.constexpr, R_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SHIFT_K: tl.constexpr = False,
+    QN_ALIGN: tl.constexpr = 1,
 ):
     """Small-M input gradient, the reduction over N split across the grid: program (k, s, m) adds
     dXᵀ[k0:k0+BK, m0:m0+BM] = Σ_{n in slice s} Ŵᵀ[BK, BN]·dYᵀ[BN, BM] (slices of ⌈N/BN / SPLIT⌉ tiles).
@@ -601,6 +612,7 @@ def _quant_matmul_grad_input_splitn_kernel(
     V[m, :] = Σ_{n in slice s} dY[m, n]·B[n, :] instead (the low-rank term of dX itself is folded
     into the group biases by the caller). Not fused into the dequantizing loop: B's tile there
     made the 256-row tile spill."""
+    stride_qn = aligned_rows(stride_qn, QN_ALIGN)  # packed rows: aligned loads
     pid_k = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -645,6 +657,7 @@ def _quant_matmul_grad_input_splitn_kernel(
 @triton.autotune(configs=gemv_grad_configs(), key=["N", "K", "BITS", "GROUP_SIZE", "IS_NF4", "ATOMIC"],
                  prune_configs_by=GEMV_PRUNE, reset_to_zero=["ws_ptr"])
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+@packed_rows_kernel
 @fma_kernel
 @triton.jit
 def _quant_matmul_grad_input_gemv_kernel(
@@ -656,6 +669,7 @@ def _quant_matmul_grad_input_gemv_kernel(
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
     ATOMIC: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    QN_ALIGN: tl.constexpr = 1,
 ):
     """Input gradient at M = 1, the reduction over N split across the grid as in the split-N kernel:
     program (k, s) adds dX[k0:k0+BK] = Σ_{n in slice s} dY[n]·Ŵ[n, k0:k0+BK] with FMAs, not an MMA.
@@ -665,6 +679,7 @@ def _quant_matmul_grad_input_gemv_kernel(
     keeps its own part of the tile: acc[BN, BK] += Ŵ ⊙ dY[:, None] in registers (one FFMA per
     element, Ŵ not rounded to dY's dtype), and the rows are summed across threads once, after the
     loop. Dispatched for NF4 only (docs/kernels.md: INT tiles still go through shared memory here)."""
+    stride_qn = aligned_rows(stride_qn, QN_ALIGN)  # packed rows: aligned loads
     pid_k = tl.program_id(0)
     pid_s = tl.program_id(1)
     tiles = tl.cdiv(tl.cdiv(N, BLOCK_N), tl.num_programs(1))

@@ -71,9 +71,10 @@ from ..formats.nf4 import nf4_absmax
 from ..formats.quantized_weight import QuantizedWeight
 from . import fused_matmul as _fm
 from . import heuristics
-from .config import INTERPRETED, fma_kernel, grouped_config, grouped_split_k, num_sms, target_arch
+from .config import (INTERPRETED, fma_kernel, grouped_config, grouped_split_k, num_sms, packed_rows_kernel,
+                     target_arch)
 from .fused_matmul import GRAD_K_HEURISTICS, _as_2d, _decode_loop, _fwd_loop, _grad_half2, _grad_k_tile, _precision
-from .quant_tile import _dequant_tile, supports, weight_args
+from .quant_tile import _dequant_tile, aligned_rows, supports, weight_args
 from .quant_tile_t import _dequant_tile_t, _int3_planes_t, _words_t
 
 #: average routed rows per expert (S / E) at or below which the 16-row (small-M) tiles are used
@@ -152,6 +153,7 @@ def _fwd_tile(t, pid_n, y_ptr, x_ptr, bias_ptr, p_ptr, tile_expert_ptr, tile_row
 
 
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+@packed_rows_kernel
 @fma_kernel
 @triton.jit
 def _grouped_matmul_fwd_kernel(
@@ -168,12 +170,14 @@ def _grouped_matmul_fwd_kernel(
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, POOL: tl.constexpr, DECODE: tl.constexpr,
     PACKED_DEQUANT: tl.constexpr, SLOT_LOOP: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    QN_ALIGN: tl.constexpr = 1,
 ):
     """Y[s, n] = Σ_k X[s, k]·Ŵ[e·N + n, k] (+ bias[e, n]) for the rows s of M tile t (all of expert e).
 
     DECODE (small M): the K loop of :func:`_decode_loop` (packed half2 INT decoding, masked
     padding rows); else the dense GEMM's :func:`qlk.kernels.fused_matmul._fwd_loop`.
     SLOT_LOOP: program row t runs tile slots t, t + P, ... < NUM_SLOTS (P = grid rows; :func:`_programs`)."""
+    stride_qn = aligned_rows(stride_qn, QN_ALIGN)  # packed rows: aligned loads
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
     # first: its registers are dead before the K loop
@@ -227,6 +231,7 @@ def _splitk_tile(t, pid_n, pid_s, ws_ptr, x_ptr, tile_expert_ptr, tile_row_ptr, 
 
 
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+@packed_rows_kernel
 @fma_kernel
 @triton.jit
 def _grouped_matmul_splitk_kernel(
@@ -240,10 +245,12 @@ def _grouped_matmul_splitk_kernel(
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, PACKED_DEQUANT: tl.constexpr, SLOT_LOOP: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    QN_ALIGN: tl.constexpr = 1,
 ):
     """Small-M split-K: program (t, j, s) adds Σ_{k in slice s} X[m, k]·Ŵ[e·N + n, k] for the rows m
     of M tile t (expert e), N tile j, into ws. A slice is ⌈⌈K/BLOCK_K⌉ / SPLIT⌉ whole K tiles
     (SPLIT = grid axis 2). Sentinel rows (past offsets[E]) have no tile: ws's zeros."""
+    stride_qn = aligned_rows(stride_qn, QN_ALIGN)  # packed rows: aligned loads
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -331,6 +338,7 @@ def _grad_tile(t, pid_k, pid_s, dx_ptr, dy_ptr, tile_expert_ptr, tile_row_ptr, b
 
 
 @triton.heuristics(GRAD_K_HEURISTICS)
+@packed_rows_kernel
 @fma_kernel
 @triton.jit
 def _grouped_matmul_grad_input_kernel(
@@ -346,6 +354,7 @@ def _grouped_matmul_grad_input_kernel(
     WORDS_AHEAD: tl.constexpr, WORDS_ASM: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     HALF2: tl.constexpr = False, HALF2_ASM: tl.constexpr = False, SHIFT_K: tl.constexpr = False,
+    QN_ALIGN: tl.constexpr = 1,
 ):
     """dX[s, k] = Σ_n dY[s, n]·Ŵ[e·N + n, k]: tile dXᵀ[k0:k0+BK, rows of M tile t] = Ŵ_eᵀ·dYᵀ.
     A ragged last K tile is moved back to end at K (SHIFT_K, :func:`qlk.kernels.fused_matmul.shift_last_k`).
@@ -357,6 +366,7 @@ def _grouped_matmul_grad_input_kernel(
     INT2_HALVES: INT2 unpacked per half word (sm_80, as the dense GEMM gradient).
     HALF2 (INT formats, fp16/bf16 dY): Ŵᵀ decoded in half2 arithmetic (quant_tile_t._pair_half2;
     HALF2_ASM: its inline PTX, else the interpreter's twin), s and c rounded to dY's dtype first."""
+    stride_qn = aligned_rows(stride_qn, QN_ALIGN)  # packed rows: aligned loads
     pid_t = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_s = tl.program_id(2)

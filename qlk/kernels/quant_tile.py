@@ -263,6 +263,17 @@ def supports(qw: QuantizedWeight) -> str | None:
     return f"fmt={qw.fmt!r}"
 
 
+@triton.jit
+def aligned_rows(stride_qn, QN_ALIGN: tl.constexpr):
+    """``stride_qn`` itself, written so that the compiler knows it is a multiple of QN_ALIGN
+    (:func:`qlk.kernels.config.packed_rows_kernel` computes QN_ALIGN from the value, so the
+    rounding never changes it): rows of packed words then start 4·QN_ALIGN-byte aligned, and
+    loads of consecutive words vectorize up to 16 B."""
+    if QN_ALIGN > 1:
+        stride_qn = stride_qn // QN_ALIGN * QN_ALIGN
+    return stride_qn
+
+
 def weight_args(qw: QuantizedWeight, denest_absmax: bool = False) -> tuple[tuple, dict]:
     """(positional tensor/int args, constexpr kwargs) describing ``qw`` to :func:`_dequant_tile`.
 
