@@ -97,6 +97,37 @@ def test_grouped_kernels_match_per_expert_oracle(f):
 
 
 @needs_kernels
+@pytest.mark.parametrize("f", [("int", 4, 32, False), ("nf4", 4, 64, True), ("int", 2, 64, False),
+                               ("int", 3, 32, False)], ids=fmt_id)
+def test_grouped_kernels_rows_not_a_multiple_of_16_words(f):
+    """K = 192: packed rows of 24 (INT4, NF4), 12 (INT2) and 18 (INT3) words, strides Triton does not
+    specialize (not multiples of 16), so the kernels run with QN_ALIGN 8, 4 and 2
+    (config.packed_rows_kernel); fp16 through the half2 decoders, experts with 0, 1, odd and many rows,
+    NaN-poisoned rows past offsets[E], float64 per-expert oracle."""
+    from qlk.kernels.config import row_alignment
+
+    fmt, bits, g, dq = f
+    e_count, n, k = len(COUNTS), 24, 192
+    gen = torch.Generator().manual_seed(11)
+    qw = qlk.quantize(torch.randn(e_count * n, k, generator=gen), bits=bits, group_size=g, fmt=fmt, double_quant=dq)
+    words = k // 8 if fmt == "nf4" else (3 * k // 32 if bits == 3 else k // (32 // bits))
+    assert row_alignment(words) in (2, 4, 8)
+    w = oracle_weight(qw).reshape(e_count, n, k)
+    off = offsets_of(COUNTS)
+    rows = int(off[-1]) + 2
+    x = torch.randn(rows, k, generator=gen).half()
+    dy = torch.randn(rows, n, generator=gen).half()
+    x[-2:], dy[-2:] = float("nan"), float("nan")
+    y, _ = grouped_matmul_forward(x, qw, off, e_count)
+    dx = grouped_matmul_grad_input(dy, qw, off, e_count)
+    y_ref = per_expert(x.float(), off, lambda e, xe: xe @ w[e].t())
+    dx_ref = per_expert(dy.float(), off, lambda e, de: de @ w[e])
+    assert torch.equal(y[-2:].float(), torch.zeros(2, n)) and torch.equal(dx[-2:].float(), torch.zeros(2, k))
+    assert ((y.double() - y_ref).norm() / y_ref.norm()) < 2e-3
+    assert ((dx.double() - dx_ref).norm() / dx_ref.norm()) < 2e-3
+
+
+@needs_kernels
 def test_grouped_kernels_other_tilings_fp16_pool_and_empty():
     """A 32-row tile with 64-wide K tiles (two g32 groups per tile), fp16, QA-LoRA pooling in the
     kernel; zero rows; every row routed to no expert."""
