@@ -120,9 +120,9 @@ def packed_rows_kernel(kernel):
     ``stride_qn = quant_tile.aligned_rows(stride_qn, QN_ALIGN)``.
 
     Why: Triton specializes an integer argument on divisibility by 16 and knows nothing otherwise,
-    so a packed row of 360 words (NF4 / INT4 at K = 2880, gpt-oss) or 72 (INT4 at K = 576, SmolLM2;
-    INT3 at K = 768) made every word load scalar: cp.async of 4 B and an LDS a word, where 16 B
-    loads were legal (360 = 8·45). sm_90 gpt-oss NF4 grouped forward at 16 tokens: 232 → 168
+    so a packed row of 360 words (NF4 / INT4 at K = 2880, gpt-oss) or 72 (INT4 at K = 576, SmolLM2)
+    made every word load scalar: cp.async of 4 B and an LDS a word, where 16 B loads were legal
+    (360 = 8·45). INT3 reads its 3-word plane sets one word at a time either way. sm_90 gpt-oss NF4 grouped forward at 16 tokens: 232 → 168
     registers, loop 772 → 692 instructions (docs/kernels.md "Round 13")."""
     return triton.heuristics({"QN_ALIGN": lambda args: row_alignment(int(args["stride_qn"]))})(kernel)
 
