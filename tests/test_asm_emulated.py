@@ -36,6 +36,7 @@ def _asm_blocks():
         for bits in (2, 3, 4):
             yield f"packed_asm({bits},{act})", decode_tile.packed_asm(bits, act), 5
             yield f"pair_asm_t({bits},{act})", quant_tile_t.pair_asm_t(bits, act), 5
+        yield f"pair_asm_t_nibbles({act})", quant_tile_t.pair_asm_t_nibbles(act), 8
         for bits in (2, 4):
             yield f"packed_asm_halves({bits},{act})", decode_tile.packed_asm_halves(bits, act), 3
         for p in (0, 2, 4):
@@ -50,12 +51,15 @@ def test_emulator_equals_the_exact_model(name, asm, n_in):
     rng = np.random.default_rng(len(name) * 7 + n_in)
     cases = 64
     fmt = "bf16" if "bf16" in name else "f16"
+    high = rng.integers(0, 2, size=cases)  # pair_asm_t_nibbles: one nibble position a case, for its 3 operands
     ops = []
     for i in range(n_in):
         if "int3_code_word" in name and i == 3:
             v = [sum(int(x) << (4 * k) for k, x in enumerate(rng.integers(0, 8, size=4))) for _ in range(cases)]
         elif "int3_code_word" in name and i >= 4:
             v = rng.integers(0, 32, size=cases).tolist()
+        elif "nibbles" in name and i in (3, 4, 5):  # the (mask, (u, u), (−n, −n)) of a low or high nibble
+            v = [quant_tile_t.nibble_consts("bf16" if "bf16" in name else "fp16", bool(h))[i - 3] for h in high]
         elif ("packed_asm(" in name and i == 2) or ("pair_asm_t" in name and i == 2):
             j = rng.integers(0, 4, size=(cases, 2))
             v = [int(a | (4 + a) << 8 | (b | (4 + b) << 8) << 16) for a, b in j]

@@ -118,3 +118,80 @@ def test_pair_twin_matches_asm_model(bits, param_dtype):
     for e, (q0, q1, a, b, sel, i) in enumerate(rows):
         ref = run_ptx(asm, {"$1": a, "$2": b, "$3": sel, "$4": sb[e] | (sb[e] << 16), "$5": cb[e] | (cb[e] << 16)})
         assert int(out[e]) & 0xFFFFFFFF == ref, (bits, q0, q1, hex(a), hex(b), sel, s_vals[e], c_vals[e])
+
+
+def _nibble_grid(high: bool):
+    """(q0, q1, A, B, S, scale index) for INT3 codes at bit 0 (``high`` False) or bit 4 of byte j:
+    every code pair, every byte j, random bits elsewhere (the other nibble's code included)."""
+    rng = np.random.default_rng(20 + high)
+    shift = 4 if high else 0
+    for q0 in range(8):
+        for q1 in range(8):
+            for i in range(len(SCALES)):
+                j = (q0 + q1 + i) % 4
+                words = []
+                for q in (q0, q1):
+                    w = int(rng.integers(0, 1 << 32)) & ~(7 << (8 * j + shift)) & 0xFFFFFFFF
+                    words.append(w | (q << (8 * j + shift)))
+                yield q0, q1, words[0], words[1], j | ((4 + j) << 8), i
+
+
+@pytest.mark.parametrize("high", [False, True], ids=["low-nibble", "high-nibble"])
+@pytest.mark.parametrize("fmt", ["f16", "bf16"])
+def test_pair_asm_t_nibbles_bit_exact(high, fmt):
+    """Round 13's INT3 decoder (``pair_asm_t_nibbles``) reads the pair's codes at bit 0 or 4 of byte
+    j with the mask and (u, u), (−n, −n) of ``nibble_consts``: ŵ = s·(q − 4) + c rounded once, bit
+    for bit, for every code pair at either nibble (the other nibble holding random bits)."""
+    act = "fp16" if fmt == "f16" else "bf16"
+    asm = quant_tile_t.pair_asm_t_nibbles(act)
+    mask, u, n = quant_tile_t.nibble_consts(act, high)
+    s_bits, c_bits = half_bits(SCALES, fmt), half_bits(BIASES, fmt)
+    checked = 0
+    for q0, q1, a, b, sel, i in _nibble_grid(high):
+        s, c = s_bits[i], c_bits[(i + q0) % len(BIASES)]
+        got = run_ptx(asm, {"$1": a, "$2": b, "$3": sel, "$4": mask, "$5": u, "$6": n,
+                            "$7": s | (s << 16), "$8": c | (c << 16)})
+        for half, q in ((0, q0), (1, q1)):
+            exact = half_value(s, fmt) * (q - 4) + half_value(c, fmt)
+            assert (got >> (16 * half)) & 0xFFFF == round_half(exact, fmt), (high, fmt, q, s, c, half, sel)
+            checked += 1
+    assert checked == 2 * len(SCALES) * 64
+
+
+@needs_kernels
+@pytest.mark.parametrize("high", [False, True], ids=["low-nibble", "high-nibble"])
+def test_pair_nibbles_twin_matches_asm_model(high):
+    """``_pair_half2_nibbles(ASM=False)`` equals the asm model bit for bit (fp16), with the nibble
+    flag per element as the tile gives it."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def twin(a_ptr, b_ptr, sel_ptr, s_ptr, c_ptr, out_ptr, HIGH: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        s2 = quant_tile_t._half2_pair(tl.load(s_ptr + offs), tl.float16, False)
+        c2 = quant_tile_t._half2_pair(tl.load(c_ptr + offs), tl.float16, False)
+        hi = tl.full((BLOCK,), HIGH, tl.int32)
+        r = quant_tile_t._pair_half2_nibbles(tl.load(a_ptr + offs), tl.load(b_ptr + offs), tl.load(sel_ptr + offs),
+                                             hi, s2, c2, tl.float16, False)
+        tl.store(out_ptr + offs, r)
+
+    rows = list(_nibble_grid(high))
+    n = len(rows)
+    block = 1 << (n - 1).bit_length()
+    pad = block - n
+    signed = lambda vs: torch.tensor([v - (1 << 32) if v >= 1 << 31 else v for v in vs] + [0] * pad,  # noqa: E731
+                                     dtype=torch.int32)
+    s_vals = [SCALES[r[5]] for r in rows]
+    c_vals = [BIASES[(r[5] + r[0]) % len(BIASES)] for r in rows]
+    out = torch.zeros(block, dtype=torch.int32)
+    twin[(1,)](signed([r[2] for r in rows]), signed([r[3] for r in rows]), signed([r[4] for r in rows]),
+               torch.tensor(s_vals + [0.0] * pad, dtype=torch.float16),
+               torch.tensor(c_vals + [0.0] * pad, dtype=torch.float16), out, HIGH=int(high), BLOCK=block)
+    asm = quant_tile_t.pair_asm_t_nibbles("fp16")
+    mask, u, nn = quant_tile_t.nibble_consts("fp16", high)
+    sb, cb = half_bits(s_vals, "f16"), half_bits(c_vals, "f16")
+    for e, (q0, q1, a, b, sel, i) in enumerate(rows):
+        ref = run_ptx(asm, {"$1": a, "$2": b, "$3": sel, "$4": mask, "$5": u, "$6": nn,
+                            "$7": sb[e] | (sb[e] << 16), "$8": cb[e] | (cb[e] << 16)})
+        assert int(out[e]) & 0xFFFFFFFF == ref, (high, q0, q1, hex(a), hex(b), sel, s_vals[e], c_vals[e])

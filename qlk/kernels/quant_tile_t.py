@@ -288,6 +288,54 @@ def pair_asm_t(bits: int, act: str) -> str:
             "}")
 
 
+def pair_asm_t_nibbles(act: str) -> str:
+    """PTX of one invocation (pack=1) of the INT3 transposed half2 decoder, which reads a pair's two
+    3-bit codes at bit 0 *or* bit 4 of byte j of A and B (the nibble words of
+    :func:`_int3_nibble_words`, unshifted): $1, $2 = A, B; $3 = the selector of :func:`pair_asm_t`;
+    $4 = the mask (M, M) with M = 0x7 or 0x70; $5, $6 = (u, u), (−n, −n) in the act dtype: u = 1 and
+    n = MAGIC_VALUE + 4 for a low nibble, u = 1/16 and n = MAGIC_VALUE/16 + 4 for a high one; $7,
+    $8 = (s, s), (c, c). The masked field is MAGIC_VALUE + q or MAGIC_VALUE + 16q exactly, and
+    fma(v, u, −n) = q − 4 exactly in both cases (u is a power of two), so
+    ŵ = fma.rn(q − 4, s, c) as in :func:`pair_asm_t`. The high nibble costs no shift: the mask and
+    the two constants are per pair position, held in registers across the loop."""
+    magic, _, _, fma = _act_consts(act)
+    return ("{\n"
+            ".reg .b32 v;\n"
+            "prmt.b32 v, $1, $2, $3;\n"
+            f"lop3.b32 v, v, $4, {magic * 0x10001:#010x}, 0xea;\n"
+            f"{fma} v, v, $5, $6;\n"
+            f"{fma} $0, v, $7, $8;\n"
+            "}")
+
+
+def nibble_consts(act: str, high: bool) -> tuple[int, int, int]:
+    """(mask, (u, u), (−n, −n)) of :func:`pair_asm_t_nibbles` for a low or high nibble, as int32 bit
+    patterns (the act dtype's 16-bit values in both halves)."""
+    import numpy as np
+
+    _, value, one, _ = _act_consts(act)
+    if high:
+        if act == "fp16":
+            u = int(np.array(1 / 16, dtype=np.float16).view(np.uint16))
+        else:
+            u = 0x3D80  # bf16 1/16
+        return 0x00700070, u * 0x10001, _neg_magic(act, value // 16 + 4) * 0x10001
+    return 0x00070007, one * 0x10001, _neg_magic(act, value + 4) * 0x10001
+
+
+ASM_T_NIB_F16: tl.constexpr = tl.constexpr(pair_asm_t_nibbles("fp16"))
+ASM_T_NIB_BF16: tl.constexpr = tl.constexpr(pair_asm_t_nibbles("bf16"))
+NIB_MASK_LO: tl.constexpr = tl.constexpr(nibble_consts("fp16", False)[0])
+NIB_MASK_HI: tl.constexpr = tl.constexpr(nibble_consts("fp16", True)[0])
+NIB_F16_U_LO: tl.constexpr = tl.constexpr(nibble_consts("fp16", False)[1])
+NIB_F16_U_HI: tl.constexpr = tl.constexpr(nibble_consts("fp16", True)[1])
+NIB_F16_N_LO: tl.constexpr = tl.constexpr(nibble_consts("fp16", False)[2])
+NIB_F16_N_HI: tl.constexpr = tl.constexpr(nibble_consts("fp16", True)[2])
+NIB_BF16_U_LO: tl.constexpr = tl.constexpr(nibble_consts("bf16", False)[1])
+NIB_BF16_U_HI: tl.constexpr = tl.constexpr(nibble_consts("bf16", True)[1])
+NIB_BF16_N_LO: tl.constexpr = tl.constexpr(nibble_consts("bf16", False)[2])
+NIB_BF16_N_HI: tl.constexpr = tl.constexpr(nibble_consts("bf16", True)[2])
+
 ASM_T_F16_B2: tl.constexpr = tl.constexpr(pair_asm_t(2, "fp16"))
 ASM_T_F16_B3: tl.constexpr = tl.constexpr(pair_asm_t(3, "fp16"))
 ASM_T_F16_B4: tl.constexpr = tl.constexpr(pair_asm_t(4, "fp16"))
@@ -378,6 +426,56 @@ def _pair_half2(a, b, sel, s2, c2, ACT: tl.constexpr, BITS: tl.constexpr, ASM: t
 
 
 @triton.jit
+def _pair_half2_nibbles(a, b, sel, hi, s2, c2, ACT: tl.constexpr, ASM: tl.constexpr):
+    """:func:`_pair_half2` for INT3's nibble words, unshifted: the pair's codes are bits 0-2 of byte
+    j of ``a`` / ``b`` where ``hi`` is 0, bits 4-6 where it is 1 (int32, broadcastable).
+    ASM: :func:`pair_asm_t_nibbles`, its mask and (u, u), (−n, −n) picked per pair position; else
+    the Triton twin, which reads the mask as the asm does (a wrong mask or selector fails here too)."""
+    mask = tl.where(hi != 0, NIB_MASK_HI, NIB_MASK_LO)
+    if ACT == tl.float16:
+        u = tl.where(hi != 0, NIB_F16_U_HI, NIB_F16_U_LO)
+        n = tl.where(hi != 0, NIB_F16_N_HI, NIB_F16_N_LO)
+    else:
+        tl.static_assert(ACT == tl.bfloat16)
+        u = tl.where(hi != 0, NIB_BF16_U_HI, NIB_BF16_U_LO)
+        n = tl.where(hi != 0, NIB_BF16_N_HI, NIB_BF16_N_LO)
+    if ASM:
+        a, b = tl.broadcast(a, b)
+        a, sel = tl.broadcast(a, sel)
+        a, mask = tl.broadcast(a, mask)
+        a, u = tl.broadcast(a, u)
+        a, n = tl.broadcast(a, n)
+        a, s2 = tl.broadcast(a, s2)
+        a, c2 = tl.broadcast(a, c2)
+        b, a = tl.broadcast(b, a)
+        sel, a = tl.broadcast(sel, a)
+        mask, a = tl.broadcast(mask, a)
+        u, a = tl.broadcast(u, a)
+        n, a = tl.broadcast(n, a)
+        if ACT == tl.float16:
+            r = tl.inline_asm_elementwise(ASM_T_NIB_F16, "=r,r,r,r,r,r,r,r,r", [a, b, sel, mask, u, n, s2, c2],
+                                          dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            r = tl.inline_asm_elementwise(ASM_T_NIB_BF16, "=r,r,r,r,r,r,r,r,r", [a, b, sel, mask, u, n, s2, c2],
+                                          dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        i_lo = sel & 7
+        i_hi = (sel >> 8) & 7
+        m = mask & 0xFF
+        shift = tl.where(m == 0x70, 4, 0)
+        q_lo = (((tl.where(i_lo < 4, a, b) >> (8 * (i_lo & 3))) & m) >> shift)
+        q_hi = (((tl.where(i_hi < 4, a, b) >> (8 * (i_hi & 3))) & m) >> shift)
+        sf = s2.to(tl.int16).to(ACT, bitcast=True).to(tl.float32)
+        cf = c2.to(tl.int16).to(ACT, bitcast=True).to(tl.float32)
+        sf_hi = (s2 >> 16).to(tl.int16).to(ACT, bitcast=True).to(tl.float32)
+        cf_hi = (c2 >> 16).to(tl.int16).to(ACT, bitcast=True).to(tl.float32)
+        lo = (sf * (q_lo - 4).to(tl.float32) + cf).to(ACT)
+        hi_v = (sf_hi * (q_hi - 4).to(tl.float32) + cf_hi).to(ACT)
+        r = (lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) | (hi_v.to(tl.int16, bitcast=True).to(tl.int32) << 16)
+    return r
+
+
+@triton.jit
 def _pair_sources(qw_ptr, stride_qn, offs_n, k0, K, BITS: tl.constexpr, EVEN_K: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INT2_HALVES: tl.constexpr,
                   words_pre, words_pre1, words_pre2, PRELOADED: tl.constexpr):
@@ -395,10 +493,11 @@ def _pair_sources(qw_ptr, stride_qn, offs_n, k0, K, BITS: tl.constexpr, EVEN_K: 
         even0, odd0 = _int3_nibble_words(w0, w2 & 0xFFFF)
         even1, odd1 = _int3_nibble_words(w1, (w2 >> 16) & 0xFFFF)
         p = tl.arange(0, 16)[:, None, None]  # pair p: half p // 8, nibble q = p % 8 (byte q // 2)
-        off = (p % 2) * 4
-        a = tl.where(p < 8, even0[None, :, :], even1[None, :, :]) >> off
-        b = tl.where(p < 8, odd0[None, :, :], odd1[None, :, :]) >> off
+        # unshifted: the nibble (p % 2) is the decoder's mask (_pair_half2_nibbles), not a shift a word
+        a = tl.where(p < 8, even0[None, :, :], even1[None, :, :])
+        b = tl.where(p < 8, odd0[None, :, :], odd1[None, :, :])
         j = (p % 8) // 2
+        hi = p % 2
     else:
         if PRELOADED:
             words = words_pre
@@ -409,6 +508,7 @@ def _pair_sources(qw_ptr, stride_qn, offs_n, k0, K, BITS: tl.constexpr, EVEN_K: 
             a = tl.broadcast_to(words[None, :, :], (4, BLOCK_K // 8, BLOCK_N))
             b = a >> 4
             j = p
+            hi = 0
         elif INT2_HALVES:  # chunk = a half word (8 columns): pair p of half h = bits 16h + 4p, +2
             PER: tl.constexpr = 16
             NW: tl.constexpr = BLOCK_K // PER
@@ -418,12 +518,14 @@ def _pair_sources(qw_ptr, stride_qn, offs_n, k0, K, BITS: tl.constexpr, EVEN_K: 
             b = a >> 2
             jh = p[:, :, :, None] // 2 + 2 * tl.arange(0, 2)[None, None, :, None]  # [4, 1, 2, 1]
             j = tl.reshape(tl.broadcast_to(jh, (4, NW, 2, 1)), (4, 2 * NW, 1))
+            hi = 0
         else:  # INT2, 16-column chunks: pair p = bits 4p, 4p + 2 (byte p // 2)
             p = tl.arange(0, 8)[:, None, None]
             a = words[None, :, :] >> ((p % 2) * 4)
             b = a >> 2
             j = p // 2
-    return a, b, j | ((4 + j) << 8)
+            hi = 0
+    return a, b, j | ((4 + j) << 8), hi
 
 
 @triton.jit
@@ -456,8 +558,8 @@ def _dequant_tile_t(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, 
         USE_HALF2: tl.constexpr = HALF2 and not IS_NF4 and (OUT_DTYPE == tl.float16 or OUT_DTYPE == tl.bfloat16)
         G = K // GROUP_SIZE
         if USE_HALF2:
-            ev, od, sel = _pair_sources(qw_ptr, stride_qn, offs_n, k0, K, BITS, EVEN_K, BLOCK_N, BLOCK_K,
-                                        INT2_HALVES, words_pre, words_pre1, words_pre2, PRELOADED)
+            ev, od, sel, nib = _pair_sources(qw_ptr, stride_qn, offs_n, k0, K, BITS, EVEN_K, BLOCK_N, BLOCK_K,
+                                             INT2_HALVES, words_pre, words_pre1, words_pre2, PRELOADED)
             fe, fo = 0, 0
         else:
             ev, od, fe, fo = _packed_values(qw_ptr, lut_ptr, stride_qn, offs_n, k0, K, BITS, IS_NF4, EVEN_K, BLOCK_N,
@@ -498,8 +600,13 @@ def _dequant_tile_t(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, 
             # 16-bit halves and joined as the fp32 path's rounded values are (the same join: the
             # layout conversion still moves 16-bit values)
             sel = tl.reshape(tl.broadcast_to(sel, (CHUNK // 2, NCH, 1)), (CHUNK // 2, NG, NCH // NG, 1))
-            r = _pair_half2(ev, od, sel, _half2_pair(s4, OUT_DTYPE, HALF2_ASM), _half2_pair(b4, OUT_DTYPE, HALF2_ASM),
-                            OUT_DTYPE, BITS, HALF2_ASM)
+            if BITS == 3:
+                nib = tl.reshape(tl.broadcast_to(nib, (CHUNK // 2, NCH, 1)), (CHUNK // 2, NG, NCH // NG, 1))
+                r = _pair_half2_nibbles(ev, od, sel, nib, _half2_pair(s4, OUT_DTYPE, HALF2_ASM),
+                                        _half2_pair(b4, OUT_DTYPE, HALF2_ASM), OUT_DTYPE, HALF2_ASM)
+            else:
+                r = _pair_half2(ev, od, sel, _half2_pair(s4, OUT_DTYPE, HALF2_ASM),
+                                _half2_pair(b4, OUT_DTYPE, HALF2_ASM), OUT_DTYPE, BITS, HALF2_ASM)
             w = tl.join(r.to(tl.int16).to(OUT_DTYPE, bitcast=True), (r >> 16).to(tl.int16).to(OUT_DTYPE, bitcast=True))
         else:
             # the values are 2^e·(q − MID) (_scaled_code): the scale times 2^-e gives the same exact
