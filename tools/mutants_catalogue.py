@@ -474,8 +474,9 @@ MUTANTS = [
          old='w0 = tl.inline_asm_elementwise(ASM_F16_H3, "=r,r,r,r,r", [lo, hi, s, c]',
          new='w0 = tl.inline_asm_elementwise(ASM_F16_H3, "=r,r,r,r,r", [hi, lo, s, c]',
          tests=["tests/test_asm_emulated.py", "-k", "test_forward_asm and bk128"]),
+    # round 13: INT3 takes the nibble decoder (pair_asm_t_nibbles); its fp16 branch given the bf16 asm
     dict(id="dgrad-half2-asm-constant-int3", cls="asm operands", file="qlk/kernels/quant_tile_t.py",
-         old="r = tl.inline_asm_elementwise(ASM_T_F16_B3,", new="r = tl.inline_asm_elementwise(ASM_T_F16_B4,",
+         old="r = tl.inline_asm_elementwise(ASM_T_NIB_F16,", new="r = tl.inline_asm_elementwise(ASM_T_NIB_BF16,",
          tests=["tests/test_asm_emulated.py", "-k", "test_grad_input_half2_asm"]),
     # the bf16 branches (no bf16 GEMM under the interpreter: the wrappers elementwise, emulated)
     dict(id="decode-asm-bf16-branch-constant", cls="asm operands", file="qlk/kernels/decode_tile.py",
