@@ -77,6 +77,17 @@ def test_scale_pair_cvt(act):
     # both halves hold x rounded, which the twin computes as x.to(fp32).to(act)
 
 
+def _padded(n: int):
+    """(block, pad, signed): the power-of-two launch block for n grid rows, its padding, and a function
+    turning n unsigned 32-bit words into the kernel's int32 tensor of ``block`` elements."""
+    block = 1 << (n - 1).bit_length()
+    pad = block - n
+
+    def signed(vs):
+        return torch.tensor([v - (1 << 32) if v >= 1 << 31 else v for v in vs] + [0] * pad, dtype=torch.int32)
+    return block, pad, signed
+
+
 needs_kernels = pytest.mark.skipif(not (INTERPRETED or torch.cuda.is_available()),
                                    reason="needs CUDA or TRITON_INTERPRET=1")
 
@@ -100,11 +111,7 @@ def test_pair_twin_matches_asm_model(bits, param_dtype):
         tl.store(out_ptr + offs, r)
 
     rows = list(_grid(bits))
-    n = len(rows)
-    block = 1 << (n - 1).bit_length()
-    pad = block - n
-    signed = lambda vs: torch.tensor([v - (1 << 32) if v >= 1 << 31 else v for v in vs] + [0] * pad,  # noqa: E731
-                                     dtype=torch.int32)
+    block, pad, signed = _padded(len(rows))
     jitter = 1.0 if param_dtype == torch.float16 else 1.0 + 2.0**-13  # fp32 values between fp16 neighbours
     s_vals = [SCALES[r[5]] * jitter for r in rows]
     c_vals = [BIASES[(r[5] + r[0]) % len(BIASES)] * jitter for r in rows]
@@ -177,11 +184,7 @@ def test_pair_nibbles_twin_matches_asm_model(high):
         tl.store(out_ptr + offs, r)
 
     rows = list(_nibble_grid(high))
-    n = len(rows)
-    block = 1 << (n - 1).bit_length()
-    pad = block - n
-    signed = lambda vs: torch.tensor([v - (1 << 32) if v >= 1 << 31 else v for v in vs] + [0] * pad,  # noqa: E731
-                                     dtype=torch.int32)
+    block, pad, signed = _padded(len(rows))
     s_vals = [SCALES[r[5]] for r in rows]
     c_vals = [BIASES[(r[5] + r[0]) % len(BIASES)] for r in rows]
     out = torch.zeros(block, dtype=torch.int32)

@@ -345,6 +345,13 @@ ASM_T_BF16_B4: tl.constexpr = tl.constexpr(pair_asm_t(4, "bf16"))
 
 
 @triton.jit
+def _like(x, ref):
+    """``x`` broadcast to the common shape of ``x`` and ``ref`` (an asm operand list must agree)."""
+    x, _ = tl.broadcast(x, ref)
+    return x
+
+
+@triton.jit
 def _half2_pair(x, ACT: tl.constexpr, ASM: tl.constexpr):
     """int32 holding ``x`` rounded to ACT (fp16/bf16) in both 16-bit halves: (x, x), the asm's
     packed scale or bias. ``x`` in its stored dtype: ACT itself is a move; another dtype is
@@ -380,12 +387,8 @@ def _pair_half2(a, b, sel, s2, c2, ACT: tl.constexpr, BITS: tl.constexpr, ASM: t
     MASK: tl.constexpr = (1 << BITS) - 1
     MID: tl.constexpr = 1 << (BITS - 1)
     if ASM:
-        a, b = tl.broadcast(a, b)
-        a, sel = tl.broadcast(a, sel)
-        a, s2 = tl.broadcast(a, s2)
-        a, c2 = tl.broadcast(a, c2)
-        b, a = tl.broadcast(b, a)
-        sel, a = tl.broadcast(sel, a)
+        a = _like(_like(_like(_like(a, b), sel), s2), c2)  # every operand at the common shape
+        b, sel, s2, c2 = _like(b, a), _like(sel, a), _like(s2, a), _like(c2, a)
         if ACT == tl.float16:
             if BITS == 2:
                 r = tl.inline_asm_elementwise(ASM_T_F16_B2, "=r,r,r,r,r,r", [a, b, sel, s2, c2], dtype=tl.int32,
@@ -415,14 +418,22 @@ def _pair_half2(a, b, sel, s2, c2, ACT: tl.constexpr, BITS: tl.constexpr, ASM: t
         i_hi = (sel >> 8) & 7
         q_lo = (tl.where(i_lo < 4, a, b) >> (8 * (i_lo & 3))) & MASK
         q_hi = (tl.where(i_hi < 4, a, b) >> (8 * (i_hi & 3))) & MASK
-        sf = s2.to(tl.int16).to(ACT, bitcast=True).to(tl.float32)
-        cf = c2.to(tl.int16).to(ACT, bitcast=True).to(tl.float32)
-        sf_hi = (s2 >> 16).to(tl.int16).to(ACT, bitcast=True).to(tl.float32)
-        cf_hi = (c2 >> 16).to(tl.int16).to(ACT, bitcast=True).to(tl.float32)
-        lo = (sf * (q_lo - MID).to(tl.float32) + cf).to(ACT)
-        hi = (sf_hi * (q_hi - MID).to(tl.float32) + cf_hi).to(ACT)
-        r = (lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) | (hi.to(tl.int16, bitcast=True).to(tl.int32) << 16)
+        r = _twin_pair(q_lo, q_hi, s2, c2, MID, ACT)
     return r
+
+
+@triton.jit
+def _twin_pair(q_lo, q_hi, s2, c2, MID: tl.constexpr, ACT: tl.constexpr):
+    """The Triton twins' arithmetic: s·(q − MID) + c in fp32 for the low half's code with the low
+    halves of the packed (s, s), (c, c) and the same for the high half, each rounded once to ACT,
+    packed as the asm packs its result (the low half's weight in bits 0-15)."""
+    sf = s2.to(tl.int16).to(ACT, bitcast=True).to(tl.float32)
+    cf = c2.to(tl.int16).to(ACT, bitcast=True).to(tl.float32)
+    sf_hi = (s2 >> 16).to(tl.int16).to(ACT, bitcast=True).to(tl.float32)
+    cf_hi = (c2 >> 16).to(tl.int16).to(ACT, bitcast=True).to(tl.float32)
+    lo = (sf * (q_lo - MID).to(tl.float32) + cf).to(ACT)
+    hi = (sf_hi * (q_hi - MID).to(tl.float32) + cf_hi).to(ACT)
+    return (lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) | (hi.to(tl.int16, bitcast=True).to(tl.int32) << 16)
 
 
 @triton.jit
@@ -440,18 +451,9 @@ def _pair_half2_nibbles(a, b, sel, hi, s2, c2, ACT: tl.constexpr, ASM: tl.conste
         u = tl.where(hi != 0, NIB_BF16_U_HI, NIB_BF16_U_LO)
         n = tl.where(hi != 0, NIB_BF16_N_HI, NIB_BF16_N_LO)
     if ASM:
-        a, b = tl.broadcast(a, b)
-        a, sel = tl.broadcast(a, sel)
-        a, mask = tl.broadcast(a, mask)
-        a, u = tl.broadcast(a, u)
-        a, n = tl.broadcast(a, n)
-        a, s2 = tl.broadcast(a, s2)
-        a, c2 = tl.broadcast(a, c2)
-        b, a = tl.broadcast(b, a)
-        sel, a = tl.broadcast(sel, a)
-        mask, a = tl.broadcast(mask, a)
-        u, a = tl.broadcast(u, a)
-        n, a = tl.broadcast(n, a)
+        a = _like(_like(_like(_like(_like(_like(_like(a, b), sel), mask), u), n), s2), c2)
+        b, sel, mask, u, n = _like(b, a), _like(sel, a), _like(mask, a), _like(u, a), _like(n, a)
+        s2, c2 = _like(s2, a), _like(c2, a)
         if ACT == tl.float16:
             r = tl.inline_asm_elementwise(ASM_T_NIB_F16, "=r,r,r,r,r,r,r,r,r", [a, b, sel, mask, u, n, s2, c2],
                                           dtype=tl.int32, is_pure=True, pack=1)
@@ -465,13 +467,7 @@ def _pair_half2_nibbles(a, b, sel, hi, s2, c2, ACT: tl.constexpr, ASM: tl.conste
         shift = tl.where(m == 0x70, 4, 0)
         q_lo = (((tl.where(i_lo < 4, a, b) >> (8 * (i_lo & 3))) & m) >> shift)
         q_hi = (((tl.where(i_hi < 4, a, b) >> (8 * (i_hi & 3))) & m) >> shift)
-        sf = s2.to(tl.int16).to(ACT, bitcast=True).to(tl.float32)
-        cf = c2.to(tl.int16).to(ACT, bitcast=True).to(tl.float32)
-        sf_hi = (s2 >> 16).to(tl.int16).to(ACT, bitcast=True).to(tl.float32)
-        cf_hi = (c2 >> 16).to(tl.int16).to(ACT, bitcast=True).to(tl.float32)
-        lo = (sf * (q_lo - 4).to(tl.float32) + cf).to(ACT)
-        hi_v = (sf_hi * (q_hi - 4).to(tl.float32) + cf_hi).to(ACT)
-        r = (lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) | (hi_v.to(tl.int16, bitcast=True).to(tl.int32) << 16)
+        r = _twin_pair(q_lo, q_hi, s2, c2, 4, ACT)
     return r
 
 
