@@ -63,6 +63,10 @@ LAYERS = {"mixtral": (4096, 14336, 8, 2), "qwen3": (2048, 768, 128, 8)}
 #: their rules were not tuned on: OLMoE-1B-7B, Qwen1.5-MoE-A2.7B (60 experts: not a power of two)
 #: and gpt-oss-20b (K = 2880: no 128-column groups, those formats are skipped)
 OTHER_LAYERS = {"olmoe": (2048, 1024, 64, 8), "qwen2moe": (2048, 1408, 60, 4), "gptoss": (2880, 2880, 32, 4)}
+#: the second out-of-sample check (``--layers wide``): DeepSeek-V2-Lite's routed experts (64, top-6),
+#: Mixtral-8x22B (H = 6144), Llama-4-Scout (16 experts, top-1) and Phi-3.5-MoE (I = 6400 = 50 · 128)
+WIDE_LAYERS = {"dsv2lite": (2048, 1408, 64, 6), "mixtral22b": (6144, 16384, 8, 2), "scout": (5120, 8192, 16, 1),
+               "phimoe": (4096, 6400, 16, 2)}
 TOKENS = (4096, 16, 1)  # the 4096 and 16, and one token (the split-K decode path)
 #: format label -> (fmt, bits, group_size)
 FORMATS = {"int4g32": ("int", 4, 32), "int4g128": ("int", 4, 128), "int3g128": ("int", 3, 128),

@@ -12,8 +12,9 @@ and writes ``static-moe-sm<arch>.md`` (a summary table: each case's estimate and
 dense baseline of the same run) and ``.csv`` (every launch). **Estimates from machine code, not
 measurements** (docs/static-analysis.md). At 256 tokens or more the metric is the tensor-peak fraction,
 below it the DRAM fraction on useful bytes; both optimistic..pessimistic × wave efficiency.
-`--layers other` (OLMoE, Qwen1.5-MoE, gpt-oss-20b) and `--tokens 512,64` are the out-of-sample
-checks (`static-moe-other-sm<arch>`, `static-moe-t512-64-sm<arch>`).
+`--layers other` (OLMoE, Qwen1.5-MoE, gpt-oss-20b), `--layers wide` (DeepSeek-V2-Lite, Mixtral-8x22B,
+Llama-4-Scout, Phi-3.5-MoE) and `--tokens 512,64` are the out-of-sample checks
+(`static-moe-other-sm<arch>`, `static-moe-wide-sm<arch>`, `static-moe-t512-64-sm<arch>`).
 ``--fit-resident CSV...`` prints qlk.kernels.heuristics.GROUPED_RESIDENT fitted to such CSVs (compiles
 nothing).
 """
@@ -234,9 +235,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--tokens", help="comma-separated token counts instead of bench/launches_moe.py TOKENS "
                                      "(the out-of-sample check: e.g. 512,64); pair with --cases '*'")
-    ap.add_argument("--layers", choices=("issue", "other"), default="issue",
-                    help="issue 19's Mixtral / Qwen3-MoE layers, or the out-of-sample set "
-                         "(bench/launches_moe.py OTHER_LAYERS; writes static-moe-other-sm<arch>)")
+    ap.add_argument("--layers", choices=("issue", "other", "wide"), default="issue",
+                    help="issue 19's Mixtral / Qwen3-MoE layers, or an out-of-sample set (bench/launches_moe.py "
+                         "OTHER_LAYERS / WIDE_LAYERS; writes static-moe-other-sm<arch> / static-moe-wide-sm<arch>)")
     ap.add_argument("--fit-resident", nargs="+", metavar="CSV",
                     help="print qlk.kernels.heuristics.GROUPED_RESIDENT fitted to these static-moe CSVs and exit")
     args = ap.parse_args(argv)
@@ -252,6 +253,8 @@ def main(argv=None) -> int:
 
     if args.layers == "other":
         launches_moe.LAYERS, stem = launches_moe.OTHER_LAYERS, "static-moe-other"
+    elif args.layers == "wide":
+        launches_moe.LAYERS, stem = launches_moe.WIDE_LAYERS, "static-moe-wide"
     if args.tokens:
         launches_moe.TOKENS = tuple(int(t) for t in args.tokens.split(",") if t)
         stem += "-t" + "-".join(str(t) for t in launches_moe.TOKENS)

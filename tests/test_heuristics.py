@@ -168,6 +168,24 @@ def test_occupancy_split_fills_the_resident_slots(op, device_lists):
             assert _worst_wave(c.ctas, 132, resident) >= 0.9, (fmt, c)
 
 
+@pytest.mark.parametrize("fmt", ["int4g32", "int4g128", "int3", "int2"])
+def test_short_reduction_takes_the_narrow_split_step(fmt, device_lists):
+    """Round 14: the input gradient of a 896→128 layer (Qwen2.5-0.5B's k/v projection) reduces over
+    N = 128. The sm_90 split-N candidates step 128 or 256 rows of N at a time; the 256-row step is
+    half padding, and the static analyzer has it at 0.53-0.55 of the 128-row step's speed at M = 1
+    and 5 (bench/results/static-oos-sm90). Its score counts only the share that holds data, so the
+    rules take the 128-row step there, and a reduction at least a step long keeps its score."""
+    assert h.short_reduction_fill(128, 256) == 0.5
+    assert h.short_reduction_fill(192, 256) == 0.75
+    assert h.short_reduction_fill(256, 256) == h.short_reduction_fill(576, 256) == 1.0
+    for m in (1, 5, 16):
+        assert h.choose_config("splitn", m, 128, 896, fmt, 90).label == "16x128x64 w4 s3", (fmt, m)
+    wide = {c.label: c for c in h.score_all("splitn", 1, 1024, 896, fmt, 90)}
+    narrow = {c.label: c for c in h.score_all("splitn", 1, 128, 896, fmt, 90)}
+    assert narrow["16x256x64 w4 s3"].fill == pytest.approx(0.5 * wide["16x256x64 w4 s3"].fill / h.split_busy(
+        1024, 256, wide["16x256x64 w4 s3"].split))
+
+
 def test_split_count_without_occupancy_is_the_round3_rule():
     """A candidate without a RESIDENT entry (the interpreter's, a new tile) keeps the ≈ 16-per-SM
     count; with one the count may differ (4096->14336 on sm_90: 8 -> 16 slices)."""

@@ -971,6 +971,53 @@ def test_grad_input_ragged_k_shifts_the_last_tile(case, m, path, split, det, mon
     assert oracles.rel_err(dx, dy.cpu().double() @ w64.half().double()) < 5e-4
 
 
+# ------------------------------------------------ split-N input gradient, the transposed tile (round 14)
+# fp16 dY through the split-N kernel, whose Ŵᵀ now comes from quant_tile_t._dequant_tile_t (the
+# half2 twin for the INT formats): 3 slices of 3 N tiles (the last ragged), 2 M tiles (M = 17, the
+# second with 1 row), 8-9 K tiles; INT3 in 32-column chunks, INT2 with a half-used last word, a group
+# smaller than a chunk (the forward tile transposed) and NF4 (the fp32 path)
+SPLITN_TILE_RUNS = [
+    pytest.param(("int", 4, 32, 512), False, id="int4g32-atomic"),
+    pytest.param(("int", 3, 256, 512), True, id="int3g256-det"),
+    pytest.param(("int", 2, 8, 520), False, id="int2g8k520-atomic"),
+    pytest.param(("int", 3, 16, 528), True, id="int3g16-det"),
+    pytest.param(("nf4", 64, True, 512), False, id="nf4b64dq-atomic"),
+]
+
+
+@pytest.mark.parametrize("case,det", SPLITN_TILE_RUNS)
+def test_splitn_grad_input_transposed_tile(case, det, monkeypatch):
+    """dX = dY·Ŵ in fp16 through the split-N kernel, NaN-poisoned, against float64 on Ŵ rounded to
+    fp16 (INT scales and biases are stored in fp16, so the half2 decoder's ŵ is that value exactly;
+    NF4's absmax·NF4[q] rounds once): a wrong pair, group, row or slice is off by far more than the
+    fp32 accumulation and fp16 output rounding the tolerance allows."""
+    from qlk.kernels import config
+
+    cfg = config._cfg(None, 4, 1, BLOCK_N=32, BLOCK_M=16, BLOCK_K=64)
+    qw, w64 = _only_grad_tile(monkeypatch, "splitn", cfg, case, 17, 3)
+    n, k = qw.shape
+    seen = []
+    kernel = fm._quant_matmul_grad_input_splitn_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append((grid, kwargs))
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(fm, "_quant_matmul_grad_input_splitn_kernel", Spy())
+    dy = randn(17, n, seed=n + k + 5).half()
+    dx = quant_matmul_backward(dy, qw, out=torch.full((17, k), float("nan"), dtype=torch.float16, device=DEVICE),
+                               path="splitn", deterministic=det)
+    heuristics._choose_default.cache_clear()
+    (grid, kwargs), = seen
+    assert grid[1] == 3 and grid[2] == 2
+    assert kwargs["HALF2"] == (case[0] == "int") and not kwargs["HALF2_ASM"]
+    assert not torch.isnan(dx).any()
+    assert oracles.rel_err(dx, dy.cpu().double() @ w64.half().double()) < 5e-4
+
+
 def test_shift_last_k_rule():
     """The shift needs a ragged K longer than the tile and a start on a whole group and packed unit."""
     assert fm.shift_last_k(dict(K=2880, BLOCK_K=128, GROUP_SIZE=32))

@@ -35,7 +35,10 @@ may instead dequantize Ŵ and run a dense GEMM when the static model estimates t
     (``SPLIT_N``; partials through the split-N workspace; :func:`qlk.kernels.heuristics.grad_split`).
 ``_quant_matmul_grad_input_splitn_kernel``  dX at small M (M <= ``SPLITN_MAX_M``): the reduction over
     N is split over a second grid axis (≈ 16 CTAs per SM), partials added with fp32 atomics or,
-    ``deterministic=True``, through a workspace [SPLIT, M, K] summed in a fixed order.
+    ``deterministic=True``, through a workspace [SPLIT, M, K] summed in a fixed order. Its tile is the
+    GEMM gradient's: :func:`qlk.kernels.quant_tile_t._dequant_tile_t`, half2 arithmetic for the INT
+    formats (round 14; it was the forward's fp32 tile transposed: the int32 codes moved through shared
+    memory, about half the speed, docs/kernels.md "Round 14").
 ``_quant_matmul_grad_input_gemv_kernel``  dX at M = 1 with FMAs instead of an MMA (same split over N):
     no transpose of the dequantized tile through shared memory. ``path="gemv"`` runs it; "auto"
     asks :func:`qlk.kernels.heuristics.choose_m1_grad` (round 3: split-N at every shape, the
@@ -603,7 +606,7 @@ def _quant_matmul_grad_input_splitn_kernel(
     ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
     WITH_V: tl.constexpr, R_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SHIFT_K: tl.constexpr = False,
-    QN_ALIGN: tl.constexpr = 1,
+    QN_ALIGN: tl.constexpr = 1, HALF2: tl.constexpr = False, HALF2_ASM: tl.constexpr = False,
 ):
     """Small-M input gradient, the reduction over N split across the grid: program (k, s, m) adds
     dXᵀ[k0:k0+BK, m0:m0+BM] = Σ_{n in slice s} Ŵᵀ[BK, BN]·dYᵀ[BN, BM] (slices of ⌈N/BN / SPLIT⌉ tiles).
@@ -611,7 +614,11 @@ def _quant_matmul_grad_input_splitn_kernel(
     WITH_V (QA-LoRA): one extra column of programs (k = ⌈K/BK⌉, one per slice and M tile) adds
     V[m, :] = Σ_{n in slice s} dY[m, n]·B[n, :] instead (the low-rank term of dX itself is folded
     into the group biases by the caller). Not fused into the dequantizing loop: B's tile there
-    made the 256-row tile spill."""
+    made the 256-row tile spill.
+
+    Ŵᵀ comes from :func:`qlk.kernels.quant_tile_t._dequant_tile_t` in dY's dtype (HALF2: the INT
+    formats' half2 arithmetic, s and c rounded to dY's dtype first, as the GEMM gradient; HALF2_ASM:
+    its inline PTX, else the interpreter's twin)."""
     stride_qn = aligned_rows(stride_qn, QN_ALIGN)  # packed rows: aligned loads
     pid_k = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -640,12 +647,13 @@ def _quant_matmul_grad_input_splitn_kernel(
         for n0 in range(n_start, n_end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             # clamped weight rows meet dY columns masked to 0: they add exactly 0
-            w = _dequant_tile(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
-                              stride_qn, stride_sn, stride_sg, tl.minimum(offs_n, N - 1), k0, K,
-                              BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K)
+            wt = _dequant_tile_t(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
+                                 stride_qn, stride_sn, stride_sg, tl.minimum(offs_n, N - 1), k0, K,
+                                 BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K,
+                                 dy_ptr.dtype.element_ty, HALF2=HALF2, HALF2_ASM=HALF2_ASM)
             dyt = tl.load(dy_rows[None, :] + offs_n[:, None] * stride_dyn,
                           mask=mask_m[None, :] & (offs_n[:, None] < N), other=0.0)
-            acc = tl.dot(tl.trans(w.to(dyt.dtype)), dyt, acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(wt, dyt, acc, input_precision=DOT_PRECISION)
         mask = keep_k[:, None] & mask_m[None, :]
         offs = offs_m[None, :].to(tl.int64) * K + offs_k[:, None]
         if ATOMIC:
@@ -1091,6 +1099,7 @@ def _splitn_grad_input(dy2, qw, out, deterministic, args, meta, fp32_bias=False,
     ws = _split_workspace(max_split, m, k, deterministic, dy2.device)
     v_ws = (_workspace((max_split, m, r) if deterministic else (m, r), dy2.device)) if with_v else None
     dummy = args[3]
+    half2 = _grad_half2(qw, dy2.dtype)
     for c in launches:
         # with V: one more column of programs, k = ⌈K/BLOCK_K⌉, for V = dY·B
         grid = (triton.cdiv(k, c.block_k) + with_v, c.split, triton.cdiv(m, c.block_m))
@@ -1098,7 +1107,7 @@ def _splitn_grad_input(dy2, qw, out, deterministic, args, meta, fp32_bias=False,
             ws, dy2, v_ws if with_v else dummy, lora_b if with_v else dummy, *args, m, n, k, _bucket(m), r,
             dy2.stride(0), dy2.stride(1), lora_b.stride(0) if with_v else 0, lora_b.stride(1) if with_v else 0,
             ATOMIC=not deterministic, DOT_PRECISION=_precision(dy2.dtype),
-            WITH_V=with_v, R_PAD=_r_pad(r), **meta, **c.meta)
+            WITH_V=with_v, R_PAD=_r_pad(r), HALF2=half2, HALF2_ASM=half2 and not INTERPRETED, **meta, **c.meta)
     _split_finish(out, ws, deterministic)
     if with_v:
         v.copy_(v_ws.sum(0) if deterministic else v_ws)

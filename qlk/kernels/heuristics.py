@@ -99,6 +99,9 @@ Also round 8 (docs/kernels.md "Round 8: the last mid-M input gradients under 0.9
 input-gradient candidate may serve some formats only (:data:`GRAD_CANDIDATE_FORMATS`) and may
 have to outscore the others by a margin to be chosen (:data:`GRAD_CANDIDATE_MARGIN`, ranking only).
 
+**Round 14**: a split kernel's candidate whose reduction step is wider than the whole reduction
+is scored at the share of the step that holds data (:func:`short_reduction_fill`).
+
 **Path rule** (:func:`choose_path`): at M > 16, the fused kernel or dequantize (Ŵ written once
 in the activation dtype, :mod:`qlk.kernels.dequant`) then a dense GEMM, whichever the static model
 says is faster::
@@ -395,6 +398,18 @@ def occupancy_split(length: int, block: int, base_ctas: int, sms: int, resident,
 
     return max(sorted(options), key=lambda s: (round(busy_balance(s) * worst_wave(s), 2),
                                                round(busy_balance(s), 2), -s))
+
+
+def short_reduction_fill(length: int, block: int) -> float:
+    """Share of a split kernel's one reduction step that holds data when the whole reduction is
+    shorter than the step (``length`` / ``block``; else 1). That step decodes and multiplies its
+    full width, masked, so a 256-wide step over N = 128 (the input gradient of Qwen2.5-0.5B's
+    896→128 k/v projection) does a 128-wide step's work in twice its time: the static analyzer has
+    16x128x64 at 1.8x the speed of 16x256x64 there (round 14). A reduction of several steps with a
+    cut last one is left to the fitted efficiencies: the analyzer charges its cut step fully only
+    where the loop is issue-bound, and in the sweeps (K = 576, 896, 2880) the deeper tile often
+    stays the faster."""
+    return length / block if length < block else 1.0
 
 
 def split_busy(length: int, block: int, split: int) -> float:
@@ -753,7 +768,7 @@ def _score(op, c, m, n, k, fmt, arch, sms, pool=False, fp32_bias=False):
         else:
             base, length, block = math.ceil(k / bk) * math.ceil(m / bm), n, bn
         split = split_count(length, block, base, sms, resident=resident_ctas(op, c, fmt, arch))
-        ctas, fill = base * split, split_busy(length, block, split)
+        ctas, fill = base * split, split_busy(length, block, split) * short_reduction_fill(length, block)
         e = bn * bk
         eff = fitted or e / (e + 4096)
     bal = sm_balance(ctas, sms)
