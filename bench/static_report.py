@@ -1032,6 +1032,30 @@ def render(csv_path: str) -> str:
     return md
 
 
+def merge(into_csv: str, partial_csv: str) -> tuple[int, int]:
+    """``--merge``: every case of ``partial_csv`` replaces that case's rows in ``into_csv``, in place
+    (its derived columns, best / chosen / the ratios to the dense baseline, are the partial run's, which
+    compiled the same dense baselines); cases the report lacks are appended. Both of one arch. Returns
+    (cases replaced, cases added)."""
+    old, new = read_csv(into_csv), read_csv(partial_csv)
+    if {r["arch"] for r in old} != {r["arch"] for r in new}:
+        raise SystemExit(f"static_report: {into_csv} and {partial_csv} are of different archs")
+    by_case = {}
+    for r in new:
+        by_case.setdefault(r["case"], []).append(r)
+    rows, done = [], set()
+    for r in old:
+        case = r["case"]
+        if case not in by_case:
+            rows.append(r)
+        elif case not in done:
+            rows += by_case[case]
+            done.add(case)
+    rows += [r for case, rs in by_case.items() if case not in done for r in rs]
+    write_csv(into_csv, rows)
+    return len(done), len(by_case) - len(done)
+
+
 def _patterns(s: str):
     return [p for p in (s or "").split(",") if p]
 
@@ -1061,6 +1085,9 @@ def parse_args(argv=None):
     ap.add_argument("--render", nargs="+", metavar="CSV",
                     help="rewrite the .md next to each report CSV from its rows (the summary and the per-shape "
                     "table with qlk's rules as they are now; the estimates stay the CSV's); compiles nothing")
+    ap.add_argument("--merge", nargs=2, metavar=("INTO_CSV", "PARTIAL_CSV"),
+                    help="replace INTO_CSV's rows of every case PARTIAL_CSV has (a partial re-sweep of the same "
+                    "arch, its dense baselines included) and re-render INTO_CSV's .md; compiles nothing")
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
@@ -1085,6 +1112,11 @@ def main(argv=None) -> int:
         return 0
     if args.check_rules:
         return print_rules_check(args.check_rules)
+    if args.merge:
+        into, partial = args.merge
+        replaced, added = merge(into, partial)
+        print(f"static_report: {into}: {replaced} cases re-swept, {added} added; wrote {os.path.relpath(render(into))}")
+        return 0
     if args.render:
         for path in args.render:
             print(f"static_report: wrote {os.path.relpath(render(path))}")

@@ -369,9 +369,10 @@ def test_path_errors_name_what_is_allowed():
         fm.quant_matmul_grad_input(torch.randn(2, 8), qw, path="splitk")
 
 
-def test_gemv_prune_drops_the_spilling_sm80_int4_g128_tile(monkeypatch):
+def test_gemv_prune_drops_the_spilling_tiles(monkeypatch):
     """The M = 1 FMA kernel's pruning: on sm_80, INT4 with g >= 128 keeps only 32x256 (64x128 spills
-    there); other formats and sm_90 keep both tiles."""
+    there); on sm_90, INT3 / INT4 with g >= 128 at a K that 256 does not divide keep only 64x128
+    (32x256 spills there); other formats and shapes keep both tiles."""
     from qlk.kernels import config
 
     configs = [config._cfg(None, 4, 3, BLOCK_N=32, BLOCK_K=256), config._cfg(None, 4, 3, BLOCK_N=64, BLOCK_K=128)]
@@ -386,6 +387,14 @@ def test_gemv_prune_drops_the_spilling_sm80_int4_g128_tile(monkeypatch):
     assert kept(80, BITS=3, GROUP_SIZE=128, IS_NF4=False) == [(32, 256), (64, 128)]
     assert kept(80, BITS=4, GROUP_SIZE=64, IS_NF4=True) == [(32, 256), (64, 128)]
     assert kept(90, BITS=4, GROUP_SIZE=128, IS_NF4=False) == [(32, 256), (64, 128)]
+    # sm_90, round 14: 32x256 spills at a K it does not divide for INT3 / INT4 with g >= 128
+    assert kept(90, BITS=4, GROUP_SIZE=128, IS_NF4=False, K=896) == [(64, 128)]
+    assert kept(90, BITS=3, GROUP_SIZE=128, IS_NF4=False, K=1408) == [(64, 128)]
+    assert kept(90, BITS=4, GROUP_SIZE=128, IS_NF4=False, K=4096) == [(32, 256), (64, 128)]
+    assert kept(90, BITS=3, GROUP_SIZE=128, IS_NF4=False, K=768) == [(32, 256), (64, 128)]  # 3 whole tiles
+    assert kept(90, BITS=4, GROUP_SIZE=32, IS_NF4=False, K=896) == [(32, 256), (64, 128)]
+    assert kept(90, BITS=2, GROUP_SIZE=128, IS_NF4=False, K=896) == [(32, 256), (64, 128)]
+    assert kept(90, BITS=4, GROUP_SIZE=64, IS_NF4=True, K=896) == [(32, 256), (64, 128)]
 
 
 def test_grad_score_caps_split_tiles_by_their_dram_roofline(monkeypatch):

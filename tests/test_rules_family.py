@@ -137,12 +137,24 @@ KNOWN_LOW = {90: {}, 80: {}}
 #: 10) = the 16 shapes at M in {100, 500, 1500, 3000, 6000}, none a power of two (it found NF4's input
 #: gradient on sm_80 never launching the two-warp tile the rules scored: 0.85x dense at M = 500)
 OUT_OF_SAMPLE = {(stem, arch): os.path.join(ROOT, "bench", "results", f"static-{stem}-sm{arch}.csv")
-                 for stem in ("extra", "other", "odd", "new") for arch in (90, 80)}
+                 for stem in ("extra", "other", "odd", "new", "oos") for arch in (90, 80)}
 #: round 11's check at unswept shapes (static-new: 8 layers x 4 M x 5 formats x 2 ops = 320 cases) is
 #: smaller than the others, and its 1536->256 layer's tile picks at M = 24 / 200 are 3.5-9 % off the
 #: analyzer's best (documented in docs/kernels.md "Round 11"): 97 % there, 98 % elsewhere
 OUT_OF_SAMPLE_MIN_CASES = {"new": 320}
-OUT_OF_SAMPLE_BEST_SHARE = {"new": 0.97}
+#: round 14's check (static-oos: Qwen2.5-0.5B/3B/32B, Phi-3-mini, Gemma-2-9B/27B layers at M 1, 5, 48,
+#: 777, 4000): chosen = best 587 / 600 (sm_90) and 578 / 600 (sm_80); most misses are 1-10 % (the
+#: split-K depth at K = 896, 896->128's forward tiles at M >= 777), docs/kernels.md "Round 14"
+OUT_OF_SAMPLE_BEST_SHARE = {"new": 0.97, "oos": 0.96}
+#: picks more than 10 % under the analyzer's best there (case -> share; they get no worse): the
+#: 896->128 input gradient at M = 48, where the rules' split-N time charges the fp32 partial output
+#: at the decode's fitted rate and takes a 7-CTA GEMM (sm_80), and K = 896 in 3.5 steps of the
+#: 256-deep split-K tile (sm_80 NF4)
+KNOWN_OFF_OUT_OF_SAMPLE = {
+    ("oos", 90): {"dgrad/int4g32/896->128/M48": 0.888},
+    ("oos", 80): {"dgrad/int3g128/896->128/M48": 0.585, "dgrad/int2g32/896->128/M48": 0.508,
+                  "fwd/nf4dq/896->4864/M48": 0.872},
+}
 #: what the out-of-sample sweeps found under 0.9x dense (case -> x dense; they get no worse) and the
 #: dispatcher's misses there (case -> (path, its x dense, the faster path's)). sm_90 at M = 3000 on
 #: Qwen2.5's 3584-wide layers (docs/kernels.md "Round 9", out-of-family check): 3584 = 28 x 128
@@ -159,6 +171,36 @@ KNOWN_LOW_OUT_OF_SAMPLE = {
         "dgrad/int4g32/3584->512/M3000": 0.852, "dgrad/int4g128/3584->512/M3000": 0.853,
         "dgrad/int3g128/3584->512/M3000": 0.854, "dgrad/int2g32/3584->512/M3000": 0.854,
         "dgrad/nf4dq/3584->512/M3000": 0.852,
+    },
+    # round 14 (static-oos): sm_90 at M = 777, the same wave quantization: 7 M tiles of 128 rows (the
+    # last holds 9), 532 CTAs on 396 slots or 266 on 264, against the dense 64-row tile's 494 on 264
+    # (1.87 waves); and the 896->128 input gradient at M = 48 (sm_80: the rules' GEMM, see above)
+    ("oos", 90): {
+        "dgrad/int2g32/11008->2048/M777": 0.89, "dgrad/int2g32/27648->5120/M777": 0.895,
+        "dgrad/int2g32/36864->4608/M777": 0.896, "dgrad/int2g32/4608->36864/M777": 0.896,
+        "dgrad/int2g32/4864->896/M777": 0.747, "dgrad/int2g32/5120->27648/M777": 0.848,
+        "dgrad/int3g128/11008->2048/M777": 0.89, "dgrad/int3g128/27648->5120/M777": 0.895,
+        "dgrad/int3g128/36864->4608/M777": 0.896, "dgrad/int3g128/4608->36864/M777": 0.896,
+        "dgrad/int3g128/4864->896/M777": 0.747, "dgrad/int3g128/5120->27648/M777": 0.848,
+        "dgrad/int4g128/11008->2048/M777": 0.89, "dgrad/int4g128/27648->5120/M777": 0.895,
+        "dgrad/int4g128/36864->4608/M777": 0.896, "dgrad/int4g128/4608->36864/M777": 0.896,
+        "dgrad/int4g128/4864->896/M777": 0.747, "dgrad/int4g128/5120->27648/M777": 0.848,
+        "dgrad/int4g32/11008->2048/M777": 0.89, "dgrad/int4g32/27648->5120/M777": 0.895,
+        "dgrad/int4g32/36864->4608/M777": 0.896, "dgrad/int4g32/4608->36864/M777": 0.896,
+        "dgrad/int4g32/4864->896/M777": 0.747, "dgrad/int4g32/5120->27648/M777": 0.848,
+        "dgrad/int4g32/896->128/M48": 0.899, "dgrad/nf4dq/11008->2048/M777": 0.883,
+        "dgrad/nf4dq/14336->3584/M777": 0.896, "dgrad/nf4dq/27648->5120/M777": 0.888,
+        "dgrad/nf4dq/36864->4608/M777": 0.889, "dgrad/nf4dq/4608->36864/M777": 0.889,
+        "dgrad/nf4dq/4864->896/M777": 0.737, "dgrad/nf4dq/5120->27648/M777": 0.839,
+        "fwd/int2g32/27648->5120/M777": 0.802, "fwd/int2g32/896->4864/M777": 0.802,
+        "fwd/int3g128/2048->11008/M777": 0.893, "fwd/int3g128/27648->5120/M777": 0.788,
+        "fwd/int3g128/896->4864/M777": 0.788, "fwd/int4g128/27648->5120/M777": 0.791,
+        "fwd/int4g128/896->4864/M777": 0.791, "fwd/int4g32/27648->5120/M777": 0.78,
+        "fwd/int4g32/896->4864/M777": 0.78, "fwd/nf4dq/2048->11008/M777": 0.899, "fwd/nf4dq/27648->5120/M777": 0.785,
+        "fwd/nf4dq/896->4864/M777": 0.784,
+    },
+    ("oos", 80): {
+        "dgrad/int2g32/896->128/M48": 0.509, "dgrad/int3g128/896->128/M48": 0.492,
     },
 }
 KNOWN_DISPATCH_OUT_OF_SAMPLE = {  # the same 3584->512 gradients: dequantize + dense 1.5-2.5 % faster
@@ -200,7 +242,10 @@ def test_out_of_sample_sweeps(stem, arch):
     assert all(wrong_path[c][1] >= known[c][1] - 0.005 for c in wrong_path), wrong_path
     off = {r["case"]: round(r["ratio"] or 0, 3) for r in res if r["ratio"] is None or r["ratio"] < sr.RULES_TOLERANCE}
     share = OUT_OF_SAMPLE_BEST_SHARE.get(stem, 0.98)
-    assert len(off) <= (1 - share) * len(res) + 1e-9 and min(off.values(), default=1) >= 0.9, off
+    known_off = KNOWN_OFF_OUT_OF_SAMPLE.get((stem, arch), {})
+    assert len(off) <= (1 - share) * len(res) + 1e-9, off
+    far = {c: x for c, x in off.items() if x < 0.9}
+    assert set(far) <= set(known_off) and all(far[c] >= known_off[c] - 0.005 for c in far), far
 
 
 def test_the_check_can_fail(sweep):
@@ -407,6 +452,32 @@ def test_committed_reports_are_what_their_csvs_and_the_rules_render(tmp_path):
         if rendered != committed:
             stale.append(os.path.basename(md))
     assert not stale, f"stale report tables (re-render them): {stale}"
+
+
+def test_merge_replaces_the_partial_sweeps_cases(tmp_path):
+    """``--merge`` (a partial re-sweep into a committed report): every case of the partial CSV replaces
+    that case's rows where they were, the other cases stay byte for byte, a new case is appended, and
+    a CSV of the other arch is refused."""
+    import shutil
+
+    into = tmp_path / "static-x-sm90.csv"
+    shutil.copy(SWEEP[90], into)
+    old = sr.read_csv(str(into))
+    case = "dgrad/int4g32/4096->14336/M16"
+    partial = [dict(r, dram_peak_opt=0.123) for r in old if r["case"] == case]
+    partial.append(dict(partial[0], case="dgrad/int4g32/4096->14336/M17"))
+    part = tmp_path / "partial-sm90.csv"
+    sr.write_csv(str(part), partial)
+    assert sr.merge(str(into), str(part)) == (1, 1)
+    new = sr.read_csv(str(into))
+    assert [r["case"] for r in new[:-1]] == [r["case"] for r in old]
+    assert [r for r in new if r["case"] != case][:-1] == [r for r in old if r["case"] != case]
+    assert {r["dram_peak_opt"] for r in new if r["case"] == case} == {0.123}
+    assert new[-1]["case"].endswith("M17")
+    other = tmp_path / "other-sm80.csv"
+    shutil.copy(SWEEP[80], other)
+    with pytest.raises(SystemExit, match="different archs"):
+        sr.merge(str(into), str(other))
 
 
 def test_summary_cells_show_what_the_dispatcher_runs():

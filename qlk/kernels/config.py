@@ -81,15 +81,20 @@ PRUNE = {"early_config_prune": _prune}
 
 
 def _prune_gemv(configs, named_args, **kwargs):
-    """:data:`PRUNE`, and on sm_80 no 64x128 tile for INT4 with groups of 128 or more: ptxas spills it
-    there (16 B stack, 8 LDL/STL) and the static analyzer ranks it below 32x256 at every Llama-family
-    shape (docs/kernels.md "QA-LoRA, round 4"); it stays for the other formats, where it is the best
-    tile on the wide-K layers."""
+    """:data:`PRUNE`, and two tiles ptxas spills:
+    - on sm_80, no 64x128 tile for INT4 with groups of 128 or more (16 B stack, 8 LDL/STL); the static
+      analyzer ranks it below 32x256 at every Llama-family shape (docs/kernels.md "QA-LoRA, round 4");
+      it stays for the other formats, where it is the best tile on the wide-K layers;
+    - on sm_90, no 32x256 tile for INT3 / INT4 with groups of 128 or more where K is not a multiple of
+      256 (the masked last K tile: 255 registers, 16 B stack, 7-9 LDL/STL at K = 896, round 14's
+      out-of-sample check); 64x128 divides every such K (K is a multiple of the group)."""
     kept = _prune(configs, named_args, **kwargs)
     args = {**named_args, **kwargs}
-    if (target_arch() // 10 == 8 and args.get("BITS") == 4 and not args.get("IS_NF4")
-            and (args.get("GROUP_SIZE") or 0) >= 128):
+    int_g128 = (args.get("BITS") in (3, 4) and not args.get("IS_NF4") and (args.get("GROUP_SIZE") or 0) >= 128)
+    if target_arch() // 10 == 8 and int_g128 and args.get("BITS") == 4:
         kept = [c for c in kept if c.kwargs.get("BLOCK_N") != 64] or kept
+    if target_arch() // 10 == 9 and int_g128 and (args.get("K") or 0) % 256:
+        kept = [c for c in kept if c.kwargs.get("BLOCK_K") != 256] or kept
     return kept
 
 
