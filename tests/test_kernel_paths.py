@@ -779,6 +779,22 @@ ROUND8_TILES = [  # (tile, arch, weight with N = SPLIT_N_ROWS rows, M, split)
 ]
 
 
+def _spy_launches(monkeypatch, name):
+    """A list that fills with (grid, keyword arguments) of every launch of ``fused_matmul.<name>``,
+    which still runs."""
+    seen, kernel = [], getattr(fm, name)
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append((grid, kwargs))
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(fm, name, Spy())
+    return seen
+
+
 def _only_grad_tile(monkeypatch, op, cfg, case, m, split):
     """(qw, float64 Ŵ) of ``case``, with ``cfg`` the rules' only candidate for ``op`` ("grad" /
     "splitn") and the SM count set so that they launch ``split`` slices at M = ``m``."""
@@ -948,18 +964,8 @@ def test_grad_input_ragged_k_shifts_the_last_tile(case, m, path, split, det, mon
     cfg = config._cfg(None, 4, 1, BLOCK_N=32, BLOCK_M=bm, BLOCK_K=64, **({"GROUP_M": 2} if op == "grad" else {}))
     qw, w64 = _only_grad_tile(monkeypatch, op, cfg, case, m, split)
     n, k = qw.shape
-    seen = []
-    name = "_quant_matmul_grad_input_kernel" if op == "grad" else "_quant_matmul_grad_input_splitn_kernel"
-    kernel = getattr(fm, name)
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                seen.append((grid, kwargs))
-                return kernel[grid](*args, **kwargs)
-            return launch
-
-    monkeypatch.setattr(fm, name, Spy())
+    seen = _spy_launches(monkeypatch, "_quant_matmul_grad_input_kernel" if op == "grad"
+                         else "_quant_matmul_grad_input_splitn_kernel")
     dy = randn(m, n, seed=m + k + 11).half()
     dx = quant_matmul_backward(dy, qw, out=torch.full((m, k), float("nan"), dtype=torch.float16, device=DEVICE),
                                path=path, deterministic=det)
@@ -996,17 +1002,7 @@ def test_splitn_grad_input_transposed_tile(case, det, monkeypatch):
     cfg = config._cfg(None, 4, 1, BLOCK_N=32, BLOCK_M=16, BLOCK_K=64)
     qw, w64 = _only_grad_tile(monkeypatch, "splitn", cfg, case, 17, 3)
     n, k = qw.shape
-    seen = []
-    kernel = fm._quant_matmul_grad_input_splitn_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                seen.append((grid, kwargs))
-                return kernel[grid](*args, **kwargs)
-            return launch
-
-    monkeypatch.setattr(fm, "_quant_matmul_grad_input_splitn_kernel", Spy())
+    seen = _spy_launches(monkeypatch, "_quant_matmul_grad_input_splitn_kernel")
     dy = randn(17, n, seed=n + k + 5).half()
     dx = quant_matmul_backward(dy, qw, out=torch.full((17, k), float("nan"), dtype=torch.float16, device=DEVICE),
                                path="splitn", deterministic=det)
