@@ -40,9 +40,9 @@ def test_grouped_kernels_compile_without_spills():
 # ---- the committed MoE reports (bench/moe_estimates.py; no compiling) ----------------------------------------
 RESULTS = os.path.join(ROOT, "bench", "results")
 #: issue 19's layers (make static-moe) and, since round 10, the out-of-sample ones: other MoE layers
-#: (--layers other: OLMoE, Qwen1.5-MoE with 60 experts, gpt-oss-20b) and other token counts
-#: (--tokens 512,64)
-MOE_REPORTS = ("static-moe", "static-moe-other", "static-moe-t512-64")
+#: (--layers other: OLMoE, Qwen1.5-MoE with 60 experts, gpt-oss-20b; since round 14 --layers wide:
+#: DeepSeek-V2-Lite, Mixtral-8x22B, Llama-4-Scout, Phi-3.5-MoE) and other token counts (--tokens 512,64)
+MOE_REPORTS = ("static-moe", "static-moe-other", "static-moe-t512-64", "static-moe-wide")
 #: what the out-of-sample runs found under 0.9x at >= 256 tokens (case -> ratio; they get no worse),
 #: docs/moe.md "Round 10". sm_80, 512 tokens: QA-LoRA's forward on Mixtral's down projection (128
 #: rows an expert) keeps the 8-warp 256-weight-row tile, 128 working CTAs on 108 SMs; the tiles that
