@@ -165,7 +165,8 @@ def _time(r, arch: int):
     """Estimated run time (s) of a row: work over the midpoint of the fraction the row is judged by
     (:func:`metric`): padded MACs over the tensor rate for training shapes (the fraction is of the
     MMA work the tiles do, padding included: the time is the same), useful bytes over the DRAM
-    bandwidth otherwise (and for kernels without MMA, e.g. the dequantize kernel)."""
+    bandwidth otherwise (and for kernels without MMA, e.g. the dequantize kernel); plus the
+    launch's workspace passes outside the kernel (:func:`split_passes_time`, round 15)."""
     from bench.sass import gpu
 
     if not r:
@@ -176,9 +177,9 @@ def _time(r, arch: int):
     if mid <= 0:
         return None
     if r.get("tensor_peak_opt") is not None and hi == r["tensor_peak_opt"] and r.get("_work"):
-        return r["_work"] / (mid * g.tensor_macs_per_clk * g.sms * g.ghz * 1e9)
+        return r["_work"] / (mid * g.tensor_macs_per_clk * g.sms * g.ghz * 1e9) + split_passes_time(r, g)
     if r.get("useful_bytes"):
-        return r["useful_bytes"] / (mid * g.dram_bytes_per_s)
+        return r["useful_bytes"] / (mid * g.dram_bytes_per_s) + split_passes_time(r, g)
     return None
 
 
@@ -319,14 +320,36 @@ def split_of(r, kernel: str) -> int:
     return max(1, r["grid_ctas"] // (math.ceil(cols / block) * math.ceil(r["M"] / block_m)))
 
 
+#: the split kernels (every launch accumulates into an fp32 workspace) -> the rules' op
+_SPLIT_KERNEL_OPS = {"_quant_matmul_splitk_kernel": "splitk", "_quant_matmul_grad_input_splitn_kernel": "splitn",
+                     "_quant_matmul_grad_input_gemv_kernel": "splitn"}
+
+
+def dense_split(r) -> int:
+    """K slices of a dense baseline row (its small-M launch's SPLIT_K; 1 for the large-M tiles)."""
+    split = re.search(r"SPLIT_K=(\d+)", r.get("config") or "")
+    return int(split.group(1)) if split else 1
+
+
 def split_passes_time(r, g) -> float:
-    """Round 6: seconds of a split GEMM's work outside its kernel, which the analyzer does not
+    """Round 6: seconds of a split launch's work outside its kernel, which the analyzer does not
     compile, at the DRAM bandwidth (0 unsplit), the same count the rules charge: the input
     gradient's fp32 [M, K] workspace zeroed and read back by the cast into dX
     (qlk.kernels.heuristics.GRAD_WORKSPACE_PASS_BYTES per dX element); the forward's
-    (qlk.kernels.heuristics.fwd_split_bytes: atomics on sm_90, a fixed-order sum on sm_80)."""
+    (qlk.kernels.heuristics.fwd_split_bytes: atomics on sm_90, a fixed-order sum on sm_80).
+    Round 15: the split-K / split-N / FMA kernels' workspace at every launch
+    (qlk.kernels.heuristics.split_kernel_passes_bytes), and the dense baseline's split at small M
+    charged the same per output element."""
     from qlk.kernels import heuristics
 
+    kernel = r.get("kernel")
+    if kernel in _SPLIT_KERNEL_OPS:  # every launch runs its workspace's passes (round 15)
+        return heuristics.split_kernel_passes_bytes(_SPLIT_KERNEL_OPS[kernel], r["M"], r["N"], r["K"]) / g.dram_bytes_per_s
+    if kernel == "_dense_matmul_kernel" and dense_split(r) > 1:
+        # the baseline sums its [SPLIT, M, N] partials on the host ((4·SPLIT + 10) B per output
+        # element); it is charged only what qlk's atomics cost, in its favour
+        out_cols = r["K"] if r.get("op") == "dgrad" else r["N"]
+        return heuristics.GRAD_WORKSPACE_PASS_BYTES * r["M"] * out_cols / g.dram_bytes_per_s
     grad, fwd = split_of(r, "_quant_matmul_grad_input_kernel"), split_of(r, "_quant_matmul_fwd_kernel")
     if grad > 1:
         return heuristics.GRAD_WORKSPACE_PASS_BYTES * r["M"] * r["K"] / g.dram_bytes_per_s
@@ -539,6 +562,7 @@ def fit_split_mid(rows) -> dict:
             tiles = math.ceil(r["M"] / c.block_m)
             model = tiles * heuristics.split_tile_bytes(op, r["N"], r["K"], packed, c.block_m) / (
                 heuristics.ARCH[fam].dram_bytes_per_s * c.score)
+            t -= split_passes_time(r, gpu(r["arch"]))  # the kernel's own time: the line models the kernel
             for f in {fmt, heuristics.base_format(fmt)}:
                 acc.setdefault((fam, op), {}).setdefault(f, {}).setdefault(c.label, {}).setdefault(tiles, []).append(
                     t / model)
@@ -1035,8 +1059,8 @@ def render(csv_path: str) -> str:
 def merge(into_csv: str, partial_csv: str) -> tuple[int, int]:
     """``--merge``: every case of ``partial_csv`` replaces that case's rows in ``into_csv``, in place
     (its derived columns, best / chosen / the ratios to the dense baseline, are the partial run's, which
-    compiled the same dense baselines); cases the report lacks are appended. Both of one arch. Returns
-    (cases replaced, cases added)."""
+    compiled the same dense baselines, or, where it compiled none, from the report's); cases the report
+    lacks are appended. Both of one arch. Returns (cases replaced, cases added)."""
     old, new = read_csv(into_csv), read_csv(partial_csv)
     if {r["arch"] for r in old} != {r["arch"] for r in new}:
         raise SystemExit(f"static_report: {into_csv} and {partial_csv} are of different archs")
@@ -1052,6 +1076,13 @@ def merge(into_csv: str, partial_csv: str) -> tuple[int, int]:
             rows += by_case[case]
             done.add(case)
     rows += [r for case, rs in by_case.items() if case not in done for r in rs]
+    # a partial run without the dense baselines (cases 'dgrad/*' only): its rows' ratios to dense
+    # from the report's baselines (useful bytes over the DRAM midpoint, as the CSV holds no MAC count)
+    bare = {r["case"] for r in new if r.get("best") and r.get("group") == "qlk" and r.get("op") in ("fwd", "dgrad")
+            and r.get("x_dense_fused") is None}
+    if bare:
+        mark_dense_ratio([r for r in rows if r["case"] in bare or r.get("op") not in ("fwd", "dgrad")
+                          or r.get("group") != "qlk"], int(new[0]["arch"]))
     write_csv(into_csv, rows)
     return len(done), len(by_case) - len(done)
 

@@ -46,6 +46,9 @@ KNOWN_OFF = {
         "dgrad/int2g32/3072->1024/M128": 0.897,
         "dgrad/nf4dq/3072->1024/M128": 0.954,
         "dgrad/nf4dq/4096->1024/M128": 0.98,
+        # round 15: with the split-K kernel's workspace passes charged (heuristics.split_kernel_passes_bytes)
+        # split-K and the GEMM are 1.1 % apart here, the split kept
+        "fwd/int3g128/14336->4096/M64": 0.989,
     },
     80: {
         # split-K 16x64x128 vs 16x64x256 at M <= 16 (one tile: the one-tile score decides; at mid M
@@ -61,11 +64,6 @@ KNOWN_OFF = {
         "fwd/nf4dq/14336->4096/M16": 0.977,
         "fwd/nf4dq/3072->8192/M1": 0.978,
         "fwd/nf4dq/8192->3072/M1": 0.978,
-        # split kernel vs GEMM at M = 64..128 (round 8: heuristics.SPLIT_MID_M as per-tile + shared
-        # time, GEMM_MID_M, one factor per format): round 9's two-warp 64x128 GEMM tile, whose time at
-        # M = 64 the format's median factor under-rates here (the five misses of round 8 in this class
-        # and the forward-tile class went with it)
-        "fwd/int4g128/4096->14336/M64": 0.939,
         # the input gradient at M = 128 on 2048-4096-wide INT3 layers: round 9's two-warp 64x64x128
         # tile 2-3 % ahead of the four-warp one (GEMM_MID_M is one factor per format)
         "dgrad/int3g128/2048->512/M128": 0.977,
@@ -143,17 +141,25 @@ OUT_OF_SAMPLE = {(stem, arch): os.path.join(ROOT, "bench", "results", f"static-{
 #: analyzer's best (documented in docs/kernels.md "Round 11"): 97 % there, 98 % elsewhere
 OUT_OF_SAMPLE_MIN_CASES = {"new": 320}
 #: round 14's check (static-oos: Qwen2.5-0.5B/3B/32B, Phi-3-mini, Gemma-2-9B/27B layers at M 1, 5, 48,
-#: 777, 4000): chosen = best 587 / 600 (sm_90) and 578 / 600 (sm_80); most misses are 1-10 % (the
+#: 777, 4000): chosen = best 585 / 600 (sm_90) and 580 / 600 (sm_80) since round 15; most misses are 1-10 % (the
 #: split-K depth at K = 896, 896->128's forward tiles at M >= 777), docs/kernels.md "Round 14"
-OUT_OF_SAMPLE_BEST_SHARE = {"new": 0.97, "oos": 0.96}
-#: picks more than 10 % under the analyzer's best there (case -> share; they get no worse): the
-#: 896->128 input gradient at M = 48, where the rules' split-N time charges the fp32 partial output
-#: at the decode's fitted rate and takes a 7-CTA GEMM (sm_80), and K = 896 in 3.5 steps of the
-#: 256-deep split-K tile (sm_80 NF4)
+#: round 15: the split-N kernel twice as fast (round 14) makes split-N against the GEMM a close call at
+#: M = 24 on the 4096-7168-wide layers (2-4 % either way): 310 / 320 on sm_80
+OUT_OF_SAMPLE_BEST_SHARE = {"new": 0.965, "oos": 0.96}
+#: picks more than 10 % under the analyzer's best there (case -> share; they get no worse). Round 15
+#: (split-N refitted to round 14's kernel, both split kernels charged their workspace passes): the
+#: input gradient of a narrow layer at M = 24-48, sub-microsecond kernels where the rules' GEMM is
+#: 12-33 % slower than split-N: 896->128 at M = 48 (sm_90) and 1536->256 at M = 24 (sm_90), where the
+#: fp32 partial rows are most of split-N's bytes, which it moves at a higher DRAM fraction than the
+#: weight-dominated shapes its efficiency is fitted on, and 4096->1024 at M = 32 (sm_80); INT3's
+#: 256-wide split-N step over N = 896 at M = 1 (3.5 steps, the cut one decoded in full: sm_90)
 KNOWN_OFF_OUT_OF_SAMPLE = {
-    ("oos", 90): {"dgrad/int4g32/896->128/M48": 0.888},
-    ("oos", 80): {"dgrad/int3g128/896->128/M48": 0.585, "dgrad/int2g32/896->128/M48": 0.508,
-                  "fwd/nf4dq/896->4864/M48": 0.872},
+    ("extra", 80): {"dgrad/int2g32/4096->1024/M32": 0.881},
+    ("new", 90): {"dgrad/int2g32/1536->256/M24": 0.728, "dgrad/nf4dq/1536->256/M24": 0.703},
+    ("oos", 90): {"dgrad/int2g32/896->128/M48": 0.808, "dgrad/int3g128/896->128/M48": 0.799,
+                  "dgrad/int4g128/896->128/M48": 0.766, "dgrad/nf4dq/896->128/M48": 0.751,
+                  "dgrad/int3g128/4864->896/M1": 0.899},
+    ("oos", 80): {"fwd/nf4dq/896->4864/M48": 0.893},
 }
 #: what the out-of-sample sweeps found under 0.9x dense (case -> x dense; they get no worse) and the
 #: dispatcher's misses there (case -> (path, its x dense, the faster path's)). sm_90 at M = 3000 on
@@ -174,7 +180,8 @@ KNOWN_LOW_OUT_OF_SAMPLE = {
     },
     # round 14 (static-oos): sm_90 at M = 777, the same wave quantization: 7 M tiles of 128 rows (the
     # last holds 9), 532 CTAs on 396 slots or 266 on 264, against the dense 64-row tile's 494 on 264
-    # (1.87 waves); and the 896->128 input gradient at M = 48 (sm_80: the rules' GEMM, see above)
+    # (1.87 waves). Round 15 lifted the 896->128 input gradient at M = 48 over 0.9x (sm_80 0.49-0.51x:
+    # the refitted split-N kernel)
     ("oos", 90): {
         "dgrad/int2g32/11008->2048/M777": 0.89, "dgrad/int2g32/27648->5120/M777": 0.895,
         "dgrad/int2g32/36864->4608/M777": 0.896, "dgrad/int2g32/4608->36864/M777": 0.896,
@@ -188,7 +195,7 @@ KNOWN_LOW_OUT_OF_SAMPLE = {
         "dgrad/int4g32/11008->2048/M777": 0.89, "dgrad/int4g32/27648->5120/M777": 0.895,
         "dgrad/int4g32/36864->4608/M777": 0.896, "dgrad/int4g32/4608->36864/M777": 0.896,
         "dgrad/int4g32/4864->896/M777": 0.747, "dgrad/int4g32/5120->27648/M777": 0.848,
-        "dgrad/int4g32/896->128/M48": 0.899, "dgrad/nf4dq/11008->2048/M777": 0.883,
+        "dgrad/nf4dq/11008->2048/M777": 0.883,
         "dgrad/nf4dq/14336->3584/M777": 0.896, "dgrad/nf4dq/27648->5120/M777": 0.888,
         "dgrad/nf4dq/36864->4608/M777": 0.889, "dgrad/nf4dq/4608->36864/M777": 0.889,
         "dgrad/nf4dq/4864->896/M777": 0.737, "dgrad/nf4dq/5120->27648/M777": 0.839,
@@ -198,9 +205,6 @@ KNOWN_LOW_OUT_OF_SAMPLE = {
         "fwd/int4g128/896->4864/M777": 0.791, "fwd/int4g32/27648->5120/M777": 0.78,
         "fwd/int4g32/896->4864/M777": 0.78, "fwd/nf4dq/2048->11008/M777": 0.899, "fwd/nf4dq/27648->5120/M777": 0.785,
         "fwd/nf4dq/896->4864/M777": 0.784,
-    },
-    ("oos", 80): {
-        "dgrad/int2g32/896->128/M48": 0.509, "dgrad/int3g128/896->128/M48": 0.492,
     },
 }
 KNOWN_DISPATCH_OUT_OF_SAMPLE = {  # the same 3584->512 gradients: dequantize + dense 1.5-2.5 % faster
@@ -360,6 +364,39 @@ def test_fused_kernel_rule_weighs_split_against_gemm(device_lists):
                           < h.fused_time(o, 128, 3072, 3072, packed, 80, "int2g32") for o in others)
 
 
+def test_split_kernels_are_charged_their_workspace_passes(device_lists):
+    """Round 15: the split-K / split-N kernels accumulate into a zeroed fp32 workspace at every launch
+    and the cast reads it back (10 B per output element), in the rules' time and in the report's
+    judge alike; the dense baseline's small-M split is charged the same, its unsplit tiles nothing."""
+    from bench.sass import gpu
+
+    m, n, k = 48, 128, 896
+    for op, out_cols in (("splitk", n), ("splitn", k)):
+        c = h.choose_config(op, m, n, k, "int4g32", 80)
+        packed = h.weight_bytes(n, k, 4, 32, False)
+        kernel = h.split_mid_tiles(op, math.ceil(m / c.block_m), "int4g32", 80, c.label) * \
+            h.split_tile_bytes(op, n, k, packed, c.block_m) / (h.ARCH[80].dram_bytes_per_s * c.score)
+        assert h.split_kernel_passes_bytes(op, m, n, k) == 10 * m * out_cols
+        assert h.fused_time(c, m, n, k, packed, 80, "int4g32") == pytest.approx(
+            kernel + 10 * m * out_cols / h.ARCH[80].dram_bytes_per_s)
+    g = gpu(90)
+    row = dict(M=m, N=n, K=k, grid_ctas=64, op="dgrad")
+    charged = {
+        ("_quant_matmul_grad_input_splitn_kernel", "16x64x128 w4 s4"): 10 * m * k,
+        ("_quant_matmul_splitk_kernel", "16x64x256 w4 s3"): 10 * m * n,
+        ("_quant_matmul_grad_input_gemv_kernel", "32x256 w4 s3"): 10 * m * k,
+        ("_dense_matmul_kernel", "16x64x256 w4 s4 GROUP_M=1 SPLIT_K=4"): 10 * m * k,  # dX [M, K]
+        ("_dense_matmul_kernel", "16x64x256 w4 s4 GROUP_M=1 SPLIT_K=1"): 0,
+        ("_dense_matmul_kernel", "128x128x64 w4 s4 GROUP_M=8"): 0,
+        ("_quant_matmul_grad_input_kernel", "64x128x128 w4 s4"): 0,  # 1 x 7 dX tiles, unsplit
+    }
+    for (kernel, cfg), nbytes in charged.items():
+        r = dict(row, kernel=kernel, config=cfg, grid_ctas=7 if kernel == "_quant_matmul_grad_input_kernel" else 64)
+        assert sr.split_passes_time(r, g) == pytest.approx(nbytes / g.dram_bytes_per_s), (kernel, cfg)
+    fwd = dict(row, op="fwd", kernel="_dense_matmul_kernel", config="16x64x256 w4 s4 GROUP_M=1 SPLIT_K=2")
+    assert sr.split_passes_time(fwd, g) == pytest.approx(10 * m * n / g.dram_bytes_per_s)  # Y [M, N]
+
+
 @pytest.mark.parametrize("arch", (90, 80))
 def test_grad_dram_cap_is_the_analyzers_roofline(arch):
     """heuristics.grad_dram_cap against the analyzer: at every GEMM input-gradient row of the sweep
@@ -474,6 +511,21 @@ def test_merge_replaces_the_partial_sweeps_cases(tmp_path):
     assert [r for r in new if r["case"] != case][:-1] == [r for r in old if r["case"] != case]
     assert {r["dram_peak_opt"] for r in new if r["case"] == case} == {0.123}
     assert new[-1]["case"].endswith("M17")
+    # a partial run without the dense baselines: the ratios from the report's own baseline rows
+    keep = {r["case"]: r for r in new if r["case"] == case and r["best"] and r["x_dense_fused"]}
+    assert keep
+    bare = [dict(r, x_dense_fused=None, x_dense=None, dispatch=None) for r in new if r["case"] == case]
+    sr.write_csv(str(part), bare)
+    assert sr.merge(str(into), str(part)) == (1, 0)
+    again = {r["case"]: r for r in sr.read_csv(str(into)) if r["case"] == case and r["best"] and r["x_dense_fused"]}
+    dense = next(r for r in new if r["case"] == "dense-dgrad/bf16/4096->14336/M16" and r["best"])
+    g = __import__("bench.sass", fromlist=["gpu"]).gpu(90)
+    t_dense = dense["useful_bytes"] / ((dense["dram_peak_opt"] + dense["dram_peak_pess"]) / 2 * g.dram_bytes_per_s)
+    t_dense += sr.split_passes_time(dense, g)
+    mine = again[case]
+    t_mine = mine["useful_bytes"] / ((mine["dram_peak_opt"] + mine["dram_peak_pess"]) / 2 * g.dram_bytes_per_s)
+    t_mine += sr.split_passes_time(mine, g)
+    assert mine["x_dense_fused"] == pytest.approx(t_dense / t_mine, rel=1e-3) and mine["dispatch"] == "fused"
     other = tmp_path / "other-sm80.csv"
     shutil.copy(SWEEP[80], other)
     with pytest.raises(SystemExit, match="different archs"):

@@ -201,12 +201,12 @@ CALIBRATION = {
     (80, 'splitk', 'int4g128'): {'16x64x128 w4 s4': 0.797, '16x64x256 w4 s3': 0.803},
     (80, 'splitk', 'int4g32'): {'16x64x128 w4 s4': 0.806, '16x64x256 w4 s3': 0.811},
     (80, 'splitk', 'nf4'): {'16x64x128 w4 s4': 0.742, '16x64x256 w4 s3': 0.759},
-    (80, 'splitn', 'int2'): {'16x128x128 w4 s3': 0.271, '16x64x128 w4 s4': 0.268},
-    (80, 'splitn', 'int3'): {'16x128x128 w4 s3': 0.272, '16x64x128 w4 s4': 0.24},
-    (80, 'splitn', 'int4'): {'16x128x128 w4 s3': 0.404, '16x64x128 w4 s4': 0.404},
-    (80, 'splitn', 'int4g128'): {'16x128x128 w4 s3': 0.384, '16x64x128 w4 s4': 0.399},
-    (80, 'splitn', 'int4g32'): {'16x128x128 w4 s3': 0.41, '16x64x128 w4 s4': 0.405},
-    (80, 'splitn', 'nf4'): {'16x128x128 w4 s3': 0.345, '16x64x128 w4 s4': 0.341},
+    (80, 'splitn', 'int2'): {'16x128x128 w4 s3': 0.547, '16x64x128 w4 s4': 0.525},
+    (80, 'splitn', 'int3'): {'16x128x128 w4 s3': 0.583, '16x64x128 w4 s4': 0.569},
+    (80, 'splitn', 'int4'): {'16x128x128 w4 s3': 0.751, '16x64x128 w4 s4': 0.728},
+    (80, 'splitn', 'int4g128'): {'16x128x128 w4 s3': 0.698, '16x64x128 w4 s4': 0.683},
+    (80, 'splitn', 'int4g32'): {'16x128x128 w4 s3': 0.755, '16x64x128 w4 s4': 0.74},
+    (80, 'splitn', 'nf4'): {'16x128x128 w4 s3': 0.589, '16x64x128 w4 s4': 0.632},
     (90, 'fwd', 'int2'): {'128x128x64 w8 s4': 0.779, '128x64x64 w4 s4': 0.771, '256x128x64 w8 s3': 0.844, '256x64x64 w4 s3': 0.799},
     (90, 'fwd', 'int3'): {'128x128x64 w8 s4': 0.763, '128x64x64 w4 s4': 0.758, '256x128x64 w8 s3': 0.84, '256x64x64 w4 s3': 0.799},
     (90, 'fwd', 'int4'): {'128x128x64 w8 s4': 0.774, '128x64x64 w4 s4': 0.75, '256x128x64 w8 s3': 0.827, '256x64x64 w4 s3': 0.786},
@@ -231,12 +231,12 @@ CALIBRATION = {
     (90, 'splitk', 'int4g128'): {'16x64x128 w4 s4': 0.801, '16x64x256 w4 s3': 0.813},
     (90, 'splitk', 'int4g32'): {'16x64x128 w4 s4': 0.815, '16x64x256 w4 s3': 0.827},
     (90, 'splitk', 'nf4'): {'16x64x128 w4 s4': 0.716, '16x64x256 w4 s3': 0.756},
-    (90, 'splitn', 'int2'): {'16x128x64 w4 s3': 0.271, '16x256x64 w4 s3': 0.275},
-    (90, 'splitn', 'int3'): {'16x128x64 w4 s3': 0.255, '16x256x64 w4 s3': 0.258},
-    (90, 'splitn', 'int4'): {'16x128x64 w4 s3': 0.401, '16x256x64 w4 s3': 0.407},
-    (90, 'splitn', 'int4g128'): {'16x128x64 w4 s3': 0.359, '16x256x64 w4 s3': 0.364},
-    (90, 'splitn', 'int4g32'): {'16x128x64 w4 s3': 0.41, '16x256x64 w4 s3': 0.416},
-    (90, 'splitn', 'nf4'): {'16x128x64 w4 s3': 0.345},
+    (90, 'splitn', 'int2'): {'16x128x64 w4 s3': 0.569, '16x256x64 w4 s3': 0.588},
+    (90, 'splitn', 'int3'): {'16x128x64 w4 s3': 0.597, '16x256x64 w4 s3': 0.627},
+    (90, 'splitn', 'int4'): {'16x128x64 w4 s3': 0.756, '16x256x64 w4 s3': 0.76},
+    (90, 'splitn', 'int4g128'): {'16x128x64 w4 s3': 0.724, '16x256x64 w4 s3': 0.747},
+    (90, 'splitn', 'int4g32'): {'16x128x64 w4 s3': 0.76, '16x256x64 w4 s3': 0.764},
+    (90, 'splitn', 'nf4'): {'16x128x64 w4 s3': 0.656},
 }
 #: Round 6: CTAs of each split-kernel candidate one SM holds at once (registers, shared memory), the
 #: (fewest, most) the analyzer's occupancy gave over the shapes of the same sweep (``--fit-rules``
@@ -249,24 +249,24 @@ RESIDENT = {
     (80, 'splitk', 'int4g128'): {'16x64x128 w4 s4': (6, 6), '16x64x256 w4 s3': (4, 4)},
     (80, 'splitk', 'int4g32'): {'16x64x128 w4 s4': (5, 5), '16x64x256 w4 s3': (4, 4)},
     (80, 'splitk', 'nf4'): {'16x64x128 w4 s4': (5, 5), '16x64x256 w4 s3': (4, 4)},
-    (80, 'splitn', 'int2'): {'16x128x128 w4 s3': (2, 2), '16x64x128 w4 s4': (4, 4)},
-    (80, 'splitn', 'int3'): {'16x128x128 w4 s3': (2, 2), '16x64x128 w4 s4': (3, 3)},
-    (80, 'splitn', 'int4'): {'16x128x128 w4 s3': (2, 2), '16x64x128 w4 s4': (3, 4)},
-    (80, 'splitn', 'int4g128'): {'16x128x128 w4 s3': (2, 2), '16x64x128 w4 s4': (3, 3)},
-    (80, 'splitn', 'int4g32'): {'16x128x128 w4 s3': (2, 2), '16x64x128 w4 s4': (4, 4)},
-    (80, 'splitn', 'nf4'): {'16x128x128 w4 s3': (2, 2), '16x64x128 w4 s4': (4, 4)},
+    (80, 'splitn', 'int2'): {'16x128x128 w4 s3': (3, 3), '16x64x128 w4 s4': (6, 6)},
+    (80, 'splitn', 'int3'): {'16x128x128 w4 s3': (3, 3), '16x64x128 w4 s4': (6, 6)},
+    (80, 'splitn', 'int4'): {'16x128x128 w4 s3': (2, 2), '16x64x128 w4 s4': (5, 6)},
+    (80, 'splitn', 'int4g128'): {'16x128x128 w4 s3': (2, 2), '16x64x128 w4 s4': (6, 6)},
+    (80, 'splitn', 'int4g32'): {'16x128x128 w4 s3': (2, 2), '16x64x128 w4 s4': (5, 5)},
+    (80, 'splitn', 'nf4'): {'16x128x128 w4 s3': (2, 2), '16x64x128 w4 s4': (5, 5)},
     (90, 'splitk', 'int2'): {'16x64x128 w4 s4': (7, 7), '16x64x256 w4 s3': (4, 4)},
     (90, 'splitk', 'int3'): {'16x64x128 w4 s4': (6, 6), '16x64x256 w4 s3': (4, 4)},
     (90, 'splitk', 'int4'): {'16x64x128 w4 s4': (6, 6), '16x64x256 w4 s3': (4, 4)},
     (90, 'splitk', 'int4g128'): {'16x64x128 w4 s4': (6, 6), '16x64x256 w4 s3': (4, 4)},
     (90, 'splitk', 'int4g32'): {'16x64x128 w4 s4': (6, 6), '16x64x256 w4 s3': (4, 4)},
     (90, 'splitk', 'nf4'): {'16x64x128 w4 s4': (5, 6), '16x64x256 w4 s3': (3, 3)},
-    (90, 'splitn', 'int2'): {'16x128x64 w4 s3': (4, 4), '16x256x64 w4 s3': (2, 2)},
-    (90, 'splitn', 'int3'): {'16x128x64 w4 s3': (3, 3), '16x256x64 w4 s3': (2, 2)},
-    (90, 'splitn', 'int4'): {'16x128x64 w4 s3': (3, 3), '16x256x64 w4 s3': (2, 2)},
-    (90, 'splitn', 'int4g128'): {'16x128x64 w4 s3': (3, 3), '16x256x64 w4 s3': (2, 2)},
-    (90, 'splitn', 'int4g32'): {'16x128x64 w4 s3': (3, 3), '16x256x64 w4 s3': (2, 2)},
-    (90, 'splitn', 'nf4'): {'16x128x64 w4 s3': (3, 4)},
+    (90, 'splitn', 'int2'): {'16x128x64 w4 s3': (7, 8), '16x256x64 w4 s3': (4, 4)},
+    (90, 'splitn', 'int3'): {'16x128x64 w4 s3': (7, 8), '16x256x64 w4 s3': (4, 4)},
+    (90, 'splitn', 'int4'): {'16x128x64 w4 s3': (7, 7), '16x256x64 w4 s3': (3, 3)},
+    (90, 'splitn', 'int4g128'): {'16x128x64 w4 s3': (7, 7), '16x256x64 w4 s3': (3, 3)},
+    (90, 'splitn', 'int4g32'): {'16x128x64 w4 s3': (7, 7), '16x256x64 w4 s3': (3, 3)},
+    (90, 'splitn', 'nf4'): {'16x128x64 w4 s3': (5, 5)},
 }
 #: the standalone dequantize kernel's DRAM fraction over the SM balance of its grid (same sweep)
 DEQUANT_EFF = {90: {"int2": 0.81, "int3": 0.77, "int4": 0.83, "nf4": 0.86},
@@ -923,12 +923,12 @@ SPLIT_MID_M = {
         'nf4': {'16x64x128 w4 s4': (0.773, 0.288), '16x64x256 w4 s3': (0.734, 0.29)},
     },
     (80, 'splitn'): {
-        'int2': {'16x128x128 w4 s3': (0.891, 0.121), '16x64x128 w4 s4': (0.893, 0.119)},
-        'int3': {'16x128x128 w4 s3': (0.892, 0.12), '16x64x128 w4 s4': (0.903, 0.106)},
-        'int4': {'16x128x128 w4 s3': (0.846, 0.18), '16x64x128 w4 s4': (0.845, 0.183)},
-        'int4g128': {'16x128x128 w4 s3': (0.854, 0.168), '16x64x128 w4 s4': (0.851, 0.168)},
-        'int4g32': {'16x128x128 w4 s3': (0.845, 0.179), '16x64x128 w4 s4': (0.846, 0.178)},
-        'nf4': {'16x128x128 w4 s3': (0.866, 0.153), '16x64x128 w4 s4': (0.867, 0.152)},
+        'int2': {'16x128x128 w4 s3': (0.818, 0.207), '16x64x128 w4 s4': (0.823, 0.211)},
+        'int3': {'16x128x128 w4 s3': (0.81, 0.219), '16x64x128 w4 s4': (0.812, 0.228)},
+        'int4': {'16x128x128 w4 s3': (0.757, 0.288), '16x64x128 w4 s4': (0.775, 0.276)},
+        'int4g128': {'16x128x128 w4 s3': (0.78, 0.278), '16x64x128 w4 s4': (0.785, 0.269)},
+        'int4g32': {'16x128x128 w4 s3': (0.75, 0.297), '16x64x128 w4 s4': (0.77, 0.29)},
+        'nf4': {'16x128x128 w4 s3': (0.802, 0.244), '16x64x128 w4 s4': (0.792, 0.254)},
     },
     (90, 'splitk'): {
         'int2': {'16x64x128 w4 s4': (0.757, 0.281), '16x64x256 w4 s3': (0.687, 0.279)},
@@ -939,12 +939,12 @@ SPLIT_MID_M = {
         'nf4': {'16x64x128 w4 s4': (0.777, 0.281), '16x64x256 w4 s3': (0.744, 0.29)},
     },
     (90, 'splitn'): {
-        'int2': {'16x128x64 w4 s3': (0.89, 0.118), '16x256x64 w4 s3': (0.888, 0.121)},
-        'int3': {'16x128x64 w4 s3': (0.897, 0.112), '16x256x64 w4 s3': (0.893, 0.117)},
-        'int4': {'16x128x64 w4 s3': (0.848, 0.166), '16x256x64 w4 s3': (0.846, 0.17)},
-        'int4g128': {'16x128x64 w4 s3': (0.86, 0.156), '16x256x64 w4 s3': (0.858, 0.158)},
-        'int4g32': {'16x128x64 w4 s3': (0.844, 0.179), '16x256x64 w4 s3': (0.843, 0.18)},
-        'nf4': {'16x128x64 w4 s3': (0.866, 0.148)},
+        'int2': {'16x128x64 w4 s3': (0.81, 0.226), '16x256x64 w4 s3': (0.805, 0.234)},
+        'int3': {'16x128x64 w4 s3': (0.803, 0.238), '16x256x64 w4 s3': (0.797, 0.248)},
+        'int4': {'16x128x64 w4 s3': (0.734, 0.286), '16x256x64 w4 s3': (0.713, 0.3)},
+        'int4g128': {'16x128x64 w4 s3': (0.774, 0.284), '16x256x64 w4 s3': (0.77, 0.29)},
+        'int4g32': {'16x128x64 w4 s3': (0.725, 0.292), '16x256x64 w4 s3': (0.704, 0.293)},
+        'nf4': {'16x128x64 w4 s3': (0.788, 0.262)},
     },
 }
 #: an arch, op or format without a fitted line: a flat share of the tiles' time
@@ -984,17 +984,30 @@ def fused_time(c: KernelChoice, m: int, n: int, k: int, packed: float, arch: int
     """Estimated seconds of the fused kernel ``c`` (module docstring): GEMMs MACs / (peak · score),
     at least the packed weight's DRAM time; split kernels one 16-row M tile's bytes (the packed weight,
     its rows of activations and partials) / (DRAM · score), times :func:`split_mid_tiles` for ⌈M/16⌉
-    tiles (round 8: ``per_tile · T + shared``, the tiles sharing the weight's slices through L2)."""
+    tiles (round 8: ``per_tile · T + shared``, the tiles sharing the weight's slices through L2), plus
+    their workspace's passes at the DRAM rate (:func:`split_kernel_passes_bytes`, round 15)."""
     fam = arch_family(arch)
     a = ARCH[fam]
     if c.op in ("splitk", "splitn"):
         units = split_mid_tiles(c.op, math.ceil(m / c.block_m), fmt, fam, c.label)
-        return units * split_tile_bytes(c.op, n, k, packed, c.block_m) / (a.dram_bytes_per_s * c.score)
+        kernel = units * split_tile_bytes(c.op, n, k, packed, c.block_m) / (a.dram_bytes_per_s * c.score)
+        return kernel + split_kernel_passes_bytes(c.op, m, n, k) / a.dram_bytes_per_s
     t = max(m * n * k / (a.macs_per_s * c.score), packed / a.dram_bytes_per_s)
     if SPLIT_ALWAYS_M < m <= SPLIT_MAX_M:
         table = GEMM_MID_M.get((fam, c.op), {})
         t *= table.get(fmt) or table.get(base_format(fmt)) or 1.0
     return t
+
+
+def split_kernel_passes_bytes(op: str, m: int, n: int, k: int) -> int:
+    """Round 15: DRAM bytes of the split kernels' passes outside the kernel, which the analyzer does
+    not compile: every launch (split or not) accumulates into a zeroed fp32 workspace, [M, N] for
+    the forward's split-K ("splitk"), [M, K] for the input gradient's split-N ("splitn"), which the
+    cast then reads back into the output, :data:`GRAD_WORKSPACE_PASS_BYTES` per output element, as
+    the split GEMMs are charged. Small next to the packed weight on wide layers (4096→14336 at
+    M = 16: 2 %), it decides split-N against the GEMM at mid M on narrow ones (2048→512, M = 32:
+    0.66 MB of passes against 0.5 MB of INT4 weight)."""
+    return GRAD_WORKSPACE_PASS_BYTES * m * (n if op == "splitk" else k)
 
 
 def split_tile_bytes(op: str, n: int, k: int, packed: float, rows: int = 16) -> float:
