@@ -660,3 +660,22 @@ def test_path_rule_caps_the_dense_gemm_at_its_dram_roofline(device_lists):
     assert h.dense_dram_cap(2500, 256, 1536, 90) < 0.6 < 0.95 < h.dense_dram_cap(4096, 4096, 4096, 90)
     assert h.dense_score(2500, 1536, 90, cap=0.5) < h.dense_score(2500, 1536, 90)
     assert h.choose_path("grad", 3000, 1536, 576, bits=4, group_size=32, arch=80).path == "dequant"
+
+
+def test_qalora_splitn_leaves_out_the_tile_that_spills_with_v(device_lists):
+    """Round 15 (bench/results/static-oos2-sm80.csv): sm_80's 16x64x128 split-N tile spills 8 B in
+    QA-LoRA's launch (fused V = dY·B) for INT2 when the output's last K tile is cut (K = 2880, 4544)
+    at M > 1: not proposed there (``pool``); kept without V, at a K it divides, at M = 1, for INT4
+    and on sm_90."""
+    tile = "16x64x128 w4 s4"
+
+    def labels(k, fmt="int2g32", arch=80, pool=True, m=12):
+        return {c.label for c in h.score_all("splitn", m, 4096, k, fmt, arch, pool=pool)}
+
+    for k in (2880, 4544):
+        assert tile not in labels(k) and labels(k), k
+        assert tile in labels(k, pool=False)
+        assert tile in labels(k, fmt="int4g32")
+    assert tile in labels(4096) and tile in labels(4608) and tile in labels(2880, m=1)  # M = 1: specialized, 0 B
+    assert h.choose_config("splitn", 12, 4096, 2880, "int2g32", 80, pool=True).label != tile
+    assert labels(2880, arch=90) == labels(2880, arch=90, pool=False)

@@ -395,6 +395,34 @@ def test_grad_input_gemm_split_qalora(split_gemm_tile, monkeypatch):
     assert oracles.rel_err(v, dy.cpu().double() @ b.double()) < 1e-6
 
 
+def test_qalora_splitn_launch_asks_for_the_qalora_tiles(monkeypatch):
+    """Round 15: QA-LoRA's split-N launch asks the rules for QA-LoRA's tiles (``pool``: its fused
+    V = dY·B programs), so a tile that spills only with them is not proposed there
+    (heuristics.SPLITN_SPILLS_WITH_V_RAGGED_K); the plain input gradient asks for the plain ones.
+    Both still match the float64 oracle at a K whose last tile is cut."""
+    calls, real = [], fm._tiles
+
+    def spy(op, *args, **kwargs):
+        calls.append((op, kwargs.get("pool", False)))
+        return real(op, *args, **kwargs)
+
+    monkeypatch.setattr(fm, "_tiles", spy)
+    qw, w64 = split_weight(("int", 2, 32, 160))  # K = 160: the last 128-row output tile holds 32
+    n, k = qw.shape
+    m = 3
+    a = randn(RANK, k // 32, seed=15).cpu() * 16
+    b = randn(n, RANK, seed=16).cpu()
+    dy = randn(m, n, seed=17)
+    dx, v = qalora_grad_input(dy, qw, a.to(DEVICE), b.to(DEVICE), SIGMA, out=nan(m, k), path="splitn")
+    plain = quant_matmul_backward(dy, qw, out=nan(m, k), path="splitn")
+    assert calls == [("splitn", True), ("splitn", False)]
+    dx_ref, _, _ = oracles.qalora_backward64(torch.zeros(m, k, dtype=torch.float64), dy.cpu().double(), w64, a, b,
+                                             SIGMA, 32)
+    assert oracles.rel_err(dx, dx_ref) < TOL
+    assert oracles.rel_err(v, dy.cpu().double() @ b.double()) < 1e-6
+    assert oracles.rel_err(plain, dy.cpu().double() @ w64) < TOL
+
+
 def test_grad_split_rule():
     """heuristics.grad_split: no split once the dX tiles fill the SMs (M = 4096), a filled grid at
     M = 64 on K = 2048 (16 dX tiles on 132 SMs), >= GRAD_SPLIT_MIN_STEPS N tiles per slice, none empty."""

@@ -1092,8 +1092,8 @@ def _splitn_grad_input(dy2, qw, out, deterministic, args, meta, fp32_bias=False,
     """dX = dY·Ŵ into ``out`` [M, K]; with ``lora_b`` [N, r] also V = dY·B into ``v`` [M, r] fp32."""
     m, n = dy2.shape
     k = qw.shape[1]
-    _, launches = _tiles("splitn", m, n, k, meta, dy2.device, fp32_bias)
     with_v = lora_b is not None
+    _, launches = _tiles("splitn", m, n, k, meta, dy2.device, fp32_bias, pool=with_v)
     r = lora_b.shape[1] if with_v else 0
     max_split = max(c.split for c in launches)
     ws = _split_workspace(max_split, m, k, deterministic, dy2.device)

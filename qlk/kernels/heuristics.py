@@ -671,6 +671,21 @@ def fwd_split(k: int, block_k: int, group_size: int, base_ctas: int, sms: int) -
     return pick if options[pick] >= FWD_SPLIT_GAIN * options[1] else 1
 
 
+#: Round 15: split-N tiles that spill in QA-LoRA's launch (``pool`` for split-N: the fused V = dY·B
+#: programs) when the output's last K tile is cut (K % BLOCK_K != 0) and M > 1, per format class:
+#: sm_80 16x64x128 w4 with INT2, 8 B of stack and 3 LDL/STL outside the main loop at K = 2880 and
+#: 4544, M = 3 / 12 / 16 (bench/results/static-oos2-sm80.csv); none at M = 1 (Triton specializes
+#: M = 1), at K = 4096 / 4608, or for INT4 g32 at K = 2880
+SPLITN_SPILLS_WITH_V_RAGGED_K = {80: {"16x64x128 w4 s4": frozenset({"int2"})}, 90: {}}
+
+
+def splitn_spills_with_v(label: str, fmt: str, m: int, k: int, block_k: int, arch: int) -> bool:
+    """Whether split-N tile ``label`` spills in QA-LoRA's launch at this K
+    (:data:`SPLITN_SPILLS_WITH_V_RAGGED_K`): such a tile is not proposed there."""
+    fmts = SPLITN_SPILLS_WITH_V_RAGGED_K.get(arch_family(arch), {}).get(label, ())
+    return m > 1 and k % block_k != 0 and base_format(fmt) in fmts
+
+
 def _fits(c, arch: int, fp32_bias: bool, op: str, pool: bool = False) -> bool:
     k = c.kwargs
     if getattr(c, "qlk_arch", None) not in (None, arch_family(arch)):
@@ -792,6 +807,8 @@ def score_all(op: str, m: int, n: int, k: int, fmt: str = "int4", arch: int = 90
         label = f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{c.num_warps} s{c.num_stages}"
         if op == "grad" and not grad_candidate_allowed(label, fmt, arch):
             continue
+        if op == "splitn" and pool and splitn_spills_with_v(label, fmt, m, k, kw["BLOCK_K"], arch):
+            continue
         if _fits(c, arch, fp32_bias, op, pool):
             out.append(dataclasses.replace(_score(op, c, m, n, k, fmt, arch, sms, pool, fp32_bias), index=i))
     return out
@@ -804,7 +821,8 @@ def choose_config(op: str, m: int, n: int, k: int, fmt: str = "int4", arch: int 
     (the gradient ops: the same M, N, K of the layer) on ``arch`` with ``sms`` SMs: the candidate
     with the highest score (module docstring), on ties the bigger tile (fewer CTAs), then the earlier one. If none fits, the first
     candidate (as the pruning of the autotuner did). ``fp32_bias`` / ``pool``: QA-LoRA's fp32
-    folded biases / in-kernel pooling (tiles that spill with them are left out)."""
+    folded biases / in-kernel pooling, for split-N its fused V = dY·B (tiles that spill with them
+    are left out)."""
     if configs is None:
         return _choose_default(op, m, n, k, fmt, arch, sms, fp32_bias, pool)
     return _choose(op, m, n, k, fmt, arch, sms, configs, fp32_bias, pool)
