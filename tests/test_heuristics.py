@@ -679,3 +679,21 @@ def test_qalora_splitn_leaves_out_the_tile_that_spills_with_v(device_lists):
     assert tile in labels(4096) and tile in labels(4608) and tile in labels(2880, m=1)  # M = 1: specialized, 0 B
     assert h.choose_config("splitn", 12, 4096, 2880, "int2g32", 80, pool=True).label != tile
     assert labels(2880, arch=90) == labels(2880, arch=90, pool=False)
+
+
+def test_forward_64_row_tile_is_proposed_in_its_m_range(device_lists):
+    """Round 15: sm_90's 64x128x64 w4 forward tile (heuristics.FWD_CANDIDATE_M_RANGE) is a candidate
+    at 64 <= M <= 1024 only: where the 128/256-row tiles are mostly padding (M = 300 on 1024->3072:
+    the rules take it), not at M = 3000 (issue-bound there, round 9) nor under M = 64 (its fitted
+    efficiency over-rates it against split-K); sm_80 has no such tile."""
+    tile = "64x128x64 w4 s4"
+
+    def labels(m, arch=90):
+        return {c.label for c in h.score_all("fwd", m, 3072, 1024, "int4g32", arch)}
+
+    for m in (64, 300, 1024):
+        assert tile in labels(m), m
+    for m in (24, 48, 63, 1025, 3000):
+        assert tile not in labels(m) and labels(m), m
+    assert h.choose_config("fwd", 300, 3072, 1024, "int4g32", 90).label == tile
+    assert all(tile not in labels(m, 80) for m in (64, 300))

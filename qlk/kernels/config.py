@@ -157,6 +157,10 @@ def gemm_configs():
         _cfg(90, 8, 4, BLOCK_N=128, BLOCK_M=128, BLOCK_K=64, GROUP_M=8),
         _cfg(90, 4, 3, BLOCK_N=64, BLOCK_M=256, BLOCK_K=64, GROUP_M=8),
         _cfg(90, 4, 4, BLOCK_N=64, BLOCK_M=128, BLOCK_K=64, GROUP_M=8),
+        # round 15: one warpgroup on 64 rows of X, for M whose 128/256-row tiles are mostly padding
+        # (M = 300: 5 tiles of 64 fill 0.94, 2 of 256 fill 0.59); proposed at 64 <= M <= 1024
+        # (heuristics.FWD_CANDIDATE_M_RANGE: at M = 3000 it is issue-bound under the 256-row tile)
+        _cfg(90, 4, 4, BLOCK_N=128, BLOCK_M=64, BLOCK_K=64, GROUP_M=8),
         _cfg(80, 8, 3, BLOCK_N=256, BLOCK_M=128, BLOCK_K=32, GROUP_M=8),
         _cfg(80, 8, 4, BLOCK_N=128, BLOCK_M=128, BLOCK_K=32, GROUP_M=8),
         _cfg(80, 4, 4, BLOCK_N=128, BLOCK_M=128, BLOCK_K=32, GROUP_M=8),

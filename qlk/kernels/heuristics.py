@@ -207,12 +207,12 @@ CALIBRATION = {
     (80, 'splitn', 'int4g128'): {'16x128x128 w4 s3': 0.698, '16x64x128 w4 s4': 0.683},
     (80, 'splitn', 'int4g32'): {'16x128x128 w4 s3': 0.755, '16x64x128 w4 s4': 0.74},
     (80, 'splitn', 'nf4'): {'16x128x128 w4 s3': 0.589, '16x64x128 w4 s4': 0.632},
-    (90, 'fwd', 'int2'): {'128x128x64 w8 s4': 0.779, '128x64x64 w4 s4': 0.771, '256x128x64 w8 s3': 0.844, '256x64x64 w4 s3': 0.799},
-    (90, 'fwd', 'int3'): {'128x128x64 w8 s4': 0.763, '128x64x64 w4 s4': 0.758, '256x128x64 w8 s3': 0.84, '256x64x64 w4 s3': 0.799},
-    (90, 'fwd', 'int4'): {'128x128x64 w8 s4': 0.774, '128x64x64 w4 s4': 0.75, '256x128x64 w8 s3': 0.827, '256x64x64 w4 s3': 0.786},
-    (90, 'fwd', 'int4g128'): {'128x128x64 w8 s4': 0.778, '128x64x64 w4 s4': 0.76, '256x128x64 w8 s3': 0.835, '256x64x64 w4 s3': 0.792},
-    (90, 'fwd', 'int4g32'): {'128x128x64 w8 s4': 0.774, '128x64x64 w4 s4': 0.75, '256x128x64 w8 s3': 0.827, '256x64x64 w4 s3': 0.786},
-    (90, 'fwd', 'nf4'): {'128x128x64 w8 s4': 0.768, '128x64x64 w4 s4': 0.754, '256x128x64 w8 s3': 0.83, '256x64x64 w4 s3': 0.788},
+    (90, 'fwd', 'int2'): {'128x128x64 w8 s4': 0.779, '128x64x64 w4 s4': 0.771, '256x128x64 w8 s3': 0.844, '256x64x64 w4 s3': 0.799, '64x128x64 w4 s4': 0.664},
+    (90, 'fwd', 'int3'): {'128x128x64 w8 s4': 0.763, '128x64x64 w4 s4': 0.758, '256x128x64 w8 s3': 0.84, '256x64x64 w4 s3': 0.799, '64x128x64 w4 s4': 0.563},
+    (90, 'fwd', 'int4'): {'128x128x64 w8 s4': 0.774, '128x64x64 w4 s4': 0.75, '256x128x64 w8 s3': 0.827, '256x64x64 w4 s3': 0.786, '64x128x64 w4 s4': 0.646},
+    (90, 'fwd', 'int4g128'): {'128x128x64 w8 s4': 0.778, '128x64x64 w4 s4': 0.76, '256x128x64 w8 s3': 0.835, '256x64x64 w4 s3': 0.792, '64x128x64 w4 s4': 0.653},
+    (90, 'fwd', 'int4g32'): {'128x128x64 w8 s4': 0.774, '128x64x64 w4 s4': 0.75, '256x128x64 w8 s3': 0.827, '256x64x64 w4 s3': 0.786, '64x128x64 w4 s4': 0.629},
+    (90, 'fwd', 'nf4'): {'128x128x64 w8 s4': 0.768, '128x64x64 w4 s4': 0.754, '256x128x64 w8 s3': 0.83, '256x64x64 w4 s3': 0.788, '64x128x64 w4 s4': 0.574},
     (90, 'gemv', 'int2'): {'32x256 w4 s3': 0.192, '64x128 w4 s3': 0.192},
     (90, 'gemv', 'int3'): {'32x256 w4 s3': 0.179, '64x128 w4 s3': 0.135},
     (90, 'gemv', 'int4'): {'32x256 w4 s3': 0.284, '64x128 w4 s3': 0.246},
@@ -466,6 +466,16 @@ def candidate_margin(op: str, label: str, arch: int) -> float:
     (:data:`GRAD_CANDIDATE_MARGIN`; 1 for every other candidate). Ranking only: the choice's
     ``score`` (and the dispatcher's time from it) stays the model's."""
     return GRAD_CANDIDATE_MARGIN.get(arch_family(arch), {}).get(label, 1.0) if op == "grad" else 1.0
+
+
+#: Round 15: forward GEMM candidates proposed only up to an M (label -> largest M), per arch family.
+#: sm_90's one-warpgroup 64x128x64 tile decodes each weight for 64 rows of X, half the MMA work of
+#: the 128-row tiles: at M = 3000 it is issue-bound at 0.73-0.85 optimistic against the 256-row
+#: tile's 0.85 (round 9), but where the big tiles are mostly padding it wins (M = 300 on 1024->3072:
+#: 0.76..0.41 at fill 0.94 against 256x128x64's 0.73..0.44 at 0.59). Proposed for 64 <= M <= 1024:
+#: above, the sweeps had it slower; below, its fitted efficiency (a median over M = 64..333) over-rates
+#: it against split-K by up to 27 % (M = 24 on 4096->11008, static-new)
+FWD_CANDIDATE_M_RANGE = {80: {}, 90: {"64x128x64 w4 s4": (64, 1024)}}
 
 
 def grad_candidate_allowed(label: str, fmt: str, arch: int) -> bool:
@@ -807,6 +817,9 @@ def score_all(op: str, m: int, n: int, k: int, fmt: str = "int4", arch: int = 90
         label = f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{c.num_warps} s{c.num_stages}"
         if op == "grad" and not grad_candidate_allowed(label, fmt, arch):
             continue
+        lo, hi = FWD_CANDIDATE_M_RANGE.get(arch_family(arch), {}).get(label, (m, m)) if op == "fwd" else (m, m)
+        if not lo <= m <= hi:
+            continue
         if op == "splitn" and pool and splitn_spills_with_v(label, fmt, m, k, kw["BLOCK_K"], arch):
             continue
         if _fits(c, arch, fp32_bias, op, pool):
@@ -978,7 +991,7 @@ SPLIT_MID_DEFAULT = (0.85, 0.0)
 GEMM_MID_M = {
     (80, 'fwd'): {'int2': 0.908, 'int3': 0.896, 'int4': 0.925, 'int4g128': 0.919, 'int4g32': 0.935, 'nf4': 0.926},
     (80, 'grad'): {'int2': 0.885, 'int3': 0.882, 'int4': 0.92, 'int4g128': 0.911, 'int4g32': 0.927, 'nf4': 0.912},
-    (90, 'fwd'): {'int2': 0.947, 'int3': 0.945, 'int4': 0.982, 'int4g128': 0.978, 'int4g32': 0.985, 'nf4': 0.976},
+    (90, 'fwd'): {'int2': 0.95, 'int3': 0.949, 'int4': 0.985, 'int4g128': 0.981, 'int4g32': 0.991, 'nf4': 0.982},
     (90, 'grad'): {'int2': 0.94, 'int3': 0.948, 'int4': 0.982, 'int4g128': 0.972, 'int4g32': 0.99, 'nf4': 0.977},
 }
 
