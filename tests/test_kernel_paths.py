@@ -804,6 +804,13 @@ ROUND8_TILES = [  # (tile, arch, weight with N = SPLIT_N_ROWS rows, M, split)
                                                   # of 2 per tile), 3 N steps (the last 8 rows)
     pytest.param(dict(BLOCK_N=32, BLOCK_M=64, BLOCK_K=64), 90, ("int", 4, 128, 256), 64, 2,
                  id="int4g128-64x32x64-sm90-split"),  # groups of 2 K tiles, 9 N steps in 2 slices
+    # round 16: sm_90's 64-column dXᵀ tile (heuristics.CANDIDATE_M_RANGE), the sm_90 decoder
+    pytest.param(dict(BLOCK_N=64, BLOCK_M=64, BLOCK_K=128), 90, ("int", 4, 32, 384), 133, 1,
+                 id="int4g32-64x64x128-sm90"),  # 3 M tiles (the last 5 rows), 3 K tiles of 4 groups, 5 N steps
+    pytest.param(dict(BLOCK_N=64, BLOCK_M=64, BLOCK_K=128), 90, ("int", 3, 256, 512), 70, 2,
+                 id="int3g256-64x64x128-sm90-split"),  # a group over 2 K tiles, 9 N steps in 2 slices
+    pytest.param(dict(BLOCK_N=64, BLOCK_M=64, BLOCK_K=128), 90, ("nf4", 64, True, 256), 130, 1,
+                 id="nf4b64dq-64x64x128-sm90"),
 ]
 
 
@@ -825,12 +832,17 @@ def _spy_launches(monkeypatch, name):
 
 def _only_grad_tile(monkeypatch, op, cfg, case, m, split):
     """(qw, float64 Ŵ) of ``case``, with ``cfg`` the rules' only candidate for ``op`` ("grad" /
-    "splitn") and the SM count set so that they launch ``split`` slices at M = ``m``."""
+    "splitn") and the SM count set so that they launch ``split`` slices at M = ``m``. The GEMM's N:
+    SPLIT_N_ROWS, or enough ``BLOCK_N`` steps for ``split`` slices of GRAD_SPLIT_MIN_STEPS (the
+    last step 8 rows) where its steps are taller."""
     real = heuristics.candidates
     monkeypatch.setattr(heuristics, "candidates", lambda o: [cfg] if o == op else real(o))
     monkeypatch.setattr(heuristics, "GRAD_WORKSPACE_PASS_BYTES", 0)  # the split taken at this tiny shape
     heuristics._choose_default.cache_clear()
-    qw, w64 = split_weight(case)
+    rows = SPLIT_N_ROWS
+    if op == "grad" and split > 1:
+        rows = max(rows, cfg.kwargs["BLOCK_N"] * heuristics.GRAD_SPLIT_MIN_STEPS * split + 8)
+    qw, w64 = split_weight(case, rows)
     n, k = qw.shape
     fmt = "nf4" if case[0] == "nf4" else f"int{case[1]}g{case[2]}"
     for sms in range(1, 128):  # an SM count at which the rules launch ``split`` slices
@@ -861,6 +873,36 @@ def test_grad_input_gemm_round8_tiles(tile, arch, case, m, split, monkeypatch):
     assert [(op, c.label, c.split) for op, c in log] == [
         ("grad", f"{tile['BLOCK_M']}x{tile['BLOCK_N']}x{tile['BLOCK_K']} w4 s1", split)]
     assert oracles.rel_err(dx, dy.cpu().double() @ w64.half().double()) < 5e-4
+
+
+@pytest.mark.parametrize("case,m,split", [pytest.param((4, 32, 384), 133, 1, id="int4g32-M133"),
+                                          pytest.param((2, 64, 512), 70, 2, id="int2g64-M70-split")])
+def test_qalora_grad_input_round16_tile(case, m, split, monkeypatch):
+    """QA-LoRA's input gradient (fp32 folded biases, V = dY·B from the same launch) at sm_90's
+    64x64x128 tile (round 16), unsplit and split over N: dX and V NaN-poisoned against the paper's
+    formula; 3 M tiles with a ragged last (M = 133), groups inside a K tile (g32) and over half of one."""
+    from qlk.kernels import config
+
+    monkeypatch.setattr(fm, "target_arch", lambda: 90)
+    tile = dict(BLOCK_N=64, BLOCK_M=64, BLOCK_K=128)
+    qw, w64 = _only_grad_tile(monkeypatch, "grad", config._cfg(None, 4, 1, GROUP_M=2, **tile), ("int",) + case, m,
+                              split)
+    n, k = qw.shape
+    g = qw.group_size
+    a, b = adapter(qw, w64, seed=k + g + 5)
+    dy = randn(m, n, seed=m + 29).half()
+    log = []
+    monkeypatch.setattr(fm, "CHOICE_LOG", log)
+    dx, v = qalora_grad_input(dy, qw, a.half(), b.half(), SIGMA,
+                              out=torch.full((m, k), float("nan"), dtype=torch.float16, device=DEVICE), path="gemm")
+    heuristics._choose_default.cache_clear()
+    assert [(op, c.label, c.split) for op, c in log] == [("grad", "64x64x128 w4 s1", split)]
+    dx_ref, _, _ = oracles.qalora_backward64(torch.zeros(m, k, dtype=torch.float64), dy.cpu().double(),
+                                             w64.half().double(), a.cpu().half().double(), b.cpu().half().double(),
+                                             SIGMA, g)
+    assert oracles.rel_err(dy.cpu().double() @ w64, dx_ref) > 0.05, "the adapter term of dX is too small to test"
+    assert oracles.rel_err(dx, dx_ref) < 5e-3
+    assert oracles.rel_err(v, dy.cpu().double() @ b.cpu().half().double()) < 1e-3
 
 
 # ------------------------------------------------ forward GEMM, the round-9 two-warp tiles

@@ -159,7 +159,7 @@ def gemm_configs():
         _cfg(90, 4, 4, BLOCK_N=64, BLOCK_M=128, BLOCK_K=64, GROUP_M=8),
         # round 15: one warpgroup on 64 rows of X, for M whose 128/256-row tiles are mostly padding
         # (M = 300: 5 tiles of 64 fill 0.94, 2 of 256 fill 0.59); proposed at 64 <= M <= 1024
-        # (heuristics.FWD_CANDIDATE_M_RANGE: at M = 3000 it is issue-bound under the 256-row tile)
+        # (heuristics.CANDIDATE_M_RANGE: at M = 3000 it is issue-bound under the 256-row tile)
         _cfg(90, 4, 4, BLOCK_N=128, BLOCK_M=64, BLOCK_K=64, GROUP_M=8),
         _cfg(80, 8, 3, BLOCK_N=256, BLOCK_M=128, BLOCK_K=32, GROUP_M=8),
         _cfg(80, 8, 4, BLOCK_N=128, BLOCK_M=128, BLOCK_K=32, GROUP_M=8),
@@ -209,6 +209,12 @@ def grad_configs():
         # M = 64 on a short reduction (2048->512): 64-column tiles, 32-row steps split 4 ways; taken only
         # where it wins by heuristics.GRAD_CANDIDATE_MARGIN
         _cfg(90, 4, 4, BLOCK_N=32, BLOCK_M=64, BLOCK_K=64, GROUP_M=8),
+        # round 16: one warpgroup on 64 columns of dXᵀ (64 rows of dY), for M whose 128/256-row tiles
+        # are mostly padding (M = 300: 5 tiles of 64 fill 0.94, 3 of 128 fill 0.78); proposed at
+        # 64 <= M <= 1024 (heuristics.CANDIDATE_M_RANGE). Of six 64-row tiles compiled at M = 128 / 300 /
+        # 777 / 3000 (64x64x64, 64x128x64 and 64x64x128 w4; 64x64x128, 64x128x128 and 64x64x256 w8) it is
+        # the one the analyzer ranks first where big tiles are mostly padding (docs/kernels.md "Round 16")
+        _cfg(90, 4, 4, BLOCK_N=64, BLOCK_M=64, BLOCK_K=128, GROUP_M=8),
     ]
 
 

@@ -219,12 +219,12 @@ CALIBRATION = {
     (90, 'gemv', 'int4g128'): {'32x256 w4 s3': 0.262, '64x128 w4 s3': 0.189},
     (90, 'gemv', 'int4g32'): {'32x256 w4 s3': 0.3, '64x128 w4 s3': 0.3},
     (90, 'gemv', 'nf4'): {'32x256 w4 s3': 0.317, '64x128 w4 s3': 0.317},
-    (90, 'grad', 'int2'): {'128x128x64 w4 s4': 0.717, '128x64x128 w8 s4': 0.76, '128x64x64 w4 s4': 0.688, '256x64x128 w8 s3': 0.815, '256x64x64 w8 s3': 0.722, '64x32x64 w4 s4': 0.4},
-    (90, 'grad', 'int3'): {'128x128x64 w4 s4': 0.717, '128x64x128 w8 s4': 0.76, '128x64x64 w4 s4': 0.688, '256x64x128 w8 s3': 0.815, '256x64x64 w8 s3': 0.722, '64x32x64 w4 s4': 0.299},
-    (90, 'grad', 'int4'): {'128x128x64 w4 s4': 0.717, '128x64x128 w8 s4': 0.76, '128x64x64 w4 s4': 0.688, '256x64x128 w8 s3': 0.815, '256x64x64 w8 s3': 0.722, '64x32x64 w4 s4': 0.393},
-    (90, 'grad', 'int4g128'): {'128x128x64 w4 s4': 0.717, '128x64x128 w8 s4': 0.76, '128x64x64 w4 s4': 0.688, '256x64x128 w8 s3': 0.815, '256x64x64 w8 s3': 0.722, '64x32x64 w4 s4': 0.393},
-    (90, 'grad', 'int4g32'): {'128x128x64 w4 s4': 0.717, '128x64x128 w8 s4': 0.76, '128x64x64 w4 s4': 0.688, '256x64x128 w8 s3': 0.815, '256x64x64 w8 s3': 0.722, '64x32x64 w4 s4': 0.365},
-    (90, 'grad', 'nf4'): {'128x128x64 w4 s4': 0.709, '128x64x128 w8 s4': 0.754, '128x64x64 w4 s4': 0.672, '256x64x128 w8 s3': 0.811, '256x64x64 w8 s3': 0.704, '64x32x64 w4 s4': 0.349},
+    (90, 'grad', 'int2'): {'128x128x64 w4 s4': 0.717, '128x64x128 w8 s4': 0.76, '128x64x64 w4 s4': 0.688, '256x64x128 w8 s3': 0.815, '256x64x64 w8 s3': 0.722, '64x32x64 w4 s4': 0.4, '64x64x128 w4 s4': 0.58},
+    (90, 'grad', 'int3'): {'128x128x64 w4 s4': 0.717, '128x64x128 w8 s4': 0.76, '128x64x64 w4 s4': 0.688, '256x64x128 w8 s3': 0.815, '256x64x64 w8 s3': 0.722, '64x32x64 w4 s4': 0.304, '64x64x128 w4 s4': 0.58},
+    (90, 'grad', 'int4'): {'128x128x64 w4 s4': 0.717, '128x64x128 w8 s4': 0.76, '128x64x64 w4 s4': 0.688, '256x64x128 w8 s3': 0.815, '256x64x64 w8 s3': 0.722, '64x32x64 w4 s4': 0.393, '64x64x128 w4 s4': 0.58},
+    (90, 'grad', 'int4g128'): {'128x128x64 w4 s4': 0.717, '128x64x128 w8 s4': 0.76, '128x64x64 w4 s4': 0.688, '256x64x128 w8 s3': 0.815, '256x64x64 w8 s3': 0.722, '64x32x64 w4 s4': 0.393, '64x64x128 w4 s4': 0.58},
+    (90, 'grad', 'int4g32'): {'128x128x64 w4 s4': 0.717, '128x64x128 w8 s4': 0.76, '128x64x64 w4 s4': 0.688, '256x64x128 w8 s3': 0.815, '256x64x64 w8 s3': 0.722, '64x32x64 w4 s4': 0.365, '64x64x128 w4 s4': 0.58},
+    (90, 'grad', 'nf4'): {'128x128x64 w4 s4': 0.709, '128x64x128 w8 s4': 0.754, '128x64x64 w4 s4': 0.672, '256x64x128 w8 s3': 0.811, '256x64x64 w8 s3': 0.704, '64x32x64 w4 s4': 0.349, '64x64x128 w4 s4': 0.525},
     (90, 'splitk', 'int2'): {'16x64x128 w4 s4': 0.754, '16x64x256 w4 s3': 0.77},
     (90, 'splitk', 'int3'): {'16x64x128 w4 s4': 0.687, '16x64x256 w4 s3': 0.754},
     (90, 'splitk', 'int4'): {'16x64x128 w4 s4': 0.811, '16x64x256 w4 s3': 0.824},
@@ -468,14 +468,22 @@ def candidate_margin(op: str, label: str, arch: int) -> float:
     return GRAD_CANDIDATE_MARGIN.get(arch_family(arch), {}).get(label, 1.0) if op == "grad" else 1.0
 
 
-#: Round 15: forward GEMM candidates proposed only up to an M (label -> largest M), per arch family.
-#: sm_90's one-warpgroup 64x128x64 tile decodes each weight for 64 rows of X, half the MMA work of
-#: the 128-row tiles: at M = 3000 it is issue-bound at 0.73-0.85 optimistic against the 256-row
-#: tile's 0.85 (round 9), but where the big tiles are mostly padding it wins (M = 300 on 1024->3072:
-#: 0.76..0.41 at fill 0.94 against 256x128x64's 0.73..0.44 at 0.59). Proposed for 64 <= M <= 1024:
-#: above, the sweeps had it slower; below, its fitted efficiency (a median over M = 64..333) over-rates
-#: it against split-K by up to 27 % (M = 24 on 4096->11008, static-new)
-FWD_CANDIDATE_M_RANGE = {80: {}, 90: {"64x128x64 w4 s4": (64, 1024)}}
+#: GEMM candidates proposed only in a range of M: (op, label) -> (smallest M, largest M), per arch
+#: family. Round 15: sm_90's one-warpgroup 64x128x64 forward tile decodes each weight for 64 rows of X,
+#: half the MMA work of the 128-row tiles: at M = 3000 it is issue-bound at 0.73-0.85 optimistic
+#: against the 256-row tile's 0.85 (round 9), but where the big tiles are mostly padding it wins
+#: (M = 300 on 1024->3072: 0.76..0.41 at fill 0.94 against 256x128x64's 0.73..0.44 at 0.59). Proposed
+#: for 64 <= M <= 1024: above, the sweeps had it slower; below, its fitted efficiency (a median over
+#: M = 64..333) over-rates it against split-K by up to 27 % (M = 24 on 4096->11008, static-new).
+#: Round 16: the input gradient's 64x64x128 w4 tile, the same trade on dXᵀ's columns (M = 300 on
+#: 3072->1024: 0.67..0.39 at fill 0.94 against 128x64x128 w8's 0.55..0.28 at 0.78), same range
+CANDIDATE_M_RANGE = {80: {}, 90: {("fwd", "64x128x64 w4 s4"): (64, 1024), ("grad", "64x64x128 w4 s4"): (64, 1024)}}
+
+
+def candidate_m_range(op: str, label: str, arch: int) -> tuple[float, float]:
+    """The M range in which candidate ``label`` of ``op`` is proposed (:data:`CANDIDATE_M_RANGE`;
+    every M for a candidate not listed)."""
+    return CANDIDATE_M_RANGE.get(arch_family(arch), {}).get((op, label), (1, math.inf))
 
 
 def grad_candidate_allowed(label: str, fmt: str, arch: int) -> bool:
@@ -817,7 +825,7 @@ def score_all(op: str, m: int, n: int, k: int, fmt: str = "int4", arch: int = 90
         label = f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{c.num_warps} s{c.num_stages}"
         if op == "grad" and not grad_candidate_allowed(label, fmt, arch):
             continue
-        lo, hi = FWD_CANDIDATE_M_RANGE.get(arch_family(arch), {}).get(label, (m, m)) if op == "fwd" else (m, m)
+        lo, hi = candidate_m_range(op, label, arch)
         if not lo <= m <= hi:
             continue
         if op == "splitn" and pool and splitn_spills_with_v(label, fmt, m, k, kw["BLOCK_K"], arch):
@@ -992,7 +1000,7 @@ GEMM_MID_M = {
     (80, 'fwd'): {'int2': 0.908, 'int3': 0.896, 'int4': 0.925, 'int4g128': 0.919, 'int4g32': 0.935, 'nf4': 0.926},
     (80, 'grad'): {'int2': 0.885, 'int3': 0.882, 'int4': 0.92, 'int4g128': 0.911, 'int4g32': 0.927, 'nf4': 0.912},
     (90, 'fwd'): {'int2': 0.95, 'int3': 0.949, 'int4': 0.985, 'int4g128': 0.981, 'int4g32': 0.991, 'nf4': 0.982},
-    (90, 'grad'): {'int2': 0.94, 'int3': 0.948, 'int4': 0.982, 'int4g128': 0.972, 'int4g32': 0.99, 'nf4': 0.977},
+    (90, 'grad'): {'int2': 0.944, 'int3': 0.949, 'int4': 0.987, 'int4g128': 0.976, 'int4g32': 0.994, 'nf4': 0.979},
 }
 
 
