@@ -682,23 +682,25 @@ def test_qalora_splitn_leaves_out_the_tile_that_spills_with_v(device_lists):
 
 
 def test_64_row_tiles_are_proposed_in_their_m_range(device_lists):
-    """sm_90's 64-row tiles (heuristics.CANDIDATE_M_RANGE), the forward's 64x128x64 w4 (round 15)
-    and the input gradient's 64x64x128 w4 (round 16), are candidates at 64 <= M <= 1024 only: where
-    the 128/256-row tiles are mostly padding (M = 300 on Qwen3-0.6B's 1024->3072 and its 3072->1024
-    gradient: the rules take them), not at M = 3000 (issue-bound there, round 9) nor under M = 64
-    (their fitted efficiency over-rates them against the split kernels); sm_80 has no such tile
-    in that list."""
-    for op, tile, n, k in (("fwd", "64x128x64 w4 s4", 3072, 1024), ("grad", "64x64x128 w4 s4", 1024, 3072)):
-        assert h.candidate_m_range(op, tile, 90) == (64, 1024)
+    """sm_90's 64-row tiles (heuristics.CANDIDATE_M_RANGE): the forward's 64x128x64 w4 (round 15) at
+    64 <= M <= 1024, the input gradient's 64x64x128 w4 (round 16) at 17 <= M <= 1024. They are taken
+    where the 128/256-row tiles are mostly padding (M = 300 on Qwen3-0.6B's 1024->3072 and its
+    3072->1024 gradient; the gradient at M = 24-48 too), not at M = 3000 (issue-bound there, round 9);
+    the forward tile not under M = 64 (its fitted efficiency over-rates it against split-K), the
+    gradient's not at M <= 16 (split-N's alone); sm_80 has no such tile in that list."""
+    for op, tile, n, k, lo in (("fwd", "64x128x64 w4 s4", 3072, 1024, 64),
+                               ("grad", "64x64x128 w4 s4", 1024, 3072, 17)):
+        assert h.candidate_m_range(op, tile, 90) == (lo, 1024)
         assert h.candidate_m_range(op, tile, 80) == (1, math.inf)
 
         def labels(m, arch=90):
             return {c.label for c in h.score_all(op, m, n, k, "int4g32", arch)}
 
-        for m in (64, 300, 1024):
+        for m in (lo, 300, 1024):
             assert tile in labels(m), (op, m)
-        for m in (24, 48, 63, 1025, 3000):
+        for m in (lo - 1, 1025, 3000):
             assert tile not in labels(m) and labels(m), (op, m)
         assert h.choose_config(op, 300, n, k, "int4g32", 90).label == tile
         assert all(tile not in labels(m, 80) for m in (64, 300))
+    assert h.choose_config("grad", 48, 8192, 2048, "int4g32", 90).label == "64x64x128 w4 s4"
     assert h.candidate_m_range("grad", "64x128x64 w4 s4", 90) == (1, math.inf)  # per op

@@ -920,7 +920,7 @@ ROUND9_TILES = [  # (tile, weight with N = SPLIT_N_ROWS rows, M)
                  id="int2g64-128x64x32"),  # 2 K tiles per group
     pytest.param(dict(BLOCK_N=128, BLOCK_M=64, BLOCK_K=32), ("nf4", 64, True, 256), 70,
                  id="nf4b64dq-64x128x32"),
-    # round 15: sm_90's one-warpgroup 64x128x64 tile (heuristics.FWD_CANDIDATE_MAX_M): 3 M tiles
+    # round 15: sm_90's one-warpgroup 64x128x64 tile (heuristics.CANDIDATE_M_RANGE): 3 M tiles
     # with a ragged last, 6 K tiles, two groups per K tile (g32) and a group over two (g128)
     pytest.param(dict(BLOCK_N=128, BLOCK_M=64, BLOCK_K=64), ("int", 4, 32, 384), 133,
                  id="int4g32-64x128x64"),

@@ -143,11 +143,11 @@ KNOWN_LOW = {90: {}, 80: {}}
 #: 10) = the 16 shapes at M in {100, 500, 1500, 3000, 6000}, none a power of two (it found NF4's input
 #: gradient on sm_80 never launching the two-warp tile the rules scored: 0.85x dense at M = 500)
 OUT_OF_SAMPLE = {(stem, arch): os.path.join(ROOT, "bench", "results", f"static-{stem}-sm{arch}.csv")
-                 for stem in ("extra", "other", "odd", "new", "oos", "oos2", "oos3") for arch in (90, 80)}
+                 for stem in ("extra", "other", "odd", "new", "oos", "oos2", "oos3", "midm") for arch in (90, 80)}
 #: round 11's check at unswept shapes (static-new: 8 layers x 4 M x 5 formats x 2 ops = 320 cases) is
 #: smaller than the others, and its 1536->256 layer's tile picks at M = 24 / 200 are 3.5-9 % off the
 #: analyzer's best (documented in docs/kernels.md "Round 11"): 97 % there, 98 % elsewhere
-OUT_OF_SAMPLE_MIN_CASES = {"new": 320}
+OUT_OF_SAMPLE_MIN_CASES = {"new": 320, "midm": 160}
 #: round 14's check (static-oos: Qwen2.5-0.5B/3B/32B, Phi-3-mini, Gemma-2-9B/27B layers at M 1, 5, 48,
 #: 777, 4000): chosen = best 585 / 600 (sm_90) and 580 / 600 (sm_80) since round 15; most misses are 1-10 % (the
 #: split-K depth at K = 896, 896->128's forward tiles at M >= 777), docs/kernels.md "Round 14"
@@ -158,7 +158,11 @@ OUT_OF_SAMPLE_MIN_CASES = {"new": 320}
 #: 40, 300, 1500; 580 cases, INT3 / INT4 g128 cannot run at K = 4544): 565 / 567 of 580, the misses
 #: 2-8 % but one (split-K depth at M <= 12; the forward tile at M = 300, where sm_90's 64-row tile
 #: and the 128-row ones are close)
-OUT_OF_SAMPLE_BEST_SHARE = {"new": 0.965, "oos": 0.96, "oos2": 0.97}
+#: round 16's check of the input gradient under M = 64 (static-midm: the 16 shapes at M 24 and 48, the
+#: input gradient only, 160 cases; sm_90's 64x64x128 tile proposed from M = 17 on): 148 / 160 (sm_90,
+#: the tile 1-9 % behind a 128-row one on the 8192-wide dX) and 153 / 160 (sm_80: split-N against the
+#: GEMM on the narrow layers, as round 15's extra M = 32)
+OUT_OF_SAMPLE_BEST_SHARE = {"new": 0.965, "oos": 0.96, "oos2": 0.97, "midm": 0.92}
 #: picks more than 10 % under the analyzer's best there (case -> share; they get no worse). Round 15
 #: (split-N refitted to round 14's kernel, both split kernels charged their workspace passes): the
 #: input gradient of a narrow layer at M = 24-48, sub-microsecond kernels where the rules' GEMM is
@@ -168,6 +172,7 @@ OUT_OF_SAMPLE_BEST_SHARE = {"new": 0.965, "oos": 0.96, "oos2": 0.97}
 #: 256-wide split-N step over N = 896 at M = 1 (3.5 steps, the cut one decoded in full: sm_90)
 KNOWN_OFF_OUT_OF_SAMPLE = {
     ("extra", 80): {"dgrad/int2g32/4096->1024/M32": 0.881},
+    ("midm", 80): {"dgrad/int2g32/4096->1024/M24": 0.877, "dgrad/nf4dq/4096->1024/M24": 0.882},
     ("new", 90): {"dgrad/int2g32/1536->256/M24": 0.728, "dgrad/nf4dq/1536->256/M24": 0.703},
     ("oos", 90): {"dgrad/int2g32/896->128/M48": 0.808, "dgrad/int3g128/896->128/M48": 0.799,
                   "dgrad/int4g128/896->128/M48": 0.766, "dgrad/nf4dq/896->128/M48": 0.751,

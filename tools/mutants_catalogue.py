@@ -607,7 +607,7 @@ MUTANTS = [
          old="        if not lo <= m <= hi:\n            continue", new="        if False:\n            continue",
          tests=["tests/test_heuristics.py", "-k", "64_row_tile"]),
     dict(id="grad-candidate-range-dropped", cls="rules", file="qlk/kernels/heuristics.py",
-         old=', ("grad", "64x64x128 w4 s4"): (64, 1024)}}', new='}}',
+         old=', ("grad", "64x64x128 w4 s4"): (17, 1024)}}', new=', ("grad", "64x64x128 w4 s4"): (64, 1024)}}',
          tests=["tests/test_heuristics.py", "-k", "64_row_tile"]),
     dict(id="nf4-offset-sign", cls="sign", file="qlk/formats/nf4.py",
          old="return nested + qw.absmax_offset", new="return nested - qw.absmax_offset",

@@ -210,8 +210,8 @@ def grad_configs():
         # where it wins by heuristics.GRAD_CANDIDATE_MARGIN
         _cfg(90, 4, 4, BLOCK_N=32, BLOCK_M=64, BLOCK_K=64, GROUP_M=8),
         # round 16: one warpgroup on 64 columns of dXᵀ (64 rows of dY), for M whose 128/256-row tiles
-        # are mostly padding (M = 300: 5 tiles of 64 fill 0.94, 3 of 128 fill 0.78); proposed at
-        # 64 <= M <= 1024 (heuristics.CANDIDATE_M_RANGE). Of six 64-row tiles compiled at M = 128 / 300 /
+        # are mostly padding (M = 300: 5 tiles of 64 fill 0.94, 3 of 128 fill 0.78; M = 48: 0.75 and
+        # 0.38); proposed at 17 <= M <= 1024 (heuristics.CANDIDATE_M_RANGE). Of six 64-row tiles compiled at M = 128 / 300 /
         # 777 / 3000 (64x64x64, 64x128x64 and 64x64x128 w4; 64x64x128, 64x128x128 and 64x64x256 w8) it is
         # the one the analyzer ranks first where big tiles are mostly padding (docs/kernels.md "Round 16")
         _cfg(90, 4, 4, BLOCK_N=64, BLOCK_M=64, BLOCK_K=128, GROUP_M=8),

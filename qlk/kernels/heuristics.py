@@ -476,8 +476,10 @@ def candidate_margin(op: str, label: str, arch: int) -> float:
 #: for 64 <= M <= 1024: above, the sweeps had it slower; below, its fitted efficiency (a median over
 #: M = 64..333) over-rates it against split-K by up to 27 % (M = 24 on 4096->11008, static-new).
 #: Round 16: the input gradient's 64x64x128 w4 tile, the same trade on dXᵀ's columns (M = 300 on
-#: 3072->1024: 0.67..0.39 at fill 0.94 against 128x64x128 w8's 0.55..0.28 at 0.78), same range
-CANDIDATE_M_RANGE = {80: {}, 90: {("fwd", "64x128x64 w4 s4"): (64, 1024), ("grad", "64x64x128 w4 s4"): (64, 1024)}}
+#: 3072->1024: 0.67..0.39 at fill 0.94 against 128x64x128 w8's 0.55..0.28 at 0.78), from M = 17 (above
+#: SPLIT_ALWAYS_M) on: at M = 24-48 on the family's shapes it is the analyzer's best in 188 of 240
+#: input gradients, 26-28 % ahead of the 128-row tiles, and the rules with it pick the best in 221
+CANDIDATE_M_RANGE = {80: {}, 90: {("fwd", "64x128x64 w4 s4"): (64, 1024), ("grad", "64x64x128 w4 s4"): (17, 1024)}}
 
 
 def candidate_m_range(op: str, label: str, arch: int) -> tuple[float, float]:
