@@ -52,7 +52,7 @@ KNOWN_OFF = {
         # split-K and the GEMM are 1.1 % apart here, the split kept
         "fwd/int3g128/14336->4096/M64": 0.989,
         # round 16: the 64x64x128 w4 input-gradient tile, best at M = 64 on 75 of 80 cases (2.9-4.5x
-        # dense, 30-40 % over round 15's picks), is 5-7 % behind a split 128- or 32-row-step tile
+        # dense, up to 39 % over round 15's picks), is 5-7 % behind a split 128- or 32-row-step tile
         # on the 8192-wide dX (one fitted efficiency per tile; the split grids differ per shape)
         "dgrad/int2g32/8192->3072/M64": 0.928,
         "dgrad/int3g128/8192->3072/M64": 0.932,
