@@ -696,3 +696,70 @@ def test_gemm_forward_fp16_rounds_like_decode(case):
     ref = x.cpu().double() @ w_half.t() + bias.cpu().double()
     assert not y.isnan().any()
     assert oracles.rel_err(y, ref) < 4e-4
+
+
+# ------------------------------------------------ round 17: the GEMM forward in the lane-owned k order
+# (tile, arch, lane order expected): the interpreter runs the tile's block sizes; the rules' target
+# decides the order (heuristics.fwd_lane_order: sm_80 every tile, sm_90 the 64-row tile only)
+LANE_GEMM_TILES = [
+    pytest.param(dict(BLOCK_N=32, BLOCK_M=64, BLOCK_K=64), 90, True, id="64x32x64-sm90-lanes"),
+    pytest.param(dict(BLOCK_N=32, BLOCK_M=128, BLOCK_K=64), 90, False, id="128x32x64-sm90-stored"),
+    pytest.param(dict(BLOCK_N=32, BLOCK_M=128, BLOCK_K=64), 80, True, id="128x32x64-sm80-lanes"),
+]
+# (bits, group, K): several groups per K tile, one group over two K tiles, a group that is not a
+# power of two, and K that cuts the last tile (its tile decoded in the stored order, after the others)
+LANE_GEMM_CASES = [(4, 32, 320), (4, 128, 384), (2, 16, 320), (2, 128, 256), (4, 96, 288), (2, 32, 288)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", LANE_GEMM_CASES, ids=lambda c: f"int{c[0]}g{c[1]}k{c[2]}")
+@pytest.mark.parametrize("tile,arch,lanes", LANE_GEMM_TILES)
+def test_gemm_forward_lane_order(tile, arch, lanes, case, monkeypatch):
+    """Round 17: the forward GEMM decodes INT2/INT4 in the lane-owned k order and reads X in the same
+    permuted order where :func:`heuristics.fwd_lane_order` says so. fp16, NaN-poisoned Y against
+    float64 on Ŵ rounded once to fp16, M = 133 (3 or 2 M tiles, the last ragged), N = 72 (3 N tiles,
+    the last ragged), 4-6 K tiles; the launch's LANE_ORDER is the rule's for the patched target."""
+    from qlk.kernels import config
+
+    if not INTERPRETED:
+        pytest.skip("the tile is forced through the interpreter's candidate list")
+    bits, g, k = case
+    monkeypatch.setattr(fm, "target_arch", lambda: arch)
+    cfg = config._cfg(None, 4, 1, GROUP_M=2, **tile)
+    real = heuristics.candidates
+    monkeypatch.setattr(heuristics, "candidates", lambda op: [cfg] if op == "fwd" else real(op))
+    heuristics._choose_default.cache_clear()
+    seen, kernel = [], fm._quant_matmul_fwd_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append(kwargs)
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(fm, "_quant_matmul_fwd_kernel", Spy())
+    gen = torch.Generator().manual_seed(1700 + bits * 100 + g + k)
+    groups = k // g
+    w = (torch.randn(N, groups, g, generator=gen) * torch.exp(torch.randn(N, groups, 1, generator=gen))
+         + torch.randn(N, groups, 1, generator=gen)).reshape(N, k)
+    qw = qlk.quantize(w, bits=bits, group_size=g)
+    w_half = oracles.int_dequant64(qw).half().double()
+    m = 133
+    x = torch.randn(m, k, generator=gen).to(torch.float16)
+    out = torch.full((m, N), float("nan"), dtype=torch.float16)
+    try:
+        y = quant_matmul_forward(x, qw, None, out=out, path="gemm")
+    finally:
+        heuristics._choose_default.cache_clear()
+    assert [kw["LANE_ORDER"] for kw in seen] == [lanes] and heuristics.fwd_lane_order(arch, tile["BLOCK_M"]) == lanes
+    assert not y.isnan().any()
+    assert oracles.rel_err(y, x.double() @ w_half.t()) < 4e-4
+
+
+def test_fwd_lane_order_rule():
+    """sm_80: every forward tile in the lane-owned order; sm_90: the 64-row tile only (the 128/256-row
+    tiles lose to the permuted X tile's 8-byte runs); an unknown arch (0) is sm_80's family."""
+    assert all(heuristics.fwd_lane_order(80, bm) for bm in (64, 128, 256))
+    assert heuristics.fwd_lane_order(90, 64) and not heuristics.fwd_lane_order(90, 128)
+    assert not heuristics.fwd_lane_order(100, 256) and heuristics.fwd_lane_order(0, 256)

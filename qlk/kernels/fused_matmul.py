@@ -183,17 +183,30 @@ def _fwd_step(acc, p_run, x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_
               stride_qn, stride_sn, stride_sg, rows_w, offs_m, M, k0, K, stride_xk, stride_pm,
               BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
               DOT_PRECISION: tl.constexpr, POOL: tl.constexpr, EVEN_K: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PACKED_DEQUANT: tl.constexpr):
-    """One K tile k0 of :func:`_fwd_loop` (EVEN_K: the tile lies inside K, no masks): (acc, p_run)."""
-    w = _weight_tile(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr, stride_qn, stride_sn,
-                     stride_sg, rows_w, k0, K, x_rows.dtype.element_ty, BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT,
-                     PACKED_DEQUANT, EVEN_K, BLOCK_N, BLOCK_K)
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    xt_ptrs = x_rows[None, :] + offs_k[:, None] * stride_xk
-    if EVEN_K:
-        xt = tl.load(xt_ptrs)
+              BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PACKED_DEQUANT: tl.constexpr,
+              LANE_ORDER: tl.constexpr):
+    """One K tile k0 of :func:`_fwd_loop` (EVEN_K: the tile lies inside K, no masks): (acc, p_run).
+    LANE_ORDER: INT2/INT4 half2 tiles whose BLOCK_K spans whole lane units are decoded in the
+    lane-owned k order and X is read in the same order (round 17); POOL and a cut tile keep the
+    stored order (the pooling sums X's stored columns)."""
+    ACT: tl.constexpr = x_rows.dtype.element_ty
+    HALF_INT: tl.constexpr = (not IS_NF4) and (ACT == tl.float16 or ACT == tl.bfloat16)
+    LANES: tl.constexpr = LANE_ORDER and HALF_INT and EVEN_K and (not POOL) and \
+        (BITS == 2 or BITS == 4) and BLOCK_K % (128 // BITS) == 0
+    if LANES:
+        w = _decode_int_tile_lanes(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, rows_w, k0, K,
+                                   ACT, BITS, GROUP_SIZE, PACKED_DEQUANT, EVEN_K, BLOCK_N, BLOCK_K)
+        xt = _lane_x_tile(x_rows, tl.full((BLOCK_M,), 1, tl.int1), k0, K, stride_xk, BITS, EVEN_K, BLOCK_K, BLOCK_M)
     else:
-        xt = tl.load(xt_ptrs, mask=offs_k[:, None] < K, other=0.0)
+        w = _weight_tile(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr, stride_qn, stride_sn,
+                         stride_sg, rows_w, k0, K, ACT, BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT,
+                         PACKED_DEQUANT, EVEN_K, BLOCK_N, BLOCK_K)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        xt_ptrs = x_rows[None, :] + offs_k[:, None] * stride_xk
+        if EVEN_K:
+            xt = tl.load(xt_ptrs)
+        else:
+            xt = tl.load(xt_ptrs, mask=offs_k[:, None] < K, other=0.0)
     acc = tl.dot(w.to(xt.dtype), xt, acc, input_precision=DOT_PRECISION)
     if POOL:
         p_run = _pool_tile(p_ptr, xt, p_run, offs_m, k0, M, K, stride_pm, GROUP_SIZE, BLOCK_M, BLOCK_K)
@@ -205,7 +218,8 @@ def _fwd_loop(x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, 
               stride_qn, stride_sn, stride_sg, rows_w, offs_m, M, k_lo, k_hi, K, stride_xk, stride_pm,
               BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
               DOT_PRECISION: tl.constexpr, POOL: tl.constexpr, EVEN_K: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PACKED_DEQUANT: tl.constexpr):
+              BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PACKED_DEQUANT: tl.constexpr,
+              LANE_ORDER: tl.constexpr):
     """The forward GEMM's K loop over k_lo .. k_hi (0 .. K unsplit): acc = Ŵ[rows_w, k range]·Xᵀ
     [BLOCK_N, BLOCK_M], plus P(X) of rows offs_m when POOL (a split's slices hold whole groups, so
     the running sum of a group larger than BLOCK_K starts and ends in one slice). Whole tiles run
@@ -215,8 +229,11 @@ def _fwd_loop(x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, 
     (:func:`qlk.kernels.decode_tile._decode_int_tile`; inline asm when PACKED_DEQUANT, its Triton
     twin under the interpreter): per pair of weights 2 SHF, PRMT, LOP3, 2 HFMA2 instead of the fp32
     tile's ~12, which made tiles of 64-128 rows issue-bound at mid M (docs/kernels.md "Forward GEMM,
-    half2 tile (round 7)"). X keeps its stored order, so its tile loads stay 16-byte vectors. NF4
-    and fp32 activations: the fp32 ``_dequant_tile``."""
+    half2 tile (round 7)"). X keeps its stored order, so its tile loads stay 16-byte vectors, except
+    where LANE_ORDER (round 17, :func:`qlk.kernels.heuristics.fwd_lane_order`): INT2/INT4 whole K
+    tiles then take the decode loop's lane-owned tile (LOP3 + 2 HFMA2 a pair) and X is read in the
+    same permuted order, 8-byte runs stored to shared memory 16 bits at a time, which only the tiles
+    where the decode dominates gain from. NF4 and fp32 activations: the fp32 ``_dequant_tile``."""
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     p_run = tl.zeros((BLOCK_M,), dtype=tl.float32)  # POOL, GROUP_SIZE > BLOCK_K: running group sum
     k_whole = _whole_k_end(k_hi, K, EVEN_K, BLOCK_K)
@@ -224,13 +241,13 @@ def _fwd_loop(x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, 
         acc, p_run = _fwd_step(acc, p_run, x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr,
                                lut_ptr, dyn_ptr, stride_qn, stride_sn, stride_sg, rows_w, offs_m, M, k0, K,
                                stride_xk, stride_pm, BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, POOL,
-                               True, BLOCK_N, BLOCK_M, BLOCK_K, PACKED_DEQUANT)
+                               True, BLOCK_N, BLOCK_M, BLOCK_K, PACKED_DEQUANT, LANE_ORDER)
     if not EVEN_K:
         if k_whole < k_hi:
             acc, p_run = _fwd_step(acc, p_run, x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr,
                                    lut_ptr, dyn_ptr, stride_qn, stride_sn, stride_sg, rows_w, offs_m, M, k_whole,
                                    K, stride_xk, stride_pm, BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION,
-                                   POOL, False, BLOCK_N, BLOCK_M, BLOCK_K, PACKED_DEQUANT)
+                                   POOL, False, BLOCK_N, BLOCK_M, BLOCK_K, PACKED_DEQUANT, LANE_ORDER)
     return acc
 
 
@@ -329,9 +346,12 @@ def _quant_matmul_fwd_kernel(
     EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr = False, ATOMIC: tl.constexpr = True, SLICE_K=0, PACKED_DEQUANT: tl.constexpr = False,
-    QN_ALIGN: tl.constexpr = 1,
+    QN_ALIGN: tl.constexpr = 1, LANE_ORDER: tl.constexpr = False,
 ):
     """Y[m, n] = Σ_k X[m, k]·Ŵ[n, k] (+ bias[n]), one [BLOCK_N, BLOCK_M] tile per program.
+
+    LANE_ORDER (:func:`qlk.kernels.heuristics.fwd_lane_order`): INT2/INT4 whole K tiles are decoded
+    in the lane-owned k order, X read in the same permuted order (:func:`_fwd_step`).
 
     SPLIT_K (mid M: too few output tiles for the SMs, or a badly filled last wave): the K loop is
     split over grid axis 1, program (tile, s) summing k in [s·SLICE_K, (s+1)·SLICE_K) ∩ [0, K)
@@ -366,12 +386,12 @@ def _quant_matmul_fwd_kernel(
         acc = _fwd_loop(x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
                         stride_qn, stride_sn, stride_sg, rows_w, offs_m, M, k_lo, k_hi, K, stride_xk, stride_pm,
                         BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, True, EVEN_K,
-                        BLOCK_N, BLOCK_M, BLOCK_K, PACKED_DEQUANT)
+                        BLOCK_N, BLOCK_M, BLOCK_K, PACKED_DEQUANT, LANE_ORDER)
     else:
         acc = _fwd_loop(x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
                         stride_qn, stride_sn, stride_sg, rows_w, offs_m, M, k_lo, k_hi, K, stride_xk, stride_pm,
                         BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, False, EVEN_K,
-                        BLOCK_N, BLOCK_M, BLOCK_K, PACKED_DEQUANT)
+                        BLOCK_N, BLOCK_M, BLOCK_K, PACKED_DEQUANT, LANE_ORDER)
     acc = tl.trans(acc)
     if SPLIT_K:
         # the fp32 partial of Y's tile, in Y's layout (N contiguous, as the unsplit store); the bias
@@ -889,6 +909,7 @@ def _forward(x, qw, bias, out, path, deterministic, wargs=None, pool=False):
             # workspace, summed and cast below (split 1: Y stored directly)
             ws, split = None, 1
             fixed_order = deterministic or not _fwd_split_atomic()
+            arch = target_arch()
             for c in launches:
                 slice_k, split = heuristics.fwd_slices(k, c.block_k, g, c.split)
                 if split > 1:  # a zeroed workspace per launch (QLK_ALL_CONFIGS runs several)
@@ -899,7 +920,8 @@ def _forward(x, qw, bias, out, path, deterministic, wargs=None, pool=False):
                     dst, x2, bias_arg, pooled if fused else args[3], *args, m, n, k, _bucket(m),
                     x2.stride(0), x2.stride(1), dst.stride(-2), dst.stride(-1), pooled.stride(0) if fused else 0,
                     HAS_BIAS=bias is not None, DOT_PRECISION=_precision(x.dtype), POOL=fused,
-                    PACKED_DEQUANT=not INTERPRETED, **meta, **c.meta, **extra)
+                    PACKED_DEQUANT=not INTERPRETED, LANE_ORDER=heuristics.fwd_lane_order(arch, c.block_m),
+                    **meta, **c.meta, **extra)
             if split > 1:  # the chosen launch (the last) wrote the workspace
                 _split_finish(out, ws, fixed_order)
     if pool and not fused:  # group size not a power of two (or larger than the split-K tile)

@@ -135,13 +135,13 @@ def _fwd_tile(t, pid_n, y_ptr, x_ptr, bias_ptr, p_ptr, tile_expert_ptr, tile_row
             acc = _fwd_loop(x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
                             stride_qn, stride_sn, stride_sg, rows_w, offs_m, row_end, 0, K, K, stride_xk, stride_pm,
                             BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, True, EVEN_K,
-                            BLOCK_N, BLOCK_M, BLOCK_K, PACKED_DEQUANT)
+                            BLOCK_N, BLOCK_M, BLOCK_K, PACKED_DEQUANT, False)
         else:
             x_rows = x_ptr + tl.minimum(offs_m, row_end - 1).to(tl.int64) * stride_xm
             acc = _fwd_loop(x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
                             stride_qn, stride_sn, stride_sg, rows_w, offs_m, row_end, 0, K, K, stride_xk, stride_pm,
                             BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, False, EVEN_K,
-                            BLOCK_N, BLOCK_M, BLOCK_K, PACKED_DEQUANT)
+                            BLOCK_N, BLOCK_M, BLOCK_K, PACKED_DEQUANT, False)
         acc = tl.trans(acc)
         if HAS_BIAS:
             bias = tl.load(bias_ptr + e.to(tl.int64) * stride_be + offs_n, mask=offs_n < N, other=0.0)

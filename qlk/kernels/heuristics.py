@@ -179,9 +179,9 @@ DEQUANT_DRAM_SHARE = 0.8
 CALIBRATION = {
     (80, 'fwd', 'int2'): {'128x128x32 w4 s4': 0.805, '128x128x32 w8 s4': 0.591, '128x256x32 w8 s3': 0.806, '128x64x32 w2 s4': 0.784, '64x128x32 w2 s4': 0.8, '64x128x32 w4 s4': 0.68},
     (80, 'fwd', 'int3'): {'128x128x32 w4 s4': 0.785, '128x128x32 w8 s4': 0.517, '128x256x32 w8 s3': 0.786, '128x64x32 w2 s4': 0.773, '64x128x32 w2 s4': 0.781, '64x128x32 w4 s4': 0.581},
-    (80, 'fwd', 'int4'): {'128x128x32 w4 s4': 0.782, '128x128x32 w8 s4': 0.588, '128x256x32 w8 s3': 0.792, '128x64x32 w2 s4': 0.763, '64x128x32 w2 s4': 0.776, '64x128x32 w4 s4': 0.657},
-    (80, 'fwd', 'int4g128'): {'128x128x32 w4 s4': 0.782, '128x128x32 w8 s4': 0.588, '128x256x32 w8 s3': 0.792, '128x64x32 w2 s4': 0.763, '64x128x32 w2 s4': 0.776, '64x128x32 w4 s4': 0.657},
-    (80, 'fwd', 'int4g32'): {'128x128x32 w4 s4': 0.782, '128x128x32 w8 s4': 0.591, '128x256x32 w8 s3': 0.792, '128x64x32 w2 s4': 0.763, '64x128x32 w2 s4': 0.776, '64x128x32 w4 s4': 0.657},
+    (80, 'fwd', 'int4'): {'128x128x32 w4 s4': 0.801, '128x128x32 w8 s4': 0.611, '128x256x32 w8 s3': 0.804, '128x64x32 w2 s4': 0.792, '64x128x32 w2 s4': 0.797, '64x128x32 w4 s4': 0.707},
+    (80, 'fwd', 'int4g128'): {'128x128x32 w4 s4': 0.801, '128x128x32 w8 s4': 0.611, '128x256x32 w8 s3': 0.804, '128x64x32 w2 s4': 0.792, '64x128x32 w2 s4': 0.797, '64x128x32 w4 s4': 0.707},
+    (80, 'fwd', 'int4g32'): {'128x128x32 w4 s4': 0.802, '128x128x32 w8 s4': 0.614, '128x256x32 w8 s3': 0.804, '128x64x32 w2 s4': 0.792, '64x128x32 w2 s4': 0.798, '64x128x32 w4 s4': 0.711},
     (80, 'fwd', 'nf4'): {'128x128x32 w4 s4': 0.786, '128x128x32 w8 s4': 0.622, '128x256x32 w8 s3': 0.796, '128x64x32 w2 s4': 0.767, '64x128x32 w2 s4': 0.779, '64x128x32 w4 s4': 0.614},
     (80, 'gemv', 'int2'): {'32x256 w4 s3': 0.198, '64x128 w4 s3': 0.198},
     (80, 'gemv', 'int3'): {'32x256 w4 s3': 0.186, '64x128 w4 s3': 0.135},
@@ -207,11 +207,11 @@ CALIBRATION = {
     (80, 'splitn', 'int4g128'): {'16x128x128 w4 s3': 0.698, '16x64x128 w4 s4': 0.683},
     (80, 'splitn', 'int4g32'): {'16x128x128 w4 s3': 0.755, '16x64x128 w4 s4': 0.74},
     (80, 'splitn', 'nf4'): {'16x128x128 w4 s3': 0.589, '16x64x128 w4 s4': 0.632},
-    (90, 'fwd', 'int2'): {'128x128x64 w8 s4': 0.779, '128x64x64 w4 s4': 0.771, '256x128x64 w8 s3': 0.844, '256x64x64 w4 s3': 0.799, '64x128x64 w4 s4': 0.664},
+    (90, 'fwd', 'int2'): {'128x128x64 w8 s4': 0.779, '128x64x64 w4 s4': 0.771, '256x128x64 w8 s3': 0.844, '256x64x64 w4 s3': 0.799, '64x128x64 w4 s4': 0.733},
     (90, 'fwd', 'int3'): {'128x128x64 w8 s4': 0.763, '128x64x64 w4 s4': 0.758, '256x128x64 w8 s3': 0.84, '256x64x64 w4 s3': 0.799, '64x128x64 w4 s4': 0.563},
-    (90, 'fwd', 'int4'): {'128x128x64 w8 s4': 0.774, '128x64x64 w4 s4': 0.75, '256x128x64 w8 s3': 0.827, '256x64x64 w4 s3': 0.786, '64x128x64 w4 s4': 0.646},
-    (90, 'fwd', 'int4g128'): {'128x128x64 w8 s4': 0.778, '128x64x64 w4 s4': 0.76, '256x128x64 w8 s3': 0.835, '256x64x64 w4 s3': 0.792, '64x128x64 w4 s4': 0.653},
-    (90, 'fwd', 'int4g32'): {'128x128x64 w8 s4': 0.774, '128x64x64 w4 s4': 0.75, '256x128x64 w8 s3': 0.827, '256x64x64 w4 s3': 0.786, '64x128x64 w4 s4': 0.629},
+    (90, 'fwd', 'int4'): {'128x128x64 w8 s4': 0.774, '128x64x64 w4 s4': 0.75, '256x128x64 w8 s3': 0.827, '256x64x64 w4 s3': 0.786, '64x128x64 w4 s4': 0.651},
+    (90, 'fwd', 'int4g128'): {'128x128x64 w8 s4': 0.778, '128x64x64 w4 s4': 0.76, '256x128x64 w8 s3': 0.835, '256x64x64 w4 s3': 0.792, '64x128x64 w4 s4': 0.651},
+    (90, 'fwd', 'int4g32'): {'128x128x64 w8 s4': 0.774, '128x64x64 w4 s4': 0.75, '256x128x64 w8 s3': 0.827, '256x64x64 w4 s3': 0.786, '64x128x64 w4 s4': 0.639},
     (90, 'fwd', 'nf4'): {'128x128x64 w8 s4': 0.768, '128x64x64 w4 s4': 0.754, '256x128x64 w8 s3': 0.83, '256x64x64 w4 s3': 0.788, '64x128x64 w4 s4': 0.574},
     (90, 'gemv', 'int2'): {'32x256 w4 s3': 0.192, '64x128 w4 s3': 0.192},
     (90, 'gemv', 'int3'): {'32x256 w4 s3': 0.179, '64x128 w4 s3': 0.135},
@@ -480,6 +480,23 @@ def candidate_margin(op: str, label: str, arch: int) -> float:
 #: SPLIT_ALWAYS_M) on: at M = 24-48 on the family's shapes it is the analyzer's best in 188 of 240
 #: input gradients, 26-28 % ahead of the 128-row tiles, and the rules with it pick the best in 221
 CANDIDATE_M_RANGE = {80: {}, 90: {("fwd", "64x128x64 w4 s4"): (64, 1024), ("grad", "64x64x128 w4 s4"): (17, 1024)}}
+
+
+#: Round 17: the forward GEMM tiles that decode INT2/INT4 in the lane-owned k order (X read in the
+#: same permuted order, 8-byte runs instead of 16-byte vectors; docs/kernels.md "Round 17"), by arch
+#: family: the tallest BLOCK_M that gains (None: every tile). In the stored order the four lanes of a
+#: quad each pick one byte of every word (a PRMT and a shift per pair); lane-owned, LOP3 + 2 HFMA2.
+#: sm_80: +1.4-8 % on every INT4 tile; sm_90: the 64-row tile +12-14 % (issue-bound before), while
+#: the permuted X tile made the 256x64 tile smem-bound (-37 %) and cost 128x64 3-6 %.
+FWD_LANE_ORDER_MAX_M = {80: None, 90: 64}
+
+
+def fwd_lane_order(arch: int, block_m: int) -> bool:
+    """Whether the forward GEMM tile with ``block_m`` rows of X decodes in the lane-owned k order on
+    ``arch`` (:data:`FWD_LANE_ORDER_MAX_M`; the kernel still keeps the stored order for INT3, NF4,
+    fp32 activations, QA-LoRA's pooling and a K tile that K cuts)."""
+    tallest = FWD_LANE_ORDER_MAX_M[arch_family(arch)]
+    return tallest is None or block_m <= tallest
 
 
 def candidate_m_range(op: str, label: str, arch: int) -> tuple[float, float]:
@@ -999,9 +1016,9 @@ SPLIT_MID_DEFAULT = (0.85, 0.0)
 #: the MAC term says (sm_80 0.86-0.94, sm_90 0.93-0.99). Fitted by ``bench/static_report.py
 #: --fit-rules``; 1 for a format without an entry and outside that M range.
 GEMM_MID_M = {
-    (80, 'fwd'): {'int2': 0.908, 'int3': 0.896, 'int4': 0.925, 'int4g128': 0.919, 'int4g32': 0.935, 'nf4': 0.926},
+    (80, 'fwd'): {'int2': 0.908, 'int3': 0.896, 'int4': 0.947, 'int4g128': 0.937, 'int4g32': 0.954, 'nf4': 0.926},
     (80, 'grad'): {'int2': 0.885, 'int3': 0.882, 'int4': 0.92, 'int4g128': 0.911, 'int4g32': 0.927, 'nf4': 0.912},
-    (90, 'fwd'): {'int2': 0.95, 'int3': 0.949, 'int4': 0.985, 'int4g128': 0.981, 'int4g32': 0.991, 'nf4': 0.982},
+    (90, 'fwd'): {'int2': 0.949, 'int3': 0.949, 'int4': 0.983, 'int4g128': 0.979, 'int4g32': 0.988, 'nf4': 0.982},
     (90, 'grad'): {'int2': 0.944, 'int3': 0.949, 'int4': 0.987, 'int4g128': 0.976, 'int4g32': 0.994, 'nf4': 0.979},
 }
 
