@@ -437,8 +437,8 @@ def fit_rules(rows) -> dict:
     """The rules' calibration (qlk.kernels.heuristics.CALIBRATION) from a report's rows with every
     candidate compiled: per (arch, op, format class) and candidate label, the analyzer's estimate
     midpoint over the SM balance (the part of it that does not depend on the grid), the median over
-    the cases. GEMMs (fwd, grad): the tensor fraction (grad: unsplit launches only, the split over
-    N is a launch parameter the rules weigh by its SM balance and busy share); split kernels (splitk, splitn) and the M = 1
+    the cases. GEMMs (fwd, grad): the tensor fraction of unsplit launches only (the split over N or
+    K is a launch parameter the rules weigh by its SM balance, busy share and workspace passes); split kernels (splitk, splitn) and the M = 1
     FMA input gradient (gemv): the DRAM fraction at M <= 16, also over the share of their grid that
     holds reduction steps (uneven slices leave CTAs idle)."""
     import statistics
@@ -464,10 +464,14 @@ def fit_rules(rows) -> dict:
         if op in ("fwd", "grad"):
             if r["tensor_peak_opt"] is None:
                 continue
-            if op == "grad":  # split launches (round 5) carry their workspace traffic: fit the tile unsplit
-                block_m, _, block_k = (int(x) for x in _TILE.match(r["config"]).groups())
-                if r["grid_ctas"] > math.ceil(r["K"] / block_k) * math.ceil(r["M"] / block_m):
-                    continue
+            # split launches (grad round 5, fwd round 6) carry their workspace traffic and idle slices,
+            # which the rules charge on top of the tile's efficiency: fit the tile unsplit (round 17:
+            # the forward too; its split rows held the 64-row tile's median at 0.64 against 0.73 unsplit)
+            block_m, block_n, block_k = (int(x) for x in _TILE.match(r["config"]).groups())
+            if op == "grad" and r["grid_ctas"] > math.ceil(r["K"] / block_k) * math.ceil(r["M"] / block_m):
+                continue
+            if op == "fwd" and r["grid_ctas"] > math.ceil(r["N"] / block_n) * math.ceil(r["M"] / block_m):
+                continue
             label = " ".join(r["config"].split()[:3])
             eff = (r["tensor_peak_opt"] + r["tensor_peak_pess"]) / 2 / bal
         else:

@@ -103,8 +103,9 @@ DECODE_CASES = [(4, 32, 384, 64), (2, 8, 520, 64), (3, 48, 528, 64), (3, 32, 544
 @needs_interpreter
 @pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: f"int{c[0]}g{c[1]}k{c[2]}-bk{c[3]}")
 def test_forward_asm_splitk_and_gemm(case, asm_on, monkeypatch):
-    """fp16 through the split-K decode kernel (M = 5, atomics) and the GEMM (M = 40, the stored-order
-    byte asm for every bit width), the asm branches emulated, against float64 on Ŵ rounded to fp16."""
+    """fp16 through the split-K decode kernel (M = 5, atomics) and the GEMM (M = 40) in the stored
+    order (the byte asm, every bit width) and, round 17, in the lane-owned order (INT2/INT4: the halves
+    asm with X permuted), the asm branches emulated, against float64 on Ŵ rounded to fp16."""
     from qlk.kernels import config, heuristics
 
     bits, g, k, block_k = case
@@ -115,13 +116,15 @@ def test_forward_asm_splitk_and_gemm(case, asm_on, monkeypatch):
         assert decode_tile.lane_order_ok(bits, block_k)
     qw, w_half, gen = _weight(bits, g, k, seed=300 + bits + g + k)
     try:
-        for m, path in ((5, "splitk"), (40, "gemm")):
+        for m, path, lanes in ((5, "splitk", None), (40, "gemm", False), (40, "gemm", True)):
+            if lanes is not None:
+                monkeypatch.setattr(heuristics, "fwd_lane_order", lambda arch, block_m, lanes=lanes: lanes)
             x = torch.randn(m, k, generator=gen).half()
             bias = torch.randn(N, generator=gen).half()
             y = quant_matmul_forward(x, qw, bias, out=torch.full((m, N), float("nan"), dtype=torch.half), path=path)
             ref = x.double() @ w_half.t() + bias.double()
-            assert not y.isnan().any(), path
-            assert oracles.rel_err(y, ref) < 1e-3, path
+            assert not y.isnan().any(), (path, lanes)
+            assert oracles.rel_err(y, ref) < 1e-3, (path, lanes)
     finally:
         heuristics._choose_default.cache_clear()
 

@@ -162,10 +162,7 @@ OUT_OF_SAMPLE_MIN_CASES = {"new": 320, "midm": 160}
 #: input gradient only, 160 cases; sm_90's 64x64x128 tile proposed from M = 17 on): 148 / 160 (sm_90,
 #: the tile 1-9 % behind a 128-row one on the 8192-wide dX) and 153 / 160 (sm_80: split-N against the
 #: GEMM on the narrow layers, as round 15's extra M = 32)
-#: round 17: oos3 0.975 (sm_90 578 -> 568 of 580): the INT2/INT4 64-row forward tile in the lane-owned
-#: order became the analyzer's best at M = 400-900 on 2048-32768-wide layers, where its fitted
-#: efficiency (the family's M = 333 median) leaves the rules on the 256-row tiles they took before
-OUT_OF_SAMPLE_BEST_SHARE = {"new": 0.965, "oos": 0.96, "oos2": 0.97, "midm": 0.92, "oos3": 0.975}
+OUT_OF_SAMPLE_BEST_SHARE = {"new": 0.965, "oos": 0.96, "oos2": 0.97, "midm": 0.92}
 #: picks more than 10 % under the analyzer's best there (case -> share; they get no worse). Round 15
 #: (split-N refitted to round 14's kernel, both split kernels charged their workspace passes): the
 #: input gradient of a narrow layer at M = 24-48, sub-microsecond kernels where the rules' GEMM is
@@ -182,14 +179,8 @@ KNOWN_OFF_OUT_OF_SAMPLE = {
                   "dgrad/int3g128/4864->896/M1": 0.899},
     ("oos", 80): {"fwd/nf4dq/896->4864/M48": 0.893},
     # round 15's oos2: split-K against the GEMM at M = 40 on Falcon-7B's 4544->18176 (K = 4544 in
-    # 17.75 steps of the 256-deep split-K tile). Round 17: the INT4 g32 64-row forward tile in the
-    # lane-owned order is the analyzer's best at M = 300 on the 16-18k-wide layers (0.94..0.48), but
-    # its fitted efficiency (0.639, a median over the family, where wave-bound shapes hold it at
-    # 0.80..0.44) keeps the rules on the 128-row tiles they picked before (x dense unchanged)
-    ("oos2", 90): {"fwd/int4g32/4544->18176/M40": 0.888, "fwd/int4g32/4544->18176/M300": 0.895,
-                   "fwd/int4g32/4096->16384/M300": 0.885},
-    ("oos3", 90): {"fwd/int4g32/2048->5632/M900": 0.898, "fwd/int4g32/2048->10944/M400": 0.898,
-                   "fwd/int4g128/2048->5632/M900": 0.879, "fwd/int4g128/2048->10944/M400": 0.879},
+    # 17.75 steps of the 256-deep split-K tile)
+    ("oos2", 90): {"fwd/int4g32/4544->18176/M40": 0.888},
 }
 #: what the out-of-sample sweeps found under 0.9x dense (case -> x dense; they get no worse) and the
 #: dispatcher's misses there (case -> (path, its x dense, the faster path's)). sm_90 at M = 3000 on
@@ -261,7 +252,8 @@ KNOWN_LOW_OUT_OF_SAMPLE[("oos2", 90)] = {
 # or 4 of 128 (0.78); the dense baseline's 64-row tile runs at 0.95..0.50 of peak where qlk's 64-row
 # tiles are smem- or issue-bound at 0.70..0.40 (half a 128-row tile's MMA work per decoded weight). At
 # M = 900 (15, 0.82-0.90x): wave quantization (5632->2048's gradient: 352 CTAs on 264 slots). Round 17 (the INT2/INT4
-# 64-row forward tile in the lane-owned k order): 52 -> 42, the INT2/INT4 forwards at M = 400 over 0.9x
+# 64-row forward tile in the lane-owned k order, its efficiency fitted on unsplit launches): 52 -> 38,
+# the INT2/INT4 forwards at M = 400 over 0.9x
 KNOWN_LOW_OUT_OF_SAMPLE[("oos3", 90)] = {
     "dgrad/int2g32/10944->2048/M400": 0.83, "dgrad/int2g32/10944->2048/M900": 0.883,
     "dgrad/int2g32/2304->2048/M400": 0.775, "dgrad/int2g32/2304->9216/M400": 0.758,
@@ -279,9 +271,7 @@ KNOWN_LOW_OUT_OF_SAMPLE[("oos3", 90)] = {
     "fwd/int3g128/1152->6912/M400": 0.86,
     "fwd/int3g128/2048->10944/M400": 0.872, "fwd/int3g128/2048->5632/M900": 0.866,
     "fwd/int3g128/2304->9216/M400": 0.793, "fwd/int3g128/9216->2304/M400": 0.848,
-    "fwd/int4g128/2048->10944/M400": 0.865, "fwd/int4g128/2048->5632/M900": 0.859,
-    "fwd/int4g32/2048->10944/M400": 0.857,
-    "fwd/int4g32/2048->10944/M900": 0.896, "fwd/int4g32/2048->5632/M900": 0.852,
+    "fwd/int4g32/2048->10944/M900": 0.896,
     "fwd/nf4dq/1152->6912/M400": 0.85, "fwd/nf4dq/2048->10944/M400": 0.86,
     "fwd/nf4dq/2048->10944/M900": 0.899, "fwd/nf4dq/2048->5632/M900": 0.854,
     "fwd/nf4dq/2304->9216/M400": 0.789, "fwd/nf4dq/9216->2304/M400": 0.839
@@ -348,6 +338,14 @@ def test_resident_ctas_are_the_sweeps():
     from the committed sweep: after a re-sweep, refit it with CALIBRATION."""
     rows = [r for arch in (90, 80) for r in sr.read_csv(SWEEP[arch])]
     assert sr.fit_resident(rows) == h.RESIDENT
+
+
+def test_calibration_is_the_sweeps():
+    """heuristics.CALIBRATION is what ``--fit-rules`` reads from the committed family sweep (round 17:
+    the GEMMs' efficiencies from unsplit launches only, the forward's as the input gradient's): a
+    re-sweep, or a change of the fit, that was not followed by a refit fails here."""
+    rows = [r for arch in (90, 80) for r in sr.read_csv(SWEEP[arch])]
+    assert sr.fit_rules(rows) == h.CALIBRATION
 
 
 def test_mid_m_tables_are_the_sweeps():
