@@ -792,6 +792,67 @@ def test_grouped_grad_split_n_and_words_ahead(f, launches, monkeypatch):
 
 # expert 0 with rows (every list above starts with an empty expert), an empty expert between two
 # that are not, an expert of 1 row last; 23 routed rows + 2 sentinel rows
+@needs_kernels
+@pytest.mark.parametrize("lanes", [True, False], ids=["lane-owned", "stored"])
+@pytest.mark.parametrize("bits,k,g", [(4, 192, 32), (4, 256, 128), (4, 192, 48), (4, 160, 32),
+                                      (2, 192, 32), (2, 256, 128), (2, 160, 32)],
+                         ids=["int4-g32", "int4-g128-over-tiles", "int4-g48", "int4-k-cut",
+                              "int2-g32", "int2-g128-over-tiles", "int2-k-cut"])
+def test_grouped_forward_lane_order(bits, k, g, lanes, monkeypatch):
+    """The grouped GEMM forward loop (DECODE off) in the lane-owned k order (round 18, the dense
+    GEMM's rule :func:`heuristics.fwd_lane_order`) and in the stored order: fp16 INT4 / INT2 on
+    64-column K tiles, groups inside a tile (g32: two, INT2's lane span is the whole tile), over two
+    tiles (g128), not a power of two (g48: the per-element scale gather) and a K that cuts the last
+    tile (K = 160: two lane-owned tiles, then the cut one in the stored order); N = 40 (a ragged
+    second N tile), experts with 0, 1, odd and many rows, the 113-row one over 8 tile slots, run by
+    3 program rows (the slot loop). The launch's LANE_ORDER is the rule's. Outputs start as NaN,
+    sentinel rows hold NaN in X and come out 0; float64 oracle on the fp16-rounded Ŵ (the half2
+    decode rounds ŵ once to fp16, in either order); which tile decoder ran is checked too."""
+    from qlk.kernels import fused_matmul as fm
+    from qlk.kernels import grouped_matmul as gm
+    from qlk.kernels import heuristics
+
+    monkeypatch.setattr(gm, "_output", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
+                                                                                device=device))
+    monkeypatch.setattr(heuristics, "fwd_lane_order", lambda arch, block_m: lanes)
+    seen, kernel = [], gm._grouped_matmul_fwd_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append(kwargs)
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(gm, "_grouped_matmul_fwd_kernel", Spy())
+    # which tile decoder the kernel ran (the interpreter looks it up at call time)
+    decoded_lanes, lanes_tile = [], fm._decode_int_tile_lanes
+
+    def lanes_spy(*args, **kwargs):
+        decoded_lanes.append(True)
+        return lanes_tile(*args, **kwargs)
+
+    monkeypatch.setattr(fm, "_decode_int_tile_lanes", lanes_spy)
+    e_count, n = len(COUNTS_LARGE), 40
+    gen = torch.Generator().manual_seed(1900 + bits * 100 + g + k)
+    groups = k // g
+    w = (torch.randn(e_count * n, groups, g, generator=gen) * torch.exp(torch.randn(e_count * n, groups, 1, generator=gen))
+         + torch.randn(e_count * n, groups, 1, generator=gen)).reshape(e_count * n, k)
+    qw = qlk.quantize(w, bits=bits, group_size=g)
+    w_half = oracle_weight(qw).half().double().reshape(e_count, n, k)
+    off = offsets_of(COUNTS_LARGE)
+    routed = int(off[-1])
+    x = torch.randn(routed + 2, k, generator=gen).half()
+    x[routed:] = float("nan")
+    bias = torch.randn(e_count, n, generator=gen).half()
+    y_ref = per_expert(x[:routed], off, lambda e, xe: xe @ w_half[e].t() + bias[e].double())
+    cfg = dict(BLOCK_N=32, BLOCK_M=16, BLOCK_K=64, num_warps=4, num_stages=1, DECODE=False, PROGRAMS=3)
+    y, _ = grouped_matmul_forward(x, qw, off, e_count, bias, config=cfg)
+    assert [kw["LANE_ORDER"] for kw in seen] == [lanes] and bool(decoded_lanes) == lanes
+    assert torch.equal(y[routed:], torch.zeros(2, n, dtype=torch.half)) and not y.isnan().any()
+    assert ((y[:routed].double() - y_ref).norm() / y_ref.norm()) < 4e-4
+
+
 COUNTS_FIRST = [5, 17, 0, 1]
 
 

@@ -350,6 +350,17 @@ MUTANTS = [
     dict(id="rules-fwd-lane-order-every-sm90-tile", cls="rules", file="qlk/kernels/heuristics.py",
          old="FWD_LANE_ORDER_MAX_M = {80: None, 90: 64}", new="FWD_LANE_ORDER_MAX_M = {80: None, 90: None}",
          tests=[DT, "-k", "lane_order"]),
+    # round 18: the grouped forward takes the lane-owned order by the dense GEMM's rule; the tile and
+    # the launcher must both pass it on (either order computes the same product: the test watches
+    # which tile decoder ran)
+    dict(id="grouped-fwd-lanes-dropped-in-tile", cls="multi-tile loop", file="qlk/kernels/grouped_matmul.py",
+         old="BLOCK_N, BLOCK_M, BLOCK_K, PACKED_DEQUANT, LANE_ORDER)\n        acc = tl.trans(acc)",
+         new="BLOCK_N, BLOCK_M, BLOCK_K, PACKED_DEQUANT, False)\n        acc = tl.trans(acc)",
+         tests=["tests/test_moe.py", "-k", "lane_order"]),
+    dict(id="grouped-fwd-lanes-off-at-launch", cls="rules", file="qlk/kernels/grouped_matmul.py",
+         old="LANE_ORDER=not decode and heuristics.fwd_lane_order(target_arch(), cfg[\"BLOCK_M\"])",
+         new="LANE_ORDER=False",
+         tests=["tests/test_moe.py", "-k", "lane_order"]),
     dict(id="fit-fwd-split-rows-kept", cls="rules", file="bench/static_report.py",
          old='if op == "fwd" and r["grid_ctas"] > math.ceil(r["N"] / block_n) * math.ceil(r["M"] / block_m):',
          new='if False and r["grid_ctas"] > math.ceil(r["N"] / block_n) * math.ceil(r["M"] / block_m):',

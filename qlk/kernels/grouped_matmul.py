@@ -106,7 +106,7 @@ def _fwd_tile(t, pid_n, y_ptr, x_ptr, bias_ptr, p_ptr, tile_expert_ptr, tile_row
               BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
               HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, POOL: tl.constexpr, DECODE: tl.constexpr,
               PACKED_DEQUANT: tl.constexpr, EVEN_K: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+              BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, LANE_ORDER: tl.constexpr):
     """Tile slot t, N tile pid_n of :func:`_grouped_matmul_fwd_kernel` (nothing for a slot past the last tile)."""
     e = tl.load(tile_expert_ptr + t)
     if e >= 0:
@@ -141,7 +141,7 @@ def _fwd_tile(t, pid_n, y_ptr, x_ptr, bias_ptr, p_ptr, tile_expert_ptr, tile_row
             acc = _fwd_loop(x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
                             stride_qn, stride_sn, stride_sg, rows_w, offs_m, row_end, 0, K, K, stride_xk, stride_pm,
                             BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, False, EVEN_K,
-                            BLOCK_N, BLOCK_M, BLOCK_K, PACKED_DEQUANT, False)
+                            BLOCK_N, BLOCK_M, BLOCK_K, PACKED_DEQUANT, LANE_ORDER)
         acc = tl.trans(acc)
         if HAS_BIAS:
             bias = tl.load(bias_ptr + e.to(tl.int64) * stride_be + offs_n, mask=offs_n < N, other=0.0)
@@ -170,12 +170,14 @@ def _grouped_matmul_fwd_kernel(
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, POOL: tl.constexpr, DECODE: tl.constexpr,
     PACKED_DEQUANT: tl.constexpr, SLOT_LOOP: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-    QN_ALIGN: tl.constexpr = 1,
+    QN_ALIGN: tl.constexpr = 1, LANE_ORDER: tl.constexpr = False,
 ):
     """Y[s, n] = Σ_k X[s, k]·Ŵ[e·N + n, k] (+ bias[e, n]) for the rows s of M tile t (all of expert e).
 
     DECODE (small M): the K loop of :func:`_decode_loop` (packed half2 INT decoding, masked
-    padding rows); else the dense GEMM's :func:`qlk.kernels.fused_matmul._fwd_loop`.
+    padding rows); else the dense GEMM's :func:`qlk.kernels.fused_matmul._fwd_loop`, LANE_ORDER as
+    there (:func:`qlk.kernels.heuristics.fwd_lane_order`, the dense GEMM's rule: INT2/INT4 whole K
+    tiles in the lane-owned k order, X read in the same order; never with the pooling).
     SLOT_LOOP: program row t runs tile slots t, t + P, ... < NUM_SLOTS (P = grid rows; :func:`_programs`)."""
     stride_qn = aligned_rows(stride_qn, QN_ALIGN)  # packed rows: aligned loads
     pid_t = tl.program_id(0)
@@ -191,13 +193,13 @@ def _grouped_matmul_fwd_kernel(
                       stride_qn, stride_sn, stride_sg,
                       N, K, NUM_EXPERTS, stride_xm, stride_xk, stride_ym, stride_yn, stride_be, stride_pm,
                       BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, HAS_BIAS, DOT_PRECISION, POOL, DECODE, PACKED_DEQUANT,
-                      EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K)
+                      EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K, LANE_ORDER)
     else:
         _fwd_tile(pid_t, pid_n, y_ptr, x_ptr, bias_ptr, p_ptr, tile_expert_ptr, tile_row_ptr, bounds_ptr,
                   qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr, stride_qn, stride_sn, stride_sg,
                   N, K, NUM_EXPERTS, stride_xm, stride_xk, stride_ym, stride_yn, stride_be, stride_pm,
                   BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, HAS_BIAS, DOT_PRECISION, POOL, DECODE, PACKED_DEQUANT,
-                  EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K)
+                  EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K, LANE_ORDER)
 
 
 @triton.jit
@@ -515,7 +517,8 @@ def grouped_matmul_forward(x: torch.Tensor, qw: QuantizedWeight, offsets: torch.
         x2.stride(0), x2.stride(1), out.stride(0), out.stride(1), bias.stride(0) if bias is not None else 0,
         pooled.stride(0) if fused else 0,
         HAS_BIAS=bias is not None, DOT_PRECISION=_precision(x.dtype), POOL=fused, DECODE=decode,
-        PACKED_DEQUANT=not INTERPRETED, SLOT_LOOP=programs < slots, **meta, **cfg)
+        PACKED_DEQUANT=not INTERPRETED, SLOT_LOOP=programs < slots,
+        LANE_ORDER=not decode and heuristics.fwd_lane_order(target_arch(), cfg["BLOCK_M"]), **meta, **cfg)
     if pool and not fused:  # a group size that is not a power of two
         torch.mean(x2.reshape(s, k // g, g), dim=-1, dtype=torch.float32, out=pooled)
     return out, pooled
