@@ -875,6 +875,58 @@ def test_grad_input_gemm_round8_tiles(tile, arch, case, m, split, monkeypatch):
     assert oracles.rel_err(dx, dy.cpu().double() @ w64.half().double()) < 5e-4
 
 
+# round 18: sm_90's input gradient with Ŵ as the MMA's B operand (heuristics.GRAD_W_AS_B), where it
+# applies (INT2/INT4, whole K tiles or the shifted last one, groups of whole words) and where the kernel
+# keeps the Ŵᵀ tile (a group that is not a power of two or smaller than a word, a K tile K cuts)
+W_AS_B_RUNS = [  # (weight with N = SPLIT_N_ROWS rows, M, split, deterministic, the B-operand tile runs)
+    pytest.param(("int", 4, 32, 384), 133, 1, False, True, id="int4g32-M133"),  # 3 K tiles of 4 groups
+    pytest.param(("int", 4, 32, 352), 70, 1, False, True, id="int4g32-k352-shifted"),  # last tile 224 .. 352
+    pytest.param(("int", 2, 32, 352), 70, 2, False, True, id="int2g32-k352-shifted-split-atomic"),
+    pytest.param(("int", 2, 256, 512), 17, 2, True, True, id="int2g256-split-det"),  # a group over 2 tiles
+    pytest.param(("int", 4, 8, 384), 17, 1, False, True, id="int4g8"),  # a group per word
+    pytest.param(("int", 2, 8, 384), 17, 1, False, False, id="int2g8-transposed"),  # half a word
+    pytest.param(("int", 4, 96, 384), 17, 1, False, False, id="int4g96-transposed"),
+    pytest.param(("int", 4, 16, 336), 17, 1, False, False, id="int4g16-k336-cut-transposed"),  # not shiftable
+    pytest.param(("int", 3, 128, 384), 17, 1, False, False, id="int3g128-transposed"),
+]
+
+
+@pytest.mark.parametrize("case,m,split,det,rows", W_AS_B_RUNS)
+def test_grad_input_w_as_b(case, m, split, det, rows, monkeypatch):
+    """dX = dY·Ŵ in fp16 through sm_90's GEMM input gradient at its 64x64x128 tile (the rules' only
+    candidate): Ŵ decoded by decode_tile._decode_int_tile_rows as the MMA's B operand, dX stored
+    through its column map (a wrong map, group or word order fails here), or the Ŵᵀ tile where that
+    does not apply (which of the two ran is checked). Ragged M and N tiles (N = 264: 5 N steps, the
+    last 8 rows), SHIFT_K's last tile (K = 352: its first 96 columns belong to the tile before), the
+    split over N (atomics, or the NaN-poisoned workspace), NaN-poisoned dX, against float64 on Ŵ
+    rounded to fp16."""
+    from qlk.kernels import config
+    from qlk.kernels import decode_tile
+
+    monkeypatch.setattr(fm, "target_arch", lambda: 90)
+    assert heuristics.grad_w_as_b(90) and not heuristics.grad_w_as_b(80)
+    qw, w64 = _only_grad_tile(monkeypatch, "grad", config._cfg(None, 4, 1, GROUP_M=2, BLOCK_N=64, BLOCK_M=64,
+                                                               BLOCK_K=128), case, m, split)
+    ran, rows_tile = [], fm._decode_int_tile_rows
+
+    def rows_spy(*args, **kwargs):
+        ran.append(True)
+        return rows_tile(*args, **kwargs)
+
+    monkeypatch.setattr(fm, "_decode_int_tile_rows", rows_spy)
+    n, k = qw.shape
+    assert rows <= decode_tile.row_tile_ok(case[1], case[2])
+    log = []
+    monkeypatch.setattr(fm, "CHOICE_LOG", log)
+    dy = randn(m, n, seed=m + k + 18).half()
+    dx = quant_matmul_backward(dy, qw, out=torch.full((m, k), float("nan"), dtype=torch.float16, device=DEVICE),
+                               path="gemm", deterministic=det)
+    heuristics._choose_default.cache_clear()
+    assert [(op, c.label, c.split) for op, c in log] == [("grad", "64x64x128 w4 s1", split)]
+    assert bool(ran) == rows
+    assert oracles.rel_err(dx, dy.cpu().double() @ w64.half().double()) < 5e-4
+
+
 @pytest.mark.parametrize("case,m,split", [pytest.param((4, 32, 384), 133, 1, id="int4g32-M133"),
                                           pytest.param((2, 64, 512), 70, 2, id="int2g64-M70-split")])
 def test_qalora_grad_input_round16_tile(case, m, split, monkeypatch):

@@ -594,3 +594,64 @@ def _decode_int_tile_lanes(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg
             w = _half_codes_to_weights(tl.reshape(h, (BLOCK_N, BLOCK_K)), s.to(ACT), b.to(ACT), BITS, PACKED)
     w = tl.reshape(w, (BLOCK_N, NC, 4, J, 2))
     return tl.reshape(tl.permute(w, (0, 1, 3, 2, 4)), (BLOCK_N, BLOCK_K))
+
+
+# ------------------------------------------------------------------------------------------------
+# Round 18: the input gradient's Ŵ as the MMA's B operand, stored to shared memory in 16-byte rows
+# ------------------------------------------------------------------------------------------------
+def row_tile_ok(bits: int, group_size: int) -> bool:
+    """Whether :func:`_decode_int_tile_rows` applies: INT2/INT4 and groups of whole words (a power
+    of two, at least a word's codes)."""
+    per = 32 // bits if bits in (2, 4) else 0
+    return per > 0 and group_size & (group_size - 1) == 0 and group_size % per == 0
+
+
+@triton.jit
+def _row_tile_cols(BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """int32 [BLOCK_K]: the stored column (0 .. BLOCK_K−1 from the tile's start) that column c of
+    :func:`_decode_int_tile_rows`'s tile holds. Word w = c // PER keeps its columns; inside it,
+    position p = c % PER holds code j(p) + J·(p % 2), j(p) the bits of p above bit 0 reversed
+    (the order the word's shifts are joined in)."""
+    PER: tl.constexpr = 32 // BITS
+    J: tl.constexpr = PER // 2
+    c = tl.arange(0, BLOCK_K)
+    p = c % PER
+    if BITS == 4:  # p = 4a + 2b + e -> j = a + 2b
+        j = (p // 4) % 2 + 2 * ((p // 2) % 2)
+    else:  # INT2: p = 8a + 4b + 2d + e -> j = a + 2b + 4d
+        j = (p // 8) % 2 + 2 * ((p // 4) % 2) + 4 * ((p // 2) % 2)
+    return PER * (c // PER) + j + J * (p % 2)
+
+
+@triton.jit
+def _decode_int_tile_rows(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, offs_n, k0, K,
+                          ACT: tl.constexpr, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, PACKED: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Ŵ[offs_n, k0 + _row_tile_cols(c)] [BLOCK_N, BLOCK_K] in ACT (INT2/INT4, :func:`row_tile_ok`;
+    k0 a multiple of the group and of BLOCK_K's words, the tile inside K): every word's codes decoded
+    into one thread's registers, side by side, so the tile leaves them as whole 16-byte rows.
+
+    Why: the input gradient on sm_90 (round 18) computes dX = dY·Ŵ with Ŵ as wgmma's B operand,
+    which wgmma reads from shared memory. The decoded tile goes there once, by 16-byte stores, and
+    nothing reads it back into registers (Ŵᵀ as the A operand went through STS + LDSM: the
+    shared-memory bound of the 64- and 128-row tiles). Pair (j, j + J) of a word is the low bits of
+    the two 16-bit halves of ``word >> BITS·j``: one LOP3 and two HFMA2 (``packed_asm_halves``) as
+    in the lane-owned tile; the shifts are joined (not broadcast) so that all of a word's pairs stay
+    in its thread. The word's columns come out permuted (:func:`_row_tile_cols`); the caller stores
+    dX through the same map. Same values as ``_decode_int_tile`` (same rounding)."""
+    PER: tl.constexpr = 32 // BITS
+    NW: tl.constexpr = BLOCK_K // PER
+    words = _load_words(qw_ptr, stride_qn, offs_n, k0, K, PER, True, BLOCK_K)
+    if BITS == 4:
+        sh = tl.join(tl.join(words, words >> 4), tl.join(words >> 8, words >> 12))  # [BN, NW, 2 (a), 2 (b)]
+    else:
+        s2 = tl.join(tl.join(words, words >> 2), tl.join(words >> 4, words >> 6))
+        sh = tl.join(s2, s2 >> 8)  # [BN, NW, 2 (a), 2 (b), 2 (d)]
+    h = tl.join(sh.to(tl.int16), (sh >> 16).to(tl.int16))  # + [2 (e)]: codes j and j + J
+    NG: tl.constexpr = BLOCK_K // GROUP_SIZE if BLOCK_K > GROUP_SIZE else 1
+    offs_g = tl.arange(0, NG) + k0 // GROUP_SIZE
+    s, b = _group_params(s_ptr, b_ptr, s_ptr, s_ptr, s_ptr, stride_sn, stride_sg,
+                         offs_n, offs_g[None, :], (offs_g < K // GROUP_SIZE)[None, :], False, False, True, True, True)
+    w = _half_codes_to_weights(tl.reshape(h, (BLOCK_N, NG, NW // NG, PER)),
+                               s.to(ACT)[:, :, None, None], b.to(ACT)[:, :, None, None], BITS, PACKED)
+    return tl.reshape(w, (BLOCK_N, BLOCK_K))

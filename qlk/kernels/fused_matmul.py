@@ -66,7 +66,7 @@ import triton.language as tl
 from ..formats.quantized_weight import QuantizedWeight
 from . import heuristics
 from .config import GEMV_PRUNE, INTERPRETED, fma_kernel, gemv_grad_configs, num_sms, packed_rows_kernel, target_arch
-from .decode_tile import _decode_int_tile, _decode_int_tile_lanes, _lane_x_tile
+from .decode_tile import _decode_int_tile, _decode_int_tile_lanes, _decode_int_tile_rows, _lane_x_tile, _row_tile_cols
 from .quant_tile import _dequant_tile, aligned_rows, weight_args
 from .quant_tile_t import _dequant_tile_t, _int3_planes_t, _words_t
 
@@ -463,6 +463,39 @@ def _quant_matmul_splitk_kernel(
         tl.store(ws_ptr + pid_s.to(tl.int64) * M * N + offs, acc, mask=mask)
 
 
+@triton.jit
+def _grad_tile_w_as_b(dx_ptr, dy_rows, qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, offs_m,
+                      pid_k, k0, n_lo, n_hi, M, N, K, stride_dyn, stride_dxm, stride_dxk,
+                      BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                      SPLIT_N: tl.constexpr, ATOMIC: tl.constexpr, HALF2_ASM: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The W_AS_B tile of :func:`_quant_matmul_grad_input_kernel`: dX[offs_m, k0 + cols] = Σ over
+    n_lo .. n_hi of dY·Ŵ, Ŵ [BLOCK_N, BLOCK_K] from :func:`_decode_int_tile_rows` (the MMA's B
+    operand), its columns cols = :func:`_row_tile_cols`; stored (SPLIT_N: added to / stored in the
+    fp32 workspace) where cols lie in this K tile's own range (SHIFT_K's last tile starts earlier)."""
+    ACT: tl.constexpr = dy_rows.dtype.element_ty
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        # clamped weight rows are finite and meet dY columns masked to 0: they add exactly 0
+        w = _decode_int_tile_rows(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, tl.minimum(offs_n, N - 1),
+                                  k0, K, ACT, BITS, GROUP_SIZE, HALF2_ASM, BLOCK_N, BLOCK_K)
+        dy = tl.load(dy_rows[:, None] + offs_n[None, :] * stride_dyn, mask=offs_n[None, :] < N, other=0.0)
+        acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
+    cols = k0 + _row_tile_cols(BITS, BLOCK_K)
+    keep = (cols >= pid_k * BLOCK_K) & (cols < K)
+    mask = (offs_m[:, None] < M) & keep[None, :]
+    if SPLIT_N:
+        ws_offs = offs_m[:, None].to(tl.int64) * K + cols[None, :]
+        if ATOMIC:
+            tl.atomic_add(dx_ptr + ws_offs, acc, mask=mask, sem="relaxed")
+        else:
+            tl.store(dx_ptr + tl.program_id(1).to(tl.int64) * M * K + ws_offs, acc, mask=mask)
+    else:
+        dx_ptrs = dx_ptr + offs_m[:, None].to(tl.int64) * stride_dxm + cols[None, :] * stride_dxk
+        tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
 @triton.heuristics(GRAD_K_HEURISTICS)
 @packed_rows_kernel
 @fma_kernel
@@ -484,7 +517,7 @@ def _quant_matmul_grad_input_kernel(
     WITH_V: tl.constexpr = False, R_PAD: tl.constexpr = 16,
     SPLIT_N: tl.constexpr = False, ATOMIC: tl.constexpr = True,
     HALF2: tl.constexpr = False, HALF2_ASM: tl.constexpr = False, SHIFT_K: tl.constexpr = False,
-    QN_ALIGN: tl.constexpr = 1,
+    QN_ALIGN: tl.constexpr = 1, W_AS_B: tl.constexpr = False,
 ):
     """dX[m, k] = Σ_n dY[m, n]·Ŵ[n, k], one dXᵀ [BLOCK_K, BLOCK_M] tile per program, N in BLOCK_N steps.
     A ragged last K tile is moved back to end at K (SHIFT_K, :func:`shift_last_k`).
@@ -503,6 +536,13 @@ def _quant_matmul_grad_input_kernel(
     HALF2 (INT formats, fp16/bf16 dY): Ŵᵀ decoded in half2 arithmetic (quant_tile_t._pair_half2;
     HALF2_ASM: its inline PTX, else the interpreter's twin), s and c rounded to dY's dtype first
     (docs/kernels.md "Input gradient, half2 transposed decoder (round 7)").
+
+    W_AS_B (sm_90, round 18; INT2/INT4 with HALF2, whole K tiles, groups of whole words): the tile is
+    dX [BLOCK_M, BLOCK_K] = dY·Ŵ with Ŵ as the MMA's B operand, decoded by
+    :func:`qlk.kernels.decode_tile._decode_int_tile_rows` into 16-byte rows that wgmma reads from
+    shared memory (no STS + LDSM round trip of Ŵᵀ), dX stored through its column map. Otherwise
+    (other formats, a cut K tile) the kernel is the Ŵᵀ one below; the launch decides per arch
+    (:func:`qlk.kernels.heuristics.grad_w_as_b`).
 
     WITH_V (QA-LoRA): ⌈M/BM⌉ more programs after the ⌈M/BM⌉·⌈K/BK⌉ dX tiles, one per M tile, write
     V[m0:m0+BM, :] = Σ_n dY[m0:m0+BM, n]·B[n, :] (B rounded to dY's dtype, fp32 sums; the low-rank
@@ -533,6 +573,13 @@ def _quant_matmul_grad_input_kernel(
     else:
         n_lo = 0
         n_hi = N
+    ROWS: tl.constexpr = W_AS_B and HALF2 and (not IS_NF4) and (BITS == 2 or BITS == 4) and EVEN_K and \
+        (GROUP_SIZE & (GROUP_SIZE - 1)) == 0 and GROUP_SIZE % (32 // BITS) == 0
+    if ROWS:
+        _grad_tile_w_as_b(dx_ptr, dy_rows, qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, offs_m,
+                          pid_k, k0, n_lo, n_hi, M, N, K, stride_dyn, stride_dxm, stride_dxk, BITS, GROUP_SIZE,
+                          DOT_PRECISION, SPLIT_N, ATOMIC, HALF2_ASM, BLOCK_N, BLOCK_M, BLOCK_K)
+        return
     words, words1, words2 = 0, 0, 0  # the N tile's packed words (INT3: its three bit planes)
     if WORDS_AHEAD:
         if INT3:
@@ -1080,7 +1127,8 @@ def _grad_input(dy, qw, out, path, deterministic, wargs=None, lora_b=None):
                     dy2.stride(0), dy2.stride(1), dst.stride(-2), dst.stride(-1),
                     DOT_PRECISION=_precision(dy.dtype), INT2_HALVES=int2_halves,
                     WORDS_AHEAD=ahead, WORDS_ASM=ahead and not INTERPRETED, HALF2=half2,
-                    HALF2_ASM=half2 and not INTERPRETED, **meta, **c.meta, **v_args, **split)
+                    HALF2_ASM=half2 and not INTERPRETED, W_AS_B=heuristics.grad_w_as_b(target_arch()),
+                    **meta, **c.meta, **v_args, **split)
             if ws is not None and launches[-1].split > 1:  # the chosen launch (the last) wrote the workspace
                 _split_finish(out, ws, deterministic)
     if qw.perm is not None:

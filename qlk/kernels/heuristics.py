@@ -499,6 +499,21 @@ def fwd_lane_order(arch: int, block_m: int) -> bool:
     return tallest is None or block_m <= tallest
 
 
+#: The GEMM input gradient's tile orientation by arch family (round 18, docs/kernels.md "Round 18"):
+#: True, dX = dY·Ŵ with the decoded Ŵ as the MMA's B operand, stored once to shared memory in 16-byte
+#: rows (sm_90: wgmma reads B there; the 64-row tile's smem 348 -> 296 cycles an iteration, the
+#: 128-row tile's 472 -> 376, issue 328 -> 264 and 450 -> 340, INT4 2304->9216 at M = 400);
+#: False, dXᵀ = Ŵᵀ·dYᵀ with Ŵᵀ as the A operand (sm_80's mma.sync takes both operands from
+#: registers: the B-operand tile there is 529 / 652 against 341 / 588).
+GRAD_W_AS_B = {80: False, 90: True}
+
+
+def grad_w_as_b(arch: int) -> bool:
+    """Whether the GEMM input gradient on ``arch`` takes Ŵ as the MMA's B operand (:data:`GRAD_W_AS_B`;
+    the kernel applies it to INT2/INT4 with fp16/bf16 dY, whole K tiles and groups of whole words)."""
+    return GRAD_W_AS_B[arch_family(arch)]
+
+
 def candidate_m_range(op: str, label: str, arch: int) -> tuple[float, float]:
     """The M range in which candidate ``label`` of ``op`` is proposed (:data:`CANDIDATE_M_RANGE`;
     every M for a candidate not listed)."""
