@@ -364,7 +364,12 @@ MUTANTS = [
     # round 18: sm_90's input gradient with Ŵ as the B operand: its column map, the shifted last K
     # tile's store mask, the split's workspace, and where the kernel must keep the Ŵᵀ tile
     dict(id="wb-cols-word-order", cls="unpacking", file="qlk/kernels/decode_tile.py",
-         old="    return PER * (c // PER) + j + J * (p % 2)", new="    return PER * (c // PER) + 2 * j + (p % 2)",
+         old="t = tl.permute(tl.reshape(t, (ROWS, NW, 2, 2, 2)), (0, 1, 4, 3, 2))",
+         new="t = tl.permute(tl.reshape(t, (ROWS, NW, 2, 2, 2)), (0, 1, 4, 2, 3))",
+         tests=[KP, "-k", "w_as_b"]),
+    dict(id="wb-int2-cols-word-order", cls="unpacking", file="qlk/kernels/decode_tile.py",
+         old="t = tl.permute(tl.reshape(t, (ROWS, NW, 2, 2, 2, 2)), (0, 1, 5, 4, 3, 2))",
+         new="t = tl.permute(tl.reshape(t, (ROWS, NW, 2, 2, 2, 2)), (0, 1, 5, 3, 4, 2))",
          tests=[KP, "-k", "w_as_b"]),
     dict(id="wb-int2-shift-order", cls="unpacking", file="qlk/kernels/decode_tile.py",
          old="sh = tl.join(s2, s2 >> 8)  # [BN, NW, 2 (a), 2 (b), 2 (d)]",

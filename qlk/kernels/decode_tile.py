@@ -607,27 +607,26 @@ def row_tile_ok(bits: int, group_size: int) -> bool:
 
 
 @triton.jit
-def _row_tile_cols(BITS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """int32 [BLOCK_K]: the stored column (0 .. BLOCK_K−1 from the tile's start) that column c of
-    :func:`_decode_int_tile_rows`'s tile holds. Word w = c // PER keeps its columns; inside it,
-    position p = c % PER holds code j(p) + J·(p % 2), j(p) the bits of p above bit 0 reversed
-    (the order the word's shifts are joined in)."""
+def _row_tile_stored_order(t, BITS: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[ROWS, BLOCK_K] ``t`` whose columns are in :func:`_decode_int_tile_rows`'s order, relabelled
+    into the stored order (column c then holds stored column c): inside each word, position
+    p = 4a + 2b + e (INT4; INT2: 8a + 4b + 2d + e) holds code j + J·e with j = a + 2b (+ 4d), and the
+    inverse is a reshape and a permute: registers renamed, nothing moves, so the store computes plain
+    column offsets (the per-element map cost the split's atomics 255 registers and spills)."""
     PER: tl.constexpr = 32 // BITS
-    J: tl.constexpr = PER // 2
-    c = tl.arange(0, BLOCK_K)
-    p = c % PER
-    if BITS == 4:  # p = 4a + 2b + e -> j = a + 2b
-        j = (p // 4) % 2 + 2 * ((p // 2) % 2)
-    else:  # INT2: p = 8a + 4b + 2d + e -> j = a + 2b + 4d
-        j = (p // 8) % 2 + 2 * ((p // 4) % 2) + 4 * ((p // 2) % 2)
-    return PER * (c // PER) + j + J * (p % 2)
+    NW: tl.constexpr = BLOCK_K // PER
+    if BITS == 4:  # (a, b, e) -> (e, b, a): code j + 4e, j = a + 2b
+        t = tl.permute(tl.reshape(t, (ROWS, NW, 2, 2, 2)), (0, 1, 4, 3, 2))
+    else:  # INT2: (a, b, d, e) -> (e, d, b, a): code j + 8e, j = a + 2b + 4d
+        t = tl.permute(tl.reshape(t, (ROWS, NW, 2, 2, 2, 2)), (0, 1, 5, 4, 3, 2))
+    return tl.reshape(t, (ROWS, BLOCK_K))
 
 
 @triton.jit
 def _decode_int_tile_rows(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, offs_n, k0, K,
                           ACT: tl.constexpr, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, PACKED: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Ŵ[offs_n, k0 + _row_tile_cols(c)] [BLOCK_N, BLOCK_K] in ACT (INT2/INT4, :func:`row_tile_ok`;
+    """Ŵ[offs_n, k0 + …] [BLOCK_N, BLOCK_K] in ACT (INT2/INT4, :func:`row_tile_ok`;
     k0 a multiple of the group and of BLOCK_K's words, the tile inside K): every word's codes decoded
     into one thread's registers, side by side, so the tile leaves them as whole 16-byte rows.
 
@@ -637,8 +636,9 @@ def _decode_int_tile_rows(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg,
     shared-memory bound of the 64- and 128-row tiles). Pair (j, j + J) of a word is the low bits of
     the two 16-bit halves of ``word >> BITS·j``: one LOP3 and two HFMA2 (``packed_asm_halves``) as
     in the lane-owned tile; the shifts are joined (not broadcast) so that all of a word's pairs stay
-    in its thread. The word's columns come out permuted (:func:`_row_tile_cols`); the caller stores
-    dX through the same map. Same values as ``_decode_int_tile`` (same rounding)."""
+    in its thread. The columns come out permuted inside each word (position p = 4a + 2b + e holds
+    code a + 2b + 4e; INT2 p = 8a + 4b + 2d + e code a + 2b + 4d + 8e); the caller relabels its
+    product back (:func:`_row_tile_stored_order`). Same values as ``_decode_int_tile`` (same rounding)."""
     PER: tl.constexpr = 32 // BITS
     NW: tl.constexpr = BLOCK_K // PER
     words = _load_words(qw_ptr, stride_qn, offs_n, k0, K, PER, True, BLOCK_K)

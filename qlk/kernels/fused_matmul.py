@@ -66,7 +66,8 @@ import triton.language as tl
 from ..formats.quantized_weight import QuantizedWeight
 from . import heuristics
 from .config import GEMV_PRUNE, INTERPRETED, fma_kernel, gemv_grad_configs, num_sms, packed_rows_kernel, target_arch
-from .decode_tile import _decode_int_tile, _decode_int_tile_lanes, _decode_int_tile_rows, _lane_x_tile, _row_tile_cols
+from .decode_tile import (_decode_int_tile, _decode_int_tile_lanes, _decode_int_tile_rows, _lane_x_tile,
+                          _row_tile_stored_order)
 from .quant_tile import _dequant_tile, aligned_rows, weight_args
 from .quant_tile_t import _dequant_tile_t, _int3_planes_t, _words_t
 
@@ -471,8 +472,9 @@ def _grad_tile_w_as_b(dx_ptr, dy_rows, qw_ptr, s_ptr, b_ptr, stride_qn, stride_s
                       BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """The W_AS_B tile of :func:`_quant_matmul_grad_input_kernel`: dX[offs_m, k0 + cols] = Σ over
     n_lo .. n_hi of dY·Ŵ, Ŵ [BLOCK_N, BLOCK_K] from :func:`_decode_int_tile_rows` (the MMA's B
-    operand), its columns cols = :func:`_row_tile_cols`; stored (SPLIT_N: added to / stored in the
-    fp32 workspace) where cols lie in this K tile's own range (SHIFT_K's last tile starts earlier)."""
+    operand), relabelled into the stored column order (:func:`_row_tile_stored_order`); stored (SPLIT_N:
+    added to / stored in the fp32 workspace) where columns lie in this K tile's own range (SHIFT_K's
+    last tile starts earlier)."""
     ACT: tl.constexpr = dy_rows.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(n_lo, n_hi, BLOCK_N):
@@ -482,7 +484,8 @@ def _grad_tile_w_as_b(dx_ptr, dy_rows, qw_ptr, s_ptr, b_ptr, stride_qn, stride_s
                                   k0, K, ACT, BITS, GROUP_SIZE, HALF2_ASM, BLOCK_N, BLOCK_K)
         dy = tl.load(dy_rows[:, None] + offs_n[None, :] * stride_dyn, mask=offs_n[None, :] < N, other=0.0)
         acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
-    cols = k0 + _row_tile_cols(BITS, BLOCK_K)
+    acc = _row_tile_stored_order(acc, BITS, BLOCK_M, BLOCK_K)
+    cols = k0 + tl.arange(0, BLOCK_K)
     keep = (cols >= pid_k * BLOCK_K) & (cols < K)
     mask = (offs_m[:, None] < M) & keep[None, :]
     if SPLIT_N:
@@ -540,7 +543,8 @@ def _quant_matmul_grad_input_kernel(
     W_AS_B (sm_90, round 18; INT2/INT4 with HALF2, whole K tiles, groups of whole words): the tile is
     dX [BLOCK_M, BLOCK_K] = dY·Ŵ with Ŵ as the MMA's B operand, decoded by
     :func:`qlk.kernels.decode_tile._decode_int_tile_rows` into 16-byte rows that wgmma reads from
-    shared memory (no STS + LDSM round trip of Ŵᵀ), dX stored through its column map. Otherwise
+    shared memory (no STS + LDSM round trip of Ŵᵀ), the product relabelled to the stored column
+    order before the store. Otherwise
     (other formats, a cut K tile) the kernel is the Ŵᵀ one below; the launch decides per arch
     (:func:`qlk.kernels.heuristics.grad_w_as_b`).
 
