@@ -853,6 +853,48 @@ def test_grouped_forward_lane_order(bits, k, g, lanes, monkeypatch):
     assert ((y[:routed].double() - y_ref).norm() / y_ref.norm()) < 4e-4
 
 
+@needs_kernels
+@pytest.mark.parametrize("bits,k,g,split,rows", [(4, 192, 32, 1, True), (2, 192, 32, 2, True), (4, 160, 32, 2, True),
+                                                 (3, 192, 64, 1, False)],
+                         ids=["int4g32", "int2g32-split", "int4-k160-shifted-split", "int3-transposed"])
+def test_grouped_grad_input_w_as_b(bits, k, g, split, rows, monkeypatch):
+    """The grouped input gradient with Ŵ as the MMA's B operand (round 18, the dense gradient's
+    fused_matmul._w_as_b_acc on the expert's rows e·N + n) at a 64-row tile: experts with 0, 1, 17
+    and 113 rows (the 113-row one over two tiles, a ragged second), N = 40 (a ragged second N tile;
+    split in 2 slices with atomics), whole K tiles, SHIFT_K's last tile (K = 160: columns 96 .. 160,
+    the first 32 the tile before's), and INT3, which keeps the Ŵᵀ tile (which one ran is checked).
+    fp16, NaN-poisoned output, sentinel rows NaN in dY and 0 out, float64 on the fp16-rounded Ŵ."""
+    from qlk.kernels import fused_matmul as fm
+    from qlk.kernels import grouped_matmul as gm
+    from qlk.kernels import heuristics
+
+    monkeypatch.setattr(gm, "_output", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
+                                                                                device=device))
+    monkeypatch.setattr(heuristics, "grad_w_as_b", lambda arch: True)
+    ran, rows_tile = [], fm._decode_int_tile_rows
+
+    def rows_spy(*args, **kwargs):
+        ran.append(True)
+        return rows_tile(*args, **kwargs)
+
+    monkeypatch.setattr(fm, "_decode_int_tile_rows", rows_spy)
+    e_count, n = len(COUNTS_LARGE), 40
+    gen = torch.Generator().manual_seed(2100 + bits * 10 + k + split)
+    qw = qlk.quantize(torch.randn(e_count * n, k // g, g, generator=gen).mul(torch.exp(torch.randn(
+        e_count * n, k // g, 1, generator=gen))).reshape(e_count * n, k), bits=bits, group_size=g)
+    w_half = oracle_weight(qw).half().double().reshape(e_count, n, k)
+    off = offsets_of(COUNTS_LARGE)
+    routed = int(off[-1])
+    dy = torch.randn(routed + 2, n, generator=gen).half()
+    dy[routed:] = float("nan")
+    cfg = dict(BLOCK_N=32, BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=1, SPLIT_N=split, WORDS_AHEAD=False)
+    dx = grouped_matmul_grad_input(dy, qw, off, e_count, config=cfg)
+    dx_ref = per_expert(dy[:routed], off, lambda e, de: de @ w_half[e])
+    assert bool(ran) == rows
+    assert torch.equal(dx[routed:], torch.zeros(2, k, dtype=torch.half)) and not dx.isnan().any()
+    assert ((dx[:routed].double() - dx_ref).norm() / dx_ref.norm()) < 1e-3
+
+
 COUNTS_FIRST = [5, 17, 0, 1]
 
 

@@ -73,7 +73,8 @@ from . import fused_matmul as _fm
 from . import heuristics
 from .config import (INTERPRETED, fma_kernel, grouped_config, grouped_split_k, num_sms, packed_rows_kernel,
                      target_arch)
-from .fused_matmul import GRAD_K_HEURISTICS, _as_2d, _decode_loop, _fwd_loop, _grad_half2, _grad_k_tile, _precision
+from .fused_matmul import (GRAD_K_HEURISTICS, _as_2d, _decode_loop, _fwd_loop, _grad_half2, _grad_k_tile, _precision,
+                           _w_as_b_acc)
 from .quant_tile import _dequant_tile, aligned_rows, supports, weight_args
 from .quant_tile_t import _dequant_tile_t, _int3_planes_t, _words_t
 
@@ -279,21 +280,69 @@ def _grad_tile(t, pid_k, pid_s, dx_ptr, dy_ptr, tile_expert_ptr, tile_row_ptr, b
                DOT_PRECISION: tl.constexpr, SPLIT_N: tl.constexpr, INT2_HALVES: tl.constexpr,
                WORDS_AHEAD: tl.constexpr, WORDS_ASM: tl.constexpr, EVEN_K: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-               HALF2: tl.constexpr, HALF2_ASM: tl.constexpr, SHIFT_K: tl.constexpr):
-    """Tile slot t, K tile pid_k (N slice pid_s with SPLIT_N) of :func:`_grouped_matmul_grad_input_kernel`."""
+               HALF2: tl.constexpr, HALF2_ASM: tl.constexpr, SHIFT_K: tl.constexpr, W_AS_B: tl.constexpr):
+    """Tile slot t, K tile pid_k (N slice pid_s with SPLIT_N) of :func:`_grouped_matmul_grad_input_kernel`:
+    the dense gradient's B-operand tile where W_AS_B applies (its conditions: INT2/INT4 in half2, whole
+    K tiles, groups of whole words, BLOCK_M ≥ 64), else the Ŵᵀ tile (:func:`_grad_tile_t`)."""
+    ROWS: tl.constexpr = W_AS_B and HALF2 and (not IS_NF4) and (BITS == 2 or BITS == 4) and EVEN_K and \
+        (GROUP_SIZE & (GROUP_SIZE - 1)) == 0 and GROUP_SIZE % (32 // BITS) == 0 and BLOCK_M >= 64
+    if ROWS:
+        e = tl.load(tile_expert_ptr + t)
+        if e >= 0:
+            row0 = tl.load(tile_row_ptr + t)
+            row_end = tl.load(bounds_ptr + e + 1).to(tl.int32)
+            k0, _, _ = _grad_k_tile(pid_k, K, BLOCK_K, SHIFT_K)
+            offs_m = row0 + tl.arange(0, BLOCK_M)
+            n_lo, n_hi = _n_slice(pid_s, N, SPLIT_N, BLOCK_N)
+            dy_rows = dy_ptr + tl.minimum(offs_m, row_end - 1).to(tl.int64) * stride_dym
+            acc = _w_as_b_acc(dy_rows, qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, e * N, k0, n_lo, n_hi,
+                              N, K, stride_dyn, BITS, GROUP_SIZE, DOT_PRECISION, HALF2_ASM, BLOCK_N, BLOCK_M, BLOCK_K)
+            cols = k0 + tl.arange(0, BLOCK_K)
+            dx_ptrs = dx_ptr + offs_m[:, None].to(tl.int64) * stride_dxm + cols[None, :] * stride_dxk
+            dx_mask = (offs_m[:, None] < row_end) & ((cols >= pid_k * BLOCK_K) & (cols < K))[None, :]
+            if SPLIT_N:  # fp32 partial sums of the slices
+                tl.atomic_add(dx_ptrs, acc, mask=dx_mask, sem="relaxed")
+            else:
+                tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=dx_mask)
+    else:
+        _grad_tile_t(t, pid_k, pid_s, dx_ptr, dy_ptr, tile_expert_ptr, tile_row_ptr, bounds_ptr,
+                     qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr, stride_qn, stride_sn,
+                     stride_sg, N, K, NUM_EXPERTS, stride_dym, stride_dyn, stride_dxm, stride_dxk,
+                     BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, SPLIT_N, INT2_HALVES, WORDS_AHEAD,
+                     WORDS_ASM, EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K, HALF2, HALF2_ASM, SHIFT_K)
+
+
+@triton.jit
+def _n_slice(pid_s, N, SPLIT_N: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(n_lo, n_hi): with SPLIT_N, slice pid_s's ⌈⌈N/BLOCK_N⌉ / SPLIT⌉ whole N tiles (SPLIT = grid axis 2),
+    else 0 .. N."""
+    if SPLIT_N:
+        slice_tiles = tl.cdiv(tl.cdiv(N, BLOCK_N), tl.num_programs(2))
+        n_lo = pid_s * slice_tiles * BLOCK_N
+        n_hi = tl.minimum(N, n_lo + slice_tiles * BLOCK_N)
+    else:
+        n_lo = 0
+        n_hi = N
+    return n_lo, n_hi
+
+
+@triton.jit
+def _grad_tile_t(t, pid_k, pid_s, dx_ptr, dy_ptr, tile_expert_ptr, tile_row_ptr, bounds_ptr,
+                 qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr, stride_qn, stride_sn, stride_sg,
+                 N, K, NUM_EXPERTS, stride_dym, stride_dyn, stride_dxm, stride_dxk,
+                 BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, SPLIT_N: tl.constexpr, INT2_HALVES: tl.constexpr,
+                 WORDS_AHEAD: tl.constexpr, WORDS_ASM: tl.constexpr, EVEN_K: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                 HALF2: tl.constexpr, HALF2_ASM: tl.constexpr, SHIFT_K: tl.constexpr):
+    """:func:`_grad_tile` with Ŵᵀ as the MMA's A operand (quant_tile_t's transposed tile)."""
     e = tl.load(tile_expert_ptr + t)
     if e >= 0:
         row0 = tl.load(tile_row_ptr + t)
         row_end = tl.load(bounds_ptr + e + 1).to(tl.int32)
         k0, offs_k, keep_k = _grad_k_tile(pid_k, K, BLOCK_K, SHIFT_K)
         offs_m = row0 + tl.arange(0, BLOCK_M)
-        if SPLIT_N:  # this program's slice of ⌈⌈N/BLOCK_N⌉ / SPLIT⌉ whole N tiles (SPLIT = grid axis 2)
-            slice_tiles = tl.cdiv(tl.cdiv(N, BLOCK_N), tl.num_programs(2))
-            n_lo = pid_s * slice_tiles * BLOCK_N
-            n_hi = tl.minimum(N, n_lo + slice_tiles * BLOCK_N)
-        else:
-            n_lo = 0
-            n_hi = N
+        n_lo, n_hi = _n_slice(pid_s, N, SPLIT_N, BLOCK_N)  # this program's N tiles
         INT3: tl.constexpr = BITS == 3 and not IS_NF4
         dy_rows = dy_ptr + tl.minimum(offs_m, row_end - 1).to(tl.int64) * stride_dym
         acc = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
@@ -356,9 +405,10 @@ def _grouped_matmul_grad_input_kernel(
     WORDS_AHEAD: tl.constexpr, WORDS_ASM: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     HALF2: tl.constexpr = False, HALF2_ASM: tl.constexpr = False, SHIFT_K: tl.constexpr = False,
-    QN_ALIGN: tl.constexpr = 1,
+    QN_ALIGN: tl.constexpr = 1, W_AS_B: tl.constexpr = False,
 ):
-    """dX[s, k] = Σ_n dY[s, n]·Ŵ[e·N + n, k]: tile dXᵀ[k0:k0+BK, rows of M tile t] = Ŵ_eᵀ·dYᵀ.
+    """dX[s, k] = Σ_n dY[s, n]·Ŵ[e·N + n, k]: tile dXᵀ[k0:k0+BK, rows of M tile t] = Ŵ_eᵀ·dYᵀ, or with
+    W_AS_B (sm_90, round 18: :func:`_grad_tile`) dX[rows, k0:k0+BK] = dY·Ŵ_e with Ŵ_e as the B operand.
     A ragged last K tile is moved back to end at K (SHIFT_K, :func:`qlk.kernels.fused_matmul.shift_last_k`).
 
     SPLIT_N (small M, round 7): program (t, j, s) sums n in slice s of the expert's N tiles and adds
@@ -383,13 +433,13 @@ def _grouped_matmul_grad_input_kernel(
                        stride_qn, stride_sn, stride_sg,
                        N, K, NUM_EXPERTS, stride_dym, stride_dyn, stride_dxm, stride_dxk,
                        BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, SPLIT_N, INT2_HALVES, WORDS_AHEAD,
-                       WORDS_ASM, EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K, HALF2, HALF2_ASM, SHIFT_K)
+                       WORDS_ASM, EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K, HALF2, HALF2_ASM, SHIFT_K, W_AS_B)
     else:
         _grad_tile(pid_t, pid_k, pid_s, dx_ptr, dy_ptr, tile_expert_ptr, tile_row_ptr, bounds_ptr,
                    qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr, stride_qn, stride_sn, stride_sg,
                    N, K, NUM_EXPERTS, stride_dym, stride_dyn, stride_dxm, stride_dxk,
                    BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, SPLIT_N, INT2_HALVES, WORDS_AHEAD,
-                   WORDS_ASM, EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K, HALF2, HALF2_ASM, SHIFT_K)
+                   WORDS_ASM, EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K, HALF2, HALF2_ASM, SHIFT_K, W_AS_B)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -597,7 +647,7 @@ def grouped_matmul_grad_input(dy: torch.Tensor, qw: QuantizedWeight, offsets: to
         dy2.stride(0), dy2.stride(1), dst.stride(0), dst.stride(1),
         DOT_PRECISION=_precision(dy.dtype), SLOT_LOOP=_grad_slot_loop(programs, slots, small), SPLIT_N=split > 1,
         INT2_HALVES=int2_halves, WORDS_AHEAD=ahead, WORDS_ASM=ahead and not INTERPRETED, HALF2=half2,
-        HALF2_ASM=half2 and not INTERPRETED, **meta, **cfg)
+        HALF2_ASM=half2 and not INTERPRETED, W_AS_B=heuristics.grad_w_as_b(target_arch()), **meta, **cfg)
     if split > 1:
         out.copy_(dst)
     return out
