@@ -599,13 +599,6 @@ def _decode_int_tile_lanes(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg
 # ------------------------------------------------------------------------------------------------
 # Round 18: the input gradient's Ŵ as the MMA's B operand, stored to shared memory in 16-byte rows
 # ------------------------------------------------------------------------------------------------
-def row_tile_ok(bits: int, group_size: int) -> bool:
-    """Whether :func:`_decode_int_tile_rows` applies: INT2/INT4 and groups of whole words (a power
-    of two, at least a word's codes)."""
-    per = 32 // bits if bits in (2, 4) else 0
-    return per > 0 and group_size & (group_size - 1) == 0 and group_size % per == 0
-
-
 @triton.jit
 def _row_tile_stored_order(t, BITS: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
     """[ROWS, BLOCK_K] ``t`` whose columns are in :func:`_decode_int_tile_rows`'s order, relabelled
@@ -626,9 +619,10 @@ def _row_tile_stored_order(t, BITS: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: t
 def _decode_int_tile_rows(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, offs_n, k0, K,
                           ACT: tl.constexpr, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, PACKED: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Ŵ[offs_n, k0 + …] [BLOCK_N, BLOCK_K] in ACT (INT2/INT4, :func:`row_tile_ok`;
-    k0 a multiple of the group and of BLOCK_K's words, the tile inside K): every word's codes decoded
-    into one thread's registers, side by side, so the tile leaves them as whole 16-byte rows.
+    """Ŵ[offs_n, k0 + …] [BLOCK_N, BLOCK_K] in ACT (INT2/INT4; groups of whole words, a power of two at
+    least a word's codes; k0 a multiple of the group and of BLOCK_K's words; the tile inside K): every
+    word's codes decoded into one thread's registers, side by side, so the tile leaves them as whole
+    16-byte rows.
 
     Why: the input gradient on sm_90 (round 18) computes dX = dY·Ŵ with Ŵ as wgmma's B operand,
     which wgmma reads from shared memory. The decoded tile goes there once, by 16-byte stores, and
