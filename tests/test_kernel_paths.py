@@ -876,7 +876,7 @@ def test_grad_input_gemm_round8_tiles(tile, arch, case, m, split, monkeypatch):
 
 
 # round 18: sm_90's input gradient with Ŵ as the MMA's B operand (heuristics.GRAD_W_AS_B), where it
-# applies (INT2/INT4, whole K tiles or the shifted last one, groups of whole words) and where the kernel
+# applies (INT2/INT4 with groups of whole words, NF4; whole K tiles or the shifted last one) and where the kernel
 # keeps the Ŵᵀ tile (a group that is not a power of two or smaller than a word, a K tile K cuts)
 W_AS_B_RUNS = [  # (weight with N = SPLIT_N_ROWS rows, M, split, deterministic, the B-operand tile runs)
     pytest.param(("int", 4, 32, 384), 133, 1, False, True, id="int4g32-M133"),  # 3 K tiles of 4 groups
@@ -884,6 +884,8 @@ W_AS_B_RUNS = [  # (weight with N = SPLIT_N_ROWS rows, M, split, deterministic, 
     pytest.param(("int", 2, 32, 352), 70, 2, False, True, id="int2g32-k352-shifted-split-atomic"),
     pytest.param(("int", 2, 256, 512), 17, 2, True, True, id="int2g256-split-det"),  # a group over 2 tiles
     pytest.param(("int", 4, 8, 384), 17, 1, False, True, id="int4g8"),  # a group per word
+    pytest.param(("nf4", 64, True, 384), 133, 1, False, True, id="nf4b64dq"),  # absmax de-nested once a call
+    pytest.param(("nf4", 32, False, 352), 70, 1, False, True, id="nf4b32-k352-shifted"),
     pytest.param(("int", 2, 8, 384), 17, 1, False, False, id="int2g8-transposed"),  # half a word
     pytest.param(("int", 4, 96, 384), 17, 1, False, False, id="int4g96-transposed"),
     pytest.param(("int", 4, 16, 336), 17, 1, False, False, id="int4g16-k336-cut-transposed"),  # not shiftable
@@ -894,7 +896,8 @@ W_AS_B_RUNS = [  # (weight with N = SPLIT_N_ROWS rows, M, split, deterministic, 
 @pytest.mark.parametrize("case,m,split,det,rows", W_AS_B_RUNS)
 def test_grad_input_w_as_b(case, m, split, det, rows, monkeypatch):
     """dX = dY·Ŵ in fp16 through sm_90's GEMM input gradient at its 64x64x128 tile (the rules' only
-    candidate): Ŵ decoded by decode_tile._decode_int_tile_rows as the MMA's B operand, dX stored
+    candidate): Ŵ decoded by decode_tile._decode_int_tile_rows (NF4: _decode_nf4_tile_rows) as the MMA's B
+    operand, dX stored
     through its column map (a wrong map, group or word order fails here), or the Ŵᵀ tile where that
     does not apply (which of the two ran is checked). Ragged M and N tiles (N = 264: 5 N steps, the
     last 8 rows), SHIFT_K's last tile (K = 352: its first 96 columns belong to the tile before), the
@@ -906,13 +909,13 @@ def test_grad_input_w_as_b(case, m, split, det, rows, monkeypatch):
     assert heuristics.grad_w_as_b(90) and not heuristics.grad_w_as_b(80)
     qw, w64 = _only_grad_tile(monkeypatch, "grad", config._cfg(None, 4, 1, GROUP_M=2, BLOCK_N=64, BLOCK_M=64,
                                                                BLOCK_K=128), case, m, split)
-    ran, rows_tile = [], fm._decode_int_tile_rows
+    ran = []
+    for name in ("_decode_int_tile_rows", "_decode_nf4_tile_rows"):
+        def rows_spy(*args, _tile=getattr(fm, name), **kwargs):
+            ran.append(True)
+            return _tile(*args, **kwargs)
 
-    def rows_spy(*args, **kwargs):
-        ran.append(True)
-        return rows_tile(*args, **kwargs)
-
-    monkeypatch.setattr(fm, "_decode_int_tile_rows", rows_spy)
+        monkeypatch.setattr(fm, name, rows_spy)
     n, k = qw.shape
     log = []
     monkeypatch.setattr(fm, "CHOICE_LOG", log)

@@ -854,15 +854,17 @@ def test_grouped_forward_lane_order(bits, k, g, lanes, monkeypatch):
 
 
 @needs_kernels
-@pytest.mark.parametrize("bits,k,g,split,rows", [(4, 192, 32, 1, True), (2, 192, 32, 2, True), (4, 160, 32, 2, True),
-                                                 (3, 192, 64, 1, False)],
-                         ids=["int4g32", "int2g32-split", "int4-k160-shifted-split", "int3-transposed"])
-def test_grouped_grad_input_w_as_b(bits, k, g, split, rows, monkeypatch):
+@pytest.mark.parametrize("fmt,bits,k,g,split,rows", [("int", 4, 192, 32, 1, True), ("int", 2, 192, 32, 2, True),
+                                                     ("int", 4, 160, 32, 2, True), ("nf4", 4, 192, 64, 2, True),
+                                                     ("int", 3, 192, 64, 1, False)],
+                         ids=["int4g32", "int2g32-split", "int4-k160-shifted-split", "nf4dq-split", "int3-transposed"])
+def test_grouped_grad_input_w_as_b(fmt, bits, k, g, split, rows, monkeypatch):
     """The grouped input gradient with Ŵ as the MMA's B operand (round 18, the dense gradient's
     fused_matmul._w_as_b_acc on the expert's rows e·N + n) at a 64-row tile: experts with 0, 1, 17
     and 113 rows (the 113-row one over two tiles, a ragged second), N = 40 (a ragged second N tile;
     split in 2 slices with atomics), whole K tiles, SHIFT_K's last tile (K = 160: columns 96 .. 160,
-    the first 32 the tile before's), and INT3, which keeps the Ŵᵀ tile (which one ran is checked).
+    the first 32 the tile before's), NF4 with double quant (absmax de-nested once a call), and INT3,
+    which keeps the Ŵᵀ tile (which one ran is checked).
     fp16, NaN-poisoned output, sentinel rows NaN in dY and 0 out, float64 on the fp16-rounded Ŵ."""
     from qlk.kernels import fused_matmul as fm
     from qlk.kernels import grouped_matmul as gm
@@ -871,17 +873,18 @@ def test_grouped_grad_input_w_as_b(bits, k, g, split, rows, monkeypatch):
     monkeypatch.setattr(gm, "_output", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
                                                                                 device=device))
     monkeypatch.setattr(heuristics, "grad_w_as_b", lambda arch: True)
-    ran, rows_tile = [], fm._decode_int_tile_rows
+    ran = []
+    for name in ("_decode_int_tile_rows", "_decode_nf4_tile_rows"):
+        def rows_spy(*args, _tile=getattr(fm, name), **kwargs):
+            ran.append(True)
+            return _tile(*args, **kwargs)
 
-    def rows_spy(*args, **kwargs):
-        ran.append(True)
-        return rows_tile(*args, **kwargs)
-
-    monkeypatch.setattr(fm, "_decode_int_tile_rows", rows_spy)
+        monkeypatch.setattr(fm, name, rows_spy)
     e_count, n = len(COUNTS_LARGE), 40
     gen = torch.Generator().manual_seed(2100 + bits * 10 + k + split)
     qw = qlk.quantize(torch.randn(e_count * n, k // g, g, generator=gen).mul(torch.exp(torch.randn(
-        e_count * n, k // g, 1, generator=gen))).reshape(e_count * n, k), bits=bits, group_size=g)
+        e_count * n, k // g, 1, generator=gen))).reshape(e_count * n, k), bits=bits, group_size=g, fmt=fmt,
+        double_quant=fmt == "nf4")
     w_half = oracle_weight(qw).half().double().reshape(e_count, n, k)
     off = offsets_of(COUNTS_LARGE)
     routed = int(off[-1])

@@ -1,5 +1,7 @@
 """Probe (round 18, not used by qlk): the input gradient's Ŵᵀ decoded straight into the MMA's A
-fragment, no shared-memory round trip. Static numbers and conclusions: docs/kernels.md "Round 18".
+fragment, no shared-memory round trip. Static numbers and conclusions: docs/kernels.md "Round 18",
+part 1. What qlk built instead (part 2): Ŵ as wgmma's B operand, stored once to shared memory in
+16-byte rows (``qlk.kernels.decode_tile._decode_int_tile_rows``).
 
     env -u TRITON_INTERPRET python -m bench.sass bench/probes/dgrad_row_pairs.py --arch 90 --mix
     env -u TRITON_INTERPRET python -m bench.sass bench/probes/dgrad_row_pairs.py --arch 90 --mix -- --const-strides

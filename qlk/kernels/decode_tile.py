@@ -57,7 +57,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .quant_tile import _group_params, _load_int3_planes, _load_words
+from .quant_tile import _group_params, _load_int3_planes, _load_words, _nf4_byte_values
 
 #: 16-bit float magic whose ulp is 1 (codes are OR-ed into its mantissa), its value, and 1.0
 F16_MAGIC, F16_MAGIC_VALUE, F16_ONE = 0x6400, 1024, 0x3C00
@@ -600,15 +600,17 @@ def _decode_int_tile_lanes(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg
 # Round 18: the input gradient's Ŵ as the MMA's B operand, stored to shared memory in 16-byte rows
 # ------------------------------------------------------------------------------------------------
 @triton.jit
-def _row_tile_stored_order(t, BITS: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+def _row_tile_stored_order(t, BITS: tl.constexpr, IS_NF4: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
     """[ROWS, BLOCK_K] ``t`` whose columns are in :func:`_decode_int_tile_rows`'s order, relabelled
     into the stored order (column c then holds stored column c): inside each word, position
-    p = 4a + 2b + e (INT4; INT2: 8a + 4b + 2d + e) holds code j + J·e with j = a + 2b (+ 4d), and the
-    inverse is a reshape and a permute: registers renamed, nothing moves, so the store computes plain
+    p = 4a + 2b + e (INT4; INT2: 8a + 4b + 2d + e) holds code j + J·e with j = a + 2b (+ 4d), NF4's
+    (:func:`_decode_nf4_tile_rows`) element e of byte a + 2b, and the inverse is a reshape and a permute: registers renamed, nothing moves, so the store computes plain
     column offsets (the per-element map cost the split's atomics 255 registers and spills)."""
     PER: tl.constexpr = 32 // BITS
     NW: tl.constexpr = BLOCK_K // PER
-    if BITS == 4:  # (a, b, e) -> (e, b, a): code j + 4e, j = a + 2b
+    if IS_NF4:  # (a, b, e) -> (b, a, e): byte a + 2b, its even and odd element
+        t = tl.permute(tl.reshape(t, (ROWS, NW, 2, 2, 2)), (0, 1, 3, 2, 4))
+    elif BITS == 4:  # (a, b, e) -> (e, b, a): code j + 4e, j = a + 2b
         t = tl.permute(tl.reshape(t, (ROWS, NW, 2, 2, 2)), (0, 1, 4, 3, 2))
     else:  # INT2: (a, b, d, e) -> (e, d, b, a): code j + 8e, j = a + 2b + 4d
         t = tl.permute(tl.reshape(t, (ROWS, NW, 2, 2, 2, 2)), (0, 1, 5, 4, 3, 2))
@@ -649,3 +651,23 @@ def _decode_int_tile_rows(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg,
     w = _half_codes_to_weights(tl.reshape(h, (BLOCK_N, NG, NW // NG, PER)),
                                s.to(ACT)[:, :, None, None], b.to(ACT)[:, :, None, None], BITS, PACKED)
     return tl.reshape(w, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def _decode_nf4_tile_rows(qw_ptr, s_ptr, lut_ptr, stride_qn, stride_sn, stride_sg, offs_n, k0, K,
+                          ACT: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """NF4's :func:`_decode_int_tile_rows`: Ŵ = NF4[q]·absmax [BLOCK_N, BLOCK_K] in ACT, a word's 8
+    values in its thread's registers (tile position p = 4a + 2b + e holds element e of byte a + 2b,
+    :func:`_row_tile_stored_order` with IS_NF4); absmax fp32 per (row, block), plain or de-nested
+    (``weight_args(denest_absmax=True)``), blocks a power of two of 8 columns or more; the tile inside
+    K. Numerics: the fp32 tile's (``_dequant_tile``): the fp32 product rounded once to ACT."""
+    NW: tl.constexpr = BLOCK_K // 8
+    words = _load_words(qw_ptr, stride_qn, offs_n, k0, K, 8, True, BLOCK_K)
+    by = tl.join(tl.join(words, words >> 8), tl.join(words >> 16, words >> 24))  # [BN, NW, 2 (a), 2 (b)]
+    even, odd = _nf4_byte_values(by, lut_ptr)
+    NG: tl.constexpr = BLOCK_K // GROUP_SIZE if BLOCK_K > GROUP_SIZE else 1
+    offs_g = tl.arange(0, NG) + k0 // GROUP_SIZE
+    absmax, _ = _group_params(s_ptr, s_ptr, s_ptr, s_ptr, s_ptr, stride_sn, stride_sg, offs_n, offs_g[None, :],
+                              (offs_g < K // GROUP_SIZE)[None, :], True, False, False, True)
+    w = tl.reshape(tl.join(even, odd), (BLOCK_N, NG, NW // NG, 8)) * absmax[:, :, None, None]
+    return tl.reshape(w.to(ACT), (BLOCK_N, BLOCK_K))

@@ -66,8 +66,8 @@ import triton.language as tl
 from ..formats.quantized_weight import QuantizedWeight
 from . import heuristics
 from .config import GEMV_PRUNE, INTERPRETED, fma_kernel, gemv_grad_configs, num_sms, packed_rows_kernel, target_arch
-from .decode_tile import (_decode_int_tile, _decode_int_tile_lanes, _decode_int_tile_rows, _lane_x_tile,
-                          _row_tile_stored_order)
+from .decode_tile import (_decode_int_tile, _decode_int_tile_lanes, _decode_int_tile_rows, _decode_nf4_tile_rows,
+                          _lane_x_tile, _row_tile_stored_order)
 from .quant_tile import _dequant_tile, aligned_rows, weight_args
 from .quant_tile_t import _dequant_tile_t, _int3_planes_t, _words_t
 
@@ -465,39 +465,44 @@ def _quant_matmul_splitk_kernel(
 
 
 @triton.jit
-def _w_as_b_acc(dy_rows, qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, row_w0, k0, n_lo, n_hi, N, K,
-                stride_dyn, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                HALF2_ASM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+def _w_as_b_acc(dy_rows, qw_ptr, s_ptr, b_ptr, lut_ptr, stride_qn, stride_sn, stride_sg, row_w0, k0, n_lo, n_hi,
+                N, K, stride_dyn, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr,
+                DOT_PRECISION: tl.constexpr, HALF2_ASM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_K: tl.constexpr):
     """fp32 dX tile [BLOCK_M, BLOCK_K] (columns k0 .. k0 + BLOCK_K in the stored order) = Σ over n in
     n_lo .. n_hi of dY[rows, n]·Ŵ[row_w0 + n, k] (round 18, sm_90): Ŵ [BLOCK_N, BLOCK_K] from
     :func:`_decode_int_tile_rows` as the MMA's B operand, which wgmma reads from shared memory (stored
-    there once, 16-byte rows), dY [BLOCK_M, BLOCK_N] as A; the product relabelled into the stored
-    column order (:func:`_row_tile_stored_order`). ``dy_rows``: [BLOCK_M] row pointers (clamped rows);
+    there once, 16-byte rows; NF4: :func:`_decode_nf4_tile_rows`), dY [BLOCK_M, BLOCK_N] as A; the product
+    relabelled into the stored column order (:func:`_row_tile_stored_order`). ``dy_rows``: [BLOCK_M] row pointers (clamped rows);
     ``row_w0``: the first weight row (the grouped kernel's expert e·N)."""
     ACT: tl.constexpr = dy_rows.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(n_lo, n_hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         # clamped weight rows are finite and meet dY columns masked to 0: they add exactly 0
-        w = _decode_int_tile_rows(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg,
-                                  row_w0 + tl.minimum(offs_n, N - 1), k0, K, ACT, BITS, GROUP_SIZE, HALF2_ASM,
-                                  BLOCK_N, BLOCK_K)
+        rows_w = row_w0 + tl.minimum(offs_n, N - 1)
+        if IS_NF4:
+            w = _decode_nf4_tile_rows(qw_ptr, s_ptr, lut_ptr, stride_qn, stride_sn, stride_sg, rows_w, k0, K, ACT,
+                                      GROUP_SIZE, BLOCK_N, BLOCK_K)
+        else:
+            w = _decode_int_tile_rows(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, rows_w, k0, K, ACT, BITS,
+                                      GROUP_SIZE, HALF2_ASM, BLOCK_N, BLOCK_K)
         dy = tl.load(dy_rows[:, None] + offs_n[None, :] * stride_dyn, mask=offs_n[None, :] < N, other=0.0)
         acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
-    return _row_tile_stored_order(acc, BITS, BLOCK_M, BLOCK_K)
+    return _row_tile_stored_order(acc, BITS, IS_NF4, BLOCK_M, BLOCK_K)
 
 
 @triton.jit
-def _grad_tile_w_as_b(dx_ptr, dy_rows, qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, offs_m,
+def _grad_tile_w_as_b(dx_ptr, dy_rows, qw_ptr, s_ptr, b_ptr, lut_ptr, stride_qn, stride_sn, stride_sg, offs_m,
                       pid_k, k0, n_lo, n_hi, M, N, K, stride_dyn, stride_dxm, stride_dxk,
-                      BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                      BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOT_PRECISION: tl.constexpr,
                       SPLIT_N: tl.constexpr, ATOMIC: tl.constexpr, HALF2_ASM: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """The W_AS_B tile of :func:`_quant_matmul_grad_input_kernel` (:func:`_w_as_b_acc`), stored (SPLIT_N:
     added to / stored in the fp32 workspace) where its columns lie in this K tile's own range
     (SHIFT_K's last tile starts earlier)."""
-    acc = _w_as_b_acc(dy_rows, qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, 0, k0, n_lo, n_hi, N, K,
-                      stride_dyn, BITS, GROUP_SIZE, DOT_PRECISION, HALF2_ASM, BLOCK_N, BLOCK_M, BLOCK_K)
+    acc = _w_as_b_acc(dy_rows, qw_ptr, s_ptr, b_ptr, lut_ptr, stride_qn, stride_sn, stride_sg, 0, k0, n_lo, n_hi,
+                      N, K, stride_dyn, BITS, GROUP_SIZE, IS_NF4, DOT_PRECISION, HALF2_ASM, BLOCK_N, BLOCK_M, BLOCK_K)
     cols = k0 + tl.arange(0, BLOCK_K)
     keep = (cols >= pid_k * BLOCK_K) & (cols < K)
     mask = (offs_m[:, None] < M) & keep[None, :]
@@ -553,8 +558,9 @@ def _quant_matmul_grad_input_kernel(
     HALF2_ASM: its inline PTX, else the interpreter's twin), s and c rounded to dY's dtype first
     (docs/kernels.md "Input gradient, half2 transposed decoder (round 7)").
 
-    W_AS_B (sm_90, round 18; INT2/INT4 with HALF2, whole K tiles, groups of whole words (a power of
-    two, a word's codes or more), BLOCK_M ≥ 64 (wgmma's rows of dY)): the tile is
+    W_AS_B (sm_90, round 18; fp16/bf16 dY, whole K tiles, BLOCK_M ≥ 64 (wgmma's rows of dY); INT2/INT4
+    with groups of whole words (a power of two, a word's codes or more), NF4 with a plain or de-nested
+    absmax): the tile is
     dX [BLOCK_M, BLOCK_K] = dY·Ŵ with Ŵ as the MMA's B operand, decoded by
     :func:`qlk.kernels.decode_tile._decode_int_tile_rows` into 16-byte rows that wgmma reads from
     shared memory (no STS + LDSM round trip of Ŵᵀ), the product relabelled to the stored column
@@ -592,11 +598,12 @@ def _quant_matmul_grad_input_kernel(
         n_lo = 0
         n_hi = N
     # the B-operand tile where it applies (docstring), else the Ŵᵀ one below
-    ROWS: tl.constexpr = W_AS_B and HALF2 and (not IS_NF4) and (BITS == 2 or BITS == 4) and EVEN_K and \
-        (GROUP_SIZE & (GROUP_SIZE - 1)) == 0 and GROUP_SIZE % (32 // BITS) == 0 and BLOCK_M >= 64
+    ACT16: tl.constexpr = dy_ptr.dtype.element_ty == tl.float16 or dy_ptr.dtype.element_ty == tl.bfloat16
+    ROWS: tl.constexpr = W_AS_B and ACT16 and EVEN_K and BLOCK_M >= 64 and (GROUP_SIZE & (GROUP_SIZE - 1)) == 0 and \
+        (((BITS == 2 or BITS == 4) and not IS_NF4 and GROUP_SIZE % (32 // BITS) == 0) or (IS_NF4 and not DOUBLE_QUANT))
     if ROWS:
-        _grad_tile_w_as_b(dx_ptr, dy_rows, qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, offs_m,
-                          pid_k, k0, n_lo, n_hi, M, N, K, stride_dyn, stride_dxm, stride_dxk, BITS, GROUP_SIZE,
+        _grad_tile_w_as_b(dx_ptr, dy_rows, qw_ptr, s_ptr, b_ptr, lut_ptr, stride_qn, stride_sn, stride_sg, offs_m,
+                          pid_k, k0, n_lo, n_hi, M, N, K, stride_dyn, stride_dxm, stride_dxk, BITS, GROUP_SIZE, IS_NF4,
                           DOT_PRECISION, SPLIT_N, ATOMIC, HALF2_ASM, BLOCK_N, BLOCK_M, BLOCK_K)
         return
     words, words1, words2 = 0, 0, 0  # the N tile's packed words (INT3: its three bit planes)

@@ -282,10 +282,12 @@ def _grad_tile(t, pid_k, pid_s, dx_ptr, dy_ptr, tile_expert_ptr, tile_row_ptr, b
                BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                HALF2: tl.constexpr, HALF2_ASM: tl.constexpr, SHIFT_K: tl.constexpr, W_AS_B: tl.constexpr):
     """Tile slot t, K tile pid_k (N slice pid_s with SPLIT_N) of :func:`_grouped_matmul_grad_input_kernel`:
-    the dense gradient's B-operand tile where W_AS_B applies (its conditions: INT2/INT4 in half2, whole
-    K tiles, groups of whole words, BLOCK_M ≥ 64), else the Ŵᵀ tile (:func:`_grad_tile_t`)."""
-    ROWS: tl.constexpr = W_AS_B and HALF2 and (not IS_NF4) and (BITS == 2 or BITS == 4) and EVEN_K and \
-        (GROUP_SIZE & (GROUP_SIZE - 1)) == 0 and GROUP_SIZE % (32 // BITS) == 0 and BLOCK_M >= 64
+    the dense gradient's B-operand tile where W_AS_B applies (its conditions: fp16/bf16 dY, whole K
+    tiles, BLOCK_M ≥ 64; INT2/INT4 with groups of whole words, NF4 with a plain or de-nested absmax),
+    else the Ŵᵀ tile (:func:`_grad_tile_t`)."""
+    ACT16: tl.constexpr = dy_ptr.dtype.element_ty == tl.float16 or dy_ptr.dtype.element_ty == tl.bfloat16
+    ROWS: tl.constexpr = W_AS_B and ACT16 and EVEN_K and BLOCK_M >= 64 and (GROUP_SIZE & (GROUP_SIZE - 1)) == 0 and \
+        (((BITS == 2 or BITS == 4) and not IS_NF4 and GROUP_SIZE % (32 // BITS) == 0) or (IS_NF4 and not DOUBLE_QUANT))
     if ROWS:
         e = tl.load(tile_expert_ptr + t)
         if e >= 0:
@@ -295,8 +297,9 @@ def _grad_tile(t, pid_k, pid_s, dx_ptr, dy_ptr, tile_expert_ptr, tile_row_ptr, b
             offs_m = row0 + tl.arange(0, BLOCK_M)
             n_lo, n_hi = _n_slice(pid_s, N, SPLIT_N, BLOCK_N)
             dy_rows = dy_ptr + tl.minimum(offs_m, row_end - 1).to(tl.int64) * stride_dym
-            acc = _w_as_b_acc(dy_rows, qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, e * N, k0, n_lo, n_hi,
-                              N, K, stride_dyn, BITS, GROUP_SIZE, DOT_PRECISION, HALF2_ASM, BLOCK_N, BLOCK_M, BLOCK_K)
+            acc = _w_as_b_acc(dy_rows, qw_ptr, s_ptr, b_ptr, lut_ptr, stride_qn, stride_sn, stride_sg, e * N, k0, n_lo,
+                              n_hi, N, K, stride_dyn, BITS, GROUP_SIZE, IS_NF4, DOT_PRECISION, HALF2_ASM, BLOCK_N,
+                              BLOCK_M, BLOCK_K)
             cols = k0 + tl.arange(0, BLOCK_K)
             dx_ptrs = dx_ptr + offs_m[:, None].to(tl.int64) * stride_dxm + cols[None, :] * stride_dxk
             dx_mask = (offs_m[:, None] < row_end) & ((cols >= pid_k * BLOCK_K) & (cols < K))[None, :]

@@ -121,13 +121,22 @@ def _nf4_values(qw_ptr, lut_ptr, stride_qn, offs_n, k0, K,
     NF4[b >> 4] (the even element) in its low 32 bits and NF4[b & 15] in the high 32 bits."""
     words = _load_words(qw_ptr, stride_qn, offs_n, k0, K, 8, EVEN_K, BLOCK_K)
     shifted = words[:, :, None] >> (tl.arange(0, 4)[None, None, :] * 8)
+    even, odd = _nf4_byte_values(shifted, lut_ptr)
+    return tl.reshape(tl.join(even, odd), (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def _nf4_byte_values(byte, lut_ptr):
+    """fp32 (NF4[b >> 4], NF4[b & 15]) of the low byte b of int32 ``byte`` (the even and the odd
+    element of an NF4 byte): warp shuffles when compiled (NF4_SHUFFLE), the 256-entry byte table
+    ``lut_ptr`` (``nf4_byte_table``) under the interpreter."""
     if NF4_SHUFFLE:
-        even, odd = _nf4_pair_values(shifted)
+        even, odd = _nf4_pair_values(byte)
     else:
-        pair = tl.load(lut_ptr + (shifted & 0xFF))
+        pair = tl.load(lut_ptr + (byte & 0xFF))
         even = pair.to(tl.int32).to(tl.float32, bitcast=True)
         odd = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-    return tl.reshape(tl.join(even, odd), (BLOCK_N, BLOCK_K))
+    return even, odd
 
 
 @triton.jit
