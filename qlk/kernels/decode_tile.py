@@ -643,9 +643,10 @@ def _decode_int_tile_rows(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg,
     else:
         s2 = tl.join(tl.join(words, words >> 2), tl.join(words >> 4, words >> 6))
         sh = tl.join(s2, s2 >> 8)  # [BN, NW, 2 (a), 2 (b), 2 (d)]
-    h = tl.join(sh.to(tl.int16), (sh >> 16).to(tl.int16))  # + [2 (e)]: codes j and j + J
+    low, high = sh.to(tl.int16), (sh >> 16).to(tl.int16)  # codes j and j + J
+    h = tl.join(low, high)  # + [2 (e)]
     NG: tl.constexpr = BLOCK_K // GROUP_SIZE if BLOCK_K > GROUP_SIZE else 1
-    offs_g = tl.arange(0, NG) + k0 // GROUP_SIZE
+    offs_g = (k0 // GROUP_SIZE) + tl.arange(0, NG)  # the tile's groups
     s, b = _group_params(s_ptr, b_ptr, s_ptr, s_ptr, s_ptr, stride_sn, stride_sg,
                          offs_n, offs_g[None, :], (offs_g < K // GROUP_SIZE)[None, :], False, False, True, True, True)
     w = _half_codes_to_weights(tl.reshape(h, (BLOCK_N, NG, NW // NG, PER)),
@@ -666,7 +667,7 @@ def _decode_nf4_tile_rows(qw_ptr, s_ptr, lut_ptr, stride_qn, stride_sn, stride_s
     by = tl.join(tl.join(words, words >> 8), tl.join(words >> 16, words >> 24))  # [BN, NW, 2 (a), 2 (b)]
     even, odd = _nf4_byte_values(by, lut_ptr)
     NG: tl.constexpr = BLOCK_K // GROUP_SIZE if BLOCK_K > GROUP_SIZE else 1
-    offs_g = tl.arange(0, NG) + k0 // GROUP_SIZE
+    offs_g = (k0 // GROUP_SIZE) + tl.arange(0, NG)  # the tile's groups
     absmax, _ = _group_params(s_ptr, s_ptr, s_ptr, s_ptr, s_ptr, stride_sn, stride_sg, offs_n, offs_g[None, :],
                               (offs_g < K // GROUP_SIZE)[None, :], True, False, False, True)
     w = tl.reshape(tl.join(even, odd), (BLOCK_N, NG, NW // NG, 8)) * absmax[:, :, None, None]
