@@ -28,6 +28,7 @@ import pytest
 import torch
 
 import oracles
+import spies
 import qlk
 from qlk.kernels import decode_tile, heuristics
 from qlk.kernels import fused_matmul as fm
@@ -729,16 +730,7 @@ def test_gemm_forward_lane_order(tile, arch, lanes, case, monkeypatch):
     real = heuristics.candidates
     monkeypatch.setattr(heuristics, "candidates", lambda op: [cfg] if op == "fwd" else real(op))
     heuristics._choose_default.cache_clear()
-    seen, kernel = [], fm._quant_matmul_fwd_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                seen.append(kwargs)
-                return kernel[grid](*args, **kwargs)
-            return launch
-
-    monkeypatch.setattr(fm, "_quant_matmul_fwd_kernel", Spy())
+    seen = spies.record_launches(monkeypatch, fm, "_quant_matmul_fwd_kernel")
     gen = torch.Generator().manual_seed(1700 + bits * 100 + g + k)
     groups = k // g
     w = (torch.randn(N, groups, g, generator=gen) * torch.exp(torch.randn(N, groups, 1, generator=gen))

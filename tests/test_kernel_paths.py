@@ -40,6 +40,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import oracles
+import spies
 import qlk
 from qlk import reference
 from qlk.autograd.qalora import qalora_linear
@@ -909,13 +910,7 @@ def test_grad_input_w_as_b(case, m, split, det, rows, monkeypatch):
     assert heuristics.grad_w_as_b(90) and not heuristics.grad_w_as_b(80)
     qw, w64 = _only_grad_tile(monkeypatch, "grad", config._cfg(None, 4, 1, GROUP_M=2, BLOCK_N=64, BLOCK_M=64,
                                                                BLOCK_K=128), case, m, split)
-    ran = []
-    for name in ("_decode_int_tile_rows", "_decode_nf4_tile_rows"):
-        def rows_spy(*args, _tile=getattr(fm, name), **kwargs):
-            ran.append(True)
-            return _tile(*args, **kwargs)
-
-        monkeypatch.setattr(fm, name, rows_spy)
+    ran = spies.record_calls(monkeypatch, fm, "_decode_int_tile_rows", "_decode_nf4_tile_rows")
     n, k = qw.shape
     log = []
     monkeypatch.setattr(fm, "CHOICE_LOG", log)

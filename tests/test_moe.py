@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import qlk
+import spies
 from qlk.autograd.experts import grouped_experts_linear
 from qlk.formats import unpack_codes
 from qlk.kernels.grouped_matmul import grouped_matmul_forward, grouped_matmul_grad_input
@@ -815,24 +816,8 @@ def test_grouped_forward_lane_order(bits, k, g, lanes, monkeypatch):
     monkeypatch.setattr(gm, "_output", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
                                                                                 device=device))
     monkeypatch.setattr(heuristics, "fwd_lane_order", lambda arch, block_m: lanes)
-    seen, kernel = [], gm._grouped_matmul_fwd_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                seen.append(kwargs)
-                return kernel[grid](*args, **kwargs)
-            return launch
-
-    monkeypatch.setattr(gm, "_grouped_matmul_fwd_kernel", Spy())
-    # which tile decoder the kernel ran (the interpreter looks it up at call time)
-    decoded_lanes, lanes_tile = [], fm._decode_int_tile_lanes
-
-    def lanes_spy(*args, **kwargs):
-        decoded_lanes.append(True)
-        return lanes_tile(*args, **kwargs)
-
-    monkeypatch.setattr(fm, "_decode_int_tile_lanes", lanes_spy)
+    seen = spies.record_launches(monkeypatch, gm, "_grouped_matmul_fwd_kernel")
+    decoded_lanes = spies.record_calls(monkeypatch, fm, "_decode_int_tile_lanes")  # which tile decoder ran
     e_count, n = len(COUNTS_LARGE), 40
     gen = torch.Generator().manual_seed(1900 + bits * 100 + g + k)
     groups = k // g
@@ -873,13 +858,7 @@ def test_grouped_grad_input_w_as_b(fmt, bits, k, g, split, rows, monkeypatch):
     monkeypatch.setattr(gm, "_output", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
                                                                                 device=device))
     monkeypatch.setattr(heuristics, "grad_w_as_b", lambda arch: True)
-    ran = []
-    for name in ("_decode_int_tile_rows", "_decode_nf4_tile_rows"):
-        def rows_spy(*args, _tile=getattr(fm, name), **kwargs):
-            ran.append(True)
-            return _tile(*args, **kwargs)
-
-        monkeypatch.setattr(fm, name, rows_spy)
+    ran = spies.record_calls(monkeypatch, fm, "_decode_int_tile_rows", "_decode_nf4_tile_rows")
     e_count, n = len(COUNTS_LARGE), 40
     gen = torch.Generator().manual_seed(2100 + bits * 10 + k + split)
     qw = qlk.quantize(torch.randn(e_count * n, k // g, g, generator=gen).mul(torch.exp(torch.randn(
