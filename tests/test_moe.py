@@ -841,15 +841,17 @@ def test_grouped_forward_lane_order(bits, k, g, lanes, monkeypatch):
 @needs_kernels
 @pytest.mark.parametrize("fmt,bits,k,g,split,rows", [("int", 4, 192, 32, 1, True), ("int", 2, 192, 32, 2, True),
                                                      ("int", 4, 160, 32, 2, True), ("nf4", 4, 192, 64, 2, True),
-                                                     ("int", 3, 192, 64, 1, False)],
-                         ids=["int4g32", "int2g32-split", "int4-k160-shifted-split", "nf4dq-split", "int3-transposed"])
+                                                     ("int", 3, 192, 64, 1, True), ("int", 3, 160, 32, 2, True),
+                                                     ("int", 3, 192, 16, 1, False)],
+                         ids=["int4g32", "int2g32-split", "int4-k160-shifted-split", "nf4dq-split", "int3g64",
+                              "int3g32-k160-shifted-split", "int3g16-transposed"])
 def test_grouped_grad_input_w_as_b(fmt, bits, k, g, split, rows, monkeypatch):
     """The grouped input gradient with Ŵ as the MMA's B operand (round 18, the dense gradient's
     fused_matmul._w_as_b_acc on the expert's rows e·N + n) at a 64-row tile: experts with 0, 1, 17
     and 113 rows (the 113-row one over two tiles, a ragged second), N = 40 (a ragged second N tile;
     split in 2 slices with atomics), whole K tiles, SHIFT_K's last tile (K = 160: columns 96 .. 160,
-    the first 32 the tile before's), NF4 with double quant (absmax de-nested once a call), and INT3,
-    which keeps the Ŵᵀ tile (which one ran is checked).
+    the first 32 the tile before's), NF4 with double quant (absmax de-nested once a call), INT3 of
+    whole 32-column chunks (round 19), and INT3 g16, which keeps the Ŵᵀ tile (which one ran is checked).
     fp16, NaN-poisoned output, sentinel rows NaN in dY and 0 out, float64 on the fp16-rounded Ŵ."""
     from qlk.kernels import fused_matmul as fm
     from qlk.kernels import grouped_matmul as gm
@@ -857,8 +859,9 @@ def test_grouped_grad_input_w_as_b(fmt, bits, k, g, split, rows, monkeypatch):
 
     monkeypatch.setattr(gm, "_output", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
                                                                                 device=device))
-    monkeypatch.setattr(heuristics, "grad_w_as_b", lambda arch: True)
-    ran = spies.record_calls(monkeypatch, fm, "_decode_int_tile_rows", "_decode_nf4_tile_rows")
+    monkeypatch.setattr(heuristics, "grad_w_as_b", lambda arch, *tile: True)
+    ran = spies.record_calls(monkeypatch, fm, "_decode_int_tile_rows", "_decode_int3_tile_rows",
+                             "_decode_nf4_tile_rows")
     e_count, n = len(COUNTS_LARGE), 40
     gen = torch.Generator().manual_seed(2100 + bits * 10 + k + split)
     qw = qlk.quantize(torch.randn(e_count * n, k // g, g, generator=gen).mul(torch.exp(torch.randn(

@@ -496,25 +496,42 @@ def _int3_halves_to_weights(lo, hi, pos, s, c, PACKED: tl.constexpr):
     if PACKED:
         # one asm per code position of INT3_LANE_PLAN (0, 2, 4), its constants as immediates: pos is
         # a constant per register in the kernel, so the selects fold and the other two asm die
-        if s.dtype == tl.float16:
-            w0 = tl.inline_asm_elementwise(ASM_F16_H3, "=r,r,r,r,r", [lo, hi, s, c], dtype=tl.float16,
-                                           is_pure=True, pack=2)
-            w2 = tl.inline_asm_elementwise(ASM_F16_H3_P2, "=r,r,r,r,r", [lo, hi, s, c], dtype=tl.float16,
-                                           is_pure=True, pack=2)
-            w4 = tl.inline_asm_elementwise(ASM_F16_H3_P4, "=r,r,r,r,r", [lo, hi, s, c], dtype=tl.float16,
-                                           is_pure=True, pack=2)
-        else:
-            tl.static_assert(s.dtype == tl.bfloat16)
-            w0 = tl.inline_asm_elementwise(ASM_BF16_H3, "=r,r,r,r,r", [lo, hi, s, c], dtype=tl.bfloat16,
-                                           is_pure=True, pack=2)
-            w2 = tl.inline_asm_elementwise(ASM_BF16_H3_P2, "=r,r,r,r,r", [lo, hi, s, c], dtype=tl.bfloat16,
-                                           is_pure=True, pack=2)
-            w4 = tl.inline_asm_elementwise(ASM_BF16_H3_P4, "=r,r,r,r,r", [lo, hi, s, c], dtype=tl.bfloat16,
-                                           is_pure=True, pack=2)
+        w0 = _int3_halves_asm(lo, hi, s, c, 0)
+        w2 = _int3_halves_asm(lo, hi, s, c, 2)
+        w4 = _int3_halves_asm(lo, hi, s, c, 4)
         w = tl.where(pos == 0, w0, tl.where(pos == 2, w2, w4))
     else:
         q = (((lo.to(tl.int32) >> pos) & 3) | ((hi.to(tl.int32) >> pos) & 4)) - 4
         w = (s.to(tl.float32) * q.to(tl.float32) + c.to(tl.float32)).to(s.dtype)
+    return w
+
+
+@triton.jit
+def _int3_halves_asm(lo, hi, s, c, P: tl.constexpr):
+    """``packed_asm_int3_halves(act, P)`` (P in {0, 2, 4}) on operands of one shape."""
+    if s.dtype == tl.float16:
+        if P == 0:
+            w = tl.inline_asm_elementwise(ASM_F16_H3, "=r,r,r,r,r", [lo, hi, s, c], dtype=tl.float16,
+                                          is_pure=True, pack=2)
+        elif P == 2:
+            w = tl.inline_asm_elementwise(ASM_F16_H3_P2, "=r,r,r,r,r", [lo, hi, s, c], dtype=tl.float16,
+                                          is_pure=True, pack=2)
+        else:
+            tl.static_assert(P == 4)
+            w = tl.inline_asm_elementwise(ASM_F16_H3_P4, "=r,r,r,r,r", [lo, hi, s, c], dtype=tl.float16,
+                                          is_pure=True, pack=2)
+    else:
+        tl.static_assert(s.dtype == tl.bfloat16)
+        if P == 0:
+            w = tl.inline_asm_elementwise(ASM_BF16_H3, "=r,r,r,r,r", [lo, hi, s, c], dtype=tl.bfloat16,
+                                          is_pure=True, pack=2)
+        elif P == 2:
+            w = tl.inline_asm_elementwise(ASM_BF16_H3_P2, "=r,r,r,r,r", [lo, hi, s, c], dtype=tl.bfloat16,
+                                          is_pure=True, pack=2)
+        else:
+            tl.static_assert(P == 4)
+            w = tl.inline_asm_elementwise(ASM_BF16_H3_P4, "=r,r,r,r,r", [lo, hi, s, c], dtype=tl.bfloat16,
+                                          is_pure=True, pack=2)
     return w
 
 
@@ -603,13 +620,17 @@ def _decode_int_tile_lanes(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg
 def _row_tile_stored_order(t, BITS: tl.constexpr, IS_NF4: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
     """[ROWS, BLOCK_K] ``t`` whose columns are in :func:`_decode_int_tile_rows`'s order, relabelled
     into the stored order (column c then holds stored column c): inside each word, position
-    p = 4a + 2b + e (INT4; INT2: 8a + 4b + 2d + e) holds code j + J·e with j = a + 2b (+ 4d), NF4's
+    p = 4a + 2b + e (INT4; INT2: 8a + 4b + 2d + e) holds code j + J·e with j = a + 2b (+ 4d) (INT3,
+    :func:`_decode_int3_tile_rows`: inside each 32-column chunk p = 16a + 8b + 4c + 2d + e holds
+    column j + 16e, j = a + 2b + 4c + 8d), NF4's
     (:func:`_decode_nf4_tile_rows`) element e of byte a + 2b, and the inverse is a reshape and a permute: registers renamed, nothing moves, so the store computes plain
     column offsets (the per-element map cost the split's atomics 255 registers and spills)."""
-    PER: tl.constexpr = 32 // BITS
+    PER: tl.constexpr = 32 // BITS if BITS != 3 else 32
     NW: tl.constexpr = BLOCK_K // PER
     if IS_NF4:  # (a, b, e) -> (b, a, e): byte a + 2b, its even and odd element
         t = tl.permute(tl.reshape(t, (ROWS, NW, 2, 2, 2)), (0, 1, 3, 2, 4))
+    elif BITS == 3:  # a 32-column chunk, (a, b, c, d, e) -> (e, d, c, b, a): column j + 16e, j = a + 2b + 4c + 8d
+        t = tl.permute(tl.reshape(t, (ROWS, NW, 2, 2, 2, 2, 2)), (0, 1, 6, 5, 4, 3, 2))
     elif BITS == 4:  # (a, b, e) -> (e, b, a): code j + 4e, j = a + 2b
         t = tl.permute(tl.reshape(t, (ROWS, NW, 2, 2, 2)), (0, 1, 4, 3, 2))
     else:  # INT2: (a, b, d, e) -> (e, d, b, a): code j + 8e, j = a + 2b + 4d
@@ -651,6 +672,87 @@ def _decode_int_tile_rows(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg,
                          offs_n, offs_g[None, :], (offs_g < K // GROUP_SIZE)[None, :], False, False, True, True, True)
     w = _half_codes_to_weights(tl.reshape(h, (BLOCK_N, NG, NW // NG, PER)),
                                s.to(ACT)[:, :, None, None], b.to(ACT)[:, :, None, None], BITS, PACKED)
+    return tl.reshape(w, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def _int3_pair_rows(lows, highs, w2, J: tl.constexpr):
+    """Pair J (columns J, J + 16 of every chunk) of :func:`_decode_int3_tile_rows`: (its low bits, its
+    high bits, their position), brought together by INT3_LANE_PLAN[J]'s shifts (decoded from the plan's
+    packed constants at compile time)."""
+    if J < 8:
+        A: tl.constexpr = ((INT3_PLAN_A0 >> (4 * J)) & 15) - 3
+        B: tl.constexpr = ((INT3_PLAN_B0 >> (4 * J)) & 15) - 3
+        P: tl.constexpr = ((INT3_PLAN_P0 >> (4 * J)) & 15) - 3
+        src = lows
+    else:
+        A: tl.constexpr = ((INT3_PLAN_A1 >> (4 * (J - 8))) & 15) - 3
+        B: tl.constexpr = ((INT3_PLAN_B1 >> (4 * (J - 8))) & 15) - 3
+        P: tl.constexpr = ((INT3_PLAN_P1 >> (4 * (J - 8))) & 15) - 3
+        src = highs
+    if A >= 0:
+        lo = src >> A
+    else:
+        lo = src << (-A)
+    if B >= 0:
+        hi = w2 >> B
+    else:
+        hi = w2 << (-B)
+    return lo, hi, tl.full(lo.shape, P, tl.int32)
+
+
+@triton.jit
+def _int3_quad_rows(lows, highs, w2, J0: tl.constexpr):
+    """Pairs J0 .. J0 + 3 of :func:`_decode_int3_tile_rows`, joined: (lo, hi, pos) [..., 2 (a), 2 (b)],
+    pair J0 + a + 2b."""
+    lo0, hi0, p0 = _int3_pair_rows(lows, highs, w2, J0)
+    lo1, hi1, p1 = _int3_pair_rows(lows, highs, w2, J0 + 1)
+    lo2, hi2, p2 = _int3_pair_rows(lows, highs, w2, J0 + 2)
+    lo3, hi3, p3 = _int3_pair_rows(lows, highs, w2, J0 + 3)
+    return (tl.join(tl.join(lo0, lo1), tl.join(lo2, lo3)), tl.join(tl.join(hi0, hi1), tl.join(hi2, hi3)),
+            tl.join(tl.join(p0, p1), tl.join(p2, p3)))
+
+
+@triton.jit
+def _decode_int3_tile_rows(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, offs_n, k0, K,
+                           ACT: tl.constexpr, GROUP_SIZE: tl.constexpr, PACKED: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """INT3's :func:`_decode_int_tile_rows`: Ŵ[offs_n, k0 + …] [BLOCK_N, BLOCK_K] in ACT, every
+    32-column chunk (3 words) decoded into one thread's registers (tile position
+    p = 16a + 8b + 4c + 2d + e of a chunk holds column j + 16e, j = a + 2b + 4c + 8d;
+    :func:`_row_tile_stored_order` with BITS = 3 relabels the product). Groups a power of two of 32
+    columns or more, k0 a multiple of the group, the tile inside K.
+
+    The arithmetic is the lane-owned INT3 tile's (round 11): pair j = columns j, j + 16 is the two
+    16-bit halves of the low-bit words' halves side by side (``lows``: pairs 0–7, ``highs``: 8–15)
+    shifted by INT3_LANE_PLAN[j] and of word 2 shifted, merged and decoded by
+    ``packed_asm_int3_halves`` at the pair's code position (2 LOP3 + 2 HFMA2 a pair; 14 shifts a
+    chunk, shared between pairs). The pairs' 32-bit words are joined, not broadcast over a pair
+    axis, and split into halves last, so a chunk stays in its thread, each asm result is two
+    neighbouring tile positions, and the chunk leaves as four 16-byte rows. Same values as
+    ``_decode_int_tile`` (same rounding)."""
+    NC: tl.constexpr = BLOCK_K // 32
+    NG: tl.constexpr = BLOCK_K // GROUP_SIZE if BLOCK_K > GROUP_SIZE else 1
+    w0, w1, w2 = _load_int3_planes(qw_ptr, stride_qn, offs_n, k0, K, True, BLOCK_K)
+    w0 = tl.reshape(w0, (BLOCK_N, NG, NC // NG))
+    w1 = tl.reshape(w1, (BLOCK_N, NG, NC // NG))
+    w2 = tl.reshape(w2, (BLOCK_N, NG, NC // NG))
+    lows = (w0 & 0xFFFF) | (w1 << 16)
+    highs = ((w0 >> 16) & 0xFFFF) | (w1 & -65536)
+    lo0, hi0, p0 = _int3_quad_rows(lows, highs, w2, 0)
+    lo1, hi1, p1 = _int3_quad_rows(lows, highs, w2, 4)
+    lo2, hi2, p2 = _int3_quad_rows(lows, highs, w2, 8)
+    lo3, hi3, p3 = _int3_quad_rows(lows, highs, w2, 12)
+    lo32 = tl.join(tl.join(lo0, lo1), tl.join(lo2, lo3))  # [BN, NG, NC/NG, 2 (a), 2 (b), 2 (c), 2 (d)]
+    hi32 = tl.join(tl.join(hi0, hi1), tl.join(hi2, hi3))
+    pos = tl.join(tl.join(p0, p1), tl.join(p2, p3))
+    lo = tl.join(lo32.to(tl.int16), (lo32 >> 16).to(tl.int16))  # + [2 (e)]: columns j, j + 16
+    hi = tl.join(hi32.to(tl.int16), (hi32 >> 16).to(tl.int16))
+    offs_g = (k0 // GROUP_SIZE) + tl.arange(0, NG)  # the tile's groups
+    s, b = _group_params(s_ptr, b_ptr, s_ptr, s_ptr, s_ptr, stride_sn, stride_sg,
+                         offs_n, offs_g[None, :], (offs_g < K // GROUP_SIZE)[None, :], False, False, True, True, True)
+    w = _int3_halves_to_weights(lo, hi, tl.join(pos, pos), s.to(ACT)[:, :, None, None, None, None, None, None],
+                                b.to(ACT)[:, :, None, None, None, None, None, None], PACKED)
     return tl.reshape(w, (BLOCK_N, BLOCK_K))
 
 

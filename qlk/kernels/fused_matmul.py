@@ -66,8 +66,8 @@ import triton.language as tl
 from ..formats.quantized_weight import QuantizedWeight
 from . import heuristics
 from .config import GEMV_PRUNE, INTERPRETED, fma_kernel, gemv_grad_configs, num_sms, packed_rows_kernel, target_arch
-from .decode_tile import (_decode_int_tile, _decode_int_tile_lanes, _decode_int_tile_rows, _decode_nf4_tile_rows,
-                          _lane_x_tile, _row_tile_stored_order)
+from .decode_tile import (_decode_int3_tile_rows, _decode_int_tile, _decode_int_tile_lanes, _decode_int_tile_rows,
+                          _decode_nf4_tile_rows, _lane_x_tile, _row_tile_stored_order)
 from .quant_tile import _dequant_tile, aligned_rows, weight_args
 from .quant_tile_t import _dequant_tile_t, _int3_planes_t, _words_t
 
@@ -484,6 +484,9 @@ def _w_as_b_acc(dy_rows, qw_ptr, s_ptr, b_ptr, lut_ptr, stride_qn, stride_sn, st
         if IS_NF4:
             w = _decode_nf4_tile_rows(qw_ptr, s_ptr, lut_ptr, stride_qn, stride_sn, stride_sg, rows_w, k0, K, ACT,
                                       GROUP_SIZE, BLOCK_N, BLOCK_K)
+        elif BITS == 3:
+            w = _decode_int3_tile_rows(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, rows_w, k0, K, ACT,
+                                       GROUP_SIZE, HALF2_ASM, BLOCK_N, BLOCK_K)
         else:
             w = _decode_int_tile_rows(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, rows_w, k0, K, ACT, BITS,
                                       GROUP_SIZE, HALF2_ASM, BLOCK_N, BLOCK_K)
@@ -600,7 +603,8 @@ def _quant_matmul_grad_input_kernel(
     # the B-operand tile where it applies (docstring), else the Ŵᵀ one below
     ACT16: tl.constexpr = dy_ptr.dtype.element_ty == tl.float16 or dy_ptr.dtype.element_ty == tl.bfloat16
     ROWS: tl.constexpr = W_AS_B and ACT16 and EVEN_K and BLOCK_M >= 64 and (GROUP_SIZE & (GROUP_SIZE - 1)) == 0 and \
-        (((BITS == 2 or BITS == 4) and not IS_NF4 and GROUP_SIZE % (32 // BITS) == 0) or (IS_NF4 and not DOUBLE_QUANT))
+        (((BITS == 2 or BITS == 4) and not IS_NF4 and GROUP_SIZE % (32 // BITS) == 0) or
+         (BITS == 3 and not IS_NF4 and GROUP_SIZE % 32 == 0) or (IS_NF4 and not DOUBLE_QUANT))
     if ROWS:
         _grad_tile_w_as_b(dx_ptr, dy_rows, qw_ptr, s_ptr, b_ptr, lut_ptr, stride_qn, stride_sn, stride_sg, offs_m,
                           pid_k, k0, n_lo, n_hi, M, N, K, stride_dyn, stride_dxm, stride_dxk, BITS, GROUP_SIZE, IS_NF4,
@@ -1153,7 +1157,8 @@ def _grad_input(dy, qw, out, path, deterministic, wargs=None, lora_b=None):
                     dy2.stride(0), dy2.stride(1), dst.stride(-2), dst.stride(-1),
                     DOT_PRECISION=_precision(dy.dtype), INT2_HALVES=int2_halves,
                     WORDS_AHEAD=ahead, WORDS_ASM=ahead and not INTERPRETED, HALF2=half2,
-                    HALF2_ASM=half2 and not INTERPRETED, W_AS_B=heuristics.grad_w_as_b(target_arch()),
+                    HALF2_ASM=half2 and not INTERPRETED,
+                    W_AS_B=heuristics.grad_w_as_b(target_arch(), qw.bits, c.block_n, c.block_k, c.num_warps),
                     **meta, **c.meta, **v_args, **split)
             if ws is not None and launches[-1].split > 1:  # the chosen launch (the last) wrote the workspace
                 _split_finish(out, ws, deterministic)

@@ -287,7 +287,8 @@ def _grad_tile(t, pid_k, pid_s, dx_ptr, dy_ptr, tile_expert_ptr, tile_row_ptr, b
     else the Ŵᵀ tile (:func:`_grad_tile_t`)."""
     ACT16: tl.constexpr = dy_ptr.dtype.element_ty == tl.float16 or dy_ptr.dtype.element_ty == tl.bfloat16
     ROWS: tl.constexpr = W_AS_B and ACT16 and EVEN_K and BLOCK_M >= 64 and (GROUP_SIZE & (GROUP_SIZE - 1)) == 0 and \
-        (((BITS == 2 or BITS == 4) and not IS_NF4 and GROUP_SIZE % (32 // BITS) == 0) or (IS_NF4 and not DOUBLE_QUANT))
+        (((BITS == 2 or BITS == 4) and not IS_NF4 and GROUP_SIZE % (32 // BITS) == 0) or
+         (BITS == 3 and not IS_NF4 and GROUP_SIZE % 32 == 0) or (IS_NF4 and not DOUBLE_QUANT))
     if ROWS:
         e = tl.load(tile_expert_ptr + t)
         if e >= 0:
@@ -650,7 +651,9 @@ def grouped_matmul_grad_input(dy: torch.Tensor, qw: QuantizedWeight, offsets: to
         dy2.stride(0), dy2.stride(1), dst.stride(0), dst.stride(1),
         DOT_PRECISION=_precision(dy.dtype), SLOT_LOOP=_grad_slot_loop(programs, slots, small), SPLIT_N=split > 1,
         INT2_HALVES=int2_halves, WORDS_AHEAD=ahead, WORDS_ASM=ahead and not INTERPRETED, HALF2=half2,
-        HALF2_ASM=half2 and not INTERPRETED, W_AS_B=heuristics.grad_w_as_b(target_arch()), **meta, **cfg)
+        HALF2_ASM=half2 and not INTERPRETED,
+        W_AS_B=heuristics.grad_w_as_b(target_arch(), qw.bits, cfg["BLOCK_N"], cfg["BLOCK_K"], cfg.get("num_warps", 4)),
+        **meta, **cfg)
     if split > 1:
         out.copy_(dst)
     return out

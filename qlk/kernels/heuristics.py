@@ -508,10 +508,21 @@ def fwd_lane_order(arch: int, block_m: int) -> bool:
 GRAD_W_AS_B = {80: False, 90: True}
 
 
-def grad_w_as_b(arch: int) -> bool:
+def grad_w_as_b(arch: int, bits: int = 4, block_n: int | None = None, block_k: int | None = None,
+                num_warps: int | None = None) -> bool:
     """Whether the GEMM input gradient on ``arch`` takes Ŵ as the MMA's B operand (:data:`GRAD_W_AS_B`;
-    the kernel applies it to INT2/INT4 with fp16/bf16 dY, whole K tiles and groups of whole words)."""
-    return GRAD_W_AS_B[arch_family(arch)]
+    the kernel applies it to INT2/3/4 and NF4 with fp16/bf16 dY, whole K tiles and groups of whole
+    words / INT3 chunks).
+
+    INT3 (round 19) decodes a 32-column chunk of 3 words per thread. A tile with fewer chunks than
+    threads (block_n·block_k/32 < 32·num_warps: 256x64x64 w8, 64x32x64 w4) is then split between
+    threads and stored element by element (256x64x64 w8: 82 STS an iteration, smem 536 -> 1152
+    cycles), so those tiles keep Ŵᵀ. Without the tile (``block_n`` None) the arch's flag alone."""
+    if not GRAD_W_AS_B[arch_family(arch)]:
+        return False
+    if bits == 3 and block_n is not None:
+        return block_n * (block_k // 32) >= 32 * num_warps
+    return True
 
 
 def candidate_m_range(op: str, label: str, arch: int) -> tuple[float, float]:
