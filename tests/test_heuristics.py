@@ -302,6 +302,52 @@ class _Asked(Exception):
     pass
 
 
+class _Stop:
+    """Stands in for a kernel: records the launch's keyword arguments, then stops the call."""
+
+    def __init__(self, calls):
+        self.calls = calls
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append(kwargs)
+            raise _Asked
+
+        return launch
+
+
+@pytest.mark.parametrize("tile,bits,want", [
+    (dict(BLOCK_M=256, BLOCK_N=64, BLOCK_K=64, num_warps=8), 3, False),  # 128 chunks for 256 threads
+    (dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, num_warps=4), 3, False),  # 64 for 128
+    (dict(BLOCK_M=256, BLOCK_N=64, BLOCK_K=128, num_warps=8), 3, True),  # a chunk a thread
+    (dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=4), 3, True),
+    (dict(BLOCK_M=256, BLOCK_N=64, BLOCK_K=64, num_warps=8), 4, True),  # INT4: 16-byte rows of a word
+    (dict(BLOCK_M=256, BLOCK_N=64, BLOCK_K=64, num_warps=8), 2, True)],
+    ids=["int3-256x64x64w8", "int3-64x32x64w4", "int3-256x64x128w8", "int3-128x64x64w4", "int4-256x64x64w8",
+         "int2-256x64x64w8"])
+def test_int3_b_operand_tile_needs_a_chunk_per_thread(tile, bits, want, monkeypatch):
+    """The GEMM input gradient's launch passes W_AS_B per tile on sm_90 (never on sm_80): INT3's
+    B-operand tile decodes a 32-column chunk per thread, so a tile with fewer chunks than threads
+    keeps the Ŵᵀ tile (tests/test_kernel_static.py checks why: the split chunk is stored element by
+    element). INT2/INT4 take it on every tile. Nothing is launched."""
+    qw = qlk.quantize(torch.randn(64, 256), bits=bits, group_size=128 if bits == 3 else 32)
+    cfg = _cfg(None, tile.pop("num_warps"), 3, GROUP_M=8, **tile)
+    real = h.candidates
+    monkeypatch.setattr(h, "candidates", lambda op: [cfg] if op == "grad" else real(op))
+    h._choose_default.cache_clear()
+    calls = []
+    monkeypatch.setattr(fm, "_quant_matmul_grad_input_kernel", _Stop(calls))
+    try:
+        for arch in (90, 80):
+            monkeypatch.setattr(fm, "target_arch", lambda: arch)
+            with pytest.raises(_Asked):
+                fm.quant_matmul_grad_input(torch.randn(300, 64, dtype=torch.half), qw, path="gemm")
+    finally:
+        h._choose_default.cache_clear()
+    assert [c["W_AS_B"] for c in calls] == [want, False]
+    assert calls[0]["BLOCK_N"] == tile["BLOCK_N"] and calls[0]["BLOCK_K"] == tile["BLOCK_K"]
+
+
 @pytest.mark.parametrize("fmt", ["int4g32", "int3g128", "int2g32", "nf4dq", "nf4"])
 def test_grad_launchers_ask_the_rules_as_the_report_checks(monkeypatch, fmt):
     """The input-gradient launchers ask the rules with the arguments the static report's check

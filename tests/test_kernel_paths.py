@@ -895,6 +895,7 @@ W_AS_B_RUNS = [  # (weight with N = SPLIT_N_ROWS rows, M, split, deterministic, 
     pytest.param(("int", 3, 32, 352), 70, 2, False, True, id="int3g32-k352-shifted-split-atomic"),
     pytest.param(("int", 3, 256, 512), 17, 2, True, True, id="int3g256-split-det"),  # a group over 2 tiles
     pytest.param(("int", 3, 96, 384), 17, 1, False, False, id="int3g96-transposed"),  # not a power of two
+    pytest.param(("int", 3, 16, 384), 17, 1, False, False, id="int3g16-transposed"),  # half a chunk
 ]
 
 
@@ -929,7 +930,8 @@ def test_grad_input_w_as_b(case, m, split, det, rows, monkeypatch):
 
 
 @pytest.mark.parametrize("case,m,split", [pytest.param((4, 32, 384), 133, 1, id="int4g32-M133"),
-                                          pytest.param((2, 64, 512), 70, 2, id="int2g64-M70-split")])
+                                          pytest.param((2, 64, 512), 70, 2, id="int2g64-M70-split"),
+                                          pytest.param((3, 32, 384), 133, 1, id="int3g32-M133")])
 def test_qalora_grad_input_round16_tile(case, m, split, monkeypatch):
     """QA-LoRA's input gradient (fp32 folded biases, V = dY·B from the same launch) at sm_90's
     64x64x128 tile (round 16), unsplit and split over N: dX and V NaN-poisoned against the paper's

@@ -121,6 +121,19 @@ def test_gemm_uses_the_tensor_cores(rows):
             assert want in r["mix"], (r["kernel"], r["arch"], r["config"], r["fmt"], r["mix"])
 
 
+def test_grad_tile_leaves_in_whole_rows(rows):
+    """sm_90's input gradient stores its decoded tile to shared memory in 16-byte rows (round 18's
+    B-operand tile) or 8 transposed stores (the Ŵᵀ tile): at most 16 STS an iteration. INT3's
+    B-operand tile gives each thread a whole 32-column chunk; on a tile with fewer chunks than
+    threads the chunk is split and stored element by element (256x64x64 w8: 82 STS, smem-bound at
+    twice its cycles), which ``heuristics.grad_w_as_b`` must keep on Ŵᵀ."""
+    grads = [r for r in rows if r["arch"] == 90 and r["kernel"] == "_quant_matmul_grad_input_kernel"]
+    assert any(r["fmt"] == "int3g128" and r["config"].startswith("256x64x64") for r in grads)
+    for r in grads:
+        mix = dict(kv.split("=") for kv in r["mix"].split(";") if "=" in kv)
+        assert int(mix.get("smem:STS", 0)) <= 16, (r["case"], r["config"], r["mix"])
+
+
 def test_nf4_codes_looked_up_by_shuffle(rows):
     """The compiled NF4 kernels take the inline-PTX warp-shuffle lookup (qlk/kernels/nf4_tile.py),
     not the interpreter's byte-table twin: no SHFL, and gathers the pipeliner turns into LDGSTS.64

@@ -47,8 +47,6 @@ KNOWN_OFF = {
         "dgrad/int2g32/3072->1024/M128": 0.909,
         "dgrad/int2g32/4096->1024/M128": 0.91,
         "dgrad/nf4dq/4096->1024/M128": 0.927,  # (NF4 took the B-operand tile too; 3072->1024 now the best)
-        # (round 16's re-sweep of M = 128 gave INT3's 64x32x64 row 1.5 % more: 2048->512 too)
-        "dgrad/int3g128/2048->512/M128": 0.977,
         # round 15: with the split-K kernel's workspace passes charged (heuristics.split_kernel_passes_bytes)
         # split-K and the GEMM are 1.1 % apart here, the split kept
         "fwd/int3g128/14336->4096/M64": 0.989,
