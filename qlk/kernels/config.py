@@ -183,7 +183,7 @@ def grad_configs():
     sm_90 128x64x64 w4: mid M (256 tokens), twice the CTAs of BLOCK_K = 128 on 132 SMs.
     Round 8: two 4-warp sm_80 tiles, an NF4 sm_90 tile with 128-row N steps and a 64x32x64 sm_90
     tile for M = 64 on short reductions (docs/kernels.md "Round 8"). Round 18: on sm_90 the INT2/INT4
-    tiles compute dX [BLOCK_M, BLOCK_K] = dY·Ŵ with Ŵ as wgmma's B operand instead (stored once to
+    (round 19: INT3) tiles compute dX [BLOCK_M, BLOCK_K] = dY·Ŵ with Ŵ as wgmma's B operand instead (stored once to
     shared memory, no round trip; heuristics.GRAD_W_AS_B), the same block sizes."""
     if INTERPRETED:
         return [_cfg(None, 4, 1, BLOCK_N=32, BLOCK_M=64, BLOCK_K=64, GROUP_M=4)]

@@ -472,7 +472,7 @@ def _w_as_b_acc(dy_rows, qw_ptr, s_ptr, b_ptr, lut_ptr, stride_qn, stride_sn, st
     """fp32 dX tile [BLOCK_M, BLOCK_K] (columns k0 .. k0 + BLOCK_K in the stored order) = Σ over n in
     n_lo .. n_hi of dY[rows, n]·Ŵ[row_w0 + n, k] (round 18, sm_90): Ŵ [BLOCK_N, BLOCK_K] from
     :func:`_decode_int_tile_rows` as the MMA's B operand, which wgmma reads from shared memory (stored
-    there once, 16-byte rows; NF4: :func:`_decode_nf4_tile_rows`), dY [BLOCK_M, BLOCK_N] as A; the product
+    there once, 16-byte rows; INT3: :func:`_decode_int3_tile_rows`, NF4: :func:`_decode_nf4_tile_rows`), dY [BLOCK_M, BLOCK_N] as A; the product
     relabelled into the stored column order (:func:`_row_tile_stored_order`). ``dy_rows``: [BLOCK_M] row pointers (clamped rows);
     ``row_w0``: the first weight row (the grouped kernel's expert e·N)."""
     ACT: tl.constexpr = dy_rows.dtype.element_ty
@@ -562,10 +562,11 @@ def _quant_matmul_grad_input_kernel(
     (docs/kernels.md "Input gradient, half2 transposed decoder (round 7)").
 
     W_AS_B (sm_90, round 18; fp16/bf16 dY, whole K tiles, BLOCK_M ≥ 64 (wgmma's rows of dY); INT2/INT4
-    with groups of whole words (a power of two, a word's codes or more), NF4 with a plain or de-nested
-    absmax): the tile is
+    with groups of whole words (a power of two, a word's codes or more), INT3 with groups of whole
+    32-column chunks (round 19; the launch keeps it off tiles with fewer chunks than threads), NF4
+    with a plain or de-nested absmax): the tile is
     dX [BLOCK_M, BLOCK_K] = dY·Ŵ with Ŵ as the MMA's B operand, decoded by
-    :func:`qlk.kernels.decode_tile._decode_int_tile_rows` into 16-byte rows that wgmma reads from
+    :func:`qlk.kernels.decode_tile._decode_int_tile_rows` (INT3: ``_decode_int3_tile_rows``) into 16-byte rows that wgmma reads from
     shared memory (no STS + LDSM round trip of Ŵᵀ), the product relabelled to the stored column
     order before the store. Otherwise
     (other formats, a cut K tile) the kernel is the Ŵᵀ one below; the launch decides per arch

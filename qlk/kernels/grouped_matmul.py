@@ -283,7 +283,8 @@ def _grad_tile(t, pid_k, pid_s, dx_ptr, dy_ptr, tile_expert_ptr, tile_row_ptr, b
                HALF2: tl.constexpr, HALF2_ASM: tl.constexpr, SHIFT_K: tl.constexpr, W_AS_B: tl.constexpr):
     """Tile slot t, K tile pid_k (N slice pid_s with SPLIT_N) of :func:`_grouped_matmul_grad_input_kernel`:
     the dense gradient's B-operand tile where W_AS_B applies (its conditions: fp16/bf16 dY, whole K
-    tiles, BLOCK_M ≥ 64; INT2/INT4 with groups of whole words, NF4 with a plain or de-nested absmax),
+    tiles, BLOCK_M ≥ 64; INT2/INT4 with groups of whole words, INT3 of whole 32-column chunks, NF4
+    with a plain or de-nested absmax),
     else the Ŵᵀ tile (:func:`_grad_tile_t`)."""
     ACT16: tl.constexpr = dy_ptr.dtype.element_ty == tl.float16 or dy_ptr.dtype.element_ty == tl.bfloat16
     ROWS: tl.constexpr = W_AS_B and ACT16 and EVEN_K and BLOCK_M >= 64 and (GROUP_SIZE & (GROUP_SIZE - 1)) == 0 and \

@@ -5,7 +5,7 @@ and docs/formats.md), and the same float64 oracles in the tests. What differs is
 changes layout. The input gradient feeds Ŵᵀ [BLOCK_K, BLOCK_N] as the MMA A operand, whose register
 layout pairs neighbouring *rows* n of Ŵ, while a packed word holds neighbouring *columns* k. Some
 layout conversion through shared memory is unavoidable in this design (sm_90 leaves the design for
-INT2/INT4 since round 18: Ŵ as wgmma's B operand, ``decode_tile._decode_int_tile_rows``);
+INT2/INT4 since round 18, INT3 since round 19: Ŵ as wgmma's B operand, ``decode_tile._decode_int_tile_rows``);
 :func:`_dequant_tile_t` makes sure it moves the finished tile in the activation dtype (2 B per element), not the int32
 codes (4 B written + 4 B read per element, which is where the compiler put it when the codes were
 reshaped to [BLOCK_N, BLOCK_K] before dequantizing, as ``_dequant_tile`` does for the forward).
