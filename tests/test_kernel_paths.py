@@ -879,28 +879,29 @@ def test_grad_input_gemm_round8_tiles(tile, arch, case, m, split, monkeypatch):
 # round 18: sm_90's input gradient with Ŵ as the MMA's B operand (heuristics.GRAD_W_AS_B), where it
 # applies (INT2/INT4 with groups of whole words, INT3 of whole chunks (round 19), NF4; whole K tiles or the shifted last one) and where the kernel
 # keeps the Ŵᵀ tile (a group that is not a power of two or smaller than a word, a K tile K cuts)
-W_AS_B_RUNS = [  # (weight with N = SPLIT_N_ROWS rows, M, split, deterministic, the B-operand tile runs)
-    pytest.param(("int", 4, 32, 384), 133, 1, False, True, id="int4g32-M133"),  # 3 K tiles of 4 groups
-    pytest.param(("int", 4, 32, 352), 70, 1, False, True, id="int4g32-k352-shifted"),  # last tile 224 .. 352
-    pytest.param(("int", 2, 32, 352), 70, 2, False, True, id="int2g32-k352-shifted-split-atomic"),
-    pytest.param(("int", 2, 256, 512), 17, 2, True, True, id="int2g256-split-det"),  # a group over 2 tiles
-    pytest.param(("int", 4, 8, 384), 17, 1, False, True, id="int4g8"),  # a group per word
-    pytest.param(("nf4", 64, True, 384), 133, 1, False, True, id="nf4b64dq"),  # absmax de-nested once a call
-    pytest.param(("nf4", 32, False, 352), 70, 1, False, True, id="nf4b32-k352-shifted"),
-    pytest.param(("int", 2, 8, 384), 17, 1, False, False, id="int2g8-transposed"),  # half a word
-    pytest.param(("int", 4, 96, 384), 17, 1, False, False, id="int4g96-transposed"),
-    pytest.param(("int", 4, 16, 336), 17, 1, False, False, id="int4g16-k336-cut-transposed"),  # not shiftable
+W_AS_B_RUNS = [  # (weight with N = SPLIT_N_ROWS rows, M, split, deterministic, the B-operand tile runs,
+    # the next N tile's words loaded ahead (round 19) or in the same iteration)
+    pytest.param(("int", 4, 32, 384), 133, 1, False, True, True, id="int4g32-M133"),  # 3 K tiles of 4 groups
+    pytest.param(("int", 4, 32, 352), 70, 1, False, True, False, id="int4g32-k352-shifted"),  # last tile 224 .. 352
+    pytest.param(("int", 2, 32, 352), 70, 2, False, True, True, id="int2g32-k352-shifted-split-atomic"),
+    pytest.param(("int", 2, 256, 512), 17, 2, True, True, False, id="int2g256-split-det"),  # a group over 2 tiles
+    pytest.param(("int", 4, 8, 384), 17, 1, False, True, True, id="int4g8"),  # a group per word
+    pytest.param(("nf4", 64, True, 384), 133, 1, False, True, True, id="nf4b64dq"),  # absmax de-nested once a call
+    pytest.param(("nf4", 32, False, 352), 70, 1, False, True, False, id="nf4b32-k352-shifted"),
+    pytest.param(("int", 2, 8, 384), 17, 1, False, False, True, id="int2g8-transposed"),  # half a word
+    pytest.param(("int", 4, 96, 384), 17, 1, False, False, True, id="int4g96-transposed"),
+    pytest.param(("int", 4, 16, 336), 17, 1, False, False, True, id="int4g16-k336-cut-transposed"),  # not shiftable
     # INT3 (round 19): a 32-column chunk of 3 words a thread
-    pytest.param(("int", 3, 32, 384), 133, 1, False, True, id="int3g32-M133"),  # 4 groups a K tile
-    pytest.param(("int", 3, 32, 352), 70, 2, False, True, id="int3g32-k352-shifted-split-atomic"),
-    pytest.param(("int", 3, 256, 512), 17, 2, True, True, id="int3g256-split-det"),  # a group over 2 tiles
-    pytest.param(("int", 3, 96, 384), 17, 1, False, False, id="int3g96-transposed"),  # not a power of two
-    pytest.param(("int", 3, 16, 384), 17, 1, False, False, id="int3g16-transposed"),  # half a chunk
+    pytest.param(("int", 3, 32, 384), 133, 1, False, True, True, id="int3g32-M133"),  # 4 groups a K tile
+    pytest.param(("int", 3, 32, 352), 70, 2, False, True, True, id="int3g32-k352-shifted-split-atomic"),
+    pytest.param(("int", 3, 256, 512), 17, 2, True, True, False, id="int3g256-split-det"),  # a group over 2 tiles
+    pytest.param(("int", 3, 96, 384), 17, 1, False, False, True, id="int3g96-transposed"),  # not a power of two
+    pytest.param(("int", 3, 16, 384), 17, 1, False, False, True, id="int3g16-transposed"),  # half a chunk
 ]
 
 
-@pytest.mark.parametrize("case,m,split,det,rows", W_AS_B_RUNS)
-def test_grad_input_w_as_b(case, m, split, det, rows, monkeypatch):
+@pytest.mark.parametrize("case,m,split,det,rows,ahead", W_AS_B_RUNS)
+def test_grad_input_w_as_b(case, m, split, det, rows, ahead, monkeypatch):
     """dX = dY·Ŵ in fp16 through sm_90's GEMM input gradient at its 64x64x128 tile (the rules' only
     candidate): Ŵ decoded by decode_tile._decode_int_tile_rows (NF4: _decode_nf4_tile_rows) as the MMA's B
     operand, dX stored
@@ -912,6 +913,7 @@ def test_grad_input_w_as_b(case, m, split, det, rows, monkeypatch):
     from qlk.kernels import config
 
     monkeypatch.setattr(fm, "target_arch", lambda: 90)
+    monkeypatch.setattr(fm, "_grad_words_ahead", lambda: ahead)
     assert heuristics.grad_w_as_b(90) and not heuristics.grad_w_as_b(80)
     qw, w64 = _only_grad_tile(monkeypatch, "grad", config._cfg(None, 4, 1, GROUP_M=2, BLOCK_N=64, BLOCK_M=64,
                                                                BLOCK_K=128), case, m, split)

@@ -839,19 +839,20 @@ def test_grouped_forward_lane_order(bits, k, g, lanes, monkeypatch):
 
 
 @needs_kernels
-@pytest.mark.parametrize("fmt,bits,k,g,split,rows", [("int", 4, 192, 32, 1, True), ("int", 2, 192, 32, 2, True),
-                                                     ("int", 4, 160, 32, 2, True), ("nf4", 4, 192, 64, 2, True),
-                                                     ("int", 3, 192, 64, 1, True), ("int", 3, 160, 32, 2, True),
-                                                     ("int", 3, 192, 16, 1, False)],
-                         ids=["int4g32", "int2g32-split", "int4-k160-shifted-split", "nf4dq-split", "int3g64",
-                              "int3g32-k160-shifted-split", "int3g16-transposed"])
-def test_grouped_grad_input_w_as_b(fmt, bits, k, g, split, rows, monkeypatch):
+@pytest.mark.parametrize("fmt,bits,k,g,split,rows,ahead", [
+    ("int", 4, 192, 32, 1, True, False), ("int", 2, 192, 32, 2, True, True), ("int", 4, 160, 32, 2, True, True),
+    ("nf4", 4, 192, 64, 2, True, True), ("int", 3, 192, 64, 1, True, True), ("int", 3, 160, 32, 2, True, False),
+    ("int", 3, 192, 16, 1, False, True)],
+    ids=["int4g32", "int2g32-split-ahead", "int4-k160-shifted-split-ahead", "nf4dq-split-ahead", "int3g64-ahead",
+         "int3g32-k160-shifted-split", "int3g16-transposed"])
+def test_grouped_grad_input_w_as_b(fmt, bits, k, g, split, rows, ahead, monkeypatch):
     """The grouped input gradient with Ŵ as the MMA's B operand (round 18, the dense gradient's
     fused_matmul._w_as_b_acc on the expert's rows e·N + n) at a 64-row tile: experts with 0, 1, 17
     and 113 rows (the 113-row one over two tiles, a ragged second), N = 40 (a ragged second N tile;
     split in 2 slices with atomics), whole K tiles, SHIFT_K's last tile (K = 160: columns 96 .. 160,
     the first 32 the tile before's), NF4 with double quant (absmax de-nested once a call), INT3 of
-    whole 32-column chunks (round 19), and INT3 g16, which keeps the Ŵᵀ tile (which one ran is checked).
+    whole 32-column chunks (round 19), and INT3 g16, which keeps the Ŵᵀ tile (which one ran is checked);
+    the words loaded one N tile ahead (round 19) or in the same iteration.
     fp16, NaN-poisoned output, sentinel rows NaN in dY and 0 out, float64 on the fp16-rounded Ŵ."""
     from qlk.kernels import fused_matmul as fm
     from qlk.kernels import grouped_matmul as gm
@@ -872,7 +873,7 @@ def test_grouped_grad_input_w_as_b(fmt, bits, k, g, split, rows, monkeypatch):
     routed = int(off[-1])
     dy = torch.randn(routed + 2, n, generator=gen).half()
     dy[routed:] = float("nan")
-    cfg = dict(BLOCK_N=32, BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=1, SPLIT_N=split, WORDS_AHEAD=False)
+    cfg = dict(BLOCK_N=32, BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=1, SPLIT_N=split, WORDS_AHEAD=ahead)
     dx = grouped_matmul_grad_input(dy, qw, off, e_count, config=cfg)
     dx_ref = per_expert(dy[:routed], off, lambda e, de: de @ w_half[e])
     assert bool(ran) == rows

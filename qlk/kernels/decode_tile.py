@@ -617,6 +617,27 @@ def _decode_int_tile_lanes(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg
 # Round 18: the input gradient's Ŵ as the MMA's B operand, stored to shared memory in 16-byte rows
 # ------------------------------------------------------------------------------------------------
 @triton.jit
+def _row_tile_words(qw_ptr, stride_qn, rows, k0, BITS: tl.constexpr, IS_NF4: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The packed words of the B-operand tile's rows ``rows`` (in bounds), columns k0 .. k0 + BLOCK_K
+    (inside K), as the row decoders take them (INT3: its three planes, else (words, 0, 0)).
+
+    The input gradient loads them one N tile ahead (round 19): Triton's pipeliner leaves a load
+    whose value only the next iteration uses in registers (LDG.128 straight into the layout the
+    decoder wants), where a load in the same iteration went through cp.async into shared memory
+    and back (LDGSTS + LDS, a fifth of the 64-row tile's shared-memory time). An inline-PTX load
+    (``quant_tile_t._ld_nc``) is no better here: its default layout was not the decoder's, and the conversions
+    cost 46 STS + 27 LDS an iteration."""
+    if BITS == 3 and not IS_NF4:
+        NC: tl.constexpr = BLOCK_K // 32
+        row = qw_ptr + rows[:, None].to(tl.int64) * stride_qn + 3 * (k0 // 32) + 3 * tl.arange(0, NC)[None, :]
+        return tl.load(row), tl.load(row + 1), tl.load(row + 2)
+    else:
+        PER: tl.constexpr = 8 if IS_NF4 else 32 // BITS
+        NW: tl.constexpr = BLOCK_K // PER
+        return tl.load(qw_ptr + rows[:, None].to(tl.int64) * stride_qn + k0 // PER + tl.arange(0, NW)[None, :]), 0, 0
+
+
+@triton.jit
 def _row_tile_stored_order(t, BITS: tl.constexpr, IS_NF4: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
     """[ROWS, BLOCK_K] ``t`` whose columns are in :func:`_decode_int_tile_rows`'s order, relabelled
     into the stored order (column c then holds stored column c): inside each word, position
@@ -641,7 +662,7 @@ def _row_tile_stored_order(t, BITS: tl.constexpr, IS_NF4: tl.constexpr, ROWS: tl
 @triton.jit
 def _decode_int_tile_rows(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, offs_n, k0, K,
                           ACT: tl.constexpr, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, PACKED: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, words=None, PRELOADED: tl.constexpr = False):
     """Ŵ[offs_n, k0 + …] [BLOCK_N, BLOCK_K] in ACT (INT2/INT4; groups of whole words, a power of two at
     least a word's codes; k0 a multiple of the group and of BLOCK_K's words; the tile inside K): every
     word's codes decoded into one thread's registers, side by side, so the tile leaves them as whole
@@ -655,10 +676,12 @@ def _decode_int_tile_rows(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg,
     in the lane-owned tile; the shifts are joined (not broadcast) so that all of a word's pairs stay
     in its thread. The columns come out permuted inside each word (position p = 4a + 2b + e holds
     code a + 2b + 4e; INT2 p = 8a + 4b + 2d + e code a + 2b + 4d + 8e); the caller relabels its
-    product back (:func:`_row_tile_stored_order`). Same values as ``_decode_int_tile`` (same rounding)."""
+    product back (:func:`_row_tile_stored_order`). Same values as ``_decode_int_tile`` (same rounding).
+    PRELOADED: ``words`` [BLOCK_N, BLOCK_K/PER] were loaded by the caller (:func:`_row_tile_words`)."""
     PER: tl.constexpr = 32 // BITS
     NW: tl.constexpr = BLOCK_K // PER
-    words = _load_words(qw_ptr, stride_qn, offs_n, k0, K, PER, True, BLOCK_K)
+    if not PRELOADED:
+        words = _load_words(qw_ptr, stride_qn, offs_n, k0, K, PER, True, BLOCK_K)
     if BITS == 4:
         sh = tl.join(tl.join(words, words >> 4), tl.join(words >> 8, words >> 12))  # [BN, NW, 2 (a), 2 (b)]
     else:
@@ -716,7 +739,8 @@ def _int3_quad_rows(lows, highs, w2, J0: tl.constexpr):
 @triton.jit
 def _decode_int3_tile_rows(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, offs_n, k0, K,
                            ACT: tl.constexpr, GROUP_SIZE: tl.constexpr, PACKED: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, w0=None, w1=None, w2=None,
+                           PRELOADED: tl.constexpr = False):
     """INT3's :func:`_decode_int_tile_rows`: Ŵ[offs_n, k0 + …] [BLOCK_N, BLOCK_K] in ACT, every
     32-column chunk (3 words) decoded into one thread's registers (tile position
     p = 16a + 8b + 4c + 2d + e of a chunk holds column j + 16e, j = a + 2b + 4c + 8d;
@@ -730,10 +754,12 @@ def _decode_int3_tile_rows(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg
     chunk, shared between pairs). The pairs' 32-bit words are joined, not broadcast over a pair
     axis, and split into halves last, so a chunk stays in its thread, each asm result is two
     neighbouring tile positions, and the chunk leaves as four 16-byte rows. Same values as
-    ``_decode_int_tile`` (same rounding)."""
+    ``_decode_int_tile`` (same rounding). PRELOADED: the planes ``w0``, ``w1``, ``w2`` [BLOCK_N,
+    BLOCK_K/32] were loaded by the caller (:func:`_row_tile_words`)."""
     NC: tl.constexpr = BLOCK_K // 32
     NG: tl.constexpr = BLOCK_K // GROUP_SIZE if BLOCK_K > GROUP_SIZE else 1
-    w0, w1, w2 = _load_int3_planes(qw_ptr, stride_qn, offs_n, k0, K, True, BLOCK_K)
+    if not PRELOADED:
+        w0, w1, w2 = _load_int3_planes(qw_ptr, stride_qn, offs_n, k0, K, True, BLOCK_K)
     w0 = tl.reshape(w0, (BLOCK_N, NG, NC // NG))
     w1 = tl.reshape(w1, (BLOCK_N, NG, NC // NG))
     w2 = tl.reshape(w2, (BLOCK_N, NG, NC // NG))
@@ -758,14 +784,17 @@ def _decode_int3_tile_rows(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg
 
 @triton.jit
 def _decode_nf4_tile_rows(qw_ptr, s_ptr, lut_ptr, stride_qn, stride_sn, stride_sg, offs_n, k0, K,
-                          ACT: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                          ACT: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          words=None, PRELOADED: tl.constexpr = False):
     """NF4's :func:`_decode_int_tile_rows`: Ŵ = NF4[q]·absmax [BLOCK_N, BLOCK_K] in ACT, a word's 8
     values in its thread's registers (tile position p = 4a + 2b + e holds element e of byte a + 2b,
     :func:`_row_tile_stored_order` with IS_NF4); absmax fp32 per (row, block), plain or de-nested
     (``weight_args(denest_absmax=True)``), blocks a power of two of 8 columns or more; the tile inside
-    K. Numerics: the fp32 tile's (``_dequant_tile``): the fp32 product rounded once to ACT."""
+    K. Numerics: the fp32 tile's (``_dequant_tile``): the fp32 product rounded once to ACT.
+    PRELOADED: ``words`` were loaded by the caller (:func:`_row_tile_words`)."""
     NW: tl.constexpr = BLOCK_K // 8
-    words = _load_words(qw_ptr, stride_qn, offs_n, k0, K, 8, True, BLOCK_K)
+    if not PRELOADED:
+        words = _load_words(qw_ptr, stride_qn, offs_n, k0, K, 8, True, BLOCK_K)
     by = tl.join(tl.join(words, words >> 8), tl.join(words >> 16, words >> 24))  # [BN, NW, 2 (a), 2 (b)]
     even, odd = _nf4_byte_values(by, lut_ptr)
     NG: tl.constexpr = BLOCK_K // GROUP_SIZE if BLOCK_K > GROUP_SIZE else 1

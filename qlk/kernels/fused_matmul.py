@@ -67,7 +67,7 @@ from ..formats.quantized_weight import QuantizedWeight
 from . import heuristics
 from .config import GEMV_PRUNE, INTERPRETED, fma_kernel, gemv_grad_configs, num_sms, packed_rows_kernel, target_arch
 from .decode_tile import (_decode_int3_tile_rows, _decode_int_tile, _decode_int_tile_lanes, _decode_int_tile_rows,
-                          _decode_nf4_tile_rows, _lane_x_tile, _row_tile_stored_order)
+                          _decode_nf4_tile_rows, _lane_x_tile, _row_tile_stored_order, _row_tile_words)
 from .quant_tile import _dequant_tile, aligned_rows, weight_args
 from .quant_tile_t import _dequant_tile_t, _int3_planes_t, _words_t
 
@@ -468,28 +468,43 @@ def _quant_matmul_splitk_kernel(
 def _w_as_b_acc(dy_rows, qw_ptr, s_ptr, b_ptr, lut_ptr, stride_qn, stride_sn, stride_sg, row_w0, k0, n_lo, n_hi,
                 N, K, stride_dyn, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, HALF2_ASM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_K: tl.constexpr):
+                BLOCK_K: tl.constexpr, WORDS_AHEAD: tl.constexpr = False):
     """fp32 dX tile [BLOCK_M, BLOCK_K] (columns k0 .. k0 + BLOCK_K in the stored order) = Σ over n in
     n_lo .. n_hi of dY[rows, n]·Ŵ[row_w0 + n, k] (round 18, sm_90): Ŵ [BLOCK_N, BLOCK_K] from
     :func:`_decode_int_tile_rows` as the MMA's B operand, which wgmma reads from shared memory (stored
     there once, 16-byte rows; INT3: :func:`_decode_int3_tile_rows`, NF4: :func:`_decode_nf4_tile_rows`), dY [BLOCK_M, BLOCK_N] as A; the product
     relabelled into the stored column order (:func:`_row_tile_stored_order`). ``dy_rows``: [BLOCK_M] row pointers (clamped rows);
-    ``row_w0``: the first weight row (the grouped kernel's expert e·N)."""
+    ``row_w0``: the first weight row (the grouped kernel's expert e·N).
+
+    WORDS_AHEAD (round 19): the next N tile's packed words are loaded into registers during this one
+    (:func:`_row_tile_words`), not staged through shared memory by the pipeliner: the 64-row tile
+    was shared-memory-bound (INT4 2304→9216, M = 400: 296 cycles an iteration against 256 of tensor
+    work), and the words' cp.async + LDS were a fifth of it."""
     ACT: tl.constexpr = dy_rows.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    words, words1, words2 = 0, 0, 0
+    if WORDS_AHEAD:
+        words, words1, words2 = _row_tile_words(qw_ptr, stride_qn, row_w0 + tl.minimum(n_lo + tl.arange(0, BLOCK_N),
+                                                                                        N - 1),
+                                                k0, BITS, IS_NF4, BLOCK_K)
     for n0 in range(n_lo, n_hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         # clamped weight rows are finite and meet dY columns masked to 0: they add exactly 0
         rows_w = row_w0 + tl.minimum(offs_n, N - 1)
+        next0, next1, next2 = words, words1, words2
+        if WORDS_AHEAD:  # the next tile's words (past n_hi: the clamped last rows, in bounds and unused)
+            next0, next1, next2 = _row_tile_words(qw_ptr, stride_qn, row_w0 + tl.minimum(offs_n + BLOCK_N, N - 1),
+                                                  k0, BITS, IS_NF4, BLOCK_K)
         if IS_NF4:
             w = _decode_nf4_tile_rows(qw_ptr, s_ptr, lut_ptr, stride_qn, stride_sn, stride_sg, rows_w, k0, K, ACT,
-                                      GROUP_SIZE, BLOCK_N, BLOCK_K)
+                                      GROUP_SIZE, BLOCK_N, BLOCK_K, words, WORDS_AHEAD)
         elif BITS == 3:
             w = _decode_int3_tile_rows(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, rows_w, k0, K, ACT,
-                                       GROUP_SIZE, HALF2_ASM, BLOCK_N, BLOCK_K)
+                                       GROUP_SIZE, HALF2_ASM, BLOCK_N, BLOCK_K, words, words1, words2, WORDS_AHEAD)
         else:
             w = _decode_int_tile_rows(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, rows_w, k0, K, ACT, BITS,
-                                      GROUP_SIZE, HALF2_ASM, BLOCK_N, BLOCK_K)
+                                      GROUP_SIZE, HALF2_ASM, BLOCK_N, BLOCK_K, words, WORDS_AHEAD)
+        words, words1, words2 = next0, next1, next2
         dy = tl.load(dy_rows[:, None] + offs_n[None, :] * stride_dyn, mask=offs_n[None, :] < N, other=0.0)
         acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
     return _row_tile_stored_order(acc, BITS, IS_NF4, BLOCK_M, BLOCK_K)
@@ -500,12 +515,14 @@ def _grad_tile_w_as_b(dx_ptr, dy_rows, qw_ptr, s_ptr, b_ptr, lut_ptr, stride_qn,
                       pid_k, k0, n_lo, n_hi, M, N, K, stride_dyn, stride_dxm, stride_dxk,
                       BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOT_PRECISION: tl.constexpr,
                       SPLIT_N: tl.constexpr, ATOMIC: tl.constexpr, HALF2_ASM: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+                      BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                      WORDS_AHEAD: tl.constexpr):
     """The W_AS_B tile of :func:`_quant_matmul_grad_input_kernel` (:func:`_w_as_b_acc`), stored (SPLIT_N:
     added to / stored in the fp32 workspace) where its columns lie in this K tile's own range
     (SHIFT_K's last tile starts earlier)."""
     acc = _w_as_b_acc(dy_rows, qw_ptr, s_ptr, b_ptr, lut_ptr, stride_qn, stride_sn, stride_sg, 0, k0, n_lo, n_hi,
-                      N, K, stride_dyn, BITS, GROUP_SIZE, IS_NF4, DOT_PRECISION, HALF2_ASM, BLOCK_N, BLOCK_M, BLOCK_K)
+                      N, K, stride_dyn, BITS, GROUP_SIZE, IS_NF4, DOT_PRECISION, HALF2_ASM, BLOCK_N, BLOCK_M, BLOCK_K,
+                      WORDS_AHEAD)
     cols = k0 + tl.arange(0, BLOCK_K)
     keep = (cols >= pid_k * BLOCK_K) & (cols < K)
     mask = (offs_m[:, None] < M) & keep[None, :]
@@ -609,7 +626,7 @@ def _quant_matmul_grad_input_kernel(
     if ROWS:
         _grad_tile_w_as_b(dx_ptr, dy_rows, qw_ptr, s_ptr, b_ptr, lut_ptr, stride_qn, stride_sn, stride_sg, offs_m,
                           pid_k, k0, n_lo, n_hi, M, N, K, stride_dyn, stride_dxm, stride_dxk, BITS, GROUP_SIZE, IS_NF4,
-                          DOT_PRECISION, SPLIT_N, ATOMIC, HALF2_ASM, BLOCK_N, BLOCK_M, BLOCK_K)
+                          DOT_PRECISION, SPLIT_N, ATOMIC, HALF2_ASM, BLOCK_N, BLOCK_M, BLOCK_K, WORDS_AHEAD)
         return
     words, words1, words2 = 0, 0, 0  # the N tile's packed words (INT3: its three bit planes)
     if WORDS_AHEAD:

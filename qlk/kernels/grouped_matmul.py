@@ -301,7 +301,7 @@ def _grad_tile(t, pid_k, pid_s, dx_ptr, dy_ptr, tile_expert_ptr, tile_row_ptr, b
             dy_rows = dy_ptr + tl.minimum(offs_m, row_end - 1).to(tl.int64) * stride_dym
             acc = _w_as_b_acc(dy_rows, qw_ptr, s_ptr, b_ptr, lut_ptr, stride_qn, stride_sn, stride_sg, e * N, k0, n_lo,
                               n_hi, N, K, stride_dyn, BITS, GROUP_SIZE, IS_NF4, DOT_PRECISION, HALF2_ASM, BLOCK_N,
-                              BLOCK_M, BLOCK_K)
+                              BLOCK_M, BLOCK_K, WORDS_AHEAD)
             cols = k0 + tl.arange(0, BLOCK_K)
             dx_ptrs = dx_ptr + offs_m[:, None].to(tl.int64) * stride_dxm + cols[None, :] * stride_dxk
             dx_mask = (offs_m[:, None] < row_end) & ((cols >= pid_k * BLOCK_K) & (cols < K))[None, :]
