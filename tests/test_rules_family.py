@@ -39,23 +39,16 @@ KNOWN_OFF = {
         "fwd/int4g128/8192->28672/M16": 0.988,
         "fwd/int4g32/8192->28672/M1": 0.988,
         "fwd/int4g32/8192->28672/M16": 0.988,
-        # round 8's M = 64 input-gradient tile 64x32x64 w4 (heuristics.GRAD_CANDIDATE_MARGIN: it must
-        # beat the others by 10 % to be picked, because on wide layers its fitted efficiency over-rates
-        # it by 4-9 %); on the narrow 3072/4096->1024 layers at M = 128 it is the analyzer's best by
-        # 2-11 % and the margin keeps round 7's pick (still 2.2-2.5x dense; round 18's B-operand tile
-        # lifted the 128-row tiles' fit more than the 64x32x64 one's, so 4096->1024 INT2 joined: 2.6x)
-        "dgrad/int2g32/3072->1024/M128": 0.909,
-        "dgrad/int2g32/4096->1024/M128": 0.91,
-        "dgrad/nf4dq/4096->1024/M128": 0.927,  # (NF4 took the B-operand tile too; 3072->1024 now the best)
         # round 15: with the split-K kernel's workspace passes charged (heuristics.split_kernel_passes_bytes)
         # split-K and the GEMM are 1.1 % apart here, the split kept
         "fwd/int3g128/14336->4096/M64": 0.989,
         # round 16: the 64x64x128 w4 input-gradient tile, best at M = 64 on 75 of 80 cases (2.9-4.5x
         # dense, up to 39 % over round 15's picks), is 5-7 % behind a split 128- or 32-row-step tile
         # on the 8192-wide dX (one fitted efficiency per tile; the split grids differ per shape);
-        # INT2 / INT4 within 1 % since round 18's B-operand tile; NF4 on it 3 % behind 128x128x64 at 8192->8192
+        # INT2 / INT4 within 1 % since round 18's B-operand tile; NF4 on it 3-4 % behind 128x64x64 at 8192->8192
+        # (0.966 -> 0.963 with round 19's words loaded ahead: both tiles gained, the 128-row one more)
         "dgrad/int3g128/8192->3072/M64": 0.932,
-        "dgrad/nf4dq/8192->8192/M64": 0.966,
+        "dgrad/nf4dq/8192->8192/M64": 0.963,
     },
     80: {
         # split-K 16x64x128 vs 16x64x256 at M <= 16 (one tile: the one-tile score decides; at mid M
