@@ -509,30 +509,13 @@ def _int3_halves_to_weights(lo, hi, pos, s, c, PACKED: tl.constexpr):
 @triton.jit
 def _int3_halves_asm(lo, hi, s, c, P: tl.constexpr):
     """``packed_asm_int3_halves(act, P)`` (P in {0, 2, 4}) on operands of one shape."""
+    tl.static_assert(P == 0 or P == 2 or P == 4)
     if s.dtype == tl.float16:
-        if P == 0:
-            w = tl.inline_asm_elementwise(ASM_F16_H3, "=r,r,r,r,r", [lo, hi, s, c], dtype=tl.float16,
-                                          is_pure=True, pack=2)
-        elif P == 2:
-            w = tl.inline_asm_elementwise(ASM_F16_H3_P2, "=r,r,r,r,r", [lo, hi, s, c], dtype=tl.float16,
-                                          is_pure=True, pack=2)
-        else:
-            tl.static_assert(P == 4)
-            w = tl.inline_asm_elementwise(ASM_F16_H3_P4, "=r,r,r,r,r", [lo, hi, s, c], dtype=tl.float16,
-                                          is_pure=True, pack=2)
+        asm: tl.constexpr = ASM_F16_H3 if P == 0 else ASM_F16_H3_P2 if P == 2 else ASM_F16_H3_P4
     else:
         tl.static_assert(s.dtype == tl.bfloat16)
-        if P == 0:
-            w = tl.inline_asm_elementwise(ASM_BF16_H3, "=r,r,r,r,r", [lo, hi, s, c], dtype=tl.bfloat16,
-                                          is_pure=True, pack=2)
-        elif P == 2:
-            w = tl.inline_asm_elementwise(ASM_BF16_H3_P2, "=r,r,r,r,r", [lo, hi, s, c], dtype=tl.bfloat16,
-                                          is_pure=True, pack=2)
-        else:
-            tl.static_assert(P == 4)
-            w = tl.inline_asm_elementwise(ASM_BF16_H3_P4, "=r,r,r,r,r", [lo, hi, s, c], dtype=tl.bfloat16,
-                                          is_pure=True, pack=2)
-    return w
+        asm: tl.constexpr = ASM_BF16_H3 if P == 0 else ASM_BF16_H3_P2 if P == 2 else ASM_BF16_H3_P4
+    return tl.inline_asm_elementwise(asm, "=r,r,r,r,r", [lo, hi, s, c], dtype=s.dtype, is_pure=True, pack=2)
 
 
 @triton.jit
