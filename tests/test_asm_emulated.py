@@ -185,6 +185,36 @@ def _exact_bits(s_vals, c_vals, q, mid, act):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("bits,g,ahead", [(3, 32, True), (3, 128, False), (4, 32, True), (2, 64, False)],
+                         ids=["int3g32-ahead", "int3g128", "int4g32-ahead", "int2g64"])
+def test_grad_input_w_as_b_asm(bits, g, ahead, asm_on, monkeypatch):
+    """sm_90's B-operand input gradient (rounds 18-19) with fp16 dY at its 64x64x128 w4 tile, the asm
+    emulated: the half2 asm on joined word shifts (INT2/INT4) and, for INT3, the per-pair shifts of
+    INT3_LANE_PLAN with the asm at each pair's code position, its pack=2 pairs split from the joined
+    32-bit words; the words loaded one N tile ahead or in the same iteration. M = 17, 2 N tiles (the
+    second ragged), 3 K tiles, NaN-poisoned dX; which decoder ran is checked."""
+    import spies
+    from qlk.kernels import config, heuristics
+
+    monkeypatch.setattr(fm, "target_arch", lambda: 90)
+    monkeypatch.setattr(fm, "_grad_words_ahead", lambda: ahead)
+    tile = config._cfg(None, 4, 1, GROUP_M=2, BLOCK_N=64, BLOCK_M=64, BLOCK_K=128)
+    real = heuristics.candidates
+    monkeypatch.setattr(heuristics, "candidates", lambda op: [tile] if op == "grad" else real(op))
+    heuristics._choose_default.cache_clear()
+    ran = spies.record_calls(monkeypatch, fm, "_decode_int_tile_rows", "_decode_int3_tile_rows")
+    try:
+        qw, w_half, gen = _weight(bits, g, 384, seed=700 + bits + g)
+        dy = torch.randn(17, N, generator=gen).half()
+        dx = quant_matmul_backward(dy, qw, out=torch.full((17, 384), float("nan"), dtype=torch.half), path="gemm")
+    finally:
+        heuristics._choose_default.cache_clear()
+    assert ran and set(ran) == {"_decode_int3_tile_rows" if bits == 3 else "_decode_int_tile_rows"}
+    assert not dx.isnan().any()
+    assert oracles.rel_err(dx, dy.double() @ w_half) < 5e-4
+
+
+@needs_interpreter
 @pytest.mark.parametrize("act", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_asm_wrappers_pick_their_asm(bits, act, asm_on):
