@@ -691,8 +691,10 @@ def arch_family(arch: int) -> int:
 
 
 # ---------------------------------------------------------------- worker: one arch, in-process
-def collect(arch: int, cases, log=None) -> list:
-    """Launch every case under one capture for ``arch``; rows for each launch, or a status row."""
+def collect(arch: int, cases, log=None, only_configs: str = "") -> list:
+    """Launch every case under one capture for ``arch``; rows for each launch, or a status row.
+    ``only_configs``: qlk's launchers compile only the candidates matching these patterns and
+    their pick (:func:`qlk.kernels.fused_matmul._all_configs`), else every candidate."""
     from bench import sass
     from launches import run_case
 
@@ -702,7 +704,7 @@ def collect(arch: int, cases, log=None) -> list:
         fused_matmul = None
     rows = []
     previous = os.environ.get("QLK_ALL_CONFIGS")
-    os.environ["QLK_ALL_CONFIGS"] = "1"  # qlk's launchers compile every candidate, the rules' pick last
+    os.environ["QLK_ALL_CONFIGS"] = only_configs or "1"  # qlk's launchers compile every candidate, the rules' pick last
     try:
         rows = _collect(arch, cases, log, sass, run_case, fused_matmul)
     finally:
@@ -773,7 +775,7 @@ def worker(args) -> int:
 
     cases = select_cases(args.quick, _patterns(args.cases), family=args.family, ms=launches._ms(args.ms),
                          shapes=launches._shapes(args.shapes))
-    rows = collect(arch, cases, log=lambda s: print(s, file=sys.stderr, flush=True))
+    rows = collect(arch, cases, log=lambda s: print(s, file=sys.stderr, flush=True), only_configs=args.only_configs)
     with open(args.worker_out, "w") as f:
         json.dump(rows, f)
     return 0
@@ -1091,6 +1093,59 @@ def merge(into_csv: str, partial_csv: str) -> tuple[int, int]:
     return len(done), len(by_case) - len(done)
 
 
+def merge_configs(into_csv: str, partial_csv: str) -> tuple[int, int]:
+    """``--merge-configs``: a partial run under ``--only-configs`` (a new tile compiled for cases
+    the report has, with the rules' pick of each case) merged row by row, in place: each of its rows
+    replaces the report's row of the same (case, kernel, config) or is added to the case. The
+    report's other rows stay: valid only where their tiles' code did not change (then their machine
+    code, and so their estimates, are the same). In the cases touched the rules' flags (``chosen``)
+    are the partial run's (the rules' pick is always launched), and best, the dense ratios and the
+    dispatch are marked again over the merged rows. Returns (rows replaced, rows added)."""
+    old, new = read_csv(into_csv), read_csv(partial_csv)
+    if {r["arch"] for r in old} != {r["arch"] for r in new}:
+        raise SystemExit(f"static_report: {into_csv} and {partial_csv} are of different archs")
+    known = {r["case"] for r in old}
+    strays = sorted({r["case"] for r in new} - known)
+    if strays:
+        raise SystemExit(f"static_report: {partial_csv} has cases {into_csv} lacks ({strays[:3]}...): "
+                         "--merge-configs adds tiles to a report's cases, not cases (use --merge)")
+    key = lambda r: (r["case"], r["kernel"], r["config"])  # noqa: E731
+    by_key = {key(r): r for r in new if r["status"] == "ok"}
+    touched = {r["case"] for r in by_key.values()}
+    olds = {key(r) for r in old}
+    extra = {}  # case -> its new rows, placed after the case's last row
+    for k, r in by_key.items():
+        if k not in olds:
+            extra.setdefault(r["case"], []).append(r)
+    last = {r["case"]: i for i, r in enumerate(old)}
+    rows, replaced, added = [], 0, sum(map(len, extra.values()))
+    for i, r in enumerate(old):
+        if key(r) in by_key:
+            rows.append(by_key[key(r)])
+            replaced += 1
+        else:
+            if r["case"] in touched and r.get("chosen") is not None:
+                r["chosen"] = False  # the partial run holds the rules' pick of the case
+            rows.append(r)
+        if last[r["case"]] == i:
+            rows += extra.get(r["case"], [])
+    arch = int(new[0]["arch"])
+    for r in rows:
+        if r["case"] in touched:
+            r["best"] = False
+            for col in ("best_config", "chosen_config", "chosen_vs_best", "x_dense_fused", "x_dense_dequant",
+                        "dispatch", "x_dense", "dispatch_agrees"):
+                r[col] = None
+        # what a live run counts as work (report_row): padded MACs of an MMA launch, else useful bytes
+        r["_work"] = (r["M"] * r["N"] * r["K"] / (r.get("fill") or 1.0)
+                      if r.get("tensor_peak_opt") is not None and r.get("M") else (r.get("useful_bytes") or 0))
+    mark_best([r for r in rows if r["case"] in touched])
+    mark_dense_ratio([r for r in rows if r["case"] in touched or r["group"] != "qlk" or r["op"] not in ("fwd", "dgrad")
+                      or r["case"].startswith("dequant/")], arch)
+    write_csv(into_csv, rows)
+    return replaced, added
+
+
 def _patterns(s: str):
     return [p for p in (s or "").split(",") if p]
 
@@ -1123,6 +1178,13 @@ def parse_args(argv=None):
     ap.add_argument("--merge", nargs=2, metavar=("INTO_CSV", "PARTIAL_CSV"),
                     help="replace INTO_CSV's rows of every case PARTIAL_CSV has (a partial re-sweep of the same "
                     "arch, its dense baselines included) and re-render INTO_CSV's .md; compiles nothing")
+    ap.add_argument("--only-configs", default="",
+                    help="comma-separated shell patterns over qlk config labels (e.g. '64x128x128 w4 s4'): compile "
+                    "only those candidates and the rules' pick of each case, for --merge-configs")
+    ap.add_argument("--merge-configs", nargs=2, metavar=("INTO_CSV", "PARTIAL_CSV"),
+                    help="add (or replace) PARTIAL_CSV's rows, config by config, in INTO_CSV's cases (a run with "
+                    "--only-configs: a new tile whose neighbours' code did not change), mark best and the dense "
+                    "ratios again and re-render INTO_CSV's .md; compiles nothing")
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
@@ -1152,6 +1214,11 @@ def main(argv=None) -> int:
         replaced, added = merge(into, partial)
         print(f"static_report: {into}: {replaced} cases re-swept, {added} added; wrote {os.path.relpath(render(into))}")
         return 0
+    if args.merge_configs:
+        into, partial = args.merge_configs
+        replaced, added = merge_configs(into, partial)
+        print(f"static_report: {into}: {replaced} rows re-swept, {added} added; wrote {os.path.relpath(render(into))}")
+        return 0
     if args.render:
         for path in args.render:
             print(f"static_report: wrote {os.path.relpath(render(path))}")
@@ -1176,7 +1243,8 @@ def main(argv=None) -> int:
             cmd = [sys.executable, os.path.abspath(__file__), "--arch", str(arch), "--cases", args.cases,
                    "--worker-out", os.path.join(tmp, f"sm{arch}.json")] + (["--quick"] if args.quick else []) \
                 + (["--family"] if args.family else []) + (["--ms", args.ms] if args.ms else []) \
-                + (["--shapes", args.shapes] if args.shapes else [])
+                + (["--shapes", args.shapes] if args.shapes else []) \
+                + (["--only-configs", args.only_configs] if args.only_configs else [])
             procs[arch] = subprocess.Popen(cmd, env=env, cwd=ROOT)
         for arch, proc in list(procs.items()):
             if proc.poll() is None:

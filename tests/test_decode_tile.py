@@ -706,18 +706,29 @@ LANE_GEMM_TILES = [
     pytest.param(dict(BLOCK_N=32, BLOCK_M=64, BLOCK_K=64), 90, True, id="64x32x64-sm90-lanes"),
     pytest.param(dict(BLOCK_N=32, BLOCK_M=128, BLOCK_K=64), 90, False, id="128x32x64-sm90-stored"),
     pytest.param(dict(BLOCK_N=32, BLOCK_M=128, BLOCK_K=64), 80, True, id="128x32x64-sm80-lanes"),
+    # round 20: sm_90's 64x128x128 forward tile (heuristics.CANDIDATE_M_RANGE), whose 128-column K
+    # tile spans INT3's quad of chunks: INT3 in the lane-owned order too
+    pytest.param(dict(BLOCK_N=32, BLOCK_M=64, BLOCK_K=128), 90, True, id="64x32x128-sm90-lanes"),
 ]
 # (bits, group, K): several groups per K tile, one group over two K tiles, a group that is not a
 # power of two, and K that cuts the last tile (its tile decoded in the stored order, after the others)
 LANE_GEMM_CASES = [(4, 32, 320), (4, 128, 384), (2, 16, 320), (2, 128, 256), (4, 96, 288), (2, 32, 288)]
+# INT3 (round 20): lane-owned only where BLOCK_K spans 128 columns; 4 groups per K tile, 2 K tiles
+# per group, a group of 96 (4 per 3 K tiles), K that cuts the last tile (stored order there)
+LANE_GEMM_INT3_CASES = [(3, 32, 384), (3, 256, 512), (3, 96, 384), (3, 64, 320)]
+
+
+LANE_GEMM_RUNS = [pytest.param(*t.values, c, id=f"{t.id}-int{c[0]}g{c[1]}k{c[2]}")
+                  for t in LANE_GEMM_TILES for c in LANE_GEMM_CASES + LANE_GEMM_INT3_CASES
+                  if c[0] != 3 or decode_tile.lane_order_ok(3, t.values[0]["BLOCK_K"])]
 
 
 @needs_kernels
-@pytest.mark.parametrize("case", LANE_GEMM_CASES, ids=lambda c: f"int{c[0]}g{c[1]}k{c[2]}")
-@pytest.mark.parametrize("tile,arch,lanes", LANE_GEMM_TILES)
+@pytest.mark.parametrize("tile,arch,lanes,case", LANE_GEMM_RUNS)
 def test_gemm_forward_lane_order(tile, arch, lanes, case, monkeypatch):
-    """Round 17: the forward GEMM decodes INT2/INT4 in the lane-owned k order and reads X in the same
-    permuted order where :func:`heuristics.fwd_lane_order` says so. fp16, NaN-poisoned Y against
+    """Round 17: the forward GEMM decodes INT2/INT4 (round 20: and INT3 on 128-column K tiles) in the
+    lane-owned k order and reads X in the same permuted order where :func:`heuristics.fwd_lane_order`
+    says so. fp16, NaN-poisoned Y against
     float64 on Ŵ rounded once to fp16, M = 133 (3 or 2 M tiles, the last ragged), N = 72 (3 N tiles,
     the last ragged), 4-6 K tiles; the launch's LANE_ORDER is the rule's for the patched target."""
     from qlk.kernels import config
@@ -731,6 +742,7 @@ def test_gemm_forward_lane_order(tile, arch, lanes, case, monkeypatch):
     monkeypatch.setattr(heuristics, "candidates", lambda op: [cfg] if op == "fwd" else real(op))
     heuristics._choose_default.cache_clear()
     seen = spies.record_launches(monkeypatch, fm, "_quant_matmul_fwd_kernel")
+    decoded_lanes = spies.record_calls(monkeypatch, fm, "_decode_int_tile_lanes")  # which tile decoder ran
     gen = torch.Generator().manual_seed(1700 + bits * 100 + g + k)
     groups = k // g
     w = (torch.randn(N, groups, g, generator=gen) * torch.exp(torch.randn(N, groups, 1, generator=gen))
@@ -745,6 +757,7 @@ def test_gemm_forward_lane_order(tile, arch, lanes, case, monkeypatch):
     finally:
         heuristics._choose_default.cache_clear()
     assert [kw["LANE_ORDER"] for kw in seen] == [lanes] and heuristics.fwd_lane_order(arch, tile["BLOCK_M"]) == lanes
+    assert bool(decoded_lanes) == lanes  # INT3 too (round 20), where BLOCK_K spans 128 columns
     assert not y.isnan().any()
     assert oracles.rel_err(y, x.double() @ w_half.t()) < 4e-4
 

@@ -328,3 +328,48 @@ def test_chosen_best_fill_and_dense_ratio_on_hand_made_rows():
     assert 0 < small["x_dense_dequant"] < 1 and small["dispatch"] in ("fused", "dequant")
     assert small["x_dense"] == (small["x_dense_fused"] if small["dispatch"] == "fused" else small["x_dense_dequant"])
     assert any("✓" in line for line in sr._rules_table(rows, 90))
+
+
+def test_merge_configs_adds_a_tile_to_committed_cases(tmp_path):
+    """``--merge-configs`` (round 20): a partial run's rows join the report's cases config by config,
+    replacing a row of the same config and adding new ones; in the cases it touched the rules' flags
+    are the partial run's, best and the dense ratio are marked again; other cases keep every column;
+    a case the report lacks is refused."""
+    sys.path.insert(0, BENCH)
+    import launches
+    import static_report as sr
+
+    def row(case, kernel, config, opt, pess, chosen=None, best=False):
+        r = {f: None for f in sr.CSV_FIELDS}
+        r.update(arch=90, group=case.group, case=case.name, op=case.op, fmt=case.fmt, K=case.k, N=case.n, M=case.m,
+                 kernel=kernel, config=config, status="ok", best=best, chosen=chosen, tensor_peak_opt=opt,
+                 tensor_peak_pess=pess, dram_peak_opt=0.1, dram_peak_pess=0.1, useful_bytes=1000)
+        r["fill"] = sr.fill(config, case, kernel)
+        return r
+
+    q = launches.Case("fwd/int3g128/2048->2048/M400", "qlk", "fwd", "int3g128", 2048, 2048, 400)
+    q2 = launches.Case("fwd/int3g128/2048->2048/M640", "qlk", "fwd", "int3g128", 2048, 2048, 640)
+    d = launches.Case("dense-fwd/bf16/2048->2048/M400", "dense", "fwd", "bf16", 2048, 2048, 400)
+    fk, old_tile, new_tile = "_quant_matmul_fwd_kernel", "128x64x64 w4 s4 GROUP_M=8", "64x128x128 w4 s4 GROUP_M=8"
+    report = [row(d, "_dense_matmul_kernel", "64x128x64 w4 s4", 0.9, 0.5, best=True),
+              row(q, fk, "256x128x64 w8 s3 GROUP_M=8", 0.9, 0.6, chosen=False),
+              row(q, fk, old_tile, 0.85, 0.44, chosen=True, best=True),
+              row(q2, fk, old_tile, 0.8, 0.4, chosen=True, best=True)]
+    report[2]["x_dense"] = report[3]["x_dense"] = 0.5
+    partial = [row(q, fk, old_tile, 0.85, 0.44, chosen=False), row(q, fk, new_tile, 0.96, 0.49, chosen=True)]
+    into, part = str(tmp_path / "r-sm90.csv"), str(tmp_path / "p-sm90.csv")
+    sr.write_csv(into, report)
+    sr.write_csv(part, partial)
+    assert sr.merge_configs(into, part) == (1, 1)
+    merged = sr.read_csv(into)
+    assert [r["config"] for r in merged] == [r["config"] for r in report] [:3] + [new_tile, old_tile]
+    new, old = merged[3], merged[2]
+    assert new["best"] and new["chosen"] and not old["best"] and old["chosen"] is False
+    assert not merged[1]["chosen"] and old["best_config"] == new_tile == old["chosen_config"]
+    # same padded work (448 of 400 rows for both tiles): the time ratio is the midpoints' ratio
+    assert new["x_dense_fused"] == pytest.approx((0.96 + 0.49) / 2 / 0.7, abs=2e-3)
+    assert merged[4]["x_dense"] == 0.5 and merged[4]["chosen"] and merged[4]["best"]  # a case not touched
+    stray = launches.Case("fwd/int3g128/2048->2048/M999", "qlk", "fwd", "int3g128", 2048, 2048, 999)
+    sr.write_csv(part, [row(stray, fk, new_tile, 0.9, 0.5, chosen=True)])
+    with pytest.raises(SystemExit, match="lacks"):
+        sr.merge_configs(into, part)

@@ -161,6 +161,11 @@ def gemm_configs():
         # (M = 300: 5 tiles of 64 fill 0.94, 2 of 256 fill 0.59); proposed at 64 <= M <= 1024
         # (heuristics.CANDIDATE_M_RANGE: at M = 3000 it is issue-bound under the 256-row tile)
         _cfg(90, 4, 4, BLOCK_N=128, BLOCK_M=64, BLOCK_K=64, GROUP_M=8),
+        # round 20: the same 64 rows of X on 128-column K steps: half the loop iterations, so the
+        # per-step work that does not scale with the tile (X's address math, scale loads, barriers)
+        # weighs half as much, and INT3's 128-column quad of chunks fits a step, so it decodes in
+        # the lane-owned order too (27648->5120 M = 777: INT3 0.85..0.44 -> 0.96..0.49 of peak)
+        _cfg(90, 4, 4, BLOCK_N=128, BLOCK_M=64, BLOCK_K=128, GROUP_M=8),
         _cfg(80, 8, 3, BLOCK_N=256, BLOCK_M=128, BLOCK_K=32, GROUP_M=8),
         _cfg(80, 8, 4, BLOCK_N=128, BLOCK_M=128, BLOCK_K=32, GROUP_M=8),
         _cfg(80, 4, 4, BLOCK_N=128, BLOCK_M=128, BLOCK_K=32, GROUP_M=8),

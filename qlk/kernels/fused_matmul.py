@@ -56,6 +56,7 @@ products (``input_precision="ieee"``, no TF32). Output in the activation dtype.
 """
 from __future__ import annotations
 
+import fnmatch
 import math
 import os
 
@@ -188,12 +189,13 @@ def _fwd_step(acc, p_run, x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_
               LANE_ORDER: tl.constexpr):
     """One K tile k0 of :func:`_fwd_loop` (EVEN_K: the tile lies inside K, no masks): (acc, p_run).
     LANE_ORDER: INT2/INT4 half2 tiles whose BLOCK_K spans whole lane units are decoded in the
-    lane-owned k order and X is read in the same order (round 17); POOL and a cut tile keep the
+    lane-owned k order and X is read in the same order (round 17; round 20: INT3 where BLOCK_K spans
+    its quad of 3-word chunks, 128 columns: sm_90's 64x128x128 tile); POOL and a cut tile keep the
     stored order (the pooling sums X's stored columns)."""
     ACT: tl.constexpr = x_rows.dtype.element_ty
     HALF_INT: tl.constexpr = (not IS_NF4) and (ACT == tl.float16 or ACT == tl.bfloat16)
     LANES: tl.constexpr = LANE_ORDER and HALF_INT and EVEN_K and (not POOL) and \
-        (BITS == 2 or BITS == 4) and BLOCK_K % (128 // BITS) == 0
+        (((BITS == 2 or BITS == 4) and BLOCK_K % (128 // BITS) == 0) or (BITS == 3 and BLOCK_K % 128 == 0))
     if LANES:
         w = _decode_int_tile_lanes(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, rows_w, k0, K,
                                    ACT, BITS, GROUP_SIZE, PACKED_DEQUANT, EVEN_K, BLOCK_N, BLOCK_K)
@@ -834,10 +836,16 @@ def _quant_matmul_grad_input_gemv_kernel(
 CHOICE_LOG: list | None = None
 
 
-def _all_configs() -> bool:
+def _all_configs() -> tuple[str, ...]:
     """``QLK_ALL_CONFIGS=1``: launch every candidate that fits, the chosen one last (the static
-    report compiles them all to put the rules' pick next to the analyzer's best)."""
-    return os.environ.get("QLK_ALL_CONFIGS", "0") == "1"
+    report compiles them all to put the rules' pick next to the analyzer's best). A comma-separated
+    list of shell patterns instead of 1: only the candidates whose label matches one, and the chosen
+    one (``bench/static_report.py --only-configs``: a new tile added to committed sweeps whose other
+    tiles' code did not change). Returns the patterns, () when off."""
+    value = os.environ.get("QLK_ALL_CONFIGS", "0").strip()
+    if value in ("", "0"):
+        return ()
+    return ("*",) if value == "1" else tuple(p.strip() for p in value.split(",") if p.strip())
 
 
 def _tiles(op, m, n, k, meta, device, fp32_bias=False, pool=False):
@@ -848,10 +856,12 @@ def _tiles(op, m, n, k, meta, device, fp32_bias=False, pool=False):
     chosen = heuristics.choose_config(op, m, n, k, fmt, arch, sms, fp32_bias=fp32_bias, pool=pool)
     if CHOICE_LOG is not None:
         CHOICE_LOG.append((op, chosen))
-    if not _all_configs():
+    patterns = _all_configs()
+    if not patterns:
         return chosen, [chosen]
     every = heuristics.score_all(op, m, n, k, fmt, arch, sms, fp32_bias=fp32_bias, pool=pool)
-    return chosen, [c for c in every if c.index != chosen.index] + [chosen]
+    return chosen, [c for c in every if c.index != chosen.index
+                    and any(fnmatch.fnmatchcase(c.label, p) for p in patterns)] + [chosen]
 
 
 def _bucket(m: int) -> int:

@@ -207,12 +207,12 @@ CALIBRATION = {
     (80, 'splitn', 'int4g128'): {'16x128x128 w4 s3': 0.698, '16x64x128 w4 s4': 0.683},
     (80, 'splitn', 'int4g32'): {'16x128x128 w4 s3': 0.755, '16x64x128 w4 s4': 0.74},
     (80, 'splitn', 'nf4'): {'16x128x128 w4 s3': 0.589, '16x64x128 w4 s4': 0.632},
-    (90, 'fwd', 'int2'): {'128x128x64 w8 s4': 0.779, '128x64x64 w4 s4': 0.771, '256x128x64 w8 s3': 0.844, '256x64x64 w4 s3': 0.799, '64x128x64 w4 s4': 0.751},
-    (90, 'fwd', 'int3'): {'128x128x64 w8 s4': 0.763, '128x64x64 w4 s4': 0.758, '256x128x64 w8 s3': 0.84, '256x64x64 w4 s3': 0.799, '64x128x64 w4 s4': 0.563},
-    (90, 'fwd', 'int4'): {'128x128x64 w8 s4': 0.774, '128x64x64 w4 s4': 0.75, '256x128x64 w8 s3': 0.827, '256x64x64 w4 s3': 0.786, '64x128x64 w4 s4': 0.695},
-    (90, 'fwd', 'int4g128'): {'128x128x64 w8 s4': 0.778, '128x64x64 w4 s4': 0.76, '256x128x64 w8 s3': 0.835, '256x64x64 w4 s3': 0.792, '64x128x64 w4 s4': 0.725},
-    (90, 'fwd', 'int4g32'): {'128x128x64 w8 s4': 0.774, '128x64x64 w4 s4': 0.75, '256x128x64 w8 s3': 0.827, '256x64x64 w4 s3': 0.786, '64x128x64 w4 s4': 0.662},
-    (90, 'fwd', 'nf4'): {'128x128x64 w8 s4': 0.768, '128x64x64 w4 s4': 0.754, '256x128x64 w8 s3': 0.83, '256x64x64 w4 s3': 0.788, '64x128x64 w4 s4': 0.577},
+    (90, 'fwd', 'int2'): {'128x128x64 w8 s4': 0.779, '128x64x64 w4 s4': 0.771, '256x128x64 w8 s3': 0.844, '256x64x64 w4 s3': 0.799, '64x128x128 w4 s4': 0.764, '64x128x64 w4 s4': 0.751},
+    (90, 'fwd', 'int3'): {'128x128x64 w8 s4': 0.763, '128x64x64 w4 s4': 0.758, '256x128x64 w8 s3': 0.84, '256x64x64 w4 s3': 0.799, '64x128x128 w4 s4': 0.731, '64x128x64 w4 s4': 0.563},
+    (90, 'fwd', 'int4'): {'128x128x64 w8 s4': 0.774, '128x64x64 w4 s4': 0.75, '256x128x64 w8 s3': 0.827, '256x64x64 w4 s3': 0.786, '64x128x128 w4 s4': 0.695, '64x128x64 w4 s4': 0.695},
+    (90, 'fwd', 'int4g128'): {'128x128x64 w8 s4': 0.778, '128x64x64 w4 s4': 0.76, '256x128x64 w8 s3': 0.835, '256x64x64 w4 s3': 0.792, '64x128x128 w4 s4': 0.725, '64x128x64 w4 s4': 0.725},
+    (90, 'fwd', 'int4g32'): {'128x128x64 w8 s4': 0.774, '128x64x64 w4 s4': 0.75, '256x128x64 w8 s3': 0.827, '256x64x64 w4 s3': 0.786, '64x128x128 w4 s4': 0.662, '64x128x64 w4 s4': 0.662},
+    (90, 'fwd', 'nf4'): {'128x128x64 w8 s4': 0.768, '128x64x64 w4 s4': 0.754, '256x128x64 w8 s3': 0.83, '256x64x64 w4 s3': 0.788, '64x128x128 w4 s4': 0.633, '64x128x64 w4 s4': 0.577},
     (90, 'gemv', 'int2'): {'32x256 w4 s3': 0.192, '64x128 w4 s3': 0.192},
     (90, 'gemv', 'int3'): {'32x256 w4 s3': 0.179, '64x128 w4 s3': 0.135},
     (90, 'gemv', 'int4'): {'32x256 w4 s3': 0.284, '64x128 w4 s3': 0.246},
@@ -479,7 +479,7 @@ def candidate_margin(op: str, label: str, arch: int) -> float:
 #: 3072->1024: 0.67..0.39 at fill 0.94 against 128x64x128 w8's 0.55..0.28 at 0.78), from M = 17 (above
 #: SPLIT_ALWAYS_M) on: at M = 24-48 on the family's shapes it is the analyzer's best in 188 of 240
 #: input gradients, 26-28 % ahead of the 128-row tiles, and the rules with it pick the best in 221
-CANDIDATE_M_RANGE = {80: {}, 90: {("fwd", "64x128x64 w4 s4"): (64, 1024), ("grad", "64x64x128 w4 s4"): (17, 1024)}}
+CANDIDATE_M_RANGE = {80: {}, 90: {("fwd", "64x128x64 w4 s4"): (64, 1024), ("fwd", "64x128x128 w4 s4"): (64, 1024), ("grad", "64x64x128 w4 s4"): (17, 1024)}}
 
 
 #: Round 17: the forward GEMM tiles that decode INT2/INT4 in the lane-owned k order (X read in the
@@ -493,8 +493,9 @@ FWD_LANE_ORDER_MAX_M = {80: None, 90: 64}
 
 def fwd_lane_order(arch: int, block_m: int) -> bool:
     """Whether the forward GEMM tile with ``block_m`` rows of X decodes in the lane-owned k order on
-    ``arch`` (:data:`FWD_LANE_ORDER_MAX_M`; the kernel still keeps the stored order for INT3, NF4,
-    fp32 activations, QA-LoRA's pooling and a K tile that K cuts)."""
+    ``arch`` (:data:`FWD_LANE_ORDER_MAX_M`; the kernel still keeps the stored order for NF4, INT3
+    on K tiles narrower than its 128-column quad of chunks, fp32 activations, QA-LoRA's pooling and
+    a K tile that K cuts)."""
     tallest = FWD_LANE_ORDER_MAX_M[arch_family(arch)]
     return tallest is None or block_m <= tallest
 
@@ -1044,7 +1045,7 @@ SPLIT_MID_DEFAULT = (0.85, 0.0)
 GEMM_MID_M = {
     (80, 'fwd'): {'int2': 0.908, 'int3': 0.896, 'int4': 0.947, 'int4g128': 0.937, 'int4g32': 0.954, 'nf4': 0.926},
     (80, 'grad'): {'int2': 0.885, 'int3': 0.882, 'int4': 0.92, 'int4g128': 0.911, 'int4g32': 0.927, 'nf4': 0.912},
-    (90, 'fwd'): {'int2': 0.95, 'int3': 0.949, 'int4': 0.984, 'int4g128': 0.981, 'int4g32': 0.99, 'nf4': 0.982},
+    (90, 'fwd'): {'int2': 0.955, 'int3': 0.951, 'int4': 0.986, 'int4g128': 0.984, 'int4g32': 0.993, 'nf4': 0.985},
     (90, 'grad'): {'int2': 0.977, 'int3': 0.973, 'int4': 1.0, 'int4g128': 1.0, 'int4g32': 1.0, 'nf4': 0.998},
 }
 
