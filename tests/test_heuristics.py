@@ -443,6 +443,49 @@ def test_gemv_prune_drops_the_spilling_tiles(monkeypatch):
     assert kept(90, BITS=4, GROUP_SIZE=64, IS_NF4=True, K=896) == [(32, 256), (64, 128)]
 
 
+def test_fwd_score_caps_64_row_tiles_by_their_dram_roofline():
+    """Round 20: a forward GEMM tile's efficiency is at most its DRAM roofline (heuristics.fwd_dram_cap,
+    the input gradient's rule with X, Y and the packed Ŵ). At M = 64 on 8192->8192 INT4 g32 the 64-row
+    tiles meet each weight with 64 rows of X: r ≈ 0.59, the cap ≈ 0.48 (the analyzer: 0.46) under
+    their fitted 0.76; at M = 1024 it does not bind. The split's fp32 partials count once on sm_90
+    (atomics), once a slice on sm_80."""
+    tile = _cfg(90, 4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8)
+    fitted = h.calibrated("fwd", tile, "int4g32", 90)
+    assert fitted > 0.7
+    low = h.score_all("fwd", 64, 8192, 8192, "int4g32", 90, 132, configs=[tile])[0]
+    cap = h.fwd_dram_cap(64, 8192, 8192, "int4g32", 64, 128, 128, low.split, 90)
+    assert low.tile_eff == pytest.approx(cap) and 0.44 < cap < 0.52 < fitted
+    wide = h.score_all("fwd", 1024, 14336, 4096, "int4g32", 90, 132, configs=[tile])[0]
+    assert wide.tile_eff == fitted
+    def drop(arch):  # the split's cap over the unsplit one: its partials (once, or a slice each) cost more
+        return (h.fwd_dram_cap(333, 1024, 8192, "int4g32", 128, 128, 64, 4, arch)
+                / h.fwd_dram_cap(333, 1024, 8192, "int4g32", 128, 128, 64, 1, arch))
+
+    assert drop(80) < drop(90) < 1
+
+
+def test_pool_spill_tile_is_not_proposed_with_the_pooling():
+    """Round 20: sm_90's 64x128x128 w4 forward spills with QA-LoRA's pooling (8-128 B of stack,
+    INT2 / INT4: heuristics.FWD_POOL_SPILLS): the QA-LoRA forward does not get it, the plain one does."""
+    def labels(pool):
+        return {c.label for c in h.score_all("fwd", 333, 4096, 4096, "int4g32", 90, 132,
+                                             configs=[c for c in _gpu_gemm_configs()], pool=pool)}
+
+    assert "64x128x128 w4 s4" in labels(False) and "64x128x128 w4 s4" not in labels(True)
+    assert "64x128x64 w4 s4" in labels(True)
+
+
+def _gpu_gemm_configs():
+    from qlk.kernels import config
+
+    was = config.INTERPRETED
+    config.INTERPRETED = False
+    try:
+        return config.gemm_configs()
+    finally:
+        config.INTERPRETED = was
+
+
 def test_grad_score_caps_split_tiles_by_their_dram_roofline(monkeypatch):
     """Round 6: a GEMM input-gradient tile's efficiency is at most its DRAM roofline
     (heuristics.grad_dram_cap). At 2048->512, M = 333 on sm_90 (INT3; NF4 until round 18's B-operand
@@ -735,9 +778,12 @@ def test_64_row_tiles_are_proposed_in_their_m_range(device_lists):
     where the 128/256-row tiles are mostly padding (M = 300 on Qwen3-0.6B's 1024->3072 and its
     3072->1024 gradient; the gradient at M = 24-48 too), not at M = 3000 (issue-bound there, round 9);
     the forward tile not under M = 64 (its fitted efficiency over-rates it against split-K), the
-    gradient's not at M <= 16 (split-N's alone); sm_80 has no such tile in that list."""
-    for op, tile, n, k, lo in (("fwd", "64x128x64 w4 s4", 3072, 1024, 64),
-                               ("grad", "64x64x128 w4 s4", 1024, 3072, 17)):
+    gradient's not at M <= 16 (split-N's alone); sm_80 has no such tile in that list. Round 20: the
+    forward's 64x128x128 w4 in the same range, which takes the M = 300 pick from 64x128x64 (its 128
+    deep steps, INT3 lane-owned there); 64x128x64 stays the pick at M = 64 on 4096->14336."""
+    for op, tile, n, k, lo, pick in (("fwd", "64x128x64 w4 s4", 3072, 1024, 64, (64, 14336, 4096)),
+                                     ("fwd", "64x128x128 w4 s4", 3072, 1024, 64, (300, 3072, 1024)),
+                                     ("grad", "64x64x128 w4 s4", 1024, 3072, 17, (300, 1024, 3072))):
         assert h.candidate_m_range(op, tile, 90) == (lo, 1024)
         assert h.candidate_m_range(op, tile, 80) == (1, math.inf)
 
@@ -748,7 +794,7 @@ def test_64_row_tiles_are_proposed_in_their_m_range(device_lists):
             assert tile in labels(m), (op, m)
         for m in (lo - 1, 1025, 3000):
             assert tile not in labels(m) and labels(m), (op, m)
-        assert h.choose_config(op, 300, n, k, "int4g32", 90).label == tile
+        assert h.choose_config(op, *pick, "int4g32", 90).label == tile
         assert all(tile not in labels(m, 80) for m in (64, 300))
     assert h.choose_config("grad", 48, 8192, 2048, "int4g32", 90).label == "64x64x128 w4 s4"
     assert h.candidate_m_range("grad", "64x128x64 w4 s4", 90) == (1, math.inf)  # per op

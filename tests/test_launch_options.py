@@ -139,3 +139,33 @@ def test_every_kernel_that_reads_packed_rows_knows_their_alignment():
             src = inspect.getsource(jit.fn)
             assert "stride_qn = aligned_rows(stride_qn, QN_ALIGN)" in src, name
     assert len(found) == 9, sorted(found)
+
+
+def test_all_configs_patterns_pick_the_launches(monkeypatch):
+    """``QLK_ALL_CONFIGS`` (the static report's compile mode, fused_matmul._tiles): off, the rules'
+    pick alone; 1, every candidate, the pick last; shell patterns over the labels (round 20's
+    ``--only-configs``), the matching candidates and the pick, in that order."""
+    from qlk.kernels import heuristics
+
+    monkeypatch.setattr(config, "INTERPRETED", False)  # the GPU candidate lists
+    monkeypatch.setattr(fm, "target_arch", lambda: 90)
+    monkeypatch.setattr(fm, "num_sms", lambda device: 132)
+    heuristics._choose_default.cache_clear()
+    meta = dict(BITS=4, IS_NF4=False, GROUP_SIZE=32)
+
+    def labels(value):
+        monkeypatch.setenv("QLK_ALL_CONFIGS", value)
+        chosen, launched = fm._tiles("fwd", 3000, 4096, 4096, meta, "cpu")
+        assert launched[-1] is chosen
+        return [c.label for c in launched]
+
+    try:
+        pick = labels("0")
+        assert len(pick) == 1 and pick[0] not in ("64x128x128 w4 s4", "128x128x64 w8 s4")
+        every = labels("1")
+        assert len(every) >= 4 and every[-1] == pick[0] and len(set(every)) == len(every)
+        # the 64-row tiles are not candidates at M = 3000 (heuristics.CANDIDATE_M_RANGE): nothing matches
+        assert labels("64x128x128 w4 s4") == pick
+        assert labels("128x128x64 w8 s4, 256x64*") == ["128x128x64 w8 s4", "256x64x64 w4 s3"] + pick
+    finally:
+        heuristics._choose_default.cache_clear()

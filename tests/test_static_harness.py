@@ -313,11 +313,11 @@ def test_chosen_best_fill_and_dense_ratio_on_hand_made_rows():
     assert sr.fill("64x128x64 w4 s4", d, "_dense_matmul_kernel") == pytest.approx(333 / 384)
     macs = 333 * 2048 * 2048
     big = row(q, "_quant_matmul_fwd_kernel", "256x128x64 w8 s3 GROUP_M=8", 0.5, 0.3, work=macs * 512 / 333)
-    small = row(q, "_quant_matmul_fwd_kernel", "128x64x64 w4 s4 GROUP_M=8", 0.45, 0.3, work=macs * 384 / 333)
+    small = row(q, "_quant_matmul_fwd_kernel", "64x128x128 w4 s4 GROUP_M=8", 0.45, 0.3, work=macs * 384 / 333)
     dense = row(d, "_dense_matmul_kernel", "64x128x64 w4 s4", 0.6, 0.4, work=macs * 384 / 333)
     deq = row(dq, "_dequantize_kernel", "-x32x256 w4 s1", 0.8, 0.6, ub=2048 * 2048 * 2.6)
     rows = [big, small, dense, deq]
-    sr.mark_chosen(rows, [("fwd", KernelChoice("fwd", 64, 128, 64, 8, 4, 4, 1, 96, 0.7, 0.9, 0.7, 0.4, 3))])
+    sr.mark_chosen(rows, [("fwd", KernelChoice("fwd", 128, 64, 128, 8, 4, 4, 1, 96, 0.7, 0.9, 0.7, 0.4, 3))])
     assert (big["chosen"], small["chosen"], dense["chosen"]) == (False, True, None)
     sr.mark_best(rows)
     # 0.4 x 0.65 < 0.375 x 0.87: the padded 256-row tile loses although its raw estimate is higher
@@ -352,8 +352,8 @@ def test_merge_configs_adds_a_tile_to_committed_cases(tmp_path):
     d = launches.Case("dense-fwd/bf16/2048->2048/M400", "dense", "fwd", "bf16", 2048, 2048, 400)
     fk, old_tile, new_tile = "_quant_matmul_fwd_kernel", "128x64x64 w4 s4 GROUP_M=8", "64x128x128 w4 s4 GROUP_M=8"
     report = [row(d, "_dense_matmul_kernel", "64x128x64 w4 s4", 0.9, 0.5, best=True),
-              row(q, fk, "256x128x64 w8 s3 GROUP_M=8", 0.9, 0.6, chosen=False),
-              row(q, fk, old_tile, 0.85, 0.44, chosen=True, best=True),
+              row(q, fk, "256x128x64 w8 s3 GROUP_M=8", 0.9, 0.6, chosen=True, best=True),  # the old pick and best
+              row(q, fk, old_tile, 0.85, 0.44, chosen=False),
               row(q2, fk, old_tile, 0.8, 0.4, chosen=True, best=True)]
     report[2]["x_dense"] = report[3]["x_dense"] = 0.5
     partial = [row(q, fk, old_tile, 0.85, 0.44, chosen=False), row(q, fk, new_tile, 0.96, 0.49, chosen=True)]
@@ -365,7 +365,8 @@ def test_merge_configs_adds_a_tile_to_committed_cases(tmp_path):
     assert [r["config"] for r in merged] == [r["config"] for r in report] [:3] + [new_tile, old_tile]
     new, old = merged[3], merged[2]
     assert new["best"] and new["chosen"] and not old["best"] and old["chosen"] is False
-    assert not merged[1]["chosen"] and old["best_config"] == new_tile == old["chosen_config"]
+    assert merged[1]["chosen"] is False and not merged[1]["best"]
+    assert old["best_config"] == new_tile == old["chosen_config"]
     # same padded work (448 of 400 rows for both tiles): the time ratio is the midpoints' ratio
     assert new["x_dense_fused"] == pytest.approx((0.96 + 0.49) / 2 / 0.7, abs=2e-3)
     assert merged[4]["x_dense"] == 0.5 and merged[4]["chosen"] and merged[4]["best"]  # a case not touched

@@ -179,7 +179,7 @@ DEQUANT_DRAM_SHARE = 0.8
 CALIBRATION = {
     (80, 'fwd', 'int2'): {'128x128x32 w4 s4': 0.805, '128x128x32 w8 s4': 0.591, '128x256x32 w8 s3': 0.806, '128x64x32 w2 s4': 0.784, '64x128x32 w2 s4': 0.8, '64x128x32 w4 s4': 0.68},
     (80, 'fwd', 'int3'): {'128x128x32 w4 s4': 0.785, '128x128x32 w8 s4': 0.517, '128x256x32 w8 s3': 0.786, '128x64x32 w2 s4': 0.774, '64x128x32 w2 s4': 0.781, '64x128x32 w4 s4': 0.581},
-    (80, 'fwd', 'int4'): {'128x128x32 w4 s4': 0.801, '128x128x32 w8 s4': 0.613, '128x256x32 w8 s3': 0.804, '128x64x32 w2 s4': 0.792, '64x128x32 w2 s4': 0.797, '64x128x32 w4 s4': 0.707},
+    (80, 'fwd', 'int4'): {'128x128x32 w4 s4': 0.801, '128x128x32 w8 s4': 0.613, '128x256x32 w8 s3': 0.804, '128x64x32 w2 s4': 0.792, '64x128x32 w2 s4': 0.797, '64x128x32 w4 s4': 0.709},
     (80, 'fwd', 'int4g128'): {'128x128x32 w4 s4': 0.801, '128x128x32 w8 s4': 0.611, '128x256x32 w8 s3': 0.804, '128x64x32 w2 s4': 0.792, '64x128x32 w2 s4': 0.797, '64x128x32 w4 s4': 0.707},
     (80, 'fwd', 'int4g32'): {'128x128x32 w4 s4': 0.802, '128x128x32 w8 s4': 0.614, '128x256x32 w8 s3': 0.804, '128x64x32 w2 s4': 0.792, '64x128x32 w2 s4': 0.798, '64x128x32 w4 s4': 0.711},
     (80, 'fwd', 'nf4'): {'128x128x32 w4 s4': 0.786, '128x128x32 w8 s4': 0.622, '128x256x32 w8 s3': 0.796, '128x64x32 w2 s4': 0.767, '64x128x32 w2 s4': 0.779, '64x128x32 w4 s4': 0.614},
@@ -209,9 +209,9 @@ CALIBRATION = {
     (80, 'splitn', 'nf4'): {'16x128x128 w4 s3': 0.589, '16x64x128 w4 s4': 0.632},
     (90, 'fwd', 'int2'): {'128x128x64 w8 s4': 0.779, '128x64x64 w4 s4': 0.771, '256x128x64 w8 s3': 0.844, '256x64x64 w4 s3': 0.799, '64x128x128 w4 s4': 0.764, '64x128x64 w4 s4': 0.751},
     (90, 'fwd', 'int3'): {'128x128x64 w8 s4': 0.763, '128x64x64 w4 s4': 0.758, '256x128x64 w8 s3': 0.84, '256x64x64 w4 s3': 0.799, '64x128x128 w4 s4': 0.731, '64x128x64 w4 s4': 0.563},
-    (90, 'fwd', 'int4'): {'128x128x64 w8 s4': 0.774, '128x64x64 w4 s4': 0.75, '256x128x64 w8 s3': 0.827, '256x64x64 w4 s3': 0.786, '64x128x128 w4 s4': 0.695, '64x128x64 w4 s4': 0.695},
-    (90, 'fwd', 'int4g128'): {'128x128x64 w8 s4': 0.778, '128x64x64 w4 s4': 0.76, '256x128x64 w8 s3': 0.835, '256x64x64 w4 s3': 0.792, '64x128x128 w4 s4': 0.725, '64x128x64 w4 s4': 0.725},
-    (90, 'fwd', 'int4g32'): {'128x128x64 w8 s4': 0.774, '128x64x64 w4 s4': 0.75, '256x128x64 w8 s3': 0.827, '256x64x64 w4 s3': 0.786, '64x128x128 w4 s4': 0.662, '64x128x64 w4 s4': 0.662},
+    (90, 'fwd', 'int4'): {'128x128x64 w8 s4': 0.774, '128x64x64 w4 s4': 0.76, '256x128x64 w8 s3': 0.827, '256x64x64 w4 s3': 0.786, '64x128x128 w4 s4': 0.766, '64x128x64 w4 s4': 0.74},
+    (90, 'fwd', 'int4g128'): {'128x128x64 w8 s4': 0.778, '128x64x64 w4 s4': 0.76, '256x128x64 w8 s3': 0.835, '256x64x64 w4 s3': 0.792, '64x128x128 w4 s4': 0.768, '64x128x64 w4 s4': 0.751},
+    (90, 'fwd', 'int4g32'): {'128x128x64 w8 s4': 0.774, '128x64x64 w4 s4': 0.75, '256x128x64 w8 s3': 0.827, '256x64x64 w4 s3': 0.786, '64x128x128 w4 s4': 0.76, '64x128x64 w4 s4': 0.729},
     (90, 'fwd', 'nf4'): {'128x128x64 w8 s4': 0.768, '128x64x64 w4 s4': 0.754, '256x128x64 w8 s3': 0.83, '256x64x64 w4 s3': 0.788, '64x128x128 w4 s4': 0.633, '64x128x64 w4 s4': 0.577},
     (90, 'gemv', 'int2'): {'32x256 w4 s3': 0.192, '64x128 w4 s3': 0.192},
     (90, 'gemv', 'int3'): {'32x256 w4 s3': 0.179, '64x128 w4 s3': 0.135},
@@ -627,17 +627,49 @@ def grad_dram_cap(m: int, n: int, k: int, fmt: str, block_m: int, block_n: int, 
     element is short against its 4-byte partial: split launches with 4 N tiles a slice (2048→512 at
     M = 333, NF4 128x64x128 w8: 0.54 against the tile's fitted 0.75): the split's workspace, not a
     per-split-count factor, is what the unsplit fit misses."""
-    a = ARCH[arch_family(arch)]
     steps = math.ceil(n / block_n)
     macs = (math.ceil(m / block_m) * block_m * math.ceil(k / block_k) * block_k
             * split * math.ceil(steps / split) * block_n)
+    moved = _gemm_packed_bytes(n, k, fmt) + 2 * m * n + (4 if split > 1 else 2) * m * k
+    return _roofline_mid(macs, moved, arch)
+
+
+def fwd_dram_cap(m: int, n: int, k: int, fmt: str, block_m: int, block_n: int, block_k: int, split: int,
+                 arch: int) -> float:
+    """The forward GEMM's tile efficiency where DRAM, not the tile, limits it (round 20): the
+    input gradient's roofline (:func:`grad_dram_cap`) with the forward's operands,
+
+        r = (padded MACs / tensor peak) / (useful bytes / DRAM bandwidth)
+
+    padded MACs = ⌈M/BM⌉·BM · ⌈N/BN⌉·BN · K (split over K: slices · SLICE_K, :func:`fwd_slices`),
+    useful bytes = packed Ŵ (codes and 4 B a group) + X (2·M·K) + Y (2·M·N) or, split, its fp32
+    partials (sm_90's atomics 4·M·N, sm_80's slices 4·M·N·S). It binds where few rows of X meet each
+    weight: sm_90's 64-row tiles at M = 64 (INT4 on 8192→8192: r ≈ 0.87, the cap 0.67 against the
+    tile's 0.76). Without it the fit took those DRAM-bound rows into the tiles' median (INT4
+    64x128x128 0.662 against 0.76 at M = 128-333) and the rules kept a tile 1-8 % slower there."""
+    if split > 1:
+        slice_k, slices = fwd_slices(k, block_k, format_group(fmt), split)
+        depth, partials = slices * slice_k, 4 * m * n * (1 if arch_family(arch) == 90 else slices)
+    else:
+        depth, partials = k, 2 * m * n
+    macs = math.ceil(m / block_m) * block_m * math.ceil(n / block_n) * block_n * depth
+    return _roofline_mid(macs, _gemm_packed_bytes(n, k, fmt) + 2 * m * k + partials, arch)
+
+
+def _gemm_packed_bytes(n: int, k: int, fmt: str) -> float:
+    """Bytes of the packed Ŵ a fused GEMM reads: the codes and 4 B a group (INT scale and bias,
+    bf16 each; NF4 the fp32 absmax the GEMM reads de-nested)."""
     base = base_format(fmt)
     is_nf4 = base == "nf4"
     bits = 4 if is_nf4 else int(base[3:] or 4)
     group = 64 if is_nf4 else int(fmt.split("g")[1]) if "g" in fmt else 128
-    # 4 B a group: INT scale and bias (bf16 each), NF4 the fp32 absmax the GEMM reads de-nested
-    packed = n * k * bits / 8 + n * math.ceil(k / group) * 4
-    moved = packed + 2 * m * n + (4 if split > 1 else 2) * m * k
+    return n * k * bits / 8 + n * math.ceil(k / group) * 4
+
+
+def _roofline_mid(macs: float, moved: float, arch: int) -> float:
+    """The midpoint of a DRAM-bound launch's tensor fraction: optimistic r, pessimistic r / (1 + r)
+    (DRAM overlapping nothing), r = (MACs / tensor peak) / (bytes / DRAM bandwidth)."""
+    a = ARCH[arch_family(arch)]
     r = (macs / a.macs_per_s) / (moved / a.dram_bytes_per_s)
     return (r + r / (1 + r)) / 2
 
@@ -658,6 +690,10 @@ FWD_SPLIT_SPILLS = {80: frozenset(), 90: frozenset()}
 #: ... and those whose split variant spills only with QA-LoRA's in-GEMM pooling and fp32 folded
 #: biases (round 9: 64x128x32 w2, 8 B of stack at 4096→1024 M = 333 on sm_80), launched unsplit there
 FWD_SPLIT_SPILLS_POOL = {80: frozenset({"64x128x32 w2 s4"}), 90: frozenset()}
+#: ... and forward tiles that spill with QA-LoRA's pooling split or not (round 20: sm_90's
+#: 64x128x128 w4 at 255 registers, 8-128 B of stack for INT2 / INT4: the stored-order decode the
+#: pooling keeps, 128 columns of it a step), not proposed with the pooling
+FWD_POOL_SPILLS = {80: frozenset(), 90: frozenset({"64x128x128 w4 s4"})}
 #: NF4's group (absmax block) when the format class does not carry it (bitsandbytes' default)
 NF4_BLOCK = 64
 
@@ -763,6 +799,9 @@ def _fits(c, arch: int, fp32_bias: bool, op: str, pool: bool = False) -> bool:
     # spills (sm_90 256x64x64 w4 with POOL: 80-168 B stack)
     if pool and op in ("fwd", "splitk") and k["BLOCK_M"] > 32 * c.num_warps:
         return False
+    if pool and op == "fwd" and (f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']} w{c.num_warps} s{c.num_stages}"
+                                 in FWD_POOL_SPILLS.get(arch_family(arch), ())):
+        return False
     # QA-LoRA's fp32 folded biases: the 256-row split-N tile spills with them (docs/kernels.md), and
     # so does round 9's two-warp GEMM input gradient (64x64x128 w2 with the fused V = dY·B: 24-64 B
     # of stack on sm_80, bench/results/static-sm80.csv)
@@ -815,14 +854,16 @@ def _score(op, c, m, n, k, fmt, arch, sms, pool=False, fp32_bias=False):
         unsplit = (m <= SPLIT_MAX_M or label in FWD_SPLIT_SPILLS.get(arch_family(arch), ())
                    or (pool and label in FWD_SPLIT_SPILLS_POOL.get(arch_family(arch), ())))
         split = 1 if unsplit else fwd_split(k, bk, group, tiles_m * tiles_o, sms)
-        eff = fitted or sum(gemm_tile_eff(bn, bm, c.num_warps, arch, fmt)) / 2
+        tile = fitted or sum(gemm_tile_eff(bn, bm, c.num_warps, arch, fmt)) / 2
+        eff = min(tile, fwd_dram_cap(m, n, k, fmt, bm, bn, bk, 1, arch))
         fill = m * n / (tiles_m * bm * tiles_o * bn)
         if split > 1:  # the busy share of the slices and the workspace passes' share of the time join fill
             busy = fwd_split_busy(k, bk, *fwd_slices(k, bk, group, split))
-            split_score = eff * sm_balance(tiles_m * tiles_o * split, sms) * fill * busy
+            eff_split = min(tile, fwd_dram_cap(m, n, k, fmt, bm, bn, bk, split, arch))
+            split_score = eff_split * sm_balance(tiles_m * tiles_o * split, sms) * fill * busy
             charged = busy * fwd_split_share(m, n, k, split, split_score, arch)
             if split_score * charged / busy > eff * sm_balance(tiles_m * tiles_o, sms) * fill:
-                fill *= charged
+                fill, eff = fill * charged, eff_split
             else:  # the passes eat the gain: unsplit
                 split = 1
         ctas = tiles_m * tiles_o * split
@@ -1045,7 +1086,7 @@ SPLIT_MID_DEFAULT = (0.85, 0.0)
 GEMM_MID_M = {
     (80, 'fwd'): {'int2': 0.908, 'int3': 0.896, 'int4': 0.947, 'int4g128': 0.937, 'int4g32': 0.954, 'nf4': 0.926},
     (80, 'grad'): {'int2': 0.885, 'int3': 0.882, 'int4': 0.92, 'int4g128': 0.911, 'int4g32': 0.927, 'nf4': 0.912},
-    (90, 'fwd'): {'int2': 0.955, 'int3': 0.951, 'int4': 0.986, 'int4g128': 0.984, 'int4g32': 0.993, 'nf4': 0.985},
+    (90, 'fwd'): {'int2': 0.955, 'int3': 0.951, 'int4': 0.993, 'int4g128': 0.986, 'int4g32': 1.0, 'nf4': 0.985},
     (90, 'grad'): {'int2': 0.977, 'int3': 0.973, 'int4': 1.0, 'int4g128': 1.0, 'int4g32': 1.0, 'nf4': 0.998},
 }
 
