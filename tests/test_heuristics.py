@@ -780,10 +780,12 @@ def test_64_row_tiles_are_proposed_in_their_m_range(device_lists):
     the forward tile not under M = 64 (its fitted efficiency over-rates it against split-K), the
     gradient's not at M <= 16 (split-N's alone); sm_80 has no such tile in that list. Round 20: the
     forward's 64x128x128 w4 in the same range, which takes the M = 300 pick from 64x128x64 (its 128
-    deep steps, INT3 lane-owned there); 64x128x64 stays the pick at M = 64 on 4096->14336."""
+    deep steps, INT3 lane-owned there); 64x128x64 stays the pick at M = 64 on 4096->14336. The input
+    gradient's 64x128x128 w4 (round 20, 128-row N steps) likewise takes M = 300 from 64x64x128."""
     for op, tile, n, k, lo, pick in (("fwd", "64x128x64 w4 s4", 3072, 1024, 64, (64, 14336, 4096)),
                                      ("fwd", "64x128x128 w4 s4", 3072, 1024, 64, (300, 3072, 1024)),
-                                     ("grad", "64x64x128 w4 s4", 1024, 3072, 17, (300, 1024, 3072))):
+                                     ("grad", "64x64x128 w4 s4", 1024, 3072, 17, (48, 1024, 3072)),
+                                     ("grad", "64x128x128 w4 s4", 1024, 3072, 17, (300, 1024, 3072))):
         assert h.candidate_m_range(op, tile, 90) == (lo, 1024)
         assert h.candidate_m_range(op, tile, 80) == (1, math.inf)
 
@@ -796,5 +798,5 @@ def test_64_row_tiles_are_proposed_in_their_m_range(device_lists):
             assert tile not in labels(m) and labels(m), (op, m)
         assert h.choose_config(op, *pick, "int4g32", 90).label == tile
         assert all(tile not in labels(m, 80) for m in (64, 300))
-    assert h.choose_config("grad", 48, 8192, 2048, "int4g32", 90).label == "64x64x128 w4 s4"
+    assert h.choose_config("grad", 48, 8192, 2048, "int4g32", 90).label == "64x128x128 w4 s4"  # M = 24-48 too
     assert h.candidate_m_range("grad", "64x128x64 w4 s4", 90) == (1, math.inf)  # per op

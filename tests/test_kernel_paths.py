@@ -900,8 +900,26 @@ W_AS_B_RUNS = [  # (weight with N = SPLIT_N_ROWS rows, M, split, deterministic, 
 ]
 
 
+# round 20: sm_90's 64x128x128 tile, 128-row N steps (N = 264: 3 steps, the last 8 rows), the words
+# ahead on and off; the same checks
+W_AS_B_128_ROW_RUNS = [
+    pytest.param(("int", 4, 32, 384), 133, 1, False, True, True, id="int4g32-M133-ahead"),
+    pytest.param(("int", 3, 32, 384), 133, 1, False, True, False, id="int3g32-M133"),
+    pytest.param(("int", 3, 256, 512), 17, 2, True, True, True, id="int3g256-split-det-ahead"),
+    pytest.param(("int", 2, 32, 352), 70, 2, False, True, False, id="int2g32-k352-shifted-split-atomic"),
+    pytest.param(("nf4", 64, True, 384), 133, 1, False, True, True, id="nf4b64dq-ahead"),
+    pytest.param(("int", 3, 16, 384), 17, 1, False, False, True, id="int3g16-transposed"),
+]
+
+
+@pytest.mark.parametrize("case,m,split,det,rows,ahead", W_AS_B_128_ROW_RUNS)
+def test_grad_input_w_as_b_128_row_steps(case, m, split, det, rows, ahead, monkeypatch):
+    """test_grad_input_w_as_b at the round-20 tile: 128 rows of Ŵ (N) an iteration."""
+    test_grad_input_w_as_b(case, m, split, det, rows, ahead, monkeypatch, block_n=128)
+
+
 @pytest.mark.parametrize("case,m,split,det,rows,ahead", W_AS_B_RUNS)
-def test_grad_input_w_as_b(case, m, split, det, rows, ahead, monkeypatch):
+def test_grad_input_w_as_b(case, m, split, det, rows, ahead, monkeypatch, block_n=64):
     """dX = dY·Ŵ in fp16 through sm_90's GEMM input gradient at its 64x64x128 tile (the rules' only
     candidate): Ŵ decoded by decode_tile._decode_int_tile_rows (NF4: _decode_nf4_tile_rows) as the MMA's B
     operand, dX stored
@@ -915,7 +933,7 @@ def test_grad_input_w_as_b(case, m, split, det, rows, ahead, monkeypatch):
     monkeypatch.setattr(fm, "target_arch", lambda: 90)
     monkeypatch.setattr(fm, "_grad_words_ahead", lambda: ahead)
     assert heuristics.grad_w_as_b(90) and not heuristics.grad_w_as_b(80)
-    qw, w64 = _only_grad_tile(monkeypatch, "grad", config._cfg(None, 4, 1, GROUP_M=2, BLOCK_N=64, BLOCK_M=64,
+    qw, w64 = _only_grad_tile(monkeypatch, "grad", config._cfg(None, 4, 1, GROUP_M=2, BLOCK_N=block_n, BLOCK_M=64,
                                                                BLOCK_K=128), case, m, split)
     ran = spies.record_calls(monkeypatch, fm, "_decode_int_tile_rows", "_decode_int3_tile_rows",
                              "_decode_nf4_tile_rows")
@@ -926,7 +944,7 @@ def test_grad_input_w_as_b(case, m, split, det, rows, ahead, monkeypatch):
     dx = quant_matmul_backward(dy, qw, out=torch.full((m, k), float("nan"), dtype=torch.float16, device=DEVICE),
                                path="gemm", deterministic=det)
     heuristics._choose_default.cache_clear()
-    assert [(op, c.label, c.split) for op, c in log] == [("grad", "64x64x128 w4 s1", split)]
+    assert [(op, c.label, c.split) for op, c in log] == [("grad", f"64x{block_n}x128 w4 s1", split)]
     assert bool(ran) == rows
     assert oracles.rel_err(dx, dy.cpu().double() @ w64.half().double()) < 5e-4
 

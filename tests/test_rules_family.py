@@ -46,9 +46,13 @@ KNOWN_OFF = {
         # dense, up to 39 % over round 15's picks), is 5-7 % behind a split 128- or 32-row-step tile
         # on the 8192-wide dX (one fitted efficiency per tile; the split grids differ per shape);
         # INT2 / INT4 within 1 % since round 18's B-operand tile; NF4 on it 3-4 % behind 128x64x64 at 8192->8192
-        # (0.966 -> 0.963 with round 19's words loaded ahead: both tiles gained, the 128-row one more)
-        "dgrad/int3g128/8192->3072/M64": 0.932,
-        "dgrad/nf4dq/8192->8192/M64": 0.963,
+        # (0.966 -> 0.963 with round 19's words loaded ahead: both tiles gained, the 128-row one more);
+        # round 20's 64x128x128 input-gradient tile closer (INT3 0.932 -> 0.973, NF4 0.963 -> 0.978), and
+        # 3 % behind 128x64x64 / its 64-row-step sibling on two more INT3 layers at M = 64
+        "dgrad/int3g128/8192->3072/M64": 0.973,
+        "dgrad/nf4dq/8192->8192/M64": 0.978,
+        "dgrad/int3g128/4096->14336/M64": 0.968,
+        "dgrad/int3g128/8192->2048/M64": 0.968,
         # round 20: the forward's DRAM cap (heuristics.fwd_dram_cap) lets the fit see the 64-row tiles'
         # own efficiency (INT4 64x128x128 0.76, not M = 64's DRAM-bound 0.46); on 8192->1024 at M = 333
         # (48 CTAs on 132 SMs, as many as 128x64x64's) the analyzer has it 4-10 % behind 128x64x64,
@@ -220,10 +224,10 @@ KNOWN_LOW_OUT_OF_SAMPLE = {
     # the refitted split-N kernel); round 17 the INT2/INT4 forwards at M = 777 (0.78-0.86x -> 0.93-0.98x);
     # round 18 the INT2 and most INT4 input gradients (37 -> 18); round 19 (INT3 on the B-operand tile,
     # its words loaded ahead) the rest but INT3 / NF4 on 4864->896 (INT4 there 0.864x -> 0.981x): 18 -> 8;
-    # round 20 (the forward's 64x128x128 tile, INT3 lane-owned there) every INT3 forward: 8 -> 5
+    # round 20 (64x128x128 tiles, forward and input gradient) every INT3 case: 8 -> 4, all NF4
     ("oos", 90): {
-        "dgrad/int3g128/4864->896/M777": 0.859, "dgrad/nf4dq/4864->896/M777": 0.801,
-        "fwd/nf4dq/2048->11008/M777": 0.899, "fwd/nf4dq/27648->5120/M777": 0.829, "fwd/nf4dq/896->4864/M777": 0.817,
+        "dgrad/nf4dq/4864->896/M777": 0.815, "fwd/nf4dq/2048->11008/M777": 0.899,
+        "fwd/nf4dq/27648->5120/M777": 0.829, "fwd/nf4dq/896->4864/M777": 0.817,
     },
 }
 # round 15's oos2: sm_90 at M = 300, the same class: 300 rows in 2 tiles of 256 (fill 0.59) or 3 of
@@ -232,11 +236,10 @@ KNOWN_LOW_OUT_OF_SAMPLE = {
 # 64x64x128 tile (round 16, heuristics.CANDIDATE_M_RANGE) its 3072->1024 gradient 0.68x -> 0.94-1.04x
 # and Qwen3-4B's 9728->2560 INT gradients 0.871x -> 0.886x; left: the wide layers, where a 128-row
 # tile stays the best (0.86-0.90x: the 64-row tiles are issue- or smem-bound at 0.6-0.7 of peak);
-# rounds 18-19 took every INT input gradient over 0.9x (25 -> 9 -> 6), round 20's 64x128x128 forward
-# tile the INT3 forwards and one NF4 one (6 -> 3): left NF4's input gradient on two wide layers and its
-# forward on one
+# rounds 18-19 took every INT input gradient over 0.9x (25 -> 9 -> 6), round 20's 64x128x128 tiles
+# the INT3 forwards and two NF4 cases (6 -> 2): left NF4 on 16384->53248
 KNOWN_LOW_OUT_OF_SAMPLE[("oos2", 90)] = {
-    "dgrad/nf4dq/16384->53248/M300": 0.893, "dgrad/nf4dq/9728->2560/M300": 0.892, "fwd/nf4dq/16384->53248/M300": 0.882,
+    "dgrad/nf4dq/16384->53248/M300": 0.893, "fwd/nf4dq/16384->53248/M300": 0.882,
 }
 # round 16's check (static-oos3: Gemma-2-2B 2304/9216 and its 2304->2048, StableLM-2-1.6B 2048/5632,
 # a DeepSeek-V2-Lite-like MLP 2048/10944, Mistral-Small-24B 5120/32768, a 6144/16384 MLP and Gemma-3-1B
@@ -250,16 +253,14 @@ KNOWN_LOW_OUT_OF_SAMPLE[("oos2", 90)] = {
 # 19 (its words loaded ahead: the 64-row tile tensor-bound; INT3 on it) 33 -> 23, every INT2/INT4
 # input gradient at M = 400 over 0.9x (2304->9216 INT4 0.869x -> 0.986x, INT3 0.758x -> 0.864x); left
 # NF4's input gradient (its 64-row tile issue-bound on the table lookup), the INT3 / NF4 forwards,
-# and the M = 900 waves; round 20 (the forward's 64x128x128 tile, INT3 lane-owned there, and its DRAM
-# cap) every INT3 / INT4 forward (23 -> 17; NF4 9216->2304 at M = 400 0.839x -> 0.828x: the rules'
-# 64x128x128 1.3 % behind the 256-row tile there)
+# and the M = 900 waves; round 20 (64x128x128 tiles, forward and input gradient; the forward's DRAM
+# cap) every INT case (23 -> 11, all NF4; NF4 9216->2304's forward at M = 400 0.839x -> 0.828x: the
+# rules' 64x128x128 1.3 % behind the 256-row tile there)
 KNOWN_LOW_OUT_OF_SAMPLE[("oos3", 90)] = {
-    "dgrad/int2g32/10944->2048/M900": 0.9, "dgrad/int3g128/2304->2048/M400": 0.883,
-    "dgrad/int3g128/2304->9216/M400": 0.864, "dgrad/int3g128/5632->2048/M900": 0.859,
-    "dgrad/int3g128/9216->2304/M400": 0.864, "dgrad/int4g32/10944->2048/M900": 0.9,
-    "dgrad/nf4dq/10944->2048/M400": 0.855, "dgrad/nf4dq/2304->2048/M400": 0.78, "dgrad/nf4dq/2304->9216/M400": 0.764,
-    "dgrad/nf4dq/5632->2048/M900": 0.849, "dgrad/nf4dq/9216->2304/M400": 0.806,
-    "fwd/nf4dq/1152->6912/M400": 0.859, "fwd/nf4dq/2048->10944/M400": 0.86, "fwd/nf4dq/2048->10944/M900": 0.899,
+    "dgrad/nf4dq/10944->2048/M400": 0.855, "dgrad/nf4dq/2304->2048/M400": 0.837,
+    "dgrad/nf4dq/2304->9216/M400": 0.819, "dgrad/nf4dq/5632->2048/M900": 0.849,
+    "dgrad/nf4dq/9216->2304/M400": 0.823, "fwd/nf4dq/1152->6912/M400": 0.859,
+    "fwd/nf4dq/2048->10944/M400": 0.86, "fwd/nf4dq/2048->10944/M900": 0.899,
     "fwd/nf4dq/2048->5632/M900": 0.854, "fwd/nf4dq/2304->9216/M400": 0.823, "fwd/nf4dq/9216->2304/M400": 0.828,
 }
 KNOWN_DISPATCH_OUT_OF_SAMPLE = {  # the same 3584->512 gradients: dequantize + dense 1.5-2.5 % faster

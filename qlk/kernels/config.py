@@ -221,6 +221,11 @@ def grad_configs():
         # 0.38); proposed at 17 <= M <= 1024 (heuristics.CANDIDATE_M_RANGE). Of six 64-row tiles compiled at M = 128 / 300 /
         # 777 / 3000 (64x64x64, 64x128x64 and 64x64x128 w4; 64x64x128, 64x128x128 and 64x64x256 w8) it is
         # the one the analyzer ranks first where big tiles are mostly padding (docs/kernels.md "Round 16")
+        # round 20: the same 64 columns of dXᵀ on 128-row N steps (Ŵ as wgmma's B operand): half the
+        # iterations, so the per-step work that does not scale with the tile weighs half as much
+        # (2304->9216 M = 400: INT3 0.82..0.44 -> 0.94..0.47 of peak, NF4 0.71..0.41 -> 0.77..0.43);
+        # listed before the 64-row-step tile, which it ties where both are DRAM-capped (M <= 64)
+        _cfg(90, 4, 4, BLOCK_N=128, BLOCK_M=64, BLOCK_K=128, GROUP_M=8),
         _cfg(90, 4, 4, BLOCK_N=64, BLOCK_M=64, BLOCK_K=128, GROUP_M=8),
     ]
 
