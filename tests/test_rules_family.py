@@ -461,51 +461,37 @@ def test_split_kernels_are_charged_their_workspace_passes(device_lists):
     assert sr.split_passes_time(fwd, g) == pytest.approx(10 * m * n / g.dram_bytes_per_s)  # Y [M, N]
 
 
+#: (kernel, the rule's cap, the output tiles' extent (M rows aside) and block, split launches the
+#: sweep must hold): the input gradient's dX [M, K] (round 6) and the forward's Y [M, N] (round 20)
+DRAM_CAPS = {
+    "grad_dram_cap": ("_quant_matmul_grad_input_kernel", lambda r, bn, bk: math.ceil(r["K"] / bk), 100),
+    "fwd_dram_cap": ("_quant_matmul_fwd_kernel", lambda r, bn, bk: math.ceil(r["N"] / bn), 50),
+}
+
+
+@pytest.mark.parametrize("cap", DRAM_CAPS)
 @pytest.mark.parametrize("arch", (90, 80))
-def test_grad_dram_cap_is_the_analyzers_roofline(arch):
-    """heuristics.grad_dram_cap against the analyzer: at every GEMM input-gradient row of the sweep
-    (split and unsplit launches, 5 formats), its tensor fraction / DRAM fraction is the roofline
-    ratio r the rule computes from the shape, the tile and the split (the cap is the midpoint of the
-    DRAM-bound range r .. r / (1 + r))."""
+def test_dram_cap_is_the_analyzers_roofline(arch, cap):
+    """heuristics.grad_dram_cap / fwd_dram_cap against the analyzer: at every GEMM input-gradient /
+    forward row of the sweep (split and unsplit launches, 5 formats), its tensor fraction / DRAM
+    fraction is the roofline ratio r the rule computes from the shape, the tile and the split (the cap
+    is the midpoint of the DRAM-bound range r .. r / (1 + r))."""
     import launches
 
-    rows = [r for r in sr.read_csv(SWEEP[arch])
-            if r["kernel"] == "_quant_matmul_grad_input_kernel" and r["status"] == "ok"]
+    kernel, out_tiles, min_splits = DRAM_CAPS[cap]
+    rows = [r for r in sr.read_csv(SWEEP[arch]) if r["kernel"] == kernel and r["status"] == "ok"]
     assert len(rows) >= 1000
     splits = 0
     for r in rows:
         bm, bn, bk = (int(x) for x in r["config"].split()[0].split("x"))
-        split = r["grid_ctas"] // (math.ceil(r["K"] / bk) * math.ceil(r["M"] / bm))
+        split = r["grid_ctas"] // (out_tiles(r, bn, bk) * math.ceil(r["M"] / bm))
         splits += split > 1
         spec = launches.FORMATS[r["fmt"]]
         fmt = h.format_class(spec.get("bits", 4), spec.get("fmt") == "nf4", spec.get("group_size"))
         ratio = r["tensor_peak_opt"] / r["dram_peak_opt"]
-        got = h.grad_dram_cap(r["M"], r["N"], r["K"], fmt, bm, bn, bk, split, arch)
+        got = getattr(h, cap)(r["M"], r["N"], r["K"], fmt, bm, bn, bk, split, arch)
         assert got == pytest.approx((ratio + ratio / (1 + ratio)) / 2, rel=0.01), (r["case"], r["config"], split)
-    assert splits >= 100  # the split launches' workspace is what the cap is for
-
-
-@pytest.mark.parametrize("arch", (90, 80))
-def test_fwd_dram_cap_is_the_analyzers_roofline(arch):
-    """heuristics.fwd_dram_cap (round 20) against the analyzer: at every forward GEMM row of the
-    sweep (split over K and not, 5 formats) its tensor fraction / DRAM fraction is the roofline ratio
-    r the rule computes from the shape, the tile and the split."""
-    import launches
-
-    rows = [r for r in sr.read_csv(SWEEP[arch])
-            if r["kernel"] == "_quant_matmul_fwd_kernel" and r["status"] == "ok"]
-    assert len(rows) >= 1000
-    splits = 0
-    for r in rows:
-        bm, bn, bk = (int(x) for x in r["config"].split()[0].split("x"))
-        split = r["grid_ctas"] // (math.ceil(r["N"] / bn) * math.ceil(r["M"] / bm))
-        splits += split > 1
-        spec = launches.FORMATS[r["fmt"]]
-        fmt = h.format_class(spec.get("bits", 4), spec.get("fmt") == "nf4", spec.get("group_size"))
-        ratio = r["tensor_peak_opt"] / r["dram_peak_opt"]
-        got = h.fwd_dram_cap(r["M"], r["N"], r["K"], fmt, bm, bn, bk, split, arch)
-        assert got == pytest.approx((ratio + ratio / (1 + ratio)) / 2, rel=0.01), (r["case"], r["config"], split)
-    assert splits >= 50
+    assert splits >= min_splits  # the split launches' workspace is what the cap is for
 
 
 @pytest.fixture
