@@ -40,6 +40,8 @@ CASES = {
          "dgrad/nf4dq/4096->14336/M4096", "dgrad/nf4dq/4096->14336/M1", "dgrad-gemv/nf4dq/4096->14336/M1",
          "fwd/int3g128/4096->14336/M4096", "dgrad/int3g128/4096->14336/M4096",
          "fwd/int3g128/4096->14336/M1", "fwd/int2g32/4096->14336/M1",
+         # round 20: M = 256 compiles the 64x128x128 tiles, INT3's lane-owned forward asm among them
+         "fwd/int3g128/4096->14336/M256", "dgrad/int3g128/4096->14336/M256",
          "qalora/int4g32/4096->14336/M1",
          "dequant/int4g32/*"],
     80: ["fwd/int4g32/4096->14336/*", "dgrad/int4g32/4096->14336/*", "dgrad/nf4dq/4096->14336/M1",
