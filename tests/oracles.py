@@ -100,6 +100,28 @@ def nf4_dequant64(qw) -> torch.Tensor:
     return (table[code] * nf4_absmax64(qw)[e // qw.group_size]).reshape(n, k)
 
 
+def nf4_dequant_act(qw, dtype: torch.dtype) -> torch.Tensor:
+    """Ŵ [N, K] (float64) as the fused kernels decode NF4 for fp16/bf16 activations (round 21):
+    ŵ = rnd(rnd(NF4[q])·rnd(absmax)), rnd = round to nearest even in ``dtype``, the absmax de-nested
+    in fp32 as bitsandbytes does it (product rounded, then the sum). Each product of two 16-bit
+    floats is exact in float64 (and in fp32), so the last rounding is the only one of the product."""
+    n, k = qw.shape
+    if qw.absmax_scale is None:
+        absmax = qw.absmax.cpu().float()
+    else:
+        codes = qw.absmax.cpu().to(torch.int64)
+        idx = torch.arange(codes.numel()) // NESTED_BLOCK
+        absmax = dynamic_map64().float()[codes] * qw.absmax_scale.cpu().float()[idx]
+        absmax = absmax + qw.absmax_offset.cpu().float().reshape(())
+    raw = qw.qweight.cpu().reshape(-1).to(torch.int64)
+    e = torch.arange(n * k)
+    byte = raw[e // 2]
+    code = torch.where(e % 2 == 0, byte >> 4, byte & 15)
+    table = torch.tensor(NF4, dtype=torch.float64).to(dtype).double()
+    scale = absmax.to(dtype).double()
+    return (table[code] * scale[e // qw.group_size]).to(dtype).double().reshape(n, k)
+
+
 def dequant64(qw) -> torch.Tensor:
     """float64 Ŵ [N, K] in the stored column order, from the documented layout of either format."""
     return int_dequant64(qw) if qw.fmt == "int" else nf4_dequant64(qw)

@@ -24,6 +24,8 @@ from qlk.formats.nf4 import NF4_TABLE, nf4_absmax
 from qlk.kernels import nf4_tile
 from qlk.kernels.quant_tile import nf4_byte_table, weight_args
 
+import asm_emulator
+
 NF4_BITS = np.array(NF4_TABLE, dtype=np.float32).view(np.uint32)
 LANES = np.arange(32, dtype=np.uint32)
 
@@ -57,8 +59,17 @@ def run_ptx(ptx: str, operands: dict) -> dict:
             guard = preds[m.group(2)] if not m.group(1) else ~preds[m.group(2)]
             line = m.group(3)
         op, rest = line.split(None, 1)
+        m = re.match(r"\{\s*(\S+)\s*,\s*(\S+)\s*\}\s*,\s*(\S+)$", rest)
+        if op == "mov.b32" and m:  # unpack into 16-bit registers: low half first
+            v = val(m.group(3))
+            regs[m.group(1)], regs[m.group(2)] = v & np.uint32(0xFFFF), v >> np.uint32(16)
+            continue
         args = [a.strip() for a in rest.split(",")]
-        if op in ("mov.u32", "mov.b32"):
+        if op == "prmt.b32":
+            res = asm_emulator.prmt(val(args[1]), val(args[2]), val(args[3]))
+        elif op in ("fma.rn.f16x2", "fma.rn.bf16x2"):
+            res = asm_emulator.fma_x2(val(args[1]), val(args[2]), val(args[3]), "bf16" if "bf16" in op else "f16")
+        elif op in ("mov.u32", "mov.b32"):
             res = val(args[1])
         elif op == "and.b32":
             res = val(args[1]) & val(args[2])
@@ -110,6 +121,53 @@ def test_pair_lookup_every_byte_every_lane(seed):
         assert np.array_equal(regs["$0"], twin[byte, 0]) and np.array_equal(regs["$1"], twin[byte, 1])
 
 
+def _act_round(v: np.ndarray, act: str) -> np.ndarray:
+    """float64 values rounded once (to nearest even) to fp16/bf16, back as float64."""
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[act]
+    return torch.from_numpy(v).to(dtype).double().numpy()
+
+
+def _act_bits(v: np.ndarray, act: str) -> np.ndarray:
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[act]
+    return torch.from_numpy(np.asarray(v, dtype=np.float64)).to(dtype).view(torch.int16).numpy().astype(np.uint32) & 0xFFFF
+
+
+def _half_pair_expected(byte: np.ndarray, scale: np.ndarray, act: str):
+    """(even, odd) 16-bit patterns of round_act(round_act(NF4[nibble])·round_act(s)), in float64."""
+    table = _act_round(np.array(NF4_TABLE, dtype=np.float64), act)
+    s = _act_round(scale.astype(np.float64), act)
+    return _act_bits(table[byte >> 4] * s, act), _act_bits(table[byte & 15] * s, act)
+
+
+@pytest.mark.parametrize("act", ["fp16", "bf16"])
+def test_half_lane_table_holds_rounded_nf4_by_lane(act):
+    regs = run_ptx(nf4_tile.lane_table_asm(act), {"$0": np.zeros(32), "$1": np.zeros(32)})
+    want = _act_bits(np.array(NF4_TABLE, dtype=np.float64), act)[LANES % 16]
+    assert np.array_equal(regs["$0"], want)
+    assert act != "bf16" or not np.array_equal(want, NF4_BITS[LANES % 16] >> 16), "bf16 rounds, not truncates"
+
+
+@pytest.mark.parametrize("act", ["fp16", "bf16"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_half_pair_lookup_every_byte(act, seed):
+    """Round 21's half2 lookup (pair_half_asm) over a modelled warp: all 256 bytes at random lane
+    positions, garbage above the byte, absmax from subnormal to large: (even, odd) equal
+    round_act(NF4_act[nibble]·s_act) computed in float64 (one rounding of the exact product)."""
+    rng = np.random.default_rng(seed)
+    table = run_ptx(nf4_tile.lane_table_asm(act), {"$0": np.zeros(32), "$1": np.zeros(32)})["$0"]
+    all_bytes = np.concatenate([rng.permutation(256) for _ in range(4)]).astype(np.uint32)
+    for start in range(0, all_bytes.size, 32):
+        byte = all_bytes[start:start + 32]
+        garbage = rng.integers(0, 1 << 24, 32, dtype=np.uint32) << np.uint32(8)
+        scale = np.exp(rng.uniform(np.log(1e-6), np.log(3e3), 32)) * rng.choice([1.0, -1.0], 32)
+        s16 = _act_bits(scale, act)
+        regs = run_ptx(nf4_tile.pair_half_asm(act), {"$0": np.zeros(32), "$1": np.zeros(32), "$2": byte | garbage,
+                                                     "$3": table, "$4": s16 | (s16 << np.uint32(16))})
+        even, odd = _half_pair_expected(byte, scale, act)
+        assert np.array_equal(regs["$0"], even), "even element (high nibble)"
+        assert np.array_equal(regs["$1"], odd), "odd element (low nibble)"
+
+
 def test_ptx_model_rejects_unknown_instructions():
     with pytest.raises(AssertionError, match="not modelled"):
         run_ptx("add.u32 $0, $0, 1;", {"$0": np.zeros(32)})
@@ -152,3 +210,38 @@ def test_weight_args_denest_switch():
     assert meta["DOUBLE_QUANT"] is True and args[1] is qw.absmax
     with pytest.raises(ValueError, match="double-quantized NF4"):
         nf4_tile.denest_absmax(quantize_nf4(w, blocksize=64, double_quant=False))
+
+
+@pytest.mark.skipif(not (nf4_tile.INTERPRETED or torch.cuda.is_available()), reason="needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("act", ["fp16", "bf16"])
+def test_half_pair_kernel_every_byte(act):
+    """``_nf4_half_pair`` as the kernels call it (the interpreter's byte-table twin on CPU, the PTX on a
+    GPU): every byte with 16 absmax values from subnormal to large and garbage above the byte, against
+    the same float64 model as the PTX; the output poisoned with NaN."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def pair(byte_ptr, s_ptr, lut_ptr, even_ptr, odd_ptr, ACT: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        s = tl.load(s_ptr + offs)
+        bits = s.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        even, odd = nf4_tile._nf4_half_pair(tl.load(byte_ptr + offs), bits | (bits << 16), lut_ptr, ACT)
+        tl.store(even_ptr + offs, even)
+        tl.store(odd_ptr + offs, odd)
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[act]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rng = np.random.default_rng(7)
+    byte = np.tile(np.arange(256, dtype=np.uint32), 16)
+    scale = np.repeat(np.exp(rng.uniform(np.log(1e-6), np.log(3e3), 16)), 256)
+    garbage = rng.integers(0, 1 << 23, byte.size, dtype=np.uint32) << np.uint32(8)
+    words = torch.from_numpy((byte | garbage).view(np.int32)).to(device)
+    s = torch.from_numpy(scale).to(dtype).to(device)
+    even = torch.full((byte.size,), float("nan"), dtype=dtype, device=device)
+    odd = torch.full_like(even, float("nan"))
+    pair[(1,)](words, s, nf4_byte_table(device), even, odd, ACT=getattr(tl, {"fp16": "float16", "bf16": "bfloat16"}[act]),
+               BLOCK=byte.size)
+    want_even, want_odd = _half_pair_expected(byte, scale, act)
+    assert np.array_equal(even.cpu().view(torch.int16).numpy().astype(np.uint32) & 0xFFFF, want_even)
+    assert np.array_equal(odd.cpu().view(torch.int16).numpy().astype(np.uint32) & 0xFFFF, want_odd)

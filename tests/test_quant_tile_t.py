@@ -121,16 +121,22 @@ def test_int2_half_word_tile_t(case, dtype):
     assert torch.equal(tile_t(qw, dtype, int2_halves=True).cpu(), ref)
 
 
-@pytest.mark.parametrize("block,dq,k,dtype", [(64, True, 256, BF16), (32, False, 224, F16), (32, False, 224, BF16)],
-                         ids=["b64dq-bf16", "b32k224-fp16", "b32k224-bf16"])
+@pytest.mark.parametrize("block,dq,k,dtype", [(64, True, 256, BF16), (32, False, 224, F16), (32, False, 224, BF16),
+                                              (64, True, 256, torch.float32)],
+                         ids=["b64dq-bf16", "b32k224-fp16", "b32k224-bf16", "b64dq-fp32"])
 def test_nf4_tile_t(block, dq, k, dtype):
-    """NF4 against bitsandbytes' own dequantize_4bit (the float64 oracle loops in Python: too slow
-    here). Without double quant the fp32 product is bitsandbytes' exactly; with it the absmax is
-    rebuilt in fp32 (two roundings), so the tile is within one rounding of the target dtype."""
+    """NF4 against bitsandbytes' own dequantize_4bit, fp16/bf16 (round 21's half2 lookup) bit for bit
+    against ``oracles.nf4_dequant_act`` (table and absmax rounded to the dtype, then the product)
+    and within two units in the last place of bitsandbytes' fp32 value. fp32: without double quant
+    the fp32 product is bitsandbytes' exactly; with it the absmax is rebuilt in fp32 (two
+    roundings), so the tile is within one rounding."""
     pytest.importorskip("bitsandbytes")
     qw, ref64 = oracles.bnb_weight(weight(N, k, seed=block + k), blocksize=block, double_quant=dq)
     out = tile_t(qw.to(DEVICE), dtype).cpu().t()
-    if not dq:
+    if dtype in (F16, BF16):
+        assert torch.equal(out.double(), oracles.nf4_dequant_act(qw, dtype))
+        assert ((out.double() - ref64).abs() <= 2 * torch.finfo(dtype).eps * ref64.abs()).all()
+    elif not dq:
         assert torch.equal(out, rounded(ref64, dtype))
     else:
         ulp = 2e-6 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps

@@ -57,7 +57,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .quant_tile import _group_params, _load_int3_planes, _load_words, _nf4_byte_values
+from .nf4_tile import _nf4_half_pair, _round_act
+from .quant_tile import _group_params, _load_int3_planes, _load_words
 
 #: 16-bit float magic whose ulp is 1 (codes are OR-ed into its mantissa), its value, and 1.0
 F16_MAGIC, F16_MAGIC_VALUE, F16_ONE = 0x6400, 1024, 0x3C00
@@ -297,6 +298,44 @@ def _decode_int_tile(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, offs
                              offs_n, j, j < G, False, False, True, EVEN_K, True)
         w = _byte_codes_to_weights(codes, sel, s.to(ACT), b.to(ACT), BITS, PACKED)
     return w
+
+
+@triton.jit
+def _decode_nf4_tile(qw_ptr, s_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr, stride_qn, stride_sn, stride_sg,
+                     offs_n, k0, K, ACT: tl.constexpr, GROUP_SIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                     EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """NF4's Ŵ[offs_n, k0 : k0 + BLOCK_K] in the activation dtype ACT (fp16/bf16), the stored k order:
+    ŵ = round_act(NF4_a[q]·absmax_a), the table and the (de-nested) absmax rounded to ACT first
+    (:func:`qlk.kernels.nf4_tile._nf4_half_pair`; round 21). Same contract as ``_dequant_tile``;
+    the block size a multiple of 8 (a word's bytes share their absmax).
+
+    Byte i of a word holds the (even, odd) codes in its (high, low) nibble; the pair comes back as
+    two values that ``tl.join`` keeps in one thread, as the MMA operand holds it."""
+    NW: tl.constexpr = BLOCK_K // 8
+    words = _load_words(qw_ptr, stride_qn, offs_n, k0, K, 8, EVEN_K, BLOCK_K)
+    shifted = words[:, :, None] >> (tl.arange(0, 4)[None, None, :] * 8)
+    G = K // GROUP_SIZE
+    if (GROUP_SIZE & (GROUP_SIZE - 1)) == 0:
+        NG: tl.constexpr = BLOCK_K // GROUP_SIZE if BLOCK_K > GROUP_SIZE else 1
+        offs_g = k0 // GROUP_SIZE + tl.arange(0, NG)
+        absmax, _ = _group_params(s_ptr, s_ptr, am_scale_ptr, am_offset_ptr, dyn_ptr, stride_sn, stride_sg,
+                                  offs_n, offs_g[None, :], (offs_g < G)[None, :], True, DOUBLE_QUANT, False, EVEN_K)
+        s2 = _half2_bits(_round_act(absmax, ACT))
+        s2 = tl.reshape(tl.broadcast_to(s2[:, :, None], (BLOCK_N, NG, NW // NG)), (BLOCK_N, NW))
+    else:
+        j = ((k0 + 8 * tl.arange(0, NW)) // GROUP_SIZE)[None, :]
+        absmax, _ = _group_params(s_ptr, s_ptr, am_scale_ptr, am_offset_ptr, dyn_ptr, stride_sn, stride_sg,
+                                  offs_n, j, j < G, True, DOUBLE_QUANT, False, EVEN_K)
+        s2 = _half2_bits(_round_act(absmax, ACT))
+    even, odd = _nf4_half_pair(shifted, s2[:, :, None], lut_ptr, ACT)
+    return tl.reshape(tl.join(even, odd), (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def _half2_bits(v):
+    """int32 holding the 16-bit pattern of ``v`` (fp16/bf16) in both halves."""
+    bits = v.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return bits | (bits << 16)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -773,16 +812,17 @@ def _decode_nf4_tile_rows(qw_ptr, s_ptr, lut_ptr, stride_qn, stride_sn, stride_s
     values in its thread's registers (tile position p = 4a + 2b + e holds element e of byte a + 2b,
     :func:`_row_tile_stored_order` with IS_NF4); absmax fp32 per (row, block), plain or de-nested
     (``weight_args(denest_absmax=True)``), blocks a power of two of 8 columns or more; the tile inside
-    K. Numerics: the fp32 tile's (``_dequant_tile``): the fp32 product rounded once to ACT.
-    PRELOADED: ``words`` were loaded by the caller (:func:`_row_tile_words`)."""
+    K. Numerics: :func:`_decode_nf4_tile`'s (round 21: the half2 lookup, the table and absmax rounded
+    to ACT, the product rounded once). PRELOADED: ``words`` were loaded by the caller
+    (:func:`_row_tile_words`)."""
     NW: tl.constexpr = BLOCK_K // 8
     if not PRELOADED:
         words = _load_words(qw_ptr, stride_qn, offs_n, k0, K, 8, True, BLOCK_K)
     by = tl.join(tl.join(words, words >> 8), tl.join(words >> 16, words >> 24))  # [BN, NW, 2 (a), 2 (b)]
-    even, odd = _nf4_byte_values(by, lut_ptr)
     NG: tl.constexpr = BLOCK_K // GROUP_SIZE if BLOCK_K > GROUP_SIZE else 1
     offs_g = (k0 // GROUP_SIZE) + tl.arange(0, NG)  # the tile's groups
     absmax, _ = _group_params(s_ptr, s_ptr, s_ptr, s_ptr, s_ptr, stride_sn, stride_sg, offs_n, offs_g[None, :],
                               (offs_g < K // GROUP_SIZE)[None, :], True, False, False, True)
-    w = tl.reshape(tl.join(even, odd), (BLOCK_N, NG, NW // NG, 8)) * absmax[:, :, None, None]
-    return tl.reshape(w.to(ACT), (BLOCK_N, BLOCK_K))
+    s2 = tl.reshape(tl.broadcast_to(_half2_bits(_round_act(absmax, ACT))[:, :, None], (BLOCK_N, NG, NW // NG)), (BLOCK_N, NW))
+    even, odd = _nf4_half_pair(by, s2[:, :, None, None], lut_ptr, ACT)
+    return tl.reshape(tl.join(even, odd), (BLOCK_N, BLOCK_K))

@@ -68,6 +68,7 @@ from ..formats.quantized_weight import QuantizedWeight
 from . import heuristics
 from .config import GEMV_PRUNE, INTERPRETED, fma_kernel, gemv_grad_configs, num_sms, packed_rows_kernel, target_arch
 from .decode_tile import (_decode_int3_tile_rows, _decode_int_tile, _decode_int_tile_lanes, _decode_int_tile_rows,
+                          _decode_nf4_tile,
                           _decode_nf4_tile_rows, _lane_x_tile, _row_tile_stored_order, _row_tile_words)
 from .quant_tile import _dequant_tile, aligned_rows, weight_args
 from .quant_tile_t import _dequant_tile_t, _int3_planes_t, _words_t
@@ -170,7 +171,10 @@ def _weight_tile(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn
     """Ŵ[rows_w, k0 .. k0+BLOCK_K] [BLOCK_N, BLOCK_K] in the stored k order, for activations of dtype
     ACT: INT weights with fp16/bf16 decoded straight into ACT (the half2 tile,
     :func:`qlk.kernels.decode_tile._decode_int_tile`), else (NF4, fp32) the fp32 ``_dequant_tile``."""
-    if (not IS_NF4) and (ACT == tl.float16 or ACT == tl.bfloat16):
+    if IS_NF4 and (ACT == tl.float16 or ACT == tl.bfloat16):
+        w = _decode_nf4_tile(qw_ptr, s_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr, stride_qn, stride_sn,
+                             stride_sg, rows_w, k0, K, ACT, GROUP_SIZE, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K)
+    elif ACT == tl.float16 or ACT == tl.bfloat16:
         w = _decode_int_tile(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, rows_w, k0, K,
                              ACT, BITS, GROUP_SIZE, PACKED_DEQUANT, EVEN_K, BLOCK_N, BLOCK_K)
     else:

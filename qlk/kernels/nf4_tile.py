@@ -45,22 +45,60 @@ _DENEST_BLOCK = 1024
 
 #: True: NF4 codes are looked up by warp shuffle (inline PTX); False (interpreter): byte-table gather
 NF4_SHUFFLE = tl.constexpr(not INTERPRETED)
+_INTERPRETED_BF16 = tl.constexpr(INTERPRETED)
 
 
 def _f32_bits(v: float) -> int:
     return struct.unpack("<I", struct.pack("<f", v))[0]
 
 
-def _lane_table_asm() -> str:
+def half_bits(value: float, act: str) -> int:
+    """16-bit pattern of ``value`` rounded to nearest (even) in the activation dtype ``act``."""
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[act]
+    return int(torch.tensor([value], dtype=torch.float32).to(dtype).view(torch.int16).item()) & 0xFFFF
+
+
+def _lane_table_asm(entries: list[int]) -> str:
     lines = ["{", ".reg .u32 lane;", ".reg .pred hit;", "mov.u32 lane, %laneid;", "and.b32 lane, lane, 15;",
-             f"mov.b32 $0, 0x{_f32_bits(NF4_TABLE[0]):08X};"]
+             f"mov.b32 $0, 0x{entries[0]:08X};"]
     for code in range(1, 16):
-        lines += [f"setp.eq.u32 hit, lane, {code};", f"@hit mov.b32 $0, 0x{_f32_bits(NF4_TABLE[code]):08X};"]
+        lines += [f"setp.eq.u32 hit, lane, {code};", f"@hit mov.b32 $0, 0x{entries[code]:08X};"]
     return "\n".join(lines + ["}"])
 
 
+def lane_table_asm(act: str = "fp32") -> str:
+    """PTX: $0 = NF4[laneid mod 16] as fp32 bits (``act="fp32"``), or as the fp16/bf16 bits of the
+    value rounded to the activation dtype in the low 16 bits (upper bits 0); $1: an unused operand."""
+    if act == "fp32":
+        return _lane_table_asm([_f32_bits(v) for v in NF4_TABLE])
+    return _lane_table_asm([half_bits(v, act) for v in NF4_TABLE])
+
+
+def pair_half_asm(act: str) -> str:
+    """PTX of one invocation (pack=1) of the half2 lookup of an NF4 byte: ($0, $1) = (NF4_a[$2 >> 4]·s,
+    NF4_a[$2 & 15]·s) as fp16/bf16 (16-bit registers), the even element then the odd one, NF4_a = the
+    table rounded to ``act``. $2 = int32 whose low byte is the packed byte (only bits 0-8 are read:
+    the shuffle takes bits 0-4 of its index, and both half-warps hold the table, so bit 4 is free);
+    $3 = the lane table register (``lane_table_asm(act)``); $4 = s in both 16-bit halves (``act``).
+    One SHF, two SHFL, one PRMT and one HFMA2 (the product + −0: the product rounded once) a byte;
+    the two 16-bit results are the halves of one 32-bit register, as the MMA operand holds the pair."""
+    fma = {"fp16": "fma.rn.f16x2", "bf16": "fma.rn.bf16x2"}[act]
+    return "\n".join([
+        "{",
+        ".reg .b32 ev, od, ix, nz;",
+        "shr.b32 ix, $2, 4;",
+        "shfl.sync.idx.b32 ev, $3, ix, 0x1f, 0xffffffff;",
+        "shfl.sync.idx.b32 od, $3, $2, 0x1f, 0xffffffff;",
+        "prmt.b32 ev, ev, od, 0x5410;",  # (NF4_a[even], NF4_a[odd]): the low half of each
+        "mov.b32 nz, 0x80008000;",
+        f"{fma} ev, ev, $4, nz;",
+        "mov.b32 {$0, $1}, ev;",
+        "}",
+    ])
+
+
 #: $0 = fp32 bits of NF4[laneid mod 16] ($1: an unused operand, inline asm needs one)
-LANE_TABLE_PTX = _lane_table_asm()
+LANE_TABLE_PTX = lane_table_asm()
 #: $0 = NF4[$2 >> 4 (mod 16)], $1 = NF4[$2 (mod 16)] (fp32 bits), $3 = the lane table register
 PAIR_LOOKUP_PTX = "\n".join([
     "{",
@@ -72,6 +110,10 @@ PAIR_LOOKUP_PTX = "\n".join([
 ])
 _LANE_TABLE_ASM = tl.constexpr(LANE_TABLE_PTX)
 _PAIR_LOOKUP_ASM = tl.constexpr(PAIR_LOOKUP_PTX)
+_LANE_TABLE_F16_ASM = tl.constexpr(lane_table_asm("fp16"))
+_LANE_TABLE_BF16_ASM = tl.constexpr(lane_table_asm("bf16"))
+_PAIR_F16_ASM = tl.constexpr(pair_half_asm("fp16"))
+_PAIR_BF16_ASM = tl.constexpr(pair_half_asm("bf16"))
 
 
 @triton.jit
@@ -88,6 +130,53 @@ def _nf4_pair_values(byte):
     even, odd = tl.inline_asm_elementwise(_PAIR_LOOKUP_ASM, "=r,=r,r,r", [byte, table],
                                           dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
     return even.to(tl.float32, bitcast=True), odd.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _nf4_half_pair(byte, s2, lut_ptr, ACT: tl.constexpr):
+    """(NF4_a[b >> 4]·s, NF4_a[b & 15]·s) in ACT (fp16/bf16) for the low byte b of int32 ``byte``:
+    the even and the odd element of a packed NF4 byte, NF4_a the table rounded to ACT, the product
+    rounded once (round 21, docs/kernels.md). ``s2``: int32 holding the absmax's ACT bits in both
+    16-bit halves, broadcastable to ``byte``.
+
+    Compiled (NF4_SHUFFLE): ``pair_half_asm``, per byte one SHF, two SHFL, one PRMT and one HFMA2
+    where the fp32 lookup (:func:`_nf4_pair_values`) and its scaling take two SHFL, two FMUL and an
+    F2FP. The interpreter's twin gathers the fp32 values from the byte table ``lut_ptr``
+    (``quant_tile.nf4_byte_table``) and rounds as the asm does: NF4_a·s has at most 22 significant
+    bits, exact in fp32, then one rounding to ACT."""
+    byte, s2 = tl.broadcast(byte, s2)
+    if NF4_SHUFFLE:
+        if ACT == tl.float16:
+            table = tl.inline_asm_elementwise(_LANE_TABLE_F16_ASM, "=r,r", [tl.zeros_like(byte)], dtype=tl.int32,
+                                              is_pure=True, pack=1)
+            even, odd = tl.inline_asm_elementwise(_PAIR_F16_ASM, "=h,=h,r,r,r", [byte, table, s2],
+                                                  dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
+        else:
+            tl.static_assert(ACT == tl.bfloat16)
+            table = tl.inline_asm_elementwise(_LANE_TABLE_BF16_ASM, "=r,r", [tl.zeros_like(byte)], dtype=tl.int32,
+                                              is_pure=True, pack=1)
+            even, odd = tl.inline_asm_elementwise(_PAIR_BF16_ASM, "=h,=h,r,r,r", [byte, table, s2],
+                                                  dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
+    else:
+        pair = tl.load(lut_ptr + (byte & 0xFF))
+        s = (s2 & 0xFFFF).to(tl.int16).to(ACT, bitcast=True).to(tl.float32)
+        even = _round_act(_round_act(pair.to(tl.int32).to(tl.float32, bitcast=True), ACT).to(tl.float32) * s, ACT)
+        odd = _round_act(_round_act((pair >> 32).to(tl.int32).to(tl.float32, bitcast=True), ACT).to(tl.float32) * s,
+                         ACT)
+    return even, odd
+
+
+@triton.jit
+def _round_act(x, ACT: tl.constexpr):
+    """fp32 ``x`` rounded to nearest even in ACT (finite values): the cast when compiled
+    (cvt.rn), but bf16 under the interpreter by integer arithmetic on the bits, as its fp32 -> bf16
+    cast truncates."""
+    if ACT == tl.bfloat16 and _INTERPRETED_BF16:
+        u = x.to(tl.int32, bitcast=True)
+        u = u + 0x7FFF + ((u >> 16) & 1)
+        return (u >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(ACT)
 
 
 @triton.jit

@@ -60,8 +60,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .decode_tile import _act_consts, _neg_magic
-from .nf4_tile import NF4_SHUFFLE, _nf4_pair_values
+from .decode_tile import _act_consts, _half2_bits, _neg_magic
+from .nf4_tile import NF4_SHUFFLE, _nf4_half_pair, _nf4_pair_values, _round_act
 from .quant_tile import _dequant_tile, _group_params, _load_int3_planes
 
 
@@ -550,7 +550,26 @@ def _dequant_tile_t(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, 
     PTX (a GPU), else its Triton twin (the interpreter)."""
     CHUNK: tl.constexpr = 32 if (BITS == 3 and not IS_NF4) else (16 if (BITS == 2 and not IS_NF4 and not INT2_HALVES) else 8)
     POW2: tl.constexpr = (GROUP_SIZE & (GROUP_SIZE - 1)) == 0
-    if POW2 and GROUP_SIZE >= CHUNK and BLOCK_K % CHUNK == 0:
+    NF4_HALF: tl.constexpr = IS_NF4 and (OUT_DTYPE == tl.float16 or OUT_DTYPE == tl.bfloat16)
+    if NF4_HALF and POW2 and GROUP_SIZE >= CHUNK and BLOCK_K % CHUNK == 0:
+        # round 21: the forward's half2 lookup (nf4_tile._nf4_half_pair), the same rounding as the
+        # forward; the even and odd values joined after it as the fp32 path's are
+        if PRELOADED:
+            words = words_pre
+        else:
+            words = _words_t(qw_ptr, stride_qn, offs_n, k0, K, BITS, IS_NF4, EVEN_K, BLOCK_K, False, False)
+        NCH_H: tl.constexpr = BLOCK_K // 8
+        NG_H: tl.constexpr = BLOCK_K // GROUP_SIZE if BLOCK_K > GROUP_SIZE else 1
+        offs_g = k0 // GROUP_SIZE + tl.arange(0, NG_H)
+        absmax, _ = _group_params(s_ptr, s_ptr, am_scale_ptr, am_offset_ptr, dyn_ptr, stride_sn, stride_sg, offs_n,
+                                  offs_g[None, :], (offs_g < K // GROUP_SIZE)[None, :], True, DOUBLE_QUANT, False,
+                                  EVEN_K)
+        s2 = _half2_bits(_round_act(tl.trans(absmax), OUT_DTYPE))[None, :, None, :]  # [1, NG, 1, BLOCK_N]
+        shifted = words[None, :, :] >> (tl.arange(0, 4)[:, None, None] * 8)  # [byte, chunk, BLOCK_N]
+        ev, od = _nf4_half_pair(tl.reshape(shifted, (4, NG_H, NCH_H // NG_H, BLOCK_N)), s2, lut_ptr, OUT_DTYPE)
+        w = tl.join(ev, od)  # [4, NG, NCH/NG, BLOCK_N, 2]
+        wt = tl.reshape(tl.permute(w, (1, 2, 0, 4, 3)), (BLOCK_K, BLOCK_N))
+    elif POW2 and GROUP_SIZE >= CHUNK and BLOCK_K % CHUNK == 0:
         HAS_BIAS: tl.constexpr = not IS_NF4
         USE_HALF2: tl.constexpr = HALF2 and not IS_NF4 and (OUT_DTYPE == tl.float16 or OUT_DTYPE == tl.bfloat16)
         G = K // GROUP_SIZE
