@@ -86,6 +86,11 @@ def test_only_the_targets_candidates_that_fit():
     for m, n, k in ((333, 1024, 4096), (333, 2048, 2048), (256, 1024, 3072), (2048, 512, 2048)):
         c = h.choose_config("fwd", m, n, k, "int4g128", 80, 108, fp32_bias=True, pool=True)
         assert c.num_warps >= 4 or c.split == 1, (m, n, k, c)
+    # NF4's half2 lookup: the four-warp 64x128x32 tile runs unsplit for NF4 (its split spills,
+    # heuristics.FWD_SPLIT_SPILLS_FORMAT), which INT4 splits at the same shape
+    w4 = [_cfg(80, 4, 4, BLOCK_N=128, BLOCK_M=64, BLOCK_K=32, GROUP_M=8)]
+    assert h.choose_config("fwd", 333, 512, 2048, "int4g128", 80, 108, configs=w4).split > 1
+    assert h.choose_config("fwd", 333, 512, 2048, "nf4", 80, 108, configs=w4).split == 1
     # QA-LoRA's pooling: at most one pooled column per thread (256 columns on 4 warps spill)
     narrow = [_cfg(90, 4, 3, BLOCK_N=64, BLOCK_M=256, BLOCK_K=64, GROUP_M=8), FWD[1]]
     assert h.choose_config("fwd", 2048, 1024, 4096, arch=90, sms=132, configs=narrow).index == 0

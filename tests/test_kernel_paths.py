@@ -220,6 +220,32 @@ def test_nf4_paths(case, m, fwd_path, grad_path, det):
     check_base(qw, ref, m, fwd_path, grad_path, det)
 
 
+@pytest.mark.parametrize("m,fwd_path,grad_path,det", PATHS)
+@pytest.mark.parametrize("case", NF4_CASES, ids=nf4_id)
+def test_nf4_half_numerics_exact(case, m, fwd_path, grad_path, det):
+    """fp16 activations (round 21's half2 lookup, every fused NF4 tile): rows of the identity pick
+    single weights, so Y = X·Ŵᵀ and dX = dY·Ŵ hold ŵ itself (one non-zero product, fp32
+    accumulation and split partials exact): both equal ``oracles.nf4_dequant_act`` (NF4 and absmax
+    rounded to fp16, then the product) bit for bit, at columns / rows spread over every K / N tile,
+    NaN-poisoned outputs, each path of the forward and input gradient."""
+    qw, ref = nf4_weight(*case)
+    n, k = qw.shape
+    w_act = oracles.nf4_dequant_act(qw, torch.float16)
+    assert (w_act - ref).abs().max() > 0  # the half numerics differ from bitsandbytes' one rounding here
+    gen = torch.Generator().manual_seed(m + k)
+    cols, rows = torch.randperm(k, generator=gen)[:m], torch.randperm(n, generator=gen)[:m]
+    x = torch.zeros(m, k, dtype=torch.float16)
+    x[torch.arange(m), cols] = 1.0
+    dy = torch.zeros(m, n, dtype=torch.float16)
+    dy[torch.arange(m), rows] = 1.0
+    use_split(fwd_path, m, n, k)
+    y = quant_matmul_forward(x.to(DEVICE), qw, out=nan(m, n).half(), path=fwd_path, deterministic=det)
+    assert torch.equal(y.cpu().double(), w_act[:, cols].t())
+    use_split(grad_path, m, n, k)
+    dx = quant_matmul_backward(dy.to(DEVICE), qw, out=nan(m, k).half(), path=grad_path, deterministic=det)
+    assert torch.equal(dx.cpu().double(), w_act[rows])
+
+
 GRAD_LOOP_CASES = [  # every packed layout; g < tile, g > tile, ragged K with a half-used INT3 chunk / INT2 word
     ("int", 4, 32, 512), ("int", 4, 128, 512), ("int", 3, 256, 512), ("int", 3, 16, 784), ("int", 2, 64, 512),
     ("int", 2, 8, 520), ("nf4", 64, True, 576), ("nf4", 128, False, 512),

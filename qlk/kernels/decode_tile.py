@@ -317,7 +317,7 @@ def _decode_nf4_tile(qw_ptr, s_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_pt
     G = K // GROUP_SIZE
     if (GROUP_SIZE & (GROUP_SIZE - 1)) == 0:
         NG: tl.constexpr = BLOCK_K // GROUP_SIZE if BLOCK_K > GROUP_SIZE else 1
-        offs_g = k0 // GROUP_SIZE + tl.arange(0, NG)
+        offs_g = tl.arange(0, NG) + k0 // GROUP_SIZE
         absmax, _ = _group_params(s_ptr, s_ptr, am_scale_ptr, am_offset_ptr, dyn_ptr, stride_sn, stride_sg,
                                   offs_n, offs_g[None, :], (offs_g < G)[None, :], True, DOUBLE_QUANT, False, EVEN_K)
         s2 = _half2_bits(_round_act(absmax, ACT))
@@ -328,7 +328,8 @@ def _decode_nf4_tile(qw_ptr, s_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_pt
                                   offs_n, j, j < G, True, DOUBLE_QUANT, False, EVEN_K)
         s2 = _half2_bits(_round_act(absmax, ACT))
     even, odd = _nf4_half_pair(shifted, s2[:, :, None], lut_ptr, ACT)
-    return tl.reshape(tl.join(even, odd), (BLOCK_N, BLOCK_K))
+    pairs = tl.join(even, odd)  # [BLOCK_N, NW, 4, 2]: the stored order
+    return tl.reshape(pairs, (BLOCK_N, BLOCK_K))
 
 
 @triton.jit

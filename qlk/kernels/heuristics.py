@@ -182,7 +182,7 @@ CALIBRATION = {
     (80, 'fwd', 'int4'): {'128x128x32 w4 s4': 0.801, '128x128x32 w8 s4': 0.613, '128x256x32 w8 s3': 0.804, '128x64x32 w2 s4': 0.792, '64x128x32 w2 s4': 0.797, '64x128x32 w4 s4': 0.709},
     (80, 'fwd', 'int4g128'): {'128x128x32 w4 s4': 0.801, '128x128x32 w8 s4': 0.611, '128x256x32 w8 s3': 0.804, '128x64x32 w2 s4': 0.792, '64x128x32 w2 s4': 0.797, '64x128x32 w4 s4': 0.707},
     (80, 'fwd', 'int4g32'): {'128x128x32 w4 s4': 0.802, '128x128x32 w8 s4': 0.614, '128x256x32 w8 s3': 0.804, '128x64x32 w2 s4': 0.792, '64x128x32 w2 s4': 0.798, '64x128x32 w4 s4': 0.711},
-    (80, 'fwd', 'nf4'): {'128x128x32 w4 s4': 0.786, '128x128x32 w8 s4': 0.622, '128x256x32 w8 s3': 0.796, '128x64x32 w2 s4': 0.767, '64x128x32 w2 s4': 0.779, '64x128x32 w4 s4': 0.614},
+    (80, 'fwd', 'nf4'): {'128x128x32 w4 s4': 0.786, '128x128x32 w8 s4': 0.65, '128x256x32 w8 s3': 0.796, '128x64x32 w2 s4': 0.767, '64x128x32 w2 s4': 0.779, '64x128x32 w4 s4': 0.655},
     (80, 'gemv', 'int2'): {'32x256 w4 s3': 0.198, '64x128 w4 s3': 0.198},
     (80, 'gemv', 'int3'): {'32x256 w4 s3': 0.186, '64x128 w4 s3': 0.135},
     (80, 'gemv', 'int4'): {'32x256 w4 s3': 0.296, '64x128 w4 s3': 0.31},
@@ -200,19 +200,19 @@ CALIBRATION = {
     (80, 'splitk', 'int4'): {'16x64x128 w4 s4': 0.804, '16x64x256 w4 s3': 0.808},
     (80, 'splitk', 'int4g128'): {'16x64x128 w4 s4': 0.797, '16x64x256 w4 s3': 0.803},
     (80, 'splitk', 'int4g32'): {'16x64x128 w4 s4': 0.806, '16x64x256 w4 s3': 0.811},
-    (80, 'splitk', 'nf4'): {'16x64x128 w4 s4': 0.742, '16x64x256 w4 s3': 0.759},
+    (80, 'splitk', 'nf4'): {'16x64x128 w4 s4': 0.755, '16x64x256 w4 s3': 0.768},
     (80, 'splitn', 'int2'): {'16x128x128 w4 s3': 0.547, '16x64x128 w4 s4': 0.525},
     (80, 'splitn', 'int3'): {'16x128x128 w4 s3': 0.583, '16x64x128 w4 s4': 0.569},
     (80, 'splitn', 'int4'): {'16x128x128 w4 s3': 0.751, '16x64x128 w4 s4': 0.728},
     (80, 'splitn', 'int4g128'): {'16x128x128 w4 s3': 0.698, '16x64x128 w4 s4': 0.683},
     (80, 'splitn', 'int4g32'): {'16x128x128 w4 s3': 0.755, '16x64x128 w4 s4': 0.74},
-    (80, 'splitn', 'nf4'): {'16x128x128 w4 s3': 0.589, '16x64x128 w4 s4': 0.632},
+    (80, 'splitn', 'nf4'): {'16x128x128 w4 s3': 0.617, '16x64x128 w4 s4': 0.635},
     (90, 'fwd', 'int2'): {'128x128x64 w8 s4': 0.779, '128x64x64 w4 s4': 0.771, '256x128x64 w8 s3': 0.844, '256x64x64 w4 s3': 0.799, '64x128x128 w4 s4': 0.764, '64x128x64 w4 s4': 0.751},
     (90, 'fwd', 'int3'): {'128x128x64 w8 s4': 0.763, '128x64x64 w4 s4': 0.758, '256x128x64 w8 s3': 0.84, '256x64x64 w4 s3': 0.799, '64x128x128 w4 s4': 0.731, '64x128x64 w4 s4': 0.563},
     (90, 'fwd', 'int4'): {'128x128x64 w8 s4': 0.774, '128x64x64 w4 s4': 0.76, '256x128x64 w8 s3': 0.827, '256x64x64 w4 s3': 0.786, '64x128x128 w4 s4': 0.766, '64x128x64 w4 s4': 0.74},
     (90, 'fwd', 'int4g128'): {'128x128x64 w8 s4': 0.778, '128x64x64 w4 s4': 0.76, '256x128x64 w8 s3': 0.835, '256x64x64 w4 s3': 0.792, '64x128x128 w4 s4': 0.768, '64x128x64 w4 s4': 0.751},
     (90, 'fwd', 'int4g32'): {'128x128x64 w8 s4': 0.774, '128x64x64 w4 s4': 0.75, '256x128x64 w8 s3': 0.827, '256x64x64 w4 s3': 0.786, '64x128x128 w4 s4': 0.76, '64x128x64 w4 s4': 0.729},
-    (90, 'fwd', 'nf4'): {'128x128x64 w8 s4': 0.768, '128x64x64 w4 s4': 0.754, '256x128x64 w8 s3': 0.83, '256x64x64 w4 s3': 0.788, '64x128x128 w4 s4': 0.633, '64x128x64 w4 s4': 0.577},
+    (90, 'fwd', 'nf4'): {'128x128x64 w8 s4': 0.775, '128x64x64 w4 s4': 0.754, '256x128x64 w8 s3': 0.83, '256x64x64 w4 s3': 0.788, '64x128x128 w4 s4': 0.683, '64x128x64 w4 s4': 0.622},
     (90, 'gemv', 'int2'): {'32x256 w4 s3': 0.192, '64x128 w4 s3': 0.192},
     (90, 'gemv', 'int3'): {'32x256 w4 s3': 0.179, '64x128 w4 s3': 0.135},
     (90, 'gemv', 'int4'): {'32x256 w4 s3': 0.284, '64x128 w4 s3': 0.246},
@@ -224,19 +224,19 @@ CALIBRATION = {
     (90, 'grad', 'int4'): {'128x128x64 w4 s4': 0.769, '128x64x128 w8 s4': 0.803, '128x64x64 w4 s4': 0.769, '256x64x128 w8 s3': 0.85, '256x64x64 w8 s3': 0.788, '64x128x128 w4 s4': 0.765, '64x32x64 w4 s4': 0.461, '64x64x128 w4 s4': 0.754},
     (90, 'grad', 'int4g128'): {'128x128x64 w4 s4': 0.773, '128x64x128 w8 s4': 0.803, '128x64x64 w4 s4': 0.769, '256x64x128 w8 s3': 0.85, '256x64x64 w8 s3': 0.788, '64x128x128 w4 s4': 0.771, '64x32x64 w4 s4': 0.461, '64x64x128 w4 s4': 0.754},
     (90, 'grad', 'int4g32'): {'128x128x64 w4 s4': 0.769, '128x64x128 w8 s4': 0.808, '128x64x64 w4 s4': 0.769, '256x64x128 w8 s3': 0.85, '256x64x64 w8 s3': 0.788, '64x128x128 w4 s4': 0.764, '64x32x64 w4 s4': 0.486, '64x64x128 w4 s4': 0.754},
-    (90, 'grad', 'nf4'): {'128x128x64 w4 s4': 0.77, '128x64x128 w8 s4': 0.772, '128x64x64 w4 s4': 0.758, '256x64x128 w8 s3': 0.846, '256x64x64 w8 s3': 0.783, '64x128x128 w4 s4': 0.629, '64x32x64 w4 s4': 0.378, '64x64x128 w4 s4': 0.584},
+    (90, 'grad', 'nf4'): {'128x128x64 w4 s4': 0.77, '128x64x128 w8 s4': 0.78, '128x64x64 w4 s4': 0.758, '256x64x128 w8 s3': 0.846, '256x64x64 w8 s3': 0.783, '64x128x128 w4 s4': 0.68, '64x32x64 w4 s4': 0.393, '64x64x128 w4 s4': 0.627},
     (90, 'splitk', 'int2'): {'16x64x128 w4 s4': 0.754, '16x64x256 w4 s3': 0.77},
     (90, 'splitk', 'int3'): {'16x64x128 w4 s4': 0.687, '16x64x256 w4 s3': 0.754},
     (90, 'splitk', 'int4'): {'16x64x128 w4 s4': 0.811, '16x64x256 w4 s3': 0.824},
     (90, 'splitk', 'int4g128'): {'16x64x128 w4 s4': 0.801, '16x64x256 w4 s3': 0.813},
     (90, 'splitk', 'int4g32'): {'16x64x128 w4 s4': 0.815, '16x64x256 w4 s3': 0.827},
-    (90, 'splitk', 'nf4'): {'16x64x128 w4 s4': 0.716, '16x64x256 w4 s3': 0.756},
+    (90, 'splitk', 'nf4'): {'16x64x128 w4 s4': 0.752, '16x64x256 w4 s3': 0.765},
     (90, 'splitn', 'int2'): {'16x128x64 w4 s3': 0.569, '16x256x64 w4 s3': 0.588},
     (90, 'splitn', 'int3'): {'16x128x64 w4 s3': 0.597, '16x256x64 w4 s3': 0.627},
     (90, 'splitn', 'int4'): {'16x128x64 w4 s3': 0.756, '16x256x64 w4 s3': 0.76},
     (90, 'splitn', 'int4g128'): {'16x128x64 w4 s3': 0.724, '16x256x64 w4 s3': 0.747},
     (90, 'splitn', 'int4g32'): {'16x128x64 w4 s3': 0.76, '16x256x64 w4 s3': 0.764},
-    (90, 'splitn', 'nf4'): {'16x128x64 w4 s3': 0.656},
+    (90, 'splitn', 'nf4'): {'16x128x64 w4 s3': 0.684},
 }
 #: Round 6: CTAs of each split-kernel candidate one SM holds at once (registers, shared memory), the
 #: (fewest, most) the analyzer's occupancy gave over the shapes of the same sweep (``--fit-rules``
@@ -260,7 +260,7 @@ RESIDENT = {
     (90, 'splitk', 'int4'): {'16x64x128 w4 s4': (6, 6), '16x64x256 w4 s3': (4, 4)},
     (90, 'splitk', 'int4g128'): {'16x64x128 w4 s4': (6, 6), '16x64x256 w4 s3': (4, 4)},
     (90, 'splitk', 'int4g32'): {'16x64x128 w4 s4': (6, 6), '16x64x256 w4 s3': (4, 4)},
-    (90, 'splitk', 'nf4'): {'16x64x128 w4 s4': (5, 6), '16x64x256 w4 s3': (3, 3)},
+    (90, 'splitk', 'nf4'): {'16x64x128 w4 s4': (5, 5), '16x64x256 w4 s3': (3, 3)},
     (90, 'splitn', 'int2'): {'16x128x64 w4 s3': (7, 8), '16x256x64 w4 s3': (4, 4)},
     (90, 'splitn', 'int3'): {'16x128x64 w4 s3': (7, 8), '16x256x64 w4 s3': (4, 4)},
     (90, 'splitn', 'int4'): {'16x128x64 w4 s3': (7, 7), '16x256x64 w4 s3': (3, 3)},
@@ -690,6 +690,9 @@ FWD_SPLIT_SPILLS = {80: frozenset(), 90: frozenset()}
 #: ... and those whose split variant spills only with QA-LoRA's in-GEMM pooling and fp32 folded
 #: biases (round 9: 64x128x32 w2, 8 B of stack at 4096→1024 M = 333 on sm_80), launched unsplit there
 FWD_SPLIT_SPILLS_POOL = {80: frozenset({"64x128x32 w2 s4"}), 90: frozenset()}
+#: ... and those whose split variant spills for some formats only (round 21: sm_80's 64x128x32 w4
+#: with NF4's half2 lookup, 128 registers and 8 B of stack at 2048→512 M = 333), launched unsplit there
+FWD_SPLIT_SPILLS_FORMAT = {80: {"64x128x32 w4 s4": frozenset({"nf4"})}, 90: {}}
 #: ... and forward tiles that spill with QA-LoRA's pooling split or not (round 20: sm_90's
 #: 64x128x128 w4 at 255 registers, 8-128 B of stack for INT2 / INT4: the stored-order decode the
 #: pooling keeps, 128 columns of it a step), not proposed with the pooling
@@ -852,7 +855,8 @@ def _score(op, c, m, n, k, fmt, arch, sms, pool=False, fp32_bias=False):
         # above the split-K decode kernel's range only (M <= SPLIT_MAX_M: choose_fused weighs that
         # kernel against the GEMM; the split GEMM there is not measured yet)
         unsplit = (m <= SPLIT_MAX_M or label in FWD_SPLIT_SPILLS.get(arch_family(arch), ())
-                   or (pool and label in FWD_SPLIT_SPILLS_POOL.get(arch_family(arch), ())))
+                   or (pool and label in FWD_SPLIT_SPILLS_POOL.get(arch_family(arch), ()))
+                   or base_format(fmt) in FWD_SPLIT_SPILLS_FORMAT.get(arch_family(arch), {}).get(label, ()))
         split = 1 if unsplit else fwd_split(k, bk, group, tiles_m * tiles_o, sms)
         tile = fitted or sum(gemm_tile_eff(bn, bm, c.num_warps, arch, fmt)) / 2
         eff = min(tile, fwd_dram_cap(m, n, k, fmt, bm, bn, bk, 1, arch))
@@ -1046,7 +1050,7 @@ SPLIT_MID_M = {
         'int4': {'16x64x128 w4 s4': (0.541, 0.284), '16x64x256 w4 s3': (0.522, 0.299)},
         'int4g128': {'16x64x128 w4 s4': (0.58, 0.264), '16x64x256 w4 s3': (0.547, 0.281)},
         'int4g32': {'16x64x128 w4 s4': (0.533, 0.283), '16x64x256 w4 s3': (0.518, 0.282)},
-        'nf4': {'16x64x128 w4 s4': (0.773, 0.288), '16x64x256 w4 s3': (0.734, 0.29)},
+        'nf4': {'16x64x128 w4 s4': (0.746, 0.289), '16x64x256 w4 s3': (0.693, 0.288)},
     },
     (80, 'splitn'): {
         'int2': {'16x128x128 w4 s3': (0.818, 0.207), '16x64x128 w4 s4': (0.823, 0.211)},
@@ -1054,7 +1058,7 @@ SPLIT_MID_M = {
         'int4': {'16x128x128 w4 s3': (0.757, 0.288), '16x64x128 w4 s4': (0.775, 0.276)},
         'int4g128': {'16x128x128 w4 s3': (0.78, 0.278), '16x64x128 w4 s4': (0.785, 0.269)},
         'int4g32': {'16x128x128 w4 s3': (0.75, 0.297), '16x64x128 w4 s4': (0.77, 0.29)},
-        'nf4': {'16x128x128 w4 s3': (0.802, 0.244), '16x64x128 w4 s4': (0.792, 0.254)},
+        'nf4': {'16x128x128 w4 s3': (0.797, 0.25), '16x64x128 w4 s4': (0.792, 0.256)},
     },
     (90, 'splitk'): {
         'int2': {'16x64x128 w4 s4': (0.757, 0.281), '16x64x256 w4 s3': (0.687, 0.279)},
@@ -1062,7 +1066,7 @@ SPLIT_MID_M = {
         'int4': {'16x64x128 w4 s4': (0.519, 0.257), '16x64x256 w4 s3': (0.48, 0.252)},
         'int4g128': {'16x64x128 w4 s4': (0.553, 0.287), '16x64x256 w4 s3': (0.513, 0.277)},
         'int4g32': {'16x64x128 w4 s4': (0.502, 0.287), '16x64x256 w4 s3': (0.464, 0.275)},
-        'nf4': {'16x64x128 w4 s4': (0.777, 0.281), '16x64x256 w4 s3': (0.744, 0.29)},
+        'nf4': {'16x64x128 w4 s4': (0.758, 0.312), '16x64x256 w4 s3': (0.702, 0.289)},
     },
     (90, 'splitn'): {
         'int2': {'16x128x64 w4 s3': (0.81, 0.226), '16x256x64 w4 s3': (0.805, 0.234)},
@@ -1070,7 +1074,7 @@ SPLIT_MID_M = {
         'int4': {'16x128x64 w4 s3': (0.734, 0.286), '16x256x64 w4 s3': (0.713, 0.3)},
         'int4g128': {'16x128x64 w4 s3': (0.774, 0.284), '16x256x64 w4 s3': (0.77, 0.29)},
         'int4g32': {'16x128x64 w4 s3': (0.725, 0.292), '16x256x64 w4 s3': (0.704, 0.293)},
-        'nf4': {'16x128x64 w4 s3': (0.788, 0.262)},
+        'nf4': {'16x128x64 w4 s3': (0.783, 0.27)},
     },
 }
 #: an arch, op or format without a fitted line: a flat share of the tiles' time
@@ -1084,9 +1088,9 @@ SPLIT_MID_DEFAULT = (0.85, 0.0)
 #: the MAC term says (sm_80 0.86-0.94, sm_90 0.93-0.99). Fitted by ``bench/static_report.py
 #: --fit-rules``; 1 for a format without an entry and outside that M range.
 GEMM_MID_M = {
-    (80, 'fwd'): {'int2': 0.908, 'int3': 0.896, 'int4': 0.947, 'int4g128': 0.937, 'int4g32': 0.954, 'nf4': 0.926},
+    (80, 'fwd'): {'int2': 0.908, 'int3': 0.896, 'int4': 0.947, 'int4g128': 0.937, 'int4g32': 0.954, 'nf4': 0.925},
     (80, 'grad'): {'int2': 0.885, 'int3': 0.882, 'int4': 0.92, 'int4g128': 0.911, 'int4g32': 0.927, 'nf4': 0.912},
-    (90, 'fwd'): {'int2': 0.955, 'int3': 0.951, 'int4': 0.993, 'int4g128': 0.986, 'int4g32': 1.0, 'nf4': 0.985},
+    (90, 'fwd'): {'int2': 0.955, 'int3': 0.951, 'int4': 0.993, 'int4g128': 0.986, 'int4g32': 1.0, 'nf4': 0.987},
     (90, 'grad'): {'int2': 0.979, 'int3': 0.976, 'int4': 1.0, 'int4g128': 1.0, 'int4g32': 1.0, 'nf4': 1.0},
 }
 
