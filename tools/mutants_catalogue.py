@@ -254,7 +254,7 @@ MUTANTS = [
          new="s2 = tl.reshape(tl.broadcast_to(s2[:, None, :], (BLOCK_N, NW // NG, NG)), (BLOCK_N, NW))",
          tests=[KP, "-k", "half_numerics"]),
     dict(id="nf4-half-fwd-fp32-tile", cls="numerics", file="qlk/kernels/fused_matmul.py",
-         old="    if IS_NF4 and (ACT == tl.float16 or ACT == tl.bfloat16):\n        w = _decode_nf4_tile(",
+         old="    if IS_NF4 and (ACT == tl.float16 or ACT == tl.bfloat16) and GROUP_SIZE % 8 == 0:\n        w = _decode_nf4_tile(",
          new="    if False:\n        w = _decode_nf4_tile(",
          tests=[KP, "-k", "half_numerics"]),
     dict(id="nf4-half-rows-pair-order", cls="nibble order", file="qlk/kernels/decode_tile.py",

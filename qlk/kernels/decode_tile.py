@@ -31,10 +31,11 @@ shifted per pair on the Triton side, merged per pair in the asm).
 
 Numerics: ŵ = round_act(s_a·(q − m) + c_a) with s_a, c_a the group scale and bias rounded to the
 activation dtype first (exact when they are stored in it, the usual case; QA-LoRA's fp32 folded
-biases are rounded once more). The fp32 path (NF4, fp32 activations, the standalone
-``dequantize``, which matches ``QuantizedWeight.dequantize`` bit for bit) rounds s·(q − m) + c in
-fp32, then to the activation dtype: a weight may differ by one unit in the last place between the
-two.
+biases are rounded once more). NF4 (round 21, :func:`_decode_nf4_tile`): ŵ = round_act(NF4_a[q]·
+absmax_a), the table and the absmax rounded first. The fp32 path (fp32 activations, the standalone
+``dequantize``, which matches ``QuantizedWeight.dequantize`` bit for bit) rounds s·(q − m) + c (or
+NF4[q]·absmax) in fp32, then to the activation dtype: a weight may differ by one unit in the last
+place between the two.
 
 Round 4, the dense split-K kernel's tile (:func:`_decode_int_tile_lanes`): in the stored order the
 four lanes of a quad each need one byte of every word (4x the shared-memory reads, a PRMT per

@@ -6,7 +6,10 @@ The forward and the input gradient read the same packed buffer (no repack, no tr
 Both forward kernels decode INT weights with fp16/bf16 activations straight into the activation
 dtype with packed half2 math (:func:`qlk.kernels.decode_tile._decode_int_tile`, round 7 for the
 large-M GEMM: ŵ = round_act(s·(q − m) + c), so Y does not depend on which forward kernel M picks);
-NF4 and fp32 activations take the fp32 tile of :func:`qlk.kernels.quant_tile._dequant_tile`.
+NF4 with fp16/bf16 activations by the half2 lookup (round 21,
+:func:`qlk.kernels.decode_tile._decode_nf4_tile`: ŵ = round_act(NF4_act[q]·absmax_act), the table
+and the absmax rounded to the activation dtype first); fp32 activations take the fp32 tile of
+:func:`qlk.kernels.quant_tile._dequant_tile`.
 
 Kernels (one launcher picks by shape, ``path=`` forces one; each launches with the tile that
 :mod:`qlk.kernels.heuristics` chooses by explicit rules, no autotuning; at M > 16 ``path="auto"``
@@ -50,9 +53,13 @@ the first N tile also write P(X) (group means of X) from the X tiles they load.
 Act-order (``qw.perm``): X is gathered into the stored column order, x[..., perm], before the
 forward, and dX is scattered back, dx[..., argsort(perm)], after the input gradient.
 
-Precision: fp16/bf16 operands with fp32 accumulation (the dequantized tile is rounded once to
-the activation dtype, like bitsandbytes' dequantize-then-matmul); fp32 activations use exact fp32
-products (``input_precision="ieee"``, no TF32). Output in the activation dtype.
+Precision: fp16/bf16 operands with fp32 accumulation; the dequantized tile is in the activation
+dtype: INT ŵ = round_act(s_a·(q − m) + c_a), NF4 ŵ = round_act(NF4_a[q]·absmax_a) (subscript a:
+rounded to the activation dtype first), so a weight may differ from bitsandbytes'
+dequantize-then-matmul (fp32 product, one rounding) by up to about one unit in its last place (bf16:
+2^-8 relative; docs/kernels.md "Round 21"); the M = 1 NF4 input gradient (FMAs, no MMA) and the
+dequantize-then-dense path keep the fp32 product. fp32 activations use exact fp32 products
+(``input_precision="ieee"``, no TF32). Output in the activation dtype.
 """
 from __future__ import annotations
 
@@ -170,8 +177,10 @@ def _weight_tile(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn
                  EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Ŵ[rows_w, k0 .. k0+BLOCK_K] [BLOCK_N, BLOCK_K] in the stored k order, for activations of dtype
     ACT: INT weights with fp16/bf16 decoded straight into ACT (the half2 tile,
-    :func:`qlk.kernels.decode_tile._decode_int_tile`), else (NF4, fp32) the fp32 ``_dequant_tile``."""
-    if IS_NF4 and (ACT == tl.float16 or ACT == tl.bfloat16):
+    :func:`qlk.kernels.decode_tile._decode_int_tile`), NF4 with fp16/bf16 by the half2 lookup
+    (:func:`qlk.kernels.decode_tile._decode_nf4_tile`; absmax blocks of whole words), else (fp32) the
+    fp32 ``_dequant_tile``."""
+    if IS_NF4 and (ACT == tl.float16 or ACT == tl.bfloat16) and GROUP_SIZE % 8 == 0:
         w = _decode_nf4_tile(qw_ptr, s_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr, stride_qn, stride_sn,
                              stride_sg, rows_w, k0, K, ACT, GROUP_SIZE, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K)
     elif ACT == tl.float16 or ACT == tl.bfloat16:

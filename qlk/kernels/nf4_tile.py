@@ -14,6 +14,17 @@ gathered from memory, ``quant_tile.nf4_byte_table``), selected by the constexpr
 :data:`NF4_SHUFFLE`. tests/test_nf4_tile.py runs the PTX text itself, instruction by
 instruction, over a modelled warp for every byte value.
 
+**Half2 lookup** (:func:`_nf4_half_pair`, round 21; every fused tile with fp16/bf16 activations):
+the lane table holds NF4[ℓ mod 16] rounded to the activation dtype (:func:`lane_table_asm`), the
+two codes of a byte are looked up by two shuffles, put side by side by one PRMT and scaled by one
+HFMA2 with the absmax in both halves (:func:`pair_half_asm`): a byte costs one SHF, two SHFL, one
+PRMT and one HFMA2 where the fp32 lookup and its scaling took two FMUL and an F2FP after the same
+shuffles (the 64-row GEMM tiles were issue-bound on it). Numerics: ŵ = round_act(NF4_a[q]·absmax_a),
+three roundings where the fp32 tile has one: within about one unit in the last place of the fp32
+value (tests/test_nf4_tile.py runs the PTX against a float64 model for every byte). The
+interpreter's twin computes the same in fp32 (exact products of two 16-bit floats) and rounds bf16
+by integer arithmetic (:func:`_round_act`: the interpreter's fp32 -> bf16 cast truncates).
+
 Double quantization stores absmax per block i as an 8-bit code (bitsandbytes' QLoRA format):
 
     absmax[i] = DYN[qa[i]]·absmax2[i // 256] + offset        (fp32: product rounded, then the sum)

@@ -29,8 +29,10 @@ docs/kernels.md, "Input gradient, round 2" .. "round 4" (round 4: the words load
 by inline PTX, ``_words_t`` / ``_int3_planes_t`` / ``_ld_nc``, not through shared memory).
 
 Rounding: ŵ is computed in fp32 exactly as ``_dequant_tile`` does (s·(q − 2^(b−1)) + c, or
-NF4[q]·absmax) and rounded once to the activation dtype, like the forward. The result is bit
-identical to ``_dequant_tile(...).to(dtype)``.
+NF4[q]·absmax) and rounded once to the activation dtype. The result is bit identical to
+``_dequant_tile(...).to(dtype)``. Except: NF4 with fp16/bf16 (round 21) takes the forward's half2
+lookup (``nf4_tile._nf4_half_pair``: ŵ = round_act(NF4_a[q]·absmax_a), as the forward rounds it)
+on the same packed shape.
 
 Round 7, ``HALF2`` (INT2/3/4 with fp16/bf16 activations; the GEMM input gradients use it): the same
 packed shape, but each pair (even, odd column) of a row is decoded in one 32-bit register by the
@@ -535,8 +537,9 @@ def _dequant_tile_t(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, 
                     words_pre=0, words_pre1=0, words_pre2=0, PRELOADED: tl.constexpr = False,
                     LOAD_ASM: tl.constexpr = False, HALF2: tl.constexpr = False, HALF2_ASM: tl.constexpr = False):
     """Ŵᵀ[k0 : k0 + BLOCK_K, offs_n] ([BLOCK_K, BLOCK_N]) in OUT_DTYPE, = ``tl.trans(_dequant_tile(...)
-    .to(OUT_DTYPE))`` bit for bit. Same contract: k0 a multiple of BLOCK_K, rows ``offs_n`` all valid
-    (clamped by the caller), columns >= K exactly 0 unless EVEN_K.
+    .to(OUT_DTYPE))`` bit for bit (NF4 with fp16/bf16: the forward's half2 rounding, module
+    docstring). Same contract: k0 a multiple of BLOCK_K, rows ``offs_n`` all valid (clamped by the
+    caller), columns >= K exactly 0 unless EVEN_K.
 
     PRELOADED (the input-gradient GEMM on sm_90 loads one N tile ahead): ``words_pre`` holds this
     tile's words, :func:`_words_t` of the same rows and k0 (INT3: ``words_pre`` .. ``words_pre2``, the
