@@ -151,6 +151,23 @@ def test_nf4_codes_looked_up_by_shuffle(rows):
             (r["case"], r["arch"], r["config"], r["mix"])
 
 
+HALF2_NF4_KERNELS = ("_quant_matmul_fwd_kernel", "_quant_matmul_grad_input_kernel", "_quant_matmul_splitk_kernel",
+                     "_quant_matmul_grad_input_splitn_kernel")
+
+
+def test_nf4_pairs_scaled_in_half2(rows):
+    """Round 21: the compiled NF4 MMA kernels (bf16 activations) scale each looked-up pair with one
+    HFMA2 (``nf4_tile.pair_half_asm``): one half2 op per two shuffles, and no per-weight FMUL (the
+    fp32 product: two FMUL a pair) beyond the few of the loop's bookkeeping."""
+    nf4 = [r for r in rows if r["fmt"] == "nf4dq" and r["kernel"] in HALF2_NF4_KERNELS]
+    assert {r["kernel"] for r in nf4} >= {"_quant_matmul_fwd_kernel", "_quant_matmul_grad_input_kernel"}
+    for r in nf4:
+        mix = dict(kv.split("=") for kv in r["mix"].split(";") if "=" in kv)
+        shfl = int(mix["shfl"])
+        assert 2 * int(mix.get("fp16x2", 0)) >= shfl and int(mix.get("fp32", 0)) < shfl // 4, \
+            (r["case"], r["arch"], r["config"], r["mix"])
+
+
 def _committed(arch: int) -> dict:
     """(case, kernel) -> the committed report's best row."""
     path = os.path.join(RESULTS, f"static-sm{arch}.csv")

@@ -304,14 +304,21 @@ def _decode_int_tile(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, offs
 @triton.jit
 def _decode_nf4_tile(qw_ptr, s_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr, stride_qn, stride_sn, stride_sg,
                      offs_n, k0, K, ACT: tl.constexpr, GROUP_SIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-                     EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     CLAMP_GROUPS: tl.constexpr = False):
     """NF4's Ŵ[offs_n, k0 : k0 + BLOCK_K] in the activation dtype ACT (fp16/bf16), the stored k order:
     ŵ = round_act(NF4_a[q]·absmax_a), the table and the (de-nested) absmax rounded to ACT first
     (:func:`qlk.kernels.nf4_tile._nf4_half_pair`; round 21). Same contract as ``_dequant_tile``;
     the block size a multiple of 8 (a word's bytes share their absmax).
 
     Byte i of a word holds the (even, odd) codes in its (high, low) nibble; the pair comes back as
-    two values that ``tl.join`` keeps in one thread, as the MMA operand holds it."""
+    two values that ``tl.join`` keeps in one thread, as the MMA operand holds it.
+
+    CLAMP_GROUPS (the decode loop): the absmax of groups clamped into range, loaded unmasked, and the
+    groups past K zeroed in the packed scale instead: with _group_params' masked loads the grouped
+    small-M forward kept 80 registers and 8 B of stack on sm_80 at ragged K (1408, 2880); on the
+    GEMM's 64-row tiles the clamp costs 10 instructions an iteration (569 -> 579), so they keep the
+    masked loads."""
     NW: tl.constexpr = BLOCK_K // 8
     words = _load_words(qw_ptr, stride_qn, offs_n, k0, K, 8, EVEN_K, BLOCK_K)
     shifted = words[:, :, None] >> (tl.arange(0, 4)[None, None, :] * 8)
@@ -319,9 +326,17 @@ def _decode_nf4_tile(qw_ptr, s_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_pt
     if (GROUP_SIZE & (GROUP_SIZE - 1)) == 0:
         NG: tl.constexpr = BLOCK_K // GROUP_SIZE if BLOCK_K > GROUP_SIZE else 1
         offs_g = tl.arange(0, NG) + k0 // GROUP_SIZE
-        absmax, _ = _group_params(s_ptr, s_ptr, am_scale_ptr, am_offset_ptr, dyn_ptr, stride_sn, stride_sg,
-                                  offs_n, offs_g[None, :], (offs_g < G)[None, :], True, DOUBLE_QUANT, False, EVEN_K)
-        s2 = _half2_bits(_round_act(absmax, ACT))
+        if CLAMP_GROUPS:
+            absmax, _ = _group_params(s_ptr, s_ptr, am_scale_ptr, am_offset_ptr, dyn_ptr, stride_sn, stride_sg,
+                                      offs_n, tl.minimum(offs_g, G - 1)[None, :], (offs_g < G)[None, :], True,
+                                      DOUBLE_QUANT, False, True)
+            s2 = _half2_bits(_round_act(absmax, ACT))
+            if not EVEN_K:
+                s2 = tl.where((offs_g < G)[None, :], s2, 0)
+        else:
+            absmax, _ = _group_params(s_ptr, s_ptr, am_scale_ptr, am_offset_ptr, dyn_ptr, stride_sn, stride_sg,
+                                      offs_n, offs_g[None, :], (offs_g < G)[None, :], True, DOUBLE_QUANT, False, EVEN_K)
+            s2 = _half2_bits(_round_act(absmax, ACT))
         s2 = tl.reshape(tl.broadcast_to(s2[:, :, None], (BLOCK_N, NG, NW // NG)), (BLOCK_N, NW))
     else:
         j = ((k0 + 8 * tl.arange(0, NW)) // GROUP_SIZE)[None, :]

@@ -174,7 +174,8 @@ def _whole_k_end(k_end, K, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
 def _weight_tile(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr, stride_qn, stride_sn, stride_sg,
                  rows_w, k0, K, ACT: tl.constexpr, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
                  IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, PACKED_DEQUANT: tl.constexpr,
-                 EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 CLAMP_GROUPS: tl.constexpr = False):
     """Ŵ[rows_w, k0 .. k0+BLOCK_K] [BLOCK_N, BLOCK_K] in the stored k order, for activations of dtype
     ACT: INT weights with fp16/bf16 decoded straight into ACT (the half2 tile,
     :func:`qlk.kernels.decode_tile._decode_int_tile`), NF4 with fp16/bf16 by the half2 lookup
@@ -182,7 +183,8 @@ def _weight_tile(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn
     fp32 ``_dequant_tile``."""
     if IS_NF4 and (ACT == tl.float16 or ACT == tl.bfloat16) and GROUP_SIZE % 8 == 0:
         w = _decode_nf4_tile(qw_ptr, s_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr, stride_qn, stride_sn,
-                             stride_sg, rows_w, k0, K, ACT, GROUP_SIZE, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K)
+                             stride_sg, rows_w, k0, K, ACT, GROUP_SIZE, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K,
+                             CLAMP_GROUPS)
     elif ACT == tl.float16 or ACT == tl.bfloat16:
         w = _decode_int_tile(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, rows_w, k0, K,
                              ACT, BITS, GROUP_SIZE, PACKED_DEQUANT, EVEN_K, BLOCK_N, BLOCK_K)
@@ -199,7 +201,7 @@ def _fwd_step(acc, p_run, x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_
               BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
               DOT_PRECISION: tl.constexpr, POOL: tl.constexpr, EVEN_K: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PACKED_DEQUANT: tl.constexpr,
-              LANE_ORDER: tl.constexpr):
+              LANE_ORDER: tl.constexpr, CLAMP_GROUPS: tl.constexpr = False):
     """One K tile k0 of :func:`_fwd_loop` (EVEN_K: the tile lies inside K, no masks): (acc, p_run).
     LANE_ORDER: INT2/INT4 half2 tiles whose BLOCK_K spans whole lane units are decoded in the
     lane-owned k order and X is read in the same order (round 17; round 20: INT3 where BLOCK_K spans
@@ -216,7 +218,7 @@ def _fwd_step(acc, p_run, x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_
     else:
         w = _weight_tile(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr, stride_qn, stride_sn,
                          stride_sg, rows_w, k0, K, ACT, BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT,
-                         PACKED_DEQUANT, EVEN_K, BLOCK_N, BLOCK_K)
+                         PACKED_DEQUANT, EVEN_K, BLOCK_N, BLOCK_K, CLAMP_GROUPS)
         offs_k = k0 + tl.arange(0, BLOCK_K)
         xt_ptrs = x_rows[None, :] + offs_k[:, None] * stride_xk
         if EVEN_K:
@@ -235,7 +237,7 @@ def _fwd_loop(x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, 
               BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
               DOT_PRECISION: tl.constexpr, POOL: tl.constexpr, EVEN_K: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PACKED_DEQUANT: tl.constexpr,
-              LANE_ORDER: tl.constexpr):
+              LANE_ORDER: tl.constexpr, CLAMP_GROUPS: tl.constexpr = False):
     """The forward GEMM's K loop over k_lo .. k_hi (0 .. K unsplit): acc = Ŵ[rows_w, k range]·Xᵀ
     [BLOCK_N, BLOCK_M], plus P(X) of rows offs_m when POOL (a split's slices hold whole groups, so
     the running sum of a group larger than BLOCK_K starts and ends in one slice). Whole tiles run
@@ -257,13 +259,13 @@ def _fwd_loop(x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, 
         acc, p_run = _fwd_step(acc, p_run, x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr,
                                lut_ptr, dyn_ptr, stride_qn, stride_sn, stride_sg, rows_w, offs_m, M, k0, K,
                                stride_xk, stride_pm, BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, POOL,
-                               True, BLOCK_N, BLOCK_M, BLOCK_K, PACKED_DEQUANT, LANE_ORDER)
+                               True, BLOCK_N, BLOCK_M, BLOCK_K, PACKED_DEQUANT, LANE_ORDER, CLAMP_GROUPS)
     if not EVEN_K:
         if k_whole < k_hi:
             acc, p_run = _fwd_step(acc, p_run, x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr,
                                    lut_ptr, dyn_ptr, stride_qn, stride_sn, stride_sg, rows_w, offs_m, M, k_whole,
                                    K, stride_xk, stride_pm, BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION,
-                                   POOL, False, BLOCK_N, BLOCK_M, BLOCK_K, PACKED_DEQUANT, LANE_ORDER)
+                                   POOL, False, BLOCK_N, BLOCK_M, BLOCK_K, PACKED_DEQUANT, LANE_ORDER, CLAMP_GROUPS)
     return acc
 
 
@@ -273,7 +275,7 @@ def _decode_step(acc, x_rows, mask_m, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_off
                  BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr,
                  DOUBLE_QUANT: tl.constexpr, DOT_PRECISION: tl.constexpr,
                  PACKED_DEQUANT: tl.constexpr, EVEN_K: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, CLAMP_GROUPS: tl.constexpr = False):
     """One K tile k0 of :func:`_decode_loop` (EVEN_K: the tile lies inside K, no masks): acc. A cut
     tile (not EVEN_K) is decoded in the stored k order: its masks on the lane-owned order's permuted
     X tile made the sm_80 decode kernels spill (INT2 / INT4 g32 at 128 registers)."""
@@ -289,7 +291,7 @@ def _decode_step(acc, x_rows, mask_m, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_off
     else:
         w = _weight_tile(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr, stride_qn, stride_sn,
                          stride_sg, rows_w, k0, K, ACT, BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, PACKED_DEQUANT,
-                         EVEN_K, BLOCK_N, BLOCK_K)
+                         EVEN_K, BLOCK_N, BLOCK_K, CLAMP_GROUPS)
         offs_k = k0 + tl.arange(0, BLOCK_K)
         xt = tl.load(x_rows[None, :] + offs_k[:, None] * stride_xk,
                      mask=mask_m[None, :] & (offs_k[:, None] < K), other=0.0)
@@ -302,7 +304,7 @@ def _decode_loop(x_rows, mask_m, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_o
                  pool_here, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr,
                  DOUBLE_QUANT: tl.constexpr, DOT_PRECISION: tl.constexpr, POOL: tl.constexpr,
                  PACKED_DEQUANT: tl.constexpr, EVEN_K: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, CLAMP_GROUPS: tl.constexpr = False):
     """The small-M (decode) K loop over k_start .. k_end: acc = Ŵ[rows_w, k range]·Xᵀ [BLOCK_N, BLOCK_M].
 
     One loop for the dense split-K kernel and the grouped small-M kernels
@@ -325,13 +327,13 @@ def _decode_loop(x_rows, mask_m, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_o
     for k0 in range(k_start, k_whole, BLOCK_K):
         acc = _decode_step(acc, x_rows, mask_m, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
                            stride_qn, stride_sn, stride_sg, rows_w, k0, K, stride_xk, BITS, GROUP_SIZE, IS_NF4,
-                           DOUBLE_QUANT, DOT_PRECISION, PACKED_DEQUANT, True, BLOCK_N, BLOCK_M, BLOCK_K)
+                           DOUBLE_QUANT, DOT_PRECISION, PACKED_DEQUANT, True, BLOCK_N, BLOCK_M, BLOCK_K, CLAMP_GROUPS)
     if not EVEN_K:
         if k_whole < k_end:
             acc = _decode_step(acc, x_rows, mask_m, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr,
                                dyn_ptr, stride_qn, stride_sn, stride_sg, rows_w, k_whole, K, stride_xk, BITS,
                                GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, PACKED_DEQUANT, False,
-                               BLOCK_N, BLOCK_M, BLOCK_K)
+                               BLOCK_N, BLOCK_M, BLOCK_K, CLAMP_GROUPS)
     if POOL:
         # round 11: P(X) in a pass of its own (first N tile only; X in the stored order, M <= 16 rows,
         # cache-resident), so that the MMA loop every program runs is the plain forward's

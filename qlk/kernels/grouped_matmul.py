@@ -124,25 +124,25 @@ def _fwd_tile(t, pid_n, y_ptr, x_ptr, bias_ptr, p_ptr, tile_expert_ptr, tile_row
                                    am_offset_ptr, lut_ptr, dyn_ptr, stride_qn, stride_sn, stride_sg, rows_w,
                                    offs_m, row_end, 0, K, K, stride_xk, stride_pm, True,
                                    BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, True, PACKED_DEQUANT,
-                                   EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K)
+                                   EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K, True)
             else:
                 acc = _decode_loop(x_rows, offs_m < row_end, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr,
                                    am_offset_ptr, lut_ptr, dyn_ptr, stride_qn, stride_sn, stride_sg, rows_w,
                                    offs_m, row_end, 0, K, K, stride_xk, stride_pm, False,
                                    BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, False, PACKED_DEQUANT,
-                                   EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K)
+                                   EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K, True)
         elif POOL and pid_n == 0:
             x_rows = x_ptr + tl.minimum(offs_m, row_end - 1).to(tl.int64) * stride_xm
             acc = _fwd_loop(x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
                             stride_qn, stride_sn, stride_sg, rows_w, offs_m, row_end, 0, K, K, stride_xk, stride_pm,
                             BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, True, EVEN_K,
-                            BLOCK_N, BLOCK_M, BLOCK_K, PACKED_DEQUANT, False)
+                            BLOCK_N, BLOCK_M, BLOCK_K, PACKED_DEQUANT, False, True)
         else:
             x_rows = x_ptr + tl.minimum(offs_m, row_end - 1).to(tl.int64) * stride_xm
             acc = _fwd_loop(x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
                             stride_qn, stride_sn, stride_sg, rows_w, offs_m, row_end, 0, K, K, stride_xk, stride_pm,
                             BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, False, EVEN_K,
-                            BLOCK_N, BLOCK_M, BLOCK_K, PACKED_DEQUANT, LANE_ORDER)
+                            BLOCK_N, BLOCK_M, BLOCK_K, PACKED_DEQUANT, LANE_ORDER, True)
         acc = tl.trans(acc)
         if HAS_BIAS:
             bias = tl.load(bias_ptr + e.to(tl.int64) * stride_be + offs_n, mask=offs_n < N, other=0.0)
