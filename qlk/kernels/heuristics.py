@@ -1261,13 +1261,15 @@ def choose_m1_grad(n: int, k: int, fmt: str = "int4", arch: int = 90, sms: Optio
 #: without an entry is launched unsplit. Round 12 refit: sm_80 slot loop INT4 96 -> 128 registers
 #: (5 -> 4 resident) once the sentinel tiles left the tile map; sm_90 runs the slot loop at every small
 #: M (``grouped_matmul._grad_slot_loop``), so its per-slot entries are round 8's, unused there.
+#: Round 21 refit: NF4's half2 lookup took sm_80's per-slot NF4 gradient to the INT formats' 80
+#: registers (4 -> 6 resident).
 GROUPED_RESIDENT = {
     (80, 'grad', 'int2'): {'16x64x128 w4 s4': {'per_slot': (6, 6), 'slot_loop': (4, 4)}},
     (80, 'grad', 'int3'): {'16x64x128 w4 s4': {'per_slot': (6, 6), 'slot_loop': (4, 4)}},
     (80, 'grad', 'int4'): {'16x64x128 w4 s4': {'per_slot': (6, 6), 'slot_loop': (4, 4)}},
     (80, 'grad', 'int4g128'): {'16x64x128 w4 s4': {'per_slot': (6, 6), 'slot_loop': (4, 4)}},
     (80, 'grad', 'int4g32'): {'16x64x128 w4 s4': {'per_slot': (6, 6), 'slot_loop': (4, 4)}},
-    (80, 'grad', 'nf4'): {'16x64x128 w4 s4': {'per_slot': (4, 4), 'slot_loop': (4, 4)}},
+    (80, 'grad', 'nf4'): {'16x64x128 w4 s4': {'per_slot': (6, 6), 'slot_loop': (4, 4)}},
     (90, 'grad', 'int2'): {'16x128x128 w4 s3': {'per_slot': (4, 4), 'slot_loop': (2, 2)}},
     (90, 'grad', 'int3'): {'16x128x128 w4 s3': {'per_slot': (4, 4), 'slot_loop': (2, 2)}},
     (90, 'grad', 'int4'): {'16x128x128 w4 s3': {'per_slot': (4, 4), 'slot_loop': (2, 2)}},
