@@ -156,8 +156,8 @@ MUTANTS = [
          old='if op == "grad" and fp32_bias and c.num_warps < 4:', new="if False:",
          tests=["tests/test_heuristics.py", "-k", "only_the_targets"]),
     dict(id="rules-qalora-fwd-split-on-two-warp-tile", cls="config rule", file="qlk/kernels/heuristics.py",
-         old="or (pool and label in FWD_SPLIT_SPILLS_POOL.get(arch_family(arch), ())))",
-         new="or False)",
+         old="or (pool and label in FWD_SPLIT_SPILLS_POOL.get(arch_family(arch), ()))\n",
+         new="or False\n",
          tests=["tests/test_heuristics.py", "-k", "only_the_targets"]),
     dict(id="rules-fwd-two-warp-tiles-dropped", cls="config rule", file="qlk/kernels/config.py",
          old="_cfg(80, 2, 4, BLOCK_N=128, BLOCK_M=64, BLOCK_K=32, GROUP_M=8),",
@@ -386,8 +386,8 @@ MUTANTS = [
     # the launcher must both pass it on (either order computes the same product: the test watches
     # which tile decoder ran)
     dict(id="grouped-fwd-lanes-dropped-in-tile", cls="multi-tile loop", file="qlk/kernels/grouped_matmul.py",
-         old="BLOCK_N, BLOCK_M, BLOCK_K, PACKED_DEQUANT, LANE_ORDER)\n        acc = tl.trans(acc)",
-         new="BLOCK_N, BLOCK_M, BLOCK_K, PACKED_DEQUANT, False)\n        acc = tl.trans(acc)",
+         old="BLOCK_N, BLOCK_M, BLOCK_K, PACKED_DEQUANT, LANE_ORDER, True)\n        acc = tl.trans(acc)",
+         new="BLOCK_N, BLOCK_M, BLOCK_K, PACKED_DEQUANT, False, True)\n        acc = tl.trans(acc)",
          tests=["tests/test_moe.py", "-k", "lane_order"]),
     dict(id="grouped-fwd-lanes-off-at-launch", cls="rules", file="qlk/kernels/grouped_matmul.py",
          old="LANE_ORDER=not decode and heuristics.fwd_lane_order(target_arch(), cfg[\"BLOCK_M\"])",

@@ -325,7 +325,7 @@ def _decode_nf4_tile(qw_ptr, s_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_pt
     G = K // GROUP_SIZE
     if (GROUP_SIZE & (GROUP_SIZE - 1)) == 0:
         NG: tl.constexpr = BLOCK_K // GROUP_SIZE if BLOCK_K > GROUP_SIZE else 1
-        offs_g = tl.arange(0, NG) + k0 // GROUP_SIZE
+        offs_g = (k0 // GROUP_SIZE) + tl.arange(0, NG)  # the tile's absmax blocks
         if CLAMP_GROUPS:
             absmax, _ = _group_params(s_ptr, s_ptr, am_scale_ptr, am_offset_ptr, dyn_ptr, stride_sn, stride_sg,
                                       offs_n, tl.minimum(offs_g, G - 1)[None, :], (offs_g < G)[None, :], True,

@@ -88,8 +88,8 @@ def lane_table_asm(act: str = "fp32") -> str:
 def pair_half_asm(act: str) -> str:
     """PTX of one invocation (pack=1) of the half2 lookup of an NF4 byte: ($0, $1) = (NF4_a[$2 >> 4]·s,
     NF4_a[$2 & 15]·s) as fp16/bf16 (16-bit registers), the even element then the odd one, NF4_a = the
-    table rounded to ``act``. $2 = int32 whose low byte is the packed byte (only bits 0-8 are read:
-    the shuffle takes bits 0-4 of its index, and both half-warps hold the table, so bit 4 is free);
+    table rounded to ``act``. $2 = int32 whose low byte is the packed byte (bits above it are
+    ignored: a shuffle reads bits 0-4 of its index, and both half-warps hold the table, so bit 4 is free);
     $3 = the lane table register (``lane_table_asm(act)``); $4 = s in both 16-bit halves (``act``).
     One SHF, two SHFL, one PRMT and one HFMA2 (the product + −0: the product rounded once) a byte;
     the two 16-bit results are the halves of one 32-bit register, as the MMA operand holds the pair."""
