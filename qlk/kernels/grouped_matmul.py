@@ -643,6 +643,9 @@ def grouped_matmul_grad_input(dy: torch.Tensor, qw: QuantizedWeight, offsets: to
     cols = triton.cdiv(k, cfg["BLOCK_K"])
     rule_programs, rule_split = _grad_programs(slots, num_experts, small, cols, n, cfg, qw, dy.device)
     programs = min(slots, programs or rule_programs)
+    slot_loop = _grad_slot_loop(programs, slots, small)
+    # the registers of the occupancy the rule sized the grid for (only where GROUPED_RESIDENT has the tile)
+    max_registers = heuristics.register_cap(_grad_resident(cfg, qw, slot_loop), cfg.get("num_warps", 4))
     split = rule_split if split is None else split
     half2 = _grad_half2(qw, dy.dtype)
     # split N (small M on few SMs' worth of tiles): fp32 partials added into a zeroed workspace
@@ -650,11 +653,11 @@ def grouped_matmul_grad_input(dy: torch.Tensor, qw: QuantizedWeight, offsets: to
     _grouped_matmul_grad_input_kernel[(programs, cols, split)](
         dst, dy2, tile_expert, tile_row, bounds, *args, n, k, num_experts, slots,
         dy2.stride(0), dy2.stride(1), dst.stride(0), dst.stride(1),
-        DOT_PRECISION=_precision(dy.dtype), SLOT_LOOP=_grad_slot_loop(programs, slots, small), SPLIT_N=split > 1,
+        DOT_PRECISION=_precision(dy.dtype), SLOT_LOOP=slot_loop, SPLIT_N=split > 1,
         INT2_HALVES=int2_halves, WORDS_AHEAD=ahead, WORDS_ASM=ahead and not INTERPRETED, HALF2=half2,
         HALF2_ASM=half2 and not INTERPRETED,
         W_AS_B=heuristics.grad_w_as_b(target_arch(), qw.bits, cfg["BLOCK_N"], cfg["BLOCK_K"], cfg.get("num_warps", 4)),
-        **meta, **cfg)
+        **meta, **cfg, **({"maxnreg": max_registers} if max_registers else {}))
     if split > 1:
         out.copy_(dst)
     return out
@@ -669,17 +672,24 @@ def _grad_slot_loop(programs: int, slots: int, small: bool) -> bool:
     return programs < slots or (small and heuristics.arch_family(target_arch()) == 90)
 
 
-def _grad_programs(slots, num_experts, small, cols, n, cfg, qw, device):
-    """(program rows, N slices) of the input gradient: :func:`qlk.kernels.heuristics.grouped_programs`
-    with the target's SM count and the resident CTAs of the tile and kernel variant (slot loop or a
-    program row per slot; none under the interpreter: unsplit)."""
+def _grad_resident(cfg, qw, slot_loop: bool):
+    """(fewest, most) resident CTAs per SM of the input gradient's tile and kernel variant (``slot_loop``
+    or a program row per slot: their registers, so their occupancy, differ) on the target, from
+    :data:`qlk.kernels.heuristics.GROUPED_RESIDENT`; None under the interpreter or without an entry."""
+    if INTERPRETED:
+        return None
     label = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg.get('num_warps', 4)} s{cfg.get('num_stages', 3)}"
     fmt = heuristics.format_class(qw.bits, qw.fmt == "nf4", qw.group_size)
-    # the kernel variant the rule's program rows give (SLOT_LOOP): its registers, so its occupancy, differ
+    return heuristics.grouped_resident("grad", label, fmt, target_arch(), slot_loop)
+
+
+def _grad_programs(slots, num_experts, small, cols, n, cfg, qw, device):
+    """(program rows, N slices) of the input gradient: :func:`qlk.kernels.heuristics.grouped_programs`
+    with the target's SM count and :func:`_grad_resident` of the kernel variant the rule's program rows
+    give (none under the interpreter: unsplit)."""
     slot_loop = _grad_slot_loop(heuristics.grouped_programs(slots, num_experts, small)[0], slots, small)
-    resident = None if INTERPRETED else heuristics.grouped_resident("grad", label, fmt, target_arch(), slot_loop)
     return heuristics.grouped_programs(slots, num_experts, small, cols, n, cfg["BLOCK_N"], num_sms(device),
-                                       resident)
+                                       _grad_resident(cfg, qw, slot_loop))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1297,6 +1297,22 @@ def grouped_resident(direction: str, label: str, fmt: str, arch: int, slot_loop:
     return None
 
 
+def register_cap(resident, num_warps: int) -> Optional[int]:
+    """The registers a thread may hold so that ``resident`` = (fewest, most) CTAs of ``num_warps``
+    warps fit on one SM (65536 registers, allocated in units of 8 a thread), or None (no table entry).
+
+    Why: :data:`GROUPED_RESIDENT` is fitted from the registers ptxas gave the swept launches, and the
+    grid is sized by it; ptxas' allocation of the same kernel can differ at another layer (row
+    strides not multiples of 16 bytes: more 64-bit address math), e.g. 127 instead of 80 on sm_80's
+    NF4 small-M gradient at K = 1408, 4 resident CTAs instead of the 6 the grid was sized for. The
+    cap (``maxnreg``) keeps the fitted occupancy; the MoE reports check that it costs no spill."""
+    if not resident:
+        return None
+    per_thread = 65536 // (resident[0] * 32 * num_warps)
+    # no cap at ptxas' own limit: a maxnreg of 255 still changes its allocation (more registers)
+    return per_thread - per_thread % 8 if per_thread < 255 else None
+
+
 def grouped_programs(slots: int, num_experts: int, small: bool, cols: int = 1, length: int = 1, block: int = 1,
                      sms: int = 0, resident=None) -> tuple[int, int]:
     """(program rows, slices of the reduction) of a grouped launch over a tile map of ``slots`` tile

@@ -51,6 +51,7 @@ import struct
 from ..formats.nf4 import NESTED_BLOCKSIZE, NF4_TABLE, dynamic_map
 from ..formats.quantized_weight import QuantizedWeight
 from .config import INTERPRETED
+from .ptx_loads import _ld_nc, _ld_nc_code
 
 _DENEST_BLOCK = 1024
 
@@ -216,3 +217,19 @@ def denest_absmax(qw: QuantizedWeight) -> torch.Tensor:
         _nf4_denest_kernel[grid](out, qa, qw.absmax_scale, qw.absmax_offset, dynamic_map(qa.device), n_blocks,
                                  NESTED=NESTED_BLOCKSIZE, BLOCK=_DENEST_BLOCK, enable_fp_fusion=False)
     return out
+
+
+@triton.jit
+def _absmax_nc(s_ptr, am_scale_ptr, am_offset_ptr, dyn_ptr, idx, DOUBLE_QUANT: tl.constexpr, ASM: tl.constexpr):
+    """fp32 absmax at the flat (row·stride + group·stride) indices ``idx`` (any shape, in range: the
+    caller clamps them), ``quant_tile._group_params``' values: double quant DYN[qa]·absmax2[idx // 256]
+    + offset, product and sum rounded apart as in the reference; else the stored absmax.
+
+    The codes and the nested scales by :func:`qlk.kernels.ptx_loads._ld_nc_code` / ``_ld_nc`` (ASM:
+    inline PTX, ``ld.global.nc``): neither staged through shared memory nor seen as 8-bit loads by the
+    MMA operand's sizing (module docstring of ``ptx_loads``). The DYN gather stays a ``tl.load``
+    (its address depends on the code: nothing to stage ahead)."""
+    if DOUBLE_QUANT:
+        qa = _ld_nc_code(s_ptr + idx, ASM)
+        return tl.load(dyn_ptr + qa) * _ld_nc(am_scale_ptr + idx // 256, ASM) + tl.load(am_offset_ptr)
+    return _ld_nc(s_ptr + idx, ASM).to(tl.float32)

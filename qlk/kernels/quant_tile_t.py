@@ -63,7 +63,8 @@ import triton
 import triton.language as tl
 
 from .decode_tile import _act_consts, _half2_bits, _neg_magic
-from .nf4_tile import NF4_SHUFFLE, _nf4_half_pair, _nf4_pair_values, _round_act
+from .nf4_tile import NF4_SHUFFLE, _absmax_nc, _nf4_half_pair, _nf4_pair_values, _round_act
+from .ptx_loads import _ld_nc
 from .quant_tile import _dequant_tile, _group_params, _load_int3_planes
 
 
@@ -115,20 +116,20 @@ def _scaled_code(word, pos, e, BITS: tl.constexpr, K=0):
 
 
 @triton.jit
-def _ld_nc(ptrs, ASM: tl.constexpr):
-    """The values at ``ptrs`` (16- or 32-bit elements), no mask (the caller clamps the pointers).
-    ASM: by ``ld.global.nc`` in inline PTX: Triton's pipeliner does not see it (nothing staged
-    through shared memory) and the compiler gives the load the layout of its users (no layout
-    conversion after it). Not ASM (the interpreter, which cannot run asm): ``tl.load``, the same
-    values from the same pointers, so the tests check the index math the GPU runs."""
-    if not ASM:
-        return tl.load(ptrs)
-    elif ptrs.dtype.element_ty.primitive_bitwidth == 16:
-        return tl.inline_asm_elementwise("ld.global.nc.b16 $0, [$1];", "=h,l", [ptrs],
-                                         dtype=ptrs.dtype.element_ty, is_pure=True, pack=1)
+def _absmax_t(s_ptr, am_scale_ptr, am_offset_ptr, dyn_ptr, stride_sn, stride_sg, offs_n, offs_g, G,
+              DOUBLE_QUANT: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr):
+    """NF4's fp32 absmax of rows ``offs_n`` and groups ``offs_g`` (0 past G unless EVEN_K), transposed:
+    [len(offs_g), len(offs_n)], each thread its own rows' values (the transposed tile's layout), loaded
+    by :func:`qlk.kernels.nf4_tile._absmax_nc` (ASM: inline PTX)."""
+    if EVEN_K:
+        g = offs_g
     else:
-        return tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l", [ptrs],
-                                         dtype=ptrs.dtype.element_ty, is_pure=True, pack=1)
+        g = tl.minimum(offs_g, G - 1)
+    idx = g[:, None].to(tl.int64) * stride_sg + offs_n[None, :].to(tl.int64) * stride_sn
+    absmax = _absmax_nc(s_ptr, am_scale_ptr, am_offset_ptr, dyn_ptr, idx, DOUBLE_QUANT, ASM)
+    if not EVEN_K:
+        absmax = tl.where((offs_g < G)[:, None], absmax, 0.0)
+    return absmax
 
 
 @triton.jit
@@ -564,10 +565,10 @@ def _dequant_tile_t(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, 
         NCH_H: tl.constexpr = BLOCK_K // 8
         NG_H: tl.constexpr = BLOCK_K // GROUP_SIZE if BLOCK_K > GROUP_SIZE else 1
         offs_g = k0 // GROUP_SIZE + tl.arange(0, NG_H)
-        absmax, _ = _group_params(s_ptr, s_ptr, am_scale_ptr, am_offset_ptr, dyn_ptr, stride_sn, stride_sg, offs_n,
-                                  offs_g[None, :], (offs_g < K // GROUP_SIZE)[None, :], True, DOUBLE_QUANT, False,
-                                  EVEN_K)
-        s2 = _half2_bits(_round_act(tl.trans(absmax), OUT_DTYPE))[None, :, None, :]  # [1, NG, 1, BLOCK_N]
+        # each thread its own rows' absmax, by inline PTX on a GPU (the lookup's asm needs one anyway)
+        absmax_t = _absmax_t(s_ptr, am_scale_ptr, am_offset_ptr, dyn_ptr, stride_sn, stride_sg, offs_n, offs_g,
+                             K // GROUP_SIZE, DOUBLE_QUANT, EVEN_K, NF4_SHUFFLE)
+        s2 = _half2_bits(_round_act(absmax_t, OUT_DTYPE))[None, :, None, :]  # [1, NG, 1, BLOCK_N]
         shifted = words[None, :, :] >> (tl.arange(0, 4)[:, None, None] * 8)  # [byte, chunk, BLOCK_N]
         ev, od = _nf4_half_pair(tl.reshape(shifted, (4, NG_H, NCH_H // NG_H, BLOCK_N)), s2, lut_ptr, OUT_DTYPE)
         w = tl.join(ev, od)  # [4, NG, NCH/NG, BLOCK_N, 2]
