@@ -646,6 +646,59 @@ def test_grouped_grad_launcher_asks_the_rule(monkeypatch):
     assert gm._grad_programs(10, 8, True, 32, 28672, cfg, nf4, "cpu") == (8, 1)
 
 
+def test_register_cap_keeps_the_fitted_occupancy():
+    """Round 22: the registers a thread may hold for (fewest, most) resident CTAs of 4 warps: 65536
+    registers an SM, allocated in units of 8; none at ptxas' own limit (a maxnreg of 255 still moves
+    its allocation) or without a table entry."""
+    assert h.register_cap((6, 6), 4) == 80  # sm_80's per-slot small-M gradient
+    assert h.register_cap((4, 6), 4) == 128  # the fewest bounds it
+    assert h.register_cap((5, 5), 4) == 96  # 102 rounded down to the allocation unit
+    assert h.register_cap((4, 4), 8) == 64
+    assert h.register_cap((2, 2), 4) is None and h.register_cap(None, 4) is None
+    for lo in range(1, 9):
+        cap = h.register_cap((lo, lo), 4)
+        if cap is not None:
+            assert cap % 8 == 0 and lo * 128 * cap <= 65536 < lo * 128 * (cap + 8) + 128 * 8
+
+
+def test_grouped_grad_launch_caps_registers(monkeypatch):
+    """Round 22: the grouped input gradient launches with ``maxnreg`` = the registers of the resident
+    CTAs its grid was sized for, per the kernel variant it runs (a program row per slot on sm_80:
+    6 resident, 80 registers; the slot loop: 4, 128); no cap where GROUPED_RESIDENT has no entry
+    (large M) or under the interpreter."""
+    from qlk.formats.int_group import quantize_int
+    from qlk.kernels import grouped_matmul as gm
+
+    launches = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((grid, kwargs))
+
+    monkeypatch.setattr(gm, "_grouped_matmul_grad_input_kernel", Kernel())
+    monkeypatch.setattr(gm, "INTERPRETED", False)
+    monkeypatch.setattr(gm, "target_arch", lambda: 80)
+    monkeypatch.setattr(gm, "num_sms", lambda device: 108)
+    e, n, k = 4, 128, 256
+    qw = quantize_int(torch.randn(e * n, k), bits=4, group_size=32)
+    cfg = dict(BLOCK_N=64, BLOCK_M=16, BLOCK_K=128, num_warps=4, num_stages=4)
+    offsets = torch.tensor([0, 1, 3, 3, 4])
+    dy = torch.randn(4, n, dtype=torch.float16)
+    for programs, slot_loop, cap in ((4, False, 80), (2, True, 128)):
+        launches.clear()
+        gm.grouped_matmul_grad_input(dy, qw, offsets, e, config=dict(cfg, PROGRAMS=programs))
+        (grid, kwargs), = launches
+        assert kwargs["SLOT_LOOP"] is slot_loop and kwargs.get("maxnreg") == cap, (programs, kwargs)
+    launches.clear()
+    gm.grouped_matmul_grad_input(torch.randn(600, n, dtype=torch.float16), qw, torch.tensor([0, 150, 300, 450, 600]),
+                                 e, config=dict(BLOCK_N=32, BLOCK_M=256, BLOCK_K=128, num_warps=8, num_stages=3))
+    assert "maxnreg" not in launches[0][1]
+    monkeypatch.setattr(gm, "INTERPRETED", True)
+    launches.clear()
+    gm.grouped_matmul_grad_input(dy, qw, offsets, e, config=dict(cfg))
+    assert "maxnreg" not in launches[0][1]
+
+
 def test_grad_candidates_restricted_to_their_formats(monkeypatch):
     """Round 8: a GEMM input-gradient candidate listed in GRAD_CANDIDATE_FORMATS is ranked only for
     its format classes, an unlisted one for every format, and only on the arch it is listed for

@@ -168,6 +168,21 @@ def test_nf4_pairs_scaled_in_half2(rows):
             (r["case"], r["arch"], r["config"], r["mix"])
 
 
+def test_nf4_transposed_tile_reaches_the_mma_by_ldmatrix(rows):
+    """Round 22: sm_80's NF4 input gradients with the transposed tile (split N at small M) load the
+    absmax codes by inline PTX (``nf4_tile._absmax_nc``). A ``tl.load`` of the uint8 codes behind the
+    MMA operand made Triton size it for 8-bit data (kWidth 4): the Ŵᵀ and dY fragments then left
+    shared memory by LDS.64 and took a register move each (115-188 IMAD an iteration against 64-128
+    SHFL of the lookup); now by LDSM, with fewer IMAD than SHFL."""
+    nf4 = [r for r in rows if r["arch"] == 80 and r["fmt"] == "nf4dq"
+           and r["kernel"] == "_quant_matmul_grad_input_splitn_kernel"]
+    assert nf4
+    for r in nf4:
+        mix = dict(kv.split("=") for kv in r["mix"].split(";") if "=" in kv)
+        assert int(mix.get("smem:LDSM", 0)) > 0 and int(mix.get("imad", 0)) <= int(mix["shfl"]), \
+            (r["case"], r["config"], r["mix"])
+
+
 def _committed(arch: int) -> dict:
     """(case, kernel) -> the committed report's best row."""
     path = os.path.join(RESULTS, f"static-sm{arch}.csv")

@@ -43,18 +43,20 @@ def _tile_t_kernel(out_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, l
                          stride_qn, stride_sn, stride_sg, tl.minimum(offs_n, N - 1), k0, K,
                          BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K,
                          out_ptr.dtype.element_ty, INT2_HALVES, HALF2=HALF2)
-    tl.store(out_ptr + offs_k[:, None] * N + offs_n[None, :], wt,
-             mask=(offs_k[:, None] < K) & (offs_n[None, :] < N))
+    # the whole tile, its columns past K included (the contract: exactly 0 there unless EVEN_K)
+    tl.store(out_ptr + offs_k[:, None] * N + offs_n[None, :], wt, mask=offs_n[None, :] < N)
 
 
-def tile_t(qw, dtype, block_k=64, int2_halves=False, half2=False):
+def tile_t(qw, dtype, block_k=64, int2_halves=False, half2=False, past_k=False):
+    """Ŵᵀ [K, N] by the tiles of ``_dequant_tile_t``; ``past_k``: also the last tile's columns past K
+    ([⌈K/block_k⌉·block_k, N])."""
     n, k = qw.shape
     args, meta = weight_args(qw)
-    out = torch.full((k, n), float("nan"), dtype=dtype, device=DEVICE)
+    out = torch.full((triton.cdiv(k, block_k) * block_k, n), float("nan"), dtype=dtype, device=DEVICE)
     _tile_t_kernel[(triton.cdiv(n, 16), triton.cdiv(k, block_k))](
         out, *args, n, k, EVEN_K=k % block_k == 0, BLOCK_N=16, BLOCK_K=block_k, INT2_HALVES=int2_halves,
         HALF2=half2, **meta)
-    return out
+    return out if past_k else out[:k]
 
 
 def rounded(w64, dtype):
@@ -132,7 +134,9 @@ def test_nf4_tile_t(block, dq, k, dtype):
     roundings), so the tile is within one rounding."""
     pytest.importorskip("bitsandbytes")
     qw, ref64 = oracles.bnb_weight(weight(N, k, seed=block + k), blocksize=block, double_quant=dq)
-    out = tile_t(qw.to(DEVICE), dtype).cpu().t()
+    full = tile_t(qw.to(DEVICE), dtype, past_k=True).cpu()
+    assert torch.equal(full[k:], torch.zeros_like(full[k:]))  # a ragged K (224): the columns past it are 0
+    out = full[:k].t()
     if dtype in (F16, BF16):
         assert torch.equal(out.double(), oracles.nf4_dequant_act(qw, dtype))
         assert ((out.double() - ref64).abs() <= 2 * torch.finfo(dtype).eps * ref64.abs()).all()

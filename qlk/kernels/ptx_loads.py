@@ -18,10 +18,7 @@ import triton.language as tl
 @triton.jit
 def _ld_nc(ptrs, ASM: tl.constexpr):
     """The values at ``ptrs`` (16- or 32-bit elements), no mask (the caller clamps the pointers).
-    ASM: by ``ld.global.nc`` in inline PTX: Triton's pipeliner does not see it (nothing staged
-    through shared memory) and the compiler gives the load the layout of its users (no layout
-    conversion after it). Not ASM (the interpreter, which cannot run asm): ``tl.load``, the same
-    values from the same pointers, so the tests check the index math the GPU runs."""
+    ASM: by ``ld.global.nc`` in inline PTX (module docstring); else ``tl.load``."""
     if not ASM:
         return tl.load(ptrs)
     elif ptrs.dtype.element_ty.primitive_bitwidth == 16:
