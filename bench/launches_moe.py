@@ -41,17 +41,63 @@ from launches import Case, _selected, parse_args, run_case  # noqa: E402
 from bench import sass  # noqa: E402
 
 
+def balanced_tiles(launch) -> int:
+    """Tiles of ``BLOCK_M`` rows a grouped launch's tile map holds under the cases' balanced routing
+    (:func:`balanced_offsets`: S rows over E experts, the first S mod E one row more). S: the rows of
+    X (dY); E: qlk's ``NUM_EXPERTS``, the dense baseline's stacked weight [E, N, K]."""
+    rows_arg = launch.tensors.get("x_ptr") or launch.tensors.get("dy_ptr")
+    experts = launch.scalars.get("NUM_EXPERTS")
+    if experts is None and "w_ptr" in launch.tensors and len(launch.tensors["w_ptr"].shape) == 3:
+        experts = launch.tensors["w_ptr"].shape[0]
+    block_m = sass.constexpr(launch, "BLOCK_M")
+    if rows_arg is None or not experts or not block_m:
+        raise KeyError(f"{launch.kernel}: grouped launch without rows, experts or BLOCK_M")
+    q, r = divmod(rows_arg.shape[0], experts)
+    return r * -(-(q + 1) // block_m) + (experts - r) * -(-q // block_m)
+
+
+def working_ctas(launch) -> int:
+    """CTAs of a grouped launch that hold a tile: program rows past the tiles (the tile map's spare
+    slots, sized on the host from a bound) exit after one load. Mixtral at 64 tokens (128 rows, 16
+    an expert, 16-row tiles): 15 slots, 8 tiles, so the program-per-slot QA-LoRA forward's 960 CTAs
+    are 512 that work. Before round 23 the model counted all of them, spreading the useful bytes and
+    the grid's balance over CTAs that do nothing."""
+    if not launch.grid:
+        return 0
+    rest = 1
+    for d in launch.grid[1:]:
+        rest *= d
+    return min(launch.grid[0], balanced_tiles(launch)) * rest
+
+
+def tiles_per_program(launch) -> int:
+    """Tiles the busiest program row of a qlk grouped launch runs: 1 for a program per slot; with
+    ``SLOT_LOOP`` program row t runs slots t, t + P, ... (P = grid rows), so under the cases'
+    balanced routing (:func:`balanced_offsets`: S rows over E experts, the first S mod E one row
+    more), whose tiles fill slots 0 .. tiles−1, ⌈tiles / P⌉. Qwen3 at 512 tokens: 4096 rows, 32 an
+    expert, 256 tiles of 16 over 128 program rows: 2 (the spare slots cost a load each, not counted).
+    Without it the model's DRAM bytes per iteration were those of one tile spread over two, so the
+    slot-loop launches looked DRAM-bound at twice their traffic (before round 23)."""
+    if not sass.constexpr(launch, "SLOT_LOOP") or not launch.grid:
+        return 1
+    return max(1, -(-balanced_tiles(launch) // launch.grid[0]))
+
+
 def declare_loops() -> None:
     """Main-loop trips per CTA of the grouped kernels whose loop is not range(0, K, BLOCK_K): the
     input gradients reduce over N (qlk's and the dense baseline's DGRAD variant), the small-M split-K
-    forward runs its K slice (grid axis 2)."""
-    sass.declare("_grouped_matmul_grad_input_kernel", iterations=lambda L: sass.reduction_trips(
-        L, "N", ("BLOCK_N",), L.grid[2] if L.grid and len(L.grid) > 2 else 1))
-    sass.declare("_grouped_matmul_splitk_kernel",
-                 iterations=lambda L: sass.reduction_trips(L, "K", ("BLOCK_K",), L.grid[2] if L.grid else 1))
+    forward runs its K slice (grid axis 2); qlk's slot-loop launches run their K (N) loop once per
+    tile of the program row (:func:`tiles_per_program`)."""
+    sass.declare("_grouped_matmul_grad_input_kernel", iterations=lambda L: tiles_per_program(L) * sass.reduction_trips(
+        L, "N", ("BLOCK_N",), L.grid[2] if L.grid and len(L.grid) > 2 else 1), working_ctas=working_ctas)
+    sass.declare("_grouped_matmul_splitk_kernel", iterations=lambda L: tiles_per_program(L) * sass.reduction_trips(
+        L, "K", ("BLOCK_K",), L.grid[2] if L.grid else 1), working_ctas=working_ctas)
+    sass.declare("_grouped_matmul_fwd_kernel",
+                 iterations=lambda L: tiles_per_program(L) * sass.reduction_trips(L, "K", ("BLOCK_K",)),
+                 working_ctas=working_ctas)
     sass.declare("_dense_grouped_kernel", iterations=lambda L: (
         sass.reduction_trips(L, "N", ("BLOCK_N",)) if sass.constexpr(L, "DGRAD") else
-        sass.reduction_trips(L, "K", ("BLOCK_K",))))
+        sass.reduction_trips(L, "K", ("BLOCK_K",))), working_ctas=working_ctas)
 
 
 declare_loops()

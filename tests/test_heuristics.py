@@ -858,3 +858,74 @@ def test_64_row_tiles_are_proposed_in_their_m_range(device_lists):
         assert all(tile not in labels(m, 80) for m in (64, 300))
     assert h.choose_config("grad", 48, 8192, 2048, "int4g32", 90).label == "64x128x128 w4 s4"  # M = 24-48 too
     assert h.candidate_m_range("grad", "64x128x64 w4 s4", 90) == (1, math.inf)  # per op
+
+def test_grouped_folded_forward_tile_weighs_waves():
+    """Round 23: sm_80's QA-LoRA grouped forward at large M keeps the 256-column tile unless its grid
+    spreads over the SMs unevenly enough that the 64-column tile's better balance wins by the margin:
+    Mixtral's down projection at 512 tokens (8 M tiles × 16 N tiles = 128 CTAs on 108 SMs, balance
+    0.59; 512 CTAs of the 64-column tile, 0.79) takes it in every format; at 4096 tokens (64 M
+    tiles: 1024 CTAs, 0.95) and on the gate_up projection (N = 28672) the 256-column tile stays."""
+    narrow, wide = 64, 256
+    for fmt in ("int2g32", "int3g128", "int4g128", "int4g32", "int4g64"):
+        assert h.grouped_folded_fwd_tile(8, 4096, fmt, 108)["BLOCK_N"] == narrow, fmt
+        assert h.grouped_folded_fwd_tile(64, 4096, fmt, 108)["BLOCK_N"] == wide, fmt
+        assert h.grouped_folded_fwd_tile(8, 28672, fmt, 108)["BLOCK_N"] == wide, fmt
+    # the scores by hand: efficiency × CTAs / (SMs · ⌈CTAs / SMs⌉), and the margin deciding
+    def score(block_n, eff, m_tiles, n, sms):
+        ctas = m_tiles * math.ceil(n / block_n)
+        return eff * ctas / (sms * math.ceil(ctas / sms))
+    (_, weff), (_, neff) = h.GROUPED_FOLDED_FWD_SM80
+    for m_tiles, n, sms, fmt in ((8, 14336, 108, "int2"), (60, 2048, 108, "int4"), (32, 2880, 108, "int2"),
+                                 (3, 5000, 132, "int3"), (1, 640, 108, "int4"), (200, 8192, 132, "int2"),
+                                 (16, 5120, 108, "int4"), (8, 6144, 108, "int3"), (60, 2816, 108, "int4g32")):
+        base = fmt[:4]
+        sw = score(256, weff[base], m_tiles, n, sms)
+        sn = score(64, neff.get(fmt, neff[base]), m_tiles, n, sms)
+        want = narrow if sn > h.GROUPED_FOLDED_FWD_MARGIN * sw else wide
+        assert h.grouped_folded_fwd_tile(m_tiles, n, fmt, sms)["BLOCK_N"] == want, (m_tiles, n, sms, fmt)
+    # within the margin: Qwen2-MoE's gate_up at 512 tokens (60 tiles, N = 2816), INT4 g128: 0.807 ×
+    # 0.873 against 0.731 × 0.978 (1.015 < 1.02): the 256-column tile; INT4 g32's 0.757 takes the 64
+    assert h.grouped_folded_fwd_tile(60, 2816, "int4g128", 108)["BLOCK_N"] == wide
+    assert score(64, neff["int4"], 60, 2816, 108) > score(256, weff["int4"], 60, 2816, 108)
+    assert h.grouped_folded_fwd_tile(60, 2816, "int4g32", 108)["BLOCK_N"] == narrow
+    cfg = h.grouped_folded_fwd_tile(8, 4096, "int4g32", 108)
+    assert cfg == dict(BLOCK_N=64, BLOCK_M=128, BLOCK_K=64, num_warps=4, num_stages=3)
+    cfg["BLOCK_N"] = 1  # a copy: the table is not changed through the returned dict
+    assert h.GROUPED_FOLDED_FWD_SM80[1][0]["BLOCK_N"] == 64
+
+
+def test_grouped_folded_forward_launch_passes_the_grid(monkeypatch):
+    """Round 23: the grouped forward's launcher gives the tile rule the grid a balanced routing has
+    (8 experts × 1 tile of 128 rows at 1024 rows, N = one expert's rows, the device's SMs): QA-LoRA
+    (folded) on sm_80 at Mixtral's down shape runs the 64-column tile; the plain forward, sm_90 and
+    a grid of full waves keep theirs."""
+    from qlk.formats.int_group import quantize_int
+    from qlk.kernels import config as qc
+    from qlk.kernels import grouped_matmul as gm
+
+    launches = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((grid, kwargs))
+
+    monkeypatch.setattr(gm, "_grouped_matmul_fwd_kernel", Kernel())
+    monkeypatch.setattr(gm, "INTERPRETED", False)
+    monkeypatch.setattr(qc, "INTERPRETED", False)
+    monkeypatch.setattr(gm, "num_sms", lambda device: 108)
+    e, n, k = 8, 4096, 64
+    qw = quantize_int(torch.randn(e * n, k), bits=4, group_size=32)
+
+    def block_n(rows, arch, pool):
+        monkeypatch.setattr(gm, "target_arch", lambda: arch)
+        monkeypatch.setattr(qc, "target_arch", lambda: arch)
+        launches.clear()
+        offsets = torch.arange(0, rows + 1, rows // e)
+        gm.grouped_matmul_forward(torch.randn(rows, k, dtype=torch.float16), qw, offsets, e, pool=pool)
+        (grid, kwargs), = launches
+        return kwargs["BLOCK_N"]
+
+    assert block_n(1024, 80, True) == 64
+    assert block_n(1024, 80, False) == 128
+    assert block_n(8192, 80, True) == 256
+    assert block_n(1024, 90, True) == 128

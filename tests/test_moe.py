@@ -155,6 +155,32 @@ def test_grouped_kernels_other_tilings_fp16_pool_and_empty():
     assert torch.equal(y_none, torch.zeros(5, n))
 
 
+@needs_kernels
+@pytest.mark.parametrize("bits,g", [(4, 32), (3, 64), (2, 16)])
+def test_grouped_qalora_forward_on_the_64_column_tile(bits, g, monkeypatch):
+    """Round 23's sm_80 QA-LoRA tile (heuristics.GROUPED_FOLDED_FWD_SM80's second entry: 128 rows,
+    64 columns, 64-deep K) with the pooling in the kernel: two 128-row tiles in one expert, a ragged
+    third N tile, one to four groups per K tile, the K loop over three tiles; NaN-poisoned output."""
+    from qlk.kernels import grouped_matmul as gm
+    from qlk.kernels.heuristics import GROUPED_FOLDED_FWD_SM80
+
+    monkeypatch.setattr(gm, "_output", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
+                                                                                device=device))
+    counts, n, k = [0, 131, 5, 100], 136, 192
+    gen = torch.Generator().manual_seed(bits * 100 + g)
+    qw = qlk.quantize(torch.randn(len(counts) * n, k, generator=gen), bits=bits, group_size=g)
+    w = oracle_weight(qw).reshape(len(counts), n, k)
+    off = offsets_of(counts)
+    x = torch.randn(int(off[-1]), k, generator=gen).half()
+    cfg = dict(GROUPED_FOLDED_FWD_SM80[1][0], num_stages=1)
+    assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]) == (128, 64, 64)
+    y, pooled = grouped_matmul_forward(x, qw, off, len(counts), pool=True, config=cfg)
+    y_ref = per_expert(x, off, lambda e, xe: xe @ w[e].t())
+    assert not y.isnan().any()
+    assert ((y.double() - y_ref).norm() / y_ref.norm()) < 2e-3
+    torch.testing.assert_close(pooled, x.float().reshape(-1, k // g, g).mean(-1), rtol=1e-3, atol=1e-3)
+
+
 # experts with 0, 1, odd and many rows, S/E > 32 (the large-M rules: GEMM K loop, NF4 absmax de-nested once)
 COUNTS_LARGE = [0, 1, 17, 113]
 

@@ -44,18 +44,12 @@ RESULTS = os.path.join(ROOT, "bench", "results")
 #: DeepSeek-V2-Lite, Mixtral-8x22B, Llama-4-Scout, Phi-3.5-MoE) and other token counts (--tokens 512,64)
 MOE_REPORTS = ("static-moe", "static-moe-other", "static-moe-t512-64", "static-moe-wide")
 #: what the out-of-sample runs found under 0.9x at >= 256 tokens (case -> ratio; they get no worse),
-#: docs/moe.md "Round 10". sm_80, 512 tokens: QA-LoRA's forward on Mixtral's down projection (128
-#: rows an expert) keeps the 8-warp 256-weight-row tile, 128 working CTAs on 108 SMs; the tiles that
-#: fill the SMs spill with the folded biases (64x128 w2 16-56 B; 128x128 w4 24 B for INT4 g128) or
-#: are issue-bound (0.67-0.79x). Qwen3's down gradient at 512 tokens: 32 rows an expert, both kernels
-#: at 0.12-0.14 of tensor peak (weight-read bound; the tensor metric is a poor judge there)
-KNOWN_LOW_MOE = {
-    ("static-moe-t512-64", 80): {
-        "grouped-qalora/int2g32/mixtral-down/T512": 0.833, "grouped-qalora/int3g128/mixtral-down/T512": 0.833,
-        "grouped-qalora/int4g128/mixtral-down/T512": 0.833, "grouped-qalora/int4g32/mixtral-down/T512": 0.833,
-        "grouped-dgrad/int4g32/qwen3-down/T512": 0.89,
-    },
-}
+#: docs/moe.md "Round 10". Empty since round 23: sm_80's QA-LoRA forward on Mixtral's down
+#: projection at 512 tokens (0.83x on the 8-warp 256-column tile, 128 working CTAs on 108 SMs) takes
+#: the 64-column tile by its waves (heuristics.grouped_folded_fwd_tile: 1.11x), and Qwen3's down
+#: gradient at 512 tokens (0.89x) was the model's count: the slot loop's two tiles a program row
+#: and the dense baseline's spare slots (bench/launches_moe.py: tiles_per_program, working_ctas)
+KNOWN_LOW_MOE: dict = {}
 
 
 def _moe_rows(stem: str, arch: int) -> list:
@@ -101,3 +95,50 @@ def test_committed_moe_reports(stem, arch):
     known = KNOWN_LOW_MOE.get((stem, arch), {})
     assert set(low) <= set(known), {c: x for c, x in low.items() if c not in known}
     assert all(x >= known[c] - 0.005 for c, x in low.items()), low
+
+
+def test_slot_loop_trips_count_every_tile_of_a_program_row():
+    """Round 23: the MoE model's main-loop trips of a ``SLOT_LOOP`` launch count each program row's
+    tiles under the cases' balanced routing (bench/launches_moe.py: S rows over E experts, the first
+    S mod E one more): Qwen3 at 512 tokens, 4096 rows over 128 experts in 16-row tiles, 256 tiles on
+    128 program rows: 2; one tile each at 64 tokens; a program per slot: 1; a remainder spreads
+    rows (33 rows on 2 experts, 17 + 16: 2 + 1 tiles; on 2 program rows 2, on 1 row 3)."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import launches_moe
+    from bench.sass.capture import Launch, TensorArg
+
+    def launch(rows, experts, programs, slot_loop, name="dy_ptr", block_m=16):
+        return Launch("k", 80, (programs, 6, 2), {"SLOT_LOOP": slot_loop, "BLOCK_M": block_m},
+                      {"NUM_EXPERTS": experts}, {name: TensorArg((rows, 2048), "bfloat16", 0, 1)}, 4, 4, b"", 0, "",
+                      "")
+
+    assert launches_moe.tiles_per_program(launch(4096, 128, 128, True)) == 2
+    assert launches_moe.tiles_per_program(launch(512, 128, 128, True, "x_ptr")) == 1
+    assert launches_moe.tiles_per_program(launch(4096, 128, 376, False)) == 1
+    assert launches_moe.tiles_per_program(launch(33, 2, 2, True)) == 2
+    assert launches_moe.tiles_per_program(launch(33, 2, 1, True)) == 3
+    assert launches_moe.tiles_per_program(launch(4096, 128, 64, True)) == 4
+    with pytest.raises(KeyError):
+        launches_moe.tiles_per_program(launch(4096, 128, 128, True, "w_ptr"))
+    # the CTAs that work: program rows past the tiles exit (Mixtral at 64 tokens: 15 slots, 8 tiles)
+    per_slot = launch(128, 8, 15, False, "x_ptr")
+    per_slot.grid = (15, 64)
+    assert launches_moe.working_ctas(per_slot) == 8 * 64
+    assert launches_moe.working_ctas(launch(4096, 128, 128, True)) == 128 * 6 * 2
+    dense = Launch("_dense_grouped_kernel", 80, (15, 64), {"BLOCK_M": 16}, {},
+                   {"x_ptr": TensorArg((128, 4096), "bfloat16", 0, 1), "w_ptr": TensorArg((8, 4096, 4096), "bfloat16", 0, 2)},
+                   4, 3, b"", 0, "", "")
+    assert launches_moe.working_ctas(dense) == 8 * 64
+    # the declarations multiply every qlk grouped kernel's K (N) trips by it
+    from bench.sass import model
+
+    for kernel, name, length, block, split in (("_grouped_matmul_fwd_kernel", "x_ptr", "K", "BLOCK_K", 1),
+                                               ("_grouped_matmul_splitk_kernel", "x_ptr", "K", "BLOCK_K", 2),
+                                               ("_grouped_matmul_grad_input_kernel", "dy_ptr", "N", "BLOCK_N", 2)):
+        one = launch(4096, 128, 128, True, name)
+        one.kernel = kernel
+        one.constexprs[block] = 128
+        one.scalars[length] = 2048
+        assert model._LOOP_TRIPS[kernel](one) == 2 * 16 // split, kernel
+        assert model._WORKING_CTAS[kernel] is launches_moe.working_ctas
+    assert model._WORKING_CTAS["_dense_grouped_kernel"] is launches_moe.working_ctas

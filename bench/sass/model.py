@@ -37,16 +37,24 @@ from .gpus import DRAM_LATENCY_CLK, SMEM_BYTES_PER_CLK, Gpu, gpu
 _LOOP_TRIPS: dict[str, Callable[[Launch], int]] = {}
 #: kernel name -> useful DRAM bytes of the launch, when the tensor arguments do not tell it
 _TRAFFIC: dict[str, Callable[[Launch], int]] = {}
+#: kernel name -> CTAs of the launch that do work, when some exit at once (a grouped kernel's
+#: spare tile slots: the grid is sized on the host from a bound, the tiles exist on the device)
+_WORKING_CTAS: dict[str, Callable[[Launch], int]] = {}
 
 
 def declare(kernel: str, iterations: Optional[Callable[[Launch], int]] = None,
-            useful_bytes: Optional[Callable[[Launch], int]] = None) -> None:
+            useful_bytes: Optional[Callable[[Launch], int]] = None,
+            working_ctas: Optional[Callable[[Launch], int]] = None) -> None:
     """Tell the model what the machine code cannot: how many times one CTA runs the main loop of
-    ``kernel`` (a function of the :class:`Launch`), and, rarely, its useful DRAM bytes."""
+    ``kernel`` (a function of the :class:`Launch`), rarely its useful DRAM bytes, and how many of
+    its CTAs do work (the rest exit after a load: not counted in the grid's balance, and the useful
+    bytes are spread over the working CTAs only)."""
     if iterations is not None:
         _LOOP_TRIPS[kernel] = iterations
     if useful_bytes is not None:
         _TRAFFIC[kernel] = useful_bytes
+    if working_ctas is not None:
+        _WORKING_CTAS[kernel] = working_ctas
 
 
 def constexpr(launch: Launch, *names, default=None):
@@ -183,16 +191,21 @@ def _main_loop(instrs: list[disasm.Instr]) -> tuple[list[disasm.Instr], list[str
 def analyze(launch: Launch) -> Report:
     """Report on one captured launch (see the module docstring for the model)."""
     cfg = config_label(launch)
-    return analyze_cubin(launch.cubin, launch.arch, launch.num_warps, launch.num_stages, launch.ctas,
-                         dynamic_smem=launch.dynamic_smem, kernel=launch.kernel, config=cfg, launch=launch)
+    ctas = launch.ctas
+    if ctas and launch.kernel in _WORKING_CTAS:
+        ctas = max(1, min(ctas, int(_WORKING_CTAS[launch.kernel](launch))))
+    return analyze_cubin(launch.cubin, launch.arch, launch.num_warps, launch.num_stages, ctas,
+                         dynamic_smem=launch.dynamic_smem, kernel=launch.kernel, config=cfg, launch=launch,
+                         idle_ctas=(launch.ctas or 0) - (ctas or 0))
 
 
 def analyze_cubin(cubin: bytes, arch: int, num_warps: int, num_stages: int, ctas: Optional[int] = None,
                   dynamic_smem: int = 0, kernel: str = "", config: str = "", function: Optional[str] = None,
                   launch: Optional[Launch] = None, iterations: Optional[int] = None,
-                  total_useful_bytes: Optional[int] = None) -> Report:
+                  total_useful_bytes: Optional[int] = None, idle_ctas: int = 0) -> Report:
     """Report on a cubin from any compiler (nvcc too: give ``function``, ``iterations`` and
-    ``total_useful_bytes`` yourself, as there is no Triton launch to read them from)."""
+    ``total_useful_bytes`` yourself, as there is no Triton launch to read them from). ``ctas``: the
+    CTAs that do work; ``idle_ctas``: those of the grid that exit at once (noted only)."""
     g = gpu(arch)
     res, instrs = disasm.read_cubin(cubin, function)
     warps = num_warps
@@ -204,6 +217,8 @@ def analyze_cubin(cubin: bytes, arch: int, num_warps: int, num_stages: int, ctas
     wave = wave_efficiency(g, ctas, per_sm) if ctas and per_sm else None
     if ctas and ctas < g.sms:
         notes.append(f"grid {ctas} CTAs < {g.sms} SMs")
+    if idle_ctas > 0:
+        notes.append(f"{idle_ctas} more CTAs hold no tile and exit at once: not counted")
     spill_ops = sum(1 for i in instrs if i.op in disasm.LOCAL)
     if res.stack or spill_ops:
         notes.append(f"spills: stack {res.stack} B, {spill_ops} LDL/STL")

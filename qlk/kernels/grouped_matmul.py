@@ -516,11 +516,20 @@ def _small(rows: int, num_experts: int) -> bool:
 
 
 def tiles_for(direction: str, rows: int, num_experts: int, qw: QuantizedWeight | None = None,
-              folded: bool = False) -> dict:
+              folded: bool = False, device=None) -> dict:
     """:func:`grouped_config` for S = ``rows`` routed rows over ``num_experts`` (host values, no sync);
-    ``folded``: QA-LoRA's fp32 folded biases (and pooling), which take registers."""
+    ``folded``: QA-LoRA's fp32 folded biases (and pooling), which take registers. With ``device``
+    the grid a balanced routing gives (min(S, E) experts, ⌈S / min(S, E) / 128⌉ tiles of 128 rows
+    each, N = the rows of one expert's weight) and the SM count go along for the rules that weigh
+    waves."""
+    grid = {}
+    if device is not None and qw is not None and num_experts > 0 and rows > 0:
+        active = min(rows, num_experts)
+        per_expert = -(-rows // active)
+        grid = dict(m_tiles=active * -(-per_expert // 128), n=qw.out_features // num_experts, sms=num_sms(device),
+                    group_size=qw.group_size)
     return grouped_config(direction, _small(rows, num_experts), rows / max(num_experts, 1), folded,
-                          qw.bits if qw is not None else 16)
+                          qw.bits if qw is not None else 16, **grid)
 
 
 def grouped_matmul_forward(x: torch.Tensor, qw: QuantizedWeight, offsets: torch.Tensor, num_experts: int,
@@ -544,7 +553,7 @@ def grouped_matmul_forward(x: torch.Tensor, qw: QuantizedWeight, offsets: torch.
     pooled = torch.zeros((s, k // g), dtype=torch.float32, device=x.device) if pool else None
     if s == 0:
         return out, pooled
-    cfg = dict(config or tiles_for("fwd", s, num_experts, qw, folded=wargs is not None or pool))
+    cfg = dict(config or tiles_for("fwd", s, num_experts, qw, folded=wargs is not None or pool, device=x.device))
     small = _small(s, num_experts)
     # the decode K loop where it decodes into the activation dtype (INT, fp16/bf16); NF4 and fp32
     # keep the GEMM loop (clamped rows: no row predicates in the loop)

@@ -1346,3 +1346,44 @@ def grouped_programs(slots: int, num_experts: int, small: bool, cols: int = 1, l
     if split > most:  # the largest no-empty-slice count with >= GRAD_SPLIT_MIN_STEPS tiles a slice
         split = math.ceil(steps / math.ceil(steps / most))
     return programs, split
+
+
+# ------------------------------------------------------------------------------------------------
+# Round 23: sm_80's QA-LoRA grouped forward at large M, chosen by its waves
+# ------------------------------------------------------------------------------------------------
+#: sm_80's folded (QA-LoRA: fp32 folded biases, pooling in the kernel) grouped forward at large M:
+#: (tile, efficiency per bit width at an even grid). The 256-column tile on 8 warps is the dense
+#: QA-LoRA GEMM's (the 4-warp 128x128x32 tile spills 8-32 B at INT3 g128 / INT4 g128 with the
+#: folded biases); the 64-column tile on 4 warps holds 216-229 registers (two CTAs an SM) and
+#: spills in no format. Efficiencies: the midpoint of the analyzer's optimistic and pessimistic
+#: tensor-peak fractions divided by the grid's SM balance (:func:`sm_balance`), the median over
+#: every MoE report's layer at 4096 and 512 tokens (bench/moe_estimates.py's layers, each tile
+#: forced, round 23; spread ±0.005): 256 columns 0.807 INT4 (0.99..0.61 at an even grid), 0.788
+#: INT3, 0.807 INT2; 64 columns 0.757 INT4 g32, 0.731 g128 (the entry of the other group sizes), 0.631 INT3
+#: (issue-bound on its decoder), 0.766 INT2. The smaller tile loses 5-20 % on an even grid and wins
+#: where the big tile's grid is short: Mixtral's down projection at 512 tokens has 8 M tiles × 16 N
+#: tiles = 128 CTAs on 108 SMs (balance 0.59), the 64-column tile 512 (0.79).
+GROUPED_FOLDED_FWD_SM80 = (
+    (dict(BLOCK_N=256, BLOCK_M=128, BLOCK_K=32, num_warps=8, num_stages=3), {"int2": 0.807, "int3": 0.788, "int4": 0.807}),
+    (dict(BLOCK_N=64, BLOCK_M=128, BLOCK_K=64, num_warps=4, num_stages=3),
+     {"int2": 0.766, "int3": 0.631, "int4": 0.731, "int4g32": 0.757}),
+)
+#: the 64-column tile must score this much higher: twice the fit's spread, so that a grid the two
+#: tiles fill about as evenly keeps the tile with the better pessimistic end (0.61 against 0.53)
+GROUPED_FOLDED_FWD_MARGIN = 1.02
+
+
+def grouped_folded_fwd_tile(m_tiles: int, n: int, fmt: str, sms: int) -> dict:
+    """sm_80's tile for QA-LoRA's folded grouped forward at large M: the entry of
+    :data:`GROUPED_FOLDED_FWD_SM80` with the highest ``efficiency(bits) × sm_balance(CTAs)``, CTAs =
+    m_tiles · ⌈n / BLOCK_N⌉ (``m_tiles``: the tiles of 128 rows the routing fills, known on the host
+    from S and E without a sync; both tiles have 128 rows, so the tile map is the same), the
+    64-column tile only where its score is :data:`GROUPED_FOLDED_FWD_MARGIN` times the 256-column
+    one's. ``fmt``: :func:`format_class` with the group size ("int4g32"); a class without an entry
+    takes its bit width's, a bit width without one the entry's lowest efficiency."""
+    def score(entry):
+        cfg, eff = entry
+        e = eff.get(fmt, eff.get(base_format(fmt), min(eff.values())))
+        return e * sm_balance(max(1, m_tiles) * -(-n // cfg["BLOCK_N"]), max(1, sms))
+    wide, narrow = GROUPED_FOLDED_FWD_SM80
+    return dict((narrow if score(narrow) > GROUPED_FOLDED_FWD_MARGIN * score(wide) else wide)[0])
