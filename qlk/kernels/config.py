@@ -280,7 +280,7 @@ def dequant_configs():
 
 
 def grouped_config(direction: str, small_m: bool, rows_per_expert: float = 0.0, folded: bool = False,
-                   bits: int = 4, m_tiles: int = 0, n: int = 0, sms: int = 0, group_size: int = 0) -> dict:
+                   bits: int = 4) -> dict:
     """Tile sizes, warps and stages of the grouped (mixture-of-experts) kernels of
     :mod:`qlk.kernels.grouped_matmul`, for ``direction`` "fwd" or "grad" on the current target.
 
@@ -298,9 +298,8 @@ def grouped_config(direction: str, small_m: bool, rows_per_expert: float = 0.0, 
     256-row sm_90 forward tile, which then stays 128-row; on sm_80 the forward runs 128×128 tiles
     on 4 warps (two CTAs per SM); folded, the dense QA-LoRA GEMM's 256-weight-row tile on 8 warps
     (the 4-warp tile spills), and the large-M input gradient the dense gradient's 256-column tile.
-    Given the grid (``m_tiles`` tiles of 128 rows, ``n`` columns, ``sms``; ``group_size``), that sm_80 folded forward
-    takes a 64-column tile where the 256-column one leaves a short last wave
-    (:func:`qlk.kernels.heuristics.grouped_folded_fwd_tile`)."""
+    The grouped launcher weighs that sm_80 folded forward tile against a 64-column one by the grid's
+    balance (:func:`qlk.kernels.grouped_matmul.tiles_for`)."""
     if INTERPRETED:
         return dict(BLOCK_N=32, BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=1)
     hopper = target_arch() >= 90
@@ -313,9 +312,6 @@ def grouped_config(direction: str, small_m: bool, rows_per_expert: float = 0.0, 
                 return dict(BLOCK_N=128, BLOCK_M=256, BLOCK_K=64, num_warps=8, num_stages=3)
             return dict(BLOCK_N=128, BLOCK_M=128, BLOCK_K=64, num_warps=8, num_stages=4)
         if folded:  # the dense QA-LoRA GEMM's sm_80 tile: 256 weight rows over 8 warps (the 4-warp tile spills)
-            if m_tiles and n and sms:  # or 64 columns where that grid has a short last wave
-                from .heuristics import format_class, grouped_folded_fwd_tile
-                return grouped_folded_fwd_tile(m_tiles, n, format_class(bits, False, group_size or None), sms)
             return dict(BLOCK_N=256, BLOCK_M=128, BLOCK_K=32, num_warps=8, num_stages=3)
         return dict(BLOCK_N=128, BLOCK_M=128, BLOCK_K=32, num_warps=4, num_stages=4)
     if small_m:

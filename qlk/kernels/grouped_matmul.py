@@ -518,18 +518,21 @@ def _small(rows: int, num_experts: int) -> bool:
 def tiles_for(direction: str, rows: int, num_experts: int, qw: QuantizedWeight | None = None,
               folded: bool = False, device=None) -> dict:
     """:func:`grouped_config` for S = ``rows`` routed rows over ``num_experts`` (host values, no sync);
-    ``folded``: QA-LoRA's fp32 folded biases (and pooling), which take registers. With ``device``
-    the grid a balanced routing gives (min(S, E) experts, ⌈S / min(S, E) / 128⌉ tiles of 128 rows
-    each, N = the rows of one expert's weight) and the SM count go along for the rules that weigh
-    waves."""
-    grid = {}
-    if device is not None and qw is not None and num_experts > 0 and rows > 0:
+    ``folded``: QA-LoRA's fp32 folded biases (and pooling), which take registers. With ``device``,
+    sm_80's folded forward at large M is chosen by the grid's SM balance
+    (:func:`qlk.kernels.heuristics.grouped_folded_fwd_tile`) from the grid a balanced routing gives:
+    min(S, E) experts of ⌈S / min(S, E) / 128⌉ tiles of 128 rows, N = one expert's rows."""
+    small = _small(rows, num_experts)
+    cfg = grouped_config(direction, small, rows / max(num_experts, 1), folded, qw.bits if qw is not None else 16)
+    if (folded and direction == "fwd" and not small and device is not None and qw is not None and rows > 0
+            and not INTERPRETED and heuristics.arch_family(target_arch()) == 80):
         active = min(rows, num_experts)
         per_expert = -(-rows // active)
-        grid = dict(m_tiles=active * -(-per_expert // 128), n=qw.out_features // num_experts, sms=num_sms(device),
-                    group_size=qw.group_size)
-    return grouped_config(direction, _small(rows, num_experts), rows / max(num_experts, 1), folded,
-                          qw.bits if qw is not None else 16, **grid)
+        cfg = heuristics.grouped_folded_fwd_tile(active * -(-per_expert // cfg["BLOCK_M"]),
+                                                 qw.out_features // num_experts,
+                                                 heuristics.format_class(qw.bits, qw.fmt == "nf4", qw.group_size),
+                                                 num_sms(device))
+    return cfg
 
 
 def grouped_matmul_forward(x: torch.Tensor, qw: QuantizedWeight, offsets: torch.Tensor, num_experts: int,
