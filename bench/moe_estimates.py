@@ -11,7 +11,7 @@ bench/dense_grouped_matmul.py and grouped-nf4-gemm on the same experts) under ``
 and writes ``static-moe-sm<arch>.md`` (a summary table: each case's estimate and its ratio to the
 dense baseline of the same run) and ``.csv`` (every launch). **Estimates from machine code, not
 measurements** (docs/static-analysis.md). At 256 tokens or more the metric is the tensor-peak fraction,
-below it the DRAM fraction on useful bytes; both optimistic..pessimistic × wave efficiency.
+below it the DRAM fraction on useful bytes; both optimistic..pessimistic × the SM balance of the CTAs that hold a tile.
 `--layers other` (OLMoE, Qwen1.5-MoE, gpt-oss-20b), `--layers wide` (DeepSeek-V2-Lite, Mixtral-8x22B,
 Llama-4-Scout, Phi-3.5-MoE) and `--tokens 512,64` are the out-of-sample checks
 (`static-moe-other-sm<arch>`, `static-moe-wide-sm<arch>`, `static-moe-t512-64-sm<arch>`).
@@ -154,7 +154,9 @@ def write(arch: int, reports, failed, out_dir: str, command: str, stem: str = "s
         + "; ".join(f"{name}: {h}, {i}, {e}, top-{k}" for name, (h, i, e, k) in launches_moe.LAYERS.items())
         + "; T tokens -> T·top-k routed rows spread evenly over the experts; bf16 activations",
         "- metric: at T >= 256 tokens the tensor-peak fraction, below it the DRAM fraction on useful bytes; "
-        "optimistic..pessimistic × wave efficiency. (a×/b×) divides by the dense grouped bf16 baseline "
+        "optimistic..pessimistic × the SM balance of the CTAs that hold a tile (a tile map's spare slots exit "
+        "at once and are not counted; a slot-loop program row runs all its tiles: bench/launches_moe.py, "
+        "round 23). (a×/b×) divides by the dense grouped bf16 baseline "
         "of the same run (same tile map and tiles), `gnf4` by grouped-nf4-gemm's estimate on the same experts.",
         "- the target of issue 19: every qlk grouped kernel ≥ 0.9× the dense baseline, and above grouped-nf4-gemm.",
         "",
