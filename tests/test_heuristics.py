@@ -584,15 +584,17 @@ def test_grouped_program_rows_rule():
     assert rule(10, 8, True, 32, 448, 64, 108, (4, 4)) == (8, 1)  # 7 N tiles: nothing worth splitting
     assert rule(10, 8, True, 32, 28672, 64, 108, (4, 5)) == (8, 8)  # 2048 CTAs: 0.95 of 4 or 5 waves
     # the table: per format class, the bit width's entry for other group sizes, none for other tiles;
-    # per kernel variant (round 8): the slot loop holds fewer CTAs than a program row per slot
-    assert h.grouped_resident("grad", "16x64x128 w4 s4", "nf4", 80) == (4, 4)
-    assert h.grouped_resident("grad", "16x64x128 w4 s4", "int4g64", 80) == h.GROUPED_RESIDENT[(80, "grad", "int4")][
-        "16x64x128 w4 s4"]["slot_loop"]
+    # per kernel variant (round 8): on sm_90 the slot loop holds fewer CTAs than a program row per
+    # slot; sm_80's two-warp tile (round 23) holds 6 of either
+    assert h.grouped_resident("grad", "16x64x128 w2 s3", "nf4", 80) == (6, 6)
+    assert h.grouped_resident("grad", "16x64x128 w2 s3", "int4g64", 80) == h.GROUPED_RESIDENT[(80, "grad", "int4")][
+        "16x64x128 w2 s3"]["slot_loop"]
     assert h.grouped_resident("grad", "16x128x128 w4 s3", "int3g128", 90) == (2, 2)
     assert h.grouped_resident("grad", "16x128x128 w4 s3", "int3g128", 90, slot_loop=False) == (4, 4)
-    assert h.grouped_resident("grad", "16x64x128 w4 s4", "int2g32", 80) == (4, 4)
-    assert h.grouped_resident("grad", "16x64x128 w4 s4", "int2g32", 80, slot_loop=False) == (6, 6)
-    assert h.grouped_resident("grad", "16x64x128 w4 s4", "int4g32", 90) is None
+    assert h.grouped_resident("grad", "16x64x128 w2 s3", "int2g32", 80) == (6, 6)
+    assert h.grouped_resident("grad", "16x64x128 w2 s3", "int2g32", 80, slot_loop=False) == (6, 6)
+    assert h.grouped_resident("grad", "16x64x128 w4 s4", "int2g32", 80) is None  # round 22's tile: gone
+    assert h.grouped_resident("grad", "16x64x128 w2 s3", "int4g32", 90) is None
     assert h.grouped_resident("fwd", "16x64x256 w4 s3", "int4g32", 80) is None
     for slots, e, cols, n, bn, sms, res in [(10, 8, 32, 28672, 64, 108, (4, 4)), (10, 8, 112, 4096, 64, 108, (4, 4)),
                                             (10, 8, 112, 4096, 128, 132, (2, 2)), (128, 128, 6, 2048, 64, 108, (3, 5)),
@@ -619,16 +621,16 @@ def test_grouped_grad_launcher_asks_the_rule(monkeypatch):
 
     from qlk.kernels import grouped_matmul as gm
 
-    cfg = dict(BLOCK_N=64, BLOCK_M=16, BLOCK_K=128, num_warps=4, num_stages=4)
+    cfg = dict(BLOCK_N=64, BLOCK_M=16, BLOCK_K=128, num_warps=2, num_stages=3)
     nf4 = SimpleNamespace(bits=4, fmt="nf4", group_size=64)
     monkeypatch.setattr(gm, "INTERPRETED", False)
     monkeypatch.setattr(gm, "target_arch", lambda: 80)
     monkeypatch.setattr(gm, "num_sms", lambda device: 108)
     assert gm._grad_programs(10, 8, True, 32, 28672, cfg, nf4, "cpu") == (8, 5)  # Mixtral gate_up, 16 tokens
     # Qwen3 down at 16 tokens (128 slots, 128 experts: a program row per slot, 6 CTAs of it resident on
-    # sm_80 against 5 of the slot loop): 768 dX tiles -> 4 slices (3072 CTAs, 4.7 waves of 648 slots)
+    # sm_80): 768 dX tiles -> 4 slices (3072 CTAs, 4.7 waves of 648 slots)
     int4 = SimpleNamespace(bits=4, fmt="int", group_size=32)
-    assert h.grouped_resident("grad", "16x64x128 w4 s4", "int4g32", 80, slot_loop=False) == (6, 6)
+    assert h.grouped_resident("grad", "16x64x128 w2 s3", "int4g32", 80, slot_loop=False) == (6, 6)
     assert gm._grad_programs(128, 128, True, 6, 2048, cfg, int4, "cpu") == (128, 4)
     assert h.grouped_programs(128, 128, True, 6, 2048, 64, 108, (5, 5)) == (128, 2)  # the slot loop's count
     assert gm._grad_programs(40, 8, False, 32, 28672, cfg, nf4, "cpu") == (40, 1)
@@ -650,7 +652,8 @@ def test_register_cap_keeps_the_fitted_occupancy():
     """Round 22: the registers a thread may hold for (fewest, most) resident CTAs of 4 warps: 65536
     registers an SM, allocated in units of 8; none at ptxas' own limit (a maxnreg of 255 still moves
     its allocation) or without a table entry."""
-    assert h.register_cap((6, 6), 4) == 80  # sm_80's per-slot small-M gradient
+    assert h.register_cap((6, 6), 4) == 80  # round 22's sm_80 per-slot small-M gradient
+    assert h.register_cap((6, 6), 2) == 168  # round 23's two-warp tile
     assert h.register_cap((4, 6), 4) == 128  # the fewest bounds it
     assert h.register_cap((5, 5), 4) == 96  # 102 rounded down to the allocation unit
     assert h.register_cap((4, 4), 8) == 64
@@ -663,9 +666,9 @@ def test_register_cap_keeps_the_fitted_occupancy():
 
 def test_grouped_grad_launch_caps_registers(monkeypatch):
     """Round 22: the grouped input gradient launches with ``maxnreg`` = the registers of the resident
-    CTAs its grid was sized for, per the kernel variant it runs (a program row per slot on sm_80:
-    6 resident, 80 registers; the slot loop: 4, 128); no cap where GROUPED_RESIDENT has no entry
-    (large M) or under the interpreter."""
+    CTAs its grid was sized for, per the kernel variant it runs (sm_80's two-warp tile since round
+    23: 6 resident of either variant, 168 registers; round 22's four-warp tile had 80 and 128); no
+    cap where GROUPED_RESIDENT has no entry (large M) or under the interpreter."""
     from qlk.formats.int_group import quantize_int
     from qlk.kernels import grouped_matmul as gm
 
@@ -681,10 +684,10 @@ def test_grouped_grad_launch_caps_registers(monkeypatch):
     monkeypatch.setattr(gm, "num_sms", lambda device: 108)
     e, n, k = 4, 128, 256
     qw = quantize_int(torch.randn(e * n, k), bits=4, group_size=32)
-    cfg = dict(BLOCK_N=64, BLOCK_M=16, BLOCK_K=128, num_warps=4, num_stages=4)
+    cfg = dict(BLOCK_N=64, BLOCK_M=16, BLOCK_K=128, num_warps=2, num_stages=3)
     offsets = torch.tensor([0, 1, 3, 3, 4])
     dy = torch.randn(4, n, dtype=torch.float16)
-    for programs, slot_loop, cap in ((4, False, 80), (2, True, 128)):
+    for programs, slot_loop, cap in ((4, False, 168), (2, True, 168)):
         launches.clear()
         gm.grouped_matmul_grad_input(dy, qw, offsets, e, config=dict(cfg, PROGRAMS=programs))
         (grid, kwargs), = launches

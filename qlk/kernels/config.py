@@ -323,7 +323,9 @@ def grouped_config(direction: str, small_m: bool, rows_per_expert: float = 0.0, 
                 # sm_80 keeps its tile: 256 columns left Mixtral's gate_up gradient 128 CTAs on 108 SMs
                 return dict(BLOCK_N=128, BLOCK_M=16, BLOCK_K=128, num_warps=4, num_stages=3)
             return dict(BLOCK_N=256, BLOCK_M=16, BLOCK_K=64, num_warps=4, num_stages=3)
-        return dict(BLOCK_N=64, BLOCK_M=16, BLOCK_K=128, num_warps=4, num_stages=4)
+        # sm_80: two warps (round 23): each warp reads the whole dY tile from shared memory for its
+        # rows of dXᵀ, so two warps halve that traffic (the loop is shared-memory-bound for INT2/INT3)
+        return dict(BLOCK_N=64, BLOCK_M=16, BLOCK_K=128, num_warps=2, num_stages=3)
     if hopper:
         if full and not folded:  # QA-LoRA's input gradient (fp32 folded biases): not compiled at 256 rows yet
             return dict(BLOCK_N=64, BLOCK_M=256, BLOCK_K=128, num_warps=8, num_stages=3)

@@ -1262,14 +1262,16 @@ def choose_m1_grad(n: int, k: int, fmt: str = "int4", arch: int = 90, sms: Optio
 #: (5 -> 4 resident) once the sentinel tiles left the tile map; sm_90 runs the slot loop at every small
 #: M (``grouped_matmul._grad_slot_loop``), so its per-slot entries are round 8's, unused there.
 #: Round 21 refit: NF4's half2 lookup took sm_80's per-slot NF4 gradient to the INT formats' 80
-#: registers (4 -> 6 resident).
+#: registers (4 -> 6 resident). Round 23: sm_80's small-M tile on two warps (16x64x128 w2 s3, the dY
+#: tile read from shared memory by half as many warps): 6 resident of either variant at the 168
+#: registers the cap (:func:`register_cap`) gives them, 0 spills.
 GROUPED_RESIDENT = {
-    (80, 'grad', 'int2'): {'16x64x128 w4 s4': {'per_slot': (6, 6), 'slot_loop': (4, 4)}},
-    (80, 'grad', 'int3'): {'16x64x128 w4 s4': {'per_slot': (6, 6), 'slot_loop': (4, 4)}},
-    (80, 'grad', 'int4'): {'16x64x128 w4 s4': {'per_slot': (6, 6), 'slot_loop': (4, 4)}},
-    (80, 'grad', 'int4g128'): {'16x64x128 w4 s4': {'per_slot': (6, 6), 'slot_loop': (4, 4)}},
-    (80, 'grad', 'int4g32'): {'16x64x128 w4 s4': {'per_slot': (6, 6), 'slot_loop': (4, 4)}},
-    (80, 'grad', 'nf4'): {'16x64x128 w4 s4': {'per_slot': (6, 6), 'slot_loop': (4, 4)}},
+    (80, 'grad', 'int2'): {'16x64x128 w2 s3': {'per_slot': (6, 6), 'slot_loop': (6, 6)}},
+    (80, 'grad', 'int3'): {'16x64x128 w2 s3': {'per_slot': (6, 6), 'slot_loop': (6, 6)}},
+    (80, 'grad', 'int4'): {'16x64x128 w2 s3': {'per_slot': (6, 6), 'slot_loop': (6, 6)}},
+    (80, 'grad', 'int4g128'): {'16x64x128 w2 s3': {'per_slot': (6, 6), 'slot_loop': (6, 6)}},
+    (80, 'grad', 'int4g32'): {'16x64x128 w2 s3': {'per_slot': (6, 6), 'slot_loop': (6, 6)}},
+    (80, 'grad', 'nf4'): {'16x64x128 w2 s3': {'per_slot': (6, 6), 'slot_loop': (6, 6)}},
     (90, 'grad', 'int2'): {'16x128x128 w4 s3': {'per_slot': (4, 4), 'slot_loop': (2, 2)}},
     (90, 'grad', 'int3'): {'16x128x128 w4 s3': {'per_slot': (4, 4), 'slot_loop': (2, 2)}},
     (90, 'grad', 'int4'): {'16x128x128 w4 s3': {'per_slot': (4, 4), 'slot_loop': (2, 2)}},
@@ -1322,7 +1324,7 @@ def grouped_programs(slots: int, num_experts: int, small: bool, cols: int = 1, l
     t, t + P, ... (the slot bound counts a spare tile per group; a balanced routing has E tiles, so
     program rows past E would only launch CTAs that exit). The CTAs that carry work are then at
     most P·cols, and no choice of P adds any: Mixtral's gate_up input gradient at 16 tokens has
-    8 experts × 32 K tiles = 256 on sm_80's 108 SMs (4 resident each: 432 slots, 0.59 of one wave;
+    8 experts × 32 K tiles = 256 on sm_80's 108 SMs (6 resident each: 648 slots, 0.40 of one wave;
     SM balance 256 / (108·3) = 0.79).
 
     Slices (small M, the input gradient: ``length`` = N reduced in ``block`` steps, ``resident`` =
@@ -1330,8 +1332,8 @@ def grouped_programs(slots: int, num_experts: int, small: bool, cols: int = 1, l
     resident slots in close to whole waves, by the dense split kernels' rule
     (:func:`occupancy_split` against the unsplit launch, counts that leave no slice empty), at most
     ⌈:data:`GROUPED_SPLIT_WAVES` · resident · SMs / (P·cols)⌉ slices and at least
-    :data:`GRAD_SPLIT_MIN_STEPS` N tiles a slice. Mixtral gate_up on sm_80: 5 slices of 90 N tiles, 1280 CTAs in 2.96 waves of
-    432 slots (SM balance 0.99); on sm_90 (132 SMs × 2: 256 CTAs already 0.97 of a wave) 1.
+    :data:`GRAD_SPLIT_MIN_STEPS` N tiles a slice. Mixtral gate_up on sm_80: 5 slices of 90 N tiles, 1280 CTAs in 1.98 waves of
+    648 slots (SM balance 0.99); on sm_90 (132 SMs × 2: 256 CTAs already 0.97 of a wave) 1.
     Without a resident count (an unfitted tile, the forward, the interpreter): 1."""
     if not small:
         return max(1, slots), 1
