@@ -932,3 +932,19 @@ def test_grouped_folded_forward_launch_passes_the_grid(monkeypatch):
     assert block_n(1024, 80, False) == 128
     assert block_n(8192, 80, True) == 256
     assert block_n(1024, 90, True) == 128
+
+
+def test_grouped_small_m_gradient_tile_has_its_fitted_occupancy(monkeypatch):
+    """The small-M grouped input gradient's tile on each arch has a GROUPED_RESIDENT entry in every
+    format class (without one the launcher neither splits the reduction nor caps the registers, both
+    silently): sm_80's two-warp tile since round 23 (6 resident), sm_90's 16x128x128 on four warps."""
+    from qlk.kernels import config as qc
+
+    monkeypatch.setattr(qc, "INTERPRETED", False)
+    for arch, label, resident in ((80, "16x64x128 w2 s3", (6, 6)), (90, "16x128x128 w4 s3", (2, 2))):
+        monkeypatch.setattr(qc, "target_arch", lambda arch=arch: arch)
+        cfg = qc.grouped_config("grad", True, 2.0, False, 4)
+        got = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg['num_warps']} s{cfg['num_stages']}"
+        assert got == label, (arch, got)
+        for fmt in ("int2", "int3", "int4", "int4g32", "int4g128", "nf4"):
+            assert h.grouped_resident("grad", label, fmt, arch) == resident, (arch, fmt)
