@@ -632,6 +632,13 @@ def test_grouped_grad_launcher_asks_the_rule(monkeypatch):
     int4 = SimpleNamespace(bits=4, fmt="int", group_size=32)
     assert h.grouped_resident("grad", "16x64x128 w2 s3", "int4g32", 80, slot_loop=False) == (6, 6)
     assert gm._grad_programs(128, 128, True, 6, 2048, cfg, int4, "cpu") == (128, 4)
+    # the variant's own count (since round 23 sm_80's two variants hold the same 6: a table where they
+    # differ, as sm_90's do, shows the per-slot launch reads the per-slot entry)
+    monkeypatch.setitem(h.GROUPED_RESIDENT, (80, "grad", "int4g32"),
+                        {"16x64x128 w2 s3": {"per_slot": (6, 6), "slot_loop": (3, 3)}})
+    assert gm._grad_programs(128, 128, True, 6, 2048, cfg, int4, "cpu") == (128, 4)
+    assert gm._grad_programs(10, 8, True, 32, 28672, cfg, int4, "cpu") == h.grouped_programs(
+        10, 8, True, 32, 28672, 64, 108, (3, 3))  # the slot loop (8 program rows < 10 slots): its own
     assert h.grouped_programs(128, 128, True, 6, 2048, 64, 108, (5, 5)) == (128, 2)  # the slot loop's count
     assert gm._grad_programs(40, 8, False, 32, 28672, cfg, nf4, "cpu") == (40, 1)
     monkeypatch.setattr(gm, "target_arch", lambda: 90)  # no sm_90 entry for this tile: unsplit
