@@ -1,6 +1,5 @@
-"""``python -m qlk``: the ``qlk`` command (see :mod:`qlk.cli`)."""
-import sys
+"""``python -m qlk``: the ``qlk`` command (see :mod:`qlk.cli`); under torchrun each rank ends by
+:func:`qlk.cli.exit_process`."""
+from .cli import exit_process, main
 
-from .cli import main
-
-sys.exit(main())
+exit_process(main())

@@ -162,4 +162,7 @@ def main():
 
 
 if __name__ == "__main__":
+    from qlk.cli import exit_process
+
     main()
+    exit_process(0)  # as `python -m qlk` under torchrun: no teardown for gloo's threads to abort

@@ -241,3 +241,20 @@ def test_python_m_qlk_help():
     r = subprocess.run([sys.executable, "-m", "qlk", "finetune", "--help"], capture_output=True, text=True, env=env,
                        timeout=120)  # fmt: skip
     assert r.returncode == 0 and "--resume" in r.stdout and "--group-size" in r.stdout
+
+
+@pytest.mark.parametrize("world", ["1", "2"])
+def test_a_rank_of_several_leaves_without_the_teardown(world):
+    """``python -m qlk`` under torchrun (WORLD_SIZE > 1) ends by os._exit once its streams are
+    flushed: the interpreter's teardown, where gloo's threads could abort a finished rank (and
+    torchrun then killed rank 0 mid-write), does not run; one process exits as usual. Both keep the
+    exit status and the printed output."""
+    code = ("import atexit, sys\n"
+            "from qlk.cli import exit_process\n"
+            "atexit.register(lambda: print('teardown ran'))\n"
+            "print('written', flush=False)\n"
+            "exit_process(3)\n")
+    env = dict(os.environ, WORLD_SIZE=world, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 3 and "written" in r.stdout
+    assert ("teardown ran" in r.stdout) == (world == "1"), r.stdout
