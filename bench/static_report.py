@@ -49,7 +49,7 @@ CSV_FIELDS = [
     "tensor_peak_opt", "tensor_peak_pess", "dram_peak_opt", "dram_peak_pess", "bound", "best", "iterations",
     "useful_bytes", "mix", "notes",
     "status", "chosen", "chosen_config", "best_config", "fill", "x_dense_fused", "x_dense_dequant", "dispatch",
-    "x_dense", "dispatch_agrees", "chosen_vs_best",
+    "x_dense", "dispatch_agrees", "chosen_vs_best", "work",
 ]  # fmt: skip
 
 
@@ -73,8 +73,21 @@ def report_row(report, launch, case) -> dict:
         "bound": report.bound, "best": False, "iterations": report.iterations, "useful_bytes": report.useful_bytes,
         "mix": ";".join(f"{k}={v}" for k, v in sorted(report.mix.items(), key=lambda kv: -kv[1])),
         "notes": "; ".join(report.notes), "status": "ok", "chosen": None, "fill": _r(fill(report.config, case, report.kernel)),
-        "_work": report.macs_per_iter * (report.iterations or 1) * (report.ctas or 1) or (report.useful_bytes or 0),
+        "work": report.macs_per_iter * (report.iterations or 1) * (report.ctas or 1) or (report.useful_bytes or 0),
     }  # fmt: skip
+
+
+def _work(r) -> float:
+    """A row's work as the live run counted it (``work``: the MACs its MMA instructions issue, the
+    instruction's own padding included, e.g. 16 token rows in a 64-row wgmma; else its useful bytes).
+    Rows of reports written before round 24 lack the column: their padded output tiles' MACs,
+    M·N·K / fill, which misses the instruction's padding (a quarter of a family report's dense
+    ratios came out up to 7 % off when a merge re-marked them) or useful bytes."""
+    if r.get("work") is not None:
+        return r["work"]
+    if r.get("tensor_peak_opt") is not None and r.get("M"):
+        return r["M"] * r["N"] * r["K"] / (r.get("fill") or 1.0)
+    return r.get("useful_bytes") or 0
 
 
 def status_row(arch: int, case, status: str) -> dict:
@@ -176,8 +189,8 @@ def _time(r, arch: int):
     mid = (hi + lo) / 2
     if mid <= 0:
         return None
-    if r.get("tensor_peak_opt") is not None and hi == r["tensor_peak_opt"] and r.get("_work"):
-        return r["_work"] / (mid * g.tensor_macs_per_clk * g.sms * g.ghz * 1e9) + split_passes_time(r, g)
+    if r.get("tensor_peak_opt") is not None and hi == r["tensor_peak_opt"] and _work(r):
+        return _work(r) / (mid * g.tensor_macs_per_clk * g.sms * g.ghz * 1e9) + split_passes_time(r, g)
     if r.get("useful_bytes"):
         return r["useful_bytes"] / (mid * g.dram_bytes_per_s) + split_passes_time(r, g)
     return None
@@ -198,7 +211,7 @@ def mark_dense_ratio(rows, arch: int) -> None:
     for r in rows:
         if r["status"] == "ok" and r["best"]:
             cur = main.get(r["case"])
-            if cur is None or (r.get("_work") or 0) > (cur.get("_work") or 0):
+            if cur is None or _work(r) > _work(cur):
                 main[r["case"]] = r
     for name, r in main.items():
         if r["group"] != "qlk" or r["op"] not in ("fwd", "dgrad"):
@@ -821,7 +834,7 @@ def _summary(rows, dispatched=None) -> list:
         if r["status"] != "ok" or not r["best"]:
             continue
         cur = main.get(r["case"])
-        if cur is None or (r.get("_work") or 0) > (cur.get("_work") or 0):
+        if cur is None or _work(r) > _work(cur):
             main[r["case"]] = r
     cols = [("dense bf16", lambda r: r["group"] == "dense")]
     import launches
@@ -1149,9 +1162,6 @@ def remark_cases(rows, touched, arch: int) -> None:
             for col in ("best_config", "chosen_config", "chosen_vs_best", "x_dense_fused", "x_dense_dequant",
                         "dispatch", "x_dense", "dispatch_agrees"):
                 r[col] = None
-        # what a live run counts as work (report_row): padded MACs of an MMA launch, else useful bytes
-        r["_work"] = (r["M"] * r["N"] * r["K"] / (r.get("fill") or 1.0)
-                      if r.get("tensor_peak_opt") is not None and r.get("M") else (r.get("useful_bytes") or 0))
     mark_best([r for r in rows if r["case"] in touched])
     mark_dense_ratio([r for r in rows if r["case"] in touched or r["group"] != "qlk" or r["op"] not in ("fwd", "dgrad")
                       or r["case"].startswith("dequant/")], arch)

@@ -240,14 +240,14 @@ def _compile_all() -> list:
         bad = [(r["case"], r["status"]) for r in rows if r["status"] != "ok"]
         if bad:
             raise SystemExit(f"cases did not compile: {bad}")
-        out += [{k: v for k, v in r.items() if k != "_work"} for r in rows]
+        out += rows
     for arch, (shapes, ms, patterns) in GUARD_ONLY.items():
         cases = launches.all_cases(patterns=patterns, include_dense=False, shapes=shapes, ms=ms)
         rows = static_report.collect(arch, cases, log=lambda s: print(s, file=sys.stderr, flush=True))
         bad = [(r["case"], r["status"]) for r in rows if r["status"] != "ok"]
         if bad:
             raise SystemExit(f"cases did not compile: {bad}")
-        out += [{**{k: v for k, v in r.items() if k != "_work"}, "guard_only": True} for r in rows]
+        out += [{**r, "guard_only": True} for r in rows]
     return out
 
 

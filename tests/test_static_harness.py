@@ -137,7 +137,7 @@ _CHILD = textwrap.dedent(
     static_report.write_csv({csv!r}, rows)
     meta = dict(command="pytest", date="today", triton="?", torch="?", commit="?", peers="-")
     static_report.write_markdown({md!r}, 90, rows, meta)
-    json.dump([{{k: v for k, v in r.items() if k != "_work"}} for r in rows], open({out!r}, "w"))
+    json.dump(rows, open({out!r}, "w"))
     """
 )
 
@@ -211,6 +211,8 @@ def test_csv_and_markdown_files(report):
     with open(paths["csv"]) as f:
         got = list(csv.DictReader(f))
     assert list(got[0].keys()) == sr.CSV_FIELDS and len(got) == 6
+    # the work the live run counted, for a later merge's dense ratios (round 24)
+    assert all(float(r["work"]) > 0 for r in got if r["status"] == "ok"), [r["work"] for r in got]
     md = open(paths["md"]).read()
     assert "Estimated from sm_90 machine code, not measured." in md
     table = [ln for ln in md.splitlines() if ln.startswith("| _dense_matmul_kernel |")]
@@ -302,7 +304,7 @@ def test_chosen_best_fill_and_dense_ratio_on_hand_made_rows():
                     M=case.m, kernel=kernel, config=config, status="ok", best=False, chosen=None,
                     tensor_peak_opt=opt if work else None, tensor_peak_pess=pess if work else None,
                     dram_peak_opt=kw.get("dram", (opt, pess))[0], dram_peak_pess=kw.get("dram", (opt, pess))[1],
-                    useful_bytes=ub or 1, _work=work or 0)
+                    useful_bytes=ub or 1, work=work or 0)
         base["fill"] = sr.fill(config, case, kernel)
         return base
 
@@ -374,3 +376,47 @@ def test_merge_configs_adds_a_tile_to_committed_cases(tmp_path):
     sr.write_csv(part, [row(stray, fk, new_tile, 0.9, 0.5, chosen=True)])
     with pytest.raises(SystemExit, match="lacks"):
         sr.merge_configs(into, part)
+
+
+def test_a_merge_marks_the_dense_ratio_as_the_live_run_did(tmp_path):
+    """Round 24: the report's ``work`` column holds the work a live run counted (the MMA
+    instructions' MACs, their own padding included), so ``--merge`` / ``--merge-configs`` re-mark a
+    case's dense ratio from it and get the live run's number. Before, a re-mark recomputed the work
+    as M·N·K / fill, which misses the instruction's padding: 260 of 1120 ratios of a family report
+    moved, up to 7 %."""
+    sys.path.insert(0, BENCH)
+    import launches
+    import static_report as sr
+
+    m, k, n = 333, 2048, 2048
+    q = launches.Case(f"fwd/int4g32/{k}->{n}/M{m}", "qlk", "fwd", "int4g32", k, n, m)
+    d = launches.Case(f"dense-fwd/bf16/{k}->{n}/M{m}", "dense", "fwd", "bf16", k, n, m)
+
+    def row(case, kernel, config, opt, pess, work):
+        r = {f: None for f in sr.CSV_FIELDS}
+        r.update(arch=90, group=case.group, case=case.name, op=case.op, fmt=case.fmt, K=case.k, N=case.n, M=case.m,
+                 kernel=kernel, config=config, status="ok", best=False, chosen=None, tensor_peak_opt=opt,
+                 tensor_peak_pess=pess, dram_peak_opt=0.1, dram_peak_pess=0.1, useful_bytes=1000, work=work)
+        r["fill"] = sr.fill(config, case, kernel)
+        return r
+
+    macs = m * n * k
+    # the dense tile's instructions do 9 % more than its padded output tile (e.g. a ragged K step)
+    dense = row(d, "_dense_matmul_kernel", "64x128x64 w4 s4", 0.8, 0.6, macs * 384 / 333 * 1.09)
+    fused = row(q, "_quant_matmul_fwd_kernel", "64x128x128 w4 s4 GROUP_M=8", 0.7, 0.5, macs * 384 / 333)
+    rows = [dense, fused]
+    sr.mark_best(rows)
+    sr.mark_dense_ratio(rows, 90)
+    live = fused["x_dense_fused"]
+    assert live == pytest.approx(1.09 * 0.6 / 0.7, abs=2e-3)
+    path = str(tmp_path / "r-sm90.csv")
+    sr.write_csv(path, rows)
+    again = sr.read_csv(path)
+    assert again[0]["work"] == pytest.approx(dense["work"])
+    sr.remark_cases(again, {q.name}, 90)
+    assert again[1]["x_dense_fused"] == live
+    # a report written before the column: the padded output tiles' MACs (the dense row's 9 % unseen)
+    for r in again:
+        r["work"] = None
+    sr.remark_cases(again, {q.name}, 90)
+    assert again[1]["x_dense_fused"] == pytest.approx(0.6 / 0.7, abs=2e-3)

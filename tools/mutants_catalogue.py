@@ -324,6 +324,16 @@ MUTANTS = [
          old="        _cfg(80, 2, 3, BLOCK_N=64, BLOCK_M=16, BLOCK_K=128),\n    ]",
          new="    ]",
          tests=["tests/test_rules_family.py", "-k", "pick_the_analyzers_best"]),
+    # ---- round 24: the report's live work column ---------------------------------------------------
+    dict(id="report-merge-recomputes-work", cls="report", file="bench/static_report.py",
+         old='    if r.get("work") is not None:\n        return r["work"]', new='    if False:\n        return r["work"]',
+         tests=["tests/test_static_harness.py", "-k", "as_the_live_run"]),
+    dict(id="report-work-not-written", cls="report", file="bench/static_report.py",
+         old='        "work": report.macs_per_iter', new='        "_work": report.macs_per_iter',
+         tests=["tests/test_static_harness.py", "-k", "csv_and_markdown"]),
+    dict(id="rank-exit-with-teardown", cls="faults", file="qlk/cli.py",
+         old='    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:', new='    if False:',
+         tests=["tests/test_cli.py", "-k", "leaves_without"]),
     # ---- partial packed words --------------------------------------------------------------------
     dict(id="int3-partial-chunk-dropped", cls="partial words", file="qlk/kernels/quant_tile.py",
          old="mask = offs_c[None, :] < tl.cdiv(K, 32)", new="mask = offs_c[None, :] < K // 32",
