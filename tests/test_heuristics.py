@@ -955,3 +955,20 @@ def test_grouped_small_m_gradient_tile_has_its_fitted_occupancy(monkeypatch):
         assert got == label, (arch, got)
         for fmt in ("int2", "int3", "int4", "int4g32", "int4g128", "nf4"):
             assert h.grouped_resident("grad", label, fmt, arch) == resident, (arch, fmt)
+
+
+def test_grouped_small_m_forward_runs_on_two_warps_but_folded_int4(monkeypatch):
+    """Round 24: the small-M grouped forward (and its split-K launch) takes the 16x64x256 tile on two
+    warps on both archs, for every format and for QA-LoRA's folded INT2 / INT3; QA-LoRA's folded
+    INT4 keeps four (its fp32 biases spill on two warps at some shapes). Large M is unchanged."""
+    from qlk.kernels import config as qc
+
+    monkeypatch.setattr(qc, "INTERPRETED", False)
+    for arch in (80, 90):
+        monkeypatch.setattr(qc, "target_arch", lambda arch=arch: arch)
+        for bits in (2, 3, 4):
+            for folded in (False, True):
+                cfg = qc.grouped_config("fwd", True, 2.0, folded, bits)
+                assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_stages"]) == (16, 64, 256, 3)
+                assert cfg["num_warps"] == (4 if folded and bits == 4 else 2), (arch, bits, folded)
+        assert qc.grouped_config("fwd", False, 512.0, False, 4)["num_warps"] >= 4

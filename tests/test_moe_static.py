@@ -20,7 +20,8 @@ def test_grouped_kernels_compile_without_spills():
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     cases = ("grouped-fwd/int4g32/qwen3-down/T4096,grouped-fwd/int4g32/qwen3-down/T16,grouped-dgrad/int4g32/qwen3-down/T*6,"
              "grouped-fwd/nf4dq/qwen3-down/T4096,grouped-qalora/int4g32/qwen3-down/T4096,"
-             "grouped-fwd/int4g32/mixtral-down/T1")  # T1: the split-K decode kernel
+             "grouped-fwd/int4g32/mixtral-down/T1,"  # T1: the split-K decode kernel
+             "grouped-qalora/int2g32/qwen3-down/T16,grouped-qalora/int4g32/qwen3-down/T16")  # folded: 2 / 4 warps
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "static_moe.py"), "--cases", cases],
                           env=env, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:

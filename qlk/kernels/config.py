@@ -242,6 +242,10 @@ def splitk_configs():
         # has measured it: without an entry the rules would pick it on an uncalibrated guess
         _cfg(80, 4, 4, BLOCK_N=64, BLOCK_M=16, BLOCK_K=128),
         _cfg(80, 4, 3, BLOCK_N=64, BLOCK_M=16, BLOCK_K=256),
+        # round 24: two warps read the X tile from shared memory half as often (the grouped
+        # forward's small-M tile; 4096->14336 at M = 1, pessimistic +0.03..0.05 on both archs)
+        _cfg(90, 2, 3, BLOCK_N=64, BLOCK_M=16, BLOCK_K=256),
+        _cfg(80, 2, 3, BLOCK_N=64, BLOCK_M=16, BLOCK_K=256),
     ]
 
 
@@ -294,7 +298,8 @@ def grouped_config(direction: str, small_m: bool, rows_per_expert: float = 0.0, 
     once the average expert fills one (Mixtral- and Qwen3-MoE-sized batches) and 128-row tiles
     below, so a lightly loaded expert does not pad to 256. Small M (decode, or a few rows per
     expert) uses 16-row tiles, so an expert with one token wastes at most 15 rows, and the dense
-    decode kernels' K depth (forward) / N depth (input gradient).
+    decode kernels' K depth (forward) / N depth (input gradient); the forward's on two warps (four
+    for QA-LoRA's folded INT4), sm_80's input gradient too.
 
     Register limits, read from the machine code (bench/moe_estimates.py's CSV, 0 spills in all):
     ``folded`` (QA-LoRA's fp32 folded biases and in-kernel pooling) with INT3 spills in the
@@ -309,7 +314,12 @@ def grouped_config(direction: str, small_m: bool, rows_per_expert: float = 0.0, 
     full = rows_per_expert >= 256
     if direction == "fwd":
         if small_m:
-            return dict(BLOCK_N=64, BLOCK_M=16, BLOCK_K=256, num_warps=4, num_stages=3)
+            # two warps (round 24, analyzer sweep of the MoE layers at 1 and 16 tokens, both archs):
+            # DRAM-peak pessimistic +0.01..+0.07 for INT, NF4 within 0.002; sm_80's INT3 at K = 1408
+            # no longer issue-bound (0.88 -> 0.99 optimistic). QA-LoRA's folded INT4 keeps four: its
+            # fp32 biases spill 16 B on two warps at some shapes of both archs
+            warps = 4 if folded and bits == 4 else 2
+            return dict(BLOCK_N=64, BLOCK_M=16, BLOCK_K=256, num_warps=warps, num_stages=3)
         if hopper:
             if full and not (folded and bits == 3):
                 return dict(BLOCK_N=128, BLOCK_M=256, BLOCK_K=64, num_warps=8, num_stages=3)
