@@ -840,34 +840,56 @@ def test_qalora_splitn_leaves_out_the_tile_that_spills_with_v(device_lists):
     assert labels(2880, arch=90) == labels(2880, arch=90, pool=False)
 
 
-def test_64_row_tiles_are_proposed_in_their_m_range(device_lists):
-    """sm_90's 64-row tiles (heuristics.CANDIDATE_M_RANGE): the forward's 64x128x64 w4 (round 15) at
-    64 <= M <= 1024, the input gradient's 64x64x128 w4 (round 16) at 17 <= M <= 1024. They are taken
-    where the 128/256-row tiles are mostly padding (M = 300 on Qwen3-0.6B's 1024->3072 and its
-    3072->1024 gradient; the gradient at M = 24-48 too), not at M = 3000 (issue-bound there, round 9);
-    the forward tile not under M = 64 (its fitted efficiency over-rates it against split-K), the
-    gradient's not at M <= 16 (split-N's alone); sm_80 has no such tile in that list. Round 20: the
-    forward's 64x128x128 w4 in the same range, which takes the M = 300 pick from 64x128x64 (its 128
-    deep steps, INT3 lane-owned there); 64x128x64 stays the pick at M = 64 on 4096->14336. The input
-    gradient's 64x128x128 w4 (round 20, 128-row N steps) likewise takes M = 300 from 64x64x128."""
-    for op, tile, n, k, lo, pick in (("fwd", "64x128x64 w4 s4", 3072, 1024, 64, (64, 14336, 4096)),
+def test_64_row_tiles_are_proposed_from_their_least_m(device_lists):
+    """sm_90's 64-row tiles (heuristics.CANDIDATE_M_RANGE): the forward's 64x128x64 w4 (round 15) and
+    64x128x128 w4 (round 20) from M = 64, the input gradient's 64x64x128 w4 (round 16) and 64x128x128 w4
+    (round 20) from M = 17, with no upper bound since round 25. They are taken where the 128/256-row
+    tiles are mostly padding (M = 300 on Qwen3-0.6B's 1024->3072 and its 3072->1024 gradient; the
+    gradient at M = 24-48 too) and, at large M, where the big tiles leave SMs idle (SmolLM2's 576->192
+    at M = 3000: 94 CTAs of 64 rows against 72 of 128x64; the 3584->512 input gradient at M = 3000),
+    not on a full grid (4096->4096 at M = 3000 keeps a 128/256-row tile: the fitted efficiencies are
+    8 % apart); the forward tile not under M = 64 (its fitted efficiency over-rates it against
+    split-K), the gradient's not at M <= 16 (split-N's alone); sm_80 has no such tile in that list."""
+    # (64x128x64 was the pick at M = 64 on 4096->14336 until round 25: there it ties its 128-deep
+    # sibling, DRAM-capped, and the tie goes to the deeper step, the analyzer's best on NF4)
+    for op, tile, n, k, lo, pick in (("fwd", "64x128x64 w4 s4", 3072, 1024, 64, None),
                                      ("fwd", "64x128x128 w4 s4", 3072, 1024, 64, (300, 3072, 1024)),
                                      ("grad", "64x64x128 w4 s4", 1024, 3072, 17, (48, 1024, 3072)),
                                      ("grad", "64x128x128 w4 s4", 1024, 3072, 17, (300, 1024, 3072))):
-        assert h.candidate_m_range(op, tile, 90) == (lo, 1024)
+        assert h.candidate_m_range(op, tile, 90) == (lo, math.inf)
         assert h.candidate_m_range(op, tile, 80) == (1, math.inf)
 
         def labels(m, arch=90):
             return {c.label for c in h.score_all(op, m, n, k, "int4g32", arch)}
 
-        for m in (lo, 300, 1024):
+        for m in (lo, 300, 1024, 1025, 3000, 8192):
             assert tile in labels(m), (op, m)
-        for m in (lo - 1, 1025, 3000):
-            assert tile not in labels(m) and labels(m), (op, m)
-        assert h.choose_config(op, *pick, "int4g32", 90).label == tile
-        assert all(tile not in labels(m, 80) for m in (64, 300))
+        assert tile not in labels(lo - 1) and labels(lo - 1), (op, lo - 1)
+        assert pick is None or h.choose_config(op, *pick, "int4g32", 90).label == tile
+        assert all(tile not in labels(m, 80) for m in (64, 300, 3000))
     assert h.choose_config("grad", 48, 8192, 2048, "int4g32", 90).label == "64x128x128 w4 s4"  # M = 24-48 too
     assert h.candidate_m_range("grad", "64x128x64 w4 s4", 90) == (1, math.inf)  # per op
+    for fmt in ("int4g32", "int2g32", "int3g128", "nf4"):
+        assert h.choose_config("fwd", 3000, 192, 576, fmt, 90).label == "64x128x128 w4 s4", fmt
+        assert h.choose_config("fwd", 3000, 4096, 4096, fmt, 90).block_m >= 128, fmt
+    for fmt in ("int4g32", "int2g32", "int3g128"):
+        assert h.choose_config("grad", 3000, 512, 3584, fmt, 90).label == "64x128x128 w4 s4", fmt
+
+
+def test_equal_scores_take_the_deeper_reduction_step(device_lists):
+    """Round 25: of two tiles with one score (the same grid, both capped by DRAM), the one whose loop
+    covers more of the reduction an iteration: fewer iterations of the per-step work that does not
+    scale with the tile (576->192 at M = 3000: 64x128x128 over 64x128x64, 10 % ahead in the analyzer).
+    The reduction is K for the forward ops, N for the input gradients."""
+    scored = {c.label: c for c in h.score_all("fwd", 3000, 192, 576, "int4g32", 90)}
+    deep, shallow = scored["64x128x128 w4 s4"], scored["64x128x64 w4 s4"]
+    assert deep.score == shallow.score and deep.ctas == shallow.ctas and deep.index > shallow.index
+    assert h.choose_config("fwd", 3000, 192, 576, "int4g32", 90).label == deep.label
+    assert h.reduction_step("fwd", deep) == 128 and h.reduction_step("fwd", shallow) == 64
+    assert h.reduction_step("splitk", deep) == 128
+    grad = h.score_all("grad", 300, 1024, 3072, "int4g32", 90)[0]
+    assert h.reduction_step("grad", grad) == grad.block_n == h.reduction_step("splitn", grad)
+
 
 def test_grouped_folded_forward_tile_weighs_waves():
     """Round 23: sm_80's QA-LoRA grouped forward at large M keeps the 256-column tile unless its grid

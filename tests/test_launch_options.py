@@ -164,8 +164,10 @@ def test_all_configs_patterns_pick_the_launches(monkeypatch):
         assert len(pick) == 1 and pick[0] not in ("64x128x128 w4 s4", "128x128x64 w8 s4")
         every = labels("1")
         assert len(every) >= 4 and every[-1] == pick[0] and len(set(every)) == len(every)
-        # the 64-row tiles are not candidates at M = 3000 (heuristics.CANDIDATE_M_RANGE): nothing matches
-        assert labels("64x128x128 w4 s4") == pick
+        # a pattern no candidate matches launches the pick alone
+        assert labels("999x*") == pick
+        # round 25: the 64-row tiles are candidates at M = 3000 too (heuristics.CANDIDATE_M_RANGE)
+        assert labels("64x128x128 w4 s4") == ["64x128x128 w4 s4"] + pick
         assert labels("128x128x64 w8 s4, 256x64*") == ["128x128x64 w8 s4", "256x64x64 w4 s3"] + pick
     finally:
         heuristics._choose_default.cache_clear()

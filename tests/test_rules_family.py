@@ -57,11 +57,10 @@ KNOWN_OFF = {
         # round 20: the forward's DRAM cap (heuristics.fwd_dram_cap) lets the fit see the 64-row tiles'
         # own efficiency (INT4 64x128x128 0.76, not M = 64's DRAM-bound 0.46); on 8192->1024 at M = 333
         # (48 CTAs on 132 SMs, as many as 128x64x64's) the analyzer has it 4-10 % behind 128x64x64,
-        # which one efficiency per tile does not see; at M = 64 NF4's two 64-row tiles are within 2 %
+        # which one efficiency per tile does not see (at M = 64 NF4's two 64-row tiles, 2 % apart, tie
+        # in the rules where both are DRAM-capped: round 25's tie-break takes the deeper K step, the best)
         "fwd/int4g32/8192->1024/M333": 0.896,
         "fwd/int4g128/8192->1024/M333": 0.955,
-        "fwd/nf4dq/8192->28672/M64": 0.982,
-        "fwd/nf4dq/4096->14336/M64": 0.982,
     },
     80: {
         # split-K at M <= 16 (one tile: the one-tile score decides; at mid M round 8's per-candidate

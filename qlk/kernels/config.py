@@ -159,7 +159,8 @@ def gemm_configs():
         _cfg(90, 4, 4, BLOCK_N=64, BLOCK_M=128, BLOCK_K=64, GROUP_M=8),
         # round 15: one warpgroup on 64 rows of X, for M whose 128/256-row tiles are mostly padding
         # (M = 300: 5 tiles of 64 fill 0.94, 2 of 256 fill 0.59); proposed at 64 <= M <= 1024
-        # (heuristics.CANDIDATE_M_RANGE: at M = 3000 it is issue-bound under the 256-row tile)
+        # (heuristics.CANDIDATE_M_RANGE; round 25: at every M >= 64, where the analyzer has it best on grids
+        # the big tiles leave short, e.g. 576->192 at M = 3000)
         _cfg(90, 4, 4, BLOCK_N=128, BLOCK_M=64, BLOCK_K=64, GROUP_M=8),
         # round 20: the same 64 rows of X on 128-column K steps: half the loop iterations, so the
         # per-step work that does not scale with the tile (X's address math, scale loads, barriers)
@@ -218,7 +219,7 @@ def grad_configs():
         _cfg(90, 4, 4, BLOCK_N=32, BLOCK_M=64, BLOCK_K=64, GROUP_M=8),
         # round 16: one warpgroup on 64 columns of dXᵀ (64 rows of dY), for M whose 128/256-row tiles
         # are mostly padding (M = 300: 5 tiles of 64 fill 0.94, 3 of 128 fill 0.78; M = 48: 0.75 and
-        # 0.38); proposed at 17 <= M <= 1024 (heuristics.CANDIDATE_M_RANGE). Of six 64-row tiles compiled at M = 128 / 300 /
+        # 0.38); proposed at M >= 17 (heuristics.CANDIDATE_M_RANGE; up to 1024 before round 25). Of six 64-row tiles compiled at M = 128 / 300 /
         # 777 / 3000 (64x64x64, 64x128x64 and 64x64x128 w4; 64x64x128, 64x128x128 and 64x64x256 w8) it is
         # the one the analyzer ranks first where big tiles are mostly padding (docs/kernels.md "Round 16")
         # round 20: the same 64 columns of dXᵀ on 128-row N steps (Ŵ as wgmma's B operand): half the

@@ -479,7 +479,13 @@ def candidate_margin(op: str, label: str, arch: int) -> float:
 #: 3072->1024: 0.67..0.39 at fill 0.94 against 128x64x128 w8's 0.55..0.28 at 0.78), from M = 17 (above
 #: SPLIT_ALWAYS_M) on: at M = 24-48 on the family's shapes it is the analyzer's best in 188 of 240
 #: input gradients, 26-28 % ahead of the 128-row tiles, and the rules with it pick the best in 221
-CANDIDATE_M_RANGE = {80: {}, 90: {("fwd", "64x128x64 w4 s4"): (64, 1024), ("fwd", "64x128x128 w4 s4"): (64, 1024), ("grad", "64x64x128 w4 s4"): (17, 1024), ("grad", "64x128x128 w4 s4"): (17, 1024)}}
+#: Round 25: no upper bound. Above M = 1024 the 64-row tiles had never been compiled; swept at M = 1500-8192
+#: on every report's shapes they are the analyzer's best where the big tiles leave SMs idle (576->192 at
+#: M = 3000: 94 CTAs against 72, forward 0.82x -> 1.03x dense; 3584->512's input gradient 0.85x -> 0.99x)
+#: and, 64x128x128, where its deeper K step beats the 128-row tiles by 1-10 % (3584->3584 at M = 3000);
+#: on full grids the fitted efficiencies keep the 256-row tiles (docs/kernels.md "Round 25").
+CANDIDATE_M_RANGE = {80: {}, 90: {("fwd", "64x128x64 w4 s4"): (64, math.inf), ("fwd", "64x128x128 w4 s4"): (64, math.inf),
+                                  ("grad", "64x64x128 w4 s4"): (17, math.inf), ("grad", "64x128x128 w4 s4"): (17, math.inf)}}
 
 
 #: Round 17: the forward GEMM tiles that decode INT2/INT4 in the lane-owned k order (X read in the
@@ -953,8 +959,17 @@ def _choose(op, m, n, k, fmt, arch, sms, configs, fp32_bias, pool):
         return max(scored, key=lambda s: (round(s.score * tiles / split_mid_tiles(op, tiles, fmt, arch, s.label), 6),
                                           -s.ctas, -s.index))
     # equal scores: the bigger tile (fewer CTAs; the analyzer ranks it first on sm_90, e.g. 256x128 w8
-    # over 256x64 w4 at M = 4096), then list order
-    return max(scored, key=lambda s: (round(s.score / candidate_margin(op, s.label, arch), 6), -s.ctas, -s.index))
+    # over 256x64 w4 at M = 4096), then the deeper reduction step (round 25: two tiles capped by DRAM
+    # at one efficiency; the fewer iterations win, 64x128x128 over 64x128x64 by 10 % at 576->192
+    # M = 3000), then list order
+    return max(scored, key=lambda s: (round(s.score / candidate_margin(op, s.label, arch), 6), -s.ctas,
+                                      reduction_step(op, s), -s.index))
+
+
+def reduction_step(op: str, choice: "KernelChoice") -> int:
+    """Columns of the reduction one iteration of ``choice``'s loop covers: K for the forward ops
+    (``fwd``, ``splitk``), N for the input gradients (``grad``, ``splitn``)."""
+    return choice.block_k if op in ("fwd", "splitk") else choice.block_n
 
 
 @functools.lru_cache(maxsize=4096)
