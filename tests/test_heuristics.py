@@ -994,3 +994,39 @@ def test_grouped_small_m_forward_runs_on_two_warps_but_folded_int4(monkeypatch):
                 assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_stages"]) == (16, 64, 256, 3)
                 assert cfg["num_warps"] == (4 if folded and bits == 4 else 2), (arch, bits, folded)
         assert qc.grouped_config("fwd", False, 512.0, False, 4)["num_warps"] >= 4
+
+
+def _kernel_slices(length, block, split, slice_len=0):
+    """The [lo, hi) ranges the kernels' programs loop over: slice_len columns each (the forward GEMM's
+    SLICE_K) or ⌈⌈length / block⌉ / split⌉ blocks each (tl.cdiv, as the split kernels compute them)."""
+    step = slice_len or -(-(-(-length // block)) // split) * block
+    return [(s * step, min(length, (s + 1) * step)) for s in range(split)]
+
+
+def test_split_loop_runs_is_the_kernels_arithmetic():
+    """Round 25: LOOP_RUNS (heuristics.split_loop_runs) is true exactly when every program's loop runs at
+    least once, by the ranges the kernels compute: every slice non-empty, and where the loop covers
+    whole steps only (``whole``: K not a multiple of BLOCK_K; the cut tile runs after the loop) every
+    slice holding a whole step. A wrong True is a false ``tl.assume`` on the GPU."""
+    import random
+
+    rng = random.Random(25)
+    cases = [(32, 64, 1, 0), (64, 64, 1, 0), (72, 64, 2, 0), (72, 64, 1, 0), (2880, 128, 8, 0), (10 * 64, 64, 8, 0),
+             (9 * 64, 64, 4, 0), (4096, 128, 3, 1408), (4160, 128, 3, 1408), (4300, 128, 4, 1152)]
+    cases += [(rng.randint(1, 5000), rng.choice((16, 32, 64, 128, 256)), rng.randint(1, 40), 0) for _ in range(400)]
+    for length, block, split, slice_len in cases:
+        if slice_len:  # the forward GEMM's slices: whole blocks, as many as cover the length
+            split = -(-length // slice_len)
+        for whole in (False, True):
+            ranges = _kernel_slices(length, block, split, slice_len)
+            if whole:
+                runs = all((min(hi, length // block * block) - lo) > 0 for lo, hi in ranges)
+            else:
+                runs = all(hi > lo for lo, hi in ranges)
+            assert h.split_loop_runs(length, block, split, slice_len, whole) == runs, (length, block, split,
+                                                                                     slice_len, whole)
+    # the cases that must be False: K under one tile, a last slice holding only the cut tile, empty slices
+    assert not h.split_loop_runs(32, 64, 1, whole=True)
+    assert not h.split_loop_runs(72, 64, 2, whole=True) and h.split_loop_runs(72, 64, 2)
+    assert not h.split_loop_runs(10 * 64, 64, 8)  # 2 blocks a slice: slices 5-7 start past the end
+    assert h.split_loop_runs(10 * 64, 64, 5) and not h.split_loop_runs(0, 64, 1)

@@ -181,6 +181,36 @@ def test_ragged_k_and_odd_groups(bits, g, k):
     assert torch.equal(dequantize_forward(qw, torch.float32), qw.dequantize(torch.float32))
 
 
+@pytest.mark.parametrize("k", [32, 96])
+def test_loop_runs_is_told_only_where_every_program_loops(monkeypatch, k):
+    """Round 25: the launchers tell the kernels that every program's loop runs at least once
+    (LOOP_RUNS, a ``tl.assume`` that keeps ptxas from serializing sm_90's wgmmas) only where it does.
+    The interpreter checks every assumption: K = 32 (under one 64-column K tile: the forward's
+    whole-tile loop never runs, the cut tile runs alone) and K = 96 at M = 1 (split-K: the last slice
+    holds only the cut tile) run right with the launchers' flags, which are false there, and fail
+    with the flag forced true."""
+    from qlk.kernels import fused_matmul as fm
+
+    qw = make_qw("int", 4, 32, False, n=45, k=k)
+    w64 = qw.dequantize(torch.float64)
+    real, told = fm._loop_runs, []
+
+    def spy(*args, **kwargs):
+        told.append((args, real(*args, **kwargs)))
+        return told[-1][1]
+
+    monkeypatch.setattr(fm, "_loop_runs", spy)
+    for m in (1, 50):
+        x, dy = randn(m, k), randn(m, 45, seed=7)
+        assert rel_err(quant_matmul_forward(x, qw), x.double() @ w64.t()) < 1e-5
+        assert rel_err(quant_matmul_backward(dy, qw), dy.double() @ w64) < 1e-5
+    forward_k = [runs for (length, *_), runs in told if length == k]
+    assert False in forward_k and True in [runs for _, runs in told], told  # the N loops run
+    monkeypatch.setattr(fm, "_loop_runs", lambda *args, **kwargs: True)
+    with pytest.raises(Exception, match="Assume failed"):
+        quant_matmul_forward(randn(50 if k == 32 else 1, k), qw)
+
+
 @pytest.mark.parametrize("f", FORMATS + [("nf4", 4, 128, True), ("nf4", 4, 32, False)], ids=fmt_id)
 def test_dequantize_exact(f):
     """The standalone dequant kernel equals QuantizedWeight.dequantize bit for bit (fp32, and the

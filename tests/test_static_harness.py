@@ -155,6 +155,35 @@ def report(tmp_path_factory):
     return rows, paths
 
 
+def test_serialized_wgmma_is_counted():
+    """Round 25: a loop whose every wgmma waits for none in flight before the next (ptxas's C7515
+    serialization: each HGMMA with its own gsb0 and ``WARPGROUP.DEPBAR.LE gsb0, 0x0``) against a
+    pipelined one (HGMMAs back to back, one wait for all but the newest group)."""
+    from bench.sass import disasm
+
+    serialized = disasm.parse_sass("""
+        /*0100*/                   WARPGROUP.ARRIVE ;
+        /*0110*/                   HGMMA.64x64x16.F32.BF16 R56, R108, gdesc[UR12], R56, gsb0 ;
+        /*0120*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*0130*/                   WARPGROUP.ARRIVE ;
+        /*0140*/                   HGMMA.64x64x16.F32.BF16 R56, R112, gdesc[UR16], R56, gsb0 ;
+        /*0150*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*0160*/                   HGMMA.64x64x16.F32.BF16 R24, R116, gdesc[UR16], R24, gsb0 ;
+        /*0170*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+    """)
+    pipelined = disasm.parse_sass("""
+        /*0100*/                   WARPGROUP.ARRIVE ;
+        /*0110*/                   HGMMA.64x64x16.F32.BF16 R56, R108, gdesc[UR12], R56 ;
+        /*0120*/                   HGMMA.64x64x16.F32.BF16 R56, R112, gdesc[UR16], R56 ;
+        /*0130*/                   HGMMA.64x64x16.F32.BF16 R24, R116, gdesc[UR16], R24, gsb0 ;
+        /*0140*/                   WARPGROUP.DEPBAR.LE gsb0, 0x1 ;
+        /*0150*/                   HGMMA.64x64x16.F32.BF16 R24, R120, gdesc[UR20], R24, gsb0 ;
+        /*0160*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+    """)
+    assert disasm.serialized_wgmma(serialized) == (3, 3)
+    assert disasm.serialized_wgmma(pipelined) == (1, 4)  # one wait for all, at the end
+
+
 def test_quick_dense_cases_are_the_expected_ones(report):
     rows, _ = report
     assert {r["case"] for r in rows} == {"dense-fwd/bf16/4096->14336/M4096", "dense-fwd/bf16/4096->14336/M1"}

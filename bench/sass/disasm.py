@@ -179,6 +179,28 @@ _HMMA_SHAPES = {"1688": (16, 8, 8), "16816": (16, 8, 16), "16832": (16, 8, 32), 
                 "168": (16, 8, 8), "1684": (16, 8, 4)}
 
 
+WGMMA = frozenset({"HGMMA", "QGMMA", "IGMMA", "BGMMA"})
+
+
+def serialized_wgmma(body: list[Instr]) -> tuple[int, int]:
+    """(waited, total): of a loop body's wgmma instructions, how many are followed, before the next
+    one, by a wait for *no* wgmma in flight (``WARPGROUP.DEPBAR.LE gsb0, 0x0``). ptxas emits that
+    after every wgmma when it serializes them (its C7515 advisory, "Potential Performance Loss",
+    e.g. when non-wgmma instructions define an accumulator register inside the pipeline stage):
+    each wgmma then waits for the previous one to finish. A pipelined loop issues its wgmmas back
+    to back and waits once, for all but the newest group (``0x1``) or at the end."""
+    waited = total = 0
+    pending = False
+    for i in body:
+        if i.op in WGMMA:
+            total += 1
+            pending = True
+        elif pending and i.op == "WARPGROUP" and ".DEPBAR" in i.mods and i.args.replace(" ", "").endswith(",0x0"):
+            waited += 1
+            pending = False
+    return waited, total
+
+
 def mma_shape(i: Instr) -> tuple[int, str]:
     """(multiply-adds of one instruction, "wgmma" | "mma_sync"). A wgmma instruction is issued by
     each warpgroup (4 warps) once; an mma.sync by every warp."""

@@ -364,7 +364,7 @@ def _quant_matmul_fwd_kernel(
     EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr = False, ATOMIC: tl.constexpr = True, SLICE_K=0, PACKED_DEQUANT: tl.constexpr = False,
-    QN_ALIGN: tl.constexpr = 1, LANE_ORDER: tl.constexpr = False,
+    QN_ALIGN: tl.constexpr = 1, LANE_ORDER: tl.constexpr = False, LOOP_RUNS: tl.constexpr = False,
 ):
     """Y[m, n] = Σ_k X[m, k]·Ŵ[n, k] (+ bias[n]), one [BLOCK_N, BLOCK_M] tile per program.
 
@@ -380,6 +380,11 @@ def _quant_matmul_fwd_kernel(
     dequantizing loop is the same; without SPLIT_K the kernel is the unsplit one
     (docs/kernels.md "Forward, split K at mid M (round 6)").
 
+    LOOP_RUNS (the launcher's :func:`qlk.kernels.heuristics.split_loop_runs`): every program's loop
+    over whole K tiles runs at least once, told to the compiler (``tl.assume``; the interpreter
+    checks it). Without it the loop keeps a zero-trip path that copies the zeroed accumulator,
+    and ptxas serializes every wgmma of the loop behind the previous one (C7515; round 25).
+
     POOL (QA-LoRA, GROUP_SIZE a power of two): the programs of the first N tile also write
     P[m, j] = mean of X[m, k] over group j from the X tiles they load anyway (the other programs
     skip that branch; the low-rank term itself is folded into the group biases by the caller).
@@ -392,6 +397,8 @@ def _quant_matmul_fwd_kernel(
     else:
         k_lo = 0
         k_hi = K
+    if LOOP_RUNS:
+        tl.assume(_whole_k_end(k_hi, K, EVEN_K, BLOCK_K) > k_lo)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     # rows past the edge are clamped, not masked: they compute garbage that is never stored, and
@@ -446,7 +453,7 @@ def _quant_matmul_splitk_kernel(
     ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr, POOL: tl.constexpr, PACKED_DEQUANT: tl.constexpr,
     EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-    QN_ALIGN: tl.constexpr = 1,
+    QN_ALIGN: tl.constexpr = 1, LOOP_RUNS: tl.constexpr = False,
 ):
     """Partial Yᵀ over one K slice: program (n, s, m) sums k in slice s of ⌈K/BLOCK_K / SPLIT⌉ tiles.
 
@@ -462,6 +469,8 @@ def _quant_matmul_splitk_kernel(
     tiles = tl.cdiv(tl.cdiv(K, BLOCK_K), tl.num_programs(1))
     k_start = pid_s * tiles * BLOCK_K
     k_end = tl.minimum(K, k_start + tiles * BLOCK_K)
+    if LOOP_RUNS:  # every slice holds a whole K tile (as the forward GEMM's LOOP_RUNS)
+        tl.assume(_whole_k_end(k_end, K, EVEN_K, BLOCK_K) > k_start)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
@@ -575,7 +584,7 @@ def _quant_matmul_grad_input_kernel(
     WITH_V: tl.constexpr = False, R_PAD: tl.constexpr = 16,
     SPLIT_N: tl.constexpr = False, ATOMIC: tl.constexpr = True,
     HALF2: tl.constexpr = False, HALF2_ASM: tl.constexpr = False, SHIFT_K: tl.constexpr = False,
-    QN_ALIGN: tl.constexpr = 1, W_AS_B: tl.constexpr = False,
+    QN_ALIGN: tl.constexpr = 1, W_AS_B: tl.constexpr = False, LOOP_RUNS: tl.constexpr = False,
 ):
     """dX[m, k] = Σ_n dY[m, n]·Ŵ[n, k], one dXᵀ [BLOCK_K, BLOCK_M] tile per program, N in BLOCK_N steps.
     A ragged last K tile is moved back to end at K (SHIFT_K, :func:`shift_last_k`).
@@ -635,6 +644,8 @@ def _quant_matmul_grad_input_kernel(
     else:
         n_lo = 0
         n_hi = N
+    if LOOP_RUNS:  # no empty slice of N (as the forward's LOOP_RUNS)
+        tl.assume(n_hi > n_lo)
     # the B-operand tile where it applies (docstring), else the Ŵᵀ one below
     ACT16: tl.constexpr = dy_ptr.dtype.element_ty == tl.float16 or dy_ptr.dtype.element_ty == tl.bfloat16
     ROWS: tl.constexpr = W_AS_B and ACT16 and EVEN_K and BLOCK_M >= 64 and (GROUP_SIZE & (GROUP_SIZE - 1)) == 0 and \
@@ -739,6 +750,7 @@ def _quant_matmul_grad_input_splitn_kernel(
     WITH_V: tl.constexpr, R_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SHIFT_K: tl.constexpr = False,
     QN_ALIGN: tl.constexpr = 1, HALF2: tl.constexpr = False, HALF2_ASM: tl.constexpr = False,
+    LOOP_RUNS: tl.constexpr = False,
 ):
     """Small-M input gradient, the reduction over N split across the grid: program (k, s, m) adds
     dXᵀ[k0:k0+BK, m0:m0+BM] = Σ_{n in slice s} Ŵᵀ[BK, BN]·dYᵀ[BN, BM] (slices of ⌈N/BN / SPLIT⌉ tiles).
@@ -758,6 +770,8 @@ def _quant_matmul_grad_input_splitn_kernel(
     tiles = tl.cdiv(tl.cdiv(N, BLOCK_N), tl.num_programs(1))
     n_start = pid_s * tiles * BLOCK_N
     n_end = tl.minimum(N, n_start + tiles * BLOCK_N)
+    if LOOP_RUNS:  # no empty slice of N (as the forward's LOOP_RUNS)
+        tl.assume(n_end > n_start)
     k0, offs_k, keep_k = _grad_k_tile(pid_k, K, BLOCK_K, SHIFT_K)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
@@ -1041,12 +1055,22 @@ def _forward(x, qw, bias, out, path, deterministic, wargs=None, pool=False):
                     x2.stride(0), x2.stride(1), dst.stride(-2), dst.stride(-1), pooled.stride(0) if fused else 0,
                     HAS_BIAS=bias is not None, DOT_PRECISION=_precision(x.dtype), POOL=fused,
                     PACKED_DEQUANT=not INTERPRETED, LANE_ORDER=heuristics.fwd_lane_order(arch, c.block_m),
+                    LOOP_RUNS=_loop_runs(k, c.block_k, split, slice_k if split > 1 else 0, whole=k % c.block_k != 0),
                     **meta, **c.meta, **extra)
             if split > 1:  # the chosen launch (the last) wrote the workspace
                 _split_finish(out, ws, fixed_order)
     if pool and not fused:  # group size not a power of two (or larger than the split-K tile)
         torch.mean(x2.reshape(m, k // g, g), dim=-1, dtype=torch.float32, out=pooled)
     return out.reshape(*lead, n), pooled
+
+
+def _loop_runs(length: int, block: int, split: int, slice_len: int = 0, whole: bool = False) -> bool:
+    """The kernels' LOOP_RUNS for a launch (:func:`qlk.kernels.heuristics.split_loop_runs`) on the
+    active target: told on sm_90, whose wgmma loops ptxas serializes without it (C7515), and under
+    the interpreter (target 0), which checks every ``tl.assume``; not on sm_80, whose mma.sync loops
+    gain nothing and where one tile spills with it (NF4's 128x128x32 w8 forward: 16 B)."""
+    arch = target_arch()
+    return (arch == 0 or arch >= 90) and heuristics.split_loop_runs(length, block, split, slice_len, whole)
 
 
 def _fwd_split_atomic() -> bool:
@@ -1095,7 +1119,9 @@ def _splitk_forward(x2, qw, bias, out, deterministic, args, meta, pooled, launch
             ws, x2, pooled if pooled is not None else args[3], *args, m, n, k, _bucket(m), x2.stride(0),
             x2.stride(1), pooled.stride(0) if pooled is not None else 0,
             ATOMIC=not deterministic, DOT_PRECISION=_precision(x2.dtype), POOL=pooled is not None,
-            PACKED_DEQUANT=not INTERPRETED, **meta, **c.meta)
+            PACKED_DEQUANT=not INTERPRETED,
+            LOOP_RUNS=_loop_runs(k, c.block_k, c.split, whole=k % c.block_k != 0),
+            **meta, **c.meta)
     y = ws.sum(0) if deterministic else ws
     if bias is not None:
         y = y + bias.to(torch.float32)
@@ -1202,6 +1228,7 @@ def _grad_input(dy, qw, out, path, deterministic, wargs=None, lora_b=None):
                     WORDS_AHEAD=ahead, WORDS_ASM=ahead and not INTERPRETED, HALF2=half2,
                     HALF2_ASM=half2 and not INTERPRETED,
                     W_AS_B=heuristics.grad_w_as_b(target_arch(), qw.bits, c.block_n, c.block_k, c.num_warps),
+                    LOOP_RUNS=_loop_runs(n, c.block_n, c.split),
                     **meta, **c.meta, **v_args, **split)
             if ws is not None and launches[-1].split > 1:  # the chosen launch (the last) wrote the workspace
                 _split_finish(out, ws, deterministic)
@@ -1251,7 +1278,8 @@ def _splitn_grad_input(dy2, qw, out, deterministic, args, meta, fp32_bias=False,
             ws, dy2, v_ws if with_v else dummy, lora_b if with_v else dummy, *args, m, n, k, _bucket(m), r,
             dy2.stride(0), dy2.stride(1), lora_b.stride(0) if with_v else 0, lora_b.stride(1) if with_v else 0,
             ATOMIC=not deterministic, DOT_PRECISION=_precision(dy2.dtype),
-            WITH_V=with_v, R_PAD=_r_pad(r), HALF2=half2, HALF2_ASM=half2 and not INTERPRETED, **meta, **c.meta)
+            WITH_V=with_v, R_PAD=_r_pad(r), HALF2=half2, HALF2_ASM=half2 and not INTERPRETED,
+            LOOP_RUNS=_loop_runs(n, c.block_n, c.split), **meta, **c.meta)
     _split_finish(out, ws, deterministic)
     if with_v:
         v.copy_(v_ws.sum(0) if deterministic else v_ws)

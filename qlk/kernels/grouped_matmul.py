@@ -73,8 +73,8 @@ from . import fused_matmul as _fm
 from . import heuristics
 from .config import (INTERPRETED, fma_kernel, grouped_config, grouped_split_k, num_sms, packed_rows_kernel,
                      target_arch)
-from .fused_matmul import (GRAD_K_HEURISTICS, _as_2d, _decode_loop, _fwd_loop, _grad_half2, _grad_k_tile, _precision,
-                           _w_as_b_acc)
+from .fused_matmul import (GRAD_K_HEURISTICS, _as_2d, _decode_loop, _fwd_loop, _grad_half2, _grad_k_tile,
+                           _loop_runs, _precision, _w_as_b_acc, _whole_k_end)
 from .quant_tile import _dequant_tile, aligned_rows, supports, weight_args
 from .quant_tile_t import _dequant_tile_t, _int3_planes_t, _words_t
 
@@ -171,7 +171,7 @@ def _grouped_matmul_fwd_kernel(
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, POOL: tl.constexpr, DECODE: tl.constexpr,
     PACKED_DEQUANT: tl.constexpr, SLOT_LOOP: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-    QN_ALIGN: tl.constexpr = 1, LANE_ORDER: tl.constexpr = False,
+    QN_ALIGN: tl.constexpr = 1, LANE_ORDER: tl.constexpr = False, LOOP_RUNS: tl.constexpr = False,
 ):
     """Y[s, n] = Σ_k X[s, k]·Ŵ[e·N + n, k] (+ bias[e, n]) for the rows s of M tile t (all of expert e).
 
@@ -179,10 +179,13 @@ def _grouped_matmul_fwd_kernel(
     padding rows); else the dense GEMM's :func:`qlk.kernels.fused_matmul._fwd_loop`, LANE_ORDER as
     there (:func:`qlk.kernels.heuristics.fwd_lane_order`, the dense GEMM's rule: INT2/INT4 whole K
     tiles in the lane-owned k order, X read in the same order; never with the pooling).
-    SLOT_LOOP: program row t runs tile slots t, t + P, ... < NUM_SLOTS (P = grid rows; :func:`_programs`)."""
+    SLOT_LOOP: program row t runs tile slots t, t + P, ... < NUM_SLOTS (P = grid rows; :func:`_programs`).
+    LOOP_RUNS: K holds a whole K tile, told to the compiler (the dense kernels' LOOP_RUNS)."""
     stride_qn = aligned_rows(stride_qn, QN_ALIGN)  # packed rows: aligned loads
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
+    if LOOP_RUNS:
+        tl.assume(_whole_k_end(K, K, EVEN_K, BLOCK_K) > 0)
     # first: its registers are dead before the K loop
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     _zero_tail_rows(y_ptr, bounds_ptr, NUM_EXPERTS, pid_t, tl.num_programs(0), offs_n, offs_n < N, stride_ym,
@@ -248,15 +251,20 @@ def _grouped_matmul_splitk_kernel(
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, PACKED_DEQUANT: tl.constexpr, SLOT_LOOP: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-    QN_ALIGN: tl.constexpr = 1,
+    QN_ALIGN: tl.constexpr = 1, LOOP_RUNS: tl.constexpr = False,
 ):
     """Small-M split-K: program (t, j, s) adds Σ_{k in slice s} X[m, k]·Ŵ[e·N + n, k] for the rows m
     of M tile t (expert e), N tile j, into ws. A slice is ⌈⌈K/BLOCK_K⌉ / SPLIT⌉ whole K tiles
-    (SPLIT = grid axis 2). Sentinel rows (past offsets[E]) have no tile: ws's zeros."""
+    (SPLIT = grid axis 2). Sentinel rows (past offsets[E]) have no tile: ws's zeros. LOOP_RUNS: every
+    slice holds a whole K tile (the dense kernels' LOOP_RUNS)."""
     stride_qn = aligned_rows(stride_qn, QN_ALIGN)  # packed rows: aligned loads
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
+    if LOOP_RUNS:  # _splitk_tile's slice of K
+        slice_tiles = tl.cdiv(tl.cdiv(K, BLOCK_K), tl.num_programs(2))
+        k_start = pid_s * slice_tiles * BLOCK_K
+        tl.assume(_whole_k_end(tl.minimum(K, k_start + slice_tiles * BLOCK_K), K, EVEN_K, BLOCK_K) > k_start)
     if SLOT_LOOP:
         for t in range(pid_t, NUM_SLOTS, tl.num_programs(0)):
             _splitk_tile(t, pid_n, pid_s, ws_ptr, x_ptr, tile_expert_ptr, tile_row_ptr, bounds_ptr,
@@ -585,7 +593,8 @@ def grouped_matmul_forward(x: torch.Tensor, qw: QuantizedWeight, offsets: torch.
         pooled.stride(0) if fused else 0,
         HAS_BIAS=bias is not None, DOT_PRECISION=_precision(x.dtype), POOL=fused, DECODE=decode,
         PACKED_DEQUANT=not INTERPRETED, SLOT_LOOP=programs < slots,
-        LANE_ORDER=not decode and heuristics.fwd_lane_order(target_arch(), cfg["BLOCK_M"]), **meta, **cfg)
+        LANE_ORDER=not decode and heuristics.fwd_lane_order(target_arch(), cfg["BLOCK_M"]),
+        LOOP_RUNS=_loop_runs(k, cfg["BLOCK_K"], 1, whole=k % cfg["BLOCK_K"] != 0), **meta, **cfg)
     if pool and not fused:  # a group size that is not a power of two
         torch.mean(x2.reshape(s, k // g, g), dim=-1, dtype=torch.float32, out=pooled)
     return out, pooled
@@ -605,7 +614,7 @@ def _forward_split_k(x2, qw, offsets, num_experts, bias, args, meta, cfg, split,
     _grouped_matmul_splitk_kernel[grid](
         ws, x2, tile_expert, tile_row, bounds, *args, n, k, num_experts, slots, x2.stride(0), x2.stride(1),
         DOT_PRECISION=_precision(x2.dtype), PACKED_DEQUANT=not INTERPRETED, SLOT_LOOP=programs < slots,
-        **meta, **cfg)
+        LOOP_RUNS=_loop_runs(k, cfg["BLOCK_K"], split, whole=k % cfg["BLOCK_K"] != 0), **meta, **cfg)
     if bias is not None:  # row s belongs to expert searchsorted(offsets[1:], s); sentinel rows (= E) add 0
         expert = torch.searchsorted(offsets[1:].to(torch.int64), torch.arange(s, device=x2.device), right=True)
         padded = torch.cat([bias.to(torch.float32), bias.new_zeros((1, n), dtype=torch.float32)])
