@@ -1073,6 +1073,15 @@ def _loop_runs(length: int, block: int, split: int, slice_len: int = 0, whole: b
     return (arch == 0 or arch >= 90) and heuristics.split_loop_runs(length, block, split, slice_len, whole)
 
 
+def _decode_loop_runs(meta: dict, k: int, block_k: int, split: int) -> bool:
+    """:func:`_loop_runs` for the split-K decode loops (dense and grouped), except INT3: its
+    two-warp 16x64x256 tile spills 8 B with the assumption (QA-LoRA's pooled decode, the grouped
+    split-K), and its decode loops were not serialized without it (round 25's scans; NF4's were)."""
+    if meta["BITS"] == 3 and not meta["IS_NF4"]:
+        return False
+    return _loop_runs(k, block_k, split, whole=k % block_k != 0)
+
+
 def _fwd_split_atomic() -> bool:
     """Whether the split forward GEMM adds its fp32 partials with atomics (not ``deterministic``):
     on sm_90; on sm_80 its slices store into [SPLIT, M, N] and are summed in a fixed order
@@ -1119,8 +1128,7 @@ def _splitk_forward(x2, qw, bias, out, deterministic, args, meta, pooled, launch
             ws, x2, pooled if pooled is not None else args[3], *args, m, n, k, _bucket(m), x2.stride(0),
             x2.stride(1), pooled.stride(0) if pooled is not None else 0,
             ATOMIC=not deterministic, DOT_PRECISION=_precision(x2.dtype), POOL=pooled is not None,
-            PACKED_DEQUANT=not INTERPRETED,
-            LOOP_RUNS=_loop_runs(k, c.block_k, c.split, whole=k % c.block_k != 0),
+            PACKED_DEQUANT=not INTERPRETED, LOOP_RUNS=_decode_loop_runs(meta, k, c.block_k, c.split),
             **meta, **c.meta)
     y = ws.sum(0) if deterministic else ws
     if bias is not None:

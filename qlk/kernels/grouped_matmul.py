@@ -73,8 +73,8 @@ from . import fused_matmul as _fm
 from . import heuristics
 from .config import (INTERPRETED, fma_kernel, grouped_config, grouped_split_k, num_sms, packed_rows_kernel,
                      target_arch)
-from .fused_matmul import (GRAD_K_HEURISTICS, _as_2d, _decode_loop, _fwd_loop, _grad_half2, _grad_k_tile,
-                           _loop_runs, _precision, _w_as_b_acc, _whole_k_end)
+from .fused_matmul import (GRAD_K_HEURISTICS, _as_2d, _decode_loop, _decode_loop_runs, _fwd_loop, _grad_half2,
+                           _grad_k_tile, _loop_runs, _precision, _w_as_b_acc, _whole_k_end)
 from .quant_tile import _dequant_tile, aligned_rows, supports, weight_args
 from .quant_tile_t import _dequant_tile_t, _int3_planes_t, _words_t
 
@@ -614,7 +614,7 @@ def _forward_split_k(x2, qw, offsets, num_experts, bias, args, meta, cfg, split,
     _grouped_matmul_splitk_kernel[grid](
         ws, x2, tile_expert, tile_row, bounds, *args, n, k, num_experts, slots, x2.stride(0), x2.stride(1),
         DOT_PRECISION=_precision(x2.dtype), PACKED_DEQUANT=not INTERPRETED, SLOT_LOOP=programs < slots,
-        LOOP_RUNS=_loop_runs(k, cfg["BLOCK_K"], split, whole=k % cfg["BLOCK_K"] != 0), **meta, **cfg)
+        LOOP_RUNS=_decode_loop_runs(meta, k, cfg["BLOCK_K"], split), **meta, **cfg)
     if bias is not None:  # row s belongs to expert searchsorted(offsets[1:], s); sentinel rows (= E) add 0
         expert = torch.searchsorted(offsets[1:].to(torch.int64), torch.arange(s, device=x2.device), right=True)
         padded = torch.cat([bias.to(torch.float32), bias.new_zeros((1, n), dtype=torch.float32)])
