@@ -50,7 +50,7 @@ static-report: $(VENV)/.qlk-installed
 # re-render every committed static report's tables from its CSV with the rules as they are (no compile;
 # tests/test_rules_family.py fails when a committed .md is not what this makes of its CSV)
 static-render: $(VENV)/.qlk-installed
-	$(PYTHON) bench/static_report.py --render $$(ls bench/results/static-*sm*.csv | grep -v -e moe -e family6)
+	$(PYTHON) bench/static_report.py --render $$(ls bench/results/static-*sm*.csv | grep -v -e moe)
 
 static-report-quick: $(VENV)/.qlk-installed
 	env -u TRITON_INTERPRET $(PYTHON) bench/static_report.py --quick --out /tmp/qlk-static-quick $(STATIC_ARGS)

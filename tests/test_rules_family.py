@@ -555,9 +555,8 @@ def test_committed_sweeps_have_no_spills():
 
 
 #: committed reports whose tables are a historical record, not re-rendered with the rules of the
-#: day: the round-2 "after" run of docs/kernels.md (its kernels have changed since; rendered with
-#: today's rules its estimates would not be what those rules launch)
-HISTORICAL_REPORTS = {"static-family6-sm90.csv", "static-family6-sm80.csv"}
+#: day (none since round 26 re-ran family6, round 2's "after" run, on the code of the day)
+HISTORICAL_REPORTS: set = set()
 
 
 def _tables(md_text: str) -> str:
