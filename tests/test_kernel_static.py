@@ -180,6 +180,19 @@ def test_nf4_pairs_scaled_in_half2(rows):
             (r["case"], r["arch"], r["config"], r["mix"])
 
 
+def test_nf4_gemms_load_their_absmax_paired(rows):
+    """Round 26: the NF4 forward and input-gradient GEMMs (bf16 activations, de-nested absmax) read each
+    block's scale as an int32 bf16 pair (``weight_args(pair_act=...)``) instead of converting the fp32
+    absmax in their loops: no F2F in the loop (sm_90's 64x128x128 forward: 8 F2F and 8 IMAD an
+    iteration before, its input gradient 4 and 4)."""
+    nf4 = [r for r in rows if r["fmt"] == "nf4dq"
+           and r["kernel"] in ("_quant_matmul_fwd_kernel", "_quant_matmul_grad_input_kernel")]
+    assert {(r["arch"], r["kernel"]) for r in nf4} == {(a, k) for a in (80, 90) for k in (
+        "_quant_matmul_fwd_kernel", "_quant_matmul_grad_input_kernel")}
+    for r in nf4:
+        assert "cvt:F2F" not in r["mix"], (r["case"], r["arch"], r["config"], r["mix"])
+
+
 def test_nf4_transposed_tile_reaches_the_mma_by_ldmatrix(rows):
     """Round 22: sm_80's NF4 input gradients with the transposed tile (split N at small M) load the
     absmax codes by inline PTX (``nf4_tile._absmax_nc``). A ``tl.load`` of the uint8 codes behind the

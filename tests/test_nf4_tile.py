@@ -132,11 +132,14 @@ def _act_bits(v: np.ndarray, act: str) -> np.ndarray:
     return torch.from_numpy(np.asarray(v, dtype=np.float64)).to(dtype).view(torch.int16).numpy().astype(np.uint32) & 0xFFFF
 
 
-def _half_pair_expected(byte: np.ndarray, scale: np.ndarray, act: str):
-    """(even, odd) 16-bit patterns of round_act(round_act(NF4[nibble])·round_act(s)), in float64."""
+def _half_pair_expected(byte: np.ndarray, scale: np.ndarray, act: str, scale_odd: np.ndarray | None = None):
+    """(even, odd) 16-bit patterns of round_act(round_act(NF4[nibble])·round_act(s)), in float64: the even
+    element (high nibble) scaled by ``scale`` (the operand's low half), the odd one by ``scale_odd``
+    (its high half; the same scale when None)."""
     table = _act_round(np.array(NF4_TABLE, dtype=np.float64), act)
     s = _act_round(scale.astype(np.float64), act)
-    return _act_bits(table[byte >> 4] * s, act), _act_bits(table[byte & 15] * s, act)
+    s_odd = s if scale_odd is None else _act_round(scale_odd.astype(np.float64), act)
+    return _act_bits(table[byte >> 4] * s, act), _act_bits(table[byte & 15] * s_odd, act)
 
 
 @pytest.mark.parametrize("act", ["fp16", "bf16"])
@@ -160,10 +163,13 @@ def test_half_pair_lookup_every_byte(act, seed):
         byte = all_bytes[start:start + 32]
         garbage = rng.integers(0, 1 << 24, 32, dtype=np.uint32) << np.uint32(8)
         scale = np.exp(rng.uniform(np.log(1e-6), np.log(3e3), 32)) * rng.choice([1.0, -1.0], 32)
-        s16 = _act_bits(scale, act)
+        # the halves of $4 differ in one block in two (the scale operand's semantics: low half for
+        # the even element, high half for the odd one; the kernels pass the same value in both)
+        scale_odd = scale if start % 64 else np.roll(scale, 5) * 3.0
+        s16, s16_odd = _act_bits(scale, act), _act_bits(scale_odd, act)
         regs = run_ptx(nf4_tile.pair_half_asm(act), {"$0": np.zeros(32), "$1": np.zeros(32), "$2": byte | garbage,
-                                                     "$3": table, "$4": s16 | (s16 << np.uint32(16))})
-        even, odd = _half_pair_expected(byte, scale, act)
+                                                     "$3": table, "$4": s16 | (s16_odd << np.uint32(16))})
+        even, odd = _half_pair_expected(byte, scale, act, scale_odd)
         assert np.array_equal(regs["$0"], even), "even element (high nibble)"
         assert np.array_equal(regs["$1"], odd), "odd element (low nibble)"
 
@@ -200,6 +206,44 @@ def test_denest_bit_exact(rows, cols, block, monkeypatch):
     assert np.array_equal(out.numpy().view(np.uint32), _numpy_denest(qw).view(np.uint32))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("rows,cols,block", [(41, 512, 64), (130, 1024, 128)])
+def test_denest_pairs_bit_exact(rows, cols, block, dtype, monkeypatch):
+    """Round 26's paired buffer: each de-nested absmax rounded to the activation dtype (nearest even,
+    torch's cast of the bit-exact fp32 value; values past fp16's range included), its 16 bits in both
+    halves of an int32; the output poisoned."""
+    gen = torch.Generator().manual_seed(rows + cols + block)
+    w = torch.randn(rows, cols, generator=gen) * torch.logspace(-9, 5, rows)[:, None]
+    qw = quantize_nf4(w, blocksize=block, double_quant=True)
+    real_empty = torch.empty
+    monkeypatch.setattr(nf4_tile.torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(-7))
+    out = nf4_tile.denest_absmax(qw, pair=dtype)
+    half = nf4_absmax(qw).to(dtype).view(torch.int16).to(torch.int32) & 0xFFFF
+    assert out.dtype == torch.int32 and out.shape == (rows * cols // block,)
+    assert torch.equal(out, half | (half << 16))
+    assert half.unique().numel() > 16  # the rows' scales differ: a constant would not pass
+    if dtype == torch.float16:
+        assert (half == 0x7C00).any()  # rounded to inf, as the kernels' cvt.rn does
+    with pytest.raises(ValueError, match="pair="):
+        nf4_tile.denest_absmax(qw, pair=torch.float32)
+
+
+def test_weight_args_pairs_only_the_half2_tiles_case():
+    """``pair_act``: the de-nested buffer as activation-dtype pairs, flagged in the meta, only for a
+    double-quantized NF4 weight de-nested for fp16/bf16 activations; anything else as before."""
+    w = torch.randn(24, 256)
+    dq = quantize_nf4(w, blocksize=64, double_quant=True)
+    for dtype in (torch.float16, torch.bfloat16):
+        args, meta = weight_args(dq, denest_absmax=True, pair_act=dtype)
+        half = nf4_absmax(dq).to(dtype).view(torch.int16).to(torch.int32) & 0xFFFF
+        assert meta["ABSMAX_PAIRED"] is True and meta["DOUBLE_QUANT"] is False
+        assert torch.equal(args[1], half | (half << 16))
+    for qw, kw in ((dq, dict(denest_absmax=True, pair_act=torch.float32)), (dq, dict(pair_act=torch.bfloat16)),
+                   (quantize_nf4(w, blocksize=64, double_quant=False), dict(denest_absmax=True, pair_act=torch.float16))):
+        args, meta = weight_args(qw, **kw)
+        assert "ABSMAX_PAIRED" not in meta and args[1].dtype != torch.int32, kw
+
+
 def test_weight_args_denest_switch():
     w = torch.randn(24, 256)
     qw = quantize_nf4(w, blocksize=64, double_quant=True)
@@ -216,17 +260,18 @@ def test_weight_args_denest_switch():
 @pytest.mark.parametrize("act", ["fp16", "bf16"])
 def test_half_pair_kernel_every_byte(act):
     """``_nf4_half_pair`` as the kernels call it (the interpreter's byte-table twin on CPU, the PTX on a
-    GPU): every byte with 16 absmax values from subnormal to large and garbage above the byte, against
-    the same float64 model as the PTX; the output poisoned with NaN."""
+    GPU): every byte with 16 absmax values from subnormal to large and garbage above the byte, the odd
+    element's scale (the operand's high half) different in half of them, against the same float64
+    model as the PTX; the output poisoned with NaN."""
     import triton
     import triton.language as tl
 
     @triton.jit
-    def pair(byte_ptr, s_ptr, lut_ptr, even_ptr, odd_ptr, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    def pair(byte_ptr, s_ptr, s_odd_ptr, lut_ptr, even_ptr, odd_ptr, ACT: tl.constexpr, BLOCK: tl.constexpr):
         offs = tl.arange(0, BLOCK)
-        s = tl.load(s_ptr + offs)
-        bits = s.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-        even, odd = nf4_tile._nf4_half_pair(tl.load(byte_ptr + offs), bits | (bits << 16), lut_ptr, ACT)
+        bits = tl.load(s_ptr + offs).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        bits_odd = tl.load(s_odd_ptr + offs).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        even, odd = nf4_tile._nf4_half_pair(tl.load(byte_ptr + offs), bits | (bits_odd << 16), lut_ptr, ACT)
         tl.store(even_ptr + offs, even)
         tl.store(odd_ptr + offs, odd)
 
@@ -237,11 +282,14 @@ def test_half_pair_kernel_every_byte(act):
     scale = np.repeat(np.exp(rng.uniform(np.log(1e-6), np.log(3e3), 16)), 256)
     garbage = rng.integers(0, 1 << 23, byte.size, dtype=np.uint32) << np.uint32(8)
     words = torch.from_numpy((byte | garbage).view(np.int32)).to(device)
+    # the odd element's scale differs from the even one's in half the bytes (the operand's halves)
+    scale_odd = np.where(np.arange(byte.size) % 512 < 256, scale, np.roll(scale, 256) * 0.37)
     s = torch.from_numpy(scale).to(dtype).to(device)
+    s_odd = torch.from_numpy(scale_odd).to(dtype).to(device)
     even = torch.full((byte.size,), float("nan"), dtype=dtype, device=device)
     odd = torch.full_like(even, float("nan"))
-    pair[(1,)](words, s, nf4_byte_table(device), even, odd, ACT=getattr(tl, {"fp16": "float16", "bf16": "bfloat16"}[act]),
-               BLOCK=byte.size)
-    want_even, want_odd = _half_pair_expected(byte, scale, act)
+    pair[(1,)](words, s, s_odd, nf4_byte_table(device), even, odd,
+               ACT=getattr(tl, {"fp16": "float16", "bf16": "bfloat16"}[act]), BLOCK=byte.size)
+    want_even, want_odd = _half_pair_expected(byte, scale, act, scale_odd)
     assert np.array_equal(even.cpu().view(torch.int16).numpy().astype(np.uint32) & 0xFFFF, want_even)
     assert np.array_equal(odd.cpu().view(torch.int16).numpy().astype(np.uint32) & 0xFFFF, want_odd)

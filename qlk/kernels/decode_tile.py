@@ -305,7 +305,7 @@ def _decode_int_tile(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, offs
 def _decode_nf4_tile(qw_ptr, s_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr, stride_qn, stride_sn, stride_sg,
                      offs_n, k0, K, ACT: tl.constexpr, GROUP_SIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
                      EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     CLAMP_GROUPS: tl.constexpr = False):
+                     CLAMP_GROUPS: tl.constexpr = False, ABSMAX_PAIRED: tl.constexpr = False):
     """NF4's Ŵ[offs_n, k0 : k0 + BLOCK_K] in the activation dtype ACT (fp16/bf16), the stored k order:
     ŵ = round_act(NF4_a[q]·absmax_a), the table and the (de-nested) absmax rounded to ACT first
     (:func:`qlk.kernels.nf4_tile._nf4_half_pair`; round 21). Same contract as ``_dequant_tile``;
@@ -318,7 +318,12 @@ def _decode_nf4_tile(qw_ptr, s_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_pt
     groups past K zeroed in the packed scale instead: with _group_params' masked loads the grouped
     small-M forward kept 80 registers and 8 B of stack on sm_80 at ragged K (1408, 2880); on the
     GEMM's 64-row tiles the clamp costs 10 instructions an iteration (569 -> 579), so they keep the
-    masked loads."""
+    masked loads.
+
+    ABSMAX_PAIRED (round 26): ``s_ptr`` is ``weight_args(pair_act=ACT)``'s buffer, each absmax already
+    rounded to ACT in both halves of an int32 (``s2`` as loaded: no F2F and IMAD per block); not with
+    DOUBLE_QUANT (the buffer is de-nested)."""
+    tl.static_assert(not (ABSMAX_PAIRED and DOUBLE_QUANT))
     NW: tl.constexpr = BLOCK_K // 8
     words = _load_words(qw_ptr, stride_qn, offs_n, k0, K, 8, EVEN_K, BLOCK_K)
     shifted = words[:, :, None] >> (tl.arange(0, 4)[None, None, :] * 8)
@@ -329,23 +334,34 @@ def _decode_nf4_tile(qw_ptr, s_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_pt
         if CLAMP_GROUPS:
             absmax, _ = _group_params(s_ptr, s_ptr, am_scale_ptr, am_offset_ptr, dyn_ptr, stride_sn, stride_sg,
                                       offs_n, tl.minimum(offs_g, G - 1)[None, :], (offs_g < G)[None, :], True,
-                                      DOUBLE_QUANT, False, True)
-            s2 = _half2_bits(_round_act(absmax, ACT))
+                                      DOUBLE_QUANT, False, True, ABSMAX_PAIRED)
+            s2 = _absmax_half2(absmax, ACT, ABSMAX_PAIRED)
             if not EVEN_K:
                 s2 = tl.where((offs_g < G)[None, :], s2, 0)
         else:
             absmax, _ = _group_params(s_ptr, s_ptr, am_scale_ptr, am_offset_ptr, dyn_ptr, stride_sn, stride_sg,
-                                      offs_n, offs_g[None, :], (offs_g < G)[None, :], True, DOUBLE_QUANT, False, EVEN_K)
-            s2 = _half2_bits(_round_act(absmax, ACT))
+                                      offs_n, offs_g[None, :], (offs_g < G)[None, :], True, DOUBLE_QUANT, False, EVEN_K,
+                                      ABSMAX_PAIRED)
+            s2 = _absmax_half2(absmax, ACT, ABSMAX_PAIRED)
         s2 = tl.reshape(tl.broadcast_to(s2[:, :, None], (BLOCK_N, NG, NW // NG)), (BLOCK_N, NW))
     else:
         j = ((k0 + 8 * tl.arange(0, NW)) // GROUP_SIZE)[None, :]
         absmax, _ = _group_params(s_ptr, s_ptr, am_scale_ptr, am_offset_ptr, dyn_ptr, stride_sn, stride_sg,
-                                  offs_n, j, j < G, True, DOUBLE_QUANT, False, EVEN_K)
-        s2 = _half2_bits(_round_act(absmax, ACT))
+                                  offs_n, j, j < G, True, DOUBLE_QUANT, False, EVEN_K, ABSMAX_PAIRED)
+        s2 = _absmax_half2(absmax, ACT, ABSMAX_PAIRED)
     even, odd = _nf4_half_pair(shifted, s2[:, :, None], lut_ptr, ACT)
     pairs = tl.join(even, odd)  # [BLOCK_N, NW, 4, 2]: the stored order
     return tl.reshape(pairs, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def _absmax_half2(absmax, ACT: tl.constexpr, PAIRED: tl.constexpr):
+    """The half2 lookup's scale operand from a loaded absmax: as loaded when PAIRED (int32, ACT's bits
+    in both halves: ``weight_args(pair_act=ACT)``), else the fp32 value rounded to ACT and duplicated."""
+    if PAIRED:
+        return absmax
+    else:
+        return _half2_bits(_round_act(absmax, ACT))
 
 
 @triton.jit
@@ -824,14 +840,14 @@ def _decode_int3_tile_rows(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg
 @triton.jit
 def _decode_nf4_tile_rows(qw_ptr, s_ptr, lut_ptr, stride_qn, stride_sn, stride_sg, offs_n, k0, K,
                           ACT: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          words=None, PRELOADED: tl.constexpr = False):
+                          words=None, PRELOADED: tl.constexpr = False, ABSMAX_PAIRED: tl.constexpr = False):
     """NF4's :func:`_decode_int_tile_rows`: Ŵ = NF4[q]·absmax [BLOCK_N, BLOCK_K] in ACT, a word's 8
     values in its thread's registers (tile position p = 4a + 2b + e holds element e of byte a + 2b,
     :func:`_row_tile_stored_order` with IS_NF4); absmax fp32 per (row, block), plain or de-nested
     (``weight_args(denest_absmax=True)``), blocks a power of two of 8 columns or more; the tile inside
     K. Numerics: :func:`_decode_nf4_tile`'s (round 21: the half2 lookup, the table and absmax rounded
     to ACT, the product rounded once). PRELOADED: ``words`` were loaded by the caller
-    (:func:`_row_tile_words`)."""
+    (:func:`_row_tile_words`). ABSMAX_PAIRED: ``s_ptr`` holds ACT pairs (:func:`_decode_nf4_tile`)."""
     NW: tl.constexpr = BLOCK_K // 8
     if not PRELOADED:
         words = _load_words(qw_ptr, stride_qn, offs_n, k0, K, 8, True, BLOCK_K)
@@ -839,7 +855,8 @@ def _decode_nf4_tile_rows(qw_ptr, s_ptr, lut_ptr, stride_qn, stride_sn, stride_s
     NG: tl.constexpr = BLOCK_K // GROUP_SIZE if BLOCK_K > GROUP_SIZE else 1
     offs_g = (k0 // GROUP_SIZE) + tl.arange(0, NG)  # the tile's groups
     absmax, _ = _group_params(s_ptr, s_ptr, s_ptr, s_ptr, s_ptr, stride_sn, stride_sg, offs_n, offs_g[None, :],
-                              (offs_g < K // GROUP_SIZE)[None, :], True, False, False, True)
-    s2 = tl.reshape(tl.broadcast_to(_half2_bits(_round_act(absmax, ACT))[:, :, None], (BLOCK_N, NG, NW // NG)), (BLOCK_N, NW))
+                              (offs_g < K // GROUP_SIZE)[None, :], True, False, False, True, ABSMAX_PAIRED)
+    s2 = tl.reshape(tl.broadcast_to(_absmax_half2(absmax, ACT, ABSMAX_PAIRED)[:, :, None], (BLOCK_N, NG, NW // NG)),
+                    (BLOCK_N, NW))
     even, odd = _nf4_half_pair(by, s2[:, :, None, None], lut_ptr, ACT)
     return tl.reshape(tl.join(even, odd), (BLOCK_N, BLOCK_K))

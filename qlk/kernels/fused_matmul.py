@@ -175,16 +175,19 @@ def _weight_tile(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn
                  rows_w, k0, K, ACT: tl.constexpr, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
                  IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, PACKED_DEQUANT: tl.constexpr,
                  EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 CLAMP_GROUPS: tl.constexpr = False):
+                 CLAMP_GROUPS: tl.constexpr = False, ABSMAX_PAIRED: tl.constexpr = False):
     """Ŵ[rows_w, k0 .. k0+BLOCK_K] [BLOCK_N, BLOCK_K] in the stored k order, for activations of dtype
     ACT: INT weights with fp16/bf16 decoded straight into ACT (the half2 tile,
     :func:`qlk.kernels.decode_tile._decode_int_tile`), NF4 with fp16/bf16 by the half2 lookup
     (:func:`qlk.kernels.decode_tile._decode_nf4_tile`; absmax blocks of whole words), else (fp32) the
-    fp32 ``_dequant_tile``."""
+    fp32 ``_dequant_tile``. ABSMAX_PAIRED: NF4's absmax buffer holds ACT pairs (``weight_args(pair_act=...)``;
+    the launcher pairs only for fp16/bf16 activations and blocks of whole words, the NF4 half2 tile's case)."""
+    tl.static_assert(not ABSMAX_PAIRED or (IS_NF4 and (ACT == tl.float16 or ACT == tl.bfloat16)
+                                          and GROUP_SIZE % 8 == 0))
     if IS_NF4 and (ACT == tl.float16 or ACT == tl.bfloat16) and GROUP_SIZE % 8 == 0:
         w = _decode_nf4_tile(qw_ptr, s_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr, stride_qn, stride_sn,
                              stride_sg, rows_w, k0, K, ACT, GROUP_SIZE, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K,
-                             CLAMP_GROUPS)
+                             CLAMP_GROUPS, ABSMAX_PAIRED)
     elif ACT == tl.float16 or ACT == tl.bfloat16:
         w = _decode_int_tile(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, rows_w, k0, K,
                              ACT, BITS, GROUP_SIZE, PACKED_DEQUANT, EVEN_K, BLOCK_N, BLOCK_K)
@@ -201,7 +204,7 @@ def _fwd_step(acc, p_run, x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_
               BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
               DOT_PRECISION: tl.constexpr, POOL: tl.constexpr, EVEN_K: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PACKED_DEQUANT: tl.constexpr,
-              LANE_ORDER: tl.constexpr, CLAMP_GROUPS: tl.constexpr = False):
+              LANE_ORDER: tl.constexpr, CLAMP_GROUPS: tl.constexpr = False, ABSMAX_PAIRED: tl.constexpr = False):
     """One K tile k0 of :func:`_fwd_loop` (EVEN_K: the tile lies inside K, no masks): (acc, p_run).
     LANE_ORDER: INT2/INT4 half2 tiles whose BLOCK_K spans whole lane units are decoded in the
     lane-owned k order and X is read in the same order (round 17; round 20: INT3 where BLOCK_K spans
@@ -218,7 +221,7 @@ def _fwd_step(acc, p_run, x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_
     else:
         w = _weight_tile(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr, stride_qn, stride_sn,
                          stride_sg, rows_w, k0, K, ACT, BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT,
-                         PACKED_DEQUANT, EVEN_K, BLOCK_N, BLOCK_K, CLAMP_GROUPS)
+                         PACKED_DEQUANT, EVEN_K, BLOCK_N, BLOCK_K, CLAMP_GROUPS, ABSMAX_PAIRED)
         offs_k = k0 + tl.arange(0, BLOCK_K)
         xt_ptrs = x_rows[None, :] + offs_k[:, None] * stride_xk
         if EVEN_K:
@@ -237,7 +240,7 @@ def _fwd_loop(x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, 
               BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
               DOT_PRECISION: tl.constexpr, POOL: tl.constexpr, EVEN_K: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PACKED_DEQUANT: tl.constexpr,
-              LANE_ORDER: tl.constexpr, CLAMP_GROUPS: tl.constexpr = False):
+              LANE_ORDER: tl.constexpr, CLAMP_GROUPS: tl.constexpr = False, ABSMAX_PAIRED: tl.constexpr = False):
     """The forward GEMM's K loop over k_lo .. k_hi (0 .. K unsplit): acc = Ŵ[rows_w, k range]·Xᵀ
     [BLOCK_N, BLOCK_M], plus P(X) of rows offs_m when POOL (a split's slices hold whole groups, so
     the running sum of a group larger than BLOCK_K starts and ends in one slice). Whole tiles run
@@ -251,7 +254,8 @@ def _fwd_loop(x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, 
     where LANE_ORDER (round 17, :func:`qlk.kernels.heuristics.fwd_lane_order`): INT2/INT4 whole K
     tiles then take the decode loop's lane-owned tile (LOP3 + 2 HFMA2 a pair) and X is read in the
     same permuted order, 8-byte runs stored to shared memory 16 bits at a time, which only the tiles
-    where the decode dominates gain from. NF4 and fp32 activations: the fp32 ``_dequant_tile``."""
+    where the decode dominates gain from. NF4 and fp32 activations: the fp32 ``_dequant_tile``.
+    ABSMAX_PAIRED: NF4's de-nested absmax as ACT pairs (:func:`_weight_tile`)."""
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     p_run = tl.zeros((BLOCK_M,), dtype=tl.float32)  # POOL, GROUP_SIZE > BLOCK_K: running group sum
     k_whole = _whole_k_end(k_hi, K, EVEN_K, BLOCK_K)
@@ -259,13 +263,15 @@ def _fwd_loop(x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, 
         acc, p_run = _fwd_step(acc, p_run, x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr,
                                lut_ptr, dyn_ptr, stride_qn, stride_sn, stride_sg, rows_w, offs_m, M, k0, K,
                                stride_xk, stride_pm, BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, POOL,
-                               True, BLOCK_N, BLOCK_M, BLOCK_K, PACKED_DEQUANT, LANE_ORDER, CLAMP_GROUPS)
+                               True, BLOCK_N, BLOCK_M, BLOCK_K, PACKED_DEQUANT, LANE_ORDER, CLAMP_GROUPS,
+                               ABSMAX_PAIRED)
     if not EVEN_K:
         if k_whole < k_hi:
             acc, p_run = _fwd_step(acc, p_run, x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr,
                                    lut_ptr, dyn_ptr, stride_qn, stride_sn, stride_sg, rows_w, offs_m, M, k_whole,
                                    K, stride_xk, stride_pm, BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION,
-                                   POOL, False, BLOCK_N, BLOCK_M, BLOCK_K, PACKED_DEQUANT, LANE_ORDER, CLAMP_GROUPS)
+                                   POOL, False, BLOCK_N, BLOCK_M, BLOCK_K, PACKED_DEQUANT, LANE_ORDER, CLAMP_GROUPS,
+                                   ABSMAX_PAIRED)
     return acc
 
 
@@ -365,8 +371,13 @@ def _quant_matmul_fwd_kernel(
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr = False, ATOMIC: tl.constexpr = True, SLICE_K=0, PACKED_DEQUANT: tl.constexpr = False,
     QN_ALIGN: tl.constexpr = 1, LANE_ORDER: tl.constexpr = False, LOOP_RUNS: tl.constexpr = False,
+    ABSMAX_PAIRED: tl.constexpr = False,
 ):
     """Y[m, n] = Σ_k X[m, k]·Ŵ[n, k] (+ bias[n]), one [BLOCK_N, BLOCK_M] tile per program.
+
+    ABSMAX_PAIRED (``weight_args(pair_act=...)``, round 26): NF4's de-nested absmax buffer holds each
+    value rounded to the activation dtype in both halves of an int32, the half2 lookup's operand as
+    loaded (no F2F and IMAD per block and iteration: 569 -> 553 instructions on sm_90's 64x128x128).
 
     LANE_ORDER (:func:`qlk.kernels.heuristics.fwd_lane_order`): INT2/INT4 whole K tiles are decoded
     in the lane-owned k order, X read in the same permuted order (:func:`_fwd_step`).
@@ -411,12 +422,12 @@ def _quant_matmul_fwd_kernel(
         acc = _fwd_loop(x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
                         stride_qn, stride_sn, stride_sg, rows_w, offs_m, M, k_lo, k_hi, K, stride_xk, stride_pm,
                         BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, True, EVEN_K,
-                        BLOCK_N, BLOCK_M, BLOCK_K, PACKED_DEQUANT, LANE_ORDER)
+                        BLOCK_N, BLOCK_M, BLOCK_K, PACKED_DEQUANT, LANE_ORDER, False, ABSMAX_PAIRED)
     else:
         acc = _fwd_loop(x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
                         stride_qn, stride_sn, stride_sg, rows_w, offs_m, M, k_lo, k_hi, K, stride_xk, stride_pm,
                         BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, False, EVEN_K,
-                        BLOCK_N, BLOCK_M, BLOCK_K, PACKED_DEQUANT, LANE_ORDER)
+                        BLOCK_N, BLOCK_M, BLOCK_K, PACKED_DEQUANT, LANE_ORDER, False, ABSMAX_PAIRED)
     acc = tl.trans(acc)
     if SPLIT_K:
         # the fp32 partial of Y's tile, in Y's layout (N contiguous, as the unsplit store); the bias
@@ -494,7 +505,7 @@ def _quant_matmul_splitk_kernel(
 def _w_as_b_acc(dy_rows, qw_ptr, s_ptr, b_ptr, lut_ptr, stride_qn, stride_sn, stride_sg, row_w0, k0, n_lo, n_hi,
                 N, K, stride_dyn, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, HALF2_ASM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_K: tl.constexpr, WORDS_AHEAD: tl.constexpr = False):
+                BLOCK_K: tl.constexpr, WORDS_AHEAD: tl.constexpr = False, ABSMAX_PAIRED: tl.constexpr = False):
     """fp32 dX tile [BLOCK_M, BLOCK_K] (columns k0 .. k0 + BLOCK_K in the stored order) = Σ over n in
     n_lo .. n_hi of dY[rows, n]·Ŵ[row_w0 + n, k] (round 18, sm_90): Ŵ [BLOCK_N, BLOCK_K] from
     :func:`_decode_int_tile_rows` as the MMA's B operand, which wgmma reads from shared memory (stored
@@ -523,7 +534,7 @@ def _w_as_b_acc(dy_rows, qw_ptr, s_ptr, b_ptr, lut_ptr, stride_qn, stride_sn, st
                                                   k0, BITS, IS_NF4, BLOCK_K)
         if IS_NF4:
             w = _decode_nf4_tile_rows(qw_ptr, s_ptr, lut_ptr, stride_qn, stride_sn, stride_sg, rows_w, k0, K, ACT,
-                                      GROUP_SIZE, BLOCK_N, BLOCK_K, words, WORDS_AHEAD)
+                                      GROUP_SIZE, BLOCK_N, BLOCK_K, words, WORDS_AHEAD, ABSMAX_PAIRED)
         elif BITS == 3:
             w = _decode_int3_tile_rows(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, rows_w, k0, K, ACT,
                                        GROUP_SIZE, HALF2_ASM, BLOCK_N, BLOCK_K, words, words1, words2, WORDS_AHEAD)
@@ -542,13 +553,13 @@ def _grad_tile_w_as_b(dx_ptr, dy_rows, qw_ptr, s_ptr, b_ptr, lut_ptr, stride_qn,
                       BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOT_PRECISION: tl.constexpr,
                       SPLIT_N: tl.constexpr, ATOMIC: tl.constexpr, HALF2_ASM: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                      WORDS_AHEAD: tl.constexpr):
+                      WORDS_AHEAD: tl.constexpr, ABSMAX_PAIRED: tl.constexpr = False):
     """The W_AS_B tile of :func:`_quant_matmul_grad_input_kernel` (:func:`_w_as_b_acc`), stored (SPLIT_N:
     added to / stored in the fp32 workspace) where its columns lie in this K tile's own range
     (SHIFT_K's last tile starts earlier)."""
     acc = _w_as_b_acc(dy_rows, qw_ptr, s_ptr, b_ptr, lut_ptr, stride_qn, stride_sn, stride_sg, 0, k0, n_lo, n_hi,
                       N, K, stride_dyn, BITS, GROUP_SIZE, IS_NF4, DOT_PRECISION, HALF2_ASM, BLOCK_N, BLOCK_M, BLOCK_K,
-                      WORDS_AHEAD)
+                      WORDS_AHEAD, ABSMAX_PAIRED)
     cols = k0 + tl.arange(0, BLOCK_K)
     keep = (cols >= pid_k * BLOCK_K) & (cols < K)
     mask = (offs_m[:, None] < M) & keep[None, :]
@@ -585,9 +596,13 @@ def _quant_matmul_grad_input_kernel(
     SPLIT_N: tl.constexpr = False, ATOMIC: tl.constexpr = True,
     HALF2: tl.constexpr = False, HALF2_ASM: tl.constexpr = False, SHIFT_K: tl.constexpr = False,
     QN_ALIGN: tl.constexpr = 1, W_AS_B: tl.constexpr = False, LOOP_RUNS: tl.constexpr = False,
+    ABSMAX_PAIRED: tl.constexpr = False,
 ):
     """dX[m, k] = Σ_n dY[m, n]·Ŵ[n, k], one dXᵀ [BLOCK_K, BLOCK_M] tile per program, N in BLOCK_N steps.
     A ragged last K tile is moved back to end at K (SHIFT_K, :func:`shift_last_k`).
+
+    ABSMAX_PAIRED (round 26): NF4's de-nested absmax as dY-dtype pairs (``weight_args(pair_act=...)``),
+    both tiles below.
 
     SPLIT_N (mid M, narrow K: too few dX tiles for the SMs): the reduction over N is split over grid
     axis 1, program (tile, s) summing n in slice s of ⌈N/BLOCK_N / SPLIT⌉ tiles; ``dx_ptr`` is then
@@ -654,7 +669,8 @@ def _quant_matmul_grad_input_kernel(
     if ROWS:
         _grad_tile_w_as_b(dx_ptr, dy_rows, qw_ptr, s_ptr, b_ptr, lut_ptr, stride_qn, stride_sn, stride_sg, offs_m,
                           pid_k, k0, n_lo, n_hi, M, N, K, stride_dyn, stride_dxm, stride_dxk, BITS, GROUP_SIZE, IS_NF4,
-                          DOT_PRECISION, SPLIT_N, ATOMIC, HALF2_ASM, BLOCK_N, BLOCK_M, BLOCK_K, WORDS_AHEAD)
+                          DOT_PRECISION, SPLIT_N, ATOMIC, HALF2_ASM, BLOCK_N, BLOCK_M, BLOCK_K, WORDS_AHEAD,
+                          ABSMAX_PAIRED)
         return
     words, words1, words2 = 0, 0, 0  # the N tile's packed words (INT3: its three bit planes)
     if WORDS_AHEAD:
@@ -680,7 +696,7 @@ def _quant_matmul_grad_input_kernel(
                              stride_qn, stride_sn, stride_sg, tl.minimum(offs_n, N - 1), k0, K,
                              BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, EVEN_K, BLOCK_N, BLOCK_K,
                              dy_ptr.dtype.element_ty, INT2_HALVES, words, words1, words2, WORDS_AHEAD,
-                             WORDS_ASM, HALF2, HALF2_ASM)
+                             WORDS_ASM, HALF2, HALF2_ASM, ABSMAX_PAIRED)
         words, words1, words2 = next0, next1, next2
         dyt = tl.load(dy_rows[None, :] + offs_n[:, None] * stride_dyn, mask=offs_n[:, None] < N, other=0.0)
         acc = tl.dot(wt, dyt, acc, input_precision=DOT_PRECISION)
@@ -1029,7 +1045,9 @@ def _forward(x, qw, bias, out, path, deterministic, wargs=None, pool=False):
             torch.matmul(x2, w, out=out)
     else:
         # NF4 double quant: absmax de-nested once per call for the GEMM, in the loop for decode
-        args, meta = wargs if wargs is not None else weight_args(qw, denest_absmax=path == "gemm")
+        # the GEMM's NF4 absmax de-nested into activation-dtype pairs (round 26; the K loop loads them as is)
+        args, meta = wargs if wargs is not None else weight_args(qw, denest_absmax=path == "gemm",
+                                                                 pair_act=x.dtype if path == "gemm" else None)
         if path == "splitk":
             _, launches = _tiles("splitk", m, n, k, meta, x.device, pool=pool and pow2)
             # in-kernel pooling needs whole groups per K tile
@@ -1204,7 +1222,9 @@ def _grad_input(dy, qw, out, path, deterministic, wargs=None, lora_b=None):
     if m > 0 and path == "dequant":
         torch.matmul(dy2, _dequantized(qw, dy.dtype), out=out)
     elif m > 0:
-        args, meta = wargs if wargs is not None else weight_args(qw, denest_absmax=path == "gemm")
+        # the GEMM's NF4 absmax de-nested into dY-dtype pairs (round 26, as the forward's)
+        args, meta = wargs if wargs is not None else weight_args(qw, denest_absmax=path == "gemm",
+                                                                 pair_act=dy.dtype if path == "gemm" else None)
         if path == "gemv":
             _gemv_grad_input(dy2, qw, out, deterministic, args, meta)
         elif path == "splitn":

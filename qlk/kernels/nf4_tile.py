@@ -149,7 +149,8 @@ def _nf4_half_pair(byte, s2, lut_ptr, ACT: tl.constexpr):
     """(NF4_a[b >> 4]·s, NF4_a[b & 15]·s) in ACT (fp16/bf16) for the low byte b of int32 ``byte``:
     the even and the odd element of a packed NF4 byte, NF4_a the table rounded to ACT, the product
     rounded once (round 21, docs/kernels.md). ``s2``: int32 holding the absmax's ACT bits in both
-    16-bit halves, broadcastable to ``byte``.
+    16-bit halves, broadcastable to ``byte`` (the even value is scaled by the low half, the odd one by
+    the high half, in the asm and its twin alike).
 
     Compiled (NF4_SHUFFLE): ``pair_half_asm``, per byte one SHF, two SHFL, one PRMT and one HFMA2
     where the fp32 lookup (:func:`_nf4_pair_values`) and its scaling take two SHFL, two FMUL and an
@@ -171,9 +172,12 @@ def _nf4_half_pair(byte, s2, lut_ptr, ACT: tl.constexpr):
                                                   dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
     else:
         pair = tl.load(lut_ptr + (byte & 0xFF))
-        s = (s2 & 0xFFFF).to(tl.int16).to(ACT, bitcast=True).to(tl.float32)
-        even = _round_act(_round_act(pair.to(tl.int32).to(tl.float32, bitcast=True), ACT).to(tl.float32) * s, ACT)
-        odd = _round_act(_round_act((pair >> 32).to(tl.int32).to(tl.float32, bitcast=True), ACT).to(tl.float32) * s,
+        # the asm's HFMA2 scales the even value by s2's low half and the odd one by its high half
+        s_even = (s2 & 0xFFFF).to(tl.int16).to(ACT, bitcast=True).to(tl.float32)
+        s_odd = ((s2 >> 16) & 0xFFFF).to(tl.int16).to(ACT, bitcast=True).to(tl.float32)
+        even = _round_act(_round_act(pair.to(tl.int32).to(tl.float32, bitcast=True), ACT).to(tl.float32) * s_even,
+                          ACT)
+        odd = _round_act(_round_act((pair >> 32).to(tl.int32).to(tl.float32, bitcast=True), ACT).to(tl.float32) * s_odd,
                          ACT)
     return even, odd
 
@@ -193,29 +197,51 @@ def _round_act(x, ACT: tl.constexpr):
 
 @triton.jit
 def _nf4_denest_kernel(out_ptr, qa_ptr, absmax2_ptr, offset_ptr, dyn_ptr, n_blocks,
-                       NESTED: tl.constexpr, BLOCK: tl.constexpr):
-    """out[i] = DYN[qa[i]]·absmax2[i // NESTED] + offset for i < n_blocks (fp32)."""
+                       NESTED: tl.constexpr, BLOCK: tl.constexpr, PAIR: tl.constexpr = 0):
+    """out[i] = DYN[qa[i]]·absmax2[i // NESTED] + offset for i < n_blocks (fp32). PAIR 1 / 2: instead
+    int32, the value rounded to fp16 / bf16 (nearest even), its 16 bits in both halves."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_blocks
     qa = tl.load(qa_ptr + offs, mask=mask, other=0).to(tl.int32)
     nested = tl.load(absmax2_ptr + offs // NESTED, mask=mask, other=0.0)
     absmax = tl.load(dyn_ptr + qa) * nested + tl.load(offset_ptr)
-    tl.store(out_ptr + offs, absmax, mask=mask)
+    if PAIR == 0:
+        tl.store(out_ptr + offs, absmax, mask=mask)
+    else:
+        if PAIR == 1:
+            half = _round_act(absmax, tl.float16)
+        else:
+            half = _round_act(absmax, tl.bfloat16)
+        bits = half.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        tl.store(out_ptr + offs, bits | (bits << 16), mask=mask)
 
 
-def denest_absmax(qw: QuantizedWeight) -> torch.Tensor:
+#: denest_absmax's ``pair`` dtypes and the kernel's PAIR code for each
+_PAIR_CODE = {torch.float16: 1, torch.bfloat16: 2}
+
+
+def denest_absmax(qw: QuantizedWeight, pair: torch.dtype | None = None) -> torch.Tensor:
     """fp32 absmax [blocks] of a double-quantized NF4 weight, equal bit for bit to
-    :func:`qlk.formats.nf4.nf4_absmax` (one Triton launch instead of its four torch ops)."""
+    :func:`qlk.formats.nf4.nf4_absmax` (one Triton launch instead of its four torch ops).
+
+    ``pair`` (fp16 / bf16, round 26): int32 [blocks] instead, each absmax rounded to ``pair`` (nearest
+    even, as the half2 tile rounds it) with its 16 bits in both halves: the scale operand of
+    :func:`_nf4_half_pair` as is, so the forward GEMM's K loop loads it instead of converting and
+    duplicating each block's fp32 absmax (an F2F and an IMAD each: 569 -> 553 instructions an
+    iteration on sm_90's 64x128x128 tile). Same bytes, same pass."""
     if not (qw.fmt == "nf4" and qw.double_quant):
         raise ValueError(f"denest_absmax: needs a double-quantized NF4 weight; got fmt={qw.fmt!r}, "
                          f"double_quant={qw.double_quant}")
+    if pair is not None and pair not in _PAIR_CODE:
+        raise ValueError(f"denest_absmax: pair={pair}; allowed: None, torch.float16, torch.bfloat16")
     qa = qw.absmax.reshape(-1)
     n_blocks = qa.numel()
-    out = torch.empty(n_blocks, dtype=torch.float32, device=qa.device)
+    out = torch.empty(n_blocks, dtype=torch.float32 if pair is None else torch.int32, device=qa.device)
     if n_blocks:
         grid = (triton.cdiv(n_blocks, _DENEST_BLOCK),)
         _nf4_denest_kernel[grid](out, qa, qw.absmax_scale, qw.absmax_offset, dynamic_map(qa.device), n_blocks,
-                                 NESTED=NESTED_BLOCKSIZE, BLOCK=_DENEST_BLOCK, enable_fp_fusion=False)
+                                 NESTED=NESTED_BLOCKSIZE, BLOCK=_DENEST_BLOCK, PAIR=_PAIR_CODE.get(pair, 0),
+                                 enable_fp_fusion=False)
     return out
 
 

@@ -283,7 +283,8 @@ def aligned_rows(stride_qn, QN_ALIGN: tl.constexpr):
     return stride_qn
 
 
-def weight_args(qw: QuantizedWeight, denest_absmax: bool = False) -> tuple[tuple, dict]:
+def weight_args(qw: QuantizedWeight, denest_absmax: bool = False,
+                pair_act: torch.dtype | None = None) -> tuple[tuple, dict]:
     """(positional tensor/int args, constexpr kwargs) describing ``qw`` to :func:`_dequant_tile`.
 
     Order: qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr, stride_qn,
@@ -294,7 +295,13 @@ def weight_args(qw: QuantizedWeight, denest_absmax: bool = False) -> tuple[tuple
     (:func:`qlk.kernels.nf4_tile.denest_absmax`, bit-identical to the reference) that the kernel
     reads like a plain absmax (``DOUBLE_QUANT=False``); the large-M GEMMs ask for it. False (default)
     keeps the 8-bit codes and de-nests inside the K loop: decode and the memory-bound dequantize,
-    where a second launch and pass would cost more than the loop's de-nesting."""
+    where a second launch and pass would cost more than the loop's de-nesting.
+
+    ``pair_act`` (fp16 / bf16, with ``denest_absmax``; round 26): the buffer holds each absmax rounded
+    to ``pair_act`` in both 16-bit halves of an int32 (``denest_absmax(qw, pair=...)``) and the meta
+    says so (``ABSMAX_PAIRED=True``): only for a kernel that takes that flag (the forward GEMM) and
+    activations of that dtype. Ignored for any other weight (plain NF4, INT, absmax blocks that are not
+    a power of two of whole words)."""
     reason = supports(qw)
     if reason is not None:
         raise ValueError(f"qlk kernels cannot read this QuantizedWeight: {reason}")
@@ -318,9 +325,12 @@ def weight_args(qw: QuantizedWeight, denest_absmax: bool = False) -> tuple[tuple
     words = raw.view(torch.int32).view(n, k // 8)
     lut = nf4_byte_table(dev)
     if qw.double_quant and denest_absmax:
-        absmax = denest_absmax_buffer(qw)
+        g_size = qw.group_size  # the half2 tiles' case: absmax blocks of whole words, a power of two
+        paired = pair_act in (torch.float16, torch.bfloat16) and g_size >= 8 and g_size & (g_size - 1) == 0
+        absmax = denest_absmax_buffer(qw, pair=pair_act if paired else None)
+        meta = dict(BITS=4, GROUP_SIZE=qw.group_size, IS_NF4=True, DOUBLE_QUANT=False)
         return ((words, absmax, dummy, dummy, dummy, lut, dummy, k // 8, g, 1),
-                dict(BITS=4, GROUP_SIZE=qw.group_size, IS_NF4=True, DOUBLE_QUANT=False))
+                dict(meta, ABSMAX_PAIRED=True) if paired else meta)
     if qw.double_quant:
         assert NESTED_BLOCKSIZE == 256  # _group_params hard-codes it
         args = (words, qw.absmax, dummy, qw.absmax_scale, qw.absmax_offset, lut, dynamic_map(dev), k // 8, g, 1)

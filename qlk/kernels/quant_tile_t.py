@@ -62,7 +62,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .decode_tile import _act_consts, _half2_bits, _neg_magic
+from .decode_tile import _absmax_half2, _act_consts, _half2_bits, _neg_magic
 from .nf4_tile import NF4_SHUFFLE, _absmax_nc, _nf4_half_pair, _nf4_pair_values, _round_act
 from .ptx_loads import _ld_nc
 from .quant_tile import _dequant_tile, _group_params, _load_int3_planes
@@ -117,18 +117,25 @@ def _scaled_code(word, pos, e, BITS: tl.constexpr, K=0):
 
 @triton.jit
 def _absmax_t(s_ptr, am_scale_ptr, am_offset_ptr, dyn_ptr, stride_sn, stride_sg, offs_n, offs_g, G,
-              DOUBLE_QUANT: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr):
+              DOUBLE_QUANT: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr, PAIRED: tl.constexpr = False):
     """NF4's fp32 absmax of rows ``offs_n`` and groups ``offs_g`` (0 past G unless EVEN_K), transposed:
     [len(offs_g), len(offs_n)], each thread its own rows' values (the transposed tile's layout), loaded
-    by :func:`qlk.kernels.nf4_tile._absmax_nc` (ASM: inline PTX)."""
+    by :func:`qlk.kernels.nf4_tile._absmax_nc` (ASM: inline PTX). PAIRED: the buffer's int32
+    activation-dtype pairs as loaded (``weight_args(pair_act=...)``; not with DOUBLE_QUANT)."""
     if EVEN_K:
         g = offs_g
     else:
         g = tl.minimum(offs_g, G - 1)
     idx = g[:, None].to(tl.int64) * stride_sg + offs_n[None, :].to(tl.int64) * stride_sn
-    absmax = _absmax_nc(s_ptr, am_scale_ptr, am_offset_ptr, dyn_ptr, idx, DOUBLE_QUANT, ASM)
-    if not EVEN_K:
-        absmax = tl.where((offs_g < G)[:, None], absmax, 0.0)
+    if PAIRED:
+        tl.static_assert(not DOUBLE_QUANT)
+        absmax = _ld_nc(s_ptr + idx, ASM)
+        if not EVEN_K:
+            absmax = tl.where((offs_g < G)[:, None], absmax, 0)
+    else:
+        absmax = _absmax_nc(s_ptr, am_scale_ptr, am_offset_ptr, dyn_ptr, idx, DOUBLE_QUANT, ASM)
+        if not EVEN_K:
+            absmax = tl.where((offs_g < G)[:, None], absmax, 0.0)
     return absmax
 
 
@@ -536,7 +543,8 @@ def _dequant_tile_t(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, 
                     DOUBLE_QUANT: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_K: tl.constexpr, OUT_DTYPE: tl.constexpr, INT2_HALVES: tl.constexpr = False,
                     words_pre=0, words_pre1=0, words_pre2=0, PRELOADED: tl.constexpr = False,
-                    LOAD_ASM: tl.constexpr = False, HALF2: tl.constexpr = False, HALF2_ASM: tl.constexpr = False):
+                    LOAD_ASM: tl.constexpr = False, HALF2: tl.constexpr = False, HALF2_ASM: tl.constexpr = False,
+                    ABSMAX_PAIRED: tl.constexpr = False):
     """Ŵᵀ[k0 : k0 + BLOCK_K, offs_n] ([BLOCK_K, BLOCK_N]) in OUT_DTYPE, = ``tl.trans(_dequant_tile(...)
     .to(OUT_DTYPE))`` bit for bit (NF4 with fp16/bf16: the forward's half2 rounding, module
     docstring). Same contract: k0 a multiple of BLOCK_K, rows ``offs_n`` all valid (clamped by the
@@ -551,10 +559,14 @@ def _dequant_tile_t(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, 
     :func:`_pair_half2` instead of the fp32 one, ŵ = round_act(s_a·(q − m) + c_a) with s_a, c_a the
     group's scale and bias rounded to OUT_DTYPE first (exact when stored in it; the decode path's
     rounding, not bit identical to ``_dequant_tile`` when they are not). HALF2_ASM: its inline
-    PTX (a GPU), else its Triton twin (the interpreter)."""
+    PTX (a GPU), else its Triton twin (the interpreter).
+
+    ABSMAX_PAIRED (round 26, ``weight_args(pair_act=OUT_DTYPE)``): NF4's absmax buffer holds OUT_DTYPE
+    pairs, the half2 lookup's operand as loaded (NF4 with fp16/bf16 and power-of-two blocks only)."""
     CHUNK: tl.constexpr = 32 if (BITS == 3 and not IS_NF4) else (16 if (BITS == 2 and not IS_NF4 and not INT2_HALVES) else 8)
     POW2: tl.constexpr = (GROUP_SIZE & (GROUP_SIZE - 1)) == 0
     NF4_HALF: tl.constexpr = IS_NF4 and (OUT_DTYPE == tl.float16 or OUT_DTYPE == tl.bfloat16)
+    tl.static_assert(not ABSMAX_PAIRED or (NF4_HALF and POW2 and GROUP_SIZE >= CHUNK and BLOCK_K % CHUNK == 0))
     if NF4_HALF and POW2 and GROUP_SIZE >= CHUNK and BLOCK_K % CHUNK == 0:
         # round 21: the forward's half2 lookup (nf4_tile._nf4_half_pair), the same rounding as the
         # forward; the even and odd values joined after it as the fp32 path's are
@@ -567,8 +579,8 @@ def _dequant_tile_t(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, 
         offs_g = k0 // GROUP_SIZE + tl.arange(0, NG_H)
         # each thread its own rows' absmax, by inline PTX on a GPU (the lookup's asm needs one anyway)
         absmax_t = _absmax_t(s_ptr, am_scale_ptr, am_offset_ptr, dyn_ptr, stride_sn, stride_sg, offs_n, offs_g,
-                             K // GROUP_SIZE, DOUBLE_QUANT, EVEN_K, NF4_SHUFFLE)
-        s2 = _half2_bits(_round_act(absmax_t, OUT_DTYPE))[None, :, None, :]  # [1, NG, 1, BLOCK_N]
+                             K // GROUP_SIZE, DOUBLE_QUANT, EVEN_K, NF4_SHUFFLE, ABSMAX_PAIRED)
+        s2 = _absmax_half2(absmax_t, OUT_DTYPE, ABSMAX_PAIRED)[None, :, None, :]  # [1, NG, 1, BLOCK_N]
         shifted = words[None, :, :] >> (tl.arange(0, 4)[:, None, None] * 8)  # [byte, chunk, BLOCK_N]
         ev, od = _nf4_half_pair(tl.reshape(shifted, (4, NG_H, NCH_H // NG_H, BLOCK_N)), s2, lut_ptr, OUT_DTYPE)
         w = tl.join(ev, od)  # [4, NG, NCH/NG, BLOCK_N, 2]
