@@ -760,7 +760,9 @@ def test_round8_grad_picks(device_lists):
     where its grid fills the SMs (8192→8192, 3072→1024) and both take the two-warp 64x64x128 tile
     elsewhere, which is never split either (both spill split); sm_90 NF4 8192→8192 M = 333
     128x128x64 w4, and the 2048→512 gradient at M = 64 the 64x32x64 tile split 4 ways."""
-    without = [c for c in h.candidates("grad") if c.num_warps != 2]  # the round-8 lists
+    # the round-8 lists: no two-warp tile (round 9), no sm_80 128x64x64 (round 26)
+    without = [c for c in h.candidates("grad") if c.num_warps != 2 and not (
+        getattr(c, "qlk_arch", None) == 80 and (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"]) == (128, 64))]
     for n, k, now in ((8192, 8192, "128x32x128 w4 s3"), (1024, 3072, "128x32x128 w4 s3"),
                       (4096, 14336, "64x64x128 w2 s3")):
         c = h.choose_config("grad", 333, n, k, "nf4", 80, 108)
@@ -1030,3 +1032,23 @@ def test_split_loop_runs_is_the_kernels_arithmetic():
     assert not h.split_loop_runs(72, 64, 2, whole=True) and h.split_loop_runs(72, 64, 2)
     assert not h.split_loop_runs(10 * 64, 64, 8)  # 2 blocks a slice: slices 5-7 start past the end
     assert h.split_loop_runs(10 * 64, 64, 5) and not h.split_loop_runs(0, 64, 1)
+
+
+def test_sm80_128x64x64_grad_tile(device_lists):
+    """Round 26: sm_80's 128x64x64 w4 input-gradient tile (64 columns of dX, 128 rows of dY, 64-row
+    steps). It is the rules' pick on SmolLM2's 576->192 at M = 3000 (9 column tiles of 64 where 128
+    leaves 4.5), fused again (it was dequantize + dense); it never runs with QA-LoRA's fp32 folded
+    biases (16 B of stack split or not, every report's QA-LoRA gradient), and INT2 runs it unsplit
+    at an M that is not a multiple of 16 (8 B of stack split at M = 333)."""
+    for fmt in ("int4g32", "int2", "nf4"):
+        c = h.choose_config("grad", 3000, 192, 576, fmt, 80, 108)
+        assert c.label == "128x64x64 w4 s3", (fmt, c.label)
+        assert h.choose_path("grad", 3000, 192, 576, bits=2 if fmt == "int2" else 4, group_size=32 if fmt != "nf4"
+                             else 64, is_nf4=fmt == "nf4", arch=80, sms=108).path == "fused"
+    folded = {c.label for c in h.score_all("grad", 3000, 192, 576, "int4g32", 80, 108, fp32_bias=True)}
+    assert folded and "128x64x64 w4 s3" not in folded
+    assert all(h.choose_config("grad", m, n, k, "int4g32", 80, 108, fp32_bias=True).label != "128x64x64 w4 s3"
+               for m, n, k in ((3000, 192, 576), (333, 2048, 2048), (100, 4096, 2880)))
+    assert h.grad_split_spills("128x64x64 w4 s3", "int2", 333, 80)
+    assert not h.grad_split_spills("128x64x64 w4 s3", "int2", 336, 80)
+    assert not h.grad_split_spills("128x64x64 w4 s3", "int4g32", 333, 80)

@@ -936,6 +936,18 @@ MUTANTS = [
     dict(id="nf4-pair-low-half-only", cls="numerics", file="qlk/kernels/nf4_tile.py",
          old="tl.store(out_ptr + offs, bits | (bits << 16), mask=mask)", new="tl.store(out_ptr + offs, bits, mask=mask)",
          tests=[KP, "-k", "nf4_half_numerics and fp16"]),  # round 26: the twin reads the high half too
+    # round 26: sm_80's 128x64x64 w4 input-gradient tile and where it must not run
+    dict(id="sm80-grad-128x64x64-tile-dropped", cls="rules", file="qlk/kernels/config.py",
+         old="        _cfg(80, 4, 3, BLOCK_N=64, BLOCK_M=128, BLOCK_K=64, GROUP_M=8),\n",
+         new="",
+         tests=["tests/test_heuristics.py", "-k", "128x64x64"]),
+    dict(id="grad-128x64x64-with-fp32-biases", cls="rules", file="qlk/kernels/heuristics.py",
+         old='GRAD_FP32_BIAS_SPILLS = {80: frozenset({"128x64x64 w4 s3"}), 90: frozenset()}',
+         new='GRAD_FP32_BIAS_SPILLS = {80: frozenset(), 90: frozenset()}',
+         tests=["tests/test_heuristics.py", "-k", "128x64x64"]),
+    dict(id="grad-128x64x64-int2-split-at-ragged-m", cls="rules", file="qlk/kernels/heuristics.py",
+         old='"128x64x64 w4 s3": frozenset({"int2"})}, 90: {}}', new='"128x64x64 w4 s3": frozenset()}, 90: {}}',
+         tests=["tests/test_heuristics.py", "-k", "128x64x64"]),
     dict(id="nf4-half-twin-one-scale", cls="numerics", file="qlk/kernels/nf4_tile.py",
          old="s_odd = ((s2 >> 16) & 0xFFFF)", new="s_odd = ((s2 >> 0) & 0xFFFF)",
          tests=["tests/test_nf4_tile.py", "-k", "half_pair_kernel"]),

@@ -212,6 +212,10 @@ def grad_configs():
         # four CTAs per SM: mid-M grids filled without a split, the MMA work per decoded weight of the
         # 128x128 tiles (the dense baseline has the same two-warp tile)
         _cfg(80, 2, 3, BLOCK_N=64, BLOCK_M=64, BLOCK_K=128, GROUP_M=8),
+        # round 26: 64 columns of dX on a 64-row reduction step, 128 rows of dY: a K that is an odd
+        # number of 64-column tiles (SmolLM2's 576: 9 tiles, against 4.5 of 128) and short
+        # reductions (576->192 at M = 3000: 0.74x -> 1.03x dense, DRAM-bound like the dense tile)
+        _cfg(80, 4, 3, BLOCK_N=64, BLOCK_M=128, BLOCK_K=64, GROUP_M=8),
         # 128 rows of N an iteration (NF4 at M = 333 wide K; INT at M = 1024 on 3072-wide K)
         _cfg(90, 4, 4, BLOCK_N=128, BLOCK_M=128, BLOCK_K=64, GROUP_M=8),
         # M = 64 on a short reduction (2048->512): 64-column tiles, 32-row steps split 4 ways; taken only

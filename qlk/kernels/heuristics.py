@@ -189,12 +189,12 @@ CALIBRATION = {
     (80, 'gemv', 'int4g128'): {'32x256 w4 s3': 0.273},
     (80, 'gemv', 'int4g32'): {'32x256 w4 s3': 0.311, '64x128 w4 s3': 0.31},
     (80, 'gemv', 'nf4'): {'32x256 w4 s3': 0.329, '64x128 w4 s3': 0.328},
-    (80, 'grad', 'int2'): {'128x32x128 w4 s3': 0.782, '128x32x128 w8 s3': 0.722, '256x32x128 w8 s3': 0.792, '64x32x128 w4 s3': 0.657, '64x64x128 w2 s3': 0.765, '64x64x128 w4 s3': 0.668},
-    (80, 'grad', 'int3'): {'128x32x128 w4 s3': 0.68, '128x32x128 w8 s3': 0.722, '256x32x128 w8 s3': 0.792, '64x32x128 w4 s3': 0.611, '64x64x128 w2 s3': 0.765, '64x64x128 w4 s3': 0.653},
-    (80, 'grad', 'int4'): {'128x32x128 w4 s3': 0.782, '128x32x128 w8 s3': 0.722, '256x32x128 w8 s3': 0.792, '64x32x128 w4 s3': 0.657, '64x64x128 w2 s3': 0.765, '64x64x128 w4 s3': 0.668},
-    (80, 'grad', 'int4g128'): {'128x32x128 w4 s3': 0.782, '128x32x128 w8 s3': 0.722, '256x32x128 w8 s3': 0.792, '64x32x128 w4 s3': 0.657, '64x64x128 w2 s3': 0.765, '64x64x128 w4 s3': 0.668},
-    (80, 'grad', 'int4g32'): {'128x32x128 w4 s3': 0.782, '128x32x128 w8 s3': 0.722, '256x32x128 w8 s3': 0.792, '64x32x128 w4 s3': 0.657, '64x64x128 w2 s3': 0.765, '64x64x128 w4 s3': 0.668},
-    (80, 'grad', 'nf4'): {'128x32x128 w4 s3': 0.782, '128x32x128 w8 s3': 0.722, '256x32x128 w8 s3': 0.792, '64x32x128 w4 s3': 0.657, '64x64x128 w2 s3': 0.765, '64x64x128 w4 s3': 0.668},
+    (80, 'grad', 'int2'): {'128x32x128 w4 s3': 0.782, '128x32x128 w8 s3': 0.722, '128x64x64 w4 s3': 0.668, '256x32x128 w8 s3': 0.792, '64x32x128 w4 s3': 0.657, '64x64x128 w2 s3': 0.765, '64x64x128 w4 s3': 0.668},
+    (80, 'grad', 'int3'): {'128x32x128 w4 s3': 0.68, '128x32x128 w8 s3': 0.722, '128x64x64 w4 s3': 0.668, '256x32x128 w8 s3': 0.792, '64x32x128 w4 s3': 0.611, '64x64x128 w2 s3': 0.765, '64x64x128 w4 s3': 0.653},
+    (80, 'grad', 'int4'): {'128x32x128 w4 s3': 0.782, '128x32x128 w8 s3': 0.722, '128x64x64 w4 s3': 0.668, '256x32x128 w8 s3': 0.792, '64x32x128 w4 s3': 0.657, '64x64x128 w2 s3': 0.765, '64x64x128 w4 s3': 0.668},
+    (80, 'grad', 'int4g128'): {'128x32x128 w4 s3': 0.782, '128x32x128 w8 s3': 0.722, '128x64x64 w4 s3': 0.668, '256x32x128 w8 s3': 0.792, '64x32x128 w4 s3': 0.657, '64x64x128 w2 s3': 0.765, '64x64x128 w4 s3': 0.668},
+    (80, 'grad', 'int4g32'): {'128x32x128 w4 s3': 0.782, '128x32x128 w8 s3': 0.722, '128x64x64 w4 s3': 0.668, '256x32x128 w8 s3': 0.792, '64x32x128 w4 s3': 0.657, '64x64x128 w2 s3': 0.765, '64x64x128 w4 s3': 0.668},
+    (80, 'grad', 'nf4'): {'128x32x128 w4 s3': 0.782, '128x32x128 w8 s3': 0.722, '128x64x64 w4 s3': 0.668, '256x32x128 w8 s3': 0.792, '64x32x128 w4 s3': 0.657, '64x64x128 w2 s3': 0.765, '64x64x128 w4 s3': 0.668},
     (80, 'splitk', 'int2'): {'16x64x128 w4 s4': 0.75, '16x64x256 w2 s3': 0.789, '16x64x256 w4 s3': 0.768},
     (80, 'splitk', 'int3'): {'16x64x128 w4 s4': 0.687, '16x64x256 w2 s3': 0.769, '16x64x256 w4 s3': 0.751},
     (80, 'splitk', 'int4'): {'16x64x128 w4 s4': 0.804, '16x64x256 w2 s3': 0.835, '16x64x256 w4 s3': 0.808},
@@ -433,12 +433,18 @@ GRAD_SPLIT_SPILLS = {80: frozenset({"256x32x128 w8 s3", "128x32x128 w8 s3", "128
 #: ... and those whose split variant spills only at an M that is not a multiple of 16 (Triton
 #: specializes M % 16 == 0; round 6, static report at M = 333: sm_80 64x32x128 w4 at 255 registers,
 #: 8 B of stack and 2 LDL/STL for INT3 and NF4, none for INT4 g32/g128 and INT2): per format class
-GRAD_SPLIT_SPILLS_RAGGED_M = {80: {"64x32x128 w4 s3": frozenset({"int3", "nf4"})}, 90: {}}
+GRAD_SPLIT_SPILLS_RAGGED_M = {80: {"64x32x128 w4 s3": frozenset({"int3", "nf4"}),
+                                    # round 26 (family sweep, M = 333): INT2 g32 at 255 registers, 8 B of stack
+                                    "128x64x64 w4 s3": frozenset({"int2"})}, 90: {}}
 #: ... and those whose split variant spills with QA-LoRA's fp32 folded biases and its fused
 #: V = dY·B programs at an M that is not a multiple of 16 (round 10, static report at M = 100 on
 #: 4096->2880 and 2880->4096, sm_80: 64x64x128 w4 8-16 B of stack, 64x32x128 w4 8-16 B, every
 #: format; unsplit 0, and split at M = 256 0, the main report)
 GRAD_SPLIT_SPILLS_FP32_BIAS_RAGGED_M = {80: frozenset({"64x64x128 w4 s3", "64x32x128 w4 s3"}), 90: frozenset()}
+#: GEMM input-gradient tiles that spill with QA-LoRA's fp32 folded biases and its fused V = dY·B
+#: split or not (round 26, every report's QA-LoRA input gradients, sm_80 128x64x64 w4: 16 B of stack
+#: at M = 24 .. 1500): left out of QA-LoRA's launches
+GRAD_FP32_BIAS_SPILLS = {80: frozenset({"128x64x64 w4 s3"}), 90: frozenset()}
 
 
 #: Round 8 (docs/kernels.md "Round 8: the last mid-M input gradients under 0.9x dense"): GEMM
@@ -836,6 +842,9 @@ def _fits(c, arch: int, fp32_bias: bool, op: str, pool: bool = False) -> bool:
     # of stack on sm_80, bench/results/static-sm80.csv)
     if op == "grad" and fp32_bias and c.num_warps < 4:
         return False
+    if op == "grad" and fp32_bias and (f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']} w{c.num_warps} s{c.num_stages}"
+                                       in GRAD_FP32_BIAS_SPILLS.get(arch_family(arch), ())):
+        return False
     return not (op == "splitn" and fp32_bias and k["BLOCK_N"] > 128)
 
 
@@ -1124,7 +1133,7 @@ SPLIT_MID_DEFAULT = (0.85, 0.0)
 #: --fit-rules``; 1 for a format without an entry and outside that M range.
 GEMM_MID_M = {
     (80, 'fwd'): {'int2': 0.908, 'int3': 0.896, 'int4': 0.947, 'int4g128': 0.937, 'int4g32': 0.954, 'nf4': 0.925},
-    (80, 'grad'): {'int2': 0.885, 'int3': 0.881, 'int4': 0.92, 'int4g128': 0.911, 'int4g32': 0.927, 'nf4': 0.917},
+    (80, 'grad'): {'int2': 0.882, 'int3': 0.881, 'int4': 0.917, 'int4g128': 0.91, 'int4g32': 0.924, 'nf4': 0.915},
     (90, 'fwd'): {'int2': 0.952, 'int3': 0.951, 'int4': 0.993, 'int4g128': 0.987, 'int4g32': 1.0, 'nf4': 0.987},
     (90, 'grad'): {'int2': 0.979, 'int3': 0.977, 'int4': 1.0, 'int4g128': 1.0, 'int4g32': 1.0, 'nf4': 1.0},
 }
