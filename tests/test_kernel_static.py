@@ -253,6 +253,34 @@ def test_estimates_hold_against_the_committed_report(rows):
     assert not worse, "estimates fell below the committed report (make static-report, then review):\n" + "\n".join(worse)
 
 
+def test_input_gradient_loops_form_32_bit_row_offsets():
+    """Round 27: the input gradient's N loop forms each weight row's offset in 32 bits (row · row
+    stride, ``quant_tile.INDEX_LIMIT`` guarding the size): a 64-bit product is an IMAD.WIDE.U32 and two
+    IMAD a row and iteration (sm_90 NF4 64x128x128 at 10944→2048, M = 400: 612 → 571 instructions; INT4
+    g32 502 → 440). And sm_90's B-operand loop loads the next tile's words after this tile's decode,
+    into the registers it frees: no copy of one set into the other at the loop's end (NF4: 16
+    IMAD.MOV, 571 → 555). Compiles the rules' picks there, both archs, and reads their loops' SASS."""
+    if _nvidia_tools_missing():
+        pytest.skip("Triton's NVIDIA backend tools (ptxas, cuobjdump) are not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "bench.sass", "bench/launches.py", "--arch", "90,80", "--loop", "--",
+                           "--shapes", "10944->2048", "--ms", "400", "--cases", "dgrad/nf4dq*,dgrad/int4g32*"],
+                          env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    loops = []  # (kernel arch config, its loop's instructions), in launch order
+    for line in proc.stdout.splitlines():
+        if " instructions, cycles/iteration" in line:
+            loops.append((line.split(": loop")[0], []))
+        elif loops and line.startswith("    "):
+            loops[-1][1].append(line)
+    grads = [(k, body) for k, body in loops if k.startswith("_quant_matmul_grad_input_kernel")]
+    assert sorted(k.split()[1] for k, _ in grads) == ["sm_80", "sm_80", "sm_90", "sm_90"], [k for k, _ in loops]
+    for k, body in grads:
+        assert len(body) > 100 and not [i for i in body if "IMAD.WIDE.U32" in i], (k, [i for i in body if "IMAD" in i])
+        if "sm_90" in k:
+            assert sum("IMAD.MOV" in i for i in body) <= 4, (k, [i for i in body if "IMAD" in i])
+
+
 def test_a_broken_import_fails_rather_than_skips(tmp_path):
     """A qlk that cannot be imported in the child is an error of the guard, not a reason to skip."""
     fake = tmp_path / "qlk"

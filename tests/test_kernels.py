@@ -266,3 +266,67 @@ def test_bf16_cuda(f, m):
     x, dy = randn(m, 512, dtype=torch.bfloat16), randn(m, 1000, dtype=torch.bfloat16)
     assert rel_err(quant_matmul(x, qw), x.double() @ w64.t()) < TOL[torch.bfloat16]
     assert rel_err(quant_matmul_grad_input(dy, qw), dy.double() @ w64) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("f", [("int", 4, 32, False), ("int", 3, 64, False), ("nf4", 4, 64, True)], ids=fmt_id)
+def test_weights_past_32_bit_offsets_run_the_reference(f, monkeypatch):
+    """The kernels address a weight's buffers with 32-bit row offsets (round 27): a weight whose
+    buffers reach past ``INDEX_LIMIT`` goes to the torch reference (right, slower), never to a
+    kernel whose offsets would wrap. The limit is lowered here to this small weight's reach."""
+    from qlk.kernels import quant_tile
+
+    qw = make_qw(*f)
+    reach = max(quant_tile._index_reaches(qw).values())
+    monkeypatch.setattr(quant_tile, "INDEX_LIMIT", reach)
+    assert quant_tile.supports(qw) is None  # at the limit: still the kernels'
+    monkeypatch.setattr(quant_tile, "INDEX_LIMIT", reach - 1)
+    assert "32-bit offsets" in quant_tile.supports(qw)
+    with pytest.raises(ValueError, match="32-bit offsets"):
+        quant_matmul_forward(randn(3, qw.in_features), qw)
+    w = qw.dequantize(torch.float64)
+    x, dy = randn(17, qw.in_features), randn(17, qw.out_features)
+    assert rel_err(quant_matmul(x, qw), x.double() @ w.t()) < 1e-5
+    assert rel_err(quant_matmul_grad_input(dy, qw), dy.double() @ w) < 1e-5
+    assert rel_err(dequantize(qw), w) < 1e-6
+
+
+@pytest.mark.parametrize("f", [("int", 4, 32, False), ("int", 2, 64, False), ("int", 3, 32, False),
+                               ("nf4", 4, 64, True), ("nf4", 4, 32, False)], ids=fmt_id)
+def test_index_reach_is_each_buffers_last_element(f, monkeypatch):
+    """Without the slack rows, each buffer's reach is the offset of its last element as the kernels
+    index it (NF4's bytes as int32 words, its absmax per block), counted from numel, not from the
+    formula: so a buffer the formula undercounts cannot slip under the limit."""
+    from qlk.kernels import quant_tile
+
+    qw = make_qw(*f, n=40, k=192 if f[2] != 128 else 256)
+    if qw.fmt == "int":
+        last = {"qweight": qw.qweight.numel() - 1, "scales": qw.scales.numel() - 1, "biases": qw.biases.numel() - 1}
+        row = {"qweight": qw.qweight.stride(0), "scales": qw.scales.stride(0), "biases": qw.biases.stride(0)}
+    else:
+        last = {"qweight": qw.qweight.numel() // 4 - 1, "absmax": qw.absmax.numel() - 1}
+        row = {"qweight": qw.in_features // 8, "absmax": qw.in_features // qw.group_size}
+    # the slack: rows a tile may form an offset for past the last one (the widest tile's 256 and more)
+    assert quant_tile.INDEX_SLACK_ROWS >= 256
+    assert quant_tile._index_reaches(qw) == {b: last[b] + quant_tile.INDEX_SLACK_ROWS * row[b] for b in last}
+    monkeypatch.setattr(quant_tile, "INDEX_SLACK_ROWS", 0)
+    assert quant_tile._index_reaches(qw) == last
+
+
+def test_every_buffer_counts_toward_the_offset_limit(monkeypatch):
+    """A scale view whose rows lie far apart (a column slice of a wider tensor) reaches further than
+    the packed words: the limit applies to it too."""
+    from qlk.kernels import quant_tile
+
+    qw = make_qw("int", 4, 32, False)
+    wide_s = torch.zeros(qw.out_features, qw.scales.shape[1] * 64, dtype=qw.scales.dtype, device=DEVICE)
+    wide_b = torch.zeros_like(wide_s)
+    wide_s[:, ::64], wide_b[:, ::64] = qw.scales, qw.biases
+    sliced = qlk.QuantizedWeight(fmt="int", shape=qw.shape, bits=4, group_size=32, dtype=qw.dtype,
+                                 qweight=qw.qweight, scales=wide_s[:, ::64], biases=wide_b[:, ::64])
+    reach = quant_tile._index_reaches(sliced)
+    assert reach["scales"] > reach["qweight"]
+    monkeypatch.setattr(quant_tile, "INDEX_LIMIT", reach["qweight"])
+    assert quant_tile.supports(qw) is None
+    assert "scales" in quant_tile.supports(sliced)
+    x = randn(5, qw.in_features)
+    assert rel_err(quant_matmul(x, sliced), x.double() @ qw.dequantize(torch.float64).t()) < 1e-5

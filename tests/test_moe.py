@@ -74,6 +74,35 @@ COUNTS = [0, 1, 17, 0, 3, 40]
 
 
 @needs_kernels
+def test_stacked_experts_past_32_bit_offsets_run_the_reference(monkeypatch):
+    """Stacked experts index their words with 32-bit row offsets (e·N + n rows) like a dense layer:
+    a stack past the limit (lowered here to this one's reach) is served by the per-expert reference,
+    with the same result, and the grouped kernels are not launched."""
+    from qlk.autograd import experts
+    from qlk.kernels import grouped_matmul, quant_tile
+
+    e_count, n, k = len(COUNTS), 24, 64
+    gen = torch.Generator().manual_seed(5)
+    qw = qlk.quantize(torch.randn(e_count * n, k, generator=gen), bits=4, group_size=32)
+    w = oracle_weight(qw).reshape(e_count, n, k)
+    off = offsets_of(COUNTS)
+    x, dy = torch.randn(int(off[-1]), k, generator=gen), torch.randn(int(off[-1]), n, generator=gen)
+    with qlk.use_backend("triton"):
+        assert experts._use_kernels(x.device, qw, x.dtype)  # under the limit: the kernels
+        monkeypatch.setattr(quant_tile, "INDEX_LIMIT", max(quant_tile._index_reaches(qw).values()) - 1)
+        assert not experts._use_kernels(x.device, qw, x.dtype)
+        launched = spies.record_calls(monkeypatch, grouped_matmul, "grouped_matmul_forward",
+                                      "grouped_matmul_grad_input")
+        y = experts.grouped_base(x, qw, off, e_count)
+        dx = experts.grouped_base_grad(dy, qw, off, e_count)
+    assert launched == []
+    y_ref = per_expert(x, off, lambda e, xe: xe @ w[e].t())
+    dx_ref = per_expert(dy, off, lambda e, de: de @ w[e])
+    assert ((y.double() - y_ref).norm() / y_ref.norm()) < 1e-5
+    assert ((dx.double() - dx_ref).norm() / dx_ref.norm()) < 1e-5
+
+
+@needs_kernels
 @pytest.mark.parametrize("f", FORMATS, ids=fmt_id)
 def test_grouped_kernels_match_per_expert_oracle(f):
     """Forward (+ per-expert bias) and input gradient of every format; N = 40 (two N tiles, the

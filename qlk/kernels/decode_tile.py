@@ -684,12 +684,12 @@ def _row_tile_words(qw_ptr, stride_qn, rows, k0, BITS: tl.constexpr, IS_NF4: tl.
     cost 46 STS + 27 LDS an iteration."""
     if BITS == 3 and not IS_NF4:
         NC: tl.constexpr = BLOCK_K // 32
-        row = qw_ptr + rows[:, None].to(tl.int64) * stride_qn + 3 * (k0 // 32) + 3 * tl.arange(0, NC)[None, :]
+        row = qw_ptr + rows[:, None] * stride_qn + 3 * (k0 // 32) + 3 * tl.arange(0, NC)[None, :]
         return tl.load(row), tl.load(row + 1), tl.load(row + 2)
     else:
         PER: tl.constexpr = 8 if IS_NF4 else 32 // BITS
         NW: tl.constexpr = BLOCK_K // PER
-        return tl.load(qw_ptr + rows[:, None].to(tl.int64) * stride_qn + k0 // PER + tl.arange(0, NW)[None, :]), 0, 0
+        return tl.load(qw_ptr + rows[:, None] * stride_qn + k0 // PER + tl.arange(0, NW)[None, :]), 0, 0
 
 
 @triton.jit

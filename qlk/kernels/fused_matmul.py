@@ -516,7 +516,10 @@ def _w_as_b_acc(dy_rows, qw_ptr, s_ptr, b_ptr, lut_ptr, stride_qn, stride_sn, st
     WORDS_AHEAD (round 19): the next N tile's packed words are loaded into registers during this one
     (:func:`_row_tile_words`), not staged through shared memory by the pipeliner: the 64-row tile
     was shared-memory-bound (INT4 2304→9216, M = 400: 296 cycles an iteration against 256 of tensor
-    work), and the words' cp.async + LDS were a fifth of it."""
+    work), and the words' cp.async + LDS were a fifth of it. They are loaded after this tile's decode
+    (round 27), into the registers the decoded words free: loaded before it, both tiles' words were
+    live at once and the loop ended copying one set into the other (NF4 64x128x128: 16 IMAD.MOV,
+    571 → 555 instructions)."""
     ACT: tl.constexpr = dy_rows.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     words, words1, words2 = 0, 0, 0
@@ -528,10 +531,6 @@ def _w_as_b_acc(dy_rows, qw_ptr, s_ptr, b_ptr, lut_ptr, stride_qn, stride_sn, st
         offs_n = n0 + tl.arange(0, BLOCK_N)
         # clamped weight rows are finite and meet dY columns masked to 0: they add exactly 0
         rows_w = row_w0 + tl.minimum(offs_n, N - 1)
-        next0, next1, next2 = words, words1, words2
-        if WORDS_AHEAD:  # the next tile's words (past n_hi: the clamped last rows, in bounds and unused)
-            next0, next1, next2 = _row_tile_words(qw_ptr, stride_qn, row_w0 + tl.minimum(offs_n + BLOCK_N, N - 1),
-                                                  k0, BITS, IS_NF4, BLOCK_K)
         if IS_NF4:
             w = _decode_nf4_tile_rows(qw_ptr, s_ptr, lut_ptr, stride_qn, stride_sn, stride_sg, rows_w, k0, K, ACT,
                                       GROUP_SIZE, BLOCK_N, BLOCK_K, words, WORDS_AHEAD, ABSMAX_PAIRED)
@@ -541,7 +540,9 @@ def _w_as_b_acc(dy_rows, qw_ptr, s_ptr, b_ptr, lut_ptr, stride_qn, stride_sn, st
         else:
             w = _decode_int_tile_rows(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, rows_w, k0, K, ACT, BITS,
                                       GROUP_SIZE, HALF2_ASM, BLOCK_N, BLOCK_K, words, WORDS_AHEAD)
-        words, words1, words2 = next0, next1, next2
+        if WORDS_AHEAD:  # the next tile's words (past n_hi: the clamped last rows, in bounds and unused)
+            words, words1, words2 = _row_tile_words(qw_ptr, stride_qn, row_w0 + tl.minimum(offs_n + BLOCK_N, N - 1),
+                                                    k0, BITS, IS_NF4, BLOCK_K)
         dy = tl.load(dy_rows[:, None] + offs_n[None, :] * stride_dyn, mask=offs_n[None, :] < N, other=0.0)
         acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
     return _row_tile_stored_order(acc, BITS, IS_NF4, BLOCK_M, BLOCK_K)

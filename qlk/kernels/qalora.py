@@ -70,7 +70,7 @@ def _fold_bias_kernel(
         bcol = tl.load(lb_ptr + offs_n.to(tl.int64) * stride_lbn + r * stride_lbr, mask=mask_n, other=0.0)
         arow = tl.load(la_ptr + r * stride_lar + offs_g * stride_lag, mask=mask_g, other=0.0)
         acc += bcol.to(tl.float32)[:, None] * arow.to(tl.float32)[None, :]
-    idx = offs_n[:, None].to(tl.int64) * stride_sn + offs_g[None, :] * stride_sg
+    idx = offs_n[:, None] * stride_sn + offs_g[None, :] * stride_sg
     mask = mask_n[:, None] & mask_g[None, :]
     base = tl.load(b_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + idx, (base + coef * acc).to(out_ptr.dtype.element_ty), mask=mask)

@@ -41,7 +41,7 @@ def _load_words(qw_ptr, stride_qn, offs_n, k0, K, PER: tl.constexpr, EVEN_K: tl.
     Unless EVEN_K, words past the row's last one read 0. Every INT2/INT4/NF4 unpacker loads here."""
     NW: tl.constexpr = BLOCK_K // PER
     offs_w = k0 // PER + tl.arange(0, NW)
-    ptrs = qw_ptr + offs_n[:, None].to(tl.int64) * stride_qn + offs_w[None, :]
+    ptrs = qw_ptr + offs_n[:, None] * stride_qn + offs_w[None, :]
     if EVEN_K:
         words = tl.load(ptrs)
     else:
@@ -57,7 +57,7 @@ def _load_int3_planes(qw_ptr, stride_qn, offs_n, k0, K, EVEN_K: tl.constexpr, BL
     chunks past the row's last one read 0. Every INT3 unpacker (forward, transposed, decode) loads here."""
     NC: tl.constexpr = BLOCK_K // 32
     offs_c = k0 // 32 + tl.arange(0, NC)
-    base = qw_ptr + offs_n[:, None].to(tl.int64) * stride_qn + 3 * offs_c[None, :]
+    base = qw_ptr + offs_n[:, None] * stride_qn + 3 * offs_c[None, :]
     if EVEN_K:
         w0 = tl.load(base)
         w1 = tl.load(base + 1)
@@ -149,7 +149,7 @@ def _group_params(s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, dyn_ptr, stride_sn,
     in the dtype they are stored in instead (the decode tile converts once, to the activation dtype).
 
     NF4: scale = absmax (de-nested when double-quantized), bias = 0 (HAS_BIAS is False)."""
-    idx = offs_n[:, None].to(tl.int64) * stride_sn + offs_g * stride_sg
+    idx = offs_n[:, None] * stride_sn + offs_g * stride_sg
     if IS_NF4 and DOUBLE_QUANT:
         if EVEN_K:
             qa = tl.load(s_ptr + idx).to(tl.int32)
@@ -256,20 +256,56 @@ def nf4_byte_table(device) -> torch.Tensor:
     return _BYTE_TABLES[key]
 
 
+#: the largest element offset the kernels compute into a weight's buffers: they address packed
+#: words, scales, biases and absmax with 32-bit row offsets (row · row stride, int32), not int64
+#: ones (round 27: the input gradient's N loop recomputed a 64-bit product a row and iteration,
+#: 8 IMAD + 16 LEA of the NF4 64x128x128 loop's 612 instructions)
+INDEX_LIMIT = 2**31 - 1
+#: rows past the last one a tile may form an offset for (masked or clamped, never read): the
+#: widest tile's rows, so that no such product wraps either
+INDEX_SLACK_ROWS = 512
+
+
+def _index_reach(rows: int, row_stride: int, row_span: int) -> int:
+    """The largest element offset a kernel may form into a buffer of ``rows`` rows ``row_stride``
+    elements apart, each spanning offsets 0 .. ``row_span`` − 1, with :data:`INDEX_SLACK_ROWS`."""
+    return (rows - 1 + INDEX_SLACK_ROWS) * row_stride + row_span - 1
+
+
+def _index_reaches(qw: QuantizedWeight) -> dict[str, int]:
+    """:func:`_index_reach` of each buffer of ``qw`` as the kernels index it (``weight_args``'s
+    strides: NF4's bytes as int32 words [N, K/8], its absmax as [N, K/blocksize])."""
+    n, k = qw.shape
+    if qw.fmt == "int":
+        q = qw.qweight
+        reach = {"qweight": _index_reach(n, q.stride(0), q.shape[1] * q.stride(1))}
+        for name in ("scales", "biases"):
+            t = getattr(qw, name)
+            reach[name] = _index_reach(n, t.stride(0), (t.shape[1] - 1) * t.stride(1) + 1)
+        return reach
+    g = k // qw.group_size
+    return {"qweight": _index_reach(n, k // 8, k // 8), "absmax": _index_reach(n, g, g)}
+
+
 def supports(qw: QuantizedWeight) -> str | None:
-    """None when the kernels read ``qw`` as is, else the reason they cannot."""
+    """None when the kernels read ``qw`` as is, else the reason they cannot (callers then run the
+    torch reference: slower, never wrong)."""
     n, k = qw.shape
     if qw.fmt == "int":
         if qw.bits not in (2, 3, 4):
             return f"bits={qw.bits}"
         if k % qw.group_size:
             return f"in_features={k} is not a multiple of group_size={qw.group_size}"
-        return None
-    if qw.fmt == "nf4":
+    elif qw.fmt == "nf4":
         if k % qw.group_size or k % 8:
             return f"NF4 in_features={k} is not a multiple of blocksize={qw.group_size} (blocks straddle rows)"
-        return None
-    return f"fmt={qw.fmt!r}"
+    else:
+        return f"fmt={qw.fmt!r}"
+    name, reach = max(_index_reaches(qw).items(), key=lambda kv: kv[1])
+    if reach > INDEX_LIMIT:
+        return (f"{name} spans {reach} elements with a tile's slack, past the kernels' 32-bit offsets "
+                f"({INDEX_LIMIT}); quantize the layer in parts below that size to use the fused kernels")
+    return None
 
 
 @triton.jit

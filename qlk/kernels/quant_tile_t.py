@@ -126,7 +126,7 @@ def _absmax_t(s_ptr, am_scale_ptr, am_offset_ptr, dyn_ptr, stride_sn, stride_sg,
         g = offs_g
     else:
         g = tl.minimum(offs_g, G - 1)
-    idx = g[:, None].to(tl.int64) * stride_sg + offs_n[None, :].to(tl.int64) * stride_sn
+    idx = g[:, None] * stride_sg + offs_n[None, :] * stride_sn
     if PAIRED:
         tl.static_assert(not DOUBLE_QUANT)
         absmax = _ld_nc(s_ptr + idx, ASM)
@@ -155,7 +155,7 @@ def _words_t(qw_ptr, stride_qn, offs_n, k0, K, BITS: tl.constexpr, IS_NF4: tl.co
     offs_w = k0 // PER + tl.arange(0, NW)
     if AHEAD:
         # clamped to the row's last word (always in bounds), zeroed below: inline asm takes no mask
-        row = qw_ptr + offs_n[None, :].to(tl.int64) * stride_qn + k0 // PER
+        row = qw_ptr + offs_n[None, :] * stride_qn + k0 // PER
         if EVEN_K:
             words = _ld_nc(row + tl.arange(0, NW)[:, None], ASM)
         else:
@@ -163,7 +163,7 @@ def _words_t(qw_ptr, stride_qn, offs_n, k0, K, BITS: tl.constexpr, IS_NF4: tl.co
             words = _ld_nc(row + (tl.minimum(offs_w, last) - k0 // PER)[:, None], ASM)
             words = tl.where(offs_w[:, None] <= last, words, 0)
     else:
-        ptrs = qw_ptr + offs_n[:, None].to(tl.int64) * stride_qn + offs_w[None, :]
+        ptrs = qw_ptr + offs_n[:, None] * stride_qn + offs_w[None, :]
         if EVEN_K:
             words = tl.load(ptrs)
         else:
@@ -179,7 +179,7 @@ def _int3_planes_t(qw_ptr, stride_qn, offs_n, k0, K, EVEN_K: tl.constexpr, BLOCK
     tiles; AHEAD, ASM: as in :func:`_words_t`."""
     if AHEAD:
         NC: tl.constexpr = BLOCK_K // 32
-        row = qw_ptr + offs_n[None, :].to(tl.int64) * stride_qn + 3 * (k0 // 32)
+        row = qw_ptr + offs_n[None, :] * stride_qn + 3 * (k0 // 32)
         if EVEN_K:
             off = 3 * tl.arange(0, NC)[:, None]
         else:
@@ -604,7 +604,7 @@ def _dequant_tile_t(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, 
             # loaded [rows, groups] tile no longer goes through shared memory to the rows' threads)
             # one 64-bit row offset per row, the groups as constant offsets from it (stride_sg is
             # specialized to 1 in the usual layout; clamped only for a ragged K)
-            row = offs_n[None, :].to(tl.int64) * stride_sn + (k0 // GROUP_SIZE) * stride_sg
+            row = offs_n[None, :] * stride_sn + (k0 // GROUP_SIZE) * stride_sg
             if EVEN_K:
                 g_off = tl.arange(0, NG)[:, None] * stride_sg
             else:
