@@ -737,9 +737,10 @@ def test_grad_candidates_restricted_to_their_formats(monkeypatch):
 def test_grad_candidate_margin_ranks_but_does_not_rescore():
     """Round 8: sm_90 64x32x64 w4 must beat the others by GRAD_CANDIDATE_MARGIN (10 %) to be chosen:
     at 2048→512 M = 64 it does (x1.6, 16 steps of 32 rows split 4 ways: 128 CTAs against 64 half-empty
-    128-row ones), at 2048→8192 M = 64 NF4's is 3 % ahead of 128x64x64 and the rules keep that (round
-    19's refit of the B-operand tiles; at 8192→8192, the example until then, 128x64x64 is now ahead
-    outright). The chosen score is the model's, without the margin."""
+    128-row ones), at 2048→2048 M = 64 NF4's is 9 % ahead of 128x64x64 and the rules keep that (round
+    27's refit, NF4 64x32x64 0.398 → 0.425, took 2048→8192, the example since round 19, past the
+    margin; at 8192→8192, the one before, 128x64x64 is ahead outright). The chosen score is the
+    model's, without the margin."""
     small = _cfg(90, 4, 4, BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, GROUP_M=8)
     mid = _cfg(90, 4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)
     assert h.candidate_margin("grad", "64x32x64 w4 s4", 90) == pytest.approx(1.10)
@@ -748,9 +749,9 @@ def test_grad_candidate_margin_ranks_but_does_not_rescore():
     c = h.choose_config("grad", 64, 512, 2048, "int4g32", 90, 132, configs=[mid, small])
     assert (c.label, c.split, c.ctas) == ("64x32x64 w4 s4", 4, 128)
     assert c.score == pytest.approx(c.tile_eff * c.sm_balance * c.fill)
-    scores = {s.label: s.score for s in h.score_all("grad", 64, 8192, 2048, "nf4", 90, 132, configs=[mid, small])}
+    scores = {s.label: s.score for s in h.score_all("grad", 64, 2048, 2048, "nf4", 90, 132, configs=[mid, small])}
     assert scores["128x64x64 w4 s4"] < scores["64x32x64 w4 s4"] < 1.10 * scores["128x64x64 w4 s4"]
-    assert h.choose_config("grad", 64, 8192, 2048, "nf4", 90, 132, configs=[mid, small]).label == "128x64x64 w4 s4"
+    assert h.choose_config("grad", 64, 2048, 2048, "nf4", 90, 132, configs=[mid, small]).label == "128x64x64 w4 s4"
 
 
 def test_round8_grad_picks(device_lists):
