@@ -21,6 +21,7 @@ def test_grouped_kernels_compile_without_spills():
     cases = ("grouped-fwd/int4g32/qwen3-down/T4096,grouped-fwd/int4g32/qwen3-down/T16,grouped-dgrad/int4g32/qwen3-down/T*6,"
              "grouped-fwd/nf4dq/qwen3-down/T4096,grouped-qalora/int4g32/qwen3-down/T4096,"
              "grouped-fwd/int4g32/mixtral-down/T1,"  # T1: the split-K decode kernel
+             "grouped-fwd/int4g128/mixtral-down/T1,"  # round 27: spilled 16 B on sm_90 with LOOP_RUNS
              "grouped-qalora/int2g32/qwen3-down/T16,grouped-qalora/int4g32/qwen3-down/T16")  # folded: 2 / 4 warps
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "static_moe.py"), "--cases", cases],
                           env=env, capture_output=True, text=True, timeout=1800)
@@ -32,8 +33,10 @@ def test_grouped_kernels_compile_without_spills():
     assert rows and not [r for r in rows if "failed" in r]
     assert not [r for r in rows if r["stack"] or r["spill_ops"]]
     assert not [r for r in rows if r["smem"] > SMEM_LIMIT[r["arch"]]]
-    # the GEMMs use wgmma; NF4-DQ at large M also launches the one-pass absmax de-nesting (no MMA)
-    assert all(r["hgmma"] > 0 for r in rows if r["arch"] == 90 and r["kernel"] != "_nf4_denest_kernel")
+    # the GEMMs of a warpgroup or more use wgmma (the two-warp decode tiles of round 24 issue mma.sync);
+    # NF4-DQ at large M also launches the one-pass absmax de-nesting (no MMA)
+    assert all(r["hgmma"] > 0 for r in rows if r["arch"] == 90 and r["kernel"] != "_nf4_denest_kernel"
+               and " w2 " not in f" {r['config']} ")
     assert {r["kernel"] for r in rows} == {"_grouped_matmul_fwd_kernel", "_grouped_matmul_grad_input_kernel",
                                            "_grouped_matmul_splitk_kernel", "_nf4_denest_kernel"}
 

@@ -600,6 +600,16 @@ def grouped_matmul_forward(x: torch.Tensor, qw: QuantizedWeight, offsets: torch.
     return out, pooled
 
 
+def _split_k_loop_runs(meta: dict, cfg: dict, k: int, split: int) -> bool:
+    """The grouped split-K's LOOP_RUNS: the dense decode's (:func:`_decode_loop_runs`), but not for a
+    two-warp tile of INT groups of 128 or more. Since round 27's 32-bit row offsets INT4 g128's
+    16x64x256 w2 spills 16 B on sm_90 with the assumption (96 registers; 127 and none without it),
+    and a two-warp tile issues mma.sync, which ptxas does not serialize: the assumption buys it nothing."""
+    if cfg.get("num_warps", 4) < 4 and not meta["IS_NF4"] and meta["GROUP_SIZE"] >= 128:
+        return False
+    return _decode_loop_runs(meta, k, cfg["BLOCK_K"], split)
+
+
 def _forward_split_k(x2, qw, offsets, num_experts, bias, args, meta, cfg, split, pool, dtype, programs=None,
                      max_rows=None):
     """The small-M forward with K split over ``split`` programs per tile (fp32 atomic partial sums),
@@ -614,7 +624,7 @@ def _forward_split_k(x2, qw, offsets, num_experts, bias, args, meta, cfg, split,
     _grouped_matmul_splitk_kernel[grid](
         ws, x2, tile_expert, tile_row, bounds, *args, n, k, num_experts, slots, x2.stride(0), x2.stride(1),
         DOT_PRECISION=_precision(x2.dtype), PACKED_DEQUANT=not INTERPRETED, SLOT_LOOP=programs < slots,
-        LOOP_RUNS=_decode_loop_runs(meta, k, cfg["BLOCK_K"], split), **meta, **cfg)
+        LOOP_RUNS=_split_k_loop_runs(meta, cfg, k, split), **meta, **cfg)
     if bias is not None:  # row s belongs to expert searchsorted(offsets[1:], s); sentinel rows (= E) add 0
         expert = torch.searchsorted(offsets[1:].to(torch.int64), torch.arange(s, device=x2.device), right=True)
         padded = torch.cat([bias.to(torch.float32), bias.new_zeros((1, n), dtype=torch.float32)])
