@@ -265,7 +265,7 @@ KNOWN_OFF_OUT_OF_SAMPLE = {
 KNOWN_LOW_OUT_OF_SAMPLE = {
     # Round 27 (32-bit row offsets; the input gradient's next words loaded after the decode): NF4's
     # 64x128x128 input gradient 612 -> 555 instructions an iteration, every NF4 input gradient over 0.9x
-    # (3584->512 at M = 3000 0.852x -> 0.97x on the refitted 64-row tile; oos5's at M = 700 0.89x ->
+    # (3584->512 at M = 3000 0.852x -> 0.955x on the refitted 64-row tile; oos5's at M = 700 0.89x ->
     # 0.95-0.97x). The same offsets cost NF4's 64x128x128 forward 4 instructions on these shapes (560 ->
     # 564, its absmax index no longer hoisted as a 64-bit row base): five NF4 forwards at 0.8998x, were
     # 0.905-0.915x
