@@ -268,11 +268,12 @@ KNOWN_LOW_OUT_OF_SAMPLE = {
     # (3584->512 at M = 3000 0.852x -> 0.955x on the refitted 64-row tile; oos5's at M = 700 0.89x ->
     # 0.95-0.97x). The same offsets cost NF4's 64x128x128 forward 4 instructions on these shapes (560 ->
     # 564, its absmax index no longer hoisted as a 64-bit row base): five NF4 forwards at 0.8998x, were
-    # 0.905-0.915x
-    ("other", 90): {"fwd/nf4dq/3584->3584/M3000": 0.899, "fwd/nf4dq/18944->3584/M3000": 0.899},
+    # 0.905-0.915x. Round 28 gave the de-nested absmax its 64-bit row base back (NF4 only: 564 -> 560):
+    # those five at 0.91x, none left
+    ("other", 90): {},
     # static-oos5 (round 26): NF4's input gradient at M = 700 (11 tiles of 64 rows, fill 0.99, against 6 of
     # 128, fill 0.91) was issue-bound on the lookup (568 instructions against 512 cycles); round 27 above
-    ("oos5", 90): {"fwd/nf4dq/1536->24576/M700": 0.899, "fwd/nf4dq/5760->2880/M700": 0.899},
+    ("oos5", 90): {},
     # (static-smol sm_80's 576->192 input gradients at M = 3000, 0.74-0.76x through round 25, are 1.03x
     # since round 26's 128x64x64 tile: 9 column tiles of 64 where the 128-column tiles left 4.5)
     # round 14 (static-oos): sm_90 at M = 777, the same wave quantization: 7 M tiles of 128 rows (the
@@ -283,8 +284,9 @@ KNOWN_LOW_OUT_OF_SAMPLE = {
     # its words loaded ahead) the rest but INT3 / NF4 on 4864->896 (INT4 there 0.864x -> 0.981x): 18 -> 8;
     # round 20 (64x128x128 tiles, forward and input gradient) every INT3 case: 8 -> 4, all NF4; round
     # 21 (NF4's half2 lookup) 4 -> 3, each up 7-8 % (0.815-0.829x -> 0.880-0.893x); round 26 the NF4
-    # forwards over 0.9x; round 27 4864->896's input gradient 0.891x -> 0.955x, the forward back to 0.8998x
-    ("oos", 90): {"fwd/nf4dq/896->4864/M777": 0.899},
+    # forwards over 0.9x; round 27 4864->896's input gradient 0.891x -> 0.955x, the forward back to 0.8998x,
+    # round 28 the forward over again (0.91x)
+    ("oos", 90): {},
 }
 # round 15's oos2: sm_90 at M = 300, the same class: 300 rows in 2 tiles of 256 (fill 0.59) or 3 of
 # 128 (0.78) against the dense baseline's 64-row tile (5 tiles, 0.94). The forward's 64x128x64 tile

@@ -1007,4 +1007,13 @@ MUTANTS = [
          old='    if cfg.get("num_warps", 4) < 4 and not meta["IS_NF4"] and meta["GROUP_SIZE"] >= 128:\n        return False\n',
          new="",
          tests=["tests/test_moe_static.py", "--runslow", "-k", "compile_without_spills"]),
+    # ---- round 28: NF4's de-nested absmax from a 64-bit row base ----------------------------------------
+    dict(id="nf4-absmax-32-bit-rows", cls="compiled code", file="qlk/kernels/quant_tile.py",
+         old="        idx = (offs_n[:, None] * stride_sn).to(tl.int64) + offs_g * stride_sg",
+         new="        idx = offs_n[:, None] * stride_sn + offs_g * stride_sg",
+         tests=["tests/test_kernel_static.py", "-k", "hoists"]),
+    dict(id="nf4-absmax-row-base-strides-swapped", cls="wrong group", file="qlk/kernels/quant_tile.py",
+         old="        idx = (offs_n[:, None] * stride_sn).to(tl.int64) + offs_g * stride_sg",
+         new="        idx = (offs_n[:, None] * stride_sg).to(tl.int64) + offs_g * stride_sn",
+         tests=[KP, "-k", "test_nf4_paths"]),
 ]
