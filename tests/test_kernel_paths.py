@@ -1034,6 +1034,15 @@ ROUND9_TILES = [  # (tile, weight with N = SPLIT_N_ROWS rows, M)
                  id="int3g128-64x128x64"),
     pytest.param(dict(BLOCK_N=128, BLOCK_M=64, BLOCK_K=64), ("nf4", 64, True, 384), 133,
                  id="nf4b64dq-64x128x64"),
+    # round 28: NF4's 128-deep step as two 64-deep dots (fused_matmul._fwd_step): 3 whole steps of two
+    # blocks each; 2 whole steps and a cut one (the cut step keeps one dot); blocks as deep as the step
+    # (one absmax for both halves), without double quantization
+    pytest.param(dict(BLOCK_N=128, BLOCK_M=64, BLOCK_K=128), ("nf4", 64, True, 384), 133,
+                 id="nf4b64dq-64x128x128"),
+    pytest.param(dict(BLOCK_N=128, BLOCK_M=64, BLOCK_K=128), ("nf4", 64, True, 320), 70,
+                 id="nf4b64dq-64x128x128-cut"),
+    pytest.param(dict(BLOCK_N=128, BLOCK_M=64, BLOCK_K=128), ("nf4", 128, False, 384), 17,
+                 id="nf4b128-64x128x128"),
 ]
 
 

@@ -153,7 +153,8 @@ KNOWN_LOW = {90: {}, 80: {}}
 #: 10) = the 16 shapes at M in {100, 500, 1500, 3000, 6000}, none a power of two (it found NF4's input
 #: gradient on sm_80 never launching the two-warp tile the rules scored: 0.85x dense at M = 500)
 OUT_OF_SAMPLE = {(stem, arch): os.path.join(ROOT, "bench", "results", f"static-{stem}-sm{arch}.csv")
-                 for stem in ("extra", "other", "odd", "new", "oos", "oos2", "oos3", "oos4", "oos5", "midm", "smol")
+                 for stem in ("extra", "other", "odd", "new", "oos", "oos2", "oos3", "oos4", "oos5", "oos6", "midm",
+                              "smol")
                  for arch in (90, 80)}
 #: round 11's check at unswept shapes (static-new: 8 layers x 4 M x 5 formats x 2 ops = 320 cases) is
 #: smaller than the others, and its 1536->256 layer's tile picks at M = 24 / 200 are 3.5-9 % off the
@@ -204,7 +205,13 @@ OUT_OF_SAMPLE_MIN_CASES = {"new": 320, "midm": 160, "smol": 84}
 #: round 26: sm_80's 128x64x64 input-gradient tile, picked for smol's NF4 576->1536 at M = 100 1.3 % behind
 #: 64x64x128 w4 (6.7x dense), a fifth miss of 84 on sm_80
 OUT_OF_SAMPLE_BEST_SHARE = {"new": 0.959, "oos": 0.96, "oos2": 0.965, "midm": 0.92, "oos3": 0.96, "smol": 0.94,
-                            "oos5": 0.91}
+                            "oos5": 0.91, "oos6": 0.965}
+#: round 28's check (static-oos6: Llama-3.2-3B / Phi-3 3072<->8192 and 3072->1024, Mistral-Nemo 5120<->14336
+#: and 5120->1024, Gemma-2-9B's 3584->4096 / 3584->2048, StarCoder2-15B 6144<->24576, Llama's fused qkv
+#: 4096->6144, Phi-2 2560->10240, at M 6, 21, 190, 555, 1900, 7000; 720 cases an arch): 0 under 0.9x on
+#: either arch (lowest above M = 16: sm_90 0.91x, sm_80 0.96x), every path the faster one; chosen = best
+#: 698 / 720 (sm_90: 13 of the 22 misses forwards at M = 190, the worst 6.6 % off) and 702 / 720 (sm_80:
+#: 9 input gradients at M = 21, the worst 9.1 % off)
 #: picks more than 10 % under the analyzer's best there (case -> share; they get no worse). Round 15
 #: (split-N refitted to round 14's kernel, both split kernels charged their workspace passes): the
 #: input gradient of a narrow layer at M = 24-48, sub-microsecond kernels where the rules' GEMM is

@@ -1016,4 +1016,15 @@ MUTANTS = [
          old="        idx = (offs_n[:, None] * stride_sn).to(tl.int64) + offs_g * stride_sg",
          new="        idx = (offs_n[:, None] * stride_sg).to(tl.int64) + offs_g * stride_sn",
          tests=[KP, "-k", "test_nf4_paths"]),
+    # ---- round 28: NF4's 128-deep forward step as two dots ---------------------------------------------
+    dict(id="nf4-forward-one-dot", cls="compiled code", file="qlk/kernels/fused_matmul.py",
+         old="    HALVES_DOT: tl.constexpr = IS_NF4 and BLOCK_K == 128", new="    HALVES_DOT: tl.constexpr = False",
+         tests=["tests/test_kernel_static.py", "-k", "hoists"]),
+    dict(id="nf4-halves-second-x-is-first", cls="wrong k", file="qlk/kernels/fused_matmul.py",
+         old="        xt = tl.load(x_rows[None, :] + (offs_k[:, None] + HALF_K) * stride_xk)",
+         new="        xt = tl.load(x_rows[None, :] + offs_k[:, None] * stride_xk)",
+         tests=[KP, "-k", "round9_tiles and nf4"]),
+    dict(id="nf4-halves-second-weights-are-first", cls="wrong k", file="qlk/kernels/fused_matmul.py",
+         old="stride_sg, rows_w, k0 + HALF_K, K, ACT,", new="stride_sg, rows_w, k0, K, ACT,",
+         tests=[KP, "-k", "round9_tiles and nf4"]),
 ]

@@ -214,10 +214,29 @@ def _fwd_step(acc, p_run, x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_
     HALF_INT: tl.constexpr = (not IS_NF4) and (ACT == tl.float16 or ACT == tl.bfloat16)
     LANES: tl.constexpr = LANE_ORDER and HALF_INT and EVEN_K and (not POOL) and \
         (((BITS == 2 or BITS == 4) and BLOCK_K % (128 // BITS) == 0) or (BITS == 3 and BLOCK_K % 128 == 0))
+    # NF4's 128-deep step as two 64-deep dots, each right after its half's lookup (round 28): the
+    # second half's A operand is then decoded into the registers the wgmma reads, where one dot had
+    # it decoded before the previous step's wgmma freed them and copied after (32 IMAD.MOV; sm_90
+    # 64x128x128: 560 -> 528 instructions, 254 -> 181 registers). Its price: the first dot is waited
+    # for before the second half's lookup (one wgmma wait a step, which the other resident CTA's
+    # lookup covers). The INT tiles keep one dot: their loops have no such copies
+    HALVES_DOT: tl.constexpr = IS_NF4 and BLOCK_K == 128
     if LANES:
         w = _decode_int_tile_lanes(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, rows_w, k0, K,
                                    ACT, BITS, GROUP_SIZE, PACKED_DEQUANT, EVEN_K, BLOCK_N, BLOCK_K)
         xt = _lane_x_tile(x_rows, tl.full((BLOCK_M,), 1, tl.int1), k0, K, stride_xk, BITS, EVEN_K, BLOCK_K, BLOCK_M)
+    elif HALVES_DOT and EVEN_K and (not POOL):
+        HALF_K: tl.constexpr = BLOCK_K // 2
+        w = _weight_tile(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr, stride_qn, stride_sn,
+                         stride_sg, rows_w, k0, K, ACT, BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT,
+                         PACKED_DEQUANT, EVEN_K, BLOCK_N, HALF_K, CLAMP_GROUPS, ABSMAX_PAIRED)
+        offs_k = k0 + tl.arange(0, HALF_K)
+        xt = tl.load(x_rows[None, :] + offs_k[:, None] * stride_xk)
+        acc = tl.dot(w.to(xt.dtype), xt, acc, input_precision=DOT_PRECISION)
+        w = _weight_tile(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr, stride_qn, stride_sn,
+                         stride_sg, rows_w, k0 + HALF_K, K, ACT, BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT,
+                         PACKED_DEQUANT, EVEN_K, BLOCK_N, HALF_K, CLAMP_GROUPS, ABSMAX_PAIRED)
+        xt = tl.load(x_rows[None, :] + (offs_k[:, None] + HALF_K) * stride_xk)
     else:
         w = _weight_tile(qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr, stride_qn, stride_sn,
                          stride_sg, rows_w, k0, K, ACT, BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT,
