@@ -211,9 +211,6 @@ def _fwd_step(acc, p_run, x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_
     its quad of 3-word chunks, 128 columns: sm_90's 64x128x128 tile); POOL and a cut tile keep the
     stored order (the pooling sums X's stored columns)."""
     ACT: tl.constexpr = x_rows.dtype.element_ty
-    HALF_INT: tl.constexpr = (not IS_NF4) and (ACT == tl.float16 or ACT == tl.bfloat16)
-    LANES: tl.constexpr = LANE_ORDER and HALF_INT and EVEN_K and (not POOL) and \
-        (((BITS == 2 or BITS == 4) and BLOCK_K % (128 // BITS) == 0) or (BITS == 3 and BLOCK_K % 128 == 0))
     # NF4's 128-deep step as two 64-deep dots, each right after its half's lookup (round 28): the
     # second half's A operand is then decoded into the registers the wgmma reads, where one dot had
     # it decoded before the previous step's wgmma freed them and copied after (32 IMAD.MOV; sm_90
@@ -221,6 +218,9 @@ def _fwd_step(acc, p_run, x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_
     # for before the second half's lookup (one wgmma wait a step, which the other resident CTA's
     # lookup covers). The INT tiles keep one dot: their loops have no such copies
     HALVES_DOT: tl.constexpr = IS_NF4 and BLOCK_K == 128
+    HALF_INT: tl.constexpr = (not IS_NF4) and (ACT == tl.float16 or ACT == tl.bfloat16)
+    LANES: tl.constexpr = LANE_ORDER and HALF_INT and EVEN_K and (not POOL) and \
+        (((BITS == 2 or BITS == 4) and BLOCK_K % (128 // BITS) == 0) or (BITS == 3 and BLOCK_K % 128 == 0))
     if LANES:
         w = _decode_int_tile_lanes(qw_ptr, s_ptr, b_ptr, stride_qn, stride_sn, stride_sg, rows_w, k0, K,
                                    ACT, BITS, GROUP_SIZE, PACKED_DEQUANT, EVEN_K, BLOCK_N, BLOCK_K)
