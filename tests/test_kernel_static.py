@@ -253,6 +253,26 @@ def test_estimates_hold_against_the_committed_report(rows):
     assert not worse, "estimates fell below the committed report (make static-report, then review):\n" + "\n".join(worse)
 
 
+def _compiled_loops(archs: str, shapes: str, ms: str, cases: str) -> list:
+    """(kernel arch config, its main loop's SASS lines) of every launch of bench/launches.py's
+    ``cases`` at ``shapes`` and ``ms``, compiled for ``archs`` by ``python -m bench.sass --loop``, in
+    launch order (skips where Triton's NVIDIA tools are missing)."""
+    if _nvidia_tools_missing():
+        pytest.skip("Triton's NVIDIA backend tools (ptxas, cuobjdump) are not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "bench.sass", "bench/launches.py", "--arch", archs, "--loop", "--",
+                           "--shapes", shapes, "--ms", ms, "--cases", cases],
+                          env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    loops = []
+    for line in proc.stdout.splitlines():
+        if " instructions, cycles/iteration" in line:
+            loops.append((line.split(": loop")[0], []))
+        elif loops and line.startswith("    "):
+            loops[-1][1].append(line)
+    return loops
+
+
 def test_input_gradient_loops_form_32_bit_row_offsets():
     """Round 27: the input gradient's N loop forms each weight row's offset in 32 bits (row · row
     stride, ``quant_tile.INDEX_LIMIT`` guarding the size): a 64-bit product is an IMAD.WIDE.U32 and two
@@ -260,19 +280,7 @@ def test_input_gradient_loops_form_32_bit_row_offsets():
     g32 502 → 440). And sm_90's B-operand loop loads the next tile's words after this tile's decode,
     into the registers it frees: no copy of one set into the other at the loop's end (NF4: 16
     IMAD.MOV, 571 → 555). Compiles the rules' picks there, both archs, and reads their loops' SASS."""
-    if _nvidia_tools_missing():
-        pytest.skip("Triton's NVIDIA backend tools (ptxas, cuobjdump) are not installed")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "bench.sass", "bench/launches.py", "--arch", "90,80", "--loop", "--",
-                           "--shapes", "10944->2048", "--ms", "400", "--cases", "dgrad/nf4dq*,dgrad/int4g32*"],
-                          env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    loops = []  # (kernel arch config, its loop's instructions), in launch order
-    for line in proc.stdout.splitlines():
-        if " instructions, cycles/iteration" in line:
-            loops.append((line.split(": loop")[0], []))
-        elif loops and line.startswith("    "):
-            loops[-1][1].append(line)
+    loops = _compiled_loops("90,80", "10944->2048", "400", "dgrad/nf4dq*,dgrad/int4g32*")
     grads = [(k, body) for k, body in loops if k.startswith("_quant_matmul_grad_input_kernel")]
     assert sorted(k.split()[1] for k, _ in grads) == ["sm_80", "sm_80", "sm_90", "sm_90"], [k for k, _ in loops]
     for k, body in grads:
@@ -290,23 +298,10 @@ def test_nf4_forward_loop_hoists_its_absmax_row_base():
     lookup: one dot had the second half decoded before the previous step's wgmma freed its operand
     registers, then copied them (32 IMAD.MOV; 560 → 528 with the halves). Compiles the rules' pick
     there and reads its loop's SASS."""
-    if _nvidia_tools_missing():
-        pytest.skip("Triton's NVIDIA backend tools (ptxas, cuobjdump) are not installed")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "bench.sass", "bench/launches.py", "--arch", "90", "--loop", "--",
-                           "--shapes", "896->4864", "--ms", "777", "--cases", "fwd/nf4dq*"],
-                          env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    loops, current = {}, None
-    for line in proc.stdout.splitlines():
-        if " instructions, cycles/iteration" in line:
-            current = line.split(": loop")[0]
-            loops[current] = []
-        elif current and line.startswith("    "):
-            loops[current].append(line)
-    fwd = [k for k in loops if k.startswith("_quant_matmul_fwd_kernel sm_90 64x128x128")]
-    assert fwd, list(loops)
-    body = loops[fwd[0]]
+    loops = _compiled_loops("90", "896->4864", "777", "fwd/nf4dq*")
+    fwd = [body for k, body in loops if k.startswith("_quant_matmul_fwd_kernel sm_90 64x128x128")]
+    assert fwd, [k for k, _ in loops]
+    body = fwd[0]
     # the two left sign-extend the cp.async addresses of the step's second half (32-bit: four)
     assert len(body) > 100 and sum(".SX32" in i for i in body) <= 2, [i for i in body if "LEA" in i]
     assert sum("IMAD.MOV" in i for i in body) <= 4, [i for i in body if "IMAD" in i]
