@@ -565,8 +565,9 @@ def fit_split_mid(rows) -> dict:
     """Round 8: the split kernels' time at 16 < M ≤ 128 (qlk.kernels.heuristics.SPLIT_MID_M) from a
     report's rows with every candidate compiled: per (arch family, op) and format class (per group
     size, and pooled per bit width) and candidate, for each count T of 16-row M tiles the sweep has
-    (M = 64: 4, M = 128: 8) the median over the shapes of the analyzer's time over one tile's model
-    time, split_tile_bytes / (DRAM · the rule's score of that candidate); then the line
+    (M = 64: 4, M = 128: 8) the median over the shapes of the analyzer's time (less the workspace's
+    passes) over one tile's model time, split_tile_bytes of M / T rows / (DRAM · the rule's score
+    of that candidate); then the line
     ``per_tile · T + shared`` through those medians (least squares): (per_tile, shared). Rows whose
     grid is not the one the rules launch now (a changed split count) are left out."""
     import statistics
@@ -583,7 +584,8 @@ def fit_split_mid(rows) -> dict:
         acc = {}
         for r, fam, op, fmt, c, packed, t in _mid_m_rule_rows(rows, ("splitk", "splitn"), gpu, heuristics, launches):
             tiles = math.ceil(r["M"] / c.block_m)
-            model = tiles * heuristics.split_tile_bytes(op, r["N"], r["K"], packed, c.block_m) / (
+            rows = heuristics.SPLIT_ROW_COST.get((fam, op), 1.0) * r["M"] / tiles
+            model = tiles * heuristics.split_tile_bytes(op, r["N"], r["K"], packed, rows) / (
                 heuristics.ARCH[fam].dram_bytes_per_s * c.score)
             t -= split_passes_time(r, gpu(r["arch"]))  # the kernel's own time: the line models the kernel
             for f in {fmt, heuristics.base_format(fmt)}:
@@ -606,6 +608,51 @@ def fit_split_mid(rows) -> dict:
                 per_tile = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
                 out.setdefault(key, {}).setdefault(f, {})[label] = (round(per_tile, 3), round(my - per_tile * mx, 3))
     return _drop_group_size_copies(out, heuristics)
+
+
+def fit_split_row_cost(rows, costs=tuple(c / 100 for c in range(10, 102, 2))) -> dict:
+    """Round 29: qlk.kernels.heuristics.SPLIT_ROW_COST from a report's rows with every candidate
+    compiled: per arch family, the cost in ``costs`` of a row of the split-N input gradient whose
+    model has the least error (:func:`split_row_cost_errors`)."""
+    return {(fam, "splitn"): min(v)[1] for fam, v in split_row_cost_errors(rows, costs).items()}
+
+
+def split_row_cost_errors(rows, costs) -> dict:
+    """Per arch family, (rms log error, cost) for each cost in ``costs`` of a row of the split-N
+    input gradient (qlk.kernels.heuristics.SPLIT_ROW_COST): the error of heuristics.fused_time, with
+    :func:`fit_split_mid` refitted at that cost to its fixed point, against the analyzer's time over
+    the rows at 16 < M ≤ 128."""
+    import statistics
+
+    from bench.sass import gpu
+
+    from qlk.kernels import config, heuristics
+
+    import launches
+
+    saved = config.INTERPRETED, heuristics.SPLIT_ROW_COST, heuristics.SPLIT_MID_M
+    errors = {}
+    try:
+        for cost in costs:
+            heuristics.SPLIT_ROW_COST = {(fam, "splitn"): cost for fam in heuristics.DEFAULT_SMS}
+            for _ in range(4):
+                _clear_rule_caches(heuristics)
+                fitted = fit_split_mid(rows)
+                if fitted == heuristics.SPLIT_MID_M:
+                    break
+                heuristics.SPLIT_MID_M = fitted
+            _clear_rule_caches(heuristics)
+            config.INTERPRETED = False
+            logs = {}
+            for r, fam, op, fmt, c, packed, t in _mid_m_rule_rows(rows, ("splitn",), gpu, heuristics, launches):
+                logs.setdefault((fam, op), []).append(math.log(heuristics.fused_time(c, r["M"], r["N"], r["K"], packed,
+                                                                                     fam, fmt) / t))
+            for key, v in logs.items():
+                errors.setdefault(key, []).append((round(statistics.fmean(x * x for x in v) ** 0.5, 5), cost))
+    finally:
+        config.INTERPRETED, heuristics.SPLIT_ROW_COST, heuristics.SPLIT_MID_M = saved
+        _clear_rule_caches(heuristics)
+    return {fam: v for (fam, _), v in sorted(errors.items())}
 
 
 def fit_gemm_mid(rows) -> dict:
@@ -1223,6 +1270,8 @@ def main(argv=None) -> int:
         pprint.pprint(fit_rules(rows), width=120, sort_dicts=True)
         print("RESIDENT = ", end="")
         pprint.pprint(fit_resident(rows), width=120, sort_dicts=True)
+        print("SPLIT_ROW_COST = ", end="")
+        pprint.pprint(fit_split_row_cost(rows), width=120, sort_dicts=True)
         print("SPLIT_MID_M = ", end="")
         pprint.pprint(fit_split_mid(rows), width=120, sort_dicts=True)
         print("GEMM_MID_M = ", end="")

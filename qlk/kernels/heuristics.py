@@ -93,7 +93,9 @@ M tiles is ``per_tile · T + shared`` tiles' worth, per candidate (:data:`SPLIT_
 split kernels' tile there is the one of least such time; the GEMM's MAC time is scaled by
 :data:`GEMM_MID_M` (the analyzer judges these launches by their DRAM time); both fitted from the
 sweep by ``bench/static_report.py --fit-rules``. The grouped (MoE) input gradient's resident CTAs
-are per kernel variant (:data:`GROUPED_RESIDENT`: slot loop or a program row per slot).
+are per kernel variant (:data:`GROUPED_RESIDENT`: slot loop or a program row per slot). Round 29: a
+split kernel's M tile holds M / T rows, not 16, and split-N's dY and partial rows cost
+:data:`SPLIT_ROW_COST` of a weight byte (fitted with the lines).
 
 Also round 8 (docs/kernels.md "Round 8: the last mid-M input gradients under 0.9× dense"): an
 input-gradient candidate may serve some formats only (:data:`GRAD_CANDIDATE_FORMATS`) and may
@@ -1097,12 +1099,12 @@ SPLIT_MID_M = {
         'nf4': {'16x64x128 w4 s4': (0.735, 0.29), '16x64x256 w2 s3': (0.676, 0.289), '16x64x256 w4 s3': (0.696, 0.287)},
     },
     (80, 'splitn'): {
-        'int2': {'16x128x128 w4 s3': (0.818, 0.207), '16x64x128 w2 s3': (0.809, 0.232), '16x64x128 w4 s4': (0.823, 0.211)},
-        'int3': {'16x128x128 w4 s3': (0.81, 0.219), '16x64x128 w2 s3': (0.799, 0.247), '16x64x128 w4 s4': (0.812, 0.228)},
-        'int4': {'16x128x128 w4 s3': (0.757, 0.288), '16x64x128 w2 s3': (0.713, 0.305), '16x64x128 w4 s4': (0.775, 0.276)},
-        'int4g128': {'16x128x128 w4 s3': (0.78, 0.278), '16x64x128 w2 s3': (0.771, 0.29), '16x64x128 w4 s4': (0.785, 0.269)},
-        'int4g32': {'16x128x128 w4 s3': (0.75, 0.297), '16x64x128 w2 s3': (0.704, 0.293), '16x64x128 w4 s4': (0.77, 0.29)},
-        'nf4': {'16x128x128 w4 s3': (0.785, 0.271), '16x64x128 w2 s3': (0.777, 0.281), '16x64x128 w4 s4': (0.789, 0.26)},
+        'int2': {'16x128x128 w4 s3': (0.854, 0.227), '16x64x128 w2 s3': (0.845, 0.243), '16x64x128 w4 s4': (0.86, 0.22)},
+        'int3': {'16x128x128 w4 s3': (0.842, 0.24), '16x64x128 w2 s3': (0.832, 0.259), '16x64x128 w4 s4': (0.846, 0.237)},
+        'int4': {'16x128x128 w4 s3': (0.797, 0.266), '16x64x128 w2 s3': (0.768, 0.275), '16x64x128 w4 s4': (0.81, 0.245)},
+        'int4g128': {'16x128x128 w4 s3': (0.806, 0.284), '16x64x128 w2 s3': (0.796, 0.299), '16x64x128 w4 s4': (0.81, 0.283)},
+        'int4g32': {'16x128x128 w4 s3': (0.772, 0.302), '16x64x128 w2 s3': (0.723, 0.301), '16x64x128 w4 s4': (0.791, 0.298)},
+        'nf4': {'16x128x128 w4 s3': (0.813, 0.276), '16x64x128 w2 s3': (0.803, 0.29), '16x64x128 w4 s4': (0.815, 0.269)},
     },
     (90, 'splitk'): {
         'int2': {'16x64x128 w4 s4': (0.75, 0.282), '16x64x256 w2 s3': (0.612, 0.275), '16x64x256 w4 s3': (0.679, 0.279)},
@@ -1113,12 +1115,12 @@ SPLIT_MID_M = {
         'nf4': {'16x64x128 w4 s4': (0.744, 0.29), '16x64x256 w2 s3': (0.69, 0.287), '16x64x256 w4 s3': (0.698, 0.288)},
     },
     (90, 'splitn'): {
-        'int2': {'16x128x64 w4 s3': (0.81, 0.226), '16x256x64 w4 s3': (0.805, 0.234)},
-        'int3': {'16x128x64 w4 s3': (0.8, 0.24), '16x256x64 w4 s3': (0.797, 0.248)},
-        'int4': {'16x128x64 w4 s3': (0.735, 0.281), '16x256x64 w4 s3': (0.713, 0.308)},
-        'int4g128': {'16x128x64 w4 s3': (0.774, 0.284), '16x256x64 w4 s3': (0.77, 0.29)},
-        'int4g32': {'16x128x64 w4 s3': (0.725, 0.292), '16x256x64 w4 s3': (0.704, 0.293)},
-        'nf4': {'16x128x64 w4 s3': (0.781, 0.275)},
+        'int2': {'16x128x64 w4 s3': (0.846, 0.235), '16x256x64 w4 s3': (0.841, 0.243)},
+        'int3': {'16x128x64 w4 s3': (0.833, 0.248), '16x256x64 w4 s3': (0.829, 0.257)},
+        'int4': {'16x128x64 w4 s3': (0.778, 0.271), '16x256x64 w4 s3': (0.767, 0.267)},
+        'int4g128': {'16x128x64 w4 s3': (0.798, 0.293), '16x256x64 w4 s3': (0.794, 0.299)},
+        'int4g32': {'16x128x64 w4 s3': (0.745, 0.3), '16x256x64 w4 s3': (0.723, 0.3)},
+        'nf4': {'16x128x64 w4 s3': (0.806, 0.284)},
     },
 }
 #: an arch, op or format without a fitted line: a flat share of the tiles' time
@@ -1139,6 +1141,20 @@ GEMM_MID_M = {
 }
 
 
+#: Round 29: what a row of M's dY and fp32 partials (:func:`split_row_bytes`) costs the split-N
+#: input gradient at 16 < M ≤ 128 against the packed weight's bytes (:func:`fused_time`), per arch.
+#: The analyzer finds these bytes cheaper than the weight's: they are streamed (the partials stored
+#: once, the dY rows L2-resident across the weight's slices), where every weight byte is decoded.
+#: Charged at full cost, split-N's time was up to 75 % high where the rows are a fifth or more of
+#: the weight (narrow layers: 896→128 at M = 48 moves 4x the weight in partials), and the rules took
+#: the GEMM where split-N was up to 24 % faster. Fitted with :data:`SPLIT_MID_M` by
+#: ``bench/static_report.py --fit-rules`` (the cost of least rms log error of split-N's time against
+#: the analyzer's at the sweep's M = 64 / 128: 0.003 at 0.3, 0.017 at full cost). The forward's
+#: split-K is not given one (full cost): its fitted 0.4 moved no out-of-sample pick net and one
+#: in-sample pick (28672→8192, M = 64) 8 % off.
+SPLIT_ROW_COST = {(80, "splitn"): 0.28, (90, "splitn"): 0.3}
+
+
 def split_mid_tiles(op: str, tiles: int, fmt: str, arch: int, label: Optional[str] = None) -> float:
     """The split kernel's time at ``tiles`` 16-row M tiles in units of one tile's model time:
     ``per_tile · tiles + shared`` (:data:`SPLIT_MID_M`, the candidate ``label``'s line; a candidate
@@ -1156,15 +1172,24 @@ def split_mid_tiles(op: str, tiles: int, fmt: str, arch: int, label: Optional[st
 
 def fused_time(c: KernelChoice, m: int, n: int, k: int, packed: float, arch: int, fmt: str = "int4") -> float:
     """Estimated seconds of the fused kernel ``c`` (module docstring): GEMMs MACs / (peak · score),
-    at least the packed weight's DRAM time; split kernels one 16-row M tile's bytes (the packed weight,
-    its rows of activations and partials) / (DRAM · score), times :func:`split_mid_tiles` for ⌈M/16⌉
-    tiles (round 8: ``per_tile · T + shared``, the tiles sharing the weight's slices through L2), plus
-    their workspace's passes at the DRAM rate (:func:`split_kernel_passes_bytes`, round 15)."""
+    at least the packed weight's DRAM time; split kernels
+
+        t = units(T) · (packed + (M / T) · row_bytes) / (DRAM · score) + passes / DRAM,
+
+    T = ⌈M/16⌉ M tiles of M / T rows each on average, each reading the packed weight and its rows
+    of activations and fp32 partials (:func:`split_tile_bytes`), ``units(T) = per_tile · T + shared``
+    tiles' worth (round 8, :func:`split_mid_tiles`: the tiles share the weight's slices through L2),
+    plus the workspace's passes (:func:`split_kernel_passes_bytes`, round 15). Round 29: a tile holds
+    M / T rows, not 16; a 17-row M had been charged 32 rows of partials and a 4-row one 16, which
+    made the split kernels up to 25 % slow in the rules on narrow layers, where the partials are a
+    fifth or more of the weight."""
     fam = arch_family(arch)
     a = ARCH[fam]
     if c.op in ("splitk", "splitn"):
-        units = split_mid_tiles(c.op, math.ceil(m / c.block_m), fmt, fam, c.label)
-        kernel = units * split_tile_bytes(c.op, n, k, packed, c.block_m) / (a.dram_bytes_per_s * c.score)
+        tiles = math.ceil(m / c.block_m)
+        units = split_mid_tiles(c.op, tiles, fmt, fam, c.label)
+        rows = SPLIT_ROW_COST.get((fam, c.op), 1.0) * m / tiles
+        kernel = units * split_tile_bytes(c.op, n, k, packed, rows) / (a.dram_bytes_per_s * c.score)
         return kernel + split_kernel_passes_bytes(c.op, m, n, k) / a.dram_bytes_per_s
     t = max(m * n * k / (a.macs_per_s * c.score), packed / a.dram_bytes_per_s)
     if SPLIT_ALWAYS_M < m <= SPLIT_MAX_M:
@@ -1184,12 +1209,18 @@ def split_kernel_passes_bytes(op: str, m: int, n: int, k: int) -> int:
     return GRAD_WORKSPACE_PASS_BYTES * m * (n if op == "splitk" else k)
 
 
-def split_tile_bytes(op: str, n: int, k: int, packed: float, rows: int = 16) -> float:
-    """What one ``rows``-row M tile of a split kernel moves, as the analyzer counts useful bytes
-    (its DRAM fraction, which :data:`CALIBRATION` holds for the split kernels, is of these): the
-    packed weight, the 16-bit input rows, the fp32 partial output rows."""
+def split_row_bytes(op: str, n: int, k: int) -> int:
+    """What one row of M adds to a split kernel's useful bytes: its 16-bit input row (the reduction's
+    length) and its fp32 partial output row."""
     red, out = (k, n) if op == "splitk" else (n, k)
-    return packed + rows * (2 * red + 4 * out)
+    return 2 * red + 4 * out
+
+
+def split_tile_bytes(op: str, n: int, k: int, packed: float, rows: float = 16) -> float:
+    """What one M tile of ``rows`` rows of a split kernel moves, as the analyzer counts useful bytes
+    (its DRAM fraction, which :data:`CALIBRATION` holds for the split kernels, is of these): the
+    packed weight and :func:`split_row_bytes` a row."""
+    return packed + rows * split_row_bytes(op, n, k)
 
 
 def _fused(op, m, n, k, fmt, fam, sms, packed, fp32_bias=False, pool=False):
