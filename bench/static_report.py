@@ -446,6 +446,34 @@ def _rules_check(rows, arch, sms, g, heuristics, launches):
     return out
 
 
+def fit_gemm_mid_tile(rows) -> dict:
+    """Round 29: each input-gradient GEMM tile's factor at 16 < M ≤ 128
+    (qlk.kernels.heuristics.GEMM_MID_TILE) from a report's rows with every candidate compiled: per
+    arch family and candidate label, the median over its rows of the analyzer's time over the
+    rules' with the format's GEMM_MID_M and no tile factor. Rows whose grid is not the rules' are
+    left out."""
+    import statistics
+
+    from bench.sass import gpu
+
+    from qlk.kernels import config, heuristics
+
+    import launches
+
+    was, table = config.INTERPRETED, heuristics.GEMM_MID_TILE
+    config.INTERPRETED, heuristics.GEMM_MID_TILE = False, {}
+    try:
+        acc = {}
+        for r, fam, op, fmt, c, packed, t in _mid_m_rule_rows(rows, ("grad",), gpu, heuristics, launches):
+            ratio = t / heuristics.fused_time(c, r["M"], r["N"], r["K"], packed, fam, fmt)
+            acc.setdefault((fam, op), {}).setdefault(c.label, []).append(ratio)
+    finally:
+        config.INTERPRETED, heuristics.GEMM_MID_TILE = was, table
+        _clear_rule_caches(heuristics)
+    return {key: {label: round(statistics.median(v), 3) for label, v in sorted(labels.items())}
+            for key, labels in sorted(acc.items())}
+
+
 def fit_rules(rows) -> dict:
     """The rules' calibration (qlk.kernels.heuristics.CALIBRATION) from a report's rows with every
     candidate compiled: per (arch, op, format class) and candidate label, the analyzer's estimate
@@ -660,7 +688,8 @@ def fit_gemm_mid(rows) -> dict:
     rows with every candidate compiled: per (arch family, op) and format class (per group size, and
     pooled per bit width), the median over the shapes, M values and candidates of the analyzer's
     time over the rules' (heuristics.fused_time without the factor: MACs at the tile's fitted
-    tensor efficiency, a median over every M > 16). Rows whose grid is not the rules' are left out."""
+    tensor efficiency, a median over every M > 16, times the tile's GEMM_MID_TILE). Rows whose grid
+    is not the rules' are left out."""
     import statistics
 
     from bench.sass import gpu
@@ -1274,6 +1303,8 @@ def main(argv=None) -> int:
         pprint.pprint(fit_split_row_cost(rows), width=120, sort_dicts=True)
         print("SPLIT_MID_M = ", end="")
         pprint.pprint(fit_split_mid(rows), width=120, sort_dicts=True)
+        print("GEMM_MID_TILE = ", end="")
+        pprint.pprint(fit_gemm_mid_tile(rows), width=120, sort_dicts=True)
         print("GEMM_MID_M = ", end="")
         pprint.pprint(fit_gemm_mid(rows), width=120, sort_dicts=True)
         return 0

@@ -95,7 +95,8 @@ split kernels' tile there is the one of least such time; the GEMM's MAC time is 
 sweep by ``bench/static_report.py --fit-rules``. The grouped (MoE) input gradient's resident CTAs
 are per kernel variant (:data:`GROUPED_RESIDENT`: slot loop or a program row per slot). Round 29: a
 split kernel's M tile holds M / T rows, not 16, and split-N's dY and partial rows cost
-:data:`SPLIT_ROW_COST` of a weight byte (fitted with the lines).
+:data:`SPLIT_ROW_COST` of a weight byte (fitted with the lines); each input-gradient GEMM tile
+has its own mid-M factor (:data:`GEMM_MID_TILE`) on top of its format's.
 
 Also round 8 (docs/kernels.md "Round 8: the last mid-M input gradients under 0.9× dense"): an
 input-gradient candidate may serve some formats only (:data:`GRAD_CANDIDATE_FORMATS`) and may
@@ -1135,9 +1136,24 @@ SPLIT_MID_DEFAULT = (0.85, 0.0)
 #: --fit-rules``; 1 for a format without an entry and outside that M range.
 GEMM_MID_M = {
     (80, 'fwd'): {'int2': 0.909, 'int3': 0.898, 'int4': 0.949, 'int4g128': 0.939, 'int4g32': 0.955, 'nf4': 0.925},
-    (80, 'grad'): {'int2': 0.883, 'int3': 0.88, 'int4': 0.917, 'int4g128': 0.91, 'int4g32': 0.925, 'nf4': 0.915},
+    (80, 'grad'): {'int2': 0.881, 'int3': 0.885, 'int4': 0.917, 'int4g128': 0.91, 'int4g32': 0.923, 'nf4': 0.915},
     (90, 'fwd'): {'int2': 0.952, 'int3': 0.953, 'int4': 0.994, 'int4g128': 0.988, 'int4g32': 1.0, 'nf4': 0.987},
-    (90, 'grad'): {'int2': 0.981, 'int3': 0.979, 'int4': 1.0, 'int4g128': 1.0, 'int4g32': 1.0, 'nf4': 1.0},
+    (90, 'grad'): {'int2': 0.976, 'int3': 0.975, 'int4': 1.001, 'int4g128': 1.0, 'int4g32': 1.003, 'nf4': 1.001},
+}
+
+
+#: Round 29: each input-gradient GEMM tile's own factor at 16 < M ≤ 128, on top of its format's
+#: :data:`GEMM_MID_M`, per (arch, "grad") and candidate label: the median over the sweep's M = 64 and
+#: 128 rows of that tile of the analyzer's time over :func:`fused_time`'s. One factor per format had
+#: left the 64-row tiles 4-6 % slow in the analyzer and the 128 / 256-row ones 3-8 % fast, the same on
+#: the sweeps the rules were not fitted on (sm_80's 64x64x128 w4: 1.056 on the fit's sweep, 1.052 on
+#: the others), so the rules took sm_80's 64-row GEMM where its two-warp split-N was 2-14 % faster.
+#: Fitted by ``bench/static_report.py --fit-rules`` with GEMM_MID_M (to their common fixed point);
+#: 1 for a tile without an entry. The forward's tiles have none: fitted the same way, they moved the
+#: fit's own sweep 3 picks the wrong way (sm_80's 64x128x32 w2 against split-K at M = 128).
+GEMM_MID_TILE = {
+    (80, 'grad'): {'128x32x128 w4 s3': 1.005, '128x32x128 w8 s3': 0.971, '128x64x64 w4 s3': 0.991, '256x32x128 w8 s3': 0.958, '64x32x128 w4 s3': 1.057, '64x64x128 w2 s3': 1.056, '64x64x128 w4 s3': 1.054},
+    (90, 'grad'): {'128x128x64 w4 s4': 0.997, '128x64x128 w8 s4': 1.021, '128x64x64 w4 s4': 0.995, '256x64x128 w8 s3': 1.001, '256x64x64 w8 s3': 0.925, '64x128x128 w4 s4': 1.0, '64x32x64 w4 s4': 1.043, '64x64x128 w4 s4': 1.0},
 }
 
 
@@ -1195,6 +1211,7 @@ def fused_time(c: KernelChoice, m: int, n: int, k: int, packed: float, arch: int
     if SPLIT_ALWAYS_M < m <= SPLIT_MAX_M:
         table = GEMM_MID_M.get((fam, c.op), {})
         t *= table.get(fmt) or table.get(base_format(fmt)) or 1.0
+        t *= GEMM_MID_TILE.get((fam, c.op), {}).get(c.label, 1.0)
     return t
 
 
