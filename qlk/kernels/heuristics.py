@@ -1190,10 +1190,11 @@ def fused_time(c: KernelChoice, m: int, n: int, k: int, packed: float, arch: int
     """Estimated seconds of the fused kernel ``c`` (module docstring): GEMMs MACs / (peak · score),
     at least the packed weight's DRAM time; split kernels
 
-        t = units(T) · (packed + (M / T) · row_bytes) / (DRAM · score) + passes / DRAM,
+        t = units(T) · (packed + cost · (M / T) · row_bytes) / (DRAM · score) + passes / DRAM,
 
     T = ⌈M/16⌉ M tiles of M / T rows each on average, each reading the packed weight and its rows
-    of activations and fp32 partials (:func:`split_tile_bytes`), ``units(T) = per_tile · T + shared``
+    of activations and fp32 partials (:func:`split_tile_bytes`; ``cost``: split-N's
+    :data:`SPLIT_ROW_COST`, 1 for split-K), ``units(T) = per_tile · T + shared``
     tiles' worth (round 8, :func:`split_mid_tiles`: the tiles share the weight's slices through L2),
     plus the workspace's passes (:func:`split_kernel_passes_bytes`, round 15). Round 29: a tile holds
     M / T rows, not 16; a 17-row M had been charged 32 rows of partials and a 4-row one 16, which
