@@ -3,6 +3,7 @@ machine and read their machine code: registers, stack, spill instructions, share
 whether the MMAs are wgmma (HGMMA, sm_90) / mma.sync (HMMA). Nothing runs on a GPU.
 
     python bench/static_moe.py [--cases 'grouped-fwd/int4g32/*'] [--arch 90,80]   # one JSON list on stdout
+    python bench/static_moe.py --layers other --tokens 400 --cases 'grouped-fwd/*/qwen2moe-down/*'
 
 Uses bench.sass's capture and cubin reader (needs Triton's NVIDIA backend: ptxas, cuobjdump). It is
 a machine-code check (spills, MMA kind), not a speed estimate: bench/moe_estimates.py estimates.
@@ -57,7 +58,16 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", default=DEFAULT_CASES)
     ap.add_argument("--arch", default="90,80")
+    ap.add_argument("--tokens", help="comma-separated token counts instead of bench/launches_moe.py TOKENS")
+    ap.add_argument("--layers", choices=("issue", "other", "wide"), default="issue",
+                    help="bench/launches_moe.py LAYERS, OTHER_LAYERS or WIDE_LAYERS")
     args = ap.parse_args()
+    import launches_moe
+
+    launches_moe.LAYERS = {"issue": launches_moe.LAYERS, "other": launches_moe.OTHER_LAYERS,
+                           "wide": launches_moe.WIDE_LAYERS}[args.layers]
+    if args.tokens:
+        launches_moe.TOKENS = tuple(int(t) for t in args.tokens.split(",") if t)
     rows = compile_cases([p for p in args.cases.split(",") if p], [int(a) for a in args.arch.split(",")])
     print(json.dumps(rows))
 

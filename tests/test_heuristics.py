@@ -982,6 +982,56 @@ def test_grouped_small_m_gradient_tile_has_its_fitted_occupancy(monkeypatch):
             assert h.grouped_resident("grad", label, fmt, arch) == resident, (arch, fmt)
 
 
+def test_grouped_tiles_by_rows_an_expert(monkeypatch):
+    """Round 30: the small-M grouped tiles hold 16 rows up to 16 routed rows an expert and 32 above
+    (to the small-M bound), forward (folded or not, every bit width) and input gradient, on both
+    archs: one tile an expert at a balanced routing, so a program row's slot loop decodes its
+    expert's weight once (Mixtral at 128 tokens, 32 rows an expert). QA-LoRA's folded input gradient
+    keeps 16 rows (not swept at 32). The 32-row forward runs on four warps on sm_90 and 128 deep on
+    sm_80. From the small-M bound to
+    ``MID_TILE_ROWS`` rows an expert the large-M kernels take 64-row tiles on four warps (QA-LoRA's
+    folded forward too, also on sm_80, where the grid rule then stays out; the folded input gradient
+    keeps 128); the launcher's rule takes S / E."""
+    from qlk.kernels import config as qc
+    from qlk.kernels import grouped_matmul as gm
+
+    monkeypatch.setattr(qc, "INTERPRETED", False)
+    assert qc.small_tile_rows(1.0) == qc.small_tile_rows(16.0) == 16
+    assert qc.small_tile_rows(16.5) == qc.small_tile_rows(float(gm.SMALL_M_ROWS)) == 32
+    for arch in (80, 90):
+        monkeypatch.setattr(qc, "target_arch", lambda arch=arch: arch)
+        for rows_per_expert, rows in ((2.0, 16), (16.0, 16), (17.0, 32), (32.0, 32)):
+            for bits in (2, 3, 4):
+                for folded in (False, True):
+                    cfg = qc.grouped_config("fwd", True, rows_per_expert, folded, bits)
+                    assert cfg["BLOCK_M"] == rows
+                    # 32 rows 256 deep on two warps spill at K = 1408 (Qwen1.5-MoE's down projection: up to
+                    # 240 B): sm_90 runs them on four warps, sm_80 (where four warps lose 0.1-0.3x) 128 deep
+                    wide = rows == 32 and arch == 90
+                    assert cfg["num_warps"] == (4 if wide or (folded and bits == 4) else 2), (arch, rows)
+                    assert cfg["BLOCK_K"] == (128 if rows == 32 and arch == 80 else 256), (arch, rows)
+                assert qc.grouped_config("grad", True, rows_per_expert, False, bits)["BLOCK_M"] == rows
+                assert qc.grouped_config("grad", True, rows_per_expert, True, bits)["BLOCK_M"] == 16
+        # above the small-M bound: 64-row tiles on four warps to MID_TILE_ROWS rows an expert, then 128
+        for direction in ("fwd", "grad"):
+            mid = qc.grouped_config(direction, False, 33.0, False, 4)
+            assert (mid["BLOCK_M"], mid["num_warps"]) == (qc.MID_TILE_ROWS, 4) == (64, 4)
+            assert qc.grouped_config(direction, False, 64.0, False, 4)["BLOCK_M"] == 64
+            assert qc.grouped_config(direction, False, 65.0, False, 4)["BLOCK_M"] == 128
+        assert qc.grouped_config("grad", False, 40.0, True, 4)["BLOCK_M"] == 128  # folded: not swept at 64
+        assert qc.grouped_config("fwd", False, 40.0, True, 4)["BLOCK_M"] == 64
+        # sm_80's folded forward: the 64-row tile stays; above MID_TILE_ROWS the grid rule picks a 128-row one
+        qw = qlk.quantize(torch.randn(8 * 64, 256), bits=4, group_size=32)
+        assert gm.tiles_for("fwd", 320, 8, qw, folded=True, device=torch.device("cpu"))["BLOCK_M"] == 64
+        big = gm.tiles_for("fwd", 1024, 8, qw, folded=True, device=torch.device("cpu"))
+        assert big["BLOCK_M"] == 128 and (arch == 90 or big["num_warps"] in (4, 8))
+        monkeypatch.setattr(gm, "INTERPRETED", False)
+        monkeypatch.setattr(gm, "target_arch", lambda arch=arch: arch)
+        assert gm.tiles_for("fwd", 256, 8)["BLOCK_M"] == 32  # Mixtral at 128 tokens, top-2
+        assert gm.tiles_for("grad", 128, 8)["BLOCK_M"] == 16  # at 64 tokens
+        assert gm.tiles_for("fwd", 4096, 128)["BLOCK_M"] == 32  # Qwen3 at 512 tokens, top-8
+
+
 def test_grouped_small_m_forward_runs_on_two_warps_but_folded_int4(monkeypatch):
     """Round 24: the small-M grouped forward (and its split-K launch) takes the 16x64x256 tile on two
     warps on both archs, for every format and for QA-LoRA's folded INT2 / INT3; QA-LoRA's folded

@@ -773,6 +773,82 @@ def test_grouped_slot_loop_fewer_programs_than_tiles(programs, monkeypatch):
 
 
 @needs_kernels
+@pytest.mark.parametrize("bits,g", [(4, 32), (3, 16), (2, 64)], ids=["int4g32", "int3g16", "int2g64"])
+def test_grouped_small_m_32_row_tiles(bits, g, monkeypatch):
+    """Round 30: between 16 and 32 routed rows an expert the small-M launches take 32-row tiles
+    (:func:`qlk.kernels.config.small_tile_rows`). Here at S/E = 27: experts with 0, 1, 20, 33, 70 and
+    40 rows (one, two and three tiles of 32) plus 5 sentinel rows (NaN in, 0 out), NaN-poisoned
+    outputs: the fp16 decode forward with QA-LoRA pooling, its split-K launch (2 slices) and the GEMM
+    forward loop, each with a program per expert and in a slot loop of 2 program rows; the input
+    gradient unsplit and split over N (2 slices), words loaded ahead; float64 per-expert oracle."""
+    from qlk.kernels import grouped_matmul as gm
+
+    monkeypatch.setattr(gm, "_output", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
+                                                                                device=device))
+    counts, n, k, tail = [0, 1, 20, 33, 70, 40], 40, 128, 5
+    e_count = len(counts)
+    gen = torch.Generator().manual_seed(301)
+    qw = qlk.quantize(torch.randn(e_count * n, k, generator=gen), bits=bits, group_size=g)
+    w = oracle_weight(qw).reshape(e_count, n, k)
+    off = offsets_of(counts)
+    routed = int(off[-1])
+    assert 16 < routed / e_count <= gm.SMALL_M_ROWS and gm._small(routed + tail, e_count)
+    x, dy = torch.randn(routed + tail, k, generator=gen).half(), torch.randn(routed + tail, n, generator=gen).half()
+    x[routed:], dy[routed:] = float("nan"), float("nan")
+    bias = torch.randn(e_count, n, generator=gen).half()
+    y_ref = per_expert(x[:routed], off, lambda e, xe: xe @ w[e].t() + bias[e].double())
+    dx_ref = per_expert(dy[:routed], off, lambda e, de: de @ w[e])
+    cfg = dict(BLOCK_N=32, BLOCK_M=32, BLOCK_K=32, num_warps=4, num_stages=1)
+    for extra in (dict(DECODE=True), dict(DECODE=True, PROGRAMS=2), dict(SPLIT_K=2), dict(SPLIT_K=2, PROGRAMS=2),
+                  dict(DECODE=False, PROGRAMS=2)):
+        y, pooled = grouped_matmul_forward(x, qw, off, e_count, bias, pool=True, config=dict(cfg, **extra))
+        assert torch.equal(y[routed:], torch.zeros(tail, n, dtype=torch.half)) and not y.isnan().any(), extra
+        assert ((y[:routed].double() - y_ref).norm() / y_ref.norm()) < 2e-3, extra
+        torch.testing.assert_close(pooled[:routed], x[:routed].float().reshape(routed, k // g, g).mean(-1),
+                                   rtol=1e-3, atol=1e-3)
+    for extra in (dict(PROGRAMS=2), dict(SPLIT_N=2, WORDS_AHEAD=True), dict(PROGRAMS=2, SPLIT_N=2)):
+        dx = grouped_matmul_grad_input(dy, qw, off, e_count, config=dict(cfg, **extra))
+        assert torch.equal(dx[routed:], torch.zeros(tail, k, dtype=torch.half)) and not dx.isnan().any(), extra
+        assert ((dx[:routed].double() - dx_ref).norm() / dx_ref.norm()) < 2e-3, extra
+
+
+@needs_kernels
+def test_grouped_large_m_64_row_tiles_at_mid_rows(monkeypatch):
+    """Round 30: above the small-M bound, to ``MID_TILE_ROWS`` rows an expert, the large-M kernels
+    run 64-row tiles. Here INT4 g32 at S/E = 44: experts with 0, 1, 40, 65, 130 and 30 rows (one,
+    two and three tiles of 64, a one-row remainder) plus 3 sentinel rows (NaN in, 0 out), outputs
+    NaN-poisoned: the GEMM forward with bias and QA-LoRA pooling and the input gradient (program per
+    slot, as the rule launches; and split over N) against the float64 per-expert oracle."""
+    from qlk.kernels import grouped_matmul as gm
+
+    monkeypatch.setattr(gm, "_output", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
+                                                                                device=device))
+    counts, n, k, g, tail = [0, 1, 40, 65, 130, 30], 40, 64, 32, 3
+    e_count = len(counts)
+    gen = torch.Generator().manual_seed(302)
+    qw = qlk.quantize(torch.randn(e_count * n, k, generator=gen), bits=4, group_size=g)
+    w = oracle_weight(qw).reshape(e_count, n, k)
+    off = offsets_of(counts)
+    routed = int(off[-1])
+    assert gm.SMALL_M_ROWS < routed / e_count <= 64 and not gm._small(routed + tail, e_count)
+    x, dy = torch.randn(routed + tail, k, generator=gen).half(), torch.randn(routed + tail, n, generator=gen).half()
+    x[routed:], dy[routed:] = float("nan"), float("nan")
+    bias = torch.randn(e_count, n, generator=gen).half()
+    cfg = dict(BLOCK_N=32, BLOCK_M=64, BLOCK_K=32, num_warps=4, num_stages=1)
+    y, pooled = grouped_matmul_forward(x, qw, off, e_count, bias, pool=True, config=cfg)
+    y_ref = per_expert(x[:routed], off, lambda e, xe: xe @ w[e].t() + bias[e].double())
+    assert torch.equal(y[routed:], torch.zeros(tail, n, dtype=torch.half)) and not y.isnan().any()
+    assert ((y[:routed].double() - y_ref).norm() / y_ref.norm()) < 2e-3
+    torch.testing.assert_close(pooled[:routed], x[:routed].float().reshape(routed, k // g, g).mean(-1),
+                               rtol=1e-3, atol=1e-3)
+    dx_ref = per_expert(dy[:routed], off, lambda e, de: de @ w[e])
+    for extra in ({}, dict(SPLIT_N=2)):
+        dx = grouped_matmul_grad_input(dy, qw, off, e_count, config=dict(cfg, **extra))
+        assert torch.equal(dx[routed:], torch.zeros(tail, k, dtype=torch.half)) and not dx.isnan().any(), extra
+        assert ((dx[:routed].double() - dx_ref).norm() / dx_ref.norm()) < 2e-3, extra
+
+
+@needs_kernels
 def test_grouped_kernels_with_a_row_bound_per_expert(monkeypatch):
     """``max_rows_per_expert`` (the token count under top-k routing) shortens the forward's tile map
     to one slot per expert where it is <= BLOCK_M: 5 experts of 4 rows + 3 sentinel rows (NaN in, 0

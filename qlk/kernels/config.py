@@ -291,6 +291,32 @@ def dequant_configs():
     ]
 
 
+#: The small-M grouped tiles' rows: 16 while the average expert holds at most 16 routed rows, 32 from
+#: there to the small-M bound (``grouped_matmul.SMALL_M_ROWS``). Why (round 30, bench/moe_estimates.py
+#: at 128 tokens, Mixtral's layers: 32 rows an expert): a program row per expert runs its expert's
+#: tiles one after another (the slot loop), so two 16-row tiles decode the expert's weight twice in
+#: one CTA. Cells under 0.9x the dense grouped baseline (DRAM metric) at 128 tokens, every format:
+#: sm_90 26 -> 2, sm_80 27 -> 5 (the INT2 / INT3 small-M input gradients of the 16-token class).
+SMALL_TILE_ROWS = (16, 32)
+
+
+#: Above the small-M bound and up to this many routed rows an expert (S/E), the large-M kernels run
+#: 64-row tiles on four warps, not 128-row ones on eight. Why (round 30, bench/moe_estimates.py at
+#: 160 and 250 tokens, Mixtral's layers: 40 and 62 rows an expert): a 128-row tile pads an expert
+#: of 40 rows 3.2x, and below 256 tokens the work is the weight's bytes. Cells under 0.9x the dense
+#: grouped baseline there: sm_90 78 of 168 -> 8 (INT3's forward at 0.83-0.87x); sm_80 84 -> 52, every
+#: format 0.25-0.58x -> 0.45-0.9x (INT2 / INT3 are tensor-bound at 64 padded rows on sm_80's mma.sync:
+#: docs/moe.md "Round 30"). QA-LoRA's folded forward too (on sm_80 no longer by the 128-row tile rule,
+#: :func:`qlk.kernels.heuristics.grouped_folded_fwd_tile`); its input gradient keeps 128 rows.
+MID_TILE_ROWS = 64
+
+
+def small_tile_rows(rows_per_expert: float) -> int:
+    """BLOCK_M of the small-M grouped tiles for S/E = ``rows_per_expert`` (:data:`SMALL_TILE_ROWS`)."""
+    short, tall = SMALL_TILE_ROWS
+    return short if rows_per_expert <= short else tall
+
+
 def grouped_config(direction: str, small_m: bool, rows_per_expert: float = 0.0, folded: bool = False,
                    bits: int = 4) -> dict:
     """Tile sizes, warps and stages of the grouped (mixture-of-experts) kernels of
@@ -300,9 +326,11 @@ def grouped_config(direction: str, small_m: bool, rows_per_expert: float = 0.0, 
     BLOCK_M before the launch, from what the host knows without a sync: S routed rows over E
     experts, ``rows_per_expert`` = S/E. Large M takes the dense GEMM's best sm_90 tiles (forward:
     weight as the MMA A operand; input gradient: dXᵀ tiles, reduction over N), with 256-row tiles
-    once the average expert fills one (Mixtral- and Qwen3-MoE-sized batches) and 128-row tiles
-    below, so a lightly loaded expert does not pad to 256. Small M (decode, or a few rows per
-    expert) uses 16-row tiles, so an expert with one token wastes at most 15 rows, and the dense
+    once the average expert fills one (Mixtral- and Qwen3-MoE-sized batches), 128-row tiles
+    below and 64-row ones on four warps up to :data:`MID_TILE_ROWS` rows an expert, so a lightly
+    loaded expert does not pad to 256 or 128. Small M (decode, or a few rows per
+    expert) uses 16-row tiles, so an expert with one token wastes at most 15 rows (32-row tiles above 16
+    rows an expert: :func:`small_tile_rows`), and the dense
     decode kernels' K depth (forward) / N depth (input gradient); the forward's on two warps (four
     for QA-LoRA's folded INT4), sm_80's input gradient too.
 
@@ -317,14 +345,21 @@ def grouped_config(direction: str, small_m: bool, rows_per_expert: float = 0.0, 
         return dict(BLOCK_N=32, BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=1)
     hopper = target_arch() >= 90
     full = rows_per_expert >= 256
+    mid = not small_m and 0 < rows_per_expert <= MID_TILE_ROWS
     if direction == "fwd":
         if small_m:
             # two warps (round 24, analyzer sweep of the MoE layers at 1 and 16 tokens, both archs):
             # DRAM-peak pessimistic +0.01..+0.07 for INT, NF4 within 0.002; sm_80's INT3 at K = 1408
             # no longer issue-bound (0.88 -> 0.99 optimistic). QA-LoRA's folded INT4 keeps four: its
             # fp32 biases spill 16 B on two warps at some shapes of both archs
-            warps = 4 if folded and bits == 4 else 2
-            return dict(BLOCK_N=64, BLOCK_M=16, BLOCK_K=256, num_warps=warps, num_stages=3)
+            rows = small_tile_rows(rows_per_expert)
+            if rows > 16 and not hopper:
+                return dict(BLOCK_N=64, BLOCK_M=rows, BLOCK_K=128, num_warps=4 if folded and bits == 4 else 2,
+                            num_stages=3)
+            warps = 4 if (folded and bits == 4) or rows > 16 else 2
+            return dict(BLOCK_N=64, BLOCK_M=rows, BLOCK_K=256, num_warps=warps, num_stages=3)
+        if mid:
+            return dict(BLOCK_N=128, BLOCK_M=MID_TILE_ROWS, BLOCK_K=64 if hopper else 32, num_warps=4, num_stages=4)
         if hopper:
             if full and not (folded and bits == 3):
                 return dict(BLOCK_N=128, BLOCK_M=256, BLOCK_K=64, num_warps=8, num_stages=3)
@@ -339,11 +374,17 @@ def grouped_config(direction: str, small_m: bool, rows_per_expert: float = 0.0, 
                 # the per-iteration work that does not scale with it (dY tile, address math) over
                 # more weights; 128 rows of N per step (256 spills in grouped_matmul's slot loop).
                 # sm_80 keeps its tile: 256 columns left Mixtral's gate_up gradient 128 CTAs on 108 SMs
-                return dict(BLOCK_N=128, BLOCK_M=16, BLOCK_K=128, num_warps=4, num_stages=3)
+                return dict(BLOCK_N=128, BLOCK_M=small_tile_rows(rows_per_expert), BLOCK_K=128, num_warps=4,
+                            num_stages=3)
+            # QA-LoRA's folded biases and the unquantized tile keep 16 rows (not swept at 32)
             return dict(BLOCK_N=256, BLOCK_M=16, BLOCK_K=64, num_warps=4, num_stages=3)
         # sm_80: two warps (round 23): each warp reads the whole dY tile from shared memory for its
         # rows of dXᵀ, so two warps halve that traffic (the loop is shared-memory-bound for INT2/INT3)
-        return dict(BLOCK_N=64, BLOCK_M=16, BLOCK_K=128, num_warps=2, num_stages=3)
+        return dict(BLOCK_N=64, BLOCK_M=small_tile_rows(rows_per_expert) if not folded else 16, BLOCK_K=128,
+                    num_warps=2, num_stages=3)
+    if mid and not folded:  # QA-LoRA's input gradient (fp32 folded biases): not compiled at 64 rows yet
+        return dict(BLOCK_N=64 if hopper else 32, BLOCK_M=MID_TILE_ROWS, BLOCK_K=128, num_warps=4,
+                    num_stages=4 if hopper else 3)
     if hopper:
         if full and not folded:  # QA-LoRA's input gradient (fp32 folded biases): not compiled at 256 rows yet
             return dict(BLOCK_N=64, BLOCK_M=256, BLOCK_K=128, num_warps=8, num_stages=3)

@@ -55,7 +55,9 @@ them after its tiles (:func:`_zero_tail_rows`; the split launches' zeroed worksp
 already), so no output is memset first and no tile slot is spent on them. Tiles are chosen per call from S and E (:func:`qlk.kernels.config.grouped_config`):
 256-row tiles once the average expert fills one, 128-row below; small M (decode, or many experts
 with a few rows each: S/E <= ``SMALL_M_ROWS``) uses 16-row tiles, so an expert with one token
-reads its weight once and wastes at most 15 MMA rows, not 255.
+reads its weight once and wastes at most 15 MMA rows, not 255; 32-row ones above 16 rows an expert,
+and from there to 64 rows an expert the large-M kernels run 64-row tiles
+(:data:`qlk.kernels.config.SMALL_TILE_ROWS`, :data:`qlk.kernels.config.MID_TILE_ROWS`).
 
 Reference (:func:`grouped_matmul_reference`, :func:`grouped_grad_input_reference`): per expert,
 the dequantized slice Ŵ_e (:func:`expert_weight`) and a torch matmul, fp32 (fp64 for fp64 inputs).
@@ -71,14 +73,14 @@ from ..formats.nf4 import nf4_absmax
 from ..formats.quantized_weight import QuantizedWeight
 from . import fused_matmul as _fm
 from . import heuristics
-from .config import (INTERPRETED, fma_kernel, grouped_config, grouped_split_k, num_sms, packed_rows_kernel,
-                     target_arch)
+from .config import (INTERPRETED, MID_TILE_ROWS, fma_kernel, grouped_config, grouped_split_k, num_sms,
+                     packed_rows_kernel, target_arch)
 from .fused_matmul import (GRAD_K_HEURISTICS, _as_2d, _decode_loop, _decode_loop_runs, _fwd_loop, _grad_half2,
                            _grad_k_tile, _loop_runs, _precision, _w_as_b_acc, _whole_k_end)
 from .quant_tile import _dequant_tile, aligned_rows, supports, weight_args
 from .quant_tile_t import _dequant_tile_t, _int3_planes_t, _words_t
 
-#: average routed rows per expert (S / E) at or below which the 16-row (small-M) tiles are used
+#: average routed rows per expert (S / E) at or below which the small-M tiles (16 or 32 rows) are used
 SMALL_M_ROWS = 32
 
 
@@ -527,12 +529,15 @@ def tiles_for(direction: str, rows: int, num_experts: int, qw: QuantizedWeight |
               folded: bool = False, device=None) -> dict:
     """:func:`grouped_config` for S = ``rows`` routed rows over ``num_experts`` (host values, no sync);
     ``folded``: QA-LoRA's fp32 folded biases (and pooling), which take registers. With ``device``,
-    sm_80's folded forward at large M is chosen by the grid's SM balance
-    (:func:`qlk.kernels.heuristics.grouped_folded_fwd_tile`) from the grid a balanced routing gives:
-    min(S, E) experts of ⌈S / min(S, E) / 128⌉ tiles of 128 rows, N = one expert's rows."""
+    sm_80's folded forward at large M (above :data:`qlk.kernels.config.MID_TILE_ROWS` rows an
+    expert) is chosen by the grid's SM balance (:func:`qlk.kernels.heuristics.grouped_folded_fwd_tile`)
+    from the grid a balanced routing gives: min(S, E) experts of ⌈S / min(S, E) / 128⌉ tiles of 128
+    rows, N = one expert's rows."""
     small = _small(rows, num_experts)
     cfg = grouped_config(direction, small, rows / max(num_experts, 1), folded, qw.bits if qw is not None else 16)
+    # the 64-row tiles of 32 < S/E <= MID_TILE_ROWS keep their tile: the rule weighs 128-row ones
     if (folded and direction == "fwd" and not small and device is not None and qw is not None and rows > 0
+            and cfg["BLOCK_M"] > MID_TILE_ROWS
             and not INTERPRETED and heuristics.arch_family(target_arch()) == 80):
         active = min(rows, num_experts)
         per_expert = -(-rows // active)

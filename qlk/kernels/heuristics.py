@@ -1357,20 +1357,36 @@ def choose_m1_grad(n: int, k: int, fmt: str = "int4", arch: int = 90, sms: Optio
 #: Round 21 refit: NF4's half2 lookup took sm_80's per-slot NF4 gradient to the INT formats' 80
 #: registers (4 -> 6 resident). Round 23: sm_80's small-M tile on two warps (16x64x128 w2 s3, the dY
 #: tile read from shared memory by half as many warps): 6 resident of either variant at the 168
-#: registers the cap (:func:`register_cap`) gives them, 0 spills.
+#: registers the cap (:func:`register_cap`) gives them, 0 spills. Round 30: the 32-row small-M tiles
+#: (16 < S/E <= 32, ``config.small_tile_rows``), slot loop, fitted from static-moe-t128-160-250 and
+#: static-moe-t512-64 (the other entries kept as they were); sm_80's INT3 / NF4 entry is the split
+#: launch's 4, not the unsplit one's 6: capped at 6's 168 registers the split launch spilled 88-120 B.
+#: The split took sm_80's INT2 / INT3 input gradients at 128 tokens from 0.75-0.81x to 0.83-1.01x.
 GROUPED_RESIDENT = {
-    (80, 'grad', 'int2'): {'16x64x128 w2 s3': {'per_slot': (6, 6), 'slot_loop': (6, 6)}},
-    (80, 'grad', 'int3'): {'16x64x128 w2 s3': {'per_slot': (6, 6), 'slot_loop': (6, 6)}},
-    (80, 'grad', 'int4'): {'16x64x128 w2 s3': {'per_slot': (6, 6), 'slot_loop': (6, 6)}},
-    (80, 'grad', 'int4g128'): {'16x64x128 w2 s3': {'per_slot': (6, 6), 'slot_loop': (6, 6)}},
-    (80, 'grad', 'int4g32'): {'16x64x128 w2 s3': {'per_slot': (6, 6), 'slot_loop': (6, 6)}},
-    (80, 'grad', 'nf4'): {'16x64x128 w2 s3': {'per_slot': (6, 6), 'slot_loop': (6, 6)}},
-    (90, 'grad', 'int2'): {'16x128x128 w4 s3': {'per_slot': (4, 4), 'slot_loop': (2, 2)}},
-    (90, 'grad', 'int3'): {'16x128x128 w4 s3': {'per_slot': (4, 4), 'slot_loop': (2, 2)}},
-    (90, 'grad', 'int4'): {'16x128x128 w4 s3': {'per_slot': (4, 4), 'slot_loop': (2, 2)}},
-    (90, 'grad', 'int4g128'): {'16x128x128 w4 s3': {'per_slot': (4, 4), 'slot_loop': (2, 2)}},
-    (90, 'grad', 'int4g32'): {'16x128x128 w4 s3': {'per_slot': (4, 4), 'slot_loop': (2, 2)}},
-    (90, 'grad', 'nf4'): {'16x128x128 w4 s3': {'per_slot': (4, 4), 'slot_loop': (2, 2)}},
+    (80, 'grad', 'int2'): {'16x64x128 w2 s3': {'per_slot': (6, 6), 'slot_loop': (6, 6)},
+                        '32x64x128 w2 s3': {'slot_loop': (4, 4)}},
+    (80, 'grad', 'int3'): {'16x64x128 w2 s3': {'per_slot': (6, 6), 'slot_loop': (6, 6)},
+                        '32x64x128 w2 s3': {'slot_loop': (4, 4)}},
+    (80, 'grad', 'int4'): {'16x64x128 w2 s3': {'per_slot': (6, 6), 'slot_loop': (6, 6)},
+                        '32x64x128 w2 s3': {'slot_loop': (4, 4)}},
+    (80, 'grad', 'int4g128'): {'16x64x128 w2 s3': {'per_slot': (6, 6), 'slot_loop': (6, 6)},
+                            '32x64x128 w2 s3': {'slot_loop': (4, 4)}},
+    (80, 'grad', 'int4g32'): {'16x64x128 w2 s3': {'per_slot': (6, 6), 'slot_loop': (6, 6)},
+                           '32x64x128 w2 s3': {'slot_loop': (4, 4)}},
+    (80, 'grad', 'nf4'): {'16x64x128 w2 s3': {'per_slot': (6, 6), 'slot_loop': (6, 6)},
+                       '32x64x128 w2 s3': {'slot_loop': (4, 4)}},
+    (90, 'grad', 'int2'): {'16x128x128 w4 s3': {'per_slot': (4, 4), 'slot_loop': (2, 2)},
+                        '32x128x128 w4 s3': {'slot_loop': (2, 2)}},
+    (90, 'grad', 'int3'): {'16x128x128 w4 s3': {'per_slot': (4, 4), 'slot_loop': (2, 2)},
+                        '32x128x128 w4 s3': {'slot_loop': (2, 2)}},
+    (90, 'grad', 'int4'): {'16x128x128 w4 s3': {'per_slot': (4, 4), 'slot_loop': (2, 2)},
+                        '32x128x128 w4 s3': {'slot_loop': (2, 2)}},
+    (90, 'grad', 'int4g128'): {'16x128x128 w4 s3': {'per_slot': (4, 4), 'slot_loop': (2, 2)},
+                            '32x128x128 w4 s3': {'slot_loop': (2, 2)}},
+    (90, 'grad', 'int4g32'): {'16x128x128 w4 s3': {'per_slot': (4, 4), 'slot_loop': (2, 2)},
+                           '32x128x128 w4 s3': {'slot_loop': (2, 2)}},
+    (90, 'grad', 'nf4'): {'16x128x128 w4 s3': {'per_slot': (4, 4), 'slot_loop': (2, 2)},
+                       '32x128x128 w4 s3': {'slot_loop': (2, 2)}},
 }
 #: at most this many waves of the resident slots (SMs × resident CTAs) from the split: each slice
 #: adds its fp32 partial dX tile (BLOCK_K × BLOCK_M × 4 B of atomics) and its own prologue
