@@ -1020,6 +1020,10 @@ def test_grouped_tiles_by_rows_an_expert(monkeypatch):
             assert qc.grouped_config(direction, False, 65.0, False, 4)["BLOCK_M"] == 128
         assert qc.grouped_config("grad", False, 40.0, True, 4)["BLOCK_M"] == 128  # folded: not swept at 64
         assert qc.grouped_config("fwd", False, 40.0, True, 4)["BLOCK_M"] == 64
+        # sm_90's INT3 forward steps 128 deep there (64 deep its decoder is issue-bound); QA-LoRA's 64
+        assert qc.grouped_config("fwd", False, 40.0, False, 3)["BLOCK_K"] == (128 if arch == 90 else 32)
+        assert qc.grouped_config("fwd", False, 40.0, True, 3)["BLOCK_K"] == (64 if arch == 90 else 32)
+        assert qc.grouped_config("fwd", False, 40.0, False, 4)["BLOCK_K"] == (64 if arch == 90 else 32)
         # sm_80's folded forward: the 64-row tile stays; above MID_TILE_ROWS the grid rule picks a 128-row one
         qw = qlk.quantize(torch.randn(8 * 64, 256), bits=4, group_size=32)
         assert gm.tiles_for("fwd", 320, 8, qw, folded=True, device=torch.device("cpu"))["BLOCK_M"] == 64

@@ -75,8 +75,8 @@ KNOWN_LOW_MOE: dict = {}
 #: baseline (case -> ratio, optimistic; they may rise, not fall; a cell not listed must be >= 0.9x):
 #: - the small-M INT2 / INT3 input gradients at 16 / 64 / 128 tokens: shared-memory-bound on the
 #:   transposed tile (docs/kernels.md "Not reached / open");
-#: - at 160 / 250 tokens (Mixtral: 40 / 62 rows an expert, round 30's 64-row tiles): sm_90's INT3
-#:   forwards (0.83-0.87x, issue-bound on the decoder) and sm_80's Mixtral cells (0.45-0.88x: at 64
+#: - at 160 / 250 tokens (Mixtral: 40 / 62 rows an expert, round 30's 64-row tiles): sm_90's QA-LoRA
+#:   INT3 forwards (0.84-0.87x, issue-bound on the decoder) and sm_80's Mixtral cells (0.45-0.88x: at 64
 #:   padded rows mma.sync's tensor time exceeds the low-bit weight's DRAM time; the bf16 baseline's
 #:   weight is 4-8x the bytes, so qlk is faster in time: docs/moe.md "Round 30").
 KNOWN_LOW_SMALL: dict = {
@@ -123,8 +123,6 @@ KNOWN_LOW_SMALL: dict = {
     },
     ('static-moe-t128-160-250', 90): {
         'grouped-dgrad/int2g32/mixtral-down/T128': 0.893, 'grouped-dgrad/int2g32/mixtral-gate_up/T128': 0.854,
-        'grouped-fwd/int3g128/mixtral-down/T160': 0.833, 'grouped-fwd/int3g128/mixtral-down/T250': 0.86,
-        'grouped-fwd/int3g128/mixtral-gate_up/T160': 0.827, 'grouped-fwd/int3g128/mixtral-gate_up/T250': 0.852,
         'grouped-qalora/int3g128/mixtral-down/T160': 0.844, 'grouped-qalora/int3g128/mixtral-down/T250': 0.871,
         'grouped-qalora/int3g128/mixtral-gate_up/T160': 0.838, 'grouped-qalora/int3g128/mixtral-gate_up/T250': 0.862,
     },

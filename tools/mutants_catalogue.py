@@ -1063,4 +1063,7 @@ MUTANTS = [
     dict(id="grouped-folded-mid-tile-replaced-by-grid-rule", cls="rules", file="qlk/kernels/grouped_matmul.py",
          old="            and cfg[\"BLOCK_M\"] > MID_TILE_ROWS\n", new="",
          tests=["tests/test_heuristics.py", "-k", "grouped_tiles_by_rows"]),
+    dict(id="grouped-mid-int3-forward-64-deep", cls="rules", file="qlk/kernels/config.py",
+         old="            if hopper and bits == 3 and not folded:", new="            if False:",
+         tests=["tests/test_heuristics.py", "-k", "grouped_tiles_by_rows"]),
 ]

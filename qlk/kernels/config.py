@@ -304,7 +304,8 @@ SMALL_TILE_ROWS = (16, 32)
 #: 64-row tiles on four warps, not 128-row ones on eight. Why (round 30, bench/moe_estimates.py at
 #: 160 and 250 tokens, Mixtral's layers: 40 and 62 rows an expert): a 128-row tile pads an expert
 #: of 40 rows 3.2x, and below 256 tokens the work is the weight's bytes. Cells under 0.9x the dense
-#: grouped baseline there: sm_90 78 of 168 -> 8 (INT3's forward at 0.83-0.87x); sm_80 84 -> 52, every
+#: grouped baseline there: sm_90 78 of 168 -> 4 (QA-LoRA's INT3 forward at 0.84-0.87x; the plain one
+#: steps 128 deep, 0.83x -> 1.00x); sm_80 84 -> 52, every
 #: format 0.25-0.58x -> 0.45-0.9x (INT2 / INT3 are tensor-bound at 64 padded rows on sm_80's mma.sync:
 #: docs/moe.md "Round 30"). QA-LoRA's folded forward too (on sm_80 no longer by the 128-row tile rule,
 #: :func:`qlk.kernels.heuristics.grouped_folded_fwd_tile`); its input gradient keeps 128 rows.
@@ -359,6 +360,8 @@ def grouped_config(direction: str, small_m: bool, rows_per_expert: float = 0.0, 
             warps = 4 if (folded and bits == 4) or rows > 16 else 2
             return dict(BLOCK_N=64, BLOCK_M=rows, BLOCK_K=256, num_warps=warps, num_stages=3)
         if mid:
+            if hopper and bits == 3 and not folded:  # INT3's decoder: issue-bound 64 deep (0.83x -> 1.00x)
+                return dict(BLOCK_N=128, BLOCK_M=MID_TILE_ROWS, BLOCK_K=128, num_warps=4, num_stages=3)
             return dict(BLOCK_N=128, BLOCK_M=MID_TILE_ROWS, BLOCK_K=64 if hopper else 32, num_warps=4, num_stages=4)
         if hopper:
             if full and not (folded and bits == 3):
