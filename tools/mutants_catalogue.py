@@ -1066,4 +1066,7 @@ MUTANTS = [
     dict(id="grouped-mid-int3-forward-64-deep", cls="rules", file="qlk/kernels/config.py",
          old="            if hopper and bits == 3 and not folded:", new="            if False:",
          tests=["tests/test_heuristics.py", "-k", "grouped_tiles_by_rows"]),
+    dict(id="grouped-mid-grad-sm80-four-warps", cls="occupancy", file="qlk/kernels/config.py",
+         old="BLOCK_K=128, num_warps=4 if hopper else 2,", new="BLOCK_K=128, num_warps=4,",
+         tests=["tests/test_heuristics.py", "-k", "grouped_tiles_by_rows"]),
 ]
