@@ -301,12 +301,12 @@ SMALL_TILE_ROWS = (16, 32)
 
 
 #: Above the small-M bound and up to this many routed rows an expert (S/E), the large-M kernels run
-#: 64-row tiles on four warps, not 128-row ones on eight. Why (round 30, bench/moe_estimates.py at
-#: 160 and 250 tokens, Mixtral's layers: 40 and 62 rows an expert): a 128-row tile pads an expert
-#: of 40 rows 3.2x, and below 256 tokens the work is the weight's bytes. Cells under 0.9x the dense
-#: grouped baseline there: sm_90 78 of 168 -> 4 (QA-LoRA's INT3 forward at 0.84-0.87x; the plain one
-#: steps 128 deep, 0.83x -> 1.00x); sm_80 84 -> 52, every
-#: format 0.25-0.58x -> 0.45-0.9x (INT2 / INT3 are tensor-bound at 64 padded rows on sm_80's mma.sync:
+#: 64-row tiles (four warps; sm_80's input gradient two), not 128-row ones on eight. Why (round 30,
+#: bench/moe_estimates.py at 160 and 250 tokens, Mixtral's layers: 40 and 62 rows an expert): a
+#: 128-row tile pads an expert of 40 rows 3.2x, and below 256 tokens the work is the weight's bytes.
+#: Cells under 0.9x the dense grouped baseline there: sm_90 52 of 112 -> 4 (QA-LoRA's INT3 forward at
+#: 0.84-0.87x; the plain one steps 128 deep, 0.83x -> 1.00x); sm_80 56 -> 52, every cell up (lowest
+#: 0.25x -> 0.45x; at 64 padded rows mma.sync's tensor time exceeds a low-bit weight's DRAM time:
 #: docs/moe.md "Round 30"). QA-LoRA's folded forward too (on sm_80 no longer by the 128-row tile rule,
 #: :func:`qlk.kernels.heuristics.grouped_folded_fwd_tile`); its input gradient keeps 128 rows.
 MID_TILE_ROWS = 64
