@@ -59,9 +59,10 @@ RESULTS = os.path.join(ROOT, "bench", "results")
 #: (--layers other: OLMoE, Qwen1.5-MoE with 60 experts, gpt-oss-20b; since round 14 --layers wide:
 #: DeepSeek-V2-Lite, Mixtral-8x22B, Llama-4-Scout, Phi-3.5-MoE) and other token counts (--tokens 512,64;
 #: since round 30 --tokens 128,160,250, the issue's layers at 32, 40 and 62 rows an expert, and the other
-#: layers at --tokens 400: 27-50 rows an expert)
+#: layers at --tokens 400: 27-50 rows an expert; --tokens 300,384: Mixtral's 75 / 96 rows on 128-row tiles,
+#: Qwen3's 19 / 24 on 32-row ones)
 MOE_REPORTS = ("static-moe", "static-moe-other", "static-moe-t512-64", "static-moe-wide", "static-moe-t128-160-250",
-               "static-moe-other-t400")
+               "static-moe-other-t400", "static-moe-t300-384")
 #: what the out-of-sample runs found under 0.9x at >= 256 tokens (case -> ratio; they get no worse),
 #: docs/moe.md "Round 10". Empty since round 23: sm_80's QA-LoRA forward on Mixtral's down
 #: projection at 512 tokens (0.83x on the 8-warp 256-column tile, 128 working CTAs on 108 SMs) takes
