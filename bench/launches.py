@@ -38,6 +38,7 @@ import dataclasses
 import fnmatch
 import functools
 import os
+import re
 import shlex
 import sys
 import traceback
@@ -85,15 +86,39 @@ FAMILY_SWEEP_MS = (1, 16, 64, 333, 2048, 8192)
 SPLIT_ALT_MAX_M = 128
 DTYPE = torch.bfloat16
 
-#: format label -> keyword arguments of qlk.quantize
-FORMATS = {
+def format_spec(label: str) -> dict:
+    """Keyword arguments of qlk.quantize for a format label: ``int<bits>g<group>`` (e.g. int3g32),
+    ``nf4dq`` (NF4, double-quantized absmax) or ``nf4`` (NF4, fp32 absmax)."""
+    m = re.fullmatch(r"int([234])g(\d+)", label)
+    if m:
+        return dict(bits=int(m.group(1)), group_size=int(m.group(2)))
+    if label in ("nf4dq", "nf4"):
+        return dict(fmt="nf4", double_quant=label == "nf4dq")
+    raise KeyError(f"format {label!r}: expected int<2|3|4>g<group> (e.g. int4g64), nf4dq or nf4")
+
+
+class _Formats(dict):
+    """label -> qlk.quantize keyword arguments; a label not listed (``--formats int3g32``, or a CSV
+    written with one) is parsed on first use, so reports of other formats render too."""
+
+    def __missing__(self, label):
+        spec = self[label] = format_spec(label)
+        return spec
+
+
+#: format label -> keyword arguments of qlk.quantize (the committed reports' formats)
+FORMATS = _Formats({
     "int4g32": dict(bits=4, group_size=32),
     "int4g128": dict(bits=4, group_size=128),
     "int3g128": dict(bits=3, group_size=128),
     "int2g32": dict(bits=2, group_size=32),
     "nf4dq": dict(fmt="nf4", double_quant=True),
-}
-QALORA_FORMATS = ("int4g32", "int4g128", "int3g128", "int2g32")  # QA-LoRA runs on the INT formats
+})
+
+
+def is_qalora_format(label: str) -> bool:
+    """QA-LoRA runs on the INT formats."""
+    return FORMATS[label].get("fmt", "int") == "int"
 QALORA_RANK = 16
 
 #: candidate entry points in qlk.kernels, first found wins (the module is still being written)
@@ -260,7 +285,7 @@ def qlk_cases(shapes, ms, formats):
                     yield Case(case_name("decode", fmt, k, n, m), "qlk", "decode", fmt, k, n, m,
                                lambda m=m, k=k, n=n, fmt=fmt: decode(activation(m, k), quantized_weight(fmt, n, k)),
                                missing)
-                if fmt in QALORA_FORMATS:
+                if is_qalora_format(fmt):
                     yield Case(case_name("qalora", fmt, k, n, m), "qlk", "qalora", fmt, k, n, m,
                                lambda m=m, k=k, n=n, fmt=fmt: _run_qalora(qalora, m, k, n, fmt),
                                missing or why_qalora)
@@ -289,11 +314,12 @@ def _run_qalora(fn, m, width, n, fmt, k=None):
 
 
 def all_cases(quick: bool = False, patterns=(), include_qlk: bool = True, include_dense: bool = True,
-              family: bool = False, ms=None, shapes=None):
+              family: bool = False, ms=None, shapes=None, formats=None):
     """The selected cases, in report order: dense baseline, then qlk. ``family``: the Llama-family
     shapes and Ms (:data:`FAMILY_SHAPES`, :data:`FAMILY_MS`) instead of Llama-3-8B's. ``ms``: these
     M values instead (e.g. :data:`FAMILY_SWEEP_MS`). ``shapes``: these (K, N) instead of the set's
-    (the out-of-family check: layers of other model families, :data:`OTHER_SHAPES`)."""
+    (the out-of-family check: layers of other model families, :data:`OTHER_SHAPES`). ``formats``: these
+    format labels (:func:`format_spec`) instead of :data:`FORMATS`."""
     shapes_, ms_ = (QUICK_SHAPES, QUICK_MS) if quick else (FAMILY_SHAPES, FAMILY_MS) if family else (SHAPES, MS)
     shapes = shapes_ if not shapes else tuple(shapes)
     ms = ms_ if not ms else tuple(ms)
@@ -301,13 +327,25 @@ def all_cases(quick: bool = False, patterns=(), include_qlk: bool = True, includ
     if include_dense:
         out += dense_cases(shapes, ms)
     if include_qlk:
-        out += qlk_cases(shapes, ms, FORMATS)
+        out += qlk_cases(shapes, ms, tuple(formats) if formats else tuple(FORMATS))
     return [c for c in out if _selected(c.name, patterns)]
 
 
 def _ms(s: str):
     """``--ms`` "1,16,64" -> (1, 16, 64); empty -> None (the set's own)."""
     return tuple(int(x) for x in s.split(",") if x.strip()) or None
+
+
+def _formats(s: str):
+    """``--formats`` "int3g32,nf4" -> ("int3g32", "nf4"), each checked and registered in :data:`FORMATS`;
+    empty -> None (:data:`FORMATS`)."""
+    out = tuple(x.strip() for x in s.split(",") if x.strip())
+    for label in out:
+        try:
+            FORMATS[label]
+        except KeyError as e:
+            raise SystemExit(f"--formats: {e.args[0]}") from None
+    return out or None
 
 
 def _shapes(s: str):

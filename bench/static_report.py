@@ -841,11 +841,11 @@ def _collect(arch, cases, log, sass, run_case, fused_matmul) -> list:
 
 
 def select_cases(quick: bool, patterns, include=("dense", "qlk", "peers"), family: bool = False, ms=None,
-                 shapes=None):
+                 shapes=None, formats=None):
     import launches
 
     out = launches.all_cases(quick, patterns, include_qlk="qlk" in include, include_dense="dense" in include,
-                             family=family, ms=ms, shapes=shapes)
+                             family=family, ms=ms, shapes=shapes, formats=formats)
     # the "x dense" ratios need the dense GEMM and the dequantize kernel at each qlk case's shape
     names = {c.name for c in out}
     want = set()
@@ -854,10 +854,11 @@ def select_cases(quick: bool, patterns, include=("dense", "qlk", "peers"), famil
             want.add(launches.case_name(f"dense-{c.op}", "bf16", c.k, c.n, c.m))
             want.add(launches.case_name("dequant", c.fmt, c.k, c.n, None))
     if want - names:
-        extra = [c for c in launches.all_cases(quick, sorted(want - names), family=family, ms=ms, shapes=shapes)
+        extra = [c for c in launches.all_cases(quick, sorted(want - names), family=family, ms=ms, shapes=shapes,
+                                               formats=formats)
                  if c.name not in names]
         out = [c for c in extra if c.group == "dense"] + out + [c for c in extra if c.group != "dense"]
-    if "peers" in include and not family and not shapes:
+    if "peers" in include and not family and not shapes and not formats:
         import peers_static
 
         out += peers_static.all_cases(quick, patterns)
@@ -869,7 +870,7 @@ def worker(args) -> int:
     import launches
 
     cases = select_cases(args.quick, _patterns(args.cases), family=args.family, ms=launches._ms(args.ms),
-                         shapes=launches._shapes(args.shapes))
+                         shapes=launches._shapes(args.shapes), formats=launches._formats(args.formats))
     rows = collect(arch, cases, log=lambda s: print(s, file=sys.stderr, flush=True), only_configs=args.only_configs)
     with open(args.worker_out, "w") as f:
         json.dump(rows, f)
@@ -1259,6 +1260,8 @@ def parse_args(argv=None):
     ap.add_argument("--shapes", default="", help="comma-separated K->N shapes instead of the set's own; 'other': "
                     "layers of model families the rules were not fitted on (the out-of-family check: --shapes "
                     "other --ms 7,100,500,3000 --cases 'fwd*,dgrad*' --stem static-other)")
+    ap.add_argument("--formats", default="", help="comma-separated format labels instead of the report's five: "
+                    "int<2|3|4>g<group> (e.g. int3g32, int4g64), nf4dq, nf4 (the out-of-format check)")
     ap.add_argument("--stem", default="static", help="file names <stem>-sm<arch>.md/.csv (the rules' sweep: "
                     "static-family)")
     ap.add_argument("--out", default=RESULTS, help="folder for static-sm<arch>.md/.csv")
@@ -1331,6 +1334,9 @@ def main(argv=None) -> int:
     if any(a not in (80, 90) for a in archs):
         print(f"static_report: --arch takes 90 and/or 80, got {args.arch}", file=sys.stderr)
         return 2
+    import launches
+
+    launches._formats(args.formats)  # a bad label stops here, before the workers compile anything
     os.makedirs(args.out, exist_ok=True)
     meta = _meta(argv)
     t0 = time.time()
@@ -1345,6 +1351,7 @@ def main(argv=None) -> int:
                    "--worker-out", os.path.join(tmp, f"sm{arch}.json")] + (["--quick"] if args.quick else []) \
                 + (["--family"] if args.family else []) + (["--ms", args.ms] if args.ms else []) \
                 + (["--shapes", args.shapes] if args.shapes else []) \
+                + (["--formats", args.formats] if args.formats else []) \
                 + (["--only-configs", args.only_configs] if args.only_configs else [])
             procs[arch] = subprocess.Popen(cmd, env=env, cwd=ROOT)
         for arch, proc in list(procs.items()):

@@ -104,6 +104,23 @@ def test_launches_declare_the_qlk_loops():
     assert model._LOOP_TRIPS[L.kernel](L) == 4  # 32 K tiles over 8 slices
 
 
+def test_format_labels_of_the_out_of_format_check():
+    """``--formats``: any INT bit width and group size and NF4 with or without double quant get cases
+    (QA-LoRA only for INT), a label read back from a CSV resolves, a bad one stops with what to write."""
+    sys.path.insert(0, BENCH)
+    import launches
+
+    assert launches.format_spec("int3g32") == dict(bits=3, group_size=32)
+    assert launches.format_spec("nf4") == dict(fmt="nf4", double_quant=False)
+    assert launches.FORMATS["int2g128"] == dict(bits=2, group_size=128)  # parsed on first use
+    names = {c.name for c in launches.all_cases(patterns=["fwd/*", "qalora/*"], shapes=[(2048, 512)], ms=[9],
+                                               formats=launches._formats("int3g64,nf4"))}
+    assert names == {"fwd/int3g64/2048->512/M9", "qalora/int3g64/2048->512/M9", "fwd/nf4/2048->512/M9"}
+    for bad in ("int5g32", "int4", "nf8"):
+        with pytest.raises(SystemExit, match=re.escape(f"format {bad!r}: expected int<2|3|4>g<group>")):
+            launches._formats(f"int4g32,{bad}")
+
+
 def test_sass_parser_reads_widths_and_mma_shapes():
     from bench.sass import disasm
 
