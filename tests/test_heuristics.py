@@ -798,6 +798,27 @@ def test_qalora_grad_splits_that_spill_run_unsplit(device_lists):
     assert h.choose_config("grad", 256, 14336, 4096, "int4g32", 80, 108, fp32_bias=True).split > 1
 
 
+def test_qalora_splitk_leaves_out_the_tile_that_spills_with_pooling(device_lists, monkeypatch):
+    """Round 31 (the out-of-format check, bench/results/static-formats-sm80): sm_80's 16x64x256 w4 s3
+    split-K tile spills 8 B with QA-LoRA's pooling at INT4 g64, so it is not proposed with the pooling
+    on sm_80, for any format; the plain decode keeps it, sm_90 keeps it, and the QA-LoRA pick there is
+    the deeper tile's two-warp twin, as before."""
+    for fmt in ("int4g64", "int4g32", "int3g32", "int2g128"):
+        for m, n, k in ((1, 8192, 2048), (9, 14336, 4096), (16, 1024, 4096)):
+            folded = {c.label for c in h.score_all("splitk", m, n, k, fmt, 80, 108, fp32_bias=True, pool=True)}
+            assert "16x64x256 w4 s3" not in folded and "16x64x256 w2 s3" in folded, (fmt, m, n, k)
+            assert "16x64x256 w4 s3" in {c.label for c in h.score_all("splitk", m, n, k, fmt, 80, 108)}
+            assert "16x64x256 w4 s3" in {c.label for c in h.score_all("splitk", m, n, k, fmt, 90, 132,
+                                                                      fp32_bias=True, pool=True)}
+    # it was never the pick: without the exclusion the rules choose the same tiles
+    shapes = [(m, n, k) for m in (1, 5, 16) for n, k in ((8192, 2048), (1024, 4096), (14336, 4096), (4096, 14336))]
+    picks = [h.choose_config("splitk", *s, "int4g64", 80, 108, fp32_bias=True, pool=True).label for s in shapes]
+    monkeypatch.setitem(h.SPLITK_POOL_SPILLS, 80, frozenset())
+    h._choose_default.cache_clear()
+    assert picks == [h.choose_config("splitk", *s, "int4g64", 80, 108, fp32_bias=True, pool=True).label
+                     for s in shapes]
+
+
 def test_path_rule_knows_the_dense_two_warp_tiles(device_lists):
     """Round 10: the dense baseline's sm_80 two-warp tiles (round 9) are in the path rule's dense
     model. Without them it kept the fused kernel for SmolLM2's 576-wide input gradient at M = 3000,

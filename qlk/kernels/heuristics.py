@@ -712,6 +712,12 @@ FWD_SPLIT_SPILLS_FORMAT = {80: {"64x128x32 w4 s4": frozenset({"nf4"})}, 90: {}}
 #: 64x128x128 w4 at 255 registers, 8-128 B of stack for INT2 / INT4: the stored-order decode the
 #: pooling keeps, 128 columns of it a step), not proposed with the pooling
 FWD_POOL_SPILLS = {80: frozenset(), 90: frozenset({"64x128x128 w4 s4"})}
+#: split-K (decode) tiles that spill with QA-LoRA's pooling and fp32 folded biases (round 31's
+#: out-of-format check, bench/results/static-formats-sm80: sm_80's 16x64x256 w4 s3, 8 B of stack and
+#: 2 LDL/STL for INT4 g64 at every shape; none at g32 / g128 or other widths), not proposed with the
+#: pooling. It was never the pick there: 16x64x256 w2 s3 has the same depth, the same resident CTAs
+#: and the higher fitted efficiency on every format, so the exclusion costs no shape anything
+SPLITK_POOL_SPILLS = {80: frozenset({"16x64x256 w4 s3"}), 90: frozenset()}
 #: NF4's group (absmax block) when the format class does not carry it (bitsandbytes' default)
 NF4_BLOCK = 64
 
@@ -837,16 +843,17 @@ def _fits(c, arch: int, fp32_bias: bool, op: str, pool: bool = False) -> bool:
     # spills (sm_90 256x64x64 w4 with POOL: 80-168 B stack)
     if pool and op in ("fwd", "splitk") and k["BLOCK_M"] > 32 * c.num_warps:
         return False
-    if pool and op == "fwd" and (f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']} w{c.num_warps} s{c.num_stages}"
-                                 in FWD_POOL_SPILLS.get(arch_family(arch), ())):
+    label = f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']} w{c.num_warps} s{c.num_stages}"
+    if pool and op == "fwd" and label in FWD_POOL_SPILLS.get(arch_family(arch), ()):
+        return False
+    if pool and op == "splitk" and label in SPLITK_POOL_SPILLS.get(arch_family(arch), ()):
         return False
     # QA-LoRA's fp32 folded biases: the 256-row split-N tile spills with them (docs/kernels.md), and
     # so does round 9's two-warp GEMM input gradient (64x64x128 w2 with the fused V = dY·B: 24-64 B
     # of stack on sm_80, bench/results/static-sm80.csv)
     if op == "grad" and fp32_bias and c.num_warps < 4:
         return False
-    if op == "grad" and fp32_bias and (f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']} w{c.num_warps} s{c.num_stages}"
-                                       in GRAD_FP32_BIAS_SPILLS.get(arch_family(arch), ())):
+    if op == "grad" and fp32_bias and label in GRAD_FP32_BIAS_SPILLS.get(arch_family(arch), ()):
         return False
     return not (op == "splitn" and fp32_bias and k["BLOCK_N"] > 128)
 
