@@ -99,11 +99,11 @@ def format_spec(label: str) -> dict:
 
 class _Formats(dict):
     """label -> qlk.quantize keyword arguments; a label not listed (``--formats int3g32``, or a CSV
-    written with one) is parsed on first use, so reports of other formats render too."""
+    written with one) is parsed, not stored, so reports of other formats render too and the listed
+    five stay the ones every report's tables are laid out by."""
 
     def __missing__(self, label):
-        spec = self[label] = format_spec(label)
-        return spec
+        return format_spec(label)
 
 
 #: format label -> keyword arguments of qlk.quantize (the committed reports' formats)
@@ -337,8 +337,8 @@ def _ms(s: str):
 
 
 def _formats(s: str):
-    """``--formats`` "int3g32,nf4" -> ("int3g32", "nf4"), each checked and registered in :data:`FORMATS`;
-    empty -> None (:data:`FORMATS`)."""
+    """``--formats`` "int3g32,nf4" -> ("int3g32", "nf4"), each checked (:func:`format_spec`); empty ->
+    None (:data:`FORMATS`)."""
     out = tuple(x.strip() for x in s.split(",") if x.strip())
     for label in out:
         try:

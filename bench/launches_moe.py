@@ -117,6 +117,24 @@ TOKENS = (4096, 16, 1)  # the issue's 4096 and 16, and one token (the split-K de
 #: format label -> (fmt, bits, group_size)
 FORMATS = {"int4g32": ("int", 4, 32), "int4g128": ("int", 4, 128), "int3g128": ("int", 3, 128),
            "int2g32": ("int", 2, 32), "nf4dq": ("nf4", 4, 64)}
+
+
+def use_formats(labels) -> None:
+    """``bench/moe_estimates.py --formats``: these labels (``int<bits>g<group>``, ``nf4dq``) instead of
+    :data:`FORMATS`, the out-of-format check."""
+    import re
+
+    out = {}
+    for label in labels:
+        m = re.fullmatch(r"int([234])g(\d+)", label)
+        if m:
+            out[label] = ("int", int(m.group(1)), int(m.group(2)))
+        elif label == "nf4dq":
+            out[label] = ("nf4", 4, 64)
+        else:
+            raise SystemExit(f"--formats: format {label!r}: expected int<2|3|4>g<group> (e.g. int3g32) or nf4dq")
+    FORMATS.clear()
+    FORMATS.update(out)
 QALORA_RANK = 16
 
 

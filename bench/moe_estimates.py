@@ -240,6 +240,8 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", choices=("issue", "other", "wide"), default="issue",
                     help="issue 19's Mixtral / Qwen3-MoE layers, or an out-of-sample set (bench/launches_moe.py "
                          "OTHER_LAYERS / WIDE_LAYERS; writes static-moe-other-sm<arch> / static-moe-wide-sm<arch>)")
+    ap.add_argument("--formats", help="comma-separated format labels instead of the five (int<2|3|4>g<group>, "
+                                      "nf4dq; the out-of-format check: writes <stem>-formats-sm<arch>)")
     ap.add_argument("--fit-resident", nargs="+", metavar="CSV",
                     help="print qlk.kernels.heuristics.GROUPED_RESIDENT fitted to these static-moe CSVs and exit")
     args = ap.parse_args(argv)
@@ -260,6 +262,9 @@ def main(argv=None) -> int:
     if args.tokens:
         launches_moe.TOKENS = tuple(int(t) for t in args.tokens.split(",") if t)
         stem += "-t" + "-".join(str(t) for t in launches_moe.TOKENS)
+    if args.formats:
+        launches_moe.use_formats([f for f in args.formats.split(",") if f])
+        stem += "-formats"
     command = "python bench/moe_estimates.py " + " ".join(sys.argv[1:] if argv is None else argv)
     for arch in (int(a) for a in args.arch.split(",") if a):
         reports, failed = capture_reports(arch, patterns)

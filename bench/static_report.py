@@ -713,6 +713,24 @@ def fit_gemm_mid(rows) -> dict:
     return _drop_group_size_copies(out, heuristics)
 
 
+def fit_inputs(paths) -> tuple[list, list]:
+    """(tile rows, mid-M rows) of the rules' sweeps for ``--fit-rules``. The tile tables (CALIBRATION,
+    RESIDENT) take every row of the family sweep and the INT rows of a ``*-formats-*`` sweep (round
+    31: the same shapes at the other group sizes, which give INT4 g64, INT3 g32 / g64 and INT2 g64 /
+    g128 entries of their own); its NF4-without-double-quant rows stay out, since the rules' one
+    "nf4" class is fitted on double-quantized NF4. The mid-M tables (SPLIT_MID_M, GEMM_MID_M,
+    GEMM_MID_TILE, SPLIT_ROW_COST) take the family sweep's rows only."""
+    tile_rows, mid_rows = [], []
+    for path in paths:
+        rows = read_csv(path)
+        if "-formats-" in os.path.basename(path):
+            tile_rows += [r for r in rows if r["group"] != "qlk" or r["fmt"].startswith("int")]
+        else:
+            tile_rows += rows
+            mid_rows += rows
+    return tile_rows, mid_rows
+
+
 def fit_resident(rows) -> dict:
     """The split kernels' resident CTAs per SM (qlk.kernels.heuristics.RESIDENT) from a report's rows
     with every candidate compiled: per (arch family, op, format class) and candidate label, the
@@ -916,7 +934,10 @@ def _summary(rows, dispatched=None) -> list:
     cols = [("dense bf16", lambda r: r["group"] == "dense")]
     import launches
 
-    for fmt in launches.FORMATS:
+    # the report's five formats, then any other the rows hold (--formats), in the order they appear
+    extra = [f for f in dict.fromkeys(r["fmt"] for r in main.values() if r["group"] == "qlk")
+             if f not in launches.FORMATS]
+    for fmt in list(launches.FORMATS) + extra:
         cols.append((f"qlk {fmt}", lambda r, fmt=fmt: r["group"] == "qlk" and r["fmt"] == fmt and r["op"] in ("fwd", "dgrad")))
     cols += [
         ("gemlite int4g128", lambda r: r["case"].startswith("gemlite-auto/")),
@@ -1001,7 +1022,8 @@ def _row_order(r):
 
     fmts = list(launches.FORMATS)
     return (_GROUPS.get(r["group"], 2), r["group"], r["case"].split("/")[0] if r["group"].startswith("peer") else "",
-            _OPS.get(r["op"], 9), fmts.index(r["fmt"]) if r["fmt"] in fmts else 9, r["K"], r["N"], -(r["M"] or 0),
+            _OPS.get(r["op"], 9), fmts.index(r["fmt"]) if r["fmt"] in fmts else 9, r["fmt"], r["K"], r["N"],
+            -(r["M"] or 0),
             r["kernel"] or "")
 
 
@@ -1297,11 +1319,11 @@ def main(argv=None) -> int:
     if args.fit_rules:
         import pprint
 
-        rows = [r for path in args.fit_rules for r in read_csv(path)]
+        tile_rows, rows = fit_inputs(args.fit_rules)
         print("CALIBRATION = ", end="")
-        pprint.pprint(fit_rules(rows), width=120, sort_dicts=True)
+        pprint.pprint(fit_rules(tile_rows), width=120, sort_dicts=True)
         print("RESIDENT = ", end="")
-        pprint.pprint(fit_resident(rows), width=120, sort_dicts=True)
+        pprint.pprint(fit_resident(tile_rows), width=120, sort_dicts=True)
         print("SPLIT_ROW_COST = ", end="")
         pprint.pprint(fit_split_row_cost(rows), width=120, sort_dicts=True)
         print("SPLIT_MID_M = ", end="")

@@ -819,6 +819,19 @@ def test_qalora_splitk_leaves_out_the_tile_that_spills_with_pooling(device_lists
                      for s in shapes]
 
 
+def test_tiles_that_spill_for_one_format_class_are_left_out(device_lists):
+    """Round 31 (bench/results/static-family-formats-sm80): sm_80's 16x64x128 w4 s4 split-N tile spills
+    8 B for INT2 g64, so it is not proposed for that format class; the other group sizes and widths,
+    and sm_90, keep their tiles."""
+    for m, n, k in ((1, 2048, 2048), (16, 14336, 4096), (64, 512, 2048)):
+        labels = {fmt: {c.label for c in h.score_all("splitn", m, n, k, fmt, 80, 108)}
+                  for fmt in ("int2g64", "int2g32", "int2g128", "int4g64", "int3g64")}
+        assert "16x64x128 w4 s4" not in labels["int2g64"] and "16x64x128 w2 s3" in labels["int2g64"]
+        assert all("16x64x128 w4 s4" in v for f, v in labels.items() if f != "int2g64"), labels
+        assert {c.label for c in h.score_all("splitn", m, n, k, "int2g64", 90, 132)} == \
+            {c.label for c in h.score_all("splitn", m, n, k, "int2g32", 90, 132)}
+
+
 def test_path_rule_knows_the_dense_two_warp_tiles(device_lists):
     """Round 10: the dense baseline's sm_80 two-warp tiles (round 9) are in the path rule's dense
     model. Without them it kept the fused kernel for SmolLM2's 576-wide input gradient at M = 3000,
@@ -1033,6 +1046,14 @@ def test_grouped_tiles_by_rows_an_expert(monkeypatch):
                     assert cfg["BLOCK_K"] == (128 if rows == 32 and arch == 80 else 256), (arch, rows)
                 assert qc.grouped_config("grad", True, rows_per_expert, False, bits)["BLOCK_M"] == rows
                 assert qc.grouped_config("grad", True, rows_per_expert, True, bits)["BLOCK_M"] == 16
+            # round 31: sm_80's 32-row forward spills for INT4 g64 and QA-LoRA's INT2 g128 (only those):
+            # 64 deep on four stages there; the other group sizes and sm_90 keep their tile
+            for bits, g, folded in ((4, 64, False), (2, 128, True), (4, 32, False), (4, 64, True), (2, 128, False),
+                                    (3, 32, False), (2, 64, True)):
+                cfg = qc.grouped_config("fwd", True, rows_per_expert, folded, bits, g)
+                spills = rows == 32 and arch == 80 and (bits, g, folded) in ((4, 64, False), (2, 128, True))
+                assert (cfg["BLOCK_K"], cfg["num_stages"]) == ((64, 4) if spills else (qc.grouped_config(
+                    "fwd", True, rows_per_expert, folded, bits)["BLOCK_K"], 3)), (arch, rows, bits, g, folded)
         # above the small-M bound: 64-row tiles to MID_TILE_ROWS rows an expert, then 128
         for direction in ("fwd", "grad"):
             mid = qc.grouped_config(direction, False, 33.0, False, 4)

@@ -67,6 +67,14 @@ GUARD_ONLY = {
     # at M = 16, every candidate, for the wgmma check (and spills)
     90: (((2880, 4096),), (16, 3000), ["fwd/int4g32/*", "fwd/nf4dq/*", "dgrad/int2g32/*"]),
 }
+#: round 31, the other group sizes (bench/launches.py --formats), compiled for the no-spill check and
+#: for compiling at all: sm_90's INT3 g32 input gradient on the B-operand tile failed in Triton's
+#: pipeline ("Illegal shared layout") at every M >= 64, and sm_80's INT2 g64 split-N 16x64x128 w4 s4
+#: spilled 8 B; per arch, (((K, N), ...), Ms, cases, formats)
+GUARD_FORMATS = {
+    90: (((2048, 2048),), (64,), ["dgrad/int3g32/*", "dgrad/int3g64/*"], ("int3g32", "int3g64")),
+    80: (((2048, 2048),), (16,), ["dgrad/int2g64/*"], ("int2g64",)),
+}
 KERNELS = ("_quant_matmul_fwd_kernel", "_quant_matmul_grad_input_kernel", "_quant_matmul_splitk_kernel",
            "_quant_matmul_grad_input_splitn_kernel", "_quant_matmul_grad_input_gemv_kernel", "_dequantize_kernel",
            "_fold_bias_kernel")
@@ -113,6 +121,9 @@ def test_every_kernel_compiled(rows):
     guard = {(r["kernel"], r["config"].split()[0]) for r in rows if r.get("guard_only")}
     assert ("_quant_matmul_grad_input_kernel", "64x64x128") in guard, guard
     assert ("_quant_matmul_grad_input_splitn_kernel", "16x128x128") in guard, guard
+    # round 31: every format's input gradient compiles (INT3 g32 on sm_90 did not)
+    formats = {(r["arch"], r["case"].split("/")[1]) for r in rows if r.get("guard_only")}
+    assert {(90, "int3g32"), (90, "int3g64"), (80, "int2g64")} <= formats, formats
 
 
 def test_no_spills(rows):
@@ -332,8 +343,9 @@ def _compile_all() -> list:
         if bad:
             raise SystemExit(f"cases did not compile: {bad}")
         out += rows
-    for arch, (shapes, ms, patterns) in GUARD_ONLY.items():
-        cases = launches.all_cases(patterns=patterns, include_dense=False, shapes=shapes, ms=ms)
+    guards = [(arch, (*g, None)) for arch, g in GUARD_ONLY.items()] + list(GUARD_FORMATS.items())
+    for arch, (shapes, ms, patterns, formats) in guards:
+        cases = launches.all_cases(patterns=patterns, include_dense=False, shapes=shapes, ms=ms, formats=formats)
         rows = static_report.collect(arch, cases, log=lambda s: print(s, file=sys.stderr, flush=True))
         bad = [(r["case"], r["status"]) for r in rows if r["status"] != "ok"]
         if bad:

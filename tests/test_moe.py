@@ -813,6 +813,46 @@ def test_grouped_small_m_32_row_tiles(bits, g, monkeypatch):
 
 
 @needs_kernels
+@pytest.mark.parametrize("bits,g", [(2, 128), (4, 64)], ids=["int2g128", "int4g64"])
+def test_grouped_qalora_forward_64_deep_32_row_tile(bits, g, monkeypatch):
+    """Round 31: sm_80's 32-row small-M forward steps 64 deep for INT4 g64 and QA-LoRA's INT2 g128 (the
+    128-deep tile spills there, config.GROUPED_SMALL_FWD_SPILLS_SM80): a group over two K steps (g128)
+    or one (g64), QA-LoRA's fp32 folded biases and in-kernel pooling, experts of 0, 1, 20, 33 and 70
+    rows, sentinel rows (NaN in, 0 out), NaN-poisoned output; against Y_e = X_e·Ŵ_eᵀ + σ·P(X_e)·A_eᵀ·B_eᵀ
+    in float64, per program and in a slot loop."""
+    from qlk.autograd.experts import folded_weight_args
+    from qlk.kernels import grouped_matmul as gm
+
+    monkeypatch.setattr(gm, "_output", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
+                                                                                device=device))
+    counts, n, k, r, sigma, tail = [0, 1, 20, 33, 70], 24, 256, 4, 2.0, 3
+    e_count = len(counts)
+    gen = torch.Generator().manual_seed(310 + g)
+    qw = qlk.quantize(torch.randn(e_count * n, k, generator=gen), bits=bits, group_size=g)
+    w = oracle_weight(qw).reshape(e_count, n, k)
+    a = (torch.randn(e_count, r, k // g, generator=gen) * 0.5).half()
+    b = (torch.randn(e_count, n, r, generator=gen) * 0.5).half()
+    off = offsets_of(counts)
+    routed = int(off[-1])
+    x = torch.randn(routed + tail, k, generator=gen).half()
+    x[routed:] = float("nan")
+
+    def ref(e, xe):
+        pooled = xe.reshape(xe.shape[0], k // g, g).mean(-1)
+        return xe @ w[e].t() + sigma * pooled @ a[e].double().t() @ b[e].double().t()
+
+    y_ref = per_expert(x[:routed], off, ref)
+    cfg = dict(BLOCK_N=64, BLOCK_M=32, BLOCK_K=64, num_warps=2, num_stages=1)
+    for extra in (dict(DECODE=True), dict(DECODE=True, PROGRAMS=2)):
+        y, pooled = grouped_matmul_forward(x, qw, off, e_count, wargs=folded_weight_args(qw, a, b, sigma, e_count),
+                                           pool=True, config=dict(cfg, **extra))
+        assert torch.equal(y[routed:], torch.zeros(tail, n, dtype=torch.half)) and not y.isnan().any(), extra
+        assert ((y[:routed].double() - y_ref).norm() / y_ref.norm()) < 2e-3, extra
+        torch.testing.assert_close(pooled[:routed], x[:routed].float().reshape(routed, k // g, g).mean(-1),
+                                   rtol=1e-3, atol=1e-3)
+
+
+@needs_kernels
 def test_grouped_large_m_64_row_tiles_at_mid_rows(monkeypatch):
     """Round 30: above the small-M bound, to ``MID_TILE_ROWS`` rows an expert, the large-M kernels
     run 64-row tiles. Here INT4 g32 at S/E = 44: experts with 0, 1, 40, 65, 130 and 30 rows (one,

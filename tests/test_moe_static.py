@@ -62,7 +62,7 @@ RESULTS = os.path.join(ROOT, "bench", "results")
 #: layers at --tokens 400: 27-50 rows an expert; --tokens 300,384: Mixtral's 75 / 96 rows on 128-row tiles,
 #: Qwen3's 19 / 24 on 32-row ones)
 MOE_REPORTS = ("static-moe", "static-moe-other", "static-moe-t512-64", "static-moe-wide", "static-moe-t128-160-250",
-               "static-moe-other-t400", "static-moe-t300-384")
+               "static-moe-other-t400", "static-moe-t300-384", "static-moe-t4096-128-16-formats")
 #: what the out-of-sample runs found under 0.9x at >= 256 tokens (case -> ratio; they get no worse),
 #: docs/moe.md "Round 10". Empty since round 23: sm_80's QA-LoRA forward on Mixtral's down
 #: projection at 512 tokens (0.83x on the 8-warp 256-column tile, 128 working CTAs on 108 SMs) takes
@@ -156,6 +156,35 @@ KNOWN_LOW_SMALL: dict = {
         'grouped-qalora/int3g128/mixtral-gate_up/T250': 0.459, 'grouped-qalora/int4g128/mixtral-down/T160': 0.748,
         'grouped-qalora/int4g128/mixtral-down/T250': 0.766, 'grouped-qalora/int4g128/mixtral-gate_up/T160': 0.744,
         'grouped-qalora/int4g128/mixtral-gate_up/T250': 0.76,
+    },
+    # round 31, the other group sizes (bench/moe_estimates.py --formats int3g32,int3g64,int4g64,int2g64,
+    # int2g128 at 4096 / 128 / 16 tokens): the small-M INT2 input gradients' class at g64 / g128 (fewer
+    # scale bytes a weight, the same shared-memory-bound transposed tile: a lower DRAM fraction), and
+    # INT2 g64 / g128 forwards at 32 rows an expert (sm_80 also QA-LoRA's INT2 g128 on the 64-deep
+    # step its 128-deep tile spilled on, config.GROUPED_SMALL_FWD_SPILLS_SM80)
+    ('static-moe-t4096-128-16-formats', 90): {
+        'grouped-dgrad/int2g128/mixtral-down/T128': 0.689, 'grouped-dgrad/int2g128/mixtral-down/T16': 0.656,
+        'grouped-dgrad/int2g128/mixtral-gate_up/T128': 0.65, 'grouped-dgrad/int2g128/mixtral-gate_up/T16': 0.651,
+        'grouped-dgrad/int2g128/qwen3-down/T128': 0.711, 'grouped-dgrad/int2g128/qwen3-down/T16': 0.654,
+        'grouped-dgrad/int2g128/qwen3-gate_up/T128': 0.687, 'grouped-dgrad/int2g128/qwen3-gate_up/T16': 0.651,
+        'grouped-dgrad/int2g64/mixtral-down/T128': 0.757, 'grouped-dgrad/int2g64/mixtral-down/T16': 0.727,
+        'grouped-dgrad/int2g64/mixtral-gate_up/T128': 0.718, 'grouped-dgrad/int2g64/mixtral-gate_up/T16': 0.722,
+        'grouped-dgrad/int2g64/qwen3-down/T128': 0.783, 'grouped-dgrad/int2g64/qwen3-down/T16': 0.725,
+        'grouped-dgrad/int2g64/qwen3-gate_up/T128': 0.759, 'grouped-dgrad/int2g64/qwen3-gate_up/T16': 0.722,
+        'grouped-fwd/int2g128/mixtral-down/T128': 0.831, 'grouped-fwd/int2g128/mixtral-gate_up/T128': 0.825,
+    },
+    ('static-moe-t4096-128-16-formats', 80): {
+        'grouped-dgrad/int2g128/mixtral-down/T128': 0.637, 'grouped-dgrad/int2g128/mixtral-down/T16': 0.663,
+        'grouped-dgrad/int2g128/mixtral-gate_up/T128': 0.712, 'grouped-dgrad/int2g128/mixtral-gate_up/T16': 0.774,
+        'grouped-dgrad/int2g128/qwen3-down/T128': 0.768, 'grouped-dgrad/int2g128/qwen3-down/T16': 0.691,
+        'grouped-dgrad/int2g128/qwen3-gate_up/T128': 0.679, 'grouped-dgrad/int2g128/qwen3-gate_up/T16': 0.624,
+        'grouped-dgrad/int2g64/mixtral-down/T128': 0.7, 'grouped-dgrad/int2g64/mixtral-down/T16': 0.736,
+        'grouped-dgrad/int2g64/mixtral-gate_up/T128': 0.786, 'grouped-dgrad/int2g64/mixtral-gate_up/T16': 0.859,
+        'grouped-dgrad/int2g64/qwen3-down/T128': 0.844, 'grouped-dgrad/int2g64/qwen3-down/T16': 0.767,
+        'grouped-dgrad/int2g64/qwen3-gate_up/T128': 0.748, 'grouped-dgrad/int2g64/qwen3-gate_up/T16': 0.693,
+        'grouped-fwd/int2g128/mixtral-down/T128': 0.8, 'grouped-fwd/int2g128/mixtral-gate_up/T128': 0.794,
+        'grouped-fwd/int2g64/mixtral-down/T128': 0.883, 'grouped-fwd/int2g64/mixtral-gate_up/T128': 0.877,
+        'grouped-qalora/int2g128/mixtral-down/T128': 0.762, 'grouped-qalora/int2g128/mixtral-gate_up/T128': 0.756,
     },
 }
 

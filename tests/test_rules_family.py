@@ -27,6 +27,17 @@ for _p in (ROOT, os.path.join(ROOT, "bench")):
 import static_report as sr  # noqa: E402
 
 SWEEP = {arch: os.path.join(ROOT, "bench", "results", f"static-family-sm{arch}.csv") for arch in (90, 80)}
+#: round 31: the same shapes and M values at the other formats (INT4 g64, INT3 g32 / g64, INT2 g64 /
+#: g128, NF4 without double quant), whose INT rows CALIBRATION and RESIDENT are fitted on with the
+#: family sweep (the mid-M tables stay the family sweep's)
+FORMATS_SWEEP = {arch: os.path.join(ROOT, "bench", "results", f"static-family-formats-sm{arch}.csv")
+                 for arch in (90, 80)}
+
+
+def fit_rows():
+    """The rows CALIBRATION and RESIDENT are fitted on (``static_report.fit_inputs``: the family sweep and
+    the INT rows of the formats sweep), both archs."""
+    return sr.fit_inputs([p for arch in (90, 80) for p in (SWEEP[arch], FORMATS_SWEEP[arch])])[0]
 
 #: cases where the rules' pick is slower than the analyzer's best by more than the tolerance, each
 #: with the reason (docs/kernels.md "Config rules, round 3"); empty means chosen == best everywhere
@@ -154,12 +165,12 @@ KNOWN_LOW = {90: {}, 80: {}}
 #: gradient on sm_80 never launching the two-warp tile the rules scored: 0.85x dense at M = 500)
 OUT_OF_SAMPLE = {(stem, arch): os.path.join(ROOT, "bench", "results", f"static-{stem}-sm{arch}.csv")
                  for stem in ("extra", "other", "odd", "new", "oos", "oos2", "oos3", "oos4", "oos5", "oos6", "oos7", "oos8",
-                              "midm", "smol")
+                              "midm", "smol", "family-formats", "formats")
                  for arch in (90, 80)}
 #: round 11's check at unswept shapes (static-new: 8 layers x 4 M x 5 formats x 2 ops = 320 cases) is
 #: smaller than the others, and its 1536->256 layer's tile picks at M = 24 / 200 are 3.5-9 % off the
 #: analyzer's best (documented in docs/kernels.md "Round 11"): 97 % there, 98 % elsewhere
-OUT_OF_SAMPLE_MIN_CASES = {"new": 320, "midm": 160, "smol": 84}
+OUT_OF_SAMPLE_MIN_CASES = {"new": 320, "midm": 160, "smol": 84, "formats": 300}
 #: round 14's check (static-oos: Qwen2.5-0.5B/3B/32B, Phi-3-mini, Gemma-2-9B/27B layers at M 1, 5, 48,
 #: 777, 4000): chosen = best 585 / 600 (sm_90) and 580 / 600 (sm_80) since round 15; most misses are 1-10 % (the
 #: split-K depth at K = 896, 896->128's forward tiles at M >= 777), docs/kernels.md "Round 14"
@@ -210,7 +221,14 @@ OUT_OF_SAMPLE_MIN_CASES = {"new": 320, "midm": 160, "smol": 84}
 #: midm 149 -> 157, oos5 670 -> 682, oos6 702 -> 710; oos3 575 -> 570: five 72-row input gradients on
 #: 2048-deep layers now take split-N, 1-6 % behind the GEMM)
 OUT_OF_SAMPLE_BEST_SHARE = {"new": 0.959, "oos": 0.96, "oos2": 0.965, "midm": 0.92, "oos3": 0.96, "smol": 0.94,
-                            "oos5": 0.91, "oos6": 0.965, "oos7": 0.955, "oos8": 0.975}
+                            "oos5": 0.91, "oos6": 0.965, "oos7": 0.955, "oos8": 0.975, "formats": 0.975}
+#: round 31's check of the other group sizes (bench/launches.py --formats; CALIBRATION and RESIDENT
+#: fitted on static-family-formats' INT rows with the family sweep, :func:`fit_rows`): 0 under 0.9x
+#: dense on either arch, every path the faster one, 0 qlk spills; chosen = best 1320 / 1344 on both
+#: archs (static-family-formats) and 294 (sm_90) / 293 (sm_80) of 300 (static-formats, five of the
+#: shapes at M 1, 9, 48, 333, 2048, 8192). Before the fit the rules took the bit width's entry, fitted
+#: at one group size: sm_80's static-formats 281 / 300 with 7 picks 12-21 % off (INT2 g128's split-K
+#: depth at M <= 16, 0.83-0.88)
 #: round 30's check (static-oos8, never fitted on: LLaMA-30B's 6656->6656 / 6656<->17920, LLaMA-65B and
 #: CodeLlama-34B's 8192<->22016, Llama-2-13B's 5120->5120, Llama-3.1-405B's 16384->1024 / 16384->16384 /
 #: 53248->16384, TinyLlama's 2048->256 k/v projection, at M 8, 20, 56, 384, 1200, 8000; 600 cases an
@@ -259,6 +277,14 @@ KNOWN_OFF_OUT_OF_SAMPLE = {
     ("oos5", 90): {"dgrad/int4g32/7168->576/M4": 0.891, "dgrad/int4g128/7168->576/M4": 0.892,
                    "dgrad/int3g128/7168->576/M4": 0.895, "dgrad/int2g32/7168->576/M4": 0.892,
                    "fwd/int4g32/7168->576/M700": 0.898, "fwd/int4g32/640->2560/M96": 0.88},
+    # round 31, the other group sizes (static-family-formats: the family sweep at INT4 g64, INT3 g32 /
+    # g64, INT2 g64 / g128 and NF4 without double quant; static-formats: 5 of its shapes at M 1, 9, 48,
+    # 333, 2048, 8192): split-K against the GEMM at M = 128 (the mid-M tables are the family sweep's,
+    # fitted at the report's five formats), and NF4 without double quant's 4-warp 256-deep split-K tile
+    # at M = 48 (the "nf4" class is fitted on double-quantized NF4)
+    ("family-formats", 90): {"fwd/int3g32/8192->2048/M128": 0.854, "fwd/int2g128/3072->3072/M128": 0.875},
+    ("family-formats", 80): {"fwd/int3g32/8192->3072/M128": 0.869, "fwd/int2g128/4096->14336/M128": 0.875},
+    ("formats", 80): {"fwd/nf4/14336->4096/M48": 0.873},
 }
 #: what the out-of-sample sweeps found under 0.9x dense (case -> x dense; they get no worse) and the
 #: dispatcher's misses there (case -> (path, its x dense, the faster path's)). sm_90 at M = 3000 on
@@ -399,17 +425,15 @@ def test_the_check_can_fail(sweep):
 
 def test_resident_ctas_are_the_sweeps():
     """heuristics.RESIDENT (the split kernels' CTAs per SM, round 6) is what ``--fit-rules`` reads
-    from the committed sweep: after a re-sweep, refit it with CALIBRATION."""
-    rows = [r for arch in (90, 80) for r in sr.read_csv(SWEEP[arch])]
-    assert sr.fit_resident(rows) == h.RESIDENT
+    from the committed sweeps (:func:`fit_rows`): after a re-sweep, refit it with CALIBRATION."""
+    assert sr.fit_resident(fit_rows()) == h.RESIDENT
 
 
 def test_calibration_is_the_sweeps():
-    """heuristics.CALIBRATION is what ``--fit-rules`` reads from the committed family sweep (round 17:
-    the GEMMs' efficiencies from unsplit launches only, the forward's as the input gradient's): a
-    re-sweep, or a change of the fit, that was not followed by a refit fails here."""
-    rows = [r for arch in (90, 80) for r in sr.read_csv(SWEEP[arch])]
-    assert sr.fit_rules(rows) == h.CALIBRATION
+    """heuristics.CALIBRATION is what ``--fit-rules`` reads from the committed sweeps (:func:`fit_rows`;
+    round 17: the GEMMs' efficiencies from unsplit launches only, the forward's as the input
+    gradient's): a re-sweep, or a change of the fit, that was not followed by a refit fails here."""
+    assert sr.fit_rules(fit_rows()) == h.CALIBRATION
 
 
 def test_mid_m_tables_are_the_sweeps():

@@ -318,8 +318,16 @@ def small_tile_rows(rows_per_expert: float) -> int:
     return short if rows_per_expert <= short else tall
 
 
+#: (bits, group size, folded) whose sm_80 32-row small-M forward (32x64x128 on two warps) spills: round
+#: 31's check of the other group sizes (bench/results/static-moe-formats-sm80: INT4 g64 24 B, QA-LoRA's
+#: folded INT2 g128 16 B, Mixtral at 128 tokens). They take a 64-deep step on four stages, which
+#: compiles without spills for every format (the 64-deep tile everywhere would cost the report's
+#: formats up to 0.2x: INT3 g128 0.79x, QA-LoRA INT4 g128 0.79x at 128 tokens)
+GROUPED_SMALL_FWD_SPILLS_SM80 = frozenset({(4, 64, False), (2, 128, True)})
+
+
 def grouped_config(direction: str, small_m: bool, rows_per_expert: float = 0.0, folded: bool = False,
-                   bits: int = 4) -> dict:
+                   bits: int = 4, group_size: int | None = None) -> dict:
     """Tile sizes, warps and stages of the grouped (mixture-of-experts) kernels of
     :mod:`qlk.kernels.grouped_matmul`, for ``direction`` "fwd" or "grad" on the current target.
 
@@ -355,8 +363,9 @@ def grouped_config(direction: str, small_m: bool, rows_per_expert: float = 0.0, 
             # fp32 biases spill 16 B on two warps at some shapes of both archs
             rows = small_tile_rows(rows_per_expert)
             if rows > 16 and not hopper:
-                return dict(BLOCK_N=64, BLOCK_M=rows, BLOCK_K=128, num_warps=4 if folded and bits == 4 else 2,
-                            num_stages=3)
+                deep = (bits, group_size, folded) not in GROUPED_SMALL_FWD_SPILLS_SM80
+                return dict(BLOCK_N=64, BLOCK_M=rows, BLOCK_K=128 if deep else 64,
+                            num_warps=4 if folded and bits == 4 else 2, num_stages=3 if deep else 4)
             warps = 4 if (folded and bits == 4) or rows > 16 else 2
             return dict(BLOCK_N=64, BLOCK_M=rows, BLOCK_K=256, num_warps=warps, num_stages=3)
         if mid:

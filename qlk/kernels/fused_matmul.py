@@ -641,7 +641,9 @@ def _quant_matmul_grad_input_kernel(
 
     W_AS_B (sm_90, round 18; fp16/bf16 dY, whole K tiles, BLOCK_M ≥ 64 (wgmma's rows of dY); INT2/INT4
     with groups of whole words (a power of two, a word's codes or more), INT3 with groups of whole
-    32-column chunks (round 19; the launch keeps it off tiles with fewer chunks than threads), NF4
+    32-column chunks (round 19; the launch keeps it off tiles with fewer chunks than threads; round
+    31: a group of one chunk, g32, only on 64-row N steps: with 128 Triton 3.9's sm_90 pipeline
+    stops in TritonGPUOptimizeDotOperands, "Illegal shared layout"), NF4
     with a plain or de-nested absmax): the tile is
     dX [BLOCK_M, BLOCK_K] = dY·Ŵ with Ŵ as the MMA's B operand, decoded by
     :func:`qlk.kernels.decode_tile._decode_int_tile_rows` (INT3: ``_decode_int3_tile_rows``) into 16-byte rows that wgmma reads from
@@ -685,7 +687,8 @@ def _quant_matmul_grad_input_kernel(
     ACT16: tl.constexpr = dy_ptr.dtype.element_ty == tl.float16 or dy_ptr.dtype.element_ty == tl.bfloat16
     ROWS: tl.constexpr = W_AS_B and ACT16 and EVEN_K and BLOCK_M >= 64 and (GROUP_SIZE & (GROUP_SIZE - 1)) == 0 and \
         (((BITS == 2 or BITS == 4) and not IS_NF4 and GROUP_SIZE % (32 // BITS) == 0) or
-         (BITS == 3 and not IS_NF4 and GROUP_SIZE % 32 == 0) or (IS_NF4 and not DOUBLE_QUANT))
+         (BITS == 3 and not IS_NF4 and GROUP_SIZE % 32 == 0 and (GROUP_SIZE > 32 or BLOCK_N <= 64)) or
+         (IS_NF4 and not DOUBLE_QUANT))
     if ROWS:
         _grad_tile_w_as_b(dx_ptr, dy_rows, qw_ptr, s_ptr, b_ptr, lut_ptr, stride_qn, stride_sn, stride_sg, offs_m,
                           pid_k, k0, n_lo, n_hi, M, N, K, stride_dyn, stride_dxm, stride_dxk, BITS, GROUP_SIZE, IS_NF4,

@@ -293,13 +293,14 @@ def _grad_tile(t, pid_k, pid_s, dx_ptr, dy_ptr, tile_expert_ptr, tile_row_ptr, b
                HALF2: tl.constexpr, HALF2_ASM: tl.constexpr, SHIFT_K: tl.constexpr, W_AS_B: tl.constexpr):
     """Tile slot t, K tile pid_k (N slice pid_s with SPLIT_N) of :func:`_grouped_matmul_grad_input_kernel`:
     the dense gradient's B-operand tile where W_AS_B applies (its conditions: fp16/bf16 dY, whole K
-    tiles, BLOCK_M ≥ 64; INT2/INT4 with groups of whole words, INT3 of whole 32-column chunks, NF4
+    tiles, BLOCK_M ≥ 64; INT2/INT4 with groups of whole words, INT3 of whole 32-column chunks (g32 on 64-row N steps only, the dense kernel's note), NF4
     with a plain or de-nested absmax),
     else the Ŵᵀ tile (:func:`_grad_tile_t`)."""
     ACT16: tl.constexpr = dy_ptr.dtype.element_ty == tl.float16 or dy_ptr.dtype.element_ty == tl.bfloat16
     ROWS: tl.constexpr = W_AS_B and ACT16 and EVEN_K and BLOCK_M >= 64 and (GROUP_SIZE & (GROUP_SIZE - 1)) == 0 and \
         (((BITS == 2 or BITS == 4) and not IS_NF4 and GROUP_SIZE % (32 // BITS) == 0) or
-         (BITS == 3 and not IS_NF4 and GROUP_SIZE % 32 == 0) or (IS_NF4 and not DOUBLE_QUANT))
+         (BITS == 3 and not IS_NF4 and GROUP_SIZE % 32 == 0 and (GROUP_SIZE > 32 or BLOCK_N <= 64)) or
+         (IS_NF4 and not DOUBLE_QUANT))
     if ROWS:
         e = tl.load(tile_expert_ptr + t)
         if e >= 0:
@@ -534,7 +535,8 @@ def tiles_for(direction: str, rows: int, num_experts: int, qw: QuantizedWeight |
     from the grid a balanced routing gives: min(S, E) experts of ⌈S / min(S, E) / 128⌉ tiles of 128
     rows, N = one expert's rows."""
     small = _small(rows, num_experts)
-    cfg = grouped_config(direction, small, rows / max(num_experts, 1), folded, qw.bits if qw is not None else 16)
+    cfg = grouped_config(direction, small, rows / max(num_experts, 1), folded, qw.bits if qw is not None else 16,
+                         qw.group_size if qw is not None else None)
     # the 64-row tiles of 32 < S/E <= MID_TILE_ROWS keep their tile: the rule weighs 128-row ones
     if (folded and direction == "fwd" and not small and device is not None and qw is not None and rows > 0
             and cfg["BLOCK_M"] > MID_TILE_ROWS
