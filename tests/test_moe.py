@@ -1016,7 +1016,7 @@ def test_grouped_forward_lane_order(bits, k, g, lanes, monkeypatch):
     ("int", 3, 192, 16, 1, False, True)],
     ids=["int4g32", "int2g32-split-ahead", "int4-k160-shifted-split-ahead", "nf4dq-split-ahead", "int3g64-ahead",
          "int3g32-k160-shifted-split", "int3g16-transposed"])
-def test_grouped_grad_input_w_as_b(fmt, bits, k, g, split, rows, ahead, monkeypatch):
+def test_grouped_grad_input_w_as_b(fmt, bits, k, g, split, rows, ahead, monkeypatch, block_n=32):
     """The grouped input gradient with Ŵ as the MMA's B operand (round 18, the dense gradient's
     fused_matmul._w_as_b_acc on the expert's rows e·N + n) at a 64-row tile: experts with 0, 1, 17
     and 113 rows (the 113-row one over two tiles, a ragged second), N = 40 (a ragged second N tile;
@@ -1044,12 +1044,20 @@ def test_grouped_grad_input_w_as_b(fmt, bits, k, g, split, rows, ahead, monkeypa
     routed = int(off[-1])
     dy = torch.randn(routed + 2, n, generator=gen).half()
     dy[routed:] = float("nan")
-    cfg = dict(BLOCK_N=32, BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=1, SPLIT_N=split, WORDS_AHEAD=ahead)
+    cfg = dict(BLOCK_N=block_n, BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=1, SPLIT_N=split, WORDS_AHEAD=ahead)
     dx = grouped_matmul_grad_input(dy, qw, off, e_count, config=cfg)
     dx_ref = per_expert(dy[:routed], off, lambda e, de: de @ w_half[e])
     assert bool(ran) == rows
     assert torch.equal(dx[routed:], torch.zeros(2, k, dtype=torch.half)) and not dx.isnan().any()
     assert ((dx[:routed].double() - dx_ref).norm() / dx_ref.norm()) < 1e-3
+
+
+@needs_kernels
+@pytest.mark.parametrize("g,rows", [(32, False), (64, True)], ids=["int3g32-transposed", "int3g64"])
+def test_grouped_grad_input_w_as_b_128_row_steps(g, rows, monkeypatch):
+    """Round 31: on 128-row N steps INT3 g32 keeps the transposed tile in the grouped gradient too (its
+    B-operand tile does not compile there for sm_90), g64 takes the B-operand tile; same checks."""
+    test_grouped_grad_input_w_as_b("int", 3, 192, g, 1, rows, False, monkeypatch, block_n=128)
 
 
 COUNTS_FIRST = [5, 17, 0, 1]
