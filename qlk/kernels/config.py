@@ -319,8 +319,8 @@ def small_tile_rows(rows_per_expert: float) -> int:
 
 
 #: (bits, group size, folded) whose sm_80 32-row small-M forward (32x64x128 on two warps) spills: round
-#: 31's check of the other group sizes (bench/results/static-moe-formats-sm80: INT4 g64 24 B, QA-LoRA's
-#: folded INT2 g128 16 B, Mixtral at 128 tokens). They take a 64-deep step on four stages, which
+#: 31's check of the other group sizes (bench/results/static-moe-t4096-128-16-formats-sm80: INT4 g64
+#: 24 B, QA-LoRA's folded INT2 g128 16 B, Mixtral at 128 tokens). They take a 64-deep step on four stages, which
 #: compiles without spills for every format (the 64-deep tile everywhere would cost the report's
 #: formats up to 0.2x: INT3 g128 0.79x, QA-LoRA INT4 g128 0.79x at 128 tokens)
 GROUPED_SMALL_FWD_SPILLS_SM80 = frozenset({(4, 64, False), (2, 128, True)})

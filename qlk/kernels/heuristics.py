@@ -172,7 +172,10 @@ DEQUANT_DRAM_SHARE = 0.8
 #: Round 3: the analyzer's own estimate of each candidate, fitted once from the rules' sweep
 #: (``python bench/static_report.py --fit-rules bench/results/static-family-sm90.csv
 #: bench/results/static-family-sm80.csv``; every candidate compiled at the 12 Llama-family layer
-#: shapes x M in {1, 16, 64, 333, 2048, 8192} x INT4 g32/g128, INT3 g128, INT2 g32, NF4-DQ):
+#: shapes x M in {1, 16, 64, 333, 2048, 8192} x INT4 g32/g128, INT3 g128, INT2 g32, NF4-DQ; since round
+#: 31 also the INT rows of bench/results/static-family-formats-sm*.csv, the same shapes at INT4 g64,
+#: INT3 g32/g64 and INT2 g64/g128, so every INT class of g32/g64/g128 has entries of its own and the
+#: per-width entries, which other group sizes take, pool them):
 #: (arch family, op, format class) -> {candidate label: efficiency}. GEMMs: the tensor fraction's
 #: midpoint over the SM balance (the same at every M > 16 and every shape to ±0.01, except 2048→512
 #: where short K loops lose ~5 %); split kernels: the DRAM fraction's midpoint over the SM balance
