@@ -43,6 +43,8 @@ mutants: $(VENV)/.qlk-installed
 # Every shape: make static-report STATIC_ARGS="--cases '*'"; a quick look: STATIC_ARGS="--quick --cases 'dense-*'"
 # Llama-family shapes 1B..70B (GQA k/v too), M in 1..8192, chosen vs best config, x dense (long; write it elsewhere):
 #   make static-report STATIC_ARGS="--family --cases '*' --out /tmp/family"
+# other bit widths / group sizes than the report's five (round 31, fitted with the family sweep):
+#   make static-report STATIC_ARGS="--family --ms 1,16,64,128,333,2048,8192 --formats int4g64,int3g32,int3g64,int2g64,int2g128,nf4 --cases 'fwd*,dgrad*' --stem static-family-formats --out /tmp/ff"
 STATIC_ARGS ?= --cases '*/4096->14336/*,*/4096->14336'
 static-report: $(VENV)/.qlk-installed
 	env -u TRITON_INTERPRET $(PYTHON) bench/static_report.py $(STATIC_ARGS)

@@ -120,7 +120,7 @@ FORMATS = {"int4g32": ("int", 4, 32), "int4g128": ("int", 4, 128), "int3g128": (
 
 
 def use_formats(labels) -> None:
-    """``bench/moe_estimates.py --formats``: these labels (``int<bits>g<group>``, ``nf4dq``) instead of
+    """``bench/moe_estimates.py --formats``: these labels (``int<bits>g<group>``, ``nf4dq``, ``nf4``) instead of
     :data:`FORMATS`, the out-of-format check."""
     import re
 
@@ -129,10 +129,10 @@ def use_formats(labels) -> None:
         m = re.fullmatch(r"int([234])g(\d+)", label)
         if m:
             out[label] = ("int", int(m.group(1)), int(m.group(2)))
-        elif label == "nf4dq":
+        elif label in ("nf4dq", "nf4"):  # NF4 with / without double-quantized absmax
             out[label] = ("nf4", 4, 64)
         else:
-            raise SystemExit(f"--formats: format {label!r}: expected int<2|3|4>g<group> (e.g. int3g32) or nf4dq")
+            raise SystemExit(f"--formats: format {label!r}: expected int<2|3|4>g<group> (e.g. int3g32), nf4dq or nf4")
     FORMATS.clear()
     FORMATS.update(out)
 QALORA_RANK = 16
@@ -149,7 +149,7 @@ def stacked_weight(fmt_label: str, e: int, n: int, k: int):
     from qlk.nn.linear import empty_qweight
 
     fmt, bits, g = FORMATS[fmt_label]
-    return empty_qweight(e * n, k, bits, g, fmt, True, DTYPE, DTYPE, False, "cpu")
+    return empty_qweight(e * n, k, bits, g, fmt, fmt_label != "nf4", DTYPE, DTYPE, False, "cpu")  # "nf4": no double quant
 
 
 def balanced_offsets(rows: int, e: int) -> torch.Tensor:

@@ -241,7 +241,7 @@ def main(argv=None) -> int:
                     help="issue 19's Mixtral / Qwen3-MoE layers, or an out-of-sample set (bench/launches_moe.py "
                          "OTHER_LAYERS / WIDE_LAYERS; writes static-moe-other-sm<arch> / static-moe-wide-sm<arch>)")
     ap.add_argument("--formats", help="comma-separated format labels instead of the five (int<2|3|4>g<group>, "
-                                      "nf4dq; the out-of-format check: writes <stem>-formats-sm<arch>)")
+                                      "nf4dq, nf4; the out-of-format check: writes <stem>-formats-sm<arch>)")
     ap.add_argument("--fit-resident", nargs="+", metavar="CSV",
                     help="print qlk.kernels.heuristics.GROUPED_RESIDENT fitted to these static-moe CSVs and exit")
     args = ap.parse_args(argv)
