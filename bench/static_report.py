@@ -344,6 +344,16 @@ def dense_split(r) -> int:
     return int(split.group(1)) if split else 1
 
 
+def splitn_direct(r) -> bool:
+    """Whether a split-N row is a one-slice launch, which stores dX directly (round 32's DIRECT: no
+    workspace, no passes): its grid is ⌈K/BLOCK_K⌉ (+ 1 with QA-LoRA's V) × 1 × ⌈M/BLOCK_M⌉."""
+    tile = _TILE.match(r.get("config") or "")
+    if r.get("kernel") != "_quant_matmul_grad_input_splitn_kernel" or not r.get("grid_ctas") or not tile:
+        return False
+    block_m, _, block_k = (int(x) for x in tile.groups())
+    return r["grid_ctas"] // (math.ceil(r["K"] / block_k) * math.ceil(r["M"] / block_m)) == 1
+
+
 def split_passes_time(r, g) -> float:
     """Round 6: seconds of a split launch's work outside its kernel, which the analyzer does not
     compile, at the DRAM bandwidth (0 unsplit), the same count the rules charge: the input
@@ -356,8 +366,9 @@ def split_passes_time(r, g) -> float:
     from qlk.kernels import heuristics
 
     kernel = r.get("kernel")
-    if kernel in _SPLIT_KERNEL_OPS:  # every launch runs its workspace's passes (round 15)
-        return heuristics.split_kernel_passes_bytes(_SPLIT_KERNEL_OPS[kernel], r["M"], r["N"], r["K"]) / g.dram_bytes_per_s
+    if kernel in _SPLIT_KERNEL_OPS:  # a launch with a workspace runs its passes (round 15; round 32: not DIRECT)
+        return heuristics.split_kernel_passes_bytes(_SPLIT_KERNEL_OPS[kernel], r["M"], r["N"], r["K"],
+                                                    splitn_direct(r)) / g.dram_bytes_per_s
     if kernel == "_dense_matmul_kernel" and dense_split(r) > 1:
         # the baseline sums its [SPLIT, M, N] partials on the host ((4·SPLIT + 10) B per output
         # element); it is charged only what qlk's atomics cost, in its favour
@@ -400,17 +411,13 @@ def _rules_check(rows, arch, sms, g, heuristics, launches):
         timed = [(r, _est_time(r, g)) for r in pool]
         timed = [(r, t) for r, t in timed if t]
         best, t_best = min(timed, key=lambda rt: rt[1])
-        fp32_bias = nf4  # NF4's split-N launch passes fp32 absmax (the launcher's fp32_bias)
         pick = heuristics.choose_fused(rule_op, m, n, k, bits=bits, group_size=gsize, is_nf4=nf4, arch=arch,
                                        sms=sms) if m > heuristics.SPLIT_ALWAYS_M else None
         if pick is None:
             split_op = "splitk" if rule_op == "fwd" else "splitn"
-            pick = heuristics.choose_config(split_op, m, n, k, fmt, arch, sms,
-                                            fp32_bias=fp32_bias and split_op == "splitn")
+            pick = heuristics.choose_config(split_op, m, n, k, fmt, arch, sms)
             if split_op == "splitn" and m == 1 and heuristics.choose_m1_grad(n, k, fmt, arch, sms) == "gemv":
                 pick = "gemv"
-        elif pick.op == "splitn" and fp32_bias:
-            pick = heuristics.choose_config("splitn", m, n, k, fmt, arch, sms, fp32_bias=True)
         if pick == "gemv":  # its own autotuner picks the config: the faster of its two
             mine = [(r, t) for r, t in timed if kernel_op[r["kernel"]] == "gemv"]
             chosen = min(mine, key=lambda rt: rt[1]) if mine else (None, None)
@@ -566,8 +573,7 @@ def _mid_m_rule_rows(rows, ops, g_of, heuristics, launches):
         bits, gsize = spec.get("bits", 4), spec.get("group_size", 64)
         fmt = heuristics.format_class(bits, nf4, gsize)
         label = " ".join(r["config"].split()[:3])
-        scored = [c for c in heuristics.score_all(op, m, r["N"], r["K"], fmt, fam, g.sms,
-                                                  fp32_bias=nf4 and op == "splitn")
+        scored = [c for c in heuristics.score_all(op, m, r["N"], r["K"], fmt, fam, g.sms)
                   if c.label == label and c.ctas == r["grid_ctas"]]
         t = _est_time(r, g)
         if scored and t:
@@ -613,7 +619,7 @@ def fit_split_mid(rows) -> dict:
         for r, fam, op, fmt, c, packed, t in _mid_m_rule_rows(rows, ("splitk", "splitn"), gpu, heuristics, launches):
             tiles = math.ceil(r["M"] / c.block_m)
             rows = heuristics.SPLIT_ROW_COST.get((fam, op), 1.0) * r["M"] / tiles
-            model = tiles * heuristics.split_tile_bytes(op, r["N"], r["K"], packed, rows) / (
+            model = tiles * heuristics.split_tile_bytes(op, r["N"], r["K"], packed, rows, splitn_direct(r)) / (
                 heuristics.ARCH[fam].dram_bytes_per_s * c.score)
             t -= split_passes_time(r, gpu(r["arch"]))  # the kernel's own time: the line models the kernel
             for f in {fmt, heuristics.base_format(fmt)}:

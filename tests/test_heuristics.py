@@ -359,7 +359,9 @@ def test_grad_launchers_ask_the_rules_as_the_report_checks(monkeypatch, fmt):
     (bench/static_report.py ``_rules_check``) and fit assume: the GEMM with fp32_bias only for
     QA-LoRA's fp32 folded biases, never for NF4 (whose bias argument is an fp32 placeholder: counted
     as biases it kept every NF4 input gradient off sm_80's two-warp tile, 0.85x dense at M = 500),
-    split-N with it for NF4. Nothing is launched: the query is recorded and the launch stopped."""
+    split-N neither (round 32: it had kept NF4 off the 256-row split-N tiles, which compile without a
+    spill for NF4, the one-slice tiles of narrow layers). Nothing is launched: the query is recorded
+    and the launch stopped."""
     asked = []
 
     def tiles(op, m, n, k, meta, device, fp32_bias=False, pool=False):
@@ -375,7 +377,7 @@ def test_grad_launchers_ask_the_rules_as_the_report_checks(monkeypatch, fmt):
     for path, m in (("gemm", 40), ("splitn", 5)):
         with pytest.raises(_Asked):
             fm.quant_matmul_grad_input(torch.randn(m, 64), qw, path=path)
-    assert asked == [("grad", False), ("splitn", fmt.startswith("nf4"))]
+    assert asked == [("grad", False), ("splitn", False)]
     if not fmt.startswith("nf4"):  # QA-LoRA: fp32 folded biases on the GEMM path
         from qlk.kernels import qalora
 
@@ -1151,3 +1153,33 @@ def test_sm80_128x64x64_grad_tile(device_lists):
     assert h.grad_split_spills("128x64x64 w4 s3", "int2", 333, 80)
     assert not h.grad_split_spills("128x64x64 w4 s3", "int2", 336, 80)
     assert not h.grad_split_spills("128x64x64 w4 s3", "int4g32", 333, 80)
+
+
+@pytest.mark.parametrize("arch", [90, 80])
+def test_narrow_layers_take_the_one_slice_split_n(device_lists, arch):
+    """Round 32: a narrow layer's input gradient at mid M (N = 256 rows of Ŵ: the k/v projections of
+    TinyLlama, Qwen2.5-1.5B/3B, Gemma-3-1B) runs split-N with one slice, which stores dX itself:
+    the 256-row tile covers N in one step (sm_80: round 32's 16x256x64; NF4 on both archs since
+    round 32). With the workspace's passes (10 B a dX element) it had been 0.68-0.89x dense
+    (static-narrow, static-oos8). The rules see the saving: the same launch charged as if it had a
+    workspace is slower by those passes and the fp32 partials."""
+    import dataclasses
+
+    formats = {"int4g32": (4, 32, False), "int4g128": (4, 128, False), "int3g128": (3, 128, False),
+               "int2g32": (2, 32, False), "nf4": (4, 64, True)}
+    dram = h.ARCH[arch].dram_bytes_per_s
+    for fmt, (bits, g, nf4) in formats.items():
+        for k in (2048, 1536):
+            for m in (40, 56):
+                c = h.choose_fused("grad", m, 256, k, bits, g, nf4, arch)
+                if (arch, fmt, k, m) == (80, "nf4", 2048, 56):  # its 4-slice tile: 3 % ahead in the rules
+                    continue
+                assert c.op == "splitn" and c.split == 1 and c.block_n == 256, (fmt, k, m, c)
+                assert h.splitn_direct(c.op, c.split)
+                assert h.choose_config("splitn", m, 256, k, fmt, arch) == c
+                # the same tile's time if it kept a workspace: the passes (10 B a dX element) and
+                # fp32 partial rows (4 B, not 2) on top
+                packed = h.weight_bytes(256, k, bits, g, nf4)
+                direct = h.fused_time(c, m, 256, k, packed, arch, fmt)
+                kept = h.fused_time(dataclasses.replace(c, split=2), m, 256, k, packed, arch, fmt)
+                assert kept - direct > 10 * m * k / dram

@@ -1209,6 +1209,79 @@ def test_splitn_grad_input_transposed_tile(case, det, monkeypatch):
     assert oracles.rel_err(dx, dy.cpu().double() @ w64.half().double()) < 5e-4
 
 
+# ------------------------------------------------ split-N with one slice: dX stored directly (round 32)
+# The launch whose grid has one slice of N (narrow layers: N within the tile's rows, or a full grid)
+# stores dX in dY's dtype itself (DIRECT): no workspace. 9 N tiles in the one slice (the last ragged),
+# 1-3 M tiles (the last short), 8-9 K tiles (K = 520: the shifted last tile), an out= inside a
+# NaN-poisoned buffer, QA-LoRA's V beside it.
+SPLITN_DIRECT_RUNS = [
+    pytest.param(("int", 4, 32, 512), 17, False, id="int4g32-M17"),
+    pytest.param(("int", 3, 256, 512), 33, False, id="int3g256-M33"),
+    pytest.param(("int", 2, 8, 520), 20, False, id="int2g8k520-M20"),
+    pytest.param(("int", 3, 16, 528), 17, False, id="int3g16-M17"),
+    pytest.param(("nf4", 64, True, 512), 17, False, id="nf4b64dq-M17"),
+    pytest.param(("int", 4, 32, 512), 20, True, id="int4g32-M20-qalora"),
+]
+
+
+@pytest.mark.parametrize("case,m,with_v", SPLITN_DIRECT_RUNS)
+@pytest.mark.parametrize("det", [False, True], ids=["atomic", "det"])
+def test_splitn_one_slice_stores_dx_directly(case, m, with_v, det, monkeypatch):
+    """dX = dY·Ŵ in fp16 through the split-N kernel launched with one slice: the launch is DIRECT,
+    no workspace is made, dX lands in ``out`` and nothing beside it is written, and
+    it matches float64 on Ŵ rounded to fp16; with QA-LoRA's B, V = dY·B too."""
+    from qlk.kernels import config
+
+    cfg = config._cfg(None, 4, 1, BLOCK_N=32, BLOCK_M=16, BLOCK_K=64)
+    qw, w64 = _only_grad_tile(monkeypatch, "splitn", cfg, case, m, 1)
+    n, k = qw.shape
+    seen = _spy_launches(monkeypatch, "_quant_matmul_grad_input_splitn_kernel")
+    made, real_ws = [], fm._workspace
+    monkeypatch.setattr(fm, "_workspace", lambda shape, device: made.append(tuple(shape)) or real_ws(shape, device))
+    dy = randn(m, n, seed=n + k + m).half()
+    big = torch.full((m * k + 256,), float("nan"), dtype=torch.float16, device=DEVICE)
+    out = big[64:64 + m * k].view(m, k)  # guards wider than a stray K tile's columns
+    if with_v:
+        a = randn(RANK, k // qw.group_size, seed=15).cpu() * 16
+        b = randn(n, RANK, seed=16).cpu()
+        dx, v = qalora_grad_input(dy, qw, a.to(DEVICE), b.to(DEVICE), SIGMA, out=out, path="splitn",
+                                  deterministic=det)
+    else:
+        dx = quant_matmul_backward(dy, qw, out=out, path="splitn", deterministic=det)
+    heuristics._choose_default.cache_clear()
+    (grid, kwargs), = seen
+    assert grid[1] == 1 and grid[2] == math.ceil(m / 16) and kwargs["DIRECT"]
+    assert made == ([(1, m, RANK) if det else (m, RANK)] if with_v else []), made  # V's only
+    assert dx.data_ptr() == out.data_ptr()
+    assert torch.isnan(big[:64]).all() and torch.isnan(big[64 + m * k:]).all()
+    assert not torch.isnan(dx).any()
+    if with_v:
+        dx_ref, _, _ = oracles.qalora_backward64(torch.zeros(m, k, dtype=torch.float64),
+                                                 dy.cpu().double(), w64.half().double(), a, b, SIGMA, qw.group_size)
+        assert oracles.rel_err(dx, dx_ref) < 1e-3
+        assert oracles.rel_err(v, dy.cpu().double() @ b.half().double()) < 1e-6
+    else:
+        assert oracles.rel_err(dx, dy.cpu().double() @ w64.half().double()) < 5e-4
+
+
+def test_splitn_slices_keep_the_workspace(monkeypatch):
+    """The other side of DIRECT: a launch with several slices of N adds into a zeroed fp32
+    workspace, not into dX (a DIRECT store from each slice would keep only one slice's sum)."""
+    from qlk.kernels import config
+
+    cfg = config._cfg(None, 4, 1, BLOCK_N=32, BLOCK_M=16, BLOCK_K=64)
+    qw, w64 = _only_grad_tile(monkeypatch, "splitn", cfg, ("int", 4, 32, 512), 17, 3)
+    n, k = qw.shape
+    seen = _spy_launches(monkeypatch, "_quant_matmul_grad_input_splitn_kernel")
+    dy = randn(17, n, seed=3).half()
+    dx = quant_matmul_backward(dy, qw, out=torch.full((17, k), float("nan"), dtype=torch.float16, device=DEVICE),
+                               path="splitn")
+    heuristics._choose_default.cache_clear()
+    (grid, kwargs), = seen
+    assert grid[1] == 3 and not kwargs["DIRECT"]
+    assert oracles.rel_err(dx, dy.cpu().double() @ w64.half().double()) < 5e-4
+
+
 def test_shift_last_k_rule():
     """The shift needs a ragged K longer than the tile and a start on a whole group and packed unit."""
     assert fm.shift_last_k(dict(K=2880, BLOCK_K=128, GROUP_SIZE=32))

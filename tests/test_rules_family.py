@@ -10,6 +10,7 @@ the kernels shows up once the sweep is regenerated (its command is in the markdo
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -165,12 +166,12 @@ KNOWN_LOW = {90: {}, 80: {}}
 #: gradient on sm_80 never launching the two-warp tile the rules scored: 0.85x dense at M = 500)
 OUT_OF_SAMPLE = {(stem, arch): os.path.join(ROOT, "bench", "results", f"static-{stem}-sm{arch}.csv")
                  for stem in ("extra", "other", "odd", "new", "oos", "oos2", "oos3", "oos4", "oos5", "oos6", "oos7", "oos8",
-                              "midm", "smol", "family-formats", "formats")
+                              "midm", "smol", "family-formats", "formats", "narrow")
                  for arch in (90, 80)}
 #: round 11's check at unswept shapes (static-new: 8 layers x 4 M x 5 formats x 2 ops = 320 cases) is
 #: smaller than the others, and its 1536->256 layer's tile picks at M = 24 / 200 are 3.5-9 % off the
 #: analyzer's best (documented in docs/kernels.md "Round 11"): 97 % there, 98 % elsewhere
-OUT_OF_SAMPLE_MIN_CASES = {"new": 320, "midm": 160, "smol": 84, "formats": 300}
+OUT_OF_SAMPLE_MIN_CASES = {"new": 320, "midm": 160, "smol": 84, "formats": 300, "narrow": 310}
 #: round 14's check (static-oos: Qwen2.5-0.5B/3B/32B, Phi-3-mini, Gemma-2-9B/27B layers at M 1, 5, 48,
 #: 777, 4000): chosen = best 585 / 600 (sm_90) and 580 / 600 (sm_80) since round 15; most misses are 1-10 % (the
 #: split-K depth at K = 896, 896->128's forward tiles at M >= 777), docs/kernels.md "Round 14"
@@ -221,7 +222,14 @@ OUT_OF_SAMPLE_MIN_CASES = {"new": 320, "midm": 160, "smol": 84, "formats": 300}
 #: midm 149 -> 157, oos5 670 -> 682, oos6 702 -> 710; oos3 575 -> 570: five 72-row input gradients on
 #: 2048-deep layers now take split-N, 1-6 % behind the GEMM)
 OUT_OF_SAMPLE_BEST_SHARE = {"new": 0.959, "oos": 0.96, "oos2": 0.965, "midm": 0.92, "oos3": 0.96, "smol": 0.94,
-                            "oos5": 0.91, "oos6": 0.965, "oos7": 0.955, "oos8": 0.975, "formats": 0.975}
+                            "oos5": 0.91, "oos6": 0.965, "oos7": 0.955, "oos8": 0.975, "formats": 0.975,
+                            "narrow": 0.95}
+#: round 32's check (static-narrow: the N = 128-512 k/v projections of TinyLlama, Qwen2.5-0.5B / 1.5B /
+#: 3B / 7B, Gemma-3-1B, SmolLM2-135M / 360M at M 24, 40, 56, 88, 120; 310 cases an arch): round 31's
+#: tree had sm_90 16 and sm_80 15 input gradients under 0.9x (N = 256 at M = 40-56, 0.68-0.89x: the
+#: split-N workspace's passes); with the one-slice launch storing dX itself (DIRECT), sm_80's 16x256x64
+#: split-N tile and NF4 on the 256-row tiles: 0 on either arch, every path the faster one, 0 qlk
+#: spills, chosen = best 297 (sm_90) and 295 (sm_80)
 #: round 31's check of the other group sizes (bench/launches.py --formats; CALIBRATION and RESIDENT
 #: fitted on static-family-formats' INT rows with the family sweep, :func:`fit_rows`): 0 under 0.9x
 #: dense on either arch, every path the faster one, 0 qlk spills; chosen = best 1320 / 1344 on both
@@ -274,8 +282,10 @@ KNOWN_OFF_OUT_OF_SAMPLE = {
     # against the 64x32x64 one, which must outscore the others by GRAD_CANDIDATE_MARGIN (10 %, round 8)
     # and is 12 % faster here; the picks 3.0x and 3.1x dense
     ("oos7", 90): {"dgrad/int4g128/4096->2880/M113": 0.891, "dgrad/int2g32/4096->2880/M113": 0.893},
+    # (round 32: NF4 on the 256-row split-N tile too, which it had been kept off, joins the class)
     ("oos5", 90): {"dgrad/int4g32/7168->576/M4": 0.891, "dgrad/int4g128/7168->576/M4": 0.892,
                    "dgrad/int3g128/7168->576/M4": 0.895, "dgrad/int2g32/7168->576/M4": 0.892,
+                   "dgrad/nf4dq/7168->576/M4": 0.891,
                    "fwd/int4g32/7168->576/M700": 0.898, "fwd/int4g32/640->2560/M96": 0.88},
     # round 31, the other group sizes (static-family-formats: the family sweep at INT4 g64, INT3 g32 /
     # g64, INT2 g64 / g128 and NF4 without double quant; static-formats: 5 of its shapes at M 1, 9, 48,
@@ -285,6 +295,12 @@ KNOWN_OFF_OUT_OF_SAMPLE = {
     ("family-formats", 90): {"fwd/int3g32/8192->2048/M128": 0.854, "fwd/int2g128/3072->3072/M128": 0.875},
     ("family-formats", 80): {"fwd/int3g32/8192->3072/M128": 0.869, "fwd/int2g128/4096->14336/M128": 0.875},
     ("formats", 80): {"fwd/nf4/14336->4096/M48": 0.873},
+    # round 32 (static-narrow): sm_80's 16x256x64 split-N tile on N = 320 (SmolLM2-360M's k/v) at M = 40,
+    # two slices of one step each, the second 64 rows of 256: the kernel decodes the clamped step in
+    # full, where the score's fill counts a cut step only below one block (short_reduction_fill); the
+    # picks 1.48-1.58x dense (the two-warp 4-slice tile: 1.64-1.76x)
+    ("narrow", 80): {"dgrad/int4g32/960->320/M40": 0.879, "dgrad/int2g32/960->320/M40": 0.865,
+                     "dgrad/nf4dq/960->320/M40": 0.875},
 }
 #: what the out-of-sample sweeps found under 0.9x dense (case -> x dense; they get no worse) and the
 #: dispatcher's misses there (case -> (path, its x dense, the faster path's)). sm_90 at M = 3000 on
@@ -323,14 +339,12 @@ KNOWN_LOW_OUT_OF_SAMPLE = {
     # forwards over 0.9x; round 27 4864->896's input gradient 0.891x -> 0.955x, the forward back to 0.8998x,
     # round 28 the forward over again (0.91x)
     ("oos", 90): {},
-    # static-oos8 (round 30): TinyLlama's 2048->256 input gradient at M = 56 on sm_90, a 0.5M-weight
-    # layer: the picks are the analyzer's best (no candidate or path >= 0.9x). Split-N's 16-row tiles
-    # run one 256-deep N step each (128 CTAs, shared-memory-bound on the transposed tile, 0.65 of DRAM
-    # peak optimistic), the GEMM tiles cover dX [56, 2048] with 16-32 CTAs on 132 SMs, and N = 256 is
-    # too short to split; the dense baseline's 16-row tile reads its bf16 weight at 0.94
-    ("oos8", 90): {"dgrad/nf4dq/2048->256/M56": 0.677, "dgrad/int4g32/2048->256/M56": 0.678,
-                   "dgrad/int4g128/2048->256/M56": 0.696, "dgrad/int3g128/2048->256/M56": 0.729,
-                   "dgrad/int2g32/2048->256/M56": 0.783},
+    # static-oos8 (round 30): TinyLlama's 2048->256 input gradient at M = 56 on sm_90 was 0.68-0.78x (the
+    # analyzer's best pick: split-N's one-slice launch paid its fp32 workspace's passes, 10 B a dX
+    # element against 0.26 MB of INT4 weight; the GEMM tiles cover dX [56, 2048] with 16-32 CTAs).
+    # Round 32's DIRECT store (one slice: dX itself, no workspace) and NF4 on the 256-row tile:
+    # 1.23-1.37x, none left (static-narrow: the whole N = 128-512 class)
+    ("oos8", 90): {},
 }
 # round 15's oos2: sm_90 at M = 300, the same class: 300 rows in 2 tiles of 256 (fill 0.59) or 3 of
 # 128 (0.78) against the dense baseline's 64-row tile (5 tiles, 0.94). The forward's 64x128x64 tile
@@ -528,7 +542,7 @@ def test_calibrated_candidates_use_the_fitted_efficiency(device_lists):
             label = f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}x{c.kwargs['BLOCK_K']} w{c.num_warps} s{c.num_stages}"
             if op == "grad" and not h.grad_candidate_allowed(label, fmt, fam):
                 continue
-            if c.qlk_arch == fam and not (op == "splitn" and fmt == "nf4" and c.kwargs["BLOCK_N"] > 128):
+            if c.qlk_arch == fam:
                 assert h.calibrated(op, c, fmt, fam) is not None, (fam, op, fmt, c)
     c = _cfg(90, 8, 3, BLOCK_N=128, BLOCK_M=256, BLOCK_K=64, GROUP_M=8)
     assert h.calibrated("fwd", c, "int4", 90) == h.CALIBRATION[(90, "fwd", "int4")]["256x128x64 w8 s3"]
@@ -585,16 +599,23 @@ def test_split_kernels_are_charged_their_workspace_passes(device_lists):
     from bench.sass import gpu
 
     m, n, k = 40, 128, 896  # 3 M tiles of 13.3 rows (round 29: not 16)
+    dram = h.ARCH[80].dram_bytes_per_s
     for op, out_cols in (("splitk", n), ("splitn", k)):
-        c = h.choose_config(op, m, n, k, "int4g32", 80)
+        chosen = h.choose_config(op, m, n, k, "int4g32", 80)
         packed = h.weight_bytes(n, k, 4, 32, False)
-        tiles = math.ceil(m / c.block_m)
+        tiles = math.ceil(m / chosen.block_m)
         rows = h.SPLIT_ROW_COST.get((80, op), 1.0) * m / tiles  # round 29: M / T rows a tile, at their cost
-        kernel = h.split_mid_tiles(op, tiles, "int4g32", 80, c.label) * \
-            (packed + rows * h.split_row_bytes(op, n, k)) / (h.ARCH[80].dram_bytes_per_s * c.score)
         assert h.split_kernel_passes_bytes(op, m, n, k) == 10 * m * out_cols
-        assert h.fused_time(c, m, n, k, packed, 80, "int4g32") == pytest.approx(
-            kernel + 10 * m * out_cols / h.ARCH[80].dram_bytes_per_s)
+        assert h.split_kernel_passes_bytes(op, m, n, k, direct=True) == 0
+        for split in (1, 3):  # round 32: split-N's one-slice launch stores dX itself (16-bit rows, no passes)
+            c = dataclasses.replace(chosen, split=split)
+            direct = op == "splitn" and split == 1
+            assert h.splitn_direct(op, split) == direct
+            assert h.split_row_bytes(op, n, k, direct) == 2 * (k + n - out_cols) + (2 if direct else 4) * out_cols
+            kernel = h.split_mid_tiles(op, tiles, "int4g32", 80, c.label) * \
+                (packed + rows * h.split_row_bytes(op, n, k, direct)) / (dram * c.score)
+            assert h.fused_time(c, m, n, k, packed, 80, "int4g32") == pytest.approx(
+                kernel + (0 if direct else 10 * m * out_cols) / dram)
     g = gpu(90)
     row = dict(M=m, N=n, K=k, grid_ctas=64, op="dgrad")
     charged = {
@@ -609,6 +630,12 @@ def test_split_kernels_are_charged_their_workspace_passes(device_lists):
     for (kernel, cfg), nbytes in charged.items():
         r = dict(row, kernel=kernel, config=cfg, grid_ctas=7 if kernel == "_quant_matmul_grad_input_kernel" else 64)
         assert sr.split_passes_time(r, g) == pytest.approx(nbytes / g.dram_bytes_per_s), (kernel, cfg)
+    # round 32: a split-N launch of one slice (7 K tiles x 3 M tiles, + 1 column of V programs with
+    # QA-LoRA) stores dX directly: nothing outside the kernel; two slices are charged again
+    for grid, nbytes in ((21, 0), (28, 0), (42, 10 * m * k)):
+        r = dict(row, kernel="_quant_matmul_grad_input_splitn_kernel", config="16x64x128 w4 s4", grid_ctas=grid)
+        assert sr.splitn_direct(r) == (nbytes == 0)
+        assert sr.split_passes_time(r, g) == pytest.approx(nbytes / g.dram_bytes_per_s), grid
     fwd = dict(row, op="fwd", kernel="_dense_matmul_kernel", config="16x64x256 w4 s4 GROUP_M=1 SPLIT_K=2")
     assert sr.split_passes_time(fwd, g) == pytest.approx(10 * m * n / g.dram_bytes_per_s)  # Y [M, N]
 

@@ -268,6 +268,10 @@ def splitn_configs():
         # round 23: two warps read the dY tile from shared memory half as often (the grouped
         # gradient's sm_80 tile; INT2 / INT3 / NF4 +6-11 % at M = 16 on 4096->14336)
         _cfg(80, 2, 3, BLOCK_N=64, BLOCK_M=16, BLOCK_K=128),
+        # round 32: 256 rows of N a step, 64 columns of dX: narrow layers (N <= 256) in one slice,
+        # which stores dX directly (no workspace), on twice the CTAs of a 128-column tile
+        # (2048->256 at M = 40-56: 1.1-1.7 us -> 0.8 us, docs/kernels.md "Round 32")
+        _cfg(80, 4, 3, BLOCK_N=256, BLOCK_M=16, BLOCK_K=64),
     ]
 
 

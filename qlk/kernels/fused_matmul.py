@@ -776,20 +776,20 @@ def _v_program(v_ptr, dy_ptr, lb_ptr, pid_m, M, N, R, stride_dym, stride_dyn, st
 @fma_kernel
 @triton.jit
 def _quant_matmul_grad_input_splitn_kernel(
-    ws_ptr,  # fp32 partial sums: [M, K] (ATOMIC) or [SPLIT, M, K], zero-initialized
+    ws_ptr,  # fp32 partial sums: [M, K] (ATOMIC) or [SPLIT, M, K], zero-initialized; DIRECT: dX [M, K]
     dy_ptr,  # [M, N] upstream gradient (any strides)
     v_ptr,  # WITH_V: fp32 V = dY·B, [M, R] (ATOMIC) or [SPLIT, M, R], zero-initialized; else dummy
     lb_ptr,  # WITH_V: QA-LoRA's lora_b [N, R] (any strides); else dummy
     qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,  # packed weight (weight_args)
     stride_qn, stride_sn, stride_sg,
     M, N, K, M_BUCKET, R,
-    stride_dym, stride_dyn, stride_lbn, stride_lbr,
+    stride_dym, stride_dyn, stride_lbn, stride_lbr, stride_dxm, stride_dxk,
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
     ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
     WITH_V: tl.constexpr, R_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SHIFT_K: tl.constexpr = False,
     QN_ALIGN: tl.constexpr = 1, HALF2: tl.constexpr = False, HALF2_ASM: tl.constexpr = False,
-    LOOP_RUNS: tl.constexpr = False,
+    LOOP_RUNS: tl.constexpr = False, DIRECT: tl.constexpr = False,
 ):
     """Small-M input gradient, the reduction over N split across the grid: program (k, s, m) adds
     dXᵀ[k0:k0+BK, m0:m0+BM] = Σ_{n in slice s} Ŵᵀ[BK, BN]·dYᵀ[BN, BM] (slices of ⌈N/BN / SPLIT⌉ tiles).
@@ -801,7 +801,13 @@ def _quant_matmul_grad_input_splitn_kernel(
 
     Ŵᵀ comes from :func:`qlk.kernels.quant_tile_t._dequant_tile_t` in dY's dtype (HALF2: the INT
     formats' half2 arithmetic, s and c rounded to dY's dtype first, as the GEMM gradient; HALF2_ASM:
-    its inline PTX, else the interpreter's twin)."""
+    its inline PTX, else the interpreter's twin).
+
+    DIRECT (round 32; one slice, grid axis 1 of size 1): a program's sum over all of N is dX's tile
+    itself, stored in dY's dtype at (stride_dxm, stride_dxk), with no workspace to zero, add into and
+    cast back (10 B a dX element outside the kernel, against the tile's 2 B: on narrow layers, N ≤ the
+    tile's BLOCK_N, those passes were most of the launch's time, docs/kernels.md "Round 32"). V's
+    programs keep their fp32 workspace (M·R values)."""
     stride_qn = aligned_rows(stride_qn, QN_ALIGN)  # packed rows: aligned loads
     pid_k = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -840,11 +846,15 @@ def _quant_matmul_grad_input_splitn_kernel(
                           mask=mask_m[None, :] & (offs_n[:, None] < N), other=0.0)
             acc = tl.dot(wt, dyt, acc, input_precision=DOT_PRECISION)
         mask = keep_k[:, None] & mask_m[None, :]
-        offs = offs_m[None, :].to(tl.int64) * K + offs_k[:, None]
-        if ATOMIC:
-            tl.atomic_add(ws_ptr + offs, acc, mask=mask, sem="relaxed")
+        if DIRECT:
+            dx_offs = offs_m[None, :].to(tl.int64) * stride_dxm + offs_k[:, None] * stride_dxk
+            tl.store(ws_ptr + dx_offs, acc.to(ws_ptr.dtype.element_ty), mask=mask)
         else:
-            tl.store(ws_ptr + pid_s.to(tl.int64) * M * K + offs, acc, mask=mask)
+            offs = offs_m[None, :].to(tl.int64) * K + offs_k[:, None]
+            if ATOMIC:
+                tl.atomic_add(ws_ptr + offs, acc, mask=mask, sem="relaxed")
+            else:
+                tl.store(ws_ptr + pid_s.to(tl.int64) * M * K + offs, acc, mask=mask)
 
 
 @triton.autotune(configs=gemv_grad_configs(), key=["N", "K", "BITS", "GROUP_SIZE", "IS_NF4", "ATOMIC"],
@@ -1251,9 +1261,9 @@ def _grad_input(dy, qw, out, path, deterministic, wargs=None, lora_b=None):
         if path == "gemv":
             _gemv_grad_input(dy2, qw, out, deterministic, args, meta)
         elif path == "splitn":
-            # NF4's fp32 placeholder counts here: the split-N rules and sweeps keep its 256-row tile off
-            fp32_bias = getattr(args[2], "dtype", None) == torch.float32
-            _splitn_grad_input(dy2, qw, out, deterministic, args, meta, fp32_bias, lora_b, v)
+            # NF4's fp32 placeholder is not a bias (round 32: its 256-row split-N tiles compile without
+            # a spill, and were kept off them by it)
+            _splitn_grad_input(dy2, qw, out, deterministic, args, meta, _folded_fp32_biases(args, meta), lora_b, v)
         else:
             _, launches = _tiles("grad", m, n, k, meta, dy.device, _folded_fp32_biases(args, meta))
             # INT2 unpacked per half word on sm_80 (quant_tile_t; docs/kernels.md "Input gradient, round 3")
@@ -1318,20 +1328,28 @@ def _splitn_grad_input(dy2, qw, out, deterministic, args, meta, fp32_bias=False,
     _, launches = _tiles("splitn", m, n, k, meta, dy2.device, fp32_bias, pool=with_v)
     r = lora_b.shape[1] if with_v else 0
     max_split = max(c.split for c in launches)
-    ws = _split_workspace(max_split, m, k, deterministic, dy2.device)
     v_ws = (_workspace((max_split, m, r) if deterministic else (m, r), dy2.device)) if with_v else None
     dummy = args[3]
     half2 = _grad_half2(qw, dy2.dtype)
+    ws = None
     for c in launches:
+        # one slice: dX stored directly (DIRECT); else a zeroed workspace per launch (QLK_ALL_CONFIGS
+        # runs several), summed and cast below
+        direct = c.split == 1
+        if not direct:
+            ws = _split_workspace(c.split, m, k, deterministic, dy2.device)
+        dst = out if direct else ws
         # with V: one more column of programs, k = ⌈K/BLOCK_K⌉, for V = dY·B
         grid = (triton.cdiv(k, c.block_k) + with_v, c.split, triton.cdiv(m, c.block_m))
         _quant_matmul_grad_input_splitn_kernel[grid](
-            ws, dy2, v_ws if with_v else dummy, lora_b if with_v else dummy, *args, m, n, k, _bucket(m), r,
+            dst, dy2, v_ws if with_v else dummy, lora_b if with_v else dummy, *args, m, n, k, _bucket(m), r,
             dy2.stride(0), dy2.stride(1), lora_b.stride(0) if with_v else 0, lora_b.stride(1) if with_v else 0,
+            out.stride(0), out.stride(1),
             ATOMIC=not deterministic, DOT_PRECISION=_precision(dy2.dtype),
             WITH_V=with_v, R_PAD=_r_pad(r), HALF2=half2, HALF2_ASM=half2 and not INTERPRETED,
-            LOOP_RUNS=_loop_runs(n, c.block_n, c.split), **meta, **c.meta)
-    _split_finish(out, ws, deterministic)
+            LOOP_RUNS=_loop_runs(n, c.block_n, c.split), DIRECT=direct, **meta, **c.meta)
+    if launches[-1].split > 1:  # the chosen launch (the last) wrote the workspace
+        _split_finish(out, ws, deterministic)
     if with_v:
         v.copy_(v_ws.sum(0) if deterministic else v_ws)
 

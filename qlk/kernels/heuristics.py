@@ -235,19 +235,19 @@ CALIBRATION = {
     (80, 'splitk', 'int4g32'): {'16x64x128 w4 s4': 0.808, '16x64x256 w2 s3': 0.839, '16x64x256 w4 s3': 0.811},
     (80, 'splitk', 'int4g64'): {'16x64x128 w4 s4': 0.8, '16x64x256 w2 s3': 0.834, '16x64x256 w4 s3': 0.808},
     (80, 'splitk', 'nf4'): {'16x64x128 w4 s4': 0.757, '16x64x256 w2 s3': 0.772, '16x64x256 w4 s3': 0.767},
-    (80, 'splitn', 'int2'): {'16x128x128 w4 s3': 0.505, '16x64x128 w2 s3': 0.544, '16x64x128 w4 s4': 0.505},
-    (80, 'splitn', 'int2g128'): {'16x128x128 w4 s3': 0.451, '16x64x128 w2 s3': 0.486, '16x64x128 w4 s4': 0.438},
-    (80, 'splitn', 'int2g32'): {'16x128x128 w4 s3': 0.547, '16x64x128 w2 s3': 0.588, '16x64x128 w4 s4': 0.525},
-    (80, 'splitn', 'int2g64'): {'16x128x128 w4 s3': 0.482, '16x64x128 w2 s3': 0.518},
-    (80, 'splitn', 'int3'): {'16x128x128 w4 s3': 0.631, '16x64x128 w2 s3': 0.676, '16x64x128 w4 s4': 0.613},
-    (80, 'splitn', 'int3g128'): {'16x128x128 w4 s3': 0.583, '16x64x128 w2 s3': 0.626, '16x64x128 w4 s4': 0.569},
-    (80, 'splitn', 'int3g32'): {'16x128x128 w4 s3': 0.665, '16x64x128 w2 s3': 0.71, '16x64x128 w4 s4': 0.648},
-    (80, 'splitn', 'int3g64'): {'16x128x128 w4 s3': 0.607, '16x64x128 w2 s3': 0.65, '16x64x128 w4 s4': 0.589},
-    (80, 'splitn', 'int4'): {'16x128x128 w4 s3': 0.741, '16x64x128 w2 s3': 0.758, '16x64x128 w4 s4': 0.721},
-    (80, 'splitn', 'int4g128'): {'16x128x128 w4 s3': 0.698, '16x64x128 w2 s3': 0.746, '16x64x128 w4 s4': 0.683},
-    (80, 'splitn', 'int4g32'): {'16x128x128 w4 s3': 0.755, '16x64x128 w2 s3': 0.763, '16x64x128 w4 s4': 0.74},
-    (80, 'splitn', 'int4g64'): {'16x128x128 w4 s3': 0.719, '16x64x128 w2 s3': 0.753, '16x64x128 w4 s4': 0.698},
-    (80, 'splitn', 'nf4'): {'16x128x128 w4 s3': 0.671, '16x64x128 w2 s3': 0.716, '16x64x128 w4 s4': 0.649},
+    (80, 'splitn', 'int2'): {'16x128x128 w4 s3': 0.505, '16x256x64 w4 s3': 0.428, '16x64x128 w2 s3': 0.544, '16x64x128 w4 s4': 0.505},
+    (80, 'splitn', 'int2g128'): {'16x128x128 w4 s3': 0.451, '16x256x64 w4 s3': 0.381, '16x64x128 w2 s3': 0.486, '16x64x128 w4 s4': 0.438},
+    (80, 'splitn', 'int2g32'): {'16x128x128 w4 s3': 0.547, '16x256x64 w4 s3': 0.466, '16x64x128 w2 s3': 0.588, '16x64x128 w4 s4': 0.525},
+    (80, 'splitn', 'int2g64'): {'16x128x128 w4 s3': 0.482, '16x256x64 w4 s3': 0.415, '16x64x128 w2 s3': 0.518},
+    (80, 'splitn', 'int3'): {'16x128x128 w4 s3': 0.631, '16x256x64 w4 s3': 0.541, '16x64x128 w2 s3': 0.676, '16x64x128 w4 s4': 0.613},
+    (80, 'splitn', 'int3g128'): {'16x128x128 w4 s3': 0.583, '16x256x64 w4 s3': 0.497, '16x64x128 w2 s3': 0.626, '16x64x128 w4 s4': 0.567},
+    (80, 'splitn', 'int3g32'): {'16x128x128 w4 s3': 0.665, '16x256x64 w4 s3': 0.572, '16x64x128 w2 s3': 0.71, '16x64x128 w4 s4': 0.648},
+    (80, 'splitn', 'int3g64'): {'16x128x128 w4 s3': 0.607, '16x256x64 w4 s3': 0.528, '16x64x128 w2 s3': 0.65, '16x64x128 w4 s4': 0.589},
+    (80, 'splitn', 'int4'): {'16x128x128 w4 s3': 0.741, '16x256x64 w4 s3': 0.641, '16x64x128 w2 s3': 0.758, '16x64x128 w4 s4': 0.721},
+    (80, 'splitn', 'int4g128'): {'16x128x128 w4 s3': 0.698, '16x256x64 w4 s3': 0.6, '16x64x128 w2 s3': 0.746, '16x64x128 w4 s4': 0.683},
+    (80, 'splitn', 'int4g32'): {'16x128x128 w4 s3': 0.755, '16x256x64 w4 s3': 0.666, '16x64x128 w2 s3': 0.763, '16x64x128 w4 s4': 0.74},
+    (80, 'splitn', 'int4g64'): {'16x128x128 w4 s3': 0.719, '16x256x64 w4 s3': 0.629, '16x64x128 w2 s3': 0.753, '16x64x128 w4 s4': 0.698},
+    (80, 'splitn', 'nf4'): {'16x128x128 w4 s3': 0.671, '16x256x64 w4 s3': 0.579, '16x64x128 w2 s3': 0.716, '16x64x128 w4 s4': 0.649},
     (90, 'fwd', 'int2'): {'128x128x64 w8 s4': 0.786, '128x64x64 w4 s4': 0.779, '256x128x64 w8 s3': 0.854, '256x64x64 w4 s3': 0.806, '64x128x128 w4 s4': 0.768, '64x128x64 w4 s4': 0.754},
     (90, 'fwd', 'int2g128'): {'128x128x64 w8 s4': 0.786, '128x64x64 w4 s4': 0.779, '256x128x64 w8 s3': 0.854, '256x64x64 w4 s3': 0.806, '64x128x128 w4 s4': 0.771, '64x128x64 w4 s4': 0.754},
     (90, 'fwd', 'int2g32'): {'128x128x64 w8 s4': 0.777, '128x64x64 w4 s4': 0.771, '256x128x64 w8 s3': 0.844, '256x64x64 w4 s3': 0.799, '64x128x128 w4 s4': 0.766, '64x128x64 w4 s4': 0.754},
@@ -312,7 +312,7 @@ CALIBRATION = {
     (90, 'splitn', 'int4g128'): {'16x128x64 w4 s3': 0.724, '16x256x64 w4 s3': 0.747},
     (90, 'splitn', 'int4g32'): {'16x128x64 w4 s3': 0.76, '16x256x64 w4 s3': 0.764},
     (90, 'splitn', 'int4g64'): {'16x128x64 w4 s3': 0.752, '16x256x64 w4 s3': 0.756},
-    (90, 'splitn', 'nf4'): {'16x128x64 w4 s3': 0.696},
+    (90, 'splitn', 'nf4'): {'16x128x64 w4 s3': 0.696, '16x256x64 w4 s3': 0.717},
 }
 #: Round 6: CTAs of each split-kernel candidate one SM holds at once (registers, shared memory), the
 #: (fewest, most) the analyzer's occupancy gave over the shapes of the same sweep (``--fit-rules``
@@ -332,19 +332,19 @@ RESIDENT = {
     (80, 'splitk', 'int4g32'): {'16x64x128 w4 s4': (5, 5), '16x64x256 w2 s3': (4, 4), '16x64x256 w4 s3': (4, 4)},
     (80, 'splitk', 'int4g64'): {'16x64x128 w4 s4': (6, 6), '16x64x256 w2 s3': (4, 4), '16x64x256 w4 s3': (4, 4)},
     (80, 'splitk', 'nf4'): {'16x64x128 w4 s4': (5, 5), '16x64x256 w2 s3': (8, 8), '16x64x256 w4 s3': (4, 4)},
-    (80, 'splitn', 'int2'): {'16x128x128 w4 s3': (3, 3), '16x64x128 w2 s3': (6, 6), '16x64x128 w4 s4': (6, 7)},
-    (80, 'splitn', 'int2g128'): {'16x128x128 w4 s3': (3, 3), '16x64x128 w2 s3': (6, 6), '16x64x128 w4 s4': (7, 7)},
-    (80, 'splitn', 'int2g32'): {'16x128x128 w4 s3': (3, 3), '16x64x128 w2 s3': (6, 6), '16x64x128 w4 s4': (6, 6)},
-    (80, 'splitn', 'int2g64'): {'16x128x128 w4 s3': (3, 3), '16x64x128 w2 s3': (6, 6)},
-    (80, 'splitn', 'int3'): {'16x128x128 w4 s3': (2, 3), '16x64x128 w2 s3': (5, 6), '16x64x128 w4 s4': (5, 6)},
-    (80, 'splitn', 'int3g128'): {'16x128x128 w4 s3': (3, 3), '16x64x128 w2 s3': (6, 6), '16x64x128 w4 s4': (6, 6)},
-    (80, 'splitn', 'int3g32'): {'16x128x128 w4 s3': (2, 2), '16x64x128 w2 s3': (5, 5), '16x64x128 w4 s4': (5, 5)},
-    (80, 'splitn', 'int3g64'): {'16x128x128 w4 s3': (2, 2), '16x64x128 w2 s3': (5, 5), '16x64x128 w4 s4': (6, 6)},
-    (80, 'splitn', 'int4'): {'16x128x128 w4 s3': (2, 2), '16x64x128 w2 s3': (5, 5), '16x64x128 w4 s4': (5, 6)},
-    (80, 'splitn', 'int4g128'): {'16x128x128 w4 s3': (2, 2), '16x64x128 w2 s3': (5, 5), '16x64x128 w4 s4': (6, 6)},
-    (80, 'splitn', 'int4g32'): {'16x128x128 w4 s3': (2, 2), '16x64x128 w2 s3': (5, 5), '16x64x128 w4 s4': (5, 5)},
-    (80, 'splitn', 'int4g64'): {'16x128x128 w4 s3': (2, 2), '16x64x128 w2 s3': (5, 5), '16x64x128 w4 s4': (6, 6)},
-    (80, 'splitn', 'nf4'): {'16x128x128 w4 s3': (2, 2), '16x64x128 w2 s3': (5, 5), '16x64x128 w4 s4': (5, 5)},
+    (80, 'splitn', 'int2'): {'16x128x128 w4 s3': (3, 3), '16x256x64 w4 s3': (2, 2), '16x64x128 w2 s3': (6, 6), '16x64x128 w4 s4': (6, 7)},
+    (80, 'splitn', 'int2g128'): {'16x128x128 w4 s3': (3, 3), '16x256x64 w4 s3': (2, 2), '16x64x128 w2 s3': (6, 6), '16x64x128 w4 s4': (7, 7)},
+    (80, 'splitn', 'int2g32'): {'16x128x128 w4 s3': (3, 3), '16x256x64 w4 s3': (2, 2), '16x64x128 w2 s3': (6, 6), '16x64x128 w4 s4': (6, 6)},
+    (80, 'splitn', 'int2g64'): {'16x128x128 w4 s3': (3, 3), '16x256x64 w4 s3': (2, 2), '16x64x128 w2 s3': (6, 6)},
+    (80, 'splitn', 'int3'): {'16x128x128 w4 s3': (2, 3), '16x256x64 w4 s3': (2, 2), '16x64x128 w2 s3': (5, 6), '16x64x128 w4 s4': (5, 6)},
+    (80, 'splitn', 'int3g128'): {'16x128x128 w4 s3': (3, 3), '16x256x64 w4 s3': (2, 2), '16x64x128 w2 s3': (6, 6), '16x64x128 w4 s4': (6, 6)},
+    (80, 'splitn', 'int3g32'): {'16x128x128 w4 s3': (2, 2), '16x256x64 w4 s3': (2, 2), '16x64x128 w2 s3': (5, 5), '16x64x128 w4 s4': (5, 5)},
+    (80, 'splitn', 'int3g64'): {'16x128x128 w4 s3': (2, 2), '16x256x64 w4 s3': (2, 2), '16x64x128 w2 s3': (5, 5), '16x64x128 w4 s4': (6, 6)},
+    (80, 'splitn', 'int4'): {'16x128x128 w4 s3': (2, 2), '16x256x64 w4 s3': (2, 2), '16x64x128 w2 s3': (5, 5), '16x64x128 w4 s4': (5, 6)},
+    (80, 'splitn', 'int4g128'): {'16x128x128 w4 s3': (2, 2), '16x256x64 w4 s3': (2, 2), '16x64x128 w2 s3': (5, 5), '16x64x128 w4 s4': (6, 6)},
+    (80, 'splitn', 'int4g32'): {'16x128x128 w4 s3': (2, 2), '16x256x64 w4 s3': (2, 2), '16x64x128 w2 s3': (5, 5), '16x64x128 w4 s4': (5, 5)},
+    (80, 'splitn', 'int4g64'): {'16x128x128 w4 s3': (2, 2), '16x256x64 w4 s3': (2, 2), '16x64x128 w2 s3': (5, 5), '16x64x128 w4 s4': (6, 6)},
+    (80, 'splitn', 'nf4'): {'16x128x128 w4 s3': (2, 2), '16x256x64 w4 s3': (2, 2), '16x64x128 w2 s3': (5, 5), '16x64x128 w4 s4': (5, 5)},
     (90, 'splitk', 'int2'): {'16x64x128 w4 s4': (7, 7), '16x64x256 w2 s3': (7, 8), '16x64x256 w4 s3': (4, 4)},
     (90, 'splitk', 'int2g128'): {'16x64x128 w4 s4': (7, 7), '16x64x256 w2 s3': (8, 8), '16x64x256 w4 s3': (4, 4)},
     (90, 'splitk', 'int2g32'): {'16x64x128 w4 s4': (7, 7), '16x64x256 w2 s3': (7, 7), '16x64x256 w4 s3': (4, 4)},
@@ -358,9 +358,9 @@ RESIDENT = {
     (90, 'splitk', 'int4g32'): {'16x64x128 w4 s4': (6, 6), '16x64x256 w2 s3': (6, 6), '16x64x256 w4 s3': (4, 4)},
     (90, 'splitk', 'int4g64'): {'16x64x128 w4 s4': (7, 7), '16x64x256 w2 s3': (6, 6), '16x64x256 w4 s3': (4, 4)},
     (90, 'splitk', 'nf4'): {'16x64x128 w4 s4': (5, 5), '16x64x256 w2 s3': (8, 8), '16x64x256 w4 s3': (3, 3)},
-    (90, 'splitn', 'int2'): {'16x128x64 w4 s3': (5, 5), '16x256x64 w4 s3': (3, 3)},
+    (90, 'splitn', 'int2'): {'16x128x64 w4 s3': (5, 5), '16x256x64 w4 s3': (2, 3)},
     (90, 'splitn', 'int2g128'): {'16x128x64 w4 s3': (5, 5), '16x256x64 w4 s3': (3, 3)},
-    (90, 'splitn', 'int2g32'): {'16x128x64 w4 s3': (5, 5), '16x256x64 w4 s3': (3, 3)},
+    (90, 'splitn', 'int2g32'): {'16x128x64 w4 s3': (5, 5), '16x256x64 w4 s3': (2, 3)},
     (90, 'splitn', 'int2g64'): {'16x128x64 w4 s3': (5, 5), '16x256x64 w4 s3': (3, 3)},
     (90, 'splitn', 'int3'): {'16x128x64 w4 s3': (5, 5), '16x256x64 w4 s3': (3, 3)},
     (90, 'splitn', 'int3g128'): {'16x128x64 w4 s3': (5, 5), '16x256x64 w4 s3': (3, 3)},
@@ -370,7 +370,7 @@ RESIDENT = {
     (90, 'splitn', 'int4g128'): {'16x128x64 w4 s3': (5, 5), '16x256x64 w4 s3': (3, 3)},
     (90, 'splitn', 'int4g32'): {'16x128x64 w4 s3': (5, 5), '16x256x64 w4 s3': (2, 2)},
     (90, 'splitn', 'int4g64'): {'16x128x64 w4 s3': (5, 5), '16x256x64 w4 s3': (3, 3)},
-    (90, 'splitn', 'nf4'): {'16x128x64 w4 s3': (4, 4)},
+    (90, 'splitn', 'nf4'): {'16x128x64 w4 s3': (4, 4), '16x256x64 w4 s3': (2, 2)},
 }
 #: the standalone dequantize kernel's DRAM fraction over the SM balance of its grid (same sweep)
 DEQUANT_EFF = {90: {"int2": 0.81, "int3": 0.77, "int4": 0.83, "nf4": 0.86},
@@ -1101,10 +1101,14 @@ def _choose(op, m, n, k, fmt, arch, sms, configs, fp32_bias, pool):
         return dataclasses.replace(_score(op, configs[0], m, n, k, fmt, arch, sms, pool, fp32_bias), index=0)
     if op in ("splitk", "splitn") and SPLIT_ALWAYS_M < m <= SPLIT_MAX_M:
         # round 8: several 16-row M tiles; each candidate's own line of time over tiles (SPLIT_MID_M),
-        # so the one :func:`fused_time` finds fastest, which choose_fused weighs against the GEMM
-        tiles = math.ceil(m / scored[0].block_m)
-        return max(scored, key=lambda s: (round(s.score * tiles / split_mid_tiles(op, tiles, fmt, arch, s.label), 6),
-                                          -s.ctas, -s.index))
+        # so the one :func:`fused_time` finds fastest, which choose_fused weighs against the GEMM.
+        # Round 32: that time itself, so a one-slice split-N launch (no workspace, no passes:
+        # splitn_direct) is weighed with what it saves; between launches with a workspace the order
+        # is the line's alone, as before
+        packed = _gemm_packed_bytes(n, k, fmt)
+        times = [fused_time(s, m, n, k, packed, arch, fmt) for s in scored]
+        fastest = min(times)
+        return min(zip(times, scored), key=lambda ts: (round(ts[0] / fastest, 6), ts[1].ctas, ts[1].index))[1]
     # equal scores: the bigger tile (fewer CTAs; the analyzer ranks it first on sm_90, e.g. 256x128 w8
     # over 256x64 w4 at M = 4096), then the deeper reduction step (round 25: two tiles capped by DRAM
     # at one efficiency; the fewer iterations win, 64x128x128 over 64x128x64 by 10 % at 576->192
@@ -1215,12 +1219,12 @@ SPLIT_MID_M = {
         'nf4': {'16x64x128 w4 s4': (0.735, 0.29), '16x64x256 w2 s3': (0.676, 0.289), '16x64x256 w4 s3': (0.696, 0.287)},
     },
     (80, 'splitn'): {
-        'int2': {'16x128x128 w4 s3': (0.854, 0.227), '16x64x128 w2 s3': (0.845, 0.243), '16x64x128 w4 s4': (0.86, 0.22)},
-        'int3': {'16x128x128 w4 s3': (0.842, 0.24), '16x64x128 w2 s3': (0.832, 0.259), '16x64x128 w4 s4': (0.846, 0.237)},
-        'int4': {'16x128x128 w4 s3': (0.797, 0.266), '16x64x128 w2 s3': (0.768, 0.275), '16x64x128 w4 s4': (0.81, 0.245)},
-        'int4g128': {'16x128x128 w4 s3': (0.806, 0.284), '16x64x128 w2 s3': (0.796, 0.299), '16x64x128 w4 s4': (0.81, 0.283)},
-        'int4g32': {'16x128x128 w4 s3': (0.772, 0.302), '16x64x128 w2 s3': (0.723, 0.301), '16x64x128 w4 s4': (0.791, 0.298)},
-        'nf4': {'16x128x128 w4 s3': (0.813, 0.276), '16x64x128 w2 s3': (0.803, 0.29), '16x64x128 w4 s4': (0.815, 0.269)},
+        'int2': {'16x128x128 w4 s3': (0.854, 0.226), '16x256x64 w4 s3': (0.871, 0.201), '16x64x128 w2 s3': (0.845, 0.243), '16x64x128 w4 s4': (0.86, 0.22)},
+        'int3': {'16x128x128 w4 s3': (0.842, 0.24), '16x256x64 w4 s3': (0.859, 0.212), '16x64x128 w2 s3': (0.832, 0.259), '16x64x128 w4 s4': (0.844, 0.231)},
+        'int4': {'16x128x128 w4 s3': (0.797, 0.266), '16x256x64 w4 s3': (0.821, 0.229), '16x64x128 w2 s3': (0.768, 0.275), '16x64x128 w4 s4': (0.81, 0.245)},
+        'int4g128': {'16x128x128 w4 s3': (0.806, 0.284), '16x256x64 w4 s3': (0.824, 0.251), '16x64x128 w2 s3': (0.796, 0.299), '16x64x128 w4 s4': (0.81, 0.283)},
+        'int4g32': {'16x128x128 w4 s3': (0.772, 0.302), '16x256x64 w4 s3': (0.804, 0.275), '16x64x128 w2 s3': (0.723, 0.301), '16x64x128 w4 s4': (0.791, 0.298)},
+        'nf4': {'16x128x128 w4 s3': (0.813, 0.276), '16x256x64 w4 s3': (0.832, 0.243), '16x64x128 w2 s3': (0.803, 0.29), '16x64x128 w4 s4': (0.815, 0.269)},
     },
     (90, 'splitk'): {
         'int2': {'16x64x128 w4 s4': (0.75, 0.282), '16x64x256 w2 s3': (0.612, 0.275), '16x64x256 w4 s3': (0.679, 0.279)},
@@ -1232,11 +1236,11 @@ SPLIT_MID_M = {
     },
     (90, 'splitn'): {
         'int2': {'16x128x64 w4 s3': (0.846, 0.235), '16x256x64 w4 s3': (0.841, 0.243)},
-        'int3': {'16x128x64 w4 s3': (0.833, 0.248), '16x256x64 w4 s3': (0.829, 0.257)},
-        'int4': {'16x128x64 w4 s3': (0.778, 0.271), '16x256x64 w4 s3': (0.767, 0.267)},
-        'int4g128': {'16x128x64 w4 s3': (0.798, 0.293), '16x256x64 w4 s3': (0.794, 0.299)},
-        'int4g32': {'16x128x64 w4 s3': (0.745, 0.3), '16x256x64 w4 s3': (0.723, 0.3)},
-        'nf4': {'16x128x64 w4 s3': (0.806, 0.284)},
+        'int3': {'16x128x64 w4 s3': (0.833, 0.248), '16x256x64 w4 s3': (0.829, 0.256)},
+        'int4': {'16x128x64 w4 s3': (0.778, 0.271), '16x256x64 w4 s3': (0.762, 0.286)},
+        'int4g128': {'16x128x64 w4 s3': (0.798, 0.293), '16x256x64 w4 s3': (0.794, 0.3)},
+        'int4g32': {'16x128x64 w4 s3': (0.745, 0.3), '16x256x64 w4 s3': (0.721, 0.304)},
+        'nf4': {'16x128x64 w4 s3': (0.805, 0.288), '16x256x64 w4 s3': (0.801, 0.292)},
     },
 }
 #: an arch, op or format without a fitted line: a flat share of the tiles' time
@@ -1311,7 +1315,8 @@ def fused_time(c: KernelChoice, m: int, n: int, k: int, packed: float, arch: int
     of activations and fp32 partials (:func:`split_tile_bytes`; ``cost``: split-N's
     :data:`SPLIT_ROW_COST`, 1 for split-K), ``units(T) = per_tile · T + shared``
     tiles' worth (round 8, :func:`split_mid_tiles`: the tiles share the weight's slices through L2),
-    plus the workspace's passes (:func:`split_kernel_passes_bytes`, round 15). Round 29: a tile holds
+    plus the workspace's passes (:func:`split_kernel_passes_bytes`, round 15; none for a one-slice
+    split-N launch since round 32, which stores dX itself: :func:`splitn_direct`). Round 29: a tile holds
     M / T rows, not 16; a 17-row M had been charged 32 rows of partials and a 4-row one 16, which
     made the split kernels up to 25 % slow in the rules on narrow layers, where the partials are a
     fifth or more of the weight."""
@@ -1321,8 +1326,9 @@ def fused_time(c: KernelChoice, m: int, n: int, k: int, packed: float, arch: int
         tiles = math.ceil(m / c.block_m)
         units = split_mid_tiles(c.op, tiles, fmt, fam, c.label)
         rows = SPLIT_ROW_COST.get((fam, c.op), 1.0) * m / tiles
-        kernel = units * split_tile_bytes(c.op, n, k, packed, rows) / (a.dram_bytes_per_s * c.score)
-        return kernel + split_kernel_passes_bytes(c.op, m, n, k) / a.dram_bytes_per_s
+        direct = splitn_direct(c.op, c.split)
+        kernel = units * split_tile_bytes(c.op, n, k, packed, rows, direct) / (a.dram_bytes_per_s * c.score)
+        return kernel + split_kernel_passes_bytes(c.op, m, n, k, direct) / a.dram_bytes_per_s
     t = max(m * n * k / (a.macs_per_s * c.score), packed / a.dram_bytes_per_s)
     if SPLIT_ALWAYS_M < m <= SPLIT_MAX_M:
         table = GEMM_MID_M.get((fam, c.op), {})
@@ -1331,37 +1337,44 @@ def fused_time(c: KernelChoice, m: int, n: int, k: int, packed: float, arch: int
     return t
 
 
-def split_kernel_passes_bytes(op: str, m: int, n: int, k: int) -> int:
+def splitn_direct(op: str, split: int) -> bool:
+    """Round 32: whether a split kernel's launch stores its output directly (the split-N input
+    gradient with one slice of N, ``DIRECT``): no fp32 workspace, no passes around the kernel."""
+    return op == "splitn" and split == 1
+
+
+def split_kernel_passes_bytes(op: str, m: int, n: int, k: int, direct: bool = False) -> int:
     """Round 15: DRAM bytes of the split kernels' passes outside the kernel, which the analyzer does
-    not compile: every launch (split or not) accumulates into a zeroed fp32 workspace, [M, N] for
-    the forward's split-K ("splitk"), [M, K] for the input gradient's split-N ("splitn"), which the
-    cast then reads back into the output, :data:`GRAD_WORKSPACE_PASS_BYTES` per output element, as
-    the split GEMMs are charged. Small next to the packed weight on wide layers (4096→14336 at
-    M = 16: 2 %), it decides split-N against the GEMM at mid M on narrow ones (2048→512, M = 32:
-    0.66 MB of passes against 0.5 MB of INT4 weight)."""
+    not compile: a launch accumulates into a zeroed fp32 workspace, [M, N] for the forward's split-K
+    ("splitk"), [M, K] for the input gradient's split-N ("splitn"), which the cast then reads back
+    into the output, :data:`GRAD_WORKSPACE_PASS_BYTES` per output element, as the split GEMMs are
+    charged. Small next to the packed weight on wide layers (4096→14336 at M = 16: 2 %), it decides
+    split-N against the GEMM at mid M on narrow ones (2048→512, M = 32: 0.66 MB of passes against
+    0.5 MB of INT4 weight). ``direct`` (round 32, :func:`splitn_direct`): none."""
+    if direct:
+        return 0
     return GRAD_WORKSPACE_PASS_BYTES * m * (n if op == "splitk" else k)
 
 
-def split_row_bytes(op: str, n: int, k: int) -> int:
+def split_row_bytes(op: str, n: int, k: int, direct: bool = False) -> int:
     """What one row of M adds to a split kernel's useful bytes: its 16-bit input row (the reduction's
-    length) and its fp32 partial output row."""
+    length) and its fp32 partial output row (``direct``: its 16-bit output row)."""
     red, out = (k, n) if op == "splitk" else (n, k)
-    return 2 * red + 4 * out
+    return 2 * red + (2 if direct else 4) * out
 
 
-def split_tile_bytes(op: str, n: int, k: int, packed: float, rows: float = 16) -> float:
+def split_tile_bytes(op: str, n: int, k: int, packed: float, rows: float = 16, direct: bool = False) -> float:
     """What one M tile of ``rows`` rows of a split kernel moves, as the analyzer counts useful bytes
     (its DRAM fraction, which :data:`CALIBRATION` holds for the split kernels, is of these): the
     packed weight and :func:`split_row_bytes` a row."""
-    return packed + rows * split_row_bytes(op, n, k)
+    return packed + rows * split_row_bytes(op, n, k, direct)
 
 
 def _fused(op, m, n, k, fmt, fam, sms, packed, fp32_bias=False, pool=False):
     split_op = "splitk" if op == "fwd" else "splitn"
     options = []
-    if m <= SPLIT_MAX_M:  # NF4's split-N launch passes an fp32 tensor where the INT biases go: as fp32 biases
-        nf4_bias = split_op == "splitn" and fmt == "nf4"
-        options.append(choose_config(split_op, m, n, k, fmt, fam, sms, fp32_bias=fp32_bias or nf4_bias, pool=pool))
+    if m <= SPLIT_MAX_M:
+        options.append(choose_config(split_op, m, n, k, fmt, fam, sms, fp32_bias=fp32_bias, pool=pool))
     if m > SPLIT_ALWAYS_M:
         options.append(choose_config(op, m, n, k, fmt, fam, sms, fp32_bias=fp32_bias, pool=pool))
     timed = [(fused_time(c, m, n, k, packed, fam, fmt), i, c) for i, c in enumerate(options)]
