@@ -38,7 +38,8 @@ may instead dequantize Ŵ and run a dense GEMM when the static model estimates t
     (``SPLIT_N``; partials through the split-N workspace; :func:`qlk.kernels.heuristics.grad_split`).
 ``_quant_matmul_grad_input_splitn_kernel``  dX at small M (M <= ``SPLITN_MAX_M``): the reduction over
     N is split over a second grid axis (≈ 16 CTAs per SM), partials added with fp32 atomics or,
-    ``deterministic=True``, through a workspace [SPLIT, M, K] summed in a fixed order. Its tile is the
+    ``deterministic=True``, through a workspace [SPLIT, M, K] summed in a fixed order; a launch of one
+    slice stores dX itself (``DIRECT``, round 32: no workspace, no passes around it). Its tile is the
     GEMM gradient's: :func:`qlk.kernels.quant_tile_t._dequant_tile_t`, half2 arithmetic for the INT
     formats (round 14; it was the forward's fp32 tile transposed: the int32 codes moved through shared
     memory, about half the speed, docs/kernels.md "Round 14").
