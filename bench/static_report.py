@@ -344,14 +344,19 @@ def dense_split(r) -> int:
     return int(split.group(1)) if split else 1
 
 
-def splitn_direct(r) -> bool:
-    """Whether a split-N row is a one-slice launch, which stores dX directly (round 32's DIRECT: no
-    workspace, no passes): its grid is ⌈K/BLOCK_K⌉ (+ 1 with QA-LoRA's V) × 1 × ⌈M/BLOCK_M⌉."""
+def split_direct(r) -> bool:
+    """Whether a split kernel's row is a one-slice launch, which stores its output directly (DIRECT:
+    no workspace, no passes), from its grid: split-N (round 32) ⌈K/BLOCK_K⌉ (+ 1 with QA-LoRA's V)
+    × 1 × ⌈M/BLOCK_M⌉, split-K (round 33) ⌈N/BLOCK_N⌉ × 1 × ⌈M/BLOCK_M⌉."""
     tile = _TILE.match(r.get("config") or "")
-    if r.get("kernel") != "_quant_matmul_grad_input_splitn_kernel" or not r.get("grid_ctas") or not tile:
+    kernel = r.get("kernel")
+    if kernel not in ("_quant_matmul_grad_input_splitn_kernel", "_quant_matmul_splitk_kernel") \
+            or not r.get("grid_ctas") or not tile:
         return False
-    block_m, _, block_k = (int(x) for x in tile.groups())
-    return r["grid_ctas"] // (math.ceil(r["K"] / block_k) * math.ceil(r["M"] / block_m)) == 1
+    block_m, block_n, block_k = (int(x) for x in tile.groups())
+    outer = math.ceil(r["K"] / block_k) if kernel == "_quant_matmul_grad_input_splitn_kernel" else \
+        math.ceil(r["N"] / block_n)
+    return r["grid_ctas"] // (outer * math.ceil(r["M"] / block_m)) == 1
 
 
 def split_passes_time(r, g) -> float:
@@ -366,9 +371,9 @@ def split_passes_time(r, g) -> float:
     from qlk.kernels import heuristics
 
     kernel = r.get("kernel")
-    if kernel in _SPLIT_KERNEL_OPS:  # a launch with a workspace runs its passes (round 15; round 32: not DIRECT)
+    if kernel in _SPLIT_KERNEL_OPS:  # a launch with a workspace runs its passes (round 15; rounds 32-33: not DIRECT)
         return heuristics.split_kernel_passes_bytes(_SPLIT_KERNEL_OPS[kernel], r["M"], r["N"], r["K"],
-                                                    splitn_direct(r)) / g.dram_bytes_per_s
+                                                    split_direct(r)) / g.dram_bytes_per_s
     if kernel == "_dense_matmul_kernel" and dense_split(r) > 1:
         # the baseline sums its [SPLIT, M, N] partials on the host ((4·SPLIT + 10) B per output
         # element); it is charged only what qlk's atomics cost, in its favour
@@ -619,7 +624,7 @@ def fit_split_mid(rows) -> dict:
         for r, fam, op, fmt, c, packed, t in _mid_m_rule_rows(rows, ("splitk", "splitn"), gpu, heuristics, launches):
             tiles = math.ceil(r["M"] / c.block_m)
             rows = heuristics.SPLIT_ROW_COST.get((fam, op), 1.0) * r["M"] / tiles
-            model = tiles * heuristics.split_tile_bytes(op, r["N"], r["K"], packed, rows, splitn_direct(r)) / (
+            model = tiles * heuristics.split_tile_bytes(op, r["N"], r["K"], packed, rows, split_direct(r)) / (
                 heuristics.ARCH[fam].dram_bytes_per_s * c.score)
             t -= split_passes_time(r, gpu(r["arch"]))  # the kernel's own time: the line models the kernel
             for f in {fmt, heuristics.base_format(fmt)}:

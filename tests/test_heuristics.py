@@ -1175,7 +1175,7 @@ def test_narrow_layers_take_the_one_slice_split_n(device_lists, arch):
                 if (arch, fmt, k, m) == (80, "nf4", 2048, 56):  # its 4-slice tile: 3 % ahead in the rules
                     continue
                 assert c.op == "splitn" and c.split == 1 and c.block_n == 256, (fmt, k, m, c)
-                assert h.splitn_direct(c.op, c.split)
+                assert h.split_direct(c.op, c.split)
                 assert h.choose_config("splitn", m, 256, k, fmt, arch) == c
                 # the same tile's time if it kept a workspace: the passes (10 B a dX element) and
                 # fp32 partial rows (4 B, not 2) on top

@@ -317,7 +317,7 @@ _SPLIT_W = {}
 
 
 def split_weight(case, n=SPLIT_N_ROWS):
-    """(qw with N = ``n`` rows, float64 Ŵ) for ("int", bits, g, K) / ("nf4", block, dq, K) (NF4: N = SPLIT_N_ROWS)."""
+    """(qw with N = ``n`` rows, float64 Ŵ) for ("int", bits, g, K) / ("nf4", block, dq, K)."""
     if (case, n) not in _SPLIT_W:
         if case[0] == "int":
             _, bits, g, k = case
@@ -327,7 +327,7 @@ def split_weight(case, n=SPLIT_N_ROWS):
             pytest.importorskip("bitsandbytes")
             _, block, dq, k = case
             gen = torch.Generator().manual_seed(block + k)
-            w = torch.randn(SPLIT_N_ROWS, k, generator=gen) * torch.logspace(-1, 1, SPLIT_N_ROWS)[:, None]
+            w = torch.randn(n, k, generator=gen) * torch.logspace(-1, 1, n)[:, None]
             qw, ref = oracles.bnb_weight(w, blocksize=block, double_quant=dq)
             _SPLIT_W[case, n] = (qw.to(DEVICE), ref)
     return _SPLIT_W[case, n]
@@ -1280,6 +1280,94 @@ def test_splitn_slices_keep_the_workspace(monkeypatch):
     (grid, kwargs), = seen
     assert grid[1] == 3 and not kwargs["DIRECT"]
     assert oracles.rel_err(dx, dy.cpu().double() @ w64.half().double()) < 5e-4
+
+
+# ------------------------------------------------ split-K with one slice: Y stored directly (round 33)
+# The forward's split-K launch whose grid has one slice of K stores Y (+ bias) in X's dtype itself
+# (DIRECT): no workspace. 8-9 K tiles in the one slice (K = 520: ragged), 17 N tiles (the last 8
+# rows; enough output tiles at M = 1 for the rules to launch one slice), 1-3 M tiles (the last
+# short), an out= inside a NaN-poisoned buffer, with and without a bias, QA-LoRA's pooled forward.
+SPLITK_DIRECT_RUNS = [
+    pytest.param(("int", 4, 32, 512), 1, True, False, id="int4g32-M1-bias"),
+    pytest.param(("int", 4, 16, 512), 17, False, False, id="int4g16-M17"),
+    pytest.param(("int", 3, 128, 512), 33, True, False, id="int3g128-M33-bias"),
+    pytest.param(("int", 2, 8, 520), 5, True, False, id="int2g8k520-M5-bias"),
+    pytest.param(("nf4", 64, True, 512), 16, True, False, id="nf4b64dq-M16-bias"),
+    pytest.param(("int", 4, 32, 512), 7, True, True, id="int4g32-M7-qalora-bias"),
+]
+
+
+SPLITK_DIRECT_ROWS = 520
+
+
+def _only_splitk_tile(monkeypatch, case, m, split):
+    """(qw, float64 Ŵ) of ``case`` (N = SPLITK_DIRECT_ROWS), with the interpreter's split-K tile the
+    rules' only candidate and the SM count set so that they launch ``split`` slices at M = ``m``."""
+    from qlk.kernels import config
+
+    cfg = config._cfg(None, 4, 1, BLOCK_N=32, BLOCK_M=16, BLOCK_K=64)
+    real = heuristics.candidates
+    monkeypatch.setattr(heuristics, "candidates", lambda o: [cfg] if o == "splitk" else real(o))
+    heuristics._choose_default.cache_clear()
+    qw, w64 = split_weight(case, SPLITK_DIRECT_ROWS)
+    n, k = qw.shape
+    fmt = "nf4" if case[0] == "nf4" else f"int{case[1]}g{case[2]}"
+    for sms in range(1, 256):
+        _SMS[0] = sms
+        if heuristics.choose_config("splitk", m, n, k, fmt, fm.target_arch(), sms).split == split:
+            return qw, w64
+    raise AssertionError(f"no SM count gives {split} slices at M = {m}")
+
+
+@pytest.mark.parametrize("case,m,with_bias,qalora", SPLITK_DIRECT_RUNS)
+@pytest.mark.parametrize("det", [False, True], ids=["atomic", "det"])
+def test_splitk_one_slice_stores_y_directly(case, m, with_bias, qalora, det, monkeypatch):
+    """Y = X·Ŵᵀ (+ bias) in fp16 through the split-K kernel launched with one slice: the launch is
+    DIRECT, no workspace is made, Y lands in ``out`` and nothing beside it is written, and it matches float64 on Ŵ (INT's fp16 scales make ŵ exact in fp16 for the decoder;
+    the tolerance allows fp32 sums and one fp16 rounding); QA-LoRA's pooled forward too."""
+    qw, w64 = _only_splitk_tile(monkeypatch, case, m, 1)
+    n, k = qw.shape
+    seen = _spy_launches(monkeypatch, "_quant_matmul_splitk_kernel")
+    made, real_ws = [], fm._workspace
+    monkeypatch.setattr(fm, "_workspace", lambda shape, device: made.append(tuple(shape)) or real_ws(shape, device))
+    x = randn(m, k, seed=n + k + m).half()
+    bias = randn(n, seed=m + 2).half() * 4 if with_bias else None
+    big = torch.full((64 + m * n + 64,), float("nan"), dtype=torch.float16, device=DEVICE)
+    out = big[64:64 + m * n].view(m, n)  # guards wider than a stray N tile's rows on either side
+    if qalora:
+        a, b = adapter(qw, w64, seed=k + 3)
+        y, p = qalora_forward(x, qw, a, b, SIGMA, bias, out=out, path="splitk", deterministic=det)
+        y_ref, p_ref = oracles.qalora_forward64(x.cpu(), w64, a.cpu(), b.cpu(), SIGMA, qw.group_size,
+                                                None if bias is None else bias.cpu())
+        assert oracles.rel_err(p, p_ref) < 1e-6
+    else:
+        y = quant_matmul_forward(x, qw, bias, out=out, path="splitk", deterministic=det)
+        y_ref = x.cpu().double() @ w64.t() + (0 if bias is None else bias.cpu().double())
+    heuristics._choose_default.cache_clear()
+    (grid, kwargs), = seen
+    assert grid[1] == 1 and grid[2] == math.ceil(m / 16) and kwargs["DIRECT"]
+    assert kwargs["HAS_BIAS"] == with_bias
+    assert made == [], made
+    assert y.data_ptr() == out.data_ptr()
+    assert torch.isnan(big[:64]).all() and torch.isnan(big[64 + m * n:]).all()
+    assert not torch.isnan(y).any()
+    assert oracles.rel_err(y, y_ref) < (2e-3 if qalora else 5e-4)
+
+
+def test_splitk_slices_keep_the_workspace(monkeypatch):
+    """The other side of DIRECT: a launch with several slices of K adds into a zeroed fp32
+    workspace, the bias once, not into Y (a DIRECT store from each slice would keep only one
+    slice's sum, and the bias in each)."""
+    qw, w64 = _only_splitk_tile(monkeypatch, ("int", 4, 32, 512), 9, 4)
+    n, k = qw.shape
+    seen = _spy_launches(monkeypatch, "_quant_matmul_splitk_kernel")
+    x, bias = randn(9, k, seed=3).half(), randn(n, seed=4).half()
+    y = quant_matmul_forward(x, qw, bias, out=torch.full((9, n), float("nan"), dtype=torch.float16, device=DEVICE),
+                             path="splitk")
+    heuristics._choose_default.cache_clear()
+    (grid, kwargs), = seen
+    assert grid[1] == 4 and not kwargs["DIRECT"] and not kwargs["HAS_BIAS"]
+    assert oracles.rel_err(y, x.cpu().double() @ w64.t() + bias.cpu().double()) < 5e-4
 
 
 def test_shift_last_k_rule():

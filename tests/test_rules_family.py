@@ -607,10 +607,10 @@ def test_split_kernels_are_charged_their_workspace_passes(device_lists):
         rows = h.SPLIT_ROW_COST.get((80, op), 1.0) * m / tiles  # round 29: M / T rows a tile, at their cost
         assert h.split_kernel_passes_bytes(op, m, n, k) == 10 * m * out_cols
         assert h.split_kernel_passes_bytes(op, m, n, k, direct=True) == 0
-        for split in (1, 3):  # round 32: split-N's one-slice launch stores dX itself (16-bit rows, no passes)
-            c = dataclasses.replace(chosen, split=split)
-            direct = op == "splitn" and split == 1
-            assert h.splitn_direct(op, split) == direct
+        for split in (1, 3):  # a one-slice launch stores its output itself (16-bit rows, no passes):
+            c = dataclasses.replace(chosen, split=split)  # split-N since round 32, split-K since round 33
+            direct = split == 1
+            assert h.split_direct(op, split) == direct
             assert h.split_row_bytes(op, n, k, direct) == 2 * (k + n - out_cols) + (2 if direct else 4) * out_cols
             kernel = h.split_mid_tiles(op, tiles, "int4g32", 80, c.label) * \
                 (packed + rows * h.split_row_bytes(op, n, k, direct)) / (dram * c.score)
@@ -634,7 +634,13 @@ def test_split_kernels_are_charged_their_workspace_passes(device_lists):
     # QA-LoRA) stores dX directly: nothing outside the kernel; two slices are charged again
     for grid, nbytes in ((21, 0), (28, 0), (42, 10 * m * k)):
         r = dict(row, kernel="_quant_matmul_grad_input_splitn_kernel", config="16x64x128 w4 s4", grid_ctas=grid)
-        assert sr.splitn_direct(r) == (nbytes == 0)
+        assert sr.split_direct(r) == (nbytes == 0)
+        assert sr.split_passes_time(r, g) == pytest.approx(nbytes / g.dram_bytes_per_s), grid
+    # round 33: a split-K launch of one slice (2 N tiles x 3 M tiles) stores Y directly; two slices
+    # are charged the [M, N] workspace's passes
+    for grid, nbytes in ((6, 0), (12, 10 * m * n)):
+        r = dict(row, op="fwd", kernel="_quant_matmul_splitk_kernel", config="16x64x256 w4 s3", grid_ctas=grid)
+        assert sr.split_direct(r) == (nbytes == 0)
         assert sr.split_passes_time(r, g) == pytest.approx(nbytes / g.dram_bytes_per_s), grid
     fwd = dict(row, op="fwd", kernel="_dense_matmul_kernel", config="16x64x256 w4 s4 GROUP_M=1 SPLIT_K=2")
     assert sr.split_passes_time(fwd, g) == pytest.approx(10 * m * n / g.dram_bytes_per_s)  # Y [M, N]

@@ -473,18 +473,20 @@ def _quant_matmul_fwd_kernel(
 @fma_kernel
 @triton.jit
 def _quant_matmul_splitk_kernel(
-    ws_ptr,  # fp32 partial sums: [M, N] (ATOMIC) or [SPLIT, M, N], zero-initialized
+    ws_ptr,  # fp32 partial sums: [M, N] (ATOMIC) or [SPLIT, M, N], zero-initialized; DIRECT: Y [M, N]
     x_ptr,  # [M, K] activations (any strides)
+    bias_ptr,  # DIRECT and HAS_BIAS: [N]; else dummy (the launcher adds the bias to the workspace's sum)
     p_ptr,  # POOL: [M, K/GROUP_SIZE] fp32 group means of x, else dummy
     qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,  # packed weight (weight_args)
     stride_qn, stride_sn, stride_sg,
     M, N, K, M_BUCKET,
-    stride_xm, stride_xk, stride_pm,
+    stride_xm, stride_xk, stride_pm, stride_ym, stride_yn,
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
     ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr, POOL: tl.constexpr, PACKED_DEQUANT: tl.constexpr,
     EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     QN_ALIGN: tl.constexpr = 1, LOOP_RUNS: tl.constexpr = False,
+    DIRECT: tl.constexpr = False, HAS_BIAS: tl.constexpr = False,
 ):
     """Partial Yᵀ over one K slice: program (n, s, m) sums k in slice s of ⌈K/BLOCK_K / SPLIT⌉ tiles.
 
@@ -492,7 +494,14 @@ def _quant_matmul_splitk_kernel(
     the lane-owned k order where BLOCK_K allows; NF4 and fp32 activations through ``_dequant_tile``).
 
     POOL: the programs of the first N tile also write P(X) for the groups of their slice (slices
-    are whole K tiles, so with GROUP_SIZE <= BLOCK_K no group straddles two slices)."""
+    are whole K tiles, so with GROUP_SIZE <= BLOCK_K no group straddles two slices).
+
+    DIRECT (round 33; one slice, grid axis 1 of size 1): a program's sum over all of K is Yᵀ's tile
+    itself, Y[m, n] = Σ_k X[m, k]·Ŵ[n, k] (+ bias[n], HAS_BIAS), stored in Y's dtype at
+    (stride_ym, stride_yn) with no workspace to zero, add into and cast back: the same fp32 sum
+    and bias, rounded once, as the launcher's cast of the workspace (10 B a Y element outside the
+    kernel; at mid M on a one-slice launch a quarter of what the launch moves, docs/kernels.md
+    "Round 33")."""
     stride_qn = aligned_rows(stride_qn, QN_ALIGN)  # packed rows: aligned loads
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -514,11 +523,17 @@ def _quant_matmul_splitk_kernel(
                        pid_n == 0, BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, POOL, PACKED_DEQUANT,
                        EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K)
     mask = (offs_n[:, None] < N) & mask_m[None, :]
-    offs = offs_m[None, :].to(tl.int64) * N + offs_n[:, None]
-    if ATOMIC:
-        tl.atomic_add(ws_ptr + offs, acc, mask=mask, sem="relaxed")
+    if DIRECT:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
+        y_offs = offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None] * stride_yn
+        tl.store(ws_ptr + y_offs, acc.to(ws_ptr.dtype.element_ty), mask=mask)
     else:
-        tl.store(ws_ptr + pid_s.to(tl.int64) * M * N + offs, acc, mask=mask)
+        offs = offs_m[None, :].to(tl.int64) * N + offs_n[:, None]
+        if ATOMIC:
+            tl.atomic_add(ws_ptr + offs, acc, mask=mask, sem="relaxed")
+        else:
+            tl.store(ws_ptr + pid_s.to(tl.int64) * M * N + offs, acc, mask=mask)
 
 
 @triton.jit
@@ -1172,20 +1187,28 @@ def _splitk_forward(x2, qw, bias, out, deterministic, args, meta, pooled, launch
     QLK_ALL_CONFIGS)."""
     m, k = x2.shape
     n = qw.shape[0]
-    # one slice per split; the largest split any launched config asks for
-    ws = _workspace((max(c.split for c in launches), m, n) if deterministic else (m, n), x2.device)
+    dummy = args[3]
+    ws = None
     for c in launches:
+        # one slice: Y (+ bias) stored directly (DIRECT); else a zeroed workspace per launch
+        # (QLK_ALL_CONFIGS runs several), summed, biased and cast below
+        direct = c.split == 1
+        if not direct:
+            ws = _split_workspace(c.split, m, n, deterministic, x2.device)
+        dst = out if direct else ws
         grid = (triton.cdiv(n, c.block_n), c.split, triton.cdiv(m, c.block_m))
         _quant_matmul_splitk_kernel[grid](
-            ws, x2, pooled if pooled is not None else args[3], *args, m, n, k, _bucket(m), x2.stride(0),
-            x2.stride(1), pooled.stride(0) if pooled is not None else 0,
+            dst, x2, bias if direct and bias is not None else dummy, pooled if pooled is not None else dummy,
+            *args, m, n, k, _bucket(m), x2.stride(0), x2.stride(1), pooled.stride(0) if pooled is not None else 0,
+            out.stride(0), out.stride(1),
             ATOMIC=not deterministic, DOT_PRECISION=_precision(x2.dtype), POOL=pooled is not None,
             PACKED_DEQUANT=not INTERPRETED, LOOP_RUNS=_decode_loop_runs(meta, k, c.block_k, c.split),
-            **meta, **c.meta)
-    y = ws.sum(0) if deterministic else ws
-    if bias is not None:
-        y = y + bias.to(torch.float32)
-    out.copy_(y)
+            DIRECT=direct, HAS_BIAS=direct and bias is not None, **meta, **c.meta)
+    if launches[-1].split > 1:  # the chosen launch (the last) wrote the workspace
+        y = ws.sum(0) if deterministic else ws
+        if bias is not None:
+            y = y + bias.to(torch.float32)
+        out.copy_(y)
 
 
 def quant_matmul_grad_input(dy: torch.Tensor, qw: QuantizedWeight, out: torch.Tensor | None = None,

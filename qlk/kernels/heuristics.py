@@ -1102,9 +1102,9 @@ def _choose(op, m, n, k, fmt, arch, sms, configs, fp32_bias, pool):
     if op in ("splitk", "splitn") and SPLIT_ALWAYS_M < m <= SPLIT_MAX_M:
         # round 8: several 16-row M tiles; each candidate's own line of time over tiles (SPLIT_MID_M),
         # so the one :func:`fused_time` finds fastest, which choose_fused weighs against the GEMM.
-        # Round 32: that time itself, so a one-slice split-N launch (no workspace, no passes:
-        # splitn_direct) is weighed with what it saves; between launches with a workspace the order
-        # is the line's alone, as before
+        # Round 32: that time itself, so a one-slice launch (no workspace, no passes: split_direct;
+        # split-N since round 32, split-K since round 33) is weighed with what it saves; between
+        # launches with a workspace the order is the line's alone, as before
         packed = _gemm_packed_bytes(n, k, fmt)
         times = [fused_time(s, m, n, k, packed, arch, fmt) for s in scored]
         fastest = min(times)
@@ -1316,7 +1316,8 @@ def fused_time(c: KernelChoice, m: int, n: int, k: int, packed: float, arch: int
     :data:`SPLIT_ROW_COST`, 1 for split-K), ``units(T) = per_tile · T + shared``
     tiles' worth (round 8, :func:`split_mid_tiles`: the tiles share the weight's slices through L2),
     plus the workspace's passes (:func:`split_kernel_passes_bytes`, round 15; none for a one-slice
-    split-N launch since round 32, which stores dX itself: :func:`splitn_direct`). Round 29: a tile holds
+    split-N launch since round 32, which stores dX itself, or split-K launch since round 33, which
+    stores Y: :func:`split_direct`). Round 29: a tile holds
     M / T rows, not 16; a 17-row M had been charged 32 rows of partials and a 4-row one 16, which
     made the split kernels up to 25 % slow in the rules on narrow layers, where the partials are a
     fifth or more of the weight."""
@@ -1326,7 +1327,7 @@ def fused_time(c: KernelChoice, m: int, n: int, k: int, packed: float, arch: int
         tiles = math.ceil(m / c.block_m)
         units = split_mid_tiles(c.op, tiles, fmt, fam, c.label)
         rows = SPLIT_ROW_COST.get((fam, c.op), 1.0) * m / tiles
-        direct = splitn_direct(c.op, c.split)
+        direct = split_direct(c.op, c.split)
         kernel = units * split_tile_bytes(c.op, n, k, packed, rows, direct) / (a.dram_bytes_per_s * c.score)
         return kernel + split_kernel_passes_bytes(c.op, m, n, k, direct) / a.dram_bytes_per_s
     t = max(m * n * k / (a.macs_per_s * c.score), packed / a.dram_bytes_per_s)
@@ -1337,10 +1338,11 @@ def fused_time(c: KernelChoice, m: int, n: int, k: int, packed: float, arch: int
     return t
 
 
-def splitn_direct(op: str, split: int) -> bool:
-    """Round 32: whether a split kernel's launch stores its output directly (the split-N input
-    gradient with one slice of N, ``DIRECT``): no fp32 workspace, no passes around the kernel."""
-    return op == "splitn" and split == 1
+def split_direct(op: str, split: int) -> bool:
+    """Whether a split kernel's launch stores its output directly (``DIRECT``): one slice of the
+    reduction, so no fp32 workspace and no passes around the kernel. The split-N input gradient
+    since round 32, the split-K forward since round 33."""
+    return op in ("splitn", "splitk") and split == 1
 
 
 def split_kernel_passes_bytes(op: str, m: int, n: int, k: int, direct: bool = False) -> int:
@@ -1350,7 +1352,7 @@ def split_kernel_passes_bytes(op: str, m: int, n: int, k: int, direct: bool = Fa
     into the output, :data:`GRAD_WORKSPACE_PASS_BYTES` per output element, as the split GEMMs are
     charged. Small next to the packed weight on wide layers (4096→14336 at M = 16: 2 %), it decides
     split-N against the GEMM at mid M on narrow ones (2048→512, M = 32: 0.66 MB of passes against
-    0.5 MB of INT4 weight). ``direct`` (round 32, :func:`splitn_direct`): none."""
+    0.5 MB of INT4 weight). ``direct`` (rounds 32-33, :func:`split_direct`): none."""
     if direct:
         return 0
     return GRAD_WORKSPACE_PASS_BYTES * m * (n if op == "splitk" else k)
