@@ -1140,13 +1140,19 @@ def _loop_runs(length: int, block: int, split: int, slice_len: int = 0, whole: b
     return (arch == 0 or arch >= 90) and heuristics.split_loop_runs(length, block, split, slice_len, whole)
 
 
-def _decode_loop_runs(meta: dict, k: int, block_k: int, split: int) -> bool:
+def _decode_loop_runs(meta: dict, k: int, block_k: int, split: int, direct: bool = False) -> bool:
     """:func:`_loop_runs` for the split-K decode loops (dense and grouped), except INT3: its
     two-warp 16x64x256 tile spills 8 B with the assumption (QA-LoRA's pooled decode, the grouped
-    split-K), and its decode loops were not serialized without it (round 25's scans; NF4's were)."""
+    split-K), and its decode loops were not serialized without it (round 25's scans; NF4's were).
+    ``direct`` (the dense split-K's one-slice launch, round 33): told on sm_80 too, where without it
+    ptxas carried one epilogue index through the stack across the loop's zero-trip path (8 B: INT2
+    g32 on 16x64x256 w2, INT4 g64 on 16x64x128 w4 at M = 64-128; 0 B with it, the same estimates)."""
     if meta["BITS"] == 3 and not meta["IS_NF4"]:
         return False
-    return _loop_runs(k, block_k, split, whole=k % block_k != 0)
+    whole = k % block_k != 0
+    if direct:  # every arch
+        return heuristics.split_loop_runs(k, block_k, split, whole=whole)
+    return _loop_runs(k, block_k, split, whole=whole)
 
 
 def _fwd_split_atomic() -> bool:
@@ -1202,7 +1208,7 @@ def _splitk_forward(x2, qw, bias, out, deterministic, args, meta, pooled, launch
             *args, m, n, k, _bucket(m), x2.stride(0), x2.stride(1), pooled.stride(0) if pooled is not None else 0,
             out.stride(0), out.stride(1),
             ATOMIC=not deterministic, DOT_PRECISION=_precision(x2.dtype), POOL=pooled is not None,
-            PACKED_DEQUANT=not INTERPRETED, LOOP_RUNS=_decode_loop_runs(meta, k, c.block_k, c.split),
+            PACKED_DEQUANT=not INTERPRETED, LOOP_RUNS=_decode_loop_runs(meta, k, c.block_k, c.split, direct),
             DIRECT=direct, HAS_BIAS=direct and bias is not None, **meta, **c.meta)
     if launches[-1].split > 1:  # the chosen launch (the last) wrote the workspace
         y = ws.sum(0) if deterministic else ws
