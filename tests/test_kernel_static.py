@@ -75,6 +75,13 @@ GUARD_FORMATS = {
     90: (((2048, 2048),), (64,), ["dgrad/int3g32/*", "dgrad/int3g64/*"], ("int3g32", "int3g64")),
     80: (((2048, 2048),), (16,), ["dgrad/int2g64/*"], ("int2g64",)),
 }
+#: round 33, the dense split-K forward's one-slice launch (DIRECT: Y stored by the kernel) on sm_80,
+#: where its epilogue index went through an 8 B stack slot across the loop's zero-trip path until
+#: the launch told the compiler the loop runs (INT4 g64's 16x64x128 w4 at 4096->14336, M = 128:
+#: one slice of 8 K tiles); same layout as GUARD_FORMATS
+GUARD_DIRECT = {
+    80: (((4096, 14336),), (128,), ["fwd-splitk/int4g64/*"], ("int4g64",)),
+}
 KERNELS = ("_quant_matmul_fwd_kernel", "_quant_matmul_grad_input_kernel", "_quant_matmul_splitk_kernel",
            "_quant_matmul_grad_input_splitn_kernel", "_quant_matmul_grad_input_gemv_kernel", "_dequantize_kernel",
            "_fold_bias_kernel")
@@ -124,6 +131,13 @@ def test_every_kernel_compiled(rows):
     # round 31: every format's input gradient compiles (INT3 g32 on sm_90 did not)
     formats = {(r["arch"], r["case"].split("/")[1]) for r in rows if r.get("guard_only")}
     assert {(90, "int3g32"), (90, "int3g64"), (80, "int2g64")} <= formats, formats
+    # round 33: a one-slice split-K forward (DIRECT) among them
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import static_report
+
+    direct = [r for r in rows if r.get("guard_only") and r["kernel"] == "_quant_matmul_splitk_kernel"
+              and static_report.split_direct(r)]
+    assert any(r["arch"] == 80 for r in direct), [(r["config"], r["grid_ctas"]) for r in rows if r.get("guard_only")]
 
 
 def test_no_spills(rows):
@@ -343,7 +357,8 @@ def _compile_all() -> list:
         if bad:
             raise SystemExit(f"cases did not compile: {bad}")
         out += rows
-    guards = [(arch, (*g, None)) for arch, g in GUARD_ONLY.items()] + list(GUARD_FORMATS.items())
+    guards = [(arch, (*g, None)) for arch, g in GUARD_ONLY.items()] + list(GUARD_FORMATS.items()) + \
+        list(GUARD_DIRECT.items())
     for arch, (shapes, ms, patterns, formats) in guards:
         cases = launches.all_cases(patterns=patterns, include_dense=False, shapes=shapes, ms=ms, formats=formats)
         rows = static_report.collect(arch, cases, log=lambda s: print(s, file=sys.stderr, flush=True))

@@ -1043,9 +1043,26 @@ def _score(op, c, m, n, k, fmt, arch, sms, pool=False, fp32_bias=False):
         else:
             base, length, block = math.ceil(k / bk) * math.ceil(m / bm), n, bn
         split = split_count(length, block, base, sms, resident=resident_ctas(op, c, fmt, arch))
-        ctas, fill = base * split, split_busy(length, block, split) * short_reduction_fill(length, block)
         e = bn * bk
         eff = fitted or e / (e + 4096)
+
+        def sliced(s):
+            ctas_, fill_ = base * s, split_busy(length, block, s) * short_reduction_fill(length, block)
+            bal_ = sm_balance(ctas_, sms)
+            return KernelChoice(op, bn, bm, bk, kw.get("GROUP_M"), c.num_warps, c.num_stages, s, ctas_, bal_,
+                                fill_, eff, eff * bal_ * fill_, -1)
+
+        choice = sliced(split)
+        if op == "splitk" and split > 1 and SPLIT_ALWAYS_M < m <= SPLIT_MAX_M:
+            # round 33: one slice stores Y itself (split_direct), so the occupancy count's slices must
+            # buy more SM balance than their workspace's passes cost: the faster of the two by
+            # fused_time (4096->1024 at M = 128 on sm_90: 16 slices of 128 CTAs -> one, 13 % in the
+            # model; the passes were 65 % of the INT4 weight's bytes)
+            one = sliced(1)
+            packed = _gemm_packed_bytes(n, k, fmt)
+            if fused_time(one, m, n, k, packed, arch, fmt) < fused_time(choice, m, n, k, packed, arch, fmt):
+                choice = one
+        return choice
     bal = sm_balance(ctas, sms)
     return KernelChoice(op, bn, bm, bk, kw.get("GROUP_M"), c.num_warps, c.num_stages, split, ctas, bal, fill,
                         eff, eff * bal * fill, -1)
