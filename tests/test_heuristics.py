@@ -1183,3 +1183,42 @@ def test_narrow_layers_take_the_one_slice_split_n(device_lists, arch):
                 direct = h.fused_time(c, m, 256, k, packed, arch, fmt)
                 kept = h.fused_time(dataclasses.replace(c, split=2), m, 256, k, packed, arch, fmt)
                 assert kept - direct > 10 * m * k / dram
+
+
+@pytest.mark.parametrize("arch", [90, 80])
+def test_mid_m_split_k_weighs_its_slices_against_one(device_lists, arch):
+    """Round 33: a one-slice split-K launch stores Y itself (no workspace, no passes), so at
+    16 < M <= 128 each candidate's slice count is the occupancy rule's (split_count) or one,
+    whichever fused_time finds faster; at M <= 16 (decode: the passes are small next to the weight)
+    it stays the occupancy rule's. Several layers take one slice where the rule would split (the
+    passes, 10 B a Y element, outweigh the balance the slices buy: on sm_90 4096->1024 at M = 128
+    runs 128 one-slice CTAs, on sm_80 2048->8192 at M = 96 768)."""
+    import dataclasses
+
+    sms = h.DEFAULT_SMS[arch]
+    took_one = 0
+    for k, n in ((4096, 1024), (2048, 8192), (4096, 14336), (8192, 28672), (8192, 1024)):
+        for m in (1, 16, 17, 24, 48, 96, 128):
+            for fmt in ("int4g32", "int4g128", "int3g128", "int2g32", "nf4"):
+                packed = h._gemm_packed_bytes(n, k, fmt)
+                for c in h.score_all("splitk", m, n, k, fmt, arch):
+                    cfg = h.candidates("splitk")[c.index]
+                    base = math.ceil(n / c.block_n) * math.ceil(m / c.block_m)
+                    occupancy = h.split_count(k, c.block_k, base, sms,
+                                              resident=h.resident_ctas("splitk", cfg, fmt, arch))
+                    assert c.split in (1, occupancy) and c.ctas == base * c.split, (k, n, m, fmt, c)
+                    if m <= h.SPLIT_ALWAYS_M or occupancy == 1:
+                        assert c.split == occupancy, (k, n, m, fmt, c)
+                        continue
+                    other = 1 if c.split == occupancy else occupancy
+                    fill = h.split_busy(k, c.block_k, other) * h.short_reduction_fill(k, c.block_k)
+                    bal = h.sm_balance(base * other, sms)
+                    alt = dataclasses.replace(c, split=other, ctas=base * other, sm_balance=bal, fill=fill,
+                                              score=c.tile_eff * bal * fill)
+                    t, t_alt = (h.fused_time(x, m, n, k, packed, arch, fmt) for x in (c, alt))
+                    assert t <= t_alt, (k, n, m, fmt, c.label, c.split, t, t_alt)
+                    took_one += c.split == 1
+    assert took_one >= 20, took_one
+    m, n, k = {90: (128, 1024, 4096), 80: (96, 8192, 2048)}[arch]
+    pick = h.choose_config("splitk", m, n, k, "int4g128", arch)
+    assert pick.split == 1 and pick.ctas == n // 64 * math.ceil(m / 16), pick
