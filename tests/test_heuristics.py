@@ -1190,14 +1190,15 @@ def test_mid_m_split_k_weighs_its_slices_against_one(device_lists, arch):
     """Round 33: a one-slice split-K launch stores Y itself (no workspace, no passes), so at
     16 < M <= 128 each candidate's slice count is the occupancy rule's (split_count) or one,
     whichever fused_time finds faster; at M <= 16 (decode: the passes are small next to the weight)
-    it stays the occupancy rule's. Several layers take one slice where the rule would split (the
+    it stays the occupancy rule's; a one-slice launch is charged the cut last step it decodes in full.
+    Several layers take one slice where the rule would split (the
     passes, 10 B a Y element, outweigh the balance the slices buy: on sm_90 4096->1024 at M = 128
     runs 128 one-slice CTAs, on sm_80 2048->8192 at M = 96 768)."""
     import dataclasses
 
     sms = h.DEFAULT_SMS[arch]
     took_one = 0
-    for k, n in ((4096, 1024), (2048, 8192), (4096, 14336), (8192, 28672), (8192, 1024)):
+    for k, n in ((4096, 1024), (2048, 8192), (4096, 14336), (8192, 28672), (8192, 1024), (384, 1536), (2880, 4096)):
         for m in (1, 16, 17, 24, 48, 96, 128):
             for fmt in ("int4g32", "int4g128", "int3g128", "int2g32", "nf4"):
                 packed = h._gemm_packed_bytes(n, k, fmt)
@@ -1211,7 +1212,8 @@ def test_mid_m_split_k_weighs_its_slices_against_one(device_lists, arch):
                         assert c.split == occupancy, (k, n, m, fmt, c)
                         continue
                     other = 1 if c.split == occupancy else occupancy
-                    fill = h.split_busy(k, c.block_k, other) * h.short_reduction_fill(k, c.block_k)
+                    fill = h.split_busy(k, c.block_k, other) * (  # one slice decodes its cut last step in full
+                        k / (math.ceil(k / c.block_k) * c.block_k) if other == 1 else h.short_reduction_fill(k, c.block_k))
                     bal = h.sm_balance(base * other, sms)
                     alt = dataclasses.replace(c, split=other, ctas=base * other, sm_balance=bal, fill=fill,
                                               score=c.tile_eff * bal * fill)
@@ -1222,3 +1224,7 @@ def test_mid_m_split_k_weighs_its_slices_against_one(device_lists, arch):
     m, n, k = {90: (128, 1024, 4096), 80: (96, 8192, 2048)}[arch]
     pick = h.choose_config("splitk", m, n, k, "int4g128", arch)
     assert pick.split == 1 and pick.ctas == n // 64 * math.ceil(m / 16), pick
+    # a one-slice launch over K = 384 on 256-deep steps decodes 512 columns: the 128-deep tile's
+    # three exact steps in three slices stay faster (Qwen3-0.6B-like 384->1536 NF4 at M = 40; without
+    # the cut step counted the 256-deep one-slice launch was picked, 0.79x of the best on sm_90)
+    assert h.choose_config("splitk", 40, 1536, 384, "nf4", arch).block_k == 128

@@ -1178,4 +1178,7 @@ MUTANTS = [
          old='        if op == "splitk" and split > 1 and SPLIT_ALWAYS_M < m <= SPLIT_MAX_M:',
          new='        if op == "splitk" and split > 1 and m <= SPLIT_MAX_M:',
          tests=["tests/test_heuristics.py", "-k", "weighs_its_slices"]),
+    dict(id="rules-splitk-one-slice-cut-step-free", cls="rules", file="qlk/kernels/heuristics.py",
+         old="            one = sliced(1, cut=True)", new="            one = sliced(1)",
+         tests=["tests/test_heuristics.py", "-k", "weighs_its_slices"]),
 ]

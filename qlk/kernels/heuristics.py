@@ -96,7 +96,10 @@ sweep by ``bench/static_report.py --fit-rules``. The grouped (MoE) input gradien
 are per kernel variant (:data:`GROUPED_RESIDENT`: slot loop or a program row per slot). Round 29: a
 split kernel's M tile holds M / T rows, not 16, and split-N's dY and partial rows cost
 :data:`SPLIT_ROW_COST` of a weight byte (fitted with the lines); each input-gradient GEMM tile
-has its own mid-M factor (:data:`GEMM_MID_TILE`) on top of its format's.
+has its own mid-M factor (:data:`GEMM_MID_TILE`) on top of its format's. Rounds 32-33: a split
+kernel's launch of one slice stores its output itself (:func:`split_direct`: no workspace, no
+passes), and at 16 < M ≤ 128 a split-K candidate runs the occupancy count's slices or one slice,
+whichever :func:`fused_time` finds faster (the passes a split costs against the SM balance it buys).
 
 Also round 8 (docs/kernels.md "Round 8: the last mid-M input gradients under 0.9× dense"): an
 input-gradient candidate may serve some formats only (:data:`GRAD_CANDIDATE_FORMATS`) and may
@@ -1046,8 +1049,10 @@ def _score(op, c, m, n, k, fmt, arch, sms, pool=False, fp32_bias=False):
         e = bn * bk
         eff = fitted or e / (e + 4096)
 
-        def sliced(s):
+        def sliced(s, cut=False):
             ctas_, fill_ = base * s, split_busy(length, block, s) * short_reduction_fill(length, block)
+            if cut:  # one slice decodes its cut last step in full: the share of its steps that holds data
+                fill_ = split_busy(length, block, s) * length / (math.ceil(length / block) * block)
             bal_ = sm_balance(ctas_, sms)
             return KernelChoice(op, bn, bm, bk, kw.get("GROUP_M"), c.num_warps, c.num_stages, s, ctas_, bal_,
                                 fill_, eff, eff * bal_ * fill_, -1)
@@ -1057,8 +1062,10 @@ def _score(op, c, m, n, k, fmt, arch, sms, pool=False, fp32_bias=False):
             # round 33: one slice stores Y itself (split_direct), so the occupancy count's slices must
             # buy more SM balance than their workspace's passes cost: the faster of the two by
             # fused_time (4096->1024 at M = 128 on sm_90: 16 slices of 128 CTAs -> one, 13 % in the
-            # model; the passes were 65 % of the INT4 weight's bytes)
-            one = sliced(1)
+            # model; the passes were 65 % of the INT4 weight's bytes). Its cut last step counted (K =
+            # 384 on 256-deep steps: 0.75 holds data; counted for every launch it would move every
+            # ragged reduction's scores, docs/kernels.md "Round 33")
+            one = sliced(1, cut=True)
             packed = _gemm_packed_bytes(n, k, fmt)
             if fused_time(one, m, n, k, packed, arch, fmt) < fused_time(choice, m, n, k, packed, arch, fmt):
                 choice = one
