@@ -48,10 +48,10 @@ KNOWN_OFF = {
         # over the shapes and the occupancy-aware split count (heuristics.occupancy_split) gives the
         # tiles other grids; round 24's two-warp 16x64x256 (now the usual pick, 1-5 % over the
         # four-warp one) is 1.1 % behind it on 8192->3072 INT4 g32, and 1.3 % ahead of the GEMM at
-        # INT3 2048->2048, M = 128 (the round-8 split lines of each candidate decide there)
+        # INT3 2048->2048, M = 128 (the round-8 split lines of each candidate decide there; round 33:
+        # its one-slice launch picked right)
         "fwd/int4g32/8192->3072/M1": 0.987,
         "fwd/int4g32/8192->3072/M16": 0.987,
-        "fwd/int3g128/2048->2048/M128": 0.979,
         # round 27's refit (32-bit row offsets: every tile's loop shorter, the split-K ones by 1-3 %):
         # INT3 3072->3072 and NF4 8192->28672 decode keep a split-K tile 1.1-2.1 % behind the other
         "fwd/int3g128/3072->3072/M1": 0.979,
@@ -93,8 +93,14 @@ KNOWN_OFF = {
         "fwd/nf4dq/14336->4096/M16": 0.952,
         "fwd/int4g32/8192->8192/M64": 0.956,
         # round 27 (every sm_80 loop shorter by 32-bit row offsets; INT3 3072->3072 at M = 128 now picked
-        # right): INT4 g128's 3072->8192 at M = 64 keeps the GEMM, 1.7 % behind the split
-        "fwd/int4g128/3072->8192/M64": 0.983,
+        # right). Round 33: INT4 g128's 3072->8192 at M = 64 (the GEMM, 1.7 % behind the split) is
+        # picked right; INT4 g32's 2048->8192 and 3072->8192 at M = 64 keep the GEMM 5 % behind the
+        # one-slice split-K (the mid-M line is a median over the tile counts and shapes), and INT3
+        # g128's 14336->4096 decode takes the four-warp 256-deep tile 2 % behind the two-warp one
+        # (RESIDENT's refit: 4-5 resident CTAs, was 5)
+        "fwd/int4g32/2048->8192/M64": 0.952,
+        "fwd/int4g32/3072->8192/M64": 0.953,
+        "fwd/int3g128/14336->4096/M1": 0.979,
         # (NF4's four went with round 21's half2 lookup and the split fit redone on it)
         # (the input gradient at M = 128 on 2048-4096-wide INT3 layers, 2-3 % off since round 9, went
         # with round 23's refit: GEMM_MID_M's INT3 factor 0.882 -> 0.878 takes the two-warp 64x64x128)
@@ -271,13 +277,21 @@ KNOWN_OFF_OUT_OF_SAMPLE = {
     ("new", 90): {"fwd/int4g32/8960->1536/M200": 0.891},
     # static-smol, sm_80 at M = 100: NF4's 256-deep split-K tile on K = 576 (2.25 steps) against the
     # 128-deep one
-    ("smol", 80): {"fwd/nf4dq/576->1536/M100": 0.891},
+    # Round 33: the 128-deep tile went to one slice (168 CTAs, no passes), the analyzer's best by 21 %;
+    # the rules keep the 256-deep two-warp tile's three slices, 0.3 % ahead in their time (the
+    # one-slice tile's 168 CTAs on 108 SMs at SM balance 0.78, where the analyzer sees them DRAM-bound
+    # at several resident an SM); the pick 1.28x dense
+    ("smol", 80): {"fwd/nf4dq/576->1536/M100": 0.789},
     # static-oos5 (round 26): sm_80 the 256-deep split-K tile against the 128-deep one on K = 640 (2.5
     # steps) at M = 17; sm_90 the split-N step on N = 576 at M = 4 and split-K against the GEMM at
     # M = 96 on K = 640. (Round 29's split-N model took sm_80's five input gradients on the 512-wide
     # reduction at M = 17 from 0.77-0.83 to the best, and the earlier rounds every other entry this
     # list had: sm_90's narrow-layer input gradients at M = 24 / 48, 0.70-0.81, are the best now.)
-    ("oos5", 80): {"fwd/int2g32/640->2560/M17": 0.887},
+    # Round 33: the 256-deep split-K on K = 640 at M = 17 picked right; INT2's decode on 512->32768 at
+    # M = 4 (one slice of 512 N tiles, DIRECT since this round) keeps the 128-deep tile 15 % behind the
+    # two-warp 256-deep one, whose one-slice launch gained most (the decode efficiencies are medians
+    # over the family's K >= 2048)
+    ("oos5", 80): {"fwd/int2g32/512->32768/M4": 0.852},
     # static-oos7 (round 29): gpt-oss's 4096->2880 input gradient at M = 113, the rules' 128x64x64 GEMM
     # against the 64x32x64 one, which must outscore the others by GRAD_CANDIDATE_MARGIN (10 %, round 8)
     # and is 12 % faster here; the picks 3.0x and 3.1x dense
@@ -286,15 +300,21 @@ KNOWN_OFF_OUT_OF_SAMPLE = {
     ("oos5", 90): {"dgrad/int4g32/7168->576/M4": 0.891, "dgrad/int4g128/7168->576/M4": 0.892,
                    "dgrad/int3g128/7168->576/M4": 0.895, "dgrad/int2g32/7168->576/M4": 0.892,
                    "dgrad/nf4dq/7168->576/M4": 0.891,
-                   "fwd/int4g32/7168->576/M700": 0.898, "fwd/int4g32/640->2560/M96": 0.88},
+                   "fwd/int4g32/7168->576/M700": 0.898, "fwd/nf4dq/512->32768/M4": 0.89},
     # round 31, the other group sizes (static-family-formats: the family sweep at INT4 g64, INT3 g32 /
     # g64, INT2 g64 / g128 and NF4 without double quant; static-formats: 5 of its shapes at M 1, 9, 48,
     # 333, 2048, 8192): split-K against the GEMM at M = 128 (the mid-M tables are the family sweep's,
     # fitted at the report's five formats), and NF4 without double quant's 4-warp 256-deep split-K tile
     # at M = 48 (the "nf4" class is fitted on double-quantized NF4)
-    ("family-formats", 90): {"fwd/int3g32/8192->2048/M128": 0.854, "fwd/int2g128/3072->3072/M128": 0.875},
-    ("family-formats", 80): {"fwd/int3g32/8192->3072/M128": 0.869, "fwd/int2g128/4096->14336/M128": 0.875},
-    ("formats", 80): {"fwd/nf4/14336->4096/M48": 0.873},
+    # Round 33 (one-slice split-K launches, the slice count weighed at mid M): sm_90's two moved to
+    # INT3 g32 on 2048-4096-wide layers at M = 64-128, the GEMM kept where the one-slice split-K is
+    # 12-20 % faster; sm_80's INT2 g128 8192->28672 at M = 128 takes the one-slice split-K, 17 %
+    # behind the GEMM (its pooled INT2 line is fitted on g32); NF4 without double quant at M = 48 on
+    # 4096->14336 joins its sibling. Every one of them 1.3x dense or more
+    ("family-formats", 90): {"fwd/int3g32/2048->2048/M128": 0.805, "fwd/int3g32/4096->4096/M64": 0.878,
+                             "fwd/int3g32/14336->4096/M64": 0.879},
+    ("family-formats", 80): {"fwd/int3g32/8192->3072/M128": 0.869, "fwd/int2g128/8192->28672/M128": 0.83},
+    ("formats", 80): {"fwd/nf4/14336->4096/M48": 0.873, "fwd/nf4/4096->14336/M48": 0.882},
     # round 32 (static-narrow): sm_80's 16x256x64 split-N tile on N = 320 (SmolLM2-360M's k/v) at M = 40,
     # two slices of one step each, the second 64 rows of 256: the kernel decodes the clamped step in
     # full, where the score's fill counts a cut step only below one block (short_reduction_fill); the
