@@ -280,7 +280,7 @@ KNOWN_OFF_OUT_OF_SAMPLE = {
     # Round 33: the 128-deep tile went to one slice (168 CTAs, no passes), the analyzer's best by 21 %;
     # the rules keep the 256-deep two-warp tile's three slices, 0.3 % ahead in their time (the
     # one-slice tile's 168 CTAs on 108 SMs at SM balance 0.78, where the analyzer sees them DRAM-bound
-    # at several resident an SM); the pick 1.28x dense
+    # at several resident an SM); the pick 1.9x dense
     ("smol", 80): {"fwd/nf4dq/576->1536/M100": 0.789},
     # static-oos5 (round 26): sm_80 the 256-deep split-K tile against the 128-deep one on K = 640 (2.5
     # steps) at M = 17; sm_90 the split-N step on N = 576 at M = 4 and split-K against the GEMM at
