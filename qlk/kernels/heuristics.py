@@ -98,8 +98,9 @@ split kernel's M tile holds M / T rows, not 16, and split-N's dY and partial row
 :data:`SPLIT_ROW_COST` of a weight byte (fitted with the lines); each input-gradient GEMM tile
 has its own mid-M factor (:data:`GEMM_MID_TILE`) on top of its format's. Rounds 32-33: a split
 kernel's launch of one slice stores its output itself (:func:`split_direct`: no workspace, no
-passes), and at 16 < M ≤ 128 a split-K candidate runs the occupancy count's slices or one slice,
-whichever :func:`fused_time` finds faster (the passes a split costs against the SM balance it buys).
+passes), and at 16 < M ≤ 128 a split candidate (split-K since round 33, split-N since round 34)
+runs the occupancy count's slices or one slice, whichever :func:`fused_time` finds faster (the
+passes a split costs against the SM balance it buys).
 
 Also round 8 (docs/kernels.md "Round 8: the last mid-M input gradients under 0.9× dense"): an
 input-gradient candidate may serve some formats only (:data:`GRAD_CANDIDATE_FORMATS`) and may
@@ -339,9 +340,9 @@ RESIDENT = {
     (80, 'splitn', 'int2g128'): {'16x128x128 w4 s3': (3, 3), '16x256x64 w4 s3': (2, 2), '16x64x128 w2 s3': (6, 6), '16x64x128 w4 s4': (7, 7)},
     (80, 'splitn', 'int2g32'): {'16x128x128 w4 s3': (3, 3), '16x256x64 w4 s3': (2, 2), '16x64x128 w2 s3': (6, 6), '16x64x128 w4 s4': (6, 6)},
     (80, 'splitn', 'int2g64'): {'16x128x128 w4 s3': (3, 3), '16x256x64 w4 s3': (2, 2), '16x64x128 w2 s3': (6, 6)},
-    (80, 'splitn', 'int3'): {'16x128x128 w4 s3': (2, 3), '16x256x64 w4 s3': (2, 2), '16x64x128 w2 s3': (5, 6), '16x64x128 w4 s4': (5, 6)},
-    (80, 'splitn', 'int3g128'): {'16x128x128 w4 s3': (3, 3), '16x256x64 w4 s3': (2, 2), '16x64x128 w2 s3': (6, 6), '16x64x128 w4 s4': (6, 6)},
-    (80, 'splitn', 'int3g32'): {'16x128x128 w4 s3': (2, 2), '16x256x64 w4 s3': (2, 2), '16x64x128 w2 s3': (5, 5), '16x64x128 w4 s4': (5, 5)},
+    (80, 'splitn', 'int3'): {'16x128x128 w4 s3': (2, 3), '16x256x64 w4 s3': (2, 2), '16x64x128 w2 s3': (5, 6), '16x64x128 w4 s4': (5, 7)},
+    (80, 'splitn', 'int3g128'): {'16x128x128 w4 s3': (3, 3), '16x256x64 w4 s3': (2, 2), '16x64x128 w2 s3': (6, 6), '16x64x128 w4 s4': (6, 7)},
+    (80, 'splitn', 'int3g32'): {'16x128x128 w4 s3': (2, 2), '16x256x64 w4 s3': (2, 2), '16x64x128 w2 s3': (5, 5), '16x64x128 w4 s4': (5, 6)},
     (80, 'splitn', 'int3g64'): {'16x128x128 w4 s3': (2, 2), '16x256x64 w4 s3': (2, 2), '16x64x128 w2 s3': (5, 5), '16x64x128 w4 s4': (6, 6)},
     (80, 'splitn', 'int4'): {'16x128x128 w4 s3': (2, 2), '16x256x64 w4 s3': (2, 2), '16x64x128 w2 s3': (5, 5), '16x64x128 w4 s4': (5, 6)},
     (80, 'splitn', 'int4g128'): {'16x128x128 w4 s3': (2, 2), '16x256x64 w4 s3': (2, 2), '16x64x128 w2 s3': (5, 5), '16x64x128 w4 s4': (6, 6)},
@@ -1058,11 +1059,13 @@ def _score(op, c, m, n, k, fmt, arch, sms, pool=False, fp32_bias=False):
                                 fill_, eff, eff * bal_ * fill_, -1)
 
         choice = sliced(split)
-        if op == "splitk" and split > 1 and SPLIT_ALWAYS_M < m <= SPLIT_MAX_M:
-            # round 33: one slice stores Y itself (split_direct), so the occupancy count's slices must
-            # buy more SM balance than their workspace's passes cost: the faster of the two by
-            # fused_time (4096->1024 at M = 128 on sm_90: 16 slices of 128 CTAs -> one, 13 % in the
-            # model; the passes were 65 % of the INT4 weight's bytes). Its cut last step counted (K =
+        if split > 1 and SPLIT_ALWAYS_M < m <= SPLIT_MAX_M:
+            # round 33 (split-K; split-N since round 34): one slice stores its output itself
+            # (split_direct), so the occupancy count's slices must buy more SM balance than their
+            # workspace's passes cost: the faster of the two by fused_time (split-K 4096->1024 at M =
+            # 128 on sm_90: 16 slices of 128 CTAs -> one, 13 % in the model; the passes were 65 % of
+            # the INT4 weight's bytes; split-N's dX of 2048->512 at M = 64: two slices -> one of 128
+            # CTAs). Its cut last step counted (K =
             # 384 on 256-deep steps: 0.75 holds data; counted for every launch it would move every
             # ragged reduction's scores, docs/kernels.md "Round 33")
             one = sliced(1, cut=True)
@@ -1243,12 +1246,12 @@ SPLIT_MID_M = {
         'nf4': {'16x64x128 w4 s4': (0.742, 0.29), '16x64x256 w2 s3': (0.681, 0.285), '16x64x256 w4 s3': (0.697, 0.287)},
     },
     (80, 'splitn'): {
-        'int2': {'16x128x128 w4 s3': (0.854, 0.226), '16x256x64 w4 s3': (0.871, 0.201), '16x64x128 w2 s3': (0.845, 0.243), '16x64x128 w4 s4': (0.86, 0.22)},
-        'int3': {'16x128x128 w4 s3': (0.842, 0.24), '16x256x64 w4 s3': (0.859, 0.212), '16x64x128 w2 s3': (0.832, 0.259), '16x64x128 w4 s4': (0.844, 0.231)},
-        'int4': {'16x128x128 w4 s3': (0.797, 0.266), '16x256x64 w4 s3': (0.821, 0.229), '16x64x128 w2 s3': (0.768, 0.275), '16x64x128 w4 s4': (0.81, 0.245)},
-        'int4g128': {'16x128x128 w4 s3': (0.806, 0.284), '16x256x64 w4 s3': (0.824, 0.251), '16x64x128 w2 s3': (0.796, 0.299), '16x64x128 w4 s4': (0.81, 0.283)},
-        'int4g32': {'16x128x128 w4 s3': (0.772, 0.302), '16x256x64 w4 s3': (0.804, 0.275), '16x64x128 w2 s3': (0.723, 0.301), '16x64x128 w4 s4': (0.791, 0.298)},
-        'nf4': {'16x128x128 w4 s3': (0.813, 0.276), '16x256x64 w4 s3': (0.832, 0.243), '16x64x128 w2 s3': (0.803, 0.29), '16x64x128 w4 s4': (0.815, 0.269)},
+        'int2': {'16x128x128 w4 s3': (0.855, 0.225), '16x256x64 w4 s3': (0.872, 0.201), '16x64x128 w2 s3': (0.845, 0.245), '16x64x128 w4 s4': (0.861, 0.217)},
+        'int3': {'16x128x128 w4 s3': (0.842, 0.243), '16x256x64 w4 s3': (0.859, 0.214), '16x64x128 w2 s3': (0.831, 0.262), '16x64x128 w4 s4': (0.843, 0.233)},
+        'int4': {'16x128x128 w4 s3': (0.797, 0.261), '16x256x64 w4 s3': (0.817, 0.251), '16x64x128 w2 s3': (0.768, 0.275), '16x64x128 w4 s4': (0.81, 0.245)},
+        'int4g128': {'16x128x128 w4 s3': (0.805, 0.289), '16x256x64 w4 s3': (0.823, 0.252), '16x64x128 w2 s3': (0.795, 0.302), '16x64x128 w4 s4': (0.809, 0.285)},
+        'int4g32': {'16x128x128 w4 s3': (0.77, 0.308), '16x256x64 w4 s3': (0.803, 0.278), '16x64x128 w2 s3': (0.722, 0.304), '16x64x128 w4 s4': (0.79, 0.3)},
+        'nf4': {'16x128x128 w4 s3': (0.812, 0.281), '16x256x64 w4 s3': (0.831, 0.245), '16x64x128 w2 s3': (0.802, 0.292), '16x64x128 w4 s4': (0.815, 0.271)},
     },
     (90, 'splitk'): {
         'int2': {'16x64x128 w4 s4': (0.759, 0.27), '16x64x256 w2 s3': (0.617, 0.275), '16x64x256 w4 s3': (0.686, 0.27)},
@@ -1259,12 +1262,12 @@ SPLIT_MID_M = {
         'nf4': {'16x64x128 w4 s4': (0.748, 0.29), '16x64x256 w2 s3': (0.695, 0.281), '16x64x256 w4 s3': (0.704, 0.286)},
     },
     (90, 'splitn'): {
-        'int2': {'16x128x64 w4 s3': (0.846, 0.235), '16x256x64 w4 s3': (0.841, 0.243)},
-        'int3': {'16x128x64 w4 s3': (0.833, 0.248), '16x256x64 w4 s3': (0.829, 0.256)},
-        'int4': {'16x128x64 w4 s3': (0.778, 0.271), '16x256x64 w4 s3': (0.762, 0.286)},
-        'int4g128': {'16x128x64 w4 s3': (0.798, 0.293), '16x256x64 w4 s3': (0.794, 0.3)},
-        'int4g32': {'16x128x64 w4 s3': (0.745, 0.3), '16x256x64 w4 s3': (0.721, 0.304)},
-        'nf4': {'16x128x64 w4 s3': (0.805, 0.288), '16x256x64 w4 s3': (0.801, 0.292)},
+        'int2': {'16x128x64 w4 s3': (0.846, 0.239), '16x256x64 w4 s3': (0.84, 0.248)},
+        'int3': {'16x128x64 w4 s3': (0.832, 0.254), '16x256x64 w4 s3': (0.828, 0.262)},
+        'int4': {'16x128x64 w4 s3': (0.775, 0.286), '16x256x64 w4 s3': (0.762, 0.29)},
+        'int4g128': {'16x128x64 w4 s3': (0.797, 0.294), '16x256x64 w4 s3': (0.793, 0.303)},
+        'int4g32': {'16x128x64 w4 s3': (0.743, 0.306), '16x256x64 w4 s3': (0.721, 0.304)},
+        'nf4': {'16x128x64 w4 s3': (0.805, 0.288), '16x256x64 w4 s3': (0.801, 0.293)},
     },
 }
 #: an arch, op or format without a fitted line: a flat share of the tiles' time
