@@ -82,6 +82,7 @@ def real_paths(monkeypatch):
     several configs into one workspace)."""
     _SMS[0] = 132  # (use_split lowers it; the GEMM input gradient splits its N reduction below ~base-grid SMs)
     monkeypatch.setattr(fm, "num_sms", lambda device: _SMS[0])
+    monkeypatch.setattr(fm, "CHOICE_LOG", [])  # what the rules launched (launched_split)
 
     def workspace(shape, device):
         if len(shape) == 3:
@@ -140,11 +141,25 @@ def nf4_weight(block, dq, k):
 _SMS = [132]  # what the patched num_sms answers
 
 
-def use_split(kind, m, n, k):
+def use_split(kind, m, n, k, qw=None, pool=False):
     """Tell the split rule the smallest SM count at which ``kind`` ("splitk" / "splitn") still
     splits, and check (one config: the interpreter) that its slices then hold >= 2 tiles each.
-    The rule as documented: split = min(tiles, ⌈16·SMs / base grid⌉)."""
+    The rule as documented: split = min(tiles, ⌈16·SMs / base grid⌉). At 16 < M <= 128 the rules
+    may run one slice instead (rounds 33-34: it stores its output itself, no workspace), so with
+    the weight ``qw`` the SM count is the smallest at which the rules' own choice splits (for
+    QA-LoRA's split-N with ``pool``, with and without its fp32 folded biases); the tests check the
+    launch with :func:`launched_split`."""
     if kind == "gemm":
+        return
+    if qw is not None and kind in ("splitk", "splitn") and m > heuristics.SPLIT_ALWAYS_M:
+        fmt = heuristics.format_class(qw.bits, qw.fmt == "nf4", qw.group_size)
+        for sms in range(1, 257):
+            picks = [heuristics.choose_config(kind, m, n, k, fmt, fm.target_arch(), sms, fp32_bias=f, pool=pool)
+                     for f in ((False, True) if pool else (False,))]
+            if all(c.split >= 2 and _slice_tiles(kind, n, k, c) >= 2 for c in picks):
+                break
+        _SMS[0] = sms
+        assert all(c.split >= 2 for c in picks), (kind, m, n, k, fmt, picks)
         return
     if kind == "gemv":  # still autotuned (its own config list): one config under the interpreter
         c = fm._quant_matmul_grad_input_gemv_kernel.configs[0].kwargs
@@ -165,16 +180,29 @@ def use_split(kind, m, n, k):
         assert math.ceil(tiles / split) >= 2, (kind, m, n, k, sms, split, tiles)
 
 
+def _slice_tiles(kind, n, k, c):
+    """Reduction steps one slice of the split launch ``c`` runs (the last slice may run fewer)."""
+    steps = math.ceil(k / c.block_k) if kind == "splitk" else math.ceil(n / c.block_n)
+    return math.ceil(steps / c.split)
+
+
+def launched_split(kind):
+    """The slice count of the last ``kind`` launch the rules chose in this test (fm.CHOICE_LOG)."""
+    return [c for op, c in fm.CHOICE_LOG if op == kind][-1].split
+
+
 def check_base(qw, w64, m, fwd_path, grad_path, deterministic):
     n, k = qw.shape
     x, dy = randn(m, k, seed=m + k), randn(m, n, seed=m + n + 1)
     bias = randn(n, seed=7)
-    use_split(fwd_path, m, n, k)
+    use_split(fwd_path, m, n, k, qw)
     y = quant_matmul_forward(x, qw, bias, out=nan(m, n), path=fwd_path, deterministic=deterministic)
     assert oracles.rel_err(y, x.cpu().double() @ w64.t() + bias.cpu().double()) < TOL
-    use_split(grad_path, m, n, k)
+    use_split(grad_path, m, n, k, qw)
     dx = quant_matmul_backward(dy, qw, out=nan(m, k), path=grad_path, deterministic=deterministic)
     assert oracles.rel_err(dx, dy.cpu().double() @ w64) < TOL
+    for path in {fwd_path, grad_path} & {"splitk", "splitn"}:  # the workspace path, not one slice
+        assert launched_split(path) >= 2, (path, m, n, k)
 
 
 PATHS = [  # (M, forward path, input-gradient path, deterministic)
@@ -243,12 +271,14 @@ def test_nf4_half_numerics_exact(case, m, fwd_path, grad_path, det, dtype):
     x[torch.arange(m), cols] = 1.0
     dy = torch.zeros(m, n, dtype=dtype)
     dy[torch.arange(m), rows] = 1.0
-    use_split(fwd_path, m, n, k)
+    use_split(fwd_path, m, n, k, qw)
     y = quant_matmul_forward(x.to(DEVICE), qw, out=nan(m, n).to(dtype), path=fwd_path, deterministic=det)
     assert torch.equal(y.cpu().double(), w_act[:, cols].t())
-    use_split(grad_path, m, n, k)
+    use_split(grad_path, m, n, k, qw)
     dx = quant_matmul_backward(dy.to(DEVICE), qw, out=nan(m, k).to(dtype), path=grad_path, deterministic=det)
     assert torch.equal(dx.cpu().double(), w_act[rows])
+    for path in {fwd_path, grad_path} & {"splitk", "splitn"}:  # the workspace path, not one slice
+        assert launched_split(path) >= 2, (path, m, n, k)
 
 
 GRAD_LOOP_CASES = [  # every packed layout; g < tile, g > tile, ragged K with a half-used INT3 chunk / INT2 word
@@ -675,16 +705,18 @@ def test_qalora_paths(case, m, fwd_path, grad_path, det):
     bias = randn(n, seed=9)
     y_ref, p_ref = oracles.qalora_forward64(x.cpu(), w64, a.cpu(), b.cpu(), SIGMA, g, bias.cpu())
     assert oracles.rel_err(x.cpu().double() @ w64.t(), y_ref) > 0.3, "the adapter term is too small to test"
-    use_split(fwd_path, m, n, k)
+    use_split(fwd_path, m, n, k, qw)
     y, p = qalora_forward(x, qw, a, b, SIGMA, bias, out=nan(m, n), path=fwd_path, deterministic=det)
     assert oracles.rel_err(p, p_ref) < 1e-6
     assert oracles.rel_err(y, y_ref) < TOL
     dx_ref, _, _ = oracles.qalora_backward64(x.cpu(), dy.cpu(), w64, a.cpu(), b.cpu(), SIGMA, g)
     assert oracles.rel_err(dy.cpu().double() @ w64, dx_ref) > 0.05, "the adapter term of dX is too small to test"
-    use_split(grad_path, m, n, k)
+    use_split(grad_path, m, n, k, qw, pool=True)
     dx, v = qalora_grad_input(dy, qw, a, b, SIGMA, out=nan(m, k), path=grad_path, deterministic=det)
     assert oracles.rel_err(dx, dx_ref) < TOL
     assert oracles.rel_err(v, dy.cpu().double() @ b.cpu().double()) < 1e-6
+    for path in {fwd_path, grad_path} & {"splitk", "splitn"}:  # the workspace path, not one slice
+        assert launched_split(path) >= 2, (path, m, n, k)
 
 
 @pytest.mark.parametrize("case", [(4, 16, 512), (2, 8, 520)], ids=int_id)
