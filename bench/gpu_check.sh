@@ -65,8 +65,9 @@ EOF
 if [ $full = 1 ]; then
   quick=""; t_tests=0; t_kernels=0; t_layer=0; t_e2e=0
 else
-  # seconds per stage (timeout's hard stop); the scripts' own --budget-s (QUICK) stops earlier
-  quick="--quick"; t_tests=120; t_kernels=200; t_layer=85; t_e2e=110
+  # seconds per stage (timeout's hard stop; T_TESTS, T_KERNELS, T_LAYER, T_E2E override);
+  # the scripts' own --budget-s (QUICK) stops earlier
+  quick="--quick"; t_tests=${T_TESTS:-120}; t_kernels=${T_KERNELS:-200}; t_layer=${T_LAYER:-85}; t_e2e=${T_E2E:-110}
 fi
 stages=()
 stage() {  # stage NAME SECONDS CMD...: run with a hard time limit, record how it ended
