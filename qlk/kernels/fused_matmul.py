@@ -64,9 +64,11 @@ dequantize-then-dense path keep the fp32 product. fp32 activations use exact fp3
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import math
 import os
+import warnings
 
 import torch
 import triton
@@ -942,12 +944,100 @@ def _all_configs() -> tuple[str, ...]:
     return ("*",) if value == "1" else tuple(p.strip() for p in value.split(",") if p.strip())
 
 
+#: (op, format class, tile label, arch) of tiles that could not be built or loaded on this machine
+#: (a Triton version that rejects the code, a tile over the SM's shared memory): never chosen again
+_FAILED_TILES: set = set()
+#: tiles one call tries before it gives up on the fused kernel (each failure costs one compile)
+_TILE_TRIES = 4
+
+
+class _TileFailed(Exception):
+    """A tiled launch failed to build or load; its key is in :data:`_FAILED_TILES`."""
+
+    def __init__(self, key, cause):
+        super().__init__(f"{key}: {type(cause).__name__}: {str(cause).strip().splitlines()[-1][:300] if str(cause).strip() else ''}")
+        self.key, self.cause = key, cause
+
+
+class _NoTileLeft(Exception):
+    """Every candidate tile of ``op`` for this format failed to build or load on this machine."""
+
+
+def _build_failure(e: BaseException) -> bool:
+    """Whether ``e`` says the kernel could not be built or loaded here (a compiler error, too much
+    shared memory, a ptxas failure), as opposed to bad input or a fault while it ran."""
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources
+
+    if isinstance(e, (CompilationError, OutOfResources)):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(s in text for s in ("PassManager::run failed", "ptxas", "PTXAS"))
+
+
+@contextlib.contextmanager
+def _tile_guard(op, meta, c):
+    """Around one tiled launch: a build or load failure marks the tile failed (:data:`_FAILED_TILES`)
+    and becomes :class:`_TileFailed`, which :func:`_with_tile_fallback` retries."""
+    try:
+        yield
+    except Exception as e:
+        if not _build_failure(e):
+            raise
+        key = (op, heuristics.format_class(meta["BITS"], meta["IS_NF4"], meta.get("GROUP_SIZE")), c.label, target_arch())
+        _FAILED_TILES.add(key)
+        raise _TileFailed(key, e) from e
+
+
+_WARNED: set = set()
+
+
+def _warn_once(key, text):
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(text, RuntimeWarning, stacklevel=4)
+
+
+def _with_tile_fallback(run, what: str, can_dequant: bool):
+    """``run(path_override)`` with the chosen tiles; a tile that fails to build or load (this
+    Triton's compiler rejects it, or it needs more shared memory than the SM has) is marked and the
+    next best tile by the same rules is launched instead. After :data:`_TILE_TRIES` failures in one
+    call, or once no candidate is left: dequantize + dense GEMM where ``can_dequant`` (path "auto"
+    without replaced weight arguments), else a RuntimeError that says what to do. Each failed tile
+    warns once per process."""
+    last = None
+    for _ in range(_TILE_TRIES):
+        try:
+            return run(None)
+        except _TileFailed as f:
+            last = f
+            op, fmt, label, arch = f.key
+            _warn_once(f.key, f"qlk: the {op} kernel's {label} tile for {fmt} could not be built or loaded on this "
+                              f"GPU (sm_{arch}, triton {triton.__version__}): {f}. qlk launches the next best tile "
+                              "instead; please report this with your Triton version.")
+        except _NoTileLeft:
+            break
+    if can_dequant:
+        _warn_once((what, "dequant"), f"qlk: no fused {what} kernel could be built on this GPU (triton "
+                                      f"{triton.__version__}; last failure: {last}); using dequantize + dense GEMM.")
+        return run("dequant")
+    raise RuntimeError(f"qlk: no fused {what} kernel tile could be built or loaded on this GPU (triton "
+                       f"{triton.__version__}); last failure: {last}. Use path='dequant' (or path='auto' "
+                       "without QA-LoRA's folded biases), or another Triton version.") from (last.cause if last else None)
+
+
 def _tiles(op, m, n, k, meta, device, fp32_bias=False, pool=False):
     """(the rules' choice, the choices to launch) for ``op`` at the layer shape (M, N, K) on the
     current target: :func:`qlk.kernels.heuristics.choose_config`, no timing."""
     arch, sms = target_arch(), num_sms(device)
     fmt = heuristics.format_class(meta["BITS"], meta["IS_NF4"], meta.get("GROUP_SIZE"))
     chosen = heuristics.choose_config(op, m, n, k, fmt, arch, sms, fp32_bias=fp32_bias, pool=pool)
+    if _FAILED_TILES and (op, fmt, chosen.label, arch) in _FAILED_TILES:
+        left = [c for c in heuristics.score_all(op, m, n, k, fmt, arch, sms, fp32_bias=fp32_bias, pool=pool)
+                if (op, fmt, c.label, arch) not in _FAILED_TILES]
+        if not left:
+            raise _NoTileLeft(op, fmt)
+        chosen = max(left, key=lambda c: c.score)  # the next best by the same rules
     if CHOICE_LOG is not None:
         CHOICE_LOG.append((op, chosen))
     patterns = _all_configs()
@@ -985,15 +1075,29 @@ def _check_out(out, shape, dtype, device, what="out"):
                          "kernel would race on aliased rows; pass a contiguous tensor")
 
 
+#: On a GPU, path "auto" above M = 16 runs the fused GEMM only where this is True and the static
+#: model picks it; else it dequantizes and runs the dense GEMM. False since the first GPU
+#: measurements (H200, triton 3.6, torch 2.11, 2026-12-04; bench/results/gpu-NVIDIA-H200-20261204/,
+#: docs/measurements.md "Round 35"): on two Llama-3-8B layers at M = 1024 and 4096, INT4 g32/g128 and
+#: NF4, dequantize + cuBLAS ran at 0.21-0.95x dense bf16 cuBLAS and the fused GEMM at 0.16-0.74x
+#: (forward) and 0.16-0.51x (input gradient): the fused GEMM was faster in 1 of 24 cases. Two
+#: fused forward tiles also returned NaN or wrong rows on that machine (gpu_triage). The static
+#: model overrated the fused GEMM; until it is measured faster and correct on a GPU, M > 16
+#: dequantizes (path="fused" / "gemm" still run it; the static report still compares both).
+FUSED_GEMM_AUTO = False
+
+
 def choose_path(op: str, m: int, qw: QuantizedWeight, device, act_dtype=torch.bfloat16) -> str:
     """What ``path="auto"`` runs for ``op`` "fwd" / "grad" at M rows: "splitk" / "splitn" at
-    M <= 16, else "gemm" (the fused kernel) or "dequant" (dequantize, then a dense GEMM) by the
-    static model of :func:`qlk.kernels.heuristics.choose_path`. Under the Triton interpreter (no
-    GPU to model) always the fused kernels."""
+    M <= 16, else "dequant" (dequantize, then a dense GEMM), or with :data:`FUSED_GEMM_AUTO` "gemm"
+    (the fused kernel) or "dequant" by the static model of :func:`qlk.kernels.heuristics.choose_path`.
+    Under the Triton interpreter (no GPU to model) always the fused kernels."""
     if m <= (SPLITK_MAX_M if op == "fwd" else SPLITN_MAX_M):
         return "splitk" if op == "fwd" else "splitn"
     if INTERPRETED:
         return "gemm"
+    if not FUSED_GEMM_AUTO:
+        return "dequant"
     n, k = qw.shape
     nf4 = qw.fmt == "nf4"
     pick = heuristics.choose_path(op, m, n, k, bits=4 if nf4 else qw.bits, group_size=qw.group_size, is_nf4=nf4,
@@ -1057,7 +1161,13 @@ def quant_matmul_forward(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tenso
 def _forward(x, qw, bias, out, path, deterministic, wargs=None, pool=False):
     """(y [..., N], P(X) [M, G] fp32 or None). ``wargs``: weight_args(qw) with replaced tensors
     (QA-LoRA's folded biases: always a fused kernel); ``pool``: also compute P(X) over the stored
-    column order."""
+    column order. A tile that cannot be built here is replaced (:func:`_with_tile_fallback`)."""
+    return _with_tile_fallback(
+        lambda override: _forward_once(x, qw, bias, out, override or path, deterministic, wargs, pool),
+        "forward", can_dequant=path == "auto" and wargs is None)
+
+
+def _forward_once(x, qw, bias, out, path, deterministic, wargs=None, pool=False):
     n, k = qw.shape
     lead = x.shape[:-1]
     x2 = _as_2d(x, k, "x")
@@ -1117,13 +1227,14 @@ def _forward(x, qw, bias, out, path, deterministic, wargs=None, pool=False):
                     ws = _split_workspace(split, m, n, fixed_order, x.device)
                 dst, extra = (out, {}) if split == 1 else \
                     (ws, dict(SPLIT_K=True, ATOMIC=not fixed_order, SLICE_K=slice_k))
-                _quant_matmul_fwd_kernel[(triton.cdiv(m, c.block_m) * triton.cdiv(n, c.block_n), split)](
-                    dst, x2, bias_arg, pooled if fused else args[3], *args, m, n, k, _bucket(m),
-                    x2.stride(0), x2.stride(1), dst.stride(-2), dst.stride(-1), pooled.stride(0) if fused else 0,
-                    HAS_BIAS=bias is not None, DOT_PRECISION=_precision(x.dtype), POOL=fused,
-                    PACKED_DEQUANT=not INTERPRETED, LANE_ORDER=heuristics.fwd_lane_order(arch, c.block_m),
-                    LOOP_RUNS=_loop_runs(k, c.block_k, split, slice_k if split > 1 else 0, whole=k % c.block_k != 0),
-                    **meta, **c.meta, **extra)
+                with _tile_guard("fwd", meta, c):
+                    _quant_matmul_fwd_kernel[(triton.cdiv(m, c.block_m) * triton.cdiv(n, c.block_n), split)](
+                        dst, x2, bias_arg, pooled if fused else args[3], *args, m, n, k, _bucket(m),
+                        x2.stride(0), x2.stride(1), dst.stride(-2), dst.stride(-1), pooled.stride(0) if fused else 0,
+                        HAS_BIAS=bias is not None, DOT_PRECISION=_precision(x.dtype), POOL=fused,
+                        PACKED_DEQUANT=not INTERPRETED, LANE_ORDER=heuristics.fwd_lane_order(arch, c.block_m),
+                        LOOP_RUNS=_loop_runs(k, c.block_k, split, slice_k if split > 1 else 0, whole=k % c.block_k != 0),
+                        **meta, **c.meta, **extra)
             if split > 1:  # the chosen launch (the last) wrote the workspace
                 _split_finish(out, ws, fixed_order)
     if pool and not fused:  # group size not a power of two (or larger than the split-K tile)
@@ -1203,13 +1314,14 @@ def _splitk_forward(x2, qw, bias, out, deterministic, args, meta, pooled, launch
             ws = _split_workspace(c.split, m, n, deterministic, x2.device)
         dst = out if direct else ws
         grid = (triton.cdiv(n, c.block_n), c.split, triton.cdiv(m, c.block_m))
-        _quant_matmul_splitk_kernel[grid](
-            dst, x2, bias if direct and bias is not None else dummy, pooled if pooled is not None else dummy,
-            *args, m, n, k, _bucket(m), x2.stride(0), x2.stride(1), pooled.stride(0) if pooled is not None else 0,
-            out.stride(0), out.stride(1),
-            ATOMIC=not deterministic, DOT_PRECISION=_precision(x2.dtype), POOL=pooled is not None,
-            PACKED_DEQUANT=not INTERPRETED, LOOP_RUNS=_decode_loop_runs(meta, k, c.block_k, c.split, direct),
-            DIRECT=direct, HAS_BIAS=direct and bias is not None, **meta, **c.meta)
+        with _tile_guard("splitk", meta, c):
+            _quant_matmul_splitk_kernel[grid](
+                dst, x2, bias if direct and bias is not None else dummy, pooled if pooled is not None else dummy,
+                *args, m, n, k, _bucket(m), x2.stride(0), x2.stride(1), pooled.stride(0) if pooled is not None else 0,
+                out.stride(0), out.stride(1),
+                ATOMIC=not deterministic, DOT_PRECISION=_precision(x2.dtype), POOL=pooled is not None,
+                PACKED_DEQUANT=not INTERPRETED, LOOP_RUNS=_decode_loop_runs(meta, k, c.block_k, c.split, direct),
+                DIRECT=direct, HAS_BIAS=direct and bias is not None, **meta, **c.meta)
     if launches[-1].split > 1:  # the chosen launch (the last) wrote the workspace
         y = ws.sum(0) if deterministic else ws
         if bias is not None:
@@ -1252,7 +1364,14 @@ def _grad_input(dy, qw, out, path, deterministic, wargs=None, lora_b=None):
     """dX [..., K]; with ``lora_b`` (QA-LoRA's B [N, r]) the pair (dX, V = dY·B [M, r] fp32), V
     computed by the same launch (split-N: its extra column of programs; GEMM: one extra program
     per M tile).
-    ``wargs``: weight_args(qw) with replaced tensors (QA-LoRA's folded biases)."""
+    ``wargs``: weight_args(qw) with replaced tensors (QA-LoRA's folded biases). A tile that cannot
+    be built here is replaced (:func:`_with_tile_fallback`)."""
+    return _with_tile_fallback(
+        lambda override: _grad_input_once(dy, qw, out, override or path, deterministic, wargs, lora_b),
+        "input-gradient", can_dequant=path == "auto" and wargs is None and lora_b is None)
+
+
+def _grad_input_once(dy, qw, out, path, deterministic, wargs=None, lora_b=None):
     n, k = qw.shape
     lead = dy.shape[:-1]
     dy2 = _as_2d(dy, n, "dy")
@@ -1312,15 +1431,16 @@ def _grad_input(dy, qw, out, path, deterministic, wargs=None, lora_b=None):
                 if c.split > 1:  # a zeroed workspace per launch (QLK_ALL_CONFIGS runs several)
                     ws = _split_workspace(c.split, m, k, deterministic, dy.device)
                 dst, split = (out, {}) if c.split == 1 else (ws, dict(SPLIT_N=True, ATOMIC=not deterministic))
-                _quant_matmul_grad_input_kernel[(tiles, c.split)](
-                    dst, dy2, *args, m, n, k, _bucket(m),
-                    dy2.stride(0), dy2.stride(1), dst.stride(-2), dst.stride(-1),
-                    DOT_PRECISION=_precision(dy.dtype), INT2_HALVES=int2_halves,
-                    WORDS_AHEAD=ahead, WORDS_ASM=ahead and not INTERPRETED, HALF2=half2,
-                    HALF2_ASM=half2 and not INTERPRETED,
-                    W_AS_B=heuristics.grad_w_as_b(target_arch(), qw.bits, c.block_n, c.block_k, c.num_warps),
-                    LOOP_RUNS=_loop_runs(n, c.block_n, c.split),
-                    **meta, **c.meta, **v_args, **split)
+                with _tile_guard("grad", meta, c):
+                    _quant_matmul_grad_input_kernel[(tiles, c.split)](
+                        dst, dy2, *args, m, n, k, _bucket(m),
+                        dy2.stride(0), dy2.stride(1), dst.stride(-2), dst.stride(-1),
+                        DOT_PRECISION=_precision(dy.dtype), INT2_HALVES=int2_halves,
+                        WORDS_AHEAD=ahead, WORDS_ASM=ahead and not INTERPRETED, HALF2=half2,
+                        HALF2_ASM=half2 and not INTERPRETED,
+                        W_AS_B=heuristics.grad_w_as_b(target_arch(), qw.bits, c.block_n, c.block_k, c.num_warps),
+                        LOOP_RUNS=_loop_runs(n, c.block_n, c.split),
+                        **meta, **c.meta, **v_args, **split)
             if ws is not None and launches[-1].split > 1:  # the chosen launch (the last) wrote the workspace
                 _split_finish(out, ws, deterministic)
     if qw.perm is not None:
@@ -1371,13 +1491,14 @@ def _splitn_grad_input(dy2, qw, out, deterministic, args, meta, fp32_bias=False,
         dst = out if direct else ws
         # with V: one more column of programs, k = ⌈K/BLOCK_K⌉, for V = dY·B
         grid = (triton.cdiv(k, c.block_k) + with_v, c.split, triton.cdiv(m, c.block_m))
-        _quant_matmul_grad_input_splitn_kernel[grid](
-            dst, dy2, v_ws if with_v else dummy, lora_b if with_v else dummy, *args, m, n, k, _bucket(m), r,
-            dy2.stride(0), dy2.stride(1), lora_b.stride(0) if with_v else 0, lora_b.stride(1) if with_v else 0,
-            out.stride(0), out.stride(1),
-            ATOMIC=not deterministic, DOT_PRECISION=_precision(dy2.dtype),
-            WITH_V=with_v, R_PAD=_r_pad(r), HALF2=half2, HALF2_ASM=half2 and not INTERPRETED,
-            LOOP_RUNS=_loop_runs(n, c.block_n, c.split), DIRECT=direct, **meta, **c.meta)
+        with _tile_guard("splitn", meta, c):
+            _quant_matmul_grad_input_splitn_kernel[grid](
+                dst, dy2, v_ws if with_v else dummy, lora_b if with_v else dummy, *args, m, n, k, _bucket(m), r,
+                dy2.stride(0), dy2.stride(1), lora_b.stride(0) if with_v else 0, lora_b.stride(1) if with_v else 0,
+                out.stride(0), out.stride(1),
+                ATOMIC=not deterministic, DOT_PRECISION=_precision(dy2.dtype),
+                WITH_V=with_v, R_PAD=_r_pad(r), HALF2=half2, HALF2_ASM=half2 and not INTERPRETED,
+                LOOP_RUNS=_loop_runs(n, c.block_n, c.split), DIRECT=direct, **meta, **c.meta)
     if launches[-1].split > 1:  # the chosen launch (the last) wrote the workspace
         _split_finish(out, ws, deterministic)
     if with_v:
