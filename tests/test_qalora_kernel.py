@@ -182,3 +182,28 @@ def test_qalora_fallbacks_and_errors():
 def test_qalora_bf16_cuda(m):
     qw, a, b = make(4, 32, n=1000, k=512)
     check(qw, a, b, randn(m, 512, dtype=torch.bfloat16), randn(m, 1000, dtype=torch.bfloat16, seed=2), 8e-3)
+
+
+@pytest.mark.parametrize("perm", [False, True], ids=["stored-order", "act-order"])
+def test_qalora_dense_route_above_the_split_rows(monkeypatch, perm):
+    """Round 35: on a GPU, path "auto" above M = 16 runs QA-LoRA as dequantize + dense GEMM plus the
+    adapter's small products (the fused GEMM measured slower there, fused_matmul.FUSED_GEMM_AUTO):
+    the same function, the fused launchers never called; at M <= 16 the split kernels still run."""
+    from qlk.kernels import qalora as qa
+
+    monkeypatch.setattr(qa, "INTERPRETED", False)  # what a GPU sees; the dequantize kernel still interprets here
+    qw, a, b = make(4, 32, perm=perm)
+
+    def fused(*args, **kwargs):
+        raise AssertionError("the fused QA-LoRA launch ran above the split rows")
+
+    real_forward, real_grad = qa._forward, qa._grad_input
+    monkeypatch.setattr(qa, "_forward", fused)
+    monkeypatch.setattr(qa, "_grad_input", fused)
+    x = randn(2, 20, K, dtype=torch.float16)  # M = 40 over batch dims
+    check(qw, a, b, x, randn(2, 20, N, dtype=torch.float16, seed=2), 1e-3, bias=randn(N, dtype=torch.float16, seed=4))
+    monkeypatch.setattr(qa, "_forward", real_forward)
+    monkeypatch.setattr(qa, "_grad_input", real_grad)
+    assert not qa._dense_route("auto", 16, 16) and not qa._dense_route("gemm", 40, 16)
+    monkeypatch.setattr(qa._fm, "FUSED_GEMM_AUTO", True)
+    assert not qa._dense_route("auto", 40, 16)

@@ -14,6 +14,17 @@ DT = "tests/test_decode_tile.py"
 
 MUTANTS = [
     # ---- round 35: what the first GPU run found ----------------------------------------------------
+    dict(id="qalora-dense-adapter-unscaled", cls="qalora", file="qlk/kernels/qalora.py",
+         old=".mul_(scaling).to(y.dtype))", new=".to(y.dtype))",
+         tests=["tests/test_qalora_kernel.py", "-k", "dense_route"]),
+    dict(id="qalora-dense-dx-stored-order", cls="qalora", file="qlk/kernels/qalora.py",
+         old="dx.add_(_reference.from_stored_order(_reference.expand_groups(dpool, qw.group_size), qw).to(dx.dtype))",
+         new="dx.add_(_reference.expand_groups(dpool, qw.group_size).to(dx.dtype))",
+         tests=["tests/test_qalora_kernel.py", "-k", "dense_route"]),
+    dict(id="qalora-dense-route-never", cls="path rule", file="qlk/kernels/qalora.py",
+         old="    return path == \"auto\" and m > split_max_m and not INTERPRETED and not _fm.FUSED_GEMM_AUTO",
+         new="    return False",
+         tests=["tests/test_qalora_kernel.py", "-k", "dense_route"]),
     dict(id="auto-runs-fused-gemm", cls="path rule", file="qlk/kernels/fused_matmul.py",
          old="FUSED_GEMM_AUTO = False", new="FUSED_GEMM_AUTO = True",
          tests=["tests/test_tile_fallback.py", "-k", "auto_dequantizes"]),

@@ -42,8 +42,9 @@ import triton.language as tl
 
 from .. import reference as _reference
 from ..formats.quantized_weight import QuantizedWeight
+from . import fused_matmul as _fm
 from .config import INTERPRETED, fma_kernel
-from .fused_matmul import SPLITN_MAX_M, _as_2d, _forward, _grad_input
+from .fused_matmul import SPLITK_MAX_M, SPLITN_MAX_M, _as_2d, _forward, _grad_input
 from .quant_tile import supports, weight_args
 
 _FOLD_BLOCK_N, _FOLD_BLOCK_G, _FOLD_WARPS = 16, 16, 2  # small tiles: G is only K/g (32 at g=128)
@@ -119,6 +120,33 @@ def fold_biases(qw: QuantizedWeight, lora_a: torch.Tensor, lora_b: torch.Tensor,
     return _folded_weight_args(qw, lora_a, lora_b, scaling, dtype)[0][2]
 
 
+def _dense_route(path: str, m: int, split_max_m: int) -> bool:
+    """Path "auto" above the split kernels' rows on a GPU, while the fused GEMM is not trusted there
+    (:data:`qlk.kernels.fused_matmul.FUSED_GEMM_AUTO`): dequantize + dense GEMMs, the adapter term
+    added by its own small products (round 35)."""
+    return path == "auto" and m > split_max_m and not INTERPRETED and not _fm.FUSED_GEMM_AUTO
+
+
+def _qalora_forward_dense(x2, qw, lora_a, lora_b, scaling, bias, out):
+    """(Y [M, N], P(X) [M, G] fp32): Y = X·Ŵᵀ (+ bias) by dequantize + GEMM, then
+    + σ·(P(X)·Aᵀ)·Bᵀ summed in fp32 and added to Y (one more rounding of Y than the folded-bias
+    kernel: ≤ ½ ulp of Y)."""
+    pooled = _reference.pool_groups(_reference.to_stored_order(x2, qw).float(), qw.group_size)
+    y = _fm.quant_matmul_forward(x2, qw, bias, out=out, path="dequant")
+    y.add_(((pooled @ lora_a.float().t()) @ lora_b.float().t()).mul_(scaling).to(y.dtype))
+    return y, pooled
+
+
+def _qalora_grad_input_dense(dy2, qw, lora_a, lora_b, scaling, out):
+    """(dX [M, K], V [M, r] fp32): dX = dY·Ŵ by dequantize + GEMM, + (σ/g)·expand_g(V·A) in the
+    original column order; V = dY·B with B rounded to dy's dtype, fp32 sums."""
+    v = dy2.float() @ lora_b.to(dy2.dtype).float()
+    dx = _fm.quant_matmul_grad_input(dy2, qw, out=out, path="dequant")
+    dpool = (v @ lora_a.float()).mul_(scaling / qw.group_size)
+    dx.add_(_reference.from_stored_order(_reference.expand_groups(dpool, qw.group_size), qw).to(dx.dtype))
+    return dx, v
+
+
 def qalora_forward(x: torch.Tensor, qw: QuantizedWeight, lora_a: torch.Tensor, lora_b: torch.Tensor,
                    scaling: float, bias: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
                    path: str = "auto", deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,6 +168,10 @@ def qalora_forward(x: torch.Tensor, qw: QuantizedWeight, lora_a: torch.Tensor, l
             out.copy_(y.reshape(-1, n))
             y = out.reshape(*lead, n)
         return y, pooled
+    x2 = _as_2d(x, k, "x")
+    if _dense_route(path, x2.shape[0], SPLITK_MAX_M):
+        y, pooled = _qalora_forward_dense(x2, qw, lora_a, lora_b, scaling, bias, out)
+        return y.reshape(*lead, n), pooled.reshape(*lead, g_count)
     wargs = _folded_weight_args(qw, lora_a, lora_b, scaling, torch.float32)
     y, pooled = _forward(x, qw, bias, out, path, deterministic, wargs=wargs, pool=True)
     return y, pooled.reshape(*lead, g_count)
@@ -174,6 +206,9 @@ def qalora_grad_input(dy: torch.Tensor, qw: QuantizedWeight, lora_a: torch.Tenso
         return dx.reshape(*lead, k), v.reshape(*lead, r)
     # b' in dy's dtype on the split-N path (fp32 b' made its best tile spill), fp32 on the GEMM
     # path (16-bit b' there is +6 % or -6 % by format: no gain; docs/kernels.md, round 2)
+    if _dense_route(path, dy2.shape[0], SPLITN_MAX_M):
+        dx, v = _qalora_grad_input_dense(dy2, qw, lora_a, lora_b, scaling, out)
+        return dx.reshape(*lead, k), v.reshape(*lead, r)
     splitn = path == "splitn" or (path == "auto" and dy2.shape[0] <= SPLITN_MAX_M)
     wargs = _folded_weight_args(qw, lora_a, lora_b, scaling, dy.dtype if splitn else torch.float32)
     dx, v = _grad_input(dy, qw, out, path, deterministic, wargs=wargs, lora_b=lora_b)
