@@ -53,7 +53,7 @@ MODELS = {
     "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=512),
 }  # fmt: skip
-QUICK = dict(batch=2, seq=1024, warmup=2, steps=6, budget_s=75)
+QUICK = dict(batch=2, seq=1024, warmup=2, steps=6, budget_s=60)
 
 
 def llama_config(name: str, seq: int):

@@ -141,7 +141,12 @@ def main():
     ap.add_argument("--jobs", type=int, default=8)
     ap.add_argument("--formats", default=",".join(FORMATS))
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop waiting for jobs after this long")
+    ap.add_argument("--host-only", action="store_true", help="only the host time per launch")
     a = ap.parse_args()
+    if a.host_only:
+        with open(a.out, "w") as f:
+            json.dump(dict(rows=[], host=_host_time()), f)
+        return
     jobs = [(f, k, n, op) for (k, n) in SHAPES for f in a.formats.split(",") for op in PATHS]
     t0 = time.time()
     rows, done = [], 0
