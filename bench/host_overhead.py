@@ -18,7 +18,8 @@ No GPU needed::
     env -u TRITON_INTERPRET PYTHONPATH=$PWD python bench/host_overhead.py            # the table
     env -u TRITON_INTERPRET PYTHONPATH=$PWD python bench/host_overhead.py --profile  # + cProfile top
 
-Options: ``--calls N`` (timed calls per row, default 200), ``--m 1,16,...``, ``--profile [ROWS]``
+Each row is the median of ``--calls`` timed calls (after 5 untimed ones). Options: ``--calls N``
+(timed calls per row, default 200), ``--m 1,16,...``, ``--profile [ROWS]``
 (cProfile of every row's timed calls, the top functions by cumulative time), ``--uncached``
 (clear the launch caches before every call: the cost of a first call at a new shape).
 """
@@ -30,6 +31,7 @@ import cProfile
 import io
 import os
 import pstats
+import statistics
 import sys
 import time
 
@@ -143,21 +145,19 @@ def measure(calls: int, ms, profile_rows: int = 0, uncached: bool = False, devic
                     path = fm.choose_path(op, mm, qw, x.device, torch.bfloat16)
                     for _ in range(5):
                         fn()
-                    best = float("inf")
                     prof = cProfile.Profile() if profile_rows else None
-                    for _ in range(3):  # best of 3 repeats of `calls` calls
-                        total = 0.0
-                        for _ in range(calls):
-                            if uncached:
-                                _clear_all()
-                            t0 = time.perf_counter()
-                            if prof is not None:
-                                prof.enable()
-                            fn()
-                            if prof is not None:
-                                prof.disable()
-                            total += time.perf_counter() - t0
-                        best = min(best, total / calls)
+                    times = []
+                    for _ in range(calls):
+                        if uncached:
+                            _clear_all()
+                        t0 = time.perf_counter()
+                        if prof is not None:
+                            prof.enable()
+                        fn()
+                        if prof is not None:
+                            prof.disable()
+                        times.append(time.perf_counter() - t0)
+                    best = statistics.median(times)  # the median call: robust to a shared machine's preemptions
                     rows.append((fmt_name, op, m, path, best * 1e6))
                     print(f"{fmt_name:9s} {op:4s} M={m:<5d} {path:8s} {best * 1e6:8.1f} us/call", flush=True)
                     if prof is not None:
