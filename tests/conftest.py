@@ -47,3 +47,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_launch_caches():
+    """Every test starts with empty launch-decision caches (qlk.kernels.heuristics.LAUNCH_CACHES, the
+    device facts of qlk.kernels.config): a table or device fact a test patches before its first
+    launch is then what the launchers read. A test that patches one after launching clears them itself
+    (``heuristics.clear_launch_caches()``)."""
+    try:
+        from qlk.kernels import heuristics
+    except Exception:  # noqa: BLE001 - no triton: nothing caches launch decisions
+        yield
+        return
+    heuristics.clear_launch_caches()
+    yield

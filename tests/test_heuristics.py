@@ -1241,3 +1241,174 @@ def test_mid_m_split_weighs_its_slices_against_one(device_lists, arch, op):
     elif arch == 90:
         pick = h.choose_config("splitn", 64, 512, 2048, "int4g128", arch)
         assert pick.split == 1 and pick.ctas == 2048 // pick.block_k * 4, pick
+
+
+# ------------------------------------------------------------------ round 35: launch caches (host time)
+_SWEEP_FORMATS = (("int4g128", 4, 128, False), ("nf4", 4, 64, True), ("int2g64", 2, 64, False), ("int3g64", 3, 64, False))
+
+
+def test_cached_launch_decisions_equal_uncached_ones():
+    """The memoized rules (heuristics.LAUNCH_CACHES) answer what the rules compute afresh, for a sweep
+    of op, M (exact: the choices depend on it), N, K, format, arch and SM count; asked twice (the
+    second answer from the cache)."""
+    from qlk.kernels import config
+
+    h.clear_launch_caches()
+    for arch, sms in ((90, 132), (80, 108)):
+        for fmt, bits, g, nf4 in _SWEEP_FORMATS:
+            for n, k in ((4096, 4096), (1280, 1536), (14336, 4096)):
+                for m in (1, 2, 15, 16, 17, 33, 64, 100, 256, 1000, 4096):
+                    for op in h.OPS:
+                        for fp32_bias, pool in ((False, False), (True, op == "splitn")):
+                            fresh = h._choose(op, m, n, k, fmt, arch, sms, None, fp32_bias, pool)
+                            for _ in range(2):
+                                assert h.choose_config(op, m, n, k, fmt, arch, sms, fp32_bias=fp32_bias,
+                                                       pool=pool) == fresh, (op, m, n, k, fmt, arch)
+                    for op in ("fwd", "grad"):
+                        fused = h.choose_fused.__wrapped__(op, m, n, k, bits, g, nf4, arch, sms)
+                        path = h.choose_path.__wrapped__(op, m, n, k, bits, g, nf4, arch, sms, 2)
+                        for _ in range(2):
+                            assert h.choose_fused(op, m, n, k, bits, g, nf4, arch, sms) == fused
+                            assert h.choose_path(op, m, n, k, bits, g, nf4, arch, sms, 2) == path
+                m1 = h.choose_m1_grad.__wrapped__(n, k, fmt, arch, sms)
+                assert h.choose_m1_grad(n, k, fmt, arch, sms) == m1 == h.choose_m1_grad(n, k, fmt, arch, sms)
+    assert config._DEVICE_FACTS is not None
+
+
+def test_launcher_decisions_equal_uncached_ones(monkeypatch):
+    """The launchers' own decisions (fm.choose_path, fm.fused_kernel, fm._tiles) with the caches warm
+    equal those made after clear_launch_caches(), at sm_90 and sm_80 (fm.target_arch / num_sms
+    patched, as the tests do); CHOICE_LOG records every call's choice, cached or not."""
+    log = []
+    monkeypatch.setattr(fm, "CHOICE_LOG", log)
+    monkeypatch.setattr(fm, "INTERPRETED", False)  # the static model's path choice, not the interpreter's
+    for arch, sms in ((90, 132), (80, 108)):
+        monkeypatch.setattr(fm, "target_arch", lambda arch=arch: arch)
+        monkeypatch.setattr(fm, "num_sms", lambda device, sms=sms: sms)
+        for fmt, bits, g, nf4 in _SWEEP_FORMATS[:2]:
+            qw = qlk.quantize(torch.randn(256, 512), bits=bits, group_size=g, fmt="nf4" if nf4 else "int")
+            meta = fm.weight_args(qw)[1]
+            for m in (1, 16, 17, 64, 300, 4096):
+                for op in ("fwd", "grad"):
+                    h.clear_launch_caches()
+                    fresh = (fm.choose_path(op, m, qw, "cpu", torch.bfloat16), fm.fused_kernel(op, m, qw, "cpu"),
+                             fm._tiles(op, m, 256, 512, meta, "cpu"))
+                    for _ in range(2):
+                        assert (fm.choose_path(op, m, qw, "cpu", torch.bfloat16), fm.fused_kernel(op, m, qw, "cpu"),
+                                fm._tiles(op, m, 256, 512, meta, "cpu")) == fresh, (op, m, arch, fmt)
+                    assert log[-3:] == [(op, fresh[2][0])] * 3  # one entry per launch decision
+
+
+def test_launch_caches_are_bounded_and_cleared():
+    from qlk.kernels import config
+
+    for fn in h.LAUNCH_CACHES:
+        assert fn.cache_info().maxsize is not None and fn.cache_info().maxsize <= 4096, fn
+    h.clear_launch_caches()
+    limit = h.choose_m1_grad.cache_info().maxsize
+    for n in range(limit + 50):  # more shapes than the cache holds: it stays at its size
+        h.choose_m1_grad(64 + n, 128, "int4", 90, 132)
+    assert h.choose_m1_grad.cache_info().currsize == limit
+    for i in range(config._DEVICE_FACTS_MAX + 10):
+        config._remember(("test", i), lambda i=i: i)
+        assert len(config._DEVICE_FACTS) <= config._DEVICE_FACTS_MAX
+    assert config._remember(("test", "x"), lambda: 7) == 7 and config._remember(("test", "x"), lambda: 8) == 7
+    h.clear_launch_caches()
+    assert not config._DEVICE_FACTS
+    assert all(fn.cache_info().currsize == 0 for fn in h.LAUNCH_CACHES)
+
+
+def test_a_table_patched_before_the_first_launch_is_read(monkeypatch):
+    """The autouse fixture (tests/conftest.py) empties the caches before each test: a table patched
+    at a test's start is what the rules read; one patched after needs clear_launch_caches()."""
+    before = h.choose_config("fwd", 300, 4096, 4096, "int4g128", 90, 132)
+    other = [c for c in h.score_all("fwd", 300, 4096, 4096, "int4g128", 90, 132) if c.label != before.label]
+    only = [h.candidates("fwd")[other[0].index]] if other else [_cfg(90, 4, 4, BLOCK_N=64, BLOCK_M=16, BLOCK_K=32,
+                                                                       GROUP_M=8)]
+    real = h.candidates
+    monkeypatch.setattr(h, "candidates", lambda op: only if op == "fwd" else real(op))
+    assert h.choose_config("fwd", 300, 4096, 4096, "int4g128", 90, 132) == before  # cached
+    h.clear_launch_caches()
+    after = h.choose_config("fwd", 300, 4096, 4096, "int4g128", 90, 132)
+    assert after.label != before.label and after.block_m == only[0].kwargs["BLOCK_M"]
+
+
+class _FakeDriver:
+    def __init__(self, arch, sms):
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", arch, 32)
+        self.asked = 0
+        outer = self
+
+        class _Utils:
+            @staticmethod
+            def get_device_properties(device=0):
+                outer.asked += 1
+                return {"multiprocessor_count": sms}
+
+        self.utils = _Utils()
+
+    def get_current_target(self):
+        self.asked += 1
+        return self.target
+
+    def get_current_device(self):
+        return 0
+
+
+def test_device_facts_follow_the_active_driver():
+    """config.target_arch / num_sms are asked once per active driver (the static tools swap it: one
+    TargetOnlyDriver per arch), not once per process."""
+    from triton.runtime import driver
+
+    from qlk.kernels import config
+
+    saved = dict(vars(driver))
+    try:
+        a, b = _FakeDriver(80, 108), _FakeDriver(90, 132)
+        driver.set_active(a)
+        assert (config.target_arch(), config.num_sms(torch.device("cpu"))) == (80, 108)
+        assert (config.target_arch(), config.num_sms(torch.device("cpu"))) == (80, 108)
+        assert a.asked == 2  # once each
+        driver.set_active(b)
+        assert (config.target_arch(), config.num_sms(torch.device("cpu"))) == (90, 132)
+        driver.set_active(a)
+        assert config.target_arch() == 80 and a.asked == 2
+    finally:
+        vars(driver).clear()
+        vars(driver).update(saved)
+        config.clear_device_caches()
+
+
+def test_light_heuristics_layers_pass_what_triton_heuristics_would():
+    """config.packed_rows_kernel / fma_kernel (round 35: no dict of every argument per value) set
+    QN_ALIGN and the fusion option as a ``triton.heuristics`` layer of the same values does."""
+    from triton.runtime.autotuner import Heuristics
+
+    from qlk.kernels import config
+
+    class Fn:
+        arg_names = ["a", "stride_qn", "b"]
+
+        def __init__(self):
+            self.got = None
+
+        def run(self, *args, **kwargs):
+            self.got = (args, kwargs)
+
+    for stride in (0, 1, 6, 72, 360, 4096):
+        inner = Fn()
+        layer = config.packed_rows_kernel(inner)
+        assert isinstance(layer, Heuristics)
+        layer.run(1, stride, 2, grid=(1,))
+        assert inner.got == ((1, stride, 2), {"grid": (1,), "QN_ALIGN": config.row_alignment(stride)})
+        layer.run(1, b=2, stride_qn=stride)
+        assert inner.got[1]["QN_ALIGN"] == config.row_alignment(stride)
+        assert layer.values["QN_ALIGN"]({"stride_qn": stride}) == config.row_alignment(stride)
+    inner = Fn()
+    layer = config.fma_kernel(inner)
+    assert isinstance(layer, Heuristics)
+    layer.run(1, 2, 3, num_warps=4)
+    assert inner.got == ((1, 2, 3), dict(num_warps=4, **config.FP_FUSION))
+    assert {k: v({}) for k, v in layer.values.items()} == config.FP_FUSION

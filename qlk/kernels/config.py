@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 
 import triton
+from triton.runtime.autotuner import Heuristics
 
 from .. import backend
 
@@ -25,30 +26,97 @@ SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 DEFAULT_SMS = 132
 
 
-def target_arch() -> int:
-    """Compute capability of the active Triton target as an int (90 for H100); 0 when unknown."""
-    try:
-        from triton.runtime import driver
+#: device facts (:func:`target_arch`, :func:`num_sms`) already asked, by (what, active Triton driver,
+#: device index): the launchers ask at every launch, and the driver / torch answer in microseconds
+#: each (round 35). The driver is part of the key because the static tools swap it
+#: (bench/sass/capture.py's TargetOnlyDriver, one per arch). Bounded; :func:`clear_device_caches`
+#: (and ``qlk.kernels.heuristics.clear_launch_caches``) empties it
+_DEVICE_FACTS: dict = {}
+_DEVICE_FACTS_MAX = 64
 
-        t = driver.active.get_current_target()
+
+def clear_device_caches() -> None:
+    """Forget every :func:`target_arch` / :func:`num_sms` answer (they are asked again)."""
+    _DEVICE_FACTS.clear()
+
+
+def _remember(key, compute):
+    try:
+        return _DEVICE_FACTS[key]
+    except KeyError:
+        pass
+    value = compute()
+    if len(_DEVICE_FACTS) >= _DEVICE_FACTS_MAX:
+        _DEVICE_FACTS.clear()
+    _DEVICE_FACTS[key] = value
+    return value
+
+
+def _active_driver():
+    """The active Triton driver object, or None while none is (no GPU: creating the default fails,
+    and would fail again at every ask). Triton >= 3.2 keeps it in ``driver._active`` (None until first
+    use, ``set_active`` replaces it), older ones in ``driver.active`` (a lazy proxy)."""
+    from triton.runtime import driver
+
+    state = vars(driver)
+    if "_active" not in state:
+        return state.get("active")
+    if state["_active"] is None:
+        if _DEVICE_FACTS.get("no driver"):
+            return None
+        try:
+            driver.active  # noqa: B018 - creates the default driver
+        except Exception:  # no driver (CPU, interpreter): not asked again until clear_device_caches()
+            _remember("no driver", lambda: True)
+            return None
+    return state["_active"]
+
+
+def _driver_device(active) -> int:
+    try:
+        return int(active.get_current_device())
+    except Exception:
+        return 0
+
+
+def _ask_arch(active) -> int:
+    try:
+        t = active.get_current_target()
         return int(t.arch) if isinstance(t.arch, int) else 0
     except Exception:  # no driver (CPU, interpreter)
         return 0
 
 
+def target_arch() -> int:
+    """Compute capability of the active Triton target as an int (90 for H100); 0 when unknown.
+    Asked once per active driver and current device (:data:`_DEVICE_FACTS`)."""
+    active = _active_driver()
+    if active is None:
+        return 0
+    return _remember(("arch", active, _driver_device(active)), lambda: _ask_arch(active))
+
+
+def _ask_driver_sms(active) -> int:
+    try:
+        return int(active.utils.get_device_properties(0)["multiprocessor_count"])
+    except Exception:
+        return DEFAULT_SMS
+
+
 def num_sms(device) -> int:
     """SM count of ``device``: asks torch for CUDA tensors, the Triton driver otherwise (the static
-    analysis tool provides one), else :data:`DEFAULT_SMS`."""
+    analysis tool provides one), else :data:`DEFAULT_SMS`. Asked once per CUDA device index / active
+    driver (:data:`_DEVICE_FACTS`)."""
     import torch
 
     if getattr(device, "type", None) == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    try:
-        from triton.runtime import driver
-
-        return int(driver.active.utils.get_device_properties(0)["multiprocessor_count"])
-    except Exception:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return _remember(("sms", "cuda", index),
+                         lambda: torch.cuda.get_device_properties(index).multi_processor_count)
+    active = _active_driver()
+    if active is None:
         return DEFAULT_SMS
+    return _remember(("sms", active, 0), lambda: _ask_driver_sms(active))
 
 
 def _cfg(arch, num_warps, num_stages, **kw):
@@ -119,6 +187,34 @@ def row_alignment(stride: int) -> int:
     return 1
 
 
+class _ConstHeuristics(Heuristics):
+    """A ``triton.heuristics`` layer whose values do not depend on the arguments (:func:`fma_kernel`):
+    the same kwargs, without building the arguments' dict per value (Triton's ``Heuristics.run`` zips
+    every argument name into a new dict for each value: ~40 arguments, microseconds a launch)."""
+
+    def __init__(self, fn, values: dict):
+        super().__init__(fn, fn.arg_names, {name: (lambda _args, value=value: value) for name, value in values.items()})
+        self._consts = dict(values)
+
+    def run(self, *args, **kwargs):
+        kwargs.update(self._consts)
+        return self.fn.run(*args, **kwargs)
+
+
+class _QnAlignHeuristics(Heuristics):
+    """:func:`packed_rows_kernel`'s layer: ``QN_ALIGN`` from ``stride_qn`` alone, read from its place
+    in the arguments (no dict of all of them; Triton's ``Heuristics.run`` would build one)."""
+
+    def __init__(self, fn):
+        super().__init__(fn, fn.arg_names, {"QN_ALIGN": lambda args: row_alignment(int(args["stride_qn"]))})
+        self._at = list(fn.arg_names).index("stride_qn")
+
+    def run(self, *args, **kwargs):
+        stride = args[self._at] if self._at < len(args) else kwargs["stride_qn"]
+        kwargs["QN_ALIGN"] = row_alignment(int(stride))
+        return self.fn.run(*args, **kwargs)
+
+
 def packed_rows_kernel(kernel):
     """Decorator, above ``@fma_kernel`` (or ``@triton.jit``): every launch passes ``QN_ALIGN`` =
     :func:`row_alignment` of its ``stride_qn``, and the kernel starts with
@@ -128,17 +224,17 @@ def packed_rows_kernel(kernel):
     so a packed row of 360 words (NF4 / INT4 at K = 2880, gpt-oss) or 72 (INT4 at K = 576, SmolLM2)
     made every word load scalar: cp.async of 4 B and an LDS a word, where 16 B loads were legal
     (360 = 8·45). INT3 reads its 3-word plane sets one word at a time either way. sm_90 gpt-oss NF4 grouped forward at 16 tokens: 232 → 168
-    registers, loop 772 → 692 instructions (docs/kernels.md "Round 13")."""
-    return triton.heuristics({"QN_ALIGN": lambda args: row_alignment(int(args["stride_qn"]))})(kernel)
+    registers, loop 772 → 692 instructions (docs/kernels.md "Round 13"). A ``triton.heuristics``
+    layer (``values["QN_ALIGN"]``) that reads the one argument it needs (round 35: host time)."""
+    return _QnAlignHeuristics(kernel)
 
 
 def fma_kernel(kernel):
-    """Decorator, directly above ``@triton.jit``: every launch of ``kernel`` passes :data:`FP_FUSION`
+    """Decorator, directly above ``@triton.jit``: every launch passes :data:`FP_FUSION`
     (a ``triton.heuristics`` layer, so the launchers, the autotuner above it and the static
-    analyzer's capture all see the option)."""
-    return triton.heuristics({name: (lambda _args, value=value: value) for name, value in FP_FUSION.items()})(kernel)
-
-
+    analyzer's capture all see the option; its values are constants, set without the arguments'
+    dict: round 35, host time)."""
+    return _ConstHeuristics(kernel, FP_FUSION)
 
 
 def gemm_configs():

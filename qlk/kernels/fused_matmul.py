@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import math
 import os
 import warnings
@@ -938,7 +939,13 @@ def _all_configs() -> tuple[str, ...]:
     list of shell patterns instead of 1: only the candidates whose label matches one, and the chosen
     one (``bench/static_report.py --only-configs``: a new tile added to committed sweeps whose other
     tiles' code did not change). Returns the patterns, () when off."""
-    value = os.environ.get("QLK_ALL_CONFIGS", "0").strip()
+    return _config_patterns(os.environ.get("QLK_ALL_CONFIGS", "0"))
+
+
+@functools.lru_cache(maxsize=64)
+def _config_patterns(value: str) -> tuple[str, ...]:
+    """:func:`_all_configs` of the variable's value (parsed once per value: asked at every launch)."""
+    value = value.strip()
     if value in ("", "0"):
         return ()
     return ("*",) if value == "1" else tuple(p.strip() for p in value.split(",") if p.strip())
@@ -1102,7 +1109,7 @@ def choose_path(op: str, m: int, qw: QuantizedWeight, device, act_dtype=torch.bf
     nf4 = qw.fmt == "nf4"
     pick = heuristics.choose_path(op, m, n, k, bits=4 if nf4 else qw.bits, group_size=qw.group_size, is_nf4=nf4,
                                   arch=target_arch(), sms=num_sms(device),
-                                  act_bytes=torch.empty((), dtype=act_dtype).element_size())
+                                  act_bytes=act_dtype.itemsize)
     if pick.path == "dequant":
         return "dequant"
     return pick.fused.op if pick.fused.op in ("splitk", "splitn") else "gemm"
@@ -1288,7 +1295,7 @@ def _v_buffer(shape, device) -> torch.Tensor:
 
 def _r_pad(r: int) -> int:
     """The rank padded to the V tile's width: a power of two, ≥ 16 (the MMA's smallest)."""
-    return max(16, triton.next_power_of_2(max(r, 1)))
+    return max(16, 1 << (max(r, 1) - 1).bit_length())  # triton.next_power_of_2, without its host cost
 
 
 def _workspace(shape, device) -> torch.Tensor:

@@ -1493,6 +1493,21 @@ def choose_m1_grad(n: int, k: int, fmt: str = "int4", arch: int = 90, sms: Optio
     return "splitn"
 
 
+#: the launch decisions memoized per shape (keyed on every argument they read: op, M, N, K, format,
+#: arch, SMs, ...): the launchers call them at every launch (round 35: host time). Bounded LRU caches;
+#: they read this module's tables when first asked, so whoever changes a table (a test's monkeypatch)
+#: calls :func:`clear_launch_caches` after (tests/conftest.py does before every test)
+LAUNCH_CACHES = (_choose_default, choose_fused, choose_path, choose_m1_grad)
+
+
+def clear_launch_caches() -> None:
+    """Empty the launch-decision caches (:data:`LAUNCH_CACHES`) and the device facts
+    (:func:`qlk.kernels.config.clear_device_caches`): the next launch decides again."""
+    for fn in LAUNCH_CACHES:
+        fn.cache_clear()
+    _config.clear_device_caches()
+
+
 # ------------------------------------------------------------------------------------------------
 # Round 7: program rows of the small-M grouped (MoE) kernels (qlk.kernels.grouped_matmul)
 # ------------------------------------------------------------------------------------------------

@@ -1,0 +1,189 @@
+"""Host (CPU) time per launcher call, without running any kernel: what the launch decisions cost.
+
+Runs :func:`qlk.kernels.fused_matmul.quant_matmul_forward` / ``quant_matmul_grad_input`` on a
+4096x4096 layer with bf16 activations as on an sm_90 GPU with 132 SMs, on CPU tensors: the Triton
+interpreter off (``qlk.kernels.config.INTERPRETED`` False, so the full candidate lists are scored),
+``target_arch`` patched to 90 and ``num_sms`` to 132, and every Triton kernel the launchers index
+(the fused forward / split-K / input-gradient kernels, NF4's absmax de-nesting, the dequantize
+kernel) replaced by a stub whose ``kernel[grid](*args, **kwargs)`` does nothing. The dense GEMM of
+the ``dequant`` path (``torch.matmul`` / ``torch.addmm`` into ``out``) is stubbed too while timing
+(a CPU GEMM of 4096^3 would swamp the decisions). What remains: the launch decisions (path, tile,
+flags), ``weight_args``, the output / workspace allocations and the workspace copies (here CPU
+tensor ops; on a GPU each is a launch of its own), and argument building. Not measured here: the
+Triton launcher's own cost per ``kernel[grid](...)`` (binding, specialization key, the driver
+call), which a GPU run adds (bench/gpu_triage.py's ``host`` lines).
+
+No GPU needed::
+
+    env -u TRITON_INTERPRET PYTHONPATH=$PWD python bench/host_overhead.py            # the table
+    env -u TRITON_INTERPRET PYTHONPATH=$PWD python bench/host_overhead.py --profile  # + cProfile top
+
+Each row is the median of ``--calls`` timed calls (after 5 untimed ones). Options: ``--calls N``
+(timed calls per row, default 200), ``--m 1,16,...``, ``--profile [ROWS]``
+(cProfile of every row's timed calls, the top functions by cumulative time), ``--uncached``
+(clear the launch caches before every call: the cost of a first call at a new shape).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import io
+import os
+import pstats
+import statistics
+import sys
+import time
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    sys.exit("bench/host_overhead.py: run with the interpreter off (env -u TRITON_INTERPRET ...)")
+
+import torch  # noqa: E402
+
+import qlk  # noqa: E402
+from qlk.kernels import config as cfg  # noqa: E402
+from qlk.kernels import dequant as dq  # noqa: E402
+from qlk.kernels import fused_matmul as fm  # noqa: E402
+from qlk.kernels import heuristics as h  # noqa: E402
+from qlk.kernels import nf4_tile  # noqa: E402
+
+ARCH, SMS = 90, 132
+N = K = 4096
+MS = (1, 16, 64, 256, 4096)
+FORMATS = {"int4g128": dict(bits=4, group_size=128, fmt="int"), "nf4": dict(bits=4, group_size=64, fmt="nf4")}
+
+
+class _Stub:
+    """A Triton kernel that launches nothing: ``stub[grid](*args, **kwargs)``; ``configs`` as the
+    real kernel's (the M = 1 FMA gradient sizes its deterministic workspace from them)."""
+
+    def __init__(self, real):
+        self.configs = getattr(real, "configs", [])
+        self.launches = 0
+
+    def __getitem__(self, grid):
+        return self._launch
+
+    def _launch(self, *args, **kwargs):
+        self.launches += 1
+
+
+KERNELS = ((fm, "_quant_matmul_fwd_kernel"), (fm, "_quant_matmul_splitk_kernel"),
+           (fm, "_quant_matmul_grad_input_kernel"), (fm, "_quant_matmul_grad_input_splitn_kernel"),
+           (fm, "_quant_matmul_grad_input_gemv_kernel"), (nf4_tile, "_nf4_denest_kernel"),
+           (dq, "_dequantize_kernel"))
+
+
+@contextlib.contextmanager
+def sm90_without_kernels(kernels=KERNELS):
+    """The launchers as on sm_90 / 132 SMs, ``kernels`` stubs (module docstring)."""
+    assert not cfg.INTERPRETED and not fm.INTERPRETED, "the interpreter is on"
+    saved = [(mod, name, getattr(mod, name)) for mod, name in kernels]
+    saved += [(mod, name, getattr(mod, name)) for mod in (fm, cfg) for name in ("target_arch", "num_sms")]
+    try:
+        for mod, name in kernels:
+            setattr(mod, name, _Stub(getattr(mod, name)))
+        for mod in (fm, cfg):
+            mod.target_arch = lambda: ARCH
+            mod.num_sms = lambda device=None: SMS
+        _clear_all()
+        yield
+    finally:
+        for mod, name, value in saved:
+            setattr(mod, name, value)
+
+
+@contextlib.contextmanager
+def no_dense_gemm():
+    """``torch.matmul`` / ``torch.addmm`` with ``out=`` do nothing (the dequant path's dense GEMM)."""
+    real = torch.matmul, torch.addmm
+    torch.matmul = lambda a, b, out=None: out
+    torch.addmm = lambda c, a, b, out=None: out
+    try:
+        yield
+    finally:
+        torch.matmul, torch.addmm = real
+
+
+def _clear_all():
+    clear = getattr(fm, "clear_launch_caches", None) or getattr(h, "clear_launch_caches", None)
+    if clear is not None:
+        clear()
+    for fn in (h._choose_default, h.choose_path, h.choose_fused, h.choose_m1_grad):
+        fn.cache_clear()
+
+
+@contextlib.contextmanager
+def jit_stub():
+    """``--stub jit``: the kernels' own objects, ``JITFunction.run`` a no-op instead (so the
+    ``triton.heuristics`` layers above each kernel run too, as on a GPU)."""
+    from triton.runtime.jit import JITFunction
+
+    real = JITFunction.run
+    JITFunction.run = lambda self, *args, grid=None, warmup=False, **kwargs: None
+    try:
+        yield
+    finally:
+        JITFunction.run = real
+
+
+def measure(calls: int, ms, profile_rows: int = 0, uncached: bool = False, device: str = "cpu",
+            stub: str = "kernel"):
+    rows = []
+    torch.manual_seed(0)
+    w = torch.randn(N, K) * 0.02
+    stubbed = KERNELS if stub == "kernel" else ((fm, "_quant_matmul_grad_input_gemv_kernel"), (dq, "_dequantize_kernel"))
+    with sm90_without_kernels(stubbed), no_dense_gemm(), (jit_stub() if stub == "jit" else contextlib.nullcontext()):
+        for fmt_name, q in FORMATS.items():
+            qw = qlk.quantize(w, **q).to(device)
+            for m in ms:
+                x = torch.randn(m, K, dtype=torch.bfloat16, device=device)
+                dy = torch.randn(m, N, dtype=torch.bfloat16, device=device)
+                for op, fn in (("fwd", lambda: fm.quant_matmul_forward(x, qw)),
+                               ("grad", lambda: fm.quant_matmul_grad_input(dy, qw))):
+                    mm = m
+                    path = fm.choose_path(op, mm, qw, x.device, torch.bfloat16)
+                    for _ in range(5):
+                        fn()
+                    prof = cProfile.Profile() if profile_rows else None
+                    times = []
+                    for _ in range(calls):
+                        if uncached:
+                            _clear_all()
+                        t0 = time.perf_counter()
+                        if prof is not None:
+                            prof.enable()
+                        fn()
+                        if prof is not None:
+                            prof.disable()
+                        times.append(time.perf_counter() - t0)
+                    best = statistics.median(times)  # the median call: robust to a shared machine's preemptions
+                    rows.append((fmt_name, op, m, path, best * 1e6))
+                    print(f"{fmt_name:9s} {op:4s} M={m:<5d} {path:8s} {best * 1e6:8.1f} us/call", flush=True)
+                    if prof is not None:
+                        s = io.StringIO()
+                        pstats.Stats(prof, stream=s).sort_stats("cumulative").print_stats(profile_rows)
+                        print(s.getvalue())
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--calls", type=int, default=200)
+    ap.add_argument("--m", default=",".join(map(str, MS)))
+    ap.add_argument("--profile", type=int, nargs="?", const=25, default=0)
+    ap.add_argument("--uncached", action="store_true")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or meta (allocations without memory: the "
+                    "workspaces' zeroing and copies then cost their dispatch only, as a GPU's launches would)")
+    ap.add_argument("--stub", choices=("kernel", "jit"), default="kernel",
+                    help="kernel: the kernel objects replaced (default); jit: JITFunction.run a no-op, the "
+                    "triton.heuristics layers above each kernel kept")
+    a = ap.parse_args()
+    rows = measure(a.calls, [int(v) for v in a.m.split(",")], a.profile, a.uncached, a.device, a.stub)
+    print("\n| format | op | M | path | host us/call |\n|---|---|---|---|---|")
+    for fmt_name, op, m, path, us in rows:
+        print(f"| {fmt_name} | {op} | {m} | {path} | {us:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
