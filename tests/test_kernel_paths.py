@@ -989,7 +989,8 @@ def test_grad_input_w_as_b(case, m, split, det, rows, ahead, monkeypatch, block_
     candidate): Ŵ decoded by decode_tile._decode_int_tile_rows (NF4: _decode_nf4_tile_rows) as the MMA's B
     operand, dX stored
     through its column map (a wrong map, group or word order fails here), or the Ŵᵀ tile where that
-    does not apply (which of the two ran is checked). Ragged M and N tiles (N = 264: 5 N steps, the
+    does not apply (which of the two ran is checked under the interpreter; compiled kernels cannot
+    be spied on, so there the launch's W_AS_B flag, which the B-operand tile needs). Ragged M and N tiles (N = 264: 5 N steps, the
     last 8 rows), SHIFT_K's last tile (K = 352: its first 96 columns belong to the tile before), the
     split over N (atomics, or the NaN-poisoned workspace), NaN-poisoned dX, against float64 on Ŵ
     rounded to fp16."""
@@ -1000,8 +1001,11 @@ def test_grad_input_w_as_b(case, m, split, det, rows, ahead, monkeypatch, block_
     assert heuristics.grad_w_as_b(90) and not heuristics.grad_w_as_b(80)
     qw, w64 = _only_grad_tile(monkeypatch, "grad", config._cfg(None, 4, 1, GROUP_M=2, BLOCK_N=block_n, BLOCK_M=64,
                                                                BLOCK_K=128), case, m, split)
+    # which decoder ran: a spy on the jitted helpers, interpreter only (None compiled: tests/spies.py);
+    # compiled, the launch's W_AS_B flag, which the B-operand tile needs
     ran = spies.record_calls(monkeypatch, fm, "_decode_int_tile_rows", "_decode_int3_tile_rows",
-                             "_decode_nf4_tile_rows")
+                             "_decode_nf4_tile_rows", when_compiled="none")
+    seen = _spy_launches(monkeypatch, "_quant_matmul_grad_input_kernel") if ran is None else None
     n, k = qw.shape
     log = []
     monkeypatch.setattr(fm, "CHOICE_LOG", log)
@@ -1010,7 +1014,11 @@ def test_grad_input_w_as_b(case, m, split, det, rows, ahead, monkeypatch, block_
                                path="gemm", deterministic=det)
     heuristics._choose_default.cache_clear()
     assert [(op, c.label, c.split) for op, c in log] == [("grad", f"64x{block_n}x128 w4 s1", split)]
-    assert bool(ran) == rows
+    if ran is not None:
+        assert bool(ran) == rows
+    else:
+        (grid, kwargs), = seen
+        assert grid[1] == split and (kwargs["W_AS_B"] or not rows)
     assert oracles.rel_err(dx, dy.cpu().double() @ w64.half().double()) < 5e-4
 
 
