@@ -1061,10 +1061,10 @@ def test_grad_input_w_as_b(case, m, split, det, rows, ahead, monkeypatch, block_
     operand, dX stored
     through its column map (a wrong map, group or word order fails here), or the Ŵᵀ tile where that
     does not apply (which of the two ran is checked under the interpreter; compiled kernels cannot
-    be spied on, so there the launch's W_AS_B flag, which the B-operand tile needs). Ragged M and N tiles (N = 264: 5 N steps, the
-    last 8 rows), SHIFT_K's last tile (K = 352: its first 96 columns belong to the tile before), the
-    split over N (atomics, or the NaN-poisoned workspace), NaN-poisoned dX, against float64 on Ŵ
-    rounded to fp16."""
+    be spied on, so there the launch's W_AS_B flag, which the B-operand tile needs). Ragged M and N
+    tiles (N = 264: 5 N steps, the last 8 rows), SHIFT_K's last tile (K = 352: its first 96 columns
+    belong to the tile before), the split over N (atomics, or the NaN-poisoned workspace),
+    NaN-poisoned dX, against float64 on Ŵ rounded to fp16."""
     from qlk.kernels import config
 
     monkeypatch.setattr(fm, "target_arch", lambda: 90)
