@@ -29,6 +29,13 @@ tile per split slice, one nested absmax block, no partial packed word, one group
   function, against the paper's formula (tests/oracles.py), not against qlk.reference.
 
 The oracles (tests/oracles.py) read the codes bit by bit from the documented layouts.
+
+On a GPU (compiled kernels, ``COMPILED``) the rules choose among the full candidate lists, whose
+tiles are 2-8x deeper than the interpreter's: at N = 72 split-N has one step, so no SM count makes
+the rules split it. :func:`use_split` then moves those launches onto a split tile
+(:func:`_forced_split`), which the same checks (NaN workspace, float64 oracle, launched_split)
+cover; the tile-count assertions stay the interpreter's. Which jitted decoder ran cannot be spied
+on there (tests/spies.py): those tests check the launch's flags instead and keep their values.
 """
 from __future__ import annotations
 
