@@ -29,9 +29,17 @@ tile per split slice, one nested absmax block, no partial packed word, one group
   function, against the paper's formula (tests/oracles.py), not against qlk.reference.
 
 The oracles (tests/oracles.py) read the codes bit by bit from the documented layouts.
+
+On a GPU (compiled kernels, ``COMPILED``) the rules choose among the full candidate lists, whose
+tiles are 2-8x deeper than the interpreter's: at N = 72 split-N has one step, so no SM count makes
+the rules split it. :func:`use_split` then moves those launches onto a split tile
+(:func:`_forced_split`), which the same checks (NaN workspace, float64 oracle, launched_split)
+cover; the tile-count assertions stay the interpreter's. Which jitted decoder ran cannot be spied
+on there (tests/spies.py): those tests check the launch's flags instead and keep their values.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -52,6 +60,9 @@ CUDA = torch.cuda.is_available()
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 pytestmark = pytest.mark.skipif(not (CUDA or INTERPRETED), reason="needs CUDA or TRITON_INTERPRET=1")
 DEVICE = "cuda" if CUDA and not INTERPRETED else "cpu"
+# compiled kernels (a GPU run): the full candidate lists, the asm flags on, no Python spies on jitted
+# helpers (tests/spies.py); the interpreter (CI) has one candidate per kernel
+COMPILED = spies.compiled()
 N = 72  # 2 full N tiles of 32 and a ragged one of 8
 TOL = 1e-5  # fp32 activations, exact fp32 products (ieee)
 SIGMA = 1.5
@@ -83,6 +94,9 @@ def real_paths(monkeypatch):
     _SMS[0] = 132  # (use_split lowers it; the GEMM input gradient splits its N reduction below ~base-grid SMs)
     monkeypatch.setattr(fm, "num_sms", lambda device: _SMS[0])
     monkeypatch.setattr(fm, "CHOICE_LOG", [])  # what the rules launched (launched_split)
+    _FORCE_SPLIT.clear()
+    if COMPILED:  # use_split's split launches where the GPU's rules run one slice (_forced_split)
+        monkeypatch.setattr(fm, "_tiles", _forcing_tiles(fm._tiles))
 
     def workspace(shape, device):
         if len(shape) == 3:
@@ -139,6 +153,7 @@ def nf4_weight(block, dq, k):
 
 
 _SMS = [132]  # what the patched num_sms answers
+_FORCE_SPLIT = set()  # compiled runs: the split ops use_split moves onto a split launch (_forcing_tiles)
 
 
 def use_split(kind, m, n, k, qw=None, pool=False):
@@ -148,36 +163,99 @@ def use_split(kind, m, n, k, qw=None, pool=False):
     may run one slice instead (rounds 33-34: it stores its output itself, no workspace), so with
     the weight ``qw`` the SM count is the smallest at which the rules' own choice splits (for
     QA-LoRA's split-N with ``pool``, with and without its fp32 folded biases); the tests check the
-    launch with :func:`launched_split`."""
+    launch with :func:`launched_split`.
+
+    Compiled (a GPU: every candidate of the target, target_arch() 90 / 80): the rules choose among
+    the full lists, and at these shapes often never split: split-N's sm_90 tiles take 128-256 rows
+    of N a step, so N = 72 is one step, and split-K at M = 17 on K = 512 keeps one slice at every SM
+    count. With ``qw`` the SM count is still the smallest at which the rules' own choice splits,
+    where one exists (at any M, the rules' own formula, not the interpreter's one-tile arithmetic);
+    every ``kind`` launch the rules leave at one slice is then moved onto a split one
+    (:func:`_forced_split`), so the split path (workspace or atomics, NaN-poisoned) still runs and
+    :func:`launched_split` still sees >= 2 slices. Under the interpreter nothing is forced."""
     if kind == "gemm":
         return
-    if qw is not None and kind in ("splitk", "splitn") and m > heuristics.SPLIT_ALWAYS_M:
+    if COMPILED and kind in ("splitk", "splitn"):
+        _FORCE_SPLIT.add(kind)
+        if qw is None:  # 132 SMs (the H200's); _forced_split picks the split launch
+            _SMS[0] = 132
+            return
+    if qw is not None and kind in ("splitk", "splitn") and (m > heuristics.SPLIT_ALWAYS_M or COMPILED):
         fmt = heuristics.format_class(qw.bits, qw.fmt == "nf4", qw.group_size)
+
+        def choices(sms):
+            return [heuristics.choose_config(kind, m, n, k, fmt, fm.target_arch(), sms, fp32_bias=f, pool=pool)
+                    for f in ((False, True) if pool else (False,))]
+
         for sms in range(1, 257):
-            picks = [heuristics.choose_config(kind, m, n, k, fmt, fm.target_arch(), sms, fp32_bias=f, pool=pool)
-                     for f in ((False, True) if pool else (False,))]
+            picks = choices(sms)
             if all(c.split >= 2 and _slice_tiles(kind, n, k, c) >= 2 for c in picks):
                 break
+        else:
+            if COMPILED:  # the GPU's 128-256-deep steps: the fewest SMs at which the rules split at all,
+                # else none (the launch is forced at 132 SMs)
+                sms = next((s for s in range(1, 257) if all(c.split >= 2 for c in choices(s))), None)
+                if sms is None:
+                    _SMS[0] = 132
+                    return
+                picks = choices(sms)
         _SMS[0] = sms
         assert all(c.split >= 2 for c in picks), (kind, m, n, k, fmt, picks)
         return
-    if kind == "gemv":  # still autotuned (its own config list): one config under the interpreter
-        c = fm._quant_matmul_grad_input_gemv_kernel.configs[0].kwargs
+    if kind == "gemv":  # still autotuned (its own config list): one config under the interpreter, each one compiled
+        configs = [c.kwargs for c in fm._quant_matmul_grad_input_gemv_kernel.configs]
     else:
-        c = heuristics.candidates(kind)[0].kwargs  # the one candidate under the interpreter
-    if kind == "splitk":
-        tiles, base = math.ceil(k / c["BLOCK_K"]), math.ceil(n / c["BLOCK_N"]) * math.ceil(m / c["BLOCK_M"])
-    elif kind == "gemv":  # M = 1, no M tiles
-        tiles, base = math.ceil(n / c["BLOCK_N"]), math.ceil(k / c["BLOCK_K"])
-    else:
-        tiles, base = math.ceil(n / c["BLOCK_N"]), math.ceil(k / c["BLOCK_K"]) * math.ceil(m / c["BLOCK_M"])
+        configs = [heuristics.candidates(kind)[0].kwargs]  # the one candidate under the interpreter
     for sms in range(1, 65):
-        split = max(1, min(tiles, math.ceil(16 * sms / base)))
-        if split >= 2:
+        slices = []
+        for c in configs:
+            if kind == "splitk":
+                tiles, base = math.ceil(k / c["BLOCK_K"]), math.ceil(n / c["BLOCK_N"]) * math.ceil(m / c["BLOCK_M"])
+            elif kind == "gemv":  # M = 1, no M tiles
+                tiles, base = math.ceil(n / c["BLOCK_N"]), math.ceil(k / c["BLOCK_K"])
+            else:
+                tiles, base = math.ceil(n / c["BLOCK_N"]), math.ceil(k / c["BLOCK_K"]) * math.ceil(m / c["BLOCK_M"])
+            slices.append((tiles, max(1, min(tiles, math.ceil(16 * sms / base)))))
+        if all(split >= 2 for _, split in slices):
             break
     _SMS[0] = sms
     if INTERPRETED:
-        assert math.ceil(tiles / split) >= 2, (kind, m, n, k, sms, split, tiles)
+        for tiles, split in slices:
+            assert math.ceil(tiles / split) >= 2, (kind, m, n, k, sms, split, tiles)
+
+
+def _forced_split(op, m, n, k, fmt, arch, sms, fp32_bias=False, pool=False):
+    """A split launch of ``op`` ("splitk" / "splitn") where the rules chose one slice (compiled runs,
+    :func:`use_split`): the best-scoring candidate (heuristics.score_all, the same QA-LoRA
+    exclusions) whose split count is >= 2 at ``sms``, else the rules' own tile with its reduction
+    cut into max(2, ⌈steps / 2⌉) slices (2+ steps a slice where there are 4+; split-N's one 128- or
+    256-row step at N = 72 gets a second, empty slice, which the kernels' tl.cdiv slicing and
+    LOOP_RUNS = False allow)."""
+    scored = heuristics.score_all(op, m, n, k, fmt, arch, sms, fp32_bias=fp32_bias, pool=pool)
+    split = [c for c in scored if c.split >= 2]
+    if split:
+        return max(split, key=lambda c: (c.score, -c.index))
+    c = heuristics.choose_config(op, m, n, k, fmt, arch, sms, fp32_bias=fp32_bias, pool=pool)
+    steps = math.ceil(k / c.block_k) if op == "splitk" else math.ceil(n / c.block_n)
+    s = max(2, math.ceil(steps / 2))
+    return dataclasses.replace(c, split=s, ctas=c.ctas // c.split * s)
+
+
+def _forcing_tiles(real):
+    """``fm._tiles`` for compiled runs: an op use_split named (_FORCE_SPLIT) that the rules launch
+    with one slice launches :func:`_forced_split` instead, and fm.CHOICE_LOG records that launch."""
+    def tiles(op, m, n, k, meta, device, fp32_bias=False, pool=False):
+        chosen, launches = real(op, m, n, k, meta, device, fp32_bias, pool=pool)
+        if op not in _FORCE_SPLIT or chosen.split >= 2:
+            return chosen, launches
+        fmt = heuristics.format_class(meta["BITS"], meta["IS_NF4"], meta.get("GROUP_SIZE"))
+        forced = _forced_split(op, m, n, k, fmt, fm.target_arch(), fm.num_sms(device), fp32_bias, pool)
+        log = fm.CHOICE_LOG
+        if log and log[-1] == (op, chosen):
+            log[-1] = (op, forced)
+        return forced, launches[:-1] + [forced]
+
+    return tiles
 
 
 def _slice_tiles(kind, n, k, c):
@@ -989,10 +1067,11 @@ def test_grad_input_w_as_b(case, m, split, det, rows, ahead, monkeypatch, block_
     candidate): Ŵ decoded by decode_tile._decode_int_tile_rows (NF4: _decode_nf4_tile_rows) as the MMA's B
     operand, dX stored
     through its column map (a wrong map, group or word order fails here), or the Ŵᵀ tile where that
-    does not apply (which of the two ran is checked). Ragged M and N tiles (N = 264: 5 N steps, the
-    last 8 rows), SHIFT_K's last tile (K = 352: its first 96 columns belong to the tile before), the
-    split over N (atomics, or the NaN-poisoned workspace), NaN-poisoned dX, against float64 on Ŵ
-    rounded to fp16."""
+    does not apply (which of the two ran is checked under the interpreter; compiled kernels cannot
+    be spied on, so there the launch's W_AS_B flag, which the B-operand tile needs). Ragged M and N
+    tiles (N = 264: 5 N steps, the last 8 rows), SHIFT_K's last tile (K = 352: its first 96 columns
+    belong to the tile before), the split over N (atomics, or the NaN-poisoned workspace),
+    NaN-poisoned dX, against float64 on Ŵ rounded to fp16."""
     from qlk.kernels import config
 
     monkeypatch.setattr(fm, "target_arch", lambda: 90)
@@ -1000,8 +1079,11 @@ def test_grad_input_w_as_b(case, m, split, det, rows, ahead, monkeypatch, block_
     assert heuristics.grad_w_as_b(90) and not heuristics.grad_w_as_b(80)
     qw, w64 = _only_grad_tile(monkeypatch, "grad", config._cfg(None, 4, 1, GROUP_M=2, BLOCK_N=block_n, BLOCK_M=64,
                                                                BLOCK_K=128), case, m, split)
+    # which decoder ran: a spy on the jitted helpers, interpreter only (None compiled: tests/spies.py);
+    # compiled, the launch's W_AS_B flag, which the B-operand tile needs
     ran = spies.record_calls(monkeypatch, fm, "_decode_int_tile_rows", "_decode_int3_tile_rows",
-                             "_decode_nf4_tile_rows")
+                             "_decode_nf4_tile_rows", when_compiled="none")
+    seen = _spy_launches(monkeypatch, "_quant_matmul_grad_input_kernel") if ran is None else None
     n, k = qw.shape
     log = []
     monkeypatch.setattr(fm, "CHOICE_LOG", log)
@@ -1010,7 +1092,11 @@ def test_grad_input_w_as_b(case, m, split, det, rows, ahead, monkeypatch, block_
                                path="gemm", deterministic=det)
     heuristics._choose_default.cache_clear()
     assert [(op, c.label, c.split) for op, c in log] == [("grad", f"64x{block_n}x128 w4 s1", split)]
-    assert bool(ran) == rows
+    if ran is not None:
+        assert bool(ran) == rows
+    else:
+        (grid, kwargs), = seen
+        assert grid[1] == split and (kwargs["W_AS_B"] or not rows)
     assert oracles.rel_err(dx, dy.cpu().double() @ w64.half().double()) < 5e-4
 
 
@@ -1236,7 +1322,9 @@ def test_splitn_grad_input_transposed_tile(case, det, monkeypatch):
     heuristics._choose_default.cache_clear()
     (grid, kwargs), = seen
     assert grid[1] == 3 and grid[2] == 2
-    assert kwargs["HALF2"] == (case[0] == "int") and not kwargs["HALF2_ASM"]
+    # the half2 decoder for the INT formats; its inline PTX (HALF2_ASM) compiled, its Triton twin under
+    # the interpreter (fused_matmul: HALF2_ASM = half2 and not INTERPRETED)
+    assert kwargs["HALF2"] == (case[0] == "int") and kwargs["HALF2_ASM"] == (kwargs["HALF2"] and COMPILED)
     assert not torch.isnan(dx).any()
     assert oracles.rel_err(dx, dy.cpu().double() @ w64.half().double()) < 5e-4
 

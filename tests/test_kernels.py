@@ -188,9 +188,19 @@ def test_loop_runs_is_told_only_where_every_program_loops(monkeypatch, k):
     The interpreter checks every assumption: K = 32 (under one 64-column K tile: the forward's
     whole-tile loop never runs, the cut tile runs alone) and K = 96 at M = 1 (split-K: the last slice
     holds only the cut tile) run right with the launchers' flags, which are false there, and fail
-    with the flag forced true."""
+    with the flag forced true.
+
+    Compiled (a GPU) nothing checks a ``tl.assume`` at run time (a false one is undefined behaviour),
+    the rules pick among the full candidate lists (64- to 256-column K tiles), and "auto" may take
+    the dequantize path or a one-slice split-K launch that asks heuristics.split_loop_runs itself:
+    there the forward runs the split-K kernel at M = 1 and the GEMM at M = 50 (the paths "auto" takes
+    under the interpreter), and the flag each launch was given is checked against the loop it runs:
+    one slice, whose loop over whole BLOCK_K tiles runs only where K holds one; at K = 32 and 96 some
+    launch has a K tile wider than K, so a flag told true there fails."""
+    import spies
     from qlk.kernels import fused_matmul as fm
 
+    compiled = spies.compiled()
     qw = make_qw("int", 4, 32, False, n=45, k=k)
     w64 = qw.dequantize(torch.float64)
     real, told = fm._loop_runs, []
@@ -200,10 +210,23 @@ def test_loop_runs_is_told_only_where_every_program_loops(monkeypatch, k):
         return told[-1][1]
 
     monkeypatch.setattr(fm, "_loop_runs", spy)
+    if compiled:
+        gemm = spies.record_launches(monkeypatch, fm, "_quant_matmul_fwd_kernel")
+        decode = spies.record_launches(monkeypatch, fm, "_quant_matmul_splitk_kernel")
     for m in (1, 50):
         x, dy = randn(m, k), randn(m, 45, seed=7)
-        assert rel_err(quant_matmul_forward(x, qw), x.double() @ w64.t()) < 1e-5
+        path = ("splitk" if m <= SPLITK_MAX_M else "gemm") if compiled else "auto"
+        assert rel_err(quant_matmul_forward(x, qw, path=path), x.double() @ w64.t()) < 1e-5
         assert rel_err(quant_matmul_backward(dy, qw), dy.double() @ w64) < 1e-5
+    if compiled:
+        assert len(gemm) == 1 and len(decode) == 1, (gemm, decode)
+        assert not gemm[0].get("SPLIT_K", False) and decode[0]["DIRECT"]  # one slice each
+        launches = gemm + decode
+        for kw in launches:  # told only where the one slice's whole-tile loop runs
+            assert not kw["LOOP_RUNS"] or k >= kw["BLOCK_K"], (k, kw["BLOCK_K"], kw["LOOP_RUNS"])
+        assert any(k < kw["BLOCK_K"] for kw in launches), [kw["BLOCK_K"] for kw in launches]
+        assert True in [runs for _, runs in told], told  # the N loops run
+        return
     forward_k = [runs for (length, *_), runs in told if length == k]
     assert False in forward_k and True in [runs for _, runs in told], told  # the N loops run
     monkeypatch.setattr(fm, "_loop_runs", lambda *args, **kwargs: True)

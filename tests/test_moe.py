@@ -988,7 +988,8 @@ def test_grouped_forward_lane_order(bits, k, g, lanes, monkeypatch):
                                                                                 device=device))
     monkeypatch.setattr(heuristics, "fwd_lane_order", lambda arch, block_m: lanes)
     seen = spies.record_launches(monkeypatch, gm, "_grouped_matmul_fwd_kernel")
-    decoded_lanes = spies.record_calls(monkeypatch, fm, "_decode_int_tile_lanes")  # which tile decoder ran
+    # which tile decoder ran: interpreter only (None on compiled kernels, tests/spies.py; the values still checked)
+    decoded_lanes = spies.record_calls(monkeypatch, fm, "_decode_int_tile_lanes", when_compiled="none")
     e_count, n = len(COUNTS_LARGE), 40
     gen = torch.Generator().manual_seed(1900 + bits * 100 + g + k)
     groups = k // g
@@ -1004,7 +1005,8 @@ def test_grouped_forward_lane_order(bits, k, g, lanes, monkeypatch):
     y_ref = per_expert(x[:routed], off, lambda e, xe: xe @ w_half[e].t() + bias[e].double())
     cfg = dict(BLOCK_N=32, BLOCK_M=16, BLOCK_K=64, num_warps=4, num_stages=1, DECODE=False, PROGRAMS=3)
     y, _ = grouped_matmul_forward(x, qw, off, e_count, bias, config=cfg)
-    assert [kw["LANE_ORDER"] for kw in seen] == [lanes] and bool(decoded_lanes) == lanes
+    assert [kw["LANE_ORDER"] for kw in seen] == [lanes]
+    assert decoded_lanes is None or bool(decoded_lanes) == lanes
     assert torch.equal(y[routed:], torch.zeros(2, n, dtype=torch.half)) and not y.isnan().any()
     assert ((y[:routed].double() - y_ref).norm() / y_ref.norm()) < 4e-4
 
@@ -1032,8 +1034,9 @@ def test_grouped_grad_input_w_as_b(fmt, bits, k, g, split, rows, ahead, monkeypa
     monkeypatch.setattr(gm, "_output", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
                                                                                 device=device))
     monkeypatch.setattr(heuristics, "grad_w_as_b", lambda arch, *tile: True)
+    # which decoder ran: interpreter only (None on compiled kernels, tests/spies.py; the values still checked)
     ran = spies.record_calls(monkeypatch, fm, "_decode_int_tile_rows", "_decode_int3_tile_rows",
-                             "_decode_nf4_tile_rows")
+                             "_decode_nf4_tile_rows", when_compiled="none")
     e_count, n = len(COUNTS_LARGE), 40
     gen = torch.Generator().manual_seed(2100 + bits * 10 + k + split)
     qw = qlk.quantize(torch.randn(e_count * n, k // g, g, generator=gen).mul(torch.exp(torch.randn(
@@ -1047,7 +1050,7 @@ def test_grouped_grad_input_w_as_b(fmt, bits, k, g, split, rows, ahead, monkeypa
     cfg = dict(BLOCK_N=block_n, BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=1, SPLIT_N=split, WORDS_AHEAD=ahead)
     dx = grouped_matmul_grad_input(dy, qw, off, e_count, config=cfg)
     dx_ref = per_expert(dy[:routed], off, lambda e, de: de @ w_half[e])
-    assert bool(ran) == rows
+    assert ran is None or bool(ran) == rows
     assert torch.equal(dx[routed:], torch.zeros(2, k, dtype=torch.half)) and not dx.isnan().any()
     assert ((dx[:routed].double() - dx_ref).norm() / dx_ref.norm()) < 1e-3
 
