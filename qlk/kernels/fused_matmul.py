@@ -1211,14 +1211,16 @@ def _forward_once(x, qw, bias, out, path, deterministic, wargs=None, pool=False)
         args, meta = wargs if wargs is not None else weight_args(qw, denest_absmax=path == "gemm",
                                                                  pair_act=x.dtype if path == "gemm" else None)
         if path == "splitk":
-            _, launches = _tiles("splitk", m, n, k, meta, x.device, pool=pool and pow2, act_bytes=x2.element_size())
+            _, launches = _tiles("splitk", m, n, k, meta, x.device, _folded_fp32_biases(args, meta), pool=pool and pow2,
+                                  act_bytes=x2.element_size())
             # in-kernel pooling needs whole groups per K tile
             fused = pool and pow2 and g <= min(c.block_k for c in launches)
             _splitk_forward(x2, qw, bias, out, deterministic, args, meta, pooled if fused else None, launches)
         else:
             fused = pool and pow2
             bias_arg = bias if bias is not None else args[3]
-            _, launches = _tiles("fwd", m, n, k, meta, x.device, pool=fused, act_bytes=x2.element_size())
+            _, launches = _tiles("fwd", m, n, k, meta, x.device, _folded_fp32_biases(args, meta), pool=fused,
+                                  act_bytes=x2.element_size())
             # mid M: the rules split the K loop (grid axis 1) to fill the SMs; partials in an fp32
             # workspace, summed and cast below (split 1: Y stored directly)
             ws, split = None, 1
