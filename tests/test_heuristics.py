@@ -364,7 +364,7 @@ def test_grad_launchers_ask_the_rules_as_the_report_checks(monkeypatch, fmt):
     and the launch stopped."""
     asked = []
 
-    def tiles(op, m, n, k, meta, device, fp32_bias=False, pool=False):
+    def tiles(op, m, n, k, meta, device, fp32_bias=False, pool=False, act_bytes=2):
         asked.append((op, fp32_bias))
         raise _Asked
 

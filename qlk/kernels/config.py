@@ -125,14 +125,59 @@ def _cfg(arch, num_warps, num_stages, **kw):
     return c
 
 
-def _smem_estimate(c: triton.Config, a_bytes=2) -> int:
-    """Bytes of shared memory the pipelined operand buffers take: (stages-1) copies of the
-    activation tile plus the packed weight tile (upper bound: 4 bytes per code word column)."""
+def _smem_estimate(c: triton.Config, a_bytes=2, op=None, group_size=None, fp32_bias=False, pool=False) -> int:
+    """Bytes of shared memory a candidate takes. Without ``op`` (the dequantize kernel's pruning): (stages-1)
+    copies of the activation tile plus the packed weight tile (upper bound: 4 bytes per code word column).
+
+    With ``op`` ("fwd", "grad", "splitk", "splitn"; the rules' fit, :func:`qlk.kernels.heuristics._fits`),
+    an upper bound of what the compiled kernels take (round 35, :data:`SMEM_MEASURED`): (stages-1) buffers
+    of the activation tile (X [BLOCK_M, BLOCK_K] forward, dY [BLOCK_M, BLOCK_N] input gradient) at
+    ``a_bytes`` a value (fp32 activations: 4; their "ieee" dots take every operand from shared memory)
+    and of the packed words (4 bits a code), plus the decoded weight tile once (the MMA operand); a
+    group size that is not a power of two gathers a scale and a bias per weight element: with QA-LoRA's
+    fp32 folded biases (``fp32_bias``) both pipelined, 6 bytes an element a stage, else about 4 bytes an
+    element once; QA-LoRA's in-GEMM pooling (``pool``, forward ops) reads the X tile once more."""
     k = c.kwargs
     bm, bn = k.get("BLOCK_M", 16), k.get("BLOCK_N", 64)
     bk = k.get("BLOCK_K", 64)
-    per_stage = bm * bk * a_bytes + bn * bk // 2 + bn * bk * a_bytes // 4
-    return max(c.num_stages - 1, 1) * per_stage
+    if op is None:
+        per_stage = bm * bk * a_bytes + bn * bk // 2 + bn * bk * a_bytes // 4
+        return max(c.num_stages - 1, 1) * per_stage
+    odd = bool(group_size) and group_size & (group_size - 1) != 0
+    act = bm * (bn if op in ("grad", "splitn") else bk) * a_bytes
+    per_stage = act + bn * bk // 2 + (6 * bn * bk if odd and fp32_bias else 0)
+    once = bn * bk * a_bytes + (4 * bn * bk if odd and not fp32_bias else 0)
+    if pool and op in ("fwd", "splitk"):
+        once += bm * bk * a_bytes
+    return max(c.num_stages - 1, 1) * per_stage + once
+
+
+#: Round 35: shared memory of compiled launches (bytes, sm_90, triton 3.6 and 3.9 alike where both were
+#: compiled; bench/results/gpu-NVIDIA-H200-20261204: the launches over the H200's 232448 failed to load),
+#: (op, tile, format, activations, QA-LoRA fp32 folded biases / pooling) -> bytes. The rules' estimate
+#: (:func:`_smem_estimate` with ``op``) is at least each of them (tests/test_smem_fit.py compiles the picks).
+SMEM_MEASURED = {
+    ("grad", "128x128x64 w4 s4", "int4g32", "fp32", ""): 229376,
+    ("grad", "128x128x64 w4 s4", "int4g96", "fp32", ""): 241664,  # test_int_paths[int4g96k576-gemm-M40]
+    ("grad", "128x128x64 w4 s4", "int3g48", "fp32", ""): 238592,  # int3g48k528 / int3g16k784
+    ("grad", "128x128x64 w4 s4", "int2g8", "fp32", ""): 235520,  # int2g8k520
+    ("grad", "128x128x64 w4 s4", "int3g48", "fp32", "fp32 bias"): 336896,  # test_qalora_paths[int3g48k528-gemm-M40]
+    ("grad", "128x128x64 w4 s4", "int4g96", "bf16", ""): 61440,
+    ("grad", "128x128x64 w4 s4", "int3g48", "bf16", ""): 58368,
+    ("grad", "256x64x128 w8 s3", "int4g32", "fp32", ""): 163840,
+    ("grad", "256x64x128 w8 s3", "int3g48", "fp32", ""): 169984,
+    ("grad", "256x64x128 w8 s3", "int3g48", "bf16", "fp32 bias"): 104448,
+    ("fwd", "64x128x128 w4 s4", "int3g48", "fp16", "fp32 bias"): 313344,  # test_qalora_odd_group_bias_batch_dims[40]
+    ("fwd", "64x128x128 w4 s4", "int3g48", "bf16", ""): 116736,
+    ("fwd", "256x128x64 w8 s3", "int3g48", "fp32", "fp32 bias"): 235520,
+    ("fwd", "128x128x64 w8 s4", "int3g48", "fp32", "fp32 bias"): 238592,
+    ("fwd", "256x128x64 w8 s3", "int4g32", "fp32", ""): 172032,
+    ("fwd", "128x64x64 w4 s4", "int4g96", "fp32", ""): 120832,
+    ("fwd", "128x64x64 w4 s4", "int4g32", "bf16", "pool"): 73472,
+    ("splitk", "16x64x256 w2 s3", "int3g48", "fp32", "fp32 bias"): 241664,  # test_qalora_paths[int3g48k528-split-atomic-M5]
+    ("splitk", "16x64x256 w4 s3", "int3g48", "bf16", "fp32 bias"): 192512,
+    ("splitn", "16x256x64 w4 s3", "int3g48", "fp32", "fp32 bias"): 241664,
+}
 
 
 def _prune(configs, named_args, **kwargs):

@@ -1033,14 +1033,16 @@ def _with_tile_fallback(run, what: str, can_dequant: bool):
                        "without QA-LoRA's folded biases), or another Triton version.") from (last.cause if last else None)
 
 
-def _tiles(op, m, n, k, meta, device, fp32_bias=False, pool=False):
+def _tiles(op, m, n, k, meta, device, fp32_bias=False, pool=False, act_bytes=2):
     """(the rules' choice, the choices to launch) for ``op`` at the layer shape (M, N, K) on the
-    current target: :func:`qlk.kernels.heuristics.choose_config`, no timing."""
+    current target: :func:`qlk.kernels.heuristics.choose_config`, no timing. ``act_bytes``: the
+    activations' element size (fp32 tiles take twice the shared memory)."""
     arch, sms = target_arch(), num_sms(device)
     fmt = heuristics.format_class(meta["BITS"], meta["IS_NF4"], meta.get("GROUP_SIZE"))
-    chosen = heuristics.choose_config(op, m, n, k, fmt, arch, sms, fp32_bias=fp32_bias, pool=pool)
+    chosen = heuristics.choose_config(op, m, n, k, fmt, arch, sms, fp32_bias=fp32_bias, pool=pool, act_bytes=act_bytes)
     if _FAILED_TILES and (op, fmt, chosen.label, arch) in _FAILED_TILES:
-        left = [c for c in heuristics.score_all(op, m, n, k, fmt, arch, sms, fp32_bias=fp32_bias, pool=pool)
+        left = [c for c in heuristics.score_all(op, m, n, k, fmt, arch, sms, fp32_bias=fp32_bias, pool=pool,
+                                                   act_bytes=act_bytes)
                 if (op, fmt, c.label, arch) not in _FAILED_TILES]
         if not left:
             raise _NoTileLeft(op, fmt)
@@ -1050,7 +1052,8 @@ def _tiles(op, m, n, k, meta, device, fp32_bias=False, pool=False):
     patterns = _all_configs()
     if not patterns:
         return chosen, [chosen]
-    every = heuristics.score_all(op, m, n, k, fmt, arch, sms, fp32_bias=fp32_bias, pool=pool)
+    every = heuristics.score_all(op, m, n, k, fmt, arch, sms, fp32_bias=fp32_bias, pool=pool,
+                                 act_bytes=act_bytes)
     return chosen, [c for c in every if c.index != chosen.index
                     and any(fnmatch.fnmatchcase(c.label, p) for p in patterns)] + [chosen]
 
@@ -1215,14 +1218,16 @@ def _forward_once(x, qw, bias, out, path, deterministic, wargs=None, pool=False)
         args, meta = wargs if wargs is not None else weight_args(qw, denest_absmax=path == "gemm",
                                                                  pair_act=x.dtype if path == "gemm" else None)
         if path == "splitk":
-            _, launches = _tiles("splitk", m, n, k, meta, x.device, pool=pool and pow2)
+            _, launches = _tiles("splitk", m, n, k, meta, x.device, _folded_fp32_biases(args, meta), pool=pool and pow2,
+                                  act_bytes=x2.element_size())
             # in-kernel pooling needs whole groups per K tile
             fused = pool and pow2 and g <= min(c.block_k for c in launches)
             _splitk_forward(x2, qw, bias, out, deterministic, args, meta, pooled if fused else None, launches)
         else:
             fused = pool and pow2
             bias_arg = bias if bias is not None else args[3]
-            _, launches = _tiles("fwd", m, n, k, meta, x.device, pool=fused)
+            _, launches = _tiles("fwd", m, n, k, meta, x.device, _folded_fp32_biases(args, meta), pool=fused,
+                                  act_bytes=x2.element_size())
             # mid M: the rules split the K loop (grid axis 1) to fill the SMs; partials in an fp32
             # workspace, summed and cast below (split 1: Y stored directly)
             ws, split = None, 1
@@ -1421,7 +1426,8 @@ def _grad_input_once(dy, qw, out, path, deterministic, wargs=None, lora_b=None):
             # a spill, and were kept off them by it)
             _splitn_grad_input(dy2, qw, out, deterministic, args, meta, _folded_fp32_biases(args, meta), lora_b, v)
         else:
-            _, launches = _tiles("grad", m, n, k, meta, dy.device, _folded_fp32_biases(args, meta))
+            _, launches = _tiles("grad", m, n, k, meta, dy.device, _folded_fp32_biases(args, meta),
+                                  act_bytes=dy2.element_size())
             # INT2 unpacked per half word on sm_80 (quant_tile_t; docs/kernels.md "Input gradient, round 3")
             int2_halves = heuristics.arch_family(target_arch()) == 80
             # with V: one more program per M tile, after the dX tiles, for V = dY·B
@@ -1482,7 +1488,7 @@ def _splitn_grad_input(dy2, qw, out, deterministic, args, meta, fp32_bias=False,
     m, n = dy2.shape
     k = qw.shape[1]
     with_v = lora_b is not None
-    _, launches = _tiles("splitn", m, n, k, meta, dy2.device, fp32_bias, pool=with_v)
+    _, launches = _tiles("splitn", m, n, k, meta, dy2.device, fp32_bias, pool=with_v, act_bytes=dy2.element_size())
     r = lora_b.shape[1] if with_v else 0
     max_split = max(c.split for c in launches)
     v_ws = (_workspace((max_split, m, r) if deterministic else (m, r), dy2.device)) if with_v else None

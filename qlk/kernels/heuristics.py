@@ -940,11 +940,18 @@ def splitn_spills_with_v(label: str, fmt: str, m: int, k: int, block_k: int, arc
     return m > 1 and k % block_k != 0 and base_format(fmt) in fmts
 
 
-def _fits(c, arch: int, fp32_bias: bool, op: str, pool: bool = False) -> bool:
+def _fits(c, arch: int, fp32_bias: bool, op: str, pool: bool = False, fmt: str = "int4", act_bytes: int = 2
+          ) -> bool:
     k = c.kwargs
     if getattr(c, "qlk_arch", None) not in (None, arch_family(arch)):
         return False
-    if _config._smem_estimate(c) > _config.SMEM_LIMIT.get(arch, _config.SMEM_LIMIT[arch_family(arch)]):
+    # round 35: what the launch's shared memory holds depends on the activations' dtype (fp32: 4 bytes a
+    # value), the group size (not a power of two: a scale and bias gathered per element) and QA-LoRA's
+    # fp32 biases / pooling (config._smem_estimate; the H200 refused 128x128x64 w4 s4 input gradients of
+    # fp32 dY at 229-337 KB, config.SMEM_MEASURED)
+    group = format_group(fmt) if fmt.startswith("int") else None
+    if _config._smem_estimate(c, act_bytes, op, group, fp32_bias, pool) > \
+            _config.SMEM_LIMIT.get(arch, _config.SMEM_LIMIT[arch_family(arch)]):
         return False
     rows = k["BLOCK_K"] if op in ("grad", "splitn") else k["BLOCK_N"]
     if rows * k["BLOCK_M"] > 128 * 32 * c.num_warps:  # fp32 accumulator registers per thread
@@ -1079,7 +1086,7 @@ def _score(op, c, m, n, k, fmt, arch, sms, pool=False, fp32_bias=False):
 
 
 def score_all(op: str, m: int, n: int, k: int, fmt: str = "int4", arch: int = 90, sms: Optional[int] = None,
-              configs: Optional[Sequence] = None, fp32_bias: bool = False, pool: bool = False
+              configs: Optional[Sequence] = None, fp32_bias: bool = False, pool: bool = False, act_bytes: int = 2
               ) -> list[KernelChoice]:
     """Every candidate that fits, scored (list order); empty if none fits."""
     if op not in OPS:
@@ -1101,27 +1108,27 @@ def score_all(op: str, m: int, n: int, k: int, fmt: str = "int4", arch: int = 90
             continue
         if fmt in FORMAT_EXCLUDED_TILES.get((arch_family(arch), op), {}).get(label, ()):
             continue
-        if _fits(c, arch, fp32_bias, op, pool):
+        if _fits(c, arch, fp32_bias, op, pool, fmt, act_bytes):
             out.append(dataclasses.replace(_score(op, c, m, n, k, fmt, arch, sms, pool, fp32_bias), index=i))
     return out
 
 
 def choose_config(op: str, m: int, n: int, k: int, fmt: str = "int4", arch: int = 90, sms: Optional[int] = None,
-                  configs: Optional[Sequence] = None, fp32_bias: bool = False, pool: bool = False
-                  ) -> KernelChoice:
+                  configs: Optional[Sequence] = None, fp32_bias: bool = False, pool: bool = False,
+                  act_bytes: int = 2) -> KernelChoice:
     """The tile ``op`` ("fwd", "grad", "splitk", "splitn") launches with at Y[M, N] = X[M, K]·Ŵᵀ
     (the gradient ops: the same M, N, K of the layer) on ``arch`` with ``sms`` SMs: the candidate
     with the highest score (module docstring), on ties the bigger tile (fewer CTAs), then the earlier one. If none fits, the first
     candidate (as the pruning of the autotuner did). ``fp32_bias`` / ``pool``: QA-LoRA's fp32
     folded biases / in-kernel pooling, for split-N its fused V = dY·B (tiles that spill with them
-    are left out)."""
+    are left out). ``act_bytes``: bytes of an activation value (fp32: 4; the shared-memory fit)."""
     if configs is None:
-        return _choose_default(op, m, n, k, fmt, arch, sms, fp32_bias, pool)
-    return _choose(op, m, n, k, fmt, arch, sms, configs, fp32_bias, pool)
+        return _choose_default(op, m, n, k, fmt, arch, sms, fp32_bias, pool, act_bytes)
+    return _choose(op, m, n, k, fmt, arch, sms, configs, fp32_bias, pool, act_bytes)
 
 
-def _choose(op, m, n, k, fmt, arch, sms, configs, fp32_bias, pool):
-    scored = score_all(op, m, n, k, fmt, arch, sms, configs, fp32_bias, pool)
+def _choose(op, m, n, k, fmt, arch, sms, configs, fp32_bias, pool, act_bytes=2):
+    scored = score_all(op, m, n, k, fmt, arch, sms, configs, fp32_bias, pool, act_bytes)
     if not scored:
         sms = sms or DEFAULT_SMS[arch_family(arch)]
         configs = candidates(op) if configs is None else configs
@@ -1151,8 +1158,8 @@ def reduction_step(op: str, choice: "KernelChoice") -> int:
 
 
 @functools.lru_cache(maxsize=4096)
-def _choose_default(op, m, n, k, fmt, arch, sms, fp32_bias, pool):
-    return _choose(op, m, n, k, fmt, arch, sms, None, fp32_bias, pool)
+def _choose_default(op, m, n, k, fmt, arch, sms, fp32_bias, pool, act_bytes=2):
+    return _choose(op, m, n, k, fmt, arch, sms, None, fp32_bias, pool, act_bytes)
 
 
 # ------------------------------------------------------------------------------------- the path
