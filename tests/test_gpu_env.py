@@ -18,7 +18,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _innermost(fn):
-    while hasattr(fn, "fn"):  # Autotuner -> Heuristics -> JITFunction / InterpretedFunction
+    """The JITFunction / InterpretedFunction under the Autotuner / Heuristics layers (a JITFunction's
+    own ``.fn`` is the Python function: the walk stops at it)."""
+    from triton.runtime.jit import JITFunction
+
+    while hasattr(fn, "fn") and not isinstance(fn, JITFunction) and type(fn).__name__ != "InterpretedFunction":
         fn = fn.fn
     return fn
 

@@ -224,18 +224,18 @@ def use_split(kind, m, n, k, qw=None, pool=False):
             assert math.ceil(tiles / split) >= 2, (kind, m, n, k, sms, split, tiles)
 
 
-def _forced_split(op, m, n, k, fmt, arch, sms, fp32_bias=False, pool=False):
+def _forced_split(op, m, n, k, fmt, arch, sms, fp32_bias=False, pool=False, act_bytes=2):
     """A split launch of ``op`` ("splitk" / "splitn") where the rules chose one slice (compiled runs,
     :func:`use_split`): the best-scoring candidate (heuristics.score_all, the same QA-LoRA
     exclusions) whose split count is >= 2 at ``sms``, else the rules' own tile with its reduction
     cut into max(2, ⌈steps / 2⌉) slices (2+ steps a slice where there are 4+; split-N's one 128- or
     256-row step at N = 72 gets a second, empty slice, which the kernels' tl.cdiv slicing and
     LOOP_RUNS = False allow)."""
-    scored = heuristics.score_all(op, m, n, k, fmt, arch, sms, fp32_bias=fp32_bias, pool=pool)
+    scored = heuristics.score_all(op, m, n, k, fmt, arch, sms, fp32_bias=fp32_bias, pool=pool, act_bytes=act_bytes)
     split = [c for c in scored if c.split >= 2]
     if split:
         return max(split, key=lambda c: (c.score, -c.index))
-    c = heuristics.choose_config(op, m, n, k, fmt, arch, sms, fp32_bias=fp32_bias, pool=pool)
+    c = heuristics.choose_config(op, m, n, k, fmt, arch, sms, fp32_bias=fp32_bias, pool=pool, act_bytes=act_bytes)
     steps = math.ceil(k / c.block_k) if op == "splitk" else math.ceil(n / c.block_n)
     s = max(2, math.ceil(steps / 2))
     return dataclasses.replace(c, split=s, ctas=c.ctas // c.split * s)
@@ -244,12 +244,12 @@ def _forced_split(op, m, n, k, fmt, arch, sms, fp32_bias=False, pool=False):
 def _forcing_tiles(real):
     """``fm._tiles`` for compiled runs: an op use_split named (_FORCE_SPLIT) that the rules launch
     with one slice launches :func:`_forced_split` instead, and fm.CHOICE_LOG records that launch."""
-    def tiles(op, m, n, k, meta, device, fp32_bias=False, pool=False):
-        chosen, launches = real(op, m, n, k, meta, device, fp32_bias, pool=pool)
+    def tiles(op, m, n, k, meta, device, fp32_bias=False, pool=False, act_bytes=2):
+        chosen, launches = real(op, m, n, k, meta, device, fp32_bias, pool=pool, act_bytes=act_bytes)
         if op not in _FORCE_SPLIT or chosen.split >= 2:
             return chosen, launches
         fmt = heuristics.format_class(meta["BITS"], meta["IS_NF4"], meta.get("GROUP_SIZE"))
-        forced = _forced_split(op, m, n, k, fmt, fm.target_arch(), fm.num_sms(device), fp32_bias, pool)
+        forced = _forced_split(op, m, n, k, fmt, fm.target_arch(), fm.num_sms(device), fp32_bias, pool, act_bytes)
         log = fm.CHOICE_LOG
         if log and log[-1] == (op, chosen):
             log[-1] = (op, forced)
@@ -865,8 +865,11 @@ def test_qalora_grad_v_gemm(m, rank, dtype):
 
 @pytest.mark.parametrize("m", [5, 40])
 @pytest.mark.parametrize("case", [(4, 32, 512), (3, 256, 512), (2, 8, 520)], ids=int_id)
-def test_qalora_autograd_grads(case, m):
-    """dX, dA, dB of the autograd function on the Triton backend (fused kernels; M = 5 split, 40 GEMM)."""
+def test_qalora_autograd_grads(monkeypatch, case, m):
+    """dX, dA, dB of the autograd function on the Triton backend (fused kernels; M = 5 split, 40 GEMM).
+    On a GPU, path "auto" at M = 40 would dequantize (round 35, FUSED_GEMM_AUTO) and compute V = dY·B
+    beside it: the fused GEMM is turned back on to test it."""
+    monkeypatch.setattr(fm, "FUSED_GEMM_AUTO", True)
     qw, w64 = int_weight(*case)
     n, k = qw.shape
     g = qw.group_size
