@@ -21,6 +21,7 @@ import subprocess
 import sys
 
 import pytest
+from test_kernel_static import _nvidia_tools_missing  # noqa: E402 - the static tests' own check
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,15 +35,6 @@ CASES = [
 ]
 KERNELS = ("_quant_matmul_fwd_kernel", "_quant_matmul_grad_input_kernel", "_quant_matmul_splitk_kernel",
            "_quant_matmul_grad_input_splitn_kernel")
-
-
-def _nvidia_tools_missing() -> bool:
-    try:
-        import triton
-    except ImportError:
-        return True
-    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    return not all(os.path.exists(os.path.join(bin_dir, t)) for t in ("ptxas", "cuobjdump"))
 
 
 def test_estimate_bounds_the_measured_launches():
