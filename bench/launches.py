@@ -310,7 +310,9 @@ def _run_qalora(fn, m, width, n, fmt, k=None):
     g = qw.group_size
     a = torch.empty(QALORA_RANK, k // g, dtype=DTYPE)
     b = torch.empty(n, QALORA_RANK, dtype=DTYPE)
-    return fn(activation(m, width), qw, a, b, 2.0)
+    # "fused": the fused QA-LoRA kernels whatever the dispatcher would pick (on a GPU, path "auto" runs
+    # dequantize + dense GEMMs above M = 16 since round 35, fused_matmul.FUSED_GEMM_AUTO)
+    return fn(activation(m, width), qw, a, b, 2.0, path="fused")
 
 
 def all_cases(quick: bool = False, patterns=(), include_qlk: bool = True, include_dense: bool = True,

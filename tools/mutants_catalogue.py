@@ -877,7 +877,7 @@ MUTANTS = [
          old="        if op == \"splitn\" and pool and splitn_spills_with_v(", new="        if False and splitn_spills_with_v(",
          tests=["tests/test_heuristics.py", "-k", "spills_with_v"]),
     dict(id="splitn-launch-drops-with-v", cls="rules", file="qlk/kernels/fused_matmul.py",
-         old="fp32_bias, pool=with_v)", new="fp32_bias, pool=False)",
+         old="fp32_bias, pool=with_v, act_bytes", new="fp32_bias, pool=False, act_bytes",
          tests=[KP, "-k", "test_qalora_splitn_launch_asks"]),
     dict(id="fwd-candidate-range-ignored", cls="rules", file="qlk/kernels/heuristics.py",
          old="        if not lo <= m <= hi:\n            continue", new="        if False:\n            continue",

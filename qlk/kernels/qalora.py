@@ -209,7 +209,7 @@ def qalora_grad_input(dy: torch.Tensor, qw: QuantizedWeight, lora_a: torch.Tenso
     if _dense_route(path, dy2.shape[0], SPLITN_MAX_M):
         dx, v = _qalora_grad_input_dense(dy2, qw, lora_a, lora_b, scaling, out)
         return dx.reshape(*lead, k), v.reshape(*lead, r)
-    splitn = path == "splitn" or (path == "auto" and dy2.shape[0] <= SPLITN_MAX_M)
+    splitn = path == "splitn" or (path in ("auto", "fused") and dy2.shape[0] <= SPLITN_MAX_M)
     wargs = _folded_weight_args(qw, lora_a, lora_b, scaling, dy.dtype if splitn else torch.float32)
     dx, v = _grad_input(dy, qw, out, path, deterministic, wargs=wargs, lora_b=lora_b)
     return dx, v.reshape(*lead, r)
