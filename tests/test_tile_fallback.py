@@ -152,7 +152,7 @@ def test_faults_and_bad_input_are_not_build_failures(monkeypatch, error):
 
 def test_auto_dequantizes_above_the_split_rows_on_a_gpu(monkeypatch):
     """Round 35: on a GPU, path "auto" at M > 16 dequantizes and runs the dense GEMM (the fused GEMM
-    measured slower in 23 of 24 cases on an H200, and two of its tiles wrong: FUSED_GEMM_AUTO); at
+    measured slower in 23 of 24 cases on an H200, and three of its tiles wrong: FUSED_GEMM_AUTO); at
     M <= 16 the split kernels; with FUSED_GEMM_AUTO the static model's pick, the fused GEMM on a big
     layer at large M."""
     qw = qlk.quantize(torch.randn(4096, 4096) * 0.02, bits=4, group_size=128)

@@ -1090,7 +1090,7 @@ def _check_out(out, shape, dtype, device, what="out"):
 #: measurements (H200, triton 3.6, torch 2.11, 2026-12-04; bench/results/gpu-NVIDIA-H200-20261204/,
 #: docs/measurements.md "Round 35"): on two Llama-3-8B layers at M = 1024 and 4096, INT4 g32/g128 and
 #: NF4, dequantize + cuBLAS ran at 0.21-0.95x dense bf16 cuBLAS and the fused GEMM at 0.16-0.74x
-#: (forward) and 0.16-0.51x (input gradient): the fused GEMM was faster in 1 of 24 cases. Two
+#: (forward) and 0.16-0.51x (input gradient): the fused GEMM was faster in 1 of 24 cases. Three
 #: fused forward tiles also returned NaN or wrong rows on that machine (gpu_triage). The static
 #: model overrated the fused GEMM; until it is measured faster and correct on a GPU, M > 16
 #: dequantizes (path="fused" / "gemm" still run it; the static report still compares both).
