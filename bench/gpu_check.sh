@@ -3,6 +3,8 @@
 #
 #   bash bench/gpu_check.sh                 # quick: fits one 10-minute call of the lent GPU machine
 #   bash bench/gpu_check.sh --only kernels  # one stage (tests, kernels, layer, e2e; comma list)
+#   bash bench/gpu_check.sh --only calibrate  # every candidate tile, dense config and cuBLAS timed
+#                                             # with CUDA graphs (bench/gpu_calibrate.py; not in the default)
 #   bash bench/gpu_check.sh --full          # the full matrices, no time limits (several calls' worth)
 #   KERNELS_ARGS="--shapes 70b-gateup --ms 1,4096" bash bench/gpu_check.sh --only kernels
 #
@@ -26,7 +28,7 @@ while [ $# -gt 0 ]; do
     --full) full=1 ;;
     --quick) full=0 ;;
     --only) only="$2"; shift ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1 (see --help)" >&2; exit 64 ;;
   esac
   shift
@@ -63,11 +65,12 @@ print("gpu_check env:", json.dumps(common.capture_env()))
 EOF
 
 if [ $full = 1 ]; then
-  quick=""; t_tests=0; t_kernels=0; t_layer=0; t_e2e=0
+  quick=""; t_tests=0; t_kernels=0; t_layer=0; t_e2e=0; t_calibrate=0
 else
   # seconds per stage (timeout's hard stop; T_TESTS, T_KERNELS, T_LAYER, T_E2E override);
   # the scripts' own --budget-s (QUICK) stops earlier
   quick="--quick"; t_tests=${T_TESTS:-240}; t_kernels=${T_KERNELS:-150}; t_layer=${T_LAYER:-80}; t_e2e=${T_E2E:-80}
+  t_calibrate=${T_CALIBRATE:-300}
 fi
 stages=()
 stage() {  # stage NAME SECONDS CMD...: run with a hard time limit, record how it ended
@@ -109,6 +112,9 @@ want kernels && stage kernels "$t_kernels" "$PY" bench/bench_kernels.py $quick -
 want layer && stage layer "$t_layer" "$PY" bench/bench_layer.py $quick --out "$RES/layer.csv" ${LAYER_ARGS:-}
 # shellcheck disable=SC2086
 want e2e && stage e2e "$t_e2e" "$PY" bench/bench_e2e.py $quick --out "$RES/e2e.csv" ${E2E_ARGS:-}
+# shellcheck disable=SC2086
+want calibrate && stage calibrate "$t_calibrate" "$PY" bench/gpu_calibrate.py --jobs $(( $(nproc) > 2 ? $(nproc) - 2 : 1 )) \
+  --budget-s $(( t_calibrate > 0 ? t_calibrate - 30 : 1000000000 )) --out "$RES/calibrate.csv" ${CALIBRATE_ARGS:-}
 
 csvs=()
 for f in kernels layer e2e; do [ -s "$RES/$f.csv" ] && csvs+=("$RES/$f.csv"); done

@@ -228,3 +228,49 @@ def test_kernel_bench_checks_every_m_and_fails_on_a_wrong_result(tmp_path, monke
     for m in (2, 5):
         assert checks[m].startswith("wrong") == (m == wrong_at) and timings[m] == checks[m]
     assert rc == (0 if wrong_at is None else 1)
+
+
+def test_gpu_calibrate_dry_run_and_join(tmp_path):
+    """bench/gpu_calibrate.py on CPU (the interpreter, wall clock): a row per candidate and per dense
+    config, each checked against float64 (a wrong tile would say so); then bench/calibrate_static.py
+    joins such rows with static rows of the same case and tile: measured / pessimistic is the
+    measured time over the pessimistic estimate, and "x dense" is best dense over best fused."""
+    import calibrate_static as cs
+    import gpu_calibrate as gc
+
+    out = tmp_path / "cal.csv"
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
+    subprocess.run([sys.executable, os.path.join(BENCH, "gpu_calibrate.py"), "--device", "cpu", "--shapes", "128->80",
+                    "--ms", "17", "--formats", "int4g32,nf4dq", "--reps", "1", "--out", str(out)],
+                   check=True, env=env, capture_output=True, timeout=600)
+    rows = cs.read_gpu_csv(str(out))
+    assert {r["group"] for r in rows} == {"dense", "cublas", "qlk"}
+    qlk_rows = [r for r in rows if r["group"] == "qlk"]
+    assert {r["case"] for r in qlk_rows} == {"fwd/int4g32/128->80/M17", "fwd/nf4dq/128->80/M17",
+                                             "dgrad/int4g32/128->80/M17", "dgrad/nf4dq/128->80/M17"}
+    assert all(r["status"] == "ok" and float(r["rel_err"]) < 2e-2 and r["time_us"] > 0 for r in qlk_rows)
+
+    # the join, on rows made up for it: a fused tile twice its pessimistic estimate, dense at its own
+    from bench.sass import gpu
+
+    def static(case, group, kernel, config, opt, pess):
+        return dict(case=case, group=group, kernel=kernel, config=config, status="ok", M=4096, N=4096, K=4096,
+                    op="fwd", arch=90, tensor_peak_opt=opt, tensor_peak_pess=pess, dram_peak_opt=0.1,
+                    dram_peak_pess=0.1, iterations=64, grid_ctas=1, useful_bytes=1, fill=1.0,
+                    work=4096 ** 3, chosen=None)
+
+    srows = [static("fwd/int4g32/4096->4096/M4096", "qlk", "_quant_matmul_fwd_kernel", "256x128x64 w8 s3 GROUP_M=8", 0.9, 0.6),
+             static("dense-fwd/bf16/4096->4096/M4096", "dense", "_dense_matmul_kernel", "128x256x64 w8 s3 GROUP_M=8", 0.9, 0.6)]
+    g = gpu(90)
+    pess = cs.estimate_us(srows[0], g, "pess")
+    assert pess == pytest.approx(4096 ** 3 / (0.6 * g.tensor_macs_per_clk * g.sms * g.ghz * 1e9) * 1e6)
+    grows = [dict(case=srows[0]["case"], group="qlk", config="256x128x64 w8 s3", M=4096, chosen="True", status="ok",
+                  time_us=2 * pess),
+             dict(case=srows[1]["case"], group="dense", config="128x256x64 w8 s3", M=4096, chosen="", status="ok",
+                  time_us=pess),
+             dict(case=srows[1]["case"], group="cublas", config="", M=4096, chosen="", status="ok", time_us=pess / 2)]
+    joined = cs.join(grows, srows, g)
+    assert [round(j["ratio"], 6) for j in joined] == [2.0, 1.0]
+    (d,) = cs.x_dense(joined, grows)
+    assert d["measured"] == pytest.approx(0.5) and d["estimated"] == pytest.approx(1.0)
+    assert d["cublas"] == pytest.approx(0.25) and d["chosen_vs_best"] == pytest.approx(1.0)

@@ -202,6 +202,41 @@ def test_serialized_wgmma_is_counted():
     assert disasm.serialized_wgmma(pipelined) == (1, 4)  # one wait for all, at the end
 
 
+def test_drained_wgmma_is_seen():
+    """Round 36: a loop that waits for all its wgmmas before it ends (the sm_90 input gradient's: its
+    dequantized tile stored to shared memory each step, then ``WARPGROUP.DEPBAR.LE gsb0, 0x0``)
+    against the forward's, which leaves one group in flight (``0x1``) across the iteration boundary;
+    a loop without wgmma is neither."""
+    from bench.sass import disasm
+
+    drained = disasm.parse_sass("""
+        /*0100*/                   STS.128 [R180+UR6+0x18000], R8 ;
+        /*0110*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0120*/                   WARPGROUP.ARRIVE ;
+        /*0130*/                   HGMMA.64x128x16.F32.BF16 R88, gdesc[UR8].tnspB, R88 ;
+        /*0140*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR16].tnspB, R24, gsb0 ;
+        /*0150*/                   IADD3 R4, R4, 0x1, RZ ;
+        /*0160*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*0170*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0180*/                   LDGSTS.E.BYPASS.128 [R187], desc[UR24][R4.64], P1 ;
+    """)
+    in_flight = disasm.parse_sass("""
+        /*0100*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*0110*/                   WARPGROUP.ARRIVE ;
+        /*0120*/                   HGMMA.64x256x16.F32.BF16 R24, R152, gdesc[UR8], R24, gsb0 ;
+        /*0130*/                   WARPGROUP.DEPBAR.LE gsb0, 0x1 ;
+        /*0140*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0150*/                   LDGSTS.E.BYPASS.128 [R193], desc[UR10][R4.64], !P2 ;
+    """)
+    no_mma = disasm.parse_sass("""
+        /*0100*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*0110*/                   FFMA R4, R5, R6, R4 ;
+    """)
+    assert disasm.drained_wgmma(drained)
+    assert not disasm.drained_wgmma(in_flight)
+    assert not disasm.drained_wgmma(no_mma)
+
+
 def test_quick_dense_cases_are_the_expected_ones(report):
     rows, _ = report
     assert {r["case"] for r in rows} == {"dense-fwd/bf16/4096->14336/M4096", "dense-fwd/bf16/4096->14336/M1"}

@@ -201,6 +201,23 @@ def serialized_wgmma(body: list[Instr]) -> tuple[int, int]:
     return waited, total
 
 
+def drained_wgmma(body: list[Instr]) -> bool:
+    """True when a loop body waits for *every* wgmma it issued before it ends: after its last
+    wgmma, a ``WARPGROUP.DEPBAR.LE gsb0, 0x0`` (and no wgmma after it). Then no MMA is in flight
+    across the iteration boundary, so the next step's loads, dequantization and shared-memory
+    stores start only when this step's MMAs are done: the tensor cores idle while they run (within
+    the CTA; other CTAs on the SM may fill the gap). Triton emits it when an MMA operand is stored
+    to shared memory in the loop (a dequantized tile used as wgmma's B operand: one buffer, reused
+    each step). A pipelined loop keeps one group in flight instead (``0x1``)."""
+    last_mma = last_wait_all = -1
+    for n, i in enumerate(body):
+        if i.op in WGMMA:
+            last_mma = n
+        elif i.op == "WARPGROUP" and ".DEPBAR" in i.mods and i.args.replace(" ", "").endswith(",0x0"):
+            last_wait_all = n
+    return last_mma >= 0 and last_wait_all > last_mma
+
+
 def mma_shape(i: Instr) -> tuple[int, str]:
     """(multiply-adds of one instruction, "wgmma" | "mma_sync"). A wgmma instruction is issued by
     each warpgroup (4 warps) once; an mma.sync by every warp."""

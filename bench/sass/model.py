@@ -121,6 +121,7 @@ class Report:
     notes: list
     source: str = ""
     serialized_wgmma: int = 0  # main-loop wgmmas that wait for the previous one (disasm.serialized_wgmma)
+    drained_wgmma: bool = False  # the main loop waits for all its wgmmas each iteration (disasm.drained_wgmma)
 
     def line(self) -> str:
         rng = lambda hi, lo: "-" if hi is None else f"{hi:.2f}..{lo:.2f}"  # noqa: E731
@@ -232,6 +233,11 @@ def analyze_cubin(cubin: bytes, arch: int, num_warps: int, num_stages: int, ctas
     if serialized:  # not in the estimates below: the wgmma latency it exposes is not calibrated
         notes.append(f"wgmma serialized: {waited} of {wgmmas} wait for the previous one (ptxas C7515); "
                      "the estimates do not charge it")
+    drained = bool(looped and not serialized and disasm.drained_wgmma(body))
+    if drained:  # round 36: measured, not yet charged (one tile per op measured; bench/gpu_calibrate.py will fit it)
+        notes.append("wgmma drained each iteration: the next step's loads and dequantization do not overlap "
+                     "this step's MMAs within the CTA; the estimates do not charge it (an H200 ran such a loop "
+                     "at 1.7-2.2x its pessimistic time: docs/static-analysis.md)")
 
     # ---- one iteration of one CTA
     mix = Counter()
@@ -333,7 +339,7 @@ def analyze_cubin(cubin: bytes, arch: int, num_warps: int, num_stages: int, ctas
     return Report(kernel or function or "?", arch, config or f"w{warps} s{num_stages}", warps, num_stages, res.regs,
                   res.stack, spill_ops, smem, per_sm, limiter, ctas, wave, issued, dict(mix), int(macs), trips,
                   total, {k: round(v, 1) for k, v in cycles.items()}, bound, t_opt, t_pess, d_opt, d_pess, notes,
-                  launch.source if launch else "", serialized)
+                  launch.source if launch else "", serialized, drained)
 
 
 def analyze_all(launches) -> list[tuple[Report, Launch]]:
