@@ -274,3 +274,25 @@ def test_gpu_calibrate_dry_run_and_join(tmp_path):
     (d,) = cs.x_dense(joined, grows)
     assert d["measured"] == pytest.approx(0.5) and d["estimated"] == pytest.approx(1.0)
     assert d["cublas"] == pytest.approx(0.25) and d["chosen_vs_best"] == pytest.approx(1.0)
+
+
+def test_gpu_calibrate_flags_a_wrong_tile(monkeypatch):
+    """A launch whose output is wrong is timed but marked "wrong" (its rel_err against float64 in the
+    row): a fast wrong tile must not pass for a fast tile."""
+    import gpu_calibrate as gc
+    import launches
+
+    from qlk.kernels import fused_matmul as fm
+    from qlk.kernels import heuristics as h
+
+    def zeros(x, qw, out=None, path="auto"):
+        out.zero_()
+        return out
+
+    monkeypatch.setattr(fm, "quant_matmul_forward", zeros)
+    monkeypatch.setattr(launches, "DTYPE", torch.float32)
+    dev = torch.device("cpu")
+    timer = gc.Timer(dev, calls=1, reps=1, flush_mb=1)
+    rows = gc.qlk_rows(fm, h, launches, timer, dev, fm.target_arch(), fm.num_sms(dev), 128, 80, 17, "int4g32",
+                       "fwd", torch.float32)
+    assert rows and all(r["status"] == "wrong" and float(r["rel_err"]) == pytest.approx(1.0) for r in rows), rows
