@@ -111,12 +111,24 @@ def x_dense(joined, gpu_rows) -> list:
     return out
 
 
+def variant_pairs(gpu_rows) -> dict:
+    """(case, tile) -> {"B": µs, "W_AS_A": µs} for the input-gradient tiles gpu_calibrate timed both
+    ways (Ŵ as the MMA's B operand, and the transposed product: config ending in " W_AS_A")."""
+    variants = {}
+    for m in gpu_rows:
+        if m["group"] == "qlk" and m.get("time_us") is not None and m["status"] == "ok":
+            key = (m["case"], m["config"].replace(" W_AS_A", ""))
+            variants.setdefault(key, {})["W_AS_A" if m["config"].endswith(" W_AS_A") else "B"] = m["time_us"]
+    return {key: v for key, v in variants.items() if len(v) == 2}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("gpu_csv")
     ap.add_argument("static_csv", nargs="+")
     ap.add_argument("--dram-tbps", type=float, default=None, help="the measured GPU's DRAM bandwidth, TB/s")
     ap.add_argument("--launches", action="store_true", help="also print every joined launch")
+    ap.add_argument("--arch", type=int, default=None, help="the analyzer's GPU (default: the CSV's, else 90)")
     a = ap.parse_args(argv)
 
     import static_report as sr
@@ -124,7 +136,7 @@ def main(argv=None) -> int:
 
     gpu_rows = read_gpu_csv(a.gpu_csv)
     static_rows = [r for p in a.static_csv for r in sr.read_csv(p)]
-    arch = gpu_rows[0]["arch"] if gpu_rows else 90
+    arch = a.arch or next((r["arch"] for r in gpu_rows if r["arch"] in (80, 90)), 90)
     g = gpu(arch)
     if a.dram_tbps:
         g = dataclasses.replace(g, dram_bytes_per_s=0.9 * a.dram_tbps * 1e12)
@@ -150,6 +162,12 @@ def main(argv=None) -> int:
     for d in x_dense(joined, gpu_rows):
         f = lambda v: "" if v is None else f"{v:.2f}"  # noqa: E731
         print(f"| {d['case']} | {f(d['measured'])} | {f(d['estimated'])} | {f(d['chosen_vs_best'])} | {f(d['cublas'])} |")
+    pairs = variant_pairs(gpu_rows)
+    if pairs:
+        print("\n| case | config | Ŵ as B operand µs | Ŵᵀ as A operand (W_AS_A) µs | B / A |")
+        print("|---|---|---|---|---|")
+        for (case, config), v in sorted(pairs.items()):
+            print(f"| {case} | {config} | {v['B']:.1f} | {v['W_AS_A']:.1f} | {v['B'] / v['W_AS_A']:.2f} |")
     return 0
 
 

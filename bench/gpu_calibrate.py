@@ -133,14 +133,19 @@ def qlk_rows(fm, h, launches, timer, dev, arch, sms, k, n, m, fmt, op, dtype):
     ref = x.double() @ (w64.t() if op == "fwd" else w64)
     out = torch.empty(m, n if op == "fwd" else k, device=dev, dtype=dtype)
     launcher = getattr(fm, fn_name)
-    real_tiles = fm._tiles
+    real_tiles, real_w_as_a = fm._tiles, fm.GRAD_W_AS_A
+    # sm_90's input gradient both ways (fused_matmul.GRAD_W_AS_A, round 36): the tile as the MMA's B
+    # operand (the default) and the transposed product; the second row's config ends in " W_AS_A"
+    variants = (False, True) if op == "dgrad" and path == "gemm" and arch == 90 else (real_w_as_a,)
     rows = []
     try:
-        for c in cands:
+        for c, w_as_a in ((c, v) for c in cands for v in variants):
             fm._tiles = lambda *a, _c=c, **kw: (_c, [_c])
+            fm.GRAD_W_AS_A = w_as_a
             h.clear_launch_caches()
-            row = dict(group="qlk", op=op, fmt=fmt, K=k, N=n, M=m, path=path, config=c.label,
-                       chosen=c.index == chosen.index, split=c.split,
+            row = dict(group="qlk", op=op, fmt=fmt, K=k, N=n, M=m, path=path,
+                       config=c.label + (" W_AS_A" if w_as_a and len(variants) > 1 else ""),
+                       chosen=c.index == chosen.index and w_as_a == real_w_as_a, split=c.split,
                        case=launches.case_name(op, fmt, k, n, m))
             try:
                 call = lambda: launcher(x, qw, out=out, path=path)  # noqa: E731
@@ -156,7 +161,7 @@ def qlk_rows(fm, h, launches, timer, dev, arch, sms, k, n, m, fmt, op, dtype):
                 row["status"] = f"failed: {type(e).__name__}: {str(e)[:200]}"
             rows.append(row)
     finally:
-        fm._tiles = real_tiles
+        fm._tiles, fm.GRAD_W_AS_A = real_tiles, real_w_as_a
         h.clear_launch_caches()
     return rows
 

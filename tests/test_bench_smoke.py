@@ -296,3 +296,40 @@ def test_gpu_calibrate_flags_a_wrong_tile(monkeypatch):
     rows = gc.qlk_rows(fm, h, launches, timer, dev, fm.target_arch(), fm.num_sms(dev), 128, 80, 17, "int4g32",
                        "fwd", torch.float32)
     assert rows and all(r["status"] == "wrong" and float(r["rel_err"]) == pytest.approx(1.0) for r in rows), rows
+
+
+def test_gpu_calibrate_times_both_input_gradient_variants(monkeypatch):
+    """On sm_90 the GEMM input gradient is timed with Ŵ as the B operand and as the transposed
+    product (fused_matmul.GRAD_W_AS_A, " W_AS_A" rows), the flag set during each launch and
+    restored after; calibrate_static pairs the two rows of a tile."""
+    import calibrate_static as cs
+    import gpu_calibrate as gc
+    import launches
+
+    from qlk.kernels import fused_matmul as fm
+    from qlk.kernels import heuristics as h
+
+    flags = []
+
+    def grad(dy, qw, out=None, path="auto"):
+        flags.append(fm.GRAD_W_AS_A)
+        out.copy_(dy @ qw.dequantize(torch.float32))
+        return out
+
+    monkeypatch.setattr(fm, "quant_matmul_grad_input", grad)
+    monkeypatch.setattr(launches, "DTYPE", torch.float32)
+    dev = torch.device("cpu")
+    rows = gc.qlk_rows(fm, h, launches, gc.Timer(dev, calls=1, reps=1, flush_mb=1), dev, 90, 132, 128, 80, 333,
+                       "int4g32", "dgrad", torch.float32)
+    assert fm.GRAD_W_AS_A is False
+    labels = [r["config"] for r in rows]
+    assert len(labels) >= 2 and len(labels) % 2 == 0
+    half = len(flags) // 2  # each variant: the checked call, then the timed ones
+    assert labels[1::2] == [c + " W_AS_A" for c in labels[0::2]]
+    assert flags == [False] * half + [True] * half, flags
+    assert all(r["status"] == "ok" for r in rows) and sum(r["chosen"] for r in rows) == 1
+    for r in rows:
+        r["time_us"] = 2.0 if r["config"].endswith("W_AS_A") else 3.0
+    pairs = cs.variant_pairs(rows)
+    assert pairs == {(r["case"], r["config"]): {"B": 3.0, "W_AS_A": 2.0} for r in rows[0::2]}
+    assert cs.tile_of(rows[1]["config"]) == rows[0]["config"]  # the static join sees the default variant only

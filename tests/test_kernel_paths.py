@@ -1064,8 +1064,27 @@ def test_grad_input_w_as_b_128_row_steps(case, m, split, det, rows, ahead, monke
     test_grad_input_w_as_b(case, m, split, det, rows, ahead, monkeypatch, block_n=128)
 
 
+# round 36: the same B-operand tiles computed as the transposed product, Ŵᵀ as the MMA's first operand
+# (fused_matmul.GRAD_W_AS_A): every format the tile decodes, words ahead on and off, split (atomic and
+# deterministic), SHIFT_K's last tile, ragged M and N, both N step heights
+W_AS_A_RUNS = [p for p in W_AS_B_RUNS if p.values[4]]
+W_AS_A_128_ROW_RUNS = [p for p in W_AS_B_128_ROW_RUNS if p.values[4]]
+
+
+@pytest.mark.parametrize("case,m,split,det,rows,ahead", W_AS_A_RUNS)
+def test_grad_input_w_as_a(case, m, split, det, rows, ahead, monkeypatch):
+    """test_grad_input_w_as_b with dXᵀ = Ŵᵀ·dYᵀ (W_AS_A): the launch passes the flag, the result
+    is the same float64 product."""
+    test_grad_input_w_as_b(case, m, split, det, rows, ahead, monkeypatch, w_as_a=True)
+
+
+@pytest.mark.parametrize("case,m,split,det,rows,ahead", W_AS_A_128_ROW_RUNS)
+def test_grad_input_w_as_a_128_row_steps(case, m, split, det, rows, ahead, monkeypatch):
+    test_grad_input_w_as_b(case, m, split, det, rows, ahead, monkeypatch, block_n=128, w_as_a=True)
+
+
 @pytest.mark.parametrize("case,m,split,det,rows,ahead", W_AS_B_RUNS)
-def test_grad_input_w_as_b(case, m, split, det, rows, ahead, monkeypatch, block_n=64):
+def test_grad_input_w_as_b(case, m, split, det, rows, ahead, monkeypatch, block_n=64, w_as_a=False):
     """dX = dY·Ŵ in fp16 through sm_90's GEMM input gradient at its 64x64x128 tile (the rules' only
     candidate): Ŵ decoded by decode_tile._decode_int_tile_rows (NF4: _decode_nf4_tile_rows) as the MMA's B
     operand, dX stored
@@ -1079,6 +1098,7 @@ def test_grad_input_w_as_b(case, m, split, det, rows, ahead, monkeypatch, block_
 
     monkeypatch.setattr(fm, "target_arch", lambda: 90)
     monkeypatch.setattr(fm, "_grad_words_ahead", lambda: ahead)
+    monkeypatch.setattr(fm, "GRAD_W_AS_A", w_as_a)
     assert heuristics.grad_w_as_b(90) and not heuristics.grad_w_as_b(80)
     qw, w64 = _only_grad_tile(monkeypatch, "grad", config._cfg(None, 4, 1, GROUP_M=2, BLOCK_N=block_n, BLOCK_M=64,
                                                                BLOCK_K=128), case, m, split)
@@ -1086,7 +1106,7 @@ def test_grad_input_w_as_b(case, m, split, det, rows, ahead, monkeypatch, block_
     # compiled, the launch's W_AS_B flag, which the B-operand tile needs
     ran = spies.record_calls(monkeypatch, fm, "_decode_int_tile_rows", "_decode_int3_tile_rows",
                              "_decode_nf4_tile_rows", when_compiled="none")
-    seen = _spy_launches(monkeypatch, "_quant_matmul_grad_input_kernel") if ran is None else None
+    seen = _spy_launches(monkeypatch, "_quant_matmul_grad_input_kernel") if ran is None or w_as_a else None
     n, k = qw.shape
     log = []
     monkeypatch.setattr(fm, "CHOICE_LOG", log)
@@ -1100,6 +1120,9 @@ def test_grad_input_w_as_b(case, m, split, det, rows, ahead, monkeypatch, block_
     else:
         (grid, kwargs), = seen
         assert grid[1] == split and (kwargs["W_AS_B"] or not rows)
+    if w_as_a:
+        (grid, kwargs), = seen
+        assert kwargs["W_AS_A"] is True
     assert oracles.rel_err(dx, dy.cpu().double() @ w64.half().double()) < 5e-4
 
 

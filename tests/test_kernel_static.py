@@ -82,6 +82,12 @@ GUARD_FORMATS = {
 GUARD_DIRECT = {
     80: (((4096, 14336),), (128,), ["fwd-splitk/int4g64/*"], ("int4g64",)),
 }
+#: round 36, compiled with fused_matmul.GRAD_W_AS_A (the input gradient as the transposed product,
+#: off by default): the rules' pick only, marked ``w_as_a``; same layout as GUARD_FORMATS
+GUARD_W_AS_A = {
+    90: (((4096, 14336),), (4096,), ["dgrad/int4g32/*", "dgrad/nf4dq/*", "dgrad/int3g128/*"],
+         ("int4g32", "nf4dq", "int3g128")),
+}
 KERNELS = ("_quant_matmul_fwd_kernel", "_quant_matmul_grad_input_kernel", "_quant_matmul_splitk_kernel",
            "_quant_matmul_grad_input_splitn_kernel", "_quant_matmul_grad_input_gemv_kernel", "_dequantize_kernel",
            "_fold_bias_kernel")
@@ -266,13 +272,27 @@ def test_drained_wgmma_loops_are_the_known_ones(rows):
     (the input gradient at 1.7-2.2x its pessimistic time). The rules' forward picks (GEMM and
     split-K) must not drain; the input-gradient GEMM's picks all do (docs/kernels.md "Round 36"):
     a change that fixes that fails here so that the docs and the analyzer's note are updated with it."""
-    picks = [r for r in rows if r["arch"] == 90 and r.get("chosen") and "tensor:HGMMA" in r["mix"]]
+    picks = [r for r in rows if r["arch"] == 90 and r.get("chosen") and "tensor:HGMMA" in r["mix"] and not r.get("w_as_a")]
     drained = {(r["kernel"], r["case"]) for r in picks if "wgmma drained" in r["notes"]}
     forward = [k for k in drained if k[0] in ("_quant_matmul_fwd_kernel", "_quant_matmul_splitk_kernel")]
     assert not forward, forward
     grad = [r for r in picks if r["kernel"] == "_quant_matmul_grad_input_kernel"]
     assert grad and all((r["kernel"], r["case"]) in drained for r in grad), \
         [(r["case"], r["config"]) for r in grad if (r["kernel"], r["case"]) not in drained]
+
+
+def test_grad_w_as_a_keeps_mmas_in_flight(rows):
+    """Round 36: the input gradient computed as the transposed product (fused_matmul.GRAD_W_AS_A),
+    at the rules' picks on sm_90 for INT4, INT3 and NF4 at M = 4096 (the other formats and M = 256:
+    docs/kernels.md "Round 36", by static_report): Ŵᵀ reaches wgmma as
+    its register operand (an HGMMA with a register A), and no loop waits for all its MMAs
+    (disasm.drained_wgmma); the no-spill and shared-memory checks above cover these launches too."""
+    w_as_a = [r for r in rows if r.get("w_as_a") and r["kernel"] == "_quant_matmul_grad_input_kernel"]
+    assert {r["fmt"] for r in w_as_a} == {"int4g32", "nf4dq", "int3g128"}, w_as_a
+    assert all(r.get("chosen") for r in w_as_a)
+    drained = [(r["case"], r["config"]) for r in w_as_a if "wgmma drained" in r["notes"]]
+    assert not drained, drained
+    assert all("tensor:HGMMA" in r["mix"] for r in w_as_a)
 
 
 def test_estimates_hold_against_the_committed_report(rows):
@@ -382,6 +402,18 @@ def _compile_all() -> list:
         if bad:
             raise SystemExit(f"cases did not compile: {bad}")
         out += [{**r, "guard_only": True} for r in rows]
+    from qlk.kernels import fused_matmul
+
+    fused_matmul.GRAD_W_AS_A = True
+    for arch, (shapes, ms, patterns, formats) in GUARD_W_AS_A.items():
+        cases = launches.all_cases(patterns=patterns, include_dense=False, shapes=shapes, ms=ms, formats=formats)
+        rows = static_report.collect(arch, cases, log=lambda s: print(s, file=sys.stderr, flush=True),
+                                     only_configs="the rules' pick only")
+        bad = [(r["case"], r["status"]) for r in rows if r["status"] != "ok"]
+        if bad:
+            raise SystemExit(f"cases did not compile: {bad}")
+        out += [{**r, "guard_only": True, "w_as_a": True} for r in rows]
+    fused_matmul.GRAD_W_AS_A = False
     return out
 
 

@@ -543,7 +543,8 @@ def _quant_matmul_splitk_kernel(
 def _w_as_b_acc(dy_rows, qw_ptr, s_ptr, b_ptr, lut_ptr, stride_qn, stride_sn, stride_sg, row_w0, k0, n_lo, n_hi,
                 N, K, stride_dyn, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, HALF2_ASM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_K: tl.constexpr, WORDS_AHEAD: tl.constexpr = False, ABSMAX_PAIRED: tl.constexpr = False):
+                BLOCK_K: tl.constexpr, WORDS_AHEAD: tl.constexpr = False, ABSMAX_PAIRED: tl.constexpr = False,
+                W_AS_A: tl.constexpr = False):
     """fp32 dX tile [BLOCK_M, BLOCK_K] (columns k0 .. k0 + BLOCK_K in the stored order) = Σ over n in
     n_lo .. n_hi of dY[rows, n]·Ŵ[row_w0 + n, k] (round 18, sm_90): Ŵ [BLOCK_N, BLOCK_K] from
     :func:`_decode_int_tile_rows` as the MMA's B operand, which wgmma reads from shared memory (stored
@@ -557,9 +558,22 @@ def _w_as_b_acc(dy_rows, qw_ptr, s_ptr, b_ptr, lut_ptr, stride_qn, stride_sn, st
     work), and the words' cp.async + LDS were a fifth of it. They are loaded after this tile's decode
     (round 27), into the registers the decoded words free: loaded before it, both tiles' words were
     live at once and the loop ended copying one set into the other (NF4 64x128x128: 16 IMAD.MOV,
-    571 → 555 instructions)."""
+    571 → 555 instructions).
+
+    W_AS_A (round 36, :data:`GRAD_W_AS_A`): the same sum as the transposed product,
+    dXᵀ[k, m] = Σ_n Ŵᵀ[k, n]·dYᵀ[n, m], with Ŵᵀ as the MMA's first operand. wgmma takes that
+    operand from registers (sm_90: STS + a transposing LDSM, then HGMMA with a register A), so no MMA
+    reads the shared-memory buffer the next step's tile is stored into, and the loop keeps one
+    MMA group in flight across steps (``WARPGROUP.DEPBAR.LE gsb0, 0x1``). As the B operand, the
+    tile is read by the MMAs from shared memory, and every step waits for all of them (``0x0``)
+    before that buffer is reused: the next step's decode never overlaps this step's MMAs
+    (bench/sass disasm.drained_wgmma; docs/kernels.md "Round 36"). One transpose of the fp32 sum
+    after the loop."""
     ACT: tl.constexpr = dy_rows.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    acc_t = 0
+    if W_AS_A:
+        acc_t = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
     words, words1, words2 = 0, 0, 0
     if WORDS_AHEAD:
         words, words1, words2 = _row_tile_words(qw_ptr, stride_qn, row_w0 + tl.minimum(n_lo + tl.arange(0, BLOCK_N),
@@ -582,7 +596,12 @@ def _w_as_b_acc(dy_rows, qw_ptr, s_ptr, b_ptr, lut_ptr, stride_qn, stride_sn, st
             words, words1, words2 = _row_tile_words(qw_ptr, stride_qn, row_w0 + tl.minimum(offs_n + BLOCK_N, N - 1),
                                                     k0, BITS, IS_NF4, BLOCK_K)
         dy = tl.load(dy_rows[:, None] + offs_n[None, :] * stride_dyn, mask=offs_n[None, :] < N, other=0.0)
-        acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
+        if W_AS_A:
+            acc_t = tl.dot(tl.trans(w), tl.trans(dy), acc_t, input_precision=DOT_PRECISION)
+        else:
+            acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
+    if W_AS_A:
+        acc = tl.trans(acc_t)
     return _row_tile_stored_order(acc, BITS, IS_NF4, BLOCK_M, BLOCK_K)
 
 
@@ -592,13 +611,13 @@ def _grad_tile_w_as_b(dx_ptr, dy_rows, qw_ptr, s_ptr, b_ptr, lut_ptr, stride_qn,
                       BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOT_PRECISION: tl.constexpr,
                       SPLIT_N: tl.constexpr, ATOMIC: tl.constexpr, HALF2_ASM: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                      WORDS_AHEAD: tl.constexpr, ABSMAX_PAIRED: tl.constexpr = False):
+                      WORDS_AHEAD: tl.constexpr, ABSMAX_PAIRED: tl.constexpr = False, W_AS_A: tl.constexpr = False):
     """The W_AS_B tile of :func:`_quant_matmul_grad_input_kernel` (:func:`_w_as_b_acc`), stored (SPLIT_N:
     added to / stored in the fp32 workspace) where its columns lie in this K tile's own range
     (SHIFT_K's last tile starts earlier)."""
     acc = _w_as_b_acc(dy_rows, qw_ptr, s_ptr, b_ptr, lut_ptr, stride_qn, stride_sn, stride_sg, 0, k0, n_lo, n_hi,
                       N, K, stride_dyn, BITS, GROUP_SIZE, IS_NF4, DOT_PRECISION, HALF2_ASM, BLOCK_N, BLOCK_M, BLOCK_K,
-                      WORDS_AHEAD, ABSMAX_PAIRED)
+                      WORDS_AHEAD, ABSMAX_PAIRED, W_AS_A)
     cols = k0 + tl.arange(0, BLOCK_K)
     keep = (cols >= pid_k * BLOCK_K) & (cols < K)
     mask = (offs_m[:, None] < M) & keep[None, :]
@@ -635,7 +654,7 @@ def _quant_matmul_grad_input_kernel(
     SPLIT_N: tl.constexpr = False, ATOMIC: tl.constexpr = True,
     HALF2: tl.constexpr = False, HALF2_ASM: tl.constexpr = False, SHIFT_K: tl.constexpr = False,
     QN_ALIGN: tl.constexpr = 1, W_AS_B: tl.constexpr = False, LOOP_RUNS: tl.constexpr = False,
-    ABSMAX_PAIRED: tl.constexpr = False,
+    ABSMAX_PAIRED: tl.constexpr = False, W_AS_A: tl.constexpr = False,
 ):
     """dX[m, k] = Σ_n dY[m, n]·Ŵ[n, k], one dXᵀ [BLOCK_K, BLOCK_M] tile per program, N in BLOCK_N steps.
     A ragged last K tile is moved back to end at K (SHIFT_K, :func:`shift_last_k`).
@@ -712,7 +731,7 @@ def _quant_matmul_grad_input_kernel(
         _grad_tile_w_as_b(dx_ptr, dy_rows, qw_ptr, s_ptr, b_ptr, lut_ptr, stride_qn, stride_sn, stride_sg, offs_m,
                           pid_k, k0, n_lo, n_hi, M, N, K, stride_dyn, stride_dxm, stride_dxk, BITS, GROUP_SIZE, IS_NF4,
                           DOT_PRECISION, SPLIT_N, ATOMIC, HALF2_ASM, BLOCK_N, BLOCK_M, BLOCK_K, WORDS_AHEAD,
-                          ABSMAX_PAIRED)
+                          ABSMAX_PAIRED, W_AS_A)
         return
     words, words1, words2 = 0, 0, 0  # the N tile's packed words (INT3: its three bit planes)
     if WORDS_AHEAD:
@@ -1096,6 +1115,16 @@ def _check_out(out, shape, dtype, device, what="out"):
 #: dequantizes (path="fused" / "gemm" still run it; the static report still compares both).
 FUSED_GEMM_AUTO = False
 
+#: sm_90's GEMM input gradient, where its Ŵ tile is the MMA's B operand (``W_AS_B``): compute the
+#: transposed product instead, Ŵᵀ as wgmma's register operand (``W_AS_A`` of :func:`_w_as_b_acc`).
+#: Round 36: the B-operand loop waits for all its MMAs every step, and an H200 ran it at 1.7-2.2x
+#: its pessimistic estimate (the forward, whose dequantized tile is the register operand, at
+#: 1.1-1.4x). W_AS_A keeps one MMA group in flight, with no loop waiting for all of them, at 0 B of
+#: spills. The analyzer does not charge the wait, so it rates W_AS_A 0-21 % lower (an STS + LDSM
+#: transpose a step). Not measured on a GPU yet: off by default; ``QLK_GRAD_W_AS_A=1`` turns it on,
+#: and bench/gpu_calibrate.py times both.
+GRAD_W_AS_A = os.environ.get("QLK_GRAD_W_AS_A", "0") == "1"
+
 
 def choose_path(op: str, m: int, qw: QuantizedWeight, device, act_dtype=torch.bfloat16) -> str:
     """What ``path="auto"`` runs for ``op`` "fwd" / "grad" at M rows: "splitk" / "splitn" at
@@ -1452,7 +1481,7 @@ def _grad_input_once(dy, qw, out, path, deterministic, wargs=None, lora_b=None):
                         WORDS_AHEAD=ahead, WORDS_ASM=ahead and not INTERPRETED, HALF2=half2,
                         HALF2_ASM=half2 and not INTERPRETED,
                         W_AS_B=heuristics.grad_w_as_b(target_arch(), qw.bits, c.block_n, c.block_k, c.num_warps),
-                        LOOP_RUNS=_loop_runs(n, c.block_n, c.split),
+                        W_AS_A=GRAD_W_AS_A, LOOP_RUNS=_loop_runs(n, c.block_n, c.split),
                         **meta, **c.meta, **v_args, **split)
             if ws is not None and launches[-1].split > 1:  # the chosen launch (the last) wrote the workspace
                 _split_finish(out, ws, deterministic)
