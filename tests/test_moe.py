@@ -1018,7 +1018,7 @@ def test_grouped_forward_lane_order(bits, k, g, lanes, monkeypatch):
     ("int", 3, 192, 16, 1, False, True)],
     ids=["int4g32", "int2g32-split-ahead", "int4-k160-shifted-split-ahead", "nf4dq-split-ahead", "int3g64-ahead",
          "int3g32-k160-shifted-split", "int3g16-transposed"])
-def test_grouped_grad_input_w_as_b(fmt, bits, k, g, split, rows, ahead, monkeypatch, block_n=32):
+def test_grouped_grad_input_w_as_b(fmt, bits, k, g, split, rows, ahead, monkeypatch, block_n=32, w_as_a=False):
     """The grouped input gradient with Ŵ as the MMA's B operand (round 18, the dense gradient's
     fused_matmul._w_as_b_acc on the expert's rows e·N + n) at a 64-row tile: experts with 0, 1, 17
     and 113 rows (the 113-row one over two tiles, a ragged second), N = 40 (a ragged second N tile;
@@ -1034,6 +1034,18 @@ def test_grouped_grad_input_w_as_b(fmt, bits, k, g, split, rows, ahead, monkeypa
     monkeypatch.setattr(gm, "_output", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
                                                                                 device=device))
     monkeypatch.setattr(heuristics, "grad_w_as_b", lambda arch, *tile: True)
+    monkeypatch.setattr(fm, "GRAD_W_AS_A", w_as_a)
+    seen = []
+    real_kernel = gm._grouped_matmul_grad_input_kernel
+
+    class Spy:  # the launch's W_AS_A flag
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append(kwargs.get("W_AS_A"))
+                return real_kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(gm, "_grouped_matmul_grad_input_kernel", Spy())
     # which decoder ran: interpreter only (None on compiled kernels, tests/spies.py; the values still checked)
     ran = spies.record_calls(monkeypatch, fm, "_decode_int_tile_rows", "_decode_int3_tile_rows",
                              "_decode_nf4_tile_rows", when_compiled="none")
@@ -1051,8 +1063,21 @@ def test_grouped_grad_input_w_as_b(fmt, bits, k, g, split, rows, ahead, monkeypa
     dx = grouped_matmul_grad_input(dy, qw, off, e_count, config=cfg)
     dx_ref = per_expert(dy[:routed], off, lambda e, de: de @ w_half[e])
     assert ran is None or bool(ran) == rows
+    assert seen == [w_as_a]
     assert torch.equal(dx[routed:], torch.zeros(2, k, dtype=torch.half)) and not dx.isnan().any()
     assert ((dx[:routed].double() - dx_ref).norm() / dx_ref.norm()) < 1e-3
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt,bits,k,g,split,ahead", [
+    ("int", 4, 192, 32, 1, False), ("int", 2, 192, 32, 2, True), ("int", 4, 160, 32, 2, True),
+    ("nf4", 4, 192, 64, 2, True), ("int", 3, 160, 32, 2, False)],
+    ids=["int4g32", "int2g32-split-ahead", "int4-k160-shifted-split-ahead", "nf4dq-split-ahead",
+         "int3g32-k160-shifted-split"])
+def test_grouped_grad_input_w_as_a(fmt, bits, k, g, split, ahead, monkeypatch):
+    """Round 36: the grouped B-operand tile as the transposed product (fused_matmul.GRAD_W_AS_A);
+    the same experts, tiles and checks as test_grouped_grad_input_w_as_b."""
+    test_grouped_grad_input_w_as_b(fmt, bits, k, g, split, True, ahead, monkeypatch, w_as_a=True)
 
 
 @needs_kernels

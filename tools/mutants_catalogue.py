@@ -1243,4 +1243,8 @@ MUTANTS = [
          old='    variants = (False, True) if op == "dgrad" and path == "gemm" and arch == 90 else (real_w_as_a,)',
          new='    variants = (real_w_as_a,)',
          tests=["tests/test_bench_smoke.py", "-k", "calibrate"]),
+    dict(id="grouped-grad-w-as-a-flag-dropped", cls="moe", file="qlk/kernels/grouped_matmul.py",
+         old="        W_AS_A=_fm.GRAD_W_AS_A, **meta, **cfg, **({\"maxnreg\": max_registers} if max_registers else {}))",
+         new="        W_AS_A=False, **meta, **cfg, **({\"maxnreg\": max_registers} if max_registers else {}))",
+         tests=["tests/test_moe.py", "-k", "w_as_a"]),
 ]

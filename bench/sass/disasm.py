@@ -182,6 +182,11 @@ _HMMA_SHAPES = {"1688": (16, 8, 8), "16816": (16, 8, 16), "16832": (16, 8, 32), 
 WGMMA = frozenset({"HGMMA", "QGMMA", "IGMMA", "BGMMA"})
 
 
+def _waits_for_all(i: Instr) -> bool:
+    """``WARPGROUP.DEPBAR.LE gsb0, 0x0``: wait until no wgmma is in flight."""
+    return i.op == "WARPGROUP" and ".DEPBAR" in i.mods and i.args.replace(" ", "").endswith(",0x0")
+
+
 def serialized_wgmma(body: list[Instr]) -> tuple[int, int]:
     """(waited, total): of a loop body's wgmma instructions, how many are followed, before the next
     one, by a wait for *no* wgmma in flight (``WARPGROUP.DEPBAR.LE gsb0, 0x0``). ptxas emits that
@@ -195,7 +200,7 @@ def serialized_wgmma(body: list[Instr]) -> tuple[int, int]:
         if i.op in WGMMA:
             total += 1
             pending = True
-        elif pending and i.op == "WARPGROUP" and ".DEPBAR" in i.mods and i.args.replace(" ", "").endswith(",0x0"):
+        elif pending and _waits_for_all(i):
             waited += 1
             pending = False
     return waited, total
@@ -213,7 +218,7 @@ def drained_wgmma(body: list[Instr]) -> bool:
     for n, i in enumerate(body):
         if i.op in WGMMA:
             last_mma = n
-        elif i.op == "WARPGROUP" and ".DEPBAR" in i.mods and i.args.replace(" ", "").endswith(",0x0"):
+        elif _waits_for_all(i):
             last_wait_all = n
     return last_mma >= 0 and last_wait_all > last_mma
 

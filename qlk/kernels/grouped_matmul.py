@@ -290,12 +290,14 @@ def _grad_tile(t, pid_k, pid_s, dx_ptr, dy_ptr, tile_expert_ptr, tile_row_ptr, b
                DOT_PRECISION: tl.constexpr, SPLIT_N: tl.constexpr, INT2_HALVES: tl.constexpr,
                WORDS_AHEAD: tl.constexpr, WORDS_ASM: tl.constexpr, EVEN_K: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-               HALF2: tl.constexpr, HALF2_ASM: tl.constexpr, SHIFT_K: tl.constexpr, W_AS_B: tl.constexpr):
+               HALF2: tl.constexpr, HALF2_ASM: tl.constexpr, SHIFT_K: tl.constexpr, W_AS_B: tl.constexpr,
+               W_AS_A: tl.constexpr = False):
     """Tile slot t, K tile pid_k (N slice pid_s with SPLIT_N) of :func:`_grouped_matmul_grad_input_kernel`:
     the dense gradient's B-operand tile where W_AS_B applies (its conditions: fp16/bf16 dY, whole K
     tiles, BLOCK_M ≥ 64; INT2/INT4 with groups of whole words, INT3 of whole 32-column chunks (g32 on 64-row N steps only, the dense kernel's note), NF4
     with a plain or de-nested absmax),
-    else the Ŵᵀ tile (:func:`_grad_tile_t`)."""
+    else the Ŵᵀ tile (:func:`_grad_tile_t`). W_AS_A: the B-operand tile as the transposed product
+    (:data:`qlk.kernels.fused_matmul.GRAD_W_AS_A`, round 36)."""
     ACT16: tl.constexpr = dy_ptr.dtype.element_ty == tl.float16 or dy_ptr.dtype.element_ty == tl.bfloat16
     ROWS: tl.constexpr = W_AS_B and ACT16 and EVEN_K and BLOCK_M >= 64 and (GROUP_SIZE & (GROUP_SIZE - 1)) == 0 and \
         (((BITS == 2 or BITS == 4) and not IS_NF4 and GROUP_SIZE % (32 // BITS) == 0) or
@@ -312,7 +314,7 @@ def _grad_tile(t, pid_k, pid_s, dx_ptr, dy_ptr, tile_expert_ptr, tile_row_ptr, b
             dy_rows = dy_ptr + tl.minimum(offs_m, row_end - 1).to(tl.int64) * stride_dym
             acc = _w_as_b_acc(dy_rows, qw_ptr, s_ptr, b_ptr, lut_ptr, stride_qn, stride_sn, stride_sg, e * N, k0, n_lo,
                               n_hi, N, K, stride_dyn, BITS, GROUP_SIZE, IS_NF4, DOT_PRECISION, HALF2_ASM, BLOCK_N,
-                              BLOCK_M, BLOCK_K, WORDS_AHEAD)
+                              BLOCK_M, BLOCK_K, WORDS_AHEAD, W_AS_A=W_AS_A)
             cols = k0 + tl.arange(0, BLOCK_K)
             dx_ptrs = dx_ptr + offs_m[:, None].to(tl.int64) * stride_dxm + cols[None, :] * stride_dxk
             dx_mask = (offs_m[:, None] < row_end) & ((cols >= pid_k * BLOCK_K) & (cols < K))[None, :]
@@ -421,7 +423,7 @@ def _grouped_matmul_grad_input_kernel(
     WORDS_AHEAD: tl.constexpr, WORDS_ASM: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     HALF2: tl.constexpr = False, HALF2_ASM: tl.constexpr = False, SHIFT_K: tl.constexpr = False,
-    QN_ALIGN: tl.constexpr = 1, W_AS_B: tl.constexpr = False,
+    QN_ALIGN: tl.constexpr = 1, W_AS_B: tl.constexpr = False, W_AS_A: tl.constexpr = False,
 ):
     """dX[s, k] = Σ_n dY[s, n]·Ŵ[e·N + n, k]: tile dXᵀ[k0:k0+BK, rows of M tile t] = Ŵ_eᵀ·dYᵀ, or with
     W_AS_B (sm_90, round 18: :func:`_grad_tile`) dX[rows, k0:k0+BK] = dY·Ŵ_e with Ŵ_e as the B operand.
@@ -449,13 +451,13 @@ def _grouped_matmul_grad_input_kernel(
                        stride_qn, stride_sn, stride_sg,
                        N, K, NUM_EXPERTS, stride_dym, stride_dyn, stride_dxm, stride_dxk,
                        BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, SPLIT_N, INT2_HALVES, WORDS_AHEAD,
-                       WORDS_ASM, EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K, HALF2, HALF2_ASM, SHIFT_K, W_AS_B)
+                       WORDS_ASM, EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K, HALF2, HALF2_ASM, SHIFT_K, W_AS_B, W_AS_A)
     else:
         _grad_tile(pid_t, pid_k, pid_s, dx_ptr, dy_ptr, tile_expert_ptr, tile_row_ptr, bounds_ptr,
                    qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr, stride_qn, stride_sn, stride_sg,
                    N, K, NUM_EXPERTS, stride_dym, stride_dyn, stride_dxm, stride_dxk,
                    BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, SPLIT_N, INT2_HALVES, WORDS_AHEAD,
-                   WORDS_ASM, EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K, HALF2, HALF2_ASM, SHIFT_K, W_AS_B)
+                   WORDS_ASM, EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K, HALF2, HALF2_ASM, SHIFT_K, W_AS_B, W_AS_A)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -695,7 +697,7 @@ def grouped_matmul_grad_input(dy: torch.Tensor, qw: QuantizedWeight, offsets: to
         INT2_HALVES=int2_halves, WORDS_AHEAD=ahead, WORDS_ASM=ahead and not INTERPRETED, HALF2=half2,
         HALF2_ASM=half2 and not INTERPRETED,
         W_AS_B=heuristics.grad_w_as_b(target_arch(), qw.bits, cfg["BLOCK_N"], cfg["BLOCK_K"], cfg.get("num_warps", 4)),
-        **meta, **cfg, **({"maxnreg": max_registers} if max_registers else {}))
+        W_AS_A=_fm.GRAD_W_AS_A, **meta, **cfg, **({"maxnreg": max_registers} if max_registers else {}))
     if split > 1:
         out.copy_(dst)
     return out
