@@ -45,10 +45,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-#: (K, N): Llama-3-8B's gate/up and q/o layers (the round-35 GPU run's two), its down projection
-#: and a GQA k/v projection
-SHAPES = [(4096, 14336), (4096, 4096), (14336, 4096), (4096, 1024)]
-MS = [1, 16, 1024, 4096]
+#: (K, N): Llama-3-8B's gate/up and q/o layers (the round-35 GPU run's two); ``--full`` adds its
+#: down projection and a GQA k/v projection. Largest M first: a run stopped by its budget keeps the
+#: GPU-bound training shapes, which the refit needs most.
+SHAPES = [(4096, 14336), (4096, 4096)]
+FULL_SHAPES = SHAPES + [(14336, 4096), (4096, 1024)]
+MS = [4096, 1024, 1]
+FULL_MS = [4096, 1024, 256, 16, 1]
 FORMATS = ["int4g128", "int4g32", "nf4dq"]
 #: the static report's op -> (qlk launcher, path at M <= 16, path above)
 OPS = {"fwd": ("quant_matmul_forward", "splitk", "gemm"), "dgrad": ("quant_matmul_grad_input", "splitn", "gemm")}
@@ -233,8 +236,8 @@ def _warm(job):
     return None
 
 
-def _shapes(s):
-    return [tuple(int(v) for v in p.split("->")) for p in s.split(",")] if s else SHAPES
+def _shapes(s, full=False):
+    return [tuple(int(v) for v in p.split("->")) for p in s.split(",")] if s else (FULL_SHAPES if full else SHAPES)
 
 
 def main(argv=None) -> int:
@@ -242,14 +245,15 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="CSV to write (rewritten after every case: a stopped run keeps its rows)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--shapes", default="", help="comma-separated K->N (default: %s)" % SHAPES)
-    ap.add_argument("--ms", default=",".join(map(str, MS)))
+    ap.add_argument("--ms", default="", help="comma-separated M values (default: %s; --full: %s)" % (MS, FULL_MS))
+    ap.add_argument("--full", action="store_true", help="the longer shape and M lists")
     ap.add_argument("--formats", default=",".join(FORMATS), help="bench/launches.py labels (int4g32, nf4dq, ...)")
     ap.add_argument("--ops", default="fwd,dgrad")
     ap.add_argument("--calls", type=int, default=10, help="calls captured per CUDA graph")
     ap.add_argument("--reps", type=int, default=10, help="graph replays (CPU: timed calls)")
     ap.add_argument("--flush-mb", type=int, default=256, help="bytes written before each call (L2 cleared)")
     ap.add_argument("--jobs", type=int, default=0,
-                    help="GPU only: compile every candidate first in this many processes (0: compile while timing)")
+                    help="compile every candidate first in this many processes (0: compile while timing)")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting cases after this long")
     a = ap.parse_args(argv)
 
@@ -266,13 +270,21 @@ def main(argv=None) -> int:
     gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (interpreter)"
     timer = Timer(dev, a.calls, a.reps, a.flush_mb)
     versions, t0, rows = _versions(), time.time(), []
-    cases = [(k, n, m, op) for (k, n) in _shapes(a.shapes) for m in map(int, a.ms.split(",")) for op in a.ops.split(",")]
-    if a.jobs and dev.type == "cuda":
+    ms = [int(m) for m in a.ms.split(",")] if a.ms else (FULL_MS if a.full else MS)
+    cases = [(k, n, m, op) for m in ms for (k, n) in _shapes(a.shapes, a.full) for op in a.ops.split(",")]
+    if a.jobs:
         import multiprocessing as mp
 
         jobs = [(k, n, m, op, fmt, a.device) for k, n, m, op in cases for fmt in a.formats.split(",")]
+        deadline = t0 + a.budget_s / 2  # what is not compiled by then compiles while it is timed
         with mp.get_context("spawn").Pool(a.jobs) as pool:
-            for why in pool.imap_unordered(_warm, jobs):
+            results = pool.imap_unordered(_warm, jobs)
+            for _ in jobs:
+                try:
+                    why = results.next(timeout=max(1.0, deadline - time.time()))
+                except mp.TimeoutError:
+                    print("gpu_calibrate: compile phase stopped at half the budget", flush=True)
+                    break
                 if why:
                     print(f"gpu_calibrate: compile phase: {why}", flush=True)
         print(f"gpu_calibrate: compile phase {time.time() - t0:.0f} s", flush=True)

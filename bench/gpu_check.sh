@@ -114,7 +114,8 @@ want layer && stage layer "$t_layer" "$PY" bench/bench_layer.py $quick --out "$R
 want e2e && stage e2e "$t_e2e" "$PY" bench/bench_e2e.py $quick --out "$RES/e2e.csv" ${E2E_ARGS:-}
 # shellcheck disable=SC2086
 want calibrate && stage calibrate "$t_calibrate" "$PY" bench/gpu_calibrate.py --jobs $(( $(nproc) > 2 ? $(nproc) - 2 : 1 )) \
-  --budget-s $(( t_calibrate > 0 ? t_calibrate - 30 : 1000000000 )) --out "$RES/calibrate.csv" ${CALIBRATE_ARGS:-}
+  --budget-s $(( t_calibrate > 0 ? t_calibrate - 30 : 1000000000 )) $([ $full = 1 ] && echo --full) \
+  --out "$RES/calibrate.csv" ${CALIBRATE_ARGS:-}
 
 csvs=()
 for f in kernels layer e2e; do [ -s "$RES/$f.csv" ] && csvs+=("$RES/$f.csv"); done
