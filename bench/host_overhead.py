@@ -21,7 +21,11 @@ No GPU needed::
 Each row is the median of ``--calls`` timed calls (after 5 untimed ones). Options: ``--calls N``
 (timed calls per row, default 200), ``--m 1,16,...``, ``--profile [ROWS]``
 (cProfile of every row's timed calls, the top functions by cumulative time), ``--uncached``
-(clear the launch caches before every call: the cost of a first call at a new shape).
+(clear the launch caches before every call: the cost of a first call at a new shape), ``--layer``
+(round 37: the whole ``QuantLinear`` forward under ``torch.no_grad``, a decode step's view: the
+layer's checks, its ``qweight`` view, the layer function, ``qlk.quant_matmul`` and the launcher, for
+the base layer and a LoRA layer; CPU tensors, since autocast cannot be asked about ``meta``; the
+LoRA rows include the adapter's two small CPU matmuls, which on a GPU are two launches).
 """
 from __future__ import annotations
 
@@ -167,6 +171,46 @@ def measure(calls: int, ms, profile_rows: int = 0, uncached: bool = False, devic
     return rows
 
 
+def measure_layers(calls: int, ms):
+    """``--layer``: µs per ``layer(x)`` under ``torch.no_grad`` (the launchers as in :func:`measure`,
+    the backend forced to Triton for CPU tensors)."""
+    from torch import nn
+
+    from qlk import backend
+
+    rows = []
+    stubbed = ((fm, "_quant_matmul_grad_input_gemv_kernel"), (dq, "_dequantize_kernel"))
+    real_resolve = backend.resolve
+    backend.resolve = lambda device, name=None: "triton"
+    try:
+        with sm90_without_kernels(stubbed), no_dense_gemm(), jit_stub(), torch.no_grad():
+            for fmt_name, q in FORMATS.items():
+                kw = dict(fmt=q["fmt"], group_size=q["group_size"], **({"bits": q["bits"]} if q["fmt"] == "int" else {}))
+                for method in (None, "lora"):
+                    if method is not None:  # the adapter's CPU bf16 matmuls grow with M (not host work)
+                        ms_here = [m for m in ms if m == 1]
+                    else:
+                        ms_here = ms
+                    torch.manual_seed(0)
+                    layer = qlk.nn.QuantLinear.from_dense(nn.Linear(K, N, bias=False), method=method, r=16, **kw)
+                    layer = layer.to(torch.bfloat16).eval()
+                    for m in ms_here:
+                        x = torch.randn(m, K, dtype=torch.bfloat16)
+                        for _ in range(5):
+                            layer(x)
+                        times = []
+                        for _ in range(calls):
+                            t0 = time.perf_counter()
+                            layer(x)
+                            times.append(time.perf_counter() - t0)
+                        us = statistics.median(times) * 1e6
+                        rows.append((fmt_name, f"layer {method or 'base'}", m, "no_grad", us))
+                        print(f"{fmt_name:9s} layer {method or 'base':5s} M={m:<5d} {us:8.1f} us/call", flush=True)
+    finally:
+        backend.resolve = real_resolve
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calls", type=int, default=200)
@@ -178,8 +222,13 @@ def main():
     ap.add_argument("--stub", choices=("kernel", "jit"), default="kernel",
                     help="kernel: the kernel objects replaced (default); jit: JITFunction.run a no-op, the "
                     "triton.heuristics layers above each kernel kept")
+    ap.add_argument("--layer", action="store_true", help="the whole QuantLinear forward under torch.no_grad "
+                    "(base and LoRA layers; CPU tensors, kernels stubbed as with --stub jit)")
     a = ap.parse_args()
-    rows = measure(a.calls, [int(v) for v in a.m.split(",")], a.profile, a.uncached, a.device, a.stub)
+    if a.layer:
+        rows = measure_layers(a.calls, [int(v) for v in a.m.split(",")])
+    else:
+        rows = measure(a.calls, [int(v) for v in a.m.split(",")], a.profile, a.uncached, a.device, a.stub)
     print("\n| format | op | M | path | host us/call |\n|---|---|---|---|---|")
     for fmt_name, op, m, path, us in rows:
         print(f"| {fmt_name} | {op} | {m} | {path} | {us:.1f} |")

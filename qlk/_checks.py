@@ -165,8 +165,12 @@ def check_quantized_weight(qw, what: str = "qw") -> None:
     if getattr(type(qw), "__qlk_quantized_weight__", False) is not True:
         hint = " (quantize a dense weight first: qw = qlk.quantize(w))" if isinstance(qw, torch.Tensor) else ""
         raise TypeError(f"{what} must be a qlk.QuantizedWeight, got {type(qw).__name__}{hint}")
+    memo = qw.launch_memo()  # the same tensor objects: the same devices (round 37: host time)
+    if memo.get("devices_agree"):
+        return
     devices = {name: t.device for name, t in qw.tensors().items()}
-    if len(set(devices.values())) > 1:
+    memo["devices_agree"] = len(set(devices.values())) <= 1
+    if not memo["devices_agree"]:
         listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
         raise ValueError(f"{what}: its tensors are on different devices ({listing}); move it with qw.to(device)")
 

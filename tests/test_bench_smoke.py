@@ -333,3 +333,16 @@ def test_gpu_calibrate_times_both_input_gradient_variants(monkeypatch):
     pairs = cs.variant_pairs(rows)
     assert pairs == {(r["case"], r["config"]): {"B": 3.0, "W_AS_A": 2.0} for r in rows[0::2]}
     assert cs.tile_of(rows[1]["config"]) == rows[0]["config"]  # the static join sees the default variant only
+
+
+@pytest.mark.parametrize("mode", [["--device", "meta", "--stub", "jit"], ["--layer"]])
+def test_host_overhead_runs(mode):
+    """bench/host_overhead.py (the interpreter off, kernels stubbed): every row printed, a number each."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT
+    r = subprocess.run([sys.executable, os.path.join(BENCH, "host_overhead.py"), "--m", "1,64", "--calls", "3", *mode],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| int4g128") or line.startswith("| nf4")]
+    assert len(rows) == (6 if mode == ["--layer"] else 8), r.stdout
+    assert all(float(row.split("|")[-2]) > 0 for row in rows)

@@ -30,7 +30,7 @@ from torch.amp import custom_bwd, custom_fwd
 from .. import backend
 from .._checks import check_grouped
 from ..formats import QuantizedWeight
-from .lora import accumulate_dtype, autocast_off, compute_dtype, draw_seed, dropout_mask
+from .lora import accumulate_dtype, autocast_off, compute_dtype, draw_seed, dropout_mask, wants_graph
 
 
 def _gm():
@@ -216,17 +216,25 @@ def grouped_experts_backward_impl(dy2, saved, offsets, lora_a, lora_b, qw, num_e
     return dx, da, db, dbias
 
 
+def _grouped_experts_forward(x, qw, offsets, num_experts, bias, lora_a, lora_b, scaling, method, dropout, max_rows):
+    """(Y, what backward needs, dropout seed or None, compute dtype): :class:`GroupedExpertsFunction`'s
+    forward, and :func:`grouped_experts_linear` without a graph."""
+    cd = compute_dtype(x)
+    with autocast_off(x.device.type):
+        y, saved, seed = grouped_experts_forward_impl(x.to(cd), qw, offsets, num_experts,
+                                                      None if bias is None else bias.to(cd), lora_a, lora_b,
+                                                      scaling, method, dropout, max_rows)
+    return y, saved, seed, cd
+
+
 class GroupedExpertsFunction(torch.autograd.Function):
     """One stacked expert projection (base, LoRA or QA-LoRA per expert); see the module docstring."""
 
     @staticmethod
     @custom_fwd(device_type="cuda")
     def forward(ctx, x, qw, offsets, num_experts, bias, lora_a, lora_b, scaling, method, dropout, max_rows):
-        cd = compute_dtype(x)
-        with autocast_off(x.device.type):
-            y, saved, seed = grouped_experts_forward_impl(x.to(cd), qw, offsets, num_experts,
-                                                          None if bias is None else bias.to(cd), lora_a, lora_b,
-                                                          scaling, method, dropout, max_rows)
+        y, saved, seed, cd = _grouped_experts_forward(x, qw, offsets, num_experts, bias, lora_a, lora_b, scaling,
+                                                      method, dropout, max_rows)
         ctx.save_for_backward(saved, lora_a, lora_b, offsets)
         ctx.qw, ctx.num_experts, ctx.scaling, ctx.method, ctx.dropout, ctx.seed = qw, num_experts, scaling, method, dropout, seed
         ctx.compute_dtype, ctx.x_dtype = cd, x.dtype
@@ -266,5 +274,8 @@ def grouped_experts_linear(x, qw, offsets, num_experts, bias=None, lora_a=None, 
                              f"do not fit {num_experts} experts of [{n}, {qw.in_features}]")
     if max_rows is not None and (not isinstance(max_rows, int) or isinstance(max_rows, bool) or max_rows < 0):
         raise ValueError(f"grouped_experts_linear: max_rows must be a non-negative int or None, got {max_rows!r}")
+    if not wants_graph(x, bias, lora_a, lora_b):
+        return _grouped_experts_forward(x, qw, offsets, num_experts, bias, lora_a, lora_b, float(scaling), method,
+                                        float(dropout), max_rows)[0]
     return GroupedExpertsFunction.apply(x, qw, offsets, num_experts, bias, lora_a, lora_b, float(scaling), method,
                                         float(dropout), max_rows)

@@ -35,15 +35,27 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-@contextlib.contextmanager
+_NO_CONTEXT = contextlib.nullcontext()
+
+
 def autocast_off(device_type: str):
-    """Disable autocast for ``device_type`` inside the block (our ops pick their dtypes themselves)."""
+    """A context that disables autocast for ``device_type`` (our ops pick their dtypes themselves):
+    ``torch.autocast(enabled=False)`` only when autocast is on there (entering one costs microseconds
+    a call, round 37: host time), else a no-op context."""
     try:
-        ctx = torch.autocast(device_type=device_type, enabled=False)
+        if not torch.is_autocast_enabled(device_type):
+            return _NO_CONTEXT
+        return torch.autocast(device_type=device_type, enabled=False)
     except RuntimeError:  # a device type autocast does not know: nothing to disable
-        ctx = contextlib.nullcontext()
-    with ctx:
-        yield
+        return _NO_CONTEXT
+
+
+def wants_graph(*tensors) -> bool:
+    """Whether autograd must record a layer op: grad mode on and some input requiring grad. When
+    not (inference, ``torch.no_grad``, frozen inputs), the layer functions run their Function's
+    forward without ``Function.apply`` (tens of microseconds of host time a call, round 37); the
+    result is the same tensor, which would not require grad either way."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def draw_seed() -> int:
@@ -98,13 +110,9 @@ class QuantLinearFunction(torch.autograd.Function):
     @staticmethod
     @custom_fwd(device_type="cuda")
     def forward(ctx, x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None):
-        cd = compute_dtype(x)
         ctx.qw, ctx.x_dtype, ctx.x_shape = qw, x.dtype, x.shape
         ctx.bias_dtype = None if bias is None else bias.dtype
-        with autocast_off(x.device.type):
-            x2 = x.reshape(-1, qw.in_features).to(cd)
-            y = ops.quant_matmul(x2, qw, _bias_in(bias, cd))
-        return y.reshape(*x.shape[:-1], qw.out_features)
+        return quant_linear_forward(x, qw, bias)
 
     @staticmethod
     @custom_bwd(device_type="cuda")
@@ -141,15 +149,12 @@ class LoRAFunction(torch.autograd.Function):
     @staticmethod
     @custom_fwd(device_type="cuda")
     def forward(ctx, x, qw: QuantizedWeight, lora_a, lora_b, scaling: float, bias=None, dropout: float = 0.0):
-        cd = compute_dtype(x)
-        with autocast_off(x.device.type):
-            x2 = x.reshape(-1, qw.in_features).to(cd)
-            y, seed = lora_forward_impl(x2, qw, lora_a, lora_b, scaling, _bias_in(bias, cd), dropout)
+        y, x2, seed = _lora_forward(x, qw, lora_a, lora_b, scaling, bias, dropout)
         ctx.save_for_backward(x2, lora_a, lora_b)
         ctx.qw, ctx.scaling, ctx.dropout, ctx.seed = qw, scaling, dropout, seed
         ctx.x_dtype, ctx.x_shape = x.dtype, x.shape
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return y.reshape(*x.shape[:-1], qw.out_features)
+        return y
 
     @staticmethod
     @custom_bwd(device_type="cuda")
@@ -166,6 +171,26 @@ class LoRAFunction(torch.autograd.Function):
 
 
 # ---- the one implementation (eager Function above, and the qlk::lora_linear custom op) ----------------
+def quant_linear_forward(x, qw: QuantizedWeight, bias=None) -> torch.Tensor:
+    """Y [..., N] of :class:`QuantLinearFunction` (its forward, and :func:`quant_linear` without a
+    graph): in the compute dtype, autocast off."""
+    cd = compute_dtype(x)
+    with autocast_off(x.device.type):
+        x2 = x.reshape(-1, qw.in_features)
+        y = ops.quant_matmul(x2 if x2.dtype == cd else x2.to(cd), qw, _bias_in(bias, cd))
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], qw.out_features)
+
+
+def _lora_forward(x, qw: QuantizedWeight, lora_a, lora_b, scaling: float, bias, dropout: float):
+    """(Y [..., N], X2 [M, K] in the compute dtype, dropout seed or None): :class:`LoRAFunction`'s
+    forward, and :func:`lora_linear` without a graph."""
+    cd = compute_dtype(x)
+    with autocast_off(x.device.type):
+        x2 = x.reshape(-1, qw.in_features).to(cd)
+        y, seed = lora_forward_impl(x2, qw, lora_a, lora_b, scaling, _bias_in(bias, cd), dropout)
+    return y.reshape(*x.shape[:-1], qw.out_features), x2, seed
+
+
 def lora_forward_impl(x2, qw: QuantizedWeight, lora_a, lora_b, scaling: float, bias, dropout: float):
     """(Y [M, N], dropout seed or None) for X2 [M, K] in the compute dtype (autocast off, bias
     already in that dtype). Used by :class:`LoRAFunction` and by the ``qlk::lora_linear`` custom op
@@ -206,6 +231,8 @@ def lora_backward_impl(dy2, x2, a, b, qw: QuantizedWeight, scaling: float, dropo
 def quant_linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Differentiable Y = X·Ŵᵀ (+ bias) through :class:`QuantLinearFunction`."""
     check_activation(x, qw.in_features, qw.device)
+    if not wants_graph(x, bias):
+        return quant_linear_forward(x, qw, bias)
     return QuantLinearFunction.apply(x, qw, bias)
 
 
@@ -217,4 +244,6 @@ def lora_linear(x, qw, lora_a, lora_b, scaling: float, bias=None, dropout: float
     check_adapter(x, qw, lora_a, lora_b, qw.in_features, "lora_linear")
     check_dropout(dropout)
     check_scaling(scaling)
+    if not wants_graph(x, lora_a, lora_b, bias):
+        return _lora_forward(x, qw, lora_a, lora_b, float(scaling), bias, float(dropout))[0]
     return LoRAFunction.apply(x, qw, lora_a, lora_b, float(scaling), bias, float(dropout))

@@ -15,6 +15,7 @@ from ..formats import QuantizedWeight
 from ..reference import to_stored_order
 from .lora import (
     _bias_grad, _bias_in, accumulate_dtype, autocast_off, check_adapter, compute_dtype, draw_seed, dropout_mask,
+    wants_graph,
 )  # fmt: skip
 
 
@@ -54,15 +55,12 @@ class QALoRAFunction(torch.autograd.Function):
     @staticmethod
     @custom_fwd(device_type="cuda")
     def forward(ctx, x, qw: QuantizedWeight, lora_a, lora_b, scaling: float, bias=None, dropout: float = 0.0):
-        cd = compute_dtype(x)
-        with autocast_off(x.device.type):
-            x2 = x.reshape(-1, qw.in_features).to(cd)
-            y, pooled, seed = qalora_forward_impl(x2, qw, lora_a, lora_b, scaling, _bias_in(bias, cd), dropout)
+        y, pooled, seed, cd = _qalora_forward(x, qw, lora_a, lora_b, scaling, bias, dropout)
         ctx.save_for_backward(pooled, lora_a, lora_b)
         ctx.qw, ctx.scaling, ctx.dropout, ctx.seed = qw, scaling, dropout, seed
         ctx.x_dtype, ctx.x_shape, ctx.compute_dtype = x.dtype, x.shape, cd
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return y.reshape(*x.shape[:-1], qw.out_features)
+        return y
 
     @staticmethod
     @custom_bwd(device_type="cuda")
@@ -79,6 +77,16 @@ class QALoRAFunction(torch.autograd.Function):
 
 
 # ---- the one implementation (eager Function above, and the qlk::qalora_linear custom op) --------------
+def _qalora_forward(x, qw: QuantizedWeight, lora_a, lora_b, scaling: float, bias, dropout: float):
+    """(Y [..., N], Pd, dropout seed or None, compute dtype): :class:`QALoRAFunction`'s forward, and
+    :func:`qalora_linear` without a graph."""
+    cd = compute_dtype(x)
+    with autocast_off(x.device.type):
+        x2 = x.reshape(-1, qw.in_features).to(cd)
+        y, pooled, seed = qalora_forward_impl(x2, qw, lora_a, lora_b, scaling, _bias_in(bias, cd), dropout)
+    return y.reshape(*x.shape[:-1], qw.out_features), pooled, seed, cd
+
+
 def qalora_forward_impl(x2, qw: QuantizedWeight, lora_a, lora_b, scaling: float, bias, dropout: float):
     """(Y [M, N], Pd [M, G], dropout seed or None) for X2 [M, K] in the compute dtype (autocast off,
     bias already in that dtype). Pd = D(P(X)) in float32 (float64 for float64 X): what backward needs.
@@ -159,4 +167,6 @@ def qalora_linear(x, qw, lora_a, lora_b, scaling: float, bias=None, dropout: flo
     check_adapter(x, qw, lora_a, lora_b, qw.in_features // qw.group_size, "qalora_linear")
     check_dropout(dropout)
     check_scaling(scaling)
+    if not wants_graph(x, lora_a, lora_b, bias):
+        return _qalora_forward(x, qw, lora_a, lora_b, float(scaling), bias, float(dropout))[0]
     return QALoRAFunction.apply(x, qw, lora_a, lora_b, float(scaling), bias, float(dropout))

@@ -194,6 +194,30 @@ class QuantizedWeight:
         validate(qw, source)
         return qw
 
+    # ---- launch memo (host time) -------------------------------------------------------------
+    def launch_memo(self) -> dict:
+        """A dict the kernel launchers keep derived facts of this weight in (whether the kernels read
+        it, their argument tuples), so that repeated calls with the same object skip recomputing
+        them (round 37: host time). It holds while the fields are what they were when it was made:
+        the same tensor objects (in-place writes keep it, a reassigned field empties it) and the same
+        format fields. Not a field: not compared, copied, pickled or saved. What goes in must
+        depend on nothing else (no tensor data, no device state)."""
+        current = (self.fmt, self.bits, self.group_size, self.shape)
+        memo = self.__dict__.get("_launch_memo")
+        if memo is not None and memo["_format"] == current:
+            q, s, b, a, a_scale, a_offset, perm = memo["_tensors"]  # the order of _TENSOR_FIELDS
+            if (self.qweight is q and self.scales is s and self.biases is b and self.absmax is a
+                    and self.absmax_scale is a_scale and self.absmax_offset is a_offset and self.perm is perm):
+                return memo
+        memo = {"_format": current, "_tensors": tuple(getattr(self, name) for name in _TENSOR_FIELDS)}
+        self.__dict__["_launch_memo"] = memo
+        return memo
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_launch_memo", None)
+        return state
+
     def __repr__(self) -> str:
         dq = ", double_quant" if self.double_quant else ""
         perm = ", act_order" if self.perm is not None else ""

@@ -260,6 +260,57 @@ class _QnAlignHeuristics(Heuristics):
         return self.fn.run(*args, **kwargs)
 
 
+class _ReadsHeuristics(Heuristics):
+    """:func:`heuristics_reading`'s layer: the values computed from a dict of the few arguments they
+    read (by position or keyword), each value added to it for the next, as ``triton.heuristics``
+    chains them; Triton's own layer builds a dict of all ~40 arguments for every value (round 37:
+    host time)."""
+
+    def __init__(self, fn, values: dict, reads: tuple):
+        super().__init__(fn, fn.arg_names, dict(values))
+        names = list(fn.arg_names)
+        self._reads = tuple((name, names.index(name) if name in names else len(names)) for name in reads)
+        # the qlk layers below (packed_rows_kernel, fma_kernel) run here in one step, in their order
+        # (each layer's pass of ~40 arguments costs a microsecond or more); ``fn`` stays the next layer
+        self._inner, self._qn_at, self._consts = fn, None, {}
+        while isinstance(self._inner, (_QnAlignHeuristics, _ConstHeuristics)):
+            if isinstance(self._inner, _QnAlignHeuristics):
+                self._qn_at = self._inner._at
+            else:
+                self._consts.update(self._inner._consts)
+            self._inner = self._inner.fn
+
+    def run(self, *args, **kwargs):
+        known = {}
+        for name, at in self._reads:
+            if at < len(args):
+                known[name] = args[at]
+            elif name in kwargs:
+                known[name] = kwargs[name]
+        for name, heur in self.values.items():
+            known[name] = kwargs[name] = heur(known)
+        if self._qn_at is not None:
+            at = self._qn_at
+            kwargs["QN_ALIGN"] = row_alignment(int(args[at] if at < len(args) else kwargs["stride_qn"]))
+        kwargs.update(self._consts)
+        return self._inner.run(*args, **kwargs)
+
+
+def heuristics_reading(reads: tuple, values: dict):
+    """``triton.heuristics(values)`` for values that read only the arguments named in ``reads``
+    (a value reading any other raises KeyError at the first launch, which the tests run)."""
+    return lambda kernel: _ReadsHeuristics(kernel, values, tuple(reads))
+
+
+#: ``EVEN_K``: every K tile whole (no masked columns); the forward / decode / dequantize kernels
+even_k_kernel = heuristics_reading(("K", "BLOCK_K"), {"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+
+
+def cdiv(a: int, b: int) -> int:
+    """⌈a / b⌉ for host integers: ``triton.cdiv`` unwraps constexprs first (microseconds a call)."""
+    return -(-a // b)
+
+
 def packed_rows_kernel(kernel):
     """Decorator, above ``@fma_kernel`` (or ``@triton.jit``): every launch passes ``QN_ALIGN`` =
     :func:`row_alignment` of its ``stride_qn``, and the kernel starts with

@@ -15,12 +15,12 @@ import triton
 import triton.language as tl
 
 from ..formats.quantized_weight import QuantizedWeight
-from .config import PRUNE, dequant_configs, packed_rows_kernel
+from .config import PRUNE, cdiv, dequant_configs, even_k_kernel, packed_rows_kernel
 from .quant_tile import _dequant_tile, aligned_rows, weight_args
 
 
 @triton.autotune(configs=dequant_configs(), key=["N", "K", "BITS", "GROUP_SIZE", "IS_NF4"], prune_configs_by=PRUNE)
-@triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+@even_k_kernel
 @packed_rows_kernel
 @triton.jit
 def _dequantize_kernel(
@@ -64,7 +64,7 @@ def dequantize_forward(qw: QuantizedWeight, dtype: torch.dtype = torch.float32, 
     args, meta = weight_args(qw)
 
     def grid(m):
-        return (triton.cdiv(n, m["BLOCK_N"]), triton.cdiv(k, m["BLOCK_K"]))
+        return (cdiv(n, m["BLOCK_N"]), cdiv(k, m["BLOCK_K"]))
 
     _dequantize_kernel[grid](out, *args, n, k, out.stride(0), **meta, enable_fp_fusion=False)
     if permuted:

@@ -77,7 +77,8 @@ import triton.language as tl
 
 from ..formats.quantized_weight import QuantizedWeight
 from . import heuristics
-from .config import GEMV_PRUNE, INTERPRETED, fma_kernel, gemv_grad_configs, num_sms, packed_rows_kernel, target_arch
+from .config import (GEMV_PRUNE, INTERPRETED, cdiv, even_k_kernel, fma_kernel, gemv_grad_configs, heuristics_reading,
+                     num_sms, packed_rows_kernel, target_arch)
 from .decode_tile import (_decode_int3_tile_rows, _decode_int_tile, _decode_int_tile_lanes, _decode_int_tile_rows,
                           _decode_nf4_tile,
                           _decode_nf4_tile_rows, _lane_x_tile, _row_tile_stored_order, _row_tile_words)
@@ -375,7 +376,7 @@ def _decode_loop(x_rows, mask_m, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_o
     return acc
 
 
-@triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+@even_k_kernel
 @packed_rows_kernel
 @fma_kernel
 @triton.jit
@@ -471,7 +472,7 @@ def _quant_matmul_fwd_kernel(
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-@triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+@even_k_kernel
 @packed_rows_kernel
 @fma_kernel
 @triton.jit
@@ -632,7 +633,7 @@ def _grad_tile_w_as_b(dx_ptr, dy_rows, qw_ptr, s_ptr, b_ptr, lut_ptr, stride_qn,
         tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.heuristics(GRAD_K_HEURISTICS)
+@heuristics_reading(("K", "BLOCK_K", "GROUP_SIZE"), GRAD_K_HEURISTICS)
 @packed_rows_kernel
 @fma_kernel
 @triton.jit
@@ -809,7 +810,7 @@ def _v_program(v_ptr, dy_ptr, lb_ptr, pid_m, M, N, R, stride_dym, stride_dyn, st
              mask=(offs_r[:, None] < R) & mask_m[None, :])
 
 
-@triton.heuristics(GRAD_K_HEURISTICS)
+@heuristics_reading(("K", "BLOCK_K", "GROUP_SIZE"), GRAD_K_HEURISTICS)
 @packed_rows_kernel
 @fma_kernel
 @triton.jit
@@ -897,7 +898,7 @@ def _quant_matmul_grad_input_splitn_kernel(
 
 @triton.autotune(configs=gemv_grad_configs(), key=["N", "K", "BITS", "GROUP_SIZE", "IS_NF4", "ATOMIC"],
                  prune_configs_by=GEMV_PRUNE, reset_to_zero=["ws_ptr"])
-@triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+@even_k_kernel
 @packed_rows_kernel
 @fma_kernel
 @triton.jit
@@ -1269,7 +1270,7 @@ def _forward_once(x, qw, bias, out, path, deterministic, wargs=None, pool=False)
                 dst, extra = (out, {}) if split == 1 else \
                     (ws, dict(SPLIT_K=True, ATOMIC=not fixed_order, SLICE_K=slice_k))
                 with _tile_guard("fwd", meta, c):
-                    _quant_matmul_fwd_kernel[(triton.cdiv(m, c.block_m) * triton.cdiv(n, c.block_n), split)](
+                    _quant_matmul_fwd_kernel[(cdiv(m, c.block_m) * cdiv(n, c.block_n), split)](
                         dst, x2, bias_arg, pooled if fused else args[3], *args, m, n, k, _bucket(m),
                         x2.stride(0), x2.stride(1), dst.stride(-2), dst.stride(-1), pooled.stride(0) if fused else 0,
                         HAS_BIAS=bias is not None, DOT_PRECISION=_precision(x.dtype), POOL=fused,
@@ -1354,7 +1355,7 @@ def _splitk_forward(x2, qw, bias, out, deterministic, args, meta, pooled, launch
         if not direct:
             ws = _split_workspace(c.split, m, n, deterministic, x2.device)
         dst = out if direct else ws
-        grid = (triton.cdiv(n, c.block_n), c.split, triton.cdiv(m, c.block_m))
+        grid = (cdiv(n, c.block_n), c.split, cdiv(m, c.block_m))
         with _tile_guard("splitk", meta, c):
             _quant_matmul_splitk_kernel[grid](
                 dst, x2, bias if direct and bias is not None else dummy, pooled if pooled is not None else dummy,
@@ -1469,7 +1470,7 @@ def _grad_input_once(dy, qw, out, path, deterministic, wargs=None, lora_b=None):
             # partials in an fp32 workspace, summed and cast below (split 1: dX stored directly)
             ws = None
             for c in launches:
-                tiles = triton.cdiv(m, c.block_m) * (triton.cdiv(k, c.block_k) + (lora_b is not None))
+                tiles = cdiv(m, c.block_m) * (cdiv(k, c.block_k) + (lora_b is not None))
                 if c.split > 1:  # a zeroed workspace per launch (QLK_ALL_CONFIGS runs several)
                     ws = _split_workspace(c.split, m, k, deterministic, dy.device)
                 dst, split = (out, {}) if c.split == 1 else (ws, dict(SPLIT_N=True, ATOMIC=not deterministic))
@@ -1532,7 +1533,7 @@ def _splitn_grad_input(dy2, qw, out, deterministic, args, meta, fp32_bias=False,
             ws = _split_workspace(c.split, m, k, deterministic, dy2.device)
         dst = out if direct else ws
         # with V: one more column of programs, k = ⌈K/BLOCK_K⌉, for V = dY·B
-        grid = (triton.cdiv(k, c.block_k) + with_v, c.split, triton.cdiv(m, c.block_m))
+        grid = (cdiv(k, c.block_k) + with_v, c.split, cdiv(m, c.block_m))
         with _tile_guard("splitn", meta, c):
             _quant_matmul_grad_input_splitn_kernel[grid](
                 dst, dy2, v_ws if with_v else dummy, lora_b if with_v else dummy, *args, m, n, k, _bucket(m), r,
@@ -1553,10 +1554,10 @@ def _gemv_grad_input(dy2, qw, out, deterministic, args, meta):
     sms = num_sms(dy2.device)
 
     def split_of(meta_):
-        return max(1, min(triton.cdiv(n, meta_["BLOCK_N"]), triton.cdiv(16 * sms, triton.cdiv(k, meta_["BLOCK_K"]))))
+        return max(1, min(cdiv(n, meta_["BLOCK_N"]), cdiv(16 * sms, cdiv(k, meta_["BLOCK_K"]))))
 
     def grid(meta_):
-        return (triton.cdiv(k, meta_["BLOCK_K"]), split_of(meta_))
+        return (cdiv(k, meta_["BLOCK_K"]), split_of(meta_))
 
     if deterministic:
         max_split = max(split_of(c.kwargs) for c in _quant_matmul_grad_input_gemv_kernel.configs)

@@ -73,8 +73,8 @@ from ..formats.nf4 import nf4_absmax
 from ..formats.quantized_weight import QuantizedWeight
 from . import fused_matmul as _fm
 from . import heuristics
-from .config import (INTERPRETED, MID_TILE_ROWS, fma_kernel, grouped_config, grouped_split_k, num_sms,
-                     packed_rows_kernel, target_arch)
+from .config import (INTERPRETED, MID_TILE_ROWS, cdiv, even_k_kernel, fma_kernel, grouped_config, grouped_split_k,
+                     heuristics_reading, num_sms, packed_rows_kernel, target_arch)
 from .fused_matmul import (GRAD_K_HEURISTICS, _as_2d, _decode_loop, _decode_loop_runs, _fwd_loop, _grad_half2,
                            _grad_k_tile, _loop_runs, _precision, _w_as_b_acc, _whole_k_end)
 from .quant_tile import _dequant_tile, aligned_rows, supports, weight_args
@@ -155,7 +155,7 @@ def _fwd_tile(t, pid_n, y_ptr, x_ptr, bias_ptr, p_ptr, tile_expert_ptr, tile_row
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
-@triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+@even_k_kernel
 @packed_rows_kernel
 @fma_kernel
 @triton.jit
@@ -238,7 +238,7 @@ def _splitk_tile(t, pid_n, pid_s, ws_ptr, x_ptr, tile_expert_ptr, tile_row_ptr, 
         tl.atomic_add(ws_ptr + offs_m[None, :].to(tl.int64) * N + offs_n[:, None], acc, mask=mask, sem="relaxed")
 
 
-@triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+@even_k_kernel
 @packed_rows_kernel
 @fma_kernel
 @triton.jit
@@ -406,7 +406,7 @@ def _grad_tile_t(t, pid_k, pid_s, dx_ptr, dy_ptr, tile_expert_ptr, tile_row_ptr,
             tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=dx_mask)
 
 
-@triton.heuristics(GRAD_K_HEURISTICS)
+@heuristics_reading(("K", "BLOCK_K", "GROUP_SIZE"), GRAD_K_HEURISTICS)
 @packed_rows_kernel
 @fma_kernel
 @triton.jit
@@ -594,7 +594,7 @@ def grouped_matmul_forward(x: torch.Tensor, qw: QuantizedWeight, offsets: torch.
     # pooling keeps a program per slot: its second copy of the K loop inside the slot loop would
     # make the slot loop the kernel's heaviest loop (and the registers of both copies live across it)
     programs = min(slots, programs or _programs(slots, num_experts, small and not fused))
-    grid = (programs, triton.cdiv(n, cfg["BLOCK_N"]))
+    grid = (programs, cdiv(n, cfg["BLOCK_N"]))
     _grouped_matmul_fwd_kernel[grid](
         out, x2, bias if bias is not None else args[3], pooled if fused else args[3],
         tile_expert, tile_row, bounds, *args, n, k, num_experts, slots,
@@ -629,7 +629,7 @@ def _forward_split_k(x2, qw, offsets, num_experts, bias, args, meta, cfg, split,
     tile_expert, tile_row, bounds = _tile_map(offsets, s, cfg["BLOCK_M"], max_rows)
     slots = tile_expert.shape[0]
     programs = min(slots, programs or _programs(slots, num_experts, True))
-    grid = (programs, triton.cdiv(n, cfg["BLOCK_N"]), split)
+    grid = (programs, cdiv(n, cfg["BLOCK_N"]), split)
     _grouped_matmul_splitk_kernel[grid](
         ws, x2, tile_expert, tile_row, bounds, *args, n, k, num_experts, slots, x2.stride(0), x2.stride(1),
         DOT_PRECISION=_precision(x2.dtype), PACKED_DEQUANT=not INTERPRETED, SLOT_LOOP=programs < slots,
@@ -680,7 +680,7 @@ def grouped_matmul_grad_input(dy: torch.Tensor, qw: QuantizedWeight, offsets: to
     args, meta = wargs if wargs is not None else weight_args(qw, denest_absmax=not small)
     tile_expert, tile_row, bounds = _tile_map(offsets, s, cfg["BLOCK_M"])
     slots = tile_expert.shape[0]
-    cols = triton.cdiv(k, cfg["BLOCK_K"])
+    cols = cdiv(k, cfg["BLOCK_K"])
     rule_programs, rule_split = _grad_programs(slots, num_experts, small, cols, n, cfg, qw, dy.device)
     programs = min(slots, programs or rule_programs)
     slot_loop = _grad_slot_loop(programs, slots, small)

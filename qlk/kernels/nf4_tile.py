@@ -50,7 +50,7 @@ import struct
 
 from ..formats.nf4 import NESTED_BLOCKSIZE, NF4_TABLE, dynamic_map
 from ..formats.quantized_weight import QuantizedWeight
-from .config import INTERPRETED
+from .config import INTERPRETED, cdiv
 from .ptx_loads import _ld_nc, _ld_nc_code
 
 _DENEST_BLOCK = 1024
@@ -238,7 +238,7 @@ def denest_absmax(qw: QuantizedWeight, pair: torch.dtype | None = None) -> torch
     n_blocks = qa.numel()
     out = torch.empty(n_blocks, dtype=torch.float32 if pair is None else torch.int32, device=qa.device)
     if n_blocks:
-        grid = (triton.cdiv(n_blocks, _DENEST_BLOCK),)
+        grid = (cdiv(n_blocks, _DENEST_BLOCK),)
         _nf4_denest_kernel[grid](out, qa, qw.absmax_scale, qw.absmax_offset, dynamic_map(qa.device), n_blocks,
                                  NESTED=NESTED_BLOCKSIZE, BLOCK=_DENEST_BLOCK, PAIR=_PAIR_CODE.get(pair, 0),
                                  enable_fp_fusion=False)

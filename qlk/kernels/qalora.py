@@ -43,7 +43,7 @@ import triton.language as tl
 from .. import reference as _reference
 from ..formats.quantized_weight import QuantizedWeight
 from . import fused_matmul as _fm
-from .config import INTERPRETED, fma_kernel
+from .config import INTERPRETED, cdiv, fma_kernel
 from .fused_matmul import SPLITK_MAX_M, SPLITN_MAX_M, _as_2d, _forward, _grad_input
 from .quant_tile import supports, weight_args
 
@@ -102,7 +102,7 @@ def _folded_weight_args(qw: QuantizedWeight, lora_a, lora_b, scaling: float, dty
     n, g_count = scales.shape
     folded = torch.empty_strided(scales.shape, scales.stride(), dtype=dtype, device=scales.device)
     r = lora_a.shape[0]
-    grid = (triton.cdiv(n, _FOLD_BLOCK_N), triton.cdiv(g_count, _FOLD_BLOCK_G))
+    grid = (cdiv(n, _FOLD_BLOCK_N), cdiv(g_count, _FOLD_BLOCK_G))
     _fold_bias_kernel[grid](
         folded, biases, lora_b, lora_a, n, g_count, r, float(scaling) / qw.group_size,
         folded.stride(0), folded.stride(1), lora_b.stride(0), lora_b.stride(1), lora_a.stride(0), lora_a.stride(1),

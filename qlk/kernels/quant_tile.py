@@ -243,10 +243,11 @@ _DUMMY = {}
 
 
 def _dummy(device) -> torch.Tensor:
-    key = str(device)
-    if key not in _DUMMY:
-        _DUMMY[key] = torch.zeros(1, dtype=torch.float32, device=device)
-    return _DUMMY[key]
+    dummy = _DUMMY.get(device)
+    if dummy is None:
+        dummy = _DUMMY[device] = _DUMMY.get(str(device)) or torch.zeros(1, dtype=torch.float32, device=device)
+        _DUMMY[str(device)] = dummy
+    return dummy
 
 
 _BYTE_TABLES = {}
@@ -293,9 +294,26 @@ def _index_reaches(qw: QuantizedWeight) -> dict[str, int]:
     return {"qweight": _index_reach(n, k // 8, k // 8), "absmax": _index_reach(n, g, g)}
 
 
+def _memo(qw) -> dict | None:
+    """``qw.launch_memo()`` (:class:`QuantizedWeight`), None for another object."""
+    launch_memo = getattr(qw, "launch_memo", None)
+    return launch_memo() if launch_memo is not None else None
+
+
 def supports(qw: QuantizedWeight) -> str | None:
     """None when the kernels read ``qw`` as is, else the reason they cannot (callers then run the
-    torch reference: slower, never wrong)."""
+    torch reference: slower, never wrong). Remembered in ``qw.launch_memo()``: it depends on the
+    format fields and the tensors' shapes and strides only."""
+    memo = _memo(qw)
+    if memo is None:
+        return _supports(qw)
+    key = ("supports", INDEX_LIMIT, INDEX_SLACK_ROWS)  # the limits are module settings (tests lower them)
+    if key not in memo:
+        memo[key] = _supports(qw)
+    return memo[key]
+
+
+def _supports(qw: QuantizedWeight) -> str | None:
     n, k = qw.shape
     if qw.fmt == "int":
         if qw.bits not in (2, 3, 4):
@@ -343,7 +361,22 @@ def weight_args(qw: QuantizedWeight, denest_absmax: bool = False,
     to ``pair_act`` in both 16-bit halves of an int32 (``denest_absmax(qw, pair=...)``) and the meta
     says so (``ABSMAX_PAIRED=True``): only for a kernel that takes that flag (the forward GEMM) and
     activations of that dtype. Ignored for any other weight (plain NF4, INT, absmax blocks that are not
-    a power of two of whole words)."""
+    a power of two of whole words).
+
+    Remembered in ``qw.launch_memo()`` when the arguments are ``qw``'s own tensors or views of them
+    (not a copy, not the de-nested absmax, whose values are computed from the data)."""
+    memo = _memo(qw)
+    key = ("weight_args", bool(denest_absmax and qw.double_quant), pair_act, INDEX_LIMIT, INDEX_SLACK_ROWS)
+    if memo is not None and key in memo:
+        return memo[key]
+    args, meta, own = _weight_args(qw, denest_absmax, pair_act)
+    if memo is not None and own:
+        memo[key] = args, meta
+    return args, meta
+
+
+def _weight_args(qw: QuantizedWeight, denest_absmax: bool, pair_act) -> tuple[tuple, dict, bool]:
+    """:func:`weight_args` and whether the arguments are ``qw``'s tensors (or views of them)."""
     reason = supports(qw)
     if reason is not None:
         raise ValueError(f"qlk kernels cannot read this QuantizedWeight: {reason}")
@@ -360,9 +393,11 @@ def weight_args(qw: QuantizedWeight, denest_absmax: bool = False,
             scales, biases = scales.contiguous(), biases.contiguous()
         args = (qweight, scales, biases, dummy, dummy, dummy, dummy,
                 qweight.stride(0), scales.stride(0), scales.stride(1))
-        return args, dict(BITS=qw.bits, GROUP_SIZE=qw.group_size, IS_NF4=False, DOUBLE_QUANT=False)
+        own = qweight is qw.qweight and scales is qw.scales
+        return args, dict(BITS=qw.bits, GROUP_SIZE=qw.group_size, IS_NF4=False, DOUBLE_QUANT=False), own
     raw = qw.qweight.reshape(-1)
-    if raw.storage_offset() % 4 or not raw.is_contiguous():
+    own = raw.storage_offset() % 4 == 0 and raw.is_contiguous() and raw.data_ptr() == qw.qweight.data_ptr()
+    if not own:
         raw = raw.contiguous().clone()
     words = raw.view(torch.int32).view(n, k // 8)
     lut = nf4_byte_table(dev)
@@ -372,10 +407,10 @@ def weight_args(qw: QuantizedWeight, denest_absmax: bool = False,
         absmax = denest_absmax_buffer(qw, pair=pair_act if paired else None)
         meta = dict(BITS=4, GROUP_SIZE=qw.group_size, IS_NF4=True, DOUBLE_QUANT=False)
         return ((words, absmax, dummy, dummy, dummy, lut, dummy, k // 8, g, 1),
-                dict(meta, ABSMAX_PAIRED=True) if paired else meta)
+                dict(meta, ABSMAX_PAIRED=True) if paired else meta, False)
     if qw.double_quant:
         assert NESTED_BLOCKSIZE == 256  # _group_params hard-codes it
         args = (words, qw.absmax, dummy, qw.absmax_scale, qw.absmax_offset, lut, dynamic_map(dev), k // 8, g, 1)
     else:
         args = (words, qw.absmax, dummy, dummy, dummy, lut, dummy, k // 8, g, 1)
-    return args, dict(BITS=4, GROUP_SIZE=qw.group_size, IS_NF4=True, DOUBLE_QUANT=qw.double_quant)
+    return args, dict(BITS=4, GROUP_SIZE=qw.group_size, IS_NF4=True, DOUBLE_QUANT=qw.double_quant), own

@@ -79,10 +79,25 @@ class PackedWeightModule(nn.Module):
 
     @property
     def qweight(self) -> QuantizedWeight:
-        """The :class:`QuantizedWeight` view over this module's buffers (no copy)."""
+        """The :class:`QuantizedWeight` view over this module's buffers (no copy). The same object
+        while the buffers and the format are unchanged, so the launchers' memo
+        (``QuantizedWeight.launch_memo``) carries from one forward to the next (round 37: host
+        time); a new one once a buffer is replaced (``.to()``, ``_set_qweight``, assignment) or a
+        field of the returned object was reassigned."""
+        view = self.__dict__.get("_qweight_view")
+        if view is not None and self._view_current(view):
+            return view
         tensors = {field: self._buffers[name] for field, name in BUFFERS.items() if name in self._buffers}
-        return QuantizedWeight(fmt=self.fmt, shape=self._packed_shape(), bits=self.bits, group_size=self.group_size,
+        view = QuantizedWeight(fmt=self.fmt, shape=self._packed_shape(), bits=self.bits, group_size=self.group_size,
                                dtype=self.weight_dtype, **tensors)  # fmt: skip
+        self.__dict__["_qweight_view"] = view
+        return view
+
+    def _view_current(self, view: QuantizedWeight) -> bool:
+        buffers = self._buffers
+        return (view.fmt == self.fmt and view.bits == self.bits and view.group_size == self.group_size
+                and view.dtype == self.weight_dtype and view.shape == self._packed_shape()
+                and all(getattr(view, field) is buffers.get(name) for field, name in BUFFERS.items()))
 
     @property
     def bits_per_param(self) -> float:
