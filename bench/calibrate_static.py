@@ -111,15 +111,27 @@ def x_dense(joined, gpu_rows) -> list:
     return out
 
 
+#: gpu_calibrate's variant suffixes -> (the default's name, the variant's name) in :func:`variant_pairs`
+VARIANTS = {" W_AS_A": ("B", "W_AS_A"), " FINISH": ("3 launches", "FINISH")}
+
+
 def variant_pairs(gpu_rows) -> dict:
-    """(case, tile) -> {"B": µs, "W_AS_A": µs} for the input-gradient tiles gpu_calibrate timed both
-    ways (Ŵ as the MMA's B operand, and the transposed product: config ending in " W_AS_A")."""
+    """(case, tile) -> {default: µs, variant: µs} for the tiles gpu_calibrate timed both ways: the
+    input gradient with Ŵ as the MMA's B operand ("B") and as the transposed product ("W_AS_A",
+    config ending in " W_AS_A"); the split-K decode in three launches and finished in the kernel
+    ("FINISH", config ending in " FINISH")."""
     variants = {}
     for m in gpu_rows:
         if m["group"] == "qlk" and m.get("time_us") is not None and m["status"] == "ok":
-            key = (m["case"], m["config"].replace(" W_AS_A", ""))
-            variants.setdefault(key, {})["W_AS_A" if m["config"].endswith(" W_AS_A") else "B"] = m["time_us"]
-    return {key: v for key, v in variants.items() if len(v) == 2}
+            suffix = next((s for s in VARIANTS if m["config"].endswith(s)), None)
+            tile = m["config"][:-len(suffix)] if suffix else m["config"]
+            variants.setdefault((m["case"], tile), {})[VARIANTS[suffix][1] if suffix else "default"] = m["time_us"]
+    out = {}
+    for key, v in variants.items():
+        for default, name in VARIANTS.values():
+            if name in v and "default" in v:
+                out[key] = {default: v["default"], name: v[name]}
+    return out
 
 
 def main(argv=None) -> int:
@@ -164,10 +176,11 @@ def main(argv=None) -> int:
         print(f"| {d['case']} | {f(d['measured'])} | {f(d['estimated'])} | {f(d['chosen_vs_best'])} | {f(d['cublas'])} |")
     pairs = variant_pairs(gpu_rows)
     if pairs:
-        print("\n| case | config | Ŵ as B operand µs | Ŵᵀ as A operand (W_AS_A) µs | B / A |")
+        print("\n| case | config | default µs | variant µs | default / variant |")
         print("|---|---|---|---|---|")
         for (case, config), v in sorted(pairs.items()):
-            print(f"| {case} | {config} | {v['B']:.1f} | {v['W_AS_A']:.1f} | {v['B'] / v['W_AS_A']:.2f} |")
+            (d_name, d_us), (v_name, v_us) = v.items()
+            print(f"| {case} | {config} | {d_us:.1f} ({d_name}) | {v_us:.1f} ({v_name}) | {d_us / v_us:.2f} |")
     return 0
 
 

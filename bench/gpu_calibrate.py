@@ -13,7 +13,10 @@ Timing: each call is captured ``--calls`` times into one CUDA graph, each preced
 ``--flush-mb`` MB (L2 cleared, as ``triton.testing.do_bench`` does); the same graph without the
 calls times the flushes alone; time per call = (t_graph - t_flush) / calls, the median of
 ``--reps`` replays. A split launch's workspace zeroing and sum are in its time (they are in the
-op's). Each qlk launch is forced to one candidate (``fused_matmul._tiles`` patched, as
+op's). Two flags are timed both ways, the variant's rows labelled with a suffix: sm_90's GEMM input
+gradient as the transposed product (``GRAD_W_AS_A``, " W_AS_A") and the split-K decode finished in
+the kernel (``SPLITK_FINISH``, " FINISH": one launch, its kept workspace made on the capture
+stream's first call, one memset node a graph). Each qlk launch is forced to one candidate (``fused_matmul._tiles`` patched, as
 bench/gpu_triage.py does) and its output checked against float64 math (rel_err in the CSV: a
 wrong tile is timed but flagged).
 
@@ -136,19 +139,28 @@ def qlk_rows(fm, h, launches, timer, dev, arch, sms, k, n, m, fmt, op, dtype):
     ref = x.double() @ (w64.t() if op == "fwd" else w64)
     out = torch.empty(m, n if op == "fwd" else k, device=dev, dtype=dtype)
     launcher = getattr(fm, fn_name)
-    real_tiles, real_w_as_a = fm._tiles, fm.GRAD_W_AS_A
-    # sm_90's input gradient both ways (fused_matmul.GRAD_W_AS_A, round 36): the tile as the MMA's B
-    # operand (the default) and the transposed product; the second row's config ends in " W_AS_A"
-    variants = (False, True) if op == "dgrad" and path == "gemm" and arch == 90 else (real_w_as_a,)
+    real_tiles = fm._tiles
+    # timed both ways, the flag's row with its config ending in the suffix: sm_90's input gradient
+    # (fused_matmul.GRAD_W_AS_A, round 36: the tile as the MMA's B operand, the default, and the
+    # transposed product) and the split-K decode (SPLITK_FINISH, round 37: three launches, the
+    # default, or one that finishes Y in the kernel)
+    flag, suffix = None, ""
+    if op == "dgrad" and path == "gemm" and arch == 90:
+        flag, suffix = "GRAD_W_AS_A", " W_AS_A"
+    elif op == "fwd" and path == "splitk":
+        flag, suffix = "SPLITK_FINISH", " FINISH"
+    real_flag = getattr(fm, flag) if flag else None
+    variants = (False, True) if flag else (None,)
     rows = []
     try:
-        for c, w_as_a in ((c, v) for c in cands for v in variants):
+        for c, on in ((c, v) for c in cands for v in variants):
             fm._tiles = lambda *a, _c=c, **kw: (_c, [_c])
-            fm.GRAD_W_AS_A = w_as_a
+            if flag:
+                setattr(fm, flag, on)
             h.clear_launch_caches()
             row = dict(group="qlk", op=op, fmt=fmt, K=k, N=n, M=m, path=path,
-                       config=c.label + (" W_AS_A" if w_as_a and len(variants) > 1 else ""),
-                       chosen=c.index == chosen.index and w_as_a == real_w_as_a, split=c.split,
+                       config=c.label + (suffix if on else ""),
+                       chosen=c.index == chosen.index and on == real_flag, split=c.split,
                        case=launches.case_name(op, fmt, k, n, m))
             try:
                 call = lambda: launcher(x, qw, out=out, path=path)  # noqa: E731
@@ -164,7 +176,9 @@ def qlk_rows(fm, h, launches, timer, dev, arch, sms, k, n, m, fmt, op, dtype):
                 row["status"] = f"failed: {type(e).__name__}: {str(e)[:200]}"
             rows.append(row)
     finally:
-        fm._tiles, fm.GRAD_W_AS_A = real_tiles, real_w_as_a
+        fm._tiles = real_tiles
+        if flag:
+            setattr(fm, flag, real_flag)
         h.clear_launch_caches()
     return rows
 

@@ -335,6 +335,42 @@ def test_gpu_calibrate_times_both_input_gradient_variants(monkeypatch):
     assert cs.tile_of(rows[1]["config"]) == rows[0]["config"]  # the static join sees the default variant only
 
 
+def test_gpu_calibrate_times_the_decode_with_and_without_finish(monkeypatch):
+    """The split-K decode forward is timed in three launches (the default) and finished in the kernel
+    (fused_matmul.SPLITK_FINISH, " FINISH" rows), the flag set during each launch and restored after;
+    calibrate_static pairs them."""
+    import calibrate_static as cs
+    import gpu_calibrate as gc
+    import launches
+
+    from qlk.kernels import fused_matmul as fm
+    from qlk.kernels import heuristics as h
+
+    flags = []
+
+    def fwd(x, qw, out=None, path="auto"):
+        flags.append(fm.SPLITK_FINISH)
+        out.copy_(x @ qw.dequantize(torch.float32).t())
+        return out
+
+    monkeypatch.setattr(fm, "quant_matmul_forward", fwd)
+    monkeypatch.setattr(launches, "DTYPE", torch.float32)
+    dev = torch.device("cpu")
+    rows = gc.qlk_rows(fm, h, launches, gc.Timer(dev, calls=1, reps=1, flush_mb=1), dev, 90, 132, 128, 80, 5,
+                       "int4g32", "fwd", torch.float32)
+    assert fm.SPLITK_FINISH is False
+    labels = [r["config"] for r in rows]
+    assert len(labels) >= 2 and labels[1::2] == [c + " FINISH" for c in labels[0::2]]
+    half = len(flags) // 2
+    assert sorted(flags) == [False] * half + [True] * half and flags[0] is False and flags[-1] is True
+    assert all(r["status"] == "ok" for r in rows) and sum(r["chosen"] for r in rows) == 1
+    assert not any(r["chosen"] for r in rows[1::2])  # the default (off) is what the rules launch
+    for r in rows:
+        r["time_us"] = 2.0 if r["config"].endswith(" FINISH") else 3.0
+    pairs = cs.variant_pairs(rows)
+    assert pairs == {(r["case"], r["config"]): {"3 launches": 3.0, "FINISH": 2.0} for r in rows[0::2]}
+
+
 @pytest.mark.parametrize("mode", [["--device", "meta", "--stub", "jit"], ["--layer"]])
 def test_host_overhead_runs(mode):
     """bench/host_overhead.py (the interpreter off, kernels stubbed): every row printed, a number each."""

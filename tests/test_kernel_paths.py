@@ -1516,6 +1516,75 @@ def test_splitk_slices_keep_the_workspace(monkeypatch):
     assert oracles.rel_err(y, x.cpu().double() @ w64.t() + bias.cpu().double()) < 5e-4
 
 
+SPLITK_FINISH_RUNS = [  # (weight, M, slices, bias, QA-LoRA)
+    pytest.param(("int", 4, 32, 512), 5, 4, True, False, id="int4g32-M5-4slices-bias"),
+    pytest.param(("int", 3, 48, 528), 16, 3, False, False, id="int3g48k528-M16-3slices"),
+    pytest.param(("int", 2, 8, 520), 1, 3, True, False, id="int2g8k520-M1-3slices-bias"),
+    pytest.param(("nf4", 64, True, 512), 9, 2, True, False, id="nf4b64dq-M9-2slices-bias"),
+    pytest.param(("int", 4, 32, 512), 7, 4, True, True, id="int4g32-M7-4slices-qalora-bias"),
+]
+
+
+@pytest.mark.parametrize("case,m,split,with_bias,qalora", SPLITK_FINISH_RUNS)
+def test_splitk_finish_in_the_kernel(case, m, split, with_bias, qalora, monkeypatch):
+    """FINISH (``SPLITK_FINISH``, round 37): the split-K decode with several slices finishes Y in the
+    kernel. One launch: no workspace made, no cast after it; Y (+ bias, once) in ``out``'s fp16 and
+    nothing beside it written; the kept workspace and counts back at zero after each call, so a second
+    call with another M, input and bias (into the same buffers) is right too. On a GPU (``make
+    gpu-check``) the slices run concurrently and ``repeat`` calls check the cross-CTA ordering."""
+    monkeypatch.setattr(fm, "SPLITK_FINISH", True)
+    monkeypatch.setattr(fm, "_FINISH_BUFFERS", {})
+    qw, w64 = _only_splitk_tile(monkeypatch, case, m, split)
+    n, k = qw.shape
+    seen = _spy_launches(monkeypatch, "_quant_matmul_splitk_kernel")
+    made = []
+    monkeypatch.setattr(fm, "_workspace", lambda shape, device: made.append(tuple(shape)))
+    repeat = 1 if INTERPRETED else 20
+    for call, (rows, biased) in enumerate([(m, with_bias)] * repeat + [(max(1, m - 3), not with_bias)]):
+        x = randn(rows, k, seed=n + k + rows + call).half()
+        bias = randn(n, seed=rows + 2).half() * 4 if biased else None
+        big = torch.full((64 + rows * n + 64,), float("nan"), dtype=torch.float16, device=DEVICE)
+        out = big[64:64 + rows * n].view(rows, n)
+        if qalora:
+            a, b = adapter(qw, w64, seed=k + 3)
+            y, p = qalora_forward(x, qw, a, b, SIGMA, bias, out=out, path="splitk")
+            y_ref, p_ref = oracles.qalora_forward64(x.cpu(), w64, a.cpu(), b.cpu(), SIGMA, qw.group_size,
+                                                    None if bias is None else bias.cpu())
+            assert oracles.rel_err(p, p_ref) < 1e-6
+        else:
+            y = quant_matmul_forward(x, qw, bias, out=out, path="splitk")
+            y_ref = x.cpu().double() @ w64.t() + (0 if bias is None else bias.cpu().double())
+        grid, kwargs = seen[-1]
+        if rows == m:
+            assert grid[1] == split
+        assert kwargs["FINISH"] and kwargs["ATOMIC"] and not kwargs["DIRECT"] and kwargs["HAS_BIAS"] == biased
+        assert y.data_ptr() == out.data_ptr() and made == []
+        assert torch.isnan(big[:64]).all() and torch.isnan(big[64 + rows * n:]).all()
+        assert not torch.isnan(y).any(), call
+        assert oracles.rel_err(y, y_ref) < (2e-3 if qalora else 5e-4), call
+        (ws, counts), = fm._FINISH_BUFFERS.values()
+        assert ws.numel() >= rows * n and not ws.any() and not counts.any(), call
+    heuristics._choose_default.cache_clear()
+
+
+def test_splitk_finish_keeps_deterministic_and_one_slice_launches(monkeypatch):
+    """FINISH is for the atomics' launches with several slices: ``deterministic`` keeps its ordered
+    [SPLIT, M, N] sum, one slice stays DIRECT."""
+    monkeypatch.setattr(fm, "SPLITK_FINISH", True)
+    qw, w64 = _only_splitk_tile(monkeypatch, ("int", 4, 32, 512), 5, 4)
+    n, k = qw.shape
+    seen = _spy_launches(monkeypatch, "_quant_matmul_splitk_kernel")
+    x, bias = randn(5, k, seed=1), randn(n, seed=2)
+    y = quant_matmul_forward(x, qw, bias, out=nan(5, n), path="splitk", deterministic=True)
+    assert not seen[-1][1]["FINISH"] and not seen[-1][1]["ATOMIC"]
+    assert oracles.rel_err(y, x.cpu().double() @ w64.t() + bias.cpu().double()) < TOL
+    qw, w64 = _only_splitk_tile(monkeypatch, ("int", 4, 32, 512), 5, 1)
+    y = quant_matmul_forward(x, qw, bias, out=nan(5, n), path="splitk")
+    assert seen[-1][1]["DIRECT"] and not seen[-1][1]["FINISH"]
+    assert oracles.rel_err(y, x.cpu().double() @ w64.t() + bias.cpu().double()) < TOL
+    heuristics._choose_default.cache_clear()
+
+
 def test_shift_last_k_rule():
     """The shift needs a ragged K longer than the tile and a start on a whole group and packed unit."""
     assert fm.shift_last_k(dict(K=2880, BLOCK_K=128, GROUP_SIZE=32))

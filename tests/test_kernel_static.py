@@ -368,6 +368,56 @@ def test_nf4_forward_loop_hoists_its_absmax_row_base():
     assert sum("IMAD.MOV" in i for i in body) <= 4, [i for i in body if "IMAD" in i]
 
 
+_FINISH_CHILD = """
+import json, sys, torch
+from bench.sass import capture, disasm
+import qlk
+from qlk.kernels import fused_matmul as fm
+fm.SPLITK_FINISH = True
+out = {}
+for arch in (90, 80):
+    qw = qlk.quantize(torch.randn(1024, 4096) * 0.02, bits=4, group_size=128)
+    with capture(arch) as launches:
+        fm.quant_matmul_forward(torch.randn(1, 4096, dtype=torch.bfloat16), qw,
+                                torch.randn(1024, dtype=torch.bfloat16), path="splitk")
+    (launch,) = launches
+    res, instrs = disasm.read_cubin(launch.cubin)
+    out[arch] = dict(finish=launch.constexprs["FINISH"], split=launch.grid[1], stack=res.stack,
+                     ops=[i.op + i.mods for i in instrs])
+print(json.dumps(out))
+"""
+
+
+def test_splitk_finish_orders_its_count():
+    """Round 37's FINISH (the split-K decode finished by each output tile's last slice,
+    ``fused_matmul.SPLITK_FINISH``): what the interpreter cannot check, read in the machine code of
+    the launch, sm_90 and sm_80: after the slice's fp32 reductions into the workspace, a CTA barrier,
+    then a GPU-scope fence (the count's release), the count's atomic, an L1 invalidation (its acquire)
+    and a barrier before the finishing loads: CUTLASS's semaphore order. And no stack."""
+    if _nvidia_tools_missing():
+        pytest.skip("Triton's NVIDIA backend tools (ptxas, cuobjdump) are not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", _FINISH_CHILD], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for arch, r in json.loads(proc.stdout.strip().splitlines()[-1]).items():
+        ops = r["ops"]
+        assert r["finish"] and r["split"] > 1 and r["stack"] == 0, (arch, r["split"], r["stack"])
+        adds = [n for n, op in enumerate(ops) if op.startswith(("RED", "ATOMG")) and ".F32" in op]
+        count = [n for n, op in enumerate(ops) if op.startswith("ATOMG") and ".F32" not in op]
+        assert adds and len(count) == 1, (arch, [op for op in ops if op.startswith(("RED", "ATOM"))])
+        between = ops[max(adds) + 1:count[0]]
+        assert "BAR.SYNC.DEFER_BLOCKING" in between, (arch, between)
+        fence = max(n for n, op in enumerate(between) if op.startswith("MEMBAR"))
+        assert between[fence] == "MEMBAR.ALL.GPU" and fence > between.index("BAR.SYNC.DEFER_BLOCKING"), (arch, between)
+        assert ops[count[0]].endswith(".STRONG.GPU"), (arch, ops[count[0]])
+        after = ops[count[0] + 1:]
+        assert after[0] == "CCTL.IVALL", (arch, after[:4])
+        loads = [n for n, op in enumerate(after) if op.startswith("LDG")]
+        assert loads and "BAR.SYNC.DEFER_BLOCKING" in after[:min(loads)], (arch, after[:min(loads) + 1])
+
+
 def test_a_broken_import_fails_rather_than_skips(tmp_path):
     """A qlk that cannot be imported in the child is an error of the guard, not a reason to skip."""
     fake = tmp_path / "qlk"

@@ -481,6 +481,8 @@ def _quant_matmul_splitk_kernel(
     x_ptr,  # [M, K] activations (any strides)
     bias_ptr,  # DIRECT and HAS_BIAS: [N]; else dummy (the launcher adds the bias to the workspace's sum)
     p_ptr,  # POOL: [M, K/GROUP_SIZE] fp32 group means of x, else dummy
+    y_ptr,  # FINISH: Y [M, N] (stride_ym, stride_yn); else dummy
+    count_ptr,  # FINISH: int32 [tiles], the slices added into each output tile so far (zero between launches)
     qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,  # packed weight (weight_args)
     stride_qn, stride_sn, stride_sg,
     M, N, K, M_BUCKET,
@@ -490,7 +492,7 @@ def _quant_matmul_splitk_kernel(
     EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     QN_ALIGN: tl.constexpr = 1, LOOP_RUNS: tl.constexpr = False,
-    DIRECT: tl.constexpr = False, HAS_BIAS: tl.constexpr = False,
+    DIRECT: tl.constexpr = False, HAS_BIAS: tl.constexpr = False, FINISH: tl.constexpr = False,
 ):
     """Partial Yᵀ over one K slice: program (n, s, m) sums k in slice s of ⌈K/BLOCK_K / SPLIT⌉ tiles.
 
@@ -505,7 +507,12 @@ def _quant_matmul_splitk_kernel(
     (stride_ym, stride_yn) with no workspace to zero, add into and cast back: the same fp32 sum
     and bias, rounded once, as the launcher's cast of the workspace (10 B a Y element outside the
     kernel; at mid M on a one-slice launch a quarter of what the launch moves, docs/kernels.md
-    "Round 33")."""
+    "Round 33").
+
+    FINISH (round 37, with ATOMIC; :data:`SPLITK_FINISH`): the last slice to add into an output tile
+    finishes it: Y = Σ_s partial_s (+ bias) cast to Y's dtype, and the tile's workspace and count
+    set back to zero for the next launch (:func:`_finish_split_tile`). The launch then needs no
+    zeroed workspace before it and no cast after it: one kernel instead of three."""
     stride_qn = aligned_rows(stride_qn, QN_ALIGN)  # packed rows: aligned loads
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -536,8 +543,33 @@ def _quant_matmul_splitk_kernel(
         offs = offs_m[None, :].to(tl.int64) * N + offs_n[:, None]
         if ATOMIC:
             tl.atomic_add(ws_ptr + offs, acc, mask=mask, sem="relaxed")
+            if FINISH:
+                y_offs = offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None] * stride_yn
+                _finish_split_tile(ws_ptr + offs, y_ptr + y_offs, bias_ptr + offs_n, offs_n < N, mask,
+                                   count_ptr + pid_m * tl.num_programs(0) + pid_n, tl.num_programs(1), HAS_BIAS)
         else:
             tl.store(ws_ptr + pid_s.to(tl.int64) * M * N + offs, acc, mask=mask)
+
+
+@triton.jit
+def _finish_split_tile(ws_ptrs, y_ptrs, bias_ptrs, bias_mask, mask, count_ptr, slices, HAS_BIAS: tl.constexpr):
+    """FINISH of the split-K decode: after this program's fp32 adds into its output tile, count the
+    slice in; the last of the ``slices`` programs to arrive reads the tile's sum, adds the bias, stores
+    Y in its dtype and leaves the tile's workspace and count at zero.
+
+    The ordering is CUTLASS's semaphore's: a CTA barrier after every thread's adds, then one
+    acquire-release atomic on the count (a scalar atomic: one thread performs it and the CTA reads its
+    result after a barrier), so a program that sees ``slices − 1`` sees every other program's adds;
+    its loads go to L2 (``.cg``), where the atomics were performed."""
+    tl.debug_barrier()
+    arrived = tl.atomic_add(count_ptr, 1, sem="acq_rel")
+    if arrived == slices - 1:
+        total = tl.load(ws_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+        if HAS_BIAS:
+            total += tl.load(bias_ptrs, mask=bias_mask, other=0.0).to(tl.float32)[:, None]
+        tl.store(y_ptrs, total.to(y_ptrs.dtype.element_ty), mask=mask)
+        tl.store(ws_ptrs, tl.zeros_like(total), mask=mask)
+        tl.store(count_ptr, 0)
 
 
 @triton.jit
@@ -1126,6 +1158,15 @@ FUSED_GEMM_AUTO = False
 #: and bench/gpu_calibrate.py times both.
 GRAD_W_AS_A = os.environ.get("QLK_GRAD_W_AS_A", "0") == "1"
 
+#: The split-K decode forward (M ≤ SPLITK_MAX_M, fp32 atomics: not ``deterministic``) finishes in the
+#: kernel (``FINISH`` of :func:`_quant_matmul_splitk_kernel`, round 37): the last slice of each output
+#: tile sums, biases and casts it into Y and clears its workspace, so a decode call is one launch
+#: instead of three (workspace zeroing, the kernel, the cast), in a workspace kept per stream. Its
+#: cross-CTA ordering (a barrier, then an acquire-release count) cannot be checked by the
+#: interpreter, which runs programs one at a time: off until a GPU has run tests/test_kernel_paths.py's
+#: FINISH tests (``make gpu-check``); ``QLK_SPLITK_FINISH=1`` turns it on.
+SPLITK_FINISH = os.environ.get("QLK_SPLITK_FINISH", "0") == "1"
+
 
 def choose_path(op: str, m: int, qw: QuantizedWeight, device, act_dtype=torch.bfloat16) -> str:
     """What ``path="auto"`` runs for ``op`` "fwd" / "grad" at M rows: "splitk" / "splitn" at
@@ -1341,6 +1382,25 @@ def _workspace(shape, device) -> torch.Tensor:
     return torch.zeros(shape, dtype=torch.float32, device=device)
 
 
+#: FINISH launches' workspaces by (device, stream): (fp32 sums, int32 counts), zeroed when made and
+#: left at zero by every launch (each output tile's last slice clears it), grown when a launch needs
+#: more. One per stream, so that launches on two streams never share one.
+_FINISH_BUFFERS: dict = {}
+
+
+def _finish_workspace(size: int, tiles: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 [size], int32 [tiles]) zero-filled views of the current stream's FINISH workspace."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+    key = (device, stream)
+    ws, counts = _FINISH_BUFFERS.get(key, (None, None))
+    if ws is None or ws.numel() < size:
+        ws = torch.zeros(size, dtype=torch.float32, device=device)
+    if counts is None or counts.numel() < tiles:
+        counts = torch.zeros(tiles, dtype=torch.int32, device=device)
+    _FINISH_BUFFERS[key] = ws, counts
+    return ws[:size], counts[:tiles]
+
+
 def _splitk_forward(x2, qw, bias, out, deterministic, args, meta, pooled, launches):
     """Split-K forward into ``out`` with each of ``launches`` (KernelChoice; one unless
     QLK_ALL_CONFIGS)."""
@@ -1348,23 +1408,30 @@ def _splitk_forward(x2, qw, bias, out, deterministic, args, meta, pooled, launch
     n = qw.shape[0]
     dummy = args[3]
     ws = None
+    finish = SPLITK_FINISH and not deterministic
     for c in launches:
-        # one slice: Y (+ bias) stored directly (DIRECT); else a zeroed workspace per launch
+        # one slice: Y (+ bias) stored directly (DIRECT); FINISH: the kernel sums, biases and casts
+        # into Y itself, in a workspace it leaves at zero; else a zeroed workspace per launch
         # (QLK_ALL_CONFIGS runs several), summed, biased and cast below
         direct = c.split == 1
-        if not direct:
+        grid = (cdiv(n, c.block_n), c.split, cdiv(m, c.block_m))
+        counts = dummy
+        if finish and not direct:
+            ws, counts = _finish_workspace(m * n, grid[0] * grid[2], x2.device)
+        elif not direct:
             ws = _split_workspace(c.split, m, n, deterministic, x2.device)
         dst = out if direct else ws
-        grid = (cdiv(n, c.block_n), c.split, cdiv(m, c.block_m))
+        in_kernel_bias = (direct or finish) and bias is not None
         with _tile_guard("splitk", meta, c):
             _quant_matmul_splitk_kernel[grid](
-                dst, x2, bias if direct and bias is not None else dummy, pooled if pooled is not None else dummy,
+                dst, x2, bias if in_kernel_bias else dummy, pooled if pooled is not None else dummy,
+                out if finish and not direct else dummy, counts,
                 *args, m, n, k, _bucket(m), x2.stride(0), x2.stride(1), pooled.stride(0) if pooled is not None else 0,
                 out.stride(0), out.stride(1),
                 ATOMIC=not deterministic, DOT_PRECISION=_precision(x2.dtype), POOL=pooled is not None,
                 PACKED_DEQUANT=not INTERPRETED, LOOP_RUNS=_decode_loop_runs(meta, k, c.block_k, c.split, direct),
-                DIRECT=direct, HAS_BIAS=direct and bias is not None, **meta, **c.meta)
-    if launches[-1].split > 1:  # the chosen launch (the last) wrote the workspace
+                DIRECT=direct, HAS_BIAS=in_kernel_bias, FINISH=finish and not direct, **meta, **c.meta)
+    if launches[-1].split > 1 and not finish:  # the chosen launch (the last) wrote the workspace
         y = ws.sum(0) if deterministic else ws
         if bias is not None:
             y = y + bias.to(torch.float32)
