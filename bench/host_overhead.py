@@ -18,10 +18,13 @@ No GPU needed::
     env -u TRITON_INTERPRET PYTHONPATH=$PWD python bench/host_overhead.py            # the table
     env -u TRITON_INTERPRET PYTHONPATH=$PWD python bench/host_overhead.py --profile  # + cProfile top
 
-Each row is the median of ``--calls`` timed calls (after 5 untimed ones). Options: ``--calls N``
+Each row is the median of ``--calls`` timed calls (after 5 untimed ones), and the device launches of
+one more call (round 37: every aten op that runs a GPU kernel, counted by a ``TorchDispatchMode``, the
+dense GEMM included, plus every Triton launch). Options: ``--calls N``
 (timed calls per row, default 200), ``--m 1,16,...``, ``--profile [ROWS]``
 (cProfile of every row's timed calls, the top functions by cumulative time), ``--uncached``
-(clear the launch caches before every call: the cost of a first call at a new shape), ``--layer``
+(clear the launch caches before every call: the cost of a first call at a new shape), ``--finish``
+(``fused_matmul.SPLITK_FINISH`` on), ``--layer``
 (round 37: the whole ``QuantLinear`` forward under ``torch.no_grad``, a decode step's view: the
 layer's checks, its ``qweight`` view, the layer function, ``qlk.quant_matmul`` and the launcher, for
 the base layer and a LoRA layer; CPU tensors, since autocast cannot be asked about ``meta``; the
@@ -131,6 +134,47 @@ def jit_stub():
         JITFunction.run = real
 
 
+#: aten ops that launch nothing on a GPU (allocation, views, metadata): not counted by :func:`launches_of`
+_NO_KERNEL = {"empty", "empty_strided", "view", "reshape", "_reshape_alias", "as_strided", "t", "transpose",
+              "slice", "select", "unsqueeze", "squeeze", "expand", "permute", "detach", "alias", "_unsafe_view",
+              "lift_fresh", "unbind", "split", "numpy_T", "contiguous"}
+_REAL_GEMMS = torch.matmul, torch.addmm
+
+
+def launches_of(fn) -> int:
+    """The device launches of one ``fn()``: every aten op that runs a kernel on a GPU (a
+    ``TorchDispatchMode`` count, the dense GEMM of the dequantize path included) plus every Triton
+    launch (``JITFunction.run`` or a stubbed kernel's call)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from triton.runtime.jit import JITFunction
+
+    count = [0]
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ not in _NO_KERNEL:
+                count[0] += 1
+            return func(*args, **(kwargs or {}))
+
+    stubs = [getattr(mod, name) for mod, name in KERNELS if isinstance(getattr(mod, name), _Stub)]
+    before = sum(st.launches for st in stubs)
+    jit_run, gemms = JITFunction.run, (torch.matmul, torch.addmm)
+
+    def run(self, *args, **kwargs):
+        count[0] += 1
+        return jit_run(self, *args, **kwargs)
+
+    JITFunction.run = run
+    torch.matmul, torch.addmm = _REAL_GEMMS
+    try:
+        with Count():
+            fn()
+    finally:
+        JITFunction.run = jit_run
+        torch.matmul, torch.addmm = gemms
+    return count[0] + sum(st.launches for st in stubs) - before
+
+
 def measure(calls: int, ms, profile_rows: int = 0, uncached: bool = False, device: str = "cpu",
             stub: str = "kernel"):
     rows = []
@@ -162,8 +206,10 @@ def measure(calls: int, ms, profile_rows: int = 0, uncached: bool = False, devic
                             prof.disable()
                         times.append(time.perf_counter() - t0)
                     best = statistics.median(times)  # the median call: robust to a shared machine's preemptions
-                    rows.append((fmt_name, op, m, path, best * 1e6))
-                    print(f"{fmt_name:9s} {op:4s} M={m:<5d} {path:8s} {best * 1e6:8.1f} us/call", flush=True)
+                    launches = launches_of(fn)
+                    rows.append((fmt_name, op, m, path, launches, best * 1e6))
+                    print(f"{fmt_name:9s} {op:4s} M={m:<5d} {path:8s} {launches} launches {best * 1e6:8.1f} us/call",
+                          flush=True)
                     if prof is not None:
                         s = io.StringIO()
                         pstats.Stats(prof, stream=s).sort_stats("cumulative").print_stats(profile_rows)
@@ -204,8 +250,10 @@ def measure_layers(calls: int, ms):
                             layer(x)
                             times.append(time.perf_counter() - t0)
                         us = statistics.median(times) * 1e6
-                        rows.append((fmt_name, f"layer {method or 'base'}", m, "no_grad", us))
-                        print(f"{fmt_name:9s} layer {method or 'base':5s} M={m:<5d} {us:8.1f} us/call", flush=True)
+                        launches = launches_of(lambda: layer(x))
+                        rows.append((fmt_name, f"layer {method or 'base'}", m, "no_grad", launches, us))
+                        print(f"{fmt_name:9s} layer {method or 'base':5s} M={m:<5d} {launches} launches {us:8.1f} us/call",
+                              flush=True)
     finally:
         backend.resolve = real_resolve
     return rows
@@ -224,14 +272,17 @@ def main():
                     "triton.heuristics layers above each kernel kept")
     ap.add_argument("--layer", action="store_true", help="the whole QuantLinear forward under torch.no_grad "
                     "(base and LoRA layers; CPU tensors, kernels stubbed as with --stub jit)")
+    ap.add_argument("--finish", action="store_true", help="fused_matmul.SPLITK_FINISH on (the split-K decode "
+                    "in one launch, round 37)")
     a = ap.parse_args()
+    fm.SPLITK_FINISH = a.finish
     if a.layer:
         rows = measure_layers(a.calls, [int(v) for v in a.m.split(",")])
     else:
         rows = measure(a.calls, [int(v) for v in a.m.split(",")], a.profile, a.uncached, a.device, a.stub)
-    print("\n| format | op | M | path | host us/call |\n|---|---|---|---|---|")
-    for fmt_name, op, m, path, us in rows:
-        print(f"| {fmt_name} | {op} | {m} | {path} | {us:.1f} |")
+    print("\n| format | op | M | path | device launches | host us/call |\n|---|---|---|---|---|---|")
+    for fmt_name, op, m, path, launches, us in rows:
+        print(f"| {fmt_name} | {op} | {m} | {path} | {launches} | {us:.1f} |")
 
 
 if __name__ == "__main__":

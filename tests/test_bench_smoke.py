@@ -371,9 +371,12 @@ def test_gpu_calibrate_times_the_decode_with_and_without_finish(monkeypatch):
     assert pairs == {(r["case"], r["config"]): {"3 launches": 3.0, "FINISH": 2.0} for r in rows[0::2]}
 
 
-@pytest.mark.parametrize("mode", [["--device", "meta", "--stub", "jit"], ["--layer"]])
+@pytest.mark.parametrize("mode", [["--device", "meta", "--stub", "jit"], ["--layer"],
+                                  ["--device", "meta", "--stub", "jit", "--finish"]])
 def test_host_overhead_runs(mode):
-    """bench/host_overhead.py (the interpreter off, kernels stubbed): every row printed, a number each."""
+    """bench/host_overhead.py (the interpreter off, kernels stubbed): every row printed, a number each;
+    the decode forward's device launches: the workspace's zeroing, the kernel and the cast, or with
+    ``--finish`` (fused_matmul.SPLITK_FINISH) the kernel alone."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT
     r = subprocess.run([sys.executable, os.path.join(BENCH, "host_overhead.py"), "--m", "1,64", "--calls", "3", *mode],
@@ -382,3 +385,5 @@ def test_host_overhead_runs(mode):
     rows = [line for line in r.stdout.splitlines() if line.startswith("| int4g128") or line.startswith("| nf4")]
     assert len(rows) == (6 if mode == ["--layer"] else 8), r.stdout
     assert all(float(row.split("|")[-2]) > 0 for row in rows)
+    decode = [row for row in rows if "| fwd | 1 | splitk |" in row or "| layer base | 1 |" in row]
+    assert len(decode) == 2 and all(int(row.split("|")[-3]) == (1 if "--finish" in mode else 3) for row in decode), rows
