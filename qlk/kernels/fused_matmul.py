@@ -479,7 +479,7 @@ def _quant_matmul_fwd_kernel(
 def _quant_matmul_splitk_kernel(
     ws_ptr,  # fp32 partial sums: [M, N] (ATOMIC) or [SPLIT, M, N], zero-initialized; DIRECT: Y [M, N]
     x_ptr,  # [M, K] activations (any strides)
-    bias_ptr,  # DIRECT and HAS_BIAS: [N]; else dummy (the launcher adds the bias to the workspace's sum)
+    bias_ptr,  # HAS_BIAS (DIRECT or FINISH): [N]; else dummy (the launcher adds the bias to the workspace's sum)
     p_ptr,  # POOL: [M, K/GROUP_SIZE] fp32 group means of x, else dummy
     y_ptr,  # FINISH: Y [M, N] (stride_ym, stride_yn); else dummy
     count_ptr,  # FINISH: int32 [tiles], the slices added into each output tile so far (zero between launches)
@@ -1384,8 +1384,10 @@ def _workspace(shape, device) -> torch.Tensor:
 
 #: FINISH launches' workspaces by (device, stream): (fp32 sums, int32 counts), zeroed when made and
 #: left at zero by every launch (each output tile's last slice clears it), grown when a launch needs
-#: more. One per stream, so that launches on two streams never share one.
+#: more. One per stream, so that launches on two streams never share one; the oldest is dropped past
+#: :data:`_FINISH_STREAMS` (freed in its stream's order by the caching allocator).
 _FINISH_BUFFERS: dict = {}
+_FINISH_STREAMS = 16
 
 
 def _finish_workspace(size: int, tiles: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1398,6 +1400,8 @@ def _finish_workspace(size: int, tiles: int, device) -> tuple[torch.Tensor, torc
     if counts is None or counts.numel() < tiles:
         counts = torch.zeros(tiles, dtype=torch.int32, device=device)
     _FINISH_BUFFERS[key] = ws, counts
+    if len(_FINISH_BUFFERS) > _FINISH_STREAMS:
+        del _FINISH_BUFFERS[next(iter(_FINISH_BUFFERS))]
     return ws[:size], counts[:tiles]
 
 
