@@ -298,10 +298,16 @@ def test_gpu_calibrate_flags_a_wrong_tile(monkeypatch):
     assert rows and all(r["status"] == "wrong" and float(r["rel_err"]) == pytest.approx(1.0) for r in rows), rows
 
 
-def test_gpu_calibrate_times_both_input_gradient_variants(monkeypatch):
-    """On sm_90 the GEMM input gradient is timed with Ŵ as the B operand and as the transposed
-    product (fused_matmul.GRAD_W_AS_A, " W_AS_A" rows), the flag set during each launch and
-    restored after; calibrate_static pairs the two rows of a tile."""
+@pytest.mark.parametrize("op,m,launcher,flag,suffix,names", [
+    ("dgrad", 333, "quant_matmul_grad_input", "GRAD_W_AS_A", " W_AS_A", ("B", "W_AS_A")),
+    ("fwd", 5, "quant_matmul_forward", "SPLITK_FINISH", " FINISH", ("3 launches", "FINISH")),
+])
+def test_gpu_calibrate_times_both_variants(op, m, launcher, flag, suffix, names, monkeypatch):
+    """Two flags are timed both ways: on sm_90 the GEMM input gradient with Ŵ as the B operand and as
+    the transposed product (fused_matmul.GRAD_W_AS_A, " W_AS_A" rows), and the split-K decode forward
+    in three launches and finished in the kernel (SPLITK_FINISH, " FINISH" rows, round 37). The flag
+    is set during each launch and restored after; the rules' pick is the default's row;
+    calibrate_static pairs the two rows of a tile, and its static join sees the default only."""
     import calibrate_static as cs
     import gpu_calibrate as gc
     import launches
@@ -311,64 +317,29 @@ def test_gpu_calibrate_times_both_input_gradient_variants(monkeypatch):
 
     flags = []
 
-    def grad(dy, qw, out=None, path="auto"):
-        flags.append(fm.GRAD_W_AS_A)
-        out.copy_(dy @ qw.dequantize(torch.float32))
+    def product(a, qw, out=None, path="auto"):
+        flags.append(getattr(fm, flag))
+        w = qw.dequantize(torch.float32)
+        out.copy_(a @ (w if op == "dgrad" else w.t()))
         return out
 
-    monkeypatch.setattr(fm, "quant_matmul_grad_input", grad)
+    monkeypatch.setattr(fm, launcher, product)
     monkeypatch.setattr(launches, "DTYPE", torch.float32)
     dev = torch.device("cpu")
-    rows = gc.qlk_rows(fm, h, launches, gc.Timer(dev, calls=1, reps=1, flush_mb=1), dev, 90, 132, 128, 80, 333,
-                       "int4g32", "dgrad", torch.float32)
-    assert fm.GRAD_W_AS_A is False
+    rows = gc.qlk_rows(fm, h, launches, gc.Timer(dev, calls=1, reps=1, flush_mb=1), dev, 90, 132, 128, 80, m,
+                       "int4g32", op, torch.float32)
+    assert getattr(fm, flag) is False
     labels = [r["config"] for r in rows]
-    assert len(labels) >= 2 and len(labels) % 2 == 0
+    assert len(labels) >= 2 and labels[1::2] == [c + suffix for c in labels[0::2]]
     half = len(flags) // 2  # each variant: the checked call, then the timed ones
-    assert labels[1::2] == [c + " W_AS_A" for c in labels[0::2]]
-    assert flags == [False] * half + [True] * half, flags
+    assert sorted(flags) == [False] * half + [True] * half and flags[0] is False and flags[-1] is True, flags
     assert all(r["status"] == "ok" for r in rows) and sum(r["chosen"] for r in rows) == 1
+    assert not any(r["chosen"] for r in rows[1::2])
     for r in rows:
-        r["time_us"] = 2.0 if r["config"].endswith("W_AS_A") else 3.0
+        r["time_us"] = 2.0 if r["config"].endswith(suffix) else 3.0
     pairs = cs.variant_pairs(rows)
-    assert pairs == {(r["case"], r["config"]): {"B": 3.0, "W_AS_A": 2.0} for r in rows[0::2]}
-    assert cs.tile_of(rows[1]["config"]) == rows[0]["config"]  # the static join sees the default variant only
-
-
-def test_gpu_calibrate_times_the_decode_with_and_without_finish(monkeypatch):
-    """The split-K decode forward is timed in three launches (the default) and finished in the kernel
-    (fused_matmul.SPLITK_FINISH, " FINISH" rows), the flag set during each launch and restored after;
-    calibrate_static pairs them."""
-    import calibrate_static as cs
-    import gpu_calibrate as gc
-    import launches
-
-    from qlk.kernels import fused_matmul as fm
-    from qlk.kernels import heuristics as h
-
-    flags = []
-
-    def fwd(x, qw, out=None, path="auto"):
-        flags.append(fm.SPLITK_FINISH)
-        out.copy_(x @ qw.dequantize(torch.float32).t())
-        return out
-
-    monkeypatch.setattr(fm, "quant_matmul_forward", fwd)
-    monkeypatch.setattr(launches, "DTYPE", torch.float32)
-    dev = torch.device("cpu")
-    rows = gc.qlk_rows(fm, h, launches, gc.Timer(dev, calls=1, reps=1, flush_mb=1), dev, 90, 132, 128, 80, 5,
-                       "int4g32", "fwd", torch.float32)
-    assert fm.SPLITK_FINISH is False
-    labels = [r["config"] for r in rows]
-    assert len(labels) >= 2 and labels[1::2] == [c + " FINISH" for c in labels[0::2]]
-    half = len(flags) // 2
-    assert sorted(flags) == [False] * half + [True] * half and flags[0] is False and flags[-1] is True
-    assert all(r["status"] == "ok" for r in rows) and sum(r["chosen"] for r in rows) == 1
-    assert not any(r["chosen"] for r in rows[1::2])  # the default (off) is what the rules launch
-    for r in rows:
-        r["time_us"] = 2.0 if r["config"].endswith(" FINISH") else 3.0
-    pairs = cs.variant_pairs(rows)
-    assert pairs == {(r["case"], r["config"]): {"3 launches": 3.0, "FINISH": 2.0} for r in rows[0::2]}
+    assert pairs == {(r["case"], r["config"]): {names[0]: 3.0, names[1]: 2.0} for r in rows[0::2]}
+    assert cs.tile_of(rows[1]["config"]) == rows[0]["config"]
 
 
 @pytest.mark.parametrize("mode", [["--device", "meta", "--stub", "jit"], ["--layer"],
