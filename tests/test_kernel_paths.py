@@ -1567,6 +1567,33 @@ def test_splitk_finish_in_the_kernel(case, m, split, with_bias, qalora, monkeypa
     heuristics._choose_default.cache_clear()
 
 
+def test_splitk_finish_keeps_one_workspace_per_stream(monkeypatch):
+    """FINISH's kept workspace is per (device, stream): a launch on a second CUDA stream gets its
+    own (two streams' launches may overlap), both right; at most ``_FINISH_STREAMS`` are kept.
+    Under the interpreter (CPU tensors: no streams) one workspace serves every call."""
+    monkeypatch.setattr(fm, "SPLITK_FINISH", True)
+    monkeypatch.setattr(fm, "_FINISH_BUFFERS", {})
+    qw, w64 = _only_splitk_tile(monkeypatch, ("int", 4, 32, 512), 5, 4)
+    n, k = qw.shape
+    x = randn(5, k, seed=11)
+    want = x.cpu().double() @ w64.t()
+    assert oracles.rel_err(quant_matmul_forward(x, qw, out=nan(5, n), path="splitk"), want) < TOL
+    if DEVICE == "cpu":
+        assert list(fm._FINISH_BUFFERS) == [(x.device, None)]
+    else:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            y = quant_matmul_forward(x, qw, out=nan(5, n), path="splitk")
+        torch.cuda.current_stream().wait_stream(side)
+        assert oracles.rel_err(y, want) < TOL
+        assert len(fm._FINISH_BUFFERS) == 2
+    monkeypatch.setattr(fm, "_FINISH_STREAMS", 1)
+    fm._finish_workspace(8, 1, torch.device("meta"))  # a third key: the oldest is dropped
+    assert len(fm._FINISH_BUFFERS) == 1 and next(iter(fm._FINISH_BUFFERS))[0].type == "meta"
+    heuristics._choose_default.cache_clear()
+
+
 def test_splitk_finish_keeps_deterministic_and_one_slice_launches(monkeypatch):
     """FINISH is for the atomics' launches with several slices: ``deterministic`` keeps its ordered
     [SPLIT, M, N] sum, one slice stays DIRECT."""
