@@ -68,7 +68,7 @@ def test_memo_is_kept_while_the_fields_are_the_same_tensors():
     assert "probe" not in qw.launch_memo()
 
 
-def test_memo_is_not_copied_pickled_or_compared():
+def test_memo_is_not_copied_or_pickled():
     qw = _int_weight()
     from qlk.kernels import quant_tile
 
