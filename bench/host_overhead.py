@@ -24,7 +24,8 @@ dense GEMM included, plus every Triton launch). Options: ``--calls N``
 (timed calls per row, default 200), ``--m 1,16,...``, ``--profile [ROWS]``
 (cProfile of every row's timed calls, the top functions by cumulative time), ``--uncached``
 (clear the launch caches before every call: the cost of a first call at a new shape), ``--finish``
-(``fused_matmul.SPLITK_FINISH`` on), ``--layer``
+(``fused_matmul.SPLITK_FINISH`` on; round 38: the grouped decode's too), ``--experts`` (round 38: the
+grouped MoE forward of M tokens, top-2 over 8 experts), ``--layer``
 (round 37: the whole ``QuantLinear`` forward under ``torch.no_grad``, a decode step's view: the
 layer's checks, its ``qweight`` view, the layer function, ``qlk.quant_matmul`` and the launcher, for
 the base layer and a LoRA layer; CPU tensors, since autocast cannot be asked about ``meta``; the
@@ -259,6 +260,52 @@ def measure_layers(calls: int, ms):
     return rows
 
 
+def measure_experts(calls: int, tokens, device: str = "cpu"):
+    """``--experts``: µs and device launches per grouped (MoE) forward of a decode step, the rows of
+    ``tokens`` tokens routed top-2 over 8 experts of a 4096 -> 2048 stacked weight (the launcher
+    :func:`qlk.kernels.grouped_matmul.grouped_matmul_forward` with its tile map, as on sm_90 with 132
+    SMs; kernels stubbed as with ``--stub jit``). On ``meta`` tensors (``--device meta``), as the tile
+    map is built on a GPU (one launch); CPU tensors take its torch twin (~20 ops)."""
+    from qlk.kernels import grouped_matmul as gm
+
+    experts, top_k, n = 8, 2, 2048
+    rows = []
+    torch.manual_seed(0)
+    w = torch.randn(experts * n, K) * 0.02
+    saved = [(gm, name, getattr(gm, name)) for name in ("target_arch", "num_sms")]
+    try:
+        gm.target_arch = lambda: ARCH
+        gm.num_sms = lambda device=None: SMS
+        with sm90_without_kernels(()), jit_stub():
+            for fmt_name, q in FORMATS.items():
+                qw = qlk.quantize(w, **q).to(device)
+                bias = torch.randn(experts, n, dtype=torch.bfloat16, device=device)
+                for t in tokens:
+                    s = t * top_k
+                    x = torch.randn(s, K, dtype=torch.bfloat16, device=device)
+                    counts = torch.zeros(experts, dtype=torch.int64)
+                    counts[torch.randperm(experts)[:top_k]] = t  # the tokens pick the same experts
+                    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(device)
+
+                    def fn():
+                        return gm.grouped_matmul_forward(x, qw, offsets, experts, bias, max_rows_per_expert=t)
+                    for _ in range(5):
+                        fn()
+                    times = []
+                    for _ in range(calls):
+                        t0 = time.perf_counter()
+                        fn()
+                        times.append(time.perf_counter() - t0)
+                    us = statistics.median(times) * 1e6
+                    launches = launches_of(fn)
+                    rows.append((fmt_name, "experts fwd", s, "grouped", launches, us))
+                    print(f"{fmt_name:9s} experts fwd S={s:<4d} {launches} launches {us:8.1f} us/call", flush=True)
+    finally:
+        for mod, name, value in saved:
+            setattr(mod, name, value)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calls", type=int, default=200)
@@ -274,9 +321,13 @@ def main():
                     "(base and LoRA layers; CPU tensors, kernels stubbed as with --stub jit)")
     ap.add_argument("--finish", action="store_true", help="fused_matmul.SPLITK_FINISH on (the split-K decode "
                     "in one launch, round 37)")
+    ap.add_argument("--experts", action="store_true", help="the grouped (MoE) forward at decode: M tokens "
+                    "routed top-2 over 8 experts (round 38)")
     a = ap.parse_args()
     fm.SPLITK_FINISH = a.finish
-    if a.layer:
+    if a.experts:
+        rows = measure_experts(a.calls, [int(v) for v in a.m.split(",")], a.device)
+    elif a.layer:
         rows = measure_layers(a.calls, [int(v) for v in a.m.split(",")])
     else:
         rows = measure(a.calls, [int(v) for v in a.m.split(",")], a.profile, a.uncached, a.device, a.stub)

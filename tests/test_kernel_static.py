@@ -372,18 +372,24 @@ _FINISH_CHILD = """
 import json, sys, torch
 from bench.sass import capture, disasm
 import qlk
-from qlk.kernels import fused_matmul as fm
+from qlk.kernels import fused_matmul as fm, grouped_matmul as gm
 fm.SPLITK_FINISH = True
 out = {}
 for arch in (90, 80):
     qw = qlk.quantize(torch.randn(1024, 4096) * 0.02, bits=4, group_size=128)
+    experts = qlk.quantize(torch.randn(8 * 1024, 4096) * 0.02, bits=4, group_size=128)
+    offsets = torch.tensor([0, 1, 1, 2, 2, 2, 2, 2, 2])
+    cfg = dict(gm.tiles_for("fwd", 2, 8, experts), SPLIT_K=4)
     with capture(arch) as launches:
         fm.quant_matmul_forward(torch.randn(1, 4096, dtype=torch.bfloat16), qw,
                                 torch.randn(1024, dtype=torch.bfloat16), path="splitk")
-    (launch,) = launches
-    res, instrs = disasm.read_cubin(launch.cubin)
-    out[arch] = dict(finish=launch.constexprs["FINISH"], split=launch.grid[1], stack=res.stack,
-                     ops=[i.op + i.mods for i in instrs])
+        gm.grouped_matmul_forward(torch.randn(2, 4096, dtype=torch.bfloat16), experts, offsets, 8,
+                                  torch.randn(8, 1024, dtype=torch.bfloat16), config=cfg)
+    dense, grouped = launches
+    for name, launch, slices in (("dense", dense, dense.grid[1]), ("grouped", grouped, grouped.grid[2])):
+        res, instrs = disasm.read_cubin(launch.cubin)
+        out[f"{name} sm_{arch}"] = dict(finish=launch.constexprs["FINISH"], split=slices, stack=res.stack,
+                                        ops=[i.op + i.mods for i in instrs])
 print(json.dumps(out))
 """
 
@@ -393,7 +399,9 @@ def test_splitk_finish_orders_its_count():
     ``fused_matmul.SPLITK_FINISH``): what the interpreter cannot check, read in the machine code of
     the launch, sm_90 and sm_80: after the slice's fp32 reductions into the workspace, a CTA barrier,
     then a GPU-scope fence (the count's release), the count's atomic, an L1 invalidation (its acquire)
-    and a barrier before the finishing loads: CUTLASS's semaphore order. And no stack."""
+    and a barrier before the finishing loads: CUTLASS's semaphore order. And no stack. The same for
+    the grouped (MoE) split-K decode's FINISH (round 38), whose count is per tile slot: one count atomic
+    inside the slot's branch."""
     if _nvidia_tools_missing():
         pytest.skip("Triton's NVIDIA backend tools (ptxas, cuobjdump) are not installed")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -401,7 +409,9 @@ def test_splitk_finish_orders_its_count():
     proc = subprocess.run([sys.executable, "-c", _FINISH_CHILD], env=env, capture_output=True, text=True,
                           timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    for arch, r in json.loads(proc.stdout.strip().splitlines()[-1]).items():
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert sorted(found) == ["dense sm_80", "dense sm_90", "grouped sm_80", "grouped sm_90"], sorted(found)
+    for arch, r in found.items():
         ops = r["ops"]
         assert r["finish"] and r["split"] > 1 and r["stack"] == 0, (arch, r["split"], r["stack"])
         adds = [n for n, op in enumerate(ops) if op.startswith(("RED", "ATOMG")) and ".F32" in op]

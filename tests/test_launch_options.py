@@ -36,7 +36,8 @@ FMA = {
     "qalora": {"_fold_bias_kernel"},
 }
 #: kernels that must round s·q and + b separately (bit for bit with the reference / bitsandbytes)
-EXACT = {"dequant": {"_dequantize_kernel"}, "nf4_tile": {"_nf4_denest_kernel"}}
+EXACT = {"dequant": {"_dequantize_kernel"}, "nf4_tile": {"_nf4_denest_kernel"},
+         "grouped_matmul": {"_tile_map_kernel"}}  # integers only
 
 
 def _layers(kernel):

@@ -736,6 +736,58 @@ def test_grouped_split_k_decode_path(f, split):
 
 
 @needs_kernels
+@pytest.mark.parametrize("f,split,programs", [(("int", 4, 32, False), 3, None), (("int", 3, 16, False), 2, 2),
+                                              (("nf4", 4, 64, True), 2, None)],
+                         ids=["int4g32-split3", "int3g16-split2-slot-loop", "nf4-dq-split2"])
+def test_grouped_split_k_finish_in_the_kernel(f, split, programs, monkeypatch):
+    """FINISH of the grouped split-K decode (``fused_matmul.SPLITK_FINISH``, round 38): each
+    (tile slot, N tile)'s last K slice stores Y (+ its expert's bias) into the NaN-poisoned output and
+    the programs store the sentinel rows' zeros (35 rows: 3 row blocks, shared over program rows and
+    slices), in one launch: no workspace made, the kept workspace and counts back at zero after the
+    call, so a second call (other rows, no bias, no sentinels) into the same buffers is right too.
+    Experts with 0, 1, odd and many rows (3 tiles), K = 128 in 4 tiles of 32 over ``split`` slices
+    (3: the last is empty), a ragged second N tile; a slot loop of 2 program rows; float64 oracle.
+    On a GPU each call repeats 20 times (the slices run concurrently)."""
+    from qlk.kernels import fused_matmul as fm
+    from qlk.kernels import grouped_matmul as gm
+
+    monkeypatch.setattr(fm, "SPLITK_FINISH", True)
+    monkeypatch.setattr(fm, "_FINISH_BUFFERS", {})
+    made = []
+    monkeypatch.setattr(gm, "_output", lambda shape, dtype, device: made.append(
+        torch.full(shape, float("nan"), dtype=dtype, device=device)) or made[-1])
+    launches = spies.record_launches(monkeypatch, gm, "_grouped_matmul_splitk_kernel")
+    fmt, bits, g, dq = f
+    e_count, n, k, tail = len(COUNTS), 40, 128, 35
+    gen = torch.Generator().manual_seed(38 + bits)
+    qw = qlk.quantize(torch.randn(e_count * n, k, generator=gen), bits=bits, group_size=g, fmt=fmt, double_quant=dq)
+    w = oracle_weight(qw).reshape(e_count, n, k)
+    off = offsets_of(COUNTS)
+    routed = int(off[-1])
+    cfg = dict(BLOCK_N=32, BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=1, SPLIT_K=split)
+    if programs:
+        cfg["PROGRAMS"] = programs
+    for call, (rows, biased) in enumerate([(routed + tail, True)] * (1 if INTERPRETED else 20) + [(routed, False)]):
+        x = torch.randn(rows, k, generator=gen).half()
+        x[routed:] = float("nan")  # sentinel rows: never read
+        bias = torch.randn(e_count, n, generator=gen).half() * 4 if biased else None
+        with monkeypatch.context() as during:  # the fp32 [S, N] workspace the unfinished launch zeroes
+            zeroed, real_zeros = [], torch.zeros
+            during.setattr(gm.torch, "zeros", lambda *a, **kw: zeroed.append(a) or real_zeros(*a, **kw))
+            y, pooled = gm.grouped_matmul_forward(x, qw, off, e_count, bias, pool=fmt == "int", config=cfg)
+        y_ref = per_expert(x[:routed], off, lambda e, xe: xe @ w[e].t() + (bias[e].double() if biased else 0))
+        assert launches[-1]["FINISH"] and launches[-1]["HAS_BIAS"] == biased, call
+        assert y is made[-1] and ((rows, n),) not in zeroed, (call, zeroed)
+        assert torch.equal(y[routed:], torch.zeros(rows - routed, n, dtype=torch.half)) and not y.isnan().any(), call
+        assert ((y[:routed].double() - y_ref).norm() / y_ref.norm()) < 2e-3, call
+        if fmt == "int":
+            torch.testing.assert_close(pooled[:routed], x[:routed].float().reshape(routed, k // g, g).mean(-1),
+                                       rtol=1e-3, atol=1e-3)
+        (ws, counts), = fm._FINISH_BUFFERS.values()
+        assert ws.numel() >= rows * n and not ws.any() and not counts.any(), call
+
+
+@needs_kernels
 @pytest.mark.parametrize("programs", [1, 4])
 def test_grouped_slot_loop_fewer_programs_than_tiles(programs, monkeypatch):
     """Small M with fewer program rows than tile slots (``SLOT_LOOP``: program t runs slots t, t + P,
@@ -1158,15 +1210,28 @@ def test_grouped_split_k_count():
     assert grouped_split_k(1, 8, 1024, 8192, cfg, 108) == 8  # 16 CTAs on an A100: 32 K tiles / 4
 
 
-def test_tile_map_covers_every_row_once_within_its_bound():
+@pytest.mark.parametrize("impl", ["kernel", "torch"])
+def test_tile_map_covers_every_row_once_within_its_bound(impl, monkeypatch):
     """The device-side tile map against a Python enumeration: every row of every expert in exactly
     one tile of its own expert, tiles in expert order, the rest -1, and no tile for the sentinel
     rows past offsets[E] (the kernels zero those); the bound on the tile count is tight at one token
     (no spare programs) and, given each expert's row bound R (``max_rows``: the true maximum, or
     more), holds within min(E, S)·⌈R / BLOCK_M⌉, one slot per expert where R <= BLOCK_M and every
-    expert holds rows. An expert over the bound it was given is an error, not lost rows."""
-    from qlk.kernels.grouped_matmul import _tile_map
+    expert holds rows. An expert over the bound it was given is an error, not lost rows. bounds is
+    offsets ++ [S] (int64). Both builders: the one-launch kernel (round 38; int32 and int64 offsets,
+    up to 300 experts: several slot blocks and a 512-wide expert vector) and the torch ops of CPU
+    tensors without the interpreter."""
+    from qlk.kernels import grouped_matmul as gm
 
+    _tile_map = gm._tile_map
+    device = "cpu"
+    if impl == "torch":
+        monkeypatch.setattr(gm, "INTERPRETED", False)
+    elif not INTERPRETED:
+        if not torch.cuda.is_available():
+            pytest.skip("the tile map kernel needs the interpreter or a GPU")
+        device = "cuda"
+    spy = spies.record_launches(monkeypatch, gm, "_tile_map_kernel")
     gen = torch.Generator().manual_seed(5)
     cases = [([0, 1, 17, 0, 3, 40], 2, 16), ([1, 0, 0, 1], 0, 16), ([0] * 8, 3, 16), ([5], 0, 4),
              ([300, 0, 257, 1], 9, 256), ([0, 0, 2, 0, 0, 0, 0, 0], 0, 16),
@@ -1174,17 +1239,22 @@ def test_tile_map_covers_every_row_once_within_its_bound():
              ([4] * 8, 0, 16), ([3, 16, 1, 9], 5, 16), ([33, 0, 2], 0, 16)]
     cases += [(torch.randint(0, 40, (7,), generator=gen).tolist(), int(torch.randint(0, 5, (1,), generator=gen)), 8)
               for _ in range(20)]
-    for counts, tail, bm in cases:
+    cases += [(torch.randint(0, 3, (300,), generator=gen).tolist(), 2, 16)]  # 300 experts, ~300 slots
+    for n_case, (counts, tail, bm) in enumerate(cases):
         off = offsets_of(counts)
+        off = (off.int() if n_case % 2 else off).to(device)
         rows = int(off[-1]) + tail
         if rows == 0:
             continue
+        _, _, bounds = _tile_map(off, rows, bm)
+        assert bounds.dtype == torch.int64 and bounds.tolist() == off.tolist() + [rows], counts
+        off = off.cpu()
         want = []
         for g, (lo, hi) in enumerate(zip(off.tolist(), off.tolist()[1:])):
             want += [(g, r) for r in range(lo, hi, bm)]
         busiest = max(counts)
         for cap in (None, busiest, busiest + 3 * bm):
-            te, tr, _ = _tile_map(off, rows, bm, cap)
+            te, tr, _ = (t.cpu() for t in _tile_map(off.to(device), rows, bm, cap))
             got = [(int(e), int(r)) for e, r in zip(te, tr) if e >= 0]
             assert got == want, (counts, tail, bm, cap)
             assert all(int(e) == -1 for e in te[len(want):])
@@ -1198,6 +1268,7 @@ def test_tile_map_covers_every_row_once_within_its_bound():
             uncapped = _tile_map(off, rows, bm)[0].shape[0]
             if min(len(counts), rows) * -(-(busiest - 1) // bm) < uncapped:
                 with pytest.raises(RuntimeError, match="max_rows_per_expert"):
-                    _tile_map(off, rows, bm, busiest - 1)
+                    _tile_map(off, rows, bm, busiest - 1)  # CPU offsets: checked at once
             else:
                 assert _tile_map(off, rows, bm, busiest - 1)[0].shape[0] == uncapped
+    assert (len(spy) > 0) == (impl == "kernel"), len(spy)

@@ -204,7 +204,7 @@ def _moe_main(rows: list, case: str):
 
     keys = ("tensor_opt", "tensor_pess") if moe_estimates._training(case) else ("dram_opt", "dram_pess")
     op = case.split("/")[0]
-    of_case = [r for r in rows if r["case"] == case and r[keys[0]]]
+    of_case = [r for r in rows if r["case"] == case and r[keys[0]] and r["kernel"] not in moe_estimates.SIDE]
     # no launch of the op's main kernel (the split-K decode forward at one token): the heaviest, as the report
     main = [r for r in of_case if r["kernel"] == moe_estimates.MAIN.get(op)] or of_case
     got = [(float(r[keys[0]]), float(r[keys[1]])) for r in main]

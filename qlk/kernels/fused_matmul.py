@@ -1164,7 +1164,8 @@ GRAD_W_AS_A = os.environ.get("QLK_GRAD_W_AS_A", "0") == "1"
 #: instead of three (workspace zeroing, the kernel, the cast), in a workspace kept per stream. Its
 #: cross-CTA ordering (a barrier, then an acquire-release count) cannot be checked by the
 #: interpreter, which runs programs one at a time: off until a GPU has run tests/test_kernel_paths.py's
-#: FINISH tests (``make gpu-check``); ``QLK_SPLITK_FINISH=1`` turns it on.
+#: FINISH tests (``make gpu-check``); ``QLK_SPLITK_FINISH=1`` turns it on. The grouped (MoE) split-K
+#: decode (:mod:`qlk.kernels.grouped_matmul`) follows the same flag (round 38).
 SPLITK_FINISH = os.environ.get("QLK_SPLITK_FINISH", "0") == "1"
 
 

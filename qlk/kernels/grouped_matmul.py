@@ -35,7 +35,8 @@ Kernels (no Python loop over experts: one launch per projection and direction):
     from the X tiles of the first N tile (the fused QA-LoRA path, biases folded per expert).
 ``_grouped_matmul_splitk_kernel``  small-M forward with K split: program (t, j, s) adds the partial
     product of K slice s (:func:`_decode_loop`) into an fp32 workspace (atomics), then the launcher adds each row's
-    expert bias and casts. Used when the active experts' tiles fill less than two waves of the
+    expert bias and casts; with ``fused_matmul.SPLITK_FINISH`` (``FINISH``, round 38) each output tile's
+    last slice does both in the kernel, as the dense decode's. Used when the active experts' tiles fill less than two waves of the
     GPU (:func:`qlk.kernels.config.grouped_split_k`: decode of the few experts a token picks, e.g.
     Mixtral's down projection at one token: 128 CTAs on 132 SMs -> 3 slices).
 ``_grouped_matmul_grad_input_kernel``  program (t, j, s): dXᵀ tile [BLOCK_K, BLOCK_M] of M tile t,
@@ -52,7 +53,7 @@ NF4 with double quantization: the large-M launches de-nest absmax once per call
 
 The tail rows (>= offsets[E]) get no tile: each program row stores zeros in a strided share of
 them after its tiles (:func:`_zero_tail_rows`; the split launches' zeroed workspaces hold them
-already), so no output is memset first and no tile slot is spent on them. Tiles are chosen per call from S and E (:func:`qlk.kernels.config.grouped_config`):
+already, and FINISH's programs store them before their K slice), so no output is memset first and no tile slot is spent on them. Tiles are chosen per call from S and E (:func:`qlk.kernels.config.grouped_config`):
 256-row tiles once the average expert fills one, 128-row below; small M (decode, or many experts
 with a few rows each: S/E <= ``SMALL_M_ROWS``) uses 16-row tiles, so an expert with one token
 reads its weight once and wastes at most 15 MMA rows, not 255; 32-row ones above 16 rows an expert,
@@ -75,8 +76,8 @@ from . import fused_matmul as _fm
 from . import heuristics
 from .config import (INTERPRETED, MID_TILE_ROWS, cdiv, even_k_kernel, fma_kernel, grouped_config, grouped_split_k,
                      heuristics_reading, num_sms, packed_rows_kernel, target_arch)
-from .fused_matmul import (GRAD_K_HEURISTICS, _as_2d, _decode_loop, _decode_loop_runs, _fwd_loop, _grad_half2,
-                           _grad_k_tile, _loop_runs, _precision, _w_as_b_acc, _whole_k_end)
+from .fused_matmul import (GRAD_K_HEURISTICS, _as_2d, _decode_loop, _decode_loop_runs, _finish_split_tile, _fwd_loop,
+                           _grad_half2, _grad_k_tile, _loop_runs, _precision, _w_as_b_acc, _whole_k_end)
 from .quant_tile import _dequant_tile, aligned_rows, supports, weight_args
 from .quant_tile_t import _dequant_tile_t, _int3_planes_t, _words_t
 
@@ -209,12 +210,13 @@ def _grouped_matmul_fwd_kernel(
 
 
 @triton.jit
-def _splitk_tile(t, pid_n, pid_s, ws_ptr, x_ptr, tile_expert_ptr, tile_row_ptr, bounds_ptr,
+def _splitk_tile(t, pid_n, pid_s, ws_ptr, x_ptr, y_ptr, bias_ptr, count_ptr, tile_expert_ptr, tile_row_ptr, bounds_ptr,
                  qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr, stride_qn, stride_sn, stride_sg,
-                 N, K, NUM_EXPERTS, stride_xm, stride_xk,
+                 N, K, NUM_EXPERTS, stride_xm, stride_xk, stride_ym, stride_yn, stride_be,
                  BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, PACKED_DEQUANT: tl.constexpr, EVEN_K: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                 FINISH: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Tile slot t, N tile pid_n, K slice pid_s of :func:`_grouped_matmul_splitk_kernel`."""
     e = tl.load(tile_expert_ptr + t)
     if e >= 0:
@@ -235,7 +237,12 @@ def _splitk_tile(t, pid_n, pid_s, ws_ptr, x_ptr, tile_expert_ptr, tile_row_ptr, 
                            stride_xk, 0, False, BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, False,
                            PACKED_DEQUANT, EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K)
         mask = (offs_n[:, None] < N) & mask_m[None, :]
-        tl.atomic_add(ws_ptr + offs_m[None, :].to(tl.int64) * N + offs_n[:, None], acc, mask=mask, sem="relaxed")
+        ws_ptrs = ws_ptr + offs_m[None, :].to(tl.int64) * N + offs_n[:, None]
+        tl.atomic_add(ws_ptrs, acc, mask=mask, sem="relaxed")
+        if FINISH:  # the dense decode's finish; the bias is expert e's, the count the slot's
+            _finish_split_tile(ws_ptrs, y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None] * stride_yn,
+                               bias_ptr + e.to(tl.int64) * stride_be + offs_n, offs_n < N, mask,
+                               count_ptr + t * tl.num_programs(1) + pid_n, tl.num_programs(2), HAS_BIAS)
 
 
 @even_k_kernel
@@ -243,43 +250,60 @@ def _splitk_tile(t, pid_n, pid_s, ws_ptr, x_ptr, tile_expert_ptr, tile_row_ptr, 
 @fma_kernel
 @triton.jit
 def _grouped_matmul_splitk_kernel(
-    ws_ptr,  # [S, N] fp32 partial sums, zero-initialized (atomic adds)
+    ws_ptr,  # [S, N] fp32 partial sums, zero-initialized (atomic adds; FINISH: left at zero)
     x_ptr,  # [S, K] routed rows sorted by expert (any strides)
+    y_ptr,  # FINISH: Y [S, N] (stride_ym, stride_yn); else dummy
+    bias_ptr,  # FINISH and HAS_BIAS: [E, N] per-expert bias (stride_be); else dummy
+    count_ptr,  # FINISH: int32 [NUM_SLOTS · N tiles], slices added into each output tile so far (zero between launches)
     tile_expert_ptr, tile_row_ptr, bounds_ptr,  # tile map (_tile_map)
     qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,  # stacked weight (weight_args)
     stride_qn, stride_sn, stride_sg,
     N, K, NUM_EXPERTS, NUM_SLOTS,
-    stride_xm, stride_xk,
+    stride_xm, stride_xk, stride_ym, stride_yn, stride_be,
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, PACKED_DEQUANT: tl.constexpr, SLOT_LOOP: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     QN_ALIGN: tl.constexpr = 1, LOOP_RUNS: tl.constexpr = False,
+    FINISH: tl.constexpr = False, HAS_BIAS: tl.constexpr = False,
 ):
     """Small-M split-K: program (t, j, s) adds Σ_{k in slice s} X[m, k]·Ŵ[e·N + n, k] for the rows m
     of M tile t (expert e), N tile j, into ws. A slice is ⌈⌈K/BLOCK_K⌉ / SPLIT⌉ whole K tiles
     (SPLIT = grid axis 2). Sentinel rows (past offsets[E]) have no tile: ws's zeros. LOOP_RUNS: every
-    slice holds a whole K tile (the dense kernels' LOOP_RUNS)."""
+    slice holds a whole K tile (the dense kernels' LOOP_RUNS).
+
+    FINISH (round 38; :data:`qlk.kernels.fused_matmul.SPLITK_FINISH`): the dense decode's finish
+    (:func:`qlk.kernels.fused_matmul._finish_split_tile`) per (tile slot, N tile): its last slice
+    stores Y = Σ_s partial_s (+ bias[e]) in Y's dtype and leaves the workspace and count at zero, and
+    the programs store the sentinel rows' zeros (:func:`_zero_tail_rows`, shared over the grid's
+    rows and slices): one launch, no workspace zeroed before it, no bias pass or cast after it."""
     stride_qn = aligned_rows(stride_qn, QN_ALIGN)  # packed rows: aligned loads
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
+    if FINISH:  # first: its registers are dead before the K loop
+        offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        _zero_tail_rows(y_ptr, bounds_ptr, NUM_EXPERTS, pid_t * tl.num_programs(2) + pid_s,
+                        tl.num_programs(0) * tl.num_programs(2), offs_c, offs_c < N, stride_ym, stride_yn,
+                        BLOCK_M, BLOCK_N)
     if LOOP_RUNS:  # _splitk_tile's slice of K
         slice_tiles = tl.cdiv(tl.cdiv(K, BLOCK_K), tl.num_programs(2))
         k_start = pid_s * slice_tiles * BLOCK_K
         tl.assume(_whole_k_end(tl.minimum(K, k_start + slice_tiles * BLOCK_K), K, EVEN_K, BLOCK_K) > k_start)
     if SLOT_LOOP:
         for t in range(pid_t, NUM_SLOTS, tl.num_programs(0)):
-            _splitk_tile(t, pid_n, pid_s, ws_ptr, x_ptr, tile_expert_ptr, tile_row_ptr, bounds_ptr,
-                         qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
+            _splitk_tile(t, pid_n, pid_s, ws_ptr, x_ptr, y_ptr, bias_ptr, count_ptr, tile_expert_ptr, tile_row_ptr,
+                         bounds_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
                          stride_qn, stride_sn, stride_sg,
-                         N, K, NUM_EXPERTS, stride_xm, stride_xk, BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION,
-                         PACKED_DEQUANT, EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K)
+                         N, K, NUM_EXPERTS, stride_xm, stride_xk, stride_ym, stride_yn, stride_be,
+                         BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION,
+                         PACKED_DEQUANT, EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K, FINISH, HAS_BIAS)
     else:
-        _splitk_tile(pid_t, pid_n, pid_s, ws_ptr, x_ptr, tile_expert_ptr, tile_row_ptr, bounds_ptr,
-                     qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
+        _splitk_tile(pid_t, pid_n, pid_s, ws_ptr, x_ptr, y_ptr, bias_ptr, count_ptr, tile_expert_ptr, tile_row_ptr,
+                     bounds_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
                      stride_qn, stride_sn, stride_sg,
-                     N, K, NUM_EXPERTS, stride_xm, stride_xk, BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION,
-                     PACKED_DEQUANT, EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K)
+                     N, K, NUM_EXPERTS, stride_xm, stride_xk, stride_ym, stride_yn, stride_be,
+                     BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION,
+                     PACKED_DEQUANT, EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K, FINISH, HAS_BIAS)
 
 
 @triton.jit
@@ -460,6 +484,38 @@ def _grouped_matmul_grad_input_kernel(
                    WORDS_ASM, EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K, HALF2, HALF2_ASM, SHIFT_K, W_AS_B, W_AS_A)
 
 
+@triton.jit
+def _tile_map_kernel(offsets_ptr, tile_expert_ptr, tile_row_ptr, bounds_ptr, ok_ptr, NUM_EXPERTS, ROWS, NUM_SLOTS,
+                     MAX_ROWS, BLOCK_M: tl.constexpr, EXPERTS_POW2: tl.constexpr, BLOCK_T: tl.constexpr,
+                     CHECK: tl.constexpr):
+    """:func:`_tile_map` in one program: expert e has tiles_e = ⌈(offsets[e+1] − offsets[e]) / BLOCK_M⌉,
+    ends = cumsum(tiles); slot t belongs to expert g = #{e : ends[e] <= t} (searchsorted, right) when
+    g < E, as its tile t − (ends[g] − tiles_g), first row offsets[g] + (t − ends[g] + tiles_g)·BLOCK_M;
+    else −1. bounds = offsets ++ [ROWS] (int64). CHECK: ok = max_e count_e <= MAX_ROWS."""
+    offs_e = tl.arange(0, EXPERTS_POW2)
+    real = offs_e < NUM_EXPERTS
+    lo = tl.load(offsets_ptr + offs_e, mask=real, other=0).to(tl.int32)
+    hi = tl.load(offsets_ptr + offs_e + 1, mask=real, other=0).to(tl.int32)
+    tiles = (hi - lo + BLOCK_M - 1) // BLOCK_M
+    ends = tl.cumsum(tiles, 0)
+    firsts = ends - tiles
+    one = tl.arange(0, 1)
+    tl.store(bounds_ptr + offs_e, lo.to(tl.int64), mask=real)
+    tl.store(bounds_ptr + NUM_EXPERTS + one, tl.load(offsets_ptr + NUM_EXPERTS + one).to(tl.int64))
+    tl.store(bounds_ptr + NUM_EXPERTS + 1 + one, tl.zeros([1], dtype=tl.int64) + ROWS)
+    if CHECK:
+        busiest = tl.max(tl.where(real, hi - lo, 0), 0)
+        tl.store(ok_ptr + one, tl.zeros([1], dtype=tl.int32) + (busiest <= MAX_ROWS).to(tl.int32))
+    for t0 in range(0, NUM_SLOTS, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        group = tl.sum(((ends[None, :] <= t[:, None]) & real[None, :]).to(tl.int32), 1)
+        pick = offs_e[None, :] == tl.minimum(group, NUM_EXPERTS - 1)[:, None]
+        first = tl.sum(tl.where(pick, firsts[None, :], 0), 1)
+        row0 = tl.sum(tl.where(pick, lo[None, :], 0), 1)
+        tl.store(tile_expert_ptr + t, tl.where(group < NUM_EXPERTS, group, -1), mask=t < NUM_SLOTS)
+        tl.store(tile_row_ptr + t, row0 + (t - first) * BLOCK_M, mask=t < NUM_SLOTS)
+
+
 # ------------------------------------------------------------------------------------------------
 # launchers
 # ------------------------------------------------------------------------------------------------
@@ -478,21 +534,49 @@ def _tile_map(offsets: torch.Tensor, rows: int, block_m: int, max_rows: int | No
     so Mixtral at 16 tokens (S = 32 rows on 8 experts) launches the 8 tiles a balanced routing has,
     not 9. An expert with more rows than ``max_rows`` would lose rows silently, so that is checked
     on the device where the bound shortens the map (``torch._assert_async``: no host sync; on CUDA a
-    device-side assert)."""
+    device-side assert).
+
+    Built by one launch of :func:`_tile_map_kernel` (round 38; for CPU tensors without the interpreter,
+    by :func:`_tile_map_torch`, the same map in ~20 torch ops, each a launch of its own on a GPU: a
+    decode step's grouped projection was 32 device launches, 26 of them the map and the bias pass)."""
+    e = offsets.shape[0] - 1
+    groups = min(e, rows)
+    upper = min(rows, (rows + (block_m - 1) * groups) // block_m)
+    # checked only where it shortens the map (elsewhere a wrong bound changes nothing)
+    check = max_rows is not None and groups * -(-max_rows // block_m) < upper
+    if check:
+        upper = groups * -(-max_rows // block_m)
+    upper = max(1, upper)
+    if offsets.device.type == "cpu" and not INTERPRETED:  # (meta: bench/host_overhead.py's launch counts)
+        return _tile_map_torch(offsets, rows, block_m, upper, max_rows if check else None)
+    tile_expert = torch.empty(upper, dtype=torch.int32, device=offsets.device)
+    tile_row = torch.empty(upper, dtype=torch.int32, device=offsets.device)
+    bounds = torch.empty(e + 2, dtype=torch.int64, device=offsets.device)
+    ok = torch.empty(1, dtype=torch.int32, device=offsets.device) if check else tile_row
+    experts_pow2 = triton.next_power_of_2(max(e, 1))
+    _tile_map_kernel[(1,)](offsets, tile_expert, tile_row, bounds, ok, e, rows, upper, max_rows if check else 0,
+                           BLOCK_M=block_m, EXPERTS_POW2=experts_pow2,
+                           BLOCK_T=max(16, min(256, 4096 // experts_pow2)), CHECK=check, num_warps=4,
+                           enable_fp_fusion=False)  # integers only: nothing to fuse
+    if check:
+        torch._assert_async(ok, _OVER_THE_ROW_BOUND.format(max_rows))
+    return tile_expert, tile_row, bounds
+
+
+_OVER_THE_ROW_BOUND = ("qlk grouped matmul: an expert holds more rows than max_rows_per_expert={}; "
+                       "pass the true bound (the token count under top-k routing) or None")
+
+
+def _tile_map_torch(offsets: torch.Tensor, rows: int, block_m: int, upper: int, max_rows: int | None):
+    """:func:`_tile_map`'s map of ``upper`` slots in torch ops (CPU tensors without the interpreter);
+    ``max_rows``: the bound to check, or None."""
     e = offsets.shape[0] - 1
     bounds = torch.cat([offsets.to(torch.int64), offsets.new_full((1,), rows, dtype=torch.int64)])
     counts = bounds[1:e + 1] - bounds[:e]  # [E], the sentinel tail left out
     tiles = (counts + block_m - 1) // block_m
     ends = torch.cumsum(tiles, 0)
-    groups = min(e, rows)
-    upper = min(rows, (rows + (block_m - 1) * groups) // block_m)
-    if max_rows is not None and groups * -(-max_rows // block_m) < upper:
-        upper = groups * -(-max_rows // block_m)
-        # checked only where it shortens the map (elsewhere a wrong bound changes nothing)
-        torch._assert_async(counts.max() <= max_rows,
-                            f"qlk grouped matmul: an expert holds more rows than max_rows_per_expert={max_rows}; "
-                            "pass the true bound (the token count under top-k routing) or None")
-    upper = max(1, upper)
+    if max_rows is not None:
+        torch._assert_async(counts.max() <= max_rows, _OVER_THE_ROW_BOUND.format(max_rows))
     t = torch.arange(upper, device=offsets.device)
     group = torch.searchsorted(ends, t, right=True)  # E past the last tile
     valid = group < e
@@ -586,7 +670,7 @@ def grouped_matmul_forward(x: torch.Tensor, qw: QuantizedWeight, offsets: torch.
     # K loop for small M, where a second launch and pass would cost more
     args, meta = wargs if wargs is not None else weight_args(qw, denest_absmax=not small)
     if split > 1:
-        return _forward_split_k(x2, qw, offsets, num_experts, bias, args, meta, cfg, split, pool, out.dtype,
+        return _forward_split_k(x2, qw, offsets, num_experts, bias, args, meta, cfg, split, pool, out,
                                 programs, max_rows_per_expert)
     fused = pool and g & (g - 1) == 0
     tile_expert, tile_row, bounds = _tile_map(offsets, s, cfg["BLOCK_M"], max_rows_per_expert)
@@ -619,30 +703,42 @@ def _split_k_loop_runs(meta: dict, cfg: dict, k: int, split: int) -> bool:
     return _decode_loop_runs(meta, k, cfg["BLOCK_K"], split)
 
 
-def _forward_split_k(x2, qw, offsets, num_experts, bias, args, meta, cfg, split, pool, dtype, programs=None,
+def _forward_split_k(x2, qw, offsets, num_experts, bias, args, meta, cfg, split, pool, out, programs=None,
                      max_rows=None):
     """The small-M forward with K split over ``split`` programs per tile (fp32 atomic partial sums),
-    then the bias of each row's expert and the cast; P(X) by torch (pooling is per whole group)."""
+    then the bias of each row's expert and the cast into ``out``; P(X) by torch (pooling is per whole
+    group). With :data:`qlk.kernels.fused_matmul.SPLITK_FINISH` the kernel finishes Y itself (FINISH),
+    in the stream's kept workspace, which it leaves at zero."""
     s, k = x2.shape
     n = qw.out_features // num_experts
-    ws = torch.zeros((s, n), dtype=torch.float32, device=x2.device)
     tile_expert, tile_row, bounds = _tile_map(offsets, s, cfg["BLOCK_M"], max_rows)
     slots = tile_expert.shape[0]
     programs = min(slots, programs or _programs(slots, num_experts, True))
     grid = (programs, cdiv(n, cfg["BLOCK_N"]), split)
+    finish = _fm.SPLITK_FINISH
+    dummy = args[3]
+    if finish:
+        ws, counts = _fm._finish_workspace(s * n, slots * grid[1], x2.device)
+    else:
+        ws, counts = torch.zeros((s, n), dtype=torch.float32, device=x2.device), dummy
+    in_kernel_bias = finish and bias is not None
     _grouped_matmul_splitk_kernel[grid](
-        ws, x2, tile_expert, tile_row, bounds, *args, n, k, num_experts, slots, x2.stride(0), x2.stride(1),
+        ws, x2, out if finish else dummy, bias if in_kernel_bias else dummy, counts,
+        tile_expert, tile_row, bounds, *args, n, k, num_experts, slots, x2.stride(0), x2.stride(1),
+        out.stride(0), out.stride(1), bias.stride(0) if in_kernel_bias else 0,
         DOT_PRECISION=_precision(x2.dtype), PACKED_DEQUANT=not INTERPRETED, SLOT_LOOP=programs < slots,
-        LOOP_RUNS=_split_k_loop_runs(meta, cfg, k, split), **meta, **cfg)
-    if bias is not None:  # row s belongs to expert searchsorted(offsets[1:], s); sentinel rows (= E) add 0
-        expert = torch.searchsorted(offsets[1:].to(torch.int64), torch.arange(s, device=x2.device), right=True)
-        padded = torch.cat([bias.to(torch.float32), bias.new_zeros((1, n), dtype=torch.float32)])
-        ws += padded[expert]
+        LOOP_RUNS=_split_k_loop_runs(meta, cfg, k, split), FINISH=finish, HAS_BIAS=in_kernel_bias, **meta, **cfg)
+    if not finish:
+        if bias is not None:  # row s belongs to expert searchsorted(offsets[1:], s); sentinel rows (= E) add 0
+            expert = torch.searchsorted(offsets[1:].to(torch.int64), torch.arange(s, device=x2.device), right=True)
+            padded = torch.cat([bias.to(torch.float32), bias.new_zeros((1, n), dtype=torch.float32)])
+            ws += padded[expert]
+        out.copy_(ws)
     pooled = None
     if pool:
         g = qw.group_size
         pooled = torch.mean(x2.reshape(s, k // g, g), dim=-1, dtype=torch.float32)
-    return ws.to(dtype), pooled
+    return out, pooled
 
 
 def _grad_int2_halves(block_m: int) -> bool:
