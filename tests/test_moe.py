@@ -1248,6 +1248,8 @@ def test_tile_map_covers_every_row_once_within_its_bound(impl, monkeypatch):
             continue
         _, _, bounds = _tile_map(off, rows, bm)
         assert bounds.dtype == torch.int64 and bounds.tolist() == off.tolist() + [rows], counts
+        strided = torch.repeat_interleave(off, 2)[::2]  # a view with stride 2
+        assert all(torch.equal(a, b) for a, b in zip(_tile_map(strided, rows, bm), _tile_map(off, rows, bm))), counts
         off = off.cpu()
         want = []
         for g, (lo, hi) in enumerate(zip(off.tolist(), off.tolist()[1:])):

@@ -554,7 +554,7 @@ def _tile_map(offsets: torch.Tensor, rows: int, block_m: int, max_rows: int | No
     bounds = torch.empty(e + 2, dtype=torch.int64, device=offsets.device)
     ok = torch.empty(1, dtype=torch.int32, device=offsets.device) if check else tile_row
     experts_pow2 = triton.next_power_of_2(max(e, 1))
-    _tile_map_kernel[(1,)](offsets, tile_expert, tile_row, bounds, ok, e, rows, upper, max_rows if check else 0,
+    _tile_map_kernel[(1,)](offsets.contiguous(), tile_expert, tile_row, bounds, ok, e, rows, upper, max_rows if check else 0,
                            BLOCK_M=block_m, EXPERTS_POW2=experts_pow2,
                            BLOCK_T=max(16, min(256, 4096 // experts_pow2)), CHECK=check, num_warps=4,
                            enable_fp_fusion=False)  # integers only: nothing to fuse
