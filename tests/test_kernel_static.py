@@ -372,7 +372,7 @@ _FINISH_CHILD = """
 import json, sys, torch
 from bench.sass import capture, disasm
 import qlk
-from qlk.kernels import fused_matmul as fm, grouped_matmul as gm
+from qlk.kernels import fused_matmul as fm, grouped_matmul as gm, routing
 fm.SPLITK_FINISH = True
 out = {}
 for arch in (90, 80):
@@ -386,6 +386,14 @@ for arch in (90, 80):
         gm.grouped_matmul_forward(torch.randn(2, 4096, dtype=torch.bfloat16), experts, offsets, 8,
                                   torch.randn(8, 1024, dtype=torch.bfloat16), config=cfg)
     dense, grouped = launches
+    gm.INTERPRETED = True  # the tile map's kernel for CPU tensors (round 38); the grouped launch above kept its path
+    with capture(arch) as side:
+        gm._tile_map(torch.tensor([0, 3, 3, 40, 41]), 50, 16, 40)
+        routing.route_rows(torch.randint(0, 130, (16,)), 128)
+    gm.INTERPRETED = False
+    for launch in side:
+        res, _ = disasm.read_cubin(launch.cubin)
+        out[f"{launch.kernel} sm_{arch}"] = dict(stack=res.stack)
     for name, launch, slices in (("dense", dense, dense.grid[1]), ("grouped", grouped, grouped.grid[2])):
         res, instrs = disasm.read_cubin(launch.cubin)
         out[f"{name} sm_{arch}"] = dict(finish=launch.constexprs["FINISH"], split=slices, stack=res.stack,
@@ -401,7 +409,8 @@ def test_splitk_finish_orders_its_count():
     then a GPU-scope fence (the count's release), the count's atomic, an L1 invalidation (its acquire)
     and a barrier before the finishing loads: CUTLASS's semaphore order. And no stack. The same for
     the grouped (MoE) split-K decode's FINISH (round 38), whose count is per tile slot: one count atomic
-    inside the slot's branch."""
+    inside the slot's branch. Round 38's one-program launches (the grouped tile map, the MoE routing)
+    compile for both archs without stack."""
     if _nvidia_tools_missing():
         pytest.skip("Triton's NVIDIA backend tools (ptxas, cuobjdump) are not installed")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -410,6 +419,10 @@ def test_splitk_finish_orders_its_count():
                           timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     found = json.loads(proc.stdout.strip().splitlines()[-1])
+    small = {name: found.pop(name) for name in [n for n in found if n.startswith("_")]}
+    # round 38's one-program launches (the tile map, the routing) compile for both archs, without stack
+    assert sorted(small) == [f"{k} sm_{a}" for k in ("_route_kernel", "_tile_map_kernel") for a in (80, 90)], small
+    assert all(r["stack"] == 0 for r in small.values()), small
     assert sorted(found) == ["dense sm_80", "dense sm_90", "grouped sm_80", "grouped sm_90"], sorted(found)
     for arch, r in found.items():
         ops = r["ops"]

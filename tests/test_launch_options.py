@@ -37,7 +37,7 @@ FMA = {
 }
 #: kernels that must round s·q and + b separately (bit for bit with the reference / bitsandbytes)
 EXACT = {"dequant": {"_dequantize_kernel"}, "nf4_tile": {"_nf4_denest_kernel"},
-         "grouped_matmul": {"_tile_map_kernel"}}  # integers only
+         "grouped_matmul": {"_tile_map_kernel"}, "routing": {"_route_kernel"}}  # the last two: integers only
 
 
 def _layers(kernel):

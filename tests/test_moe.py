@@ -26,6 +26,7 @@ from qlk.nn.experts import QuantExpertProj, QuantExperts, route
 transformers = pytest.importorskip("transformers")
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 needs_kernels = pytest.mark.skipif(not (INTERPRETED or torch.cuda.is_available()), reason="needs Triton")
+DEVICE = "cpu" if INTERPRETED or not torch.cuda.is_available() else "cuda"
 
 # (fmt, bits, group_size, double_quant)
 FORMATS = [("int", 4, 32, False), ("int", 3, 64, False), ("int", 2, 128, False), ("nf4", 4, 64, True),
@@ -320,6 +321,45 @@ def test_expert_adapters_gradients(method, shared, backend):
     torch.testing.assert_close(proj.lora_A.grad.double(), a64.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(proj.lora_B.grad.double(), b64.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(proj.bias.grad.double(), bias64.grad, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+def test_route_in_one_launch_is_the_torch_ops(monkeypatch):
+    """Round 38: a decode-sized routing on the Triton backend is one launch
+    (``qlk.kernels.routing.route_rows``) with exactly the torch ops' result: the stable sort by expert,
+    ids >= E (expert-parallel sentinels) and < 0 (dropped slots) last and in no expert's rows; int64
+    and int32 ids, a strided top-k view, 1 to 128 pairs over 1 to 255 experts. Past one program's
+    size (:func:`qlk.kernels.routing.fits`) the torch ops route, as they do under the reference backend."""
+    from qlk.kernels import routing
+    from qlk.nn import experts as ex
+
+    launches = spies.record_launches(monkeypatch, routing, "_route_kernel")
+    gen = torch.Generator().manual_seed(38)
+    cases = [(1, 1, 1), (1, 2, 8), (3, 2, 4), (16, 2, 8), (8, 8, 128), (16, 8, 60), (5, 3, 255), (64, 2, 8),
+             (1, 8, 128)]
+    for n_case, (t, k, e) in enumerate(cases):
+        ids = torch.randint(-2, e + 3, (k, t), generator=gen).t()  # [T, k], a strided view
+        if n_case % 2:
+            ids = ids.int()
+        before = len(launches)
+        with qlk.backend.use_backend("triton"):
+            order, offsets = ex.route(ids.to(DEVICE), e)
+        assert len(launches) == before + 1, (t, k, e)
+        with qlk.backend.use_backend("reference"):
+            want_order, want_offsets = ex.route(ids, e)
+        assert len(launches) == before + 1
+        order, offsets = order.cpu(), offsets.cpu()
+        assert order.dtype == offsets.dtype == torch.int64
+        assert torch.equal(order, want_order) and torch.equal(offsets, want_offsets), (t, k, e)
+        flat = ids.reshape(-1).long()
+        valid = (flat >= 0) & (flat < e)
+        assert int(offsets[0]) == 0 and int(offsets[-1]) == int(valid.sum())
+        assert torch.equal(flat[order[:int(offsets[-1])]], flat[valid].sort(stable=True).values)
+    assert not routing.fits(256, 128) and routing.fits(128, 8)
+    before = len(launches)
+    with qlk.backend.use_backend("triton"):
+        order, offsets = ex.route(torch.randint(0, 128, (32, 8), generator=gen).to(DEVICE), 128)
+    assert len(launches) == before and int(offsets[-1]) == 256
 
 
 def test_routing_sentinels_and_merge_keeps_int():

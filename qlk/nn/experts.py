@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .. import backend
 from .._checks import check_group_size
 from ..autograd.experts import grouped_experts_linear
 from ..formats import QuantizedWeight
@@ -273,17 +274,36 @@ class QuantExpertProj(PackedWeightModule):
 
 def route(top_k_index: torch.Tensor, num_experts: int):
     """(order [S], offsets [E+1]) for the S = T·k routed pairs: pair order[j] is the j-th row when
-    sorted by expert (stable); ids >= num_experts (expert-parallel sentinels) sort last and belong
-    to no expert. Device ops only."""
+    sorted by expert (stable); ids outside 0 .. E−1 (expert-parallel sentinels >= E, dropped slots
+    < 0) sort last and belong to no expert. Device ops only. On the Triton backend a decode-sized
+    routing is one launch (:func:`qlk.kernels.routing.route_rows`, round 38; the same result)."""
     ids = top_k_index.reshape(-1)
-    sorted_ids, order = torch.sort(ids, stable=True)
+    if _routes_in_one_launch(ids, num_experts):
+        from ..kernels import routing
+
+        return routing.route_rows(ids, num_experts)
+    key = torch.where((ids >= 0) & (ids < num_experts), ids, num_experts).to(torch.int64)
+    _, order = torch.sort(key, stable=True)
     # a scatter-add, not bincount: its output shape is known without reading the ids (torch.compile)
-    clamped = sorted_ids.clamp(max=num_experts).to(torch.int64)
     counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=ids.device).scatter_add_(
-        0, clamped, torch.ones_like(clamped))
+        0, key, torch.ones_like(key))
     offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=ids.device)
     offsets[1:] = torch.cumsum(counts[:num_experts], 0)
     return order, offsets
+
+
+def _routes_in_one_launch(ids: torch.Tensor, num_experts: int) -> bool:
+    """Whether :func:`route` takes the one-launch kernel: the Triton backend for ``ids``'s device, not
+    under torch.compile (which traces the torch ops), and a routing that fits one program."""
+    if torch.compiler.is_compiling():
+        return False
+    if not (ids.is_cuda or (ids.device.type == "cpu" and backend.TRITON_INTERPRETED)):
+        return False
+    if backend.resolve(ids.device) != "triton":
+        return False
+    from ..kernels import routing
+
+    return routing.fits(ids.shape[0], num_experts)
 
 
 class QuantExperts(nn.Module):

@@ -1,0 +1,63 @@
+"""Routing of a mixture-of-experts layer's token-expert pairs in one launch (round 38).
+
+For the S = T·k pairs of a top-k routing, ``ids`` [S] (expert of each pair; ids outside 0 .. E−1,
+the expert-parallel sentinels and dropped slots, belong to no expert), :func:`route_rows` returns
+
+    key[s]     = ids[s] if 0 <= ids[s] < E else E
+    order      = the stable sort of the pairs by key:  position of pair s
+                 pos[s] = #{j : key[j] < key[s]} + #{j < s : key[j] == key[s]},   order[pos[s]] = s
+    offsets[e] = #{s : key[s] < e}   for e = 0 .. E      (offsets[0] = 0, offsets[E] = the routed rows)
+
+exactly what :func:`qlk.nn.experts.route`'s torch ops give (a stable ``torch.sort`` of the keys, a
+scatter-add of the counts and their prefix sum, the reference): ~10 launches there, one here. It is
+one program holding the pairs' [S, S] comparison, so it is used for decode-sized routings only
+(:func:`fits`, :data:`MAX_ELEMENTS`); larger ones keep the torch ops.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+#: the largest [pairs, pairs] and [experts + 1, pairs] comparison (power-of-two padded) one program
+#: forms; above it the torch ops route (one token of Qwen3-30B-A3B: 8 pairs x 129 experts -> 8 x 256)
+MAX_ELEMENTS = 32768
+
+
+@triton.jit
+def _route_kernel(ids_ptr, order_ptr, offsets_ptr, S, NUM_EXPERTS, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr):
+    """order [S] int64 and offsets [E+1] int64 of the module docstring, in one program."""
+    s = tl.arange(0, BLOCK_S)
+    raw = tl.load(ids_ptr + s, mask=s < S, other=0)
+    key = tl.where((raw >= 0) & (raw < NUM_EXPERTS), raw, NUM_EXPERTS).to(tl.int32)
+    key = tl.where(s < S, key, NUM_EXPERTS + 1)  # padding pairs after every real one
+    ahead = (key[None, :] < key[:, None]) | ((key[None, :] == key[:, None]) & (s[None, :] < s[:, None]))
+    pos = tl.sum(ahead.to(tl.int32), 1)
+    tl.store(order_ptr + pos, s.to(tl.int64), mask=s < S)
+    e = tl.arange(0, BLOCK_E)
+    below = tl.sum((key[None, :] < e[:, None]).to(tl.int32), 1)
+    tl.store(offsets_ptr + e, below.to(tl.int64), mask=e <= NUM_EXPERTS)
+
+
+def fits(pairs: int, num_experts: int) -> bool:
+    """Whether :func:`route_rows` routes ``pairs`` pairs over ``num_experts`` in one program."""
+    block_s = triton.next_power_of_2(max(pairs, 1))
+    return max(block_s, triton.next_power_of_2(num_experts + 1)) * block_s <= MAX_ELEMENTS
+
+
+def route_rows(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order [S] int64, offsets [E+1] int64) of the module docstring for the expert ids [S] (any
+    integer dtype, any stride), in one launch; ``fits(S, num_experts)`` must hold."""
+    pairs = ids.shape[0]
+    if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise TypeError(f"route_rows: ids must be a 1-D integer tensor, got {ids.dtype} {list(ids.shape)}")
+    if not fits(pairs, num_experts):
+        raise ValueError(f"route_rows: {pairs} pairs over {num_experts} experts exceed one program "
+                         f"(MAX_ELEMENTS={MAX_ELEMENTS}); route them with the torch ops")
+    order = torch.empty(pairs, dtype=torch.int64, device=ids.device)
+    offsets = torch.empty(num_experts + 1, dtype=torch.int64, device=ids.device)
+    block_s = triton.next_power_of_2(max(pairs, 1))
+    _route_kernel[(1,)](ids.contiguous(), order, offsets, pairs, num_experts, BLOCK_S=block_s,
+                        BLOCK_E=triton.next_power_of_2(num_experts + 1), num_warps=4,
+                        enable_fp_fusion=False)  # integers only: nothing to fuse
+    return order, offsets
