@@ -787,7 +787,7 @@ def test_grouped_split_k_finish_in_the_kernel(f, split, programs, monkeypatch):
     call, so a second call (other rows, no bias, no sentinels) into the same buffers is right too.
     Experts with 0, 1, odd and many rows (3 tiles), K = 128 in 4 tiles of 32 over ``split`` slices
     (3: the last is empty), a ragged second N tile; a slot loop of 2 program rows; float64 oracle.
-    On a GPU each call repeats 20 times (the slices run concurrently)."""
+    On a GPU (its tensors on CUDA) each call repeats 20 times (the slices run concurrently)."""
     from qlk.kernels import fused_matmul as fm
     from qlk.kernels import grouped_matmul as gm
 
@@ -814,10 +814,13 @@ def test_grouped_split_k_finish_in_the_kernel(f, split, programs, monkeypatch):
         with monkeypatch.context() as during:  # the fp32 [S, N] workspace the unfinished launch zeroes
             zeroed, real_zeros = [], torch.zeros
             during.setattr(gm.torch, "zeros", lambda *a, **kw: zeroed.append(a) or real_zeros(*a, **kw))
-            y, pooled = gm.grouped_matmul_forward(x, qw, off, e_count, bias, pool=fmt == "int", config=cfg)
+            y, pooled = gm.grouped_matmul_forward(x.to(DEVICE), qw.to(DEVICE), off.to(DEVICE), e_count,
+                                                  None if bias is None else bias.to(DEVICE), pool=fmt == "int",
+                                                  config=cfg)
         y_ref = per_expert(x[:routed], off, lambda e, xe: xe @ w[e].t() + (bias[e].double() if biased else 0))
         assert launches[-1]["FINISH"] and launches[-1]["HAS_BIAS"] == biased, call
         assert y is made[-1] and ((rows, n),) not in zeroed, (call, zeroed)
+        y, pooled = y.cpu(), (pooled.cpu() if pooled is not None else None)
         assert torch.equal(y[routed:], torch.zeros(rows - routed, n, dtype=torch.half)) and not y.isnan().any(), call
         assert ((y[:routed].double() - y_ref).norm() / y_ref.norm()) < 2e-3, call
         if fmt == "int":
