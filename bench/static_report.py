@@ -960,10 +960,13 @@ def _summary(rows, dispatched=None) -> list:
                   key=lambda t: (t[0] != "fwd", t[1], t[2], -(t[3] or 0)))
     lines = ["| op | K→N | M | metric | " + " | ".join(c for c, _ in cols) + " |",
              "|---|---|---|---|" + "---|" * len(cols)]
+    by_shape = {}
+    for r in main.values():
+        by_shape.setdefault((r["op"], r["K"], r["N"], r["M"]), []).append(r)
     for op, k, n, m in keys:
         cells = []
         for _, pred in cols:
-            hit = [r for r in main.values() if (r["op"], r["K"], r["N"], r["M"]) == (op, k, n, m) and pred(r)]
+            hit = [r for r in by_shape[(op, k, n, m)] if pred(r)]
             if not hit:
                 cells.append("")
                 continue
@@ -1106,6 +1109,9 @@ def write_markdown(path: str, arch: int, rows, meta: dict) -> None:
     p("| kernel | case | config | regs | stack | smem | CTAs/SM | grid | wave | tensor-peak | dram-peak | bound | notes |")
     p("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     shown = sorted((r for r in rows if r["status"] != "ok" or r["best"]), key=_row_order)
+    configs_of = {}
+    for x in rows:
+        configs_of[(x["case"], x["kernel"])] = configs_of.get((x["case"], x["kernel"]), 0) + 1
     missing = {}
     for r in shown:
         if r["status"] and r["status"].startswith("not available"):
@@ -1114,7 +1120,7 @@ def write_markdown(path: str, arch: int, rows, meta: dict) -> None:
         if r["status"] != "ok" and not (r["status"] or "").startswith("partial"):
             p(f"| — | {r['case']} | {r['status']} |  |  |  |  |  |  |  |  |  |  |")
             continue
-        n_cfg = sum(1 for x in rows if x["case"] == r["case"] and x["kernel"] == r["kernel"])
+        n_cfg = configs_of[(r["case"], r["kernel"])]
         cfg = r["config"] + (f" (best of {n_cfg})" if n_cfg > 1 else "")
         if r.get("chosen_config") and r["chosen_config"] != r["config"]:
             cfg += f"; qlk's rules chose {r['chosen_config']}"

@@ -1443,25 +1443,28 @@ SPLITK_DIRECT_RUNS = [
 ]
 
 
-SPLITK_DIRECT_ROWS = 520
+SPLITK_DIRECT_ROWS = (SPLIT_N_ROWS, 520)  # 9 or 17 N tiles of 32, the last ragged (8 rows)
 
 
 def _only_splitk_tile(monkeypatch, case, m, split):
-    """(qw, float64 Ŵ) of ``case`` (N = SPLITK_DIRECT_ROWS), with the interpreter's split-K tile the
-    rules' only candidate and the SM count set so that they launch ``split`` slices at M = ``m``."""
+    """(qw, float64 Ŵ) of ``case``, with the interpreter's split-K tile the rules' only candidate and
+    the SM count set so that they launch ``split`` slices at M = ``m``. N: the first of
+    SPLITK_DIRECT_ROWS at which some SM count gives ``split`` (the interpreter's time goes with N; at
+    M = 1 and N = 264 the rules split K at every SM count)."""
     from qlk.kernels import config
 
     cfg = config._cfg(None, 4, 1, BLOCK_N=32, BLOCK_M=16, BLOCK_K=64)
     real = heuristics.candidates
     monkeypatch.setattr(heuristics, "candidates", lambda o: [cfg] if o == "splitk" else real(o))
     heuristics._choose_default.cache_clear()
-    qw, w64 = split_weight(case, SPLITK_DIRECT_ROWS)
-    n, k = qw.shape
     fmt = "nf4" if case[0] == "nf4" else f"int{case[1]}g{case[2]}"
-    for sms in range(1, 256):
-        _SMS[0] = sms
-        if heuristics.choose_config("splitk", m, n, k, fmt, fm.target_arch(), sms).split == split:
-            return qw, w64
+    for rows in SPLITK_DIRECT_ROWS:
+        qw, w64 = split_weight(case, rows)
+        n, k = qw.shape
+        for sms in range(1, 256):
+            _SMS[0] = sms
+            if heuristics.choose_config("splitk", m, n, k, fmt, fm.target_arch(), sms).split == split:
+                return qw, w64
     raise AssertionError(f"no SM count gives {split} slices at M = {m}")
 
 
@@ -1606,6 +1609,8 @@ def test_splitk_finish_keeps_deterministic_and_one_slice_launches(monkeypatch):
     assert not seen[-1][1]["FINISH"] and not seen[-1][1]["ATOMIC"]
     assert oracles.rel_err(y, x.cpu().double() @ w64.t() + bias.cpu().double()) < TOL
     qw, w64 = _only_splitk_tile(monkeypatch, ("int", 4, 32, 512), 5, 1)
+    n = qw.shape[0]
+    bias = randn(n, seed=2)
     y = quant_matmul_forward(x, qw, bias, out=nan(5, n), path="splitk")
     assert seen[-1][1]["DIRECT"] and not seen[-1][1]["FINISH"]
     assert oracles.rel_err(y, x.cpu().double() @ w64.t() + bias.cpu().double()) < TOL

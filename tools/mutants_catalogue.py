@@ -15,6 +15,11 @@ DT = "tests/test_decode_tile.py"
 HP = "tests/test_host_path.py"
 
 MUTANTS = [
+    # ---- round 39: the experts' weighted sum over the pairs of no expert -----------------------------------
+    dict(id="experts-dropped-pairs-weighted", cls="silent wrong", file="qlk/nn/experts.py",
+         old="        routed = torch.arange(out.shape[0], device=out.device).unsqueeze(-1) < offsets[-1]",
+         new="        routed = (top_k_index.reshape(-1)[order] < self.num_experts).unsqueeze(-1)",
+         tests=["tests/test_moe.py", "-k", "new_experts_class"]),
     # ---- round 38: the grouped decode's FINISH and the one-launch tile map ---------------------------------
     dict(id="grouped-finish-tail-rows-unwritten", cls="multi-tile reduction", file="qlk/kernels/grouped_matmul.py",
          old="    if FINISH:  # first: its registers are dead before the K loop\n",

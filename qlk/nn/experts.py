@@ -345,9 +345,11 @@ class QuantExperts(nn.Module):
         out = down(self._activate(first(x, offsets, t)), offsets, t)
         if self.has_post_expert_norm:
             out = self.post_expert_norm(out)
-        weights = top_k_weights.reshape(-1)[order]
-        weights = torch.where(top_k_index.reshape(-1)[order] < self.num_experts, weights, torch.zeros_like(weights))
-        out = out * weights.unsqueeze(-1).to(out.dtype)
+        weights = top_k_weights.reshape(-1)[order].unsqueeze(-1).to(out.dtype)
+        # rows past offsets[E] are the pairs of no expert (sentinels >= E, dropped ids < 0): they add
+        # nothing, whatever weight the router gave them (NaN or inf included; 0·NaN would be NaN)
+        routed = torch.arange(out.shape[0], device=out.device).unsqueeze(-1) < offsets[-1]
+        out = torch.where(routed, out * weights, torch.zeros((), dtype=out.dtype, device=out.device))
         unsorted = torch.empty_like(out).index_copy_(0, order, out)
         return unsorted.view(t, k, h).sum(dim=1).to(hidden_states.dtype)
 
