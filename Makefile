@@ -11,7 +11,8 @@ PYTHON ?= $(VENV)/bin/python
 PYTEST_ARGS ?=
 # workers of make test (pytest-xdist): 2 on CI's 2 cores halves the suite (docs/measurements.md);
 # --dist loadfile keeps a file's tests on one worker, so module fixtures (test_kernel_static's
-# compiles) are built once. TEST_JOBS=0 runs it in one process.
+# compiles) are built once; --no-loadscope-reorder hands the files out heaviest first
+# (tests/conftest.py FILE_SECONDS), not by test count. TEST_JOBS=0 runs it in one process.
 TEST_JOBS ?= 2
 
 .PHONY: test test-slow mutants static-report static-report-quick static-render static-moe gpu-check wheels
@@ -27,11 +28,11 @@ $(VENV)/.qlk-installed: setup.py requirements-test.txt
 	touch $@
 
 test: $(VENV)/.qlk-installed
-	$(PYTHON) -m pytest -q -n $(TEST_JOBS) --dist loadfile tests $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -q -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder tests $(PYTEST_ARGS)
 
 # also the slow tests (the real SmolLM2 model)
 test-slow: $(VENV)/.qlk-installed
-	$(PYTHON) -m pytest -q -n $(TEST_JOBS) --dist loadfile tests --runslow $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -q -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder tests --runslow $(PYTEST_ARGS)
 
 # each catalogued bug applied to a temporary copy of the tree (never to the working tree), its
 # tests run there; fails if one survives. ~5 min on an idle 2-core machine (20+ on a busy one); not part of `make test` / CI, whose budget it would exhaust

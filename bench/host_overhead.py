@@ -25,7 +25,8 @@ dense GEMM included, plus every Triton launch). Options: ``--calls N``
 (cProfile of every row's timed calls, the top functions by cumulative time), ``--uncached``
 (clear the launch caches before every call: the cost of a first call at a new shape), ``--finish``
 (``fused_matmul.SPLITK_FINISH`` on; round 38: the grouped decode's too), ``--experts`` (round 38: the
-grouped MoE forward of M tokens, top-2 over 8 experts), ``--layer``
+grouped MoE forward of M tokens, top-2 over 8 experts), ``--moe-layer`` (round 39: a whole patched
+experts module's call, the decode path beside the general one), ``--layer``
 (round 37: the whole ``QuantLinear`` forward under ``torch.no_grad``, a decode step's view: the
 layer's checks, its ``qweight`` view, the layer function, ``qlk.quant_matmul`` and the launcher, for
 the base layer and a LoRA layer; CPU tensors, since autocast cannot be asked about ``meta``; the
@@ -136,7 +137,7 @@ def jit_stub():
 
 
 #: aten ops that launch nothing on a GPU (allocation, views, metadata): not counted by :func:`launches_of`
-_NO_KERNEL = {"empty", "empty_strided", "view", "reshape", "_reshape_alias", "as_strided", "t", "transpose",
+_NO_KERNEL = {"empty", "empty_like", "empty_strided", "view", "reshape", "_reshape_alias", "as_strided", "t", "transpose",
               "slice", "select", "unsqueeze", "squeeze", "expand", "permute", "detach", "alias", "_unsafe_view",
               "lift_fresh", "unbind", "split", "numpy_T", "contiguous"}
 _REAL_GEMMS = torch.matmul, torch.addmm
@@ -289,17 +290,81 @@ def measure_experts(calls: int, tokens, device: str = "cpu"):
 
                     def fn():
                         return gm.grouped_matmul_forward(x, qw, offsets, experts, bias, max_rows_per_expert=t)
-                    for _ in range(5):
-                        fn()
-                    times = []
-                    for _ in range(calls):
-                        t0 = time.perf_counter()
-                        fn()
-                        times.append(time.perf_counter() - t0)
-                    us = statistics.median(times) * 1e6
-                    launches = launches_of(fn)
+                    us, launches = _time_and_count(fn, calls)
                     rows.append((fmt_name, "experts fwd", s, "grouped", launches, us))
                     print(f"{fmt_name:9s} experts fwd S={s:<4d} {launches} launches {us:8.1f} us/call", flush=True)
+    finally:
+        for mod, name, value in saved:
+            setattr(mod, name, value)
+    return rows
+
+
+def _time_and_count(fn, calls: int):
+    """(median host µs of ``calls`` timed calls after 5 untimed ones, device launches of one more)."""
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6, launches_of(fn)
+
+
+def measure_moe_layer(calls: int, tokens, device: str = "meta"):
+    """``--moe-layer`` (round 39): µs and device launches of a whole patched experts module's call
+    under ``torch.no_grad`` (Mixtral's ``MixtralExperts``, 8 experts top-2, H = 256, I = 512: the
+    launch count does not depend on the sizes), ``tokens`` tokens, on the Triton backend as on
+    sm_90 with every kernel stubbed (``--stub jit``). Two rows a token count: ``decode`` (the
+    one-launch routing with tokens and positions, the rows' gather, both grouped projections, the
+    model's gate, the combine kernel) and ``general`` (the same call through the training path's
+    torch glue, as before round 39). On ``meta`` the routing is taken as on a GPU, and the
+    projections' autocast query (which ``meta`` cannot answer) is skipped, as with autocast off."""
+    from torch import nn
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    from qlk import backend
+    from qlk.kernels import grouped_matmul as gm
+    from qlk.kernels import routing
+    from qlk.nn import experts as ex
+
+    experts, top_k = 8, 2
+    rows = []
+    torch.manual_seed(0)
+    config = MixtralConfig(hidden_size=256, intermediate_size=512, num_local_experts=experts,
+                           num_experts_per_tok=top_k)
+    dense = MixtralExperts(config)
+    for p in dense.parameters():  # made with torch.empty
+        nn.init.normal_(p, std=0.02)
+    patched = qlk.patch_model(nn.ModuleDict({"experts": dense}), bits=4, group_size=128,
+                              method=None, verbose=False)["experts"].to(torch.bfloat16).to(device)
+    saved = [(gm, name, getattr(gm, name)) for name in ("target_arch", "num_sms")]
+    from qlk.autograd import experts as autograd_experts
+
+    saved += [(autograd_experts, "compute_dtype", autograd_experts.compute_dtype)]
+    saved += [(backend, "resolve", backend.resolve), (ex, "_routes_in_one_launch", ex._routes_in_one_launch),
+              (ex.QuantExperts, "_decodes_in_few_launches", ex.QuantExperts._decodes_in_few_launches)]
+    decode_test = ex.QuantExperts._decodes_in_few_launches
+    try:
+        gm.target_arch = lambda: ARCH
+        gm.num_sms = lambda device=None: SMS
+        backend.resolve = lambda device, name=None: "triton"
+        # autocast cannot be asked about meta tensors: the activations' dtype, as with autocast off
+        autograd_experts.compute_dtype = lambda x: x.dtype
+        ex._routes_in_one_launch = lambda ids, num_experts: routing.fits(ids.shape[0], num_experts)
+        with sm90_without_kernels(()), jit_stub(), torch.no_grad():
+            for t in tokens:
+                hidden = torch.randn(t, 256, dtype=torch.bfloat16, device=device)
+                ids = torch.stack([torch.randperm(experts)[:top_k] for _ in range(t)]).to(device)
+                weights = torch.rand(t, top_k, dtype=torch.bfloat16, device=device)
+                for path in ("decode", "general"):
+                    ex.QuantExperts._decodes_in_few_launches = decode_test if path == "decode" else \
+                        (lambda self, *args: False)
+                    us, launches = _time_and_count(lambda: patched(hidden, ids, weights), calls)
+                    rows.append(("int4g128", "experts layer", t, path, launches, us))
+                    print(f"int4g128  experts layer T={t:<4d} {path:8s} {launches} launches {us:8.1f} us/call",
+                          flush=True)
     finally:
         for mod, name, value in saved:
             setattr(mod, name, value)
@@ -323,10 +388,14 @@ def main():
                     "in one launch, round 37)")
     ap.add_argument("--experts", action="store_true", help="the grouped (MoE) forward at decode: M tokens "
                     "routed top-2 over 8 experts (round 38)")
+    ap.add_argument("--moe-layer", action="store_true", help="a whole patched MixtralExperts call under "
+                    "torch.no_grad at M tokens, on meta tensors: the decode path and the general one (round 39)")
     a = ap.parse_args()
     fm.SPLITK_FINISH = a.finish
-    if a.experts:
-        rows = measure_experts(a.calls, [int(v) for v in a.m.split(",")], a.device)
+    if a.experts or a.moe_layer:  # either or both
+        rows = measure_experts(a.calls, [int(v) for v in a.m.split(",")], a.device) if a.experts else []
+        if a.moe_layer:
+            rows += measure_moe_layer(a.calls, [int(v) for v in a.m.split(",")], "meta")
     elif a.layer:
         rows = measure_layers(a.calls, [int(v) for v in a.m.split(",")])
     else:

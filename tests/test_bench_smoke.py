@@ -346,16 +346,21 @@ def test_gpu_calibrate_times_both_variants(op, m, launcher, flag, suffix, names,
 def test_host_overhead_counts_the_grouped_decode_launches(finish):
     """``--experts`` (round 38): the grouped forward at one token (split-K) is the tile map's one
     launch and the kernel with ``--finish``; without it also the workspace's zeroing, the per-row
-    expert bias pass and the cast (11)."""
+    expert bias pass and the cast (11). ``--moe-layer`` (round 39, in the same run): a whole
+    MixtralExperts call at one token is 9 launches on the decode path (routing, gather, two tile maps
+    and two kernels, the model's SiLU and product, the combine), 17 through the general glue."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT
     r = subprocess.run([sys.executable, os.path.join(BENCH, "host_overhead.py"), "--experts", "--device", "meta",
-                        "--m", "1", "--calls", "3", *(["--finish"] if finish else [])],
+                        "--m", "1", "--calls", "3", *(["--finish"] if finish else ["--moe-layer"])],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [line for line in r.stdout.splitlines() if line.startswith(("| int4g128", "| nf4"))]
-    assert len(rows) == 2 and all("| experts fwd | 2 |" in row for row in rows), r.stdout
-    assert [int(row.split("|")[-3]) for row in rows] == [2 if finish else 11] * 2, rows
+    grouped = [row for row in rows if "| experts fwd | 2 |" in row]
+    assert len(grouped) == 2, r.stdout
+    assert [int(row.split("|")[-3]) for row in grouped] == [2 if finish else 11] * 2, rows
+    layer = {row.split("|")[4].strip(): int(row.split("|")[-3]) for row in rows if "| experts layer | 1 |" in row}
+    assert layer == ({} if finish else {"decode": 9, "general": 17}), rows
 
 
 @pytest.mark.parametrize("mode", [["--device", "meta", "--stub", "jit"], ["--layer"],

@@ -372,7 +372,7 @@ _FINISH_CHILD = """
 import json, sys, torch
 from bench.sass import capture, disasm
 import qlk
-from qlk.kernels import fused_matmul as fm, grouped_matmul as gm, routing
+from qlk.kernels import fused_matmul as fm, grouped_matmul as gm, moe_combine, routing
 fm.SPLITK_FINISH = True
 out = {}
 for arch in (90, 80):
@@ -390,10 +390,14 @@ for arch in (90, 80):
     with capture(arch) as side:
         gm._tile_map(torch.tensor([0, 3, 3, 40, 41]), 50, 16, 40)
         routing.route_rows(torch.randint(0, 130, (16,)), 128)
+        _, offsets, _, position = routing.route_pairs(torch.randint(-1, 130, (16,)), 128, 2)
+        moe_combine.combine(torch.randn(16, 4096, dtype=torch.bfloat16), position,
+                            torch.rand(8, 2, dtype=torch.bfloat16), offsets)
     gm.INTERPRETED = False
     for launch in side:
         res, _ = disasm.read_cubin(launch.cubin)
-        out[f"{launch.kernel} sm_{arch}"] = dict(stack=res.stack)
+        pairs = "+pairs" if launch.constexprs.get("PAIRS") else ""
+        out[f"{launch.kernel}{pairs} sm_{arch}"] = dict(stack=res.stack)
     for name, launch, slices in (("dense", dense, dense.grid[1]), ("grouped", grouped, grouped.grid[2])):
         res, instrs = disasm.read_cubin(launch.cubin)
         out[f"{name} sm_{arch}"] = dict(finish=launch.constexprs["FINISH"], split=slices, stack=res.stack,
@@ -410,7 +414,8 @@ def test_splitk_finish_orders_its_count():
     and a barrier before the finishing loads: CUTLASS's semaphore order. And no stack. The same for
     the grouped (MoE) split-K decode's FINISH (round 38), whose count is per tile slot: one count atomic
     inside the slot's branch. Round 38's one-program launches (the grouped tile map, the MoE routing)
-    compile for both archs without stack."""
+    and round 39's (the routing with tokens and positions, the experts' combine) compile for both
+    archs without stack."""
     if _nvidia_tools_missing():
         pytest.skip("Triton's NVIDIA backend tools (ptxas, cuobjdump) are not installed")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -420,8 +425,10 @@ def test_splitk_finish_orders_its_count():
     assert proc.returncode == 0, proc.stderr[-4000:]
     found = json.loads(proc.stdout.strip().splitlines()[-1])
     small = {name: found.pop(name) for name in [n for n in found if n.startswith("_")]}
-    # round 38's one-program launches (the tile map, the routing) compile for both archs, without stack
-    assert sorted(small) == [f"{k} sm_{a}" for k in ("_route_kernel", "_tile_map_kernel") for a in (80, 90)], small
+    # round 38's one-program launches (the tile map, the routing) and round 39's (the routing with
+    # tokens and positions, the experts' weighted sum) compile for both archs, without stack
+    kernels = ("_combine_kernel", "_route_kernel", "_route_kernel+pairs", "_tile_map_kernel")
+    assert sorted(small) == [f"{k} sm_{a}" for k in kernels for a in (80, 90)], small
     assert all(r["stack"] == 0 for r in small.values()), small
     assert sorted(found) == ["dense sm_80", "dense sm_90", "grouped sm_80", "grouped sm_90"], sorted(found)
     for arch, r in found.items():

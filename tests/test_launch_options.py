@@ -34,6 +34,7 @@ FMA = {
     "grouped_matmul": {"_grouped_matmul_fwd_kernel", "_grouped_matmul_splitk_kernel",
                        "_grouped_matmul_grad_input_kernel"},
     "qalora": {"_fold_bias_kernel"},
+    "moe_combine": {"_combine_kernel"},
 }
 #: kernels that must round s·q and + b separately (bit for bit with the reference / bitsandbytes)
 EXACT = {"dequant": {"_dequantize_kernel"}, "nf4_tile": {"_nf4_denest_kernel"},

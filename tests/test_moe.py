@@ -362,6 +362,114 @@ def test_route_in_one_launch_is_the_torch_ops(monkeypatch):
     assert len(launches) == before and int(offsets[-1]) == 256
 
 
+@needs_kernels
+def test_route_pairs_writes_each_rows_token_and_each_pairs_row():
+    """Round 39: :func:`qlk.kernels.routing.route_pairs` is :func:`route_rows` plus, from the same
+    launch, token = order // k and position = the inverse of order (pair s = t·k + i sits in row
+    position[s]); sentinels, negative ids, int32 ids and a strided view as in the routing test."""
+    from qlk.kernels import routing
+
+    gen = torch.Generator().manual_seed(39)
+    for n_case, (t, k, e) in enumerate([(1, 1, 1), (1, 2, 8), (3, 3, 4), (16, 2, 8), (7, 8, 128), (5, 3, 255)]):
+        ids = torch.randint(-2, e + 3, (k, t), generator=gen).t()
+        if n_case % 2:
+            ids = ids.int()
+        flat = ids.reshape(-1).to(DEVICE)
+        order, offsets, token, position = (v.cpu() for v in routing.route_pairs(flat, e, k))
+        want_order, want_offsets = route(ids, e)
+        assert torch.equal(order, want_order) and torch.equal(offsets, want_offsets), (t, k, e)
+        assert token.dtype == position.dtype == torch.int64
+        assert torch.equal(token, want_order // k), (t, k, e)
+        assert torch.equal(order[position], torch.arange(t * k)), (t, k, e)
+    with pytest.raises(ValueError, match="top_k=3"):
+        routing.route_pairs(torch.zeros(4, dtype=torch.int64, device=DEVICE), 8, 3)
+
+
+def _combine64(out, position, weights, offsets):
+    """float64 Y[t] = Σ_i w[t, i]·out[position[t·k + i]] over the pairs with a row below offsets[E]."""
+    t, k = weights.shape
+    y = torch.zeros(t, out.shape[1], dtype=torch.float64)
+    for s in range(t * k):
+        if int(position[s]) < int(offsets[-1]):
+            y[s // k] += float(weights[s // k, s % k]) * out[int(position[s])].double()
+    return y
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_combine_is_the_weighted_sum_of_each_tokens_rows(dtype):
+    """Round 39: :func:`qlk.kernels.moe_combine.combine` against float64, H = 300 (two H tiles, the
+    second ragged), 7 tokens top-3 over 4 experts with sentinels and dropped ids: the rows past
+    offsets[E] are NaN and the weights of those pairs NaN / inf, and none of it reaches Y; strided
+    [T, k] weights (a transposed view) in another dtype; Y in the hidden states' dtype, NaN-free."""
+    from qlk.kernels import moe_combine, routing
+
+    gen = torch.Generator().manual_seed(40)
+    t, k, e, h = 7, 3, 4, 300
+    ids = torch.randint(-1, e + 2, (t, k), generator=gen)
+    ids[0] = torch.tensor([0, 5, -1])
+    order, offsets, _, position = routing.route_pairs(ids.reshape(-1).to(DEVICE), e, k)
+    routed = int(offsets[-1])
+    assert 0 < routed < t * k
+    out = torch.randn(t * k, h, generator=gen).to(dtype)
+    out[routed:] = float("nan")
+    weights = torch.rand(k, t, generator=gen, dtype=torch.float64).t()  # strided
+    no_expert = (ids < 0) | (ids >= e)
+    weights[no_expert] = torch.tensor([float("nan"), float("inf")]).repeat(t * k)[:int(no_expert.sum())].double()
+    y = moe_combine.combine(out.to(DEVICE), position, weights.to(DEVICE), offsets, dtype)
+    want = _combine64(out, position.cpu(), weights, offsets.cpu())
+    assert y.dtype == dtype and y.shape == (t, h) and y.isfinite().all()
+    assert (y.cpu().double() - want).norm() / want.norm() < (1e-6 if dtype == torch.float32 else 1e-3)
+    empty = moe_combine.combine(out[:0].to(DEVICE), position[:0], weights[:0].to(DEVICE), offsets)
+    assert empty.shape == (0, h)
+    with pytest.raises(ValueError, match="weights"):
+        moe_combine.combine(out.to(DEVICE), position, weights[:, :2].to(DEVICE), offsets)
+
+
+@needs_kernels
+@pytest.mark.parametrize("family,f", [("mixtral", ("int", 4, 32, False)), ("gpt_oss", ("nf4", 4, 64, True))],
+                         ids=lambda v: v if isinstance(v, str) else fmt_id(v))
+def test_experts_decode_forward_is_the_general_forward(family, f, monkeypatch):
+    """Round 39: under ``torch.no_grad`` on the Triton backend a decode-sized experts call takes
+    ``_decode_forward`` (one routing launch that also writes tokens and positions, the combine kernel)
+    and gives what the general forward gives: Mixtral's gated, bias-free experts and gpt-oss's
+    transposed, biased ones; sentinels, dropped ids and their NaN / inf weights; 1 and 5 tokens.
+    With grad enabled and the adapters (QA-LoRA on INT, LoRA on NF4) requiring grad the general
+    (autograd) forward runs."""
+    from qlk.kernels import moe_combine, routing
+
+    fmt, bits, g, dq = f
+    patched = qlk.patch_model(tiny(family), bits=bits, group_size=g, fmt=fmt, double_quant=dq, r=4,
+                              method="qalora" if fmt == "int" else "lora", verbose=False).to(DEVICE)
+    q = next(m for m in patched.modules() if isinstance(m, QuantExperts))
+    for proj in q.projections.values():
+        with torch.no_grad():
+            proj.lora_B.normal_(generator=torch.Generator().manual_seed(3))
+    routes = spies.record_launches(monkeypatch, routing, "_route_kernel")
+    combines = spies.record_launches(monkeypatch, moe_combine, "_combine_kernel")
+    gen = torch.Generator().manual_seed(41)
+    for t in (1, 5):
+        h = torch.randn(t, 64, generator=gen).to(DEVICE)
+        idx = torch.randint(0, q.num_experts, (t, 2), generator=gen)
+        idx[0, 1] = q.num_experts + 1 if t == 1 else -1
+        w = torch.rand(t, 2, generator=gen)
+        w[0, 1] = float("nan")
+        idx, w = idx.to(DEVICE), w.to(DEVICE)
+        with qlk.use_backend("triton"), torch.no_grad():
+            got = q(h, idx, w)
+            assert len(combines) == 1 and routes[-1]["PAIRS"], (len(combines), routes)
+            with monkeypatch.context() as mp:
+                mp.setattr(QuantExperts, "_decodes_in_few_launches", lambda self, *a: False)
+                want = q(h, idx, w)
+        combines.clear()
+        assert got.isfinite().all()
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+    with qlk.use_backend("triton"):
+        y = q(h, idx, w)
+    assert not combines and y.requires_grad
+    torch.testing.assert_close(y.detach(), want, rtol=2e-5, atol=2e-5)
+
+
 def test_routing_sentinels_and_merge_keeps_int():
     """route(): stable sort with sentinels (ids >= E) last; merged QA-LoRA experts keep codes, bits
     and format, and compute what the adapter did."""

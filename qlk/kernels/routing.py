@@ -12,6 +12,12 @@ exactly what :func:`qlk.nn.experts.route`'s torch ops give (a stable ``torch.sor
 scatter-add of the counts and their prefix sum, the reference): ~10 launches there, one here. It is
 one program holding the pairs' [S, S] comparison, so it is used for decode-sized routings only
 (:func:`fits`, :data:`MAX_ELEMENTS`); larger ones keep the torch ops.
+
+:func:`route_pairs` (round 39, the experts' decode forward) writes in the same launch what that
+forward needs beside them, so neither costs a launch of its own:
+
+    token[pos[s]] = s // k        the token of sorted row j (the rows' gather: X[token])
+    position[s]   = pos[s]        where pair s = (t, i), s = t·k + i, landed (the weighted sum's read)
 """
 from __future__ import annotations
 
@@ -25,8 +31,10 @@ MAX_ELEMENTS = 32768
 
 
 @triton.jit
-def _route_kernel(ids_ptr, order_ptr, offsets_ptr, S, NUM_EXPERTS, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr):
-    """order [S] int64 and offsets [E+1] int64 of the module docstring, in one program."""
+def _route_kernel(ids_ptr, order_ptr, offsets_ptr, token_ptr, position_ptr, S, NUM_EXPERTS, TOP_K,
+                  BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr, PAIRS: tl.constexpr):
+    """order [S] int64 and offsets [E+1] int64 of the module docstring, in one program; with PAIRS
+    also token [S] and position [S] (int64)."""
     s = tl.arange(0, BLOCK_S)
     raw = tl.load(ids_ptr + s, mask=s < S, other=0)
     key = tl.where((raw >= 0) & (raw < NUM_EXPERTS), raw, NUM_EXPERTS).to(tl.int32)
@@ -34,6 +42,9 @@ def _route_kernel(ids_ptr, order_ptr, offsets_ptr, S, NUM_EXPERTS, BLOCK_S: tl.c
     ahead = (key[None, :] < key[:, None]) | ((key[None, :] == key[:, None]) & (s[None, :] < s[:, None]))
     pos = tl.sum(ahead.to(tl.int32), 1)
     tl.store(order_ptr + pos, s.to(tl.int64), mask=s < S)
+    if PAIRS:
+        tl.store(token_ptr + pos, (s // TOP_K).to(tl.int64), mask=s < S)
+        tl.store(position_ptr + s, pos.to(tl.int64), mask=s < S)
     e = tl.arange(0, BLOCK_E)
     below = tl.sum((key[None, :] < e[:, None]).to(tl.int32), 1)
     tl.store(offsets_ptr + e, below.to(tl.int64), mask=e <= NUM_EXPERTS)
@@ -48,6 +59,19 @@ def fits(pairs: int, num_experts: int) -> bool:
 def route_rows(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(order [S] int64, offsets [E+1] int64) of the module docstring for the expert ids [S] (any
     integer dtype, any stride), in one launch; ``fits(S, num_experts)`` must hold."""
+    return _route(ids, num_experts, None)
+
+
+def route_pairs(ids: torch.Tensor, num_experts: int, top_k: int):
+    """(order, offsets, token, position), each int64, of the module docstring for the expert ids [S]
+    of a top-``top_k`` routing (S = T·k, pair s = (s // k, s % k)), in one launch; ``fits(S,
+    num_experts)`` must hold."""
+    if top_k < 1 or ids.shape[0] % top_k:
+        raise ValueError(f"route_pairs: {ids.shape[0]} pairs are not tokens of top_k={top_k}")
+    return _route(ids, num_experts, top_k)
+
+
+def _route(ids: torch.Tensor, num_experts: int, top_k: int | None):
     pairs = ids.shape[0]
     if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
         raise TypeError(f"route_rows: ids must be a 1-D integer tensor, got {ids.dtype} {list(ids.shape)}")
@@ -56,8 +80,9 @@ def route_rows(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch
                          f"(MAX_ELEMENTS={MAX_ELEMENTS}); route them with the torch ops")
     order = torch.empty(pairs, dtype=torch.int64, device=ids.device)
     offsets = torch.empty(num_experts + 1, dtype=torch.int64, device=ids.device)
+    token, position = (torch.empty_like(order), torch.empty_like(order)) if top_k else (order, order)
     block_s = triton.next_power_of_2(max(pairs, 1))
-    _route_kernel[(1,)](ids.contiguous(), order, offsets, pairs, num_experts, BLOCK_S=block_s,
-                        BLOCK_E=triton.next_power_of_2(num_experts + 1), num_warps=4,
-                        enable_fp_fusion=False)  # integers only: nothing to fuse
-    return order, offsets
+    _route_kernel[(1,)](ids.contiguous(), order, offsets, token, position, pairs, num_experts, top_k or 1,
+                        BLOCK_S=block_s, BLOCK_E=triton.next_power_of_2(num_experts + 1), PAIRS=bool(top_k),
+                        num_warps=4, enable_fp_fusion=False)  # integers only: nothing to fuse
+    return (order, offsets, token, position) if top_k else (order, offsets)

@@ -336,6 +336,8 @@ class QuantExperts(nn.Module):
         return self._original.act_fn(h)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        if self._decodes_in_few_launches(hidden_states, top_k_index, top_k_weights):
+            return self._decode_forward(hidden_states, top_k_index, top_k_weights)
         t, h = hidden_states.shape
         k = top_k_index.shape[-1]
         order, offsets = route(top_k_index, self.num_experts)
@@ -352,6 +354,31 @@ class QuantExperts(nn.Module):
         out = torch.where(routed, out * weights, torch.zeros((), dtype=out.dtype, device=out.device))
         unsorted = torch.empty_like(out).index_copy_(0, order, out)
         return unsorted.view(t, k, h).sum(dim=1).to(hidden_states.dtype)
+
+    def _decodes_in_few_launches(self, hidden_states, top_k_index, top_k_weights) -> bool:
+        """Whether :meth:`forward` takes :meth:`_decode_forward`: a routing :func:`route` does in one
+        launch (the Triton backend, not compiling, decode-sized) and no autograd graph to record."""
+        if not _routes_in_one_launch(top_k_index.reshape(-1), self.num_experts):
+            return False
+        return not (torch.is_grad_enabled() and (hidden_states.requires_grad or top_k_weights.requires_grad
+                                                 or any(p.requires_grad for p in self.parameters())))
+
+    def _decode_forward(self, hidden_states, top_k_index, top_k_weights):
+        """:meth:`forward`'s result with the glue around the two grouped GEMMs in two launches (round
+        39): the routing also writes each sorted row's token and each pair's row
+        (:func:`qlk.kernels.routing.route_pairs`), so the rows' gather is one ``index_select`` and the
+        weighted sum back to token order is one kernel (:func:`qlk.kernels.moe_combine.combine`, fp32
+        sums, rounded once) instead of ~10 torch ops."""
+        from ..kernels import moe_combine, routing
+
+        t = hidden_states.shape[0]
+        _, offsets, token, position = routing.route_pairs(top_k_index.reshape(-1), self.num_experts,
+                                                          top_k_index.shape[-1])
+        first, down = (getattr(self, n) for n in self.spec.projections)
+        out = down(self._activate(first(hidden_states.index_select(0, token), offsets, t)), offsets, t)
+        if self.has_post_expert_norm:
+            out = self.post_expert_norm(out)
+        return moe_combine.combine(out.contiguous(), position, top_k_weights, offsets, hidden_states.dtype)
 
     @torch.no_grad()
     def to_dense(self, dtype: torch.dtype | None = None) -> nn.Module:
