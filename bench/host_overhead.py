@@ -289,6 +289,7 @@ def measure_experts(calls: int, tokens, device: str = "cpu"):
                     offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(device)
 
                     def fn():
+                        gm._LAST_TILE_MAP[0] = None  # a decode step's offsets are new: no remembered map
                         return gm.grouped_matmul_forward(x, qw, offsets, experts, bias, max_rows_per_expert=t)
                     us, launches = _time_and_count(fn, calls)
                     rows.append((fmt_name, "experts fwd", s, "grouped", launches, us))

@@ -385,6 +385,34 @@ def test_route_pairs_writes_each_rows_token_and_each_pairs_row():
         routing.route_pairs(torch.zeros(4, dtype=torch.int64, device=DEVICE), 8, 3)
 
 
+@needs_kernels
+def test_tile_map_remembered_for_the_same_unchanged_offsets(monkeypatch):
+    """Round 39: a second ``_tile_map`` of the same offsets object, unchanged, with the same arguments
+    is the same tensors without a launch; an in-place write to the offsets (through a view too), another
+    BLOCK_M, row count or row bound, an equal but other tensor, or inference tensors build it again,
+    and each rebuilt map is the right one."""
+    from qlk.kernels import grouped_matmul as gm
+
+    spy = spies.record_launches(monkeypatch, gm, "_tile_map_kernel")
+    off = offsets_of([3, 0, 20, 5]).to(DEVICE)
+    first = gm._tile_map(off, 30, 16, 20)
+    assert gm._tile_map(off, 30, 16, 20) is first and len(spy) == 1
+    assert gm._tile_map(off.clone(), 30, 16, 20) is not first and len(spy) == 2  # never read to compare
+    for args in ((30, 8, 20), (30, 16, None), (31, 16, 20)):
+        assert gm._tile_map(off, *args) is not first
+    assert len(spy) == 5
+    again = gm._tile_map(off, 30, 16, 20)
+    off[1:].view(-1)[1:2] += 7  # through a view of a view: expert 1 takes 7 of expert 2's rows
+    rebuilt = gm._tile_map(off, 30, 16, 20)
+    assert rebuilt is not again and len(spy) == 7
+    want = [(0, 0), (1, 3), (2, 10), (3, 23)]
+    assert [(int(e), int(r)) for e, r in zip(*rebuilt[:2]) if e >= 0] == want
+    with torch.inference_mode():
+        frozen = offsets_of([3, 0, 20, 5]).to(DEVICE)
+        assert gm._tile_map(frozen, 30, 16) is not gm._tile_map(frozen, 30, 16)
+    assert len(spy) == 9
+
+
 def _combine64(out, position, weights, offsets):
     """float64 Y[t] = Σ_i w[t, i]·out[position[t·k + i]] over the pairs with a row below offsets[E]."""
     t, k = weights.shape
@@ -432,10 +460,12 @@ def test_combine_is_the_weighted_sum_of_each_tokens_rows(dtype):
 def test_experts_decode_forward_is_the_general_forward(family, f, monkeypatch):
     """Round 39: under ``torch.no_grad`` on the Triton backend a decode-sized experts call takes
     ``_decode_forward`` (one routing launch that also writes tokens and positions, the combine kernel)
-    and gives what the general forward gives: Mixtral's gated, bias-free experts and gpt-oss's
+    (both projections on one tile map) and gives what the general forward gives: Mixtral's gated,
+    bias-free experts and gpt-oss's
     transposed, biased ones; sentinels, dropped ids and their NaN / inf weights; 1 and 5 tokens.
     With grad enabled and the adapters (QA-LoRA on INT, LoRA on NF4) requiring grad the general
     (autograd) forward runs."""
+    from qlk.kernels import grouped_matmul as gm
     from qlk.kernels import moe_combine, routing
 
     fmt, bits, g, dq = f
@@ -447,6 +477,7 @@ def test_experts_decode_forward_is_the_general_forward(family, f, monkeypatch):
             proj.lora_B.normal_(generator=torch.Generator().manual_seed(3))
     routes = spies.record_launches(monkeypatch, routing, "_route_kernel")
     combines = spies.record_launches(monkeypatch, moe_combine, "_combine_kernel")
+    tile_maps = spies.record_launches(monkeypatch, gm, "_tile_map_kernel")
     gen = torch.Generator().manual_seed(41)
     for t in (1, 5):
         h = torch.randn(t, 64, generator=gen).to(DEVICE)
@@ -456,8 +487,10 @@ def test_experts_decode_forward_is_the_general_forward(family, f, monkeypatch):
         w[0, 1] = float("nan")
         idx, w = idx.to(DEVICE), w.to(DEVICE)
         with qlk.use_backend("triton"), torch.no_grad():
+            maps = len(tile_maps)
             got = q(h, idx, w)
             assert len(combines) == 1 and routes[-1]["PAIRS"], (len(combines), routes)
+            assert len(tile_maps) == maps + 1  # both projections read one tile map
             with monkeypatch.context() as mp:
                 mp.setattr(QuantExperts, "_decodes_in_few_launches", lambda self, *a: False)
                 want = q(h, idx, w)

@@ -45,6 +45,13 @@ MUTANTS = [
          old="                                                 or any(p.requires_grad for p in self.parameters())))",
          new="                                                 ))",
          tests=["tests/test_moe.py", "-k", "decode_forward"]),
+    dict(id="tile-map-memo-blind-to-writes", cls="stale cache", file="qlk/kernels/grouped_matmul.py",
+         old="    key = (offsets._version, rows, block_m, max_rows, stream)", new="    key = (rows, block_m, max_rows, stream)",
+         tests=["tests/test_moe.py", "-k", "remembered"]),
+    dict(id="tile-map-memo-blind-to-block-m", cls="stale cache", file="qlk/kernels/grouped_matmul.py",
+         old="    key = (offsets._version, rows, block_m, max_rows, stream)",
+         new="    key = (offsets._version, rows, max_rows, stream)",
+         tests=["tests/test_moe.py", "-k", "remembered"]),
     # ---- round 38: the grouped decode's FINISH and the one-launch tile map ---------------------------------
     dict(id="grouped-finish-tail-rows-unwritten", cls="multi-tile reduction", file="qlk/kernels/grouped_matmul.py",
          old="    if FINISH:  # first: its registers are dead before the K loop\n",

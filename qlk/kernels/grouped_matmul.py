@@ -65,6 +65,8 @@ the dequantized slice Ŵ_e (:func:`expert_weight`) and a torch matmul, fp32 (fp6
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import triton
 import triton.language as tl
@@ -519,7 +521,30 @@ def _tile_map_kernel(offsets_ptr, tile_expert_ptr, tile_row_ptr, bounds_ptr, ok_
 # ------------------------------------------------------------------------------------------------
 # launchers
 # ------------------------------------------------------------------------------------------------
+#: round 39: the last tile map built, (weakref to its offsets, key, map): a MoE layer's two projections
+#: (and the input gradients of a step) route the same offsets, and the second asks for the same map
+_LAST_TILE_MAP: list = [None]
+
+
 def _tile_map(offsets: torch.Tensor, rows: int, block_m: int, max_rows: int | None = None):
+    """:func:`_build_tile_map`'s map, remembered from the last call: the same ``offsets`` object,
+    unchanged since (its version counter: any in-place write, through any view, makes a new map), the
+    same ``rows``, ``block_m`` and ``max_rows``, and on CUDA the same current stream get the same
+    tensors back without a launch (the kernels only read them). Inference tensors keep no version
+    counter: their map is built every call."""
+    if offsets.is_inference():
+        return _build_tile_map(offsets, rows, block_m, max_rows)
+    stream = torch.cuda.current_stream(offsets.device).cuda_stream if offsets.is_cuda else None
+    key = (offsets._version, rows, block_m, max_rows, stream)
+    last = _LAST_TILE_MAP[0]
+    if last is not None and last[0]() is offsets and last[1] == key:
+        return last[2]
+    built = _build_tile_map(offsets, rows, block_m, max_rows)
+    _LAST_TILE_MAP[0] = (weakref.ref(offsets), key, built)
+    return built
+
+
+def _build_tile_map(offsets: torch.Tensor, rows: int, block_m: int, max_rows: int | None = None):
     """(tile_expert int32 [T], tile_row int32 [T], bounds [E+2]) for an upper bound T of the tile count
     known on the host (S, E, BLOCK_M and, when the caller knows it, ``max_rows``).
 
