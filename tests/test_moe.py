@@ -463,8 +463,8 @@ def test_experts_decode_forward_is_the_general_forward(family, f, monkeypatch):
     (both projections on one tile map) and gives what the general forward gives: Mixtral's gated,
     bias-free experts and gpt-oss's
     transposed, biased ones; sentinels, dropped ids and their NaN / inf weights; 1 and 5 tokens.
-    With grad enabled and the adapters (QA-LoRA on INT, LoRA on NF4) requiring grad the general
-    (autograd) forward runs."""
+    With grad enabled and the adapters (QA-LoRA on INT, LoRA on NF4) requiring grad, or with fp64
+    activations, the general forward runs."""
     from qlk.kernels import grouped_matmul as gm
     from qlk.kernels import moe_combine, routing
 
@@ -501,6 +501,8 @@ def test_experts_decode_forward_is_the_general_forward(family, f, monkeypatch):
         y = q(h, idx, w)
     assert not combines and y.requires_grad
     torch.testing.assert_close(y.detach(), want, rtol=2e-5, atol=2e-5)
+    with qlk.use_backend("triton"), torch.no_grad():  # fp64 activations keep the fp64 sums
+        assert q(h.double(), idx, w.double()).dtype == torch.float64 and not combines
 
 
 def test_routing_sentinels_and_merge_keeps_int():

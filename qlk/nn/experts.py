@@ -357,7 +357,10 @@ class QuantExperts(nn.Module):
 
     def _decodes_in_few_launches(self, hidden_states, top_k_index, top_k_weights) -> bool:
         """Whether :meth:`forward` takes :meth:`_decode_forward`: a routing :func:`route` does in one
-        launch (the Triton backend, not compiling, decode-sized) and no autograd graph to record."""
+        launch (the Triton backend, not compiling, decode-sized), no autograd graph to record, and
+        activations the fp32 combine does not round (fp64 keeps the general forward's fp64 sums)."""
+        if hidden_states.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            return False
         if not _routes_in_one_launch(top_k_index.reshape(-1), self.num_experts):
             return False
         return not (torch.is_grad_enabled() and (hidden_states.requires_grad or top_k_weights.requires_grad
