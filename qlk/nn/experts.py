@@ -24,6 +24,11 @@ decorator's grouped contract,
 with each projection a :class:`QuantExpertProj`: one :class:`~qlk.formats.QuantizedWeight` for all
 experts, [E·N, K] (expert e = rows e·N ..), so every format, the kernels' tile decoder and the IO
 are the dense layer's.
+
+At decode (no autograd graph, the Triton backend, a routing that fits one program) the glue around
+the two grouped GEMMs is two launches: the routing also writes each sorted row's token and each
+pair's row (:func:`qlk.kernels.routing.route_pairs`), and the weighted sum back to token order is one
+kernel (:func:`qlk.kernels.moe_combine.combine`); training keeps the torch glue and its autograd.
 """
 from __future__ import annotations
 
