@@ -740,13 +740,18 @@ def test_new_experts_class_by_structure_zero_tokens_and_sentinels(backend, monke
     w = torch.rand(7, 2, generator=torch.Generator().manual_seed(12))
     w[(idx < 0) | (idx >= 4)] = torch.tensor([float("nan"), float("inf"), float("nan"), -float("inf"), float("nan")])
     h = torch.randn(7, 64, generator=torch.Generator().manual_seed(13))
-    with torch.no_grad(), qlk.use_backend(backend):
-        got = q(h, idx, w)
-        assert got.isfinite().all()
-        torch.testing.assert_close(got, ref(h, idx, w), rtol=1e-4, atol=1e-4)
-        assert bounds == ([7, 7] if backend == "triton" else []), bounds  # both projections, 7 tokens
-        empty = q(torch.zeros(0, 64), torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2))
-    assert empty.shape == (0, 64)
+    want = ref(h, idx, w)
+    for decode in ([True, False] if backend == "triton" else [False]):  # round 39's decode path, the general one
+        bounds.clear()
+        with monkeypatch.context() as mp, torch.no_grad(), qlk.use_backend(backend):
+            if not decode:
+                mp.setattr(QuantExperts, "_decodes_in_few_launches", lambda self, *args: False)
+            got = q(h, idx, w)
+            assert got.isfinite().all(), decode
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+            assert bounds == ([7, 7] if backend == "triton" else []), bounds  # both projections, 7 tokens
+            empty = q(torch.zeros(0, 64), torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2))
+        assert empty.shape == (0, 64)
 
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_kernels)])
