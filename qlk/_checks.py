@@ -229,3 +229,21 @@ def check_grouped(qw, offsets: torch.Tensor, num_experts: int, what: str) -> int
     if offsets.device != qw.device:
         raise ValueError(f"{what}: offsets is on {offsets.device}, the weight on {qw.device}")
     return qw.out_features // num_experts
+
+
+def check_row_token(row_token, x: torch.Tensor, what: str) -> None:
+    """Checks a gather index (sorted row s reads row ``row_token[s]`` of ``x`` [T, K]): a 1-D int32/int64
+    tensor on x's device, whose values index x's rows. They come from the routing
+    (:func:`qlk.kernels.routing.route_pairs`); on a GPU they are not read here (that would be a host
+    sync on every decode call), on the CPU they are."""
+    if not isinstance(row_token, torch.Tensor) or row_token.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{what}: row_token must be an int32/int64 tensor [rows] (each sorted row's token); got "
+                        f"{getattr(row_token, 'dtype', type(row_token).__name__)}")
+    if row_token.dim() != 1:
+        raise ValueError(f"{what}: row_token has shape {list(row_token.shape)}, expected [rows]")
+    if row_token.device != x.device:
+        raise ValueError(f"{what}: row_token is on {row_token.device}, x on {x.device}")
+    if row_token.device.type == "cpu" and row_token.numel():
+        lo, hi = int(row_token.min()), int(row_token.max())
+        if lo < 0 or hi >= x.shape[0]:
+            raise ValueError(f"{what}: row_token holds rows {lo} .. {hi}; x has {x.shape[0]} rows")

@@ -385,7 +385,15 @@ for arch in (90, 80):
                                 torch.randn(1024, dtype=torch.bfloat16), path="splitk")
         gm.grouped_matmul_forward(torch.randn(2, 4096, dtype=torch.bfloat16), experts, offsets, 8,
                                   torch.randn(8, 1024, dtype=torch.bfloat16), config=cfg)
-    dense, grouped = launches
+        # round 40: the experts' decode reads the hidden states in place (GATHER), split or not
+        for split in (4, 1):
+            gm.grouped_matmul_forward(torch.randn(1, 4096, dtype=torch.bfloat16), experts, offsets, 8,
+                                      config=dict(cfg, SPLIT_K=split), row_token=torch.tensor([0, 0]))
+    dense, grouped, *gathered = launches
+    for launch in gathered:
+        res, _ = disasm.read_cubin(launch.cubin)
+        out[f"{launch.kernel}+gather sm_{arch}"] = dict(stack=res.stack, gather=launch.constexprs["GATHER"],
+                                                        decode=launch.constexprs.get("DECODE", True))
     gm.INTERPRETED = True  # the tile map's kernel for CPU tensors (round 38); the grouped launch above kept its path
     with capture(arch) as side:
         gm._tile_map(torch.tensor([0, 3, 3, 40, 41]), 50, 16, 40)
@@ -415,7 +423,8 @@ def test_splitk_finish_orders_its_count():
     the grouped (MoE) split-K decode's FINISH (round 38), whose count is per tile slot: one count atomic
     inside the slot's branch. Round 38's one-program launches (the grouped tile map, the MoE routing)
     and round 39's (the routing with tokens and positions, the experts' combine) compile for both
-    archs without stack."""
+    archs without stack, as do round 40's grouped decode kernels that read the routed rows in place
+    (GATHER: the split-K one and the one-slice decode one)."""
     if _nvidia_tools_missing():
         pytest.skip("Triton's NVIDIA backend tools (ptxas, cuobjdump) are not installed")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -427,9 +436,11 @@ def test_splitk_finish_orders_its_count():
     small = {name: found.pop(name) for name in [n for n in found if n.startswith("_")]}
     # round 38's one-program launches (the tile map, the routing) and round 39's (the routing with
     # tokens and positions, the experts' weighted sum) compile for both archs, without stack
-    kernels = ("_combine_kernel", "_route_kernel", "_route_kernel+pairs", "_tile_map_kernel")
+    kernels = ("_combine_kernel", "_grouped_matmul_fwd_kernel+gather", "_grouped_matmul_splitk_kernel+gather",
+               "_route_kernel", "_route_kernel+pairs", "_tile_map_kernel")
     assert sorted(small) == [f"{k} sm_{a}" for k in kernels for a in (80, 90)], small
     assert all(r["stack"] == 0 for r in small.values()), small
+    assert all(r["gather"] and r["decode"] for n, r in small.items() if "+gather" in n), small
     assert sorted(found) == ["dense sm_80", "dense sm_90", "grouped sm_80", "grouped sm_90"], sorted(found)
     for arch, r in found.items():
         ops = r["ops"]

@@ -983,6 +983,110 @@ def test_grouped_split_k_finish_in_the_kernel(f, split, programs, monkeypatch):
         assert ws.numel() >= rows * n and not ws.any() and not counts.any(), call
 
 
+# each X read of the grouped forward, with the rows gathered in the kernel (round 40):
+# (format, K, dtype, config, FINISH)
+GATHER_PATHS = {
+    "int4g32-decode-pool": (("int", 4, 32, False), 128, torch.float16, dict(BLOCK_M=16, BLOCK_K=32), False),
+    "int2g64-gemm-fp32-pool-slot-loop": (("int", 2, 64, False), 128, torch.float32,
+                                         dict(BLOCK_M=32, BLOCK_K=64, PROGRAMS=2), False),
+    "nf4-dq-gemm": (("nf4", 4, 64, True), 128, torch.float16, dict(BLOCK_M=16, BLOCK_K=64), False),
+    "int4g48-lane-order-torch-pool": (("int", 4, 48, False), 192, torch.float16,
+                                      dict(BLOCK_M=16, BLOCK_K=64, DECODE=False), False),
+    "int3g16-split2-torch-pool": (("int", 3, 16, False), 128, torch.float16, dict(BLOCK_M=16, BLOCK_K=32, SPLIT_K=2),
+                                  False),
+    "int4g32-split3-finish": (("int", 4, 32, False), 128, torch.float16, dict(BLOCK_M=16, BLOCK_K=32, SPLIT_K=3),
+                              True),
+}
+
+
+@needs_kernels
+@pytest.mark.parametrize("path", list(GATHER_PATHS))
+def test_grouped_forward_reads_each_rows_token_in_place(path, monkeypatch):
+    """``row_token`` (round 40, the experts' decode forward): sorted row s is row token[s] of the
+    un-gathered X [T, K], read in place by the kernel (GATHER) on each of the forward's X reads: the
+    decode loop with QA-LoRA pooling, the GEMM loop (fp32, a slot loop; NF4; the lane-owned k order
+    with a group size that pools in torch), the split-K decode (pooling in torch, the bias added
+    after) and its FINISH. Tokens are drawn at random (repeats, rows in any order), the X rows no
+    routed row reads and the sentinel rows' tokens hold NaN, the output starts as NaN; experts with
+    0, 1, odd and many rows; float64 oracle on X[token]."""
+    from qlk.kernels import fused_matmul as fm
+    from qlk.kernels import grouped_matmul as gm
+    from qlk.kernels import heuristics
+
+    f, k, dtype, extra, finish = GATHER_PATHS[path]
+    fmt, bits, g, dq = f
+    monkeypatch.setattr(fm, "SPLITK_FINISH", finish)
+    monkeypatch.setattr(fm, "_FINISH_BUFFERS", {})
+    monkeypatch.setattr(heuristics, "fwd_lane_order", lambda arch, block_m: "lane" in path)
+    monkeypatch.setattr(gm, "_output", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
+                                                                                device=device))
+    kernel = "_grouped_matmul_splitk_kernel" if "SPLIT_K" in extra else "_grouped_matmul_fwd_kernel"
+    launches = spies.record_launches(monkeypatch, gm, kernel)
+    e_count, n, tokens = len(COUNTS), 40, 24
+    gen = torch.Generator().manual_seed(400 + bits * 10 + g + k)
+    qw = qlk.quantize(torch.randn(e_count * n, k, generator=gen), bits=bits, group_size=g, fmt=fmt, double_quant=dq)
+    w = oracle_weight(qw).reshape(e_count, n, k)
+    if dtype == torch.float16:
+        w = w.half().double()  # the half2 decode rounds ŵ to fp16 once
+    off = offsets_of(COUNTS)
+    routed = int(off[-1])
+    x = torch.randn(tokens + 2, k, generator=gen).to(dtype)
+    x[tokens:] = float("nan")  # no routed row's token: never read
+    token = torch.cat([torch.randint(0, tokens, (routed,), generator=gen), torch.tensor([tokens, tokens + 1])])
+    bias = torch.randn(e_count, n, generator=gen).to(dtype)
+    cfg = dict(BLOCK_N=32, num_warps=4, num_stages=1, **extra)
+    y, pooled = gm.grouped_matmul_forward(x.to(DEVICE), qw.to(DEVICE), off.to(DEVICE), e_count, bias.to(DEVICE),
+                                          pool=fmt == "int", config=cfg, row_token=token.to(DEVICE))
+    assert [(kw["GATHER"], kw.get("FINISH", False)) for kw in launches] == [(True, finish)]
+    y = y.cpu()
+    gathered = x[token[:routed]]
+    y_ref = per_expert(gathered, off, lambda e, xe: xe @ w[e].t() + bias[e].double())
+    assert y.shape == (routed + 2, n) and torch.equal(y[routed:], torch.zeros(2, n, dtype=dtype))
+    assert not y.isnan().any()
+    assert ((y[:routed].double() - y_ref).norm() / y_ref.norm()) < (1e-5 if dtype == torch.float32 else 2e-3)
+    if fmt == "int":
+        torch.testing.assert_close(pooled.cpu()[:routed], gathered.float().reshape(routed, k // g, g).mean(-1),
+                                   rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_kernels)])
+def test_expert_projection_row_token_is_the_gathered_rows(backend):
+    """:func:`grouped_experts_linear` with ``row_token`` gives what it gives on X[row_token], for the
+    base GEMM, fused QA-LoRA and unfused LoRA; without a graph (the kernel reads X in place) and with
+    one (X gathered first: dX of each token is the sum over its rows, and the adapters' grads match).
+    Bad gather indices are errors that say what is wrong."""
+    e_count, n, k, g, tokens = 3, 16, 64, 32, 5
+    gen = torch.Generator().manual_seed(40)
+    qw = qlk.quantize(torch.randn(e_count * n, k, generator=gen), bits=4, group_size=g)
+    off = offsets_of([3, 0, 6])  # 9 sorted rows, the last routed to no expert
+    token = torch.tensor([4, 0, 2, 1, 3, 0, 4, 2, 1])
+    x = torch.randn(tokens, k, generator=gen)
+    for method, a_cols in ((None, 0), ("qalora", k // g), ("lora", k)):
+        a = torch.randn(e_count, 4, a_cols, generator=gen) if method else None
+        b = torch.randn(e_count, n, 4, generator=gen) if method else None
+        with qlk.use_backend(backend):
+            with torch.no_grad():
+                got = grouped_experts_linear(x, qw, off, e_count, None, a, b, 0.5, method, row_token=token)
+                want = grouped_experts_linear(x[token], qw, off, e_count, None, a, b, 0.5, method)
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+            leaves = [t.clone().requires_grad_() for t in (x, a, b) if t is not None]
+            grouped_experts_linear(leaves[0], qw, off, e_count, None, *(leaves[1:] or [None, None]), 0.5, method,
+                                   row_token=token).square().sum().backward()
+            refs = [t.clone().requires_grad_() for t in (x, a, b) if t is not None]
+            grouped_experts_linear(refs[0][token], qw, off, e_count, None, *(refs[1:] or [None, None]), 0.5,
+                                   method).square().sum().backward()
+        for leaf, ref in zip(leaves, refs):
+            torch.testing.assert_close(leaf.grad, ref.grad, rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match="row_token must be an int32/int64"):
+        grouped_experts_linear(x, qw, off, e_count, row_token=token.float())
+    with pytest.raises(ValueError, match=r"row_token has shape \[1, 9\]"):
+        grouped_experts_linear(x, qw, off, e_count, row_token=token[None])
+    with pytest.raises(ValueError, match="row_token holds rows 0 .. 5; x has 5 rows"):
+        grouped_experts_linear(x, qw, off, e_count, row_token=torch.where(token == 4, 5, token))
+    with pytest.raises(ValueError, match="row_token holds rows -1 .. 4"):
+        grouped_experts_linear(x, qw, off, e_count, row_token=torch.where(token == 0, -1, token))
+
+
 @needs_kernels
 @pytest.mark.parametrize("programs", [1, 4])
 def test_grouped_slot_loop_fewer_programs_than_tiles(programs, monkeypatch):

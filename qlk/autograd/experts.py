@@ -28,7 +28,7 @@ import torch
 from torch.amp import custom_bwd, custom_fwd
 
 from .. import backend
-from .._checks import check_grouped
+from .._checks import check_grouped, check_row_token
 from ..formats import QuantizedWeight
 from .lora import accumulate_dtype, autocast_off, compute_dtype, draw_seed, dropout_mask, wants_graph
 
@@ -115,12 +115,19 @@ def _use_kernels(device, qw: QuantizedWeight, dtype) -> bool:
     return backend.resolve(device) == "triton" and _gm().kernel_ok(qw, dtype)
 
 
-def grouped_base(x, qw, offsets, num_experts, bias=None, max_rows=None):
+def grouped_base(x, qw, offsets, num_experts, bias=None, max_rows=None, row_token=None):
     """Y = X·Ŵ_eᵀ (+ b_e) per row's expert: the grouped kernel or the reference. ``max_rows``: a bound
-    on every expert's rows (the token count), for the kernels' tile map."""
+    on every expert's rows (the token count), for the kernels' tile map; ``row_token``: sorted row s
+    is row row_token[s] of x (read in place by the kernels, gathered for the reference)."""
     if _use_kernels(x.device, qw, x.dtype):
-        return _gm().grouped_matmul_forward(x, qw, offsets, num_experts, bias, max_rows_per_expert=max_rows)[0]
-    return _gm().grouped_matmul_reference(x, qw, offsets, num_experts, bias)
+        return _gm().grouped_matmul_forward(x, qw, offsets, num_experts, bias, max_rows_per_expert=max_rows,
+                                            row_token=row_token)[0]
+    return _gm().grouped_matmul_reference(_rows(x, row_token), qw, offsets, num_experts, bias)
+
+
+def _rows(x, row_token):
+    """The sorted rows x[row_token] (x itself without a gather index)."""
+    return x if row_token is None else x.index_select(0, row_token)
 
 
 def grouped_base_grad(dy, qw, offsets, num_experts):
@@ -146,12 +153,15 @@ def _fused(method, seed, qw: QuantizedWeight, device, cd) -> bool:
 
 
 def grouped_experts_forward_impl(x2, qw, offsets, num_experts, bias, lora_a, lora_b, scaling, method, dropout,
-                                 max_rows=None):
+                                 max_rows=None, row_token=None):
     """(Y [S, N] in x2's dtype, saved, seed): the forward of :class:`GroupedExpertsFunction` on x2 in the
     compute dtype with autocast off. ``saved``: QA-LoRA's Pd [S, K/g] (accumulation dtype), LoRA's x2,
     None without adapter; ``seed``: the dropout seed or None; ``max_rows``: a bound on every expert's
-    rows or None (:func:`qlk.kernels.grouped_matmul.grouped_matmul_forward`'s ``max_rows_per_expert``). Shared by the Function and the
-    ``qlk::grouped_experts_linear`` op (qlk/custom_ops.py), so compiled and eager run the same kernels."""
+    rows or None (:func:`qlk.kernels.grouped_matmul.grouped_matmul_forward`'s ``max_rows_per_expert``);
+    ``row_token``: sorted row s is row row_token[s] of x2 (the tokens un-gathered; read in place by
+    the grouped kernel where the base GEMM or fused QA-LoRA is all there is, gathered otherwise) or
+    None. Shared by the Function and the ``qlk::grouped_experts_linear`` op (qlk/custom_ops.py), so
+    compiled and eager run the same kernels."""
     cd = x2.dtype
     acc = accumulate_dtype(cd)
     g = qw.group_size
@@ -160,9 +170,12 @@ def grouped_experts_forward_impl(x2, qw, offsets, num_experts, bias, lora_a, lor
     if _fused(method, seed, qw, x2.device, cd):
         wargs = folded_weight_args(qw, lora_a, lora_b, scaling, num_experts)
         y, pooled = _gm().grouped_matmul_forward(x2, qw, offsets, num_experts, bias, wargs=wargs, pool=True,
-                                                 max_rows_per_expert=max_rows)
+                                                 max_rows_per_expert=max_rows, row_token=row_token)
         saved = pooled.to(acc)
+    elif method is None:
+        y = grouped_base(x2, qw, offsets, num_experts, bias, max_rows, row_token)
     else:
+        x2 = _rows(x2, row_token)
         y = grouped_base(x2, qw, offsets, num_experts, bias, max_rows)
         if method is not None:
             seg = Segments(offsets, x2.shape[0])
@@ -216,14 +229,15 @@ def grouped_experts_backward_impl(dy2, saved, offsets, lora_a, lora_b, qw, num_e
     return dx, da, db, dbias
 
 
-def _grouped_experts_forward(x, qw, offsets, num_experts, bias, lora_a, lora_b, scaling, method, dropout, max_rows):
+def _grouped_experts_forward(x, qw, offsets, num_experts, bias, lora_a, lora_b, scaling, method, dropout, max_rows,
+                             row_token=None):
     """(Y, what backward needs, dropout seed or None, compute dtype): :class:`GroupedExpertsFunction`'s
-    forward, and :func:`grouped_experts_linear` without a graph."""
+    forward, and :func:`grouped_experts_linear` without a graph (only there with ``row_token``)."""
     cd = compute_dtype(x)
     with autocast_off(x.device.type):
         y, saved, seed = grouped_experts_forward_impl(x.to(cd), qw, offsets, num_experts,
                                                       None if bias is None else bias.to(cd), lora_a, lora_b,
-                                                      scaling, method, dropout, max_rows)
+                                                      scaling, method, dropout, max_rows, row_token)
     return y, saved, seed, cd
 
 
@@ -257,16 +271,21 @@ class GroupedExpertsFunction(torch.autograd.Function):
 
 
 def grouped_experts_linear(x, qw, offsets, num_experts, bias=None, lora_a=None, lora_b=None, scaling=1.0,
-                           method=None, dropout=0.0, max_rows=None):
+                           method=None, dropout=0.0, max_rows=None, row_token=None):
     """Differentiable stacked expert projection through :class:`GroupedExpertsFunction`.
 
     x [S, K] sorted by expert; qw stacked [E·N, K]; offsets [E+1]; bias [E, N] or None;
     lora_a [E or 1, r, K (LoRA) or K/g (QA-LoRA)], lora_b [E or 1, N, r]. ``max_rows``: a bound on
     every expert's row count (the token count T of top-k routing, where a token picks an expert at
-    most once) or None; the kernels launch fewer spare tiles with it and check it on the device."""
+    most once) or None; the kernels launch fewer spare tiles with it and check it on the device.
+    ``row_token`` (int [S], or None): sorted row s is row ``row_token[s]`` of x, which is then the
+    tokens un-gathered [T, K]; without an autograd graph the grouped kernel reads x in place (the
+    experts' decode forward, round 40), with one x is gathered first (index_select's backward scatters dX)."""
     n = check_grouped(qw, offsets, num_experts, "grouped_experts_linear")
     if x.dim() != 2 or x.shape[1] != qw.in_features:
         raise ValueError(f"grouped_experts_linear: x has shape {list(x.shape)}, expected [rows, {qw.in_features}]")
+    if row_token is not None:
+        check_row_token(row_token, x, "grouped_experts_linear")
     if method is not None:
         ea = lora_a.shape[0]
         if ea not in (1, num_experts) or lora_b.shape[0] != ea or lora_b.shape[1] != n:
@@ -276,6 +295,8 @@ def grouped_experts_linear(x, qw, offsets, num_experts, bias=None, lora_a=None, 
         raise ValueError(f"grouped_experts_linear: max_rows must be a non-negative int or None, got {max_rows!r}")
     if not wants_graph(x, bias, lora_a, lora_b):
         return _grouped_experts_forward(x, qw, offsets, num_experts, bias, lora_a, lora_b, float(scaling), method,
-                                        float(dropout), max_rows)[0]
+                                        float(dropout), max_rows, row_token)[0]
+    if row_token is not None:
+        x = x.index_select(0, row_token)
     return GroupedExpertsFunction.apply(x, qw, offsets, num_experts, bias, lora_a, lora_b, float(scaling), method,
                                         float(dropout), max_rows)

@@ -71,7 +71,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._checks import check_grouped
+from .._checks import check_grouped, check_row_token
 from ..formats.nf4 import nf4_absmax
 from ..formats.quantized_weight import QuantizedWeight
 from . import fused_matmul as _fm
@@ -106,13 +106,25 @@ def _zero_tail_rows(out_ptr, bounds_ptr, NUM_EXPERTS, pid_t, programs, offs_c, m
 
 
 @triton.jit
-def _fwd_tile(t, pid_n, y_ptr, x_ptr, bias_ptr, p_ptr, tile_expert_ptr, tile_row_ptr, bounds_ptr,
+def _x_rows(x_ptr, token_ptr, rows, valid, stride_xm, GATHER: tl.constexpr):
+    """Pointers to the X rows that sorted rows ``rows`` read: row s itself, or with GATHER row
+    token[s] of the un-gathered X [T, K] (the routed token of sorted row s: the experts' decode reads
+    the hidden states in place, round 40, instead of a gathered copy). Rows not ``valid`` (a decode
+    tile's padding, which may lie past S) read token 0; their X loads are masked."""
+    if GATHER:
+        rows = tl.load(token_ptr + rows, mask=valid, other=0)
+    return x_ptr + rows.to(tl.int64) * stride_xm
+
+
+@triton.jit
+def _fwd_tile(t, pid_n, y_ptr, x_ptr, token_ptr, bias_ptr, p_ptr, tile_expert_ptr, tile_row_ptr, bounds_ptr,
               qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr, stride_qn, stride_sn, stride_sg,
               N, K, NUM_EXPERTS, stride_xm, stride_xk, stride_ym, stride_yn, stride_be, stride_pm,
               BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
               HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, POOL: tl.constexpr, DECODE: tl.constexpr,
               PACKED_DEQUANT: tl.constexpr, EVEN_K: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, LANE_ORDER: tl.constexpr):
+              BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, LANE_ORDER: tl.constexpr,
+              GATHER: tl.constexpr):
     """Tile slot t, N tile pid_n of :func:`_grouped_matmul_fwd_kernel` (nothing for a slot past the last tile)."""
     e = tl.load(tile_expert_ptr + t)
     if e >= 0:
@@ -123,7 +135,7 @@ def _fwd_tile(t, pid_n, y_ptr, x_ptr, bias_ptr, p_ptr, tile_expert_ptr, tile_row
         # the expert's weight rows; rows past N are clamped (computed, never stored)
         rows_w = e * N + tl.minimum(offs_n, N - 1)
         if DECODE:
-            x_rows = x_ptr + offs_m.to(tl.int64) * stride_xm
+            x_rows = _x_rows(x_ptr, token_ptr, offs_m, offs_m < row_end, stride_xm, GATHER)
             if POOL and pid_n == 0:
                 acc = _decode_loop(x_rows, offs_m < row_end, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr,
                                    am_offset_ptr, lut_ptr, dyn_ptr, stride_qn, stride_sn, stride_sg, rows_w,
@@ -137,13 +149,13 @@ def _fwd_tile(t, pid_n, y_ptr, x_ptr, bias_ptr, p_ptr, tile_expert_ptr, tile_row
                                    BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, False, PACKED_DEQUANT,
                                    EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K, True)
         elif POOL and pid_n == 0:
-            x_rows = x_ptr + tl.minimum(offs_m, row_end - 1).to(tl.int64) * stride_xm
+            x_rows = _x_rows(x_ptr, token_ptr, tl.minimum(offs_m, row_end - 1), offs_m >= 0, stride_xm, GATHER)
             acc = _fwd_loop(x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
                             stride_qn, stride_sn, stride_sg, rows_w, offs_m, row_end, 0, K, K, stride_xk, stride_pm,
                             BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, True, EVEN_K,
                             BLOCK_N, BLOCK_M, BLOCK_K, PACKED_DEQUANT, False, True)
         else:
-            x_rows = x_ptr + tl.minimum(offs_m, row_end - 1).to(tl.int64) * stride_xm
+            x_rows = _x_rows(x_ptr, token_ptr, tl.minimum(offs_m, row_end - 1), offs_m >= 0, stride_xm, GATHER)
             acc = _fwd_loop(x_rows, p_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
                             stride_qn, stride_sn, stride_sg, rows_w, offs_m, row_end, 0, K, K, stride_xk, stride_pm,
                             BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, False, EVEN_K,
@@ -164,7 +176,8 @@ def _fwd_tile(t, pid_n, y_ptr, x_ptr, bias_ptr, p_ptr, tile_expert_ptr, tile_row
 @triton.jit
 def _grouped_matmul_fwd_kernel(
     y_ptr,  # [S, N] output, activation dtype
-    x_ptr,  # [S, K] routed rows sorted by expert (any strides)
+    x_ptr,  # [S, K] routed rows sorted by expert (any strides); GATHER: [T, K], the tokens un-gathered
+    token_ptr,  # GATHER: int32/int64 [S], sorted row s's row of X; else dummy
     bias_ptr,  # [E, N] per-expert bias or dummy
     p_ptr,  # POOL: [S, K/GROUP_SIZE] fp32 group means of x, else dummy
     tile_expert_ptr, tile_row_ptr, bounds_ptr,  # tile map (_tile_map), bounds [E+2] = offsets[:E+1] ++ [S]
@@ -177,8 +190,10 @@ def _grouped_matmul_fwd_kernel(
     PACKED_DEQUANT: tl.constexpr, SLOT_LOOP: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     QN_ALIGN: tl.constexpr = 1, LANE_ORDER: tl.constexpr = False, LOOP_RUNS: tl.constexpr = False,
+    GATHER: tl.constexpr = False,
 ):
-    """Y[s, n] = Σ_k X[s, k]·Ŵ[e·N + n, k] (+ bias[e, n]) for the rows s of M tile t (all of expert e).
+    """Y[s, n] = Σ_k X[s, k]·Ŵ[e·N + n, k] (+ bias[e, n]) for the rows s of M tile t (all of expert e);
+    with GATHER X[token[s], k] (:func:`_x_rows`).
 
     DECODE (small M): the K loop of :func:`_decode_loop` (packed half2 INT decoding, masked
     padding rows); else the dense GEMM's :func:`qlk.kernels.fused_matmul._fwd_loop`, LANE_ORDER as
@@ -197,28 +212,28 @@ def _grouped_matmul_fwd_kernel(
                     stride_yn, BLOCK_M, BLOCK_N)
     if SLOT_LOOP:
         for t in range(pid_t, NUM_SLOTS, tl.num_programs(0)):
-            _fwd_tile(t, pid_n, y_ptr, x_ptr, bias_ptr, p_ptr, tile_expert_ptr, tile_row_ptr, bounds_ptr,
+            _fwd_tile(t, pid_n, y_ptr, x_ptr, token_ptr, bias_ptr, p_ptr, tile_expert_ptr, tile_row_ptr, bounds_ptr,
                       qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
                       stride_qn, stride_sn, stride_sg,
                       N, K, NUM_EXPERTS, stride_xm, stride_xk, stride_ym, stride_yn, stride_be, stride_pm,
                       BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, HAS_BIAS, DOT_PRECISION, POOL, DECODE, PACKED_DEQUANT,
-                      EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K, LANE_ORDER)
+                      EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K, LANE_ORDER, GATHER)
     else:
-        _fwd_tile(pid_t, pid_n, y_ptr, x_ptr, bias_ptr, p_ptr, tile_expert_ptr, tile_row_ptr, bounds_ptr,
+        _fwd_tile(pid_t, pid_n, y_ptr, x_ptr, token_ptr, bias_ptr, p_ptr, tile_expert_ptr, tile_row_ptr, bounds_ptr,
                   qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr, stride_qn, stride_sn, stride_sg,
                   N, K, NUM_EXPERTS, stride_xm, stride_xk, stride_ym, stride_yn, stride_be, stride_pm,
                   BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, HAS_BIAS, DOT_PRECISION, POOL, DECODE, PACKED_DEQUANT,
-                  EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K, LANE_ORDER)
+                  EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K, LANE_ORDER, GATHER)
 
 
 @triton.jit
-def _splitk_tile(t, pid_n, pid_s, ws_ptr, x_ptr, y_ptr, bias_ptr, count_ptr, tile_expert_ptr, tile_row_ptr, bounds_ptr,
+def _splitk_tile(t, pid_n, pid_s, ws_ptr, x_ptr, token_ptr, y_ptr, bias_ptr, count_ptr, tile_expert_ptr, tile_row_ptr, bounds_ptr,
                  qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr, stride_qn, stride_sn, stride_sg,
                  N, K, NUM_EXPERTS, stride_xm, stride_xk, stride_ym, stride_yn, stride_be,
                  BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, PACKED_DEQUANT: tl.constexpr, EVEN_K: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                 FINISH: tl.constexpr, HAS_BIAS: tl.constexpr):
+                 FINISH: tl.constexpr, HAS_BIAS: tl.constexpr, GATHER: tl.constexpr):
     """Tile slot t, N tile pid_n, K slice pid_s of :func:`_grouped_matmul_splitk_kernel`."""
     e = tl.load(tile_expert_ptr + t)
     if e >= 0:
@@ -233,7 +248,7 @@ def _splitk_tile(t, pid_n, pid_s, ws_ptr, x_ptr, y_ptr, bias_ptr, count_ptr, til
         rows_w = e * N + tl.minimum(offs_n, N - 1)
         # a decode tile is mostly padding: padding rows are masked to 0, not clamped (no x row is
         # read BLOCK_M times over)
-        x_rows = x_ptr + offs_m.to(tl.int64) * stride_xm
+        x_rows = _x_rows(x_ptr, token_ptr, offs_m, mask_m, stride_xm, GATHER)
         acc = _decode_loop(x_rows, mask_m, ws_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr,
                            dyn_ptr, stride_qn, stride_sn, stride_sg, rows_w, offs_m, row_end, k_start, k_end, K,
                            stride_xk, 0, False, BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION, False,
@@ -253,7 +268,8 @@ def _splitk_tile(t, pid_n, pid_s, ws_ptr, x_ptr, y_ptr, bias_ptr, count_ptr, til
 @triton.jit
 def _grouped_matmul_splitk_kernel(
     ws_ptr,  # [S, N] fp32 partial sums, zero-initialized (atomic adds; FINISH: left at zero)
-    x_ptr,  # [S, K] routed rows sorted by expert (any strides)
+    x_ptr,  # [S, K] routed rows sorted by expert (any strides); GATHER: [T, K], the tokens un-gathered
+    token_ptr,  # GATHER: int32/int64 [S], sorted row s's row of X; else dummy
     y_ptr,  # FINISH: Y [S, N] (stride_ym, stride_yn); else dummy
     bias_ptr,  # FINISH and HAS_BIAS: [E, N] per-expert bias (stride_be); else dummy
     count_ptr,  # FINISH: int32 [NUM_SLOTS · N tiles], slices added into each output tile so far (zero between launches)
@@ -266,12 +282,12 @@ def _grouped_matmul_splitk_kernel(
     DOT_PRECISION: tl.constexpr, PACKED_DEQUANT: tl.constexpr, SLOT_LOOP: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     QN_ALIGN: tl.constexpr = 1, LOOP_RUNS: tl.constexpr = False,
-    FINISH: tl.constexpr = False, HAS_BIAS: tl.constexpr = False,
+    FINISH: tl.constexpr = False, HAS_BIAS: tl.constexpr = False, GATHER: tl.constexpr = False,
 ):
     """Small-M split-K: program (t, j, s) adds Σ_{k in slice s} X[m, k]·Ŵ[e·N + n, k] for the rows m
     of M tile t (expert e), N tile j, into ws. A slice is ⌈⌈K/BLOCK_K⌉ / SPLIT⌉ whole K tiles
     (SPLIT = grid axis 2). Sentinel rows (past offsets[E]) have no tile: ws's zeros. LOOP_RUNS: every
-    slice holds a whole K tile (the dense kernels' LOOP_RUNS).
+    slice holds a whole K tile (the dense kernels' LOOP_RUNS). GATHER: X[token[m], k] (:func:`_x_rows`).
 
     FINISH (round 38; :data:`qlk.kernels.fused_matmul.SPLITK_FINISH`): the dense decode's finish
     (:func:`qlk.kernels.fused_matmul._finish_split_tile`) per (tile slot, N tile): its last slice
@@ -293,19 +309,19 @@ def _grouped_matmul_splitk_kernel(
         tl.assume(_whole_k_end(tl.minimum(K, k_start + slice_tiles * BLOCK_K), K, EVEN_K, BLOCK_K) > k_start)
     if SLOT_LOOP:
         for t in range(pid_t, NUM_SLOTS, tl.num_programs(0)):
-            _splitk_tile(t, pid_n, pid_s, ws_ptr, x_ptr, y_ptr, bias_ptr, count_ptr, tile_expert_ptr, tile_row_ptr,
+            _splitk_tile(t, pid_n, pid_s, ws_ptr, x_ptr, token_ptr, y_ptr, bias_ptr, count_ptr, tile_expert_ptr, tile_row_ptr,
                          bounds_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
                          stride_qn, stride_sn, stride_sg,
                          N, K, NUM_EXPERTS, stride_xm, stride_xk, stride_ym, stride_yn, stride_be,
                          BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION,
-                         PACKED_DEQUANT, EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K, FINISH, HAS_BIAS)
+                         PACKED_DEQUANT, EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K, FINISH, HAS_BIAS, GATHER)
     else:
-        _splitk_tile(pid_t, pid_n, pid_s, ws_ptr, x_ptr, y_ptr, bias_ptr, count_ptr, tile_expert_ptr, tile_row_ptr,
+        _splitk_tile(pid_t, pid_n, pid_s, ws_ptr, x_ptr, token_ptr, y_ptr, bias_ptr, count_ptr, tile_expert_ptr, tile_row_ptr,
                      bounds_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
                      stride_qn, stride_sn, stride_sg,
                      N, K, NUM_EXPERTS, stride_xm, stride_xk, stride_ym, stride_yn, stride_be,
                      BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION,
-                     PACKED_DEQUANT, EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K, FINISH, HAS_BIAS)
+                     PACKED_DEQUANT, EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K, FINISH, HAS_BIAS, GATHER)
 
 
 @triton.jit
@@ -663,10 +679,13 @@ def tiles_for(direction: str, rows: int, num_experts: int, qw: QuantizedWeight |
 
 def grouped_matmul_forward(x: torch.Tensor, qw: QuantizedWeight, offsets: torch.Tensor, num_experts: int,
                            bias: torch.Tensor | None = None, *, wargs=None, pool: bool = False,
-                           config: dict | None = None, max_rows_per_expert: int | None = None):
+                           config: dict | None = None, max_rows_per_expert: int | None = None,
+                           row_token: torch.Tensor | None = None):
     """(Y [S, N], P(X) [S, G] fp32 or None) on the grouped kernel; see the module docstring.
 
     x [S, K] fp16/bf16/fp32 sorted by expert; qw stacked [E·N, K]; bias [E, N] or None.
+    ``row_token``: int [S]: sorted row s is row ``row_token[s]`` of x, which is then the tokens
+    un-gathered, [T, K] (the kernels read it in place: no gathered copy of X; round 40).
     ``wargs``: weight_args(qw) with replaced tensors (QA-LoRA's folded biases); ``pool``: also
     P(X). ``config``: tile sizes / warps / stages to use instead of :func:`grouped_config`'s.
     ``max_rows_per_expert``: a bound on any expert's row count known to the caller (the token count
@@ -675,6 +694,9 @@ def grouped_matmul_forward(x: torch.Tensor, qw: QuantizedWeight, offsets: torch.
     k = qw.in_features
     x2 = _as_2d(x, k, "x")
     s = x2.shape[0]
+    if row_token is not None:
+        check_row_token(row_token, x2, "grouped_matmul_forward")
+        s = row_token.shape[0]
     if bias is not None and (bias.shape != (num_experts, n) or bias.device != x.device):
         raise ValueError(f"bias must be [{num_experts}, {n}] on {x.device}; got {list(bias.shape)} on {bias.device}")
     out = _output((s, n), x.dtype, x.device)
@@ -696,7 +718,7 @@ def grouped_matmul_forward(x: torch.Tensor, qw: QuantizedWeight, offsets: torch.
     args, meta = wargs if wargs is not None else weight_args(qw, denest_absmax=not small)
     if split > 1:
         return _forward_split_k(x2, qw, offsets, num_experts, bias, args, meta, cfg, split, pool, out,
-                                programs, max_rows_per_expert)
+                                programs, max_rows_per_expert, row_token)
     fused = pool and g & (g - 1) == 0
     tile_expert, tile_row, bounds = _tile_map(offsets, s, cfg["BLOCK_M"], max_rows_per_expert)
     slots = tile_expert.shape[0]
@@ -705,17 +727,24 @@ def grouped_matmul_forward(x: torch.Tensor, qw: QuantizedWeight, offsets: torch.
     programs = min(slots, programs or _programs(slots, num_experts, small and not fused))
     grid = (programs, cdiv(n, cfg["BLOCK_N"]))
     _grouped_matmul_fwd_kernel[grid](
-        out, x2, bias if bias is not None else args[3], pooled if fused else args[3],
+        out, x2, args[3] if row_token is None else row_token, bias if bias is not None else args[3],
+        pooled if fused else args[3],
         tile_expert, tile_row, bounds, *args, n, k, num_experts, slots,
         x2.stride(0), x2.stride(1), out.stride(0), out.stride(1), bias.stride(0) if bias is not None else 0,
         pooled.stride(0) if fused else 0,
         HAS_BIAS=bias is not None, DOT_PRECISION=_precision(x.dtype), POOL=fused, DECODE=decode,
         PACKED_DEQUANT=not INTERPRETED, SLOT_LOOP=programs < slots,
         LANE_ORDER=not decode and heuristics.fwd_lane_order(target_arch(), cfg["BLOCK_M"]),
-        LOOP_RUNS=_loop_runs(k, cfg["BLOCK_K"], 1, whole=k % cfg["BLOCK_K"] != 0), **meta, **cfg)
+        LOOP_RUNS=_loop_runs(k, cfg["BLOCK_K"], 1, whole=k % cfg["BLOCK_K"] != 0), GATHER=row_token is not None,
+        **meta, **cfg)
     if pool and not fused:  # a group size that is not a power of two
-        torch.mean(x2.reshape(s, k // g, g), dim=-1, dtype=torch.float32, out=pooled)
+        torch.mean(_gathered(x2, row_token).reshape(s, k // g, g), dim=-1, dtype=torch.float32, out=pooled)
     return out, pooled
+
+
+def _gathered(x2: torch.Tensor, row_token: torch.Tensor | None) -> torch.Tensor:
+    """The sorted rows X[row_token] (x2 itself without a gather index): for the torch-side pooling."""
+    return x2 if row_token is None else x2.index_select(0, row_token)
 
 
 def _split_k_loop_runs(meta: dict, cfg: dict, k: int, split: int) -> bool:
@@ -729,12 +758,13 @@ def _split_k_loop_runs(meta: dict, cfg: dict, k: int, split: int) -> bool:
 
 
 def _forward_split_k(x2, qw, offsets, num_experts, bias, args, meta, cfg, split, pool, out, programs=None,
-                     max_rows=None):
+                     max_rows=None, row_token=None):
     """The small-M forward with K split over ``split`` programs per tile (fp32 atomic partial sums),
     then the bias of each row's expert and the cast into ``out``; P(X) by torch (pooling is per whole
     group). With :data:`qlk.kernels.fused_matmul.SPLITK_FINISH` the kernel finishes Y itself (FINISH),
-    in the stream's kept workspace, which it leaves at zero."""
-    s, k = x2.shape
+    in the stream's kept workspace, which it leaves at zero. ``row_token``: as
+    :func:`grouped_matmul_forward`'s (x2 is then [T, K])."""
+    s, k = out.shape[0], x2.shape[1]
     n = qw.out_features // num_experts
     tile_expert, tile_row, bounds = _tile_map(offsets, s, cfg["BLOCK_M"], max_rows)
     slots = tile_expert.shape[0]
@@ -748,11 +778,12 @@ def _forward_split_k(x2, qw, offsets, num_experts, bias, args, meta, cfg, split,
         ws, counts = torch.zeros((s, n), dtype=torch.float32, device=x2.device), dummy
     in_kernel_bias = finish and bias is not None
     _grouped_matmul_splitk_kernel[grid](
-        ws, x2, out if finish else dummy, bias if in_kernel_bias else dummy, counts,
+        ws, x2, dummy if row_token is None else row_token, out if finish else dummy, bias if in_kernel_bias else dummy, counts,
         tile_expert, tile_row, bounds, *args, n, k, num_experts, slots, x2.stride(0), x2.stride(1),
         out.stride(0), out.stride(1), bias.stride(0) if in_kernel_bias else 0,
         DOT_PRECISION=_precision(x2.dtype), PACKED_DEQUANT=not INTERPRETED, SLOT_LOOP=programs < slots,
-        LOOP_RUNS=_split_k_loop_runs(meta, cfg, k, split), FINISH=finish, HAS_BIAS=in_kernel_bias, **meta, **cfg)
+        LOOP_RUNS=_split_k_loop_runs(meta, cfg, k, split), FINISH=finish, HAS_BIAS=in_kernel_bias,
+        GATHER=row_token is not None, **meta, **cfg)
     if not finish:
         if bias is not None:  # row s belongs to expert searchsorted(offsets[1:], s); sentinel rows (= E) add 0
             expert = torch.searchsorted(offsets[1:].to(torch.int64), torch.arange(s, device=x2.device), right=True)
@@ -762,7 +793,7 @@ def _forward_split_k(x2, qw, offsets, num_experts, bias, args, meta, cfg, split,
     pooled = None
     if pool:
         g = qw.group_size
-        pooled = torch.mean(x2.reshape(s, k // g, g), dim=-1, dtype=torch.float32)
+        pooled = torch.mean(_gathered(x2, row_token).reshape(s, k // g, g), dim=-1, dtype=torch.float32)
     return out, pooled
 
 

@@ -209,17 +209,21 @@ class QuantExpertProj(PackedWeightModule):
         return expert_weight(self.qweight, e, self.num_experts)
 
     # ---- forward -----------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, offsets: torch.Tensor, max_rows: int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, offsets: torch.Tensor, max_rows: int | None = None,
+                row_token: torch.Tensor | None = None) -> torch.Tensor:
         """x [S, K] rows sorted by expert, offsets [E+1] -> [S, N]. ``max_rows``: a bound on every
         expert's rows (the token count under top-k routing) or None: the kernels launch fewer spare
-        tiles with it (checked on the device)."""
+        tiles with it (checked on the device). ``row_token`` (int [S]) or None: sorted row s is row
+        ``row_token[s]`` of x, then the tokens un-gathered [T, K] (:func:`grouped_experts_linear`)."""
         if torch.compiler.is_compiling():
+            if row_token is not None:
+                x = x.index_select(0, row_token)
             return self._compiled_forward(x, offsets, max_rows)
         p = self.dropout if self.training else 0.0
         a = self.lora_A if self.method is not None else None
         b = self.lora_B if self.method is not None else None
         return grouped_experts_linear(x, self.qweight, offsets, self.num_experts, self.bias, a, b, self.scaling,
-                                      self.method, p, max_rows)
+                                      self.method, p, max_rows, row_token)
 
     def _compiled_forward(self, x: torch.Tensor, offsets: torch.Tensor, max_rows: int | None = None) -> torch.Tensor:
         """:meth:`forward` under ``torch.compile``: the ``qlk::grouped_experts_linear`` op
@@ -374,16 +378,18 @@ class QuantExperts(nn.Module):
     def _decode_forward(self, hidden_states, top_k_index, top_k_weights):
         """:meth:`forward`'s result with the glue around the two grouped GEMMs in two launches (round
         39): the routing also writes each sorted row's token and each pair's row
-        (:func:`qlk.kernels.routing.route_pairs`), so the rows' gather is one ``index_select`` and the
-        weighted sum back to token order is one kernel (:func:`qlk.kernels.moe_combine.combine`, fp32
-        sums, rounded once) instead of ~10 torch ops."""
+        (:func:`qlk.kernels.routing.route_pairs`), so the first projection's kernel reads each sorted
+        row's token from the hidden states in place (``row_token``, round 40; LoRA's unfused
+        adapter gathers the rows with one ``index_select``) and the weighted sum back to token order is
+        one kernel (:func:`qlk.kernels.moe_combine.combine`, fp32 sums, rounded once) instead of ~10
+        torch ops."""
         from ..kernels import moe_combine, routing
 
         t = hidden_states.shape[0]
         _, offsets, token, position = routing.route_pairs(top_k_index.reshape(-1), self.num_experts,
                                                           top_k_index.shape[-1])
         first, down = (getattr(self, n) for n in self.spec.projections)
-        out = down(self._activate(first(hidden_states.index_select(0, token), offsets, t)), offsets, t)
+        out = down(self._activate(first(hidden_states, offsets, t, row_token=token)), offsets, t)
         if self.has_post_expert_norm:
             out = self.post_expert_norm(out)
         return moe_combine.combine(out.contiguous(), position, top_k_weights, offsets, hidden_states.dtype)
