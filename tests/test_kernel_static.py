@@ -385,15 +385,19 @@ for arch in (90, 80):
                                 torch.randn(1024, dtype=torch.bfloat16), path="splitk")
         gm.grouped_matmul_forward(torch.randn(2, 4096, dtype=torch.bfloat16), experts, offsets, 8,
                                   torch.randn(8, 1024, dtype=torch.bfloat16), config=cfg)
-        # round 40: the experts' decode reads the hidden states in place (GATHER), split or not
+        # round 40: the experts' decode reads the hidden states in place (GATHER), split or not, and
+        # the gate-up projection forms silu(G)·U in its epilogue (GATE_UP, one slice)
         for split in (4, 1):
             gm.grouped_matmul_forward(torch.randn(1, 4096, dtype=torch.bfloat16), experts, offsets, 8,
                                       config=dict(cfg, SPLIT_K=split), row_token=torch.tensor([0, 0]))
-    dense, grouped, *gathered = launches
-    for launch in gathered:
+        gm.grouped_matmul_forward(torch.randn(1, 4096, dtype=torch.bfloat16), experts, offsets, 8,
+                                  config=dict(cfg, SPLIT_K=1), row_token=torch.tensor([0, 0]), gate_up=True)
+    dense, grouped, *in_place = launches
+    for launch in in_place:
         res, _ = disasm.read_cubin(launch.cubin)
-        out[f"{launch.kernel}+gather sm_{arch}"] = dict(stack=res.stack, gather=launch.constexprs["GATHER"],
-                                                        decode=launch.constexprs.get("DECODE", True))
+        how = "+gather" + ("+gate_up" if launch.constexprs.get("GATE_UP") else "")
+        out[f"{launch.kernel}{how} sm_{arch}"] = dict(stack=res.stack, gather=launch.constexprs["GATHER"],
+                                                      decode=launch.constexprs.get("DECODE", True))
     gm.INTERPRETED = True  # the tile map's kernel for CPU tensors (round 38); the grouped launch above kept its path
     with capture(arch) as side:
         gm._tile_map(torch.tensor([0, 3, 3, 40, 41]), 50, 16, 40)
@@ -424,7 +428,7 @@ def test_splitk_finish_orders_its_count():
     inside the slot's branch. Round 38's one-program launches (the grouped tile map, the MoE routing)
     and round 39's (the routing with tokens and positions, the experts' combine) compile for both
     archs without stack, as do round 40's grouped decode kernels that read the routed rows in place
-    (GATHER: the split-K one and the one-slice decode one)."""
+    (GATHER: the split-K one and the one-slice one, that one also with the gate-up epilogue)."""
     if _nvidia_tools_missing():
         pytest.skip("Triton's NVIDIA backend tools (ptxas, cuobjdump) are not installed")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -436,8 +440,8 @@ def test_splitk_finish_orders_its_count():
     small = {name: found.pop(name) for name in [n for n in found if n.startswith("_")]}
     # round 38's one-program launches (the tile map, the routing) and round 39's (the routing with
     # tokens and positions, the experts' weighted sum) compile for both archs, without stack
-    kernels = ("_combine_kernel", "_grouped_matmul_fwd_kernel+gather", "_grouped_matmul_splitk_kernel+gather",
-               "_route_kernel", "_route_kernel+pairs", "_tile_map_kernel")
+    kernels = ("_combine_kernel", "_grouped_matmul_fwd_kernel+gather", "_grouped_matmul_fwd_kernel+gather+gate_up",
+               "_grouped_matmul_splitk_kernel+gather", "_route_kernel", "_route_kernel+pairs", "_tile_map_kernel")
     assert sorted(small) == [f"{k} sm_{a}" for k in kernels for a in (80, 90)], small
     assert all(r["stack"] == 0 for r in small.values()), small
     assert all(r["gather"] and r["decode"] for n, r in small.items() if "+gather" in n), small

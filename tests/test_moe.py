@@ -464,8 +464,11 @@ def test_experts_decode_forward_is_the_general_forward(family, f, monkeypatch):
     (both projections on one tile map) and gives what the general forward gives: Mixtral's gated,
     bias-free experts and gpt-oss's
     transposed, biased ones; sentinels, dropped ids and their NaN / inf weights; 1 and 5 tokens.
-    With grad enabled and the adapters (QA-LoRA on INT, LoRA on NF4) requiring grad, or with fp64
-    activations, the general forward runs."""
+    Round 40: Mixtral's gate-up projection (fused QA-LoRA) reads each row's token in place (GATHER)
+    and forms silu(G)·U in its epilogue (GATE_UP; transformers' default gate with SiLU); gpt-oss's
+    LoRA gathers its rows for the adapter and its own clamped gate stays the model's. With grad enabled and the
+    adapters (QA-LoRA on INT, LoRA on NF4) requiring grad, or with fp64 activations, the general
+    forward runs."""
     from qlk.kernels import grouped_matmul as gm
     from qlk.kernels import moe_combine, routing
 
@@ -479,6 +482,8 @@ def test_experts_decode_forward_is_the_general_forward(family, f, monkeypatch):
     routes = spies.record_launches(monkeypatch, routing, "_route_kernel")
     combines = spies.record_launches(monkeypatch, moe_combine, "_combine_kernel")
     tile_maps = spies.record_launches(monkeypatch, gm, "_tile_map_kernel")
+    projections = spies.record_launches(monkeypatch, gm, "_grouped_matmul_fwd_kernel")
+    assert q._gate_is_silu_times_up() == (family == "mixtral")
     gen = torch.Generator().manual_seed(41)
     for t in (1, 5):
         h = torch.randn(t, 64, generator=gen).to(DEVICE)
@@ -489,8 +494,12 @@ def test_experts_decode_forward_is_the_general_forward(family, f, monkeypatch):
         idx, w = idx.to(DEVICE), w.to(DEVICE)
         with qlk.use_backend("triton"), torch.no_grad():
             maps = len(tile_maps)
+            projections.clear()
             got = q(h, idx, w)
             assert len(combines) == 1 and routes[-1]["PAIRS"], (len(combines), routes)
+            # gpt-oss's LoRA (unfused) gathers its rows with one index_select for the adapter's X·Aᵀ too
+            mixtral = family == "mixtral"
+            assert [(kw["GATHER"], kw["GATE_UP"]) for kw in projections] == [(mixtral, mixtral), (False, False)]
             assert len(tile_maps) == maps + 1  # both projections read one tile map
             with monkeypatch.context() as mp:
                 mp.setattr(QuantExperts, "_decodes_in_few_launches", lambda self, *a: False)
@@ -504,6 +513,50 @@ def test_experts_decode_forward_is_the_general_forward(family, f, monkeypatch):
     torch.testing.assert_close(y.detach(), want, rtol=2e-5, atol=2e-5)
     with qlk.use_backend("triton"), torch.no_grad():  # fp64 activations keep the fp64 sums
         assert q(h.double(), idx, w.double()).dtype == torch.float64 and not combines
+
+
+@needs_kernels
+def test_experts_decode_forms_the_silu_gate_only_for_the_default_silu_gate(monkeypatch):
+    """The gate-up epilogue (round 40) stands in for the model's gate only where that gate is
+    transformers' default ``act_fn(gate) * up`` with SiLU as act_fn (``ACT2FN["silu"]`` or
+    ``nn.SiLU``). With GELU, a SiLU module whose forward was replaced on the instance, or an experts
+    class with a gate of its own (SiLU on the other half), the model's own gate runs (no GATE_UP
+    launch) and the decode forward still gives the general forward's result; base weights without
+    adapters (the grouped kernel with the gather and the epilogue)."""
+    from transformers.activations import ACT2FN
+
+    from qlk.kernels import grouped_matmul as gm
+
+    patched = qlk.patch_model(tiny("mixtral"), bits=4, group_size=32, method=None, verbose=False).to(DEVICE)
+    q = next(m for m in patched.modules() if isinstance(m, QuantExperts))
+    projections = spies.record_launches(monkeypatch, gm, "_grouped_matmul_fwd_kernel")
+    gen = torch.Generator().manual_seed(42)
+    h = torch.randn(3, 64, generator=gen).to(DEVICE)
+    idx = torch.randint(0, q.num_experts, (3, 2), generator=gen).to(DEVICE)
+    w = torch.rand(3, 2, generator=gen).to(DEVICE)
+    replaced = ACT2FN["silu"]
+    replaced.forward = lambda x: torch.nn.functional.silu(x) * 1.5
+    default = type(q._original)
+
+    class OwnGate(default):
+        def _apply_gate(self, gate_up):
+            up, gate = gate_up.chunk(2, dim=-1)
+            return self.act_fn(gate) * up
+
+    for act, cls, fused in ((ACT2FN["silu"], default, True), (nn.SiLU(), default, True),
+                            (ACT2FN["gelu"], default, False), (replaced, default, False),
+                            (ACT2FN["silu"], OwnGate, False)):
+        q._original.act_fn = act
+        q._original.__class__ = cls
+        assert q._gate_is_silu_times_up() == fused, act
+        with qlk.use_backend("triton"), torch.no_grad():
+            projections.clear()
+            got = q(h, idx, w)
+            assert [(kw["GATHER"], kw["GATE_UP"]) for kw in projections] == [(True, fused), (False, False)], act
+            with monkeypatch.context() as mp:
+                mp.setattr(QuantExperts, "_decodes_in_few_launches", lambda self, *a: False)
+                want = q(h, idx, w)
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
 
 
 def test_routing_sentinels_and_merge_keeps_int():
@@ -983,13 +1036,33 @@ def test_grouped_split_k_finish_in_the_kernel(f, split, programs, monkeypatch):
         assert ws.numel() >= rows * n and not ws.any() and not counts.any(), call
 
 
-# each X read of the grouped forward, with the rows gathered in the kernel (round 40):
-# (format, K, dtype, config, FINISH)
-GATHER_PATHS = {
+def _one_forward_path(monkeypatch, path: str, extra: dict, finish: bool) -> list[dict]:
+    """Set up one grouped-forward path of the round-40 tests: FINISH on or off (a fresh kept
+    workspace), the lane-owned order where the path's name says "lane", NaN-poisoned outputs; the
+    launches of the kernel the path runs (split-K where the config sets SPLIT_K) are recorded."""
+    from qlk.kernels import fused_matmul as fm
+    from qlk.kernels import grouped_matmul as gm
+    from qlk.kernels import heuristics
+
+    monkeypatch.setattr(fm, "SPLITK_FINISH", finish)
+    monkeypatch.setattr(fm, "_FINISH_BUFFERS", {})
+    monkeypatch.setattr(heuristics, "fwd_lane_order", lambda arch, block_m: "lane" in path)
+    monkeypatch.setattr(gm, "_output", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
+                                                                                device=device))
+    kernel = "_grouped_matmul_splitk_kernel" if "SPLIT_K" in extra else "_grouped_matmul_fwd_kernel"
+    return spies.record_launches(monkeypatch, gm, kernel)
+
+
+# each X read of the grouped forward, with the rows gathered (GATHER) or gated (GATED) as the kernel
+# loads them (round 40): (format, K, dtype, config, FINISH)
+X_READ_PATHS = {
     "int4g32-decode-pool": (("int", 4, 32, False), 128, torch.float16, dict(BLOCK_M=16, BLOCK_K=32), False),
+    "int4g32-decode-k-cut": (("int", 4, 32, False), 160, torch.float16, dict(BLOCK_M=16, BLOCK_K=64), False),
     "int2g64-gemm-fp32-pool-slot-loop": (("int", 2, 64, False), 128, torch.float32,
                                          dict(BLOCK_M=32, BLOCK_K=64, PROGRAMS=2), False),
-    "nf4-dq-gemm": (("nf4", 4, 64, True), 128, torch.float16, dict(BLOCK_M=16, BLOCK_K=64), False),
+    "int2g32-gemm-k-cut": (("int", 2, 32, False), 160, torch.float16, dict(BLOCK_M=16, BLOCK_K=64, DECODE=False),
+                           False),
+    "nf4-dq-gemm-halves": (("nf4", 4, 64, True), 256, torch.float16, dict(BLOCK_M=16, BLOCK_K=128), False),
     "int4g48-lane-order-torch-pool": (("int", 4, 48, False), 192, torch.float16,
                                       dict(BLOCK_M=16, BLOCK_K=64, DECODE=False), False),
     "int3g16-split2-torch-pool": (("int", 3, 16, False), 128, torch.float16, dict(BLOCK_M=16, BLOCK_K=32, SPLIT_K=2),
@@ -1000,28 +1073,21 @@ GATHER_PATHS = {
 
 
 @needs_kernels
-@pytest.mark.parametrize("path", list(GATHER_PATHS))
+@pytest.mark.parametrize("path", list(X_READ_PATHS))
 def test_grouped_forward_reads_each_rows_token_in_place(path, monkeypatch):
     """``row_token`` (round 40, the experts' decode forward): sorted row s is row token[s] of the
     un-gathered X [T, K], read in place by the kernel (GATHER) on each of the forward's X reads: the
-    decode loop with QA-LoRA pooling, the GEMM loop (fp32, a slot loop; NF4; the lane-owned k order
-    with a group size that pools in torch), the split-K decode (pooling in torch, the bias added
-    after) and its FINISH. Tokens are drawn at random (repeats, rows in any order), the X rows no
-    routed row reads and the sentinel rows' tokens hold NaN, the output starts as NaN; experts with
-    0, 1, odd and many rows; float64 oracle on X[token]."""
-    from qlk.kernels import fused_matmul as fm
+    decode loop with QA-LoRA pooling (whole lane-order tiles, then a tile K cuts), the GEMM loop
+    (fp32, a slot loop; a cut tile; NF4's two-dot step; the lane-owned k order with a group size
+    that pools in torch), the split-K decode (pooling in torch, the bias added after) and its
+    FINISH. Tokens are drawn at random (repeats, rows in any order), the X rows no routed row reads
+    and the sentinel rows' tokens hold NaN, the output starts as NaN; experts with 0, 1, odd and
+    many rows; float64 oracle on X[token]."""
     from qlk.kernels import grouped_matmul as gm
-    from qlk.kernels import heuristics
 
-    f, k, dtype, extra, finish = GATHER_PATHS[path]
+    f, k, dtype, extra, finish = X_READ_PATHS[path]
     fmt, bits, g, dq = f
-    monkeypatch.setattr(fm, "SPLITK_FINISH", finish)
-    monkeypatch.setattr(fm, "_FINISH_BUFFERS", {})
-    monkeypatch.setattr(heuristics, "fwd_lane_order", lambda arch, block_m: "lane" in path)
-    monkeypatch.setattr(gm, "_output", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
-                                                                                device=device))
-    kernel = "_grouped_matmul_splitk_kernel" if "SPLIT_K" in extra else "_grouped_matmul_fwd_kernel"
-    launches = spies.record_launches(monkeypatch, gm, kernel)
+    launches = _one_forward_path(monkeypatch, path, extra, finish)
     e_count, n, tokens = len(COUNTS), 40, 24
     gen = torch.Generator().manual_seed(400 + bits * 10 + g + k)
     qw = qlk.quantize(torch.randn(e_count * n, k, generator=gen), bits=bits, group_size=g, fmt=fmt, double_quant=dq)
@@ -1049,11 +1115,70 @@ def test_grouped_forward_reads_each_rows_token_in_place(path, monkeypatch):
                                    rtol=1e-3, atol=1e-3)
 
 
+# the gate-up epilogue (round 40) on each of the forward's paths: (format, dtype, config, FINISH)
+GATE_UP_PATHS = {
+    "int4g32-decode-pool-bias": (("int", 4, 32, False), torch.float16, dict(BLOCK_M=16, BLOCK_K=32), False),
+    "int2g64-gemm-fp32-slot-loop": (("int", 2, 64, False), torch.float32, dict(BLOCK_M=32, BLOCK_K=64, PROGRAMS=2),
+                                    False),
+    "nf4-dq-gemm": (("nf4", 4, 64, True), torch.float16, dict(BLOCK_M=16, BLOCK_K=64), False),
+    "int3g32-lane-order": (("int", 3, 32, False), torch.float16, dict(BLOCK_M=16, BLOCK_K=128, DECODE=False), False),
+    "int4g32-split2-gate-after": (("int", 4, 32, False), torch.float16, dict(BLOCK_M=16, BLOCK_K=32, SPLIT_K=2),
+                                  False),
+}
+
+
+@needs_kernels
+@pytest.mark.parametrize("path", list(GATE_UP_PATHS))
+def test_grouped_gate_up_forward_gives_silu_of_gate_times_up(path, monkeypatch):
+    """``gate_up`` (round 40, the experts' gate-up projection at decode): Y = silu(G)·U [S, I] of
+    the product [G | U] [S, 2I], formed in the forward kernel's epilogue (each N tile computes the
+    gate rows c and the up rows I + c of its BLOCK_N/2 output columns): the decode loop with
+    QA-LoRA pooling and a per-expert bias on both halves, the GEMM loop (fp32, a slot loop; NF4;
+    INT3 in the lane-owned order); the split-K decode forms it after its reduction. I = 40 is two
+    and a half 16-column output tiles (the last one's columns past I clamped, never stored), the
+    sentinel rows hold NaN and come out 0, the output starts as NaN; float64 oracle on silu(G)·U as
+    torch forms it from the rounded product (the model's own ``act_fn(gate) * up``)."""
+    from qlk.kernels import grouped_matmul as gm
+
+    f, dtype, extra, finish = GATE_UP_PATHS[path]
+    fmt, bits, g, dq = f
+    launches = _one_forward_path(monkeypatch, path, extra, finish)
+    e_count, inter, k = len(COUNTS), 40, 128
+    gen = torch.Generator().manual_seed(600 + bits * 10 + g)
+    qw = qlk.quantize(torch.randn(e_count * 2 * inter, k, generator=gen) / 4, bits=bits, group_size=g, fmt=fmt,
+                      double_quant=dq)
+    w = oracle_weight(qw).reshape(e_count, 2 * inter, k)
+    off = offsets_of(COUNTS)
+    routed = int(off[-1])
+    x = torch.randn(routed + 2, k, generator=gen).to(dtype)
+    x[routed:] = float("nan")  # sentinel rows: never read
+    bias = (torch.randn(e_count, 2 * inter, generator=gen) * 2).to(dtype) if "bias" in path else None
+    cfg = dict(BLOCK_N=32, num_warps=4, num_stages=1, **extra)
+    y, pooled = gm.grouped_matmul_forward(x.to(DEVICE), qw.to(DEVICE), off.to(DEVICE), e_count,
+                                          None if bias is None else bias.to(DEVICE), pool=fmt == "int", config=cfg,
+                                          gate_up=True)
+    assert [kw.get("GATE_UP", False) for kw in launches] == ["SPLIT_K" not in extra]
+    y = y.cpu()
+    z = per_expert(x[:routed], off, lambda e, xe: xe @ w[e].t() + (0 if bias is None else bias[e].double()))
+    want = gm.gated_output(z.to(dtype)).double()  # the product rounded, then the model's gate
+    assert y.shape == (routed + 2, inter) and torch.equal(y[routed:], torch.zeros(2, inter, dtype=dtype))
+    assert not y.isnan().any()
+    assert ((y[:routed].double() - want).norm() / want.norm()) < (1e-5 if dtype == torch.float32 else 3e-3)
+    if fmt == "int":
+        torch.testing.assert_close(pooled.cpu()[:routed], x[:routed].float().reshape(routed, k // g, g).mean(-1),
+                                   rtol=1e-3, atol=1e-3)
+    qw_odd = qlk.quantize(torch.randn(e_count * 3, k, generator=gen), bits=4, group_size=32)
+    with pytest.raises(ValueError, match="gate_up needs an even number of rows per expert, got 3"):
+        gm.grouped_matmul_forward(x.to(DEVICE), qw_odd.to(DEVICE), off.to(DEVICE), e_count, gate_up=True)
+
+
 @pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_kernels)])
 def test_expert_projection_row_token_is_the_gathered_rows(backend):
     """:func:`grouped_experts_linear` with ``row_token`` gives what it gives on X[row_token], for the
     base GEMM, fused QA-LoRA and unfused LoRA; without a graph (the kernel reads X in place) and with
     one (X gathered first: dX of each token is the sum over its rows, and the adapters' grads match).
+    With ``gate_up`` too it gives silu(G)·U of that result (the kernel's epilogue without a graph,
+    torch ops after the adapter's term or with a graph; the gradients through the gate match).
     Bad gather indices are errors that say what is wrong."""
     e_count, n, k, g, tokens = 3, 16, 64, 32, 5
     gen = torch.Generator().manual_seed(40)
@@ -1069,14 +1194,24 @@ def test_expert_projection_row_token_is_the_gathered_rows(backend):
                 got = grouped_experts_linear(x, qw, off, e_count, None, a, b, 0.5, method, row_token=token)
                 want = grouped_experts_linear(x[token], qw, off, e_count, None, a, b, 0.5, method)
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-            leaves = [t.clone().requires_grad_() for t in (x, a, b) if t is not None]
-            grouped_experts_linear(leaves[0], qw, off, e_count, None, *(leaves[1:] or [None, None]), 0.5, method,
-                                   row_token=token).square().sum().backward()
-            refs = [t.clone().requires_grad_() for t in (x, a, b) if t is not None]
-            grouped_experts_linear(refs[0][token], qw, off, e_count, None, *(refs[1:] or [None, None]), 0.5,
-                                   method).square().sum().backward()
-        for leaf, ref in zip(leaves, refs):
-            torch.testing.assert_close(leaf.grad, ref.grad, rtol=1e-5, atol=1e-5)
+            with torch.no_grad():
+                gated = grouped_experts_linear(x, qw, off, e_count, None, a, b, 0.5, method, row_token=token,
+                                               gate_up=True)
+            gate, up = want.chunk(2, dim=-1)
+            torch.testing.assert_close(gated, torch.nn.functional.silu(gate) * up, rtol=1e-5, atol=1e-5)
+            for gate_up in (False, True):
+                leaves = [t.clone().requires_grad_() for t in (x, a, b) if t is not None]
+                grouped_experts_linear(leaves[0], qw, off, e_count, None, *(leaves[1:] or [None, None]), 0.5,
+                                       method, row_token=token, gate_up=gate_up).square().sum().backward()
+                refs = [t.clone().requires_grad_() for t in (x, a, b) if t is not None]
+                y = grouped_experts_linear(refs[0][token], qw, off, e_count, None, *(refs[1:] or [None, None]), 0.5,
+                                           method)
+                if gate_up:
+                    gate, up = y.chunk(2, dim=-1)
+                    y = torch.nn.functional.silu(gate) * up
+                y.square().sum().backward()
+                for leaf, ref in zip(leaves, refs):
+                    torch.testing.assert_close(leaf.grad, ref.grad, rtol=1e-5, atol=1e-5)
     with pytest.raises(TypeError, match="row_token must be an int32/int64"):
         grouped_experts_linear(x, qw, off, e_count, row_token=token.float())
     with pytest.raises(ValueError, match=r"row_token has shape \[1, 9\]"):

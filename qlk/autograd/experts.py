@@ -115,14 +115,25 @@ def _use_kernels(device, qw: QuantizedWeight, dtype) -> bool:
     return backend.resolve(device) == "triton" and _gm().kernel_ok(qw, dtype)
 
 
-def grouped_base(x, qw, offsets, num_experts, bias=None, max_rows=None, row_token=None):
+def grouped_base(x, qw, offsets, num_experts, bias=None, max_rows=None, row_token=None, gate_up=False):
     """Y = X·Ŵ_eᵀ (+ b_e) per row's expert: the grouped kernel or the reference. ``max_rows``: a bound
     on every expert's rows (the token count), for the kernels' tile map; ``row_token``: sorted row s
-    is row row_token[s] of x (read in place by the kernels, gathered for the reference)."""
+    is row row_token[s] of x (read in place by the kernels, gathered for the reference);
+    ``gate_up``: Y = silu(G)·U of the product [G | U] (the kernels' epilogue, torch ops for the
+    reference)."""
     if _use_kernels(x.device, qw, x.dtype):
         return _gm().grouped_matmul_forward(x, qw, offsets, num_experts, bias, max_rows_per_expert=max_rows,
-                                            row_token=row_token)[0]
-    return _gm().grouped_matmul_reference(_rows(x, row_token), qw, offsets, num_experts, bias)
+                                            row_token=row_token, gate_up=gate_up)[0]
+    y = _gm().grouped_matmul_reference(_rows(x, row_token), qw, offsets, num_experts, bias)
+    return _silu_gate(y) if gate_up else y
+
+
+def _silu_gate(y):
+    """silu(G)·U of [G | U] (transformers' default gate with SiLU, ``act_fn(gate) * up``; the math of
+    :func:`qlk.kernels.grouped_matmul.gated_output`, written here too so that the reference backend
+    does not import the kernels)."""
+    gate, up = y.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
 
 
 def _rows(x, row_token):
@@ -153,15 +164,17 @@ def _fused(method, seed, qw: QuantizedWeight, device, cd) -> bool:
 
 
 def grouped_experts_forward_impl(x2, qw, offsets, num_experts, bias, lora_a, lora_b, scaling, method, dropout,
-                                 max_rows=None, row_token=None):
+                                 max_rows=None, row_token=None, gate_up=False):
     """(Y [S, N] in x2's dtype, saved, seed): the forward of :class:`GroupedExpertsFunction` on x2 in the
     compute dtype with autocast off. ``saved``: QA-LoRA's Pd [S, K/g] (accumulation dtype), LoRA's x2,
     None without adapter; ``seed``: the dropout seed or None; ``max_rows``: a bound on every expert's
     rows or None (:func:`qlk.kernels.grouped_matmul.grouped_matmul_forward`'s ``max_rows_per_expert``);
     ``row_token``: sorted row s is row row_token[s] of x2 (the tokens un-gathered; read in place by
     the grouped kernel where the base GEMM or fused QA-LoRA is all there is, gathered otherwise) or
-    None. Shared by the Function and the ``qlk::grouped_experts_linear`` op (qlk/custom_ops.py), so
-    compiled and eager run the same kernels."""
+    None; ``gate_up``: Y = silu(G)·U of the product [G | U] (formed in the grouped kernel's epilogue
+    on the same paths, by torch ops after the adapter's term otherwise; no graph: the experts'
+    decode). Shared by the Function and the ``qlk::grouped_experts_linear`` op (qlk/custom_ops.py),
+    so compiled and eager run the same kernels."""
     cd = x2.dtype
     acc = accumulate_dtype(cd)
     g = qw.group_size
@@ -170,10 +183,10 @@ def grouped_experts_forward_impl(x2, qw, offsets, num_experts, bias, lora_a, lor
     if _fused(method, seed, qw, x2.device, cd):
         wargs = folded_weight_args(qw, lora_a, lora_b, scaling, num_experts)
         y, pooled = _gm().grouped_matmul_forward(x2, qw, offsets, num_experts, bias, wargs=wargs, pool=True,
-                                                 max_rows_per_expert=max_rows, row_token=row_token)
+                                                 max_rows_per_expert=max_rows, row_token=row_token, gate_up=gate_up)
         saved = pooled.to(acc)
     elif method is None:
-        y = grouped_base(x2, qw, offsets, num_experts, bias, max_rows, row_token)
+        y = grouped_base(x2, qw, offsets, num_experts, bias, max_rows, row_token, gate_up)
     else:
         x2 = _rows(x2, row_token)
         y = grouped_base(x2, qw, offsets, num_experts, bias, max_rows)
@@ -188,6 +201,8 @@ def grouped_experts_forward_impl(x2, qw, offsets, num_experts, bias, lora_a, lor
             y = (y.to(acc) + scaling * term).to(cd)
             # QA-LoRA keeps P(X) only; LoRA keeps X (in the compute dtype, like the dense layer)
             saved = inp if method == "qalora" else x2
+            if gate_up:
+                y = _silu_gate(y)
     return y, saved, seed
 
 
@@ -230,14 +245,15 @@ def grouped_experts_backward_impl(dy2, saved, offsets, lora_a, lora_b, qw, num_e
 
 
 def _grouped_experts_forward(x, qw, offsets, num_experts, bias, lora_a, lora_b, scaling, method, dropout, max_rows,
-                             row_token=None):
+                             row_token=None, gate_up=False):
     """(Y, what backward needs, dropout seed or None, compute dtype): :class:`GroupedExpertsFunction`'s
-    forward, and :func:`grouped_experts_linear` without a graph (only there with ``row_token``)."""
+    forward, and :func:`grouped_experts_linear` without a graph (only there with ``row_token`` or
+    ``gate_up``)."""
     cd = compute_dtype(x)
     with autocast_off(x.device.type):
         y, saved, seed = grouped_experts_forward_impl(x.to(cd), qw, offsets, num_experts,
                                                       None if bias is None else bias.to(cd), lora_a, lora_b,
-                                                      scaling, method, dropout, max_rows, row_token)
+                                                      scaling, method, dropout, max_rows, row_token, gate_up)
     return y, saved, seed, cd
 
 
@@ -271,7 +287,7 @@ class GroupedExpertsFunction(torch.autograd.Function):
 
 
 def grouped_experts_linear(x, qw, offsets, num_experts, bias=None, lora_a=None, lora_b=None, scaling=1.0,
-                           method=None, dropout=0.0, max_rows=None, row_token=None):
+                           method=None, dropout=0.0, max_rows=None, row_token=None, gate_up=False):
     """Differentiable stacked expert projection through :class:`GroupedExpertsFunction`.
 
     x [S, K] sorted by expert; qw stacked [E·N, K]; offsets [E+1]; bias [E, N] or None;
@@ -280,8 +296,13 @@ def grouped_experts_linear(x, qw, offsets, num_experts, bias=None, lora_a=None, 
     most once) or None; the kernels launch fewer spare tiles with it and check it on the device.
     ``row_token`` (int [S], or None): sorted row s is row ``row_token[s]`` of x, which is then the
     tokens un-gathered [T, K]; without an autograd graph the grouped kernel reads x in place (the
-    experts' decode forward, round 40), with one x is gathered first (index_select's backward scatters dX)."""
+    experts' decode forward, round 40), with one x is gathered first (index_select's backward scatters dX).
+    ``gate_up``: the projection is a gate-up one (N = 2I, the gate's rows first) and the result is
+    silu(G)·U [S, I] (transformers' default gate with SiLU, ``act_fn(gate) * up``): formed in the
+    grouped kernel's epilogue without a graph (round 40), by torch ops on Y with one."""
     n = check_grouped(qw, offsets, num_experts, "grouped_experts_linear")
+    if gate_up and n % 2:
+        raise ValueError(f"grouped_experts_linear: gate_up needs an even number of rows per expert, got {n}")
     if x.dim() != 2 or x.shape[1] != qw.in_features:
         raise ValueError(f"grouped_experts_linear: x has shape {list(x.shape)}, expected [rows, {qw.in_features}]")
     if row_token is not None:
@@ -295,8 +316,9 @@ def grouped_experts_linear(x, qw, offsets, num_experts, bias=None, lora_a=None, 
         raise ValueError(f"grouped_experts_linear: max_rows must be a non-negative int or None, got {max_rows!r}")
     if not wants_graph(x, bias, lora_a, lora_b):
         return _grouped_experts_forward(x, qw, offsets, num_experts, bias, lora_a, lora_b, float(scaling), method,
-                                        float(dropout), max_rows, row_token)[0]
+                                        float(dropout), max_rows, row_token, bool(gate_up))[0]
     if row_token is not None:
         x = x.index_select(0, row_token)
-    return GroupedExpertsFunction.apply(x, qw, offsets, num_experts, bias, lora_a, lora_b, float(scaling), method,
-                                        float(dropout), max_rows)
+    y = GroupedExpertsFunction.apply(x, qw, offsets, num_experts, bias, lora_a, lora_b, float(scaling), method,
+                                     float(dropout), max_rows)
+    return _silu_gate(y) if gate_up else y

@@ -124,14 +124,17 @@ def _fwd_tile(t, pid_n, y_ptr, x_ptr, token_ptr, bias_ptr, p_ptr, tile_expert_pt
               HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, POOL: tl.constexpr, DECODE: tl.constexpr,
               PACKED_DEQUANT: tl.constexpr, EVEN_K: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, LANE_ORDER: tl.constexpr,
-              GATHER: tl.constexpr):
+              GATHER: tl.constexpr, GATE_UP: tl.constexpr):
     """Tile slot t, N tile pid_n of :func:`_grouped_matmul_fwd_kernel` (nothing for a slot past the last tile)."""
     e = tl.load(tile_expert_ptr + t)
     if e >= 0:
         row0 = tl.load(tile_row_ptr + t)
         row_end = tl.load(bounds_ptr + e + 1).to(tl.int32)
         offs_m = row0 + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        if GATE_UP:
+            offs_n = _gate_up_cols(pid_n, N // 2, BLOCK_N)
+        else:
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         # the expert's weight rows; rows past N are clamped (computed, never stored)
         rows_w = e * N + tl.minimum(offs_n, N - 1)
         if DECODE:
@@ -164,10 +167,39 @@ def _fwd_tile(t, pid_n, y_ptr, x_ptr, token_ptr, bias_ptr, p_ptr, tile_expert_pt
         if HAS_BIAS:
             bias = tl.load(bias_ptr + e.to(tl.int64) * stride_be + offs_n, mask=offs_n < N, other=0.0)
             acc += bias.to(tl.float32)[None, :]
-        # the [BLOCK_M, BLOCK_N] pointers are built after the K loop, not kept live through it
-        y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
-        y_mask = (offs_m[:, None] < row_end) & (offs_n[None, :] < N)
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+        if GATE_UP:
+            HALF: tl.constexpr = BLOCK_N // 2
+            gate, up = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))
+            out = _silu_times(gate.to(y_ptr.dtype.element_ty), up.to(y_ptr.dtype.element_ty))
+            offs_o = pid_n * HALF + tl.arange(0, HALF)
+            y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_o[None, :] * stride_yn
+            tl.store(y_ptrs, out, mask=(offs_m[:, None] < row_end) & (offs_o[None, :] < N // 2))
+        else:
+            # the [BLOCK_M, BLOCK_N] pointers are built after the K loop, not kept live through it
+            y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
+            y_mask = (offs_m[:, None] < row_end) & (offs_n[None, :] < N)
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+@triton.jit
+def _gate_up_cols(pid_n, HALF_N, BLOCK_N: tl.constexpr):
+    """GATE_UP's weight columns of N tile pid_n: output columns c = pid_n·BLOCK_N/2 + j (j <
+    BLOCK_N/2) as the gate's rows c, then the up half's rows HALF_N + c, so that one tile holds both
+    operands of each output column. Columns c >= HALF_N of a ragged last tile are computed, never
+    stored (their up rows past N are clamped with the plain tile's rows)."""
+    HALF: tl.constexpr = BLOCK_N // 2
+    j = tl.arange(0, BLOCK_N)
+    return pid_n * HALF + j % HALF + (j // HALF) * HALF_N
+
+
+@triton.jit
+def _silu_times(gate, up):
+    """silu(gate)·up elementwise, rounded as the experts module's own ``act_fn(gate) * up`` rounds it
+    from the rounded gate-up output (transformers' default gate with SiLU): silu in fp32, rounded to
+    the dtype, then the product in fp32, rounded."""
+    g = gate.to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(gate.dtype)
+    return (act.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
 
 
 @even_k_kernel
@@ -190,10 +222,13 @@ def _grouped_matmul_fwd_kernel(
     PACKED_DEQUANT: tl.constexpr, SLOT_LOOP: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     QN_ALIGN: tl.constexpr = 1, LANE_ORDER: tl.constexpr = False, LOOP_RUNS: tl.constexpr = False,
-    GATHER: tl.constexpr = False,
+    GATHER: tl.constexpr = False, GATE_UP: tl.constexpr = False,
 ):
     """Y[s, n] = Σ_k X[s, k]·Ŵ[e·N + n, k] (+ bias[e, n]) for the rows s of M tile t (all of expert e);
-    with GATHER X[token[s], k] (:func:`_x_rows`).
+    with GATHER X[token[s], k] (:func:`_x_rows`). GATE_UP (round 40, the experts' gate-up
+    projection, N = 2I): Y [S, I], Y[s, c] = silu(Z[s, c])·Z[s, I + c] of Z = that product, each N
+    tile computing the gate rows c and the up rows I + c of its BLOCK_N/2 output columns
+    (:func:`_gate_up_cols`, :func:`_silu_times`): the gate-up output is never stored.
 
     DECODE (small M): the K loop of :func:`_decode_loop` (packed half2 INT decoding, masked
     padding rows); else the dense GEMM's :func:`qlk.kernels.fused_matmul._fwd_loop`, LANE_ORDER as
@@ -207,9 +242,14 @@ def _grouped_matmul_fwd_kernel(
     if LOOP_RUNS:
         tl.assume(_whole_k_end(K, K, EVEN_K, BLOCK_K) > 0)
     # first: its registers are dead before the K loop
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    _zero_tail_rows(y_ptr, bounds_ptr, NUM_EXPERTS, pid_t, tl.num_programs(0), offs_n, offs_n < N, stride_ym,
-                    stride_yn, BLOCK_M, BLOCK_N)
+    if GATE_UP:  # Y is [S, N/2]
+        offs_o = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        _zero_tail_rows(y_ptr, bounds_ptr, NUM_EXPERTS, pid_t, tl.num_programs(0), offs_o, offs_o < N // 2,
+                        stride_ym, stride_yn, BLOCK_M, BLOCK_N // 2)
+    else:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        _zero_tail_rows(y_ptr, bounds_ptr, NUM_EXPERTS, pid_t, tl.num_programs(0), offs_n, offs_n < N, stride_ym,
+                        stride_yn, BLOCK_M, BLOCK_N)
     if SLOT_LOOP:
         for t in range(pid_t, NUM_SLOTS, tl.num_programs(0)):
             _fwd_tile(t, pid_n, y_ptr, x_ptr, token_ptr, bias_ptr, p_ptr, tile_expert_ptr, tile_row_ptr, bounds_ptr,
@@ -217,13 +257,13 @@ def _grouped_matmul_fwd_kernel(
                       stride_qn, stride_sn, stride_sg,
                       N, K, NUM_EXPERTS, stride_xm, stride_xk, stride_ym, stride_yn, stride_be, stride_pm,
                       BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, HAS_BIAS, DOT_PRECISION, POOL, DECODE, PACKED_DEQUANT,
-                      EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K, LANE_ORDER, GATHER)
+                      EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K, LANE_ORDER, GATHER, GATE_UP)
     else:
         _fwd_tile(pid_t, pid_n, y_ptr, x_ptr, token_ptr, bias_ptr, p_ptr, tile_expert_ptr, tile_row_ptr, bounds_ptr,
                   qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr, stride_qn, stride_sn, stride_sg,
                   N, K, NUM_EXPERTS, stride_xm, stride_xk, stride_ym, stride_yn, stride_be, stride_pm,
                   BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, HAS_BIAS, DOT_PRECISION, POOL, DECODE, PACKED_DEQUANT,
-                  EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K, LANE_ORDER, GATHER)
+                  EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K, LANE_ORDER, GATHER, GATE_UP)
 
 
 @triton.jit
@@ -680,12 +720,15 @@ def tiles_for(direction: str, rows: int, num_experts: int, qw: QuantizedWeight |
 def grouped_matmul_forward(x: torch.Tensor, qw: QuantizedWeight, offsets: torch.Tensor, num_experts: int,
                            bias: torch.Tensor | None = None, *, wargs=None, pool: bool = False,
                            config: dict | None = None, max_rows_per_expert: int | None = None,
-                           row_token: torch.Tensor | None = None):
+                           row_token: torch.Tensor | None = None, gate_up: bool = False):
     """(Y [S, N], P(X) [S, G] fp32 or None) on the grouped kernel; see the module docstring.
 
     x [S, K] fp16/bf16/fp32 sorted by expert; qw stacked [E·N, K]; bias [E, N] or None.
     ``row_token``: int [S]: sorted row s is row ``row_token[s]`` of x, which is then the tokens
     un-gathered, [T, K] (the kernels read it in place: no gathered copy of X; round 40).
+    ``gate_up``: this is a gate-up projection (N = 2I, the gate's rows first); Y is silu(G)·U
+    [S, I] (:func:`gated_output`), formed in the kernel's epilogue (round 40; the split-K path
+    forms it with torch ops after).
     ``wargs``: weight_args(qw) with replaced tensors (QA-LoRA's folded biases); ``pool``: also
     P(X). ``config``: tile sizes / warps / stages to use instead of :func:`grouped_config`'s.
     ``max_rows_per_expert``: a bound on any expert's row count known to the caller (the token count
@@ -694,12 +737,14 @@ def grouped_matmul_forward(x: torch.Tensor, qw: QuantizedWeight, offsets: torch.
     k = qw.in_features
     x2 = _as_2d(x, k, "x")
     s = x2.shape[0]
+    if gate_up and n % 2:
+        raise ValueError(f"grouped_matmul_forward: gate_up needs an even number of rows per expert, got {n}")
     if row_token is not None:
         check_row_token(row_token, x2, "grouped_matmul_forward")
         s = row_token.shape[0]
     if bias is not None and (bias.shape != (num_experts, n) or bias.device != x.device):
         raise ValueError(f"bias must be [{num_experts}, {n}] on {x.device}; got {list(bias.shape)} on {bias.device}")
-    out = _output((s, n), x.dtype, x.device)
+    out = _output((s, n // 2 if gate_up else n), x.dtype, x.device)
     g = qw.group_size
     pooled = torch.zeros((s, k // g), dtype=torch.float32, device=x.device) if pool else None
     if s == 0:
@@ -717,6 +762,10 @@ def grouped_matmul_forward(x: torch.Tensor, qw: QuantizedWeight, offsets: torch.
     # K loop for small M, where a second launch and pass would cost more
     args, meta = wargs if wargs is not None else weight_args(qw, denest_absmax=not small)
     if split > 1:
+        if gate_up:  # the gate needs the finished sums: after the split's reduction
+            y, pooled = _forward_split_k(x2, qw, offsets, num_experts, bias, args, meta, cfg, split, pool,
+                                         _output((s, n), x.dtype, x.device), programs, max_rows_per_expert, row_token)
+            return out.copy_(gated_output(y)), pooled
         return _forward_split_k(x2, qw, offsets, num_experts, bias, args, meta, cfg, split, pool, out,
                                 programs, max_rows_per_expert, row_token)
     fused = pool and g & (g - 1) == 0
@@ -725,7 +774,7 @@ def grouped_matmul_forward(x: torch.Tensor, qw: QuantizedWeight, offsets: torch.
     # pooling keeps a program per slot: its second copy of the K loop inside the slot loop would
     # make the slot loop the kernel's heaviest loop (and the registers of both copies live across it)
     programs = min(slots, programs or _programs(slots, num_experts, small and not fused))
-    grid = (programs, cdiv(n, cfg["BLOCK_N"]))
+    grid = (programs, cdiv(n // 2, cfg["BLOCK_N"] // 2) if gate_up else cdiv(n, cfg["BLOCK_N"]))
     _grouped_matmul_fwd_kernel[grid](
         out, x2, args[3] if row_token is None else row_token, bias if bias is not None else args[3],
         pooled if fused else args[3],
@@ -736,10 +785,17 @@ def grouped_matmul_forward(x: torch.Tensor, qw: QuantizedWeight, offsets: torch.
         PACKED_DEQUANT=not INTERPRETED, SLOT_LOOP=programs < slots,
         LANE_ORDER=not decode and heuristics.fwd_lane_order(target_arch(), cfg["BLOCK_M"]),
         LOOP_RUNS=_loop_runs(k, cfg["BLOCK_K"], 1, whole=k % cfg["BLOCK_K"] != 0), GATHER=row_token is not None,
-        **meta, **cfg)
+        GATE_UP=gate_up, **meta, **cfg)
     if pool and not fused:  # a group size that is not a power of two
         torch.mean(_gathered(x2, row_token).reshape(s, k // g, g), dim=-1, dtype=torch.float32, out=pooled)
     return out, pooled
+
+
+def gated_output(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(G)·U of a gate-up output [G | U] (last dim 2I -> I), as transformers' default gate with
+    SiLU forms it (``act_fn(gate) * up``, each op rounded to the dtype): what ``gate_up=True`` gives."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
 
 
 def _gathered(x2: torch.Tensor, row_token: torch.Tensor | None) -> torch.Tensor:
@@ -764,7 +820,7 @@ def _forward_split_k(x2, qw, offsets, num_experts, bias, args, meta, cfg, split,
     group). With :data:`qlk.kernels.fused_matmul.SPLITK_FINISH` the kernel finishes Y itself (FINISH),
     in the stream's kept workspace, which it leaves at zero. ``row_token``: as
     :func:`grouped_matmul_forward`'s (x2 is then [T, K])."""
-    s, k = out.shape[0], x2.shape[1]
+    s, k = out.shape[0], qw.in_features
     n = qw.out_features // num_experts
     tile_expert, tile_row, bounds = _tile_map(offsets, s, cfg["BLOCK_M"], max_rows)
     slots = tile_expert.shape[0]

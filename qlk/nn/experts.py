@@ -210,20 +210,25 @@ class QuantExpertProj(PackedWeightModule):
 
     # ---- forward -----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, offsets: torch.Tensor, max_rows: int | None = None,
-                row_token: torch.Tensor | None = None) -> torch.Tensor:
+                row_token: torch.Tensor | None = None, gate_up: bool = False) -> torch.Tensor:
         """x [S, K] rows sorted by expert, offsets [E+1] -> [S, N]. ``max_rows``: a bound on every
         expert's rows (the token count under top-k routing) or None: the kernels launch fewer spare
         tiles with it (checked on the device). ``row_token`` (int [S]) or None: sorted row s is row
-        ``row_token[s]`` of x, then the tokens un-gathered [T, K] (:func:`grouped_experts_linear`)."""
+        ``row_token[s]`` of x, then the tokens un-gathered [T, K]; ``gate_up``: -> silu(G)·U [S, N/2]
+        of the output [G | U] (:func:`grouped_experts_linear`)."""
         if torch.compiler.is_compiling():
             if row_token is not None:
                 x = x.index_select(0, row_token)
-            return self._compiled_forward(x, offsets, max_rows)
+            y = self._compiled_forward(x, offsets, max_rows)
+            if gate_up:
+                gate, up = y.chunk(2, dim=-1)
+                y = nn.functional.silu(gate) * up
+            return y
         p = self.dropout if self.training else 0.0
         a = self.lora_A if self.method is not None else None
         b = self.lora_B if self.method is not None else None
         return grouped_experts_linear(x, self.qweight, offsets, self.num_experts, self.bias, a, b, self.scaling,
-                                      self.method, p, max_rows, row_token)
+                                      self.method, p, max_rows, row_token, gate_up)
 
     def _compiled_forward(self, x: torch.Tensor, offsets: torch.Tensor, max_rows: int | None = None) -> torch.Tensor:
         """:meth:`forward` under ``torch.compile``: the ``qlk::grouped_experts_linear`` op
@@ -344,6 +349,22 @@ class QuantExperts(nn.Module):
             return type(self._original)._apply_gate(self._original, h)
         return self._original.act_fn(h)
 
+    def _gate_is_silu_times_up(self) -> bool:
+        """Whether the module's gate is transformers' default one, ``act_fn(gate) * up`` on the halves
+        of the gate-up output, with SiLU as act_fn (Mixtral, Qwen2/3-MoE, OLMoE): the gate-up
+        projection's kernel can then form silu(G)·U in its epilogue (``gate_up``; round 40). Any other
+        gate (gpt-oss's clamped one, another activation, a patched forward) stays the model's own."""
+        if not self.has_gate:
+            return False
+        try:
+            from transformers.activations import SiLUActivation
+            from transformers.integrations.moe import _default_apply_gate
+        except ImportError:
+            return False
+        act = getattr(self._original, "act_fn", None)
+        return (type(self._original)._apply_gate is _default_apply_gate and "forward" not in vars(act)
+                and getattr(type(act), "forward", None) in (SiLUActivation.forward, nn.SiLU.forward))
+
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         if self._decodes_in_few_launches(hidden_states, top_k_index, top_k_weights):
             return self._decode_forward(hidden_states, top_k_index, top_k_weights)
@@ -380,16 +401,19 @@ class QuantExperts(nn.Module):
         39): the routing also writes each sorted row's token and each pair's row
         (:func:`qlk.kernels.routing.route_pairs`), so the first projection's kernel reads each sorted
         row's token from the hidden states in place (``row_token``, round 40; LoRA's unfused
-        adapter gathers the rows with one ``index_select``) and the weighted sum back to token order is
-        one kernel (:func:`qlk.kernels.moe_combine.combine`, fp32 sums, rounded once) instead of ~10
-        torch ops."""
+        adapter gathers the rows with one ``index_select``), its epilogue forms silu(G)·U where the
+        gate is the default SiLU one (``gate_up``, round 40: :meth:`_gate_is_silu_times_up`; the
+        model's own gate otherwise), and the weighted sum back to token order is one kernel
+        (:func:`qlk.kernels.moe_combine.combine`, fp32 sums, rounded once) instead of ~10 torch ops."""
         from ..kernels import moe_combine, routing
 
         t = hidden_states.shape[0]
         _, offsets, token, position = routing.route_pairs(top_k_index.reshape(-1), self.num_experts,
                                                           top_k_index.shape[-1])
         first, down = (getattr(self, n) for n in self.spec.projections)
-        out = down(self._activate(first(hidden_states, offsets, t, row_token=token)), offsets, t)
+        gate_up = self._gate_is_silu_times_up()
+        h = first(hidden_states, offsets, t, row_token=token, gate_up=gate_up)
+        out = down(h if gate_up else self._activate(h), offsets, t)
         if self.has_post_expert_norm:
             out = self.post_expert_norm(out)
         return moe_combine.combine(out.contiguous(), position, top_k_weights, offsets, hidden_states.dtype)
