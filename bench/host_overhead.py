@@ -317,9 +317,10 @@ def measure_moe_layer(calls: int, tokens, device: str = "meta"):
     under ``torch.no_grad`` (Mixtral's ``MixtralExperts``, 8 experts top-2, H = 256, I = 512: the
     launch count does not depend on the sizes), ``tokens`` tokens, on the Triton backend as on
     sm_90 with every kernel stubbed (``--stub jit``). Two rows a token count: ``decode`` (the
-    one-launch routing with tokens and positions, both grouped projections, the gate-up one reading
-    the routed rows in place and forming Mixtral's gate silu(G)·U in its epilogue (round 40; before:
-    the rows' gather, the SiLU and the product), the combine kernel) and ``general`` (the same call through the training path's
+    one-launch routing with tokens, positions and (round 40) the projections' tile map, both grouped
+    projections, the gate-up one reading the routed rows in place and forming Mixtral's gate
+    silu(G)·U in its epilogue (round 40; before: the rows' gather, the tile map, the SiLU and the
+    product), the combine kernel) and ``general`` (the same call through the training path's
     torch glue, as before round 39). On ``meta`` the routing is taken as on a GPU, and the
     projections' autocast query (which ``meta`` cannot answer) is skipped, as with autocast off."""
     from torch import nn

@@ -403,12 +403,14 @@ for arch in (90, 80):
         gm._tile_map(torch.tensor([0, 3, 3, 40, 41]), 50, 16, 40)
         routing.route_rows(torch.randint(0, 130, (16,)), 128)
         _, offsets, _, position = routing.route_pairs(torch.randint(-1, 130, (16,)), 128, 2)
+        routing.route_pairs(torch.randint(-1, 10, (16,)), 8, 2, 16)  # round 40: with the tile map
         moe_combine.combine(torch.randn(16, 4096, dtype=torch.bfloat16), position,
                             torch.rand(8, 2, dtype=torch.bfloat16), offsets)
     gm.INTERPRETED = False
     for launch in side:
         res, _ = disasm.read_cubin(launch.cubin)
         pairs = "+pairs" if launch.constexprs.get("PAIRS") else ""
+        pairs += "+tile_map" if launch.constexprs.get("TILE_MAP") else ""
         out[f"{launch.kernel}{pairs} sm_{arch}"] = dict(stack=res.stack)
     for name, launch, slices in (("dense", dense, dense.grid[1]), ("grouped", grouped, grouped.grid[2])):
         res, instrs = disasm.read_cubin(launch.cubin)
@@ -428,7 +430,8 @@ def test_splitk_finish_orders_its_count():
     inside the slot's branch. Round 38's one-program launches (the grouped tile map, the MoE routing)
     and round 39's (the routing with tokens and positions, the experts' combine) compile for both
     archs without stack, as do round 40's grouped decode kernels that read the routed rows in place
-    (GATHER: the split-K one and the one-slice one, that one also with the gate-up epilogue)."""
+    (GATHER: the split-K one and the one-slice one, that one also with the gate-up epilogue) and the
+    routing kernel that also writes the tile map."""
     if _nvidia_tools_missing():
         pytest.skip("Triton's NVIDIA backend tools (ptxas, cuobjdump) are not installed")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -441,7 +444,8 @@ def test_splitk_finish_orders_its_count():
     # round 38's one-program launches (the tile map, the routing) and round 39's (the routing with
     # tokens and positions, the experts' weighted sum) compile for both archs, without stack
     kernels = ("_combine_kernel", "_grouped_matmul_fwd_kernel+gather", "_grouped_matmul_fwd_kernel+gather+gate_up",
-               "_grouped_matmul_splitk_kernel+gather", "_route_kernel", "_route_kernel+pairs", "_tile_map_kernel")
+               "_grouped_matmul_splitk_kernel+gather", "_route_kernel", "_route_kernel+pairs",
+               "_route_kernel+pairs+tile_map", "_tile_map_kernel")
     assert sorted(small) == [f"{k} sm_{a}" for k in kernels for a in (80, 90)], small
     assert all(r["stack"] == 0 for r in small.values()), small
     assert all(r["gather"] and r["decode"] for n, r in small.items() if "+gather" in n), small

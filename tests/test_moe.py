@@ -363,12 +363,19 @@ def test_route_in_one_launch_is_the_torch_ops(monkeypatch):
 
 
 @needs_kernels
-def test_route_pairs_writes_each_rows_token_and_each_pairs_row():
+def test_route_pairs_writes_each_rows_token_and_each_pairs_row(monkeypatch):
     """Round 39: :func:`qlk.kernels.routing.route_pairs` is :func:`route_rows` plus, from the same
     launch, token = order // k and position = the inverse of order (pair s = t·k + i sits in row
-    position[s]); sentinels, negative ids, int32 ids and a strided view as in the routing test."""
+    position[s]); sentinels, negative ids, int32 ids and a strided view as in the routing test.
+    Round 40: given a BLOCK_M, the same launch writes the grouped kernels' tile map with the token
+    count as the row bound, remembered so that ``_tile_map`` launches nothing and returns the map
+    ``_build_tile_map`` builds (tiles of 1, 2 and 16 rows; where the bound would need its device
+    check, no map is written and ``_tile_map`` builds and checks one)."""
+    from qlk.kernels import grouped_matmul as gm
     from qlk.kernels import routing
 
+    launches = spies.record_launches(monkeypatch, routing, "_route_kernel")
+    tile_maps = spies.record_launches(monkeypatch, gm, "_tile_map_kernel")
     gen = torch.Generator().manual_seed(39)
     for n_case, (t, k, e) in enumerate([(1, 1, 1), (1, 2, 8), (3, 3, 4), (16, 2, 8), (7, 8, 128), (5, 3, 255)]):
         ids = torch.randint(-2, e + 3, (k, t), generator=gen).t()
@@ -381,6 +388,17 @@ def test_route_pairs_writes_each_rows_token_and_each_pairs_row():
         assert token.dtype == position.dtype == torch.int64
         assert torch.equal(token, want_order // k), (t, k, e)
         assert torch.equal(order[position], torch.arange(t * k)), (t, k, e)
+        for block_m in (1, 2, 16):  # round 40: the projections' tile map from the same launch, remembered
+            gm._LAST_TILE_MAP[0] = None
+            launches.clear()
+            _, offsets, _, _ = routing.route_pairs(flat, e, k, block_m)
+            slots, check = gm.tile_map_slots(e, t * k, block_m, t)
+            assert launches[-1]["TILE_MAP"] != check, (t, k, e, block_m)
+            want = gm._build_tile_map(offsets, t * k, block_m, t)
+            maps = len(tile_maps)
+            got = gm._tile_map(offsets, t * k, block_m, t)
+            assert len(tile_maps) == maps + check, (t, k, e, block_m)
+            assert all(torch.equal(a, b) for a, b in zip(got, want)), (t, k, e, block_m, got, want)
     with pytest.raises(ValueError, match="top_k=3"):
         routing.route_pairs(torch.zeros(4, dtype=torch.int64, device=DEVICE), 8, 3)
 
@@ -461,7 +479,8 @@ def test_combine_is_the_weighted_sum_of_each_tokens_rows(dtype):
 def test_experts_decode_forward_is_the_general_forward(family, f, monkeypatch):
     """Round 39: under ``torch.no_grad`` on the Triton backend a decode-sized experts call takes
     ``_decode_forward`` (one routing launch that also writes tokens and positions, the combine kernel)
-    (both projections on one tile map) and gives what the general forward gives: Mixtral's gated,
+    (both projections on one tile map, which since round 40 the routing launch writes) and gives what
+    the general forward gives: Mixtral's gated,
     bias-free experts and gpt-oss's
     transposed, biased ones; sentinels, dropped ids and their NaN / inf weights; 1 and 5 tokens.
     Round 40: Mixtral's gate-up projection (fused QA-LoRA) reads each row's token in place (GATHER)
@@ -500,7 +519,8 @@ def test_experts_decode_forward_is_the_general_forward(family, f, monkeypatch):
             # gpt-oss's LoRA (unfused) gathers its rows with one index_select for the adapter's X·Aᵀ too
             mixtral = family == "mixtral"
             assert [(kw["GATHER"], kw["GATE_UP"]) for kw in projections] == [(mixtral, mixtral), (False, False)]
-            assert len(tile_maps) == maps + 1  # both projections read one tile map
+            # both projections read one tile map, written by the routing launch (round 40)
+            assert len(tile_maps) == maps and routes[-1]["TILE_MAP"], routes[-1]
             with monkeypatch.context() as mp:
                 mp.setattr(QuantExperts, "_decodes_in_few_launches", lambda self, *a: False)
                 want = q(h, idx, w)

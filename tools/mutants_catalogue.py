@@ -15,6 +15,27 @@ DT = "tests/test_decode_tile.py"
 HP = "tests/test_host_path.py"
 
 MUTANTS = [
+    # ---- round 40: the routing launch writes the projections' tile map ------------------------------------
+    dict(id="route-tile-map-rows-end-at-the-start", cls="wrong index", file="qlk/kernels/routing.py",
+         old="        upto = tl.sum((key[None, :] <= e[:, None]).to(tl.int32), 1)",
+         new="        upto = tl.sum((key[None, :] < e[:, None]).to(tl.int32), 1)",
+         tests=["tests/test_moe.py", "-k", "route_pairs"]),
+    dict(id="route-tile-map-routed-counts-sentinels", cls="off by one", file="qlk/kernels/routing.py",
+         old="        routed = tl.sum((key < NUM_EXPERTS).to(tl.int64), 0)",
+         new="        routed = tl.sum((key <= NUM_EXPERTS).to(tl.int64), 0)",
+         tests=["tests/test_moe.py", "-k", "route_pairs"]),
+    dict(id="route-tile-map-remembered-under-another-bound", cls="stale cache", file="qlk/kernels/routing.py",
+         old="        gm.remember_tile_map(offsets, pairs, block_m, pairs // top_k, tile_map)",
+         new="        gm.remember_tile_map(offsets, pairs, block_m, None, tile_map)",
+         tests=["tests/test_moe.py", "-k", "route_pairs"]),
+    dict(id="route-tile-map-skips-the-bound-check", cls="silent wrong", file="qlk/kernels/routing.py",
+         old="    tile_map = None if check else (torch.empty(slots, dtype=torch.int32, device=ids.device),",
+         new="    tile_map = None if not block_m else (torch.empty(slots, dtype=torch.int32, device=ids.device),",
+         tests=["tests/test_moe.py", "-k", "route_pairs"]),
+    dict(id="route-tile-map-rows-bound", cls="multi-tile indexing", file="qlk/kernels/routing.py",
+         old="                        tile_row_ptr, bounds_ptr, bounds_ptr, NUM_EXPERTS, S, NUM_SLOTS, 0, BLOCK_M, BLOCK_T, False)",
+         new="                        tile_row_ptr, bounds_ptr, bounds_ptr, NUM_EXPERTS, S + 1, NUM_SLOTS, 0, BLOCK_M, BLOCK_T, False)",
+         tests=["tests/test_moe.py", "-k", "route_pairs"]),
     # ---- round 40: the gate-up projection's epilogue forms silu(G)·U (GATE_UP) ----------------------------
     dict(id="gate-up-columns-not-paired", cls="wrong index", file="qlk/kernels/grouped_matmul.py",
          old="    return pid_n * HALF + j % HALF + (j // HALF) * HALF_N",

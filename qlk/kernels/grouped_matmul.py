@@ -554,12 +554,24 @@ def _tile_map_kernel(offsets_ptr, tile_expert_ptr, tile_row_ptr, bounds_ptr, ok_
     real = offs_e < NUM_EXPERTS
     lo = tl.load(offsets_ptr + offs_e, mask=real, other=0).to(tl.int32)
     hi = tl.load(offsets_ptr + offs_e + 1, mask=real, other=0).to(tl.int32)
+    routed = tl.load(offsets_ptr + NUM_EXPERTS).to(tl.int64)
+    _store_tile_map(lo, hi, offs_e, real, routed, tile_expert_ptr, tile_row_ptr, bounds_ptr, ok_ptr, NUM_EXPERTS,
+                    ROWS, NUM_SLOTS, MAX_ROWS, BLOCK_M, BLOCK_T, CHECK)
+
+
+@triton.jit
+def _store_tile_map(lo, hi, offs_e, real, routed, tile_expert_ptr, tile_row_ptr, bounds_ptr, ok_ptr, NUM_EXPERTS,
+                    ROWS, NUM_SLOTS, MAX_ROWS, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, CHECK: tl.constexpr):
+    """:func:`_tile_map_kernel`'s map from expert e's rows lo[e] .. hi[e] (int32, ``real`` where e <
+    E) and the routed rows' count ``routed`` = offsets[E]: in registers here, so that the routing
+    kernel that computed the offsets writes the map in its own launch (round 40,
+    :func:`qlk.kernels.routing.route_pairs`)."""
     tiles = (hi - lo + BLOCK_M - 1) // BLOCK_M
     ends = tl.cumsum(tiles, 0)
     firsts = ends - tiles
     one = tl.arange(0, 1)
     tl.store(bounds_ptr + offs_e, lo.to(tl.int64), mask=real)
-    tl.store(bounds_ptr + NUM_EXPERTS + one, tl.load(offsets_ptr + NUM_EXPERTS + one).to(tl.int64))
+    tl.store(bounds_ptr + NUM_EXPERTS + one, tl.zeros([1], dtype=tl.int64) + routed)
     tl.store(bounds_ptr + NUM_EXPERTS + 1 + one, tl.zeros([1], dtype=tl.int64) + ROWS)
     if CHECK:
         busiest = tl.max(tl.where(real, hi - lo, 0), 0)
@@ -600,6 +612,32 @@ def _tile_map(offsets: torch.Tensor, rows: int, block_m: int, max_rows: int | No
     return built
 
 
+def remember_tile_map(offsets: torch.Tensor, rows: int, block_m: int, max_rows: int | None, built) -> None:
+    """Make ``built`` (tile_expert, tile_row, bounds), written elsewhere (the routing launch, round 40),
+    the map :func:`_tile_map` returns for these arguments while ``offsets`` stays unchanged."""
+    if offsets.is_inference():
+        return
+    stream = torch.cuda.current_stream(offsets.device).cuda_stream if offsets.is_cuda else None
+    _LAST_TILE_MAP[0] = (weakref.ref(offsets), (offsets._version, rows, block_m, max_rows, stream), built)
+
+
+def tile_map_slots(num_experts: int, rows: int, block_m: int, max_rows: int | None = None) -> tuple[int, bool]:
+    """(slots, check) of :func:`_build_tile_map`'s map: its tile-slot bound (host values, no sync) and
+    whether ``max_rows`` shortens it (then every expert's rows are checked against it on the device)."""
+    groups = min(num_experts, rows)
+    upper = min(rows, (rows + (block_m - 1) * groups) // block_m)
+    # checked only where it shortens the map (elsewhere a wrong bound changes nothing)
+    check = max_rows is not None and groups * -(-max_rows // block_m) < upper
+    if check:
+        upper = groups * -(-max_rows // block_m)
+    return max(1, upper), check
+
+
+def tile_map_block_t(experts_pow2: int) -> int:
+    """The slots a tile-map program assigns per step (its [slots, experts] comparison stays ~4096)."""
+    return max(16, min(256, 4096 // experts_pow2))
+
+
 def _build_tile_map(offsets: torch.Tensor, rows: int, block_m: int, max_rows: int | None = None):
     """(tile_expert int32 [T], tile_row int32 [T], bounds [E+2]) for an upper bound T of the tile count
     known on the host (S, E, BLOCK_M and, when the caller knows it, ``max_rows``).
@@ -621,13 +659,7 @@ def _build_tile_map(offsets: torch.Tensor, rows: int, block_m: int, max_rows: in
     by :func:`_tile_map_torch`, the same map in ~20 torch ops, each a launch of its own on a GPU: a
     decode step's grouped projection was 32 device launches, 26 of them the map and the bias pass)."""
     e = offsets.shape[0] - 1
-    groups = min(e, rows)
-    upper = min(rows, (rows + (block_m - 1) * groups) // block_m)
-    # checked only where it shortens the map (elsewhere a wrong bound changes nothing)
-    check = max_rows is not None and groups * -(-max_rows // block_m) < upper
-    if check:
-        upper = groups * -(-max_rows // block_m)
-    upper = max(1, upper)
+    upper, check = tile_map_slots(e, rows, block_m, max_rows)
     if offsets.device.type == "cpu" and not INTERPRETED:  # (meta: bench/host_overhead.py's launch counts)
         return _tile_map_torch(offsets, rows, block_m, upper, max_rows if check else None)
     tile_expert = torch.empty(upper, dtype=torch.int32, device=offsets.device)
@@ -637,7 +669,7 @@ def _build_tile_map(offsets: torch.Tensor, rows: int, block_m: int, max_rows: in
     experts_pow2 = triton.next_power_of_2(max(e, 1))
     _tile_map_kernel[(1,)](offsets.contiguous(), tile_expert, tile_row, bounds, ok, e, rows, upper, max_rows if check else 0,
                            BLOCK_M=block_m, EXPERTS_POW2=experts_pow2,
-                           BLOCK_T=max(16, min(256, 4096 // experts_pow2)), CHECK=check, num_warps=4,
+                           BLOCK_T=tile_map_block_t(experts_pow2), CHECK=check, num_warps=4,
                            enable_fp_fusion=False)  # integers only: nothing to fuse
     if check:
         torch._assert_async(ok, _OVER_THE_ROW_BOUND.format(max_rows))

@@ -230,6 +230,13 @@ class QuantExpertProj(PackedWeightModule):
         return grouped_experts_linear(x, self.qweight, offsets, self.num_experts, self.bias, a, b, self.scaling,
                                       self.method, p, max_rows, row_token, gate_up)
 
+    def folds_adapter(self) -> bool:
+        """Whether the grouped kernels run this projection with its QA-LoRA adapter folded into the
+        group biases (INT weights, no dropout drawn: :func:`qlk.autograd.experts._fused`), which picks
+        their tiles (:func:`qlk.kernels.grouped_matmul.tiles_for`'s ``folded``)."""
+        return (self.method == "qalora" and self.qweight.fmt == "int"
+                and not (self.training and self.dropout > 0))
+
     def _compiled_forward(self, x: torch.Tensor, offsets: torch.Tensor, max_rows: int | None = None) -> torch.Tensor:
         """:meth:`forward` under ``torch.compile``: the ``qlk::grouped_experts_linear`` op
         (qlk/custom_ops.py), which runs the eager Function's implementation (the grouped kernels) behind
@@ -405,12 +412,17 @@ class QuantExperts(nn.Module):
         gate is the default SiLU one (``gate_up``, round 40: :meth:`_gate_is_silu_times_up`; the
         model's own gate otherwise), and the weighted sum back to token order is one kernel
         (:func:`qlk.kernels.moe_combine.combine`, fp32 sums, rounded once) instead of ~10 torch ops."""
-        from ..kernels import moe_combine, routing
+        from ..kernels import grouped_matmul, moe_combine, routing
 
         t = hidden_states.shape[0]
-        _, offsets, token, position = routing.route_pairs(top_k_index.reshape(-1), self.num_experts,
-                                                          top_k_index.shape[-1])
         first, down = (getattr(self, n) for n in self.spec.projections)
+        pairs = top_k_index.numel()
+        # the projections' tile map written by the routing launch (round 40); the BLOCK_M their launcher
+        # picks (a wrong one only costs the map's own launch)
+        block_m = grouped_matmul.tiles_for("fwd", pairs, self.num_experts, first.qweight,
+                                           folded=first.folds_adapter(), device=hidden_states.device)["BLOCK_M"]
+        _, offsets, token, position = routing.route_pairs(top_k_index.reshape(-1), self.num_experts,
+                                                          top_k_index.shape[-1], block_m)
         gate_up = self._gate_is_silu_times_up()
         h = first(hidden_states, offsets, t, row_token=token, gate_up=gate_up)
         out = down(h if gate_up else self._activate(h), offsets, t)
