@@ -267,8 +267,9 @@ def _grouped_matmul_fwd_kernel(
 
 
 @triton.jit
-def _splitk_tile(t, pid_n, pid_s, ws_ptr, x_ptr, token_ptr, y_ptr, bias_ptr, count_ptr, tile_expert_ptr, tile_row_ptr, bounds_ptr,
-                 qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr, stride_qn, stride_sn, stride_sg,
+def _splitk_tile(t, pid_n, pid_s, ws_ptr, x_ptr, token_ptr, y_ptr, bias_ptr, count_ptr, tile_expert_ptr,
+                 tile_row_ptr, bounds_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
+                 stride_qn, stride_sn, stride_sg,
                  N, K, NUM_EXPERTS, stride_xm, stride_xk, stride_ym, stride_yn, stride_be,
                  BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, PACKED_DEQUANT: tl.constexpr, EVEN_K: tl.constexpr,
@@ -349,15 +350,15 @@ def _grouped_matmul_splitk_kernel(
         tl.assume(_whole_k_end(tl.minimum(K, k_start + slice_tiles * BLOCK_K), K, EVEN_K, BLOCK_K) > k_start)
     if SLOT_LOOP:
         for t in range(pid_t, NUM_SLOTS, tl.num_programs(0)):
-            _splitk_tile(t, pid_n, pid_s, ws_ptr, x_ptr, token_ptr, y_ptr, bias_ptr, count_ptr, tile_expert_ptr, tile_row_ptr,
-                         bounds_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
+            _splitk_tile(t, pid_n, pid_s, ws_ptr, x_ptr, token_ptr, y_ptr, bias_ptr, count_ptr, tile_expert_ptr,
+                         tile_row_ptr, bounds_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
                          stride_qn, stride_sn, stride_sg,
                          N, K, NUM_EXPERTS, stride_xm, stride_xk, stride_ym, stride_yn, stride_be,
                          BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION,
                          PACKED_DEQUANT, EVEN_K, BLOCK_N, BLOCK_M, BLOCK_K, FINISH, HAS_BIAS, GATHER)
     else:
-        _splitk_tile(pid_t, pid_n, pid_s, ws_ptr, x_ptr, token_ptr, y_ptr, bias_ptr, count_ptr, tile_expert_ptr, tile_row_ptr,
-                     bounds_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
+        _splitk_tile(pid_t, pid_n, pid_s, ws_ptr, x_ptr, token_ptr, y_ptr, bias_ptr, count_ptr, tile_expert_ptr,
+                     tile_row_ptr, bounds_ptr, qw_ptr, s_ptr, b_ptr, am_scale_ptr, am_offset_ptr, lut_ptr, dyn_ptr,
                      stride_qn, stride_sn, stride_sg,
                      N, K, NUM_EXPERTS, stride_xm, stride_xk, stride_ym, stride_yn, stride_be,
                      BITS, GROUP_SIZE, IS_NF4, DOUBLE_QUANT, DOT_PRECISION,
@@ -866,7 +867,8 @@ def _forward_split_k(x2, qw, offsets, num_experts, bias, args, meta, cfg, split,
         ws, counts = torch.zeros((s, n), dtype=torch.float32, device=x2.device), dummy
     in_kernel_bias = finish and bias is not None
     _grouped_matmul_splitk_kernel[grid](
-        ws, x2, dummy if row_token is None else row_token, out if finish else dummy, bias if in_kernel_bias else dummy, counts,
+        ws, x2, dummy if row_token is None else row_token, out if finish else dummy,
+        bias if in_kernel_bias else dummy, counts,
         tile_expert, tile_row, bounds, *args, n, k, num_experts, slots, x2.stride(0), x2.stride(1),
         out.stride(0), out.stride(1), bias.stride(0) if in_kernel_bias else 0,
         DOT_PRECISION=_precision(x2.dtype), PACKED_DEQUANT=not INTERPRETED, SLOT_LOOP=programs < slots,
