@@ -240,12 +240,12 @@ def overlapping_out_result():
     return launcher_forward(x, qw, out=out)  # a wrong result: all 32 rows are one row of memory
 
 
-def grouped(offsets=None, num_experts=4):
+def grouped(offsets=None, num_experts=4, **kwargs):
     from qlk.autograd.experts import grouped_experts_linear
 
     qw = qlk.quantize(W(n=4 * 33), bits=4, group_size=32)
     return grouped_experts_linear(torch.zeros(4, 128), qw, torch.tensor([0, 1, 2, 3, 4]) if offsets is None else offsets,
-                                  num_experts)
+                                  num_experts, **kwargs)
 
 
 class _Experts(nn.Module):
@@ -549,6 +549,13 @@ CASES = [
          lambda: grouped(offsets=torch.tensor([0.0, 1, 2, 3, 4])), exc=TypeError, says=("int32/int64", "torch.float32")),
     Case("experts-count", "qlk.autograd.experts.grouped_experts_linear", "num_experts=5 for a 4·33-row stack",
          lambda: grouped(num_experts=5), says=("132 rows", "num_experts=5")),
+    Case("experts-row-token-range", "qlk.autograd.experts.grouped_experts_linear",
+         "row_token naming row 9 of x's 4 rows", lambda: grouped(row_token=torch.tensor([0, 1, 2, 9])),
+         says=("row_token holds rows 0 .. 9", "x has 4 rows")),
+    Case("experts-row-token-dtype", "qlk.autograd.experts.grouped_experts_linear", "float row_token",
+         lambda: grouped(row_token=torch.zeros(4)), exc=TypeError, says=("row_token must be an int32/int64", "float32")),
+    Case("experts-gate-up-odd", "qlk.autograd.experts.grouped_experts_linear", "gate_up=True with 33 rows an expert",
+         lambda: grouped(gate_up=True), says=("gate_up needs an even number of rows per expert", "got 33")),
     Case("experts-group-size", "qlk.patch_model", "group_size=48 on experts with in_features=64",
          lambda: qlk.patch_model(moe_model(), bits=4, group_size=48, method=None, verbose=False),
          says=("experts", "in_features=64", "group_size=48", "skip_incompatible")),
